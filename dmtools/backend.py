@@ -1,0 +1,222 @@
+"""The ``DeviceMapper`` interface: dmsetup's verbs, implemented by the kernel and userspace backends."""
+
+from __future__ import annotations
+
+import abc
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dmtools.endpoint import Endpoint
+    from dmtools.table import Table
+
+CONTROL_PATH = "/dev/mapper/control"
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What ``dmsetup info`` reports for one device (the kernel's ``struct dm_info`` plus identity)."""
+
+    name: str
+    uuid: str = ""
+    exists: bool = True
+    suspended: bool = False
+    live_table: bool = False
+    inactive_table: bool = False
+    open_count: int = 0
+    event_nr: int = 0
+    major: int = 0
+    minor: int = 0
+    read_only: bool = False
+    target_count: int = 0
+    deferred_remove: bool = False
+    internal_suspend: bool = False
+
+    @property
+    def state(self) -> str:
+        """``ACTIVE`` or ``SUSPENDED``, as dmsetup prints it."""
+        return "SUSPENDED" if self.suspended else "ACTIVE"
+
+    @property
+    def devno(self) -> str:
+        """``major:minor``."""
+        return f"{self.major}:{self.minor}"
+
+
+@dataclass(frozen=True)
+class DeviceEntry:
+    """One row of ``list``: name, device number, event number and uuid."""
+
+    name: str
+    major: int
+    minor: int
+    event_nr: int = 0
+    uuid: str = ""
+
+
+@dataclass(frozen=True)
+class StatusLine:
+    """One target's status: ``start length target_type params`` as ``dmsetup status`` prints it."""
+
+    start: int
+    length: int
+    target_type: str
+    params: str
+
+    def __str__(self) -> str:
+        return f"{self.start} {self.length} {self.target_type}" + (
+            f" {self.params}" if self.params else ""
+        )
+
+
+@dataclass(frozen=True)
+class Versions:
+    """Library and driver versions (``dmsetup version``)."""
+
+    library: str
+    driver: str
+    backend: str = ""
+
+
+@dataclass
+class Event:
+    """A device event number returned by ``wait_event``."""
+
+    name: str
+    event_nr: int
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class DeviceMapper(abc.ABC):
+    """dmsetup's verbs with the kernel's semantics.
+
+    A device is created empty or with a table; ``load`` fills the inactive slot; ``resume`` swaps it
+    live; a suspended device queues I/O; ``remove`` refuses an open device.
+    """
+
+    #: ``"kernel"`` or ``"userspace"``.
+    backend: str = ""
+
+    @abc.abstractmethod
+    def create(
+        self, name: str, table: "Table | str | None" = None, *, uuid: str = "", readonly: bool = False
+    ) -> DeviceInfo:
+        """Create a device, empty or with a live table (create → load → resume, rolled back on failure)."""
+
+    @abc.abstractmethod
+    def load(self, name: str, table: "Table | str", *, readonly: bool = False) -> None:
+        """Load ``table`` into the inactive slot of ``name``."""
+
+    @abc.abstractmethod
+    def suspend(self, name: str, *, noflush: bool = False) -> None:
+        """Suspend ``name``: new I/O is held until ``resume``."""
+
+    @abc.abstractmethod
+    def resume(self, name: str) -> None:
+        """Resume ``name``, swapping in the inactive table if one is loaded."""
+
+    @abc.abstractmethod
+    def remove(self, name: str, *, retry: bool = False, deferred: bool = False) -> None:
+        """Remove ``name``; raises ``DeviceBusy`` when it is open (unless ``deferred``)."""
+
+    @abc.abstractmethod
+    def clear(self, name: str) -> None:
+        """Drop the inactive table of ``name``."""
+
+    @abc.abstractmethod
+    def rename(self, name: str, new_name: str) -> None:
+        """Rename a device."""
+
+    @abc.abstractmethod
+    def info(self, name: str) -> DeviceInfo:
+        """Return ``DeviceInfo``; raises ``DeviceNotFound`` when absent."""
+
+    @abc.abstractmethod
+    def table(self, name: str, *, inactive: bool = False) -> "Table":
+        """Return the live (or inactive) table with devices as ``major:minor``."""
+
+    @abc.abstractmethod
+    def status(self, name: str, *, inactive: bool = False) -> list[StatusLine]:
+        """Return each target's status line."""
+
+    @abc.abstractmethod
+    def message(self, name: str, sector: int, message: str) -> str | None:
+        """Send a target message; return the response text if the target gave one."""
+
+    @abc.abstractmethod
+    def deps(self, name: str) -> list[tuple[int, int]]:
+        """Return the ``(major, minor)`` of every device the live table uses."""
+
+    @abc.abstractmethod
+    def list(self) -> list[DeviceEntry]:
+        """List every device."""
+
+    @abc.abstractmethod
+    def targets(self) -> dict[str, tuple[int, int, int]]:
+        """Return target type → version."""
+
+    @abc.abstractmethod
+    def version(self) -> Versions:
+        """Return library and driver versions."""
+
+    @abc.abstractmethod
+    def wait_event(self, name: str, event_nr: int = 0, timeout: float | None = None) -> int:
+        """Wait until the device's event number exceeds ``event_nr``; return the new number."""
+
+    @abc.abstractmethod
+    def device_path(self, name: str) -> str:
+        """Path of the block device node for ``name`` (``/dev/mapper/NAME`` on the kernel)."""
+
+    @abc.abstractmethod
+    def device_ref(self, name: str) -> str:
+        """How to name device ``name`` inside another table of this backend."""
+
+    @abc.abstractmethod
+    def open_endpoint(self, name: str, *, writable: bool = True) -> "Endpoint":
+        """Open ``name`` for I/O as an endpoint (for kcopyd and the managers)."""
+
+    def exists(self, name: str) -> bool:
+        """True when a device called ``name`` exists."""
+        from dmtools.errors import DeviceNotFound
+
+        try:
+            return self.info(name).exists
+        except DeviceNotFound:
+            return False
+
+    def close(self) -> None:
+        """Release the backend's resources."""
+
+    def __enter__(self) -> "DeviceMapper":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def kernel_available() -> bool:
+    """True when ``/dev/mapper/control`` exists and can be opened."""
+    try:
+        fd = os.open(CONTROL_PATH, os.O_RDWR)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def open(backend: str = "auto") -> DeviceMapper:  # noqa: A001 - the public name is dmtools.open
+    """Return a ``DeviceMapper``: ``"kernel"``, ``"userspace"`` or ``"auto"`` (kernel where it works)."""
+    if backend == "auto":
+        backend = "kernel" if kernel_available() else "userspace"
+    if backend == "kernel":
+        from dmtools.kernel import KernelBackend
+
+        return KernelBackend()
+    if backend == "userspace":
+        from dmtools.engine.client import open_userspace
+
+        return open_userspace()
+    from dmtools.errors import InvalidArgument
+
+    raise InvalidArgument(f"unknown backend {backend!r} (auto, kernel or userspace)", operation="open")

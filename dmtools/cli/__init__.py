@@ -1,0 +1,1 @@
+"""The ``dmtools`` command line."""

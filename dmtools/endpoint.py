@@ -1,0 +1,104 @@
+"""Endpoints: the one I/O interface that kcopyd, the userspace engine and the managers use.
+
+Offsets and lengths are in bytes. Buffers are caller-owned (``memoryview``/``bytearray``/mmap); an
+endpoint reads into them and writes from them without extra copies where the platform allows.
+Concrete endpoints: ``dmtools.blockdev.BlockDevice`` (regular files and block devices), the
+userspace engine's device endpoints, ``NullEndpoint`` and, for tests, ``dmtools.testing.faults``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+
+class Endpoint(abc.ABC):
+    """A byte-addressed device: file, block device, engine device, null or a test wrapper."""
+
+    #: human-readable name (a path or a device name), used in error messages.
+    name: str = ""
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Size in bytes."""
+
+    @property
+    def logical_block_size(self) -> int:
+        """Smallest addressable unit in bytes (512 unless the device says otherwise)."""
+        return 512
+
+    @property
+    def read_only(self) -> bool:
+        """True when writes are refused."""
+        return False
+
+    @abc.abstractmethod
+    def readinto(self, buf: Any, offset: int) -> int:
+        """Fill ``buf`` from ``offset``; return the bytes read (short only at end of device)."""
+
+    @abc.abstractmethod
+    def write(self, buf: Any, offset: int) -> int:
+        """Write all of ``buf`` at ``offset``; return the bytes written."""
+
+    def flush(self) -> None:
+        """Make completed writes durable."""
+
+    def zero(self, offset: int, length: int) -> None:
+        """Write ``length`` zero bytes at ``offset`` (efficiently where the device allows)."""
+        chunk = bytes(min(length, 1 << 20))
+        end = offset + length
+        while offset < end:
+            n = min(len(chunk), end - offset)
+            self.write(memoryview(chunk)[:n], offset)
+            offset += n
+
+    def discard(self, offset: int, length: int) -> None:
+        """Discard a range; the default writes zeros."""
+        self.zero(offset, length)
+
+    def fileno(self) -> int | None:
+        """The OS file descriptor for fast paths (``copy_file_range``, ``preadv``), or ``None``."""
+        return None
+
+    @property
+    def is_regular_file(self) -> bool:
+        """True for regular files (``copy_file_range`` and hole detection apply)."""
+        return False
+
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        """Allocated ``(offset, length)`` ranges inside ``[offset, offset+length)``, or ``None`` if unknown."""
+        return None
+
+    def close(self) -> None:
+        """Release the endpoint."""
+
+    def __enter__(self) -> "Endpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class NullEndpoint(Endpoint):
+    """Reads zeros, discards writes: a sink and source for tests and benchmarks."""
+
+    def __init__(self, size: int, name: str = "null") -> None:
+        self._size = size
+        self.name = name
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def readinto(self, buf: Any, offset: int) -> int:
+        mv = memoryview(buf).cast("B")
+        n = max(0, min(len(mv), self._size - offset))
+        mv[:n] = bytes(n)
+        return n
+
+    def write(self, buf: Any, offset: int) -> int:
+        return memoryview(buf).nbytes
+
+    def zero(self, offset: int, length: int) -> None:
+        return None

@@ -1,0 +1,1 @@
+"""Test support shipped with dmtools: the pytest plugin, fault-injecting endpoints and helpers."""
