@@ -1,0 +1,288 @@
+"""``dmtools dm …``: dmsetup's verbs and table syntax on either backend."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+from typing import Any
+
+from dmtools.cli.main import emit, open_backend
+from dmtools.errors import InvalidArgument
+
+
+def _read_table(args: argparse.Namespace, *, required: bool) -> str | None:
+    """The table from ``--table`` (``;`` separates lines), a table file, or stdin when piped."""
+    if args.table is not None:
+        return "\n".join(part.strip() for part in args.table.split(";"))
+    if getattr(args, "table_file", None):
+        try:
+            with open(args.table_file, encoding="utf-8") as f:
+                return f.read()
+        except OSError as err:
+            raise InvalidArgument(
+                f"cannot read table file: {err.strerror}", errno=err.errno, device=args.table_file
+            ) from err
+    if getattr(args, "notable", False):
+        return None
+    if not sys.stdin.isatty():
+        text = sys.stdin.read()
+        if text.strip():
+            return text
+    if required:
+        raise InvalidArgument("no table given (--table TEXT, a table file, or stdin)")
+    return None
+
+
+def _create(args: argparse.Namespace) -> int:
+    from dmtools.table import Table
+
+    text = _read_table(args, required=False)
+    table = Table.parse(text) if text is not None else None
+    dm = open_backend(args)
+    info = dm.create(args.name, table, uuid=args.uuid or "", readonly=args.readonly)
+    emit(args, asdict(info), "")
+    return 0
+
+
+def _load(args: argparse.Namespace) -> int:
+    from dmtools.table import Table
+
+    text = _read_table(args, required=True)
+    assert text is not None
+    open_backend(args).load(args.name, Table.parse(text), readonly=args.readonly)
+    return 0
+
+
+def _suspend(args: argparse.Namespace) -> int:
+    dm = open_backend(args)
+    for name in args.names:
+        dm.suspend(name, noflush=args.noflush)
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    dm = open_backend(args)
+    for name in args.names:
+        dm.resume(name)
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    dm = open_backend(args)
+    for name in args.names:
+        dm.remove(name, retry=args.retry, deferred=args.deferred)
+    return 0
+
+
+def _clear(args: argparse.Namespace) -> int:
+    open_backend(args).clear(args.name)
+    return 0
+
+
+def _rename(args: argparse.Namespace) -> int:
+    open_backend(args).rename(args.name, args.new_name)
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    entries = sorted(open_backend(args).list(), key=lambda e: e.name)
+    if not entries and not args.json:
+        print("No devices found")
+        return 0
+    emit(
+        args,
+        [asdict(e) for e in entries],
+        lambda: "\n".join(f"{e.name}\t({e.major}:{e.minor})" for e in entries),
+    )
+    return 0
+
+
+def _names(dm: Any, args: argparse.Namespace) -> list[str]:
+    return list(args.names) if args.names else sorted(e.name for e in dm.list())
+
+
+def _table(args: argparse.Namespace) -> int:
+    dm = open_backend(args)
+    out: dict[str, str] = {}
+    for name in _names(dm, args):
+        out[name] = str(dm.table(name, inactive=args.inactive))
+    _emit_per_device(args, out)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    dm = open_backend(args)
+    out: dict[str, str] = {}
+    for name in _names(dm, args):
+        out[name] = "\n".join(str(line) for line in dm.status(name, inactive=args.inactive))
+    _emit_per_device(args, out)
+    return 0
+
+
+def _emit_per_device(args: argparse.Namespace, out: dict[str, str]) -> None:
+    def text() -> str:
+        if len(out) == 1 and args.names:
+            return next(iter(out.values()))
+        lines = []
+        for name, body in out.items():
+            for line in body.splitlines() or [""]:
+                lines.append(f"{name}: {line}")
+        return "\n".join(lines)
+
+    emit(args, out, text)
+
+
+def format_info(info: Any) -> str:
+    """``dmsetup info`` layout."""
+    tables = [t for t, present in (("LIVE", info.live_table), ("INACTIVE", info.inactive_table)) if present]
+    rows = [
+        ("Name", info.name),
+        ("State", info.state + (" (READ-ONLY)" if info.read_only else "")),
+        ("Tables present", " & ".join(tables) if tables else "None"),
+        ("Open count", str(info.open_count)),
+        ("Event number", str(info.event_nr)),
+        ("Major, minor", f"{info.major}, {info.minor}"),
+        ("Number of targets", str(info.target_count)),
+    ]
+    if info.uuid:
+        rows.append(("UUID", info.uuid))
+    return "\n".join(f"{k + ':':<19}{v}" for k, v in rows)
+
+
+def _info(args: argparse.Namespace) -> int:
+    dm = open_backend(args)
+    infos = [dm.info(name) for name in _names(dm, args)]
+    emit(args, [asdict(i) for i in infos], lambda: "\n\n".join(format_info(i) for i in infos))
+    return 0
+
+
+def _deps(args: argparse.Namespace) -> int:
+    dm = open_backend(args)
+    out = {name: dm.deps(name) for name in _names(dm, args)}
+
+    def text() -> str:
+        lines = []
+        for name, deps in out.items():
+            body = f"{len(deps)} dependencies\t: " + " ".join(f"({a}, {b})" for a, b in deps)
+            lines.append(body if len(out) == 1 and args.names else f"{name}: {body}")
+        return "\n".join(lines)
+
+    emit(args, {k: [f"{a}:{b}" for a, b in v] for k, v in out.items()}, text)
+    return 0
+
+
+def _targets(args: argparse.Namespace) -> int:
+    targets = open_backend(args).targets()
+    emit(
+        args,
+        {k: ".".join(map(str, v)) for k, v in targets.items()},
+        lambda: "\n".join(f"{k:<16} v{'.'.join(map(str, v))}" for k, v in targets.items()),
+    )
+    return 0
+
+
+def _version(args: argparse.Namespace) -> int:
+    v = open_backend(args).version()
+    emit(
+        args,
+        asdict(v),
+        f"Library version:   {v.library}\nDriver version:    {v.driver}"
+        + (f"\nBackend:           {v.backend}" if v.backend else ""),
+    )
+    return 0
+
+
+def _message(args: argparse.Namespace) -> int:
+    resp = open_backend(args).message(args.name, args.sector, " ".join(args.message))
+    if resp:
+        print(resp)
+    return 0
+
+
+def _wait(args: argparse.Namespace) -> int:
+    nr = open_backend(args).wait_event(args.name, args.event_nr, timeout=args.timeout)
+    emit(args, {"event_nr": nr}, str(nr))
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``dm`` and its verbs to the root parser's sub-commands."""
+    dm = sub.add_parser("dm", help="device-mapper verbs (dmsetup's words and table syntax)")
+    verbs = dm.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+
+    def table_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--table", help="table text; ';' separates lines")
+        p.add_argument("table_file", nargs="?", help="file holding the table (else stdin)")
+        p.add_argument("--readonly", "-r", action="store_true", help="read-only table")
+
+    p = verbs.add_parser("create", help="create a device (empty with --notable)")
+    p.add_argument("name")
+    table_opts(p)
+    p.add_argument("--uuid", "-u", help="device uuid")
+    p.add_argument("--notable", action="store_true", help="create without a table")
+    p.set_defaults(func=_create)
+
+    p = verbs.add_parser("load", aliases=["reload"], help="load a table into the inactive slot")
+    p.add_argument("name")
+    table_opts(p)
+    p.set_defaults(func=_load)
+
+    p = verbs.add_parser("suspend", help="suspend devices (I/O is held)")
+    p.add_argument("names", nargs="+")
+    p.add_argument("--noflush", action="store_true", help="do not flush outstanding I/O")
+    p.set_defaults(func=_suspend)
+
+    p = verbs.add_parser("resume", help="resume devices, swapping in an inactive table")
+    p.add_argument("names", nargs="+")
+    p.set_defaults(func=_resume)
+
+    p = verbs.add_parser("remove", help="remove devices")
+    p.add_argument("names", nargs="+")
+    p.add_argument("--retry", action="store_true", help="retry while the device is busy")
+    p.add_argument("--deferred", action="store_true", help="remove when the last user closes it")
+    p.set_defaults(func=_remove)
+
+    p = verbs.add_parser("clear", help="drop the inactive table")
+    p.add_argument("name")
+    p.set_defaults(func=_clear)
+
+    p = verbs.add_parser("rename", help="rename a device")
+    p.add_argument("name")
+    p.add_argument("new_name")
+    p.set_defaults(func=_rename)
+
+    p = verbs.add_parser("ls", help="list devices")
+    p.set_defaults(func=_ls)
+
+    for verb, func, helptext in (
+        ("table", _table, "print tables"),
+        ("status", _status, "print target status"),
+    ):
+        p = verbs.add_parser(verb, help=helptext)
+        p.add_argument("names", nargs="*")
+        p.add_argument("--inactive", action="store_true", help="the inactive table")
+        p.set_defaults(func=func)
+
+    for verb, func, helptext in (("info", _info, "device information"), ("deps", _deps, "dependencies")):
+        p = verbs.add_parser(verb, help=helptext)
+        p.add_argument("names", nargs="*")
+        p.set_defaults(func=func)
+
+    p = verbs.add_parser("targets", help="list target types and versions")
+    p.set_defaults(func=_targets)
+    p = verbs.add_parser("version", help="library and driver versions")
+    p.set_defaults(func=_version)
+
+    p = verbs.add_parser("message", help="send a message to a target")
+    p.add_argument("name")
+    p.add_argument("sector", type=int)
+    p.add_argument("message", nargs="+")
+    p.set_defaults(func=_message)
+
+    p = verbs.add_parser("wait", help="wait for a device event")
+    p.add_argument("name")
+    p.add_argument("event_nr", type=int, nargs="?", default=0)
+    p.add_argument("--timeout", type=float, default=None)
+    p.set_defaults(func=_wait)

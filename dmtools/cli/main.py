@@ -1,0 +1,142 @@
+"""Root of the ``dmtools`` command line: global options, sub-command discovery, one error path."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+from typing import Any
+
+from dmtools.errors import DMError
+
+log = logging.getLogger("dmtools")
+
+#: Sub-commands that live in dmtools itself: name -> "module:function" taking the sub-parsers.
+BUILTIN_COMMANDS = {
+    "dm": "dmtools.cli.dm_cmd:register",
+    "loop": "dmtools.cli.loop_cmd:register",
+    "daemon": "dmtools.engine.cli:register_daemon",
+}
+
+
+def _load(spec: str) -> Callable[[Any], None]:
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the full parser: built-in commands plus the ``dmtools.commands`` entry points."""
+    parser = argparse.ArgumentParser(
+        prog="dmtools",
+        description="Linux device-mapper toolkit: tables, snapshots, mirrors and kcopyd, "
+        "on the kernel or the embedded userspace engine.",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "kernel", "userspace"),
+        default="auto",
+        help="device-mapper engine (default: the kernel where /dev/mapper/control works)",
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output for listings")
+    parser.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    registered: set[str] = set()
+    for name, spec in BUILTIN_COMMANDS.items():
+        try:
+            _load(spec)(sub)
+        except ImportError as err:  # a part that is not installed is reported, not fatal
+            log.debug("command %s unavailable: %s", name, err)
+            continue
+        registered.add(name)
+    for ep in sorted(entry_points(group="dmtools.commands"), key=lambda e: e.name):
+        if ep.name in registered:
+            continue
+        try:
+            ep.load()(sub)
+        except ImportError as err:
+            log.debug("command %s unavailable: %s", ep.name, err)
+            continue
+        registered.add(ep.name)
+    return parser
+
+
+def open_backend(args: argparse.Namespace) -> Any:
+    """Open the ``DeviceMapper`` backend named by ``--backend``."""
+    import dmtools
+
+    return dmtools.open(args.backend)
+
+
+def emit(args: argparse.Namespace, data: Any, text: Callable[[], str] | str) -> None:
+    """Print ``data`` as JSON with ``--json``, else the human text."""
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        out = text() if callable(text) else text
+        if out:
+            print(out)
+
+
+GLOBAL_FLAGS = ("--json", "--debug")
+
+
+def hoist_globals(argv: Sequence[str]) -> list[str]:
+    """Move the global options to the front so ``dmtools dm ls --json`` works like ``--json dm ls``."""
+    front: list[str] = []
+    rest: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--":
+            rest.append(arg)
+            rest.extend(it)
+            break
+        if arg in GLOBAL_FLAGS or arg.startswith("--backend="):
+            front.append(arg)
+        elif arg == "--backend":
+            front.append(arg)
+            front.append(next(it, ""))
+        else:
+            rest.append(arg)
+    return front + rest
+
+
+def main(argv: Sequence[str] | None = None, *, propagate: bool = False) -> int:
+    """Run the CLI; return the exit status. With ``propagate`` exceptions are re-raised (tests)."""
+    parser = build_parser()
+    args = parser.parse_args(hoist_globals(sys.argv[1:] if argv is None else list(argv)))
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="dmtools: %(levelname)s: %(message)s",
+    )
+    try:
+        rc = args.func(args)
+        return int(rc or 0)
+    except DMError as err:
+        if propagate:
+            raise
+        if args.debug:
+            log.exception("failed")
+        print(f"dmtools: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if propagate:
+            raise
+        print("dmtools: interrupted", file=sys.stderr)
+        return 130
+    except OSError as err:
+        if propagate:
+            raise
+        if args.debug:
+            log.exception("failed")
+        print(f"dmtools: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""pytest plugin for dmtools and its users: tiers, temporary images, loop devices, backends.
+
+Tiers are markers. ``root`` tests need root, ``/dev/loop-control`` and ``/dev/fuse``; ``kernel``
+tests need real device-mapper (``/dev/mapper/control``), which ``scripts/vmtest`` provides by booting
+a kernel under QEMU. A test whose prerequisite is missing is skipped with the reason and the command
+that runs its tier; with ``DMTOOLS_NO_SKIP=1`` (set by ``scripts/test`` in CI) it fails instead.
+
+Every test device name carries the suffix ``-dmtt`` and every test image the prefix ``dmtt-``; a sweep
+before and after the session removes leftovers (devices, loop devices) carrying them.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmtools.backend import kernel_available
+
+TEST_SUFFIX = "-dmtt"
+IMAGE_PREFIX = "dmtt-"
+
+
+def _root_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (run the root tier as root: scripts/test)"
+    for path in ("/dev/loop-control", "/dev/fuse"):
+        if not os.path.exists(path):
+            return f"needs {path} (run the root tier on a host with it: scripts/test)"
+    return None
+
+
+def _kernel_missing() -> str | None:
+    if not kernel_available():
+        return "needs kernel device-mapper (/dev/mapper/control); run this tier in the VM: scripts/vmtest"
+    return None
+
+
+_CHECKS: dict[str, Callable[[], str | None]] = {"root": _root_missing, "kernel": _kernel_missing}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "root: needs root, loop devices and /dev/fuse (run: scripts/test as root)"
+    )
+    config.addinivalue_line(
+        "markers", "kernel: needs real kernel device-mapper (run: scripts/vmtest)"
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker, check in _CHECKS.items():
+        if item.get_closest_marker(marker) is None:
+            continue
+        reason = check()
+        if reason:
+            if os.environ.get("DMTOOLS_NO_SKIP") == "1":
+                pytest.fail(f"tier {marker} cannot run here: {reason}", pytrace=False)
+            pytest.skip(reason)
+
+
+def _sweep_kernel() -> None:
+    if not kernel_available():
+        return
+    from dmtools.kernel import KernelBackend
+
+    dm = KernelBackend()
+    # Remove in reverse creation order as far as we can tell: retry until nothing more goes.
+    for _ in range(4):
+        names = [e.name for e in dm.list() if e.name.endswith(TEST_SUFFIX)]
+        if not names:
+            break
+        for name in names:
+            try:
+                dm.remove(name, retry=True)
+            except Exception:  # noqa: BLE001 - a sweep must not fail the run; stacked devices retry
+                continue
+
+
+def _sweep_loops() -> None:
+    if os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
+        return
+    try:
+        from dmtools import loop
+    except ImportError:  # loop support not installed: nothing of ours can be attached
+        return
+
+    for dev in loop.list_loops():
+        if IMAGE_PREFIX in os.path.basename(dev.backing_file or ""):
+            try:
+                loop.detach(dev)
+            except Exception:  # noqa: BLE001 - best-effort sweep of our own leftovers
+                continue
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _dmtools_sweep() -> Iterator[None]:
+    """Remove leftover test devices and loop devices before and after the session."""
+    _sweep_kernel()
+    _sweep_loops()
+    yield
+    _sweep_kernel()
+    _sweep_loops()
+
+
+@pytest.fixture
+def make_image(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``make_image(size_bytes, name=None, fill=None)`` makes a sparse image file."""
+    counter = [0]
+
+    def make(size: int, name: str | None = None, fill: bytes | None = None) -> Path:
+        counter[0] += 1
+        path = tmp_path / f"{IMAGE_PREFIX}{name or counter[0]}.img"
+        with open(path, "wb") as f:
+            if fill:
+                reps = size // len(fill)
+                f.write(fill * reps)
+            f.truncate(size)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def make_loop() -> Iterator[Callable[..., Any]]:
+    """Factory: ``make_loop(path, **attach_kwargs)`` attaches a loop device, detached at teardown."""
+    from dmtools.testing.loops import LoopTracker
+
+    tracker = LoopTracker()
+    try:
+        yield tracker.attach
+    finally:
+        tracker.detach_all()
+
+
+@pytest.fixture
+def dm_name() -> str:
+    """A unique device name carrying the test suffix."""
+    return f"t{uuid.uuid4().hex[:10]}{TEST_SUFFIX}"
+
+
+@pytest.fixture
+def kernel_dm() -> Iterator[Any]:
+    """The kernel backend (kernel tier only)."""
+    reason = _kernel_missing()
+    if reason:
+        pytest.fail(f"kernel_dm used outside the kernel tier: {reason}", pytrace=False)
+    from dmtools.kernel import KernelBackend
+
+    dm = KernelBackend()
+    try:
+        yield dm
+    finally:
+        dm.close()
+
+
+@pytest.fixture
+def engine() -> Iterator[Any]:
+    """An in-process userspace engine, closed at teardown."""
+    from dmtools.engine import Engine
+
+    eng = Engine()
+    try:
+        yield eng
+    finally:
+        eng.close()

@@ -1,0 +1,45 @@
+"""The root CLI: option hoisting, one error path, sub-command discovery."""
+
+from __future__ import annotations
+
+import pytest
+
+from dmtools.cli import main as cli
+from dmtools.errors import InvalidArgument
+
+
+def test_global_flags_are_hoisted_from_anywhere() -> None:
+    argv = ["dm", "ls", "--json", "--backend", "userspace", "--debug"]
+    assert cli.hoist_globals(argv) == ["--json", "--backend", "userspace", "--debug", "dm", "ls"]
+    assert cli.hoist_globals(["--backend=kernel", "dm", "--", "--json"]) == [
+        "--backend=kernel",
+        "dm",
+        "--",
+        "--json",
+    ]
+
+
+def test_parser_has_dm_verbs() -> None:
+    parser = cli.build_parser()
+    args = parser.parse_args(["dm", "create", "x", "--table", "0 8 zero", "--uuid", "U"])
+    assert args.name == "x" and args.table == "0 8 zero" and args.uuid == "U"
+    args = parser.parse_args(["dm", "suspend", "a", "b", "--noflush"])
+    assert args.names == ["a", "b"] and args.noflush
+
+
+def test_error_path_one_line_and_exit_code(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    missing = tmp_path / "no-such-table"
+    rc = cli.main(["--backend", "userspace", "dm", "load", "x", str(missing)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.count("\n") == 1 and err.startswith("dmtools: ") and "no-such-table" in err
+
+
+def test_propagate_raises_the_exception_type(tmp_path) -> None:
+    with pytest.raises(InvalidArgument):
+        cli.main(["dm", "load", "x", str(tmp_path / "absent")], propagate=True)
+
+
+def test_unknown_backend_rejected_by_parser() -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--backend", "nope", "dm", "ls"])
