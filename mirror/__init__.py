@@ -1,0 +1,33 @@
+"""Mirrors: dirty-region logs in the kernel's format, the userspace ``mirror`` target, resync and
+the ``MirrorManager`` (drivers/md/dm-raid1.c, drivers/md/dm-log.c semantics)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mirror.format import LogHeader, LogImage, LogReport, SyncMode, format_log, inspect
+from mirror.log import CoreLog, DirtyLog, DiskLog, RegionState, create_log
+
+__all__ = [
+    "CoreLog",
+    "DirtyLog",
+    "DiskLog",
+    "LogHeader",
+    "LogImage",
+    "LogReport",
+    "MirrorManager",
+    "RegionState",
+    "SyncMode",
+    "create_log",
+    "format_log",
+    "inspect",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The manager pulls in kcopyd and the backends; load it on first use.
+    if name == "MirrorManager":
+        from mirror.manager import MirrorManager
+
+        return MirrorManager
+    raise AttributeError(name)
