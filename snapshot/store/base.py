@@ -1,0 +1,109 @@
+"""What every exception store provides (drivers/md/dm-exception-store.h, ``dm_exception_store_type``)."""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dmtools.endpoint import Endpoint
+
+from snapshot.store.format import SECTOR
+from snapshot.store.table import ExceptionTable
+
+#: ``callback(success)`` run once an exception's record is durable (or has failed).
+CommitCallback = Callable[[bool], None]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """The numbers behind the kernel's ``<allocated>/<total> <metadata>`` status, in sectors."""
+
+    total_sectors: int
+    sectors_allocated: int
+    metadata_sectors: int
+
+    @property
+    def percent(self) -> float:
+        """Allocated space as a percentage of the COW."""
+        return 100.0 * self.sectors_allocated / self.total_sectors if self.total_sectors else 0.0
+
+    def status_text(self) -> str:
+        """``allocated/total metadata``: the kernel's INFO for a valid snapshot (dm-snap.c)."""
+        return f"{self.sectors_allocated}/{self.total_sectors} {self.metadata_sectors}"
+
+
+class ExceptionStore(abc.ABC):
+    """Allocates COW chunks and records ``origin chunk -> COW chunk`` exceptions.
+
+    Callers follow the kernel's protocol: ``read_metadata`` once, then for each exception
+    ``prepare_exception`` (allocation) and, once its copy finished, ``commit_exception`` — in
+    allocation order. ``commit_exception`` may hold the callback back to commit several exceptions
+    with one metadata write.
+    """
+
+    #: the store letter used in tables: ``"P"`` or ``"N"``.
+    type_letter: str = ""
+    persistent: bool = False
+
+    def __init__(self, cow: Endpoint, chunk_size: int) -> None:
+        self.cow = cow
+        self.chunk_size = chunk_size
+        self.valid = True
+        self.table = ExceptionTable(1)
+        self._lock = threading.Lock()
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Chunk size in bytes."""
+        return self.chunk_size * SECTOR
+
+    @property
+    def cow_sectors(self) -> int:
+        """COW device size in sectors (the kernel's ``get_dev_size``)."""
+        return self.cow.size // SECTOR
+
+    def _new_table(self) -> ExceptionTable:
+        cow_chunks = self.cow_sectors // self.chunk_size if self.chunk_size else 0
+        return ExceptionTable(max(1, cow_chunks.bit_length()))
+
+    @abc.abstractmethod
+    def read_metadata(self) -> None:
+        """Load the store (fills ``table``, sets ``valid``); raises ``CorruptMetadata``."""
+
+    @abc.abstractmethod
+    def prepare_exception(self) -> int:
+        """Allocate a COW chunk for a new exception; raises ``NoSpace`` when the COW is full."""
+
+    @abc.abstractmethod
+    def commit_exception(self, old: int, new: int, valid: bool, callback: CommitCallback) -> None:
+        """Record ``old -> new``; ``callback(success)`` runs once the record is durable."""
+
+    @abc.abstractmethod
+    def usage(self) -> Usage:
+        """Space accounting for the status line."""
+
+    def drop_snapshot(self) -> None:
+        """Invalidate the store (persistent stores write ``valid = 0`` to the header)."""
+        self.valid = False
+
+    def prepare_merge(self) -> tuple[int, int, int]:
+        """``(count, last_old, last_new)`` of the newest run to merge; count 0 when done."""
+        raise NotImplementedError(f"{type(self).__name__} cannot merge")
+
+    def commit_merge(self, count: int) -> None:
+        """Forget the ``count`` newest records after they were copied back to the origin."""
+        raise NotImplementedError(f"{type(self).__name__} cannot merge")
+
+    @property
+    def can_merge(self) -> bool:
+        """True for stores with prepare/commit_merge (persistent)."""
+        return False
+
+    def status_table(self) -> str:
+        """The store's part of the TABLE status: ``P 8``, ``PO 8`` or ``N 8``."""
+        return f"{self.type_letter} {self.chunk_size}"
+
+    def close(self) -> None:
+        """Release resources (the COW endpoint belongs to the caller)."""
