@@ -1,0 +1,412 @@
+"""One engine device: live and inactive tables, the suspend gate, open counts and events.
+
+The I/O path is ``Device.read``/``write``: enter the gate (held while suspended), split the byte
+range over the live table's targets, leave the gate. Suspend follows ``__dm_suspend`` in
+``drivers/md/dm.c``: presuspend the targets, stop new I/O, wait for in-flight I/O, (flush), then
+postsuspend.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from dmtools.engine.target import SECTOR, DeviceHandle, Target
+from dmtools.errors import DeviceIOError, DeviceNotFound, InvalidTable, NoSpace
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dmtools.engine.engine import Engine
+
+
+@dataclass(frozen=True)
+class TableLine:
+    """One parsed table line: sectors, target type and its parameter text."""
+
+    start: int
+    length: int
+    target_type: str
+    params: str
+
+
+class TableContext:
+    """The ``TargetContext`` handed to the targets of one table (``struct dm_table``)."""
+
+    def __init__(self, engine: "Engine", device: "Device", readonly: bool) -> None:
+        self._engine = engine
+        self._device = device
+        self._readonly = readonly
+        #: handles opened by this table, shared between its targets (``dm_get_device`` refcounts).
+        self.handles: dict[str, DeviceHandle] = {}
+        self._refs: dict[str, int] = {}
+
+    @property
+    def device_name(self) -> str:
+        return self._device.name
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    @property
+    def noflush_suspending(self) -> bool:
+        return self._device.noflush_suspending
+
+    @property
+    def device(self) -> "Device":
+        """The engine device this table belongs to."""
+        return self._device
+
+    def get_device(self, ref: str, *, writable: bool | None = None) -> DeviceHandle:
+        if writable is None:
+            writable = not self._readonly
+        handle = self._engine.open_reference(ref, writable=writable, for_device=self._device)
+        key = handle.name
+        if key in self.handles:
+            handle.inner.close()
+            self._refs[key] += 1
+            return self.handles[key]
+        self.handles[key] = handle
+        self._refs[key] = 1
+        return handle
+
+    def put_device(self, handle: DeviceHandle) -> None:
+        key = handle.name
+        if key not in self._refs:
+            return
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            del self._refs[key]
+            self.handles.pop(key).inner.close()
+
+    def event(self) -> None:
+        self._device.raise_event()
+
+    def close_all(self) -> None:
+        """Close every handle (after the targets are destroyed)."""
+        for handle in self.handles.values():
+            try:
+                handle.inner.close()
+            except Exception:  # noqa: BLE001 - closing must release every handle
+                pass
+        self.handles.clear()
+        self._refs.clear()
+
+
+@dataclass
+class LoadedTable:
+    """A constructed table: its lines, targets and the handles they opened."""
+
+    lines: list[TableLine]
+    targets: list[Target]
+    context: TableContext
+    readonly: bool
+    starts: list[int] = field(default_factory=list)  # byte offsets
+    ends: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.starts = [ln.start * SECTOR for ln in self.lines]
+        self.ends = [(ln.start + ln.length) * SECTOR for ln in self.lines]
+
+    @property
+    def sectors(self) -> int:
+        """Size in sectors."""
+        return self.lines[-1].start + self.lines[-1].length if self.lines else 0
+
+    @property
+    def size(self) -> int:
+        """Size in bytes."""
+        return self.sectors * SECTOR
+
+    def text(self) -> str:
+        """The table as the kernel prints it (devices as ``major:minor``)."""
+        out = []
+        for ln, tgt in zip(self.lines, self.targets):
+            params = tgt.table_params()
+            out.append(f"{ln.start} {ln.length} {ln.target_type}" + (f" {params}" if params else ""))
+        return "\n".join(out)
+
+    def devnos(self) -> list[tuple[int, int]]:
+        """Device numbers of the devices this table holds, in table order, without repeats."""
+        seen: list[tuple[int, int]] = []
+        for handle in self.context.handles.values():
+            if handle.devno is not None and handle.devno not in seen:
+                seen.append(handle.devno)
+        return seen
+
+    def engine_devices(self) -> list["Device"]:
+        """Engine devices this table references (for cycle checks)."""
+        out = []
+        for handle in self.context.handles.values():
+            dev = getattr(handle.inner, "device", None)
+            if isinstance(dev, Device):
+                out.append(dev)
+        return out
+
+    def destroy(self) -> None:
+        """Destroy every target (``dtr``) and then close the devices they opened."""
+        for tgt in self.targets:
+            try:
+                tgt.destroy()
+            except Exception:  # noqa: BLE001 - a failing dtr must not leak the other targets
+                pass
+        self.context.close_all()
+
+
+class Device:
+    """An engine device (the kernel's ``struct mapped_device`` plus its hash cell)."""
+
+    def __init__(self, name: str, uuid: str, major: int, minor: int) -> None:
+        self.name = name
+        self.uuid = uuid
+        self.major = major
+        self.minor = minor
+        self.live: LoadedTable | None = None
+        self.inactive: LoadedTable | None = None
+        self.suspended = False
+        self.noflush_suspending = False
+        self.event_nr = 0
+        self.removed = False
+        self.deferred_remove = False
+        #: endpoints open on this device (users, and tables of other devices that reference it).
+        self.opens = 0
+        #: serialises the verbs on this device (load, suspend, resume, remove...).
+        self.op_lock = threading.RLock()
+        self._gate = threading.Condition(threading.Lock())
+        self._inflight = 0
+        self._events = threading.Condition(threading.Lock())
+        #: called when the last opener goes (for deferred remove).
+        self.on_last_close: Callable[["Device"], None] | None = None
+        #: exposure bookkeeping (set by the exposure manager).
+        self.exposure: Any = None
+
+    # --- identity ---------------------------------------------------------------------------
+    @property
+    def devno(self) -> tuple[int, int]:
+        return (self.major, self.minor)
+
+    @property
+    def size(self) -> int:
+        """Size in bytes of the live table (0 without one)."""
+        live = self.live
+        return live.size if live else 0
+
+    @property
+    def read_only(self) -> bool:
+        live = self.live
+        return bool(live and live.readonly)
+
+    # --- open counts ------------------------------------------------------------------------
+    def acquire(self) -> None:
+        """Count one more opener; raises ``DeviceNotFound`` for a removed device."""
+        with self._gate:
+            if self.removed:
+                raise DeviceNotFound("device was removed", operation="open", device=self.name)
+            self.opens += 1
+
+    def release(self) -> None:
+        """Drop one opener."""
+        with self._gate:
+            self.opens -= 1
+            last = self.opens == 0
+        if last and self.deferred_remove and self.on_last_close is not None:
+            self.on_last_close(self)
+
+    # --- events -----------------------------------------------------------------------------
+    def raise_event(self) -> None:
+        """``dm_table_event``: bump the event number and wake waiters."""
+        with self._events:
+            self.event_nr += 1
+            self._events.notify_all()
+
+    def wait_event(self, event_nr: int, timeout: float | None) -> int:
+        """Wait until the event number differs from ``event_nr`` (or the device goes)."""
+        with self._events:
+            self._events.wait_for(lambda: self.event_nr != event_nr or self.removed, timeout)
+            if self.removed:
+                raise DeviceNotFound("device was removed", operation="wait_event", device=self.name)
+            return self.event_nr
+
+    # --- the suspend gate -------------------------------------------------------------------
+    def _enter(self) -> LoadedTable | None:
+        with self._gate:
+            while self.suspended and not self.removed:
+                self._gate.wait()
+            if self.removed:
+                raise DeviceIOError("device was removed", errno=errno.ENXIO, device=self.name)
+            self._inflight += 1
+            return self.live
+
+    def _leave(self) -> None:
+        with self._gate:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._gate.notify_all()
+
+    def block_io(self, timeout: float | None = None) -> bool:
+        """Hold new I/O and wait for in-flight I/O to finish; False if ``timeout`` expired."""
+        with self._gate:
+            self.suspended = True
+            return self._gate.wait_for(lambda: self._inflight == 0, timeout)
+
+    def unblock_io(self) -> None:
+        """Let held and new I/O run again."""
+        with self._gate:
+            self.suspended = False
+            self._gate.notify_all()
+
+    def kill(self) -> None:
+        """Mark removed: held I/O fails, waiters wake."""
+        with self._gate:
+            self.removed = True
+            self._gate.notify_all()
+        with self._events:
+            self.event_nr += 1
+            self._events.notify_all()
+
+    # --- I/O --------------------------------------------------------------------------------
+    def read(self, buf: Any, offset: int) -> int:
+        """Read into ``buf`` from byte ``offset``; short only at the end of the device."""
+        mv = memoryview(buf).cast("B")
+        table = self._enter()
+        try:
+            if table is None or offset >= table.size or not len(mv):
+                return 0
+            n = min(len(mv), table.size - offset)
+            self._map(table, mv[:n], offset, False)
+            return n
+        finally:
+            self._leave()
+
+    def write(self, buf: Any, offset: int) -> int:
+        """Write all of ``buf`` at byte ``offset``."""
+        mv = memoryview(buf).cast("B")
+        table = self._enter()
+        try:
+            if not len(mv):
+                return 0
+            if table is not None and table.readonly:
+                raise DeviceIOError("device is read-only", errno=errno.EROFS, operation="write",
+                                    device=self.name)
+            if table is None or offset + len(mv) > table.size:
+                raise NoSpace("write past the end of the device", errno=errno.ENOSPC,
+                              operation="write", device=self.name)
+            self._map(table, mv, offset, True)
+            return len(mv)
+        finally:
+            self._leave()
+
+    def _map(self, table: LoadedTable, mv: memoryview, offset: int, write: bool) -> None:
+        i = bisect.bisect_right(table.starts, offset) - 1
+        pos = 0
+        total = len(mv)
+        while pos < total:
+            here = offset + pos
+            end = min(table.ends[i], offset + total)
+            piece = mv[pos : pos + end - here]
+            tgt = table.targets[i]
+            if write:
+                tgt.write(piece, here - table.starts[i])
+            else:
+                tgt.read(piece, here - table.starts[i])
+            pos += end - here
+            i += 1
+
+    def _ranges(self, table: LoadedTable, offset: int, length: int) -> list[tuple[Target, int, int]]:
+        out = []
+        end = min(offset + length, table.size)
+        pos = offset
+        i = bisect.bisect_right(table.starts, pos) - 1
+        while pos < end:
+            stop = min(table.ends[i], end)
+            out.append((table.targets[i], pos - table.starts[i], stop - pos))
+            pos = stop
+            i += 1
+        return out
+
+    def flush(self) -> None:
+        """Flush every target of the live table."""
+        table = self._enter()
+        try:
+            if table is not None:
+                for tgt in table.targets:
+                    tgt.flush()
+        finally:
+            self._leave()
+
+    def discard(self, offset: int, length: int) -> None:
+        """Discard a byte range."""
+        table = self._enter()
+        try:
+            if table is not None:
+                for tgt, off, n in self._ranges(table, offset, length):
+                    tgt.discard(off, n)
+        finally:
+            self._leave()
+
+    def zero(self, offset: int, length: int) -> None:
+        """Write zeros over a byte range."""
+        table = self._enter()
+        try:
+            if table is not None:
+                if table.readonly:
+                    raise DeviceIOError("device is read-only", errno=errno.EROFS,
+                                        operation="write", device=self.name)
+                for tgt, off, n in self._ranges(table, offset, length):
+                    tgt.zero(off, n)
+        finally:
+            self._leave()
+
+
+def split_args(params: str) -> list[str]:
+    """Split target parameters on white space, honouring backslash escapes (``dm_split_args``)."""
+    out: list[str] = []
+    cur: list[str] = []
+    in_word = False
+    escaped = False
+    for ch in params:
+        if escaped:
+            cur.append(ch)
+            escaped = False
+            in_word = True
+        elif ch == "\\":
+            escaped = True
+            in_word = True
+        elif ch.isspace():
+            if in_word:
+                out.append("".join(cur))
+                cur = []
+                in_word = False
+        else:
+            cur.append(ch)
+            in_word = True
+    if in_word:
+        out.append("".join(cur))
+    return out
+
+
+def parse_table_text(text: str) -> list[TableLine]:
+    """Parse table text (one ``start length type params`` per line) into lines.
+
+    Raises ``InvalidTable`` for malformed lines; semantic checks are done at load.
+    """
+    lines = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split(None, 3)
+        if len(fields) < 3:
+            raise InvalidTable(f"line {number}: expected 'start length type [params]': {raw!r}",
+                               operation="load")
+        try:
+            start, length = int(fields[0]), int(fields[1])
+        except ValueError:
+            raise InvalidTable(f"line {number}: start and length must be sector numbers: {raw!r}",
+                               operation="load") from None
+        if start < 0 or length < 0:
+            raise InvalidTable(f"line {number}: negative sector number", operation="load")
+        lines.append(TableLine(start, length, fields[2], fields[3] if len(fields) > 3 else ""))
+    return lines

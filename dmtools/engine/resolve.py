@@ -1,0 +1,67 @@
+"""Resolve table device references: paths or ``major:minor``, as dmsetup takes them.
+
+A reference to one of the engine's own devices (its ``major:minor``, its exposed loop device, its
+``mapper/NAME`` link or its FUSE file) resolves to the device itself, in-process: I/O never goes
+through the engine's own FUSE/loop exposure, which would deadlock a suspended device against
+itself. Anything else is opened as a ``dmtools.blockdev.BlockDevice`` (block device or regular file).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from typing import TYPE_CHECKING
+
+from dmtools.blockdev import BlockDevice, resolve_devno
+from dmtools.engine.target import DeviceHandle
+from dmtools.errors import DMError, InvalidTable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dmtools.engine.device import Device
+    from dmtools.engine.engine import Engine
+
+_DEVNO = re.compile(r"^(\d+):(\d+)$")
+
+
+def _own(engine: "Engine", ref: str) -> "Device | None":
+    """The engine device ``ref`` names, if it names one."""
+    m = _DEVNO.match(ref)
+    if m:
+        return engine.device_by_devno(int(m.group(1)), int(m.group(2)))
+    exposure = engine.exposure
+    if exposure is not None:
+        dev = exposure.device_for_path(ref)
+        if dev is not None:
+            return dev
+    try:
+        st = os.stat(ref)
+    except OSError:
+        return None
+    if stat.S_ISBLK(st.st_mode):
+        return engine.device_by_devno(os.major(st.st_rdev), os.minor(st.st_rdev))
+    return None
+
+
+def resolve(engine: "Engine", ref: str, *, writable: bool) -> DeviceHandle:
+    """Open ``ref`` for a table; raises ``InvalidTable`` when it names nothing usable."""
+    from dmtools.engine.endpoint import DeviceEndpoint
+
+    own = _own(engine, ref)
+    if own is not None:
+        try:
+            endpoint = DeviceEndpoint(own, writable=writable)
+        except DMError as err:
+            raise InvalidTable(f"{ref}: {err.message}", operation="load") from err
+        return DeviceHandle(endpoint, f"{own.major}:{own.minor}", own.major, own.minor, ref)
+    m = _DEVNO.match(ref)
+    try:
+        path = resolve_devno((int(m.group(1)), int(m.group(2)))) if m else ref
+        bdev = BlockDevice(path, writable=writable)
+    except DMError as err:
+        raise InvalidTable(f"{ref}: {err.message}", operation="load") from err
+    devno = bdev.devno
+    if devno is None:
+        name = os.path.abspath(ref)
+        return DeviceHandle(bdev, name, -1, -1, name)
+    return DeviceHandle(bdev, f"{devno[0]}:{devno[1]}", devno[0], devno[1], path)

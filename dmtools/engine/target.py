@@ -1,0 +1,256 @@
+"""The userspace target interface: what ``snapshot/``, ``mirror/`` and the built-in targets implement.
+
+A target maps one contiguous range of an engine device (``start``/``length`` in 512-byte sectors)
+the way a kernel ``struct target_type`` does (``include/linux/device-mapper.h``):
+
+- **construct**: ``Target.construct(ctx, start, length, args)`` (the kernel's ``ctr``) parses the
+  table arguments, opens the devices it names through ``ctx.get_device`` (``dm_get_device``) and raises
+  ``InvalidTable`` with the kernel's ``ti->error`` text when they are wrong. Nothing it opened stays
+  open when it raises: the engine releases every device the target opened.
+- **I/O**: ``read(buf, offset)`` fills all of ``buf``; ``write(buf, offset)`` writes all of it.
+  ``offset`` is in **bytes relative to the target's start** and the range never crosses the
+  target's end. A failed I/O raises ``DeviceIOError`` (or ``OSError``). ``flush`` makes completed
+  writes durable; ``discard`` drops a range (``zero`` writes zeros).
+- **text**: ``status()`` returns the kernel's STATUSTYPE_INFO text and ``table_params()`` the
+  STATUSTYPE_TABLE text (devices printed as ``major:minor``, i.e. ``DeviceHandle.name``).
+- **control**: ``message(args)`` answers a target message (``None`` when it has no answer; raise
+  ``InvalidArgument`` for a message it does not understand). ``presuspend``/``postsuspend`` run
+  around a suspend (in-flight I/O drained in between), ``preresume`` may refuse a resume by
+  raising, ``resume`` runs once the table is live again, ``destroy`` (the kernel's ``dtr``) runs when
+  the table is dropped; the engine then closes the devices the target opened.
+- **events**: ``ctx.event()`` is ``dm_table_event``: it bumps the device's event number and wakes
+  ``wait_event`` callers.
+
+Register a target type under the ``dmtools.targets`` entry-point group (name → ``module:Class``);
+the engine loads it by the name used in tables, as the kernel loads ``dm-<name>`` on demand.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence
+
+from dmtools.endpoint import Endpoint
+from dmtools.errors import InvalidArgument, InvalidTable
+
+if TYPE_CHECKING:  # pragma: no cover
+    pass
+
+SECTOR = 512
+
+
+class DeviceHandle(Endpoint):
+    """A device a target opened through ``ctx.get_device`` (the kernel's ``struct dm_dev``).
+
+    I/O is in bytes from the start of the underlying device. ``name`` is what the kernel prints in
+    tables and status lines: ``major:minor`` for block devices and engine devices, the path for a
+    regular file (which has no device number).
+    """
+
+    def __init__(self, inner: Endpoint, name: str, major: int, minor: int, path: str) -> None:
+        self.inner = inner
+        self.name = name
+        self.major = major
+        self.minor = minor
+        self.path = path
+
+    @property
+    def devno(self) -> tuple[int, int] | None:
+        """``(major, minor)`` or ``None`` for a regular file."""
+        return None if self.major < 0 else (self.major, self.minor)
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    @property
+    def sectors(self) -> int:
+        """Size in 512-byte sectors (rounded down)."""
+        return self.inner.size // SECTOR
+
+    @property
+    def logical_block_size(self) -> int:
+        return self.inner.logical_block_size
+
+    @property
+    def read_only(self) -> bool:
+        return self.inner.read_only
+
+    def readinto(self, buf: Any, offset: int) -> int:
+        return self.inner.readinto(buf, offset)
+
+    def write(self, buf: Any, offset: int) -> int:
+        return self.inner.write(buf, offset)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def zero(self, offset: int, length: int) -> None:
+        self.inner.zero(offset, length)
+
+    def discard(self, offset: int, length: int) -> None:
+        self.inner.discard(offset, length)
+
+    def fileno(self) -> int | None:
+        return self.inner.fileno()
+
+    @property
+    def is_regular_file(self) -> bool:
+        return self.inner.is_regular_file
+
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        return self.inner.data_extents(offset, length)
+
+    def close(self) -> None:
+        """Handles are closed by the engine when the table that opened them is destroyed."""
+
+    def __repr__(self) -> str:
+        return f"DeviceHandle({self.name!r}, path={self.path!r})"
+
+
+class TargetContext(Protocol):
+    """What the engine gives a target (``ti->table`` and ``dm_get_device`` in the kernel)."""
+
+    @property
+    def device_name(self) -> str:
+        """Name of the mapped device the table belongs to."""
+
+    @property
+    def readonly(self) -> bool:
+        """True when the table was loaded read-only (devices open read-only)."""
+
+    @property
+    def noflush_suspending(self) -> bool:
+        """True during a ``noflush`` suspend (``dm_noflush_suspending``)."""
+
+    def get_device(self, ref: str, *, writable: bool | None = None) -> DeviceHandle:
+        """Open a device named in the table (path or ``major:minor``); raises ``InvalidTable``."""
+
+    def put_device(self, handle: DeviceHandle) -> None:
+        """Release a handle before the table is destroyed (optional)."""
+
+    def event(self) -> None:
+        """Raise a device event (``dm_table_event``)."""
+
+
+class Target(abc.ABC):
+    """Base class of every userspace target; see the module docstring for the contract."""
+
+    #: the target type name used in tables (``"linear"``).
+    name: ClassVar[str] = ""
+    #: the version ``targets()`` reports (the kernel's ``target_type.version``).
+    version: ClassVar[tuple[int, int, int]] = (0, 0, 0)
+
+    def __init__(self, ctx: TargetContext, start: int, length: int, args: Sequence[str]) -> None:
+        self.ctx = ctx
+        self.start = start
+        self.length = length
+        self.args = list(args)
+        #: devices this target opened, in table order (``iterate_devices``); filled by subclasses.
+        self.devices: list[DeviceHandle] = []
+
+    @classmethod
+    def construct(
+        cls, ctx: TargetContext, start: int, length: int, args: Sequence[str]
+    ) -> "Target":
+        """Build the target from its table arguments (the kernel's ``ctr``)."""
+        return cls(ctx, start, length, args)
+
+    @property
+    def size(self) -> int:
+        """Length in bytes."""
+        return self.length * SECTOR
+
+    # --- I/O ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def read(self, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` with the data at ``offset`` bytes from the target's start."""
+
+    @abc.abstractmethod
+    def write(self, buf: memoryview, offset: int) -> None:
+        """Write ``buf`` at ``offset`` bytes from the target's start."""
+
+    def flush(self) -> None:
+        """Make completed writes durable on every device (a PREFLUSH to each)."""
+        for dev in self.devices:
+            dev.flush()
+
+    def discard(self, offset: int, length: int) -> None:
+        """Discard ``length`` bytes at ``offset``; the default does nothing (discard is a hint)."""
+
+    def zero(self, offset: int, length: int) -> None:
+        """Write zeros (REQ_OP_WRITE_ZEROES); the default writes a zero buffer."""
+        chunk = bytes(min(length, 1 << 20))
+        end = offset + length
+        while offset < end:
+            n = min(len(chunk), end - offset)
+            self.write(memoryview(chunk)[:n], offset)
+            offset += n
+
+    # --- text -----------------------------------------------------------------------------
+    def status(self) -> str:
+        """STATUSTYPE_INFO text; empty for targets without a status function."""
+        return ""
+
+    @abc.abstractmethod
+    def table_params(self) -> str:
+        """STATUSTYPE_TABLE text (devices as ``major:minor``)."""
+
+    # --- control --------------------------------------------------------------------------
+    def message(self, args: Sequence[str]) -> str | None:
+        """Handle a target message; targets without messages refuse them as the kernel does."""
+        raise InvalidArgument(
+            f"target {self.name} does not handle messages", operation="message"
+        )
+
+    def presuspend(self) -> None:
+        """Called before in-flight I/O is drained on suspend."""
+
+    def presuspend_undo(self) -> None:
+        """Called when a suspend is abandoned after ``presuspend``."""
+
+    def postsuspend(self) -> None:
+        """Called once the device is quiet."""
+
+    def preresume(self) -> None:
+        """Called before the table goes live; raise to refuse the resume."""
+
+    def resume(self) -> None:
+        """Called once the table is live again."""
+
+    def destroy(self) -> None:
+        """Release target resources (the engine closes the devices afterwards)."""
+
+    # --- helpers for subclasses -----------------------------------------------------------
+    def fail(self, message: str) -> InvalidTable:
+        """An ``InvalidTable`` carrying the kernel-style ``ti->error`` text for this target."""
+        return InvalidTable(f"{self.name}: {message}", operation="load", device=self.ctx.device_name)
+
+    def check_area(self, dev: DeviceHandle, start: int, length: int) -> None:
+        """Refuse a mapping past the end of ``dev`` (``device_area_is_invalid`` in dm-table.c)."""
+        if start + length > dev.sectors:
+            raise self.fail(
+                f"{dev.name} too small for target: start={start}, len={length}, "
+                f"dev_size={dev.sectors}"
+            )
+
+
+def parse_sector(text: str) -> int:
+    """Parse an unsigned decimal sector number as the kernel's ``sscanf("%llu%c")`` accepts it."""
+    if not text.isdigit() or not text.isascii():
+        raise ValueError(text)
+    value = int(text)
+    if value >= 1 << 64:
+        raise ValueError(text)
+    return value
+
+
+def parse_uint(text: str) -> int:
+    """Parse an unsigned 32-bit decimal as ``kstrtouint`` does (optional leading ``+``)."""
+    body = text[1:] if text.startswith("+") else text
+    if not body.isdigit() or not body.isascii():
+        raise ValueError(text)
+    value = int(body)
+    if value >= 1 << 32:
+        raise ValueError(text)
+    return value

@@ -1,0 +1,228 @@
+"""Built-in targets: ``linear``, ``striped``, ``zero`` and ``error``.
+
+Argument checks, error texts, table and status text follow the kernel's ``drivers/md/dm-linear.c``,
+``dm-stripe.c``, ``dm-zero.c`` and ``dm-target.c`` (io-err); versions are those of Linux 6.16+.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Sequence
+
+from dmtools.engine.target import SECTOR, DeviceHandle, Target, TargetContext, parse_sector, parse_uint
+from dmtools.errors import DeviceIOError
+
+
+class LinearTarget(Target):
+    """``linear <dev> <offset>``: a contiguous range of one device."""
+
+    name = "linear"
+    version = (1, 5, 0)  # dm-linear.c
+
+    def __init__(self, ctx: TargetContext, start: int, length: int, args: Sequence[str]) -> None:
+        super().__init__(ctx, start, length, args)
+        if len(args) != 2:
+            raise self.fail("Invalid argument count")
+        try:
+            self.offset = parse_sector(args[1])
+        except ValueError:
+            raise self.fail("Invalid device sector") from None
+        self.dev = ctx.get_device(args[0])
+        self.devices.append(self.dev)
+        self.check_area(self.dev, self.offset, length)
+        self._base = self.offset * SECTOR
+
+    def read(self, buf: memoryview, offset: int) -> None:
+        _read_full(self.dev, buf, self._base + offset)
+
+    def write(self, buf: memoryview, offset: int) -> None:
+        _write_full(self.dev, buf, self._base + offset)
+
+    def discard(self, offset: int, length: int) -> None:
+        self.dev.discard(self._base + offset, length)
+
+    def zero(self, offset: int, length: int) -> None:
+        self.dev.zero(self._base + offset, length)
+
+    def table_params(self) -> str:
+        return f"{self.dev.name} {self.offset}"
+
+
+class StripedTarget(Target):
+    """``striped <#stripes> <chunk_sectors> [<dev> <offset>]...``: chunks round-robin over devices."""
+
+    name = "striped"
+    version = (1, 7, 0)  # dm-stripe.c
+
+    def __init__(self, ctx: TargetContext, start: int, length: int, args: Sequence[str]) -> None:
+        super().__init__(ctx, start, length, args)
+        if len(args) < 2:
+            raise self.fail("Not enough arguments")
+        try:
+            stripes = parse_uint(args[0])
+        except ValueError:
+            stripes = 0
+        if not stripes:
+            raise self.fail("Invalid stripe count")
+        try:
+            chunk = parse_uint(args[1])
+        except ValueError:
+            chunk = 0
+        if not chunk:
+            raise self.fail("Invalid chunk_size")
+        if length % stripes:
+            raise self.fail("Target length not divisible by number of stripes")
+        width = length // stripes
+        if width % chunk:
+            raise self.fail("Target length not divisible by chunk size")
+        if len(args) != 2 + 2 * stripes:
+            raise self.fail("Not enough destinations specified")
+        self.stripes = stripes
+        self.chunk_sectors = chunk
+        self.width = width
+        self.offsets: list[int] = []
+        for i in range(stripes):
+            try:
+                off = parse_sector(args[3 + 2 * i])
+            except ValueError:
+                raise self.fail("Couldn't parse stripe destination") from None
+            dev = ctx.get_device(args[2 + 2 * i])
+            self.check_area(dev, off, width)
+            self.devices.append(dev)
+            self.offsets.append(off)
+        #: per-stripe I/O error counts (status health letters, ``stripe_end_io``).
+        self.errors = [0] * stripes
+        self._chunk_bytes = chunk * SECTOR
+
+    def _pieces(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
+        """Split a byte range into ``(stripe, device_byte_offset, buf_start, n)`` pieces."""
+        out = []
+        cb = self._chunk_bytes
+        pos = 0
+        while pos < length:
+            here = offset + pos
+            chunk, within = divmod(here, cb)
+            row, stripe = divmod(chunk, self.stripes)
+            n = min(cb - within, length - pos)
+            dev_off = self.offsets[stripe] * SECTOR + row * cb + within
+            out.append((stripe, dev_off, pos, n))
+            pos += n
+        return out
+
+    def _io(self, buf: memoryview, offset: int, write: bool) -> None:
+        for stripe, dev_off, pos, n in self._pieces(offset, len(buf)):
+            try:
+                if write:
+                    _write_full(self.devices[stripe], buf[pos : pos + n], dev_off)
+                else:
+                    _read_full(self.devices[stripe], buf[pos : pos + n], dev_off)
+            except (OSError, DeviceIOError):
+                self.errors[stripe] += 1
+                if self.errors[stripe] < 15:  # DM_IO_ERROR_THRESHOLD in dm-stripe.c
+                    self.ctx.event()
+                raise
+
+    def read(self, buf: memoryview, offset: int) -> None:
+        self._io(buf, offset, False)
+
+    def write(self, buf: memoryview, offset: int) -> None:
+        self._io(buf, offset, True)
+
+    def discard(self, offset: int, length: int) -> None:
+        for stripe, dev_off, _pos, n in self._pieces(offset, length):
+            self.devices[stripe].discard(dev_off, n)
+
+    def zero(self, offset: int, length: int) -> None:
+        for stripe, dev_off, _pos, n in self._pieces(offset, length):
+            self.devices[stripe].zero(dev_off, n)
+
+    def status(self) -> str:
+        names = " ".join(d.name for d in self.devices)
+        health = "".join("D" if e else "A" for e in self.errors)
+        return f"{self.stripes} {names} 1 {health}"
+
+    def table_params(self) -> str:
+        parts = [f"{self.stripes} {self.chunk_sectors}"]
+        parts += [f"{d.name} {o}" for d, o in zip(self.devices, self.offsets)]
+        return " ".join(parts)
+
+
+class ZeroTarget(Target):
+    """``zero``: reads return zeros, writes and discards are dropped."""
+
+    name = "zero"
+    version = (1, 2, 0)  # dm-zero.c
+
+    def __init__(self, ctx: TargetContext, start: int, length: int, args: Sequence[str]) -> None:
+        super().__init__(ctx, start, length, args)
+        if args:
+            raise self.fail("No arguments required")
+
+    def read(self, buf: memoryview, offset: int) -> None:
+        buf[:] = bytes(len(buf))
+
+    def write(self, buf: memoryview, offset: int) -> None:
+        return None
+
+    def zero(self, offset: int, length: int) -> None:
+        return None
+
+    def table_params(self) -> str:
+        return ""
+
+
+class ErrorTarget(Target):
+    """``error [<dev> <offset>]``: every I/O fails (io-err in dm-target.c)."""
+
+    name = "error"
+    version = (1, 7, 0)  # dm-target.c
+
+    def __init__(self, ctx: TargetContext, start: int, length: int, args: Sequence[str]) -> None:
+        super().__init__(ctx, start, length, args)
+        # With exactly two arguments the kernel opens the device (for its limits), like linear.
+        if len(args) == 2:
+            try:
+                parse_sector(args[1])
+            except ValueError:
+                raise self.fail("Invalid device sector") from None
+            self.devices.append(ctx.get_device(args[0]))
+
+    def _fail(self, op: str) -> DeviceIOError:
+        return DeviceIOError(
+            "I/O error (error target)", errno=errno.EIO, operation=op, device=self.ctx.device_name
+        )
+
+    def read(self, buf: memoryview, offset: int) -> None:
+        raise self._fail("read")
+
+    def write(self, buf: memoryview, offset: int) -> None:
+        raise self._fail("write")
+
+    def discard(self, offset: int, length: int) -> None:
+        raise self._fail("discard")
+
+    def zero(self, offset: int, length: int) -> None:
+        raise self._fail("write")
+
+    def flush(self) -> None:
+        return None
+
+    def table_params(self) -> str:
+        return ""
+
+
+def _read_full(dev: DeviceHandle, buf: memoryview, offset: int) -> None:
+    """Fill ``buf`` from ``dev`` or raise ``DeviceIOError`` on a short read (past the device end)."""
+    got = dev.readinto(buf, offset)
+    while got < len(buf):
+        n = dev.readinto(buf[got:], offset + got)
+        if n <= 0:
+            raise DeviceIOError(
+                f"short read at byte {offset + got}", errno=errno.EIO, operation="read", device=dev.name
+            )
+        got += n
+
+
+def _write_full(dev: DeviceHandle, buf: memoryview, offset: int) -> None:
+    """Write all of ``buf`` (endpoints write everything or raise)."""
+    dev.write(buf, offset)

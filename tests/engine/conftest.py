@@ -1,0 +1,68 @@
+"""Fixtures for the engine tests: ``dm`` runs a test on the userspace engine and on the kernel.
+
+``dm`` is parametrized: ``engine`` (in-process ``Engine``, unit tier) and ``kernel`` (the real
+device-mapper, kernel tier, via the plugin's ``kernel_dm``). ``backing(size)`` gives a device
+reference usable in that backend's tables (an image file for the engine, a loop device for the
+kernel) and ``printed(ref)`` how that backend prints it in table and status text.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from dmtools.backend import DeviceMapper
+from dmtools.blockdev import BlockDevice
+from dmtools.endpoint import Endpoint
+
+
+@dataclass
+class Harness:
+    """A backend plus the helpers a parametrized test needs."""
+
+    dm: DeviceMapper
+    kind: str
+    backing: Callable[[int], str]
+
+    def printed(self, ref: str) -> str:
+        """How the backend prints ``ref`` in tables: ``major:minor`` for block devices."""
+        st = os.stat(ref)
+        if os.path.exists(ref) and not os.path.isfile(ref):
+            return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+        return os.path.abspath(ref)
+
+    def open_direct(self, name: str) -> Endpoint:
+        """An endpoint whose reads really reach the device (no page cache on the kernel)."""
+        if self.kind == "kernel":
+            return BlockDevice(self.dm.device_path(name), writable=True, direct=True)
+        return self.dm.open_endpoint(name)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("engine", id="engine"),
+        pytest.param("kernel", id="kernel", marks=pytest.mark.kernel),
+    ]
+)
+def dm(request: pytest.FixtureRequest, make_image: Callable[..., Any]) -> Iterator[Harness]:
+    """The backend under test, with a ``backing(size)`` factory for table device references."""
+    if request.param == "engine":
+        from dmtools.engine import Engine
+
+        eng = Engine()
+        try:
+            yield Harness(eng, "engine", lambda size: str(make_image(size)))
+        finally:
+            eng.close()
+        return
+    make_loop = request.getfixturevalue("make_loop")
+    kdm = request.getfixturevalue("kernel_dm")
+
+    def backing(size: int) -> str:
+        return str(make_loop(make_image(size)).path)
+
+    yield Harness(kdm, "kernel", backing)

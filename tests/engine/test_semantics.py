@@ -1,0 +1,252 @@
+"""Device-mapper semantics, one test for both backends (the kernel case runs in the VM tier)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from dmtools.blockdev import aligned_buffer
+from dmtools.errors import DeviceBusy, DeviceExists, DeviceNotFound, InvalidTable
+
+MiB = 1 << 20
+
+
+def _fill(ep, offset: int, byte: int, n: int = 4096) -> None:
+    buf = aligned_buffer(n)
+    buf[:] = bytes([byte]) * n
+    ep.write(buf, offset)
+
+
+def _read(ep, offset: int, n: int = 4096) -> bytes:
+    buf = aligned_buffer(n)
+    got = ep.readinto(buf, offset)
+    return bytes(buf[:got])
+
+
+def test_create_load_resume_swaps(dm, dm_name):
+    a, b = dm.backing(MiB), dm.backing(MiB)
+    dm.dm.create(dm_name, f"0 2048 linear {a} 0")
+    info = dm.dm.info(dm_name)
+    assert info.live_table and not info.inactive_table and not info.suspended
+    dm.dm.load(dm_name, f"0 1024 linear {b} 8")
+    info = dm.dm.info(dm_name)
+    assert info.live_table and info.inactive_table
+    assert str(dm.dm.table(dm_name)) == f"0 2048 linear {dm.printed(a)} 0"
+    assert str(dm.dm.table(dm_name, inactive=True)) == f"0 1024 linear {dm.printed(b)} 8"
+    dm.dm.resume(dm_name)
+    info = dm.dm.info(dm_name)
+    assert info.live_table and not info.inactive_table and not info.suspended
+    assert str(dm.dm.table(dm_name)) == f"0 1024 linear {dm.printed(b)} 8"
+    dm.dm.remove(dm_name)
+    assert not dm.dm.exists(dm_name)
+
+
+def test_create_empty_then_load(dm, dm_name):
+    dm.dm.create(dm_name)
+    info = dm.dm.info(dm_name)
+    assert not info.live_table and not info.inactive_table
+    dm.dm.load(dm_name, "0 100 zero")
+    dm.dm.resume(dm_name)
+    assert dm.dm.info(dm_name).target_count == 1
+    dm.dm.clear(dm_name)  # nothing inactive: still fine
+    dm.dm.load(dm_name, "0 50 error")
+    dm.dm.clear(dm_name)
+    assert not dm.dm.info(dm_name).inactive_table
+    assert str(dm.dm.table(dm_name)) == "0 100 zero"
+    dm.dm.remove(dm_name)
+
+
+def test_io_held_while_suspended(dm, dm_name):
+    a = dm.backing(MiB)
+    dm.dm.create(dm_name, f"0 2048 linear {a} 0")
+    ep = dm.open_direct(dm_name)
+    try:
+        _fill(ep, 0, 0x5A)
+        dm.dm.suspend(dm_name)
+        assert dm.dm.info(dm_name).suspended
+        done = threading.Event()
+        result: list[bytes] = []
+
+        def reader() -> None:
+            result.append(_read(ep, 0))
+            done.set()
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        assert not done.wait(0.5), "I/O completed on a suspended device"
+        dm.dm.resume(dm_name)
+        assert done.wait(10), "held I/O not released by resume"
+        assert result == [b"\x5a" * 4096]
+        t.join(5)
+    finally:
+        ep.close()
+    dm.dm.remove(dm_name)
+
+
+def test_noflush_suspend_holds_io_too(dm, dm_name):
+    a = dm.backing(MiB)
+    dm.dm.create(dm_name, f"0 2048 linear {a} 0")
+    ep = dm.open_direct(dm_name)
+    try:
+        dm.dm.suspend(dm_name, noflush=True)
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (_fill(ep, 4096, 1), done.set()), daemon=True)
+        t.start()
+        assert not done.wait(0.5)
+        dm.dm.resume(dm_name)
+        assert done.wait(10)
+        t.join(5)
+        assert _read(ep, 4096) == b"\x01" * 4096
+    finally:
+        ep.close()
+    dm.dm.remove(dm_name)
+
+
+def test_remove_open_device_refused(dm, dm_name):
+    a = dm.backing(MiB)
+    dm.dm.create(dm_name, f"0 2048 linear {a} 0")
+    ep = dm.dm.open_endpoint(dm_name)
+    try:
+        assert dm.dm.info(dm_name).open_count >= 1
+        with pytest.raises(DeviceBusy):
+            dm.dm.remove(dm_name)
+        assert dm.dm.exists(dm_name)
+    finally:
+        ep.close()
+    dm.dm.remove(dm_name)
+    with pytest.raises(DeviceNotFound):
+        dm.dm.info(dm_name)
+
+
+BAD_TABLES = [
+    "0 2048 linear {a} 0\n4096 10 zero",  # gap
+    "0 0 zero",  # zero length
+    "0 2048 linear {a}",  # argument count
+    "0 2048 linear {a} x",  # bad sector
+    "0 4096 linear {a} 0",  # past the end of the 1 MiB device
+    "0 2048 striped 2 3 {a} 0 {a} 0",  # length not divisible by chunk
+    "0 2048 striped 2 128 {a} 0",  # missing destination
+    "0 100 zero 1",  # zero takes no arguments
+    "0 100 no-such-target-type",
+]
+
+
+@pytest.mark.parametrize("bad", BAD_TABLES)
+def test_bad_table_rejected_without_state_change(dm, dm_name, bad):
+    a = dm.backing(MiB)
+    good = f"0 1024 linear {a} 0"
+    dm.dm.create(dm_name, good)
+    before = dm.dm.info(dm_name)
+    with pytest.raises(InvalidTable):
+        dm.dm.load(dm_name, bad.format(a=a))
+    after = dm.dm.info(dm_name)
+    assert not after.inactive_table
+    assert (after.live_table, after.suspended, after.event_nr) == (
+        before.live_table, before.suspended, before.event_nr)
+    assert str(dm.dm.table(dm_name)) == f"0 1024 linear {dm.printed(a)} 0"
+    dm.dm.remove(dm_name)
+
+
+def test_create_with_bad_table_leaves_nothing(dm, dm_name):
+    with pytest.raises(InvalidTable):
+        dm.dm.create(dm_name, "0 100 zero extra")
+    assert not dm.dm.exists(dm_name)
+
+
+def test_duplicate_name_refused(dm, dm_name):
+    dm.dm.create(dm_name, "0 8 zero")
+    with pytest.raises(DeviceExists):
+        dm.dm.create(dm_name, "0 8 zero")
+    dm.dm.remove(dm_name)
+
+
+def test_table_and_status_text(dm, dm_name):
+    a, b = dm.backing(2 * MiB), dm.backing(MiB)
+    pa, pb = dm.printed(a), dm.printed(b)
+    table = (
+        f"0 1024 linear {a} 16\n"
+        f"1024 2048 striped 2 64 {a} 1040 {b} 0\n"
+        "3072 100 zero\n"
+        "3172 28 error"
+    )
+    dm.dm.create(dm_name, table)
+    assert str(dm.dm.table(dm_name)) == (
+        f"0 1024 linear {pa} 16\n"
+        f"1024 2048 striped 2 64 {pa} 1040 {pb} 0\n"
+        "3072 100 zero\n"
+        "3172 28 error"
+    )
+    assert [str(s) for s in dm.dm.status(dm_name)] == [
+        "0 1024 linear",
+        f"1024 2048 striped 2 {pa} {pb} 1 AA",
+        "3072 100 zero",
+        "3172 28 error",
+    ]
+    dm.dm.remove(dm_name)
+
+
+def test_striped_data_layout(dm, dm_name):
+    a, b = dm.backing(MiB), dm.backing(MiB)
+    dm.dm.create(dm_name, f"0 256 striped 2 8 {a} 0 {b} 0")
+    ep = dm.open_direct(dm_name)
+    try:
+        for chunk in range(4):
+            _fill(ep, chunk * 4096, 0x10 + chunk)
+    finally:
+        ep.close()
+    dm.dm.remove(dm_name)
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        da, db = fa.read(8192), fb.read(8192)
+    assert da == bytes([0x10]) * 4096 + bytes([0x12]) * 4096
+    assert db == bytes([0x11]) * 4096 + bytes([0x13]) * 4096
+
+
+def test_deps_and_device_ref_stacking(dm, dm_name):
+    a = dm.backing(MiB)
+    lower, upper = dm_name, "up" + dm_name
+    dm.dm.create(lower, f"0 2048 linear {a} 0")
+    ref = dm.dm.device_ref(lower)
+    dm.dm.create(upper, f"0 1024 linear {ref} 512")
+    info = dm.dm.info(lower)
+    assert dm.dm.deps(upper) == [(info.major, info.minor)]
+    assert str(dm.dm.table(upper)) == f"0 1024 linear {info.major}:{info.minor} 512"
+    with pytest.raises(DeviceBusy):
+        dm.dm.remove(lower)  # held by the upper table
+    ep = dm.open_direct(upper)
+    try:
+        _fill(ep, 0, 0x77)
+    finally:
+        ep.close()
+    dm.dm.remove(upper)
+    dm.dm.remove(lower)
+    with open(a, "rb") as f:
+        f.seek(512 * 512)
+        assert f.read(4096) == b"\x77" * 4096
+
+
+def test_targets_and_versions(dm):
+    targets = dm.dm.targets()
+    for name in ("linear", "striped", "zero", "error"):
+        assert name in targets
+        assert targets[name] >= (1, 0, 0)
+
+
+def test_rename_bumps_event(dm, dm_name):
+    dm.dm.create(dm_name, "0 8 zero")
+    before = dm.dm.info(dm_name).event_nr
+    new = "rn" + dm_name
+    dm.dm.rename(dm_name, new)
+    assert not dm.dm.exists(dm_name)
+    assert dm.dm.info(new).event_nr == before + 1
+    assert dm.dm.wait_event(new, before, timeout=5) == before + 1
+    dm.dm.remove(new)
+
+
+def test_message_to_linear_refused(dm, dm_name):
+    from dmtools.errors import DMError
+
+    dm.dm.create(dm_name, "0 8 zero")
+    with pytest.raises(DMError):
+        dm.dm.message(dm_name, 0, "hello")
+    dm.dm.remove(dm_name)
