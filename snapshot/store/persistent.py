@@ -30,7 +30,7 @@ from snapshot.store.format import (
     exceptions_per_area,
     skip_metadata,
 )
-from snapshot.store.table import ExceptionTable
+from snapshot.store.table import FLOAT_EXACT, ExceptionTable
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +194,8 @@ class PersistentStore(ExceptionStore):
         stride = epa + 1
         cow_chunks = self.cow_sectors // cs
         shift = self.table.shift
-        keys: list[int] = []
-        pack = ExceptionTable.pack_keys
+        keys: list = []  # floats while every key stays below FLOAT_EXACT, then ints
+        use_float = True
         eq, mod = operator.eq, operator.mod
         next_free = NUM_SNAPSHOT_HDR_CHUNKS + 1
         area = 0
@@ -219,12 +219,23 @@ class PersistentStore(ExceptionStore):
                         f"({cow_chunks} chunks)",
                         device=self.cow.name,
                     )
-                if any(map(eq, map(mod, news, repeat(stride)), repeat(NUM_SNAPSHOT_HDR_CHUNKS))):
+                low = min(news)
+                span = (low - 1) // stride
+                quick = (low - 1) % stride != 0 and (top - 1) // stride == span
+                if not quick and any(
+                    map(eq, map(mod, news, repeat(stride)), repeat(NUM_SNAPSHOT_HDR_CHUNKS))
+                ):
                     raise CorruptMetadata(
                         f"metadata area {area} maps an origin chunk onto a metadata chunk",
                         device=self.cow.name,
                     )
-                keys.extend(pack(olds, news, shift))
+                if use_float and ((max(olds) << shift) | top) >= FLOAT_EXACT:
+                    use_float = False
+                    keys[:] = map(int, keys)
+                if use_float:
+                    keys.extend(ExceptionTable.pack_float_keys(olds, news, shift))
+                else:
+                    keys.extend(ExceptionTable.pack_keys(olds, news, shift))
                 records += n
                 if top >= next_free:
                     next_free = top + 1

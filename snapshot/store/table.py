@@ -1,9 +1,13 @@
 """A compact completed-exception table: origin chunk -> COW chunk.
 
 The kernel keeps a hash table that coalesces consecutive chunks (dm-exception-store.h). In Python a
-dict of a million ints costs about 100 MiB, so the bulk of the table is one sorted ``array('Q')`` of
-packed keys ``old << shift | new`` (8 bytes per exception) searched with ``bisect``; exceptions added
-or removed since the last compaction live in a small dict overlay that is folded in when it grows.
+dict of a million ints costs about 100 MiB, so the bulk of the table is one sorted array of packed
+keys ``old << shift | new`` (8 bytes per exception) searched with ``bisect``; exceptions added or
+removed since the last compaction live in a small dict overlay folded in when it grows.
+
+Packed keys below 2**53 are held as floats (``array('d')``), which are exact there and which
+``list.sort`` compares several times faster than multi-digit ints; larger keys use ``array('Q')``
+(or a list past 64 bits).
 """
 
 from __future__ import annotations
@@ -15,11 +19,22 @@ from collections.abc import Iterable, Iterator
 from itertools import repeat
 from typing import Union
 
-_U64 = 1 << 64
+#: floats represent every integer below this exactly.
+FLOAT_EXACT = 1 << 53
 #: an overlay value meaning "removed since the last compaction".
 _REMOVED = -1
 
-Keys = Union["array[int]", list[int]]
+Keys = Union["array[float]", "array[int]", list[int]]
+
+
+def _pack_array(keys: list[int] | list[float]) -> Keys:
+    """The most compact container for sorted keys."""
+    if keys and isinstance(keys[0], float):
+        return array("d", keys)
+    try:
+        return array("Q", keys)
+    except OverflowError:  # an origin chunk too large to pack in 64 bits: keep the list
+        return list(map(int, keys))
 
 
 class ExceptionTable:
@@ -32,58 +47,41 @@ class ExceptionTable:
     def __init__(self, shift: int, keys: Keys | None = None) -> None:
         self.shift = shift
         self._mask = (1 << shift) - 1
-        self._keys: Keys = keys if keys is not None else array("Q")
+        self._keys: Keys = keys if keys is not None else array("d")
+        self._float = isinstance(self._keys, array) and self._keys.typecode == "d"
         self._overlay: dict[int, int] = {}
         self._count = len(self._keys)
 
     # -- bulk construction ------------------------------------------------------------------------
     @classmethod
-    def from_key_list(cls, shift: int, keys: list[int]) -> "ExceptionTable":
-        """Build from packed keys (``old << shift | new``) in any order; ``keys`` is consumed."""
+    def from_key_list(cls, shift: int, keys: list[int] | list[float]) -> "ExceptionTable":
+        """Build from packed keys in any order (all floats or all ints); ``keys`` is consumed."""
         keys.sort()
-        packed: Keys
-        try:
-            packed = array("Q", keys)
-        except OverflowError:  # an origin chunk too large to pack in 64 bits: keep the list
-            packed = keys
-        else:
-            keys.clear()
-        table = cls(shift, packed)
-        table._dedupe_if_needed()
-        return table
+        packed = _pack_array(keys)
+        keys.clear()
+        return cls(shift, packed)
 
     @staticmethod
     def pack_keys(olds: Iterable[int], news: Iterable[int], shift: int) -> Iterator[int]:
-        """Packed keys for parallel ``olds``/``news`` sequences, computed without a Python loop."""
+        """Packed int keys for parallel ``olds``/``news`` sequences, without a Python loop."""
         return map(operator.or_, map(operator.lshift, olds, repeat(shift)), news)
 
-    def _dedupe_if_needed(self) -> None:
-        # An origin chunk recorded twice (never written by the kernel, possible on a damaged COW)
-        # keeps its last record, as a later callback would overwrite the earlier one.
-        keys = self._keys
-        shift = self.shift
-        olds_a = map(operator.rshift, keys, repeat(shift))
-        olds_b = map(operator.rshift, keys, repeat(shift))
-        next(olds_b, None)
-        dups = any(map(operator.eq, olds_a, olds_b))
-        if not dups:
-            return
-        kept: list[int] = []
-        for k in keys:
-            if kept and kept[-1] >> shift == k >> shift:
-                kept[-1] = k
-            else:
-                kept.append(k)
-        self._keys = array("Q", kept) if isinstance(keys, array) else kept
-        self._count = len(self._keys)
+    @staticmethod
+    def pack_float_keys(olds: Iterable[int], news: Iterable[int], shift: int) -> Iterator[float]:
+        """Packed keys as floats; the caller guarantees every key is below ``FLOAT_EXACT``."""
+        return map(float, map(operator.or_, map(operator.lshift, olds, repeat(shift)), news))
 
     # -- lookups ----------------------------------------------------------------------------------
     def _base_lookup(self, old: int) -> int | None:
+        # An origin chunk recorded twice (the kernel never writes that) resolves to its lowest
+        # COW chunk; loading does not pay for a duplicate scan.
         keys = self._keys
         probe = old << self.shift
-        i = bisect_left(keys, probe)
-        if i < len(keys) and keys[i] >> self.shift == old:
-            return keys[i] & self._mask
+        i = bisect_left(keys, float(probe) if self._float else probe)  # type: ignore[arg-type]
+        if i < len(keys):
+            k = int(keys[i])
+            if k >> self.shift == old:
+                return k & self._mask
         return None
 
     def lookup(self, old: int) -> int | None:
@@ -132,14 +130,14 @@ class ExceptionTable:
             return
         shift = self.shift
         overlay = self._overlay
-        merged = [k for k in self._keys if (k >> shift) not in overlay]
-        added = sorted((o << shift) | n for o, n in overlay.items() if n != _REMOVED)
-        merged.extend(added)
+        merged = [k for k in map(int, self._keys) if (k >> shift) not in overlay]
+        merged.extend((o << shift) | n for o, n in overlay.items() if n != _REMOVED)
         merged.sort()
-        try:
-            self._keys = array("Q", merged)
-        except OverflowError:
-            self._keys = merged
+        if not merged or merged[-1] < FLOAT_EXACT:
+            self._keys = array("d", merged)
+        else:
+            self._keys = _pack_array(merged)
+        self._float = isinstance(self._keys, array) and self._keys.typecode == "d"
         self._overlay = {}
         self._count = len(self._keys)
 
@@ -148,10 +146,11 @@ class ExceptionTable:
         """``(old, new)`` pairs in origin-chunk order."""
         self.compact()
         shift, mask = self.shift, self._mask
-        for k in self._keys:
+        for k in map(int, self._keys):
             yield k >> shift, k & mask
 
     def memory_bytes(self) -> int:
         """Approximate bytes held by the table."""
-        base = self._keys.itemsize * len(self._keys) if isinstance(self._keys, array) else 40 * len(self._keys)
+        keys = self._keys
+        base = keys.itemsize * len(keys) if isinstance(keys, array) else 40 * len(keys)
         return base + 100 * len(self._overlay)

@@ -251,6 +251,16 @@ def test_exception_table_overlay_and_compaction() -> None:
     assert len(t) == 10_003 and t.lookup(5000) == 4900
 
 
-def test_duplicate_records_keep_the_last() -> None:
+def test_duplicate_records_resolve_to_one_mapping() -> None:
     t = ExceptionTable.from_key_list(8, list(ExceptionTable.pack_keys([3, 3, 4], [2, 5, 6], 8)))
-    assert len(t) == 2 and t.lookup(3) == 5
+    assert t.lookup(3) == 2 and t.lookup(4) == 6
+
+
+def test_huge_origin_chunks_fall_back_to_int_keys() -> None:
+    cow, store = new_store()
+    pairs = [(1, store.prepare_exception()), (2**50, store.prepare_exception()), (3, store.prepare_exception())]
+    commit(store, pairs)
+    again = PersistentStore(cow, C)
+    again.read_metadata()
+    assert [again.table.lookup(o) for o, _ in pairs] == [n for _, n in pairs]
+    assert sorted(again.table.items()) == sorted(pairs)

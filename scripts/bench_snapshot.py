@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Snapshot benchmarks (issue 5): origin write throughput with 0, 1 and 4 snapshots on the userspace
+engine (first writes, rewrites, random 4 KiB writes; ratio to no snapshot), and loading a persistent
+COW holding 1,000,000 exceptions (time and peak memory, in a fresh process).
+
+    scripts/bench snapshot [--size 64M] [--exceptions 1000000] [--only load|writes] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from snapshot.store.format import (  # noqa: E402
+    SECTOR,
+    DiskHeader,
+    area_location,
+    exceptions_per_area,
+    skip_metadata,
+)
+
+
+def make_cow(path: Path, exceptions: int, chunk: int = 8, seed: int = 1) -> int:
+    """Write a sparse persistent COW holding ``exceptions`` random exceptions; return its size."""
+    cb = chunk * SECTOR
+    epa = exceptions_per_area(chunk)
+    rng = random.Random(seed)
+    olds = array("Q", rng.sample(range(exceptions * 8), exceptions))
+    news = array("Q")
+    nf = 2
+    for _ in range(exceptions):
+        news.append(nf)
+        nf = skip_metadata(nf + 1, chunk)
+    size = (nf + 1) * cb
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.write(DiskHeader.new(chunk).pack(cb))
+        for k, first in enumerate(range(0, exceptions, epa)):
+            recs = array("Q", bytes(16 * min(epa, exceptions - first)))
+            recs[0::2] = olds[first : first + epa]
+            recs[1::2] = news[first : first + epa]
+            f.seek(area_location(k, chunk) * cb)
+            f.write(recs.tobytes())
+        if exceptions % epa == 0:  # the terminator area is zero already (sparse)
+            pass
+    return size
+
+
+def _vm_hwm_kib() -> int:
+    """Peak resident set of this process (VmHWM; unlike ru_maxrss it is reset by exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _load_child(path: str) -> None:
+    """Run in a fresh interpreter: load the COW, print time and peak memory as JSON."""
+    import tracemalloc
+
+    from dmtools.blockdev import BlockDevice
+    from snapshot.store import PersistentStore
+
+    rss0 = _vm_hwm_kib()
+    with BlockDevice(path) as cow:
+        t0 = time.perf_counter()
+        store = PersistentStore(cow, 0)
+        store.read_metadata()
+        elapsed = time.perf_counter() - t0
+        rss1 = _vm_hwm_kib()
+        count = len(store.table)
+        table_bytes = store.table.memory_bytes()
+        del store
+        tracemalloc.start()
+        store = PersistentStore(cow, 0)
+        store.read_metadata()
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    print(
+        json.dumps(
+            {
+                "exceptions": count,
+                "seconds": round(elapsed, 3),
+                "peak_rss_growth_mib": round((rss1 - rss0) / 1024, 1),
+                "peak_traced_mib": round(peak / 2**20, 1),
+                "table_mib": round(table_bytes / 2**20, 1),
+            }
+        )
+    )
+
+
+def bench_load(exceptions: int, workdir: Path) -> dict[str, object]:
+    """Build the COW, then load it in a child process so memory figures are its own."""
+    path = workdir / "million.cow"
+    t0 = time.perf_counter()
+    make_cow(path, exceptions)
+    built = time.perf_counter() - t0
+    out = subprocess.run(
+        [sys.executable, __file__, "--load-child", str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
+    result: dict[str, object] = json.loads(out)
+    result["build_seconds"] = round(built, 2)
+    result["goal"] = "<= 1 s, <= 64 MiB"
+    path.unlink()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exceptions", type=int, default=1_000_000)
+    p.add_argument("--size", default="64M", help="origin size for the write benchmarks")
+    p.add_argument("--only", choices=("load", "writes"))
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--load-child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.load_child:
+        _load_child(args.load_child)
+        return 0
+    results: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-snapshot-") as tmp:
+        work = Path(tmp)
+        if args.only in (None, "writes"):
+            from bench_snapshot_writes import bench_writes  # type: ignore[import-not-found]
+
+            results["writes"] = bench_writes(work, args.size)
+        if args.only in (None, "load"):
+            results["load"] = bench_load(args.exceptions, work)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for name, value in results.items():
+            print(f"{name}: {json.dumps(value)}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())
