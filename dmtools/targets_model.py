@@ -1,0 +1,764 @@
+"""Typed device-mapper targets: immutable values that format to, and parse from, the kernel's text.
+
+Import these through :mod:`dmtools.table`; this module only keeps that one from growing too long.
+
+Text conventions (the same for every target):
+
+* ``target.params`` is the parameter text **as the kernel prints it back** in ``dmsetup table``
+  (its ``STATUSTYPE_TABLE`` output): numbers in decimal without leading zeros, store types and
+  features upper/lower-cased and ordered as the kernel emits them, zero feature counts omitted.
+  Device references are the one exception: they are kept **as written** (a path or
+  ``major:minor``), because the kernel rewrites them to ``major:minor`` only after resolving them.
+* Parsing accepts what the kernel's constructors accept (case-insensitive store types and
+  snapshot features, feature lists in any order or with duplicates) and validates what they
+  validate, raising :class:`~dmtools.errors.InvalidTable` with the kernel's reason where it has
+  one. Checks that need the target's length (stripe and region sizes) are made by
+  :meth:`Target.validate_length`, which :class:`dmtools.table.TableLine` calls.
+* Numbers are decimal digits only (no sign, no ``0x``), where the kernel's ``sscanf`` would also
+  take a sign.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, NamedTuple
+
+from dmtools.errors import InvalidName, InvalidTable
+from dmtools.names import validate_target_type
+
+__all__ = [
+    "Target",
+    "GenericTarget",
+    "Leg",
+    "Linear",
+    "Striped",
+    "Zero",
+    "Error",
+    "Snapshot",
+    "SnapshotMerge",
+    "SnapshotOrigin",
+    "MirrorLog",
+    "CoreLog",
+    "DiskLog",
+    "OtherLog",
+    "Mirror",
+    "TARGET_TYPES",
+    "split_args",
+    "parse_devno",
+    "U32_MAX",
+    "U64_MAX",
+    "MAX_NR_MIRRORS",
+    "MAX_SNAPSHOT_CHUNK",
+]
+
+U32_MAX = (1 << 32) - 1
+U64_MAX = (1 << 64) - 1
+#: dm-raid1.c: MAX_NR_MIRRORS = DM_KCOPYD_MAX_REGIONS + 1.
+MAX_NR_MIRRORS = 9
+#: dm-exception-store.c: chunk size must be <= INT_MAX >> SECTOR_SHIFT.
+MAX_SNAPSHOT_CHUNK = ((1 << 31) - 1) >> 9
+
+# The kernel splits parameters on C isspace() (dm-table.c dm_split_args).
+_SPACE_RE = re.compile(r"[ \t\n\v\f\r]+")
+_DIGITS_RE = re.compile(r"[0-9]+")
+_DEVNO_RE = re.compile(r"([0-9]+):([0-9]+)")
+
+
+def split_args(params: str) -> list[str]:
+    """Split a parameter string into arguments as the kernel does (on ASCII whitespace)."""
+    stripped = params.strip(" \t\n\v\f\r")
+    return _SPACE_RE.split(stripped) if stripped else []
+
+
+def parse_devno(ref: str) -> tuple[int, int] | None:
+    """``(major, minor)`` when ``ref`` is written ``major:minor``, else ``None`` (a path)."""
+    match = _DEVNO_RE.fullmatch(ref)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2))
+
+
+def _fail(target_type: str, reason: str) -> InvalidTable:
+    return InvalidTable(f"{target_type}: {reason}")
+
+
+def _number(target_type: str, text: str, what: str, maximum: int = U64_MAX) -> int:
+    if not _DIGITS_RE.fullmatch(text):
+        raise _fail(target_type, f"{what} {text[:40]!r} is not a decimal number")
+    if len(text.lstrip("0")) > 20:
+        raise _fail(target_type, f"{what} {text[:40]}... is too large (maximum {maximum})")
+    value = int(text.lstrip("0") or "0")
+    if value > maximum:
+        raise _fail(target_type, f"{what} {text} is too large (maximum {maximum})")
+    return value
+
+
+def _check_int(target_type: str, value: object, what: str, maximum: int = U64_MAX) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(target_type, f"{what} must be an integer, not {value!r}")
+    if value < 0 or value > maximum:
+        raise _fail(target_type, f"{what} {value} is out of range 0..{maximum}")
+    return value
+
+
+def _check_device(target_type: str, device: object) -> str:
+    if not isinstance(device, str) or not device:
+        raise _fail(target_type, f"device reference must be a non-empty string, not {device!r}")
+    if any(c in " \t\n\v\f\r" or ord(c) < 0x20 or ord(c) == 0x7F for c in device):
+        raise _fail(target_type, f"device reference {device!r} contains whitespace or control characters")
+    if "#" in device:
+        raise _fail(target_type, f"device reference {device!r} contains '#', which dmsetup reads as a comment")
+    return device
+
+
+def _power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+class Leg(NamedTuple):
+    """A device and the sector offset where the target's data starts on it."""
+
+    device: str
+    offset: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.device} {self.offset}"
+
+
+def _legs(target_type: str, legs: Iterable[object]) -> tuple[Leg, ...]:
+    out: list[Leg] = []
+    for leg in legs:
+        if isinstance(leg, str):
+            leg = (leg, 0)
+        if not isinstance(leg, tuple) or len(leg) != 2:
+            raise _fail(target_type, f"a leg is a (device, offset) pair, not {leg!r}")
+        device = _check_device(target_type, leg[0])
+        out.append(Leg(device, _check_int(target_type, leg[1], "offset")))
+    return tuple(out)
+
+
+class Target:
+    """Base of every target value. Subclasses are frozen dataclasses.
+
+    Every target has ``target_type`` (the kernel's name for it), ``params`` (its table text) and
+    ``devices`` (the device references it names, in table order).
+    """
+
+    #: Kernel target type name; set by each typed subclass.
+    TYPE: ClassVar[str] = ""
+
+    @property
+    def target_type(self) -> str:
+        """The kernel's name for this target type."""
+        return self.TYPE
+
+    @property
+    def params(self) -> str:
+        """The parameter text, as the kernel prints it in ``dmsetup table`` (devices as written)."""
+        return " ".join(self.args())
+
+    def args(self) -> list[str]:
+        """The parameters as a list of arguments."""
+        raise NotImplementedError
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The device references this target names, in table order."""
+        return ()
+
+    def validate_length(self, length: int) -> None:
+        """Checks that depend on the target's length in sectors; raise :class:`InvalidTable`."""
+
+    def map_devices(self, fn: Callable[[str], str]) -> Target:
+        """A copy with every device reference replaced by ``fn(reference)``."""
+        return self
+
+    @classmethod
+    def from_args(cls, args: Sequence[str]) -> Target:
+        """Build the target from its split arguments; raises :class:`InvalidTable`."""
+        raise NotImplementedError
+
+    @staticmethod
+    def parse(target_type: str, params: str = "") -> Target:
+        """Parse ``params`` for ``target_type``: a typed target, or :class:`GenericTarget`.
+
+        Raises :class:`InvalidTable` when a known type's arguments are wrong, or when the type
+        name or text cannot be given to the kernel.
+        """
+        try:
+            validate_target_type(target_type)
+        except InvalidName as err:
+            raise InvalidTable(err.message) from err
+        if not isinstance(params, str):
+            raise InvalidTable(f"{target_type}: parameters must be a string, not {params!r}")
+        if "\0" in params:
+            raise InvalidTable(f"{target_type}: parameters contain a NUL character")
+        try:
+            params.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise InvalidTable(f"{target_type}: parameters are not valid UTF-8") from err
+        cls = TARGET_TYPES.get(target_type)
+        if cls is None:
+            return GenericTarget(target_type, params.strip(" \t\n\v\f\r"))
+        return cls.from_args(split_args(params))
+
+    def __str__(self) -> str:
+        params = self.params
+        return f"{self.target_type} {params}" if params else self.target_type
+
+
+@dataclass(frozen=True)
+class GenericTarget(Target):
+    """A target type this library does not model; its parameter text is kept verbatim."""
+
+    type_name: str
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        try:
+            validate_target_type(self.type_name)
+        except InvalidName as err:
+            raise InvalidTable(err.message) from err
+        if not isinstance(self.text, str) or "\0" in self.text or "\n" in self.text:
+            raise InvalidTable(f"{self.type_name}: parameters must be one line of text")
+        if "#" in self.text:
+            raise InvalidTable(f"{self.type_name}: parameters contain '#', which dmsetup reads as a comment")
+        # dmsetup drops the whitespace around the parameters; so does the value.
+        object.__setattr__(self, "text", self.text.strip(" \t\n\v\f\r"))
+
+    @property
+    def target_type(self) -> str:
+        return self.type_name
+
+    @property
+    def params(self) -> str:
+        return self.text
+
+    def args(self) -> list[str]:
+        return split_args(self.text)
+
+
+@dataclass(frozen=True)
+class Linear(Target):
+    """``linear <dev> <offset>`` (dm-linear.c)."""
+
+    TYPE: ClassVar[str] = "linear"
+    device: str
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        _check_device(self.TYPE, self.device)
+        _check_int(self.TYPE, self.offset, "offset")
+
+    def args(self) -> list[str]:
+        return [self.device, str(self.offset)]
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return (self.device,)
+
+    def map_devices(self, fn: Callable[[str], str]) -> Linear:
+        return Linear(fn(self.device), self.offset)
+
+    @classmethod
+    def from_args(cls, args: Sequence[str]) -> Linear:
+        if len(args) != 2:
+            raise _fail(cls.TYPE, f"Invalid argument count: expected <dev> <offset>, got {len(args)} arguments")
+        return cls(args[0], _number(cls.TYPE, args[1], "Invalid device sector"))
+
+
+@dataclass(frozen=True)
+class Striped(Target):
+    """``striped <#stripes> <chunk_sectors> <dev> <offset>...`` (dm-stripe.c)."""
+
+    TYPE: ClassVar[str] = "striped"
+    chunk_size: int
+    stripes: tuple[Leg, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        _check_int(self.TYPE, self.chunk_size, "chunk size", U32_MAX)
+        if self.chunk_size == 0:
+            raise _fail(self.TYPE, "Invalid chunk_size 0")
+        object.__setattr__(self, "stripes", _legs(self.TYPE, self.stripes))
+        if not self.stripes:
+            raise _fail(self.TYPE, "Invalid stripe count 0")
+        if len(self.stripes) > U32_MAX:
+            raise _fail(self.TYPE, "Invalid stripe count")
+
+    def args(self) -> list[str]:
+        out = [str(len(self.stripes)), str(self.chunk_size)]
+        for leg in self.stripes:
+            out += [leg.device, str(leg.offset)]
+        return out
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(leg.device for leg in self.stripes)
+
+    def validate_length(self, length: int) -> None:
+        count = len(self.stripes)
+        if length % count:
+            raise _fail(self.TYPE, f"Target length not divisible by number of stripes ({length} % {count})")
+        if (length // count) % self.chunk_size:
+            raise _fail(
+                self.TYPE,
+                f"Target length not divisible by chunk size ({length}/{count} % {self.chunk_size})",
+            )
+
+    def map_devices(self, fn: Callable[[str], str]) -> Striped:
+        return Striped(self.chunk_size, tuple(Leg(fn(d), o) for d, o in self.stripes))
+
+    @classmethod
+    def from_args(cls, args: Sequence[str]) -> Striped:
+        if len(args) < 2:
+            raise _fail(cls.TYPE, "Not enough arguments: expected <#stripes> <chunk_size> <dev> <offset>...")
+        count = _number(cls.TYPE, args[0], "Invalid stripe count", U32_MAX)
+        if count == 0:
+            raise _fail(cls.TYPE, "Invalid stripe count 0")
+        chunk = _number(cls.TYPE, args[1], "Invalid chunk_size", U32_MAX)
+        if len(args) != 2 + 2 * count:
+            raise _fail(
+                cls.TYPE,
+                f"Not enough destinations specified: {count} stripes need {2 * count} "
+                f"device/offset arguments, got {len(args) - 2}",
+            )
+        legs = [
+            Leg(args[i], _number(cls.TYPE, args[i + 1], "Couldn't parse stripe destination offset"))
+            for i in range(2, len(args), 2)
+        ]
+        return cls(chunk, tuple(legs))
+
+
+@dataclass(frozen=True)
+class Zero(Target):
+    """``zero``: reads return zeros, writes are discarded (dm-zero.c; takes no arguments)."""
+
+    TYPE: ClassVar[str] = "zero"
+
+    def args(self) -> list[str]:
+        return []
+
+    @classmethod
+    def from_args(cls, args: Sequence[str]) -> Zero:
+        if args:
+            raise _fail(cls.TYPE, "No arguments required")
+        return cls()
+
+
+@dataclass(frozen=True)
+class Error(Target):
+    """``error``: every I/O fails (dm-target.c).
+
+    Newer kernels accept an optional ``<dev> <offset>`` (used for zoned limits); it is kept as
+    written, although the kernel prints no parameters for this target.
+    """
+
+    TYPE: ClassVar[str] = "error"
+    device: str | None = None
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.device is not None:
+            _check_device(self.TYPE, self.device)
+        _check_int(self.TYPE, self.offset, "offset")
+        if self.device is None and self.offset:
+            raise _fail(self.TYPE, "an offset needs a device")
+
+    def args(self) -> list[str]:
+        return [] if self.device is None else [self.device, str(self.offset)]
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return () if self.device is None else (self.device,)
+
+    def map_devices(self, fn: Callable[[str], str]) -> Error:
+        return self if self.device is None else Error(fn(self.device), self.offset)
+
+    @classmethod
+    def from_args(cls, args: Sequence[str]) -> Error:
+        if not args:
+            return cls()
+        if len(args) == 2:
+            return cls(args[0], _number(cls.TYPE, args[1], "Invalid device sector"))
+        raise _fail(cls.TYPE, f"takes no arguments or <dev> <offset>, got {len(args)} arguments")
+
+
+_SNAPSHOT_FEATURES = ("discard_zeroes_cow", "discard_passdown_origin")
+_STORES = ("P", "PO", "N")
+
+
+@dataclass(frozen=True)
+class Snapshot(Target):
+    """``snapshot <origin> <cow> P|PO|N <chunk_sectors> [<#feat> <feat>...]`` (dm-snap.c).
+
+    ``store`` is ``P`` (persistent), ``PO`` (persistent, overflow reported instead of
+    invalidating) or ``N`` (transient). ``chunk_size`` 0 means "read it from the COW header"
+    (persistent only). ``features`` are ``discard_zeroes_cow`` and ``discard_passdown_origin``
+    (the latter requires the former), kept in the kernel's order.
+    """
+
+    TYPE: ClassVar[str] = "snapshot"
+    origin: str
+    cow: str
+    store: str = "P"
+    chunk_size: int = 8
+    features: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        t = self.TYPE
+        _check_device(t, self.origin)
+        _check_device(t, self.cow)
+        if self.origin == self.cow:
+            raise _fail(t, "COW device cannot be the same as origin device")
+        if not isinstance(self.store, str) or self.store.upper() not in _STORES:
+            raise _fail(t, f"Exception store type {self.store!r} is not P, PO or N")
+        object.__setattr__(self, "store", self.store.upper())
+        _check_int(t, self.chunk_size, "chunk size", U32_MAX)
+        if self.chunk_size == 0 and self.store == "N":
+            raise _fail(t, "Chunk size not set (a transient store needs a chunk size)")
+        if self.chunk_size and not _power_of_two(self.chunk_size):
+            raise _fail(t, f"Chunk size is not a power of 2 ({self.chunk_size})")
+        if self.chunk_size > MAX_SNAPSHOT_CHUNK:
+            raise _fail(t, f"Chunk size is too high ({self.chunk_size} > {MAX_SNAPSHOT_CHUNK})")
+        if isinstance(self.features, str):
+            raise _fail(t, "features must be a sequence of feature names")
+        wanted = set()
+        for feat in self.features:
+            if not isinstance(feat, str) or feat.lower() not in _SNAPSHOT_FEATURES:
+                raise _fail(t, f"Unrecognised feature requested: {feat!r}")
+            wanted.add(feat.lower())
+        if "discard_passdown_origin" in wanted and "discard_zeroes_cow" not in wanted:
+            raise _fail(t, "discard_passdown_origin feature depends on discard_zeroes_cow")
+        object.__setattr__(self, "features", tuple(f for f in _SNAPSHOT_FEATURES if f in wanted))
+
+    @property
+    def persistent(self) -> bool:
+        """True for ``P``/``PO`` stores."""
+        return self.store != "N"
+
+    @property
+    def overflow(self) -> bool:
+        """True for ``PO``: a full COW reports ``Overflow`` rather than invalidating."""
+        return self.store == "PO"
+
+    def args(self) -> list[str]:
+        out = [self.origin, self.cow, self.store, str(self.chunk_size)]
+        if self.features:
+            out += [str(len(self.features)), *self.features]
+        return out
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return (self.origin, self.cow)
+
+    def map_devices(self, fn: Callable[[str], str]) -> Snapshot:
+        return type(self)(fn(self.origin), fn(self.cow), self.store, self.chunk_size, self.features)
+
+    @classmethod
+    def from_args(cls, args: Sequence[str]) -> Snapshot:
+        t = cls.TYPE
+        if len(args) < 4:
+            raise _fail(t, f"requires 4 or more arguments, got {len(args)}")
+        chunk = _number(t, args[3], "Invalid chunk size", U32_MAX)
+        features: list[str] = []
+        rest = list(args[4:])
+        if rest:
+            count = _number(t, rest[0], "Invalid number of feature arguments", U32_MAX)
+            if count > 2:
+                raise _fail(t, f"Invalid number of feature arguments {count} (0 to 2)")
+            if count > len(rest) - 1:
+                raise _fail(t, "Not enough arguments to support feature count")
+            if count < len(rest) - 1:
+                raise _fail(t, f"Too many arguments: {' '.join(rest[1 + count:])!r}")
+            features = rest[1:]
+        return cls(args[0], args[1], args[2], chunk, tuple(features))
+
+
+@dataclass(frozen=True)
+class SnapshotMerge(Snapshot):
+    """``snapshot-merge``: same arguments as ``snapshot``; persistent stores only (dm-snap.c)."""
+
+    TYPE: ClassVar[str] = "snapshot-merge"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.persistent:
+            raise _fail(self.TYPE, "merging requires a persistent exception store (P)")
+
+
+@dataclass(frozen=True)
+class SnapshotOrigin(Target):
+    """``snapshot-origin <origin_dev>`` (dm-snap.c; exactly one argument)."""
+
+    TYPE: ClassVar[str] = "snapshot-origin"
+    origin: str
+
+    def __post_init__(self) -> None:
+        _check_device(self.TYPE, self.origin)
+
+    def args(self) -> list[str]:
+        return [self.origin]
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return (self.origin,)
+
+    def map_devices(self, fn: Callable[[str], str]) -> SnapshotOrigin:
+        return SnapshotOrigin(fn(self.origin))
+
+    @classmethod
+    def from_args(cls, args: Sequence[str]) -> SnapshotOrigin:
+        if len(args) != 1:
+            raise _fail(cls.TYPE, f"target requires exactly 1 argument, got {len(args)}")
+        return cls(args[0])
+
+
+class MirrorLog:
+    """A mirror's dirty-region log: ``<log_type> <#log_args> <log_args...>`` (dm-log.c)."""
+
+    log_type: str
+
+    def args(self) -> list[str]:
+        """The log's arguments after the argument count."""
+        raise NotImplementedError
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """Devices the log names."""
+        return ()
+
+    @property
+    def region_size(self) -> int | None:
+        """Region size in sectors, when the log type has one this library knows."""
+        return None
+
+    def map_devices(self, fn: Callable[[str], str]) -> MirrorLog:
+        """A copy with device references replaced."""
+        return self
+
+    def words(self) -> list[str]:
+        """``<log_type> <#log_args> <log_args...>`` as a list."""
+        args = self.args()
+        return [self.log_type, str(len(args)), *args]
+
+    def __str__(self) -> str:
+        return " ".join(self.words())
+
+
+_SYNC_WORDS = ("sync", "nosync")
+
+
+def _check_sync(log_type: str, sync: str | None) -> None:
+    if sync is not None and sync not in _SYNC_WORDS:
+        if sync == "block_on_error":
+            raise _fail(
+                "mirror",
+                f"{log_type} log: block_on_error is no longer a log argument (removed in "
+                "Linux 2.6.22); use the handle_errors feature",
+            )
+        raise _fail("mirror", f"{log_type} log: unrecognised sync argument to dirty region log: {sync!r}")
+
+
+def _check_region(region_size: object, log_type: str) -> None:
+    value = _check_int("mirror", region_size, f"{log_type} log region size", U32_MAX)
+    if value < 2 or not _power_of_two(value):
+        raise _fail("mirror", f"invalid region size {value}: a power of 2, at least 2")
+
+
+@dataclass(frozen=True)
+class CoreLog(MirrorLog):
+    """``core <1|2> <region_size> [sync|nosync]``: the log lives in memory only."""
+
+    region: int
+    sync: str | None = None
+    log_type: str = field(default="core", init=False)
+
+    def __post_init__(self) -> None:
+        _check_region(self.region, "core")
+        _check_sync("core", self.sync)
+
+    @property
+    def region_size(self) -> int:
+        return self.region
+
+    def args(self) -> list[str]:
+        return [str(self.region)] + ([self.sync] if self.sync else [])
+
+
+@dataclass(frozen=True)
+class DiskLog(MirrorLog):
+    """``disk <2|3> <log_dev> <region_size> [sync|nosync]``: the log is kept on ``device``."""
+
+    device: str
+    region: int
+    sync: str | None = None
+    log_type: str = field(default="disk", init=False)
+
+    def __post_init__(self) -> None:
+        _check_device("mirror", self.device)
+        _check_region(self.region, "disk")
+        _check_sync("disk", self.sync)
+
+    @property
+    def region_size(self) -> int:
+        return self.region
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return (self.device,)
+
+    def map_devices(self, fn: Callable[[str], str]) -> DiskLog:
+        return DiskLog(fn(self.device), self.region, self.sync)
+
+    def args(self) -> list[str]:
+        return [self.device, str(self.region)] + ([self.sync] if self.sync else [])
+
+
+@dataclass(frozen=True)
+class OtherLog(MirrorLog):
+    """Any other log type (``userspace``, ``clustered-disk``...), its arguments kept verbatim."""
+
+    log_type: str
+    log_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.log_type, str) or not self.log_type or self.log_type[0].isdigit():
+            raise _fail("mirror", f"invalid log type {self.log_type!r}")
+        _check_device("mirror", self.log_type)
+        object.__setattr__(self, "log_args", tuple(self.log_args))
+        for arg in self.log_args:
+            _check_device("mirror", arg)
+
+    def args(self) -> list[str]:
+        return list(self.log_args)
+
+
+def _parse_log(words: Sequence[str]) -> tuple[MirrorLog, int]:
+    if len(words) < 2:
+        raise _fail("mirror", "Insufficient mirror log arguments")
+    log_type = words[0]
+    count = _number("mirror", words[1], "Invalid mirror log argument count", U32_MAX)
+    if len(words) < 2 + count:
+        raise _fail("mirror", "Insufficient mirror log arguments")
+    args = list(words[2 : 2 + count])
+    used = 2 + count
+    if log_type == "core":
+        if not 1 <= count <= 2:
+            raise _fail("mirror", f"wrong number of arguments to core dirty region log ({count}; 1 or 2)")
+        region = _number("mirror", args[0], "invalid region size", U32_MAX)
+        return CoreLog(region, args[1] if count == 2 else None), used
+    if log_type == "disk":
+        if not 2 <= count <= 3:
+            raise _fail("mirror", f"wrong number of arguments to disk dirty region log ({count}; 2 or 3)")
+        region = _number("mirror", args[1], "invalid region size", U32_MAX)
+        return DiskLog(args[0], region, args[2] if count == 3 else None), used
+    return OtherLog(log_type, tuple(args)), used
+
+
+_MIRROR_FEATURES = ("handle_errors", "keep_log")
+
+
+@dataclass(frozen=True)
+class Mirror(Target):
+    """``mirror <log> <#legs> <dev> <offset>... [<#features> <feature>...]`` (dm-raid1.c).
+
+    ``legs`` holds 2 to 9 ``(device, offset)`` pairs; leg 0 is the default (primary) leg.
+    ``features`` are ``handle_errors`` and ``keep_log`` (which requires ``handle_errors``).
+    """
+
+    TYPE: ClassVar[str] = "mirror"
+    log: MirrorLog
+    legs: tuple[Leg, ...]
+    features: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        t = self.TYPE
+        if not isinstance(self.log, MirrorLog):
+            raise _fail(t, f"log must be a CoreLog, DiskLog or OtherLog, not {self.log!r}")
+        object.__setattr__(self, "legs", _legs(t, self.legs))
+        if not 2 <= len(self.legs) <= MAX_NR_MIRRORS:
+            raise _fail(t, f"Invalid number of mirrors {len(self.legs)} (2 to {MAX_NR_MIRRORS})")
+        if isinstance(self.features, str):
+            raise _fail(t, "features must be a sequence of feature names")
+        wanted = set()
+        for feat in self.features:
+            if feat not in _MIRROR_FEATURES:
+                raise _fail(t, f"Unrecognised feature requested: {feat!r}")
+            wanted.add(feat)
+        if "keep_log" in wanted and "handle_errors" not in wanted:
+            raise _fail(t, "keep_log feature requires the handle_errors feature")
+        object.__setattr__(self, "features", tuple(f for f in _MIRROR_FEATURES if f in wanted))
+
+    @property
+    def handle_errors(self) -> bool:
+        """Leg failures are handled (failover, events) rather than ignored."""
+        return "handle_errors" in self.features
+
+    @property
+    def keep_log(self) -> bool:
+        """The log is kept when it fails (requires handle_errors)."""
+        return "keep_log" in self.features
+
+    @property
+    def region_size(self) -> int | None:
+        """The log's region size in sectors."""
+        return self.log.region_size
+
+    def args(self) -> list[str]:
+        out = self.log.words() + [str(len(self.legs))]
+        for leg in self.legs:
+            out += [leg.device, str(leg.offset)]
+        if self.features:
+            out += [str(len(self.features)), *self.features]
+        return out
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return self.log.devices + tuple(leg.device for leg in self.legs)
+
+    def validate_length(self, length: int) -> None:
+        region = self.log.region_size
+        if region is not None and region > length:
+            raise _fail(self.TYPE, f"invalid region size {region}: larger than the target ({length} sectors)")
+
+    def map_devices(self, fn: Callable[[str], str]) -> Mirror:
+        return Mirror(
+            self.log.map_devices(fn), tuple(Leg(fn(d), o) for d, o in self.legs), self.features
+        )
+
+    @classmethod
+    def from_args(cls, args: Sequence[str]) -> Mirror:
+        t = cls.TYPE
+        log, used = _parse_log(args)
+        rest = list(args[used:])
+        if not rest:
+            raise _fail(t, "Invalid number of mirrors: missing")
+        count = _number(t, rest[0], "Invalid number of mirrors", U32_MAX)
+        if not 2 <= count <= MAX_NR_MIRRORS:
+            raise _fail(t, f"Invalid number of mirrors {count} (2 to {MAX_NR_MIRRORS})")
+        rest = rest[1:]
+        if len(rest) < 2 * count:
+            raise _fail(t, f"Too few mirror arguments: {count} legs need {2 * count}, got {len(rest)}")
+        legs = [
+            Leg(rest[i], _number(t, rest[i + 1], "Invalid offset"))
+            for i in range(0, 2 * count, 2)
+        ]
+        rest = rest[2 * count :]
+        features: list[str] = []
+        if rest:
+            nfeat = _number(t, rest[0], "Invalid number of features", U32_MAX)
+            if nfeat > len(rest) - 1:
+                raise _fail(t, "Not enough arguments to support feature count")
+            if nfeat < len(rest) - 1:
+                raise _fail(t, f"Too many mirror arguments: {' '.join(rest[1 + nfeat:])!r}")
+            features = rest[1:]
+        return cls(log, tuple(legs), tuple(features))
+
+
+#: Target type name -> typed class. Types not listed parse to :class:`GenericTarget`.
+TARGET_TYPES: dict[str, type[Target]] = {
+    cls.TYPE: cls
+    for cls in (Linear, Striped, Zero, Error, Snapshot, SnapshotMerge, SnapshotOrigin, Mirror)
+}
