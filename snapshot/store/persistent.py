@@ -66,13 +66,17 @@ class PersistentStore(ExceptionStore):
     ``chunk_size`` 0 takes the size from an existing header (or the kernel's default for a new
     store). ``overflow`` is the ``PO`` option: a snapshot write that finds the COW full fails
     without invalidating the snapshot (handled by the target; the store only records the flag).
+    ``readonly`` loads without ever writing: a new store (magic 0) is set up in memory only.
     """
 
     type_letter = "P"
     persistent = True
 
-    def __init__(self, cow: Endpoint, chunk_size: int = 0, *, overflow: bool = False) -> None:
+    def __init__(
+        self, cow: Endpoint, chunk_size: int = 0, *, overflow: bool = False, readonly: bool = False
+    ) -> None:
         super().__init__(cow, chunk_size)
+        self.readonly = readonly
         self.overflow = overflow
         self.chunk_size_supplied = chunk_size != 0
         self.version = SNAPSHOT_DISK_VERSION
@@ -160,7 +164,10 @@ class PersistentStore(ExceptionStore):
         header = self.read_header()
         self.table = self._new_table()
         if header.is_new:
-            self._initialise()
+            if self.readonly:
+                self._area = bytearray(self.chunk_bytes)
+            else:
+                self._initialise()
             return
         if header.version != SNAPSHOT_DISK_VERSION:
             raise CorruptMetadata(
@@ -251,6 +258,8 @@ class PersistentStore(ExceptionStore):
 
     # -- I/O helpers ------------------------------------------------------------------------------
     def _write(self, data: bytes | bytearray | memoryview, offset: int, what: str) -> None:
+        if self.readonly:
+            raise DeviceIOError(f"cannot write {what}: store opened read-only", device=self.cow.name)
         try:
             n = self.cow.write(data, offset)
         except OSError as err:

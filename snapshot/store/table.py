@@ -149,6 +149,14 @@ class ExceptionTable:
         for k in map(int, self._keys):
             yield k >> shift, k & mask
 
+    def last(self) -> tuple[int, int] | None:
+        """The mapping with the highest origin chunk, or ``None`` when empty."""
+        self.compact()
+        if not self._keys:
+            return None
+        k = int(self._keys[-1])
+        return k >> self.shift, k & self._mask
+
     def memory_bytes(self) -> int:
         """Approximate bytes held by the table."""
         keys = self._keys

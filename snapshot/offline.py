@@ -1,0 +1,301 @@
+"""Offline tools: read a COW without device-mapper (``inspect``) and rebuild a snapshot's view
+from its origin and COW (``export``), e.g. to recover data from an LVM snapshot on another machine.
+
+Both open the origin and COW read-only and check everything before writing a byte.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dmtools.blockdev import BlockDevice, open_endpoint
+from dmtools.endpoint import Endpoint
+from dmtools.errors import CorruptMetadata, DeviceIOError, InvalidArgument, SnapshotInvalid
+
+from snapshot.store.format import SECTOR, SNAP_MAGIC
+from snapshot.store.persistent import PersistentStore
+
+#: ``progress(done_bytes, total_bytes)``
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class CowInfo:
+    """What ``inspect`` reports about a persistent COW device."""
+
+    path: str
+    size: int
+    magic: int
+    initialised: bool
+    valid: bool
+    version: int
+    chunk_size: int
+    exceptions: int
+    sectors_allocated: int
+    total_sectors: int
+    metadata_sectors: int
+    current_area: int
+    next_free: int
+
+    @property
+    def status(self) -> str:
+        """The kernel's INFO text a snapshot on this COW would report right after activation."""
+        if not self.valid:
+            return "Invalid"
+        return f"{self.sectors_allocated}/{self.total_sectors} {self.metadata_sectors}"
+
+    @property
+    def percent(self) -> float:
+        """Allocated share of the COW, as LVM's ``Data%``."""
+        return 100.0 * self.sectors_allocated / self.total_sectors if self.total_sectors else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready mapping (adds ``status`` and ``percent``)."""
+        d = asdict(self)
+        d["status"] = self.status
+        d["percent"] = round(self.percent, 2)
+        return d
+
+    def format(self) -> str:
+        """Human-readable lines."""
+        if not self.initialised:
+            state = "new (no header yet; the kernel initialises it on first activation)"
+        else:
+            state = "valid" if self.valid else "INVALID"
+        lines = [
+            f"COW:            {self.path} ({self.size} bytes, {self.total_sectors} sectors)",
+            f"magic:          0x{self.magic:08x}" + ("" if self.initialised else " (zero)"),
+            f"state:          {state}",
+            f"version:        {self.version}",
+            f"chunk size:     {self.chunk_size} sectors ({self.chunk_size * SECTOR // 1024} KiB)",
+            f"exceptions:     {self.exceptions}",
+            f"usage:          {self.sectors_allocated}/{self.total_sectors} sectors "
+            f"({self.percent:.2f}%), metadata {self.metadata_sectors} sectors",
+            f"status:         {self.status}",
+        ]
+        return "\n".join(lines)
+
+
+def _open(dev: "str | os.PathLike[str] | Endpoint", *, writable: bool = False) -> tuple[Endpoint, bool]:
+    """An endpoint for ``dev`` and whether we opened it (and so must close it)."""
+    if isinstance(dev, Endpoint):
+        return dev, False
+    return open_endpoint(dev, writable=writable), True
+
+
+def load_store(cow: Endpoint, chunk_size: int = 0) -> PersistentStore:
+    """Load a persistent store read-only; raises ``CorruptMetadata`` for a bad header or metadata."""
+    store = PersistentStore(cow, chunk_size, readonly=True)
+    store.read_metadata()
+    return store
+
+
+def inspect(cow_path: "str | os.PathLike[str] | Endpoint") -> CowInfo:
+    """Read a COW's header and metadata without writing; raises ``CorruptMetadata``."""
+    cow, owned = _open(cow_path)
+    try:
+        store = load_store(cow)
+        usage = store.usage()
+        return CowInfo(
+            path=cow.name,
+            size=cow.size,
+            magic=0 if store.new_store else SNAP_MAGIC,
+            initialised=not store.new_store,
+            valid=store.valid,
+            version=store.version,
+            chunk_size=store.chunk_size,
+            exceptions=store.records if store.valid else 0,
+            sectors_allocated=usage.sectors_allocated,
+            total_sectors=usage.total_sectors,
+            metadata_sectors=usage.metadata_sectors,
+            current_area=store.current_area,
+            next_free=store.next_free,
+        )
+    finally:
+        if owned:
+            cow.close()
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What ``export`` did."""
+
+    bytes: int
+    exceptions: int
+    runs: int
+
+
+def _same_file(a: Endpoint, b: Endpoint) -> bool:
+    fa, fb = a.fileno(), b.fileno()
+    if fa is None or fb is None:
+        return a is b
+    sa, sb = os.fstat(fa), os.fstat(fb)
+    if stat.S_ISBLK(sa.st_mode) and stat.S_ISBLK(sb.st_mode):
+        return sa.st_rdev == sb.st_rdev
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _same_as_path(path: Path, ep: Endpoint) -> bool:
+    fd = ep.fileno()
+    if fd is None:
+        return False
+    a, b = path.stat(), os.fstat(fd)
+    if stat.S_ISBLK(a.st_mode) and stat.S_ISBLK(b.st_mode):
+        return a.st_rdev == b.st_rdev
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _open_output(
+    out: "str | os.PathLike[str] | Endpoint", size: int, inputs: tuple[Endpoint, ...]
+) -> tuple[Endpoint, bool]:
+    if isinstance(out, Endpoint):
+        if any(_same_file(out, ep) for ep in inputs):
+            raise InvalidArgument("output must differ from the origin and the COW", operation="export")
+        if out.read_only:
+            raise InvalidArgument("output is read-only", device=out.name, operation="export")
+        if out.size < size:
+            raise InvalidArgument(
+                f"output holds {out.size} bytes, the snapshot needs {size}", device=out.name, operation="export"
+            )
+        return out, False
+    path = Path(out)
+    if path.exists():
+        if any(_same_as_path(path, ep) for ep in inputs):
+            raise InvalidArgument(
+                "output must differ from the origin and the COW", device=str(path), operation="export"
+            )
+        st = path.stat()
+        if stat.S_ISBLK(st.st_mode):
+            dev = BlockDevice(path, writable=True, exclusive=True)
+            if dev.size < size:
+                dev.close()
+                raise InvalidArgument(
+                    f"output holds {st.st_size} bytes, the snapshot needs {size}",
+                    device=str(path),
+                    operation="export",
+                )
+            return dev, True
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidArgument("output must be a regular file or block device", device=str(path), operation="export")
+    dev = BlockDevice(path, writable=True, create=True)
+    try:
+        os.ftruncate(dev.fileno(), size)
+    except OSError as err:
+        dev.close()
+        raise DeviceIOError(f"cannot size output: {err}", device=str(path), operation="export") from err
+    return dev, True
+
+
+def chunk_runs(items: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, int]]:
+    """Coalesce sorted ``(old, new)`` pairs into ``(old, new, count)`` runs of consecutive chunks."""
+    run_old = run_new = -2
+    count = 0
+    for old, new in items:
+        if old == run_old + count and new == run_new + count:
+            count += 1
+            continue
+        if count:
+            yield run_old, run_new, count
+        run_old, run_new, count = old, new, 1
+    if count:
+        yield run_old, run_new, count
+
+
+def export(
+    origin: "str | os.PathLike[str] | Endpoint",
+    cow: "str | os.PathLike[str] | Endpoint",
+    out: "str | os.PathLike[str] | Endpoint",
+    *,
+    progress: ProgressFn | None = None,
+    num_pages: int = 1024,
+) -> ExportResult:
+    """Write the snapshot's view (origin with the COW's exceptions applied) to ``out``.
+
+    ``out`` may be a new or existing regular file (sized to the origin) or a block device at
+    least as large. The COW is checked first: a corrupt header or metadata raises
+    ``CorruptMetadata``, an invalidated snapshot ``SnapshotInvalid``, and nothing is written.
+    Bulk data moves with kcopyd (``copy_file_range`` between regular files).
+    """
+    import kcopyd
+
+    org, own_org = _open(origin)
+    cw, own_cow = _open(cow)
+    dst: Endpoint | None = None
+    own_dst = False
+    try:
+        if _same_file(org, cw):
+            raise InvalidArgument("origin and COW are the same device", operation="export")
+        store = load_store(cw)
+        if not store.valid:
+            raise SnapshotInvalid("the snapshot is invalid (COW header valid=0); its data is lost", device=cw.name)
+        cb = store.chunk_bytes
+        if cb % org.logical_block_size:
+            raise CorruptMetadata(
+                f"chunk size {store.chunk_size} is not a multiple of the origin's block size", device=cw.name
+            )
+        size = org.size
+        origin_chunks = (size + cb - 1) // cb
+        last = store.table.last()
+        if last is not None and last[0] >= origin_chunks:
+            raise CorruptMetadata(
+                f"COW maps origin chunk {last[0]} but the origin has only {origin_chunks} chunks "
+                f"of {cb} bytes (wrong origin?)",
+                device=cw.name,
+            )
+        dst, own_dst = _open_output(out, size, (org, cw))
+        errors: list[str] = []
+        lock = threading.Lock()
+        done = [0]
+        total = size + len(store.table) * cb
+
+        def notify(read_err: int, write_err: int, ctx: Any) -> None:
+            with lock:
+                if read_err or write_err:
+                    errors.append(f"{ctx[0]} copy failed (read_err={read_err}, write_err={write_err:#x})")
+                done[0] += ctx[1]
+                if progress:
+                    progress(done[0], total)
+
+        sectors = size // SECTOR
+        runs = 0
+        with kcopyd.Client(num_pages=num_pages) as kc:
+            kc.copy(kcopyd.Region(org, 0, sectors), [kcopyd.Region(dst, 0, sectors)], 0, notify, ("origin", size))
+            kc.destroy()  # all origin data first: exception chunks overwrite it
+        if size % SECTOR:
+            tail = bytearray(size % SECTOR)
+            org.readinto(tail, sectors * SECTOR)
+            dst.write(tail, sectors * SECTOR)
+        if errors:
+            raise DeviceIOError("; ".join(errors), operation="export", device=str(getattr(dst, "name", out)))
+        with kcopyd.Client(num_pages=num_pages) as kc:
+            cs = store.chunk_size
+            for old, new, count in chunk_runs(store.table.items()):
+                start = old * cs
+                length = min(count * cs, sectors - start)
+                if length <= 0:
+                    continue
+                kc.copy(
+                    kcopyd.Region(cw, new * cs, length),
+                    [kcopyd.Region(dst, start, length)],
+                    0,
+                    notify,
+                    ("exception", count * cb),
+                )
+                runs += 1
+        if errors:
+            raise DeviceIOError("; ".join(errors[:5]), operation="export", device=dst.name)
+        dst.flush()
+        return ExportResult(size, len(store.table), runs)
+    finally:
+        if own_dst and dst is not None:
+            dst.close()
+        if own_cow:
+            cw.close()
+        if own_org:
+            org.close()
