@@ -1,0 +1,539 @@
+"""The kcopyd client: page budget, sub-job scheduling, worker threads and the callback thread.
+
+Shape and semantics follow drivers/md/dm-kcopyd.c:
+
+- a job larger than the sub-job size is split; up to ``SPLIT_COUNT`` (8) pieces of one job are in
+  flight, each claiming the next piece when it completes (``segment_complete``);
+- a piece waits for pages (``pages_jobs``) in submission order; its one read serves every
+  destination, whose writes are issued in parallel (``dm_io`` to all regions);
+- without ``IGNORE_ERROR`` the first error stops handing out pieces and the job completes once the
+  in-flight pieces drain; with it the copy goes on (unreadable ranges become zeros) and the errors
+  are still reported; ``WRITE_SEQ`` writes in offset order and clears ``IGNORE_ERROR``;
+- callbacks run exactly once per job, serialised, on the client's single callback thread.
+
+Syscalls run on worker threads (``preadv``/``pwritev``/``copy_file_range`` release the GIL), so
+several requests are in flight at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Any, Callable, Sequence
+
+from dmtools.errors import InvalidArgument
+from kcopyd.fastpath import can_offload, copy_offload, plan_segments, read_exact, read_salvage, write_exact
+from kcopyd.job import Job, NotifyFn, Piece, Progress
+from kcopyd.pagepool import PAGE_SIZE, PagePool
+from kcopyd.region import OpenRegion, Region, open_regions
+from kcopyd.throttle import Throttle
+
+__all__ = [
+    "Client",
+    "IGNORE_ERROR",
+    "WRITE_SEQ",
+    "DEST_ZEROED",
+    "SPLIT_COUNT",
+    "SUB_JOB_SIZE",
+    "MAX_SUB_JOB_SIZE",
+]
+
+log = logging.getLogger("kcopyd")
+
+#: Flag masks, as callers pass ``BIT(DM_KCOPYD_IGNORE_ERROR)`` and ``BIT(DM_KCOPYD_WRITE_SEQ)``
+#: (bit numbers 1 and 2, include/linux/dm-kcopyd.h).
+IGNORE_ERROR = 1 << 1
+WRITE_SEQ = 1 << 2
+#: This project's flag: the destinations already read as zeros, so holes of the source are skipped.
+DEST_ZEROED = 1 << 8
+_KNOWN_FLAGS = IGNORE_ERROR | WRITE_SEQ | DEST_ZEROED
+
+#: Pieces of one job in flight at once (SPLIT_COUNT, dm-kcopyd.c).
+SPLIT_COUNT = 8
+#: Default sub-job size: dm_mod.kcopyd_subjob_size_kb = 512 KiB (dm-kcopyd.c); its maximum 1024 KiB.
+SUB_JOB_SIZE = 512 * 1024
+MAX_SUB_JOB_SIZE = 1024 * 1024
+#: Pieces handed to ``copy_file_range`` are larger: no buffer is involved.
+OFFLOAD_PIECE_SIZE = 8 * 1024 * 1024
+
+_Task = tuple[Callable[[Any], None], Any]
+
+
+class Client:
+    """A copy engine with its own page budget, worker threads and callback thread.
+
+    ``num_pages`` 4 KiB pages are set aside for buffers; the buffers in use never exceed them,
+    whatever the jobs (a piece larger than the pool is cut to the pool's size). ``threads`` worker
+    threads issue the I/O. ``throttle`` (a shared :class:`~kcopyd.throttle.Throttle`) or ``rate``
+    (bytes/s) and ``throttle_percent`` limit the copy. ``max_jobs`` bounds the jobs not yet done:
+    ``copy()`` waits when that many are outstanding. ``offload=False`` disables
+    ``copy_file_range`` (always buffers).
+    """
+
+    def __init__(
+        self,
+        num_pages: int = 1024,
+        *,
+        sub_job_size: int = SUB_JOB_SIZE,
+        threads: int = 8,
+        throttle: Throttle | None = None,
+        rate: int | None = None,
+        throttle_percent: int = 100,
+        max_jobs: int = 4096,
+        offload: bool = True,
+    ) -> None:
+        if isinstance(sub_job_size, bool) or not isinstance(sub_job_size, int):
+            raise InvalidArgument(f"sub_job_size must be an integer, not {sub_job_size!r}")
+        if sub_job_size < 512 or sub_job_size % 512 or sub_job_size > MAX_SUB_JOB_SIZE:
+            raise InvalidArgument(
+                f"sub_job_size must be a multiple of 512 from 512 to {MAX_SUB_JOB_SIZE} bytes, "
+                f"not {sub_job_size}"
+            )
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise InvalidArgument(f"threads must be a positive integer, not {threads!r}")
+        if isinstance(max_jobs, bool) or not isinstance(max_jobs, int) or max_jobs < 1:
+            raise InvalidArgument(f"max_jobs must be a positive integer, not {max_jobs!r}")
+        self.pool = PagePool(num_pages)
+        self.num_pages = num_pages
+        self.sub_job_size = sub_job_size
+        self.throttle = throttle if throttle is not None else Throttle(rate, throttle_percent)
+        self.offload = offload
+        self.max_jobs = max_jobs
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._run_pages: list[Job] = []  # jobs handing out pieces that need pages, in order
+        self._run_free: list[Job] = []  # zero and copy_file_range jobs (no pages)
+        self._free_active = 0
+        self._max_free_active = 2 * threads
+        self._outstanding = 0  # jobs whose I/O is not finished
+        self._unfinished = 0  # jobs whose callback has not run
+        self._total_bytes = 0
+        self._done_bytes = 0
+        self._closed = False
+        self._destroyed = False
+        self._tasks: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
+        self._callbacks: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._workers = [
+            threading.Thread(target=self._worker, name=f"kcopyd-io-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        self._cb_thread = threading.Thread(target=self._callback_loop, name="kcopyd-cb", daemon=True)
+        for t in self._workers:
+            t.start()
+        self._cb_thread.start()
+
+    # -- public API -----------------------------------------------------------------------------
+    def copy(
+        self,
+        src: Region,
+        dests: Sequence[Region] | Region,
+        flags: int = 0,
+        notify: NotifyFn | None = None,
+        context: Any = None,
+    ) -> Job:
+        """Copy ``src`` to every destination (at most 8) asynchronously; return the job at once.
+
+        Every region is checked before any I/O; a bad one raises ``InvalidArgument`` and nothing is
+        touched. ``notify(read_err, write_err, context)`` runs exactly once on the callback thread.
+        """
+        if not isinstance(src, Region):
+            raise InvalidArgument(f"source must be a Region, not {src!r}", operation="copy")
+        return self._submit(src, dests, flags, notify, context)
+
+    def zero(
+        self,
+        dests: Sequence[Region] | Region,
+        flags: int = 0,
+        notify: NotifyFn | None = None,
+        context: Any = None,
+    ) -> Job:
+        """Write zeros to every destination (``Endpoint.zero``: fallocate/BLKZEROOUT where possible)."""
+        return self._submit(None, dests, flags, notify, context)
+
+    @property
+    def progress(self) -> Progress:
+        """Bytes done out of all bytes submitted to this client."""
+        return Progress(self._done_bytes, self._total_bytes)
+
+    @property
+    def jobs_pending(self) -> int:
+        """Jobs whose callback has not run yet."""
+        return self._unfinished
+
+    def destroy(self) -> None:
+        """Wait for every job (callbacks included), then stop the threads and release the pages."""
+        if threading.current_thread() is self._cb_thread:
+            raise InvalidArgument(
+                "destroy() from a notify callback would wait for that callback", operation="destroy"
+            )
+        with self._cond:
+            self._closed = True
+            while self._unfinished:
+                self._cond.wait()
+            if self._destroyed:
+                return
+            self._destroyed = True
+        for _ in self._workers:
+            self._tasks.put(None)
+        self._callbacks.put(None)
+        for t in self._workers:
+            t.join()
+        self._cb_thread.join()
+        self.pool.close()
+
+    close = destroy
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+    # -- submission -----------------------------------------------------------------------------
+    def _submit(
+        self,
+        src: Region | None,
+        dests: Sequence[Region] | Region,
+        flags: int,
+        notify: NotifyFn | None,
+        context: Any,
+    ) -> Job:
+        if self._closed:
+            raise InvalidArgument("the client has been destroyed", operation="copy")
+        if isinstance(flags, bool) or not isinstance(flags, int) or flags & ~_KNOWN_FLAGS:
+            raise InvalidArgument(f"unknown kcopyd flags {flags!r}", operation="copy")
+        if notify is not None and not callable(notify):
+            raise InvalidArgument(f"notify must be callable, not {notify!r}", operation="copy")
+        dest_list = [dests] if isinstance(dests, Region) else list(dests)
+        osrc, odests = open_regions(src, dest_list)
+        if any(getattr(d.endpoint, "zoned", False) for d in odests):
+            flags |= WRITE_SEQ  # forced for zoned destinations (dm-kcopyd.c)
+        if flags & WRITE_SEQ:
+            flags &= ~IGNORE_ERROR  # WRITE_SEQ clears IGNORE_ERROR (dm-kcopyd.c)
+        nbytes = odests[0].region.nbytes
+        job = Job(osrc, odests, nbytes, flags, notify, context)
+        job._client = self
+        eps = [d.endpoint for d in odests] + ([osrc.endpoint] if osrc is not None else [])
+        job._grain = max([PAGE_SIZE] + [ep.logical_block_size for ep in eps])
+        job._offload = bool(
+            self.offload and osrc is not None and len(odests) == 1
+            and can_offload(osrc.endpoint, odests[0].endpoint)
+        )
+        job._piece_size = min(self.sub_job_size, self.num_pages * PAGE_SIZE)
+        if job._offload:
+            job._piece_size = OFFLOAD_PIECE_SIZE
+        elif osrc is None:
+            job._piece_size = max(self.sub_job_size, OFFLOAD_PIECE_SIZE)
+        with self._cond:
+            while self._outstanding >= self.max_jobs and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                for o in ([osrc] if osrc else []) + odests:
+                    o.close()
+                raise InvalidArgument("the client has been destroyed", operation="copy")
+            self._outstanding += 1
+            self._unfinished += 1
+            self._total_bytes += nbytes
+            if nbytes == 0:
+                self._finish_locked(job)
+            else:
+                (self._run_free if self._pageless(job) else self._run_pages).append(job)
+                self._pump_locked()
+        return job
+
+    @staticmethod
+    def _pageless(job: Job) -> bool:
+        return job._src is None or job._offload
+
+    # -- scheduling (all under self._lock) ------------------------------------------------------
+    def _pump_locked(self) -> None:
+        """Hand out pieces: pageless jobs first (bounded), then page jobs in order until pages run out."""
+        free = self._run_free
+        i = 0
+        while i < len(free) and self._free_active < self._max_free_active:
+            job = free[i]
+            if not self._pageless(job):
+                del free[i]
+                if job not in self._run_pages:
+                    self._run_pages.insert(0, job)
+                continue
+            while (
+                job._has_work()
+                and job._active < job._max_active
+                and self._free_active < self._max_free_active
+            ):
+                length = min(job._piece_size, job.total - job._next)
+                piece = Piece(job, job._next, length)
+                job._next += length
+                job._active += 1
+                self._free_active += 1
+                fn = self._run_zero if job._src is None else self._run_offload
+                self._tasks.put((fn, piece))
+            if job._has_work():
+                i += 1
+            else:
+                del free[i]
+        lst = self._run_pages
+        i = 0
+        while i < len(lst):
+            job = lst[i]
+            blocked = False
+            while job._has_work() and job._active < job._max_active:
+                retry = job._retry[0] if job._retry else None
+                length = retry.length if retry else min(job._piece_size, job.total - job._next)
+                pages = self.pool.try_alloc(-(-length // PAGE_SIZE))
+                if pages is None:
+                    blocked = True
+                    break
+                if retry is not None:
+                    piece = job._retry.pop(0)
+                else:
+                    piece = Piece(job, job._next, length)
+                    job._next += length
+                piece.pages = pages
+                job._active += 1
+                self._tasks.put((self._run_buffered, piece))
+            if not job._has_work():
+                del lst[i]
+                continue
+            if blocked:
+                break  # pages are handed out in submission order (dm-kcopyd.c pages_jobs)
+            i += 1
+
+    def _piece_done_locked(self, piece: Piece, written: bool = True) -> None:
+        job = piece.job
+        job._active -= 1
+        if piece.pages is not None:
+            self.pool.free(piece.pages)
+            piece.pages = None
+        else:
+            self._free_active -= 1
+        job._done_bytes += piece.length
+        self._done_bytes += piece.length
+        if piece.read_err:
+            job.read_err = True
+        job.write_err |= piece.write_err
+        if (piece.read_err or piece.write_err) and not job.flags & IGNORE_ERROR:
+            job._stop = True
+        if job.flags & WRITE_SEQ:
+            if written and piece.offset == job._write_offset:
+                job._write_offset = piece.offset + piece.length
+            if job._stop:
+                self._drop_parked_locked(job)
+            else:
+                nxt = job._parked.pop(job._write_offset, None)
+                if nxt is not None:
+                    self._tasks.put((self._issue_writes, nxt))
+        if job._finished():
+            self._finish_locked(job)
+        self._pump_locked()
+
+    def _drop_parked_locked(self, job: Job) -> None:
+        parked = list(job._parked.values())
+        job._parked.clear()
+        for p in parked:
+            self._piece_done_locked(p, written=False)
+
+    def _finish_locked(self, job: Job) -> None:
+        if job._queued:
+            return
+        job._queued = True
+        self._outstanding -= 1
+        self._cond.notify_all()
+        self._callbacks.put(job)
+
+    def _cancel(self, job: Job) -> None:
+        with self._cond:
+            if job._queued:
+                return
+            job.cancelled = True
+            job._stop = True
+            job._retry.clear()
+            if job.flags & WRITE_SEQ:
+                self._drop_parked_locked(job)
+            if job._finished():
+                self._finish_locked(job)
+
+    # -- worker side ----------------------------------------------------------------------------
+    def _worker(self) -> None:
+        while True:
+            item = self._tasks.get()
+            if item is None:
+                return
+            fn, arg = item
+            try:
+                fn(arg)
+            except BaseException:  # noqa: BLE001 - a worker must never die
+                log.exception("kcopyd: unexpected error in %s", getattr(fn, "__name__", fn))
+
+    def _throttle_bytes(self, piece: Piece) -> None:
+        thr = self.throttle
+        if thr.rate is not None:
+            thr.consume(piece.length, piece.job._cancel_event)
+
+    def _segments(self, piece: Piece) -> list[tuple[int, int, bool]]:
+        job = piece.job
+        src = job._src
+        if src is None:
+            return [(0, piece.length, False)]
+        try:
+            return plan_segments(src.endpoint, src.offset + piece.offset, piece.length, job._grain)
+        except Exception:  # noqa: BLE001 - unknown extents: copy everything
+            log.debug("kcopyd: data_extents failed on %s", src.region.dev_name, exc_info=True)
+            return [(0, piece.length, True)]
+
+    def _run_zero(self, piece: Piece) -> None:
+        self._throttle_bytes(piece)
+        piece.segments = [(0, piece.length, False)]
+        self._write_stage(piece)
+
+    def _run_offload(self, piece: Piece) -> None:
+        job = piece.job
+        src, dst = job._src, job._dests[0]
+        assert src is not None
+        self._throttle_bytes(piece)
+        thr = self.throttle
+        try:
+            sfd, dfd = src.endpoint.fileno(), dst.endpoint.fileno()
+            assert sfd is not None and dfd is not None
+            zeroed = bool(job.flags & DEST_ZEROED)
+            for off, length, is_data in self._segments(piece):
+                if is_data:
+                    thr.io_start()
+                    try:
+                        copy_offload(
+                            sfd, dfd, src.offset + piece.offset + off, dst.offset + piece.offset + off, length
+                        )
+                    finally:
+                        thr.io_finish()
+                elif not zeroed:
+                    dst.endpoint.zero(dst.offset + piece.offset + off, length)
+        except Exception as err:  # noqa: BLE001
+            # copy_file_range cannot say whether the read or the write failed (or it is not
+            # supported here): redo this piece, and the rest of the job, with buffers.
+            log.debug("kcopyd: copy_file_range fallback for %s: %s", src.region.dev_name, err)
+            with self._cond:
+                job._offload = False
+                job._active -= 1
+                self._free_active -= 1
+                job._retry.append(piece)
+                if job in self._run_free:
+                    self._run_free.remove(job)
+                if job not in self._run_pages:
+                    self._run_pages.insert(0, job)
+                if job._stop and job._finished():
+                    self._finish_locked(job)
+                self._pump_locked()
+            return
+        with self._cond:
+            self._piece_done_locked(piece)
+
+    def _run_buffered(self, piece: Piece) -> None:
+        job = piece.job
+        src = job._src
+        assert src is not None and piece.pages is not None
+        self._throttle_bytes(piece)
+        thr = self.throttle
+        ignore = bool(job.flags & IGNORE_ERROR)
+        piece.segments = segs = self._segments(piece)
+        base = src.offset + piece.offset
+        for off, length, is_data in segs:
+            if not is_data:
+                continue
+            views = piece.pages.spans(off, length)
+            thr.io_start()
+            try:
+                read_exact(src.endpoint, views, base + off)
+            except Exception as err:  # noqa: BLE001 - any failure is this piece's read error
+                log.debug("kcopyd: read error on %s at %d: %s", src.region.dev_name, base + off, err)
+                piece.read_err = True
+                if not ignore:
+                    break
+                pos = base + off
+                for v in views:
+                    read_salvage(src.endpoint, v, pos, job._grain)
+                    pos += len(v)
+            finally:
+                thr.io_finish()
+        if piece.read_err and not ignore:
+            with self._cond:
+                self._piece_done_locked(piece, written=False)
+            return
+        self._write_stage(piece)
+
+    def _write_stage(self, piece: Piece) -> None:
+        job = piece.job
+        if job.flags & WRITE_SEQ or job.cancelled:
+            with self._cond:
+                # A cancelled job writes nothing more; a WRITE_SEQ job stops writing after an
+                # error (dm-kcopyd.c run_io_job); otherwise in-flight pieces finish, as the kernel's.
+                if job.cancelled or (job.flags & WRITE_SEQ and job._stop):
+                    self._piece_done_locked(piece, written=False)
+                    return
+                if job.flags & WRITE_SEQ and piece.offset != job._write_offset:
+                    job._parked[piece.offset] = piece
+                    return
+        self._issue_writes(piece)
+
+    def _issue_writes(self, piece: Piece) -> None:
+        n = len(piece.job._dests)
+        piece.pending = n
+        for i in range(1, n):
+            self._tasks.put((self._write_one, (piece, i)))
+        self._write_one((piece, 0))
+
+    def _write_one(self, arg: tuple[Piece, int]) -> None:
+        piece, i = arg
+        job = piece.job
+        dest: OpenRegion = job._dests[i]
+        ep = dest.endpoint
+        base = dest.offset + piece.offset
+        zeroed = bool(job.flags & DEST_ZEROED)
+        thr = self.throttle
+        failed = False
+        try:
+            for off, length, is_data in piece.segments:
+                if is_data:
+                    assert piece.pages is not None
+                    thr.io_start()
+                    try:
+                        write_exact(ep, piece.pages.spans(off, length), base + off)
+                    finally:
+                        thr.io_finish()
+                elif not zeroed:
+                    thr.io_start()
+                    try:
+                        ep.zero(base + off, length)
+                    finally:
+                        thr.io_finish()
+        except Exception as err:  # noqa: BLE001 - any failure is this destination's write error
+            log.debug("kcopyd: write error on destination %d (%s): %s", i, dest.region.dev_name, err)
+            failed = True
+        with self._cond:
+            if failed:
+                piece.write_err |= 1 << i
+            piece.pending -= 1
+            if piece.pending == 0:
+                self._piece_done_locked(piece)
+
+    # -- callbacks ------------------------------------------------------------------------------
+    def _callback_loop(self) -> None:
+        while True:
+            job = self._callbacks.get()
+            if job is None:
+                return
+            for o in ([job._src] if job._src is not None else []) + job._dests:
+                try:
+                    o.close()
+                except Exception:  # noqa: BLE001
+                    log.exception("kcopyd: closing %s failed", o.region.dev_name)
+            if job.notify is not None:
+                try:
+                    job.notify(job.read_err, job.write_err, job.context)
+                except Exception:  # noqa: BLE001 - a callback must never kill the client
+                    log.exception("kcopyd: notify callback raised")
+            job._complete()
+            with self._cond:
+                self._unfinished -= 1
+                self._cond.notify_all()

@@ -1,0 +1,169 @@
+"""The I/O steps of one sub-job, chosen per endpoint pair.
+
+- ``copy_file_range`` between two regular files (the kernel copies, no user-space buffer);
+  refused by the kernel for anything else (EINVAL for non-regular files, EXDEV across some file
+  systems), in which case the job falls back to buffers.
+- otherwise reads into page-aligned pooled buffers and writes from them (``preadv``/``pwritev``
+  through the endpoints, O_DIRECT on block devices), one read serving every destination.
+- holes of a sparse source (``Endpoint.data_extents``) are not read: they are skipped when the
+  destinations are known to be zero, else written with ``Endpoint.zero`` (fallocate/BLKZEROOUT).
+
+Everything here runs on worker threads; the syscalls release the GIL.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Sequence
+
+from dmtools.endpoint import Endpoint
+from dmtools.errors import DeviceIOError
+
+__all__ = [
+    "OFFLOAD_UNSUPPORTED",
+    "Segment",
+    "can_offload",
+    "copy_offload",
+    "plan_segments",
+    "read_exact",
+    "read_salvage",
+    "write_exact",
+]
+
+#: A piece-relative ``(offset, length, is_data)`` range; ``is_data`` False means a hole (zeros).
+Segment = tuple[int, int, bool]
+
+#: errno values of copy_file_range that mean "not possible here" rather than an I/O error.
+OFFLOAD_UNSUPPORTED = frozenset(
+    {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY, errno.EPERM}
+)
+
+
+def can_offload(src: Endpoint, dst: Endpoint) -> bool:
+    """True when ``copy_file_range`` may be tried between ``src`` and ``dst``."""
+    return (
+        src.is_regular_file
+        and dst.is_regular_file
+        and src.fileno() is not None
+        and dst.fileno() is not None
+    )
+
+
+def copy_offload(src_fd: int, dst_fd: int, src_off: int, dst_off: int, length: int) -> None:
+    """Copy ``length`` bytes with ``copy_file_range``; raise ``OSError`` on failure."""
+    while length > 0:
+        n = os.copy_file_range(src_fd, dst_fd, length, src_off, dst_off)
+        if n <= 0:
+            raise OSError(errno.EIO, "copy_file_range: unexpected end of source")
+        src_off += n
+        dst_off += n
+        length -= n
+
+
+def read_exact(ep: Endpoint, views: Sequence[memoryview], offset: int) -> None:
+    """Fill every view from ``offset`` on; short reads are retried, end of device is an error."""
+    for v in views:
+        want = len(v)
+        got = ep.readinto(v, offset)
+        while got < want:
+            if got <= 0:
+                raise DeviceIOError(
+                    "unexpected end of device", operation="read", device=ep.name, errno=errno.EIO
+                )
+            n = ep.readinto(v[got:], offset + got)
+            if n <= 0:
+                raise DeviceIOError(
+                    "unexpected end of device", operation="read", device=ep.name, errno=errno.EIO
+                )
+            got += n
+        offset += want
+
+
+def write_exact(ep: Endpoint, views: Sequence[memoryview], offset: int) -> None:
+    """Write every view at ``offset`` on (a short write is continued)."""
+    for v in views:
+        want = len(v)
+        done = ep.write(v, offset)
+        while done < want:
+            if done <= 0:
+                raise DeviceIOError("write made no progress", operation="write", device=ep.name)
+            n = ep.write(v[done:], offset + done)
+            if n <= 0:
+                raise DeviceIOError("write made no progress", operation="write", device=ep.name)
+            done += n
+        offset += want
+
+
+def read_salvage(ep: Endpoint, view: memoryview, offset: int, grain: int) -> bool:
+    """Read what can be read into ``view``; zero-fill unreadable ``grain``-sized blocks.
+
+    Used with IGNORE_ERROR after a failed read: the range is split in halves until the bad blocks
+    are found (dm-io zero-fills a failed read bio; here only the blocks that fail are zeroed).
+    Returns True when some block was unreadable.
+    """
+    try:
+        read_exact(ep, [view], offset)
+        return False
+    except Exception:  # noqa: BLE001 - any failure of this range is an unreadable range
+        pass
+    length = len(view)
+    if length <= grain:
+        view[:] = bytes(length)
+        return True
+    half = ((length // 2 + grain - 1) // grain) * grain
+    if half >= length:
+        half = length - grain
+    bad = read_salvage(ep, view[:half], offset, grain)
+    return read_salvage(ep, view[half:], offset + half, grain) or bad
+
+
+def plan_segments(src: Endpoint | None, offset: int, length: int, grain: int) -> list[Segment]:
+    """Split ``[offset, offset+length)`` of ``src`` into data and hole segments (piece-relative).
+
+    A hole is only used when it covers whole ``grain``-aligned blocks of the piece (so writes stay
+    aligned for O_DIRECT destinations); smaller holes are copied as data. A zero job
+    (``src is None``) is one hole.
+    """
+    if src is None:
+        return [(0, length, False)]
+    extents = src.data_extents(offset, length)
+    if extents is None:
+        return [(0, length, True)]
+    segs: list[Segment] = []
+    pos = 0  # piece-relative end of what is planned
+    for ext_off, ext_len in extents:
+        lo = max(ext_off - offset, 0)
+        hi = min(ext_off + ext_len - offset, length)
+        if hi <= lo:
+            continue
+        # The hole before this extent, rounded inwards to the grain.
+        hole_lo = -(-pos // grain) * grain
+        hole_hi = (lo // grain) * grain
+        if hole_hi > hole_lo:
+            if hole_lo > pos:
+                _add(segs, pos, hole_lo - pos, True)
+            _add(segs, hole_lo, hole_hi - hole_lo, False)
+            _add(segs, hole_hi, hi - hole_hi, True)
+        else:
+            _add(segs, pos, hi - pos, True)
+        pos = hi
+    if pos < length:
+        hole_lo = -(-pos // grain) * grain
+        if hole_lo < length:
+            if hole_lo > pos:
+                _add(segs, pos, hole_lo - pos, True)
+            _add(segs, hole_lo, length - hole_lo, False)
+        else:
+            _add(segs, pos, length - pos, True)
+    return segs
+
+
+def _add(segs: list[Segment], off: int, length: int, is_data: bool) -> None:
+    if length <= 0:
+        return
+    if segs and segs[-1][2] == is_data and segs[-1][0] + segs[-1][1] == off:
+        prev = segs[-1]
+        segs[-1] = (prev[0], prev[1] + length, is_data)
+    else:
+        segs.append((off, length, is_data))

@@ -1,0 +1,47 @@
+"""Helpers shared by the kcopyd tests (imported as ``kc_helpers``)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+#: Every blocking wait in these tests is bounded by this many seconds.
+TIMEOUT = 30.0
+
+
+def pattern(nbytes: int, seed: int = 1) -> bytes:
+    """Non-repeating test data: each 512-byte sector carries its number and the seed."""
+    out = bytearray(nbytes)
+    for s in range(0, nbytes, 512):
+        chunk = f"{seed:08x}:{s // 512:016x}:".encode() * 20
+        out[s : s + 512] = chunk[: min(512, nbytes - s)]
+    return bytes(out)
+
+
+class Dev:
+    """A test device: ``dev`` goes into a Region, ``read()`` returns its whole content."""
+
+    def __init__(self, dev: Any, read: Callable[[], bytes], path: str | None = None) -> None:
+        self.dev = dev
+        self.read = read
+        self.path = path
+
+
+class Recorder:
+    """A notify callback that records its calls and signals the first."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[bool, int, Any]] = []
+        self.threads: set[int] = set()
+        self.event = threading.Event()
+
+    def __call__(self, read_err: bool, write_err: int, context: Any) -> None:
+        self.threads.add(threading.get_ident())
+        self.calls.append((read_err, write_err, context))
+        self.event.set()
+
+    def wait(self) -> tuple[bool, int, Any]:
+        assert self.event.wait(TIMEOUT), "notify was never called"
+        return self.calls[0]
+
+
