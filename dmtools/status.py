@@ -1,0 +1,459 @@
+"""Parsers for the targets' status text (``dmsetup status``), as immutable values.
+
+Each status value formats back to the kernel's text exactly (``format()``/``str()``), so the
+userspace targets build a status value and print it, and the kernel's text parses into the same
+value: ``parse_X(text).format() == text`` for every text the kernel prints.
+
+Formats (the kernel's STATUSTYPE_INFO output):
+
+* ``snapshot`` / ``snapshot-merge`` (dm-snap.c ``snapshot_status``, dm-snap-persistent.c
+  ``persistent_usage``): exactly one of ``Invalid``, ``Merge failed``, ``Overflow``,
+  ``<allocated>/<total> <metadata>`` (sectors) or ``Unknown``. libdm also accepts the legacy
+  two-field ``<allocated>/<total>`` of old kernels.
+* ``mirror`` (dm-raid1.c ``mirror_status``, dm-log.c ``core_status``/``disk_status``):
+  ``<#legs> <dev>... <in_sync>/<regions> 1 <health letters> <#log_args> <log_args...>`` where the
+  log part is ``1 core`` or ``3 disk <logdev> <A|D|F>``; for example
+  ``2 253:1 253:2 2048/2048 1 AA 1 core``.
+* ``striped`` (dm-stripe.c ``stripe_status``): ``<#stripes> <dev>... 1 <A|D per stripe>``.
+* ``linear``, ``zero``, ``error``, ``snapshot-origin``: the empty string.
+
+Errors are :class:`~dmtools.errors.InvalidStatus` naming the target type and the text.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Union
+
+from dmtools.errors import InvalidStatus
+
+__all__ = [
+    "SnapshotState",
+    "SnapshotStatus",
+    "LegHealth",
+    "LogHealth",
+    "MirrorStatus",
+    "StripedStatus",
+    "EmptyStatus",
+    "GenericStatus",
+    "TargetStatus",
+    "parse_snapshot_status",
+    "parse_mirror_status",
+    "parse_striped_status",
+    "parse_status",
+    "EMPTY_STATUS_TYPES",
+]
+
+_WS_RE = re.compile(r"[ \t\n\v\f\r]+")
+_NUM_RE = re.compile(r"[0-9]{1,20}")
+_RATIO_RE = re.compile(r"([0-9]{1,20})/([0-9]{1,20})")
+
+#: Targets whose INFO status is always empty (no status function, or one that prints nothing).
+EMPTY_STATUS_TYPES = frozenset({"linear", "zero", "error", "snapshot-origin"})
+
+
+def _words(target_type: str, params: str) -> list[str]:
+    if not isinstance(params, str):
+        raise InvalidStatus(f"{target_type} status must be a string, not {type(params).__name__}")
+    stripped = params.strip(" \t\n\v\f\r")
+    return _WS_RE.split(stripped) if stripped else []
+
+
+def _bad(target_type: str, params: str, reason: str) -> InvalidStatus:
+    return InvalidStatus(f"{target_type} status {params[:120]!r}: {reason}")
+
+
+def _num(target_type: str, params: str, word: str, what: str) -> int:
+    if not _NUM_RE.fullmatch(word):
+        raise _bad(target_type, params, f"{what} {word[:40]!r} is not a number")
+    return int(word)
+
+
+# -- snapshot ----------------------------------------------------------------------------------
+
+
+class SnapshotState(enum.Enum):
+    """What a snapshot's status line says (dm-snap.c ``snapshot_status``, in the kernel's order)."""
+
+    #: Usage figures are reported: the snapshot is valid.
+    ACTIVE = "active"
+    #: ``Invalid``: the COW filled up or an I/O error happened; every I/O fails.
+    INVALID = "Invalid"
+    #: ``Merge failed``: a merge hit an error and stopped; I/O is served normally.
+    MERGE_FAILED = "Merge failed"
+    #: ``Overflow``: a ``PO`` snapshot ran out of COW space; writes fail, reads work.
+    OVERFLOW = "Overflow"
+    #: ``Unknown``: the store reports no usage (unreachable for P and N stores).
+    UNKNOWN = "Unknown"
+
+
+_SNAPSHOT_WORDS = {s.value: s for s in SnapshotState if s is not SnapshotState.ACTIVE}
+
+
+@dataclass(frozen=True)
+class SnapshotStatus:
+    """Status of a ``snapshot`` or ``snapshot-merge`` target.
+
+    For ``ACTIVE``, ``allocated`` and ``total`` are sectors (allocated includes the header and
+    metadata chunks) and ``metadata`` is the metadata sectors, or ``None`` in the legacy two-field
+    form. For the other states all three are ``None``.
+    """
+
+    state: SnapshotState
+    allocated: int | None = None
+    total: int | None = None
+    metadata: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.state, SnapshotState):
+            raise InvalidStatus(f"snapshot state must be a SnapshotState, not {self.state!r}")
+        if self.state is SnapshotState.ACTIVE:
+            for name in ("allocated", "total"):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise InvalidStatus(f"snapshot status: {name} must be a non-negative integer")
+            if self.metadata is not None and (
+                isinstance(self.metadata, bool) or not isinstance(self.metadata, int) or self.metadata < 0
+            ):
+                raise InvalidStatus("snapshot status: metadata must be a non-negative integer")
+        elif (self.allocated, self.total, self.metadata) != (None, None, None):
+            raise InvalidStatus(f"snapshot status {self.state.value!r} carries no usage figures")
+
+    @classmethod
+    def usage(cls, allocated: int, total: int, metadata: int | None) -> SnapshotStatus:
+        """An ``ACTIVE`` status with usage figures in sectors."""
+        return cls(SnapshotState.ACTIVE, allocated, total, metadata)
+
+    @property
+    def valid(self) -> bool:
+        """False only for ``Invalid``."""
+        return self.state is not SnapshotState.INVALID
+
+    @property
+    def percent(self) -> float | None:
+        """Allocated as a percentage of the COW size (``None`` without usage or size)."""
+        if self.allocated is None or not self.total:
+            return None
+        return 100.0 * self.allocated / self.total
+
+    @property
+    def merge_done(self) -> bool:
+        """True when a merge has finished: allocated == metadata (snapshot.rst)."""
+        return (
+            self.state is SnapshotState.ACTIVE
+            and self.metadata is not None
+            and self.allocated == self.metadata
+        )
+
+    def format(self) -> str:
+        """The kernel's text for this status."""
+        if self.state is not SnapshotState.ACTIVE:
+            return self.state.value
+        text = f"{self.allocated}/{self.total}"
+        return text if self.metadata is None else f"{text} {self.metadata}"
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def parse_snapshot_status(params: str, target_type: str = "snapshot") -> SnapshotStatus:
+    """Parse a ``snapshot``/``snapshot-merge`` status; raises :class:`InvalidStatus`."""
+    words = _words(target_type, params)
+    text = " ".join(words)
+    if text in _SNAPSHOT_WORDS:
+        return SnapshotStatus(_SNAPSHOT_WORDS[text])
+    if len(words) not in (1, 2):
+        raise _bad(target_type, params, "expected <allocated>/<total> [<metadata>], Invalid, "
+                   "Merge failed, Overflow or Unknown")
+    ratio = _RATIO_RE.fullmatch(words[0])
+    if ratio is None:
+        raise _bad(target_type, params, f"{words[0][:40]!r} is not <allocated>/<total>")
+    metadata = _num(target_type, params, words[1], "metadata") if len(words) == 2 else None
+    return SnapshotStatus.usage(int(ratio.group(1)), int(ratio.group(2)), metadata)
+
+
+# -- mirror ------------------------------------------------------------------------------------
+
+
+class LegHealth(enum.Enum):
+    """A mirror leg's health letter: the most severe error seen (dm-raid1.c ``device_status_char``)."""
+
+    ALIVE = "A"
+    """No failures."""
+    FLUSH_FAILED = "F"
+    """A flush failed."""
+    DEAD = "D"
+    """A write failed; the leg is out of sync."""
+    SYNC_FAILED = "S"
+    """A resynchronisation failed; the leg is out of sync."""
+    READ_FAILED = "R"
+    """A read failed; the data is unaffected."""
+    UNKNOWN = "U"
+    """An error of no known kind."""
+
+    @property
+    def meaning(self) -> str:
+        """A short description for people."""
+        return _LEG_MEANINGS[self]
+
+
+_LEG_MEANINGS = {
+    LegHealth.ALIVE: "alive",
+    LegHealth.FLUSH_FAILED: "flush failed",
+    LegHealth.DEAD: "write failed (out of sync)",
+    LegHealth.SYNC_FAILED: "resync failed (out of sync)",
+    LegHealth.READ_FAILED: "read failed (data unaffected)",
+    LegHealth.UNKNOWN: "unknown error",
+}
+
+
+class LogHealth(enum.Enum):
+    """A disk log's health letter (dm-log.c ``disk_status``)."""
+
+    ALIVE = "A"
+    """The log device works."""
+    FLUSH_FAILED = "F"
+    """Flushing the log device failed."""
+    DEAD = "D"
+    """The log device failed."""
+
+
+@dataclass(frozen=True)
+class MirrorStatus:
+    """Status of a ``mirror`` target.
+
+    ``devices`` are the legs as the kernel names them (``major:minor``), ``in_sync``/``regions``
+    the region counts, ``health`` one :class:`LegHealth` letter per leg, and ``log_args`` the
+    log's status words (``("core",)`` or ``("disk", "253:3", "A")``).
+    """
+
+    devices: tuple[str, ...]
+    in_sync: int
+    regions: int
+    health: str
+    log_args: tuple[str, ...] = ("core",)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "devices", tuple(self.devices))
+        object.__setattr__(self, "log_args", tuple(self.log_args))
+        if not self.devices:
+            raise InvalidStatus("mirror status: no legs")
+        for dev in (*self.devices, *self.log_args):
+            if not isinstance(dev, str) or not dev or _WS_RE.search(dev):
+                raise InvalidStatus(f"mirror status: {dev!r} is not a single word")
+        for name in ("in_sync", "regions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidStatus(f"mirror status: {name} must be a non-negative integer")
+        if not isinstance(self.health, str) or len(self.health) != len(self.devices):
+            raise InvalidStatus(
+                f"mirror status: {len(self.devices)} legs need {len(self.devices)} health "
+                f"letters, got {self.health!r}"
+            )
+        for letter in self.health:
+            try:
+                LegHealth(letter)
+            except ValueError as err:
+                raise InvalidStatus(f"mirror status: unknown leg health letter {letter!r}") from err
+        if not self.log_args:
+            raise InvalidStatus("mirror status: the log status is missing")
+        if self.log_args[0] == "disk":
+            if len(self.log_args) != 3:
+                raise InvalidStatus("mirror status: a disk log reports 3 words: disk <dev> <A|D|F>")
+            try:
+                LogHealth(self.log_args[2])
+            except ValueError as err:
+                raise InvalidStatus(
+                    f"mirror status: unknown log health letter {self.log_args[2]!r}"
+                ) from err
+        elif self.log_args[0] == "core" and len(self.log_args) != 1:
+            raise InvalidStatus("mirror status: a core log reports 1 word: core")
+
+    @property
+    def legs(self) -> int:
+        """Number of legs."""
+        return len(self.devices)
+
+    @property
+    def leg_health(self) -> tuple[LegHealth, ...]:
+        """Each leg's health, in leg order."""
+        return tuple(LegHealth(c) for c in self.health)
+
+    @property
+    def in_sync_complete(self) -> bool:
+        """True when every region is in sync."""
+        return self.in_sync == self.regions
+
+    @property
+    def sync_percent(self) -> float:
+        """Regions in sync as a percentage (100.0 for a mirror without regions)."""
+        return 100.0 if not self.regions else 100.0 * self.in_sync / self.regions
+
+    @property
+    def healthy(self) -> bool:
+        """Every leg alive and the log (if on disk) alive."""
+        return set(self.health) <= {"A"} and self.log_health in (None, LogHealth.ALIVE)
+
+    @property
+    def log_type(self) -> str:
+        """``core``, ``disk`` or another log type's name."""
+        return self.log_args[0]
+
+    @property
+    def log_device(self) -> str | None:
+        """The disk log's device, or ``None``."""
+        return self.log_args[1] if self.log_type == "disk" else None
+
+    @property
+    def log_health(self) -> LogHealth | None:
+        """The disk log's health, or ``None`` for other logs."""
+        return LogHealth(self.log_args[2]) if self.log_type == "disk" else None
+
+    def format(self) -> str:
+        """The kernel's text for this status."""
+        return " ".join(
+            [str(len(self.devices)), *self.devices, f"{self.in_sync}/{self.regions}", "1",
+             self.health, str(len(self.log_args)), *self.log_args]
+        )
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def parse_mirror_status(params: str) -> MirrorStatus:
+    """Parse a ``mirror`` status; raises :class:`InvalidStatus`."""
+    t = "mirror"
+    words = _words(t, params)
+    if not words:
+        raise _bad(t, params, "empty")
+    count = _num(t, params, words[0], "leg count")
+    if count == 0 or len(words) < count + 5:
+        raise _bad(t, params, f"too short for {count} legs")
+    devices = tuple(words[1 : 1 + count])
+    ratio = _RATIO_RE.fullmatch(words[1 + count])
+    if ratio is None:
+        raise _bad(t, params, f"{words[1 + count][:40]!r} is not <in_sync>/<regions>")
+    if words[2 + count] != "1":
+        raise _bad(t, params, f"expected 1 status argument, got {words[2 + count][:40]!r}")
+    health = words[3 + count]
+    nlog = _num(t, params, words[4 + count], "log argument count")
+    log_args = tuple(words[5 + count :])
+    if len(log_args) != nlog:
+        raise _bad(t, params, f"the log reports {nlog} arguments but {len(log_args)} follow")
+    try:
+        return MirrorStatus(devices, int(ratio.group(1)), int(ratio.group(2)), health, log_args)
+    except InvalidStatus as err:
+        raise _bad(t, params, err.message) from err
+
+
+# -- striped -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StripedStatus:
+    """Status of a ``striped`` target: the stripes' devices and one ``A``/``D`` letter each."""
+
+    devices: tuple[str, ...]
+    health: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "devices", tuple(self.devices))
+        if not self.devices:
+            raise InvalidStatus("striped status: no stripes")
+        for dev in self.devices:
+            if not isinstance(dev, str) or not dev or _WS_RE.search(dev):
+                raise InvalidStatus(f"striped status: {dev!r} is not a single word")
+        if (
+            not isinstance(self.health, str)
+            or len(self.health) != len(self.devices)
+            or set(self.health) - {"A", "D"}
+        ):
+            raise InvalidStatus(
+                f"striped status: expected one A or D per stripe, got {self.health!r}"
+            )
+
+    @property
+    def healthy(self) -> bool:
+        """No stripe has seen an I/O error."""
+        return "D" not in self.health
+
+    def format(self) -> str:
+        """The kernel's text for this status."""
+        return " ".join([str(len(self.devices)), *self.devices, "1", self.health])
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def parse_striped_status(params: str) -> StripedStatus:
+    """Parse a ``striped`` status; raises :class:`InvalidStatus`."""
+    t = "striped"
+    words = _words(t, params)
+    if not words:
+        raise _bad(t, params, "empty")
+    count = _num(t, params, words[0], "stripe count")
+    if len(words) != count + 3:
+        raise _bad(t, params, f"expected {count + 3} words for {count} stripes, got {len(words)}")
+    if words[1 + count] != "1":
+        raise _bad(t, params, f"expected 1 status argument, got {words[1 + count][:40]!r}")
+    try:
+        return StripedStatus(tuple(words[1 : 1 + count]), words[2 + count])
+    except InvalidStatus as err:
+        raise _bad(t, params, err.message) from err
+
+
+# -- the rest ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmptyStatus:
+    """The empty status of ``linear``, ``zero``, ``error`` and ``snapshot-origin``."""
+
+    target_type: str
+
+    def format(self) -> str:
+        """The kernel's text: nothing."""
+        return ""
+
+    def __str__(self) -> str:
+        return ""
+
+
+@dataclass(frozen=True)
+class GenericStatus:
+    """The status of a target type without a parser here, kept verbatim."""
+
+    target_type: str
+    text: str = field(default="")
+
+    def format(self) -> str:
+        """The text as given."""
+        return self.text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+TargetStatus = Union[SnapshotStatus, MirrorStatus, StripedStatus, EmptyStatus, GenericStatus]
+
+
+def parse_status(target_type: str, params: str) -> TargetStatus:
+    """Parse one target's status text by its type; unknown types give :class:`GenericStatus`.
+
+    Raises :class:`InvalidStatus` when a known type's text is malformed.
+    """
+    if target_type in ("snapshot", "snapshot-merge"):
+        return parse_snapshot_status(params, target_type)
+    if target_type == "mirror":
+        return parse_mirror_status(params)
+    if target_type == "striped":
+        return parse_striped_status(params)
+    if target_type in EMPTY_STATUS_TYPES:
+        if _words(target_type, params):
+            raise _bad(target_type, params, "this target reports no status")
+        return EmptyStatus(target_type)
+    if not isinstance(params, str):
+        raise InvalidStatus(f"{target_type} status must be a string")
+    return GenericStatus(target_type, params)
