@@ -706,6 +706,11 @@ class Mirror(Target):
         """The log's region size in sectors."""
         return self.log.region_size
 
+    def region_count(self, length: int) -> int | None:
+        """Regions of a ``length``-sector mirror: ``ceil(length / region_size)`` (dm-raid1.c)."""
+        region = self.log.region_size
+        return None if region is None else -(-length // region)
+
     def args(self) -> list[str]:
         out = self.log.words() + [str(len(self.legs))]
         for leg in self.legs:

@@ -108,6 +108,7 @@ def test_mirror_example_fields() -> None:
     assert target.log == CoreLog(1024)
     assert target.legs == (Leg("253:1", 0), Leg("253:2", 0))
     assert target.region_size == 1024
+    assert target.region_count(2048) == 2 and target.region_count(2049) == 3
     assert not target.handle_errors and not target.keep_log
     assert target.devices == ("253:1", "253:2")
     disk = Target.parse("mirror", "disk 3 253:3 1024 nosync 2 253:1 0 253:2 0 1 handle_errors")
