@@ -373,6 +373,8 @@ class Engine(DeviceMapper):
                 del self._devices[dev.name]
             if self._by_devno.get(dev.devno) is dev:
                 del self._by_devno[dev.devno]
+        if self._exposure is not None and dev.exposure is not None:
+            self._exposure.remove(dev)
         live, inactive = dev.live, dev.inactive
         if live is not None and not dev.suspended:
             for tgt in live.targets:
@@ -387,8 +389,6 @@ class Engine(DeviceMapper):
                 except Exception:  # noqa: BLE001
                     pass
         dev.kill()
-        if self._exposure is not None and dev.exposure is not None:
-            self._exposure.remove(dev)
         dev.live = dev.inactive = None
         for table in (live, inactive):
             if table is not None:

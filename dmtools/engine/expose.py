@@ -1,0 +1,444 @@
+"""Engine devices as real block devices: one FUSE file per device, attached to a loop device.
+
+One FUSE file system (``mfusepy`` over Debian's libfuse3, multi-threaded) is mounted at
+``<run_dir>/fuse``; each engine device is a file there, bound to a loop device, and
+``<run_dir>/mapper/NAME`` links to that loop device (the analogue of ``/dev/mapper/NAME``). The
+device's ``major:minor`` is the loop device's.
+
+Reads and writes go straight between the kernel's request buffer and the engine (no copy in
+Python, no per-sector loop): the FUSE callbacks wrap the C buffer in a ``memoryview`` and hand it
+to the device, whose targets do ``preadv``/``pwritev`` into it. Files are served with FUSE
+``direct_io`` (no second page cache under the loop device), and the loop device uses direct I/O
+where the kernel allows it, so several requests are in flight at once over the FUSE threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from dmtools import loop
+from dmtools.errors import DMError, LoopError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dmtools.engine.device import Device
+    from dmtools.engine.engine import Engine
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUN_DIR = "/run/dmtools"
+MNT_DETACH = 2
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+#: FUSE worker threads (libfuse's ``max_threads``): requests served in parallel.
+FUSE_THREADS = 8
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def exposure_possible() -> str | None:
+    """``None`` when devices can be exposed here, else the reason they cannot."""
+    if os.geteuid() != 0:
+        return "exposure needs root"
+    for path in ("/dev/fuse", "/dev/loop-control"):
+        if not os.path.exists(path):
+            return f"exposure needs {path}"
+    try:
+        import mfusepy  # noqa: F401
+    except (ImportError, OSError) as err:
+        return f"exposure needs mfusepy and libfuse3: {err}"
+    return None
+
+
+def _umount(path: str, flags: int = 0) -> int:
+    """``umount2``; returns 0 or the errno."""
+    if _libc.umount2(os.fsencode(path), flags) != 0:
+        return ctypes.get_errno()
+    return 0
+
+
+def mounted_at(path: str) -> bool:
+    """True when something is mounted at ``path`` (works for dead FUSE mounts too)."""
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and fields[4].replace("\\040", " ") == real:
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+def clear_stale(run_dir: str = DEFAULT_RUN_DIR) -> list[str]:
+    """Undo the exposures a killed engine left behind; returns what was cleared.
+
+    Detaches loop devices backed by files under ``<run_dir>/fuse`` (deferred by the kernel while a
+    user still holds one open), unmounts that FUSE mount and removes the ``mapper`` links.
+    """
+    cleared: list[str] = []
+    mount_dir = os.path.join(run_dir, "fuse")
+    prefix = os.path.realpath(mount_dir) + "/"
+    for dev in loop.list_loops():
+        backing = dev.backing_file or ""
+        if backing.startswith(prefix):
+            with contextlib.suppress(DMError):
+                loop.detach(dev, timeout=2.0)
+                cleared.append(dev.path)
+    if mounted_at(mount_dir):
+        err = _umount(mount_dir)
+        if err:
+            err = _umount(mount_dir, MNT_DETACH)
+        if not err:
+            cleared.append(mount_dir)
+    mapper = os.path.join(run_dir, "mapper")
+    if os.path.isdir(mapper):
+        for entry in os.listdir(mapper):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(mapper, entry))
+                cleared.append(os.path.join(mapper, entry))
+    return cleared
+
+
+@dataclass
+class Exposed:
+    """Exposure state of one device."""
+
+    file: str
+    loop: loop.LoopDevice
+    link: str
+
+
+class _Operations:
+    """The FUSE file system: a flat directory with one file per exposed device."""
+
+    use_ns = True
+
+    def __init__(self, files: dict[str, "Device"], ready: threading.Event) -> None:
+        self.files = files
+        self.ready = ready
+        self.started = time.time_ns()
+        #: files being bound to a loop device while their device is still empty: they report
+        #: one sector, because ``dmtools.loop.attach`` refuses an empty file (the kernel does not).
+        self.attaching: set[str] = set()
+
+    def _dev(self, path: str | None) -> "Device":
+        dev = self.files.get((path or "").lstrip("/"))
+        if dev is None:
+            raise OSError(errno.ENOENT, "no such device")
+        return dev
+
+    def init(self, path: str) -> None:
+        self.ready.set()
+
+    def destroy(self, path: str) -> None:
+        return None
+
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        t = self.started
+        if path == "/":
+            return {"st_mode": stat.S_IFDIR | 0o700, "st_nlink": 2, "st_atime": t,
+                    "st_mtime": t, "st_ctime": t}
+        dev = self._dev(path)
+        size = dev.size
+        if not size and path.lstrip("/") in self.attaching:
+            size = 512
+        return {"st_mode": stat.S_IFREG | 0o600, "st_nlink": 1, "st_size": size,
+                "st_blocks": (size + 511) // 512, "st_blksize": 1 << 20,
+                "st_atime": t, "st_mtime": t, "st_ctime": t}
+
+    def readdir(self, path: str, fh: int) -> list[str]:
+        return [".", "..", *list(self.files)]
+
+    def open(self, path: str, flags: int) -> int:
+        self._dev(path)
+        return 0
+
+    # ``read``/``write`` exist so that mfusepy wires the callbacks; ZeroCopyFUSE calls
+    # ``readinto``/``writefrom`` with the kernel's buffer instead.
+    def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
+        buf = bytearray(size)
+        return bytes(buf[: self.readinto(path, memoryview(buf), offset)])
+
+    def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
+        return self.writefrom(path, memoryview(data), offset)
+
+    def readinto(self, path: str | None, buf: memoryview, offset: int) -> int:
+        return self._dev(path).read(buf, offset)
+
+    def writefrom(self, path: str | None, buf: memoryview, offset: int) -> int:
+        return self._dev(path).write(buf, offset)
+
+    def fsync(self, path: str, datasync: int, fh: int) -> int:
+        self._dev(path).flush()
+        return 0
+
+    def flush(self, path: str, fh: int) -> int:
+        return 0
+
+    def release(self, path: str, fh: int) -> int:
+        return 0
+
+    def truncate(self, path: str, length: int, fh: int | None = None) -> int:
+        if length != self._dev(path).size:
+            raise OSError(errno.EPERM, "device size is set by its table")
+        return 0
+
+    def fallocate(self, path: str, mode: int, offset: int, size: int, fh: int) -> int:
+        dev = self._dev(path)
+        if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
+            dev.discard(offset, size)
+        elif mode & FALLOC_FL_ZERO_RANGE:
+            dev.zero(offset, size)
+        else:
+            raise OSError(errno.EOPNOTSUPP, "only punch-hole and zero-range")
+        return 0
+
+    def statfs(self, path: str) -> dict[str, int]:
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
+
+
+def _make_fuse_class() -> Any:
+    """A ``mfusepy.FUSE`` whose read/write hand the C buffer to the device without copying."""
+    import mfusepy
+
+    class ZeroCopyFUSE(mfusepy.FUSE):  # type: ignore[misc]
+        def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+            view = (ctypes.c_char * size).from_address(ctypes.addressof(buf.contents))
+            name = None if path is None else path.decode()
+            return int(self.operations.readinto(name, memoryview(view).cast("B"), offset))
+
+        def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+            view = (ctypes.c_char * size).from_address(ctypes.addressof(buf.contents))
+            name = None if path is None else path.decode()
+            return int(self.operations.writefrom(name, memoryview(view).cast("B"), offset))
+
+    return ZeroCopyFUSE
+
+
+class Exposure:
+    """Serves an engine's devices as block devices (FUSE file + loop device + mapper link)."""
+
+    def __init__(self, engine: "Engine", run_dir: str | None = None) -> None:
+        reason = exposure_possible()
+        if reason:
+            raise DMError(reason, errno=errno.EPERM, operation="expose")
+        self.engine = engine
+        self.run_dir = run_dir or DEFAULT_RUN_DIR
+        self.mount_dir = os.path.join(self.run_dir, "fuse")
+        self.mapper_dir = os.path.join(self.run_dir, "mapper")
+        self._files: dict[str, "Device"] = {}
+        self._lock = threading.Lock()
+        self._serial = 0
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._ops = _Operations(self._files, threading.Event())
+
+    # --- the FUSE mount ---------------------------------------------------------------------
+    def _ensure_mounted(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        os.makedirs(self.run_dir, mode=0o755, exist_ok=True)
+        os.makedirs(self.mount_dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.mapper_dir, mode=0o755, exist_ok=True)
+        if mounted_at(self.mount_dir):
+            clear_stale(self.run_dir)
+        ready = threading.Event()
+        ops = self._ops = _Operations(self._files, ready)
+        fuse_cls = _make_fuse_class()
+
+        def serve() -> None:
+            try:
+                fuse_cls(
+                    ops, self.mount_dir, foreground=True, direct_io=True, fsname="dmtools",
+                    subtype="dmtools", attr_timeout=0, entry_timeout=0, negative_timeout=0,
+                    max_threads=FUSE_THREADS, max_idle_threads=FUSE_THREADS,
+                )
+            except BaseException as err:  # noqa: BLE001 - reported to the thread that waits
+                self._error = err
+            finally:
+                ready.set()
+
+        self._error = None
+        self._thread = threading.Thread(target=serve, name="dmtools-fuse", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not mounted_at(self.mount_dir):
+            if self._error is not None or not self._thread.is_alive():
+                raise DMError(f"FUSE mount at {self.mount_dir} failed: {self._error}",
+                              operation="expose")
+            if time.monotonic() > deadline:
+                raise DMError(f"FUSE mount at {self.mount_dir} did not come up",
+                              operation="expose")
+            ready.wait(0.01)
+
+    def close(self) -> None:
+        """Detach every loop device and unmount the file system."""
+        with self._lock:
+            devs = list(self._files.values())
+        for dev in devs:
+            if dev.exposure is not None:
+                self.remove(dev)
+        thread = self._thread
+        if thread is None:
+            return
+        if mounted_at(self.mount_dir):
+            if _umount(self.mount_dir):
+                _umount(self.mount_dir, MNT_DETACH)
+        thread.join(10)
+        self._thread = None
+
+    # --- devices ----------------------------------------------------------------------------
+    def add(self, dev: "Device") -> tuple[int, int]:
+        """Expose ``dev``; returns the loop device's ``(major, minor)``."""
+        with self._lock:
+            self._ensure_mounted()
+            self._serial += 1
+            fname = f"dev{self._serial}"
+            self._files[fname] = dev
+        path = os.path.join(self.mount_dir, fname)
+        self._ops.attaching.add(fname)
+        try:
+            lo = self._attach(path)
+        except BaseException:
+            with self._lock:
+                del self._files[fname]
+            raise
+        finally:
+            self._ops.attaching.discard(fname)
+        if not dev.size:
+            self._refresh(fname, lo)
+        link = os.path.join(self.mapper_dir, dev.name)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(link)
+            os.symlink(lo.path, link)
+        except OSError as err:
+            with contextlib.suppress(DMError):
+                loop.detach(lo)
+            with self._lock:
+                del self._files[fname]
+            raise DMError(f"cannot create {link}: {err}", errno=err.errno, operation="expose",
+                          device=dev.name) from err
+        dev.exposure = Exposed(fname, lo, link)
+        return lo.major, lo.minor
+
+    @staticmethod
+    def _attach(path: str) -> loop.LoopDevice:
+        try:
+            return loop.attach(path, direct_io=True)
+        except (LoopError, DMError) as err:
+            log.debug("direct I/O loop on %s refused (%s); using buffered", path, err)
+        return loop.attach(path)
+
+    def remove(self, dev: "Device") -> None:
+        """Withdraw ``dev``'s loop device, link and file."""
+        exp: Exposed | None = dev.exposure
+        if exp is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.readlink(exp.link) == exp.loop.path:
+                os.unlink(exp.link)
+        with contextlib.suppress(DMError):
+            loop.detach(exp.loop, timeout=5.0)
+        with self._lock:
+            self._files.pop(exp.file, None)
+        dev.exposure = None
+
+    def renamed(self, dev: "Device", old_name: str) -> None:
+        """Move the mapper link to the device's new name."""
+        exp: Exposed | None = dev.exposure
+        if exp is None:
+            return
+        new_link = os.path.join(self.mapper_dir, dev.name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(new_link)
+        os.symlink(exp.loop.path, new_link)
+        with contextlib.suppress(OSError):
+            os.unlink(exp.link)
+        exp.link = new_link
+
+    def resized(self, dev: "Device") -> None:
+        """Tell the loop device the file changed size (after a table swap)."""
+        exp: Exposed | None = dev.exposure
+        if exp is None:
+            return
+        self._refresh(exp.file, exp.loop)
+
+    def _refresh(self, fname: str, lo: loop.LoopDevice) -> None:
+        with contextlib.suppress(OSError):
+            os.stat(os.path.join(self.mount_dir, fname))  # refresh the FUSE inode size
+        loop.set_capacity(lo)
+
+    def link_path(self, dev: "Device") -> str:
+        """``<run_dir>/mapper/NAME``."""
+        exp: Exposed | None = dev.exposure
+        return exp.link if exp is not None else ""
+
+    def device_for_path(self, path: str) -> "Device | None":
+        """The device whose FUSE file ``path`` is (never opened through FUSE)."""
+        real = os.path.realpath(path)
+        mount = os.path.realpath(self.mount_dir) + "/"
+        if real.startswith(mount):
+            with self._lock:
+                return self._files.get(real[len(mount):])
+        return None
+
+    # --- open counts ------------------------------------------------------------------------
+    def open_count(self, dev: "Device") -> int:
+        """Users of the loop device: exclusive holders (mounts, stacked devices) + open fds."""
+        exp: Exposed | None = dev.exposure
+        if exp is None:
+            return 0
+        count = 0
+        try:
+            fd = os.open(exp.loop.path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+        except OSError as err:
+            if err.errno == errno.EBUSY:
+                count += 1
+        else:
+            os.close(fd)
+        return count + _fd_openers(exp.loop.path, exp.loop.major, exp.loop.minor)
+
+
+def _fd_openers(path: str, major: int, minor: int) -> int:
+    """Count file descriptors, in every process, open on block device ``major:minor``."""
+    count = 0
+    want = os.makedev(major, minor)
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return 0
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if not target.startswith("/dev/"):
+                continue
+            if target != path:
+                try:
+                    st = os.stat(target)
+                except OSError:
+                    continue
+                if not (stat.S_ISBLK(st.st_mode) and st.st_rdev == want):
+                    continue
+            count += 1
+    return count
