@@ -65,9 +65,8 @@ class StatusLine:
     params: str
 
     def __str__(self) -> str:
-        return f"{self.start} {self.length} {self.target_type}" + (
-            f" {self.params}" if self.params else ""
-        )
+        # dmsetup prints "%llu %llu %s %s": the separator stays even when params are empty.
+        return f"{self.start} {self.length} {self.target_type} {self.params}"
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,7 @@ def _table(args: argparse.Namespace) -> int:
     dm = open_backend(args)
     out: dict[str, str] = {}
     for name in _names(dm, args):
-        out[name] = str(dm.table(name, inactive=args.inactive))
+        out[name] = dm.table(name, inactive=args.inactive).dmsetup_text().rstrip("\n")
     _emit_per_device(args, out)
     return 0
 
