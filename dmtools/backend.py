@@ -65,8 +65,13 @@ class StatusLine:
     params: str
 
     def __str__(self) -> str:
-        # dmsetup prints "%llu %llu %s %s": the separator stays even when params are empty.
-        return f"{self.start} {self.length} {self.target_type} {self.params}"
+        return f"{self.start} {self.length} {self.target_type}" + (
+            f" {self.params}" if self.params else ""
+        )
+
+    def dmsetup_text(self) -> str:
+        """The line exactly as ``dmsetup status`` prints it (``"%llu %llu %s %s\\n"``)."""
+        return f"{self.start} {self.length} {self.target_type} {self.params}\n"
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,9 @@ def _status(args: argparse.Namespace) -> int:
     dm = open_backend(args)
     out: dict[str, str] = {}
     for name in _names(dm, args):
-        out[name] = "\n".join(str(line) for line in dm.status(name, inactive=args.inactive))
+        out[name] = "".join(
+            line.dmsetup_text() for line in dm.status(name, inactive=args.inactive)
+        ).rstrip("\n")
     _emit_per_device(args, out)
     return 0
 
