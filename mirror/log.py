@@ -369,7 +369,7 @@ def create_log(
                 raise InvalidTable("disk log needs a device opener")
             ep = open_device(log_args[0])
             try:
-                return DiskLog(ep, log_args[0], target_len, size, sync)
+                return DiskLog(ep, ep.name or log_args[0], target_len, size, sync)
             except BaseException:
                 ep.close()
                 raise

@@ -62,3 +62,59 @@ class MemEndpoint(Endpoint):
         with self.lock:
             self.flushed[:] = self.data
             self.journal.append(("flush", self.name, 0, 0))
+
+
+class GatedEndpoint(MemEndpoint):
+    """A MemEndpoint whose reads block while ``gate`` is clear (to hold a resync copy mid-flight)."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.reading = threading.Event()
+        self.active = 0
+        self.peak = 0
+
+    def readinto(self, buf: Any, offset: int) -> int:
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        self.reading.set()
+        try:
+            if not self.gate.wait(10):
+                raise DeviceIOError("gate never opened", operation="read", device=self.name)
+            return super().readinto(buf, offset)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+class FakeContext:
+    """A ``TargetContext`` over in-memory devices, counting events."""
+
+    def __init__(self, devices: "dict[str, MemEndpoint]") -> None:
+        from dmtools.engine.target import DeviceHandle
+
+        self.devices = devices
+        self.handles: dict[str, DeviceHandle] = {}
+        self.events = 0
+        self.device_name = "mirror-test"
+        self.readonly = False
+        self.noflush_suspending = False
+
+    def get_device(self, ref: str, *, writable: bool | None = None) -> Any:
+        from dmtools.engine.target import DeviceHandle
+        from dmtools.errors import InvalidTable
+
+        if ref not in self.devices:
+            raise InvalidTable(f"Device lookup failure: {ref}")
+        if ref not in self.handles:
+            minor = list(self.devices).index(ref)
+            self.handles[ref] = DeviceHandle(self.devices[ref], f"7:{minor}", 7, minor, ref)
+        return self.handles[ref]
+
+    def put_device(self, handle: Any) -> None:
+        pass
+
+    def event(self) -> None:
+        self.events += 1

@@ -1,0 +1,184 @@
+"""The region hash: per-region state and pending-write counts (drivers/md/dm-region-hash.c).
+
+A region absent from the hash is CLEAN when the log says it is in sync and NOSYNC otherwise. The
+transitions are the kernel's:
+
+- ``inc`` (a write is about to be dispatched): ``pending += 1``; CLEAN → DIRTY and the log's
+  ``mark_region`` (the caller flushes the log before dispatching);
+- ``dec`` (the write completed): when ``pending`` drops to 0, a previous failed flush makes the
+  region NOSYNC, a RECOVERING region becomes quiesced, a DIRTY one CLEAN on the clean list;
+- ``update_states`` (start of each worker pass): clean regions get ``clear_region`` and leave the
+  hash; recovered ones get ``clear_region`` + ``set_region_sync(1)``; failed recoveries get
+  ``set_region_sync(0 if errors are handled else 1)``; then the log is flushed;
+- ``mark_nosync`` (a write failed on some leg): NOSYNC and the log's sync bit cleared;
+- ``recovery_prepare`` takes regions from ``get_resync_work`` up to ``max_recovery`` at a time and
+  sets them RECOVERING; they are copied once quiesced, and writes to them wait until they end.
+
+Not thread-safe: the mirror target calls it under its own lock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mirror.log import DirtyLog, RegionState
+
+__all__ = ["Region", "RegionHash"]
+
+
+@dataclass
+class Region:
+    """One region in the hash."""
+
+    key: int
+    state: RegionState
+    pending: int = 0
+
+
+class RegionHash:
+    """Region states for one mirror set; see the module docstring."""
+
+    def __init__(self, log: DirtyLog, max_recovery: int = 1) -> None:
+        self.log = log
+        self.max_recovery = max_recovery
+        self.regions: dict[int, Region] = {}
+        self.clean: list[int] = []
+        self.quiesced: list[int] = []
+        self.recovered: list[int] = []
+        self.failed_recovered: list[int] = []
+        self.recovering: set[int] = set()  # regions RECOVERING, quiesced or being copied
+        self.flush_failure = False
+        self.recovery_stopped = True
+
+    # -- lookups ---------------------------------------------------------------------------------
+    def _find(self, key: int) -> Region:
+        reg = self.regions.get(key)
+        if reg is None:
+            state = RegionState.CLEAN if self.log.in_sync(key) else RegionState.NOSYNC
+            reg = self.regions[key] = Region(key, state)
+        return reg
+
+    def state(self, key: int) -> RegionState:
+        """``dm_rh_get_state``: the hash's state, else CLEAN/NOSYNC from the log."""
+        reg = self.regions.get(key)
+        if reg is not None:
+            return reg.state
+        return RegionState.CLEAN if self.log.in_sync(key) else RegionState.NOSYNC
+
+    def in_sync(self, key: int) -> bool:
+        """True when the region is CLEAN or DIRTY (reads may balance)."""
+        return self.state(key) in (RegionState.CLEAN, RegionState.DIRTY)
+
+    # -- writes ----------------------------------------------------------------------------------
+    def inc(self, key: int) -> None:
+        """A write to ``key`` is about to be dispatched."""
+        reg = self._find(key)
+        reg.pending += 1
+        if reg.state is RegionState.CLEAN:
+            reg.state = RegionState.DIRTY
+            if key in self.clean:
+                self.clean.remove(key)
+            self.log.mark_region(key)
+
+    def dec(self, key: int) -> bool:
+        """A write to ``key`` completed; True when the worker should run."""
+        reg = self.regions[key]
+        reg.pending -= 1
+        if reg.pending:
+            return False
+        if self.flush_failure:
+            reg.state = RegionState.NOSYNC
+        elif reg.state is RegionState.RECOVERING:
+            self.quiesced.append(key)
+        elif reg.state is RegionState.DIRTY:
+            reg.state = RegionState.CLEAN
+            self.clean.append(key)
+        return True
+
+    def mark_nosync(self, key: int) -> None:
+        """A write to ``key`` failed on some leg: never let the region be marked clean."""
+        self.log.set_region_sync(key, False)
+        reg = self._find(key)
+        recovering = reg.state is RegionState.RECOVERING
+        reg.state = RegionState.NOSYNC
+        if key in self.clean:
+            self.clean.remove(key)
+        if recovering:
+            if key in self.quiesced:
+                self.quiesced.remove(key)
+            self.recovering.discard(key)
+
+    # -- worker ----------------------------------------------------------------------------------
+    def update_states(self, errors_handled: bool) -> list[int]:
+        """Retire clean and recovered regions and flush the log; return regions whose recovery ended.
+
+        The log flush may raise (log device failure); the states are updated first, as in the kernel.
+        """
+        ended: list[int] = []
+        for key in self.recovered:
+            self.regions.pop(key, None)
+            self.log.clear_region(key)
+            self.log.set_region_sync(key, True)
+            self.recovering.discard(key)
+            ended.append(key)
+        for key in self.failed_recovered:
+            self.regions.pop(key, None)
+            self.log.set_region_sync(key, not errors_handled)
+            self.recovering.discard(key)
+            ended.append(key)
+        for key in self.clean:
+            reg = self.regions.get(key)
+            if reg is not None and reg.state is RegionState.CLEAN and not reg.pending:
+                del self.regions[key]
+                self.log.clear_region(key)
+        self.recovered = []
+        self.failed_recovered = []
+        self.clean = []
+        self.log.flush()
+        return ended
+
+    def recovery_prepare(self) -> None:
+        """Start quiescing regions that need resync, up to ``max_recovery`` in flight."""
+        while not self.recovery_stopped and len(self.recovering) < self.max_recovery:
+            key = self.log.get_resync_work()
+            if key is None:
+                return
+            reg = self._find(key)
+            reg.state = RegionState.RECOVERING
+            self.recovering.add(key)
+            if key in self.clean:
+                self.clean.remove(key)
+            if not reg.pending:
+                self.quiesced.append(key)
+
+    def recovery_start(self) -> int | None:
+        """Pop a quiesced region ready to copy."""
+        return self.quiesced.pop(0) if self.quiesced else None
+
+    def recovery_end(self, key: int, success: bool) -> None:
+        """The copy of ``key`` finished (retired at the next ``update_states``).
+
+        A region whose recovery was already ended (a failed write made it NOSYNC) is left alone: a
+        copy that may have raced a write must never mark it in sync.
+        """
+        if key not in self.recovering:
+            return
+        (self.recovered if success else self.failed_recovered).append(key)
+
+    def abandon(self, key: int) -> None:
+        """Give up a prepared region whose copy never started (suspend): it stays out of sync."""
+        if key in self.quiesced:
+            self.quiesced.remove(key)
+        self.recovering.discard(key)
+        self.log.set_region_sync(key, False)
+        reg = self.regions.get(key)
+        if reg is not None and reg.state is RegionState.RECOVERING:
+            if reg.pending:
+                reg.state = RegionState.NOSYNC
+            else:
+                del self.regions[key]
+
+    @property
+    def recovery_in_flight(self) -> int:
+        """Regions between ``recovery_prepare`` and ``update_states``."""
+        return len(self.recovering)

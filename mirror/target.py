@@ -1,0 +1,603 @@
+"""The userspace ``mirror`` target (drivers/md/dm-raid1.c, target version 1.15.0).
+
+Table: ``<log_type> <#log_args> <log_args...> <#mirrors> <dev> <offset>... [<#features> <feature>...]``
+with a ``core`` or ``disk`` log (``mirror.log``), 2–9 legs and the features ``handle_errors`` and
+``keep_log``. What it does, as the kernel does:
+
+- writes go to every leg under the mark/clear protocol: the region is marked dirty and the log
+  flushed before the data is written; it is marked clean (legs flushed first) by the worker once
+  its writes completed;
+- writes to an out-of-sync (NOSYNC) region go to the default leg only; writes to a region under
+  recovery wait until its recovery ends;
+- reads come from the default leg, failing over to a leg without errors when the region is in sync;
+- out-of-sync regions are copied from the default leg to the others by kcopyd. Unlike the kernel
+  (``MAX_RECOVERY = 1``) several regions are in flight (``max_recovery``) and the copy can be held
+  to a rate (bytes/s);
+- leg failures are recorded with the kernel's health letters and raise device events when
+  ``handle_errors`` is set; status text is the kernel's.
+
+Messages (this target's own; the kernel's mirror has no message handler): ``resync_rate <bytes/s>``
+(0 = unlimited) and ``max_recovery <n>``.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import threading
+import time
+from typing import Any, Sequence
+
+from dmtools.endpoint import Endpoint
+from dmtools.engine.target import SECTOR, DeviceHandle, Target, TargetContext, parse_sector, parse_uint
+from dmtools.errors import DeviceIOError, DMError, InvalidArgument, InvalidTable
+
+from mirror.log import DirtyLog, RegionState, create_log, parse_log_args
+from mirror.region import RegionHash
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MirrorTarget", "LegError", "MAX_NR_MIRRORS", "DEFAULT_MAX_RECOVERY"]
+
+#: DM_KCOPYD_MAX_REGIONS + 1 (dm-raid1.c MAX_NR_MIRRORS).
+MAX_NR_MIRRORS = 9
+#: dm-raid1.c feature bits.
+HANDLE_ERRORS = 0x01
+KEEP_LOG = 0x02
+#: Regions copied at once; the kernel's MAX_RECOVERY is 1.
+DEFAULT_MAX_RECOVERY = 8
+#: Bytes of recovery kept in flight at most, whatever the region size.
+RECOVERY_BYTES_IN_FLIGHT = 16 << 20
+
+
+class LegError(enum.IntEnum):
+    """``enum dm_raid1_error``: bit numbers in a leg's ``error_type``."""
+
+    WRITE = 0
+    FLUSH = 1
+    SYNC = 2
+    READ = 3
+
+
+class Leg:
+    """One mirror leg (``struct mirror``)."""
+
+    def __init__(self, index: int, dev: DeviceHandle, offset: int) -> None:
+        self.index = index
+        self.dev = dev
+        self.offset = offset
+        self.base = offset * SECTOR
+        self.error_count = 0
+        self.error_type = 0
+
+    def health(self) -> str:
+        """``device_status_char``: A, or the most severe error seen (F > D > S > R), U otherwise."""
+        if not self.error_count:
+            return "A"
+        for bit, char in ((LegError.FLUSH, "F"), (LegError.WRITE, "D"), (LegError.SYNC, "S"), (LegError.READ, "R")):
+            if self.error_type & (1 << bit):
+                return char
+        return "U"
+
+
+def _io_error(message: str, device: str | None = None) -> DeviceIOError:
+    return DeviceIOError(message, errno=errno.EIO, operation="io", device=device)
+
+
+class MirrorTarget(Target):
+    """``mirror``: see the module docstring."""
+
+    name = "mirror"
+    version = (1, 15, 0)  # dm-raid1.c
+
+    def __init__(self, ctx: TargetContext, start: int, length: int, args: Sequence[str]) -> None:
+        super().__init__(ctx, start, length, args)
+        args = list(args)
+        try:
+            log_type, log_args, used = parse_log_args(args)
+            self.log: DirtyLog = create_log(log_type, log_args, length, self._open_log_device)
+        except InvalidTable as err:
+            raise self.fail(err.message) from err
+        rest = args[used:]
+        try:
+            nr = parse_uint(rest[0]) if rest else 0
+        except ValueError:
+            nr = 0
+        if not 2 <= nr <= MAX_NR_MIRRORS:
+            raise self.fail("Invalid number of mirrors")
+        rest = rest[1:]
+        if len(rest) < 2 * nr:
+            raise self.fail("Too few mirror arguments")
+        self.legs: list[Leg] = []
+        for i in range(nr):
+            ref, off = rest[2 * i], rest[2 * i + 1]
+            try:
+                offset = parse_sector(off)
+            except ValueError:
+                raise self.fail("Invalid offset") from None
+            dev = ctx.get_device(ref)
+            self.devices.append(dev)
+            self.check_area(dev, offset, length)
+            self.legs.append(Leg(i, dev, offset))
+        rest = rest[2 * nr :]
+        self.features = 0
+        if rest:
+            try:
+                nfeat = parse_uint(rest[0])
+            except ValueError:
+                raise self.fail("Invalid number of features") from None
+            rest = rest[1:]
+            if nfeat > len(rest):
+                raise self.fail("Not enough arguments to support feature count")
+            for feat in rest[:nfeat]:
+                if feat == "handle_errors":
+                    self.features |= HANDLE_ERRORS
+                elif feat == "keep_log":
+                    self.features |= KEEP_LOG
+                else:
+                    raise self.fail("Unrecognised feature requested")
+            rest = rest[nfeat:]
+            if self.keep_log and not self.errors_handled:
+                raise self.fail("keep_log feature requires the handle_errors feature")
+        if rest:
+            raise self.fail("Too many mirror arguments")
+
+        self.region_size = self.log.region_size
+        self.region_bytes = self.region_size * SECTOR
+        self.nr_regions = self.log.region_count
+        self.log.flush_legs = self._flush_legs
+        in_flight = max(1, min(DEFAULT_MAX_RECOVERY, RECOVERY_BYTES_IN_FLIGHT // self.region_bytes))
+        self.rh = RegionHash(self.log, in_flight)
+        self.cond = threading.Condition(threading.Lock())
+        self.default = 0
+        self.in_sync = False
+        self.log_failure = False
+        self.leg_failure = False
+        self.suspended = True
+        self.rate = 0  # bytes/s, 0 = unlimited
+        self._next_copy = 0.0
+        self._copying: set[int] = set()
+        self._wake = False
+        self._stop = False
+        self._worker: threading.Thread | None = None
+        self._kc: Any = None
+
+    def _open_log_device(self, ref: str) -> Endpoint:
+        dev = self.ctx.get_device(ref)
+        self.log_device = dev
+        return dev
+
+    # -- features and legs ------------------------------------------------------------------------
+    @property
+    def errors_handled(self) -> bool:
+        return bool(self.features & HANDLE_ERRORS)
+
+    @property
+    def keep_log(self) -> bool:
+        return bool(self.features & KEEP_LOG)
+
+    def _valid_leg(self) -> Leg | None:
+        return next((leg for leg in self.legs if not leg.error_count), None)
+
+    def _fail_leg(self, leg: Leg, kind: LegError) -> None:
+        """``fail_mirror``: record the error; with handle_errors fail over and raise an event."""
+        self.leg_failure = True
+        leg.error_count += 1
+        bit = 1 << kind
+        if leg.error_type & bit:
+            return
+        leg.error_type |= bit
+        if not self.errors_handled:
+            return
+        if leg.index == self.default:
+            if not self.in_sync and not self.keep_log:
+                log.error("Primary mirror (%s) failed while out-of-sync: Reads may fail.", leg.dev.name)
+            else:
+                new = self._valid_leg()
+                if new is not None:
+                    self.default = new.index
+                else:
+                    log.warning("All sides of mirror have failed.")
+        self._event()
+
+    def _event(self) -> None:
+        try:
+            self.ctx.event()
+        except Exception:  # noqa: BLE001 - an event must never fail the I/O path
+            log.exception("mirror event failed")
+
+    def _choose_leg(self) -> Leg | None:
+        """The default leg, or walking backwards from it the first leg without errors."""
+        i = self.default
+        for _ in range(len(self.legs)):
+            if not self.legs[i].error_count:
+                return self.legs[i]
+            i = (i - 1) % len(self.legs)
+        return None
+
+    def _flush_legs(self) -> None:
+        """``mirror_flush``: an empty flush to every leg (the log calls it before a clean mark)."""
+        failed = []
+        for leg in self.legs:
+            try:
+                leg.dev.flush()
+            except (OSError, DMError):
+                failed.append(leg)
+        if failed:
+            for leg in failed:
+                self._fail_leg(leg, LegError.FLUSH)
+            raise _io_error("mirror leg flush failed", failed[0].dev.name)
+
+    # -- I/O helpers ------------------------------------------------------------------------------
+    def _split(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """``(region, offset, nbytes)`` pieces of a byte range, cut at region boundaries."""
+        out = []
+        end = offset + length
+        while offset < end:
+            region = offset // self.region_bytes
+            n = min(end, (region + 1) * self.region_bytes) - offset
+            out.append((region, offset, n))
+            offset += n
+        return out
+
+    @staticmethod
+    def _leg_read(leg: Leg, buf: memoryview, offset: int) -> None:
+        got = leg.dev.readinto(buf, leg.base + offset)
+        if got != len(buf):
+            raise _io_error(f"short read ({got} of {len(buf)} bytes)", leg.dev.name)
+
+    def _write_legs(self, legs: list[Leg], buf: memoryview, offset: int) -> int:
+        """Write to each leg; return the error bits (bit = leg index)."""
+        bits = 0
+        for leg in legs:
+            try:
+                leg.dev.write(buf, leg.base + offset)
+            except (OSError, DMError) as err:
+                log.debug("write to %s failed: %s", leg.dev.name, err)
+                bits |= 1 << leg.index
+        return bits
+
+    # -- reads ------------------------------------------------------------------------------------
+    def read(self, buf: memoryview, offset: int) -> None:
+        mv = memoryview(buf).cast("B")
+        base = offset
+        for region, off, n in self._split(offset, len(mv)):
+            self._read_region(region, mv[off - base : off - base + n], off)
+
+    def _read_region(self, region: int, buf: memoryview, offset: int) -> None:
+        while True:
+            with self.cond:
+                if self.rh.in_sync(region):
+                    leg = self._choose_leg()
+                else:
+                    leg = self.legs[self.default]
+                    if leg.error_count:
+                        leg = None
+            if leg is None:
+                raise _io_error("no mirror leg available for the read")
+            try:
+                self._leg_read(leg, buf, offset)
+                return
+            except (OSError, DMError):
+                with self.cond:
+                    self._fail_leg(leg, LegError.READ)
+                    default_ok = not self.legs[self.default].error_count
+                    retry = default_ok or (self.log.in_sync(region) and self._choose_leg() is not None)
+                if not retry:
+                    log.error("Read failure on mirror device %s.  Failing I/O.", leg.dev.name)
+                    raise
+                log.warning("Read failure on mirror device %s. Trying alternative device.", leg.dev.name)
+
+    # -- writes -----------------------------------------------------------------------------------
+    def write(self, buf: memoryview, offset: int) -> None:
+        mv = memoryview(buf).cast("B")
+        pieces = self._split(offset, len(mv))
+        regions = [p[0] for p in pieces]
+        with self.cond:
+            # Writes to a region under recovery are delayed until its recovery ends.
+            while any(self.rh.state(r) is RegionState.RECOVERING for r in regions):
+                self.cond.wait()
+            states = [self.rh.state(r) for r in regions]
+            for r in regions:
+                self.rh.inc(r)
+            try:
+                self.rh.log.flush()  # dirty marks durable before any data write
+            except (OSError, DMError):
+                self.log_failure = True
+            log_failure = self.log_failure
+            nosync_fails = self.leg_failure and self.errors_handled and not self.keep_log
+            default = self.legs[self.default]
+        failures: list[int] = []
+        error: BaseException | None = None
+        try:
+            for (region, off, n), state in zip(pieces, states):
+                data = mv[off - offset : off - offset + n]
+                if state is RegionState.NOSYNC:
+                    if nosync_fails:
+                        failures.append(region)
+                    else:
+                        default.dev.write(data, default.base + off)
+                    continue
+                if log_failure and self.errors_handled:
+                    failures.append(region)
+                    continue
+                bits = self._write_legs(self.legs, data, off)
+                if bits:
+                    with self.cond:
+                        for leg in self.legs:
+                            if bits & (1 << leg.index):
+                                self._fail_leg(leg, LegError.WRITE)
+                    failures.append(region)
+            if failures:
+                self._do_failures(failures)
+        except BaseException as err:  # noqa: BLE001 - re-raised after the pending counts drop
+            error = err
+        finally:
+            with self.cond:
+                wake = False
+                for r in regions:
+                    wake = self.rh.dec(r) or wake
+                if wake:
+                    self._wake_worker()
+        if error is not None:
+            raise error
+
+    def _do_failures(self, regions: list[int]) -> None:
+        """``do_failures``: the regions go NOSYNC; the write fails, is held, or completes."""
+        with self.cond:
+            if not self.log_failure:
+                self.in_sync = False
+                for r in regions:
+                    self.rh.mark_nosync(r)
+                self.cond.notify_all()
+            if self._valid_leg() is None or (self.keep_log and self.log_failure):
+                raise _io_error("all mirror legs failed" if self._valid_leg() is None else "mirror log failed")
+            if self.errors_handled and not self.keep_log:
+                # Held until a suspend lets userspace (a manager, dmeventd) replace the leg.
+                while not self._holds_released:
+                    self.cond.wait()
+                raise _io_error("write held after a leg failure, failed at suspend")
+
+    _holds_released = False
+
+    def flush(self) -> None:
+        """PREFLUSH to every leg; a failure marks the leg D and later clean marks NOSYNC."""
+        bits = 0
+        for leg in self.legs:
+            try:
+                leg.dev.flush()
+            except (OSError, DMError):
+                bits |= 1 << leg.index
+        if not bits:
+            return
+        with self.cond:
+            for leg in self.legs:
+                if bits & (1 << leg.index):
+                    self._fail_leg(leg, LegError.WRITE)
+            self.rh.flush_failure = True
+            if self._valid_leg() is None:
+                raise _io_error("flush failed on every mirror leg")
+            if self.errors_handled and not self.keep_log:
+                while not self._holds_released:
+                    self.cond.wait()
+                raise _io_error("flush held after a leg failure, failed at suspend")
+
+    def discard(self, offset: int, length: int) -> None:
+        """Discard on every leg; a failure is reported as unsupported and degrades nothing."""
+        for leg in self.legs:
+            try:
+                leg.dev.discard(leg.base + offset, length)
+            except (OSError, DMError) as err:
+                raise DeviceIOError("discard failed", errno=errno.EOPNOTSUPP, operation="discard",
+                                    device=leg.dev.name) from err
+
+    # -- worker (kmirrord) ------------------------------------------------------------------------
+    def _wake_worker(self) -> None:
+        self._wake = True
+        self.cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            to_copy: list[int] = []
+            with self.cond:
+                while not self._wake and not self._stop:
+                    self.cond.wait(self._worker_timeout())
+                    if self._rate_ready():
+                        break
+                if self._stop:
+                    return
+                self._wake = False
+                try:
+                    self.rh.update_states(self.errors_handled)
+                except (OSError, DMError):
+                    self.log_failure = True
+                self.cond.notify_all()  # delayed writes may go now
+                if not self.suspended:
+                    self.rh.recovery_prepare()
+                    while self.rh.quiesced and self._rate_ready():
+                        region = self.rh.recovery_start()
+                        assert region is not None
+                        self._charge(self._region_len(region))
+                        self._copying.add(region)
+                        to_copy.append(region)
+                if not self.in_sync and self.log.get_sync_count() == self.nr_regions:
+                    self._event()
+                    self.in_sync = True
+                    for leg in self.legs:
+                        leg.error_count = leg.error_type = 0
+                    self.leg_failure = False
+                    self.cond.notify_all()
+                default = self.legs[self.default]
+            for region in to_copy:
+                self._recover(region, default)
+
+    def _worker_timeout(self) -> float | None:
+        if self.rh.quiesced and self.rate:
+            return max(0.0, self._next_copy - time.monotonic()) + 0.001
+        return None
+
+    def _rate_ready(self) -> bool:
+        return not self.rate or time.monotonic() >= self._next_copy
+
+    def _charge(self, nbytes: int) -> None:
+        if self.rate:
+            now = time.monotonic()
+            self._next_copy = max(self._next_copy, now - 0.05) + nbytes / self.rate
+
+    def _region_len(self, region: int) -> int:
+        """Sectors of ``region``: the last one may be short (dm-raid1.c ``recover``)."""
+        if region == self.nr_regions - 1:
+            tail = self.length & (self.region_size - 1)
+            return (tail or self.region_size) * SECTOR
+        return self.region_bytes
+
+    def _recover(self, region: int, source: Leg) -> None:
+        """Copy ``region`` from the default leg to every other leg with kcopyd."""
+        from kcopyd.client import IGNORE_ERROR
+        from kcopyd.region import Region
+
+        nbytes = self._region_len(region)
+        sector = region * self.region_size
+        src = Region(source.dev, source.offset + sector, nbytes // SECTOR)
+        dests = [leg for leg in self.legs if leg is not source]
+        regions = [Region(leg.dev, leg.offset + sector, nbytes // SECTOR) for leg in dests]
+        flags = 0 if self.errors_handled else IGNORE_ERROR
+        try:
+            self._kc.copy(src, regions, flags=flags, notify=self._recovery_complete, context=(region, source, dests))
+        except DMError as err:
+            log.error("cannot start recovery of region %d: %s", region, err)
+            self._recovery_complete(True, 0, (region, source, dests))
+
+    def _recovery_complete(self, read_err: bool, write_err: int, context: tuple[int, Leg, list[Leg]]) -> None:
+        region, source, dests = context
+        with self.cond:
+            if read_err:
+                log.error("Unable to read primary mirror during recovery")
+                self._fail_leg(source, LegError.SYNC)
+            if write_err:
+                log.error("Write error during recovery (error = 0x%x)", write_err)
+                for bit, leg in enumerate(dests):
+                    if write_err & (1 << bit):
+                        self._fail_leg(leg, LegError.SYNC)
+            self._copying.discard(region)
+            self.rh.recovery_end(region, not (read_err or write_err))
+            self._wake_worker()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def presuspend(self) -> None:
+        """Release held writes, stop recovery and wait for the copies in flight."""
+        with self.cond:
+            self.suspended = True
+            self._holds_released = True
+            self.rh.recovery_stopped = True
+            self.cond.notify_all()
+            while self.rh.quiesced:
+                region = self.rh.quiesced[0]
+                self.rh.abandon(region)
+            while self._copying:
+                self.cond.wait()
+            # Regions still waiting for writes to drain are given up: they stay out of sync.
+            for region in list(self.rh.recovering):
+                if region not in self.rh.recovered and region not in self.rh.failed_recovered:
+                    self.rh.abandon(region)
+            try:
+                self.rh.update_states(self.errors_handled)
+            except (OSError, DMError):
+                self.log_failure = True
+            self.cond.notify_all()
+
+    def presuspend_undo(self) -> None:
+        self.resume()
+
+    def postsuspend(self) -> None:
+        """Flush the log (``dm-log.c``: postsuspend is ``disk_flush``)."""
+        with self.cond:
+            self.log.postsuspend()
+
+    def resume(self) -> None:
+        """Re-read the log (disk: the kernel's resume rules) and (re)start recovery."""
+        with self.cond:
+            self.log.resume()
+            if self._kc is None:
+                from kcopyd.client import Client
+
+                self._kc = Client(num_pages=max(1024, 2 * self.region_bytes // 4096))
+            self.suspended = False
+            self._holds_released = False
+            self.rh.recovery_stopped = False
+            self._wake_worker()
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._run, name=f"kmirrord-{self.ctx.device_name}", daemon=True)
+                self._worker.start()
+
+    def destroy(self) -> None:
+        with self.cond:
+            self._holds_released = True
+            self.rh.recovery_stopped = True
+            while self._copying:
+                self.cond.wait()
+            self._stop = True
+            self.cond.notify_all()
+        if self._worker is not None:
+            self._worker.join()
+        if self._kc is not None:
+            self._kc.destroy()
+            self._kc = None
+
+    # -- text and control -------------------------------------------------------------------------
+    def status(self) -> str:
+        """``<#mirrors> <dev>... <in_sync>/<nr_regions> 1 <health> <log status>``."""
+        with self.cond:
+            devs = " ".join(leg.dev.name for leg in self.legs)
+            health = "".join(leg.health() for leg in self.legs)
+            return (
+                f"{len(self.legs)} {devs} {self.log.get_sync_count()}/{self.nr_regions} 1 {health} "
+                f"{self.log.status_info()}"
+            )
+
+    def table_params(self) -> str:
+        """``<log table> <#mirrors> <dev> <offset>... [<n> handle_errors keep_log]``."""
+        parts = self.log.table_args() + [str(len(self.legs))]
+        for leg in self.legs:
+            parts += [leg.dev.name, str(leg.offset)]
+        feats = [f for f, on in (("handle_errors", self.errors_handled), ("keep_log", self.keep_log)) if on]
+        if feats:
+            parts += [str(len(feats)), *feats]
+        return " ".join(parts)
+
+    def message(self, args: Sequence[str]) -> str | None:
+        """``resync_rate <bytes/s>`` (0 = unlimited) or ``max_recovery <n>``."""
+        if len(args) == 2 and args[0] in ("resync_rate", "max_recovery"):
+            try:
+                value = parse_uint(args[1]) if args[0] == "max_recovery" else parse_sector(args[1])
+            except ValueError:
+                raise InvalidArgument(f"invalid {args[0]} value {args[1]!r}", operation="message") from None
+            with self.cond:
+                if args[0] == "resync_rate":
+                    self.rate = value
+                    self._next_copy = time.monotonic()
+                else:
+                    if value < 1:
+                        raise InvalidArgument("max_recovery must be at least 1", operation="message")
+                    self.rh.max_recovery = value
+                self._wake_worker()
+            return None
+        raise InvalidArgument(f"unrecognised mirror message {' '.join(args)!r}", operation="message")
+
+    # -- introspection for managers and tests -----------------------------------------------------
+    def health(self) -> str:
+        """Health letters, one per leg."""
+        with self.cond:
+            return "".join(leg.health() for leg in self.legs)
+
+    def wait_in_sync(self, timeout: float) -> bool:
+        """Block until every region is in sync (or ``timeout`` seconds); True when in sync."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.log.get_sync_count() != self.nr_regions or not self.in_sync:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(min(left, 0.1))
+            return True

@@ -1,0 +1,311 @@
+"""The userspace ``mirror`` target over in-memory legs: table checks, I/O paths, resync, failures."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Iterator
+
+import pytest
+
+from dmtools.errors import DeviceIOError, InvalidTable
+from mirror.format import LogImage, format_log
+from mirror.target import MirrorTarget
+from mirror_memdev import FakeContext, GatedEndpoint, MemEndpoint
+
+MB = 1 << 20
+LEN = 2 * MB // 512  # 2 MiB mirror
+REGION = 128  # 64 KiB regions -> 32 regions
+
+
+class Rig:
+    """Legs, a log device and the target built on them."""
+
+    def __init__(self, nlegs: int = 2, size: int = 2 * MB, gated: bool = False) -> None:
+        self.journal: list[tuple[str, str, int, int]] = []
+        self.devs: dict[str, MemEndpoint] = {}
+        for i in range(nlegs):
+            cls = GatedEndpoint if gated and i == 0 else MemEndpoint
+            self.devs[f"leg{i}"] = cls(size, f"leg{i}", self.journal)
+        self.devs["log"] = MemEndpoint(64 * 1024, "log", self.journal)
+        self.ctx = FakeContext(self.devs)
+        self.targets: list[MirrorTarget] = []
+
+    def leg(self, i: int) -> MemEndpoint:
+        return self.devs[f"leg{i}"]
+
+    def build(self, params: str, *, length: int = LEN, resume: bool = True, rate: int | None = None) -> MirrorTarget:
+        t = MirrorTarget.construct(self.ctx, 0, length, params.split())
+        assert isinstance(t, MirrorTarget)
+        self.targets.append(t)
+        if rate is not None:
+            t.message(["resync_rate", str(rate)])
+        if resume:
+            t.resume()
+        return t
+
+    def close(self) -> None:
+        for t in self.targets:
+            t.destroy()
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    r = Rig()
+    yield r
+    r.close()
+
+
+def legs_params(n: int = 2) -> str:
+    return f"{n} " + " ".join(f"leg{i} 0" for i in range(n))
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ("core 1 128 1 leg0 0", "Invalid number of mirrors"),
+        ("core 1 128 10 leg0 0", "Invalid number of mirrors"),
+        ("core 1 128 2 leg0 0 leg1", "Too few mirror arguments"),
+        ("core 1 128 2 leg0 0 leg1 x", "Invalid offset"),
+        ("core 1 128 2 leg0 0 leg1 0 1 bogus", "Unrecognised feature requested"),
+        ("core 1 128 2 leg0 0 leg1 0 1 keep_log", "keep_log feature requires the handle_errors feature"),
+        ("core 1 128 2 leg0 0 leg1 0 2 handle_errors", "Not enough arguments to support feature count"),
+        ("core 1 128 2 leg0 0 leg1 0 1 handle_errors extra", "Too many mirror arguments"),
+        ("core 1 100 2 leg0 0 leg1 0", "invalid region size"),
+        ("core 2 128 2 leg0 0 leg1 0", "unrecognised sync argument"),
+        ("core 1 128 2 leg0 0 leg1 8", "too small for target"),
+        ("disk 1 log 2 leg0 0 leg1 0", "wrong number of arguments to disk"),
+        ("core", "Insufficient mirror log arguments"),
+    ],
+)
+def test_table_errors_carry_the_kernels_messages(rig: Rig, params: str, message: str) -> None:
+    with pytest.raises(InvalidTable, match=message):
+        rig.build(params)
+    assert all(not j for j in rig.journal)
+
+
+def test_too_small_disk_log_is_rejected() -> None:
+    r = Rig()
+    r.devs["log"] = MemEndpoint(1024, "log")
+    r.ctx = FakeContext(r.devs)
+    with pytest.raises(InvalidTable, match="too small"):
+        r.build(f"disk 2 log {REGION} {legs_params()}")
+    assert r.devs["log"].journal == []
+
+
+def test_status_and_table_text(rig: Rig) -> None:
+    t = rig.build(f"core 2 {REGION} nosync {legs_params()} 1 handle_errors")
+    assert t.status() == "2 7:0 7:1 32/32 1 AA 1 core"
+    assert t.table_params() == "core 2 128 nosync 2 7:0 0 7:1 0 1 handle_errors"
+    d = rig.build(f"disk 2 log {REGION} {legs_params()} 2 handle_errors keep_log", resume=False)
+    assert d.table_params() == "disk 2 7:2 128 2 7:0 0 7:1 0 2 handle_errors keep_log"
+    assert d.status() == "2 7:0 7:1 0/32 1 AA 3 disk 7:2 A"
+
+
+def test_core_log_resyncs_everything_from_the_default_leg(rig: Rig) -> None:
+    rig.leg(0).data[:] = os.urandom(2 * MB)
+    t = rig.build(f"core 1 {REGION} {legs_params()}")
+    assert t.wait_in_sync(10)
+    assert rig.leg(1).data == rig.leg(0).data
+    assert t.status() == "2 7:0 7:1 32/32 1 AA 1 core"
+    assert rig.ctx.events >= 1  # the sync-complete event
+
+
+def test_last_region_may_be_short() -> None:
+    r = Rig()
+    try:
+        r.leg(0).data[:] = os.urandom(2 * MB)
+        t = r.build(f"core 1 {REGION} {legs_params()}", length=LEN - 8)
+        assert t.nr_regions == 32 and t.wait_in_sync(10)
+        end = (LEN - 8) * 512
+        assert r.leg(1).data[:end] == r.leg(0).data[:end]
+        assert r.leg(1).data[end:] == bytes(2 * MB - end)
+    finally:
+        r.close()
+
+
+def test_several_regions_recover_at_once() -> None:
+    r = Rig(gated=True)
+    try:
+        r.leg(0).gate.clear()  # type: ignore[attr-defined]
+        t = r.build(f"core 1 {REGION} {legs_params()}")
+        deadline = time.monotonic() + 5
+        while r.leg(0).active < 2 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.005)
+        r.leg(0).gate.set()  # type: ignore[attr-defined]
+        assert t.wait_in_sync(10)
+        assert r.leg(0).peak >= 2  # type: ignore[attr-defined]
+    finally:
+        r.close()
+
+
+def _ops(journal: list[tuple[str, str, int, int]]) -> list[str]:
+    return [f"{op} {dev}" for op, dev, _o, _n in journal]
+
+
+def test_write_ordering_mark_before_data_and_flush_legs_before_clean(rig: Rig) -> None:
+    format_log(rig.devs["log"], 32, in_sync=True)
+    t = rig.build(f"disk 2 log {REGION} {legs_params()}")
+    assert t.wait_in_sync(5)
+    time.sleep(0.05)
+    rig.journal.clear()
+    t.write(memoryview(b"a" * 4096), 3 * 64 * 1024)
+    ops = _ops(rig.journal)
+    assert ops[:4] == ["write log", "flush log", "write leg0", "write leg1"]
+    # the worker then clears the region: legs flushed before the clean bit is written
+    deadline = time.monotonic() + 5
+    while LogImage.read(rig.devs["log"]).clean.test(3) is False and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ops = _ops(rig.journal)
+    assert ops[4:7] == ["flush leg0", "flush leg1", "write log"]
+    assert rig.leg(0).data[3 * 65536 : 3 * 65536 + 4096] == b"a" * 4096 == rig.leg(1).data[3 * 65536 : 3 * 65536 + 4096]
+
+
+def test_nosync_region_writes_go_to_the_default_leg_only(rig: Rig) -> None:
+    img = format_log(rig.devs["log"], 32, in_sync=True)
+    img.clean.clear(5)
+    img.write(rig.devs["log"])
+    t = rig.build(f"disk 2 log {REGION} {legs_params()}", rate=1)  # hold the resync
+    t.rh.recovery_stopped = True
+    t.write(memoryview(b"n" * 512), 5 * 65536)
+    t.write(memoryview(b"s" * 512), 6 * 65536)
+    assert rig.leg(0).data[5 * 65536 : 5 * 65536 + 512] == b"n" * 512
+    assert rig.leg(1).data[5 * 65536 : 5 * 65536 + 512] == bytes(512)
+    assert rig.leg(1).data[6 * 65536 : 6 * 65536 + 512] == b"s" * 512
+    assert t.status().split()[3] == "31/32"
+
+
+def test_write_to_recovering_region_waits_for_the_copy() -> None:
+    r = Rig(gated=True)
+    try:
+        r.leg(0).data[:] = b"o" * (2 * MB)
+        format_log(r.devs["log"], 32, in_sync=True)
+        img = LogImage.read(r.devs["log"])
+        img.clean.clear(0)
+        img.write(r.devs["log"])
+        r.leg(0).gate.clear()  # type: ignore[attr-defined]
+        t = r.build(f"disk 2 log {REGION} {legs_params()}")
+        assert r.leg(0).reading.wait(5)  # type: ignore[attr-defined]
+        done = threading.Event()
+
+        def writer() -> None:
+            t.write(memoryview(b"w" * 512), 0)
+            done.set()
+
+        th = threading.Thread(target=writer)
+        th.start()
+        assert not done.wait(0.2)  # delayed while region 0 recovers
+        r.leg(0).gate.set()  # type: ignore[attr-defined]
+        assert done.wait(5)
+        th.join()
+        assert r.leg(0).data[:512] == b"w" * 512 == r.leg(1).data[:512]
+        assert r.leg(1).data[512:65536] == b"o" * (65536 - 512)
+        assert t.wait_in_sync(5)
+    finally:
+        r.close()
+
+
+def test_read_fails_over_and_marks_r(rig: Rig) -> None:
+    rig.leg(1).data[:] = b"z" * (2 * MB)
+    t = rig.build(f"core 2 {REGION} nosync {legs_params()} 1 handle_errors")
+    assert t.wait_in_sync(5)
+    rig.leg(0).fail_reads = True
+    buf = bytearray(4096)
+    t.read(memoryview(buf), 8192)
+    assert bytes(buf) == b"z" * 4096
+    assert t.status().split()[5] == "RA"
+    assert t.default == 1 and rig.ctx.events >= 1
+
+
+def test_unsynced_region_reads_only_from_default(rig: Rig) -> None:
+    t = rig.build(f"core 1 {REGION} {legs_params()}", rate=1)
+    t.rh.recovery_stopped = True
+    rig.leg(0).fail_reads = True
+    with pytest.raises(DeviceIOError):
+        t.read(memoryview(bytearray(512)), 20 * 65536)
+    assert t.health() == "RA"
+
+
+def test_write_failure_without_handle_errors_completes_and_marks_d(rig: Rig) -> None:
+    t = rig.build(f"core 2 {REGION} nosync {legs_params()}")
+    assert t.wait_in_sync(5)
+    t.rh.recovery_stopped = True
+    events = rig.ctx.events
+    rig.leg(1).fail_writes = True
+    t.write(memoryview(b"q" * 512), 0)
+    assert t.status().split()[3:6] == ["31/32", "1", "AD"]
+    assert rig.ctx.events == events  # no event without handle_errors
+    assert rig.leg(0).data[:512] == b"q" * 512
+
+
+def test_write_failure_with_handle_errors_is_held_until_suspend(rig: Rig) -> None:
+    t = rig.build(f"core 2 {REGION} nosync {legs_params()} 1 handle_errors")
+    assert t.wait_in_sync(5)
+    events = rig.ctx.events
+    rig.leg(1).fail_writes = True
+    result: list[BaseException | None] = []
+
+    def writer() -> None:
+        try:
+            t.write(memoryview(b"h" * 512), 0)
+            result.append(None)
+        except DeviceIOError as err:
+            result.append(err)
+
+    th = threading.Thread(target=writer)
+    th.start()
+    th.join(0.2)
+    assert th.is_alive() and rig.ctx.events > events and t.health() == "AD"
+    t.presuspend()
+    th.join(5)
+    assert isinstance(result[0], DeviceIOError)
+    t.postsuspend()
+
+
+def test_recovery_errors_mark_s() -> None:
+    r = Rig(nlegs=3)
+    try:
+        r.leg(2).fail_writes = True
+        t = r.build(f"core 1 {REGION} {legs_params(3)} 1 handle_errors")
+        deadline = time.monotonic() + 5
+        while t.health() != "AAS" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert t.health() == "AAS"
+        assert int(t.status().split()[4].split("/")[0]) < 32
+    finally:
+        r.close()
+
+
+def test_failed_leg_flush_marks_f_and_keeps_regions_dirty(rig: Rig) -> None:
+    format_log(rig.devs["log"], 32, in_sync=True)
+    t = rig.build(f"disk 2 log {REGION} {legs_params()}")
+    assert t.wait_in_sync(5)
+    rig.leg(1).fail_flush = True
+    t.write(memoryview(b"f" * 512), 0)
+    deadline = time.monotonic() + 5
+    while t.health() != "AF" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert t.health() == "AF"
+    assert LogImage.read(rig.devs["log"]).out_of_sync() == list(range(32))
+
+
+def test_log_device_failure_reported(rig: Rig) -> None:
+    format_log(rig.devs["log"], 32, in_sync=True)
+    t = rig.build(f"disk 2 log {REGION} {legs_params()}")
+    rig.devs["log"].fail_writes = True
+    t.write(memoryview(b"l" * 512), 0)
+    assert t.status().endswith("3 disk 7:2 D")
+
+
+def test_resync_rate_is_held() -> None:
+    r = Rig(size=MB)
+    try:
+        # 16 regions of 8 KiB = 128 KiB at 256 KiB/s: about 0.5 s
+        t = r.build(f"core 1 16 {legs_params()}", length=256, rate=256 * 1024)
+        t0 = time.monotonic()
+        assert t.wait_in_sync(10)
+        took = time.monotonic() - t0
+        assert 0.35 <= took <= 0.8, took
+    finally:
+        r.close()
