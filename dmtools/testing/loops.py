@@ -1,0 +1,97 @@
+"""Loop devices for tests: attach through a tracker that always detaches them again.
+
+``LoopTracker`` is what the ``make_loop`` fixture of :mod:`dmtools.testing.plugin` hands out; it
+can also be used directly as a context manager. :func:`sweep` detaches leftovers of crashed runs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from dmtools import loop
+from dmtools.errors import DeviceNotFound, DMError, LoopError
+from dmtools.loop import LoopDevice
+
+__all__ = ["LoopTracker", "sweep"]
+
+
+class LoopTracker:
+    """Attaches loop devices and detaches every one it attached at :meth:`detach_all`.
+
+    Thread-safe. ``tracker(path, **options)`` is ``tracker.attach(path, **options)``.
+    """
+
+    def __init__(self, *, timeout: float = 5.0) -> None:
+        self._devices: list[LoopDevice] = []
+        self._lock = threading.Lock()
+        self._timeout = timeout
+
+    @property
+    def devices(self) -> list[LoopDevice]:
+        """The devices attached and not yet detached, oldest first."""
+        with self._lock:
+            return list(self._devices)
+
+    def attach(self, path: str | os.PathLike[str], **options: Any) -> LoopDevice:
+        """:func:`dmtools.loop.attach` and remember the device for teardown."""
+        dev = loop.attach(path, **options)
+        with self._lock:
+            self._devices.append(dev)
+        return dev
+
+    __call__ = attach
+
+    def detach(self, dev: LoopDevice) -> bool:
+        """Detach one tracked device now (see :func:`dmtools.loop.detach`)."""
+        with self._lock:
+            self._devices = [d for d in self._devices if d is not dev]
+        return loop.detach(dev, timeout=self._timeout)
+
+    def detach_all(self) -> None:
+        """Detach every tracked device, newest first.
+
+        Devices already gone are skipped. Raises :class:`LoopError` naming every device that could
+        not be detached or was still held open by someone else after the timeout.
+        """
+        with self._lock:
+            devices, self._devices = self._devices[::-1], []
+        failures: list[str] = []
+        for dev in devices:
+            try:
+                if not loop.detach(dev, timeout=self._timeout):
+                    failures.append(f"{dev.path}: still open elsewhere (left to autoclear)")
+            except DeviceNotFound:
+                dev.close()
+            except DMError as err:
+                failures.append(f"{dev.path}: {err}")
+        if failures:
+            raise LoopError("loop devices not detached: " + "; ".join(failures), operation="detach")
+
+    def __enter__(self) -> LoopTracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach_all()
+
+
+def sweep(*, name_contains: str | None = None, under: str | os.PathLike[str] | None = None) -> list[str]:
+    """Detach loop devices whose backing file's name contains ``name_contains`` or that lie under
+    the directory ``under``; returns the device paths detached. Errors are skipped (best effort)."""
+    if name_contains is None and under is None:
+        raise ValueError("sweep needs name_contains or under")
+    prefix = os.path.join(os.path.realpath(os.fspath(under)), "") if under is not None else None
+    done = []
+    for dev in loop.list_loops():
+        backing = dev.backing_file or ""
+        if name_contains is not None and name_contains not in os.path.basename(backing):
+            continue
+        if prefix is not None and not backing.startswith(prefix):
+            continue
+        try:
+            loop.detach(dev)
+        except DMError:
+            continue
+        done.append(dev.path)
+    return done
