@@ -374,12 +374,17 @@ def test_both_attach_paths_honour_every_option(
     if legacy:
         monkeypatch.setattr(loop, "_use_configure", False)
     img = make_image(4 * MiB)
-    dev = loop.attach(img, read_only=True, autoclear=True, direct_io=True, offset=MiB, sizelimit=MiB)
+    dev = loop.attach(
+        img, read_only=True, autoclear=True, direct_io=True, partscan=True, offset=MiB, sizelimit=MiB,
+        block_size=4096,
+    )
     try:
         assert called == (["legacy"] if legacy else ["configure"])
         got = loop.info(dev)
-        assert (got.read_only, got.autoclear, got.direct_io, got.offset, got.sizelimit) == (
-            True, True, True, MiB, MiB)
+        assert (got.read_only, got.autoclear, got.direct_io, got.partscan, got.offset, got.sizelimit) == (
+            True, True, True, True, MiB, MiB)
+        with BlockDevice(dev) as bd:
+            assert (bd.size, bd.logical_block_size) == (MiB, 4096)
     finally:
         loop.detach(dev)
     assert loop.find_by_backing_file(img) == []
@@ -536,3 +541,14 @@ def test_attach_without_write_permission_is_a_clear_error(
         loop.attach(img)
     monkeypatch.undo()
     assert loop.find_by_backing_file(img) == []
+
+
+def test_root_cli_turns_loop_errors_into_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dmtools.cli.main import main
+
+    missing = str(tmp_path / "missing.img")
+    with pytest.raises(DeviceNotFound):
+        main(["loop", "attach", missing], propagate=True)
+    assert main(["loop", "attach", missing]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and missing in err
