@@ -1,0 +1,75 @@
+"""``dmtools daemon``: run, stop or query the userspace engine's daemon."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from dmtools.errors import DaemonError
+
+
+def register_daemon(subparsers: Any) -> None:
+    """Add the ``daemon`` sub-command to the root parser's sub-parsers."""
+    parser = subparsers.add_parser(
+        "daemon",
+        help="run or control the userspace engine's daemon",
+        description="Run the userspace device-mapper daemon (started on demand by other "
+        "commands), or stop it / show its status.",
+    )
+    parser.add_argument("action", nargs="?", choices=("run", "stop", "status"), default="run",
+                        help="run (default), stop or status")
+    parser.add_argument("--foreground", action="store_true",
+                        help="run: stay attached to the terminal")
+    parser.add_argument("--force", action="store_true",
+                        help="stop: remove devices even while they are open")
+    parser.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
+    parser.set_defaults(func=_daemon)
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    from dmtools.engine import daemon
+    from dmtools.engine.client import UserspaceClient
+
+    if args.action == "run":
+        return daemon.run(foreground=args.foreground, run_dir=args.run_dir)
+    try:
+        client = UserspaceClient(args.run_dir)
+    except DaemonError as err:
+        if args.action == "status":
+            print(f"not running ({err.message})")
+            return 3
+        print("not running")
+        return 0
+    try:
+        if args.action == "status":
+            info = client.ping()
+            if getattr(args, "json", False):
+                json.dump(info, sys.stdout)
+                print()
+            else:
+                exposed = "exposed through FUSE + loop" if info["exposed"] else "not exposed"
+                print(f"running: pid {info['pid']}, {info['devices']} device(s), {exposed}, "
+                      f"run directory {info['run_dir']}")
+            return 0
+        pid = client.ping()["pid"]
+        client.shutdown(force=args.force)
+    finally:
+        client.close()
+    _wait_gone(pid)
+    print(f"stopped (pid {pid})")
+    return 0
+
+
+def _wait_gone(pid: int, timeout: float = 30.0) -> None:
+    import os
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)

@@ -1,0 +1,229 @@
+"""``UserspaceClient``: the ``DeviceMapper`` verbs over the daemon's control socket.
+
+``open_userspace()`` connects to the daemon for the calling user (``/run/dmtools`` for root),
+starting it on demand; this is what ``dmtools.open("userspace")`` returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from dmtools.backend import DeviceEntry, DeviceInfo, DeviceMapper, StatusLine, Versions
+from dmtools.engine import protocol
+from dmtools.errors import DaemonError, DMError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dmtools.endpoint import Endpoint
+    from dmtools.table import Table
+
+#: How long ``open_userspace`` waits for a daemon it started.
+START_TIMEOUT = 20.0
+
+
+class UserspaceClient(DeviceMapper):
+    """A connection to the userspace engine's daemon; thread-safe (calls are serialised)."""
+
+    backend = "userspace"
+
+    def __init__(self, run_dir: str | None = None) -> None:
+        self.run_dir = run_dir or protocol.run_dir()
+        self.socket_path = protocol.socket_path(self.run_dir)
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = self._connect()
+        self._stream = self._sock.makefile("rb")
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as err:
+            sock.close()
+            raise DaemonError(f"cannot reach the dmtools daemon at {self.socket_path}: "
+                              f"{err.strerror}", errno=err.errno, operation="connect") from err
+        return sock
+
+    def call(self, verb: str, **args: Any) -> Any:
+        """Send one request and return its decoded result (raising the daemon's error)."""
+        with self._lock:
+            if self._sock is None:
+                raise DaemonError("client is closed", errno=errno.EBADF, operation=verb)
+            try:
+                protocol.send(self._sock, {"verb": verb, "args": args})
+                reply = protocol.receive(self._stream)
+            except OSError as err:
+                raise DaemonError(f"lost the dmtools daemon: {err}", errno=err.errno,
+                                  operation=verb) from err
+        return _unpack(verb, reply)
+
+    # --- DeviceMapper -------------------------------------------------------------------------
+    def create(self, name: str, table: "Table | str | None" = None, *, uuid: str = "",
+               readonly: bool = False) -> DeviceInfo:
+        result: DeviceInfo = self.call("create", name=name,
+                                       table=None if table is None else str(table), uuid=uuid,
+                                       readonly=readonly)
+        return result
+
+    def load(self, name: str, table: "Table | str", *, readonly: bool = False) -> None:
+        self.call("load", name=name, table=str(table), readonly=readonly)
+
+    def suspend(self, name: str, *, noflush: bool = False) -> None:
+        self.call("suspend", name=name, noflush=noflush)
+
+    def resume(self, name: str) -> None:
+        self.call("resume", name=name)
+
+    def remove(self, name: str, *, retry: bool = False, deferred: bool = False) -> None:
+        self.call("remove", name=name, retry=retry, deferred=deferred)
+
+    def clear(self, name: str) -> None:
+        self.call("clear", name=name)
+
+    def rename(self, name: str, new_name: str) -> None:
+        self.call("rename", name=name, new_name=new_name)
+
+    def info(self, name: str) -> DeviceInfo:
+        result: DeviceInfo = self.call("info", name=name)
+        return result
+
+    def table(self, name: str, *, inactive: bool = False) -> "Table":
+        from dmtools.table import Table
+
+        return Table.parse(self.call("table", name=name, inactive=inactive))
+
+    def status(self, name: str, *, inactive: bool = False) -> list[StatusLine]:
+        result: list[StatusLine] = self.call("status", name=name, inactive=inactive)
+        return result
+
+    def message(self, name: str, sector: int, message: str) -> str | None:
+        result: str | None = self.call("message", name=name, sector=sector, message=message)
+        return result
+
+    def deps(self, name: str) -> list[tuple[int, int]]:
+        result: list[tuple[int, int]] = self.call("deps", name=name)
+        return result
+
+    def list(self) -> list[DeviceEntry]:
+        result: list[DeviceEntry] = self.call("list")
+        return result
+
+    def targets(self) -> dict[str, tuple[int, int, int]]:
+        result: dict[str, tuple[int, int, int]] = self.call("targets")
+        return result
+
+    def version(self) -> Versions:
+        result: Versions = self.call("version")
+        return result
+
+    def wait_event(self, name: str, event_nr: int = 0, timeout: float | None = None) -> int:
+        # On its own connection, so other calls are not stuck behind the wait.
+        other = UserspaceClient(self.run_dir)
+        try:
+            result: int = other.call("wait_event", name=name, event_nr=event_nr, timeout=timeout)
+            return result
+        finally:
+            other.close()
+
+    def device_path(self, name: str) -> str:
+        result: str = self.call("device_path", name=name)
+        return result
+
+    def device_ref(self, name: str) -> str:
+        result: str = self.call("device_ref", name=name)
+        return result
+
+    def open_endpoint(self, name: str, *, writable: bool = True) -> "Endpoint":
+        """The device's exposed block device (``<run_dir>/mapper/NAME``) as an endpoint."""
+        from dmtools.blockdev import BlockDevice
+
+        return BlockDevice(self.device_path(name), writable=writable)
+
+    def ping(self) -> dict[str, Any]:
+        """Daemon pid, run directory, device count and whether devices are exposed."""
+        result: dict[str, Any] = self.call("ping")
+        return result
+
+    def shutdown(self, *, force: bool = False) -> None:
+        """Stop the daemon (``DeviceBusy`` while devices are open, unless ``force``)."""
+        self.call("shutdown", force=force)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._stream.close()
+                    self._sock.close()
+                self._sock = None
+
+    def __repr__(self) -> str:
+        return f"UserspaceClient({self.socket_path!r})"
+
+
+def _unpack(verb: str, reply: Any) -> Any:
+    if reply is None:
+        raise DaemonError("the dmtools daemon closed the connection", errno=errno.ECONNRESET,
+                          operation=verb)
+    if not isinstance(reply, dict):
+        raise DaemonError("malformed reply", errno=errno.EPROTO, operation=verb)
+    if not reply.get("ok"):
+        raise protocol.decode_error(reply.get("error") or {})
+    return protocol.decode_result(verb, reply.get("result"))
+
+
+def start_daemon(run_dir: str | None = None, timeout: float = START_TIMEOUT) -> None:
+    """Start a daemon in the background and wait until it serves (or another one already does)."""
+    directory = run_dir or protocol.run_dir()
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "dmtools.engine.daemon", "--run-dir", directory,
+           "--ready-fd", str(w)]
+    log_path = os.path.join(directory, "daemon.log")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                pass_fds=(w,), start_new_session=True, close_fds=True)
+    os.close(w)
+    try:
+        deadline = time.monotonic() + timeout
+        data = b""
+        while b"\n" not in data:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DaemonError(f"the dmtools daemon did not start within {timeout:.0f}s "
+                                  f"(see {log_path})", errno=errno.ETIMEDOUT, operation="start")
+            ready, _, _ = select.select([r], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(r, 64)
+            if not chunk:
+                break  # it exited: failed, or another daemon already runs
+            data += chunk
+    finally:
+        os.close(r)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout)
+
+
+def open_userspace(run_dir: str | None = None, *, start: bool = True) -> UserspaceClient:
+    """Connect to the userspace engine's daemon, starting it when none runs (``start``)."""
+    try:
+        return UserspaceClient(run_dir)
+    except DaemonError as err:
+        if not start or err.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+            raise
+    start_daemon(run_dir)
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            return UserspaceClient(run_dir)
+        except DMError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

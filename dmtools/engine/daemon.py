@@ -1,0 +1,255 @@
+"""``dmtools daemon``: owns userspace devices across CLI invocations and serves the control socket.
+
+Start-up: take the pid-file lock (one daemon per run directory), clear the exposures a killed
+daemon left (loop devices, FUSE mount, mapper links), bind ``control.sock`` (mode 0600; every
+connection's peer uid must be the daemon's, checked with ``SO_PEERCRED``), then serve each client
+on its own thread. A client that dies mid-call only loses its own reply. ``SIGTERM``/``SIGINT`` or
+the ``shutdown`` verb remove every device and exit; devices' data lives on their underlying devices,
+so a restart is a reboot and managers re-activate from what is on disk.
+
+Run ``python -m dmtools.engine.daemon [--foreground] [--run-dir DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+from dmtools.engine import protocol
+from dmtools.engine.engine import Engine
+from dmtools.errors import DaemonError, DeviceBusy, DMError, InvalidArgument
+
+log = logging.getLogger("dmtools.daemon")
+
+
+class Daemon:
+    """The engine plus its control socket."""
+
+    def __init__(self, run_dir: str | None = None, *, expose: bool | None = None) -> None:
+        self.run_dir = run_dir or protocol.run_dir()
+        self.socket_path = protocol.socket_path(self.run_dir)
+        self.pid_path = os.path.join(self.run_dir, "daemon.pid")
+        self._expose = expose
+        self._stop = threading.Event()
+        self._lock_fd = -1
+        self._server: socket.socket | None = None
+        self.engine: Engine | None = None
+        self._clients: set[socket.socket] = set()
+        self._clients_lock = threading.Lock()
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        """Lock, clean up after a killed predecessor, create the engine and bind the socket.
+
+        Raises ``DaemonError`` (errno EEXIST) when another daemon holds the run directory.
+        """
+        os.makedirs(self.run_dir, mode=0o755, exist_ok=True)
+        fd = os.open(self.pid_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DaemonError(f"a daemon already runs for {self.run_dir}", errno=errno.EEXIST,
+                              operation="daemon") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+        from dmtools.engine.expose import clear_stale, exposure_possible
+
+        expose = self._expose if self._expose is not None else exposure_possible() is None
+        if expose:
+            cleared = clear_stale(self.run_dir)
+            if cleared:
+                log.warning("cleared stale exposures of a previous daemon: %s", ", ".join(cleared))
+        self.engine = Engine(expose=expose, run_dir=self.run_dir)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            server.bind(self.socket_path)
+        finally:
+            os.umask(old)
+        server.listen(64)
+        server.settimeout(0.2)
+        self._server = server
+
+    def serve(self) -> None:
+        """Accept clients until stopped, then shut down."""
+        assert self._server is not None
+        try:
+            while not self._stop.is_set():
+                try:
+                    conn, _ = self._server.accept()
+                except socket.timeout:
+                    continue
+                except OSError as err:
+                    if self._stop.is_set():
+                        break
+                    log.error("accept failed: %s", err)
+                    continue
+                conn.settimeout(None)
+                threading.Thread(target=self._client, args=(conn,), name="dmtools-client",
+                                 daemon=True).start()
+        finally:
+            self.shutdown()
+
+    def stop(self) -> None:
+        """Ask ``serve`` to return."""
+        self._stop.set()
+
+    def shutdown(self) -> None:
+        """Remove every device, close the socket and release the lock (idempotent)."""
+        self._stop.set()
+        if self._server is not None:
+            with contextlib.suppress(OSError):
+                self._server.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+            self._server = None
+        with self._clients_lock:
+            for conn in list(self._clients):
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        if self._lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(self.pid_path)
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    # --- clients ----------------------------------------------------------------------------
+    def _client(self, conn: socket.socket) -> None:
+        with self._clients_lock:
+            self._clients.add(conn)
+        try:
+            uid = protocol.peer_uid(conn)
+            if uid != os.geteuid():
+                protocol.send(conn, {"ok": False, "error": protocol.encode_error(
+                    DaemonError(f"uid {uid} may not use this daemon", errno=errno.EACCES))})
+                return
+            stream = conn.makefile("rb")
+            while not self._stop.is_set():
+                try:
+                    request = protocol.receive(stream)
+                except DMError as err:
+                    protocol.send(conn, {"ok": False, "error": protocol.encode_error(err)})
+                    return
+                if request is None:
+                    return
+                reply = self._handle(request)
+                protocol.send(conn, reply)
+        except OSError:
+            return  # the client went away mid-call: only its reply is lost
+        finally:
+            with self._clients_lock:
+                self._clients.discard(conn)
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def _handle(self, request: Any) -> dict[str, Any]:
+        try:
+            if not isinstance(request, dict):
+                raise InvalidArgument("request must be an object")
+            verb = request.get("verb")
+            args = request.get("args") or {}
+            if verb not in protocol.VERBS or not isinstance(args, dict):
+                raise InvalidArgument(f"unknown verb {verb!r}")
+            unknown = set(args) - set(protocol.VERBS[verb])
+            if unknown:
+                raise InvalidArgument(f"{verb}: unknown arguments {sorted(unknown)}")
+            return {"ok": True, "result": protocol.encode_result(verb, self._call(verb, args))}
+        except Exception as err:  # noqa: BLE001 - every failure becomes the client's error
+            if not isinstance(err, DMError):
+                log.exception("verb failed")
+            return {"ok": False, "error": protocol.encode_error(err)}
+
+    def _call(self, verb: str, args: dict[str, Any]) -> Any:
+        eng = self.engine
+        if eng is None:
+            raise DaemonError("daemon is shutting down", errno=errno.ESHUTDOWN)
+        if verb == "ping":
+            exposure = eng.exposure
+            return {"pid": os.getpid(), "run_dir": self.run_dir, "devices": len(eng.list()),
+                    "exposed": exposure is not None}
+        if verb == "shutdown":
+            if not args.get("force"):
+                busy = [e.name for e in eng.list() if eng.info(e.name).open_count]
+                if busy:
+                    raise DeviceBusy(f"devices are open: {', '.join(busy)} (use --force)",
+                                     operation="shutdown")
+            self.stop()
+            return None
+        if verb == "table":
+            return eng.table_text(args["name"], inactive=bool(args.get("inactive", False)))
+        method = getattr(eng, verb)
+        name = args.pop("name", None)
+        positional = [name] if name is not None else []
+        if verb == "message":
+            positional += [args.pop("sector"), args.pop("message")]
+        return method(*positional, **args)
+
+
+def _daemonize() -> None:
+    """Detach from the terminal (double fork, new session; terminal stdio to /dev/null)."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        if fd == 0 or os.isatty(fd):
+            os.dup2(null, fd)
+    os.close(null)
+
+
+def run(*, foreground: bool, run_dir: str | None = None, ready_fd: int = -1) -> int:
+    """Start and serve a daemon; returns the exit status."""
+    daemon = Daemon(run_dir)
+    try:
+        daemon.start()
+    except DaemonError as err:
+        print(f"dmtools daemon: {err}", file=sys.stderr)
+        return 1 if err.errno != errno.EEXIST else 0
+    if not foreground:
+        _daemonize()
+        with contextlib.suppress(OSError):
+            os.lseek(daemon._lock_fd, 0, os.SEEK_SET)
+            os.ftruncate(daemon._lock_fd, 0)
+            os.write(daemon._lock_fd, f"{os.getpid()}\n".encode())
+    # Our handlers go in before the FUSE thread starts, so libfuse leaves them alone.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: daemon.stop())
+    if ready_fd >= 0:
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+    daemon.serve()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dmtools.engine.daemon``."""
+    parser = argparse.ArgumentParser(prog="dmtools daemon", description=__doc__.splitlines()[0])
+    parser.add_argument("--foreground", action="store_true", help="stay attached to the terminal")
+    parser.add_argument("--run-dir", default=None, help="socket, pid file and exposure directory")
+    parser.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="dmtools daemon: %(message)s")
+    return run(foreground=args.foreground, run_dir=args.run_dir, ready_fd=args.ready_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The daemon's control-socket protocol: one JSON object per line, request → reply.
+
+Request: ``{"verb": "create", "args": {...}}``. Reply: ``{"ok": true, "result": ...}`` or
+``{"ok": false, "error": {"class": "DeviceExists", "message": ..., "errno": ..., "operation": ...,
+"device": ...}}``. The verbs are ``DeviceMapper``'s, plus ``ping`` and ``shutdown``. Values that are
+dataclasses (``DeviceInfo``, ``DeviceEntry``, ``StatusLine``, ``Versions``) travel as dicts; tables
+travel as text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import socket
+import struct
+from typing import Any, BinaryIO
+
+from dmtools import errors
+from dmtools.backend import DeviceEntry, DeviceInfo, StatusLine, Versions
+
+#: Longest accepted message (a table of many thousand lines fits easily).
+MAX_MESSAGE = 16 << 20
+
+#: Verbs a client may send, with the argument names each takes.
+VERBS: dict[str, tuple[str, ...]] = {
+    "create": ("name", "table", "uuid", "readonly"),
+    "load": ("name", "table", "readonly"),
+    "suspend": ("name", "noflush"),
+    "resume": ("name",),
+    "remove": ("name", "retry", "deferred"),
+    "clear": ("name",),
+    "rename": ("name", "new_name"),
+    "info": ("name",),
+    "table": ("name", "inactive"),
+    "status": ("name", "inactive"),
+    "message": ("name", "sector", "message"),
+    "deps": ("name",),
+    "list": (),
+    "targets": (),
+    "version": (),
+    "wait_event": ("name", "event_nr", "timeout"),
+    "device_path": ("name",),
+    "device_ref": ("name",),
+    "ping": (),
+    "shutdown": ("force",),
+}
+
+
+def run_dir() -> str:
+    """Where the daemon keeps its socket, pid file and exposures for the calling user."""
+    if os.geteuid() == 0:
+        return "/run/dmtools"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(runtime, "dmtools") if runtime else f"/tmp/dmtools-{os.geteuid()}"
+
+
+def socket_path(directory: str | None = None) -> str:
+    """The control socket."""
+    return os.path.join(directory or run_dir(), "control.sock")
+
+
+def send(sock: socket.socket, obj: Any) -> None:
+    """Send one message."""
+    data = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+    sock.sendall(data)
+
+
+def receive(stream: BinaryIO) -> Any | None:
+    """Read one message; ``None`` at end of stream. Raises ``DaemonError`` on garbage."""
+    line = stream.readline(MAX_MESSAGE + 1)
+    if not line:
+        return None
+    if len(line) > MAX_MESSAGE or not line.endswith(b"\n"):
+        raise errors.DaemonError("message too long or truncated", errno=errno.EMSGSIZE)
+    try:
+        return json.loads(line)
+    except ValueError as err:
+        raise errors.DaemonError(f"malformed message: {err}", errno=errno.EPROTO) from err
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end (``SO_PEERCRED``)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def encode_error(err: BaseException) -> dict[str, Any]:
+    """An exception as the wire dict (non-dmtools errors become ``DMError``)."""
+    if isinstance(err, errors.DMError):
+        return {"class": type(err).__name__, "message": err.message, "errno": err.errno,
+                "operation": err.operation, "device": err.device}
+    if isinstance(err, OSError):
+        return {"class": "DMError", "message": str(err), "errno": err.errno,
+                "operation": None, "device": None}
+    return {"class": "DMError", "message": f"{type(err).__name__}: {err}", "errno": None,
+            "operation": None, "device": None}
+
+
+def decode_error(data: dict[str, Any]) -> errors.DMError:
+    """The exception a wire dict describes (only ``dmtools.errors`` classes are built)."""
+    cls = getattr(errors, str(data.get("class")), errors.DMError)
+    if not (isinstance(cls, type) and issubclass(cls, errors.DMError)):
+        cls = errors.DMError
+    return cls(str(data.get("message", "")), errno=data.get("errno"),
+               operation=data.get("operation"), device=data.get("device"))
+
+
+def encode_result(verb: str, value: Any) -> Any:
+    """A verb's return value as JSON data."""
+    if verb == "table":
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, list):
+        return [encode_result(verb, v) for v in value]
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, dict):
+        return {k: encode_result(verb, v) for k, v in value.items()}
+    return value
+
+
+def decode_result(verb: str, data: Any) -> Any:
+    """Rebuild a verb's return value from JSON data."""
+    if verb in ("create", "info"):
+        return DeviceInfo(**data)
+    if verb == "list":
+        return [DeviceEntry(**d) for d in data]
+    if verb == "status":
+        return [StatusLine(**d) for d in data]
+    if verb == "version":
+        return Versions(**data)
+    if verb == "deps":
+        return [(int(a), int(b)) for a, b in data]
+    if verb == "targets":
+        return {k: (int(v[0]), int(v[1]), int(v[2])) for k, v in data.items()}
+    return data

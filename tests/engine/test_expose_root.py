@@ -1,0 +1,288 @@
+"""Root tier: engine devices exposed as block devices (FUSE + loop), and the daemon around them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dmtools import loop
+from dmtools.blockdev import BlockDevice, aligned_buffer
+from dmtools.engine import Engine
+from dmtools.engine.client import open_userspace
+from dmtools.engine.expose import mounted_at
+from dmtools.errors import DeviceBusy, DeviceExists
+
+pytestmark = pytest.mark.root
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> str:
+    return str(tmp_path / "run")
+
+
+@pytest.fixture
+def xengine(run_dir: str):
+    eng = Engine(expose=True, run_dir=run_dir)
+    try:
+        yield eng
+    finally:
+        eng.close()
+
+
+def _loops_under(run_dir: str) -> list[str]:
+    prefix = os.path.realpath(os.path.join(run_dir, "fuse")) + "/"
+    return [d.path for d in loop.list_loops() if (d.backing_file or "").startswith(prefix)]
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_mkfs_mount_write_remount(xengine, make_image, tmp_path, dm_name):
+    img = make_image(64 * MiB)
+    xengine.create(dm_name, f"0 {64 * MiB // 512} linear {img} 0")
+    dev = xengine.device_path(dm_name)
+    info = xengine.info(dm_name)
+    st = os.stat(dev)
+    assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (info.major, info.minor)
+    subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True, timeout=120)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", dev, str(mnt)], check=True, timeout=60)
+    try:
+        assert xengine.info(dm_name).open_count >= 1
+        with pytest.raises(DeviceBusy):
+            xengine.remove(dm_name)
+        payload = {f"f{i}.bin": os.urandom(100_000 + i) for i in range(20)}
+        for name, data in payload.items():
+            (mnt / name).write_bytes(data)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True, timeout=60)
+    subprocess.run(["mount", dev, str(mnt)], check=True, timeout=60)
+    try:
+        for name, data in payload.items():
+            assert (mnt / name).read_bytes() == data
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True, timeout=60)
+    fsck = subprocess.run(["fsck.ext4", "-n", "-f", dev], capture_output=True, timeout=120)
+    assert fsck.returncode == 0, fsck.stdout.decode() + fsck.stderr.decode()
+    xengine.remove(dm_name)
+    assert not os.path.lexists(dev)
+
+
+def test_loop_and_endpoint_see_the_same_data(xengine, make_image, dm_name):
+    a, b = make_image(4 * MiB), make_image(4 * MiB)
+    xengine.create(dm_name, f"0 8192 striped 2 16 {a} 0 {b} 0")
+    dev = xengine.device_path(dm_name)
+    pattern = os.urandom(MiB)
+    buf = aligned_buffer(MiB)
+    buf[:] = pattern
+    with BlockDevice(dev, writable=True, direct=True) as bd:
+        bd.write(buf, 2 * MiB)
+    with xengine.open_endpoint(dm_name) as ep:
+        got = bytearray(MiB)
+        assert ep.readinto(got, 2 * MiB) == MiB
+        assert bytes(got) == pattern
+        other = os.urandom(MiB)
+        ep.write(other, 0)
+    with BlockDevice(dev, direct=True) as bd:
+        assert bd.readinto(buf, 0) == MiB
+        assert bytes(buf) == other
+
+
+def test_user_holding_loop_open_blocks_remove(xengine, dm_name):
+    xengine.create(dm_name, "0 2048 zero")
+    fd = os.open(xengine.device_path(dm_name), os.O_RDONLY)
+    try:
+        assert xengine.info(dm_name).open_count == 1
+        with pytest.raises(DeviceBusy):
+            xengine.remove(dm_name)
+    finally:
+        os.close(fd)
+    assert xengine.info(dm_name).open_count == 0
+    xengine.remove(dm_name)
+
+
+def test_resize_on_reload_reaches_the_loop_device(xengine, make_image, dm_name):
+    img = make_image(4 * MiB)
+    xengine.create(dm_name)
+    dev = xengine.device_path(dm_name)
+    assert _blockdev_size(dev) == 0
+    xengine.load(dm_name, f"0 2048 linear {img} 0")
+    xengine.resume(dm_name)
+    assert _blockdev_size(dev) == MiB
+    xengine.load(dm_name, f"0 8192 linear {img} 0")
+    xengine.resume(dm_name)
+    assert _blockdev_size(dev) == 4 * MiB
+
+
+def _blockdev_size(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def test_stacked_reference_to_own_loop_resolves_in_process(xengine, make_image, dm_name):
+    img = make_image(4 * MiB)
+    xengine.create(dm_name, f"0 8192 linear {img} 0")
+    upper = "up" + dm_name
+    # Name the lower device by its exposed path: the engine must not go through its own loop.
+    xengine.create(upper, f"0 4096 linear {xengine.device_path(dm_name)} 2048")
+    xengine.suspend(dm_name)
+    done = threading.Event()
+
+    def writer() -> None:
+        with xengine.open_endpoint(upper) as ep:
+            ep.write(b"\x42" * 4096, 0)
+        done.set()
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    assert not done.wait(0.3)  # held by the suspended lower device, in-process
+    xengine.resume(dm_name)
+    assert done.wait(10)
+    t.join(5)
+    with open(img, "rb") as f:
+        f.seek(2048 * 512)
+        assert f.read(4096) == b"\x42" * 4096
+    xengine.remove(upper)
+
+
+def test_thousand_create_remove_cycles_leak_nothing(run_dir, make_image):
+    img = make_image(MiB)
+    threads0, fds0 = _threads(), _fds()
+    eng = Engine(expose=True, run_dir=run_dir)
+    try:
+        eng.create("warm-dmtt", f"0 2048 linear {img} 0")
+        eng.remove("warm-dmtt")
+        threads1, fds1 = _threads(), _fds()
+        for i in range(1000):
+            name = f"c{i % 7}-dmtt"
+            eng.create(name, f"0 2048 linear {img} 0")
+            eng.remove(name)
+        assert _fds() == fds1
+        assert _threads() <= threads1 + 2  # libfuse keeps a few idle workers
+        assert _loops_under(run_dir) == []
+        assert os.listdir(os.path.join(run_dir, "mapper")) == []
+    finally:
+        eng.close()
+    assert not mounted_at(os.path.join(run_dir, "fuse"))
+    assert _loops_under(run_dir) == []
+    deadline = time.monotonic() + 10
+    while (_threads(), _fds()) != (threads0, fds0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (_threads(), _fds()) == (threads0, fds0)
+
+
+def test_daemon_killed_is_restarted_cleanly(run_dir, make_image):
+    img = make_image(4 * MiB)
+    client = open_userspace(run_dir)
+    try:
+        client.create("k-dmtt", f"0 8192 linear {img} 0")
+        assert os.path.exists(client.device_path("k-dmtt"))
+        pid = client.ping()["pid"]
+    finally:
+        client.close()
+    os.kill(pid, signal.SIGKILL)
+    _wait_gone(pid)
+    assert _loops_under(run_dir)  # the killed daemon left its loop device behind
+    client = open_userspace(run_dir)
+    try:
+        assert client.ping()["pid"] != pid
+        assert client.list() == []
+        assert _loops_under(run_dir) == []
+        assert not os.path.lexists(os.path.join(run_dir, "mapper", "k-dmtt"))
+        client.create("k-dmtt", f"0 8192 linear {img} 0")
+        assert client.info("k-dmtt").live_table
+        client.remove("k-dmtt")
+        client.shutdown()
+    finally:
+        client.close()
+    _wait_socket_gone(run_dir)
+    assert not mounted_at(os.path.join(run_dir, "fuse"))
+
+
+def test_two_clients_racing_on_one_name(run_dir):
+    first = open_userspace(run_dir)
+    second = open_userspace(run_dir)
+    results: list[object] = []
+    barrier = threading.Barrier(2)
+
+    def go(client) -> None:
+        barrier.wait(5)
+        try:
+            client.create("race-dmtt", "0 2048 zero")
+            results.append("ok")
+        except DeviceExists as err:
+            results.append(err)
+
+    threads = [threading.Thread(target=go, args=(c,)) for c in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert sorted(type(r).__name__ for r in results) == ["DeviceExists", "str"]
+        first.remove("race-dmtt")
+        first.shutdown()
+    finally:
+        first.close()
+        second.close()
+    _wait_socket_gone(run_dir)
+
+
+def test_client_crash_mid_call_leaves_daemon_serving(run_dir):
+    client = open_userspace(run_dir)
+    try:
+        client.create("w-dmtt", "0 8 zero")
+        code = (
+            "import sys; from dmtools.engine.client import UserspaceClient\n"
+            f"c = UserspaceClient({run_dir!r})\n"
+            "print('waiting', flush=True)\n"
+            "c.call('wait_event', name='w-dmtt', event_nr=0, timeout=60)\n"
+        )
+        proc = subprocess.Popen([os.sys.executable, "-c", code], stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"waiting\n"
+        time.sleep(0.2)
+        proc.kill()
+        proc.wait(10)
+        assert client.info("w-dmtt").live_table
+        client.remove("w-dmtt")
+        assert client.list() == []
+        client.shutdown()
+    finally:
+        client.close()
+    _wait_socket_gone(run_dir)
+
+
+def _wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"pid {pid} still alive")
+
+
+def _wait_socket_gone(run_dir: str) -> None:
+    deadline = time.monotonic() + 20
+    while os.path.exists(os.path.join(run_dir, "daemon.pid")):
+        assert time.monotonic() < deadline, "daemon did not stop"
+        time.sleep(0.05)
