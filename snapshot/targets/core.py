@@ -1,0 +1,419 @@
+"""One snapshot's copy-on-write machinery (drivers/md/dm-snap.c), shared by the three targets.
+
+Invariants kept from the kernel:
+
+* origin data is overwritten only after its COW copy **and** its exception record are durable:
+  ``origin_write_prepare`` returns pending exceptions the caller waits for before writing;
+* exceptions complete (are committed) strictly in allocation order, whatever order their copies
+  finish in (``_complete``), so a crash leaves no allocated-but-lost chunk below committed ones
+  except the holes the kernel itself can leave;
+* metadata commits are grouped: the persistent store writes an area only when nothing else is
+  pending (or the area is full);
+* a snapshot read that goes to the origin is *tracked*; an exception for that chunk is not
+  released to origin writers until the tracked reads have drained.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import kcopyd
+from dmtools.engine.target import DeviceHandle
+from dmtools.errors import DeviceIOError, NoSpace
+
+from snapshot.store.base import ExceptionStore
+from snapshot.store.persistent import PersistentStore
+from snapshot.targets import registry
+
+log = logging.getLogger("snapshot")
+
+SECTOR = 512
+#: pages (4 KiB) reserved by each snapshot's kcopyd client.
+KCOPYD_PAGES = 256
+#: largest copy job built by coalescing consecutive chunks.
+MAX_COPY_BYTES = 1 << 20
+
+
+class PendingException:
+    """An exception whose copy (or full-chunk write) and commit are in flight."""
+
+    __slots__ = ("old", "new", "seq", "event", "ok")
+
+    def __init__(self, old: int, new: int, seq: int) -> None:
+        self.old = old
+        self.new = new
+        self.seq = seq
+        self.event = threading.Event()
+        self.ok = False
+
+    def wait(self) -> bool:
+        """Wait for completion; True when the exception was committed."""
+        self.event.wait()
+        return self.ok
+
+
+def eio(message: str, device: str) -> DeviceIOError:
+    """The EIO every bio to an invalid snapshot gets (DM_MAPIO_KILL)."""
+    return DeviceIOError(message, errno=errno.EIO, device=device)
+
+
+class Snapshot:
+    """Exception table, pending exceptions and kcopyd client of one snapshot or merge target."""
+
+    def __init__(
+        self,
+        origin: DeviceHandle,
+        cow: DeviceHandle,
+        store: ExceptionStore,
+        length_bytes: int,
+        *,
+        name: str,
+        event: Callable[[], None],
+        overflow_allowed: bool = False,
+    ) -> None:
+        self.origin = origin
+        self.cow = cow
+        self.store = store
+        self.length_bytes = length_bytes
+        self.name = name
+        self.event = event
+        self.overflow_allowed = overflow_allowed
+        self.chunk_size = store.chunk_size
+        self.chunk_bytes = store.chunk_size * SECTOR
+        self.origin_key = registry.device_key(origin)
+        self.cow_key = registry.device_key(cow)
+        self.cond = threading.Condition(threading.Lock())
+        self.valid = store.valid
+        self.active = False
+        self.merging = False
+        self.overflowed = False
+        self.merge_failed = False
+        self.pending: dict[int, PendingException] = {}
+        self.tracked: dict[int, int] = {}
+        #: chunks [first, last) being merged: writes to them wait (snapshot-merge).
+        self.merge_range: tuple[int, int] = (0, 0)
+        self.merge_writes = 0  # writes in flight to chunks with exceptions (merge drains them)
+        self._seq_alloc = 0
+        self._seq_next = 0
+        self._parked: dict[int, tuple[PendingException, bool]] = {}
+        self._complete_lock = threading.Lock()
+        self.kc = kcopyd.Client(num_pages=KCOPYD_PAGES, threads=4)
+
+    @property
+    def table(self) -> Any:
+        """The completed-exception table."""
+        return self.store.table
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def chunks(self, offset: int, length: int) -> range:
+        """Chunk numbers covering ``[offset, offset+length)``."""
+        cb = self.chunk_bytes
+        return range(offset // cb, (offset + length + cb - 1) // cb)
+
+    def invalidate_locked(self, reason: str) -> None:
+        """``__invalidate_snapshot``: mark invalid, write the header, raise an event (cond held)."""
+        if not self.valid:
+            return
+        log.error("%s: invalidating snapshot: %s", self.name, reason)
+        self.valid = False
+        self.store.drop_snapshot()
+        self.cond.notify_all()
+        try:
+            self.event()
+        except Exception:  # noqa: BLE001 - an event must not break the I/O path
+            log.exception("%s: raising the invalidation event failed", self.name)
+
+    def invalidate(self, reason: str) -> None:
+        """Lock-taking form of ``invalidate_locked``."""
+        with self.cond:
+            self.invalidate_locked(reason)
+
+    def status(self) -> str:
+        """The kernel's INFO text: Invalid | Merge failed | Overflow | used/total metadata."""
+        with self.cond:
+            if not self.valid:
+                return "Invalid"
+            if self.merge_failed:
+                return "Merge failed"
+            if self.overflowed:
+                return "Overflow"
+            return self.store.usage().status_text()
+
+    # -- allocation and completion ----------------------------------------------------------------
+    def _alloc_locked(self, chunk: int) -> PendingException:
+        new = self.store.prepare_exception()  # raises NoSpace
+        pe = PendingException(chunk, new, self._seq_alloc)
+        self._seq_alloc += 1
+        self.pending[chunk] = pe
+        return pe
+
+    def _submit_copies(self, pes: list[PendingException]) -> None:
+        """Copy origin chunks to the COW, coalescing runs of consecutive chunks into one job."""
+        cs = self.chunk_size
+        origin_sectors = self.origin.size // SECTOR
+        per_job = max(1, MAX_COPY_BYTES // self.chunk_bytes)
+        i = 0
+        while i < len(pes):
+            j = i + 1
+            while (
+                j < len(pes)
+                and j - i < per_job
+                and pes[j].old == pes[j - 1].old + 1
+                and pes[j].new == pes[j - 1].new + 1
+            ):
+                j += 1
+            group = pes[i:j]
+            i = j
+            start = group[0].old * cs
+            count = min(len(group) * cs, origin_sectors - start)
+            try:
+                if count <= 0:
+                    raise DeviceIOError("chunk lies past the end of the origin")
+                self.kc.copy(
+                    kcopyd.Region(self.origin, start, count),
+                    [kcopyd.Region(self.cow, group[0].new * cs, count)],
+                    0,
+                    self._copy_notify,
+                    group,
+                )
+            except Exception as err:  # noqa: BLE001 - every allocated exception must complete
+                log.error("%s: cannot start copy: %s", self.name, err)
+                for pe in group:
+                    self._complete(pe, False)
+
+    def _copy_notify(self, read_err: int, write_err: int, group: list[PendingException]) -> None:
+        ok = not read_err and not write_err
+        for pe in group:
+            self._complete(pe, ok)
+
+    def _complete(self, pe: PendingException, ok: bool) -> None:
+        """Commit exceptions strictly in allocation order (dm-snap.c ``copy_callback``)."""
+        with self._complete_lock:
+            self._parked[pe.seq] = (pe, ok)
+            while self._seq_next in self._parked:
+                done, good = self._parked.pop(self._seq_next)
+                self._seq_next += 1
+                self.store.commit_exception(done.old, done.new, good, functools.partial(self._committed, done))
+
+    def _committed(self, pe: PendingException, success: bool) -> None:
+        """``pending_complete``: publish the exception, drain tracked reads, wake waiters."""
+        with self.cond:
+            if success and self.valid:
+                self.table.insert(pe.old, pe.new)
+            else:
+                self.invalidate_locked("copy or metadata I/O error")
+            self.cond.wait_for(lambda: not self.tracked.get(pe.old))
+            self.pending.pop(pe.old, None)
+            pe.ok = success and self.valid
+            pe.event.set()
+            self.cond.notify_all()
+
+    # -- the origin's side ------------------------------------------------------------------------
+    def origin_write_prepare(self, offset: int, length: int) -> list[PendingException]:
+        """Start the copies an origin write of ``[offset, offset+length)`` needs (``__origin_write``).
+
+        Returns the pending exceptions to wait for; an empty list means nothing to copy. A full COW
+        invalidates the snapshot (the origin write goes on).
+        """
+        if offset >= self.length_bytes:
+            return []
+        length = min(length, self.length_bytes - offset)
+        waits: list[PendingException] = []
+        start: list[PendingException] = []
+        with self.cond:
+            if not self.valid or not self.active or self.merging:
+                return []
+            for c in self.chunks(offset, length):
+                if self.table.lookup(c) is not None:
+                    continue
+                pe = self.pending.get(c)
+                if pe is None:
+                    try:
+                        pe = self._alloc_locked(c)
+                    except NoSpace:
+                        self.invalidate_locked("COW device is full")
+                        break
+                    start.append(pe)
+                waits.append(pe)
+        if start:
+            self._submit_copies(start)
+        return waits
+
+    # -- the snapshot's side ----------------------------------------------------------------------
+    def _segments(self, offset: int, length: int) -> Iterator[tuple[int, int, int | None]]:
+        """``(offset, length, cow_chunk|None)`` pieces of a request split at chunk boundaries."""
+        cb = self.chunk_bytes
+        end = offset + length
+        pos = offset
+        while pos < end:
+            c = pos // cb
+            stop = min(end, (c + 1) * cb)
+            yield pos, stop - pos, c
+            pos = stop
+
+    def read(self, buf: memoryview, offset: int) -> None:
+        """Read the snapshot's view: COW where an exception exists, the origin elsewhere."""
+        cb = self.chunk_bytes
+        pos = 0
+        total = len(buf)
+        while pos < total:
+            here = offset + pos
+            c = here // cb
+            # gather a run of chunks served by the same device and contiguous there
+            with self.cond:
+                if not self.valid:
+                    raise eio("snapshot is invalid", self.name)
+                new = self.table.lookup(c)
+                stop = min(offset + total, (c + 1) * cb)
+                if new is None:
+                    tracked = [c]
+                    while stop < offset + total:
+                        nc = stop // cb
+                        if self.table.lookup(nc) is not None:
+                            break
+                        tracked.append(nc)
+                        stop = min(offset + total, (nc + 1) * cb)
+                    for t in tracked:
+                        self.tracked[t] = self.tracked.get(t, 0) + 1
+                else:
+                    tracked = []
+                    while stop < offset + total:
+                        nc = stop // cb
+                        if self.table.lookup(nc) != new + (nc - c):
+                            break
+                        stop = min(offset + total, (nc + 1) * cb)
+            piece = buf[pos : pos + stop - here]
+            try:
+                if new is None:
+                    _read_full(self.origin, piece, here)
+                else:
+                    _read_full(self.cow, piece, new * cb + here - c * cb)
+            finally:
+                if tracked:
+                    with self.cond:
+                        for t in tracked:
+                            n = self.tracked[t] - 1
+                            if n:
+                                self.tracked[t] = n
+                            else:
+                                del self.tracked[t]
+                        self.cond.notify_all()
+            pos += stop - here
+
+    def write(self, buf: memoryview, offset: int) -> None:
+        """Write to the COW, creating exceptions as needed (``snapshot_map`` for writes)."""
+        pos = 0
+        for here, length, c in self._segments(offset, len(buf)):
+            assert c is not None
+            self._write_chunk(buf[pos : pos + length], here, c)
+            pos += length
+
+    def _write_chunk(self, piece: memoryview, here: int, c: int) -> None:
+        cb = self.chunk_bytes
+        within = here - c * cb
+        pe: PendingException | None = None
+        full = False
+        with self.cond:
+            while True:
+                if not self.valid:
+                    raise eio("snapshot is invalid", self.name)
+                if self.overflowed:
+                    raise eio("snapshot overflowed", self.name)
+                new = self.table.lookup(c)
+                if new is not None:
+                    if self.merging:
+                        lo, hi = self.merge_range
+                        if lo <= c < hi:
+                            self.cond.wait()
+                            continue
+                        self.merge_writes += 1
+                    break
+                pe = self.pending.get(c)
+                if pe is not None:
+                    self.cond.wait_for(lambda: c not in self.pending or not self.valid)
+                    continue
+                try:
+                    pe = self._alloc_locked(c)
+                except NoSpace:
+                    if self.overflow_allowed:
+                        if not self.overflowed:
+                            log.error("%s: Snapshot overflowed: Unable to allocate exception.", self.name)
+                        self.overflowed = True
+                        self.event()
+                    else:
+                        self.invalidate_locked("COW device is full")
+                    raise eio("no space left in the COW device", self.name) from None
+                full = len(piece) == cb
+                break
+        if new is not None:
+            try:
+                _write_full(self.cow, piece, new * cb + within)
+            finally:
+                if self.merging:
+                    with self.cond:
+                        self.merge_writes -= 1
+                        self.cond.notify_all()
+            return
+        assert pe is not None
+        if full:
+            # a whole-chunk write needs no origin read: write it, then complete the exception
+            try:
+                _write_full(self.cow, piece, pe.new * cb)
+                ok = True
+            except (OSError, DeviceIOError) as err:
+                log.error("%s: COW write failed: %s", self.name, err)
+                ok = False
+            self._complete(pe, ok)
+            if not pe.wait():
+                raise eio("snapshot is invalid", self.name)
+            return
+        self._submit_copies([pe])
+        if not pe.wait():
+            raise eio("snapshot is invalid", self.name)
+        _write_full(self.cow, piece, pe.new * cb + within)
+
+    def discard(self, offset: int, length: int) -> None:
+        """``discard_zeroes_cow``: zero whole chunks that have exceptions; others need nothing."""
+        cb = self.chunk_bytes
+        for c in self.chunks(offset, length):
+            if c * cb < offset or (c + 1) * cb > offset + length:
+                continue
+            with self.cond:
+                new = self.table.lookup(c)
+            if new is not None:
+                self.cow.zero(new * cb, cb)
+
+    # -- lifetime ---------------------------------------------------------------------------------
+    def register(self) -> None:
+        """Join the origin's snapshot list and claim the COW (``ValueError`` if it is in use)."""
+        registry.register(self)
+
+    def destroy(self) -> None:
+        """Leave the origin, wait for copies, release the kcopyd client."""
+        registry.unregister(self)
+        try:
+            self.kc.destroy()
+        finally:
+            self.store.close()
+
+    @property
+    def persistent(self) -> bool:
+        """True for ``P``/``PO`` stores."""
+        return isinstance(self.store, PersistentStore)
+
+
+def _read_full(dev: DeviceHandle, buf: memoryview, offset: int) -> None:
+    n = dev.readinto(buf, offset)
+    if n < len(buf):
+        buf[n:] = bytes(len(buf) - n)
+
+
+def _write_full(dev: DeviceHandle, buf: memoryview, offset: int) -> None:
+    n = dev.write(buf, offset)
+    if n != len(buf):
+        raise DeviceIOError("short write", errno=errno.EIO, operation="write", device=dev.name)

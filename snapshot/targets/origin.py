@@ -1,0 +1,66 @@
+"""``snapshot-origin <origin_dev>``: reads pass through, writes copy-on-write into every snapshot."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from dmtools.engine.target import DeviceHandle, Target, TargetContext
+
+from snapshot.targets import registry
+from snapshot.targets.core import SECTOR, PendingException, Snapshot, _read_full, _write_full
+
+
+def do_origin(origin: DeviceHandle, offset: int, length: int, *, skip: Snapshot | None = None) -> None:
+    """Make every active, valid, non-merging snapshot of ``origin`` hold its own copy of
+    ``[offset, offset+length)`` before the caller overwrites it (dm-snap.c ``do_origin``).
+
+    Returns once every needed exception is copied **and** committed (or its snapshot is invalid).
+    """
+    while True:
+        waits: list[PendingException] = []
+        for snap in registry.snapshots_of(origin):
+            if snap is skip:
+                continue
+            waits.extend(snap.origin_write_prepare(offset, length))
+        if not waits:
+            return
+        for pe in waits:
+            pe.wait()
+
+
+class SnapshotOriginTarget(Target):
+    """The origin device of a snapshotted volume (dm-snap.c ``origin_target``)."""
+
+    name = "snapshot-origin"
+    version = (1, 9, 0)
+
+    def __init__(self, ctx: TargetContext, start: int, length: int, args: Sequence[str]) -> None:
+        super().__init__(ctx, start, length, args)
+        if len(args) != 1:
+            raise self.fail("origin: incorrect number of arguments")
+        try:
+            self.dev = ctx.get_device(args[0])
+        except Exception as err:
+            raise self.fail(f"Cannot get target device: {err}") from err
+        self.devices.append(self.dev)
+        self._base = start * SECTOR
+
+    def read(self, buf: memoryview, offset: int) -> None:
+        _read_full(self.dev, buf, self._base + offset)
+
+    def write(self, buf: memoryview, offset: int) -> None:
+        here = self._base + offset
+        do_origin(self.dev, here, len(buf))
+        _write_full(self.dev, buf, here)
+
+    def zero(self, offset: int, length: int) -> None:
+        here = self._base + offset
+        do_origin(self.dev, here, length)
+        self.dev.zero(here, length)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Discards pass to the origin without copy-on-write, as the kernel's do_origin skips them."""
+        self.dev.discard(self._base + offset, length)
+
+    def table_params(self) -> str:
+        return self.dev.name

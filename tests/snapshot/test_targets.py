@@ -1,0 +1,215 @@
+"""The userspace snapshot-origin, snapshot and snapshot-merge targets on the in-process engine."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from stack import Stack
+
+from dmtools.errors import DeviceIOError, InvalidTable
+from snapshot.offline import export, inspect
+from snapshot.store import PersistentStore
+from dmtools.blockdev import BlockDevice
+
+CB = 4096
+SIZE = 256 * 1024
+
+
+@pytest.fixture
+def data() -> bytes:
+    return random.Random(3).randbytes(SIZE)
+
+
+def test_origin_write_preserves_snapshot(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(snap_engine, tmp_path, data)
+    st.add_snapshot("s1", 128 * 1024)
+    st.write(st.base, b"x" * 10000, 5000)
+    assert st.read("s1") == data
+    assert st.read(st.base)[5000:15000] == b"x" * 10000
+    assert st.status("s1") == f"{5 * 8}/{128 * 2} 16"  # header + area + 3 chunks
+    assert snap_engine.table("s1").lines[0].target.params.endswith(" P 8")
+    assert st.status(st.base) == ""
+
+
+def test_snapshot_writes_and_full_chunk_path(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(snap_engine, tmp_path, data)
+    st.add_snapshot("s1", 128 * 1024)
+    st.write("s1", b"a" * 100, 3 * CB + 10)  # partial: origin chunk copied first
+    st.write("s1", b"b" * CB, 7 * CB)  # whole chunk: no origin read
+    view = st.read("s1")
+    expect = bytearray(data)
+    expect[3 * CB + 10 : 3 * CB + 110] = b"a" * 100
+    expect[7 * CB : 8 * CB] = b"b" * CB
+    assert view == bytes(expect)
+    assert st.read(st.base) == data  # the origin never changes
+
+
+def test_several_snapshots_and_reactivation(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(snap_engine, tmp_path, data)
+    st.add_snapshot("s1", 128 * 1024)
+    st.write(st.base, b"1" * CB, 0)
+    v1 = st.read(st.base)
+    st.add_snapshot("s2", 128 * 1024, chunk=16)
+    st.write(st.base, b"2" * 3 * CB, CB // 2)
+    assert st.read("s1") == data
+    assert st.read("s2") == v1
+    cow1 = st.snaps["s1"]
+    st.drop_snapshot("s2")
+    st.drop_snapshot("s1")
+    # offline export of the persistent COW gives the same view
+    export(st.origin_path, cow1, tmp_path / "out.img")
+    assert (tmp_path / "out.img").read_bytes() == data
+    info = inspect(cow1)
+    assert info.valid and info.exceptions >= 1
+
+
+def test_origin_write_waits_for_durable_record(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(snap_engine, tmp_path, data)
+    st.add_snapshot("s1", 128 * 1024)
+    st.write(st.base, b"z" * CB, 5 * CB)
+    # the record is on disk as soon as the origin write returned
+    with BlockDevice(st.snaps["s1"]) as cow:
+        store = PersistentStore(cow, 0, readonly=True)
+        store.read_metadata()
+        new = store.table.lookup(5)
+        assert new is not None
+        buf = bytearray(CB)
+        cow.readinto(buf, new * CB)
+        assert bytes(buf) == data[5 * CB : 6 * CB]
+
+
+def test_full_cow_invalidates_on_origin_write(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(snap_engine, tmp_path, data)
+    st.add_snapshot("s1", 4 * CB)  # header, area, 2 data chunks
+    st.add_snapshot("s2", 128 * 1024)
+    st.write(st.base, b"q" * 3 * CB, 0)
+    assert st.status("s1") == "Invalid"
+    with pytest.raises(DeviceIOError):
+        st.read("s1", 0, 512)
+    assert st.read("s2") == data
+    assert st.read(st.base)[: 3 * CB] == b"q" * 3 * CB
+    with open(st.snaps["s1"], "rb") as f:
+        assert f.read(8)[4:8] == b"\0\0\0\0"  # header valid=0
+
+
+def test_snapshot_write_overflow_without_po_invalidates(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(snap_engine, tmp_path, data)
+    st.add_snapshot("s1", 3 * CB)
+    st.write("s1", b"1" * CB, 0)
+    with pytest.raises(DeviceIOError):
+        st.write("s1", b"2" * CB, CB)
+    assert st.status("s1") == "Invalid"
+
+
+def test_po_overflow_fails_writes_only(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(snap_engine, tmp_path, data)
+    st.add_snapshot("s1", 3 * CB, store="PO")
+    st.write("s1", b"1" * CB, 0)
+    with pytest.raises(DeviceIOError):
+        st.write("s1", b"2" * CB, CB)
+    assert st.status("s1") == "Overflow"
+    assert st.read("s1")[:CB] == b"1" * CB  # reads still work
+    with pytest.raises(DeviceIOError):
+        st.write("s1", b"3" * CB, 0)  # even to an existing exception
+    assert snap_engine.table("s1").lines[0].target.params.endswith(" PO 8")
+    # an origin write needing a new chunk still invalidates it
+    st.write(st.base, b"o" * CB, 9 * CB)
+    assert st.status("s1") == "Invalid"
+
+
+def test_transient_store(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(snap_engine, tmp_path, data)
+    st.add_snapshot("s1", 64 * 1024, store="N")
+    st.write(st.base, b"n" * CB, 0)
+    assert st.read("s1") == data
+    assert st.status("s1") == f"8/128 0"
+
+
+def test_cow_in_use_is_refused(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(snap_engine, tmp_path, data)
+    st.add_snapshot("s1", 64 * 1024)
+    with pytest.raises(InvalidTable, match="in use"):
+        snap_engine.create("s2", f"0 {st.sectors} snapshot {snap_engine.device_ref(st.real)} {st.snaps['s1']} P 8")
+    assert not snap_engine.exists("s2")
+
+
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        ("{o} {c} P", "requires 4 or more"),
+        ("{o} {c} P 7", "power of 2"),
+        ("{o} {c} X 8", "unknown"),
+        ("{o} {c} PX 8", "Unsupported persistent"),
+        ("{o} {c} N 0", "Chunk size not set"),
+        ("{o} {o} P 8", "cannot be the same"),
+        ("{o} {c} P 8 1 bogus", "Unrecognised feature"),
+    ],
+)
+def test_bad_tables(snap_engine: Any, tmp_path: Path, data: bytes, args: str, msg: str) -> None:
+    st = Stack(snap_engine, tmp_path, data)
+    cow = st.cow_file("x", 64 * 1024)
+    text = args.format(o=snap_engine.device_ref(st.real), c=cow)
+    with pytest.raises(InvalidTable, match=msg):
+        snap_engine.create("bad", f"0 {st.sectors} snapshot {text}")
+    assert cow.read_bytes() == bytes(64 * 1024)  # nothing written
+
+
+def test_corrupt_cow_refused_nothing_written(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(snap_engine, tmp_path, data)
+    cow = st.cow_file("x", 64 * 1024)
+    with open(cow, "r+b") as f:
+        f.write(b"JUNKJUNK")
+    before = cow.read_bytes()
+    with pytest.raises(InvalidTable, match="Invalid or corrupt snapshot"):
+        snap_engine.create("bad", f"0 {st.sectors} snapshot {snap_engine.device_ref(st.real)} {cow} P 8")
+    assert cow.read_bytes() == before
+
+
+def merge(snap_engine: Any, st: Stack, name: str, timeout: float = 20.0) -> None:
+    """Convert ``name`` into a merge on the origin and wait for it (as the manager does)."""
+    eng = snap_engine
+    cow = st.snaps[name]
+    table = eng.table(name).lines[0].target.params.split()
+    eng.suspend(st.base)
+    eng.remove(name)
+    del st.snaps[name]
+    eng.load(st.base, f"0 {st.sectors} snapshot-merge {eng.device_ref(st.real)} {cow} {table[2]} {table[3]}")
+    eng.resume(st.base)
+    deadline = time.monotonic() + timeout
+    while True:
+        used, meta = st.status(st.base).split()
+        if used.split("/")[0] == meta:
+            break
+        assert time.monotonic() < deadline, "merge did not finish"
+        time.sleep(0.01)
+
+
+def test_merge_rolls_the_origin_back(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(snap_engine, tmp_path, data)
+    st.add_snapshot("s1", 128 * 1024)
+    for i in range(0, 20, 3):
+        st.write(st.base, bytes([i]) * CB * 2, i * CB)
+    st.write("s1", b"S" * CB, 30 * CB)
+    changed = st.read(st.base)
+    st.add_snapshot("s2", 128 * 1024)
+    merge(snap_engine, st, "s1")
+    expect = bytearray(data)
+    expect[30 * CB : 31 * CB] = b"S" * CB
+    assert st.read(st.base) == bytes(expect)
+    assert st.read("s2") == changed  # the other snapshot kept its view
+    assert inspect(tmp_path / "t-s1.cow").exceptions == 0
+
+
+def test_merge_serves_io_while_merging(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(snap_engine, tmp_path, data)
+    st.add_snapshot("s1", 256 * 1024)
+    st.write(st.base, os.urandom(SIZE // 2), 0)
+    merge(snap_engine, st, "s1")
+    st.write(st.base, b"after" * 100, 1000)
+    assert st.read(st.base)[1000:1500] == b"after" * 100
+    assert st.read(st.base)[1500:] == data[1500:]
