@@ -217,9 +217,7 @@ def resolve_devno(devno: str | tuple[int, int]) -> str:
     text = f"{major}:{minor}"
     try:
         with open(f"/sys/dev/block/{text}/uevent") as f:
-            uevent = dict(
-                line.rstrip("\n").split("=", 1) for line in f if "=" in line
-            )
+            uevent = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
     except FileNotFoundError as err:
         raise DeviceNotFound("no such block device", errno=errno.ENXIO, device=text) from err
     name = uevent.get("DEVNAME")
@@ -408,7 +406,9 @@ class BlockDevice(Endpoint):
 
     # -- checks and error mapping
 
-    def _io_error(self, err: OSError, operation: str, offset: int | None = None, length: int | None = None) -> DMError:
+    def _io_error(
+        self, err: OSError, operation: str, offset: int | None = None, length: int | None = None
+    ) -> DMError:
         code = err.errno or errno.EIO
         where = f" at offset {offset}" if offset is not None else ""
         if length is not None:
@@ -426,7 +426,9 @@ class BlockDevice(Endpoint):
         for what, value in (("offset", offset), ("length", length)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidArgument(
-                    f"{what} must be a non-negative integer, not {value!r}", operation=operation, device=self.path
+                    f"{what} must be a non-negative integer, not {value!r}",
+                    operation=operation,
+                    device=self.path,
                 )
 
     def _check_inside(self, offset: int, length: int, operation: str) -> None:
@@ -448,9 +450,7 @@ class BlockDevice(Endpoint):
 
     def _check_writable(self, operation: str) -> None:
         if not self._writable:
-            raise DeviceIOError(
-                "opened read-only", errno=errno.EBADF, operation=operation, device=self.path
-            )
+            raise DeviceIOError("opened read-only", errno=errno.EBADF, operation=operation, device=self.path)
 
     def _check_direct(self, mv: memoryview | None, offset: int, length: int, operation: str) -> None:
         """With ``O_DIRECT``, refuse requests the kernel would fail with EINVAL."""

@@ -302,8 +302,7 @@ def find_by_backing_file(path: str | os.PathLike[str]) -> list[LoopDevice]:
     return [
         d
         for d in list_loops()
-        if d.backing_file is not None
-        and (d.backing_file == real or d.backing_file == real + " (deleted)")
+        if d.backing_file is not None and (d.backing_file == real or d.backing_file == real + " (deleted)")
     ]
 
 
@@ -338,9 +337,7 @@ def _check_attach_args(path: str, offset: int, sizelimit: int, block_size: int) 
     if stat.S_ISDIR(st.st_mode):
         raise InvalidArgument("is a directory", errno=errno.EISDIR, operation="attach", device=path)
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise InvalidArgument(
-            "not a regular file or block device", operation="attach", device=path
-        )
+        raise InvalidArgument("not a regular file or block device", operation="attach", device=path)
     if stat.S_ISREG(st.st_mode) and offset >= st.st_size:
         raise InvalidArgument(
             f"offset {offset} is not inside the file ({st.st_size} bytes)", operation="attach", device=path
@@ -422,6 +419,13 @@ def attach(
             try:
                 loop_fd = os.open(f"/dev/loop{number}", mode | os.O_CLOEXEC)
             except OSError as err:
+                if err.errno == errno.ENOENT and os.path.exists(f"{SYSFS_BLOCK}/loop{number}"):
+                    raise LoopError(
+                        f"/dev/loop{number} has no device node (is devtmpfs mounted on /dev?)",
+                        errno=err.errno,
+                        operation="attach",
+                        device=p,
+                    ) from err
                 if err.errno in (errno.ENOENT, errno.ENXIO):
                     continue  # removed by someone between GET_FREE and open
                 raise _loop_error(err, "cannot open loop device", f"/dev/loop{number}", "attach") from err
@@ -474,7 +478,10 @@ def _open_control(path: str) -> Iterator[int]:
         fd = os.open(LOOP_CONTROL, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError as err:
         raise LoopError(
-            f"{LOOP_CONTROL} is missing (load the loop module)", errno=err.errno, operation="attach", device=path
+            f"{LOOP_CONTROL} is missing (load the loop module)",
+            errno=err.errno,
+            operation="attach",
+            device=path,
         ) from err
     except OSError as err:
         raise _loop_error(err, f"cannot open {LOOP_CONTROL}", path, "attach") from err
@@ -501,9 +508,7 @@ def _bind(loop_fd: int, dev_path: str, backing_fd: int, req: _BindRequest) -> bo
                     raise
                 if err.errno == errno.ENOTTY:
                     _use_configure = False
-        _legacy_configure(
-            loop_fd, backing_fd, req.offset, req.sizelimit, req.flags, req.path, req.block_size
-        )
+        _legacy_configure(loop_fd, backing_fd, req.offset, req.sizelimit, req.flags, req.path, req.block_size)
         return True
     except OSError as err:
         if err.errno == errno.EBUSY:
@@ -552,7 +557,9 @@ def _opened(number: int, operation: str) -> Iterator[int]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError as err:
-        raise DeviceNotFound("no such loop device", errno=errno.ENOENT, operation=operation, device=path) from err
+        raise DeviceNotFound(
+            "no such loop device", errno=errno.ENOENT, operation=operation, device=path
+        ) from err
     except OSError as err:
         raise _loop_error(err, "cannot open", path, operation) from err
     try:
@@ -652,5 +659,7 @@ def set_direct_io(dev: LoopDevice | str | os.PathLike[str] | int, enabled: bool 
         _device_ioctl(fd, number, "set_direct_io", LOOP_SET_DIRECT_IO, int(enabled), einval=refused)
     now = info(number).direct_io
     if enabled and not now:
-        raise InvalidArgument(refused, errno=errno.EINVAL, operation="set_direct_io", device=f"/dev/loop{number}")
+        raise InvalidArgument(
+            refused, errno=errno.EINVAL, operation="set_direct_io", device=f"/dev/loop{number}"
+        )
     return now

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import errno
 import mmap
-import os
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from dmtools.blockdev import (
 from dmtools.endpoint import NullEndpoint
 from dmtools.errors import DeviceBusy, DeviceIOError, DeviceNotFound, InvalidArgument, NoSpace
 from dmtools.loop import LoopDevice
+from dmtools.testing.loops import no_leaked_loops  # noqa: F401 (autouse fixture)
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -274,7 +274,9 @@ def test_open_endpoint_and_device_numbers(make_image: Callable[..., Path]) -> No
 
 
 @pytest.mark.root
-def test_block_device_properties(make_image: Callable[..., Path], make_loop: Callable[..., LoopDevice]) -> None:
+def test_block_device_properties(
+    make_image: Callable[..., Path], make_loop: Callable[..., LoopDevice]
+) -> None:
     dev = make_loop(make_image(6 * MiB))
     with BlockDevice(dev) as bd:
         assert bd.is_block_device and not bd.is_regular_file
@@ -291,7 +293,9 @@ def test_block_device_properties(make_image: Callable[..., Path], make_loop: Cal
 
 
 @pytest.mark.root
-def test_block_device_io_and_end_of_device(make_image: Callable[..., Path], make_loop: Callable[..., LoopDevice]) -> None:
+def test_block_device_io_and_end_of_device(
+    make_image: Callable[..., Path], make_loop: Callable[..., LoopDevice]
+) -> None:
     img = make_image(MiB)
     dev = make_loop(img)
     with BlockDevice(dev, writable=True) as bd:
@@ -310,7 +314,9 @@ def test_block_device_io_and_end_of_device(make_image: Callable[..., Path], make
 
 
 @pytest.mark.root
-def test_block_device_direct_io_alignment(make_image: Callable[..., Path], make_loop: Callable[..., LoopDevice]) -> None:
+def test_block_device_direct_io_alignment(
+    make_image: Callable[..., Path], make_loop: Callable[..., LoopDevice]
+) -> None:
     dev = make_loop(make_image(MiB), block_size=4096)
     with BlockDevice(dev, writable=True, direct=True) as bd:
         buf = aligned_buffer(8192)
@@ -324,7 +330,9 @@ def test_block_device_direct_io_alignment(make_image: Callable[..., Path], make_
 
 
 @pytest.mark.root
-def test_block_device_zero_and_discard(make_image: Callable[..., Path], make_loop: Callable[..., LoopDevice]) -> None:
+def test_block_device_zero_and_discard(
+    make_image: Callable[..., Path], make_loop: Callable[..., LoopDevice]
+) -> None:
     img = make_image(4 * MiB)
     dev = make_loop(img)
     with BlockDevice(dev, writable=True) as bd:
@@ -349,7 +357,9 @@ def test_block_device_zero_and_discard(make_image: Callable[..., Path], make_loo
 
 
 @pytest.mark.root
-def test_exclusive_open_of_a_block_device(make_image: Callable[..., Path], make_loop: Callable[..., LoopDevice]) -> None:
+def test_exclusive_open_of_a_block_device(
+    make_image: Callable[..., Path], make_loop: Callable[..., LoopDevice]
+) -> None:
     dev = make_loop(make_image(8 * MiB))
     with BlockDevice(dev, exclusive=True):
         with pytest.raises(DeviceBusy) as exc:

@@ -9,7 +9,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from dmtools import loop
 from dmtools.blockdev import BlockDevice, aligned_buffer, device_number, resolve_devno
 from dmtools.cli import loop_cmd
 from dmtools.errors import DeviceNotFound, DMError, InvalidArgument, LoopError
-from dmtools.testing.loops import LoopTracker, sweep
+from dmtools.testing.loops import LoopTracker, no_leaked_loops, sweep  # noqa: F401 (autouse fixture)
 
 MiB = 1 << 20
 
@@ -186,7 +186,12 @@ def test_cli_parses_attach_options() -> None:
     )
     assert args.func is loop_cmd.cmd_attach
     assert (args.file, args.read_only, args.direct_io, args.offset, args.sizelimit) == (
-        "f.img", True, True, "1M", "2048s")
+        "f.img",
+        True,
+        True,
+        "1M",
+        "2048s",
+    )
 
 
 def test_cli_json_flag_on_either_side() -> None:
@@ -215,24 +220,19 @@ def test_cli_table_format() -> None:
     assert lines[0].split() == ["NAME", "SIZELIMIT", "OFFSET", "AUTOCLEAR", "RO", "DIO", "BACK-FILE"]
     assert lines[1].split(maxsplit=6) == ["/dev/loop0", "0", "512", "0", "1", "0", "/tmp/a b.img"]
     assert lines[2].split() == ["/dev/loop12", str(MiB), "0", "0", "0", "1", "/b"]
-    assert len({line.index("BACK-FILE") if i == 0 else len(line) - len(line.split()[-1]) for i, line in
-                enumerate(lines[:1] + lines[2:])}) == 1
+    assert (
+        len(
+            {
+                line.index("BACK-FILE") if i == 0 else len(line) - len(line.split()[-1])
+                for i, line in enumerate(lines[:1] + lines[2:])
+            }
+        )
+        == 1
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Root tier: real loop devices on sparse files
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_loops(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
-    """Root tests must leave no loop device bound to their files (checked after every teardown)."""
-    yield
-    if request.node.get_closest_marker("root") is None or not os.path.exists(loop.LOOP_CONTROL):
-        return
-    prefix = os.path.join(os.path.realpath(tmp_path), "")
-    leaked = [d.path for d in loop.list_loops() if (d.backing_file or "").startswith(prefix)]
-    sweep(under=tmp_path)
-    assert leaked == [], f"loop devices leaked: {leaked}"
 
 
 def _wait_unbound(number: int, timeout: float = 5.0) -> bool:
@@ -375,14 +375,26 @@ def test_both_attach_paths_honour_every_option(
         monkeypatch.setattr(loop, "_use_configure", False)
     img = make_image(4 * MiB)
     dev = loop.attach(
-        img, read_only=True, autoclear=True, direct_io=True, partscan=True, offset=MiB, sizelimit=MiB,
+        img,
+        read_only=True,
+        autoclear=True,
+        direct_io=True,
+        partscan=True,
+        offset=MiB,
+        sizelimit=MiB,
         block_size=4096,
     )
     try:
         assert called == (["legacy"] if legacy else ["configure"])
         got = loop.info(dev)
         assert (got.read_only, got.autoclear, got.direct_io, got.partscan, got.offset, got.sizelimit) == (
-            True, True, True, True, MiB, MiB)
+            True,
+            True,
+            True,
+            True,
+            MiB,
+            MiB,
+        )
         with BlockDevice(dev) as bd:
             assert (bd.size, bd.logical_block_size) == (MiB, 4096)
     finally:
@@ -391,7 +403,9 @@ def test_both_attach_paths_honour_every_option(
 
 
 @pytest.mark.root
-def test_retries_when_the_free_device_is_taken(make_image: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_retries_when_the_free_device_is_taken(
+    make_image: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Another process binds the device LOOP_CTL_GET_FREE gave us: EBUSY, then another one."""
     ours, theirs = make_image(8 * MiB, name="ours"), make_image(8 * MiB, name="theirs")
     real = loop._configure
@@ -445,7 +459,7 @@ def test_concurrent_attach_gives_distinct_devices(make_image: Callable[..., Path
         devs = [r for r in results if isinstance(r, loop.LoopDevice)]
         assert len(devs) == n, [r for r in results if not isinstance(r, loop.LoopDevice)]
         assert len({d.number for d in devs}) == n
-        for d, img in zip(devs, images):
+        for d, img in zip(devs, images, strict=True):
             assert loop.info(d).backing_file == str(img.resolve())
     finally:
         for r in results:
@@ -543,7 +557,9 @@ def test_attach_without_write_permission_is_a_clear_error(
     assert loop.find_by_backing_file(img) == []
 
 
-def test_root_cli_turns_loop_errors_into_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_root_cli_turns_loop_errors_into_exit_codes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from dmtools.cli.main import main
 
     missing = str(tmp_path / "missing.img")
@@ -552,3 +568,31 @@ def test_root_cli_turns_loop_errors_into_exit_codes(tmp_path: Path, capsys: pyte
     assert main(["loop", "attach", missing]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and missing in err
+
+
+def test_attach_without_loop_control_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    img = tmp_path / "dmtt-noctl.img"
+    img.write_bytes(bytes(4096))
+    monkeypatch.setattr(loop, "LOOP_CONTROL", str(tmp_path / "loop-control"))
+    with pytest.raises(LoopError, match="load the loop module") as exc:
+        loop.attach(img)
+    assert exc.value.errno == errno.ENOENT
+
+
+@pytest.mark.root
+def test_attach_reports_a_missing_device_node(
+    make_image: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    img = make_image(MiB)
+    real_open = os.open
+
+    def no_nodes(path: Any, flags: int, *a: Any) -> int:
+        if str(path).startswith("/dev/loop") and str(path) != loop.LOOP_CONTROL:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", no_nodes)
+    with pytest.raises(LoopError, match="no device node"):
+        loop.attach(img)
+    monkeypatch.undo()
+    assert loop.find_by_backing_file(img) == []

@@ -28,12 +28,22 @@ def register(subparsers: Any) -> None:
     p.add_argument("--read-only", "-r", action="store_true", help="attach read-only")
     p.add_argument("--direct-io", action="store_true", help="bypass the page cache of FILE")
     p.add_argument("--partscan", "-P", action="store_true", help="scan for partitions")
-    p.add_argument("--offset", "-o", metavar="SIZE", default="0",
-                   help="start this far into FILE (bytes unless a unit is given: 1M, 2048s)")
-    p.add_argument("--sizelimit", metavar="SIZE", default="0",
-                   help="use at most this much of FILE (0: up to its end)")
-    p.add_argument("--sector-size", metavar="SIZE", default="0",
-                   help="logical block size of the loop device (512 to 4096)")
+    p.add_argument(
+        "--offset",
+        "-o",
+        metavar="SIZE",
+        default="0",
+        help="start this far into FILE (bytes unless a unit is given: 1M, 2048s)",
+    )
+    p.add_argument(
+        "--sizelimit", metavar="SIZE", default="0", help="use at most this much of FILE (0: up to its end)"
+    )
+    p.add_argument(
+        "--sector-size",
+        metavar="SIZE",
+        default="0",
+        help="logical block size of the loop device (512 to 4096)",
+    )
     p.set_defaults(func=cmd_attach)
 
     p = actions.add_parser("detach", help="detach loop devices")
@@ -42,8 +52,7 @@ def register(subparsers: Any) -> None:
 
     p = actions.add_parser("list", help="list attached loop devices with their backing files")
     # SUPPRESS keeps the root parser's --json when this one is not given.
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                   help="JSON output")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON output")
     p.set_defaults(func=cmd_list)
 
 
@@ -87,7 +96,7 @@ def format_table(devices: list[loop.LoopDevice]) -> str:
     rows = [header] + [_row(d) for d in devices]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     return "\n".join(
-        " ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + " " + r[-1] for r in rows
+        " ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + " " + r[-1] for r in rows
     )
 
 

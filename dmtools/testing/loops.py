@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from dmtools import loop
 from dmtools.errors import DeviceNotFound, DMError, LoopError
 from dmtools.loop import LoopDevice
 
-__all__ = ["LoopTracker", "sweep"]
+__all__ = ["LoopTracker", "sweep", "loops_under", "no_leaked_loops"]
 
 
 class LoopTracker:
@@ -76,18 +80,35 @@ class LoopTracker:
         self.detach_all()
 
 
+def loops_under(directory: str | os.PathLike[str]) -> list[LoopDevice]:
+    """Bound loop devices whose backing file lies under ``directory``."""
+    prefix = os.path.join(os.path.realpath(os.fspath(directory)), "")
+    return [d for d in loop.list_loops() if (d.backing_file or "").startswith(prefix)]
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_loops(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
+    """Fail a ``root`` test that leaves a loop device bound to a file in its ``tmp_path``.
+
+    Autouse in the test modules that import it; runs after every other fixture's teardown, sweeps
+    what leaked so later tests start clean, then fails.
+    """
+    yield
+    if request.node.get_closest_marker("root") is None or not os.path.exists(loop.LOOP_CONTROL):
+        return
+    leaked = [d.path for d in loops_under(tmp_path)]
+    sweep(under=tmp_path)
+    assert leaked == [], f"loop devices leaked: {leaked}"
+
+
 def sweep(*, name_contains: str | None = None, under: str | os.PathLike[str] | None = None) -> list[str]:
     """Detach loop devices whose backing file's name contains ``name_contains`` or that lie under
     the directory ``under``; returns the device paths detached. Errors are skipped (best effort)."""
     if name_contains is None and under is None:
         raise ValueError("sweep needs name_contains or under")
-    prefix = os.path.join(os.path.realpath(os.fspath(under)), "") if under is not None else None
     done = []
-    for dev in loop.list_loops():
-        backing = dev.backing_file or ""
-        if name_contains is not None and name_contains not in os.path.basename(backing):
-            continue
-        if prefix is not None and not backing.startswith(prefix):
+    for dev in loops_under(under) if under is not None else loop.list_loops():
+        if name_contains is not None and name_contains not in os.path.basename(dev.backing_file or ""):
             continue
         try:
             loop.detach(dev)
