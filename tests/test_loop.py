@@ -538,23 +538,26 @@ def test_cli_attach_list_detach(make_image: Callable[..., Path], capsys: pytest.
         loop_cmd.cmd_detach(p.parse_args(["loop", "detach", path]))
 
 
-@pytest.mark.root
+def _refuse_open(monkeypatch: pytest.MonkeyPatch, refuse: Callable[[str, int], bool], code: int) -> None:
+    """Make ``os.open`` fail with ``code`` for the (path, flags) that ``refuse`` picks."""
+    real_open = os.open
+
+    def fake_open(path: Any, flags: int, *a: Any) -> int:
+        if refuse(os.fspath(path), flags):
+            raise OSError(code, os.strerror(code))
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", fake_open)
+
+
 def test_attach_without_write_permission_is_a_clear_error(
     make_image: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     img = make_image(8 * MiB)
-    real_open = os.open
-
-    def no_write(path: Any, flags: int, *a: Any) -> int:
-        if os.fspath(path) == str(img) and flags & os.O_RDWR:
-            raise PermissionError(errno.EACCES, "Permission denied")
-        return real_open(path, flags, *a)
-
-    monkeypatch.setattr(os, "open", no_write)
-    with pytest.raises(LoopError, match="read-only"):
+    _refuse_open(monkeypatch, lambda path, flags: path == str(img) and bool(flags & os.O_RDWR), errno.EACCES)
+    with pytest.raises(LoopError, match="read-only") as exc:
         loop.attach(img)
-    monkeypatch.undo()
-    assert loop.find_by_backing_file(img) == []
+    assert exc.value.errno == errno.EACCES
 
 
 def test_root_cli_turns_loop_errors_into_exit_codes(
@@ -584,14 +587,11 @@ def test_attach_reports_a_missing_device_node(
     make_image: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     img = make_image(MiB)
-    real_open = os.open
-
-    def no_nodes(path: Any, flags: int, *a: Any) -> int:
-        if str(path).startswith("/dev/loop") and str(path) != loop.LOOP_CONTROL:
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
-        return real_open(path, flags, *a)
-
-    monkeypatch.setattr(os, "open", no_nodes)
+    _refuse_open(
+        monkeypatch,
+        lambda path, flags: path.startswith("/dev/loop") and path != loop.LOOP_CONTROL,
+        errno.ENOENT,
+    )
     with pytest.raises(LoopError, match="no device node"):
         loop.attach(img)
     monkeypatch.undo()
