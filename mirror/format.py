@@ -157,10 +157,10 @@ class LogImage:
         of zero, ``DeviceIOError`` when the read fails. Nothing is written.
         """
         lbs = max(ep.logical_block_size, SECTOR)
-        first = round_up(BITMAP_OFFSET, lbs)
+        first = log_io_bytes(1, lbs)
         if ep.size < first:
             raise InvalidArgument(
-                f"log device too small: {ep.size} bytes, a disk log needs at least {first + 8}",
+                f"log device too small: {ep.size} bytes, a disk log needs at least {first}",
                 operation="inspect",
                 device=ep.name,
             )

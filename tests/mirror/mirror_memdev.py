@@ -118,3 +118,61 @@ class FakeContext:
 
     def event(self) -> None:
         self.events += 1
+
+
+class PowerCut:
+    """A shared power switch for several ``CrashEndpoint``s: after ``ops_left`` I/O operations the
+    power goes; later writes and flushes are lost and every device keeps what was flushed plus a
+    random subset of the writes it had not flushed yet."""
+
+    def __init__(self, ops_left: int, rng: Any) -> None:
+        self.ops_left = ops_left
+        self.rng = rng
+        self.cut = False
+        self.lock = threading.Lock()
+
+    def tick(self) -> bool:
+        """Count one operation; True when it must be dropped."""
+        with self.lock:
+            if self.cut:
+                return True
+            self.ops_left -= 1
+            if self.ops_left < 0:
+                self.cut = True
+                return True
+            return False
+
+
+class CrashEndpoint(MemEndpoint):
+    """A RAM disk with a volatile write cache, on a ``PowerCut``."""
+
+    def __init__(self, size: int, name: str, power: PowerCut) -> None:
+        super().__init__(size, name)
+        self.power = power
+        self.unflushed: list[tuple[int, bytes]] = []
+
+    def write(self, buf: Any, offset: int) -> int:
+        mv = memoryview(buf).cast("B")
+        if self.power.tick():
+            return len(mv)
+        n = super().write(mv, offset)
+        with self.lock:
+            self.unflushed.append((offset, bytes(mv)))
+        return n
+
+    def flush(self) -> None:
+        if self.power.tick():
+            return
+        super().flush()
+        with self.lock:
+            self.unflushed.clear()
+
+    def after_crash(self) -> MemEndpoint:
+        """The device as found after the power cut."""
+        out = MemEndpoint(len(self.data), self.name)
+        out.data[:] = self.flushed
+        for off, data in self.unflushed:
+            if self.power.rng.random() < 0.5:
+                out.data[off : off + len(data)] = data
+        out.flushed[:] = out.data
+        return out

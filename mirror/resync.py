@@ -1,0 +1,288 @@
+"""Offline resync: copy the regions a disk log names as out of sync, then mark them clean.
+
+For a mirror that is not active (a kernel mirror after a crash, before activation): the legs are
+brought in sync from the default leg with kcopyd, several regions in flight, at an optional rate,
+so that the kernel reports the mirror fully in sync as soon as it is activated on the same log.
+
+Crash safety follows the kernel's ordering: every region about to be copied is first marked dirty
+on the log (written and flushed); a region's clean bit is set only after its copy completed
+without error **and** the destination legs were flushed. A resync killed at any moment therefore
+resumes from the log, and a region whose copy did not finish is never marked in sync.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from dmtools.endpoint import Endpoint
+from dmtools.errors import DMError, InvalidArgument, OperationCancelled
+
+from mirror.format import SECTOR, LogImage, SyncMode, check_region_size, region_count
+
+__all__ = ["ResyncPlan", "ResyncResult", "OfflineResync", "check_legs"]
+
+#: Bytes of copies kept in flight.
+IN_FLIGHT_BYTES = 32 << 20
+#: Seconds between log commits (legs flushed, then clean bits written).
+COMMIT_INTERVAL = 0.5
+
+ProgressFn = Callable[[int, int], None]
+
+
+def check_legs(legs: Sequence[Endpoint], length: int | None = None) -> int:
+    """Validate 2–9 legs and return the mirror length in sectors.
+
+    Without ``length`` the legs must all have the same size; with it each must hold ``length``
+    sectors. Raises ``InvalidArgument``.
+    """
+    if not 2 <= len(legs) <= 9:
+        raise InvalidArgument(f"a mirror needs 2 to 9 legs, got {len(legs)}", operation="mirror")
+    sizes = [leg.size for leg in legs]
+    if length is None:
+        if len(set(sizes)) != 1:
+            listing = ", ".join(f"{leg.name}={leg.size}" for leg in legs)
+            raise InvalidArgument(f"mirror legs differ in size: {listing} bytes", operation="mirror")
+        length = sizes[0] // SECTOR
+    for leg in legs:
+        if leg.size < length * SECTOR:
+            raise InvalidArgument(
+                f"leg {leg.name} has {leg.size} bytes, the mirror needs {length * SECTOR}", operation="mirror"
+            )
+    if length <= 0:
+        raise InvalidArgument("mirror legs are empty", operation="mirror")
+    return length
+
+
+@dataclass(frozen=True)
+class ResyncPlan:
+    """What a resync will copy: regions, each with the legs that receive it."""
+
+    length: int
+    region_size: int
+    nr_regions: int
+    copies: tuple[tuple[int, tuple[int, ...]], ...]
+    source: int = 0
+
+    @property
+    def regions(self) -> list[int]:
+        """Regions to copy, in order."""
+        return [r for r, _ in self.copies]
+
+    def region_bytes(self, region: int) -> int:
+        """Bytes of ``region`` (the last one may be short)."""
+        start = region * self.region_size
+        return (min(self.length, start + self.region_size) - start) * SECTOR
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes read from the source leg."""
+        return sum(self.region_bytes(r) for r in self.regions)
+
+
+@dataclass
+class ResyncResult:
+    """The outcome of a resync."""
+
+    regions_planned: int
+    regions_copied: int = 0
+    bytes_copied: int = 0
+    seconds: float = 0.0
+    failed_regions: list[int] = field(default_factory=list)
+    failed_legs: set[int] = field(default_factory=set)
+    cancelled: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """Every planned region copied and marked in sync."""
+        return not self.cancelled and not self.failed_regions and self.regions_copied == self.regions_planned
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second."""
+        return self.bytes_copied / self.seconds if self.seconds else 0.0
+
+
+class OfflineResync:
+    """Resync the legs of an inactive mirror from its disk log (or fully without one).
+
+    ``legs`` and ``log`` are open endpoints (the caller owns them). ``source`` is the default leg.
+    ``rebuild`` names a leg that gets every region (a replaced leg); other legs get only the
+    regions the log has out of sync. ``full`` copies every region to every leg and ignores the log's
+    contents (a blank or foreign log). Validation happens in the constructor: a bad region size,
+    legs of different sizes, a too-small or corrupt log raise before anything is written.
+    """
+
+    def __init__(
+        self,
+        legs: Sequence[Endpoint],
+        log: Endpoint | None,
+        *,
+        region_size: int,
+        length: int | None = None,
+        source: int = 0,
+        rebuild: int | None = None,
+        full: bool = False,
+        rate: int | None = None,
+        in_flight: int | None = None,
+        commit_interval: float = COMMIT_INTERVAL,
+        num_pages: int = 2048,
+    ) -> None:
+        self.legs = list(legs)
+        self.length = check_legs(self.legs, length)
+        check_region_size(region_size, self.length)
+        if not 0 <= source < len(self.legs):
+            raise InvalidArgument(f"source leg {source} does not exist", operation="resync")
+        if rebuild is not None and (not 0 <= rebuild < len(self.legs) or rebuild == source):
+            raise InvalidArgument(f"cannot rebuild leg {rebuild} from leg {source}", operation="resync")
+        if rate is not None and rate <= 0:
+            raise InvalidArgument(f"rate must be positive, not {rate}", operation="resync")
+        self.region_size = region_size
+        self.nr_regions = region_count(self.length, region_size)
+        self.log = log
+        self.source = source
+        self.rate = rate
+        self.commit_interval = commit_interval
+        self.num_pages = num_pages
+        region_bytes = region_size * SECTOR
+        self.in_flight = in_flight or max(2, min(64, IN_FLIGHT_BYTES // region_bytes))
+        if log is None:
+            self.image: LogImage | None = None
+            out_of_sync = set(range(self.nr_regions))
+        elif full:
+            self.image = LogImage.new(self.nr_regions, in_sync=False, logical_block_size=log.logical_block_size)
+            if self.image.io_bytes > log.size:
+                raise InvalidArgument(
+                    f"log device {log.name} too small: need {self.image.io_bytes} bytes", operation="resync"
+                )
+            out_of_sync = set(range(self.nr_regions))
+        else:
+            self.image = LogImage.read(log)  # strict: CorruptMetadata / InvalidArgument, nothing written
+            self.image.resize(self.nr_regions, SyncMode.DEFAULT)  # the kernel's resume rules, in memory
+            if self.image.io_bytes > log.size:
+                raise InvalidArgument(
+                    f"log device {log.name} too small: need {self.image.io_bytes} bytes", operation="resync"
+                )
+            out_of_sync = set(self.image.out_of_sync())
+        others = tuple(i for i in range(len(self.legs)) if i != source)
+        copies = []
+        for r in range(self.nr_regions):
+            if r in out_of_sync:
+                copies.append((r, others))
+            elif rebuild is not None:
+                copies.append((r, (rebuild,)))
+        self.plan = ResyncPlan(self.length, region_size, self.nr_regions, tuple(copies), source)
+
+    def _commit(self, regions: list[int]) -> None:
+        """Flush the legs, then persist ``regions`` as clean (one log write + flush)."""
+        if self.image is None or not regions:
+            return
+        for leg in self.legs:
+            leg.flush()
+        for r in regions:
+            self.image.clean.set(r)
+        assert self.log is not None
+        self.image.write(self.log)
+
+    def run(self, progress: ProgressFn | None = None, cancel: threading.Event | None = None) -> ResyncResult:
+        """Copy the plan; return what happened. Raises ``OperationCancelled`` never: see ``cancelled``."""
+        from kcopyd import Client, Region
+
+        plan = self.plan
+        result = ResyncResult(len(plan.copies))
+        start = time.monotonic()
+        total = plan.total_bytes
+        if self.image is not None and plan.copies:
+            # Every region about to be copied is durably dirty before its first data write.
+            assert self.log is not None
+            for r in plan.regions:
+                self.image.clean.clear(r)
+            self.image.write(self.log)
+        lock = threading.Condition()
+        finished: list[int] = []
+        state = {"active": 0, "done_bytes": 0}
+
+        def notify(read_err: bool, write_err: int, ctx: tuple[int, tuple[int, ...], int]) -> None:
+            region, dests, nbytes = ctx
+            with lock:
+                state["active"] -= 1
+                if read_err or write_err:
+                    result.failed_regions.append(region)
+                    if read_err:
+                        result.failed_legs.add(self.source)
+                    for bit, leg in enumerate(dests):
+                        if write_err & (1 << bit):
+                            result.failed_legs.add(leg)
+                else:
+                    finished.append(region)
+                    state["done_bytes"] += nbytes
+                lock.notify_all()
+
+        pending = list(plan.copies)
+        last_commit = time.monotonic()
+        committed: list[int] = []
+        kc = Client(num_pages=self.num_pages, rate=self.rate)
+        try:
+            while True:
+                with lock:
+                    while pending and state["active"] < self.in_flight and not (cancel and cancel.is_set()):
+                        region, dests = pending.pop(0)
+                        nbytes = plan.region_bytes(region)
+                        sector = region * self.region_size
+                        count = nbytes // SECTOR
+                        src = Region(self.legs[self.source], sector, count)
+                        dst = [Region(self.legs[i], sector, count) for i in dests]
+                        state["active"] += 1
+                        try:
+                            kc.copy(src, dst, notify=notify, context=(region, dests, nbytes))
+                        except DMError:
+                            state["active"] -= 1
+                            raise
+                    if cancel is not None and cancel.is_set():
+                        result.cancelled = True
+                    if state["active"] == 0 and (not pending or result.cancelled):
+                        batch, finished[:] = list(finished), []
+                        break
+                    lock.wait(0.1)
+                    due = time.monotonic() - last_commit >= self.commit_interval
+                    batch = []
+                    if due and finished:
+                        batch, finished[:] = list(finished), []
+                    done_bytes = state["done_bytes"]
+                if batch:
+                    self._commit(batch)
+                    committed += batch
+                    last_commit = time.monotonic()
+                if progress is not None:
+                    progress(done_bytes, total)
+            self._commit(batch)
+            committed += batch
+        finally:
+            kc.destroy()
+        result.regions_copied = len(committed)
+        result.bytes_copied = sum(plan.region_bytes(r) for r in committed)
+        result.seconds = time.monotonic() - start
+        result.failed_regions.sort()
+        if progress is not None:
+            progress(result.bytes_copied, total)
+        return result
+
+
+def raise_for(result: ResyncResult, operation: str = "resync") -> None:
+    """Turn a failed or cancelled result into an exception."""
+    from dmtools.errors import DeviceIOError
+
+    if result.cancelled:
+        raise OperationCancelled(
+            f"resync cancelled after {result.regions_copied} of {result.regions_planned} regions; "
+            "run it again to resume from the log",
+            operation=operation,
+        )
+    if result.failed_regions:
+        raise DeviceIOError(
+            f"{len(result.failed_regions)} regions failed to copy (legs {sorted(result.failed_legs)}); "
+            "they stay out of sync",
+            operation=operation,
+        )
