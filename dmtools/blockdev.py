@@ -685,6 +685,11 @@ class BlockDevice(Endpoint):
         if fd >= 0:
             os.close(fd)
 
+    def __del__(self) -> None:
+        # Like io.FileIO: a forgotten endpoint gives its descriptor (and exclusive claim) back.
+        if getattr(self, "_fd", -1) >= 0:
+            self.close()
+
     def __enter__(self) -> BlockDevice:
         return self
 

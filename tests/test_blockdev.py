@@ -243,6 +243,10 @@ def test_exclusive_file_open(make_image: Callable[..., Path]) -> None:
             pass
     with BlockDevice(img, exclusive=True):
         pass
+    forgotten = BlockDevice(img, exclusive=True)
+    del forgotten  # collected: its descriptor and lock are released
+    with BlockDevice(img, exclusive=True):
+        pass
 
 
 def test_open_endpoint_and_device_numbers(make_image: Callable[..., Path]) -> None:
