@@ -17,7 +17,10 @@ with a ``core`` or ``disk`` log (``mirror.log``), 2–9 legs and the features ``
   ``handle_errors`` is set; status text is the kernel's.
 
 Messages (this target's own; the kernel's mirror has no message handler): ``resync_rate <bytes/s>``
-(0 = unlimited) and ``max_recovery <n>``.
+(0 = unlimited), ``max_recovery <n>`` and ``rebuild <leg>``. ``rebuild`` resyncs one leg (a
+replaced one) from the default leg: every region is marked dirty on the log first (a crash then
+resyncs every leg, which is safe), and regions the other legs hold in sync are copied to the
+rebuilt leg only; reads never use a leg being rebuilt.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from dmtools.endpoint import Endpoint
 from dmtools.engine.target import SECTOR, DeviceHandle, Target, TargetContext, parse_sector, parse_uint
 from dmtools.errors import DeviceIOError, DMError, InvalidArgument, InvalidTable
 
+from mirror.bitmap import Bitmap
 from mirror.log import DirtyLog, RegionState, create_log, parse_log_args
 from mirror.region import RegionHash
 
@@ -162,6 +166,9 @@ class MirrorTarget(Target):
         self._stop = False
         self._worker: threading.Thread | None = None
         self._kc: Any = None
+        #: legs being rebuilt, and the regions where only they need the copy.
+        self.rebuild_legs: set[int] = set()
+        self.partial = Bitmap(self.nr_regions)
 
     def _open_log_device(self, ref: str) -> Endpoint:
         dev = self.ctx.get_device(ref)
@@ -211,7 +218,7 @@ class MirrorTarget(Target):
         """The default leg, or walking backwards from it the first leg without errors."""
         i = self.default
         for _ in range(len(self.legs)):
-            if not self.legs[i].error_count:
+            if not self.legs[i].error_count and i not in self.rebuild_legs:
                 return self.legs[i]
             i = (i - 1) % len(self.legs)
         return None
@@ -314,6 +321,9 @@ class MirrorTarget(Target):
             for (region, off, n), state in zip(pieces, states):
                 data = mv[off - offset : off - offset + n]
                 if state is RegionState.NOSYNC:
+                    if self.rebuild_legs and self.partial.test(region):
+                        with self.cond:  # the other legs miss this write now: copy to all of them
+                            self.partial.clear(region)
                     if nosync_fails:
                         failures.append(region)
                     else:
@@ -427,6 +437,7 @@ class MirrorTarget(Target):
                     for leg in self.legs:
                         leg.error_count = leg.error_type = 0
                     self.leg_failure = False
+                    self.rebuild_legs.clear()
                     self.cond.notify_all()
                 default = self.legs[self.default]
             for region in to_copy:
@@ -460,7 +471,12 @@ class MirrorTarget(Target):
         nbytes = self._region_len(region)
         sector = region * self.region_size
         src = Region(source.dev, source.offset + sector, nbytes // SECTOR)
-        dests = [leg for leg in self.legs if leg is not source]
+        with self.cond:
+            only = self.partial.test(region)
+        if only:
+            dests = [leg for leg in self.legs if leg is not source and leg.index in self.rebuild_legs]
+        else:
+            dests = [leg for leg in self.legs if leg is not source]
         regions = [Region(leg.dev, leg.offset + sector, nbytes // SECTOR) for leg in dests]
         flags = 0 if self.errors_handled else IGNORE_ERROR
         try:
@@ -481,7 +497,10 @@ class MirrorTarget(Target):
                     if write_err & (1 << bit):
                         self._fail_leg(leg, LegError.SYNC)
             self._copying.discard(region)
-            self.rh.recovery_end(region, not (read_err or write_err))
+            ok = not (read_err or write_err)
+            if ok:
+                self.partial.clear(region)
+            self.rh.recovery_end(region, ok)
             self._wake_worker()
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -548,13 +567,17 @@ class MirrorTarget(Target):
     # -- text and control -------------------------------------------------------------------------
     def status(self) -> str:
         """``<#mirrors> <dev>... <in_sync>/<nr_regions> 1 <health> <log status>``."""
+        from dmtools.status import MirrorStatus
+
         with self.cond:
-            devs = " ".join(leg.dev.name for leg in self.legs)
-            health = "".join(leg.health() for leg in self.legs)
-            return (
-                f"{len(self.legs)} {devs} {self.log.get_sync_count()}/{self.nr_regions} 1 {health} "
-                f"{self.log.status_info()}"
-            )
+            log_words = self.log.status_info().split()[1:]
+            return MirrorStatus(
+                tuple(leg.dev.name for leg in self.legs),
+                self.log.get_sync_count(),
+                self.nr_regions,
+                "".join(leg.health() for leg in self.legs),
+                tuple(log_words),
+            ).format()
 
     def table_params(self) -> str:
         """``<log table> <#mirrors> <dev> <offset>... [<n> handle_errors keep_log]``."""
@@ -567,7 +590,17 @@ class MirrorTarget(Target):
         return " ".join(parts)
 
     def message(self, args: Sequence[str]) -> str | None:
-        """``resync_rate <bytes/s>`` (0 = unlimited) or ``max_recovery <n>``."""
+        """``resync_rate <bytes/s>`` (0 = unlimited), ``max_recovery <n>`` or ``rebuild <leg>``."""
+        if len(args) == 2 and args[0] == "rebuild":
+            try:
+                index = parse_uint(args[1])
+            except ValueError:
+                index = -1
+            with self.cond:
+                if not 0 <= index < len(self.legs) or index == self.default:
+                    raise InvalidArgument(f"cannot rebuild leg {args[1]!r}", operation="message")
+                self._start_rebuild(index)
+            return None
         if len(args) == 2 and args[0] in ("resync_rate", "max_recovery"):
             try:
                 value = parse_uint(args[1]) if args[0] == "max_recovery" else parse_sector(args[1])
@@ -584,6 +617,26 @@ class MirrorTarget(Target):
                 self._wake_worker()
             return None
         raise InvalidArgument(f"unrecognised mirror message {' '.join(args)!r}", operation="message")
+
+    def _start_rebuild(self, index: int) -> None:
+        """Mark every region dirty and out of sync; remember where only ``index`` needs a copy."""
+        self.rebuild_legs.add(index)
+        for r in range(self.nr_regions):
+            if r not in self.rh.regions and self.log.in_sync(r):
+                self.partial.set(r)
+            reg = self.rh.regions.get(r)
+            if reg is not None and reg.state in (RegionState.CLEAN, RegionState.DIRTY):
+                self.rh.mark_nosync(r)  # never cleared before it is copied
+            self.log.mark_region(r)
+            if self.log.in_sync(r):
+                self.log.set_region_sync(r, False)
+        try:
+            self.log.flush()  # dirty marks durable before any copy
+        except (OSError, DMError):
+            self.log_failure = True
+        self.in_sync = False
+        self.log.sync_search = 0  # restart the resync scan from region 0
+        self._wake_worker()
 
     # -- introspection for managers and tests -----------------------------------------------------
     def health(self) -> str:

@@ -309,3 +309,43 @@ def test_resync_rate_is_held() -> None:
         assert 0.35 <= took <= 0.8, took
     finally:
         r.close()
+
+
+def test_rebuild_copies_to_the_rebuilt_leg_only() -> None:
+    r = Rig(nlegs=3)
+    try:
+        data = os.urandom(2 * MB)
+        r.leg(0).data[:] = data
+        r.leg(1).data[:] = data
+        format_log(r.devs["log"], 32, in_sync=True)
+        t = r.build(f"disk 2 log {REGION} {legs_params(3)}")
+        assert t.wait_in_sync(5)
+        r.journal.clear()
+        t.message(["rebuild", "2"])
+        assert t.status().split()[4] == "0/32"
+        assert t.wait_in_sync(10)
+        assert r.leg(2).data == data
+        assert not [j for j in r.journal if j[0] == "write" and j[1] == "leg1"]
+        assert LogImage.read(r.devs["log"]).out_of_sync() == []
+        with pytest.raises(Exception, match="cannot rebuild"):
+            t.message(["rebuild", "0"])
+    finally:
+        r.close()
+
+
+def test_write_during_rebuild_reaches_every_leg_after_resync() -> None:
+    r = Rig(nlegs=3)
+    try:
+        data = os.urandom(2 * MB)
+        r.leg(0).data[:] = data
+        r.leg(1).data[:] = data
+        t = r.build(f"core 2 {REGION} nosync {legs_params(3)}", rate=1)
+        assert t.wait_in_sync(5)
+        t.message(["rebuild", "2"])
+        t.write(memoryview(b"W" * 4096), 10 * 65536)  # NOSYNC now: default leg only
+        t.message(["resync_rate", "0"])
+        assert t.wait_in_sync(10)
+        assert r.leg(1).data == r.leg(0).data == r.leg(2).data
+        assert r.leg(1).data[10 * 65536 : 10 * 65536 + 4096] == b"W" * 4096
+    finally:
+        r.close()
