@@ -1,7 +1,26 @@
-"""Snapshots: the kernel's dm-snapshot on either engine, its COW format, merge and offline tools."""
+"""Snapshots: the kernel's dm-snapshot on either engine, its COW format, merge and offline tools.
+
+* ``SnapshotManager(dm)``: LVM's snapshot stack on any ``DeviceMapper`` backend;
+* ``snapshot.store``: the persistent (kernel on-disk format) and transient exception stores;
+* ``snapshot.targets``: the userspace ``snapshot-origin``, ``snapshot`` and ``snapshot-merge``;
+* ``inspect`` / ``export``: read a COW and rebuild a snapshot's view without device-mapper.
+"""
 
 from __future__ import annotations
 
+from snapshot.manager import SnapshotInfo, SnapshotManager
+from snapshot.offline import CowInfo, ExportResult, export, inspect
 from snapshot.store import ExceptionStore, PersistentStore, TransientStore, Usage
 
-__all__ = ["ExceptionStore", "PersistentStore", "TransientStore", "Usage"]
+__all__ = [
+    "CowInfo",
+    "ExceptionStore",
+    "ExportResult",
+    "PersistentStore",
+    "SnapshotInfo",
+    "SnapshotManager",
+    "TransientStore",
+    "Usage",
+    "export",
+    "inspect",
+]

@@ -1,0 +1,476 @@
+"""``SnapshotManager``: LVM's snapshot stack on any ``DeviceMapper`` backend.
+
+For origin ``X`` (an existing device) and snapshot ``S`` the stack is LVM's
+(lib/activate/dev_manager.c): ``X-real`` holds X's original table, ``S-cow`` maps the COW device,
+``S`` is ``snapshot X-real S-cow P <chunk>`` and ``X`` is reloaded as ``snapshot-origin X-real``,
+resumed after its snapshots. Merging loads ``snapshot-merge X-real S-cow P <chunk>`` on ``X`` and
+polls its status until ``allocated == metadata``. Everything is found again from the tables, so
+the manager keeps no state of its own: a new manager (or another process) sees the same snapshots.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dmtools.backend import DeviceMapper
+from dmtools.errors import (
+    DeviceBusy,
+    DeviceExists,
+    DeviceNotFound,
+    DMError,
+    InvalidArgument,
+    OperationCancelled,
+    SnapshotInvalid,
+)
+from dmtools.names import validate_name
+from dmtools.status import SnapshotState, SnapshotStatus, parse_snapshot_status
+from dmtools.table import Table
+from dmtools.targets_model import Snapshot, SnapshotMerge, SnapshotOrigin
+
+from snapshot.store.format import NUM_SNAPSHOT_HDR_CHUNKS, SECTOR, chunk_size_error
+
+Names = list[str]
+
+#: ``progress(done_sectors, total_sectors)`` during a merge.
+MergeProgress = Callable[[int, int], None]
+
+#: LVM zeroes this much of a new COW so the kernel sees magic 0 (lib/metadata/lv_manip.c).
+COW_WIPE_BYTES = 4096
+#: LVM's default snapshot chunk: 4 KiB (tools/lvcreate.c).
+DEFAULT_CHUNK_SECTORS = 8
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """One snapshot as the tables and status lines describe it."""
+
+    name: str
+    origin: str
+    cow: str
+    store: str
+    chunk_size: int
+    status: SnapshotStatus
+    merging: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def state(self) -> str:
+        """``active``, ``merging``, ``Invalid``, ``Overflow``, ``Merge failed``..."""
+        if self.status.state is SnapshotState.ACTIVE:
+            return "merging" if self.merging else "active"
+        return self.status.state.value
+
+    @property
+    def used(self) -> int | None:
+        """Allocated sectors."""
+        return self.status.allocated
+
+    @property
+    def total(self) -> int | None:
+        """COW size in sectors."""
+        return self.status.total
+
+    @property
+    def percent(self) -> float | None:
+        """Allocated share of the COW."""
+        return self.status.percent
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "name": self.name,
+            "origin": self.origin,
+            "cow": self.cow,
+            "store": self.store,
+            "chunk_size": self.chunk_size,
+            "state": self.state,
+            "status": self.status.format(),
+            "used_sectors": self.used,
+            "total_sectors": self.total,
+            "metadata_sectors": self.status.metadata,
+            "percent": None if self.percent is None else round(self.percent, 2),
+            "merging": self.merging,
+        }
+
+
+class SnapshotManager:
+    """Create, list, merge and remove snapshots through a ``DeviceMapper`` backend."""
+
+    def __init__(self, dm: DeviceMapper, *, poll_interval: float = 0.05) -> None:
+        self.dm = dm
+        self.poll_interval = poll_interval
+
+    # -- discovery --------------------------------------------------------------------------------
+    def _devices(self) -> dict[str, Table]:
+        out: dict[str, Table] = {}
+        for entry in self.dm.list():
+            try:
+                out[entry.name] = self.dm.table(entry.name)
+            except DMError:
+                continue
+        return out
+
+    def _ref_names(self) -> dict[str, str]:
+        """Device reference (``major:minor``) -> device name, for this backend's devices."""
+        return {f"{e.major}:{e.minor}": e.name for e in self.dm.list()}
+
+    @staticmethod
+    def _single(table: Table) -> Any:
+        return table.lines[0].target if len(table.lines) == 1 else None
+
+    def _origin_of_real(self, tables: dict[str, Table], real_ref: str) -> str | None:
+        for name, table in tables.items():
+            t = self._single(table)
+            if isinstance(t, (SnapshotOrigin, SnapshotMerge)) and t.origin == real_ref:
+                return name
+        return None
+
+    def _snapshots_of_real(self, tables: dict[str, Table], real_ref: str) -> Names:
+        return [
+            n
+            for n, tb in tables.items()
+            if type(self._single(tb)) is Snapshot and self._single(tb).origin == real_ref
+        ]
+
+    def _info(self, name: str, target: Snapshot, refs: dict[str, str], tables: dict[str, Table], merging: bool) -> SnapshotInfo:
+        status_line = self.dm.status(name if not merging else self._origin_of_real(tables, target.origin) or name)
+        status = parse_snapshot_status(status_line[0].params if status_line else "Unknown")
+        real = refs.get(target.origin, target.origin)
+        origin = self._origin_of_real(tables, target.origin) or real
+        return SnapshotInfo(
+            name=name,
+            origin=origin if not merging else origin,
+            cow=refs.get(target.cow, target.cow),
+            store=target.store,
+            chunk_size=target.chunk_size,
+            status=status,
+            merging=merging,
+            extra={"real": real},
+        )
+
+    def list(self) -> list[SnapshotInfo]:
+        """Every snapshot (and every merge in progress, named after its ``NAME-cow`` device)."""
+        tables = self._devices()
+        refs = self._ref_names()
+        out: list[SnapshotInfo] = []
+        for name, table in sorted(tables.items()):
+            t = self._single(table)
+            if type(t) is Snapshot:
+                out.append(self._info(name, t, refs, tables, False))
+            elif isinstance(t, SnapshotMerge):
+                cow_name = refs.get(t.cow, t.cow)
+                snap_name = cow_name[:-4] if cow_name.endswith("-cow") else cow_name
+                out.append(self._info(snap_name, t, refs, tables, True))
+        return out
+
+    def status(self, name: str) -> SnapshotInfo:
+        """One snapshot's info; raises ``DeviceNotFound``."""
+        for info in self.list():
+            if info.name == name:
+                return info
+        raise DeviceNotFound("no such snapshot", operation="status", device=name)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    @staticmethod
+    def _cow_size(cow: str) -> int:
+        from dmtools.blockdev import BlockDevice
+
+        with BlockDevice(cow) as dev:
+            return dev.size
+
+    @staticmethod
+    def _wipe_header(cow: str) -> None:
+        from dmtools.blockdev import BlockDevice
+
+        with BlockDevice(cow, writable=True) as dev:
+            dev.write(bytes(min(COW_WIPE_BYTES, dev.size)), 0)
+            dev.flush()
+
+    def _cow_in_use(self, cow: str, tables: dict[str, Table]) -> str | None:
+        """The device whose table already maps ``cow``, if any."""
+        keys = {os.path.abspath(cow)}
+        try:
+            st = os.stat(cow)
+            if st.st_rdev:
+                keys.add(f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
+        except OSError:
+            pass
+        for name, table in tables.items():
+            for dev in table.devices():
+                if dev in keys or os.path.abspath(dev) in keys:
+                    return name
+        return None
+
+    def _check_chunk(self, chunk_size: int) -> None:
+        err = chunk_size_error(chunk_size)
+        if err:
+            raise InvalidArgument(f"{err} ({chunk_size} sectors)", operation="create")
+
+    # -- create / activate ------------------------------------------------------------------------
+    def create(
+        self,
+        origin: str,
+        cow: str,
+        name: str,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SECTORS,
+        persistent: bool = True,
+    ) -> SnapshotInfo:
+        """Snapshot device ``origin`` into ``cow`` (a path or block device) as ``name``.
+
+        The COW's first 4 KiB are zeroed (the kernel then writes a new header). All-or-nothing:
+        on failure every device created is removed and the origin's table restored. Raises
+        ``InvalidArgument`` (chunk size, COW smaller than three chunks), ``DeviceExists``,
+        ``DeviceNotFound``, ``DeviceBusy`` (COW already in use, origin merging).
+        """
+        self._check_chunk(chunk_size)
+        return self._activate(origin, cow, name, chunk_size, "P" if persistent else "N", wipe=True)
+
+    def activate(self, origin: str, cow: str, name: str) -> SnapshotInfo:
+        """Re-activate an existing persistent COW (after a reboot or a daemon restart).
+
+        The chunk size comes from the COW header. Raises ``CorruptMetadata`` for a bad header,
+        ``SnapshotInvalid`` when the COW was invalidated and ``InvalidArgument`` for a COW that
+        holds no snapshot yet.
+        """
+        from snapshot.offline import inspect
+
+        user = self._cow_in_use(cow, self._devices())
+        if user is not None:
+            raise DeviceBusy(f"COW device is already in use by {user}", operation="activate", device=cow)
+        info = inspect(cow)
+        if not info.initialised:
+            raise InvalidArgument("COW holds no snapshot (header magic is 0); use create", device=cow)
+        if not info.valid:
+            raise SnapshotInvalid("the COW's snapshot was invalidated; it cannot be activated", device=cow)
+        return self._activate(origin, cow, name, info.chunk_size, "P", wipe=False)
+
+    def _activate(self, origin: str, cow: str, name: str, chunk: int, store: str, *, wipe: bool) -> SnapshotInfo:
+        dm = self.dm
+        validate_name(name)
+        cow_name = f"{name}-cow"
+        validate_name(cow_name)
+        tables = self._devices()
+        for n in (name, cow_name):
+            if n in tables or dm.exists(n):
+                raise DeviceExists("device already exists", operation="create", device=n)
+        if origin not in tables:
+            raise DeviceNotFound("origin is not an active device of this backend", operation="create", device=origin)
+        otarget = self._single(tables[origin])
+        if isinstance(otarget, SnapshotMerge):
+            raise DeviceBusy("origin is merging a snapshot", operation="create", device=origin)
+        user = self._cow_in_use(cow, tables)
+        if user is not None:
+            raise DeviceBusy(f"COW device is already in use by {user}", errno=errno.EBUSY, operation="create", device=cow)
+        size = self._cow_size(cow)
+        minimum = (NUM_SNAPSHOT_HDR_CHUNKS + 2) if store == "P" else 1
+        if size < minimum * chunk * SECTOR:
+            raise InvalidArgument(
+                f"COW device holds {size} bytes; at least {minimum} chunks of {chunk * SECTOR} bytes are needed",
+                operation="create",
+                device=cow,
+            )
+        origin_table = tables[origin]
+        origin_sectors = origin_table.size
+        real_name = f"{origin}-real"
+        created: Names = []
+        had_real = isinstance(otarget, SnapshotOrigin)
+        suspended = False
+        reloaded = False
+        if wipe:
+            self._wipe_header(cow)
+        try:
+            if had_real:
+                real_ref = otarget.origin
+            else:
+                if dm.exists(real_name):
+                    raise DeviceExists("device already exists", operation="create", device=real_name)
+                uuid = dm.info(origin).uuid
+                dm.create(real_name, origin_table, uuid=f"{uuid}-real" if uuid else "")
+                created.append(real_name)
+                real_ref = dm.device_ref(real_name)
+            cow_uuid = f"{dm.info(origin).uuid}-{name}-cow" if dm.info(origin).uuid else ""
+            dm.create(cow_name, f"0 {size // SECTOR} linear {cow} 0", uuid=cow_uuid[:128])
+            created.append(cow_name)
+            dm.suspend(origin)
+            suspended = True
+            snap = Snapshot(real_ref, dm.device_ref(cow_name), store, chunk)
+            dm.create(name, Table.single(origin_sectors, snap))
+            created.append(name)
+            if not had_real:
+                dm.load(origin, Table.single(origin_sectors, SnapshotOrigin(real_ref)))
+                reloaded = True
+            dm.resume(origin)
+            suspended = False
+        except BaseException:
+            self._rollback(origin, origin_table if reloaded else None, created, suspended)
+            raise
+        return self.status(name)
+
+    def _rollback(self, origin: str, origin_table: Table | None, created: Names, suspended: bool) -> None:
+        dm = self.dm
+        try:
+            if origin_table is not None or suspended:
+                if not suspended:
+                    dm.suspend(origin)
+                if origin_table is not None:
+                    dm.load(origin, origin_table)
+                dm.resume(origin)
+        except DMError:
+            pass
+        for n in reversed(created):
+            try:
+                dm.remove(n, retry=True)
+            except DMError:
+                pass
+
+    # -- remove -----------------------------------------------------------------------------------
+    def _snapshot(self, name: str, operation: str) -> tuple[Snapshot, dict[str, Table]]:
+        tables = self._devices()
+        t = self._single(tables[name]) if name in tables else None
+        if type(t) is not Snapshot:
+            raise DeviceNotFound("no such snapshot", operation=operation, device=name)
+        return t, tables
+
+    def remove(self, name: str) -> None:
+        """Drop snapshot ``name`` and its ``-cow`` device; with the last one the plain origin returns.
+
+        Raises ``DeviceBusy`` while the snapshot is open.
+        """
+        dm = self.dm
+        target, tables = self._snapshot(name, "remove")
+        if dm.info(name).open_count:
+            raise DeviceBusy("snapshot is open", operation="remove", device=name)
+        origin = self._origin_of_real(tables, target.origin)
+        others = [n for n in self._snapshots_of_real(tables, target.origin) if n != name]
+        refs = self._ref_names()
+        if origin is not None:
+            dm.suspend(origin)
+        try:
+            dm.remove(name, retry=True)
+        finally:
+            if origin is not None:
+                self._restore_origin(origin, target.origin, others, refs)
+        self._remove_cow(target.cow, refs)
+
+    def _restore_origin(self, origin: str, real_ref: str, others: Names, refs: dict[str, str]) -> None:
+        """Resume ``origin``; without snapshots left it gets the plain table back and -real goes."""
+        dm = self.dm
+        real = refs.get(real_ref)
+        if others or real is None:
+            dm.resume(origin)
+            return
+        dm.load(origin, dm.table(real))
+        dm.resume(origin)
+        dm.remove(real, retry=True)
+
+    def _remove_cow(self, cow_ref: str, refs: dict[str, str]) -> None:
+        cow_name = refs.get(cow_ref)
+        if cow_name is not None and cow_name.endswith("-cow"):
+            self.dm.remove(cow_name, retry=True)
+
+    # -- merge ------------------------------------------------------------------------------------
+    def merge(
+        self,
+        name: str,
+        *,
+        wait: bool = True,
+        progress: MergeProgress | None = None,
+        timeout: float | None = None,
+    ) -> SnapshotInfo | None:
+        """Roll the origin back to snapshot ``name``.
+
+        The snapshot device goes away and the origin is reloaded as ``snapshot-merge``. With
+        ``wait`` this polls the status (``progress(done, total)`` in sectors) until the merge
+        finishes, then restores ``snapshot-origin`` (other snapshots left) or the plain origin.
+        Calling ``merge`` again for a merge started with ``wait=False`` resumes waiting. Raises
+        ``SnapshotInvalid``, ``DeviceBusy`` (snapshot open, another merge running) and
+        ``DMError`` for ``Merge failed``.
+        """
+        dm = self.dm
+        tables = self._devices()
+        refs = self._ref_names()
+        merging = self._merging_origin(name, tables, refs)
+        if merging is None:
+            target, tables = self._snapshot(name, "merge")
+            if target.store == "N":
+                raise InvalidArgument("a transient snapshot cannot be merged", operation="merge", device=name)
+            status = parse_snapshot_status(dm.status(name)[0].params)
+            if not status.valid:
+                raise SnapshotInvalid("Unable to merge invalid snapshot", operation="merge", device=name)
+            if dm.info(name).open_count:
+                raise DeviceBusy("snapshot is open", operation="merge", device=name)
+            origin = self._origin_of_real(tables, target.origin)
+            if origin is None:
+                raise DeviceNotFound("the snapshot's origin device is missing", operation="merge", device=name)
+            if isinstance(self._single(tables[origin]), SnapshotMerge):
+                raise DeviceBusy("origin is already merging a snapshot", operation="merge", device=origin)
+            origin_sectors = tables[origin].size
+            dm.suspend(origin)
+            try:
+                dm.remove(name, retry=True)
+                merge_t = SnapshotMerge(target.origin, target.cow, "P", target.chunk_size)
+                dm.load(origin, Table.single(origin_sectors, merge_t))
+            finally:
+                dm.resume(origin)
+            merging = origin
+        if not wait:
+            return None
+        self._wait_merge(merging, name, progress, timeout)
+        self._finish_merge(merging)
+        return None
+
+    def _merging_origin(self, name: str, tables: dict[str, Table], refs: dict[str, str]) -> str | None:
+        for oname, table in tables.items():
+            t = self._single(table)
+            if isinstance(t, SnapshotMerge) and refs.get(t.cow) == f"{name}-cow":
+                return oname
+        return None
+
+    def _wait_merge(self, origin: str, name: str, progress: MergeProgress | None, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        start_left: int | None = None
+        while True:
+            status = parse_snapshot_status(self.dm.status(origin)[0].params, "snapshot-merge")
+            if status.state is SnapshotState.INVALID:
+                raise SnapshotInvalid("Merging snapshot invalidated", operation="merge", device=name)
+            if status.state is SnapshotState.MERGE_FAILED:
+                raise DMError("Merge failed. Retry merge or inspect manually.", operation="merge", device=name)
+            assert status.allocated is not None and status.metadata is not None
+            left = status.allocated - status.metadata
+            if start_left is None:
+                start_left = max(left, 0)
+            if progress is not None:
+                progress(max(0, start_left - left), start_left)
+            if status.merge_done:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise OperationCancelled("merge still running at the timeout", operation="merge", device=name)
+            time.sleep(self.poll_interval)
+
+    def _finish_merge(self, origin: str) -> None:
+        """Replace ``snapshot-merge`` by ``snapshot-origin`` (or the plain table) and drop the COW."""
+        dm = self.dm
+        tables = self._devices()
+        refs = self._ref_names()
+        t = self._single(tables[origin])
+        if not isinstance(t, SnapshotMerge):
+            return
+        others = self._snapshots_of_real(tables, t.origin)
+        dm.suspend(origin)
+        try:
+            if others:
+                dm.load(origin, Table.single(tables[origin].size, SnapshotOrigin(t.origin)))
+        except BaseException:
+            dm.resume(origin)
+            raise
+        if others:
+            dm.resume(origin)
+        else:
+            self._restore_origin(origin, t.origin, [], refs)
+        self._remove_cow(t.cow, refs)

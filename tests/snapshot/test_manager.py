@@ -1,0 +1,162 @@
+"""``SnapshotManager`` on the in-process userspace engine (the kernel tier repeats it on the kernel)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmtools.errors import CorruptMetadata, DeviceBusy, DeviceExists, InvalidArgument, SnapshotInvalid
+from snapshot import SnapshotManager
+
+SIZE = 512 * 1024
+CB = 4096
+
+
+@pytest.fixture
+def vol(snap_engine: Any, tmp_path: Path) -> tuple[Any, bytes]:
+    data = random.Random(5).randbytes(SIZE)
+    path = tmp_path / "vol.img"
+    path.write_bytes(data)
+    snap_engine.create("vol", f"0 {SIZE // 512} linear {path} 0")
+    return snap_engine, data
+
+
+def cow(tmp_path: Path, name: str, size: int = 256 * 1024) -> str:
+    p = tmp_path / f"{name}.cow"
+    with open(p, "wb") as f:
+        f.write(b"\xff" * 8192)  # garbage: create must wipe the header
+        f.truncate(size)
+    return str(p)
+
+
+def read(eng: Any, name: str) -> bytes:
+    buf = bytearray(SIZE)
+    with eng.open_endpoint(name, writable=False) as ep:
+        ep.readinto(buf, 0)
+    return bytes(buf)
+
+
+def write(eng: Any, name: str, data: bytes, offset: int) -> None:
+    with eng.open_endpoint(name) as ep:
+        ep.write(data, offset)
+
+
+def test_create_list_status_remove(vol: tuple[Any, bytes], tmp_path: Path) -> None:
+    eng, data = vol
+    mgr = SnapshotManager(eng)
+    info = mgr.create("vol", cow(tmp_path, "s1"), "s1")
+    assert info.name == "s1" and info.origin == "vol" and info.state == "active"
+    assert info.status.format() == "16/512 16"
+    assert eng.table("vol").lines[0].target.target_type == "snapshot-origin"
+    assert eng.exists("vol-real") and eng.exists("s1-cow")
+    write(eng, "vol", b"n" * CB, 0)
+    assert read(eng, "s1") == data
+    mgr.create("vol", cow(tmp_path, "s2"), "s2", chunk_size=16)
+    assert [i.name for i in mgr.list()] == ["s1", "s2"]
+    assert mgr.status("s1").status.format() == "24/512 16"
+    assert mgr.status("s2").to_dict()["chunk_size"] == 16
+    mgr.remove("s1")
+    assert eng.table("vol").lines[0].target.target_type == "snapshot-origin"
+    mgr.remove("s2")
+    assert eng.table("vol").lines[0].target.target_type == "linear"
+    assert not eng.exists("vol-real") and not eng.exists("s1-cow") and not eng.exists("s2-cow")
+    assert read(eng, "vol")[:CB] == b"n" * CB and read(eng, "vol")[CB:] == data[CB:]
+
+
+def test_merge_with_progress_restores_plain_origin(vol: tuple[Any, bytes], tmp_path: Path) -> None:
+    eng, data = vol
+    mgr = SnapshotManager(eng, poll_interval=0.01)
+    mgr.create("vol", cow(tmp_path, "s1"), "s1")
+    for off in range(0, SIZE // 2, 3 * CB):
+        write(eng, "vol", b"w" * CB, off)
+    seen: list[tuple[int, int]] = []
+    mgr.merge("s1", progress=lambda d, t: seen.append((d, t)), timeout=30)
+    assert read(eng, "vol") == data
+    assert seen and seen[-1][0] == seen[-1][1]
+    assert eng.table("vol").lines[0].target.target_type == "linear"
+    assert not eng.exists("s1") and not eng.exists("s1-cow") and not eng.exists("vol-real")
+
+
+def test_merge_keeps_other_snapshots(vol: tuple[Any, bytes], tmp_path: Path) -> None:
+    eng, data = vol
+    mgr = SnapshotManager(eng, poll_interval=0.01)
+    mgr.create("vol", cow(tmp_path, "s1"), "s1")
+    write(eng, "vol", b"1" * CB, 0)
+    mid = read(eng, "vol")
+    mgr.create("vol", cow(tmp_path, "s2"), "s2")
+    assert mgr.merge("s1", wait=False) is None
+    assert mgr.status("s1").merging
+    mgr.merge("s1", timeout=30)  # resumes waiting and finishes
+    assert read(eng, "vol") == data and read(eng, "s2") == mid
+    assert eng.table("vol").lines[0].target.target_type == "snapshot-origin"
+    assert [i.name for i in mgr.list()] == ["s2"]
+
+
+def test_activate_after_restart(vol: tuple[Any, bytes], tmp_path: Path) -> None:
+    eng, data = vol
+    mgr = SnapshotManager(eng)
+    c = cow(tmp_path, "s1")
+    mgr.create("vol", c, "s1", chunk_size=16)
+    write(eng, "vol", b"r" * 3 * CB, 5 * CB)
+    after = read(eng, "vol")
+    mgr.remove("s1")  # a "reboot": tables gone, COW and origin keep their data
+    with pytest.raises(DeviceBusy):
+        mgr.activate("vol", str(tmp_path / "vol.img"), "x")  # the origin's own file is in use
+    info = mgr.activate("vol", c, "s1")
+    assert info.chunk_size == 16
+    assert read(eng, "s1") == data and read(eng, "vol") == after
+
+
+def test_refusals_change_nothing(vol: tuple[Any, bytes], tmp_path: Path) -> None:
+    eng, data = vol
+    mgr = SnapshotManager(eng)
+    small = cow(tmp_path, "small", 2 * CB)
+    with pytest.raises(InvalidArgument, match="3 chunks"):
+        mgr.create("vol", small, "s0")
+    c = cow(tmp_path, "s1")
+    mgr.create("vol", c, "s1")
+    with pytest.raises(DeviceBusy, match="in use"):
+        mgr.create("vol", c, "s9")
+    with pytest.raises(DeviceExists):
+        mgr.create("vol", cow(tmp_path, "s3"), "s1")
+    with pytest.raises(InvalidArgument, match="power of 2"):
+        mgr.create("vol", cow(tmp_path, "s4"), "s4", chunk_size=12)
+    assert sorted(e.name for e in eng.list()) == ["s1", "s1-cow", "vol", "vol-real"]
+    bad = cow(tmp_path, "bad")
+    with pytest.raises(CorruptMetadata):
+        mgr.activate("vol", bad, "s5")
+    assert Path(bad).read_bytes()[:4] == b"\xff" * 4
+
+
+def test_create_rolls_back_on_failure(vol: tuple[Any, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    eng, data = vol
+    mgr = SnapshotManager(eng)
+    before = str(eng.table("vol"))
+    real_create = eng.create
+
+    def failing(name: str, *a: Any, **kw: Any) -> Any:
+        if name == "s1":
+            raise DeviceExists("injected", device=name)
+        return real_create(name, *a, **kw)
+
+    monkeypatch.setattr(eng, "create", failing)
+    with pytest.raises(DeviceExists, match="injected"):
+        mgr.create("vol", cow(tmp_path, "s1"), "s1")
+    assert str(eng.table("vol")) == before and not eng.info("vol").suspended
+    assert sorted(e.name for e in eng.list()) == ["vol"]
+    assert read(eng, "vol") == data
+
+
+def test_merge_refuses_invalid_snapshot(vol: tuple[Any, bytes], tmp_path: Path) -> None:
+    eng, _ = vol
+    mgr = SnapshotManager(eng)
+    mgr.create("vol", cow(tmp_path, "s1", 4 * CB), "s1")
+    write(eng, "vol", b"x" * 4 * CB, 0)
+    assert mgr.status("s1").state == "Invalid"
+    with pytest.raises(SnapshotInvalid):
+        mgr.merge("s1")
+    mgr.remove("s1")
+    assert eng.table("vol").lines[0].target.target_type == "linear"
