@@ -3,7 +3,8 @@
 A reference to one of the engine's own devices (its ``major:minor``, its exposed loop device, its
 ``mapper/NAME`` link or its FUSE file) resolves to the device itself, in-process: I/O never goes
 through the engine's own FUSE/loop exposure, which would deadlock a suspended device against
-itself. Anything else is opened as a ``dmtools.blockdev.BlockDevice`` (block device or regular file).
+itself. Anything else is opened as a ``BackingDevice`` (a ``dmtools.blockdev.BlockDevice`` of a
+block device or regular file, with ``O_DIRECT`` for large writes).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import re
 import stat
 from typing import TYPE_CHECKING
 
-from dmtools.blockdev import BlockDevice, resolve_devno
+from dmtools.blockdev import resolve_devno
+from dmtools.engine.backing import BackingDevice
 from dmtools.engine.target import DeviceHandle
 from dmtools.errors import DMError, InvalidTable
 
@@ -57,7 +59,7 @@ def resolve(engine: "Engine", ref: str, *, writable: bool) -> DeviceHandle:
     m = _DEVNO.match(ref)
     try:
         path = resolve_devno((int(m.group(1)), int(m.group(2)))) if m else ref
-        bdev = BlockDevice(path, writable=writable)
+        bdev = BackingDevice(path, writable=writable)
     except DMError as err:
         raise InvalidTable(f"{ref}: {err.message}", operation="load") from err
     devno = bdev.devno

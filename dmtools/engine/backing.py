@@ -1,0 +1,111 @@
+"""Backing files and block devices of engine tables: page cache for small I/O, ``O_DIRECT`` for big writes.
+
+Large sequential writes through the page cache leave the whole volume to be written back at the
+next flush; sending writes of ``DIRECT_MIN`` bytes or more (aligned to the logical block size)
+through a second ``O_DIRECT`` descriptor writes them as they come, like the kernel's dm targets
+do. The kernel keeps the two paths coherent (a direct write writes back and invalidates cached
+pages of its range). Reads stay buffered: the backing device's read-ahead serves sequential reads
+better than one direct request at a time.
+"""
+
+from __future__ import annotations
+
+import mmap
+import queue
+from typing import Any
+
+from dmtools.blockdev import BlockDevice, aligned_buffer
+from dmtools.endpoint import Endpoint
+from dmtools.errors import DMError
+
+#: Smallest write sent through ``O_DIRECT``.
+DIRECT_MIN = 256 << 10
+
+_bounce: "queue.SimpleQueue[mmap.mmap]" = queue.SimpleQueue()
+
+
+def _take(size: int) -> mmap.mmap:
+    try:
+        buf = _bounce.get_nowait()
+    except queue.Empty:
+        return aligned_buffer(max(size, 1 << 20))
+    if len(buf) < size:
+        buf.close()
+        return aligned_buffer(size)
+    return buf
+
+
+class BackingDevice(Endpoint):
+    """A ``BlockDevice`` plus an ``O_DIRECT`` twin for large aligned writes."""
+
+    def __init__(self, path: str, *, writable: bool) -> None:
+        self.buffered = BlockDevice(path, writable=writable)
+        self.path = path
+        self.name = self.buffered.name
+        self._direct: BlockDevice | None = None
+        if writable:
+            try:
+                self._direct = BlockDevice(path, writable=True, direct=True)
+            except DMError:
+                self._direct = None  # the file system cannot do O_DIRECT: buffered only
+
+    @property
+    def devno(self) -> tuple[int, int] | None:
+        """``(major, minor)`` of a block device, ``None`` for a regular file."""
+        return self.buffered.devno
+
+    @property
+    def size(self) -> int:
+        return self.buffered.size
+
+    @property
+    def logical_block_size(self) -> int:
+        return self.buffered.logical_block_size
+
+    @property
+    def read_only(self) -> bool:
+        return self.buffered.read_only
+
+    @property
+    def is_regular_file(self) -> bool:
+        return self.buffered.is_regular_file
+
+    def fileno(self) -> int | None:
+        return self.buffered.fileno()
+
+    def readinto(self, buf: Any, offset: int) -> int:
+        return self.buffered.readinto(buf, offset)
+
+    def write(self, buf: Any, offset: int) -> int:
+        direct = self._direct
+        mv = memoryview(buf).cast("B")
+        n = len(mv)
+        if direct is None or n < DIRECT_MIN:
+            return self.buffered.write(mv, offset)
+        align = direct.logical_block_size
+        if offset % align or n % align:
+            return self.buffered.write(mv, offset)
+        bounce = _take(n)
+        try:
+            bounce[:n] = mv
+            direct.write(memoryview(bounce)[:n], offset)
+        finally:
+            _bounce.put(bounce)
+        return n
+
+    def flush(self) -> None:
+        self.buffered.flush()
+
+    def zero(self, offset: int, length: int) -> None:
+        self.buffered.zero(offset, length)
+
+    def discard(self, offset: int, length: int) -> None:
+        self.buffered.discard(offset, length)
+
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        return self.buffered.data_extents(offset, length)
+
+    def close(self) -> None:
+        self.buffered.close()
+        if self._direct is not None:
+            self._direct.close()
