@@ -1,0 +1,212 @@
+"""``dmtools snapshot ...``: create, list, merge and remove snapshots; inspect and export COWs.
+
+    dmtools snapshot create ORIGIN --cow DEV --name NAME [--chunk-size 4K] [--transient]
+    dmtools snapshot list | status NAME | remove NAME
+    dmtools snapshot merge NAME [--no-wait] [--progress[=FD]]
+    dmtools snapshot activate ORIGIN --cow DEV --name NAME
+    dmtools snapshot inspect COW                       (no device-mapper needed)
+    dmtools snapshot export --origin DEV --cow DEV OUT  (no device-mapper needed)
+
+A bare ``--chunk-size`` number is in sectors, as in tables; units (``16K``) are bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from dmtools.errors import InvalidArgument
+from dmtools.units import SECTOR, format_size, parse_size
+
+__all__ = ["register"]
+
+
+def _chunk_sectors(text: str) -> int:
+    nbytes = parse_size(text, default_unit="s")
+    if nbytes % SECTOR or not nbytes:
+        raise InvalidArgument(f"chunk size {text!r} is not a whole number of 512-byte sectors")
+    return nbytes // SECTOR
+
+
+def _manager(args: argparse.Namespace) -> Any:
+    from dmtools.cli.main import open_backend
+    from snapshot.manager import SnapshotManager
+
+    return SnapshotManager(open_backend(args))
+
+
+def _emit(args: argparse.Namespace, data: Any, text: Any) -> None:
+    from dmtools.cli.main import emit
+
+    emit(args, data, text)
+
+
+def _reporter(args: argparse.Namespace, label: str) -> Any:
+    if getattr(args, "quiet", False) and args.progress is None:
+        return None
+    from kcopyd.progress import ProgressReporter
+
+    if args.progress is None:
+        return ProgressReporter(label=label)  # a bar only when stderr is a terminal
+    if args.progress == "bar":
+        return ProgressReporter(label=label, bar=True)
+    try:
+        fd = int(args.progress)
+    except ValueError:
+        raise InvalidArgument(f"--progress takes a file descriptor number, not {args.progress!r}") from None
+    return ProgressReporter(fd=fd, bar=False, label=label)
+
+
+def _info_line(info: Any) -> str:
+    pct = "" if info.percent is None else f"{info.percent:6.2f}%"
+    return f"{info.name:<20} {info.origin:<20} {info.state:<12} {info.status.format():<24} {pct}"
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    mgr = _manager(args)
+    info = mgr.create(args.origin, args.cow, args.name, chunk_size=_chunk_sectors(args.chunk_size),
+                      persistent=not args.transient)
+    _emit(args, info.to_dict(), f"created snapshot {info.name} of {info.origin} ({info.status.format()})")
+    return 0
+
+
+def cmd_activate(args: argparse.Namespace) -> int:
+    info = _manager(args).activate(args.origin, args.cow, args.name)
+    _emit(args, info.to_dict(), f"activated snapshot {info.name} of {info.origin} ({info.status.format()})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    infos = _manager(args).list()
+    header = f"{'NAME':<20} {'ORIGIN':<20} {'STATE':<12} {'STATUS':<24} USED"
+    _emit(args, [i.to_dict() for i in infos], lambda: "\n".join([header] + [_info_line(i) for i in infos]))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    info = _manager(args).status(args.name)
+    _emit(args, info.to_dict(), lambda: "\n".join(f"{k}: {v}" for k, v in info.to_dict().items()))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    mgr = _manager(args)
+    if args.no_wait:
+        mgr.merge(args.name, wait=False)
+        _emit(args, {"name": args.name, "merging": True}, f"merging {args.name} in the background")
+        return 0
+    reporter = _reporter(args, f"merge {args.name}")
+    last = [0, 0]
+
+    def progress(done: int, total: int) -> None:
+        last[:] = [done * SECTOR, total * SECTOR]
+        if reporter is not None:
+            reporter.update(done * SECTOR, total * SECTOR)
+
+    ok = False
+    try:
+        mgr.merge(args.name, progress=progress, timeout=args.timeout)
+        ok = True
+    finally:
+        if reporter is not None:
+            reporter.finish(last[0], last[1], ok=ok)
+    _emit(args, {"name": args.name, "merged": True}, f"merged {args.name}")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    _manager(args).remove(args.name)
+    _emit(args, {"name": args.name, "removed": True}, f"removed snapshot {args.name}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from snapshot.offline import inspect
+
+    info = inspect(args.cow)
+    _emit(args, info.to_dict(), info.format)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from snapshot.offline import export
+
+    reporter = _reporter(args, "export")
+    last = [0, 0]
+
+    def progress(done: int, total: int) -> None:
+        last[:] = [done, total]
+        if reporter is not None:
+            reporter.update(done, total)
+
+    ok = False
+    try:
+        result = export(args.origin, args.cow, args.out, progress=progress)
+        ok = True
+    finally:
+        if reporter is not None:
+            reporter.finish(last[0], last[1], ok=ok)
+    _emit(
+        args,
+        {"bytes": result.bytes, "exceptions": result.exceptions, "runs": result.runs},
+        f"exported {format_size(result.bytes)} ({result.exceptions} exceptions from the COW) to {args.out}",
+    )
+    return 0
+
+
+def _progress_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", "-p", nargs="?", const="bar", default=None, metavar="FD",
+                   help="show a progress bar, or with =FD write 'N/100' lines to file descriptor FD")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar even on a terminal")
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``snapshot`` and its sub-commands to an argparse sub-parser collection."""
+    p = subparsers.add_parser("snapshot", help="snapshots: create, list, merge, remove; inspect/export COWs",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="snapshot_command", metavar="ACTION")
+    sub.required = True
+
+    c = sub.add_parser("create", help="snapshot ORIGIN into a COW device")
+    c.add_argument("origin", metavar="ORIGIN", help="device-mapper device to snapshot")
+    c.add_argument("--cow", required=True, metavar="DEV", help="COW device or file (its header is wiped)")
+    c.add_argument("--name", required=True, help="name of the snapshot device")
+    c.add_argument("--chunk-size", default="4K", metavar="SIZE",
+                   help="chunk size: sectors, or with a unit (default 4K, LVM's)")
+    c.add_argument("--transient", action="store_true", help="non-persistent store (N): lost on deactivation")
+    c.set_defaults(func=cmd_create)
+
+    a = sub.add_parser("activate", help="activate an existing persistent COW of ORIGIN")
+    a.add_argument("origin", metavar="ORIGIN")
+    a.add_argument("--cow", required=True, metavar="DEV")
+    a.add_argument("--name", required=True)
+    a.set_defaults(func=cmd_activate)
+
+    sub.add_parser("list", help="list snapshots (--json for JSON)").set_defaults(func=cmd_list)
+
+    s = sub.add_parser("status", help="one snapshot's usage and state")
+    s.add_argument("name", metavar="NAME")
+    s.set_defaults(func=cmd_status)
+
+    m = sub.add_parser("merge", help="roll the origin back to the snapshot")
+    m.add_argument("name", metavar="NAME")
+    m.add_argument("--no-wait", action="store_true", help="start the merge and return")
+    m.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+    _progress_option(m)
+    m.set_defaults(func=cmd_merge)
+
+    r = sub.add_parser("remove", help="drop a snapshot (the plain origin returns with the last one)")
+    r.add_argument("name", metavar="NAME")
+    r.set_defaults(func=cmd_remove)
+
+    i = sub.add_parser("inspect", help="read a COW's header and metadata (offline)")
+    i.add_argument("cow", metavar="COW")
+    i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("export", help="write a snapshot's view from its origin and COW (offline)")
+    e.add_argument("--origin", required=True, metavar="DEV")
+    e.add_argument("--cow", required=True, metavar="DEV")
+    e.add_argument("out", metavar="OUT", help="output file (created) or block device")
+    _progress_option(e)
+    e.set_defaults(func=cmd_export)
+    return p  # type: ignore[no-any-return]
