@@ -1,0 +1,450 @@
+"""``MirrorManager``: create, watch, resync, repair, split and grow mirrors on either backend.
+
+The manager builds ``mirror`` tables and drives them through a ``DeviceMapper`` (the kernel through
+libdevmapper, or the userspace engine). Leg and log references are paths or ``major:minor``, as
+dmsetup takes them. Region sizes are in 512-byte sectors.
+
+Resync: on the userspace engine the ``mirror`` target copies (``resync_rate`` / ``rebuild``
+messages steer it); on the kernel the manager follows the kernel's own resync with the same
+progress, or — for a mirror that is not active — ``resync_offline`` copies the regions the disk log
+names as out of sync with kcopyd, so that ``activate`` brings the mirror up already in sync.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from dmtools.backend import DeviceMapper
+from dmtools.endpoint import Endpoint
+from dmtools.errors import DeviceIOError, DMError, InvalidArgument, OperationCancelled
+from dmtools.names import validate_name
+from dmtools.status import parse_mirror_status
+from dmtools.table import Table
+from dmtools.targets_model import CoreLog, DiskLog, Leg, Linear, Mirror
+
+from mirror.format import SECTOR, LogImage, check_region_size, format_log, log_io_bytes, region_count
+from mirror.resync import OfflineResync, ResyncResult, check_legs, raise_for
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MirrorManager", "MirrorState", "DEFAULT_REGION_SIZE"]
+
+#: 512 KiB, the RHEL documentation's default mirror region (LVM's current default is 2 MiB).
+DEFAULT_REGION_SIZE = 1024
+
+ProgressFn = Callable[[int, int], None]
+_DEVNO = re.compile(r"^\d+:\d+$")
+
+
+@dataclass(frozen=True)
+class MirrorState:
+    """A mirror's table and status, as the manager reports it."""
+
+    name: str
+    backend: str
+    length: int
+    region_size: int | None
+    legs: tuple[str, ...]
+    health: str
+    in_sync: int
+    regions: int
+    log_type: str
+    log_device: str | None
+    log_health: str | None
+    features: tuple[str, ...]
+    status_text: str
+    table_text: str
+
+    @property
+    def percent(self) -> float:
+        """Regions in sync, 0–100."""
+        return 100.0 * self.in_sync / self.regions if self.regions else 100.0
+
+    @property
+    def fully_in_sync(self) -> bool:
+        """True when every region is in sync."""
+        return self.in_sync == self.regions
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {
+            "name": self.name,
+            "backend": self.backend,
+            "length_sectors": self.length,
+            "region_size_sectors": self.region_size,
+            "legs": [{"device": d, "health": h} for d, h in zip(self.legs, self.health)],
+            "in_sync_regions": self.in_sync,
+            "regions": self.regions,
+            "percent_in_sync": round(self.percent, 2),
+            "log": {"type": self.log_type, "device": self.log_device, "health": self.log_health},
+            "features": list(self.features),
+            "status": self.status_text,
+            "table": self.table_text,
+        }
+
+
+class MirrorManager:
+    """Mirror operations on ``dm`` (``dmtools.open()`` when omitted)."""
+
+    def __init__(self, dm: DeviceMapper | None = None) -> None:
+        if dm is None:
+            import dmtools
+
+            dm = dmtools.open()
+        self.dm = dm
+
+    # -- helpers --------------------------------------------------------------------------------
+    @property
+    def userspace(self) -> bool:
+        return self.dm.backend == "userspace"
+
+    def open_ref(self, ref: str | Endpoint, *, writable: bool = False) -> Endpoint:
+        """Open a leg or log reference: an engine device number, a path or a kernel ``major:minor``."""
+        if isinstance(ref, Endpoint):
+            return ref
+        if self.userspace and _DEVNO.match(ref):
+            major, minor = (int(x) for x in ref.split(":"))
+            for entry in self.dm.list():
+                if (entry.major, entry.minor) == (major, minor):
+                    return self.dm.open_endpoint(entry.name, writable=writable)
+        from dmtools.blockdev import open_endpoint
+
+        return open_endpoint(ref, writable=writable)
+
+    def _mirror(self, name: str) -> tuple[int, Mirror]:
+        table = self.dm.table(name)
+        if len(table.lines) != 1 or not isinstance(table.lines[0].target, Mirror):
+            raise InvalidArgument("not a mirror device (one mirror target expected)", operation="mirror", device=name)
+        return table.lines[0].length, table.lines[0].target
+
+    def _swap(self, name: str, table: Table) -> None:
+        """Load ``table`` and resume it (the device is suspended and resumed around the swap)."""
+        self.dm.load(name, table)
+        try:
+            self.dm.resume(name)
+        except BaseException:
+            try:
+                self.dm.clear(name)
+            except DMError:
+                pass
+            raise
+
+    # -- create / status / remove ---------------------------------------------------------------
+    def create(
+        self,
+        name: str,
+        legs: Sequence[str],
+        *,
+        log: str = "core",
+        region_size: int = DEFAULT_REGION_SIZE,
+        nosync: bool = False,
+        handle_errors: bool = False,
+        keep_log_contents: bool = False,
+        uuid: str = "",
+    ) -> MirrorState:
+        """Create mirror ``name`` over ``legs`` (2–9 devices of one size) and activate it.
+
+        ``log`` is ``"core"`` or a log device. A disk log is formatted (every region out of sync,
+        or in sync with ``nosync``) unless ``keep_log_contents`` (``activate``) trusts what it holds.
+        ``nosync`` skips the initial resync (the legs are known to be identical or blank).
+        Everything is checked before anything is written; raises ``InvalidArgument`` (legs of
+        different sizes, bad region size, too-small log), ``CorruptMetadata`` (a kept log that is not
+        a mirror log) or the backend's errors. All-or-nothing: the device is removed if activation fails.
+        """
+        validate_name(name)
+        if self.dm.exists(name):
+            from dmtools.errors import DeviceExists
+
+            raise DeviceExists("device already exists", operation="create", device=name)
+        with ExitStack() as stack:
+            eps = [stack.enter_context(self.open_ref(ref)) for ref in legs]
+            length = check_legs(eps)
+        check_region_size(region_size, length)
+        nr = region_count(length, region_size)
+        features = ("handle_errors",) if handle_errors else ()
+        if log == "core":
+            mlog: CoreLog | DiskLog = CoreLog(region_size, "nosync" if nosync else None)
+        else:
+            with self.open_ref(log, writable=True) as lep:
+                need = log_io_bytes(nr, lep.logical_block_size)
+                if need > lep.size:
+                    raise InvalidArgument(
+                        f"log device too small: need {need} bytes, has {lep.size}", operation="create", device=log
+                    )
+                if keep_log_contents:
+                    LogImage.read(lep)  # a foreign or corrupt log is refused; nothing written
+                else:
+                    format_log(lep, nr, in_sync=nosync)
+            mlog = DiskLog(log, region_size)
+        target = Mirror(mlog, tuple(Leg(ref, 0) for ref in legs), features)
+        self.dm.create(name, Table.single(length, target), uuid=uuid)
+        return self.status(name)
+
+    def activate(self, name: str, legs: Sequence[str], *, log: str, region_size: int = DEFAULT_REGION_SIZE,
+                 handle_errors: bool = False) -> MirrorState:
+        """Activate an existing mirror on its disk log, trusting the log (after ``resync_offline``)."""
+        return self.create(name, legs, log=log, region_size=region_size, handle_errors=handle_errors,
+                           keep_log_contents=True)
+
+    def status(self, name: str) -> MirrorState:
+        """Table and status of mirror ``name``."""
+        length, target = self._mirror(name)
+        lines = self.dm.status(name)
+        st = parse_mirror_status(lines[0].params)
+        return MirrorState(
+            name=name,
+            backend=self.dm.backend,
+            length=length,
+            region_size=target.region_size,
+            legs=st.devices,
+            health=st.health,
+            in_sync=st.in_sync,
+            regions=st.regions,
+            log_type=st.log_type,
+            log_device=st.log_device,
+            log_health=st.log_health.value if st.log_health else None,
+            features=target.features,
+            status_text=lines[0].params,
+            table_text=target.params,
+        )
+
+    def list(self) -> list[MirrorState]:
+        """Every device whose table is one mirror target."""
+        out = []
+        for entry in self.dm.list():
+            try:
+                out.append(self.status(entry.name))
+            except DMError:
+                continue
+        return out
+
+    def remove(self, name: str) -> None:
+        """Remove mirror ``name`` (its legs and log are left as they are)."""
+        self._mirror(name)
+        self.dm.remove(name, retry=True)
+
+    # -- resync ---------------------------------------------------------------------------------
+    def resync(
+        self,
+        name: str,
+        *,
+        rate: int | None = None,
+        leg: int | None = None,
+        progress: ProgressFn | None = None,
+        timeout: float | None = None,
+        cancel: threading.Event | None = None,
+        poll: float = 0.1,
+    ) -> MirrorState:
+        """Bring mirror ``name`` in sync and report progress as ``progress(done_bytes, total_bytes)``.
+
+        On the userspace engine the target is driven: ``rate`` (bytes/s) holds the copy for the
+        duration of the call and ``leg`` rebuilds that leg only. On the kernel the kernel's own resync
+        is followed (its rate is the ``dm_mirror.raid1_resync_throttle`` module parameter, so ``rate``
+        and ``leg`` are refused there; use ``resync_offline`` for an inactive mirror). Raises
+        ``OperationCancelled`` on timeout or cancel, ``DeviceIOError`` when a leg fails a resync.
+        """
+        if not self.userspace and (rate is not None or leg is not None):
+            raise InvalidArgument(
+                "the kernel's mirror resync has no per-device rate or leg choice; "
+                "resync an inactive mirror with resync_offline instead",
+                operation="resync",
+                device=name,
+            )
+        if rate is not None and rate <= 0:
+            raise InvalidArgument(f"rate must be positive, not {rate}", operation="resync", device=name)
+        state = self.status(name)
+        region_bytes = (state.region_size or 1) * SECTOR
+        total = state.length * SECTOR
+        if leg is not None and not 0 < leg < len(state.legs):
+            raise InvalidArgument(f"leg {leg} cannot be rebuilt (legs 1..{len(state.legs) - 1})",
+                                  operation="resync", device=name)
+        if rate is not None:
+            self.dm.message(name, 0, f"resync_rate {rate}")
+        if leg is not None:
+            self.dm.message(name, 0, f"rebuild {leg}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                state = self.status(name)
+                if progress is not None:
+                    progress(min(total, state.in_sync * region_bytes), total)
+                if state.fully_in_sync:
+                    return state
+                if set(state.health) & {"S", "D", "F"} and self._stalled(name, state, poll):
+                    raise DeviceIOError(
+                        f"resync stopped: leg health {state.health} ({state.status_text})",
+                        operation="resync",
+                        device=name,
+                    )
+                if cancel is not None and cancel.is_set():
+                    raise OperationCancelled("resync cancelled; it resumes from the log", operation="resync",
+                                             device=name)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise OperationCancelled(f"resync not finished after {timeout} s ({state.percent:.1f}%)",
+                                             operation="resync", device=name)
+                time.sleep(poll)
+        finally:
+            if rate is not None:
+                try:
+                    self.dm.message(name, 0, "resync_rate 0")
+                except DMError:
+                    pass
+
+    def _stalled(self, name: str, state: MirrorState, poll: float) -> bool:
+        """True when the sync count does not move for a while (a failing leg blocks the resync)."""
+        for _ in range(int(2.0 / poll) + 1):
+            time.sleep(poll)
+            now = self.status(name)
+            if now.in_sync != state.in_sync or now.fully_in_sync:
+                return False
+        return True
+
+    def resync_offline(
+        self,
+        legs: Sequence[str | Endpoint],
+        log: str | Endpoint | None,
+        *,
+        region_size: int = DEFAULT_REGION_SIZE,
+        rate: int | None = None,
+        rebuild: int | None = None,
+        source: int = 0,
+        full: bool = False,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+    ) -> ResyncResult:
+        """Resync an inactive mirror's legs from its disk log with kcopyd (see ``mirror.resync``).
+
+        ``log=None`` means a core log: every region is copied. Raises the validation errors of
+        ``OfflineResync`` before writing anything, and ``DeviceIOError``/``OperationCancelled`` when
+        regions failed or the run was cancelled (those regions stay out of sync on the log).
+        """
+        with ExitStack() as stack:
+            eps = [stack.enter_context(self.open_ref(ref, writable=True)) for ref in legs]
+            lep = stack.enter_context(self.open_ref(log, writable=True)) if log is not None else None
+            rs = OfflineResync(eps, lep, region_size=region_size, rate=rate, rebuild=rebuild, source=source,
+                               full=full)
+            result = rs.run(progress=progress, cancel=cancel)
+        raise_for(result)
+        return result
+
+    # -- repair / split / add_leg ---------------------------------------------------------------
+    def _leg_index(self, target: Mirror, leg: int | str) -> int:
+        if isinstance(leg, int):
+            if not 0 <= leg < len(target.legs):
+                raise InvalidArgument(f"no leg {leg} (0..{len(target.legs) - 1})", operation="mirror")
+            return leg
+        for i, lg in enumerate(target.legs):
+            if lg.device == leg:
+                return i
+        raise InvalidArgument(f"{leg} is not a leg of this mirror", operation="mirror")
+
+    def _with_log_sync(self, target: Mirror, legs: tuple[Leg, ...], sync: str | None) -> Mirror:
+        mlog = target.log
+        if isinstance(mlog, DiskLog):
+            new_log: CoreLog | DiskLog = DiskLog(mlog.device, mlog.region, sync)
+        elif isinstance(mlog, CoreLog):
+            new_log = CoreLog(mlog.region, None if sync == "sync" else mlog.sync)
+        else:
+            raise InvalidArgument(f"{mlog.log_type} logs are not managed here", operation="mirror")
+        return Mirror(new_log, legs, target.features)
+
+    def _check_new_leg(self, ref: str, length: int) -> None:
+        with self.open_ref(ref) as ep:
+            if ep.size < length * SECTOR:
+                raise InvalidArgument(f"new leg {ref} has {ep.size} bytes, the mirror needs {length * SECTOR}",
+                                      operation="mirror", device=ref)
+
+    def _rebuild(self, name: str, length: int, target: Mirror, legs: tuple[Leg, ...], index: int,
+                 progress: ProgressFn | None, rate: int | None, wait: bool) -> MirrorState:
+        if self.userspace:
+            self._swap(name, Table.single(length, Mirror(target.log, legs, target.features)))
+            if wait:
+                return self.resync(name, leg=index, rate=rate, progress=progress)
+            self.dm.message(name, 0, f"rebuild {index}")
+            return self.status(name)
+        # The kernel recovers from the default leg to every other leg: force a full resync, then
+        # drop the ``sync`` argument so that later activations trust the log again.
+        self._swap(name, Table.single(length, self._with_log_sync(target, legs, "sync")))
+        if not wait:
+            return self.status(name)
+        self.resync(name, progress=progress)
+        self._swap(name, Table.single(length, self._with_log_sync(target, legs, getattr(target.log, "sync", None))))
+        return self.status(name)
+
+    def repair(self, name: str, leg: int | str, new_leg: str, *, rate: int | None = None,
+               progress: ProgressFn | None = None, wait: bool = True) -> MirrorState:
+        """Replace leg ``leg`` (index or reference) by ``new_leg`` and resync it.
+
+        Userspace engine: only the new leg receives the copy (regions the log has out of sync still go
+        to every leg). Kernel: the kernel resyncs every leg. The default leg (0) cannot be replaced
+        while it is the only source; replace another leg, or ``split`` first.
+        """
+        length, target = self._mirror(name)
+        index = self._leg_index(target, leg)
+        if index == 0:
+            raise InvalidArgument("leg 0 is the resync source; repair another leg", operation="repair", device=name)
+        self._check_new_leg(new_leg, length)
+        legs = list(target.legs)
+        legs[index] = Leg(new_leg, 0)
+        return self._rebuild(name, length, target, tuple(legs), index, progress, rate, wait)
+
+    def add_leg(self, name: str, new_leg: str, *, log: str = "core", region_size: int = DEFAULT_REGION_SIZE,
+                rate: int | None = None, progress: ProgressFn | None = None, wait: bool = True) -> MirrorState:
+        """Add ``new_leg``: a linear volume becomes a 2-leg mirror, a mirror gains a leg (at most 9)."""
+        table = self.dm.table(name)
+        if len(table.lines) != 1:
+            raise InvalidArgument("only single-target devices can gain a leg", operation="add_leg", device=name)
+        length, tgt = table.lines[0].length, table.lines[0].target
+        self._check_new_leg(new_leg, length)
+        if isinstance(tgt, Linear):
+            check_region_size(region_size, length)
+            if log == "core":
+                mlog: CoreLog | DiskLog = CoreLog(region_size)
+            else:
+                with self.open_ref(log, writable=True) as lep:
+                    need = log_io_bytes(region_count(length, region_size), lep.logical_block_size)
+                    if need > lep.size:
+                        raise InvalidArgument(f"log device too small: need {need} bytes", operation="add_leg",
+                                              device=log)
+                    format_log(lep, region_count(length, region_size), in_sync=False)
+                mlog = DiskLog(log, region_size)
+            mirror = Mirror(mlog, (Leg(tgt.device, tgt.offset), Leg(new_leg, 0)))
+            self._swap(name, Table.single(length, mirror))
+            return self.resync(name, progress=progress, rate=rate) if wait else self.status(name)
+        if isinstance(tgt, Mirror):
+            if len(tgt.legs) >= 9:
+                raise InvalidArgument("a mirror has at most 9 legs", operation="add_leg", device=name)
+            legs = tgt.legs + (Leg(new_leg, 0),)
+            return self._rebuild(name, length, tgt, legs, len(legs) - 1, progress, rate, wait)
+        raise InvalidArgument(f"cannot add a leg to a {tgt.target_type} device", operation="add_leg", device=name)
+
+    def split(self, name: str, leg: int | str, new_name: str, *, force: bool = False) -> str:
+        """Detach leg ``leg`` as standalone linear device ``new_name``; the mirror keeps the others.
+
+        The mirror must be fully in sync (``force`` overrides). A mirror left with one leg becomes a
+        linear device. Returns ``new_name``.
+        """
+        validate_name(new_name)
+        length, target = self._mirror(name)
+        index = self._leg_index(target, leg)
+        state = self.status(name)
+        if not state.fully_in_sync and not force:
+            raise InvalidArgument(f"mirror is not in sync ({state.percent:.1f}%); resync first or force",
+                                  operation="split", device=name)
+        if state.health[index] != "A" and not force:
+            raise InvalidArgument(f"leg {index} has health {state.health[index]}", operation="split", device=name)
+        split_leg = target.legs[index]
+        rest = tuple(lg for i, lg in enumerate(target.legs) if i != index)
+        if len(rest) >= 2:
+            new_table = Table.single(length, Mirror(target.log, rest, target.features))
+        else:
+            new_table = Table.single(length, Linear(rest[0].device, rest[0].offset))
+        self._swap(name, new_table)
+        self.dm.create(new_name, Table.single(length, Linear(split_leg.device, split_leg.offset)))
+        return new_name
