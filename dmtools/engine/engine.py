@@ -72,6 +72,7 @@ class TargetRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._classes: dict[str, type[Target]] = {}
+        self._extra: dict[str, type[Target]] = {}
 
     def _specs(self) -> dict[str, str]:
         specs = dict(_BUILTIN_TARGETS)
@@ -97,10 +98,18 @@ class TargetRegistry:
             self._classes[name] = cls
             return cls
 
+    def register(self, cls: type[Target], name: str | None = None) -> None:
+        """Add (or replace) a target type without an entry point."""
+        if not (isinstance(cls, type) and issubclass(cls, Target)):
+            raise TypeError(f"{cls!r} is not a dmtools.engine.target.Target")
+        with self._lock:
+            self._extra[name or cls.name] = cls
+            self._classes[name or cls.name] = cls
+
     def versions(self) -> dict[str, tuple[int, int, int]]:
         """Every loadable target type and its version."""
         out: dict[str, tuple[int, int, int]] = {}
-        for name in sorted(self._specs()):
+        for name in sorted(set(self._specs()) | set(self._extra)):
             try:
                 out[name] = tuple(self.get(name).version)  # type: ignore[assignment]
             except TargetNotSupported:
@@ -143,6 +152,10 @@ class Engine(DeviceMapper):
         """The engine device with this device number, if any."""
         with self._lock:
             return self._by_devno.get((major, minor))
+
+    def register_target(self, cls: type[Target], name: str | None = None) -> None:
+        """Make target type ``name`` (default ``cls.name``) available to this engine's tables."""
+        self._registry.register(cls, name)
 
     @property
     def exposure(self) -> "Exposure | None":

@@ -1,0 +1,134 @@
+"""Unit tier: the daemon's control socket (no exposure) and the wire protocol."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import pytest
+
+from dmtools.backend import DeviceInfo, StatusLine
+from dmtools.engine import protocol
+from dmtools.engine.client import UserspaceClient
+from dmtools.engine.daemon import Daemon
+from dmtools.errors import DaemonError, DeviceExists, DeviceNotFound, InvalidTable, NoSpace
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = Daemon(str(tmp_path / "run"), expose=False)
+    d.start()
+    t = threading.Thread(target=d.serve, daemon=True)
+    t.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+        t.join(10)
+        assert not t.is_alive()
+
+
+@pytest.fixture
+def client(daemon):
+    c = UserspaceClient(daemon.run_dir)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def test_verbs_round_trip(client, make_image):
+    img = make_image(1 << 20)
+    info = client.create("a", f"0 2048 linear {img} 0", uuid="U1")
+    assert isinstance(info, DeviceInfo) and info.live_table and info.uuid == "U1"
+    assert str(client.table("a")) == f"0 2048 linear {img} 0"
+    assert client.status("a") == [StatusLine(0, 2048, "linear", "")]
+    client.load("a", "0 8 zero")
+    assert client.info("a").inactive_table
+    client.clear("a")
+    client.suspend("a", noflush=True)
+    assert client.info("a").suspended
+    client.resume("a")
+    client.rename("a", "b")
+    assert [e.name for e in client.list()] == ["b"]
+    assert client.wait_event("b", 0, timeout=5) == 1
+    assert client.targets()["striped"][0] == 1
+    assert client.version().backend == "userspace"
+    assert client.deps("b") == []
+    assert client.device_ref("b").startswith("0:")
+    client.remove("b")
+    assert client.list() == []
+
+
+def test_errors_keep_their_class(client):
+    with pytest.raises(DeviceNotFound) as exc:
+        client.info("missing")
+    assert exc.value.device == "missing" and exc.value.operation == "info"
+    client.create("a", "0 8 zero")
+    with pytest.raises(DeviceExists):
+        client.create("a", "0 8 zero")
+    with pytest.raises(InvalidTable):
+        client.load("a", "0 8 zero x")
+    assert not client.info("a").inactive_table
+
+
+def test_bad_requests_answered_not_fatal(daemon):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(daemon.socket_path)
+    f = s.makefile("rb")
+    s.sendall(b'{"verb": "explode"}\n')
+    reply = protocol.receive(f)
+    assert reply["ok"] is False and "unknown verb" in reply["error"]["message"]
+    s.sendall(b'{"verb": "info", "args": {"name": "x", "bogus": 1}}\n')
+    assert "unknown arguments" in protocol.receive(f)["error"]["message"]
+    s.sendall(b"not json\n")
+    assert protocol.receive(f)["error"]["class"] == "DaemonError"
+    s.close()
+    with UserspaceClient(daemon.run_dir) as c:  # the daemon still serves
+        assert c.list() == []
+
+
+def test_client_vanishing_mid_call(daemon, client):
+    client.create("a", "0 8 zero")
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(daemon.socket_path)
+    protocol.send(s, {"verb": "wait_event", "args": {"name": "a", "event_nr": 0, "timeout": 30}})
+    s.close()  # gone before the reply
+    client.rename("a", "b")  # wakes the waiter, whose reply then has nowhere to go
+    assert client.info("b").event_nr == 1
+    client.remove("b")
+
+
+def test_second_daemon_refused(daemon):
+    other = Daemon(daemon.run_dir, expose=False)
+    with pytest.raises(DaemonError):
+        other.start()
+
+
+def test_shutdown_refused_while_open(daemon, client):
+    from dmtools.errors import DeviceBusy
+
+    client.create("a", "0 8 zero")
+    ep = daemon.engine.open_endpoint("a")  # an opener inside the daemon's engine
+    try:
+        with pytest.raises(DeviceBusy):
+            client.shutdown()
+        assert client.list()[0].name == "a"
+    finally:
+        ep.close()
+    client.shutdown()
+    with pytest.raises(DaemonError):
+        client.list()
+
+
+def test_socket_is_private(daemon):
+    mode = os.stat(daemon.socket_path).st_mode & 0o777
+    assert mode == 0o600
+
+
+def test_protocol_error_decoding_only_builds_dmtools_errors():
+    err = protocol.decode_error({"class": "NoSpace", "message": "full", "errno": 28})
+    assert isinstance(err, NoSpace) and err.errno == 28
+    assert type(protocol.decode_error({"class": "SystemExit", "message": "x"})).__name__ == "DMError"
+    assert protocol.encode_error(OSError(5, "EIO"))["errno"] == 5
