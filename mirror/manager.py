@@ -33,7 +33,7 @@ from mirror.resync import OfflineResync, ResyncResult, check_legs, raise_for
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MirrorManager", "MirrorState", "DEFAULT_REGION_SIZE"]
+__all__ = ["MirrorManager", "MirrorState", "DEFAULT_REGION_SIZE", "resync_offline"]
 
 #: 512 KiB, the RHEL documentation's default mirror region (LVM's current default is 2 MiB).
 DEFAULT_REGION_SIZE = 1024
@@ -324,14 +324,8 @@ class MirrorManager:
         ``OfflineResync`` before writing anything, and ``DeviceIOError``/``OperationCancelled`` when
         regions failed or the run was cancelled (those regions stay out of sync on the log).
         """
-        with ExitStack() as stack:
-            eps = [stack.enter_context(self.open_ref(ref, writable=True)) for ref in legs]
-            lep = stack.enter_context(self.open_ref(log, writable=True)) if log is not None else None
-            rs = OfflineResync(eps, lep, region_size=region_size, rate=rate, rebuild=rebuild, source=source,
-                               full=full)
-            result = rs.run(progress=progress, cancel=cancel)
-        raise_for(result)
-        return result
+        return resync_offline(legs, log, region_size=region_size, rate=rate, rebuild=rebuild, source=source,
+                              full=full, progress=progress, cancel=cancel, opener=self.open_ref)
 
     # -- repair / split / add_leg ---------------------------------------------------------------
     def _leg_index(self, target: Mirror, leg: int | str) -> int:
@@ -448,3 +442,31 @@ class MirrorManager:
         self._swap(name, new_table)
         self.dm.create(new_name, Table.single(length, Linear(split_leg.device, split_leg.offset)))
         return new_name
+
+
+def resync_offline(
+    legs: Sequence[str | Endpoint],
+    log: str | Endpoint | None,
+    *,
+    region_size: int = DEFAULT_REGION_SIZE,
+    rate: int | None = None,
+    rebuild: int | None = None,
+    source: int = 0,
+    full: bool = False,
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+    opener: Callable[..., Endpoint] | None = None,
+) -> ResyncResult:
+    """``MirrorManager.resync_offline`` without a backend: legs and log are paths or endpoints."""
+    if opener is None:
+        from dmtools.blockdev import open_endpoint
+
+        opener = open_endpoint
+    with ExitStack() as stack:
+        eps = [stack.enter_context(opener(ref, writable=True)) for ref in legs]
+        lep = stack.enter_context(opener(log, writable=True)) if log is not None else None
+        rs = OfflineResync(eps, lep, region_size=region_size, rate=rate, rebuild=rebuild, source=source, full=full)
+        result = rs.run(progress=progress, cancel=cancel)
+    raise_for(result)
+    return result
+

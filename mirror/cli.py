@@ -1,0 +1,294 @@
+"""``dmtools mirror``: create, watch, resync, repair, split and inspect mirrors.
+
+Examples::
+
+    dmtools mirror create vol /dev/loop1 /dev/loop2 --log /dev/loop3 --region-size 512K
+    dmtools mirror status vol --json
+    dmtools mirror resync vol --rate 100M --progress
+    dmtools mirror repair vol 1 /dev/loop4
+    dmtools mirror resync-offline /dev/loop1 /dev/loop2 --log /dev/loop3 --activate vol
+    dmtools mirror inspect /dev/loop3
+
+Sizes take units (512K, 2M); a bare region size is in sectors. ``--progress`` draws a bar with an
+ETA; ``--progress=FD`` writes ``N/100`` lines to descriptor FD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from typing import Any, Callable
+
+from dmtools.errors import InvalidArgument
+from dmtools.units import SECTOR, parse_size
+
+__all__ = ["register"]
+
+
+def _region(text: str) -> int:
+    nbytes = parse_size(text, "s")
+    if nbytes % SECTOR:
+        raise InvalidArgument(f"region size {text!r} is not a whole number of sectors")
+    return nbytes // SECTOR
+
+
+def _rate(text: str | None) -> int | None:
+    return parse_size(text, "b") if text else None
+
+
+def _leg(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
+def _manager(args: argparse.Namespace) -> Any:
+    from dmtools.cli.main import open_backend
+    from mirror.manager import MirrorManager
+
+    return MirrorManager(open_backend(args))
+
+
+def _emit(args: argparse.Namespace, data: Any, text: Callable[[], str] | str) -> None:
+    from dmtools.cli.main import emit
+
+    emit(args, data, text)
+
+
+class _Progress:
+    """A progress callback drawing through ``kcopyd.progress`` with the ETA of the copy itself."""
+
+    def __init__(self, args: argparse.Namespace, label: str) -> None:
+        from kcopyd.progress import ProgressReporter
+
+        fd = None
+        if args.progress not in (None, "bar"):
+            if not str(args.progress).isdigit():
+                raise InvalidArgument(f"--progress=FD needs a file descriptor number, not {args.progress!r}")
+            fd = int(args.progress)
+        bar: bool | None = True if args.progress == "bar" else (False if args.quiet or fd is not None else None)
+        self.reporter = ProgressReporter(fd=fd, bar=bar, label=label)
+        self.base: int | None = None
+        self.last = (0, 0)
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.base is None:
+            self.base = done  # what was already in sync does not count towards the rate and ETA
+        self.last = (done - self.base, total - self.base)
+        self.reporter.update(*self.last)
+
+    def finish(self, ok: bool) -> None:
+        self.reporter.finish(*self.last, ok=ok)
+
+
+def _state_text(st: Any) -> str:
+    legs = ", ".join(f"{d} ({h})" for d, h in zip(st.legs, st.health))
+    log = st.log_type + (f" on {st.log_device} ({st.log_health})" if st.log_device else "")
+    return (
+        f"{st.name}: {st.in_sync}/{st.regions} regions in sync ({st.percent:.1f}%), "
+        f"region {st.region_size} sectors, log {log}\n  legs: {legs}\n  status: {st.status_text}"
+    )
+
+
+# -- actions ---------------------------------------------------------------------------------------
+def cmd_create(args: argparse.Namespace) -> int:
+    mm = _manager(args)
+    st = mm.create(args.name, args.legs, log=args.log, region_size=_region(args.region_size), nosync=args.nosync,
+                   handle_errors=args.handle_errors, keep_log_contents=args.keep_log_contents)
+    _emit(args, st.to_dict(), lambda: _state_text(st))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    mm = _manager(args)
+    states = [mm.status(n) for n in args.names] if args.names else mm.list()
+    _emit(args, [s.to_dict() for s in states], lambda: "\n".join(_state_text(s) for s in states))
+    return 0
+
+
+def cmd_resync(args: argparse.Namespace) -> int:
+    mm = _manager(args)
+    prog = _Progress(args, f"resync {args.name}")
+    cancel = threading.Event()
+    ok = False
+    try:
+        st = mm.resync(args.name, rate=_rate(args.rate), leg=args.leg, progress=prog, timeout=args.timeout,
+                       cancel=cancel)
+        ok = True
+    finally:
+        prog.finish(ok)
+    _emit(args, st.to_dict(), lambda: _state_text(st))
+    return 0
+
+
+def cmd_resync_offline(args: argparse.Namespace) -> int:
+    from mirror.resync import ResyncResult
+
+    from mirror.manager import resync_offline
+
+    prog = _Progress(args, "resync")
+    log = None if args.log == "core" else args.log
+    ok = False
+    result: ResyncResult | None = None
+    try:
+        result = resync_offline(args.legs, log, region_size=_region(args.region_size), rate=_rate(args.rate),
+                                rebuild=args.leg, full=args.full, progress=prog)
+        ok = True
+    finally:
+        prog.finish(ok)
+    assert result is not None
+    data: dict[str, Any] = {
+        "regions_copied": result.regions_copied,
+        "bytes_copied": result.bytes_copied,
+        "seconds": round(result.seconds, 3),
+    }
+    text = f"{result.regions_copied} regions ({result.bytes_copied} bytes) copied in {result.seconds:.2f} s"
+    if args.activate:
+        if log is None:
+            raise InvalidArgument("--activate needs a disk log (--log DEV)")
+        st = _manager(args).activate(args.activate, args.legs, log=log, region_size=_region(args.region_size))
+        data["activated"] = st.to_dict()
+        text += "\n" + _state_text(st)
+    _emit(args, data, text)
+    return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    mm = _manager(args)
+    prog = _Progress(args, f"repair {args.name}")
+    ok = False
+    try:
+        st = mm.repair(args.name, _leg(args.leg), args.new_leg, rate=_rate(args.rate), progress=prog,
+                       wait=not args.no_wait)
+        ok = True
+    finally:
+        prog.finish(ok)
+    _emit(args, st.to_dict(), lambda: _state_text(st))
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    mm = _manager(args)
+    new = mm.split(args.name, _leg(args.leg), args.new_name, force=args.force)
+    _emit(args, {"split": new}, f"leg {args.leg} of {args.name} is now device {new}")
+    return 0
+
+
+def cmd_add_leg(args: argparse.Namespace) -> int:
+    mm = _manager(args)
+    prog = _Progress(args, f"add-leg {args.name}")
+    ok = False
+    try:
+        st = mm.add_leg(args.name, args.new_leg, log=args.log, region_size=_region(args.region_size),
+                        rate=_rate(args.rate), progress=prog, wait=not args.no_wait)
+        ok = True
+    finally:
+        prog.finish(ok)
+    _emit(args, st.to_dict(), lambda: _state_text(st))
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    _manager(args).remove(args.name)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from mirror.format import inspect
+
+    rep = inspect(args.logdev, region_size=_region(args.region_size) if args.region_size else None)
+    _emit(args, rep.to_dict(), lambda: str(rep))
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------------
+def _progress_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", "-p", nargs="?", const="bar", default=None, metavar="FD",
+                   help="progress bar with ETA, or with =FD 'N/100' lines on descriptor FD")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar even on a terminal")
+    p.add_argument("--rate", metavar="SIZE", help="resync at most SIZE bytes per second (100M)")
+
+
+def _json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON output")
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``mirror`` sub-command and its actions."""
+    top = subparsers.add_parser("mirror", help="mirrors: dirty-region logs, resync, repair",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="mirror_command", metavar="ACTION")
+    sub.required = True
+
+    p = sub.add_parser("create", help="create and activate a mirror")
+    p.add_argument("name")
+    p.add_argument("legs", metavar="LEG", nargs="+", help="2 to 9 devices of one size")
+    p.add_argument("--log", default="core", metavar="DEV|core", help="disk log device, or core (default)")
+    p.add_argument("--region-size", default="512K", metavar="SIZE", help="region size (default 512K)")
+    p.add_argument("--nosync", action="store_true", help="the legs are already identical: skip the resync")
+    p.add_argument("--handle-errors", action="store_true",
+                   help="fail over and raise events on leg failures (writes hold until repaired)")
+    p.add_argument("--keep-log-contents", action="store_true",
+                   help="trust the disk log as it is (activate a mirror brought in sync offline)")
+    _json(p)
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("status", help="in-sync regions, percent, per-leg health")
+    p.add_argument("names", metavar="NAME", nargs="*", help="mirrors (default: every mirror)")
+    _json(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("resync", help="bring an active mirror in sync, with progress")
+    p.add_argument("name")
+    p.add_argument("--leg", type=int, metavar="N", help="rebuild leg N only (userspace engine)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS")
+    _progress_args(p)
+    _json(p)
+    p.set_defaults(func=cmd_resync)
+
+    p = sub.add_parser("resync-offline", help="resync an inactive mirror's legs from its disk log")
+    p.add_argument("legs", metavar="LEG", nargs="+")
+    p.add_argument("--log", required=True, metavar="DEV|core")
+    p.add_argument("--region-size", default="512K", metavar="SIZE")
+    p.add_argument("--leg", type=int, metavar="N", help="also copy every region to leg N (a replaced leg)")
+    p.add_argument("--full", action="store_true", help="ignore the log's contents: copy everything")
+    p.add_argument("--activate", metavar="NAME", help="then activate the mirror, already in sync")
+    _progress_args(p)
+    _json(p)
+    p.set_defaults(func=cmd_resync_offline)
+
+    p = sub.add_parser("repair", help="replace a failed leg and resync it")
+    p.add_argument("name")
+    p.add_argument("leg", help="leg index or device")
+    p.add_argument("new_leg", metavar="NEW_LEG")
+    p.add_argument("--no-wait", action="store_true", help="return once the new table is live")
+    _progress_args(p)
+    _json(p)
+    p.set_defaults(func=cmd_repair)
+
+    p = sub.add_parser("split", help="detach a leg as a standalone linear device")
+    p.add_argument("name")
+    p.add_argument("leg", help="leg index or device")
+    p.add_argument("new_name", metavar="NEW_NAME")
+    p.add_argument("--force", action="store_true", help="split even when not in sync")
+    _json(p)
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("add-leg", help="add a leg (turns a linear device into a mirror)")
+    p.add_argument("name")
+    p.add_argument("new_leg", metavar="NEW_LEG")
+    p.add_argument("--log", default="core", metavar="DEV|core", help="log for a new mirror")
+    p.add_argument("--region-size", default="512K", metavar="SIZE")
+    p.add_argument("--no-wait", action="store_true")
+    _progress_args(p)
+    _json(p)
+    p.set_defaults(func=cmd_add_leg)
+
+    p = sub.add_parser("remove", help="remove a mirror device (legs and log are kept)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_remove)
+
+    p = sub.add_parser("inspect", help="read a disk log offline")
+    p.add_argument("logdev", metavar="LOGDEV")
+    p.add_argument("--region-size", metavar="SIZE", help="region size, to check and show")
+    _json(p)
+    p.set_defaults(func=cmd_inspect)
+    return top  # type: ignore[no-any-return]

@@ -1,0 +1,108 @@
+"""``dmtools mirror`` actions, run in-process on the userspace engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmtools.errors import CorruptMetadata, InvalidArgument
+from mirror import cli
+from mirror.format import LogImage, format_log
+from mirror.manager import MirrorManager
+from mirror_memdev import MemEndpoint
+
+MB = 1 << 20
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", default="userspace")
+    parser.add_argument("--json", action="store_true")
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, str]:
+    out = {}
+    data = os.urandom(2 * MB)
+    for name in ("a", "b", "c"):
+        p = tmp_path / name
+        p.write_bytes(data if name == "a" else bytes(2 * MB))
+        out[name] = str(p)
+    log = tmp_path / "log"
+    log.write_bytes(bytes(64 * 1024))
+    out["log"] = str(log)
+    return out
+
+
+@pytest.fixture
+def use_engine(mengine: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setattr(cli, "_manager", lambda args: MirrorManager(mengine))
+    return mengine
+
+
+def test_inspect_json(files: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    with open(files["log"], "r+b") as f:
+        img = LogImage.new(32, in_sync=True)
+        img.clean.clear(7)
+        f.write(img.pack())
+    assert run(["--json", "mirror", "inspect", files["log"], "--region-size", "64K"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["nr_regions"] == 32 and data["out_of_sync_ranges"] == [[7, 7]]
+    assert data["region_size_sectors"] == 128
+
+
+def test_inspect_errors(files: dict[str, str], tmp_path: Path) -> None:
+    with pytest.raises(CorruptMetadata):
+        run(["mirror", "inspect", files["log"]])
+    tiny = tmp_path / "tiny"
+    tiny.write_bytes(bytes(600))
+    with pytest.raises(InvalidArgument, match="too small"):
+        run(["mirror", "inspect", str(tiny)])
+    with pytest.raises(InvalidArgument, match="power of two"):
+        run(["mirror", "inspect", files["log"], "--region-size", "3"])
+
+
+def test_resync_offline_with_progress_fd(files: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    ep = MemEndpoint(64 * 1024, "log")
+    format_log(ep, 32, in_sync=False)
+    Path(files["log"]).write_bytes(bytes(ep.data))
+    r, w = os.pipe()
+    try:
+        rc = run(["--json", "mirror", "resync-offline", files["a"], files["b"], "--log", files["log"],
+                  "--region-size", "64K", f"--progress={w}"])
+        os.close(w)
+        lines = os.read(r, 65536).decode().split()
+    finally:
+        os.close(r)
+    assert rc == 0 and lines[-1] == "100/100"
+    assert json.loads(capsys.readouterr().out)["regions_copied"] == 32
+    assert Path(files["a"]).read_bytes() == Path(files["b"]).read_bytes()
+
+
+def test_create_status_resync_split_remove(files: dict[str, str], use_engine: Any,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["mirror", "create", "cm", files["a"], files["b"], "--log", files["log"], "--region-size", "64K"]) == 0
+    assert run(["mirror", "resync", "cm", "--rate", "64M", "--quiet"]) == 0
+    capsys.readouterr()
+    assert run(["--json", "mirror", "status"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data[0]["name"] == "cm" and data[0]["percent_in_sync"] == 100.0
+    assert data[0]["log"] == {"type": "disk", "device": files["log"], "health": "A"}
+    assert run(["mirror", "split", "cm", "1", "cm-b"]) == 0
+    assert run(["mirror", "add-leg", "cm", files["c"], "--region-size", "64K", "-q"]) == 0
+    assert Path(files["c"]).read_bytes() == Path(files["a"]).read_bytes()
+    assert run(["mirror", "remove", "cm"]) == 0
+    assert not use_engine.exists("cm")
+
+
+def test_create_rejects_bad_region_size(files: dict[str, str], use_engine: Any) -> None:
+    with pytest.raises(InvalidArgument):
+        run(["mirror", "create", "bad", files["a"], files["b"], "--region-size", "3000b"])
