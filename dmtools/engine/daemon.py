@@ -63,11 +63,11 @@ class Daemon:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
-        from dmtools.engine.expose import clear_stale, exposure_possible
+        from dmtools.engine.expose import clear_dead_engines, clear_stale, exposure_possible
 
         expose = self._expose if self._expose is not None else exposure_possible() is None
         if expose:
-            cleared = clear_stale(self.run_dir)
+            cleared = clear_stale(self.run_dir) + clear_dead_engines(self.run_dir)
             if cleared:
                 log.warning("cleared stale exposures of a previous daemon: %s", ", ".join(cleared))
         self.engine = Engine(expose=expose, run_dir=self.run_dir)
@@ -222,7 +222,7 @@ def run(*, foreground: bool, run_dir: str | None = None, ready_fd: int = -1) -> 
         daemon.start()
     except DaemonError as err:
         print(f"dmtools daemon: {err}", file=sys.stderr)
-        return 1 if err.errno != errno.EEXIST else 0
+        return 1
     if not foreground:
         _daemonize()
         with contextlib.suppress(OSError):

@@ -111,6 +111,31 @@ def clear_stale(run_dir: str = DEFAULT_RUN_DIR) -> list[str]:
     return cleared
 
 
+def clear_dead_engines(run_dir: str = DEFAULT_RUN_DIR) -> list[str]:
+    """Clear the exposures of in-process engines (``<run_dir>/engine-PID``) whose process is gone."""
+    cleared: list[str] = []
+    try:
+        entries = os.listdir(run_dir)
+    except OSError:
+        return cleared
+    for entry in entries:
+        if not entry.startswith("engine-") or not entry[7:].isdigit():
+            continue
+        try:
+            os.kill(int(entry[7:]), 0)
+            continue  # still alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        path = os.path.join(run_dir, entry)
+        cleared += clear_stale(path)
+        for sub in ("mapper", "fuse", ""):
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(path, sub) if sub else path)
+    return cleared
+
+
 @dataclass
 class Exposed:
     """Exposure state of one device."""
@@ -235,7 +260,8 @@ class Exposure:
         if reason:
             raise DMError(reason, errno=errno.EPERM, operation="expose")
         self.engine = engine
-        self.run_dir = run_dir or DEFAULT_RUN_DIR
+        # An in-process engine gets its own directory, so it never meets the daemon's mount.
+        self.run_dir = run_dir or os.path.join(DEFAULT_RUN_DIR, f"engine-{os.getpid()}")
         self.mount_dir = os.path.join(self.run_dir, "fuse")
         self.mapper_dir = os.path.join(self.run_dir, "mapper")
         self._files: dict[str, "Device"] = {}
@@ -253,7 +279,9 @@ class Exposure:
         os.makedirs(self.mount_dir, mode=0o700, exist_ok=True)
         os.makedirs(self.mapper_dir, mode=0o755, exist_ok=True)
         if mounted_at(self.mount_dir):
-            clear_stale(self.run_dir)
+            raise DMError(f"{self.mount_dir} is already in use by another engine (a daemon "
+                          "clears the exposures of dead ones when it starts)",
+                          errno=errno.EBUSY, operation="expose")
         ready = threading.Event()
         ops = self._ops = _Operations(self._files, ready)
         fuse_cls = _make_fuse_class()
@@ -298,6 +326,10 @@ class Exposure:
                 _umount(self.mount_dir, MNT_DETACH)
         thread.join(10)
         self._thread = None
+        if os.path.basename(self.run_dir) == f"engine-{os.getpid()}":
+            for sub in ("mapper", "fuse", ""):
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(self.run_dir, sub) if sub else self.run_dir)
 
     # --- devices ----------------------------------------------------------------------------
     def add(self, dev: "Device") -> tuple[int, int]:

@@ -286,3 +286,33 @@ def _wait_socket_gone(run_dir: str) -> None:
     while os.path.exists(os.path.join(run_dir, "daemon.pid")):
         assert time.monotonic() < deadline, "daemon did not stop"
         time.sleep(0.05)
+
+
+def test_daemon_clears_exposures_of_a_killed_in_process_engine(run_dir, make_image):
+    img = make_image(MiB)
+    code = (
+        "import sys, time\n"
+        "from dmtools.engine import Engine\n"
+        f"e = Engine(expose=True, run_dir={os.path.join(run_dir, 'engine-') !r} + str(__import__('os').getpid()))\n"
+        f"e.create('orphan-dmtt', '0 2048 linear {img} 0')\n"
+        "print('up', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([os.sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == b"up\n"
+    finally:
+        proc.kill()
+        proc.wait(10)
+    orphan = os.path.join(run_dir, f"engine-{proc.pid}")
+    prefix = os.path.realpath(os.path.join(orphan, "fuse")) + "/"
+    assert any((d.backing_file or "").startswith(prefix) for d in loop.list_loops())
+    client = open_userspace(run_dir)
+    try:
+        assert not os.path.exists(orphan)
+        assert not any((d.backing_file or "").startswith(prefix) for d in loop.list_loops())
+        client.shutdown()
+    finally:
+        client.close()
+    _wait_socket_gone(run_dir)

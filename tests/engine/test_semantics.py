@@ -250,3 +250,35 @@ def test_message_to_linear_refused(dm, dm_name):
     with pytest.raises(DMError):
         dm.dm.message(dm_name, 0, "hello")
     dm.dm.remove(dm_name)
+
+
+@pytest.mark.kernel
+def test_engine_and_kernel_print_the_same_text(kernel_dm, make_image, make_loop, dm_name):
+    """The same table over the same loop devices: identical table and status text on both."""
+    from dmtools.engine import Engine
+
+    a = make_loop(make_image(2 * MiB)).path
+    b = make_loop(make_image(2 * MiB)).path
+    table = (
+        f"0 1024 linear {a} 16\n"
+        f"1024 2048 striped 2 64 {a} 1040 {b} 0\n"
+        f"3072 100 zero\n"
+        f"3172 28 error"
+    )
+    eng = Engine()
+    try:
+        eng.create(dm_name, table)
+        kernel_dm.create(dm_name, table)
+        try:
+            assert str(eng.table(dm_name)) == str(kernel_dm.table(dm_name))
+            assert [str(s) for s in eng.status(dm_name)] == [
+                str(s) for s in kernel_dm.status(dm_name)]
+            k, e = kernel_dm.info(dm_name), eng.info(dm_name)
+            assert (e.live_table, e.inactive_table, e.suspended, e.target_count) == (
+                k.live_table, k.inactive_table, k.suspended, k.target_count)
+            assert sorted(eng.deps(dm_name)) == sorted(kernel_dm.deps(dm_name))
+            assert set(eng.targets()) >= {"linear", "striped", "zero", "error"}
+        finally:
+            kernel_dm.remove(dm_name)
+    finally:
+        eng.close()
