@@ -18,9 +18,11 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import logging
 import os
 import stat
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RUN_DIR = "/run/dmtools"
 MNT_DETACH = 2
+BLKROSET = 0x125D  # _IO(0x12, 93), include/uapi/linux/fs.h
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
@@ -402,11 +405,17 @@ class Exposure:
         exp.link = new_link
 
     def resized(self, dev: "Device") -> None:
-        """Tell the loop device the file changed size (after a table swap)."""
+        """After a table swap: new size to the loop device, read-only flag as the table's."""
         exp: Exposed | None = dev.exposure
         if exp is None:
             return
         self._refresh(exp.file, exp.loop)
+        with contextlib.suppress(OSError):
+            fd = os.open(exp.loop.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(fd, BLKROSET, struct.pack("i", 1 if dev.read_only else 0))
+            finally:
+                os.close(fd)
 
     def _refresh(self, fname: str, lo: loop.LoopDevice) -> None:
         with contextlib.suppress(OSError):

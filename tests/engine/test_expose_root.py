@@ -316,3 +316,15 @@ def test_daemon_clears_exposures_of_a_killed_in_process_engine(run_dir, make_ima
     finally:
         client.close()
     _wait_socket_gone(run_dir)
+
+
+def test_readonly_table_makes_the_block_device_read_only(xengine, make_image, dm_name):
+    img = make_image(MiB)
+    xengine.create(dm_name, f"0 2048 linear {img} 0", readonly=True)
+    dev = xengine.device_path(dm_name)
+    with open(f"/sys/block/{os.path.basename(os.path.realpath(dev))}/ro") as f:
+        assert f.read().strip() == "1"
+    xengine.load(dm_name, f"0 2048 linear {img} 0")
+    xengine.resume(dm_name)
+    with open(f"/sys/block/{os.path.basename(os.path.realpath(dev))}/ro") as f:
+        assert f.read().strip() == "0"
