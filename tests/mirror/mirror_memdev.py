@@ -26,6 +26,8 @@ class MemEndpoint(Endpoint):
         self.fail_reads = False
         self.fail_writes = False
         self.fail_flush = False
+        #: writes touching [start, end) fail (a bad stretch of the device)
+        self.bad_range: tuple[int, int] | None = None
         self.lock = threading.Lock()
         self.flushed = bytearray(size)  # what would survive a power cut
 
@@ -47,7 +49,9 @@ class MemEndpoint(Endpoint):
 
     def write(self, buf: Any, offset: int) -> int:
         mv = memoryview(buf).cast("B")
-        if self.fail_writes:
+        if self.fail_writes or (
+            self.bad_range is not None and offset < self.bad_range[1] and offset + len(mv) > self.bad_range[0]
+        ):
             raise DeviceIOError("injected write error", operation="write", device=self.name)
         if offset + len(mv) > len(self.data):
             raise DeviceIOError("write past end", operation="write", device=self.name)
