@@ -337,6 +337,12 @@ class Engine(DeviceMapper):
             old: LoadedTable | None = None
             if dev.inactive is not None:
                 self._suspend(dev, False)
+                problems = [p for t in dev.inactive.targets for p in t.area_errors()]
+                if problems:
+                    # dm_swap_table fails: the new table is dropped, the device stays suspended.
+                    bad, dev.inactive = dev.inactive, None
+                    bad.destroy()
+                    raise InvalidTable("; ".join(problems), operation="resume", device=name)
                 old, dev.live, dev.inactive = dev.live, dev.inactive, None
                 if old is not None:
                     old.destroy()

@@ -148,6 +148,8 @@ class Target(abc.ABC):
         self.args = list(args)
         #: devices this target opened, in table order (``iterate_devices``); filled by subclasses.
         self.devices: list[DeviceHandle] = []
+        #: ``(device, start, length)`` areas the target maps, checked at resume (``check_area``).
+        self.areas: list[tuple[DeviceHandle, int, int]] = []
 
     @classmethod
     def construct(
@@ -227,12 +229,34 @@ class Target(abc.ABC):
         return InvalidTable(f"{self.name}: {message}", operation="load", device=self.ctx.device_name)
 
     def check_area(self, dev: DeviceHandle, start: int, length: int) -> None:
-        """Refuse a mapping past the end of ``dev`` (``device_area_is_invalid`` in dm-table.c)."""
-        if start + length > dev.sectors:
-            raise self.fail(
-                f"{dev.name} too small for target: start={start}, len={length}, "
-                f"dev_size={dev.sectors}"
-            )
+        """Declare that this target maps ``length`` sectors of ``dev`` from ``start``.
+
+        The engine validates declared areas when the table goes live (at ``resume``), as the
+        kernel does in ``dm_calculate_queue_limits``/``device_area_is_invalid`` (dm-table.c): an
+        area past the end of its device, or not aligned to its logical block size, fails the
+        resume, not the load.
+        """
+        self.areas.append((dev, start, length))
+
+    def area_errors(self) -> list[str]:
+        """What is wrong with the declared areas (empty when they fit their devices)."""
+        out = []
+        for dev, start, length in self.areas:
+            size = dev.sectors
+            if not size:
+                continue
+            if start >= size or start + length > size:
+                out.append(f"{dev.name} too small for target: start={start}, len={length}, "
+                           f"dev_size={size}")
+                continue
+            lbs = max(1, dev.logical_block_size // SECTOR)
+            if lbs > 1 and start % lbs:
+                out.append(f"start={start} not aligned to h/w logical block size "
+                           f"{dev.logical_block_size} of {dev.name}")
+            elif lbs > 1 and length % lbs:
+                out.append(f"len={length} not aligned to h/w logical block size "
+                           f"{dev.logical_block_size} of {dev.name}")
+        return out
 
 
 def parse_sector(text: str) -> int:

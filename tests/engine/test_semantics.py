@@ -124,7 +124,6 @@ BAD_TABLES = [
     "0 0 zero",  # zero length
     "0 2048 linear {a}",  # argument count
     "0 2048 linear {a} x",  # bad sector
-    "0 4096 linear {a} 0",  # past the end of the 1 MiB device
     "0 2048 striped 2 3 {a} 0 {a} 0",  # length not divisible by chunk
     "0 2048 striped 2 128 {a} 0",  # missing destination
     "0 100 zero 1",  # zero takes no arguments
@@ -146,6 +145,25 @@ def test_bad_table_rejected_without_state_change(dm, dm_name, bad):
         before.live_table, before.suspended, before.event_nr)
     assert str(dm.dm.table(dm_name)) == f"0 1024 linear {dm.printed(a)} 0"
     dm.dm.remove(dm_name)
+
+
+def test_table_past_device_end_fails_at_resume(dm, dm_name):
+    """The kernel checks device areas when the table goes live (dm_calculate_queue_limits)."""
+    a = dm.backing(MiB)
+    dm.dm.create(dm_name, f"0 1024 linear {a} 0")
+    dm.dm.load(dm_name, f"0 4096 linear {a} 0")  # past the end of the 1 MiB device
+    assert dm.dm.info(dm_name).inactive_table
+    with pytest.raises(InvalidTable):
+        dm.dm.resume(dm_name)
+    info = dm.dm.info(dm_name)
+    assert info.suspended and info.live_table and not info.inactive_table
+    assert str(dm.dm.table(dm_name)) == f"0 1024 linear {dm.printed(a)} 0"
+    dm.dm.resume(dm_name)
+    assert not dm.dm.info(dm_name).suspended
+    dm.dm.remove(dm_name)
+    with pytest.raises(InvalidTable):
+        dm.dm.create(dm_name, f"0 4096 linear {a} 0")
+    assert not dm.dm.exists(dm_name)
 
 
 def test_create_with_bad_table_leaves_nothing(dm, dm_name):
