@@ -538,7 +538,7 @@ class KernelBackend(DeviceMapper):
                 try:
                     self._load("create", name, lines, readonly)
                     self._run("create", TaskType.RESUME, name, cookie=True, kernel_log=True)
-                except DMError as exc:
+                except BaseException as exc:  # also KeyboardInterrupt: leave nothing half-made
                     try:
                         self.remove(name, retry=True)
                     except DMError as undo:

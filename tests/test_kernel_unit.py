@@ -9,10 +9,12 @@ kernel lays them out (drivers/md/dm-ioctl.c).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +66,21 @@ class FakeTask:
         return [args for name, args in self.calls if name == fn]
 
 
+def _lock_free_in_other_thread() -> bool:
+    got: list[bool] = []
+
+    def probe() -> None:
+        ok = kernel.LIBDM_LOCK.acquire(blocking=False)
+        if ok:
+            kernel.LIBDM_LOCK.release()
+        got.append(ok)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join(10)
+    return got[0]
+
+
 class FakeLib:
     """libdevmapper's C functions as ``dmtools._ffi`` calls them; ``on_run`` scripts the result."""
 
@@ -76,6 +93,8 @@ class FakeLib:
         self.ready_after = 1  # dm_udev_wait_immediate polls until ready
         self.create_null = False
         self.destroyed: list[int] = []
+        self.check_lock = False
+        self.lock_free_elsewhere: list[bool] = []
         # on_run(task) -> (result, errno, [(level, message)]); default: success.
         self.on_run: Callable[[FakeTask], tuple[int, int, list[tuple[int, bytes]]]] = (
             lambda t: (1, 0, [])
@@ -111,6 +130,8 @@ class FakeLib:
         self.destroyed.append(int(ffi.cast("uintptr_t", ptr)))
 
     def dm_task_run(self, ptr: Any) -> int:
+        if self.check_lock:
+            self.lock_free_elsewhere.append(_lock_free_in_other_thread())
         task = self._task(ptr)
         task.calls.append(("dm_task_run", ()))
         result, err, logs = self.on_run(task)
@@ -746,6 +767,30 @@ def test_bad_table_refused_before_c(dm: KernelBackend, fake: FakeLib) -> None:
 def test_device_path_is_mangled_like_libdm(dm: KernelBackend) -> None:
     assert dm.device_path("vg-lv") == "/dev/mapper/vg-lv"
     assert dm.device_path("a b") == "/dev/mapper/a\\x20b"
+
+
+def test_every_c_call_runs_under_the_global_lock(dm: KernelBackend, fake: FakeLib) -> None:
+    fake.check_lock = True
+    fake.on_run = lambda task: (1, 0, []) if task.type != TaskType.INFO else _found(task)
+    dm.create("x-dmtt", "0 8 zero")
+    dm.remove("x-dmtt")
+    assert len(fake.lock_free_elsewhere) == 5
+    assert not any(fake.lock_free_elsewhere)
+    assert _lock_free_in_other_thread()  # and released afterwards
+
+
+def _found(task: FakeTask) -> tuple[int, int, list[tuple[int, bytes]]]:
+    task.info = _info()
+    return 1, 0, []
+
+
+def test_debug_logging(dm: KernelBackend, fake: FakeLib, caplog: pytest.LogCaptureFixture) -> None:
+    fake.on_run = lambda task: (1, 0, [(7, b"dm suspend x-dmtt  [ noopencount flush ]   [2048] (*1)")])
+    with caplog.at_level(logging.DEBUG, logger="dmtools.kernel"):
+        dm.suspend("x-dmtt")
+    records = [(r.name, r.getMessage()) for r in caplog.records]
+    assert ("dmtools.kernel.libdm", "7 dm suspend x-dmtt  [ noopencount flush ]   [2048] (*1)") in records
+    assert any(n == "dmtools.kernel" and m.startswith("suspend x-dmtt: ok in ") for n, m in records)
 
 
 def test_close_releases_library(dm: KernelBackend, fake: FakeLib) -> None:

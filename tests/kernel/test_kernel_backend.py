@@ -323,6 +323,14 @@ def test_readonly_and_noflush_suspend(kernel_dm: KernelBackend, loops: Any, name
 
 
 def test_wait_event_follows_a_rename(kernel_dm: KernelBackend, names: Any) -> None:
+    from dmtools.backend import CONTROL_PATH
+    from dmtools.kernel import _EventPoll
+
+    poll = _EventPoll(CONTROL_PATH)  # DM_DEV_ARM_POLL works here, so waits block in poll()
+    try:
+        poll.arm()
+    finally:
+        poll.close()
     name, other = names("ev"), names("ev2")
     kernel_dm.create(name, "0 8 zero")
     start = kernel_dm.info(name).event_nr
@@ -357,3 +365,48 @@ def test_without_udev_sync_nodes_still_appear(names: Any) -> None:
     assert read_direct(path, 0, 4096) == bytes(4096)
     dm.remove(name, retry=True)
     assert not os.path.exists(path)
+
+
+def test_message_with_a_response_and_cancelled_deferred_remove(kernel_dm: KernelBackend, names: Any) -> None:
+    name = names("stats")
+    kernel_dm.create(name, "0 8 zero")
+    # dm-stats messages are answered by dm-ioctl itself (drivers/md/dm-stats.c).
+    region = kernel_dm.message(name, 0, "@stats_create - /1")
+    assert region == "0"
+    listing = kernel_dm.message(name, 0, "@stats_list")
+    assert listing is not None and listing.startswith("0: 0+8 8")
+    assert kernel_dm.message(name, 0, "@stats_delete 0") is None
+
+    fd = os.open(kernel_dm.device_path(name), os.O_RDONLY)
+    try:
+        kernel_dm.remove(name, deferred=True)
+        assert kernel_dm.info(name).deferred_remove
+        kernel_dm.message(name, 0, "@cancel_deferred_remove")
+        assert not kernel_dm.info(name).deferred_remove
+    finally:
+        os.close(fd)
+    assert kernel_dm.exists(name)
+
+
+def test_threads_share_one_backend(kernel_dm: KernelBackend, names: Any) -> None:
+    workers = [[names(f"th{w}i{i}") for i in range(3)] for w in range(4)]
+    errors: list[BaseException] = []
+
+    def work(batch: list[str]) -> None:
+        try:
+            for name in batch:
+                kernel_dm.create(name, "0 16 zero")
+                assert str(kernel_dm.table(name)) == "0 16 zero"
+                kernel_dm.remove(name, retry=True)
+        except BaseException as err:  # noqa: BLE001 - collected and asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(batch,)) for batch in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    listed = {e.name for e in kernel_dm.list()}
+    assert not listed & {n for batch in workers for n in batch}
