@@ -141,10 +141,20 @@ class UserspaceClient(DeviceMapper):
         return result
 
     def open_endpoint(self, name: str, *, writable: bool = True) -> "Endpoint":
-        """The device's exposed block device (``<run_dir>/mapper/NAME``) as an endpoint."""
-        from dmtools.blockdev import BlockDevice
+        """The device as an endpoint: its block device when exposed, else I/O over the socket.
 
-        return BlockDevice(self.device_path(name), writable=writable)
+        Either way the endpoint counts in the device's open count until closed.
+        """
+        from dmtools.blockdev import BlockDevice
+        from dmtools.engine.remote_io import SocketEndpoint
+
+        try:
+            path = self.device_path(name)
+        except DMError as err:
+            if err.errno != errno.ENODEV:
+                raise
+            return SocketEndpoint(self.socket_path, name, writable=writable)
+        return BlockDevice(path, writable=writable)
 
     def ping(self) -> dict[str, Any]:
         """Daemon pid, run directory, device count and whether devices are exposed."""

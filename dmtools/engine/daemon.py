@@ -26,6 +26,7 @@ from typing import Any
 
 from dmtools.engine import protocol
 from dmtools.engine.engine import Engine
+from dmtools.engine.remote_io import IOSession
 from dmtools.errors import DaemonError, DeviceBusy, DMError, InvalidArgument
 
 log = logging.getLogger("dmtools.daemon")
@@ -133,6 +134,7 @@ class Daemon:
     def _client(self, conn: socket.socket) -> None:
         with self._clients_lock:
             self._clients.add(conn)
+        session: IOSession | None = None
         try:
             uid = protocol.peer_uid(conn)
             if uid != os.geteuid():
@@ -143,20 +145,43 @@ class Daemon:
             while not self._stop.is_set():
                 try:
                     request = protocol.receive(stream)
+                    payload = protocol.receive_payload(stream, request)
                 except DMError as err:
                     protocol.send(conn, {"ok": False, "error": protocol.encode_error(err)})
                     return
                 if request is None:
                     return
-                reply = self._handle(request)
-                protocol.send(conn, reply)
+                if isinstance(request, dict) and request.get("verb") in protocol.IO_VERBS:
+                    if session is None:
+                        assert self.engine is not None
+                        session = IOSession(self.engine)
+                    reply, out = self._io(session, request, payload)
+                    protocol.send(conn, reply, out)
+                    continue
+                protocol.send(conn, self._handle(request))
         except OSError:
             return  # the client went away mid-call: only its reply is lost
         finally:
+            if session is not None:
+                session.close()
             with self._clients_lock:
                 self._clients.discard(conn)
             with contextlib.suppress(OSError):
                 conn.close()
+
+    @staticmethod
+    def _io(session: IOSession, request: dict[str, Any], payload: Any) -> tuple[dict[str, Any], Any]:
+        try:
+            verb = request["verb"]
+            args = request.get("args") or {}
+            if not isinstance(args, dict) or set(args) - set(protocol.IO_VERBS[verb]):
+                raise InvalidArgument(f"{verb}: bad arguments")
+            result, out = session.handle(verb, args, payload)
+            return {"ok": True, "result": result}, out
+        except Exception as err:  # noqa: BLE001 - every failure becomes the client's error
+            if not isinstance(err, DMError):
+                log.exception("I/O verb failed")
+            return {"ok": False, "error": protocol.encode_error(err)}, None
 
     def _handle(self, request: Any) -> dict[str, Any]:
         try:

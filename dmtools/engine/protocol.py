@@ -47,6 +47,20 @@ VERBS: dict[str, tuple[str, ...]] = {
     "shutdown": ("force",),
 }
 
+#: I/O on a device through the socket (for clients without an exposed block device). A request
+#: or reply with ``"nbytes": N`` is followed by N raw bytes. Handles belong to their connection
+#: and count in the device's open count until closed or the connection ends.
+IO_VERBS: dict[str, tuple[str, ...]] = {
+    "open": ("name", "writable"),
+    "close": ("handle",),
+    "read": ("handle", "offset", "length"),
+    "write": ("handle", "offset"),
+    "flush": ("handle",),
+    "zero": ("handle", "offset", "length"),
+    "discard": ("handle", "offset", "length"),
+    "size": ("handle",),
+}
+
 
 def run_dir() -> str:
     """Where the daemon keeps its socket, pid file and exposures for the calling user."""
@@ -61,10 +75,30 @@ def socket_path(directory: str | None = None) -> str:
     return os.path.join(directory or run_dir(), "control.sock")
 
 
-def send(sock: socket.socket, obj: Any) -> None:
-    """Send one message."""
-    data = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
-    sock.sendall(data)
+def send(sock: socket.socket, obj: Any, payload: Any = None) -> None:
+    """Send one message, followed by ``payload`` bytes (announced as ``nbytes``) if given."""
+    if payload is not None:
+        obj = dict(obj, nbytes=memoryview(payload).nbytes)
+    sock.sendall(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+    if payload is not None:
+        sock.sendall(payload)
+
+
+def receive_payload(stream: BinaryIO, message: Any, into: Any = None) -> memoryview | None:
+    """Read the raw bytes announced by ``message`` (into ``into`` when given)."""
+    n = message.get("nbytes") if isinstance(message, dict) else None
+    if not n:
+        return None
+    if not isinstance(n, int) or n < 0 or n > MAX_MESSAGE:
+        raise errors.DaemonError(f"bad payload size {n!r}", errno=errno.EPROTO)
+    buf = memoryview(into).cast("B")[:n] if into is not None else memoryview(bytearray(n))
+    got = 0
+    while got < n:
+        k = stream.readinto(buf[got:])  # type: ignore[attr-defined]
+        if not k:
+            raise errors.DaemonError("connection closed inside a payload", errno=errno.EPROTO)
+        got += k
+    return buf
 
 
 def receive(stream: BinaryIO) -> Any | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -132,3 +133,49 @@ def test_protocol_error_decoding_only_builds_dmtools_errors():
     assert isinstance(err, NoSpace) and err.errno == 28
     assert type(protocol.decode_error({"class": "SystemExit", "message": "x"})).__name__ == "DMError"
     assert protocol.encode_error(OSError(5, "EIO"))["errno"] == 5
+
+
+def test_io_over_the_socket_without_exposure(client, make_image):
+    img = make_image(8 << 20)
+    client.create("io", f"0 {8 << 11} linear {img} 0")
+    ep = client.open_endpoint("io")
+    try:
+        assert type(ep).__name__ == "SocketEndpoint"
+        assert ep.size == 8 << 20
+        assert client.info("io").open_count == 1
+        data = os.urandom(6 << 20)  # bigger than one request: split by the client
+        assert ep.write(data, 4096) == len(data)
+        ep.flush()
+        back = bytearray(len(data))
+        assert ep.readinto(back, 4096) == len(data)
+        assert bytes(back) == data
+        assert ep.readinto(bytearray(8192), (8 << 20) - 4096) == 4096  # short at the end
+        ep.zero(4096, 4096)
+        one = bytearray(4096)
+        ep.readinto(one, 4096)
+        assert bytes(one) == bytes(4096)
+        with pytest.raises(NoSpace):
+            ep.write(b"x" * 512, 8 << 20)
+    finally:
+        ep.close()
+    assert client.info("io").open_count == 0
+    with open(img, "rb") as f:
+        f.seek(8192)
+        assert f.read(4096) == data[4096:8192]
+
+
+def test_dropped_connection_releases_its_handles(daemon, client):
+    client.create("h", "0 8 zero")
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(daemon.socket_path)
+    f = s.makefile("rb")
+    protocol.send(s, {"verb": "open", "args": {"name": "h", "writable": True}})
+    assert protocol.receive(f)["ok"]
+    assert client.info("h").open_count == 1
+    f.close()
+    s.close()  # a client that dies with the device open
+    deadline = time.monotonic() + 5
+    while client.info("h").open_count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert client.info("h").open_count == 0
+    client.remove("h")
