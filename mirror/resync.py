@@ -90,6 +90,8 @@ class ResyncResult:
     regions_copied: int = 0
     bytes_copied: int = 0
     seconds: float = 0.0
+    #: seconds until the last copy completed (before the final flush and log commit)
+    copy_seconds: float = 0.0
     failed_regions: list[int] = field(default_factory=list)
     failed_legs: set[int] = field(default_factory=set)
     cancelled: bool = False
@@ -218,18 +220,30 @@ class OfflineResync:
                 else:
                     finished.append(region)
                     state["done_bytes"] += nbytes
+                result.copy_seconds = time.monotonic() - start
                 lock.notify_all()
 
         pending = list(plan.copies)
         last_commit = time.monotonic()
         committed: list[int] = []
-        kc = Client(num_pages=self.num_pages, rate=self.rate)
+        kc = Client(num_pages=self.num_pages)
+        submitted = 0
+        paced = time.monotonic()
         try:
             while True:
+                wait = 0.1
                 with lock:
                     while pending and state["active"] < self.in_flight and not (cancel and cancel.is_set()):
-                        region, dests = pending.pop(0)
+                        region, dests = pending[0]
                         nbytes = plan.region_bytes(region)
+                        if self.rate:
+                            # the rate is held at submission: region k starts at k * size / rate
+                            early = paced + submitted / self.rate - time.monotonic()
+                            if early > 0:
+                                wait = min(wait, early)
+                                break
+                        pending.pop(0)
+                        submitted += nbytes
                         sector = region * self.region_size
                         count = nbytes // SECTOR
                         src = Region(self.legs[self.source], sector, count)
@@ -245,7 +259,7 @@ class OfflineResync:
                     if state["active"] == 0 and (not pending or result.cancelled):
                         batch, finished[:] = list(finished), []
                         break
-                    lock.wait(0.1)
+                    lock.wait(wait)
                     due = time.monotonic() - last_commit >= self.commit_interval
                     batch = []
                     if due and finished:

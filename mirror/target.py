@@ -30,6 +30,7 @@ import errno
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 from dmtools.endpoint import Endpoint
@@ -53,6 +54,8 @@ KEEP_LOG = 0x02
 DEFAULT_MAX_RECOVERY = 8
 #: Bytes of recovery kept in flight at most, whatever the region size.
 RECOVERY_BYTES_IN_FLIGHT = 16 << 20
+#: Writes at least this large go to the legs in parallel (like dm-io's one bio per region).
+PARALLEL_WRITE_BYTES = 64 << 10
 
 
 class LegError(enum.IntEnum):
@@ -166,6 +169,7 @@ class MirrorTarget(Target):
         self._stop = False
         self._worker: threading.Thread | None = None
         self._kc: Any = None
+        self._pool: ThreadPoolExecutor | None = None
         #: legs being rebuilt, and the regions where only they need the copy.
         self.rebuild_legs: set[int] = set()
         self.partial = Bitmap(self.nr_regions)
@@ -254,15 +258,27 @@ class MirrorTarget(Target):
         if got != len(buf):
             raise _io_error(f"short read ({got} of {len(buf)} bytes)", leg.dev.name)
 
+    @staticmethod
+    def _write_leg(leg: Leg, buf: memoryview, offset: int) -> int:
+        try:
+            leg.dev.write(buf, leg.base + offset)
+        except (OSError, DMError) as err:
+            log.debug("write to %s failed: %s", leg.dev.name, err)
+            return 1 << leg.index
+        return 0
+
     def _write_legs(self, legs: list[Leg], buf: memoryview, offset: int) -> int:
-        """Write to each leg; return the error bits (bit = leg index)."""
-        bits = 0
-        for leg in legs:
-            try:
-                leg.dev.write(buf, leg.base + offset)
-            except (OSError, DMError) as err:
-                log.debug("write to %s failed: %s", leg.dev.name, err)
-                bits |= 1 << leg.index
+        """Write to every leg, in parallel for large writes; return the error bits (bit = leg index)."""
+        pool = self._pool
+        if pool is None or len(buf) < PARALLEL_WRITE_BYTES:
+            bits = 0
+            for leg in legs:
+                bits |= self._write_leg(leg, buf, offset)
+            return bits
+        futures = [pool.submit(self._write_leg, leg, buf, offset) for leg in legs[1:]]
+        bits = self._write_leg(legs[0], buf, offset)
+        for fut in futures:
+            bits |= fut.result()
         return bits
 
     # -- reads ------------------------------------------------------------------------------------
@@ -542,6 +558,8 @@ class MirrorTarget(Target):
                 from kcopyd.client import Client
 
                 self._kc = Client(num_pages=max(1024, 2 * self.region_bytes // 4096))
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=2 * (len(self.legs) - 1), thread_name_prefix="mirror-io")
             self.suspended = False
             self._holds_released = False
             self.rh.recovery_stopped = False
@@ -563,6 +581,9 @@ class MirrorTarget(Target):
         if self._kc is not None:
             self._kc.destroy()
             self._kc = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     # -- text and control -------------------------------------------------------------------------
     def status(self) -> str:
