@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -255,7 +256,7 @@ def test_client_crash_mid_call_leaves_daemon_serving(run_dir):
             "print('waiting', flush=True)\n"
             "c.call('wait_event', name='w-dmtt', event_nr=0, timeout=60)\n"
         )
-        proc = subprocess.Popen([os.sys.executable, "-c", code], stdout=subprocess.PIPE)
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"waiting\n"
         time.sleep(0.2)
@@ -298,7 +299,7 @@ def test_daemon_clears_exposures_of_a_killed_in_process_engine(run_dir, make_ima
         "print('up', flush=True)\n"
         "time.sleep(60)\n"
     )
-    proc = subprocess.Popen([os.sys.executable, "-c", code], stdout=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     assert proc.stdout is not None
     try:
         assert proc.stdout.readline() == b"up\n"
