@@ -92,7 +92,8 @@ def _state_text(st: Any) -> str:
 def cmd_create(args: argparse.Namespace) -> int:
     mm = _manager(args)
     st = mm.create(args.name, args.legs, log=args.log, region_size=_region(args.region_size), nosync=args.nosync,
-                   handle_errors=args.handle_errors, keep_log_contents=args.keep_log_contents)
+                   handle_errors=args.handle_errors, keep_log=args.keep_log,
+                   keep_log_contents=args.keep_log_contents)
     _emit(args, st.to_dict(), lambda: _state_text(st))
     return 0
 
@@ -226,6 +227,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--nosync", action="store_true", help="the legs are already identical: skip the resync")
     p.add_argument("--handle-errors", action="store_true",
                    help="fail over and raise events on leg failures (writes hold until repaired)")
+    p.add_argument("--keep-log", action="store_true",
+                   help="with --handle-errors: writes keep completing, failed regions stay out of sync")
     p.add_argument("--keep-log-contents", action="store_true",
                    help="trust the disk log as it is (activate a mirror brought in sync offline)")
     _json(p)

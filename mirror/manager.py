@@ -145,6 +145,7 @@ class MirrorManager:
         region_size: int = DEFAULT_REGION_SIZE,
         nosync: bool = False,
         handle_errors: bool = False,
+        keep_log: bool = False,
         keep_log_contents: bool = False,
         uuid: str = "",
     ) -> MirrorState:
@@ -153,6 +154,9 @@ class MirrorManager:
         ``log`` is ``"core"`` or a log device. A disk log is formatted (every region out of sync,
         or in sync with ``nosync``) unless ``keep_log_contents`` (``activate``) trusts what it holds.
         ``nosync`` skips the initial resync (the legs are known to be identical or blank).
+        ``handle_errors`` makes leg failures fail over and raise events (and, without ``keep_log``,
+        hold writes after a leg failure until the mirror is reconfigured); ``keep_log`` keeps them
+        completing while the failed regions stay out of sync.
         Everything is checked before anything is written; raises ``InvalidArgument`` (legs of
         different sizes, bad region size, too-small log), ``CorruptMetadata`` (a kept log that is not
         a mirror log) or the backend's errors. All-or-nothing: the device is removed if activation fails.
@@ -167,7 +171,9 @@ class MirrorManager:
             length = check_legs(eps)
         check_region_size(region_size, length)
         nr = region_count(length, region_size)
-        features = ("handle_errors",) if handle_errors else ()
+        if keep_log and not handle_errors:
+            raise InvalidArgument("keep_log requires handle_errors", operation="create", device=name)
+        features = ("handle_errors",) * handle_errors + ("keep_log",) * keep_log
         if log == "core":
             mlog: CoreLog | DiskLog = CoreLog(region_size, "nosync" if nosync else None)
         else:

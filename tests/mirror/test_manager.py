@@ -149,7 +149,7 @@ def test_leg_failed_through_error_target_then_repaired(mm: MirrorManager, mengin
     mengine.create("leg0", f"0 {n} linear {a} 0")
     mengine.create("leg1", f"0 {n} linear {b} 0")
     legs = [mengine.device_ref("leg0"), mengine.device_ref("leg1")]
-    mm.create("m8", legs, region_size=REGION, nosync=True)
+    mm.create("m8", legs, region_size=REGION, nosync=True, handle_errors=True, keep_log=True)
     mengine.load("leg1", f"0 {n} error")
     mengine.resume("leg1")
     with mengine.open_endpoint("m8") as ep:
