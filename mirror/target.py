@@ -424,40 +424,51 @@ class MirrorTarget(Target):
         self.cond.notify_all()
 
     def _run(self) -> None:
+        """kmirrord: one pass per wake-up; an unexpected error is logged and the worker goes on."""
         while True:
-            to_copy: list[int] = []
-            with self.cond:
-                while not self._wake and not self._stop:
-                    self.cond.wait(self._worker_timeout())
-                    if self._rate_ready():
-                        break
-                if self._stop:
+            try:
+                if not self._pass():
                     return
-                self._wake = False
-                try:
-                    self.rh.update_states(self.errors_handled)
-                except (OSError, DMError):
-                    self.log_failure = True
-                self.cond.notify_all()  # delayed writes may go now
-                if not self.suspended:
-                    self.rh.recovery_prepare()
-                    while self.rh.quiesced and self._rate_ready():
-                        region = self.rh.recovery_start()
-                        assert region is not None
-                        self._charge(self._region_len(region))
-                        self._copying.add(region)
-                        to_copy.append(region)
-                if not self.in_sync and self.log.get_sync_count() == self.nr_regions:
-                    self._event()
-                    self.in_sync = True
-                    for leg in self.legs:
-                        leg.error_count = leg.error_type = 0
-                    self.leg_failure = False
-                    self.rebuild_legs.clear()
-                    self.cond.notify_all()
-                default = self.legs[self.default]
-            for region in to_copy:
-                self._recover(region, default)
+            except Exception:  # noqa: BLE001 - the worker must survive a bug in one pass
+                log.exception("mirror worker pass failed")
+                time.sleep(0.1)
+
+    def _pass(self) -> bool:
+        """Retire regions, start copies, detect sync; False when the target is being destroyed."""
+        to_copy: list[int] = []
+        with self.cond:
+            while not self._wake and not self._stop:
+                self.cond.wait(self._worker_timeout())
+                if self._rate_ready():
+                    break
+            if self._stop:
+                return False
+            self._wake = False
+            try:
+                self.rh.update_states(self.errors_handled)
+            except (OSError, DMError):
+                self.log_failure = True
+            self.cond.notify_all()  # delayed writes may go now
+            if not self.suspended:
+                self.rh.recovery_prepare()
+                while self.rh.quiesced and self._rate_ready():
+                    region = self.rh.recovery_start()
+                    assert region is not None
+                    self._charge(self._region_len(region))
+                    self._copying.add(region)
+                    to_copy.append(region)
+            if not self.in_sync and self.log.get_sync_count() == self.nr_regions:
+                self._event()
+                self.in_sync = True
+                for leg in self.legs:
+                    leg.error_count = leg.error_type = 0
+                self.leg_failure = False
+                self.rebuild_legs.clear()
+                self.cond.notify_all()
+            default = self.legs[self.default]
+        for region in to_copy:
+            self._recover(region, default)
+        return True
 
     def _worker_timeout(self) -> float | None:
         if self.rh.quiesced and self.rate:
