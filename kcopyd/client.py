@@ -100,6 +100,8 @@ class Client:
         self.throttle = throttle if throttle is not None else Throttle(rate, throttle_percent)
         self.offload = offload
         self.max_jobs = max_jobs
+        # A buffered piece never needs more pages than the pool holds.
+        self._buffer_piece_size = min(sub_job_size, num_pages * PAGE_SIZE)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._run_pages: list[Job] = []  # jobs handing out pieces that need pages, in order
@@ -216,11 +218,13 @@ class Client:
         job._client = self
         eps = [d.endpoint for d in odests] + ([osrc.endpoint] if osrc is not None else [])
         job._grain = max([PAGE_SIZE] + [ep.logical_block_size for ep in eps])
+        # copy_file_range between regular files (for each destination); WRITE_SEQ needs the
+        # ordered write stage of the buffered path.
         job._offload = bool(
-            self.offload and osrc is not None and len(odests) == 1
-            and can_offload(osrc.endpoint, odests[0].endpoint)
+            self.offload and osrc is not None and not flags & WRITE_SEQ
+            and all(can_offload(osrc.endpoint, d.endpoint) for d in odests)
         )
-        job._piece_size = min(self.sub_job_size, self.num_pages * PAGE_SIZE)
+        job._piece_size = self._buffer_piece_size
         if job._offload:
             job._piece_size = OFFLOAD_PIECE_SIZE
         elif osrc is None:
@@ -389,16 +393,27 @@ class Client:
         self._write_stage(piece)
 
     def _run_offload(self, piece: Piece) -> None:
-        job = piece.job
-        src, dst = job._src, job._dests[0]
-        assert src is not None
+        """Copy a piece with ``copy_file_range`` to every destination in parallel."""
         self._throttle_bytes(piece)
+        piece.segments = self._segments(piece)
+        n = len(piece.job._dests)
+        piece.pending = n
+        for i in range(1, n):
+            self._tasks.put((self._offload_one, (piece, i)))
+        self._offload_one((piece, 0))
+
+    def _offload_one(self, arg: tuple[Piece, int]) -> None:
+        piece, i = arg
+        job = piece.job
+        src, dst = job._src, job._dests[i]
+        assert src is not None
         thr = self.throttle
+        failed = False
         try:
             sfd, dfd = src.endpoint.fileno(), dst.endpoint.fileno()
             assert sfd is not None and dfd is not None
             zeroed = bool(job.flags & DEST_ZEROED)
-            for off, length, is_data in self._segments(piece):
+            for off, length, is_data in piece.segments:
                 if is_data:
                     thr.io_start()
                     try:
@@ -410,24 +425,33 @@ class Client:
                 elif not zeroed:
                     dst.endpoint.zero(dst.offset + piece.offset + off, length)
         except Exception as err:  # noqa: BLE001
+            log.debug("kcopyd: copy_file_range to destination %d failed: %s", i, err)
+            failed = True
+        with self._cond:
+            if failed:
+                piece.write_err |= 1 << i
+            piece.pending -= 1
+            if piece.pending:
+                return
+            if not piece.write_err:
+                self._piece_done_locked(piece)
+                return
             # copy_file_range cannot say whether the read or the write failed (or it is not
             # supported here): redo this piece, and the rest of the job, with buffers.
-            log.debug("kcopyd: copy_file_range fallback for %s: %s", src.region.dev_name, err)
-            with self._cond:
-                job._offload = False
-                job._active -= 1
-                self._free_active -= 1
-                job._retry.append(piece)
-                if job in self._run_free:
-                    self._run_free.remove(job)
-                if job not in self._run_pages:
-                    self._run_pages.insert(0, job)
-                if job._stop and job._finished():
-                    self._finish_locked(job)
-                self._pump_locked()
-            return
-        with self._cond:
-            self._piece_done_locked(piece)
+            job._offload = False
+            job._piece_size = self._buffer_piece_size
+            job._active -= 1
+            self._free_active -= 1
+            for off in range(piece.offset, piece.offset + piece.length, job._piece_size):
+                length = min(job._piece_size, piece.offset + piece.length - off)
+                job._retry.append(Piece(job, off, length))
+            if job in self._run_free:
+                self._run_free.remove(job)
+            if job not in self._run_pages:
+                self._run_pages.insert(0, job)
+            if job._finished():
+                self._finish_locked(job)
+            self._pump_locked()
 
     def _run_buffered(self, piece: Piece) -> None:
         job = piece.job

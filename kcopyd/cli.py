@@ -1,0 +1,258 @@
+"""``dmtools copy SRC DST [DST ...]``: copy a device range to up to 8 destinations with kcopyd.
+
+Each of SRC and DST may carry ``@SECTOR`` (start) and ``+COUNT`` (length), sizes with units
+(``disk.img@1M+512M``, ``/dev/loop0@2048``); a bare number is in sectors. Without ``+COUNT`` the
+copy runs from the source's start to its end. ``null:`` as a destination discards the data (as
+nbdcopy's). Missing destination files are created and short ones extended (regular files only);
+block devices must be large enough.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import stat
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from dmtools.endpoint import Endpoint, NullEndpoint
+from dmtools.errors import DMError, InvalidArgument
+from dmtools.units import SECTOR, format_size, parse_sectors, parse_size
+
+__all__ = ["register", "cmd_copy", "parse_spec", "Spec", "main"]
+
+_SPEC_RE = re.compile(r"^(?P<path>.*?)(?:@(?P<sector>[0-9][0-9A-Za-z.]*))?(?:\+(?P<count>[0-9][0-9A-Za-z.]*))?$")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A parsed ``PATH[@SECTOR][+COUNT]`` argument (sector and count in sectors)."""
+
+    path: str
+    sector: int = 0
+    count: int | None = None
+
+    @property
+    def is_null(self) -> bool:
+        """True for the ``null:`` sink."""
+        return self.path == "null:"
+
+
+def parse_spec(text: str) -> Spec:
+    """Parse ``PATH[@SECTOR][+COUNT]``; a path that exists as written is taken whole."""
+    if not text:
+        raise InvalidArgument("empty device argument", operation="copy")
+    if os.path.exists(text) or text == "null:":
+        return Spec(text)
+    m = _SPEC_RE.match(text)
+    assert m is not None  # the pattern matches any string
+    path = m.group("path")
+    if not path:
+        raise InvalidArgument(f"no device in {text!r}", operation="copy")
+    sector = parse_sectors(m.group("sector")) if m.group("sector") else 0
+    count = parse_sectors(m.group("count")) if m.group("count") else None
+    return Spec(path, sector, count)
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``copy`` sub-command to an argparse sub-parser collection."""
+    p = subparsers.add_parser(
+        "copy",
+        help="copy a device range to up to 8 destinations (kcopyd)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    p.set_defaults(func=cmd_copy)
+    return p  # type: ignore[no-any-return]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``copy`` options (shared by ``dmtools copy`` and ``python -m kcopyd``)."""
+    p.add_argument("src", metavar="SRC", help="source: PATH[@SECTOR][+COUNT]")
+    p.add_argument("dests", metavar="DST", nargs="+", help="destination: PATH[@SECTOR][+COUNT] or null:")
+    p.add_argument("--progress", "-p", nargs="?", const="bar", default=None, metavar="FD",
+                   help="show a progress bar, or with =FD write 'N/100' lines to file descriptor FD")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar even on a terminal")
+    p.add_argument("--rate", metavar="SIZE", help="limit to SIZE bytes per second (50M, 1G)")
+    p.add_argument("--throttle", type=int, default=100, metavar="PERCENT",
+                   help="duty cycle: percent of time with I/O in flight (kernel kcopyd throttle)")
+    p.add_argument("--ignore-errors", action="store_true",
+                   help="carry on after errors (unreadable ranges are written as zeros)")
+    p.add_argument("--sequential", action="store_true", help="write in offset order (WRITE_SEQ)")
+    p.add_argument("--destination-is-zero", action="store_true",
+                   help="destinations already read as zeros: skip the source's holes")
+    p.add_argument("--flush", action="store_true", help="make the destinations durable before exiting")
+    p.add_argument("--num-pages", type=int, default=2048, metavar="N",
+                   help="buffer pages of 4 KiB (default 2048 = 8 MiB)")
+    p.add_argument("--sub-job-size", default="512K", metavar="SIZE",
+                   help="sub-job size (default 512K, the kernel's kcopyd_subjob_size_kb)")
+    p.add_argument("--threads", type=int, default=8, metavar="N", help="I/O worker threads (default 8)")
+    p.add_argument("--no-offload", action="store_true", help="never use copy_file_range")
+    # SUPPRESS keeps the root parser's --json when this one is not given.
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print a JSON summary")
+
+
+def _source_size(path: str) -> int:
+    from dmtools.blockdev import BlockDevice
+
+    with BlockDevice(path) as ep:
+        return ep.size
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    """Run the copy; print the summary; raise ``DeviceIOError`` naming what failed."""
+    import kcopyd
+
+    src = parse_spec(args.src)
+    if src.is_null:
+        raise InvalidArgument("null: can only be a destination", operation="copy")
+    dests = [parse_spec(d) for d in args.dests]
+    if len(dests) > kcopyd.MAX_REGIONS:
+        raise InvalidArgument(f"{len(dests)} destinations: at most {kcopyd.MAX_REGIONS}", operation="copy")
+    src_size = _source_size(src.path)
+    if src.sector * SECTOR > src_size:
+        raise InvalidArgument(f"start sector {src.sector} is beyond the source's end", operation="copy",
+                              device=src.path)
+    count = src.count if src.count is not None else (src_size - src.sector * SECTOR) // SECTOR
+    for d in dests:
+        if d.count is not None and d.count != count:
+            raise InvalidArgument(f"destination has +{d.count} sectors, the source {count}",
+                                  operation="copy", device=d.path)
+    rate = parse_size(args.rate, "b") if args.rate else None
+    sub_job = parse_size(args.sub_job_size, "b")
+    progress_fd = None
+    if args.progress not in (None, "bar"):
+        try:
+            progress_fd = int(args.progress)
+        except ValueError:
+            raise InvalidArgument(f"--progress=FD needs a file descriptor number, not {args.progress!r}",
+                                  operation="copy") from None
+    flags = (kcopyd.IGNORE_ERROR if args.ignore_errors else 0) | (kcopyd.WRITE_SEQ if args.sequential else 0)
+    if args.destination_is_zero:
+        flags |= kcopyd.DEST_ZEROED
+    reporter_bar: bool | None = True if args.progress == "bar" else (False if args.quiet else None)
+    from kcopyd.progress import ProgressReporter
+
+    reporter = ProgressReporter(fd=progress_fd, bar=reporter_bar if progress_fd is None or args.progress == "bar"
+                                else False, label="copy")
+
+    client = kcopyd.Client(num_pages=args.num_pages, sub_job_size=sub_job, threads=args.threads,
+                           rate=rate, throttle_percent=args.throttle, offload=not args.no_offload)
+    created: list[str] = []
+    try:
+        regions = _prepare_dests(dests, count, created)
+        start = time.monotonic()
+        try:
+            job = client.copy(kcopyd.Region(src.path, src.sector, count), regions, flags=flags)
+        except DMError:
+            for path in created:
+                os.unlink(path)
+            raise
+        try:
+            from kcopyd.progress import follow
+
+            follow(lambda: (job.progress.done, job.progress.total), job.wait, reporter)
+        except KeyboardInterrupt:
+            job.cancel()
+            job.wait()
+            reporter.finish(ok=False)
+            raise
+        if job.ok and args.flush:
+            _flush(dests)
+        elapsed = time.monotonic() - start
+        reporter.finish(job.progress.done, job.progress.total, ok=job.ok)
+    finally:
+        client.destroy()
+    nbytes = count * SECTOR
+    summary = {
+        "source": {"path": src.path, "sector": src.sector, "count": count},
+        "destinations": [
+            {"path": d.path, "sector": d.sector, "count": count, "ok": not job.write_err >> i & 1}
+            for i, d in enumerate(dests)
+        ],
+        "bytes": nbytes,
+        "seconds": round(elapsed, 6),
+        "bytes_per_second": int(nbytes / elapsed) if elapsed > 0 else None,
+        "read_error": bool(job.read_err),
+        "write_error_mask": job.write_err,
+        "failed_destinations": [dests[i].path for i in job.failed_dests],
+        "cancelled": job.cancelled,
+        "ok": job.ok,
+    }
+    if getattr(args, "json", False):
+        print(json.dumps(summary, indent=2))
+    elif reporter.bar:
+        print(f"copied {format_size(nbytes)} to {len(dests)} destination(s) in {elapsed:.2f} s",
+              file=sys.stderr)
+    job.raise_for_error()
+    return 0
+
+
+def _prepare_dests(dests: list[Spec], count: int, created: list[str]) -> list[Any]:
+    """Regions for the destinations; creates missing files and extends short ones (files only)."""
+    import kcopyd
+
+    need_paths: list[tuple[str, int, bool]] = []
+    for d in dests:
+        if d.is_null:
+            continue
+        end = (d.sector + count) * SECTOR
+        try:
+            st = os.stat(d.path)
+        except FileNotFoundError:
+            parent = os.path.dirname(os.path.abspath(d.path))
+            if not os.path.isdir(parent):
+                raise InvalidArgument("no such directory for the new file", operation="copy",
+                                      device=d.path) from None
+            need_paths.append((d.path, end, True))
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_size < end:
+            need_paths.append((d.path, end, False))
+    for path, end, create in need_paths:
+        if create:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            created.append(path)
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, end)
+        finally:
+            os.close(fd)
+    regions = []
+    for d in dests:
+        dev: str | Endpoint = NullEndpoint((d.sector + count) * SECTOR) if d.is_null else d.path
+        regions.append(kcopyd.Region(dev, d.sector, count))
+    return regions
+
+
+def _flush(dests: list[Spec]) -> None:
+    from dmtools.blockdev import BlockDevice
+
+    for d in dests:
+        if not d.is_null:
+            with BlockDevice(d.path, writable=True) as ep:
+                ep.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m kcopyd SRC DST ...``: the ``copy`` command on its own."""
+    import logging
+
+    parser = argparse.ArgumentParser(prog="python -m kcopyd", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="kcopyd: %(levelname)s: %(message)s")
+    try:
+        return cmd_copy(args)
+    except DMError as err:
+        print(f"kcopyd: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kcopyd: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""Benchmark kcopyd (``dmtools copy``) against dd and nbdcopy, measured in the same run.
+
+    python scripts/bench_copy.py [--size 1G] [--rss-size 4G] [--repeat 3] [--json] [--dir DIR]
+
+(a) file -> file: ``dd bs=1M`` and ``nbdcopy`` against ``python -m kcopyd SRC DST``;
+(b) file -> loop device: ``dd bs=1M oflag=direct`` against kcopyd (O_DIRECT on block devices);
+(c) one source -> 3 destinations: three sequential ``dd bs=1M`` runs against one kcopyd job;
+(d) peak RSS of a ``--rss-size`` copy (a loop device over a sparse file, to ``null:``, through the
+    page pool) with ``--num-pages`` 64 and 1024, read from ``wait4``'s rusage.
+
+Every tool runs as a fresh process on a fresh destination, after ``sync`` and dropping the page
+cache (root), so each starts with the source on disk; times include process start-up. With
+``--flush`` every tool also makes its output durable (dd ``conv=fdatasync``, nbdcopy ``--flush``,
+kcopyd ``--flush``). Each case is run ``--repeat`` times, alternating tools, and the median is
+reported. Ratios are peer time / kcopyd time (> 1: kcopyd is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from dmtools.units import format_size, parse_size  # noqa: E402
+
+PY = sys.executable
+ENV = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+KCOPYD = [PY, "-m", "kcopyd", "--quiet"]
+
+
+def drop_caches() -> bool:
+    """``sync`` and drop the page cache; False when not permitted."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def make_source(path: Path, size: int) -> None:
+    """Incompressible, non-zero data (zero detection must not help any tool)."""
+    block = bytearray(os.urandom(1 << 20))
+    with open(path, "wb") as f:
+        for i in range(size // len(block)):
+            block[:8] = i.to_bytes(8, "little")
+            f.write(block)
+        rest = size % len(block)
+        if rest:
+            f.write(block[:rest])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def timed(cmd: list[str], prepare: Any = None) -> float:
+    """Run ``cmd`` after ``prepare()`` and a cache drop; return wall seconds."""
+    if prepare is not None:
+        prepare()
+    drop_caches()
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=ENV, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def fresh(*paths: Path) -> Any:
+    """A ``prepare`` step removing destination files."""
+
+    def prepare() -> None:
+        for p in paths:
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+    return prepare
+
+
+def median_runs(cases: dict[str, tuple[list[str] | list[list[str]], Any]], repeat: int) -> dict[str, float]:
+    """Run each case ``repeat`` times, interleaved; a case may be a list of commands run in sequence."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeat):
+        for name, (cmd, prep) in cases.items():
+            if cmd and isinstance(cmd[0], list):
+                total = 0.0
+                for i, c in enumerate(cmd):
+                    total += timed(c, prep[i] if isinstance(prep, list) else prep)  # type: ignore[arg-type]
+                times[name].append(total)
+            else:
+                times[name].append(timed(cmd, prep))  # type: ignore[arg-type]
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench_file_to_file(d: Path, src: Path, repeat: int, flush: bool) -> dict[str, Any]:
+    dst = d / "dst-a.img"
+    dd = ["dd", f"if={src}", f"of={dst}", "bs=1M", "status=none"] + (["conv=fdatasync"] if flush else [])
+    cases: dict[str, Any] = {
+        "kcopyd": (KCOPYD + [str(src), str(dst)] + (["--flush"] if flush else []), fresh(dst)),
+        "dd": (dd, fresh(dst)),
+    }
+    if shutil.which("nbdcopy"):
+        cases["nbdcopy"] = (["nbdcopy"] + (["--flush"] if flush else []) + [str(src), str(dst)], fresh(dst))
+    t = median_runs(cases, repeat)
+    fresh(dst)()
+    return {"seconds": t, "ratio_vs_dd": t["dd"] / t["kcopyd"],
+            **({"ratio_vs_nbdcopy": t["nbdcopy"] / t["kcopyd"]} if "nbdcopy" in t else {})}
+
+
+def bench_file_to_loop(d: Path, src: Path, size: int, repeat: int, flush: bool) -> dict[str, Any]:
+    from dmtools import loop
+
+    backing = d / "loop-backing.img"
+    with open(backing, "wb") as f:
+        f.truncate(size)
+    dev = loop.attach(backing)
+    try:
+        dd = ["dd", f"if={src}", f"of={dev.path}", "bs=1M", "oflag=direct", "status=none"]
+        if flush:
+            dd.append("conv=fdatasync")
+        cases = {
+            "kcopyd": (KCOPYD + [str(src), dev.path] + (["--flush"] if flush else []), None),
+            "dd_direct": (dd, None),
+        }
+        t = median_runs(cases, repeat)
+    finally:
+        loop.detach(dev)
+        backing.unlink()
+    return {"seconds": t, "ratio_vs_dd_direct": t["dd_direct"] / t["kcopyd"]}
+
+
+def bench_three_dests(d: Path, src: Path, repeat: int, flush: bool) -> dict[str, Any]:
+    dsts = [d / f"dst-c{i}.img" for i in range(3)]
+    conv = ["conv=fdatasync"] if flush else []
+    dd_cmds = [["dd", f"if={src}", f"of={p}", "bs=1M", "status=none"] + conv for p in dsts]
+    cases: dict[str, Any] = {
+        "kcopyd": (KCOPYD + [str(src)] + [str(p) for p in dsts] + (["--flush"] if flush else []), fresh(*dsts)),
+        "dd_x3": (dd_cmds, [fresh(p) for p in dsts]),
+    }
+    t = median_runs(cases, repeat)
+    fresh(*dsts)()
+    return {"seconds": t, "ratio_vs_3dd": t["dd_x3"] / t["kcopyd"]}
+
+
+def peak_rss(cmd: list[str]) -> tuple[int, float]:
+    """Run ``cmd``; return (peak RSS in bytes, seconds) from ``wait4``."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"{cmd} exited with {proc.returncode}")
+    return usage.ru_maxrss * 1024, time.perf_counter() - t0
+
+
+def bench_rss(d: Path, size: int) -> dict[str, Any]:
+    from dmtools import loop
+
+    backing = d / "rss-backing.img"
+    with open(backing, "wb") as f:
+        f.truncate(size)
+    dev = loop.attach(backing, read_only=True)
+    out: dict[str, Any] = {}
+    try:
+        base, _ = peak_rss([PY, "-c", "import kcopyd, dmtools.blockdev, kcopyd.cli"])
+        out["python_baseline_bytes"] = base
+        for pages in (64, 1024):
+            rss, secs = peak_rss(KCOPYD + ["--num-pages", str(pages), dev.path, "null:"])
+            budget = 40 * 2**20 + pages * 4096
+            out[str(pages)] = {"peak_rss_bytes": rss, "pages_bytes": pages * 4096, "budget_bytes": budget,
+                               "within_budget": rss <= budget, "seconds": secs}
+    finally:
+        loop.detach(dev)
+        backing.unlink()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="1G", help="copy size for (a)-(c) (default 1G)")
+    ap.add_argument("--rss-size", default="4G", help="copy size for (d) (default 4G)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per tool, median reported (default 3)")
+    ap.add_argument("--flush", action="store_true", help="include making the output durable")
+    ap.add_argument("--dir", help="work directory (default: a temporary one under /var/tmp)")
+    ap.add_argument("--only", default="abcd", help="which cases to run (default abcd)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = ap.parse_args()
+    size = parse_size(args.size, "b")
+    rss_size = parse_size(args.rss_size, "b")
+    root = os.geteuid() == 0
+    workdir = Path(tempfile.mkdtemp(prefix="dmtt-bench-", dir=args.dir or "/var/tmp"))
+    results: dict[str, Any] = {
+        "size_bytes": size, "repeat": args.repeat, "flush": args.flush, "caches_dropped": drop_caches(),
+        "cpus": os.cpu_count(), "kernel": os.uname().release,
+        "command": " ".join(["python", "scripts/bench_copy.py"] + sys.argv[1:]),
+    }
+    try:
+        src = workdir / "src.img"
+        if set(args.only) & set("abc"):
+            make_source(src, size)
+        if "a" in args.only:
+            results["a_file_to_file"] = bench_file_to_file(workdir, src, args.repeat, args.flush)
+        if "b" in args.only:
+            results["b_file_to_loop_direct"] = (
+                bench_file_to_loop(workdir, src, size, args.repeat, args.flush) if root
+                else {"skipped": "needs root for a loop device"})
+        if "c" in args.only:
+            results["c_one_to_three"] = bench_three_dests(workdir, src, args.repeat, args.flush)
+        if "d" in args.only:
+            results["d_peak_rss"] = (bench_rss(workdir, rss_size) if root
+                                     else {"skipped": "needs root for a loop device"})
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_report(results, size, rss_size)
+    return 0
+
+
+def print_report(r: dict[str, Any], size: int, rss_size: int) -> None:
+    def secs(t: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:.3f} s ({format_size(int(size / v))}/s)" for k, v in t.items())
+
+    print(f"kcopyd benchmark: {format_size(size)}, median of {r['repeat']}, flush={r['flush']}, "
+          f"caches dropped={r['caches_dropped']}, {r['cpus']} CPUs, kernel {r['kernel']}")
+    if "a_file_to_file" in r:
+        a = r["a_file_to_file"]
+        print(f"(a) file->file: {secs(a['seconds'])}")
+        print(f"    kcopyd vs dd bs=1M: {a['ratio_vs_dd']:.2f}x"
+              + (f"; vs nbdcopy: {a['ratio_vs_nbdcopy']:.2f}x" if "ratio_vs_nbdcopy" in a else ""))
+    if "b_file_to_loop_direct" in r:
+        b = r["b_file_to_loop_direct"]
+        if "skipped" in b:
+            print(f"(b) skipped: {b['skipped']}")
+        else:
+            print(f"(b) file->loop: {secs(b['seconds'])}")
+            print(f"    kcopyd vs dd oflag=direct: {b['ratio_vs_dd_direct']:.2f}x")
+    if "c_one_to_three" in r:
+        c = r["c_one_to_three"]
+        print(f"(c) 1->3: {secs(c['seconds'])}")
+        print(f"    kcopyd vs three sequential dd: {c['ratio_vs_3dd']:.2f}x")
+    if "d_peak_rss" in r:
+        d = r["d_peak_rss"]
+        if "skipped" in d:
+            print(f"(d) skipped: {d['skipped']}")
+        else:
+            print(f"(d) peak RSS, {format_size(rss_size)} copy (python baseline "
+                  f"{format_size(d['python_baseline_bytes'])}):")
+            for pages in ("64", "1024"):
+                e = d[pages]
+                print(f"    num_pages {pages}: {format_size(e['peak_rss_bytes'])} "
+                      f"(budget {format_size(e['budget_bytes'])}: {'ok' if e['within_budget'] else 'OVER'}, "
+                      f"{e['seconds']:.2f} s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

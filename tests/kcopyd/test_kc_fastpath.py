@@ -1,0 +1,162 @@
+"""I/O paths: copy_file_range and its fallback, holes of sparse sources, O_DIRECT on block devices."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+import kcopyd
+from kcopyd.fastpath import plan_segments
+from dmtools.testing.faults import MemoryEndpoint
+from kc_helpers import TIMEOUT, pattern
+
+MiB = 1 << 20
+
+
+def test_plan_segments_rounds_holes_inwards():
+    ep = MemoryEndpoint(64 * 1024)
+    ep.set_extents([(0, 5000), (20000, 100)])
+    segs = plan_segments(ep, 0, 32768, 4096)
+    # data [0,5000) -> hole from 8192 (rounded up) to 16384 (20000 rounded down); data to 20100; hole
+    # from 20480 to the end
+    assert segs == [(0, 8192, True), (8192, 8192, False), (16384, 4096, True), (20480, 12288, False)]
+    assert sum(n for _, n, _ in segs) == 32768
+    assert plan_segments(None, 0, 4096, 4096) == [(0, 4096, False)]
+    ep.set_extents(None)
+    assert plan_segments(ep, 512, 1024, 4096) == [(0, 1024, True)]
+    ep.set_extents([])
+    assert plan_segments(ep, 0, 3072, 4096) == [(0, 3072, False)], "a hole may end at the piece end"
+    ep.set_extents([(1024, 512)])
+    assert plan_segments(ep, 0, 6144, 4096) == [(0, 4096, True), (4096, 2048, False)]
+
+
+def _sparse_source(path, size=4 * MiB):
+    data = bytearray(size)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off in (0, 2 * MiB + 8192):
+            chunk = pattern(64 * 1024, seed=off)
+            f.seek(off)
+            f.write(chunk)
+            data[off : off + len(chunk)] = chunk
+    return bytes(data)
+
+
+def _allocated(path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+@pytest.fixture(params=[True, False], ids=["offload", "buffers"])
+def client(request):
+    with kcopyd.Client(num_pages=256, offload=request.param) as kc:
+        yield kc
+
+
+def test_copy_file_range_is_used_between_files(tmp_path, monkeypatch):
+    calls = []
+    real = os.copy_file_range
+
+    def spy(*args):
+        calls.append(args[2])
+        return real(*args)
+
+    monkeypatch.setattr(os, "copy_file_range", spy)
+    src, dst = tmp_path / "s.img", tmp_path / "d.img"
+    src.write_bytes(pattern(3 * MiB))
+    dst.write_bytes(bytes(3 * MiB))
+    with kcopyd.Client() as kc:
+        job = kc.copy(kcopyd.Region(str(src), 0, 6144), [kcopyd.Region(str(dst), 0, 6144)])
+        assert job.wait(TIMEOUT) and job.ok
+    assert calls and sum(calls) >= 3 * MiB
+    assert dst.read_bytes() == src.read_bytes()
+
+
+@pytest.mark.parametrize("err", [errno.EXDEV, errno.EIO, errno.EINVAL])
+def test_copy_file_range_failure_falls_back_to_buffers(tmp_path, monkeypatch, err):
+    def refuse(*args):
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    src = tmp_path / "s.img"
+    src.write_bytes(pattern(2 * MiB))
+    dsts = [tmp_path / f"d{i}.img" for i in range(3)]
+    for d in dsts:
+        d.write_bytes(bytes(2 * MiB))
+    with kcopyd.Client(num_pages=64) as kc:
+        job = kc.copy(kcopyd.Region(str(src), 0, 4096), [kcopyd.Region(str(d), 0, 4096) for d in dsts])
+        assert job.wait(TIMEOUT)
+    assert job.ok, "copy_file_range errors are retried with buffers, which succeed"
+    assert all(d.read_bytes() == src.read_bytes() for d in dsts)
+
+
+def test_holes_skipped_when_destination_is_zeroed(tmp_path, client):
+    src, dst = tmp_path / "s.img", tmp_path / "d.img"
+    data = _sparse_source(src)
+    with open(dst, "wb") as f:
+        f.truncate(4 * MiB)
+    job = client.copy(kcopyd.Region(str(src), 0, 8192), [kcopyd.Region(str(dst), 0, 8192)],
+                      flags=kcopyd.DEST_ZEROED)
+    assert job.wait(TIMEOUT) and job.ok
+    assert dst.read_bytes() == data
+    assert _allocated(dst) <= 256 * 1024, "holes of the source stay holes"
+
+
+def test_holes_written_as_zeros_otherwise(tmp_path, client):
+    src, dst = tmp_path / "s.img", tmp_path / "d.img"
+    data = _sparse_source(src)
+    dst.write_bytes(pattern(4 * MiB, seed=5))
+    job = client.copy(kcopyd.Region(str(src), 0, 8192), [kcopyd.Region(str(dst), 0, 8192)])
+    assert job.wait(TIMEOUT) and job.ok
+    assert dst.read_bytes() == data
+    assert _allocated(dst) < 2 * MiB, "zeros are written by punching holes, not by writing data"
+
+
+def test_zero_job_on_a_file_deallocates(tmp_path):
+    dst = tmp_path / "d.img"
+    dst.write_bytes(pattern(4 * MiB))
+    with kcopyd.Client() as kc:
+        job = kc.zero([kcopyd.Region(str(dst), 2048, 4096)])
+        assert job.wait(TIMEOUT) and job.ok
+    content = dst.read_bytes()
+    assert content[MiB : 3 * MiB] == bytes(2 * MiB)
+    assert content[:MiB] == pattern(4 * MiB)[:MiB]
+    assert _allocated(dst) <= 2 * MiB + 64 * 1024
+
+
+@pytest.mark.root
+def test_block_devices_open_with_o_direct_when_aligned(tmp_path, make_loop):
+    from kcopyd.region import _open_path
+
+    img = tmp_path / "dmtt-lo.img"
+    with open(img, "wb") as f:
+        f.truncate(8 * MiB)
+    lo = make_loop(img, block_size=4096)
+    ep = _open_path(lo.path, writable=True, offset=4096, length=MiB)
+    try:
+        assert ep.direct and ep.logical_block_size == 4096
+    finally:
+        ep.close()
+    ep = _open_path(lo.path, writable=True, offset=512, length=MiB)
+    try:
+        assert not ep.direct, "a range not aligned to the logical block size uses the page cache"
+    finally:
+        ep.close()
+
+
+@pytest.mark.root
+def test_copy_to_4k_loop_device_at_unaligned_sector(tmp_path, make_loop):
+    img = tmp_path / "dmtt-lo.img"
+    with open(img, "wb") as f:
+        f.truncate(4 * MiB)
+    lo = make_loop(img, block_size=4096)
+    src = tmp_path / "s.img"
+    src.write_bytes(pattern(MiB))
+    with kcopyd.Client() as kc:
+        for sector in (8, 1):
+            job = kc.copy(kcopyd.Region(str(src), 0, 2048), [kcopyd.Region(lo.path, sector, 2048)])
+            assert job.wait(TIMEOUT) and job.ok
+            with open(lo.path, "rb") as f:
+                f.seek(sector * 512)
+                assert f.read(MiB) == src.read_bytes()
