@@ -358,6 +358,7 @@ class Client:
                 self._drop_parked_locked(job)
             if job._finished():
                 self._finish_locked(job)
+        self.throttle.wake()
 
     # -- worker side ----------------------------------------------------------------------------
     def _worker(self) -> None:

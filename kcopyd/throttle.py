@@ -97,6 +97,11 @@ class Throttle:
                 # Woken early by a rate change (notify_all in the setter).
                 self._cond.wait(min(1.0, -self._tokens / rate))
 
+    def wake(self) -> None:
+        """Wake every waiter so it re-checks its cancel event (a job was cancelled)."""
+        with self._cond:
+            self._cond.notify_all()
+
     # -- duty cycle ----------------------------------------------------------------------------
     def _account(self, now: float) -> None:
         diff = now - self._last
