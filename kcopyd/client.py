@@ -209,7 +209,7 @@ class Client:
             raise InvalidArgument(f"notify must be callable, not {notify!r}", operation="copy")
         dest_list = [dests] if isinstance(dests, Region) else list(dests)
         osrc, odests = open_regions(src, dest_list)
-        if any(getattr(d.endpoint, "zoned", False) for d in odests):
+        if any(d.zoned for d in odests):
             flags |= WRITE_SEQ  # forced for zoned destinations (dm-kcopyd.c)
         if flags & WRITE_SEQ:
             flags &= ~IGNORE_ERROR  # WRITE_SEQ clears IGNORE_ERROR (dm-kcopyd.c)

@@ -7,7 +7,6 @@ and then run its notify callback once on the client's callback thread.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Generator
@@ -15,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable, Generator
 from dmtools.errors import DeviceIOError, OperationCancelled
 
 if TYPE_CHECKING:  # pragma: no cover
+    import asyncio
+
     from kcopyd.pagepool import Pages
     from kcopyd.region import OpenRegion, Region
 
@@ -162,6 +163,8 @@ class Job:
             raise DeviceIOError("; ".join(parts), operation="copy")
 
     def __await__(self) -> Generator[Any, None, Job]:
+        import asyncio  # imported on first use: most callers never await
+
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Job] = loop.create_future()
         with self._waiters_lock:
@@ -197,6 +200,6 @@ class Job:
                 pass
 
 
-def _resolve(fut: asyncio.Future[Job], job: Job) -> None:
+def _resolve(fut: "asyncio.Future[Job]", job: Job) -> None:
     if not fut.done():
         fut.set_result(job)

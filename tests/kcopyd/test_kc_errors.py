@@ -311,3 +311,30 @@ def test_paths_closed_after_validation_failure(tmp_path):
     assert after == before
     assert b.read_bytes() == bytes(4096)
     assert errno.EIO  # the errno module is used by the fault wrappers' messages
+
+
+def test_submissions_beyond_max_jobs_wait_their_turn():
+    gate = threading.Event()
+    src = SlowEndpoint(MemoryEndpoint(pattern(8192)), gate=gate)
+    with kcopyd.Client(num_pages=8, max_jobs=2) as kc:
+        jobs = [kc.copy(kcopyd.Region(src, 0, 16), [kcopyd.Region(MemoryEndpoint(8192), 0, 16)]) for _ in range(2)]
+        third: list[kcopyd.Job] = []
+        submitter = threading.Thread(
+            target=lambda: third.append(kc.copy(kcopyd.Region(src, 0, 16), [kcopyd.Region(MemoryEndpoint(8192), 0, 16)]))
+        )
+        submitter.start()
+        submitter.join(0.2)
+        assert submitter.is_alive() and not third, "the third job waits while two are outstanding"
+        gate.set()
+        submitter.join(TIMEOUT)
+        assert third and third[0].wait(TIMEOUT) and all(j.wait(TIMEOUT) for j in jobs)
+
+
+def test_zoned_destination_forces_write_seq():
+    dst = MemoryEndpoint(8192)
+    dst.zoned = True  # type: ignore[attr-defined]
+    with client() as kc:
+        job = kc.copy(kcopyd.Region(MemoryEndpoint(pattern(8192)), 0, 16), [kcopyd.Region(dst, 0, 16)],
+                      flags=kcopyd.IGNORE_ERROR)
+        assert job.wait(TIMEOUT) and job.ok
+    assert job.flags & kcopyd.WRITE_SEQ and not job.flags & kcopyd.IGNORE_ERROR
