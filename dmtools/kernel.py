@@ -323,6 +323,8 @@ class KernelBackend(DeviceMapper):
         and are waited for. ``kernel_log`` reads the kernel's log lines of the call into errors.
         """
         global _messages
+        if device is not None:
+            validate_name(device)  # libdm would take a name with "/" for a path and stat it
         with LIBDM_LOCK:
             saved, _messages = _messages, []
             messages = _messages

@@ -517,6 +517,10 @@ def test_names_are_validated_before_c(dm: KernelBackend, fake: FakeLib) -> None:
         dm.create("a/b")
     with pytest.raises(InvalidName):
         dm.rename("ok-dmtt", "x" * 200)
+    with pytest.raises(InvalidName):
+        dm.info("../sda")
+    with pytest.raises(InvalidName):
+        dm.remove("")
     assert fake.tasks == []
 
 

@@ -239,6 +239,11 @@ def test_dmsetup_and_we_see_each_others_devices(kernel_dm: KernelBackend, loops:
     assert dmsetup("deps", ours).strip().endswith(f"({info.major}, {info.minor})")
     assert kernel_dm.deps(ours) == [(info.major, info.minor)]
 
+    with pytest.raises(DeviceExists):
+        kernel_dm.rename(ours, theirs)
+    with pytest.raises(DeviceExists):
+        kernel_dm.create(names("dupuuid"), "0 8 zero", uuid=f"DMTT-{theirs}")
+
     kernel_dm.remove(ours)
     dmsetup("remove", theirs)
     assert not kernel_dm.exists(theirs)
