@@ -10,6 +10,7 @@ better than one direct request at a time.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import queue
 from typing import Any
@@ -33,6 +34,18 @@ def _take(size: int) -> mmap.mmap:
         buf.close()
         return aligned_buffer(size)
     return buf
+
+
+def _copy(dst: mmap.mmap, src: memoryview, n: int) -> None:
+    """Copy ``n`` bytes with the GIL released (``ctypes.memmove``), so FUSE threads overlap."""
+    if src.readonly:
+        dst[:n] = src
+        return
+    ctypes.memmove(
+        ctypes.addressof(ctypes.c_char.from_buffer(dst)),
+        ctypes.addressof(ctypes.c_char.from_buffer(src)),
+        n,
+    )
 
 
 class BackingDevice(Endpoint):
@@ -87,7 +100,7 @@ class BackingDevice(Endpoint):
             return self.buffered.write(mv, offset)
         bounce = _take(n)
         try:
-            bounce[:n] = mv
+            _copy(bounce, mv, n)
             direct.write(memoryview(bounce)[:n], offset)
         finally:
             _bounce.put(bounce)
