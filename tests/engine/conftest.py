@@ -9,8 +9,10 @@ kernel) and ``printed(ref)`` how that backend prints it in table and status text
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,11 +47,18 @@ class Harness:
 @pytest.fixture(
     params=[
         pytest.param("engine", id="engine"),
+        pytest.param("daemon", id="daemon"),
         pytest.param("kernel", id="kernel", marks=pytest.mark.kernel),
     ]
 )
-def dm(request: pytest.FixtureRequest, make_image: Callable[..., Any]) -> Iterator[Harness]:
-    """The backend under test, with a ``backing(size)`` factory for table device references."""
+def dm(
+    request: pytest.FixtureRequest, make_image: Callable[..., Any], tmp_path: Path
+) -> Iterator[Harness]:
+    """The backend under test, with a ``backing(size)`` factory for table device references.
+
+    ``engine`` is the in-process engine, ``daemon`` the same engine behind the control socket
+    (``UserspaceClient``, no exposure), ``kernel`` the real device-mapper.
+    """
     if request.param == "engine":
         from dmtools.engine import Engine
 
@@ -58,6 +67,22 @@ def dm(request: pytest.FixtureRequest, make_image: Callable[..., Any]) -> Iterat
             yield Harness(eng, "engine", lambda size: str(make_image(size)))
         finally:
             eng.close()
+        return
+    if request.param == "daemon":
+        from dmtools.engine.client import UserspaceClient
+        from dmtools.engine.daemon import Daemon
+
+        daemon = Daemon(str(tmp_path / "run"), expose=False)
+        daemon.start()
+        server = threading.Thread(target=daemon.serve, daemon=True)
+        server.start()
+        client = UserspaceClient(daemon.run_dir)
+        try:
+            yield Harness(client, "daemon", lambda size: str(make_image(size)))
+        finally:
+            client.close()
+            daemon.stop()
+            server.join(10)
         return
     make_loop = request.getfixturevalue("make_loop")
     kdm = request.getfixturevalue("kernel_dm")
