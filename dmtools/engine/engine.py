@@ -244,7 +244,11 @@ class Engine(DeviceMapper):
     def create(
         self, name: str, table: "Table | str | None" = None, *, uuid: str = "", readonly: bool = False
     ) -> DeviceInfo:
-        """Create a device, empty or with a live table; all-or-nothing."""
+        """Create a device, empty or with a live table (load + resume); all-or-nothing.
+
+        Raises ``InvalidName``, ``DeviceExists`` (name or uuid taken), ``InvalidTable`` /
+        ``TargetNotSupported`` (bad table: nothing is left behind) or ``DMError`` (exposure failed).
+        """
         validate_name(name)
         validate_uuid(uuid)
         with self._lock:
@@ -276,7 +280,11 @@ class Engine(DeviceMapper):
         return self.info(name)
 
     def load(self, name: str, table: "Table | str", *, readonly: bool = False) -> None:
-        """Load ``table`` into the inactive slot (replacing an inactive table already there)."""
+        """Load ``table`` into the inactive slot (replacing an inactive table already there).
+
+        All-or-nothing: a bad table raises ``InvalidTable`` (``TargetNotSupported`` for an unknown
+        type) and leaves the device as it was. Raises ``DeviceNotFound`` for a missing device.
+        """
         dev = self._get(name, "load")
         with dev.op_lock:
             self._alive(dev, "load")
@@ -295,7 +303,11 @@ class Engine(DeviceMapper):
             old.destroy()
 
     def suspend(self, name: str, *, noflush: bool = False) -> None:
-        """Suspend: presuspend, hold new I/O, wait for in-flight I/O, flush unless ``noflush``, postsuspend."""
+        """Suspend: presuspend, hold new I/O, wait for in-flight I/O, flush unless ``noflush``, postsuspend.
+
+        Suspending a suspended device does nothing. Raises ``DeviceNotFound``; a target hook that
+        raises undoes the suspend (``presuspend_undo``) and the error propagates.
+        """
         dev = self._get(name, "suspend")
         with dev.op_lock:
             self._alive(dev, "suspend")
@@ -330,7 +342,13 @@ class Engine(DeviceMapper):
             dev.noflush_suspending = False
 
     def resume(self, name: str) -> None:
-        """Resume, swapping in the inactive table first if one is loaded (``do_resume``)."""
+        """Resume, swapping in the inactive table first if one is loaded (``do_resume``).
+
+        Raises ``InvalidTable`` when the new table's device areas do not fit their devices (the
+        new table is dropped, the device stays suspended on its old table, as in the kernel),
+        ``InvalidArgument`` when there is no table to resume, or a target's ``preresume`` error
+        (the device then stays suspended with the new table).
+        """
         dev = self._get(name, "resume")
         with dev.op_lock:
             self._alive(dev, "resume")
@@ -361,7 +379,11 @@ class Engine(DeviceMapper):
                 tgt.resume()
 
     def remove(self, name: str, *, retry: bool = False, deferred: bool = False) -> None:
-        """Remove a device; ``DeviceBusy`` while it is open (``deferred``: remove on last close)."""
+        """Remove a device.
+
+        Raises ``DeviceBusy`` while it is open (``retry`` keeps trying for 5 s; ``deferred`` marks
+        it to go when the last opener closes) and ``DeviceNotFound`` when it does not exist.
+        """
         deadline = time.monotonic() + (5.0 if retry else 0.0)
         while True:
             dev = self._get(name, "remove")
