@@ -459,6 +459,10 @@ class Client:
         src = job._src
         assert src is not None and piece.pages is not None
         self._throttle_bytes(piece)
+        if job.cancelled:  # cancelled while it waited for the throttle: no I/O
+            with self._cond:
+                self._piece_done_locked(piece, written=False)
+            return
         thr = self.throttle
         ignore = bool(job.flags & IGNORE_ERROR)
         piece.segments = segs = self._segments(piece)

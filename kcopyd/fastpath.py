@@ -132,8 +132,8 @@ def plan_segments(src: Endpoint | None, offset: int, length: int, grain: int) ->
         return [(0, length, True)]
     segs: list[Segment] = []
     pos = 0  # piece-relative end of what is planned
-    for ext_off, ext_len in extents:
-        lo = max(ext_off - offset, 0)
+    for ext_off, ext_len in sorted(extents):  # tolerate unsorted or overlapping extents
+        lo = max(ext_off - offset, pos)
         hi = min(ext_off + ext_len - offset, length)
         if hi <= lo:
             continue

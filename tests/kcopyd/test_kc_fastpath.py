@@ -30,6 +30,8 @@ def test_plan_segments_rounds_holes_inwards():
     assert plan_segments(ep, 0, 3072, 4096) == [(0, 3072, False)], "a hole may end at the piece end"
     ep.set_extents([(1024, 512)])
     assert plan_segments(ep, 0, 6144, 4096) == [(0, 4096, True), (4096, 2048, False)]
+    ep.set_extents([(512, 512), (0, 4608)])  # unsorted and overlapping (found by the property test)
+    assert plan_segments(ep, 0, 4608, 4096) == [(0, 4608, True)]
 
 
 def _sparse_source(path, size=4 * MiB):
