@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from dmtools.backend import DeviceMapper
 from dmtools.errors import DMError
@@ -52,7 +52,8 @@ class Watcher:
     """Typed events for the devices of one backend.
 
     ``names``: watch only these device names (default: every device). ``thresholds``: snapshot
-    usage percentages to report crossings of. ``store``: persisted state for catch-up across
+    usage percentages to report crossings of
+    (or a function of the device name returning them). ``store``: persisted state for catch-up across
     restarts (it must hold its lock). ``uevents``: listen to uevents (default: on the kernel
     backend, where devices are ``dm-N``). ``event_numbers``: wait on each device's event number.
     """
@@ -62,7 +63,7 @@ class Watcher:
         dm: DeviceMapper,
         *,
         names: Sequence[str] | None = None,
-        thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
+        thresholds: Sequence[int] | Callable[[str], Sequence[int]] = DEFAULT_THRESHOLDS,
         store: StateStore | None = None,
         poll_interval: float = 1.0,
         uevents: bool | None = None,
@@ -73,7 +74,7 @@ class Watcher:
             raise DMError("poll interval must be positive")
         self.dm = dm
         self.names = tuple(names) if names else None
-        self.thresholds = tuple(thresholds)
+        self._thresholds = thresholds if callable(thresholds) else tuple(thresholds)
         self.store = store
         self.poll_interval = poll_interval
         self._use_uevents = (dm.backend == "kernel") if uevents is None else uevents
@@ -97,6 +98,11 @@ class Watcher:
         self._caught_up = False
 
     # --- scope and state ------------------------------------------------------------------
+    def thresholds(self, name: str) -> Sequence[int]:
+        """The snapshot usage percentages reported for device ``name``."""
+        t = self._thresholds
+        return t(name) if callable(t) else t
+
     def _in_scope(self, name: str) -> bool:
         return self.names is None or name in self.names
 
@@ -207,7 +213,7 @@ class Watcher:
                     source = pending[key].source
                 elif old is not None and now_state is not None and old.event_nr != now_state.event_nr:
                     source = "event_nr"
-            events = derive(old, now_state, thresholds=self.thresholds, source=source, now=now)
+            events = derive(old, now_state, thresholds=self.thresholds(name), source=source, now=now)
             if events or old != now_state or old_name:
                 batches.append(Batch(name, old, now_state, events, old_name))
         batches.extend(self._transient(uevents, previous, current, now))

@@ -69,7 +69,7 @@ def test_rename_is_one_event_and_keeps_history() -> None:
     dm.rename("snap", "snap2")
     events = w.poll()
     assert kinds(events) == ["snap2:device-renamed"]
-    assert events[0].old_name == "snap"
+    assert events[0].old_name == "snap"  # type: ignore[attr-defined]
 
 
 def test_event_number_wakes_the_watcher_within_a_bound() -> None:
@@ -139,7 +139,7 @@ def test_stop_between_devices_commits_what_was_handed_out(tmp_path: Path) -> Non
         assert first.device == "mir"
         second = next(it)
         assert second.device == "snap"
-        it.close()  # stopped in the middle of snap's events: mir was committed, snap was not
+        it.close()  # type: ignore[attr-defined]  # stopped in the middle of snap's events: mir was committed, snap was not
         w.close()
     with StateStore("fake", str(tmp_path), lock=True) as store:
         again = Watcher(dm, store=store, event_numbers=False, uevents=False).poll()

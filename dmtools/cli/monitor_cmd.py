@@ -1,0 +1,150 @@
+"""``dmtools monitor``: watch device-mapper devices, report events, apply policies.
+
+Runs in the foreground until interrupted (SIGINT/SIGTERM end it cleanly: the events reported so
+far are remembered, so the next start reports only what happened meanwhile). ``--once`` reports
+what changed since the last run, applies the policies once, prints the current state and exits
+(for scripts and cron). ``--json`` prints one JSON object per event (with ``--once``: one document
+with ``events`` and ``devices``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from dmtools.errors import DMError
+from dmtools.events.state import DEFAULT_THRESHOLDS, DeviceState, parse_thresholds
+from dmtools.events.store import StateStore
+from dmtools.events.types import Event
+from dmtools.monitor import MIRROR_POLICIES, Monitor, MonitorConfig, PolicySettings
+
+__all__ = ["register", "cmd_monitor", "format_event"]
+
+_DEFAULT_WARN = ",".join(str(t) for t in DEFAULT_THRESHOLDS)
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``monitor`` command to an argparse sub-parser collection."""
+    p = subparsers.add_parser(
+        "monitor", help="watch devices: events, snapshot warnings and auto-extend, mirror fault policies",
+        description="Watch device-mapper devices (all, or the NAMES given) and report events; "
+        "policies are off unless enabled here or in --config.")
+    p.add_argument("names", metavar="NAME", nargs="*", help="devices to watch (default: all)")
+    p.add_argument("--once", action="store_true",
+                   help="report changes since the last run, apply policies once, print the state, exit")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="JSON output (one object per event)")
+    p.add_argument("--warn", nargs="?", const=_DEFAULT_WARN, default=None, metavar="PCTS",
+                   help=f"warn when snapshot usage crosses these percentages (default {_DEFAULT_WARN})")
+    p.add_argument("--autoextend-threshold", type=int, metavar="PCT",
+                   help="grow a snapshot's COW when its usage reaches PCT %% (COW on a loop-backed file)")
+    p.add_argument("--autoextend-percent", type=int, default=20, metavar="PCT",
+                   help="grow the COW by PCT %% of its size (default 20)")
+    p.add_argument("--mirror-policy", choices=MIRROR_POLICIES, default="none",
+                   help="on a failed mirror leg: report it (degraded) or replace it by --spare (repair)")
+    p.add_argument("--spare", metavar="DEV", help="spare device for --mirror-policy repair")
+    p.add_argument("--config", metavar="FILE",
+                   help='JSON policies: {"defaults": {...}, "devices": {"NAME": {...}}}')
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                   help="status polling interval (default 1)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="stop after this long")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="where the last seen state is kept (default /run/dmtools/monitor)")
+    p.add_argument("--no-uevents", action="store_true",
+                   help="do not listen to uevents (event numbers and polling only)")
+    p.set_defaults(func=cmd_monitor)
+
+
+def _settings(args: argparse.Namespace) -> MonitorConfig:
+    defaults = PolicySettings(
+        warn=parse_thresholds(args.warn) if args.warn is not None else (),
+        autoextend_threshold=args.autoextend_threshold,
+        autoextend_percent=args.autoextend_percent,
+        mirror_policy=args.mirror_policy,
+        spare=args.spare,
+    )
+    if args.config:
+        return MonitorConfig.load(args.config, defaults)
+    return MonitorConfig(defaults)
+
+
+def _stamp(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def format_event(event: Event) -> str:
+    """One line for people: time, severity, device and description."""
+    return f"{_stamp(event.time)} {event.severity.value:<7} {event.device}: {event.describe()}"
+
+
+def _print_event(event: Event, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(event.to_dict(), sort_keys=True), flush=True)
+    else:
+        print(format_event(event), flush=True)
+
+
+def _state_text(states: dict[str, DeviceState]) -> str:
+    if not states:
+        return "no devices"
+    width = max(len(n) for n in states)
+    return "\n".join(f"{name:<{width}}  {states[name].summary()}" for name in sorted(states))
+
+
+def _open_store(args: argparse.Namespace, backend: str) -> tuple[StateStore, bool]:
+    """The state store, locked when possible; with ``--once`` a running monitor's lock is fine."""
+    try:
+        return StateStore(backend, args.state_dir, lock=True), True
+    except DMError as err:
+        if not args.once or err.errno != 16:
+            raise
+        print(f"dmtools: {err}; reporting the state only", file=sys.stderr)
+        return StateStore(backend, args.state_dir), False
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """Run the monitor (see the module docstring)."""
+    from dmtools.cli.main import open_backend
+
+    as_json = bool(getattr(args, "json", False))
+    config = _settings(args)
+    dm = open_backend(args)
+    store, owned = _open_store(args, dm.backend)
+    try:
+        monitor = Monitor(dm, config, names=args.names or None, store=store if owned else None,
+                          poll_interval=args.interval,
+                          uevents=False if args.no_uevents else None)
+        with monitor:
+            if args.once:
+                events = monitor.step() if owned else []
+                states = monitor.watcher.current()
+                if as_json:
+                    print(json.dumps({"events": [e.to_dict() for e in events],
+                                      "devices": {n: {**s.to_dict(), "summary": s.summary()}
+                                                  for n, s in sorted(states.items())}},
+                                     indent=2, sort_keys=True))
+                else:
+                    for event in events:
+                        print(format_event(event))
+                    print(_state_text(states))
+                return 0
+            stop = threading.Event()
+            previous: dict[signal.Signals, Any] = {}
+            if threading.current_thread() is threading.main_thread():
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    previous[sig] = signal.signal(sig, lambda *_: stop.set())
+            try:
+                for event in monitor.events(timeout=args.timeout, stop=stop):
+                    _print_event(event, as_json)
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+        return 0
+    finally:
+        store.close()
+        dm.close()

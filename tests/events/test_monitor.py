@@ -1,0 +1,185 @@
+"""Monitor policies and configuration over the fake backend, and the ``monitor`` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmtools.cli import main as cli_main
+from dmtools.errors import DMError, InvalidArgument
+from dmtools.events import PolicyAction
+from dmtools.monitor import Monitor, MonitorConfig, PolicySettings, load_policy
+
+from ev_fakes import MIRROR_TABLE, SNAP_TABLE, FakeDM, mirror_status, snap_status
+
+THREE_LEGS = "core 1 1024 3 250:10 0 250:11 0 250:12 0 1 handle_errors"
+
+
+class FakeRepairer:
+    def __init__(self, dm: Any, fail: bool = False) -> None:
+        self.dm = dm
+        self.calls: list[tuple[str, int, str]] = []
+        self.fail = fail
+
+    def repair(self, name: str, leg: int, spare: str, *, wait: bool = True) -> None:
+        assert wait is False
+        if self.fail:
+            raise DMError("leg 0 is the resync source")
+        self.calls.append((name, leg, spare))
+
+
+def loader_for(repairer: FakeRepairer) -> Any:
+    def load(name: str) -> Any:
+        assert name == "mirror-repair"
+        return lambda dm: repairer
+    return load
+
+
+def actions(events: list[Any]) -> list[tuple[str, str, bool]]:
+    return [(e.policy, e.action, e.ok) for e in events if isinstance(e, PolicyAction)]
+
+
+def test_settings_validation() -> None:
+    assert PolicySettings(autoextend_threshold=100).autoextend_threshold is None
+    assert PolicySettings(warn="90,80").warn == (80, 90)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="spare"):
+        PolicySettings(mirror_policy="repair")
+    with pytest.raises(InvalidArgument):
+        PolicySettings(mirror_policy="explode")
+    with pytest.raises(InvalidArgument):
+        PolicySettings(autoextend_threshold=0)
+    with pytest.raises(InvalidArgument):
+        PolicySettings(autoextend_percent=0)
+
+
+def test_config_per_device_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "monitor.json"
+    path.write_text(json.dumps({"defaults": {"warn": [80, 90]},
+                                "devices": {"m": {"mirror_policy": "repair", "spare": "/dev/sdz"}}}))
+    cfg = MonitorConfig.load(str(path), PolicySettings(autoextend_threshold=70))
+    assert cfg.for_device("x") == PolicySettings(warn=(80, 90), autoextend_threshold=70)
+    assert cfg.for_device("m").mirror_policy == "repair" and cfg.for_device("m").warn == (80, 90)
+    with pytest.raises(InvalidArgument, match="unknown"):
+        MonitorConfig.from_dict({"devices": {"m": {"colour": "red"}}})
+    with pytest.raises(InvalidArgument, match="unknown"):
+        MonitorConfig.from_dict({"default": {}})
+    path.write_text("{")
+    with pytest.raises(InvalidArgument, match="JSON"):
+        MonitorConfig.load(str(path))
+
+
+def test_missing_repair_implementation_is_refused_up_front() -> None:
+    with pytest.raises(InvalidArgument, match="dmtools.policies"):
+        load_policy("no-such-policy")
+
+    def missing(name: str) -> Any:
+        raise InvalidArgument(f"no {name!r} policy is installed")
+
+    cfg = MonitorConfig(PolicySettings(mirror_policy="repair", spare="/dev/sdz"))
+    with pytest.raises(InvalidArgument, match="mirror-repair"):
+        Monitor(FakeDM(), cfg, policy_loader=missing)
+
+
+def test_repair_uses_the_spare_once() -> None:
+    dm = FakeDM()
+    dm.add("m", [(0, 4096, "mirror", THREE_LEGS,
+                  mirror_status("AAA", legs=("250:10", "250:11", "250:12")))])
+    rep = FakeRepairer(dm)
+    cfg = MonitorConfig(PolicySettings(mirror_policy="repair", spare="250:20"))
+    mon = Monitor(dm, cfg, event_numbers=False, uevents=False, policy_loader=loader_for(rep))
+    assert actions(mon.step()) == []
+    dm.set_status("m", mirror_status("ADA", legs=("250:10", "250:11", "250:12")))
+    assert actions(mon.step()) == [("mirror-repair", "repair", True)]
+    assert rep.calls == [("m", 1, "250:20")]
+    dm.set_status("m", mirror_status("ADD", legs=("250:10", "250:11", "250:12")))
+    events = mon.step()
+    assert actions(events) == [("mirror-repair", "repair", False)]
+    assert "already used" in [e for e in events if isinstance(e, PolicyAction)][0].detail
+    assert rep.calls == [("m", 1, "250:20")]
+
+
+def test_read_errors_are_reported_not_repaired_and_failures_reported() -> None:
+    dm = FakeDM()
+    dm.add("m", [(0, 4096, "mirror", MIRROR_TABLE, mirror_status("AA"))])
+    rep = FakeRepairer(dm, fail=True)
+    cfg = MonitorConfig(PolicySettings(mirror_policy="repair", spare="250:20"))
+    mon = Monitor(dm, cfg, event_numbers=False, uevents=False, policy_loader=loader_for(rep))
+    mon.step()
+    dm.set_status("m", mirror_status("AR"))
+    assert actions(mon.step()) == [("mirror-degraded", "report", True)]
+    dm.set_status("m", mirror_status("DR"))
+    events = mon.step()
+    assert actions(events) == [("mirror-repair", "repair", False)]
+    assert "resync source" in [e for e in events if isinstance(e, PolicyAction)][0].detail
+
+
+def test_autoextend_failure_is_reported_once() -> None:
+    dm = FakeDM()
+    dm.add("s", [(0, 2048, "snapshot", SNAP_TABLE, snap_status(10))])
+    mon = Monitor(dm, MonitorConfig(PolicySettings(autoextend_threshold=70)),
+                  event_numbers=False, uevents=False)
+    mon.step()
+    failures = []
+    for pct in (71, 75, 80, 90):
+        dm.set_status("s", snap_status(pct))
+        failures += [e for e in mon.step() if isinstance(e, PolicyAction)]
+    assert len(failures) == 1 and not failures[0].ok
+    assert "not a file or a loop-backed file" in failures[0].detail
+
+
+def test_policies_off_by_default() -> None:
+    dm = FakeDM()
+    dm.add("s", [(0, 2048, "snapshot", SNAP_TABLE, snap_status(10))])
+    dm.add("m", [(0, 4096, "mirror", MIRROR_TABLE, mirror_status("AA"))])
+    mon = Monitor(dm, event_numbers=False, uevents=False)
+    mon.step()
+    dm.set_status("s", snap_status(99))
+    dm.set_status("m", mirror_status("AD"))
+    assert [e.kind for e in mon.step()] == ["mirror-leg-health"]
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[FakeDM, Any]:
+    dm = FakeDM()
+    dm.add("s", [(0, 2048, "snapshot", SNAP_TABLE, snap_status(87))])
+    monkeypatch.setitem(cli_main.BUILTIN_COMMANDS, "monitor", "dmtools.cli.monitor_cmd:register")
+    monkeypatch.setattr(cli_main, "open_backend", lambda args: dm)
+
+    def run(*argv: str) -> int:
+        return cli_main.main(["monitor", "--state-dir", str(tmp_path), *argv], propagate=True)
+
+    return dm, run
+
+
+def test_cli_once_reports_changes_since_last_run_then_state(cli: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    dm, run = cli
+    assert run("--once", "--warn") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "s: device added" in out[0] and "crossed 80%" in out[1] and "crossed 85%" in out[2]
+    assert out[-1].split() == ["s", "ACTIVE,", "snapshot", "87.0%", "full"]
+    assert run("--once", "--warn") == 0
+    assert capsys.readouterr().out.split() == ["s", "ACTIVE,", "snapshot", "87.0%", "full"]
+    dm.set_status("s", snap_status(96))
+    assert run("--json", "--once", "--warn", "80,85,90,95") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [e["threshold"] for e in doc["events"]] == [90, 95]
+    assert doc["devices"]["s"]["targets"][0]["status"] == snap_status(96)
+
+
+def test_cli_stream_json_lines(cli: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    dm, run = cli
+    assert run("--json", "--warn", "--timeout", "0.3", "--interval", "0.05", "--no-uevents") == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["event"] for x in lines] == ["device-added", "snapshot-usage", "snapshot-usage"]
+    assert lines[1]["severity"] == "warning" and lines[1]["device"] == "s"
+
+
+def test_cli_bad_options(cli: Any) -> None:
+    _dm, run = cli
+    with pytest.raises(InvalidArgument):
+        run("--once", "--mirror-policy", "repair")
+    with pytest.raises(InvalidArgument):
+        run("--once", "--warn", "80,x")
