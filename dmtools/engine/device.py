@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from dmtools.engine.target import SECTOR, DeviceHandle, Target
-from dmtools.errors import DeviceIOError, DeviceNotFound, InvalidTable, NoSpace
+from dmtools.errors import DeviceIOError, DeviceNotFound, InvalidArgument, InvalidTable, NoSpace
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.engine.engine import Engine
@@ -230,7 +230,9 @@ class Device:
             return self.event_nr
 
     # --- the suspend gate -------------------------------------------------------------------
-    def _enter(self) -> LoadedTable | None:
+    def _enter(self, offset: int = 0) -> LoadedTable | None:
+        if offset < 0:
+            raise InvalidArgument(f"negative offset {offset}", operation="io", device=self.name)
         with self._gate:
             while self.suspended and not self.removed:
                 self._gate.wait()
@@ -270,7 +272,7 @@ class Device:
     def read(self, buf: Any, offset: int) -> int:
         """Read into ``buf`` from byte ``offset``; short only at the end of the device."""
         mv = memoryview(buf).cast("B")
-        table = self._enter()
+        table = self._enter(offset)
         try:
             if table is None or offset >= table.size or not len(mv):
                 return 0
@@ -283,7 +285,7 @@ class Device:
     def write(self, buf: Any, offset: int) -> int:
         """Write all of ``buf`` at byte ``offset``."""
         mv = memoryview(buf).cast("B")
-        table = self._enter()
+        table = self._enter(offset)
         try:
             if not len(mv):
                 return 0
@@ -338,7 +340,7 @@ class Device:
 
     def discard(self, offset: int, length: int) -> None:
         """Discard a byte range."""
-        table = self._enter()
+        table = self._enter(offset)
         try:
             if table is not None:
                 for tgt, off, n in self._ranges(table, offset, length):
@@ -348,7 +350,7 @@ class Device:
 
     def zero(self, offset: int, length: int) -> None:
         """Write zeros over a byte range."""
-        table = self._enter()
+        table = self._enter(offset)
         try:
             if table is not None:
                 if table.readonly:

@@ -258,6 +258,8 @@ def test_io_bounds(eng):
         assert ep.readinto(buf, 4096) == 0
         with pytest.raises(NoSpace):
             ep.write(b"x" * 1024, 3584)
+        with pytest.raises(InvalidArgument):
+            ep.readinto(buf, -512)
 
 
 def test_error_target_fails_io(eng):
