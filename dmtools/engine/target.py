@@ -38,6 +38,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
 SECTOR = 512
 
+#: A shared read-only buffer of zeros (1 MiB) for zero-filling without allocating.
+ZEROS = bytes(1 << 20)
+
+
+def fill_zero(buf: memoryview) -> None:
+    """Zero ``buf`` in place."""
+    zeros = memoryview(ZEROS)
+    for pos in range(0, len(buf), len(ZEROS)):
+        n = min(len(ZEROS), len(buf) - pos)
+        buf[pos : pos + n] = zeros[:n]
+
 
 class DeviceHandle(Endpoint):
     """A device a target opened through ``ctx.get_device`` (the kernel's ``struct dm_dev``).
@@ -181,13 +192,10 @@ class Target(abc.ABC):
         """Discard ``length`` bytes at ``offset``; the default does nothing (discard is a hint)."""
 
     def zero(self, offset: int, length: int) -> None:
-        """Write zeros (REQ_OP_WRITE_ZEROES); the default writes a zero buffer."""
-        chunk = bytes(min(length, 1 << 20))
-        end = offset + length
-        while offset < end:
-            n = min(len(chunk), end - offset)
-            self.write(memoryview(chunk)[:n], offset)
-            offset += n
+        """Write zeros (REQ_OP_WRITE_ZEROES); the default writes from a shared zero buffer."""
+        zeros = memoryview(ZEROS)
+        for pos in range(offset, offset + length, len(ZEROS)):
+            self.write(zeros[: min(len(ZEROS), offset + length - pos)], pos)
 
     # --- text -----------------------------------------------------------------------------
     def status(self) -> str:

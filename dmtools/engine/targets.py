@@ -9,7 +9,15 @@ from __future__ import annotations
 import errno
 from typing import Sequence
 
-from dmtools.engine.target import SECTOR, DeviceHandle, Target, TargetContext, parse_sector, parse_uint
+from dmtools.engine.target import (
+    SECTOR,
+    DeviceHandle,
+    Target,
+    TargetContext,
+    fill_zero,
+    parse_sector,
+    parse_uint,
+)
 from dmtools.errors import DeviceIOError
 
 
@@ -159,7 +167,7 @@ class ZeroTarget(Target):
             raise self.fail("No arguments required")
 
     def read(self, buf: memoryview, offset: int) -> None:
-        buf[:] = bytes(len(buf))
+        fill_zero(buf)
 
     def write(self, buf: memoryview, offset: int) -> None:
         return None
