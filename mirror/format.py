@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import enum
 import json
+import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,6 +109,26 @@ class LogHeader:
         return cls(magic, version, nr)
 
 
+def drop_cache(ep: Endpoint) -> None:
+    """Forget a block device's cached pages before reading it offline.
+
+    The kernel's targets (a mirror's resync, its log writes) write to their devices below the page
+    cache; pages cached earlier (udev probing, an earlier read) would show stale data. Our own
+    writes are flushed first. Regular files are left alone (their page cache is coherent).
+    """
+    fd = ep.fileno()
+    if fd is None:
+        return
+    try:
+        if not stat.S_ISBLK(os.fstat(fd).st_mode):
+            return
+        if not ep.read_only:
+            ep.flush()
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+
+
 def _read_exact(ep: Endpoint, size: int, what: str) -> bytearray:
     buf = bytearray(size)
     try:
@@ -156,6 +178,7 @@ class LogImage:
         header describes, ``CorruptMetadata`` for a wrong magic, an unknown version or a region count
         of zero, ``DeviceIOError`` when the read fails. Nothing is written.
         """
+        drop_cache(ep)
         lbs = max(ep.logical_block_size, SECTOR)
         first = log_io_bytes(1, lbs)
         if ep.size < first:

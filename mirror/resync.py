@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 from dmtools.endpoint import Endpoint
 from dmtools.errors import DMError, InvalidArgument, OperationCancelled
 
-from mirror.format import SECTOR, LogImage, SyncMode, check_region_size, region_count
+from mirror.format import SECTOR, LogImage, SyncMode, check_region_size, drop_cache, region_count
 
 __all__ = ["ResyncPlan", "ResyncResult", "OfflineResync", "check_legs"]
 
@@ -134,6 +134,8 @@ class OfflineResync:
     ) -> None:
         self.legs = list(legs)
         self.length = check_legs(self.legs, length)
+        for leg in self.legs:
+            drop_cache(leg)  # what a kernel mirror wrote went below the page cache
         check_region_size(region_size, self.length)
         if not 0 <= source < len(self.legs):
             raise InvalidArgument(f"source leg {source} does not exist", operation="resync")

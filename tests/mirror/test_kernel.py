@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import pytest
 
-from dmtools.blockdev import BlockDevice
+from dmtools.blockdev import BlockDevice, aligned_buffer
 from mirror.format import LogImage, format_log, inspect
 from mirror.manager import MirrorManager
 
@@ -37,8 +37,12 @@ def _loops(make_image: Callable[..., Any], make_loop: Callable[..., Any], n: int
 
 
 def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    """The device's contents as they reached it (O_DIRECT: the kernel's mirror writes bypass the
+    legs' page cache, which udev probing may have filled)."""
+    with BlockDevice(path, direct=True) as dev:
+        buf = aligned_buffer(dev.size)
+        assert dev.readinto(buf, 0) == dev.size
+        return bytes(buf)
 
 
 def _write(path: str, offset: int, data: bytes) -> None:
@@ -116,14 +120,16 @@ def test_manager_on_kernel_creates_follows_resync_and_removes(kernel_dm: Any, ma
     leg0, leg1 = _loops(make_image, make_loop, 2, data=os.urandom(SIZE))
     mm = MirrorManager(kernel_dm)
     mm.create(dm_name, [leg0, leg1], region_size=REGION)
-    seen: list[tuple[int, int]] = []
-    st = mm.resync(dm_name, progress=lambda d, t: seen.append((d, t)), timeout=120)
-    assert st.fully_in_sync and seen[-1] == (SIZE, SIZE)
-    d0, d1 = (f"{os.major(os.stat(p).st_rdev)}:{os.minor(os.stat(p).st_rdev)}" for p in (leg0, leg1))
-    assert st.status_text == f"2 {d0} {d1} 128/128 1 AA 1 core"
-    assert st.table_text == f"core 1 {REGION} 2 {d0} 0 {d1} 0"
-    assert _read(leg0) == _read(leg1)
-    mm.remove(dm_name)
+    try:
+        seen: list[tuple[int, int]] = []
+        st = mm.resync(dm_name, progress=lambda d, t: seen.append((d, t)), timeout=120)
+        assert st.fully_in_sync and seen[-1] == (SIZE, SIZE)
+        d0, d1 = (f"{os.major(os.stat(p).st_rdev)}:{os.minor(os.stat(p).st_rdev)}" for p in (leg0, leg1))
+        assert st.status_text == f"2 {d0} {d1} 128/128 1 AA 1 core"
+        assert st.table_text == f"core 1 {REGION} 2 {d0} 0 {d1} 0"
+        assert _read(leg0) == _read(leg1)
+    finally:
+        mm.remove(dm_name)
     assert not kernel_dm.exists(dm_name)
 
 
