@@ -75,8 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``copy`` options (shared by ``dmtools copy`` and ``python -m kcopyd``)."""
     p.add_argument("src", metavar="SRC", help="source: PATH[@SECTOR][+COUNT]")
     p.add_argument("dests", metavar="DST", nargs="+", help="destination: PATH[@SECTOR][+COUNT] or null:")
-    p.add_argument("--progress", "-p", nargs="?", const="bar", default=None, metavar="FD",
-                   help="show a progress bar, or with =FD write 'N/100' lines to file descriptor FD")
+    p.add_argument("--progress", nargs="?", const="bar", default=None, metavar="FD",
+                   help="show a progress bar, or with =FD write 'N/100' lines to file descriptor FD "
+                        "(nbdcopy's convention)")
+    p.add_argument("-p", dest="progress", action="store_const", const="bar",
+                   help="show a progress bar (same as --progress without FD)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar even on a terminal")
     p.add_argument("--rate", metavar="SIZE", help="limit to SIZE bytes per second (50M, 1G)")
     p.add_argument("--throttle", type=int, default=100, metavar="PERCENT",

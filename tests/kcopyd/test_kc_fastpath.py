@@ -162,3 +162,18 @@ def test_copy_to_4k_loop_device_at_unaligned_sector(tmp_path, make_loop):
             with open(lo.path, "rb") as f:
                 f.seek(sector * 512)
                 assert f.read(MiB) == src.read_bytes()
+
+
+@pytest.mark.root
+def test_region_by_device_number(tmp_path, make_loop):
+    img = tmp_path / "dmtt-lo.img"
+    with open(img, "wb") as f:
+        f.truncate(MiB)
+    lo = make_loop(img)
+    src = tmp_path / "s.img"
+    src.write_bytes(pattern(MiB))
+    with kcopyd.Client() as kc:
+        job = kc.copy(kcopyd.Region(str(src), 0, 2048), [kcopyd.Region(f"{lo.major}:{lo.minor}", 0, 2048)])
+        assert job.wait(TIMEOUT) and job.ok
+    with open(lo.path, "rb") as f:
+        assert f.read() == src.read_bytes()
