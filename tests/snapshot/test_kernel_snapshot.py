@@ -1,0 +1,207 @@
+"""Kernel tier (run in the VM: ``scripts/vmtest``): our COW format against the kernel's dm-snapshot.
+
+* a COW written by our userspace target is activated by the kernel's ``snapshot`` and reads the same;
+* a COW written by the kernel is read the same by our target and by ``export``;
+* the kernel merges a COW we wrote;
+* ``SnapshotManager`` on the kernel backend creates, reports (kernel status text), merges, removes.
+Chunk sizes 4 KiB and 64 KiB.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import register_snapshot_targets
+
+from dmtools.engine import Engine
+from snapshot import SnapshotManager, export, inspect
+
+pytestmark = pytest.mark.kernel
+
+SIZE = 4 << 20
+COW_SIZE = 4 << 20
+CHUNKS = [8, 128]
+
+
+@pytest.fixture
+def tag(kernel_dm: Any) -> Iterator[str]:
+    """A unique name prefix; every kernel device starting with it is removed afterwards."""
+    t = f"k{uuid.uuid4().hex[:8]}"
+    yield t
+    for _ in range(3):
+        left = [e.name for e in kernel_dm.list() if e.name.startswith(t)]
+        if not left:
+            break
+        # snapshots first, then origins, then -real/-cow
+        for name in sorted(left, key=lambda n: (n.endswith("-real") or n.endswith("-cow"), n)):
+            try:
+                kernel_dm.remove(name, retry=True)
+            except Exception:  # noqa: BLE001 - best-effort cleanup
+                pass
+
+
+def _read(path: str, size: int = SIZE) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return os.pread(fd, size, 0)
+    finally:
+        os.close(fd)
+
+
+def _write(path: str, data: bytes, offset: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _workload(rng: random.Random) -> list[tuple[bool, int, bytes]]:
+    """(to_snapshot, offset, data): origin writes mostly, a few snapshot writes, sector aligned."""
+    out = []
+    for _ in range(60):
+        off = rng.randrange(0, SIZE // 512 - 300) * 512
+        out.append((rng.random() < 0.2, off, rng.randbytes(rng.choice([512, 4096, 65536, 100 * 512]))))
+    return out
+
+
+def _userspace_stack(tmp: Path, chunk: int, seed: int) -> tuple[bytes, bytes, Path, Path]:
+    """Run a workload on our engine with file-backed origin and COW; return (origin view,
+    snapshot view, origin file, COW file)."""
+    rng = random.Random(seed)
+    origin = tmp / "dmtt-origin.img"
+    origin.write_bytes(rng.randbytes(SIZE))
+    cow = tmp / "dmtt-cow.img"
+    with open(cow, "wb") as f:
+        f.truncate(COW_SIZE)
+    eng = Engine()
+    register_snapshot_targets(eng)
+    try:
+        eng.create("vol", f"0 {SIZE // 512} linear {origin} 0")
+        mgr = SnapshotManager(eng)
+        mgr.create("vol", str(cow), "s", chunk_size=chunk)
+        with eng.open_endpoint("vol") as ov, eng.open_endpoint("s") as sv:
+            for to_snap, off, data in _workload(rng):
+                (sv if to_snap else ov).write(data, off)
+        views = []
+        for name in ("vol", "s"):
+            buf = bytearray(SIZE)
+            with eng.open_endpoint(name, writable=False) as ep:
+                ep.readinto(buf, 0)
+            views.append(bytes(buf))
+        mgr.remove("s")
+    finally:
+        eng.close()
+    return views[0], views[1], origin, cow
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_kernel_reads_our_cow(kernel_dm: Any, tmp_path: Path, make_loop: Callable[..., Any], tag: str, chunk: int) -> None:
+    origin_view, snap_view, origin, cow = _userspace_stack(tmp_path, chunk, 1)
+    ol, cl = make_loop(origin), make_loop(cow)
+    kernel_dm.create(f"{tag}-s", f"0 {SIZE // 512} snapshot {ol.path} {cl.path} P {chunk}")
+    status = kernel_dm.status(f"{tag}-s")[0].params
+    assert status.split()[0].split("/")[0] == str(inspect(cl.path).sectors_allocated)
+    assert _read(kernel_dm.device_path(f"{tag}-s")) == snap_view
+    assert _read(ol.path) == origin_view
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_we_read_the_kernels_cow(kernel_dm: Any, tmp_path: Path, make_loop: Callable[..., Any], tag: str, chunk: int) -> None:
+    rng = random.Random(2)
+    origin = tmp_path / "dmtt-origin.img"
+    origin.write_bytes(rng.randbytes(SIZE))
+    cow = tmp_path / "dmtt-cow.img"
+    with open(cow, "wb") as f:
+        f.truncate(COW_SIZE)
+    ol, cl = make_loop(origin), make_loop(cow)
+    vol = f"{tag}-vol"
+    kernel_dm.create(vol, f"0 {SIZE // 512} linear {ol.path} 0")
+    mgr = SnapshotManager(kernel_dm)
+    info = mgr.create(vol, cl.path, f"{tag}-s", chunk_size=chunk)
+    assert info.status.format() == f"{2 * chunk}/{COW_SIZE // 512} {2 * chunk}"
+    for to_snap, off, data in _workload(rng):
+        _write(kernel_dm.device_path(f"{tag}-s" if to_snap else vol), data, off)
+    snap_view = _read(kernel_dm.device_path(f"{tag}-s"))
+    origin_view = _read(kernel_dm.device_path(vol))
+    kernel_status = kernel_dm.status(f"{tag}-s")[0].params
+    mgr.remove(f"{tag}-s")
+    # offline export of the kernel's COW
+    export(ol.path, cl.path, tmp_path / "out.img")
+    assert (tmp_path / "out.img").read_bytes() == snap_view
+    info2 = inspect(cl.path)
+    assert info2.status == kernel_status and info2.chunk_size == chunk
+    # our userspace target on the same COW
+    kernel_dm.remove(vol)
+    eng = Engine()
+    register_snapshot_targets(eng)
+    try:
+        eng.create("vol", f"0 {SIZE // 512} linear {ol.path} 0")
+        SnapshotManager(eng).activate("vol", cl.path, "s")
+        assert eng.status("s")[0].params == kernel_status
+        buf = bytearray(SIZE)
+        with eng.open_endpoint("s", writable=False) as ep:
+            ep.readinto(buf, 0)
+        assert bytes(buf) == snap_view
+        with eng.open_endpoint("vol", writable=False) as ep:
+            ep.readinto(buf, 0)
+        assert bytes(buf) == origin_view
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_kernel_merges_our_cow(kernel_dm: Any, tmp_path: Path, make_loop: Callable[..., Any], tag: str, chunk: int) -> None:
+    _, snap_view, origin, cow = _userspace_stack(tmp_path, chunk, 3)
+    ol, cl = make_loop(origin), make_loop(cow)
+    vol = f"{tag}-vol"
+    kernel_dm.create(vol, f"0 {SIZE // 512} linear {ol.path} 0")
+    mgr = SnapshotManager(kernel_dm)
+    mgr.activate(vol, cl.path, f"{tag}-s")
+    seen: list[tuple[int, int]] = []
+    mgr.merge(f"{tag}-s", progress=lambda d, t: seen.append((d, t)), timeout=120)
+    assert _read(kernel_dm.device_path(vol)) == snap_view
+    assert kernel_dm.table(vol).lines[0].target.target_type == "linear"
+    assert seen[-1][0] == seen[-1][1]
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_manager_on_the_kernel(kernel_dm: Any, tmp_path: Path, make_loop: Callable[..., Any], tag: str, chunk: int) -> None:
+    rng = random.Random(4)
+    data = rng.randbytes(SIZE)
+    origin = tmp_path / "dmtt-origin.img"
+    origin.write_bytes(data)
+    ol = make_loop(origin)
+    cows = []
+    for i in range(2):
+        p = tmp_path / f"dmtt-cow{i}.img"
+        with open(p, "wb") as f:
+            f.truncate(COW_SIZE)
+        cows.append(make_loop(p))
+    vol = f"{tag}-vol"
+    kernel_dm.create(vol, f"0 {SIZE // 512} linear {ol.path} 0")
+    mgr = SnapshotManager(kernel_dm)
+    mgr.create(vol, cows[0].path, f"{tag}-a", chunk_size=chunk)
+    mgr.create(vol, cows[1].path, f"{tag}-b", chunk_size=chunk)
+    assert kernel_dm.table(vol).lines[0].target.target_type == "snapshot-origin"
+    _write(kernel_dm.device_path(vol), b"K" * 65536, 0)
+    after = _read(kernel_dm.device_path(vol))
+    infos = {i.name: i for i in mgr.list()}
+    used = 2 * chunk + max(1, 65536 // (chunk * 512)) * chunk
+    assert infos[f"{tag}-a"].status.format() == f"{used}/{COW_SIZE // 512} {2 * chunk}"
+    assert infos[f"{tag}-a"].status.format() == kernel_dm.status(f"{tag}-a")[0].params
+    mgr.merge(f"{tag}-a", timeout=120)
+    assert _read(kernel_dm.device_path(vol)) == data
+    assert _read(kernel_dm.device_path(f"{tag}-b")) == after
+    assert kernel_dm.table(vol).lines[0].target.target_type == "snapshot-origin"
+    mgr.remove(f"{tag}-b")
+    assert kernel_dm.table(vol).lines[0].target.target_type == "linear"
+    assert sorted(e.name for e in kernel_dm.list() if e.name.startswith(tag)) == [vol]
