@@ -6,8 +6,9 @@ behind by more than ``max_queue`` events loses the oldest ones and is told how m
 (``Subscription.lost``), so a slow client never stalls the daemon.
 
 Wire form (one JSON object per line, as the daemon's control protocol): :func:`write_event` and
-:func:`read_events`. A daemon serves a ``subscribe`` request by calling
-``hub.stream(sock.makefile("wb"))`` in the connection's thread until the client hangs up.
+:func:`read_events`. A daemon serves a ``{"verb": "subscribe"}`` request by calling
+``hub.stream(sock.makefile("wb"))`` in the connection's thread until the client hangs up;
+:func:`subscribe` is the client side.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import socket
 import threading
 from typing import Any, BinaryIO, Iterator, Sequence
 
@@ -24,7 +26,7 @@ from dmtools.events.state import DEFAULT_THRESHOLDS
 from dmtools.events.types import Event
 from dmtools.events.watcher import Watcher
 
-__all__ = ["EventHub", "Subscription", "write_event", "read_events"]
+__all__ = ["EventHub", "Subscription", "write_event", "read_events", "subscribe"]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,12 @@ class EventHub:
             self._subs.append(sub)
         return sub
 
+    @property
+    def subscribers(self) -> int:
+        """How many subscriptions are open."""
+        with self._lock:
+            return len(self._subs)
+
     def _drop(self, sub: Subscription) -> None:
         with self._lock:
             if sub in self._subs:
@@ -177,3 +185,30 @@ def read_events(stream: BinaryIO) -> Iterator[Event]:
         if isinstance(data, dict) and data.get("event") == "heartbeat":
             continue
         yield Event.from_dict(data)
+
+
+def subscribe(socket_path: str, *, timeout: float | None = None) -> Iterator[Event]:
+    """Connect to a daemon's control socket, ask for its events and yield them as they come.
+
+    Ends when the daemon closes the stream; with ``timeout`` a silent daemon (no event and no
+    heartbeat for that long) raises ``DMError``. Raises ``DaemonError`` when it cannot connect.
+    """
+    from dmtools.errors import DaemonError
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        try:
+            sock.connect(socket_path)
+        except OSError as err:
+            raise DaemonError(f"cannot reach the dmtools daemon at {socket_path}: {err.strerror}",
+                              errno=err.errno, operation="subscribe") from err
+        sock.settimeout(timeout)
+        sock.sendall(json.dumps({"verb": "subscribe", "args": {}}).encode() + b"\n")
+        with sock.makefile("rb") as stream:
+            try:
+                yield from read_events(stream)
+            except (socket.timeout, TimeoutError) as err:
+                raise DMError("no event or heartbeat from the daemon in time",
+                              operation="subscribe") from err
+    finally:
+        sock.close()

@@ -207,3 +207,51 @@ def test_hub_publishes_to_subscribers_and_the_wire_form_round_trips(tmp_path: Pa
     finally:
         hub.close()
     assert sub_a.closed and sub_a.get(timeout=0.1) is None
+
+
+def test_subscribe_over_a_socket(tmp_path: Path) -> None:
+    import json
+    import socket
+
+    from dmtools.events.publish import subscribe
+
+    dm = make_dm()
+    hub = EventHub(dm, poll_interval=0.05)
+    hub.start()
+    path = str(tmp_path / "control.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def serve() -> None:  # what the daemon does for a "subscribe" request
+        conn, _ = server.accept()
+        rd, wr = conn.makefile("rb"), conn.makefile("wb")
+        assert json.loads(rd.readline())["verb"] == "subscribe"
+        hub.stream(wr, heartbeat=0.1)  # returns once the client hung up
+        for f in (rd, wr):
+            try:
+                f.close()
+            except OSError:
+                pass  # the unflushed heartbeat of a closed connection
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        stream = subscribe(path, timeout=10)
+        got: list = []
+        reader = threading.Thread(target=lambda: got.append(next(stream)), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 10
+        while hub.subscribers == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the server has not taken the subscription yet
+        assert hub.subscribers == 1
+        dm.set_status("snap", "Invalid", event=True)
+        reader.join(timeout=10)
+        assert got and isinstance(got[0], SnapshotInvalidated) and got[0].device == "snap"
+        stream.close()  # type: ignore[attr-defined]
+    finally:
+        hub.close()
+        thread.join(timeout=10)
+        server.close()
+    assert not thread.is_alive()

@@ -1,0 +1,292 @@
+"""Kernel tier (run in the VM: ``scripts/vmtest -k events``): events and policies on real
+``snapshot``, ``mirror`` and ``error`` targets, with and without udevd's help."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmtools.blockdev import BlockDevice, aligned_buffer
+from dmtools.errors import DMError
+from dmtools.events import (
+    DeviceRenamed,
+    LegHealthChanged,
+    PolicyAction,
+    ResyncFinished,
+    SnapshotInvalidated,
+    SnapshotUsageCrossed,
+    UEvent,
+    UeventSource,
+    Watcher,
+    sysfs_identity,
+    udev_running,
+)
+from dmtools.monitor import Monitor, MonitorConfig, PolicySettings
+
+from mirror.manager import MirrorManager
+from snapshot.manager import SnapshotManager
+
+pytestmark = pytest.mark.kernel
+
+MiB = 1 << 20
+WRITE = 16 << 10
+WARN = (80, 85, 90, 95)
+
+
+class Stack:
+    """Devices made by a test, removed (topmost first) at the end whatever happened."""
+
+    def __init__(self, dm: Any, base: str) -> None:
+        self.dm = dm
+        self.base = base[: -len("-dmtt")]
+        self.snapshots: list[str] = []
+        self.devices: list[str] = []
+
+    def name(self, tag: str) -> str:
+        return f"{self.base}{tag}-dmtt"
+
+    def cleanup(self) -> None:
+        sm = SnapshotManager(self.dm)
+        for snap in reversed(self.snapshots):
+            try:
+                sm.remove(snap)
+            except DMError:
+                pass
+        for name in reversed(self.devices):
+            for n in (name, f"{name}-real"):
+                try:
+                    if self.dm.exists(n):
+                        self.dm.remove(n, retry=True)
+                except DMError:
+                    pass
+
+
+@pytest.fixture
+def stack(kernel_dm: Any, dm_name: str) -> Iterator[Stack]:
+    s = Stack(kernel_dm, dm_name)
+    try:
+        yield s
+    finally:
+        s.cleanup()
+
+
+def linear_on_loop(stack: Stack, tag: str, size: int, make_image: Callable[..., Path],
+                   make_loop: Callable[..., Any]) -> str:
+    loop = make_loop(make_image(size, name=tag))
+    name = stack.name(tag)
+    stack.dm.create(name, f"0 {size // 512} linear {loop.path} 0")
+    stack.devices.append(name)
+    return name
+
+
+def snapshot_on_loop_cow(stack: Stack, make_image: Callable[..., Path], make_loop: Callable[..., Any],
+                         cow_bytes: int) -> tuple[str, str, Path]:
+    origin = linear_on_loop(stack, "o", 16 * MiB, make_image, make_loop)
+    cow_file = make_image(cow_bytes, name="cow")
+    cow_loop = make_loop(cow_file)
+    snap = stack.name("s")
+    SnapshotManager(stack.dm).create(origin, cow_loop.path, snap, chunk_size=8)
+    stack.snapshots.append(snap)
+    return origin, snap, cow_file
+
+
+def write_through(dm: Any, name: str, monitor: Monitor, total: int) -> list[Any]:
+    """O_DIRECT writes of 16 KiB to ``name`` (each reaches the snapshot before it returns), one
+    monitor scan after each."""
+    events: list[Any] = []
+    buf = aligned_buffer(WRITE)
+    with BlockDevice(dm.device_path(name), writable=True, direct=True) as dev:
+        for off in range(0, total, WRITE):
+            buf[:] = bytes([off // WRITE % 251 + 1]) * WRITE
+            try:
+                dev.write(buf, off)
+            except DMError:
+                pass  # an invalid snapshot fails nothing on the origin; keep going regardless
+            events += monitor.step()
+    return events
+
+
+def test_snapshot_fill_warns_in_order_then_goes_invalid(stack: Stack, make_image: Callable[..., Path],
+                                                        make_loop: Callable[..., Any]) -> None:
+    origin, snap, _cow = snapshot_on_loop_cow(stack, make_image, make_loop, MiB)
+    monitor = Monitor(stack.dm, MonitorConfig(PolicySettings(warn=WARN)), names=[snap],
+                      event_numbers=False, uevents=False)
+    monitor.step()
+    events = write_through(stack.dm, origin, monitor, 2 * MiB)
+    assert [e.threshold for e in events if isinstance(e, SnapshotUsageCrossed)] == list(WARN)
+    invalid = [e for e in events if isinstance(e, SnapshotInvalidated)]
+    assert len(invalid) == 1 and invalid[0].device == snap and "INVALID" in invalid[0].describe()
+    assert stack.dm.status(snap)[0].params == "Invalid"
+
+
+def test_autoextend_keeps_the_kernel_snapshot_valid(stack: Stack, make_image: Callable[..., Path],
+                                                    make_loop: Callable[..., Any]) -> None:
+    origin, snap, cow = snapshot_on_loop_cow(stack, make_image, make_loop, MiB)
+    settings = PolicySettings(warn=WARN, autoextend_threshold=70, autoextend_percent=20)
+    monitor = Monitor(stack.dm, MonitorConfig(settings), names=[snap], event_numbers=False,
+                      uevents=False)
+    monitor.step()
+    events = write_through(stack.dm, origin, monitor, 3 * MiB)  # three times the original COW
+    assert not [e for e in events if isinstance(e, SnapshotInvalidated)]
+    extends = [e for e in events if isinstance(e, PolicyAction)]
+    assert extends and all(e.ok for e in extends), [str(e) for e in extends]
+    assert os.path.getsize(cow) > 3 * MiB
+    used, total = (int(x) for x in stack.dm.status(snap)[0].params.split()[0].split("/"))
+    assert total * 512 == os.path.getsize(cow) and used < total
+    # the snapshot still shows the origin as it was: zeros
+    buf = aligned_buffer(WRITE)
+    with BlockDevice(stack.dm.device_path(snap), direct=True) as dev:
+        dev.readinto(buf, 3 * MiB - WRITE)
+    assert bytes(buf) == bytes(WRITE)
+
+
+def mirror_on_linears(stack: Stack, make_image: Callable[..., Path],
+                      make_loop: Callable[..., Any]) -> tuple[str, list[str]]:
+    legs = [linear_on_loop(stack, f"l{i}", 4 * MiB, make_image, make_loop) for i in range(3)]
+    refs = [stack.dm.device_ref(n) for n in legs]
+    name = stack.name("m")
+    stack.devices.append(name)
+    MirrorManager(stack.dm).create(name, refs[:2], handle_errors=True, region_size=1024)
+    MirrorManager(stack.dm).resync(name)
+    return name, legs
+
+
+def test_leg_failure_event_and_repair_onto_the_spare(stack: Stack, make_image: Callable[..., Path],
+                                                     make_loop: Callable[..., Any]) -> None:
+    dm = stack.dm
+    mirror, legs = mirror_on_linears(stack, make_image, make_loop)
+    refs = [dm.device_ref(n) for n in legs]
+    settings = PolicySettings(mirror_policy="repair", spare=refs[2])
+    monitor = Monitor(dm, MonitorConfig(settings), names=[mirror], poll_interval=30.0,
+                      uevents=False, policy_loader=lambda name: MirrorManager)
+    monitor.step()
+    got: list[tuple[float, Any]] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        for ev in monitor.events(timeout=60, stop=stop):
+            got.append((time.monotonic(), ev))
+            if isinstance(ev, ResyncFinished):
+                stop.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    buf = aligned_buffer(65536)
+    buf[:] = b"k" * 65536
+    with BlockDevice(dm.device_path(mirror), writable=True, direct=True) as dev:
+        dev.write(buf, 0)
+    dm.load(legs[1], "0 8192 error")  # the leg's disk dies
+    dm.resume(legs[1])
+    started = time.monotonic()
+    result: list[str] = []
+
+    def write() -> None:
+        try:
+            with BlockDevice(dm.device_path(mirror), writable=True, direct=True) as dev:
+                dev.write(buf, MiB)
+            result.append("ok")
+        except DMError as err:
+            result.append(type(err).__name__)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    watcher.join(timeout=90)
+    stop.set()
+    writer.join(timeout=30)
+    monitor.close()
+    events = [e for _t, e in got]
+    failed = [(t, e) for t, e in got if isinstance(e, LegHealthChanged) and e.failed]
+    assert failed, [str(e) for e in events]
+    assert failed[0][1].leg == 1 and failed[0][1].leg_device == refs[1]
+    assert failed[0][0] - started < 10
+    assert [(a.policy, a.ok) for a in events if isinstance(a, PolicyAction)] == [("mirror-repair", True)]
+    assert isinstance(events[-1], ResyncFinished)
+    status = dm.status(mirror)[0].params.split()
+    assert status[1:3] == [refs[0], refs[2]] and status[4] == "AA" and status[3].split("/")[0] == status[3].split("/")[1]
+    images = []
+    for name in (legs[0], legs[2]):
+        data = aligned_buffer(4 * MiB)
+        with BlockDevice(dm.device_path(name), direct=True) as dev:
+            dev.readinto(data, 0)
+        images.append(bytes(data))
+    assert images[0] == images[1] and images[0][:65536] == b"k" * 65536
+    assert result and not writer.is_alive()
+
+
+def test_without_udev_events_come_from_event_numbers(stack: Stack, make_image: Callable[..., Path],
+                                                     make_loop: Callable[..., Any]) -> None:
+    dm = stack.dm
+    name = linear_on_loop(stack, "r", MiB, make_image, make_loop)
+    renamed = stack.name("r2")
+    watcher = Watcher(dm, names=[name, renamed], poll_interval=30.0, uevents=False)
+    watcher.poll()
+    got: list[Any] = []
+    stop = threading.Event()
+
+    def run() -> None:
+        for ev in watcher.events(timeout=30, stop=stop):
+            got.append(ev)
+            stop.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    time.sleep(0)  # let the waiter threads arm; the event number is compared, so no race
+    dm.rename(name, renamed)  # dm_hash_rename raises a table event
+    stack.devices[stack.devices.index(name)] = renamed
+    thread.join(timeout=20)
+    watcher.close()
+    assert got and isinstance(got[0], DeviceRenamed), [str(e) for e in got]
+    assert got[0].source == "event_nr" and got[0].old_name == name and got[0].device == renamed
+
+
+def test_raw_kernel_uevents_are_named_from_sysfs(stack: Stack, make_image: Callable[..., Path],
+                                                 make_loop: Callable[..., Any]) -> None:
+    dm = stack.dm
+    seen: list[UEvent] = []
+    arrived = threading.Event()
+    target = stack.name("u")
+
+    def collect(ev: UEvent) -> None:
+        seen.append(ev)
+        if ev.action == "change" and ev.name == target:
+            arrived.set()
+
+    source = UeventSource(collect, source="kernel")  # what a host without udevd receives
+    try:
+        linear_on_loop(stack, "u", MiB, make_image, make_loop)
+        assert arrived.wait(20), [(e.action, e.name) for e in seen]
+    finally:
+        source.close()
+    info = dm.info(target)
+    change = [e for e in seen if e.action == "change" and e.name == target][0]
+    assert (change.origin, change.source, change.devno) == ("sysfs", "uevent", info.devno)
+    assert sysfs_identity(change.sys_name) == (target, info.uuid)
+
+
+def test_udev_events_carry_dm_names(stack: Stack, make_image: Callable[..., Path],
+                                    make_loop: Callable[..., Any]) -> None:
+    if not udev_running():
+        pytest.skip("udevd is not running in this VM (/run/udev/control missing)")
+    seen: list[UEvent] = []
+    arrived = threading.Event()
+    target = stack.name("v")
+
+    def collect(ev: UEvent) -> None:
+        seen.append(ev)
+        if ev.action == "change" and ev.name == target:
+            arrived.set()
+
+    source = UeventSource(collect, source="udev")
+    try:
+        linear_on_loop(stack, "v", MiB, make_image, make_loop)
+        assert arrived.wait(20), [(e.action, e.name, e.origin) for e in seen]
+    finally:
+        source.close()
+    change = [e for e in seen if e.action == "change" and e.name == target][0]
+    assert (change.origin, change.source) == ("udev", "udev")
