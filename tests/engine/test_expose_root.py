@@ -329,3 +329,18 @@ def test_readonly_table_makes_the_block_device_read_only(xengine, make_image, dm
     xengine.resume(dm_name)
     with open(f"/sys/block/{os.path.basename(os.path.realpath(dev))}/ro") as f:
         assert f.read().strip() == "0"
+
+
+def test_discard_and_zeroout_reach_the_backing_file(xengine, make_image, dm_name):
+    img = make_image(4 * MiB, fill=b"\xee")
+    xengine.create(dm_name, f"0 {4 * MiB // 512} linear {img} 0")
+    dev = xengine.device_path(dm_name)
+    subprocess.run(["blkdiscard", "-z", "-o", str(MiB), "-l", str(MiB), dev], check=True,
+                   timeout=60)
+    subprocess.run(["blkdiscard", "-o", str(2 * MiB), "-l", str(MiB), dev], check=True,
+                   timeout=60)
+    with open(img, "rb") as f:
+        data = f.read()
+    assert data[:MiB] == b"\xee" * MiB
+    assert data[MiB : 3 * MiB] == bytes(2 * MiB)  # zeroed, then punched (reads back zeros)
+    assert data[3 * MiB :] == b"\xee" * MiB
