@@ -362,14 +362,17 @@ class MirrorManager:
 
     def _rebuild(self, name: str, length: int, target: Mirror, legs: tuple[Leg, ...], index: int,
                  progress: ProgressFn | None, rate: int | None, wait: bool) -> MirrorState:
-        if self.userspace:
+        forgetful = isinstance(target.log, CoreLog) and target.log.sync == "nosync"
+        if self.userspace and not (forgetful and not self.status(name).fully_in_sync):
             self._swap(name, Table.single(length, Mirror(target.log, legs, target.features)))
             if wait:
                 return self.resync(name, leg=index, rate=rate, progress=progress)
             self.dm.message(name, 0, f"rebuild {index}")
             return self.status(name)
         # The kernel recovers from the default leg to every other leg: force a full resync, then
-        # drop the ``sync`` argument so that later activations trust the log again.
+        # drop the ``sync`` argument so that later activations trust the log again. The same on the
+        # userspace engine when a ``nosync`` core log is out of sync: a reload forgets which regions
+        # were, so every region goes to every leg.
         self._swap(name, Table.single(length, self._with_log_sync(target, legs, "sync")))
         if not wait:
             return self.status(name)
