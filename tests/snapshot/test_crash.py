@@ -70,10 +70,10 @@ def one_run(work: Path, seed: int) -> int:
     )
     acked = -1
     try:
-        assert _read_line(proc, 30) == "ready"
+        assert _read_line(proc, 120) == "ready"
         target = rng.randrange(0, 40)
         while acked < target:
-            line = _read_line(proc, 30)
+            line = _read_line(proc, 120)
             if line == "done":
                 break
             acked = int(line.split()[1])
