@@ -308,7 +308,7 @@ class Watcher:
             if stop is not None and stop.is_set():
                 return
             if first:
-                reason = "catch-up"
+                reason = "poll"  # "catch-up" unless this watcher already scanned
                 first = False
             else:
                 wait = self.poll_interval

@@ -73,3 +73,39 @@ def test_autoextend_under_a_writer_keeps_the_loop_backed_snapshot_valid(
     assert extends and all(e.ok and e.policy == "snapshot-autoextend" for e in extends)
     assert os.path.getsize(cow) > 3 * MiB // 2
     assert eng.status("s")[0].params != "Invalid"
+
+
+def test_watcher_over_the_daemon_gets_event_numbers(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from dmtools.engine.client import UserspaceClient, start_daemon
+    from dmtools.events import DeviceRenamed, Watcher
+
+    run_dir = str(tmp_path / "run")
+    start_daemon(run_dir)
+    client = UserspaceClient(run_dir)
+    try:
+        client.create("a-dmtt", "0 8 zero")
+        watcher = Watcher(client, poll_interval=30.0, uevents=False)  # polling would take 30 s
+        assert [e.kind for e in watcher.poll()] == ["device-added"]
+        got: list[Any] = []
+        stop = threading.Event()
+
+        def run() -> None:
+            for ev in watcher.events(stop=stop, timeout=20):
+                got.append(ev)
+                stop.set()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        started = time.monotonic()
+        client.rename("a-dmtt", "b-dmtt")  # raises a device event in the daemon's engine
+        thread.join(timeout=25)
+        watcher.close()
+        assert got and isinstance(got[0], DeviceRenamed) and got[0].source == "event_nr"
+        assert (got[0].old_name, got[0].device) == ("a-dmtt", "b-dmtt")
+        assert time.monotonic() - started < 10
+    finally:
+        client.shutdown(force=True)
+        client.close()
