@@ -10,10 +10,13 @@ better than one direct request at a time.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
+import os
 import queue
-from typing import Any
+from concurrent.futures import Executor
+from typing import Any, Callable
 
 from dmtools.blockdev import BlockDevice, aligned_buffer
 from dmtools.endpoint import Endpoint
@@ -21,6 +24,9 @@ from dmtools.errors import DMError
 
 #: Smallest write sent through ``O_DIRECT``.
 DIRECT_MIN = 256 << 10
+#: Direct writes at least twice this size are issued as parallel pieces of this size, so the
+#: device sees several requests at once (as it would from the kernel's bio splitting).
+DIRECT_PIECE = 256 << 10
 
 _bounce: "queue.SimpleQueue[mmap.mmap]" = queue.SimpleQueue()
 
@@ -51,9 +57,17 @@ def _copy(dst: mmap.mmap, src: memoryview, n: int) -> None:
 class BackingDevice(Endpoint):
     """A ``BlockDevice`` plus an ``O_DIRECT`` twin for large aligned writes."""
 
-    def __init__(self, path: str, *, writable: bool) -> None:
+    def __init__(
+        self, path: str, *, writable: bool, pool: Callable[[], Executor] | None = None
+    ) -> None:
+        self._pool = pool
         self.buffered = BlockDevice(path, writable=writable)
         self.path = path
+        # Requests arrive split over several FUSE threads, which hides their sequential pattern
+        # from read-ahead; a larger read-ahead window keeps sequential reads streaming (random
+        # reads are unaffected: their initial window depends on the request size).
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self.buffered.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         self.name = self.buffered.name
         self._direct: BlockDevice | None = None
         if writable:
@@ -101,7 +115,17 @@ class BackingDevice(Endpoint):
         bounce = _take(n)
         try:
             _copy(bounce, mv, n)
-            direct.write(memoryview(bounce)[:n], offset)
+            view = memoryview(bounce)
+            if self._pool is None or n < 2 * DIRECT_PIECE:
+                direct.write(view[:n], offset)
+            else:
+                pool = self._pool()
+                pieces = [
+                    pool.submit(direct.write, view[pos : min(n, pos + DIRECT_PIECE)], offset + pos)
+                    for pos in range(0, n, DIRECT_PIECE)
+                ]
+                for piece in pieces:
+                    piece.result()
         finally:
             _bounce.put(bounce)
         return n

@@ -19,6 +19,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import logging
 import os
 import stat
@@ -26,7 +27,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 
 from dmtools import loop
 from dmtools.errors import DMError, LoopError
@@ -148,6 +149,22 @@ class Exposed:
     link: str
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _errno(func: F) -> F:
+    """Turn engine errors into ``OSError`` with their errno, which mfusepy returns to the kernel."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except DMError as err:
+            raise OSError(err.errno or errno.EIO, err.message) from err
+
+    return cast(F, wrapper)
+
+
 class _Operations:
     """The FUSE file system: a flat directory with one file per exposed device."""
 
@@ -202,12 +219,15 @@ class _Operations:
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
         return self.writefrom(path, memoryview(data), offset)
 
+    @_errno
     def readinto(self, path: str | None, buf: memoryview, offset: int) -> int:
         return self._dev(path).read(buf, offset)
 
+    @_errno
     def writefrom(self, path: str | None, buf: memoryview, offset: int) -> int:
         return self._dev(path).write(buf, offset)
 
+    @_errno
     def fsync(self, path: str, datasync: int, fh: int) -> int:
         self._dev(path).flush()
         return 0
@@ -223,6 +243,7 @@ class _Operations:
             raise OSError(errno.EPERM, "device size is set by its table")
         return 0
 
+    @_errno
     def fallocate(self, path: str, mode: int, offset: int, size: int, fh: int) -> int:
         dev = self._dev(path)
         if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:

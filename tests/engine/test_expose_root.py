@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -344,3 +345,17 @@ def test_discard_and_zeroout_reach_the_backing_file(xengine, make_image, dm_name
     assert data[:MiB] == b"\xee" * MiB
     assert data[MiB : 3 * MiB] == bytes(2 * MiB)  # zeroed, then punched (reads back zeros)
     assert data[3 * MiB :] == b"\xee" * MiB
+
+
+def test_io_errors_reach_the_block_device_as_eio(xengine, dm_name, capfd):
+    xengine.create(dm_name, "0 2048 zero\n2048 2048 error")
+    fd = os.open(xengine.device_path(dm_name), os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = aligned_buffer(4096)
+        assert os.preadv(fd, [buf], 0) == 4096
+        with pytest.raises(OSError) as exc:
+            os.preadv(fd, [buf], 2048 * 512)
+        assert exc.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert "Traceback" not in capfd.readouterr().err  # an I/O error is not a crash
