@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mib", type=int, default=256, help="bytes moved per pass (MiB)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
     parser.add_argument("--dir", default=None, help="directory for the backing image")
+    parser.add_argument("--verbose", action="store_true", help="print every round")
     args = parser.parse_args(argv)
     reason = exposure_possible()
     if reason:
@@ -98,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             eng.close()
     fw, fr, ew, er = (statistics.median(runs[k]) for k in ("fw", "fr", "ew", "er"))
+    if args.verbose:
+        for k, v in runs.items():
+            print(f"  {k}: " + " ".join(f"{x:.0f}" for x in v))
     print(f"engine: sequential 1 MiB O_DIRECT, {args.size_mib} MiB per pass, "
           f"median of {args.rounds} alternating rounds")
     print(f"  write: backing file {fw:8.1f} MB/s  exposed linear {ew:8.1f} MB/s  ratio {ew / fw:.2f}x")

@@ -15,8 +15,7 @@ import ctypes
 import mmap
 import os
 import queue
-from concurrent.futures import Executor
-from typing import Any, Callable
+from typing import Any
 
 from dmtools.blockdev import BlockDevice, aligned_buffer
 from dmtools.endpoint import Endpoint
@@ -24,9 +23,6 @@ from dmtools.errors import DMError
 
 #: Smallest write sent through ``O_DIRECT``.
 DIRECT_MIN = 256 << 10
-#: Direct writes at least twice this size are issued as parallel pieces of this size, so the
-#: device sees several requests at once (as it would from the kernel's bio splitting).
-DIRECT_PIECE = 256 << 10
 
 _bounce: "queue.SimpleQueue[mmap.mmap]" = queue.SimpleQueue()
 
@@ -57,10 +53,7 @@ def _copy(dst: mmap.mmap, src: memoryview, n: int) -> None:
 class BackingDevice(Endpoint):
     """A ``BlockDevice`` plus an ``O_DIRECT`` twin for large aligned writes."""
 
-    def __init__(
-        self, path: str, *, writable: bool, pool: Callable[[], Executor] | None = None
-    ) -> None:
-        self._pool = pool
+    def __init__(self, path: str, *, writable: bool) -> None:
         self.buffered = BlockDevice(path, writable=writable)
         self.path = path
         # Requests arrive split over several FUSE threads, which hides their sequential pattern
@@ -115,17 +108,9 @@ class BackingDevice(Endpoint):
         bounce = _take(n)
         try:
             _copy(bounce, mv, n)
-            view = memoryview(bounce)
-            if self._pool is None or n < 2 * DIRECT_PIECE:
-                direct.write(view[:n], offset)
-            else:
-                pool = self._pool()
-                pieces = [
-                    pool.submit(direct.write, view[pos : min(n, pos + DIRECT_PIECE)], offset + pos)
-                    for pos in range(0, n, DIRECT_PIECE)
-                ]
-                for piece in pieces:
-                    piece.result()
+            # One request, not pieces: measured on virtio, a 1 MiB write in 256 KiB pieces issued
+            # in parallel took twice as long as the single write.
+            direct.write(memoryview(bounce)[:n], offset)
         finally:
             _bounce.put(bounce)
         return n

@@ -13,7 +13,6 @@ import errno
 import importlib
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
@@ -54,9 +53,6 @@ _BUILTIN_TARGETS = {
     "zero": "dmtools.engine.targets:ZeroTarget",
     "error": "dmtools.engine.targets:ErrorTarget",
 }
-
-#: Threads that issue the pieces of large backing writes in parallel.
-IO_THREADS = 4
 
 #: The dm-ioctl interface version whose semantics the engine follows (``include/uapi/linux/dm-ioctl.h``).
 DRIVER_VERSION = "4.50.0"
@@ -139,7 +135,6 @@ class Engine(DeviceMapper):
         self._registry = TargetRegistry()
         self._closed = False
         self._exposure: "Exposure | None" = None
-        self._pool: ThreadPoolExecutor | None = None
         if expose:
             from dmtools.engine.expose import Exposure
 
@@ -157,13 +152,6 @@ class Engine(DeviceMapper):
         """The engine device with this device number, if any."""
         with self._lock:
             return self._by_devno.get((major, minor))
-
-    def io_pool(self) -> ThreadPoolExecutor:
-        """Worker threads for splitting large backing I/O (started on first use, ended by close)."""
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="dmtools-io")
-            return self._pool
 
     def register_target(self, cls: type[Target], name: str | None = None) -> None:
         """Make target type ``name`` (default ``cls.name``) available to this engine's tables."""
@@ -607,10 +595,6 @@ class Engine(DeviceMapper):
                         self._drop(dev)
         if self._exposure is not None:
             self._exposure.close()
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
 
     # --- helpers ----------------------------------------------------------------------------
     def _check_open(self) -> None:

@@ -59,7 +59,7 @@ def resolve(engine: "Engine", ref: str, *, writable: bool) -> DeviceHandle:
     m = _DEVNO.match(ref)
     try:
         path = resolve_devno((int(m.group(1)), int(m.group(2)))) if m else ref
-        bdev = BackingDevice(path, writable=writable, pool=engine.io_pool)
+        bdev = BackingDevice(path, writable=writable)
     except DMError as err:
         raise InvalidTable(f"{ref}: {err.message}", operation="load") from err
     devno = bdev.devno
