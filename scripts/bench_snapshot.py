@@ -124,30 +124,65 @@ def bench_load(exceptions: int, workdir: Path) -> dict[str, object]:
     return result
 
 
-def _stack(work: Path, size: int, nsnaps: int, chunk: int, tag: str) -> tuple[Any, Any]:
-    """An in-process engine with ``vol`` over a file and ``nsnaps`` persistent snapshots."""
-    sys.path.insert(0, str(ROOT / "tests" / "snapshot"))
-    from dmtools.engine import Engine
-    from snapshot import SnapshotManager
-    from snapshot.targets import TARGETS
+class _Stack:
+    """``vol`` with ``nsnaps`` persistent snapshots on the userspace engine or the kernel."""
 
-    eng = Engine()
-    try:
-        eng._registry.get("snapshot")
-    except Exception:  # noqa: BLE001 - entry points not installed: register the classes
-        eng._registry._classes.update(TARGETS)
-    origin = work / f"{tag}-vol.img"
-    with open(origin, "wb") as f:
-        f.truncate(size)
-    eng.create("vol", f"0 {size // SECTOR} linear {origin} 0")
-    mgr = SnapshotManager(eng)
-    cow_size = size + size // 64 + 64 * chunk * SECTOR
-    for i in range(nsnaps):
-        cow = work / f"{tag}-s{i}.cow"
-        with open(cow, "wb") as f:
-            f.truncate(cow_size)
-        mgr.create("vol", str(cow), f"s{i}", chunk_size=chunk)
-    return eng, eng.open_endpoint("vol")
+    def __init__(self, work: Path, size: int, nsnaps: int, chunk: int, tag: str, kernel: bool) -> None:
+        from snapshot import SnapshotManager
+
+        self.loops: list[Any] = []
+        self.kernel = kernel
+        origin = work / f"{tag}-vol.img"
+        with open(origin, "wb") as f:
+            f.truncate(size)
+        cow_size = size + size // 64 + 64 * chunk * SECTOR
+        cows: list[Path] = []
+        for i in range(nsnaps):
+            cow = work / f"{tag}-s{i}.cow"
+            with open(cow, "wb") as f:
+                f.truncate(cow_size)
+            cows.append(cow)
+        self.vol = f"bench{os.getpid()}{tag}"
+        if kernel:
+            from dmtools import loop
+            from dmtools.kernel import KernelBackend
+
+            self.dm: Any = KernelBackend()
+            self.loops = [loop.attach(origin)] + [loop.attach(c) for c in cows]
+            devs = [lp.path for lp in self.loops]
+        else:
+            from dmtools.engine import Engine
+            from snapshot.targets import TARGETS
+
+            self.dm = Engine()
+            try:
+                self.dm._registry.get("snapshot")
+            except Exception:  # noqa: BLE001 - entry points not installed: register the classes
+                self.dm._registry._classes.update(TARGETS)
+            devs = [str(origin)] + [str(c) for c in cows]
+        self.dm.create(self.vol, f"0 {size // SECTOR} linear {devs[0]} 0")
+        self.mgr = SnapshotManager(self.dm)
+        self.snaps = [f"{self.vol}s{i}" for i in range(nsnaps)]
+        for name, cow in zip(self.snaps, devs[1:]):
+            self.mgr.create(self.vol, cow, name, chunk_size=chunk)
+        if kernel:
+            from dmtools.blockdev import BlockDevice
+
+            self.ep: Any = BlockDevice(self.dm.device_path(self.vol), writable=True)
+        else:
+            self.ep = self.dm.open_endpoint(self.vol)
+
+    def close(self) -> None:
+        self.ep.close()
+        for name in self.snaps:
+            self.mgr.remove(name)
+        self.dm.remove(self.vol)
+        if self.kernel:
+            from dmtools import loop
+
+            for lp in self.loops:
+                loop.detach(lp)
+        self.dm.close()
 
 
 def _seq_pass(ep: Any, size: int, buf: bytes) -> float:
@@ -158,7 +193,7 @@ def _seq_pass(ep: Any, size: int, buf: bytes) -> float:
     return size / (time.perf_counter() - t0)
 
 
-def bench_writes(work: Path, size: int, chunk: int, nrandom: int) -> dict[str, object]:
+def bench_writes(work: Path, size: int, chunk: int, nrandom: int, kernel: bool = False) -> dict[str, object]:
     """MiB/s of origin writes with 0, 1 and 4 snapshots, and each as a ratio to 0 snapshots."""
     buf = os.urandom(1 << 20)
     small = os.urandom(4096)
@@ -166,28 +201,31 @@ def bench_writes(work: Path, size: int, chunk: int, nrandom: int) -> dict[str, o
     offsets = [rng.randrange(size // 4096) * 4096 for _ in range(nrandom)]
     rows: dict[str, dict[str, float]] = {}
     for n in (0, 1, 4):
-        eng, ep = _stack(work, size, n, chunk, f"seq{n}")
+        st = _Stack(work, size, n, chunk, f"q{n}", kernel)
         try:
-            first = _seq_pass(ep, size, buf)
-            rewrite = _seq_pass(ep, size, buf)
+            first = _seq_pass(st.ep, size, buf)
+            rewrite = _seq_pass(st.ep, size, buf)
         finally:
-            ep.close()
-            eng.close()
-        eng, ep = _stack(work, size, n, chunk, f"rnd{n}")
+            st.close()
+        st = _Stack(work, size, n, chunk, f"r{n}", kernel)
         try:
             t0 = time.perf_counter()
             for off in offsets:
-                ep.write(small, off)
-            ep.flush()
+                st.ep.write(small, off)
+            st.ep.flush()
             rnd = nrandom * 4096 / (time.perf_counter() - t0)
         finally:
-            ep.close()
-            eng.close()
+            st.close()
         for p in work.iterdir():
             p.unlink()
         rows[f"{n} snapshots"] = {"seq_first": first, "seq_rewrite": rewrite, "random_4k": rnd}
     base = rows["0 snapshots"]
-    out: dict[str, object] = {"size_mib": size >> 20, "chunk_sectors": chunk, "goal": "1 snapshot >= 0.33x"}
+    out: dict[str, object] = {
+        "engine": "kernel" if kernel else "userspace",
+        "size_mib": size >> 20,
+        "chunk_sectors": chunk,
+        "goal": "1 snapshot >= 0.33x",
+    }
     for name, row in rows.items():
         out[name] = {
             k: {"MiB/s": round(v / 2**20, 1), "ratio": round(v / base[k], 3)} for k, v in row.items()
@@ -212,7 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-snapshot-") as tmp:
         work = Path(tmp)
         if args.only in (None, "writes"):
-            results["writes"] = bench_writes(work, parse_size(args.size, "b"), args.chunk_size, args.random_writes)
+            size = parse_size(args.size, "b")
+            results["writes"] = bench_writes(work, size, args.chunk_size, args.random_writes)
+            from dmtools.backend import kernel_available
+
+            if kernel_available():  # in the VM: the kernel's own ratios for the same workload
+                results["writes_kernel"] = bench_writes(work, size, args.chunk_size, args.random_writes, True)
         if args.only in (None, "load"):
             results["load"] = bench_load(args.exceptions, work)
     if args.json:

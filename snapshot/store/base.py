@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from dmtools.endpoint import Endpoint
+from dmtools.errors import NoSpace
 
 from snapshot.store.format import SECTOR
 from snapshot.store.table import ExceptionTable
@@ -76,9 +77,26 @@ class ExceptionStore(abc.ABC):
     def prepare_exception(self) -> int:
         """Allocate a COW chunk for a new exception; raises ``NoSpace`` when the COW is full."""
 
+    def prepare_exceptions(self, count: int) -> list[int]:
+        """Allocate up to ``count`` chunks (fewer when the COW fills); ``NoSpace`` if none."""
+        out: list[int] = []
+        while len(out) < count:
+            try:
+                out.append(self.prepare_exception())
+            except NoSpace:
+                if not out:
+                    raise
+                break
+        return out
+
     @abc.abstractmethod
     def commit_exception(self, old: int, new: int, valid: bool, callback: CommitCallback) -> None:
         """Record ``old -> new``; ``callback(success)`` runs once the record is durable."""
+
+    def commit_batch(self, records: Sequence[tuple[int, int, bool]], callbacks: Sequence[CommitCallback]) -> None:
+        """``commit_exception`` for each ``(old, new, valid)`` in allocation order."""
+        for (old, new, valid), cb in zip(records, callbacks):
+            self.commit_exception(old, new, valid, cb)
 
     @abc.abstractmethod
     def usage(self) -> Usage:

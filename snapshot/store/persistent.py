@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import operator
+import struct
 import sys
 import threading
 from array import array
 from itertools import repeat
+from typing import Sequence
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import CorruptMetadata, DeviceIOError, InvalidTable, NoSpace
@@ -107,7 +109,7 @@ class PersistentStore(ExceptionStore):
     @property
     def exceptions_per_area(self) -> int:
         """Records per metadata area (``chunk bytes / 16``)."""
-        return exceptions_per_area(self.chunk_size)
+        return self.chunk_size * SECTOR // 16
 
     @property
     def can_merge(self) -> bool:
@@ -293,6 +295,25 @@ class PersistentStore(ExceptionStore):
             self._pending += 1
             return new
 
+    def prepare_exceptions(self, count: int) -> list[int]:
+        """Allocate up to ``count`` chunks at once (fewer when the COW fills; ``NoSpace`` if none)."""
+        out: list[int] = []
+        cs = self.chunk_size
+        stride = self.exceptions_per_area + 1
+        limit = self.cow_sectors
+        with self._lock:
+            nf = self.next_free
+            while len(out) < count and limit >= (nf + 1) * cs:
+                out.append(nf)
+                nf += 1
+                if nf % stride == NUM_SNAPSHOT_HDR_CHUNKS:
+                    nf += 1
+            if not out:
+                raise NoSpace("COW device is full", operation="snapshot", device=self.cow.name)
+            self.next_free = nf
+            self._pending += len(out)
+        return out
+
     def commit_exception(self, old: int, new: int, valid: bool, callback: CommitCallback) -> None:
         """Append ``{old, new}`` to the area; write it once nothing is pending or it is full.
 
@@ -300,44 +321,60 @@ class PersistentStore(ExceptionStore):
         kcopyd's single callback thread). Callbacks run after the area write, with the store's
         validity as ``success``.
         """
+        self.commit_batch([(old, new, valid)], [callback])
+
+    def commit_batch(self, records: Sequence[tuple[int, int, bool]], callbacks: Sequence[CommitCallback]) -> None:
+        """``commit_exception`` for several exceptions in allocation order, with one area write
+        for the batch (plus one per area it fills)."""
+        ready: list[tuple[list[CommitCallback], bool]] = []
         with self._commit_lock:
             epa = self.exceptions_per_area
-            if not valid:
-                self.valid = False
-            if valid:
-                i = self.current_committed
-                struct_into(self._area, i, old, new)
-                self.current_committed = i + 1
-                self.records += 1
-            self._callbacks.append(callback)
+            area = self._area
+            for (old, new, valid), cb in zip(records, callbacks):
+                if valid:
+                    i = self.current_committed
+                    _RECORD.pack_into(area, i * 16, old, new)
+                    self.current_committed = i + 1
+                    self.records += 1
+                else:
+                    self.valid = False
+                self._callbacks.append(cb)
+                if self.current_committed == epa:
+                    ready.append(self._write_area_locked())
+                    area = self._area
             with self._lock:
-                self._pending -= 1
+                self._pending -= len(records)
                 pending = self._pending
-            if pending and self.current_committed != epa:
-                return
-            if self.current_committed == epa:
-                try:
-                    nxt = area_location(self.current_area + 1, self.chunk_size) * self.chunk_bytes
-                    if nxt + self.chunk_bytes > self.cow.size:
-                        raise DeviceIOError("next metadata area lies past the end of the COW")
-                    self._write(bytes(self.chunk_bytes), nxt, "next metadata area")
-                except DeviceIOError as err:
-                    log.warning("%s: zeroing the next metadata area failed: %s", self.cow.name, err)
-                    self.valid = False
-            if self.valid:
-                try:
-                    self._area_io_write()
-                except DeviceIOError as err:
-                    log.warning("%s: metadata commit failed: %s", self.cow.name, err)
-                    self.valid = False
-            if self.current_committed == epa:
-                self.current_committed = 0
-                self.current_area += 1
-                self._area = bytearray(self.chunk_bytes)
-            callbacks, self._callbacks = self._callbacks, []
-            success = self.valid
-        for cb in callbacks:
-            cb(success)
+            if not pending and self._callbacks:
+                ready.append(self._write_area_locked())
+        for cbs, success in ready:
+            for cb in cbs:
+                cb(success)
+
+    def _write_area_locked(self) -> tuple[list[CommitCallback], bool]:
+        """Commit the current area (zeroing the next one first when it is full)."""
+        full = self.current_committed == self.exceptions_per_area
+        if full:
+            try:
+                nxt = area_location(self.current_area + 1, self.chunk_size) * self.chunk_bytes
+                if nxt + self.chunk_bytes > self.cow.size:
+                    raise DeviceIOError("next metadata area lies past the end of the COW")
+                self._write(bytes(self.chunk_bytes), nxt, "next metadata area")
+            except DeviceIOError as err:
+                log.warning("%s: zeroing the next metadata area failed: %s", self.cow.name, err)
+                self.valid = False
+        if self.valid:
+            try:
+                self._area_io_write()
+            except DeviceIOError as err:
+                log.warning("%s: metadata commit failed: %s", self.cow.name, err)
+                self.valid = False
+        if full:
+            self.current_committed = 0
+            self.current_area += 1
+            self._area = bytearray(self.chunk_bytes)
+        callbacks, self._callbacks = self._callbacks, []
+        return callbacks, self.valid
 
     def usage(self) -> Usage:
         """allocated = ``next_free·C``; metadata = ``(current_area + 2)·C`` (``persistent_usage``)."""
@@ -403,11 +440,12 @@ class PersistentStore(ExceptionStore):
         return out
 
 
+_RECORD = struct.Struct("<QQ")
+
+
 def struct_into(area: bytearray, index: int, old: int, new: int) -> None:
     """Write record ``index`` of an area buffer (little-endian)."""
-    off = index * 16
-    area[off : off + 8] = old.to_bytes(8, "little")
-    area[off + 8 : off + 16] = new.to_bytes(8, "little")
+    _RECORD.pack_into(area, index * 16, old, new)
 
 
 def struct_from(area: bytes | bytearray, index: int) -> tuple[int, int]:

@@ -109,6 +109,14 @@ class ExceptionTable:
             self._count += 1
         self._maybe_compact()
 
+    def insert_new(self, pairs: list[tuple[int, int]]) -> None:
+        """Record several ``old -> new`` for origin chunks that have no mapping yet."""
+        if pairs and max(n for _, n in pairs) >> self.shift:
+            raise ValueError(f"COW chunk does not fit {self.shift} bits")
+        self._overlay.update(pairs)
+        self._count += len(pairs)
+        self._maybe_compact()
+
     def remove(self, old: int) -> None:
         """Forget origin chunk ``old`` (after it has been merged)."""
         if self.lookup(old) is None:

@@ -40,21 +40,20 @@ MAX_COPY_BYTES = 1 << 20
 
 
 class PendingException:
-    """An exception whose copy (or full-chunk write) and commit are in flight."""
+    """An exception whose copy (or full-chunk write) and commit are in flight.
 
-    __slots__ = ("old", "new", "seq", "event", "ok")
+    ``done`` and ``ok`` change under the snapshot's condition, which is notified when they do
+    (one condition per snapshot instead of an event per chunk: a 1 MiB write makes 256 of these).
+    """
+
+    __slots__ = ("old", "new", "seq", "done", "ok")
 
     def __init__(self, old: int, new: int, seq: int) -> None:
         self.old = old
         self.new = new
         self.seq = seq
-        self.event = threading.Event()
+        self.done = False
         self.ok = False
-
-    def wait(self) -> bool:
-        """Wait for completion; True when the exception was committed."""
-        self.event.wait()
-        return self.ok
 
 
 def eio(message: str, device: str) -> DeviceIOError:
@@ -101,6 +100,7 @@ class Snapshot:
         self._seq_alloc = 0
         self._seq_next = 0
         self._parked: dict[int, tuple[PendingException, bool]] = {}
+        self._finished: list[tuple[PendingException, bool]] = []
         self._complete_lock = threading.Lock()
         self.kc = kcopyd.Client(num_pages=KCOPYD_PAGES, threads=4)
 
@@ -183,35 +183,54 @@ class Snapshot:
                 )
             except Exception as err:  # noqa: BLE001 - every allocated exception must complete
                 log.error("%s: cannot start copy: %s", self.name, err)
-                for pe in group:
-                    self._complete(pe, False)
+                self._complete(group, False)
 
     def _copy_notify(self, read_err: int, write_err: int, group: list[PendingException]) -> None:
-        ok = not read_err and not write_err
-        for pe in group:
-            self._complete(pe, ok)
+        self._complete(group, not read_err and not write_err)
 
-    def _complete(self, pe: PendingException, ok: bool) -> None:
+    def _complete(self, pes: list[PendingException], ok: bool) -> None:
         """Commit exceptions strictly in allocation order (dm-snap.c ``copy_callback``)."""
         with self._complete_lock:
-            self._parked[pe.seq] = (pe, ok)
+            for pe in pes:
+                self._parked[pe.seq] = (pe, ok)
+            records: list[tuple[int, int, bool]] = []
+            callbacks = []
             while self._seq_next in self._parked:
                 done, good = self._parked.pop(self._seq_next)
                 self._seq_next += 1
-                self.store.commit_exception(done.old, done.new, good, functools.partial(self._committed, done))
+                records.append((done.old, done.new, good))
+                callbacks.append(functools.partial(self._on_commit, done))
+            if records:
+                self.store.commit_batch(records, callbacks)
+            if self._finished:
+                batch, self._finished = self._finished, []
+                self._publish(batch)
 
-    def _committed(self, pe: PendingException, success: bool) -> None:
-        """``pending_complete``: publish the exception, drain tracked reads, wake waiters."""
+    def _on_commit(self, pe: PendingException, success: bool) -> None:
+        # runs inside commit_exception, under _complete_lock
+        self._finished.append((pe, success))
+
+    def _publish(self, batch: list[tuple[PendingException, bool]]) -> None:
+        """``pending_complete``: publish exceptions, drain tracked reads, wake waiters."""
         with self.cond:
-            if success and self.valid:
-                self.table.insert(pe.old, pe.new)
-            else:
+            good = [(pe.old, pe.new) for pe, success in batch if success]
+            if len(good) < len(batch):
                 self.invalidate_locked("copy or metadata I/O error")
-            self.cond.wait_for(lambda: not self.tracked.get(pe.old))
-            self.pending.pop(pe.old, None)
-            pe.ok = success and self.valid
-            pe.event.set()
+            elif self.valid:
+                self.table.insert_new(good)
+            if self.tracked:
+                self.cond.wait_for(lambda: not any(self.tracked.get(pe.old) for pe, _ in batch))
+            for pe, success in batch:
+                self.pending.pop(pe.old, None)
+                pe.ok = success and self.valid
+                pe.done = True
             self.cond.notify_all()
+
+    def wait_all(self, pes: list[PendingException]) -> bool:
+        """Wait until every exception in ``pes`` completed; True if all were committed."""
+        with self.cond:
+            self.cond.wait_for(lambda: all(pe.done for pe in pes))
+        return all(pe.ok for pe in pes)
 
     # -- the origin's side ------------------------------------------------------------------------
     def origin_write_prepare(self, offset: int, length: int) -> list[PendingException]:
@@ -228,18 +247,30 @@ class Snapshot:
         with self.cond:
             if not self.valid or not self.active or self.merging:
                 return []
+            lookup = self.table.lookup
+            pending = self.pending
+            need: list[int] = []
             for c in self.chunks(offset, length):
-                if self.table.lookup(c) is not None:
+                if lookup(c) is not None:
                     continue
-                pe = self.pending.get(c)
+                pe = pending.get(c)
                 if pe is None:
-                    try:
-                        pe = self._alloc_locked(c)
-                    except NoSpace:
-                        self.invalidate_locked("COW device is full")
-                        break
+                    need.append(c)
+                else:
+                    waits.append(pe)
+            if need:
+                try:
+                    news = self.store.prepare_exceptions(len(need))
+                except NoSpace:
+                    news = []
+                for c, new in zip(need, news):
+                    pe = PendingException(c, new, self._seq_alloc)
+                    self._seq_alloc += 1
+                    pending[c] = pe
                     start.append(pe)
-                waits.append(pe)
+                waits.extend(start)
+                if len(news) < len(need):
+                    self.invalidate_locked("COW device is full")
         if start:
             self._submit_copies(start)
         return waits
@@ -368,12 +399,12 @@ class Snapshot:
             except (OSError, DeviceIOError) as err:
                 log.error("%s: COW write failed: %s", self.name, err)
                 ok = False
-            self._complete(pe, ok)
-            if not pe.wait():
+            self._complete([pe], ok)
+            if not self.wait_all([pe]):
                 raise eio("snapshot is invalid", self.name)
             return
         self._submit_copies([pe])
-        if not pe.wait():
+        if not self.wait_all([pe]):
             raise eio("snapshot is invalid", self.name)
         _write_full(self.cow, piece, pe.new * cb + within)
 

@@ -16,16 +16,17 @@ def do_origin(origin: DeviceHandle, offset: int, length: int, *, skip: Snapshot 
 
     Returns once every needed exception is copied **and** committed (or its snapshot is invalid).
     """
-    while True:
-        waits: list[PendingException] = []
-        for snap in registry.snapshots_of(origin):
-            if snap is skip:
-                continue
-            waits.extend(snap.origin_write_prepare(offset, length))
-        if not waits:
-            return
-        for pe in waits:
-            pe.wait()
+    waits: list[tuple[Snapshot, list[PendingException]]] = []
+    for snap in registry.snapshots_of(origin):
+        if snap is skip:
+            continue
+        pes = snap.origin_write_prepare(offset, length)
+        if pes:
+            waits.append((snap, pes))
+    # One pass is enough: every chunk of the range had an exception already or has one of the
+    # pending exceptions waited for here, which either commits or invalidates its snapshot.
+    for snap, pes in waits:
+        snap.wait_all(pes)
 
 
 class SnapshotOriginTarget(Target):

@@ -25,9 +25,9 @@ def test_out_of_order_copies_commit_in_allocation_order() -> None:
             first = snap._alloc_locked(5)
             second = snap._alloc_locked(9)
         cow_ep.log.clear()
-        snap._complete(second, True)  # finishes first, must wait for the older one
-        assert not second.event.is_set() and store.records == 0 and cow_ep.log == []
-        snap._complete(first, True)
+        snap._complete([second], True)  # finishes first, must wait for the older one
+        assert not second.done and store.records == 0 and cow_ep.log == []
+        snap._complete([first], True)
         assert first.ok and second.ok
         writes = [e for e in cow_ep.log if e[0] == "write"]
         assert writes == [("write", CB, CB)]  # one grouped area write for both
