@@ -12,6 +12,7 @@ Usage: scripts/bench_engine.py [--size-mib 256] [--dir DIR]
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
     parser.add_argument("--dir", default=None, help="directory for the backing image")
     parser.add_argument("--verbose", action="store_true", help="print every round")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     reason = exposure_possible()
     if reason:
@@ -99,6 +101,16 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             eng.close()
     fw, fr, ew, er = (statistics.median(runs[k]) for k in ("fw", "fr", "ew", "er"))
+    gib = size * args.rounds / (1 << 30)
+    if args.json:
+        print(json.dumps({
+            "benchmark": "engine", "size_mib": args.size_mib, "rounds": args.rounds,
+            "write": {"file_mbs": fw, "engine_mbs": ew, "ratio": ew / fw},
+            "read": {"file_mbs": fr, "engine_mbs": er, "ratio": er / fr},
+            "engine_cpu_s_per_gib": {"write": cpu["ew"] / gib, "read": cpu["er"] / gib},
+            "goal": 0.5, "runs": runs,
+        }))
+        return 0
     if args.verbose:
         for k, v in runs.items():
             print(f"  {k}: " + " ".join(f"{x:.0f}" for x in v))
@@ -106,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
           f"median of {args.rounds} alternating rounds")
     print(f"  write: backing file {fw:8.1f} MB/s  exposed linear {ew:8.1f} MB/s  ratio {ew / fw:.2f}x")
     print(f"  read:  backing file {fr:8.1f} MB/s  exposed linear {er:8.1f} MB/s  ratio {er / fr:.2f}x")
-    gib = size * args.rounds / (1 << 30)
     print(f"  engine process CPU (FUSE threads + engine): write {cpu['ew'] / gib:.2f} s/GiB, "
           f"read {cpu['er'] / gib:.2f} s/GiB (the engine's cost; ratios suffer when CPUs are busy)")
     print(f"  goal >= 0.5x: write {'met' if ew / fw >= 0.5 else 'NOT met'}, "
