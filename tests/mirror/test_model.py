@@ -37,12 +37,13 @@ def _engine() -> Engine:
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(script=ops, nosync=st.booleans(), disk_log=st.booleans())
+@given(script=ops, nosync=st.booleans(), disk_log=st.booleans(), handle=st.booleans())
 # found by this test: a write to a NOSYNC region went to the default leg only, and a repair that
 # reloaded a nosync core log forgot the region was out of sync (leg 2 kept the old data)
-@example(script=[("fail", 1, 0, 0), ("write", 0, 1, 0), ("write", 0, 1, 1)], nosync=True, disk_log=False)
+@example(script=[("fail", 1, 0, 0), ("write", 0, 1, 0), ("write", 0, 1, 1)], nosync=True, disk_log=False,
+         handle=False)
 def test_random_writes_failures_and_resyncs_match_the_model(
-    script: list[tuple[str, int, int, int]], nosync: bool, disk_log: bool
+    script: list[tuple[str, int, int, int]], nosync: bool, disk_log: bool, handle: bool
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = os.urandom(SIZE)
@@ -60,7 +61,7 @@ def test_random_writes_failures_and_resyncs_match_the_model(
                 eng.create(f"l{i}", f"0 {SECTORS} linear {f} 0")
             mm = MirrorManager(eng)
             mm.create("m", [eng.device_ref(f"l{i}") for i in range(3)], region_size=REGION, nosync=nosync,
-                      log=str(log) if disk_log else "core")
+                      log=str(log) if disk_log else "core", handle_errors=handle, keep_log=handle)
             failed: set[int] = set()
             with eng.open_endpoint("m") as dev:
                 for op, a, b, c in script:
@@ -83,9 +84,13 @@ def test_random_writes_failures_and_resyncs_match_the_model(
                 fresh = Path(tmp) / f"new{i}"
                 fresh.write_bytes(bytes(SIZE))
                 files[i] = str(fresh)
-                mm.repair("m", i, str(fresh))
+                mm.repair("m", i, str(fresh), wait=False)  # every failed leg replaced, then one resync
             state = mm.resync("m", timeout=20)
             assert state.fully_in_sync and state.health == "AAA"
+            with eng.open_endpoint("m") as dev:
+                buf = bytearray(SIZE)
+                dev.readinto(buf, 0)
+                assert buf == model
             mm.remove("m")
         finally:
             eng.close()
