@@ -15,7 +15,7 @@ from dmtools.testing.faults import MemoryEndpoint
 from kc_helpers import Dev, Recorder
 
 @pytest.fixture
-def make_dev(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Dev]]:
+def make_dev(tmp_path: Path, make_loop: Callable[..., Any]) -> Iterator[Callable[..., Dev]]:
     """``make_dev(kind, size, data=None)``: kind is "file", "path", "memory" or "loop"."""
     from dmtools.blockdev import BlockDevice
 
@@ -46,8 +46,7 @@ def make_dev(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callabl
             opened.append(ep)
             return Dev(ep, read_file, str(path))
         if kind == "loop":
-            make_loop = request.getfixturevalue("make_loop")
-            lo = make_loop(path)
+            lo = make_loop(path)  # make_loop is set up first, so torn down after these endpoints
 
             def read_loop(p: str = lo.path) -> bytes:
                 fd = os.open(p, os.O_RDONLY)
@@ -59,6 +58,26 @@ def make_dev(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callabl
 
             return Dev(lo.path, read_loop, lo.path)
         raise ValueError(kind)
+
+    yield make
+    for ep in opened:
+        ep.close()
+
+
+@pytest.fixture
+def make_ep(make_dev: Callable[..., Dev]) -> Iterator[Callable[..., Dev]]:
+    """``make_ep(kind, size, data=None)``: like ``make_dev`` but ``dev`` is always an open Endpoint."""
+    from dmtools.blockdev import BlockDevice
+
+    opened: list[Endpoint] = []
+
+    def make(kind: str, size: int, data: bytes | None = None) -> Dev:
+        d = make_dev(kind, size, data)
+        if isinstance(d.dev, Endpoint):
+            return d
+        ep = BlockDevice(d.dev, writable=True)
+        opened.append(ep)
+        return Dev(ep, d.read, d.path)
 
     yield make
     for ep in opened:

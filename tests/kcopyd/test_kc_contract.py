@@ -28,8 +28,9 @@ def test_copy_one_destination(kc, make_dev, recorder, src_kind, dst_kind):
     assert job.ok and job.progress.done == SIZE
 
 
+@pytest.mark.parametrize("flags", [0, kcopyd.IGNORE_ERROR, kcopyd.WRITE_SEQ], ids=["plain", "ignore", "seq"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_copy_three_destinations_at_offsets(kc, make_dev, recorder, kind):
+def test_copy_three_destinations_at_offsets(kc, make_dev, recorder, kind, flags):
     data = pattern(SIZE, seed=7)
     src = make_dev(kind, SIZE + 4096, bytes(4096) + data)
     dests = [make_dev(kind, SIZE + 8192) for _ in range(3)]
@@ -37,6 +38,7 @@ def test_copy_three_destinations_at_offsets(kc, make_dev, recorder, kind):
     job = kc.copy(
         kcopyd.Region(src.dev, 8, SIZE // 512),
         [kcopyd.Region(d.dev, off, SIZE // 512) for d, off in zip(dests, offsets)],
+        flags=flags,
         notify=recorder,
     )
     assert job.wait(TIMEOUT)

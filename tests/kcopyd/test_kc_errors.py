@@ -47,17 +47,18 @@ def test_read_error_stops_handing_out_pieces():
     assert not any(op == "read" and off >= 8 * PIECE for op, off, _, _ in src.ops)
 
 
-def test_read_error_with_ignore_error_zero_fills_only_bad_blocks():
+@pytest.mark.parametrize("kind", ["memory", "file", pytest.param("loop", marks=pytest.mark.root)])
+def test_read_error_with_ignore_error_zero_fills_only_bad_blocks(make_ep, kind):
     data = pattern(SIZE)
-    src = FaultyEndpoint(MemoryEndpoint(data), read_errors=[(100, 2)])
-    dst = MemoryEndpoint(pattern(SIZE, seed=9))
+    src = FaultyEndpoint(make_ep(kind, SIZE, data).dev, read_errors=[(100, 2)])
+    dst = make_ep(kind, SIZE, pattern(SIZE, seed=9))
     with client() as kc:
-        job, call = run(kc, src, [dst], flags=kcopyd.IGNORE_ERROR)
+        job, call = run(kc, src, [dst.dev], flags=kcopyd.IGNORE_ERROR)
     assert call == (True, 0, "c")
     bad = slice(100 * 512 // 4096 * 4096, 100 * 512 // 4096 * 4096 + 4096)
     expected = bytearray(data)
     expected[bad] = bytes(4096)
-    assert bytes(dst.data) == bytes(expected)
+    assert dst.read() == bytes(expected)
 
 
 def test_write_error_single_destination():
@@ -71,21 +72,26 @@ def test_write_error_single_destination():
         job.raise_for_error()
 
 
+KINDS = ["memory", "file", pytest.param("loop", marks=pytest.mark.root)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("flags", [0, kcopyd.IGNORE_ERROR])
-def test_write_errors_on_two_of_three_destinations(flags):
+def test_write_errors_on_two_of_three_destinations(make_ep, kind, flags):
     data = pattern(SIZE)
+    src = make_ep(kind, SIZE, data)
+    e0, e1, e2 = (make_ep(kind, SIZE) for _ in range(3))
     # both faults lie in the first piece, so both show even when the first error stops the job
-    d0 = FaultyEndpoint(MemoryEndpoint(SIZE), write_errors=[5])
-    d1 = MemoryEndpoint(SIZE)
-    d2 = FaultyEndpoint(MemoryEndpoint(SIZE), write_errors=[0])
+    d0 = FaultyEndpoint(e0.dev, write_errors=[5])
+    d2 = FaultyEndpoint(e2.dev, write_errors=[0])
     with client() as kc:
-        job, call = run(kc, MemoryEndpoint(data), [d0, d1, d2], flags)
+        job, call = run(kc, src.dev, [d0, e1.dev, d2], flags)
     assert call == (False, 0b101, "c")
     if flags & kcopyd.IGNORE_ERROR:
         # the copy went on: the healthy destination is complete, the others miss only their bad piece
-        assert bytes(d1.data) == data
-        assert bytes(d0.inner.data)[PIECE:] == data[PIECE:]
-        assert bytes(d2.inner.data)[PIECE:] == data[PIECE:]
+        assert e1.read() == data
+        assert e0.read()[PIECE:] == data[PIECE:]
+        assert e2.read()[PIECE:] == data[PIECE:]
 
 
 def test_error_on_destination_zero_with_ignore_error_others_complete():
