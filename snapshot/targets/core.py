@@ -25,6 +25,7 @@ from typing import Any
 import kcopyd
 from dmtools.engine.target import DeviceHandle
 from dmtools.errors import DeviceIOError, NoSpace
+from dmtools.status import SnapshotState, SnapshotStatus
 
 from snapshot.store.base import ExceptionStore
 from snapshot.store.persistent import PersistentStore
@@ -137,12 +138,15 @@ class Snapshot:
         """The kernel's INFO text: Invalid | Merge failed | Overflow | used/total metadata."""
         with self.cond:
             if not self.valid:
-                return "Invalid"
-            if self.merge_failed:
-                return "Merge failed"
-            if self.overflowed:
-                return "Overflow"
-            return self.store.usage().status_text()
+                state = SnapshotStatus(SnapshotState.INVALID)
+            elif self.merge_failed:
+                state = SnapshotStatus(SnapshotState.MERGE_FAILED)
+            elif self.overflowed:
+                state = SnapshotStatus(SnapshotState.OVERFLOW)
+            else:
+                u = self.store.usage()
+                state = SnapshotStatus.usage(u.sectors_allocated, u.total_sectors, u.metadata_sectors)
+            return state.format()
 
     # -- allocation and completion ----------------------------------------------------------------
     def _alloc_locked(self, chunk: int) -> PendingException:
