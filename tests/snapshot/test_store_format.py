@@ -264,3 +264,28 @@ def test_huge_origin_chunks_fall_back_to_int_keys() -> None:
     again.read_metadata()
     assert [again.table.lookup(o) for o, _ in pairs] == [n for _, n in pairs]
     assert sorted(again.table.items()) == sorted(pairs)
+
+
+def test_batch_allocation_and_commit_across_an_area() -> None:
+    cow, store = new_store()
+    news = store.prepare_exceptions(300)
+    assert news[:2] == [2, 3] and 258 not in news and news[256] == 259
+    cow.log.clear()
+    done: list[bool] = []
+    store.commit_batch([(1000 + i, n, True) for i, n in enumerate(news)], [done.append] * 300)
+    assert done == [True] * 300
+    writes = [e for e in cow.log if e[0] == "write"]
+    nxt = area_location(1, C) * CB
+    # area 1 zeroed, area 0 committed full, then area 1 committed with the rest
+    assert writes == [("write", nxt, CB), ("write", CB, CB), ("write", nxt, CB)]
+    again = PersistentStore(cow, C)
+    again.read_metadata()
+    assert again.iter_records() == [(1000 + i, n) for i, n in enumerate(news)]
+    assert (again.current_area, again.current_committed) == (1, 44)
+
+
+def test_batch_allocation_stops_when_full() -> None:
+    _, store = new_store(chunks=5)
+    assert store.prepare_exceptions(10) == [2, 3, 4]
+    with pytest.raises(NoSpace):
+        store.prepare_exceptions(1)
