@@ -116,6 +116,15 @@ class DirtyLog:
         """True when the log device failed (never for a core log)."""
         return False
 
+    #: clean marks reach stable storage (so the legs must be flushed before them)
+    persistent = False
+
+    def leg_flush_failed(self) -> None:
+        """The caller's leg flush failed: mark every region dirty, ignore clears from now on."""
+        self.flush_failed = True
+        for r in range(self.region_count):
+            self.mark_region(r)
+
     # -- updates -----------------------------------------------------------------------------------
     def mark_region(self, region: int) -> None:
         """Clear the clean bit: a write is about to go to ``region``."""
@@ -129,7 +138,7 @@ class DirtyLog:
             self.clean.set(region)
             self.touched_cleaned = True
 
-    def flush(self) -> None:
+    def flush(self, legs_flushed: bool = False) -> None:
         """Make mark/clear changes durable (a no-op for the core log)."""
         self.touched_dirtied = self.touched_cleaned = False
 
@@ -188,6 +197,7 @@ class DiskLog(DirtyLog):
     """
 
     type_name = "disk"
+    persistent = True
 
     def __init__(
         self,
@@ -270,18 +280,18 @@ class DiskLog(DirtyLog):
             self._fail_device(err)
         self.touched_dirtied = self.touched_cleaned = False
 
-    def flush(self) -> None:
+    def flush(self, legs_flushed: bool = False) -> None:
         """Persist changes in the kernel's order (dm-log.c ``disk_flush``).
 
-        1. If a bit went clean, flush every leg first; if that fails every region is marked dirty and
-           ``clear_region`` is ignored from then on.
+        1. If a bit went clean, flush every leg first (unless the caller just did: ``legs_flushed``);
+           if that fails every region is marked dirty and ``clear_region`` is ignored from then on.
         2. Write header and bitmap in one I/O.
         3. If a bit went dirty, flush the log device.
         Raises ``DeviceIOError``-like errors after recording the log as failed.
         """
         if not self.touched_cleaned and not self.touched_dirtied:
             return
-        if self.touched_cleaned and self.flush_legs is not None:
+        if self.touched_cleaned and self.flush_legs is not None and not legs_flushed:
             try:
                 self.flush_legs()
             except (OSError, DMError):

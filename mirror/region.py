@@ -33,6 +33,25 @@ class Region:
     key: int
     state: RegionState
     pending: int = 0
+    #: bumped by every write: a region written again during a leg flush is not cleared by it
+    generation: int = 0
+
+
+@dataclass
+class Retirement:
+    """Regions taken by ``collect`` to be retired once the legs are flushed (``apply``)."""
+
+    recovered: list[int]
+    failed: list[int]
+    clean: dict[int, int]  # region -> generation seen
+
+    def __bool__(self) -> bool:
+        return bool(self.recovered or self.failed or self.clean)
+
+    @property
+    def needs_leg_flush(self) -> bool:
+        """A clean mark is coming: the data it covers must be durable first."""
+        return bool(self.recovered or self.clean)
 
 
 class RegionHash:
@@ -42,7 +61,8 @@ class RegionHash:
         self.log = log
         self.max_recovery = max_recovery
         self.regions: dict[int, Region] = {}
-        self.clean: list[int] = []
+        #: regions whose writes completed, with the time they became clean (insertion order)
+        self.clean: dict[int, float] = {}
         self.quiesced: list[int] = []
         self.recovered: list[int] = []
         self.failed_recovered: list[int] = []
@@ -74,13 +94,25 @@ class RegionHash:
         """A write to ``key`` is about to be dispatched."""
         reg = self._find(key)
         reg.pending += 1
+        reg.generation += 1
         if reg.state is RegionState.CLEAN:
             reg.state = RegionState.DIRTY
-            if key in self.clean:
-                self.clean.remove(key)
+            self.clean.pop(key, None)
             self.log.mark_region(key)
 
-    def dec(self, key: int) -> bool:
+    def mark_ahead(self, key: int, now: float) -> None:
+        """Mark a CLEAN region dirty before any write to it, in the same log flush as a real mark.
+
+        A sequential writer reaches it next and needs no log flush of its own; unused, it is
+        retired with the clean regions. An extra dirty mark costs at most a resync of the region.
+        """
+        if key in self.regions or not self.log.in_sync(key) or not self.log.is_clean(key):
+            return
+        self.regions[key] = Region(key, RegionState.CLEAN)
+        self.log.mark_region(key)
+        self.clean[key] = now
+
+    def dec(self, key: int, now: float = 0.0) -> bool:
         """A write to ``key`` completed; True when the worker should run."""
         reg = self.regions[key]
         reg.pending -= 1
@@ -92,7 +124,7 @@ class RegionHash:
             self.quiesced.append(key)
         elif reg.state is RegionState.DIRTY:
             reg.state = RegionState.CLEAN
-            self.clean.append(key)
+            self.clean[key] = now
         return True
 
     def mark_nosync(self, key: int) -> None:
@@ -101,8 +133,7 @@ class RegionHash:
         reg = self._find(key)
         recovering = reg.state is RegionState.RECOVERING
         reg.state = RegionState.NOSYNC
-        if key in self.clean:
-            self.clean.remove(key)
+        self.clean.pop(key, None)
         if recovering:
             if key in self.quiesced:
                 self.quiesced.remove(key)
@@ -110,31 +141,52 @@ class RegionHash:
 
     # -- worker ----------------------------------------------------------------------------------
     def update_states(self, errors_handled: bool) -> list[int]:
-        """Retire clean and recovered regions and flush the log; return regions whose recovery ended.
+        """``dm_rh_update_states``: retire every clean and recovered region and flush the log (whose
+        flush flushes the legs first); return the regions whose recovery ended. The log flush may
+        raise (log device failure); the states are updated first, as in the kernel."""
+        return self.apply(self.collect(), errors_handled, legs_flushed=False)
 
-        The log flush may raise (log device failure); the states are updated first, as in the kernel.
-        """
+    def collect(self, clean_before: float | None = None) -> Retirement:
+        """Take what the next ``apply`` retires. ``clean_before`` keeps the regions clean only since
+        then (they stay dirty on the log a little longer; a region written again soon needs no new
+        mark). The caller may flush the legs between ``collect`` and ``apply`` without the lock."""
+        batch = Retirement(self.recovered, self.failed_recovered, {})
+        keep: dict[int, float] = {}
+        for key, since in self.clean.items():
+            reg = self.regions.get(key)
+            if clean_before is not None and since >= clean_before:
+                keep[key] = since
+            elif reg is not None and reg.state is RegionState.CLEAN and not reg.pending:
+                batch.clean[key] = reg.generation
+        self.recovered = []
+        self.failed_recovered = []
+        self.clean = keep
+        return batch
+
+    def apply(self, batch: Retirement, errors_handled: bool, *, legs_flushed: bool) -> list[int]:
+        """Retire ``batch`` and flush the log. With ``legs_flushed`` the caller flushed the legs
+        after ``collect``; a region written since then keeps its dirty mark."""
         ended: list[int] = []
-        for key in self.recovered:
+        for key in batch.recovered:
             self.regions.pop(key, None)
             self.log.clear_region(key)
             self.log.set_region_sync(key, True)
             self.recovering.discard(key)
             ended.append(key)
-        for key in self.failed_recovered:
+        for key in batch.failed:
             self.regions.pop(key, None)
             self.log.set_region_sync(key, not errors_handled)
             self.recovering.discard(key)
             ended.append(key)
-        for key in self.clean:
+        for key, generation in batch.clean.items():
             reg = self.regions.get(key)
-            if reg is not None and reg.state is RegionState.CLEAN and not reg.pending:
-                del self.regions[key]
-                self.log.clear_region(key)
-        self.recovered = []
-        self.failed_recovered = []
-        self.clean = []
-        self.log.flush()
+            if reg is None or reg.generation != generation or reg.state is not RegionState.CLEAN or reg.pending:
+                if reg is not None and reg.state is RegionState.CLEAN and not reg.pending:
+                    self.clean.setdefault(key, 0.0)  # written and done again: retire it next time
+                continue
+            del self.regions[key]
+            self.log.clear_region(key)
+        self.log.flush(legs_flushed=legs_flushed)
         return ended
 
     def recovery_prepare(self) -> None:
@@ -146,8 +198,7 @@ class RegionHash:
             reg = self._find(key)
             reg.state = RegionState.RECOVERING
             self.recovering.add(key)
-            if key in self.clean:
-                self.clean.remove(key)
+            self.clean.pop(key, None)
             if not reg.pending:
                 self.quiesced.append(key)
 

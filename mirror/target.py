@@ -54,6 +54,13 @@ KEEP_LOG = 0x02
 DEFAULT_MAX_RECOVERY = 8
 #: Bytes of recovery kept in flight at most, whatever the region size.
 RECOVERY_BYTES_IN_FLIGHT = 16 << 20
+#: Seconds a region stays marked dirty after its last write completed before its clean mark is
+#: written. The kernel writes it at the next kmirrord pass; waiting a little batches the leg flushes
+#: that every clean mark needs and spares a new dirty mark (a log flush) to a region written again
+#: soon. A crash in between only resyncs the region, which is already safe.
+CLEAN_DELAY = 0.2
+#: How far ahead of a write that needs a log flush the next regions are marked dirty with it.
+MARK_AHEAD_BYTES = 2 << 20
 #: Writes at least this large go to the legs in parallel (like dm-io's one bio per region).
 PARALLEL_WRITE_BYTES = 64 << 10
 
@@ -156,6 +163,8 @@ class MirrorTarget(Target):
         self.log.flush_legs = self._flush_legs
         in_flight = max(1, min(DEFAULT_MAX_RECOVERY, RECOVERY_BYTES_IN_FLIGHT // self.region_bytes))
         self.rh = RegionHash(self.log, in_flight)
+        #: regions marked dirty ahead of a sequential writer (within MARK_AHEAD_BYTES)
+        self.mark_ahead = max(1, min(8, MARK_AHEAD_BYTES // self.region_bytes))
         self.cond = threading.Condition(threading.Lock())
         self.default = 0
         self.in_sync = False
@@ -227,14 +236,25 @@ class MirrorTarget(Target):
             i = (i - 1) % len(self.legs)
         return None
 
+    @staticmethod
+    def _flush_leg(leg: Leg) -> bool:
+        try:
+            leg.dev.flush()
+            return True
+        except (OSError, DMError):
+            return False
+
+    def _flush_leg_devices(self) -> list[Leg]:
+        """Flush every leg (in parallel); return the legs whose flush failed. Needs no lock."""
+        pool = self._pool
+        if pool is None:
+            return [leg for leg in self.legs if not self._flush_leg(leg)]
+        results = list(pool.map(self._flush_leg, self.legs))
+        return [leg for leg, ok in zip(self.legs, results) if not ok]
+
     def _flush_legs(self) -> None:
         """``mirror_flush``: an empty flush to every leg (the log calls it before a clean mark)."""
-        failed = []
-        for leg in self.legs:
-            try:
-                leg.dev.flush()
-            except (OSError, DMError):
-                failed.append(leg)
+        failed = self._flush_leg_devices()
         if failed:
             for leg in failed:
                 self._fail_leg(leg, LegError.FLUSH)
@@ -324,6 +344,11 @@ class MirrorTarget(Target):
             states = [self.rh.state(r) for r in regions]
             for r in regions:
                 self.rh.inc(r)
+            if self.log.touched_dirtied and self.log.persistent:
+                # this write pays a log flush anyway: let it carry the next regions' marks too
+                now = time.monotonic()
+                for r in range(regions[-1] + 1, min(self.nr_regions, regions[-1] + 1 + self.mark_ahead)):
+                    self.rh.mark_ahead(r, now)
             try:
                 self.rh.log.flush()  # dirty marks durable before any data write
             except (OSError, DMError):
@@ -360,10 +385,11 @@ class MirrorTarget(Target):
         except BaseException as err:  # noqa: BLE001 - re-raised after the pending counts drop
             error = err
         finally:
+            now = time.monotonic()
             with self.cond:
                 wake = False
                 for r in regions:
-                    wake = self.rh.dec(r) or wake
+                    wake = self.rh.dec(r, now) or wake
                 if wake:
                     self._wake_worker()
         if error is not None:
@@ -439,13 +465,26 @@ class MirrorTarget(Target):
         with self.cond:
             while not self._wake and not self._stop:
                 self.cond.wait(self._worker_timeout())
-                if self._rate_ready():
+                if self._due():
                     break
             if self._stop:
                 return False
             self._wake = False
+            batch = self.rh.collect(clean_before=time.monotonic() - CLEAN_DELAY)
+        # The legs are flushed before any clean mark, without the lock: writes go on meanwhile
+        # (a region written during the flush keeps its dirty mark).
+        flushed = False
+        failed: list[Leg] = []
+        if batch.needs_leg_flush and self.log.persistent:
+            failed = self._flush_leg_devices()
+            flushed = not failed
+        with self.cond:
+            if failed:
+                for leg in failed:
+                    self._fail_leg(leg, LegError.FLUSH)
+                self.log.leg_flush_failed()
             try:
-                self.rh.update_states(self.errors_handled)
+                self.rh.apply(batch, self.errors_handled, legs_flushed=flushed or not self.log.persistent)
             except (OSError, DMError):
                 self.log_failure = True
             self.cond.notify_all()  # delayed writes may go now
@@ -471,9 +510,22 @@ class MirrorTarget(Target):
         return True
 
     def _worker_timeout(self) -> float | None:
+        now = time.monotonic()
+        timeouts = []
         if self.rh.quiesced and self.rate:
-            return max(0.0, self._next_copy - time.monotonic()) + 0.001
-        return None
+            timeouts.append(max(0.0, self._next_copy - now) + 0.001)
+        if self.rh.clean:
+            first = next(iter(self.rh.clean.values()))
+            timeouts.append(max(0.0, first + CLEAN_DELAY - now) + 0.001)
+        return min(timeouts) if timeouts else None
+
+    def _due(self) -> bool:
+        """Work the worker must do now: a copy the rate allows, or clean regions to retire."""
+        if self.rh.quiesced and self._rate_ready():
+            return True
+        if self.rh.clean and next(iter(self.rh.clean.values())) + CLEAN_DELAY <= time.monotonic():
+            return True
+        return not self.rate
 
     def _rate_ready(self) -> bool:
         return not self.rate or time.monotonic() >= self._next_copy

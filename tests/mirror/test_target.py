@@ -163,7 +163,7 @@ def test_write_ordering_mark_before_data_and_flush_legs_before_clean(rig: Rig) -
     while LogImage.read(rig.devs["log"]).clean.test(3) is False and time.monotonic() < deadline:
         time.sleep(0.01)
     ops = _ops(rig.journal)
-    assert ops[4:7] == ["flush leg0", "flush leg1", "write log"]
+    assert sorted(ops[4:6]) == ["flush leg0", "flush leg1"] and ops[6] == "write log"
     assert rig.leg(0).data[3 * 65536 : 3 * 65536 + 4096] == b"a" * 4096 == rig.leg(1).data[3 * 65536 : 3 * 65536 + 4096]
 
 
