@@ -213,3 +213,45 @@ def test_merge_serves_io_while_merging(snap_engine: Any, tmp_path: Path, data: b
     st.write(st.base, b"after" * 100, 1000)
     assert st.read(st.base)[1000:1500] == b"after" * 100
     assert st.read(st.base)[1500:] == data[1500:]
+
+
+def test_merge_holds_writes_to_the_chunks_being_merged(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
+    import threading
+
+    eng = snap_engine
+    st = Stack(eng, tmp_path, data)
+    st.add_snapshot("s1", 128 * 1024)
+    st.write(st.base, b"o" * 4 * CB, 2 * CB)  # exceptions for chunks 2..5
+    cow = st.snaps.pop("s1")
+    eng.suspend(st.base)
+    eng.remove("s1")
+    eng.load(st.base, f"0 {st.sectors} snapshot-merge {eng.device_ref(st.real)} {cow} P 8")
+    tgt = eng._devices[st.base].inactive.targets[0]
+    tgt.merge_done.set()  # keep the worker from starting: this test drives the merge range
+    eng.resume(st.base)
+    snap = tgt.snap
+    with snap.cond:
+        snap.merge_range = (3, 4)
+    writer = threading.Thread(target=st.write, args=(st.base, b"H" * CB, 3 * CB))
+    writer.start()
+    writer.join(0.3)
+    assert writer.is_alive()  # held: chunk 3 is being merged
+    st.write(st.base, b"F" * CB, 2 * CB)  # chunk 2 is not: served at once (from the COW)
+    with snap.cond:
+        snap.merge_range = (0, 0)
+        snap.cond.notify_all()
+    writer.join(10)
+    assert not writer.is_alive()
+    # now let the merge run: the origin ends up as the snapshot view plus the writes above
+    tgt.merge_done.clear()
+    tgt.resume()
+    deadline = time.monotonic() + 20
+    while not tgt.merge_done.is_set():
+        assert time.monotonic() < deadline
+        tgt.merge_done.wait(0.05)
+    expect = bytearray(data)
+    expect[2 * CB : 3 * CB] = b"F" * CB
+    expect[3 * CB : 4 * CB] = b"H" * CB
+    assert st.read(st.base) == bytes(expect)
+    used, meta = st.status(st.base).split()
+    assert used.split("/")[0] == meta
