@@ -385,3 +385,19 @@ def test_region_whose_copy_failed_is_never_marked_in_sync(features: str) -> None
             assert t.status().split()[3] == "32/32"
     finally:
         r.close()
+
+
+def test_sequential_writes_share_log_flushes_and_end_clean(rig: Rig) -> None:
+    format_log(rig.devs["log"], 32, in_sync=True)
+    t = rig.build(f"disk 2 log {REGION} {legs_params()}")
+    assert t.wait_in_sync(5)
+    rig.journal.clear()
+    for r in range(16):
+        t.write(memoryview(b"s" * 65536), r * 65536)
+    log_flushes = [j for j in rig.journal if j[:2] == ("flush", "log")]
+    assert 1 <= len(log_flushes) <= 16 // t.mark_ahead + 1  # marks ride along with earlier flushes
+    deadline = time.monotonic() + 5
+    while LogImage.read(rig.devs["log"]).out_of_sync() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert LogImage.read(rig.devs["log"]).out_of_sync() == []  # unused marks retired too
+    assert rig.leg(1).data[: 16 * 65536] == b"s" * (16 * 65536)
