@@ -11,19 +11,7 @@ from collections.abc import Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
-
-
-def register_snapshot_targets(engine: Any) -> None:
-    """Make the engine load our targets even before the entry points are installed."""
-    from snapshot.targets import TARGETS
-
-    registry = getattr(engine, "_registry", None)
-    if registry is None:
-        return
-    try:
-        registry.get("snapshot")
-    except Exception:  # noqa: BLE001 - entry points missing: register the classes directly
-        registry._classes.update(TARGETS)
+from snap_helpers import register_snapshot_targets  # noqa: E402
 
 
 @pytest.fixture

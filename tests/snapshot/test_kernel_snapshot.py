@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import register_snapshot_targets
+from snap_helpers import register_snapshot_targets
 
 from dmtools.engine import Engine
 from snapshot import SnapshotManager, export, inspect

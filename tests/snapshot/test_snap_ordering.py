@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from helpers import MemoryEndpoint
+from snap_helpers import MemoryEndpoint
 
 from dmtools.engine.target import DeviceHandle
 from snapshot.store import PersistentStore

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from helpers import MemoryEndpoint
+from snap_helpers import MemoryEndpoint
 
 from dmtools.errors import CorruptMetadata, InvalidTable, NoSpace
 from snapshot.store import (

@@ -29,7 +29,7 @@ def main() -> None:
     seed = int(sys.argv[2])
     chunks = [int(c) for c in sys.argv[3].split(",")]
     sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import register_snapshot_targets
+    from snap_helpers import register_snapshot_targets
 
     from dmtools.engine import Engine
     from snapshot import SnapshotManager

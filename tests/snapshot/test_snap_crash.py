@@ -15,14 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import register_snapshot_targets
-from crash_writer import SECTORS, plan
+from snap_helpers import register_snapshot_targets
+from snap_crash_writer import SECTORS, plan
 
 from dmtools.engine import Engine
 from snapshot import SnapshotManager
 
 RUNS = int(os.environ.get("SNAPSHOT_CRASH_RUNS", "100"))
-WRITER = Path(__file__).with_name("crash_writer.py")
+WRITER = Path(__file__).with_name("snap_crash_writer.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 

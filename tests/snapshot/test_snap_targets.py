@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from stack import Stack
+from snap_stack import Stack
 
 from dmtools.errors import DeviceIOError, InvalidTable
 from snapshot.offline import export, inspect

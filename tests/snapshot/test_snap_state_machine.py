@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from conftest import register_snapshot_targets
+from snap_helpers import register_snapshot_targets
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule

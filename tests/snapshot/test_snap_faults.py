@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from stack import Stack
+from snap_stack import Stack
 
 from dmtools.errors import DeviceIOError
 from snapshot.offline import inspect
