@@ -43,3 +43,20 @@ def test_propagate_raises_the_exception_type(tmp_path) -> None:
 def test_unknown_backend_rejected_by_parser() -> None:
     with pytest.raises(SystemExit):
         cli.main(["--backend", "nope", "dm", "ls"])
+
+
+def test_global_json_survives_a_subcommand_that_declares_json(monkeypatch) -> None:
+    seen: dict[str, bool] = {}
+    real_load = cli._load
+
+    def register(sub) -> None:
+        p = sub.add_parser("probe")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=lambda args: seen.update(json=args.json))
+
+    monkeypatch.setitem(cli.BUILTIN_COMMANDS, "probe", "fake:register")
+    monkeypatch.setattr(cli, "_load", lambda spec: register if spec == "fake:register" else real_load(spec))
+    assert cli.main(["probe", "--json"]) == 0
+    assert seen == {"json": True}
+    assert cli.main(["--json", "probe"]) == 0
+    assert seen == {"json": True}

@@ -109,7 +109,14 @@ def hoist_globals(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None, *, propagate: bool = False) -> int:
     """Run the CLI; return the exit status. With ``propagate`` exceptions are re-raised (tests)."""
     parser = build_parser()
-    args = parser.parse_args(hoist_globals(sys.argv[1:] if argv is None else list(argv)))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(hoist_globals(argv))
+    # A sub-command that declares its own --json/--debug would reset the global value with its
+    # default (argparse copies sub-parser defaults over the parent's): the flag given wins.
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    for flag in GLOBAL_FLAGS:
+        if flag in options:
+            setattr(args, flag.lstrip("-"), True)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="dmtools: %(levelname)s: %(message)s",
