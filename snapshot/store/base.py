@@ -67,7 +67,8 @@ class ExceptionStore(abc.ABC):
 
     def _new_table(self) -> ExceptionTable:
         cow_chunks = self.cow_sectors // self.chunk_size if self.chunk_size else 0
-        return ExceptionTable(max(1, cow_chunks.bit_length()))
+        # two spare bits: a COW extended while active (LVM autoextend) keeps its packing
+        return ExceptionTable(max(1, cow_chunks.bit_length() + 2))
 
     @abc.abstractmethod
     def read_metadata(self) -> None:

@@ -99,10 +99,21 @@ class ExceptionTable:
         return self._count
 
     # -- updates ----------------------------------------------------------------------------------
+    def _reshift(self, bits: int) -> None:
+        """Re-pack every key for COW chunk numbers of ``bits`` bits (the COW grew)."""
+        pairs = list(self.items())
+        shift = max(bits, self.shift)
+        keys = [(o << shift) | n for o, n in pairs]
+        self.shift = shift
+        self._mask = (1 << shift) - 1
+        self._keys = array("d", keys) if not keys or keys[-1] < FLOAT_EXACT else _pack_array(keys)
+        self._float = isinstance(self._keys, array) and self._keys.typecode == "d"
+        self._count = len(self._keys)
+
     def insert(self, old: int, new: int) -> None:
         """Record ``old -> new`` (replacing any earlier mapping of ``old``)."""
         if new >> self.shift:
-            raise ValueError(f"COW chunk {new} does not fit {self.shift} bits")
+            self._reshift(new.bit_length() + 2)
         had = self.lookup(old) is not None
         self._overlay[old] = new
         if not had:
@@ -111,8 +122,9 @@ class ExceptionTable:
 
     def insert_new(self, pairs: list[tuple[int, int]]) -> None:
         """Record several ``old -> new`` for origin chunks that have no mapping yet."""
-        if pairs and max(n for _, n in pairs) >> self.shift:
-            raise ValueError(f"COW chunk does not fit {self.shift} bits")
+        top = max((n for _, n in pairs), default=0)
+        if top >> self.shift:
+            self._reshift(top.bit_length() + 2)
         self._overlay.update(pairs)
         self._count += len(pairs)
         self._maybe_compact()

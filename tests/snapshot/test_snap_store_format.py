@@ -289,3 +289,11 @@ def test_batch_allocation_stops_when_full() -> None:
     assert store.prepare_exceptions(10) == [2, 3, 4]
     with pytest.raises(NoSpace):
         store.prepare_exceptions(1)
+
+
+def test_table_grows_with_the_cow() -> None:
+    t = ExceptionTable.from_key_list(4, list(ExceptionTable.pack_keys([1, 2], [3, 15], 4)))
+    t.insert(7, 1000)  # a chunk of a COW extended while active
+    t.insert_new([(9, 5000)])
+    assert [t.lookup(o) for o in (1, 2, 7, 9)] == [3, 15, 1000, 5000]
+    assert list(t.items()) == [(1, 3), (2, 15), (7, 1000), (9, 5000)]
