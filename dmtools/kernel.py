@@ -9,7 +9,7 @@ Every libdevmapper call goes through :meth:`KernelBackend._run`, which owns
   becomes the exception text (nothing is printed on stderr); kernel log lines (``/dev/kmsg``) that
   appear during a table load or message carry the kernel's own reason into the error;
 * **udev**: a cookie for the ioctls that emit uevents (resume, remove, rename), waited for with a
-  bound; without udevd (no ``/run/udev/control``) sync is switched off and libdm's own node
+  bound; without udevd (nothing answering on ``/run/udev/control``) sync is switched off and libdm's own node
   creation runs at once (``dm_task_update_nodes``), so ``/dev/mapper/NAME`` still appears;
 * **errors**: the ioctl errno is mapped per operation to :mod:`dmtools.errors` classes;
 * **debug logging** on the ``dmtools.kernel`` logger (libdm's own lines on ``dmtools.kernel.libdm``).
@@ -31,6 +31,7 @@ import fcntl
 import logging
 import os
 import select
+import socket
 import stat
 import struct
 import threading
@@ -69,7 +70,7 @@ from dmtools.table import Table
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.endpoint import Endpoint
 
-__all__ = ["KernelBackend", "check_control", "LIBDM_LOCK"]
+__all__ = ["KernelBackend", "check_control", "udev_running", "LIBDM_LOCK"]
 
 log = logging.getLogger(__name__)
 _libdm_log = logging.getLogger(__name__ + ".libdm")
@@ -135,6 +136,29 @@ def check_control(path: str = CONTROL_PATH) -> None:
             f"cannot open {path}: {err.strerror}; {why}", errno=err.errno, operation="open"
         ) from None
     os.close(fd)
+
+
+def udev_running(path: str = UDEV_CONTROL) -> bool:
+    """True when udevd answers on its control socket.
+
+    libudev (and so libdm) only checks that ``/run/udev/control`` exists; a udevd that exited
+    leaves the socket behind, and every udev wait would then hang until its timeout. Connecting
+    tells the two apart (refused: nobody listens). Other errors count as running, as libudev's
+    check would.
+    """
+    if not os.path.exists(path):
+        return False
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(2.0)
+        sock.connect(path)
+    except ConnectionRefusedError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.close()
+    return True
 
 
 _libdm: LibDM | None = None
@@ -274,7 +298,8 @@ def _sysfs_uuid(major: int, minor: int) -> str:
 class KernelBackend(DeviceMapper):
     """dmsetup's verbs on the kernel's device-mapper, through libdevmapper.
 
-    ``udev_sync``: None (default) synchronises with udev when udevd runs; False never does.
+    ``udev_sync``: None (default) synchronises with udev when udevd runs (:func:`udev_running`);
+    False never does.
     ``udev_timeout`` bounds each wait for udev (seconds); when it passes, the cookie is completed
     here so the semaphore is not leaked, and a warning is logged.
 
@@ -300,7 +325,7 @@ class KernelBackend(DeviceMapper):
                 _prepare(libdm)
         self._dm = libdm
         self._control_path = control_path
-        self._udev_sync = os.path.exists(UDEV_CONTROL) if udev_sync is None else bool(udev_sync)
+        self._udev_sync = udev_running() if udev_sync is None else bool(udev_sync)
         self.udev_timeout = udev_timeout
 
     # -- the one function every call goes through --------------------------------------------
