@@ -378,8 +378,7 @@ class Snapshot:
                     if self.overflow_allowed:
                         if not self.overflowed:
                             log.error("%s: Snapshot overflowed: Unable to allocate exception.", self.name)
-                        self.overflowed = True
-                        self.event()
+                        self.overflowed = True  # no dm event here, as in dm-snap.c
                     else:
                         self.invalidate_locked("COW device is full")
                     raise eio("no space left in the COW device", self.name) from None
