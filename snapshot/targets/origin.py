@@ -60,8 +60,10 @@ class SnapshotOriginTarget(Target):
         self.dev.zero(here, length)
 
     def discard(self, offset: int, length: int) -> None:
-        """Discards pass to the origin without copy-on-write, as the kernel's do_origin skips them."""
-        self.dev.discard(self._base + offset, length)
+        """A discard is a write for the snapshots: they keep their copy first (origin_map)."""
+        here = self._base + offset
+        do_origin(self.dev, here, length)
+        self.dev.discard(here, length)
 
     def table_params(self) -> str:
         return self.dev.name

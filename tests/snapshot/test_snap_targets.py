@@ -255,3 +255,13 @@ def test_merge_holds_writes_to_the_chunks_being_merged(snap_engine: Any, tmp_pat
     assert st.read(st.base) == bytes(expect)
     used, meta = st.status(st.base).split()
     assert used.split("/")[0] == meta
+
+
+def test_origin_discard_and_zero_copy_first(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(snap_engine, tmp_path, data)
+    st.add_snapshot("s1", 128 * 1024)
+    with snap_engine.open_endpoint(st.base) as ep:
+        ep.discard(0, 4 * CB)
+        ep.zero(8 * CB, 2 * CB)
+    assert st.read(st.base)[8 * CB : 10 * CB] == bytes(2 * CB)
+    assert st.read("s1") == data
