@@ -163,8 +163,8 @@ class _Stack:
         self.dm.create(self.vol, f"0 {size // SECTOR} linear {devs[0]} 0")
         self.mgr = SnapshotManager(self.dm)
         self.snaps = [f"{self.vol}s{i}" for i in range(nsnaps)]
-        for name, cow in zip(self.snaps, devs[1:]):
-            self.mgr.create(self.vol, cow, name, chunk_size=chunk)
+        for name, cow_dev in zip(self.snaps, devs[1:]):
+            self.mgr.create(self.vol, cow_dev, name, chunk_size=chunk)
         if kernel:
             from dmtools.blockdev import BlockDevice
 
@@ -193,6 +193,26 @@ def _seq_pass(ep: Any, size: int, buf: bytes) -> float:
     return size / (time.perf_counter() - t0)
 
 
+def _seq_pass_threads(ep: Any, size: int, buf: bytes, threads: int) -> float:
+    """Sequential 1 MiB writes from ``threads`` writers at once (queue depth, as writeback gives)."""
+    import threading
+
+    step = len(buf) * threads
+
+    def run(first: int) -> None:
+        for off in range(first, size, step):
+            ep.write(buf, off)
+
+    t0 = time.perf_counter()
+    workers = [threading.Thread(target=run, args=(i * len(buf),)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    ep.flush()
+    return size / (time.perf_counter() - t0)
+
+
 def bench_writes(work: Path, size: int, chunk: int, nrandom: int, kernel: bool = False) -> dict[str, object]:
     """MiB/s of origin writes with 0, 1 and 4 snapshots, and each as a ratio to 0 snapshots."""
     buf = os.urandom(1 << 20)
@@ -207,6 +227,11 @@ def bench_writes(work: Path, size: int, chunk: int, nrandom: int, kernel: bool =
             rewrite = _seq_pass(st.ep, size, buf)
         finally:
             st.close()
+        st = _Stack(work, size, n, chunk, f"t{n}", kernel)
+        try:
+            first_qd4 = _seq_pass_threads(st.ep, size, buf, 4)
+        finally:
+            st.close()
         st = _Stack(work, size, n, chunk, f"r{n}", kernel)
         try:
             t0 = time.perf_counter()
@@ -218,7 +243,12 @@ def bench_writes(work: Path, size: int, chunk: int, nrandom: int, kernel: bool =
             st.close()
         for p in work.iterdir():
             p.unlink()
-        rows[f"{n} snapshots"] = {"seq_first": first, "seq_rewrite": rewrite, "random_4k": rnd}
+        rows[f"{n} snapshots"] = {
+            "seq_first": first,
+            "seq_rewrite": rewrite,
+            "seq_first_4_writers": first_qd4,
+            "random_4k": rnd,
+        }
     base = rows["0 snapshots"]
     out: dict[str, object] = {
         "engine": "kernel" if kernel else "userspace",
