@@ -24,6 +24,7 @@ import logging
 import os
 import stat
 import struct
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -138,6 +139,20 @@ def clear_dead_engines(run_dir: str = DEFAULT_RUN_DIR) -> list[str]:
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.join(path, sub) if sub else path)
     return cleared
+
+
+def udev_settle() -> None:
+    """Wait for udev to finish probing new or changed loop devices (when udevd runs).
+
+    udev's probes open the device for a moment; settling keeps them from showing up as openers
+    right after ``create`` or ``resume`` (libdevmapper waits on udev cookies for the same reason).
+    """
+    if not os.path.exists("/run/udev/control"):
+        return
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(["udevadm", "settle", "--timeout=10"], check=False, timeout=15,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
 
 
 @dataclass
@@ -388,6 +403,7 @@ class Exposure:
             raise DMError(f"cannot create {link}: {err}", errno=err.errno, operation="expose",
                           device=dev.name) from err
         dev.exposure = Exposed(fname, lo, link)
+        udev_settle()
         return lo.major, lo.minor
 
     @staticmethod
@@ -437,6 +453,7 @@ class Exposure:
                 fcntl.ioctl(fd, BLKROSET, struct.pack("i", 1 if dev.read_only else 0))
             finally:
                 os.close(fd)
+        udev_settle()
 
     def _refresh(self, fname: str, lo: loop.LoopDevice) -> None:
         with contextlib.suppress(OSError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import signal
 import subprocess
@@ -166,16 +167,19 @@ def test_stacked_reference_to_own_loop_resolves_in_process(xengine, make_image, 
 
 def test_thousand_create_remove_cycles_leak_nothing(run_dir, make_image):
     img = make_image(MiB)
+    gc.collect()  # descriptors of earlier tests' garbage must not close during the count
     threads0, fds0 = _threads(), _fds()
     eng = Engine(expose=True, run_dir=run_dir)
     try:
         eng.create("warm-dmtt", f"0 2048 linear {img} 0")
         eng.remove("warm-dmtt")
+        gc.collect()
         threads1, fds1 = _threads(), _fds()
         for i in range(1000):
             name = f"c{i % 7}-dmtt"
             eng.create(name, f"0 2048 linear {img} 0")
             eng.remove(name)
+        gc.collect()
         assert _fds() == fds1
         assert _threads() <= threads1 + FUSE_THREADS  # libfuse's bounded worker pool
         assert _loops_under(run_dir) == []
@@ -263,6 +267,7 @@ def test_client_crash_mid_call_leaves_daemon_serving(run_dir):
         time.sleep(0.2)
         proc.kill()
         proc.wait(10)
+        proc.stdout.close()
         assert client.info("w-dmtt").live_table
         client.remove("w-dmtt")
         assert client.list() == []
@@ -307,6 +312,7 @@ def test_daemon_clears_exposures_of_a_killed_in_process_engine(run_dir, make_ima
     finally:
         proc.kill()
         proc.wait(10)
+        proc.stdout.close()
     orphan = os.path.join(run_dir, f"engine-{proc.pid}")
     prefix = os.path.realpath(os.path.join(orphan, "fuse")) + "/"
     assert any((d.backing_file or "").startswith(prefix) for d in loop.list_loops())
