@@ -813,6 +813,14 @@ def test_udev_running_tells_a_stale_socket_from_a_live_one(tmp_path: Any) -> Non
     assert kernel.udev_running(path) is False
 
 
+def test_log_hook_is_removed_again(fake: FakeLib) -> None:
+    libdm = LibDM(fake)
+    assert libdm.install_log_hook(lambda level, text: None)
+    assert fake.log_fn is not None and libdm.log_hooked
+    libdm.uninstall_log_hook()  # what atexit runs before libdm's destructor can log
+    assert fake.log_fn == ffi.NULL and not libdm.log_hooked
+
+
 def test_close_releases_library(dm: KernelBackend, fake: FakeLib) -> None:
     dm.close()
     assert ("dm_lib_release", ()) in fake.calls

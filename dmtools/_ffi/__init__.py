@@ -15,6 +15,7 @@ libdm would see (``bytes`` for strings, cdata for output parameters).
 
 from __future__ import annotations
 
+import atexit
 import ctypes.util
 import os
 import threading
@@ -443,8 +444,18 @@ class LibDM:
                 self.log_hook_error = f"cannot create a cffi callback: {err}"
                 return False
         self.lib.dm_log_init(_callback)
+        if not self.log_hooked:
+            # libdm logs from its destructor (dm_lib_exit, e.g. "exiting with N device(s) still
+            # suspended"), after Python is finalized: restore its own printer before that.
+            atexit.register(self.uninstall_log_hook)
         self.log_hooked = True
         return True
+
+    def uninstall_log_hook(self) -> None:
+        """Give libdm its default (stderr) logger back: ``dm_log_init(NULL)``."""
+        if self.log_hooked:
+            self.lib.dm_log_init(ffi.NULL)
+            self.log_hooked = False
 
     def task(self, task_type: TaskType) -> Task | None:
         """``dm_task_create``; None when libdm refuses (driver unusable or out of memory)."""
