@@ -14,6 +14,22 @@ from dmtools.endpoint import Endpoint
 from dmtools.testing.faults import MemoryEndpoint
 from kc_helpers import Dev, Recorder
 
+#: No kcopyd test may run longer than this: a hang dumps every thread's stack and ends the run.
+TEST_LIMIT = 120
+
+
+@pytest.fixture(autouse=True)
+def _bounded() -> Iterator[None]:
+    """Bound every test in time, teardown included (a hung copy or destroy cannot stall the suite)."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(TEST_LIMIT, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
 @pytest.fixture
 def make_dev(tmp_path: Path, make_loop: Callable[..., Any]) -> Iterator[Callable[..., Dev]]:
     """``make_dev(kind, size, data=None)``: kind is "file", "path", "memory" or "loop"."""
