@@ -327,8 +327,9 @@ class Client:
             piece.pages = None
         else:
             self._free_active -= 1
-        job._done_bytes += piece.length
-        self._done_bytes += piece.length
+        if written:  # progress counts what reached the destinations
+            job._done_bytes += piece.length
+            self._done_bytes += piece.length
         if piece.read_err:
             job.read_err = True
         job.write_err |= piece.write_err

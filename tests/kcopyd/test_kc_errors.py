@@ -244,6 +244,7 @@ def test_cancel_stops_the_job_and_notifies_once():
         gate.set()
         assert job.wait(TIMEOUT)
     assert job.cancelled and not job.ok
+    assert job.progress.done == 0, "nothing was written"
     assert rec.calls == [(False, 0, None)]
     assert dst.written() == [], "a cancelled job writes nothing more"
     assert src.requests <= 8
