@@ -55,8 +55,10 @@ SPLIT_COUNT = 8
 #: Default sub-job size: dm_mod.kcopyd_subjob_size_kb = 512 KiB (dm-kcopyd.c); its maximum 1024 KiB.
 SUB_JOB_SIZE = 512 * 1024
 MAX_SUB_JOB_SIZE = 1024 * 1024
-#: Pieces handed to ``copy_file_range`` are larger: no buffer is involved.
+#: Pieces handed to ``copy_file_range`` are larger (no buffer is involved) and fewer are in flight:
+#: writers of one file serialise on its inode lock, so more would only wait (or spin) for it.
 OFFLOAD_PIECE_SIZE = 8 * 1024 * 1024
+OFFLOAD_DEPTH = 4
 
 _Task = tuple[Callable[[Any], None], Any]
 
@@ -232,15 +234,17 @@ class Client:
         job._client = self
         eps = [d.endpoint for d in odests] + ([osrc.endpoint] if osrc is not None else [])
         job._grain = max([PAGE_SIZE] + [ep.logical_block_size for ep in eps])
-        # copy_file_range between regular files (for each destination); WRITE_SEQ needs the
-        # ordered write stage of the buffered path.
+        # copy_file_range between two regular files. Several destinations share one read into
+        # pooled buffers instead (one read serving all of them, as the kernel's); WRITE_SEQ needs
+        # the ordered write stage of the buffered path.
         job._offload = bool(
-            self.offload and osrc is not None and not flags & WRITE_SEQ
-            and all(can_offload(osrc.endpoint, d.endpoint) for d in odests)
+            self.offload and osrc is not None and not flags & WRITE_SEQ and len(odests) == 1
+            and can_offload(osrc.endpoint, odests[0].endpoint)
         )
         job._piece_size = self._buffer_piece_size
         if job._offload:
             job._piece_size = OFFLOAD_PIECE_SIZE
+            job._max_active = OFFLOAD_DEPTH
         elif osrc is None:
             job._piece_size = max(self.sub_job_size, OFFLOAD_PIECE_SIZE)
         with self._cond:

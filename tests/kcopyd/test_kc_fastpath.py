@@ -56,6 +56,27 @@ def client(request):
         yield kc
 
 
+def test_several_file_destinations_share_one_read(tmp_path, monkeypatch):
+    calls = []
+    real = os.copy_file_range
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(os, "copy_file_range", spy)
+    src = tmp_path / "s.img"
+    src.write_bytes(pattern(2 * MiB))
+    dsts = [tmp_path / f"d{i}.img" for i in range(3)]
+    for d in dsts:
+        d.write_bytes(bytes(2 * MiB))
+    with kcopyd.Client() as kc:
+        job = kc.copy(kcopyd.Region(str(src), 0, 4096), [kcopyd.Region(str(d), 0, 4096) for d in dsts])
+        assert job.wait(TIMEOUT) and job.ok
+    assert calls == [], "one buffered read serves every destination"
+    assert all(d.read_bytes() == src.read_bytes() for d in dsts)
+
+
 def test_copy_file_range_is_used_between_files(tmp_path, monkeypatch):
     calls = []
     real = os.copy_file_range
@@ -81,16 +102,15 @@ def test_copy_file_range_failure_falls_back_to_buffers(tmp_path, monkeypatch, er
         raise OSError(err, os.strerror(err))
 
     monkeypatch.setattr(os, "copy_file_range", refuse)
-    src = tmp_path / "s.img"
-    src.write_bytes(pattern(2 * MiB))
-    dsts = [tmp_path / f"d{i}.img" for i in range(3)]
-    for d in dsts:
-        d.write_bytes(bytes(2 * MiB))
-    with kcopyd.Client(num_pages=64) as kc:
-        job = kc.copy(kcopyd.Region(str(src), 0, 4096), [kcopyd.Region(str(d), 0, 4096) for d in dsts])
+    src, dst = tmp_path / "s.img", tmp_path / "d.img"
+    src.write_bytes(pattern(20 * MiB))
+    dst.write_bytes(bytes(20 * MiB))
+    with kcopyd.Client(num_pages=64) as kc:  # 256 KiB of pages: the 8 MiB pieces are cut up
+        job = kc.copy(kcopyd.Region(str(src), 0, 40960), [kcopyd.Region(str(dst), 0, 40960)])
         assert job.wait(TIMEOUT)
+        assert kc.pool.peak <= 64
     assert job.ok, "copy_file_range errors are retried with buffers, which succeed"
-    assert all(d.read_bytes() == src.read_bytes() for d in dsts)
+    assert dst.read_bytes() == src.read_bytes()
 
 
 def test_holes_skipped_when_destination_is_zeroed(tmp_path, client):
