@@ -43,6 +43,8 @@ class Throttle:
         self._io_period = 0.0
         self._total_period = 0.0
         self._last = time.monotonic()
+        #: duty-cycle sleeps taken so far (statistics; tests read it)
+        self.sleeps = 0
 
     # -- settings -------------------------------------------------------------------------------
     @property
@@ -124,6 +126,7 @@ class Throttle:
                 if skew <= 0 or slept >= MAX_SLEEPS:
                     break
                 slept += 1
+                self.sleeps += 1
                 self._cond.release()
                 try:
                     time.sleep(SLEEP_USEC / 1e6)
