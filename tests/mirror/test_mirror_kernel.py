@@ -153,3 +153,30 @@ def test_leg_failed_through_error_target_shows_kernel_health_letter(kernel_dm: A
         mm.remove(dm_name)
     finally:
         kernel_dm.remove(l1, retry=True)
+
+
+def test_log_written_by_the_userspace_target_is_trusted_by_the_kernel(kernel_dm: Any, make_image: Any,
+                                                                      make_loop: Any, dm_name: str) -> None:
+    from dmtools.engine import Engine
+
+    leg0, leg1, logdev = _loops(make_image, make_loop, 3)
+    eng = Engine()
+    try:
+        um = MirrorManager(eng)
+        um.create("umirror", [leg0, leg1], log=logdev, region_size=REGION)  # every region out of sync
+        assert um.resync("umirror", timeout=120).fully_in_sync
+        with eng.open_endpoint("umirror") as ep:
+            ep.write(b"u" * 65536, 5 * 65536)
+            ep.flush()
+        um.remove("umirror")  # suspend: clean marks written
+    finally:
+        eng.close()
+    assert inspect(logdev).fully_in_sync
+    mm = MirrorManager(kernel_dm)
+    st = mm.activate(dm_name, [leg0, leg1], log=logdev, region_size=REGION)
+    try:
+        assert st.fully_in_sync and st.health == "AA"
+        assert _read(leg0) == _read(leg1)
+        assert _read(kernel_dm.device_path(dm_name))[5 * 65536 : 6 * 65536] == b"u" * 65536
+    finally:
+        mm.remove(dm_name)
