@@ -418,6 +418,9 @@ class KernelBackend(DeviceMapper):
         if cookie == 0:  # sync off: no semaphore; run the stacked node operations now
             self._dm.udev_wait(0)
             return
+        if not self._dm.supports("dm_udev_wait_immediate"):  # libdm < 1.02.124: unbounded wait
+            self._dm.udev_wait(cookie)
+            return
         deadline = time.monotonic() + self.udev_timeout
         delay = 0.002
         while True:

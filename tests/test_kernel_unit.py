@@ -606,6 +606,20 @@ def test_udev_wait_is_bounded(fake: FakeLib) -> None:
     assert rename.called("dm_task_set_newname") == [(b"y-dmtt",)]
 
 
+def test_old_libdm_without_wait_immediate_waits_blocking(fake: FakeLib, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.sync = 1
+
+    def missing(*args: Any) -> int:
+        raise AssertionError("called a symbol the library lacks")
+
+    libdm = LibDM(fake)
+    monkeypatch.setattr(libdm, "supports", lambda fn: fn != "dm_udev_wait_immediate")
+    monkeypatch.setattr(fake, "dm_udev_wait_immediate", missing, raising=False)
+    KernelBackend(libdm=libdm, udev_sync=True).resume("x-dmtt")
+    assert ("dm_udev_wait", (COOKIE,)) in fake.calls
+    assert LibDM(fake).supports("dm_task_run") and not LibDM(fake).supports("dm_no_such_function")
+
+
 def test_no_udev_flushes_node_operations(dm: KernelBackend, fake: FakeLib) -> None:
     dm.resume("x-dmtt")
     assert ("dm_udev_set_sync_support", (0,)) in fake.calls

@@ -457,6 +457,14 @@ class LibDM:
             self.lib.dm_log_init(ffi.NULL)
             self.log_hooked = False
 
+    def supports(self, function: str) -> bool:
+        """True when the loaded libdm exports ``function`` (cffi resolves symbols on first use)."""
+        try:
+            getattr(self.lib, function)
+        except AttributeError:
+            return False
+        return True
+
     def task(self, task_type: TaskType) -> Task | None:
         """``dm_task_create``; None when libdm refuses (driver unusable or out of memory)."""
         ptr = self.lib.dm_task_create(int(task_type))

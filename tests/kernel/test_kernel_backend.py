@@ -116,6 +116,8 @@ def test_linear_create_reload_suspend_resume_rename_remove(
     assert stat.S_ISBLK(os.stat(path).st_mode)
     assert kernel_dm.device_ref(name) == f"{info.major}:{info.minor}"
     assert kernel_dm.deps(name) == [(a.major, a.minor)]
+    with kernel_dm.open_endpoint(name, writable=False) as endpoint:
+        assert endpoint.size == 2048 * 512 and endpoint.read_only
 
     data = pattern(1, 8192)
     write_through(path, 4096, data)
@@ -359,6 +361,8 @@ def test_wait_event_follows_a_rename(kernel_dm: KernelBackend, names: Any) -> No
     thread.join(30)
     assert not thread.is_alive()
     assert result.get("event") == kernel_dm.info(other).event_nr != start, result
+    listed = {e.name: e for e in kernel_dm.list()}
+    assert listed[other].event_nr == result["event"]  # dm-ioctl >= 4.37 reports it in the list
 
 
 def test_without_udev_sync_nodes_still_appear(names: Any) -> None:
