@@ -91,7 +91,6 @@ class Watcher:
         self._reasons: set[str] = set()
         self._uevents: list[UEvent] = []
         self._unmatched_adds: dict[str, UEvent] = {}
-        self._identities: dict[str, tuple[str, str]] = {}
         self._waiter: EventNumberWaiter | None = None
         self._source: UeventSource | None = None
         self._started = False
@@ -126,8 +125,6 @@ class Watcher:
     def _on_uevent(self, event: UEvent) -> None:
         with self._lock:
             self._uevents.append(event)
-            if event.name and event.devno:
-                self._identities[event.devno] = (event.name, event.uuid)
         self.wake(event.source)
 
     def _on_event_nr(self, name: str, event_nr: int | None) -> None:
@@ -239,8 +236,8 @@ class Watcher:
                 if not name or not self._in_scope(name):
                     continue
                 uuid = first.uuid or u.uuid
-                ev: dict[str, Any] = {"device": name, "uuid": uuid, "devno": u.devno, "source": u.source,
-                      "time": now}
+                ev: dict[str, Any] = {"device": name, "uuid": uuid, "devno": u.devno,
+                                      "source": u.source, "time": now}
                 out.append(Batch(name, None, None, [DeviceAdded(**ev), DeviceRemoved(**ev)]))
         # An add whose device no scan saw yet: its remove may come with the next scan's uevents.
         self._unmatched_adds = {devno: u for devno, u in added.items() if devno not in seen}

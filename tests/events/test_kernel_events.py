@@ -28,6 +28,7 @@ from dmtools.events import (
     udev_running,
 )
 from dmtools.monitor import Monitor, MonitorConfig, PolicySettings
+from dmtools.status import parse_mirror_status
 
 from mirror.manager import MirrorManager
 from snapshot.manager import SnapshotManager
@@ -68,7 +69,8 @@ class Stack:
 
 
 @pytest.fixture
-def stack(kernel_dm: Any, dm_name: str) -> Iterator[Stack]:
+def stack(kernel_dm: Any, dm_name: str, make_loop: Any, make_image: Any) -> Iterator[Stack]:
+    # Depends on the loop fixtures so its devices go before the loop devices they sit on.
     s = Stack(kernel_dm, dm_name)
     try:
         yield s
@@ -207,8 +209,8 @@ def test_leg_failure_event_and_repair_onto_the_spare(stack: Stack, make_image: C
     assert failed[0][0] - started < 10
     assert [(a.policy, a.ok) for a in events if isinstance(a, PolicyAction)] == [("mirror-repair", True)]
     assert isinstance(events[-1], ResyncFinished)
-    status = dm.status(mirror)[0].params.split()
-    assert status[1:3] == [refs[0], refs[2]] and status[4] == "AA" and status[3].split("/")[0] == status[3].split("/")[1]
+    status = parse_mirror_status(dm.status(mirror)[0].params)
+    assert status.devices == (refs[0], refs[2]) and status.health == "AA" and status.in_sync_complete
     images = []
     for name in (legs[0], legs[2]):
         data = aligned_buffer(4 * MiB)
@@ -290,3 +292,32 @@ def test_udev_events_carry_dm_names(stack: Stack, make_image: Callable[..., Path
         source.close()
     change = [e for e in seen if e.action == "change" and e.name == target][0]
     assert (change.origin, change.source) == ("udev", "udev")
+
+
+def test_new_device_reported_through_uevents(stack: Stack, make_image: Callable[..., Path],
+                                             make_loop: Callable[..., Any]) -> None:
+    """With udevd, through its events (``DM_NAME``); without, through the kernel's raw uevents."""
+    dm = stack.dm
+    target = stack.name("n")
+    watcher = Watcher(dm, names=[target], poll_interval=30.0)  # polling alone would take 30 s
+    watcher.poll()
+    got: list[Any] = []
+    stop = threading.Event()
+
+    def run() -> None:
+        for ev in watcher.events(timeout=30, stop=stop):
+            got.append(ev)
+            stop.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while watcher.uevents_active is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # the listener starts with events(); a device made before is still seen
+    started = time.monotonic()
+    linear_on_loop(stack, "n", MiB, make_image, make_loop)
+    thread.join(timeout=30)
+    watcher.close()
+    assert got and got[0].kind == "device-added" and got[0].device == target
+    assert got[0].source == ("udev" if udev_running() else "uevent")
+    assert time.monotonic() - started < 15
