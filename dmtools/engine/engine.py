@@ -54,6 +54,9 @@ _BUILTIN_TARGETS = {
     "error": "dmtools.engine.targets:ErrorTarget",
 }
 
+#: How long ``remove`` waits out openers of an exposed device that are outside the engine.
+EXTERNAL_OPEN_GRACE = 0.5
+
 #: The dm-ioctl interface version whose semantics the engine follows (``include/uapi/linux/dm-ioctl.h``).
 DRIVER_VERSION = "4.50.0"
 
@@ -384,7 +387,7 @@ class Engine(DeviceMapper):
         Raises ``DeviceBusy`` while it is open (``retry`` keeps trying for 5 s; ``deferred`` marks
         it to go when the last opener closes) and ``DeviceNotFound`` when it does not exist.
         """
-        deadline = time.monotonic() + (5.0 if retry else 0.0)
+        start = time.monotonic()
         while True:
             dev = self._get(name, "remove")
             with dev.op_lock:
@@ -396,10 +399,14 @@ class Engine(DeviceMapper):
                 if deferred:
                     dev.deferred_remove = True
                     return
-            if time.monotonic() >= deadline:
+            # Openers of the exposed loop device outside the engine may be passing probes (udev,
+            # blkid, a loop attach trying this device number): give them a moment.
+            waited = time.monotonic() - start
+            limit = 5.0 if retry else (EXTERNAL_OPEN_GRACE if dev.opens == 0 else 0.0)
+            if waited >= limit:
                 raise DeviceBusy(f"device is open ({count} openers)", operation="remove",
                                  device=name)
-            time.sleep(0.1)
+            time.sleep(0.02 if waited < 0.2 else 0.1)
 
     def _deferred_remove(self, dev: Device) -> None:
         with dev.op_lock:
