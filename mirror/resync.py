@@ -26,6 +26,8 @@ __all__ = ["ResyncPlan", "ResyncResult", "OfflineResync", "check_legs"]
 
 #: Bytes of copies kept in flight.
 IN_FLIGHT_BYTES = 32 << 20
+#: Largest kcopyd job: adjacent out-of-sync regions are copied together up to this size.
+RUN_BYTES = 8 << 20
 #: Seconds between log commits (legs flushed, then clean bits written).
 COMMIT_INTERVAL = 0.5
 
@@ -131,6 +133,7 @@ class OfflineResync:
         in_flight: int | None = None,
         commit_interval: float = COMMIT_INTERVAL,
         num_pages: int = 2048,
+        job_bytes: int = RUN_BYTES,
     ) -> None:
         self.legs = list(legs)
         self.length = check_legs(self.legs, length)
@@ -150,6 +153,7 @@ class OfflineResync:
         self.rate = rate
         self.commit_interval = commit_interval
         self.num_pages = num_pages
+        self.job_bytes = job_bytes
         region_bytes = region_size * SECTOR
         self.in_flight = in_flight or max(2, min(64, IN_FLIGHT_BYTES // region_bytes))
         if log is None:
@@ -178,6 +182,25 @@ class OfflineResync:
             elif rebuild is not None:
                 copies.append((r, (rebuild,)))
         self.plan = ResyncPlan(self.length, region_size, self.nr_regions, tuple(copies), source)
+
+    def _run_bytes(self) -> int:
+        """Bytes per kcopyd job: adjacent regions go in one job (fewer, larger copies); under a
+        rate limit a job is at most an eighth of a second's worth, so the pacing stays smooth."""
+        run = self.job_bytes if not self.rate else min(self.job_bytes, self.rate // 8)
+        return max(run, self.region_size * SECTOR)
+
+    def _runs(self) -> list[tuple[int, int, tuple[int, ...]]]:
+        """``(first_region, count, dests)``: consecutive planned regions with the same legs."""
+        per_run = max(1, self._run_bytes() // (self.region_size * SECTOR))
+        runs: list[tuple[int, int, tuple[int, ...]]] = []
+        for region, dests in self.plan.copies:
+            if runs:
+                first, count, last_dests = runs[-1]
+                if last_dests == dests and first + count == region and count < per_run:
+                    runs[-1] = (first, count + 1, dests)
+                    continue
+            runs.append((region, 1, dests))
+        return runs
 
     def _commit(self, regions: list[int]) -> None:
         """Flush the legs, then persist ``regions`` as clean (one log write + flush)."""
@@ -208,24 +231,25 @@ class OfflineResync:
         finished: list[int] = []
         state = {"active": 0, "done_bytes": 0}
 
-        def notify(read_err: bool, write_err: int, ctx: tuple[int, tuple[int, ...], int]) -> None:
-            region, dests, nbytes = ctx
+        def notify(read_err: bool, write_err: int, ctx: tuple[int, int, tuple[int, ...], int]) -> None:
+            first, count, dests, nbytes = ctx
             with lock:
                 state["active"] -= 1
                 if read_err or write_err:
-                    result.failed_regions.append(region)
+                    result.failed_regions.extend(range(first, first + count))
                     if read_err:
                         result.failed_legs.add(self.source)
                     for bit, leg in enumerate(dests):
                         if write_err & (1 << bit):
                             result.failed_legs.add(leg)
                 else:
-                    finished.append(region)
+                    finished.extend(range(first, first + count))
                     state["done_bytes"] += nbytes
                 result.copy_seconds = time.monotonic() - start
                 lock.notify_all()
 
-        pending = list(plan.copies)
+        pending = self._runs()
+        in_flight = max(2, self.in_flight * self.region_size * SECTOR // self._run_bytes())
         last_commit = time.monotonic()
         committed: list[int] = []
         kc = Client(num_pages=self.num_pages)
@@ -235,9 +259,9 @@ class OfflineResync:
             while True:
                 wait = 0.1
                 with lock:
-                    while pending and state["active"] < self.in_flight and not (cancel and cancel.is_set()):
-                        region, dests = pending[0]
-                        nbytes = plan.region_bytes(region)
+                    while pending and state["active"] < in_flight and not (cancel and cancel.is_set()):
+                        region, count, dests = pending[0]
+                        nbytes = sum(plan.region_bytes(r) for r in range(region, region + count))
                         if self.rate:
                             # the rate is held at submission: region k starts at k * size / rate
                             early = paced + submitted / self.rate - time.monotonic()
@@ -247,12 +271,11 @@ class OfflineResync:
                         pending.pop(0)
                         submitted += nbytes
                         sector = region * self.region_size
-                        count = nbytes // SECTOR
-                        src = Region(self.legs[self.source], sector, count)
-                        dst = [Region(self.legs[i], sector, count) for i in dests]
+                        src = Region(self.legs[self.source], sector, nbytes // SECTOR)
+                        dst = [Region(self.legs[i], sector, nbytes // SECTOR) for i in dests]
                         state["active"] += 1
                         try:
-                            kc.copy(src, dst, notify=notify, context=(region, dests, nbytes))
+                            kc.copy(src, dst, notify=notify, context=(region, count, dests, nbytes))
                         except DMError:
                             state["active"] -= 1
                             raise

@@ -142,7 +142,8 @@ def test_crash_at_a_random_moment_then_resume(seed: int) -> None:
             leg.data[r * size : (r + 1) * size] = leg.flushed[r * size : (r + 1) * size] = rng.randbytes(size)
     log.data[: img.io_bytes] = img.pack()
     log.flushed[:] = log.data
-    OfflineResync(legs, log, region_size=REGION, in_flight=rng.choice((1, 2, 4)), commit_interval=0.0).run()
+    OfflineResync(legs, log, region_size=REGION, in_flight=rng.choice((1, 2, 4)), commit_interval=0.0,
+                  job_bytes=rng.choice((4096, 8192, 1 << 20))).run()
     after = [leg.after_crash() for leg in legs]
     alog = log.after_crash()
     crashed = LogImage.read(alog)
@@ -163,7 +164,7 @@ def test_random_seed_space_covers_cuts_inside_copies() -> None:
     log = MemEndpoint(8192, "log")
     format_log(log, 16, in_sync=False)
     log.journal.clear()
-    OfflineResync(legs, log, region_size=REGION, commit_interval=0.0).run()
+    OfflineResync(legs, log, region_size=REGION, commit_interval=0.0, job_bytes=4096).run()
     ops = len(legs[1].journal) + len(legs[0].journal) + len(log.journal)
     assert 16 < ops < 60
 
@@ -185,3 +186,15 @@ def test_regions_marked_dirty_on_the_log_before_any_copy() -> None:
             last_write = max((j for j in range(i) if ops[j].startswith("write leg")), default=-1)
             if last_write > first_leg_write:
                 assert "flush leg2" in ops[last_write:i]
+
+
+def test_adjacent_regions_are_copied_in_one_job() -> None:
+    legs = _legs(2, 64 * 4096)
+    log = MemEndpoint(8192, "log")
+    img = format_log(log, 64, in_sync=True)
+    for r in (1, 2, 3, 10, 11, 40):
+        img.clean.clear(r)
+    img.write(log)
+    rs = OfflineResync(legs, log, region_size=REGION, job_bytes=8192)
+    assert rs._runs() == [(1, 2, (1,)), (3, 1, (1,)), (10, 2, (1,)), (40, 1, (1,))]
+    assert rs.run().ok and legs[1].data[4096 : 4 * 4096] == legs[0].data[4096 : 4 * 4096]
