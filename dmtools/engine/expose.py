@@ -22,6 +22,7 @@ import fcntl
 import functools
 import logging
 import os
+import signal
 import stat
 import struct
 import subprocess
@@ -139,6 +140,26 @@ def clear_dead_engines(run_dir: str = DEFAULT_RUN_DIR) -> list[str]:
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.join(path, sub) if sub else path)
     return cleared
+
+
+def _die_by(signum: int, frame: Any) -> None:
+    """Do what the default action of ``signum`` would have done: end the process by it."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _keep_default_signals() -> None:
+    """Stop libfuse from taking over SIGTERM/SIGHUP while a FUSE loop runs in this process.
+
+    libfuse installs its own handlers (which only end the FUSE loop) for signals still at their
+    default action; a stand-in with the default's effect keeps ``kill``/``timeout`` ending the
+    process. Only the main thread may set handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _die_by)
 
 
 def udev_settle() -> None:
@@ -321,6 +342,7 @@ class Exposure:
             raise DMError(f"{self.mount_dir} is already in use by another engine (a daemon "
                           "clears the exposures of dead ones when it starts)",
                           errno=errno.EBUSY, operation="expose")
+        _keep_default_signals()
         ready = threading.Event()
         ops = self._ops = _Operations(self._files, ready)
         fuse_cls = _make_fuse_class()

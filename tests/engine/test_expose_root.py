@@ -365,3 +365,24 @@ def test_io_errors_reach_the_block_device_as_eio(xengine, dm_name, capfd):
     finally:
         os.close(fd)
     assert "Traceback" not in capfd.readouterr().err  # an I/O error is not a crash
+
+
+def test_sigterm_still_ends_a_process_with_an_exposed_engine(tmp_path, make_image):
+    img = make_image(MiB)
+    code = (
+        "import time\n"
+        "from dmtools.engine import Engine\n"
+        f"e = Engine(expose=True, run_dir={str(tmp_path / 'run')!r})\n"
+        f"e.create('t-dmtt', '0 2048 linear {img} 0')\n"
+        "print('up', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"up\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == -signal.SIGTERM
+    from dmtools.engine.expose import clear_stale
+
+    clear_stale(str(tmp_path / "run"))  # what a daemon start would do after such a death
+    assert _loops_under(str(tmp_path / "run")) == []
