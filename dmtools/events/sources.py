@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -35,9 +36,25 @@ UDEV_CONTROL = "/run/udev/control"
 SYS_BLOCK = "/sys/block"
 
 
-def udev_running() -> bool:
-    """True when udevd runs (its control socket exists)."""
-    return os.path.exists(UDEV_CONTROL)
+def udev_running(control: str = UDEV_CONTROL) -> bool:
+    """True when udevd runs: its control socket exists *and* accepts a connection.
+
+    The socket file outlives udevd (``udevadm control --exit`` leaves it behind), and libudev
+    only checks that it exists, so a dead udevd would leave a udev monitor silent forever.
+    """
+    if not os.path.exists(control):
+        return False
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sock.settimeout(1.0)
+    try:
+        sock.connect(control)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True  # there, but not ours to talk to (permissions, socket type): assume alive
+    finally:
+        sock.close()
+    return True
 
 
 def _read_attr(path: str) -> str:
