@@ -190,10 +190,10 @@ def test_manager_on_the_kernel(kernel_dm: Any, tmp_path: Path, make_loop: Callab
     kernel_dm.create(vol, f"0 {SIZE // 512} linear {ol.path} 0")
     mgr = SnapshotManager(kernel_dm)
     mgr.create(vol, cows[0].path, f"{tag}-a", chunk_size=chunk)
-    mgr.create(vol, cows[1].path, f"{tag}-b", chunk_size=chunk)
     assert kernel_dm.table(vol).lines[0].target.target_type == "snapshot-origin"
     _write(kernel_dm.device_path(vol), b"K" * 65536, 0)
     after = _read(kernel_dm.device_path(vol))
+    mgr.create(vol, cows[1].path, f"{tag}-b", chunk_size=chunk)  # taken after the write
     infos = {i.name: i for i in mgr.list()}
     used = 2 * chunk + max(1, 65536 // (chunk * 512)) * chunk
     assert infos[f"{tag}-a"].status.format() == f"{used}/{COW_SIZE // 512} {2 * chunk}"
