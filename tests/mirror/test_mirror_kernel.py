@@ -180,3 +180,30 @@ def test_log_written_by_the_userspace_target_is_trusted_by_the_kernel(kernel_dm:
         assert _read(kernel_dm.device_path(dm_name))[5 * 65536 : 6 * 65536] == b"u" * 65536
     finally:
         mm.remove(dm_name)
+
+
+def test_kernel_repair_and_split(kernel_dm: Any, make_image: Any, make_loop: Any, dm_name: str) -> None:
+    leg0, leg1, leg2, logdev = _loops(make_image, make_loop, 4, data=os.urandom(SIZE))
+    mm = MirrorManager(kernel_dm)
+    l1 = f"{dm_name[:-5]}-l1-dmtt"
+    split = f"{dm_name[:-5]}-sp-dmtt"
+    kernel_dm.create(l1, f"0 {SECTORS} linear {leg1} 0")
+    try:
+        mm.create(dm_name, [leg0, kernel_dm.device_path(l1)], log=logdev, region_size=REGION,
+                  handle_errors=True, keep_log=True)
+        assert _wait_in_sync(mm, dm_name).fully_in_sync
+        kernel_dm.load(l1, f"0 {SECTORS} error")
+        kernel_dm.resume(l1)
+        _write(kernel_dm.device_path(dm_name), 0, b"r" * 65536)
+        assert mm.status(dm_name).health == "AD"
+        st = mm.repair(dm_name, 1, leg2)
+        assert st.fully_in_sync and st.health == "AA"
+        assert " sync " not in f" {st.table_text} "  # the forced full resync is not left in the table
+        assert _read(leg0) == _read(leg2)
+        assert mm.split(dm_name, 1, split) == split
+        assert kernel_dm.table(dm_name).lines[0].target_type == "linear"
+        assert _read(kernel_dm.device_path(split)) == _read(leg0)
+    finally:
+        for name in (split, dm_name, l1):
+            if kernel_dm.exists(name):
+                kernel_dm.remove(name, retry=True)
