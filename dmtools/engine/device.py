@@ -328,6 +328,37 @@ class Device:
             i += 1
         return out
 
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        """Byte ranges in ``[offset, offset+length)`` that may hold data; ``None`` if unknown.
+
+        Ranges of targets that cannot tell (``Target.data_extents`` returning ``None``) count as
+        data; holes are only reported where a target knows (a sparse file under ``linear``,
+        ``zero``).
+        """
+        table = self._enter(offset)
+        try:
+            if table is None:
+                return []
+            out: list[tuple[int, int]] = []
+            known = False
+            end = min(offset + length, table.size)
+            pos = offset
+            i = bisect.bisect_right(table.starts, pos) - 1
+            while pos < end:
+                stop = min(table.ends[i], end)
+                base = table.starts[i]
+                ext = table.targets[i].data_extents(pos - base, stop - pos)
+                if ext is None:
+                    out.append((pos, stop - pos))
+                else:
+                    known = True
+                    out.extend((base + o, n) for o, n in ext)
+                pos = stop
+                i += 1
+            return out if known else None
+        finally:
+            self._leave()
+
     def flush(self) -> None:
         """Flush every target of the live table."""
         table = self._enter()

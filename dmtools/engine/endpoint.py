@@ -67,6 +67,10 @@ class DeviceEndpoint(Endpoint):
         self._check("discard")
         self.device.discard(offset, length)
 
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        self._check("data_extents")
+        return self.device.data_extents(offset, length)
+
     def close(self) -> None:
         """Drop this opener (idempotent)."""
         with self._lock:

@@ -197,6 +197,10 @@ class Target(abc.ABC):
         for pos in range(offset, offset + length, len(ZEROS)):
             self.write(zeros[: min(len(ZEROS), offset + length - pos)], pos)
 
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        """Ranges (target-relative bytes) that may hold data, or ``None`` when unknown."""
+        return None
+
     # --- text -----------------------------------------------------------------------------
     def status(self) -> str:
         """STATUSTYPE_INFO text; empty for targets without a status function."""

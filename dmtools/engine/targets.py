@@ -52,6 +52,10 @@ class LinearTarget(Target):
     def zero(self, offset: int, length: int) -> None:
         self.dev.zero(self._base + offset, length)
 
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        ext = self.dev.data_extents(self._base + offset, length)
+        return None if ext is None else [(o - self._base, n) for o, n in ext]
+
     def table_params(self) -> str:
         return f"{self.dev.name} {self.offset}"
 
@@ -174,6 +178,9 @@ class ZeroTarget(Target):
 
     def zero(self, offset: int, length: int) -> None:
         return None
+
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        return []
 
     def table_params(self) -> str:
         return ""

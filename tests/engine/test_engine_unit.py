@@ -329,3 +329,21 @@ def test_busy_remove_message(eng):
 )
 def test_split_args(text, args):
     assert split_args(text) == args
+
+
+def test_data_extents_follow_sparse_backing_files(eng, make_image):
+    img = make_image(4 * MiB)
+    with open(img, "r+b") as f:
+        f.seek(MiB + 8192)
+        f.write(b"d" * 4096)
+    eng.create("x", f"0 2048 linear {img} 2048\n2048 2048 zero\n4096 16 error")
+    with eng.open_endpoint("x") as ep:
+        ext = ep.data_extents(0, 2048 * 512 * 2)
+        assert ext is not None
+        covered = [(o, n) for o, n in ext if n]
+        # the data block at backing byte 1 MiB + 8 KiB is device byte 8 KiB; the zero target
+        # holds nothing
+        assert any(o <= 8192 < o + n for o, n in covered)
+        assert all(o + n <= 2048 * 512 for o, n in covered)
+        assert ep.data_extents(2048 * 512, 2048 * 512) == []
+        assert ep.data_extents(4096 * 512, 16 * 512) is None  # error target cannot tell
