@@ -108,14 +108,15 @@ def main(argv: list[str] | None = None) -> int:
             "write": {"file_mbs": fw, "engine_mbs": ew, "ratio": ew / fw},
             "read": {"file_mbs": fr, "engine_mbs": er, "ratio": er / fr},
             "engine_cpu_s_per_gib": {"write": cpu["ew"] / gib, "read": cpu["er"] / gib},
-            "goal": 0.5, "runs": runs,
+            "goal": 0.5, "runs": runs, "loadavg": os.getloadavg()[0],
         }))
         return 0
     if args.verbose:
         for k, v in runs.items():
             print(f"  {k}: " + " ".join(f"{x:.0f}" for x in v))
     print(f"engine: sequential 1 MiB O_DIRECT, {args.size_mib} MiB per pass, "
-          f"median of {args.rounds} alternating rounds")
+          f"median of {args.rounds} alternating rounds, load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs")
     print(f"  write: backing file {fw:8.1f} MB/s  exposed linear {ew:8.1f} MB/s  ratio {ew / fw:.2f}x")
     print(f"  read:  backing file {fr:8.1f} MB/s  exposed linear {er:8.1f} MB/s  ratio {er / fr:.2f}x")
     print(f"  engine process CPU (FUSE threads + engine): write {cpu['ew'] / gib:.2f} s/GiB, "
