@@ -207,3 +207,27 @@ def test_kernel_repair_and_split(kernel_dm: Any, make_image: Any, make_loop: Any
         for name in (split, dm_name, l1):
             if kernel_dm.exists(name):
                 kernel_dm.remove(name, retry=True)
+
+
+def test_userspace_status_and_table_text_identical_to_the_kernels(kernel_dm: Any, make_image: Any,
+                                                                  make_loop: Any, dm_name: str) -> None:
+    from dmtools.engine import Engine
+
+    legs = _loops(make_image, make_loop, 3, data=os.urandom(SIZE))
+    logdev = _loops(make_image, make_loop, 1, size=MiB)[0]
+    texts = []
+    for dm in ("kernel", "userspace"):
+        eng = kernel_dm if dm == "kernel" else Engine()
+        name = dm_name if dm == "kernel" else "utext"
+        try:
+            mm = MirrorManager(eng)
+            mm.create(name, legs, log=logdev, region_size=REGION, handle_errors=True, keep_log=True)
+            st = _wait_in_sync(mm, name)
+            assert st.fully_in_sync
+            texts.append((st.status_text, st.table_text))
+            mm.remove(name)
+        finally:
+            if dm == "userspace":
+                eng.close()
+    assert texts[0] == texts[1]
+    assert texts[0][0].startswith("3 ") and texts[0][0].endswith(" 128/128 1 AAA 3 disk " + texts[0][0].split()[-2] + " A")
