@@ -63,6 +63,20 @@ OFFLOAD_DEPTH = 4
 _Task = tuple[Callable[[Any], None], Any]
 
 
+def _fully_allocated(ep: Any, offset: int, length: int) -> bool:
+    """True when the source range has no hole (then sub-jobs skip their extent queries).
+
+    Holes made while the job runs are then copied as zeros, which reads the same.
+    """
+    if length <= 0:
+        return True
+    try:
+        extents = ep.data_extents(offset, length)
+    except Exception:  # noqa: BLE001 - unknown: let each sub-job ask
+        return False
+    return extents is None or (len(extents) == 1 and extents[0] == (offset, length))
+
+
 def _advise_sequential(ep: Any, offset: int, length: int) -> None:
     """Tell the kernel a file source is read sequentially (a larger readahead window, as cp does)."""
     fd = ep.fileno()
@@ -231,6 +245,7 @@ class Client:
         if osrc is not None and osrc.endpoint.is_regular_file:
             _advise_sequential(osrc.endpoint, osrc.offset, nbytes)
         job = Job(osrc, odests, nbytes, flags, notify, context)
+        job._dense = osrc is not None and _fully_allocated(osrc.endpoint, osrc.offset, nbytes)
         job._client = self
         eps = [d.endpoint for d in odests] + ([osrc.endpoint] if osrc is not None else [])
         job._grain = max([PAGE_SIZE] + [ep.logical_block_size for ep in eps])
@@ -401,6 +416,8 @@ class Client:
         src = job._src
         if src is None:
             return [(0, piece.length, False)]
+        if job._dense:
+            return [(0, piece.length, True)]
         try:
             return plan_segments(src.endpoint, src.offset + piece.offset, piece.length, job._grain)
         except Exception:  # noqa: BLE001 - unknown extents: copy everything

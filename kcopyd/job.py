@@ -103,6 +103,7 @@ class Job:
         self._parked: dict[int, Piece] = {}
         self._grain = 4096  # hole segments stay aligned to this (page and logical block size)
         self._queued = False  # completion handed to the callback thread
+        self._dense = False  # the source has no holes: sub-jobs copy without asking for extents
 
     # -- public ---------------------------------------------------------------------------------
     @property
