@@ -282,9 +282,11 @@ class _Operations:
     @_errno
     def fallocate(self, path: str, mode: int, offset: int, size: int, fh: int) -> int:
         dev = self._dev(path)
-        if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
-            dev.discard(offset, size)
-        elif mode & FALLOC_FL_ZERO_RANGE:
+        # The loop driver turns both DISCARD and WRITE_ZEROES (without NOUNMAP) into a punched
+        # hole (lo_fallocate in drivers/block/loop.c), and a punched hole reads back as zeros:
+        # so both modes must zero, not merely discard.
+        if mode in (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                    FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE):
             dev.zero(offset, size)
         else:
             raise OSError(errno.EOPNOTSUPP, "only punch-hole and zero-range")

@@ -16,7 +16,7 @@ import pytest
 
 from dmtools import loop
 from dmtools.blockdev import BlockDevice, aligned_buffer
-from dmtools.engine import Engine
+from dmtools.engine import Engine, Target
 from dmtools.engine.client import open_userspace
 from dmtools.engine.expose import FUSE_THREADS, mounted_at
 from dmtools.errors import DeviceBusy, DeviceExists
@@ -386,3 +386,35 @@ def test_sigterm_still_ends_a_process_with_an_exposed_engine(tmp_path, make_imag
 
     clear_stale(str(tmp_path / "run"))  # what a daemon start would do after such a death
     assert _loops_under(str(tmp_path / "run")) == []
+
+
+class _Memory(Target):
+    """A RAM-backed target with the base class's discard (a no-op hint) and zero."""
+
+    name = "memory-test"
+    version = (1, 0, 0)
+
+    def __init__(self, ctx, start, length, args):  # type: ignore[no-untyped-def]
+        super().__init__(ctx, start, length, args)
+        self.data = bytearray(b"\xab" * (length * 512))
+
+    def read(self, buf, offset):  # type: ignore[no-untyped-def]
+        buf[:] = self.data[offset : offset + len(buf)]
+
+    def write(self, buf, offset):  # type: ignore[no-untyped-def]
+        self.data[offset : offset + len(buf)] = buf
+
+    def table_params(self) -> str:
+        return ""
+
+
+def test_punched_holes_read_back_as_zeros_on_any_target(xengine, dm_name):
+    xengine.register_target(_Memory)
+    xengine.create(dm_name, "0 8192 memory-test")
+    dev = xengine.device_path(dm_name)
+    subprocess.run(["blkdiscard", "-o", str(MiB), "-l", str(MiB), dev], check=True, timeout=60)
+    with xengine.open_endpoint(dm_name) as ep:
+        got = bytearray(2 * MiB)
+        ep.readinto(got, 0)
+    assert bytes(got[:MiB]) == b"\xab" * MiB
+    assert bytes(got[MiB:]) == bytes(MiB)
