@@ -338,7 +338,8 @@ def _check_attach_args(path: str, offset: int, sizelimit: int, block_size: int) 
         raise InvalidArgument("is a directory", errno=errno.EISDIR, operation="attach", device=path)
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise InvalidArgument("not a regular file or block device", operation="attach", device=path)
-    if stat.S_ISREG(st.st_mode) and offset >= st.st_size:
+    # An empty file is a valid (zero-sized) loop device, as with losetup; an offset must fall inside.
+    if stat.S_ISREG(st.st_mode) and offset and offset >= st.st_size:
         raise InvalidArgument(
             f"offset {offset} is not inside the file ({st.st_size} bytes)", operation="attach", device=path
         )

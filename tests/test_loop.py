@@ -596,3 +596,17 @@ def test_attach_reports_a_missing_device_node(
         loop.attach(img)
     monkeypatch.undo()
     assert loop.find_by_backing_file(img) == []
+
+
+@pytest.mark.root
+def test_attach_empty_file_gives_zero_sized_device(tmp_path) -> None:
+    path = tmp_path / "dmtt-empty.img"
+    path.touch()
+    dev = loop.attach(str(path))
+    try:
+        with open(dev.path, "rb") as f:
+            assert f.seek(0, os.SEEK_END) == 0
+    finally:
+        loop.detach(dev)
+    with pytest.raises(InvalidArgument):
+        loop.attach(str(path), offset=512)
