@@ -161,14 +161,24 @@ class Watcher:
 
     # --- scanning -------------------------------------------------------------------------
     def current(self) -> dict[str, DeviceState]:
-        """Every device in scope as it is now (no events, nothing remembered)."""
+        """Every device in scope as it is now (no events, nothing remembered).
+
+        A device that vanishes between the listing and its capture (removed, or renamed) makes
+        the listing repeat, so a rename in that window is not mistaken for a removal.
+        """
         out: dict[str, DeviceState] = {}
-        for entry in self.dm.list():
-            if not self._in_scope(entry.name):
-                continue
-            state = capture(self.dm, entry.name)
-            if state is not None:
-                out[state.name] = state
+        for _attempt in range(4):
+            vanished = False
+            for entry in self.dm.list():
+                if entry.name in out or not self._in_scope(entry.name):
+                    continue
+                state = capture(self.dm, entry.name)
+                if state is None:
+                    vanished = True
+                elif state.name == entry.name:
+                    out[state.name] = state
+            if not vanished:
+                break
         return out
 
     def scan(self, reason: str = "poll") -> list[Batch]:

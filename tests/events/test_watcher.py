@@ -273,3 +273,22 @@ def test_udev_running_needs_a_listening_control_socket(tmp_path: Path) -> None:
     finally:
         sock.close()
     assert os.path.exists(path) and not udev_running(path)  # left behind by a udevd that exited
+
+
+def test_rename_between_listing_and_capture_is_not_a_removal() -> None:
+    dm = make_dm()
+    w = Watcher(dm, event_numbers=False, uevents=False)
+    w.poll()
+    real_list = dm.list
+    calls = [0]
+
+    def racing_list() -> list:
+        entries = real_list()
+        calls[0] += 1
+        if calls[0] == 1:
+            dm.rename("snap", "snap2")  # after the listing, before the capture
+        return entries
+
+    dm.list = racing_list  # type: ignore[method-assign]
+    events = w.poll()
+    assert kinds(events) == ["snap2:device-renamed"] and calls[0] == 2
