@@ -7,12 +7,53 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from dmtools.cli.main import emit, open_backend
+from dmtools.cli import main as cli_main
+from dmtools.cli.main import emit
 from dmtools.errors import InvalidArgument
+
+#: Where ``read_ahead`` finds ``dev/block/MAJ:MIN`` (tests point it elsewhere).
+SYSFS = "/sys"
+
+
+def open_backend(args: argparse.Namespace) -> Any:
+    """The backend, looked up on the root module at call time (tests replace it there)."""
+    return cli_main.open_backend(args)
+
+
+class IntermixedParser(argparse.ArgumentParser):
+    """A verb's parser taking options and operands in any order, as dmsetup (getopt) does.
+
+    Plain argparse stops filling optional positionals once an option came between them
+    (``create NAME --uuid U TABLE_FILE`` would leave ``TABLE_FILE`` unrecognised).
+    """
+
+    _intermixing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Any = None, namespace: Any = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._intermixing:  # the two passes of parse_known_intermixed_args
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 def _read_table(args: argparse.Namespace, *, required: bool) -> str | None:
     """The table from ``--table`` (``;`` separates lines), a table file, or stdin when piped."""
+    given = [
+        opt
+        for opt, present in (
+            ("--table", args.table is not None),
+            ("a table file", bool(getattr(args, "table_file", None))),
+            ("--notable", getattr(args, "notable", False)),
+        )
+        if present
+    ]
+    if len(given) > 1:
+        raise InvalidArgument(f"{' and '.join(given)} exclude each other", operation=args.verb)
     if args.table is not None:
         return "\n".join(part.strip() for part in args.table.split(";"))
     if getattr(args, "table_file", None):
@@ -104,58 +145,90 @@ def _names(dm: Any, args: argparse.Namespace) -> list[str]:
 
 def _table(args: argparse.Namespace) -> int:
     dm = open_backend(args)
-    out: dict[str, str] = {}
-    for name in _names(dm, args):
-        out[name] = dm.table(name, inactive=args.inactive).dmsetup_text().rstrip("\n")
-    _emit_per_device(args, out)
+    tables = {name: dm.table(name, inactive=args.inactive) for name in _names(dm, args)}
+    _emit_per_device(
+        args,
+        {name: t.dmsetup_text().splitlines() for name, t in tables.items()},
+        {name: str(t) for name, t in tables.items()},
+    )
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
     dm = open_backend(args)
-    out: dict[str, str] = {}
-    for name in _names(dm, args):
-        out[name] = "".join(
-            line.dmsetup_text() for line in dm.status(name, inactive=args.inactive)
-        ).rstrip("\n")
-    _emit_per_device(args, out)
+    statuses = {name: dm.status(name, inactive=args.inactive) for name in _names(dm, args)}
+    _emit_per_device(
+        args,
+        {name: [line.dmsetup_text().rstrip("\n") for line in lines] for name, lines in statuses.items()},
+        {name: "\n".join(str(line) for line in lines) for name, lines in statuses.items()},
+    )
     return 0
 
 
-def _emit_per_device(args: argparse.Namespace, out: dict[str, str]) -> None:
-    def text() -> str:
-        if len(out) == 1 and args.names:
-            return next(iter(out.values()))
-        lines = []
-        for name, body in out.items():
-            for line in body.splitlines() or [""]:
-                lines.append(f"{name}: {line}")
-        return "\n".join(lines)
+def _emit_per_device(args: argparse.Namespace, text: dict[str, list[str]], data: dict[str, str]) -> None:
+    """``dmsetup table|status`` layout: one named device bare, several or all prefixed ``NAME: ``.
 
-    emit(args, out, text)
+    ``text`` holds dmsetup's lines (``"%llu %llu %s %s"``: a target without parameters keeps the
+    space); ``data`` is the ``--json`` form, the canonical table text that ``Table.parse`` reads.
+    A device without a table prints an empty line (bare) or ``NAME: `` (prefixed), as dmsetup does.
+    """
+    if args.json:
+        emit(args, data, "")
+    elif len(text) == 1 and args.names:
+        print("\n".join(next(iter(text.values()))))
+    else:
+        for name, lines in text.items():
+            for line in lines or [""]:
+                print(f"{name}: {line}")
 
 
-def format_info(info: Any) -> str:
-    """``dmsetup info`` layout."""
-    tables = [t for t, present in (("LIVE", info.live_table), ("INACTIVE", info.inactive_table)) if present]
-    rows = [
-        ("Name", info.name),
-        ("State", info.state + (" (READ-ONLY)" if info.read_only else "")),
-        ("Tables present", " & ".join(tables) if tables else "None"),
+def read_ahead(info: Any) -> int | None:
+    """Read-ahead in sectors as ``dmsetup info`` prints it, or None where there is none to read.
+
+    libdm reads ``/sys/dev/block/MAJ:MIN/bdi/read_ahead_kb`` and doubles it
+    (``libdm/libdm-common.c`` ``get_dev_node_read_ahead``); a kernel device without a table has no
+    disk registered yet and dmsetup then prints no ``Read Ahead`` line. On the userspace backend
+    the number is the exposing loop device's.
+    """
+    if not info.major:
+        return None
+    try:
+        path = f"{SYSFS}/dev/block/{info.major}:{info.minor}/bdi/read_ahead_kb"
+        with open(path, encoding="ascii") as f:
+            return int(f.read().strip()) * 2
+    except (OSError, ValueError):
+        return None
+
+
+def format_info(info: Any, readahead: int | None = None) -> str:
+    """One device in ``dmsetup info``'s layout (``libdm/dm-tools/dmsetup.c`` ``_display_info_long``)."""
+    state = info.state + (" (READ-ONLY)" if info.read_only else "")
+    state += " (DEFERRED REMOVE)" if info.deferred_remove else ""
+    tables = " & ".join(
+        t for t, present in (("LIVE", info.live_table), ("INACTIVE", info.inactive_table)) if present
+    )
+    rows = [("Name", info.name), ("State", state)]
+    if readahead is not None:
+        rows.append(("Read Ahead", str(readahead)))
+    rows += [
+        ("Tables present", tables or "None"),
         ("Open count", str(info.open_count)),
         ("Event number", str(info.event_nr)),
         ("Major, minor", f"{info.major}, {info.minor}"),
         ("Number of targets", str(info.target_count)),
     ]
+    lines = [f"{k + ':':<19}{v}" for k, v in rows]
     if info.uuid:
-        rows.append(("UUID", info.uuid))
-    return "\n".join(f"{k + ':':<19}{v}" for k, v in rows)
+        lines.append(f"UUID: {info.uuid}")  # not aligned in dmsetup either
+    return "\n".join(lines)
 
 
 def _info(args: argparse.Namespace) -> int:
     dm = open_backend(args)
-    infos = [dm.info(name) for name in _names(dm, args)]
-    emit(args, [asdict(i) for i in infos], lambda: "\n\n".join(format_info(i) for i in infos))
+    infos = [(info, read_ahead(info)) for info in (dm.info(name) for name in _names(dm, args))]
+    data = [dict(asdict(info), read_ahead=ra) for info, ra in infos]
+    # dmsetup ends every device with an empty line; print() adds the last newline.
+    emit(args, data, lambda: "".join(format_info(i, ra) + "\n\n" for i, ra in infos)[:-1])
     return 0
 
 
@@ -166,7 +239,7 @@ def _deps(args: argparse.Namespace) -> int:
     def text() -> str:
         lines = []
         for name, deps in out.items():
-            body = f"{len(deps)} dependencies\t: " + " ".join(f"({a}, {b})" for a, b in deps)
+            body = f"{len(deps)} dependencies\t:" + "".join(f" ({a}, {b})" for a, b in deps)
             lines.append(body if len(out) == 1 and args.names else f"{name}: {body}")
         return "\n".join(lines)
 
@@ -197,8 +270,8 @@ def _version(args: argparse.Namespace) -> int:
 
 def _message(args: argparse.Namespace) -> int:
     resp = open_backend(args).message(args.name, args.sector, " ".join(args.message))
-    if resp:
-        print(resp)
+    if resp:  # dmsetup adds a newline only where the target's response lacks one
+        sys.stdout.write(resp if resp.endswith("\n") else resp + "\n")
     return 0
 
 
@@ -211,7 +284,7 @@ def _wait(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     """Add ``dm`` and its verbs to the root parser's sub-commands."""
     dm = sub.add_parser("dm", help="device-mapper verbs (dmsetup's words and table syntax)")
-    verbs = dm.add_subparsers(dest="verb", metavar="VERB")
+    verbs = dm.add_subparsers(dest="verb", metavar="VERB", parser_class=IntermixedParser)
     verbs.required = True
 
     def table_opts(p: argparse.ArgumentParser) -> None:

@@ -67,10 +67,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def open_backend(args: argparse.Namespace) -> Any:
-    """Open the ``DeviceMapper`` backend named by ``--backend``."""
+    """Open the ``DeviceMapper`` backend named by ``--backend``; ``main`` closes it at the end."""
     import dmtools
 
-    return dmtools.open(args.backend)
+    dm = dmtools.open(args.backend)
+    opened = getattr(args, "opened_backends", None)
+    if opened is not None:
+        opened.append(dm)
+    return dm
+
+
+def _close_backends(args: argparse.Namespace) -> None:
+    for dm in getattr(args, "opened_backends", ()):
+        try:
+            dm.close()
+        except (DMError, OSError) as err:  # the command's outcome stands; a failed close is noted
+            log.debug("closing %r: %s", dm, err)
+
+
+def one_line(err: BaseException) -> str:
+    """The error as one line (libdevmapper's captured log may span several)."""
+    return "; ".join(part.strip() for part in str(err).splitlines() if part.strip())
 
 
 def emit(args: argparse.Namespace, data: Any, text: Callable[[], str] | str) -> None:
@@ -121,28 +138,24 @@ def main(argv: Sequence[str] | None = None, *, propagate: bool = False) -> int:
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="dmtools: %(levelname)s: %(message)s",
     )
+    args.opened_backends = []
     try:
         rc = args.func(args)
         return int(rc or 0)
-    except DMError as err:
+    except (DMError, OSError) as err:
         if propagate:
             raise
         if args.debug:
             log.exception("failed")
-        print(f"dmtools: {err}", file=sys.stderr)
+        print(f"dmtools: {one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if propagate:
             raise
         print("dmtools: interrupted", file=sys.stderr)
         return 130
-    except OSError as err:
-        if propagate:
-            raise
-        if args.debug:
-            log.exception("failed")
-        print(f"dmtools: {err}", file=sys.stderr)
-        return 1
+    finally:
+        _close_backends(args)
 
 
 if __name__ == "__main__":  # pragma: no cover
