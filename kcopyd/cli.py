@@ -25,6 +25,16 @@ from dmtools.units import SECTOR, format_size, parse_sectors, parse_size
 
 __all__ = ["register", "cmd_copy", "parse_spec", "Spec", "main"]
 
+DESCRIPTION = """\
+Copy a device range to up to 8 destinations with kcopyd.
+
+SRC and each DST may carry @SECTOR (start) and +COUNT (length), with units: disk.img@1M+512M,
+/dev/loop0@2048 (a bare number is in sectors). Without +COUNT the copy runs to the end of the
+source. null: as a destination discards the data. Missing destination files are created and short
+ones extended (regular files only); block devices must be large enough. The exit status is 1 when
+any read or write failed, and the message names the destinations that failed.
+"""
+
 _SPEC_RE = re.compile(r"^(?P<path>.*?)(?:@(?P<sector>[0-9][0-9A-Za-z.]*))?(?:\+(?P<count>[0-9][0-9A-Za-z.]*))?$")
 
 
@@ -63,7 +73,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "copy",
         help="copy a device range to up to 8 destinations (kcopyd)",
-        description=__doc__,
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(p)
@@ -246,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m kcopyd SRC DST ...``: the ``copy`` command on its own."""
     import logging
 
-    parser = argparse.ArgumentParser(prog="python -m kcopyd", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m kcopyd", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
