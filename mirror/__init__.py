@@ -16,6 +16,8 @@ __all__ = [
     "LogImage",
     "LogReport",
     "MirrorManager",
+    "MirrorState",
+    "OfflineResync",
     "RegionState",
     "SyncMode",
     "create_log",
@@ -26,8 +28,12 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # The manager pulls in kcopyd and the backends; load it on first use.
-    if name == "MirrorManager":
-        from mirror.manager import MirrorManager
+    if name in ("MirrorManager", "MirrorState"):
+        import mirror.manager
 
-        return MirrorManager
+        return getattr(mirror.manager, name)
+    if name == "OfflineResync":
+        from mirror.resync import OfflineResync
+
+        return OfflineResync
     raise AttributeError(name)

@@ -171,6 +171,8 @@ class MirrorTarget(Target):
         self.log_failure = False
         self.leg_failure = False
         self.suspended = True
+        #: writes held after a leg failure (handle_errors without keep_log) give up at suspend
+        self._holds_released = False
         self.rate = 0  # bytes/s, 0 = unlimited
         self._next_copy = 0.0
         self._copying: set[int] = set()
@@ -411,7 +413,6 @@ class MirrorTarget(Target):
                     self.cond.wait()
                 raise _io_error("write held after a leg failure, failed at suspend")
 
-    _holds_released = False
 
     def flush(self) -> None:
         """PREFLUSH to every leg; a failure marks the leg D and later clean marks NOSYNC."""

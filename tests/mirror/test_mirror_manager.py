@@ -111,7 +111,7 @@ def test_rate_limited_resync(mm: MirrorManager, tmp_path: Path) -> None:
     t0 = time.monotonic()
     mm.resync("m5", rate=2 * MB, leg=1, timeout=20)  # rebuild 1 MiB at 2 MiB/s: ~0.5 s
     took = time.monotonic() - t0
-    assert 0.35 <= took <= 1.0, took
+    assert 0.4 <= took <= 2.5, took  # never faster than the limit; slower only under load
     assert _same(a, b)
 
 

@@ -210,7 +210,7 @@ def test_cli_resync_killed_then_rerun_resumes_from_the_log(tmp_path, delay: floa
     import time as _time
     from pathlib import Path
 
-    size, nreg = 4 << 20, 64  # 64 regions of 64 KiB, at 4 MiB/s: about a second
+    size, nreg = 4 << 20, 64  # 64 regions of 64 KiB, at 1 MiB/s: about 4 s if not killed
     a, b, lg = tmp_path / "a", tmp_path / "b", tmp_path / "log"
     a.write_bytes(os.urandom(size))
     b.write_bytes(bytes(size))
@@ -218,7 +218,7 @@ def test_cli_resync_killed_then_rerun_resumes_from_the_log(tmp_path, delay: floa
     format_log(ep, nreg, in_sync=False)
     lg.write_bytes(bytes(ep.data))
     cmd = [sys.executable, "-m", "dmtools.cli.main", "mirror", "resync-offline", str(a), str(b),
-           "--log", str(lg), "--region-size", "64K", "--rate", "4M", "-q"]
+           "--log", str(lg), "--region-size", "64K", "--rate", "1M", "-q"]
     def out_of_sync() -> list[int]:
         with open(lg, "rb") as f:
             return LogImage.read(_FileEndpoint(f.read())).out_of_sync()

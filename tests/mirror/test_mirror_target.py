@@ -311,7 +311,7 @@ def test_resync_rate_is_held() -> None:
         t0 = time.monotonic()
         assert t.wait_in_sync(10)
         took = time.monotonic() - t0
-        assert 0.35 <= took <= 0.8, took
+        assert 0.4 <= took <= 2.0, took  # never faster than the limit; slower only under load
     finally:
         r.close()
 
