@@ -128,8 +128,9 @@ class Client:
         self.throttle = throttle if throttle is not None else Throttle(rate, throttle_percent)
         self.offload = offload
         self.max_jobs = max_jobs
-        # A buffered piece never needs more pages than the pool holds.
-        self._buffer_piece_size = min(sub_job_size, num_pages * PAGE_SIZE)
+        # A buffered piece never needs more than half the pool, so that even a small pool keeps
+        # two pieces in flight (one read while the other is written).
+        self._buffer_piece_size = min(sub_job_size, max(1, num_pages // 2) * PAGE_SIZE)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._run_pages: list[Job] = []  # jobs handing out pieces that need pages, in order
