@@ -29,7 +29,7 @@ IN_FLIGHT_BYTES = 32 << 20
 #: Largest kcopyd job: adjacent out-of-sync regions are copied together up to this size.
 RUN_BYTES = 8 << 20
 #: Seconds between log commits (legs flushed, then clean bits written).
-COMMIT_INTERVAL = 0.5
+COMMIT_INTERVAL = 1.0
 
 ProgressFn = Callable[[int, int], None]
 
@@ -206,8 +206,9 @@ class OfflineResync:
         """Flush the legs, then persist ``regions`` as clean (one log write + flush)."""
         if self.image is None or not regions:
             return
-        for leg in self.legs:
-            leg.flush()
+        for i, leg in enumerate(self.legs):
+            if i != self.source:  # the source is only read
+                leg.flush()
         for r in regions:
             self.image.clean.set(r)
         assert self.log is not None

@@ -2,7 +2,8 @@
 """Mirror benchmarks (issue 6), measured in one run and printed as ratios against peers:
 
 1. full resync of an inactive mirror (every region out of sync on its disk log) against a raw
-   kcopyd copy of the same size (what ``dmtools copy`` runs), both flushed: goal >= 0.9x;
+   kcopyd copy of the same size (what ``dmtools copy`` runs), both flushed: goal >= 0.9x; and the
+   userspace ``mirror`` target's own full resync (core log), until the mirror is removed;
 2. a resync with 10 % of the regions dirty against the full resync: goal <= 15 % of the time;
 3. rate-limited resyncs (offline, paced submissions: bytes over the time until the last copy
    completed; the userspace target's own limit: bytes over the time until the mirror reports
@@ -116,6 +117,25 @@ def target_rate(legs: list[Path], size: int, region: int, rate: int) -> tuple[fl
         eng.close()
 
 
+def target_full_resync(legs: list[Path], region: int) -> float:
+    """Seconds for the userspace ``mirror`` target to resync a core-log mirror (every region)."""
+    from mirror.manager import MirrorManager
+
+    eng = engine()
+    try:
+        mm = MirrorManager(eng)
+        t0 = time.monotonic()
+        mm.create("bench-full", [str(p) for p in legs], region_size=region)
+        mm.resync("bench-full", poll=0.01)
+        with eng.open_endpoint("bench-full") as ep:
+            ep.flush()  # the copies made durable, as the raw copy's
+        took = time.monotonic() - t0
+        mm.remove("bench-full")
+        return took
+    finally:
+        eng.close()
+
+
 def seq_write(eng, name: str, size: int, chunk: int = 1 << 20) -> float:  # type: ignore[no-untyped-def]
     buf = os.urandom(chunk)
     with eng.open_endpoint(name) as ep:
@@ -145,7 +165,7 @@ def main() -> int:
         src, dst, log = d / "leg0", d / "leg1", d / "log"
         fill(src, size, 1)
 
-        raws, fulls, dirties = [], [], []
+        raws, fulls, dirties, targets = [], [], [], []
         dirty = sorted(random.Random(2).sample(range(nr), max(1, nr // 10)))
         for _ in range(args.repeat):  # interleaved, medians: the machine is shared
             blank(dst, size)
@@ -155,10 +175,14 @@ def main() -> int:
             fulls.append(offline([src, dst], log, region)[0])
             write_log(log, nr, dirty)
             dirties.append(offline([src, dst], log, region)[0])
+            blank(dst, size)
+            targets.append(target_full_resync([src, dst], region))
         out["raw_copy_s"] = statistics.median(raws)
         out["full_resync_s"] = statistics.median(fulls)
         out["full_vs_raw"] = out["raw_copy_s"] / out["full_resync_s"]
         out["dirty10_resync_s"] = statistics.median(dirties)
+        out["target_resync_s"] = statistics.median(targets)
+        out["target_vs_raw"] = out["raw_copy_s"] / out["target_resync_s"]
         out["dirty10_vs_full"] = out["dirty10_resync_s"] / out["full_resync_s"]
 
         # rate limits: a slice big enough for a few seconds at the limit, at most the whole volume
@@ -204,6 +228,8 @@ def main() -> int:
     print(f"  raw kcopyd copy        {out['raw_copy_s']:.2f} s  {mb(out['raw_copy_s'])}")
     print(f"  full resync            {out['full_resync_s']:.2f} s  {mb(out['full_resync_s'])}"
           f"  = {out['full_vs_raw']:.2f}x raw copy (goal >= 0.9x)")
+    print(f"  userspace target       {out['target_resync_s']:.2f} s  {mb(out['target_resync_s'])}"
+          f"  = {out['target_vs_raw']:.2f}x raw copy (resync inside the engine's mirror target)")
     print(f"  10% dirty resync       {out['dirty10_resync_s']:.2f} s"
           f"  = {100 * out['dirty10_vs_full']:.1f}% of full (goal <= 15%)")
     print(f"  offline rate limit     {format_size(rate)}/s -> {format_size(int(out['offline_rate_achieved']))}/s"
