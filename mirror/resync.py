@@ -156,6 +156,7 @@ class OfflineResync:
         self.job_bytes = job_bytes
         region_bytes = region_size * SECTOR
         self.in_flight = in_flight or max(2, min(64, IN_FLIGHT_BYTES // region_bytes))
+        self._needs_header_write = True
         if log is None:
             self.image: LogImage | None = None
             out_of_sync = set(range(self.nr_regions))
@@ -168,7 +169,9 @@ class OfflineResync:
             out_of_sync = set(range(self.nr_regions))
         else:
             self.image = LogImage.read(log)  # strict: CorruptMetadata / InvalidArgument, nothing written
+            before = bytes(self.image.buffer)
             self.image.resize(self.nr_regions, SyncMode.DEFAULT)  # the kernel's resume rules, in memory
+            self._needs_header_write = bytes(self.image.pack()) != before
             if self.image.io_bytes > log.size:
                 raise InvalidArgument(
                     f"log device {log.name} too small: need {self.image.io_bytes} bytes", operation="resync"
@@ -223,11 +226,16 @@ class OfflineResync:
         start = time.monotonic()
         total = plan.total_bytes
         if self.image is not None and plan.copies:
-            # Every region about to be copied is durably dirty before its first data write.
+            # Every region about to be copied is durably dirty before its first data write (a
+            # rebuild copies regions the log has clean; a full resync or a new header rewrites it).
             assert self.log is not None
+            changed = self._needs_header_write
             for r in plan.regions:
-                self.image.clean.clear(r)
-            self.image.write(self.log)
+                if self.image.clean.test(r):
+                    self.image.clean.clear(r)
+                    changed = True
+            if changed:
+                self.image.write(self.log)
         lock = threading.Condition()
         finished: list[int] = []
         state = {"active": 0, "done_bytes": 0}
