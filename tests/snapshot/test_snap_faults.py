@@ -87,3 +87,15 @@ def test_origin_read_error_during_copy(snap_engine: Any, tmp_path: Path, data: b
     with pytest.raises(DeviceIOError):
         st.write("s", b"x" * 100, 0)
     assert st.status("s") == "Invalid"
+
+
+def test_whole_chunk_snapshot_write_skips_the_origin_read(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
+    eng = snap_engine
+    st = Stack(eng, tmp_path, data)
+    st.add_snapshot("s", 256 * 1024)
+    eng.suspend(st.real)
+    eng.load(st.real, f"0 {st.sectors} error")  # any origin read now fails
+    eng.resume(st.real)
+    st.write("s", b"w" * CB, 5 * CB)  # a whole chunk: no origin read, so it succeeds
+    assert st.read("s", 5 * CB, CB) == b"w" * CB
+    assert st.status("s").startswith("24/")
