@@ -148,5 +148,10 @@ class PagePool:
             if self._closed:
                 return
             self._closed = True
-        self._view.release()
-        self._arena.close()
+        try:
+            self._view.release()
+            self._arena.close()
+        except BufferError:
+            # A slice is still referenced somewhere (say, by a logged exception's traceback):
+            # the mapping is then unmapped by the garbage collector instead.
+            pass
