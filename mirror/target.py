@@ -176,6 +176,7 @@ class MirrorTarget(Target):
         self.rate = 0  # bytes/s, 0 = unlimited
         self._next_copy = 0.0
         self._copying: set[int] = set()
+        self._retiring = False
         self._wake = False
         self._stop = False
         self._worker: threading.Thread | None = None
@@ -472,6 +473,7 @@ class MirrorTarget(Target):
                 return False
             self._wake = False
             batch = self.rh.collect(clean_before=time.monotonic() - CLEAN_DELAY)
+            self._retiring = bool(batch)
         # The legs are flushed before any clean mark, without the lock: writes go on meanwhile
         # (a region written during the flush keeps its dirty mark).
         flushed = False
@@ -488,6 +490,8 @@ class MirrorTarget(Target):
                 self.rh.apply(batch, self.errors_handled, legs_flushed=flushed or not self.log.persistent)
             except (OSError, DMError):
                 self.log_failure = True
+            finally:
+                self._retiring = False
             self.cond.notify_all()  # delayed writes may go now
             if not self.suspended:
                 self.rh.recovery_prepare()
@@ -594,7 +598,7 @@ class MirrorTarget(Target):
             while self.rh.quiesced:
                 region = self.rh.quiesced[0]
                 self.rh.abandon(region)
-            while self._copying:
+            while self._copying or self._retiring:  # copies in flight, or a retirement half done
                 self.cond.wait()
             # Regions still waiting for writes to drain are given up: they stay out of sync.
             for region in list(self.rh.recovering):
