@@ -259,11 +259,13 @@ def _targets(args: argparse.Namespace) -> int:
 
 def _version(args: argparse.Namespace) -> int:
     v = open_backend(args).version()
+    # dmsetup's two lines; a backend other than the kernel says which it is on a third
+    other = v.backend and v.backend != "kernel"
     emit(
         args,
         asdict(v),
         f"Library version:   {v.library}\nDriver version:    {v.driver}"
-        + (f"\nBackend:           {v.backend}" if v.backend else ""),
+        + (f"\nBackend:           {v.backend}" if other else ""),
     )
     return 0
 

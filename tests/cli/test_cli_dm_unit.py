@@ -400,10 +400,17 @@ def test_targets_text_and_json(fake_dm: Any, run: Any) -> None:
     }
 
 
-def test_version_text_and_json(fake_dm: Any, run: Any) -> None:
+def test_version_text_and_json(fake_dm: Any, run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     assert run("dm", "version")[1] == "Library version:   1.02.196\nDriver version:    4.48.0\n"
+    # the kernel backend prints dmsetup's two lines; another backend names itself on a third
+    from dmtools.backend import Versions
+
+    monkeypatch.setattr(fake_dm, "version", lambda: Versions("1.02.196", "4.48.0", "kernel"))
+    assert run("dm", "version")[1] == "Library version:   1.02.196\nDriver version:    4.48.0\n"
+    monkeypatch.setattr(fake_dm, "version", lambda: Versions("0.1.0", "4.50.0", "userspace"))
+    assert run("dm", "version")[1].splitlines()[2] == "Backend:           userspace"
     assert json.loads(run("dm", "version", "--json")[1]) == {
-        "library": "1.02.196", "driver": "4.48.0", "backend": "",
+        "library": "0.1.0", "driver": "4.50.0", "backend": "userspace",
     }
 
 
@@ -528,3 +535,34 @@ def test_broken_plugin_command_is_skipped(monkeypatch: pytest.MonkeyPatch) -> No
     assert "broken" not in commands and "hello" in commands
     assert commands["dm"].prog.endswith(" dm")  # the built-in dm is not replaced by a plugin of that name
     assert cli_main.main(["hello"]) == 7
+
+
+@pytest.mark.parametrize(("kernel_works", "expected"), [(True, "kernel"), (False, "userspace")])
+def test_auto_picks_the_kernel_where_it_works(
+    kernel_works: bool, expected: str, monkeypatch: pytest.MonkeyPatch, run: Any
+) -> None:
+    """Through the real seam and ``dmtools.open``: only the two backends' constructors are faked."""
+    import dmtools.backend
+    import dmtools.engine.client
+    import dmtools.kernel
+    from dmtools.backend import Versions
+
+    made: list[str] = []
+
+    class Made:
+        def __init__(self, kind: str) -> None:
+            made.append(kind)
+            self.kind = kind
+
+        def version(self) -> Versions:
+            return Versions("L", "D", self.kind)
+
+        def close(self) -> None:
+            made.append(f"closed {self.kind}")
+
+    monkeypatch.setattr(dmtools.backend, "kernel_available", lambda: kernel_works)
+    monkeypatch.setattr(dmtools.kernel, "KernelBackend", lambda: Made("kernel"))
+    monkeypatch.setattr(dmtools.engine.client, "open_userspace", lambda: Made("userspace"))
+    out = json.loads(run("dm", "version", "--json")[1])
+    assert out["backend"] == expected
+    assert made == [expected, f"closed {expected}"]
