@@ -63,7 +63,14 @@ IO_VERBS: dict[str, tuple[str, ...]] = {
 
 
 def run_dir() -> str:
-    """Where the daemon keeps its socket, pid file and exposures for the calling user."""
+    """Where the daemon keeps its socket, pid file and exposures for the calling user.
+
+    ``DMTOOLS_RUN_DIR`` overrides it (separate engines side by side); else ``/run/dmtools`` for root,
+    ``$XDG_RUNTIME_DIR/dmtools`` or ``/tmp/dmtools-UID`` for other users.
+    """
+    override = os.environ.get("DMTOOLS_RUN_DIR")
+    if override:
+        return override
     if os.geteuid() == 0:
         return "/run/dmtools"
     runtime = os.environ.get("XDG_RUNTIME_DIR")
