@@ -71,7 +71,8 @@ class _Progress:
 
     def __call__(self, done: int, total: int) -> None:
         if self.base is None:
-            self.base = done  # what was already in sync does not count towards the rate and ETA
+            # what was already in sync does not count towards the rate and ETA (unless it is all)
+            self.base = done if done < total else 0
         self.last = (done - self.base, total - self.base)
         self.reporter.update(*self.last)
 
