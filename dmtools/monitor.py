@@ -425,7 +425,9 @@ class Monitor:
     def _mirror(self, state: DeviceState, events: Sequence[Event], settings: PolicySettings) -> list[Event]:
         if settings.mirror_policy == "none":
             return []
-        failed = [e for e in events if isinstance(e, LegHealthChanged) and e.failed and e.old == "A"]
+        # A leg that starts failing (from A, or from R to a worse letter); D -> S is no news.
+        failed = [e for e in events if isinstance(e, LegHealthChanged) and e.failed
+                  and (e.old == "A" or (e.old == "R" and e.new != "R"))]
         out: list[Event] = []
         for ev in failed:
             if settings.mirror_policy == "degraded" or ev.new == "R":

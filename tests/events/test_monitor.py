@@ -114,6 +114,12 @@ def test_read_errors_are_reported_not_repaired_and_failures_reported() -> None:
     events = mon.step()
     assert actions(events) == [("mirror-repair", "repair", False)]
     assert "resync source" in [e for e in events if isinstance(e, PolicyAction)][0].detail
+    rep.fail = False
+    dm.set_status("m", mirror_status("DD"))  # the read-failed leg now fails writes too
+    assert actions(mon.step()) == [("mirror-repair", "repair", True)]
+    assert rep.calls == [("m", 1, "250:20")]
+    dm.set_status("m", mirror_status("SD"))  # D -> S is no new failure
+    assert actions(mon.step()) == []
 
 
 def test_autoextend_failure_is_reported_once() -> None:
