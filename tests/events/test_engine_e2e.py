@@ -15,6 +15,7 @@ import pytest
 from dmtools.engine import Engine
 from dmtools.events import (
     LegHealthChanged,
+    MergeFinished,
     PolicyAction,
     ResyncFinished,
     SnapshotInvalidated,
@@ -221,3 +222,27 @@ def test_restart_catches_up_on_the_engine(eng: Engine, tmp_path: Path) -> None:
         events = Monitor(eng, config, store=store, event_numbers=False).step()
     assert [e.threshold for e in events if isinstance(e, SnapshotUsageCrossed)] == [85, 90]
     assert {e.source for e in events} == {"catch-up"}
+
+
+def test_merge_finished_event(eng: Engine, tmp_path: Path) -> None:
+    snapshot_stack(eng, tmp_path, 1 * MiB)
+    monitor = Monitor(eng, event_numbers=False)
+    monitor.step()
+    with eng.open_endpoint("o") as ep:  # copy some origin chunks into the COW
+        for off in range(0, 8 * WRITE, WRITE):
+            ep.write(b"m" * WRITE, off)
+    SnapshotManager(eng).merge("s", wait=False)  # "o" now runs snapshot-merge
+    finished: list[Any] = []
+    deadline = time.monotonic() + 20
+    seen: list[Any] = []
+    while not finished and time.monotonic() < deadline:
+        events = monitor.step()
+        seen += events
+        finished = [e for e in events if isinstance(e, MergeFinished)]
+        time.sleep(0.02)
+    assert finished and finished[0].device == "o", [str(e) for e in seen]
+    assert [e.kind for e in seen if e.device == "s"] == ["device-removed"]
+    with eng.open_endpoint("o", writable=False) as ep:  # the origin is back to the snapshot's zeros
+        buf = bytearray(WRITE)
+        ep.readinto(buf, 0)
+    assert buf == bytes(WRITE)
