@@ -40,7 +40,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                    help="JSON output (one object per event)")
     p.add_argument("--warn", nargs="?", const=_DEFAULT_WARN, default=None, metavar="PCTS",
-                   help=f"warn when snapshot usage crosses these percentages (default {_DEFAULT_WARN})")
+                   help=f"warn when snapshot usage crosses these percentages (default {_DEFAULT_WARN}; "
+                   "write --warn=PCTS, or put the NAMEs first)")
     p.add_argument("--autoextend-threshold", type=int, metavar="PCT",
                    help="grow a snapshot's COW when its usage reaches PCT %% (COW on a loop-backed file)")
     p.add_argument("--autoextend-percent", type=int, default=20, metavar="PCT",
