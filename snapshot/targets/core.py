@@ -193,7 +193,34 @@ class Snapshot:
         self._complete(group, not read_err and not write_err)
 
     def _complete(self, pes: list[PendingException], ok: bool) -> None:
-        """Commit exceptions strictly in allocation order (dm-snap.c ``copy_callback``)."""
+        """Commit exceptions strictly in allocation order (dm-snap.c ``copy_callback``).
+
+        Runs on kcopyd's callback thread (or a writer's). Any exception raised on the way (store,
+        table, a bug) invalidates the snapshot, as an I/O error does in the kernel
+        (``__invalidate_snapshot``: header ``valid = 0``, later snapshot I/O gets EIO), and
+        finishes every pending exception as failed, so no origin write waits forever.
+        """
+        try:
+            self._complete_ordered(pes, ok)
+        except Exception as err:  # noqa: BLE001 - a waiter must never hang on a lost completion
+            log.exception("%s: completing exceptions failed", self.name)
+            self._fail_pending(f"exception completion failed: {err}")
+
+    def _fail_pending(self, reason: str) -> None:
+        """Invalidate and mark every pending exception done and failed (waiters see ``ok=False``)."""
+        with self.cond:
+            try:
+                self.invalidate_locked(reason)
+            except Exception:  # noqa: BLE001 - still release the waiters below
+                self.valid = False
+                log.exception("%s: invalidating the snapshot failed", self.name)
+            for pe in self.pending.values():
+                pe.ok = False
+                pe.done = True
+            self.pending.clear()
+            self.cond.notify_all()
+
+    def _complete_ordered(self, pes: list[PendingException], ok: bool) -> None:
         with self._complete_lock:
             for pe in pes:
                 self._parked[pe.seq] = (pe, ok)
