@@ -66,7 +66,7 @@ def _read_table(args: argparse.Namespace, *, required: bool) -> str | None:
             ) from err
     if getattr(args, "notable", False):
         return None
-    if not sys.stdin.isatty():
+    if sys.stdin is not None and not sys.stdin.isatty():  # None: started with stdin closed
         text = sys.stdin.read()
         if text.strip():
             return text

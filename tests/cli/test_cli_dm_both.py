@@ -14,33 +14,19 @@ from typing import Any
 
 import pytest
 
+from cli_helpers import MiB, Devices, devno, read_at, write_synced
 from dmtools.cli import main as cli_main
 from dmtools.errors import DeviceBusy, DeviceExists, DeviceNotFound, InvalidTable
 
-MiB = 1 << 20
-
-
-def devno(path: str) -> str:
-    st = os.stat(path)
-    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-
-
-class Harness:
+class Harness(Devices):
     """The CLI on one backend, plus that backend's own handle for paths and cleanup."""
 
     def __init__(self, backend: str, capsys: pytest.CaptureFixture[str], base: str) -> None:
         import dmtools
 
+        super().__init__(base, dmtools.open(backend))
         self.backend = backend
         self.capsys = capsys
-        self.dm = dmtools.open(backend)
-        self.base = base
-        self.names: list[str] = []
-
-    def name(self, tag: str) -> str:
-        name = self.base.replace("-dmtt", f"{tag}-dmtt")
-        self.names.append(name)
-        return name
 
     def __call__(self, *argv: str) -> str:
         self.capsys.readouterr()
@@ -49,17 +35,6 @@ class Harness:
 
     def path(self, name: str) -> str:
         return self.dm.device_path(name)
-
-    def cleanup(self) -> list[str]:
-        left = []
-        for name in self.names:
-            if not self.dm.exists(name):
-                continue
-            left.append(name)
-            if self.dm.info(name).suspended:
-                self.dm.resume(name)
-            self.dm.remove(name, retry=True)
-        return left
 
 
 @pytest.fixture(
@@ -103,17 +78,9 @@ def test_same_lifecycle_and_output(dmcli: Harness, loops: tuple[Any, Any]) -> No
     assert f"{name}\t({devno(dmcli.path(name))})" in dmcli("ls").splitlines()
 
     data = os.urandom(MiB)
-    fd = os.open(dmcli.path(name), os.O_WRONLY)
-    try:
-        assert os.pwrite(fd, data, 0) == MiB
-        assert os.pwrite(fd, data[: 1024 * 512], 3072 * 512) == 1024 * 512
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    with open(la.path, "rb") as fa, open(lb.path, "rb") as fb:
-        assert fa.read(MiB) == data
-        fb.seek(16 * 512)
-        assert fb.read(1024 * 512) == data[: 1024 * 512]
+    write_synced(dmcli.path(name), (0, data), (3072 * 512, data[: 1024 * 512]))
+    assert read_at(la.path, 0, MiB) == data
+    assert read_at(lb.path, 16 * 512, 1024 * 512) == data[: 1024 * 512]
 
     dmcli("load", name, "--table", f"0 1024 linear {lb.path} 16")
     assert "Tables present:    LIVE & INACTIVE" in dmcli("info", name).splitlines()

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
+from cli_helpers import MiB, Devices, devno, read_at, write_synced
 from dmtools.cli import main as cli_main
 from dmtools.errors import DeviceBusy, InvalidTable
 
 pytestmark = pytest.mark.kernel
 
-MiB = 1 << 20
 TIMEOUT = 120
 
 
@@ -33,11 +33,6 @@ def dmsetup(*argv: str, check: bool = True) -> str:
     if check and proc.returncode != 0:
         raise AssertionError(f"dmsetup {' '.join(argv)} failed ({proc.returncode}): {proc.stderr}")
     return proc.stdout
-
-
-def devno(path: str) -> str:
-    st = os.stat(path)
-    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
 
 
 @pytest.fixture
@@ -52,37 +47,12 @@ def ours(capsys: pytest.CaptureFixture[str]) -> Callable[..., str]:
     return run
 
 
-class Names:
-    """Device names for one test; what still exists at teardown is resumed and removed."""
-
-    def __init__(self, base: str, dm: Any) -> None:
-        self.base = base
-        self.dm = dm
-        self.names: list[str] = []
-
-    def __call__(self, tag: str) -> str:
-        name = self.base.replace("-dmtt", f"{tag}-dmtt")
-        self.names.append(name)
-        return name
-
-    def cleanup(self) -> list[str]:
-        left = []
-        for name in self.names:
-            if not self.dm.exists(name):
-                continue
-            left.append(name)
-            if self.dm.info(name).suspended:
-                self.dm.resume(name)
-            self.dm.remove(name, retry=True)
-        return left
-
-
 @pytest.fixture
-def names(dm_name: str, kernel_dm: Any, make_loop: Any) -> Iterator[Names]:
+def names(dm_name: str, kernel_dm: Any, make_loop: Any) -> Iterator[Devices]:
     # make_loop is set up first so the devices go before their loop devices are detached
-    n = Names(dm_name, kernel_dm)
-    yield n
-    n.cleanup()
+    devs = Devices(dm_name, kernel_dm)
+    yield devs
+    devs.cleanup()
 
 
 @pytest.fixture
@@ -90,24 +60,48 @@ def loops(make_image: Callable[..., Path], make_loop: Callable[..., Any]) -> tup
     return make_loop(make_image(8 * MiB)), make_loop(make_image(8 * MiB))
 
 
-@pytest.fixture
-def zoo(names: Names, loops: tuple[Any, Any], ours: Callable[..., str]) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Devices in every state the listings print, made half by dmsetup and half by us.
 
-    Names are created out of name order, so the all-devices listings also prove the order.
+    Built once for the module (the listing tests only read them). Names are created out of name
+    order, so the all-devices listings also prove the order.
     """
-    la, lb = loops
-    z = {k: names(k) for k in ("zlin", "astr", "mnot", "bro", "ysus", "cinact")}
-    dmsetup("create", z["zlin"], "--table", f"0 2048 linear {la.path} 0\n2048 2048 linear {lb.path} 8")
-    ours("create", z["astr"], "--uuid", f"CLI-{z['astr']}", "--table",
-         f"0 4096 striped 2 8 {la.path} 4096 {lb.path} 4096")
-    dmsetup("create", z["mnot"], "--notable")
-    ours("create", z["bro"], "-r", "--table", "0 100 zero")
-    dmsetup("create", z["ysus"], "--table", "0 100 error")
-    dmsetup("suspend", z["ysus"])
-    ours("create", z["cinact"], "--table", f"0 512 linear {lb.path} 9000")
-    ours("load", z["cinact"], "--table", "0 64 zero;64 64 error")
-    return z
+    import uuid
+
+    from dmtools.kernel import KernelBackend
+    from dmtools.testing.loops import LoopTracker
+    from dmtools.testing.plugin import IMAGE_PREFIX, TEST_SUFFIX
+
+    def ours_quiet(*argv: str) -> None:  # create and load print nothing
+        assert cli_main.main(["--backend", "kernel", "dm", *argv], propagate=True) == 0
+
+    images = tmp_path_factory.mktemp("zoo")
+    base = f"z{uuid.uuid4().hex[:8]}{TEST_SUFFIX}"
+    with LoopTracker() as tracker, KernelBackend() as dm:
+        la, lb = (tracker.attach(_image(images / f"{IMAGE_PREFIX}{i}.img", 8 * MiB)) for i in (1, 2))
+        devs = Devices(base, dm)
+        try:
+            z = {k: devs.name(k) for k in ("zlin", "astr", "mnot", "bro", "ysus", "cinact")}
+            dmsetup("create", z["zlin"], "--table",
+                    f"0 2048 linear {la.path} 0\n2048 2048 linear {lb.path} 8")
+            ours_quiet("create", z["astr"], "--uuid", f"CLI-{z['astr']}", "--table",
+                       f"0 4096 striped 2 8 {la.path} 4096 {lb.path} 4096")
+            dmsetup("create", z["mnot"], "--notable")
+            ours_quiet("create", z["bro"], "-r", "--table", "0 100 zero")
+            dmsetup("create", z["ysus"], "--table", "0 100 error")
+            dmsetup("suspend", z["ysus"])
+            ours_quiet("create", z["cinact"], "--table", f"0 512 linear {lb.path} 9000")
+            ours_quiet("load", z["cinact"], "--table", "0 64 zero;64 64 error")
+            yield z
+        finally:
+            devs.cleanup()
+
+
+def _image(path: Path, size: int) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
 
 
 @pytest.mark.parametrize("verb", ["table", "status", "info", "deps"])
@@ -146,10 +140,10 @@ def test_info_read_ahead_comes_from_the_device(zoo: dict[str, str], ours: Callab
 
 
 def test_created_by_us_seen_by_dmsetup_and_the_reverse(
-    names: Names, loops: tuple[Any, Any], ours: Callable[..., str]
+    names: Devices, loops: tuple[Any, Any], ours: Callable[..., str]
 ) -> None:
     la, _ = loops
-    mine, theirs = names("ours"), names("theirs")
+    mine, theirs = names.name("ours"), names.name("theirs")
     ours("create", mine, "--table", f"0 1024 linear {la.path} 0")
     dmsetup("create", theirs, "--table", f"0 1024 linear {la.path} 1024")
     assert f"{mine}\t(" in dmsetup("ls") and f"{theirs}\t(" in ours("ls")
@@ -165,27 +159,20 @@ def test_created_by_us_seen_by_dmsetup_and_the_reverse(
 
 
 def test_lifecycle_with_data_through_dev_mapper(
-    names: Names, loops: tuple[Any, Any], ours: Callable[..., str], tmp_path: Path,
+    names: Devices, loops: tuple[Any, Any], ours: Callable[..., str], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import io
 
     la, lb = loops
-    name = names("life")
+    name = names.name("life")
     f = tmp_path / "t.table"
     f.write_text(f"0 2048 linear {la.path} 0\n2048 2048 linear {lb.path} 8\n")
     ours("create", name, str(f))
     data = os.urandom(2 * MiB)
-    fd = os.open(f"/dev/mapper/{name}", os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    with open(la.path, "rb") as fa, open(lb.path, "rb") as fb:
-        assert fa.read(MiB) == data[:MiB]
-        fb.seek(8 * 512)
-        assert fb.read(MiB) == data[MiB:]
+    write_synced(f"/dev/mapper/{name}", (0, data))
+    assert read_at(la.path, 0, MiB) == data[:MiB]
+    assert read_at(lb.path, 8 * 512, MiB) == data[MiB:]
 
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"0 2048 linear {lb.path} 8\n"))
     ours("reload", name)
@@ -194,7 +181,7 @@ def test_lifecycle_with_data_through_dev_mapper(
     assert "State:             SUSPENDED" in dmsetup("info", name)
     ours("resume", name)
     assert dmsetup("table", name) == f"0 2048 linear {devno(lb.path)} 8\n"
-    new = names("renamed")
+    new = names.name("renamed")
     ours("rename", name, new)
     assert dmsetup("ls").count(new) == 1 and name + "\t" not in dmsetup("ls")
     with open(f"/dev/mapper/{new}", "rb") as dev:
@@ -203,9 +190,9 @@ def test_lifecycle_with_data_through_dev_mapper(
     assert names.cleanup() == []
 
 
-def test_kernel_errors_have_their_types(names: Names, loops: tuple[Any, Any], ours: Callable[..., str]) -> None:
+def test_kernel_errors_have_their_types(names: Devices, loops: tuple[Any, Any], ours: Callable[..., str]) -> None:
     la, _ = loops
-    name = names("err")
+    name = names.name("err")
     with pytest.raises(InvalidTable) as exc:  # the kernel's reason is carried
         ours("create", name, "--table", f"0 8 striped 3 8 {la.path} 0")
     assert str(exc.value)

@@ -16,53 +16,24 @@ from typing import Any
 
 import pytest
 
+from cli_helpers import MiB, Devices, devno, read_at, write_synced
 from dmtools.cli import main as cli_main
 from dmtools.errors import DeviceBusy, DeviceExists, DeviceNotFound, InvalidTable, TargetNotSupported
 
 pytestmark = pytest.mark.root
 
-MiB = 1 << 20
 TIMEOUT = 120
-
-
-def devno(path: str) -> str:
-    st = os.stat(path)
-    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-
-
-class Devices:
-    """Names a test may create; whatever still exists at teardown is resumed and removed."""
-
-    def __init__(self, base: str) -> None:
-        self.base = base
-        self.names: list[str] = []
-
-    def name(self, tag: str = "") -> str:
-        name = self.base if not tag else self.base.replace("-dmtt", f"{tag}-dmtt")
-        self.names.append(name)
-        return name
-
-    def cleanup(self) -> list[str]:
-        import dmtools
-
-        leaked = []
-        with dmtools.open("userspace") as dm:
-            for name in self.names:
-                if not dm.exists(name):
-                    continue
-                leaked.append(name)
-                if dm.info(name).suspended:
-                    dm.resume(name)
-                dm.remove(name, retry=True)
-        return leaked
 
 
 @pytest.fixture
 def devices(dm_name: str, make_loop: Any) -> Iterator[Devices]:
     # make_loop first: the devices go before the loop devices under them are detached
-    devs = Devices(dm_name)
-    yield devs
-    devs.cleanup()
+    import dmtools
+
+    with dmtools.open("userspace") as dm:
+        devs = Devices(dm_name, dm)
+        yield devs
+        devs.cleanup()
 
 
 @pytest.fixture
@@ -124,16 +95,9 @@ def test_lifecycle_and_data_through_the_exposed_device(
     assert "Tables present:    LIVE" in text and "Number of targets: 2" in text
 
     data = os.urandom(2 * MiB)
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        assert os.pwrite(fd, data, 0) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    with open(la.path, "rb") as fa, open(lb.path, "rb") as fb:
-        assert fa.read(MiB) == data[:MiB]
-        fb.seek(8 * 512)
-        assert fb.read(MiB) == data[MiB:]
+    write_synced(path, (0, data))
+    assert read_at(la.path, 0, MiB) == data[:MiB]
+    assert read_at(lb.path, 8 * 512, MiB) == data[MiB:]
 
     # load → inactive slot; suspend; resume swaps it live
     cli("dm", "load", name, "--table", f"0 4096 linear {lb.path} 8")
@@ -183,14 +147,8 @@ def test_create_from_a_table_file_and_from_stdin(
 
     # striping: chunk 0 on la, chunk 1 on lb (8 sectors each)
     data = os.urandom(16 * 512)
-    fd = os.open(f"/run/dmtools/mapper/{by_file}", os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    with open(la.path, "rb") as fa, open(lb.path, "rb") as fb:
-        assert fa.read(4096) == data[:4096] and fb.read(4096) == data[4096:]
+    write_synced(f"/run/dmtools/mapper/{by_file}", (0, data))
+    assert read_at(la.path, 0, 4096) == data[:4096] and read_at(lb.path, 0, 4096) == data[4096:]
 
     # both listed with prefixes in name order in the all-devices forms
     table_all = cli("dm", "table").splitlines()

@@ -134,6 +134,16 @@ def test_create_with_empty_stdin_creates_without_table(fake_dm: Any, run: Any, s
     assert fake_dm.calls == [("create", "n", None, "", False)]
 
 
+def test_create_with_stdin_closed_creates_without_table(
+    fake_dm: Any, run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stdin", None)  # what Python gives a process started with <&-
+    run("dm", "create", "n")
+    assert fake_dm.calls == [("create", "n", None, "", False)]
+    with pytest.raises(InvalidArgument, match="no table given"):
+        run("dm", "load", "n")
+
+
 def test_create_notable_does_not_read_stdin(fake_dm: Any, run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     class Unreadable(io.StringIO):
         def read(self, *a: Any) -> str:
