@@ -124,15 +124,29 @@ class MirrorManager:
         return table.lines[0].length, table.lines[0].target
 
     def _swap(self, name: str, table: Table) -> None:
-        """Load ``table`` and resume it (the device is suspended and resumed around the swap)."""
+        """Load ``table``, suspend with ``noflush`` and resume it live.
+
+        ``noflush`` as LVM/dmeventd suspend a mirror they reconfigure: writes the mirror holds after
+        a leg failure (``handle_errors`` without ``keep_log``) are requeued to the new table instead
+        of failing with EIO (dm-raid1.c ``hold_bio``, dm.c ``DM_ENDIO_REQUEUE``). If the suspend or
+        resume fails the new table is dropped and the device is resumed on its old table.
+        """
         self.dm.load(name, table)
+        suspended = False
         try:
+            self.dm.suspend(name, noflush=True)
+            suspended = True
             self.dm.resume(name)
         except BaseException:
             try:
                 self.dm.clear(name)
             except DMError:
                 pass
+            if suspended:
+                try:
+                    self.dm.resume(name)  # back on the old table: held writes resubmit there
+                except DMError:
+                    pass
             raise
 
     # -- create / status / remove ---------------------------------------------------------------

@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 from dmtools.endpoint import Endpoint
+from dmtools.engine.device import RequeueIO
 from dmtools.engine.target import SECTOR, DeviceHandle, Target, TargetContext, parse_sector, parse_uint
 from dmtools.errors import DeviceIOError, DMError, InvalidArgument, InvalidTable
 
@@ -412,7 +413,7 @@ class MirrorTarget(Target):
                 # Held until a suspend lets userspace (a manager, dmeventd) replace the leg.
                 while not self._holds_released:
                     self.cond.wait()
-                raise _io_error("write held after a leg failure, failed at suspend")
+                self._give_up_hold("write")
 
 
     def flush(self) -> None:
@@ -435,7 +436,15 @@ class MirrorTarget(Target):
             if self.errors_handled and not self.keep_log:
                 while not self._holds_released:
                     self.cond.wait()
-                raise _io_error("flush held after a leg failure, failed at suspend")
+                self._give_up_hold("flush")
+
+    def _give_up_hold(self, what: str) -> None:
+        """End a held I/O at suspend (dm-raid1.c ``hold_bio``): requeued to the next table during a
+        noflush suspend (so a leg replaced by dmeventd/LVM receives it), else EIO."""
+        if self.ctx.noflush_suspending:
+            raise RequeueIO(f"{what} held after a leg failure, requeued at a noflush suspend",
+                            device=self.ctx.device_name)
+        raise _io_error(f"{what} held after a leg failure, failed at suspend")
 
     def discard(self, offset: int, length: int) -> None:
         """Discard on every leg; a failure is reported as unsupported and degrades nothing."""

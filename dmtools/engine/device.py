@@ -12,13 +12,28 @@ import bisect
 import errno
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from dmtools.engine.target import SECTOR, DeviceHandle, Target
 from dmtools.errors import DeviceIOError, DeviceNotFound, InvalidArgument, InvalidTable, NoSpace
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.engine.engine import Engine
+
+_T = TypeVar("_T")
+
+
+class RequeueIO(DeviceIOError):
+    """Raised by a target to hand an I/O back to its device during a ``noflush`` suspend.
+
+    The kernel's ``DM_ENDIO_REQUEUE``/``BLK_STS_DM_REQUEUE`` (``drivers/md/dm.c``): while the device
+    is noflush-suspending the I/O is resubmitted after the resume, to the table live then (a mirror
+    hands back writes it held after a leg failure, so they reach the repaired table). At any other
+    time the device reports it as the EIO it is.
+    """
+
+    def __init__(self, message: str = "I/O requeued", *, device: str | None = None) -> None:
+        super().__init__(message, errno=errno.EIO, device=device)
 
 
 @dataclass(frozen=True)
@@ -166,7 +181,7 @@ class Device:
         self.live: LoadedTable | None = None
         self.inactive: LoadedTable | None = None
         self.suspended = False
-        self.noflush_suspending = False
+        self._noflush = False
         self.event_nr = 0
         self.removed = False
         self.deferred_remove = False
@@ -230,6 +245,24 @@ class Device:
             return self.event_nr
 
     # --- the suspend gate -------------------------------------------------------------------
+    @property
+    def noflush_suspending(self) -> bool:
+        """True while a ``noflush`` suspend is in progress (``dm_noflush_suspending``)."""
+        return self._noflush
+
+    @noflush_suspending.setter
+    def noflush_suspending(self, value: bool) -> None:
+        with self._gate:
+            self._noflush = value
+            self._gate.notify_all()  # requeued I/O waits on it
+
+    def _requeue_wait(self) -> None:
+        """Wait, outside the gate, until a requeued I/O may be resubmitted: the noflush suspend that
+        handed it back is over and the device is resumed (or removed)."""
+        with self._gate:
+            while (self.suspended or self._noflush) and not self.removed:
+                self._gate.wait()
+
     def _enter(self, offset: int = 0) -> LoadedTable | None:
         if offset < 0:
             raise InvalidArgument(f"negative offset {offset}", operation="io", device=self.name)
@@ -285,8 +318,8 @@ class Device:
     def write(self, buf: Any, offset: int) -> int:
         """Write all of ``buf`` at byte ``offset``."""
         mv = memoryview(buf).cast("B")
-        table = self._enter(offset)
-        try:
+
+        def write(table: LoadedTable | None) -> int:
             if not len(mv):
                 return 0
             if table is not None and table.readonly:
@@ -297,8 +330,22 @@ class Device:
                               operation="write", device=self.name)
             self._map(table, mv, offset, True)
             return len(mv)
-        finally:
-            self._leave()
+
+        return self._requeueable(offset, write)
+
+    def _requeueable(self, offset: int, op: Callable[[LoadedTable | None], _T]) -> _T:
+        """Run ``op`` on the live table inside the gate; an I/O a target hands back with
+        ``RequeueIO`` during a noflush suspend is run again once the device is resumed."""
+        while True:
+            table = self._enter(offset)
+            try:
+                return op(table)
+            except RequeueIO:
+                if not self._noflush:
+                    raise
+            finally:
+                self._leave()
+            self._requeue_wait()
 
     def _map(self, table: LoadedTable, mv: memoryview, offset: int, write: bool) -> None:
         i = bisect.bisect_right(table.starts, offset) - 1
@@ -361,13 +408,13 @@ class Device:
 
     def flush(self) -> None:
         """Flush every target of the live table."""
-        table = self._enter()
-        try:
+
+        def flush(table: LoadedTable | None) -> None:
             if table is not None:
                 for tgt in table.targets:
                     tgt.flush()
-        finally:
-            self._leave()
+
+        self._requeueable(0, flush)
 
     def discard(self, offset: int, length: int) -> None:
         """Discard a byte range."""
