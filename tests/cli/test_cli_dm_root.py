@@ -184,7 +184,9 @@ def test_console_script_end_to_end(devices: Devices, two_loops: tuple[Any, Any],
     assert dup.returncode == 1 and dup.stdout == "" and dup.stderr.count("\n") == 1
     assert dup.stderr.startswith("dmtools: ") and name in dup.stderr
 
-    assert console("dm", "remove", name).returncode == 0
+    # --retry as scripts use it with dmsetup: udev may still be probing after the reload
+    removed = console("dm", "remove", "--retry", name)
+    assert (removed.returncode, removed.stderr) == (0, "")
     gone = console("dm", "info", name)
     assert gone.returncode == 1 and gone.stderr.count("\n") == 1 and name in gone.stderr
     assert devices.cleanup() == []
