@@ -22,7 +22,10 @@ from dmtools.engine import protocol
 from dmtools.errors import DaemonError, DMError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Iterator
+
     from dmtools.endpoint import Endpoint
+    from dmtools.events.types import Event
     from dmtools.table import Table
 
 #: How long ``open_userspace`` waits for a daemon it started.
@@ -164,6 +167,17 @@ class UserspaceClient(DeviceMapper):
     def shutdown(self, *, force: bool = False) -> None:
         """Stop the daemon (``DeviceBusy`` while devices are open, unless ``force``)."""
         self.call("shutdown", force=force)
+
+    def events(self, *, timeout: float | None = None) -> "Iterator[Event]":
+        """The daemon's device events as they happen, on a connection of their own.
+
+        A generator (:func:`dmtools.events.publish.subscribe`): it connects when first advanced and
+        ends when the daemon stops; ``close()`` it to hang up. With ``timeout`` a daemon silent for
+        that long (no event, no heartbeat) raises ``DMError``; ``DaemonError`` if it cannot connect.
+        """
+        from dmtools.events.publish import subscribe
+
+        return subscribe(self.socket_path, timeout=timeout)
 
     def close(self) -> None:
         with self._lock:

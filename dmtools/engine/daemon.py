@@ -28,8 +28,16 @@ from dmtools.engine import protocol
 from dmtools.engine.engine import Engine
 from dmtools.engine.remote_io import IOSession
 from dmtools.errors import DaemonError, DeviceBusy, DMError, InvalidArgument
+from dmtools.events.publish import EventHub
 
 log = logging.getLogger("dmtools.daemon")
+
+#: verbs after which the event hub rescans (they add, remove, rename, reload or (un)suspend a
+#: device, or send a target message that may change its status).
+CHANGING_VERBS = frozenset({"create", "load", "suspend", "resume", "remove", "clear", "rename", "message"})
+#: idle seconds between heartbeat lines on an event stream: a hung-up subscriber is noticed (its
+#: next write fails) within this time, and clients may use any silence timeout above it.
+EVENT_HEARTBEAT = 1.0
 
 
 class Daemon:
@@ -44,6 +52,8 @@ class Daemon:
         self._lock_fd = -1
         self._server: socket.socket | None = None
         self.engine: Engine | None = None
+        #: publishes the engine's events to ``subscribe`` connections while serving.
+        self.hub: EventHub | None = None
         self._clients: set[socket.socket] = set()
         self._clients_lock = threading.Lock()
 
@@ -86,8 +96,11 @@ class Daemon:
 
     def serve(self) -> None:
         """Accept clients until stopped, then shut down."""
-        assert self._server is not None
+        assert self._server is not None and self.engine is not None
         try:
+            if self.hub is None:
+                self.hub = EventHub(self.engine)
+                self.hub.start()
             while not self._stop.is_set():
                 try:
                     conn, _ = self._server.accept()
@@ -117,6 +130,9 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
             self._server = None
+        if self.hub is not None:  # ends every event stream
+            self.hub.close()
+            self.hub = None
         with self._clients_lock:
             for conn in list(self._clients):
                 with contextlib.suppress(OSError):
@@ -151,6 +167,9 @@ class Daemon:
                     return
                 if request is None:
                     return
+                if isinstance(request, dict) and request.get("verb") == "subscribe":
+                    self._subscribe(conn, request)
+                    return  # the connection carried events only; the client hung up
                 if isinstance(request, dict) and request.get("verb") in protocol.IO_VERBS:
                     if session is None:
                         assert self.engine is not None
@@ -168,6 +187,23 @@ class Daemon:
                 self._clients.discard(conn)
             with contextlib.suppress(OSError):
                 conn.close()
+
+    def _subscribe(self, conn: socket.socket, request: dict[str, Any]) -> None:
+        """Stream events on ``conn`` until the client hangs up or the daemon stops; a bad request
+        gets the usual error reply instead."""
+        hub = self.hub
+        args = request.get("args") or {}
+        if hub is None or not isinstance(args, dict) or args:
+            err = (DaemonError("daemon is not serving events", errno=errno.ESHUTDOWN) if hub is None
+                   else InvalidArgument("subscribe takes no arguments"))
+            protocol.send(conn, {"ok": False, "error": protocol.encode_error(err)})
+            return
+        out = conn.makefile("wb")
+        try:
+            hub.stream(out, heartbeat=EVENT_HEARTBEAT)
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                out.close()
 
     @staticmethod
     def _io(session: IOSession, request: dict[str, Any], payload: Any) -> tuple[dict[str, Any], Any]:
@@ -194,7 +230,12 @@ class Daemon:
             unknown = set(args) - set(protocol.VERBS[verb])
             if unknown:
                 raise InvalidArgument(f"{verb}: unknown arguments {sorted(unknown)}")
-            return {"ok": True, "result": protocol.encode_result(verb, self._call(verb, args))}
+            try:
+                result = self._call(verb, args)
+            finally:
+                if verb in CHANGING_VERBS and self.hub is not None:
+                    self.hub.wake()  # subscribers hear of the change now, not at the next poll
+            return {"ok": True, "result": protocol.encode_result(verb, result)}
         except Exception as err:  # noqa: BLE001 - every failure becomes the client's error
             if not isinstance(err, DMError):
                 log.exception("verb failed")

@@ -2,7 +2,8 @@
 
 Request: ``{"verb": "create", "args": {...}}``. Reply: ``{"ok": true, "result": ...}`` or
 ``{"ok": false, "error": {"class": "DeviceExists", "message": ..., "errno": ..., "operation": ...,
-"device": ...}}``. The verbs are ``DeviceMapper``'s, plus ``ping`` and ``shutdown``. Values that are
+"device": ...}}``. The verbs are ``DeviceMapper``'s, plus ``ping``, ``shutdown`` and ``subscribe``
+(the connection then streams events instead of replies). Values that are
 dataclasses (``DeviceInfo``, ``DeviceEntry``, ``StatusLine``, ``Versions``) travel as dicts; tables
 travel as text.
 """
@@ -45,6 +46,9 @@ VERBS: dict[str, tuple[str, ...]] = {
     "device_ref": ("name",),
     "ping": (),
     "shutdown": ("force",),
+    #: turns the connection into a stream of events (``dmtools.events.publish``): no reply, one
+    #: JSON event per line until the client hangs up; the connection then carries nothing else.
+    "subscribe": (),
 }
 
 #: I/O on a device through the socket (for clients without an exposed block device). A request
