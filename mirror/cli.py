@@ -99,10 +99,20 @@ def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
+#: how many of a mirror's last monitor events ``status`` shows.
+STATUS_EVENTS = 5
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    from dmtools.cli.monitor_cmd import format_event
+    from dmtools.events import last_events
+
     mm = _manager(args)
     states = [mm.status(n) for n in args.names] if args.names else mm.list()
-    _emit(args, [s.to_dict() for s in states], lambda: "\n".join(_state_text(s) for s in states))
+    recent = {s.name: last_events(s.name, mm.dm.backend, STATUS_EVENTS) for s in states}
+    texts = [_state_text(s) + "".join(f"\n  event: {format_event(e)}" for e in recent[s.name]) for s in states]
+    _emit(args, [{**s.to_dict(), "events": [e.to_dict() for e in recent[s.name]]} for s in states],
+          "\n".join(texts))
     return 0
 
 

@@ -83,9 +83,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+#: how many of a device's last monitor events ``status`` shows.
+STATUS_EVENTS = 5
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    info = _manager(args).status(args.name)
-    _emit(args, info.to_dict(), lambda: "\n".join(f"{k}: {v}" for k, v in info.to_dict().items()))
+    from dmtools.cli.monitor_cmd import format_event
+    from dmtools.events import last_events
+
+    mgr = _manager(args)
+    info = mgr.status(args.name)
+    events = last_events(args.name, mgr.dm.backend, STATUS_EVENTS)
+    lines = [f"{k}: {v}" for k, v in info.to_dict().items()]
+    lines += ["recent events:"] + [f"  {format_event(e)}" for e in events] if events else []
+    _emit(args, {**info.to_dict(), "events": [e.to_dict() for e in events]}, "\n".join(lines))
     return 0
 
 
