@@ -428,16 +428,16 @@ class Device:
 
     def zero(self, offset: int, length: int) -> None:
         """Write zeros over a byte range."""
-        table = self._enter(offset)
-        try:
+
+        def zero(table: LoadedTable | None) -> None:
             if table is not None:
                 if table.readonly:
                     raise DeviceIOError("device is read-only", errno=errno.EROFS,
                                         operation="write", device=self.name)
                 for tgt, off, n in self._ranges(table, offset, length):
                     tgt.zero(off, n)
-        finally:
-            self._leave()
+
+        self._requeueable(offset, zero)
 
 
 def split_args(params: str) -> list[str]:

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from dmtools.errors import DeviceIOError
 from mirror import MirrorManager
 from test_mirror_manager import _image
@@ -35,14 +37,18 @@ def _failed_mirror(eng: Any, tmp_path: Path) -> tuple[MirrorManager, str, str]:
     return mm, a, b
 
 
-def _held_write(eng: Any) -> tuple[threading.Thread, threading.Event, list[BaseException]]:
+def _held_write(eng: Any, op: str = "write") -> tuple[threading.Thread, threading.Event, list[BaseException]]:
+    """Write ``DATA`` (or zeros, ``op="zero"``) at ``OFFSET`` of ``m`` in a thread."""
     done = threading.Event()
     errors: list[BaseException] = []
 
     def write() -> None:
         try:
             with eng.open_endpoint("m") as ep:
-                ep.write(DATA, OFFSET)
+                if op == "zero":
+                    ep.zero(OFFSET, len(DATA))
+                else:
+                    ep.write(DATA, OFFSET)
         except BaseException as err:  # noqa: BLE001 - checked by the test
             errors.append(err)
         done.set()
@@ -59,9 +65,11 @@ def _wait_for_health(mm: MirrorManager, health: str) -> None:
         time.sleep(0.01)
 
 
-def test_write_held_after_leg_failure_lands_on_the_repaired_leg(mengine: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("op", ["write", "zero"])
+def test_write_held_after_leg_failure_lands_on_the_repaired_leg(mengine: Any, tmp_path: Path, op: str) -> None:
     mm, a, _ = _failed_mirror(mengine, tmp_path)
-    thread, done, errors = _held_write(mengine)
+    expect = DATA if op == "write" else bytes(len(DATA))
+    thread, done, errors = _held_write(mengine, op)
     _wait_for_health(mm, "AD")  # the leg failure was seen: the write is now held
     assert not done.wait(0.2), "the write was not held after the leg failure"
     c = _image(tmp_path, "c")
@@ -75,13 +83,13 @@ def test_write_held_after_leg_failure_lands_on_the_repaired_leg(mengine: Any, tm
     for path in (a, c):
         with open(path, "rb") as f:
             f.seek(OFFSET)
-            assert f.read(len(DATA)) == DATA, path
+            assert f.read(len(DATA)) == expect, path
     with open(a, "rb") as fa, open(c, "rb") as fc:
         assert fa.read() == fc.read()
     with mengine.open_endpoint("m", writable=False) as ep:
         buf = bytearray(len(DATA))
         ep.readinto(buf, OFFSET)
-    assert buf == DATA
+    assert buf == expect
 
 
 def test_plain_suspend_still_fails_the_held_write(mengine: Any, tmp_path: Path) -> None:
