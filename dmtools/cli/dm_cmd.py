@@ -14,6 +14,9 @@ from dmtools.errors import InvalidArgument
 #: Where ``read_ahead`` finds ``dev/block/MAJ:MIN`` (tests point it elsewhere).
 SYSFS = "/sys"
 
+#: What dmsetup prints when a verb over all devices finds none (``dmsetup.c`` ``_process_all``).
+NO_DEVICES = "No devices found"
+
 
 def open_backend(args: argparse.Namespace) -> Any:
     """The backend, looked up on the root module at call time (tests replace it there)."""
@@ -129,7 +132,7 @@ def _rename(args: argparse.Namespace) -> int:
 def _ls(args: argparse.Namespace) -> int:
     entries = sorted(open_backend(args).list(), key=lambda e: e.name)
     if not entries and not args.json:
-        print("No devices found")
+        print(NO_DEVICES)
         return 0
     emit(
         args,
@@ -176,6 +179,8 @@ def _emit_per_device(args: argparse.Namespace, text: dict[str, list[str]], data:
         emit(args, data, "")
     elif len(text) == 1 and args.names:
         print("\n".join(next(iter(text.values()))))
+    elif not text:
+        print(NO_DEVICES)
     else:
         for name, lines in text.items():
             for line in lines or [""]:
@@ -228,7 +233,7 @@ def _info(args: argparse.Namespace) -> int:
     infos = [(info, read_ahead(info)) for info in (dm.info(name) for name in _names(dm, args))]
     data = [dict(asdict(info), read_ahead=ra) for info, ra in infos]
     # dmsetup ends every device with an empty line; print() adds the last newline.
-    emit(args, data, lambda: "".join(format_info(i, ra) + "\n\n" for i, ra in infos)[:-1])
+    emit(args, data, lambda: "".join(format_info(i, ra) + "\n\n" for i, ra in infos)[:-1] or NO_DEVICES)
     return 0
 
 
@@ -241,7 +246,7 @@ def _deps(args: argparse.Namespace) -> int:
         for name, deps in out.items():
             body = f"{len(deps)} dependencies\t:" + "".join(f" ({a}, {b})" for a, b in deps)
             lines.append(body if len(out) == 1 and args.names else f"{name}: {body}")
-        return "\n".join(lines)
+        return "\n".join(lines) or NO_DEVICES
 
     emit(args, {k: [f"{a}:{b}" for a, b in v] for k, v in out.items()}, text)
     return 0

@@ -20,6 +20,11 @@ from cli_helpers import MiB, Devices, devno, read_at, write_synced
 from dmtools.cli import main as cli_main
 from dmtools.errors import DeviceBusy, DeviceExists, DeviceNotFound, InvalidTable, TargetNotSupported
 
+from dmtools.engine.protocol import run_dir
+
+#: where the daemon of this run exposes devices (DMTOOLS_RUN_DIR or /run/dmtools)
+MAPPER = os.path.join(run_dir(), "mapper")
+
 pytestmark = pytest.mark.root
 
 TIMEOUT = 120
@@ -84,7 +89,7 @@ def test_lifecycle_and_data_through_the_exposed_device(
     ) + "\n"
 
     # the exposed block device: /run/dmtools/mapper/NAME, with the number info reports
-    path = f"/run/dmtools/mapper/{name}"
+    path = f"{MAPPER}/{name}"
     info = json.loads(cli("dm", "info", name, "--json"))[0]
     assert devno(path) == f"{info['major']}:{info['minor']}"
     assert listed(cli)[name]["minor"] == info["minor"]
@@ -115,11 +120,11 @@ def test_lifecycle_and_data_through_the_exposed_device(
     new = devices.name("r")
     cli("dm", "rename", name, new)
     assert name not in listed(cli) and new in listed(cli)
-    assert os.path.exists(f"/run/dmtools/mapper/{new}") and not os.path.lexists(path)
+    assert os.path.exists(f"{MAPPER}/{new}") and not os.path.lexists(path)
 
     cli("dm", "remove", new)
     assert new not in listed(cli)
-    assert not os.path.lexists(f"/run/dmtools/mapper/{new}")
+    assert not os.path.lexists(f"{MAPPER}/{new}")
     assert devices.cleanup() == []
 
 
@@ -147,7 +152,7 @@ def test_create_from_a_table_file_and_from_stdin(
 
     # striping: chunk 0 on la, chunk 1 on lb (8 sectors each)
     data = os.urandom(16 * 512)
-    write_synced(f"/run/dmtools/mapper/{by_file}", (0, data))
+    write_synced(f"{MAPPER}/{by_file}", (0, data))
     assert read_at(la.path, 0, 4096) == data[:4096] and read_at(lb.path, 0, 4096) == data[4096:]
 
     # both listed with prefixes in name order in the all-devices forms
@@ -176,7 +181,7 @@ def test_console_script_end_to_end(devices: Devices, two_loops: tuple[Any, Any],
     assert console("dm", "reload", name, str(f)).returncode == 0
     assert console("dm", "resume", name).returncode == 0
     assert console("dm", "table", name).stdout == "0 2048 zero \n"
-    with open(f"/run/dmtools/mapper/{name}", "rb") as dev:
+    with open(f"{MAPPER}/{name}", "rb") as dev:
         assert dev.read(4096) == bytes(4096)
 
     # the error path: exit 1, one line naming the condition
@@ -210,7 +215,7 @@ def test_errors_carry_their_type(cli: Callable[..., str], devices: Devices, two_
     assert cli("dm", "table", name) == live
     with pytest.raises(DeviceNotFound):
         cli("dm", "info", devices.name("missing"))
-    fd = os.open(f"/run/dmtools/mapper/{name}", os.O_RDONLY)
+    fd = os.open(f"{MAPPER}/{name}", os.O_RDONLY)
     try:
         with pytest.raises(DeviceBusy):
             cli("dm", "remove", name)

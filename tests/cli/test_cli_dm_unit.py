@@ -284,9 +284,10 @@ def test_ls_text_and_json(three: Any, run: Any) -> None:
     assert data[0] == {"name": "a-dev", "major": 254, "minor": 0, "event_nr": 0, "uuid": "UUID-A"}
 
 
-def test_ls_without_devices(fake_dm: Any, run: Any) -> None:
-    assert run("dm", "ls")[1] == "No devices found\n"
-    assert json.loads(run("--json", "dm", "ls")[1]) == []
+@pytest.mark.parametrize(("verb", "empty"), [("ls", []), ("table", {}), ("status", {}), ("info", []), ("deps", {})])
+def test_all_devices_without_devices(verb: str, empty: Any, fake_dm: Any, run: Any) -> None:
+    assert run("dm", verb)[1] == "No devices found\n"  # dmsetup.c _process_all
+    assert json.loads(run("--json", "dm", verb)[1]) == empty
 
 
 def test_table_all_devices_prefixed_in_name_order(three: Any, run: Any) -> None:
