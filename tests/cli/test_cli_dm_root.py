@@ -18,9 +18,8 @@ import pytest
 
 from cli_helpers import MiB, Devices, devno, read_at, write_synced
 from dmtools.cli import main as cli_main
-from dmtools.errors import DeviceBusy, DeviceExists, DeviceNotFound, InvalidTable, TargetNotSupported
-
 from dmtools.engine.protocol import run_dir
+from dmtools.errors import DeviceBusy, DeviceExists, DeviceNotFound, InvalidTable, TargetNotSupported
 
 #: where the daemon of this run exposes devices (DMTOOLS_RUN_DIR or /run/dmtools)
 MAPPER = os.path.join(run_dir(), "mapper")
