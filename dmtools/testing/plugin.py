@@ -6,7 +6,8 @@ a kernel under QEMU. A test whose prerequisite is missing is skipped with the re
 that runs its tier; with ``DMTOOLS_NO_SKIP=1`` (set by ``scripts/test`` in CI) it fails instead.
 
 Every test device name carries the suffix ``-dmtt`` and every test image the prefix ``dmtt-``; a sweep
-before and after the session removes leftovers (devices, loop devices) carrying them.
+before and after the session removes leftovers carrying them (devices, and loop devices whose image
+file is gone).
 """
 
 from __future__ import annotations
@@ -84,13 +85,14 @@ def _sweep_kernel() -> None:
 def _sweep_loops() -> None:
     if os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
         return
-    try:
-        from dmtools import loop
-    except ImportError:  # loop support not installed: nothing of ours can be attached
-        return
+    from dmtools import loop
 
     for dev in loop.list_loops():
-        if IMAGE_PREFIX in os.path.basename(dev.backing_file or ""):
+        backing = dev.backing_file or ""
+        # Only leftovers: a test image whose file is gone. A live image may belong to another
+        # pytest run on the same host; the fixtures detach their own devices at teardown.
+        orphaned = backing.endswith(" (deleted)") or not os.path.exists(backing)
+        if IMAGE_PREFIX in os.path.basename(backing) and orphaned:
             try:
                 loop.detach(dev)
             except Exception:  # noqa: BLE001 - best-effort sweep of our own leftovers
