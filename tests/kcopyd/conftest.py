@@ -12,20 +12,7 @@ import pytest
 import kcopyd
 from dmtools.endpoint import Endpoint
 from dmtools.testing.faults import MemoryEndpoint
-from kc_helpers import Dev, Recorder
-
-def _make_writable(path: str) -> None:
-    """Clear a read-only policy (BLKROSET) that a previous user of this loop device left behind:
-    it outlives detaching, and the engine's read-only exposure sets it."""
-    import fcntl
-    import struct
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.ioctl(fd, 0x125D, struct.pack("i", 0))  # BLKROSET, include/uapi/linux/fs.h
-    finally:
-        os.close(fd)
-
+from kc_helpers import Dev, Recorder, make_writable
 
 #: No kcopyd test may run longer than this: a hang dumps every thread's stack and ends the run.
 TEST_LIMIT = 120
@@ -76,7 +63,7 @@ def make_dev(tmp_path: Path, make_loop: Callable[..., Any]) -> Iterator[Callable
             return Dev(ep, read_file, str(path))
         if kind == "loop":
             lo = make_loop(path)  # make_loop is set up first, so torn down after these endpoints
-            _make_writable(lo.path)
+            make_writable(lo.path)
 
             def read_loop(p: str = lo.path) -> bytes:
                 fd = os.open(p, os.O_RDONLY)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import struct
 import threading
 from typing import Any, Callable
 
@@ -45,3 +48,11 @@ class Recorder:
         return self.calls[0]
 
 
+def make_writable(path: str) -> None:
+    """Clear a read-only policy (BLKROSET) that a previous user of this loop device left behind:
+    it outlives detaching, and the engine's read-only exposure sets it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, 0x125D, struct.pack("i", 0))  # BLKROSET, include/uapi/linux/fs.h
+    finally:
+        os.close(fd)

@@ -10,7 +10,7 @@ import pytest
 import kcopyd
 from kcopyd.fastpath import plan_segments
 from dmtools.testing.faults import MemoryEndpoint
-from kc_helpers import TIMEOUT, pattern
+from kc_helpers import TIMEOUT, make_writable, pattern
 
 MiB = 1 << 20
 
@@ -147,14 +147,21 @@ def test_zero_job_on_a_file_deallocates(tmp_path):
     assert _allocated(dst) <= 2 * MiB + 64 * 1024
 
 
+def _loop(tmp_path, make_loop, size, **options):
+    """A loop device over a new sparse image of ``size`` bytes."""
+    img = tmp_path / "dmtt-lo.img"
+    with open(img, "wb") as f:
+        f.truncate(size)
+    lo = make_loop(img, **options)
+    make_writable(lo.path)
+    return lo
+
+
 @pytest.mark.root
 def test_block_devices_open_with_o_direct_when_aligned(tmp_path, make_loop):
     from kcopyd.region import _open_path
 
-    img = tmp_path / "dmtt-lo.img"
-    with open(img, "wb") as f:
-        f.truncate(8 * MiB)
-    lo = make_loop(img, block_size=4096)
+    lo = _loop(tmp_path, make_loop, 8 * MiB, block_size=4096)
     ep = _open_path(lo.path, writable=True, offset=4096, length=MiB)
     try:
         assert ep.direct and ep.logical_block_size == 4096
@@ -169,10 +176,7 @@ def test_block_devices_open_with_o_direct_when_aligned(tmp_path, make_loop):
 
 @pytest.mark.root
 def test_copy_to_4k_loop_device_at_unaligned_sector(tmp_path, make_loop):
-    img = tmp_path / "dmtt-lo.img"
-    with open(img, "wb") as f:
-        f.truncate(4 * MiB)
-    lo = make_loop(img, block_size=4096)
+    lo = _loop(tmp_path, make_loop, 4 * MiB, block_size=4096)
     src = tmp_path / "s.img"
     src.write_bytes(pattern(MiB))
     with kcopyd.Client() as kc:
@@ -186,10 +190,7 @@ def test_copy_to_4k_loop_device_at_unaligned_sector(tmp_path, make_loop):
 
 @pytest.mark.root
 def test_region_by_device_number(tmp_path, make_loop):
-    img = tmp_path / "dmtt-lo.img"
-    with open(img, "wb") as f:
-        f.truncate(MiB)
-    lo = make_loop(img)
+    lo = _loop(tmp_path, make_loop, MiB)
     src = tmp_path / "s.img"
     src.write_bytes(pattern(MiB))
     with kcopyd.Client() as kc:
