@@ -56,6 +56,7 @@ LO_FLAGS_AUTOCLEAR = 4
 LO_FLAGS_PARTSCAN = 8
 LO_FLAGS_DIRECT_IO = 16
 
+BLKROSET = 0x125D  # _IO(0x12, 93), include/uapi/linux/fs.h
 LOOP_SET_FD = 0x4C00
 LOOP_CLR_FD = 0x4C01
 LOOP_SET_STATUS64 = 0x4C04
@@ -495,6 +496,12 @@ def _open_control(path: str) -> Iterator[int]:
 def _bind(loop_fd: int, dev_path: str, backing_fd: int, req: _BindRequest) -> bool:
     """Bind the backing file to an opened loop device; False when someone else bound it first."""
     global _use_configure
+    # A read-only policy set earlier with BLKROSET outlives a detach (include/uapi/linux/fs.h;
+    # block/ioctl.c keeps bd_read_only): clear it, read-only binds use LO_FLAGS_READ_ONLY instead.
+    try:
+        fcntl.ioctl(loop_fd, BLKROSET, struct.pack("i", 0))
+    except OSError:
+        pass  # not permitted or not supported: the bind below reports any real problem
     try:
         if _use_configure:
             info64 = pack_info64(

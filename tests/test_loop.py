@@ -610,3 +610,28 @@ def test_attach_empty_file_gives_zero_sized_device(tmp_path) -> None:
         loop.detach(dev)
     with pytest.raises(InvalidArgument):
         loop.attach(str(path), offset=512)
+
+
+@pytest.mark.root
+def test_attach_clears_a_read_only_policy_left_by_an_earlier_user(tmp_path) -> None:
+    import fcntl
+    import struct
+
+    path = tmp_path / "dmtt-rop.img"
+    path.write_bytes(bytes(1 << 20))
+    dev = loop.attach(str(path))
+    number = dev.number
+    fd = os.open(dev.path, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, loop.BLKROSET, struct.pack("i", 1))
+    finally:
+        os.close(fd)
+    loop.detach(dev)
+    again = loop.attach(str(path))
+    try:
+        with open(again.path, "r+b", buffering=0) as f:
+            assert f.write(b"x" * 512) == 512
+        if again.number == number:
+            assert not again.read_only
+    finally:
+        loop.detach(again)
