@@ -22,6 +22,7 @@ import fcntl
 import functools
 import logging
 import os
+import platform
 import signal
 import stat
 import struct
@@ -515,14 +516,32 @@ class Exposure:
         return count + _fd_openers(exp.loop.path, exp.loop.major, exp.loop.minor)
 
 
+#: kcmp(2) syscall numbers (include/uapi/linux/kcmp.h: KCMP_FILE = 0), by machine.
+_KCMP_SYSCALL = {"x86_64": 312, "aarch64": 272, "riscv64": 272, "ppc64le": 354, "s390x": 343}
+_KCMP_FILE = 0
+
+
+def _same_open_file(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """True when descriptors ``(pid, fd)`` ``a`` and ``b`` share one open file (kcmp KCMP_FILE).
+
+    The kernel counts opens of a block device, not descriptors: a descriptor inherited by a child or
+    duplicated with dup() is the same open. Without kcmp the two are taken as distinct.
+    """
+    nr = _KCMP_SYSCALL.get(platform.machine())
+    if nr is None:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(nr, a[0], b[0], _KCMP_FILE, a[1], b[1]) == 0
+
+
 def _fd_openers(path: str, major: int, minor: int) -> int:
-    """Count file descriptors, in every process, open on block device ``major:minor``."""
-    count = 0
+    """Count opens, in every process, of block device ``major:minor`` (one per open file)."""
     want = os.makedev(major, minor)
     try:
-        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
         return 0
+    found: list[tuple[int, int]] = []
     for pid in pids:
         fd_dir = f"/proc/{pid}/fd"
         try:
@@ -543,5 +562,9 @@ def _fd_openers(path: str, major: int, minor: int) -> int:
                     continue
                 if not (stat.S_ISBLK(st.st_mode) and st.st_rdev == want):
                     continue
-            count += 1
-    return count
+            found.append((pid, int(fd)))
+    opens: list[tuple[int, int]] = []
+    for desc in found:
+        if not any(_same_open_file(desc, other) for other in opens):
+            opens.append(desc)
+    return len(opens)

@@ -135,15 +135,9 @@ def test_same_errors(dmcli: Harness, loops: tuple[Any, Any]) -> None:
     assert dmcli.cleanup() == []
 
 
-def test_open_count_counts_opens_not_descriptors(dmcli: Harness, request: pytest.FixtureRequest) -> None:
+def test_open_count_counts_opens_not_descriptors(dmcli: Harness) -> None:
     """One open shared with a child process (an inherited descriptor) is one open, as the kernel
-    counts in ``dm_blk_open``; the engine counts descriptors per process instead."""
-    if dmcli.backend == "userspace":
-        request.applymarker(pytest.mark.xfail(
-            strict=True,
-            reason="engine open_count counts descriptors in every process "
-                   "(dmtools/engine/expose.py _fd_openers), not opens of the device",
-        ))
+    counts in ``dm_blk_open``; the engine tells shared opens apart with kcmp(KCMP_FILE)."""
     import subprocess
     import sys
 
