@@ -80,6 +80,54 @@ class Endpoint(abc.ABC):
         self.close()
 
 
+class ForwardingEndpoint(Endpoint):
+    """Forwards every operation to ``inner``: the base of wrappers that change only some of them."""
+
+    def __init__(self, inner: Endpoint, name: str = "") -> None:
+        self.inner = inner
+        self.name = name or inner.name
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    @property
+    def logical_block_size(self) -> int:
+        return self.inner.logical_block_size
+
+    @property
+    def read_only(self) -> bool:
+        return self.inner.read_only
+
+    def readinto(self, buf: Any, offset: int) -> int:
+        return self.inner.readinto(buf, offset)
+
+    def write(self, buf: Any, offset: int) -> int:
+        return self.inner.write(buf, offset)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def zero(self, offset: int, length: int) -> None:
+        self.inner.zero(offset, length)
+
+    def discard(self, offset: int, length: int) -> None:
+        self.inner.discard(offset, length)
+
+    def fileno(self) -> int | None:
+        return self.inner.fileno()
+
+    @property
+    def is_regular_file(self) -> bool:
+        return self.inner.is_regular_file
+
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        return self.inner.data_extents(offset, length)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class NullEndpoint(Endpoint):
     """Reads zeros, discards writes: a sink and source for tests and benchmarks."""
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import abc
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence
 
-from dmtools.endpoint import Endpoint
+from dmtools.endpoint import Endpoint, ForwardingEndpoint
 from dmtools.errors import InvalidArgument, InvalidTable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,7 +50,7 @@ def fill_zero(buf: memoryview) -> None:
         buf[pos : pos + n] = zeros[:n]
 
 
-class DeviceHandle(Endpoint):
+class DeviceHandle(ForwardingEndpoint):
     """A device a target opened through ``ctx.get_device`` (the kernel's ``struct dm_dev``).
 
     I/O is in bytes from the start of the underlying device. ``name`` is what the kernel prints in
@@ -59,8 +59,7 @@ class DeviceHandle(Endpoint):
     """
 
     def __init__(self, inner: Endpoint, name: str, major: int, minor: int, path: str) -> None:
-        self.inner = inner
-        self.name = name
+        super().__init__(inner, name)
         self.major = major
         self.minor = minor
         self.path = path
@@ -71,46 +70,9 @@ class DeviceHandle(Endpoint):
         return None if self.major < 0 else (self.major, self.minor)
 
     @property
-    def size(self) -> int:
-        return self.inner.size
-
-    @property
     def sectors(self) -> int:
         """Size in 512-byte sectors (rounded down)."""
         return self.inner.size // SECTOR
-
-    @property
-    def logical_block_size(self) -> int:
-        return self.inner.logical_block_size
-
-    @property
-    def read_only(self) -> bool:
-        return self.inner.read_only
-
-    def readinto(self, buf: Any, offset: int) -> int:
-        return self.inner.readinto(buf, offset)
-
-    def write(self, buf: Any, offset: int) -> int:
-        return self.inner.write(buf, offset)
-
-    def flush(self) -> None:
-        self.inner.flush()
-
-    def zero(self, offset: int, length: int) -> None:
-        self.inner.zero(offset, length)
-
-    def discard(self, offset: int, length: int) -> None:
-        self.inner.discard(offset, length)
-
-    def fileno(self) -> int | None:
-        return self.inner.fileno()
-
-    @property
-    def is_regular_file(self) -> bool:
-        return self.inner.is_regular_file
-
-    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
-        return self.inner.data_extents(offset, length)
 
     def close(self) -> None:
         """Handles are closed by the engine when the table that opened them is destroyed."""

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any, Iterable
 
-from dmtools.endpoint import Endpoint
+from dmtools.endpoint import Endpoint, ForwardingEndpoint
 from dmtools.errors import DeviceIOError, InvalidArgument, NoSpace
 
 __all__ = ["FaultyEndpoint", "SlowEndpoint", "MemoryEndpoint", "WrappedEndpoint"]
@@ -72,45 +72,21 @@ def _hits(starts: list[int], ends: list[int], first: int, last: int) -> bool:
     return i >= 0 and ends[i] > first
 
 
-class WrappedEndpoint(Endpoint):
-    """Forward everything to ``inner`` (the base of the test wrappers)."""
+class WrappedEndpoint(ForwardingEndpoint):
+    """Forward every operation to ``inner`` (the base of the test wrappers).
+
+    ``fileno()`` is ``None`` and ``is_regular_file`` False so copiers cannot bypass the wrapper.
+    """
 
     def __init__(self, inner: Endpoint, name: str | None = None) -> None:
-        self.inner = inner
-        self.name = name or f"{type(self).__name__}({inner.name})"
+        super().__init__(inner, name or f"{type(self).__name__}({inner.name})")
+
+    def fileno(self) -> int | None:
+        return None
 
     @property
-    def size(self) -> int:
-        return self.inner.size
-
-    @property
-    def logical_block_size(self) -> int:
-        return self.inner.logical_block_size
-
-    @property
-    def read_only(self) -> bool:
-        return self.inner.read_only
-
-    def readinto(self, buf: Any, offset: int) -> int:
-        return self.inner.readinto(buf, offset)
-
-    def write(self, buf: Any, offset: int) -> int:
-        return self.inner.write(buf, offset)
-
-    def flush(self) -> None:
-        self.inner.flush()
-
-    def zero(self, offset: int, length: int) -> None:
-        self.inner.zero(offset, length)
-
-    def discard(self, offset: int, length: int) -> None:
-        self.inner.discard(offset, length)
-
-    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
-        return self.inner.data_extents(offset, length)
-
-    def close(self) -> None:
-        self.inner.close()
+    def is_regular_file(self) -> bool:
+        return False
 
 
 class FaultyEndpoint(WrappedEndpoint):
