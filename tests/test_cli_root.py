@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from dmtools.cli import main as cli
@@ -60,3 +62,22 @@ def test_global_json_survives_a_subcommand_that_declares_json(monkeypatch) -> No
     assert seen == {"json": True}
     assert cli.main(["--json", "probe"]) == 0
     assert seen == {"json": True}
+
+
+def test_only_the_named_subcommand_is_loaded() -> None:
+    assert cli._command_named(["--backend", "kernel", "dm", "ls"]) == "dm"
+    assert cli._command_named(["--json", "snapshot", "list"]) == "snapshot"
+    assert cli._command_named(["--help"]) is None
+    assert cli._command_named(["no-such-command"]) is None
+    parser = cli.build_parser("dm")
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {"dm"}
+    full = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"dm", "loop", "daemon", "monitor", "copy", "snapshot", "mirror"} <= set(full.choices)
+
+
+def test_unknown_subcommand_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["no-such-command"])
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and "snapshot" in err and "mirror" in err

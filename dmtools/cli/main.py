@@ -30,8 +30,12 @@ def _load(spec: str) -> Callable[[Any], None]:
     return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the full parser: built-in commands plus the ``dmtools.commands`` entry points."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Build the parser: built-in commands plus the ``dmtools.commands`` entry points.
+
+    With ``only``, just that sub-command is imported and registered (start-up stays fast: each
+    sub-command pulls in its own package); ``None`` registers them all (``--help``, unknown names).
+    """
     parser = argparse.ArgumentParser(
         prog="dmtools",
         description="Linux device-mapper toolkit: tables, snapshots, mirrors and kcopyd, "
@@ -49,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     registered: set[str] = set()
     for name, spec in BUILTIN_COMMANDS.items():
+        if only is not None and name != only:
+            continue
         try:
             _load(spec)(sub)
         except ImportError as err:  # a part that is not installed is reported, not fatal
@@ -56,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         registered.add(name)
     for ep in sorted(entry_points(group="dmtools.commands"), key=lambda e: e.name):
-        if ep.name in registered:
+        if ep.name in registered or (only is not None and ep.name != only):
             continue
         try:
             ep.load()(sub)
@@ -124,11 +130,26 @@ def hoist_globals(argv: Sequence[str]) -> list[str]:
     return front + rest
 
 
+def _command_named(argv: Sequence[str]) -> str | None:
+    """The sub-command ``argv`` names, if it is a known one (global options already in front)."""
+    known = set(BUILTIN_COMMANDS) | {ep.name for ep in entry_points(group="dmtools.commands")}
+    it = iter(argv)
+    for arg in it:
+        if arg == "--backend":
+            next(it, None)
+        elif not arg.startswith("-"):
+            return arg if arg in known else None
+        elif arg in ("-h", "--help"):
+            return None
+    return None
+
+
 def main(argv: Sequence[str] | None = None, *, propagate: bool = False) -> int:
     """Run the CLI; return the exit status. With ``propagate`` exceptions are re-raised (tests)."""
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(hoist_globals(argv))
+    hoisted = hoist_globals(argv)
+    parser = build_parser(_command_named(hoisted))
+    args = parser.parse_args(hoisted)
     # A sub-command that declares its own --json/--debug would reset the global value with its
     # default (argparse copies sub-parser defaults over the parent's): the flag given wins.
     options = argv[: argv.index("--")] if "--" in argv else argv
