@@ -3,7 +3,9 @@
 Start-up: take the pid-file lock (one daemon per run directory), clear the exposures a killed
 daemon left (loop devices, FUSE mount, mapper links), bind ``control.sock`` (mode 0600; every
 connection's peer uid must be the daemon's, checked with ``SO_PEERCRED``), then serve each client
-on its own thread. A client that dies mid-call only loses its own reply. ``SIGTERM``/``SIGINT`` or
+on its own thread. A client that dies mid-call only loses its own reply. A ``subscribe`` request
+turns its connection into a stream of the engine's events (an ``EventHub`` started with ``serve``,
+woken after every verb that changes a device, closed at shutdown). ``SIGTERM``/``SIGINT`` or
 the ``shutdown`` verb remove every device and exit; devices' data lives on their underlying devices,
 so a restart is a reboot and managers re-activate from what is on disk.
 
