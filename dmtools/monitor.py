@@ -33,12 +33,13 @@ import stat
 import threading
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from dmtools.backend import DeviceMapper
 from dmtools.errors import DMError, InvalidArgument
+from dmtools.events.delivery import CursorSink, Sink
 from dmtools.events.state import DeviceState, parse_thresholds
-from dmtools.events.store import StateStore
+from dmtools.events.store import Plan, StateStore
 from dmtools.events.types import Event, LegHealthChanged, PolicyAction
 from dmtools.events.watcher import Batch, Watcher
 from dmtools.status import SnapshotState
@@ -364,6 +365,7 @@ class Monitor:
         self._repairers: dict[str, Any] = {}
         self._spares_used: set[str] = set()
         self._failures: dict[tuple[str, str], str] = {}
+        self._delivered = 0
         self.watcher = Watcher(dm, names=names, thresholds=self._thresholds, store=store,
                                poll_interval=poll_interval, uevents=uevents,
                                event_numbers=event_numbers)
@@ -381,9 +383,11 @@ class Monitor:
         return self._repairers["mirror"]
 
     # --- policies ---------------------------------------------------------------------------
-    def _action(self, state: DeviceState, policy: str, action: str, ok: bool, detail: str) -> PolicyAction:
-        return PolicyAction(device=state.name, uuid=state.uuid, devno=state.devno, source="policy",
-                            policy=policy, action=action, ok=ok, detail=detail)
+    def _action(self, plan: Plan, ok: bool, detail: str) -> PolicyAction:
+        state = self.watcher.known.get(plan.device)
+        return PolicyAction(device=plan.device, uuid=state.uuid if state else "",
+                            devno=state.devno if state else "", source="policy",
+                            policy=plan.policy, action=plan.action, ok=ok, detail=detail)
 
     def _once(self, key: tuple[str, str], message: str) -> bool:
         """True the first time ``key`` fails with ``message`` (failures are reported once)."""
@@ -392,95 +396,175 @@ class Monitor:
         self._failures[key] = message
         return True
 
-    def _autoextend(self, state: DeviceState, settings: PolicySettings) -> list[Event]:
+    def _plan_autoextend(self, state: DeviceState, settings: PolicySettings) -> list[Plan]:
         threshold = settings.autoextend_threshold
         if threshold is None:
             return []
-        out: list[Event] = []
+        out: list[Plan] = []
         for t in state.targets:
             if t.target_type != "snapshot":
                 continue
             snap = t.snapshot()
             if snap is None or snap.state is not SnapshotState.ACTIVE or snap.percent is None:
                 continue
-            if snap.percent < threshold:
-                continue
-            key = (state.name, f"extend@{t.start}")
-            try:
-                res = extend_snapshot(self.dm, state.name, settings.autoextend_percent,
-                                      target_start=t.start)
-            except DMError as err:
-                if self._once(key, str(err)):
-                    out.append(self._action(state, "snapshot-autoextend", "extend", False,
-                                            f"at {snap.percent:.1f}%: {err}"))
-                continue
-            self._failures.pop(key, None)
-            out.append(self._action(
-                state, "snapshot-autoextend", "extend", True,
-                f"at {snap.percent:.1f}% COW grown {res.old_bytes} -> {res.new_bytes} bytes "
-                f"(+{settings.autoextend_percent}%, {res.file})"))
-            self.watcher.wake("policy")
+            if snap.percent >= threshold:
+                out.append(Plan(state.name, "snapshot-autoextend", "extend",
+                                {"percent": settings.autoextend_percent, "target_start": t.start,
+                                 "at": round(snap.percent, 1)}))
         return out
 
-    def _mirror(self, state: DeviceState, events: Sequence[Event], settings: PolicySettings) -> list[Event]:
+    def _plan_mirror(self, state: DeviceState, events: Sequence[Event],
+                     settings: PolicySettings) -> list[Plan]:
         if settings.mirror_policy == "none":
             return []
         # A leg that starts failing (from A, or from R to a worse letter); D -> S is no news.
         failed = [e for e in events if isinstance(e, LegHealthChanged) and e.failed
                   and (e.old == "A" or (e.old == "R" and e.new != "R"))]
-        out: list[Event] = []
+        out: list[Plan] = []
         for ev in failed:
+            args = {"leg": ev.leg, "leg_device": ev.leg_device, "health": ev.new}
             if settings.mirror_policy == "degraded" or ev.new == "R":
                 # A read error leaves the data intact (dm-raid1.c): report, never repair.
-                out.append(self._action(state, "mirror-degraded", "report", True,
-                                        f"leg {ev.leg} ({ev.leg_device}) failed ({ev.new}); "
-                                        "the mirror keeps running without it"))
-                continue
-            spare = settings.spare or ""
-            if spare in self._spares_used:
-                out.append(self._action(state, "mirror-repair", "repair", False,
-                                        f"leg {ev.leg} ({ev.leg_device}) failed but spare {spare} "
-                                        "is already used; running degraded"))
-                continue
-            try:
-                self._repairer().repair(state.name, ev.leg, spare, wait=False)
-            except DMError as err:
-                out.append(self._action(state, "mirror-repair", "repair", False,
-                                        f"leg {ev.leg} ({ev.leg_device}) -> {spare}: {err}"))
-                continue
-            self._spares_used.add(spare)
-            out.append(self._action(state, "mirror-repair", "repair", True,
-                                    f"leg {ev.leg} ({ev.leg_device}) replaced by {spare}; resyncing"))
-            self.watcher.wake("policy")
+                out.append(Plan(state.name, "mirror-degraded", "report", args))
+            else:
+                out.append(Plan(state.name, "mirror-repair", "repair",
+                                {**args, "spare": settings.spare or ""}))
         return out
 
-    def apply(self, batch: Batch) -> list[Event]:
-        """Run the policies on one device's batch; return the actions taken."""
+    def plan(self, batch: Batch) -> list[Plan]:
+        """The policy actions one device's batch calls for (decided, not run)."""
         state = batch.new
         if state is None:
             return []
         settings = self.config.for_device(state.name)
-        return [*self._autoextend(state, settings), *self._mirror(state, batch.events, settings)]
+        return [*self._plan_autoextend(state, settings),
+                *self._plan_mirror(state, batch.events, settings)]
+
+    def _extend(self, plan: Plan) -> PolicyAction | None:
+        args = plan.args
+        key = (plan.device, f"extend@{args.get('target_start', 0)}")
+        try:
+            res = extend_snapshot(self.dm, plan.device, int(args["percent"]),
+                                  target_start=int(args.get("target_start", 0)))
+        except DMError as err:
+            if not self._once(key, str(err)):
+                return None
+            return self._action(plan, False, f"at {args.get('at')}%: {err}")
+        self._failures.pop(key, None)
+        self.watcher.wake("policy")
+        return self._action(plan, True,
+                            f"at {args.get('at')}% COW grown {res.old_bytes} -> {res.new_bytes} "
+                            f"bytes (+{args['percent']}%, {res.file})")
+
+    def _repair(self, plan: Plan) -> PolicyAction:
+        args = plan.args
+        leg = f"leg {args['leg']} ({args['leg_device']})"
+        spare = str(args.get("spare", ""))
+        if spare in self._spares_used:
+            return self._action(plan, False, f"{leg} failed but spare {spare} is already used; "
+                                "running degraded")
+        try:
+            self._repairer().repair(plan.device, int(args["leg"]), spare, wait=False)
+        except DMError as err:
+            return self._action(plan, False, f"{leg} -> {spare}: {err}")
+        self._spares_used.add(spare)
+        self.watcher.wake("policy")
+        return self._action(plan, True, f"{leg} replaced by {spare}; resyncing")
+
+    def execute(self, plan: Plan) -> list[Event]:
+        """Run one plan; return the action it reports (none for a failure already reported)."""
+        if plan.policy == "snapshot-autoextend":
+            action = self._extend(plan)
+        elif plan.policy == "mirror-repair":
+            action = self._repair(plan)
+        elif plan.policy == "mirror-degraded":
+            action = self._action(plan, True, f"leg {plan.args['leg']} ({plan.args['leg_device']}) "
+                                  f"failed ({plan.args['health']}); the mirror keeps running without it")
+        else:
+            action = self._action(plan, False, "unknown policy (written by another version?)")
+        return [action] if action is not None else []
+
+    def _run(self, plan: Plan) -> list[Event]:
+        """Run ``plan`` with its journal records around it; return the numbered actions.
+
+        A plan that had started before a restart is not run again: its outcome is unknown, and
+        it is reported as interrupted (autoextend looks at the snapshot again on the next scan).
+        """
+        store = self.watcher.store
+        if plan.started:
+            events: list[Event] = [self._action(plan, False, "interrupted by a monitor stop; "
+                                                "outcome unknown, check the device")]
+        else:
+            if store is not None:
+                plan = store.start(plan)
+            events = self.execute(plan)
+        if store is None:
+            return self.watcher.number(events)
+        return store.finish(plan, events)
+
+    def apply(self, batch: Batch) -> list[Event]:
+        """Decide and run the policies on one device's batch; return the actions (unnumbered,
+        nothing journaled: :meth:`events`, :meth:`run` and :meth:`step` journal them)."""
+        return [e for plan in self.plan(batch) for e in self.execute(plan)]
 
     # --- running ----------------------------------------------------------------------------
+    def _stream(self, after: int, batches: Iterable[Batch]) -> Iterator[Event]:
+        """Numbered events above ``after``: those an earlier run committed but did not hand out,
+        the actions of plans it left open, then each batch's events and actions. Every event
+        is committed before it is yielded."""
+        watcher = self.watcher
+        yield from watcher.pending(after)
+        if watcher.store is not None:
+            for plan in watcher.store.open_plans():
+                yield from self._run(plan)
+        for batch in batches:
+            events, plans = watcher.commit(batch, plans=self.plan(batch))
+            yield from events
+            for plan in plans:
+                yield from self._run(plan)
+            if watcher.store is not None:
+                watcher.store.compact(self._delivered)
+
+    def run(self, sink: Sink, *, timeout: float | None = None,
+            stop: threading.Event | None = None, once: bool = False) -> int:
+        """Hand every event and policy action to ``sink`` as it happens, each exactly once
+        across restarts as far as ``sink`` can tell (see :mod:`dmtools.events.delivery`);
+        with ``once``, one scan. Returns how many events were handed out."""
+        start = sink.last_seq()
+        batches = self.watcher.scan() if once else self.watcher.batches(timeout=timeout, stop=stop)
+        count = 0
+        self._delivered = start
+        for event in self._stream(start, batches):
+            sink.write(event)
+            self._delivered = event.seq
+            count += 1
+        return count
+
     def step(self, reason: str = "poll") -> list[Event]:
-        """Scan once, apply the policies and remember the result; return every event in order."""
-        out: list[Event] = []
-        for batch in self.watcher.scan(reason):
-            actions = self.apply(batch)
-            self.watcher.commit(batch, actions)
-            out.extend(batch.events)
-            out.extend(actions)
-        return out
+        """Scan once, apply the policies and remember the result; return every event in order
+        (with a store, first those an earlier run did not hand out; the cursor moves past all)."""
+        events: list[Event] = []
+        self.run(CursorSink(self.watcher.store, events.append), once=True)
+        return events
 
     def events(self, *, timeout: float | None = None,
                stop: threading.Event | None = None) -> Iterator[Event]:
-        """Events and policy actions as they happen, until ``timeout`` or ``stop``."""
-        for batch in self.watcher.batches(timeout=timeout, stop=stop):
-            actions = self.apply(batch)
-            yield from batch.events
-            yield from actions
-            self.watcher.commit(batch, actions)
+        """Events and policy actions as they happen, until ``timeout`` or ``stop``; each is
+        handed out once the previous one was taken (the store's cursor follows)."""
+        sink = CursorSink(self.watcher.store, lambda event: None)
+        self._delivered = sink.last_seq()
+        pending: Event | None = None
+        try:
+            for event in self._stream(sink.last_seq(),
+                                      self.watcher.batches(timeout=timeout, stop=stop)):
+                pending = event
+                yield event
+                sink.write(event)
+                self._delivered = event.seq
+                pending = None
+        finally:
+            if pending is not None:  # closed after taking it
+                sink.write(pending)
 
     def close(self) -> None:
         """Stop the watcher's listeners."""

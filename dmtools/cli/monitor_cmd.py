@@ -4,7 +4,13 @@ Runs in the foreground until interrupted (SIGINT/SIGTERM end it cleanly: the eve
 far are remembered, so the next start reports only what happened meanwhile). ``--once`` reports
 what changed since the last run, applies the policies once, prints the current state and exits
 (for scripts and cron). ``--json`` prints one JSON object per event (with ``--once``: one document
-with ``events`` and ``devices``).
+with ``events`` and ``devices``); each carries its ``seq``.
+
+Every event is committed to the state directory's journal before it is printed, numbered. A
+monitor killed at any point (SIGKILL, power cut) prints on its next start what it had committed but
+not printed, and nothing twice, except the one line it may have been printing to a pipe when it
+died (same ``seq``). ``--output FILE`` has no such exception: the file is its own record of what
+was written.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ import time
 from typing import Any
 
 from dmtools.errors import DMError
+from dmtools.events.delivery import CursorSink, JsonLinesFile, event_line
 from dmtools.events.state import DEFAULT_THRESHOLDS, DeviceState, parse_thresholds
-from dmtools.events.store import StateStore
+from dmtools.events.store import StateStore, default_root
 from dmtools.events.types import Event
 from dmtools.monitor import MIRROR_POLICIES, Monitor, MonitorConfig, PolicySettings
 
@@ -55,7 +62,11 @@ def register(subparsers: Any) -> None:
                    help="status polling interval (default 1)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="stop after this long")
     p.add_argument("--state-dir", metavar="DIR",
-                   help="where the last seen state is kept (default /run/dmtools/monitor)")
+                   help=f"where device states and events are kept (default {default_root()}); "
+                   "'snapshot status' and 'mirror status' take the same option")
+    p.add_argument("--output", metavar="FILE",
+                   help="append events to FILE as JSON lines, each exactly once across restarts "
+                   "(the file's last line tells a restarted monitor where it stopped)")
     p.add_argument("--no-uevents", action="store_true",
                    help="do not listen to uevents (event numbers and polling only)")
     p.set_defaults(func=cmd_monitor)
@@ -85,7 +96,7 @@ def format_event(event: Event) -> str:
 
 def _print_event(event: Event, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(event.to_dict(), sort_keys=True), flush=True)
+        print(event_line(event), flush=True)
     else:
         print(format_event(event), flush=True)
 
@@ -121,30 +132,37 @@ def cmd_monitor(args: argparse.Namespace) -> int:
                           poll_interval=args.interval,
                           uevents=False if args.no_uevents else None)
         with monitor:
-            if args.once:
-                events = monitor.step() if owned else []
-                states = monitor.watcher.current()
-                if as_json:
-                    print(json.dumps({"events": [e.to_dict() for e in events],
-                                      "devices": {n: {**s.to_dict(), "summary": s.summary()}
-                                                  for n, s in sorted(states.items())}},
-                                     indent=2, sort_keys=True))
-                else:
-                    for event in events:
-                        print(format_event(event))
-                    print(_state_text(states))
-                return 0
-            stop = threading.Event()
-            previous: dict[signal.Signals, Any] = {}
-            if threading.current_thread() is threading.main_thread():
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    previous[sig] = signal.signal(sig, lambda *_: stop.set())
+            output = JsonLinesFile(args.output) if args.output else None
             try:
-                for event in monitor.events(timeout=args.timeout, stop=stop):
-                    _print_event(event, as_json)
+                if args.once:
+                    events: list[Event] = []
+                    if owned:
+                        monitor.run(output or CursorSink(store, events.append), once=True)
+                    states = monitor.watcher.current()
+                    if as_json:
+                        print(json.dumps({"events": [e.to_dict() for e in events],
+                                          "devices": {n: {**s.to_dict(), "summary": s.summary()}
+                                                      for n, s in sorted(states.items())}},
+                                         indent=2, sort_keys=True))
+                    else:
+                        for event in events:
+                            print(format_event(event))
+                        print(_state_text(states))
+                    return 0
+                stop = threading.Event()
+                previous: dict[signal.Signals, Any] = {}
+                if threading.current_thread() is threading.main_thread():
+                    for sig in (signal.SIGTERM, signal.SIGINT):
+                        previous[sig] = signal.signal(sig, lambda *_: stop.set())
+                try:
+                    sink = output or CursorSink(store, lambda e: _print_event(e, as_json))
+                    monitor.run(sink, timeout=args.timeout, stop=stop)
+                finally:
+                    for sig, handler in previous.items():
+                        signal.signal(sig, handler)
             finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
+                if output is not None:
+                    output.close()
         return 0
     finally:
         store.close()

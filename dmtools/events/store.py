@@ -1,13 +1,28 @@
-"""Persisted monitor state: the last state seen of each device and its recent events.
+"""Persisted monitor state: each device's last state, its recent events, and the event journal.
 
-One JSON file per device under ``<root>/<backend>/`` (``/run/dmtools/monitor/kernel/NAME.json`` as
-root), replaced atomically (write, fsync, rename). A monitor compares what it finds at start with
-these files, so changes that happened while no monitor ran are reported once, and changes it
-already reported are not reported again. An exclusive ``flock`` on ``<root>/<backend>/.lock`` keeps
-two monitors from reporting the same changes; read-only users (``--once`` while a monitor runs,
-``snapshot status``) read without the lock.
+Under ``<root>/<backend>/`` (``/run/dmtools/monitor/kernel/`` as root):
 
-A removed device keeps a file with ``"state": null`` so its last events stay readable.
+- ``journal``: the append-only :class:`~dmtools.events.journal.Journal`. Every change a monitor
+  reports is committed there first, as one record holding the device's new state *and* its events,
+  each event numbered with a sequence number (``seq``, 1, 2, 3, … per store, never reused). The
+  record is the commit point: before it, the change was not seen (a restart derives it again from
+  the stored state); after it, the change is known and numbered, so it is handed out exactly once
+  (a consumer that already has ``seq`` N skips it; :meth:`StateStore.pending` hands out the rest).
+- ``NAME.json``: one file per device, a checkpoint of the journal (state, the last
+  ``RECENT_EVENTS`` events, the number of the last record applied), replaced atomically (write,
+  fsync, rename, fsync of the directory). A restart re-applies journal records the checkpoints
+  missed; applying is idempotent. A removed device keeps a file with ``"state": null`` so its last
+  events stay readable.
+- ``cursor``: the ``seq`` of the last event handed to a consumer that cannot be asked itself
+  (a pipe, a Python generator's caller); see :mod:`dmtools.events.delivery`.
+
+Policy actions are journaled as *plans* in the record of the events that caused them, then
+``started`` and ``done`` records, so a restart runs a plan that never started and reports one that
+was interrupted (outcome unknown) instead of losing it.
+
+An exclusive ``flock`` on ``.lock`` keeps two monitors from reporting the same changes; read-only
+users (``--once`` while a monitor runs, ``snapshot status``) read without the lock and never
+repair anything.
 """
 
 from __future__ import annotations
@@ -16,18 +31,23 @@ import errno
 import fcntl
 import json
 import os
-import tempfile
-from typing import Any, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Sequence
 from urllib.parse import quote, unquote
 
 from dmtools.errors import DMError
+from dmtools.events.journal import Journal, atomic_replace, read_records
 from dmtools.events.state import DeviceState
 from dmtools.events.types import Event
 
-__all__ = ["StateStore", "default_root", "last_events", "RECENT_EVENTS"]
+__all__ = ["StateStore", "default_root", "last_events", "RECENT_EVENTS", "Plan", "JOURNAL_LIMIT"]
 
-#: Events kept per device for ``last_events``.
+#: Events kept per device in its checkpoint for ``last_events``.
 RECENT_EVENTS = 32
+#: Journal size beyond which a fully delivered journal is rewritten (only open plans kept).
+JOURNAL_LIMIT = 256 << 10
+_JOURNAL = "journal"
+_CURSOR = "cursor"
 
 
 def default_root() -> str:
@@ -39,11 +59,48 @@ def default_root() -> str:
     return os.path.join(base, "monitor")
 
 
+@dataclass(frozen=True)
+class Plan:
+    """A policy action decided for a device, journaled before it runs.
+
+    ``id`` is given by :meth:`StateStore.commit`; ``args`` is what the policy needs to run it
+    later (JSON values only); ``started`` is set once a ``started`` record was committed.
+    """
+
+    device: str
+    policy: str
+    action: str
+    args: dict[str, Any]
+    id: str = ""
+    started: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "policy": self.policy, "action": self.action, "args": self.args}
+
+    @classmethod
+    def from_dict(cls, device: str, data: dict[str, Any]) -> "Plan":
+        return cls(device, str(data["policy"]), str(data["action"]), dict(data.get("args") or {}),
+                   str(data["id"]))
+
+
+def _atomic_write(path: str, data: Any) -> None:
+    atomic_replace(path, json.dumps(data, sort_keys=True).encode())
+
+
+def _events_of(record: dict[str, Any]) -> Iterator[Event]:
+    for item in record.get("events", ()):
+        try:
+            yield Event.from_dict(item)
+        except DMError:
+            continue
+
+
 class StateStore:
-    """Device states and recent events of one backend, on disk.
+    """Device states, recent events and the event journal of one backend, on disk.
 
     ``lock=True`` takes the store's exclusive lock (raises ``DMError`` with ``EBUSY`` when another
-    monitor holds it); without it the store can only be read.
+    monitor holds it), opens the journal and re-applies the records its checkpoints missed;
+    without it the store can only be read.
     """
 
     def __init__(self, backend: str, root: str | None = None, *, lock: bool = False) -> None:
@@ -52,6 +109,8 @@ class StateStore:
                           errno=errno.EINVAL)
         self.directory = os.path.join(root or default_root(), backend)
         self._lock_fd: int | None = None
+        self._journal: Journal | None = None
+        self._next_seq = 1
         if lock:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             fd = os.open(os.path.join(self.directory, ".lock"),
@@ -65,12 +124,24 @@ class StateStore:
                                   errno=errno.EBUSY, operation="monitor") from err
                 raise
             self._lock_fd = fd
+            try:
+                self._open_journal()
+            except BaseException:
+                self.close()
+                raise
 
     @property
     def locked(self) -> bool:
         """True when this store holds the lock (and may be written)."""
         return self._lock_fd is not None
 
+    def _writable(self) -> Journal:
+        if self._journal is None:
+            raise DMError("the monitor state is read-only here (lock not held)",
+                          errno=errno.EROFS, operation="monitor")
+        return self._journal
+
+    # --- checkpoints ------------------------------------------------------------------------
     def _path(self, name: str) -> str:
         return os.path.join(self.directory, quote(name, safe="") + ".json")
 
@@ -81,17 +152,8 @@ class StateStore:
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
-            return None  # a torn or foreign file: treat the device as never seen
+            return None  # a foreign file: treat the device as never seen
         return data if isinstance(data, dict) else None
-
-    def names(self) -> list[str]:
-        """Devices with a stored state (tombstones of removed devices excluded)."""
-        out = []
-        for name in self._files():
-            data = self._read(name)
-            if data is not None and data.get("state") is not None:
-                out.append(name)
-        return sorted(out)
 
     def _files(self) -> Iterator[str]:
         try:
@@ -101,6 +163,15 @@ class StateStore:
         for entry in entries:
             if entry.endswith(".json") and not entry.startswith("."):
                 yield unquote(entry[: -len(".json")])
+
+    def names(self) -> list[str]:
+        """Devices with a stored state (tombstones of removed devices excluded)."""
+        out = []
+        for name in self._files():
+            data = self._read(name)
+            if data is not None and data.get("state") is not None:
+                out.append(name)
+        return sorted(out)
 
     def load(self, name: str) -> DeviceState | None:
         """The last state stored for ``name`` (``None``: never seen, or removed)."""
@@ -113,50 +184,189 @@ class StateStore:
             return None
 
     def recent(self, name: str) -> list[Event]:
-        """The events stored for ``name``, oldest first."""
-        data = self._read(name)
+        """The events stored for ``name``, oldest first, including journal records that its
+        checkpoint has not taken in yet (a reader may look while a monitor commits)."""
+        data = self._read(name) or {}
+        items = list(data.get("recent", []))
+        applied = int(data.get("applied", 0))
+        records = self._journal.records if self._journal is not None else \
+            read_records(os.path.join(self.directory, _JOURNAL))
+        for record in records:
+            if record.get("device") == name and record["r"] > applied:
+                items.extend(record.get("events", ()))
         out: list[Event] = []
-        for item in (data or {}).get("recent", []):
+        for item in items:
             try:
                 out.append(Event.from_dict(item))
             except DMError:
                 continue
         return out
 
-    def save(self, name: str, state: DeviceState | None, events: list[Event]) -> None:
-        """Store ``state`` (``None``: removed) and append ``events``; atomic per device."""
-        if not self.locked:
-            raise DMError("the monitor state is read-only here (lock not held)",
-                          errno=errno.EROFS, operation="monitor")
-        recent = [e.to_dict() for e in self.recent(name)] + [e.to_dict() for e in events]
-        data = {"state": state.to_dict() if state is not None else None,
-                "recent": recent[-RECENT_EVENTS:]}
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._path(name))
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+    def _checkpoint(self, name: str, state: Any, recent: list[Any], applied: int) -> None:
+        _atomic_write(self._path(name),
+                      {"state": state, "recent": recent[-RECENT_EVENTS:], "applied": applied})
 
-    def rename(self, old: str, new: str) -> None:
-        """Move ``old``'s file to ``new`` (a renamed device keeps its history)."""
-        if not self.locked:
-            raise DMError("the monitor state is read-only here (lock not held)",
-                          errno=errno.EROFS, operation="monitor")
+    def _apply(self, record: dict[str, Any]) -> None:
+        """Take ``record`` into its device's checkpoint (no-op when already taken)."""
+        name = record.get("device")
+        if not isinstance(name, str) or not ("state" in record or record.get("events")):
+            return
+        r = int(record["r"])
+        data = self._read(name)
+        if data is not None and int(data.get("applied", 0)) >= r:
+            return
+        old = record.get("renamed_from")
+        previous = data
+        if old:
+            old_data = self._read(old)
+            if old_data is not None and int(old_data.get("applied", 0)) < r:
+                previous = old_data  # the renamed device keeps its history
+        previous = previous or {}
+        state = record["state"] if "state" in record else previous.get("state")
+        self._checkpoint(name, state, list(previous.get("recent", [])) + list(record.get("events", [])), r)
+        if old and previous is not data:
+            try:
+                os.unlink(self._path(old))
+            except FileNotFoundError:
+                pass
+
+    def save(self, name: str, state: DeviceState | None, events: list[Event]) -> None:
+        """Write ``name``'s checkpoint directly: ``state`` (``None``: removed) and ``events``
+        appended as given (no journal record, no numbering: for importing history and tests)."""
+        self._writable()
+        data = self._read(name) or {}
+        self._checkpoint(name, state.to_dict() if state is not None else None,
+                         list(data.get("recent", [])) + [e.to_dict() for e in events],
+                         int(data.get("applied", 0)))
+
+    # --- the journal ------------------------------------------------------------------------
+    def _open_journal(self) -> None:
+        journal = Journal(os.path.join(self.directory, _JOURNAL))
+        records = journal.open()
+        self._journal = journal
+        next_seq = 1
+        for record in records:
+            next_seq = max(next_seq, int(record.get("base_seq", 0)))
+            for item in record.get("events", ()):
+                next_seq = max(next_seq, int(item.get("seq", 0)) + 1)
+        for name in self._files():  # a journal lost or deleted by hand: never reuse numbers
+            for item in (self._read(name) or {}).get("recent", []):
+                if isinstance(item, dict):
+                    next_seq = max(next_seq, int(item.get("seq", 0) or 0) + 1)
+        next_seq = max(next_seq, self.cursor() + 1)
+        self._next_seq = next_seq
+        for record in records:
+            self._apply(record)
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the last event committed (0: none yet)."""
+        return self._next_seq - 1
+
+    def _number(self, events: Sequence[Event]) -> list[Event]:
+        out = []
+        for event in events:
+            out.append(replace(event, seq=self._next_seq))
+            self._next_seq += 1
+        return out
+
+    def commit(self, name: str, state: DeviceState | None, events: Sequence[Event], *,
+               keep_state: bool = False, renamed_from: str | None = None,
+               plans: Sequence[Plan] = ()) -> tuple[list[Event], list[Plan]]:
+        """Commit ``name``'s new ``state`` (``None``: removed; ``keep_state``: unchanged) with
+        ``events`` and ``plans`` in one journal record; return them numbered (events' ``seq``,
+        plans' ``id``). Durable when this returns."""
+        journal = self._writable()
+        r = journal.next_r
+        numbered = self._number(events)
+        ided = [replace(p, id=f"{r}.{i}") for i, p in enumerate(plans)]
+        record: dict[str, Any] = {"device": name, "events": [e.to_dict() for e in numbered]}
+        if not keep_state:
+            record["state"] = state.to_dict() if state is not None else None
+        if renamed_from:
+            record["renamed_from"] = renamed_from
+        if ided:
+            record["plans"] = [p.to_dict() for p in ided]
         try:
-            os.replace(self._path(old), self._path(new))
-        except FileNotFoundError:
-            pass
+            self._apply(journal.append(record))
+        except BaseException:
+            self._next_seq -= len(numbered)  # nothing was committed
+            raise
+        return numbered, ided
+
+    def start(self, plan: Plan) -> Plan:
+        """Record that ``plan`` is about to run (a restart then reports it as interrupted)."""
+        self._writable().append({"device": plan.device, "started": plan.id})
+        return replace(plan, started=True)
+
+    def finish(self, plan: Plan, events: Sequence[Event]) -> list[Event]:
+        """Record that ``plan`` ran, with the ``events`` that report it; return them numbered."""
+        journal = self._writable()
+        numbered = self._number(events)
+        record = {"device": plan.device, "done": plan.id, "events": [e.to_dict() for e in numbered]}
+        try:
+            self._apply(journal.append(record))
+        except BaseException:
+            self._next_seq -= len(numbered)
+            raise
+        return numbered
+
+    def open_plans(self) -> list[Plan]:
+        """Plans committed but not finished, oldest first (``started`` tells which had begun)."""
+        journal = self._writable()
+        done = {rec["done"] for rec in journal.records if "done" in rec}
+        started = {rec["started"] for rec in journal.records if "started" in rec}
+        out = []
+        for rec in journal.records:
+            for item in rec.get("plans", ()):
+                if item.get("id") not in done:
+                    plan = Plan.from_dict(str(rec.get("device", "")), item)
+                    out.append(replace(plan, started=plan.id in started))
+        return out
+
+    def pending(self, after: int) -> list[Event]:
+        """Committed events numbered above ``after``, in order (those a consumer lacks)."""
+        journal = self._writable()
+        out = [e for rec in journal.records for e in _events_of(rec) if e.seq > after]
+        return sorted(out, key=lambda e: e.seq)
+
+    def compact(self, delivered: int, *, limit: int = JOURNAL_LIMIT) -> bool:
+        """Rewrite the journal without what is no longer needed (records whose events are all at
+        or below ``delivered`` and whose plans are finished) once it exceeds ``limit`` bytes."""
+        journal = self._writable()
+        if journal.size() <= limit:
+            return False
+        open_ids = {p.id for p in self.open_plans()}
+        keep = []
+        for rec in journal.records:
+            if "base_r" in rec:
+                continue
+            if any(int(e.get("seq", 0)) > delivered for e in rec.get("events", ())) \
+                    or any(p.get("id") in open_ids for p in rec.get("plans", ())) \
+                    or rec.get("started") in open_ids:
+                keep.append(rec)
+        journal.rewrite(keep, {"base_seq": self._next_seq})
+        return True
+
+    # --- the delivery cursor ----------------------------------------------------------------
+    def cursor(self) -> int:
+        """The ``seq`` of the last event a cursor-tracked consumer took (0: none)."""
+        try:
+            with open(os.path.join(self.directory, _CURSOR), encoding="utf-8") as f:
+                return int(json.load(f).get("seq", 0))
+        except (OSError, ValueError, AttributeError, TypeError):
+            return 0
+
+    def set_cursor(self, seq: int) -> None:
+        """Record that events up to ``seq`` were taken (atomic and durable)."""
+        self._writable()
+        _atomic_write(os.path.join(self.directory, _CURSOR), {"seq": int(seq)})
 
     def close(self) -> None:
-        """Release the lock."""
+        """Close the journal and release the lock."""
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

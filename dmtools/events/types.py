@@ -4,7 +4,9 @@ Every event names its device (``device``, plus ``uuid`` and ``devno`` when known
 noticed (``source``: ``udev`` for udevd's uevents, ``uevent`` for the kernel's raw uevents,
 ``event_nr`` for a device event counter that moved, ``poll`` for a periodic status read, ``catch-up``
 for a change that happened while no monitor watched, ``policy`` for an action a monitor policy took)
-and when (``time``, seconds since the epoch). ``to_dict()``/``Event.from_dict()`` give the JSON
+and when (``time``, seconds since the epoch). A monitor with a state store numbers the events it
+commits (``seq``: 1, 2, 3, … never reused, see :mod:`dmtools.events.store`); ``0`` means not
+numbered. ``to_dict()``/``Event.from_dict()`` give the JSON
 form used by ``dmtools monitor --json`` and by the userspace daemon's event stream.
 
 The kernel raises a device event (``dm_table_event`` in drivers/md/dm-table.c) when a snapshot is
@@ -64,6 +66,7 @@ class Event:
     devno: str = ""
     source: str = "poll"
     time: float = field(default_factory=time.time)
+    seq: int = 0
 
     @property
     def severity(self) -> Severity:
@@ -99,12 +102,12 @@ class Event:
             raise InvalidArgument(f"malformed {cls.kind} event: {err}") from err
 
     def same_as(self, other: "Event") -> bool:
-        """True when both events report the same thing (everything but ``time`` and ``source``)."""
+        """True when both events report the same thing (all but ``time``, ``source`` and ``seq``)."""
         if type(self) is not type(other):
             return False
         mine = dataclasses.asdict(self)
         theirs = dataclasses.asdict(other)
-        for key in ("time", "source"):
+        for key in ("time", "source", "seq"):
             mine.pop(key)
             theirs.pop(key)
         return mine == theirs

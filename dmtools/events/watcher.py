@@ -8,9 +8,12 @@ event, so dmeventd polls too), and turns each difference into typed events with
 
 With a :class:`~dmtools.events.store.StateStore` the last states are persisted: a watcher started
 later first compares the stored states with the devices as they are now and reports what changed
-meanwhile (``source="catch-up"``), and nothing it already reported. Events of one device are
-committed to the store once all of them were handed out, so an orderly stop between two devices'
-events loses and repeats nothing; a crash in the middle of one device's events repeats them.
+meanwhile (``source="catch-up"``), and nothing it already reported. Each device's new state and
+events are committed to the store's journal *before* they are handed out, numbered (``seq``);
+:meth:`Watcher.events` hands out those above a cursor and moves it after each, so a stop or a
+crash at any point neither loses nor repeats a committed event (the one exception is an event
+handed to a consumer that dies with it before the cursor moved: see
+:mod:`dmtools.events.delivery` for sinks that close that window).
 
 Devices that came and went between two scans are still reported when a uevent saw them, with the
 name udev gave them (``DM_NAME``) or, without udevd, the name read from sysfs when the ``add``
@@ -19,17 +22,18 @@ uevent arrived.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 from dmtools.backend import DeviceMapper
 from dmtools.errors import DMError
 from dmtools.events.sources import EventNumberWaiter, UEvent, UeventSource
 from dmtools.events.state import DEFAULT_THRESHOLDS, DeviceState, capture, derive
-from dmtools.events.store import StateStore
+from dmtools.events.store import Plan, StateStore
 from dmtools.events.types import DeviceAdded, DeviceRemoved, Event
 
 __all__ = ["Watcher", "Batch"]
@@ -95,6 +99,7 @@ class Watcher:
         self._source: UeventSource | None = None
         self._started = False
         self._caught_up = False
+        self._next_seq = 1  # numbering without a store
 
     # --- scope and state ------------------------------------------------------------------
     def thresholds(self, name: str) -> Sequence[int]:
@@ -221,7 +226,8 @@ class Watcher:
                 elif old is not None and now_state is not None and old.event_nr != now_state.event_nr:
                     source = "event_nr"
             events = derive(old, now_state, thresholds=self.thresholds(name), source=source, now=now)
-            if events or old != now_state or old_name:
+            # The first scan hands out every device, changed or not, so policies see them all.
+            if events or old != now_state or old_name or (reason == "catch-up" and now_state):
                 batches.append(Batch(name, old, now_state, events, old_name))
         batches.extend(self._transient(uevents, previous, current, now))
         self._caught_up = True
@@ -253,12 +259,20 @@ class Watcher:
         self._unmatched_adds = {devno: u for devno, u in added.items() if devno not in seen}
         return out
 
-    def commit(self, batch: Batch, extra: Sequence[Event] = ()) -> None:
-        """Remember ``batch.new`` (and persist it with the batch's events plus ``extra``)."""
+    def commit(self, batch: Batch, extra: Sequence[Event] = (),
+               plans: Sequence[Plan] = ()) -> tuple[list[Event], list[Plan]]:
+        """Remember ``batch.new`` and commit it with the batch's events plus ``extra`` and the
+        policy ``plans`` (one journal record with a store); return the events numbered and the
+        plans with their ids. Nothing is written when nothing changed."""
+        events = [*batch.events, *extra]
+        changed = bool(events or plans or batch.renamed_from) or batch.old != batch.new
+        if self.store is not None and changed:
+            numbered, ided = self.store.commit(batch.name, batch.new, events, plans=plans,
+                                               renamed_from=batch.renamed_from)
+        else:
+            numbered, ided = self.number(events), list(plans)
         if batch.renamed_from:
             self._known.pop(batch.renamed_from, None)
-            if self.store is not None:
-                self.store.rename(batch.renamed_from, batch.name)
         if batch.old is None and batch.new is None:
             pass  # a transient device: only its events are recorded
         elif batch.new is None:
@@ -267,12 +281,31 @@ class Watcher:
                 self._waiter.unwatch(batch.name)
         else:
             self._known[batch.name] = batch.new
-        if self.store is not None:
-            self.store.save(batch.name, batch.new, [*batch.events, *extra])
         if self._waiter is not None and batch.new is not None:
             if batch.renamed_from:
                 self._waiter.unwatch(batch.renamed_from)
             self._waiter.watch(batch.name, batch.new.event_nr)
+        return numbered, ided
+
+    def number(self, events: Sequence[Event]) -> list[Event]:
+        """``events`` numbered by this watcher's own counter (used without a store)."""
+        out = [replace(e, seq=self._next_seq + i) for i, e in enumerate(events)]
+        self._next_seq += len(out)
+        return out
+
+    def pending(self, after: int) -> list[Event]:
+        """Events committed by an earlier run and numbered above ``after`` (none without a store).
+
+        Raises ``DMError`` when ``after`` is beyond the store's last event: the consumer holds
+        events of another store.
+        """
+        if self.store is None:
+            return []
+        if after > self.store.last_seq:
+            raise DMError(f"the consumer already has event {after} but the monitor state in "
+                          f"{self.store.directory} ends at event {self.store.last_seq}: "
+                          "not the same monitor state", errno=errno.EINVAL, operation="monitor")
+        return self.store.pending(after)
 
     def _watch_all(self) -> None:
         if self._waiter is None:
@@ -281,11 +314,14 @@ class Watcher:
             self._waiter.watch(name, state.event_nr)
 
     def poll(self, reason: str = "poll") -> list[Event]:
-        """Scan once, remember the result, and return the events in order."""
-        out: list[Event] = []
+        """Scan once, remember the result, and return the events in order (with a store, first
+        those an earlier run committed but did not hand out; the cursor then moves past all)."""
+        cursor = self.store.cursor() if self.store is not None else 0
+        out: list[Event] = self.pending(cursor)
         for batch in self.scan(reason):
-            out.extend(batch.events)
-            self.commit(batch)
+            out.extend(self.commit(batch)[0])
+        if out:
+            self._advance(out[-1].seq, cursor)
         return out
 
     def wait(self, timeout: float) -> str | None:
@@ -327,9 +363,32 @@ class Watcher:
             self._watch_all()
             yield from self.scan(reason)
 
-    def events(self, *, timeout: float | None = None,
-               stop: threading.Event | None = None) -> Iterator[Event]:
-        """Events as they happen (each device's events committed once all were handed out)."""
-        for batch in self.batches(timeout=timeout, stop=stop):
-            yield from batch.events
-            self.commit(batch)
+    def events(self, *, timeout: float | None = None, stop: threading.Event | None = None,
+               after: int | None = None) -> Iterator[Event]:
+        """Events as they happen, each committed before it is handed out.
+
+        With a store: first the events an earlier run committed but did not hand out (those above
+        ``after``, by default the store's cursor), and the cursor moves past each event as soon as
+        the caller asks for the next one or closes the generator.
+        """
+        written = after if after is not None else (self.store.cursor() if self.store else 0)
+        taken = written
+        try:
+            for event in self.pending(written):
+                taken = event.seq
+                yield event
+                written = self._advance(taken, written)
+            for batch in self.batches(timeout=timeout, stop=stop):
+                for event in self.commit(batch)[0]:
+                    taken = event.seq
+                    yield event
+                    written = self._advance(taken, written)
+        finally:
+            self._advance(taken, written)
+
+    def _advance(self, taken: int, written: int) -> int:
+        """Move the store's cursor to ``taken`` (an event the consumer has); return it."""
+        if self.store is not None and self.store.locked and taken > written:
+            self.store.set_cursor(taken)
+            return taken
+        return written

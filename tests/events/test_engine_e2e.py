@@ -24,10 +24,11 @@ from dmtools.events import (
 )
 from dmtools.monitor import Monitor, MonitorConfig, PolicySettings
 
-snapshot_targets = pytest.importorskip("snapshot.targets")
+pytest.importorskip("snapshot.targets")
 from mirror.manager import MirrorManager  # noqa: E402
-from mirror.target import MirrorTarget  # noqa: E402
 from snapshot.manager import SnapshotManager  # noqa: E402
+
+from ev_engine import engine_with_targets, image  # noqa: E402
 
 MiB = 1 << 20
 WRITE = 16 << 10
@@ -35,21 +36,11 @@ WRITE = 16 << 10
 
 @pytest.fixture
 def eng() -> Iterator[Engine]:
-    e = Engine()
-    for name, cls in snapshot_targets.TARGETS.items():
-        e.register_target(cls, name)
-    e.register_target(MirrorTarget, "mirror")
+    e = engine_with_targets()
     try:
         yield e
     finally:
         e.close()
-
-
-def image(tmp_path: Path, name: str, size: int) -> str:
-    path = tmp_path / f"dmtt-{name}.img"
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return str(path)
 
 
 def snapshot_stack(eng: Engine, tmp_path: Path, cow_bytes: int) -> str:

@@ -131,20 +131,24 @@ def test_catch_up_across_restart_loses_and_repeats_nothing(tmp_path: Path) -> No
     assert [e.kind for e in last_events("mir", "fake", 1, root=str(tmp_path))] == ["device-removed"]
 
 
-def test_stop_between_devices_commits_what_was_handed_out(tmp_path: Path) -> None:
+def test_stop_hands_out_the_rest_on_the_next_start(tmp_path: Path) -> None:
     dm = make_dm()
     with StateStore("fake", str(tmp_path), lock=True) as store:
         w = Watcher(dm, store=store, event_numbers=False, uevents=False)
         it = w.events(timeout=5)
-        first = next(it)  # mir:device-added; not committed until the next device is asked for
-        assert first.device == "mir"
-        second = next(it)
-        assert second.device == "snap"
-        it.close()  # type: ignore[attr-defined]  # stopped in the middle of snap's events: mir was committed, snap was not
+        first = next(it)  # mir:device-added; snap's batch is not committed yet
+        assert (first.device, first.seq) == ("mir", 1)
+        it.close()  # type: ignore[attr-defined]
         w.close()
+        assert store.cursor() == 1 and store.last_seq == 1
     with StateStore("fake", str(tmp_path), lock=True) as store:
         again = Watcher(dm, store=store, event_numbers=False, uevents=False).poll()
-        assert kinds(again) == ["snap:device-added"]
+        assert kinds(again) == ["snap:device-added"] and again[0].seq == 2
+    with StateStore("fake", str(tmp_path), lock=True) as store:
+        assert Watcher(dm, store=store, event_numbers=False, uevents=False).poll() == []
+        dm.set_status("snap", snap_status(81))
+        events = Watcher(dm, store=store, event_numbers=False, uevents=False).poll()
+        assert [(e.kind, e.seq) for e in events] == [("snapshot-usage", 3)]
 
 
 def test_second_monitor_is_refused(tmp_path: Path) -> None:
