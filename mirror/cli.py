@@ -109,7 +109,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     mm = _manager(args)
     states = [mm.status(n) for n in args.names] if args.names else mm.list()
-    recent = {s.name: last_events(s.name, mm.dm.backend, STATUS_EVENTS) for s in states}
+    recent = {s.name: last_events(s.name, mm.dm.backend, STATUS_EVENTS, root=args.state_dir)
+              for s in states}
     texts = [_state_text(s) + "".join(f"\n  event: {format_event(e)}" for e in recent[s.name]) for s in states]
     _emit(args, [{**s.to_dict(), "events": [e.to_dict() for e in recent[s.name]]} for s in states],
           "\n".join(texts))
@@ -247,6 +248,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="in-sync regions, percent, per-leg health")
     p.add_argument("names", metavar="NAME", nargs="*", help="mirrors (default: every mirror)")
+    p.add_argument("--state-dir", metavar="DIR", default=None,
+                   help="read the last events from this monitor state directory (as 'dmtools "
+                   "monitor --state-dir'; default the monitor's, /run/dmtools/monitor as root)")
     _json(p)
     p.set_defaults(func=cmd_status)
 

@@ -93,7 +93,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     mgr = _manager(args)
     info = mgr.status(args.name)
-    events = last_events(args.name, mgr.dm.backend, STATUS_EVENTS)
+    events = last_events(args.name, mgr.dm.backend, STATUS_EVENTS, root=args.state_dir)
     lines = [f"{k}: {v}" for k, v in info.to_dict().items()]
     lines += ["recent events:"] + [f"  {format_event(e)}" for e in events] if events else []
     _emit(args, {**info.to_dict(), "events": [e.to_dict() for e in events]}, "\n".join(lines))
@@ -197,6 +197,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="one snapshot's usage and state")
     s.add_argument("name", metavar="NAME")
+    s.add_argument("--state-dir", metavar="DIR", default=None,
+                   help="read the last events from this monitor state directory (as 'dmtools "
+                   "monitor --state-dir'; default the monitor's, /run/dmtools/monitor as root)")
     s.set_defaults(func=cmd_status)
 
     m = sub.add_parser("merge", help="roll the origin back to the snapshot")
