@@ -144,6 +144,21 @@ class DeviceMapper(abc.ABC):
     def status(self, name: str, *, inactive: bool = False) -> list[StatusLine]:
         """Return each target's status line."""
 
+    def measure(self, name: str, *, inactive: bool = False) -> list[StatusLine]:
+        """Return each target's IMA measurement text (``dmsetup measure``, STATUSTYPE_IMA).
+
+        Lines have the shape of ``status``'s; ``params`` holds what the kernel measures into IMA
+        for the target: for most types ``target_name=…,target_version=…`` and ``,key=value``
+        pairs ending in ``;``, empty for types that measure nothing (``zero``, ``error``).
+        ``inactive`` measures the inactive table. Raises ``DeviceNotFound``; a backend that
+        cannot measure raises ``TargetNotSupported`` (this default does).
+        """
+        from dmtools.errors import TargetNotSupported
+
+        raise TargetNotSupported(
+            f"{type(self).__name__} cannot report IMA measurements", operation="measure", device=name
+        )
+
     @abc.abstractmethod
     def message(self, name: str, sector: int, message: str) -> str | None:
         """Send a target message; return the response text if the target gave one."""

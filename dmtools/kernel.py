@@ -87,6 +87,9 @@ MAPPER_DIR = "/dev/mapper"
 REMOVE_RETRIES = 25
 REMOVE_RETRY_DELAY = 0.2
 
+#: dm-ioctl minor version that brought DM_IMA_MEASUREMENT_FLAG (include/uapi/linux/dm-ioctl.h).
+IMA_DRIVER_MINOR = 45
+
 #: Serialises every libdevmapper call in the process (libdm is not thread-safe).
 LIBDM_LOCK = threading.RLock()
 
@@ -671,13 +674,23 @@ class KernelBackend(DeviceMapper):
         return DeviceInfo(name=real_name, uuid=uuid, **info._asdict())
 
     def _targets_of(
-        self, op: str, task_type: TaskType, name: str, inactive: bool
+        self, op: str, task_type: TaskType, name: str, inactive: bool, *, ima: bool = False
     ) -> list[tuple[int, int, str, str]]:
         def setup(task: Task) -> None:
             if inactive:
                 task.query_inactive_table()
+            if ima:
+                task.ima_measurement()
 
         def collect(task: Task) -> tuple[Info | None, list[tuple[int, int, str, str]]]:
+            if ima and _driver_minor(task.driver_version()) < IMA_DRIVER_MINOR:
+                # An older driver ignores DM_IMA_MEASUREMENT_FLAG and returns STATUSTYPE_INFO.
+                raise TargetNotSupported(
+                    f"the kernel's device-mapper {task.driver_version()} cannot report IMA "
+                    f"measurements (needs dm-ioctl 4.{IMA_DRIVER_MINOR}, Linux 5.15)",
+                    operation=op,
+                    device=name,
+                )
             return task.info(), task.targets()
 
         result = self._run(op, task_type, name, setup, collect)
@@ -698,6 +711,28 @@ class KernelBackend(DeviceMapper):
             StatusLine(start, length, target_type, params)
             for start, length, target_type, params in self._targets_of(
                 "status", TaskType.STATUS, name, inactive
+            )
+        ]
+
+    def measure(self, name: str, *, inactive: bool = False) -> list[StatusLine]:
+        """Each target's IMA measurement text, as ``dmsetup measure`` (STATUSTYPE_IMA).
+
+        Raises :class:`DeviceNotFound`, or :class:`TargetNotSupported` when libdevmapper lacks
+        ``dm_task_ima_measurement`` (before 1.02.181) or the driver predates
+        ``DM_IMA_MEASUREMENT_FLAG`` (dm-ioctl 4.45).
+        """
+        if not self._dm.supports("dm_task_ima_measurement"):
+            with LIBDM_LOCK:
+                library = self._dm.library_version()
+            raise TargetNotSupported(
+                f"libdevmapper {library} has no dm_task_ima_measurement (needs 1.02.181 or later)",
+                operation="measure",
+                device=name,
+            )
+        return [
+            StatusLine(start, length, target_type, params)
+            for start, length, target_type, params in self._targets_of(
+                "measure", TaskType.STATUS, name, inactive, ima=True
             )
         ]
 

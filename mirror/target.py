@@ -677,6 +677,21 @@ class MirrorTarget(Target):
                 tuple(log_words),
             ).format()
 
+    def ima_status(self) -> str:
+        """STATUSTYPE_IMA text of ``mirror_status`` (dm-raid1.c).
+
+        ``…,nr_mirrors=N``, then ``,mirror_device_<i>=<dev>,mirror_device_<i>_status=<health>`` per
+        leg, ``,handle_errors=y|n,keep_log=y|n,log_type_status=`` and ``;``. The log's part is
+        empty: both dm-log.c logs (core and disk) emit nothing for STATUSTYPE_IMA.
+        """
+        with self.cond:
+            legs = "".join(f",mirror_device_{leg.index}={leg.dev.name},"
+                           f"mirror_device_{leg.index}_status={leg.health()}" for leg in self.legs)
+        yn = {True: "y", False: "n"}
+        return (f"{self.ima_prefix()},nr_mirrors={len(self.legs)}{legs}"
+                f",handle_errors={yn[self.errors_handled]},keep_log={yn[self.keep_log]}"
+                ",log_type_status=;")
+
     def table_params(self) -> str:
         """``<log table> <#mirrors> <dev> <offset>... [<n> handle_errors keep_log]``."""
         parts = self.log.table_args() + [str(len(self.legs))]

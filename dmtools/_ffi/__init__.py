@@ -292,6 +292,11 @@ class Task:
         """``dm_task_query_inactive_table`` (TABLE/STATUS of the inactive slot)."""
         self._call("dm_task_query_inactive_table")
 
+    def ima_measurement(self) -> None:
+        """``dm_task_ima_measurement``: a STATUS task returns STATUSTYPE_IMA text (libdm 1.02.181+;
+        check ``LibDM.supports`` first, an older libdm lacks the symbol)."""
+        self._call("dm_task_ima_measurement")
+
     def set_event_nr(self, event_nr: int) -> None:
         """``dm_task_set_event_nr``."""
         self._call("dm_task_set_event_nr", event_nr)

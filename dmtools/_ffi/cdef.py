@@ -127,6 +127,8 @@ int dm_task_skip_lockfs(struct dm_task *dmt);
 int dm_task_no_open_count(struct dm_task *dmt);
 int dm_task_deferred_remove(struct dm_task *dmt);
 int dm_task_query_inactive_table(struct dm_task *dmt);
+/* libdm 1.02.181+ (symbol version DM_1_02_181): resolved on first use, absent in older libdm. */
+int dm_task_ima_measurement(struct dm_task *dmt);
 int dm_task_set_event_nr(struct dm_task *dmt, uint32_t event_nr);
 int dm_task_set_message(struct dm_task *dmt, const char *message);
 int dm_task_set_sector(struct dm_task *dmt, uint64_t sector);

@@ -158,8 +158,10 @@ def _table(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    """``status`` and ``measure`` (STATUSTYPE_IMA): the same lines, as dmsetup prints both."""
     dm = open_backend(args)
-    statuses = {name: dm.status(name, inactive=args.inactive) for name in _names(dm, args)}
+    verb = dm.measure if args.verb == "measure" else dm.status
+    statuses = {name: verb(name, inactive=args.inactive) for name in _names(dm, args)}
     _emit_per_device(
         args,
         {name: [line.dmsetup_text().rstrip("\n") for line in lines] for name, lines in statuses.items()},
@@ -169,7 +171,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _emit_per_device(args: argparse.Namespace, text: dict[str, list[str]], data: dict[str, str]) -> None:
-    """``dmsetup table|status`` layout: one named device bare, several or all prefixed ``NAME: ``.
+    """``dmsetup table|status|measure`` layout: one named device bare, several or all prefixed ``NAME: ``.
 
     ``text`` holds dmsetup's lines (``"%llu %llu %s %s"``: a target without parameters keeps the
     space); ``data`` is the ``--json`` form, the canonical table text that ``Table.parse`` reads.
@@ -341,6 +343,7 @@ def register(sub: Any) -> None:
     for verb, func, helptext in (
         ("table", _table, "print tables"),
         ("status", _status, "print target status"),
+        ("measure", _status, "print what the kernel measures into IMA per target"),
     ):
         p = verbs.add_parser(verb, help=helptext)
         p.add_argument("names", nargs="*")

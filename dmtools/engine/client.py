@@ -106,6 +106,10 @@ class UserspaceClient(DeviceMapper):
         result: list[StatusLine] = self.call("status", name=name, inactive=inactive)
         return result
 
+    def measure(self, name: str, *, inactive: bool = False) -> list[StatusLine]:
+        result: list[StatusLine] = self.call("measure", name=name, inactive=inactive)
+        return result
+
     def message(self, name: str, sector: int, message: str) -> str | None:
         result: str | None = self.call("message", name=name, sector=sector, message=message)
         return result

@@ -14,7 +14,7 @@ import importlib
 import threading
 import time
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from dmtools.backend import DeviceEntry, DeviceInfo, DeviceMapper, StatusLine, Versions
 from dmtools.engine.device import (
@@ -498,16 +498,25 @@ class Engine(DeviceMapper):
 
         return Table.parse(self.table_text(name, inactive=inactive))
 
-    def status(self, name: str, *, inactive: bool = False) -> list[StatusLine]:
-        """Each target's status line."""
-        dev = self._get(name, "status")
+    def _target_lines(self, name: str, operation: str, inactive: bool,
+                      text: "Callable[[Target], str]") -> list[StatusLine]:
+        """One line per target of the live (or inactive) table, with ``text(target)`` as params."""
+        dev = self._get(name, operation)
         table = dev.inactive if inactive else dev.live
         if table is None:
             return []
         return [
-            StatusLine(ln.start, ln.length, ln.target_type, tgt.status())
+            StatusLine(ln.start, ln.length, ln.target_type, text(tgt))
             for ln, tgt in zip(table.lines, table.targets)
         ]
+
+    def status(self, name: str, *, inactive: bool = False) -> list[StatusLine]:
+        """Each target's status line."""
+        return self._target_lines(name, "status", inactive, lambda tgt: tgt.status())
+
+    def measure(self, name: str, *, inactive: bool = False) -> list[StatusLine]:
+        """Each target's IMA measurement text (``Target.ima_status``), as ``dmsetup measure``."""
+        return self._target_lines(name, "measure", inactive, lambda tgt: tgt.ima_status())
 
     def message(self, name: str, sector: int, message: str) -> str | None:
         """Send a message to the target at ``sector`` (``target_message`` in dm-ioctl.c)."""

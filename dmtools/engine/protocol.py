@@ -3,9 +3,9 @@
 Request: ``{"verb": "create", "args": {...}}``. Reply: ``{"ok": true, "result": ...}`` or
 ``{"ok": false, "error": {"class": "DeviceExists", "message": ..., "errno": ..., "operation": ...,
 "device": ...}}``. The verbs are ``DeviceMapper``'s, plus ``ping``, ``shutdown`` and ``subscribe``
-(the connection then streams events instead of replies). Values that are
-dataclasses (``DeviceInfo``, ``DeviceEntry``, ``StatusLine``, ``Versions``) travel as dicts; tables
-travel as text.
+(the connection then streams events instead of replies). Values that are dataclasses
+(``DeviceInfo``, ``DeviceEntry``, ``StatusLine`` of ``status`` and ``measure``, ``Versions``)
+travel as dicts; tables travel as text.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ VERBS: dict[str, tuple[str, ...]] = {
     "info": ("name",),
     "table": ("name", "inactive"),
     "status": ("name", "inactive"),
+    "measure": ("name", "inactive"),
     "message": ("name", "sector", "message"),
     "deps": ("name",),
     "list": (),
@@ -174,7 +175,7 @@ def decode_result(verb: str, data: Any) -> Any:
         return DeviceInfo(**data)
     if verb == "list":
         return [DeviceEntry(**d) for d in data]
-    if verb == "status":
+    if verb in ("status", "measure"):
         return [StatusLine(**d) for d in data]
     if verb == "version":
         return Versions(**data)

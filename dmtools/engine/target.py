@@ -11,8 +11,10 @@ the way a kernel ``struct target_type`` does (``include/linux/device-mapper.h``)
   ``offset`` is in **bytes relative to the target's start** and the range never crosses the
   target's end. A failed I/O raises ``DeviceIOError`` (or ``OSError``). ``flush`` makes completed
   writes durable; ``discard`` drops a range (``zero`` writes zeros).
-- **text**: ``status()`` returns the kernel's STATUSTYPE_INFO text and ``table_params()`` the
-  STATUSTYPE_TABLE text (devices printed as ``major:minor``, i.e. ``DeviceHandle.name``).
+- **text**: ``status()`` returns the kernel's STATUSTYPE_INFO text, ``table_params()`` the
+  STATUSTYPE_TABLE text (devices printed as ``major:minor``, i.e. ``DeviceHandle.name``) and
+  ``ima_status()`` the STATUSTYPE_IMA text (``dmsetup measure``; ``ima_prefix()`` builds its
+  ``target_name=…,target_version=…`` head).
 - **control**: ``message(args)`` answers a target message (``None`` when it has no answer; raise
   ``InvalidArgument`` for a message it does not understand). ``presuspend``/``postsuspend`` run
   around a suspend (in-flight I/O drained in between), ``preresume`` may refuse a resume by
@@ -171,6 +173,23 @@ class Target(abc.ABC):
     @abc.abstractmethod
     def table_params(self) -> str:
         """STATUSTYPE_TABLE text (devices as ``major:minor``)."""
+
+    def ima_status(self) -> str:
+        """STATUSTYPE_IMA text: what the kernel measures into IMA and ``dmsetup measure`` prints.
+
+        The default is empty, which is what the kernel returns for a target type without a status
+        function (``retrieve_status`` in ``drivers/md/dm-ioctl.c``, e.g. ``zero`` and ``error``)
+        and what most targets with one emit for STATUSTYPE_IMA. Targets that measure themselves
+        return ``ima_prefix()`` followed by ``,key=value`` pairs and a closing ``;``, as their
+        kernel counterpart formats them.
+        """
+        return ""
+
+    def ima_prefix(self) -> str:
+        """``target_name=NAME,target_version=X.Y.Z``: the kernel's ``DMEMIT_TARGET_NAME_VERSION``
+        (``include/linux/device-mapper.h``), from this class's ``name`` and ``version``."""
+        major, minor, patch = self.version
+        return f"target_name={self.name},target_version={major}.{minor}.{patch}"
 
     # --- control --------------------------------------------------------------------------
     def message(self, args: Sequence[str]) -> str | None:

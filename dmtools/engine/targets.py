@@ -59,6 +59,10 @@ class LinearTarget(Target):
     def table_params(self) -> str:
         return f"{self.dev.name} {self.offset}"
 
+    def ima_status(self) -> str:
+        """``…,device_name=<dev>,start=<offset>;`` (``linear_status``, STATUSTYPE_IMA)."""
+        return f"{self.ima_prefix()},device_name={self.dev.name},start={self.offset};"
+
 
 class StripedTarget(Target):
     """``striped <#stripes> <chunk_sectors> [<dev> <offset>]...``: chunks round-robin over devices."""
@@ -153,6 +157,15 @@ class StripedTarget(Target):
         health = "".join("D" if e else "A" for e in self.errors)
         return f"{self.stripes} {names} 1 {health}"
 
+    def ima_status(self) -> str:
+        """``…,stripes=N,chunk_size=C`` then ``,stripe_<i>_device_name=…,stripe_<i>_physical_start=…,
+        stripe_<i>_status=A|D`` per stripe and a closing ``;`` (``stripe_status``, STATUSTYPE_IMA)."""
+        parts = [f"{self.ima_prefix()},stripes={self.stripes},chunk_size={self.chunk_sectors}"]
+        for i, (dev, off, err) in enumerate(zip(self.devices, self.offsets, self.errors)):
+            parts.append(f",stripe_{i}_device_name={dev.name},stripe_{i}_physical_start={off}"
+                         f",stripe_{i}_status={'D' if err else 'A'}")
+        return "".join(parts) + ";"
+
     def table_params(self) -> str:
         parts = [f"{self.stripes} {self.chunk_sectors}"]
         parts += [f"{d.name} {o}" for d, o in zip(self.devices, self.offsets)]
@@ -160,7 +173,10 @@ class StripedTarget(Target):
 
 
 class ZeroTarget(Target):
-    """``zero``: reads return zeros, writes and discards are dropped."""
+    """``zero``: reads return zeros, writes and discards are dropped.
+
+    dm-zero.c has no status function, so status and IMA text are empty (the base class's).
+    """
 
     name = "zero"
     version = (1, 2, 0)  # dm-zero.c
@@ -187,7 +203,10 @@ class ZeroTarget(Target):
 
 
 class ErrorTarget(Target):
-    """``error [<dev> <offset>]``: every I/O fails (io-err in dm-target.c)."""
+    """``error [<dev> <offset>]``: every I/O fails (io-err in dm-target.c).
+
+    io-err has no status function, so status and IMA text are empty (the base class's).
+    """
 
     name = "error"
     version = (1, 7, 0)  # dm-target.c
