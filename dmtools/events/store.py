@@ -213,18 +213,16 @@ class StateStore:
             return
         r = int(record["r"])
         data = self._read(name)
-        if data is not None and int(data.get("applied", 0)) >= r:
-            return
         old = record.get("renamed_from")
-        previous = data
-        if old:
-            old_data = self._read(old)
-            if old_data is not None and int(old_data.get("applied", 0)) < r:
-                previous = old_data  # the renamed device keeps its history
-        previous = previous or {}
-        state = record["state"] if "state" in record else previous.get("state")
-        self._checkpoint(name, state, list(previous.get("recent", [])) + list(record.get("events", [])), r)
-        if old and previous is not data:
+        old_data = self._read(old) if old else None
+        if old_data is not None and int(old_data.get("applied", 0)) >= r:
+            old_data = None  # a later device of that name
+        if data is None or int(data.get("applied", 0)) < r:
+            previous = (old_data if old_data is not None else data) or {}  # a rename keeps history
+            state = record["state"] if "state" in record else previous.get("state")
+            self._checkpoint(name, state,
+                             list(previous.get("recent", [])) + list(record.get("events", [])), r)
+        if old and old_data is not None:  # after the new checkpoint: a kill between redoes this
             try:
                 os.unlink(self._path(old))
             except FileNotFoundError:
