@@ -21,6 +21,7 @@ import logging
 import os
 import queue
 import threading
+from collections import deque
 from typing import Any, Callable, Sequence
 
 from dmtools.errors import InvalidArgument
@@ -75,6 +76,20 @@ def _fully_allocated(ep: Any, offset: int, length: int) -> bool:
     except Exception:  # noqa: BLE001 - unknown: let each sub-job ask
         return False
     return extents is None or (len(extents) == 1 and extents[0] == (offset, length))
+
+
+def _one_writer(ep: Any) -> bool:
+    """True for a destination written through a regular file's page cache.
+
+    Buffered writers of one file serialise on its inode lock (``i_rwsem``, taken exclusively by
+    ext4_buffered_write_iter and generic_file_write_iter), so parallel writes to it only wait, or
+    spin on the lock's owner; one write at a time, in read order, keeps the writes sequential.
+    Direct (O_DIRECT) and block-device writes stay parallel: several in flight fill the queue.
+    """
+    try:
+        return bool(ep.is_regular_file) and not getattr(ep, "direct", False)
+    except Exception:  # noqa: BLE001 - unknown kind: parallel writes are always correct
+        return False
 
 
 def _advise_sequential(ep: Any, offset: int, length: int) -> None:
@@ -258,6 +273,8 @@ class Client:
             and can_offload(osrc.endpoint, odests[0].endpoint)
         )
         job._piece_size = self._buffer_piece_size
+        if osrc is not None and not job._offload:
+            job._lanes = [deque() if _one_writer(d.endpoint) else None for d in odests]
         if job._offload:
             job._piece_size = OFFLOAD_PIECE_SIZE
             job._max_active = OFFLOAD_DEPTH
@@ -478,6 +495,7 @@ class Client:
             # supported here): redo this piece, and the rest of the job, with buffers.
             job._offload = False
             job._piece_size = self._buffer_piece_size
+            job._lanes = [deque() if _one_writer(d.endpoint) else None for d in job._dests]
             job._active -= 1
             self._free_active -= 1
             for off in range(piece.offset, piece.offset + piece.length, job._piece_size):
@@ -543,21 +561,55 @@ class Client:
         self._issue_writes(piece)
 
     def _issue_writes(self, piece: Piece) -> None:
-        n = len(piece.job._dests)
+        job = piece.job
+        n = len(job._dests)
         piece.pending = n
-        for i in range(1, n):
+        ready = list(range(n))
+        if any(lane is not None for lane in job._lanes):
+            with self._cond:
+                ready = []
+                for i, lane in enumerate(job._lanes):
+                    if lane is None:
+                        ready.append(i)
+                    elif job._lane_busy[i]:
+                        lane.append(piece)  # written when the lane's current write is done
+                    else:
+                        job._lane_busy[i] = True
+                        ready.append(i)
+        if not ready:
+            return
+        for i in ready[1:]:
             self._tasks.put((self._write_one, (piece, i)))
-        self._write_one((piece, 0))
+        self._write_one((piece, ready[0]))
 
     def _write_one(self, arg: tuple[Piece, int]) -> None:
+        """Write one piece to destination i; then, on a one-writer lane, the pieces waiting for it."""
         piece, i = arg
+        job = piece.job
+        lane = job._lanes[i]
+        while True:
+            failed = self._write_piece(piece, i)
+            with self._cond:
+                if failed:
+                    piece.write_err |= 1 << i
+                piece.pending -= 1
+                if piece.pending == 0:
+                    self._piece_done_locked(piece)
+                if lane is None:
+                    return
+                if not lane:
+                    job._lane_busy[i] = False
+                    return
+                piece = lane.popleft()
+
+    def _write_piece(self, piece: Piece, i: int) -> bool:
+        """Write ``piece`` to destination ``i``; True when it failed."""
         job = piece.job
         dest: OpenRegion = job._dests[i]
         ep = dest.endpoint
         base = dest.offset + piece.offset
         zeroed = bool(job.flags & DEST_ZEROED)
         thr = self.throttle
-        failed = False
         try:
             for off, length, is_data in piece.segments:
                 if is_data:
@@ -575,13 +627,8 @@ class Client:
                         thr.io_finish()
         except Exception as err:  # noqa: BLE001 - any failure is this destination's write error
             log.debug("kcopyd: write error on destination %d (%s): %s", i, dest.region.dev_name, err)
-            failed = True
-        with self._cond:
-            if failed:
-                piece.write_err |= 1 << i
-            piece.pending -= 1
-            if piece.pending == 0:
-                self._piece_done_locked(piece)
+            return True
+        return False
 
     # -- callbacks ------------------------------------------------------------------------------
     def _callback_loop(self) -> None:

@@ -8,6 +8,7 @@ and then run its notify callback once on the client's callback thread.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Generator
 
@@ -104,6 +105,11 @@ class Job:
         self._grain = 4096  # hole segments stay aligned to this (page and logical block size)
         self._queued = False  # completion handed to the callback thread
         self._dense = False  # the source has no holes: sub-jobs copy without asking for extents
+        # Write lanes: a destination whose ``_lanes`` entry is a deque takes one write at a time
+        # (pieces wait in the deque, in the order their reads finished); ``None`` lets its writes
+        # run in parallel. ``_lane_busy[i]`` is True while a write to destination i runs.
+        self._lanes: list[deque[Piece] | None] = [None] * len(dests)
+        self._lane_busy = [False] * len(dests)
 
     # -- public ---------------------------------------------------------------------------------
     @property
