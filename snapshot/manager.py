@@ -3,8 +3,10 @@
 For origin ``X`` (an existing device) and snapshot ``S`` the stack is LVM's
 (lib/activate/dev_manager.c): ``X-real`` holds X's original table, ``S-cow`` maps the COW device,
 ``S`` is ``snapshot X-real S-cow P <chunk>`` and ``X`` is reloaded as ``snapshot-origin X-real``,
-resumed after its snapshots. Merging loads ``snapshot-merge X-real S-cow P <chunk>`` on ``X`` and
-polls its status until ``allocated == metadata``. Everything is found again from the tables, so
+resumed after its snapshots. Merging is LVM's ``lvconvert --merge``: ``snapshot-merge X-real S-cow P
+<chunk>`` is loaded on ``X`` while ``S`` still holds the snapshot, and resuming ``X`` hands the
+exceptions over (kernel.md §2.9); the manager then polls the status until ``allocated ==
+metadata``. ``refresh`` reloads a snapshot through the same handover (``lvchange --refresh``). Everything is found again from the tables, so
 the manager keeps no state of its own: a new manager (or another process) sees the same snapshots.
 """
 
@@ -30,7 +32,7 @@ from dmtools.errors import (
 from dmtools.names import validate_name
 from dmtools.status import SnapshotState, SnapshotStatus, parse_snapshot_status
 from dmtools.table import Table
-from dmtools.targets_model import Snapshot, SnapshotMerge, SnapshotOrigin
+from dmtools.targets_model import Error, Linear, Snapshot, SnapshotMerge, SnapshotOrigin
 
 from snapshot.store.format import NUM_SNAPSHOT_HDR_CHUNKS, SECTOR, chunk_size_error
 
@@ -385,7 +387,9 @@ class SnapshotManager:
     ) -> SnapshotInfo | None:
         """Roll the origin back to snapshot ``name``.
 
-        The snapshot device goes away and the origin is reloaded as ``snapshot-merge``. With
+        As ``lvconvert --merge``: the origin is reloaded as ``snapshot-merge`` on the snapshot's
+        COW, takes over its exceptions by handover (no metadata re-read), and the snapshot device
+        (``error`` after the handover) goes away. With
         ``wait`` this polls the status (``progress(done, total)`` in sectors) until the merge
         finishes, then restores ``snapshot-origin`` (other snapshots left) or the plain origin.
         Calling ``merge`` again for a merge started with ``wait=False`` resumes waiting. Raises
@@ -410,20 +414,122 @@ class SnapshotManager:
                 raise DeviceNotFound("the snapshot's origin device is missing", operation="merge", device=name)
             if isinstance(self._single(tables[origin]), SnapshotMerge):
                 raise DeviceBusy("origin is already merging a snapshot", operation="merge", device=origin)
-            origin_sectors = tables[origin].size
-            dm.suspend(origin)
-            try:
-                dm.remove(name, retry=True)
-                merge_t = SnapshotMerge(target.origin, target.cow, "P", target.chunk_size)
-                dm.load(origin, Table.single(origin_sectors, merge_t))
-            finally:
-                dm.resume(origin)
+            merge_t = SnapshotMerge(target.origin, target.cow, "P", target.chunk_size)
+            self._start_merge(origin, name, Table.single(tables[origin].size, merge_t), tables)
             merging = origin
         if not wait:
             return None
         self._wait_merge(merging, name, progress, timeout)
         self._finish_merge(merging)
         return None
+
+    def _start_merge(self, origin: str, name: str, merge_table: Table, tables: dict[str, Table]) -> None:
+        """LVM's sequence: the origin gets ``snapshot-merge`` (a handover destination) and the
+        snapshot device ``error``; suspend both, resume the origin (exceptions handed over, merge
+        running), resume and remove the snapshot device. A failure before the origin's resume
+        leaves everything as it was."""
+        dm = self.dm
+        dm.load(origin, merge_table)  # refusals (another merge, COW pairing) raise here
+        try:
+            dm.load(name, Table.single(tables[name].size, Error()))
+            dm.suspend(origin)
+        except BaseException:
+            self._quietly(lambda: dm.clear(name), lambda: dm.clear(origin), lambda: dm.resume(origin))
+            raise
+        try:
+            dm.suspend(name)
+            dm.resume(origin)  # handover: the snapshot device's table is invalid from here on
+        except BaseException:
+            # the merge table may be live (suspended); put snapshot-origin back, then the snapshot
+            self._quietly(
+                lambda: dm.clear(name),
+                lambda: dm.load(origin, tables[origin]),
+                lambda: dm.resume(origin),
+                lambda: dm.resume(name),
+            )
+            raise
+        dm.resume(name)  # error target live; the handed-over snapshot table is destroyed
+        dm.remove(name, retry=True)
+
+    @staticmethod
+    def _quietly(*steps: Callable[[], object]) -> None:
+        """Run undo steps, each even if an earlier one failed."""
+        for step in steps:
+            try:
+                step()
+            except DMError:
+                pass
+
+    # -- refresh ----------------------------------------------------------------------------------
+    def refresh(self, name: str) -> SnapshotInfo:
+        """Reload snapshot ``name`` through the kernel's exception handover (``lvchange --refresh``).
+
+        When ``NAME-cow`` (a single linear mapping) maps less than its underlying device now holds,
+        the COW was grown: ``NAME-cow`` is reloaded to cover the whole device, so the snapshot sees
+        the new space. Sequence (kernel.md §2.9, §2.11): load the same ``snapshot`` table into
+        ``name`` (a handover destination) and the longer linear into ``NAME-cow``; suspend the
+        origin, ``name`` and ``NAME-cow``; resume ``NAME-cow``, ``name`` (the exceptions move to the
+        new table) and the origin. On failure the inactive tables loaded here are cleared and
+        every device suspended here is resumed. Raises ``DeviceNotFound`` (no such snapshot) and
+        ``DMError`` from the backend.
+        """
+        dm = self.dm
+        target, tables = self._snapshot(name, "refresh")
+        refs = self._ref_names()
+        origin = self._origin_of_real(tables, target.origin)
+        cow_name = refs.get(target.cow)
+        cow_table = self._grown_cow_table(cow_name, tables, refs) if cow_name else None
+        loaded: Names = []
+        suspended: Names = []
+        try:
+            dm.load(name, tables[name])
+            loaded.append(name)
+            if cow_table is not None and cow_name is not None:
+                dm.load(cow_name, cow_table)
+                loaded.append(cow_name)
+            for dev in ([origin] if origin else []) + [name] + ([cow_name] if cow_table and cow_name else []):
+                dm.suspend(dev)
+                suspended.append(dev)
+            for dev in list(reversed(suspended)):  # bottom-up: NAME-cow, the snapshot, the origin
+                dm.resume(dev)
+                suspended.remove(dev)
+                if dev in loaded:
+                    loaded.remove(dev)
+        except BaseException:
+            self._quietly(*[(lambda d=d: dm.clear(d)) for d in loaded])
+            self._quietly(*[(lambda d=d: dm.resume(d)) for d in reversed(suspended)])
+            raise
+        return self.status(name)
+
+    def _grown_cow_table(self, cow_name: str, tables: dict[str, Table], refs: dict[str, str]) -> Table | None:
+        """A longer table for ``NAME-cow`` when its device grew, else ``None``."""
+        table = tables.get(cow_name)
+        t = self._single(table) if table is not None else None
+        if table is None or not isinstance(t, Linear):
+            return None
+        under = self._device_sectors(t.device, refs)
+        if under is None:
+            return None
+        sectors = under - int(t.offset)
+        if sectors <= table.size:
+            return None
+        return Table.single(sectors, Linear(t.device, t.offset))
+
+    def _device_sectors(self, ref: str, refs: dict[str, str]) -> int | None:
+        """Size in sectors of a table's device reference (this backend's device, block device or
+        file); ``None`` when it cannot be found."""
+        if ref in refs:
+            return self.dm.table(refs[ref]).size
+        if ":" in ref and not ref.startswith("/"):
+            try:
+                with open(f"/sys/dev/block/{ref}/size") as f:
+                    return int(f.read())
+            except (OSError, ValueError):
+                return None
+        try:
+            return self._cow_size(ref) // SECTOR
+        except (DMError, OSError):
+            return None
 
     def _merging_origin(self, name: str, tables: dict[str, Table], refs: dict[str, str]) -> str | None:
         for oname, table in tables.items():

@@ -16,9 +16,9 @@ class TransientStore(ExceptionStore):
     persistent = False
 
     def __init__(self, cow: Endpoint, chunk_size: int) -> None:
-        if chunk_size == 0:
-            raise InvalidTable("Chunk size not set", operation="snapshot")
-        err = chunk_size_error(chunk_size)
+        # chunk 0 is accepted here as in dm-exception-store.c; the snapshot target refuses it
+        # ("Chunk size not set") unless the table is a handover destination.
+        err = chunk_size_error(chunk_size) if chunk_size else None
         if err:
             raise InvalidTable(err, operation="snapshot")
         super().__init__(cow, chunk_size)

@@ -29,7 +29,7 @@ from dmtools.status import SnapshotState, SnapshotStatus
 
 from snapshot.store.base import ExceptionStore
 from snapshot.store.persistent import PersistentStore
-from snapshot.targets import registry
+from snapshot.targets import params, registry
 
 log = logging.getLogger("snapshot")
 
@@ -75,6 +75,8 @@ class Snapshot:
         name: str,
         event: Callable[[], None],
         overflow_allowed: bool = False,
+        merge_target: bool = False,
+        owner: Any = None,
     ) -> None:
         self.origin = origin
         self.cow = cow
@@ -83,27 +85,47 @@ class Snapshot:
         self.name = name
         self.event = event
         self.overflow_allowed = overflow_allowed
-        self.chunk_size = store.chunk_size
-        self.chunk_bytes = store.chunk_size * SECTOR
+        #: a ``snapshot-merge`` table (``dm_target_is_snapshot_merge``): never gets new exceptions.
+        self.merge_target = merge_target
+        #: the target this snapshot belongs to (its ``ctx`` tells which device holds the table).
+        self.owner = owner
         self.origin_key = registry.device_key(origin)
         self.cow_key = registry.device_key(cow)
         self.cond = threading.Condition(threading.Lock())
-        self.valid = store.valid
+        self.valid = True
         self.active = False
         self.merging = False
         self.overflowed = False
         self.merge_failed = False
+        #: ``stop_merge() -> bool`` (was it running) and ``start_merge()`` of a snapshot-merge's merge worker.
+        self.merge_control: Any = None
         self.pending: dict[int, PendingException] = {}
         self.tracked: dict[int, int] = {}
         #: chunks [first, last) being merged: writes to them wait (snapshot-merge).
         self.merge_range: tuple[int, int] = (0, 0)
         self.merge_writes = 0  # writes in flight to chunks with exceptions (merge drains them)
+        #: chunks being copied on write (dm-snap.c ``in_progress``), throttled by the threshold.
+        self.in_progress = 0
+        #: writers waiting at ``snapshot_cow_threshold`` (for tests and diagnostics).
+        self.throttled = 0
+        self._progress = threading.Condition(threading.Lock())
+        self._closing = False
         self._seq_alloc = 0
         self._seq_next = 0
         self._parked: dict[int, tuple[PendingException, bool]] = {}
         self._finished: list[tuple[PendingException, bool]] = []
         self._complete_lock = threading.Lock()
         self.kc = kcopyd.Client(num_pages=KCOPYD_PAGES, threads=4)
+
+    @property
+    def chunk_size(self) -> int:
+        """Chunk size in sectors (0 for a handover destination until the handover)."""
+        return self.store.chunk_size
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Chunk size in bytes."""
+        return self.store.chunk_size * SECTOR
 
     @property
     def table(self) -> Any:
@@ -148,6 +170,35 @@ class Snapshot:
                 state = SnapshotStatus.usage(u.sectors_allocated, u.total_sectors, u.metadata_sectors)
             return state.format()
 
+    # -- snapshot_cow_threshold (dm-snap.c account_start_copy/account_end_copy/wait_for_in_progress)
+    def account_start_copy(self, chunks: int = 1) -> None:
+        """Count ``chunks`` copies (or full-chunk writes) started."""
+        with self._progress:
+            self.in_progress += chunks
+
+    def account_end_copy(self, chunks: int = 1) -> None:
+        """Count ``chunks`` copies finished; wake writers once at or below the threshold."""
+        with self._progress:
+            self.in_progress -= chunks
+            if self.throttled and not params.over_threshold(self.in_progress):
+                self._progress.notify_all()
+
+    def wait_for_in_progress(self) -> None:
+        """Wait while more than ``snapshot_cow_threshold`` copies are in flight."""
+        if not params.over_threshold(self.in_progress):
+            return
+        with self._progress:
+            self.throttled += 1
+            try:
+                self._progress.wait_for(lambda: self._closing or not params.over_threshold(self.in_progress))
+            finally:
+                self.throttled -= 1
+
+    def wake_throttled(self) -> None:
+        """Make throttled writers re-check the threshold (it changed, or the snapshot goes)."""
+        with self._progress:
+            self._progress.notify_all()
+
     # -- allocation and completion ----------------------------------------------------------------
     def _alloc_locked(self, chunk: int) -> PendingException:
         new = self.store.prepare_exception()  # raises NoSpace
@@ -173,6 +224,7 @@ class Snapshot:
                 j += 1
             group = pes[i:j]
             i = j
+            self.account_start_copy(len(group))
             start = group[0].old * cs
             count = min(len(group) * cs, origin_sectors - start)
             try:
@@ -187,9 +239,11 @@ class Snapshot:
                 )
             except Exception as err:  # noqa: BLE001 - every allocated exception must complete
                 log.error("%s: cannot start copy: %s", self.name, err)
+                self.account_end_copy(len(group))
                 self._complete(group, False)
 
     def _copy_notify(self, read_err: int, write_err: int, group: list[PendingException]) -> None:
+        self.account_end_copy(len(group))
         self._complete(group, not read_err and not write_err)
 
     def _complete(self, pes: list[PendingException], ok: bool) -> None:
@@ -276,7 +330,7 @@ class Snapshot:
         waits: list[PendingException] = []
         start: list[PendingException] = []
         with self.cond:
-            if not self.valid or not self.active or self.merging:
+            if not self.valid or not self.active or self.merge_target:
                 return []
             lookup = self.table.lookup
             pending = self.pending
@@ -320,6 +374,8 @@ class Snapshot:
 
     def read(self, buf: memoryview, offset: int) -> None:
         """Read the snapshot's view: COW where an exception exists, the origin elsewhere."""
+        if not self.valid:  # also a handover destination whose source went away (chunk size 0)
+            raise eio("snapshot is invalid", self.name)
         cb = self.chunk_bytes
         pos = 0
         total = len(buf)
@@ -369,6 +425,8 @@ class Snapshot:
 
     def write(self, buf: memoryview, offset: int) -> None:
         """Write to the COW, creating exceptions as needed (``snapshot_map`` for writes)."""
+        if not self.valid:
+            raise eio("snapshot is invalid", self.name)
         pos = 0
         for here, length, c in self._segments(offset, len(buf)):
             assert c is not None
@@ -380,6 +438,7 @@ class Snapshot:
         within = here - c * cb
         pe: PendingException | None = None
         full = False
+        self.wait_for_in_progress()
         with self.cond:
             while True:
                 if not self.valid:
@@ -423,12 +482,14 @@ class Snapshot:
         assert pe is not None
         if full:
             # a whole-chunk write needs no origin read: write it, then complete the exception
+            self.account_start_copy()
             try:
                 _write_full(self.cow, piece, pe.new * cb)
                 ok = True
             except (OSError, DeviceIOError) as err:
                 log.error("%s: COW write failed: %s", self.name, err)
                 ok = False
+            self.account_end_copy()
             self._complete([pe], ok)
             if not self.wait_all([pe]):
                 raise eio("snapshot is invalid", self.name)
@@ -450,13 +511,19 @@ class Snapshot:
                 self.cow.zero(new * cb, cb)
 
     # -- lifetime ---------------------------------------------------------------------------------
-    def register(self) -> None:
-        """Join the origin's snapshot list and claim the COW (``ValueError`` if it is in use)."""
-        registry.register(self)
+    def register(self) -> bool:
+        """Join the origin's snapshot list; True when this is a handover destination.
+
+        Raises ``InvalidTable`` with the kernel's handover refusals (``registry.register``).
+        """
+        return registry.register(self)
 
     def destroy(self) -> None:
         """Leave the origin, wait for copies, release the kcopyd client."""
         registry.unregister(self)
+        with self._progress:
+            self._closing = True
+            self._progress.notify_all()
         try:
             self.kc.destroy()
         finally:

@@ -35,8 +35,10 @@ class SnapshotMergeTarget(SnapshotTarget):
         self.snap.merging = True
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
+        self._worker_lock = threading.Lock()
         #: set once every exception has been merged.
         self.merge_done = threading.Event()
+        self.snap.merge_control = self
 
     # -- I/O ------------------------------------------------------------------------------------
     def _lookup_for_io(self, c: int, write: bool) -> int | None:
@@ -60,6 +62,9 @@ class SnapshotMergeTarget(SnapshotTarget):
         snap = self.snap
         cb = snap.chunk_bytes
         base = self._base + offset
+        if not snap.valid:  # an invalid merging snapshot redirects everything to the origin
+            _read_full(self.origin, buf, base)
+            return
         pos = 0
         for here, length, c in snap._segments(base, len(buf)):
             assert c is not None
@@ -75,6 +80,10 @@ class SnapshotMergeTarget(SnapshotTarget):
         snap = self.snap
         cb = snap.chunk_bytes
         base = self._base + offset
+        if not snap.valid:
+            do_origin(self.origin, base, len(buf), skip=snap)
+            _write_full(self.origin, buf, base)
+            return
         pos = 0
         for here, length, c in snap._segments(base, len(buf)):
             assert c is not None
@@ -102,17 +111,33 @@ class SnapshotMergeTarget(SnapshotTarget):
 
     # -- the merge worker -------------------------------------------------------------------------
     def resume(self) -> None:
+        """Take over the snapshot's exceptions (handover), then start merging."""
         super().resume()
-        if self._worker is None and self.snap.valid and not self.merge_done.is_set():
-            self._stop.clear()
-            self._worker = threading.Thread(target=self._merge_loop, name=f"merge-{self.snap.name}", daemon=True)
-            self._worker.start()
+        self.start_merge()
 
-    def _halt(self) -> None:
-        self._stop.set()
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.join()
+    def start_merge(self) -> None:
+        """``start_merge``: run the merge worker unless it runs, finished or cannot merge."""
+        with self._worker_lock:
+            if self._worker is None and self.snap.valid and not self.merge_done.is_set():
+                self._stop.clear()
+                self._worker = threading.Thread(
+                    target=self._merge_loop, name=f"merge-{self.snap.name}", daemon=True
+                )
+                self._worker.start()
+
+    def stop_merge(self) -> bool:
+        """``stop_merge``: stop the worker and wait for it; True if it was running."""
+        return self._halt()
+
+    def _halt(self) -> bool:
+        with self._worker_lock:
+            self._stop.set()
+            worker, self._worker = self._worker, None
+        if worker is None:
+            return False
+        running = worker.is_alive()
+        worker.join()
+        return running
 
     def presuspend(self) -> None:
         """Merging stops on presuspend and restarts on the next resume."""

@@ -8,7 +8,9 @@ from dmtools.engine.target import DeviceHandle, Target, TargetContext, parse_uin
 from dmtools.errors import CorruptMetadata, DMError, InvalidTable
 
 from snapshot.store import make_store
+from snapshot.store.base import ExceptionStore
 from snapshot.store.persistent import PersistentStore
+from snapshot.targets import handover
 from snapshot.targets.core import SECTOR, Snapshot
 
 FEATURES = ("discard_zeroes_cow", "discard_passdown_origin")
@@ -55,13 +57,6 @@ class SnapshotTarget(Target):
             raise self.fail("Snapshot merge requires a persistent exception store")
         if store.chunk_size:
             self._check_chunk(store.chunk_size)
-        try:
-            store.read_metadata()
-        except CorruptMetadata as err:
-            raise self.fail(f"Failed to read snapshot metadata: {err.message}") from err
-        if not store.chunk_size:
-            raise self.fail("Chunk size not set")
-        self._check_chunk(store.chunk_size)
         self.snap = Snapshot(
             self.origin,
             self.cow,
@@ -70,13 +65,34 @@ class SnapshotTarget(Target):
             name=ctx.device_name,
             event=ctx.event,
             overflow_allowed=bool(getattr(store, "overflow", False)),
+            merge_target=self.merge,
+            owner=self,
         )
-        try:
-            self.snap.register()
-        except ValueError as err:
-            self.snap.kc.destroy()
-            raise self.fail(str(err)) from err
         self._base = start * SECTOR
+        try:
+            #: a handover destination reads no metadata: its store comes from the source at resume
+            self.handover_dest = self.snap.register()
+        except InvalidTable as err:
+            self.snap.kc.destroy()
+            raise self.fail(err.message) from err
+        if self.handover_dest:
+            store.chunk_size = 0
+            return
+        try:
+            self._read_metadata(store)
+        except BaseException:
+            self.snap.destroy()
+            raise
+
+    def _read_metadata(self, store: ExceptionStore) -> None:
+        try:
+            store.read_metadata()
+        except CorruptMetadata as err:
+            raise self.fail(f"Failed to read snapshot metadata: {err.message}") from err
+        if not store.chunk_size:
+            raise self.fail("Chunk size not set")
+        self._check_chunk(store.chunk_size)
+        self.snap.valid = store.valid
 
     def _parse_features(self, rest: Sequence[str]) -> None:
         if not rest:
@@ -131,12 +147,31 @@ class SnapshotTarget(Target):
             text += f" {len(feats)} " + " ".join(feats)
         return text
 
+    def ima_status(self) -> str:
+        """STATUSTYPE_IMA text of dm-snap.c ``snapshot_status`` (``dmsetup measure``)."""
+        snap = self.snap
+        major, minor, patch = self.version
+        yn = {True: "y", False: "n"}
+        with snap.cond:
+            flags = (snap.valid, snap.merge_failed, snap.overflowed)
+        return (
+            f"target_name={self.name},target_version={major}.{minor}.{patch}"
+            f",snap_origin_name={self.origin.name},snap_cow_name={self.cow.name}"
+            f",snap_valid={yn[flags[0]]},snap_merge_failed={yn[flags[1]]}"
+            f",snapshot_overflowed={yn[flags[2]]};"
+        )
+
+    def preresume(self) -> None:
+        """Refuse to resume a handover source, or a destination whose source is still live."""
+        handover.preresume(self.snap)
+
     def resume(self) -> None:
-        with self.snap.cond:
-            self.snap.active = True
+        """Complete a pending exception handover into this table, then activate it."""
+        handover.resume(self.snap)
 
     def postsuspend(self) -> None:
         """Copies in flight finish before the device counts as suspended."""
 
     def destroy(self) -> None:
+        handover.before_destroy(self.snap)
         self.snap.destroy()

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from snap_stack import Stack
 
-from dmtools.errors import DeviceIOError, InvalidTable
+from dmtools.errors import DeviceIOError, InvalidArgument, InvalidTable
 from snapshot.offline import export, inspect
 from snapshot.store import PersistentStore
 from dmtools.blockdev import BlockDevice
@@ -133,9 +133,18 @@ def test_transient_store(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
 def test_cow_in_use_is_refused(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
     st = Stack(snap_engine, tmp_path, data)
     st.add_snapshot("s1", 64 * 1024)
-    with pytest.raises(InvalidTable, match="in use"):
+    # same origin: the new table is a handover destination, which cannot go live beside its
+    # source (dm-snap.c snapshot_preresume); create fails and leaves nothing behind
+    with pytest.raises(InvalidArgument, match="until source is suspended"):
         snap_engine.create("s2", f"0 {st.sectors} snapshot {snap_engine.device_ref(st.real)} {st.snaps['s1']} P 8")
     assert not snap_engine.exists("s2")
+    # another origin: refused at load
+    other = Stack(snap_engine, tmp_path, data, prefix="u")
+    with pytest.raises(InvalidTable, match="in use"):
+        snap_engine.create("s3", f"0 {other.sectors} snapshot {snap_engine.device_ref(other.real)} {st.snaps['s1']} P 8")
+    assert not snap_engine.exists("s3")
+    st.write(st.base, b"z" * CB, 0)
+    assert st.read("s1") == data
 
 
 @pytest.mark.parametrize(

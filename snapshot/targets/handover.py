@@ -1,0 +1,144 @@
+"""Exception handover between two tables on one COW (dm-snap.c ``snapshot_preresume``,
+``snapshot_resume``, ``__handover_exceptions``, ``snapshot_dtr``).
+
+Loading a ``snapshot`` or ``snapshot-merge`` table that names the COW of an active snapshot of the
+same origin makes the new table a *handover destination*: it reads no metadata and has chunk size
+0 until it is resumed. Resuming it (the source must be suspended by then) moves the exception
+table and the store into it and leaves the source invalid (every later I/O to the old table gets
+EIO). This is how a snapshot table is reloaded without losing exceptions:
+
+* **refresh** (``lvchange --refresh``, and after growing the COW): load the same ``snapshot`` table
+  into the snapshot device's inactive slot, suspend the origin (``snapshot-origin``) device, suspend
+  the snapshot device, resume the snapshot device, resume the origin device;
+* **merge** (``lvconvert --merge``): load ``snapshot-merge <real> <cow> P <chunk>`` into the origin
+  device while the snapshot device still holds its table (optionally load ``error`` there), suspend
+  the origin and the snapshot devices, resume the origin (the merge starts), then resume or remove
+  the snapshot device.
+
+Refusals, with the kernel's texts: a second destination ("Snapshot cow pairing for exception table
+handover failed"); a ``snapshot-merge`` destination while the origin already merges ("A snapshot is
+already merging."); resuming the destination while the source is active ("Unable to perform
+snapshot handover until source is suspended."); resuming the source while a handover is pending
+("Unable to resume snapshot source until handover completes."). Destroying the source first
+cancels the handover and leaves the destination invalid.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import Any
+
+from dmtools.errors import InvalidArgument
+
+from snapshot.targets import registry
+from snapshot.targets.core import Snapshot
+
+log = logging.getLogger("snapshot")
+
+RESUME_SOURCE = "Unable to resume snapshot source until handover completes."
+SOURCE_ACTIVE = "Unable to perform snapshot handover until source is suspended."
+
+
+def _device(snap: Snapshot) -> Any:
+    """The engine device holding ``snap``'s table (``None`` outside an engine)."""
+    owner = snap.owner
+    return getattr(getattr(owner, "ctx", None), "device", None)
+
+
+def _suspended(snap: Snapshot) -> bool:
+    """``dm_suspended(snap->ti)``: the device holding the table is suspended."""
+    dev = _device(snap)
+    return bool(getattr(dev, "suspended", True)) if dev is not None else True
+
+
+def preresume(snap: Snapshot) -> None:
+    """``snapshot_preresume``: refuse to resume a source, or a destination whose source is live."""
+    found = registry.find_sharing_cow(snap)
+    if found.src is None or found.dest is None:
+        return
+    if snap is found.src:
+        log.error("%s: %s", snap.name, RESUME_SOURCE)
+        raise InvalidArgument(RESUME_SOURCE, errno=errno.EINVAL, operation="resume", device=snap.name)
+    if not _suspended(found.src):
+        log.error("%s: %s", snap.name, SOURCE_ACTIVE)
+        raise InvalidArgument(SOURCE_ACTIVE, errno=errno.EINVAL, operation="resume", device=snap.name)
+
+
+def _exchange(src: Snapshot, dest: Snapshot) -> None:
+    """``__handover_exceptions``: swap stores (with their tables), copy the state, kill the source.
+
+    Both snapshots are quiet: the source's device is suspended and origin writes are held.
+    """
+    with src.cond:
+        src.cond.wait_for(lambda: not src.pending)
+        with dest.cond:
+            dest_store = dest.store
+            src_store = src.store
+            overflow = getattr(dest_store, "overflow", False)
+            # the store keeps an endpoint: rebind it to the handle of the table that now owns it
+            src_store.cow = dest.cow
+            dest_store.cow = src.cow
+            dest.store, src.store = src_store, dest_store
+            if hasattr(src_store, "overflow"):
+                src_store.overflow = overflow  # "PO" follows the destination's table
+            dest.overflow_allowed = overflow
+            dest.valid = src.valid
+            dest.overflowed = src.overflowed
+            src.valid = False  # no header write and no event: the store lives on in dest
+            dest.cond.notify_all()
+        src.cond.notify_all()
+    log.info("%s: exceptions handed over from %s", dest.name, src.name)
+
+
+def handover_now(src: Snapshot, dest: Snapshot) -> None:
+    """Hand ``src``'s exceptions to ``dest`` as ``snapshot_resume`` does.
+
+    A running merge of the origin (other than ``dest``) stops first and restarts afterwards, and
+    origin writes are held meanwhile (the kernel's internal suspend of the origin device).
+    """
+    merging = [
+        s for s in registry.snapshots_of_key(dest.origin_key)
+        if s.merge_target and s is not dest and s.merge_control is not None
+    ]
+    restart = [s for s in merging if s.merge_control.stop_merge()]
+    try:
+        with registry.gate(dest.origin_key).freeze():
+            _exchange(src, dest)
+    finally:
+        for s in restart:
+            s.merge_control.start_merge()
+
+
+def resume(snap: Snapshot) -> None:
+    """``snapshot_resume``: complete a pending handover into ``snap``, re-sort it, activate it."""
+    found = registry.find_sharing_cow(snap)
+    if found.src is not None and found.dest is not None:
+        handover_now(found.src, found.dest)
+    registry.reregister(snap)
+    with snap.cond:
+        snap.active = True
+        snap.cond.notify_all()
+
+
+def before_destroy(snap: Snapshot) -> None:
+    """``snapshot_dtr``'s check: a source destroyed before its handover cancels it.
+
+    The engine swaps a reloaded device's tables and destroys the old one *before* resuming the new
+    one (dm-ioctl.c ``do_resume`` destroys it after). When the pending destination is the table
+    that just went live on the source's own device, the handover is done here instead, exactly
+    as the destination's resume would do it: the device is suspended.
+    """
+    found = registry.find_sharing_cow(snap)
+    if found.src is not snap or found.dest is None:
+        return
+    dest = found.dest
+    dev = _device(snap)
+    live = getattr(dev, "live", None) if dev is not None else None
+    if dev is not None and _device(dest) is dev and live is not None and dest.owner in live.targets:
+        handover_now(snap, dest)
+        return
+    with dest.cond:
+        dest.valid = False
+        dest.cond.notify_all()
+    log.error("%s: Cancelling snapshot handover.", dest.name)
