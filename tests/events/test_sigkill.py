@@ -1,0 +1,145 @@
+"""Root tier: ``dmtools monitor`` processes killed with SIGKILL at random points while a writer fills
+a snapshot and devices come and get suspended on the userspace engine's daemon. The events in the
+monitor's ``--output`` file, over all its runs, are the expected ones, each once, numbered 1..N."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmtools.engine.client import UserspaceClient, start_daemon
+
+pytest.importorskip("snapshot.targets")
+from snapshot.manager import SnapshotManager  # noqa: E402
+
+from ev_engine import image  # noqa: E402
+
+pytestmark = pytest.mark.root
+
+RUNS = 50
+CHUNK = 4096
+STOP_AT = 97  # percent: the writer stops before the COW fills (an invalid snapshot hides thresholds)
+WARN = ",".join(str(t) for t in range(1, 100))
+
+
+class Producer(threading.Thread):
+    """Writes one chunk to the origin every ``pace`` seconds (one more COW chunk used); with every
+    third write a new zero device ``zN`` appears and ``zN-1`` is suspended."""
+
+    def __init__(self, run_dir: str, pace: float) -> None:
+        super().__init__(daemon=True)
+        self.client = UserspaceClient(run_dir)
+        self.pace = pace
+        self.stop = threading.Event()
+        self.devices: list[str] = []
+        self.error: BaseException | None = None
+
+    def used(self) -> float:
+        used, total = self.client.status("s-dmtt")[0].params.split()[0].split("/")
+        return int(used) * 100 / int(total)
+
+    def run(self) -> None:
+        try:
+            with self.client.open_endpoint("o-dmtt") as ep:
+                n = 0
+                while not self.stop.wait(self.pace) and self.used() < STOP_AT:
+                    ep.write(bytes([n % 251 + 1]) * CHUNK, n * CHUNK)
+                    ep.flush()  # past the page cache of an exposed device: into the COW now
+                    if n % 3 == 0:
+                        name = f"z{len(self.devices):03d}-dmtt"
+                        self.client.create(name, "0 8 zero")
+                        if self.devices:
+                            self.client.suspend(self.devices[-1])
+                        self.devices.append(name)
+                    n += 1
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            self.error = err
+
+
+def monitor(run_dir: str, tmp_path: Path, *extra: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, DMTOOLS_RUN_DIR=run_dir)
+    cmd = [sys.executable, "-m", "dmtools.cli.main", "--backend", "userspace", "monitor",
+           "--output", str(tmp_path / "events.jsonl"), "--state-dir", str(tmp_path / "state"),
+           f"--warn={WARN}", "--interval", "0.05", "--no-uevents", *extra]
+    log = open(tmp_path / "monitor.log", "ab")
+    try:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    finally:
+        log.close()
+
+
+def size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def test_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    rng = random.Random(int(os.environ.get("DMTOOLS_TEST_SEED", "7")))
+    run_dir = str(tmp_path / "run")
+    start_daemon(run_dir)
+    client = UserspaceClient(run_dir)
+    out = tmp_path / "events.jsonl"
+    producer = Producer(run_dir, pace=0.15)
+    try:
+        client.create("o-dmtt", f"0 {(8 << 20) // 512} linear {image(tmp_path, 'origin', 8 << 20)} 0")
+        SnapshotManager(client).create("o-dmtt", image(tmp_path, "cow", 512 << 10), "s-dmtt",
+                                       chunk_size=CHUNK // 512)
+        producer.start()
+        grew = 0
+        for run in range(RUNS):
+            before = size(out)
+            proc = monitor(run_dir, tmp_path)
+            if run % 2:  # just after the output grew: in the middle of a batch's events
+                deadline = time.monotonic() + 3
+                while size(out) == before and time.monotonic() < deadline and proc.poll() is None:
+                    time.sleep(0.002)
+                time.sleep(rng.uniform(0, 0.01))
+            else:  # anywhere: starting, catching up, waiting, scanning, writing
+                time.sleep(rng.uniform(0, 0.8))
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=10) == -signal.SIGKILL, (tmp_path / "monitor.log").read_text()[-2000:]
+            grew += size(out) > before
+        producer.stop.set()
+        producer.join(timeout=30)
+        assert producer.error is None, producer.error
+        final = monitor(run_dir, tmp_path, "--once")
+        assert final.wait(timeout=60) == 0, (tmp_path / "monitor.log").read_text()[-2000:]
+        lines = [json.loads(x) for x in out.read_text().splitlines()]
+        again = monitor(run_dir, tmp_path, "--once")  # nothing new: nothing written
+        assert again.wait(timeout=60) == 0 and len(out.read_text().splitlines()) == len(lines)
+
+        assert [x["seq"] for x in lines] == list(range(1, len(lines) + 1))
+        by_device: dict[str, list[Any]] = {}
+        for x in lines:
+            by_device.setdefault(x["device"], []).append(x)
+        used = producer.used()
+        expected: dict[str, list[Any]] = {
+            "o-dmtt": ["device-added"], "o-dmtt-real": ["device-added"],
+            "s-dmtt-cow": ["device-added"],
+            "s-dmtt": ["device-added"] + [("snapshot-usage", t) for t in range(1, 100) if t <= used],
+        }
+        for name in producer.devices:
+            expected[name] = ["device-added"] + (["device-suspended"] if client.info(name).suspended else [])
+        seen = {name: [x["event"] if x["event"] != "snapshot-usage" else (x["event"], x["threshold"])
+                       for x in events] for name, events in by_device.items()}
+        assert seen == expected
+        assert len(producer.devices) > 15 and used > 60 and grew > RUNS // 3
+        print(f"{len(lines)} events over {RUNS} killed runs ({grew} of them wrote some)")
+    finally:
+        producer.stop.set()
+        producer.join(timeout=30)
+        producer.client.close()
+        client.shutdown(force=True)
+        client.close()
