@@ -108,6 +108,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sub-job size, 512 bytes to 1M (default 1M)")
     p.add_argument("--threads", type=int, default=8, metavar="N", help="I/O worker threads (default 8)")
     p.add_argument("--no-offload", action="store_true", help="never use copy_file_range")
+    p.add_argument("--no-direct-reads", action="store_true",
+                   help="read a file source through the page cache even where it is not cached")
     # SUPPRESS keeps the root parser's --json when this one is not given.
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print a JSON summary")
 
@@ -157,7 +159,8 @@ def cmd_copy(args: argparse.Namespace) -> int:
                                 else False, label="copy")
 
     client = kcopyd.Client(num_pages=args.num_pages, sub_job_size=sub_job, threads=args.threads,
-                           rate=rate, throttle_percent=args.throttle, offload=not args.no_offload)
+                           rate=rate, throttle_percent=args.throttle, offload=not args.no_offload,
+                           direct_reads=not args.no_direct_reads)
     created: list[str] = []
     try:
         regions = _prepare_dests(dests, count, created)

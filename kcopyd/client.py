@@ -25,7 +25,15 @@ from collections import deque
 from typing import Any, Callable, Sequence
 
 from dmtools.errors import InvalidArgument
-from kcopyd.fastpath import can_offload, copy_offload, plan_segments, read_exact, read_salvage, write_exact
+from kcopyd.fastpath import (
+    cached_bytes,
+    can_offload,
+    copy_offload,
+    plan_segments,
+    read_exact,
+    read_salvage,
+    write_exact,
+)
 from kcopyd.job import Job, NotifyFn, Piece, Progress
 from kcopyd.pagepool import PAGE_SIZE, PagePool
 from kcopyd.region import OpenRegion, Region, open_regions
@@ -92,6 +100,23 @@ def _one_writer(ep: Any) -> bool:
         return False
 
 
+def _open_direct_source(osrc: OpenRegion) -> Any:
+    """A second, O_DIRECT endpoint on a regular-file source that kcopyd opened by path, or None.
+
+    Only for sources opened here (a caller's endpoint is used as given) and only where the file
+    system takes O_DIRECT.
+    """
+    from dmtools.blockdev import BlockDevice
+
+    ep = osrc.endpoint
+    if not osrc.owned or not isinstance(ep, BlockDevice) or not ep.is_regular_file or ep.direct:
+        return None
+    try:
+        return BlockDevice(ep.path, direct=True)
+    except Exception:  # noqa: BLE001 - no O_DIRECT here: buffered reads only
+        return None
+
+
 def _advise_sequential(ep: Any, offset: int, length: int) -> None:
     """Tell the kernel a file source is read sequentially (a larger readahead window, as cp does)."""
     fd = ep.fileno()
@@ -111,7 +136,9 @@ class Client:
     threads issue the I/O. ``throttle`` (a shared :class:`~kcopyd.throttle.Throttle`) or ``rate``
     (bytes/s) and ``throttle_percent`` limit the copy. ``max_jobs`` bounds the jobs not yet done:
     ``copy()`` waits when that many are outstanding. ``offload=False`` disables
-    ``copy_file_range`` (always buffers).
+    ``copy_file_range`` (always buffers). ``direct_reads=False`` reads a regular-file source
+    through the page cache even where its pages are not cached (by default such ranges are read
+    with O_DIRECT straight into the buffers, when aligned).
     """
 
     def __init__(
@@ -125,6 +152,7 @@ class Client:
         throttle_percent: int = 100,
         max_jobs: int = 4096,
         offload: bool = True,
+        direct_reads: bool = True,
     ) -> None:
         if isinstance(sub_job_size, bool) or not isinstance(sub_job_size, int):
             raise InvalidArgument(f"sub_job_size must be an integer, not {sub_job_size!r}")
@@ -142,6 +170,7 @@ class Client:
         self.sub_job_size = sub_job_size
         self.throttle = throttle if throttle is not None else Throttle(rate, throttle_percent)
         self.offload = offload
+        self.direct_reads = direct_reads
         self.max_jobs = max_jobs
         # A buffered piece never needs more than half the pool, so that even a small pool keeps
         # two pieces in flight (one read while the other is written).
@@ -275,6 +304,8 @@ class Client:
         job._piece_size = self._buffer_piece_size
         if osrc is not None and not job._offload:
             job._lanes = [deque() if _one_writer(d.endpoint) else None for d in odests]
+            if self.direct_reads:
+                job._src_direct = _open_direct_source(osrc)
         if job._offload:
             job._piece_size = OFFLOAD_PIECE_SIZE
             job._max_active = OFFLOAD_DEPTH
@@ -286,6 +317,8 @@ class Client:
             if self._closed:
                 for o in ([osrc] if osrc else []) + odests:
                     o.close()
+                if job._src_direct is not None:
+                    job._src_direct.close()
                 raise InvalidArgument("the client has been destroyed", operation="copy")
             self._outstanding += 1
             self._unfinished += 1
@@ -528,7 +561,7 @@ class Client:
             views = piece.pages.spans(off, length)
             thr.io_start()
             try:
-                read_exact(src.endpoint, views, base + off)
+                self._read(job, views, base + off, length)
             except Exception as err:  # noqa: BLE001 - any failure is this piece's read error
                 log.debug("kcopyd: read error on %s at %d: %s", src.region.dev_name, base + off, err)
                 piece.read_err = True
@@ -545,6 +578,26 @@ class Client:
                 self._piece_done_locked(piece, written=False)
             return
         self._write_stage(piece)
+
+    @staticmethod
+    def _read(job: Job, views: list[memoryview], pos: int, length: int) -> None:
+        """Read ``length`` bytes at ``pos`` of the source: O_DIRECT where that pays, else buffered.
+
+        A failed direct read is retried through the page cache, so only a range that cannot be
+        read either way counts as a read error.
+        """
+        src = job._src
+        assert src is not None
+        direct = job._src_direct
+        if direct is not None:
+            lbs = direct.logical_block_size
+            if not (pos % lbs or length % lbs) and cached_bytes(direct.fileno(), pos, length) == 0:
+                try:
+                    read_exact(direct, views, pos)
+                    return
+                except Exception as err:  # noqa: BLE001 - the buffered read below decides
+                    log.debug("kcopyd: direct read at %d failed (%s), reading through the cache", pos, err)
+        read_exact(src.endpoint, views, pos)
 
     def _write_stage(self, piece: Piece) -> None:
         job = piece.job
@@ -641,6 +694,9 @@ class Client:
                     o.close()
                 except Exception:  # noqa: BLE001
                     log.exception("kcopyd: closing %s failed", o.region.dev_name)
+            if job._src_direct is not None:
+                job._src_direct.close()
+                job._src_direct = None
             if job.notify is not None:
                 try:
                     job.notify(job.read_err, job.write_err, job.context)

@@ -5,6 +5,10 @@
   systems), in which case the job falls back to buffers.
 - otherwise reads into page-aligned pooled buffers and writes from them (``preadv``/``pwritev``
   through the endpoints, O_DIRECT on block devices), one read serving every destination.
+- a regular-file source opened by path is read with O_DIRECT where the range is not in the page
+  cache (``cachestat(2)``): the data goes straight into the pooled buffer, without filling (and
+  copying out of) page-cache pages that nobody reads again; cached ranges are read through the
+  cache, which is faster and always coherent with unwritten data.
 - holes of a sparse source (``Endpoint.data_extents``) are not read: they are skipped when the
   destinations are known to be zero, else written with ``Endpoint.zero`` (fallocate/BLKZEROOUT).
 
@@ -13,9 +17,11 @@ Everything here runs on worker threads; the syscalls release the GIL.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
-from typing import Sequence
+import struct
+from typing import Any, Sequence
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import DeviceIOError
@@ -23,6 +29,7 @@ from dmtools.errors import DeviceIOError
 __all__ = [
     "OFFLOAD_UNSUPPORTED",
     "Segment",
+    "cached_bytes",
     "can_offload",
     "copy_offload",
     "plan_segments",
@@ -59,6 +66,38 @@ def copy_offload(src_fd: int, dst_fd: int, src_off: int, dst_off: int, length: i
         src_off += n
         dst_off += n
         length -= n
+
+
+#: cachestat(2) (Linux 6.5): one number on every architecture (include/uapi/asm-generic/unistd.h).
+_NR_CACHESTAT = 451
+_syscall: Any = None
+_cachestat_missing = False
+
+
+def cached_bytes(fd: int, offset: int, length: int) -> int | None:
+    """Bytes of ``[offset, offset+length)`` of file ``fd`` held in the page cache (``cachestat``).
+
+    ``None`` when the kernel cannot tell (no ``cachestat``, or an error): callers then assume the
+    range is cached. Counted in pages, so a partly cached page counts whole.
+    """
+    global _syscall, _cachestat_missing
+    if _cachestat_missing:
+        return None
+    if _syscall is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syscall
+        fn.restype = ctypes.c_long
+        _syscall = fn
+    rng = struct.pack("=QQ", offset, length)  # struct cachestat_range (include/uapi/linux/mman.h)
+    out = ctypes.create_string_buffer(5 * 8)  # struct cachestat: nr_cache, nr_dirty, ...
+    res = _syscall(ctypes.c_long(_NR_CACHESTAT), ctypes.c_uint(fd), ctypes.c_char_p(rng), out,
+                   ctypes.c_uint(0))
+    if res != 0:
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # old kernel, or a seccomp filter
+            _cachestat_missing = True
+        return None
+    nr_cache = struct.unpack_from("=Q", out.raw)[0]
+    return int(nr_cache) * os.sysconf("SC_PAGE_SIZE")
 
 
 def read_exact(ep: Endpoint, views: Sequence[memoryview], offset: int) -> None:

@@ -1,0 +1,148 @@
+"""O_DIRECT reads of a file source opened by path, where its pages are not in the page cache.
+
+Cached ranges (dirty ones included) are read through the cache; a failed direct read is retried
+through the cache, so only a range unreadable both ways is a read error, with the exact bits.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+import pytest
+
+import kcopyd
+import kcopyd.client as kclient
+from dmtools.errors import DeviceIOError
+from kc_helpers import TIMEOUT, Recorder, pattern
+from kcopyd.fastpath import cached_bytes
+
+MiB = 1 << 20
+
+
+def _evict(path: Any) -> None:
+    """Write the file back and drop its pages from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, int]]:
+    """Record every source read kcopyd makes as ``(direct, offset)``."""
+    seen: list[tuple[bool, int]] = []
+    real = kclient.read_exact
+
+    def spy(ep: Any, views: Any, offset: int) -> None:
+        seen.append((bool(getattr(ep, "direct", False)), offset))
+        real(ep, views, offset)
+
+    monkeypatch.setattr(kclient, "read_exact", spy)
+    return seen
+
+
+def _files(tmp_path: Any, size: int, ndest: int = 2) -> tuple[Any, bytes, list[Any]]:
+    src = tmp_path / "src.img"
+    data = pattern(size, seed=11)
+    src.write_bytes(data)
+    dsts = [tmp_path / f"d{i}.img" for i in range(ndest)]
+    for d in dsts:
+        d.write_bytes(bytes(size))
+    return src, data, dsts
+
+
+def _copy(src: Any, dsts: list[Any], size: int, flags: int = 0, **kw: Any) -> tuple[kcopyd.Job, Recorder]:
+    rec = Recorder()
+    with kcopyd.Client(num_pages=256, sub_job_size=MiB, **kw) as kc:
+        job = kc.copy(kcopyd.Region(str(src), 0, size // 512), [kcopyd.Region(str(d), 0, size // 512) for d in dsts],
+                      flags=flags, notify=rec, context="c")
+        assert job.wait(TIMEOUT)
+    return job, rec
+
+
+def test_cachestat_counts_cached_pages(tmp_path):
+    p = tmp_path / "f.img"
+    p.write_bytes(pattern(MiB))
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        cached = cached_bytes(fd, 0, MiB)
+        if cached is None:
+            pytest.skip("cachestat(2) is missing here (Linux < 6.5): direct reads are never chosen")
+        assert cached == MiB  # just written: every page is in the cache (dirty)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert cached_bytes(fd, 0, MiB) == 0
+    finally:
+        os.close(fd)
+
+
+def test_uncached_source_is_read_direct(tmp_path, reads):
+    size = 4 * MiB
+    src, data, dsts = _files(tmp_path, size)
+    _evict(src)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        if cached_bytes(fd, 0, size) is None:
+            pytest.skip("cachestat(2) is missing here (Linux < 6.5)")
+    finally:
+        os.close(fd)
+    job, rec = _copy(src, dsts, size)
+    assert rec.calls == [(False, 0, "c")] and job.ok
+    assert all(d.read_bytes() == data for d in dsts)
+    assert reads and all(direct for direct, _ in reads)
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached-source", "direct-reads-off"])
+def test_read_through_the_cache(tmp_path, reads, cached):
+    """A cached (here: dirty) source, or a client with direct_reads=False, reads buffered."""
+    size = 2 * MiB
+    src, data, dsts = _files(tmp_path, size)  # just written: dirty in the page cache
+    if not cached:
+        _evict(src)
+    job, _ = _copy(src, dsts, size, direct_reads=cached)
+    assert job.ok and all(d.read_bytes() == data for d in dsts)
+    assert reads and not any(direct for direct, _ in reads)
+
+
+def test_failed_direct_read_is_retried_through_the_cache(tmp_path, monkeypatch):
+    size = 2 * MiB
+    src, data, dsts = _files(tmp_path, size)
+    _evict(src)
+    real = kclient.read_exact
+
+    def direct_fails(ep: Any, views: Any, offset: int) -> None:
+        if getattr(ep, "direct", False):
+            raise DeviceIOError("injected", errno=errno.EIO, operation="read")
+        real(ep, views, offset)
+
+    monkeypatch.setattr(kclient, "read_exact", direct_fails)
+    job, rec = _copy(src, dsts, size)
+    assert rec.calls == [(False, 0, "c")]
+    assert all(d.read_bytes() == data for d in dsts)
+
+
+@pytest.mark.parametrize("flags", [0, kcopyd.IGNORE_ERROR])
+def test_range_unreadable_both_ways_is_a_read_error(tmp_path, monkeypatch, flags):
+    size = 4 * MiB
+    src, data, dsts = _files(tmp_path, size, ndest=3)
+    _evict(src)
+    real = kclient.read_exact
+    bad = MiB  # the second piece fails direct and buffered
+
+    def fails_at(ep: Any, views: Any, offset: int) -> None:
+        if offset == bad:
+            raise DeviceIOError("injected", errno=errno.EIO, operation="read")
+        real(ep, views, offset)
+
+    monkeypatch.setattr(kclient, "read_exact", fails_at)
+    job, rec = _copy(src, dsts, size, flags)
+    assert rec.calls == [(True, 0, "c")]
+    if flags & kcopyd.IGNORE_ERROR:
+        # the salvage pass reads block by block through the cache: this file is readable
+        assert all(d.read_bytes() == data for d in dsts)
+    else:
+        assert job.progress.done < size
