@@ -116,11 +116,17 @@ def fresh(*paths: Path) -> Any:
     return prepare
 
 
+#: Every timed run's seconds per case, in run order (reported as ``runs`` next to the medians).
+RUNS: dict[str, list[float]] = {}
+
+
 def median_runs(cases: dict[str, tuple[list[str] | list[list[str]], Any]], repeat: int) -> dict[str, float]:
     """Run each case ``repeat`` times, interleaved; a case may be a list of commands run in sequence.
 
-    Returns the median wall seconds per case, plus ``<case>_engine`` for kcopyd cases.
+    Returns the median wall seconds per case, plus ``<case>_engine`` for kcopyd cases; every run's
+    seconds are kept in ``RUNS``.
     """
+    RUNS.clear()
     times: dict[str, list[float]] = {}
     for _ in range(repeat):
         for name, (cmd, prep) in cases.items():
@@ -135,6 +141,7 @@ def median_runs(cases: dict[str, tuple[list[str] | list[list[str]], Any]], repea
                 times.setdefault(name, []).append(wall)
                 if engine is not None:
                     times.setdefault(name + "_engine", []).append(engine)
+    RUNS.update({name: [round(t, 3) for t in ts] for name, ts in times.items()})
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -154,7 +161,7 @@ def bench_file_to_file(d: Path, src: Path, repeat: int, flush: bool) -> dict[str
         cases["nbdcopy"] = (["nbdcopy"] + (["--flush"] if flush else []) + [str(src), str(dst)], fresh(dst))
     t = median_runs(cases, repeat)
     fresh(dst)()
-    return {"seconds": t, **ratios(t, "dd", "ratio_vs_dd"),
+    return {"seconds": t, "runs": dict(RUNS), "loadavg": _loadavg(), **ratios(t, "dd", "ratio_vs_dd"),
             **(ratios(t, "nbdcopy", "ratio_vs_nbdcopy") if "nbdcopy" in t else {})}
 
 
@@ -173,7 +180,7 @@ def bench_file_to_loop(d: Path, src: Path, size: int, repeat: int, flush: bool) 
         subprocess.run(dd, check=True)
         if flush:
             dd.append("conv=fdatasync")
-        cases = {
+        cases: dict[str, Any] = {
             "kcopyd": (KCOPYD + [str(src), dev.path] + (["--flush"] if flush else []), None),
             "dd_direct": (dd, None),
         }
@@ -181,7 +188,7 @@ def bench_file_to_loop(d: Path, src: Path, size: int, repeat: int, flush: bool) 
     finally:
         loop.detach(dev)
         backing.unlink()
-    return {"seconds": t, **ratios(t, "dd_direct", "ratio_vs_dd_direct")}
+    return {"seconds": t, "runs": dict(RUNS), "loadavg": _loadavg(), **ratios(t, "dd_direct", "ratio_vs_dd_direct")}
 
 
 def bench_three_dests(d: Path, src: Path, repeat: int, flush: bool, overwrite: bool = False) -> dict[str, Any]:
@@ -201,7 +208,12 @@ def bench_three_dests(d: Path, src: Path, repeat: int, flush: bool, overwrite: b
     }
     t = median_runs(cases, repeat)
     fresh(*dsts)()
-    return {"seconds": t, "overwrite": overwrite, **ratios(t, "dd_x3", "ratio_vs_3dd")}
+    return {"seconds": t, "runs": dict(RUNS), "loadavg": _loadavg(), "overwrite": overwrite, **ratios(t, "dd_x3", "ratio_vs_3dd")}
+
+
+def _loadavg() -> list[float]:
+    """The 1, 5 and 15 minute load averages now (others' load on a shared machine skews timings)."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def peak_rss(cmd: list[str]) -> tuple[int, float]:
@@ -296,6 +308,10 @@ def print_report(r: dict[str, Any], size: int, rss_size: int) -> None:
     def secs(t: dict[str, float]) -> str:
         return ", ".join(f"{k} {v:.3f} s ({format_size(int(size / v))}/s)" for k, v in t.items())
 
+    def runs(case: dict[str, Any]) -> None:
+        every = "; ".join(f"{k} {' '.join(f'{x:.2f}' for x in v)}" for k, v in case["runs"].items())
+        print(f"    runs: {every}; load average after: {' '.join(map(str, case['loadavg']))}")
+
     print(f"kcopyd benchmark: {format_size(size)}, median of {r['repeat']}, flush={r['flush']}, "
           f"data files evicted from the page cache before each run, {r['cpus']} CPUs, kernel {r['kernel']}")
     if "a_file_to_file" in r:
@@ -303,6 +319,7 @@ def print_report(r: dict[str, Any], size: int, rss_size: int) -> None:
         print(f"(a) file->file: {secs(a['seconds'])}")
         print(f"    kcopyd vs dd bs=1M: {ratio(a, 'ratio_vs_dd')}"
               + (f"; vs nbdcopy: {ratio(a, 'ratio_vs_nbdcopy')}" if "ratio_vs_nbdcopy" in a else ""))
+        runs(a)
     if "b_file_to_loop_direct" in r:
         b = r["b_file_to_loop_direct"]
         if "skipped" in b:
@@ -310,10 +327,12 @@ def print_report(r: dict[str, Any], size: int, rss_size: int) -> None:
         else:
             print(f"(b) file->loop: {secs(b['seconds'])}")
             print(f"    kcopyd vs dd oflag=direct: {ratio(b, 'ratio_vs_dd_direct')}")
+            runs(b)
     if "c_one_to_three" in r:
         c = r["c_one_to_three"]
         print(f"(c) 1->3{' (overwriting)' if c.get('overwrite') else ''}: {secs(c['seconds'])}")
         print(f"    kcopyd vs three sequential dd: {ratio(c, 'ratio_vs_3dd')}")
+        runs(c)
     if "d_peak_rss" in r:
         d = r["d_peak_rss"]
         if "skipped" in d:
