@@ -8,7 +8,9 @@ device's events, every policy off unless configured, globally or per device
 - **snapshot auto-extend**: when a snapshot's usage reaches ``autoextend_threshold`` %, grow its COW
   by ``autoextend_percent`` % (LVM's ``snapshot_autoextend_threshold``/``_percent``, default 20 %)
   when the COW lives on a regular file or a loop-backed file, directly or through a linear ``-cow``
-  device (the snapshot manager's stack). See :func:`extend_snapshot`;
+  device (the snapshot manager's stack), and reload the snapshot through exception handover with
+  the snapshot layer's ``refresh`` (the ``snapshot-refresh`` policy,
+  ``snapshot.manager:SnapshotManager``). See :func:`extend_snapshot`;
 - **mirror degraded**: on a failed leg, keep running and report it;
 - **mirror repair**: on a failed leg, replace it by the spare device named in advance and resync
   it. The repair itself belongs to the mirror layer, which ``dmtools`` does not import: it is
@@ -16,8 +18,11 @@ device's events, every policy off unless configured, globally or per device
   called with the backend, returns something with
   ``repair(name, leg_index, spare, wait=False)`` — ``mirror.manager:MirrorManager`` fits.
 
-Policy actions are reported as :class:`~dmtools.events.types.PolicyAction` events, after the
-events that caused them, and stored with them.
+Policy actions are decided as :class:`~dmtools.events.store.Plan` values committed with the events
+that caused them, run, and reported as :class:`~dmtools.events.types.PolicyAction` events, each
+step journaled: a monitor killed before a plan ran runs it at its next start; one killed while a
+plan ran reports it as interrupted (outcome unknown). :meth:`Monitor.run` hands every event to a
+:class:`~dmtools.events.delivery.Sink` exactly once across restarts.
 """
 
 from __future__ import annotations
@@ -187,6 +192,8 @@ class ExtendResult:
     cow_device: str | None
     old_bytes: int
     new_bytes: int
+    #: True when the snapshot table was reloaded through exception handover (``refresh``).
+    handover: bool = False
 
 
 def _loop_of_devno(major: int, minor: int) -> str | None:
@@ -244,17 +251,24 @@ def _grow_file(path: str, size: int) -> None:
         os.close(fd)
 
 
-def extend_snapshot(dm: DeviceMapper, name: str, percent: int, *, target_start: int = 0) -> ExtendResult:
+def extend_snapshot(dm: DeviceMapper, name: str, percent: int, *, target_start: int = 0,
+                    refresh: Callable[[str], object] | None = None) -> ExtendResult:
     """Grow the COW of snapshot ``name`` by ``percent`` % of its size (rounded up to whole chunks).
 
     The COW may be a regular file, a loop device over one, or a device of this backend holding a
     single ``linear`` line over either (``S-cow``). Steps: grow the file (allocated), refresh the
-    loop device's capacity (``LOOP_SET_CAPACITY``), then — with the origin (its
-    ``snapshot-origin`` device) and the snapshot suspended, as the kernel requires while a snapshot
-    stack changes — reload the ``-cow`` device with the longer linear line, and resume the snapshot
-    before the origin (libdm's activation order). The snapshot table itself is not reloaded: the
-    kernel reads the COW size at every allocation (dm-snap-persistent.c ``persistent_usage``,
-    ``persistent_prepare_exception``), and so do the userspace targets.
+    loop device's capacity (``LOOP_SET_CAPACITY``), then make the snapshot use the new space:
+
+    - with ``refresh`` (``SnapshotManager(dm).refresh``, found by :class:`Monitor` under the
+      ``snapshot-refresh`` policy name) and a one-line snapshot table, as ``lvextend`` of a
+      snapshot does: the ``-cow`` device and the snapshot table are reloaded, the snapshot's
+      exceptions passing to its new table by the kernel's handover rules (dm-snap.c
+      ``snapshot_resume``; kernel.md §2.9), with the origin, the snapshot and ``-cow`` suspended in
+      that order and resumed bottom-up, the origin last (libdm's order, §2.11);
+    - else: with the origin and the snapshot suspended, the ``-cow`` device alone is reloaded with
+      the longer linear line; the snapshot then sees the size at its next allocation
+      (dm-snap-persistent.c ``persistent_prepare_exception`` reads the COW size each time, as do
+      the userspace targets).
 
     Growing the file is not undone when a later step fails (the space is simply unused); every
     device suspended here is resumed, and an inactive table loaded here is cleared. Raises
@@ -298,6 +312,14 @@ def extend_snapshot(dm: DeviceMapper, name: str, percent: int, *, target_start: 
         if size < offset * SECTOR + new_cow:
             raise DMError(f"{loop_path} reports {size} bytes after LOOP_SET_CAPACITY, "
                           f"{offset * SECTOR + new_cow} needed", operation="extend", device=name)
+    if refresh is not None and len(table.lines) == 1:
+        refresh(name)
+        if cow_dev is not None:
+            mapped = int(dm.table(cow_dev).lines[0].length) * SECTOR
+            if mapped < new_cow:
+                raise DMError(f"{cow_dev} maps {mapped} bytes after the refresh, {new_cow} needed",
+                              operation="extend", device=name)
+        return ExtendResult(name, path, loop_path, cow_dev, cow_bytes, new_cow, handover=True)
     origin = None
     for dev_name in by_devno.values():
         if dev_name == name:
@@ -377,6 +399,18 @@ class Monitor:
     def _thresholds(self, name: str) -> Sequence[int]:
         return self.config.for_device(name).warn
 
+    def _refresher(self) -> Callable[[str], object] | None:
+        """``refresh(name)`` of the snapshot layer (``snapshot-refresh`` policy), or ``None`` when
+        it is not installed (auto-extend then reloads ``-cow`` only and says so)."""
+        if "snapshot" not in self._repairers:
+            try:
+                self._repairers["snapshot"] = self._loader("snapshot-refresh")(self.dm).refresh
+            except InvalidArgument as err:
+                log.warning("auto-extend without handover: %s", err)
+                self._repairers["snapshot"] = None
+        refresh: Callable[[str], object] | None = self._repairers["snapshot"]
+        return refresh
+
     def _repairer(self) -> Any:
         if "mirror" not in self._repairers:
             self._repairers["mirror"] = self._loader("mirror-repair")(self.dm)
@@ -445,16 +479,19 @@ class Monitor:
         key = (plan.device, f"extend@{args.get('target_start', 0)}")
         try:
             res = extend_snapshot(self.dm, plan.device, int(args["percent"]),
-                                  target_start=int(args.get("target_start", 0)))
+                                  target_start=int(args.get("target_start", 0)),
+                                  refresh=self._refresher())
         except DMError as err:
             if not self._once(key, str(err)):
                 return None
             return self._action(plan, False, f"at {args.get('at')}%: {err}")
         self._failures.pop(key, None)
         self.watcher.wake("policy")
+        how = "snapshot reloaded through handover" if res.handover else \
+            "-cow reloaded, snapshot table kept (no snapshot-refresh policy installed)"
         return self._action(plan, True,
                             f"at {args.get('at')}% COW grown {res.old_bytes} -> {res.new_bytes} "
-                            f"bytes (+{args['percent']}%, {res.file})")
+                            f"bytes (+{args['percent']}%, {res.file}); {how}")
 
     def _repair(self, plan: Plan) -> PolicyAction:
         args = plan.args

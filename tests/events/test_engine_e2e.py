@@ -28,7 +28,7 @@ pytest.importorskip("snapshot.targets")
 from mirror.manager import MirrorManager  # noqa: E402
 from snapshot.manager import SnapshotManager  # noqa: E402
 
-from ev_engine import engine_with_targets, image  # noqa: E402
+from ev_engine import Recorder, engine_with_targets, image, policies  # noqa: E402
 
 MiB = 1 << 20
 WRITE = 16 << 10
@@ -80,13 +80,15 @@ def test_autoextend_keeps_the_snapshot_valid(eng: Engine, tmp_path: Path) -> Non
     # 1 MiB + 16 KiB COW (260 chunks); the writer copies 1.5 MiB of origin data into it.
     cow = snapshot_stack(eng, tmp_path, MiB + WRITE)
     settings = PolicySettings(warn=(80, 85, 90, 95), autoextend_threshold=70, autoextend_percent=20)
-    monitor = Monitor(eng, MonitorConfig(settings), event_numbers=False)
+    dm = Recorder(eng)
+    monitor = Monitor(dm, MonitorConfig(settings), event_numbers=False, policy_loader=policies)
     monitor.step()
     events = fill(eng, monitor, 3 * MiB // 2)
     assert not [e for e in events if isinstance(e, SnapshotInvalidated)]
     assert not [e for e in events if isinstance(e, SnapshotUsageCrossed)]  # never reached 80 %
     extends = [e for e in events if isinstance(e, PolicyAction) and e.policy == "snapshot-autoextend"]
-    assert extends and all(e.ok for e in extends)
+    assert extends and all(e.ok and "handover" in e.detail for e in extends)
+    assert dm.handovers("o", "s") == len(extends)  # each extension reloaded the snapshot table
     status = eng.status("s")[0].params
     used, total = (int(x) for x in status.split()[0].split("/"))
     assert total * 512 == os.path.getsize(cow) > 3 * MiB // 2 > MiB + WRITE

@@ -33,6 +33,8 @@ from dmtools.status import parse_mirror_status
 from mirror.manager import MirrorManager
 from snapshot.manager import SnapshotManager
 
+from ev_engine import Recorder, policies
+
 pytestmark = pytest.mark.kernel
 
 MiB = 1 << 20
@@ -131,13 +133,15 @@ def test_autoextend_keeps_the_kernel_snapshot_valid(stack: Stack, make_image: Ca
                                                     make_loop: Callable[..., Any]) -> None:
     origin, snap, cow = snapshot_on_loop_cow(stack, make_image, make_loop, MiB)
     settings = PolicySettings(warn=WARN, autoextend_threshold=70, autoextend_percent=20)
-    monitor = Monitor(stack.dm, MonitorConfig(settings), names=[snap], event_numbers=False,
-                      uevents=False)
+    dm = Recorder(stack.dm)
+    monitor = Monitor(dm, MonitorConfig(settings), names=[snap], event_numbers=False,
+                      uevents=False, policy_loader=policies)
     monitor.step()
     events = write_through(stack.dm, origin, monitor, 3 * MiB)  # three times the original COW
     assert not [e for e in events if isinstance(e, SnapshotInvalidated)]
     extends = [e for e in events if isinstance(e, PolicyAction)]
-    assert extends and all(e.ok for e in extends), [str(e) for e in extends]
+    assert extends and all(e.ok and "handover" in e.detail for e in extends), [str(e) for e in extends]
+    assert dm.handovers(origin, snap) == len(extends)  # each extension reloaded the snapshot table
     assert os.path.getsize(cow) > 3 * MiB
     used, total = (int(x) for x in stack.dm.status(snap)[0].params.split()[0].split("/"))
     assert total * 512 == os.path.getsize(cow) and used < total

@@ -1,5 +1,6 @@
 """Root tier on the userspace engine: auto-extend of a COW on a loop-backed file (the file grows,
-the loop device's capacity is refreshed, the ``-cow`` device reloaded)."""
+the loop device's capacity is refreshed, the ``-cow`` device and the snapshot reloaded through
+exception handover)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from dmtools.monitor import Monitor, MonitorConfig, PolicySettings, extend_snaps
 
 snapshot_targets = pytest.importorskip("snapshot.targets")
 from snapshot.manager import SnapshotManager  # noqa: E402
+
+from ev_engine import Recorder, policies  # noqa: E402
 
 pytestmark = pytest.mark.root
 
@@ -48,8 +51,10 @@ def test_extend_snapshot_on_a_loop_backed_cow(make_image: Callable[..., Path],
                                               make_loop: Callable[..., Any], eng: Engine) -> None:
     # (the engine fixture comes last so it is torn down before the loop devices it holds)
     cow, loop = loop_snapshot(eng, make_image, make_loop, MiB)
-    res = extend_snapshot(eng, "s", 25)
+    dm = Recorder(eng)
+    res = extend_snapshot(dm, "s", 25, refresh=SnapshotManager(dm).refresh)
     assert (res.old_bytes, res.new_bytes, res.loop, res.cow_device) == (MiB, MiB + MiB // 4, loop.path, "s-cow")
+    assert res.handover and dm.handovers("o", "s") == 1
     assert os.path.getsize(cow) == MiB + MiB // 4
     with open(loop.path, "rb") as f:
         assert f.seek(0, os.SEEK_END) == MiB + MiB // 4
@@ -60,8 +65,9 @@ def test_extend_snapshot_on_a_loop_backed_cow(make_image: Callable[..., Path],
 def test_autoextend_under_a_writer_keeps_the_loop_backed_snapshot_valid(
         make_image: Callable[..., Path], make_loop: Callable[..., Any], eng: Engine) -> None:
     cow, _loop = loop_snapshot(eng, make_image, make_loop, MiB + WRITE)
-    monitor = Monitor(eng, MonitorConfig(PolicySettings(warn=(80, 85, 90, 95), autoextend_threshold=70)),
-                      event_numbers=False)
+    dm = Recorder(eng)
+    monitor = Monitor(dm, MonitorConfig(PolicySettings(warn=(80, 85, 90, 95), autoextend_threshold=70)),
+                      event_numbers=False, policy_loader=policies)
     monitor.step()
     events = []
     with eng.open_endpoint("o") as ep:
@@ -71,6 +77,7 @@ def test_autoextend_under_a_writer_keeps_the_loop_backed_snapshot_valid(
     assert not [e for e in events if isinstance(e, SnapshotInvalidated)]
     extends = [e for e in events if isinstance(e, PolicyAction)]
     assert extends and all(e.ok and e.policy == "snapshot-autoextend" for e in extends)
+    assert dm.handovers("o", "s") == len(extends)  # each extension reloaded the snapshot table
     assert os.path.getsize(cow) > 3 * MiB // 2
     assert eng.status("s")[0].params != "Invalid"
 
