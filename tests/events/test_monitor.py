@@ -189,3 +189,36 @@ def test_cli_bad_options(cli: Any) -> None:
         run("--once", "--mirror-policy", "repair")
     with pytest.raises(InvalidArgument):
         run("--once", "--warn", "80,x")
+
+
+def test_cli_output_file_holds_each_event_once_across_runs(cli: Any, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    dm, run = cli
+    out = tmp_path / "events.jsonl"
+    assert run("--once", "--warn", "--output", str(out)) == 0
+    assert capsys.readouterr().out.split() == ["s", "ACTIVE,", "snapshot", "87.0%", "full"]
+    first = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(x["seq"], x["event"], x.get("threshold")) for x in first] == [
+        (1, "device-added", None), (2, "snapshot-usage", 80), (3, "snapshot-usage", 85)]
+    assert run("--once", "--warn", "--output", str(out)) == 0  # nothing new: nothing written
+    capsys.readouterr()
+    assert out.read_text().splitlines() == [json.dumps(x, sort_keys=True) for x in first]
+    dm.set_status("s", snap_status(91))
+    assert run("--warn", "--output", str(out), "--timeout", "0.3", "--interval", "0.05",
+               "--no-uevents") == 0
+    assert capsys.readouterr().out == ""  # the events went to the file
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(x["seq"], x.get("threshold")) for x in lines[3:]] == [(4, 90)]
+    (tmp_path / "foreign.txt").write_text("not events\n")
+    with pytest.raises(InvalidArgument, match="numbered monitor event"):
+        run("--once", "--output", str(tmp_path / "foreign.txt"))
+
+
+def test_cli_stdout_resumes_after_the_last_printed_event(cli: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    dm, run = cli
+    assert run("--json", "--warn", "--timeout", "0.2", "--interval", "0.05", "--no-uevents") == 0
+    assert [json.loads(x)["seq"] for x in capsys.readouterr().out.splitlines()] == [1, 2, 3]
+    dm.set_status("s", snap_status(96))
+    assert run("--json", "--warn", "--timeout", "0.2", "--interval", "0.05", "--no-uevents") == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(x["seq"], x["threshold"]) for x in lines] == [(4, 90), (5, 95)]

@@ -60,6 +60,13 @@ def test_extend_snapshot_on_a_loop_backed_cow(make_image: Callable[..., Path],
         assert f.seek(0, os.SEEK_END) == MiB + MiB // 4
     assert eng.status("s")[0].params.split()[0].endswith(f"/{(MiB + MiB // 4) // 512}")
     assert not eng.info("s").suspended and not eng.info("o").suspended
+    # without the snapshot layer's refresh: -cow alone is reloaded, the snapshot table is kept
+    dm.calls.clear()
+    res = extend_snapshot(dm, "s", 20)
+    assert not res.handover and res.new_bytes == MiB + MiB // 4 + MiB // 4
+    assert ("load", "s-cow") in dm.calls and ("load", "s") not in dm.calls
+    assert eng.status("s")[0].params.split()[0].endswith(f"/{res.new_bytes // 512}")
+    assert not eng.info("s").suspended and not eng.info("o").suspended
 
 
 def test_autoextend_under_a_writer_keeps_the_loop_backed_snapshot_valid(
