@@ -109,7 +109,8 @@ class Rig:
             op()
         if self.kind == "engine":
             assert message in str(info.value)
-        elif mark is not None:
+        else:
+            assert mark is not None, "dmesg is needed to check the kernel's message"
             after = _klog()
             assert after is not None and message in "\n".join(after[len(mark) :])
 
