@@ -1,6 +1,7 @@
 """Exception handover (kernel.md §2.9): one test body on the userspace engine and on the kernel.
 
-Each test runs on the in-process engine (unit tier) and on the kernel's dm-snapshot (kernel tier,
+Each test runs on the in-process engine (unit tier), on the engine daemon (root tier: a private
+daemon with FUSE exposure) and on the kernel's dm-snapshot (kernel tier,
 ``scripts/vmtest tests/snapshot -m kernel``): refusals, the handover on resume, EIO from the old
 table, cancellation when the source goes first, ``SnapshotManager.refresh`` (also after growing the
 COW) and LVM's snapshot -> snapshot-merge conversion done by hand.
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -136,6 +139,13 @@ class Rig:
                     pass
 
 
+def _wait_gone(mountpoint: str) -> None:
+    """Wait (bounded) until the stopped daemon has unmounted its FUSE directory."""
+    deadline = time.monotonic() + WAIT
+    while os.path.ismount(mountpoint) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _klog() -> list[str] | None:
     """The kernel log lines, or ``None`` when they cannot be read."""
     try:
@@ -145,8 +155,29 @@ def _klog() -> list[str] | None:
     return out.stdout.splitlines()
 
 
-@pytest.fixture(params=["engine", pytest.param("kernel", marks=pytest.mark.kernel)])
+@pytest.fixture(
+    params=[
+        "engine",
+        pytest.param("daemon", marks=pytest.mark.root),
+        pytest.param("kernel", marks=pytest.mark.kernel),
+    ]
+)
 def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
+    if request.param == "daemon":
+        from dmtools.engine.client import open_userspace
+
+        run_dir = tempfile.mkdtemp(prefix="dmtt-snap-")  # short: the socket path has a limit
+        client = open_userspace(run_dir)
+        try:
+            yield Rig("engine", client, tmp_path, lambda path: None)
+        finally:
+            try:
+                client.shutdown(force=True)
+            finally:
+                client.close()
+                _wait_gone(os.path.join(run_dir, "fuse"))
+                shutil.rmtree(run_dir, ignore_errors=True)
+        return
     if request.param == "kernel":
         dm = request.getfixturevalue("kernel_dm")
         r = Rig("kernel", dm, tmp_path, request.getfixturevalue("make_loop"))
