@@ -6,8 +6,10 @@ connection's peer uid must be the daemon's, checked with ``SO_PEERCRED``), then 
 on its own thread. A client that dies mid-call only loses its own reply. A ``subscribe`` request
 turns its connection into a stream of the engine's events (an ``EventHub`` started with ``serve``,
 woken after every verb that changes a device, closed at shutdown). ``SIGTERM``/``SIGINT`` or
-the ``shutdown`` verb remove every device and exit; devices' data lives on their underlying devices,
-so a restart is a reboot and managers re-activate from what is on disk.
+the ``shutdown`` verb remove every device and exit, within seconds: I/O held by a suspended device
+fails with EIO, and a watchdog ends a shutdown that still hangs (``SHUTDOWN_LIMIT``). Devices' data
+lives on their underlying devices, so a restart is a reboot and managers re-activate from what is
+on disk.
 
 Run ``python -m dmtools.engine.daemon [--foreground] [--run-dir DIR]``.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import faulthandler
 import fcntl
 import logging
 import os
@@ -24,7 +27,7 @@ import signal
 import socket
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from dmtools.engine import protocol
 from dmtools.engine.engine import Engine
@@ -37,6 +40,10 @@ log = logging.getLogger("dmtools.daemon")
 #: verbs after which the event hub rescans (they add, remove, rename, reload or (un)suspend a
 #: device, or send a target message that may change its status).
 CHANGING_VERBS = frozenset({"create", "load", "suspend", "resume", "remove", "clear", "rename", "message"})
+#: Longest a daemon's shutdown may take (``run`` sets it; in-process daemons have none): past it
+#: the daemon logs every thread's stack, aborts its FUSE connection (the I/O anything is still
+#: waiting for fails), removes its socket and pid file and exits with status 1.
+SHUTDOWN_LIMIT = 30.0
 #: idle seconds between heartbeat lines on an event stream: a hung-up subscriber is noticed (its
 #: next write fails) within this time, and clients may use any silence timeout above it.
 EVENT_HEARTBEAT = 1.0
@@ -58,6 +65,10 @@ class Daemon:
         self.hub: EventHub | None = None
         self._clients: set[socket.socket] = set()
         self._clients_lock = threading.Lock()
+        #: seconds ``shutdown`` may take before the watchdog ends the process (None: no watchdog).
+        self.shutdown_limit: float | None = None
+        #: how the watchdog ends the process (tests replace it).
+        self.hard_exit: Callable[[int], object] = os._exit
 
     # --- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -124,8 +135,38 @@ class Daemon:
         self._stop.set()
 
     def shutdown(self) -> None:
-        """Remove every device, close the socket and release the lock (idempotent)."""
+        """Remove every device, close the socket and release the lock (idempotent).
+
+        Bounded: I/O held by suspended devices fails (``Engine.close``), and with
+        ``shutdown_limit`` set a watchdog ends the process when the rest still hangs.
+        """
         self._stop.set()
+        done = threading.Event()
+        if self.shutdown_limit is not None:
+            threading.Thread(target=self._watchdog, args=(done, self.engine), daemon=True,
+                             name="dmtools-shutdown-watchdog").start()
+        try:
+            self._shutdown()
+        finally:
+            done.set()
+
+    def _watchdog(self, done: threading.Event, engine: Engine | None) -> None:
+        assert self.shutdown_limit is not None
+        if done.wait(self.shutdown_limit):
+            return
+        log.error("shutdown did not finish within %.0f s: aborting the FUSE connection and "
+                  "exiting; the threads were:", self.shutdown_limit)
+        with contextlib.suppress(Exception):
+            faulthandler.dump_traceback(all_threads=True)  # stderr: the daemon's log
+        exposure = engine.exposure if engine is not None else None
+        if exposure is not None:
+            exposure.abort()
+        for path in (self.socket_path, self.pid_path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self.hard_exit(1)
+
+    def _shutdown(self) -> None:
         if self._server is not None:
             with contextlib.suppress(OSError):
                 self._server.close()
@@ -286,6 +327,7 @@ def _daemonize() -> None:
 def run(*, foreground: bool, run_dir: str | None = None, ready_fd: int = -1) -> int:
     """Start and serve a daemon; returns the exit status."""
     daemon = Daemon(run_dir)
+    daemon.shutdown_limit = SHUTDOWN_LIMIT
     try:
         daemon.start()
     except DaemonError as err:

@@ -57,6 +57,10 @@ _BUILTIN_TARGETS = {
 #: How long ``remove`` waits out openers of an exposed device that are outside the engine.
 EXTERNAL_OPEN_GRACE = 0.5
 
+#: How long removing an exposed device waits for outside openers of its loop device to close it
+#: (it is detached at their last close anyway; ``close`` does not wait at all).
+DETACH_WAIT = 5.0
+
 #: The dm-ioctl interface version whose semantics the engine follows (``include/uapi/linux/dm-ioctl.h``).
 DRIVER_VERSION = "4.50.0"
 
@@ -414,15 +418,20 @@ class Engine(DeviceMapper):
                 return
             self._drop(dev)
 
-    def _drop(self, dev: Device) -> None:
-        """Unlink and destroy a device (``dev_remove`` → ``__dm_destroy``)."""
+    def _drop(self, dev: Device, *, detach_wait: float = DETACH_WAIT) -> None:
+        """Unlink and destroy a device (``dev_remove`` → ``__dm_destroy``).
+
+        The device is quiesced and killed (I/O it still holds fails) *before* its exposure is
+        withdrawn: detaching the loop device opens it, and the kernel may read it on open (a
+        partition rescan) or wait for its queued I/O, so with I/O still held by this device the
+        teardown would wait on itself, uninterruptibly. ``detach_wait`` bounds the wait for an
+        outside opener of the loop device to let go (the kernel detaches it at their last close).
+        """
         with self._lock:
             if self._devices.get(dev.name) is dev:
                 del self._devices[dev.name]
             if self._by_devno.get(dev.devno) is dev:
                 del self._by_devno[dev.devno]
-        if self._exposure is not None and dev.exposure is not None:
-            self._exposure.remove(dev)
         live, inactive = dev.live, dev.inactive
         if live is not None and not dev.suspended:
             for tgt in live.targets:
@@ -437,6 +446,8 @@ class Engine(DeviceMapper):
                 except Exception:  # noqa: BLE001
                     pass
         dev.kill()
+        if self._exposure is not None and dev.exposure is not None:
+            self._exposure.remove(dev, timeout=detach_wait)
         dev.live = dev.inactive = None
         for table in (live, inactive):
             if table is not None:
@@ -592,11 +603,21 @@ class Engine(DeviceMapper):
         return DeviceEndpoint(self._get(name, "open"), writable=writable)
 
     def close(self) -> None:
-        """Remove every device (stacked ones first) and stop the exposure."""
+        """Remove every device (stacked ones first) and stop the exposure; bounded in time.
+
+        I/O held by a suspended device fails (EIO to a block-device user) instead of waiting for
+        a resume that can no longer come; I/O in flight elsewhere is drained as on ``remove``.
+        Loop devices that outside users still hold open are left to detach at their last close.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            suspended = [d for d in self._devices.values() if d.suspended]
+        # First, so that I/O of devices stacked above them (in flight, waiting here) ends too
+        # and their drain below does not wait for it.
+        for dev in suspended:
+            dev.kill()
         for _ in range(64):
             with self._lock:
                 devs = list(self._devices.values())
@@ -607,8 +628,8 @@ class Engine(DeviceMapper):
             top = [d for d in devs if id(d) not in held] or devs
             for dev in top:
                 with dev.op_lock:
-                    if not dev.removed:
-                        self._drop(dev)
+                    if self._devices.get(dev.name) is dev:
+                        self._drop(dev, detach_wait=0.0)
         if self._exposure is not None:
             self._exposure.close()
 

@@ -42,6 +42,8 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 DEFAULT_RUN_DIR = "/run/dmtools"
+#: Where the kernel's fusectl file system lists FUSE connections.
+FUSECTL_DIR = "/sys/fs/fuse/connections"
 MNT_DETACH = 2
 BLKROSET = 0x125D  # _IO(0x12, 93), include/uapi/linux/fs.h
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -49,6 +51,9 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 #: FUSE worker threads (libfuse's ``max_threads``): requests served in parallel.
 FUSE_THREADS = 8
+#: How long ``close`` waits for the FUSE thread after a lazy unmount (its session lasts while a
+#: loop device someone holds open still refers to a file; process exit ends it).
+FUSE_JOIN_BUSY = 1.0
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -74,18 +79,58 @@ def _umount(path: str, flags: int = 0) -> int:
     return 0
 
 
-def mounted_at(path: str) -> bool:
-    """True when something is mounted at ``path`` (works for dead FUSE mounts too)."""
+def _mount_entry(path: str) -> list[str] | None:
+    """The ``/proc/self/mountinfo`` fields of what is mounted at ``path`` (works for dead FUSE
+    mounts too: nothing asks the file system), or ``None``."""
     real = os.path.realpath(path)
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 fields = line.split()
                 if len(fields) > 4 and fields[4].replace("\\040", " ") == real:
-                    return True
+                    return fields
     except OSError:
+        return None
+    return None
+
+
+def mounted_at(path: str) -> bool:
+    """True when something is mounted at ``path`` (works for dead FUSE mounts too)."""
+    return _mount_entry(path) is not None
+
+
+def fuse_connection(mount_dir: str) -> int | None:
+    """The FUSE connection number (the mount's device minor) of the file system at ``mount_dir``,
+    ``None`` when nothing is mounted there."""
+    fields = _mount_entry(mount_dir)
+    try:
+        return None if fields is None else int(fields[2].split(":")[1])
+    except (ValueError, IndexError):
+        return None
+
+
+def abort_fuse(mount_dir: str) -> bool:
+    """Abort the FUSE connection at ``mount_dir``: every pending and later request fails.
+
+    The last resort when our own FUSE server cannot answer (a thread waiting, in the kernel, for
+    I/O that only the server would complete): the kernel's ``abort`` file of the connection
+    (Documentation/filesystems/fuse.rst, "Aborting a filesystem connection"). fusectl is mounted
+    at ``/sys/fs/fuse/connections`` when it is not (systemd mounts it at boot elsewhere).
+    Returns True when the connection was aborted.
+    """
+    conn = fuse_connection(mount_dir)
+    if conn is None:
         return False
-    return False
+    ctl = f"{FUSECTL_DIR}/{conn}/abort"
+    if not os.path.exists(ctl) and not mounted_at(FUSECTL_DIR):
+        _libc.mount(b"fusectl", os.fsencode(FUSECTL_DIR), b"fusectl", 0, None)
+    try:
+        with open(ctl, "w") as f:
+            f.write("1")
+    except OSError as err:
+        log.error("cannot abort FUSE connection %d of %s: %s", conn, mount_dir, err)
+        return False
+    return True
 
 
 def clear_stale(run_dir: str = DEFAULT_RUN_DIR) -> list[str]:
@@ -376,19 +421,26 @@ class Exposure:
             ready.wait(0.01)
 
     def close(self) -> None:
-        """Detach every loop device and unmount the file system."""
+        """Detach every loop device and unmount the file system.
+
+        A loop device that an outside user still holds open keeps its FUSE file busy: the file
+        system is then detached lazily (gone once they close it) and the FUSE thread, which serves
+        their failing I/O until then, is not waited for long.
+        """
         with self._lock:
             devs = list(self._files.values())
         for dev in devs:
             if dev.exposure is not None:
-                self.remove(dev)
+                self.remove(dev, timeout=0.0)
         thread = self._thread
         if thread is None:
             return
+        busy = False
         if mounted_at(self.mount_dir):
-            if _umount(self.mount_dir):
+            busy = _umount(self.mount_dir) != 0
+            if busy:
                 _umount(self.mount_dir, MNT_DETACH)
-        thread.join(10)
+        thread.join(FUSE_JOIN_BUSY if busy else 10)
         self._thread = None
         if os.path.basename(self.run_dir) == f"engine-{os.getpid()}":
             for sub in ("mapper", "fuse", ""):
@@ -439,8 +491,14 @@ class Exposure:
             log.debug("direct I/O loop on %s refused (%s); using buffered", path, err)
         return loop.attach(path)
 
-    def remove(self, dev: "Device") -> None:
-        """Withdraw ``dev``'s loop device, link and file."""
+    def remove(self, dev: "Device", *, timeout: float = 5.0) -> None:
+        """Withdraw ``dev``'s loop device, link and file.
+
+        Waits up to ``timeout`` seconds for outside openers of the loop device to close it; one
+        still holding it open keeps it until its last close (autoclear), with every I/O failing.
+        The device must hold no I/O by then (``Engine._drop`` kills it first): the kernel may
+        read the loop device while detaching it.
+        """
         exp: Exposed | None = dev.exposure
         if exp is None:
             return
@@ -448,7 +506,7 @@ class Exposure:
             if os.readlink(exp.link) == exp.loop.path:
                 os.unlink(exp.link)
         with contextlib.suppress(DMError):
-            loop.detach(exp.loop, timeout=5.0)
+            loop.detach(exp.loop, timeout=timeout)
         with self._lock:
             self._files.pop(exp.file, None)
         dev.exposure = None
@@ -484,6 +542,10 @@ class Exposure:
         with contextlib.suppress(OSError):
             os.stat(os.path.join(self.mount_dir, fname))  # refresh the FUSE inode size
         loop.set_capacity(lo)
+
+    def abort(self) -> bool:
+        """Abort this exposure's FUSE connection (``abort_fuse``): a last resort for a hung exit."""
+        return abort_fuse(self.mount_dir)
 
     def link_path(self, dev: "Device") -> str:
         """``<run_dir>/mapper/NAME``."""
