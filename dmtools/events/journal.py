@@ -34,16 +34,17 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_replace(path: str, data: bytes) -> None:
-    """Replace ``path`` by ``data`` all or nothing, durably (temporary file, ``fsync``, rename,
-    ``fsync`` of the directory)."""
+def atomic_replace(path: str, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` by ``data`` all or nothing (temporary file, rename); ``durable``: with
+    ``fsync`` of the file before the rename and of the directory after it."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -51,7 +52,8 @@ def atomic_replace(path: str, data: bytes) -> None:
         except OSError:
             pass
         raise
-    fsync_dir(directory)
+    if durable:
+        fsync_dir(directory)
 
 
 def _line(record: dict[str, Any]) -> bytes:

@@ -10,8 +10,10 @@ Under ``<root>/<backend>/`` (``/run/dmtools/monitor/kernel/`` as root):
   (a consumer that already has ``seq`` N skips it; :meth:`StateStore.pending` hands out the rest).
 - ``NAME.json``: one file per device, a checkpoint of the journal (state, the last
   ``RECENT_EVENTS`` events, the number of the last record applied), replaced atomically (write,
-  fsync, rename, fsync of the directory). A restart re-applies journal records the checkpoints
-  missed; applying is idempotent. A removed device keeps a file with ``"state": null`` so its last
+  rename). A restart re-applies journal records the checkpoints missed (applying is idempotent),
+  so a checkpoint taking in a record is not fsynced; one recording a state change that no event
+  explains (usage moving between thresholds) is, and so is every checkpoint before the journal is
+  compacted. A removed device keeps a file with ``"state": null`` so its last
   events stay readable.
 - ``cursor``: the ``seq`` of the last event handed to a consumer that cannot be asked itself
   (a pipe, a Python generator's caller); see :mod:`dmtools.events.delivery`.
@@ -36,7 +38,7 @@ from typing import Any, Iterator, Sequence
 from urllib.parse import quote, unquote
 
 from dmtools.errors import DMError
-from dmtools.events.journal import Journal, atomic_replace, read_records
+from dmtools.events.journal import Journal, atomic_replace, fsync_dir, read_records
 from dmtools.events.state import DeviceState
 from dmtools.events.types import Event
 
@@ -83,8 +85,8 @@ class Plan:
                    str(data["id"]))
 
 
-def _atomic_write(path: str, data: Any) -> None:
-    atomic_replace(path, json.dumps(data, sort_keys=True).encode())
+def _atomic_write(path: str, data: Any, *, durable: bool = True) -> None:
+    atomic_replace(path, json.dumps(data, sort_keys=True).encode(), durable=durable)
 
 
 def _events_of(record: dict[str, Any]) -> Iterator[Event]:
@@ -202,9 +204,13 @@ class StateStore:
                 continue
         return out
 
-    def _checkpoint(self, name: str, state: Any, recent: list[Any], applied: int) -> None:
+    def _checkpoint(self, name: str, state: Any, recent: list[Any], applied: int, *,
+                    durable: bool = True) -> None:
+        """Replace ``name``'s checkpoint; not ``durable`` when the journal holds what it adds
+        (:meth:`compact` makes every checkpoint durable before it drops journal records)."""
         _atomic_write(self._path(name),
-                      {"state": state, "recent": recent[-RECENT_EVENTS:], "applied": applied})
+                      {"state": state, "recent": recent[-RECENT_EVENTS:], "applied": applied},
+                      durable=durable)
 
     def _apply(self, record: dict[str, Any]) -> None:
         """Take ``record`` into its device's checkpoint (no-op when already taken)."""
@@ -221,7 +227,8 @@ class StateStore:
             previous = (old_data if old_data is not None else data) or {}  # a rename keeps history
             state = record["state"] if "state" in record else previous.get("state")
             self._checkpoint(name, state,
-                             list(previous.get("recent", [])) + list(record.get("events", [])), r)
+                             list(previous.get("recent", [])) + list(record.get("events", [])), r,
+                             durable=False)
         if old and old_data is not None:  # after the new checkpoint: a kill between redoes this
             try:
                 os.unlink(self._path(old))
@@ -275,6 +282,13 @@ class StateStore:
         ``events`` and ``plans`` in one journal record; return them numbered (events' ``seq``,
         plans' ``id``). Durable when this returns."""
         journal = self._writable()
+        if not events and not plans and not renamed_from and not keep_state:
+            # A change that explains itself by no event (usage moving between thresholds) needs
+            # no numbering: the checkpoint alone, as durable, keeps the next comparison right.
+            data = self._read(name) or {}
+            self._checkpoint(name, state.to_dict() if state is not None else None,
+                             list(data.get("recent", [])), int(data.get("applied", 0)))
+            return [], []
         r = journal.next_r
         numbered = self._number(events)
         ided = [replace(p, id=f"{r}.{i}") for i, p in enumerate(plans)]
@@ -343,6 +357,16 @@ class StateStore:
                     or any(p.get("id") in open_ids for p in rec.get("plans", ())) \
                     or rec.get("started") in open_ids:
                 keep.append(rec)
+        for name in self._files():  # what the dropped records hold must outlive a power cut
+            try:
+                fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(self.directory)
         journal.rewrite(keep, {"base_seq": self._next_seq})
         return True
 
