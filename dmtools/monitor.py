@@ -567,8 +567,11 @@ class Monitor:
         """Hand every event and policy action to ``sink`` as it happens, each exactly once
         across restarts as far as ``sink`` can tell (see :mod:`dmtools.events.delivery`);
         with ``once``, one scan. Returns how many events were handed out."""
-        start = sink.last_seq()
         batches = self.watcher.scan() if once else self.watcher.batches(timeout=timeout, stop=stop)
+        return self._deliver(sink, batches)
+
+    def _deliver(self, sink: Sink, batches: Iterable[Batch]) -> int:
+        start = sink.last_seq()
         count = 0
         self._delivered = start
         for event in self._stream(start, batches):
@@ -581,7 +584,7 @@ class Monitor:
         """Scan once, apply the policies and remember the result; return every event in order
         (with a store, first those an earlier run did not hand out; the cursor moves past all)."""
         events: list[Event] = []
-        self.run(CursorSink(self.watcher.store, events.append), once=True)
+        self._deliver(CursorSink(self.watcher.store, events.append), self.watcher.scan(reason))
         return events
 
     def events(self, *, timeout: float | None = None,

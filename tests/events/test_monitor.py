@@ -222,3 +222,27 @@ def test_cli_stdout_resumes_after_the_last_printed_event(cli: Any, capsys: pytes
     assert run("--json", "--warn", "--timeout", "0.2", "--interval", "0.05", "--no-uevents") == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [(x["seq"], x["threshold"]) for x in lines] == [(4, 90), (5, 95)]
+
+
+def test_plans_left_by_a_killed_monitor_run_or_are_reported_interrupted(tmp_path: Path) -> None:
+    from dmtools.events import StateStore, capture
+    from dmtools.events.store import Plan
+
+    dm = FakeDM()
+    dm.add("m", [(0, 4096, "mirror", MIRROR_TABLE, mirror_status("DA"))])
+    cfg = MonitorConfig(PolicySettings(mirror_policy="degraded"))
+    args = {"leg": 0, "leg_device": "250:10", "health": "D"}
+    with StateStore("fake", str(tmp_path), lock=True) as store:
+        # what a monitor killed after committing the leg failure leaves: one plan never started,
+        # one started (it was running when the kill came)
+        _, plans = store.commit("m", capture(dm, "m"), [], plans=[
+            Plan("m", "mirror-degraded", "report", args), Plan("m", "mirror-degraded", "report", args)])
+        store.start(plans[1])
+    with StateStore("fake", str(tmp_path), lock=True) as store:
+        events = Monitor(dm, cfg, store=store, event_numbers=False, uevents=False).step()
+        done = [e for e in events if isinstance(e, PolicyAction)]
+        assert [(a.ok, "keeps running" in a.detail, "interrupted" in a.detail) for a in done] == [
+            (True, True, False), (False, False, True)]
+        assert store.open_plans() == []
+    with StateStore("fake", str(tmp_path), lock=True) as store:  # reported once
+        assert actions(Monitor(dm, cfg, store=store, event_numbers=False, uevents=False).step()) == []
