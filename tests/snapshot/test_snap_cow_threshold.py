@@ -49,10 +49,11 @@ def until(cond: Callable[[], bool], what: str) -> None:
 
 
 @pytest.fixture
-def threshold() -> Iterator[Callable[[int], None]]:
+def threshold() -> Iterator[Callable[[int], int]]:
+    """Set ``snapshot_cow_threshold`` for one test (restored afterwards)."""
     old = params.get_cow_threshold()
     try:
-        yield lambda n: params.set_cow_threshold(n) and None
+        yield params.set_cow_threshold
     finally:
         params.set_cow_threshold(old)
 
@@ -87,7 +88,7 @@ def test_default_is_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     assert params._from_env() == 2048
 
 
-def test_origin_writers_wait_at_the_threshold(rig: Any, threshold: Callable[[int], None]) -> None:
+def test_origin_writers_wait_at_the_threshold(rig: Any, threshold: Callable[[int], int]) -> None:
     gate_ep, origin, snap = rig
     threshold(2)
     first = start(lambda: do_origin(origin, 0, 3 * CB, limit=True))  # 3 copies > 2
@@ -103,7 +104,7 @@ def test_origin_writers_wait_at_the_threshold(rig: Any, threshold: Callable[[int
     assert snap.in_progress == 0 and snap.throttled == 0
 
 
-def test_raising_the_threshold_releases_waiters(rig: Any, threshold: Callable[[int], None]) -> None:
+def test_raising_the_threshold_releases_waiters(rig: Any, threshold: Callable[[int], int]) -> None:
     gate_ep, origin, snap = rig
     threshold(0)  # one copy at a time
     first = start(lambda: do_origin(origin, 0, CB, limit=True))
@@ -121,7 +122,7 @@ def test_raising_the_threshold_releases_waiters(rig: Any, threshold: Callable[[i
     assert snap.table.lookup(0) is not None and snap.table.lookup(5) is not None
 
 
-def test_snapshot_writes_wait_too(rig: Any, threshold: Callable[[int], None]) -> None:
+def test_snapshot_writes_wait_too(rig: Any, threshold: Callable[[int], int]) -> None:
     gate_ep, origin, snap = rig
     threshold(1)
     first = start(lambda: do_origin(origin, 0, 2 * CB, limit=True))
@@ -137,7 +138,7 @@ def test_snapshot_writes_wait_too(rig: Any, threshold: Callable[[int], None]) ->
     assert new is not None
 
 
-def test_merge_path_and_negative_threshold_do_not_wait(rig: Any, threshold: Callable[[int], None]) -> None:
+def test_merge_path_and_negative_threshold_do_not_wait(rig: Any, threshold: Callable[[int], int]) -> None:
     gate_ep, origin, snap = rig
     threshold(0)
     first = start(lambda: do_origin(origin, 0, CB, limit=True))

@@ -317,3 +317,29 @@ def test_destroying_the_source_cancels(rig: Rig) -> None:
     assert rig.read(vol) == expect  # an invalid merging snapshot maps everything to the origin
     rig.write(vol, b"B" * CB, CB)
     assert rig.read(vol, 0, 2 * CB) == b"A" * CB + b"B" * CB
+
+
+def test_refresh_while_the_origin_merges(rig: Rig) -> None:
+    """A handover into another snapshot of a merging origin stops and restarts the merge."""
+    vol, data = _volume(rig, 6)
+    mgr = SnapshotManager(rig.dm)
+    s, _ = _snapshot(rig, mgr, vol, "s")
+    rig.write(vol, b"A" * 2 * CB, 0)
+    t, _ = _snapshot(rig, mgr, vol, "t")
+    rig.write(vol, b"B" * CB, 2 * CB)
+    rig.write(t, b"T" * CB, 6 * CB)
+    t_view = rig.read(t)
+    assert t_view == b"A" * 2 * CB + data[2 * CB : 6 * CB] + b"T" * CB + data[7 * CB :]
+    mgr.merge(s, wait=False)
+    info = mgr.refresh(t)  # (the merge may be copying into t meanwhile: its usage moves)
+    assert info.state == "active" and info.chunk_size == CB // 512
+    # the same without suspending the merging origin: the handover itself stops the merge, holds
+    # the origin's writes (the kernel's internal suspend) and restarts the merge
+    rig.dm.load(t, rig.dm.table(t))
+    rig.dm.resume(t)
+    assert rig.table_params(t).endswith(f" P {CB // 512}")
+    mgr.merge(s, timeout=WAIT)  # waits for the merge started above, then restores the origin
+    assert rig.read(vol) == data
+    assert rig.read(t) == t_view
+    assert rig.dm.table(vol).lines[0].target.target_type == "snapshot-origin"
+    assert [i.name for i in mgr.list()] == [t]
