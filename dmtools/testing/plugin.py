@@ -91,8 +91,11 @@ def _sweep_loops() -> None:
         backing = dev.backing_file or ""
         # Only leftovers: a test image whose file is gone. A live image may belong to another
         # pytest run on the same host; the fixtures detach their own devices at teardown.
-        orphaned = backing.endswith(" (deleted)") or not os.path.exists(backing)
-        if IMAGE_PREFIX in os.path.basename(backing) and orphaned:
+        # The name is checked first: stat() of another engine's FUSE file can block while
+        # that engine is stuck.
+        if IMAGE_PREFIX not in os.path.basename(backing):
+            continue
+        if backing.endswith(" (deleted)") or not os.path.exists(backing):
             try:
                 loop.detach(dev)
             except Exception:  # noqa: BLE001 - best-effort sweep of our own leftovers
