@@ -422,10 +422,11 @@ class Engine(DeviceMapper):
         """Unlink and destroy a device (``dev_remove`` → ``__dm_destroy``).
 
         The device is quiesced and killed (I/O it still holds fails) *before* its exposure is
-        withdrawn: detaching the loop device opens it, and the kernel may read it on open (a
-        partition rescan) or wait for its queued I/O, so with I/O still held by this device the
-        teardown would wait on itself, uninterruptibly. ``detach_wait`` bounds the wait for an
-        outside opener of the loop device to let go (the kernel detaches it at their last close).
+        withdrawn: once ``LOOP_CLR_FD`` was issued on a loop device that someone holds open, an
+        open of it waits, uninterruptibly, for the I/O queued on it (seen on Linux 6.18), so with
+        a write still held here the teardown's own opens (or udev's) would wait on themselves.
+        ``detach_wait`` bounds the wait for an outside opener of the loop device to let go (the
+        kernel detaches it at their last close).
         """
         with self._lock:
             if self._devices.get(dev.name) is dev:
