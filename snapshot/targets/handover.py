@@ -9,7 +9,10 @@ EIO). This is how a snapshot table is reloaded without losing exceptions:
 
 * **refresh** (``lvchange --refresh``, and after growing the COW): load the same ``snapshot`` table
   into the snapshot device's inactive slot, suspend the origin (``snapshot-origin``) device, suspend
-  the snapshot device, resume the snapshot device, resume the origin device;
+  the snapshot device, resume the snapshot device, resume the origin device. After growing the
+  COW under a ``NAME-cow`` linear device, also load its longer table, suspend it last and resume
+  it first. ``SnapshotManager.refresh(name)`` does all of this on either backend; code below the
+  ``snapshot`` package (``dmtools.monitor``) issues the same verbs itself;
 * **merge** (``lvconvert --merge``): load ``snapshot-merge <real> <cow> P <chunk>`` into the origin
   device while the snapshot device still holds its table (optionally load ``error`` there), suspend
   the origin and the snapshot devices, resume the origin (the merge starts), then resume or remove
