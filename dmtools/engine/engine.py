@@ -369,21 +369,25 @@ class Engine(DeviceMapper):
                     bad.destroy()
                     raise InvalidTable("; ".join(problems), operation="resume", device=name)
                 old, dev.live, dev.inactive = dev.live, dev.inactive, None
-                if old is not None:
-                    old.destroy()
                 if self._exposure is not None:
                     self._exposure.resized(dev)
             elif not dev.suspended:
                 return
-            live = dev.live
-            if live is None:
-                raise InvalidArgument("no table to resume", errno=errno.EINVAL,
-                                      operation="resume", device=name)
-            for tgt in live.targets:
-                tgt.preresume()
-            dev.unblock_io()
-            for tgt in live.targets:
-                tgt.resume()
+            try:
+                live = dev.live
+                if live is None:
+                    raise InvalidArgument("no table to resume", errno=errno.EINVAL,
+                                          operation="resume", device=name)
+                for tgt in live.targets:
+                    tgt.preresume()
+                dev.unblock_io()
+                for tgt in live.targets:
+                    tgt.resume()
+            finally:
+                # do_resume destroys the old table after dm_resume, whether it succeeded or not:
+                # a new snapshot table takes over its exceptions before the old one goes.
+                if old is not None:
+                    old.destroy()
 
     def remove(self, name: str, *, retry: bool = False, deferred: bool = False) -> None:
         """Remove a device.

@@ -127,20 +127,13 @@ def resume(snap: Snapshot) -> None:
 def before_destroy(snap: Snapshot) -> None:
     """``snapshot_dtr``'s check: a source destroyed before its handover cancels it.
 
-    The engine swaps a reloaded device's tables and destroys the old one *before* resuming the new
-    one (dm-ioctl.c ``do_resume`` destroys it after). When the pending destination is the table
-    that just went live on the source's own device, the handover is done here instead, exactly
-    as the destination's resume would do it: the device is suspended.
+    The engine destroys a reloaded device's old table after resuming the new one, as dm-ioctl.c
+    ``do_resume`` does, so a destination on the source's own device has taken over by then.
     """
     found = registry.find_sharing_cow(snap)
     if found.src is not snap or found.dest is None:
         return
     dest = found.dest
-    dev = _device(snap)
-    live = getattr(dev, "live", None) if dev is not None else None
-    if dev is not None and _device(dest) is dev and live is not None and dest.owner in live.targets:
-        handover_now(snap, dest)
-        return
     with dest.cond:
         dest.valid = False
         dest.cond.notify_all()

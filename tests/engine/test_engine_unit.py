@@ -105,8 +105,8 @@ def test_hooks_order_on_swap(eng):
     Recorder.calls.clear()
     eng.resume("x")
     assert Recorder.calls == [
-        ("presuspend", "a"), ("postsuspend", "a"), ("destroy", "a"),
-        ("preresume", "b"), ("resume", "b"),
+        ("presuspend", "a"), ("postsuspend", "a"),
+        ("preresume", "b"), ("resume", "b"), ("destroy", "a"),  # do_resume: old table last
     ]
 
 
