@@ -125,6 +125,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refresh(args: argparse.Namespace) -> int:
+    info = _manager(args).refresh(args.name)
+    _emit(args, info.to_dict(), f"refreshed snapshot {info.name} ({info.status.format()})")
+    return 0
+
+
 def cmd_remove(args: argparse.Namespace) -> int:
     _manager(args).remove(args.name)
     _emit(args, {"name": args.name, "removed": True}, f"removed snapshot {args.name}")
@@ -208,6 +214,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     m.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
     _progress_option(m)
     m.set_defaults(func=cmd_merge)
+
+    f = sub.add_parser("refresh", help="reload a snapshot through exception handover, taking up a "
+                       "grown COW (as 'lvchange --refresh')")
+    f.add_argument("name", metavar="NAME")
+    f.set_defaults(func=cmd_refresh)
 
     r = sub.add_parser("remove", help="drop a snapshot (the plain origin returns with the last one)")
     r.add_argument("name", metavar="NAME")

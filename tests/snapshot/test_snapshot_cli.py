@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from dmtools.errors import CorruptMetadata
+from dmtools.errors import CorruptMetadata, DeviceNotFound
 from snapshot.cli import register
 
 SIZE = 256 * 1024
@@ -66,6 +66,26 @@ def test_create_list_merge_remove(env: tuple[Any, Path, bytes], capsys: pytest.C
     assert "store: N" in capsys.readouterr().out
     assert run(["snapshot", "remove", "s2"]) == 0
     assert sorted(e.name for e in eng.list()) == ["vol"]
+
+
+def test_refresh_takes_up_a_grown_cow(env: tuple[Any, Path, bytes], capsys: pytest.CaptureFixture[str]) -> None:
+    eng, tmp, data = env
+    assert run(["snapshot", "create", "vol", "--cow", str(tmp / "s.cow"), "--name", "s"]) == 0
+    with eng.open_endpoint("vol") as ep:
+        ep.write(b"y" * 4096, 8192)
+    capsys.readouterr()
+    os.truncate(tmp / "s.cow", 2 * SIZE)
+    assert run(["--json", "snapshot", "refresh", "s"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["status"] == f"24/{2 * SIZE // 512} 16"  # same exceptions, twice the space
+    buf = bytearray(8192)
+    with eng.open_endpoint("s") as ep:
+        ep.readinto(buf, 8192)
+    assert bytes(buf) == data[8192:16384]  # the exception survived the handover
+    tables = {n: str(eng.table(n)) for n in ("vol", "s", "s-cow")}
+    with pytest.raises(DeviceNotFound):
+        run(["snapshot", "refresh", "nosuch"])
+    assert {n: str(eng.table(n)) for n in tables} == tables
 
 
 def test_inspect_and_export(env: tuple[Any, Path, bytes], capsys: pytest.CaptureFixture[str]) -> None:
