@@ -109,7 +109,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=8, metavar="N", help="I/O worker threads (default 8)")
     p.add_argument("--no-offload", action="store_true", help="never use copy_file_range")
     p.add_argument("--no-direct-reads", action="store_true",
-                   help="read a file source through the page cache even where it is not cached")
+                   help="read a file source through the page cache even when every destination "
+                        "is written with O_DIRECT")
     # SUPPRESS keeps the root parser's --json when this one is not given.
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print a JSON summary")
 

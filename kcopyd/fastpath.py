@@ -5,10 +5,11 @@
   systems), in which case the job falls back to buffers.
 - otherwise reads into page-aligned pooled buffers and writes from them (``preadv``/``pwritev``
   through the endpoints, O_DIRECT on block devices), one read serving every destination.
-- a regular-file source opened by path is read with O_DIRECT where the range is not in the page
-  cache (``cachestat(2)``): the data goes straight into the pooled buffer, without filling (and
-  copying out of) page-cache pages that nobody reads again; cached ranges are read through the
-  cache, which is faster and always coherent with unwritten data.
+- a regular-file source opened by path, copied to destinations that bypass the page cache, is
+  read with O_DIRECT where the range is not in the page cache (``cachestat(2)``): the data goes
+  straight into the pooled buffer, without filling (and copying out of) page-cache pages that
+  nobody reads again; cached ranges are read through the cache (faster, and coherent with
+  unwritten data).
 - holes of a sparse source (``Endpoint.data_extents``) are not read: they are skipped when the
   destinations are known to be zero, else written with ``Endpoint.zero`` (fallocate/BLKZEROOUT).
 
@@ -36,6 +37,7 @@ __all__ = [
     "read_exact",
     "read_salvage",
     "write_exact",
+    "write_vectored",
 ]
 
 #: A piece-relative ``(offset, length, is_data)`` range; ``is_data`` False means a hole (zeros).
@@ -132,6 +134,29 @@ def write_exact(ep: Endpoint, views: Sequence[memoryview], offset: int) -> None:
                 raise DeviceIOError("write made no progress", operation="write", device=ep.name)
             done += n
         offset += want
+
+
+def write_vectored(ep: Endpoint, views: Sequence[memoryview], offset: int) -> None:
+    """Write ``views`` back to back from ``offset``: one ``pwritev`` on a buffered file endpoint.
+
+    Other endpoints (and O_DIRECT ones, whose checks matter) get one ``write`` per view.
+    """
+    from dmtools.blockdev import BlockDevice
+
+    if type(ep) is not BlockDevice or ep.direct or ep.read_only or not ep.is_regular_file:
+        write_exact(ep, views, offset)
+        return
+    fd = ep.fileno()
+    pending = [v for v in views if len(v)]
+    while pending:
+        n = os.pwritev(fd, pending, offset)
+        if n <= 0:
+            raise DeviceIOError("write made no progress", operation="write", device=ep.name)
+        offset += n
+        while pending and n >= len(pending[0]):
+            n -= len(pending.pop(0))
+        if n:
+            pending[0] = pending[0][n:]
 
 
 def read_salvage(ep: Endpoint, view: memoryview, offset: int, grain: int) -> bool:

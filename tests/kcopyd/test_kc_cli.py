@@ -128,3 +128,21 @@ def test_progress_bar_on_a_terminal_stream():
     assert quiet.getvalue() == "", "no bar when the stream is not a terminal"
     with pytest.raises(InvalidArgument):
         ProgressReporter(fd=999)
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-direct-reads"]])
+def test_uncached_source_to_several_files(tmp_path, capsys, flag):
+    """The 1->N file path: (by default) O_DIRECT reads of an uncached source, one writer per file."""
+    src = tmp_path / "s.img"
+    data = pattern(3 * MiB, seed=2)
+    src.write_bytes(data)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    dsts = [tmp_path / f"d{i}.img" for i in range(3)]
+    assert main([str(src)] + [str(d) for d in dsts] + flag + ["--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"]
+    assert all(d.read_bytes() == data for d in dsts)

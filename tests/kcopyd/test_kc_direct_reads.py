@@ -1,7 +1,9 @@
-"""O_DIRECT reads of a file source opened by path, where its pages are not in the page cache.
+"""O_DIRECT reads of a file source opened by path, where its pages are not in the page cache,
+when every destination bypasses the cache too (here: files opened with O_DIRECT).
 
-Cached ranges (dirty ones included) are read through the cache; a failed direct read is retried
-through the cache, so only a range unreadable both ways is a read error, with the exact bits.
+Cached ranges (dirty ones included) are read through the cache, and so is the source of a copy to
+page-cache destinations; a failed direct read is retried through the cache, so only a range
+unreadable both ways is a read error, with the exact bits.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import pytest
 
 import kcopyd
 import kcopyd.client as kclient
+from dmtools.blockdev import BlockDevice
+from dmtools.endpoint import NullEndpoint
 from dmtools.errors import DeviceIOError
 from kc_helpers import TIMEOUT, Recorder, pattern
 from kcopyd.fastpath import cached_bytes
@@ -55,12 +59,19 @@ def _files(tmp_path: Any, size: int, ndest: int = 2) -> tuple[Any, bytes, list[A
     return src, data, dsts
 
 
-def _copy(src: Any, dsts: list[Any], size: int, flags: int = 0, **kw: Any) -> tuple[kcopyd.Job, Recorder]:
+def _copy(src: Any, dsts: list[Any], size: int, flags: int = 0, *, cached_dests: bool = False,
+          **kw: Any) -> tuple[kcopyd.Job, Recorder]:
+    """Copy the source file to the destination files, opened with O_DIRECT unless ``cached_dests``."""
     rec = Recorder()
-    with kcopyd.Client(num_pages=256, sub_job_size=MiB, **kw) as kc:
-        job = kc.copy(kcopyd.Region(str(src), 0, size // 512), [kcopyd.Region(str(d), 0, size // 512) for d in dsts],
-                      flags=flags, notify=rec, context="c")
-        assert job.wait(TIMEOUT)
+    eps = [BlockDevice(d, writable=True, direct=not cached_dests) for d in dsts]
+    try:
+        with kcopyd.Client(num_pages=256, sub_job_size=MiB, **kw) as kc:
+            job = kc.copy(kcopyd.Region(str(src), 0, size // 512), [kcopyd.Region(e, 0, size // 512) for e in eps],
+                          flags=flags, notify=rec, context="c")
+            assert job.wait(TIMEOUT)
+    finally:
+        for e in eps:
+            e.close()
     return job, rec
 
 
@@ -96,14 +107,16 @@ def test_uncached_source_is_read_direct(tmp_path, reads):
     assert reads and all(direct for direct, _ in reads)
 
 
-@pytest.mark.parametrize("cached", [True, False], ids=["cached-source", "direct-reads-off"])
-def test_read_through_the_cache(tmp_path, reads, cached):
-    """A cached (here: dirty) source, or a client with direct_reads=False, reads buffered."""
+@pytest.mark.parametrize("case", ["cached-source", "direct-reads-off", "page-cache-destinations"])
+def test_read_through_the_cache(tmp_path, reads, case):
+    """A cached (here: dirty) source, a client with direct_reads=False, or a copy to page-cache
+    destinations reads the source through the cache."""
     size = 2 * MiB
     src, data, dsts = _files(tmp_path, size)  # just written: dirty in the page cache
-    if not cached:
+    if case != "cached-source":
         _evict(src)
-    job, _ = _copy(src, dsts, size, direct_reads=cached)
+    job, _ = _copy(src, dsts, size, direct_reads=case != "direct-reads-off",
+                   cached_dests=case == "page-cache-destinations")
     assert job.ok and all(d.read_bytes() == data for d in dsts)
     assert reads and not any(direct for direct, _ in reads)
 
@@ -146,3 +159,20 @@ def test_range_unreadable_both_ways_is_a_read_error(tmp_path, monkeypatch, flags
         assert all(d.read_bytes() == data for d in dsts)
     else:
         assert job.progress.done < size
+
+
+def test_null_destination_reads_direct(tmp_path, reads):
+    size = 2 * MiB
+    src, _, _ = _files(tmp_path, size, ndest=0)
+    _evict(src)
+    with kcopyd.Client(num_pages=256, sub_job_size=MiB) as kc:
+        job = kc.copy(kcopyd.Region(str(src), 0, size // 512), kcopyd.Region(NullEndpoint(size), 0, size // 512))
+        assert job.wait(TIMEOUT) and job.ok
+    if reads and not reads[0][0]:
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            if cached_bytes(fd, 0, size) is None:
+                pytest.skip("cachestat(2) is missing here (Linux < 6.5)")
+        finally:
+            os.close(fd)
+    assert reads and all(direct for direct, _ in reads)

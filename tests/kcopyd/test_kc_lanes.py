@@ -164,3 +164,43 @@ def test_real_file_destination_blockdev_endpoint_is_a_lane(tmp_path):
 
         assert _one_writer(ep)
         assert not _one_writer(MemoryEndpoint(512))
+
+
+def _slow_pwritev(monkeypatch: pytest.MonkeyPatch, fail_batches: bool = False) -> list[int]:
+    """Make every ``pwritev`` slow (so lanes queue pieces up) and record its iovec counts;
+    ``fail_batches`` fails every call with more than one buffer."""
+    import errno
+    import os
+
+    calls: list[int] = []
+    real = os.pwritev
+
+    def spy(fd: int, bufs: Any, offset: int, *a: Any) -> int:
+        calls.append(len(bufs))
+        time.sleep(0.003)
+        if fail_batches and len(bufs) > 1:
+            raise OSError(errno.EIO, "injected")
+        return real(fd, bufs, offset, *a)
+
+    monkeypatch.setattr(os, "pwritev", spy)
+    return calls
+
+
+@pytest.mark.parametrize("fail_batches", [False, True], ids=["batched", "batch-fails-then-per-piece"])
+def test_waiting_pieces_are_written_together(tmp_path, monkeypatch, fail_batches):
+    size = 4 * MiB
+    data = pattern(size, seed=6)
+    src = tmp_path / "src.img"
+    src.write_bytes(data)
+    paths = [tmp_path / f"d{i}.img" for i in range(2)]
+    for p in paths:
+        p.write_bytes(bytes(size))
+    calls = _slow_pwritev(monkeypatch, fail_batches)
+    rec = Recorder()
+    with _client() as kc:
+        kc.copy(kcopyd.Region(str(src), 0, size // 512), [kcopyd.Region(str(p), 0, size // 512) for p in paths],
+                notify=rec, context=0)
+        rec.wait()
+    assert rec.calls == [(False, 0, 0)]
+    assert max(calls) > 1, "pieces waiting in a lane went out in one vectored write"
+    assert all(p.read_bytes() == data for p in paths)
