@@ -56,3 +56,13 @@ def make_writable(path: str) -> None:
         fcntl.ioctl(fd, 0x125D, struct.pack("i", 0))  # BLKROSET, include/uapi/linux/fs.h
     finally:
         os.close(fd)
+
+
+def evict_file(path: Any) -> None:
+    """Write a file back and drop its pages from the page cache (the next read goes to the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

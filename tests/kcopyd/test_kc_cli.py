@@ -11,7 +11,7 @@ import pytest
 from dmtools.errors import DeviceIOError, InvalidArgument
 from kcopyd.cli import Spec, main, parse_spec
 from kcopyd.progress import ProgressReporter
-from kc_helpers import pattern
+from kc_helpers import evict_file, pattern
 
 MiB = 1 << 20
 
@@ -132,16 +132,11 @@ def test_progress_bar_on_a_terminal_stream():
 
 @pytest.mark.parametrize("flag", [[], ["--no-direct-reads"]])
 def test_uncached_source_to_several_files(tmp_path, capsys, flag):
-    """The 1->N file path: (by default) O_DIRECT reads of an uncached source, one writer per file."""
+    """The 1->N file path from an uncached source: one writer per file (lanes), read flags either way."""
     src = tmp_path / "s.img"
     data = pattern(3 * MiB, seed=2)
     src.write_bytes(data)
-    fd = os.open(src, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    evict_file(src)
     dsts = [tmp_path / f"d{i}.img" for i in range(3)]
     assert main([str(src)] + [str(d) for d in dsts] + flag + ["--json", "-q"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"]
