@@ -20,7 +20,9 @@ several requests are in flight at once. Two choices are this engine's own, made 
 - when every destination bypasses the page cache, a regular-file source that kcopyd opened by
   path is read with O_DIRECT too where its pages are not cached (``kcopyd.fastpath.cached_bytes``):
   the copy then leaves the page cache alone. With page-cache destinations the source is read
-  through the cache, whose readahead keeps the disk busy while the writes copy into the cache.
+  through the cache, whose readahead keeps the disk busy while the writes copy into the cache;
+  a source none of whose range was cached has its pages dropped once read (``dd iflag=nocache``),
+  so the copy does not evict other data, and the freed pages serve the destinations' writes.
 """
 
 from __future__ import annotations
@@ -116,6 +118,28 @@ def _continues(prev: Piece, nxt: Piece) -> bool:
         and prev.segments == [(0, prev.length, True)]
         and nxt.segments == [(0, nxt.length, True)]
     )
+
+
+def _uncached_file_source(osrc: OpenRegion, nbytes: int) -> bool:
+    """True when a regular-file source opened by path has none of the job's range in the cache.
+
+    Its pages are then brought in by this job alone and are dropped once read (as ``dd
+    iflag=nocache`` does): the copy does not push other data out of the cache, and the pages
+    it frees serve the destinations' writes.
+    """
+    ep = osrc.endpoint
+    if not osrc.owned or not ep.is_regular_file:
+        return False
+    fd = ep.fileno()
+    return fd is not None and cached_bytes(fd, osrc.offset, nbytes) == 0
+
+
+def _drop_pages(ep: Any, pos: int, length: int) -> None:
+    """Drop the (clean) cached pages of ``[pos, pos+length)`` of a file source just read."""
+    try:
+        os.posix_fadvise(ep.fileno(), pos, length, os.POSIX_FADV_DONTNEED)
+    except (OSError, TypeError):  # only advice
+        pass
 
 
 def _bypasses_cache(ep: Any) -> bool:
@@ -331,6 +355,8 @@ class Client:
             job._lanes = [deque() if _one_writer(d.endpoint) else None for d in odests]
             if self.direct_reads and all(_bypasses_cache(d.endpoint) for d in odests):
                 job._src_direct = _open_direct_source(osrc)
+            if job._src_direct is None and self.direct_reads:
+                job._drop_behind = _uncached_file_source(osrc, nbytes)
         if job._offload:
             job._piece_size = OFFLOAD_PIECE_SIZE
             job._max_active = OFFLOAD_DEPTH
@@ -623,6 +649,8 @@ class Client:
                 except Exception as err:  # noqa: BLE001 - the buffered read below decides
                     log.debug("kcopyd: direct read at %d failed (%s), reading through the cache", pos, err)
         read_exact(src.endpoint, views, pos)
+        if job._drop_behind:
+            _drop_pages(src.endpoint, pos, length)
 
     def _write_stage(self, piece: Piece) -> None:
         job = piece.job

@@ -111,6 +111,7 @@ class Job:
         self._lanes: list[deque[Piece] | None] = [None] * len(dests)
         self._lane_busy = [False] * len(dests)
         self._src_direct: Any = None  # an O_DIRECT endpoint on a file source (kcopyd.client)
+        self._drop_behind = False  # drop a file source's pages once read (it was not cached)
 
     # -- public ---------------------------------------------------------------------------------
     @property

@@ -164,3 +164,31 @@ def test_null_destination_reads_direct(tmp_path, reads):
         job = kc.copy(kcopyd.Region(str(src), 0, size // 512), kcopyd.Region(NullEndpoint(size), 0, size // 512))
         assert job.wait(TIMEOUT) and job.ok
     assert reads and all(direct for direct, _ in reads)
+
+
+def _cached(path: Any) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        n = cached_bytes(fd, 0, os.fstat(fd).st_size)
+        assert n is not None
+        return n
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("was_cached", [False, True], ids=["uncached-dropped-behind", "cached-kept"])
+def test_page_cache_destinations_drop_an_uncached_source_behind(tmp_path, was_cached):
+    """With page-cache destinations an uncached source is read through the cache and its pages are
+    dropped once read (dd iflag=nocache); a source that was cached stays cached."""
+    size = 4 * MiB
+    src, data, dsts = _files(tmp_path, size, ndest=3)
+    _evict(src)
+    if was_cached:
+        src.read_bytes()
+    job, rec = _copy(src, dsts, size, cached_dests=True)
+    assert rec.calls == [(False, 0, "c")]
+    assert all(d.read_bytes() == data for d in dsts)
+    if was_cached:
+        assert _cached(src) == size
+    else:
+        assert _cached(src) < size // 2, "the source's pages were dropped behind the copy"
