@@ -108,9 +108,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sub-job size, 512 bytes to 1M (default 1M)")
     p.add_argument("--threads", type=int, default=8, metavar="N", help="I/O worker threads (default 8)")
     p.add_argument("--no-offload", action="store_true", help="never use copy_file_range")
-    p.add_argument("--no-direct-reads", action="store_true",
-                   help="read a file source through the page cache even when every destination "
-                        "is written with O_DIRECT")
+    p.add_argument("--keep-cache", action="store_true",
+                   help="keep an uncached file source's pages in the page cache (by default they are "
+                        "dropped once read, as dd iflag=nocache)")
     # SUPPRESS keeps the root parser's --json when this one is not given.
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print a JSON summary")
 
@@ -161,7 +161,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
 
     client = kcopyd.Client(num_pages=args.num_pages, sub_job_size=sub_job, threads=args.threads,
                            rate=rate, throttle_percent=args.throttle, offload=not args.no_offload,
-                           direct_reads=not args.no_direct_reads)
+                           drop_behind=not args.keep_cache)
     created: list[str] = []
     try:
         regions = _prepare_dests(dests, count, created)

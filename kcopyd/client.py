@@ -17,12 +17,10 @@ several requests are in flight at once. Two choices are this engine's own, made 
 - a destination written through a regular file's page cache takes one write at a time, the
   others waiting in its lane in the order their reads finished (its writers would serialise on
   the file's inode lock anyway); block-device and O_DIRECT destinations take writes in parallel;
-- when every destination bypasses the page cache, a regular-file source that kcopyd opened by
-  path is read with O_DIRECT too where its pages are not cached (``kcopyd.fastpath.cached_bytes``):
-  the copy then leaves the page cache alone. With page-cache destinations the source is read
-  through the cache, whose readahead keeps the disk busy while the writes copy into the cache;
-  a source none of whose range was cached has its pages dropped once read (``dd iflag=nocache``),
-  so the copy does not evict other data, and the freed pages serve the destinations' writes.
+- a regular-file source that kcopyd opened by path and that has none of the job's range in the
+  page cache (``kcopyd.fastpath.cached_bytes``) has its pages dropped once read, as ``dd
+  iflag=nocache`` does: the copy does not push other data out of the cache, and the pages it frees
+  serve the destinations' writes. Reads stay buffered, so readahead keeps the disk busy.
 """
 
 from __future__ import annotations
@@ -142,30 +140,6 @@ def _drop_pages(ep: Any, pos: int, length: int) -> None:
         pass
 
 
-def _bypasses_cache(ep: Any) -> bool:
-    """True for a destination written without the page cache (O_DIRECT) or not stored at all."""
-    from dmtools.endpoint import NullEndpoint
-
-    return bool(getattr(ep, "direct", False)) or isinstance(ep, NullEndpoint)
-
-
-def _open_direct_source(osrc: OpenRegion) -> Any:
-    """A second, O_DIRECT endpoint on a regular-file source that kcopyd opened by path, or None.
-
-    Only for sources opened here (a caller's endpoint is used as given) and only where the file
-    system takes O_DIRECT.
-    """
-    from dmtools.blockdev import BlockDevice
-
-    ep = osrc.endpoint
-    if not osrc.owned or not isinstance(ep, BlockDevice) or not ep.is_regular_file or ep.direct:
-        return None
-    try:
-        return BlockDevice(ep.path, direct=True)
-    except Exception:  # noqa: BLE001 - no O_DIRECT here: buffered reads only
-        return None
-
-
 def _advise_sequential(ep: Any, offset: int, length: int) -> None:
     """Tell the kernel a file source is read sequentially (a larger readahead window, as cp does)."""
     fd = ep.fileno()
@@ -185,9 +159,8 @@ class Client:
     threads issue the I/O. ``throttle`` (a shared :class:`~kcopyd.throttle.Throttle`) or ``rate``
     (bytes/s) and ``throttle_percent`` limit the copy. ``max_jobs`` bounds the jobs not yet done:
     ``copy()`` waits when that many are outstanding. ``offload=False`` disables
-    ``copy_file_range`` (always buffers). When every destination bypasses the page cache (O_DIRECT
-    block devices, the null endpoint), a regular-file source's uncached ranges are read with
-    O_DIRECT too, straight into the buffers; ``direct_reads=False`` reads them through the cache.
+    ``copy_file_range`` (always buffers). ``drop_behind=False`` keeps the pages of an uncached
+    file source in the page cache (by default they are dropped once read).
     """
 
     def __init__(
@@ -201,7 +174,7 @@ class Client:
         throttle_percent: int = 100,
         max_jobs: int = 4096,
         offload: bool = True,
-        direct_reads: bool = True,
+        drop_behind: bool = True,
     ) -> None:
         if isinstance(sub_job_size, bool) or not isinstance(sub_job_size, int):
             raise InvalidArgument(f"sub_job_size must be an integer, not {sub_job_size!r}")
@@ -219,7 +192,7 @@ class Client:
         self.sub_job_size = sub_job_size
         self.throttle = throttle if throttle is not None else Throttle(rate, throttle_percent)
         self.offload = offload
-        self.direct_reads = direct_reads
+        self.drop_behind = drop_behind
         self.max_jobs = max_jobs
         # A buffered piece never needs more than half the pool, so that even a small pool keeps
         # two pieces in flight (one read while the other is written).
@@ -353,9 +326,7 @@ class Client:
         job._piece_size = self._buffer_piece_size
         if osrc is not None and not job._offload:
             job._lanes = [deque() if _one_writer(d.endpoint) else None for d in odests]
-            if self.direct_reads and all(_bypasses_cache(d.endpoint) for d in odests):
-                job._src_direct = _open_direct_source(osrc)
-            if job._src_direct is None and self.direct_reads:
+            if self.drop_behind:
                 job._drop_behind = _uncached_file_source(osrc, nbytes)
         if job._offload:
             job._piece_size = OFFLOAD_PIECE_SIZE
@@ -368,8 +339,6 @@ class Client:
             if self._closed:
                 for o in ([osrc] if osrc else []) + odests:
                     o.close()
-                if job._src_direct is not None:
-                    job._src_direct.close()
                 raise InvalidArgument("the client has been destroyed", operation="copy")
             self._outstanding += 1
             self._unfinished += 1
@@ -632,22 +601,9 @@ class Client:
 
     @staticmethod
     def _read(job: Job, views: list[memoryview], pos: int, length: int) -> None:
-        """Read ``length`` bytes at ``pos`` of the source: O_DIRECT where that pays, else buffered.
-
-        A failed direct read is retried through the page cache, so only a range that cannot be
-        read either way counts as a read error.
-        """
+        """Read ``length`` bytes at ``pos`` of the source (then drop them from the cache if asked)."""
         src = job._src
         assert src is not None
-        direct = job._src_direct
-        if direct is not None:
-            lbs = direct.logical_block_size
-            if not (pos % lbs or length % lbs) and cached_bytes(direct.fileno(), pos, length) == 0:
-                try:
-                    read_exact(direct, views, pos)
-                    return
-                except Exception as err:  # noqa: BLE001 - the buffered read below decides
-                    log.debug("kcopyd: direct read at %d failed (%s), reading through the cache", pos, err)
         read_exact(src.endpoint, views, pos)
         if job._drop_behind:
             _drop_pages(src.endpoint, pos, length)
@@ -782,9 +738,6 @@ class Client:
                     o.close()
                 except Exception:  # noqa: BLE001
                     log.exception("kcopyd: closing %s failed", o.region.dev_name)
-            if job._src_direct is not None:
-                job._src_direct.close()
-                job._src_direct = None
             if job.notify is not None:
                 try:
                     job.notify(job.read_err, job.write_err, job.context)

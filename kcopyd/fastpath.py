@@ -5,11 +5,8 @@
   systems), in which case the job falls back to buffers.
 - otherwise reads into page-aligned pooled buffers and writes from them (``preadv``/``pwritev``
   through the endpoints, O_DIRECT on block devices), one read serving every destination.
-- a regular-file source opened by path, copied to destinations that bypass the page cache, is
-  read with O_DIRECT where the range is not in the page cache (``cachestat(2)``): the data goes
-  straight into the pooled buffer, without filling (and copying out of) page-cache pages that
-  nobody reads again; cached ranges are read through the cache (faster, and coherent with
-  unwritten data).
+- ``cachestat(2)`` tells whether a file source's range is in the page cache (an uncached one
+  is dropped from the cache once read).
 - holes of a sparse source (``Endpoint.data_extents``) are not read: they are skipped when the
   destinations are known to be zero, else written with ``Endpoint.zero`` (fallocate/BLKZEROOUT).
 

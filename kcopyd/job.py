@@ -110,7 +110,6 @@ class Job:
         # run in parallel. ``_lane_busy[i]`` is True while a write to destination i runs.
         self._lanes: list[deque[Piece] | None] = [None] * len(dests)
         self._lane_busy = [False] * len(dests)
-        self._src_direct: Any = None  # an O_DIRECT endpoint on a file source (kcopyd.client)
         self._drop_behind = False  # drop a file source's pages once read (it was not cached)
 
     # -- public ---------------------------------------------------------------------------------

@@ -130,9 +130,9 @@ def test_progress_bar_on_a_terminal_stream():
         ProgressReporter(fd=999)
 
 
-@pytest.mark.parametrize("flag", [[], ["--no-direct-reads"]])
+@pytest.mark.parametrize("flag", [[], ["--keep-cache"]])
 def test_uncached_source_to_several_files(tmp_path, capsys, flag):
-    """The 1->N file path from an uncached source: one writer per file (lanes), read flags either way."""
+    """The 1->N file path from an uncached source: one writer per file (lanes), with and without dropping the source behind."""
     src = tmp_path / "s.img"
     data = pattern(3 * MiB, seed=2)
     src.write_bytes(data)
