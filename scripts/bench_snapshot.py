@@ -177,7 +177,7 @@ class _Stack:
         self.ep.close()
         for name in self.snaps:
             self.mgr.remove(name)
-        self.dm.remove(self.vol)
+        self.dm.remove(self.vol, retry=True)  # udev (in the VM) may be probing it after the writes
         if self.kernel:
             from dmtools import loop
 
