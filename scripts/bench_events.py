@@ -1,6 +1,6 @@
 """Event figures: delivery latency and the cost of exactly-once delivery (journal, sinks).
 
-Run: ``.venv/bin/python tests/events/bench_events.py [--samples N] [--dir DIR]``. Prints
+Run: ``scripts/bench events [--samples N] [--changes N<=100] [--dir DIR]``. Prints
 
 - latency from a change to the monitor handing out its event, on the in-process userspace engine:
   a rename (woken by the device's event number, polling at 30 s) and a snapshot threshold crossed
@@ -12,6 +12,7 @@ Run: ``.venv/bin/python tests/events/bench_events.py [--samples N] [--dir DIR]``
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -20,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "events")]  # the engine and fake-backend helpers
 
 from dmtools.events import DeviceRenamed, SnapshotUsageCrossed, StateStore, Watcher  # noqa: E402
 from dmtools.events.delivery import CursorSink, JsonLinesFile  # noqa: E402
@@ -68,7 +70,7 @@ def engine_latencies(samples: int, tmp: Path) -> None:
             mon = Monitor(eng, poll_interval=30.0, uevents=False)
             mon.step()
             rename.append(latency(mon, lambda e: isinstance(e, DeviceRenamed),
-                                  lambda i=i: eng.rename(f"r{i}", f"r{i + 1}")))
+                                  functools.partial(eng.rename, f"r{i}", f"r{i + 1}")))
             mon.close()
         eng.create("o", f"0 {(8 << 20) // 512} linear {image(tmp, 'origin', 8 << 20)} 0")
         from snapshot.manager import SnapshotManager
@@ -82,7 +84,7 @@ def engine_latencies(samples: int, tmp: Path) -> None:
                               uevents=False, event_numbers=False)
                 mon.step()
                 usage.append(latency(mon, lambda e: isinstance(e, SnapshotUsageCrossed),
-                                     lambda i=i: ep.write(b"u" * 16384, i * 16384)))
+                                     functools.partial(ep.write, b"u" * 16384, i * 16384)))
                 mon.close()
     finally:
         eng.close()
@@ -102,7 +104,7 @@ def throughput(directory: Path, changes: int) -> None:
         w.poll()
         started = time.perf_counter()
         for i in range(changes):
-            dm.set_status("s", f"{i + 1}/{changes} 16")
+            dm.set_status("s", f"{i + 1}/100 16")  # one percent more: one threshold crossed
             assert len(w.poll()) == 1
         return changes / (time.perf_counter() - started)
 
@@ -132,9 +134,12 @@ def throughput(directory: Path, changes: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=10)
-    parser.add_argument("--changes", type=int, default=200)
+    parser.add_argument("--changes", type=int, default=100,
+                        help="threshold crossings timed (1-100, one per percent of usage)")
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args()
+    if not 1 <= args.changes <= 100:
+        parser.error("--changes must be between 1 and 100")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         engine_latencies(args.samples, Path(tmp))
         throughput(Path(tmp), args.changes)
