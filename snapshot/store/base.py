@@ -99,6 +99,14 @@ class ExceptionStore(abc.ABC):
         for (old, new, valid), cb in zip(records, callbacks):
             self.commit_exception(old, new, valid, cb)
 
+    def commit_runs(self, runs: Sequence[tuple[int, int, int, bool]], callbacks: Sequence[CommitCallback]) -> None:
+        """Commit runs ``(old, new, count, valid)`` of consecutive chunks in allocation order;
+        each run's callback runs once, when all its records are done, with their joint success."""
+        for (old, new, count, valid), cb in zip(runs, callbacks):
+            joint = _JointCallback(count, cb)
+            for k in range(count):
+                self.commit_exception(old + k, new + k, valid, joint)
+
     @abc.abstractmethod
     def usage(self) -> Usage:
         """Space accounting for the status line."""
@@ -126,3 +134,20 @@ class ExceptionStore(abc.ABC):
 
     def close(self) -> None:
         """Release resources (the COW endpoint belongs to the caller)."""
+
+
+class _JointCallback:
+    """One ``CommitCallback`` for ``count`` records: calls ``callback`` once all reported."""
+
+    __slots__ = ("left", "ok", "callback")
+
+    def __init__(self, count: int, callback: CommitCallback) -> None:
+        self.left = count
+        self.ok = True
+        self.callback = callback
+
+    def __call__(self, success: bool) -> None:
+        self.ok = self.ok and success
+        self.left -= 1
+        if not self.left:
+            self.callback(self.ok)

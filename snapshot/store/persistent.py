@@ -296,16 +296,23 @@ class PersistentStore(ExceptionStore):
             return new
 
     def prepare_exceptions(self, count: int) -> list[int]:
-        """Allocate up to ``count`` chunks at once (fewer when the COW fills; ``NoSpace`` if none)."""
+        """Allocate up to ``count`` chunks at once (fewer when the COW fills; ``NoSpace`` if none).
+
+        Takes whole stretches of data chunks between metadata areas at a time.
+        """
         out: list[int] = []
-        cs = self.chunk_size
         stride = self.exceptions_per_area + 1
-        limit = self.cow_sectors
         with self._lock:
             nf = self.next_free
-            while len(out) < count and limit >= (nf + 1) * cs:
-                out.append(nf)
-                nf += 1
+            last = self.cow_sectors // self.chunk_size - 1  # highest chunk (next_free+1)·C fits
+            while len(out) < count and nf <= last:
+                room = (NUM_SNAPSHOT_HDR_CHUNKS - nf) % stride  # data chunks before the next area
+                if not room:  # nf is a metadata chunk (never left there, but be safe)
+                    nf += 1
+                    continue
+                take = min(count - len(out), room, last - nf + 1)
+                out.extend(range(nf, nf + take))
+                nf += take
                 if nf % stride == NUM_SNAPSHOT_HDR_CHUNKS:
                     nf += 1
             if not out:
@@ -326,24 +333,41 @@ class PersistentStore(ExceptionStore):
     def commit_batch(self, records: Sequence[tuple[int, int, bool]], callbacks: Sequence[CommitCallback]) -> None:
         """``commit_exception`` for several exceptions in allocation order, with one area write
         for the batch (plus one per area it fills)."""
+        self.commit_runs([(old, new, 1, valid) for old, new, valid in records], callbacks)
+
+    def commit_runs(self, runs: Sequence[tuple[int, int, int, bool]], callbacks: Sequence[CommitCallback]) -> None:
+        """Commit runs ``(old, new, count, valid)`` (``count`` consecutive chunks each) in
+        allocation order: one area write for all of them (plus one per area they fill).
+
+        A run's callback runs once, after the write of the area holding its last record; a failed
+        earlier area leaves the store invalid, so the callback still sees ``success`` False.
+        """
         ready: list[tuple[list[CommitCallback], bool]] = []
+        total = 0
         with self._commit_lock:
             epa = self.exceptions_per_area
-            area = self._area
-            for (old, new, valid), cb in zip(records, callbacks):
-                if valid:
-                    i = self.current_committed
-                    _RECORD.pack_into(area, i * 16, old, new)
-                    self.current_committed = i + 1
-                    self.records += 1
-                else:
+            for (old, new, count, valid), cb in zip(runs, callbacks):
+                total += count
+                if not valid:
                     self.valid = False
-                self._callbacks.append(cb)
-                if self.current_committed == epa:
-                    ready.append(self._write_area_locked())
-                    area = self._area
+                    self._callbacks.append(cb)
+                    continue
+                done = 0
+                while True:
+                    i = self.current_committed
+                    n = min(count - done, epa - i)
+                    _pack_run(self._area, i, old + done, new + done, n)
+                    self.current_committed = i + n
+                    self.records += n
+                    done += n
+                    if done == count:
+                        self._callbacks.append(cb)
+                    if self.current_committed == epa:
+                        ready.append(self._write_area_locked())
+                    if done == count:
+                        break
             with self._lock:
-                self._pending -= len(records)
+                self._pending -= total
                 pending = self._pending
             if not pending and self._callbacks:
                 ready.append(self._write_area_locked())
@@ -441,6 +465,19 @@ class PersistentStore(ExceptionStore):
 
 
 _RECORD = struct.Struct("<QQ")
+
+
+def _pack_run(area: bytearray, index: int, old: int, new: int, count: int) -> None:
+    """Write records ``index..index+count-1`` of an area buffer as ``old+k -> new+k``."""
+    if count == 1:
+        _RECORD.pack_into(area, index * 16, old, new)
+        return
+    words = array("Q", bytes(16 * count))
+    words[0::2] = array("Q", range(old, old + count))
+    words[1::2] = array("Q", range(new, new + count))
+    if _BIG_ENDIAN:  # pragma: no cover - the project runs on little-endian hosts
+        words.byteswap()
+    area[index * 16 : (index + count) * 16] = memoryview(words).cast("B")
 
 
 def struct_into(area: bytearray, index: int, old: int, new: int) -> None:

@@ -16,7 +16,8 @@ import operator
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from itertools import repeat
+from itertools import filterfalse, repeat
+from operator import itemgetter
 from typing import Union
 
 #: floats represent every integer below this exactly.
@@ -51,6 +52,8 @@ class ExceptionTable:
         self._float = isinstance(self._keys, array) and self._keys.typecode == "d"
         self._overlay: dict[int, int] = {}
         self._count = len(self._keys)
+        #: ``_REMOVED`` entries put in the overlay since the last compaction (an upper bound).
+        self._removed = 0
 
     # -- bulk construction ------------------------------------------------------------------------
     @classmethod
@@ -92,6 +95,25 @@ class ExceptionTable:
                 return None if v == _REMOVED else v
         return self._base_lookup(old)
 
+    def unmapped(self, lo: int, hi: int) -> list[int]:
+        """The origin chunks of ``[lo, hi)`` without a mapping, in order (one probe per range
+        of the sorted array instead of one lookup per chunk)."""
+        chunks = range(lo, hi)
+        if self._removed:
+            return [c for c in chunks if self.lookup(c) is None]
+        keys, shift = self._keys, self.shift
+        if self._float:
+            i = bisect_left(keys, float(lo << shift))  # type: ignore[arg-type]
+            j = bisect_left(keys, float(hi << shift))  # type: ignore[arg-type]
+        else:
+            i = bisect_left(keys, lo << shift)  # type: ignore[arg-type]
+            j = bisect_left(keys, hi << shift)  # type: ignore[arg-type]
+        overlay = self._overlay
+        if i == j:
+            return list(filterfalse(overlay.__contains__, chunks)) if overlay else list(chunks)
+        base = {int(k) >> shift for k in keys[i:j]}
+        return [c for c in chunks if c not in overlay and c not in base]
+
     def __contains__(self, old: object) -> bool:
         return isinstance(old, int) and self.lookup(old) is not None
 
@@ -122,7 +144,7 @@ class ExceptionTable:
 
     def insert_new(self, pairs: list[tuple[int, int]]) -> None:
         """Record several ``old -> new`` for origin chunks that have no mapping yet."""
-        top = max((n for _, n in pairs), default=0)
+        top = max(map(itemgetter(1), pairs), default=0)
         if top >> self.shift:
             self._reshift(top.bit_length() + 2)
         self._overlay.update(pairs)
@@ -137,6 +159,7 @@ class ExceptionTable:
             del self._overlay[old]
         else:
             self._overlay[old] = _REMOVED
+            self._removed += 1
         self._count -= 1
         self._maybe_compact()
 
@@ -159,6 +182,7 @@ class ExceptionTable:
             self._keys = _pack_array(merged)
         self._float = isinstance(self._keys, array) and self._keys.typecode == "d"
         self._overlay = {}
+        self._removed = 0
         self._count = len(self._keys)
 
     # -- iteration --------------------------------------------------------------------------------

@@ -41,20 +41,44 @@ MAX_COPY_BYTES = 1 << 20
 
 
 class PendingException:
-    """An exception whose copy (or full-chunk write) and commit are in flight.
+    """A run of ``count`` exceptions whose copy (or full-chunk write) and commit are in flight:
+    origin chunks ``old..old+count-1`` to COW chunks ``new..new+count-1``, allocated together.
 
-    ``done`` and ``ok`` change under the snapshot's condition, which is notified when they do
-    (one condition per snapshot instead of an event per chunk: a 1 MiB write makes 256 of these).
+    A run is copied by one kcopyd job and completes as a whole; its exceptions keep their
+    allocation order (a run's ``seq`` orders it among the others). ``done`` and ``ok`` change
+    under the snapshot's condition, which is notified when they do.
     """
 
-    __slots__ = ("old", "new", "seq", "done", "ok")
+    __slots__ = ("old", "new", "count", "seq", "done", "ok")
 
-    def __init__(self, old: int, new: int, seq: int) -> None:
+    def __init__(self, old: int, new: int, seq: int, count: int = 1) -> None:
         self.old = old
         self.new = new
+        self.count = count
         self.seq = seq
         self.done = False
         self.ok = False
+
+    def chunks(self) -> range:
+        """The origin chunks of the run."""
+        return range(self.old, self.old + self.count)
+
+
+def _runs(olds: list[int], news: list[int], longest: int) -> list[tuple[int, int, int]]:
+    """``(old, new, count)`` runs where both chunk numbers go up by one, at most ``longest`` long."""
+    n = len(olds)
+    if n and olds[-1] - olds[0] == n - 1 and news[-1] - news[0] == n - 1:  # one stretch (the usual)
+        o, w = olds[0], news[0]
+        return [(o + k, w + k, min(longest, n - k)) for k in range(0, n, longest)]
+    out: list[tuple[int, int, int]] = []
+    i = 0
+    while i < n:
+        j = i + 1
+        while j < n and j - i < longest and olds[j] == olds[j - 1] + 1 and news[j] == news[j - 1] + 1:
+            j += 1
+        out.append((olds[i], news[i], j - i))
+        i = j
+    return out
 
 
 def eio(message: str, device: str) -> DeviceIOError:
@@ -208,43 +232,31 @@ class Snapshot:
         return pe
 
     def _submit_copies(self, pes: list[PendingException]) -> None:
-        """Copy origin chunks to the COW, coalescing runs of consecutive chunks into one job."""
+        """Copy each run of origin chunks to the COW with one kcopyd job."""
         cs = self.chunk_size
         origin_sectors = self.origin.size // SECTOR
-        per_job = max(1, MAX_COPY_BYTES // self.chunk_bytes)
-        i = 0
-        while i < len(pes):
-            j = i + 1
-            while (
-                j < len(pes)
-                and j - i < per_job
-                and pes[j].old == pes[j - 1].old + 1
-                and pes[j].new == pes[j - 1].new + 1
-            ):
-                j += 1
-            group = pes[i:j]
-            i = j
-            self.account_start_copy(len(group))
-            start = group[0].old * cs
-            count = min(len(group) * cs, origin_sectors - start)
+        for pe in pes:
+            self.account_start_copy(pe.count)
+            start = pe.old * cs
+            count = min(pe.count * cs, origin_sectors - start)
             try:
                 if count <= 0:
                     raise DeviceIOError("chunk lies past the end of the origin")
                 self.kc.copy(
                     kcopyd.Region(self.origin, start, count),
-                    [kcopyd.Region(self.cow, group[0].new * cs, count)],
+                    [kcopyd.Region(self.cow, pe.new * cs, count)],
                     0,
                     self._copy_notify,
-                    group,
+                    pe,
                 )
             except Exception as err:  # noqa: BLE001 - every allocated exception must complete
                 log.error("%s: cannot start copy: %s", self.name, err)
-                self.account_end_copy(len(group))
-                self._complete(group, False)
+                self.account_end_copy(pe.count)
+                self._complete([pe], False)
 
-    def _copy_notify(self, read_err: int, write_err: int, group: list[PendingException]) -> None:
-        self.account_end_copy(len(group))
-        self._complete(group, not read_err and not write_err)
+    def _copy_notify(self, read_err: int, write_err: int, pe: PendingException) -> None:
+        self.account_end_copy(pe.count)
+        self._complete([pe], not read_err and not write_err)
 
     def _complete(self, pes: list[PendingException], ok: bool) -> None:
         """Commit exceptions strictly in allocation order (dm-snap.c ``copy_callback``).
@@ -268,7 +280,7 @@ class Snapshot:
             except Exception:  # noqa: BLE001 - still release the waiters below
                 self.valid = False
                 log.exception("%s: invalidating the snapshot failed", self.name)
-            for pe in self.pending.values():
+            for pe in set(self.pending.values()):
                 pe.ok = False
                 pe.done = True
             self.pending.clear()
@@ -278,15 +290,15 @@ class Snapshot:
         with self._complete_lock:
             for pe in pes:
                 self._parked[pe.seq] = (pe, ok)
-            records: list[tuple[int, int, bool]] = []
+            runs: list[tuple[int, int, int, bool]] = []
             callbacks = []
             while self._seq_next in self._parked:
                 done, good = self._parked.pop(self._seq_next)
                 self._seq_next += 1
-                records.append((done.old, done.new, good))
+                runs.append((done.old, done.new, done.count, good))
                 callbacks.append(functools.partial(self._on_commit, done))
-            if records:
-                self.store.commit_batch(records, callbacks)
+            if runs:
+                self.store.commit_runs(runs, callbacks)
             if self._finished:
                 batch, self._finished = self._finished, []
                 self._publish(batch)
@@ -298,15 +310,21 @@ class Snapshot:
     def _publish(self, batch: list[tuple[PendingException, bool]]) -> None:
         """``pending_complete``: publish exceptions, drain tracked reads, wake waiters."""
         with self.cond:
-            good = [(pe.old, pe.new) for pe, success in batch if success]
-            if len(good) < len(batch):
+            if not all(success for _, success in batch):
                 self.invalidate_locked("copy or metadata I/O error")
             elif self.valid:
+                good: list[tuple[int, int]] = []
+                for pe, _ in batch:
+                    good.extend(zip(pe.chunks(), range(pe.new, pe.new + pe.count)))
                 self.table.insert_new(good)
             if self.tracked:
-                self.cond.wait_for(lambda: not any(self.tracked.get(pe.old) for pe, _ in batch))
+                tracked = self.tracked
+                self.cond.wait_for(lambda: not any(tracked.get(c) for pe, _ in batch for c in pe.chunks()))
+            pending = self.pending
             for pe, success in batch:
-                self.pending.pop(pe.old, None)
+                for c in pe.chunks():
+                    if pending.get(c) is pe:
+                        del pending[c]
                 pe.ok = success and self.valid
                 pe.done = True
             self.cond.notify_all()
@@ -332,26 +350,24 @@ class Snapshot:
         with self.cond:
             if not self.valid or not self.active or self.merge_target:
                 return []
-            lookup = self.table.lookup
             pending = self.pending
-            need: list[int] = []
-            for c in self.chunks(offset, length):
-                if lookup(c) is not None:
-                    continue
-                pe = pending.get(c)
-                if pe is None:
-                    need.append(c)
-                else:
-                    waits.append(pe)
+            span = self.chunks(offset, length)
+            need = self.table.unmapped(span.start, span.stop)
+            if need and pending:
+                found = list(map(pending.get, need))
+                if any(found):
+                    waits.extend(dict.fromkeys(pe for pe in found if pe is not None))
+                    need = [c for c, pe in zip(need, found) if pe is None]
             if need:
                 try:
                     news = self.store.prepare_exceptions(len(need))
                 except NoSpace:
                     news = []
-                for c, new in zip(need, news):
-                    pe = PendingException(c, new, self._seq_alloc)
+                per_job = max(1, MAX_COPY_BYTES // self.chunk_bytes)
+                for old, new, count in _runs(need[: len(news)], news, per_job):
+                    pe = PendingException(old, new, self._seq_alloc, count)
                     self._seq_alloc += 1
-                    pending[c] = pe
+                    pending.update(dict.fromkeys(pe.chunks(), pe))
                     start.append(pe)
                 waits.extend(start)
                 if len(news) < len(need):

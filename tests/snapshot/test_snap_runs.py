@@ -1,0 +1,137 @@
+"""Exceptions handled a run at a time: allocation, range lookups, grouped commits and one origin
+write making many exceptions must give exactly what one exception at a time gives."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+from snap_helpers import MemoryEndpoint
+
+from dmtools.engine.target import DeviceHandle
+from snapshot.store import ExceptionTable, PersistentStore, TransientStore
+from snapshot.targets.core import Snapshot, _runs
+
+C = 8  # 4 KiB chunks: 256 records per area, stride 257
+CB = C * 512
+
+
+def new_store(chunks: int) -> tuple[MemoryEndpoint, PersistentStore]:
+    cow = MemoryEndpoint(chunks * CB, "cow")
+    store = PersistentStore(cow, C)
+    store.read_metadata()
+    return cow, store
+
+
+def test_prepare_exceptions_takes_what_one_at_a_time_takes() -> None:
+    for chunks, first, count in [(600, 0, 600), (600, 250, 20), (1200, 3, 700), (520, 0, 515), (300, 0, 1)]:
+        _, one = new_store(chunks)
+        _, many = new_store(chunks)
+        for _ in range(first):
+            one.prepare_exception()
+        if first:
+            many.prepare_exceptions(first)
+        expect: list[int] = []
+        while len(expect) < count:
+            try:
+                expect.append(one.prepare_exception())
+            except Exception:  # noqa: BLE001 - NoSpace: the COW is full
+                break
+        got = many.prepare_exceptions(count) if expect else []
+        assert got == expect and many.next_free == one.next_free, (chunks, first, count)
+        assert 1 not in got and 258 not in got and 515 not in got  # metadata chunks are skipped
+
+
+def test_commit_runs_across_an_area_writes_the_records_of_single_commits() -> None:
+    cow_a, runs = new_store(1200)
+    cow_b, single = new_store(1200)
+    news = runs.prepare_exceptions(600)
+    assert single.prepare_exceptions(600) == news
+    pairs = list(zip(range(5000, 5600), news))
+    done: list[tuple[str, bool]] = []
+    # runs of consecutive chunks, broken where the COW skips a metadata chunk (258, 515)
+    spans = _runs([o for o, _ in pairs], [n for _, n in pairs], 100)
+    assert sum(c for _, _, c in spans) == 600 and all(c <= 100 for _, _, c in spans)
+    callbacks = [lambda ok, i=i: done.append((f"r{i}", ok)) for i in range(len(spans))]
+    runs.commit_runs([(o, n, c, True) for o, n, c in spans], callbacks)
+    for old, new in pairs:
+        single.commit_exception(old, new, True, lambda ok: None)
+    assert done == [(f"r{i}", True) for i in range(len(spans))]  # each run's callback once
+    assert runs.iter_records() == single.iter_records() == pairs
+    assert cow_a.data == cow_b.data
+    assert runs.current_area == 2 and runs.records == 600
+    assert struct.unpack_from("<QQ", cow_a.data, 258 * CB + 255 * 16) == (5000 + 511, news[511])
+
+
+def test_a_failed_run_invalidates_the_store_and_reports_failure_once() -> None:
+    _, store = new_store(600)
+    a = store.prepare_exceptions(10)
+    b = store.prepare_exceptions(10)
+    done: list[tuple[str, bool]] = []
+    store.commit_runs(
+        [(0, a[0], 10, True), (10, b[0], 10, False)],
+        [lambda ok: done.append(("a", ok)), lambda ok: done.append(("b", ok))],
+    )
+    assert done == [("a", False), ("b", False)] and not store.valid
+
+
+def test_transient_store_commits_runs_with_one_callback_each() -> None:
+    store = TransientStore(MemoryEndpoint(64 * CB, "cow"), C)
+    store.read_metadata()
+    done: list[bool] = []
+    store.commit_runs([(0, 0, 5, True), (9, 5, 3, False)], [done.append, done.append])
+    assert done == [True, False]
+
+
+def test_unmapped_matches_lookup() -> None:
+    rnd = random.Random(5)
+    for shift, top in [(20, 1 << 19), (40, 1 << 39)]:  # float keys, and int keys past 2**53
+        t = ExceptionTable(shift)
+        base = sorted(rnd.sample(range(2000), 300))
+        t.insert_new([(o, rnd.randrange(top)) for o in base])
+        t.compact()
+        fresh = rnd.sample([c for c in range(2000) if c not in base], 200)
+        t.insert_new([(o, rnd.randrange(top)) for o in fresh])
+        for lo, hi in [(0, 2000), (17, 400), (1999, 2000), (500, 500), (2000, 2300)]:
+            assert t.unmapped(lo, hi) == [c for c in range(lo, hi) if t.lookup(c) is None]
+        for o in base[:50]:
+            t.remove(o)  # removed entries in the overlay take the careful path
+        assert t.unmapped(0, 2000) == [c for c in range(2000) if t.lookup(c) is None]
+        t.compact()
+        assert t.unmapped(0, 2000) == [c for c in range(2000) if t.lookup(c) is None]
+
+
+def test_runs_split_at_gaps_and_at_the_job_size() -> None:
+    assert _runs([1, 2, 3, 4, 5], [10, 11, 12, 13, 14], 2) == [(1, 10, 2), (3, 12, 2), (5, 14, 1)]
+    assert _runs([1, 2, 4, 5], [10, 11, 12, 13], 9) == [(1, 10, 2), (4, 12, 2)]
+    assert _runs([1, 2, 3], [10, 12, 13], 9) == [(1, 10, 1), (2, 12, 2)]
+    assert _runs([], [], 4) == []
+
+
+def test_one_origin_write_over_mapped_pending_and_new_chunks() -> None:
+    chunks = 600
+    original = bytes(random.Random(1).randrange(256) for _ in range(chunks * CB // 64)) * 64
+    origin_ep = MemoryEndpoint(chunks * CB, "origin", original)
+    origin = DeviceHandle(origin_ep, "origin", -1, -1, "/nonexistent/origin")
+    cow_ep = MemoryEndpoint(2 * chunks * CB, "cow")
+    cow = DeviceHandle(cow_ep, "cow", -1, -1, "/nonexistent/cow")
+    store = PersistentStore(cow, C)
+    store.read_metadata()
+    snap = Snapshot(origin, cow, store, chunks * CB, name="t", event=lambda: None)
+    snap.active = True
+    try:
+        assert snap.wait_all(snap.origin_write_prepare(10 * CB, 5 * CB))  # chunks 10..14 mapped
+        with snap.cond:
+            held = snap._alloc_locked(20)  # chunk 20 pending, its copy not yet finished
+        pes = snap.origin_write_prepare(0, 300 * CB)  # spans a metadata area of the COW
+        assert held in pes and all(p.count <= 256 for p in pes)
+        assert sum(p.count for p in pes if p is not held) == 300 - 5 - 1
+        snap._submit_copies([held])
+        assert snap.wait_all(pes) and not snap.pending
+        for c in range(300):
+            new = snap.table.lookup(c)
+            assert new is not None and cow_ep.data[new * CB : (new + 1) * CB] == original[c * CB : (c + 1) * CB]
+        assert len(snap.table) == 300 and store.records == 300
+        assert sorted(o for o, _ in store.iter_records()) == list(range(300))
+    finally:
+        snap.destroy()
