@@ -52,8 +52,9 @@ class ExceptionTable:
         self._float = isinstance(self._keys, array) and self._keys.typecode == "d"
         self._overlay: dict[int, int] = {}
         self._count = len(self._keys)
-        #: ``_REMOVED`` entries put in the overlay since the last compaction (an upper bound).
-        self._removed = 0
+        #: overlay entries put over a mapping of the sorted array (removals, replacements) since
+        #: the last compaction; an upper bound. While 0, the overlay only adds origin chunks.
+        self._hiding = 0
 
     # -- bulk construction ------------------------------------------------------------------------
     @classmethod
@@ -99,7 +100,7 @@ class ExceptionTable:
         """The origin chunks of ``[lo, hi)`` without a mapping, in order (one probe per range
         of the sorted array instead of one lookup per chunk)."""
         chunks = range(lo, hi)
-        if self._removed:
+        if self._hiding:
             return [c for c in chunks if self.lookup(c) is None]
         keys, shift = self._keys, self.shift
         if self._float:
@@ -137,6 +138,8 @@ class ExceptionTable:
         if new >> self.shift:
             self._reshift(new.bit_length() + 2)
         had = self.lookup(old) is not None
+        if self._base_lookup(old) is not None:
+            self._hiding += 1
         self._overlay[old] = new
         if not had:
             self._count += 1
@@ -159,7 +162,7 @@ class ExceptionTable:
             del self._overlay[old]
         else:
             self._overlay[old] = _REMOVED
-            self._removed += 1
+            self._hiding += 1
         self._count -= 1
         self._maybe_compact()
 
@@ -173,16 +176,28 @@ class ExceptionTable:
             return
         shift = self.shift
         overlay = self._overlay
-        merged = [k for k in map(int, self._keys) if (k >> shift) not in overlay]
-        merged.extend((o << shift) | n for o, n in overlay.items() if n != _REMOVED)
-        merged.sort()
+        keys = self._keys
+        if not self._hiding:  # only new origin chunks: keep every key, add the overlay's
+            added = list(self.pack_keys(overlay.keys(), overlay.values(), shift))
+            merged: list = []
+            if self._float and max(added) < FLOAT_EXACT:  # floats sort fastest
+                merged.extend(keys)
+                merged.extend(map(float, added))
+            else:
+                merged.extend(map(int, keys))
+                merged.extend(added)
+            merged.sort()
+        else:
+            merged = [k for k in map(int, keys) if (k >> shift) not in overlay]
+            merged.extend((o << shift) | n for o, n in overlay.items() if n != _REMOVED)
+            merged.sort()
         if not merged or merged[-1] < FLOAT_EXACT:
             self._keys = array("d", merged)
         else:
             self._keys = _pack_array(merged)
         self._float = isinstance(self._keys, array) and self._keys.typecode == "d"
         self._overlay = {}
-        self._removed = 0
+        self._hiding = 0
         self._count = len(self._keys)
 
     # -- iteration --------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import errno
 import functools
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -322,9 +323,9 @@ class Snapshot:
                 self.cond.wait_for(lambda: not any(tracked.get(c) for pe, _ in batch for c in pe.chunks()))
             pending = self.pending
             for pe, success in batch:
-                for c in pe.chunks():
-                    if pending.get(c) is pe:
-                        del pending[c]
+                # a run's chunks all map to it, or (after _fail_pending) none of them does
+                if pending.get(pe.old) is pe:
+                    deque(map(pending.pop, pe.chunks()), 0)
                 pe.ok = success and self.valid
                 pe.done = True
             self.cond.notify_all()

@@ -135,3 +135,25 @@ def test_one_origin_write_over_mapped_pending_and_new_chunks() -> None:
         assert sorted(o for o, _ in store.iter_records()) == list(range(300))
     finally:
         snap.destroy()
+
+
+def test_compaction_keeps_every_mapping() -> None:
+    rnd = random.Random(7)
+    for shift, top in [(20, 1 << 19), (40, 1 << 39)]:
+        t = ExceptionTable(shift)
+        model: dict[int, int] = {}
+        olds = rnd.sample(range(100_000), 12_000)
+        for i in range(0, 12_000, 1000):  # several compactions of new chunks only
+            pairs = [(o, rnd.randrange(top)) for o in olds[i : i + 1000]]
+            t.insert_new(pairs)
+            model.update(pairs)
+            t.compact()
+        t.insert(olds[0], 5)  # replaces a mapping of the sorted array: the careful path
+        t.remove(olds[1])
+        model[olds[0]] = 5
+        del model[olds[1]]
+        t.compact()
+        assert list(t.items()) == sorted(model.items()) and len(t) == len(model)
+        t.insert_new([(100_001, 1), (100_002, top - 1)])
+        t.compact()
+        assert t.lookup(100_002) == top - 1 and t.lookup(olds[1]) is None and len(t) == len(model) + 2
