@@ -233,7 +233,12 @@ class Snapshot:
         return pe
 
     def _submit_copies(self, pes: list[PendingException]) -> None:
-        """Copy each run of origin chunks to the COW with one kcopyd job."""
+        """Copy each run of origin chunks to the COW with one kcopyd job.
+
+        A COW range that already reads as zeros (a hole of a sparse COW file) is not zeroed again
+        (``DEST_ZEROED``); when the origin range is a hole as well there is nothing to copy and
+        the run completes at once (its record is still committed, and flushed, in order).
+        """
         cs = self.chunk_size
         origin_sectors = self.origin.size // SECTOR
         for pe in pes:
@@ -243,10 +248,17 @@ class Snapshot:
             try:
                 if count <= 0:
                     raise DeviceIOError("chunk lies past the end of the origin")
+                flags = 0
+                if _reads_zeros(self.cow, pe.new * cs * SECTOR, count * SECTOR):
+                    if _reads_zeros(self.origin, start * SECTOR, count * SECTOR):
+                        self.account_end_copy(pe.count)
+                        self._complete([pe], True)
+                        continue
+                    flags = kcopyd.DEST_ZEROED
                 self.kc.copy(
                     kcopyd.Region(self.origin, start, count),
                     [kcopyd.Region(self.cow, pe.new * cs, count)],
-                    0,
+                    flags,
                     self._copy_notify,
                     pe,
                 )
@@ -550,6 +562,15 @@ class Snapshot:
     def persistent(self) -> bool:
         """True for ``P``/``PO`` stores."""
         return isinstance(self.store, PersistentStore)
+
+
+def _reads_zeros(dev: DeviceHandle, offset: int, length: int) -> bool:
+    """True when ``dev`` says ``[offset, offset+length)`` holds no data (a hole reads as zeros)."""
+    try:
+        extents = dev.data_extents(offset, length)
+    except Exception:  # noqa: BLE001 - unknown: copy as usual
+        return False
+    return extents is not None and not extents
 
 
 def _read_full(dev: DeviceHandle, buf: memoryview, offset: int) -> None:

@@ -108,17 +108,24 @@ def test_runs_split_at_gaps_and_at_the_job_size() -> None:
     assert _runs([], [], 4) == []
 
 
-def test_one_origin_write_over_mapped_pending_and_new_chunks() -> None:
-    chunks = 600
-    original = bytes(random.Random(1).randrange(256) for _ in range(chunks * CB // 64)) * 64
-    origin_ep = MemoryEndpoint(chunks * CB, "origin", original)
+def active_snapshot(
+    origin_ep: MemoryEndpoint, cow_type: type[MemoryEndpoint]
+) -> tuple[MemoryEndpoint, PersistentStore, Snapshot]:
+    """An active snapshot of ``origin_ep`` on a new persistent COW twice its size."""
     origin = DeviceHandle(origin_ep, "origin", -1, -1, "/nonexistent/origin")
-    cow_ep = MemoryEndpoint(2 * chunks * CB, "cow")
+    cow_ep = cow_type(2 * origin_ep.size, "cow")
     cow = DeviceHandle(cow_ep, "cow", -1, -1, "/nonexistent/cow")
     store = PersistentStore(cow, C)
     store.read_metadata()
-    snap = Snapshot(origin, cow, store, chunks * CB, name="t", event=lambda: None)
+    snap = Snapshot(origin, cow, store, origin_ep.size, name="t", event=lambda: None)
     snap.active = True
+    return cow_ep, store, snap
+
+
+def test_one_origin_write_over_mapped_pending_and_new_chunks() -> None:
+    chunks = 600
+    original = bytes(random.Random(1).randrange(256) for _ in range(chunks * CB // 64)) * 64
+    cow_ep, store, snap = active_snapshot(MemoryEndpoint(chunks * CB, "origin", original), MemoryEndpoint)
     try:
         assert snap.wait_all(snap.origin_write_prepare(10 * CB, 5 * CB))  # chunks 10..14 mapped
         with snap.cond:
@@ -157,3 +164,36 @@ def test_compaction_keeps_every_mapping() -> None:
         t.insert_new([(100_001, 1), (100_002, top - 1)])
         t.compact()
         assert t.lookup(100_002) == top - 1 and t.lookup(olds[1]) is None and len(t) == len(model) + 2
+
+
+class SparseMemory(MemoryEndpoint):
+    """Reports a range holding only zero bytes as a hole (as SEEK_DATA may for a sparse file)."""
+
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        return [] if not any(self.data[offset : offset + length]) else [(offset, length)]
+
+
+def test_holes_of_origin_and_cow_are_not_copied_but_still_committed_in_order() -> None:
+    chunks = 64
+    data = bytes(range(1, 256)) * (CB // 255 + 1)
+    original = bytearray(chunks * CB)
+    for c in (3, 40, 41):
+        original[c * CB : (c + 1) * CB] = data[:CB]
+    cow_ep, store, snap = active_snapshot(SparseMemory(chunks * CB, "origin", bytes(original)), SparseMemory)
+    try:
+        cow_ep.log.clear()
+        pes = snap.origin_write_prepare(0, 32 * CB)  # all holes but chunk 3: one run, one job
+        assert snap.wait_all(pes) and not snap.pending and snap.in_progress == 0
+        data_writes = [e for e in cow_ep.log if e[0] == "write" and e[1] != CB]  # CB: metadata area
+        assert sum(length for _, _, length in data_writes) == 32 * CB  # the one run is copied
+        cow_ep.log.clear()
+        pes = snap.origin_write_prepare(32 * CB, 8 * CB)  # only holes: nothing copied
+        assert snap.wait_all(pes) and snap.in_progress == 0
+        assert [e for e in cow_ep.log if e[0] == "write"] == [("write", CB, CB)]  # the records only
+        assert snap.wait_all(snap.origin_write_prepare(40 * CB, 24 * CB))
+        assert [o for o, _ in store.iter_records()] == list(range(chunks))  # allocation order
+        for c in range(chunks):
+            new = snap.table.lookup(c)
+            assert new is not None and cow_ep.data[new * CB : (new + 1) * CB] == original[c * CB : (c + 1) * CB]
+    finally:
+        snap.destroy()
