@@ -136,6 +136,11 @@ class _Stack:
         self.kernel = kernel
         origin = work / f"{tag}-vol.img"
         with open(origin, "wb") as f:
+            # A volume in use holds data: first writes then copy data, not holes (a sparse
+            # origin would let the copy-on-write skip its reads and writes).
+            block = os.urandom(1 << 20)
+            for _ in range(size >> 20):
+                f.write(block)
             f.truncate(size)
         cow_size = size + size // 64 + 64 * chunk * SECTOR
         cows: list[Path] = []
