@@ -6,9 +6,12 @@ from __future__ import annotations
 import random
 import struct
 
+import pytest
+
 from snap_helpers import MemoryEndpoint
 
 from dmtools.engine.target import DeviceHandle
+from dmtools.errors import NoSpace
 from snapshot.store import ExceptionTable, PersistentStore, TransientStore
 from snapshot.targets.core import Snapshot, _runs
 
@@ -24,7 +27,9 @@ def new_store(chunks: int) -> tuple[MemoryEndpoint, PersistentStore]:
 
 
 def test_prepare_exceptions_takes_what_one_at_a_time_takes() -> None:
-    for chunks, first, count in [(600, 0, 600), (600, 250, 20), (1200, 3, 700), (520, 0, 515), (300, 0, 1)]:
+    # (COW chunks, chunks taken first, chunks asked for, metadata areas the allocation steps over)
+    cases = [(600, 0, 600, 2), (600, 250, 20, 1), (1200, 3, 700, 2), (520, 0, 515, 2), (300, 0, 1, 0)]
+    for chunks, first, count, crossed in cases:
         _, one = new_store(chunks)
         _, many = new_store(chunks)
         for _ in range(first):
@@ -35,11 +40,22 @@ def test_prepare_exceptions_takes_what_one_at_a_time_takes() -> None:
         while len(expect) < count:
             try:
                 expect.append(one.prepare_exception())
-            except Exception:  # noqa: BLE001 - NoSpace: the COW is full
+            except NoSpace:  # the COW is full
                 break
-        got = many.prepare_exceptions(count) if expect else []
+        got = many.prepare_exceptions(count)
         assert got == expect and many.next_free == one.next_free, (chunks, first, count)
-        assert 1 not in got and 258 not in got and 515 not in got  # metadata chunks are skipped
+        areas = {1 + 257 * k for k in range(chunks // 257 + 1)}  # chunk of metadata area k
+        assert not areas & set(got), (chunks, first, count)
+        assert len([a for a in areas if got[0] < a < got[-1]]) == crossed, (chunks, first, count)
+
+
+def test_prepare_exceptions_on_a_full_cow_raises_and_takes_nothing() -> None:
+    _, store = new_store(300)
+    taken = store.prepare_exceptions(1000)
+    assert len(taken) < 1000 and store.next_free == taken[-1] + 1
+    with pytest.raises(NoSpace):
+        store.prepare_exceptions(1)
+    assert store.next_free == taken[-1] + 1
 
 
 def test_commit_runs_across_an_area_writes_the_records_of_single_commits() -> None:
