@@ -225,13 +225,9 @@ def test_leg_failure_event_and_repair_onto_the_spare(stack: Stack, make_image: C
     assert result and not writer.is_alive()
 
 
-def test_without_udev_events_come_from_event_numbers(stack: Stack, make_image: Callable[..., Path],
-                                                     make_loop: Callable[..., Any]) -> None:
-    dm = stack.dm
-    name = linear_on_loop(stack, "r", MiB, make_image, make_loop)
-    renamed = stack.name("r2")
-    watcher = Watcher(dm, names=[name, renamed], poll_interval=30.0, uevents=False)
-    watcher.poll()
+
+def first_event(watcher: Watcher) -> tuple[threading.Thread, list[Any]]:
+    """A started thread collecting the first event ``watcher`` hands out (within 30 s)."""
     got: list[Any] = []
     stop = threading.Event()
 
@@ -242,6 +238,17 @@ def test_without_udev_events_come_from_event_numbers(stack: Stack, make_image: C
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
+    return thread, got
+
+
+def test_without_udev_events_come_from_event_numbers(stack: Stack, make_image: Callable[..., Path],
+                                                     make_loop: Callable[..., Any]) -> None:
+    dm = stack.dm
+    name = linear_on_loop(stack, "r", MiB, make_image, make_loop)
+    renamed = stack.name("r2")
+    watcher = Watcher(dm, names=[name, renamed], poll_interval=30.0, uevents=False)
+    watcher.poll()
+    thread, got = first_event(watcher)
     time.sleep(0)  # let the waiter threads arm; the event number is compared, so no race
     dm.rename(name, renamed)  # dm_hash_rename raises a table event
     stack.devices[stack.devices.index(name)] = renamed
@@ -306,16 +313,7 @@ def test_new_device_reported_through_uevents(stack: Stack, make_image: Callable[
     target = stack.name("n")
     watcher = Watcher(dm, names=[target], poll_interval=30.0)  # polling alone would take 30 s
     watcher.poll()
-    got: list[Any] = []
-    stop = threading.Event()
-
-    def run() -> None:
-        for ev in watcher.events(timeout=30, stop=stop):
-            got.append(ev)
-            stop.set()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, got = first_event(watcher)
     deadline = time.monotonic() + 10
     while watcher.uevents_active is None and time.monotonic() < deadline:
         time.sleep(0.01)  # the listener starts with events(); a device made before is still seen
