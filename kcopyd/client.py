@@ -109,6 +109,11 @@ def _one_writer(ep: Any) -> bool:
         return False
 
 
+def _lanes_for(dests: Sequence[OpenRegion]) -> list["deque[Piece] | None"]:
+    """A write lane (queue of waiting pieces) for each one-writer destination, ``None`` for others."""
+    return [deque() if _one_writer(d.endpoint) else None for d in dests]
+
+
 def _continues(prev: Piece, nxt: Piece) -> bool:
     """True when ``nxt`` starts where ``prev`` ends and both are all data (one vectored write)."""
     return (
@@ -325,7 +330,7 @@ class Client:
         )
         job._piece_size = self._buffer_piece_size
         if osrc is not None and not job._offload:
-            job._lanes = [deque() if _one_writer(d.endpoint) else None for d in odests]
+            job._lanes = _lanes_for(odests)
             if self.drop_behind:
                 job._drop_behind = _uncached_file_source(osrc, nbytes)
         if job._offload:
@@ -548,7 +553,7 @@ class Client:
             # supported here): redo this piece, and the rest of the job, with buffers.
             job._offload = False
             job._piece_size = self._buffer_piece_size
-            job._lanes = [deque() if _one_writer(d.endpoint) else None for d in job._dests]
+            job._lanes = _lanes_for(job._dests)
             job._active -= 1
             self._free_active -= 1
             for off in range(piece.offset, piece.offset + piece.length, job._piece_size):
