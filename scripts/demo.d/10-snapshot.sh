@@ -23,6 +23,7 @@ show dmt snapshot merge demo-snap-dmdemo --progress
 show dmt dm table demo-lin-dmdemo
 show mount "$lin" "$mnt"
 printf 'origin after merge: '; cat "$mnt/hello.txt"
-cmp "$mnt/payload" "$work/payload" && echo "payload is back"
+cmp "$mnt/payload" "$work/payload"
+echo "payload is back"
 show umount "$mnt"
 mnt=
