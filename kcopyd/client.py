@@ -44,6 +44,7 @@ from kcopyd.fastpath import (
     write_vectored,
 )
 from kcopyd.job import Job, NotifyFn, Piece, Progress
+from kcopyd.overlap import plan_overlap
 from kcopyd.pagepool import PAGE_SIZE, PagePool
 from kcopyd.region import OpenRegion, Region, open_regions
 from kcopyd.throttle import Throttle
@@ -238,6 +239,8 @@ class Client:
 
         Every region is checked before any I/O; a bad one raises ``InvalidArgument`` and nothing is
         touched. ``notify(read_err, write_err, context)`` runs exactly once on the callback thread.
+        Destinations that share bytes are refused; a source sharing bytes with a destination on
+        the same file or device is copied as ``memmove`` does (see :mod:`kcopyd.overlap`).
         """
         if not isinstance(src, Region):
             raise InvalidArgument(f"source must be a Region, not {src!r}", operation="copy")
@@ -313,6 +316,12 @@ class Client:
             flags |= WRITE_SEQ  # forced for zoned destinations (dm-kcopyd.c)
         if flags & WRITE_SEQ:
             flags &= ~IGNORE_ERROR  # WRITE_SEQ clears IGNORE_ERROR (dm-kcopyd.c)
+        try:
+            reverse = plan_overlap(osrc, odests, write_seq=bool(flags & WRITE_SEQ))
+        except BaseException:
+            for o in ([osrc] if osrc else []) + odests:
+                o.close()
+            raise
         nbytes = odests[0].region.nbytes
         if osrc is not None and osrc.endpoint.is_regular_file:
             _advise_sequential(osrc.endpoint, osrc.offset, nbytes)
@@ -326,9 +335,12 @@ class Client:
         # the ordered write stage of the buffered path.
         job._offload = bool(
             self.offload and osrc is not None and not flags & WRITE_SEQ and len(odests) == 1
-            and can_offload(osrc.endpoint, odests[0].endpoint)
+            and reverse is None and can_offload(osrc.endpoint, odests[0].endpoint)
         )
         job._piece_size = self._buffer_piece_size
+        if reverse is not None:  # source and a destination share bytes: memmove (kcopyd.overlap)
+            job._reverse = reverse
+            job._max_active = 1
         if osrc is not None and not job._offload:
             job._lanes = _lanes_for(odests)
             if self.drop_behind:
@@ -376,9 +388,7 @@ class Client:
                 and job._active < job._max_active
                 and self._free_active < self._max_free_active
             ):
-                length = min(job._piece_size, job.total - job._next)
-                piece = Piece(job, job._next, length)
-                job._next += length
+                piece = job._take(min(job._piece_size, job.total - job._next))
                 job._active += 1
                 self._free_active += 1
                 fn = self._run_zero if job._src is None else self._run_offload
@@ -402,8 +412,7 @@ class Client:
                 if retry is not None:
                     piece = job._retry.pop(0)
                 else:
-                    piece = Piece(job, job._next, length)
-                    job._next += length
+                    piece = job._take(length)
                 piece.pages = pages
                 job._active += 1
                 self._tasks.put((self._run_buffered, piece))

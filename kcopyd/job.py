@@ -111,6 +111,7 @@ class Job:
         self._lanes: list[deque[Piece] | None] = [None] * len(dests)
         self._lane_busy = [False] * len(dests)
         self._drop_behind = False  # drop a file source's pages once read (it was not cached)
+        self._reverse = False  # hand pieces out back to front (a memmove to a later offset)
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -190,6 +191,12 @@ class Job:
         )
 
     # -- used by the client ---------------------------------------------------------------------
+    def _take(self, length: int) -> Piece:
+        """The next piece of ``length`` bytes: front to back, or back to front for ``_reverse``."""
+        offset = self.total - self._next - length if self._reverse else self._next
+        self._next += length
+        return Piece(self, offset, length)
+
     def _has_work(self) -> bool:
         return not self._stop and (bool(self._retry) or self._next < self.total)
 

@@ -1,0 +1,126 @@
+"""Regions of one job that share bytes, checked once per job before any I/O.
+
+The kernel's kcopyd trusts its callers (dm-snapshot, dm-raid1 never hand it overlapping regions);
+this one is also reached from the command line, so it decides:
+
+- two destinations that share bytes are refused (``InvalidArgument``): the result would depend
+  on which write lands last;
+- a source that shares bytes with a destination *on the same file or block device* is copied as
+  ``memmove(3)`` copies: the job runs one sub-job at a time, front to back when the destination
+  starts before the source and back to front when it starts after it, so every byte is read
+  before it is overwritten. ``copy_file_range`` is not used for such a job (the kernel refuses
+  overlapping ranges within one file);
+- a source that shares bytes with a destination reached through *another* device (a loop device
+  over the file, a dm device over it, a second loop device) is refused: those paths have their
+  own caches, so no copy order can promise memmove's result;
+- a source overlapping destinations on both sides, or a back-to-front copy with ``WRITE_SEQ``
+  (which writes in offset order), is refused.
+
+Where two regions name different devices, whether they share bytes is decided by
+:mod:`dmtools.identity` (a loop device is its backing file and range, a dm device the devices it
+maps). Endpoints without a file descriptor are compared by object.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from typing import Any, Hashable, Sequence
+
+from dmtools.errors import InvalidArgument
+
+__all__ = ["Span", "span_of", "plan_overlap"]
+
+
+@dataclass(frozen=True)
+class Span:
+    """Bytes ``[start, end)`` of the device ``key`` (what the I/O is addressed through)."""
+
+    key: Hashable
+    start: int
+    end: int
+
+    def overlaps(self, other: "Span") -> bool:
+        """True when both address the same device and their byte ranges intersect."""
+        return self.key == other.key and self.start < other.end and other.start < self.end
+
+
+def _key(ep: Any) -> Hashable:
+    """``("blk", rdev)`` for a block device, ``("file", dev, ino)`` for a file, else the object."""
+    try:
+        fd = ep.fileno()
+    except Exception:  # noqa: BLE001 - an endpoint without a descriptor
+        fd = None
+    if fd is None:
+        return ("obj", id(ep))
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return ("blk", st.st_rdev)
+    return ("file", st.st_dev, st.st_ino)
+
+
+def span_of(opened: Any) -> Span:
+    """The :class:`Span` of an open region (``kcopyd.region.OpenRegion``)."""
+    return Span(_key(opened.endpoint), opened.offset, opened.offset + opened.region.nbytes)
+
+
+def plan_overlap(
+    src: Any | None,
+    dests: Sequence[Any],
+    *,
+    write_seq: bool,
+    identities: Sequence[Any | None] = (),
+) -> bool | None:
+    """Check a job's open regions; return ``None`` (no overlap), ``False`` (one sub-job at a
+    time, front to back) or ``True`` (one at a time, back to front).
+
+    ``identities`` (optional, ``dmtools.identity.Identity`` or ``None`` per region: the source
+    first, then each destination) find regions that share bytes through different devices.
+    Raises ``InvalidArgument`` for the refused cases listed in the module docstring.
+    """
+    dspans = [span_of(d) for d in dests]
+    ids = list(identities) + [None] * (1 + len(dests) - len(identities))
+    for i, a in enumerate(dspans):
+        for j in range(i + 1, len(dspans)):
+            if a.overlaps(dspans[j]) or _share(ids[1 + i], ids[1 + j]):
+                raise InvalidArgument(
+                    f"destinations {i} ({dests[i].region.dev_name}) and {j} ({dests[j].region.dev_name}) "
+                    "share bytes; the result would depend on which write lands last",
+                    operation="copy",
+                )
+    if src is None:
+        return None
+    s = span_of(src)
+    before = after = same = False
+    for i, d in enumerate(dspans):
+        if s.overlaps(d):
+            if d.start < s.start:
+                before = True
+            elif d.start > s.start:
+                after = True
+            else:
+                same = True
+        elif _share(ids[0], ids[1 + i]):
+            raise InvalidArgument(
+                f"the source ({src.region.dev_name}) and destination {i} ({dests[i].region.dev_name}) share "
+                "bytes through different devices; name one device for both to copy within it as memmove",
+                operation="copy",
+            )
+    if before and after:
+        raise InvalidArgument(
+            "the source overlaps destinations on both sides; no copy order keeps it intact", operation="copy"
+        )
+    if after and write_seq:
+        raise InvalidArgument(
+            "a destination overlapping the source's end must be written back to front, "
+            "which WRITE_SEQ (offset order) forbids",
+            operation="copy",
+        )
+    if not (before or after or same):
+        return None
+    return after
+
+
+def _share(a: Any | None, b: Any | None) -> bool:
+    return a is not None and b is not None and bool(a.overlaps(b))
