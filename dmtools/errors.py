@@ -114,6 +114,13 @@ class SnapshotInvalid(DMError):
     default_errno = _errno.EIO
 
 
+class PoolNotWritable(DMError):
+    """A thin pool refused a change: it is read-only, out of metadata space or failed (dm-thin.c
+    ``pool_message``: ``-EOPNOTSUPP``), or it needs a check."""
+
+    default_errno = _errno.EOPNOTSUPP
+
+
 class OperationCancelled(DMError):
     """A long operation was cancelled by its caller."""
 

@@ -15,6 +15,13 @@ Formats (the kernel's STATUSTYPE_INFO output):
   log part is ``1 core`` or ``3 disk <logdev> <A|D|F>``; for example
   ``2 253:1 253:2 2048/2048 1 AA 1 core``.
 * ``striped`` (dm-stripe.c ``stripe_status``): ``<#stripes> <dev>... 1 <A|D per stripe>``.
+* ``thin-pool`` (dm-thin.c ``pool_status``): ``Fail``, ``Error``, or ``<transaction id>
+  <used>/<total metadata blocks> <used>/<total data blocks> <held root|-> <rw|ro|out_of_data_space>
+  <discard> <error_if_no_space|queue_if_no_space> <needs_check|-> <metadata low watermark> `` with
+  a space after every word; the older, shorter shapes are accepted too (see
+  :class:`ThinPoolStatus`).
+* ``thin`` (dm-thin.c ``thin_status``): ``Fail``, ``Error``, ``-`` or ``<mapped sectors>
+  <highest mapped sector|->``.
 * ``linear``, ``zero``, ``error``, ``snapshot-origin``: the empty string.
 
 Errors are :class:`~dmtools.errors.InvalidStatus` naming the target type and the text.
@@ -36,12 +43,17 @@ __all__ = [
     "LogHealth",
     "MirrorStatus",
     "StripedStatus",
+    "PoolMode",
+    "ThinPoolStatus",
+    "ThinStatus",
     "EmptyStatus",
     "GenericStatus",
     "TargetStatus",
     "parse_snapshot_status",
     "parse_mirror_status",
     "parse_striped_status",
+    "parse_thin_pool_status",
+    "parse_thin_status",
     "parse_status",
     "EMPTY_STATUS_TYPES",
 ]
@@ -404,6 +416,285 @@ def parse_striped_status(params: str) -> StripedStatus:
         raise _bad(t, params, err.message) from err
 
 
+# -- thin-pool and thin ------------------------------------------------------------------------
+
+
+class PoolMode(enum.Enum):
+    """A thin pool's mode word (dm-thin.c ``pool_status``)."""
+
+    WRITE = "rw"
+    """Normal operation."""
+    READ_ONLY = "ro"
+    """Read-only: the ``read_only`` feature, ``needs_check``, a metadata failure, or out of
+    metadata space (the kernel reports that internal mode as ``ro`` too)."""
+    OUT_OF_DATA_SPACE = "out_of_data_space"
+    """No free data block: writes that need one are queued or failed."""
+
+
+_POOL_DISCARDS = ("ignore_discard", "discard_passdown", "no_discard_passdown")
+_POOL_NO_SPACE = ("error_if_no_space", "queue_if_no_space")
+
+
+def _opt_count(value: object, what: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise InvalidStatus(f"thin-pool status: {what} must be a non-negative integer or None")
+
+
+@dataclass(frozen=True)
+class ThinPoolStatus:
+    """Status of a ``thin-pool`` target.
+
+    ``fail`` is the whole status ``Fail`` (pool in fail mode), ``error`` the whole status
+    ``Error`` (a metadata query failed); both leave every other field ``None``. Otherwise the
+    metadata counts are 4 KiB metadata blocks (``used_metadata`` includes the kernel's reserve),
+    the data counts are data blocks, and ``held_root`` is the held metadata snapshot's block or
+    ``None`` (``-``).
+
+    Older kernels print fewer fields (thin.md §3.2); the missing ones are ``None`` and
+    :meth:`format` prints the same shape back: without ``mode`` the 4-field form, without
+    ``no_space`` the 6-field form (both without a trailing space), without ``needs_check`` the
+    7-field form, without ``metadata_low_watermark`` the 8-field form. Words the kernel does not
+    print (vendor additions) are kept in ``extra``, printed last.
+    """
+
+    transaction_id: int | None = None
+    used_metadata: int | None = None
+    total_metadata: int | None = None
+    used_data: int | None = None
+    total_data: int | None = None
+    held_root: int | None = None
+    mode: PoolMode | None = None
+    discard: str | None = None
+    no_space: str | None = None
+    needs_check: bool | None = None
+    metadata_low_watermark: int | None = None
+    fail: bool = False
+    error: bool = False
+    extra: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "extra", tuple(self.extra))
+        counts = ("transaction_id", "used_metadata", "total_metadata", "used_data", "total_data")
+        if self.fail or self.error:
+            if self.fail and self.error:
+                raise InvalidStatus("thin-pool status: Fail and Error exclude each other")
+            if any(getattr(self, n) is not None for n in counts) or self.mode is not None or self.extra:
+                raise InvalidStatus("thin-pool status: Fail and Error carry no other fields")
+            return
+        for name in counts:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidStatus(f"thin-pool status: {name} must be a non-negative integer")
+        _opt_count(self.held_root, "held_root")
+        _opt_count(self.metadata_low_watermark, "metadata_low_watermark")
+        if self.mode is not None and not isinstance(self.mode, PoolMode):
+            raise InvalidStatus(f"thin-pool status: mode must be a PoolMode, not {self.mode!r}")
+        if self.discard is not None and self.discard not in _POOL_DISCARDS:
+            raise InvalidStatus(f"thin-pool status: unknown discard word {self.discard!r}")
+        if self.no_space is not None and self.no_space not in _POOL_NO_SPACE:
+            raise InvalidStatus(f"thin-pool status: unknown no-space word {self.no_space!r}")
+        shape = (self.mode, self.discard, self.no_space, self.needs_check, self.metadata_low_watermark)
+        given = [v is not None for v in shape]
+        if given != sorted(given, reverse=True) or given[0] != given[1]:
+            raise InvalidStatus(
+                "thin-pool status: mode and discard come together, and each later field needs the "
+                "earlier ones (thin.md §3.2 shapes)"
+            )
+        for word in self.extra:
+            if not isinstance(word, str) or not word or _WS_RE.search(word):
+                raise InvalidStatus(f"thin-pool status: {word!r} is not a single word")
+
+    @property
+    def read_only(self) -> bool:
+        """The pool reports ``ro`` (read-only, or out of metadata space)."""
+        return self.mode is PoolMode.READ_ONLY
+
+    @property
+    def out_of_data_space(self) -> bool:
+        """The pool reports ``out_of_data_space``."""
+        return self.mode is PoolMode.OUT_OF_DATA_SPACE
+
+    @property
+    def error_if_no_space(self) -> bool:
+        """I/O fails at once (rather than queueing) when the data space is full."""
+        return self.no_space == "error_if_no_space"
+
+    @property
+    def free_data(self) -> int | None:
+        """Free data blocks."""
+        if self.total_data is None or self.used_data is None:
+            return None
+        return self.total_data - self.used_data
+
+    @property
+    def data_percent(self) -> float | None:
+        """Data use in percent, as LVM computes it (used / total; 0.0 for an empty pool)."""
+        if self.total_data is None or self.used_data is None:
+            return None
+        return 100.0 * self.used_data / self.total_data if self.total_data else 0.0
+
+    @property
+    def metadata_percent(self) -> float | None:
+        """Metadata use in percent (the kernel's reserve counts as used)."""
+        if self.total_metadata is None or self.used_metadata is None:
+            return None
+        return 100.0 * self.used_metadata / self.total_metadata if self.total_metadata else 0.0
+
+    @property
+    def healthy(self) -> bool:
+        """Neither failed nor in error, writable, no check needed."""
+        return (
+            not self.fail and not self.error and self.mode in (None, PoolMode.WRITE)
+            and not self.needs_check
+        )
+
+    def format(self) -> str:
+        """The kernel's text for this status."""
+        if self.fail:
+            return "Fail"
+        if self.error:
+            return "Error"
+        words = [
+            str(self.transaction_id),
+            f"{self.used_metadata}/{self.total_metadata}",
+            f"{self.used_data}/{self.total_data}",
+            "-" if self.held_root is None else str(self.held_root),
+        ]
+        if self.mode is not None and self.discard is not None:
+            words += [self.mode.value, self.discard]
+        trailing = self.no_space is not None
+        if self.no_space is not None:
+            words.append(self.no_space)
+        if self.needs_check is not None:
+            words.append("needs_check" if self.needs_check else "-")
+        if self.metadata_low_watermark is not None:
+            words.append(str(self.metadata_low_watermark))
+        words += self.extra
+        text = " ".join(words)
+        return text + " " if trailing else text
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def parse_thin_pool_status(params: str) -> ThinPoolStatus:
+    """Parse a ``thin-pool`` status of any kernel (thin.md §3.1, §3.2); raises :class:`InvalidStatus`.
+
+    The five leading fields are read by position and the rest as keywords, as libdm does, but
+    strictly: a word that is neither a known keyword nor the metadata low watermark (a number
+    after the needs_check word) is kept in ``extra``.
+    """
+    t = "thin-pool"
+    words = _words(t, params)
+    if words == ["Fail"]:
+        return ThinPoolStatus(fail=True)
+    if words == ["Error"]:
+        return ThinPoolStatus(error=True)
+    if len(words) < 4:
+        raise _bad(t, params, "expected <transaction id> <used>/<total metadata> "
+                   "<used>/<total data> <held root|-> [...], Fail or Error")
+    tid = _num(t, params, words[0], "transaction id")
+    meta = _RATIO_RE.fullmatch(words[1])
+    data = _RATIO_RE.fullmatch(words[2])
+    if meta is None or data is None:
+        bad = words[1] if meta is None else words[2]
+        raise _bad(t, params, f"{bad[:40]!r} is not <used>/<total>")
+    held = None if words[3] == "-" else _num(t, params, words[3], "held metadata root")
+    fields: dict[str, object] = {}
+    extra: list[str] = []
+    rest = words[4:]
+    if rest:
+        try:
+            fields["mode"] = PoolMode(rest[0])
+        except ValueError:
+            raise _bad(t, params, f"unknown pool mode {rest[0][:40]!r}") from None
+        if len(rest) < 2 or rest[1] not in _POOL_DISCARDS:
+            raise _bad(t, params, "the mode is followed by ignore_discard, discard_passdown or "
+                       "no_discard_passdown")
+        fields["discard"] = rest[1]
+        rest = rest[2:]
+    if rest and rest[0] in _POOL_NO_SPACE:
+        fields["no_space"] = rest[0]
+        rest = rest[1:]
+        if rest and rest[0] in ("needs_check", "-"):
+            fields["needs_check"] = rest[0] == "needs_check"
+            rest = rest[1:]
+            if rest and _NUM_RE.fullmatch(rest[0]):
+                fields["metadata_low_watermark"] = int(rest[0])
+                rest = rest[1:]
+    for word in rest:
+        if word in _POOL_DISCARDS or word in _POOL_NO_SPACE or word in ("needs_check", "ro", "rw"):
+            raise _bad(t, params, f"{word!r} is out of place")
+        extra.append(word)
+    try:
+        return ThinPoolStatus(
+            tid, int(meta.group(1)), int(meta.group(2)), int(data.group(1)), int(data.group(2)),
+            held, extra=tuple(extra), **fields,  # type: ignore[arg-type]
+        )
+    except InvalidStatus as err:
+        raise _bad(t, params, err.message) from err
+
+
+@dataclass(frozen=True)
+class ThinStatus:
+    """Status of a ``thin`` target (dm-thin.c ``thin_status``).
+
+    ``mapped_sectors`` is mapped blocks × block size; ``highest_mapped`` the last sector of the
+    highest mapped block, ``None`` (``-``) when nothing is mapped: an empty device shows ``0 -``.
+    ``fail`` is the whole status ``Fail`` (the pool failed), ``error`` the whole status ``Error``
+    (a lookup failed) and ``unopened`` the whole status ``-`` (no device open); each leaves the
+    counts ``None``.
+    """
+
+    mapped_sectors: int | None = None
+    highest_mapped: int | None = None
+    fail: bool = False
+    error: bool = False
+    unopened: bool = False
+
+    def __post_init__(self) -> None:
+        if sum((self.fail, self.error, self.unopened)) > 1:
+            raise InvalidStatus("thin status: Fail, Error and - exclude each other")
+        if self.fail or self.error or self.unopened:
+            if self.mapped_sectors is not None or self.highest_mapped is not None:
+                raise InvalidStatus("thin status: Fail, Error and - carry no counts")
+            return
+        value = self.mapped_sectors
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidStatus("thin status: mapped_sectors must be a non-negative integer")
+        if self.highest_mapped is not None and (
+            isinstance(self.highest_mapped, bool) or not isinstance(self.highest_mapped, int)
+            or self.highest_mapped < 0
+        ):
+            raise InvalidStatus("thin status: highest_mapped must be a non-negative integer or None")
+
+    def format(self) -> str:
+        """The kernel's text for this status."""
+        if self.fail:
+            return "Fail"
+        if self.error:
+            return "Error"
+        if self.unopened:
+            return "-"
+        return f"{self.mapped_sectors} {'-' if self.highest_mapped is None else self.highest_mapped}"
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def parse_thin_status(params: str) -> ThinStatus:
+    """Parse a ``thin`` status; raises :class:`InvalidStatus`."""
+    t = "thin"
+    words = _words(t, params)
+    if words in (["Fail"], ["Error"], ["-"]):
+        return ThinStatus(fail=words[0] == "Fail", error=words[0] == "Error", unopened=words[0] == "-")
+    if len(words) != 2:
+        raise _bad(t, params, "expected <mapped sectors> <highest mapped sector|->, Fail, Error or -")
+    mapped = _num(t, params, words[0], "mapped sectors")
+    highest = None if words[1] == "-" else _num(t, params, words[1], "highest mapped sector")
+    return ThinStatus(mapped, highest)
+
+
 # -- the rest ----------------------------------------------------------------------------------
 
 
@@ -436,7 +727,9 @@ class GenericStatus:
         return self.text
 
 
-TargetStatus = Union[SnapshotStatus, MirrorStatus, StripedStatus, EmptyStatus, GenericStatus]
+TargetStatus = Union[
+    SnapshotStatus, MirrorStatus, StripedStatus, ThinPoolStatus, ThinStatus, EmptyStatus, GenericStatus
+]
 
 
 def parse_status(target_type: str, params: str) -> TargetStatus:
@@ -450,6 +743,10 @@ def parse_status(target_type: str, params: str) -> TargetStatus:
         return parse_mirror_status(params)
     if target_type == "striped":
         return parse_striped_status(params)
+    if target_type == "thin-pool":
+        return parse_thin_pool_status(params)
+    if target_type == "thin":
+        return parse_thin_status(params)
     if target_type in EMPTY_STATUS_TYPES:
         if _words(target_type, params):
             raise _bad(target_type, params, "this target reports no status")

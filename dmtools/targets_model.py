@@ -44,6 +44,12 @@ __all__ = [
     "DiskLog",
     "OtherLog",
     "Mirror",
+    "ThinPool",
+    "Thin",
+    "THIN_POOL_FEATURES",
+    "MIN_THIN_BLOCK_SECTORS",
+    "MAX_THIN_BLOCK_SECTORS",
+    "MAX_THIN_DEV_ID",
     "TARGET_TYPES",
     "split_args",
     "parse_devno",
@@ -762,8 +768,196 @@ class Mirror(Target):
         return cls(log, tuple(legs), tuple(features))
 
 
+#: dm-thin.c pool_status (STATUSTYPE_TABLE): the feature words in the order the kernel prints them.
+THIN_POOL_FEATURES = (
+    "skip_block_zeroing",
+    "ignore_discard",
+    "no_discard_passdown",
+    "read_only",
+    "error_if_no_space",
+)
+#: dm-thin.c DATA_DEV_BLOCK_SIZE_MIN_SECTORS (64 KiB); block sizes are multiples of it.
+MIN_THIN_BLOCK_SECTORS = 128
+#: dm-thin.c DATA_DEV_BLOCK_SIZE_MAX_SECTORS (1 GiB).
+MAX_THIN_BLOCK_SECTORS = 2097152
+#: dm-thin.c MAX_DEV_ID: device ids are 24 bits.
+MAX_THIN_DEV_ID = (1 << 24) - 1
+#: dm-thin.c parse_pool_features: dm_read_arg_group with at most 4 feature words.
+_MAX_POOL_FEATURE_ARGS = 4
+
+
+def _thin_block_size_ok(value: int) -> bool:
+    """dm-thin.c pool_ctr: 128 <= size <= 2097152 and a multiple of 128 (the kernel masks with 127)."""
+    return (
+        MIN_THIN_BLOCK_SECTORS <= value <= MAX_THIN_BLOCK_SECTORS
+        and value % MIN_THIN_BLOCK_SECTORS == 0
+    )
+
+
+@dataclass(frozen=True)
+class ThinPool(Target):
+    """``thin-pool <metadata dev> <data dev> <block size> <low water mark> [<#feat> <feat>...]``.
+
+    dm-thin.c ``pool_ctr``: ``block_size`` is the data block size in sectors (128..2097152, a
+    multiple of 128), ``low_water_mark`` a count of free data blocks that raises an event.
+    ``features`` are words of :data:`THIN_POOL_FEATURES`, matched case-insensitively and kept in
+    the kernel's order; at most four of them fit (the kernel reads a group of 0 to 4 words).
+
+    The kernel prints the feature count even when it is 0, and ends every word, the last one
+    included, with a space (``253:0 253:1 128 0 0 ``); :attr:`params` is exactly that text. LVM's
+    own order and spacing (``... 1 skip_block_zeroing``) parse to the same value.
+    """
+
+    TYPE: ClassVar[str] = "thin-pool"
+    metadata: str
+    data: str
+    block_size: int = MIN_THIN_BLOCK_SECTORS
+    low_water_mark: int = 0
+    features: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        t = self.TYPE
+        _check_device(t, self.metadata)
+        _check_device(t, self.data)
+        if self.metadata == self.data:
+            raise _fail(t, "Error setting metadata or data device: they are the same device")
+        _check_int(t, self.block_size, "Invalid block size", U64_MAX)
+        if not _thin_block_size_ok(self.block_size):
+            raise _fail(
+                t,
+                f"Invalid block size {self.block_size}: {MIN_THIN_BLOCK_SECTORS} to "
+                f"{MAX_THIN_BLOCK_SECTORS} sectors, a multiple of {MIN_THIN_BLOCK_SECTORS}",
+            )
+        _check_int(t, self.low_water_mark, "Invalid low water mark")
+        if isinstance(self.features, str):
+            raise _fail(t, "features must be a sequence of feature names")
+        features = tuple(self.features)
+        if len(features) > _MAX_POOL_FEATURE_ARGS:
+            raise _fail(t, f"Invalid number of pool feature arguments {len(features)} (0 to 4)")
+        wanted = set()
+        for feat in features:
+            if not isinstance(feat, str) or feat.lower() not in THIN_POOL_FEATURES:
+                raise _fail(t, f"Unrecognised pool feature requested: {feat!r}")
+            wanted.add(feat.lower())
+        object.__setattr__(self, "features", tuple(f for f in THIN_POOL_FEATURES if f in wanted))
+
+    @property
+    def zero_new_blocks(self) -> bool:
+        """New data blocks are zeroed before first use (no ``skip_block_zeroing``)."""
+        return "skip_block_zeroing" not in self.features
+
+    @property
+    def discard_enabled(self) -> bool:
+        """Discards are handled (no ``ignore_discard``)."""
+        return "ignore_discard" not in self.features
+
+    @property
+    def discard_passdown(self) -> bool:
+        """Discards are passed down to the data device (no ``no_discard_passdown``)."""
+        return "no_discard_passdown" not in self.features
+
+    @property
+    def read_only(self) -> bool:
+        """The pool is loaded read-only (``read_only``)."""
+        return "read_only" in self.features
+
+    @property
+    def error_if_no_space(self) -> bool:
+        """I/O fails at once when data space runs out, rather than being queued."""
+        return "error_if_no_space" in self.features
+
+    def args(self) -> list[str]:
+        return [
+            self.metadata, self.data, str(self.block_size), str(self.low_water_mark),
+            str(len(self.features)), *self.features,
+        ]
+
+    @property
+    def params(self) -> str:
+        # dm-thin.c pool_status: DMEMIT("%u ", count) and DMEMIT("<feature> ") - a trailing space.
+        return " ".join(self.args()) + " "
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return (self.metadata, self.data)
+
+    def data_blocks(self, length: int) -> int:
+        """Data blocks a pool target of ``length`` sectors provides (dm-thin.c ``pool_preresume``)."""
+        return length // self.block_size
+
+    def map_devices(self, fn: Callable[[str], str]) -> ThinPool:
+        return ThinPool(fn(self.metadata), fn(self.data), self.block_size, self.low_water_mark, self.features)
+
+    @classmethod
+    def from_args(cls, args: Sequence[str]) -> ThinPool:
+        t = cls.TYPE
+        if len(args) < 4:
+            raise _fail(t, f"Invalid argument count: expected <metadata dev> <data dev> <block size> "
+                           f"<low water mark> [<#features> <feature>...], got {len(args)} arguments")
+        block_size = _number(t, args[2], "Invalid block size")
+        low_water = _number(t, args[3], "Invalid low water mark")
+        rest = list(args[4:])
+        features: list[str] = []
+        if rest:
+            count = _number(t, rest[0], "Invalid number of pool feature arguments", U32_MAX)
+            if count > _MAX_POOL_FEATURE_ARGS:
+                raise _fail(t, f"Invalid number of pool feature arguments {count} (0 to 4)")
+            if count > len(rest) - 1:
+                raise _fail(t, "Invalid number of pool feature arguments: not enough arguments "
+                               "for the feature count")
+            if count < len(rest) - 1:
+                raise _fail(t, f"Invalid argument count: unexpected {' '.join(rest[1 + count:])!r}")
+            features = rest[1:]
+        return cls(args[0], args[1], block_size, low_water, tuple(features))
+
+
+@dataclass(frozen=True)
+class Thin(Target):
+    """``thin <pool dev> <dev id> [<external origin dev>]`` (dm-thin.c ``thin_ctr``).
+
+    ``pool`` is the thin-pool device (LVM's ``-tpool``), ``dev_id`` the 24-bit id of a device
+    made by ``create_thin``/``create_snap``; ``origin`` an optional read-only external origin
+    whose data unprovisioned blocks read.
+    """
+
+    TYPE: ClassVar[str] = "thin"
+    pool: str
+    dev_id: int
+    origin: str | None = None
+
+    def __post_init__(self) -> None:
+        t = self.TYPE
+        _check_device(t, self.pool)
+        _check_int(t, self.dev_id, "Invalid device id", MAX_THIN_DEV_ID)
+        if self.origin is not None:
+            _check_device(t, self.origin)
+            if self.origin == self.pool:
+                raise _fail(t, "Error setting origin device: it is the pool device")
+
+    def args(self) -> list[str]:
+        return [self.pool, str(self.dev_id)] + ([self.origin] if self.origin is not None else [])
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return (self.pool,) if self.origin is None else (self.pool, self.origin)
+
+    def map_devices(self, fn: Callable[[str], str]) -> Thin:
+        return Thin(fn(self.pool), self.dev_id, None if self.origin is None else fn(self.origin))
+
+    @classmethod
+    def from_args(cls, args: Sequence[str]) -> Thin:
+        t = cls.TYPE
+        if len(args) not in (2, 3):
+            raise _fail(t, f"Invalid argument count: expected <pool dev> <dev id> [<external origin "
+                           f"dev>], got {len(args)} arguments")
+        dev_id = _number(t, args[1], "Invalid device id", MAX_THIN_DEV_ID)
+        return cls(args[0], dev_id, args[2] if len(args) == 3 else None)
+
+
 #: Target type name -> typed class. Types not listed parse to :class:`GenericTarget`.
 TARGET_TYPES: dict[str, type[Target]] = {
     cls.TYPE: cls
-    for cls in (Linear, Striped, Zero, Error, Snapshot, SnapshotMerge, SnapshotOrigin, Mirror)
+    for cls in (
+        Linear, Striped, Zero, Error, Snapshot, SnapshotMerge, SnapshotOrigin, Mirror, ThinPool, Thin
+    )
 }

@@ -206,7 +206,7 @@ def test_dispatcher() -> None:
         assert status == EmptyStatus(target_type) and status.format() == "" and str(status) == ""
     with pytest.raises(InvalidStatus, match="reports no status"):
         parse_status("linear", "junk")
-    generic = parse_status("thin", "1 2 - ")
+    generic = parse_status("era", "1 2 - ")
     assert isinstance(generic, GenericStatus) and generic.format() == "1 2 - "
     with pytest.raises(InvalidStatus, match="string"):
         parse_status("mirror", None)  # type: ignore[arg-type]
@@ -242,7 +242,8 @@ def test_snapshot_status_format_parse_identity(alloc: int, total: int, meta: int
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from(["snapshot", "snapshot-merge", "mirror", "striped", "linear", "thin"]), st.text(max_size=80))
+@given(st.sampled_from(["snapshot", "snapshot-merge", "mirror", "striped", "linear", "thin",
+                        "thin-pool", "era"]), st.text(max_size=80))
 def test_fuzz_status_raises_only_dm_errors(target_type: str, text: str) -> None:
     try:
         status = parse_status(target_type, text)

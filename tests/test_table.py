@@ -79,7 +79,7 @@ OTHER_TABLES = [
     "0 2048 linear 7:0 0\n2048 2048 zero\n4096 8 error",
     "0 2048 error 7:0 0",
     "0 2048 mirror userspace 4 LVM-xyz clustered-disk 253:3 1024 2 253:1 0 253:2 0",
-    "0 10 thin-pool 253:0 253:1 128 0 1 skip_block_zeroing",
+    "0 10 thin-pool 253:0 253:1 128 0 1 skip_block_zeroing ",
     "0 10 flakey 7:0 0 5 5",
     "0 10 crypt aes-xts-plain64 0000 0 7:0 0",
 ]
@@ -166,7 +166,7 @@ def test_dmsetup_text_is_byte_exact() -> None:
         ),
         ("0 2048 mirror core 1 1024 2 7:1 0 7:2 0 0", "0 2048 mirror core 1 1024 2 7:1 0 7:2 0"),
         # unknown targets keep their parameters verbatim (inner spacing included)
-        ("0 10 thin   253:0  1  ", "0 10 thin 253:0  1"),
+        ("0 10 era   253:0  253:1  128  ", "0 10 era 253:0  253:1  128"),
         ("", ""),
         ("\n# only comments\n", ""),
     ],
@@ -349,14 +349,14 @@ def test_values_are_immutable_and_hashable() -> None:
 
 
 def test_generic_target_for_unknown_types() -> None:
-    target = Target.parse("thin-pool", "253:0 253:1 128 0 1 skip_block_zeroing")
+    target = Target.parse("era", "253:0 253:1 128")
     assert isinstance(target, GenericTarget)
-    assert target.target_type == "thin-pool"
-    assert target.args() == ["253:0", "253:1", "128", "0", "1", "skip_block_zeroing"]
+    assert target.target_type == "era"
+    assert target.args() == ["253:0", "253:1", "128"]
     assert target.devices == ()
     assert set(TARGET_TYPES) == {
         "linear", "striped", "zero", "error", "snapshot", "snapshot-merge", "snapshot-origin",
-        "mirror",
+        "mirror", "thin-pool", "thin",
     }
 
 
