@@ -13,6 +13,7 @@ from dmtools.endpoint import Endpoint, NullEndpoint
 from dmtools.errors import (
     CorruptMetadata,
     DeviceBusy,
+    DeviceConflict,
     DeviceExists,
     DeviceIOError,
     DeviceNotFound,
@@ -33,6 +34,7 @@ __all__ = [
     "CorruptMetadata",
     "DMError",
     "DeviceBusy",
+    "DeviceConflict",
     "DeviceEntry",
     "DeviceExists",
     "DeviceIOError",

@@ -84,6 +84,15 @@ class InvalidArgument(DMError):
     default_errno = _errno.EINVAL
 
 
+class DeviceConflict(InvalidArgument):
+    """Two roles of one request name the same bytes (``dmtools.identity.ensure_disjoint``).
+
+    EINVAL, not EBUSY: the request contradicts itself (a COW that is also the origin, a log that
+    is also a leg); nothing else holds the device. ``DeviceBusy`` is for a device another user
+    holds (a mount, an exclusive opener, another engine's table).
+    """
+
+
 class InvalidStatus(DMError):
     """A status line could not be parsed."""
 

@@ -35,6 +35,7 @@ __all__ = [
     "attached",
     "detach",
     "info",
+    "status",
     "list_loops",
     "find_by_backing_file",
     "set_capacity",
@@ -628,6 +629,24 @@ def detach(dev: LoopDevice | str | os.PathLike[str] | int, *, timeout: float = 5
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
     return True
+
+
+def status(dev: LoopDevice | str | os.PathLike[str] | int) -> LoopStatus:
+    """``LOOP_GET_STATUS64``: the backing file's ``st_dev``/``st_ino`` even after it was unlinked.
+
+    Raises :class:`DeviceNotFound` (missing or unbound device) or :class:`LoopError`.
+    """
+    number = _number_of(dev)
+    buf = bytearray(INFO64.size)
+    with _opened(number, "status") as fd:
+        try:
+            fcntl.ioctl(fd, LOOP_GET_STATUS64, buf, True)
+        except OSError as err:
+            if err.errno == errno.ENXIO:
+                raise DeviceNotFound("loop device is not attached", errno=err.errno,
+                                     operation="status", device=f"/dev/loop{number}") from err
+            raise _loop_error(err, "status failed", f"/dev/loop{number}", "status") from err
+    return unpack_info64(buf)
 
 
 def _set_autoclear(fd: int, number: int) -> None:

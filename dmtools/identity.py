@@ -1,0 +1,516 @@
+"""Device identity: what bytes a reference names, whatever its spelling.
+
+The kernel knows a device by its ``dev_t`` and a table's devices by what they map; our tools take
+names, and two names can mean the same bytes. :func:`identify` resolves a reference (a path,
+``major:minor``, a symlink, a relative path, a loop device, a partition, a dm device of either
+engine, a regular file, an NBD URI) down to :class:`Extent` values: byte ranges of the *bottom*
+objects its data lives on:
+
+* a block device that maps nothing further: ``("blk", major, minor)``;
+* a regular file: ``("file", st_dev, st_ino)`` (a file is never followed further: its file
+  system's device is not "its" bytes);
+* an NBD export: ``("nbd", normalized_uri)``.
+
+On the way down a loop device contributes its backing file and byte range (sysfs
+``loop/backing_file``, ``offset``, ``sizelimit``; ``drivers/block/loop.c``), a partition its
+parent disk from sysfs ``start`` (``block/partitions/core.c``), a dm device the devices its table
+maps: exactly through ``linear`` and ``striped`` (``drivers/md/dm-linear.c``, ``dm-stripe.c``),
+conservatively (the whole of every device) through any other target. With a ``DeviceMapper``
+given, its devices (both engines; the userspace engine's exposure loops and ``0:N`` devices
+included) are looked up through it; without one, a kernel dm device or an md array falls back
+to sysfs ``slaves`` (conservative).
+
+Two references :meth:`Identity.overlaps` when any of their extents share a byte;
+:func:`ensure_disjoint` refuses a set of roles that alias with :class:`DeviceConflict`, and
+:func:`users` names the live devices whose tables map given bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Union
+
+from dmtools.errors import DeviceConflict, DeviceNotFound, DMError, InvalidArgument
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dmtools.backend import DeviceMapper
+
+__all__ = ["Extent", "Identity", "identify", "ensure_disjoint", "users", "DeviceConflict"]
+
+SECTOR = 512
+SYS_DEV_BLOCK = "/sys/dev/block"
+#: NBD's registered port (``doc/uri.md`` of the NBD protocol).
+NBD_PORT = 10809
+_DEVNO = re.compile(r"^(\d+):(\d+)$")
+_DEV_BLOCK = re.compile(r"^/dev/block/(\d+):(\d+)$")
+_NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock")
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A byte range ``[start, end)`` of one bottom object (``end=None``: to its end)."""
+
+    base: tuple  # type: ignore[type-arg]
+    start: int
+    end: int | None
+
+    def overlaps(self, other: "Extent") -> bool:
+        """True when both ranges are on one base and share at least one byte."""
+        if self.base != other.base:
+            return False
+        if self.end is not None and self.end <= other.start:
+            return False
+        if other.end is not None and other.end <= self.start:
+            return False
+        return True
+
+
+# --- the mapping from a device's bytes to its extents ---------------------------------------------
+@dataclass(frozen=True)
+class _Leaf:
+    """The device is ``base`` itself, byte for byte."""
+
+    base: tuple  # type: ignore[type-arg]
+
+
+@dataclass(frozen=True)
+class _Window:
+    """Bytes ``[0, end - start)`` are bytes ``[start, end)`` of ``node`` (a loop range, a partition)."""
+
+    node: "_Node"
+    start: int
+    end: int | None
+
+
+@dataclass(frozen=True)
+class _Striped:
+    """``striped``: chunk ``c`` of the segment is chunk ``c // n`` of leg ``c % n`` (dm-stripe.c)."""
+
+    chunk: int
+    legs: tuple[tuple["_Node", int], ...]  # (node, byte offset)
+
+
+@dataclass(frozen=True)
+class _Opaque:
+    """A target mapped conservatively: any byte may live anywhere on these extents."""
+
+    extents: frozenset[Extent]
+
+
+@dataclass(frozen=True)
+class _Table:
+    """A dm table: ``(start, end, node or None, byte offset)`` segments (``None``: zero/error)."""
+
+    segments: tuple[tuple[int, int, "_Node | None", int], ...]
+
+
+_Node = Union[_Leaf, _Window, _Striped, _Opaque, _Table]
+
+
+def _min_end(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
+def _extents(node: _Node, start: int, end: int | None) -> set[Extent]:
+    """The extents holding bytes ``[start, end)`` of ``node``."""
+    if end is not None and end <= start:
+        return set()
+    if isinstance(node, _Leaf):
+        return {Extent(node.base, start, end)}
+    if isinstance(node, _Window):
+        s = node.start + start
+        e = node.end if end is None else _min_end(node.start + end, node.end)
+        return _extents(node.node, s, e)
+    if isinstance(node, _Opaque):
+        return set(node.extents)
+    if isinstance(node, _Striped):
+        return _striped_extents(node, start, end)
+    out: set[Extent] = set()
+    for s, e, child, offset in node.segments:
+        lo, hi = max(start, s), e if end is None else min(end, e)
+        if lo < hi and child is not None:
+            out |= _extents(child, offset + lo - s, offset + hi - s)
+    return out
+
+
+def _striped_extents(node: _Striped, start: int, end: int | None) -> set[Extent]:
+    n, chunk = len(node.legs), node.chunk
+    if end is None:  # segments are always bounded; kept total for safety
+        return {x for leg, off in node.legs for x in _extents(leg, off, None)}
+    first, last = start // chunk, (end - 1) // chunk
+    out: set[Extent] = set()
+    for i, (leg, off) in enumerate(node.legs):
+        k0 = first + (i - first) % n  # first chunk of the range on leg i
+        if k0 > last:
+            continue
+        k1 = last - (last - i) % n  # last chunk of the range on leg i
+        lo = (k0 // n) * chunk + (start % chunk if k0 == first else 0)
+        hi = (k1 // n) * chunk + ((end - 1) % chunk + 1 if k1 == last else chunk)
+        out |= _extents(leg, off + lo, off + hi)
+    return out
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a reference is: the extents its bytes live on, and how it got there.
+
+    ``ref`` is the reference as given, ``path`` what it resolved to (an absolute path, a URI, or
+    ``major:minor`` for a device without a node), ``via`` the chain of layers for messages, e.g.
+    ``("/dev/loop3", "/srv/c.img")``.
+    """
+
+    ref: str
+    path: str
+    extents: frozenset[Extent]
+    via: tuple[str, ...]
+    _node: "_Node | None" = field(repr=False, compare=False, hash=False, default=None)
+    _start: int = field(repr=False, compare=False, hash=False, default=0)
+    _end: int | None = field(repr=False, compare=False, hash=False, default=None)
+
+    def overlaps(self, other: "Identity") -> bool:
+        """True when the two share at least one byte."""
+        return any(a.overlaps(b) for a in self.extents for b in other.extents)
+
+    def slice(self, start: int, length: int) -> "Identity":
+        """Bytes ``[start, start + length)`` of this device, as an ``Identity``.
+
+        Exact through loop offsets and size limits, partitions, ``linear`` and ``striped``
+        tables; the whole underlying set through any other target.
+        """
+        if start < 0 or length < 0:
+            raise InvalidArgument(f"bad byte range {start}+{length}", device=self.ref)
+        node = self._node if self._node is not None else _Opaque(self.extents)
+        s = self._start + start
+        e = _min_end(s + length, self._end)
+        return Identity(self.ref, self.path, frozenset(_extents(node, s, e)), self.via, node, s, e)
+
+    def describe(self) -> str:
+        """``"/dev/loop3 (backed by /srv/c.img)"``: the path and what it maps."""
+        if len(self.via) > 1:
+            return f"{self.via[0]} (backed by {', '.join(self.via[1:])})"
+        return self.path
+
+
+# --- resolution -------------------------------------------------------------------------------------
+class _Resolver:
+    """One resolution pass: caches what it reads (sysfs, the backend's device list and tables)."""
+
+    def __init__(self, dm: "DeviceMapper | None") -> None:
+        self.dm = dm
+        self._dm_devices: dict[tuple[int, int], str] | None = None
+        self._nodes: dict[tuple[int, int], tuple[_Node, tuple[str, ...]]] = {}
+        self._busy: set[tuple[int, int]] = set()
+
+    # the backend's devices
+    def dm_devices(self) -> dict[tuple[int, int], str]:
+        if self._dm_devices is None:
+            self._dm_devices = {}
+            if self.dm is not None:
+                for entry in self.dm.list():
+                    self._dm_devices[(entry.major, entry.minor)] = entry.name
+        return self._dm_devices
+
+    def dm_device_named(self, name: str) -> tuple[int, int]:
+        for devno, n in self.dm_devices().items():
+            if n == name:
+                return devno
+        raise DeviceNotFound("no such device", operation="identify", device=name)
+
+    # references
+    def reference(self, ref: str, cwd: str | None) -> tuple[str, _Node, tuple[str, ...]]:
+        """``(path, node, via)`` for a reference as a caller or a table spells it."""
+        scheme = ref.split(":", 1)[0].lower() if "://" in ref else ""
+        if scheme in _NBD_SCHEMES:
+            uri = normalize_nbd_uri(ref)
+            return uri, _Leaf(("nbd", uri)), (uri,)
+        m = _DEVNO.match(ref) or _DEV_BLOCK.match(ref)
+        if m and (not ref.startswith("/") or not os.path.lexists(ref)):
+            # /dev/block/M:m is udev's spelling; where udev made no such link it means the same
+            devno = (int(m.group(1)), int(m.group(2)))
+            node, via = self.block(devno)
+            return via[0], node, via
+        path = ref if os.path.isabs(ref) else os.path.join(cwd or os.getcwd(), ref)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError as err:
+            raise DeviceNotFound("no such file or device", errno=errno.ENOENT, operation="identify",
+                                 device=ref) from err
+        except OSError as err:
+            raise DMError(f"cannot stat: {err.strerror}", errno=err.errno, operation="identify",
+                          device=ref) from err
+        real = os.path.realpath(path)
+        if stat.S_ISBLK(st.st_mode):
+            devno = (os.major(st.st_rdev), os.minor(st.st_rdev))
+            node, via = self.block(devno)
+            return real, node, (real,) + via[1:]
+        if stat.S_ISREG(st.st_mode):
+            own = self.exposed_file(real, st)
+            if own is not None:
+                node, via = self.block(own)
+                return real, node, (real,) + via[1:]
+            return real, _Leaf(("file", st.st_dev, st.st_ino)), (real,)
+        raise InvalidArgument("not a block device or regular file", errno=errno.ENOTBLK,
+                              operation="identify", device=ref)
+
+    def exposed_file(self, real: str, st: os.stat_result) -> tuple[int, int] | None:
+        """The backend device whose exposure (FUSE file behind its loop device) ``real`` is."""
+        if os.major(st.st_dev) != 0 or self.dm is None:  # FUSE files live on anonymous devices
+            return None
+        for devno in self.dm_devices():
+            backing = _sysfs(devno, "loop/backing_file")
+            if backing == real:
+                return devno
+        return None
+
+    # block devices
+    def block(self, devno: tuple[int, int]) -> tuple[_Node, tuple[str, ...]]:
+        """``(node, via)`` for block device ``devno`` (memoised; cycles are refused)."""
+        known = self._nodes.get(devno)
+        if known is not None:
+            return known
+        if devno in self._busy:
+            raise InvalidArgument(f"{devno[0]}:{devno[1]} maps itself", operation="identify")
+        self._busy.add(devno)
+        try:
+            result = self._block(devno)
+        finally:
+            self._busy.discard(devno)
+        self._nodes[devno] = result
+        return result
+
+    def _block(self, devno: tuple[int, int]) -> tuple[_Node, tuple[str, ...]]:
+        text = f"{devno[0]}:{devno[1]}"
+        name = self.dm_devices().get(devno)
+        if name is not None:
+            return self.dm_table(name, devno)
+        sysdir = f"{SYS_DEV_BLOCK}/{text}"
+        if not os.path.isdir(sysdir):
+            raise DeviceNotFound("no such block device", errno=errno.ENXIO, operation="identify",
+                                 device=text)
+        path = _dev_path(devno)
+        backing = _sysfs(devno, "loop/backing_file")
+        if backing is not None:
+            return self.loop(devno, path, backing)
+        start = _sysfs(devno, "start") if os.path.exists(f"{sysdir}/partition") else None
+        if start is not None:
+            parent = _sysfs_devno(os.path.join(os.path.realpath(sysdir), "..", "dev"))
+            size = int(_sysfs(devno, "size") or 0) * SECTOR
+            node, via = self.block(parent)
+            offset = int(start) * SECTOR
+            return _Window(node, offset, offset + size), (path,) + via
+        slaves = _slaves(devno)
+        if slaves:  # a kernel dm device or md array seen without its backend: conservative
+            out: set[Extent] = set()
+            chain: list[str] = [path]
+            for slave in slaves:
+                node, via = self.block(slave)
+                out |= _extents(node, 0, None)
+                chain.extend(v for v in via if v not in chain)
+            return _Opaque(frozenset(out)), tuple(chain)
+        return _Leaf(("blk", devno[0], devno[1])), (path,)
+
+    def loop(self, devno: tuple[int, int], path: str,
+             backing: str) -> tuple[_Node, tuple[str, ...]]:
+        offset = int(_sysfs(devno, "loop/offset") or 0)
+        limit = int(_sysfs(devno, "loop/sizelimit") or 0)
+        end = offset + limit if limit else None
+        try:
+            bpath, node, via = self.reference(backing, None)
+        except DeviceNotFound:
+            # The file was unlinked (" (deleted)"): the loop device still knows its inode.
+            from dmtools import loop as _loop
+
+            status = _loop.status(path)
+            node, via = _Leaf(("file", status.device, status.inode)), (backing,)
+        return _Window(node, offset, end), (path,) + via
+
+    def dm_table(self, name: str, devno: tuple[int, int]) -> tuple[_Node, tuple[str, ...]]:
+        """The node of a backend device from its live table."""
+        from dmtools.table import Linear, Striped, Zero, Error
+
+        assert self.dm is not None
+        try:
+            table = self.dm.table(name)
+        except DeviceNotFound:
+            table = None
+        try:
+            path = self.dm.device_path(name)
+        except DMError:  # an engine device that is not exposed
+            path = f"{devno[0]}:{devno[1]}"
+        chain: list[str] = [path]
+        segments: list[tuple[int, int, _Node | None, int]] = []
+
+        def child(ref: str) -> _Node:
+            _, node, via = self.reference(ref, "/")
+            chain.extend(v for v in via if v not in chain)
+            return node
+
+        for line in (table.lines if table is not None else ()):
+            start, end = line.start * SECTOR, (line.start + line.length) * SECTOR
+            tgt = line.target
+            node: _Node | None
+            if isinstance(tgt, Linear):
+                node, offset = child(tgt.device), tgt.offset * SECTOR
+            elif isinstance(tgt, Striped):
+                legs = tuple((child(leg.device), leg.offset * SECTOR) for leg in tgt.stripes)
+                node, offset = _Striped(tgt.chunk_size * SECTOR, legs), 0
+            elif isinstance(tgt, (Zero, Error)) and not tgt.devices:
+                node, offset = None, 0
+            else:
+                refs = list(tgt.devices) or self._deps(name, tgt.params)
+                whole = set()
+                for ref in refs:
+                    whole |= _extents(child(ref), 0, None)
+                node, offset = _Opaque(frozenset(whole)), 0
+            segments.append((start, end, node, offset))
+        return _Table(tuple(segments)), tuple(chain)
+
+    def _deps(self, name: str, params: str) -> list[str]:
+        """Devices of a target this library does not model: its ``deps`` (block devices) and
+        every argument that is ``major:minor`` or an absolute path of a file or block device
+        (a userspace table names regular files by path; ``deps`` cannot list them)."""
+        assert self.dm is not None
+        refs = [f"{a}:{b}" for a, b in self.dm.deps(name)]
+        for arg in params.split():
+            if arg in refs:
+                continue
+            if _DEVNO.match(arg) or (arg.startswith("/") and _is_device_or_file(arg)):
+                refs.append(arg)
+        return refs
+
+
+def _is_device_or_file(path: str) -> bool:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISBLK(mode) or stat.S_ISREG(mode)
+
+
+def _sysfs(devno: tuple[int, int], attr: str) -> str | None:
+    try:
+        with open(f"{SYS_DEV_BLOCK}/{devno[0]}:{devno[1]}/{attr}") as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return None
+
+
+def _sysfs_devno(path: str) -> tuple[int, int]:
+    with open(path) as f:
+        major, minor = f.read().strip().split(":")
+    return int(major), int(minor)
+
+
+def _slaves(devno: tuple[int, int]) -> list[tuple[int, int]]:
+    base = f"{SYS_DEV_BLOCK}/{devno[0]}:{devno[1]}/slaves"
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        try:
+            out.append(_sysfs_devno(f"{base}/{name}/dev"))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _dev_path(devno: tuple[int, int]) -> str:
+    """``/dev/NAME`` of a block device (``/dev/block/M:m`` when sysfs has no name)."""
+    uevent = _sysfs(devno, "uevent") or ""
+    for line in uevent.splitlines():
+        if line.startswith("DEVNAME="):
+            return "/dev/" + line[len("DEVNAME="):]
+    return f"/dev/block/{devno[0]}:{devno[1]}"
+
+
+def normalize_nbd_uri(uri: str) -> str:
+    """One spelling per NBD export: lower-case scheme and host, the default port made explicit."""
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.lower()
+    netloc = parts.netloc
+    if "unix" not in scheme and "vsock" not in scheme:
+        host = (parts.hostname or "localhost").lower()
+        host = f"[{host}]" if ":" in host else host
+        netloc = f"{host}:{parts.port or NBD_PORT}"
+    query = "&".join(sorted(q for q in parts.query.split("&") if q))
+    export = parts.path[1:] if parts.path.startswith("/") else parts.path
+    return f"{scheme}://{netloc}/{export}" + (f"?{query}" if query else "")
+
+
+# --- the public API ---------------------------------------------------------------------------------
+def identify(
+    ref: "str | os.PathLike[str]", *, dm: "DeviceMapper | None" = None, cwd: str | None = None
+) -> Identity:
+    """Resolve ``ref`` to the bytes it names.
+
+    ``ref`` is a path (absolute, or relative to ``cwd``, default the caller's working directory;
+    symlinks followed), ``major:minor`` or an NBD URI. ``dm`` is the backend whose devices (and
+    engine-internal devices) are looked through; without it a dm device is resolved from sysfs.
+    Raises ``DeviceNotFound`` (nothing there), ``InvalidArgument`` (not a block device, file or
+    URI; a table that maps itself) or ``DMError`` (the backend failed).
+    """
+    text = os.fspath(ref)
+    if not isinstance(text, str) or not text:
+        raise InvalidArgument(f"not a device reference: {ref!r}", operation="identify")
+    resolver = _Resolver(dm)
+    path, node, via = resolver.reference(text, cwd)
+    return Identity(text, path, frozenset(_extents(node, 0, None)), via, node)
+
+
+def ensure_disjoint(
+    refs: Mapping[str, "str | os.PathLike[str] | Identity"], *, dm: "DeviceMapper | None" = None,
+    cwd: str | None = None,
+) -> dict[str, Identity]:
+    """Identify every role's reference; raise ``DeviceConflict`` when two share bytes.
+
+    ``refs`` maps a role as the user knows it (``"--cow"``, ``"the origin"``) to a reference or an
+    ``Identity``. The error names both roles and how they alias, e.g. ``--cow /srv/c.img and the
+    origin /dev/loop3 are the same bytes (/dev/loop3 is backed by /srv/c.img)``.
+    """
+    idents: dict[str, Identity] = {}
+    for role, ref in refs.items():
+        idents[role] = ref if isinstance(ref, Identity) else identify(ref, dm=dm, cwd=cwd)
+    roles = list(idents)
+    for i, a in enumerate(roles):
+        for b in roles[i + 1:]:
+            ia, ib = idents[a], idents[b]
+            if ia.overlaps(ib):
+                raise DeviceConflict(conflict_message(a, ia, b, ib))
+    return idents
+
+
+def conflict_message(role_a: str, a: Identity, role_b: str, b: Identity) -> str:
+    """``"<role a> <ref a> and <role b> <ref b> are the same bytes (<how>)"``."""
+    what = "are the same bytes" if a.extents == b.extents else "share bytes"
+    how = [f"{x.ref} is {x.path}" for x in (a, b) if x.ref != x.path and len(x.via) == 1]
+    how += [f"{x.via[0]} is backed by {', '.join(x.via[1:])}" for x in (a, b) if len(x.via) > 1]
+    if not how and a.ref != b.ref:
+        how = [f"both are {a.path}"]
+    suffix = f" ({'; '.join(how)})" if how else ""
+    return f"{role_a} {a.ref} and {role_b} {b.ref} {what}{suffix}"
+
+
+def users(ident: Identity, dm: "DeviceMapper") -> list[str]:
+    """Names of ``dm``'s live devices whose tables map any byte of ``ident``, sorted."""
+    resolver = _Resolver(dm)
+    out = []
+    for devno, name in sorted(resolver.dm_devices().items(), key=lambda kv: kv[1]):
+        try:
+            node, _ = resolver.block(devno)
+        except (DeviceNotFound, InvalidArgument):
+            continue  # removed meanwhile, or a reference that no longer resolves
+        if any(x.overlaps(y) for x in _extents(node, 0, None) for y in ident.extents):
+            out.append(name)
+    return out
