@@ -81,6 +81,28 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return p  # type: ignore[no-any-return]
 
 
+#: Bounds of the numeric options: a worker thread each (the kernel's kcopyd has one), and pages of
+#: 4 KiB (1 GiB at most), so a typo is refused before threads or memory run out.
+MAX_THREADS = 256
+MAX_NUM_PAGES = 1 << 18
+
+
+def _int_in(low: int, high: int) -> Any:
+    """An argparse ``type``: an integer from ``low`` to ``high`` (argparse reports the error)."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not in {low}..{high}")
+        return value
+
+    convert.__name__ = "integer"
+    return convert
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``copy`` options (shared by ``dmtools copy`` and ``python -m kcopyd``)."""
     p.add_argument("src", metavar="SRC", help="source: PATH[@SECTOR][+COUNT]")
@@ -92,7 +114,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="show a progress bar (same as --progress without FD)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar even on a terminal")
     p.add_argument("--rate", metavar="SIZE", help="limit to SIZE bytes per second (50M, 1G)")
-    p.add_argument("--throttle", type=int, default=100, metavar="PERCENT",
+    p.add_argument("--throttle", type=_int_in(1, 100), default=100, metavar="PERCENT",
                    help="duty cycle: percent of time with I/O in flight (kernel kcopyd throttle)")
     p.add_argument("--ignore-errors", action="store_true",
                    help="carry on after errors (unreadable ranges are written as zeros)")
@@ -102,11 +124,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flush", action="store_true", help="make the destinations durable before exiting")
     # 1 MiB requests (dd's bs=1M, the kernel's largest kcopyd_subjob_size_kb), four in flight:
     # a working set that stays in the CPU caches between a read and its writes.
-    p.add_argument("--num-pages", type=int, default=1024, metavar="N",
+    p.add_argument("--num-pages", type=_int_in(1, MAX_NUM_PAGES), default=1024, metavar="N",
                    help="buffer pages of 4 KiB (default 1024 = 4 MiB)")
     p.add_argument("--sub-job-size", default="1M", metavar="SIZE",
                    help="sub-job size, 512 bytes to 1M (default 1M)")
-    p.add_argument("--threads", type=int, default=8, metavar="N", help="I/O worker threads (default 8)")
+    p.add_argument("--threads", type=_int_in(1, MAX_THREADS), default=8, metavar="N",
+                   help=f"I/O worker threads, 1..{MAX_THREADS} (default 8)")
     p.add_argument("--no-offload", action="store_true", help="never use copy_file_range")
     p.add_argument("--keep-cache", action="store_true",
                    help="keep an uncached file source's pages in the page cache (by default they are "

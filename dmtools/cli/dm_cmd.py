@@ -37,11 +37,47 @@ class IntermixedParser(argparse.ArgumentParser):
     ) -> tuple[argparse.Namespace, list[str]]:
         if self._intermixing:  # the two passes of parse_known_intermixed_args
             return super().parse_known_args(args, namespace)
+        args = list(sys.argv[1:] if args is None else args)
         self._intermixing = True
         try:
+            if "--" in args:
+                return self._parse_operands_after_dashes(args, namespace)
             return self.parse_known_intermixed_args(args, namespace)
         finally:
             self._intermixing = False
+
+    def _parse_operands_after_dashes(
+        self, args: list[str], namespace: Any
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """Options before ``--``; everything after it is an operand (a name such as ``-x``).
+
+        ``parse_known_intermixed_args`` drops the ``--`` in its first pass (Python 3.11), so the
+        operands after it were read as options: the options are taken from the words before
+        ``--`` with the positionals switched off, then the positionals from what is left.
+        """
+        cut = args.index("--")
+        positionals = self._get_positional_actions()
+        saved = [(a, a.nargs, a.default) for a in positionals]
+        for action in positionals:
+            action.nargs = argparse.SUPPRESS
+            action.default = argparse.SUPPRESS
+        try:
+            namespace, words = super().parse_known_args(args[:cut], namespace)
+        finally:
+            for action, nargs, default in saved:
+                action.nargs, action.default = nargs, default
+        unknown = [w for w in words if w.startswith("-")]
+        operands = [w for w in words if not w.startswith("-")]
+        optionals = self._get_optional_actions()
+        required = [(a, a.required) for a in optionals]
+        for action in optionals:
+            action.required = False
+        try:
+            namespace, extra = super().parse_known_args(operands + args[cut:], namespace)
+        finally:
+            for action, was in required:
+                action.required = was
+        return namespace, unknown + extra
 
 
 def _read_table(args: argparse.Namespace, *, required: bool) -> str | None:
@@ -67,10 +103,17 @@ def _read_table(args: argparse.Namespace, *, required: bool) -> str | None:
             raise InvalidArgument(
                 f"cannot read table file: {err.strerror}", errno=err.errno, device=args.table_file
             ) from err
+        except UnicodeDecodeError as err:
+            raise InvalidArgument(
+                f"table file is not UTF-8 text (byte {err.start})", device=args.table_file
+            ) from err
     if getattr(args, "notable", False):
         return None
     if sys.stdin is not None and not sys.stdin.isatty():  # None: started with stdin closed
-        text = sys.stdin.read()
+        try:
+            text = sys.stdin.read()
+        except UnicodeDecodeError as err:
+            raise InvalidArgument(f"the table on stdin is not UTF-8 text (byte {err.start})") from err
         if text.strip():
             return text
     if required:
