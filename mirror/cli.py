@@ -19,6 +19,7 @@ import argparse
 import threading
 from typing import Any, Callable
 
+from dmtools.cli.main import device_argument, log_argument
 from dmtools.errors import InvalidArgument
 from dmtools.units import SECTOR, parse_size
 
@@ -233,8 +234,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
     p = sub.add_parser("create", help="create and activate a mirror")
     p.add_argument("name")
-    p.add_argument("legs", metavar="LEG", nargs="+", help="2 to 9 devices of one size")
-    p.add_argument("--log", default="core", metavar="DEV|core", help="disk log device, or core (default)")
+    p.add_argument("legs", metavar="LEG", nargs="+", type=device_argument, help="2 to 9 devices of one size")
+    p.add_argument("--log", default="core", metavar="DEV|core", type=log_argument,
+                   help="disk log device, or core (default)")
     p.add_argument("--region-size", default="512K", metavar="SIZE", help="region size (default 512K)")
     p.add_argument("--nosync", action="store_true", help="the legs are already identical: skip the resync")
     p.add_argument("--handle-errors", action="store_true",
@@ -276,7 +278,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("repair", help="replace a failed leg and resync it")
     p.add_argument("name")
     p.add_argument("leg", help="leg index or device")
-    p.add_argument("new_leg", metavar="NEW_LEG")
+    p.add_argument("new_leg", metavar="NEW_LEG", type=device_argument)
     p.add_argument("--no-wait", action="store_true", help="return once the new table is live")
     _progress_args(p)
     _json(p)
@@ -292,8 +294,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
     p = sub.add_parser("add-leg", help="add a leg (turns a linear device into a mirror)")
     p.add_argument("name")
-    p.add_argument("new_leg", metavar="NEW_LEG")
-    p.add_argument("--log", default="core", metavar="DEV|core", help="log for a new mirror")
+    p.add_argument("new_leg", metavar="NEW_LEG", type=device_argument)
+    p.add_argument("--log", default="core", metavar="DEV|core", type=log_argument, help="log for a new mirror")
     p.add_argument("--region-size", default="512K", metavar="SIZE")
     p.add_argument("--no-wait", action="store_true")
     _progress_args(p)

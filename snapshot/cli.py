@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from dmtools.cli.main import device_argument
 from dmtools.errors import InvalidArgument
 from dmtools.units import SECTOR, format_size, parse_size
 
@@ -186,7 +187,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
     c = sub.add_parser("create", help="snapshot ORIGIN into a COW device")
     c.add_argument("origin", metavar="ORIGIN", help="device-mapper device to snapshot")
-    c.add_argument("--cow", required=True, metavar="DEV", help="COW device or file (its header is wiped)")
+    c.add_argument("--cow", required=True, metavar="DEV", type=device_argument, help="COW device or file (its header is wiped)")
     c.add_argument("--name", required=True, help="name of the snapshot device")
     c.add_argument("--chunk-size", default="4K", metavar="SIZE",
                    help="chunk size: sectors, or with a unit (default 4K, LVM's)")
@@ -195,7 +196,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
     a = sub.add_parser("activate", help="activate an existing persistent COW of ORIGIN")
     a.add_argument("origin", metavar="ORIGIN")
-    a.add_argument("--cow", required=True, metavar="DEV")
+    a.add_argument("--cow", required=True, metavar="DEV", type=device_argument)
     a.add_argument("--name", required=True)
     a.set_defaults(func=cmd_activate)
 

@@ -107,6 +107,20 @@ def emit(args: argparse.Namespace, data: Any, text: Callable[[], str] | str) -> 
             print(out)
 
 
+def device_argument(text: str) -> str:
+    """An argparse ``type`` for a device operand: a relative path is made absolute in the caller's
+    working directory (``MAJ:MIN``, URIs and absolute paths stay as given), so it names the same
+    file wherever it travels (the daemon has a working directory of its own)."""
+    from dmtools.engine.protocol import absolute_reference
+
+    return absolute_reference(text) if text else text
+
+
+def log_argument(text: str) -> str:
+    """``device_argument`` for a mirror log operand, keeping the keyword ``core``."""
+    return text if text == "core" else device_argument(text)
+
+
 GLOBAL_FLAGS = ("--json", "--debug")
 
 

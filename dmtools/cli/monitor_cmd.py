@@ -23,6 +23,7 @@ import threading
 import time
 from typing import Any
 
+from dmtools.cli import main as cli_main
 from dmtools.errors import DMError
 from dmtools.events.delivery import CursorSink, JsonLinesFile, event_line
 from dmtools.events.state import DEFAULT_THRESHOLDS, DeviceState, parse_thresholds
@@ -55,7 +56,8 @@ def register(subparsers: Any) -> None:
                    help="grow the COW by PCT %% of its size (default 20)")
     p.add_argument("--mirror-policy", choices=MIRROR_POLICIES, default="none",
                    help="on a failed mirror leg: report it (degraded) or replace it by --spare (repair)")
-    p.add_argument("--spare", metavar="DEV", help="spare device for --mirror-policy repair")
+    p.add_argument("--spare", metavar="DEV", type=cli_main.device_argument,
+                   help="spare device for --mirror-policy repair")
     p.add_argument("--config", metavar="FILE",
                    help='JSON policies: {"defaults": {...}, "devices": {"NAME": {...}}}')
     p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",

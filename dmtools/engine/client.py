@@ -38,7 +38,7 @@ class UserspaceClient(DeviceMapper):
     backend = "userspace"
 
     def __init__(self, run_dir: str | None = None) -> None:
-        self.run_dir = run_dir or protocol.run_dir()
+        self.run_dir = os.path.abspath(run_dir or protocol.run_dir())
         self.socket_path = protocol.socket_path(self.run_dir)
         self._lock = threading.Lock()
         self._sock: socket.socket | None = self._connect()
@@ -70,13 +70,16 @@ class UserspaceClient(DeviceMapper):
     # --- DeviceMapper -------------------------------------------------------------------------
     def create(self, name: str, table: "Table | str | None" = None, *, uuid: str = "",
                readonly: bool = False) -> DeviceInfo:
-        result: DeviceInfo = self.call("create", name=name,
-                                       table=None if table is None else str(table), uuid=uuid,
+        """As ``DeviceMapper.create``; relative device paths are resolved in the caller's
+        working directory before the table reaches the daemon."""
+        text = None if table is None else str(protocol.absolute_table(table))
+        result: DeviceInfo = self.call("create", name=name, table=text, uuid=uuid,
                                        readonly=readonly)
         return result
 
     def load(self, name: str, table: "Table | str", *, readonly: bool = False) -> None:
-        self.call("load", name=name, table=str(table), readonly=readonly)
+        """As ``DeviceMapper.load``; relative device paths are made absolute as for ``create``."""
+        self.call("load", name=name, table=str(protocol.absolute_table(table)), readonly=readonly)
 
     def suspend(self, name: str, *, noflush: bool = False) -> None:
         self.call("suspend", name=name, noflush=noflush)
@@ -208,7 +211,7 @@ def _unpack(verb: str, reply: Any) -> Any:
 
 def start_daemon(run_dir: str | None = None, timeout: float = START_TIMEOUT) -> None:
     """Start a daemon in the background and wait until it serves (or another one already does)."""
-    directory = run_dir or protocol.run_dir()
+    directory = os.path.abspath(run_dir or protocol.run_dir())
     os.makedirs(directory, mode=0o755, exist_ok=True)
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "dmtools.engine.daemon", "--run-dir", directory,

@@ -53,7 +53,7 @@ class Daemon:
     """The engine plus its control socket."""
 
     def __init__(self, run_dir: str | None = None, *, expose: bool | None = None) -> None:
-        self.run_dir = run_dir or protocol.run_dir()
+        self.run_dir = os.path.abspath(run_dir or protocol.run_dir())
         self.socket_path = protocol.socket_path(self.run_dir)
         self.pid_path = os.path.join(self.run_dir, "daemon.pid")
         self._expose = expose
@@ -300,6 +300,8 @@ class Daemon:
                                      operation="shutdown")
             self.stop()
             return None
+        if verb in ("create", "load"):
+            protocol.refuse_relative_paths(verb, args.get("table"))
         if verb == "table":
             return eng.table_text(args["name"], inactive=bool(args.get("inactive", False)))
         method = getattr(eng, verb)
@@ -328,6 +330,9 @@ def run(*, foreground: bool, run_dir: str | None = None, ready_fd: int = -1) -> 
     """Start and serve a daemon; returns the exit status."""
     daemon = Daemon(run_dir)
     daemon.shutdown_limit = SHUTDOWN_LIMIT
+    # A daemon's working directory is nobody's: a relative path a client let through would not
+    # name the caller's file (the protocol refuses them; see protocol.refuse_relative_paths).
+    os.chdir("/")
     try:
         daemon.start()
     except DaemonError as err:

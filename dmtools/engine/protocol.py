@@ -14,12 +14,16 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import socket
 import struct
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from dmtools import errors
 from dmtools.backend import DeviceEntry, DeviceInfo, StatusLine, Versions
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dmtools.table import Table
 
 #: Longest accepted message (a table of many thousand lines fits easily).
 MAX_MESSAGE = 16 << 20
@@ -75,11 +79,67 @@ def run_dir() -> str:
     """
     override = os.environ.get("DMTOOLS_RUN_DIR")
     if override:
-        return override
+        return os.path.abspath(override)
     if os.geteuid() == 0:
         return "/run/dmtools"
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     return os.path.join(runtime, "dmtools") if runtime else f"/tmp/dmtools-{os.geteuid()}"
+
+
+_DEVNO = re.compile(r"^[0-9]+:[0-9]+$")
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_relative_path(ref: str) -> bool:
+    """Whether a table's device reference is a relative path (not ``MAJ:MIN``, a URI or ``/…``)."""
+    return not (ref.startswith("/") or _DEVNO.match(ref) or _URI.match(ref))
+
+
+def absolute_reference(ref: str, cwd: str | None = None) -> str:
+    """``ref`` with a relative path made absolute in ``cwd`` (the caller's working directory).
+
+    ``MAJ:MIN``, URIs and absolute paths are returned as given. A relative path is joined to the
+    directory, as the kernel's ``lookup_bdev`` would resolve it for the process that loads the
+    table; ``..`` is kept as written (a symlinked directory may stand before it), only ``.``
+    components and doubled slashes are dropped.
+    """
+    if not is_relative_path(ref):
+        return ref
+    joined = os.path.join(cwd if cwd is not None else os.getcwd(), ref)
+    if ".." in joined.split("/"):
+        return joined
+    return os.path.normpath(joined)
+
+
+def absolute_table(table: "Table | str") -> "Table":
+    """``table`` (a ``Table`` or its text) with every relative device path made absolute in the
+    calling process's working directory: what a client sends to the daemon, which has its own."""
+    from dmtools.table import Table
+
+    parsed = Table.parse(table) if isinstance(table, str) else table
+    cwd = os.getcwd()
+    return parsed.map_devices(lambda ref: absolute_reference(ref, cwd))
+
+
+def refuse_relative_paths(verb: str, table_text: Any) -> None:
+    """Raise ``InvalidArgument`` when a table sent to the daemon names a device by a relative path.
+
+    The daemon's working directory is not the caller's, so such a path would name another file
+    (issue 15: ``dev/loop14`` mapped the real ``/dev/loop14``); clients send absolute paths.
+    """
+    if not isinstance(table_text, str):
+        return  # no table (create without one), or a type error the engine reports
+    from dmtools.table import Table
+
+    try:
+        devices = Table.parse(table_text).devices()
+    except errors.DMError:
+        return  # the engine reports the table's own error
+    relative = [ref for ref in devices if is_relative_path(ref)]
+    if relative:
+        raise errors.InvalidArgument(
+            f"relative device path {relative[0]!r}: the daemon cannot resolve it in the caller's "
+            "working directory; give an absolute path", operation=verb)
 
 
 def socket_path(directory: str | None = None) -> str:
