@@ -91,3 +91,20 @@ def dm(
         return str(make_loop(make_image(size)).path)
 
     yield Harness(kdm, "kernel", backing)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Any]:
+    """A ``Daemon`` without exposure serving ``tmp_path/run`` on a thread; stopped at teardown."""
+    from dmtools.engine.daemon import Daemon
+
+    d = Daemon(str(tmp_path / "run"), expose=False)
+    d.start()
+    t = threading.Thread(target=d.serve, daemon=True)
+    t.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+        t.join(10)
+        assert not t.is_alive()

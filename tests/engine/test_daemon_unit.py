@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 
 import pytest
@@ -14,20 +13,6 @@ from dmtools.engine import protocol
 from dmtools.engine.client import UserspaceClient
 from dmtools.engine.daemon import Daemon
 from dmtools.errors import DaemonError, DeviceExists, DeviceNotFound, InvalidTable, NoSpace
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    d = Daemon(str(tmp_path / "run"), expose=False)
-    d.start()
-    t = threading.Thread(target=d.serve, daemon=True)
-    t.start()
-    try:
-        yield d
-    finally:
-        d.stop()
-        t.join(10)
-        assert not t.is_alive()
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ daemon, whose working directory is its own, refuses a table that still holds one
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,19 +44,6 @@ def test_absolute_table_rewrites_every_relative_reference(monkeypatch: pytest.Mo
     table = protocol.absolute_table(text)
     assert table.devices() == (f"{tmp_path}/dev/a", f"{tmp_path}/b", "/dev/loop1", "7:3")
     assert protocol.absolute_table(Table.parse(text)) == table
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(str(tmp_path / "run"), expose=False)
-    d.start()
-    server = threading.Thread(target=d.serve, daemon=True)
-    server.start()
-    try:
-        yield d
-    finally:
-        d.stop()
-        server.join(10)
 
 
 @pytest.mark.parametrize("verb", ["create", "load"])
