@@ -4,7 +4,9 @@ Each of SRC and DST may carry ``@SECTOR`` (start) and ``+COUNT`` (length), sizes
 (``disk.img@1M+512M``, ``/dev/loop0@2048``); a bare number is in sectors. Without ``+COUNT`` the
 copy runs from the source's start to its end. ``null:`` as a destination discards the data (as
 nbdcopy's). Missing destination files are created and short ones extended (regular files only);
-block devices must be large enough.
+block devices must be large enough. An NBD URI (``nbd://HOST/EXPORT``,
+``nbd+unix:///EXPORT?socket=PATH``, ``nbds://`` with TLS) names an export, taken whole (no
+``@``/``+`` suffix); an export written to is flushed when the copy ends.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Sequence
 
 from dmtools.endpoint import Endpoint, NullEndpoint
 from dmtools.errors import DMError, InvalidArgument
+from dmtools.nbd.uri import is_nbd_uri
 from dmtools.units import SECTOR, format_size, parse_sectors, parse_size
 
 __all__ = ["register", "cmd_copy", "parse_spec", "Spec", "main"]
@@ -30,7 +33,9 @@ Copy a device range to up to 8 destinations with kcopyd.
 
 SRC and each DST may carry @SECTOR (start) and +COUNT (length), with units: disk.img@1M+512M,
 /dev/loop0@2048 (a bare number is in sectors). Without +COUNT the copy runs to the end of the
-source. null: as a destination discards the data. Missing destination files are created and short
+source. null: as a destination discards the data. NBD URIs (nbd://HOST[:PORT]/EXPORT,
+nbd+unix:///EXPORT?socket=PATH, nbds://... with TLS) name exports, taken whole; an export written
+to is flushed when the copy ends. Missing destination files are created and short
 ones extended (regular files only); block devices must be large enough. The exit status is 1 when
 any read or write failed, and the message names the destinations that failed.
 """
@@ -56,7 +61,7 @@ def parse_spec(text: str) -> Spec:
     """Parse ``PATH[@SECTOR][+COUNT]``; a path that exists as written is taken whole."""
     if not text:
         raise InvalidArgument("empty device argument", operation="copy")
-    if os.path.exists(text) or text == "null:":
+    if os.path.exists(text) or text == "null:" or is_nbd_uri(text):
         return Spec(text)
     m = _SPEC_RE.match(text)
     assert m is not None  # the pattern matches any string
@@ -124,8 +129,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flush", action="store_true", help="make the destinations durable before exiting")
     # 1 MiB requests (dd's bs=1M, the kernel's largest kcopyd_subjob_size_kb), four in flight:
     # a working set that stays in the CPU caches between a read and its writes.
-    p.add_argument("--num-pages", type=_int_in(1, MAX_NUM_PAGES), default=1024, metavar="N",
-                   help="buffer pages of 4 KiB (default 1024 = 4 MiB)")
+    # An NBD export answers after a round trip through its server: 16 MiB (nbdcopy's queue size)
+    # keeps the sub-jobs of a job in flight.
+    p.add_argument("--num-pages", type=_int_in(1, MAX_NUM_PAGES), default=None, metavar="N",
+                   help="buffer pages of 4 KiB (default 1024 = 4 MiB; 4096 = 16 MiB when an NBD export "
+                        "takes part)")
     p.add_argument("--sub-job-size", default="1M", metavar="SIZE",
                    help="sub-job size, 512 bytes to 1M (default 1M)")
     p.add_argument("--threads", type=_int_in(1, MAX_THREADS), default=8, metavar="N",
@@ -140,8 +148,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _source_size(path: str) -> int:
     from dmtools.blockdev import BlockDevice
+    from dmtools.nbd import NbdEndpoint
 
-    with BlockDevice(path) as ep:
+    with NbdEndpoint(path, connections=1) if is_nbd_uri(path) else BlockDevice(path) as ep:
         return ep.size
 
 
@@ -182,7 +191,10 @@ def cmd_copy(args: argparse.Namespace) -> int:
     reporter = ProgressReporter(fd=progress_fd, bar=reporter_bar if progress_fd is None or args.progress == "bar"
                                 else False, label="copy")
 
-    client = kcopyd.Client(num_pages=args.num_pages, sub_job_size=sub_job, threads=args.threads,
+    num_pages = args.num_pages
+    if num_pages is None:
+        num_pages = 4096 if any(is_nbd_uri(s.path) for s in [src, *dests]) else 1024
+    client = kcopyd.Client(num_pages=num_pages, sub_job_size=sub_job, threads=args.threads,
                            rate=rate, throttle_percent=args.throttle, offload=not args.no_offload,
                            drop_behind=not args.keep_cache)
     created: list[str] = []
@@ -241,7 +253,7 @@ def _prepare_dests(dests: list[Spec], count: int, created: list[str]) -> list[An
 
     need_paths: list[tuple[str, int, bool]] = []
     for d in dests:
-        if d.is_null:
+        if d.is_null or is_nbd_uri(d.path):
             continue
         end = (d.sector + count) * SECTOR
         try:
@@ -276,7 +288,7 @@ def _flush(dests: list[Spec]) -> None:
     from dmtools.blockdev import BlockDevice
 
     for d in dests:
-        if not d.is_null:
+        if not d.is_null and not is_nbd_uri(d.path):  # exports are flushed when kcopyd closes them
             with BlockDevice(d.path, writable=True) as ep:
                 ep.flush()
 

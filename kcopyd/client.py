@@ -747,11 +747,17 @@ class Client:
             job = self._callbacks.get()
             if job is None:
                 return
-            for o in ([job._src] if job._src is not None else []) + job._dests:
+            if job._src is not None:
                 try:
-                    o.close()
+                    job._src.close()
                 except Exception:  # noqa: BLE001
-                    log.exception("kcopyd: closing %s failed", o.region.dev_name)
+                    log.exception("kcopyd: closing %s failed", job._src.region.dev_name)
+            for i, o in enumerate(job._dests):
+                try:
+                    o.close()  # an NBD destination is flushed here
+                except Exception as err:  # noqa: BLE001 - the writes may not be durable
+                    log.warning("kcopyd: closing destination %d (%s) failed: %s", i, o.region.dev_name, err)
+                    job.write_err |= 1 << i
             if job.notify is not None:
                 try:
                     job.notify(job.read_err, job.write_err, job.context)

@@ -2,8 +2,9 @@
 
 A region is the kernel's ``struct dm_io_region`` (include/linux/dm-io.h): a device, a start sector
 and a length in 512-byte sectors. ``dev`` is an open :class:`~dmtools.endpoint.Endpoint` (used as
-is, never closed by kcopyd) or a path to a regular file or block device (opened for the job and
-closed when it completes).
+is, never closed by kcopyd), a path to a regular file or block device, or an NBD URI
+(``nbd://HOST/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``, ``nbds://``; opened for the job and
+closed, a destination flushed, when it completes).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Union
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import DMError, InvalidArgument
+from dmtools.nbd.uri import is_nbd_uri
 from dmtools.units import SECTOR
 
 __all__ = ["MAX_REGIONS", "Region", "DevLike", "OpenRegion", "open_regions"]
@@ -126,6 +128,11 @@ def _open_one(region: Region, *, writable: bool) -> OpenRegion:
     if isinstance(region.dev, Endpoint):
         return OpenRegion(region, region.dev, region.offset, owned=False, zoned=is_zoned(region.dev))
     path = os.fspath(region.dev)
+    if is_nbd_uri(path):
+        from dmtools.nbd import NbdEndpoint
+
+        nbd_ep = NbdEndpoint(path, writable=writable)
+        return OpenRegion(region, nbd_ep, region.offset, owned=True)
     try:
         ep = _open_path(path, writable=writable, offset=region.offset, length=region.nbytes)
     except DMError:

@@ -12,6 +12,7 @@ file is gone).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -100,6 +101,21 @@ def _sweep_loops() -> None:
                 loop.detach(dev)
             except Exception:  # noqa: BLE001 - best-effort sweep of our own leftovers
                 continue
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Bound a test in time: past ``seconds`` every thread's stack is dumped and the run ends.
+
+    For suites whose failure mode is a hang (a copy waiting for I/O that never completes).
+    """
+    import faulthandler
+
+    faulthandler.dump_traceback_later(seconds, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="session", autouse=True)

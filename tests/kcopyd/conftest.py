@@ -12,6 +12,7 @@ import pytest
 import kcopyd
 from dmtools.endpoint import Endpoint
 from dmtools.testing.faults import MemoryEndpoint
+from dmtools.testing.plugin import time_limit
 from kc_helpers import Dev, Recorder, make_writable
 
 #: No kcopyd test may run longer than this: a hang dumps every thread's stack and ends the run.
@@ -21,13 +22,8 @@ TEST_LIMIT = 120
 @pytest.fixture(autouse=True)
 def _bounded() -> Iterator[None]:
     """Bound every test in time, teardown included (a hung copy or destroy cannot stall the suite)."""
-    import faulthandler
-
-    faulthandler.dump_traceback_later(TEST_LIMIT, exit=True)
-    try:
+    with time_limit(TEST_LIMIT):
         yield
-    finally:
-        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture

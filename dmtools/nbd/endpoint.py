@@ -1,0 +1,506 @@
+"""An endpoint on an NBD export, through libnbd: several requests in flight on several connections.
+
+Each connection is one libnbd handle driven by its own poller thread: callers (kcopyd's worker
+threads) queue ``aio_pread``/``aio_pwrite``/``aio_zero`` commands on it and wait for their
+completion, so every connection carries as many requests as there are callers. A second and
+further connections are opened only when the server advertises ``CAN_MULTI_CONN`` (doc/proto.md:
+without it a client should not spread one export over several connections); requests go to the
+least busy connection.
+
+- Holes: ``data_extents`` asks ``BLOCK_STATUS`` in the ``base:allocation`` context; a range that
+  reads as zeros (``STATE_ZERO``) is a hole, whatever ``STATE_HOLE`` says (as nbdcopy does).
+- Zeros: ``zero`` sends ``WRITE_ZEROES`` (the server may punch holes), first with ``FAST_ZERO`` when
+  offered; a server that answers ENOTSUP (zeroing is no faster than writing) gets plain
+  ``WRITE_ZEROES`` from then on. Without ``SEND_WRITE_ZEROES`` zero buffers are written.
+- Durability: ``flush`` sends ``FLUSH`` on every connection that wrote (replies to writes are
+  awaited before, as doc/proto.md requires across connections); ``close`` flushes first.
+- Failures: a failed command raises :class:`~dmtools.errors.DeviceIOError` with the server's errno.
+  A connection whose server goes away fails its commands (ENOTCONN) and is dead for good (libnbd
+  cannot reconnect a handle); a command with no reply within ``timeout`` seconds kills its
+  connection the same way (ETIMEDOUT), so a hung server gives an error, never a hang.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import threading
+import time
+from typing import Any, Callable
+
+from dmtools.endpoint import Endpoint
+from dmtools.errors import DeviceIOError, InvalidArgument
+from dmtools.nbd._lib import load
+from dmtools.nbd.errors import NbdConnectionError
+from dmtools.nbd.uri import NbdUri, parse_uri
+
+__all__ = ["NbdEndpoint", "DEFAULT_CONNECTIONS", "DEFAULT_TIMEOUT", "MAX_REQUEST"]
+
+log = logging.getLogger("dmtools.nbd")
+
+#: Connections per export when the server allows multi-conn (nbdcopy's default --connections).
+DEFAULT_CONNECTIONS = 4
+#: Seconds a command may wait for its reply before its connection is declared dead.
+DEFAULT_TIMEOUT = 30.0
+#: Largest READ/WRITE payload sent: 32 MiB, what every server must accept (doc/proto.md
+#: "Block size constraints"; qemu-nbd's maximum, the kernel's max_hw_sectors).
+MAX_REQUEST = 32 << 20
+#: Largest WRITE_ZEROES/BLOCK_STATUS length sent (lengths are 32-bit without extended headers).
+MAX_EFFECT = 1 << 30
+#: How far ahead a ``data_extents`` query looks, and how long its answer is reused (sequential
+#: copies then ask the server once per window instead of once per sub-job).
+EXTENT_WINDOW = 64 << 20
+EXTENT_TTL = 1.0
+
+#: A command: the libnbd ``aio_*`` method, its arguments before ``completion``, its flags.
+_Cmd = tuple[str, tuple[Any, ...], int]
+
+
+class _Request:
+    """One command in flight: its completion sets ``err`` (an errno, 0 on success) and ``done``."""
+
+    __slots__ = ("done", "err", "keep")
+
+    def __init__(self, keep: Any = None) -> None:
+        self.done = threading.Event()
+        self.err = 0
+        self.keep = keep  # the buffer libnbd reads or fills, alive until completion
+
+    def complete(self, err: Any) -> int:
+        # Runs on the poller thread with the handle locked: no handle calls, never raise.
+        self.err = err.value
+        self.done.set()
+        return 1  # retire the command (no aio_command_completed needed)
+
+    def fail(self, code: int) -> None:
+        if not self.done.is_set():
+            self.err = code
+            self.done.set()
+
+
+class _Connection:
+    """One libnbd handle and the thread that moves its state machine (``aio_notify_*``)."""
+
+    def __init__(self, nbd: Any, handle: Any, name: str) -> None:
+        self.nbd = nbd
+        self.h = handle
+        self.name = name
+        self.pending: set[_Request] = set()
+        self.lock = threading.Lock()
+        self.dead = 0  # errno once the connection is unusable
+        self.wrote = False
+        self._stop = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._run, name=f"nbd-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> int:
+        return len(self.pending)
+
+    def submit(self, start: Callable[[Callable[[Any], int]], Any], keep: Any = None) -> _Request:
+        """Queue a command (``start(completion)`` calls one ``aio_*``); return its request."""
+        req = _Request(keep)
+        with self.lock:
+            if self.dead:
+                req.fail(self.dead)
+                return req
+            self.pending.add(req)
+        try:
+            start(req.complete)
+        except self.nbd.Error as err:
+            req.fail(err.errnum or errno.EIO)
+        try:
+            if self.h.aio_get_direction() & self.nbd.AIO_DIRECTION_WRITE:
+                self.wake()  # libnbd could not send it all at once: the poller must wait for POLLOUT
+        except self.nbd.Error:
+            self.wake()
+        return req
+
+    def wait(self, req: _Request, timeout: float | None) -> int:
+        """Wait for ``req``; past ``timeout`` the connection is killed and ETIMEDOUT returned."""
+        if not req.done.wait(timeout):
+            log.warning("nbd: %s: no reply within %.1f s, dropping the connection", self.name, timeout)
+            self.kill(errno.ETIMEDOUT)
+        with self.lock:
+            self.pending.discard(req)
+        return req.err
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:  # the poller has wake-ups queued already
+            pass
+        except OSError:  # closed
+            pass
+
+    def kill(self, code: int) -> None:
+        """Declare the connection dead: fail every command still waiting, stop the poller."""
+        with self.lock:
+            if not self.dead:
+                self.dead = code
+            reqs = list(self.pending)
+        for r in reqs:
+            r.fail(code)
+        self._stop = True
+        self.wake()
+
+    def _run(self) -> None:
+        nbd, h = self.nbd, self.h
+        try:
+            fd = h.aio_get_fd()
+        except nbd.Error:
+            self.kill(errno.ENOTCONN)
+            return
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._stop:
+            try:
+                direction = h.aio_get_direction()
+                mask = 0
+                if direction & nbd.AIO_DIRECTION_READ:
+                    mask |= select.POLLIN
+                if direction & nbd.AIO_DIRECTION_WRITE:
+                    mask |= select.POLLOUT
+                if h.aio_is_dead() or h.aio_is_closed():
+                    break
+                poller.register(fd, mask)
+                events = poller.poll()
+            except nbd.Error as err:
+                log.debug("nbd: %s: connection failed: %s", self.name, err)
+                break
+            for efd, ev in events:
+                if efd == self._wake_r:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    continue
+                try:
+                    if ev & select.POLLOUT or (ev & (select.POLLERR | select.POLLHUP) and not mask & select.POLLIN):
+                        h.aio_notify_write()
+                    elif ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                        h.aio_notify_read()
+                except nbd.Error as err:
+                    # Either the connection failed, or another thread's command moved the state
+                    # machine since the direction was read (the notification no longer applies).
+                    if h.aio_is_dead() or h.aio_is_closed():
+                        log.debug("nbd: %s: connection failed: %s", self.name, err)
+                        self._stop = True
+                    else:
+                        log.debug("nbd: %s: notification ignored: %s", self.name, err)
+        # The server went away (or we stopped): commands libnbd did not complete fail here.
+        self.kill(self.dead or errno.ENOTCONN)
+
+    def close(self) -> None:
+        self.kill(errno.ESHUTDOWN)
+        self._thread.join()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        self.h = None  # libnbd 1.14 closes the handle (and its socket) when it is collected
+
+
+class NbdEndpoint(Endpoint):
+    """The export named by an NBD URI, as an :class:`~dmtools.endpoint.Endpoint`.
+
+    ``writable=False`` opens it for reading only (``read_only`` is then True, as for a file opened
+    read-only). ``connections`` is the most connections used when the server allows multi-conn.
+    ``timeout`` (seconds, ``None`` for none) bounds the wait for each reply. Raises
+    ``InvalidArgument`` for a bad URI, ``NbdUnavailable`` without libnbd and
+    ``NbdConnectionError`` when the server cannot be reached or refuses the export.
+    """
+
+    def __init__(
+        self,
+        uri: str | NbdUri,
+        *,
+        writable: bool = False,
+        connections: int = DEFAULT_CONNECTIONS,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.uri = uri if isinstance(uri, NbdUri) else parse_uri(uri)
+        if isinstance(connections, bool) or not isinstance(connections, int) or connections < 1:
+            raise InvalidArgument(f"connections must be a positive integer, not {connections!r}")
+        self.name = self.uri.text
+        self.timeout = timeout
+        self._writable = writable
+        self._nbd = nbd = load()
+        self._conns: list[_Connection] = []
+        self._rr = 0
+        self._closed = False
+        self._fast_zero = True
+        self._extents_lock = threading.Lock()
+        self._extents: tuple[int, int, float, list[tuple[int, int]]] | None = None
+        first = self._connect(0)
+        try:
+            h = first.h
+            self._size = h.get_size()
+            self._export_ro = bool(h.is_read_only())
+            self._can_flush = bool(h.can_flush())
+            self._can_zero = bool(h.can_zero())
+            self._can_fast_zero = bool(h.can_fast_zero())
+            self._can_extents = bool(h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
+            self.multi_conn = bool(h.can_multi_conn())
+            self._min_block = h.get_block_size(nbd.SIZE_MINIMUM) or 1
+            self._pref_block = h.get_block_size(nbd.SIZE_PREFERRED) or 4096
+            maximum = h.get_block_size(nbd.SIZE_MAXIMUM)
+            self._max_request = min(MAX_REQUEST, maximum) if maximum else MAX_REQUEST
+            n = connections if self.multi_conn else 1
+            for i in range(1, n):
+                self._connect(i)
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self, index: int) -> _Connection:
+        nbd = self._nbd
+        h = nbd.NBD()
+        try:
+            h.set_handle_name(f"{'dst' if self._writable else 'src'}{index}")
+            h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+            h.set_uri_allow_local_file(True)  # ?tls-psk-file= and ?tls-certificates= (as nbdcopy)
+            h.connect_uri(self.uri.text)
+        except nbd.Error as err:
+            raise NbdConnectionError(
+                f"cannot connect: {err.string}", errno=err.errnum or None, operation="nbd", device=self.name
+            ) from err
+        conn = _Connection(nbd, h, f"{self.name}#{index}")
+        self._conns.append(conn)
+        return conn
+
+    # -- properties -----------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return int(self._size)
+
+    @property
+    def logical_block_size(self) -> int:
+        return max(512, int(self._min_block))
+
+    @property
+    def preferred_block_size(self) -> int:
+        """The server's preferred request size (4096 when it advertises none)."""
+        return int(self._pref_block)
+
+    @property
+    def read_only(self) -> bool:
+        return self._export_ro or not self._writable
+
+    @property
+    def connections(self) -> int:
+        """Connections open to the server."""
+        return len(self._conns)
+
+    @property
+    def can_zero(self) -> bool:
+        """True when the server takes ``WRITE_ZEROES``."""
+        return self._can_zero
+
+    @property
+    def can_fast_zero(self) -> bool:
+        """True when the server takes ``WRITE_ZEROES`` with ``FAST_ZERO``."""
+        return self._can_fast_zero
+
+    @property
+    def can_flush(self) -> bool:
+        """True when the server takes ``FLUSH``."""
+        return self._can_flush
+
+    # -- command plumbing -----------------------------------------------------------------------
+    def _pick(self) -> _Connection:
+        live = [c for c in self._conns if not c.dead]
+        if self._closed or not live:
+            raise DeviceIOError("the connection to the server is gone", errno=errno.ENOTCONN,
+                                operation="nbd", device=self.name)
+        self._rr = (self._rr + 1) % len(live)
+        best = live[self._rr]
+        for c in live:
+            if c.busy < best.busy:
+                best = c
+        return best
+
+    def _run(self, op: str, cmds: list[_Cmd], conn: _Connection | None = None) -> None:
+        """Issue commands (``aio_*`` name, arguments, flags) at once; wait for all; raise on failure."""
+        issued = []
+        for name, args, flags in cmds:
+            c = conn if conn is not None else self._pick()
+            method = getattr(c.h, name)
+
+            def start(cb: Callable[[Any], int], method: Any = method, args: tuple[Any, ...] = args,
+                      flags: int = flags) -> Any:
+                return method(*args, completion=cb, flags=flags)
+
+            issued.append((c, c.submit(start, args)))
+        first_err = 0
+        for c, req in issued:
+            err = c.wait(req, self.timeout)
+            if err and not first_err:
+                first_err = err
+        if first_err:
+            raise DeviceIOError(f"{os.strerror(first_err)}", errno=first_err, operation=op, device=self.name)
+
+    def _pieces(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
+        out = []
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(limit, end - pos)
+            out.append((pos, n))
+            pos += n
+        return out
+
+    # -- I/O ------------------------------------------------------------------------------------
+    def readinto(self, buf: Any, offset: int) -> int:
+        mv = memoryview(buf).cast("B")
+        n = max(0, min(len(mv), self._size - offset))
+        if n == 0:
+            return 0
+        cmds: list[_Cmd] = [("aio_pread", (mv[pos - offset : pos - offset + length], pos), 0)
+                            for pos, length in self._pieces(offset, n, self._max_request)]
+        self._run("read", cmds)
+        return n
+
+    def write(self, buf: Any, offset: int) -> int:
+        self._check_writable(offset, memoryview(buf).nbytes)
+        mv = memoryview(buf).cast("B")
+        self._invalidate(offset, len(mv))
+        cmds: list[_Cmd] = [("aio_pwrite", (mv[pos - offset : pos - offset + length], pos), 0)
+                            for pos, length in self._pieces(offset, len(mv), self._max_request)]
+        self._mark_written()
+        self._run("write", cmds)
+        return len(mv)
+
+    def zero(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        self._check_writable(offset, length)
+        if not self._can_zero:
+            super().zero(offset, length)
+            return
+        self._invalidate(offset, length)
+        self._mark_written()
+        limit = MAX_EFFECT - MAX_EFFECT % max(1, self._min_block)
+        pieces = self._pieces(offset, length, limit)
+        nbd = self._nbd
+        if self._can_fast_zero and self._fast_zero:
+            try:
+                self._run("zero", [("aio_zero", (n, p), nbd.CMD_FLAG_FAST_ZERO) for p, n in pieces])
+                return
+            except DeviceIOError as err:
+                if err.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+                # Zeroing is no faster than writing on this server (doc/proto.md FAST_ZERO):
+                # plain WRITE_ZEROES from now on, which still sends no data.
+                self._fast_zero = False
+        self._run("zero", [("aio_zero", (n, p), 0) for p, n in pieces])
+
+    def flush(self) -> None:
+        if self._closed:
+            return
+        targets = [c for c in self._conns if c.wrote]
+        if not targets or not self._can_flush:
+            return
+        for c in targets:
+            self._run("flush", [("aio_flush", (), 0)], conn=c)
+            c.wrote = False
+
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        """Ranges that hold data (not ``STATE_ZERO``) in ``[offset, offset+length)``; ``None`` if unknown."""
+        if not self._can_extents:
+            return None
+        end = min(offset + length, self._size)
+        if end <= offset:
+            return []
+        with self._extents_lock:
+            cached = self._extents
+            if cached is None or not (cached[0] <= offset and end <= cached[1]) \
+                    or time.monotonic() - cached[2] > EXTENT_TTL:
+                cached = None
+        if cached is None:
+            stop = min(self._size, max(end, offset + EXTENT_WINDOW))
+            data = self._query_extents(offset, end, stop)
+            covered = max(end, data[1])
+            cached = (offset, covered, time.monotonic(), data[0])
+            with self._extents_lock:
+                self._extents = cached
+        out = []
+        for s, n in cached[3]:
+            lo, hi = max(s, offset), min(s + n, end)
+            if lo < hi:
+                out.append((lo, hi - lo))
+        return out
+
+    def _query_extents(self, offset: int, need: int, stop: int) -> tuple[list[tuple[int, int]], int]:
+        """Ask BLOCK_STATUS from ``offset`` until at least ``need`` is covered; data ranges and the end."""
+        nbd = self._nbd
+        data: list[tuple[int, int]] = []
+        pos = offset
+        zero_bit = nbd.STATE_ZERO
+        align = max(1, self._min_block)
+        while pos < need:
+            count = min(stop - pos, MAX_EFFECT)
+            count -= count % align if count > align else 0
+            got: list[tuple[int, int, int]] = []
+
+            def extent_cb(meta: str, off: int, entries: list[int], err: Any,
+                          got: list[tuple[int, int, int]] = got) -> int:
+                if meta == nbd.CONTEXT_BASE_ALLOCATION:
+                    p = off
+                    for i in range(0, len(entries) - 1, 2):
+                        got.append((p, entries[i], entries[i + 1]))
+                        p += entries[i]
+                return 0
+
+            self._run("block-status", [("aio_block_status", (count, pos, extent_cb), 0)])
+            if not got:
+                raise DeviceIOError("the server sent no extents", errno=errno.EIO, operation="block-status",
+                                    device=self.name)
+            for start, n, flags in got:
+                if start >= stop:
+                    break
+                n = min(n, stop - start)
+                if not flags & zero_bit and n > 0:
+                    if data and data[-1][0] + data[-1][1] == start:
+                        data[-1] = (data[-1][0], data[-1][1] + n)
+                    else:
+                        data.append((start, n))
+                pos = start + n
+        return data, pos
+
+    def _check_writable(self, offset: int, length: int) -> None:
+        if self.read_only:
+            why = "the export is read-only" if self._export_ro else "the export is open for reading only"
+            raise DeviceIOError(why, errno=errno.EPERM, operation="write", device=self.name)
+        if offset + length > self._size:
+            raise DeviceIOError("write beyond the end of the export", errno=errno.ENOSPC,
+                                operation="write", device=self.name)
+
+    def _mark_written(self) -> None:
+        for c in self._conns:
+            c.wrote = True
+
+    def _invalidate(self, offset: int, length: int) -> None:
+        with self._extents_lock:
+            c = self._extents
+            if c is not None and offset < c[1] and c[0] < offset + length:
+                self._extents = None
+
+    def close(self) -> None:
+        """Flush what was written (when the server takes FLUSH), then close every connection.
+
+        Raises ``DeviceIOError`` when the flush fails: the writes may not be durable.
+        """
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            for c in self._conns:
+                c.close()
+            self._conns = []
+
+    def __repr__(self) -> str:
+        return f"<NbdEndpoint {self.name} size={getattr(self, '_size', '?')} connections={len(self._conns)}>"

@@ -1,0 +1,107 @@
+"""NBD URIs as nbdcopy, qemu and the NBD project write them (NetworkBlockDevice/nbd doc/uri.md).
+
+``nbd://HOST[:PORT]/EXPORT`` (TCP, port 10809 by default), ``nbds://…`` (TCP with TLS required),
+``nbd+unix:///EXPORT?socket=PATH`` and ``nbds+unix:///EXPORT?socket=PATH`` (a Unix socket). The
+export name is the path without its first ``/``, percent-decoded. TLS keys in the query
+(``tls-psk-file``, ``tls-certificates``, ``tls-verify-peer``, ``tls-hostname``) and a ``user@``
+for PSK are kept as given. Parsing here is pure Python, so a bad URI is refused before libnbd is
+loaded or anything is connected.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
+
+from dmtools.errors import InvalidArgument
+
+__all__ = ["DEFAULT_PORT", "SCHEMES", "NbdUri", "is_nbd_uri", "parse_uri"]
+
+#: The IANA port for NBD (doc/proto.md).
+DEFAULT_PORT = 10809
+
+#: Scheme → (transport, TLS required). vsock is libnbd's extension.
+SCHEMES: dict[str, tuple[str, bool]] = {
+    "nbd": ("tcp", False),
+    "nbds": ("tcp", True),
+    "nbd+unix": ("unix", False),
+    "nbds+unix": ("unix", True),
+    "nbd+vsock": ("vsock", False),
+    "nbds+vsock": ("vsock", True),
+}
+
+
+def is_nbd_uri(text: object) -> bool:
+    """True when ``text`` is a string starting with an NBD scheme (``nbd://``, ``nbd+unix://`` …)."""
+    if not isinstance(text, str):
+        return False
+    scheme, sep, _ = text.partition("://")
+    return bool(sep) and scheme.lower() in SCHEMES
+
+
+@dataclass(frozen=True)
+class NbdUri:
+    """A parsed NBD URI; ``text`` is what the user wrote (handed to libnbd unchanged)."""
+
+    text: str
+    scheme: str
+    transport: str  # "tcp", "unix" or "vsock"
+    tls: bool  # TLS required by the scheme
+    host: str
+    port: int
+    export: str
+    socket: str  # the Unix socket path ("" for TCP)
+    user: str
+    query: tuple[tuple[str, str], ...]
+
+    @property
+    def normalized(self) -> str:
+        """One spelling per export: scheme, host and port explicit, socket path absolute, sorted query.
+
+        Two URIs naming the same server and export give the same string (the export's identity).
+        """
+        q = sorted(self.query)
+        user = f"{quote(self.user, safe='')}@" if self.user else ""
+        path = "/" + quote(self.export, safe="/")
+        if self.transport == "unix":
+            q = sorted([(k, v) for k, v in q if k != "socket"] + [("socket", self.socket)])
+            return f"{self.scheme}://{user}{path}?{urlencode(q)}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        tail = f"?{urlencode(q)}" if q else ""
+        return f"{self.scheme}://{user}{host.lower()}:{self.port}{path}{tail}"
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def parse_uri(text: str) -> NbdUri:
+    """Parse an NBD URI; raise ``InvalidArgument`` with a one-line reason when it is not one."""
+    if not is_nbd_uri(text):
+        raise InvalidArgument(f"not an NBD URI (nbd://, nbds://, nbd+unix://): {text!r}", operation="nbd")
+    try:
+        parts = urlsplit(text)
+        port_text = parts.port  # raises ValueError on a bad port
+    except ValueError as err:
+        raise InvalidArgument(f"bad NBD URI: {err}", operation="nbd", device=text) from err
+    scheme = parts.scheme.lower()
+    transport, tls = SCHEMES[scheme]
+    query = tuple(parse_qsl(parts.query, keep_blank_values=True))
+    params = dict(query)
+    export = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    user = unquote(parts.username or "")
+    host = parts.hostname or ""
+    socket = ""
+    if transport == "unix":
+        socket = params.get("socket", "")
+        if not socket:
+            raise InvalidArgument("a Unix-socket NBD URI needs ?socket=PATH", operation="nbd", device=text)
+        if host:
+            raise InvalidArgument("a Unix-socket NBD URI has no host (nbd+unix:///EXPORT?socket=PATH)",
+                                  operation="nbd", device=text)
+        socket = os.path.abspath(socket)
+    elif not host:
+        raise InvalidArgument("a TCP NBD URI needs a host (nbd://HOST[:PORT]/EXPORT)", operation="nbd",
+                              device=text)
+    port = port_text if port_text is not None else (DEFAULT_PORT if transport == "tcp" else 0)
+    return NbdUri(text, scheme, transport, tls, host, port, export, socket, user, query)

@@ -1,0 +1,173 @@
+"""NbdEndpoint against real servers: sizes and flags, I/O, connections, extents, zeroing, flush."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from dmtools.errors import DeviceIOError, InvalidArgument
+from dmtools.nbd import NbdConnectionError, NbdEndpoint, NbdUnavailable
+from dmtools.testing.nbdserver import NbdServer
+
+MiB = 1 << 20
+
+
+def test_libnbd_is_libnbds() -> None:
+    """The module named ``nbd`` is libnbd's (PyPI's ``nbd`` is an unrelated tool that would shadow it)."""
+    from dmtools.nbd._lib import load
+
+    try:
+        nbd = load()
+    except NbdUnavailable as err:
+        pytest.skip(f"needs libnbd's Python bindings: {err}")
+    assert nbd.NBD().get_version().startswith("1.")
+
+
+def test_missing_bindings_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without libnbd an endpoint fails with one error naming the package to install."""
+    from dmtools.nbd import _lib
+
+    monkeypatch.setattr(_lib, "_module", None)
+    monkeypatch.setitem(sys.modules, "nbd", None)  # import nbd → ImportError
+    with pytest.raises(NbdUnavailable, match="python3-libnbd"):
+        NbdEndpoint("nbd+unix:///?socket=/nonexistent")
+
+
+def test_cli_missing_bindings_one_line(tmp_path: Path) -> None:
+    """`dmtools copy` without libnbd: exit 1, one line naming python3-libnbd, no traceback."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "nbd.py").write_text("raise ImportError('hidden by the test')\n")
+    src = tmp_path / "src.img"
+    src.write_bytes(bytes(4096))
+    env = dict(os.environ, PYTHONPATH=str(blocker))
+    res = subprocess.run([sys.executable, "-m", "dmtools.cli.main", "copy", str(src),
+                          "nbd+unix:///?socket=/nonexistent"], capture_output=True, text=True, env=env)
+    assert res.returncode == 1
+    assert "python3-libnbd" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_connect_refused(tmp_path: Path) -> None:
+    from dmtools.testing.nbdserver import missing_tools
+
+    if missing_tools():
+        pytest.skip(missing_tools())
+    with pytest.raises(NbdConnectionError, match="cannot connect"):
+        NbdEndpoint(f"nbd+unix:///?socket={tmp_path}/none.sock")
+
+
+def test_memory_export_io_and_flags(start_nbdkit: Callable[..., NbdServer]) -> None:
+    srv = start_nbdkit(["memory", "64M"])
+    with NbdEndpoint(srv.uri, writable=True) as ep:
+        assert ep.size == 64 * MiB
+        assert ep.multi_conn and ep.connections == 4  # nbdkit memory advertises multi-conn
+        assert not ep.read_only and ep.can_zero and ep.can_fast_zero and ep.can_flush
+        data = os.urandom(3 * MiB + 512)
+        assert ep.write(data, 5 * MiB) == len(data)
+        buf = bytearray(len(data))
+        assert ep.readinto(buf, 5 * MiB) == len(data)
+        assert buf == data
+        tail = bytearray(MiB)
+        assert ep.readinto(tail, 64 * MiB - 4096) == 4096  # short only at the end
+        with pytest.raises(DeviceIOError) as exc:
+            ep.write(bytes(8192), 64 * MiB - 4096)
+        assert exc.value.errno == errno.ENOSPC
+
+
+def test_requests_beyond_32m_are_split(start_nbdkit: Callable[..., NbdServer]) -> None:
+    """A 40 MiB read or write goes out as requests of at most 32 MiB (qemu-nbd's limit)."""
+    srv = start_nbdkit(["memory", "64M"])
+    data = os.urandom(40 * MiB)
+    with NbdEndpoint(srv.uri, writable=True) as ep:
+        ep.write(data, 0)
+        buf = bytearray(40 * MiB)
+        ep.readinto(buf, 0)
+        assert buf == data
+
+
+def test_qemu_nbd_single_connection(tmp_path: Path, start_qemu_nbd: Callable[..., NbdServer]) -> None:
+    """qemu-nbd's default (-e 1) refuses multi-conn: one connection, still several requests in flight."""
+    img = tmp_path / "q.img"
+    img.write_bytes(os.urandom(8 * MiB))
+    srv = start_qemu_nbd(img)
+    with NbdEndpoint(srv.uri) as ep:
+        assert not ep.multi_conn and ep.connections == 1
+        assert ep.read_only  # opened for reading
+        buf = bytearray(8 * MiB)
+        ep.readinto(buf, 0)
+        assert buf == img.read_bytes()
+        with pytest.raises(DeviceIOError, match="open for reading only"):
+            ep.write(b"x" * 512, 0)
+
+
+def test_read_only_export(start_nbdkit: Callable[..., NbdServer]) -> None:
+    srv = start_nbdkit(["memory", "1M"], options=["-r"])
+    with NbdEndpoint(srv.uri, writable=True) as ep:
+        assert ep.read_only
+        with pytest.raises(DeviceIOError, match="read-only") as exc:
+            ep.write(bytes(512), 0)
+        assert exc.value.errno == errno.EPERM
+
+
+def test_data_extents(start_nbdkit: Callable[..., NbdServer]) -> None:
+    """BLOCK_STATUS: written ranges are data, the rest holes (nbdkit memory allocates 32 KiB pages)."""
+    srv = start_nbdkit(["memory", "64M"])
+    with NbdEndpoint(srv.uri, writable=True) as ep:
+        assert ep.data_extents(0, 64 * MiB) == []
+        ep.write(b"\1" * 4096, 8 * MiB)
+        ep.write(b"\2" * 65536, 40 * MiB)
+        assert ep.data_extents(0, 64 * MiB) == [(8 * MiB, 32768), (40 * MiB, 65536)]
+        assert ep.data_extents(8 * MiB + 4096, MiB) == [(8 * MiB + 4096, 32768 - 4096)]
+        ep.zero(40 * MiB, 65536)  # punches the hole again (WRITE_ZEROES without NO_HOLE)
+        assert ep.data_extents(0, 64 * MiB) == [(8 * MiB, 32768)]
+
+
+def test_no_extents_is_unknown(start_nbdkit: Callable[..., NbdServer]) -> None:
+    srv = start_nbdkit(["memory", "1M"], options=["--no-sr"])  # no structured replies: no BLOCK_STATUS
+    with NbdEndpoint(srv.uri) as ep:
+        assert ep.data_extents(0, 1 << 20) is None
+
+
+def test_fast_zero_refused_falls_back(tmp_path: Path, start_nbdkit: Callable[..., NbdServer]) -> None:
+    """A server whose zeroing is not fast answers FAST_ZERO with ENOTSUP: plain WRITE_ZEROES follows,
+    and later zeroing goes straight to it."""
+    log = tmp_path / "zero.log"
+    srv = start_nbdkit(["memory", "4M", f"logfile={log}", "zeromode=plugin", "fastzeromode=slow"],
+                       filters=["log", "nozero"])
+    with NbdEndpoint(srv.uri, writable=True, connections=1) as ep:
+        assert ep.can_fast_zero
+        ep.write(b"\xff" * (2 * MiB), 0)
+        ep.zero(0, MiB)
+        ep.zero(MiB, MiB)
+        buf = bytearray(2 * MiB)
+        ep.readinto(buf, 0)
+        assert buf == bytes(2 * MiB)
+    zeros = re.findall(r" Zero id=\d+ offset=(0x[0-9a-f]+) count=0x100000 trim=\d fua=\d fast=(\d)", log.read_text())
+    assert zeros == [("0x0", "1"), ("0x0", "0"), ("0x100000", "0")]
+
+
+def test_flush_on_close(tmp_path: Path, start_nbdkit: Callable[..., NbdServer]) -> None:
+    """Writes are followed by FLUSH on every connection when the endpoint closes; reads flush nothing."""
+    log = tmp_path / "flush.log"
+    srv = start_nbdkit(["memory", "4M", f"logfile={log}"], filters=["log"])
+    with NbdEndpoint(srv.uri) as ep:
+        ep.readinto(bytearray(4096), 0)
+    assert "Flush" not in log.read_text()
+    with NbdEndpoint(srv.uri, writable=True) as ep:
+        ep.write(b"x" * 4096, 0)
+        n = ep.connections
+    assert len(re.findall(r"connection=\d+ Flush id", log.read_text())) == n
+
+
+def test_bad_uri_before_connecting() -> None:
+    with pytest.raises(InvalidArgument, match="socket"):
+        NbdEndpoint("nbd+unix:///x")
