@@ -38,6 +38,11 @@ nbd+unix:///EXPORT?socket=PATH, nbds://... with TLS) name exports, taken whole; 
 to is flushed when the copy ends. Missing destination files are created and short
 ones extended (regular files only); block devices must be large enough. The exit status is 1 when
 any read or write failed, and the message names the destinations that failed.
+
+Devices are compared by what they are, not how they are spelled (a symlink, /dev/block/M:m, a loop
+device over a file, a dm device over it): destinations that share bytes are refused, and so is a
+destination that a live device-mapper table maps (unless --allow-in-use). A source overlapping a
+destination within one file or device is copied as memmove(3) does (img@0+100 img@50).
 """
 
 _SPEC_RE = re.compile(r"^(?P<path>.*?)(?:@(?P<sector>[0-9][0-9A-Za-z.]*))?(?:\+(?P<count>[0-9][0-9A-Za-z.]*))?$")
@@ -127,6 +132,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--destination-is-zero", action="store_true",
                    help="destinations already read as zeros: skip the source's holes")
     p.add_argument("--flush", action="store_true", help="make the destinations durable before exiting")
+    p.add_argument("--allow-in-use", action="store_true",
+                   help="write destinations that a live device-mapper table maps (refused by default)")
     # 1 MiB requests (dd's bs=1M, the kernel's largest kcopyd_subjob_size_kb), four in flight:
     # a working set that stays in the CPU caches between a read and its writes.
     # An NBD export answers after a round trip through its server: 16 MiB (nbdcopy's queue size)
@@ -158,10 +165,10 @@ def cmd_copy(args: argparse.Namespace) -> int:
     """Run the copy; print the summary; raise ``DeviceIOError`` naming what failed."""
     import kcopyd
 
-    src = parse_spec(args.src)
+    src = _devno_spec(parse_spec(args.src))
     if src.is_null:
         raise InvalidArgument("null: can only be a destination", operation="copy")
-    dests = [parse_spec(d) for d in args.dests]
+    dests = [_devno_spec(parse_spec(d)) for d in args.dests]
     if len(dests) > kcopyd.MAX_REGIONS:
         raise InvalidArgument(f"{len(dests)} destinations: at most {kcopyd.MAX_REGIONS}", operation="copy")
     src_size = _source_size(src.path)
@@ -173,6 +180,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
         if d.count is not None and d.count != count:
             raise InvalidArgument(f"destination has +{d.count} sectors, the source {count}",
                                   operation="copy", device=d.path)
+    _check_shared_bytes(src, dests, count, write_seq=args.sequential, allow_in_use=args.allow_in_use)
     rate = parse_size(args.rate, "b") if args.rate else None
     sub_job = parse_size(args.sub_job_size, "b")
     progress_fd = None
@@ -202,7 +210,8 @@ def cmd_copy(args: argparse.Namespace) -> int:
         regions = _prepare_dests(dests, count, created)
         start = time.monotonic()
         try:
-            job = client.copy(kcopyd.Region(src.path, src.sector, count), regions, flags=flags)
+            # in use: checked above (before any file was created), as the caller asked
+            job = client.copy(kcopyd.Region(src.path, src.sector, count), regions, flags=flags, allow_in_use=True)
         except DMError:
             for path in created:
                 os.unlink(path)
@@ -245,6 +254,39 @@ def cmd_copy(args: argparse.Namespace) -> int:
               file=sys.stderr)
     job.raise_for_error()
     return 0
+
+
+def _devno_spec(spec: Spec) -> Spec:
+    """``MAJOR:MINOR`` (as tables name devices) made the device node's path."""
+    if spec.is_null or os.path.exists(spec.path) or not re.match(r"^\d+:\d+$", spec.path):
+        return spec
+    from dmtools.blockdev import resolve_devno
+
+    return Spec(resolve_devno(spec.path), spec.sector, spec.count)
+
+
+def _check_shared_bytes(src: Spec, dests: list[Spec], count: int, *, write_seq: bool, allow_in_use: bool) -> None:
+    """Before a destination file is created or extended, refuse what kcopyd would refuse
+    (destinations that share bytes, a source sharing bytes with a destination through another
+    device: ``kcopyd.overlap``) and a destination that a live table maps, unless ``allow_in_use``."""
+    import kcopyd
+    from dmtools.inputs import live_backends
+    from kcopyd.overlap import check_dests_not_in_use, path_span, plan_overlap, region_identities
+
+    real = [d for d in dests if not d.is_null]
+    nbytes = count * SECTOR
+    backends = live_backends()
+    try:
+        regions = [kcopyd.Region(s.path, s.sector, count) if os.path.exists(s.path) else None for s in [src, *real]]
+        ids = region_identities(regions, backends)
+        plan_overlap((path_span(src.path, src.sector * SECTOR, nbytes), src.path),
+                     [(path_span(d.path, d.sector * SECTOR, nbytes), d.path) for d in real],
+                     write_seq=write_seq, identities=ids)
+        if not allow_in_use:
+            check_dests_not_in_use(real, ids[1:], backends)
+    finally:
+        for b in backends:
+            b.close()
 
 
 def _prepare_dests(dests: list[Spec], count: int, created: list[str]) -> list[Any]:

@@ -32,6 +32,7 @@ import threading
 from collections import deque
 from typing import Any, Callable, Sequence
 
+from dmtools.endpoint import Endpoint
 from dmtools.errors import InvalidArgument
 from kcopyd.fastpath import (
     cached_bytes,
@@ -44,7 +45,7 @@ from kcopyd.fastpath import (
     write_vectored,
 )
 from kcopyd.job import Job, NotifyFn, Piece, Progress
-from kcopyd.overlap import plan_overlap
+from kcopyd.overlap import check_dests_not_in_use, plan_overlap, region_identities, span_of
 from kcopyd.pagepool import PAGE_SIZE, PagePool
 from kcopyd.region import OpenRegion, Region, open_regions
 from kcopyd.throttle import Throttle
@@ -215,6 +216,7 @@ class Client:
         self._done_bytes = 0
         self._closed = False
         self._destroyed = False
+        self._backends: list[Any] | None = None  # live backends, found for the first job given paths
         self._tasks: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._callbacks: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._workers = [
@@ -234,6 +236,8 @@ class Client:
         flags: int = 0,
         notify: NotifyFn | None = None,
         context: Any = None,
+        *,
+        allow_in_use: bool = False,
     ) -> Job:
         """Copy ``src`` to every destination (at most 8) asynchronously; return the job at once.
 
@@ -241,10 +245,12 @@ class Client:
         touched. ``notify(read_err, write_err, context)`` runs exactly once on the callback thread.
         Destinations that share bytes are refused; a source sharing bytes with a destination on
         the same file or device is copied as ``memmove`` does (see :mod:`kcopyd.overlap`).
+        A destination given by path that a live table maps (kernel, or a running userspace
+        daemon) raises ``DeviceBusy`` unless ``allow_in_use``.
         """
         if not isinstance(src, Region):
             raise InvalidArgument(f"source must be a Region, not {src!r}", operation="copy")
-        return self._submit(src, dests, flags, notify, context)
+        return self._submit(src, dests, flags, notify, context, allow_in_use)
 
     def zero(
         self,
@@ -254,7 +260,7 @@ class Client:
         context: Any = None,
     ) -> Job:
         """Write zeros to every destination (``Endpoint.zero``: fallocate/BLKZEROOUT where possible)."""
-        return self._submit(None, dests, flags, notify, context)
+        return self._submit(None, dests, flags, notify, context, False)
 
     @property
     def progress(self) -> Progress:
@@ -286,6 +292,8 @@ class Client:
             t.join()
         self._cb_thread.join()
         self.pool.close()
+        for b in self._backends or ():
+            b.close()
 
     close = destroy
 
@@ -303,6 +311,7 @@ class Client:
         flags: int,
         notify: NotifyFn | None,
         context: Any,
+        allow_in_use: bool,
     ) -> Job:
         if self._closed:
             raise InvalidArgument("the client has been destroyed", operation="copy")
@@ -317,7 +326,13 @@ class Client:
         if flags & WRITE_SEQ:
             flags &= ~IGNORE_ERROR  # WRITE_SEQ clears IGNORE_ERROR (dm-kcopyd.c)
         try:
-            reverse = plan_overlap(osrc, odests, write_seq=bool(flags & WRITE_SEQ))
+            ids = self._identities(src, dest_list, allow_in_use)
+            reverse = plan_overlap(
+                (span_of(osrc), osrc.region.dev_name) if osrc is not None else None,
+                [(span_of(d), d.region.dev_name) for d in odests],
+                write_seq=bool(flags & WRITE_SEQ),
+                identities=ids,
+            )
         except BaseException:
             for o in ([osrc] if osrc else []) + odests:
                 o.close()
@@ -366,6 +381,21 @@ class Client:
                 (self._run_free if self._pageless(job) else self._run_pages).append(job)
                 self._pump_locked()
         return job
+
+    def _identities(self, src: Region | None, dests: list[Region], allow_in_use: bool) -> list[Any]:
+        """Identities of the regions given by path (once per job), after refusing a destination
+        that a live table maps; ``[]`` when every region is an endpoint."""
+        regions = [src, *dests]
+        if not any(isinstance(r, Region) and not isinstance(r.dev, Endpoint) for r in regions):
+            return []
+        if self._backends is None:
+            from dmtools.inputs import live_backends
+
+            self._backends = live_backends()
+        ids = region_identities(regions, self._backends)
+        if not allow_in_use:
+            check_dests_not_in_use(dests, ids[1:], self._backends)
+        return ids
 
     @staticmethod
     def _pageless(job: Job) -> bool:

@@ -26,11 +26,16 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from typing import Any, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Hashable, Sequence
 
+from dmtools.endpoint import Endpoint
 from dmtools.errors import InvalidArgument
 
-__all__ = ["Span", "span_of", "plan_overlap"]
+if TYPE_CHECKING:  # pragma: no cover
+    from dmtools.backend import DeviceMapper
+    from dmtools.identity import Identity
+
+__all__ = ["Span", "span_of", "path_span", "plan_overlap", "region_identities", "check_dests_not_in_use"]
 
 
 @dataclass(frozen=True)
@@ -65,35 +70,48 @@ def span_of(opened: Any) -> Span:
     return Span(_key(opened.endpoint), opened.offset, opened.offset + opened.region.nbytes)
 
 
+def path_span(path: str, offset: int, nbytes: int) -> Span:
+    """The :class:`Span` of a region given by path, before it is opened (a missing file is keyed
+    by its directory's real path and its name, so two spellings of one new file still match)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+        return Span(("new", parent, os.path.basename(path)), offset, offset + nbytes)
+    key: Hashable = ("blk", st.st_rdev) if stat.S_ISBLK(st.st_mode) else ("file", st.st_dev, st.st_ino)
+    return Span(key, offset, offset + nbytes)
+
+
 def plan_overlap(
-    src: Any | None,
-    dests: Sequence[Any],
+    src: tuple[Span, str] | None,
+    dests: Sequence[tuple[Span, str]],
     *,
     write_seq: bool,
     identities: Sequence[Any | None] = (),
 ) -> bool | None:
-    """Check a job's open regions; return ``None`` (no overlap), ``False`` (one sub-job at a
-    time, front to back) or ``True`` (one at a time, back to front).
+    """Check a job's regions, each a ``(span, name for messages)``; return ``None`` (no
+    overlap), ``False`` (one sub-job at a time, front to back) or ``True`` (one at a time, back to
+    front).
 
     ``identities`` (optional, ``dmtools.identity.Identity`` or ``None`` per region: the source
     first, then each destination) find regions that share bytes through different devices.
     Raises ``InvalidArgument`` for the refused cases listed in the module docstring.
     """
-    dspans = [span_of(d) for d in dests]
     ids = list(identities) + [None] * (1 + len(dests) - len(identities))
-    for i, a in enumerate(dspans):
-        for j in range(i + 1, len(dspans)):
-            if a.overlaps(dspans[j]) or _share(ids[1 + i], ids[1 + j]):
+    for i, (a, aname) in enumerate(dests):
+        for j in range(i + 1, len(dests)):
+            b, bname = dests[j]
+            if a.overlaps(b) or _share(ids[1 + i], ids[1 + j]):
                 raise InvalidArgument(
-                    f"destinations {i} ({dests[i].region.dev_name}) and {j} ({dests[j].region.dev_name}) "
-                    "share bytes; the result would depend on which write lands last",
+                    f"destinations {i} ({aname}) and {j} ({bname}) share bytes; "
+                    "the result would depend on which write lands last",
                     operation="copy",
                 )
     if src is None:
         return None
-    s = span_of(src)
+    s, sname = src
     before = after = same = False
-    for i, d in enumerate(dspans):
+    for i, (d, dname) in enumerate(dests):
         if s.overlaps(d):
             if d.start < s.start:
                 before = True
@@ -103,8 +121,8 @@ def plan_overlap(
                 same = True
         elif _share(ids[0], ids[1 + i]):
             raise InvalidArgument(
-                f"the source ({src.region.dev_name}) and destination {i} ({dests[i].region.dev_name}) share "
-                "bytes through different devices; name one device for both to copy within it as memmove",
+                f"the source ({sname}) and destination {i} ({dname}) share bytes through different "
+                "devices; name one device for both to copy within it as memmove",
                 operation="copy",
             )
     if before and after:
@@ -124,3 +142,33 @@ def plan_overlap(
 
 def _share(a: Any | None, b: Any | None) -> bool:
     return a is not None and b is not None and bool(a.overlaps(b))
+
+
+def region_identities(regions: Sequence[Any | None], backends: Sequence["DeviceMapper"] = ()) -> list["Identity | None"]:
+    """The bytes each region given by path covers (``None`` for endpoints and ``None``).
+
+    Resolved through the userspace backend among ``backends`` when one is there, so that its
+    exposed devices are seen through. Endpoints handed in by callers (the userspace targets'
+    own copies) are not resolved: that would cost a resolution per chunk copied.
+    """
+    from dmtools.identity import identify
+
+    dm = next((b for b in backends if b.backend == "userspace"), None)
+    out: list[Identity | None] = []
+    for r in regions:
+        if r is None or isinstance(r.dev, Endpoint):
+            out.append(None)
+        else:
+            out.append(identify(os.fspath(r.dev), dm=dm).slice(r.offset, r.nbytes))
+    return out
+
+
+def check_dests_not_in_use(
+    dests: Sequence[Any], identities: Sequence["Identity | None"], backends: Sequence["DeviceMapper"]
+) -> None:
+    """Raise ``DeviceBusy`` when a live table of ``backends`` maps bytes of a destination given by
+    path (``dmtools.inputs.check_not_in_use``); writing under a live table corrupts it."""
+    from dmtools.inputs import check_not_in_use
+
+    idents = {f"destination {i}": ident for i, ident in enumerate(identities) if ident is not None}
+    check_not_in_use(idents, backends, operation="copy")

@@ -142,11 +142,16 @@ def cmd_resync_offline(args: argparse.Namespace) -> int:
     log = None if args.log == "core" else args.log
     ok = False
     result: ResyncResult | None = None
+    from dmtools.inputs import live_backends
+
+    backends = live_backends()  # legs or a log in use by a live table are refused
     try:
         result = resync_offline(args.legs, log, region_size=_region(args.region_size), rate=_rate(args.rate),
-                                rebuild=args.leg, full=args.full, progress=prog)
+                                rebuild=args.leg, full=args.full, progress=prog, backends=backends)
         ok = True
     finally:
+        for b in backends:
+            b.close()
         prog.finish(ok)
     assert result is not None
     data: dict[str, Any] = {

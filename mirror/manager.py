@@ -117,6 +117,19 @@ class MirrorManager:
 
         return open_endpoint(ref, writable=writable)
 
+    def _check_devices(self, legs: Sequence[str | Endpoint], log: str | Endpoint | None, operation: str,
+                       *, in_use: Sequence[str] = (), new: str | None = None, skip: int | None = None) -> None:
+        """Legs, log and a new leg must not share bytes (any spelling, ``dmtools.inputs``); the roles
+        in ``in_use`` must not be mapped by a live table. Raises ``DeviceConflict``/``DeviceBusy``."""
+        from dmtools.inputs import check_devices
+
+        roles: dict[str, Any] = {} if new is None else {"the new leg": new}
+        roles.update({f"leg {i}": r for i, r in enumerate(legs) if i != skip and not isinstance(r, Endpoint)})
+        if log not in (None, "core") and not isinstance(log, Endpoint):
+            roles["--log"] = log
+        check_devices(roles, backends=[self.dm], operation=operation, in_use=in_use,
+                      missing_ok=[r for r in roles if r.startswith("leg ")] if new else ())
+
     def _mirror(self, name: str) -> tuple[int, Mirror]:
         table = self.dm.table(name)
         if len(table.lines) != 1 or not isinstance(table.lines[0].target, Mirror):
@@ -180,6 +193,7 @@ class MirrorManager:
             from dmtools.errors import DeviceExists
 
             raise DeviceExists("device already exists", operation="create", device=name)
+        self._check_devices(legs, log, "create", in_use=("*",))
         with ExitStack() as stack:
             eps = [stack.enter_context(self.open_ref(ref)) for ref in legs]
             length = check_legs(eps)
@@ -345,7 +359,7 @@ class MirrorManager:
         regions failed or the run was cancelled (those regions stay out of sync on the log).
         """
         return resync_offline(legs, log, region_size=region_size, rate=rate, rebuild=rebuild, source=source,
-                              full=full, progress=progress, cancel=cancel, opener=self.open_ref)
+                              full=full, progress=progress, cancel=cancel, opener=self.open_ref, backends=[self.dm])
 
     # -- repair / split / add_leg ---------------------------------------------------------------
     def _leg_index(self, target: Mirror, leg: int | str) -> int:
@@ -407,6 +421,8 @@ class MirrorManager:
         if index == 0:
             raise InvalidArgument("leg 0 is the resync source; repair another leg", operation="repair", device=name)
         self._check_new_leg(new_leg, length)
+        self._check_devices([lg.device for lg in target.legs], getattr(target.log, "device", None), "repair",
+                            in_use=("the new leg",), new=new_leg, skip=index)
         legs = list(target.legs)
         legs[index] = Leg(new_leg, 0)
         return self._rebuild(name, length, target, tuple(legs), index, progress, rate, wait)
@@ -419,6 +435,10 @@ class MirrorManager:
             raise InvalidArgument("only single-target devices can gain a leg", operation="add_leg", device=name)
         length, tgt = table.lines[0].length, table.lines[0].target
         self._check_new_leg(new_leg, length)
+        legs_now = [lg.device for lg in tgt.legs] if isinstance(tgt, Mirror) else [getattr(tgt, "device", "")]
+        log_now = getattr(tgt.log, "device", None) if isinstance(tgt, Mirror) else log
+        self._check_devices([d for d in legs_now if d], log_now, "add_leg",
+                            in_use=("the new leg",) + (("--log",) if not isinstance(tgt, Mirror) else ()), new=new_leg)
         if isinstance(tgt, Linear):
             check_region_size(region_size, length)
             if log == "core":
@@ -479,8 +499,18 @@ def resync_offline(
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
     opener: Callable[..., Endpoint] | None = None,
+    backends: Sequence[DeviceMapper] = (),
 ) -> ResyncResult:
-    """``MirrorManager.resync_offline`` without a backend: legs and log are paths or endpoints."""
+    """``MirrorManager.resync_offline`` without a backend: legs and log are paths or endpoints.
+
+    Legs and log that share bytes raise ``DeviceConflict``, and one that a live table of
+    ``backends`` maps ``DeviceBusy`` (an inactive mirror's devices), before anything is opened."""
+    from dmtools.inputs import check_devices
+
+    roles: dict[str, Any] = {f"leg {i}": r for i, r in enumerate(legs) if not isinstance(r, Endpoint)}
+    if log is not None and not isinstance(log, Endpoint):
+        roles["--log"] = log
+    check_devices(roles, backends=backends, operation="resync", in_use=("*",))
     if opener is None:
         from dmtools.blockdev import open_endpoint
 

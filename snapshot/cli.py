@@ -5,7 +5,7 @@
     dmtools snapshot merge NAME [--no-wait] [--progress[=FD]]
     dmtools snapshot activate ORIGIN --cow DEV --name NAME
     dmtools snapshot inspect COW                       (no device-mapper needed)
-    dmtools snapshot export --origin DEV --cow DEV OUT  (no device-mapper needed)
+    dmtools snapshot export --origin DEV --cow DEV OUT [--force]  (no device-mapper needed)
 
 A bare ``--chunk-size`` number is in sectors, as in tables; units (``16K``) are bytes.
 """
@@ -157,17 +157,23 @@ def cmd_export(args: argparse.Namespace) -> int:
         if reporter is not None:
             reporter.update(done, total)
 
+    from dmtools.inputs import live_backends
+
     ok = False
+    backends = live_backends()  # an output in use by a live table is refused
     try:
-        result = export(args.origin, args.cow, args.out, progress=progress)
+        result = export(args.origin, args.cow, args.out, progress=progress, force=args.force, backends=backends)
         ok = True
     finally:
+        for b in backends:
+            b.close()
         if reporter is not None:
             reporter.finish(last[0], last[1], ok=ok)
     _emit(
         args,
-        {"bytes": result.bytes, "exceptions": result.exceptions, "runs": result.runs},
-        f"exported {format_size(result.bytes)} ({result.exceptions} exceptions from the COW) to {args.out}",
+        {"bytes": result.bytes, "exceptions": result.exceptions, "runs": result.runs, "output": result.output},
+        f"exported {format_size(result.bytes)} ({result.exceptions} exceptions from the COW) to {args.out} "
+        f"({result.output})",
     )
     return 0
 
@@ -233,6 +239,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     e.add_argument("--origin", required=True, metavar="DEV")
     e.add_argument("--cow", required=True, metavar="DEV")
     e.add_argument("out", metavar="OUT", help="output file (created) or block device")
+    e.add_argument("--force", action="store_true",
+                   help="overwrite an existing non-empty output: a file is truncated or extended to the "
+                   "origin's size, a block device's first bytes are written")
     _progress_option(e)
     e.set_defaults(func=cmd_export)
     return p  # type: ignore[no-any-return]

@@ -12,8 +12,8 @@ the manager keeps no state of its own: a new manager (or another process) sees t
 
 from __future__ import annotations
 
-import errno
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +37,7 @@ from dmtools.targets_model import Error, Linear, Snapshot, SnapshotMerge, Snapsh
 from snapshot.store.format import NUM_SNAPSHOT_HDR_CHUNKS, SECTOR, chunk_size_error
 
 Names = list[str]
+_DEVNO = re.compile(r"^\d+:\d+$")
 
 #: ``progress(done_sectors, total_sectors)`` during a merge.
 MergeProgress = Callable[[int, int], None]
@@ -193,20 +194,23 @@ class SnapshotManager:
             dev.write(bytes(min(COW_WIPE_BYTES, dev.size)), 0)
             dev.flush()
 
-    def _cow_in_use(self, cow: str, tables: dict[str, Table]) -> str | None:
-        """The device whose table already maps ``cow``, if any."""
-        keys = {os.path.abspath(cow)}
-        try:
-            st = os.stat(cow)
-            if st.st_rdev:
-                keys.add(f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
-        except OSError:
-            pass
-        for name, table in tables.items():
-            for dev in table.devices():
-                if dev in keys or os.path.abspath(dev) in keys:
-                    return name
-        return None
+    def _check_cow(self, origin: str | None, cow: str, operation: str) -> str:
+        """Refuse a COW that shares bytes with the origin, or that a live table already maps (a
+        snapshot's COW, origin or ``-real``, a mirror leg...) whatever its spelling: a symlink,
+        ``/dev/block/M:m``, the file behind a loop device (``dmtools.inputs``). Raises
+        ``DeviceConflict`` or ``DeviceBusy``; returns the reference to put in the ``-cow`` table
+        (a relative path made absolute here, where the caller meant it)."""
+        import dataclasses
+
+        from dmtools.identity import identify
+        from dmtools.inputs import check_devices
+
+        roles: dict[str, Any] = {"--cow": cow}
+        if origin is not None and self.dm.exists(origin):
+            ident = identify(self.dm.device_ref(origin), dm=self.dm)
+            roles["the origin"] = dataclasses.replace(ident, ref=origin)
+        check_devices(roles, backends=[self.dm], operation=operation, in_use=("--cow",))
+        return cow if _DEVNO.match(cow) else os.path.abspath(cow)
 
     def _check_chunk(self, chunk_size: int) -> None:
         err = chunk_size_error(chunk_size)
@@ -228,7 +232,8 @@ class SnapshotManager:
         The COW's first 4 KiB are zeroed (the kernel then writes a new header). All-or-nothing:
         on failure every device created is removed and the origin's table restored. Raises
         ``InvalidArgument`` (chunk size, COW smaller than three chunks), ``DeviceExists``,
-        ``DeviceNotFound``, ``DeviceBusy`` (COW already in use, origin merging).
+        ``DeviceNotFound``, ``DeviceBusy`` (COW already in use, origin merging), ``DeviceConflict``
+        (the COW shares bytes with the origin).
         """
         self._check_chunk(chunk_size)
         return self._activate(origin, cow, name, chunk_size, "P" if persistent else "N", wipe=True)
@@ -242,9 +247,7 @@ class SnapshotManager:
         """
         from snapshot.offline import inspect
 
-        user = self._cow_in_use(cow, self._devices())
-        if user is not None:
-            raise DeviceBusy(f"COW device is already in use by {user}", operation="activate", device=cow)
+        self._check_cow(origin, cow, "activate")
         info = inspect(cow)
         if not info.initialised:
             raise InvalidArgument("COW holds no snapshot (header magic is 0); use create", device=cow)
@@ -266,9 +269,7 @@ class SnapshotManager:
         otarget = self._single(tables[origin])
         if isinstance(otarget, SnapshotMerge):
             raise DeviceBusy("origin is merging a snapshot", operation="create", device=origin)
-        user = self._cow_in_use(cow, tables)
-        if user is not None:
-            raise DeviceBusy(f"COW device is already in use by {user}", errno=errno.EBUSY, operation="create", device=cow)
+        cow = self._check_cow(origin, cow, "create")
         size = self._cow_size(cow)
         minimum = (NUM_SNAPSHOT_HDR_CHUNKS + 2) if store == "P" else 1
         if size < minimum * chunk * SECTOR:

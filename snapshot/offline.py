@@ -12,13 +12,16 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from dmtools.blockdev import BlockDevice, open_endpoint
 from dmtools.endpoint import Endpoint
 from dmtools.errors import CorruptMetadata, DeviceIOError, InvalidArgument, SnapshotInvalid
 
 from snapshot.store.format import SECTOR, SNAP_MAGIC
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dmtools.backend import DeviceMapper
 from snapshot.store.persistent import PersistentStore
 
 #: ``progress(done_bytes, total_bytes)``
@@ -129,6 +132,8 @@ class ExportResult:
     bytes: int
     exceptions: int
     runs: int
+    #: what was done to the output ("created with N bytes", "truncated from A to B bytes"...)
+    output: str = ""
 
 
 def _same_file(a: Endpoint, b: Endpoint) -> bool:
@@ -151,9 +156,30 @@ def _same_as_path(path: Path, ep: Endpoint) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+def _check_paths(
+    origin: "str | os.PathLike[str] | Endpoint",
+    cow: "str | os.PathLike[str] | Endpoint",
+    out: "str | os.PathLike[str] | Endpoint",
+    backends: "Sequence[DeviceMapper]",
+) -> None:
+    """Refuse, before anything is opened, an output sharing bytes with the origin or the COW
+    under any spelling (``dmtools.identity``: the file behind a loop device, a second loop over
+    it, a dm device over it, a symlink, a relative path), origin and COW that alias, and an output
+    that a live table of ``backends`` maps. Endpoints given as objects are compared when open."""
+    from dmtools.inputs import check_devices
+
+    roles: dict[str, Any] = {}
+    for role, ref in (("--origin", origin), ("--cow", cow), ("the output", out)):
+        if isinstance(ref, Endpoint) or (role == "the output" and not os.path.exists(ref)):
+            continue
+        roles[role] = ref
+    check_devices(roles, backends=backends, operation="export", in_use=("the output",))
+
+
 def _open_output(
-    out: "str | os.PathLike[str] | Endpoint", size: int, inputs: tuple[Endpoint, ...]
-) -> tuple[Endpoint, bool]:
+    out: "str | os.PathLike[str] | Endpoint", size: int, inputs: tuple[Endpoint, ...], force: bool
+) -> tuple[Endpoint, bool, str]:
+    """Open (or create) the output; returns ``(endpoint, owned, what was done to it)``."""
     if isinstance(out, Endpoint):
         if any(_same_file(out, ep) for ep in inputs):
             raise InvalidArgument("output must differ from the origin and the COW", operation="export")
@@ -163,33 +189,52 @@ def _open_output(
             raise InvalidArgument(
                 f"output holds {out.size} bytes, the snapshot needs {size}", device=out.name, operation="export"
             )
-        return out, False
+        return out, False, f"first {size} bytes of {out.name} written"
     path = Path(out)
+    action = f"created with {size} bytes"
     if path.exists():
         if any(_same_as_path(path, ep) for ep in inputs):
             raise InvalidArgument(
                 "output must differ from the origin and the COW", device=str(path), operation="export"
             )
         st = path.stat()
-        if stat.S_ISBLK(st.st_mode):
+        is_blk = stat.S_ISBLK(st.st_mode)
+        if not is_blk and not stat.S_ISREG(st.st_mode):
+            raise InvalidArgument("output must be a regular file or block device", device=str(path), operation="export")
+        if is_blk or st.st_size:
+            if not force:
+                what = "is a block device" if is_blk else f"exists and holds {st.st_size} bytes"
+                raise InvalidArgument(
+                    f"output {what}; --force overwrites it (a file is truncated or extended to the "
+                    f"snapshot's {size} bytes, a block device's first {size} bytes are written)",
+                    device=str(path),
+                    operation="export",
+                )
+        if is_blk:
             dev = BlockDevice(path, writable=True, exclusive=True)
             if dev.size < size:
                 dev.close()
                 raise InvalidArgument(
-                    f"output holds {st.st_size} bytes, the snapshot needs {size}",
+                    f"output holds {dev.size} bytes, the snapshot needs {size}",
                     device=str(path),
                     operation="export",
                 )
-            return dev, True
-        if not stat.S_ISREG(st.st_mode):
-            raise InvalidArgument("output must be a regular file or block device", device=str(path), operation="export")
+            tail = dev.size - size
+            return dev, True, f"first {size} bytes of the block device written" + (
+                f", its last {tail} bytes left as they were" if tail else "")
+        if st.st_size > size:
+            action = f"truncated from {st.st_size} to {size} bytes"
+        elif st.st_size:
+            action = f"extended from {st.st_size} to {size} bytes"
+        else:
+            action = f"sized from 0 to {size} bytes"
     dev = BlockDevice(path, writable=True, create=True)
     try:
         os.ftruncate(dev.fileno(), size)
     except OSError as err:
         dev.close()
         raise DeviceIOError(f"cannot size output: {err}", device=str(path), operation="export") from err
-    return dev, True
+    return dev, True, action
 
 
 def chunk_runs(items: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, int]]:
@@ -214,16 +259,24 @@ def export(
     *,
     progress: ProgressFn | None = None,
     num_pages: int = 1024,
+    force: bool = False,
+    backends: "Sequence[DeviceMapper]" = (),
 ) -> ExportResult:
     """Write the snapshot's view (origin with the COW's exceptions applied) to ``out``.
 
-    ``out`` may be a new or existing regular file (sized to the origin) or a block device at
-    least as large. The COW is checked first: a corrupt header or metadata raises
-    ``CorruptMetadata``, an invalidated snapshot ``SnapshotInvalid``, and nothing is written.
-    Bulk data moves with kcopyd (``copy_file_range`` between regular files).
+    ``out`` may be a new or empty regular file (sized to the origin). An existing non-empty file
+    or a block device is refused unless ``force``: then a file is truncated or extended to the
+    origin's size exactly and a block device (at least as large) has its first bytes written;
+    ``ExportResult.output`` says which. Before anything is opened, an output that shares bytes
+    with the origin or the COW under any spelling raises ``DeviceConflict``, and one that a live
+    table of ``backends`` maps ``DeviceBusy`` (``dmtools.inputs``). The COW is checked next: a
+    corrupt header or metadata raises ``CorruptMetadata``, an invalidated snapshot
+    ``SnapshotInvalid``, and nothing is written. Bulk data moves with kcopyd
+    (``copy_file_range`` between regular files).
     """
     import kcopyd
 
+    _check_paths(origin, cow, out, backends)
     org, own_org = _open(origin)
     cw, own_cow = _open(cow)
     dst: Endpoint | None = None
@@ -248,7 +301,7 @@ def export(
                 f"of {cb} bytes (wrong origin?)",
                 device=cw.name,
             )
-        dst, own_dst = _open_output(out, size, (org, cw))
+        dst, own_dst, action = _open_output(out, size, (org, cw), force)
         errors: list[str] = []
         lock = threading.Lock()
         done = [0]
@@ -291,7 +344,7 @@ def export(
         if errors:
             raise DeviceIOError("; ".join(errors[:5]), operation="export", device=dst.name)
         dst.flush()
-        return ExportResult(size, len(store.table), runs)
+        return ExportResult(size, len(store.table), runs, action)
     finally:
         if own_dst and dst is not None:
             dst.close()

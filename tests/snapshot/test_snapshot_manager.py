@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from dmtools.errors import CorruptMetadata, DeviceBusy, DeviceExists, InvalidArgument, SnapshotInvalid
+from dmtools.errors import CorruptMetadata, DeviceBusy, DeviceConflict, DeviceExists, InvalidArgument, SnapshotInvalid
 from snapshot import SnapshotManager
 
 SIZE = 512 * 1024
@@ -103,8 +103,8 @@ def test_activate_after_restart(vol: tuple[Any, bytes], tmp_path: Path) -> None:
     write(eng, "vol", b"r" * 3 * CB, 5 * CB)
     after = read(eng, "vol")
     mgr.remove("s1")  # a "reboot": tables gone, COW and origin keep their data
-    with pytest.raises(DeviceBusy):
-        mgr.activate("vol", str(tmp_path / "vol.img"), "x")  # the origin's own file is in use
+    with pytest.raises(DeviceConflict, match="the origin vol share bytes"):
+        mgr.activate("vol", str(tmp_path / "vol.img"), "x")  # the origin's own file
     info = mgr.activate("vol", c, "s1")
     assert info.chunk_size == 16
     assert read(eng, "s1") == data and read(eng, "vol") == after

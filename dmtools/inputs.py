@@ -1,0 +1,139 @@
+"""The devices one request names: they must not share bytes, and must not be in use elsewhere.
+
+Every command that takes two or more devices (a snapshot's origin and COW, a mirror's legs and
+log, an export's inputs and output, a copy's source and destinations) checks its arguments here
+before it opens anything for writing. Identity is :mod:`dmtools.identity`'s: a symlink, a relative
+path, ``/dev/block/M:m``, ``M:m``, a second loop device over the same file or a ``linear`` device
+over it all name the same bytes. "In use" is the kernel's notion: a live table of a backend maps
+those bytes (``bd_claim`` of the devices a table uses, drivers/md/dm-table.c ``dm_get_device``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Union
+
+from dmtools.errors import DeviceBusy, DeviceNotFound, DMError
+from dmtools.identity import Identity, ensure_disjoint, identify, users
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dmtools.backend import DeviceMapper
+
+__all__ = ["Ref", "check_devices", "check_not_in_use", "live_backends"]
+
+Ref = Union[str, "os.PathLike[str]", Identity]
+_DEVNO = re.compile(r"^(\d+):(\d+)$")
+
+
+def live_backends() -> list["DeviceMapper"]:
+    """The backends whose tables can hold a device now: the kernel's where it works, and the
+    userspace engine's daemon when one runs (never started for this). The caller closes them."""
+    from dmtools.backend import kernel_available
+
+    out: list[DeviceMapper] = []
+    if kernel_available():
+        from dmtools.kernel import KernelBackend
+
+        out.append(KernelBackend())
+    from dmtools.engine.client import open_userspace
+
+    try:
+        out.append(open_userspace(start=False))
+    except DMError:
+        pass  # no daemon: no userspace tables
+    except OSError:
+        pass
+    return out
+
+
+def _stack(ref: str, dm: "DeviceMapper") -> set[str]:
+    """Names of ``dm``'s devices that ``ref`` is, or stacks on (through ``deps``): they map the
+    role's bytes because the role *is* them, not because someone else holds it."""
+    m = _DEVNO.match(ref)
+    if m:
+        devno = (int(m.group(1)), int(m.group(2)))
+    else:
+        try:
+            st = os.stat(ref)
+        except OSError:
+            return set()
+        if not stat.S_ISBLK(st.st_mode):
+            return set()
+        devno = (os.major(st.st_rdev), os.minor(st.st_rdev))
+    names = {(e.major, e.minor): e.name for e in dm.list()}
+    seen: set[tuple[int, int]] = set()
+    todo = [devno]
+    while todo:
+        d = todo.pop()
+        if d in seen or d not in names:
+            continue
+        seen.add(d)
+        try:
+            todo.extend(dm.deps(names[d]))
+        except DMError:
+            continue
+    return {names[d] for d in seen}
+
+
+def check_not_in_use(
+    idents: Mapping[str, Identity], backends: Iterable["DeviceMapper"], *, operation: str,
+    allowed: Iterable[str] = (),
+) -> None:
+    """Raise ``DeviceBusy`` when a live table of any backend maps a byte of any role's device.
+
+    ``allowed`` names devices whose use is expected (the device the request reconfigures).
+    """
+    skip = set(allowed)
+    for dm in backends:
+        for role, ident in idents.items():
+            holders = users(ident, dm)
+            if holders:
+                own = _stack(ident.ref, dm)  # a dm device given as the role maps its own bytes
+                holders = [n for n in holders if n not in skip and n not in own]
+            if holders:
+                raise DeviceBusy(
+                    f"{role} {ident.ref} is in use by device {', '.join(holders)}"
+                    + (f" ({ident.describe()})" if ident.describe() != ident.ref else ""),
+                    errno=errno.EBUSY,
+                    operation=operation,
+                    device=ident.ref,
+                )
+
+
+def check_devices(
+    roles: Mapping[str, Ref],
+    *,
+    backends: Sequence["DeviceMapper"],
+    operation: str,
+    in_use: Sequence[str] = (),
+    allowed: Iterable[str] = (),
+    missing_ok: Iterable[str] = (),
+) -> dict[str, Identity]:
+    """Identify every role's device; refuse two that share bytes, and the roles of ``in_use``
+    (all roles when it holds ``"*"``) that a live table of one of ``backends`` maps. Roles in
+    ``missing_ok`` whose device no longer exists are left out.
+
+    References are resolved through the userspace backend among ``backends`` when there is one
+    (its devices, exposed or not), else through the first (the kernel's are also found in sysfs).
+    Returns the identities by role. Raises ``DeviceConflict`` (two roles alias: the message names
+    both and how), ``DeviceBusy`` (in use, naming the device that holds it), ``DeviceNotFound``.
+    """
+    dm = next((b for b in backends if b.backend == "userspace"), backends[0] if backends else None)
+    present: dict[str, Ref] = {}
+    missing = set(missing_ok)
+    for role, ref in roles.items():
+        if role in missing and not isinstance(ref, Identity):
+            try:
+                ref = identify(ref, dm=dm)
+            except DeviceNotFound:
+                continue  # gone (a failed leg's device removed): it shares nothing
+        present[role] = ref
+    idents = ensure_disjoint(present, dm=dm)
+    wanted = {r: i for r, i in idents.items() if "*" in in_use or r in in_use}
+    if wanted:
+        check_not_in_use(wanted, backends, operation=operation, allowed=allowed)
+    return idents
