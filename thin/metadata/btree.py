@@ -1,0 +1,435 @@
+"""Persistent-data btrees: node format, lookups, and copy-on-write updates.
+
+Node layout and rules from drivers/md/persistent-data/dm-btree-internal.h, dm-btree.c,
+dm-btree-remove.c and dm-btree-spine.c: a 32-byte header (csum, flags, blocknr, nr_entries,
+max_entries, value_size, padding), ``max_entries`` u64 keys, then ``max_entries`` values.
+Every update shadows the nodes on its path (``TransactionManager.shadow``); a node that was shared
+(reference count > 1) is copied and its children gain a reference, as ``inc_children`` does.
+
+The shapes written keep what ``thin_check`` demands: keys ascending, every non-root node at least a
+third full, ``max_entries`` from the kernel's ``calc_max_entries``.
+"""
+
+from __future__ import annotations
+
+import struct
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from dmtools.errors import CorruptMetadata
+
+from .ondisk import BLOCK_SIZE, BTREE_CSUM_XOR, DeviceDetails, IndexEntry, seal, verify
+
+if TYPE_CHECKING:
+    from .transaction import TransactionManager
+
+INTERNAL_NODE = 1
+LEAF_NODE = 2
+NODE_HEADER = 32
+_HEADER = struct.Struct("<IIQIIII")  # csum flags blocknr nr_entries max_entries value_size padding
+
+
+def calc_max_entries(value_size: int) -> int:
+    """dm-btree.c ``calc_max_entries``: as many as fit, rounded down to a multiple of 3."""
+    total = (BLOCK_SIZE - NODE_HEADER) // (8 + value_size)
+    return 3 * (total // 3)
+
+
+class ValueType:
+    """How a tree's values are stored and counted (``struct dm_btree_value_type``)."""
+
+    size = 8
+    name = "u64"
+
+    def unpack(self, raw: bytes | bytearray | memoryview, offset: int, n: int) -> list[Any]:
+        return list(struct.unpack_from(f"<{n}Q", raw, offset))
+
+    def pack(self, values: Sequence[Any]) -> bytes:
+        return struct.pack(f"<{len(values)}Q", *values)
+
+    def inc(self, value: Any) -> None:
+        """A new reference to ``value`` (a shared leaf was copied)."""
+
+    def dec(self, value: Any) -> None:
+        """``value`` lost a reference (removed, overwritten, or its leaf freed)."""
+
+    def equal(self, a: Any, b: Any) -> bool:
+        return bool(a == b)
+
+
+class U32Value(ValueType):
+    size = 4
+    name = "u32"
+
+    def unpack(self, raw: bytes | bytearray | memoryview, offset: int, n: int) -> list[Any]:
+        return list(struct.unpack_from(f"<{n}I", raw, offset))
+
+    def pack(self, values: Sequence[Any]) -> bytes:
+        return struct.pack(f"<{len(values)}I", *values)
+
+
+class _StructValue(ValueType):
+    cls: Any = None
+
+    def unpack(self, raw: bytes | bytearray | memoryview, offset: int, n: int) -> list[Any]:
+        size, unpack = self.size, self.cls.unpack
+        return [unpack(raw, offset + i * size) for i in range(n)]
+
+    def pack(self, values: Sequence[Any]) -> bytes:
+        return b"".join(v.pack() for v in values)
+
+
+class IndexValue(_StructValue):
+    size = IndexEntry.SIZE
+    name = "index entry"
+    cls = IndexEntry
+
+
+class DetailsValue(_StructValue):
+    size = DeviceDetails.SIZE
+    name = "device details"
+    cls = DeviceDetails
+
+
+U64 = ValueType()
+U32 = U32Value()
+INDEX = IndexValue()
+DETAILS = DetailsValue()
+CHILD = U64  # internal nodes: child block numbers
+
+
+class Node:
+    """One decoded btree node. Nodes read from committed blocks are never modified in place."""
+
+    __slots__ = ("blocknr", "leaf", "max_entries", "value_size", "keys", "values")
+
+    def __init__(self, blocknr: int, leaf: bool, max_entries: int, value_size: int,
+                 keys: list[int], values: list[Any]) -> None:
+        self.blocknr = blocknr
+        self.leaf = leaf
+        self.max_entries = max_entries
+        self.value_size = value_size
+        self.keys = keys
+        self.values = values
+
+    def copy(self, blocknr: int) -> Node:
+        return Node(blocknr, self.leaf, self.max_entries, self.value_size, list(self.keys), list(self.values))
+
+    @property
+    def full(self) -> bool:
+        return len(self.keys) >= self.max_entries
+
+    @classmethod
+    def decode(cls, block: bytes | bytearray | memoryview, blocknr: int, vtype: ValueType) -> Node:
+        """Parse and validate a node (dm-btree-spine.c ``node_check``, plus thin_check's shape rules).
+
+        ``vtype`` is the value type the tree's leaves must hold.
+        """
+        verify(block, blocknr, BTREE_CSUM_XOR, "btree node")
+        _c, flags, _b, nr, max_entries, value_size, _p = _HEADER.unpack_from(block, 0)
+        if flags not in (INTERNAL_NODE, LEAF_NODE):
+            raise CorruptMetadata(f"btree node {blocknr}: bad flags {flags}")
+        if NODE_HEADER + (8 + value_size) * max_entries > BLOCK_SIZE or nr > max_entries:
+            raise CorruptMetadata(f"btree node {blocknr}: {nr} entries, max {max_entries}, "
+                                  f"value size {value_size} do not fit a block")
+        if max_entries % 3:
+            raise CorruptMetadata(f"btree node {blocknr}: max entries {max_entries} is not divisible by 3")
+        leaf = flags == LEAF_NODE
+        vt = vtype if leaf else CHILD
+        if value_size != vt.size:
+            raise CorruptMetadata(f"btree node {blocknr}: value size {value_size}, expected {vt.size} "
+                                  f"for {'a ' + vt.name + ' leaf' if leaf else 'an internal node'}")
+        keys = list(struct.unpack_from(f"<{nr}Q", block, NODE_HEADER))
+        values = vt.unpack(block, NODE_HEADER + 8 * max_entries, nr)
+        return cls(blocknr, leaf, max_entries, value_size, keys, values)
+
+    def encode(self, vtype: ValueType) -> bytearray:
+        """The sealed 4096-byte block."""
+        block = bytearray(BLOCK_SIZE)
+        nr = len(self.keys)
+        _HEADER.pack_into(block, 0, 0, LEAF_NODE if self.leaf else INTERNAL_NODE, self.blocknr, nr,
+                          self.max_entries, self.value_size, 0)
+        struct.pack_into(f"<{nr}Q", block, NODE_HEADER, *self.keys)
+        vals = (vtype if self.leaf else CHILD).pack(self.values)
+        at = NODE_HEADER + 8 * self.max_entries
+        block[at:at + len(vals)] = vals
+        seal(block, self.blocknr, BTREE_CSUM_XOR)
+        return block
+
+
+def empty_tree(tm: TransactionManager, vtype: ValueType) -> int:
+    """A new empty tree (one empty leaf); returns its root (dm-btree.c ``dm_btree_empty``)."""
+    return tm.new_node(True, vtype).blocknr
+
+
+def lookup(tm: TransactionManager, root: int, key: int, vtype: ValueType) -> Any | None:
+    """The value stored under ``key``, or ``None``."""
+    node = tm.read_node(root, vtype)
+    while not node.leaf:
+        i = bisect_right(node.keys, key) - 1
+        if i < 0:
+            return None
+        node = tm.read_node(node.values[i], vtype)
+    i = bisect_right(node.keys, key) - 1
+    if i >= 0 and node.keys[i] == key:
+        return node.values[i]
+    return None
+
+
+def walk(tm: TransactionManager, root: int, vtype: ValueType,
+         lo: int = 0, hi: int | None = None) -> Iterator[tuple[list[int], list[Any]]]:
+    """Every leaf's ``(keys, values)``, in key order (read-only); only leaves that may hold [lo, hi)."""
+    stack = [root]
+    while stack:
+        node = tm.read_node(stack.pop(), vtype, cache=False)
+        if node.leaf:
+            yield node.keys, node.values
+            continue
+        keys, kids = node.keys, node.values
+        first = max(bisect_right(keys, lo) - 1, 0)
+        last = len(keys) if hi is None else bisect_right(keys, hi - 1)
+        stack.extend(reversed(kids[first:last]))
+
+
+def items(tm: TransactionManager, root: int, vtype: ValueType) -> Iterator[tuple[int, Any]]:
+    """Every ``(key, value)`` in key order."""
+    for keys, values in walk(tm, root, vtype):
+        yield from zip(keys, values)
+
+
+def _split_beneath(tm: TransactionManager, root: Node, vtype: ValueType) -> None:
+    """dm-btree.c ``btree_split_beneath``: the root's entries go to two new children."""
+    nr = len(root.keys)
+    half = nr // 2
+    left = tm.new_node(root.leaf, vtype, root.max_entries)
+    right = tm.new_node(root.leaf, vtype, root.max_entries)
+    left.keys, left.values = root.keys[:half], root.values[:half]
+    right.keys, right.values = root.keys[half:], root.values[half:]
+    root.leaf = False
+    root.max_entries = calc_max_entries(8)
+    root.value_size = 8
+    root.keys = [left.keys[0], right.keys[0]]
+    root.values = [left.blocknr, right.blocknr]
+
+
+def _split_child(tm: TransactionManager, parent: Node, i: int, child: Node, vtype: ValueType) -> None:
+    """Split a full child in two (``btree_split_sibling``); the parent has room."""
+    half = len(child.keys) // 2
+    right = tm.new_node(child.leaf, vtype, child.max_entries)
+    right.keys, right.values = child.keys[half:], child.values[half:]
+    del child.keys[half:], child.values[half:]
+    parent.keys.insert(i + 1, right.keys[0])
+    parent.values.insert(i + 1, right.blocknr)
+
+
+def insert(tm: TransactionManager, root: int, key: int, value: Any, vtype: ValueType,
+           *, dec_old: bool = True) -> tuple[int, bool]:
+    """Insert or overwrite ``key``; returns ``(new root, whether the key is new)``.
+
+    An overwritten value loses its reference (``vtype.dec``) unless ``vtype.equal`` says it is
+    unchanged or ``dec_old`` is false.
+    """
+    node = tm.shadow(root, vtype)
+    root = node.blocknr
+    if node.full and not (node.leaf and _has(node, key)):
+        _split_beneath(tm, node, vtype)
+    while not node.leaf:
+        i = bisect_right(node.keys, key) - 1
+        if i < 0:
+            i = 0
+            node.keys[0] = key  # the lower bound drops to the new smallest key
+        child = tm.shadow(node.values[i], vtype)
+        node.values[i] = child.blocknr
+        if child.full and not (child.leaf and _has(child, key)):
+            _split_child(tm, node, i, child, vtype)
+            if key >= node.keys[i + 1]:
+                child = tm.read_node(node.values[i + 1], vtype)
+        node = child
+    i = bisect_right(node.keys, key) - 1
+    if i >= 0 and node.keys[i] == key:
+        old = node.values[i]
+        node.values[i] = value
+        if dec_old and not vtype.equal(old, value):
+            vtype.dec(old)
+        return root, False
+    node.keys.insert(i + 1, key)
+    node.values.insert(i + 1, value)
+    return root, True
+
+
+def _has(node: Node, key: int) -> bool:
+    i = bisect_right(node.keys, key) - 1
+    return i >= 0 and node.keys[i] == key
+
+
+def shadow_path(tm: TransactionManager, root: int, key: int, vtype: ValueType) -> tuple[int, Node, int] | None:
+    """Shadow the path to an existing ``key``: ``(new root, writable leaf, index)``, or ``None``.
+
+    The two-level mapping tree uses this to shadow the top level *before* the device's own tree,
+    as dm-btree.c ``dm_btree_insert`` does across levels (shared top-level leaves give their
+    subtree roots a reference first).
+    """
+    if lookup(tm, root, key, vtype) is None:
+        return None
+    node = tm.shadow(root, vtype)
+    new_root = node.blocknr
+    while not node.leaf:
+        i = bisect_right(node.keys, key) - 1
+        child = tm.shadow(node.values[i], vtype)
+        node.values[i] = child.blocknr
+        node = child
+    return new_root, node, bisect_right(node.keys, key) - 1
+
+
+def _rebalance(tm: TransactionManager, parent: Node, i: int, vtype: ValueType) -> None:
+    """Make child ``i`` able to lose an entry (dm-btree-remove.c ``rebalance_children``).
+
+    A child at the minimum (a third of ``max_entries``) is merged with a sibling when both fit in
+    one node, or takes entries from it; the caller looks the key up in ``parent`` again.
+    """
+    child = tm.read_node(parent.values[i], vtype)
+    if len(child.keys) > child.max_entries // 3 or len(parent.keys) < 2:
+        return
+    li = i - 1 if i > 0 else i
+    left = tm.shadow(parent.values[li], vtype)
+    parent.values[li] = left.blocknr
+    right = tm.shadow(parent.values[li + 1], vtype)
+    parent.values[li + 1] = right.blocknr
+    if left.max_entries != right.max_entries:
+        raise CorruptMetadata(f"btree nodes {left.blocknr} and {right.blocknr}: max_entries differ")
+    total = len(left.keys) + len(right.keys)
+    if total <= left.max_entries:
+        left.keys.extend(right.keys)
+        left.values.extend(right.values)
+        right.keys, right.values = [], []
+        del parent.keys[li + 1], parent.values[li + 1]
+        tm.dec(right.blocknr)  # its children now belong to ``left``
+        return
+    target = total // 2
+    if len(left.keys) > target:
+        move = len(left.keys) - target
+        right.keys[:0], right.values[:0] = left.keys[-move:], left.values[-move:]
+        del left.keys[-move:], left.values[-move:]
+    else:
+        move = target - len(left.keys)
+        left.keys.extend(right.keys[:move])
+        left.values.extend(right.values[:move])
+        del right.keys[:move], right.values[:move]
+    parent.keys[li + 1] = right.keys[0]
+
+
+def remove(tm: TransactionManager, root: int, key: int, vtype: ValueType) -> tuple[int, bool]:
+    """Remove ``key`` (its value loses a reference); returns ``(new root, whether it was there)``."""
+    if lookup(tm, root, key, vtype) is None:
+        return root, False
+    node = tm.shadow(root, vtype)
+    root = node.blocknr
+    while not node.leaf:
+        _collapse_root(tm, node, vtype)
+        if node.leaf:
+            break
+        i = bisect_right(node.keys, key) - 1
+        _rebalance(tm, node, i, vtype)
+        i = bisect_right(node.keys, key) - 1
+        _collapse_root(tm, node, vtype)
+        if node.leaf:
+            break
+        child = tm.shadow(node.values[i], vtype)
+        node.values[i] = child.blocknr
+        node = child
+    i = bisect_right(node.keys, key) - 1
+    value = node.values[i]
+    del node.keys[i], node.values[i]
+    vtype.dec(value)
+    return root, True
+
+
+def _collapse_root(tm: TransactionManager, node: Node, vtype: ValueType) -> None:
+    """An internal node with one child takes the child's contents (the tree loses a level)."""
+    while not node.leaf and len(node.keys) == 1:
+        child = tm.shadow(node.values[0], vtype)
+        node.leaf, node.max_entries, node.value_size = child.leaf, child.max_entries, child.value_size
+        node.keys, node.values = child.keys, child.values
+        child.keys, child.values = [], []
+        tm.dec(child.blocknr)
+
+
+def delete_tree(tm: TransactionManager, root: int, vtype: ValueType) -> None:
+    """Drop a reference to a whole tree (dm-btree.c ``dm_btree_del``).
+
+    A node still referenced elsewhere is only decremented; otherwise its children (or, for a
+    leaf, its values) lose a reference and the node is freed.
+    """
+    stack = [root]
+    while stack:
+        b = stack.pop()
+        if tm.count(b) > 1:
+            tm.dec(b)
+            continue
+        node = tm.read_node(b, vtype, cache=False)
+        if node.leaf:
+            for v in node.values:
+                vtype.dec(v)
+        else:
+            stack.extend(node.values)
+        tm.dec(b)
+
+
+def build(tm: TransactionManager, keys: Sequence[int], values: Sequence[Any], vtype: ValueType) -> int:
+    """Write a new tree holding sorted ``keys``/``values`` bottom-up; returns its root.
+
+    Nodes are filled completely except that the last two of a level share their entries evenly
+    when the last would be under a third full, so every non-root node satisfies thin_check.
+    The values' references are the caller's to count.
+    """
+    if not keys:
+        return empty_tree(tm, vtype)
+    level_keys, level_values = keys, values
+    leaf = True
+    while True:
+        max_entries = calc_max_entries(vtype.size if leaf else 8)
+        if len(level_keys) <= max_entries:
+            node = tm.new_node(leaf, vtype, max_entries)
+            node.keys, node.values = list(level_keys), list(level_values)
+            return node.blocknr
+        up_keys: list[int] = []
+        up_values: list[int] = []
+        at = 0
+        for size in _chunks(len(level_keys), max_entries):
+            node = tm.new_node(leaf, vtype, max_entries)
+            node.keys, node.values = list(level_keys[at:at + size]), list(level_values[at:at + size])
+            up_keys.append(node.keys[0])
+            up_values.append(node.blocknr)
+            at += size
+        level_keys, level_values = up_keys, up_values
+        leaf = False
+
+
+def _chunks(n: int, max_entries: int) -> list[int]:
+    """Sizes of full nodes for ``n`` entries, the last two evened out when the last is small."""
+    sizes = [max_entries] * (n // max_entries)
+    if n % max_entries:
+        sizes.append(n % max_entries)
+    if len(sizes) >= 2 and sizes[-1] < max_entries // 3:
+        both = sizes[-1] + sizes[-2]
+        sizes[-2:] = [both - both // 2, both // 2]
+    return sizes
+
+
+def entries_count(tm: TransactionManager, root: int, vtype: ValueType,
+                  memo: dict[int, int] | None = None) -> int:
+    """How many entries a tree holds; ``memo`` shares the work across trees that share nodes."""
+    memo = {} if memo is None else memo
+
+    def count(b: int) -> int:
+        hit = memo.get(b)
+        if hit is not None:
+            return hit
+        node = tm.read_node(b, vtype, cache=False)
+        n = len(node.keys) if node.leaf else sum(count(c) for c in node.values)
+        memo[b] = n
+        return n
+
+    return count(root)
+

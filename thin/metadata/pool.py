@@ -1,0 +1,448 @@
+"""Thin-pool metadata: devices, mappings and transactions, as drivers/md/dm-thin-metadata.c keeps them.
+
+``ThinMetadata`` is the whole metadata device: ``format`` lays out a new one (the kernel's layout
+for a zeroed device), ``open`` reads an existing one. Changes (``create_thin``, ``create_snap``,
+``delete``, ``insert``/``remove`` of mappings, data allocation, metadata snapshots) stay in memory
+until ``commit``, which writes them in the kernel's order; ``abort`` drops them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+from dmtools.errors import CorruptMetadata, DeviceBusy, DeviceExists, DeviceNotFound, InvalidArgument
+
+from . import btree
+from .btree import DETAILS, U64, ValueType
+from .ondisk import (BLOCK_SECTORS, MAX_DATA_BLOCK, MAX_DATA_BLOCK_SECTORS, MAX_DEV_ID, MAX_METADATA_SECTORS,
+                     METADATA_VERSION, MIN_DATA_BLOCK_SECTORS, NEEDS_CHECK_FLAG, TIME_MASK, DeviceDetails,
+                     SpaceMapRoot, Superblock, pack_block_time, unpack_block_time)
+from .transaction import MetadataDevice, TransactionManager
+
+__all__ = ["Lookup", "ThinMetadata", "check_data_block_size"]
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """One mapping: where a virtual block lives, when it was written, whether a snapshot shares it.
+
+    ``shared`` is the kernel's test (dm-thin-metadata.c ``__snapshotted_since``): the device was
+    snapshotted after the mapping was written.
+    """
+
+    data_block: int
+    time: int
+    shared: bool
+
+
+class MappingValue(ValueType):
+    """Level-1 leaf values (``block_time``): each holds a reference to its data block."""
+
+    name = "block_time"
+
+    def __init__(self, tm: TransactionManager) -> None:
+        self.tm = tm
+
+    def inc(self, value: int) -> None:
+        self.tm.dsm.inc(value >> 24)
+
+    def dec(self, value: int) -> None:
+        self.tm.dsm.dec(value >> 24)
+
+    def equal(self, a: int, b: int) -> bool:  # the same data block, whatever the time
+        return a >> 24 == b >> 24
+
+
+class SubtreeValue(ValueType):
+    """Top-level leaf values: the root of a device's mapping tree, a metadata block reference."""
+
+    name = "subtree root"
+
+    def __init__(self, tm: TransactionManager, mapping: MappingValue) -> None:
+        self.tm = tm
+        self.mapping = mapping
+
+    def inc(self, value: int) -> None:
+        self.tm.inc(value)
+
+    def dec(self, value: int) -> None:
+        btree.delete_tree(self.tm, value, self.mapping)
+
+
+def check_data_block_size(sectors: int) -> None:
+    """dm-thin.c ``pool_ctr``: 128..2097152 sectors, a multiple of 128."""
+    if not MIN_DATA_BLOCK_SECTORS <= sectors <= MAX_DATA_BLOCK_SECTORS or sectors % MIN_DATA_BLOCK_SECTORS:
+        raise InvalidArgument(f"invalid data block size {sectors} sectors: it must be a multiple of 128 "
+                              f"between 128 and {MAX_DATA_BLOCK_SECTORS}")
+
+
+class ThinMetadata:
+    """An open metadata device (see the module docstring)."""
+
+    def __init__(self, dev: MetadataDevice, tm: TransactionManager, sb: Superblock, *, writable: bool) -> None:
+        self.dev = dev
+        self.tm = tm
+        self.writable = writable
+        self.mapping = MappingValue(tm)
+        self.subtree = SubtreeValue(tm, self.mapping)
+        self._details: dict[int, DeviceDetails] = {}
+        self._load_superblock(sb)
+
+    def _load_superblock(self, sb: Superblock) -> None:
+        self.superblock = sb
+        self.flags = sb.flags
+        self.uuid = sb.uuid
+        self.version = sb.version
+        self.time = sb.time
+        self.trans_id = sb.trans_id
+        self.held_root = sb.held_root
+        self.mapping_root = sb.data_mapping_root
+        self.details_root = sb.device_details_root
+        self.data_block_size = sb.data_block_size
+        self.metadata_nr_blocks = sb.metadata_nr_blocks
+        self._in_service = False
+
+    # -- opening -----------------------------------------------------------------------------
+    @classmethod
+    def format(cls, path: str | os.PathLike[str], *, data_block_size: int, nr_data_blocks: int = 0) -> ThinMetadata:
+        """Write new, empty metadata on ``path`` (what the kernel writes on a zeroed device, §4.6
+        of the reference: dm-thin-metadata.c ``__format_metadata``) and return it open for writing.
+
+        ``nr_data_blocks`` extends the data space map at once, as the pool's first resume does.
+        """
+        check_data_block_size(data_block_size)
+        dev = MetadataDevice(path, writable=True)
+        try:
+            tm = TransactionManager.create(dev)
+            sb = Superblock(flags=0, blocknr=0, uuid=bytes(16), version=METADATA_VERSION, time=0, trans_id=0,
+                            held_root=0, data_sm_root=b"", metadata_sm_root=b"", data_mapping_root=0,
+                            device_details_root=0, data_block_size=data_block_size, metadata_block_size=BLOCK_SECTORS,
+                            metadata_nr_blocks=min(dev.size // 512, MAX_METADATA_SECTORS) // BLOCK_SECTORS)
+            md = cls(dev, tm, sb, writable=True)
+            md.mapping_root = btree.empty_tree(tm, md.subtree)
+            md.details_root = btree.empty_tree(tm, DETAILS)
+            md._in_service = True
+            md.commit()
+            if nr_data_blocks:
+                md.resize_data(nr_data_blocks)
+                md.commit()
+            return md
+        except BaseException:
+            dev.close()
+            raise
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, writable: bool = False, snapshot: bool | int = False,
+             data_block_size: int | None = None) -> ThinMetadata:
+        """Open existing metadata, validating the superblock as the kernel does (``sb_check``).
+
+        Read-only opens read the trees only; ``writable`` also loads both space maps.
+        ``snapshot`` reads through the held metadata snapshot (its block number, or ``True`` for
+        the one the superblock names), as ``thin_dump -m``. Raises ``CorruptMetadata``.
+        """
+        if writable and snapshot:
+            raise InvalidArgument("a metadata snapshot is read-only")
+        dev = MetadataDevice(path, writable=writable)
+        try:
+            sb = Superblock.unpack(dev.read(0), 0)
+            if sb.incompat_flags:
+                raise CorruptMetadata(f"unsupported incompatible features {sb.incompat_flags:#x}", device=dev.path)
+            if writable and sb.compat_ro_flags:
+                raise CorruptMetadata("could not access metadata read-write: unsupported optional features "
+                                      f"{sb.compat_ro_flags:#x}", device=dev.path)
+            if data_block_size is not None and sb.data_block_size != data_block_size:
+                raise InvalidArgument(f"changing the data block size (from {sb.data_block_size} to "
+                                      f"{data_block_size}) is not supported", device=dev.path)
+            if snapshot:
+                where = sb.held_root if snapshot is True else int(snapshot)
+                if not where:
+                    raise InvalidArgument("the metadata has no held metadata snapshot", device=dev.path)
+                sb = Superblock.unpack(dev.read(where), where)
+            tm = TransactionManager.open(dev, sb.metadata_sm, sb.data_sm, load=writable)
+            return cls(dev, tm, sb, writable=writable)
+        except BaseException:
+            dev.close()
+            raise
+
+    def close(self) -> None:
+        """Close the device; uncommitted changes are dropped."""
+        self.dev.close()
+
+    def __enter__(self) -> ThinMetadata:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def nr_data_blocks(self) -> int:
+        return self.tm.dsm.nr_blocks
+
+    @property
+    def nr_metadata_blocks(self) -> int:
+        return self.tm.msm.nr_blocks
+
+    @property
+    def free_data_blocks(self) -> int:
+        return self.tm.dsm.nr_free
+
+    @property
+    def free_metadata_blocks(self) -> int:
+        return self.tm.msm.nr_free
+
+    @property
+    def needs_check(self) -> bool:
+        return bool(self.flags & NEEDS_CHECK_FLAG)
+
+    def _writing(self) -> None:
+        if not self.writable:
+            raise InvalidArgument("the metadata is open read-only", device=self.dev.path)
+        self._in_service = True
+
+    # -- devices -----------------------------------------------------------------------------
+    def details(self, dev_id: int) -> DeviceDetails:
+        """A device's details; raises ``DeviceNotFound`` (ENODATA) if it does not exist."""
+        det = self._details.get(dev_id)
+        if det is None:
+            det = btree.lookup(self.tm, self.details_root, dev_id, DETAILS)
+            if det is None:
+                raise DeviceNotFound(f"thin device {dev_id} does not exist", errno=errno.ENODATA)
+        return det
+
+    def devices(self) -> dict[int, DeviceDetails]:
+        """Every device's details, by id, in id order."""
+        out = dict(btree.items(self.tm, self.details_root, DETAILS))
+        out.update(self._details)
+        return dict(sorted(out.items()))
+
+    def exists(self, dev_id: int) -> bool:
+        return dev_id in self._details or btree.lookup(self.tm, self.details_root, dev_id, DETAILS) is not None
+
+    def device_root(self, dev_id: int) -> int:
+        root = btree.lookup(self.tm, self.mapping_root, dev_id, self.subtree)
+        if root is None:
+            raise DeviceNotFound(f"thin device {dev_id} does not exist", errno=errno.ENODATA)
+        return int(root)
+
+    @staticmethod
+    def _check_id(dev_id: int) -> None:
+        if not 0 <= dev_id <= MAX_DEV_ID:
+            raise InvalidArgument(f"invalid device id {dev_id} (0..{MAX_DEV_ID})")
+
+    def create_thin(self, dev_id: int) -> None:
+        """A new empty thin device (dm-thin-metadata.c ``__create_thin``); ``DeviceExists`` if taken."""
+        self._check_id(dev_id)
+        self._writing()
+        if self.exists(dev_id):
+            raise DeviceExists(f"thin device {dev_id} already exists")
+        root = btree.empty_tree(self.tm, self.mapping)
+        self.mapping_root, _ = btree.insert(self.tm, self.mapping_root, dev_id, root, self.subtree)
+        self._details[dev_id] = DeviceDetails(0, self.trans_id, self.time, self.time)
+
+    def create_snap(self, dev_id: int, origin: int) -> None:
+        """A snapshot of ``origin`` sharing its whole tree (``__create_snap``); the pool time advances."""
+        self._check_id(dev_id)
+        self._check_id(origin)
+        self._writing()
+        if self.exists(dev_id):
+            raise DeviceExists(f"thin device {dev_id} already exists")
+        origin_details = self.details(origin)
+        root = self.device_root(origin)
+        if self.time >= TIME_MASK:
+            raise InvalidArgument("the pool's snapshot time is exhausted (2^24 snapshots)")
+        self.tm.inc(root)
+        self.mapping_root, _ = btree.insert(self.tm, self.mapping_root, dev_id, root, self.subtree)
+        self.time += 1
+        self._details[dev_id] = DeviceDetails(origin_details.mapped_blocks, self.trans_id, self.time, self.time)
+        self._details[origin] = replace(origin_details, snapshotted_time=self.time)
+
+    def delete(self, dev_id: int) -> None:
+        """Remove a device and drop its mappings (``__delete_device``); ``DeviceNotFound`` if missing."""
+        self._check_id(dev_id)
+        self._writing()
+        self.details(dev_id)
+        self._details.pop(dev_id, None)
+        self.details_root, _ = btree.remove(self.tm, self.details_root, dev_id, DETAILS)
+        self.mapping_root, found = btree.remove(self.tm, self.mapping_root, dev_id, self.subtree)
+        if not found:
+            raise CorruptMetadata(f"thin device {dev_id} has details but no mapping tree")
+
+    def set_transaction_id(self, current: int, new: int) -> None:
+        """Compare-and-swap of the userspace transaction id (``dm_pool_set_metadata_transaction_id``)."""
+        self._writing()
+        if current != self.trans_id:
+            raise InvalidArgument(f"mismatched transaction id: pool has {self.trans_id}, not {current}")
+        self.trans_id = new
+
+    def set_needs_check(self) -> None:
+        """Set the superblock's needs_check flag (committed with the next commit)."""
+        self._writing()
+        self.flags |= NEEDS_CHECK_FLAG
+
+    # -- mappings ----------------------------------------------------------------------------
+    def lookup(self, dev_id: int, vblock: int) -> Lookup | None:
+        """Where ``vblock`` of a device lives, or ``None`` when it is not provisioned."""
+        det = self.details(dev_id)
+        value = btree.lookup(self.tm, self.device_root(dev_id), vblock, self.mapping)
+        if value is None:
+            return None
+        block, time = unpack_block_time(value)
+        return Lookup(block, time, det.snapshotted_time > time)
+
+    def mappings(self, dev_id: int, begin: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int]]:
+        """``(vblock, data_block, time)`` of a device's mappings in ``[begin, end)``, in order."""
+        for keys, values in btree.walk(self.tm, self.device_root(dev_id), self.mapping, begin, end):
+            for k, v in zip(keys, values):
+                if k >= begin and (end is None or k < end):
+                    yield k, v >> 24, v & TIME_MASK
+
+    def insert(self, dev_id: int, vblock: int, data_block: int) -> None:
+        """Map ``vblock`` to ``data_block`` at the current time (the data block's reference passes to
+        the mapping; an overwritten mapping drops its old block's)."""
+        self._writing()
+        if not 0 <= data_block < min(self.nr_data_blocks, MAX_DATA_BLOCK + 1):
+            raise InvalidArgument(f"data block {data_block} is outside the pool ({self.nr_data_blocks} blocks)")
+        det = self.details(dev_id)
+        path = btree.shadow_path(self.tm, self.mapping_root, dev_id, self.subtree)
+        if path is None:
+            raise CorruptMetadata(f"thin device {dev_id} has details but no mapping tree")
+        self.mapping_root, leaf, i = path
+        leaf.values[i], added = btree.insert(self.tm, leaf.values[i], vblock, pack_block_time(data_block, self.time),
+                                             self.mapping)
+        if added:
+            self._details[dev_id] = replace(det, mapped_blocks=det.mapped_blocks + 1)
+
+    def remove(self, dev_id: int, vblock: int) -> bool:
+        """Unmap ``vblock`` (its data block loses a reference); ``False`` if it was not mapped."""
+        self._writing()
+        det = self.details(dev_id)
+        if btree.lookup(self.tm, self.device_root(dev_id), vblock, self.mapping) is None:
+            return False
+        path = btree.shadow_path(self.tm, self.mapping_root, dev_id, self.subtree)
+        assert path is not None
+        self.mapping_root, leaf, i = path
+        leaf.values[i], _ = btree.remove(self.tm, leaf.values[i], vblock, self.mapping)
+        self._details[dev_id] = replace(det, mapped_blocks=det.mapped_blocks - 1)
+        return True
+
+    def remove_range(self, dev_id: int, begin: int, end: int) -> int:
+        """Unmap every block in ``[begin, end)``; returns how many were mapped."""
+        keys = [k for k, _b, _t in self.mappings(dev_id, begin, end)]
+        for k in keys:
+            self.remove(dev_id, k)
+        return len(keys)
+
+    # -- data space --------------------------------------------------------------------------
+    def alloc_data_block(self) -> int:
+        """A free data block with one reference; ``NoSpace`` when the pool is full (blocks freed in
+        this transaction count only after the next commit, as the kernel's allocator)."""
+        self._writing()
+        return self.tm.dsm.alloc()
+
+    def data_ref_count(self, block: int) -> int:
+        return self.tm.dsm.get(block)
+
+    def data_inc(self, block: int) -> None:
+        self._writing()
+        self.tm.dsm.inc(block)
+
+    def data_dec(self, block: int) -> None:
+        self._writing()
+        self.tm.dsm.dec(block)
+
+    def resize_data(self, nr_blocks: int) -> None:
+        """Grow the data space map to ``nr_blocks`` (it cannot shrink: dm-space-map-common.c)."""
+        self._writing()
+        if nr_blocks < self.nr_data_blocks:
+            raise InvalidArgument(f"cannot reduce the data space map from {self.nr_data_blocks} to {nr_blocks} blocks")
+        if nr_blocks > MAX_DATA_BLOCK + 1:
+            raise InvalidArgument(f"{nr_blocks} data blocks is more than a mapping can address")
+        self.tm.dsm.extend(nr_blocks - self.nr_data_blocks)
+
+    # -- metadata snapshots ------------------------------------------------------------------
+    def reserve_metadata_snap(self) -> int:
+        """Commit, then keep a read-only copy of the superblock (``__reserve_metadata_snap``).
+
+        Returns its block; ``DeviceBusy`` if one is held already.
+        """
+        self._writing()
+        if self.held_root:
+            raise DeviceBusy("pool metadata snapshot already exists: release this before taking another")
+        self.commit()
+        self._in_service = True
+        b = self.tm.msm.alloc()
+        copy = replace(self._superblock_now(), blocknr=b, held_root=0, data_sm_root=bytes(32),
+                       metadata_sm_root=bytes(32))
+        self.tm.dirty_raw[b] = bytes(copy.pack())
+        self.tm.inc(self.mapping_root)
+        self.tm.inc(self.details_root)
+        self.held_root = b
+        return b
+
+    def release_metadata_snap(self) -> None:
+        """Drop the held metadata snapshot (``__release_metadata_snap``)."""
+        self._writing()
+        b = self.held_root
+        if not b:
+            raise InvalidArgument("no pool metadata snapshot found: nothing to release")
+        raw = self.tm.dirty_raw.get(b)
+        copy = Superblock.unpack(raw if raw is not None else self.dev.read(b), b)
+        self.held_root = 0
+        btree.delete_tree(self.tm, copy.data_mapping_root, self.subtree)
+        btree.delete_tree(self.tm, copy.device_details_root, DETAILS)
+        self.tm.dec(b)
+
+    # -- transactions ------------------------------------------------------------------------
+    def _superblock_now(self, data_root: SpaceMapRoot | None = None,
+                        metadata_root: SpaceMapRoot | None = None) -> Superblock:
+        sb = self.superblock
+        return replace(sb, flags=self.flags, blocknr=0, time=self.time, trans_id=self.trans_id,
+                       held_root=self.held_root, data_mapping_root=self.mapping_root,
+                       device_details_root=self.details_root,
+                       data_sm_root=data_root.pack() if data_root else sb.data_sm_root,
+                       metadata_sm_root=metadata_root.pack() if metadata_root else sb.metadata_sm_root)
+
+    @property
+    def dirty(self) -> bool:
+        """Whether anything changed since the last commit."""
+        return self._in_service and (bool(self._details) or self.tm.changed or
+                                     self._superblock_now() != self.superblock)
+
+    def commit(self, pre_commit: Callable[[], None] | None = None) -> bool:
+        """Make the transaction durable (dm-thin-metadata.c ``__commit_transaction``).
+
+        Nothing is written when nothing changed. Otherwise ``pre_commit`` runs first (the pool
+        flushes its data device there), then the device details, the data and metadata space maps
+        and every changed block are written and flushed, and the superblock last. Returns whether
+        anything was written.
+        """
+        if not self.dirty:
+            return False
+        if pre_commit is not None:
+            pre_commit()
+        for dev_id, det in sorted(self._details.items()):
+            self.details_root, _ = btree.insert(self.tm, self.details_root, dev_id, det, DETAILS)
+        self._details.clear()
+        written: list[Superblock] = []
+
+        def superblock(data_root: SpaceMapRoot, metadata_root: SpaceMapRoot) -> bytearray:
+            sb = self._superblock_now(data_root, metadata_root)
+            written.append(sb)
+            return sb.pack()
+
+        self.tm.commit(superblock)
+        self._load_superblock(written[0])
+        return True
+
+    def abort(self) -> None:
+        """Drop every uncommitted change and reread the last committed state (``dm_pool_abort_metadata``)."""
+        sb = Superblock.unpack(self.dev.read(0), 0)
+        self.tm = TransactionManager.open(self.dev, sb.metadata_sm, sb.data_sm, load=self.writable)
+        self.mapping = MappingValue(self.tm)
+        self.subtree = SubtreeValue(self.tm, self.mapping)
+        self._details.clear()
+        self._load_superblock(sb)

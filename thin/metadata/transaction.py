@@ -1,0 +1,355 @@
+"""The transaction manager: block I/O, copy-on-write shadowing and both space maps' persistence.
+
+drivers/md/persistent-data/dm-transaction-manager.c (shadowing), dm-space-map-metadata.c (the
+metadata space map: a single index block, bootstrap allocation, recursive updates settled at
+commit), dm-space-map-disk.c (the data space map: a btree index of bitmaps) and
+dm-space-map-common.c (bitmaps, index entries, overflow ref-count btrees).
+
+Changed blocks stay in memory until ``commit``: every node, bitmap and index block is written and
+flushed first, and only then the superblock, which publishes the new roots (the order of
+dm-thin-metadata.c ``__commit_transaction``). A block freed in a transaction is not reused before
+the commit, so the previous transaction stays intact on disk until the superblock moves.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+
+from dmtools.errors import CorruptMetadata, DeviceIOError, InvalidArgument
+
+from . import btree
+from .btree import INDEX, U32, Node, ValueType
+from .ondisk import (BITMAP_CSUM_XOR, BLOCK_SIZE, ENTRIES_PER_BITMAP, INDEX_CSUM_XOR, MAX_METADATA_BITMAPS,
+                     MAX_METADATA_BLOCKS, IndexEntry, SpaceMapRoot, seal, verify)
+from .space_map import RefCounts
+
+__all__ = ["MetadataDevice", "TransactionManager"]
+
+_CACHE_LIMIT = 1 << 16  # decoded clean nodes kept (each a few KiB)
+
+
+class MetadataDevice:
+    """A metadata device or image file, read and written in 4096-byte blocks."""
+
+    def __init__(self, path: str | os.PathLike[str], *, writable: bool = False) -> None:
+        self.path = os.fspath(path)
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        try:
+            self.fd = os.open(self.path, flags)
+        except OSError as err:
+            raise DeviceIOError(f"cannot open metadata: {err.strerror}", device=self.path,
+                                operation="open", errno=err.errno) from err
+        self.writable = writable
+        try:
+            st = os.fstat(self.fd)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise InvalidArgument("metadata must be a regular file or a block device", device=self.path)
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.nr_blocks = self.size // BLOCK_SIZE
+
+    def read(self, blocknr: int) -> bytes:
+        if not 0 <= blocknr < self.nr_blocks:
+            raise CorruptMetadata(f"block {blocknr} is beyond the end of the metadata device "
+                                  f"({self.nr_blocks} blocks)", device=self.path)
+        try:
+            data = os.pread(self.fd, BLOCK_SIZE, blocknr * BLOCK_SIZE)
+        except OSError as err:
+            raise DeviceIOError(f"reading metadata block {blocknr}: {err.strerror}", device=self.path,
+                                operation="read", errno=err.errno) from err
+        if len(data) != BLOCK_SIZE:
+            raise DeviceIOError(f"short read of metadata block {blocknr}", device=self.path, operation="read")
+        return data
+
+    def write(self, blocknr: int, data: bytes | bytearray) -> None:
+        if not 0 <= blocknr < self.nr_blocks:
+            raise InvalidArgument(f"block {blocknr} is beyond the end of the metadata device", device=self.path)
+        try:
+            done = os.pwrite(self.fd, data, blocknr * BLOCK_SIZE)
+        except OSError as err:
+            raise DeviceIOError(f"writing metadata block {blocknr}: {err.strerror}", device=self.path,
+                                operation="write", errno=err.errno) from err
+        if done != BLOCK_SIZE:
+            raise DeviceIOError(f"short write of metadata block {blocknr}", device=self.path, operation="write")
+
+    def flush(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as err:
+            raise DeviceIOError(f"flushing metadata: {err.strerror}", device=self.path, operation="flush",
+                                errno=err.errno) from err
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class TransactionManager:
+    """Nodes, reference counts and commits of one metadata device.
+
+    ``msm`` counts metadata blocks, ``dsm`` data blocks. Build one with ``create`` (a fresh
+    format) or ``open`` (from the space-map roots of a superblock).
+    """
+
+    def __init__(self, dev: MetadataDevice, msm: RefCounts, dsm: RefCounts) -> None:
+        self.dev = dev
+        self.msm = msm
+        self.dsm = dsm
+        self.m_bitmaps: list[int] = []
+        self.m_index_block = 0
+        self.m_ref_root = 0
+        self.d_bitmaps: list[int] = []
+        self.d_index_root = 0
+        self.d_ref_root = 0
+        self.dirty_nodes: dict[int, tuple[Node, ValueType]] = {}
+        self.dirty_raw: dict[int, bytes] = {}
+        self.cache: dict[int, Node] = {}
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def create(cls, dev: MetadataDevice) -> TransactionManager:
+        """Lay out empty space maps on a device (dm-space-map-metadata.c ``sm_metadata_create``
+        in bootstrap mode, then dm-space-map-disk.c ``dm_sm_disk_create`` with no blocks)."""
+        nr_blocks = min(dev.nr_blocks, MAX_METADATA_BLOCKS)
+        nr_bitmaps = (nr_blocks + ENTRIES_PER_BITMAP - 1) // ENTRIES_PER_BITMAP
+        if nr_blocks < 3 + nr_bitmaps + 8:
+            raise InvalidArgument(f"metadata device of {dev.nr_blocks} blocks is too small", device=dev.path)
+        tm = cls(dev, RefCounts(nr_blocks, "metadata"), RefCounts(0, "data"))
+        m = tm.msm
+        # Bootstrap: superblock, index block, overflow-tree root, bitmaps, in that order.
+        tm.m_index_block = 1
+        tm.m_ref_root = 2
+        tm.m_bitmaps = list(range(3, 3 + nr_bitmaps))
+        begin = 3 + nr_bitmaps
+        for b in range(begin):
+            m.inc(b)
+            m.new.add(b)
+        m.cursor = begin
+        tm.dirty_nodes[2] = (Node(2, True, btree.calc_max_entries(4), 4, [], []), U32)
+        tm.d_index_root = btree.empty_tree(tm, INDEX)
+        tm.d_ref_root = btree.empty_tree(tm, U32)
+        return tm
+
+    @classmethod
+    def open(cls, dev: MetadataDevice, metadata_root: SpaceMapRoot, data_root: SpaceMapRoot, *,
+             load: bool = True) -> TransactionManager:
+        """Load both space maps from their roots, validating every block read.
+
+        With ``load`` false only the sizes are taken (enough to read trees, not to change them).
+        """
+        tm = cls(dev, RefCounts(metadata_root.nr_blocks, "metadata"), RefCounts(data_root.nr_blocks, "data"))
+        tm.m_index_block = metadata_root.bitmap_root
+        tm.m_ref_root = metadata_root.ref_count_root
+        tm.d_index_root = data_root.bitmap_root
+        tm.d_ref_root = data_root.ref_count_root
+        if not load:
+            return tm
+        if not 0 < metadata_root.nr_blocks <= MAX_METADATA_BLOCKS:
+            raise CorruptMetadata(f"metadata space map has {metadata_root.nr_blocks} blocks")
+        if metadata_root.nr_blocks > dev.nr_blocks:
+            raise CorruptMetadata(f"metadata space map has {metadata_root.nr_blocks} blocks but the device "
+                                  f"holds {dev.nr_blocks}", device=dev.path)
+        raw = tm.dev.read(tm.m_index_block)
+        verify(raw, tm.m_index_block, INDEX_CSUM_XOR, "metadata space map index")
+        for i in range(tm.msm.nr_bitmaps):
+            entry = IndexEntry.unpack(raw, 16 + i * IndexEntry.SIZE)
+            tm.m_bitmaps.append(entry.blocknr)
+            tm.msm.load_bitmap(i, tm.read_bitmap(entry.blocknr))
+        tm.msm.finish_load(btree.items(tm, tm.m_ref_root, U32))
+        entries = list(btree.items(tm, tm.d_index_root, INDEX))
+        if [k for k, _ in entries] != list(range(tm.dsm.nr_bitmaps)):
+            raise CorruptMetadata(f"data space map index holds bitmaps {[k for k, _ in entries][:8]}..., "
+                                  f"expected 0..{tm.dsm.nr_bitmaps - 1}")
+        for i, entry in entries:
+            tm.d_bitmaps.append(entry.blocknr)
+            tm.dsm.load_bitmap(i, tm.read_bitmap(entry.blocknr))
+        tm.dsm.finish_load(btree.items(tm, tm.d_ref_root, U32))
+        tm.msm.cursor = tm.dsm.cursor = 0
+        return tm
+
+    def read_bitmap(self, blocknr: int) -> bytes:
+        raw = self.dev.read(blocknr)
+        verify(raw, blocknr, BITMAP_CSUM_XOR, "space map bitmap")
+        return raw
+
+    # -- nodes -------------------------------------------------------------------------------
+    def read_node(self, blocknr: int, vtype: ValueType, *, cache: bool = True) -> Node:
+        """The node at ``blocknr`` (the transaction's own copy when it changed)."""
+        dirty = self.dirty_nodes.get(blocknr)
+        if dirty is not None:
+            return dirty[0]
+        node = self.cache.get(blocknr)
+        if node is not None:
+            return node
+        node = Node.decode(self.dev.read(blocknr), blocknr, vtype)
+        if cache:
+            if len(self.cache) >= _CACHE_LIMIT:
+                self.cache.clear()
+            self.cache[blocknr] = node
+        return node
+
+    def new_node(self, leaf: bool, vtype: ValueType, max_entries: int | None = None) -> Node:
+        """A fresh empty node in a newly allocated block (``dm_tm_new_block``)."""
+        size = vtype.size if leaf else 8
+        b = self.msm.alloc()
+        node = Node(b, leaf, max_entries or btree.calc_max_entries(size), size, [], [])
+        self.dirty_nodes[b] = (node, vtype)
+        return node
+
+    def shadow(self, blocknr: int, vtype: ValueType) -> Node:
+        """A writable version of a node (dm-transaction-manager.c ``dm_tm_shadow_block``).
+
+        A node made in this transaction and referenced once is changed in place; any other is
+        copied to a new block and the original loses a reference. When the original was shared its
+        children (or leaf values) gain one, as dm-btree-spine.c ``inc_children`` does.
+        """
+        count = self.msm.get(blocknr)
+        if blocknr in self.msm.new and count == 1:
+            return self.dirty_nodes[blocknr][0]
+        node = self.read_node(blocknr, vtype)
+        copy = node.copy(self.msm.alloc())
+        self.dirty_nodes[copy.blocknr] = (copy, vtype)
+        self.dec(blocknr)
+        if count > 1:
+            if copy.leaf:
+                for v in copy.values:
+                    vtype.inc(v)
+            else:
+                for child in copy.values:
+                    self.inc(child)
+        return copy
+
+    def count(self, blocknr: int) -> int:
+        return self.msm.get(blocknr)
+
+    def inc(self, blocknr: int) -> None:
+        self.msm.inc(blocknr)
+
+    def dec(self, blocknr: int) -> None:
+        self.msm.dec(blocknr)
+        if self.msm.counts[blocknr] == 0:
+            self.dirty_nodes.pop(blocknr, None)
+            self.dirty_raw.pop(blocknr, None)
+            self.cache.pop(blocknr, None)
+
+    def new_raw(self, data: bytes) -> int:
+        """Allocate a block for ``data`` (already sealed by the caller for the block it returns)."""
+        b = self.msm.alloc()
+        self.dirty_raw[b] = data
+        return b
+
+    # -- commit ------------------------------------------------------------------------------
+    @property
+    def changed(self) -> bool:
+        return bool(self.dirty_nodes or self.dirty_raw or self.msm.dirty_bitmaps or self.dsm.dirty_bitmaps
+                    or self.msm.overflow_dirty or self.dsm.overflow_dirty)
+
+    def _relocate(self, old: int | None) -> int:
+        """Where a bitmap or index block is written this transaction (shadowed unless new)."""
+        if old is not None and old in self.msm.new and self.msm.get(old) == 1:
+            return old
+        b = self.msm.alloc()
+        if old is not None:
+            self.dec(old)
+        return b
+
+    def _sync_overflow(self, sm: RefCounts, root: int) -> int:
+        while sm.overflow_dirty:
+            pending = sorted(sm.overflow_dirty)
+            sm.overflow_dirty.clear()
+            for b in pending:
+                if b in sm.overflow:
+                    root, _ = btree.insert(self, root, b, sm.overflow[b], U32)
+                else:
+                    root, _ = btree.remove(self, root, b, U32)
+        return root
+
+    def _commit_data_sm(self) -> None:
+        """dm-space-map-disk.c ``sm_disk_commit``: overflow tree, bitmaps, and the index btree."""
+        d = self.dsm
+        self.d_ref_root = self._sync_overflow(d, self.d_ref_root)
+        for i in sorted(d.dirty_bitmaps):
+            b = self._relocate(self.d_bitmaps[i] if i < len(self.d_bitmaps) else None)
+            if i < len(self.d_bitmaps):
+                self.d_bitmaps[i] = b
+            else:
+                self.d_bitmaps.append(b)
+            self.dirty_raw[b] = self._bitmap_block(b, d.bitmap_counts(i))
+            nr_free, none_free_before = d.index_fields(i)
+            self.d_index_root, _ = btree.insert(self, self.d_index_root, i, IndexEntry(b, nr_free, none_free_before),
+                                                INDEX)
+        d.dirty_bitmaps.clear()
+
+    def _commit_metadata_sm(self) -> None:
+        """dm-space-map-metadata.c ``sm_metadata_commit``: settle the recursion, then encode.
+
+        Writing the overflow tree, moving bitmaps and moving the index block all change metadata
+        counts; repeat until an iteration allocates nothing.
+        """
+        m = self.msm
+        placed: set[int] = set()
+        while True:
+            before = m.allocated_this_transaction, len(m.freed)
+            self.m_ref_root = self._sync_overflow(m, self.m_ref_root)
+            for i in sorted(m.dirty_bitmaps - placed):
+                self.m_bitmaps[i] = self._relocate(self.m_bitmaps[i])
+                placed.add(i)
+            if m.dirty_bitmaps:
+                self.m_index_block = self._relocate(self.m_index_block)
+            if (m.allocated_this_transaction, len(m.freed)) == before and not m.overflow_dirty \
+                    and not (m.dirty_bitmaps - placed):
+                break
+        if len(self.m_bitmaps) > MAX_METADATA_BITMAPS:
+            raise CorruptMetadata(f"{len(self.m_bitmaps)} metadata bitmaps (at most {MAX_METADATA_BITMAPS})")
+        for i in m.dirty_bitmaps:
+            self.dirty_raw[self.m_bitmaps[i]] = self._bitmap_block(self.m_bitmaps[i], m.bitmap_counts(i))
+        if m.dirty_bitmaps:
+            index = bytearray(BLOCK_SIZE)
+            for i, b in enumerate(self.m_bitmaps):
+                nr_free, none_free_before = m.index_fields(i)
+                index[16 + i * IndexEntry.SIZE:16 + (i + 1) * IndexEntry.SIZE] = \
+                    IndexEntry(b, nr_free, none_free_before).pack()
+            seal(index, self.m_index_block, INDEX_CSUM_XOR)
+            self.dirty_raw[self.m_index_block] = bytes(index)
+        m.dirty_bitmaps.clear()
+
+    @staticmethod
+    def _bitmap_block(blocknr: int, counts: bytes) -> bytes:
+        from .space_map import encode_bitmap
+
+        block = bytearray(BLOCK_SIZE)
+        block[16:] = encode_bitmap(counts)
+        seal(block, blocknr, BITMAP_CSUM_XOR)
+        return bytes(block)
+
+    def space_map_roots(self) -> tuple[SpaceMapRoot, SpaceMapRoot]:
+        """``(data, metadata)`` roots as they stand (valid after ``prepare_commit``)."""
+        d, m = self.dsm, self.msm
+        return (SpaceMapRoot(d.nr_blocks, d.nr_allocated, self.d_index_root, self.d_ref_root),
+                SpaceMapRoot(m.nr_blocks, m.nr_allocated, self.m_index_block, self.m_ref_root))
+
+    def commit(self, superblock: Callable[[SpaceMapRoot, SpaceMapRoot], bytes | bytearray]) -> None:
+        """Write the transaction: space maps settled, every block but the superblock written and
+        flushed, then ``superblock(data_root, metadata_root)`` written to block 0 and flushed."""
+        self._commit_data_sm()
+        self._commit_metadata_sm()
+        dev = self.dev
+        for b, (node, vtype) in sorted(self.dirty_nodes.items()):
+            dev.write(b, node.encode(vtype))
+        for b, raw in sorted(self.dirty_raw.items()):
+            dev.write(b, raw)
+        dev.flush()
+        dev.write(0, superblock(*self.space_map_roots()))
+        dev.flush()
+        for b, (node, _vt) in self.dirty_nodes.items():
+            if len(self.cache) < _CACHE_LIMIT:
+                self.cache[b] = node
+        self.dirty_nodes.clear()
+        self.dirty_raw.clear()
+        self.msm.end_transaction()
+        self.dsm.end_transaction()
