@@ -107,11 +107,13 @@ class ThinMetadata:
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
-    def format(cls, path: str | os.PathLike[str], *, data_block_size: int, nr_data_blocks: int = 0) -> ThinMetadata:
+    def format(cls, path: str | os.PathLike[str], *, data_block_size: int, nr_data_blocks: int = 0,
+               commit: bool = True) -> ThinMetadata:
         """Write new, empty metadata on ``path`` (what the kernel writes on a zeroed device, §4.6
         of the reference: dm-thin-metadata.c ``__format_metadata``) and return it open for writing.
 
         ``nr_data_blocks`` extends the data space map at once, as the pool's first resume does.
+        With ``commit`` false nothing is written yet: the caller fills the pool and commits once.
         """
         check_data_block_size(data_block_size)
         dev = MetadataDevice(path, writable=True)
@@ -125,10 +127,12 @@ class ThinMetadata:
             md.mapping_root = btree.empty_tree(tm, md.subtree)
             md.details_root = btree.empty_tree(tm, DETAILS)
             md._in_service = True
-            md.commit()
+            if commit:
+                md.commit()
             if nr_data_blocks:
                 md.resize_data(nr_data_blocks)
-                md.commit()
+                if commit:
+                    md.commit()
             return md
         except BaseException:
             dev.close()
@@ -400,7 +404,7 @@ class ThinMetadata:
     def _superblock_now(self, data_root: SpaceMapRoot | None = None,
                         metadata_root: SpaceMapRoot | None = None) -> Superblock:
         sb = self.superblock
-        return replace(sb, flags=self.flags, blocknr=0, time=self.time, trans_id=self.trans_id,
+        return replace(sb, flags=self.flags, version=self.version, blocknr=0, time=self.time, trans_id=self.trans_id,
                        held_root=self.held_root, data_mapping_root=self.mapping_root,
                        device_details_root=self.details_root,
                        data_sm_root=data_root.pack() if data_root else sb.data_sm_root,
