@@ -1,9 +1,9 @@
 """``dmtools thin ...``: thin pools and the offline metadata tools.
 
     dmtools thin check META                 check a pool's metadata (as thin_check)
-    dmtools thin dump META [--json]         the metadata as thin_dump's XML, or JSON
+    dmtools thin dump META [-m] [--json]    the metadata as thin_dump's XML, or JSON
     dmtools thin restore -i XML -o META     write metadata from that XML (as thin_restore)
-    dmtools thin ls META                    devices with mapped, exclusive and shared blocks
+    dmtools thin ls META [-o FIELDS]        devices with mapped, exclusive and shared blocks (as thin_ls)
     dmtools thin export --metadata DEV --data DEV --id N OUT
                                             one thin volume's bytes, without device-mapper
 
@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
+import sys
 from typing import Any
+
+from dmtools.errors import InvalidArgument
 
 __all__ = ["register"]
 
@@ -36,5 +41,177 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return p  # type: ignore[no-any-return]
 
 
+def _emit(args: argparse.Namespace, data: Any, text: Any) -> None:
+    from dmtools.cli.main import emit
+
+    emit(args, data, text)
+
+
+def _dev_id(text: str) -> int:
+    from thin.metadata.ondisk import MAX_DEV_ID
+
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid device id {text!r}") from None
+    if not 0 <= value <= MAX_DEV_ID:
+        raise argparse.ArgumentTypeError(f"device id {value} is out of range (0..{MAX_DEV_ID})")
+    return value
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from thin.metadata.check import check
+
+    report = check(args.metadata, skip_mappings=args.skip_mappings)
+    if getattr(args, "json", False):
+        _emit(args, report.to_dict(), "")
+    else:
+        for line in report.errors:
+            print(f"dmtools: {args.metadata}: {line}", file=sys.stderr)
+        for line in report.leaks + report.warnings:
+            print(f"dmtools: {args.metadata}: warning: {line}", file=sys.stderr)
+        if not args.quiet:
+            state = "ok" if report.ok else f"{len(report.errors)} errors"
+            print(f"{args.metadata}: {state}: transaction {report.transaction_id}, {report.devices} devices, "
+                  f"{report.mappings} mappings; metadata {report.metadata_blocks - report.metadata_free}/"
+                  f"{report.metadata_blocks} blocks used, data {report.data_blocks - report.data_free}/"
+                  f"{report.data_blocks}{'; needs_check is set' if report.needs_check else ''}")
+    return 0 if report.ok else 1
+
+
+def _snapshot_arg(args: argparse.Namespace) -> bool | int:
+    return False if args.metadata_snap is None else (True if args.metadata_snap == "" else int(args.metadata_snap))
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    from thin.metadata.dump import dump_json, dump_xml
+    from thin.metadata.pool import ThinMetadata
+
+    ids = set(args.dev_id) if args.dev_id else None
+    with ThinMetadata.open(args.metadata, snapshot=_snapshot_arg(args)) as md:
+        if getattr(args, "json", False):
+            text = json.dumps(dump_json(md, dev_ids=ids, skip_mappings=args.skip_mappings), indent=2) + "\n"
+            if args.output:
+                with open(args.output, "w") as f:
+                    f.write(text)
+            else:
+                sys.stdout.write(text)
+        elif args.output:
+            with open(args.output, "w") as f:
+                dump_xml(md, f, dev_ids=ids, skip_mappings=args.skip_mappings)
+        else:
+            dump_xml(md, sys.stdout, dev_ids=ids, skip_mappings=args.skip_mappings)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from dmtools.identity import ensure_disjoint
+
+    from thin.metadata.restore import restore
+
+    if not os.path.exists(args.output):
+        raise InvalidArgument(f"{args.output} does not exist: create the metadata file or device first "
+                              "(its size is the metadata size)")
+    ensure_disjoint({"--input": args.input, "--output": args.output})
+    image = restore(args.input, args.output)
+    _emit(args, {"devices": len(image.devices), "mappings": sum(len(d.vblocks) for d in image.devices),
+                 "transaction": image.transaction},
+          "" if args.quiet else f"restored {len(image.devices)} devices, transaction {image.transaction}, "
+          f"to {args.output}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from thin.offline import format_ls, ls
+
+    rows = ls(args.metadata, snapshot=args.metadata_snap)
+    fields = [f for f in args.format.split(",") if f] if args.format else None
+    text = format_ls(rows, fields, headers=not args.no_headers) if fields else \
+        format_ls(rows, headers=not args.no_headers)
+    _emit(args, [r.to_dict() for r in rows], text.rstrip("\n"))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dmtools.units import format_size, parse_size
+
+    from thin.offline import export
+
+    size = None if args.size is None else parse_size(args.size, default_unit="s")
+    reporter = None
+    if args.progress is not None or not getattr(args, "quiet", False):
+        from kcopyd.progress import ProgressReporter
+
+        if args.progress is None:
+            reporter = ProgressReporter(label="export")
+        elif args.progress == "bar":
+            reporter = ProgressReporter(label="export", bar=True)
+        else:
+            try:
+                reporter = ProgressReporter(fd=int(args.progress), bar=False, label="export")
+            except ValueError:
+                raise InvalidArgument(f"--progress takes a file descriptor number, not {args.progress!r}") from None
+    last = [0, 0]
+
+    def progress(done: int, total: int) -> None:
+        last[:] = [done, total]
+        if reporter is not None:
+            reporter.update(done, total)
+
+    ok = False
+    try:
+        result = export(args.metadata, args.data, args.id, args.out, size=size, snapshot=args.metadata_snap,
+                        progress=progress)
+        ok = True
+    finally:
+        if reporter is not None:
+            reporter.finish(last[0], last[1], ok=ok)
+    _emit(args, {"bytes": result.bytes, "mapped_blocks": result.mapped_blocks, "runs": result.runs},
+          f"exported thin device {args.id}: {format_size(result.bytes)}, {result.mapped_blocks} mapped blocks "
+          f"in {result.runs} runs, to {args.out}")
+    return 0
+
+
 def _add_offline_commands(sub: Any) -> None:
     """The commands that read or write metadata without device-mapper."""
+    c = sub.add_parser("check", help="check pool metadata (as thin_check; exit 1 on errors)")
+    c.add_argument("metadata", metavar="META", help="metadata device or file")
+    c.add_argument("--skip-mappings", action="store_true", help="do not walk the mapping trees")
+    c.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    c.set_defaults(func=cmd_check)
+
+    d = sub.add_parser("dump", help="metadata as thin_dump's XML (or JSON with --json)")
+    d.add_argument("metadata", metavar="META")
+    d.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    d.add_argument("--dev-id", type=_dev_id, action="append", metavar="N", help="only this device (repeatable)")
+    d.add_argument("--skip-mappings", action="store_true", help="devices only")
+    d.add_argument("-m", "--metadata-snap", nargs="?", const="", default=None, metavar="BLOCK",
+                   help="read the held metadata snapshot (at BLOCK, default the one the superblock names)")
+    d.set_defaults(func=cmd_dump)
+
+    r = sub.add_parser("restore", help="write metadata from thin_dump XML (as thin_restore)")
+    r.add_argument("-i", "--input", required=True, metavar="XML")
+    r.add_argument("-o", "--output", required=True, metavar="META",
+                   help="existing metadata file or device (overwritten)")
+    r.add_argument("-q", "--quiet", action="store_true")
+    r.set_defaults(func=cmd_restore)
+
+    s = sub.add_parser("ls", help="thin devices with mapped, exclusive and shared blocks (as thin_ls)")
+    s.add_argument("metadata", metavar="META")
+    s.add_argument("-o", "--format", metavar="FIELDS", help="comma-separated thin_ls fields")
+    s.add_argument("--no-headers", action="store_true")
+    s.add_argument("-m", "--metadata-snap", action="store_true", help="read the held metadata snapshot")
+    s.set_defaults(func=cmd_ls)
+
+    e = sub.add_parser("export", help="write one thin volume from a pool's metadata and data devices")
+    e.add_argument("--metadata", required=True, metavar="DEV")
+    e.add_argument("--data", required=True, metavar="DEV")
+    e.add_argument("--id", required=True, type=_dev_id, metavar="N", help="thin device id")
+    e.add_argument("--size", metavar="SIZE", help="volume size (default: the block device's, or up to the "
+                   "highest mapped block); sectors, or with a unit")
+    e.add_argument("-m", "--metadata-snap", action="store_true", help="read through the held metadata snapshot")
+    e.add_argument("--progress", nargs="?", const="bar", default=None, metavar="FD",
+                   help="progress bar, or 'N/100' lines on file descriptor FD")
+    e.add_argument("-q", "--quiet", action="store_true")
+    e.add_argument("out", metavar="OUT", help="output file (created) or block device")
+    e.set_defaults(func=cmd_export)

@@ -29,11 +29,17 @@ _MAX_LISTED = 20
 
 @dataclass
 class CheckReport:
-    """What ``check`` found. ``ok`` is false when there is any error (leaks are not errors)."""
+    """What ``check`` found. ``ok`` is false when there is any error.
+
+    Leaked blocks and space-map summaries (``nr_allocated``, an index's ``nr_free``) that disagree
+    with the bitmaps are reported but not errors: thin_check accepts them, and so does the kernel,
+    which recounts nothing from them that could lose data.
+    """
 
     path: str
     errors: list[str] = field(default_factory=list)
     leaks: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # space-map summaries that disagree (non-fatal)
     transaction_id: int | None = None
     devices: int = 0
     mappings: int = 0
@@ -49,6 +55,7 @@ class CheckReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "ok": self.ok, "errors": self.errors, "leaks": self.leaks,
+                "warnings": self.warnings,
                 "transaction_id": self.transaction_id, "devices": self.devices, "mappings": self.mappings,
                 "metadata_blocks": self.metadata_blocks, "metadata_free": self.metadata_free,
                 "data_blocks": self.data_blocks, "data_free": self.data_free, "needs_check": self.needs_check}
@@ -242,7 +249,7 @@ def _check(dev: MetadataDevice, report: CheckReport, skip_mappings: bool) -> Non
     report.data_free = dsm_root.nr_blocks - tm.dsm.nr_allocated
     for what, root, sm in (("metadata", msm_root, tm.msm), ("data", dsm_root, tm.dsm)):
         if root.nr_allocated != sm.nr_allocated:
-            report.errors.append(f"{what} space map: root says {root.nr_allocated} blocks allocated, "
+            report.warnings.append(f"{what} space map: root says {root.nr_allocated} blocks allocated, "
                                  f"the bitmaps {sm.nr_allocated}")
     # Space-map structures.
     c.count_meta(0, "superblock")
@@ -258,7 +265,7 @@ def _check(dev: MetadataDevice, report: CheckReport, skip_mappings: bool) -> Non
         # The kernel counts a partial last bitmap's missing entries as free; thin_restore does not.
         missing = ENTRIES_PER_BITMAP - min(ENTRIES_PER_BITMAP, dsm_root.nr_blocks - i * ENTRIES_PER_BITMAP)
         if entry.nr_free not in (nr_free, nr_free - missing):
-            report.errors.append(f"data space map: bitmap {i} index says {entry.nr_free} free, "
+            report.warnings.append(f"data space map: bitmap {i} index says {entry.nr_free} free, "
                                  f"the bitmap {nr_free}")
     c.tree(dsm_root.ref_count_root, U32, "data ref count")
     # Thin trees, live and held.

@@ -130,6 +130,7 @@ class TransactionManager:
             m.inc(b)
             m.new.add(b)
         m.cursor = begin
+        m.dirty_bitmaps.update(range(nr_bitmaps))  # every bitmap is written, empty ones too
         tm.dirty_nodes[2] = (Node(2, True, btree.calc_max_entries(4), 4, [], []), U32)
         tm.d_index_root = btree.empty_tree(tm, INDEX)
         tm.d_ref_root = btree.empty_tree(tm, U32)

@@ -1,0 +1,90 @@
+"""The on-disk format, byte for byte: checksums, bitmaps, and what a format writes (thin.md §4–§6)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+from thin.metadata import ThinMetadata, dump_xml
+from thin.metadata.check import check
+from thin.metadata.ondisk import (BITMAP_CSUM_XOR, BTREE_CSUM_XOR, INDEX_CSUM_XOR, SUPERBLOCK_CSUM_XOR,
+                                  Superblock, checksum, pack_block_time, unpack_block_time)
+from thin.metadata.space_map import decode_bitmap, encode_bitmap
+
+
+def test_checksum_vectors() -> None:
+    # thin.md §4.1: for an all-zero block the stored checksums are these.
+    block = bytes(4096)
+    assert checksum(block, SUPERBLOCK_CSUM_XOR) == 0x58CFD397
+    assert checksum(block, BTREE_CSUM_XOR) == 0x58CC7E82
+    assert checksum(block, BITMAP_CSUM_XOR) == 0x58CE0B1A
+    assert checksum(block, INDEX_CSUM_XOR) == 0x58CFD54F
+
+
+def test_bitmap_bit_order() -> None:
+    # thin.md §6.3: the bit at 2k is the HIGH bit of entry k's count.
+    counts = bytearray(16320)
+    counts[0:8] = b"\x01" * 8
+    assert encode_bitmap(counts)[:2] == b"\xaa\xaa"
+    counts = bytearray(16320)
+    counts[10] = counts[11] = 2
+    counts[12] = 2
+    counts[500] = 1
+    raw = encode_bitmap(counts)
+    assert raw[2] == 0x50 and raw[3] == 0x01 and raw[125] == 0x02
+    block = bytes(16) + raw
+    assert decode_bitmap(block) == counts
+
+
+def test_block_time_packing() -> None:
+    assert pack_block_time(5, 3) == (5 << 24) | 3
+    assert unpack_block_time(pack_block_time((1 << 40) - 1, (1 << 24) - 1)) == ((1 << 40) - 1, (1 << 24) - 1)
+
+
+def test_format_writes_the_kernels_layout(meta_image: Callable[..., Path]) -> None:
+    path = meta_image(4 << 20)
+    ThinMetadata.format(path, data_block_size=128).close()
+    raw = path.read_bytes()
+    sb = Superblock.unpack(raw[:4096])
+    # thin.md §4.6: index 1, overflow 2, bitmap 3, data index 4, data overflow 5, mapping 6, details 7.
+    assert (sb.metadata_sm.nr_blocks, sb.metadata_sm.nr_allocated, sb.metadata_sm.bitmap_root,
+            sb.metadata_sm.ref_count_root) == (1024, 8, 1, 2)
+    assert (sb.data_sm.nr_blocks, sb.data_sm.nr_allocated, sb.data_sm.bitmap_root,
+            sb.data_sm.ref_count_root) == (0, 0, 4, 5)
+    assert (sb.data_mapping_root, sb.device_details_root) == (6, 7)
+    assert (sb.version, sb.time, sb.trans_id, sb.flags, sb.held_root) == (2, 0, 0, 0, 0)
+    assert (sb.data_block_size, sb.metadata_block_size, sb.metadata_nr_blocks) == (128, 8, 1024)
+    assert struct.unpack_from("<Q", raw, 32)[0] == 27022010
+    assert raw[3 * 4096 + 16:3 * 4096 + 18] == b"\xaa\xaa"  # blocks 0..7 counted once
+    # the index entry of bitmap 0: at block 3, 16320 - 8 free, none free before 8
+    assert struct.unpack_from("<QII", raw, 4096 + 16) == (3, 16312, 8)
+    # node headers: value sizes and max entries of calc_max_entries
+    for block, value_size, max_entries in ((2, 4, 336), (4, 16, 168), (5, 4, 336), (6, 8, 252), (7, 24, 126)):
+        flags, nr, mx, vs = struct.unpack_from("<I8xIII", raw, block * 4096 + 4)
+        assert (flags, nr, mx, vs) == (2, 0, max_entries, value_size), block
+
+
+def test_format_passes_thin_check(thin_tools, meta_image: Callable[..., Path], tmp_path: Path) -> None:
+    path = meta_image(16 << 20)
+    ThinMetadata.format(path, data_block_size=256, nr_data_blocks=40000).close()
+    thin_tools.check(path)
+    ours = tmp_path / "ours.xml"
+    with ThinMetadata.open(path) as md, open(ours, "w") as f:
+        dump_xml(md, f)
+    assert ours.read_text() == thin_tools.dump(path)
+    assert 'nr_data_blocks="40000"' in ours.read_text()
+    assert check(path).ok
+
+
+def test_large_metadata_device_has_several_bitmaps(thin_tools, meta_image: Callable[..., Path]) -> None:
+    path = meta_image(300 << 20)  # 76800 blocks: 5 metadata bitmaps
+    with ThinMetadata.format(path, data_block_size=128, nr_data_blocks=100000) as md:
+        assert md.nr_metadata_blocks == 76800
+        md.create_thin(1)
+        for v in range(3000):
+            md.insert(1, v, md.alloc_data_block())
+        md.commit()
+    thin_tools.check(path)
+    report = check(path)
+    assert report.ok and not report.leaks and not report.warnings, (report.errors, report.warnings)
