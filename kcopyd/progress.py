@@ -12,12 +12,14 @@ import errno
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable, TextIO
 
 from dmtools.errors import InvalidArgument
 from dmtools.units import format_size
 
-__all__ = ["ProgressReporter", "follow", "check_fd"]
+__all__ = ["ProgressReporter", "follow", "check_fd", "reporter_for", "reporting"]
 
 
 def check_fd(fd: int) -> int:
@@ -137,3 +139,37 @@ def follow(
         reporter.update(done, total)
         if finished:
             return
+
+
+def reporter_for(progress: str | None, *, quiet: bool = False, label: str = "") -> ProgressReporter | None:
+    """The reporter a ``--progress[=FD]`` option asks for: ``None`` (a bar only on a terminal, nothing
+    with ``quiet``), ``"bar"``, or a file descriptor number for ``N/100`` lines."""
+    if progress is None:
+        return None if quiet else ProgressReporter(label=label)
+    if progress == "bar":
+        return ProgressReporter(label=label, bar=True)
+    try:
+        fd = int(progress)
+    except ValueError:
+        raise InvalidArgument(f"--progress takes a file descriptor number, not {progress!r}") from None
+    return ProgressReporter(fd=fd, bar=False, label=label)
+
+
+@contextmanager
+def reporting(reporter: ProgressReporter | None, scale: int = 1) -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` callback feeding ``reporter`` (units times ``scale`` bytes); the
+    reporter is finished on exit, as a success unless the block raised."""
+    last = [0, 0]
+
+    def progress(done: int, total: int) -> None:
+        last[:] = [done * scale, total * scale]
+        if reporter is not None:
+            reporter.update(done * scale, total * scale)
+
+    ok = False
+    try:
+        yield progress
+        ok = True
+    finally:
+        if reporter is not None:
+            reporter.finish(last[0], last[1], ok=ok)

@@ -43,19 +43,9 @@ def _emit(args: argparse.Namespace, data: Any, text: Any) -> None:
 
 
 def _reporter(args: argparse.Namespace, label: str) -> Any:
-    if getattr(args, "quiet", False) and args.progress is None:
-        return None
-    from kcopyd.progress import ProgressReporter
+    from kcopyd.progress import reporter_for
 
-    if args.progress is None:
-        return ProgressReporter(label=label)  # a bar only when stderr is a terminal
-    if args.progress == "bar":
-        return ProgressReporter(label=label, bar=True)
-    try:
-        fd = int(args.progress)
-    except ValueError:
-        raise InvalidArgument(f"--progress takes a file descriptor number, not {args.progress!r}") from None
-    return ProgressReporter(fd=fd, bar=False, label=label)
+    return reporter_for(args.progress, quiet=getattr(args, "quiet", False), label=label)
 
 
 def _info_line(info: Any) -> str:
@@ -107,21 +97,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
         mgr.merge(args.name, wait=False)
         _emit(args, {"name": args.name, "merging": True}, f"merging {args.name} in the background")
         return 0
-    reporter = _reporter(args, f"merge {args.name}")
-    last = [0, 0]
+    from kcopyd.progress import reporting
 
-    def progress(done: int, total: int) -> None:
-        last[:] = [done * SECTOR, total * SECTOR]
-        if reporter is not None:
-            reporter.update(done * SECTOR, total * SECTOR)
-
-    ok = False
-    try:
+    with reporting(_reporter(args, f"merge {args.name}"), SECTOR) as progress:
         mgr.merge(args.name, progress=progress, timeout=args.timeout)
-        ok = True
-    finally:
-        if reporter is not None:
-            reporter.finish(last[0], last[1], ok=ok)
     _emit(args, {"name": args.name, "merged": True}, f"merged {args.name}")
     return 0
 
@@ -147,28 +126,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from kcopyd.progress import reporting
+
     from snapshot.offline import export
-
-    reporter = _reporter(args, "export")
-    last = [0, 0]
-
-    def progress(done: int, total: int) -> None:
-        last[:] = [done, total]
-        if reporter is not None:
-            reporter.update(done, total)
 
     from dmtools.inputs import live_backends
 
-    ok = False
     backends = live_backends()  # an output in use by a live table is refused
     try:
-        result = export(args.origin, args.cow, args.out, progress=progress, force=args.force, backends=backends)
-        ok = True
+        with reporting(_reporter(args, "export")) as progress:
+            result = export(args.origin, args.cow, args.out, progress=progress, force=args.force,
+                            backends=backends)
     finally:
         for b in backends:
             b.close()
-        if reporter is not None:
-            reporter.finish(last[0], last[1], ok=ok)
     _emit(
         args,
         {"bytes": result.bytes, "exceptions": result.exceptions, "runs": result.runs, "output": result.output},

@@ -134,38 +134,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from dmtools.units import format_size, parse_size
+    from kcopyd.progress import reporter_for, reporting
 
     from thin.offline import export
 
     size = None if args.size is None else parse_size(args.size, default_unit="s")
-    reporter = None
-    if args.progress is not None or not getattr(args, "quiet", False):
-        from kcopyd.progress import ProgressReporter
-
-        if args.progress is None:
-            reporter = ProgressReporter(label="export")
-        elif args.progress == "bar":
-            reporter = ProgressReporter(label="export", bar=True)
-        else:
-            try:
-                reporter = ProgressReporter(fd=int(args.progress), bar=False, label="export")
-            except ValueError:
-                raise InvalidArgument(f"--progress takes a file descriptor number, not {args.progress!r}") from None
-    last = [0, 0]
-
-    def progress(done: int, total: int) -> None:
-        last[:] = [done, total]
-        if reporter is not None:
-            reporter.update(done, total)
-
-    ok = False
-    try:
+    with reporting(reporter_for(args.progress, quiet=args.quiet, label="export")) as progress:
         result = export(args.metadata, args.data, args.id, args.out, size=size, snapshot=args.metadata_snap,
                         progress=progress)
-        ok = True
-    finally:
-        if reporter is not None:
-            reporter.finish(last[0], last[1], ok=ok)
     _emit(args, {"bytes": result.bytes, "mapped_blocks": result.mapped_blocks, "runs": result.runs},
           f"exported thin device {args.id}: {format_size(result.bytes)}, {result.mapped_blocks} mapped blocks "
           f"in {result.runs} runs, to {args.out}")

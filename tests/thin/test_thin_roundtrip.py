@@ -34,13 +34,17 @@ POOLS = {
 }
 
 
+def _xml_and_meta(pool: PoolModel, meta_image: Callable[..., Path], tmp_path: Path) -> tuple[Path, Path]:
+    xml = tmp_path / "in.xml"
+    xml.write_text(pool.xml())
+    return xml, meta_image(64 << 20)
+
+
 @pytest.mark.parametrize("name", POOLS)
 def test_we_read_what_thin_restore_wrote(name: str, thin_tools, meta_image: Callable[..., Path],
                                          tmp_path: Path) -> None:
     pool = POOLS[name]
-    xml = tmp_path / "in.xml"
-    xml.write_text(pool.xml())
-    meta = meta_image(64 << 20)
+    xml, meta = _xml_and_meta(pool, meta_image, tmp_path)
     thin_tools.restore(xml, meta)
     theirs = thin_tools.dump(meta)
     assert theirs == pool.xml()
@@ -56,9 +60,7 @@ def test_we_read_what_thin_restore_wrote(name: str, thin_tools, meta_image: Call
 def test_what_we_restore_passes_thin_check(name: str, thin_tools, meta_image: Callable[..., Path],
                                            tmp_path: Path) -> None:
     pool = POOLS[name]
-    xml = tmp_path / "in.xml"
-    xml.write_text(pool.xml())
-    meta = meta_image(64 << 20)
+    xml, meta = _xml_and_meta(pool, meta_image, tmp_path)
     restore(xml, meta)
     thin_tools.check(meta)
     assert thin_tools.dump(meta) == pool.xml()
