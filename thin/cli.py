@@ -133,15 +133,21 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from dmtools.inputs import live_backends
     from dmtools.units import format_size, parse_size
     from kcopyd.progress import reporter_for, reporting
 
     from thin.offline import export
 
     size = None if args.size is None else parse_size(args.size, default_unit="s")
-    with reporting(reporter_for(args.progress, quiet=args.quiet, label="export")) as progress:
-        result = export(args.metadata, args.data, args.id, args.out, size=size, snapshot=args.metadata_snap,
-                        progress=progress)
+    backends = live_backends()  # an output in use by a live table is refused
+    try:
+        with reporting(reporter_for(args.progress, quiet=args.quiet, label="export")) as progress:
+            result = export(args.metadata, args.data, args.id, args.out, size=size, snapshot=args.metadata_snap,
+                            progress=progress, backends=backends)
+    finally:
+        for b in backends:
+            b.close()
     _emit(args, {"bytes": result.bytes, "mapped_blocks": result.mapped_blocks, "runs": result.runs},
           f"exported thin device {args.id}: {format_size(result.bytes)}, {result.mapped_blocks} mapped blocks "
           f"in {result.runs} runs, to {args.out}")

@@ -13,16 +13,19 @@ import stat
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dmtools.blockdev import BlockDevice, open_endpoint
 from dmtools.endpoint import Endpoint
 from dmtools.errors import CorruptMetadata, DeviceIOError, InvalidArgument
-from dmtools.identity import ensure_disjoint
+from dmtools.inputs import check_devices
 
 from thin.metadata import btree
 from thin.metadata.dump import device_runs
 from thin.metadata.pool import ThinMetadata
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dmtools.backend import DeviceMapper
 
 __all__ = ["DeviceUsage", "ExportResult", "LS_FIELDS", "export", "format_ls", "ls"]
 
@@ -166,22 +169,22 @@ def _output(out: str | os.PathLike[str], size: int | None, needed: int) -> tuple
 
 def export(metadata: str | os.PathLike[str], data: str | os.PathLike[str], dev_id: int,
            out: str | os.PathLike[str], *, size: int | None = None, snapshot: bool = False,
-           progress: ProgressFn | None = None, num_pages: int = 1024) -> ExportResult:
+           progress: ProgressFn | None = None, num_pages: int = 1024,
+           backends: Sequence[DeviceMapper] = ()) -> ExportResult:
     """Write thin device ``dev_id`` of a pool to ``out`` (a new or existing file, or a block device).
 
     Mapped blocks are copied from the data device with kcopyd; unmapped blocks read as zeros: they
     stay holes in a regular file and are zeroed on a block device. The volume is ``size`` bytes,
     else the block device's size, else up to its highest mapped block (a thin device's size lives in
     its table, not in the metadata). Mappings past ``size`` are left out, as a shorter table hides
-    them. The metadata is checked first and ``out`` must not share bytes with either input
-    (``DeviceConflict``); nothing is written before both hold.
+    them. The metadata is checked first; ``out`` must not share bytes with either input
+    (``DeviceConflict``) nor be used by a live table of one of ``backends`` (``DeviceBusy``);
+    nothing is written before all of that holds.
     """
     import kcopyd
 
-    refs: dict[str, Any] = {"--metadata": metadata, "--data": data}
-    if os.path.exists(out):
-        refs["the output"] = out
-    ensure_disjoint(refs)
+    check_devices({"--metadata": metadata, "--data": data, "the output": out}, backends=backends,
+                  operation="export", in_use=["the output"], missing_ok=["the output"])
     with ThinMetadata.open(metadata, snapshot=snapshot) as md:
         bs = md.data_block_size
         runs = list(device_runs(md, dev_id))

@@ -1,0 +1,237 @@
+"""Offline tools through the CLI: check, dump, restore, ls, export; bad input gives one clear line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from thin_helpers import random_pool
+
+from dmtools.cli.main import main
+from dmtools.errors import CorruptMetadata, DeviceConflict, DeviceNotFound, InvalidArgument
+from thin.metadata import ThinMetadata
+from thin.offline import export
+
+BS = 128  # sectors: 64 KiB data blocks
+BLOCK = BS * 512
+
+
+@pytest.fixture
+def pool(tmp_path: Path, meta_image: Callable[..., Path]) -> tuple[Path, Path, dict[int, dict[int, bytes]]]:
+    """A pool with data: thin 1 (blocks 0-9 and 40), snapshot 2 of it with blocks 3 and 50 rewritten,
+    and the expected contents of each volume by block."""
+    meta = meta_image(8 << 20)
+    data = tmp_path / "dmtt-data.img"
+    rng = random.Random(5)
+    views: dict[int, dict[int, bytes]] = {1: {}, 2: {}}
+    with ThinMetadata.format(meta, data_block_size=BS, nr_data_blocks=64) as md, open(data, "wb") as f:
+        f.truncate(64 * BLOCK)
+
+        def write(dev: int, vblock: int) -> None:
+            b = md.alloc_data_block()
+            payload = rng.randbytes(BLOCK)
+            f.seek(b * BLOCK)
+            f.write(payload)
+            md.insert(dev, vblock, b)
+            views[dev][vblock] = payload
+
+        md.create_thin(1)
+        for v in [*range(10), 40]:
+            write(1, v)
+        md.commit()
+        md.create_snap(2, 1)
+        views[2] = dict(views[1])
+        write(2, 3)
+        write(2, 50)
+        md.commit()
+    return meta, data, views
+
+
+def expected(view: dict[int, bytes], size: int) -> bytes:
+    out = bytearray(size)
+    for v, payload in view.items():
+        if v * BLOCK < size:
+            out[v * BLOCK:(v + 1) * BLOCK] = payload[: size - v * BLOCK]
+    return bytes(out)
+
+
+def test_export_rebuilds_each_volume(pool, tmp_path: Path) -> None:
+    meta, data, views = pool
+    for dev in (1, 2):
+        out = tmp_path / f"vol{dev}.img"
+        assert main(["thin", "export", "--metadata", str(meta), "--data", str(data), "--id", str(dev),
+                     "-q", str(out)]) == 0
+        size = (max(views[dev]) + 1) * BLOCK
+        assert out.read_bytes() == expected(views[dev], size)
+        # holes stay holes: only mapped blocks take space
+        assert os.stat(out).st_blocks * 512 <= (len(views[dev]) + 2) * BLOCK
+
+
+def test_export_with_size_cuts_and_pads(pool, tmp_path: Path) -> None:
+    meta, data, views = pool
+    out = tmp_path / "vol.img"
+    out.write_bytes(b"\xff" * (100 * BLOCK))  # an existing file: its old bytes must not survive
+    result = export(meta, data, 1, out, size=20 * BLOCK + 4096)
+    assert result.bytes == 20 * BLOCK + 4096 and result.mapped_blocks == 10
+    assert out.read_bytes() == expected(views[1], 20 * BLOCK + 4096)
+
+
+def test_export_refuses_aliases_and_missing_devices(pool, tmp_path: Path) -> None:
+    meta, data, _views = pool
+    before = hashlib.sha256(data.read_bytes()).hexdigest(), hashlib.sha256(meta.read_bytes()).hexdigest()
+    with pytest.raises(DeviceConflict):
+        export(meta, data, 1, data)
+    link = tmp_path / "link"
+    link.symlink_to(meta)
+    with pytest.raises(DeviceConflict):
+        export(meta, data, 1, link)
+    with pytest.raises(DeviceNotFound):
+        export(meta, data, 7, tmp_path / "nothing.img")
+    assert not (tmp_path / "nothing.img").exists()
+    after = hashlib.sha256(data.read_bytes()).hexdigest(), hashlib.sha256(meta.read_bytes()).hexdigest()
+    assert before == after
+
+
+def test_export_refuses_a_short_data_device(pool, tmp_path: Path) -> None:
+    meta, data, _views = pool
+    short = tmp_path / "short.img"
+    short.write_bytes(data.read_bytes()[: 5 * BLOCK])
+    with pytest.raises(InvalidArgument, match="data device holds"):
+        export(meta, short, 1, tmp_path / "out.img")
+
+
+def test_cli_check_dump_ls(pool, thin_tools, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    meta, _data, _views = pool
+    thin_tools.check(meta)
+    assert main(["thin", "check", str(meta)]) == 0
+    assert ": ok: transaction 0, 2 devices, 23 mappings" in capsys.readouterr().out
+    assert main(["thin", "dump", str(meta)]) == 0
+    assert capsys.readouterr().out == thin_tools.dump(meta)
+    assert main(["thin", "dump", "--dev-id", "2", "--skip-mappings", str(meta)]) == 0
+    assert capsys.readouterr().out == thin_tools.dump(meta, "--dev-id", "2", "--skip-mappings")
+    assert main(["thin", "ls", "-o", "DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS,SHARED_BLOCKS", str(meta)]) == 0
+    assert capsys.readouterr().out == thin_tools.ls(meta, "-o", "DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS,SHARED_BLOCKS")
+    assert main(["thin", "ls", "--json", str(meta)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    # 10 blocks still shared; thin 1 alone keeps its old block 3, the snapshot its new 3 and 50
+    assert [(r["dev_id"], r["mapped_blocks"], r["exclusive_blocks"], r["shared_blocks"]) for r in rows] == \
+        [(1, 11, 1, 10), (2, 12, 2, 10)]
+    assert main(["thin", "dump", "--json", str(meta)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["superblock"]["time"] == 1 and [d["dev_id"] for d in doc["devices"]] == [1, 2]
+    assert doc["devices"][1]["mappings"][0] == {"origin_begin": 0, "data_begin": 0, "length": 3, "time": 0}
+
+
+def test_cli_restore_round_trip(thin_tools, meta_image: Callable[..., Path], tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    model = random_pool(random.Random(11), devices=5, mappings=2000, nr_data_blocks=4000)
+    xml = tmp_path / "in.xml"
+    xml.write_text(model.xml())
+    meta = meta_image()
+    assert main(["thin", "restore", "-i", str(xml), "-o", str(meta), "-q"]) == 0
+    thin_tools.check(meta)
+    assert main(["thin", "dump", str(meta)]) == 0
+    assert capsys.readouterr().out == model.xml()
+    assert main(["thin", "restore", "-i", str(xml), "-o", str(tmp_path / "missing.img")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+BAD_XML = {
+    "unknown element": ('<superblock uuid="" time="0" transaction="0" data_block_size="128" nr_data_blocks="10">'
+                        '<thing/></superblock>', "unsupported element <thing>"),
+    "beyond data": ('<superblock uuid="" time="0" transaction="0" data_block_size="128" nr_data_blocks="10">'
+                    '<device dev_id="1" mapped_blocks="1" transaction="0" creation_time="0" snap_time="0">'
+                    '<single_mapping origin_block="0" data_block="10" time="0"/></device></superblock>',
+                    "beyond nr_data_blocks"),
+    "wrong count": ('<superblock uuid="" time="0" transaction="0" data_block_size="128" nr_data_blocks="10">'
+                    '<device dev_id="1" mapped_blocks="2" transaction="0" creation_time="0" snap_time="0">'
+                    '<single_mapping origin_block="0" data_block="1" time="0"/></device></superblock>',
+                    "mapped_blocks"),
+    "twice": ('<superblock uuid="" time="0" transaction="0" data_block_size="128" nr_data_blocks="10">'
+              '<device dev_id="1" mapped_blocks="2" transaction="0" creation_time="0" snap_time="0">'
+              '<single_mapping origin_block="4" data_block="1" time="0"/>'
+              '<single_mapping origin_block="4" data_block="2" time="0"/></device></superblock>', "twice"),
+    "bad block size": ('<superblock uuid="" time="0" transaction="0" data_block_size="100" nr_data_blocks="10">'
+                       '</superblock>', "invalid data block size"),
+    "truncated": ('<superblock uuid="" time="0" transaction="0" data_block_size="128" nr_data_blocks="10">'
+                  '<device dev_id="1"', "not well formed"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_XML)
+def test_restore_of_bad_xml_changes_nothing(case: str, pool, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    meta, _data, _views = pool
+    text, message = BAD_XML[case]
+    xml = tmp_path / "bad.xml"
+    xml.write_text(text)
+    before = meta.read_bytes()
+    assert main(["thin", "restore", "-i", str(xml), "-o", str(meta)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert meta.read_bytes() == before
+
+
+def _corrupt(meta: Path, block: int, offset: int) -> None:
+    with open(meta, "r+b") as f:
+        f.seek(block * 4096 + offset)
+        byte = f.read(1)
+        f.seek(block * 4096 + offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+def _node_of(meta: Path, what: str) -> int:
+    with ThinMetadata.open(meta) as md:
+        if what == "mapping leaf":
+            return md.device_root(2)
+        if what == "details":
+            return md.details_root
+        return md.superblock.data_sm.bitmap_root if what == "data index" else \
+            md.superblock.metadata_sm.bitmap_root
+
+
+CORRUPT = {
+    "superblock checksum": (lambda m: 0, 400, "bad checksum in superblock"),
+    "superblock magic": (lambda m: 0, 32, "bad superblock magic"),
+    "mapping node": (lambda m: _node_of(m, "mapping leaf"), 100, "bad checksum in btree node"),
+    "details node": (lambda m: _node_of(m, "details"), 40, "bad checksum in btree node"),
+    "data space map index": (lambda m: _node_of(m, "data index"), 60, "bad checksum in btree node"),
+    "metadata space map index": (lambda m: _node_of(m, "metadata index"), 20,
+                                 "bad checksum in metadata space map index"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPT)
+def test_corrupt_blocks_give_a_clear_error(case: str, pool, thin_tools, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    meta, data, _views = pool
+    where, offset, message = CORRUPT[case]
+    _corrupt(meta, where(meta), offset)
+    before = meta.read_bytes()
+    assert thin_tools.run("thin_check", meta, check=False).returncode != 0
+    assert main(["thin", "check", str(meta)]) == 1
+    assert message in capsys.readouterr().err
+    if case.startswith("superblock") or case == "mapping node" or case == "details node":
+        assert main(["thin", "dump", str(meta)]) == 1
+        out = capsys.readouterr()
+        assert message in out.err and out.err.count("\n") == 1
+    if case == "details node":  # export needs only the mapping trees: recovery still works
+        assert export(meta, data, 2, tmp_path / "vol.img").mapped_blocks == 12
+    elif case in ("mapping node", "superblock checksum", "superblock magic"):
+        with pytest.raises(CorruptMetadata, match=message):
+            export(meta, data, 2, tmp_path / "vol.img")
+    with pytest.raises(CorruptMetadata, match=message):
+        ThinMetadata.open(meta, writable=True).close() if case not in ("mapping node", "details node") else \
+            _touch_all(meta)
+    assert meta.read_bytes() == before
+
+
+def _touch_all(meta: Path) -> None:
+    with ThinMetadata.open(meta, writable=True) as md:
+        for dev in md.devices():
+            list(md.mappings(dev))
