@@ -72,12 +72,11 @@ def span_of(opened: Any) -> Span:
 
 def path_span(path: str, offset: int, nbytes: int) -> Span:
     """The :class:`Span` of a region given by path, before it is opened (a missing file is keyed
-    by its directory's real path and its name, so two spellings of one new file still match)."""
+    by its real path, dangling symlinks followed, so two spellings of one new file still match)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))
-        return Span(("new", parent, os.path.basename(path)), offset, offset + nbytes)
+        return Span(("new", os.path.realpath(path)), offset, offset + nbytes)
     key: Hashable = ("blk", st.st_rdev) if stat.S_ISBLK(st.st_mode) else ("file", st.st_dev, st.st_ino)
     return Span(key, offset, offset + nbytes)
 

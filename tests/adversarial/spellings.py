@@ -1,0 +1,114 @@
+"""Every spelling of one image's bytes (issue 15, item 1), for the adversarial property tests.
+
+``file_spellings`` needs only a file (unit tier): its absolute path, a symlink, a chain of
+symlinks, a relative path from another directory, a path through ``..``. ``block_spellings``
+(root tier) adds the loop device over it, ``/dev/block/M:m``, ``M:m``, a second loop device over
+the same file, a loop device at an offset that still overlaps, the loop's backing file as the
+kernel reports it, and a userspace-engine ``linear`` device over it: its exposed path and its
+name. A test picks pairs of spellings with hypothesis and hands them to a command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """``ref`` names bytes of one image; relative refs mean something only from ``cwd``.
+
+    ``name_only`` spellings are device names (for commands that take a device-mapper device).
+    """
+
+    kind: str
+    ref: str
+    cwd: str | None = None
+    name_only: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.ref}" + (f" (from {self.cwd})" if self.cwd else "")
+
+
+@contextlib.contextmanager
+def within(*spellings: Spelling) -> Iterator[None]:
+    """Run from the directory the relative spellings need (at most one distinct one)."""
+    dirs = {s.cwd for s in spellings if s.cwd}
+    assert len(dirs) <= 1, f"spellings need different working directories: {dirs}"
+    old = os.getcwd()
+    if dirs:
+        os.chdir(dirs.pop())
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def file_spellings(image: Path, scratch: Path) -> list[Spelling]:
+    """The spellings of a regular file that need nothing but a file system."""
+    image = image.resolve()
+    scratch.mkdir(parents=True, exist_ok=True)
+    stem = image.name
+    link = scratch / f"link-{stem}"
+    chain2 = scratch / f"chain2-{stem}"
+    chain1 = scratch / f"chain1-{stem}"
+    for l_, target in ((link, image), (chain2, image), (chain1, chain2)):
+        if not l_.is_symlink():
+            l_.symlink_to(target)
+    elsewhere = scratch / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    return [
+        Spelling("absolute", str(image)),
+        Spelling("symlink", str(link)),
+        Spelling("symlink-chain", str(chain1)),
+        Spelling("relative", os.path.relpath(image, elsewhere), cwd=str(elsewhere)),
+        Spelling("dotdot", f"{image.parent}/../{image.parent.name}/./{stem}"),
+    ]
+
+
+def block_spellings(image: Path, make_loop: Callable[..., Any], dm: Any, name: str) -> list[Spelling]:
+    """The spellings that need loop devices and the userspace engine (root tier).
+
+    ``dm`` is the userspace backend (the daemon); ``name`` names the ``linear`` device created
+    over the loop device (the caller removes it).
+    """
+    size = image.stat().st_size
+    lp = make_loop(image)
+    second = make_loop(image)
+    shifted = make_loop(image, offset=size // 2)  # overlaps the second half
+    st = os.stat(lp.path)
+    major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    dm.create(name, f"0 {size // 512} linear {lp.path} 0")
+    with open(f"/sys/dev/block/{major}:{minor}/loop/backing_file") as f:
+        backing = f.read().strip()
+    return [
+        Spelling("loop", lp.path),
+        Spelling("dev-block", f"/dev/block/{major}:{minor}"),
+        Spelling("devno", f"{major}:{minor}"),
+        Spelling("second-loop", second.path),
+        Spelling("offset-loop", shifted.path),
+        Spelling("backing-file", backing),
+        Spelling("engine-path", dm.device_path(name)),
+        Spelling("engine-name", name, name_only=True),
+    ]
+
+
+def digest(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's (or block device's) whole content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(MiB), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digests(*paths: str | os.PathLike[str]) -> dict[str, str]:
+    """``{path: sha256}`` of every image, to compare before and after a refused command."""
+    return {os.fspath(p): digest(p) for p in paths}
