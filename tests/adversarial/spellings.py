@@ -3,7 +3,8 @@
 ``file_spellings`` needs only a file (unit tier): its absolute path, a symlink, a chain of
 symlinks, a relative path from another directory, a path through ``..``. ``block_spellings``
 (root tier) adds the loop device over it, ``/dev/block/M:m``, ``M:m``, a second loop device over
-the same file, a loop device at an offset that still overlaps, the loop's backing file as the
+the same file, a loop device at an offset that still overlaps, a second device node (mknod) for
+the loop's ``dev_t``, the loop's backing file as the
 kernel reports it, and a userspace-engine ``linear`` device over it: its exposed path and its
 name. A test picks pairs of spellings with hypothesis and hands them to a command.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,8 @@ class Spelling:
     ref: str
     cwd: str | None = None
     name_only: bool = False
+    #: the table of the engine device this spelling names (``engine-*`` kinds), see ``realized``
+    under: str = ""
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.ref}" + (f" (from {self.cwd})" if self.cwd else "")
@@ -73,31 +77,70 @@ def file_spellings(image: Path, scratch: Path) -> list[Spelling]:
     ]
 
 
-def block_spellings(image: Path, make_loop: Callable[..., Any], dm: Any, name: str) -> list[Spelling]:
+def block_spellings(
+    image: Path, scratch: Path, make_loop: Callable[..., Any], engine_name: str, mapper: str
+) -> list[Spelling]:
     """The spellings that need loop devices and the userspace engine (root tier).
 
-    ``dm`` is the userspace backend (the daemon); ``name`` names the ``linear`` device created
-    over the loop device (the caller removes it).
+    Loop devices are attached here (``make_loop`` detaches them). The ``engine-path`` and
+    ``engine-name`` spellings name a userspace-engine ``linear`` device ``engine_name`` over the
+    first loop device, exposed under ``mapper``: :func:`realized` creates it only while a test
+    uses one of them (a live table over the image makes it "in use" for every command).
     """
     size = image.stat().st_size
     lp = make_loop(image)
     second = make_loop(image)
-    shifted = make_loop(image, offset=size // 2)  # overlaps the second half
+    shifted = make_loop(image, offset=size // 2)  # shares the second half
     st = os.stat(lp.path)
     major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
-    dm.create(name, f"0 {size // 512} linear {lp.path} 0")
     with open(f"/sys/dev/block/{major}:{minor}/loop/backing_file") as f:
         backing = f.read().strip()
+    dev_block = f"/dev/block/{major}:{minor}"
+    if not os.path.exists(dev_block):  # no udev here: the same link under the scratch directory
+        dev_block = str(scratch / "dev" / "block" / f"{major}:{minor}")
+        os.makedirs(os.path.dirname(dev_block), exist_ok=True)
+        if not os.path.lexists(dev_block):
+            os.symlink(lp.path, dev_block)
+    node = scratch / f"node-{image.name}"  # another device node for the same dev_t
+    if not node.exists():
+        os.mknod(node, stat.S_IFBLK | 0o600, st.st_rdev)
     return [
         Spelling("loop", lp.path),
-        Spelling("dev-block", f"/dev/block/{major}:{minor}"),
+        Spelling("dev-block", dev_block),
+        Spelling("mknod", str(node)),
         Spelling("devno", f"{major}:{minor}"),
         Spelling("second-loop", second.path),
         Spelling("offset-loop", shifted.path),
         Spelling("backing-file", backing),
-        Spelling("engine-path", dm.device_path(name)),
-        Spelling("engine-name", name, name_only=True),
+        Spelling("engine-path", os.path.join(mapper, engine_name), under=f"0 {size // 512} linear {lp.path} 0"),
+        Spelling("engine-name", engine_name, name_only=True, under=f"0 {size // 512} linear {lp.path} 0"),
     ]
+
+
+@contextlib.contextmanager
+def realized(dm: Any, *spellings: Spelling) -> Iterator[None]:
+    """Create the engine devices the ``engine-*`` spellings name, and remove them afterwards."""
+    made: list[str] = []
+    try:
+        for s in spellings:
+            name = os.path.basename(s.ref)
+            if s.under and name not in made:
+                dm.create(name, s.under)
+                made.append(name)
+        yield
+    finally:
+        for name in reversed(made):
+            dm.remove(name, retry=True)
+
+
+def make_images(folder: Path, names: tuple[str, ...]) -> dict[str, Path]:
+    """One 1 MiB image per name, ``dmtt-NAME.img``, the i-th filled with byte ``i + 1``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = {}
+    for i, name in enumerate(names):
+        images[name] = folder / f"dmtt-{name}.img"
+        images[name].write_bytes(bytes([i + 1]) * MiB)
+    return images
 
 
 def digest(path: str | os.PathLike[str]) -> str:

@@ -25,7 +25,7 @@ from dmtools.engine import Engine
 from dmtools.errors import DeviceBusy, DeviceConflict, DMError
 from mirror.manager import MirrorManager, resync_offline
 from snapshot.manager import SnapshotManager
-from spellings import Spelling, digests, file_spellings, within
+from spellings import Spelling, digests, file_spellings, make_images, within
 
 MiB = 1 << 20
 SECTORS = MiB // 512
@@ -50,12 +50,7 @@ class World:
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    images = {}
-    for i, name in enumerate(IMAGES):
-        path = tmp_path / "img" / f"dmtt-{name}.img"
-        path.parent.mkdir(exist_ok=True)
-        path.write_bytes(bytes([i + 1]) * MiB)
-        images[name] = path
+    images = make_images(tmp_path / "img", IMAGES)
     eng = Engine()
     w = World(tmp_path, eng, images)
     w.spell = {n: file_spellings(p, tmp_path / "links") for n, p in images.items()}
