@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from thin_helpers import random_pool
+from thin_helpers import build_pool, random_pool, volume_bytes
 
 from dmtools.cli.main import main
 from dmtools.errors import CorruptMetadata, DeviceConflict, DeviceNotFound, InvalidArgument
@@ -23,41 +23,14 @@ BLOCK = BS * 512
 
 @pytest.fixture
 def pool(tmp_path: Path, meta_image: Callable[..., Path]) -> tuple[Path, Path, dict[int, dict[int, bytes]]]:
-    """A pool with data: thin 1 (blocks 0-9 and 40), snapshot 2 of it with blocks 3 and 50 rewritten,
-    and the expected contents of each volume by block."""
+    """A pool with data (``build_pool``) and the expected contents of each volume by block."""
     meta = meta_image(8 << 20)
     data = tmp_path / "dmtt-data.img"
-    rng = random.Random(5)
-    views: dict[int, dict[int, bytes]] = {1: {}, 2: {}}
-    with ThinMetadata.format(meta, data_block_size=BS, nr_data_blocks=64) as md, open(data, "wb") as f:
-        f.truncate(64 * BLOCK)
-
-        def write(dev: int, vblock: int) -> None:
-            b = md.alloc_data_block()
-            payload = rng.randbytes(BLOCK)
-            f.seek(b * BLOCK)
-            f.write(payload)
-            md.insert(dev, vblock, b)
-            views[dev][vblock] = payload
-
-        md.create_thin(1)
-        for v in [*range(10), 40]:
-            write(1, v)
-        md.commit()
-        md.create_snap(2, 1)
-        views[2] = dict(views[1])
-        write(2, 3)
-        write(2, 50)
-        md.commit()
-    return meta, data, views
+    return meta, data, build_pool(meta, data, block_sectors=BS)
 
 
 def expected(view: dict[int, bytes], size: int) -> bytes:
-    out = bytearray(size)
-    for v, payload in view.items():
-        if v * BLOCK < size:
-            out[v * BLOCK:(v + 1) * BLOCK] = payload[: size - v * BLOCK]
-    return bytes(out)
+    return volume_bytes(view, size, BLOCK)
 
 
 def test_export_rebuilds_each_volume(pool, tmp_path: Path) -> None:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from thin.metadata import ThinMetadata
 
 
 @dataclass
@@ -86,3 +89,44 @@ def random_pool(rng: random.Random, *, devices: int, mappings: int, nr_data_bloc
             dev.mappings[vb] = (db, rng.randrange(0, pool.time + 1) if rng.random() < 0.1 else 0)
             vb += 1 if rng.random() < 0.8 else rng.randrange(2, 10000)
     return pool
+
+
+def build_pool(meta: Path, data: Path, *, block_sectors: int = 128, nr_blocks: int = 64,
+               seed: int = 5) -> dict[int, dict[int, bytes]]:
+    """A pool written by our metadata library, with data: thin 1 maps blocks 0-9 and 40, snapshot 2
+    of it rewrites block 3 and adds block 50. Returns each volume's contents by block."""
+    block = block_sectors * 512
+    rng = random.Random(seed)
+    views: dict[int, dict[int, bytes]] = {1: {}, 2: {}}
+    with ThinMetadata.format(meta, data_block_size=block_sectors, nr_data_blocks=nr_blocks) as md, \
+            open(data, "r+b" if data.exists() else "w+b") as f:
+        f.truncate(nr_blocks * block)
+
+        def write(dev: int, vblock: int) -> None:
+            b = md.alloc_data_block()
+            payload = rng.randbytes(block)
+            f.seek(b * block)
+            f.write(payload)
+            md.insert(dev, vblock, b)
+            views[dev][vblock] = payload
+
+        md.create_thin(1)
+        for v in [*range(10), 40]:
+            write(1, v)
+        md.commit()
+        md.create_snap(2, 1)
+        views[2] = dict(views[1])
+        write(2, 3)
+        write(2, 50)
+        f.flush()
+        md.commit()
+    return views
+
+
+def volume_bytes(view: dict[int, bytes], size: int, block: int) -> bytes:
+    """A volume's expected contents: its blocks where mapped, zeros elsewhere, cut at ``size``."""
+    out = bytearray(size)
+    for v, payload in view.items():
+        if v * block < size:
+            out[v * block:(v + 1) * block] = payload[: size - v * block]
+    return bytes(out)
