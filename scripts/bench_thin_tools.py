@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 import random
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -72,16 +72,18 @@ def make_xml(path: Path, mappings: int, devices: int, seed: int = 1) -> int:
 
 def run(argv: list[str]) -> tuple[float, int, bytes, float]:
     """Wall seconds, peak RSS (KiB), stdout and CPU seconds (user + system) of one fresh process."""
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE)
-        _pid, status, usage = os.wait4(proc.pid, 0)
+    exe = shutil.which(argv[0]) or argv[0]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        # posix_spawn (vfork): a fork would start the child with this process's RSS as its peak
+        pid = os.posix_spawn(exe, argv, os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, out.fileno(), 1),
+                                                                   (os.POSIX_SPAWN_DUP2, err.fileno(), 2)])
+        _pid, status, usage = os.wait4(pid, 0)
         elapsed = time.perf_counter() - t0
-        assert proc.stderr is not None
-        err = proc.stderr.read()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}): {err.decode(errors='replace')[:500]}")
+        rc = os.waitstatus_to_exitcode(status)
+        if rc != 0:
+            err.seek(0)
+            raise SystemExit(f"{' '.join(argv)} failed ({rc}): {err.read().decode(errors='replace')[:500]}")
         out.seek(0)
         return elapsed, usage.ru_maxrss, out.read(), usage.ru_utime + usage.ru_stime
 

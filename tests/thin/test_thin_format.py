@@ -88,3 +88,26 @@ def test_large_metadata_device_has_several_bitmaps(thin_tools, meta_image: Calla
     thin_tools.check(path)
     report = check(path)
     assert report.ok and not report.leaks and not report.warnings, (report.errors, report.warnings)
+
+
+def test_metadata_device_grows(thin_tools, meta_image: Callable[..., Path]) -> None:
+    path = meta_image(1 << 20)  # 256 blocks
+    with ThinMetadata.format(path, data_block_size=128, nr_data_blocks=200000) as md:
+        md.create_thin(1)
+        for v in range(0, 20000, 2):
+            md.insert(1, v, md.alloc_data_block())
+        md.commit()
+        with open(path, "r+b") as f:
+            f.truncate(100 << 20)  # 25600 blocks: a second metadata bitmap
+        assert md.resize_metadata() == 25600
+        md.commit()
+        assert md.nr_metadata_blocks == 25600
+        for v in range(1, 200000, 2):  # more nodes than the old device held
+            md.insert(1, v, md.alloc_data_block())
+        md.commit()
+        assert md.free_metadata_blocks < 25600 - 256
+    thin_tools.check(path)
+    report = check(path)
+    assert report.ok and not report.leaks and not report.warnings, (report.errors, report.warnings)
+    with ThinMetadata.open(path) as md:
+        assert md.details(1).mapped_blocks == 110000

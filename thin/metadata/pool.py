@@ -367,6 +367,17 @@ class ThinMetadata:
             raise InvalidArgument(f"{nr_blocks} data blocks is more than a mapping can address")
         self.tm.dsm.extend(nr_blocks - self.nr_data_blocks)
 
+    def resize_metadata(self) -> int:
+        """Grow the metadata space map to the device's current size, at most 4,161,600 blocks
+        (dm-space-map-metadata.c ``sm_metadata_extend``; the superblock's ``metadata_nr_blocks``
+        keeps its format-time value, as the kernel leaves it). Returns the new block count."""
+        self._writing()
+        new = min(self.dev.refresh_size(), MAX_METADATA_SECTORS // BLOCK_SECTORS)
+        if new < self.nr_metadata_blocks:
+            raise InvalidArgument(f"metadata device ({new} blocks) too small: expected {self.nr_metadata_blocks}")
+        self.tm.msm.extend(new - self.nr_metadata_blocks)
+        return new
+
     # -- metadata snapshots ------------------------------------------------------------------
     def reserve_metadata_snap(self) -> int:
         """Commit, then keep a read-only copy of the superblock (``__reserve_metadata_snap``).

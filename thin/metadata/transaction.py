@@ -52,6 +52,12 @@ class MetadataDevice:
             raise
         self.nr_blocks = self.size // BLOCK_SIZE
 
+    def refresh_size(self) -> int:
+        """Re-read the device's size (after it grew); returns the number of blocks."""
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        self.nr_blocks = self.size // BLOCK_SIZE
+        return self.nr_blocks
+
     def read(self, blocknr: int) -> bytes:
         if not 0 <= blocknr < self.nr_blocks:
             raise CorruptMetadata(f"block {blocknr} is beyond the end of the metadata device "
@@ -298,7 +304,10 @@ class TransactionManager:
             before = m.allocated_this_transaction, len(m.freed)
             self.m_ref_root = self._sync_overflow(m, self.m_ref_root)
             for i in sorted(m.dirty_bitmaps - placed):
-                self.m_bitmaps[i] = self._relocate(self.m_bitmaps[i])
+                if i < len(self.m_bitmaps):
+                    self.m_bitmaps[i] = self._relocate(self.m_bitmaps[i])
+                else:  # a bitmap for a grown device (sm_metadata_extend)
+                    self.m_bitmaps.append(self._relocate(None))
                 placed.add(i)
             if m.dirty_bitmaps:
                 self.m_index_block = self._relocate(self.m_index_block)
