@@ -7,6 +7,7 @@ Both open the origin and COW read-only and check everything before writing a byt
 from __future__ import annotations
 
 import os
+import re
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -23,6 +24,8 @@ from snapshot.store.format import SECTOR, SNAP_MAGIC
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.backend import DeviceMapper
 from snapshot.store.persistent import PersistentStore
+
+_DEVNO = re.compile(r"^\d+:\d+$")
 
 #: ``progress(done_bytes, total_bytes)``
 ProgressFn = Callable[[int, int], None]
@@ -276,6 +279,10 @@ def export(
     """
     import kcopyd
 
+    if isinstance(out, str) and _DEVNO.match(out) and not os.path.exists(out):
+        from dmtools.blockdev import resolve_devno
+
+        out = resolve_devno(out)  # "MAJOR:MINOR" names a device, as for the inputs: never a new file
     _check_paths(origin, cow, out, backends)
     org, own_org = _open(origin)
     cw, own_cow = _open(cow)
