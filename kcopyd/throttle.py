@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from dmtools.errors import InvalidArgument
 
@@ -30,19 +31,29 @@ _ACCOUNT_INTERVAL = 1.0
 class Throttle:
     """Limit copying to ``rate`` bytes per second and/or ``percent`` of the time with I/O in flight."""
 
-    def __init__(self, rate: int | None = None, percent: int = 100) -> None:
+    def __init__(
+        self,
+        rate: int | None = None,
+        percent: int = 100,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        """``clock`` and ``sleep`` are the time source of the duty cycle (tests pass a fake one)."""
+        self._clock = clock
+        self._sleep = sleep
         self._cond = threading.Condition()
         self._rate: int | None = None
         self._percent = 100
         self.rate = rate
         self.percent = percent
         self._tokens = 0.0
-        self._stamp = time.monotonic()
+        self._stamp = self._clock()
         # duty-cycle accounting
         self._num_io = 0
         self._io_period = 0.0
         self._total_period = 0.0
-        self._last = time.monotonic()
+        self._last = self._clock()
         #: duty-cycle sleeps taken so far (statistics; tests read it)
         self.sleeps = 0
 
@@ -59,7 +70,7 @@ class Throttle:
         with self._cond:
             self._rate = value
             self._tokens = 0.0
-            self._stamp = time.monotonic()
+            self._stamp = self._clock()
             self._cond.notify_all()
 
     @property
@@ -87,7 +98,7 @@ class Throttle:
                 rate = self._rate
                 if rate is None:
                     return
-                now = time.monotonic()
+                now = self._clock()
                 burst = max(rate / 10.0, 1.0)
                 self._tokens = min(burst, self._tokens + (now - self._stamp) * rate)
                 self._stamp = now
@@ -121,7 +132,7 @@ class Throttle:
         slept = 0
         with self._cond:
             while self._percent < 100:
-                self._account(time.monotonic())
+                self._account(self._clock())
                 skew = self._io_period - self._percent * self._total_period / 100.0
                 if skew <= 0 or slept >= MAX_SLEEPS:
                     break
@@ -129,7 +140,7 @@ class Throttle:
                 self.sleeps += 1
                 self._cond.release()
                 try:
-                    time.sleep(SLEEP_USEC / 1e6)
+                    self._sleep(SLEEP_USEC / 1e6)
                 finally:
                     self._cond.acquire()
             self._num_io += 1
@@ -139,6 +150,6 @@ class Throttle:
         with self._cond:
             if self._percent < 100 and self._num_io == 1:
                 # the last I/O in flight ends an I/O period
-                self._account(time.monotonic())
+                self._account(self._clock())
                 self._io_period = min(self._io_period, self._total_period)
             self._num_io -= 1

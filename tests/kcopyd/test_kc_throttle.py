@@ -55,34 +55,54 @@ def test_shared_throttle_and_bad_values():
             kcopyd.Throttle(percent=bad)  # type: ignore[arg-type]
 
 
-def _io_loop(thr: kcopyd.Throttle, n: int, hold: float) -> float:
-    t0 = time.monotonic()
+class FakeClock:
+    """A monotonic clock that only the test moves: ``sleep`` advances it (and records the sleep)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def _io_loop(thr: kcopyd.Throttle, clock: FakeClock, n: int, hold: float) -> None:
     for _ in range(n):
         thr.io_start()
-        time.sleep(hold)
+        clock.now += hold  # the I/O is in flight for ``hold`` seconds
         thr.io_finish()
-    return time.monotonic() - t0
 
 
-def test_duty_cycle_sleeps_between_ios():
-    # 5 I/Os of 20 ms: unthrottled there is no sleep; at 20% the I/O share exceeds the budget after
-    # each I/O, so the next one first sleeps 100 ms (SLEEP_USEC).
-    free, slow = kcopyd.Throttle(percent=100), kcopyd.Throttle(percent=20)
-    _io_loop(free, 5, 0.02)
-    elapsed = _io_loop(slow, 5, 0.02)
-    assert free.sleeps == 0 and slow.sleeps >= 2
-    assert elapsed >= slow.sleeps * 0.1
+def test_duty_cycle_sleeps_between_ios(monkeypatch: pytest.MonkeyPatch):
+    # Five I/Os of 1/32 s at 25 %, with sleeps of 1/8 s (binary fractions: the arithmetic is exact).
+    # The first I/O issues at once. Each of the next three finds the I/O share over 25 % (e.g. 1/32 s
+    # of 1/32 s), sleeps once, and then the share is under 25 %. The fifth finds it exactly at 25 %
+    # (4/32 s of 16/32 s) and issues without sleeping. Unthrottled, nothing ever sleeps.
+    monkeypatch.setattr(kcopyd.throttle, "SLEEP_USEC", 125000)
+    fc, sc = FakeClock(), FakeClock()
+    free = kcopyd.Throttle(percent=100, clock=fc, sleep=fc.sleep)
+    slow = kcopyd.Throttle(percent=25, clock=sc, sleep=sc.sleep)
+    _io_loop(free, fc, 5, 1 / 32)
+    _io_loop(slow, sc, 5, 1 / 32)
+    assert free.sleeps == 0 and fc.slept == []
+    assert slow.sleeps == 3 and sc.slept == [0.125] * 3
+    assert sc.now - 100.0 == 5 / 32 + 3 / 8
 
 
 def test_duty_cycle_gives_up_after_max_sleeps():
-    thr = kcopyd.Throttle(percent=1)
+    clock = FakeClock()
+    thr = kcopyd.Throttle(percent=1, clock=clock, sleep=clock.sleep)
     thr.io_start()
-    time.sleep(0.05)
+    clock.now += 0.5  # one long I/O: 100 % of the window, far over a 1 % budget
     thr.io_finish()
-    t0 = time.monotonic()
-    thr.io_start()  # far over budget: sleeps MAX_SLEEPS x 100 ms at most, then issues anyway
+    thr.io_start()  # sleeps MAX_SLEEPS x 100 ms, then issues anyway (dm-kcopyd.c io_job_start)
     thr.io_finish()
-    assert time.monotonic() - t0 < 1.5
+    assert thr.sleeps == kcopyd.throttle.MAX_SLEEPS
+    assert clock.slept == [kcopyd.throttle.SLEEP_USEC / 1e6] * kcopyd.throttle.MAX_SLEEPS
 
 
 def test_throttled_copy_can_be_cancelled():
