@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Union
 
+from dmtools.claims import os_errors
 from dmtools.errors import DeviceConflict, DeviceNotFound, DMError, InvalidArgument
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -240,14 +241,8 @@ class _Resolver:
             node, via = self.block(devno)
             return via[0], node, via
         path = ref if os.path.isabs(ref) else os.path.join(cwd or os.getcwd(), ref)
-        try:
+        with os_errors(ref, "identify"):
             st = os.stat(path)
-        except FileNotFoundError as err:
-            raise DeviceNotFound("no such file or device", errno=errno.ENOENT, operation="identify",
-                                 device=ref) from err
-        except OSError as err:
-            raise DMError(f"cannot stat: {err.strerror}", errno=err.errno, operation="identify",
-                          device=ref) from err
         real = os.path.realpath(path)
         if stat.S_ISBLK(st.st_mode):
             devno = (os.major(st.st_rdev), os.minor(st.st_rdev))

@@ -15,11 +15,14 @@ import ctypes
 import mmap
 import os
 import queue
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dmtools.blockdev import BlockDevice, aligned_buffer
 from dmtools.endpoint import Endpoint
 from dmtools.errors import DMError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dmtools.claims import Claim
 
 #: Smallest write sent through ``O_DIRECT``.
 DIRECT_MIN = 256 << 10
@@ -56,6 +59,8 @@ class BackingDevice(Endpoint):
     def __init__(self, path: str, *, writable: bool) -> None:
         self.buffered = BlockDevice(path, writable=writable)
         self.path = path
+        #: the engine's claim on the device, released by ``close`` (set by ``resolve``).
+        self.claim: "Claim | None" = None
         # Requests arrive split over several FUSE threads, which hides their sequential pattern
         # from read-ahead; a larger read-ahead window keeps sequential reads streaming (random
         # reads are unaffected: their initial window depends on the request size).
@@ -131,3 +136,5 @@ class BackingDevice(Endpoint):
         self.buffered.close()
         if self._direct is not None:
             self._direct.close()
+        if self.claim is not None:
+            self.claim.release()

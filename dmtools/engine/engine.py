@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import errno
 import importlib
+import os
 import threading
 import time
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Callable
 
 from dmtools.backend import DeviceEntry, DeviceInfo, DeviceMapper, StatusLine, Versions
+from dmtools.claims import Holder
 from dmtools.engine.device import (
     Device,
     LoadedTable,
@@ -140,6 +142,8 @@ class Engine(DeviceMapper):
         self._by_devno: dict[tuple[int, int], Device] = {}
         self._next_minor = 0
         self._registry = TargetRegistry()
+        #: one claim holder for every table of this engine, as the kernel's ``_dm_claim_ptr``.
+        self.claims = Holder(f"dmtools engine {id(self):#x} (pid {os.getpid()})")
         self._closed = False
         self._exposure: "Exposure | None" = None
         if expose:
@@ -637,6 +641,7 @@ class Engine(DeviceMapper):
                         self._drop(dev, detach_wait=0.0)
         if self._exposure is not None:
             self._exposure.close()
+        self.claims.close()
 
     # --- helpers ----------------------------------------------------------------------------
     def _check_open(self) -> None:

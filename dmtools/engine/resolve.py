@@ -3,8 +3,10 @@
 A reference to one of the engine's own devices (its ``major:minor``, its exposed loop device, its
 ``mapper/NAME`` link or its FUSE file) resolves to the device itself, in-process: I/O never goes
 through the engine's own FUSE/loop exposure, which would deadlock a suspended device against
-itself. Anything else is opened as a ``BackingDevice`` (a ``dmtools.blockdev.BlockDevice`` of a
-block device or regular file, with ``O_DIRECT`` for large writes).
+itself. Anything else is claimed for the engine (``dmtools.claims``: ``O_EXCL`` on a block device,
+a lock on a file; ``DeviceBusy`` when mounted or claimed elsewhere) and opened as a
+``BackingDevice`` (a ``dmtools.blockdev.BlockDevice`` of a block device or regular file, with
+``O_DIRECT`` for large writes), which releases the claim when the table closes it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING
 from dmtools.blockdev import resolve_devno
 from dmtools.engine.backing import BackingDevice
 from dmtools.engine.target import DeviceHandle
-from dmtools.errors import DMError, InvalidTable
+from dmtools.errors import DeviceBusy, DMError, InvalidTable
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.engine.device import Device
@@ -59,9 +61,19 @@ def resolve(engine: "Engine", ref: str, *, writable: bool) -> DeviceHandle:
     m = _DEVNO.match(ref)
     try:
         path = resolve_devno((int(m.group(1)), int(m.group(2)))) if m else ref
-        bdev = BackingDevice(path, writable=writable)
+        # dm_get_device claims the device for every table (one holder: dm-table.c
+        # _dm_claim_ptr); a device mounted or claimed elsewhere is EBUSY.
+        claim = engine.claims.claim(path)
+    except DeviceBusy as err:
+        raise DeviceBusy(f"{ref}: {err.message}", operation="load") from err
     except DMError as err:
         raise InvalidTable(f"{ref}: {err.message}", operation="load") from err
+    try:
+        bdev = BackingDevice(path, writable=writable)
+    except DMError as err:
+        claim.release()
+        raise InvalidTable(f"{ref}: {err.message}", operation="load") from err
+    bdev.claim = claim
     devno = bdev.devno
     if devno is None:
         name = os.path.abspath(ref)

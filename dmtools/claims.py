@@ -1,0 +1,309 @@
+"""Exclusive claims on devices and image files, as the kernel's ``bd_claim`` gives them.
+
+The kernel claims every block device a dm table uses, with one holder shared by all dm tables
+(``_dm_claim_ptr`` in ``drivers/md/dm-table.c``): two tables may use one device (many LVs on one
+PV, a snapshot stack's ``-real`` and ``-cow``), but a mounted device, or one another program holds
+open with ``O_EXCL``, is refused with ``EBUSY``, and while a table holds a device, mounting it
+or opening it ``O_EXCL`` fails in turn (``bd_may_claim`` in ``block/bdev.c``).
+
+A :class:`Holder` is one such holder (an engine; a tool). ``holder.claim(path)`` takes:
+
+* a **block device**: an ``O_EXCL`` descriptor, held until the claim is released. This is what
+  makes a mount, ``mkfs``, another engine or the kernel's own dm fail against us, as against
+  the kernel. A loop device also claims its backing file (below), unless that file lives on a
+  FUSE file system (another engine's exposure: its loop device is claim enough).
+* a **regular file** (the userspace engine takes files; the kernel does not): a ``flock``
+  exclusive lock on a descriptor of it (the lock that ``BlockDevice(exclusive=True)`` takes, so
+  our offline tools and engines honour each other), and a check that no loop device over the
+  file is claimed by someone else (mounted, or held ``O_EXCL``).
+
+Claims are refcounted per device within a holder, so a holder's tables nest freely. Both kinds
+of lock belong to the open file: they go when the holder closes them or its process dies (a
+``SIGKILL``\\ ed daemon leaves nothing stale).
+
+Offline tools claim what they write for the length of the operation::
+
+    with claims.claim(path):     # raises DeviceBusy when an engine, a mount or a tool holds it
+        ...write...
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Hashable
+
+from dmtools.errors import DeviceBusy, DeviceNotFound, DMError
+
+__all__ = ["Claim", "Holder", "claim", "busy_reason", "loops_over", "os_errors"]
+
+SYS_BLOCK = "/sys/block"
+
+
+class Claim:
+    """One device claimed by a :class:`Holder`; :meth:`release` gives it back (once)."""
+
+    def __init__(self, holder: "Holder", keys: tuple[Hashable, ...], path: str) -> None:
+        self.holder = holder
+        self.keys = keys
+        self.path = path
+        self._released = False
+
+    def release(self) -> None:
+        """Drop this claim (the device stays claimed while other claims of the holder use it)."""
+        if not self._released:
+            self._released = True
+            self.holder._drop(self.keys)
+
+    def __enter__(self) -> "Claim":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"Claim({self.path!r}, holder={self.holder.name!r})"
+
+
+class Holder:
+    """A claim holder: every claim it takes on one device shares one descriptor (refcounted)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._held: dict[Hashable, list[int]] = {}  # key -> [fd, count]
+
+    def claim(self, path: str, *, device: str | None = None) -> Claim:
+        """Claim the block device or regular file at ``path``; all-or-nothing.
+
+        ``device`` names the requester in errors. Raises ``DeviceBusy`` (mounted, held ``O_EXCL``
+        or locked by another holder, or a loop device over the file is), ``DeviceNotFound``,
+        or ``DMError`` (permissions and the like).
+        """
+        with os_errors(path, "claim", device):
+            st = os.stat(path)
+        taken: list[Hashable] = []
+        try:
+            if stat.S_ISBLK(st.st_mode):
+                devno = (os.major(st.st_rdev), os.minor(st.st_rdev))
+                self._take(("blk", devno), path, device, taken)
+                backing = _loop_backing(devno)
+                if backing is not None and not _on_fuse(backing):
+                    try:
+                        self._take_file(backing, device, taken)
+                    except DeviceNotFound:
+                        pass  # unlinked: nobody else can name it any more
+            elif stat.S_ISREG(st.st_mode):
+                self._take_file(path, device, taken)
+            else:
+                raise DeviceNotFound("not a block device or regular file", errno=errno.ENOTBLK,
+                                     operation="claim", device=path)
+        except BaseException:
+            self._drop(tuple(taken))
+            raise
+        return Claim(self, tuple(taken), path)
+
+    def holds(self, key: Hashable) -> bool:
+        """True while this holder has a claim on ``key`` (``("blk", (major, minor))`` or
+        ``("file", st_dev, st_ino)``)."""
+        with self._lock:
+            return key in self._held
+
+    # --- internals --------------------------------------------------------------------------
+    def _take(self, key: Hashable, path: str, device: str | None, taken: list[Hashable]) -> None:
+        with self._lock:
+            held = self._held.get(key)
+            if held is not None:
+                held[1] += 1
+                taken.append(key)
+                return
+            with os_errors(path, "claim", device):
+                fd = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+            self._held[key] = [fd, 1]
+            taken.append(key)
+
+    def _take_file(self, path: str, device: str | None, taken: list[Hashable]) -> None:
+        with os_errors(path, "claim", device):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        key = ("file", st.st_dev, st.st_ino)
+        with self._lock:
+            held = self._held.get(key)
+            if held is not None:
+                os.close(fd)
+                held[1] += 1
+                taken.append(key)
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._check_loops(path, device)
+            except BlockingIOError as err:
+                os.close(fd)
+                raise DeviceBusy(f"{path} is claimed by another engine or tool", errno=errno.EBUSY,
+                                 operation="claim", device=device) from err
+            except BaseException:
+                os.close(fd)
+                raise
+            self._held[key] = [fd, 1]
+            taken.append(key)
+
+    def _check_loops(self, path: str, device: str | None) -> None:
+        """Refuse a file that a loop device exposes to someone else (caller holds the lock)."""
+        for loop_path, devno in loops_over(path):
+            if ("blk", devno) in self._held:
+                continue  # our own claim on that loop device: one holder nests
+            try:
+                fd = os.open(loop_path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+            except OSError as err:
+                if err.errno == errno.EBUSY:
+                    raise DeviceBusy(f"{path} is in use through {loop_path}, which is "
+                                     f"{busy_reason(loop_path)}", errno=errno.EBUSY,
+                                     operation="claim", device=device) from err
+                continue  # detached meanwhile
+            os.close(fd)
+
+    def _drop(self, keys: tuple[Hashable, ...]) -> None:
+        with self._lock:
+            for key in keys:
+                held = self._held.get(key)
+                if held is None:
+                    continue
+                held[1] -= 1
+                if held[1] == 0:
+                    del self._held[key]
+                    os.close(held[0])
+
+    def close(self) -> None:
+        """Release every claim (a holder that goes away, as its process exiting would)."""
+        with self._lock:
+            fds = [held[0] for held in self._held.values()]
+            self._held.clear()
+        for fd in fds:
+            os.close(fd)
+
+    def __repr__(self) -> str:
+        return f"Holder({self.name!r}, claims={len(self._held)})"
+
+
+@contextmanager
+def claim(path: "str | os.PathLike[str]", *, holder: str | None = None) -> Iterator[Claim]:
+    """Claim ``path`` for one operation of an offline tool (a holder of its own); released on exit.
+
+    Raises ``DeviceBusy`` when an engine's table, a mount, an ``O_EXCL`` opener or another tool
+    holds it (see :meth:`Holder.claim`).
+    """
+    owner = Holder(holder or f"dmtools pid {os.getpid()}")
+    try:
+        yield owner.claim(os.fspath(path))
+    finally:
+        owner.close()
+
+
+@contextmanager
+def os_errors(path: str, operation: str, device: str | None = None) -> Iterator[None]:
+    """Turn an ``OSError`` about ``path`` into ours: ENOENT ``DeviceNotFound``, EBUSY
+    ``DeviceBusy`` (saying who holds it), anything else ``DMError`` with the errno."""
+    try:
+        yield
+    except FileNotFoundError as err:
+        raise DeviceNotFound("no such file or device", errno=errno.ENOENT, operation=operation,
+                             device=path) from err
+    except OSError as err:
+        if err.errno == errno.EBUSY:
+            raise DeviceBusy(f"{path} is {busy_reason(path)}", errno=errno.EBUSY,
+                             operation=operation, device=device) from err
+        raise DMError(f"{path}: {err.strerror}", errno=err.errno, operation=operation,
+                      device=device) from err
+
+
+def busy_reason(path: str) -> str:
+    """Why an ``O_EXCL`` open of block device ``path`` fails: mounted, a holder, or an opener."""
+    try:
+        rdev = os.stat(path).st_rdev
+    except OSError:
+        return "in use"
+    devno = f"{os.major(rdev)}:{os.minor(rdev)}"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and fields[2] == devno:
+                    return f"mounted on {fields[4]}"
+    except OSError:
+        pass
+    try:
+        holders = sorted(os.listdir(f"/sys/dev/block/{devno}/holders"))
+    except OSError:
+        holders = []
+    if holders:
+        return f"held by {', '.join(holders)}"
+    return "held open exclusively (O_EXCL) by another program or engine"
+
+
+def loops_over(path: str) -> list[tuple[str, tuple[int, int]]]:
+    """``(path, devno)`` of the loop devices whose backing file is ``path`` (by resolved path:
+    sysfs ``loop/backing_file``; no backing file is opened or stat()ed)."""
+    real = os.path.realpath(path).encode()
+    out = []
+    try:
+        names = [n for n in os.listdir(SYS_BLOCK) if n.startswith("loop")]
+    except OSError:
+        return []
+    for name in names:
+        backing = _read_sys(f"{SYS_BLOCK}/{name}/loop/backing_file")
+        if backing is None or backing.rstrip(b"\n") != real:
+            continue
+        dev = _read_sys(f"{SYS_BLOCK}/{name}/dev")
+        try:
+            major, minor = (dev or b"").strip().split(b":")
+            out.append((f"/dev/{name}", (int(major), int(minor))))
+        except ValueError:
+            continue
+    return out
+
+
+def _read_sys(path: str) -> bytes | None:
+    """A small sysfs attribute, or ``None`` (raw calls: this runs for every loop device)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _loop_backing(devno: tuple[int, int]) -> str | None:
+    try:
+        with open(f"/sys/dev/block/{devno[0]}:{devno[1]}/loop/backing_file") as f:
+            backing = f.read().rstrip("\n")
+    except OSError:
+        return None
+    return None if backing.endswith(" (deleted)") else backing
+
+
+def _on_fuse(path: str) -> bool:
+    """True when ``path`` lies on a FUSE mount (never stat()ed: its server may be stuck)."""
+    real = path if os.path.isabs(path) else os.path.abspath(path)
+    best, fstype = "", ""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) < 5 or not right:
+                    continue
+                mnt = fields[4].replace("\\040", " ")
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, fstype = mnt, right.split()[0]
+    except OSError:
+        return False
+    return fstype.startswith("fuse")

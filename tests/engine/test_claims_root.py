@@ -1,0 +1,167 @@
+"""Exclusive claims on block devices: a mounted device, one held ``O_EXCL`` by another process,
+and one claimed by another engine are refused with ``DeviceBusy``, and nothing changes.
+
+Each case runs on the userspace engine (root tier: real loop devices, a real ext4 mount) and on
+the kernel's device-mapper (kernel tier, in the VM), which refuses them with EBUSY from
+``dm_get_device`` → ``bdev_file_open_by_dev`` (``drivers/md/dm-table.c``). While a table holds a
+device, mounting it or opening it ``O_EXCL`` fails in turn, on both. A ``SIGKILL``\\ ed daemon
+leaves no claim behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmtools import claims
+from dmtools.backend import DeviceMapper
+from dmtools.engine import Engine
+from dmtools.engine.client import open_userspace
+from dmtools.engine.expose import clear_stale
+from dmtools.errors import DeviceBusy
+
+MiB = 1 << 20
+SECTORS = 8 * MiB // 512
+
+#: Holds its argument open with O_EXCL, says so, and waits for stdin to close.
+EXCL_HOLDER = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_EXCL)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture(params=[pytest.param("engine", marks=pytest.mark.root),
+                        pytest.param("kernel", marks=pytest.mark.kernel)])
+def backend(request: pytest.FixtureRequest) -> Iterator[DeviceMapper]:
+    """The backend under test: the in-process userspace engine, or the kernel."""
+    if request.param == "kernel":
+        yield request.getfixturevalue("kernel_dm")
+        return
+    eng = Engine()
+    try:
+        yield eng
+    finally:
+        eng.close()
+
+
+@pytest.fixture
+def lo(make_image: Callable[..., Path], make_loop: Callable[..., Any]) -> Any:
+    return make_loop(make_image(16 * MiB))
+
+
+@pytest.fixture
+def mounted(lo: Any, tmp_path: Path) -> Iterator[str]:
+    """``lo`` with an ext4 file system mounted; yields the mount point."""
+    subprocess.run(["mkfs.ext4", "-q", "-F", lo.path], check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", lo.path, str(mnt)], check=True)
+    try:
+        yield str(mnt)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _refused(dm: DeviceMapper, name: str, ref: str, *, why: str | None = None) -> None:
+    with pytest.raises(DeviceBusy) as exc:
+        dm.create(name, f"0 {SECTORS} linear {ref} 0")
+    assert exc.value.errno == errno.EBUSY
+    if why is not None and dm.backend == "userspace":
+        assert why in str(exc.value)
+    assert not dm.exists(name)
+
+
+def test_mounted_device_is_refused(backend: DeviceMapper, lo: Any, mounted: str, dm_name: str) -> None:
+    _refused(backend, dm_name, lo.path, why=f"mounted on {mounted}")
+    if backend.backend == "userspace":  # the file behind the mounted loop device, too
+        _refused(backend, dm_name, lo.backing_file, why=f"in use through {lo.path}")
+    assert os.path.ismount(mounted)
+
+
+def test_device_held_o_excl_elsewhere_is_refused(backend: DeviceMapper, lo: Any, dm_name: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", EXCL_HOLDER, lo.path],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
+        _refused(backend, dm_name, lo.path, why="held open exclusively")
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        assert proc.wait(10) == 0
+    backend.create(dm_name, f"0 {SECTORS} linear {lo.path} 0")  # free once the holder is gone
+    backend.remove(dm_name)
+
+
+def test_device_claimed_by_another_engine_is_refused(
+    backend: DeviceMapper, lo: Any, dm_name: str
+) -> None:
+    other = Engine()
+    try:
+        other.create("holder", f"0 {SECTORS} linear {lo.path} 0")
+        _refused(backend, dm_name, lo.path, why="held open exclusively")
+        other.remove("holder")
+        backend.create(dm_name, f"0 {SECTORS} linear {lo.path} 0")
+        # ... and the other way round: the backend's table now holds it.
+        with pytest.raises(DeviceBusy):
+            other.create("holder", f"0 {SECTORS} linear {lo.path} 0")
+        assert not other.exists("holder")
+        backend.remove(dm_name)
+    finally:
+        other.close()
+
+
+def test_claimed_device_cannot_be_mounted_or_opened_exclusively(
+    backend: DeviceMapper, lo: Any, dm_name: str, tmp_path: Path
+) -> None:
+    subprocess.run(["mkfs.ext4", "-q", "-F", lo.path], check=True)
+    backend.create(dm_name, f"0 {SECTORS} linear {lo.path} 0")
+    try:
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        res = subprocess.run(["mount", lo.path, str(mnt)], capture_output=True, text=True)
+        assert res.returncode != 0 and not os.path.ismount(mnt), res.stderr
+        with pytest.raises(OSError) as exc:
+            os.close(os.open(lo.path, os.O_RDONLY | os.O_EXCL))
+        assert exc.value.errno == errno.EBUSY
+        with pytest.raises(DeviceBusy):  # an offline tool's claim
+            with claims.claim(lo.path):
+                pass
+    finally:
+        backend.remove(dm_name)
+    with claims.claim(lo.path):
+        pass
+
+
+@pytest.mark.root
+def test_killed_daemon_leaves_no_claim(lo: Any, tmp_path: Path) -> None:
+    run_dir = str(tmp_path / "run")
+    client = open_userspace(run_dir)
+    try:
+        client.create("k-dmtt", f"0 {SECTORS} linear {lo.path} 0")
+        pid = client.ping()["pid"]
+        with pytest.raises(DeviceBusy):
+            with claims.claim(lo.path):
+                pass
+    finally:
+        client.close()
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline, "the daemon did not die"
+        time.sleep(0.02)
+    try:
+        with claims.claim(lo.path):
+            pass
+    finally:
+        clear_stale(run_dir)
