@@ -14,6 +14,7 @@ from dmtools.endpoint import Endpoint
 from dmtools.errors import DeviceIOError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from dmtools.claims import Claim
     from dmtools.engine.device import Device
 
 
@@ -27,6 +28,8 @@ class DeviceEndpoint(Endpoint):
         self._writable = writable
         self._closed = False
         self._lock = threading.Lock()
+        #: the claim on the device's exposed block device held for a table using it (``resolve``).
+        self.claim: "Claim | None" = None
 
     @property
     def size(self) -> int:
@@ -77,6 +80,8 @@ class DeviceEndpoint(Endpoint):
             if self._closed:
                 return
             self._closed = True
+        if self.claim is not None:
+            self.claim.release()
         self.device.release()
 
     def __repr__(self) -> str:

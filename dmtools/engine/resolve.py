@@ -57,6 +57,15 @@ def resolve(engine: "Engine", ref: str, *, writable: bool) -> DeviceHandle:
             endpoint = DeviceEndpoint(own, writable=writable)
         except DMError as err:
             raise InvalidTable(f"{ref}: {err.message}", operation="load") from err
+        exposed = own.exposure
+        if exposed is not None:
+            # Its block device is claimed like any other: a mount of it fails, as in the kernel.
+            try:
+                endpoint.claim = engine.claims.claim(exposed.loop.path)
+            except DMError as err:
+                endpoint.close()
+                cls = DeviceBusy if isinstance(err, DeviceBusy) else InvalidTable
+                raise cls(f"{ref}: {err.message}", operation="load") from err
         return DeviceHandle(endpoint, f"{own.major}:{own.minor}", own.major, own.minor, ref)
     m = _DEVNO.match(ref)
     try:
@@ -64,10 +73,9 @@ def resolve(engine: "Engine", ref: str, *, writable: bool) -> DeviceHandle:
         # dm_get_device claims the device for every table (one holder: dm-table.c
         # _dm_claim_ptr); a device mounted or claimed elsewhere is EBUSY.
         claim = engine.claims.claim(path)
-    except DeviceBusy as err:
-        raise DeviceBusy(f"{ref}: {err.message}", operation="load") from err
     except DMError as err:
-        raise InvalidTable(f"{ref}: {err.message}", operation="load") from err
+        cls = DeviceBusy if isinstance(err, DeviceBusy) else InvalidTable
+        raise cls(f"{ref}: {err.message}", operation="load") from err
     try:
         bdev = BackingDevice(path, writable=writable)
     except DMError as err:
