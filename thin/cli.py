@@ -63,6 +63,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     from thin.metadata.check import check
 
     report = check(args.metadata, skip_mappings=args.skip_mappings)
+    if args.clear_needs_check_flag and report.ok and report.needs_check:
+        from thin.metadata.pool import ThinMetadata
+
+        with ThinMetadata.open(args.metadata, writable=True) as md:
+            md.clear_needs_check()
+            md.commit()
+        report.needs_check = False
     if getattr(args, "json", False):
         _emit(args, report.to_dict(), "")
     else:
@@ -160,6 +167,8 @@ def _add_offline_commands(sub: Any) -> None:
     c.add_argument("metadata", metavar="META", help="metadata device or file")
     c.add_argument("--skip-mappings", action="store_true", help="do not walk the mapping trees")
     c.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    c.add_argument("--clear-needs-check-flag", action="store_true",
+                   help="clear the superblock's needs_check flag when the metadata is clean (as LVM runs thin_check)")
     c.set_defaults(func=cmd_check)
 
     d = sub.add_parser("dump", help="metadata as thin_dump's XML (or JSON with --json)")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from thin_helpers import DeviceModel, PoolModel, random_pool
 
+from dmtools.cli.main import main
 from thin.metadata import ThinMetadata, dump_xml
 from thin.metadata.check import check
 from thin.metadata.restore import restore
@@ -78,6 +79,10 @@ def test_restore_keeps_version_and_flags(thin_tools, meta_image: Callable[..., P
     restore(xml, meta)
     assert thin_tools.dump(meta) == pool.xml()
     assert check(meta).needs_check
+    assert main(["thin", "check", "-q", "--clear-needs-check-flag", str(meta)]) == 0
+    pool.flags = 0
+    assert thin_tools.dump(meta) == pool.xml()
+    thin_tools.check(meta)
 
 
 def test_restore_accepts_shared_definitions(thin_tools, meta_image: Callable[..., Path], tmp_path: Path) -> None:

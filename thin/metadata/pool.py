@@ -287,6 +287,12 @@ class ThinMetadata:
         self._writing()
         self.flags |= NEEDS_CHECK_FLAG
 
+    def clear_needs_check(self) -> None:
+        """Clear the needs_check flag (committed with the next commit), as
+        ``thin_check --clear-needs-check-flag`` does once the metadata checked clean."""
+        self._writing()
+        self.flags &= ~NEEDS_CHECK_FLAG
+
     # -- mappings ----------------------------------------------------------------------------
     def lookup(self, dev_id: int, vblock: int) -> Lookup | None:
         """Where ``vblock`` of a device lives, or ``None`` when it is not provisioned."""
