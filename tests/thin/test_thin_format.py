@@ -111,3 +111,21 @@ def test_metadata_device_grows(thin_tools, meta_image: Callable[..., Path]) -> N
     assert report.ok and not report.leaks and not report.warnings, (report.errors, report.warnings)
     with ThinMetadata.open(path) as md:
         assert md.details(1).mapped_blocks == 110000
+
+
+def test_data_space_map_index_of_two_levels(thin_tools, meta_image: Callable[..., Path]) -> None:
+    path = meta_image(32 << 20)
+    nr = 200 * 16320  # 200 bitmaps: more index entries than one leaf holds (168)
+    with ThinMetadata.format(path, data_block_size=128, nr_data_blocks=nr) as md:
+        md.create_thin(1)
+        for v in range(0, nr, 16320 * 7):  # blocks in many bitmaps
+            md.insert(1, v, v)
+            md.data_inc(v)
+        md.commit()
+        with open(path, "rb") as f:
+            f.seek(md.superblock.data_sm.bitmap_root * 4096 + 4)
+            assert f.read(4) == b"\x01\x00\x00\x00"  # the index root is an internal node
+    thin_tools.check(path)
+    report = check(path)
+    assert report.ok and not report.warnings and not report.leaks, (report.errors, report.warnings, report.leaks)
+    assert report.data_blocks == nr and report.data_free == nr - len(range(0, nr, 16320 * 7))
