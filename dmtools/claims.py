@@ -40,7 +40,7 @@ from typing import Hashable
 
 from dmtools.errors import DeviceBusy, DeviceNotFound, DMError
 
-__all__ = ["Claim", "Holder", "claim", "busy_reason", "loops_over", "os_errors"]
+__all__ = ["Claim", "Holder", "claim", "busy_reason", "loops_over", "mount_of", "os_errors"]
 
 SYS_BLOCK = "/sys/block"
 
@@ -290,20 +290,27 @@ def _loop_backing(devno: tuple[int, int]) -> str | None:
     return None if backing.endswith(" (deleted)") else backing
 
 
-def _on_fuse(path: str) -> bool:
-    """True when ``path`` lies on a FUSE mount (never stat()ed: its server may be stuck)."""
+def mount_of(path: str) -> tuple[str, str, str]:
+    """``(mount point, file system type, source)`` of the mount holding ``path``, from
+    ``/proc/self/mountinfo`` (``path`` is never stat()ed: a FUSE server may be stuck)."""
     real = path if os.path.isabs(path) else os.path.abspath(path)
-    best, fstype = "", ""
+    best = ("", "", "")
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 left, _, right = line.partition(" - ")
                 fields = left.split()
-                if len(fields) < 5 or not right:
+                tail = right.split()
+                if len(fields) < 5 or len(tail) < 2:
                     continue
                 mnt = fields[4].replace("\\040", " ")
-                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                    best, fstype = mnt, right.split()[0]
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+                    best = (mnt, tail[0], tail[1])
     except OSError:
-        return False
-    return fstype.startswith("fuse")
+        pass
+    return best
+
+
+def _on_fuse(path: str) -> bool:
+    """True when ``path`` lies on a FUSE mount."""
+    return mount_of(path)[1].startswith("fuse")

@@ -17,8 +17,11 @@ parent disk from sysfs ``start`` (``block/partitions/core.c``), a dm device the 
 maps: exactly through ``linear`` and ``striped`` (``drivers/md/dm-linear.c``, ``dm-stripe.c``),
 conservatively (the whole of every device) through any other target. With a ``DeviceMapper``
 given, its devices (both engines; the userspace engine's exposure loops and ``0:N`` devices
-included) are looked up through it; without one, a kernel dm device or an md array falls back
-to sysfs ``slaves`` (conservative).
+included) are looked up through it. A userspace engine's exposed device met otherwise (no
+backend given, or another one) is looked up through that engine: one of this process, or the
+daemon of its run directory (``DaemonError`` when it does not answer: its bytes are unknown).
+A kernel dm device or an md array seen without its backend falls back to sysfs ``slaves``
+(conservative).
 
 Two references :meth:`Identity.overlaps` when any of their extents share a byte;
 :func:`ensure_disjoint` refuses a set of roles that alias with :class:`DeviceConflict`, and
@@ -36,8 +39,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Union
 
-from dmtools.claims import os_errors
-from dmtools.errors import DeviceConflict, DeviceNotFound, DMError, InvalidArgument
+from dmtools.claims import mount_of, os_errors
+from dmtools.errors import DaemonError, DeviceConflict, DeviceNotFound, DMError, InvalidArgument
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.backend import DeviceMapper
@@ -211,6 +214,43 @@ class _Resolver:
         self._dm_devices: dict[tuple[int, int], str] | None = None
         self._nodes: dict[tuple[int, int], tuple[_Node, tuple[str, ...]]] = {}
         self._busy: set[tuple[int, int]] = set()
+        #: resolvers of other userspace engines met on the way, by their FUSE mount point
+        self._engines: dict[str, _Resolver] = {}
+        self._clients: list["DeviceMapper"] = []
+
+    def close(self) -> None:
+        """Close the daemon connections this pass opened."""
+        for client in self._clients:
+            client.close()
+        for sub in self._engines.values():
+            sub.close()
+
+    def engine_of(self, fuse_file: str) -> "_Resolver | None":
+        """A resolver for the userspace engine whose FUSE file ``fuse_file`` is: an engine of
+        this process, or the daemon of the run directory above the mount. ``None`` when the file
+        is not on a dmtools FUSE mount; ``DaemonError`` when its engine cannot be asked."""
+        mnt, fstype, _ = mount_of(fuse_file)
+        if fstype != "fuse.dmtools":
+            return None
+        sub = self._engines.get(mnt)
+        if sub is not None:
+            return sub
+        from dmtools.engine.expose import engine_serving
+
+        eng: DeviceMapper | None = engine_serving(mnt)
+        if eng is None:
+            from dmtools.engine.client import UserspaceClient
+
+            run_dir = os.path.dirname(mnt)
+            try:
+                eng = UserspaceClient(run_dir)
+            except DMError as err:
+                raise DaemonError(f"{fuse_file} belongs to the userspace engine of {run_dir}, "
+                                  f"which does not answer: what its device maps is unknown",
+                                  errno=err.errno, operation="identify") from err
+            self._clients.append(eng)
+        sub = self._engines[mnt] = _Resolver(eng)
+        return sub
 
     # the backend's devices
     def dm_devices(self) -> dict[tuple[int, int], str]:
@@ -251,20 +291,22 @@ class _Resolver:
         if stat.S_ISREG(st.st_mode):
             own = self.exposed_file(real, st)
             if own is not None:
-                node, via = self.block(own)
+                node, via = own[0].block(own[1])
                 return real, node, (real,) + via[1:]
             return real, _Leaf(("file", st.st_dev, st.st_ino)), (real,)
         raise InvalidArgument("not a block device or regular file", errno=errno.ENOTBLK,
                               operation="identify", device=ref)
 
-    def exposed_file(self, real: str, st: os.stat_result) -> tuple[int, int] | None:
-        """The backend device whose exposure (FUSE file behind its loop device) ``real`` is."""
-        if os.major(st.st_dev) != 0 or self.dm is None:  # FUSE files live on anonymous devices
+    def exposed_file(self, real: str, st: os.stat_result) -> "tuple[_Resolver, tuple[int, int]] | None":
+        """The engine device whose exposure (the FUSE file behind its loop device) ``real`` is."""
+        if os.major(st.st_dev) != 0:  # FUSE files live on anonymous devices
             return None
-        for devno in self.dm_devices():
-            backing = _sysfs(devno, "loop/backing_file")
-            if backing == real:
-                return devno
+        for resolver in (self, self.engine_of(real)):
+            if resolver is None or resolver.dm is None:
+                continue
+            for devno in resolver.dm_devices():
+                if _sysfs(devno, "loop/backing_file") == real:
+                    return resolver, devno
         return None
 
     # block devices
@@ -295,6 +337,9 @@ class _Resolver:
         path = _dev_path(devno)
         backing = _sysfs(devno, "loop/backing_file")
         if backing is not None:
+            engine = self.engine_of(backing)  # another userspace engine's exposed device
+            if engine is not None and devno in engine.dm_devices():
+                return engine.block(devno)
             return self.loop(devno, path, backing)
         start = _sysfs(devno, "start") if os.path.exists(f"{sysdir}/partition") else None
         if start is not None:
@@ -460,7 +505,10 @@ def identify(
     if not isinstance(text, str) or not text:
         raise InvalidArgument(f"not a device reference: {ref!r}", operation="identify")
     resolver = _Resolver(dm)
-    path, node, via = resolver.reference(text, cwd)
+    try:
+        path, node, via = resolver.reference(text, cwd)
+    finally:
+        resolver.close()
     return Identity(text, path, frozenset(_extents(node, 0, None)), via, node)
 
 
@@ -501,11 +549,14 @@ def users(ident: Identity, dm: "DeviceMapper") -> list[str]:
     """Names of ``dm``'s live devices whose tables map any byte of ``ident``, sorted."""
     resolver = _Resolver(dm)
     out = []
-    for devno, name in sorted(resolver.dm_devices().items(), key=lambda kv: kv[1]):
-        try:
-            node, _ = resolver.block(devno)
-        except (DeviceNotFound, InvalidArgument):
-            continue  # removed meanwhile, or a reference that no longer resolves
-        if any(x.overlaps(y) for x in _extents(node, 0, None) for y in ident.extents):
-            out.append(name)
+    try:
+        for devno, name in sorted(resolver.dm_devices().items(), key=lambda kv: kv[1]):
+            try:
+                node, _ = resolver.block(devno)
+            except (DeviceNotFound, InvalidArgument):
+                continue  # removed meanwhile, or a reference that no longer resolves
+            if any(x.overlaps(y) for x in _extents(node, 0, None) for y in ident.extents):
+                out.append(name)
+    finally:
+        resolver.close()
     return out

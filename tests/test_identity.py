@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -382,7 +383,44 @@ def test_exposed_engine_devices(make_image: Callable[..., Path], make_loop: Call
         assert users(identify(str(img)).slice(4 * MiB, MiB), eng) == []
         with pytest.raises(DeviceConflict):
             ensure_disjoint({"--log": str(img), "leg 1": mapper}, dm=eng)
-        # Without the backend the exposure is still one identity (its FUSE file), whatever the spelling.
-        assert identify(mapper).extents == identify(fuse_file).extents
+        # Without the backend, or with another one, the engine of this process is asked.
+        for other in (None, Engine()):
+            for spelling in (mapper, fuse_file):
+                assert identify(spelling, dm=other).extents == want, (spelling, other)
+            if other is not None:
+                other.close()
     finally:
         eng.close()
+
+
+@root
+def test_daemon_devices_seen_without_their_backend(make_image: Callable[..., Path],
+                                                   make_loop: Callable[..., Any],
+                                                   tmp_path: Path) -> None:
+    """A reference to the daemon's exposed device is resolved through that daemon, whatever
+    backend the caller holds; a daemon that does not answer makes it an error, not a guess."""
+    from dmtools.engine.client import open_userspace
+    from dmtools.engine.expose import clear_stale
+    from dmtools.errors import DaemonError
+
+    img = make_image(8 * MiB)
+    lo = make_loop(img)
+    run_dir = str(tmp_path / "run")
+    client = open_userspace(run_dir)
+    try:
+        client.create("d-dmtt", f"0 4096 linear {lo.path} 2048")
+        mapper = client.device_path("d-dmtt")
+        want = {Extent(_file(img), MiB, 3 * MiB)}
+        assert identify(mapper).extents == want
+        assert identify(mapper, dm=client).extents == want
+        pid = client.ping()["pid"]
+    finally:
+        client.close()
+    os.kill(pid, 9)
+    while os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.02)
+    try:
+        with pytest.raises(DaemonError, match="does not answer"):
+            identify(mapper)
+    finally:
+        clear_stale(run_dir)

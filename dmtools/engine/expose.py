@@ -29,6 +29,7 @@ import struct
 import subprocess
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 
@@ -360,6 +361,16 @@ def _make_fuse_class() -> Any:
     return ZeroCopyFUSE
 
 
+#: The exposures of this process's engines, by the real path of their FUSE mount point.
+_LIVE: "weakref.WeakValueDictionary[str, Exposure]" = weakref.WeakValueDictionary()
+
+
+def engine_serving(mount_dir: str) -> "Engine | None":
+    """The engine of this process whose devices the FUSE mount at ``mount_dir`` serves, if any."""
+    exposure = _LIVE.get(os.path.realpath(mount_dir))
+    return exposure.engine if exposure is not None else None
+
+
 class Exposure:
     """Serves an engine's devices as block devices (FUSE file + loop device + mapper link)."""
 
@@ -378,6 +389,7 @@ class Exposure:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._ops = _Operations(self._files, threading.Event())
+        _LIVE[os.path.realpath(self.mount_dir)] = self
 
     # --- the FUSE mount ---------------------------------------------------------------------
     def _ensure_mounted(self) -> None:
