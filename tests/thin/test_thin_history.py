@@ -124,6 +124,13 @@ class PoolHistory(RuleBasedStateMachine):
         self.md.set_transaction_id(self.model.transaction, new)
         self.model.transaction = new
 
+    @rule(extra=st.integers(0, 40000))
+    def resize_data(self, extra: int) -> None:
+        with pytest.raises(InvalidArgument):
+            self.md.resize_data(self.model.nr_data_blocks - 1)
+        self.md.resize_data(self.model.nr_data_blocks + extra)
+        self.model.nr_data_blocks += extra
+
     @rule()
     def commit(self) -> None:
         self.md.commit()
@@ -160,7 +167,7 @@ class PoolHistory(RuleBasedStateMachine):
         used = {b for d in self.model.devices.values() for b, _t in d.mappings.values()}
         if self.held is None:
             # every data block referenced is allocated; without a held snapshot nothing else is
-            assert NR_DATA - self.md.free_data_blocks == len(used)
+            assert self.model.nr_data_blocks - self.md.free_data_blocks == len(used)
 
     # -- verification ------------------------------------------------------------------------
     def verify(self) -> None:
