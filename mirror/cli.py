@@ -81,6 +81,20 @@ class _Progress:
         self.reporter.finish(*self.last, ok=ok)
 
 
+def _failed(args: argparse.Namespace, err: Any) -> int:
+    """A resync/repair/rebuild whose copies failed: the one-line error on stderr, and with ``--json``
+    the failed regions and legs on stdout; exit status 1."""
+    import json
+    import sys
+
+    from dmtools.cli.main import one_line
+
+    if getattr(args, "json", False):
+        print(json.dumps(err.to_dict(), indent=2, sort_keys=True))
+    print(f"dmtools: {one_line(err)}", file=sys.stderr)
+    return 1
+
+
 def _state_text(st: Any) -> str:
     legs = ", ".join(f"{d} ({h})" for d, h in zip(st.legs, st.health))
     log = st.log_type + (f" on {st.log_device} ({st.log_health})" if st.log_device else "")
@@ -95,7 +109,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     mm = _manager(args)
     st = mm.create(args.name, args.legs, log=args.log, region_size=_region(args.region_size), nosync=args.nosync,
                    handle_errors=args.handle_errors, keep_log=args.keep_log,
-                   keep_log_contents=args.keep_log_contents)
+                   keep_log_contents=args.keep_log_contents, monitor=not args.no_monitor)
     _emit(args, st.to_dict(), lambda: _state_text(st))
     return 0
 
@@ -119,6 +133,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_resync(args: argparse.Namespace) -> int:
+    from mirror.resync import RecoveryFailed
+
     mm = _manager(args)
     prog = _Progress(args, f"resync {args.name}")
     cancel = threading.Event()
@@ -127,6 +143,8 @@ def cmd_resync(args: argparse.Namespace) -> int:
         st = mm.resync(args.name, rate=_rate(args.rate), leg=args.leg, progress=prog, timeout=args.timeout,
                        cancel=cancel)
         ok = True
+    except RecoveryFailed as err:
+        return _failed(args, err)
     finally:
         prog.finish(ok)
     _emit(args, st.to_dict(), lambda: _state_text(st))
@@ -134,7 +152,7 @@ def cmd_resync(args: argparse.Namespace) -> int:
 
 
 def cmd_resync_offline(args: argparse.Namespace) -> int:
-    from mirror.resync import ResyncResult
+    from mirror.resync import RecoveryFailed, ResyncResult
 
     from mirror.manager import resync_offline
 
@@ -149,6 +167,8 @@ def cmd_resync_offline(args: argparse.Namespace) -> int:
         result = resync_offline(args.legs, log, region_size=_region(args.region_size), rate=_rate(args.rate),
                                 rebuild=args.leg, full=args.full, progress=prog, backends=backends)
         ok = True
+    except RecoveryFailed as err:
+        return _failed(args, err)
     finally:
         for b in backends:
             b.close()
@@ -171,6 +191,8 @@ def cmd_resync_offline(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
+    from mirror.resync import RecoveryFailed
+
     mm = _manager(args)
     prog = _Progress(args, f"repair {args.name}")
     ok = False
@@ -178,6 +200,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
         st = mm.repair(args.name, _leg(args.leg), args.new_leg, rate=_rate(args.rate), progress=prog,
                        wait=not args.no_wait)
         ok = True
+    except RecoveryFailed as err:
+        return _failed(args, err)
     finally:
         prog.finish(ok)
     _emit(args, st.to_dict(), lambda: _state_text(st))
@@ -192,13 +216,18 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def cmd_add_leg(args: argparse.Namespace) -> int:
+    from mirror.resync import RecoveryFailed
+
     mm = _manager(args)
     prog = _Progress(args, f"add-leg {args.name}")
     ok = False
     try:
         st = mm.add_leg(args.name, args.new_leg, log=args.log, region_size=_region(args.region_size),
-                        rate=_rate(args.rate), progress=prog, wait=not args.no_wait)
+                        rate=_rate(args.rate), progress=prog, wait=not args.no_wait,
+                        handle_errors=args.handle_errors)
         ok = True
+    except RecoveryFailed as err:
+        return _failed(args, err)
     finally:
         prog.finish(ok)
     _emit(args, st.to_dict(), lambda: _state_text(st))
@@ -226,6 +255,16 @@ def _progress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", metavar="SIZE", help="resync at most SIZE bytes per second (100M)")
 
 
+def _handle_errors_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--handle-errors", dest="handle_errors", action="store_true", default=True,
+                   help="(default) leg failures fail over and raise events, a region whose copy failed "
+                   "stays out of sync, writes after a leg failure wait for a repair")
+    g.add_argument("--no-handle-errors", dest="handle_errors", action="store_false",
+                   help="the kernel's unsafe mode: failures are only counted and a region whose copy "
+                   "failed is marked in sync anyway (resync and repair still report it)")
+
+
 def _json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON output")
 
@@ -244,12 +283,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="disk log device, or core (default)")
     p.add_argument("--region-size", default="512K", metavar="SIZE", help="region size (default 512K)")
     p.add_argument("--nosync", action="store_true", help="the legs are already identical: skip the resync")
-    p.add_argument("--handle-errors", action="store_true",
-                   help="fail over and raise events on leg failures (writes hold until repaired)")
+    _handle_errors_args(p)
     p.add_argument("--keep-log", action="store_true",
-                   help="with --handle-errors: writes keep completing, failed regions stay out of sync")
+                   help="writes keep completing after a leg failure, failed regions stay out of sync")
     p.add_argument("--keep-log-contents", action="store_true",
                    help="trust the disk log as it is (activate a mirror brought in sync offline)")
+    p.add_argument("--no-monitor", action="store_true",
+                   help="userspace engine: do not let the built-in guard drop a failed leg (another "
+                   "monitor, such as 'dmtools monitor --mirror-policy repair', handles failures)")
     _json(p)
     p.set_defaults(func=cmd_create)
 
@@ -303,6 +344,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--log", default="core", metavar="DEV|core", type=log_argument, help="log for a new mirror")
     p.add_argument("--region-size", default="512K", metavar="SIZE")
     p.add_argument("--no-wait", action="store_true")
+    _handle_errors_args(p)
     _progress_args(p)
     _json(p)
     p.set_defaults(func=cmd_add_leg)

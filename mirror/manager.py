@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import threading
 import time
 from contextlib import ExitStack
@@ -22,14 +23,16 @@ from typing import Any, Callable, Sequence
 
 from dmtools.backend import DeviceMapper
 from dmtools.endpoint import Endpoint
-from dmtools.errors import DeviceIOError, DMError, InvalidArgument, OperationCancelled
+from dmtools.errors import DMError, InvalidArgument, OperationCancelled
 from dmtools.names import validate_name
 from dmtools.status import parse_mirror_status
 from dmtools.table import Table
 from dmtools.targets_model import CoreLog, DiskLog, Leg, Linear, Mirror
 
 from mirror.format import SECTOR, LogImage, check_region_size, format_log, log_io_bytes, region_count
-from mirror.resync import OfflineResync, ResyncResult, check_legs, raise_for
+from mirror.guard import UNMONITORED_PREFIX, guard_for
+from mirror.reload import swap_table
+from mirror.resync import OfflineResync, RecoveryFailed, ResyncResult, check_legs, raise_for
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,9 @@ __all__ = ["MirrorManager", "MirrorState", "DEFAULT_REGION_SIZE", "resync_offlin
 DEFAULT_REGION_SIZE = 1024
 
 ProgressFn = Callable[[int, int], None]
+#: region -> indexes of the legs that failed its copy (``MirrorManager.recovery_failures``)
+Failures = dict[int, list[int]]
+Regions = list[int]
 _DEVNO = re.compile(r"^\d+:\d+$")
 
 
@@ -137,30 +143,8 @@ class MirrorManager:
         return table.lines[0].length, table.lines[0].target
 
     def _swap(self, name: str, table: Table) -> None:
-        """Load ``table``, suspend with ``noflush`` and resume it live.
-
-        ``noflush`` as LVM/dmeventd suspend a mirror they reconfigure: writes the mirror holds after
-        a leg failure (``handle_errors`` without ``keep_log``) are requeued to the new table instead
-        of failing with EIO (dm-raid1.c ``hold_bio``, dm.c ``DM_ENDIO_REQUEUE``). If the suspend or
-        resume fails the new table is dropped and the device is resumed on its old table.
-        """
-        self.dm.load(name, table)
-        suspended = False
-        try:
-            self.dm.suspend(name, noflush=True)
-            suspended = True
-            self.dm.resume(name)
-        except BaseException:
-            try:
-                self.dm.clear(name)
-            except DMError:
-                pass
-            if suspended:
-                try:
-                    self.dm.resume(name)  # back on the old table: held writes resubmit there
-                except DMError:
-                    pass
-            raise
+        """``swap_table`` on this manager's backend (noflush; all-or-nothing)."""
+        swap_table(self.dm, name, table)
 
     # -- create / status / remove ---------------------------------------------------------------
     def create(
@@ -171,19 +155,29 @@ class MirrorManager:
         log: str = "core",
         region_size: int = DEFAULT_REGION_SIZE,
         nosync: bool = False,
-        handle_errors: bool = False,
+        handle_errors: bool = True,
         keep_log: bool = False,
         keep_log_contents: bool = False,
         uuid: str = "",
+        monitor: bool = True,
     ) -> MirrorState:
         """Create mirror ``name`` over ``legs`` (2–9 devices of one size) and activate it.
 
         ``log`` is ``"core"`` or a log device. A disk log is formatted (every region out of sync,
         or in sync with ``nosync``) unless ``keep_log_contents`` (``activate``) trusts what it holds.
         ``nosync`` skips the initial resync (the legs are known to be identical or blank).
-        ``handle_errors`` makes leg failures fail over and raise events (and, without ``keep_log``,
-        hold writes after a leg failure until the mirror is reconfigured); ``keep_log`` keeps them
-        completing while the failed regions stay out of sync.
+        ``handle_errors`` (the default, as LVM's monitored mirrors) makes leg failures fail over and
+        raise events, keeps a region whose copy failed out of sync (so a read of it goes to a leg
+        that holds its data, or fails) and, without ``keep_log``, holds writes after a leg failure
+        until the mirror is reconfigured; ``keep_log`` keeps them completing while the failed regions
+        stay out of sync. ``handle_errors=False`` is the kernel's unsafe case: failures are only
+        counted, and a region whose copy failed is marked in sync all the same.
+        ``monitor`` (as ``lvchange --monitor y``): on the userspace engine a mirror with
+        ``handle_errors`` is watched from creation by ``mirror.guard`` — in the daemon, or in this
+        process for an in-process engine — so a write held after a leg failure is released (the
+        failed leg dropped, or the I/O ended with EIO when the data lives only on it) within a
+        guard period. ``monitor=False`` leaves it to another monitor (``dmtools monitor``): its uuid
+        then starts with ``UNMONITORED_PREFIX``. Kernel mirrors are watched by ``dmtools monitor``.
         Everything is checked before anything is written; raises ``InvalidArgument`` (legs of
         different sizes, bad region size, too-small log), ``CorruptMetadata`` (a kept log that is not
         a mirror log) or the backend's errors. All-or-nothing: the device is removed if activation fails.
@@ -217,14 +211,22 @@ class MirrorManager:
                     format_log(lep, nr, in_sync=nosync)
             mlog = DiskLog(log, region_size)
         target = Mirror(mlog, tuple(Leg(ref, 0) for ref in legs), features)
+        if not monitor and not uuid.startswith(UNMONITORED_PREFIX):
+            uuid = UNMONITORED_PREFIX + (uuid or secrets.token_hex(8))
         self.dm.create(name, Table.single(length, target), uuid=uuid)
+        if monitor:
+            self._monitor()
         return self.status(name)
 
+    def _monitor(self) -> None:
+        """Make sure this process's guard runs when the mirrors live in it (an in-process engine)."""
+        guard_for(self.dm)
+
     def activate(self, name: str, legs: Sequence[str], *, log: str, region_size: int = DEFAULT_REGION_SIZE,
-                 handle_errors: bool = False) -> MirrorState:
+                 handle_errors: bool = True, monitor: bool = True) -> MirrorState:
         """Activate an existing mirror on its disk log, trusting the log (after ``resync_offline``)."""
         return self.create(name, legs, log=log, region_size=region_size, handle_errors=handle_errors,
-                           keep_log_contents=True)
+                           keep_log_contents=True, monitor=monitor)
 
     def status(self, name: str) -> MirrorState:
         """Table and status of mirror ``name``."""
@@ -264,6 +266,22 @@ class MirrorManager:
         self.dm.remove(name, retry=True)
 
     # -- resync ---------------------------------------------------------------------------------
+    def recovery_failures(self, name: str) -> Failures | None:
+        """Regions of ``name`` whose last recovery failed, each with the legs that failed it.
+
+        The userspace target keeps this record (its ``recovery_failures`` message) even where the
+        kernel's rule marks such a region in sync (a mirror without ``handle_errors``). ``None`` on
+        the kernel, whose mirror does not say.
+        """
+        if not self.userspace:
+            return None
+        text = self.dm.message(name, 0, "recovery_failures") or ""
+        out: Failures = {}
+        for word in text.split():
+            region, _, legs = word.partition(":")
+            out[int(region)] = [int(x) for x in legs.split(",") if x]
+        return out
+
     def resync(
         self,
         name: str,
@@ -274,61 +292,109 @@ class MirrorManager:
         timeout: float | None = None,
         cancel: threading.Event | None = None,
         poll: float = 0.1,
+        operation: str = "resync",
     ) -> MirrorState:
         """Bring mirror ``name`` in sync and report progress as ``progress(done_bytes, total_bytes)``.
 
         On the userspace engine the target is driven: ``rate`` (bytes/s) holds the copy for the
         duration of the call and ``leg`` rebuilds that leg only. On the kernel the kernel's own resync
         is followed (its rate is the ``dm_mirror.raid1_resync_throttle`` module parameter, so ``rate``
-        and ``leg`` are refused there; use ``resync_offline`` for an inactive mirror). Raises
-        ``OperationCancelled`` on timeout or cancel, ``DeviceIOError`` when a leg fails a resync.
+        and ``leg`` are refused there; use ``resync_offline`` for an inactive mirror).
+
+        Never reports a region in sync without its data: raises ``RecoveryFailed`` (regions and legs
+        named) when a copy failed — the source could not be read or a leg written. With
+        ``handle_errors`` those regions stay out of sync and the failed leg shows ``S``/``D``; without
+        it the kernel's rule marks them in sync anyway, which the userspace target records and the
+        manager reports (on the kernel only a failure letter seen while waiting tells; give mirrors
+        ``handle_errors``, the default of ``create``). Raises ``OperationCancelled`` on timeout or cancel.
         """
         if not self.userspace and (rate is not None or leg is not None):
             raise InvalidArgument(
                 "the kernel's mirror resync has no per-device rate or leg choice; "
                 "resync an inactive mirror with resync_offline instead",
-                operation="resync",
+                operation=operation,
                 device=name,
             )
         if rate is not None and rate <= 0:
-            raise InvalidArgument(f"rate must be positive, not {rate}", operation="resync", device=name)
+            raise InvalidArgument(f"rate must be positive, not {rate}", operation=operation, device=name)
         state = self.status(name)
-        region_bytes = (state.region_size or 1) * SECTOR
-        total = state.length * SECTOR
         if leg is not None and not 0 < leg < len(state.legs):
             raise InvalidArgument(f"leg {leg} cannot be rebuilt (legs 1..{len(state.legs) - 1})",
-                                  operation="resync", device=name)
+                                  operation=operation, device=name)
         if rate is not None:
             self.dm.message(name, 0, f"resync_rate {rate}")
         if leg is not None:
             self.dm.message(name, 0, f"rebuild {leg}")
-        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            while True:
-                state = self.status(name)
-                if progress is not None:
-                    progress(min(total, state.in_sync * region_bytes), total)
-                if state.fully_in_sync:
-                    return state
-                if set(state.health) & {"S", "D", "F"} and self._stalled(name, state, poll):
-                    raise DeviceIOError(
-                        f"resync stopped: leg health {state.health} ({state.status_text})",
-                        operation="resync",
-                        device=name,
-                    )
-                if cancel is not None and cancel.is_set():
-                    raise OperationCancelled("resync cancelled; it resumes from the log", operation="resync",
-                                             device=name)
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise OperationCancelled(f"resync not finished after {timeout} s ({state.percent:.1f}%)",
-                                             operation="resync", device=name)
-                time.sleep(poll)
+            return self._wait_in_sync(name, operation, progress=progress, timeout=timeout, cancel=cancel, poll=poll)
         finally:
             if rate is not None:
                 try:
                     self.dm.message(name, 0, "resync_rate 0")
                 except DMError:
                     pass
+
+    def _wait_in_sync(self, name: str, operation: str, *, progress: ProgressFn | None, timeout: float | None,
+                      cancel: threading.Event | None, poll: float) -> MirrorState:
+        """Poll ``name`` until it is in sync; raise ``RecoveryFailed`` as soon as a copy failed."""
+        state = self.status(name)
+        region_bytes = (state.region_size or 1) * SECTOR
+        total = state.length * SECTOR
+        seen_failed: set[int] = set()  # legs seen with S/D/F (the kernel resets them at full sync)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            state = self.status(name)
+            if progress is not None:
+                progress(min(total, state.in_sync * region_bytes), total)
+            bad = {i for i, h in enumerate(state.health) if h in "SDF"}
+            seen_failed |= bad
+            failures = self.recovery_failures(name)
+            if state.fully_in_sync:
+                if failures:  # marked in sync by the rule of a mirror without handle_errors
+                    raise self._failed(operation, state, failures, "marked in sync without its data "
+                                       "(no handle_errors)")
+                if failures is None and seen_failed and "handle_errors" not in state.features:
+                    raise self._failed(operation, state, None, "the kernel marked them in sync without "
+                                       "handle_errors", legs=seen_failed)
+                return state
+            if failures and "handle_errors" in state.features and state.in_sync + len(failures) >= state.regions:
+                raise self._failed(operation, state, failures)  # what failed stays out of sync: done
+            if bad and self._stalled(name, state, poll):
+                raise self._failed(operation, self.status(name), self.recovery_failures(name))
+            if cancel is not None and cancel.is_set():
+                raise OperationCancelled(f"{operation} cancelled; it resumes from the log", operation=operation,
+                                         device=name)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise OperationCancelled(f"{operation} not finished after {timeout} s ({state.percent:.1f}%)",
+                                         operation=operation, device=name)
+            time.sleep(poll)
+
+    def _failed(self, operation: str, state: MirrorState, failures: Failures | None,
+                detail: str = "", legs: set[int] | None = None) -> RecoveryFailed:
+        """The error for a resync whose copies failed: regions from the target's record (userspace)
+        or, on the kernel, from its disk log when that names exactly the regions out of sync."""
+        regions: Regions | None
+        if failures is not None:
+            regions = sorted(failures)
+            failed_legs = {i for lg in failures.values() for i in lg}
+        else:
+            regions = self._kernel_out_of_sync(state)
+            failed_legs = set()
+        failed_legs |= legs or {i for i, h in enumerate(state.health) if h in "SDF"}
+        return RecoveryFailed(operation, regions=regions, legs=sorted(failed_legs), source=0,
+                              leg_names=state.legs, detail=detail, operation=operation, device=state.name)
+
+    def _kernel_out_of_sync(self, state: MirrorState) -> Regions | None:
+        """Dirty regions of a kernel mirror's disk log, when they are exactly the regions out of sync."""
+        if state.log_type != "disk" or not state.log_device:
+            return None
+        try:
+            with self.open_ref(state.log_device) as lep:
+                image = LogImage.read(lep)
+        except DMError:
+            return None
+        dirty = [r for r in image.out_of_sync() if r < state.regions]
+        return dirty if len(dirty) == state.regions - state.in_sync else None
 
     def _stalled(self, name: str, state: MirrorState, poll: float) -> bool:
         """True when the sync count does not move for a while (a failing leg blocks the resync)."""
@@ -355,7 +421,7 @@ class MirrorManager:
         """Resync an inactive mirror's legs from its disk log with kcopyd (see ``mirror.resync``).
 
         ``log=None`` means a core log: every region is copied. Raises the validation errors of
-        ``OfflineResync`` before writing anything, and ``DeviceIOError``/``OperationCancelled`` when
+        ``OfflineResync`` before writing anything, and ``RecoveryFailed``/``OperationCancelled`` when
         regions failed or the run was cancelled (those regions stay out of sync on the log).
         """
         return resync_offline(legs, log, region_size=region_size, rate=rate, rebuild=rebuild, source=source,
@@ -389,22 +455,25 @@ class MirrorManager:
                                       operation="mirror", device=ref)
 
     def _rebuild(self, name: str, length: int, target: Mirror, legs: tuple[Leg, ...], index: int,
-                 progress: ProgressFn | None, rate: int | None, wait: bool) -> MirrorState:
+                 progress: ProgressFn | None, rate: int | None, wait: bool, operation: str) -> MirrorState:
         forgetful = isinstance(target.log, CoreLog) and target.log.sync == "nosync"
         if self.userspace and not (forgetful and not self.status(name).fully_in_sync):
             self._swap(name, Table.single(length, Mirror(target.log, legs, target.features)))
             if wait:
-                return self.resync(name, leg=index, rate=rate, progress=progress)
+                return self.resync(name, leg=index, rate=rate, progress=progress, operation=operation)
             self.dm.message(name, 0, f"rebuild {index}")
             return self.status(name)
         # The kernel recovers from the default leg to every other leg: force a full resync, then
         # drop the ``sync`` argument so that later activations trust the log again. The same on the
         # userspace engine when a ``nosync`` core log is out of sync: a reload forgets which regions
-        # were, so every region goes to every leg.
-        self._swap(name, Table.single(length, self._with_log_sync(target, legs, "sync")))
+        # were, so every region goes to every leg. The copy runs with handle_errors: without it
+        # dm-raid1 marks a region whose copy failed in sync (dm-region-hash.c complete_resync_work).
+        features = tuple(dict.fromkeys(("handle_errors", *target.features)))
+        copying = self._with_log_sync(target, legs, "sync")
+        self._swap(name, Table.single(length, Mirror(copying.log, legs, features)))
         if not wait:
             return self.status(name)
-        self.resync(name, progress=progress)
+        self.resync(name, progress=progress, operation=operation)
         self._swap(name, Table.single(length, self._with_log_sync(target, legs, getattr(target.log, "sync", None))))
         return self.status(name)
 
@@ -425,11 +494,13 @@ class MirrorManager:
                             in_use=("the new leg",), new=new_leg, skip=index)
         legs = list(target.legs)
         legs[index] = Leg(new_leg, 0)
-        return self._rebuild(name, length, target, tuple(legs), index, progress, rate, wait)
+        return self._rebuild(name, length, target, tuple(legs), index, progress, rate, wait, "repair")
 
     def add_leg(self, name: str, new_leg: str, *, log: str = "core", region_size: int = DEFAULT_REGION_SIZE,
-                rate: int | None = None, progress: ProgressFn | None = None, wait: bool = True) -> MirrorState:
-        """Add ``new_leg``: a linear volume becomes a 2-leg mirror, a mirror gains a leg (at most 9)."""
+                rate: int | None = None, progress: ProgressFn | None = None, wait: bool = True,
+                handle_errors: bool = True) -> MirrorState:
+        """Add ``new_leg``: a linear volume becomes a 2-leg mirror (with ``handle_errors`` unless
+        told otherwise), a mirror gains a leg (at most 9)."""
         table = self.dm.table(name)
         if len(table.lines) != 1:
             raise InvalidArgument("only single-target devices can gain a leg", operation="add_leg", device=name)
@@ -451,14 +522,17 @@ class MirrorManager:
                                               device=log)
                     format_log(lep, region_count(length, region_size), in_sync=False)
                 mlog = DiskLog(log, region_size)
-            mirror = Mirror(mlog, (Leg(tgt.device, tgt.offset), Leg(new_leg, 0)))
+            mirror = Mirror(mlog, (Leg(tgt.device, tgt.offset), Leg(new_leg, 0)), ("handle_errors",) * handle_errors)
             self._swap(name, Table.single(length, mirror))
-            return self.resync(name, progress=progress, rate=rate) if wait else self.status(name)
+            self._monitor()
+            if not wait:
+                return self.status(name)
+            return self.resync(name, progress=progress, rate=rate, operation="add_leg")
         if isinstance(tgt, Mirror):
             if len(tgt.legs) >= 9:
                 raise InvalidArgument("a mirror has at most 9 legs", operation="add_leg", device=name)
             legs = tgt.legs + (Leg(new_leg, 0),)
-            return self._rebuild(name, length, tgt, legs, len(legs) - 1, progress, rate, wait)
+            return self._rebuild(name, length, tgt, legs, len(legs) - 1, progress, rate, wait, "add_leg")
         raise InvalidArgument(f"cannot add a leg to a {tgt.target_type} device", operation="add_leg", device=name)
 
     def split(self, name: str, leg: int | str, new_name: str, *, force: bool = False) -> str:
@@ -520,6 +594,7 @@ def resync_offline(
         lep = stack.enter_context(opener(log, writable=True)) if log is not None else None
         rs = OfflineResync(eps, lep, region_size=region_size, rate=rate, rebuild=rebuild, source=source, full=full)
         result = rs.run(progress=progress, cancel=cancel)
-    raise_for(result)
+    raise_for(result, source=source,
+              leg_names=[ref if isinstance(ref, str) else (ref.name or f"leg {i}") for i, ref in enumerate(legs)])
     return result
 

@@ -12,17 +12,19 @@ resumes from the log, and a region whose copy did not finish is never marked in 
 
 from __future__ import annotations
 
+import errno as _errno
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from dmtools.endpoint import Endpoint
-from dmtools.errors import DMError, InvalidArgument, OperationCancelled
+from dmtools.errors import DeviceIOError, DMError, InvalidArgument, OperationCancelled
 
 from mirror.format import SECTOR, LogImage, SyncMode, check_region_size, drop_cache, region_count
 
-__all__ = ["ResyncPlan", "ResyncResult", "OfflineResync", "check_legs"]
+__all__ = ["ResyncPlan", "ResyncResult", "OfflineResync", "RecoveryFailed", "check_legs", "format_regions",
+           "raise_for"]
 
 #: Bytes of copies kept in flight.
 IN_FLIGHT_BYTES = 32 << 20
@@ -32,6 +34,83 @@ RUN_BYTES = 8 << 20
 COMMIT_INTERVAL = 1.0
 
 ProgressFn = Callable[[int, int], None]
+
+#: Region ranges a one-line error names before it says how many more there are.
+SHOWN_RANGES = 8
+
+
+def format_regions(regions: Sequence[int], limit: int = SHOWN_RANGES) -> str:
+    """``3-7, 12, 20-21`` for sorted ``regions``; past ``limit`` ranges, ``… (N regions in all)``."""
+    ranges: list[tuple[int, int]] = []
+    for r in sorted(set(regions)):
+        if ranges and ranges[-1][1] == r - 1:
+            ranges[-1] = (ranges[-1][0], r)
+        else:
+            ranges.append((r, r))
+    words = [f"{a}-{b}" if b > a else str(a) for a, b in ranges[:limit]]
+    text = ", ".join(words)
+    if len(ranges) > limit:
+        text += f", … ({len(set(regions))} regions in all)"
+    return text
+
+
+class RecoveryFailed(DeviceIOError):
+    """A resync, repair or rebuild could not copy some regions: they stay out of sync.
+
+    ``regions``: the regions that failed, sorted (``None`` when the backend cannot say which, as the
+    kernel's mirror with a core log); ``legs``: indexes of the legs that failed them (the source
+    when it could not be read); ``source``: the leg copied from. ``to_dict()`` is the ``--json`` form.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        regions: Sequence[int] | None,
+        legs: Sequence[int],
+        source: int = 0,
+        leg_names: Sequence[str] = (),
+        detail: str = "",
+        operation: str = "resync",
+        device: str | None = None,
+    ) -> None:
+        self.regions = None if regions is None else sorted(set(regions))
+        self.legs = sorted(set(legs))
+        self.source = source
+        self.leg_names = tuple(leg_names)
+
+        def leg_text(i: int) -> str:
+            name = f" ({self.leg_names[i]})" if i < len(self.leg_names) else ""
+            role = "source " if i == source else ""
+            return f"{role}leg {i}{name}"
+
+        if self.source in self.legs:
+            cause = f"could not read {leg_text(source)}"
+            others = [i for i in self.legs if i != source]
+            if others:
+                cause += " nor write " + ", ".join(leg_text(i) for i in others)
+        elif self.legs:
+            cause = "could not write " + ", ".join(leg_text(i) for i in self.legs)
+        else:
+            cause = "copies failed"
+        if self.regions is None:
+            where = "its regions not known on this backend"
+        else:
+            noun = "region" if len(self.regions) == 1 else "regions"
+            where = f"{noun} {format_regions(self.regions)}"
+        text = f"{what} failed: {cause}; {where} stay out of sync"
+        if detail:
+            text += f" ({detail})"
+        super().__init__(text, errno=_errno.EIO, operation=operation, device=device)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON form: the error text, the failed regions and legs, and the source leg."""
+        return {
+            "error": str(self),
+            "failed_regions": self.regions,
+            "failed_legs": self.legs,
+            "source_leg": self.source,
+        }
 
 
 def check_legs(legs: Sequence[Endpoint], length: int | None = None) -> int:
@@ -244,7 +323,11 @@ class OfflineResync:
             first, count, dests, nbytes = ctx
             with lock:
                 state["active"] -= 1
-                if read_err or write_err:
+                if (read_err or write_err) and count > 1:
+                    # a run of regions failed: copy them one by one, so that only the regions that
+                    # really cannot be copied stay out of sync (and are named)
+                    pending[:0] = [(r, 1, dests) for r in range(first, first + count)]
+                elif read_err or write_err:
                     result.failed_regions.extend(range(first, first + count))
                     if read_err:
                         result.failed_legs.add(self.source)
@@ -318,10 +401,10 @@ class OfflineResync:
         return result
 
 
-def raise_for(result: ResyncResult, operation: str = "resync") -> None:
-    """Turn a failed or cancelled result into an exception."""
-    from dmtools.errors import DeviceIOError
-
+def raise_for(result: ResyncResult, operation: str = "resync", *, source: int = 0,
+              leg_names: Sequence[str] = ()) -> None:
+    """Turn a failed or cancelled result into an exception (``RecoveryFailed`` names the regions
+    and legs that failed, ``OperationCancelled`` says how far it got)."""
     if result.cancelled:
         raise OperationCancelled(
             f"resync cancelled after {result.regions_copied} of {result.regions_planned} regions; "
@@ -329,8 +412,5 @@ def raise_for(result: ResyncResult, operation: str = "resync") -> None:
             operation=operation,
         )
     if result.failed_regions:
-        raise DeviceIOError(
-            f"{len(result.failed_regions)} regions failed to copy (legs {sorted(result.failed_legs)}); "
-            "they stay out of sync",
-            operation=operation,
-        )
+        raise RecoveryFailed(operation, regions=result.failed_regions, legs=sorted(result.failed_legs),
+                             source=source, leg_names=leg_names, operation=operation)

@@ -17,10 +17,15 @@ with a ``core`` or ``disk`` log (``mirror.log``), 2–9 legs and the features ``
   ``handle_errors`` is set; status text is the kernel's.
 
 Messages (this target's own; the kernel's mirror has no message handler): ``resync_rate <bytes/s>``
-(0 = unlimited), ``max_recovery <n>`` and ``rebuild <leg>``. ``rebuild`` resyncs one leg (a
-replaced one) from the default leg: every region is marked dirty on the log first (a crash then
-resyncs every leg, which is safe), and regions the other legs hold in sync are copied to the
-rebuilt leg only; reads never use a leg being rebuilt.
+(0 = unlimited), ``max_recovery <n>``, ``rebuild <leg>`` and ``recovery_failures``. ``rebuild``
+resyncs one leg (a replaced one) from the default leg: every region is marked dirty on the log first
+(a crash then resyncs every leg, which is safe), and regions the other legs hold in sync are copied
+to the rebuilt leg only; reads never use a leg being rebuilt. ``held_ios`` answers with the number
+of writes and flushes held after a leg failure (``mirror.guard`` releases them). ``recovery_failures`` answers with the
+regions whose last recovery failed and the legs that failed it (``<region>:<leg>[,<leg>]`` words,
+empty when none): with ``handle_errors`` such a region stays out of sync; without it the kernel's
+rule marks it in sync anyway (dm-region-hash.c ``complete_resync_work(reg, errors_handled ? 0 : 1)``),
+and this record is the only trace that the legs do not hold its data.
 """
 
 from __future__ import annotations
@@ -174,6 +179,8 @@ class MirrorTarget(Target):
         self.suspended = True
         #: writes held after a leg failure (handle_errors without keep_log) give up at suspend
         self._holds_released = False
+        #: writes and flushes held now (the ``held_ios`` message answers with it)
+        self.held = 0
         self.rate = 0  # bytes/s, 0 = unlimited
         self._next_copy = 0.0
         self._copying: set[int] = set()
@@ -186,6 +193,8 @@ class MirrorTarget(Target):
         #: legs being rebuilt, and the regions where only they need the copy.
         self.rebuild_legs: set[int] = set()
         self.partial = Bitmap(self.nr_regions)
+        #: region -> bit mask of the legs that failed its last recovery (kept until a copy succeeds)
+        self.recovery_failures: dict[int, int] = {}
 
     def _open_log_device(self, ref: str) -> Endpoint:
         dev = self.ctx.get_device(ref)
@@ -411,8 +420,7 @@ class MirrorTarget(Target):
                 raise _io_error("all mirror legs failed" if self._valid_leg() is None else "mirror log failed")
             if self.errors_handled and not self.keep_log:
                 # Held until a suspend lets userspace (a manager, dmeventd) replace the leg.
-                while not self._holds_released:
-                    self.cond.wait()
+                self._hold()
                 self._give_up_hold("write")
 
 
@@ -434,9 +442,17 @@ class MirrorTarget(Target):
             if self._valid_leg() is None:
                 raise _io_error("flush failed on every mirror leg")
             if self.errors_handled and not self.keep_log:
-                while not self._holds_released:
-                    self.cond.wait()
+                self._hold()
                 self._give_up_hold("flush")
+
+    def _hold(self) -> None:
+        """Wait (lock held) until a suspend releases held I/O (dm-raid1.c ``hold_bio``)."""
+        self.held += 1
+        try:
+            while not self._holds_released:
+                self.cond.wait()
+        finally:
+            self.held -= 1
 
     def _give_up_hold(self, what: str) -> None:
         """End a held I/O at suspend (dm-raid1.c ``hold_bio``): requeued to the next table during a
@@ -593,6 +609,13 @@ class MirrorTarget(Target):
             ok = not (read_err or write_err)
             if ok:
                 self.partial.clear(region)
+                self.recovery_failures.pop(region, None)
+            else:
+                bits = 1 << source.index if read_err else 0
+                for bit, leg in enumerate(dests):
+                    if write_err & (1 << bit):
+                        bits |= 1 << leg.index
+                self.recovery_failures[region] = bits
             self.rh.recovery_end(region, ok)
             self._wake_worker()
 
@@ -714,6 +737,12 @@ class MirrorTarget(Target):
                     raise InvalidArgument(f"cannot rebuild leg {args[1]!r}", operation="message")
                 self._start_rebuild(index)
             return None
+        if len(args) == 1 and args[0] == "recovery_failures":
+            with self.cond:
+                return self.format_failures()
+        if len(args) == 1 and args[0] == "held_ios":
+            with self.cond:
+                return str(self.held)
         if len(args) == 2 and args[0] in ("resync_rate", "max_recovery"):
             try:
                 value = parse_uint(args[1]) if args[0] == "max_recovery" else parse_sector(args[1])
@@ -731,9 +760,19 @@ class MirrorTarget(Target):
             return None
         raise InvalidArgument(f"unrecognised mirror message {' '.join(args)!r}", operation="message")
 
+    def format_failures(self) -> str:
+        """The ``recovery_failures`` answer: ``<region>:<leg>[,<leg>]`` words in region order."""
+        words = []
+        for region in sorted(self.recovery_failures):
+            bits = self.recovery_failures[region]
+            legs = ",".join(str(leg.index) for leg in self.legs if bits & (1 << leg.index))
+            words.append(f"{region}:{legs}")
+        return " ".join(words)
+
     def _start_rebuild(self, index: int) -> None:
         """Mark every region dirty and out of sync; remember where only ``index`` needs a copy."""
         self.rebuild_legs.add(index)
+        self.recovery_failures.clear()  # every region is copied again
         for r in range(self.nr_regions):
             if r not in self.rh.regions and self.log.in_sync(r):
                 self.partial.set(r)

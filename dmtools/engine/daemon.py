@@ -32,6 +32,7 @@ from typing import Any, Callable
 from dmtools.engine import protocol
 from dmtools.engine.engine import Engine
 from dmtools.engine.remote_io import IOSession
+from dmtools.engine.services import Service, start_services, stop_services
 from dmtools.errors import DaemonError, DeviceBusy, DMError, InvalidArgument
 from dmtools.events.publish import EventHub
 
@@ -63,6 +64,8 @@ class Daemon:
         self.engine: Engine | None = None
         #: publishes the engine's events to ``subscribe`` connections while serving.
         self.hub: EventHub | None = None
+        #: what the ``dmtools.services`` entry points started beside the engine (mirror monitoring)
+        self.services: list[Service] = []
         self._clients: set[socket.socket] = set()
         self._clients_lock = threading.Lock()
         #: seconds ``shutdown`` may take before the watchdog ends the process (None: no watchdog).
@@ -114,6 +117,7 @@ class Daemon:
             if self.hub is None:
                 self.hub = EventHub(self.engine)
                 self.hub.start()
+            self.services = start_services(self.engine)
             while not self._stop.is_set():
                 try:
                     conn, _ = self._server.accept()
@@ -176,6 +180,8 @@ class Daemon:
         if self.hub is not None:  # ends every event stream
             self.hub.close()
             self.hub = None
+        stop_services(self.services)
+        self.services = []
         with self._clients_lock:
             for conn in list(self._clients):
                 with contextlib.suppress(OSError):

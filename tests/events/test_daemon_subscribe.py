@@ -17,6 +17,7 @@ import pytest
 from dmtools.engine import protocol
 from dmtools.engine.client import UserspaceClient
 from dmtools.engine.daemon import Daemon
+from dmtools.testing.daemon import serving_daemon
 from dmtools.events import DeviceAdded, DeviceRemoved, Event
 
 #: seconds an event may take to reach the subscriber (the daemon wakes its hub after each verb,
@@ -27,16 +28,8 @@ BOUND = 10.0
 @pytest.fixture(params=[pytest.param(False, id="unexposed"),
                         pytest.param(None, id="exposed", marks=pytest.mark.root)])
 def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(str(tmp_path / "run"), expose=request.param)
-    d.start()
-    thread = threading.Thread(target=d.serve, daemon=True)
-    thread.start()
-    try:
+    with serving_daemon(str(tmp_path / "run"), expose=request.param) as d:
         yield d
-    finally:
-        d.stop()
-        thread.join(20)
-        assert not thread.is_alive(), "daemon did not stop"
 
 
 def _listen(stream: Iterator[Event], until: Callable[[Event], bool] = lambda ev: False,

@@ -46,7 +46,7 @@ def test_create_resync_status_remove(mm: MirrorManager, tmp_path: Path) -> None:
     st = mm.resync("m1", progress=lambda d, t: seen.append((d, t)), timeout=20)
     assert st.fully_in_sync and st.health == "AA" and st.percent == 100.0
     assert st.status_text == f"2 {a} {b} 64/64 1 AA 1 core"
-    assert st.table_text == f"core 1 128 2 {a} 0 {b} 0"
+    assert st.table_text == f"core 1 128 2 {a} 0 {b} 0 1 handle_errors"  # the default, as LVM
     assert seen[-1] == (SIZE, SIZE)
     assert _same(a, b)
     assert [s.name for s in mm.list()] == ["m1"]

@@ -31,7 +31,7 @@ def _failed_mirror(eng: Any, tmp_path: Path) -> tuple[MirrorManager, str, str]:
     eng.create("leg1", f"0 {n} linear {b} 0")
     mm = MirrorManager(eng)
     mm.create("m", [eng.device_ref("leg0"), eng.device_ref("leg1")], region_size=REGION, nosync=True,
-              handle_errors=True)
+              handle_errors=True, monitor=False)  # the repair releases the hold
     eng.load("leg1", f"0 {n} error")
     eng.resume("leg1")
     return mm, a, b

@@ -1,0 +1,201 @@
+"""``MirrorGuard``: the monitoring a mirror with ``handle_errors`` gets from creation, on the userspace engine.
+
+With ``handle_errors`` and without ``keep_log``, dm-raid1 holds a write that failed on a leg (and
+any write to an out-of-sync region after a leg failure) until userspace reconfigures the mirror
+(dm-raid1.c ``hold_bio``): LVM activates such mirrors monitored, and dmeventd's mirror plugin
+then runs ``lvconvert --repair``, whose default ``mirror_image_fault_policy = "remove"`` drops the
+failed leg. The guard does the same for every monitored mirror of one userspace engine, in the
+process that owns the engine (the daemon, or the library user's process):
+
+- a leg shows ``D``, ``S`` or ``F`` (``R`` leaves the data intact, as dmeventd ignores it, unless
+  writes are held): when the legs that remain hold all the data — the mirror is in sync, or the
+  default leg (0, which moves only when the mirror is in sync) is not among the failed — the failed
+  legs are dropped: the mirror is reloaded over the others (a ``linear`` device when one remains)
+  with a ``noflush`` suspend, and the held writes are requeued to the new table and land there;
+- when the failed leg is the default leg of a mirror out of sync, the data of the regions not yet
+  copied lives only on it: no table can serve them, so the held I/O is ended with EIO by a plain
+  suspend and resume (``hold_bio`` at suspend), as it will be each time it is held again. Reads of
+  those regions fail with EIO (dm-raid1.c ``do_reads``); the mirror keeps its table for a repair.
+
+No write therefore waits longer than one guard period plus a reload. A mirror is monitored unless
+its uuid starts with ``UNMONITORED_PREFIX`` (``mirror create --no-monitor``): another monitor
+(``dmtools monitor --mirror-policy repair``) can then own its failures. The kernel backend's
+mirrors are watched by ``dmtools monitor``, the dmeventd of this toolkit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from typing import Any
+
+from dmtools.backend import DeviceMapper
+from dmtools.errors import DMError
+from dmtools.status import parse_mirror_status
+from dmtools.table import Table
+from dmtools.targets_model import Linear, Mirror
+
+from mirror.reload import swap_table
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MirrorGuard", "UNMONITORED_PREFIX", "GUARD_INTERVAL", "guard_for", "start_service"]
+
+#: A mirror whose uuid starts with this is left to another monitor.
+UNMONITORED_PREFIX = "DMTOOLS-UNMONITORED-"
+#: Seconds between two looks at the mirrors (and the longest a failure waits to be seen).
+GUARD_INTERVAL = 0.25
+
+_guards: "weakref.WeakKeyDictionary[Any, MirrorGuard]" = weakref.WeakKeyDictionary()
+_guards_lock = threading.Lock()
+
+
+class MirrorGuard:
+    """Watches every monitored mirror of a userspace engine ``dm``; see the module docstring.
+
+    ``start()`` runs it on a daemon thread until ``stop()``; ``check(name)`` looks at one mirror
+    once and returns what it did (``"dropped"``, ``"released"`` or ``None``).
+    """
+
+    def __init__(self, dm: DeviceMapper, *, interval: float = GUARD_INTERVAL, persistent: bool = False) -> None:
+        self.dm = dm
+        self.interval = interval
+        #: keep running with no mirror to watch (the daemon's guard); else the thread ends then
+        #: and ``start`` begins a new one
+        self.persistent = persistent
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._kicked = False
+        #: what the guard did, in order: ``(device, action, detail)``
+        self.actions: list[tuple[str, str, str]] = []
+
+    # -- running ----------------------------------------------------------------------------
+    def start(self) -> "MirrorGuard":
+        """Make sure the guard thread runs (a new mirror is watched from its next pass)."""
+        with self._lock:
+            self._kicked = True
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._run, name="mirror-guard", daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the guard thread and wait for it."""
+        self._stop.set()
+        with self._lock:
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                with self._lock:
+                    self._kicked = False
+                if self._stop.wait(self.interval):
+                    return
+                try:
+                    watched = self.check_all()
+                except Exception:  # noqa: BLE001 - the guard outlives a bad pass (the engine closing)
+                    log.exception("mirror guard pass failed")
+                    watched = 1
+                with self._lock:
+                    if not watched and not self.persistent and not self._kicked:
+                        return  # nothing to watch: ``start`` begins a new thread when needed
+        finally:
+            with self._lock:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+
+    def check_all(self) -> int:
+        """Look at every monitored mirror once; return how many mirrors there are."""
+        count = 0
+        for entry in self.dm.list():
+            if entry.uuid.startswith(UNMONITORED_PREFIX):
+                continue
+            try:
+                if self.check(entry.name) != "not a mirror":
+                    count += 1
+            except DMError as err:  # removed or reloaded meanwhile: next pass
+                log.debug("mirror guard: %s: %s", entry.name, err)
+        return count
+
+    # -- one mirror ---------------------------------------------------------------------------
+    def check(self, name: str) -> str | None:
+        """Act on mirror ``name`` when a failed leg holds (or would hold) its writes; return what was
+        done: ``"dropped"``, ``"released"``, ``None`` (nothing to do) or ``"not a mirror"`` (not
+        one this guard watches: no single ``mirror`` line with ``handle_errors`` and no ``keep_log``)."""
+        table = self.dm.table(name)
+        if len(table.lines) != 1 or not isinstance(table.lines[0].target, Mirror):
+            return "not a mirror"
+        line = table.lines[0]
+        target = line.target
+        assert isinstance(target, Mirror)
+        if not target.handle_errors or target.keep_log:
+            return "not a mirror"
+        st = parse_mirror_status(self.dm.status(name)[0].params)
+        failed = [i for i, h in enumerate(st.health) if h in "DSF"]
+        held = self._held(name)
+        if not failed and held:
+            failed = [i for i, h in enumerate(st.health) if h != "A"]
+        if not failed:
+            return None
+        remaining = [leg for i, leg in enumerate(target.legs) if i not in failed]
+        if not remaining:
+            return None  # every leg failed: dm-raid1 fails the I/O itself, nothing is held
+        if st.in_sync == st.regions or 0 not in failed:
+            if len(remaining) >= 2:
+                new = Table.single(line.length, Mirror(target.log, tuple(remaining), target.features))
+            else:
+                new = Table.single(line.length, Linear(remaining[0].device, remaining[0].offset))
+            if self.dm.table(name).lines[0].target != target:
+                return None  # reconfigured meanwhile (a repair): look again next time
+            swap_table(self.dm, name, new)
+            detail = (f"legs {', '.join(str(i) for i in failed)} ({st.health}) dropped; "
+                      f"{len(remaining)} leg{'s' if len(remaining) > 1 else ''} left")
+            log.warning("mirror %s: %s", name, detail)
+            self.actions.append((name, "dropped", detail))
+            return "dropped"
+        if not held:
+            return None
+        # The default leg failed out of sync: its regions exist nowhere else. End the held I/O.
+        self.dm.suspend(name)
+        self.dm.resume(name)
+        detail = (f"source leg 0 failed out of sync ({st.in_sync}/{st.regions} regions in sync): "
+                  f"{held} held I/O ended with EIO")
+        log.warning("mirror %s: %s", name, detail)
+        self.actions.append((name, "released", detail))
+        return "released"
+
+    def _held(self, name: str) -> int:
+        try:
+            return int(self.dm.message(name, 0, "held_ios") or 0)
+        except (DMError, ValueError):
+            return 0
+
+
+def guard_for(dm: DeviceMapper) -> MirrorGuard | None:
+    """The running guard of a userspace engine in this process (started on first use); ``None`` for
+    the kernel and for a daemon's client (the daemon runs its own, see ``start_service``)."""
+    from dmtools.engine import Engine
+
+    if not isinstance(dm, Engine):
+        return None
+    with _guards_lock:
+        guard = _guards.get(dm)
+        if guard is None:
+            guard = _guards[dm] = MirrorGuard(dm).start()
+        return guard
+
+
+def start_service(engine: Any) -> MirrorGuard | None:
+    """``dmtools.services`` entry point: the daemon's guard, running as long as the daemon."""
+    from dmtools.engine import Engine
+
+    if not isinstance(engine, Engine):
+        return None
+    with _guards_lock:
+        guard = _guards[engine] = MirrorGuard(engine, persistent=True)
+    return guard.start()

@@ -1,0 +1,82 @@
+"""A test target that starts failing at a chosen moment, as dm-flakey or an ``error`` reload would.
+
+``trip <dev> <offset> <switch>`` maps like ``linear``; the named :class:`Switch` decides when it
+fails: after ``fail_after`` reads (counted from creation) every read, write and zeroing fails with
+EIO, the way a leg whose table was replaced by ``error`` does. Register it on an in-process engine
+with :func:`install`. The moment is a read count, not a time, so a seeded run is repeatable.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from typing import Any, Sequence
+
+from dmtools.engine.target import TargetContext
+from dmtools.engine.targets import LinearTarget
+from dmtools.errors import DeviceIOError
+
+SWITCHES: dict[str, "Switch"] = {}
+
+
+class Switch:
+    """When a ``trip`` device fails: after ``fail_after`` reads (``None``: never, until ``trip()``)."""
+
+    def __init__(self, name: str, fail_after: int | None = None) -> None:
+        self.name = name
+        self.fail_after = fail_after
+        self.reads = 0
+        self.failing = False
+        self.lock = threading.Lock()
+        SWITCHES[name] = self
+
+    def trip(self) -> None:
+        """Fail every I/O from now on."""
+        with self.lock:
+            self.failing = True
+
+    def check(self, op: str) -> None:
+        """Count ``op``; raise EIO when the device is failing."""
+        with self.lock:
+            if op == "read":
+                self.reads += 1
+                if self.fail_after is not None and self.reads > self.fail_after:
+                    self.failing = True
+            failing = self.failing
+        if failing:
+            raise DeviceIOError(f"{op} failed (trip {self.name})", errno=errno.EIO, operation=op,
+                                device=self.name)
+
+
+class TripTarget(LinearTarget):
+    """``trip <dev> <offset> <switch>``: ``linear`` until its switch trips."""
+
+    name = "trip"
+    version = (1, 0, 0)
+
+    def __init__(self, ctx: TargetContext, start: int, length: int, args: Sequence[str]) -> None:
+        if len(args) != 3 or args[2] not in SWITCHES:
+            raise DeviceIOError("trip needs <dev> <offset> <switch>", errno=errno.EINVAL)
+        super().__init__(ctx, start, length, list(args[:2]))
+        self.switch = SWITCHES[args[2]]
+        self.switch_name = args[2]
+
+    def read(self, buf: memoryview, offset: int) -> None:
+        self.switch.check("read")
+        super().read(buf, offset)
+
+    def write(self, buf: memoryview, offset: int) -> None:
+        self.switch.check("write")
+        super().write(buf, offset)
+
+    def zero(self, offset: int, length: int) -> None:
+        self.switch.check("write")
+        super().zero(offset, length)
+
+    def table_params(self) -> str:
+        return f"{super().table_params()} {self.switch_name}"
+
+
+def install(engine: Any) -> None:
+    """Make the ``trip`` target available to ``engine``'s tables."""
+    engine.register_target(TripTarget)

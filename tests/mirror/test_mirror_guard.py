@@ -1,0 +1,185 @@
+"""A mirror created by the manager is monitored from creation (``mirror.guard``): a write held after
+a leg failure is released within a bounded time, by dropping the failed leg where the other legs
+hold the data, else with EIO; it never waits forever, and no read returns data not written."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmtools.errors import DeviceIOError
+from dmtools.targets_model import Linear, Mirror
+from mirror import MirrorManager
+from mirror.guard import GUARD_INTERVAL, UNMONITORED_PREFIX, guard_for
+from mirror_trip import Switch, install
+from test_mirror_manager import _image
+
+SIZE = 2 << 20
+REGION = 128  # 64 KiB regions, 32 of them
+RB = REGION * 512
+#: a held write must end within this many seconds (a guard period plus a reload, on a loaded machine)
+BOUND = 10.0
+
+
+def _writer(eng: Any, offset: int, data: bytes) -> tuple[threading.Event, list[Any]]:
+    done = threading.Event()
+    out: list[Any] = []
+
+    def run() -> None:
+        t0 = time.monotonic()
+        try:
+            with eng.open_endpoint("m") as ep:
+                ep.write(data, offset)
+            out.append(("ok", time.monotonic() - t0))
+        except DeviceIOError as err:
+            out.append((err.errno, time.monotonic() - t0))
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return done, out
+
+
+@pytest.fixture
+def eng(mengine: Any) -> Any:
+    install(mengine)
+    return mengine
+
+
+@pytest.mark.parametrize("legs", [2, 3])
+def test_failed_leg_is_dropped_and_the_held_write_lands(eng: Any, tmp_path: Path, legs: int) -> None:
+    data = os.urandom(SIZE)
+    paths = [_image(tmp_path, f"l{i}", SIZE, data) for i in range(legs)]
+    sw = Switch(f"drop{legs}")
+    eng.create("bad", f"0 {SIZE // 512} trip {paths[1]} 0 {sw.name}")
+    refs = [paths[0], eng.device_ref("bad"), *paths[2:]]
+    mm = MirrorManager(eng)
+    mm.create("m", refs, region_size=REGION, nosync=True)  # handle_errors and monitoring: the defaults
+    sw.trip()
+    new = os.urandom(3 * RB)
+    done, out = _writer(eng, 5 * RB, new)
+    assert done.wait(BOUND), "the held write was never released"
+    assert out[0][0] == "ok" and out[0][1] < BOUND
+    target = eng.table("m").lines[0].target
+    if legs == 2:
+        assert target == Linear(paths[0], 0)
+    else:
+        assert isinstance(target, Mirror) and [lg.device for lg in target.legs] == [paths[0], paths[2]]
+        assert mm.status("m").health == "AA"
+    expect = data[:5 * RB] + new + data[8 * RB:]
+    with eng.open_endpoint("m", writable=False) as ep:
+        buf = bytearray(SIZE)
+        ep.readinto(buf, 0)
+    assert bytes(buf) == expect
+    with open(paths[0], "rb") as f:
+        assert f.read() == expect
+    deadline = time.monotonic() + BOUND  # recorded once the reload returned
+    while not guard_for(eng).actions:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert [a[1] for a in guard_for(eng).actions if a[0] == "m"] == ["dropped"]
+
+
+def test_source_failed_out_of_sync_ends_held_writes_with_eio(eng: Any, tmp_path: Path) -> None:
+    data = os.urandom(SIZE)
+    a, b = _image(tmp_path, "a", SIZE, data), _image(tmp_path, "b", SIZE)
+    sw = Switch("src-oos", fail_after=8)  # leg 0 fails after 8 region copies
+    eng.create("src", f"0 {SIZE // 512} trip {a} 0 {sw.name}")
+    mm = MirrorManager(eng)
+    mm.create("m", [eng.device_ref("src"), b], region_size=REGION)
+    deadline = time.monotonic() + BOUND
+    while mm.status("m").health[0] != "S":
+        assert time.monotonic() < deadline, "leg 0 never failed"
+        time.sleep(0.01)
+    st = mm.status("m")
+    assert 0 < st.in_sync < st.regions
+    t = eng._get("m", "test").live.targets[0]
+    synced = [r for r in range(st.regions) if t.log.in_sync(r)]
+    unsynced = [r for r in range(st.regions) if not t.log.in_sync(r)]
+    # a write to a region not yet copied: held (dm-raid1 do_writes), then ended with EIO
+    done, out = _writer(eng, unsynced[0] * RB, b"w" * 4096)
+    assert done.wait(BOUND), "the held write was never released"
+    assert out[0][0] == errno.EIO and out[0][1] < BOUND
+    deadline = time.monotonic() + BOUND  # the guard records its action once the resume returned
+    while not any(act == "released" for dev, act, _ in guard_for(eng).actions if dev == "m"):
+        assert time.monotonic() < deadline, guard_for(eng).actions
+        time.sleep(0.01)
+    assert isinstance(eng.table("m").lines[0].target, Mirror)  # kept for a repair
+    # reads: the copied regions come from leg 1 with their data, the others fail with EIO
+    with eng.open_endpoint("m", writable=False) as ep:
+        for r in range(st.regions):
+            buf = bytearray(RB)
+            if r in synced:
+                ep.readinto(buf, r * RB)
+                assert bytes(buf) == data[r * RB:(r + 1) * RB]
+            else:
+                with pytest.raises(DeviceIOError) as info:
+                    ep.readinto(buf, r * RB)
+                assert info.value.errno == errno.EIO
+
+
+def test_unmonitored_mirror_is_left_to_another_monitor(eng: Any, tmp_path: Path) -> None:
+    data = os.urandom(SIZE)
+    a, b = _image(tmp_path, "a", SIZE, data), _image(tmp_path, "b", SIZE, data)
+    sw = Switch("unmon")
+    eng.create("bad", f"0 {SIZE // 512} trip {b} 0 {sw.name}")
+    mm = MirrorManager(eng)
+    mm.create("m", [a, eng.device_ref("bad")], region_size=REGION, nosync=True, monitor=False)
+    assert eng.info("m").uuid.startswith(UNMONITORED_PREFIX)
+    sw.trip()
+    done, out = _writer(eng, 0, b"z" * 4096)
+    deadline = time.monotonic() + BOUND
+    while eng.message("m", 0, "held_ios") != "1":
+        assert time.monotonic() < deadline, "the write was not held"
+        time.sleep(0.01)
+    assert guard_for(eng).check_all() == 0  # not watched: nothing done
+    assert not done.is_set() and eng.table("m").lines[0].target.legs[1].device == eng.device_ref("bad")
+    eng.suspend("m")  # what another monitor's reload does: the held write ends (EIO)
+    eng.resume("m")
+    assert done.wait(BOUND) and out[0][0] == errno.EIO
+
+
+def test_guard_interval_is_short() -> None:
+    assert GUARD_INTERVAL <= 1.0
+
+
+@pytest.fixture(params=[pytest.param(False, id="unexposed"),
+                        pytest.param(None, id="exposed", marks=pytest.mark.root)])
+def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    from dmtools.testing.daemon import serving_daemon
+    from mirror_trip import install as install_trip
+
+    with serving_daemon(str(tmp_path / "run"), expose=request.param,
+                        setup=lambda d: install_trip(d.engine)) as d:
+        yield d
+
+
+def test_daemon_runs_the_guard_for_mirrors_its_clients_create(daemon: Any, tmp_path: Path) -> None:
+    """``mirror create`` through the daemon: the daemon's guard (a ``dmtools.services`` entry point)
+    releases the held write after the CLI process is gone."""
+    from dmtools.engine.client import UserspaceClient
+
+    data = os.urandom(SIZE)
+    a, b = _image(tmp_path, "a", SIZE, data), _image(tmp_path, "b", SIZE, data)
+    sw = Switch("daemon-leg")
+    client = UserspaceClient(daemon.run_dir)
+    try:
+        client.create("bad", f"0 {SIZE // 512} trip {b} 0 {sw.name}")
+        MirrorManager(client).create("m", [a, client.device_ref("bad")], region_size=REGION, nosync=True)
+        sw.trip()
+        done, out = _writer(client, RB, b"d" * 8192)
+        assert done.wait(BOUND), "the held write was never released by the daemon's guard"
+        assert out[0][0] == "ok"
+        assert client.table("m").lines[0].target == Linear(a, 0)
+        with open(a, "rb") as f:
+            f.seek(RB)
+            assert f.read(8192) == b"d" * 8192
+        client.remove("m")
+        client.remove("bad")
+    finally:
+        client.close()
