@@ -46,6 +46,8 @@ __all__ = ["MirrorGuard", "UNMONITORED_PREFIX", "GUARD_INTERVAL", "guard_for", "
 UNMONITORED_PREFIX = "DMTOOLS-UNMONITORED-"
 #: Seconds between two looks at the mirrors (and the longest a failure waits to be seen).
 GUARD_INTERVAL = 0.25
+#: ``MirrorGuard.check`` results that need no action
+NOT_WATCHED, HEALTHY, WAITING = "not watched", "healthy", "waiting"
 
 _guards: "weakref.WeakKeyDictionary[Any, MirrorGuard]" = weakref.WeakKeyDictionary()
 _guards_lock = threading.Lock()
@@ -55,7 +57,7 @@ class MirrorGuard:
     """Watches every monitored mirror of a userspace engine ``dm``; see the module docstring.
 
     ``start()`` runs it on a daemon thread until ``stop()``; ``check(name)`` looks at one mirror
-    once and returns what it did (``"dropped"``, ``"released"`` or ``None``).
+    once and returns what it did (see its docstring).
     """
 
     def __init__(self, dm: DeviceMapper, *, interval: float = GUARD_INTERVAL, persistent: bool = False) -> None:
@@ -68,6 +70,8 @@ class MirrorGuard:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._kicked = False
+        #: device -> ((major, minor, event_nr) at the last look, whether it is a watched mirror)
+        self._quiet: dict[str, tuple[tuple[int, int, int], bool]] = {}
         #: what the guard did, in order: ``(device, action, detail)``
         self.actions: list[tuple[str, str, str]] = []
 
@@ -110,48 +114,69 @@ class MirrorGuard:
                     self._thread = None
 
     def check_all(self) -> int:
-        """Look at every monitored mirror once; return how many mirrors there are."""
+        """Look at every monitored mirror that may need it; return how many mirrors there are.
+
+        A device whose last look found nothing to do (not a watched mirror, or all legs alive) is
+        looked at again only after its event number moved: dm-raid1 raises an event when a leg
+        fails with ``handle_errors`` (``fail_mirror``). A mirror with a failed leg is looked at on
+        every pass, since writes may be held after the failure without a new event.
+        """
         count = 0
-        for entry in self.dm.list():
+        entries = self.dm.list()
+        for entry in entries:
             if entry.uuid.startswith(UNMONITORED_PREFIX):
                 continue
+            key = (entry.major, entry.minor, entry.event_nr)
+            quiet = self._quiet.get(entry.name)
+            if quiet is not None and quiet[0] == key:
+                count += quiet[1]
+                continue
             try:
-                if self.check(entry.name) != "not a mirror":
-                    count += 1
+                result = self.check(entry.name)
             except DMError as err:  # removed or reloaded meanwhile: next pass
                 log.debug("mirror guard: %s: %s", entry.name, err)
+                continue
+            count += result != NOT_WATCHED
+            if result in (NOT_WATCHED, HEALTHY):
+                self._quiet[entry.name] = (key, result == HEALTHY)
+            else:
+                self._quiet.pop(entry.name, None)
+        names = {e.name for e in entries}
+        for gone in set(self._quiet) - names:
+            del self._quiet[gone]
         return count
 
     # -- one mirror ---------------------------------------------------------------------------
-    def check(self, name: str) -> str | None:
+    def check(self, name: str) -> str:
         """Act on mirror ``name`` when a failed leg holds (or would hold) its writes; return what was
-        done: ``"dropped"``, ``"released"``, ``None`` (nothing to do) or ``"not a mirror"`` (not
-        one this guard watches: no single ``mirror`` line with ``handle_errors`` and no ``keep_log``)."""
+        done: ``"dropped"`` or ``"released"``; else ``"healthy"`` (every leg alive), ``"waiting"``
+        (a failed leg, nothing held) or ``"not watched"`` (not one single ``mirror`` line with
+        ``handle_errors`` and without ``keep_log``)."""
         table = self.dm.table(name)
         if len(table.lines) != 1 or not isinstance(table.lines[0].target, Mirror):
-            return "not a mirror"
+            return NOT_WATCHED
         line = table.lines[0]
         target = line.target
         assert isinstance(target, Mirror)
         if not target.handle_errors or target.keep_log:
-            return "not a mirror"
+            return NOT_WATCHED
         st = parse_mirror_status(self.dm.status(name)[0].params)
         failed = [i for i, h in enumerate(st.health) if h in "DSF"]
         held = self._held(name)
         if not failed and held:
             failed = [i for i, h in enumerate(st.health) if h != "A"]
         if not failed:
-            return None
+            return HEALTHY if set(st.health) == {"A"} else WAITING
         remaining = [leg for i, leg in enumerate(target.legs) if i not in failed]
         if not remaining:
-            return None  # every leg failed: dm-raid1 fails the I/O itself, nothing is held
+            return WAITING  # every leg failed: dm-raid1 fails the I/O itself, nothing is held
         if st.in_sync == st.regions or 0 not in failed:
             if len(remaining) >= 2:
                 new = Table.single(line.length, Mirror(target.log, tuple(remaining), target.features))
             else:
                 new = Table.single(line.length, Linear(remaining[0].device, remaining[0].offset))
             if self.dm.table(name).lines[0].target != target:
-                return None  # reconfigured meanwhile (a repair): look again next time
+                return WAITING  # reconfigured meanwhile (a repair): look again next time
             swap_table(self.dm, name, new)
             detail = (f"legs {', '.join(str(i) for i in failed)} ({st.health}) dropped; "
                       f"{len(remaining)} leg{'s' if len(remaining) > 1 else ''} left")
@@ -159,7 +184,7 @@ class MirrorGuard:
             self.actions.append((name, "dropped", detail))
             return "dropped"
         if not held:
-            return None
+            return WAITING
         # The default leg failed out of sync: its regions exist nowhere else. End the held I/O.
         self.dm.suspend(name)
         self.dm.resume(name)
