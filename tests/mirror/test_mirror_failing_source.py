@@ -15,7 +15,6 @@ dm-region-hash.c ``complete_resync_work``) and the manager still reports the fai
 
 from __future__ import annotations
 
-import errno
 import os
 import random
 from pathlib import Path
@@ -23,10 +22,9 @@ from typing import Any, Callable
 
 import pytest
 
-from dmtools.errors import DeviceIOError
 from mirror import MirrorManager
 from mirror.resync import RecoveryFailed
-from mirror_trip import Switch, install
+from dmtools.testing.trip import Switch, install, read_pieces
 from test_mirror_cli import run as _cli
 from test_mirror_manager import _image
 
@@ -71,8 +69,7 @@ class Run:
     def fail_after_random_reads(self) -> int:
         """Leg 0 fails after 0..NR+4 more reads (past NR the copy may finish first)."""
         k = self.rng.randrange(NR + 5)
-        with self.switch.lock:
-            self.switch.fail_after = self.switch.reads + k
+        self.switch.fail_after_more(k)
         return k
 
     def op(self, fn: Callable[[], Any]) -> RecoveryFailed | None:
@@ -109,14 +106,9 @@ class Run:
             return
         # every read returns the written data or EIO
         with self.eng.open_endpoint("m", writable=False) as ep:
-            for r in range(NR):
-                buf = bytearray(REGION_BYTES)
-                try:
-                    ep.readinto(buf, r * REGION_BYTES)
-                except DeviceIOError as e:
-                    assert e.errno == errno.EIO
-                    continue
-                assert bytes(buf) == self.data[r * REGION_BYTES:(r + 1) * REGION_BYTES], f"region {r}"
+            pieces = read_pieces(ep, REGION_BYTES, NR)
+        for r, got in enumerate(pieces):
+            assert got is None or got == self.data[r * REGION_BYTES:(r + 1) * REGION_BYTES], f"region {r}"
 
     def close(self) -> None:
         self.mm.remove("m")
@@ -217,8 +209,7 @@ def test_repair_command_exits_1_naming_regions_and_leg(cli_engine: Any, tmp_path
     assert _cli(["mirror", "create", "m", src, b, "--region-size", "8K", "--nosync"]) == 0
     assert "1 handle_errors" in cli_engine.table("m").lines[0].target.params  # the default
     capsys.readouterr()
-    with sw.lock:
-        sw.fail_after = sw.reads + 5  # five regions get copied, then leg 0 fails
+    sw.fail_after_more(5)  # five regions get copied, then leg 0 fails
     argv = ["mirror", "repair", "m", "1", c, "-q"] + (["--json"] if json_out else [])
     assert _cli(argv) == 1
     out, err = capsys.readouterr()

@@ -17,7 +17,7 @@ from dmtools.errors import DeviceIOError
 from dmtools.targets_model import Linear, Mirror
 from mirror import MirrorManager
 from mirror.guard import GUARD_INTERVAL, UNMONITORED_PREFIX, guard_for
-from mirror_trip import Switch, install
+from dmtools.testing.trip import Switch, install
 from test_mirror_manager import _image
 
 SIZE = 2 << 20
@@ -152,7 +152,7 @@ def test_guard_interval_is_short() -> None:
                         pytest.param(None, id="exposed", marks=pytest.mark.root)])
 def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     from dmtools.testing.daemon import serving_daemon
-    from mirror_trip import install as install_trip
+    from dmtools.testing.trip import install as install_trip
 
     with serving_daemon(str(tmp_path / "run"), expose=request.param,
                         setup=lambda d: install_trip(d.engine)) as d:

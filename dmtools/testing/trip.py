@@ -4,6 +4,7 @@
 fails: after ``fail_after`` reads (counted from creation) every read, write and zeroing fails with
 EIO, the way a leg whose table was replaced by ``error`` does. Register it on an in-process engine
 with :func:`install`. The moment is a read count, not a time, so a seeded run is repeatable.
+Used by the mirror (failing source during resync, repair, rebuild) and snapshot merge tests.
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ class Switch:
         with self.lock:
             self.failing = True
 
+    def fail_after_more(self, reads: int) -> None:
+        """Fail every I/O once ``reads`` more reads went through."""
+        with self.lock:
+            self.fail_after = self.reads + reads
+
+    def heal(self) -> None:
+        """Work again (the device came back), and never fail by count."""
+        with self.lock:
+            self.failing = False
+            self.fail_after = None
+
     def check(self, op: str) -> None:
         """Count ``op``; raise EIO when the device is failing."""
         with self.lock:
@@ -55,9 +67,9 @@ class TripTarget(LinearTarget):
     version = (1, 0, 0)
 
     def __init__(self, ctx: TargetContext, start: int, length: int, args: Sequence[str]) -> None:
-        if len(args) != 3 or args[2] not in SWITCHES:
-            raise DeviceIOError("trip needs <dev> <offset> <switch>", errno=errno.EINVAL)
         super().__init__(ctx, start, length, list(args[:2]))
+        if len(args) != 3 or args[2] not in SWITCHES:
+            raise self.fail("needs <dev> <offset> <switch> (a Switch made by the test)")
         self.switch = SWITCHES[args[2]]
         self.switch_name = args[2]
 
@@ -80,3 +92,20 @@ class TripTarget(LinearTarget):
 def install(engine: Any) -> None:
     """Make the ``trip`` target available to ``engine``'s tables."""
     engine.register_target(TripTarget)
+
+
+def read_pieces(ep: Any, piece: int, count: int) -> list[bytes | None]:
+    """Read ``count`` pieces of ``piece`` bytes from endpoint ``ep``: each one's bytes, or ``None``
+    where the read failed with EIO (any other error is raised)."""
+    out: list[bytes | None] = []
+    for i in range(count):
+        buf = bytearray(piece)
+        try:
+            ep.readinto(buf, i * piece)
+        except DeviceIOError as err:
+            if err.errno != errno.EIO:
+                raise
+            out.append(None)
+            continue
+        out.append(bytes(buf))
+    return out
