@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from typing import Any
@@ -37,6 +38,8 @@ def _daemon(args: argparse.Namespace) -> int:
     try:
         client = UserspaceClient(args.run_dir)
     except DaemonError as err:
+        if err.errno == errno.EPERM:
+            raise  # an unsafe run directory is an error, not a stopped daemon
         if args.action == "status":
             print(f"not running ({err.message})")
             return 3

@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from dmtools.backend import DeviceEntry, DeviceInfo, DeviceMapper, StatusLine, Versions
-from dmtools.engine import protocol
+from dmtools.engine import protocol, rundir
 from dmtools.errors import DaemonError, DMError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,6 +45,9 @@ class UserspaceClient(DeviceMapper):
         self._stream = self._sock.makefile("rb")
 
     def _connect(self) -> socket.socket:
+        rundir.check(self.run_dir)
+        with contextlib.suppress(FileNotFoundError):  # connect() says ENOENT: none serves yet
+            rundir.check_socket(self.socket_path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.connect(self.socket_path)
@@ -211,15 +214,17 @@ def _unpack(verb: str, reply: Any) -> Any:
 
 def start_daemon(run_dir: str | None = None, timeout: float = START_TIMEOUT) -> None:
     """Start a daemon in the background and wait until it serves (or another one already does)."""
-    directory = os.path.abspath(run_dir or protocol.run_dir())
-    os.makedirs(directory, mode=0o755, exist_ok=True)
+    directory = rundir.ensure(run_dir or protocol.run_dir())
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "dmtools.engine.daemon", "--run-dir", directory,
            "--ready-fd", str(w)]
     log_path = os.path.join(directory, "daemon.log")
-    with open(log_path, "ab") as log:
+    log = rundir.open_file(log_path, os.O_WRONLY | os.O_APPEND, 0o600)
+    try:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 pass_fds=(w,), start_new_session=True, close_fds=True)
+    finally:
+        os.close(log)
     os.close(w)
     try:
         deadline = time.monotonic() + timeout

@@ -29,7 +29,7 @@ import sys
 import threading
 from typing import Any, Callable
 
-from dmtools.engine import protocol
+from dmtools.engine import protocol, rundir
 from dmtools.engine.engine import Engine
 from dmtools.engine.remote_io import IOSession
 from dmtools.engine.services import Service, start_services, stop_services
@@ -77,10 +77,12 @@ class Daemon:
     def start(self) -> None:
         """Lock, clean up after a killed predecessor, create the engine and bind the socket.
 
-        Raises ``DaemonError`` (errno EEXIST) when another daemon holds the run directory.
+        Raises ``DaemonError`` (errno EEXIST) when another daemon holds the run directory, and
+        (errno EPERM) when the run directory is not safe: not ours, or writable by others
+        (:func:`rundir.check`); nothing is written there then.
         """
-        os.makedirs(self.run_dir, mode=0o755, exist_ok=True)
-        fd = os.open(self.pid_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        rundir.ensure(self.run_dir)
+        fd = rundir.open_file(self.pid_path, os.O_RDWR, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -98,15 +100,7 @@ class Daemon:
             if cleared:
                 log.warning("cleared stale exposures of a previous daemon: %s", ", ".join(cleared))
         self.engine = Engine(expose=expose, run_dir=self.run_dir)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
-        try:
-            server.bind(self.socket_path)
-        finally:
-            os.umask(old)
-        server.listen(64)
+        server = rundir.bind_socket(self.socket_path)
         server.settimeout(0.2)
         self._server = server
 
@@ -336,14 +330,14 @@ def run(*, foreground: bool, run_dir: str | None = None, ready_fd: int = -1) -> 
     """Start and serve a daemon; returns the exit status."""
     daemon = Daemon(run_dir)
     daemon.shutdown_limit = SHUTDOWN_LIMIT
-    # A daemon's working directory is nobody's: a relative path a client let through would not
-    # name the caller's file (the protocol refuses them; see protocol.refuse_relative_paths).
-    os.chdir("/")
     try:
         daemon.start()
     except DaemonError as err:
         print(f"dmtools daemon: {err}", file=sys.stderr)
         return 1
+    # A daemon's working directory is nobody's: a relative path a client let through would not
+    # name the caller's file (the protocol refuses them; see protocol.refuse_relative_paths).
+    os.chdir("/")
     if not foreground:
         _daemonize()
         with contextlib.suppress(OSError):

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 
 from dmtools import loop
+from dmtools.engine import rundir
 from dmtools.errors import DMError, LoopError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,7 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RUN_DIR = "/run/dmtools"
+DEFAULT_RUN_DIR = rundir.ROOT_RUN_DIR
 #: Where the kernel's fusectl file system lists FUSE connections.
 FUSECTL_DIR = "/sys/fs/fuse/connections"
 MNT_DETACH = 2
@@ -142,6 +143,8 @@ def clear_stale(run_dir: str = DEFAULT_RUN_DIR) -> list[str]:
     """
     cleared: list[str] = []
     mount_dir = os.path.join(run_dir, "fuse")
+    if os.path.islink(run_dir) or os.path.islink(mount_dir):
+        return cleared  # not our exposure: unmounting would follow the link
     prefix = os.path.realpath(mount_dir) + "/"
     for dev in loop.list_loops():
         backing = dev.backing_file or ""
@@ -156,7 +159,7 @@ def clear_stale(run_dir: str = DEFAULT_RUN_DIR) -> list[str]:
         if not err:
             cleared.append(mount_dir)
     mapper = os.path.join(run_dir, "mapper")
-    if os.path.isdir(mapper):
+    if os.path.isdir(mapper) and not os.path.islink(mapper):
         for entry in os.listdir(mapper):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(mapper, entry))
@@ -395,9 +398,11 @@ class Exposure:
     def _ensure_mounted(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
-        os.makedirs(self.run_dir, mode=0o755, exist_ok=True)
-        os.makedirs(self.mount_dir, mode=0o700, exist_ok=True)
-        os.makedirs(self.mapper_dir, mode=0o755, exist_ok=True)
+        if os.path.dirname(self.run_dir) == DEFAULT_RUN_DIR:
+            rundir.ensure(DEFAULT_RUN_DIR)  # an in-process engine's engine-PID: root's, 0700
+        rundir.ensure(self.run_dir)
+        rundir.subdir(self.mount_dir, 0o700)
+        rundir.subdir(self.mapper_dir, 0o755)
         if mounted_at(self.mount_dir):
             raise DMError(f"{self.mount_dir} is already in use by another engine (a daemon "
                           "clears the exposures of dead ones when it starts)",
@@ -481,9 +486,7 @@ class Exposure:
             self._refresh(fname, lo)
         link = os.path.join(self.mapper_dir, dev.name)
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(link)
-            os.symlink(lo.path, link)
+            rundir.replace_symlink(lo.path, link)
         except OSError as err:
             with contextlib.suppress(DMError):
                 loop.detach(lo)
@@ -529,9 +532,7 @@ class Exposure:
         if exp is None:
             return
         new_link = os.path.join(self.mapper_dir, dev.name)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(new_link)
-        os.symlink(exp.loop.path, new_link)
+        rundir.replace_symlink(exp.loop.path, new_link)
         with contextlib.suppress(OSError):
             os.unlink(exp.link)
         exp.link = new_link

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from dmtools import errors
 from dmtools.backend import DeviceEntry, DeviceInfo, StatusLine, Versions
+from dmtools.engine import rundir
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.table import Table
@@ -75,13 +76,14 @@ def run_dir() -> str:
     """Where the daemon keeps its socket, pid file and exposures for the calling user.
 
     ``DMTOOLS_RUN_DIR`` overrides it (separate engines side by side); else ``/run/dmtools`` for root,
-    ``$XDG_RUNTIME_DIR/dmtools`` or ``/tmp/dmtools-UID`` for other users.
+    ``$XDG_RUNTIME_DIR/dmtools`` or ``/tmp/dmtools-UID`` for other users. Whoever writes there
+    checks it first (:mod:`dmtools.engine.rundir`).
     """
     override = os.environ.get("DMTOOLS_RUN_DIR")
     if override:
         return os.path.abspath(override)
     if os.geteuid() == 0:
-        return "/run/dmtools"
+        return rundir.ROOT_RUN_DIR
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     return os.path.join(runtime, "dmtools") if runtime else f"/tmp/dmtools-{os.geteuid()}"
 
