@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import os
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -212,6 +213,31 @@ class DeviceMapper(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: How long a removal waits for passing openers to close a device (udev's blkid probe after the
+#: change event that closing a written device raises, a scanner): libdm's dm_task_retry_remove
+#: tries DM_IOCTL_RETRIES (25) times DM_RETRY_USLEEP_DELAY (200 ms) apart (libdm-iface.c).
+REMOVE_WAIT = 5.0
+
+
+def wait_closed(dm: DeviceMapper, name: str, timeout: float | None = None) -> int:
+    """Wait up to ``timeout`` seconds (default :data:`REMOVE_WAIT`) for ``name``'s open count to
+    reach 0.
+
+    Polls the count (from 10 ms, doubling to 100 ms) rather than sleeping blindly, so a probe
+    that ends at once costs milliseconds. Returns the last count seen: 0 when the device is
+    closed, else the openers still holding it when the time ran out.
+    """
+    deadline = time.monotonic() + (REMOVE_WAIT if timeout is None else timeout)
+    delay = 0.01
+    while True:
+        count = dm.info(name).open_count
+        left = deadline - time.monotonic()
+        if count == 0 or left <= 0:
+            return count
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 0.1)
 
 
 def kernel_available() -> bool:

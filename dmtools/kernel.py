@@ -52,6 +52,7 @@ from dmtools.backend import (
     DeviceMapper,
     StatusLine,
     Versions,
+    wait_closed,
 )
 from dmtools.errors import (
     DeviceBusy,
@@ -636,16 +637,22 @@ class KernelBackend(DeviceMapper):
             if deferred:
                 task.deferred_remove()
 
-        attempts = REMOVE_RETRIES if retry else 1
-        for attempt in range(1, attempts + 1):
+        deadline = time.monotonic() + (REMOVE_RETRIES * REMOVE_RETRY_DELAY if retry else 0.0)
+        while True:
             try:
                 self._run("remove", TaskType.REMOVE, name, setup, cookie=True)
                 return
             except DeviceBusy:
-                if attempt == attempts:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     raise
-                log.debug("remove %s: busy, retry %d/%d", name, attempt, attempts - 1)
-                time.sleep(REMOVE_RETRY_DELAY)
+                # Wait for the openers to go (the open count, polled), then try again at once;
+                # a device busy with nobody holding it open gets the short pause libdm makes.
+                count = wait_closed(self, name, left)
+                log.debug("remove %s: busy, %d openers after waiting", name, count)
+                if count:
+                    raise
+                time.sleep(min(REMOVE_RETRY_DELAY / 10, max(0.0, deadline - time.monotonic())))
 
     def clear(self, name: str) -> None:
         """Drop the inactive table of ``name``. Raises :class:`DeviceNotFound`."""

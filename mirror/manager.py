@@ -261,7 +261,11 @@ class MirrorManager:
         return out
 
     def remove(self, name: str) -> None:
-        """Remove mirror ``name`` (its legs and log are left as they are)."""
+        """Remove mirror ``name`` (its legs and log are left as they are).
+
+        A passing opener is waited for (``remove(retry=True)``: the open count, up to
+        ``dmtools.backend.REMOVE_WAIT`` seconds); ``DeviceBusy`` while it is still open then.
+        """
         self._mirror(name)
         self.dm.remove(name, retry=True)
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dmtools.backend import DeviceMapper
+from dmtools.backend import DeviceMapper, wait_closed
 from dmtools.errors import (
     DeviceBusy,
     DeviceExists,
@@ -343,12 +343,15 @@ class SnapshotManager:
     def remove(self, name: str) -> None:
         """Drop snapshot ``name`` and its ``-cow`` device; with the last one the plain origin returns.
 
-        Raises ``DeviceBusy`` while the snapshot is open.
+        A passing opener (udev probing the device after a write, a scanner) is waited for, up to
+        ``dmtools.backend.REMOVE_WAIT`` seconds as ``dmsetup remove --retry``; raises
+        ``DeviceBusy``, having changed nothing, while the snapshot is still open then.
         """
         dm = self.dm
         target, tables = self._snapshot(name, "remove")
-        if dm.info(name).open_count:
-            raise DeviceBusy("snapshot is open", operation="remove", device=name)
+        openers = wait_closed(dm, name)
+        if openers:
+            raise DeviceBusy(f"snapshot is open ({openers} openers)", operation="remove", device=name)
         origin = self._origin_of_real(tables, target.origin)
         others = [n for n in self._snapshots_of_real(tables, target.origin) if n != name]
         refs = self._ref_names()

@@ -140,7 +140,7 @@ def test_we_read_the_kernels_cow(kernel_dm: Any, tmp_path: Path, make_loop: Call
     info2 = inspect(cl.path)
     assert info2.status == kernel_status and info2.chunk_size == chunk
     # our userspace target on the same COW
-    kernel_dm.remove(vol)
+    kernel_dm.remove(vol, retry=True)  # udev may still be probing what we wrote
     eng = Engine()
     register_snapshot_targets(eng)
     try:
