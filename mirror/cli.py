@@ -19,7 +19,7 @@ import argparse
 import threading
 from typing import Any, Callable
 
-from dmtools.cli.main import device_argument, log_argument
+from dmtools.cli.main import device_argument, log_argument, seconds
 from dmtools.errors import InvalidArgument
 from dmtools.units import SECTOR, parse_size
 
@@ -305,7 +305,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("resync", help="bring an active mirror in sync, with progress")
     p.add_argument("name")
     p.add_argument("--leg", type=int, metavar="N", help="rebuild leg N only (userspace engine)")
-    p.add_argument("--timeout", type=float, metavar="SECONDS")
+    p.add_argument("--timeout", type=seconds, metavar="SECONDS")
     _progress_args(p)
     _json(p)
     p.set_defaults(func=cmd_resync)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dmtools.cli.main import device_argument
+from dmtools.cli.main import device_argument, seconds
 from dmtools.errors import InvalidArgument
 from dmtools.units import SECTOR, format_size, parse_size
 
@@ -189,7 +189,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="roll the origin back to the snapshot")
     m.add_argument("name", metavar="NAME")
     m.add_argument("--no-wait", action="store_true", help="start the merge and return")
-    m.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+    m.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS")
     _progress_option(m)
     m.set_defaults(func=cmd_merge)
 

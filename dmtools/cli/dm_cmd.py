@@ -412,5 +412,5 @@ def register(sub: Any) -> None:
     p = verbs.add_parser("wait", help="wait for a device event")
     p.add_argument("name")
     p.add_argument("event_nr", type=int, nargs="?", default=0)
-    p.add_argument("--timeout", type=float, default=None)
+    p.add_argument("--timeout", type=cli_main.seconds, default=None, metavar="SECONDS")
     p.set_defaults(func=_wait)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -114,6 +115,18 @@ def device_argument(text: str) -> str:
     from dmtools.engine.protocol import absolute_reference
 
     return absolute_reference(text) if text else text
+
+
+def seconds(text: str) -> float:
+    """An argparse ``type`` for a time in seconds: a finite number, 0 or more (``nan`` or
+    ``inf`` would wait forever, a negative time means nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"seconds must be a finite number, 0 or more, not {text!r}")
+    return value
 
 
 def log_argument(text: str) -> str:

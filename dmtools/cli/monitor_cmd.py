@@ -60,9 +60,9 @@ def register(subparsers: Any) -> None:
                    help="spare device for --mirror-policy repair")
     p.add_argument("--config", metavar="FILE",
                    help='JSON policies: {"defaults": {...}, "devices": {"NAME": {...}}}')
-    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+    p.add_argument("--interval", type=cli_main.seconds, default=1.0, metavar="SECONDS",
                    help="status polling interval (default 1)")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="stop after this long")
+    p.add_argument("--timeout", type=cli_main.seconds, metavar="SECONDS", help="stop after this long")
     p.add_argument("--state-dir", metavar="DIR",
                    help=f"where device states and events are kept (default {default_root()}); "
                    "'snapshot status' and 'mirror status' take the same option")

@@ -85,3 +85,30 @@ def test_copy_numbers_out_of_range_are_usage_errors(
     err = capsys.readouterr().err
     assert f"argument {option}" in err and "Traceback" not in err
     assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["dm", "wait", "d", "--timeout", "nan"],  # waited forever
+        ["dm", "wait", "d", "--timeout", "inf"],
+        ["dm", "wait", "d", "--timeout", "-1"],
+        ["snapshot", "merge", "s", "--timeout", "nan"],  # no timeout at all
+        ["mirror", "resync", "m", "--timeout=-inf"],
+        ["monitor", "--once", "--interval", "nan"],
+        ["monitor", "--timeout", "x"],
+    ],
+)
+def test_times_must_be_finite_seconds(argv: list[str], fake_dm: Any,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli_main.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "seconds" in err and "Traceback" not in err
+    assert fake_dm.calls == []
+
+
+def test_a_finite_timeout_reaches_the_backend(fake_dm: Any, run: Any) -> None:
+    assert run("dm", "wait", "d", "2", "--timeout", "0.5")[0] == 0
+    assert fake_dm.calls == [("wait_event", "d", 2, 0.5)]
