@@ -13,7 +13,9 @@ on the kernel (kernel tier, in the VM).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from typing import Any
 import pytest
 
 from dmtools import backend
-from dmtools.errors import DeviceBusy
+from dmtools.errors import DeviceBusy, DMError
 from dmtools.testing.openers import Opener
 
 SIZE = 1 << 20
@@ -69,17 +71,15 @@ def stack(request: pytest.FixtureRequest, make_image: Callable[..., Path],
         return
     make_loop = request.getfixturevalue("make_loop")
     kdm = request.getfixturevalue("kernel_dm")
-    created: list[str] = []
     try:
         yield Stack(kdm, lambda fill: str(make_loop(make_image(SIZE, fill=fill)).path))
-    finally:
+    finally:  # what a failed test left: snapshots before origins before -real/-cow
         for _ in range(3):
-            for e in kdm.list():
-                if e.name.endswith("-dmtt"):
-                    try:
-                        kdm.remove(e.name, retry=True)
-                    except Exception:  # noqa: BLE001 - best-effort cleanup of stacked devices
-                        created.append(e.name)
+            left = sorted((e.name for e in kdm.list() if "-dmtt" in e.name),
+                          key=lambda n: (n.endswith(("-real", "-cow")), n.startswith("o"), n))
+            for name in left:
+                with contextlib.suppress(DMError):
+                    kdm.remove(name, retry=True)
 
 
 def _snapshot(stack: Stack, dm_name: str) -> tuple[Any, str, str, dict[str, str]]:
@@ -121,16 +121,17 @@ BUILDERS = {"snapshot": _snapshot, "mirror": _mirror, "remove(retry=True)": _pla
 @pytest.mark.parametrize("kind", list(BUILDERS))
 def test_a_passing_opener_is_waited_for(stack: Stack, dm_name: str, kind: str) -> None:
     mgr, origin, device, _ = BUILDERS[kind](stack, dm_name)
-    opener = Opener(stack.path(device), hold=TRANSIENT)
+    opener = Opener(stack.path(device))
+    closer = threading.Timer(TRANSIENT, opener.close)
     try:
         assert stack.dm.info(device).open_count >= 1  # open when the removal starts
-        start = time.monotonic()
+        closer.start()  # and closed 0.3 s later, while the removal runs
         mgr.remove(device)
-        took = time.monotonic() - start
     finally:
+        closer.cancel()
+        closer.join()
         assert opener.close() == 0
     assert device not in stack.names()
-    assert took < BOUND + 1.0
     if kind == "snapshot":  # the plain origin came back, and nothing of the snapshot is left
         assert stack.names() == {origin}
 

@@ -1,8 +1,8 @@
 """Another process holding a device open: a user who keeps it, or a passing probe (udev's blkid).
 
-``Opener(path, hold=None)`` starts a Python child that opens ``path`` read-only and says so; the
-constructor returns once the device is open. With ``hold`` seconds the child closes it by itself
-after that long (a transient opener); without, it holds it until :meth:`close`.
+``Opener(path)`` starts a Python child that opens ``path`` read-only and says so; the constructor
+returns once the device is open, and the child holds it until :meth:`close` (a test makes a
+passing probe by calling ``close`` from a timer once the operation under test has started).
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ import subprocess
 import sys
 
 _CHILD = (
-    "import os, sys, time\n"
+    "import os, sys\n"
     "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
     "print('open', flush=True)\n"
-    "hold = float(sys.argv[2])\n"
-    "time.sleep(hold) if hold >= 0 else sys.stdin.read()\n"
+    "sys.stdin.read()\n"
     "os.close(fd)\n"
 )
 
@@ -25,12 +24,12 @@ START_LIMIT = 30.0
 
 
 class Opener:
-    """A child process holding ``path`` open (``hold`` seconds, or until :meth:`close`)."""
+    """A child process holding ``path`` open until :meth:`close`."""
 
-    def __init__(self, path: str, hold: float | None = None) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, path, str(-1.0 if hold is None else hold)],
+            [sys.executable, "-c", _CHILD, path],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         assert self.proc.stdout is not None
@@ -41,7 +40,7 @@ class Opener:
             raise RuntimeError(f"the opener of {path} did not open it: {line!r}")
 
     def close(self) -> int:
-        """Let go of the device (if still held) and return the child's exit status."""
+        """Let go of the device and return the child's exit status (0: it held and closed it)."""
         if self.proc.stdin is not None and not self.proc.stdin.closed:
             self.proc.stdin.close()
         try:
