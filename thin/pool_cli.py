@@ -1,0 +1,185 @@
+"""``dmtools thin ...`` commands that drive pools and volumes through device-mapper.
+
+    dmtools thin pool create NAME --metadata DEV --data DEV [--chunk-size 64K] [--zero|--no-zero]
+                                  [--error-if-no-space]
+    dmtools thin pool extend NAME          take up grown metadata/data devices
+    dmtools thin pool status NAME          (also: thin status POOL)
+    dmtools thin create POOL NAME --size 1G
+    dmtools thin snapshot POOL ORIGIN NAME
+    dmtools thin remove POOL NAME
+    dmtools thin list [POOL]               (--json)
+    dmtools thin status POOL [NAME]        (--json)
+    dmtools thin activate --metadata DEV --data DEV [--no-volumes]
+    dmtools thin deactivate POOL
+
+The devices are LVM's: NAME-tmeta, NAME-tdata, NAME-tpool (thin-pool) and NAME (linear over the
+pool); volumes are ``thin NAME-tpool <id>``. A bare ``--chunk-size`` or ``--size`` number is in
+sectors, as in tables; units (``64K``, ``1G``) are bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from dmtools.cli.main import emit, open_backend
+from dmtools.units import SECTOR, format_size, parse_sectors
+
+__all__ = ["add_commands"]
+
+
+def _manager(args: argparse.Namespace) -> Any:
+    from thin.manager import ThinPoolManager
+
+    return ThinPoolManager(open_backend(args))
+
+
+def _pool_text(info: Any) -> str:
+    s = info.status
+    if s.fail:
+        state = "FAILED"
+    else:
+        state = (s.mode.value if s.mode else "?") + (" needs_check" if s.needs_check else "")
+    data = "" if s.data_percent is None else f"data {s.used_data}/{s.total_data} blocks ({s.data_percent:.2f}%)"
+    meta = "" if s.metadata_percent is None else (
+        f"metadata {s.used_metadata}/{s.total_metadata} blocks ({s.metadata_percent:.2f}%)")
+    return (f"pool {info.name}: {format_size(info.data_sectors * SECTOR)}, chunk "
+            f"{format_size(info.block_size * SECTOR)}, {info.volumes} volumes, transaction {info.transaction_id}, "
+            f"{state}; {data}; {meta}; status {s.format().strip()!r}")
+
+
+def _volume_line(v: Any) -> str:
+    mapped = "-" if v.status is None or v.status.mapped_sectors is None else format_size(v.status.mapped_sectors * SECTOR)
+    return (f"{v.name:<20} {v.pool:<16} {v.dev_id:>8} {format_size(v.size * SECTOR):>10} {mapped:>10} "
+            f"{'active' if v.active else 'inactive':<9} {v.origin or ''}")
+
+
+_HEADER = f"{'NAME':<20} {'POOL':<16} {'ID':>8} {'SIZE':>10} {'MAPPED':>10} {'STATE':<9} ORIGIN"
+
+
+def cmd_pool_create(args: argparse.Namespace) -> int:
+    info = _manager(args).create_pool(
+        args.name, args.metadata, args.data, chunk_size=parse_sectors(args.chunk_size),
+        zero=args.zero, error_if_no_space=args.error_if_no_space)
+    emit(args, info.to_dict(), lambda: "created " + _pool_text(info))
+    return 0
+
+
+def cmd_pool_extend(args: argparse.Namespace) -> int:
+    info = _manager(args).extend(args.name)
+    emit(args, info.to_dict(), lambda: "extended " + _pool_text(info))
+    return 0
+
+
+def cmd_pool_status(args: argparse.Namespace) -> int:
+    info = _manager(args).pool_status(args.name)
+    emit(args, info.to_dict(), lambda: _pool_text(info))
+    return 0
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    v = _manager(args).create(args.pool, args.name, parse_sectors(args.size))
+    emit(args, v.to_dict(), f"created thin volume {v.name} (id {v.dev_id}, {format_size(v.size * SECTOR)}) "
+                             f"in pool {v.pool}")
+    return 0
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    v = _manager(args).snapshot(args.pool, args.origin, args.name)
+    emit(args, v.to_dict(), f"created thin snapshot {v.name} (id {v.dev_id}) of {v.origin} in pool {v.pool}")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    _manager(args).remove(args.pool, args.name)
+    emit(args, {"removed": args.name, "pool": args.pool}, f"removed thin volume {args.name} from pool {args.pool}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    volumes = _manager(args).list(args.pool)
+    emit(args, [v.to_dict() for v in volumes], lambda: "\n".join([_HEADER, *map(_volume_line, volumes)]))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if args.name is None:
+        return cmd_pool_status(argparse.Namespace(**{**vars(args), "name": args.pool}))
+    v = _manager(args).status(args.pool, args.name)
+    emit(args, v.to_dict(), lambda: "\n".join([_HEADER, _volume_line(v)]))
+    return 0
+
+
+def cmd_activate(args: argparse.Namespace) -> int:
+    info = _manager(args).activate(args.metadata, args.data, volumes=not args.no_volumes)
+    emit(args, info.to_dict(), lambda: "activated " + _pool_text(info))
+    return 0
+
+
+def cmd_deactivate(args: argparse.Namespace) -> int:
+    _manager(args).deactivate(args.pool)
+    emit(args, {"deactivated": args.pool}, f"deactivated pool {args.pool} and its volumes")
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add the pool and volume commands to the ``dmtools thin`` sub-parser collection."""
+    pool = subparsers.add_parser("pool", help="thin pools: create, extend, status")
+    psub = pool.add_subparsers(dest="thin_pool_command", metavar="ACTION")
+    psub.required = True
+    c = psub.add_parser("create", help="make a pool on a metadata and a data device (LVM's layout)")
+    c.add_argument("name", metavar="NAME")
+    c.add_argument("--metadata", required=True, metavar="DEV", help="metadata device (its start is wiped)")
+    c.add_argument("--data", required=True, metavar="DEV", help="data device")
+    c.add_argument("--chunk-size", default="64K", metavar="SIZE",
+                   help="data block size: sectors, or with a unit (default 64K, LVM's; 64K..1G, "
+                   "a multiple of 64K)")
+    zero = c.add_mutually_exclusive_group()
+    zero.add_argument("--zero", dest="zero", action="store_true", default=True,
+                      help="zero new blocks before first use (default)")
+    zero.add_argument("--no-zero", dest="zero", action="store_false", help="skip_block_zeroing")
+    c.add_argument("--error-if-no-space", action="store_true",
+                   help="fail writes at once when the data space is full (default: queue them)")
+    c.set_defaults(func=cmd_pool_create)
+    e = psub.add_parser("extend", help="take up grown metadata and data devices")
+    e.add_argument("name", metavar="NAME")
+    e.set_defaults(func=cmd_pool_extend)
+    s = psub.add_parser("status", help="a pool's usage, mode and transaction id")
+    s.add_argument("name", metavar="NAME")
+    s.set_defaults(func=cmd_pool_status)
+
+    v = subparsers.add_parser("create", help="make a thin volume in a pool")
+    v.add_argument("pool", metavar="POOL")
+    v.add_argument("name", metavar="NAME")
+    v.add_argument("--size", required=True, metavar="SIZE", help="virtual size: sectors, or with a unit")
+    v.set_defaults(func=cmd_create)
+
+    sn = subparsers.add_parser("snapshot", help="snapshot a thin volume (no copy; blocks are shared)")
+    sn.add_argument("pool", metavar="POOL")
+    sn.add_argument("origin", metavar="ORIGIN")
+    sn.add_argument("name", metavar="NAME")
+    sn.set_defaults(func=cmd_snapshot)
+
+    r = subparsers.add_parser("remove", help="deactivate a thin volume and delete it from its pool")
+    r.add_argument("pool", metavar="POOL")
+    r.add_argument("name", metavar="NAME")
+    r.set_defaults(func=cmd_remove)
+
+    ls = subparsers.add_parser("list", help="thin volumes of one or every active pool (--json)")
+    ls.add_argument("pool", metavar="POOL", nargs="?")
+    ls.set_defaults(func=cmd_list)
+
+    st = subparsers.add_parser("status", help="a pool's status, or one volume's (--json)")
+    st.add_argument("pool", metavar="POOL")
+    st.add_argument("name", metavar="NAME", nargs="?")
+    st.set_defaults(func=cmd_status)
+
+    a = subparsers.add_parser("activate", help="activate a pool and its volumes again (after a restart)")
+    a.add_argument("--metadata", required=True, metavar="DEV")
+    a.add_argument("--data", required=True, metavar="DEV")
+    a.add_argument("--no-volumes", action="store_true", help="activate the pool only")
+    a.set_defaults(func=cmd_activate)
+
+    d = subparsers.add_parser("deactivate", help="remove a pool's devices and its volumes (data kept)")
+    d.add_argument("pool", metavar="POOL")
+    d.set_defaults(func=cmd_deactivate)
