@@ -328,17 +328,27 @@ def main() -> int:
     return 0
 
 
+def fmt_ratio(case: dict[str, Any], key: str) -> str:
+    """A case's ratio, end to end and without the interpreter's start-up."""
+    return f"{case[key]:.2f}x end to end, {case[key + '_engine']:.2f}x without interpreter start-up"
+
+
+def fmt_secs(t: dict[str, float], size: int) -> str:
+    """Each tool's median seconds and throughput."""
+    return ", ".join(f"{k} {v:.3f} s ({format_size(int(size / v))}/s)" for k, v in t.items())
+
+
+def print_runs(case: dict[str, Any]) -> None:
+    """Every run's seconds and the load average after them."""
+    every = "; ".join(f"{k} {' '.join(f'{x:.2f}' for x in v)}" for k, v in case["runs"].items())
+    print(f"    runs: {every}; load average after: {' '.join(map(str, case['loadavg']))}")
+
+
 def print_report(r: dict[str, Any], size: int, rss_size: int) -> None:
-    def ratio(case: dict[str, Any], key: str) -> str:
-        return f"{case[key]:.2f}x end to end, {case[key + '_engine']:.2f}x without interpreter start-up"
-
     def secs(t: dict[str, float]) -> str:
-        return ", ".join(f"{k} {v:.3f} s ({format_size(int(size / v))}/s)" for k, v in t.items())
+        return fmt_secs(t, size)
 
-    def runs(case: dict[str, Any]) -> None:
-        every = "; ".join(f"{k} {' '.join(f'{x:.2f}' for x in v)}" for k, v in case["runs"].items())
-        print(f"    runs: {every}; load average after: {' '.join(map(str, case['loadavg']))}")
-
+    ratio, runs = fmt_ratio, print_runs
     print(f"kcopyd benchmark: {format_size(size)}, median of {r['repeat']} after {r['warmup']} untimed round(s), flush={r['flush']}, "
           f"data files evicted from the page cache before each run, {r['cpus']} CPUs, kernel {r['kernel']}")
     if "a_file_to_file" in r:

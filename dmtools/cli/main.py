@@ -19,6 +19,7 @@ log = logging.getLogger("dmtools")
 BUILTIN_COMMANDS = {
     "dm": "dmtools.cli.dm_cmd:register",
     "loop": "dmtools.cli.loop_cmd:register",
+    "nbd": "dmtools.cli.nbd_cmd:register",
     "daemon": "dmtools.engine.cli:register_daemon",
     "monitor": "dmtools.cli.monitor_cmd:register",
 }

@@ -66,9 +66,9 @@ class NbdUri:
         path = "/" + quote(self.export, safe="/")
         if self.transport == "unix":
             q = sorted([(k, v) for k, v in q if k != "socket"] + [("socket", self.socket)])
-            return f"{self.scheme}://{user}{path}?{urlencode(q)}"
+            return f"{self.scheme}://{user}{path}?{urlencode(q, safe='/')}"
         host = f"[{self.host}]" if ":" in self.host else self.host
-        tail = f"?{urlencode(q)}" if q else ""
+        tail = f"?{urlencode(q, safe='/')}" if q else ""
         return f"{self.scheme}://{user}{host.lower()}:{self.port}{path}{tail}"
 
     def __str__(self) -> str:
