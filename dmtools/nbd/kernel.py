@@ -145,8 +145,17 @@ def _describe(index: int, connected: bool) -> NbdDevice:
 
 
 def list_devices(*, all_devices: bool = False) -> list[NbdDevice]:
-    """The nbd devices with an export attached (every nbd device with ``all_devices``)."""
-    with _open_netlink() as sock:
+    """The nbd devices with an export attached (every nbd device with ``all_devices``).
+
+    Without nbd.ko loaded there are none (the module is not loaded just to list nothing).
+    """
+    try:
+        sock = nl.NbdNetlink()
+    except nl.FamilyMissing:
+        return []
+    except OSError as err:
+        raise KernelUnavailable(f"netlink: {err.strerror}", errno=err.errno, operation="nbd") from err
+    with sock:
         try:
             found = _status(sock)
         except OSError as err:
