@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from dmtools.errors import DeviceBusy, DeviceNotFound, DMError, InvalidArgument, KernelUnavailable
+from dmtools.identity import normalize_nbd_uri
 from dmtools.nbd import netlink as nl
 from dmtools.nbd.handshake import FLAG_READ_ONLY, ExportInfo, connect_socket, negotiate
 from dmtools.nbd.uri import parse_uri
@@ -181,6 +182,7 @@ def attach(
     already), ``KernelUnavailable`` (no nbd.ko) and ``DMError`` (not root).
     """
     parsed = parse_uri(uri)
+    backend = normalize_nbd_uri(uri)  # the export's identity (dmtools.identity)
     for name, value, low in (("connections", connections, 1), ("timeout", timeout, 0),
                              ("dead_conn_timeout", dead_conn_timeout, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -216,7 +218,7 @@ def attach(
             (nl.ATTR_TIMEOUT, nl.u64(timeout)),
             (nl.ATTR_DEAD_CONN_TIMEOUT, nl.u64(dead_conn_timeout)),
             (nl.ATTR_SOCKETS, [(nl.SOCK_ITEM, [(nl.SOCK_FD, nl.u32(s.fileno()))]) for s in sockets]),
-            (nl.ATTR_BACKEND_IDENTIFIER, parsed.normalized.encode() + b"\0"),
+            (nl.ATTR_BACKEND_IDENTIFIER, backend.encode() + b"\0"),
         ]
         if index is not None:
             attrs.insert(0, (nl.ATTR_INDEX, nl.u32(index)))
@@ -234,7 +236,7 @@ def attach(
     finally:
         for s in sockets:  # the kernel holds its own references once connected
             s.close()
-    return NbdDevice(index, True, info.size, bool(flags & FLAG_READ_ONLY), parsed.normalized)
+    return NbdDevice(index, True, info.size, bool(flags & FLAG_READ_ONLY), backend)
 
 
 def detach(device: str | os.PathLike[str] | int) -> None:

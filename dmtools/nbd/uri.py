@@ -5,14 +5,15 @@
 export name is the path without its first ``/``, percent-decoded. TLS keys in the query
 (``tls-psk-file``, ``tls-certificates``, ``tls-verify-peer``, ``tls-hostname``) and a ``user@``
 for PSK are kept as given. Parsing here is pure Python, so a bad URI is refused before libnbd is
-loaded or anything is connected.
+loaded or anything is connected. One spelling per export (the export's identity) is
+``dmtools.identity.normalize_nbd_uri``.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from dmtools.errors import InvalidArgument
 
@@ -54,22 +55,6 @@ class NbdUri:
     socket: str  # the Unix socket path ("" for TCP)
     user: str
     query: tuple[tuple[str, str], ...]
-
-    @property
-    def normalized(self) -> str:
-        """One spelling per export: scheme, host and port explicit, socket path absolute, sorted query.
-
-        Two URIs naming the same server and export give the same string (the export's identity).
-        """
-        q = sorted(self.query)
-        user = f"{quote(self.user, safe='')}@" if self.user else ""
-        path = "/" + quote(self.export, safe="/")
-        if self.transport == "unix":
-            q = sorted([(k, v) for k, v in q if k != "socket"] + [("socket", self.socket)])
-            return f"{self.scheme}://{user}{path}?{urlencode(q, safe='/')}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        tail = f"?{urlencode(q, safe='/')}" if q else ""
-        return f"{self.scheme}://{user}{host.lower()}:{self.port}{path}{tail}"
 
     def __str__(self) -> str:
         return self.text

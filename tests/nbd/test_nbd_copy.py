@@ -296,3 +296,19 @@ def test_cli_errors_one_line(tmp_path: Path, start_nbdkit: Callable[..., NbdServ
         assert res.returncode == 1
         assert why in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not (tmp_path / "x").exists()  # nothing created for a copy that could not start
+
+
+def test_overlapping_destinations_on_one_export_refused(tmp_path: Path,
+                                                        start_nbdkit: Callable[..., NbdServer]) -> None:
+    """Two destinations sharing bytes of one export (its identity: the URI) are refused before any I/O."""
+    srv = start_nbdkit(["memory", "4M"])
+    src = tmp_path / "src.img"
+    src.write_bytes(b"\1" * (2 * MiB))
+    with kcopyd.Client(num_pages=64) as kc:
+        with pytest.raises(InvalidArgument, match="share bytes"):
+            kc.copy(kcopyd.Region(str(src), 0, 2048),
+                    [kcopyd.Region(srv.uri, 0, 2048), kcopyd.Region(srv.uri, 1024, 2048)])
+        job = kc.copy(kcopyd.Region(str(src), 0, 2048),
+                      [kcopyd.Region(srv.uri, 0, 2048), kcopyd.Region(srv.uri, 2048, 2048)])
+        assert job.wait(30) and job.ok
+    assert _read(srv.uri, 2 * MiB) == src.read_bytes()

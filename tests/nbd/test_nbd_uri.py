@@ -33,22 +33,6 @@ def test_user_and_query_kept() -> None:
 
 
 @pytest.mark.parametrize(
-    "a, b",
-    [
-        ("nbd://Host/disk", "nbd://host:10809/disk"),
-        ("nbd+unix:///x?socket=/run/a.sock", "nbd+unix:///x?socket=/run/./a.sock"),
-    ],
-)
-def test_normalized_same_export(a: str, b: str) -> None:
-    assert parse_uri(a).normalized == parse_uri(b).normalized
-
-
-def test_normalized_tells_exports_apart() -> None:
-    assert parse_uri("nbd://h/a").normalized != parse_uri("nbd://h/b").normalized
-    assert parse_uri("nbd://h:1/a").normalized != parse_uri("nbd://h:2/a").normalized
-
-
-@pytest.mark.parametrize(
     "text, why",
     [
         ("nbd+unix:///x", "needs ?socket=PATH"),
