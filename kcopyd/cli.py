@@ -206,10 +206,16 @@ def cmd_copy(args: argparse.Namespace) -> int:
                            rate=rate, throttle_percent=args.throttle, offload=not args.no_offload,
                            drop_behind=not args.keep_cache)
     created: list[str] = []
+    from dmtools.claims import Holder
+
+    holder = Holder("dmtools copy")  # destinations: no engine, mount or tool while we write
     try:
         regions = _prepare_dests(dests, count, created)
         start = time.monotonic()
         try:
+            for d in dests:
+                if not d.is_null and not args.allow_in_use:
+                    holder.claim(d.path, device="copy")
             # in use: checked above (before any file was created), as the caller asked
             job = client.copy(kcopyd.Region(src.path, src.sector, count), regions, flags=flags, allow_in_use=True)
         except DMError:
@@ -231,6 +237,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
         reporter.finish(job.progress.done, job.progress.total, ok=job.ok)
     finally:
         client.destroy()
+        holder.close()
     nbytes = count * SECTOR
     summary = {
         "source": {"path": src.path, "sector": src.sector, "count": count},

@@ -13,6 +13,7 @@ names as out of sync with kcopyd, so that ``activate`` brings the mirror up alre
 from __future__ import annotations
 
 import logging
+import os
 import re
 import secrets
 import threading
@@ -593,7 +594,14 @@ def resync_offline(
         from dmtools.blockdev import open_endpoint
 
         opener = open_endpoint
+    from dmtools.claims import Holder
+
     with ExitStack() as stack:
+        holder = Holder("dmtools mirror resync-offline")  # no engine, mount or tool meanwhile
+        stack.callback(holder.close)
+        for ref in [*legs, log]:
+            if isinstance(ref, (str, os.PathLike)) and os.path.exists(ref):
+                holder.claim(os.fspath(ref), device="resync")
         eps = [stack.enter_context(opener(ref, writable=True)) for ref in legs]
         lep = stack.enter_context(opener(log, writable=True)) if log is not None else None
         rs = OfflineResync(eps, lep, region_size=region_size, rate=rate, rebuild=rebuild, source=source, full=full)

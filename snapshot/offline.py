@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from dmtools.blockdev import BlockDevice, open_endpoint
+from dmtools.claims import Holder
 from dmtools.endpoint import Endpoint
 from dmtools.errors import CorruptMetadata, DeviceIOError, InvalidArgument, SnapshotInvalid
 
@@ -214,7 +215,7 @@ def _open_output(
                     operation="export",
                 )
         if is_blk:
-            dev = BlockDevice(path, writable=True, exclusive=True)
+            dev = BlockDevice(path, writable=True)  # exclusive through the caller's claim
             if dev.size < size:
                 dev.close()
                 raise InvalidArgument(
@@ -231,7 +232,7 @@ def _open_output(
             action = f"extended from {st.st_size} to {size} bytes"
         else:
             action = f"sized from 0 to {size} bytes"
-    dev = BlockDevice(path, writable=True, create=True)
+    dev = BlockDevice(path, writable=True, create=True, exclusive=not path.exists())
     try:
         os.ftruncate(dev.fileno(), size)
     except OSError as err:
@@ -284,6 +285,7 @@ def export(
 
         out = resolve_devno(out)  # "MAJOR:MINOR" names a device, as for the inputs: never a new file
     _check_paths(origin, cow, out, backends)
+    holder = Holder("dmtools snapshot export")
     org, own_org = _open(origin)
     cw, own_cow = _open(cow)
     dst: Endpoint | None = None
@@ -308,6 +310,8 @@ def export(
                 f"of {cb} bytes (wrong origin?)",
                 device=cw.name,
             )
+        if not isinstance(out, Endpoint) and os.path.exists(out):
+            holder.claim(os.fspath(out), device="export")  # no engine, mount or tool meanwhile
         dst, own_dst, action = _open_output(out, size, (org, cw), force)
         errors: list[str] = []
         lock = threading.Lock()
@@ -355,6 +359,7 @@ def export(
     finally:
         if own_dst and dst is not None:
             dst.close()
+        holder.close()
         if own_cow:
             cw.close()
         if own_org:

@@ -257,3 +257,27 @@ def test_two_tables_over_one_file_are_refused_or_coherent(world: World, data: An
         buf = bytearray(4096)
         y.readinto(buf, 8192)
     assert bytes(buf) == payload
+
+
+# -- claims: what another engine or tool holds is not written ---------------------------------------
+@pytest.mark.parametrize("command", ["export", "resync-offline", "copy"])
+def test_a_device_claimed_by_another_tool_is_not_written(snap: World, capsys: pytest.CaptureFixture[str],
+                                                         command: str) -> None:
+    from dmtools import claims
+
+    w, img = snap, snap.images
+    victim = {"export": img["spare"], "resync-offline": img["leg1"], "copy": img["dst"]}[command]
+    argv = {
+        "export": ["snapshot", "export", "--origin", str(img["origin"]), "--cow", str(img["cow"]), str(victim),
+                   "--force"],
+        "resync-offline": ["mirror", "resync-offline", str(img["leg0"]), str(victim), "--log", "core",
+                           "--region-size", "64K"],
+        "copy": ["copy", f"{img['src']}@0+64", str(victim), "--quiet"],
+    }[command]
+    before = w.state()
+    with claims.claim(victim, holder="another tool"):
+        rc, err = run_cli(capsys, *argv)
+    assert_refused(rc, err, "claimed", "busy", "in use")
+    assert w.state() == before
+    rc, err = run_cli(capsys, *argv)  # released: the same command goes through
+    assert rc == 0, err
