@@ -30,7 +30,15 @@ from dmtools.status import parse_mirror_status
 from dmtools.table import Table
 from dmtools.targets_model import CoreLog, DiskLog, Leg, Linear, Mirror
 
-from mirror.format import SECTOR, LogImage, check_region_size, format_log, log_io_bytes, region_count
+from mirror.format import (
+    SECTOR,
+    LogImage,
+    check_region_size,
+    drop_cache,
+    format_log,
+    log_io_bytes,
+    region_count,
+)
 from mirror.guard import UNMONITORED_PREFIX, guard_for
 from mirror.reload import swap_table
 from mirror.resync import OfflineResync, RecoveryFailed, ResyncResult, check_legs, raise_for
@@ -395,6 +403,7 @@ class MirrorManager:
             return None
         try:
             with self.open_ref(state.log_device) as lep:
+                drop_cache(lep)  # the kernel writes its log below the page cache
                 image = LogImage.read(lep)
         except DMError:
             return None
