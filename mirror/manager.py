@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MirrorManager", "MirrorState", "DEFAULT_REGION_SIZE", "resync_offline"]
 
+#: Seconds a resync may show a failed leg without progress before it is reported as failed (the
+#: kernel's mirror does not say when it gave up on its regions).
+STALL_SECONDS = 2.0
 #: 512 KiB, the RHEL documentation's default mirror region (LVM's current default is 2 MiB).
 DEFAULT_REGION_SIZE = 1024
 
@@ -355,6 +358,7 @@ class MirrorManager:
         total = state.length * SECTOR
         seen_failed: set[int] = set()  # legs seen with S/D/F (the kernel resets them at full sync)
         deadline = None if timeout is None else time.monotonic() + timeout
+        moved: tuple[float, tuple[int, int]] | None = None  # when the counts last changed, and them
         while True:
             state = self.status(name)
             if progress is not None:
@@ -372,8 +376,12 @@ class MirrorManager:
                 return state
             if failures and "handle_errors" in state.features and state.in_sync + len(failures) >= state.regions:
                 raise self._failed(operation, state, failures)  # what failed stays out of sync: done
-            if bad and self._stalled(name, state, poll):
-                raise self._failed(operation, self.status(name), self.recovery_failures(name))
+            counts = (state.in_sync, len(failures or ()))
+            now = time.monotonic()
+            if not bad or moved is None or moved[1] != counts:
+                moved = (now, counts)
+            elif now - moved[0] >= STALL_SECONDS:  # a failed leg, and nothing moves any more
+                raise self._failed(operation, state, failures)
             if cancel is not None and cancel.is_set():
                 raise OperationCancelled(f"{operation} cancelled; it resumes from the log", operation=operation,
                                          device=name)
@@ -409,15 +417,6 @@ class MirrorManager:
             return None
         dirty = [r for r in image.out_of_sync() if r < state.regions]
         return dirty if len(dirty) == state.regions - state.in_sync else None
-
-    def _stalled(self, name: str, state: MirrorState, poll: float) -> bool:
-        """True when the sync count does not move for a while (a failing leg blocks the resync)."""
-        for _ in range(int(2.0 / poll) + 1):
-            time.sleep(poll)
-            now = self.status(name)
-            if now.in_sync != state.in_sync or now.fully_in_sync:
-                return False
-        return True
 
     def resync_offline(
         self,

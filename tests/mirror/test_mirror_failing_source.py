@@ -260,3 +260,27 @@ def test_offline_resync_names_regions_and_leg(tmp_path: Path, capsys: pytest.Cap
         assert LogImage.read(lep).out_of_sync() == []
     with open(b, "rb") as f:
         assert f.read() == data
+
+
+@pytest.mark.parametrize("handle_errors", [True, False], ids=["handle_errors", "unsafe"])
+def test_events_as_dm_raid1_raises_them(eng: Any, tmp_path: Path, handle_errors: bool) -> None:
+    """dm-raid1.c: ``fail_mirror`` raises an event only with handle_errors, once per new error type
+    of a leg; ``do_recovery`` raises one when the mirror becomes fully in sync."""
+    a, b = _image(tmp_path, "a", SIZE, os.urandom(SIZE)), _image(tmp_path, "b", SIZE)
+    sw = Switch(f"events{handle_errors}", fail_after=0)
+    eng.create("src", f"0 {SIZE // 512} trip {a} 0 {sw.name}")
+    mm = MirrorManager(eng)
+    mm.create("m", [eng.device_ref("src"), b], region_size=REGION, handle_errors=handle_errors)
+    if handle_errors:
+        with pytest.raises(RecoveryFailed):
+            mm.resync("m", timeout=30)
+    else:
+        assert _target(eng, "m").wait_in_sync(30)
+    # handle_errors: the first S of leg 0 (later ones add no new type); unsafe: full sync only
+    assert eng.info("m").event_nr == 1
+    with eng.open_endpoint("m", writable=False) as ep:
+        got = read_pieces(ep, REGION_BYTES, 2)
+    assert got == [None, None] if handle_errors else None not in got
+    # unsafe: the read failed on leg 0 (R) and was retried on leg 1; no event either way
+    assert mm.status("m").health == ("SA" if handle_errors else "RA")
+    assert eng.info("m").event_nr == 1
