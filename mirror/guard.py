@@ -9,9 +9,10 @@ process that owns the engine (the daemon, or the library user's process):
 
 - a leg shows ``D``, ``S`` or ``F`` (``R`` leaves the data intact, as dmeventd ignores it, unless
   writes are held): when the legs that remain hold all the data — the mirror is in sync, or the
-  default leg (0, which moves only when the mirror is in sync) is not among the failed — the failed
-  legs are dropped: the mirror is reloaded over the others (a ``linear`` device when one remains)
-  with a ``noflush`` suspend, and the held writes are requeued to the new table and land there;
+  default leg is not among the failed (every write and every resync goes through it; it moves off
+  a failed leg only while the mirror is in sync, dm-raid1.c ``fail_mirror``) — the failed legs are
+  dropped: the mirror is reloaded over the others (a ``linear`` device when one remains) with a
+  ``noflush`` suspend, and the held writes are requeued to the new table and land there;
 - when the failed leg is the default leg of a mirror out of sync, the data of the regions not yet
   copied lives only on it: no table can serve them, so the held I/O is ended with EIO by a plain
   suspend and resume (``hold_bio`` at suspend), as it will be each time it is held again. Reads of
@@ -34,7 +35,7 @@ from dmtools.backend import DeviceMapper
 from dmtools.errors import DMError
 from dmtools.status import parse_mirror_status
 from dmtools.table import Table
-from dmtools.targets_model import Linear, Mirror
+from dmtools.targets_model import CoreLog, Linear, Mirror
 
 from mirror.reload import swap_table
 
@@ -170,9 +171,13 @@ class MirrorGuard:
         remaining = [leg for i, leg in enumerate(target.legs) if i not in failed]
         if not remaining:
             return WAITING  # every leg failed: dm-raid1 fails the I/O itself, nothing is held
-        if st.in_sync == st.regions or 0 not in failed:
+        if st.in_sync == st.regions or self._default(name) not in failed:
             if len(remaining) >= 2:
-                new = Table.single(line.length, Mirror(target.log, tuple(remaining), target.features))
+                mlog = target.log
+                if isinstance(mlog, CoreLog) and mlog.sync == "nosync" and st.in_sync != st.regions:
+                    # a reloaded nosync core log would trust every region: resync them all instead
+                    mlog = CoreLog(mlog.region)
+                new = Table.single(line.length, Mirror(mlog, tuple(remaining), target.features))
             else:
                 new = Table.single(line.length, Linear(remaining[0].device, remaining[0].offset))
             if self.dm.table(name).lines[0].target != target:
@@ -193,6 +198,13 @@ class MirrorGuard:
         log.warning("mirror %s: %s", name, detail)
         self.actions.append((name, "released", detail))
         return "released"
+
+    def _default(self, name: str) -> int:
+        """The default leg: every write and every resync goes through it, so it holds all the data."""
+        try:
+            return int(self.dm.message(name, 0, "default_leg") or 0)
+        except (DMError, ValueError):
+            return 0
 
     def _held(self, name: str) -> int:
         try:

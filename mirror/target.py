@@ -21,7 +21,8 @@ Messages (this target's own; the kernel's mirror has no message handler): ``resy
 resyncs one leg (a replaced one) from the default leg: every region is marked dirty on the log first
 (a crash then resyncs every leg, which is safe), and regions the other legs hold in sync are copied
 to the rebuilt leg only; reads never use a leg being rebuilt. ``held_ios`` answers with the number
-of writes and flushes held after a leg failure (``mirror.guard`` releases them). ``recovery_failures`` answers with the
+of writes and flushes held after a leg failure (``mirror.guard`` releases them), ``default_leg`` with
+the leg reads and resync come from (it moves off a failed leg only while in sync, ``fail_mirror``). ``recovery_failures`` answers with the
 regions whose last recovery failed and the legs that failed it (``<region>:<leg>[,<leg>]`` words,
 empty when none): with ``handle_errors`` such a region stays out of sync; without it the kernel's
 rule marks it in sync anyway (dm-region-hash.c ``complete_resync_work(reg, errors_handled ? 0 : 1)``),
@@ -743,6 +744,9 @@ class MirrorTarget(Target):
         if len(args) == 1 and args[0] == "held_ios":
             with self.cond:
                 return str(self.held)
+        if len(args) == 1 and args[0] == "default_leg":
+            with self.cond:
+                return str(self.default)
         if len(args) == 2 and args[0] in ("resync_rate", "max_recovery"):
             try:
                 value = parse_uint(args[1]) if args[0] == "max_recovery" else parse_sector(args[1])

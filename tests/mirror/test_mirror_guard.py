@@ -51,13 +51,13 @@ def eng(mengine: Any) -> Any:
     return mengine
 
 
-@pytest.mark.parametrize("legs", [2, 3])
-def test_failed_leg_is_dropped_and_the_held_write_lands(eng: Any, tmp_path: Path, legs: int) -> None:
+@pytest.mark.parametrize("legs,bad", [(2, 1), (3, 1), (2, 0)], ids=["2-legs", "3-legs", "primary"])
+def test_failed_leg_is_dropped_and_the_held_write_lands(eng: Any, tmp_path: Path, legs: int, bad: int) -> None:
     data = os.urandom(SIZE)
     paths = [_image(tmp_path, f"l{i}", SIZE, data) for i in range(legs)]
-    sw = Switch(f"drop{legs}")
-    eng.create("bad", f"0 {SIZE // 512} trip {paths[1]} 0 {sw.name}")
-    refs = [paths[0], eng.device_ref("bad"), *paths[2:]]
+    sw = Switch(f"drop{legs}{bad}")
+    eng.create("bad", f"0 {SIZE // 512} trip {paths[bad]} 0 {sw.name}")
+    refs = [eng.device_ref("bad") if i == bad else p for i, p in enumerate(paths)]
     mm = MirrorManager(eng)
     mm.create("m", refs, region_size=REGION, nosync=True)  # handle_errors and monitoring: the defaults
     sw.trip()
@@ -66,18 +66,21 @@ def test_failed_leg_is_dropped_and_the_held_write_lands(eng: Any, tmp_path: Path
     assert done.wait(BOUND), "the held write was never released"
     assert out[0][0] == "ok" and out[0][1] < BOUND
     target = eng.table("m").lines[0].target
+    kept = [p for i, p in enumerate(paths) if i != bad]
     if legs == 2:
-        assert target == Linear(paths[0], 0)
+        # in sync when the primary failed: the default moved to leg 1 (fail_mirror), which holds it all
+        assert target == Linear(kept[0], 0)
     else:
-        assert isinstance(target, Mirror) and [lg.device for lg in target.legs] == [paths[0], paths[2]]
+        assert isinstance(target, Mirror) and [lg.device for lg in target.legs] == kept
         assert mm.status("m").health == "AA"
     expect = data[:5 * RB] + new + data[8 * RB:]
     with eng.open_endpoint("m", writable=False) as ep:
         buf = bytearray(SIZE)
         ep.readinto(buf, 0)
     assert bytes(buf) == expect
-    with open(paths[0], "rb") as f:
-        assert f.read() == expect
+    for p in kept:
+        with open(p, "rb") as f:
+            assert f.read() == expect
     deadline = time.monotonic() + BOUND  # recorded once the reload returned
     while not guard_for(eng).actions:
         assert time.monotonic() < deadline
@@ -183,3 +186,29 @@ def test_daemon_runs_the_guard_for_mirrors_its_clients_create(daemon: Any, tmp_p
         client.remove("bad")
     finally:
         client.close()
+
+
+def test_dropping_a_leg_of_a_nosync_mirror_out_of_sync_resyncs_the_rest(eng: Any, tmp_path: Path) -> None:
+    """A ``nosync`` core log reloaded would trust every region: once the mirror is out of sync (the
+    failed write's region), the guard's new table resyncs them all instead. Leg 2 starts blank
+    although the mirror was made ``nosync``: only a resync gives it the data."""
+    from dmtools.targets_model import CoreLog
+
+    data = os.urandom(SIZE)
+    paths = [_image(tmp_path, "l0", SIZE, data), _image(tmp_path, "l1", SIZE, data), _image(tmp_path, "l2", SIZE)]
+    sw = Switch("nosync-drop")
+    eng.create("bad", f"0 {SIZE // 512} trip {paths[1]} 0 {sw.name}")
+    mm = MirrorManager(eng)
+    mm.create("m", [paths[0], eng.device_ref("bad"), paths[2]], region_size=REGION, nosync=True)
+    sw.trip()
+    done, out = _writer(eng, 0, b"n" * 4096)  # fails on leg 1: held until the guard acts
+    assert done.wait(BOUND) and out[0][0] == "ok"
+    target = eng.table("m").lines[0].target
+    assert [lg.device for lg in target.legs] == [paths[0], paths[2]]
+    assert target.log == CoreLog(REGION)  # not nosync: every region is copied again
+    st = mm.resync("m", timeout=60)
+    assert st.fully_in_sync
+    expect = b"n" * 4096 + data[4096:]
+    for p in (paths[0], paths[2]):
+        with open(p, "rb") as f:
+            assert f.read() == expect
