@@ -905,9 +905,9 @@ class ThinPool(Target):
             if count > len(rest) - 1:
                 raise _fail(t, "Invalid number of pool feature arguments: not enough arguments "
                                "for the feature count")
-            if count < len(rest) - 1:
-                raise _fail(t, f"Invalid argument count: unexpected {' '.join(rest[1 + count:])!r}")
-            features = rest[1:]
+            # dm-thin.c parse_pool_features reads the group and pool_ctr never looks past it:
+            # words after the group are accepted and dropped (the table printed back has none).
+            features = rest[1 : 1 + count]
         return cls(args[0], args[1], block_size, low_water, tuple(features))
 
 
