@@ -340,3 +340,70 @@ def test_failed_steps_are_undone(kernel_dm: Any, devices: Any, tag: str) -> None
     with pytest.raises(CorruptMetadata, match="no dmtools thin-pool record"):
         read_record(meta2.path)  # the record went with the devices: the create can simply be repeated
     assert ThinPoolManager(kernel_dm).create_pool(f"{tag}x", meta2.path, data2.path).transaction_id == 0
+
+
+def test_messages_on_the_kernel(kernel_dm: Any, devices: Any, tag: str) -> None:
+    """Each typed call against the real pool, and each errno turned into its named error."""
+    from dmtools import thin_messages as tm
+    from dmtools.errors import DeviceNotFound, InvalidArgument
+
+    meta, data = devices()
+    ThinPoolManager(kernel_dm).create_pool(tag, meta.path, data.path)
+    pool = f"{tag}-tpool"
+
+    def status() -> Any:
+        return parse_thin_pool_status(kernel_dm.status(pool)[0].params)
+
+    tm.create_thin(kernel_dm, pool, 10)
+    with pytest.raises(DeviceExists):
+        tm.create_thin(kernel_dm, pool, 10)
+    tm.create_snap(kernel_dm, pool, 11, 10)
+    with pytest.raises(DeviceNotFound, match="no thin device 99"):
+        tm.create_snap(kernel_dm, pool, 12, 99)
+    tm.delete(kernel_dm, pool, 11)
+    with pytest.raises(DeviceNotFound, match="no thin device 11"):
+        tm.delete(kernel_dm, pool, 11)
+    kernel_dm.create(f"{tag}t", Table.single(2048, Thin(kernel_dm.device_ref(pool), 10)))
+    with pytest.raises(DeviceBusy, match="active"):
+        tm.delete(kernel_dm, pool, 10)
+    kernel_dm.remove(f"{tag}t")
+    tm.set_transaction_id(kernel_dm, pool, 0, 7)
+    with pytest.raises(InvalidArgument, match="transaction id is not 0"):
+        tm.set_transaction_id(kernel_dm, pool, 0, 8)
+    assert status().transaction_id == 7
+    tm.reserve_metadata_snap(kernel_dm, pool)
+    held = status().held_root
+    assert isinstance(held, int) and held > 0
+    with pytest.raises(DeviceBusy, match="already held"):
+        tm.reserve_metadata_snap(kernel_dm, pool)
+    tm.release_metadata_snap(kernel_dm, pool)
+    assert status().held_root is None
+    with pytest.raises(InvalidArgument, match="no metadata snapshot"):
+        tm.release_metadata_snap(kernel_dm, pool)
+    assert status().format() == _dmsetup("status", pool).split(" ", 3)[3].rstrip("\n")
+
+
+@pytest.mark.parametrize(
+    ("params", "reason"),
+    [
+        ("{m} {d} 100 0", "Invalid block size"),
+        ("{m} {d} 129 0", "Invalid block size"),
+        ("{m} {d} 128 x", "Invalid low water mark"),
+        ("{m} {d} 128 0 1 zero_blocks", "Unrecognised pool feature requested"),
+        ("{m} {d} 128 0 5 read_only read_only read_only read_only read_only",
+         "Invalid number of pool feature arguments"),
+        ("{m} {d} 128", "Invalid argument count"),
+    ],
+)
+def test_bad_pool_tables_give_the_kernels_words(kernel_dm: Any, devices: Any, tag: str, params: str,
+                                                reason: str) -> None:
+    """The kernel refuses the same text with the same words our typed value uses."""
+    meta, data = devices()
+    text = params.format(m=meta.path, d=data.path)
+    with pytest.raises(DMError, match=reason):
+        Table.parse(f"0 131072 thin-pool {text}")
+    done = subprocess.run(["dmsetup", "create", f"{tag}b", "--table", f"0 131072 thin-pool {text}"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0
+    kmsg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
+    assert any(f"thin-pool: {reason}" in line for line in kmsg[-20:]), kmsg[-5:]
