@@ -180,6 +180,21 @@ def kernel_dm() -> Iterator[Any]:
 
 
 @pytest.fixture
+def kernel_tag(kernel_dm: Any) -> Iterator[str]:
+    """A unique name prefix for kernel devices; every device starting with it is removed afterwards,
+    in rounds, so devices stacked on others go first whatever their names."""
+    tag = f"k{uuid.uuid4().hex[:8]}"
+    yield tag
+    for _ in range(8):
+        left = [e.name for e in kernel_dm.list() if e.name.startswith(tag)]
+        if not left:
+            return
+        for name in left:
+            with contextlib.suppress(Exception):  # busy until its users are gone: next round
+                kernel_dm.remove(name)
+
+
+@pytest.fixture
 def engine() -> Iterator[Any]:
     """An in-process userspace engine, closed at teardown."""
     from dmtools.engine import Engine

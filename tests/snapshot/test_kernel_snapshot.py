@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import os
 import random
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +29,9 @@ CHUNKS = [8, 128]
 
 
 @pytest.fixture
-def tag(kernel_dm: Any) -> Iterator[str]:
+def tag(kernel_tag: str) -> str:
     """A unique name prefix; every kernel device starting with it is removed afterwards."""
-    t = f"k{uuid.uuid4().hex[:8]}"
-    yield t
-    for _ in range(3):
-        left = [e.name for e in kernel_dm.list() if e.name.startswith(t)]
-        if not left:
-            break
-        # snapshots first, then origins, then -real/-cow
-        for name in sorted(left, key=lambda n: (n.endswith("-real") or n.endswith("-cow"), n)):
-            try:
-                kernel_dm.remove(name, retry=True)
-            except Exception:  # noqa: BLE001 - best-effort cleanup
-                pass
+    return kernel_tag
 
 
 def _read(path: str, size: int = SIZE) -> bytes:

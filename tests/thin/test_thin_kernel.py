@@ -13,8 +13,7 @@ from __future__ import annotations
 import io
 import os
 import random
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,19 +33,9 @@ VOL = 8 << 20  # each thin volume: 128 blocks
 
 
 @pytest.fixture
-def tag(kernel_dm: Any) -> Iterator[str]:
-    """A unique name prefix; its devices are removed afterwards (thins before the pool)."""
-    t = f"k{uuid.uuid4().hex[:8]}"
-    yield t
-    for _ in range(3):
-        left = [e.name for e in kernel_dm.list() if e.name.startswith(t)]
-        if not left:
-            break
-        for name in sorted(left, key=lambda n: n.endswith("-pool")):
-            try:
-                kernel_dm.remove(name, retry=True)
-            except Exception:  # noqa: BLE001 - best-effort cleanup
-                pass
+def tag(kernel_tag: str) -> str:
+    """A unique name prefix; the plugin removes its devices afterwards (thins before the pool)."""
+    return kernel_tag
 
 
 def _read(path: str, size: int) -> bytes:
