@@ -87,7 +87,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _snapshot_arg(args: argparse.Namespace) -> bool | int:
-    return False if args.metadata_snap is None else (True if args.metadata_snap == "" else int(args.metadata_snap))
+    if args.snap_block is not None:
+        return int(args.snap_block)
+    return bool(args.metadata_snap)
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
@@ -176,8 +178,9 @@ def _add_offline_commands(sub: Any) -> None:
     d.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     d.add_argument("--dev-id", type=_dev_id, action="append", metavar="N", help="only this device (repeatable)")
     d.add_argument("--skip-mappings", action="store_true", help="devices only")
-    d.add_argument("-m", "--metadata-snap", nargs="?", const="", default=None, metavar="BLOCK",
-                   help="read the held metadata snapshot (at BLOCK, default the one the superblock names)")
+    d.add_argument("-m", "--metadata-snap", action="store_true",
+                   help="read the held metadata snapshot the superblock names (as thin_dump -m)")
+    d.add_argument("--snap-block", type=int, metavar="BLOCK", help="read a metadata snapshot at BLOCK")
     d.set_defaults(func=cmd_dump)
 
     r = sub.add_parser("restore", help="write metadata from thin_dump XML (as thin_restore)")

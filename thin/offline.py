@@ -22,6 +22,7 @@ from dmtools.inputs import check_devices
 
 from thin.metadata import btree
 from thin.metadata.dump import device_runs
+from thin.metadata.ondisk import Superblock
 from thin.metadata.pool import ThinMetadata
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -64,7 +65,10 @@ def ls(path: str | os.PathLike[str], *, snapshot: bool = False) -> list[DeviceUs
     """
     with ThinMetadata.open(path, snapshot=snapshot) as md:
         devices = md.devices()
-        seen = bytearray(md.nr_data_blocks)  # 0 unmapped, 1 mapped once, 2 mapped more often
+        nr = md.nr_data_blocks
+        if snapshot:  # a held snapshot has no space-map roots: the live superblock knows the size
+            nr = Superblock.unpack(md.dev.read(0)).data_sm.nr_blocks
+        seen = bytearray(nr)  # 0 unmapped, 1 mapped once, 2 mapped more often
         roots = {dev_id: md.device_root(dev_id) for dev_id in devices}
         for root in roots.values():
             for _keys, values in btree.walk(md.tm, root, md.mapping):

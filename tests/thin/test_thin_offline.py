@@ -94,10 +94,20 @@ def test_cli_check_dump_ls(pool, thin_tools, tmp_path: Path, capsys: pytest.Capt
     # 10 blocks still shared; thin 1 alone keeps its old block 3, the snapshot its new 3 and 50
     assert [(r["dev_id"], r["mapped_blocks"], r["exclusive_blocks"], r["shared_blocks"]) for r in rows] == \
         [(1, 11, 1, 10), (2, 12, 2, 10)]
+    with ThinMetadata.open(meta, writable=True) as md:
+        held = md.reserve_metadata_snap()
+        md.delete(1)
+        md.commit()
+    assert main(["thin", "dump", "-m", str(meta)]) == 0
+    assert capsys.readouterr().out == thin_tools.dump(meta, "-m")
+    assert main(["thin", "dump", "--snap-block", str(held), str(meta)]) == 0
+    assert capsys.readouterr().out == thin_tools.dump(meta, f"-m{held}")
+    assert main(["thin", "ls", "-m", "-o", "DEV,MAPPED_BLOCKS", str(meta)]) == 0
+    assert capsys.readouterr().out == thin_tools.ls(meta, "-m", "-o", "DEV,MAPPED_BLOCKS")
     assert main(["thin", "dump", "--json", str(meta)]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["superblock"]["time"] == 1 and [d["dev_id"] for d in doc["devices"]] == [1, 2]
-    assert doc["devices"][1]["mappings"][0] == {"origin_begin": 0, "data_begin": 0, "length": 3, "time": 0}
+    assert doc["superblock"]["time"] == 1 and [d["dev_id"] for d in doc["devices"]] == [2]
+    assert doc["devices"][0]["mappings"][0] == {"origin_begin": 0, "data_begin": 0, "length": 3, "time": 0}
 
 
 def test_cli_restore_round_trip(thin_tools, meta_image: Callable[..., Path], tmp_path: Path,
