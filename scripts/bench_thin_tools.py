@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -100,11 +101,17 @@ def main() -> int:
     ap.add_argument("--devices", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--make-xml", metavar="PATH", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.make_xml:
+        make_xml(Path(args.make_xml), args.mappings, args.devices)
+        return 0
     dmtools = str(VENV_BIN / "dmtools")
     with tempfile.TemporaryDirectory(prefix="dmtt-bench-thin-") as tmp:
         xml, meta, meta2 = Path(tmp) / "pool.xml", Path(tmp) / "meta.img", Path(tmp) / "meta2.img"
-        make_xml(xml, args.mappings, args.devices)
+        # in a child: this process stays small, and a child's peak RSS starts from ours at exec
+        subprocess.run([sys.executable, __file__, "--make-xml", str(xml), "--mappings", str(args.mappings),
+                        "--devices", str(args.devices)], check=True)
         for m in (meta, meta2):
             with open(m, "wb") as f:
                 f.truncate(1 << 30)  # a 1 GiB metadata device
