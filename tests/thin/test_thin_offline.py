@@ -169,6 +169,9 @@ def _corrupt(meta: Path, block: int, offset: int) -> None:
 
 
 def _node_of(meta: Path, what: str) -> int:
+    if what.endswith("bitmap"):
+        with ThinMetadata.open(meta, writable=True) as md:
+            return md.tm.m_bitmaps[0] if what == "metadata bitmap" else md.tm.d_bitmaps[0]
     with ThinMetadata.open(meta) as md:
         if what == "mapping leaf":
             return md.device_root(2)
@@ -186,6 +189,8 @@ CORRUPT = {
     "data space map index": (lambda m: _node_of(m, "data index"), 60, "bad checksum in btree node"),
     "metadata space map index": (lambda m: _node_of(m, "metadata index"), 20,
                                  "bad checksum in metadata space map index"),
+    "metadata bitmap": (lambda m: _node_of(m, "metadata bitmap"), 20, "bad checksum in space map bitmap"),
+    "data bitmap": (lambda m: _node_of(m, "data bitmap"), 20, "bad checksum in space map bitmap"),
 }
 
 
