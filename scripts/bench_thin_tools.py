@@ -4,7 +4,7 @@
 ``thin_check`` on the same metadata, each in a fresh process (wall time, best of --repeat, and peak
 RSS). Also ``thin restore`` against ``thin_restore`` building it. Goal: within 3x, <= 128 MiB.
 
-    scripts/bench thin_tools [--mappings 1000000] [--devices 4] [--repeat 3] [--json]
+    scripts/bench thin_tools [--mappings 1000000] [--devices 4] [--repeat 3] [--max-run 64] [--json]
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(os.environ.get("DMTOOLS_VENV", ROOT / ".venv")) / "bin"
 
 
-def make_xml(path: Path, mappings: int, devices: int, seed: int = 1) -> int:
+def make_xml(path: Path, mappings: int, devices: int, max_run: int = 64, seed: int = 1) -> int:
     """A dump of ``devices`` thin devices sharing ``mappings`` mapped blocks between them: the last
     device is a snapshot of the first that rewrote a tenth of it; writes come in runs of 1..64
-    blocks scattered over a 4x larger virtual space, as a filesystem's would. Returns nr_data_blocks."""
+    blocks (``max_run``) scattered over a 4x larger virtual space, as a filesystem's would. Returns
+    nr_data_blocks."""
     rng = random.Random(seed)
     per = mappings // devices
     cursor = 0
@@ -48,7 +49,7 @@ def make_xml(path: Path, mappings: int, devices: int, seed: int = 1) -> int:
         else:
             vb, left = 0, per
             while left:
-                n = min(left, rng.randint(1, 64))
+                n = min(left, rng.randint(1, max_run))
                 vb += rng.randint(0, 3 * n)
                 runs.append((vb, cursor, n, 0))
                 if dev == 0:
@@ -72,21 +73,30 @@ def make_xml(path: Path, mappings: int, devices: int, seed: int = 1) -> int:
 
 
 def run(argv: list[str]) -> tuple[float, int, bytes, float]:
-    """Wall seconds, peak RSS (KiB), stdout and CPU seconds (user + system) of one fresh process."""
+    """Wall seconds, peak RSS (KiB), stdout and CPU seconds (user + system) of one fresh process.
+
+    The peak RSS comes from GNU time (``/usr/bin/time -f %M``): a child of this Python process would
+    start with this process's RSS as its peak (the kernel keeps the larger across exec).
+    """
     exe = shutil.which(argv[0]) or argv[0]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    gnu_time = shutil.which("time") if os.path.exists("/usr/bin/time") else None
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r") as rss:
+        cmd = [exe, *argv[1:]]
+        if gnu_time:
+            cmd = ["/usr/bin/time", "-f", "%M", "-o", rss.name, *cmd]
         t0 = time.perf_counter()
-        # posix_spawn (vfork): a fork would start the child with this process's RSS as its peak
-        pid = os.posix_spawn(exe, argv, os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, out.fileno(), 1),
-                                                                   (os.POSIX_SPAWN_DUP2, err.fileno(), 2)])
+        pid = os.posix_spawn(cmd[0], cmd, os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, out.fileno(), 1),
+                                                                     (os.POSIX_SPAWN_DUP2, err.fileno(), 2)])
         _pid, status, usage = os.wait4(pid, 0)
         elapsed = time.perf_counter() - t0
         rc = os.waitstatus_to_exitcode(status)
         if rc != 0:
             err.seek(0)
             raise SystemExit(f"{' '.join(argv)} failed ({rc}): {err.read().decode(errors='replace')[:500]}")
+        peak = int(rss.read().split()[-1]) if gnu_time else usage.ru_maxrss
         out.seek(0)
-        return elapsed, usage.ru_maxrss, out.read(), usage.ru_utime + usage.ru_stime
+        return elapsed, peak, out.read(), usage.ru_utime + usage.ru_stime
 
 
 def best(argv: list[str], repeat: int) -> tuple[float, int, bytes, float]:
@@ -100,18 +110,20 @@ def main() -> int:
     ap.add_argument("--mappings", type=int, default=1_000_000)
     ap.add_argument("--devices", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--max-run", type=int, default=64, help="longest run of consecutive blocks written "
+                    "(1: every mapping on its own, thin_dump's worst case)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--make-xml", metavar="PATH", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.make_xml:
-        make_xml(Path(args.make_xml), args.mappings, args.devices)
+        make_xml(Path(args.make_xml), args.mappings, args.devices, args.max_run)
         return 0
     dmtools = str(VENV_BIN / "dmtools")
     with tempfile.TemporaryDirectory(prefix="dmtt-bench-thin-") as tmp:
         xml, meta, meta2 = Path(tmp) / "pool.xml", Path(tmp) / "meta.img", Path(tmp) / "meta2.img"
         # in a child: this process stays small, and a child's peak RSS starts from ours at exec
         subprocess.run([sys.executable, __file__, "--make-xml", str(xml), "--mappings", str(args.mappings),
-                        "--devices", str(args.devices)], check=True)
+                        "--devices", str(args.devices), "--max-run", str(args.max_run)], check=True)
         for m in (meta, meta2):
             with open(m, "wb") as f:
                 f.truncate(1 << 30)  # a 1 GiB metadata device
