@@ -126,7 +126,7 @@ def test_manager_on_kernel_creates_follows_resync_and_removes(kernel_dm: Any, ma
         assert st.fully_in_sync and seen[-1] == (SIZE, SIZE)
         d0, d1 = (f"{os.major(os.stat(p).st_rdev)}:{os.minor(os.stat(p).st_rdev)}" for p in (leg0, leg1))
         assert st.status_text == f"2 {d0} {d1} 128/128 1 AA 1 core"
-        assert st.table_text == f"core 1 {REGION} 2 {d0} 0 {d1} 0"
+        assert st.table_text == f"core 1 {REGION} 2 {d0} 0 {d1} 0 1 handle_errors"  # the default
         assert _read(leg0) == _read(leg1)
     finally:
         mm.remove(dm_name)
