@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
+import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,15 +16,16 @@ from typing import Any
 
 import pytest
 
-from dmtools.blockdev import BlockDevice
+from dmtools.blockdev import BlockDevice, aligned_buffer
 from dmtools.cli.main import main
-from dmtools.errors import DeviceBusy, InvalidArgument
+from dmtools.errors import DeviceBusy, DeviceIOError, InvalidArgument
 from dmtools.nbd import NbdEndpoint, kernel
 from dmtools.testing.nbdserver import NbdServer
 
 pytestmark = pytest.mark.kernel
 
 MiB = 1 << 20
+BLKROGET = 0x125E  # _IO(0x12, 94), include/uapi/linux/fs.h
 
 
 def _dmtools(*args: str) -> str:
@@ -87,8 +90,8 @@ def test_attach_io_list_detach(start_nbdkit: Callable[..., NbdServer], attached:
     assert _server_bytes(srv, 5 * MiB, MiB) == data  # it reached the server
     with NbdEndpoint(srv.uri, writable=True) as ep:
         ep.write(b"\x5a" * 4096, 0)
+    buf = aligned_buffer(4096)
     with BlockDevice(path, direct=True) as dev:
-        buf = bytearray(4096)
         dev.readinto(buf, 0)
     assert bytes(buf) == b"\x5a" * 4096
     with pytest.raises(DeviceBusy):
@@ -103,9 +106,19 @@ def test_read_only_attach(start_nbdkit: Callable[..., NbdServer], attached: Call
     srv = start_nbdkit(["memory", "8M"])
     path = attached(srv.uri, "--read-only")
     _wait_size(path, 8 * MiB)
-    with pytest.raises(OSError):
-        os.close(os.open(path, os.O_WRONLY))
     assert [d for d in kernel.list_devices() if d.path == path][0].read_only
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert struct.unpack("i", fcntl.ioctl(fd, BLKROGET, b"\0" * 4))[0] == 1
+    finally:
+        os.close(fd)
+    # The kernel lets a read-only disk be opened for writing; nbd.c fails the write itself
+    # ("Write on read-only"), so a direct write gets EIO and the server sees nothing.
+    buf = aligned_buffer(4096)
+    buf[:] = b"\x77" * 4096
+    with BlockDevice(path, writable=True, direct=True) as dev, pytest.raises(DeviceIOError):
+        dev.write(buf, 0)
+    assert _server_bytes(srv, 0, 4096) == bytes(4096)
 
 
 def test_kernel_linear_and_mirror_over_nbd(start_nbdkit: Callable[..., NbdServer], attached: Callable[..., str],
