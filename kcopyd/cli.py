@@ -214,7 +214,8 @@ def cmd_copy(args: argparse.Namespace) -> int:
         start = time.monotonic()
         try:
             for d in dests:
-                if not d.is_null and not args.allow_in_use:
+                # an export is claimed by its server, not here (no local device to hold)
+                if not d.is_null and not is_nbd_uri(d.path) and not args.allow_in_use:
                     holder.claim(d.path, device="copy")
             # in use: checked above (before any file was created), as the caller asked
             job = client.copy(kcopyd.Region(src.path, src.sector, count), regions, flags=flags, allow_in_use=True)
