@@ -114,6 +114,15 @@ def test_we_read_the_kernels_pool(kernel_dm: Any, thin_tools, tmp_path: Path, ma
         out = tmp_path / f"vol{dev_id}.img"
         export(ml.path, dl.path, dev_id, out, size=VOL)
         assert out.read_bytes() == view, f"thin {dev_id}"
+    # and we change what the kernel wrote: a snapshot, new mappings, a deletion
+    with ThinMetadata.open(ml.path, writable=True, data_block_size=BS) as md:
+        md.create_snap(3, 2)
+        for v in range(100, 120):
+            md.insert(3, v, md.alloc_data_block())
+        md.delete(1)
+        md.commit()
+    theirs = _compare_with_thin_tools(thin_tools, Path(ml.path))
+    assert '<device dev_id="1"' not in theirs and '<device dev_id="3" mapped_blocks=' in theirs
 
 
 def test_kernel_activates_our_pool(kernel_dm: Any, thin_tools, tmp_path: Path, make_loop: Callable[..., Any],
