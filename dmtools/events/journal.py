@@ -60,6 +60,23 @@ def _line(record: dict[str, Any]) -> bytes:
     return json.dumps(record, sort_keys=True, separators=(",", ":")).encode() + b"\n"
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _well_formed(record: Any) -> bool:
+    """A record as the store writes it: an integer ``r``; ``events`` (if any) a list of objects
+    whose ``seq`` (if any) is an integer; an integer ``base_seq`` (if any). A state directory
+    may be given by hand (``--state-dir``): anything else is damage, not a crash."""
+    if not isinstance(record, dict) or not _is_int(record.get("r")):
+        return False
+    events = record.get("events", [])
+    if not isinstance(events, list) or not all(
+            isinstance(e, dict) and _is_int(e.get("seq", 0)) for e in events):
+        return False
+    return _is_int(record.get("base_seq", 0))
+
+
 def _parse(data: bytes, path: str, *, strict: bool) -> tuple[list[dict[str, Any]], int]:
     """The records in ``data`` and the length of its committed part.
 
@@ -73,7 +90,7 @@ def _parse(data: bytes, path: str, *, strict: bool) -> tuple[list[dict[str, Any]
     for index, line in enumerate(lines[:-1]):
         try:
             record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("r"), int):
+            if not _well_formed(record):
                 raise ValueError("not a journal record")
         except ValueError as err:
             if index == len(lines) - 2 and not lines[-1]:

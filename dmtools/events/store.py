@@ -85,6 +85,17 @@ class Plan:
                    str(data["id"]))
 
 
+def _checkpoint_ok(data: Any) -> bool:
+    """A checkpoint as ``_checkpoint`` writes it (``recent`` a list of objects with integer
+    ``seq``, ``applied`` an integer); a damaged or foreign one is treated as absent."""
+    if not isinstance(data, dict):
+        return False
+    recent, applied = data.get("recent", []), data.get("applied", 0)
+    if not isinstance(applied, int) or isinstance(applied, bool) or not isinstance(recent, list):
+        return False
+    return all(isinstance(e, dict) and isinstance(e.get("seq", 0) or 0, int) for e in recent)
+
+
 def _atomic_write(path: str, data: Any, *, durable: bool = True) -> None:
     atomic_replace(path, json.dumps(data, sort_keys=True).encode(), durable=durable)
 
@@ -155,7 +166,7 @@ class StateStore:
             return None
         except (OSError, ValueError):
             return None  # a foreign file: treat the device as never seen
-        return data if isinstance(data, dict) else None
+        return data if _checkpoint_ok(data) else None
 
     def _files(self) -> Iterator[str]:
         try:
@@ -376,7 +387,7 @@ class StateStore:
         try:
             with open(os.path.join(self.directory, _CURSOR), encoding="utf-8") as f:
                 return int(json.load(f).get("seq", 0))
-        except (OSError, ValueError, AttributeError, TypeError):
+        except (OSError, ValueError, AttributeError, TypeError, OverflowError):
             return 0
 
     def set_cursor(self, seq: int) -> None:

@@ -81,7 +81,16 @@ GLOBAL = ("--json", "--backend")
 # --- values ----------------------------------------------------------------------------------------
 
 FILES = ("table.good", "table.rand", "cow.rand", "cow.img", "log.rand", "conf.json", "conf.rand",
-         "img0", "img1", "img2", "missing", "adir", "dev/loop0")
+         "img0", "img1", "img2", "missing", "adir", "dev/loop0", "state")
+#: a monitor state directory (``--state-dir``): journal, per-device checkpoints and cursor
+STATE_FILES = ("state/userspace/journal", "state/userspace/s.json", "state/userspace/m.json",
+               "state/userspace/d0.json", "state/userspace/cursor")
+ALMOST_JSON = (b"{}", b'{"state": null}', b'{"seq": "x"}', b'{"state": {"x": 1}, "recent": [1]}',
+               b'{"seq": 1, "device": "s", "events": [{}]}\n', b"[]", b"null", b'{"seq": 1e999}',
+               b'{"state": {}, "recent": [], "applied": -1}', b"\xff\xfe{", b"",
+               b'{"state": null, "recent": 5, "applied": "x"}', b'{"recent": [{"event": 1}], "applied": [1]}',
+               b'{"r": 1, "device": "s", "events": 5}\n', b'{"r": 1, "device": "m", "events": [5], "state": 7}\n',
+               b'{"r": 1, "device": "s", "plan": {"x": 1}}\n{"r": 2, "started": "x"}\n')
 DEVICES = ("d0", "o", "s", "s-cow", "o-real", "m", "nosuch", "-x", "m_mlog")
 NUMBERS = ("0", "1", "-1", "2", "8", "4K", "512K", "1M", "64", "99999999999999999999999", "0x10",
            "1.5", "nan", "inf", "-inf", "1e9", "", " ", "8s", "1G")
@@ -91,6 +100,10 @@ BOUNDED = {
     "--timeout": ("0", "0.1", "-1", "nan", "x", ""),
     "--interval": ("0.01", "0", "-1", "nan", "x"),
 }
+
+
+#: options whose input files the fuzz writes: given them half the time
+PREFERRED = {"--state-dir": "state", "--config": "conf.json"}
 
 
 def _safe(text: str) -> str:
@@ -120,6 +133,8 @@ def command_lines(draw: Any, leaf: Leaf) -> list[str]:
         opt = draw(st.sampled_from(action.option_strings))
         pool = st.sampled_from(BOUNDED[opt]) if opt in BOUNDED else (
             st.sampled_from(action.choices) if action.choices else values)
+        if opt in PREFERRED:
+            pool = st.one_of(st.just(PREFERRED[opt]), pool)
         n = {None: 1, "?": draw(st.integers(0, 1)), "+": draw(st.integers(1, 3)),
              "*": draw(st.integers(0, 2))}.get(action.nargs, action.nargs)  # type: ignore[arg-type]
         pieces.append([opt, *[str(draw(pool)) for _ in range(n if isinstance(n, int) else 0)]])
@@ -163,6 +178,7 @@ def file_contents(draw: Any) -> dict[str, bytes]:
         "log.rand": draw(st.one_of(rand, rand.map(lambda b: b"MiRr\x02\x00\x00\x00" + b))),
         "conf.json": draw(st.sampled_from([b"{}", b'{"warn": [50, 90]}', b"[", b'{"x": 1}', b"\xff"])),
         "conf.rand": draw(rand),
+        **{name: draw(st.one_of(st.sampled_from(ALMOST_JSON), rand)) for name in STATE_FILES},
     }
 
 
@@ -220,9 +236,10 @@ def _prepare(work: Path, contents: dict[str, bytes]) -> Any:
     for name in ("img0", "img1", "img2", "cow.img", "leg0", "leg1"):
         with open(work / name, "wb") as f:
             f.truncate(IMAGE)
+    (work / "adir").mkdir(exist_ok=True)
+    (work / "state" / "userspace").mkdir(parents=True, exist_ok=True)
     for name, data in contents.items():
         (work / name).write_bytes(data)
-    (work / "adir").mkdir(exist_ok=True)
     (work / "dev").mkdir(exist_ok=True)
     (work / "dev" / "loop0").write_bytes(b"\0" * 4096)
     eng = Engine()

@@ -139,3 +139,21 @@ def test_a_consumer_ahead_of_the_store_is_refused(tmp_path: Path) -> None:
         assert CursorSink(store, lambda e: None).last_seq() == 7
     with StateStore("fake", str(tmp_path), lock=True) as store:
         assert store.last_seq == 7  # numbering never goes back below what was handed out
+
+
+@pytest.mark.parametrize(
+    "checkpoint",
+    [b'{"state": null, "recent": 5, "applied": "x"}', b'{"recent": [{"event": 1}], "applied": [1]}',
+     b'{"recent": [{"seq": "x"}]}', b'{"recent": [5]}', b"[]", b"\xff"],
+)
+def test_a_damaged_state_directory_reads_as_unseen_devices(tmp_path: Path, checkpoint: bytes) -> None:
+    """``--state-dir`` may name any directory: damaged files are ignored, never a crash (CLI fuzz)."""
+    directory = tmp_path / "fake"
+    directory.mkdir()
+    (directory / "s.json").write_bytes(checkpoint)
+    (directory / "journal").write_bytes(b'{"r": 1, "device": "s", "events": 5}\n')
+    (directory / "cursor").write_bytes(b'{"seq": 1e999}')
+    reader = StateStore("fake", str(tmp_path))
+    assert (reader.names(), reader.load("s"), reader.recent("s"), reader.cursor()) == ([], None, [], 0)
+    with StateStore("fake", str(tmp_path), lock=True) as store:  # the writer repairs the journal
+        assert store.last_seq == 0 and store.recent("s") == []
