@@ -19,8 +19,8 @@ _CHILD = (
     "os.close(fd)\n"
 )
 
-#: How long the child may take to start and open the device.
-START_LIMIT = 30.0
+#: How long the child may take to start and open the device (a loaded VM under TCG is slow).
+START_LIMIT = 120.0
 
 
 class Opener:
@@ -28,6 +28,7 @@ class Opener:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._stderr = ""
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _CHILD, path],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -36,8 +37,11 @@ class Opener:
         ready, _, _ = select.select([self.proc.stdout], [], [], START_LIMIT)
         line = self.proc.stdout.readline() if ready else b""
         if line != b"open\n":
-            self.close()
-            raise RuntimeError(f"the opener of {path} did not open it: {line!r}")
+            if not ready:
+                self.proc.kill()
+            status = self.close()
+            raise RuntimeError(f"the opener of {path} did not open it (exit status {status}, "
+                               f"{'no answer' if not ready else line!r}): {self._stderr.strip()!r}")
 
     def close(self) -> int:
         """Let go of the device and return the child's exit status (0: it held and closed it)."""
@@ -49,6 +53,8 @@ class Opener:
             self.proc.kill()
             return self.proc.wait()
         finally:
+            if self.proc.stderr is not None and not self.proc.stderr.closed:
+                self._stderr = self.proc.stderr.read().decode(errors="replace")[-500:]
             for stream in (self.proc.stdout, self.proc.stderr):
                 if stream is not None:
                     stream.close()
