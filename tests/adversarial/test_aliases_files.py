@@ -181,6 +181,19 @@ def test_mirror_repair_onto_a_live_leg_or_the_log_is_refused(world: World, data:
 
 @SETTINGS
 @given(data=st.data())
+def test_mirror_add_leg_aliasing_a_leg_is_refused(world: World, data: Any) -> None:
+    eng = world.eng
+    if not eng.exists("l-dmtt"):
+        eng.create("l-dmtt", f"0 {SECTORS} linear {world.images['leg0']} 0")
+    new = data.draw(spelled(world, "leg0"))
+    before = world.state()
+    with within(new), pytest.raises((DeviceConflict, DeviceBusy)):
+        MirrorManager(eng).add_leg("l-dmtt", new.ref, region_size=128)
+    assert world.state() == before
+
+
+@SETTINGS
+@given(data=st.data())
 def test_mirror_resync_offline_with_aliased_legs_or_log_is_refused(world: World, data: Any) -> None:
     legs, log = _aliased_roles(data, world, 2)
     before = world.state()
