@@ -42,6 +42,13 @@ class World:
     images: dict[str, Path]
     spell: dict[str, list[Spelling]] = field(default_factory=dict)
 
+    def linear(self, name: str, image: str) -> bool:
+        """Create engine device ``name`` over ``image`` unless it exists; True when created."""
+        if self.eng.exists(name):
+            return False
+        self.eng.create(name, f"0 {SECTORS} linear {self.images[image]} 0")
+        return True
+
     def state(self) -> tuple[dict[str, str], dict[str, str]]:
         """Checksums of every image, and every engine device's table."""
         tables = {e.name: str(self.eng.table(e.name)) for e in self.eng.list()}
@@ -83,7 +90,7 @@ def assert_refused(rc: int, err: str, *words: str) -> None:
 def snap(world: World) -> World:
     """A persistent COW with exceptions on ``cow`` for the origin ``origin`` (snapshot removed)."""
     eng = world.eng
-    eng.create("o-dmtt", f"0 {SECTORS} linear {world.images['origin']} 0")
+    world.linear("o-dmtt", "origin")
     mgr = SnapshotManager(eng)
     mgr.create("o-dmtt", str(world.images["cow"]), "s-dmtt", chunk_size=8)
     with eng.open_endpoint("o-dmtt") as ep:
@@ -129,10 +136,9 @@ def test_export_onto_an_existing_file_says_what_it_does(snap: World, capsys: pyt
 @given(data=st.data())
 def test_snapshot_cow_aliasing_a_live_stack_is_refused(world: World, data: Any) -> None:
     eng = world.eng
-    if not eng.exists("o-dmtt"):
-        eng.create("o-dmtt", f"0 {SECTORS} linear {world.images['origin']} 0")
+    if world.linear("o-dmtt", "origin"):
         SnapshotManager(eng).create("o-dmtt", str(world.images["cow"]), "s1-dmtt", chunk_size=8)
-        eng.create("o2-dmtt", f"0 {SECTORS} linear {world.images['spare']} 0")
+        world.linear("o2-dmtt", "spare")
     victim = data.draw(st.sampled_from(["origin", "cow", "spare"]))
     cow = data.draw(spelled(world, victim))
     origin = data.draw(st.sampled_from(["o-dmtt", "o2-dmtt"]))
@@ -182,13 +188,11 @@ def test_mirror_repair_onto_a_live_leg_or_the_log_is_refused(world: World, data:
 @SETTINGS
 @given(data=st.data())
 def test_mirror_add_leg_aliasing_a_leg_is_refused(world: World, data: Any) -> None:
-    eng = world.eng
-    if not eng.exists("l-dmtt"):
-        eng.create("l-dmtt", f"0 {SECTORS} linear {world.images['leg0']} 0")
+    world.linear("l-dmtt", "leg0")
     new = data.draw(spelled(world, "leg0"))
     before = world.state()
     with within(new), pytest.raises((DeviceConflict, DeviceBusy)):
-        MirrorManager(eng).add_leg("l-dmtt", new.ref, region_size=128)
+        MirrorManager(world.eng).add_leg("l-dmtt", new.ref, region_size=128)
     assert world.state() == before
 
 
