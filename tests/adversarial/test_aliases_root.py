@@ -194,7 +194,7 @@ HALF = MiB // 2
 def _device(s: Spelling) -> str:
     """Which device a spelling reaches the image through (the same device: a memmove is safe)."""
     return {"loop": "loop", "dev-block": "loop", "devno": "loop", "mknod": "loop", "second-loop": "second",
-            "offset-loop": "offset", "engine-path": "engine"}.get(s.kind, "file")
+            "offset-loop": "offset", "engine-path": "engine", "engine-name": "engine"}.get(s.kind, "file")
 
 
 def _bytes(s: Spelling, sector: int) -> range:
@@ -217,12 +217,29 @@ def test_copy_between_spellings_of_one_image_is_refused_or_safe(
     sa, sb = data.draw(st.integers(0, 64)), data.draw(st.integers(0, 64))
     ra, rb = _bytes(a, sa), _bytes(b, sb)
     disjoint = ra.stop <= rb.start or rb.stop <= ra.start
+    # The engine device a spelling may stand on maps the whole image: every other spelling of the
+    # image is then a device a live table maps (refused as a destination); the engine device itself
+    # is a destination like any other.
+    engine_live = bool(a.under or b.under)
+
+    def in_use(dest: Spelling) -> bool:
+        return engine_live and _device(dest) != "engine"
+
     if two_dests:
         args = [f"{w.images['src']}@0+64", f"{a.ref}@{sa}", f"{b.ref}@{sb}"]
-        expect_ok = disjoint and not (a.under or b.under)
+        expect_ok = disjoint and not in_use(a) and not in_use(b)
     else:
         args = [f"{a.ref}@{sa}+64", f"{b.ref}@{sb}"]
-        expect_ok = not b.under and (disjoint or _device(a) == _device(b))
+        expect_ok = not in_use(b) and (disjoint or _device(a) == _device(b))
+    # Earlier examples of this run wrote into the image: the expected result is computed from what
+    # it holds now, with memmove's semantics when one device is on both sides.
+    expected = bytearray(w.images["dst"].read_bytes())
+    if two_dests:
+        data_in = w.images["src"].read_bytes()[: 64 * 512]
+        expected[ra.start:ra.stop] = data_in
+        expected[rb.start:rb.stop] = data_in
+    else:
+        expected[rb.start:rb.stop] = expected[ra.start:ra.stop]
     with realized(w.dm, a, b):
         before = w.state()
         with within(a, b):
@@ -232,10 +249,7 @@ def test_copy_between_spellings_of_one_image_is_refused_or_safe(
             assert w.state() == before
             return
     assert rc == 0, err
-    fill = bytes([IMAGES.index("dst") + 1 if not two_dests else IMAGES.index("src") + 1]) * 64 * 512
-    image = w.images["dst"].read_bytes()
-    for r in ((ra, rb) if two_dests else (rb,)):
-        assert image[r.start:r.stop] == fill
+    assert w.images["dst"].read_bytes() == bytes(expected)
 
 
 # -- tables on the engine --------------------------------------------------------------------------
