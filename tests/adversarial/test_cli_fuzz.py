@@ -25,6 +25,7 @@ import io
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from hypothesis import strategies as st
 
 from dmtools import loop
 from dmtools.cli import main as cli_main
-from dmtools.errors import LoopError
+from dmtools.errors import DaemonError, LoopError
 
 #: ``dmtools`` exit statuses: success, error, usage (argparse), ``daemon status``: not running,
 #: interrupted.
@@ -215,6 +216,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     try:
         yield work
     finally:
+        _stop_daemon(run)
         loop.attach, loop.detach = saved[2], saved[3]  # type: ignore[assignment]
         for dev in attached:
             with contextlib.suppress(Exception):
@@ -225,6 +227,29 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         else:
             os.environ["DMTOOLS_RUN_DIR"] = saved[1]
         sys.stdin = saved[4]
+
+
+def _stop_daemon(run: Path) -> None:
+    """Stop the daemon a fuzzed command may have started in ``run`` (and wait until it is gone)."""
+    from dmtools.engine.client import UserspaceClient
+
+    try:
+        client = UserspaceClient(str(run))
+    except DaemonError:
+        return  # none was started
+    try:
+        pid = client.ping()["pid"]
+        client.shutdown(force=True)
+    finally:
+        client.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the daemon of {run} (pid {pid}) did not stop")
 
 
 def _prepare(work: Path, contents: dict[str, bytes]) -> Any:
