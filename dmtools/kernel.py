@@ -637,18 +637,26 @@ class KernelBackend(DeviceMapper):
             if deferred:
                 task.deferred_remove()
 
-        deadline = time.monotonic() + (REMOVE_RETRIES * REMOVE_RETRY_DELAY if retry else 0.0)
+        tries = REMOVE_RETRIES if retry else 0
+        deadline = time.monotonic() + tries * REMOVE_RETRY_DELAY
+        attempt = 0
         while True:
             try:
                 self._run("remove", TaskType.REMOVE, name, setup, cookie=True)
                 return
             except DeviceBusy:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                # Retried REMOVE_RETRIES times at least, and for REMOVE_RETRIES x REMOVE_RETRY_DELAY
+                # seconds at least (libdm's dm_task_retry_remove bounds).
+                attempt += 1
+                if attempt > tries and time.monotonic() >= deadline:
                     raise
+                left = max(0.0, deadline - time.monotonic())
                 # Wait for the openers to go (the open count, polled), then try again at once;
                 # a device busy with nobody holding it open gets the short pause libdm makes.
-                count = wait_closed(self, name, left)
+                try:
+                    count = wait_closed(self, name, left)
+                except DeviceNotFound:
+                    count = 0  # gone meanwhile: the next try reports it
                 log.debug("remove %s: busy, %d openers after waiting", name, count)
                 if count:
                     raise
