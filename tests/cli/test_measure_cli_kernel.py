@@ -94,26 +94,32 @@ def test_measure_equals_dmsetup_and_the_userspace_engine(kernel_dm: Any, loops: 
                                                          ours: Callable[..., str]) -> None:
     tables = _tables(loops)
     made = {tag: names(tag) for tag in tables}
-    for tag, table in tables.items():
-        kernel_dm.create(made[tag], table)
-    versions = kernel_dm.targets()
+    # One engine at a time: each claims the loop devices its tables use (the kernel's bd_claim, and
+    # the userspace engine's claims), so the engine measures first and lets them go.
+    engine_texts: dict[str, str] = {}
     eng = Engine()
     try:
         for tag, table in tables.items():
-            name = made[tag]
-            reference = dmsetup("measure", name)
-            lines = kernel_dm.measure(name)
-            assert "".join(line.dmsetup_text() for line in lines) == reference, tag
-            assert ours("measure", name) == reference, tag
             eng.create(tag, table)
-            engine_text = "".join(line.dmsetup_text() for line in eng.measure(tag))
-            assert _kernel_versions(engine_text, versions) == reference, tag
-        # several devices, and all of them: the "NAME: " layout of dmsetup
-        pair = [made["mix"], made["mcore"]]
-        assert ours("measure", *pair) == dmsetup("measure", *pair)
-        assert ours("measure") == dmsetup("measure")
+            engine_texts[tag] = "".join(line.dmsetup_text() for line in eng.measure(tag))
+        for tag in reversed(list(tables)):
+            eng.remove(tag)
     finally:
         eng.close()
+    for tag, table in tables.items():
+        kernel_dm.create(made[tag], table)
+    versions = kernel_dm.targets()
+    for tag in tables:
+        name = made[tag]
+        reference = dmsetup("measure", name)
+        lines = kernel_dm.measure(name)
+        assert "".join(line.dmsetup_text() for line in lines) == reference, tag
+        assert ours("measure", name) == reference, tag
+        assert _kernel_versions(engine_texts[tag], versions) == reference, tag
+    # several devices, and all of them: the "NAME: " layout of dmsetup
+    pair = [made["mix"], made["mcore"]]
+    assert ours("measure", *pair) == dmsetup("measure", *pair)
+    assert ours("measure") == dmsetup("measure")
     # what the formats come to, so a change in either engine shows here too
     mix = kernel_dm.measure(made["mix"])
     assert [line.params for line in mix][2:] == ["", ""]  # zero and error measure nothing
