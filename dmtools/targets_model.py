@@ -418,8 +418,12 @@ class Snapshot(Target):
         _check_device(t, self.cow)
         if self.origin == self.cow:
             raise _fail(t, "COW device cannot be the same as origin device")
-        if not isinstance(self.store, str) or self.store.upper() not in _STORES:
-            raise _fail(t, f"Exception store type {self.store!r} is not P, PO or N")
+        # dm-exception-store.c: the first letter picks the store, the persistent and transient
+        # constructors refuse any option they do not know.
+        if not isinstance(self.store, str) or self.store[:1].upper() not in ("P", "N"):
+            raise _fail(t, "Exception store type is not P or N")
+        if self.store.upper() not in _STORES:
+            raise _fail(t, "Exception store type constructor failed")
         object.__setattr__(self, "store", self.store.upper())
         _check_int(t, self.chunk_size, "chunk size", U32_MAX)
         if self.chunk_size == 0 and self.store == "N":

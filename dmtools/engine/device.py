@@ -19,6 +19,7 @@ from dmtools.errors import DeviceIOError, DeviceNotFound, InvalidArgument, Inval
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.engine.engine import Engine
+    from dmtools.table import TableLine
 
 _T = TypeVar("_T")
 
@@ -34,16 +35,6 @@ class RequeueIO(DeviceIOError):
 
     def __init__(self, message: str = "I/O requeued", *, device: str | None = None) -> None:
         super().__init__(message, errno=errno.EIO, device=device)
-
-
-@dataclass(frozen=True)
-class TableLine:
-    """One parsed table line: sectors, target type and its parameter text."""
-
-    start: int
-    length: int
-    target_type: str
-    params: str
 
 
 class TableContext:
@@ -465,28 +456,3 @@ def split_args(params: str) -> list[str]:
     if in_word:
         out.append("".join(cur))
     return out
-
-
-def parse_table_text(text: str) -> list[TableLine]:
-    """Parse table text (one ``start length type params`` per line) into lines.
-
-    Raises ``InvalidTable`` for malformed lines; semantic checks are done at load.
-    """
-    lines = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = line.split(None, 3)
-        if len(fields) < 3:
-            raise InvalidTable(f"line {number}: expected 'start length type [params]': {raw!r}",
-                               operation="load")
-        try:
-            start, length = int(fields[0]), int(fields[1])
-        except ValueError:
-            raise InvalidTable(f"line {number}: start and length must be sector numbers: {raw!r}",
-                               operation="load") from None
-        if start < 0 or length < 0:
-            raise InvalidTable(f"line {number}: negative sector number", operation="load")
-        lines.append(TableLine(start, length, fields[2], fields[3] if len(fields) > 3 else ""))
-    return lines

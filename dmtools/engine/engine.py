@@ -23,8 +23,6 @@ from dmtools.engine.device import (
     Device,
     LoadedTable,
     TableContext,
-    TableLine,
-    parse_table_text,
     split_args,
 )
 from dmtools.engine.target import DeviceHandle, Target
@@ -38,11 +36,11 @@ from dmtools.errors import (
     TargetNotSupported,
 )
 from dmtools.names import validate_name, validate_uuid
+from dmtools.table import Table
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.endpoint import Endpoint
     from dmtools.engine.expose import Exposure
-    from dmtools.table import Table
 
 #: Device numbers of devices that are not exposed: block major 0 is never a real block device, so
 #: ``0:N`` cannot be mistaken for a device outside the engine.
@@ -202,39 +200,29 @@ class Engine(DeviceMapper):
                     stack.extend(table.engine_devices())
         return False
 
-    def _lines(self, table: "Table | str") -> list[TableLine]:
+    def _lines(self, table: "Table | str") -> Table:
+        """The typed table to load: text is parsed once, by :meth:`Table.parse`."""
         if isinstance(table, str):
-            return parse_table_text(table)
-        lines = getattr(table, "lines", None)
-        if lines is None:
+            return Table.parse(table)
+        if not isinstance(table, Table):
             raise InvalidTable(f"not a table: {type(table).__name__}", operation="load")
-        out = []
-        for ln in lines:
-            tgt = ln.target
-            out.append(TableLine(int(ln.start), int(ln.length), tgt.target_type, tgt.params))
-        return out
+        return table
 
     def _build(self, dev: Device, table: "Table | str", readonly: bool) -> LoadedTable:
         """Construct a table; all-or-nothing (a failure closes everything it opened)."""
-        lines = self._lines(table)
+        try:
+            lines = self._lines(table)
+        except InvalidTable as err:
+            raise InvalidTable(err.message, operation="load", device=dev.name) from err
         if not lines:
             raise InvalidTable("no targets specified", operation="load", device=dev.name)
-        expected = 0
-        for ln in lines:
-            if ln.length == 0:
-                raise InvalidTable(f"{ln.target_type}: zero-length target", operation="load",
-                                   device=dev.name)
-            if ln.start != expected:
-                raise InvalidTable(f"{ln.target_type}: Gap in table", operation="load",
-                                   device=dev.name)
-            expected = ln.start + ln.length
         ctx = TableContext(self, dev, readonly)
         targets: list[Target] = []
         try:
             for ln in lines:
                 cls = self._registry.get(ln.target_type)
                 try:
-                    tgt = cls.construct(ctx, ln.start, ln.length, split_args(ln.params))
+                    tgt = cls.build(ctx, ln.start, ln.length, ln.target)
                 except DMError:
                     raise
                 except (ValueError, OSError) as err:
@@ -249,7 +237,7 @@ class Engine(DeviceMapper):
                     pass
             ctx.close_all()
             raise
-        return LoadedTable(lines, targets, ctx, readonly)
+        return LoadedTable(list(lines), targets, ctx, readonly)
 
     # --- verbs ------------------------------------------------------------------------------
     def create(

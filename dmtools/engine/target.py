@@ -36,7 +36,7 @@ from dmtools.endpoint import Endpoint, ForwardingEndpoint
 from dmtools.errors import InvalidArgument, InvalidTable
 
 if TYPE_CHECKING:  # pragma: no cover
-    pass
+    from dmtools.targets_model import Target as TargetValue
 
 SECTOR = 512
 
@@ -132,6 +132,17 @@ class Target(abc.ABC):
     ) -> "Target":
         """Build the target from its table arguments (the kernel's ``ctr``)."""
         return cls(ctx, start, length, args)
+
+    @classmethod
+    def build(
+        cls, ctx: TargetContext, start: int, length: int, value: "TargetValue"
+    ) -> "Target":
+        """Build the runtime target for the typed table value ``value`` (what the engine calls).
+
+        The default hands the value's arguments to :meth:`construct`; a target that reads the
+        typed value itself overrides this.
+        """
+        return cls.construct(ctx, start, length, value.args())
 
     @property
     def size(self) -> int:

@@ -152,8 +152,8 @@ def test_cow_in_use_is_refused(snap_engine: Any, tmp_path: Path, data: bytes) ->
     [
         ("{o} {c} P", "requires 4 or more"),
         ("{o} {c} P 7", "power of 2"),
-        ("{o} {c} X 8", "unknown"),
-        ("{o} {c} PX 8", "Unsupported persistent"),
+        ("{o} {c} X 8", "Exception store type is not P or N"),
+        ("{o} {c} PX 8", "Exception store type constructor failed"),
         ("{o} {c} N 0", "Chunk size not set"),
         ("{o} {o} P 8", "cannot be the same"),
         ("{o} {c} P 8 1 bogus", "Unrecognised feature"),
