@@ -275,7 +275,7 @@ def extend_snapshot(dm: DeviceMapper, name: str, percent: int, *, target_start: 
     ``InvalidArgument`` when the COW is not on a file, ``DMError`` when a step fails.
     """
     from dmtools.table import Table
-    from dmtools.targets_model import Linear, Snapshot, SnapshotOrigin
+    from dmtools.target_values import Linear, Snapshot, SnapshotOrigin
 
     if percent < 1:
         raise InvalidArgument("extension percent must be at least 1")

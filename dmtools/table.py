@@ -21,7 +21,7 @@ next one where the previous ended ("Gap in table"), and the device ends at or be
 ``LLONG_MAX >> 9`` sectors. An empty table (no lines) is allowed: it is what a device created
 without a table has. Errors are :class:`~dmtools.errors.InvalidTable` naming the line.
 
-Typed targets live in :mod:`dmtools.targets_model` and are re-exported here.
+Typed targets live in :mod:`dmtools.target_values` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import overload
 
-from dmtools import targets_model as _targets_model
+from dmtools import target_values as _target_values
 from dmtools.errors import DMError, InvalidTable
-from dmtools.targets_model import *  # noqa: F403 - the typed targets are part of this module's API
-from dmtools.targets_model import Target
+from dmtools.target_values import *  # noqa: F403 - the typed targets are part of this module's API
+from dmtools.target_values import Target
 from dmtools.units import MAX_SECTORS
 
-__all__ = ["Table", "TableLine", "format_line", *_targets_model.__all__]
+__all__ = ["Table", "TableLine", "format_line", *_target_values.__all__]
 
 _WS = " \t\n\v\f\r"
 # dmsetup reads "%llu %llu %s %n": two numbers and a type word, then the parameters.

@@ -40,7 +40,7 @@ from dmtools.errors import (
     InvalidArgument,
     PoolNotWritable,
 )
-from dmtools.targets_model import MAX_THIN_DEV_ID, U64_MAX
+from dmtools.target_values import MAX_THIN_DEV_ID, U64_MAX
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.backend import DeviceMapper

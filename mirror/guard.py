@@ -35,7 +35,7 @@ from dmtools.backend import DeviceMapper
 from dmtools.errors import DMError
 from dmtools.status import parse_mirror_status
 from dmtools.table import Table
-from dmtools.targets_model import CoreLog, Linear, Mirror
+from dmtools.target_values import CoreLog, Linear, Mirror
 
 from mirror.reload import swap_table
 

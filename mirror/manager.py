@@ -28,7 +28,7 @@ from dmtools.errors import DMError, InvalidArgument, OperationCancelled
 from dmtools.names import validate_name
 from dmtools.status import parse_mirror_status
 from dmtools.table import Table
-from dmtools.targets_model import CoreLog, DiskLog, Leg, Linear, Mirror
+from dmtools.target_values import CoreLog, DiskLog, Leg, Linear, Mirror
 
 from mirror.format import (
     SECTOR,

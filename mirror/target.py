@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 from dmtools.endpoint import Endpoint
 from dmtools.engine.device import RequeueIO
-from dmtools.engine.target import SECTOR, DeviceHandle, Target, TargetContext, parse_sector, parse_uint
+from dmtools.engine.target_driver import SECTOR, DeviceHandle, TargetDriver, TargetContext, parse_sector, parse_uint
 from dmtools.errors import DeviceIOError, DMError, InvalidArgument, InvalidTable
 
 from mirror.bitmap import Bitmap
@@ -106,7 +106,7 @@ def _io_error(message: str, device: str | None = None) -> DeviceIOError:
     return DeviceIOError(message, errno=errno.EIO, operation="io", device=device)
 
 
-class MirrorTarget(Target):
+class MirrorTarget(TargetDriver):
     """``mirror``: see the module docstring."""
 
     name = "mirror"

@@ -32,7 +32,7 @@ from dmtools.errors import (
 from dmtools.names import validate_name
 from dmtools.status import SnapshotState, SnapshotStatus, parse_snapshot_status
 from dmtools.table import Table
-from dmtools.targets_model import Error, Linear, Snapshot, SnapshotMerge, SnapshotOrigin
+from dmtools.target_values import Error, Linear, Snapshot, SnapshotMerge, SnapshotOrigin
 
 from snapshot.store.format import NUM_SNAPSHOT_HDR_CHUNKS, SECTOR, chunk_size_error
 

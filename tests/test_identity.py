@@ -150,9 +150,9 @@ def test_stacked_linears_and_zero(eng: Engine, tmp_path: Path) -> None:
 
 
 def test_conservative_target_takes_every_device(eng: Engine, tmp_path: Path) -> None:
-    from dmtools.engine.target import Target
+    from dmtools.engine.target_driver import TargetDriver
 
-    class Opaque(Target):
+    class Opaque(TargetDriver):
         name = "opaque-test"
         version = (1, 0, 0)
 

@@ -51,7 +51,7 @@ from dmtools.errors import (
 from dmtools.names import validate_name
 from dmtools.status import ThinPoolStatus, ThinStatus, parse_thin_pool_status, parse_thin_status
 from dmtools.table import Table
-from dmtools.targets_model import MAX_THIN_DEV_ID, Linear, Thin, ThinPool
+from dmtools.target_values import MAX_THIN_DEV_ID, Linear, Thin, ThinPool
 from dmtools.thin_messages import CreateSnap, CreateThin, Delete, PoolMessage, parse_pool_message, send
 from dmtools.thin_messages import set_transaction_id as _set_transaction_id
 from dmtools.units import SECTOR

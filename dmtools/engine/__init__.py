@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dmtools.engine.endpoint import DeviceEndpoint
+from dmtools.engine.device_endpoint import DeviceEndpoint
 from dmtools.engine.engine import Engine
-from dmtools.engine.target import DeviceHandle, Target, TargetContext
+from dmtools.engine.target_driver import DeviceHandle, TargetDriver, TargetContext
 
-__all__ = ["DeviceEndpoint", "DeviceHandle", "Engine", "Target", "TargetContext"]
+__all__ = ["DeviceEndpoint", "DeviceHandle", "Engine", "TargetDriver", "TargetContext"]

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from dmtools.engine.target import SECTOR, DeviceHandle, Target
+from dmtools.engine.target_driver import SECTOR, DeviceHandle, TargetDriver
 from dmtools.errors import DeviceIOError, DeviceNotFound, InvalidArgument, InvalidTable, NoSpace
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -106,7 +106,7 @@ class LoadedTable:
     """A constructed table: its lines, targets and the handles they opened."""
 
     lines: list[TableLine]
-    targets: list[Target]
+    targets: list[TargetDriver]
     context: TableContext
     readonly: bool
     starts: list[int] = field(default_factory=list)  # byte offsets
@@ -354,7 +354,7 @@ class Device:
             pos += end - here
             i += 1
 
-    def _ranges(self, table: LoadedTable, offset: int, length: int) -> list[tuple[Target, int, int]]:
+    def _ranges(self, table: LoadedTable, offset: int, length: int) -> list[tuple[TargetDriver, int, int]]:
         out = []
         end = min(offset + length, table.size)
         pos = offset
@@ -369,7 +369,7 @@ class Device:
     def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
         """Byte ranges in ``[offset, offset+length)`` that may hold data; ``None`` if unknown.
 
-        Ranges of targets that cannot tell (``Target.data_extents`` returning ``None``) count as
+        Ranges of targets that cannot tell (``TargetDriver.data_extents`` returning ``None``) count as
         data; holes are only reported where a target knows (a sparse file under ``linear``,
         ``zero``).
         """

@@ -25,7 +25,7 @@ from dmtools.engine.device import (
     TableContext,
     split_args,
 )
-from dmtools.engine.target import DeviceHandle, Target
+from dmtools.engine.target_driver import DeviceHandle, TargetDriver
 from dmtools.errors import (
     DeviceBusy,
     DeviceExists,
@@ -48,10 +48,10 @@ PSEUDO_MAJOR = 0
 
 #: Built-in target classes, used when the distribution's entry points are not installed.
 _BUILTIN_TARGETS = {
-    "linear": "dmtools.engine.targets:LinearTarget",
-    "striped": "dmtools.engine.targets:StripedTarget",
-    "zero": "dmtools.engine.targets:ZeroTarget",
-    "error": "dmtools.engine.targets:ErrorTarget",
+    "linear": "dmtools.engine.basic_targets:LinearTarget",
+    "striped": "dmtools.engine.basic_targets:StripedTarget",
+    "zero": "dmtools.engine.basic_targets:ZeroTarget",
+    "error": "dmtools.engine.basic_targets:ErrorTarget",
 }
 
 #: How long ``remove`` waits out openers of an exposed device that are outside the engine.
@@ -65,11 +65,11 @@ DETACH_WAIT = 5.0
 DRIVER_VERSION = "4.50.0"
 
 
-def _load_spec(spec: str) -> type[Target]:
+def _load_spec(spec: str) -> type[TargetDriver]:
     module, _, attr = spec.partition(":")
     cls = getattr(importlib.import_module(module), attr)
-    if not (isinstance(cls, type) and issubclass(cls, Target)):
-        raise TypeError(f"{spec} is not a dmtools.engine.target.Target")
+    if not (isinstance(cls, type) and issubclass(cls, TargetDriver)):
+        raise TypeError(f"{spec} is not a dmtools.engine.target_driver.TargetDriver")
     return cls
 
 
@@ -78,8 +78,8 @@ class TargetRegistry:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._classes: dict[str, type[Target]] = {}
-        self._extra: dict[str, type[Target]] = {}
+        self._classes: dict[str, type[TargetDriver]] = {}
+        self._extra: dict[str, type[TargetDriver]] = {}
 
     def _specs(self) -> dict[str, str]:
         specs = dict(_BUILTIN_TARGETS)
@@ -87,7 +87,7 @@ class TargetRegistry:
             specs[ep.name] = ep.value
         return specs
 
-    def get(self, name: str) -> type[Target]:
+    def get(self, name: str) -> type[TargetDriver]:
         """The class for target type ``name``; raises ``TargetNotSupported``."""
         with self._lock:
             cls = self._classes.get(name)
@@ -105,10 +105,10 @@ class TargetRegistry:
             self._classes[name] = cls
             return cls
 
-    def register(self, cls: type[Target], name: str | None = None) -> None:
+    def register(self, cls: type[TargetDriver], name: str | None = None) -> None:
         """Add (or replace) a target type without an entry point."""
-        if not (isinstance(cls, type) and issubclass(cls, Target)):
-            raise TypeError(f"{cls!r} is not a dmtools.engine.target.Target")
+        if not (isinstance(cls, type) and issubclass(cls, TargetDriver)):
+            raise TypeError(f"{cls!r} is not a dmtools.engine.target_driver.TargetDriver")
         with self._lock:
             self._extra[name or cls.name] = cls
             self._classes[name or cls.name] = cls
@@ -162,7 +162,7 @@ class Engine(DeviceMapper):
         with self._lock:
             return self._by_devno.get((major, minor))
 
-    def register_target(self, cls: type[Target], name: str | None = None) -> None:
+    def register_target(self, cls: type[TargetDriver], name: str | None = None) -> None:
         """Make target type ``name`` (default ``cls.name``) available to this engine's tables."""
         self._registry.register(cls, name)
 
@@ -217,7 +217,7 @@ class Engine(DeviceMapper):
         if not lines:
             raise InvalidTable("no targets specified", operation="load", device=dev.name)
         ctx = TableContext(self, dev, readonly)
-        targets: list[Target] = []
+        targets: list[TargetDriver] = []
         try:
             for ln in lines:
                 cls = self._registry.get(ln.target_type)
@@ -507,7 +507,7 @@ class Engine(DeviceMapper):
         return Table.parse(self.table_text(name, inactive=inactive))
 
     def _target_lines(self, name: str, operation: str, inactive: bool,
-                      text: "Callable[[Target], str]") -> list[StatusLine]:
+                      text: "Callable[[TargetDriver], str]") -> list[StatusLine]:
         """One line per target of the live (or inactive) table, with ``text(target)`` as params."""
         dev = self._get(name, operation)
         table = dev.inactive if inactive else dev.live
@@ -523,7 +523,7 @@ class Engine(DeviceMapper):
         return self._target_lines(name, "status", inactive, lambda tgt: tgt.status())
 
     def measure(self, name: str, *, inactive: bool = False) -> list[StatusLine]:
-        """Each target's IMA measurement text (``Target.ima_status``), as ``dmsetup measure``."""
+        """Each target's IMA measurement text (``TargetDriver.ima_status``), as ``dmsetup measure``."""
         return self._target_lines(name, "measure", inactive, lambda tgt: tgt.ima_status())
 
     def message(self, name: str, sector: int, message: str) -> str | None:
@@ -595,7 +595,7 @@ class Engine(DeviceMapper):
 
     def open_endpoint(self, name: str, *, writable: bool = True) -> "Endpoint":
         """An endpoint on the device (counted in its open count until closed)."""
-        from dmtools.engine.endpoint import DeviceEndpoint
+        from dmtools.engine.device_endpoint import DeviceEndpoint
 
         return DeviceEndpoint(self._get(name, "open"), writable=writable)
 

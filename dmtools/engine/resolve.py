@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from dmtools.blockdev import resolve_devno
 from dmtools.engine.backing import BackingDevice
-from dmtools.engine.target import DeviceHandle
+from dmtools.engine.target_driver import DeviceHandle
 from dmtools.errors import DeviceBusy, DMError, InvalidTable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,7 +49,7 @@ def _own(engine: "Engine", ref: str) -> "Device | None":
 
 def resolve(engine: "Engine", ref: str, *, writable: bool) -> DeviceHandle:
     """Open ``ref`` for a table; raises ``InvalidTable`` when it names nothing usable."""
-    from dmtools.engine.endpoint import DeviceEndpoint
+    from dmtools.engine.device_endpoint import DeviceEndpoint
 
     own = _own(engine, ref)
     if own is not None:

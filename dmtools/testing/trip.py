@@ -13,8 +13,8 @@ import errno
 import threading
 from typing import Any, Sequence
 
-from dmtools.engine.target import TargetContext
-from dmtools.engine.targets import LinearTarget
+from dmtools.engine.target_driver import TargetContext
+from dmtools.engine.basic_targets import LinearTarget
 from dmtools.errors import DeviceIOError
 
 SWITCHES: dict[str, "Switch"] = {}

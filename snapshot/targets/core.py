@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import kcopyd
-from dmtools.engine.target import DeviceHandle
+from dmtools.engine.target_driver import DeviceHandle
 from dmtools.errors import DeviceIOError, NoSpace
 from dmtools.status import SnapshotState, SnapshotStatus
 

@@ -13,7 +13,7 @@ import threading
 from typing import Sequence
 
 import kcopyd
-from dmtools.engine.target import TargetContext
+from dmtools.engine.target_driver import TargetContext
 
 from snapshot.targets.core import SECTOR, _read_full, _write_full
 from snapshot.targets.origin import do_origin

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from dmtools.engine.target import DeviceHandle, Target, TargetContext
+from dmtools.engine.target_driver import DeviceHandle, TargetDriver, TargetContext
 
 from snapshot.targets import registry
 from snapshot.targets.core import SECTOR, PendingException, Snapshot, _read_full, _write_full
@@ -40,7 +40,7 @@ def do_origin(
             snap.wait_all(pes)
 
 
-class SnapshotOriginTarget(Target):
+class SnapshotOriginTarget(TargetDriver):
     """The origin device of a snapshotted volume (dm-snap.c ``origin_target``)."""
 
     name = "snapshot-origin"

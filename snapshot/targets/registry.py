@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Hashable
 from dmtools.errors import InvalidTable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dmtools.engine.target import DeviceHandle
+    from dmtools.engine.target_driver import DeviceHandle
 
     from snapshot.targets.core import Snapshot
 

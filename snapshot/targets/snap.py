@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from dmtools.engine.target import DeviceHandle, Target, TargetContext, parse_uint
+from dmtools.engine.target_driver import DeviceHandle, TargetDriver, TargetContext, parse_uint
 from dmtools.errors import CorruptMetadata, DMError, InvalidTable
 
 from snapshot.store import make_store
@@ -16,7 +16,7 @@ from snapshot.targets.core import SECTOR, Snapshot
 FEATURES = ("discard_zeroes_cow", "discard_passdown_origin")
 
 
-class SnapshotTarget(Target):
+class SnapshotTarget(TargetDriver):
     """A point-in-time view of an origin, its changes kept in a COW device."""
 
     name = "snapshot"

@@ -27,7 +27,7 @@ from dmtools import loop
 from dmtools.engine import Engine
 from dmtools.engine.client import open_userspace
 from dmtools.engine.expose import clear_stale, mounted_at
-from dmtools.engine.targets import ZeroTarget
+from dmtools.engine.basic_targets import ZeroTarget
 from dmtools.errors import DeviceIOError
 
 MiB = 1 << 20

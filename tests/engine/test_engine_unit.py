@@ -8,7 +8,7 @@ from typing import Sequence
 
 import pytest
 
-from dmtools.engine import Engine, Target, TargetContext
+from dmtools.engine import Engine, TargetDriver, TargetContext
 from dmtools.engine.device import split_args
 from dmtools.errors import (
     DeviceBusy,
@@ -23,7 +23,7 @@ from dmtools.errors import (
 MiB = 1 << 20
 
 
-class Recorder(Target):
+class Recorder(TargetDriver):
     """A zero-like target that records its hooks and answers messages."""
 
     name = "recorder"

@@ -16,7 +16,7 @@ import pytest
 
 from dmtools import loop
 from dmtools.blockdev import BlockDevice, aligned_buffer
-from dmtools.engine import Engine, Target
+from dmtools.engine import Engine, TargetDriver
 from dmtools.engine.client import open_userspace
 from dmtools.engine.expose import FUSE_THREADS, mounted_at
 from dmtools.errors import DeviceBusy, DeviceExists
@@ -388,7 +388,7 @@ def test_sigterm_still_ends_a_process_with_an_exposed_engine(tmp_path, make_imag
     assert _loops_under(str(tmp_path / "run")) == []
 
 
-class _Memory(Target):
+class _Memory(TargetDriver):
     """A RAM-backed target with the base class's discard (a no-op hint) and zero."""
 
     name = "memory-test"

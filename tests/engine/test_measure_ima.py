@@ -13,7 +13,7 @@ import pytest
 
 from dmtools.backend import StatusLine
 from dmtools.engine import Engine
-from dmtools.engine.targets import ZeroTarget
+from dmtools.engine.basic_targets import ZeroTarget
 from dmtools.errors import DeviceNotFound, DMError, TargetNotSupported
 
 MiB = 1 << 20

@@ -97,7 +97,7 @@ class FakeContext:
     """A ``TargetContext`` over in-memory devices, counting events."""
 
     def __init__(self, devices: "dict[str, MemEndpoint]") -> None:
-        from dmtools.engine.target import DeviceHandle
+        from dmtools.engine.target_driver import DeviceHandle
 
         self.devices = devices
         self.handles: dict[str, DeviceHandle] = {}
@@ -107,7 +107,7 @@ class FakeContext:
         self.noflush_suspending = False
 
     def get_device(self, ref: str, *, writable: bool | None = None) -> Any:
-        from dmtools.engine.target import DeviceHandle
+        from dmtools.engine.target_driver import DeviceHandle
         from dmtools.errors import InvalidTable
 
         if ref not in self.devices:

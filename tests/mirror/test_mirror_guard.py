@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from dmtools.errors import DeviceIOError
-from dmtools.targets_model import Linear, Mirror
+from dmtools.target_values import Linear, Mirror
 from mirror import MirrorManager
 from mirror.guard import GUARD_INTERVAL, UNMONITORED_PREFIX, guard_for
 from dmtools.testing.trip import Switch, install
@@ -192,7 +192,7 @@ def test_dropping_a_leg_of_a_nosync_mirror_out_of_sync_resyncs_the_rest(eng: Any
     """A ``nosync`` core log reloaded would trust every region: once the mirror is out of sync (the
     failed write's region), the guard's new table resyncs them all instead. Leg 2 starts blank
     although the mirror was made ``nosync``: only a resync gives it the data."""
-    from dmtools.targets_model import CoreLog
+    from dmtools.target_values import CoreLog
 
     data = os.urandom(SIZE)
     paths = [_image(tmp_path, "l0", SIZE, data), _image(tmp_path, "l1", SIZE, data), _image(tmp_path, "l2", SIZE)]

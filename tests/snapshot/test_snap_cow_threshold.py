@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from snap_helpers import MemoryEndpoint
 
-from dmtools.engine.target import DeviceHandle
+from dmtools.engine.target_driver import DeviceHandle
 from snapshot.store import PersistentStore
 from snapshot.targets import handover, params
 from snapshot.targets.core import Snapshot

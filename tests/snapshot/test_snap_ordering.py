@@ -6,7 +6,7 @@ import struct
 
 from snap_helpers import MemoryEndpoint
 
-from dmtools.engine.target import DeviceHandle
+from dmtools.engine.target_driver import DeviceHandle
 from snapshot.store import PersistentStore
 from snapshot.targets.core import Snapshot
 

@@ -10,7 +10,7 @@ import pytest
 
 from snap_helpers import MemoryEndpoint
 
-from dmtools.engine.target import DeviceHandle
+from dmtools.engine.target_driver import DeviceHandle
 from dmtools.errors import NoSpace
 from snapshot.store import ExceptionTable, PersistentStore, TransientStore
 from snapshot.targets.core import Snapshot, _runs

@@ -9,10 +9,10 @@ from __future__ import annotations
 import errno
 from typing import Sequence
 
-from dmtools.engine.target import (
+from dmtools.engine.target_driver import (
     SECTOR,
     DeviceHandle,
-    Target,
+    TargetDriver,
     TargetContext,
     fill_zero,
     parse_sector,
@@ -21,7 +21,7 @@ from dmtools.engine.target import (
 from dmtools.errors import DeviceIOError
 
 
-class LinearTarget(Target):
+class LinearTarget(TargetDriver):
     """``linear <dev> <offset>``: a contiguous range of one device."""
 
     name = "linear"
@@ -64,7 +64,7 @@ class LinearTarget(Target):
         return f"{self.ima_prefix()},device_name={self.dev.name},start={self.offset};"
 
 
-class StripedTarget(Target):
+class StripedTarget(TargetDriver):
     """``striped <#stripes> <chunk_sectors> [<dev> <offset>]...``: chunks round-robin over devices."""
 
     name = "striped"
@@ -172,7 +172,7 @@ class StripedTarget(Target):
         return " ".join(parts)
 
 
-class ZeroTarget(Target):
+class ZeroTarget(TargetDriver):
     """``zero``: reads return zeros, writes and discards are dropped.
 
     dm-zero.c has no status function, so status and IMA text are empty (the base class's).
@@ -202,7 +202,7 @@ class ZeroTarget(Target):
         return ""
 
 
-class ErrorTarget(Target):
+class ErrorTarget(TargetDriver):
     """``error [<dev> <offset>]``: every I/O fails (io-err in dm-target.c).
 
     io-err has no status function, so status and IMA text are empty (the base class's).

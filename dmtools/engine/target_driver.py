@@ -3,7 +3,7 @@
 A target maps one contiguous range of an engine device (``start``/``length`` in 512-byte sectors)
 the way a kernel ``struct target_type`` does (``include/linux/device-mapper.h``):
 
-- **construct**: ``Target.construct(ctx, start, length, args)`` (the kernel's ``ctr``) parses the
+- **construct**: ``TargetDriver.construct(ctx, start, length, args)`` (the kernel's ``ctr``) parses the
   table arguments, opens the devices it names through ``ctx.get_device`` (``dm_get_device``) and raises
   ``InvalidTable`` with the kernel's ``ti->error`` text when they are wrong. Nothing it opened stays
   open when it raises: the engine releases every device the target opened.
@@ -36,7 +36,7 @@ from dmtools.endpoint import Endpoint, ForwardingEndpoint
 from dmtools.errors import InvalidArgument, InvalidTable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dmtools.targets_model import Target as TargetValue
+    from dmtools.target_values import Target as TargetValue
 
 SECTOR = 512
 
@@ -108,7 +108,7 @@ class TargetContext(Protocol):
         """Raise a device event (``dm_table_event``)."""
 
 
-class Target(abc.ABC):
+class TargetDriver(abc.ABC):
     """Base class of every userspace target; see the module docstring for the contract."""
 
     #: the target type name used in tables (``"linear"``).
@@ -129,14 +129,14 @@ class Target(abc.ABC):
     @classmethod
     def construct(
         cls, ctx: TargetContext, start: int, length: int, args: Sequence[str]
-    ) -> "Target":
+    ) -> "TargetDriver":
         """Build the target from its table arguments (the kernel's ``ctr``)."""
         return cls(ctx, start, length, args)
 
     @classmethod
     def build(
         cls, ctx: TargetContext, start: int, length: int, value: "TargetValue"
-    ) -> "Target":
+    ) -> "TargetDriver":
         """Build the runtime target for the typed table value ``value`` (what the engine calls).
 
         The default hands the value's arguments to :meth:`construct`; a target that reads the
