@@ -22,6 +22,7 @@ BUILTIN_COMMANDS = {
     "nbd": "dmtools.cli.nbd_cmd:register",
     "daemon": "dmtools.engine.cli:register_daemon",
     "monitor": "dmtools.cli.monitor_cmd:register",
+    "serve": "dmtools.cli.serve_cmd:register",
 }
 
 

@@ -1,0 +1,73 @@
+"""``dmtools serve NAME``: export a mapped device over NBD (nbdkit), read-only unless ``--writable``.
+
+The device is looked up on the chosen backend (``/dev/mapper/NAME`` on the kernel,
+``<run_dir>/mapper/NAME`` on the userspace engine). The command prints the URI clients use, then
+serves until interrupted (SIGINT/SIGTERM stop it cleanly and remove the socket). TCP needs TLS unless
+``--insecure``; see :mod:`dmtools.nbd.serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+from dmtools.cli import main as cli_main
+from dmtools.errors import DMError
+
+__all__ = ["register", "cmd_serve"]
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``serve`` command to an argparse sub-parser collection."""
+    p = subparsers.add_parser("serve", help="export a device over NBD (nbdkit); read-only unless --writable")
+    p.add_argument("name", metavar="NAME", help="the mapped device to serve")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", "-U", metavar="PATH", type=cli_main.device_argument,
+                       help="serve on a new Unix socket (mode 0600)")
+    where.add_argument("--listen", "-l", metavar="ADDR:PORT",
+                       help="serve on TCP (requires --tls-psk or --tls-certificates, or --insecure); "
+                            "port 0 picks a free one")
+    p.add_argument("--writable", "-w", action="store_true", help="let clients write (default: read-only)")
+    p.add_argument("--export-name", "-e", metavar="NAME", help="the export name (default: the device name)")
+    tls = p.add_mutually_exclusive_group()
+    tls.add_argument("--tls-psk", metavar="FILE", type=cli_main.device_argument,
+                     help="require TLS with the pre-shared keys in FILE (psktool format)")
+    tls.add_argument("--tls-certificates", metavar="DIR", type=cli_main.device_argument,
+                     help="require TLS with the X.509 certificates in DIR")
+    p.add_argument("--insecure", action="store_true", help="allow TCP without TLS")
+    p.add_argument("--threads", type=int, default=16, metavar="N", help="requests served at once (default 16)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve until interrupted; 0 when stopped by a signal, 1 when nbdkit failed."""
+    from dmtools.nbd.serve import ServeOptions, Server, parse_listen
+
+    options = ServeOptions(
+        device="",
+        socket=args.socket,
+        listen=parse_listen(args.listen) if args.listen is not None else None,
+        export_name=args.export_name if args.export_name is not None else args.name,
+        writable=args.writable,
+        insecure=args.insecure,
+        tls_psk=args.tls_psk,
+        tls_certificates=args.tls_certificates,
+        threads=args.threads,
+    )
+    options.check()  # refuse before the backend is even opened
+    path = cli_main.open_backend(args).device_path(args.name)
+    server = Server(dataclasses.replace(options, device=path))
+    try:
+        mode = "writable" if args.writable else "read-only"
+        cli_main.emit(args, {"name": args.name, "device": path, "uri": server.uri, "writable": args.writable,
+                             "tls": options.tls, "pid": server.process.pid},
+                      f"serving {args.name} ({path}, {mode}) at {server.uri}")
+        sys.stdout.flush()
+        status = server.wait()
+    finally:
+        server.stop()
+    if status not in (0, -15, -2):
+        raise DMError(f"nbdkit exited with status {status}", operation="serve", device=args.name)
+    return 0
