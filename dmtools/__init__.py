@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dmtools.backend import DeviceEntry, DeviceInfo, DeviceMapper, StatusLine, Versions, open
+from dmtools.backend import DeviceEntry, DeviceInfo, DeviceMapper, StatusLine, Versions
+from dmtools.backends import open
 from dmtools.endpoint import Endpoint, NullEndpoint
 from dmtools.errors import (
     CorruptMetadata,

@@ -1,9 +1,11 @@
-"""The ``DeviceMapper`` interface: dmsetup's verbs, implemented by the kernel and userspace backends."""
+"""The ``DeviceMapper`` interface: dmsetup's verbs, implemented by the kernel and userspace backends.
+
+This module imports no implementation; :mod:`dmtools.backends` chooses and opens one.
+"""
 
 from __future__ import annotations
 
 import abc
-import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -238,30 +240,3 @@ def wait_closed(dm: DeviceMapper, name: str, timeout: float | None = None) -> in
             return count
         time.sleep(min(delay, left))
         delay = min(delay * 2, 0.1)
-
-
-def kernel_available() -> bool:
-    """True when ``/dev/mapper/control`` exists and can be opened."""
-    try:
-        fd = os.open(CONTROL_PATH, os.O_RDWR)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
-
-
-def open(backend: str = "auto") -> DeviceMapper:  # noqa: A001 - the public name is dmtools.open
-    """Return a ``DeviceMapper``: ``"kernel"``, ``"userspace"`` or ``"auto"`` (kernel where it works)."""
-    if backend == "auto":
-        backend = "kernel" if kernel_available() else "userspace"
-    if backend == "kernel":
-        from dmtools.kernel import KernelBackend
-
-        return KernelBackend()
-    if backend == "userspace":
-        from dmtools.engine.client import open_userspace
-
-        return open_userspace()
-    from dmtools.errors import InvalidArgument
-
-    raise InvalidArgument(f"unknown backend {backend!r} (auto, kernel or userspace)", operation="open")

@@ -32,7 +32,7 @@ _DEVNO = re.compile(r"^(\d+):(\d+)$")
 def live_backends() -> list["DeviceMapper"]:
     """The backends whose tables can hold a device now: the kernel's where it works, and the
     userspace engine's daemon when one runs (never started for this). The caller closes them."""
-    from dmtools.backend import kernel_available
+    from dmtools.backends import kernel_available
 
     out: list[DeviceMapper] = []
     if kernel_available():

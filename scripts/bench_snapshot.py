@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             size = parse_size(args.size, "b")
             results["writes"] = bench_writes(work, size, args.chunk_size, args.random_writes,
                                              repeat=args.repeat)
-            from dmtools.backend import kernel_available
+            from dmtools.backends import kernel_available
 
             if kernel_available():  # in the VM: the kernel's own ratios for the same workload
                 results["writes_kernel"] = bench_writes(work, size, args.chunk_size, args.random_writes,

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from dmtools.backend import kernel_available
+from dmtools.backends import kernel_available
 
 TEST_SUFFIX = "-dmtt"
 IMAGE_PREFIX = "dmtt-"

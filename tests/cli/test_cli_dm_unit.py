@@ -1,6 +1,6 @@
 """``dmtools dm …`` at the unit tier: parsing, exact backend calls, output shapes, the error path.
 
-The backend is a recording fake installed at the seam, ``dmtools.cli.main.open_backend``.
+The backend is a recording fake installed at the seam, ``dmtools.cli.common.open_backend``.
 """
 
 from __future__ import annotations
@@ -553,7 +553,7 @@ def test_auto_picks_the_kernel_where_it_works(
     kernel_works: bool, expected: str, monkeypatch: pytest.MonkeyPatch, run: Any
 ) -> None:
     """Through the real seam and ``dmtools.open``: only the two backends' constructors are faked."""
-    import dmtools.backend
+    import dmtools.backends
     import dmtools.engine.client
     import dmtools.kernel
     from dmtools.backend import Versions
@@ -571,7 +571,7 @@ def test_auto_picks_the_kernel_where_it_works(
         def close(self) -> None:
             made.append(f"closed {self.kind}")
 
-    monkeypatch.setattr(dmtools.backend, "kernel_available", lambda: kernel_works)
+    monkeypatch.setattr(dmtools.backends, "kernel_available", lambda: kernel_works)
     monkeypatch.setattr(dmtools.kernel, "KernelBackend", lambda: Made("kernel"))
     monkeypatch.setattr(dmtools.engine.client, "open_userspace", lambda: Made("userspace"))
     out = json.loads(run("dm", "version", "--json")[1])
