@@ -19,7 +19,7 @@ import argparse
 import threading
 from typing import Any, Callable
 
-from dmtools.cli.main import device_argument, log_argument, seconds
+from dmtools.cli.common import device_argument, log_argument, seconds
 from dmtools.errors import InvalidArgument
 from dmtools.units import SECTOR, parse_size
 
@@ -42,14 +42,14 @@ def _leg(text: str) -> int | str:
 
 
 def _manager(args: argparse.Namespace) -> Any:
-    from dmtools.cli.main import open_backend
+    from dmtools.cli.common import open_backend
     from mirror.manager import MirrorManager
 
     return MirrorManager(open_backend(args))
 
 
 def _emit(args: argparse.Namespace, data: Any, text: Callable[[], str] | str) -> None:
-    from dmtools.cli.main import emit
+    from dmtools.cli.common import emit
 
     emit(args, data, text)
 
@@ -87,7 +87,7 @@ def _failed(args: argparse.Namespace, err: Any) -> int:
     import json
     import sys
 
-    from dmtools.cli.main import one_line
+    from dmtools.cli.common import one_line
 
     if getattr(args, "json", False):
         print(json.dumps(err.to_dict(), indent=2, sort_keys=True))

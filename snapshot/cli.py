@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dmtools.cli.main import device_argument, seconds
+from dmtools.cli.common import device_argument, seconds
 from dmtools.errors import InvalidArgument
 from dmtools.units import SECTOR, format_size, parse_size
 
@@ -30,14 +30,14 @@ def _chunk_sectors(text: str) -> int:
 
 
 def _manager(args: argparse.Namespace) -> Any:
-    from dmtools.cli.main import open_backend
+    from dmtools.cli.common import open_backend
     from snapshot.manager import SnapshotManager
 
     return SnapshotManager(open_backend(args))
 
 
 def _emit(args: argparse.Namespace, data: Any, text: Any) -> None:
-    from dmtools.cli.main import emit
+    from dmtools.cli.common import emit
 
     emit(args, data, text)
 

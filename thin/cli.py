@@ -42,7 +42,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _emit(args: argparse.Namespace, data: Any, text: Any) -> None:
-    from dmtools.cli.main import emit
+    from dmtools.cli.common import emit
 
     emit(args, data, text)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dmtools.cli.main import emit, open_backend
+from dmtools.cli.common import emit, open_backend
 from dmtools.units import SECTOR, format_size, parse_sectors
 
 __all__ = ["add_commands"]

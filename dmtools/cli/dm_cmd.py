@@ -7,8 +7,8 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from dmtools.cli import main as cli_main
-from dmtools.cli.main import emit
+from dmtools.cli import common as cli_common
+from dmtools.cli.common import emit
 from dmtools.errors import InvalidArgument
 
 #: Where ``read_ahead`` finds ``dev/block/MAJ:MIN`` (tests point it elsewhere).
@@ -19,8 +19,8 @@ NO_DEVICES = "No devices found"
 
 
 def open_backend(args: argparse.Namespace) -> Any:
-    """The backend, looked up on the root module at call time (tests replace it there)."""
-    return cli_main.open_backend(args)
+    """The backend, looked up in :mod:`dmtools.cli.common` at call time (tests replace it there)."""
+    return cli_common.open_backend(args)
 
 
 class IntermixedParser(argparse.ArgumentParser):
@@ -412,5 +412,5 @@ def register(sub: Any) -> None:
     p = verbs.add_parser("wait", help="wait for a device event")
     p.add_argument("name")
     p.add_argument("event_nr", type=int, nargs="?", default=0)
-    p.add_argument("--timeout", type=cli_main.seconds, default=None, metavar="SECONDS")
+    p.add_argument("--timeout", type=cli_common.seconds, default=None, metavar="SECONDS")
     p.set_defaults(func=_wait)

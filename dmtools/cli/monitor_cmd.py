@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any
 
-from dmtools.cli import main as cli_main
+from dmtools.cli import common as cli_common
 from dmtools.errors import DMError
 from dmtools.events.delivery import CursorSink, JsonLinesFile, event_line
 from dmtools.events.state import DEFAULT_THRESHOLDS, DeviceState, parse_thresholds
@@ -56,13 +56,13 @@ def register(subparsers: Any) -> None:
                    help="grow the COW by PCT %% of its size (default 20)")
     p.add_argument("--mirror-policy", choices=MIRROR_POLICIES, default="none",
                    help="on a failed mirror leg: report it (degraded) or replace it by --spare (repair)")
-    p.add_argument("--spare", metavar="DEV", type=cli_main.device_argument,
+    p.add_argument("--spare", metavar="DEV", type=cli_common.device_argument,
                    help="spare device for --mirror-policy repair")
     p.add_argument("--config", metavar="FILE",
                    help='JSON policies: {"defaults": {...}, "devices": {"NAME": {...}}}')
-    p.add_argument("--interval", type=cli_main.seconds, default=1.0, metavar="SECONDS",
+    p.add_argument("--interval", type=cli_common.seconds, default=1.0, metavar="SECONDS",
                    help="status polling interval (default 1)")
-    p.add_argument("--timeout", type=cli_main.seconds, metavar="SECONDS", help="stop after this long")
+    p.add_argument("--timeout", type=cli_common.seconds, metavar="SECONDS", help="stop after this long")
     p.add_argument("--state-dir", metavar="DIR",
                    help=f"where device states and events are kept (default {default_root()}); "
                    "'snapshot status' and 'mirror status' take the same option")
@@ -123,7 +123,7 @@ def _open_store(args: argparse.Namespace, backend: str) -> tuple[StateStore, boo
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     """Run the monitor (see the module docstring)."""
-    from dmtools.cli.main import open_backend
+    from dmtools.cli.common import open_backend
 
     as_json = bool(getattr(args, "json", False))
     config = _settings(args)

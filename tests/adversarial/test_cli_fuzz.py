@@ -36,6 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dmtools import loop
+from dmtools.cli import common as cli_common
 from dmtools.cli import main as cli_main
 from dmtools.errors import DaemonError, LoopError
 
@@ -281,8 +282,8 @@ def _run(argv: list[str], eng: Any) -> tuple[int, str, str]:
     def on_alarm(*_: object) -> None:
         raise Hang(f"{argv!r} still runs after {HANG_LIMIT} s")
 
-    old_open, old_alarm = cli_main.open_backend, signal.signal(signal.SIGALRM, on_alarm)
-    cli_main.open_backend = lambda args: eng  # type: ignore[assignment]
+    old_open, old_alarm = cli_common.open_backend, signal.signal(signal.SIGALRM, on_alarm)
+    cli_common.open_backend = lambda args: eng  # type: ignore[assignment]
     sys.stdin = io.StringIO("")  # not a terminal, nothing piped
     signal.alarm(HANG_LIMIT)
     try:
@@ -294,7 +295,7 @@ def _run(argv: list[str], eng: Any) -> tuple[int, str, str]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old_alarm)
-        cli_main.open_backend = old_open  # type: ignore[assignment]
+        cli_common.open_backend = old_open  # type: ignore[assignment]
     return rc, out.getvalue(), err.getvalue()
 
 

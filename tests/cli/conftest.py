@@ -118,7 +118,7 @@ def fake_dm(monkeypatch: pytest.MonkeyPatch) -> FakeDM:
         opened.append(args.backend)
         return dm
 
-    monkeypatch.setattr(cli_main, "open_backend", open_backend)
+    monkeypatch.setattr("dmtools.cli.common.open_backend", open_backend)
     dm.opened_with = opened  # type: ignore[attr-defined]
     return dm
 

@@ -18,7 +18,7 @@ from dmtools.errors import TargetNotSupported
 def eng(monkeypatch: pytest.MonkeyPatch) -> Iterator[Engine]:
     """An in-process engine that ``open_backend`` hands to the CLI."""
     engine = Engine()
-    monkeypatch.setattr(cli_main, "open_backend", lambda args: engine)
+    monkeypatch.setattr("dmtools.cli.common.open_backend", lambda args: engine)
     try:
         yield engine
     finally:
@@ -62,7 +62,7 @@ def test_backend_that_cannot_measure(monkeypatch: pytest.MonkeyPatch,
                                      operation="measure", device=name)
 
     old = Old()
-    monkeypatch.setattr(cli_main, "open_backend", lambda args: old)
+    monkeypatch.setattr("dmtools.cli.common.open_backend", lambda args: old)
     try:
         old.create("a", "0 8 zero")
         rc, _out, err = run("dm", "measure", "a", propagate=False)

@@ -70,7 +70,7 @@ def cli(request: pytest.FixtureRequest, tmp_path: Path,
     from dmtools.engine import Engine
 
     eng = Engine()
-    monkeypatch.setattr(cli_main, "open_backend", lambda args: eng)
+    monkeypatch.setattr("dmtools.cli.common.open_backend", lambda args: eng)
     try:
         yield Backend(eng, [])
     finally:

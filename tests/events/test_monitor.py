@@ -152,7 +152,7 @@ def cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[FakeDM, Any]:
     dm = FakeDM()
     dm.add("s", [(0, 2048, "snapshot", SNAP_TABLE, snap_status(87))])
     monkeypatch.setitem(cli_main.BUILTIN_COMMANDS, "monitor", "dmtools.cli.monitor_cmd:register")
-    monkeypatch.setattr(cli_main, "open_backend", lambda args: dm)
+    monkeypatch.setattr("dmtools.cli.common.open_backend", lambda args: dm)
 
     def run(*argv: str) -> int:
         return cli_main.main(["monitor", "--state-dir", str(tmp_path), *argv], propagate=True)

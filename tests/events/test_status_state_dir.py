@@ -41,7 +41,7 @@ class Kept:
 @pytest.fixture
 def eng(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Engine]:
     e = engine_with_targets()
-    monkeypatch.setattr(cli_main, "open_backend", lambda args: Kept(e))
+    monkeypatch.setattr("dmtools.cli.common.open_backend", lambda args: Kept(e))
     # the default state directory: empty, so only --state-dir can show events
     monkeypatch.setattr(event_store, "default_root", lambda: str(tmp_path / "default"))
     try:

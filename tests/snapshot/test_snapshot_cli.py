@@ -28,9 +28,7 @@ def run(argv: list[str]) -> int:
 
 @pytest.fixture
 def env(snap_engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Path, bytes]:
-    import dmtools.cli.main as main
-
-    monkeypatch.setattr(main, "open_backend", lambda args: snap_engine)
+    monkeypatch.setattr("dmtools.cli.common.open_backend", lambda args: snap_engine)
     data = random.Random(9).randbytes(SIZE)
     (tmp_path / "vol.img").write_bytes(data)
     snap_engine.create("vol", f"0 {SIZE // 512} linear {tmp_path / 'vol.img'} 0")

@@ -86,7 +86,7 @@ def test_userspace_engine_refuses_with_a_clear_error(tmp_path: Path, meta: str, 
         with pytest.raises(TargetNotSupported, match="no thin-pool/thin target"):
             ThinPoolManager(eng).create_pool("p", meta, str(data))
         assert eng.list() == [] and not any(Path(meta).read_bytes())
-        monkeypatch.setattr(cli_main, "open_backend", lambda args: eng)
+        monkeypatch.setattr("dmtools.cli.common.open_backend", lambda args: eng)
         rc = cli_main.main(["--backend", "userspace", "thin", "pool", "create", "p", "--metadata", meta,
                             "--data", str(data)])
     finally:
