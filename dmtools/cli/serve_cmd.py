@@ -13,7 +13,7 @@ import dataclasses
 import sys
 from typing import Any
 
-from dmtools.cli import main as cli_main
+from dmtools.cli import common as cli_common
 from dmtools.errors import DMError
 
 __all__ = ["register", "cmd_serve"]
@@ -24,7 +24,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("serve", help="export a device over NBD (nbdkit); read-only unless --writable")
     p.add_argument("name", metavar="NAME", help="the mapped device to serve")
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--socket", "-U", metavar="PATH", type=cli_main.device_argument,
+    where.add_argument("--socket", "-U", metavar="PATH", type=cli_common.device_argument,
                        help="serve on a new Unix socket (mode 0600)")
     where.add_argument("--listen", "-l", metavar="ADDR:PORT",
                        help="serve on TCP (requires --tls-psk or --tls-certificates, or --insecure); "
@@ -32,9 +32,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--writable", "-w", action="store_true", help="let clients write (default: read-only)")
     p.add_argument("--export-name", "-e", metavar="NAME", help="the export name (default: the device name)")
     tls = p.add_mutually_exclusive_group()
-    tls.add_argument("--tls-psk", metavar="FILE", type=cli_main.device_argument,
+    tls.add_argument("--tls-psk", metavar="FILE", type=cli_common.device_argument,
                      help="require TLS with the pre-shared keys in FILE (psktool format)")
-    tls.add_argument("--tls-certificates", metavar="DIR", type=cli_main.device_argument,
+    tls.add_argument("--tls-certificates", metavar="DIR", type=cli_common.device_argument,
                      help="require TLS with the X.509 certificates in DIR")
     p.add_argument("--insecure", action="store_true", help="allow TCP without TLS")
     p.add_argument("--threads", type=int, default=16, metavar="N", help="requests served at once (default 16)")
@@ -57,11 +57,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     options.check()  # refuse before the backend is even opened
-    path = cli_main.open_backend(args).device_path(args.name)
+    path = cli_common.open_backend(args).device_path(args.name)
     server = Server(dataclasses.replace(options, device=path))
     try:
         mode = "writable" if args.writable else "read-only"
-        cli_main.emit(args, {"name": args.name, "device": path, "uri": server.uri, "writable": args.writable,
+        cli_common.emit(args, {"name": args.name, "device": path, "uri": server.uri, "writable": args.writable,
                              "tls": options.tls, "pid": server.process.pid},
                       f"serving {args.name} ({path}, {mode}) at {server.uri}")
         sys.stdout.flush()
