@@ -560,21 +560,24 @@ class MirrorLog:
 _SYNC_WORDS = ("sync", "nosync")
 
 
-def _check_sync(log_type: str, sync: str | None) -> None:
+def _log_fail(reason: str) -> InvalidTable:
+    """dm-raid1.c's ``ti->error`` for a log constructor failure, with dm-log.c's reason."""
+    return _fail("mirror", f"Error creating mirror dirty log: {reason}")
+
+
+def _check_sync(sync: str | None) -> None:
     if sync is not None and sync not in _SYNC_WORDS:
         if sync == "block_on_error":
-            raise _fail(
-                "mirror",
-                f"{log_type} log: block_on_error is no longer a log argument (removed in "
-                "Linux 2.6.22); use the handle_errors feature",
-            )
-        raise _fail("mirror", f"{log_type} log: unrecognised sync argument to dirty region log: {sync!r}")
+            raise _log_fail("block_on_error is no longer a log argument (removed in Linux 2.6.22); "
+                            "use the handle_errors feature")
+        raise _log_fail(f"unrecognised sync argument to dirty region log: {sync}")
 
 
-def _check_region(region_size: object, log_type: str) -> None:
-    value = _check_int("mirror", region_size, f"{log_type} log region size", U32_MAX)
-    if value < 2 or not _power_of_two(value):
-        raise _fail("mirror", f"invalid region size {value}: a power of 2, at least 2")
+def _check_region(region_size: object) -> None:
+    if isinstance(region_size, bool) or not isinstance(region_size, int) or not 0 <= region_size <= U32_MAX:
+        raise _log_fail(f"invalid region size {region_size!r}")
+    if region_size < 2 or not _power_of_two(region_size):
+        raise _log_fail(f"invalid region size {region_size}: a power of 2, at least 2")
 
 
 @dataclass(frozen=True)
@@ -586,8 +589,8 @@ class CoreLog(MirrorLog):
     log_type: str = field(default="core", init=False)
 
     def __post_init__(self) -> None:
-        _check_region(self.region, "core")
-        _check_sync("core", self.sync)
+        _check_region(self.region)
+        _check_sync(self.sync)
 
     @property
     def region_size(self) -> int:
@@ -608,8 +611,8 @@ class DiskLog(MirrorLog):
 
     def __post_init__(self) -> None:
         _check_device("mirror", self.device)
-        _check_region(self.region, "disk")
-        _check_sync("disk", self.sync)
+        _check_region(self.region)
+        _check_sync(self.sync)
 
     @property
     def region_size(self) -> int:
@@ -646,6 +649,7 @@ class OtherLog(MirrorLog):
 
 
 def _parse_log(words: Sequence[str]) -> tuple[MirrorLog, int]:
+    """dm-raid1.c ``create_dirty_log``, then dm-log.c's core/disk constructors (``create_log_context``)."""
     if len(words) < 2:
         raise _fail("mirror", "Insufficient mirror log arguments")
     log_type = words[0]
@@ -653,18 +657,17 @@ def _parse_log(words: Sequence[str]) -> tuple[MirrorLog, int]:
     if len(words) < 2 + count:
         raise _fail("mirror", "Insufficient mirror log arguments")
     args = list(words[2 : 2 + count])
-    used = 2 + count
-    if log_type == "core":
-        if not 1 <= count <= 2:
-            raise _fail("mirror", f"wrong number of arguments to core dirty region log ({count}; 1 or 2)")
-        region = _number("mirror", args[0], "invalid region size", U32_MAX)
-        return CoreLog(region, args[1] if count == 2 else None), used
-    if log_type == "disk":
-        if not 2 <= count <= 3:
-            raise _fail("mirror", f"wrong number of arguments to disk dirty region log ({count}; 2 or 3)")
-        region = _number("mirror", args[1], "invalid region size", U32_MAX)
-        return DiskLog(args[0], region, args[2] if count == 3 else None), used
-    return OtherLog(log_type, tuple(args)), used
+    if log_type not in ("core", "disk"):
+        return OtherLog(log_type, tuple(args)), 2 + count
+    disk = log_type == "disk"
+    if not 1 + disk <= count <= 2 + disk:
+        raise _log_fail(f"wrong number of arguments to {'disk ' * disk}dirty region log")
+    sync = args[1 + disk] if count == 2 + disk else None
+    _check_sync(sync)
+    if not _DIGITS_RE.fullmatch(args[disk]) or int(args[disk]) > U32_MAX:
+        raise _log_fail(f"invalid region size {args[disk][:40]}")
+    log = DiskLog(args[0], int(args[1]), sync) if disk else CoreLog(int(args[0]), sync)
+    return log, 2 + count
 
 
 _MIRROR_FEATURES = ("handle_errors", "keep_log")
@@ -734,9 +737,11 @@ class Mirror(Target):
         return self.log.devices + tuple(leg.device for leg in self.legs)
 
     def validate_length(self, length: int) -> None:
-        region = self.log.region_size
+        region = self.log.region_size  # dm-log.c _check_region_size, create_log_context
         if region is not None and region > length:
-            raise _fail(self.TYPE, f"invalid region size {region}: larger than the target ({length} sectors)")
+            raise _log_fail(f"invalid region size {region}: larger than the target ({length} sectors)")
+        if region is not None and -(-length // region) > U32_MAX:
+            raise _log_fail(f"region count exceeds limit of {U32_MAX}")
 
     def map_devices(self, fn: Callable[[str], str]) -> Mirror:
         return Mirror(

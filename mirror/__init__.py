@@ -6,12 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from mirror.format import LogHeader, LogImage, LogReport, SyncMode, format_log, inspect
-from mirror.log import CoreLog, DirtyLog, DiskLog, RegionState, create_log
+from mirror.log import CoreDirtyLog, DiskDirtyLog, RegionState, open_dirty_log
 
 __all__ = [
-    "CoreLog",
-    "DirtyLog",
-    "DiskLog",
+    "CoreDirtyLog",
+    "DiskDirtyLog",
     "LogHeader",
     "LogImage",
     "LogReport",
@@ -20,9 +19,9 @@ __all__ = [
     "OfflineResync",
     "RegionState",
     "SyncMode",
-    "create_log",
     "format_log",
     "inspect",
+    "open_dirty_log",
 ]
 
 

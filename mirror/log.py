@@ -6,7 +6,7 @@ Three bitmaps per log, one bit per region:
 - ``sync``: in memory only, 1 = the legs hold the same data;
 - ``recovering``: in memory only, 1 = handed out by ``get_resync_work``.
 
-The ordering that makes a disk log safe lives in ``DiskLog.flush``: when any bit went clean, every
+The ordering that makes a disk log safe lives in ``DiskDirtyLog.flush``: when any bit went clean, every
 mirror leg is flushed first (the ``flush_legs`` callback); then header and bitmap are written in one
 I/O; when any bit went dirty, the log device is flushed before ``flush`` returns. A caller marks a
 region, flushes the log and only then writes data; it clears a region only after the data writes
@@ -23,6 +23,7 @@ from typing import Callable
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import DMError, InvalidArgument, InvalidTable
+from dmtools.target_values import CoreLog, DiskLog, MirrorLog
 
 from mirror.bitmap import Bitmap
 from mirror.format import (
@@ -33,14 +34,13 @@ from mirror.format import (
     LogHeader,
     LogImage,
     SyncMode,
-    check_region_size,
     log_io_bytes,
     region_count,
 )
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RegionState", "DirtyLog", "CoreLog", "DiskLog", "SyncMode", "parse_log_args", "create_log"]
+__all__ = ["RegionState", "CoreDirtyLog", "DiskDirtyLog", "SyncMode", "open_dirty_log"]
 
 
 class RegionState(enum.IntFlag):
@@ -52,24 +52,15 @@ class RegionState(enum.IntFlag):
     RECOVERING = 0x08  #: under resync
 
 
-def _parse_u32(text: str, what: str) -> int:
-    # The kernel parses with sscanf("%u%c") and rejects trailing characters.
-    if not text.isdigit() or int(text) >= 1 << 32:
-        raise InvalidArgument(f"invalid {what} {text}", operation="log")
-    return int(text)
-
-
-class DirtyLog:
-    """The ``core`` log: clean bits start all 1 and live only in memory.
+class CoreDirtyLog:
+    """The ``core`` log (and what the ``disk`` log builds on): clean bits start all 1 and live only
+    in memory.
 
     Without ``nosync`` every region starts out of sync, so a core log resyncs everything on each
-    activation (dm-log.c ``create_log_context``).
+    activation (dm-log.c ``create_log_context``). The region size was checked by the table value.
     """
 
-    type_name = "core"
-
     def __init__(self, target_len: int, region_size: int, sync: SyncMode = SyncMode.DEFAULT) -> None:
-        check_region_size(region_size, target_len)
         self.target_len = target_len
         self.region_size = region_size
         self.region_count = region_count(target_len, region_size)
@@ -171,13 +162,6 @@ class DirtyLog:
         """The log's part of the INFO status: ``1 core``."""
         return "1 core"
 
-    def table_args(self) -> list[str]:
-        """The log's part of the TABLE status: ``core <1|2> <region_size> [nosync|sync]``."""
-        args = [str(self.region_size)]
-        if self.sync is not SyncMode.DEFAULT:
-            args.append(self.sync.value)
-        return [self.type_name, str(len(args)), *args]
-
     def state(self, region: int) -> RegionState:
         """State of a region with no writes tracked by a region hash: CLEAN if in sync, else NOSYNC."""
         if self.recovering.test(region):
@@ -185,10 +169,7 @@ class DirtyLog:
         return RegionState.CLEAN if self.in_sync(region) else RegionState.NOSYNC
 
 
-CoreLog = DirtyLog
-
-
-class DiskLog(DirtyLog):
+class DiskDirtyLog(CoreDirtyLog):
     """The ``disk`` log: the clean bitmap persisted on a log device in the kernel's format.
 
     ``device`` is how the table names the log device (echoed in status); ``endpoint`` is the opened
@@ -196,7 +177,6 @@ class DiskLog(DirtyLog):
     rules (see ``LogImage.resize``). Raises ``InvalidArgument`` when the device is too small.
     """
 
-    type_name = "disk"
     persistent = True
 
     def __init__(
@@ -325,64 +305,24 @@ class DiskLog(DirtyLog):
         c = "F" if self.log_dev_flush_failed else "D" if self.log_dev_failed else "A"
         return f"3 disk {self.device} {c}"
 
-    def table_args(self) -> list[str]:
-        """``disk <2|3> <logdev> <region_size> [nosync|sync]``."""
-        args = [self.device, str(self.region_size)]
-        if self.sync is not SyncMode.DEFAULT:
-            args.append(self.sync.value)
-        return [self.type_name, str(len(args)), *args]
-
     def destroy(self) -> None:
         self.endpoint.close()
 
 
-def parse_log_args(args: list[str]) -> tuple[str, list[str], int]:
-    """Split ``<log_type> <#log_args> <log_args...>`` off a mirror table's argument list.
+def open_dirty_log(
+    value: MirrorLog, target_len: int, open_device: Callable[[str], Endpoint]
+) -> CoreDirtyLog:
+    """The runtime log for a table's log ``value`` (dm-dirty-log's ``dm_dirty_log_create``).
 
-    Returns ``(type, log_args, args_used)``; raises ``InvalidTable`` with the kernel's messages.
+    ``open_device(ref)`` opens a disk log's device. Raises ``InvalidTable`` with dm-raid1.c's
+    ``Error creating mirror dirty log`` for a log type this engine lacks or a log device too small.
     """
-    if len(args) < 2:
-        raise InvalidTable("Insufficient mirror log arguments")
-    if not args[1].isdigit():
-        raise InvalidTable("Invalid mirror log argument count")
-    n = int(args[1])
-    if len(args) < 2 + n:
-        raise InvalidTable("Insufficient mirror log arguments")
-    return args[0], args[2 : 2 + n], 2 + n
-
-
-def create_log(
-    log_type: str,
-    log_args: list[str],
-    target_len: int,
-    open_device: Callable[[str], Endpoint] | None = None,
-) -> DirtyLog:
-    """Build a ``core`` or ``disk`` log from table arguments, checking them as dm-log.c does.
-
-    ``open_device(ref)`` opens the disk log's device; it is called only after the other arguments
-    are valid. Raises ``InvalidTable`` (``TargetNotSupported`` style message for other log types).
-    """
+    if isinstance(value, CoreLog):
+        return CoreDirtyLog(target_len, value.region, SyncMode(value.sync or ""))
+    if not isinstance(value, DiskLog):  # dm-log.c get_type: no such log module
+        raise InvalidTable(f'Error creating mirror dirty log: Module for logging type "{value.log_type}" not found')
+    ep = open_device(value.device)  # the engine closes it if the table fails
     try:
-        if log_type == "core":
-            if not 1 <= len(log_args) <= 2:
-                raise InvalidTable("wrong number of arguments to dirty region log")
-            sync = SyncMode.parse(log_args[1]) if len(log_args) > 1 else SyncMode.DEFAULT
-            size = _parse_u32(log_args[0], "region size")
-            return DirtyLog(target_len, size, sync)
-        if log_type == "disk":
-            if not 2 <= len(log_args) <= 3:
-                raise InvalidTable("wrong number of arguments to disk dirty region log")
-            sync = SyncMode.parse(log_args[2]) if len(log_args) > 2 else SyncMode.DEFAULT
-            size = _parse_u32(log_args[1], "region size")
-            check_region_size(size, target_len)
-            if open_device is None:
-                raise InvalidTable("disk log needs a device opener")
-            ep = open_device(log_args[0])
-            try:
-                return DiskLog(ep, ep.name or log_args[0], target_len, size, sync)
-            except BaseException:
-                ep.close()
-                raise
+        return DiskDirtyLog(ep, ep.name or value.device, target_len, value.region, SyncMode(value.sync or ""))
     except InvalidArgument as err:
         raise InvalidTable(f"Error creating mirror dirty log: {err.message}") from err
-    raise InvalidTable(f"Error creating mirror dirty log: unknown log type {log_type!r} (core or disk)")

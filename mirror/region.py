@@ -21,14 +21,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mirror.log import DirtyLog, RegionState
+from mirror.log import CoreDirtyLog, RegionState
 
-__all__ = ["Region", "RegionHash"]
+__all__ = ["RegionEntry", "RegionHash"]
 
 
 @dataclass
-class Region:
-    """One region in the hash."""
+class RegionEntry:
+    """One region in the hash (dm-region-hash.c ``struct dm_region``)."""
 
     key: int
     state: RegionState
@@ -57,10 +57,10 @@ class Retirement:
 class RegionHash:
     """Region states for one mirror set; see the module docstring."""
 
-    def __init__(self, log: DirtyLog, max_recovery: int = 1) -> None:
+    def __init__(self, log: CoreDirtyLog, max_recovery: int = 1) -> None:
         self.log = log
         self.max_recovery = max_recovery
-        self.regions: dict[int, Region] = {}
+        self.regions: dict[int, RegionEntry] = {}
         #: regions whose writes completed, with the time they became clean (insertion order)
         self.clean: dict[int, float] = {}
         self.quiesced: list[int] = []
@@ -71,11 +71,11 @@ class RegionHash:
         self.recovery_stopped = True
 
     # -- lookups ---------------------------------------------------------------------------------
-    def _find(self, key: int) -> Region:
+    def _find(self, key: int) -> RegionEntry:
         reg = self.regions.get(key)
         if reg is None:
             state = RegionState.CLEAN if self.log.in_sync(key) else RegionState.NOSYNC
-            reg = self.regions[key] = Region(key, state)
+            reg = self.regions[key] = RegionEntry(key, state)
         return reg
 
     def state(self, key: int) -> RegionState:
@@ -108,7 +108,7 @@ class RegionHash:
         """
         if key in self.regions or not self.log.in_sync(key) or not self.log.is_clean(key):
             return
-        self.regions[key] = Region(key, RegionState.CLEAN)
+        self.regions[key] = RegionEntry(key, RegionState.CLEAN)
         self.log.mark_region(key)
         self.clean[key] = now
 

@@ -39,24 +39,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from dmtools.endpoint import Endpoint
 from dmtools.engine.device import RequeueIO
-from dmtools.engine.target_driver import SECTOR, DeviceHandle, TargetDriver, TargetContext, parse_sector, parse_uint
+from dmtools.engine.target_driver import SECTOR, DeviceHandle, TargetContext, TargetDriver
 from dmtools.errors import DeviceIOError, DMError, InvalidArgument, InvalidTable
+from dmtools.target_values import U32_MAX, U64_MAX, Mirror
+from dmtools.target_values import Target as TargetValue
 
 from mirror.bitmap import Bitmap
-from mirror.log import DirtyLog, RegionState, create_log, parse_log_args
+from mirror.log import CoreDirtyLog, RegionState, open_dirty_log
 from mirror.region import RegionHash
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MirrorTarget", "LegError", "MAX_NR_MIRRORS", "DEFAULT_MAX_RECOVERY"]
+__all__ = ["MirrorTarget", "MirrorLegState", "LegError", "DEFAULT_MAX_RECOVERY"]
 
-#: DM_KCOPYD_MAX_REGIONS + 1 (dm-raid1.c MAX_NR_MIRRORS).
-MAX_NR_MIRRORS = 9
-#: dm-raid1.c feature bits.
-HANDLE_ERRORS = 0x01
-KEEP_LOG = 0x02
 #: Regions copied at once; the kernel's MAX_RECOVERY is 1.
 DEFAULT_MAX_RECOVERY = 8
 #: Bytes of recovery kept in flight at most, whatever the region size.
@@ -81,8 +77,8 @@ class LegError(enum.IntEnum):
     READ = 3
 
 
-class Leg:
-    """One mirror leg (``struct mirror``)."""
+class MirrorLegState:
+    """One leg of a live mirror: its device and error record (dm-raid1.c ``struct mirror``)."""
 
     def __init__(self, index: int, dev: DeviceHandle, offset: int) -> None:
         self.index = index
@@ -102,6 +98,11 @@ class Leg:
         return "U"
 
 
+def _unsigned(word: str, maximum: int) -> int | None:
+    """A message's unsigned decimal argument, ``None`` when it is not one or exceeds ``maximum``."""
+    return int(word) if word.isascii() and word.isdigit() and int(word) <= maximum else None
+
+
 def _io_error(message: str, device: str | None = None) -> DeviceIOError:
     return DeviceIOError(message, errno=errno.EIO, operation="io", device=device)
 
@@ -112,58 +113,26 @@ class MirrorTarget(TargetDriver):
     name = "mirror"
     version = (1, 15, 0)  # dm-raid1.c
 
-    def __init__(self, ctx: TargetContext, start: int, length: int, args: Sequence[str]) -> None:
-        super().__init__(ctx, start, length, args)
-        args = list(args)
-        try:
-            log_type, log_args, used = parse_log_args(args)
-            self.log: DirtyLog = create_log(log_type, log_args, length, self._open_log_device)
+    def __init__(self, ctx: TargetContext, start: int, length: int, value: Mirror) -> None:
+        super().__init__(ctx, start, length, ())
+        opened: dict[str, DeviceHandle] = {}
+
+        def open_device(ref: str) -> DeviceHandle:
+            opened[ref] = ctx.get_device(ref)
+            return opened[ref]
+
+        try:  # dm-raid1.c mirror_ctr: the log first, then the legs
+            self.log: CoreDirtyLog = open_dirty_log(value.log, length, open_device)
         except InvalidTable as err:
             raise self.fail(err.message) from err
-        rest = args[used:]
-        try:
-            nr = parse_uint(rest[0]) if rest else 0
-        except ValueError:
-            nr = 0
-        if not 2 <= nr <= MAX_NR_MIRRORS:
-            raise self.fail("Invalid number of mirrors")
-        rest = rest[1:]
-        if len(rest) < 2 * nr:
-            raise self.fail("Too few mirror arguments")
-        self.legs: list[Leg] = []
-        for i in range(nr):
-            ref, off = rest[2 * i], rest[2 * i + 1]
-            try:
-                offset = parse_sector(off)
-            except ValueError:
-                raise self.fail("Invalid offset") from None
-            dev = ctx.get_device(ref)
+        self.legs: list[MirrorLegState] = []
+        for i, (ref, offset) in enumerate(value.legs):
+            dev = open_device(ref)
             self.devices.append(dev)
             self.check_area(dev, offset, length)
-            self.legs.append(Leg(i, dev, offset))
-        rest = rest[2 * nr :]
-        self.features = 0
-        if rest:
-            try:
-                nfeat = parse_uint(rest[0])
-            except ValueError:
-                raise self.fail("Invalid number of features") from None
-            rest = rest[1:]
-            if nfeat > len(rest):
-                raise self.fail("Not enough arguments to support feature count")
-            for feat in rest[:nfeat]:
-                if feat == "handle_errors":
-                    self.features |= HANDLE_ERRORS
-                elif feat == "keep_log":
-                    self.features |= KEEP_LOG
-                else:
-                    raise self.fail("Unrecognised feature requested")
-            rest = rest[nfeat:]
-            if self.keep_log and not self.errors_handled:
-                raise self.fail("keep_log feature requires the handle_errors feature")
-        if rest:
-            raise self.fail("Too many mirror arguments")
-
+            self.legs.append(MirrorLegState(i, dev, offset))
+        #: the table as the kernel prints it back: devices as ``major:minor``
+        self.value = value.map_devices(lambda ref: opened[ref].name)
         self.region_size = self.log.region_size
         self.region_bytes = self.region_size * SECTOR
         self.nr_regions = self.log.region_count
@@ -197,24 +166,28 @@ class MirrorTarget(TargetDriver):
         #: region -> bit mask of the legs that failed its last recovery (kept until a copy succeeds)
         self.recovery_failures: dict[int, int] = {}
 
-    def _open_log_device(self, ref: str) -> Endpoint:
-        dev = self.ctx.get_device(ref)
-        self.log_device = dev
-        return dev
-
     # -- features and legs ------------------------------------------------------------------------
+    @classmethod
+    def build(cls, ctx: TargetContext, start: int, length: int, value: TargetValue) -> MirrorTarget:
+        """The mirror for the table value ``value`` (a :class:`dmtools.target_values.Mirror`)."""
+        if not isinstance(value, Mirror):
+            raise InvalidTable(f"mirror: not a mirror table: {value}", operation="load", device=ctx.device_name)
+        return cls(ctx, start, length, value)
+
     @property
     def errors_handled(self) -> bool:
-        return bool(self.features & HANDLE_ERRORS)
+        """``handle_errors``: leg failures fail over and raise events."""
+        return self.value.handle_errors
 
     @property
     def keep_log(self) -> bool:
-        return bool(self.features & KEEP_LOG)
+        """``keep_log``: writes go on after a leg failure (the regions stay out of sync)."""
+        return self.value.keep_log
 
-    def _valid_leg(self) -> Leg | None:
+    def _valid_leg(self) -> MirrorLegState | None:
         return next((leg for leg in self.legs if not leg.error_count), None)
 
-    def _fail_leg(self, leg: Leg, kind: LegError) -> None:
+    def _fail_leg(self, leg: MirrorLegState, kind: LegError) -> None:
         """``fail_mirror``: record the error; with handle_errors fail over and raise an event."""
         self.leg_failure = True
         leg.error_count += 1
@@ -241,7 +214,7 @@ class MirrorTarget(TargetDriver):
         except Exception:  # noqa: BLE001 - an event must never fail the I/O path
             log.exception("mirror event failed")
 
-    def _choose_leg(self) -> Leg | None:
+    def _choose_leg(self) -> MirrorLegState | None:
         """The default leg, or walking backwards from it the first leg without errors."""
         i = self.default
         for _ in range(len(self.legs)):
@@ -251,14 +224,14 @@ class MirrorTarget(TargetDriver):
         return None
 
     @staticmethod
-    def _flush_leg(leg: Leg) -> bool:
+    def _flush_leg(leg: MirrorLegState) -> bool:
         try:
             leg.dev.flush()
             return True
         except (OSError, DMError):
             return False
 
-    def _flush_leg_devices(self) -> list[Leg]:
+    def _flush_leg_devices(self) -> list[MirrorLegState]:
         """Flush every leg (in parallel); return the legs whose flush failed. Needs no lock."""
         pool = self._pool
         if pool is None:
@@ -287,13 +260,13 @@ class MirrorTarget(TargetDriver):
         return out
 
     @staticmethod
-    def _leg_read(leg: Leg, buf: memoryview, offset: int) -> None:
+    def _leg_read(leg: MirrorLegState, buf: memoryview, offset: int) -> None:
         got = leg.dev.readinto(buf, leg.base + offset)
         if got != len(buf):
             raise _io_error(f"short read ({got} of {len(buf)} bytes)", leg.dev.name)
 
     @staticmethod
-    def _write_leg(leg: Leg, buf: memoryview, offset: int) -> int:
+    def _write_leg(leg: MirrorLegState, buf: memoryview, offset: int) -> int:
         try:
             leg.dev.write(buf, leg.base + offset)
         except (OSError, DMError) as err:
@@ -301,7 +274,7 @@ class MirrorTarget(TargetDriver):
             return 1 << leg.index
         return 0
 
-    def _write_legs(self, legs: list[Leg], buf: memoryview, offset: int) -> int:
+    def _write_legs(self, legs: list[MirrorLegState], buf: memoryview, offset: int) -> int:
         """Write to every leg, in parallel for large writes; return the error bits (bit = leg index)."""
         pool = self._pool
         if pool is None or len(buf) < PARALLEL_WRITE_BYTES:
@@ -503,7 +476,7 @@ class MirrorTarget(TargetDriver):
         # The legs are flushed before any clean mark, without the lock: writes go on meanwhile
         # (a region written during the flush keeps its dirty mark).
         flushed = False
-        failed: list[Leg] = []
+        failed: list[MirrorLegState] = []
         if batch.needs_leg_flush and self.log.persistent:
             failed = self._flush_leg_devices()
             flushed = not failed
@@ -573,7 +546,7 @@ class MirrorTarget(TargetDriver):
             return (tail or self.region_size) * SECTOR
         return self.region_bytes
 
-    def _recover(self, region: int, source: Leg) -> None:
+    def _recover(self, region: int, source: MirrorLegState) -> None:
         """Copy ``region`` from the default leg to every other leg with kcopyd."""
         from kcopyd.client import IGNORE_ERROR
         from kcopyd.region import Region
@@ -595,7 +568,7 @@ class MirrorTarget(TargetDriver):
             log.error("cannot start recovery of region %d: %s", region, err)
             self._recovery_complete(True, 0, (region, source, dests))
 
-    def _recovery_complete(self, read_err: bool, write_err: int, context: tuple[int, Leg, list[Leg]]) -> None:
+    def _recovery_complete(self, read_err: bool, write_err: int, context: tuple[int, MirrorLegState, list[MirrorLegState]]) -> None:
         region, source, dests = context
         with self.cond:
             if read_err:
@@ -718,51 +691,35 @@ class MirrorTarget(TargetDriver):
 
     def table_params(self) -> str:
         """``<log table> <#mirrors> <dev> <offset>... [<n> handle_errors keep_log]``."""
-        parts = self.log.table_args() + [str(len(self.legs))]
-        for leg in self.legs:
-            parts += [leg.dev.name, str(leg.offset)]
-        feats = [f for f, on in (("handle_errors", self.errors_handled), ("keep_log", self.keep_log)) if on]
-        if feats:
-            parts += [str(len(feats)), *feats]
-        return " ".join(parts)
+        return self.value.params
 
     def message(self, args: Sequence[str]) -> str | None:
-        """``resync_rate <bytes/s>`` (0 = unlimited), ``max_recovery <n>`` or ``rebuild <leg>``."""
-        if len(args) == 2 and args[0] == "rebuild":
-            try:
-                index = parse_uint(args[1])
-            except ValueError:
-                index = -1
+        """``resync_rate <bytes/s>`` (0 = unlimited), ``max_recovery <n>``, ``rebuild <leg>``, or the
+        queries ``recovery_failures``, ``held_ios`` and ``default_leg``."""
+        queries = {"recovery_failures": self.format_failures, "held_ios": lambda: str(self.held),
+                   "default_leg": lambda: str(self.default)}
+        if len(args) == 1 and args[0] in queries:
             with self.cond:
-                if not 0 <= index < len(self.legs) or index == self.default:
+                return queries[args[0]]()
+        if len(args) != 2 or args[0] not in ("rebuild", "resync_rate", "max_recovery"):
+            raise InvalidArgument(f"unrecognised mirror message {' '.join(args)!r}", operation="message")
+        value = _unsigned(args[1], U64_MAX if args[0] == "resync_rate" else U32_MAX)
+        with self.cond:
+            if args[0] == "rebuild":
+                if value is None or value >= len(self.legs) or value == self.default:
                     raise InvalidArgument(f"cannot rebuild leg {args[1]!r}", operation="message")
-                self._start_rebuild(index)
-            return None
-        if len(args) == 1 and args[0] == "recovery_failures":
-            with self.cond:
-                return self.format_failures()
-        if len(args) == 1 and args[0] == "held_ios":
-            with self.cond:
-                return str(self.held)
-        if len(args) == 1 and args[0] == "default_leg":
-            with self.cond:
-                return str(self.default)
-        if len(args) == 2 and args[0] in ("resync_rate", "max_recovery"):
-            try:
-                value = parse_uint(args[1]) if args[0] == "max_recovery" else parse_sector(args[1])
-            except ValueError:
-                raise InvalidArgument(f"invalid {args[0]} value {args[1]!r}", operation="message") from None
-            with self.cond:
-                if args[0] == "resync_rate":
-                    self.rate = value
-                    self._next_copy = time.monotonic()
-                else:
-                    if value < 1:
-                        raise InvalidArgument("max_recovery must be at least 1", operation="message")
-                    self.rh.max_recovery = value
-                self._wake_worker()
-            return None
-        raise InvalidArgument(f"unrecognised mirror message {' '.join(args)!r}", operation="message")
+                self._start_rebuild(value)
+                return None
+            if value is None or (args[0] == "max_recovery" and value < 1):
+                raise InvalidArgument(f"invalid {args[0]} value {args[1]!r} (max_recovery is at least 1)",
+                                      operation="message")
+            if args[0] == "resync_rate":
+                self.rate = value
+                self._next_copy = time.monotonic()
+            else:
+                self.rh.max_recovery = value
+            self._wake_worker()
+        return None
 
     def format_failures(self) -> str:
         """The ``recovery_failures`` answer: ``<region>:<leg>[,<leg>]`` words in region order."""

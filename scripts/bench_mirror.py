@@ -91,14 +91,10 @@ def offline(legs: list[Path], log: Path, region: int, rate: int | None = None,
 
 def engine():  # type: ignore[no-untyped-def]
     from dmtools.engine import Engine
-    from dmtools.errors import TargetNotSupported
     from mirror.target import MirrorTarget
 
     eng = Engine()
-    try:
-        eng._registry.get("mirror")
-    except TargetNotSupported:  # entry point not installed yet
-        eng._registry._classes["mirror"] = MirrorTarget
+    eng.register_target(MirrorTarget)
     return eng
 
 

@@ -220,7 +220,7 @@ def test_parse_normalises_like_the_kernel(text: str, canonical: str) -> None:
         ("0 2048 mirror core", "Insufficient mirror log arguments"),
         ("0 2048 mirror core x 1024", "Invalid mirror log argument count"),
         ("0 2048 mirror core 9 1024 sync 2 7:1 0 7:2 0", "Insufficient mirror log arguments"),
-        ("0 2048 mirror core 3 1024 sync x 2 7:1 0 7:2 0", "wrong number of arguments to core"),
+        ("0 2048 mirror core 3 1024 sync x 2 7:1 0 7:2 0", "dirty log: wrong number of arguments to dirty region log"),
         ("0 2048 mirror disk 1 1024 2 7:1 0 7:2 0", "wrong number of arguments to disk"),
         ("0 2048 mirror core 2 1024 block_on_error 2 7:1 0 7:2 0", "block_on_error"),
         ("0 2048 mirror core 2 1024 maybe 2 7:1 0 7:2 0", "unrecognised sync argument"),

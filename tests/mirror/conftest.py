@@ -14,19 +14,12 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def mengine() -> Iterator[Any]:
-    """An in-process engine that can load the ``mirror`` target.
-
-    Until the ``mirror`` entry point is installed, the class is registered on the engine directly.
-    """
+    """An in-process engine with the ``mirror`` target registered on it."""
     from dmtools.engine import Engine
-    from dmtools.errors import TargetNotSupported
     from mirror.target import MirrorTarget
 
     eng = Engine()
-    try:
-        eng._registry.get("mirror")
-    except TargetNotSupported:
-        eng._registry._classes["mirror"] = MirrorTarget
+    eng.register_target(MirrorTarget)
     try:
         yield eng
     finally:

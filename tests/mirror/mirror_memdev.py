@@ -124,6 +124,14 @@ class FakeContext:
         self.events += 1
 
 
+def build_mirror(ctx: FakeContext, length: int, params: str) -> Any:
+    """The ``mirror`` target for table parameters ``params``, built as the engine builds it."""
+    from dmtools.table import Table
+    from mirror.target import MirrorTarget
+
+    return MirrorTarget.build(ctx, 0, length, Table.parse(f"0 {length} mirror {params}").lines[0].target)
+
+
 class PowerCut:
     """A shared power switch for several ``CrashEndpoint``s: after ``ops_left`` I/O operations the
     power goes; later writes and flushes are lost and every device keeps what was flushed plus a

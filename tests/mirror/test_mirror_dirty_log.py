@@ -6,43 +6,37 @@ import struct
 
 import pytest
 
-from dmtools.errors import DeviceIOError, InvalidArgument, InvalidTable
+from dmtools.errors import DeviceIOError, InvalidTable
 from mirror.format import LogImage, SyncMode, format_log
-from mirror.log import DirtyLog, DiskLog, RegionState, create_log, parse_log_args
+from dmtools.target_values import CoreLog, DiskLog, OtherLog
+from mirror.log import CoreDirtyLog, DiskDirtyLog, RegionState, open_dirty_log
 from mirror_memdev import MemEndpoint
 
 LEN = 100 * 8  # sectors: 100 regions of 8 sectors
 
 
-def _disk(ep: MemEndpoint, sync: SyncMode = SyncMode.DEFAULT, length: int = LEN) -> DiskLog:
-    lg = DiskLog(ep, "7:1", length, 8, sync)
+def _disk(ep: MemEndpoint, sync: SyncMode = SyncMode.DEFAULT, length: int = LEN) -> DiskDirtyLog:
+    lg = DiskDirtyLog(ep, "7:1", length, 8, sync)
     lg.resume()
     return lg
 
 
 def test_core_log_starts_out_of_sync_unless_nosync() -> None:
-    lg = DirtyLog(LEN, 8)
+    lg = CoreDirtyLog(LEN, 8)
     assert lg.region_count == 100 and lg.get_sync_count() == 0
     assert all(lg.is_clean(r) for r in range(100)) and not lg.in_sync(5)
     assert lg.state(5) is RegionState.NOSYNC
-    ns = DirtyLog(LEN, 8, SyncMode.NOSYNC)
+    ns = CoreDirtyLog(LEN, 8, SyncMode.NOSYNC)
     assert ns.get_sync_count() == 100 and ns.in_sync(99) and ns.state(3) is RegionState.CLEAN
     assert lg.status_info() == "1 core"
-    assert lg.table_args() == ["core", "1", "8"]
-    assert ns.table_args() == ["core", "2", "8", "nosync"]
 
 
-def test_region_count_rounds_up_and_region_size_checked() -> None:
-    assert DirtyLog(801, 8).region_count == 101
-    for bad in (1000, 1, 0, 3):
-        with pytest.raises(InvalidArgument):
-            DirtyLog(LEN, bad)
-    with pytest.raises(InvalidArgument, match="larger than"):
-        DirtyLog(8, 16)
+def test_region_count_rounds_up() -> None:
+    assert CoreDirtyLog(801, 8).region_count == 101
 
 
 def test_get_resync_work_and_set_region_sync() -> None:
-    lg = DirtyLog(LEN, 8)
+    lg = CoreDirtyLog(LEN, 8)
     got = [lg.get_resync_work() for _ in range(3)]
     assert got == [0, 1, 2]
     assert lg.state(1) is RegionState.RECOVERING
@@ -69,7 +63,6 @@ def test_disk_resume_of_blank_device_is_all_out_of_sync_and_writes_header() -> N
     assert ep.data[1024:1040] == bytes(16)
     assert [j[0] for j in ep.journal] == ["write", "flush"]
     assert lg.status_info() == "3 disk 7:1 A"
-    assert lg.table_args() == ["disk", "2", "7:1", "8"]
 
 
 def test_disk_resume_trusts_clean_bits_and_preserves_reserved_bytes() -> None:
@@ -92,7 +85,6 @@ def test_sync_arguments_make_the_log_new(mode: SyncMode, expect: int) -> None:
     img.write(ep)
     lg = _disk(ep, mode)
     assert lg.get_sync_count() == expect
-    assert lg.table_args()[-1] == mode.value and lg.table_args()[1] == "3"
 
 
 def test_grown_regions_out_of_sync_shrunk_bits_cleared() -> None:
@@ -122,11 +114,6 @@ def test_unreadable_log_counts_everything_out_of_sync_and_reports_d() -> None:
     ep.fail_reads = True
     lg = _disk(ep)
     assert lg.get_sync_count() == 0 and lg.failed and lg.status_info() == "3 disk 7:1 D"
-
-
-def test_too_small_log_device_rejected() -> None:
-    with pytest.raises(InvalidArgument, match="too small: need 1536"):
-        DiskLog(MemEndpoint(1024, "log"), "7:1", LEN, 8)
 
 
 def _recorded(journal: list[tuple[str, str, int, int]]) -> list[str]:
@@ -213,32 +200,19 @@ def test_log_write_failure_marks_log_failed() -> None:
     assert lg.status_info().endswith(" F")
 
 
-def test_create_log_from_table_arguments() -> None:
-    assert parse_log_args(["core", "1", "8", "2"]) == ("core", ["8"], 3)
-    with pytest.raises(InvalidTable, match="Insufficient"):
-        parse_log_args(["disk", "3", "x"])
-    with pytest.raises(InvalidTable, match="argument count"):
-        parse_log_args(["disk", "x"])
-    core = create_log("core", ["8", "nosync"], LEN)
-    assert core.get_sync_count() == 100
+def test_open_dirty_log_from_the_table_value() -> None:
+    core = open_dirty_log(CoreLog(8, "nosync"), LEN, lambda ref: pytest.fail(f"opened {ref}"))
+    assert type(core) is CoreDirtyLog and core.get_sync_count() == 100
     opened: list[str] = []
 
     def opener(ref: str) -> MemEndpoint:
         opened.append(ref)
-        return MemEndpoint(4096, ref)
+        return MemEndpoint(4096 if ref == "7:1" else 1024, ref)
 
-    disk = create_log("disk", ["7:1", "8"], LEN, opener)
-    assert isinstance(disk, DiskLog) and opened == ["7:1"]
-    for args, text in [
-        (["8", "bogus"], "unrecognised sync"),
-        (["8x"], "invalid region size"),
-        (["1000"], "power of two"),
-        ([], "wrong number"),
-    ]:
-        with pytest.raises(InvalidTable, match=text):
-            create_log("core", args, LEN)
-    with pytest.raises(InvalidTable, match="unknown log type"):
-        create_log("userspace", ["x"], LEN)
-    with pytest.raises(InvalidTable, match="power of two"):
-        create_log("disk", ["7:2", "1000"], LEN, opener)
-    assert opened == ["7:1"]  # nothing opened for a bad region size
+    disk = open_dirty_log(DiskLog("7:1", 8, "sync"), LEN, opener)
+    assert isinstance(disk, DiskDirtyLog) and disk.sync is SyncMode.FORCESYNC and opened == ["7:1"]
+    with pytest.raises(InvalidTable, match='^Error creating mirror dirty log: Module for logging type "userspace"'):
+        open_dirty_log(OtherLog("userspace", ("uuid", "7:2")), LEN, opener)
+    with pytest.raises(InvalidTable, match="^Error creating mirror dirty log: log device 7:2 too small: need 1536"):
+        open_dirty_log(DiskLog("7:2", 8), LEN, opener)
+    assert opened == ["7:1", "7:2"]

@@ -12,7 +12,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dmtools.engine import Engine
-from dmtools.errors import TargetNotSupported
 from mirror.manager import MirrorManager
 from mirror.target import MirrorTarget
 
@@ -29,10 +28,7 @@ ops = st.lists(st.one_of(write_op, write_op, fail_op, resync_op, read_op), max_s
 
 def _engine() -> Engine:
     eng = Engine()
-    try:
-        eng._registry.get("mirror")
-    except TargetNotSupported:
-        eng._registry._classes["mirror"] = MirrorTarget
+    eng.register_target(MirrorTarget)
     return eng
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from mirror.format import LogImage
 from mirror.target import MirrorTarget
-from mirror_memdev import CrashEndpoint, FakeContext, MemEndpoint, PowerCut
+from mirror_memdev import CrashEndpoint, FakeContext, MemEndpoint, PowerCut, build_mirror
 
 NREG, RSIZE = 16, 4096  # 16 regions of 4 KiB
 SECTORS = NREG * RSIZE // 512
@@ -22,8 +22,7 @@ def _identical(legs: list[MemEndpoint], r: int) -> bool:
 
 def _target(devs: dict[str, MemEndpoint], nlegs: int) -> MirrorTarget:
     params = f"disk 2 log 8 {nlegs} " + " ".join(f"leg{i} 0" for i in range(nlegs))
-    t = MirrorTarget.construct(FakeContext(devs), 0, SECTORS, params.split())
-    assert isinstance(t, MirrorTarget)
+    t: MirrorTarget = build_mirror(FakeContext(devs), SECTORS, params)
     return t
 
 
