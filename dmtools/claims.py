@@ -42,9 +42,6 @@ from dmtools.errors import DeviceBusy, DeviceNotFound, DMError
 
 __all__ = ["Claim", "Holder", "claim", "busy_reason", "loops_over", "mount_of", "os_errors"]
 
-SYS_BLOCK = "/sys/block"
-
-
 class Claim:
     """One device claimed by a :class:`Holder`; :meth:`release` gives it back (once)."""
 
@@ -141,7 +138,7 @@ class Holder:
                 return
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._check_loops(path, device)
+                self._check_loops(path, device, st)
             except BlockingIOError as err:
                 os.close(fd)
                 raise DeviceBusy(f"{path} is claimed by another engine or tool", errno=errno.EBUSY,
@@ -152,9 +149,9 @@ class Holder:
             self._held[key] = [fd, 1]
             taken.append(key)
 
-    def _check_loops(self, path: str, device: str | None) -> None:
+    def _check_loops(self, path: str, device: str | None, st: os.stat_result) -> None:
         """Refuse a file that a loop device exposes to someone else (caller holds the lock)."""
-        for loop_path, devno in loops_over(path):
+        for loop_path, devno in loops_over(path, st):
             if ("blk", devno) in self._held:
                 continue  # our own claim on that loop device: one holder nests
             try:
@@ -245,40 +242,21 @@ def busy_reason(path: str) -> str:
     return "held open exclusively (O_EXCL) by another program or engine"
 
 
-def loops_over(path: str) -> list[tuple[str, tuple[int, int]]]:
-    """``(path, devno)`` of the loop devices whose backing file is ``path`` (by resolved path:
-    sysfs ``loop/backing_file``; no backing file is opened or stat()ed)."""
-    real = os.path.realpath(path).encode()
-    out = []
-    try:
-        names = [n for n in os.listdir(SYS_BLOCK) if n.startswith("loop")]
-    except OSError:
-        return []
-    for name in names:
-        backing = _read_sys(f"{SYS_BLOCK}/{name}/loop/backing_file")
-        if backing is None or backing.rstrip(b"\n") != real:
-            continue
-        dev = _read_sys(f"{SYS_BLOCK}/{name}/dev")
+def loops_over(path: str, st: os.stat_result | None = None) -> list[tuple[str, tuple[int, int]]]:
+    """``(path, devno)`` of the loop devices whose backing file is ``path``: the same inode by
+    any name (a hard link, a bind mount: ``LOOP_GET_STATUS64``), or, for loops over a FUSE file,
+    the same resolved path (see :mod:`dmtools.loop_index`). ``st`` is ``path``'s ``stat`` when
+    the caller has it."""
+    from dmtools.loop_index import loops_over_inode, loops_over_path
+
+    if st is None:
         try:
-            major, minor = (dev or b"").strip().split(b":")
-            out.append((f"/dev/{name}", (int(major), int(minor))))
-        except ValueError:
-            continue
-    return out
-
-
-def _read_sys(path: str) -> bytes | None:
-    """A small sysfs attribute, or ``None`` (raw calls: this runs for every loop device)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        return os.read(fd, 4096)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+            st = os.stat(path)
+        except OSError:
+            st = None
+    refs = loops_over_inode(st.st_dev, st.st_ino) if st is not None else []
+    refs += [r for r in loops_over_path(os.path.realpath(path)) if r not in refs]
+    return [(r.path, r.devno) for r in refs]
 
 
 def _loop_backing(devno: tuple[int, int]) -> str | None:

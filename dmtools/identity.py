@@ -361,17 +361,28 @@ class _Resolver:
 
     def loop(self, devno: tuple[int, int], path: str,
              backing: str) -> tuple[_Node, tuple[str, ...]]:
+        """A loop device: a window on its backing inode as ``LOOP_GET_STATUS64`` gives it
+        (``lo_device``, ``lo_inode``: a hard link, a bind mount or an unlinked file is the same
+        inode), or on the block device or FUSE file it is bound to, resolved as a reference."""
         offset = int(_sysfs(devno, "loop/offset") or 0)
         limit = int(_sysfs(devno, "loop/sizelimit") or 0)
         end = offset + limit if limit else None
-        try:
-            bpath, node, via = self.reference(backing, None)
-        except DeviceNotFound:
-            # The file was unlinked (" (deleted)"): the loop device still knows its inode.
+        name = backing[:-len(" (deleted)")] if backing.endswith(" (deleted)") else backing
+        node: _Node | None = None
+        via: tuple[str, ...] = ()
+        if not mount_of(name)[1].startswith("fuse"):  # never ask a FUSE server (it may be stuck)
             from dmtools import loop as _loop
 
-            status = _loop.status(path)
-            node, via = _Leaf(("file", status.device, status.inode)), (backing,)
+            try:
+                status = _loop.status(path)
+            except DMError:
+                status = None
+            # loop_get_status (drivers/block/loop.c): lo_rdevice is the backing block device's
+            # rdev; for a regular file 0 (older kernels: the file's own st_dev).
+            if status is not None and status.rdevice in (0, status.device):
+                node, via = _Leaf(("file", status.device, status.inode)), (name,)
+        if node is None:
+            _, node, via = self.reference(backing, None)
         return _Window(node, offset, end), (path,) + via
 
     def dm_table(self, name: str, devno: tuple[int, int]) -> tuple[_Node, tuple[str, ...]]:

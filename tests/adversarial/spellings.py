@@ -1,9 +1,10 @@
 """Every spelling of one image's bytes (issue 15, item 1), for the adversarial property tests.
 
 ``file_spellings`` needs only a file (unit tier): its absolute path, a symlink, a chain of
-symlinks, a relative path from another directory, a path through ``..``. ``block_spellings``
+symlinks, a relative path from another directory, a path through ``..``, a hard link. ``block_spellings``
 (root tier) adds the loop device over it, ``/dev/block/M:m``, ``M:m``, a second loop device over
-the same file, a loop device at an offset that still overlaps, a second device node (mknod) for
+the same file, a loop device attached through a hard link of the file, a loop device at an
+offset that still overlaps, a second device node (mknod) for
 the loop's ``dev_t``, the loop's backing file as the
 kernel reports it, and a userspace-engine ``linear`` device over it: its exposed path and its
 name. A test picks pairs of spellings with hypothesis and hands them to a command.
@@ -74,7 +75,16 @@ def file_spellings(image: Path, scratch: Path) -> list[Spelling]:
         Spelling("symlink-chain", str(chain1)),
         Spelling("relative", os.path.relpath(image, elsewhere), cwd=str(elsewhere)),
         Spelling("dotdot", f"{image.parent}/../{image.parent.name}/./{stem}"),
+        Spelling("hardlink", str(_hardlink(image, scratch))),
     ]
+
+
+def _hardlink(image: Path, scratch: Path) -> Path:
+    """A hard link of ``image`` in ``scratch`` (one file system: both live under the test's tmp)."""
+    hard = scratch / f"hard-{image.name}"
+    if not hard.exists():
+        os.link(image, hard)
+    return hard
 
 
 def block_spellings(
@@ -90,6 +100,7 @@ def block_spellings(
     size = image.stat().st_size
     lp = make_loop(image)
     second = make_loop(image)
+    linked = make_loop(_hardlink(image.resolve(), scratch))  # its backing_file is the link's path
     shifted = make_loop(image, offset=size // 2)  # shares the second half
     st = os.stat(lp.path)
     major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
@@ -110,6 +121,7 @@ def block_spellings(
         Spelling("mknod", str(node)),
         Spelling("devno", f"{major}:{minor}"),
         Spelling("second-loop", second.path),
+        Spelling("hardlink-loop", linked.path),
         Spelling("offset-loop", shifted.path),
         Spelling("backing-file", backing),
         Spelling("engine-path", os.path.join(mapper, engine_name), under=f"0 {size // 512} linear {lp.path} 0"),
