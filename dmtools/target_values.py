@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import ClassVar, NamedTuple
 
 from dmtools.errors import InvalidName, InvalidTable
@@ -39,6 +40,7 @@ __all__ = [
     "Snapshot",
     "SnapshotMerge",
     "SnapshotOrigin",
+    "StoreMode",
     "MirrorLog",
     "CoreLog",
     "DiskLog",
@@ -392,23 +394,57 @@ class Error(Target):
 
 
 _SNAPSHOT_FEATURES = ("discard_zeroes_cow", "discard_passdown_origin")
-_STORES = ("P", "PO", "N")
+
+
+class StoreMode(StrEnum):
+    """A snapshot's exception store, valued as tables write it (dm-exception-store.c)."""
+
+    PERSISTENT = "P"
+    #: persistent; a full COW fails snapshot writes (``Overflow``) instead of invalidating.
+    PERSISTENT_OVERFLOW = "PO"
+    TRANSIENT = "N"
+
+    @property
+    def persistent(self) -> bool:
+        """True for the stores that keep their exceptions on the COW."""
+        return self is not StoreMode.TRANSIENT
+
+
+def _store_mode(target_type: str, text: object) -> StoreMode:
+    """What ``dm_exception_store_create`` makes of a store argument (case-insensitive): the first
+    letter picks the type; dm-snap-persistent.c takes ``O`` as its first option and refuses any
+    other, dm-snap-transient.c ignores its options."""
+    if isinstance(text, StoreMode):
+        return text
+    if not isinstance(text, str) or text[:1].upper() not in ("P", "N"):
+        raise _store_failure(target_type, "Exception store type is not P or N")
+    if text[:1].upper() == "N":
+        return StoreMode.TRANSIENT
+    option = text[1:2].upper()
+    if option not in ("", "O"):
+        raise _store_failure(target_type, "Exception store type constructor failed")
+    return StoreMode.PERSISTENT_OVERFLOW if option else StoreMode.PERSISTENT
+
+
+def _store_failure(target_type: str, reason: str) -> InvalidTable:
+    # dm-snap.c snapshot_ctr replaces dm-exception-store.c's reason with its own.
+    return _fail(target_type, f"Couldn't create exception store: {reason}")
 
 
 @dataclass(frozen=True)
 class Snapshot(Target):
     """``snapshot <origin> <cow> P|PO|N <chunk_sectors> [<#feat> <feat>...]`` (dm-snap.c).
 
-    ``store`` is ``P`` (persistent), ``PO`` (persistent, overflow reported instead of
-    invalidating) or ``N`` (transient). ``chunk_size`` 0 means "read it from the COW header"
-    (persistent only). ``features`` are ``discard_zeroes_cow`` and ``discard_passdown_origin``
-    (the latter requires the former), kept in the kernel's order.
+    ``store`` is a :class:`StoreMode` (its letters are accepted too, in either case).
+    ``chunk_size`` 0 means "read it from the COW header" (persistent only). ``features`` are
+    ``discard_zeroes_cow`` and ``discard_passdown_origin`` (the latter requires the former), kept
+    in the kernel's order. Errors carry dm-snap.c's and dm-exception-store.c's ``ti->error`` texts.
     """
 
     TYPE: ClassVar[str] = "snapshot"
     origin: str
     cow: str
-    store: str = "P"
+    store: StoreMode = StoreMode.PERSISTENT
     chunk_size: int = 8
     features: tuple[str, ...] = ()
 
@@ -418,26 +454,20 @@ class Snapshot(Target):
         _check_device(t, self.cow)
         if self.origin == self.cow:
             raise _fail(t, "COW device cannot be the same as origin device")
-        # dm-exception-store.c: the first letter picks the store, the persistent and transient
-        # constructors refuse any option they do not know.
-        if not isinstance(self.store, str) or self.store[:1].upper() not in ("P", "N"):
-            raise _fail(t, "Exception store type is not P or N")
-        if self.store.upper() not in _STORES:
-            raise _fail(t, "Exception store type constructor failed")
-        object.__setattr__(self, "store", self.store.upper())
+        object.__setattr__(self, "store", _store_mode(t, self.store))
         _check_int(t, self.chunk_size, "chunk size", U32_MAX)
-        if self.chunk_size == 0 and self.store == "N":
-            raise _fail(t, "Chunk size not set (a transient store needs a chunk size)")
         if self.chunk_size and not _power_of_two(self.chunk_size):
-            raise _fail(t, f"Chunk size is not a power of 2 ({self.chunk_size})")
+            raise _store_failure(t, "Chunk size is not a power of 2")
         if self.chunk_size > MAX_SNAPSHOT_CHUNK:
-            raise _fail(t, f"Chunk size is too high ({self.chunk_size} > {MAX_SNAPSHOT_CHUNK})")
+            raise _store_failure(t, "Chunk size is too high")
+        if self.chunk_size == 0 and not self.store.persistent:
+            raise _fail(t, "Chunk size not set")
         if isinstance(self.features, str):
             raise _fail(t, "features must be a sequence of feature names")
         wanted = set()
         for feat in self.features:
             if not isinstance(feat, str) or feat.lower() not in _SNAPSHOT_FEATURES:
-                raise _fail(t, f"Unrecognised feature requested: {feat!r}")
+                raise _fail(t, "Unrecognised feature requested")
             wanted.add(feat.lower())
         if "discard_passdown_origin" in wanted and "discard_zeroes_cow" not in wanted:
             raise _fail(t, "discard_passdown_origin feature depends on discard_zeroes_cow")
@@ -446,15 +476,15 @@ class Snapshot(Target):
     @property
     def persistent(self) -> bool:
         """True for ``P``/``PO`` stores."""
-        return self.store != "N"
+        return self.store.persistent
 
     @property
     def overflow(self) -> bool:
         """True for ``PO``: a full COW reports ``Overflow`` rather than invalidating."""
-        return self.store == "PO"
+        return self.store is StoreMode.PERSISTENT_OVERFLOW
 
     def args(self) -> list[str]:
-        out = [self.origin, self.cow, self.store, str(self.chunk_size)]
+        out = [self.origin, self.cow, self.store.value, str(self.chunk_size)]
         if self.features:
             out += [str(len(self.features)), *self.features]
         return out
@@ -470,20 +500,16 @@ class Snapshot(Target):
     def from_args(cls, args: Sequence[str]) -> Snapshot:
         t = cls.TYPE
         if len(args) < 4:
-            raise _fail(t, f"requires 4 or more arguments, got {len(args)}")
-        chunk = _number(t, args[3], "Invalid chunk size", U32_MAX)
-        features: list[str] = []
+            raise _fail(t, "requires 4 or more arguments")
+        if not _DIGITS_RE.fullmatch(args[3]) or int(args[3]) > U32_MAX:  # kstrtouint
+            raise _store_failure(t, "Invalid chunk size")
         rest = list(args[4:])
-        if rest:
-            count = _number(t, rest[0], "Invalid number of feature arguments", U32_MAX)
-            if count > 2:
-                raise _fail(t, f"Invalid number of feature arguments {count} (0 to 2)")
-            if count > len(rest) - 1:
-                raise _fail(t, "Not enough arguments to support feature count")
-            if count < len(rest) - 1:
-                raise _fail(t, f"Too many arguments: {' '.join(rest[1 + count:])!r}")
-            features = rest[1:]
-        return cls(args[0], args[1], args[2], chunk, tuple(features))
+        if rest:  # dm_read_arg_group: a count of 0..2 and at least that many arguments
+            if not _DIGITS_RE.fullmatch(rest[0]) or int(rest[0]) > 2 or int(rest[0]) > len(rest) - 1:
+                raise _fail(t, "Invalid number of feature arguments")
+            if int(rest[0]) < len(rest) - 1:
+                raise _fail(t, f"Too many arguments: {' '.join(rest[1 + int(rest[0]):])!r}")
+        return cls(args[0], args[1], _store_mode(t, args[2]), int(args[3]), tuple(rest[1:]))
 
 
 @dataclass(frozen=True)
@@ -495,7 +521,7 @@ class SnapshotMerge(Snapshot):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.persistent:
-            raise _fail(self.TYPE, "merging requires a persistent exception store (P)")
+            raise _fail(self.TYPE, "Snapshot exception store does not support snapshot-merge.")
 
 
 @dataclass(frozen=True)
@@ -521,7 +547,7 @@ class SnapshotOrigin(Target):
     @classmethod
     def from_args(cls, args: Sequence[str]) -> SnapshotOrigin:
         if len(args) != 1:
-            raise _fail(cls.TYPE, f"target requires exactly 1 argument, got {len(args)}")
+            raise _fail(cls.TYPE, "origin: incorrect number of arguments")  # dm-snap.c origin_ctr
         return cls(args[0])
 
 

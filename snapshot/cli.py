@@ -55,8 +55,10 @@ def _info_line(info: Any) -> str:
 
 def cmd_create(args: argparse.Namespace) -> int:
     mgr = _manager(args)
-    info = mgr.create(args.origin, args.cow, args.name, chunk_size=_chunk_sectors(args.chunk_size),
-                      persistent=not args.transient)
+    from dmtools.target_values import StoreMode
+
+    store = StoreMode.TRANSIENT if args.transient else StoreMode.PERSISTENT
+    info = mgr.create(args.origin, args.cow, args.name, chunk_size=_chunk_sectors(args.chunk_size), store=store)
     _emit(args, info.to_dict(), f"created snapshot {info.name} of {info.origin} ({info.status.format()})")
     return 0
 

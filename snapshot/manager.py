@@ -32,7 +32,7 @@ from dmtools.errors import (
 from dmtools.names import validate_name
 from dmtools.status import SnapshotState, SnapshotStatus, parse_snapshot_status
 from dmtools.table import Table
-from dmtools.target_values import Error, Linear, Snapshot, SnapshotMerge, SnapshotOrigin
+from dmtools.target_values import Error, Linear, Snapshot, SnapshotMerge, SnapshotOrigin, StoreMode
 
 from snapshot.store.format import NUM_SNAPSHOT_HDR_CHUNKS, SECTOR, chunk_size_error
 
@@ -55,7 +55,7 @@ class SnapshotInfo:
     name: str
     origin: str
     cow: str
-    store: str
+    store: StoreMode
     chunk_size: int
     status: SnapshotStatus
     merging: bool = False
@@ -89,7 +89,7 @@ class SnapshotInfo:
             "name": self.name,
             "origin": self.origin,
             "cow": self.cow,
-            "store": self.store,
+            "store": self.store.value,
             "chunk_size": self.chunk_size,
             "state": self.state,
             "status": self.status.format(),
@@ -225,7 +225,7 @@ class SnapshotManager:
         name: str,
         *,
         chunk_size: int = DEFAULT_CHUNK_SECTORS,
-        persistent: bool = True,
+        store: StoreMode = StoreMode.PERSISTENT,
     ) -> SnapshotInfo:
         """Snapshot device ``origin`` into ``cow`` (a path or block device) as ``name``.
 
@@ -236,7 +236,7 @@ class SnapshotManager:
         (the COW shares bytes with the origin).
         """
         self._check_chunk(chunk_size)
-        return self._activate(origin, cow, name, chunk_size, "P" if persistent else "N", wipe=True)
+        return self._activate(origin, cow, name, chunk_size, store, wipe=True)
 
     def activate(self, origin: str, cow: str, name: str) -> SnapshotInfo:
         """Re-activate an existing persistent COW (after a reboot or a daemon restart).
@@ -253,9 +253,9 @@ class SnapshotManager:
             raise InvalidArgument("COW holds no snapshot (header magic is 0); use create", device=cow)
         if not info.valid:
             raise SnapshotInvalid("the COW's snapshot was invalidated; it cannot be activated", device=cow)
-        return self._activate(origin, cow, name, info.chunk_size, "P", wipe=False)
+        return self._activate(origin, cow, name, info.chunk_size, StoreMode.PERSISTENT, wipe=False)
 
-    def _activate(self, origin: str, cow: str, name: str, chunk: int, store: str, *, wipe: bool) -> SnapshotInfo:
+    def _activate(self, origin: str, cow: str, name: str, chunk: int, store: StoreMode, *, wipe: bool) -> SnapshotInfo:
         dm = self.dm
         validate_name(name)
         cow_name = f"{name}-cow"
@@ -271,7 +271,7 @@ class SnapshotManager:
             raise DeviceBusy("origin is merging a snapshot", operation="create", device=origin)
         cow = self._check_cow(origin, cow, "create")
         size = self._cow_size(cow)
-        minimum = (NUM_SNAPSHOT_HDR_CHUNKS + 2) if store == "P" else 1
+        minimum = (NUM_SNAPSHOT_HDR_CHUNKS + 2) if store.persistent else 1
         if size < minimum * chunk * SECTOR:
             raise InvalidArgument(
                 f"COW device holds {size} bytes; at least {minimum} chunks of {chunk * SECTOR} bytes are needed",
@@ -298,7 +298,7 @@ class SnapshotManager:
                 created.append(real_name)
                 real_ref = dm.device_ref(real_name)
             cow_uuid = f"{dm.info(origin).uuid}-{name}-cow" if dm.info(origin).uuid else ""
-            dm.create(cow_name, f"0 {size // SECTOR} linear {cow} 0", uuid=cow_uuid[:128])
+            dm.create(cow_name, Table.single(size // SECTOR, Linear(cow, 0)), uuid=cow_uuid[:128])
             created.append(cow_name)
             dm.suspend(origin)
             suspended = True
@@ -406,7 +406,7 @@ class SnapshotManager:
         merging = self._merging_origin(name, tables, refs)
         if merging is None:
             target, tables = self._snapshot(name, "merge")
-            if target.store == "N":
+            if not target.persistent:
                 raise InvalidArgument("a transient snapshot cannot be merged", operation="merge", device=name)
             status = parse_snapshot_status(dm.status(name)[0].params)
             if not status.valid:
@@ -418,7 +418,7 @@ class SnapshotManager:
                 raise DeviceNotFound("the snapshot's origin device is missing", operation="merge", device=name)
             if isinstance(self._single(tables[origin]), SnapshotMerge):
                 raise DeviceBusy("origin is already merging a snapshot", operation="merge", device=origin)
-            merge_t = SnapshotMerge(target.origin, target.cow, "P", target.chunk_size)
+            merge_t = SnapshotMerge(target.origin, target.cow, StoreMode.PERSISTENT, target.chunk_size)
             self._start_merge(origin, name, Table.single(tables[origin].size, merge_t), tables)
             merging = origin
         if not wait:

@@ -90,6 +90,9 @@ class TableContext:
     def event(self) -> None:
         self._device.raise_event()
 
+    def target_state(self, key: str, factory: Callable[[], _T]) -> _T:
+        return self._engine.target_state(key, factory)
+
     def close_all(self) -> None:
         """Close every handle (after the targets are destroyed)."""
         for handle in self.handles.values():

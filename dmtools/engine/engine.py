@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from dmtools.backend import DeviceEntry, DeviceInfo, DeviceMapper, StatusLine, Versions
 from dmtools.claims import Holder
@@ -63,6 +63,8 @@ DETACH_WAIT = 5.0
 
 #: The dm-ioctl interface version whose semantics the engine follows (``include/uapi/linux/dm-ioctl.h``).
 DRIVER_VERSION = "4.50.0"
+
+_T = TypeVar("_T")
 
 
 def _load_spec(spec: str) -> type[TargetDriver]:
@@ -140,6 +142,7 @@ class Engine(DeviceMapper):
         self._by_devno: dict[tuple[int, int], Device] = {}
         self._next_minor = 0
         self._registry = TargetRegistry()
+        self._target_state: dict[str, Any] = {}
         #: one claim holder for every table of this engine, as the kernel's ``_dm_claim_ptr``.
         self.claims = Holder(f"dmtools engine {id(self):#x} (pid {os.getpid()})")
         self._closed = False
@@ -165,6 +168,15 @@ class Engine(DeviceMapper):
     def register_target(self, cls: type[TargetDriver], name: str | None = None) -> None:
         """Make target type ``name`` (default ``cls.name``) available to this engine's tables."""
         self._registry.register(cls, name)
+
+    def target_state(self, key: str, factory: Callable[[], _T]) -> _T:
+        """This engine's state shared by the targets of one module, made by ``factory`` on first
+        use: what a kernel module keeps in globals (dm-snap.c's origin hash), one per engine."""
+        with self._lock:
+            if key not in self._target_state:
+                self._target_state[key] = factory()
+            state: _T = self._target_state[key]
+            return state
 
     @property
     def exposure(self) -> "Exposure | None":

@@ -30,7 +30,7 @@ the engine loads it by the name used in tables, as the kernel loads ``dm-<name>`
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, Sequence, TypeVar
 
 from dmtools.endpoint import Endpoint, ForwardingEndpoint
 from dmtools.errors import InvalidArgument, InvalidTable
@@ -39,6 +39,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from dmtools.target_values import Target as TargetValue
 
 SECTOR = 512
+
+_T = TypeVar("_T")
 
 #: A shared read-only buffer of zeros (1 MiB) for zero-filling without allocating.
 ZEROS = bytes(1 << 20)
@@ -106,6 +108,9 @@ class TargetContext(Protocol):
 
     def event(self) -> None:
         """Raise a device event (``dm_table_event``)."""
+
+    def target_state(self, key: str, factory: Callable[[], _T]) -> _T:
+        """The engine's state for target module ``key`` (its globals), ``factory()`` on first use."""
 
 
 class TargetDriver(abc.ABC):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dmtools.endpoint import Endpoint
+from dmtools.target_values import StoreMode
 from snapshot.store.base import CommitCallback, ExceptionStore, Usage
 from snapshot.store.format import (
     SNAP_MAGIC,
@@ -33,23 +34,8 @@ __all__ = [
 ]
 
 
-def make_store(cow: Endpoint, store_type: str, chunk_size: int) -> ExceptionStore:
-    """Build the store named by a table's third argument (``P``, ``PO``, ``N``; case-insensitive).
-
-    Mirrors dm-exception-store.c: the first letter picks the type, the rest are options and only a
-    persistent store accepts ``O``.
-    """
-    from dmtools.errors import InvalidTable
-
-    if not store_type:
-        raise InvalidTable("Invalid exception store type", operation="snapshot")
-    kind, options = store_type[0].upper(), store_type[1:].upper()
-    if kind == "P":
-        if options not in ("", "O"):
-            raise InvalidTable("Unsupported persistent store option", operation="snapshot")
-        return PersistentStore(cow, chunk_size, overflow=options == "O")
-    if kind == "N":
-        if options:
-            raise InvalidTable("Unsupported transient store option", operation="snapshot")
+def make_store(cow: Endpoint, mode: StoreMode, chunk_size: int) -> ExceptionStore:
+    """The store a table's ``mode`` names, on ``cow`` (chunk size in sectors; 0: from the header)."""
+    if mode is StoreMode.TRANSIENT:
         return TransientStore(cow, chunk_size)
-    raise InvalidTable(f"Exception store type '{store_type}' unknown", operation="snapshot")
+    return PersistentStore(cow, chunk_size, overflow=mode is StoreMode.PERSISTENT_OVERFLOW)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import NoSpace
+from dmtools.target_values import StoreMode
 
 from snapshot.store.format import SECTOR
 from snapshot.store.table import ExceptionTable
@@ -44,9 +45,8 @@ class ExceptionStore(abc.ABC):
     with one metadata write.
     """
 
-    #: the store letter used in tables: ``"P"`` or ``"N"``.
-    type_letter: str = ""
-    persistent: bool = False
+    #: ``PO``'s option: a full COW fails snapshot writes instead of invalidating (persistent only).
+    overflow: bool = False
 
     def __init__(self, cow: Endpoint, chunk_size: int) -> None:
         self.cow = cow
@@ -128,9 +128,10 @@ class ExceptionStore(abc.ABC):
         """True for stores with prepare/commit_merge (persistent)."""
         return False
 
-    def status_table(self) -> str:
-        """The store's part of the TABLE status: ``P 8``, ``PO 8`` or ``N 8``."""
-        return f"{self.type_letter} {self.chunk_size}"
+    @property
+    @abc.abstractmethod
+    def mode(self) -> StoreMode:
+        """The store as tables name it (``P``, ``PO`` or ``N``)."""
 
     def close(self) -> None:
         """Release resources (the COW endpoint belongs to the caller)."""

@@ -18,6 +18,7 @@ from typing import Sequence
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import CorruptMetadata, DeviceIOError, InvalidTable, NoSpace
+from dmtools.target_values import StoreMode
 
 from snapshot.store.base import CommitCallback, ExceptionStore, Usage
 from snapshot.store.format import (
@@ -71,9 +72,6 @@ class PersistentStore(ExceptionStore):
     ``readonly`` loads without ever writing: a new store (magic 0) is set up in memory only.
     """
 
-    type_letter = "P"
-    persistent = True
-
     def __init__(
         self, cow: Endpoint, chunk_size: int = 0, *, overflow: bool = False, readonly: bool = False
     ) -> None:
@@ -98,13 +96,9 @@ class PersistentStore(ExceptionStore):
                 raise InvalidTable(err, operation="snapshot")
 
     @property
-    def type_letter_full(self) -> str:
-        """``P`` or ``PO``."""
-        return "PO" if self.overflow else "P"
-
-    def status_table(self) -> str:
-        """``P <chunk>`` or ``PO <chunk>``."""
-        return f"{self.type_letter_full} {self.chunk_size}"
+    def mode(self) -> StoreMode:
+        """``P``, or ``PO`` with ``overflow``."""
+        return StoreMode.PERSISTENT_OVERFLOW if self.overflow else StoreMode.PERSISTENT
 
     @property
     def exceptions_per_area(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import InvalidTable, NoSpace
+from dmtools.target_values import StoreMode
 
 from snapshot.store.base import CommitCallback, ExceptionStore, Usage
 from snapshot.store.format import chunk_size_error
@@ -11,9 +12,6 @@ from snapshot.store.format import chunk_size_error
 
 class TransientStore(ExceptionStore):
     """Exceptions live only in memory; data starts at COW chunk 0; ``next_free`` counts sectors."""
-
-    type_letter = "N"
-    persistent = False
 
     def __init__(self, cow: Endpoint, chunk_size: int) -> None:
         # chunk 0 is accepted here as in dm-exception-store.c; the snapshot target refuses it
@@ -23,6 +21,11 @@ class TransientStore(ExceptionStore):
             raise InvalidTable(err, operation="snapshot")
         super().__init__(cow, chunk_size)
         self.next_free = 0  # in sectors, as dm-snap-transient.c keeps it
+
+    @property
+    def mode(self) -> StoreMode:
+        """Always ``N``."""
+        return StoreMode.TRANSIENT
 
     def read_metadata(self) -> None:
         """Nothing on disk: the table starts empty."""

@@ -21,16 +21,17 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import kcopyd
-from dmtools.engine.target_driver import DeviceHandle
-from dmtools.errors import DeviceIOError, NoSpace
+from dmtools.engine.target_driver import DeviceHandle, TargetDriver
+from dmtools.errors import DeviceIOError, InvalidTable, NoSpace
 from dmtools.status import SnapshotState, SnapshotStatus
+from dmtools.target_values import Target
 
 from snapshot.store.base import ExceptionStore
 from snapshot.store.persistent import PersistentStore
-from snapshot.targets import params, registry
+from snapshot.targets.origins import STATE_KEY, OriginRegistry, device_key
 
 log = logging.getLogger("snapshot")
 
@@ -87,8 +88,12 @@ def eio(message: str, device: str) -> DeviceIOError:
     return DeviceIOError(message, errno=errno.EIO, device=device)
 
 
-class Snapshot:
-    """Exception table, pending exceptions and kcopyd client of one snapshot or merge target."""
+class CopyOnWrite:
+    """Exception table, pending exceptions and kcopyd client of one snapshot or merge target.
+
+    ``origins`` is the engine's registry (``origins_of(ctx)``); a snapshot built outside an engine
+    gets a registry of its own.
+    """
 
     def __init__(
         self,
@@ -102,6 +107,7 @@ class Snapshot:
         overflow_allowed: bool = False,
         merge_target: bool = False,
         owner: Any = None,
+        origins: "OriginRegistry[CopyOnWrite] | None" = None,
     ) -> None:
         self.origin = origin
         self.cow = cow
@@ -114,8 +120,9 @@ class Snapshot:
         self.merge_target = merge_target
         #: the target this snapshot belongs to (its ``ctx`` tells which device holds the table).
         self.owner = owner
-        self.origin_key = registry.device_key(origin)
-        self.cow_key = registry.device_key(cow)
+        self.origins: OriginRegistry[CopyOnWrite] = OriginRegistry() if origins is None else origins
+        self.origin_key = device_key(origin)
+        self.cow_key = device_key(cow)
         self.cond = threading.Condition(threading.Lock())
         self.valid = True
         self.active = False
@@ -205,17 +212,18 @@ class Snapshot:
         """Count ``chunks`` copies finished; wake writers once at or below the threshold."""
         with self._progress:
             self.in_progress -= chunks
-            if self.throttled and not params.over_threshold(self.in_progress):
+            if self.throttled and not self.origins.over_threshold(self.in_progress):
                 self._progress.notify_all()
 
     def wait_for_in_progress(self) -> None:
         """Wait while more than ``snapshot_cow_threshold`` copies are in flight."""
-        if not params.over_threshold(self.in_progress):
+        over = self.origins.over_threshold
+        if not over(self.in_progress):
             return
         with self._progress:
             self.throttled += 1
             try:
-                self._progress.wait_for(lambda: self._closing or not params.over_threshold(self.in_progress))
+                self._progress.wait_for(lambda: self._closing or not over(self.in_progress))
             finally:
                 self.throttled -= 1
 
@@ -543,13 +551,13 @@ class Snapshot:
     def register(self) -> bool:
         """Join the origin's snapshot list; True when this is a handover destination.
 
-        Raises ``InvalidTable`` with the kernel's handover refusals (``registry.register``).
+        Raises ``InvalidTable`` with the kernel's handover refusals (``OriginRegistry.register``).
         """
-        return registry.register(self)
+        return self.origins.register(self)
 
     def destroy(self) -> None:
         """Leave the origin, wait for copies, release the kcopyd client."""
-        registry.unregister(self)
+        self.origins.unregister(self)
         with self._progress:
             self._closing = True
             self._progress.notify_all()
@@ -562,6 +570,61 @@ class Snapshot:
     def persistent(self) -> bool:
         """True for ``P``/``PO`` stores."""
         return isinstance(self.store, PersistentStore)
+
+    @property
+    def can_merge(self) -> bool:
+        """The store supports snapshot-merge."""
+        return self.store.can_merge
+
+
+V = TypeVar("V", bound=Target)
+
+
+def typed_value(driver: type[TargetDriver], value: Target, value_type: type[V]) -> V:
+    """``value`` when it is a ``value_type``; else the ``InvalidTable`` of a target registered
+    under another type's name."""
+    if not isinstance(value, value_type):
+        raise InvalidTable(f"{driver.name}: cannot be built from a {value.target_type} table line",
+                           operation="load")
+    return value
+
+
+def origins_of(engine: Any) -> OriginRegistry[CopyOnWrite]:
+    """The snapshot registry of ``engine`` (an ``Engine`` or a table's ``TargetContext``), made on
+    first use; ``origins_of(engine).set_cow_threshold(n)`` sets its ``snapshot_cow_threshold``."""
+    registry: OriginRegistry[CopyOnWrite] = engine.target_state(STATE_KEY, OriginRegistry)
+    return registry
+
+
+def do_origin(
+    origins: OriginRegistry[CopyOnWrite], origin: DeviceHandle, offset: int, length: int, *,
+    skip: CopyOnWrite | None = None, limit: bool = False,
+) -> None:
+    """Make every active, valid, non-merging snapshot of ``origin`` hold its own copy of
+    ``[offset, offset+length)`` before the caller overwrites it (dm-snap.c ``do_origin``).
+
+    With ``limit`` (origin writes; not the merge's) it first waits while any of the snapshots has
+    more than ``snapshot_cow_threshold`` copies in flight. Returns once every needed exception is
+    copied **and** committed (or its snapshot is invalid). Runs inside the origin's gate, which a
+    handover freezes.
+    """
+    key = device_key(origin)
+    with origins.gate(key).enter():
+        snaps = origins.snapshots_of_key(key)
+        if limit:
+            for snap in snaps:
+                snap.wait_for_in_progress()
+        waits: list[tuple[CopyOnWrite, list[PendingException]]] = []
+        for snap in snaps:
+            if snap is skip:
+                continue
+            pes = snap.origin_write_prepare(offset, length)
+            if pes:
+                waits.append((snap, pes))
+        # One pass is enough: every chunk of the range had an exception already or has one of the
+        # pending exceptions waited for here, which either commits or invalidates its snapshot.
+        for snap, pes in waits:
+            snap.wait_all(pes)
 
 
 def _reads_zeros(dev: DeviceHandle, offset: int, length: int) -> bool:

@@ -34,8 +34,7 @@ from typing import Any
 
 from dmtools.errors import InvalidArgument
 
-from snapshot.targets import registry
-from snapshot.targets.core import Snapshot
+from snapshot.targets.core import CopyOnWrite
 
 log = logging.getLogger("snapshot")
 
@@ -43,21 +42,21 @@ RESUME_SOURCE = "Unable to resume snapshot source until handover completes."
 SOURCE_ACTIVE = "Unable to perform snapshot handover until source is suspended."
 
 
-def _device(snap: Snapshot) -> Any:
+def _device(snap: CopyOnWrite) -> Any:
     """The engine device holding ``snap``'s table (``None`` outside an engine)."""
     owner = snap.owner
     return getattr(getattr(owner, "ctx", None), "device", None)
 
 
-def _suspended(snap: Snapshot) -> bool:
+def _suspended(snap: CopyOnWrite) -> bool:
     """``dm_suspended(snap->ti)``: the device holding the table is suspended."""
     dev = _device(snap)
     return bool(getattr(dev, "suspended", True)) if dev is not None else True
 
 
-def preresume(snap: Snapshot) -> None:
+def preresume(snap: CopyOnWrite) -> None:
     """``snapshot_preresume``: refuse to resume a source, or a destination whose source is live."""
-    found = registry.find_sharing_cow(snap)
+    found = snap.origins.find_sharing_cow(snap)
     if found.src is None or found.dest is None:
         return
     if snap is found.src:
@@ -68,7 +67,7 @@ def preresume(snap: Snapshot) -> None:
         raise InvalidArgument(SOURCE_ACTIVE, errno=errno.EINVAL, operation="resume", device=snap.name)
 
 
-def _exchange(src: Snapshot, dest: Snapshot) -> None:
+def _exchange(src: CopyOnWrite, dest: CopyOnWrite) -> None:
     """``__handover_exceptions``: swap stores (with their tables), copy the state, kill the source.
 
     Both snapshots are quiet: the source's device is suspended and origin writes are held.
@@ -78,13 +77,12 @@ def _exchange(src: Snapshot, dest: Snapshot) -> None:
         with dest.cond:
             dest_store = dest.store
             src_store = src.store
-            overflow = getattr(dest_store, "overflow", False)
+            overflow = dest_store.overflow
             # the store keeps an endpoint: rebind it to the handle of the table that now owns it
             src_store.cow = dest.cow
             dest_store.cow = src.cow
             dest.store, src.store = src_store, dest_store
-            if hasattr(src_store, "overflow"):
-                src_store.overflow = overflow  # "PO" follows the destination's table
+            src_store.overflow = overflow  # "PO" follows the destination's table
             dest.overflow_allowed = overflow
             dest.valid = src.valid
             dest.overflowed = src.overflowed
@@ -94,43 +92,43 @@ def _exchange(src: Snapshot, dest: Snapshot) -> None:
     log.info("%s: exceptions handed over from %s", dest.name, src.name)
 
 
-def handover_now(src: Snapshot, dest: Snapshot) -> None:
+def handover_now(src: CopyOnWrite, dest: CopyOnWrite) -> None:
     """Hand ``src``'s exceptions to ``dest`` as ``snapshot_resume`` does.
 
     A running merge of the origin (other than ``dest``) stops first and restarts afterwards, and
     origin writes are held meanwhile (the kernel's internal suspend of the origin device).
     """
     merging = [
-        s for s in registry.snapshots_of_key(dest.origin_key)
+        s for s in dest.origins.snapshots_of_key(dest.origin_key)
         if s.merge_target and s is not dest and s.merge_control is not None
     ]
     restart = [s for s in merging if s.merge_control.stop_merge()]
     try:
-        with registry.gate(dest.origin_key).freeze():
+        with dest.origins.gate(dest.origin_key).freeze():
             _exchange(src, dest)
     finally:
         for s in restart:
             s.merge_control.start_merge()
 
 
-def resume(snap: Snapshot) -> None:
+def resume(snap: CopyOnWrite) -> None:
     """``snapshot_resume``: complete a pending handover into ``snap``, re-sort it, activate it."""
-    found = registry.find_sharing_cow(snap)
+    found = snap.origins.find_sharing_cow(snap)
     if found.src is not None and found.dest is not None:
         handover_now(found.src, found.dest)
-    registry.reregister(snap)
+    snap.origins.reregister(snap)
     with snap.cond:
         snap.active = True
         snap.cond.notify_all()
 
 
-def before_destroy(snap: Snapshot) -> None:
+def before_destroy(snap: CopyOnWrite) -> None:
     """``snapshot_dtr``'s check: a source destroyed before its handover cancels it.
 
     The engine destroys a reloaded device's old table after resuming the new one, as dm-ioctl.c
     ``do_resume`` does, so a destination on the source's own device has taken over by then.
     """
-    found = registry.find_sharing_cow(snap)
+    found = snap.origins.find_sharing_cow(snap)
     if found.src is not snap or found.dest is None:
         return
     dest = found.dest

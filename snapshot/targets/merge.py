@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Sequence
-
 import kcopyd
 from dmtools.engine.target_driver import TargetContext
+from dmtools.target_values import SnapshotMerge
 
-from snapshot.targets.core import SECTOR, _read_full, _write_full
-from snapshot.targets.origin import do_origin
+from snapshot.targets.core import SECTOR, _read_full, _write_full, do_origin
 from snapshot.targets.snap import SnapshotTarget
 
 log = logging.getLogger("snapshot")
@@ -27,11 +25,12 @@ class SnapshotMergeTarget(SnapshotTarget):
 
     name = "snapshot-merge"
     version = (1, 5, 0)
+    value_type = SnapshotMerge
     origin_writable = True
     merge = True
 
-    def __init__(self, ctx: TargetContext, start: int, length: int, args: Sequence[str]) -> None:
-        super().__init__(ctx, start, length, args)
+    def __init__(self, ctx: TargetContext, start: int, length: int, value: SnapshotMerge) -> None:
+        super().__init__(ctx, start, length, value)
         self.snap.merging = True
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
@@ -81,7 +80,7 @@ class SnapshotMergeTarget(SnapshotTarget):
         cb = snap.chunk_bytes
         base = self._base + offset
         if not snap.valid:
-            do_origin(self.origin, base, len(buf), skip=snap)
+            do_origin(snap.origins, self.origin, base, len(buf), skip=snap)
             _write_full(self.origin, buf, base)
             return
         pos = 0
@@ -90,7 +89,7 @@ class SnapshotMergeTarget(SnapshotTarget):
             piece = buf[pos : pos + length]
             new = self._lookup_for_io(c, True)
             if new is None:
-                do_origin(self.origin, here, length, skip=snap)
+                do_origin(snap.origins, self.origin, here, length, skip=snap)
                 _write_full(self.origin, piece, here)
             else:
                 try:
@@ -174,7 +173,7 @@ class SnapshotMergeTarget(SnapshotTarget):
             old = last_old + 1 - n
             new = last_new + 1 - n
             # protect the other snapshots: give them their copies of the range first
-            do_origin(self.origin, old * cb, n * cb, skip=snap)
+            do_origin(snap.origins, self.origin, old * cb, n * cb, skip=snap)
             with snap.cond:
                 snap.merge_range = (old, old + n)
                 snap.cond.wait_for(lambda: snap.merge_writes == 0)

@@ -1,19 +1,18 @@
-"""``snapshot <origin> <cow> <P|PO|N> <chunk_sectors> [<#feat> <feat>...]`` (dm-snap.c ``snapshot_ctr``)."""
+"""``snapshot <origin> <cow> <P|PO|N> <chunk_sectors> [<#feat> <feat>...]`` (dm-snap.c ``snapshot_ctr``),
+built from its table value (:class:`dmtools.target_values.Snapshot`, which holds the argument checks)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar
 
-from dmtools.engine.target_driver import DeviceHandle, TargetDriver, TargetContext, parse_uint
+from dmtools.engine.target_driver import DeviceHandle, TargetDriver, TargetContext
 from dmtools.errors import CorruptMetadata, DMError, InvalidTable
+from dmtools.target_values import Snapshot, Target
 
 from snapshot.store import make_store
 from snapshot.store.base import ExceptionStore
-from snapshot.store.persistent import PersistentStore
 from snapshot.targets import handover
-from snapshot.targets.core import SECTOR, Snapshot
-
-FEATURES = ("discard_zeroes_cow", "discard_passdown_origin")
+from snapshot.targets.core import SECTOR, CopyOnWrite, origins_of, typed_value
 
 
 class SnapshotTarget(TargetDriver):
@@ -21,52 +20,48 @@ class SnapshotTarget(TargetDriver):
 
     name = "snapshot"
     version = (1, 16, 0)
+    #: the table value this target is built from.
+    value_type: ClassVar[type[Snapshot]] = Snapshot
     #: snapshot-merge opens the origin read-write; snapshot opens it read-only.
     origin_writable = False
     merge = False
 
-    def __init__(self, ctx: TargetContext, start: int, length: int, args: Sequence[str]) -> None:
-        super().__init__(ctx, start, length, args)
-        if len(args) < 4:
-            raise self.fail("requires 4 or more arguments")
-        self.discard_zeroes_cow = False
-        self.discard_passdown_origin = False
-        self._parse_features(args[4:])
-        store_arg = args[2]
+    @classmethod
+    def build(cls, ctx: TargetContext, start: int, length: int, value: Target) -> SnapshotTarget:
+        """Build the target from its typed table value (the argument checks are the value's)."""
+        return cls(ctx, start, length, typed_value(cls, value, cls.value_type))
+
+    def __init__(self, ctx: TargetContext, start: int, length: int, value: Snapshot) -> None:
+        super().__init__(ctx, start, length, value.args())
+        self.value = value
+        self.discard_zeroes_cow = "discard_zeroes_cow" in value.features
+        self.discard_passdown_origin = "discard_passdown_origin" in value.features
         try:
-            chunk = parse_uint(args[3])
-        except ValueError:
-            raise self.fail("Invalid chunk size") from None
-        try:
-            self.origin: DeviceHandle = ctx.get_device(args[0], writable=self.origin_writable)
+            self.origin: DeviceHandle = ctx.get_device(value.origin, writable=self.origin_writable)
         except DMError as err:
             raise self.fail(f"Cannot get origin device: {err.message}") from err
         self.devices.append(self.origin)
         try:
-            self.cow: DeviceHandle = ctx.get_device(args[1], writable=True)
+            self.cow: DeviceHandle = ctx.get_device(value.cow, writable=True)
         except DMError as err:
             raise self.fail(f"Cannot get COW device: {err.message}") from err
         self.devices.append(self.cow)
         if self.cow.name == self.origin.name:
             raise self.fail("COW device cannot be the same as origin device")
-        try:
-            store = make_store(self.cow, store_arg, chunk)
-        except InvalidTable as err:
-            raise self.fail(err.message) from err
-        if self.merge and not isinstance(store, PersistentStore):
-            raise self.fail("Snapshot merge requires a persistent exception store")
+        store = make_store(self.cow, value.store, value.chunk_size)
         if store.chunk_size:
             self._check_chunk(store.chunk_size)
-        self.snap = Snapshot(
+        self.snap = CopyOnWrite(
             self.origin,
             self.cow,
             store,
             (start + length) * SECTOR,
             name=ctx.device_name,
             event=ctx.event,
-            overflow_allowed=bool(getattr(store, "overflow", False)),
+            overflow_allowed=value.overflow,
             merge_target=self.merge,
             owner=self,
+            origins=origins_of(ctx),
         )
         self._base = start * SECTOR
         try:
@@ -93,26 +88,6 @@ class SnapshotTarget(TargetDriver):
             raise self.fail("Chunk size not set")
         self._check_chunk(store.chunk_size)
         self.snap.valid = store.valid
-
-    def _parse_features(self, rest: Sequence[str]) -> None:
-        if not rest:
-            return
-        try:
-            n = parse_uint(rest[0])
-        except ValueError:
-            raise self.fail("Invalid number of feature arguments") from None
-        if n > 2 or len(rest) - 1 != n:
-            raise self.fail("Invalid number of feature arguments")
-        for feat in rest[1:]:
-            f = feat.lower()
-            if f == "discard_zeroes_cow":
-                self.discard_zeroes_cow = True
-            elif f == "discard_passdown_origin":
-                self.discard_passdown_origin = True
-            else:
-                raise self.fail("Unrecognised feature requested")
-        if self.discard_passdown_origin and not self.discard_zeroes_cow:
-            raise self.fail("discard_passdown_origin feature depends on discard_zeroes_cow")
 
     def _check_chunk(self, chunk: int) -> None:
         cb = chunk * SECTOR
@@ -141,11 +116,11 @@ class SnapshotTarget(TargetDriver):
         return self.snap.status()
 
     def table_params(self) -> str:
-        text = f"{self.origin.name} {self.cow.name} {self.snap.store.status_table()}"
-        feats = [f for f, on in zip(FEATURES, (self.discard_zeroes_cow, self.discard_passdown_origin)) if on]
-        if feats:
-            text += f" {len(feats)} " + " ".join(feats)
-        return text
+        """Devices as ``major:minor``; store mode and chunk size as the store has them now (a
+        handover destination shows chunk size 0 until its resume, as dm-snap.c)."""
+        store = self.snap.store
+        return " ".join([self.origin.name, self.cow.name, store.mode.value, str(store.chunk_size),
+                         *self.value.args()[4:]])
 
     def ima_status(self) -> str:
         """STATUSTYPE_IMA text of dm-snap.c ``snapshot_status`` (``dmsetup measure``)."""

@@ -13,7 +13,7 @@ from dmtools.monitor import extend_snapshot
 
 from snapshot.store.format import DiskHeader
 from snapshot.store.table import FLOAT_EXACT, ExceptionTable
-from snapshot.targets import registry
+from snapshot.targets import origins_of
 
 CHUNK = 4096  # chunk size 8 sectors
 WAIT = 30.0  # seconds: generous bound for a loaded 2-CPU machine
@@ -52,9 +52,8 @@ def test_table_widens_past_float_exactness() -> None:
     assert list(t.items()) == [(1, 2), (big, 9), (big + 1, 1 << 10)]
 
 
-def _snapshot_obj(name: str) -> Any:
-    with registry._lock:
-        found = [s for snaps in registry._origins.values() for s in snaps if s.name == name]
+def _snapshot_obj(eng: Any, name: str) -> Any:
+    found = [s for s in origins_of(eng).all_snapshots() if s.name == name]
     assert len(found) == 1, f"snapshot {name} not registered"
     return found[0]
 
@@ -85,7 +84,7 @@ def test_cow_grown_three_times_under_writes_keeps_the_data(snap_engine: Any, tmp
     chunks = 400
     original = _pattern(chunks)
     cow_file = _stack(eng, tmp_path, original, 16 * CHUNK)  # 16 chunks: header + area + 14 data
-    snap = _snapshot_obj("s")
+    snap = _snapshot_obj(eng, "s")
     shift0 = snap.table.shift
     allowed = [12]  # origin chunks the writer may overwrite: never more than the COW holds
     written = [0]
@@ -151,7 +150,7 @@ def test_cow_grown_three_times_under_writes_keeps_the_data(snap_engine: Any, tmp
     eng.create("s", f"0 {len(original) // 512} snapshot {eng.device_ref('o-real')} "
                     f"{eng.device_ref('s-cow')} P 8")
     eng.resume("o")
-    assert dict(_snapshot_obj("s").table.items()) == before
+    assert dict(_snapshot_obj(eng, "s").table.items()) == before
     with eng.open_endpoint("s", writable=False) as sp:
         sp.readinto(sbuf, 0)
     assert sbuf == original

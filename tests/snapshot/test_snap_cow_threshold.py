@@ -18,9 +18,9 @@ from snap_helpers import MemoryEndpoint
 
 from dmtools.engine.target_driver import DeviceHandle
 from snapshot.store import PersistentStore
-from snapshot.targets import handover, params
-from snapshot.targets.core import Snapshot
-from snapshot.targets.origin import do_origin
+from dmtools.engine import Engine
+from snapshot.targets import handover, origins
+from snapshot.targets.core import CopyOnWrite, do_origin, origins_of
 
 CB = 4096
 CHUNKS = 64
@@ -49,23 +49,20 @@ def until(cond: Callable[[], bool], what: str) -> None:
 
 
 @pytest.fixture
-def threshold() -> Iterator[Callable[[int], int]]:
-    """Set ``snapshot_cow_threshold`` for one test (restored afterwards)."""
-    old = params.get_cow_threshold()
-    try:
-        yield params.set_cow_threshold
-    finally:
-        params.set_cow_threshold(old)
+def threshold(rig: Any) -> Callable[[int], int]:
+    """Set ``snapshot_cow_threshold`` of the rig's registry (its own: no other test sees it)."""
+    return rig[2].origins.set_cow_threshold  # type: ignore[no-any-return]
 
 
 @pytest.fixture
-def rig() -> Iterator[tuple[GatedEndpoint, DeviceHandle, Snapshot]]:
+def rig() -> Iterator[tuple[GatedEndpoint, DeviceHandle, CopyOnWrite]]:
     tag = uuid.uuid4().hex[:8]
     origin_ep = GatedEndpoint(CHUNKS * CB, "origin")
     origin = DeviceHandle(origin_ep, "origin", -1, -1, f"/nonexistent/{tag}/origin")
     cow = DeviceHandle(MemoryEndpoint(2 * CHUNKS * CB, "cow"), "cow", -1, -1, f"/nonexistent/{tag}/cow")
     store = PersistentStore(cow, CB // 512)
-    snap = Snapshot(origin, cow, store, CHUNKS * CB, name=f"t{tag}", event=lambda: None)
+    snap = CopyOnWrite(origin, cow, store, CHUNKS * CB, name=f"t{tag}", event=lambda: None,
+                       origins=origins.OriginRegistry(origins.DEFAULT_COW_THRESHOLD))
     assert not snap.register()
     store.read_metadata()
     handover.resume(snap)  # active
@@ -83,17 +80,17 @@ def start(target: Callable[[], None]) -> threading.Thread:
 
 
 def test_default_is_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert params.DEFAULT_COW_THRESHOLD == 2048
-    monkeypatch.delenv(params.ENV_COW_THRESHOLD, raising=False)
-    assert params._from_env() == 2048
+    assert origins.DEFAULT_COW_THRESHOLD == 2048
+    monkeypatch.delenv(origins.ENV_COW_THRESHOLD, raising=False)
+    assert origins.threshold_from_env() == 2048
 
 
 def test_origin_writers_wait_at_the_threshold(rig: Any, threshold: Callable[[int], int]) -> None:
     gate_ep, origin, snap = rig
     threshold(2)
-    first = start(lambda: do_origin(origin, 0, 3 * CB, limit=True))  # 3 copies > 2
+    first = start(lambda: do_origin(snap.origins, origin, 0, 3 * CB, limit=True))  # 3 copies > 2
     until(lambda: snap.in_progress == 3, "three copies in flight")
-    second = start(lambda: do_origin(origin, 10 * CB, CB, limit=True))
+    second = start(lambda: do_origin(snap.origins, origin, 10 * CB, CB, limit=True))
     until(lambda: snap.throttled == 1, "the second writer to wait")
     assert 10 not in snap.pending and second.is_alive()  # it waits before allocating
     gate_ep.gate.set()  # the copies complete, the count drops to 0 <= 2: the writer goes on
@@ -107,10 +104,10 @@ def test_origin_writers_wait_at_the_threshold(rig: Any, threshold: Callable[[int
 def test_raising_the_threshold_releases_waiters(rig: Any, threshold: Callable[[int], int]) -> None:
     gate_ep, origin, snap = rig
     threshold(0)  # one copy at a time
-    first = start(lambda: do_origin(origin, 0, CB, limit=True))
+    first = start(lambda: do_origin(snap.origins, origin, 0, CB, limit=True))
     until(lambda: snap.in_progress == 1, "one copy in flight")
-    assert not params.over_threshold(0) and params.over_threshold(1)
-    second = start(lambda: do_origin(origin, 5 * CB, CB, limit=True))
+    assert not snap.origins.over_threshold(0) and snap.origins.over_threshold(1)
+    second = start(lambda: do_origin(snap.origins, origin, 5 * CB, CB, limit=True))
     until(lambda: snap.throttled == 1, "the second writer to wait")
     threshold(8)  # applies at once, as the kernel's 0644 parameter
     until(lambda: 5 in snap.pending, "the second writer to allocate")
@@ -125,7 +122,7 @@ def test_raising_the_threshold_releases_waiters(rig: Any, threshold: Callable[[i
 def test_snapshot_writes_wait_too(rig: Any, threshold: Callable[[int], int]) -> None:
     gate_ep, origin, snap = rig
     threshold(1)
-    first = start(lambda: do_origin(origin, 0, 2 * CB, limit=True))
+    first = start(lambda: do_origin(snap.origins, origin, 0, 2 * CB, limit=True))
     until(lambda: snap.in_progress == 2, "two copies in flight")
     writer = start(lambda: snap.write(memoryview(b"s" * 512), 20 * CB))
     until(lambda: snap.throttled == 1, "the snapshot writer to wait")
@@ -141,14 +138,14 @@ def test_snapshot_writes_wait_too(rig: Any, threshold: Callable[[int], int]) -> 
 def test_merge_path_and_negative_threshold_do_not_wait(rig: Any, threshold: Callable[[int], int]) -> None:
     gate_ep, origin, snap = rig
     threshold(0)
-    first = start(lambda: do_origin(origin, 0, CB, limit=True))
+    first = start(lambda: do_origin(snap.origins, origin, 0, CB, limit=True))
     until(lambda: snap.in_progress == 1, "one copy in flight")
     # without limit (snapshot-merge's origin path, re-driven writes) nothing waits
-    second = start(lambda: do_origin(origin, 3 * CB, CB))
+    second = start(lambda: do_origin(snap.origins, origin, 3 * CB, CB))
     until(lambda: 3 in snap.pending, "the unthrottled writer to allocate")
     threshold(-1)  # negative: the kernel's unsigned comparison never throttles
-    assert not params.over_threshold(1 << 40)
-    third = start(lambda: do_origin(origin, 7 * CB, CB, limit=True))
+    assert not snap.origins.over_threshold(1 << 40)
+    third = start(lambda: do_origin(snap.origins, origin, 7 * CB, CB, limit=True))
     until(lambda: 7 in snap.pending, "the writer to allocate")
     gate_ep.gate.set()
     for t in (first, second, third):
@@ -157,11 +154,27 @@ def test_merge_path_and_negative_threshold_do_not_wait(rig: Any, threshold: Call
 
 
 def test_threshold_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(params.ENV_COW_THRESHOLD, "512")
-    assert params._from_env() == 512
-    monkeypatch.setenv(params.ENV_COW_THRESHOLD, "lots")
-    assert params._from_env() == params.DEFAULT_COW_THRESHOLD
-    monkeypatch.delenv(params.ENV_COW_THRESHOLD)
-    assert params._from_env() == params.DEFAULT_COW_THRESHOLD
+    monkeypatch.setenv(origins.ENV_COW_THRESHOLD, "512")
+    assert origins.threshold_from_env() == 512
+    monkeypatch.setenv(origins.ENV_COW_THRESHOLD, "lots")
+    assert origins.threshold_from_env() == origins.DEFAULT_COW_THRESHOLD
+    monkeypatch.delenv(origins.ENV_COW_THRESHOLD)
+    assert origins.threshold_from_env() == origins.DEFAULT_COW_THRESHOLD
     with pytest.raises(TypeError):
-        params.set_cow_threshold("8")  # type: ignore[arg-type]
+        origins.OriginRegistry().set_cow_threshold("8")  # type: ignore[arg-type]
+
+
+def test_each_engine_has_its_own_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    # read when an engine first needs it, not at import: the environment of that moment counts
+    monkeypatch.setenv(origins.ENV_COW_THRESHOLD, "512")
+    first = Engine()
+    monkeypatch.setenv(origins.ENV_COW_THRESHOLD, "64")
+    second = Engine()
+    try:
+        assert origins_of(second).cow_threshold == 64 and origins_of(first).cow_threshold == 64
+        assert origins_of(first) is origins_of(first) and origins_of(first) is not origins_of(second)
+        origins_of(first).set_cow_threshold(7)
+        assert origins_of(first).cow_threshold == 7 and origins_of(second).cow_threshold == 64
+    finally:
+        first.close()
+        second.close()

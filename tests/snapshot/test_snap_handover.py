@@ -25,7 +25,7 @@ from snap_helpers import register_snapshot_targets
 
 from dmtools.errors import DMError
 from snapshot import SnapshotManager
-from snapshot.targets import handover, registry
+from snapshot.targets import handover, origins
 
 SIZE = 256 * 1024
 CB = 4096  # chunk size 8 sectors
@@ -254,7 +254,7 @@ def test_second_destination_is_refused(rig: Rig) -> None:
     assert rig.table_params(s, inactive=True).endswith(" P 0")
     assert rig.status(s, inactive=True) == f"0/{128 * 1024 // 512} 0"
     other = rig.name("s2")
-    rig.refused(lambda: rig.dm.create(other, table), registry.PAIRING_FAILED)
+    rig.refused(lambda: rig.dm.create(other, table), origins.PAIRING_FAILED)
     assert other not in [e.name for e in rig.dm.list()]
     rig.dm.clear(s)  # dropping the destination leaves the source as it was
     rig.write(vol, b"B" * CB, CB)

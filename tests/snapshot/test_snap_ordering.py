@@ -8,7 +8,7 @@ from snap_helpers import MemoryEndpoint
 
 from dmtools.engine.target_driver import DeviceHandle
 from snapshot.store import PersistentStore
-from snapshot.targets.core import Snapshot
+from snapshot.targets.core import CopyOnWrite
 
 CB = 4096
 
@@ -19,7 +19,7 @@ def test_out_of_order_copies_commit_in_allocation_order() -> None:
     cow = DeviceHandle(cow_ep, "cow", -1, -1, "/nonexistent/cow")
     store = PersistentStore(cow, 8)
     store.read_metadata()
-    snap = Snapshot(origin, cow, store, 64 * CB, name="t", event=lambda: None)
+    snap = CopyOnWrite(origin, cow, store, 64 * CB, name="t", event=lambda: None)
     try:
         with snap.cond:
             first = snap._alloc_locked(5)

@@ -13,7 +13,7 @@ from snap_helpers import MemoryEndpoint
 from dmtools.engine.target_driver import DeviceHandle
 from dmtools.errors import NoSpace
 from snapshot.store import ExceptionTable, PersistentStore, TransientStore
-from snapshot.targets.core import Snapshot, _runs
+from snapshot.targets.core import CopyOnWrite, _runs
 
 C = 8  # 4 KiB chunks: 256 records per area, stride 257
 CB = C * 512
@@ -126,14 +126,14 @@ def test_runs_split_at_gaps_and_at_the_job_size() -> None:
 
 def active_snapshot(
     origin_ep: MemoryEndpoint, cow_type: type[MemoryEndpoint]
-) -> tuple[MemoryEndpoint, PersistentStore, Snapshot]:
+) -> tuple[MemoryEndpoint, PersistentStore, CopyOnWrite]:
     """An active snapshot of ``origin_ep`` on a new persistent COW twice its size."""
     origin = DeviceHandle(origin_ep, "origin", -1, -1, "/nonexistent/origin")
     cow_ep = cow_type(2 * origin_ep.size, "cow")
     cow = DeviceHandle(cow_ep, "cow", -1, -1, "/nonexistent/cow")
     store = PersistentStore(cow, C)
     store.read_metadata()
-    snap = Snapshot(origin, cow, store, origin_ep.size, name="t", event=lambda: None)
+    snap = CopyOnWrite(origin, cow, store, origin_ep.size, name="t", event=lambda: None)
     snap.active = True
     return cow_ep, store, snap
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from dmtools.engine import Engine
+from dmtools.target_values import StoreMode
 from snapshot import SnapshotManager
 
 SECTORS = 128  # 64 KiB origin
@@ -72,7 +73,8 @@ class SnapshotMachine(RuleBasedStateMachine):
         cow = self.tmp / f"{name}.cow"
         with open(cow, "wb") as f:
             f.truncate(3 * SIZE)  # never fills up
-        self.mgr.create("vol", str(cow), name, chunk_size=chunk, persistent=persistent)
+        store = StoreMode.PERSISTENT if persistent else StoreMode.TRANSIENT
+        self.mgr.create("vol", str(cow), name, chunk_size=chunk, store=store)
         self.snaps[name] = bytearray(self.origin)
         self.persistent[name] = persistent
 

@@ -8,6 +8,7 @@ import pytest
 from snap_helpers import MemoryEndpoint
 
 from dmtools.errors import CorruptMetadata, InvalidTable, NoSpace
+from dmtools.target_values import StoreMode
 from snapshot.store import (
     DiskHeader,
     ExceptionTable,
@@ -125,7 +126,7 @@ def test_table_chunk_size_is_overridden_by_the_header() -> None:
     cow, store = new_store(chunk=16)
     again = PersistentStore(cow, 8)
     again.read_metadata()
-    assert again.chunk_size == 16 and again.status_table() == "P 16"
+    assert again.chunk_size == 16 and again.mode is StoreMode.PERSISTENT
 
 
 def test_invalid_flag() -> None:
@@ -226,19 +227,13 @@ def test_transient_store() -> None:
         TransientStore(cow, 7)
 
 
-@pytest.mark.parametrize(
-    "arg, cls, text",
-    [("P", PersistentStore, "P 8"), ("po", PersistentStore, "PO 8"), ("N", TransientStore, "N 8")],
-)
-def test_make_store(arg: str, cls: type, text: str) -> None:
-    store = make_store(MemoryEndpoint(10 * CB), arg, 8)
-    assert isinstance(store, cls) and store.status_table() == text
-
-
-@pytest.mark.parametrize("arg, msg", [("PX", "Unsupported persistent"), ("X", "unknown"), ("NO", "transient")])
-def test_make_store_refuses(arg: str, msg: str) -> None:
-    with pytest.raises(InvalidTable, match=msg):
-        make_store(MemoryEndpoint(10 * CB), arg, 8)
+@pytest.mark.parametrize("mode, cls", [(StoreMode.PERSISTENT, PersistentStore),
+                                        (StoreMode.PERSISTENT_OVERFLOW, PersistentStore),
+                                        (StoreMode.TRANSIENT, TransientStore)])
+def test_make_store(mode: StoreMode, cls: type) -> None:
+    store = make_store(MemoryEndpoint(10 * CB), mode, 8)
+    assert isinstance(store, cls) and store.mode is mode and store.chunk_size == 8
+    assert store.overflow == (mode is StoreMode.PERSISTENT_OVERFLOW)
 
 
 def test_exception_table_overlay_and_compaction() -> None:

@@ -1,0 +1,268 @@
+"""The snapshot targets' state shared across tables: dm-snap.c's module globals, one set per engine.
+
+The kernel keeps a hash of origins keyed by the origin's block device (``_origins`` in dm-snap.c);
+``snapshot-origin`` finds the snapshots to copy into there. Here the key is the identity of the
+device a handle points at: the engine device object, a block device number, or a file's inode.
+Each engine has its own :class:`OriginRegistry` (``origins_of(engine)``, made on first use), as
+each kernel has its own module: two engines in one process never see each other's snapshots.
+
+Two tables of the same origin naming the same COW are a handover pair (dm-snap.c
+``__find_snapshots_sharing_cow``): the active one is the *source*, the one not resumed yet the
+*destination*. A COW used by a snapshot of a *different* origin is refused (the kernel does not
+check this; two origins sharing one COW would corrupt it).
+
+``snapshot_cow_threshold`` (dm-snap.c ``cow_threshold``, ``DEFAULT_COW_THRESHOLD`` = 2048) caps the
+chunks being copied on write per snapshot: an origin write (and a snapshot write) waits while more
+than this many copies are in flight. Like the kernel's 0644 module parameter it applies at once
+when changed (:meth:`OriginRegistry.set_cow_threshold`). A registry starts from
+``DMTOOLS_SNAPSHOT_COW_THRESHOLD`` as its engine's first snapshot table finds it, e.g.
+``DMTOOLS_SNAPSHOT_COW_THRESHOLD=512 dmtools daemon start``. The current kernel compares an
+unsigned count with the int parameter: 0 lets one copy run at a time, a negative value never
+throttles.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Generic, Hashable, Protocol, TypeVar
+
+from dmtools.engine.target_driver import DeviceHandle
+from dmtools.errors import InvalidTable
+
+log = logging.getLogger("snapshot")
+
+#: the key of this state in ``Engine.target_state``.
+STATE_KEY = "snapshot"
+#: dm-snap.c ``DEFAULT_COW_THRESHOLD``.
+DEFAULT_COW_THRESHOLD = 2048
+#: environment variable a new registry reads (the daemon's engine: set it when starting the daemon).
+ENV_COW_THRESHOLD = "DMTOOLS_SNAPSHOT_COW_THRESHOLD"
+
+#: ``ti->error`` texts of dm-snap.c ``__validate_exception_handover``.
+PAIRING_FAILED = "Snapshot cow pairing for exception table handover failed"
+ALREADY_MERGING = "A snapshot is already merging."
+NO_MERGE_SUPPORT = "Snapshot exception store does not support snapshot-merge."
+
+
+class Member(Protocol):
+    """What the registry reads of a snapshot (``snapshot.targets.core.CopyOnWrite``)."""
+
+    origin_key: Hashable
+    cow_key: Hashable
+    active: bool
+    merge_target: bool
+
+    @property
+    def chunk_size(self) -> int: ...
+
+    @property
+    def can_merge(self) -> bool: ...
+
+    def wake_throttled(self) -> None: ...
+
+
+S = TypeVar("S", bound=Member)
+
+
+def device_key(handle: DeviceHandle) -> Hashable:
+    """A key equal for every handle on the same underlying device."""
+    inner: Any = handle.inner
+    dev = getattr(inner, "device", None)
+    if dev is not None:  # an engine device, resolved in-process
+        return ("engine", id(dev))
+    if handle.devno is not None:
+        return ("blk", handle.devno)
+    fd = inner.fileno()
+    if fd is not None:
+        st = os.fstat(fd)
+        return ("file", st.st_dev, st.st_ino)
+    return ("path", os.path.realpath(handle.path))
+
+
+def threshold_from_env() -> int:
+    """``DMTOOLS_SNAPSHOT_COW_THRESHOLD`` read now, or the kernel's default."""
+    text = os.environ.get(ENV_COW_THRESHOLD, "").strip()
+    if not text:
+        return DEFAULT_COW_THRESHOLD
+    try:
+        return int(text)
+    except ValueError:
+        log.warning("%s=%r is not an integer; using %d", ENV_COW_THRESHOLD, text, DEFAULT_COW_THRESHOLD)
+        return DEFAULT_COW_THRESHOLD
+
+
+@dataclass
+class Sharing(Generic[S]):
+    """What ``__find_snapshots_sharing_cow`` reports for one snapshot."""
+
+    count: int = 0
+    src: S | None = None
+    dest: S | None = None
+    merge: S | None = None
+
+
+class OriginGate:
+    """Holds origin writes of one origin while exceptions are handed over.
+
+    The kernel suspends the origin's mapped device internally (``dm_internal_suspend_fast``) during
+    a handover: in-flight origin writes (and the copies they wait for) finish, new ones wait.
+    ``do_origin`` runs inside ``enter``; ``frozen`` holds new entries and waits for the others.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.inflight = 0
+        self.frozen = 0
+
+    @contextmanager
+    def enter(self) -> Iterator[None]:
+        """Count one origin write for the duration of the block (waits while frozen)."""
+        with self.cond:
+            while self.frozen:
+                self.cond.wait()
+            self.inflight += 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.inflight -= 1
+                if not self.inflight:
+                    self.cond.notify_all()
+
+    @contextmanager
+    def freeze(self) -> Iterator[None]:
+        """Hold new origin writes and wait until the ones in flight finished."""
+        with self.cond:
+            self.frozen += 1
+            self.cond.wait_for(lambda: self.inflight == 0)
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.frozen -= 1
+                self.cond.notify_all()
+
+
+class OriginRegistry(Generic[S]):
+    """One engine's origins, their snapshots and gates, and its ``snapshot_cow_threshold``."""
+
+    def __init__(self, cow_threshold: int | None = None) -> None:
+        self._lock = threading.RLock()
+        self._origins: dict[Hashable, list[S]] = {}
+        self._gates: dict[Hashable, OriginGate] = {}
+        self._cow_threshold = threshold_from_env() if cow_threshold is None else cow_threshold
+
+    # -- snapshot_cow_threshold -------------------------------------------------------------------
+    @property
+    def cow_threshold(self) -> int:
+        """The current ``snapshot_cow_threshold``."""
+        return self._cow_threshold
+
+    def set_cow_threshold(self, value: int) -> int:
+        """Set ``snapshot_cow_threshold`` (any int, as the kernel's); returns the previous value.
+
+        Writers waiting at the old threshold re-check the new one at once.
+        """
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"snapshot_cow_threshold must be an int, not {type(value).__name__}")
+        old, self._cow_threshold = self._cow_threshold, value
+        for snap in self.all_snapshots():
+            snap.wake_throttled()
+        return old
+
+    def over_threshold(self, in_progress: int) -> bool:
+        """True when ``in_progress`` copies exceed the threshold (dm-snap.c's unsigned comparison)."""
+        limit = self._cow_threshold
+        return limit >= 0 and in_progress > limit
+
+    # -- membership -------------------------------------------------------------------------------
+    def find_sharing_cow(self, snap: S) -> Sharing[S]:
+        """Snapshots of ``snap``'s origin on the same COW (``snap`` itself included once registered).
+
+        States, as in the kernel: ``count 1, src`` a normal snapshot; ``count 2, src + dest`` a
+        handover waiting for the destination's resume; ``count 2, src only`` handed over, the old
+        table not destroyed yet; ``count 1, dest only`` the source went away without a handover.
+        """
+        out: Sharing[S] = Sharing()
+        with self._lock:
+            for s in self._origins.get(snap.origin_key, ()):
+                if s.merge_target:
+                    out.merge = s
+                if s.cow_key != snap.cow_key:
+                    continue
+                if s.active:
+                    out.src = s
+                else:
+                    out.dest = s
+                out.count += 1
+        return out
+
+    @staticmethod
+    def _insert(snaps: list[S], snap: S) -> None:
+        """``__insert_snapshot``: sorted by chunk size, largest first, after equal ones."""
+        i = 0
+        while i < len(snaps) and snaps[i].chunk_size >= snap.chunk_size:
+            i += 1
+        snaps.insert(i, snap)
+
+    def register(self, snap: S) -> bool:
+        """Add ``snap`` to its origin (``register_snapshot``); True when it is a handover destination.
+
+        Raises ``InvalidTable`` with the kernel's texts for a second destination, a second merging
+        snapshot or a store that cannot merge, and when another origin's snapshot uses the COW.
+        """
+        with self._lock:
+            for key, snaps in self._origins.items():
+                if key != snap.origin_key and any(s.cow_key == snap.cow_key for s in snaps):
+                    raise InvalidTable("COW device is already in use by a snapshot of another origin")
+            found = self.find_sharing_cow(snap)
+            if found.count == 2 or found.dest is not None:
+                raise InvalidTable(PAIRING_FAILED)
+            if found.src is not None and snap.merge_target:
+                if found.merge is not None:
+                    raise InvalidTable(ALREADY_MERGING)
+                if not found.src.can_merge:
+                    raise InvalidTable(NO_MERGE_SUPPORT)
+            self._insert(self._origins.setdefault(snap.origin_key, []), snap)
+            return found.src is not None
+
+    def reregister(self, snap: S) -> None:
+        """Move ``snap`` to its place by (possibly new) chunk size (``reregister_snapshot``)."""
+        with self._lock:
+            snaps = self._origins.get(snap.origin_key)
+            if snaps and snap in snaps:
+                snaps.remove(snap)
+                self._insert(snaps, snap)
+
+    def unregister(self, snap: S) -> None:
+        """Forget ``snap`` (idempotent)."""
+        with self._lock:
+            key = snap.origin_key
+            snaps = self._origins.get(key)
+            if snaps and snap in snaps:
+                snaps.remove(snap)
+                if not snaps:
+                    del self._origins[key]
+
+    def snapshots_of_key(self, key: Hashable) -> list[S]:
+        """The snapshots registered on the origin with ``key`` (a copy of the list)."""
+        with self._lock:
+            return list(self._origins.get(key, ()))
+
+    def all_snapshots(self) -> list[S]:
+        """Every registered snapshot."""
+        with self._lock:
+            return [s for snaps in self._origins.values() for s in snaps]
+
+    def gate(self, key: Hashable) -> OriginGate:
+        """The gate of the origin with ``key`` (created on first use, kept: it is small)."""
+        with self._lock:
+            g = self._gates.get(key)
+            if g is None:
+                g = self._gates[key] = OriginGate()
+            return g
