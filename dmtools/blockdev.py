@@ -31,6 +31,7 @@ from dmtools.errors import (
     InvalidArgument,
     NoSpace,
 )
+from dmtools.nbd.uri import is_nbd_uri
 
 __all__ = [
     "BlockDevice",
@@ -704,7 +705,8 @@ def open_endpoint(
     target: Endpoint | str | os.PathLike[str], *, writable: bool = False, direct: bool = False
 ) -> Endpoint:
     """An endpoint for ``target``: an :class:`Endpoint` is returned as it is, a path (or a
-    ``"MAJOR:MINOR"`` block device number that names no file) is opened as a :class:`BlockDevice`.
+    ``"MAJOR:MINOR"`` block device number that names no file) is opened as a :class:`BlockDevice`,
+    an NBD URI as a :class:`dmtools.nbd.NbdEndpoint`.
 
     Raises :class:`InvalidArgument` when a read-only endpoint is given and ``writable`` is asked for,
     and whatever :class:`BlockDevice` raises.
@@ -714,6 +716,10 @@ def open_endpoint(
             raise InvalidArgument("endpoint is read-only", errno=errno.EROFS, device=target.name)
         return target
     path = os.fspath(target)
+    if is_nbd_uri(path):
+        from dmtools.nbd import NbdEndpoint
+
+        return NbdEndpoint(path, writable=writable)
     if _DEVNO_RE.match(path) and not os.path.exists(path):
         path = resolve_devno(path)
     return BlockDevice(path, writable=writable, direct=direct)

@@ -13,7 +13,6 @@ the manager keeps no state of its own: a new manager (or another process) sees t
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +36,6 @@ from dmtools.target_values import Error, Linear, Snapshot, SnapshotMerge, Snapsh
 from snapshot.store.format import NUM_SNAPSHOT_HDR_CHUNKS, SECTOR, chunk_size_error
 
 Names = list[str]
-_DEVNO = re.compile(r"^\d+:\d+$")
 
 #: ``progress(done_sectors, total_sectors)`` during a merge.
 MergeProgress = Callable[[int, int], None]
@@ -181,16 +179,16 @@ class SnapshotManager:
     # -- helpers ----------------------------------------------------------------------------------
     @staticmethod
     def _cow_size(cow: str) -> int:
-        from dmtools.blockdev import BlockDevice
+        from dmtools.blockdev import open_endpoint
 
-        with BlockDevice(cow) as dev:
+        with open_endpoint(cow) as dev:
             return dev.size
 
     @staticmethod
     def _wipe_header(cow: str) -> None:
-        from dmtools.blockdev import BlockDevice
+        from dmtools.blockdev import open_endpoint
 
-        with BlockDevice(cow, writable=True) as dev:
+        with open_endpoint(cow, writable=True) as dev:
             dev.write(bytes(min(COW_WIPE_BYTES, dev.size)), 0)
             dev.flush()
 
@@ -210,7 +208,9 @@ class SnapshotManager:
             ident = identify(self.dm.device_ref(origin), dm=self.dm)
             roles["the origin"] = dataclasses.replace(ident, ref=origin)
         check_devices(roles, backends=[self.dm], operation=operation, in_use=("--cow",))
-        return cow if _DEVNO.match(cow) else os.path.abspath(cow)
+        from dmtools.engine.protocol import absolute_reference
+
+        return absolute_reference(cow)
 
     def _check_chunk(self, chunk_size: int) -> None:
         err = chunk_size_error(chunk_size)

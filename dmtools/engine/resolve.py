@@ -7,6 +7,11 @@ itself. Anything else is claimed for the engine (``dmtools.claims``: ``O_EXCL`` 
 a lock on a file; ``DeviceBusy`` when mounted or claimed elsewhere) and opened as a
 ``BackingDevice`` (a ``dmtools.blockdev.BlockDevice`` of a block device or regular file, with
 ``O_DIRECT`` for large writes), which releases the claim when the table closes it.
+
+An NBD URI (``nbd://HOST/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``, ``nbds://`` …) opens the
+export through libnbd (:class:`dmtools.nbd.NbdEndpoint`), so a linear segment, a mirror leg or a
+snapshot's origin or COW may live on another host. It has no device number: tables show the URI.
+Nothing can be claimed on a remote server; the identity checks still refuse one export named twice.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dmtools.blockdev import resolve_devno
 from dmtools.engine.backing import BackingDevice
 from dmtools.engine.target_driver import DeviceHandle
 from dmtools.errors import DeviceBusy, DMError, InvalidTable
+from dmtools.nbd.uri import is_nbd_uri
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.engine.device import Device
@@ -51,6 +57,8 @@ def resolve(engine: "Engine", ref: str, *, writable: bool) -> DeviceHandle:
     """Open ``ref`` for a table; raises ``InvalidTable`` when it names nothing usable."""
     from dmtools.engine.device_endpoint import DeviceEndpoint
 
+    if is_nbd_uri(ref):
+        return _remote(ref, writable=writable)
     own = _own(engine, ref)
     if own is not None:
         try:
@@ -87,3 +95,17 @@ def resolve(engine: "Engine", ref: str, *, writable: bool) -> DeviceHandle:
         name = os.path.abspath(ref)
         return DeviceHandle(bdev, name, -1, -1, name)
     return DeviceHandle(bdev, f"{devno[0]}:{devno[1]}", devno[0], devno[1], path)
+
+
+def _remote(ref: str, *, writable: bool) -> DeviceHandle:
+    """An NBD export for a table; ``InvalidTable`` when it cannot be reached or is read-only."""
+    from dmtools.nbd import NbdEndpoint
+
+    try:
+        endpoint = NbdEndpoint(ref, writable=writable)
+    except DMError as err:
+        raise InvalidTable(f"{ref}: {err.message}", operation="load") from err
+    if writable and endpoint.read_only:
+        endpoint.close()
+        raise InvalidTable(f"{ref}: the export is read-only", operation="load")
+    return DeviceHandle(endpoint, ref, -1, -1, ref)

@@ -68,6 +68,8 @@ def device_index(dev: str | os.PathLike[str] | int) -> int:
             raise InvalidArgument(f"not an nbd device number: {dev}", operation="nbd")
         return dev
     text = os.fspath(dev)
+    if "\0" in text:
+        raise InvalidArgument(f"not an nbd device: {text!r}", operation="nbd")
     m = _NAME_RE.match(os.path.basename(text))
     if m and (os.sep not in text or not os.path.exists(text)):
         return int(m.group(1))
