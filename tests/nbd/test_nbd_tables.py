@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -113,3 +114,53 @@ def test_snapshot_with_a_remote_cow(eng: Any, tmp_path: Path, start_nbdkit: Call
     assert origin.read_bytes()[:MiB] == new
     header = _export_bytes(cow.uri, 4096)
     assert header[:4] == (0x70416E53).to_bytes(4, "little")  # dm-snap-persistent.c SNAP_MAGIC
+
+
+def _requests(log: Path) -> list[tuple[str, str, str]]:
+    """``(export, request, text)`` per completed request, in the order the server finished them."""
+    exports: dict[str, str] = {}
+    started: dict[tuple[str, str], tuple[str, str]] = {}
+    done = []
+    for line in log.read_text().splitlines():
+        m = re.search(r"connection=(\d+) (\.\.\.)?(\w+) (?:export=\"?([^\" ]*)\"?|id=(\d+))?(.*)", line)
+        if not m:
+            continue
+        conn, finished, verb, export, rid, rest = m.groups()
+        if verb == "Connect":
+            exports[conn] = export
+        elif rid is not None and not finished:
+            started[(conn, rid)] = (verb, rest)
+        elif rid is not None and "return=0" in rest:
+            verb0, args = started.pop((conn, rid))
+            done.append((exports[conn], verb0, args))
+    return done
+
+
+def test_remote_cow_is_flushed_before_the_origin_write(eng: Any, tmp_path: Path,
+                                                        start_nbdkit: Callable[..., NbdServer]) -> None:
+    """dm-snap's rule over NBD: the chunk copied to the COW and its exception are on the server and
+    flushed before the origin write is sent. One nbdkit serves both (``file dir=``), so its log
+    orders the requests of both exports."""
+    from snapshot import SnapshotManager
+
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    (exports / "origin").write_bytes(os.urandom(SIZE))
+    (exports / "cow").write_bytes(bytes(2 * MiB))
+    log = tmp_path / "requests.log"
+    srv = start_nbdkit(["file", f"dir={exports}", f"logfile={log}"], filters=["log"])
+    origin_uri, cow_uri = (srv.uri.replace(":///?", f":///{name}?") for name in ("origin", "cow"))
+    eng.create("base-dmtt", f"0 {SECTORS} linear {origin_uri} 0")
+    SnapshotManager(eng).create("base-dmtt", cow_uri, "snap-dmtt")
+    mark = len(_requests(log))
+    with eng.open_endpoint("base-dmtt") as ep:
+        ep.write(b"n" * 4096, 8 * 4096)
+    after = _requests(log)[mark:]
+    first_origin_write = next(i for i, (exp, verb, _) in enumerate(after) if exp == "origin" and verb == "Write")
+    before = after[:first_origin_write]
+    cow_writes = [i for i, (exp, verb, _) in enumerate(before) if exp == "cow" and verb == "Write"]
+    cow_flushes = [i for i, (exp, verb, args) in enumerate(before)
+                   if exp == "cow" and (verb == "Flush" or (verb == "Write" and "fua=1" in args))]
+    assert len(cow_writes) >= 2, before  # the chunk, then the exception area
+    assert cow_flushes and cow_flushes[-1] >= cow_writes[-1], before
+    assert (exports / "origin").read_bytes()[8 * 4096: 9 * 4096] == b"n" * 4096
