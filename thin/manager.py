@@ -19,9 +19,9 @@ and ``delete`` of a missing one count as done), any other difference stops with 
 Device ids are LVM's: one above the highest in use. Every operation either completes or undoes
 what it did (each docstring says so).
 
-This round the manager needs the kernel's ``thin-pool`` and ``thin`` targets; a backend without
-them (the userspace engine today) gets :class:`~dmtools.errors.TargetNotSupported` before
-anything is touched.
+The manager runs on either backend: the kernel's ``thin-pool`` and ``thin`` targets, or the
+userspace engine's (:mod:`thin.targets`); a backend without them gets
+:class:`~dmtools.errors.TargetNotSupported` before anything is touched.
 """
 
 from __future__ import annotations
@@ -208,8 +208,8 @@ class ThinPoolManager:
         have = self.dm.targets()
         if "thin-pool" not in have or "thin" not in have:
             raise TargetNotSupported(
-                f"the {self.dm.backend or 'selected'} backend has no thin-pool/thin target yet; "
-                "thin pools need the kernel backend (--backend kernel)",
+                f"the {self.dm.backend or 'selected'} backend has no thin-pool/thin target; "
+                "thin pools need a backend that has both (dmtools targets lists them)",
                 operation=operation, device=device,
             )
 
@@ -497,8 +497,15 @@ class ThinPoolManager:
 
     def _check_metadata(self, tmeta: str) -> None:
         """LVM runs ``thin_check`` on the metadata before it activates a pool, unless the metadata
-        is new (its first 64 bytes zero) (thin.md §10.1); a failed check stops the activation."""
-        path = self.dm.device_path(tmeta)
+        is new (its first 64 bytes zero) (thin.md §10.1); a failed check stops the activation.
+
+        A backend whose devices have no block device (the userspace engine without exposure)
+        gets our own check (:func:`thin.metadata.check`) through an endpoint instead."""
+        try:
+            path = self.dm.device_path(tmeta)
+        except DMError:
+            self._check_metadata_endpoint(tmeta)
+            return
         with BlockDevice(path) as dev:
             head = bytearray(64)
             dev.readinto(head, 0)
@@ -509,6 +516,26 @@ class ThinPoolManager:
         if done.returncode:
             raise CorruptMetadata(f"thin_check failed on the pool metadata: {done.stderr.strip()[:200]}",
                                   operation="activate", device=tmeta)
+
+    def _check_metadata_endpoint(self, tmeta: str) -> None:
+        """``_check_metadata`` through ``open_endpoint``: check, then clear needs_check as
+        ``thin_check --clear-needs-check-flag`` does."""
+        from thin.metadata import ThinMetadata, check
+        from thin.metadata.transaction import EndpointMetadataDevice
+
+        with self.dm.open_endpoint(tmeta) as ep:
+            head = bytearray(64)
+            ep.readinto(head, 0)
+            if not any(head):
+                return
+            report = check(EndpointMetadataDevice(ep))
+            if report.errors:
+                raise CorruptMetadata(f"the pool metadata fails its check: {report.errors[0][:200]}",
+                                      operation="activate", device=tmeta)
+            if report.needs_check:
+                with ThinMetadata.open(EndpointMetadataDevice(ep, writable=True), writable=True) as md:
+                    md.clear_needs_check()
+                    md.commit()
 
     def activate(self, metadata: str, data: str, *, volumes: bool = True) -> PoolInfo:
         """Activate the pool on ``metadata``/``data`` again (after a restart), and its volumes.

@@ -100,6 +100,11 @@ class TargetContext(Protocol):
     def noflush_suspending(self) -> bool:
         """True during a ``noflush`` suspend (``dm_noflush_suspending``)."""
 
+    @property
+    def device(self) -> Any:
+        """The mapped device the table belongs to (``dm_table_get_md``): an identity for state
+        kept per mapped device, such as dm-thin's pool object."""
+
     def get_device(self, ref: str, *, writable: bool | None = None) -> DeviceHandle:
         """Open a device named in the table (path or ``major:minor``); raises ``InvalidTable``."""
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,3 +67,15 @@ def meta_image(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+@pytest.fixture
+def rig(engine: Any, tmp_path: Path, thin_tools: ThinTools) -> Iterator[Any]:
+    """A thin pool on the in-process engine (``target_rig.PoolRig``); ``thin_check`` passes on its
+    metadata once the pool is removed."""
+    from target_rig import PoolRig
+
+    r = PoolRig(engine, tmp_path)
+    yield r
+    r.close()
+    thin_tools.check(r.meta)

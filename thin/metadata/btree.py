@@ -192,6 +192,17 @@ def walk(tm: TransactionManager, root: int, vtype: ValueType,
         stack.extend(reversed(kids[first:last]))
 
 
+def highest_key(tm: TransactionManager, root: int, vtype: ValueType) -> int | None:
+    """The largest key in the tree, or ``None`` when it is empty (dm-btree.c
+    ``dm_btree_find_highest_key``: down the last child of every node)."""
+    node = tm.read_node(root, vtype)
+    while not node.leaf:
+        if not node.values:
+            return None
+        node = tm.read_node(node.values[-1], vtype)
+    return node.keys[-1] if node.keys else None
+
+
 def items(tm: TransactionManager, root: int, vtype: ValueType) -> Iterator[tuple[int, Any]]:
     """Every ``(key, value)`` in key order."""
     for keys, values in walk(tm, root, vtype):

@@ -213,10 +213,11 @@ class _Checker:
                 yield k
 
 
-def check(path: str | os.PathLike[str], *, skip_mappings: bool = False) -> CheckReport:
-    """Check the metadata on ``path`` and return a ``CheckReport`` (it never writes)."""
-    report = CheckReport(os.fspath(path))
-    dev = MetadataDevice(path)
+def check(path: str | os.PathLike[str] | MetadataDevice, *, skip_mappings: bool = False) -> CheckReport:
+    """Check the metadata on ``path`` (or an open ``MetadataDevice``) and return a ``CheckReport``
+    (it never writes)."""
+    dev = path if isinstance(path, MetadataDevice) else MetadataDevice(path)
+    report = CheckReport(dev.path)
     try:
         _check(dev, report, skip_mappings)
     finally:

@@ -107,7 +107,7 @@ class ThinMetadata:
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
-    def format(cls, path: str | os.PathLike[str], *, data_block_size: int, nr_data_blocks: int = 0,
+    def format(cls, path: str | os.PathLike[str] | MetadataDevice, *, data_block_size: int, nr_data_blocks: int = 0,
                commit: bool = True) -> ThinMetadata:
         """Write new, empty metadata on ``path`` (what the kernel writes on a zeroed device, §4.6
         of the reference: dm-thin-metadata.c ``__format_metadata``) and return it open for writing.
@@ -116,7 +116,7 @@ class ThinMetadata:
         With ``commit`` false nothing is written yet: the caller fills the pool and commits once.
         """
         check_data_block_size(data_block_size)
-        dev = MetadataDevice(path, writable=True)
+        dev = path if isinstance(path, MetadataDevice) else MetadataDevice(path, writable=True)
         try:
             tm = TransactionManager.create(dev)
             sb = Superblock(flags=0, blocknr=0, uuid=bytes(16), version=METADATA_VERSION, time=0, trans_id=0,
@@ -139,7 +139,7 @@ class ThinMetadata:
             raise
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, writable: bool = False, snapshot: bool | int = False,
+    def open(cls, path: str | os.PathLike[str] | MetadataDevice, *, writable: bool = False, snapshot: bool | int = False,
              data_block_size: int | None = None) -> ThinMetadata:
         """Open existing metadata, validating the superblock as the kernel does (``sb_check``).
 
@@ -149,7 +149,7 @@ class ThinMetadata:
         """
         if writable and snapshot:
             raise InvalidArgument("a metadata snapshot is read-only")
-        dev = MetadataDevice(path, writable=writable)
+        dev = path if isinstance(path, MetadataDevice) else MetadataDevice(path, writable=writable)
         try:
             sb = Superblock.unpack(dev.read(0), 0)
             if sb.incompat_flags:
@@ -287,6 +287,17 @@ class ThinMetadata:
         self._writing()
         self.flags |= NEEDS_CHECK_FLAG
 
+    def mark_needs_check(self) -> None:
+        """Set needs_check in the committed superblock at once, outside any transaction
+        (dm-thin-metadata.c ``dm_pool_metadata_set_needs_check``, after an abort)."""
+        if not self.writable:
+            raise InvalidArgument("the metadata is open read-only", device=self.dev.path)
+        self.flags |= NEEDS_CHECK_FLAG
+        sb = replace(self.superblock, flags=self.superblock.flags | NEEDS_CHECK_FLAG)
+        self.dev.write(0, sb.pack())
+        self.dev.flush()
+        self.superblock = sb
+
     def clear_needs_check(self) -> None:
         """Clear the needs_check flag (committed with the next commit), as
         ``thin_check --clear-needs-check-flag`` does once the metadata checked clean."""
@@ -302,6 +313,11 @@ class ThinMetadata:
             return None
         block, time = unpack_block_time(value)
         return Lookup(block, time, det.snapshotted_time > time)
+
+    def highest_mapped(self, dev_id: int) -> int | None:
+        """The highest mapped virtual block of a device, ``None`` when it maps nothing
+        (dm-thin-metadata.c ``dm_thin_get_highest_mapped_block``)."""
+        return btree.highest_key(self.tm, self.device_root(dev_id), self.mapping)
 
     def mappings(self, dev_id: int, begin: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int]]:
         """``(vblock, data_block, time)`` of a device's mappings in ``[begin, end)``, in order."""

@@ -17,6 +17,7 @@ import os
 import stat
 from collections.abc import Callable
 
+from dmtools.endpoint import Endpoint
 from dmtools.errors import CorruptMetadata, DeviceIOError, InvalidArgument
 
 from . import btree
@@ -25,7 +26,7 @@ from .ondisk import (BITMAP_CSUM_XOR, BLOCK_SIZE, ENTRIES_PER_BITMAP, INDEX_CSUM
                      MAX_METADATA_BLOCKS, IndexEntry, SpaceMapRoot, seal, verify)
 from .space_map import RefCounts
 
-__all__ = ["MetadataDevice", "TransactionManager"]
+__all__ = ["EndpointMetadataDevice", "MetadataDevice", "TransactionManager"]
 
 _CACHE_LIMIT = 1 << 16  # decoded clean nodes kept (each a few KiB)
 
@@ -52,9 +53,22 @@ class MetadataDevice:
             raise
         self.nr_blocks = self.size // BLOCK_SIZE
 
+    # The device's primitives; ``EndpointMetadataDevice`` puts them on an Endpoint.
+    def _size(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_END)
+
+    def _pread(self, offset: int) -> bytes:
+        return os.pread(self.fd, BLOCK_SIZE, offset)
+
+    def _pwrite(self, data: bytes | bytearray, offset: int) -> int:
+        return os.pwrite(self.fd, data, offset)
+
+    def _sync(self) -> None:
+        os.fsync(self.fd)
+
     def refresh_size(self) -> int:
         """Re-read the device's size (after it grew); returns the number of blocks."""
-        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        self.size = self._size()
         self.nr_blocks = self.size // BLOCK_SIZE
         return self.nr_blocks
 
@@ -63,7 +77,7 @@ class MetadataDevice:
             raise CorruptMetadata(f"block {blocknr} is beyond the end of the metadata device "
                                   f"({self.nr_blocks} blocks)", device=self.path)
         try:
-            data = os.pread(self.fd, BLOCK_SIZE, blocknr * BLOCK_SIZE)
+            data = self._pread(blocknr * BLOCK_SIZE)
         except OSError as err:
             raise DeviceIOError(f"reading metadata block {blocknr}: {err.strerror}", device=self.path,
                                 operation="read", errno=err.errno) from err
@@ -75,7 +89,7 @@ class MetadataDevice:
         if not 0 <= blocknr < self.nr_blocks:
             raise InvalidArgument(f"block {blocknr} is beyond the end of the metadata device", device=self.path)
         try:
-            done = os.pwrite(self.fd, data, blocknr * BLOCK_SIZE)
+            done = self._pwrite(data, blocknr * BLOCK_SIZE)
         except OSError as err:
             raise DeviceIOError(f"writing metadata block {blocknr}: {err.strerror}", device=self.path,
                                 operation="write", errno=err.errno) from err
@@ -84,7 +98,7 @@ class MetadataDevice:
 
     def flush(self) -> None:
         try:
-            os.fsync(self.fd)
+            self._sync()
         except OSError as err:
             raise DeviceIOError(f"flushing metadata: {err.strerror}", device=self.path, operation="flush",
                                 errno=err.errno) from err
@@ -93,6 +107,42 @@ class MetadataDevice:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class EndpointMetadataDevice(MetadataDevice):
+    """Metadata blocks on an ``Endpoint``: the device handle a thin-pool table opened.
+
+    The endpoint belongs to its opener (the engine closes a table's handles): ``close`` leaves it
+    open.
+    """
+
+    def __init__(self, endpoint: Endpoint, *, writable: bool = False) -> None:
+        self.endpoint = endpoint
+        self.path = endpoint.name
+        self.fd = -1
+        self.writable = writable
+        self.size = endpoint.size
+        self.nr_blocks = self.size // BLOCK_SIZE
+
+    def _size(self) -> int:
+        return self.endpoint.size
+
+    def _pread(self, offset: int) -> bytes:
+        buf = bytearray(BLOCK_SIZE)
+        got = self.endpoint.readinto(buf, offset)
+        return bytes(buf[:got])
+
+    def _pwrite(self, data: bytes | bytearray, offset: int) -> int:
+        if not self.writable:
+            raise InvalidArgument("the metadata device is open read-only", device=self.path)
+        self.endpoint.write(data, offset)
+        return len(data)
+
+    def _sync(self) -> None:
+        self.endpoint.flush()
+
+    def close(self) -> None:
+        """Nothing to do: the endpoint's opener closes it."""
 
 
 class TransactionManager:

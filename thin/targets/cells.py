@@ -1,0 +1,47 @@
+"""Per-block locks: the part of dm-bio-prison-v1.c that dm-thin uses to hold one virtual block.
+
+A cell is held while a block is looked up and, when it must be provisioned or its sharing broken,
+until the new mapping is in place; every other I/O to the block waits for it. Keys are
+``(device id, virtual block)``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Hashable
+
+__all__ = ["Cells"]
+
+
+class Cells:
+    """A set of held keys; ``hold(key)`` waits while another thread holds ``key``."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._held: set[Hashable] = set()
+        self._waiting = 0
+
+    @contextmanager
+    def hold(self, key: Hashable) -> Iterator[None]:
+        """Hold ``key`` for the ``with`` body."""
+        with self._cond:
+            while key in self._held:
+                self._waiting += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._waiting -= 1
+            self._held.add(key)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held.discard(key)
+                if self._waiting:
+                    self._cond.notify_all()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._held)

@@ -1,0 +1,267 @@
+"""``thin <pool dev> <dev id> [<external origin dev>]``: a thin device of a pool (dm-thin.c ``thin_ctr``).
+
+I/O is split at data-block boundaries (the kernel sets ``max_io_len`` to one block) and each block
+is handled under its cell, as ``process_bio`` does:
+
+* mapped and not shared: the I/O goes to the data block, through the pool device;
+* a read of an unmapped block returns zeros, or the external origin's data;
+* a write to an unmapped block allocates one, prepares it with kcopyd (zeroed unless
+  ``skip_block_zeroing``, copied from the external origin, nothing when the write covers the whole
+  block), writes it and then maps it; a write to a *shared* block (a snapshot was taken since it
+  was written) does the same with a kcopyd copy of the old block (``break_sharing``);
+* discards unmap whole blocks and pass the freed ones down to the data device;
+* a flush commits the pool when this device changed in the transaction, else flushes the data
+  device, so no flushed write is lost.
+
+Every block I/O and every kcopyd job goes through the pool device, which maps it to the data
+device: a suspended pool holds them, as the kernel's pool target does.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Callable
+
+import kcopyd
+from dmtools.endpoint import Endpoint
+from dmtools.engine.device import RequeueIO
+from dmtools.engine.device_endpoint import DeviceEndpoint
+from dmtools.engine.target_driver import TargetContext, TargetDriver, fill_zero
+from dmtools.errors import DeviceIOError, DeviceNotFound, DMError, InvalidTable, NoSpace
+from dmtools.target_values import Thin
+
+from thin.metadata import Lookup
+from thin.targets.pool_core import SECTOR, Mode, typed_value
+from thin.targets.pool_table import pool_table
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dmtools.target_values import Target as TargetValue
+
+__all__ = ["ThinTarget"]
+
+
+class ThinTarget(TargetDriver):
+    """A thin device: see the module docstring."""
+
+    name = "thin"
+    version = (1, 24, 0)  # dm-thin.c
+
+    @classmethod
+    def build(cls, ctx: TargetContext, start: int, length: int, value: "TargetValue") -> "ThinTarget":
+        return cls(ctx, start, length, typed_value(value, Thin))
+
+    def __init__(self, ctx: TargetContext, start: int, length: int, value: Thin) -> None:
+        super().__init__(ctx, start, length, value.args())
+        self.value = value
+        try:
+            self.pool_dev = ctx.get_device(value.pool)
+        except DMError as err:
+            raise self.fail(f"Error opening pool device: {err.message}") from err
+        self.devices.append(self.pool_dev)
+        inner = self.pool_dev.inner
+        table = pool_table(ctx)
+        pool = table.by_pool_device(inner.device) if isinstance(inner, DeviceEndpoint) else None
+        if pool is None:
+            raise self.fail("Couldn't get pool mapped device" if not isinstance(inner, DeviceEndpoint)
+                            else "Couldn't find pool object")
+        if pool.mode == Mode.FAIL:
+            raise self.fail("Couldn't open thin device, Pool is in fail mode")
+        if pool.suspended:
+            raise self.fail("Unable to activate thin device while pool is suspended")
+        self.origin = None
+        if value.origin is not None:
+            try:
+                self.origin = ctx.get_device(value.origin, writable=False)
+            except DMError as err:
+                raise self.fail(f"Error opening origin device: {err.message}") from err
+            self.devices.append(self.origin)
+        table.acquire(pool)
+        try:
+            self.state = pool.open_device(value.dev_id)
+        except DeviceNotFound as err:
+            table.put(pool)
+            raise InvalidTable("thin: Couldn't open thin internal device", errno=errno.ENODATA,
+                               operation="load", device=ctx.device_name) from err
+        except BaseException:
+            table.put(pool)
+            raise
+        self.pool = pool
+        self.dev_id = value.dev_id
+        self.block_sectors = pool.block_size
+        self.bb = pool.block_bytes
+        self.origin_sectors = self.origin.sectors if self.origin is not None else 0
+        self._closed = False
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _per_block(self, buf: memoryview, offset: int, fn: Callable[[int, int, memoryview], None]) -> None:
+        """``fn(vblock, offset in block, piece)`` for each block the I/O touches, in order (the
+        kernel splits bios at block boundaries)."""
+        pos = 0
+        bb = self.bb
+        while pos < len(buf):
+            vblock, within = divmod(offset + pos, bb)
+            n = min(bb - within, len(buf) - pos)
+            fn(vblock, within, buf[pos:pos + n])
+            pos += n
+
+    def _job(self, job: kcopyd.Job) -> None:
+        job.wait()
+        job.raise_for_error()
+
+    def _copy(self, src: kcopyd.Region, dst: kcopyd.Region) -> None:
+        self._job(self.pool.kc.copy(src, [dst]))
+
+    def _zero(self, dst: kcopyd.Region) -> None:
+        self._job(self.pool.kc.zero([dst]))
+
+    # -- reads ---------------------------------------------------------------------------------
+    def read(self, buf: memoryview, offset: int) -> None:
+        self._per_block(buf, offset, self._read_block)
+
+    def _read_block(self, vblock: int, within: int, piece: memoryview) -> None:
+        pool = self.pool
+        with pool.cells.hold((self.dev_id, vblock)):
+            pool.check_io()
+            look = pool.lookup(self.dev_id, vblock)
+            if look is not None:
+                _read_full(self.pool_dev, piece, look.data_block * self.bb + within)
+            elif self.origin is not None:
+                self._read_origin(vblock * self.bb + within, piece)
+            else:
+                fill_zero(piece)
+
+    def _read_origin(self, at: int, piece: memoryview) -> None:
+        """A read of an unprovisioned block from the external origin; past its end reads zeros."""
+        inside = max(0, min(len(piece), self.origin_sectors * SECTOR - at))
+        if inside:
+            assert self.origin is not None
+            _read_full(self.origin, piece[:inside], at)
+        if inside < len(piece):
+            fill_zero(piece[inside:])
+
+    # -- writes --------------------------------------------------------------------------------
+    def write(self, buf: memoryview, offset: int) -> None:
+        self._per_block(buf, offset, self._write_block)
+
+    def _write_block(self, vblock: int, within: int, piece: memoryview) -> None:
+        pool = self.pool
+        with pool.cells.hold((self.dev_id, vblock)):
+            pool.check_io()
+            look = pool.lookup(self.dev_id, vblock)
+            if look is not None and not look.shared:
+                self.pool_dev.write(piece, look.data_block * self.bb + within)
+                return
+            aborts = pool.aborts
+            try:
+                new = pool.alloc_data_block(lambda: not self.ctx.noflush_suspending)
+            except NoSpace:
+                if self.ctx.noflush_suspending and not pool.pf_error_if_no_space:
+                    raise RequeueIO("out of data space: requeued", device=self.ctx.device_name) from None
+                raise
+            try:
+                if within or len(piece) != self.bb:
+                    self._prepare(vblock, new, look)
+                self.pool_dev.write(piece, new * self.bb + within)
+            except BaseException:
+                pool.release_block(new, aborts)
+                raise
+            pool.insert(self.state, vblock, new, aborts)
+
+    def _prepare(self, vblock: int, new: int, old: Lookup | None) -> None:
+        """Fill a new block before a partial write (dm-thin.c ``schedule_copy``/``schedule_zero``/
+        ``schedule_external_copy``)."""
+        bs = self.block_sectors
+        dst = kcopyd.Region(self.pool_dev, new * bs, bs)
+        if old is not None:  # break_sharing
+            self._copy(kcopyd.Region(self.pool_dev, old.data_block * bs, bs), dst)
+            return
+        start = vblock * bs
+        if self.origin is not None and start < self.origin_sectors:
+            n = min(bs, self.origin_sectors - start)
+            self._copy(kcopyd.Region(self.origin, start, n), kcopyd.Region(self.pool_dev, new * bs, n))
+            if n < bs and self.pool.pf.zero_new_blocks:
+                self._zero(kcopyd.Region(self.pool_dev, new * bs + n, bs - n))
+            return
+        if self.pool.pf.zero_new_blocks:
+            self._zero(dst)
+
+    def zero(self, offset: int, length: int) -> None:
+        # WRITE_ZEROES is a write of zeros here: each block is provisioned as a write would.
+        super().zero(offset, length)
+
+    # -- discards and flushes ------------------------------------------------------------------
+    def discard(self, offset: int, length: int) -> None:
+        """Unmap the whole blocks inside the range (``process_discard_bio``); a discard smaller
+        than a block does nothing. Read-only pools complete discards without effect."""
+        pool = self.pool
+        if not pool.pf.discard_enabled:
+            return
+        first = -(-offset // self.bb)
+        end = (offset + length) // self.bb
+        if first >= end:
+            return
+        pool.check_io()
+        if pool.mode >= Mode.OUT_OF_METADATA_SPACE:
+            return
+        mapped = pool.run("dm_thin_find_mapped_range",
+                          lambda md: [v for v, _b, _t in md.mappings(self.dev_id, first, end)])
+        for vblock in mapped:
+            with pool.cells.hold((self.dev_id, vblock)):
+                aborts = pool.aborts
+                block = pool.unmap(self.state, vblock)
+                if block is None:
+                    continue
+                try:
+                    self.pool_dev.discard(block * self.bb, self.bb)
+                except (DMError, OSError):
+                    pass  # errors of a passed-down discard are ignored (dm-thin.c passdown_endio)
+                finally:
+                    pool.discard_done(block, aborts)
+
+    def flush(self) -> None:
+        """Commit when this device changed in the transaction (``bio_triggers_commit``), else
+        flush the data device; a device whose changes an abort dropped fails the flush."""
+        state = self.state
+        if state.aborted_with_changes:
+            raise DeviceIOError("metadata changes of this device were lost by an abort",
+                                errno=errno.EIO, operation="flush", device=self.ctx.device_name)
+        if state.changed:
+            self.pool.commit()
+        else:
+            self.pool_dev.flush()
+
+    # -- text and lifetime ---------------------------------------------------------------------
+    def status(self) -> str:
+        return self.pool.thin_status(self.state)
+
+    def table_params(self) -> str:
+        text = f"{self.pool_dev.name} {self.dev_id}"
+        return text + (f" {self.origin.name}" if self.origin is not None else "")
+
+    def presuspend(self) -> None:
+        """A noflush suspend hands writes waiting for data space back to the device
+        (``do_noflush_start``): wake them."""
+        if self.ctx.noflush_suspending:
+            self.pool.wake()
+
+    def preresume(self) -> None:
+        """The external origin's size is sampled at every resume (``thin_preresume``)."""
+        if self.origin is not None:
+            self.origin_sectors = self.origin.sectors
+
+    def destroy(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.pool.close_device(self.state)
+        pool_table(self.ctx).put(self.pool)
+
+
+def _read_full(dev: Endpoint, buf: memoryview, offset: int) -> None:
+    """Fill ``buf`` from ``dev`` or raise EIO on a short read."""
+    got = 0
+    while got < len(buf):
+        n = dev.readinto(buf[got:], offset + got)
+        if n <= 0:
+            raise DeviceIOError(f"short read at byte {offset + got}", errno=errno.EIO, operation="read")
+        got += n
