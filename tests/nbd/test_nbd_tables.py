@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,25 +66,40 @@ def test_unreachable_or_read_only_export_is_refused(eng: Any, tmp_path: Path,
     assert [e.name for e in eng.list()] == ["ro-dmtt"]
 
 
-def test_remote_leg_fails_then_repair_brings_a_new_export(eng: Any, tmp_path: Path,
-                                                           start_nbdkit: Callable[..., NbdServer]) -> None:
-    """A mirror with a remote leg: the server dies, a write marks the leg ``D`` (dm-raid1's
-    letter); `repair` onto a new export resyncs it and the legs are identical again."""
+def test_remote_leg_killed_mid_write_then_repair_brings_a_new_export(
+        eng: Any, tmp_path: Path, start_nbdkit: Callable[..., NbdServer]) -> None:
+    """A mirror with a remote leg whose server dies while a write to it is in flight (held by the
+    ``delay`` filter, seen arriving by the ``log`` filter): the leg goes ``D`` (dm-raid1's letter),
+    the write completes on the local leg, and `repair` onto a new export leaves the legs identical."""
     from mirror import MirrorManager
 
     data = os.urandom(SIZE)
-    local = tmp_path / "leg0.img"
+    local, remote_img, log = tmp_path / "leg0.img", tmp_path / "leg1.img", tmp_path / "leg1.log"
     local.write_bytes(data)
-    remote = start_nbdkit(["memory", "4M"])
-    with NbdEndpoint(remote.uri, writable=True) as ep:
-        ep.write(data, 0)
-        ep.flush()
+    remote_img.write_bytes(data)
+    remote = start_nbdkit(["file", str(remote_img), f"logfile={log}", "wdelay=60"], filters=["log", "delay"])
     mm = MirrorManager(eng)
     mm.create("rm-dmtt", [str(local), remote.uri], region_size=128, nosync=True, handle_errors=True,
               keep_log=True, monitor=False)
+    done: list[BaseException | None] = []
+
+    def write() -> None:
+        try:
+            with eng.open_endpoint("rm-dmtt") as ep:
+                ep.write(b"x" * 4096, 0)
+            done.append(None)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            done.append(err)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    deadline = time.monotonic() + 60
+    while not any(verb == "Write" for _, verb, _ in _requests(log, finished=False)):
+        assert time.monotonic() < deadline, "the mirror never sent the write to the remote leg"
+        time.sleep(0.01)
     remote.kill()
-    with eng.open_endpoint("rm-dmtt") as ep:
-        ep.write(b"x" * 4096, 0)
+    writer.join(60)
+    assert not writer.is_alive() and done == [None]
     st = mm.status("rm-dmtt")
     assert st.health == "AD"
     fresh = start_nbdkit(["memory", "4M"])
@@ -116,24 +133,27 @@ def test_snapshot_with_a_remote_cow(eng: Any, tmp_path: Path, start_nbdkit: Call
     assert header[:4] == (0x70416E53).to_bytes(4, "little")  # dm-snap-persistent.c SNAP_MAGIC
 
 
-def _requests(log: Path) -> list[tuple[str, str, str]]:
-    """``(export, request, text)`` per completed request, in the order the server finished them."""
+def _requests(log: Path, *, finished: bool = True) -> list[tuple[str, str, str]]:
+    """``(export, request, text)`` per request the server finished successfully, in the order it
+    finished them (``finished=False``: per request it started, in the order they arrived)."""
     exports: dict[str, str] = {}
     started: dict[tuple[str, str], tuple[str, str]] = {}
-    done = []
+    out = []
     for line in log.read_text().splitlines():
         m = re.search(r"connection=(\d+) (\.\.\.)?(\w+) (?:export=\"?([^\" ]*)\"?|id=(\d+))?(.*)", line)
         if not m:
             continue
-        conn, finished, verb, export, rid, rest = m.groups()
+        conn, end, verb, export, rid, rest = m.groups()
         if verb == "Connect":
             exports[conn] = export
-        elif rid is not None and not finished:
+        elif rid is not None and not end:
             started[(conn, rid)] = (verb, rest)
-        elif rid is not None and "return=0" in rest:
+            if not finished:
+                out.append((exports[conn], verb, rest))
+        elif rid is not None and finished and "return=0" in rest:
             verb0, args = started.pop((conn, rid))
-            done.append((exports[conn], verb0, args))
-    return done
+            out.append((exports[conn], verb0, args))
+    return out
 
 
 def test_remote_cow_is_flushed_before_the_origin_write(eng: Any, tmp_path: Path,
