@@ -6,11 +6,10 @@ device's events, every policy off unless configured, globally or per device
 
 - **warn**: report snapshot usage crossing the given percentages (dmeventd: 80, 85, 90, 95);
 - **snapshot auto-extend**: when a snapshot's usage reaches ``autoextend_threshold`` %, grow its COW
-  by ``autoextend_percent`` % (LVM's ``snapshot_autoextend_threshold``/``_percent``, default 20 %)
-  when the COW lives on a regular file or a loop-backed file, directly or through a linear ``-cow``
-  device (the snapshot manager's stack), and reload the snapshot through exception handover with
-  the snapshot layer's ``refresh`` (the ``snapshot-refresh`` policy,
-  ``snapshot.manager:SnapshotManager``). See :func:`extend_snapshot`;
+  by ``autoextend_percent`` % (LVM's ``snapshot_autoextend_threshold``/``_percent``, default 20 %).
+  Extending belongs to the snapshot layer: the ``snapshot-extend`` policy, an object that, called
+  with the backend, returns something with ``extend(name, percent)`` —
+  ``snapshot.manager:SnapshotManager`` fits (a file-backed COW grown, reloaded through handover);
 - **mirror degraded**: on a failed leg, keep running and report it;
 - **mirror repair**: on a failed leg, replace it by the spare device named in advance and resync
   it. The repair itself belongs to the mirror layer, which ``dmtools`` does not import: it is
@@ -28,13 +27,8 @@ plan ran reports it as interrupted (outcome unknown). :meth:`Monitor.run` hands 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
-import math
-import os
-import re
-import stat
 import threading
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -53,8 +47,6 @@ __all__ = [
     "PolicySettings",
     "MonitorConfig",
     "Monitor",
-    "ExtendResult",
-    "extend_snapshot",
     "load_policy",
     "MIRROR_POLICIES",
     "POLICY_GROUP",
@@ -65,9 +57,6 @@ log = logging.getLogger(__name__)
 #: Entry-point group where upper layers provide policy implementations.
 POLICY_GROUP = "dmtools.policies"
 MIRROR_POLICIES = ("none", "degraded", "repair")
-SECTOR = 512
-_DEVNO = re.compile(r"^(\d+):(\d+)$")
-_LOOP = re.compile(r"^loop(\d+)$")
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -175,184 +164,8 @@ def load_policy(name: str) -> Any:
                 raise InvalidArgument(f"policy {name!r} cannot be loaded from {ep.value}: {err}") from err
     raise InvalidArgument(
         f"no {name!r} policy is installed (entry point group {POLICY_GROUP}); "
-        "the mirror package provides it"
+        "the snapshot and mirror packages provide them"
     )
-
-
-# --- snapshot auto-extend -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ExtendResult:
-    """What :func:`extend_snapshot` grew: the COW from ``old_bytes`` to ``new_bytes``."""
-
-    snapshot: str
-    file: str
-    loop: str | None
-    cow_device: str | None
-    old_bytes: int
-    new_bytes: int
-    #: True when the snapshot table was reloaded through exception handover (``refresh``).
-    handover: bool = False
-
-
-def _loop_of_devno(major: int, minor: int) -> str | None:
-    try:
-        name = os.path.basename(os.path.realpath(f"/sys/dev/block/{major}:{minor}"))
-    except OSError:
-        return None
-    return f"/dev/{name}" if _LOOP.match(name) else None
-
-
-def _backing(ref: str) -> tuple[str, str | None]:
-    """``(file, loop device or None)`` behind a COW reference; ``InvalidArgument`` otherwise."""
-    devno: tuple[int, int] | None = None
-    m = _DEVNO.match(ref)
-    if m:
-        devno = (int(m.group(1)), int(m.group(2)))
-    else:
-        try:
-            st = os.stat(ref)
-        except OSError as err:
-            raise InvalidArgument(f"COW {ref}: {err.strerror}", errno=err.errno) from err
-        if stat.S_ISREG(st.st_mode):
-            return os.path.abspath(ref), None
-        if stat.S_ISBLK(st.st_mode):
-            devno = (os.major(st.st_rdev), os.minor(st.st_rdev))
-    loop_path = _loop_of_devno(*devno) if devno else None
-    if loop_path is None:
-        raise InvalidArgument(f"COW {ref} is not a file or a loop-backed file; cannot extend it")
-    from dmtools import loop
-
-    dev = loop.info(loop_path)
-    if dev.sizelimit:
-        raise InvalidArgument(f"{loop_path} has a size limit ({dev.sizelimit} bytes); cannot extend")
-    if not dev.backing_file or not os.path.isfile(dev.backing_file):
-        raise InvalidArgument(f"{loop_path} is not backed by a regular file ({dev.backing_file})")
-    return dev.backing_file, loop_path
-
-
-def _grow_file(path: str, size: int) -> None:
-    """Make ``path`` at least ``size`` bytes, allocated (``posix_fallocate``; sparse where unsupported)."""
-    current = os.stat(path).st_size
-    if current >= size:
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        try:
-            os.posix_fallocate(fd, current, size - current)
-        except OSError as err:
-            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise DMError(f"cannot grow {path} to {size} bytes: {err.strerror}",
-                              errno=err.errno, operation="extend") from err
-            os.ftruncate(fd, size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def extend_snapshot(dm: DeviceMapper, name: str, percent: int, *, target_start: int = 0,
-                    refresh: Callable[[str], object] | None = None) -> ExtendResult:
-    """Grow the COW of snapshot ``name`` by ``percent`` % of its size (rounded up to whole chunks).
-
-    The COW may be a regular file, a loop device over one, or a device of this backend holding a
-    single ``linear`` line over either (``S-cow``). Steps: grow the file (allocated), refresh the
-    loop device's capacity (``LOOP_SET_CAPACITY``), then make the snapshot use the new space:
-
-    - with ``refresh`` (``SnapshotManager(dm).refresh``, found by :class:`Monitor` under the
-      ``snapshot-refresh`` policy name) and a one-line snapshot table, as ``lvextend`` of a
-      snapshot does: the ``-cow`` device and the snapshot table are reloaded, the snapshot's
-      exceptions passing to its new table by the kernel's handover rules (dm-snap.c
-      ``snapshot_resume``; kernel.md §2.9), with the origin, the snapshot and ``-cow`` suspended in
-      that order and resumed bottom-up, the origin last (libdm's order, §2.11);
-    - else: with the origin and the snapshot suspended, the ``-cow`` device alone is reloaded with
-      the longer linear line; the snapshot then sees the size at its next allocation
-      (dm-snap-persistent.c ``persistent_prepare_exception`` reads the COW size each time, as do
-      the userspace targets).
-
-    Growing the file is not undone when a later step fails (the space is simply unused); every
-    device suspended here is resumed, and an inactive table loaded here is cleared. Raises
-    ``InvalidArgument`` when the COW is not on a file, ``DMError`` when a step fails.
-    """
-    from dmtools.table import Table
-    from dmtools.target_values import Linear, Snapshot, SnapshotOrigin
-
-    if percent < 1:
-        raise InvalidArgument("extension percent must be at least 1")
-    table = dm.table(name)
-    line = next((ln for ln in table.lines if int(ln.start) == target_start), None)
-    if line is None or not isinstance(line.target, Snapshot) or line.target.target_type != "snapshot":
-        raise InvalidArgument("not a snapshot target", operation="extend", device=name)
-    snap = line.target
-    by_devno = {f"{e.major}:{e.minor}": e.name for e in dm.list()}
-    cow_dev = by_devno.get(snap.cow)
-    if cow_dev is not None:
-        cow_table = dm.table(cow_dev)
-        if len(cow_table.lines) != 1 or not isinstance(cow_table.lines[0].target, Linear):
-            raise InvalidArgument(f"COW device {cow_dev} is not a single linear mapping; cannot extend",
-                                  operation="extend", device=name)
-        cow_line = cow_table.lines[0]
-        linear = cow_line.target
-        assert isinstance(linear, Linear)
-        under, offset, cow_bytes = linear.device, int(linear.offset), int(cow_line.length) * SECTOR
-    else:
-        under, offset, cow_bytes = snap.cow, 0, -1
-    path, loop_path = _backing(under)
-    file_size = os.stat(path).st_size
-    if cow_bytes < 0:
-        cow_bytes = file_size
-    chunk = int(snap.chunk_size) * SECTOR
-    grow = max(chunk, math.ceil(cow_bytes * percent / 100 / chunk) * chunk)
-    new_cow = cow_bytes + grow
-    _grow_file(path, offset * SECTOR + new_cow)
-    if loop_path is not None:
-        from dmtools import loop
-
-        size = loop.set_capacity(loop_path)
-        if size < offset * SECTOR + new_cow:
-            raise DMError(f"{loop_path} reports {size} bytes after LOOP_SET_CAPACITY, "
-                          f"{offset * SECTOR + new_cow} needed", operation="extend", device=name)
-    if refresh is not None and len(table.lines) == 1:
-        refresh(name)
-        if cow_dev is not None:
-            mapped = int(dm.table(cow_dev).lines[0].length) * SECTOR
-            if mapped < new_cow:
-                raise DMError(f"{cow_dev} maps {mapped} bytes after the refresh, {new_cow} needed",
-                              operation="extend", device=name)
-        return ExtendResult(name, path, loop_path, cow_dev, cow_bytes, new_cow, handover=True)
-    origin = None
-    for dev_name in by_devno.values():
-        if dev_name == name:
-            continue
-        try:
-            lines = dm.table(dev_name).lines
-        except DMError:
-            continue
-        if len(lines) == 1 and isinstance(lines[0].target, SnapshotOrigin) \
-                and lines[0].target.origin == snap.origin:
-            origin = dev_name
-            break
-    suspended: list[str] = []
-    loaded: str | None = None
-    try:
-        for to_suspend in (origin, name):
-            if to_suspend is not None:
-                dm.suspend(to_suspend)
-                suspended.append(to_suspend)
-        if cow_dev is not None:
-            dm.load(cow_dev, Table.single(new_cow // SECTOR, Linear(under, offset)))
-            loaded = cow_dev
-            dm.resume(cow_dev)
-            loaded = None
-    finally:
-        if loaded is not None:
-            try:
-                dm.clear(loaded)
-            except DMError:
-                log.warning("could not clear the inactive table of %s", loaded)
-        for dev_name in reversed(suspended):  # the snapshot first, then its origin
-            dm.resume(dev_name)
-    return ExtendResult(name, path, loop_path, cow_dev, cow_bytes, new_cow)
 
 
 # --- the monitor --------------------------------------------------------------------------------
@@ -399,17 +212,10 @@ class Monitor:
     def _thresholds(self, name: str) -> Sequence[int]:
         return self.config.for_device(name).warn
 
-    def _refresher(self) -> Callable[[str], object] | None:
-        """``refresh(name)`` of the snapshot layer (``snapshot-refresh`` policy), or ``None`` when
-        it is not installed (auto-extend then reloads ``-cow`` only and says so)."""
+    def _extender(self) -> Any:
         if "snapshot" not in self._repairers:
-            try:
-                self._repairers["snapshot"] = self._loader("snapshot-refresh")(self.dm).refresh
-            except InvalidArgument as err:
-                log.warning("auto-extend without handover: %s", err)
-                self._repairers["snapshot"] = None
-        refresh: Callable[[str], object] | None = self._repairers["snapshot"]
-        return refresh
+            self._repairers["snapshot"] = self._loader("snapshot-extend")(self.dm)
+        return self._repairers["snapshot"]
 
     def _repairer(self) -> Any:
         if "mirror" not in self._repairers:
@@ -478,20 +284,16 @@ class Monitor:
         args = plan.args
         key = (plan.device, f"extend@{args.get('target_start', 0)}")
         try:
-            res = extend_snapshot(self.dm, plan.device, int(args["percent"]),
-                                  target_start=int(args.get("target_start", 0)),
-                                  refresh=self._refresher())
+            res = self._extender().extend(plan.device, int(args["percent"]))
         except DMError as err:
             if not self._once(key, str(err)):
                 return None
             return self._action(plan, False, f"at {args.get('at')}%: {err}")
         self._failures.pop(key, None)
         self.watcher.wake("policy")
-        how = "snapshot reloaded through handover" if res.handover else \
-            "-cow reloaded, snapshot table kept (no snapshot-refresh policy installed)"
         return self._action(plan, True,
                             f"at {args.get('at')}% COW grown {res.old_bytes} -> {res.new_bytes} "
-                            f"bytes (+{args['percent']}%, {res.file}); {how}")
+                            f"bytes (+{args['percent']}%, {res.file}); snapshot reloaded through handover")
 
     def _repair(self, plan: Plan) -> PolicyAction:
         args = plan.args

@@ -6,18 +6,22 @@ For origin ``X`` (an existing device) and snapshot ``S`` the stack is LVM's
 resumed after its snapshots. Merging is LVM's ``lvconvert --merge``: ``snapshot-merge X-real S-cow P
 <chunk>`` is loaded on ``X`` while ``S`` still holds the snapshot, and resuming ``X`` hands the
 exceptions over (kernel.md §2.9); the manager then polls the status until ``allocated ==
-metadata``. ``refresh`` reloads a snapshot through the same handover (``lvchange --refresh``). Everything is found again from the tables, so
+metadata``. ``refresh`` reloads a snapshot through the same handover (``lvchange --refresh``) and
+``extend`` grows a file-backed COW before refreshing (``lvextend``; the monitor's auto-extend policy
+``snapshot-extend``). Everything is found again from the tables, so
 the manager keeps no state of its own: a new manager (or another process) sees the same snapshots.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dmtools import loop
 from dmtools.backend import DeviceMapper, wait_closed
 from dmtools.errors import (
     DeviceBusy,
@@ -33,6 +37,7 @@ from dmtools.status import SnapshotState, SnapshotStatus, parse_snapshot_status
 from dmtools.table import Table
 from dmtools.target_values import Error, Linear, Snapshot, SnapshotMerge, SnapshotOrigin, StoreMode
 
+from snapshot.cow_file import ExtendResult, backing_file, grow_file
 from snapshot.store.format import NUM_SNAPSHOT_HDR_CHUNKS, SECTOR, chunk_size_error
 
 Names = list[str]
@@ -504,6 +509,42 @@ class SnapshotManager:
             self._quietly(*[(lambda d=d: dm.resume(d)) for d in reversed(suspended)])
             raise
         return self.status(name)
+
+    def extend(self, name: str, percent: int) -> ExtendResult:
+        """Grow the COW of snapshot ``name`` by ``percent`` % of its size (whole chunks, at least
+        one), as ``lvextend`` of a snapshot: the file behind it grows (allocated), a loop device
+        over it takes the new capacity (``LOOP_SET_CAPACITY``) and :meth:`refresh` reloads
+        ``NAME-cow`` and the snapshot through exception handover (dm-snap.c ``snapshot_resume``).
+
+        The COW is a file or a loop device over one, directly or under the manager's linear
+        ``NAME-cow``. The grown file is not shrunk when a later step fails (the space stays
+        unused); :meth:`refresh` undoes its own steps. Raises ``InvalidArgument`` (not a one-line
+        snapshot, COW not file-backed, percent below 1) and ``DMError`` from a failed step.
+        """
+        if isinstance(percent, bool) or not isinstance(percent, int) or percent < 1:
+            raise InvalidArgument(f"extension percent must be a positive integer, not {percent!r}",
+                                  operation="extend", device=name)
+        target, tables = self._snapshot(name, "extend")
+        cow_name = self._ref_names().get(target.cow)
+        linear = self._single(tables[cow_name]) if cow_name in tables else None
+        if cow_name is not None and not isinstance(linear, Linear):
+            raise InvalidArgument(f"COW device {cow_name} is not a single linear mapping; cannot extend",
+                                  operation="extend", device=name)
+        under, offset = (linear.device, linear.offset) if linear else (target.cow, 0)
+        path, loop_path = backing_file(under)
+        cow_bytes = tables[cow_name].size * SECTOR if cow_name else os.stat(path).st_size
+        chunk = target.chunk_size * SECTOR
+        new_bytes = cow_bytes + max(1, math.ceil(cow_bytes * percent / 100 / chunk)) * chunk
+        end = offset * SECTOR + new_bytes
+        grow_file(path, end)
+        if loop_path is not None and loop.set_capacity(loop_path) < end:
+            raise DMError(f"{loop_path} is smaller than {end} bytes after LOOP_SET_CAPACITY",
+                          operation="extend", device=name)
+        self.refresh(name)
+        if cow_name is not None and self.dm.table(cow_name).size * SECTOR < new_bytes:
+            raise DMError(f"{cow_name} maps less than {new_bytes} bytes after the refresh",
+                          operation="extend", device=name)
+        return ExtendResult(name, path, loop_path, cow_name, cow_bytes, new_bytes)
 
     def _grown_cow_table(self, cow_name: str, tables: dict[str, Table], refs: dict[str, str]) -> Table | None:
         """A longer table for ``NAME-cow`` when its device grew, else ``None``."""

@@ -65,4 +65,4 @@ def policies(name: str) -> Any:
     from mirror.manager import MirrorManager
     from snapshot.manager import SnapshotManager
 
-    return {"snapshot-refresh": SnapshotManager, "mirror-repair": MirrorManager}[name]
+    return {"snapshot-extend": SnapshotManager, "mirror-repair": MirrorManager}[name]

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 from dmtools.errors import DeviceIOError
-from dmtools.monitor import extend_snapshot
 
 from snapshot.store.format import DiskHeader
 from snapshot.store.table import FLOAT_EXACT, ExceptionTable
+from snapshot.manager import SnapshotManager
 from snapshot.targets import origins_of
 
 CHUNK = 4096  # chunk size 8 sectors
@@ -115,7 +115,7 @@ def test_cow_grown_three_times_under_writes_keeps_the_data(snap_engine: Any, tmp
         with cond:
             assert cond.wait_for(lambda: written[0] >= allowed[0] // 2 or errors, timeout=WAIT)
         assert not errors
-        extend_snapshot(eng, "s", 200)  # x3
+        SnapshotManager(eng).extend("s", 200)  # x3, through handover: a new table takes over
         cow_chunks *= 3
         assert cow_file.stat().st_size == cow_chunks * CHUNK
         with cond:
@@ -126,6 +126,8 @@ def test_cow_grown_three_times_under_writes_keeps_the_data(snap_engine: Any, tmp
     assert not thread.is_alive(), "origin writer hung"
     assert not errors, errors
     assert written[0] == allowed[0] == min(chunks, 432 - 2 - 1 - 2)
+    assert not snap.valid  # handed over: the table that took over holds the exceptions
+    snap = _snapshot_obj(eng, "s")
     assert snap.valid and snap.table.shift > shift0  # the packed keys were widened
     assert (1 << shift0) <= cow_chunks
     status = eng.status("s")[0].params

@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from dmtools.errors import CorruptMetadata, DeviceBusy, DeviceConflict, DeviceExists, InvalidArgument, SnapshotInvalid
+from dmtools.errors import (
+    CorruptMetadata, DeviceBusy, DeviceConflict, DeviceExists, DeviceNotFound, InvalidArgument, SnapshotInvalid,
+)
 from snapshot import SnapshotManager
 
 SIZE = 512 * 1024
@@ -160,3 +162,36 @@ def test_merge_refuses_invalid_snapshot(vol: tuple[Any, bytes], tmp_path: Path) 
         mgr.merge("s1")
     mgr.remove("s1")
     assert eng.table("vol").lines[0].target.target_type == "linear"
+
+
+def test_extend_grows_a_file_cow_through_handover(vol: tuple[Any, bytes], tmp_path: Path) -> None:
+    eng, data = vol
+    mgr = SnapshotManager(eng)
+    path = cow(tmp_path, "s1", 16 * CB)  # header, one area, 14 data chunks
+    mgr.create("vol", path, "s1")
+    write(eng, "vol", b"a" * 10 * CB, 0)
+    res = mgr.extend("s1", 50)
+    assert (res.old_bytes, res.new_bytes, res.file, res.loop, res.cow_device) == (
+        16 * CB, 24 * CB, path, None, "s1-cow")
+    assert Path(path).stat().st_size == 24 * CB and eng.table("s1-cow").size == 24 * CB // 512
+    assert mgr.status("s1").status.format() == f"{12 * 8}/{24 * 8} 16"
+    # the new space is used: more chunks than the old COW held are copied, the view holds
+    write(eng, "vol", b"b" * 10 * CB, 10 * CB)
+    assert mgr.status("s1").state == "active" and read(eng, "s1") == data
+    assert not eng.info("s1").suspended and not eng.info("vol").suspended
+    # at least one chunk, rounded up to whole chunks
+    assert mgr.extend("s1", 1).new_bytes == 25 * CB
+
+
+def test_extend_refusals_change_nothing(vol: tuple[Any, bytes], tmp_path: Path) -> None:
+    eng, _data = vol
+    mgr = SnapshotManager(eng)
+    path = cow(tmp_path, "s1", 16 * CB)
+    mgr.create("vol", path, "s1")
+    tables = {n: str(eng.table(n)) for n in ("vol", "s1", "s1-cow", "vol-real")}
+    with pytest.raises(InvalidArgument, match="positive integer"):
+        mgr.extend("s1", 0)
+    with pytest.raises(DeviceNotFound, match="no such snapshot"):
+        mgr.extend("vol", 20)
+    assert Path(path).stat().st_size == 16 * CB
+    assert {n: str(eng.table(n)) for n in tables} == tables
