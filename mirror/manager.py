@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import secrets
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 from dmtools.backend import DeviceMapper
@@ -28,7 +27,7 @@ from dmtools.errors import DMError, InvalidArgument, OperationCancelled
 from dmtools.names import validate_name
 from dmtools.status import parse_mirror_status
 from dmtools.table import Table
-from dmtools.target_values import CoreLog, DiskLog, Leg, Linear, Mirror
+from dmtools.target_values import MAX_NR_MIRRORS, CoreLog, DiskLog, Leg, Linear, Mirror, parse_devno
 
 from mirror.format import (
     SECTOR,
@@ -57,7 +56,6 @@ ProgressFn = Callable[[int, int], None]
 #: region -> indexes of the legs that failed its copy (``MirrorManager.recovery_failures``)
 Failures = dict[int, list[int]]
 Regions = list[int]
-_DEVNO = re.compile(r"^\d+:\d+$")
 
 
 @dataclass(frozen=True)
@@ -126,10 +124,10 @@ class MirrorManager:
         """Open a leg or log reference: an engine device number, a path or a kernel ``major:minor``."""
         if isinstance(ref, Endpoint):
             return ref
-        if self.userspace and _DEVNO.match(ref):
-            major, minor = (int(x) for x in ref.split(":"))
+        devno = parse_devno(ref) if self.userspace else None
+        if devno is not None:
             for entry in self.dm.list():
-                if (entry.major, entry.minor) == (major, minor):
+                if (entry.major, entry.minor) == devno:
                     return self.dm.open_endpoint(entry.name, writable=writable)
         from dmtools.blockdev import open_endpoint
 
@@ -203,25 +201,10 @@ class MirrorManager:
         with ExitStack() as stack:
             eps = [stack.enter_context(self.open_ref(ref)) for ref in legs]
             length = check_legs(eps)
-        check_region_size(region_size, length)
-        nr = region_count(length, region_size)
         if keep_log and not handle_errors:
             raise InvalidArgument("keep_log requires handle_errors", operation="create", device=name)
         features = ("handle_errors",) * handle_errors + ("keep_log",) * keep_log
-        if log == "core":
-            mlog: CoreLog | DiskLog = CoreLog(region_size, "nosync" if nosync else None)
-        else:
-            with self.open_ref(log, writable=True) as lep:
-                need = log_io_bytes(nr, lep.logical_block_size)
-                if need > lep.size:
-                    raise InvalidArgument(
-                        f"log device too small: need {need} bytes, has {lep.size}", operation="create", device=log
-                    )
-                if keep_log_contents:
-                    LogImage.read(lep)  # a foreign or corrupt log is refused; nothing written
-                else:
-                    format_log(lep, nr, in_sync=nosync)
-            mlog = DiskLog(log, region_size)
+        mlog = self._new_log(log, region_size, length, "create", nosync=nosync, keep=keep_log_contents)
         target = Mirror(mlog, tuple(Leg(ref, 0) for ref in legs), features)
         if not monitor and not uuid.startswith(UNMONITORED_PREFIX):
             uuid = UNMONITORED_PREFIX + (uuid or secrets.token_hex(8))
@@ -229,6 +212,26 @@ class MirrorManager:
         if monitor:
             self._monitor()
         return self.status(name)
+
+    def _new_log(self, log: str, region_size: int, length: int, operation: str, *, nosync: bool = False,
+                 keep: bool = False) -> CoreLog | DiskLog:
+        """The log of a new mirror of ``length`` sectors: ``core``, or a disk log device formatted
+        (every region out of sync, or in sync with ``nosync``) unless ``keep`` trusts what it holds
+        (a foreign or corrupt log is refused; nothing is written)."""
+        check_region_size(region_size, length)
+        if log == "core":
+            return CoreLog(region_size, "nosync" if nosync else None)
+        nr = region_count(length, region_size)
+        with self.open_ref(log, writable=True) as lep:
+            need = log_io_bytes(nr, lep.logical_block_size)
+            if need > lep.size:
+                raise InvalidArgument(f"log device too small: need {need} bytes, has {lep.size}",
+                                      operation=operation, device=log)
+            if keep:
+                LogImage.read(lep)
+            else:
+                format_log(lep, nr, in_sync=nosync)
+        return DiskLog(log, region_size)
 
     def _monitor(self) -> None:
         """Make sure this process's guard runs when the mirrors live in it (an in-process engine)."""
@@ -451,16 +454,6 @@ class MirrorManager:
                 return i
         raise InvalidArgument(f"{leg} is not a leg of this mirror", operation="mirror")
 
-    def _with_log_sync(self, target: Mirror, legs: tuple[Leg, ...], sync: str | None) -> Mirror:
-        mlog = target.log
-        if isinstance(mlog, DiskLog):
-            new_log: CoreLog | DiskLog = DiskLog(mlog.device, mlog.region, sync)
-        elif isinstance(mlog, CoreLog):
-            new_log = CoreLog(mlog.region, None if sync == "sync" else mlog.sync)
-        else:
-            raise InvalidArgument(f"{mlog.log_type} logs are not managed here", operation="mirror")
-        return Mirror(new_log, legs, target.features)
-
     def _check_new_leg(self, ref: str, length: int) -> None:
         with self.open_ref(ref) as ep:
             if ep.size < length * SECTOR:
@@ -481,13 +474,17 @@ class MirrorManager:
         # userspace engine when a ``nosync`` core log is out of sync: a reload forgets which regions
         # were, so every region goes to every leg. The copy runs with handle_errors: without it
         # dm-raid1 marks a region whose copy failed in sync (dm-region-hash.c complete_resync_work).
+        mlog = target.log
+        if not isinstance(mlog, (CoreLog, DiskLog)):
+            raise InvalidArgument(f"{mlog.log_type} logs are not managed here", operation=operation, device=name)
         features = tuple(dict.fromkeys(("handle_errors", *target.features)))
-        copying = self._with_log_sync(target, legs, "sync")
-        self._swap(name, Table.single(length, Mirror(copying.log, legs, features)))
+        copying = replace(mlog, sync="sync" if isinstance(mlog, DiskLog) else None)  # a core log copies all
+        self._swap(name, Table.single(length, Mirror(copying, legs, features)))
         if not wait:
             return self.status(name)
         self.resync(name, progress=progress, operation=operation)
-        self._swap(name, Table.single(length, self._with_log_sync(target, legs, getattr(target.log, "sync", None))))
+        kept = replace(mlog, sync=None) if mlog.sync == "sync" else mlog
+        self._swap(name, Table.single(length, Mirror(kept, legs, target.features)))
         return self.status(name)
 
     def repair(self, name: str, leg: int | str, new_leg: str, *, rate: int | None = None,
@@ -503,7 +500,7 @@ class MirrorManager:
         if index == 0:
             raise InvalidArgument("leg 0 is the resync source; repair another leg", operation="repair", device=name)
         self._check_new_leg(new_leg, length)
-        self._check_devices([lg.device for lg in target.legs], getattr(target.log, "device", None), "repair",
+        self._check_devices([lg.device for lg in target.legs], next(iter(target.log.devices), None), "repair",
                             in_use=("the new leg",), new=new_leg, skip=index)
         legs = list(target.legs)
         legs[index] = Leg(new_leg, 0)
@@ -519,22 +516,12 @@ class MirrorManager:
             raise InvalidArgument("only single-target devices can gain a leg", operation="add_leg", device=name)
         length, tgt = table.lines[0].length, table.lines[0].target
         self._check_new_leg(new_leg, length)
-        legs_now = [lg.device for lg in tgt.legs] if isinstance(tgt, Mirror) else [getattr(tgt, "device", "")]
-        log_now = getattr(tgt.log, "device", None) if isinstance(tgt, Mirror) else log
-        self._check_devices([d for d in legs_now if d], log_now, "add_leg",
+        legs_now = [lg.device for lg in tgt.legs] if isinstance(tgt, Mirror) else list(tgt.devices)
+        log_now = next(iter(tgt.log.devices), None) if isinstance(tgt, Mirror) else log
+        self._check_devices(legs_now, log_now, "add_leg",
                             in_use=("the new leg",) + (("--log",) if not isinstance(tgt, Mirror) else ()), new=new_leg)
         if isinstance(tgt, Linear):
-            check_region_size(region_size, length)
-            if log == "core":
-                mlog: CoreLog | DiskLog = CoreLog(region_size)
-            else:
-                with self.open_ref(log, writable=True) as lep:
-                    need = log_io_bytes(region_count(length, region_size), lep.logical_block_size)
-                    if need > lep.size:
-                        raise InvalidArgument(f"log device too small: need {need} bytes", operation="add_leg",
-                                              device=log)
-                    format_log(lep, region_count(length, region_size), in_sync=False)
-                mlog = DiskLog(log, region_size)
+            mlog = self._new_log(log, region_size, length, "add_leg")
             mirror = Mirror(mlog, (Leg(tgt.device, tgt.offset), Leg(new_leg, 0)), ("handle_errors",) * handle_errors)
             self._swap(name, Table.single(length, mirror))
             self._monitor()
@@ -542,8 +529,8 @@ class MirrorManager:
                 return self.status(name)
             return self.resync(name, progress=progress, rate=rate, operation="add_leg")
         if isinstance(tgt, Mirror):
-            if len(tgt.legs) >= 9:
-                raise InvalidArgument("a mirror has at most 9 legs", operation="add_leg", device=name)
+            if len(tgt.legs) >= MAX_NR_MIRRORS:
+                raise InvalidArgument(f"a mirror has at most {MAX_NR_MIRRORS} legs", operation="add_leg", device=name)
             legs = tgt.legs + (Leg(new_leg, 0),)
             return self._rebuild(name, length, tgt, legs, len(legs) - 1, progress, rate, wait, "add_leg")
         raise InvalidArgument(f"cannot add a leg to a {tgt.target_type} device", operation="add_leg", device=name)
