@@ -13,7 +13,6 @@ import re
 BITS_PER_LONG = 64
 
 _NOT_FULL = re.compile(rb"[^\xff]")
-_NOT_EMPTY = re.compile(rb"[^\x00]")
 
 
 def bitmap_bytes(nbits: int) -> int:
@@ -86,27 +85,15 @@ class Bitmap:
 
     def find_next_zero(self, start: int = 0) -> int:
         """First clear bit at or after ``start`` below ``nbits``; ``nbits`` when there is none."""
-        return self._find(start, want=False)
-
-    def find_next_set(self, start: int = 0) -> int:
-        """First set bit at or after ``start`` below ``nbits``; ``nbits`` when there is none."""
-        return self._find(start, want=True)
-
-    def _find(self, start: int, want: bool) -> int:
         bit = max(start, 0)
         while bit < self.nbits:
             if bit & 7 == 0:
-                m = (_NOT_EMPTY if want else _NOT_FULL).search(self.data, bit >> 3)
+                m = _NOT_FULL.search(self.data, bit >> 3)
                 if m is None:
                     return self.nbits
-                bit = m.start() * 8
                 byte = self.data[m.start()]
-                for off in range(8):
-                    if bool((byte >> off) & 1) == want:
-                        return min(bit + off, self.nbits)
-                bit += 8  # pragma: no cover - the regex guarantees a hit in this byte
-                continue
-            if self.test(bit) == want:
+                return min(m.start() * 8 + ((~byte & (byte + 1)).bit_length() - 1), self.nbits)
+            if not self.test(bit):
                 return bit
             bit += 1
         return self.nbits

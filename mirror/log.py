@@ -17,7 +17,6 @@ Logs are not thread-safe: the mirror serialises every call under its own lock.
 
 from __future__ import annotations
 
-import enum
 import logging
 from typing import Callable
 
@@ -40,16 +39,7 @@ from mirror.format import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RegionState", "CoreDirtyLog", "DiskDirtyLog", "SyncMode", "open_dirty_log"]
-
-
-class RegionState(enum.IntFlag):
-    """Region hash states (include/linux/dm-region-hash.h)."""
-
-    CLEAN = 0x01  #: no writes in flight
-    DIRTY = 0x02  #: writes in flight
-    NOSYNC = 0x04  #: out of sync
-    RECOVERING = 0x08  #: under resync
+__all__ = ["CoreDirtyLog", "DiskDirtyLog", "SyncMode", "open_dirty_log"]
 
 
 class CoreDirtyLog:
@@ -61,7 +51,6 @@ class CoreDirtyLog:
     """
 
     def __init__(self, target_len: int, region_size: int, sync: SyncMode = SyncMode.DEFAULT) -> None:
-        self.target_len = target_len
         self.region_size = region_size
         self.region_count = region_count(target_len, region_size)
         self.sync = sync
@@ -86,9 +75,6 @@ class CoreDirtyLog:
         """Make pending log changes durable (a no-op for the core log)."""
         self.flush()
 
-    def destroy(self) -> None:
-        """Release the log's resources."""
-
     # -- queries -----------------------------------------------------------------------------------
     def is_clean(self, region: int) -> bool:
         """Clean bit of ``region``."""
@@ -101,11 +87,6 @@ class CoreDirtyLog:
     def get_sync_count(self) -> int:
         """Regions in sync."""
         return self.sync_count
-
-    @property
-    def failed(self) -> bool:
-        """True when the log device failed (never for a core log)."""
-        return False
 
     #: clean marks reach stable storage (so the legs must be flushed before them)
     persistent = False
@@ -162,12 +143,6 @@ class CoreDirtyLog:
         """The log's part of the INFO status: ``1 core``."""
         return "1 core"
 
-    def state(self, region: int) -> RegionState:
-        """State of a region with no writes tracked by a region hash: CLEAN if in sync, else NOSYNC."""
-        if self.recovering.test(region):
-            return RegionState.RECOVERING
-        return RegionState.CLEAN if self.in_sync(region) else RegionState.NOSYNC
-
 
 class DiskDirtyLog(CoreDirtyLog):
     """The ``disk`` log: the clean bitmap persisted on a log device in the kernel's format.
@@ -201,10 +176,6 @@ class DiskDirtyLog(CoreDirtyLog):
         )
         self.log_dev_failed = False
         self.log_dev_flush_failed = False
-
-    @property
-    def failed(self) -> bool:
-        return self.log_dev_failed
 
     def _fail_device(self, err: BaseException) -> None:
         if not self.log_dev_failed:
@@ -305,9 +276,6 @@ class DiskDirtyLog(CoreDirtyLog):
         c = "F" if self.log_dev_flush_failed else "D" if self.log_dev_failed else "A"
         return f"3 disk {self.device} {c}"
 
-    def destroy(self) -> None:
-        self.endpoint.close()
-
 
 def open_dirty_log(
     value: MirrorLog, target_len: int, open_device: Callable[[str], Endpoint]
@@ -320,7 +288,7 @@ def open_dirty_log(
     if isinstance(value, CoreLog):
         return CoreDirtyLog(target_len, value.region, SyncMode(value.sync or ""))
     if not isinstance(value, DiskLog):  # dm-log.c get_type: no such log module
-        raise InvalidTable(f'Error creating mirror dirty log: Module for logging type "{value.log_type}" not found')
+        raise InvalidTable(f'Error creating mirror dirty log: Module for logging type "{value.log_type}" not found.')
     ep = open_device(value.device)  # the engine closes it if the table fails
     try:
         return DiskDirtyLog(ep, ep.name or value.device, target_len, value.region, SyncMode(value.sync or ""))

@@ -19,11 +19,21 @@ Not thread-safe: the mirror target calls it under its own lock.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
-from mirror.log import CoreDirtyLog, RegionState
+from mirror.log import CoreDirtyLog
 
-__all__ = ["RegionEntry", "RegionHash"]
+__all__ = ["RegionState", "RegionEntry", "RegionHash"]
+
+
+class RegionState(enum.IntFlag):
+    """Region hash states (include/linux/dm-region-hash.h)."""
+
+    CLEAN = 0x01  #: no writes in flight
+    DIRTY = 0x02  #: writes in flight
+    NOSYNC = 0x04  #: out of sync
+    RECOVERING = 0x08  #: under resync
 
 
 @dataclass
@@ -228,8 +238,3 @@ class RegionHash:
                 reg.state = RegionState.NOSYNC
             else:
                 del self.regions[key]
-
-    @property
-    def recovery_in_flight(self) -> int:
-        """Regions between ``recovery_prepare`` and ``update_states``."""
-        return len(self.recovering)

@@ -46,8 +46,8 @@ from dmtools.target_values import U32_MAX, U64_MAX, Mirror
 from dmtools.target_values import Target as TargetValue
 
 from mirror.bitmap import Bitmap
-from mirror.log import CoreDirtyLog, RegionState, open_dirty_log
-from mirror.region import RegionHash
+from mirror.log import CoreDirtyLog, open_dirty_log
+from mirror.region import RegionHash, RegionState
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import pytest
 from dmtools.errors import DeviceIOError, InvalidTable
 from mirror.format import LogImage, SyncMode, format_log
 from dmtools.target_values import CoreLog, DiskLog, OtherLog
-from mirror.log import CoreDirtyLog, DiskDirtyLog, RegionState, open_dirty_log
+from mirror.log import CoreDirtyLog, DiskDirtyLog, open_dirty_log
 from mirror_memdev import MemEndpoint
 
 LEN = 100 * 8  # sectors: 100 regions of 8 sectors
@@ -25,9 +25,8 @@ def test_core_log_starts_out_of_sync_unless_nosync() -> None:
     lg = CoreDirtyLog(LEN, 8)
     assert lg.region_count == 100 and lg.get_sync_count() == 0
     assert all(lg.is_clean(r) for r in range(100)) and not lg.in_sync(5)
-    assert lg.state(5) is RegionState.NOSYNC
     ns = CoreDirtyLog(LEN, 8, SyncMode.NOSYNC)
-    assert ns.get_sync_count() == 100 and ns.in_sync(99) and ns.state(3) is RegionState.CLEAN
+    assert ns.get_sync_count() == 100 and ns.in_sync(99) and ns.in_sync(3)
     assert lg.status_info() == "1 core"
 
 
@@ -39,7 +38,7 @@ def test_get_resync_work_and_set_region_sync() -> None:
     lg = CoreDirtyLog(LEN, 8)
     got = [lg.get_resync_work() for _ in range(3)]
     assert got == [0, 1, 2]
-    assert lg.state(1) is RegionState.RECOVERING
+    assert lg.recovering.test(1) and not lg.recovering.test(3)
     lg.set_region_sync(1, True)
     lg.set_region_sync(0, False)
     assert lg.in_sync(1) and not lg.in_sync(0) and lg.get_sync_count() == 1
@@ -113,7 +112,7 @@ def test_unreadable_log_counts_everything_out_of_sync_and_reports_d() -> None:
     format_log(ep, 100, in_sync=True)
     ep.fail_reads = True
     lg = _disk(ep)
-    assert lg.get_sync_count() == 0 and lg.failed and lg.status_info() == "3 disk 7:1 D"
+    assert lg.get_sync_count() == 0 and lg.status_info() == "3 disk 7:1 D"
 
 
 def _recorded(journal: list[tuple[str, str, int, int]]) -> list[str]:

@@ -231,3 +231,29 @@ def test_userspace_status_and_table_text_identical_to_the_kernels(kernel_dm: Any
                 eng.close()
     assert texts[0] == texts[1]
     assert texts[0][0].startswith("3 ") and texts[0][0].endswith(" 128/128 1 AAA 3 disk " + texts[0][0].split()[-2] + " A")
+
+
+def test_what_only_the_constructor_sees_is_refused_in_the_kernels_words(kernel_dm: Any, make_image: Any,
+                                                                          make_loop: Any, dm_name: str) -> None:
+    """A log type the engine lacks and a log device too small pass the table grammar; the kernel and
+    the userspace engine refuse them alike: dm-raid1.c's ``ti->error`` with dm-log.c's reason."""
+    from dmtools.engine import Engine
+    from dmtools.errors import InvalidTable
+
+    legs = " ".join(f"{leg} 0" for leg in _loops(make_image, make_loop, 2))
+    small = _loops(make_image, make_loop, 1, size=1024)[0]
+    rdev = os.stat(small).st_rdev
+    cases = [(f"bogus 1 x 2 {legs}", 'Module for logging type "bogus" not found.'),
+             (f"disk 2 {small} {REGION} 2 {legs}",  # 1024 + 16 bitmap bytes, in 512-byte blocks
+              f"log device {os.major(rdev)}:{os.minor(rdev)} too small: need 1536 bytes")]
+    eng = Engine()
+    try:
+        for params, reason in cases:
+            for dm, name in ((kernel_dm, dm_name), (eng, "ubad")):
+                with pytest.raises(InvalidTable) as exc:
+                    dm.create(name, f"0 {SECTORS} mirror {params}")
+                assert "mirror: Error creating mirror dirty log" in str(exc.value), (dm.backend, exc.value)
+                assert reason in str(exc.value), (dm.backend, exc.value)
+                assert not dm.exists(name)
+    finally:
+        eng.close()

@@ -56,7 +56,7 @@ def test_io_size_rounds_to_logical_block_size() -> None:
 
 def test_bitmap_helpers() -> None:
     b = Bitmap(130)
-    assert b.find_next_zero(0) == 0 and b.find_next_set(0) == 130
+    assert b.find_next_zero(0) == 0 and b.find_next_zero(129) == 129 and b.count() == 0
     b.fill(True)
     assert b.count() == 130 and b.data[-1] == 0 and b.data[16] == 0x03
     b.clear(77)
