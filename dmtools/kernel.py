@@ -30,6 +30,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import select
 import socket
 import stat
@@ -226,16 +227,20 @@ class _KernelLog:
             self._fd = -1
 
 
-def kernel_reason(lines: Sequence[str], devno: str | None = None) -> str:
-    """The device-mapper lines among kernel log ``lines``, most specific first.
+#: ``device-mapper: table: 254:0: …``: a line about one mapped device (DMERR with its ``dm_device_name``).
+_DEVICE_LINE = re.compile(r"device-mapper: [\w -]+: ([0-9]+:[0-9]+): ")
 
-    Lines naming ``devno`` (``"254:0"``) are preferred when there are any; the generic
+
+def kernel_reason(lines: Sequence[str], devno: str | None = None) -> str:
+    """The device-mapper lines among kernel log ``lines``, in the kernel's order.
+
+    With ``devno`` (``"254:0"``), lines about another mapped device are dropped; lines of no device
+    stay (a dirty log's ``DMWARN`` says why the ``table:`` line's constructor failed). The generic
     ``"error adding target to table"`` is dropped when a specific reason is present.
     """
     dm = [line for line in lines if line.startswith("device-mapper:")]
     if devno:
-        mine = [line for line in dm if f" {devno}:" in line or f" {devno} " in line]
-        dm = mine or dm
+        dm = [line for line in dm if (m := _DEVICE_LINE.match(line)) is None or m.group(1) == devno]
     specific = [line for line in dm if "error adding target to table" not in line]
     return "; ".join(specific or dm)
 

@@ -752,6 +752,9 @@ def test_kernel_reason_prefers_specific_lines_of_the_device() -> None:
         "device-mapper: ioctl: error adding target to table",
     ]
     assert kernel_reason(lines, "254:0") == "device-mapper: table: 254:0: linear: Device lookup failed (-ENODEV)"
+    log = ["device-mapper: dirty region log: log device 7:3 too small: need 1536 bytes",
+           "device-mapper: table: 254:0: mirror: Error creating mirror dirty log (-EINVAL)"]
+    assert kernel_reason(log + lines[3:], "254:0") == "; ".join(log)  # why the constructor failed
     assert kernel_reason(lines[3:]) == "device-mapper: ioctl: error adding target to table"
     assert kernel_reason(lines[:1]) == ""
 
