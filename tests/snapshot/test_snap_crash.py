@@ -6,11 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import select
-import signal
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,19 +14,11 @@ from snap_helpers import register_snapshot_targets
 from snap_crash_writer import SECTORS, plan
 
 from dmtools.engine import Engine
+from dmtools.testing.crash import kill_after_acks
 from snapshot import SnapshotManager
 
 RUNS = int(os.environ.get("SNAPSHOT_CRASH_RUNS", "100"))
 WRITER = Path(__file__).with_name("snap_crash_writer.py")
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    if not ready:
-        raise TimeoutError("writer did not answer")
-    return proc.stdout.readline().strip()
 
 
 def _first_diff(a: bytes, b: bytes) -> str:
@@ -63,30 +50,7 @@ def one_run(work: Path, seed: int) -> int:
     for i in range(len(chunks)):
         with open(work / f"s{i}.cow", "wb") as f:
             f.truncate(3 * SECTORS * 512)
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.Popen(
-        [sys.executable, str(WRITER), str(work), str(seed), ",".join(map(str, chunks))],
-        stdout=subprocess.PIPE, text=True, env=env,
-    )
-    acked = -1
-    try:
-        assert _read_line(proc, 120) == "ready"
-        target = rng.randrange(0, 40)
-        while acked < target:
-            line = _read_line(proc, 120)
-            if line == "done":
-                break
-            acked = int(line.split()[1])
-        time.sleep(rng.random() * 0.004)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        assert proc.stdout is not None
-        out = proc.stdout.read()  # includes lines already buffered by readline
-        proc.stdout.close()
-    for line in out.split():
-        if line.isdigit():
-            acked = max(acked, int(line))
+    acked = kill_after_acks(WRITER, [str(work), str(seed), ",".join(map(str, chunks))], rng, 40) - 1
     names = [f"s{i}" for i in range(len(chunks))]
     writes = plan(seed, names)
     models = {n: bytearray(initial) for n in ["vol", *names]}
