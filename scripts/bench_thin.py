@@ -50,6 +50,7 @@ class Rig:
         self.work, self.kernel, self.tag = work, kernel, tag
         self.loops: list[Any] = []
         self.names: list[str] = []
+        self.cleanups: list[Callable[[], None]] = []  # run first, newest first
         if kernel:
             from dmtools.kernel import KernelBackend
 
@@ -95,6 +96,8 @@ class Rig:
         return self.dm.open_endpoint(name)
 
     def close(self) -> None:
+        for cleanup in reversed(self.cleanups):
+            cleanup()
         for name in reversed(self.names):
             self.dm.remove(name, retry=True)  # udev (in the VM) may be probing it
         if self.kernel:
@@ -195,8 +198,9 @@ def _classic_snapshot(size: int) -> Callable[[Rig], str]:
 
         vol = rig.create("vol", f"0 {size // SECTOR} linear {rig.backing('vol', size, fill=True)} 0")
         cow = rig.backing("cow", size + size // 64 + 64 * SNAP_CHUNK * SECTOR)
-        SnapshotManager(rig.dm).create(vol, cow, f"{vol}s", chunk_size=SNAP_CHUNK)
-        rig.names.append(f"{vol}s")
+        manager = SnapshotManager(rig.dm)
+        manager.create(vol, cow, f"{vol}s", chunk_size=SNAP_CHUNK)
+        rig.cleanups.append(lambda: manager.remove(f"{vol}s"))
         return vol
     return build
 

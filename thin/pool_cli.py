@@ -22,7 +22,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dmtools.cli.common import emit, open_backend
+from dmtools.cli import common
+from dmtools.cli.common import emit
 from dmtools.units import SECTOR, format_size, parse_sectors
 
 __all__ = ["add_commands"]
@@ -31,7 +32,7 @@ __all__ = ["add_commands"]
 def _manager(args: argparse.Namespace) -> Any:
     from thin.manager import ThinPoolManager
 
-    return ThinPoolManager(open_backend(args))
+    return ThinPoolManager(common.open_backend(args))  # looked up at call time (tests replace it)
 
 
 def _pool_text(info: Any) -> str:
