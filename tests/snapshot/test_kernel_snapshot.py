@@ -9,7 +9,6 @@ Chunk sizes 4 KiB and 64 KiB.
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 from snap_helpers import register_snapshot_targets
 
 from dmtools.engine import Engine
+from dmtools.testing.blockio import read_uncached, write_synced
 from snapshot import SnapshotManager, export, inspect
 
 pytestmark = pytest.mark.kernel
@@ -35,21 +35,7 @@ def tag(kernel_tag: str) -> str:
 
 
 def _read(path: str, size: int = SIZE) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        return os.pread(fd, size, 0)
-    finally:
-        os.close(fd)
-
-
-def _write(path: str, data: bytes, offset: int) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return read_uncached(path, size)
 
 
 def _workload(rng: random.Random) -> list[tuple[bool, int, bytes]]:
@@ -117,7 +103,7 @@ def test_we_read_the_kernels_cow(kernel_dm: Any, tmp_path: Path, make_loop: Call
     info = mgr.create(vol, cl.path, f"{tag}-s", chunk_size=chunk)
     assert info.status.format() == f"{2 * chunk}/{COW_SIZE // 512} {2 * chunk}"
     for to_snap, off, data in _workload(rng):
-        _write(kernel_dm.device_path(f"{tag}-s" if to_snap else vol), data, off)
+        write_synced(kernel_dm.device_path(f"{tag}-s" if to_snap else vol), data, off)
     snap_view = _read(kernel_dm.device_path(f"{tag}-s"))
     origin_view = _read(kernel_dm.device_path(vol))
     kernel_status = kernel_dm.status(f"{tag}-s")[0].params
@@ -179,7 +165,7 @@ def test_manager_on_the_kernel(kernel_dm: Any, tmp_path: Path, make_loop: Callab
     mgr = SnapshotManager(kernel_dm)
     mgr.create(vol, cows[0].path, f"{tag}-a", chunk_size=chunk)
     assert kernel_dm.table(vol).lines[0].target.target_type == "snapshot-origin"
-    _write(kernel_dm.device_path(vol), b"K" * 65536, 0)
+    write_synced(kernel_dm.device_path(vol), b"K" * 65536, 0)
     after = _read(kernel_dm.device_path(vol))
     mgr.create(vol, cows[1].path, f"{tag}-b", chunk_size=chunk)  # taken after the write
     infos = {i.name: i for i in mgr.list()}

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from dmtools.engine import Engine
+from dmtools.testing.blockio import read_uncached, write_synced
 from dmtools.testing.loops import LoopTracker
 
 pytestmark = pytest.mark.kernel
@@ -40,24 +41,6 @@ def _files(tmp_path: Path) -> tuple[Path, Path]:
 
 def _pool_table(meta: str, data: str) -> str:
     return f"0 {NR_BLOCKS * BS} thin-pool {meta} {data} {BS} 0 0"
-
-
-def _read(path: str, size: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        return os.pread(fd, size, 0)
-    finally:
-        os.close(fd)
-
-
-def _write(path: str, data: bytes, offset: int) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _history(dm: Any, pool: str, thin_path: Any, activate: Any, rng: random.Random) -> None:
@@ -109,7 +92,7 @@ def _kernel_io(kdm: Any, pool: str) -> tuple[Any, Any]:
         path = f"/dev/mapper/{pool}-t{dev}"
         if op == "write":
             assert data is not None
-            _write(path, data, offset)
+            write_synced(path, data, offset)
         else:
             import fcntl
             import struct
@@ -143,12 +126,12 @@ def test_kernel_activates_what_our_target_wrote(kernel_dm: Any, kernel_tag: str,
         _, kactivate = _kernel_io(kernel_dm, pool)
         for dev in (1, 2):
             kactivate(dev)
-            assert _read(f"/dev/mapper/{pool}-t{dev}", VOL) == ours[dev], f"thin {dev}"
+            assert read_uncached(f"/dev/mapper/{pool}-t{dev}", VOL) == ours[dev], f"thin {dev}"
         kernel_status = {n: kernel_dm.status(n)[0].params for n in our_status}
         assert kernel_status == our_status
         # the kernel writes into our pool: a partial write to a block thin 2 shares, a new block
-        _write(f"/dev/mapper/{pool}-t1", b"\x5a" * 4096, 40 * BLOCK + 8192)
-        _write(f"/dev/mapper/{pool}-t1", b"\xa5" * BLOCK, 90 * BLOCK)
+        write_synced(f"/dev/mapper/{pool}-t1", b"\x5a" * 4096, 40 * BLOCK + 8192)
+        write_synced(f"/dev/mapper/{pool}-t1", b"\xa5" * BLOCK, 90 * BLOCK)
         for name in (f"{pool}-t1", f"{pool}-t2", pool):
             kernel_dm.remove(name)
         thin_tools.check(Path(ml.path))
@@ -163,7 +146,7 @@ def test_our_target_reads_what_the_kernel_wrote(kernel_dm: Any, kernel_tag: str,
         kernel_dm.create(pool, _pool_table(ml.path, dl.path))
         io, activate = _kernel_io(kernel_dm, pool)
         _history(kernel_dm, pool, io, activate, random.Random(12))
-        theirs = {dev: _read(f"/dev/mapper/{pool}-t{dev}", VOL) for dev in (1, 2)}
+        theirs = {dev: read_uncached(f"/dev/mapper/{pool}-t{dev}", VOL) for dev in (1, 2)}
         kernel_status = {n: kernel_dm.status(n)[0].params for n in (pool, f"{pool}-t1", f"{pool}-t2")}
         for name in (f"{pool}-t1", f"{pool}-t2", pool):
             kernel_dm.remove(name)
@@ -180,7 +163,7 @@ def test_our_target_reads_what_the_kernel_wrote(kernel_dm: Any, kernel_tag: str,
         eng.close()
 
 
-def _engine_read(eng: Engine, name: str) -> bytearray:
+def _engineread_uncached(eng: Engine, name: str) -> bytearray:
     buf = bytearray(VOL)
     with eng.open_endpoint(name, writable=False) as ep:
         assert ep.readinto(buf, 0) == VOL

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -32,6 +31,7 @@ from dmtools.cli.main import main
 from dmtools.errors import CorruptMetadata, DeviceBusy, DeviceExists, DMError
 from dmtools.status import PoolMode, parse_thin_pool_status, parse_thin_status
 from dmtools.table import Table, Thin, ThinPool
+from dmtools.testing.blockio import read_uncached, write_synced
 from dmtools.thin_messages import CreateThin
 from thin.manager import ThinPoolManager
 from thin.pool_record import RECORD_SECTORS, read_record, write_record
@@ -73,24 +73,6 @@ def devices(tmp_path: Path, make_loop: Callable[..., Any]) -> Callable[..., tupl
         return make_loop(paths[0]), make_loop(paths[1])
 
     return make
-
-
-def _write(path: str, data: bytes, offset: int = 0) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read(path: str, size: int, offset: int = 0) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        return os.pread(fd, size, offset)
-    finally:
-        os.close(fd)
 
 
 def _dmsetup(*args: str) -> str:
@@ -153,13 +135,13 @@ def test_volumes_snapshot_keeps_old_data(kernel_dm: Any, devices: Any, tag: str)
     rng = random.Random(5)
     old = rng.randbytes(3 * MiB)
     path = kernel_dm.device_path(f"{tag}v")
-    _write(path, old, MiB)
+    write_synced(path, old, MiB)
     s = mgr.snapshot(tag, f"{tag}v", f"{tag}s")
     assert (s.dev_id, s.origin, s.size) == (2, f"{tag}v", v.size)
     new = rng.randbytes(2 * MiB)
-    _write(path, new, 2 * MiB)  # overwrites the last 2 of the 3 MiB written before the snapshot
-    assert _read(path, 4 * MiB, MiB) == old[:MiB] + new + bytes(MiB)
-    assert _read(kernel_dm.device_path(f"{tag}s"), 4 * MiB, MiB) == old + bytes(MiB)
+    write_synced(path, new, 2 * MiB)  # overwrites the last 2 of the 3 MiB written before the snapshot
+    assert read_uncached(path, 4 * MiB, MiB) == old[:MiB] + new + bytes(MiB)
+    assert read_uncached(kernel_dm.device_path(f"{tag}s"), 4 * MiB, MiB) == old + bytes(MiB)
     vstat = parse_thin_status(kernel_dm.status(f"{tag}v")[0].params)
     sstat = parse_thin_status(kernel_dm.status(f"{tag}s")[0].params)
     for stat in (vstat, sstat):  # both map sectors 1 MiB..4 MiB
@@ -186,7 +168,7 @@ def test_error_if_no_space_fails_at_once(kernel_dm: Any, devices: Any, tag: str)
     mgr.create_pool(tag, meta.path, data.path, error_if_no_space=True)
     mgr.create(tag, f"{tag}v", 8 * MiB // 512)
     with pytest.raises(OSError):
-        _write(kernel_dm.device_path(f"{tag}v"), random.Random(1).randbytes(4 * MiB))
+        write_synced(kernel_dm.device_path(f"{tag}v"), random.Random(1).randbytes(4 * MiB))
     status = mgr.pool_status(tag).status
     assert status.out_of_data_space and status.error_if_no_space
     assert status.used_data == status.total_data == 32
@@ -217,14 +199,14 @@ def test_queue_if_no_space_waits_for_extend(kernel_dm: Any, devices: Any, tag: s
     assert not writer.is_alive() and result == [None]
     assert info.status.total_data == 128 and info.data_sectors == 8 * MiB // 512
     assert mgr.pool_status(tag).status.mode is PoolMode.WRITE
-    assert _read(kernel_dm.device_path(f"{tag}v"), 4 * MiB) == payload
+    assert read_uncached(kernel_dm.device_path(f"{tag}v"), 4 * MiB) == payload
     assert str(kernel_dm.table(f"{tag}-tpool")).startswith(f"0 {8 * MiB // 512} thin-pool ")
     assert kernel_dm.table(tag).size == 8 * MiB // 512
 
 
 def _safe_write(path: str, data: bytes) -> BaseException | None:
     try:
-        _write(path, data)
+        write_synced(path, data)
     except OSError as err:
         return err
     return None
@@ -251,10 +233,10 @@ def test_activate_after_removing_every_device(kernel_dm: Any, devices: Any, tag:
     for i, name in enumerate((f"{tag}a", f"{tag}b")):
         mgr.create(tag, name, 16 * MiB // 512)
         contents[name] = random.Random(i).randbytes(MiB)
-        _write(kernel_dm.device_path(name), contents[name])
+        write_synced(kernel_dm.device_path(name), contents[name])
     mgr.snapshot(tag, f"{tag}a", f"{tag}c")
     contents[f"{tag}c"] = contents[f"{tag}a"]
-    _write(kernel_dm.device_path(f"{tag}a"), bytes(4096))
+    write_synced(kernel_dm.device_path(f"{tag}a"), bytes(4096))
     contents[f"{tag}a"] = bytes(4096) + contents[f"{tag}a"][4096:]
     with open(kernel_dm.device_path(f"{tag}b"), "rb"):
         with pytest.raises(DeviceBusy):
@@ -266,7 +248,7 @@ def test_activate_after_removing_every_device(kernel_dm: Any, devices: Any, tag:
     info = _cli("thin", "activate", "--metadata", meta.path, "--data", data.path)
     assert info["name"] == tag and info["transaction_id"] == 3 and info["volumes"] == 3
     for name, want in contents.items():
-        assert _read(kernel_dm.device_path(name), MiB) == want
+        assert read_uncached(kernel_dm.device_path(name), MiB) == want
     mgr.deactivate(tag)
     # the kernel's metadata after the record is sound: thin_check on the pool's own view of it
     kernel_dm.create(f"{tag}-m", Table.single(16384 - RECORD_SECTORS, _linear(meta.path)))
@@ -437,7 +419,7 @@ def test_lvm_thin_devices_read_as_typed_values(kernel_dm: Any, tmp_path: Path, m
         _lvm("lvcreate", "-y", "--type", "thin-pool", "-L", "32M", "-n", "pool", vg, "-Zn")
         _lvm("lvchange", "--errorwhenfull", "y", f"{vg}/pool")  # a reload of the active pool
         _lvm("lvcreate", "-y", "-V", "16M", "-T", f"{vg}/pool", "-n", "thin")
-        _write(f"/dev/mapper/{vg}-thin", random.Random(9).randbytes(MiB))
+        write_synced(f"/dev/mapper/{vg}-thin", random.Random(9).randbytes(MiB))
         _lvm("lvcreate", "-y", "-s", f"{vg}/thin", "-n", "snap")
         _lvm("lvchange", "-ay", "-K", f"{vg}/snap")
         seen = set()
@@ -460,7 +442,7 @@ def test_lvm_thin_devices_read_as_typed_values(kernel_dm: Any, tmp_path: Path, m
         assert [p.features for p in pools] == [("skip_block_zeroing", "error_if_no_space")]
         snap = parse_thin_status(kernel_dm.status(f"{vg}-snap")[0].params)
         assert snap.mapped_sectors == MiB // 512
-        assert _read(f"/dev/mapper/{vg}-snap", MiB) == random.Random(9).randbytes(MiB)
+        assert read_uncached(f"/dev/mapper/{vg}-snap", MiB) == random.Random(9).randbytes(MiB)
     finally:
         subprocess.run(["vgchange", "--config", _LVM_CONFIG, "-an", vg], capture_output=True)
         subprocess.run(["vgremove", "--config", _LVM_CONFIG, "-f", vg], capture_output=True)
