@@ -42,6 +42,7 @@ __all__ = [
     "SnapshotOrigin",
     "StoreMode",
     "MirrorLog",
+    "SyncMode",
     "CoreLog",
     "DiskLog",
     "OtherLog",
@@ -583,7 +584,13 @@ class MirrorLog:
         return " ".join(self.words())
 
 
-_SYNC_WORDS = ("sync", "nosync")
+class SyncMode(StrEnum):
+    """A mirror log's optional ``sync``/``nosync`` argument, valued as tables write it (dm-log.c
+    ``enum sync``)."""
+
+    DEFAULT = ""  #: no argument: resync what the log says is out of sync
+    NOSYNC = "nosync"  #: the legs are known to be in sync
+    FORCESYNC = "sync"  #: resync every region
 
 
 def _log_fail(reason: str) -> InvalidTable:
@@ -591,12 +598,16 @@ def _log_fail(reason: str) -> InvalidTable:
     return _fail("mirror", f"Error creating mirror dirty log: {reason}")
 
 
-def _check_sync(sync: str | None) -> None:
-    if sync is not None and sync not in _SYNC_WORDS:
-        if sync == "block_on_error":
-            raise _log_fail("block_on_error is no longer a log argument (removed in Linux 2.6.22); "
-                            "use the handle_errors feature")
-        raise _log_fail(f"unrecognised sync argument to dirty region log: {sync}")
+def _sync_mode(sync: object) -> SyncMode:
+    """What dm-log.c ``create_log_context`` makes of the optional sync argument (``None``: none)."""
+    if sync is None:
+        return SyncMode.DEFAULT
+    if isinstance(sync, str) and sync in list(SyncMode):  # a member, or its text
+        return SyncMode(sync)
+    if sync == "block_on_error":
+        raise _log_fail("block_on_error is no longer a log argument (removed in Linux 2.6.22); "
+                        "use the handle_errors feature")
+    raise _log_fail(f"unrecognised sync argument to dirty region log: {sync}")
 
 
 def _check_region(region_size: object) -> None:
@@ -611,19 +622,19 @@ class CoreLog(MirrorLog):
     """``core <1|2> <region_size> [sync|nosync]``: the log lives in memory only."""
 
     region: int
-    sync: str | None = None
+    sync: SyncMode = SyncMode.DEFAULT
     log_type: str = field(default="core", init=False)
 
     def __post_init__(self) -> None:
         _check_region(self.region)
-        _check_sync(self.sync)
+        object.__setattr__(self, "sync", _sync_mode(self.sync))
 
     @property
     def region_size(self) -> int:
         return self.region
 
     def args(self) -> list[str]:
-        return [str(self.region)] + ([self.sync] if self.sync else [])
+        return [str(self.region)] + ([self.sync.value] if self.sync else [])
 
 
 @dataclass(frozen=True)
@@ -632,13 +643,13 @@ class DiskLog(MirrorLog):
 
     device: str
     region: int
-    sync: str | None = None
+    sync: SyncMode = SyncMode.DEFAULT
     log_type: str = field(default="disk", init=False)
 
     def __post_init__(self) -> None:
         _check_device("mirror", self.device)
         _check_region(self.region)
-        _check_sync(self.sync)
+        object.__setattr__(self, "sync", _sync_mode(self.sync))
 
     @property
     def region_size(self) -> int:
@@ -652,7 +663,7 @@ class DiskLog(MirrorLog):
         return DiskLog(fn(self.device), self.region, self.sync)
 
     def args(self) -> list[str]:
-        return [self.device, str(self.region)] + ([self.sync] if self.sync else [])
+        return [self.device, str(self.region)] + ([self.sync.value] if self.sync else [])
 
 
 @dataclass(frozen=True)
@@ -688,8 +699,7 @@ def _parse_log(words: Sequence[str]) -> tuple[MirrorLog, int]:
     disk = log_type == "disk"
     if not 1 + disk <= count <= 2 + disk:
         raise _log_fail(f"wrong number of arguments to {'disk ' * disk}dirty region log")
-    sync = args[1 + disk] if count == 2 + disk else None
-    _check_sync(sync)
+    sync = _sync_mode(args[1 + disk] if count == 2 + disk else None)
     if not _DIGITS_RE.fullmatch(args[disk]) or int(args[disk]) > U32_MAX:
         raise _log_fail(f"invalid region size {args[disk][:40]}")
     log = DiskLog(args[0], int(args[1]), sync) if disk else CoreLog(int(args[0]), sync)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mirror.format import LogHeader, LogImage, LogReport, SyncMode, format_log, inspect
+from dmtools.target_values import SyncMode
+from mirror.format import LogHeader, LogImage, LogReport, format_log, inspect
 from mirror.log import CoreDirtyLog, DiskDirtyLog, open_dirty_log
 from mirror.region import RegionState
 

@@ -15,7 +15,6 @@ bytes from sector 0 (``header_location`` in dm-log.c).
 
 from __future__ import annotations
 
-import enum
 import json
 import os
 import stat
@@ -25,6 +24,7 @@ from typing import Any
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import CorruptMetadata, DeviceIOError, InvalidArgument
+from dmtools.target_values import SyncMode
 
 from mirror.bitmap import Bitmap, bitmap_bytes
 
@@ -39,23 +39,6 @@ SECTOR = 512
 BITMAP_OFFSET = LOG_OFFSET * SECTOR
 #: ``struct log_header``: le32 magic, le32 version, le64 nr_regions (16 bytes, packed).
 HEADER = struct.Struct("<IIQ")
-
-
-class SyncMode(enum.Enum):
-    """The log's optional ``sync``/``nosync`` argument (dm-log.c ``enum sync``)."""
-
-    DEFAULT = ""  #: resync what the log says is out of sync
-    NOSYNC = "nosync"  #: devices known to be in sync
-    FORCESYNC = "sync"  #: resync everything
-
-    @classmethod
-    def parse(cls, text: str) -> "SyncMode":
-        """``sync`` → FORCESYNC, ``nosync`` → NOSYNC; anything else is an error."""
-        if text == "sync":
-            return cls.FORCESYNC
-        if text == "nosync":
-            return cls.NOSYNC
-        raise InvalidArgument(f"unrecognised sync argument to dirty region log: {text}", operation="log")
 
 
 def region_count(length_sectors: int, region_size: int) -> int:

@@ -22,7 +22,7 @@ from typing import Callable
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import DMError, InvalidArgument, InvalidTable
-from dmtools.target_values import CoreLog, DiskLog, MirrorLog
+from dmtools.target_values import CoreLog, DiskLog, MirrorLog, SyncMode
 
 from mirror.bitmap import Bitmap
 from mirror.format import (
@@ -32,14 +32,13 @@ from mirror.format import (
     SECTOR,
     LogHeader,
     LogImage,
-    SyncMode,
     log_io_bytes,
     region_count,
 )
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CoreDirtyLog", "DiskDirtyLog", "SyncMode", "open_dirty_log"]
+__all__ = ["CoreDirtyLog", "DiskDirtyLog", "open_dirty_log"]
 
 
 class CoreDirtyLog:
@@ -286,11 +285,11 @@ def open_dirty_log(
     ``Error creating mirror dirty log`` for a log type this engine lacks or a log device too small.
     """
     if isinstance(value, CoreLog):
-        return CoreDirtyLog(target_len, value.region, SyncMode(value.sync or ""))
+        return CoreDirtyLog(target_len, value.region, value.sync)
     if not isinstance(value, DiskLog):  # dm-log.c get_type: no such log module
         raise InvalidTable(f'Error creating mirror dirty log: Module for logging type "{value.log_type}" not found.')
     ep = open_device(value.device)  # the engine closes it if the table fails
     try:
-        return DiskDirtyLog(ep, ep.name or value.device, target_len, value.region, SyncMode(value.sync or ""))
+        return DiskDirtyLog(ep, ep.name or value.device, target_len, value.region, value.sync)
     except InvalidArgument as err:
         raise InvalidTable(f"Error creating mirror dirty log: {err.message}") from err

@@ -27,7 +27,7 @@ from dmtools.errors import DMError, InvalidArgument, OperationCancelled
 from dmtools.names import validate_name
 from dmtools.status import parse_mirror_status
 from dmtools.table import Table
-from dmtools.target_values import MAX_NR_MIRRORS, CoreLog, DiskLog, Leg, Linear, Mirror, parse_devno
+from dmtools.target_values import MAX_NR_MIRRORS, CoreLog, DiskLog, Leg, Linear, Mirror, SyncMode, parse_devno
 
 from mirror.format import (
     SECTOR,
@@ -220,7 +220,7 @@ class MirrorManager:
         (a foreign or corrupt log is refused; nothing is written)."""
         check_region_size(region_size, length)
         if log == "core":
-            return CoreLog(region_size, "nosync" if nosync else None)
+            return CoreLog(region_size, SyncMode.NOSYNC if nosync else SyncMode.DEFAULT)
         nr = region_count(length, region_size)
         with self.open_ref(log, writable=True) as lep:
             need = log_io_bytes(nr, lep.logical_block_size)
@@ -462,7 +462,7 @@ class MirrorManager:
 
     def _rebuild(self, name: str, length: int, target: Mirror, legs: tuple[Leg, ...], index: int,
                  progress: ProgressFn | None, rate: int | None, wait: bool, operation: str) -> MirrorState:
-        forgetful = isinstance(target.log, CoreLog) and target.log.sync == "nosync"
+        forgetful = isinstance(target.log, CoreLog) and target.log.sync is SyncMode.NOSYNC
         if self.userspace and not (forgetful and not self.status(name).fully_in_sync):
             self._swap(name, Table.single(length, Mirror(target.log, legs, target.features)))
             if wait:
@@ -478,12 +478,12 @@ class MirrorManager:
         if not isinstance(mlog, (CoreLog, DiskLog)):
             raise InvalidArgument(f"{mlog.log_type} logs are not managed here", operation=operation, device=name)
         features = tuple(dict.fromkeys(("handle_errors", *target.features)))
-        copying = replace(mlog, sync="sync" if isinstance(mlog, DiskLog) else None)  # a core log copies all
+        copying = replace(mlog, sync=SyncMode.FORCESYNC if isinstance(mlog, DiskLog) else SyncMode.DEFAULT)
         self._swap(name, Table.single(length, Mirror(copying, legs, features)))
         if not wait:
             return self.status(name)
         self.resync(name, progress=progress, operation=operation)
-        kept = replace(mlog, sync=None) if mlog.sync == "sync" else mlog
+        kept = replace(mlog, sync=SyncMode.DEFAULT) if mlog.sync is SyncMode.FORCESYNC else mlog
         self._swap(name, Table.single(length, Mirror(kept, legs, target.features)))
         return self.status(name)
 

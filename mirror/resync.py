@@ -21,7 +21,8 @@ from typing import Callable, Sequence
 from dmtools.endpoint import Endpoint
 from dmtools.errors import DeviceIOError, DMError, InvalidArgument, OperationCancelled
 
-from mirror.format import SECTOR, LogImage, SyncMode, check_region_size, drop_cache, region_count
+from dmtools.target_values import SyncMode
+from mirror.format import SECTOR, LogImage, check_region_size, drop_cache, region_count
 
 __all__ = ["ResyncPlan", "ResyncResult", "OfflineResync", "RecoveryFailed", "check_legs", "format_regions",
            "raise_for"]

@@ -21,6 +21,7 @@ from dmtools.table import (
     SnapshotMerge,
     SnapshotOrigin,
     Striped,
+    SyncMode,
     Table,
     TableLine,
     Target,
@@ -113,7 +114,8 @@ def test_mirror_example_fields() -> None:
     assert target.devices == ("253:1", "253:2")
     disk = Target.parse("mirror", "disk 3 253:3 1024 nosync 2 253:1 0 253:2 0 1 handle_errors")
     assert isinstance(disk, Mirror)
-    assert disk.log == DiskLog("253:3", 1024, "nosync")
+    assert disk.log == DiskLog("253:3", 1024, SyncMode.NOSYNC) == DiskLog("253:3", 1024, "nosync")  # type: ignore[arg-type]
+    assert disk.log.sync is SyncMode.NOSYNC and target.log.sync is SyncMode.DEFAULT and str(target.log) == "core 1 1024"
     assert disk.devices == ("253:3", "253:1", "253:2")
     assert disk.handle_errors
 
@@ -411,7 +413,7 @@ def _lines(draw: st.DrawFn) -> tuple[int, Target]:
     if kind == "mirror":
         region = 1 << draw(st.integers(1, 20))
         length = max(length, region)
-        sync = draw(st.sampled_from([None, "sync", "nosync"]))
+        sync = draw(st.sampled_from(SyncMode))
         log = draw(st.sampled_from(["core", "disk", "other"]))
         mlog = (
             CoreLog(region, sync) if log == "core"

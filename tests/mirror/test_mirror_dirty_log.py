@@ -7,8 +7,8 @@ import struct
 import pytest
 
 from dmtools.errors import DeviceIOError, InvalidTable
-from mirror.format import LogImage, SyncMode, format_log
-from dmtools.target_values import CoreLog, DiskLog, OtherLog
+from mirror.format import LogImage, format_log
+from dmtools.target_values import CoreLog, DiskLog, OtherLog, SyncMode
 from mirror.log import CoreDirtyLog, DiskDirtyLog, open_dirty_log
 from mirror_memdev import MemEndpoint
 
