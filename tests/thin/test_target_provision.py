@@ -195,3 +195,33 @@ def test_write_to_a_missing_block_of_a_read_only_pool_fails(engine: Any, tmp_pat
 
 def _pool(rig: PoolRig) -> Any:
     return rig.in_core()
+
+
+def test_multi_block_write_over_mapped_shared_and_new_blocks(rig: PoolRig) -> None:
+    t = rig.thin(1, "t1")
+    t.write(pattern(1, BB), 2 * BB)  # block 2 mapped
+    t.write(pattern(1, BB), 4 * BB)  # block 4 mapped, then shared by a snapshot
+    rig.snapshot(2, 1, "t1")
+    t.write(pattern(1, BB), 5 * BB)  # block 5 mapped after the snapshot: not shared
+    s = rig.thin(2, "s", create=False)
+    t.write(pattern(9, 6 * BB + 1024), BB - 512)  # head piece, blocks 1..6 whole, tail piece
+    assert read(t, BB - 512, 6 * BB + 1024) == pattern(9, 6 * BB + 1024)
+    assert read(t, 0, BB - 512) == bytes(BB - 512)
+    assert read(s, 4 * BB, BB) == pattern(1, BB) and read(s, 2 * BB, BB) == pattern(1, BB)
+    assert read(s, BB, BB) == bytes(BB)
+    # blocks 0..7 of thin 1 are mapped; thin 2 keeps blocks 2 and 4 to itself
+    assert rig.thin_status("t1").mapped_sectors == 8 * rig.block
+    assert rig.status().used_data == 10
+
+
+def test_multi_block_write_that_runs_out_of_space(engine: Any, tmp_path: Path, thin_tools: Any) -> None:
+    rig = PoolRig(engine, tmp_path, data_blocks=3, features=("error_if_no_space",))
+    t = rig.thin(1, "t1")
+    with pytest.raises(DMError) as err:
+        t.write(pattern(4, 5 * BB), 0)
+    assert err.value.errno == errno.ENOSPC
+    assert read(t, 0, 3 * BB) == pattern(4, 3 * BB)  # the blocks the pool had are written
+    assert read(t, 3 * BB, 2 * BB) == bytes(2 * BB)
+    assert rig.thin_status("t1").mapped_sectors == 3 * rig.block
+    rig.close()
+    thin_tools.check(rig.meta)

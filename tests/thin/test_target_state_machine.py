@@ -111,7 +111,7 @@ class ThinMachine(RuleBasedStateMachine):
         del self.models[dev_id], self.mapped[dev_id]
 
     @precondition(lambda self: self.models)
-    @rule(data=st.data(), sector=st.integers(0, BLOCKS * BLOCK - 1), count=st.integers(1, 2 * BLOCK + 8),
+    @rule(data=st.data(), sector=st.integers(0, BLOCKS * BLOCK - 1), count=st.integers(1, 4 * BLOCK + 8),
           fill=st.integers(1, 255))
     def write(self, data: st.DataObject, sector: int, count: int, fill: int) -> None:
         dev_id = self._pick(data)

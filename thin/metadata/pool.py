@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from dmtools.errors import CorruptMetadata, DeviceBusy, DeviceExists, DeviceNotFound, InvalidArgument
@@ -329,18 +329,27 @@ class ThinMetadata:
     def insert(self, dev_id: int, vblock: int, data_block: int) -> None:
         """Map ``vblock`` to ``data_block`` at the current time (the data block's reference passes to
         the mapping; an overwritten mapping drops its old block's)."""
+        self.insert_many(dev_id, [(vblock, data_block)])
+
+    def insert_many(self, dev_id: int, pairs: Sequence[tuple[int, int]]) -> None:
+        """``insert`` of every ``(vblock, data_block)`` pair, the device's path shadowed once."""
         self._writing()
-        if not 0 <= data_block < min(self.nr_data_blocks, MAX_DATA_BLOCK + 1):
-            raise InvalidArgument(f"data block {data_block} is outside the pool ({self.nr_data_blocks} blocks)")
+        limit = min(self.nr_data_blocks, MAX_DATA_BLOCK + 1)
+        for _v, data_block in pairs:
+            if not 0 <= data_block < limit:
+                raise InvalidArgument(f"data block {data_block} is outside the pool ({self.nr_data_blocks} blocks)")
         det = self.details(dev_id)
         path = btree.shadow_path(self.tm, self.mapping_root, dev_id, self.subtree)
         if path is None:
             raise CorruptMetadata(f"thin device {dev_id} has details but no mapping tree")
         self.mapping_root, leaf, i = path
-        leaf.values[i], added = btree.insert(self.tm, leaf.values[i], vblock, pack_block_time(data_block, self.time),
-                                             self.mapping)
+        added = 0
+        for vblock, data_block in pairs:
+            leaf.values[i], new = btree.insert(self.tm, leaf.values[i], vblock,
+                                               pack_block_time(data_block, self.time), self.mapping)
+            added += new
         if added:
-            self._details[dev_id] = replace(det, mapped_blocks=det.mapped_blocks + 1)
+            self._details[dev_id] = replace(det, mapped_blocks=det.mapped_blocks + added)
 
     def remove(self, dev_id: int, vblock: int) -> bool:
         """Unmap ``vblock`` (its data block loses a reference); ``False`` if it was not mapped."""

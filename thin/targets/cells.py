@@ -8,7 +8,7 @@ until the new mapping is in place; every other I/O to the block waits for it. Ke
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Hashable
 
@@ -39,6 +39,27 @@ class Cells:
         finally:
             with self._cond:
                 self._held.discard(key)
+                if self._waiting:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def hold_all(self, keys: Iterable[Hashable]) -> Iterator[None]:
+        """Hold every key of ``keys`` for the ``with`` body, taken together once none is held (so
+        two callers never hold part of each other's keys and wait for the rest)."""
+        wanted = set(keys)
+        with self._cond:
+            while not wanted.isdisjoint(self._held):
+                self._waiting += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._waiting -= 1
+            self._held |= wanted
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held -= wanted
                 if self._waiting:
                     self._cond.notify_all()
 

@@ -403,6 +403,19 @@ class Pool:
             self.commit()
         return block
 
+    def try_alloc_many(self, n: int) -> list[int]:
+        """Up to ``n`` new data blocks for a run of whole-block writes, as many as the pool gives
+        without waiting or failing (the caller handles the rest block by block, which waits or
+        fails as the pool's mode says)."""
+        out: list[int] = []
+        with self.lock:
+            while len(out) < n and self.mode == Mode.WRITE:
+                block = self._alloc_locked()
+                if block is None:
+                    break
+                out.append(block)
+        return out
+
     def release_block(self, block: int, aborts: int) -> None:
         """Give back a block whose preparation or write failed (taken when ``self.aborts`` was
         ``aborts``: an abort since then dropped the reference already)."""
@@ -413,6 +426,13 @@ class Pool:
         except DMError as err:
             log.error("%s: cannot release data block %d: %s", self.name, block, err)
 
+    def lookup_range(self, dev_id: int, begin: int, end: int) -> dict[int, Lookup]:
+        """The mappings of ``[begin, end)``, by virtual block (one walk of the device's tree)."""
+        def lookup(md: ThinMetadata) -> dict[int, Lookup]:
+            snapped = md.details(dev_id).snapshotted_time
+            return {v: Lookup(b, t, snapped > t) for v, b, t in md.mappings(dev_id, begin, end)}
+        return self.run("dm_thin_find_mapped_range", lookup)  # type: ignore[no-any-return]
+
     def lookup(self, dev_id: int, vblock: int) -> Lookup | None:
         """``dm_thin_find_block``."""
         return self.run("dm_thin_find_block",  # type: ignore[no-any-return]
@@ -421,13 +441,7 @@ class Pool:
     def insert(self, state: DeviceState, vblock: int, block: int, aborts: int) -> None:
         """``dm_thin_insert_block``: map ``vblock`` to ``block`` (allocated when ``self.aborts``
         was ``aborts``) at the current time; EIO when an abort dropped the allocation since."""
-        def insert(md: ThinMetadata) -> None:
-            md.insert(state.dev_id, vblock, block)
-            state.changed = True
-        with self.lock:
-            if aborts != self.aborts:
-                raise _eio("the metadata transaction was aborted", self.name)
-            self.run("dm_thin_insert_block", insert)
+        self.insert_many(state, [(vblock, block)], aborts)
 
     def unmap(self, state: DeviceState, vblock: int) -> int | None:
         """Remove a mapping for a discard; returns the data block to pass the discard down to, or
@@ -457,6 +471,16 @@ class Pool:
         """Wake writers waiting for data space (they re-check why they wait)."""
         with self.lock:
             self.space.notify_all()
+
+    def insert_many(self, state: DeviceState, pairs: list[tuple[int, int]], aborts: int) -> None:
+        """:meth:`insert` of every ``(vblock, block)`` pair under one lock."""
+        def insert(md: ThinMetadata) -> None:
+            md.insert_many(state.dev_id, pairs)
+            state.changed = True
+        with self.lock:
+            if aborts != self.aborts:
+                raise _eio("the metadata transaction was aborted", self.name)
+            self.run("dm_thin_insert_block", insert)
 
     # -- thin devices --------------------------------------------------------------------------
     def open_device(self, dev_id: int) -> DeviceState:

@@ -116,7 +116,35 @@ class ThinTarget(TargetDriver):
 
     # -- reads ---------------------------------------------------------------------------------
     def read(self, buf: memoryview, offset: int) -> None:
-        self._per_block(buf, offset, self._read_block)
+        bb = self.bb
+        v0, v1 = offset // bb, -(-(offset + len(buf)) // bb)
+        if v1 - v0 < 2:
+            self._per_block(buf, offset, self._read_block)
+            return
+        # Several blocks: their cells together, one walk of the mappings, one read per run of
+        # blocks that are consecutive on the data device too.
+        pool = self.pool
+        with pool.cells.hold_all((self.dev_id, v) for v in range(v0, v1)):
+            pool.check_io()
+            looks = pool.lookup_range(self.dev_id, v0, v1)
+            run_start = run_at = run_end = -1
+            pos = 0
+            while pos < len(buf):
+                vblock, within = divmod(offset + pos, bb)
+                n = min(bb - within, len(buf) - pos)
+                look = looks.get(vblock)
+                at = look.data_block * bb + within if look is not None else -1
+                if run_start >= 0 and at != run_at + (pos - run_start):
+                    _read_full(self.pool_dev, buf[run_start:run_end], run_at)
+                    run_start = -1
+                if look is None:
+                    self._read_unmapped(vblock, within, buf[pos:pos + n])
+                elif run_start < 0:
+                    run_start, run_at = pos, at
+                run_end = pos + n
+                pos += n
+            if run_start >= 0:
+                _read_full(self.pool_dev, buf[run_start:run_end], run_at)
 
     def _read_block(self, vblock: int, within: int, piece: memoryview) -> None:
         pool = self.pool
@@ -125,10 +153,15 @@ class ThinTarget(TargetDriver):
             look = pool.lookup(self.dev_id, vblock)
             if look is not None:
                 _read_full(self.pool_dev, piece, look.data_block * self.bb + within)
-            elif self.origin is not None:
-                self._read_origin(vblock * self.bb + within, piece)
             else:
-                fill_zero(piece)
+                self._read_unmapped(vblock, within, piece)
+
+    def _read_unmapped(self, vblock: int, within: int, piece: memoryview) -> None:
+        """An unprovisioned block reads zeros, or the external origin's data."""
+        if self.origin is not None:
+            self._read_origin(vblock * self.bb + within, piece)
+        else:
+            fill_zero(piece)
 
     def _read_origin(self, at: int, piece: memoryview) -> None:
         """A read of an unprovisioned block from the external origin; past its end reads zeros."""
@@ -141,7 +174,52 @@ class ThinTarget(TargetDriver):
 
     # -- writes --------------------------------------------------------------------------------
     def write(self, buf: memoryview, offset: int) -> None:
-        self._per_block(buf, offset, self._write_block)
+        bb = self.bb
+        v0, v1 = -(-offset // bb), (offset + len(buf)) // bb
+        if v1 - v0 < 2:
+            self._per_block(buf, offset, self._write_block)
+            return
+        head = v0 * bb - offset
+        tail = head + (v1 - v0) * bb
+        if head:
+            self._per_block(buf[:head], offset, self._write_block)
+        self._write_whole_blocks(v0, v1, buf[head:tail])
+        if tail < len(buf):
+            self._per_block(buf[tail:], v1 * bb, self._write_block)
+
+    def _write_whole_blocks(self, v0: int, v1: int, data: memoryview) -> None:
+        """Whole-block writes of ``[v0, v1)``: no zeroing or copying is needed, so the blocks are
+        allocated together, written with one I/O per run that is consecutive on the data device,
+        and mapped together. Blocks the pool cannot give at once go the per-block way."""
+        pool, bb = self.pool, self.bb
+        with pool.cells.hold_all((self.dev_id, v) for v in range(v0, v1)):
+            pool.check_io()
+            looks = pool.lookup_range(self.dev_id, v0, v1)
+            dest = {v: look.data_block for v, look in looks.items() if not look.shared}
+            need = [v for v in range(v0, v1) if v not in dest]
+            aborts = pool.aborts
+            news = pool.try_alloc_many(len(need)) if need else []
+            pairs = list(zip(need, news))
+            dest.update(pairs)
+            try:
+                start = v0
+                while start < v1:
+                    if start not in dest:
+                        start += 1
+                        continue
+                    end = start + 1
+                    while end < v1 and dest.get(end) == dest[start] + (end - start):
+                        end += 1
+                    self.pool_dev.write(data[(start - v0) * bb:(end - v0) * bb], dest[start] * bb)
+                    start = end
+            except BaseException:
+                for _v, block in pairs:
+                    pool.release_block(block, aborts)
+                raise
+            if pairs:
+                pool.insert_many(self.state, pairs, aborts)
+        for v in need[len(news):]:
+            self._write_block(v, 0, data[(v - v0) * bb:(v - v0 + 1) * bb])
 
     def _write_block(self, vblock: int, within: int, piece: memoryview) -> None:
         pool = self.pool
