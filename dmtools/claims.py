@@ -40,7 +40,7 @@ from typing import Hashable
 
 from dmtools.errors import DeviceBusy, DeviceNotFound, DMError
 
-__all__ = ["Claim", "Holder", "claim", "busy_reason", "loops_over", "mount_of", "os_errors"]
+__all__ = ["Claim", "Holder", "claim", "busy_reason", "loops_over", "mount_of", "os_errors", "whole_disk"]
 
 class Claim:
     """One device claimed by a :class:`Holder`; :meth:`release` gives it back (once)."""
@@ -74,6 +74,7 @@ class Holder:
         self.name = name
         self._lock = threading.Lock()
         self._held: dict[Hashable, list[int]] = {}  # key -> [fd, count]
+        self._paths: dict[Hashable, str] = {}  # block device key -> the path it was claimed by
 
     def claim(self, path: str, *, device: str | None = None) -> Claim:
         """Claim the block device or regular file at ``path``; all-or-nothing.
@@ -119,10 +120,31 @@ class Holder:
                 held[1] += 1
                 taken.append(key)
                 return
-            with os_errors(path, "claim", device):
+            try:
                 fd = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+            except OSError as err:
+                kin = self._kin(key[1]) if err.errno == errno.EBUSY else None  # type: ignore[index]
+                if kin is not None:
+                    raise DeviceBusy(f"{path} and {kin} are a disk and its partition: one holder may "
+                                     "not claim both (the kernel's bd_may_claim refuses it)",
+                                     errno=errno.EBUSY, operation="claim", device=device) from err
+                with os_errors(path, "claim", device):
+                    raise
             self._held[key] = [fd, 1]
+            self._paths[key] = path
             taken.append(key)
+
+    def _kin(self, devno: tuple[int, int]) -> str | None:
+        """A device this holder claims that is the disk of partition ``devno`` or a partition of
+        disk ``devno`` (caller holds the lock). ``block/bdev.c`` ``bd_may_claim``: claiming a
+        partition marks its whole disk claimed for partitioning, so the disk cannot be claimed,
+        even by the same holder, and a partition of a claimed disk cannot be either."""
+        whole = whole_disk(devno)
+        for key, path in self._paths.items():
+            other = key[1]  # type: ignore[index]
+            if other == whole or whole_disk(other) == devno:
+                return path
+        return None
 
     def _take_file(self, path: str, device: str | None, taken: list[Hashable]) -> None:
         with os_errors(path, "claim", device):
@@ -152,8 +174,8 @@ class Holder:
     def _check_loops(self, path: str, device: str | None, st: os.stat_result) -> None:
         """Refuse a file that a loop device exposes to someone else (caller holds the lock)."""
         for loop_path, devno in loops_over(path, st):
-            if ("blk", devno) in self._held:
-                continue  # our own claim on that loop device: one holder nests
+            if ("blk", devno) in self._held or any(whole_disk(k[1]) == devno for k in self._paths):  # type: ignore[index]
+                continue  # our own claim on that loop device or a partition of it: one holder nests
             try:
                 fd = os.open(loop_path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
             except OSError as err:
@@ -173,6 +195,7 @@ class Holder:
                 held[1] -= 1
                 if held[1] == 0:
                     del self._held[key]
+                    self._paths.pop(key, None)
                     os.close(held[0])
 
     def close(self) -> None:
@@ -180,6 +203,7 @@ class Holder:
         with self._lock:
             fds = [held[0] for held in self._held.values()]
             self._held.clear()
+            self._paths.clear()
         for fd in fds:
             os.close(fd)
 
@@ -239,7 +263,25 @@ def busy_reason(path: str) -> str:
         holders = []
     if holders:
         return f"held by {', '.join(holders)}"
+    major, minor = os.major(rdev), os.minor(rdev)
+    whole = whole_disk((major, minor))
+    if whole is not None:  # bd_may_claim: a partition of a claimed disk is busy too
+        return (f"held open exclusively (O_EXCL) by another program or engine, or its disk "
+                f"{whole[0]}:{whole[1]} is")
+    parts = _partitions(f"/sys/dev/block/{devno}")
+    if parts:  # a disk with a claimed partition is busy (block/bdev.c bd_may_claim)
+        return (f"held open exclusively (O_EXCL) by another program or engine, or one of its "
+                f"partitions ({', '.join(parts)}) is mounted or claimed")
     return "held open exclusively (O_EXCL) by another program or engine"
+
+
+def _partitions(sysdir: str) -> list[str]:
+    """Names of the partitions of the disk at ``sysdir`` (``/sys/dev/block/M:m``)."""
+    try:
+        names = sorted(os.listdir(sysdir))
+    except OSError:
+        return []
+    return [n for n in names if os.path.exists(f"{sysdir}/{n}/partition")]
 
 
 def loops_over(path: str, st: os.stat_result | None = None) -> list[tuple[str, tuple[int, int]]]:
@@ -266,6 +308,28 @@ def _loop_backing(devno: tuple[int, int]) -> str | None:
     except OSError:
         return None
     return None if backing.endswith(" (deleted)") else backing
+
+
+def whole_disk(devno: tuple[int, int]) -> tuple[int, int] | None:
+    """The disk of partition ``devno`` (sysfs: a partition's directory sits in its disk's), or
+    ``None`` when ``devno`` is not a partition."""
+    base = f"/sys/dev/block/{devno[0]}:{devno[1]}"
+    if not os.path.exists(f"{base}/partition"):
+        return None
+    dev = _read_attr(os.path.join(os.path.realpath(base), "..", "dev"))
+    try:
+        major, minor = (dev or "").split(":")
+        return int(major), int(minor)
+    except ValueError:
+        return None
+
+
+def _read_attr(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def mount_of(path: str) -> tuple[str, str, str]:
