@@ -15,7 +15,15 @@ device's events, every policy off unless configured, globally or per device
   it. The repair itself belongs to the mirror layer, which ``dmtools`` does not import: it is
   found under the ``dmtools.policies`` entry-point group as ``mirror-repair``, an object that,
   called with the backend, returns something with
-  ``repair(name, leg_index, spare, wait=False)`` — ``mirror.manager:MirrorManager`` fits.
+  ``repair(name, leg_index, spare, wait=False)`` — ``mirror.manager:MirrorManager`` fits. When
+  the spare is already used or the repair fails, the failed leg is removed instead (LVM's
+  ``mirror_image_fault_policy = "allocate"`` falls back to removing too);
+- **mirror remove**: on a failed leg, reload the mirror without it (LVM's
+  ``mirror_image_fault_policy = "remove"``, what dmeventd's mirror plugin runs), so that the
+  writes dm-raid1 holds after a leg failure (``handle_errors``) complete on the other legs; when
+  the failed leg is the only one holding some regions' data, the held writes are ended with EIO
+  instead. The ``mirror-remove`` policy of the mirror layer (``mirror.guard:MirrorGuard``: called
+  with the backend, it has ``check(name, in_sync_before=...)``) does it.
 
 Policy actions are decided as :class:`~dmtools.events.store.Plan` values committed with the events
 that caused them, run, and reported as :class:`~dmtools.events.types.PolicyAction` events, each
@@ -56,7 +64,7 @@ log = logging.getLogger(__name__)
 
 #: Entry-point group where upper layers provide policy implementations.
 POLICY_GROUP = "dmtools.policies"
-MIRROR_POLICIES = ("none", "degraded", "repair")
+MIRROR_POLICIES = ("none", "degraded", "repair", "remove")
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -69,8 +77,8 @@ class PolicySettings:
     ``warn``: usage percentages to report (empty: none). ``autoextend_threshold``: usage percent
     at which to grow the COW (``None``: never; LVM's 100 means off, so does ``None``).
     ``autoextend_percent``: growth as a percentage of the current COW size. ``mirror_policy``:
-    ``none``, ``degraded`` or ``repair``; ``spare``: the device a repair puts in a failed leg's
-    place (path or ``major:minor``).
+    ``none``, ``degraded``, ``repair`` or ``remove``; ``spare``: the device a repair puts in a
+    failed leg's place (path or ``major:minor``).
     """
 
     warn: tuple[int, ...] = ()
@@ -171,6 +179,14 @@ def load_policy(name: str) -> Any:
 # --- the monitor --------------------------------------------------------------------------------
 
 
+def _mirror_in_sync(state: DeviceState | None, *, alive: bool = True) -> bool:
+    """True when ``state`` is one mirror line fully in sync (and, with ``alive``, every leg ``A``)."""
+    if state is None or len(state.targets) != 1:
+        return False
+    st = state.targets[0].mirror()
+    return st is not None and st.in_sync == st.regions and (not alive or set(st.health) == {"A"})
+
+
 PolicyLoader = Callable[[str], Any]
 
 
@@ -208,6 +224,8 @@ class Monitor:
         settings = [self.config.defaults, *self.config.devices.values()]
         if any(s.mirror_policy == "repair" for s in settings):
             self._repairer()
+        if any(s.mirror_policy == "remove" for s in settings):
+            self._remover()
 
     def _thresholds(self, name: str) -> Sequence[int]:
         return self.config.for_device(name).warn
@@ -216,6 +234,11 @@ class Monitor:
         if "snapshot" not in self._repairers:
             self._repairers["snapshot"] = self._loader("snapshot-extend")(self.dm)
         return self._repairers["snapshot"]
+
+    def _remover(self) -> Any:
+        if "mirror-remove" not in self._repairers:
+            self._repairers["mirror-remove"] = self._loader("mirror-remove")(self.dm)
+        return self._repairers["mirror-remove"]
 
     def _repairer(self) -> Any:
         if "mirror" not in self._repairers:
@@ -254,15 +277,23 @@ class Monitor:
         return out
 
     def _plan_mirror(self, state: DeviceState, events: Sequence[Event],
-                     settings: PolicySettings) -> list[Plan]:
+                     settings: PolicySettings, old: DeviceState | None = None) -> list[Plan]:
         if settings.mirror_policy == "none":
             return []
         # A leg that starts failing (from A, or from R to a worse letter); D -> S is no news.
         failed = [e for e in events if isinstance(e, LegHealthChanged) and e.failed
                   and (e.old == "A" or (e.old == "R" and e.new != "R"))]
         out: list[Plan] = []
+        if settings.mirror_policy == "remove" and failed:
+            # One reload drops every failed leg. A read error (R) holds no write while the mirror
+            # is in sync; out of sync, writes to the regions not yet copied are held (dm-raid1.c).
+            if any(e.new != "R" for e in failed) or not _mirror_in_sync(state, alive=False):
+                return [Plan(state.name, "mirror-remove", "drop", {
+                    "legs": [e.leg for e in failed], "health": "".join(e.new for e in failed),
+                    "in_sync_before": _mirror_in_sync(old)})]
         for ev in failed:
-            args = {"leg": ev.leg, "leg_device": ev.leg_device, "health": ev.new}
+            args = {"leg": ev.leg, "leg_device": ev.leg_device, "health": ev.new,
+                    "in_sync_before": _mirror_in_sync(old)}
             if settings.mirror_policy == "degraded" or ev.new == "R":
                 # A read error leaves the data intact (dm-raid1.c): report, never repair.
                 out.append(Plan(state.name, "mirror-degraded", "report", args))
@@ -278,7 +309,7 @@ class Monitor:
             return []
         settings = self.config.for_device(state.name)
         return [*self._plan_autoextend(state, settings),
-                *self._plan_mirror(state, batch.events, settings)]
+                *self._plan_mirror(state, batch.events, settings, batch.old)]
 
     def _extend(self, plan: Plan) -> PolicyAction | None:
         args = plan.args
@@ -295,17 +326,28 @@ class Monitor:
                             f"at {args.get('at')}% COW grown {res.old_bytes} -> {res.new_bytes} "
                             f"bytes (+{args['percent']}%, {res.file}); snapshot reloaded through handover")
 
+    def _drop(self, plan: Plan, why: str = "") -> PolicyAction:
+        """The ``mirror-remove`` policy: the failed legs dropped (or the held writes ended)."""
+        try:  # DMError includes InvalidArgument: no mirror-remove policy installed (repair's fallback)
+            result = self._remover().check(plan.device,
+                                           in_sync_before=bool(plan.args.get("in_sync_before")))
+        except DMError as err:
+            return self._action(plan, False, f"{why}removing the failed leg failed: {err}")
+        actions = [a for a in getattr(self._remover(), "actions", []) if a[0] == plan.device]
+        detail = actions[-1][2] if actions and result in ("dropped", "released") else result
+        self.watcher.wake("policy")
+        return self._action(plan, result == "dropped", f"{why}{detail}")
+
     def _repair(self, plan: Plan) -> PolicyAction:
         args = plan.args
         leg = f"leg {args['leg']} ({args['leg_device']})"
         spare = str(args.get("spare", ""))
         if spare in self._spares_used:
-            return self._action(plan, False, f"{leg} failed but spare {spare} is already used; "
-                                "running degraded")
+            return self._drop(plan, f"{leg} failed but spare {spare} is already used: ")
         try:
             self._repairer().repair(plan.device, int(args["leg"]), spare, wait=False)
         except DMError as err:
-            return self._action(plan, False, f"{leg} -> {spare}: {err}")
+            return self._drop(plan, f"{leg} -> {spare}: {err}; ")
         self._spares_used.add(spare)
         self.watcher.wake("policy")
         return self._action(plan, True, f"{leg} replaced by {spare}; resyncing")
@@ -316,6 +358,8 @@ class Monitor:
             action = self._extend(plan)
         elif plan.policy == "mirror-repair":
             action = self._repair(plan)
+        elif plan.policy == "mirror-remove":
+            action = self._drop(plan)
         elif plan.policy == "mirror-degraded":
             action = self._action(plan, True, f"leg {plan.args['leg']} ({plan.args['leg_device']}) "
                                   f"failed ({plan.args['health']}); the mirror keeps running without it")

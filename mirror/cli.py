@@ -6,6 +6,7 @@ Examples::
     dmtools mirror status vol --json
     dmtools mirror resync vol --rate 100M --progress
     dmtools mirror repair vol 1 /dev/loop4
+    dmtools mirror monitor vol --spare /dev/loop5
     dmtools mirror resync-offline /dev/loop1 /dev/loop2 --log /dev/loop3 --activate vol
     dmtools mirror inspect /dev/loop3
 
@@ -110,7 +111,35 @@ def cmd_create(args: argparse.Namespace) -> int:
     st = mm.create(args.name, args.legs, log=args.log, region_size=_region(args.region_size), nosync=args.nosync,
                    handle_errors=args.handle_errors, keep_log=args.keep_log,
                    keep_log_contents=args.keep_log_contents, monitor=not args.no_monitor)
+    if mm.dm.backend == "kernel" and not args.no_monitor and args.handle_errors:
+        # monitored from creation, as lvcreate registers a mirror with dmeventd: a mirror that
+        # holds writes after a leg failure with nobody to release them is not left behind
+        from dmtools.errors import DMError
+        from mirror.monitor import start
+
+        try:
+            start(mm.dm, args.name, spare=args.spare)
+        except DMError:
+            mm.remove(args.name)
+            raise
     _emit(args, st.to_dict(), lambda: _state_text(st))
+    return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from mirror.monitor import start, state_root
+
+    mm = _manager(args)
+    mm.status(args.name)  # a mirror, or a one-line error
+    if mm.dm.backend != "kernel":
+        raise InvalidArgument("the userspace engine's guard monitors its mirrors (unless created with "
+                              "--no-monitor: then run 'dmtools monitor NAME --mirror-policy remove')",
+                              operation="monitor", device=args.name)
+    pid = start(mm.dm, args.name, spare=args.spare, interval=args.interval)
+    root = state_root(args.name)
+    state = {"name": args.name, "pid": pid, "state_dir": root, "already_running": pid is None}
+    _emit(args, state, f"{args.name}: {'already monitored' if pid is None else f'monitored by pid {pid}'}"
+          f" (events: dmtools mirror status {args.name}; journal in {root})")
     return 0
 
 
@@ -124,12 +153,24 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     mm = _manager(args)
     states = [mm.status(n) for n in args.names] if args.names else mm.list()
-    recent = {s.name: last_events(s.name, mm.dm.backend, STATUS_EVENTS, root=args.state_dir)
+    recent = {s.name: last_events(s.name, mm.dm.backend, STATUS_EVENTS, root=_events_root(args, s.name))
               for s in states}
     texts = [_state_text(s) + "".join(f"\n  event: {format_event(e)}" for e in recent[s.name]) for s in states]
     _emit(args, [{**s.to_dict(), "events": [e.to_dict() for e in recent[s.name]]} for s in states],
           "\n".join(texts))
     return 0
+
+
+def _events_root(args: argparse.Namespace, name: str) -> str | None:
+    """``--state-dir``, else the directory of the mirror's own monitor when it has one."""
+    import os
+
+    from mirror.monitor import state_root
+
+    if args.state_dir is not None:
+        return str(args.state_dir)
+    root = state_root(name)
+    return root if os.path.isdir(root) else None
 
 
 def cmd_resync(args: argparse.Namespace) -> int:
@@ -289,10 +330,26 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--keep-log-contents", action="store_true",
                    help="trust the disk log as it is (activate a mirror brought in sync offline)")
     p.add_argument("--no-monitor", action="store_true",
-                   help="userspace engine: do not let the built-in guard drop a failed leg (another "
-                   "monitor, such as 'dmtools monitor --mirror-policy repair', handles failures)")
+                   help="do not monitor the mirror (by default a failed leg is dropped so that held "
+                   "writes complete: the userspace engine's guard, or on the kernel a 'mirror monitor' "
+                   "process); another monitor, such as 'dmtools monitor --mirror-policy repair', may")
+    p.add_argument("--spare", metavar="DEV", type=device_argument,
+                   help="kernel: the monitor replaces a failed leg by DEV (then drops the next)")
     _json(p)
     p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("monitor", help="monitor a kernel mirror: drop (or replace) a failed leg, as dmeventd",
+                       description="Start a monitor for kernel mirror NAME in the background (as 'lvchange "
+                       "--monitor y'): on a failed leg it reloads the mirror without it, or with --spare "
+                       "puts DEV in its place, so that held writes complete; it records what it did "
+                       "and exits when the mirror is removed. 'mirror create' starts one for kernel "
+                       "mirrors unless --no-monitor.")
+    p.add_argument("name")
+    p.add_argument("--spare", metavar="DEV", type=device_argument, help="replace the first failed leg by DEV")
+    p.add_argument("--interval", type=seconds, default=1.0, metavar="SECONDS",
+                   help="status polling interval besides the mirror's events (default 1)")
+    _json(p)
+    p.set_defaults(func=cmd_monitor)
 
     p = sub.add_parser("status", help="in-sync regions, percent, per-leg health")
     p.add_argument("names", metavar="NAME", nargs="*", help="mirrors (default: every mirror)")

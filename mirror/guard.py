@@ -20,8 +20,23 @@ process that owns the engine (the daemon, or the library user's process):
 
 No write therefore waits longer than one guard period plus a reload. A mirror is monitored unless
 its uuid starts with ``UNMONITORED_PREFIX`` (``mirror create --no-monitor``): another monitor
-(``dmtools monitor --mirror-policy repair``) can then own its failures. The kernel backend's
-mirrors are watched by ``dmtools monitor``, the dmeventd of this toolkit.
+(``dmtools monitor --mirror-policy repair``) can then own its failures.
+
+**The kernel backend.** The same rules drop a failed leg of a kernel mirror: ``dmtools monitor``
+with the ``remove`` (or ``repair``) mirror policy calls :meth:`MirrorGuard.check` as the
+``mirror-remove`` policy (``mirror create`` starts such a monitor for each mirror it makes,
+``mirror.monitor``). dm-raid1 does not say how many writes it holds nor which leg is the default,
+so on the kernel:
+
+- any failed leg may hold writes: ``fail_mirror`` sets ``leg_failure`` for every error type, after
+  which a write to a region out of sync is held (``do_writes``). An ``R`` leg is therefore acted on
+  while the mirror is out of sync, and left alone when it is in sync (no write can be held then);
+- the default leg is leg 0 of the table (``DEFAULT_MIRROR``) unless the mirror was fully in sync with
+  every leg alive just before the failure (``in_sync_before``, from the monitor's previous look):
+  ``fail_mirror`` then moved it to the first leg without errors, and every leg still alive holds
+  all the data;
+- when the default leg failed out of sync, a plain suspend and resume ends the writes held so far
+  with EIO, and the guard repeats it every period while that lasts (:meth:`MirrorGuard.watch`).
 """
 
 from __future__ import annotations
@@ -61,8 +76,14 @@ class MirrorGuard:
     once and returns what it did (see its docstring).
     """
 
-    def __init__(self, dm: DeviceMapper, *, interval: float = GUARD_INTERVAL, persistent: bool = False) -> None:
+    def __init__(self, dm: DeviceMapper, *, interval: float = GUARD_INTERVAL, persistent: bool = False,
+                 tells_held: bool | None = None) -> None:
         self.dm = dm
+        #: the target answers ``held_ios`` and ``default_leg`` (our userspace target; the kernel's
+        #: dm-raid1 has no message handler)
+        self.tells_held = dm.backend != "kernel" if tells_held is None else tells_held
+        #: only these devices are looked at (``watch``); ``None``: every device of ``dm``
+        self.names: set[str] | None = None if self.tells_held else set()
         self.interval = interval
         #: keep running with no mirror to watch (the daemon's guard); else the thread ends then
         #: and ``start`` begins a new one
@@ -85,6 +106,13 @@ class MirrorGuard:
                 self._thread = threading.Thread(target=self._run, name="mirror-guard", daemon=True)
                 self._thread.start()
         return self
+
+    def watch(self, name: str) -> "MirrorGuard":
+        """Look at ``name`` every period from now on (a guard limited to the devices it is given)."""
+        with self._lock:
+            if self.names is not None:
+                self.names.add(name)
+        return self.start()
 
     def stop(self) -> None:
         """Stop the guard thread and wait for it."""
@@ -125,7 +153,9 @@ class MirrorGuard:
         count = 0
         entries = self.dm.list()
         for entry in entries:
-            if entry.uuid.startswith(UNMONITORED_PREFIX):
+            if self.names is None and entry.uuid.startswith(UNMONITORED_PREFIX):
+                continue  # left to another monitor (which may run a guard given its names)
+            if self.names is not None and entry.name not in self.names:
                 continue
             key = (entry.major, entry.minor, entry.event_nr)
             quiet = self._quiet.get(entry.name)
@@ -148,11 +178,13 @@ class MirrorGuard:
         return count
 
     # -- one mirror ---------------------------------------------------------------------------
-    def check(self, name: str) -> str:
+    def check(self, name: str, *, in_sync_before: bool = False) -> str:
         """Act on mirror ``name`` when a failed leg holds (or would hold) its writes; return what was
         done: ``"dropped"`` or ``"released"``; else ``"healthy"`` (every leg alive), ``"waiting"``
         (a failed leg, nothing held) or ``"not watched"`` (not one single ``mirror`` line with
-        ``handle_errors`` and without ``keep_log``)."""
+        ``handle_errors`` and without ``keep_log``). ``in_sync_before``: on a target that does not
+        tell its default leg (the kernel's), the mirror was fully in sync with every leg alive at the
+        last look before the failure (see the module docstring)."""
         table = self.dm.table(name)
         if len(table.lines) != 1 or not isinstance(table.lines[0].target, Mirror):
             return NOT_WATCHED
@@ -162,19 +194,24 @@ class MirrorGuard:
         if not target.handle_errors or target.keep_log:
             return NOT_WATCHED
         st = parse_mirror_status(self.dm.status(name)[0].params)
+        in_sync = st.in_sync == st.regions
         failed = [i for i, h in enumerate(st.health) if h in "DSF"]
-        held = self._held(name)
-        if not failed and held:
+        held: int | None = self._held(name) if self.tells_held else None
+        if not failed and (held or (held is None and not in_sync)):
             failed = [i for i, h in enumerate(st.health) if h != "A"]
         if not failed:
             return HEALTHY if set(st.health) == {"A"} else WAITING
         remaining = [leg for i, leg in enumerate(target.legs) if i not in failed]
         if not remaining:
             return WAITING  # every leg failed: dm-raid1 fails the I/O itself, nothing is held
-        if st.in_sync == st.regions or self._default(name) not in failed:
+        if self.tells_held:
+            default = self._default(name)
+        else:  # dm-raid1.c fail_mirror: the default moves off a failed leg only while in sync
+            default = next(i for i in range(len(target.legs)) if i not in failed) if in_sync_before else 0
+        if in_sync or default not in failed:
             if len(remaining) >= 2:
                 mlog = target.log
-                if isinstance(mlog, CoreLog) and mlog.sync == "nosync" and st.in_sync != st.regions:
+                if isinstance(mlog, CoreLog) and mlog.sync == "nosync" and not in_sync:
                     # a reloaded nosync core log would trust every region: resync them all instead
                     mlog = CoreLog(mlog.region)
                 new = Table.single(line.length, Mirror(mlog, tuple(remaining), target.features))
@@ -188,15 +225,19 @@ class MirrorGuard:
             log.warning("mirror %s: %s", name, detail)
             self.actions.append((name, "dropped", detail))
             return "dropped"
-        if not held:
+        if held == 0:
             return WAITING
         # The default leg failed out of sync: its regions exist nowhere else. End the held I/O.
         self.dm.suspend(name)
         self.dm.resume(name)
-        detail = (f"source leg 0 failed out of sync ({st.in_sync}/{st.regions} regions in sync): "
-                  f"{held} held I/O ended with EIO")
-        log.warning("mirror %s: %s", name, detail)
-        self.actions.append((name, "released", detail))
+        what = "held I/O" if held is None else f"{held} held I/O"
+        detail = (f"source leg {default} failed out of sync ({st.in_sync}/{st.regions} regions in sync): "
+                  f"{what} ended with EIO")
+        if not self.tells_held:
+            self.watch(name)  # writes are held again after the resume: end them every period
+        if not self.actions or self.actions[-1][:2] != (name, "released"):  # once per episode
+            log.warning("mirror %s: %s", name, detail)
+            self.actions.append((name, "released", detail))
         return "released"
 
     def _default(self, name: str) -> int:

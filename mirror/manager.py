@@ -187,7 +187,8 @@ class MirrorManager:
         process for an in-process engine — so a write held after a leg failure is released (the
         failed leg dropped, or the I/O ended with EIO when the data lives only on it) within a
         guard period. ``monitor=False`` leaves it to another monitor (``dmtools monitor``): its uuid
-        then starts with ``UNMONITORED_PREFIX``. Kernel mirrors are watched by ``dmtools monitor``.
+        then starts with ``UNMONITORED_PREFIX``. A kernel mirror is watched by a ``dmtools monitor``
+        process with the ``remove`` policy, which ``mirror create`` starts (``mirror.monitor.start``).
         Everything is checked before anything is written; raises ``InvalidArgument`` (legs of
         different sizes, bad region size, too-small log), ``CorruptMetadata`` (a kept log that is not
         a mirror log) or the backend's errors. All-or-nothing: the device is removed if activation fails.

@@ -24,11 +24,11 @@ import time
 from typing import Any
 
 from dmtools.cli import common as cli_common
-from dmtools.errors import DMError
+from dmtools.errors import DMError, InvalidArgument
 from dmtools.events.delivery import CursorSink, JsonLinesFile, event_line
 from dmtools.events.state import DEFAULT_THRESHOLDS, DeviceState, parse_thresholds
 from dmtools.events.store import StateStore, default_root
-from dmtools.events.types import Event
+from dmtools.events.types import DeviceRemoved, Event
 from dmtools.monitor import MIRROR_POLICIES, Monitor, MonitorConfig, PolicySettings
 
 __all__ = ["register", "cmd_monitor", "format_event"]
@@ -55,7 +55,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--autoextend-percent", type=int, default=20, metavar="PCT",
                    help="grow the COW by PCT %% of its size (default 20)")
     p.add_argument("--mirror-policy", choices=MIRROR_POLICIES, default="none",
-                   help="on a failed mirror leg: report it (degraded) or replace it by --spare (repair)")
+                   help="on a failed mirror leg: report it (degraded), replace it by --spare (repair; "
+                   "the leg is removed when the spare cannot be used) or reload without it (remove)")
     p.add_argument("--spare", metavar="DEV", type=cli_common.device_argument,
                    help="spare device for --mirror-policy repair")
     p.add_argument("--config", metavar="FILE",
@@ -71,6 +72,9 @@ def register(subparsers: Any) -> None:
                    "(the file's last line tells a restarted monitor where it stopped)")
     p.add_argument("--no-uevents", action="store_true",
                    help="do not listen to uevents (event numbers and polling only)")
+    p.add_argument("--until-removed", action="store_true",
+                   help="exit once every NAME given has been removed (as dmeventd unregisters a "
+                   "device; 'mirror create' starts such a monitor for each kernel mirror)")
     p.set_defaults(func=cmd_monitor)
 
 
@@ -85,6 +89,22 @@ def _settings(args: argparse.Namespace) -> MonitorConfig:
     if args.config:
         return MonitorConfig.load(args.config, defaults)
     return MonitorConfig(defaults)
+
+
+class _UntilRemoved:
+    """A sink that passes events on and sets ``stop`` once none of ``names`` exists any more."""
+
+    def __init__(self, inner: Any, dm: Any, names: list[str], stop: threading.Event) -> None:
+        self.inner, self.dm, self.names, self.stop = inner, dm, names, stop
+
+    def last_seq(self) -> int:
+        return int(self.inner.last_seq())
+
+    def write(self, event: Event) -> None:
+        self.inner.write(event)
+        if isinstance(event, DeviceRemoved) and event.device in self.names \
+                and not any(self.dm.exists(n) for n in self.names):
+            self.stop.set()
 
 
 def _stamp(t: float) -> str:
@@ -127,6 +147,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
     as_json = bool(getattr(args, "json", False))
     config = _settings(args)
+    if args.until_removed and not args.names:
+        raise InvalidArgument("--until-removed needs the NAMEs of the devices to watch")
     dm = open_backend(args)
     store, owned = _open_store(args, dm.backend)
     try:
@@ -157,7 +179,11 @@ def cmd_monitor(args: argparse.Namespace) -> int:
                     for sig in (signal.SIGTERM, signal.SIGINT):
                         previous[sig] = signal.signal(sig, lambda *_: stop.set())
                 try:
-                    sink = output or CursorSink(store, lambda e: _print_event(e, as_json))
+                    sink: Any = output or CursorSink(store, lambda e: _print_event(e, as_json))
+                    if args.until_removed:
+                        if not any(dm.exists(n) for n in args.names):
+                            return 0  # removed before the monitor started: nothing to watch
+                        sink = _UntilRemoved(sink, dm, args.names, stop)
                     monitor.run(sink, timeout=args.timeout, stop=stop)
                 finally:
                     for sig, handler in previous.items():

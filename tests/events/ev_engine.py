@@ -62,7 +62,9 @@ class Recorder:
 
 def policies(name: str) -> Any:
     """The upper layers' policy implementations (what the ``dmtools.policies`` entry points name)."""
+    from mirror.guard import MirrorGuard
     from mirror.manager import MirrorManager
     from snapshot.manager import SnapshotManager
 
-    return {"snapshot-extend": SnapshotManager, "mirror-repair": MirrorManager}[name]
+    return {"snapshot-extend": SnapshotManager, "mirror-repair": MirrorManager,
+            "mirror-remove": MirrorGuard}[name]

@@ -31,10 +31,25 @@ class FakeRepairer:
         self.calls.append((name, leg, spare))
 
 
-def loader_for(repairer: FakeRepairer) -> Any:
+class FakeRemover:
+    """The ``mirror-remove`` policy: records each check and answers ``result``."""
+
+    def __init__(self, result: str = "dropped") -> None:
+        self.result = result
+        self.calls: list[tuple[str, bool]] = []
+        self.actions: list[tuple[str, str, str]] = []
+
+    def check(self, name: str, *, in_sync_before: bool = False) -> str:
+        self.calls.append((name, in_sync_before))
+        if self.result in ("dropped", "released"):
+            self.actions.append((name, self.result, f"{self.result} by the fake"))
+        return self.result
+
+
+def loader_for(repairer: FakeRepairer | None, remover: FakeRemover | None = None) -> Any:
     def load(name: str) -> Any:
-        assert name == "mirror-repair"
-        return lambda dm: repairer
+        assert name in ("mirror-repair", "mirror-remove")
+        return lambda dm: repairer if name == "mirror-repair" else (remover or FakeRemover())
     return load
 
 
@@ -87,26 +102,28 @@ def test_repair_uses_the_spare_once() -> None:
     dm = FakeDM()
     dm.add("m", [(0, 4096, "mirror", THREE_LEGS,
                   mirror_status("AAA", legs=("250:10", "250:11", "250:12")))])
-    rep = FakeRepairer(dm)
+    rep, rem = FakeRepairer(dm), FakeRemover()
     cfg = MonitorConfig(PolicySettings(mirror_policy="repair", spare="250:20"))
-    mon = Monitor(dm, cfg, event_numbers=False, uevents=False, policy_loader=loader_for(rep))
+    mon = Monitor(dm, cfg, event_numbers=False, uevents=False, policy_loader=loader_for(rep, rem))
     assert actions(mon.step()) == []
     dm.set_status("m", mirror_status("ADA", legs=("250:10", "250:11", "250:12")))
     assert actions(mon.step()) == [("mirror-repair", "repair", True)]
-    assert rep.calls == [("m", 1, "250:20")]
+    assert rep.calls == [("m", 1, "250:20")] and rem.calls == []
     dm.set_status("m", mirror_status("ADD", legs=("250:10", "250:11", "250:12")))
     events = mon.step()
-    assert actions(events) == [("mirror-repair", "repair", False)]
-    assert "already used" in [e for e in events if isinstance(e, PolicyAction)][0].detail
-    assert rep.calls == [("m", 1, "250:20")]
+    # the spare is used: the failed leg is removed instead (LVM's "allocate" falls back so)
+    assert actions(events) == [("mirror-repair", "repair", True)]
+    detail = [e for e in events if isinstance(e, PolicyAction)][0].detail
+    assert "already used" in detail and "dropped by the fake" in detail
+    assert rep.calls == [("m", 1, "250:20")] and rem.calls == [("m", False)]
 
 
 def test_read_errors_are_reported_not_repaired_and_failures_reported() -> None:
     dm = FakeDM()
     dm.add("m", [(0, 4096, "mirror", MIRROR_TABLE, mirror_status("AA"))])
-    rep = FakeRepairer(dm, fail=True)
+    rep, rem = FakeRepairer(dm, fail=True), FakeRemover("waiting")
     cfg = MonitorConfig(PolicySettings(mirror_policy="repair", spare="250:20"))
-    mon = Monitor(dm, cfg, event_numbers=False, uevents=False, policy_loader=loader_for(rep))
+    mon = Monitor(dm, cfg, event_numbers=False, uevents=False, policy_loader=loader_for(rep, rem))
     mon.step()
     dm.set_status("m", mirror_status("AR"))
     assert actions(mon.step()) == [("mirror-degraded", "report", True)]
@@ -114,12 +131,48 @@ def test_read_errors_are_reported_not_repaired_and_failures_reported() -> None:
     events = mon.step()
     assert actions(events) == [("mirror-repair", "repair", False)]
     assert "resync source" in [e for e in events if isinstance(e, PolicyAction)][0].detail
+    assert rem.calls == [("m", False)]  # then the removal was tried, and had nothing to do
     rep.fail = False
     dm.set_status("m", mirror_status("DD"))  # the read-failed leg now fails writes too
     assert actions(mon.step()) == [("mirror-repair", "repair", True)]
     assert rep.calls == [("m", 1, "250:20")]
     dm.set_status("m", mirror_status("SD"))  # D -> S is no new failure
     assert actions(mon.step()) == []
+
+
+def test_remove_policy_drops_failed_legs_in_one_reload() -> None:
+    """``remove``: one ``mirror-remove`` plan per failure, with every newly failed leg and whether
+    the mirror was fully in sync with every leg alive at the look before (the kernel's default leg
+    moved off a failed one only then); a read error holds nothing while the mirror is in sync."""
+    dm = FakeDM()
+    legs = ("250:10", "250:11", "250:12")
+    dm.add("m", [(0, 4096, "mirror", THREE_LEGS, mirror_status("AAA", legs=legs))])
+    rem = FakeRemover()
+    cfg = MonitorConfig(PolicySettings(mirror_policy="remove"))
+    mon = Monitor(dm, cfg, event_numbers=False, uevents=False, policy_loader=loader_for(None, rem))
+    assert actions(mon.step()) == []
+    dm.set_status("m", mirror_status("ARA", legs=legs))  # in sync: nothing held, reported
+    assert actions(mon.step()) == [("mirror-degraded", "report", True)]
+    assert rem.calls == []
+    dm.set_status("m", mirror_status("DDA", in_sync=3, legs=legs))
+    events = mon.step()
+    assert actions(events) == [("mirror-remove", "drop", True)]
+    assert [e.detail for e in events if isinstance(e, PolicyAction)] == ["dropped by the fake"]
+    assert rem.calls == [("m", False)]  # the look before showed a failed leg: not known in sync
+
+    dm.add("n", [(0, 4096, "mirror", THREE_LEGS, mirror_status("AAA", legs=legs))])
+    mon.step()
+    dm.set_status("n", mirror_status("DAA", in_sync=3, legs=legs))
+    rem.result = "released"
+    assert actions(mon.step()) == [("mirror-remove", "drop", False)]  # writes ended, nothing dropped
+    assert rem.calls[-1] == ("n", True)
+
+    dm.add("o", [(0, 4096, "mirror", THREE_LEGS, mirror_status("AAA", in_sync=1, legs=legs))])
+    mon.step()
+    dm.set_status("o", mirror_status("AAR", in_sync=2, legs=legs))  # out of sync: writes may be held
+    rem.result = "dropped"
+    assert actions(mon.step()) == [("mirror-remove", "drop", True)]
+    assert rem.calls[-1] == ("o", False)
 
 
 def test_autoextend_failure_is_reported_once() -> None:

@@ -88,13 +88,16 @@ def test_failed_leg_is_dropped_and_the_held_write_lands(eng: Any, tmp_path: Path
     assert [a[1] for a in guard_for(eng).actions if a[0] == "m"] == ["dropped"]
 
 
-def test_source_failed_out_of_sync_ends_held_writes_with_eio(eng: Any, tmp_path: Path) -> None:
+def failing_source(eng: Any, tmp_path: Path, switch: str,
+                   monitor: bool = True) -> tuple[bytes, Any, list[int], list[int]]:
+    """Mirror ``m`` whose source (leg 0) fails after 8 region copies of its resync, so out of
+    sync: ``(data, manager, regions in sync, regions not)`` once its status shows ``S``."""
     data = os.urandom(SIZE)
     a, b = _image(tmp_path, "a", SIZE, data), _image(tmp_path, "b", SIZE)
-    sw = Switch("src-oos", fail_after=8)  # leg 0 fails after 8 region copies
+    sw = Switch(switch, fail_after=8)
     eng.create("src", f"0 {SIZE // 512} trip {a} 0 {sw.name}")
     mm = MirrorManager(eng)
-    mm.create("m", [eng.device_ref("src"), b], region_size=REGION)
+    mm.create("m", [eng.device_ref("src"), b], region_size=REGION, monitor=monitor)
     deadline = time.monotonic() + BOUND
     while mm.status("m").health[0] != "S":
         assert time.monotonic() < deadline, "leg 0 never failed"
@@ -103,7 +106,12 @@ def test_source_failed_out_of_sync_ends_held_writes_with_eio(eng: Any, tmp_path:
     assert 0 < st.in_sync < st.regions
     t = eng._get("m", "test").live.targets[0]
     synced = [r for r in range(st.regions) if t.log.in_sync(r)]
-    unsynced = [r for r in range(st.regions) if not t.log.in_sync(r)]
+    return data, mm, synced, [r for r in range(st.regions) if r not in synced]
+
+
+def test_source_failed_out_of_sync_ends_held_writes_with_eio(eng: Any, tmp_path: Path) -> None:
+    data, mm, synced, unsynced = failing_source(eng, tmp_path, "src-oos")
+    st = mm.status("m")
     # a write to a region not yet copied: held (dm-raid1 do_writes), then ended with EIO
     done, out = _writer(eng, unsynced[0] * RB, b"w" * 4096)
     assert done.wait(BOUND), "the held write was never released"
