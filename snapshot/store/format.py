@@ -99,29 +99,3 @@ def skip_metadata(next_free: int, chunk_sectors: int) -> int:
     if next_free % stride == NUM_SNAPSHOT_HDR_CHUNKS:
         return next_free + 1
     return next_free
-
-
-def is_metadata_chunk(chunk: int, chunk_sectors: int) -> bool:
-    """True for the header chunk and every metadata area chunk."""
-    stride = exceptions_per_area(chunk_sectors) + 1
-    return chunk == 0 or chunk % stride == NUM_SNAPSHOT_HDR_CHUNKS
-
-
-def pack_records(records: "list[tuple[int, int]]", chunk_sectors: int) -> bytes:
-    """One metadata area holding ``records`` then zeros (a terminator if not full)."""
-    epa = exceptions_per_area(chunk_sectors)
-    if len(records) > epa:
-        raise ValueError(f"{len(records)} records do not fit an area of {epa}")
-    body = b"".join(struct.pack("<QQ", old, new) for old, new in records)
-    return body + bytes(chunk_sectors * SECTOR - len(body))
-
-
-def minimum_cow_chunks() -> int:
-    """The smallest persistent COW: header, one area and one data chunk."""
-    return NUM_SNAPSHOT_HDR_CHUNKS + 2
-
-
-def lvm_cow_chunks(origin_chunks: int, chunk_sectors: int) -> int:
-    """COW size in chunks that holds every origin chunk (lib/metadata/snapshot_manip.c)."""
-    epa = exceptions_per_area(chunk_sectors)
-    return 1 + origin_chunks + (origin_chunks + epa) // epa

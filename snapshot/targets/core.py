@@ -30,7 +30,6 @@ from dmtools.status import SnapshotState, SnapshotStatus
 from dmtools.target_values import Target
 
 from snapshot.store.base import ExceptionStore
-from snapshot.store.persistent import PersistentStore
 from snapshot.targets.origins import STATE_KEY, OriginRegistry, device_key
 
 log = logging.getLogger("snapshot")
@@ -565,11 +564,6 @@ class CopyOnWrite:
             self.kc.destroy()
         finally:
             self.store.close()
-
-    @property
-    def persistent(self) -> bool:
-        """True for ``P``/``PO`` stores."""
-        return isinstance(self.store, PersistentStore)
 
     @property
     def can_merge(self) -> bool:

@@ -50,7 +50,7 @@ class SnapshotTarget(TargetDriver):
             raise self.fail("COW device cannot be the same as origin device")
         store = make_store(self.cow, value.store, value.chunk_size)
         if store.chunk_size:
-            self._check_chunk(store.chunk_size)
+            self._check_chunk(store.chunk_size, "Couldn't create exception store")
         self.snap = CopyOnWrite(
             self.origin,
             self.cow,
@@ -86,13 +86,15 @@ class SnapshotTarget(TargetDriver):
             raise self.fail(f"Failed to read snapshot metadata: {err.message}") from err
         if not store.chunk_size:
             raise self.fail("Chunk size not set")
-        self._check_chunk(store.chunk_size)
+        self._check_chunk(store.chunk_size, "Failed to read snapshot metadata")
         self.snap.valid = store.valid
 
-    def _check_chunk(self, chunk: int) -> None:
+    def _check_chunk(self, chunk: int, failure: str) -> None:
+        """dm-exception-store.c's block size check; ``failure`` is the ``ti->error`` dm-snap.c puts
+        first (from the table: the store; from the COW header: the metadata)."""
         cb = chunk * SECTOR
         if cb % self.cow.logical_block_size or cb % self.origin.logical_block_size:
-            raise self.fail("Chunk size is not a multiple of device blocksize")
+            raise self.fail(f"{failure}: Chunk size is not a multiple of device blocksize")
 
     # -- I/O ------------------------------------------------------------------------------------
     def read(self, buf: memoryview, offset: int) -> None:

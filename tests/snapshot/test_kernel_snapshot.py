@@ -18,6 +18,7 @@ import pytest
 from snap_helpers import register_snapshot_targets
 
 from dmtools.engine import Engine
+from dmtools.errors import InvalidTable
 from dmtools.testing.blockio import read_uncached, write_synced
 from snapshot import SnapshotManager, export, inspect
 
@@ -179,3 +180,43 @@ def test_manager_on_the_kernel(kernel_dm: Any, tmp_path: Path, make_loop: Callab
     mgr.remove(f"{tag}-b")
     assert kernel_dm.table(vol).lines[0].target.target_type == "linear"
     assert sorted(e.name for e in kernel_dm.list() if e.name.startswith(tag)) == [vol]
+
+
+def test_bad_tables_give_the_kernels_words(kernel_dm: Any, tmp_path: Path, make_loop: Callable[..., Any],
+                                           tag: str) -> None:
+    """Both engines refuse the same bad snapshot tables with dm-snap.c's ``ti->error`` text: the value
+    types' texts (the same on both, nothing reaches a device) and the drivers' device checks."""
+    ol = make_loop(_image(tmp_path, "o", SIZE))
+    cl = make_loop(_image(tmp_path, "c", COW_SIZE))
+    c4k = make_loop(_image(tmp_path, "c4k", COW_SIZE), block_size=4096)
+    by_value = [f"{ol.devno} {cl.devno} X 8", f"{ol.devno} {cl.devno} P 12",
+                f"{ol.devno} {cl.devno} P 8 1 bogus"]
+    by_driver = {f"{ol.devno} {ol.path} P 8": "snapshot: COW device cannot be the same as origin device",
+                 f"{ol.devno} {c4k.devno} P 1": "snapshot: Couldn't create exception store"}
+    eng = Engine()
+    register_snapshot_targets(eng)
+    try:
+        for params in [*by_value, *by_driver]:
+            table = f"0 {SIZE // 512} snapshot {params}"
+            with pytest.raises(InvalidTable) as ours:
+                eng.create("bad", table)
+            with pytest.raises(InvalidTable) as kernels:
+                kernel_dm.create(f"{tag}-bad", table)
+            if params in by_driver:
+                words = by_driver[params]
+                assert ours.value.message.startswith(words) and words in kernels.value.message, params
+            else:
+                assert ours.value.message == kernels.value.message, params
+            assert not eng.exists("bad") and not kernel_dm.exists(f"{tag}-bad")
+    finally:
+        eng.close()
+    for cow in (cl, c4k):  # nothing was written to the COWs
+        with open(cow.path, "rb") as f:
+            assert f.read(4096) == bytes(4096)
+
+
+def _image(tmp_path: Path, name: str, size: int) -> Path:
+    path = tmp_path / f"dmtt-{name}.img"
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
