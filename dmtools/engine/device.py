@@ -61,6 +61,10 @@ class TableContext:
         return self._device.noflush_suspending
 
     @property
+    def suspended(self) -> bool:
+        return self._device.suspended
+
+    @property
     def device(self) -> "Device":
         """The engine device this table belongs to."""
         return self._device

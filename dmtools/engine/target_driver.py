@@ -101,6 +101,10 @@ class TargetContext(Protocol):
         """True during a ``noflush`` suspend (``dm_noflush_suspending``)."""
 
     @property
+    def suspended(self) -> bool:
+        """True while the device holding the table is suspended (``dm_suspended``)."""
+
+    @property
     def device(self) -> Any:
         """The mapped device the table belongs to (``dm_table_get_md``): an identity for state
         kept per mapped device, such as dm-thin's pool object."""

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import Any
 
 from dmtools.errors import InvalidArgument
 
@@ -42,16 +41,10 @@ RESUME_SOURCE = "Unable to resume snapshot source until handover completes."
 SOURCE_ACTIVE = "Unable to perform snapshot handover until source is suspended."
 
 
-def _device(snap: CopyOnWrite) -> Any:
-    """The engine device holding ``snap``'s table (``None`` outside an engine)."""
-    owner = snap.owner
-    return getattr(getattr(owner, "ctx", None), "device", None)
-
-
 def _suspended(snap: CopyOnWrite) -> bool:
-    """``dm_suspended(snap->ti)``: the device holding the table is suspended."""
-    dev = _device(snap)
-    return bool(getattr(dev, "suspended", True)) if dev is not None else True
+    """``dm_suspended(snap->ti)``: the device holding the table is suspended (a snapshot built
+    outside a table counts as suspended)."""
+    return snap.owner is None or bool(snap.owner.ctx.suspended)
 
 
 def preresume(snap: CopyOnWrite) -> None:
