@@ -47,6 +47,12 @@ class MetadataDevice:
             st = os.fstat(self.fd)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 raise InvalidArgument("metadata must be a regular file or a block device", device=self.path)
+            if stat.S_ISBLK(st.st_mode):
+                # A live pool writes its metadata below this block device's page cache (the kernel's
+                # dm-thin, or our engine, writes the device the -tmeta device maps), so cached pages
+                # may be stale: drop them, and read what is on the device now, as
+                # thin-provisioning-tools do by reading with O_DIRECT.
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
             self.size = os.lseek(self.fd, 0, os.SEEK_END)
         except BaseException:
             os.close(self.fd)
