@@ -7,7 +7,7 @@ offsets, lengths and buffer addresses must be aligned to the logical block size 
 the kernel sees them. Zeroing and discard use ``fallocate(2)`` on files and the ``BLKZEROOUT`` /
 ``BLKDISCARD`` ioctls on block devices, falling back to writing zeros.
 
-Constants come from include/uapi/linux/fs.h (block ioctls) and include/uapi/linux/falloc.h.
+The ioctl numbers and fallocate modes are in :mod:`dmtools.linux`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import errno
 import fcntl
 import mmap
 import os
-import re
 import stat
 import struct
 from typing import Any
@@ -32,6 +31,18 @@ from dmtools.errors import (
     NoSpace,
 )
 from dmtools.nbd.uri import is_nbd_uri
+from dmtools.linux import (
+    BLKDISCARD,
+    BLKGETSIZE64,
+    BLKPBSZGET,
+    BLKSSZGET,
+    BLKZEROOUT,
+    DEVNO,
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    libc,
+)
 
 __all__ = [
     "BlockDevice",
@@ -43,33 +54,11 @@ __all__ = [
 ]
 
 
-def _ioc(direction: int, type_: int, nr: int, size: int) -> int:
-    """Encode an ioctl number as include/uapi/asm-generic/ioctl.h does (x86, arm, riscv...)."""
-    return (direction << 30) | (size << 16) | (type_ << 8) | nr
-
-
-_IOC_NONE, _IOC_READ = 0, 2
-
-# include/uapi/linux/fs.h
-BLKROGET = _ioc(_IOC_NONE, 0x12, 94, 0)
-BLKSSZGET = _ioc(_IOC_NONE, 0x12, 104, 0)
-BLKGETSIZE64 = _ioc(_IOC_READ, 0x12, 114, 8)  # _IOR(0x12, 114, size_t)
-BLKDISCARD = _ioc(_IOC_NONE, 0x12, 119, 0)
-BLKPBSZGET = _ioc(_IOC_NONE, 0x12, 123, 0)
-BLKZEROOUT = _ioc(_IOC_NONE, 0x12, 127, 0)
-
-# include/uapi/linux/falloc.h
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
 #: Largest zero-filled buffer used when zeroing has to fall back to writes.
 _ZERO_CHUNK = 1 << 20
 
 #: errnos meaning "this file system / device cannot do that operation".
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS)
-
-_DEVNO_RE = re.compile(r"^\s*(\d+):(\d+)\s*$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,8 +72,8 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """Call ``fallocate(2)`` with ``mode`` (Python's ``os.posix_fallocate`` cannot pass a mode)."""
     global _fallocate_fn
     if _fallocate_fn is None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = getattr(libc, "fallocate64", None) or libc.fallocate
+        lib = libc()
+        fn = getattr(lib, "fallocate64", None) or lib.fallocate
         fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
         fn.restype = ctypes.c_int
         _fallocate_fn = fn
@@ -182,7 +171,7 @@ def _sysfs_dio_alignment(st_dev: int) -> int:
 
 def parse_devno(text: str) -> tuple[int, int]:
     """Parse ``"MAJOR:MINOR"``; raises :class:`InvalidArgument` on anything else."""
-    m = _DEVNO_RE.match(text)
+    m = DEVNO.fullmatch(text.strip())
     if not m:
         raise InvalidArgument(f"not a device number (MAJOR:MINOR): {text!r}")
     major, minor = int(m.group(1)), int(m.group(2))
@@ -720,6 +709,6 @@ def open_endpoint(
         from dmtools.nbd import NbdEndpoint
 
         return NbdEndpoint(path, writable=writable)
-    if _DEVNO_RE.match(path) and not os.path.exists(path):
+    if DEVNO.fullmatch(path.strip()) and not os.path.exists(path):
         path = resolve_devno(path)
     return BlockDevice(path, writable=writable, direct=direct)

@@ -41,18 +41,18 @@ from typing import TYPE_CHECKING, Union
 
 from dmtools.claims import mount_of, os_errors
 from dmtools.errors import DaemonError, DeviceConflict, DeviceNotFound, DMError, InvalidArgument
+from dmtools.linux import DEVNO
+from dmtools.units import SECTOR
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.backend import DeviceMapper
 
-__all__ = ["Extent", "Identity", "identify", "ensure_disjoint", "users", "DeviceConflict"]
+__all__ = ["Extent", "Identity", "identify", "devno_of", "ensure_disjoint", "users", "DeviceConflict"]
 
-SECTOR = 512
 SYS_DEV_BLOCK = "/sys/dev/block"
 #: NBD's registered port (``doc/uri.md`` of the NBD protocol).
 NBD_PORT = 10809
-_DEVNO = re.compile(r"^(\d+):(\d+)$")
-_DEV_BLOCK = re.compile(r"^/dev/block/(\d+):(\d+)$")
+_DEV_BLOCK = re.compile("/dev/block/" + DEVNO.pattern)
 _NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock")
 
 
@@ -274,7 +274,7 @@ class _Resolver:
         if scheme in _NBD_SCHEMES:
             uri = normalize_nbd_uri(ref)
             return uri, _Leaf(("nbd", uri)), (uri,)
-        m = _DEVNO.match(ref) or _DEV_BLOCK.match(ref)
+        m = DEVNO.fullmatch(ref) or _DEV_BLOCK.fullmatch(ref)
         if m and (not ref.startswith("/") or not os.path.lexists(ref)):
             # /dev/block/M:m is udev's spelling; where udev made no such link it means the same
             devno = (int(m.group(1)), int(m.group(2)))
@@ -435,7 +435,7 @@ class _Resolver:
         for arg in params.split():
             if arg in refs:
                 continue
-            if _DEVNO.match(arg) or (arg.startswith("/") and _is_device_or_file(arg)):
+            if DEVNO.fullmatch(arg) or (arg.startswith("/") and _is_device_or_file(arg)):
                 refs.append(arg)
         return refs
 
@@ -501,6 +501,19 @@ def normalize_nbd_uri(uri: str) -> str:
 
 
 # --- the public API ---------------------------------------------------------------------------------
+def devno_of(ref: str) -> tuple[int, int] | None:
+    """The device number ``ref`` names: ``major:minor`` as a table spells it, or a block device's
+    node (symlinks followed); ``None`` for anything else (a regular file, a missing path)."""
+    m = DEVNO.fullmatch(ref)
+    if m:
+        return int(m.group(1)), int(m.group(2))
+    try:
+        st = os.stat(ref)
+    except (OSError, ValueError):
+        return None
+    return (os.major(st.st_rdev), os.minor(st.st_rdev)) if stat.S_ISBLK(st.st_mode) else None
+
+
 def identify(
     ref: "str | os.PathLike[str]", *, dm: "DeviceMapper | None" = None, cwd: str | None = None
 ) -> Identity:

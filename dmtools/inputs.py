@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import errno
 import os
-import re
-import stat
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Union
 
 from dmtools.errors import DeviceBusy, DeviceNotFound, DMError
-from dmtools.identity import Identity, ensure_disjoint, identify, users
+from dmtools.identity import Identity, devno_of, ensure_disjoint, identify, users
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.backend import DeviceMapper
@@ -26,7 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Ref", "check_devices", "check_not_in_use", "live_backends"]
 
 Ref = Union[str, "os.PathLike[str]", Identity]
-_DEVNO = re.compile(r"^(\d+):(\d+)$")
 
 
 def live_backends() -> list["DeviceMapper"]:
@@ -53,17 +50,9 @@ def live_backends() -> list["DeviceMapper"]:
 def _stack(ref: str, dm: "DeviceMapper") -> set[str]:
     """Names of ``dm``'s devices that ``ref`` is, or stacks on (through ``deps``): they map the
     role's bytes because the role *is* them, not because someone else holds it."""
-    m = _DEVNO.match(ref)
-    if m:
-        devno = (int(m.group(1)), int(m.group(2)))
-    else:
-        try:
-            st = os.stat(ref)
-        except OSError:
-            return set()
-        if not stat.S_ISBLK(st.st_mode):
-            return set()
-        devno = (os.major(st.st_rdev), os.minor(st.st_rdev))
+    devno = devno_of(ref)
+    if devno is None:
+        return set()
     names = {(e.major, e.minor): e.name for e in dm.list()}
     seen: set[tuple[int, int]] = set()
     todo = [devno]

@@ -66,6 +66,7 @@ from dmtools.errors import (
     TargetNotSupported,
     from_errno,
 )
+from dmtools.linux import DM_DEV_ARM_POLL
 from dmtools.names import mangle, validate_name, validate_uuid
 from dmtools.table import Table
 
@@ -245,9 +246,8 @@ def kernel_reason(lines: Sequence[str], devno: str | None = None) -> str:
     return "; ".join(specific or dm)
 
 
-# DM_DEV_ARM_POLL (include/uapi/linux/dm-ioctl.h): _IOWR(0xfd, 16, struct dm_ioctl), dm-ioctl 4.37.
-_DM_IOCTL = struct.Struct("=3I3Ii3IQ128s129s7s")  # struct dm_ioctl, 312 bytes
-_DM_DEV_ARM_POLL = (3 << 30) | (_DM_IOCTL.size << 16) | (0xFD << 8) | 16
+#: struct dm_ioctl (include/uapi/linux/dm-ioctl.h), DM_IOCTL_SIZE bytes: what DM_DEV_ARM_POLL takes.
+_DM_IOCTL = struct.Struct("=3I3Ii3IQ128s129s7s")
 
 
 class _EventPoll:
@@ -265,7 +265,7 @@ class _EventPoll:
         buf = bytearray(
             _DM_IOCTL.pack(4, 37, 0, _DM_IOCTL.size, _DM_IOCTL.size, 0, 0, 0, 0, 0, 0, b"", b"", b"")
         )
-        fcntl.ioctl(self.fd, _DM_DEV_ARM_POLL, buf)
+        fcntl.ioctl(self.fd, DM_DEV_ARM_POLL, buf)
 
     def wait(self, timeout: float) -> None:
         poller = select.poll()

@@ -26,8 +26,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from dmtools.blockdev import BLKGETSIZE64, device_number
+from dmtools.blockdev import device_number
 from dmtools.errors import DeviceBusy, DeviceNotFound, DMError, InvalidArgument, LoopError
+from dmtools.linux import (
+    BLKGETSIZE64,
+    BLKROSET,
+    LOOP_CLR_FD,
+    LOOP_CONFIGURE,
+    LOOP_CTL_GET_FREE,
+    LOOP_GET_STATUS64,
+    LOOP_SET_BLOCK_SIZE,
+    LOOP_SET_CAPACITY,
+    LOOP_SET_DIRECT_IO,
+    LOOP_SET_FD,
+    LOOP_SET_STATUS64,
+)
 
 __all__ = [
     "LoopDevice",
@@ -56,17 +69,6 @@ LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
 LO_FLAGS_PARTSCAN = 8
 LO_FLAGS_DIRECT_IO = 16
-
-BLKROSET = 0x125D  # _IO(0x12, 93), include/uapi/linux/fs.h
-LOOP_SET_FD = 0x4C00
-LOOP_CLR_FD = 0x4C01
-LOOP_SET_STATUS64 = 0x4C04
-LOOP_GET_STATUS64 = 0x4C05
-LOOP_SET_CAPACITY = 0x4C07
-LOOP_SET_DIRECT_IO = 0x4C08
-LOOP_SET_BLOCK_SIZE = 0x4C09
-LOOP_CONFIGURE = 0x4C0A
-LOOP_CTL_GET_FREE = 0x4C82
 
 #: struct loop_info64: lo_device, lo_inode, lo_rdevice, lo_offset, lo_sizelimit (__u64);
 #: lo_number, lo_encrypt_type, lo_encrypt_key_size, lo_flags (__u32); lo_file_name[64],

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 from dmtools.endpoint import Endpoint, NullEndpoint
 from dmtools.errors import DMError, InvalidArgument
+from dmtools.linux import DEVNO
 from dmtools.nbd.uri import is_nbd_uri
 from dmtools.units import SECTOR, format_size, parse_sectors, parse_size
 
@@ -266,7 +267,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
 
 def _devno_spec(spec: Spec) -> Spec:
     """``MAJOR:MINOR`` (as tables name devices) made the device node's path."""
-    if spec.is_null or os.path.exists(spec.path) or not re.match(r"^\d+:\d+$", spec.path):
+    if spec.is_null or os.path.exists(spec.path) or not DEVNO.fullmatch(spec.path):
         return spec
     from dmtools.blockdev import resolve_devno
 

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import DeviceIOError
+from dmtools.linux import libc
 
 __all__ = [
     "OFFLOAD_UNSUPPORTED",
@@ -83,8 +84,7 @@ def cached_bytes(fd: int, offset: int, length: int) -> int | None:
     if _cachestat_missing:
         return None
     if _syscall is None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.syscall
+        fn = libc().syscall
         fn.restype = ctypes.c_long
         _syscall = fn
     rng = struct.pack("=QQ", offset, length)  # struct cachestat_range (include/uapi/linux/mman.h)

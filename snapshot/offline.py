@@ -7,7 +7,6 @@ Both open the origin and COW read-only and check everything before writing a byt
 from __future__ import annotations
 
 import os
-import re
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -19,6 +18,7 @@ from dmtools.blockdev import BlockDevice, open_endpoint
 from dmtools.claims import Holder
 from dmtools.endpoint import Endpoint
 from dmtools.errors import CorruptMetadata, DeviceIOError, InvalidArgument, SnapshotInvalid
+from dmtools.linux import DEVNO
 
 from snapshot.store.format import SECTOR, SNAP_MAGIC
 
@@ -26,7 +26,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from dmtools.backend import DeviceMapper
 from snapshot.store.persistent import PersistentStore
 
-_DEVNO = re.compile(r"^\d+:\d+$")
 
 #: ``progress(done_bytes, total_bytes)``
 ProgressFn = Callable[[int, int], None]
@@ -280,7 +279,7 @@ def export(
     """
     import kcopyd
 
-    if isinstance(out, str) and _DEVNO.match(out) and not os.path.exists(out):
+    if isinstance(out, str) and DEVNO.fullmatch(out) and not os.path.exists(out):
         from dmtools.blockdev import resolve_devno
 
         out = resolve_devno(out)  # "MAJOR:MINOR" names a device, as for the inputs: never a new file

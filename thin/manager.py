@@ -29,7 +29,6 @@ from __future__ import annotations
 import builtins
 import errno
 import os
-import re
 import shutil
 import subprocess
 from collections.abc import Callable, Iterable
@@ -48,6 +47,7 @@ from dmtools.errors import (
     PoolNotWritable,
     TargetNotSupported,
 )
+from dmtools.linux import DEVNO
 from dmtools.names import validate_name
 from dmtools.status import ThinPoolStatus, ThinStatus, parse_thin_pool_status, parse_thin_status
 from dmtools.table import Table
@@ -77,7 +77,6 @@ MAX_METADATA_SECTORS = 33292800
 #: are zero (dm-thin-metadata.c ``__superblock_all_zeroes``). 1 MiB covers what a previous pool wrote
 #: first (superblock, space-map roots, the first btree nodes).
 _WIPE_BYTES = 1 << 20
-_DEVNO_RE = re.compile(r"[0-9]+:[0-9]+")
 # Aliases, because ``ThinPoolManager.list`` shadows the builtin inside the class.
 Messages = list[PoolMessage]
 Names = list[str]
@@ -176,7 +175,7 @@ def _layer_names(name: str) -> tuple[str, str, str]:
 
 def _ref_path(ref: str) -> str:
     """A path to open for a table's device reference (``major:minor`` is looked up in /sys)."""
-    return resolve_devno(ref) if _DEVNO_RE.fullmatch(ref) else ref
+    return resolve_devno(ref) if DEVNO.fullmatch(ref) else ref
 
 
 def _device_sectors(path: str) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import functools
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 from dmtools import loop
 from dmtools.engine import rundir
 from dmtools.errors import DMError, LoopError
+from dmtools.linux import BLKROSET, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, libc
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.engine.device import Device
@@ -47,18 +47,11 @@ DEFAULT_RUN_DIR = rundir.ROOT_RUN_DIR
 #: Where the kernel's fusectl file system lists FUSE connections.
 FUSECTL_DIR = "/sys/fs/fuse/connections"
 MNT_DETACH = 2
-BLKROSET = 0x125D  # _IO(0x12, 93), include/uapi/linux/fs.h
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 #: FUSE worker threads (libfuse's ``max_threads``): requests served in parallel.
 FUSE_THREADS = 8
 #: How long ``close`` waits for the FUSE thread after a lazy unmount (its session lasts while a
 #: loop device someone holds open still refers to a file; process exit ends it).
 FUSE_JOIN_BUSY = 1.0
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
 
 def exposure_possible() -> str | None:
     """``None`` when devices can be exposed here, else the reason they cannot."""
@@ -76,7 +69,7 @@ def exposure_possible() -> str | None:
 
 def _umount(path: str, flags: int = 0) -> int:
     """``umount2``; returns 0 or the errno."""
-    if _libc.umount2(os.fsencode(path), flags) != 0:
+    if libc().umount2(os.fsencode(path), flags) != 0:
         return ctypes.get_errno()
     return 0
 
@@ -125,7 +118,7 @@ def abort_fuse(mount_dir: str) -> bool:
         return False
     ctl = f"{FUSECTL_DIR}/{conn}/abort"
     if not os.path.exists(ctl) and not mounted_at(FUSECTL_DIR):
-        _libc.mount(b"fusectl", os.fsencode(FUSECTL_DIR), b"fusectl", 0, None)
+        libc().mount(b"fusectl", os.fsencode(FUSECTL_DIR), b"fusectl", 0, None)
     try:
         with open(ctl, "w") as f:
             f.write("1")
@@ -609,8 +602,7 @@ def _same_open_file(a: tuple[int, int], b: tuple[int, int]) -> bool:
     nr = _KCMP_SYSCALL.get(platform.machine())
     if nr is None:
         return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.syscall(nr, a[0], b[0], _KCMP_FILE, a[1], b[1]) == 0
+    return libc().syscall(nr, a[0], b[0], _KCMP_FILE, a[1], b[1]) == 0
 
 
 def _fd_openers(path: str, major: int, minor: int) -> int:

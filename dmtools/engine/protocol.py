@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from dmtools import errors
 from dmtools.backend import DeviceEntry, DeviceInfo, StatusLine, Versions
 from dmtools.engine import rundir
+from dmtools.linux import DEVNO
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.table import Table
@@ -88,13 +89,12 @@ def run_dir() -> str:
     return os.path.join(runtime, "dmtools") if runtime else f"/tmp/dmtools-{os.geteuid()}"
 
 
-_DEVNO = re.compile(r"^[0-9]+:[0-9]+$")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def is_relative_path(ref: str) -> bool:
     """Whether a table's device reference is a relative path (not ``MAJ:MIN``, a URI or ``/…``)."""
-    return not (ref.startswith("/") or _DEVNO.match(ref) or _URI.match(ref))
+    return not (ref.startswith("/") or DEVNO.fullmatch(ref) or _URI.match(ref))
 
 
 def absolute_reference(ref: str, cwd: str | None = None) -> str:

@@ -17,7 +17,6 @@ Nothing can be claimed on a remote server; the identity checks still refuse one 
 from __future__ import annotations
 
 import os
-import re
 import stat
 from typing import TYPE_CHECKING
 
@@ -25,18 +24,17 @@ from dmtools.blockdev import resolve_devno
 from dmtools.engine.backing import BackingDevice
 from dmtools.engine.target_driver import DeviceHandle
 from dmtools.errors import DeviceBusy, DMError, InvalidTable
+from dmtools.linux import DEVNO
 from dmtools.nbd.uri import is_nbd_uri
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.engine.device import Device
     from dmtools.engine.engine import Engine
 
-_DEVNO = re.compile(r"^(\d+):(\d+)$")
-
 
 def _own(engine: "Engine", ref: str) -> "Device | None":
     """The engine device ``ref`` names, if it names one."""
-    m = _DEVNO.match(ref)
+    m = DEVNO.fullmatch(ref)
     if m:
         return engine.device_by_devno(int(m.group(1)), int(m.group(2)))
     exposure = engine.exposure
@@ -75,7 +73,7 @@ def resolve(engine: "Engine", ref: str, *, writable: bool) -> DeviceHandle:
                 cls = DeviceBusy if isinstance(err, DeviceBusy) else InvalidTable
                 raise cls(f"{ref}: {err.message}", operation="load") from err
         return DeviceHandle(endpoint, f"{own.major}:{own.minor}", own.major, own.minor, ref)
-    m = _DEVNO.match(ref)
+    m = DEVNO.fullmatch(ref)
     try:
         path = resolve_devno((int(m.group(1)), int(m.group(2)))) if m else ref
         # dm_get_device claims the device for every table (one holder: dm-table.c

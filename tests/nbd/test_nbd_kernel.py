@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from dmtools import linux
 from dmtools.blockdev import BlockDevice, aligned_buffer
 from dmtools.cli.main import main
 from dmtools.errors import DeviceBusy, DeviceIOError, InvalidArgument
@@ -25,7 +26,6 @@ from dmtools.testing.nbdserver import NbdServer
 pytestmark = pytest.mark.kernel
 
 MiB = 1 << 20
-BLKROGET = 0x125E  # _IO(0x12, 94), include/uapi/linux/fs.h
 
 
 def _dmtools(*args: str) -> str:
@@ -109,7 +109,7 @@ def test_read_only_attach(start_nbdkit: Callable[..., NbdServer], attached: Call
     assert [d for d in kernel.list_devices() if d.path == path][0].read_only
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert struct.unpack("i", fcntl.ioctl(fd, BLKROGET, b"\0" * 4))[0] == 1
+        assert struct.unpack("i", fcntl.ioctl(fd, linux.BLKROGET, b"\0" * 4))[0] == 1
     finally:
         os.close(fd)
     # The kernel lets a read-only disk be opened for writing; nbd.c fails the write itself

@@ -1,0 +1,89 @@
+"""Linux's numbers that several modules need, each defined once with the header it comes from.
+
+ioctl requests (block devices, loop devices, device-mapper's poll), ``fallocate(2)`` modes, how a
+device number is spelt in a table, and the C library loaded once for the calls Python lacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    import ctypes
+
+__all__ = [
+    "BLKDISCARD",
+    "BLKGETSIZE64",
+    "BLKPBSZGET",
+    "BLKROGET",
+    "BLKROSET",
+    "BLKSSZGET",
+    "BLKZEROOUT",
+    "DEVNO",
+    "DM_DEV_ARM_POLL",
+    "DM_IOCTL_SIZE",
+    "FALLOC_FL_KEEP_SIZE",
+    "FALLOC_FL_PUNCH_HOLE",
+    "FALLOC_FL_ZERO_RANGE",
+    "LOOP_CLR_FD",
+    "LOOP_CONFIGURE",
+    "LOOP_CTL_GET_FREE",
+    "LOOP_GET_STATUS64",
+    "LOOP_SET_BLOCK_SIZE",
+    "LOOP_SET_CAPACITY",
+    "LOOP_SET_DIRECT_IO",
+    "LOOP_SET_FD",
+    "LOOP_SET_STATUS64",
+    "libc",
+]
+
+# include/uapi/asm-generic/ioctl.h (x86, arm, riscv...): dir:2 | size:14 | type:8 | nr:8.
+_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
+
+
+def _ioc(direction: int, type_: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (type_ << 8) | nr
+
+
+# include/uapi/linux/fs.h
+BLKROSET = _ioc(_IOC_NONE, 0x12, 93, 0)
+BLKROGET = _ioc(_IOC_NONE, 0x12, 94, 0)
+BLKSSZGET = _ioc(_IOC_NONE, 0x12, 104, 0)
+BLKGETSIZE64 = _ioc(_IOC_READ, 0x12, 114, 8)  # _IOR(0x12, 114, size_t)
+BLKDISCARD = _ioc(_IOC_NONE, 0x12, 119, 0)
+BLKPBSZGET = _ioc(_IOC_NONE, 0x12, 123, 0)
+BLKZEROOUT = _ioc(_IOC_NONE, 0x12, 127, 0)
+
+# include/uapi/linux/loop.h (plain numbers there, not _IO encoded)
+LOOP_SET_FD = 0x4C00
+LOOP_CLR_FD = 0x4C01
+LOOP_SET_STATUS64 = 0x4C04
+LOOP_GET_STATUS64 = 0x4C05
+LOOP_SET_CAPACITY = 0x4C07
+LOOP_SET_DIRECT_IO = 0x4C08
+LOOP_SET_BLOCK_SIZE = 0x4C09
+LOOP_CONFIGURE = 0x4C0A
+LOOP_CTL_GET_FREE = 0x4C82
+
+# include/uapi/linux/dm-ioctl.h: DM_DEV_ARM_POLL is _IOWR(0xfd, 16, struct dm_ioctl), dm-ioctl 4.37.
+DM_IOCTL_SIZE = 312  # sizeof(struct dm_ioctl)
+DM_DEV_ARM_POLL = _ioc(_IOC_READ | _IOC_WRITE, 0xFD, 16, DM_IOCTL_SIZE)
+
+# include/uapi/linux/falloc.h
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+#: A device number as tables spell it, ``MAJOR:MINOR`` in ASCII digits (dm-table.c
+#: ``dm_get_device`` reads it with ``sscanf("%u:%u%c")``); use with ``fullmatch``.
+DEVNO = re.compile(r"([0-9]+):([0-9]+)")
+
+
+@functools.cache
+def libc() -> "ctypes.CDLL":
+    """The C library (the process's own symbols), with ``errno`` kept for ``ctypes.get_errno``."""
+    import ctypes  # only for the calls that need it: ctypes costs start-up
+
+    return ctypes.CDLL(None, use_errno=True)

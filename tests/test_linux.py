@@ -1,0 +1,41 @@
+"""The Linux numbers in :mod:`dmtools.linux` are the uapi headers' values (x86-64 encoding)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+
+from dmtools import linux
+
+
+def test_block_ioctls_match_include_uapi_linux_fs_h() -> None:
+    # _IO(0x12, nr) is 0x12 << 8 | nr; BLKGETSIZE64 is _IOR(0x12, 114, size_t).
+    assert (linux.BLKROSET, linux.BLKROGET, linux.BLKSSZGET) == (0x125D, 0x125E, 0x1268)
+    assert (linux.BLKDISCARD, linux.BLKPBSZGET, linux.BLKZEROOUT) == (0x1277, 0x127B, 0x127F)
+    assert linux.BLKGETSIZE64 == 0x80081272
+
+
+def test_loop_ioctls_match_include_uapi_linux_loop_h() -> None:
+    # 'L' << 8 | nr
+    assert (linux.LOOP_SET_FD, linux.LOOP_CLR_FD, linux.LOOP_SET_STATUS64) == (0x4C00, 0x4C01, 0x4C04)
+    assert (linux.LOOP_SET_CAPACITY, linux.LOOP_SET_DIRECT_IO, linux.LOOP_CONFIGURE) == (0x4C07, 0x4C08, 0x4C0A)
+    assert (linux.LOOP_GET_STATUS64, linux.LOOP_SET_BLOCK_SIZE, linux.LOOP_CTL_GET_FREE) == (0x4C05, 0x4C09, 0x4C82)
+
+
+def test_dm_dev_arm_poll_is_iowr_on_struct_dm_ioctl() -> None:
+    from dmtools.kernel import _DM_IOCTL
+
+    assert _DM_IOCTL.size == linux.DM_IOCTL_SIZE == 312
+    assert linux.DM_DEV_ARM_POLL == 0xC138FD10
+
+
+def test_devno_is_ascii_digits_only() -> None:
+    assert linux.DEVNO.fullmatch("253:0") and linux.DEVNO.fullmatch("7:12")
+    for text in ("253:", ":0", "253:0x", "253 :0", "\u0662\u0665\u0663:0", "/dev/dm-0"):
+        assert not linux.DEVNO.fullmatch(text), text
+
+
+def test_libc_is_loaded_once_and_keeps_errno() -> None:
+    assert linux.libc() is linux.libc()
+    assert linux.libc().close(-1) == -1
+    assert ctypes.get_errno() == errno.EBADF
