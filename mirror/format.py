@@ -25,6 +25,7 @@ from typing import Any
 from dmtools.endpoint import Endpoint
 from dmtools.errors import CorruptMetadata, DeviceIOError, InvalidArgument
 from dmtools.target_values import SyncMode
+from dmtools.units import SECTOR
 
 from mirror.bitmap import Bitmap, bitmap_bytes
 
@@ -34,7 +35,6 @@ MIRROR_MAGIC = 0x4D695272
 MIRROR_DISK_VERSION = 2
 #: Sectors before the clean bitmap (dm-log.c LOG_OFFSET).
 LOG_OFFSET = 2
-SECTOR = 512
 #: Byte offset of the clean bitmap.
 BITMAP_OFFSET = LOG_OFFSET * SECTOR
 #: ``struct log_header``: le32 magic, le32 version, le64 nr_regions (16 bytes, packed).

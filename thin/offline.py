@@ -19,6 +19,7 @@ from dmtools.blockdev import BlockDevice, open_endpoint
 from dmtools.endpoint import Endpoint
 from dmtools.errors import CorruptMetadata, DeviceIOError, InvalidArgument
 from dmtools.inputs import check_devices
+from dmtools.units import SECTOR
 
 from thin.metadata import btree
 from thin.metadata.dump import device_runs
@@ -30,7 +31,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["DeviceUsage", "ExportResult", "LS_FIELDS", "export", "format_ls", "ls"]
 
-SECTOR = 512
 #: ``progress(done_bytes, total_bytes)``
 ProgressFn = Callable[[int, int], None]
 

@@ -34,11 +34,10 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, Sequence, T
 
 from dmtools.endpoint import Endpoint, ForwardingEndpoint
 from dmtools.errors import InvalidArgument, InvalidTable
+from dmtools.units import SECTOR
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.target_values import Target as TargetValue
-
-SECTOR = 512
 
 _T = TypeVar("_T")
 

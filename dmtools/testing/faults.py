@@ -22,10 +22,10 @@ from typing import Any, Iterable
 
 from dmtools.endpoint import Endpoint, ForwardingEndpoint
 from dmtools.errors import DeviceIOError, InvalidArgument, NoSpace
+from dmtools.units import SECTOR
 
 __all__ = ["FaultyEndpoint", "SlowEndpoint", "MemoryEndpoint", "WrappedEndpoint"]
 
-SECTOR = 512
 _MASK64 = (1 << 64) - 1
 
 

@@ -16,8 +16,7 @@ import struct
 from dataclasses import dataclass
 
 from dmtools.errors import CorruptMetadata
-
-SECTOR = 512
+from dmtools.units import SECTOR
 
 #: "SnAp" read as a little-endian 32-bit word (dm-snap-persistent.c SNAP_MAGIC).
 SNAP_MAGIC = 0x70416E53

@@ -28,13 +28,13 @@ from dmtools.engine.target_driver import DeviceHandle, TargetDriver
 from dmtools.errors import DeviceIOError, InvalidTable, NoSpace
 from dmtools.status import SnapshotState, SnapshotStatus
 from dmtools.target_values import Target
+from dmtools.units import SECTOR
 
 from snapshot.store.base import ExceptionStore
 from snapshot.targets.origins import STATE_KEY, OriginRegistry, device_key
 
 log = logging.getLogger("snapshot")
 
-SECTOR = 512
 #: pages (4 KiB) reserved by each snapshot's kcopyd client.
 KCOPYD_PAGES = 256
 #: largest copy job built by coalescing consecutive chunks.
