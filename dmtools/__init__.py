@@ -6,11 +6,9 @@ userspace engine (``open``, ``Engine``), endpoints for I/O and loop devices.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-from dmtools.backend import DeviceEntry, DeviceInfo, DeviceMapper, StatusLine, Versions
-from dmtools.backends import open
-from dmtools.endpoint import Endpoint, NullEndpoint
+from dmtools import lazy
 from dmtools.errors import (
     CorruptMetadata,
     DeviceBusy,
@@ -28,8 +26,15 @@ from dmtools.errors import (
     SnapshotInvalid,
     TargetNotSupported,
 )
+from dmtools.version import __version__
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
+    from dmtools.backend import DeviceEntry, DeviceInfo, DeviceMapper, StatusLine, Versions
+    from dmtools.backends import open
+    from dmtools.endpoint import Endpoint, NullEndpoint
+    from dmtools.engine import Engine
+    from dmtools.table import Table
+
 
 __all__ = [
     "CorruptMetadata",
@@ -59,19 +64,19 @@ __all__ = [
     "open",
 ]
 
-_LAZY = {
-    "Table": ("dmtools.table", "Table"),
-    "Engine": ("dmtools.engine", "Engine"),
-}
-
-
-def __getattr__(name: str) -> Any:
-    """Load ``Table`` and ``Engine`` on first use."""
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'dmtools' has no attribute {name!r}")
+#: Loaded on first use, so that ``import dmtools`` (and the CLI's start) costs only the errors.
+__getattr__ = lazy.exports(
+    __name__,
+    {
+        "DeviceEntry": "dmtools.backend:DeviceEntry",
+        "DeviceInfo": "dmtools.backend:DeviceInfo",
+        "DeviceMapper": "dmtools.backend:DeviceMapper",
+        "StatusLine": "dmtools.backend:StatusLine",
+        "Versions": "dmtools.backend:Versions",
+        "open": "dmtools.backends:open",
+        "Endpoint": "dmtools.endpoint:Endpoint",
+        "NullEndpoint": "dmtools.endpoint:NullEndpoint",
+        "Engine": "dmtools.engine:Engine",
+        "Table": "dmtools.table:Table",
+    },
+)

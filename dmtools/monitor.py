@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from dmtools.backend import DeviceMapper
 from dmtools.errors import DMError, InvalidArgument
+from dmtools.events.defaults import MIRROR_POLICIES
 from dmtools.events.delivery import CursorSink, Sink
 from dmtools.events.state import DeviceState, parse_thresholds
 from dmtools.events.store import Plan, StateStore
@@ -64,7 +65,6 @@ log = logging.getLogger(__name__)
 
 #: Entry-point group where upper layers provide policy implementations.
 POLICY_GROUP = "dmtools.policies"
-MIRROR_POLICIES = ("none", "degraded", "repair", "remove")
 
 
 # --- configuration ------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ units and (where sectors are required) byte counts that are not a multiple of 51
 from __future__ import annotations
 
 import re
-from fractions import Fraction
 
 from dmtools.errors import InvalidArgument
 
@@ -143,6 +142,8 @@ def parse_size(text: str | int, default_unit: str = "s") -> int:
         )
     if unit not in _UNITS:
         raise InvalidArgument(f"unknown unit {match.group('unit')!r} in size {text!r}")
+    from fractions import Fraction  # with decimal, 10 ms of start-up that most commands never use
+
     exact = Fraction(match.group("num")) * _UNITS[unit]
     if exact.denominator != 1:
         raise InvalidArgument(f"size {text!r} is not a whole number of bytes")
@@ -188,6 +189,8 @@ def format_size(nbytes: int) -> str:
     """
     if nbytes < 0:
         raise InvalidArgument(f"size cannot be negative: {nbytes}")
+    from fractions import Fraction
+
     index = 0
     value = Fraction(nbytes)
     while value >= 1024 and index < len(_HUMAN_UNITS) - 1:

@@ -15,19 +15,25 @@ semantics (errors, ``IGNORE_ERROR``, ``WRITE_SEQ``) and ``kcopyd.fastpath`` for 
 
 from __future__ import annotations
 
-from kcopyd.client import (
-    DEST_ZEROED,
-    IGNORE_ERROR,
-    MAX_SUB_JOB_SIZE,
-    SPLIT_COUNT,
-    SUB_JOB_SIZE,
-    WRITE_SEQ,
-    Client,
-)
-from kcopyd.job import Job, NotifyFn, Progress
-from kcopyd.pagepool import PAGE_SIZE, PagePool
-from kcopyd.region import MAX_REGIONS, Region
-from kcopyd.throttle import Throttle
+from typing import TYPE_CHECKING
+
+from dmtools import lazy
+
+if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
+    from kcopyd.client import (
+        DEST_ZEROED,
+        IGNORE_ERROR,
+        MAX_SUB_JOB_SIZE,
+        SPLIT_COUNT,
+        SUB_JOB_SIZE,
+        WRITE_SEQ,
+        Client,
+    )
+    from kcopyd.job import Job, NotifyFn, Progress
+    from kcopyd.pagepool import PAGE_SIZE, PagePool
+    from kcopyd.region import MAX_REGIONS, Region
+    from kcopyd.throttle import Throttle
+
 
 __all__ = [
     "Client",
@@ -46,3 +52,24 @@ __all__ = [
     "Throttle",
     "WRITE_SEQ",
 ]
+
+__getattr__ = lazy.exports(
+    __name__,
+    {
+        "DEST_ZEROED": "kcopyd.client:DEST_ZEROED",
+        "IGNORE_ERROR": "kcopyd.client:IGNORE_ERROR",
+        "MAX_SUB_JOB_SIZE": "kcopyd.client:MAX_SUB_JOB_SIZE",
+        "SPLIT_COUNT": "kcopyd.client:SPLIT_COUNT",
+        "SUB_JOB_SIZE": "kcopyd.client:SUB_JOB_SIZE",
+        "WRITE_SEQ": "kcopyd.client:WRITE_SEQ",
+        "Client": "kcopyd.client:Client",
+        "Job": "kcopyd.job:Job",
+        "NotifyFn": "kcopyd.job:NotifyFn",
+        "Progress": "kcopyd.job:Progress",
+        "PAGE_SIZE": "kcopyd.pagepool:PAGE_SIZE",
+        "PagePool": "kcopyd.pagepool:PagePool",
+        "MAX_REGIONS": "kcopyd.region:MAX_REGIONS",
+        "Region": "kcopyd.region:Region",
+        "Throttle": "kcopyd.throttle:Throttle",
+    },
+)

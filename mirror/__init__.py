@@ -3,12 +3,17 @@ the ``MirrorManager`` (drivers/md/dm-raid1.c, drivers/md/dm-log.c semantics)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-from dmtools.target_values import SyncMode
-from mirror.format import LogHeader, LogImage, LogReport, format_log, inspect
-from mirror.log import CoreDirtyLog, DiskDirtyLog, open_dirty_log
-from mirror.region import RegionState
+from dmtools import lazy
+
+if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
+    from dmtools.target_values import SyncMode
+    from mirror.format import LogHeader, LogImage, LogReport, format_log, inspect
+    from mirror.log import CoreDirtyLog, DiskDirtyLog, open_dirty_log
+    from mirror.manager import MirrorManager, MirrorState
+    from mirror.region import RegionState
+    from mirror.resync import OfflineResync
 
 __all__ = [
     "CoreDirtyLog",
@@ -26,15 +31,21 @@ __all__ = [
     "open_dirty_log",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    # The manager pulls in kcopyd and the backends; load it on first use.
-    if name in ("MirrorManager", "MirrorState"):
-        import mirror.manager
-
-        return getattr(mirror.manager, name)
-    if name == "OfflineResync":
-        from mirror.resync import OfflineResync
-
-        return OfflineResync
-    raise AttributeError(name)
+__getattr__ = lazy.exports(
+    __name__,
+    {
+        "LogHeader": "mirror.format:LogHeader",
+        "LogImage": "mirror.format:LogImage",
+        "LogReport": "mirror.format:LogReport",
+        "SyncMode": "dmtools.target_values:SyncMode",
+        "format_log": "mirror.format:format_log",
+        "inspect": "mirror.format:inspect",
+        "CoreDirtyLog": "mirror.log:CoreDirtyLog",
+        "DiskDirtyLog": "mirror.log:DiskDirtyLog",
+        "open_dirty_log": "mirror.log:open_dirty_log",
+        "MirrorManager": "mirror.manager:MirrorManager",
+        "MirrorState": "mirror.manager:MirrorState",
+        "RegionState": "mirror.region:RegionState",
+        "OfflineResync": "mirror.resync:OfflineResync",
+    },
+)

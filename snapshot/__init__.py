@@ -8,9 +8,15 @@
 
 from __future__ import annotations
 
-from snapshot.manager import SnapshotInfo, SnapshotManager
-from snapshot.offline import CowInfo, ExportResult, export, inspect
-from snapshot.store import ExceptionStore, PersistentStore, TransientStore, Usage
+from typing import TYPE_CHECKING
+
+from dmtools import lazy
+
+if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
+    from snapshot.manager import SnapshotInfo, SnapshotManager
+    from snapshot.offline import CowInfo, ExportResult, export, inspect
+    from snapshot.store import ExceptionStore, PersistentStore, TransientStore, Usage
+
 
 __all__ = [
     "CowInfo",
@@ -24,3 +30,19 @@ __all__ = [
     "export",
     "inspect",
 ]
+
+__getattr__ = lazy.exports(
+    __name__,
+    {
+        "SnapshotInfo": "snapshot.manager:SnapshotInfo",
+        "SnapshotManager": "snapshot.manager:SnapshotManager",
+        "CowInfo": "snapshot.offline:CowInfo",
+        "ExportResult": "snapshot.offline:ExportResult",
+        "export": "snapshot.offline:export",
+        "inspect": "snapshot.offline:inspect",
+        "ExceptionStore": "snapshot.store:ExceptionStore",
+        "PersistentStore": "snapshot.store:PersistentStore",
+        "TransientStore": "snapshot.store:TransientStore",
+        "Usage": "snapshot.store:Usage",
+    },
+)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dmtools import loop
 from dmtools.units import parse_size
+
+if TYPE_CHECKING:  # pragma: no cover - imported by the commands that use it (start-up)
+    from dmtools import loop
 
 __all__ = ["register", "cmd_attach", "cmd_detach", "cmd_list"]
 
@@ -58,6 +60,8 @@ def register(subparsers: Any) -> None:
 
 def cmd_attach(args: argparse.Namespace) -> int:
     """Attach ``args.file``; prints the loop device's path."""
+    from dmtools import loop
+
     dev = loop.attach(
         args.file,
         read_only=args.read_only,
@@ -73,6 +77,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 def cmd_detach(args: argparse.Namespace) -> int:
     """Detach every device named; the first failure raises (devices before it are detached)."""
+    from dmtools import loop
+
     for name in args.devices:
         loop.detach(name)
     return 0
@@ -102,6 +108,8 @@ def format_table(devices: list[loop.LoopDevice]) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Print the attached loop devices (a table, or JSON with ``--json``)."""
+    from dmtools import loop
+
     devices = loop.list_loops()
     if getattr(args, "json", False):
         print(json.dumps([d.to_dict() for d in devices], indent=2, sort_keys=True))

@@ -6,11 +6,11 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from importlib.metadata import entry_points
 from typing import Any
 
 from dmtools.cli.common import close_backends, one_line
 from dmtools.errors import DMError
+from dmtools.plugins import entry_points
 
 log = logging.getLogger("dmtools")
 
@@ -63,7 +63,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             log.debug("command %s unavailable: %s", name, err)
             continue
         registered.add(name)
-    for ep in sorted(entry_points(group="dmtools.commands"), key=lambda e: e.name):
+    if only is not None and only in registered:
+        return parser
+    for ep in sorted(entry_points("dmtools.commands"), key=lambda e: e.name):
         if ep.name in registered or (only is not None and ep.name != only):
             continue
         try:
@@ -100,13 +102,14 @@ def hoist_globals(argv: Sequence[str]) -> list[str]:
 
 def _command_named(argv: Sequence[str]) -> str | None:
     """The sub-command ``argv`` names, if it is a known one (global options already in front)."""
-    known = set(BUILTIN_COMMANDS) | {ep.name for ep in entry_points(group="dmtools.commands")}
     it = iter(argv)
     for arg in it:
         if arg == "--backend":
             next(it, None)
         elif not arg.startswith("-"):
-            return arg if arg in known else None
+            if arg in BUILTIN_COMMANDS:  # found without reading the installed entry points
+                return arg
+            return arg if arg in {ep.name for ep in entry_points("dmtools.commands")} else None
         elif arg in ("-h", "--help"):
             return None
     return None

@@ -21,15 +21,17 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dmtools.cli import common as cli_common
 from dmtools.errors import DMError, InvalidArgument
-from dmtools.events.delivery import CursorSink, JsonLinesFile, event_line
-from dmtools.events.state import DEFAULT_THRESHOLDS, DeviceState, parse_thresholds
-from dmtools.events.store import StateStore, default_root
-from dmtools.events.types import DeviceRemoved, Event
-from dmtools.monitor import MIRROR_POLICIES, Monitor, MonitorConfig, PolicySettings
+from dmtools.events.defaults import DEFAULT_THRESHOLDS, MIRROR_POLICIES, default_root
+
+if TYPE_CHECKING:  # pragma: no cover - the commands import what they run (start-up)
+    from dmtools.events.state import DeviceState
+    from dmtools.events.store import StateStore
+    from dmtools.events.types import Event
+    from dmtools.monitor import MonitorConfig
 
 __all__ = ["register", "cmd_monitor", "format_event"]
 
@@ -79,6 +81,9 @@ def register(subparsers: Any) -> None:
 
 
 def _settings(args: argparse.Namespace) -> MonitorConfig:
+    from dmtools.events.state import parse_thresholds
+    from dmtools.monitor import MonitorConfig, PolicySettings
+
     defaults = PolicySettings(
         warn=parse_thresholds(args.warn) if args.warn is not None else (),
         autoextend_threshold=args.autoextend_threshold,
@@ -101,6 +106,8 @@ class _UntilRemoved:
         return int(self.inner.last_seq())
 
     def write(self, event: Event) -> None:
+        from dmtools.events.types import DeviceRemoved
+
         self.inner.write(event)
         if isinstance(event, DeviceRemoved) and event.device in self.names \
                 and not any(self.dm.exists(n) for n in self.names):
@@ -118,6 +125,8 @@ def format_event(event: Event) -> str:
 
 def _print_event(event: Event, as_json: bool) -> None:
     if as_json:
+        from dmtools.events.delivery import event_line
+
         print(event_line(event), flush=True)
     else:
         print(format_event(event), flush=True)
@@ -132,6 +141,8 @@ def _state_text(states: dict[str, DeviceState]) -> str:
 
 def _open_store(args: argparse.Namespace, backend: str) -> tuple[StateStore, bool]:
     """The state store, locked when possible; with ``--once`` a running monitor's lock is fine."""
+    from dmtools.events.store import StateStore
+
     try:
         return StateStore(backend, args.state_dir, lock=True), True
     except DMError as err:
@@ -144,6 +155,8 @@ def _open_store(args: argparse.Namespace, backend: str) -> tuple[StateStore, boo
 def cmd_monitor(args: argparse.Namespace) -> int:
     """Run the monitor (see the module docstring)."""
     from dmtools.cli.common import open_backend
+    from dmtools.events.delivery import CursorSink, JsonLinesFile
+    from dmtools.monitor import Monitor
 
     as_json = bool(getattr(args, "json", False))
     config = _settings(args)

@@ -1,9 +1,29 @@
-"""The embedded userspace device-mapper engine, its daemon and its block-device exposure."""
+"""The embedded userspace device-mapper engine, its daemon and its block-device exposure.
+
+The names below load on first use: a client of the daemon (``dmtools.engine.client``) lives in
+this package and must not pay for the engine it talks to.
+"""
 
 from __future__ import annotations
 
-from dmtools.engine.device_endpoint import DeviceEndpoint
-from dmtools.engine.engine import Engine
-from dmtools.engine.target_driver import DeviceHandle, TargetDriver, TargetContext
+from typing import TYPE_CHECKING
+
+from dmtools import lazy
+
+if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
+    from dmtools.engine.device_endpoint import DeviceEndpoint
+    from dmtools.engine.engine import Engine
+    from dmtools.engine.target_driver import DeviceHandle, TargetContext, TargetDriver
 
 __all__ = ["DeviceEndpoint", "DeviceHandle", "Engine", "TargetDriver", "TargetContext"]
+
+__getattr__ = lazy.exports(
+    __name__,
+    {
+        "DeviceEndpoint": "dmtools.engine.device_endpoint:DeviceEndpoint",
+        "Engine": "dmtools.engine.engine:Engine",
+        "DeviceHandle": "dmtools.engine.target_driver:DeviceHandle",
+        "TargetDriver": "dmtools.engine.target_driver:TargetDriver",
+        "TargetContext": "dmtools.engine.target_driver:TargetContext",
+    },
+)

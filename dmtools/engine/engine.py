@@ -584,7 +584,7 @@ class Engine(DeviceMapper):
 
     def version(self) -> Versions:
         """Library (dmtools) and driver (dm-ioctl semantics followed) versions."""
-        from dmtools import __version__
+        from dmtools.version import __version__
 
         return Versions(library=__version__, driver=DRIVER_VERSION, backend="userspace")
 

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence
 
 from dmtools.backend import DeviceMapper
 from dmtools.errors import DeviceNotFound, InvalidArgument, InvalidStatus
+from dmtools.events.defaults import DEFAULT_THRESHOLDS
 from dmtools.events.types import (
     DeviceAdded,
     DeviceRemoved,
@@ -46,10 +47,6 @@ from dmtools.status import (
 
 __all__ = ["TargetState", "DeviceState", "capture", "derive", "DEFAULT_THRESHOLDS",
            "parse_thresholds"]
-
-#: dmeventd's snapshot warnings (daemons/dmeventd/plugins/snapshot: 80 % and every 5 % above).
-DEFAULT_THRESHOLDS: tuple[int, ...] = (80, 85, 90, 95)
-
 
 def parse_thresholds(text: str | Iterable[int]) -> tuple[int, ...]:
     """``"80,85,90,95"`` (or integers) as a sorted tuple of distinct percentages in 1..100."""

@@ -38,6 +38,7 @@ from typing import Any, Iterator, Sequence
 from urllib.parse import quote, unquote
 
 from dmtools.errors import DMError
+from dmtools.events.defaults import default_root
 from dmtools.events.journal import Journal, atomic_replace, fsync_dir, read_records
 from dmtools.events.state import DeviceState
 from dmtools.events.types import Event
@@ -50,15 +51,6 @@ RECENT_EVENTS = 32
 JOURNAL_LIMIT = 256 << 10
 _JOURNAL = "journal"
 _CURSOR = "cursor"
-
-
-def default_root() -> str:
-    """``/run/dmtools/monitor`` for root, else under ``$XDG_RUNTIME_DIR`` or ``/tmp``."""
-    if os.geteuid() == 0:
-        return "/run/dmtools/monitor"
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = os.path.join(runtime, "dmtools") if runtime else f"/tmp/dmtools-{os.geteuid()}"
-    return os.path.join(base, "monitor")
 
 
 @dataclass(frozen=True)

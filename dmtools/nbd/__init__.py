@@ -9,10 +9,16 @@
 
 from __future__ import annotations
 
-from dmtools.nbd._lib import is_supported
-from dmtools.nbd.endpoint import DEFAULT_CONNECTIONS, DEFAULT_TIMEOUT, NbdEndpoint
-from dmtools.nbd.errors import NbdConnectionError, NbdUnavailable
-from dmtools.nbd.uri import NbdUri, is_nbd_uri, parse_uri
+from typing import TYPE_CHECKING
+
+from dmtools import lazy
+
+if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
+    from dmtools.nbd._lib import is_supported
+    from dmtools.nbd.endpoint import DEFAULT_CONNECTIONS, DEFAULT_TIMEOUT, NbdEndpoint
+    from dmtools.nbd.errors import NbdConnectionError, NbdUnavailable
+    from dmtools.nbd.uri import NbdUri, is_nbd_uri, parse_uri
+
 
 __all__ = [
     "DEFAULT_CONNECTIONS",
@@ -25,3 +31,18 @@ __all__ = [
     "is_supported",
     "parse_uri",
 ]
+
+__getattr__ = lazy.exports(
+    __name__,
+    {
+        "is_supported": "dmtools.nbd._lib:is_supported",
+        "DEFAULT_CONNECTIONS": "dmtools.nbd.endpoint:DEFAULT_CONNECTIONS",
+        "DEFAULT_TIMEOUT": "dmtools.nbd.endpoint:DEFAULT_TIMEOUT",
+        "NbdEndpoint": "dmtools.nbd.endpoint:NbdEndpoint",
+        "NbdConnectionError": "dmtools.nbd.errors:NbdConnectionError",
+        "NbdUnavailable": "dmtools.nbd.errors:NbdUnavailable",
+        "NbdUri": "dmtools.nbd.uri:NbdUri",
+        "is_nbd_uri": "dmtools.nbd.uri:is_nbd_uri",
+        "parse_uri": "dmtools.nbd.uri:parse_uri",
+    },
+)
