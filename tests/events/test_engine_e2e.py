@@ -23,12 +23,10 @@ from dmtools.events import (
     StateStore,
 )
 from dmtools.monitor import Monitor, MonitorConfig, PolicySettings
+from mirror.manager import MirrorManager
+from snapshot.manager import SnapshotManager
 
-pytest.importorskip("snapshot.targets")
-from mirror.manager import MirrorManager  # noqa: E402
-from snapshot.manager import SnapshotManager  # noqa: E402
-
-from ev_engine import Recorder, engine_with_targets, image, policies  # noqa: E402
+from ev_engine import Recorder, engine_with_targets, image, policies
 
 MiB = 1 << 20
 WRITE = 16 << 10

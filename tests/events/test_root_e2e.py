@@ -14,11 +14,10 @@ import pytest
 from dmtools.engine import Engine
 from dmtools.events import PolicyAction, SnapshotInvalidated
 from dmtools.monitor import Monitor, MonitorConfig, PolicySettings
+import snapshot.targets as snapshot_targets
+from snapshot.manager import SnapshotManager
 
-snapshot_targets = pytest.importorskip("snapshot.targets")
-from snapshot.manager import SnapshotManager  # noqa: E402
-
-from ev_engine import Recorder, policies  # noqa: E402
+from ev_engine import Recorder, policies
 
 pytestmark = pytest.mark.root
 

@@ -18,11 +18,9 @@ from typing import Any
 import pytest
 
 from dmtools.engine.client import UserspaceClient, start_daemon
+from snapshot.manager import SnapshotManager
 
-pytest.importorskip("snapshot.targets")
-from snapshot.manager import SnapshotManager  # noqa: E402
-
-from ev_engine import image  # noqa: E402
+from ev_engine import image
 
 pytestmark = pytest.mark.root
 

@@ -15,12 +15,10 @@ from dmtools.cli import main as cli_main
 from dmtools.cli.monitor_cmd import format_event
 from dmtools.engine import Engine
 from dmtools.events import Event
+from mirror.manager import MirrorManager
+from snapshot.manager import SnapshotManager
 
-pytest.importorskip("snapshot.targets")
-from mirror.manager import MirrorManager  # noqa: E402
-from snapshot.manager import SnapshotManager  # noqa: E402
-
-from ev_engine import engine_with_targets, image  # noqa: E402
+from ev_engine import engine_with_targets, image
 
 MiB = 1 << 20
 

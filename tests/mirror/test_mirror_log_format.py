@@ -125,7 +125,6 @@ def test_inspect_rejects_non_power_of_two_region_size() -> None:
 
 
 def test_inspect_opens_paths_read_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    pytest.importorskip("dmtools.blockdev", reason="dmtools.blockdev not written yet")
     path = tmp_path / "log.img"
     ep = _log_device(64, in_sync=False, size=4096)
     path.write_bytes(bytes(ep.data))
