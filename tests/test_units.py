@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from dmtools.errors import DMError, InvalidArgument
 from dmtools.units import (
+    MAX_BYTES,
     MAX_SECTORS,
     SECTOR,
     Sectors,
@@ -177,4 +178,10 @@ def test_parse_size_only_raises_dmerrors(text: str) -> None:
         value = parse_size(text)
     except DMError:
         return
-    assert value >= 0
+    # What parses is a whole byte count within the kernel's limit, the same whatever blanks
+    # surround it, and a bare number is sectors (dmsetup's default unit).
+    assert type(value) is int and 0 <= value <= MAX_BYTES
+    assert parse_size(f" {text}\t") == value == parse_size(f"{value}b")
+    digits = text.strip().lstrip("+")
+    if digits.isascii() and digits.isdigit():
+        assert value == int(digits) * SECTOR

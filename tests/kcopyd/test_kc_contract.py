@@ -96,9 +96,11 @@ def test_job_and_client_progress(kc):
     assert job.wait(TIMEOUT)
     assert job.progress == kcopyd.Progress(SIZE, SIZE)
     assert job.progress.percent == 100
+    assert bytes(dst.data) == bytes(src.data), "what the progress counts was read and written"
     job2 = kc.zero([kcopyd.Region(dst, 0, 8)])
     assert job2.wait(TIMEOUT)
     assert kc.progress == kcopyd.Progress(SIZE + 4096, SIZE + 4096)
+    assert bytes(dst.data[:4096]) == bytes(4096) and bytes(dst.data[4096:]) == bytes(src.data[4096:])
 
 
 def test_many_concurrent_jobs_share_the_pool(make_dev):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import threading
 
 import pytest
@@ -317,7 +316,6 @@ def test_paths_closed_after_validation_failure(tmp_path):
         after = len(os.listdir("/proc/self/fd"))
     assert after == before
     assert b.read_bytes() == bytes(4096)
-    assert errno.EIO  # the errno module is used by the fault wrappers' messages
 
 
 def test_submissions_beyond_max_jobs_wait_their_turn():

@@ -107,11 +107,15 @@ def test_duty_cycle_gives_up_after_max_sleeps():
 
 def test_throttled_copy_can_be_cancelled():
     size = 4 * 1024 * KiB
-    src, dst = MemoryEndpoint(pattern(size)), MemoryEndpoint(size)
+    src, dst = SlowEndpoint(MemoryEndpoint(pattern(size))), MemoryEndpoint(size)
     done = threading.Event()
     with kcopyd.Client(num_pages=64, sub_job_size=16 * KiB, rate=32 * KiB) as kc:
         job = kc.copy(kcopyd.Region(src, 0, size // 512), [kcopyd.Region(dst, 0, size // 512)],
                       notify=lambda r, w, c: done.set())
-        time.sleep(0.05)
+        assert src.started.wait(TIMEOUT)
+        assert not job.wait(0.3), "at 32 KiB/s the 4 MiB copy needs two minutes: the throttle holds it"
+        t0 = time.monotonic()
         job.cancel()
         assert job.wait(TIMEOUT) and job.cancelled and done.is_set()
+        assert time.monotonic() - t0 < 10, "cancel wakes a throttled job instead of waiting out its sleep"
+        assert bytes(dst.data) != bytes(src.inner.data)
