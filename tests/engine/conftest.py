@@ -1,7 +1,8 @@
 """Fixtures for the engine tests: ``dm`` runs a test on the userspace engine and on the kernel.
 
-``dm`` is parametrized: ``engine`` (in-process ``Engine``, unit tier) and ``kernel`` (the real
-device-mapper, kernel tier, via the plugin's ``kernel_dm``). ``backing(size)`` gives a device
+``dm`` is parametrized with lazy fixtures: ``engine`` (in-process ``Engine``) and ``daemon`` (the
+same engine behind its control socket), unit tier, and ``kernel`` (the real device-mapper, kernel
+tier, via the plugin's ``kernel_dm``). ``backing(size)`` gives a device
 reference usable in that backend's tables (an image file for the engine, a loop device for the
 kernel) and ``printed(ref)`` how that backend prints it in table and status text.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pytest_lazy_fixtures import lf
 
 from dmtools.backend import DeviceMapper
 from dmtools.blockdev import BlockDevice
@@ -44,53 +46,59 @@ class Harness:
         return self.dm.open_endpoint(name)
 
 
+@pytest.fixture
+def engine_harness(make_image: Callable[..., Any]) -> Iterator[Harness]:
+    """The in-process ``Engine`` over image files."""
+    from dmtools.engine import Engine
+
+    eng = Engine()
+    try:
+        yield Harness(eng, "engine", lambda size: str(make_image(size)))
+    finally:
+        eng.close()
+
+
+@pytest.fixture
+def daemon_harness(make_image: Callable[..., Any], tmp_path: Path) -> Iterator[Harness]:
+    """The same engine behind the control socket (``UserspaceClient``, no exposure)."""
+    from dmtools.engine.client import UserspaceClient
+    from dmtools.engine.daemon import Daemon
+
+    daemon = Daemon(str(tmp_path / "run"), expose=False)
+    daemon.start()
+    server = threading.Thread(target=daemon.serve, daemon=True)
+    server.start()
+    client = UserspaceClient(daemon.run_dir)
+    try:
+        yield Harness(client, "daemon", lambda size: str(make_image(size)))
+    finally:
+        client.close()
+        daemon.stop()
+        server.join(10)
+
+
+@pytest.fixture
+def kernel_harness(kernel_dm: DeviceMapper, make_image: Callable[..., Any],
+                   make_loop: Callable[..., Any]) -> Harness:
+    """The real device-mapper over loop devices."""
+    return Harness(kernel_dm, "kernel", lambda size: str(make_loop(make_image(size)).path))
+
+
 @pytest.fixture(
     params=[
-        pytest.param("engine", id="engine"),
-        pytest.param("daemon", id="daemon"),
-        pytest.param("kernel", id="kernel", marks=pytest.mark.kernel),
+        pytest.param(lf("engine_harness"), id="engine"),
+        pytest.param(lf("daemon_harness"), id="daemon"),
+        pytest.param(lf("kernel_harness"), id="kernel", marks=pytest.mark.kernel),
     ]
 )
-def dm(
-    request: pytest.FixtureRequest, make_image: Callable[..., Any], tmp_path: Path
-) -> Iterator[Harness]:
+def dm(request: pytest.FixtureRequest) -> Harness:
     """The backend under test, with a ``backing(size)`` factory for table device references.
 
-    ``engine`` is the in-process engine, ``daemon`` the same engine behind the control socket
-    (``UserspaceClient``, no exposure), ``kernel`` the real device-mapper.
+    ``engine`` is the in-process engine, ``daemon`` the same engine behind the control socket,
+    ``kernel`` the real device-mapper.
     """
-    if request.param == "engine":
-        from dmtools.engine import Engine
-
-        eng = Engine()
-        try:
-            yield Harness(eng, "engine", lambda size: str(make_image(size)))
-        finally:
-            eng.close()
-        return
-    if request.param == "daemon":
-        from dmtools.engine.client import UserspaceClient
-        from dmtools.engine.daemon import Daemon
-
-        daemon = Daemon(str(tmp_path / "run"), expose=False)
-        daemon.start()
-        server = threading.Thread(target=daemon.serve, daemon=True)
-        server.start()
-        client = UserspaceClient(daemon.run_dir)
-        try:
-            yield Harness(client, "daemon", lambda size: str(make_image(size)))
-        finally:
-            client.close()
-            daemon.stop()
-            server.join(10)
-        return
-    make_loop = request.getfixturevalue("make_loop")
-    kdm = request.getfixturevalue("kernel_dm")
-
-    def backing(size: int) -> str:
-        return str(make_loop(make_image(size)).path)
-
-    yield Harness(kdm, "kernel", backing)
+    harness: Harness = request.param
+    return harness
 
 
 @pytest.fixture

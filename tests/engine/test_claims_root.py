@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pytest_lazy_fixtures import lf
 
 from dmtools import claims
 from dmtools.backend import DeviceMapper
@@ -41,18 +42,22 @@ sys.stdin.read()
 """
 
 
-@pytest.fixture(params=[pytest.param("engine", marks=pytest.mark.root),
-                        pytest.param("kernel", marks=pytest.mark.kernel)])
-def backend(request: pytest.FixtureRequest) -> Iterator[DeviceMapper]:
-    """The backend under test: the in-process userspace engine, or the kernel."""
-    if request.param == "kernel":
-        yield request.getfixturevalue("kernel_dm")
-        return
+@pytest.fixture
+def engine() -> Iterator[DeviceMapper]:
+    """The in-process userspace engine."""
     eng = Engine()
     try:
         yield eng
     finally:
         eng.close()
+
+
+@pytest.fixture(params=[pytest.param(lf("engine"), id="engine", marks=pytest.mark.root),
+                        pytest.param(lf("kernel_dm"), id="kernel", marks=pytest.mark.kernel)])
+def backend(request: pytest.FixtureRequest) -> DeviceMapper:
+    """The backend under test: the in-process userspace engine, or the kernel."""
+    dm: DeviceMapper = request.param
+    return dm
 
 
 @pytest.fixture
