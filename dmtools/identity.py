@@ -261,12 +261,6 @@ class _Resolver:
                     self._dm_devices[(entry.major, entry.minor)] = entry.name
         return self._dm_devices
 
-    def dm_device_named(self, name: str) -> tuple[int, int]:
-        for devno, n in self.dm_devices().items():
-            if n == name:
-                return devno
-        raise DeviceNotFound("no such device", operation="identify", device=name)
-
     # references
     def reference(self, ref: str, cwd: str | None) -> tuple[str, _Node, tuple[str, ...]]:
         """``(path, node, via)`` for a reference as a caller or a table spells it."""

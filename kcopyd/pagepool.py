@@ -72,11 +72,6 @@ class PagePool:
         self.peak = 0
         self._closed = False
 
-    @property
-    def free_pages(self) -> int:
-        """Pages not lent out."""
-        return self.num_pages - self.in_use
-
     def try_alloc(self, npages: int) -> Pages | None:
         """Lend ``npages`` pages, or return ``None`` when fewer are free."""
         if npages < 1 or npages > self.num_pages:

@@ -101,17 +101,6 @@ class Event:
         except TypeError as err:
             raise InvalidArgument(f"malformed {cls.kind} event: {err}") from err
 
-    def same_as(self, other: "Event") -> bool:
-        """True when both events report the same thing (all but ``time``, ``source`` and ``seq``)."""
-        if type(self) is not type(other):
-            return False
-        mine = dataclasses.asdict(self)
-        theirs = dataclasses.asdict(other)
-        for key in ("time", "source", "seq"):
-            mine.pop(key)
-            theirs.pop(key)
-        return mine == theirs
-
 
 # --- device lifecycle -------------------------------------------------------------------------
 

@@ -426,21 +426,3 @@ def _chunks(n: int, max_entries: int) -> list[int]:
         both = sizes[-1] + sizes[-2]
         sizes[-2:] = [both - both // 2, both // 2]
     return sizes
-
-
-def entries_count(tm: TransactionManager, root: int, vtype: ValueType,
-                  memo: dict[int, int] | None = None) -> int:
-    """How many entries a tree holds; ``memo`` shares the work across trees that share nodes."""
-    memo = {} if memo is None else memo
-
-    def count(b: int) -> int:
-        hit = memo.get(b)
-        if hit is not None:
-            return hit
-        node = tm.read_node(b, vtype, cache=False)
-        n = len(node.keys) if node.leaf else sum(count(c) for c in node.values)
-        memo[b] = n
-        return n
-
-    return count(root)
-

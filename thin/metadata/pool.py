@@ -378,16 +378,9 @@ class ThinMetadata:
         self._writing()
         return self.tm.dsm.alloc()
 
-    def data_ref_count(self, block: int) -> int:
-        return self.tm.dsm.get(block)
-
     def data_inc(self, block: int) -> None:
         self._writing()
         self.tm.dsm.inc(block)
-
-    def data_dec(self, block: int) -> None:
-        self._writing()
-        self.tm.dsm.dec(block)
 
     def resize_data(self, nr_blocks: int) -> None:
         """Grow the data space map to ``nr_blocks`` (it cannot shrink: dm-space-map-common.c)."""

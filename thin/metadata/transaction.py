@@ -300,12 +300,6 @@ class TransactionManager:
             self.dirty_raw.pop(blocknr, None)
             self.cache.pop(blocknr, None)
 
-    def new_raw(self, data: bytes) -> int:
-        """Allocate a block for ``data`` (already sealed by the caller for the block it returns)."""
-        b = self.msm.alloc()
-        self.dirty_raw[b] = data
-        return b
-
     # -- commit ------------------------------------------------------------------------------
     @property
     def changed(self) -> bool:
