@@ -67,7 +67,7 @@ from dmtools.errors import (
     from_errno,
 )
 from dmtools.linux import DM_DEV_ARM_POLL
-from dmtools.names import mangle, validate_name, validate_uuid
+from dmtools.names import DM_NAME_LEN, DM_UUID_LEN, mangle, validate_name, validate_uuid
 from dmtools.table import Table
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -247,7 +247,7 @@ def kernel_reason(lines: Sequence[str], devno: str | None = None) -> str:
 
 
 #: struct dm_ioctl (include/uapi/linux/dm-ioctl.h), DM_IOCTL_SIZE bytes: what DM_DEV_ARM_POLL takes.
-_DM_IOCTL = struct.Struct("=3I3Ii3IQ128s129s7s")
+_DM_IOCTL = struct.Struct(f"=3I3Ii3IQ{DM_NAME_LEN}s{DM_UUID_LEN}s7s")
 
 
 class _EventPoll:

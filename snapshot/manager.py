@@ -32,7 +32,7 @@ from dmtools.errors import (
     OperationCancelled,
     SnapshotInvalid,
 )
-from dmtools.names import validate_name
+from dmtools.names import MAX_UUID_BYTES, validate_name
 from dmtools.status import SnapshotState, SnapshotStatus, parse_snapshot_status
 from dmtools.table import Table
 from dmtools.target_values import Error, Linear, Snapshot, SnapshotMerge, SnapshotOrigin, StoreMode
@@ -303,7 +303,7 @@ class SnapshotManager:
                 created.append(real_name)
                 real_ref = dm.device_ref(real_name)
             cow_uuid = f"{dm.info(origin).uuid}-{name}-cow" if dm.info(origin).uuid else ""
-            dm.create(cow_name, Table.single(size // SECTOR, Linear(cow, 0)), uuid=cow_uuid[:128])
+            dm.create(cow_name, Table.single(size // SECTOR, Linear(cow, 0)), uuid=cow_uuid[:MAX_UUID_BYTES])
             created.append(cow_name)
             dm.suspend(origin)
             suspended = True

@@ -49,11 +49,6 @@ DM_UDEV_LOW_PRIORITY_FLAG = 0x0010
 DM_UDEV_DISABLE_LIBRARY_FALLBACK = 0x0020
 DM_UDEV_PRIMARY_SOURCE_FLAG = 0x0040
 
-# Limits from libdm/misc/dm-ioctl.h.
-DM_NAME_LEN = 128
-DM_UUID_LEN = 129
-DM_MAX_TYPE_NAME = 16
-
 # struct dm_name_list flags after the event number (include/uapi/linux/dm-ioctl.h, dm-ioctl 4.45+).
 DM_NAME_LIST_FLAG_HAS_UUID = 1
 DM_NAME_LIST_FLAG_DOESNT_HAVE_UUID = 2
