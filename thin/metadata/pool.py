@@ -282,11 +282,6 @@ class ThinMetadata:
             raise InvalidArgument(f"mismatched transaction id: pool has {self.trans_id}, not {current}")
         self.trans_id = new
 
-    def set_needs_check(self) -> None:
-        """Set the superblock's needs_check flag (committed with the next commit)."""
-        self._writing()
-        self.flags |= NEEDS_CHECK_FLAG
-
     def mark_needs_check(self) -> None:
         """Set needs_check in the committed superblock at once, outside any transaction
         (dm-thin-metadata.c ``dm_pool_metadata_set_needs_check``, after an abort)."""
@@ -378,9 +373,16 @@ class ThinMetadata:
         self._writing()
         return self.tm.dsm.alloc()
 
+    def data_ref_count(self, block: int) -> int:
+        return self.tm.dsm.get(block)
+
     def data_inc(self, block: int) -> None:
         self._writing()
         self.tm.dsm.inc(block)
+
+    def data_dec(self, block: int) -> None:
+        self._writing()
+        self.tm.dsm.dec(block)
 
     def resize_data(self, nr_blocks: int) -> None:
         """Grow the data space map to ``nr_blocks`` (it cannot shrink: dm-space-map-common.c)."""
