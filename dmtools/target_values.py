@@ -27,6 +27,7 @@ from enum import StrEnum
 from typing import ClassVar, NamedTuple
 
 from dmtools.errors import InvalidName, InvalidTable
+from dmtools.linux import DEVNO
 from dmtools.names import validate_target_type
 
 __all__ = [
@@ -72,7 +73,6 @@ MAX_SNAPSHOT_CHUNK = ((1 << 31) - 1) >> 9
 # The kernel splits parameters on C isspace() (dm-table.c dm_split_args).
 _SPACE_RE = re.compile(r"[ \t\n\v\f\r]+")
 _DIGITS_RE = re.compile(r"[0-9]+")
-_DEVNO_RE = re.compile(r"([0-9]+):([0-9]+)")
 
 
 def split_args(params: str) -> list[str]:
@@ -83,7 +83,7 @@ def split_args(params: str) -> list[str]:
 
 def parse_devno(ref: str) -> tuple[int, int] | None:
     """``(major, minor)`` when ``ref`` is written ``major:minor``, else ``None`` (a path)."""
-    match = _DEVNO_RE.fullmatch(ref)
+    match = DEVNO.fullmatch(ref)
     if match is None:
         return None
     return int(match.group(1)), int(match.group(2))

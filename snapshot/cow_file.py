@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from dmtools import loop
 from dmtools.errors import DMError, InvalidArgument
-from dmtools.target_values import parse_devno
+from dmtools.identity import devno_of
 
 _LOOP = re.compile(r"^loop(\d+)$")
 
@@ -36,7 +36,7 @@ def backing_file(ref: str) -> tuple[str, str | None]:
     Raises ``InvalidArgument`` when it is neither a regular file nor a loop device over one without
     a size limit.
     """
-    devno = parse_devno(ref)
+    devno = devno_of(ref)
     if devno is None:
         try:
             st = os.stat(ref)
@@ -44,8 +44,6 @@ def backing_file(ref: str) -> tuple[str, str | None]:
             raise InvalidArgument(f"COW {ref}: {err.strerror}", errno=err.errno) from err
         if stat.S_ISREG(st.st_mode):
             return os.path.abspath(ref), None
-        if stat.S_ISBLK(st.st_mode):
-            devno = (os.major(st.st_rdev), os.minor(st.st_rdev))
     name = os.path.basename(os.path.realpath(f"/sys/dev/block/{devno[0]}:{devno[1]}")) if devno else ""
     if not _LOOP.match(name):
         raise InvalidArgument(f"COW {ref} is not a file or a loop-backed file; cannot extend it")

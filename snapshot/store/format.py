@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 
 from dmtools.errors import CorruptMetadata
+from dmtools.target_values import MAX_SNAPSHOT_CHUNK
 from dmtools.units import SECTOR
 
 #: "SnAp" read as a little-endian 32-bit word (dm-snap-persistent.c SNAP_MAGIC).
@@ -28,8 +29,6 @@ NUM_SNAPSHOT_HDR_CHUNKS = 1
 DM_CHUNK_SIZE_DEFAULT_SECTORS = 32
 #: bytes in one ``struct disk_exception``.
 DISK_EXCEPTION_SIZE = 16
-#: dm-exception-store.c: chunk sizes above INT_MAX >> 9 sectors are refused.
-MAX_CHUNK_SECTORS = 0x7FFFFFFF >> 9
 
 _HEADER = struct.Struct("<IIII")
 HEADER_SIZE = _HEADER.size
@@ -77,7 +76,7 @@ def chunk_size_error(chunk_sectors: int) -> str | None:
         return "Chunk size not set"
     if chunk_sectors & (chunk_sectors - 1):
         return "Chunk size is not a power of 2"
-    if chunk_sectors > MAX_CHUNK_SECTORS:
+    if chunk_sectors > MAX_SNAPSHOT_CHUNK:
         return "Chunk size is too high"
     return None
 

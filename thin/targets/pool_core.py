@@ -36,6 +36,7 @@ from dmtools.status import PoolMode, ThinPoolStatus
 from dmtools.target_values import ThinPool
 from dmtools.thin_messages import (CreateSnap, CreateThin, Delete, ReleaseMetadataSnap, ReserveMetadataSnap,
                                    SetTransactionId, parse_pool_message)
+from dmtools.units import SECTOR
 
 from thin.metadata import Lookup, ThinMetadata
 from thin.metadata.ondisk import BLOCK_SECTORS, MAX_METADATA_SECTORS
@@ -49,8 +50,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["DeviceState", "Features", "Mode", "Pool"]
 
 log = logging.getLogger("thin")
-
-SECTOR = 512
 
 
 class Mode(enum.IntEnum):
