@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pytest_lazy_fixtures import lf
 
 from dmtools import backend
 from dmtools.errors import DeviceBusy, DMError
@@ -54,32 +55,39 @@ class Stack:
         return {e.name for e in self.dm.list()}
 
 
-@pytest.fixture(params=[pytest.param("engine", marks=pytest.mark.root),
-                        pytest.param("kernel", marks=pytest.mark.kernel)])
-def stack(request: pytest.FixtureRequest, make_image: Callable[..., Path],
-          monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
-    """The exposed in-process engine over image files, or the kernel over loop devices."""
-    monkeypatch.setattr(backend, "REMOVE_WAIT", BOUND)
-    if request.param == "engine":
-        from dmtools.engine import Engine
+@pytest.fixture
+def engine_stack(make_image: Callable[..., Path]) -> Iterator[Stack]:
+    """The exposed in-process engine over image files."""
+    from dmtools.engine import Engine
 
-        eng = Engine(expose=True)
-        try:
-            yield Stack(eng, lambda fill: str(make_image(SIZE, fill=fill)))
-        finally:
-            eng.close()
-        return
-    make_loop = request.getfixturevalue("make_loop")
-    kdm = request.getfixturevalue("kernel_dm")
+    eng = Engine(expose=True)
     try:
-        yield Stack(kdm, lambda fill: str(make_loop(make_image(SIZE, fill=fill)).path))
+        yield Stack(eng, lambda fill: str(make_image(SIZE, fill=fill)))
+    finally:
+        eng.close()
+
+
+@pytest.fixture
+def kernel_stack(kernel_dm: Any, make_image: Callable[..., Path], make_loop: Callable[..., Any]) -> Iterator[Stack]:
+    """The kernel over loop devices; what a failed test left is removed after it."""
+    try:
+        yield Stack(kernel_dm, lambda fill: str(make_loop(make_image(SIZE, fill=fill)).path))
     finally:  # what a failed test left: snapshots before origins before -real/-cow
         for _ in range(3):
-            left = sorted((e.name for e in kdm.list() if "-dmtt" in e.name),
+            left = sorted((e.name for e in kernel_dm.list() if "-dmtt" in e.name),
                           key=lambda n: (n.endswith(("-real", "-cow")), n.startswith("o"), n))
             for name in left:
                 with contextlib.suppress(DMError):
-                    kdm.remove(name, retry=True)
+                    kernel_dm.remove(name, retry=True)
+
+
+@pytest.fixture(params=[pytest.param(lf("engine_stack"), id="engine", marks=pytest.mark.root),
+                        pytest.param(lf("kernel_stack"), id="kernel", marks=pytest.mark.kernel)])
+def stack(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Stack:
+    """The exposed in-process engine over image files, or the kernel over loop devices."""
+    monkeypatch.setattr(backend, "REMOVE_WAIT", BOUND)
+    chosen: Stack = request.param
+    return chosen
 
 
 def _snapshot(stack: Stack, dm_name: str) -> tuple[Any, str, str, dict[str, str]]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pytest_lazy_fixtures import lf
 
 from dmtools.cli import main as cli_main
 
@@ -47,26 +48,28 @@ class Backend:
         return bytes(buf)
 
 
-@pytest.fixture(params=["daemon", "in-process"])
-def cli(request: pytest.FixtureRequest, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
-    """The daemon (its own process, working directory ``/``) or an in-process engine."""
-    if request.param == "daemon":
-        from dmtools.engine.client import open_userspace
+@pytest.fixture
+def daemon_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
+    """The daemon: its own process, working directory ``/``."""
+    from dmtools.engine.client import open_userspace
 
-        run_dir = tmp_path / "run"
-        run_dir.mkdir(mode=0o700)
-        monkeypatch.setenv("DMTOOLS_RUN_DIR", str(run_dir))
-        client = open_userspace(str(run_dir))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    monkeypatch.setenv("DMTOOLS_RUN_DIR", str(run_dir))
+    client = open_userspace(str(run_dir))
+    try:
+        assert os.readlink(f"/proc/{client.ping()['pid']}/cwd") == "/"
+        yield Backend(client, ["--backend", "userspace"])
+    finally:
         try:
-            assert os.readlink(f"/proc/{client.ping()['pid']}/cwd") == "/"
-            yield Backend(client, ["--backend", "userspace"])
+            client.shutdown(force=True)
         finally:
-            try:
-                client.shutdown(force=True)
-            finally:
-                client.close()
-        return
+            client.close()
+
+
+@pytest.fixture
+def in_process_cli(monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
+    """An in-process engine behind the CLI's backend seam."""
     from dmtools.engine import Engine
 
     eng = Engine()
@@ -75,6 +78,14 @@ def cli(request: pytest.FixtureRequest, tmp_path: Path,
         yield Backend(eng, [])
     finally:
         eng.close()
+
+
+@pytest.fixture(params=[pytest.param(lf("daemon_cli"), id="daemon"),
+                        pytest.param(lf("in_process_cli"), id="in-process")])
+def cli(request: pytest.FixtureRequest) -> Backend:
+    """The daemon (its own process, working directory ``/``) or an in-process engine."""
+    chosen: Backend = request.param
+    return chosen
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pytest_lazy_fixtures import lf
 from snap_helpers import register_snapshot_targets
 
 from dmtools.errors import DMError
@@ -155,37 +156,9 @@ def _klog() -> list[str] | None:
     return out.stdout.splitlines()
 
 
-@pytest.fixture(
-    params=[
-        "engine",
-        pytest.param("daemon", marks=pytest.mark.root),
-        pytest.param("kernel", marks=pytest.mark.kernel),
-    ]
-)
-def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
-    if request.param == "daemon":
-        from dmtools.engine.client import open_userspace
-
-        run_dir = tempfile.mkdtemp(prefix="dmtt-snap-")  # short: the socket path has a limit
-        client = open_userspace(run_dir)
-        try:
-            yield Rig("engine", client, tmp_path, lambda path: None)
-        finally:
-            try:
-                client.shutdown(force=True)
-            finally:
-                client.close()
-                _wait_gone(os.path.join(run_dir, "fuse"))
-                shutil.rmtree(run_dir, ignore_errors=True)
-        return
-    if request.param == "kernel":
-        dm = request.getfixturevalue("kernel_dm")
-        r = Rig("kernel", dm, tmp_path, request.getfixturevalue("make_loop"))
-        try:
-            yield r
-        finally:
-            r.cleanup()
-        return
+@pytest.fixture
+def engine_rig(tmp_path: Path) -> Iterator[Rig]:
+    """The in-process engine with the snapshot targets registered."""
     from dmtools.engine import Engine
 
     eng = Engine()
@@ -194,6 +167,47 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
         yield Rig("engine", eng, tmp_path, lambda path: None)
     finally:
         eng.close()
+
+
+@pytest.fixture
+def daemon_rig(tmp_path: Path) -> Iterator[Rig]:
+    """The engine daemon in a private run directory."""
+    from dmtools.engine.client import open_userspace
+
+    run_dir = tempfile.mkdtemp(prefix="dmtt-snap-")  # short: the socket path has a limit
+    client = open_userspace(run_dir)
+    try:
+        yield Rig("engine", client, tmp_path, lambda path: None)
+    finally:
+        try:
+            client.shutdown(force=True)
+        finally:
+            client.close()
+            _wait_gone(os.path.join(run_dir, "fuse"))
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def kernel_rig(kernel_dm: Any, make_loop: Any, tmp_path: Path) -> Iterator[Rig]:
+    """The kernel's snapshot targets over loop devices."""
+    r = Rig("kernel", kernel_dm, tmp_path, make_loop)
+    try:
+        yield r
+    finally:
+        r.cleanup()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(lf("engine_rig"), id="engine"),
+        pytest.param(lf("daemon_rig"), id="daemon", marks=pytest.mark.root),
+        pytest.param(lf("kernel_rig"), id="kernel", marks=pytest.mark.kernel),
+    ]
+)
+def rig(request: pytest.FixtureRequest) -> Rig:
+    """The snapshot stack's backend: in-process engine, engine daemon, or the kernel."""
+    chosen: Rig = request.param
+    return chosen
 
 
 def _volume(rig: Rig, seed: int = 1) -> tuple[str, bytes]:
