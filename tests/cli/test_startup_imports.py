@@ -1,0 +1,71 @@
+"""Start-up: ``dmtools --help`` and ``dmtools dm ls`` import only what they use.
+
+Each case runs in a fresh interpreter and lists the modules loaded; timing is left to
+``scripts/bench startup`` (this machine's load would make a time limit flaky), but what a command
+imports is what its start-up costs, and that is checked exactly here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+#: Loaded by neither command: the engine and its tables, the upper packages' machinery, the
+#: monitor, importlib.metadata (entry points are read by dmtools.plugins) and fractions/decimal.
+HEAVY = {
+    "importlib.metadata", "fractions", "decimal",
+    "dmtools.engine.engine", "dmtools.table", "dmtools.target_values", "dmtools.status",
+    "dmtools.kernel", "dmtools.monitor", "dmtools.events.state", "dmtools.events.watcher",
+    "dmtools.loop", "dmtools.identity",
+    "kcopyd.client", "snapshot.manager", "snapshot.targets", "mirror.format", "mirror.manager",
+    "thin.manager", "thin.metadata",
+}
+
+HELP = """
+import sys
+from dmtools.cli.main import main
+try:
+    main(["--help"])
+except SystemExit:
+    pass
+"""
+
+DM_LS = """
+import sys
+import dmtools.cli.common as common
+
+class Listing:  # the backend's side is the daemon's client, imported below as dm ls does
+    backend = "userspace"
+    def list(self):
+        return []
+    def close(self):
+        pass
+
+common.open_backend = lambda args: Listing()
+from dmtools.cli.main import main
+assert main(["dm", "ls"]) == 0
+import dmtools.engine.client  # what dmtools.open("userspace") returns
+"""
+
+
+def _modules(code: str) -> set[str]:
+    probe = code + "\nimport json\nprint(json.dumps(sorted(sys.modules)), file=sys.stderr)\n"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return set(json.loads(proc.stderr.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize(("command", "code"), [("--help", HELP), ("dm ls", DM_LS)])
+def test_start_up_imports_only_what_the_command_uses(command: str, code: str) -> None:
+    loaded = _modules(code)
+    assert "dmtools.cli.main" in loaded, "the probe ran the command line"
+    assert not loaded & HEAVY, f"dmtools {command} imports {sorted(loaded & HEAVY)}"
+
+
+def test_help_still_lists_every_command() -> None:
+    out = subprocess.run([sys.executable, "-m", "dmtools.cli.main", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for name in ("dm", "loop", "nbd", "daemon", "monitor", "serve", "copy", "mirror", "snapshot", "thin"):
+        assert f"\n    {name} " in out, name
