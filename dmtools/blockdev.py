@@ -12,6 +12,7 @@ The ioctl numbers and fallocate modes are in :mod:`dmtools.linux`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -19,7 +20,7 @@ import mmap
 import os
 import stat
 import struct
-from typing import Any
+from typing import Any, Sequence
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import (
@@ -525,6 +526,29 @@ class BlockDevice(Endpoint):
                 )
             total += n
         return total
+
+    def writev(self, views: Sequence[Any], offset: int) -> None:
+        """Write ``views`` back to back: one ``pwritev`` on a buffered regular file, else one
+        checked ``write`` per view (O_DIRECT alignment, block devices)."""
+        if self._direct or not self._writable or self._is_block:
+            super().writev(views, offset)
+            return
+        fd = self._require_open()
+        pending = [v for v in views if len(v)]
+        while pending:
+            n = os.pwritev(fd, pending, offset)
+            if n <= 0:
+                raise DeviceIOError("write made no progress", operation="write", device=self.name)
+            offset += n
+            while pending and n >= len(pending[0]):
+                n -= len(pending.pop(0))
+            if n:
+                pending[0] = pending[0][n:]
+
+    def fadvise(self, offset: int, length: int, advice: int) -> None:
+        """``posix_fadvise`` on the range (only advice: a file system may refuse it)."""
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self._require_open(), offset, length, advice)
 
     def flush(self) -> None:
         """Make completed writes durable (``fdatasync`` for files, ``fsync`` for block devices)."""

@@ -9,7 +9,9 @@ userspace engine's device endpoints, ``NullEndpoint`` and, for tests, ``dmtools.
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Sequence
+
+from dmtools.errors import DeviceIOError
 
 
 class Endpoint(abc.ABC):
@@ -17,6 +19,8 @@ class Endpoint(abc.ABC):
 
     #: human-readable name (a path or a device name), used in error messages.
     name: str = ""
+    #: the userspace engine's device this endpoint opens in-process (``DeviceEndpoint``), else None.
+    device: object | None = None
 
     @property
     @abc.abstractmethod
@@ -33,6 +37,28 @@ class Endpoint(abc.ABC):
         """True when writes are refused."""
         return False
 
+    @property
+    def direct(self) -> bool:
+        """True when I/O bypasses the page cache (``O_DIRECT``): requests must then be aligned."""
+        return False
+
+    @property
+    def devno(self) -> tuple[int, int] | None:
+        """``(major, minor)`` of the block device behind the endpoint, ``None`` for anything else."""
+        return None
+
+    @property
+    def zoned(self) -> bool:
+        """True for a zoned block device (sysfs ``queue/zoned`` is not ``none``): writes go in order."""
+        devno = self.devno
+        if not devno:
+            return False
+        try:
+            with open(f"/sys/dev/block/{devno[0]}:{devno[1]}/queue/zoned") as f:
+                return f.read().strip() not in ("", "none")
+        except OSError:
+            return False
+
     @abc.abstractmethod
     def readinto(self, buf: Any, offset: int) -> int:
         """Fill ``buf`` from ``offset``; return the bytes read (short only at end of device)."""
@@ -40,6 +66,21 @@ class Endpoint(abc.ABC):
     @abc.abstractmethod
     def write(self, buf: Any, offset: int) -> int:
         """Write all of ``buf`` at ``offset``; return the bytes written."""
+
+    def writev(self, views: Sequence[Any], offset: int) -> None:
+        """Write ``views`` back to back from ``offset``, each one whole (a short write is continued).
+
+        One ``write`` per view here; an endpoint that can do it in one call (a buffered file's
+        ``pwritev``) overrides it.
+        """
+        for v in views:
+            done = 0
+            while done < len(v):
+                n = self.write(v[done:] if done else v, offset + done)
+                if n <= 0:
+                    raise DeviceIOError("write made no progress", operation="write", device=self.name)
+                done += n
+            offset += done
 
     def flush(self) -> None:
         """Make completed writes durable."""
@@ -70,6 +111,10 @@ class Endpoint(abc.ABC):
         """Allocated ``(offset, length)`` ranges inside ``[offset, offset+length)``, or ``None`` if unknown."""
         return None
 
+    def fadvise(self, offset: int, length: int, advice: int) -> None:
+        """``posix_fadvise`` on the range (``os.POSIX_FADV_*``: read ahead, drop clean pages);
+        only advice, ignored where there is no page cache."""
+
     def close(self) -> None:
         """Release the endpoint."""
 
@@ -99,6 +144,10 @@ class ForwardingEndpoint(Endpoint):
     def read_only(self) -> bool:
         return self.inner.read_only
 
+    @property
+    def direct(self) -> bool:
+        return self.inner.direct
+
     def readinto(self, buf: Any, offset: int) -> int:
         return self.inner.readinto(buf, offset)
 
@@ -123,6 +172,9 @@ class ForwardingEndpoint(Endpoint):
 
     def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
         return self.inner.data_extents(offset, length)
+
+    def fadvise(self, offset: int, length: int, advice: int) -> None:
+        self.inner.fadvise(offset, length, advice)
 
     def close(self) -> None:
         self.inner.close()

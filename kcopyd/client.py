@@ -1,11 +1,11 @@
-"""The kcopyd client: page budget, sub-job scheduling, worker threads and the callback thread.
+"""The kcopyd client: page budget, submission, worker threads and the callback thread.
 
 Shape and semantics follow drivers/md/dm-kcopyd.c:
 
 - a job larger than the sub-job size is split; up to ``SPLIT_COUNT`` (8) pieces of one job are in
   flight, each claiming the next piece when it completes (``segment_complete``);
-- a piece waits for pages (``pages_jobs``) in submission order; its one read serves every
-  destination, whose writes are issued in parallel (``dm_io`` to all regions);
+- a piece waits for pages (``pages_jobs``) in submission order (``kcopyd.scheduler``); its one
+  read serves every destination, whose writes are issued in parallel (``dm_io`` to all regions);
 - without ``IGNORE_ERROR`` the first error stops handing out pieces and the job completes once the
   in-flight pieces drain; with it the copy goes on (unreadable ranges become zeros) and the errors
   are still reported; ``WRITE_SEQ`` writes in offset order and clears ``IGNORE_ERROR``;
@@ -16,7 +16,8 @@ several requests are in flight at once. Two choices are this engine's own, made 
 
 - a destination written through a regular file's page cache takes one write at a time, the
   others waiting in its lane in the order their reads finished (its writers would serialise on
-  the file's inode lock anyway); block-device and O_DIRECT destinations take writes in parallel;
+  the file's inode lock anyway); block-device and O_DIRECT destinations take writes in parallel
+  (``kcopyd.lanes``); two regular files are copied by ``copy_file_range`` (``kcopyd.offload``);
 - a regular-file source that kcopyd opened by path and that has none of the job's range in the
   page cache (``kcopyd.fastpath.cached_bytes``) has its pages dropped once read, as ``dd
   iflag=nocache`` does: the copy does not push other data out of the cache, and the pages it frees
@@ -29,25 +30,18 @@ import logging
 import os
 import queue
 import threading
-from collections import deque
 from typing import Any, Callable, Sequence
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import InvalidArgument
-from kcopyd.fastpath import (
-    cached_bytes,
-    can_offload,
-    copy_offload,
-    plan_segments,
-    read_exact,
-    read_salvage,
-    write_exact,
-    write_vectored,
-)
-from kcopyd.job import Job, NotifyFn, Piece, Progress
+from kcopyd.fastpath import cached_bytes, plan_segments, read_exact, read_salvage, write_exact
+from kcopyd.job import DEST_ZEROED, IGNORE_ERROR, WRITE_SEQ, Job, NotifyFn, Piece, Plan, Progress
+from kcopyd.lanes import one_writer as _one_writer  # noqa: F401 - importable here, as before
+from kcopyd.offload import OFFLOAD_DEPTH, OFFLOAD_PIECE_SIZE, can_offload, offload_piece
 from kcopyd.overlap import check_dests_not_in_use, plan_overlap, region_identities, span_of
 from kcopyd.pagepool import PAGE_SIZE, PagePool
 from kcopyd.region import OpenRegion, Region, open_regions
+from kcopyd.scheduler import Scheduler
 from kcopyd.throttle import Throttle
 
 __all__ = [
@@ -62,12 +56,6 @@ __all__ = [
 
 log = logging.getLogger("kcopyd")
 
-#: Flag masks, as callers pass ``BIT(DM_KCOPYD_IGNORE_ERROR)`` and ``BIT(DM_KCOPYD_WRITE_SEQ)``
-#: (bit numbers 1 and 2, include/linux/dm-kcopyd.h).
-IGNORE_ERROR = 1 << 1
-WRITE_SEQ = 1 << 2
-#: This project's flag: the destinations already read as zeros, so holes of the source are skipped.
-DEST_ZEROED = 1 << 8
 _KNOWN_FLAGS = IGNORE_ERROR | WRITE_SEQ | DEST_ZEROED
 
 #: Pieces of one job in flight at once (SPLIT_COUNT, dm-kcopyd.c).
@@ -75,15 +63,11 @@ SPLIT_COUNT = 8
 #: Default sub-job size: dm_mod.kcopyd_subjob_size_kb = 512 KiB (dm-kcopyd.c); its maximum 1024 KiB.
 SUB_JOB_SIZE = 512 * 1024
 MAX_SUB_JOB_SIZE = 1024 * 1024
-#: Pieces handed to ``copy_file_range`` are larger (no buffer is involved) and fewer are in flight:
-#: writers of one file serialise on its inode lock, so more would only wait (or spin) for it.
-OFFLOAD_PIECE_SIZE = 8 * 1024 * 1024
-OFFLOAD_DEPTH = 4
 
 _Task = tuple[Callable[[Any], None], Any]
 
 
-def _fully_allocated(ep: Any, offset: int, length: int) -> bool:
+def _fully_allocated(ep: Endpoint, offset: int, length: int) -> bool:
     """True when the source range has no hole (then sub-jobs skip their extent queries).
 
     Holes made while the job runs are then copied as zeros, which reads the same.
@@ -95,34 +79,6 @@ def _fully_allocated(ep: Any, offset: int, length: int) -> bool:
     except Exception:  # noqa: BLE001 - unknown: let each sub-job ask
         return False
     return extents is None or (len(extents) == 1 and extents[0] == (offset, length))
-
-
-def _one_writer(ep: Any) -> bool:
-    """True for a destination written through a regular file's page cache.
-
-    Buffered writers of one file serialise on its inode lock (``i_rwsem``, taken exclusively by
-    ext4_buffered_write_iter and generic_file_write_iter), so parallel writes to it only wait, or
-    spin on the lock's owner; one write at a time, in read order, keeps the writes sequential.
-    Direct (O_DIRECT) and block-device writes stay parallel: several in flight fill the queue.
-    """
-    try:
-        return bool(ep.is_regular_file) and not getattr(ep, "direct", False)
-    except Exception:  # noqa: BLE001 - unknown kind: parallel writes are always correct
-        return False
-
-
-def _lanes_for(dests: Sequence[OpenRegion]) -> list["deque[Piece] | None"]:
-    """A write lane (queue of waiting pieces) for each one-writer destination, ``None`` for others."""
-    return [deque() if _one_writer(d.endpoint) else None for d in dests]
-
-
-def _continues(prev: Piece, nxt: Piece) -> bool:
-    """True when ``nxt`` starts where ``prev`` ends and both are all data (one vectored write)."""
-    return (
-        nxt.offset == prev.offset + prev.length
-        and prev.segments == [(0, prev.length, True)]
-        and nxt.segments == [(0, nxt.length, True)]
-    )
 
 
 def _uncached_file_source(osrc: OpenRegion, nbytes: int) -> bool:
@@ -137,25 +93,6 @@ def _uncached_file_source(osrc: OpenRegion, nbytes: int) -> bool:
         return False
     fd = ep.fileno()
     return fd is not None and cached_bytes(fd, osrc.offset, nbytes) == 0
-
-
-def _drop_pages(ep: Any, pos: int, length: int) -> None:
-    """Drop the (clean) cached pages of ``[pos, pos+length)`` of a file source just read."""
-    try:
-        os.posix_fadvise(ep.fileno(), pos, length, os.POSIX_FADV_DONTNEED)
-    except (OSError, TypeError):  # only advice
-        pass
-
-
-def _advise_sequential(ep: Any, offset: int, length: int) -> None:
-    """Tell the kernel a file source is read sequentially (a larger readahead window, as cp does)."""
-    fd = ep.fileno()
-    if fd is None or length <= 0:
-        return
-    try:
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_SEQUENTIAL)
-    except OSError:  # only advice: a file system may not take it
-        pass
 
 
 class Client:
@@ -206,14 +143,10 @@ class Client:
         self._buffer_piece_size = min(sub_job_size, max(1, num_pages // 2) * PAGE_SIZE)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._run_pages: list[Job] = []  # jobs handing out pieces that need pages, in order
-        self._run_free: list[Job] = []  # zero and copy_file_range jobs (no pages)
-        self._free_active = 0
-        self._max_free_active = 2 * threads
+        self._sched = Scheduler(self.pool, 2 * threads, self._start, self._resume, self._finish_locked)
         self._outstanding = 0  # jobs whose I/O is not finished
         self._unfinished = 0  # jobs whose callback has not run
         self._total_bytes = 0
-        self._done_bytes = 0
         self._closed = False
         self._destroyed = False
         self._backends: list[Any] | None = None  # live backends, found for the first job given paths
@@ -265,7 +198,7 @@ class Client:
     @property
     def progress(self) -> Progress:
         """Bytes done out of all bytes submitted to this client."""
-        return Progress(self._done_bytes, self._total_bytes)
+        return Progress(self._sched.done_bytes, self._total_bytes)
 
     @property
     def jobs_pending(self) -> int:
@@ -338,33 +271,11 @@ class Client:
                 o.close()
             raise
         nbytes = odests[0].region.nbytes
-        if osrc is not None and osrc.endpoint.is_regular_file:
-            _advise_sequential(osrc.endpoint, osrc.offset, nbytes)
-        job = Job(osrc, odests, nbytes, flags, notify, context)
-        job._dense = osrc is not None and _fully_allocated(osrc.endpoint, osrc.offset, nbytes)
-        job._client = self
-        eps = [d.endpoint for d in odests] + ([osrc.endpoint] if osrc is not None else [])
-        job._grain = max([PAGE_SIZE] + [ep.logical_block_size for ep in eps])
-        # copy_file_range between two regular files. Several destinations share one read into
-        # pooled buffers instead (one read serving all of them, as the kernel's); WRITE_SEQ needs
-        # the ordered write stage of the buffered path.
-        job._offload = bool(
-            self.offload and osrc is not None and not flags & WRITE_SEQ and len(odests) == 1
-            and reverse is None and can_offload(osrc.endpoint, odests[0].endpoint)
-        )
-        job._piece_size = self._buffer_piece_size
-        if reverse is not None:  # source and a destination share bytes: memmove (kcopyd.overlap)
-            job._reverse = reverse
-            job._max_active = 1
-        if osrc is not None and not job._offload:
-            job._lanes = _lanes_for(odests)
-            if self.drop_behind:
-                job._drop_behind = _uncached_file_source(osrc, nbytes)
-        if job._offload:
-            job._piece_size = OFFLOAD_PIECE_SIZE
-            job._max_active = OFFLOAD_DEPTH
-        elif osrc is None:
-            job._piece_size = max(self.sub_job_size, OFFLOAD_PIECE_SIZE)
+        if osrc is not None and osrc.endpoint.is_regular_file and nbytes > 0:
+            # a larger readahead window, as cp does
+            osrc.endpoint.fadvise(osrc.offset, nbytes, os.POSIX_FADV_SEQUENTIAL)
+        job = Job(osrc, odests, nbytes, flags, notify, context, self._plan(osrc, odests, flags, reverse),
+                  self._cancel)
         with self._cond:
             while self._outstanding >= self.max_jobs and not self._closed:
                 self._cond.wait()
@@ -375,12 +286,33 @@ class Client:
             self._outstanding += 1
             self._unfinished += 1
             self._total_bytes += nbytes
-            if nbytes == 0:
-                self._finish_locked(job)
-            else:
-                (self._run_free if self._pageless(job) else self._run_pages).append(job)
-                self._pump_locked()
+            self._sched.add(job)
         return job
+
+    def _plan(self, osrc: OpenRegion | None, odests: list[OpenRegion], flags: int, reverse: bool | None) -> Plan:
+        """How the job is cut and which I/O path it takes."""
+        nbytes = odests[0].region.nbytes
+        eps = [d.endpoint for d in odests] + ([osrc.endpoint] if osrc is not None else [])
+        plan = Plan(self._buffer_piece_size, SPLIT_COUNT, grain=max([PAGE_SIZE] + [ep.logical_block_size for ep in eps]))
+        plan.dense = osrc is not None and _fully_allocated(osrc.endpoint, osrc.offset, nbytes)
+        # copy_file_range between two regular files. Several destinations share one read into
+        # pooled buffers instead (one read serving all of them, as the kernel's); WRITE_SEQ needs
+        # the ordered write stage of the buffered path.
+        plan.offload = bool(
+            self.offload and osrc is not None and not flags & WRITE_SEQ and len(odests) == 1
+            and reverse is None and can_offload(osrc.endpoint, odests[0].endpoint)
+        )
+        if reverse is not None:  # source and a destination share bytes: memmove (kcopyd.overlap)
+            plan.reverse = reverse
+            plan.max_active = 1
+        if osrc is not None and not plan.offload and self.drop_behind:
+            plan.drop_behind = _uncached_file_source(osrc, nbytes)
+        if plan.offload:
+            plan.piece_size = OFFLOAD_PIECE_SIZE
+            plan.max_active = OFFLOAD_DEPTH
+        elif osrc is None:
+            plan.piece_size = max(self.sub_job_size, OFFLOAD_PIECE_SIZE)
+        return plan
 
     def _identities(self, src: Region | None, dests: list[Region], allow_in_use: bool) -> list[Any]:
         """Identities of the regions given by path (once per job), after refusing a destination
@@ -397,116 +329,24 @@ class Client:
             check_dests_not_in_use(dests, ids[1:], self._backends)
         return ids
 
-    @staticmethod
-    def _pageless(job: Job) -> bool:
-        return job._src is None or job._offload
-
-    # -- scheduling (all under self._lock) ------------------------------------------------------
-    def _pump_locked(self) -> None:
-        """Hand out pieces: pageless jobs first (bounded), then page jobs in order until pages run out."""
-        free = self._run_free
-        i = 0
-        while i < len(free) and self._free_active < self._max_free_active:
-            job = free[i]
-            if not self._pageless(job):
-                del free[i]
-                if job not in self._run_pages:
-                    self._run_pages.insert(0, job)
-                continue
-            while (
-                job._has_work()
-                and job._active < job._max_active
-                and self._free_active < self._max_free_active
-            ):
-                piece = job._take(min(job._piece_size, job.total - job._next))
-                job._active += 1
-                self._free_active += 1
-                fn = self._run_zero if job._src is None else self._run_offload
-                self._tasks.put((fn, piece))
-            if job._has_work():
-                i += 1
-            else:
-                del free[i]
-        lst = self._run_pages
-        i = 0
-        while i < len(lst):
-            job = lst[i]
-            blocked = False
-            while job._has_work() and job._active < job._max_active:
-                retry = job._retry[0] if job._retry else None
-                length = retry.length if retry else min(job._piece_size, job.total - job._next)
-                pages = self.pool.try_alloc(-(-length // PAGE_SIZE))
-                if pages is None:
-                    blocked = True
-                    break
-                if retry is not None:
-                    piece = job._retry.pop(0)
-                else:
-                    piece = job._take(length)
-                piece.pages = pages
-                job._active += 1
-                self._tasks.put((self._run_buffered, piece))
-            if not job._has_work():
-                del lst[i]
-                continue
-            if blocked:
-                break  # pages are handed out in submission order (dm-kcopyd.c pages_jobs)
-            i += 1
-
-    def _piece_done_locked(self, piece: Piece, written: bool = True) -> None:
+    # -- the scheduler's hooks (under self._lock) -----------------------------------------------
+    def _start(self, piece: Piece) -> None:
         job = piece.job
-        job._active -= 1
-        if piece.pages is not None:
-            self.pool.free(piece.pages)
-            piece.pages = None
-        else:
-            self._free_active -= 1
-        if written:  # progress counts what reached the destinations
-            job._done_bytes += piece.length
-            self._done_bytes += piece.length
-        if piece.read_err:
-            job.read_err = True
-        job.write_err |= piece.write_err
-        if (piece.read_err or piece.write_err) and not job.flags & IGNORE_ERROR:
-            job._stop = True
-        if job.flags & WRITE_SEQ:
-            if written and piece.offset == job._write_offset:
-                job._write_offset = piece.offset + piece.length
-            if job._stop:
-                self._drop_parked_locked(job)
-            else:
-                nxt = job._parked.pop(job._write_offset, None)
-                if nxt is not None:
-                    self._tasks.put((self._issue_writes, nxt))
-        if job._finished():
-            self._finish_locked(job)
-        self._pump_locked()
+        fn = self._run_buffered if not job.pageless else self._run_zero if job.open_src is None else self._run_offload
+        self._tasks.put((fn, piece))
 
-    def _drop_parked_locked(self, job: Job) -> None:
-        parked = list(job._parked.values())
-        job._parked.clear()
-        for p in parked:
-            self._piece_done_locked(p, written=False)
+    def _resume(self, piece: Piece) -> None:
+        self._tasks.put((self._issue_writes, piece))
 
     def _finish_locked(self, job: Job) -> None:
-        if job._queued:
-            return
-        job._queued = True
         self._outstanding -= 1
         self._cond.notify_all()
         self._callbacks.put(job)
 
     def _cancel(self, job: Job) -> None:
         with self._cond:
-            if job._queued:
+            if not self._sched.cancel(job):
                 return
-            job.cancelled = True
-            job._stop = True
-            job._retry.clear()
-            if job.flags & WRITE_SEQ:
-                self._drop_parked_locked(job)
-            if job._finished():
-                self._finish_locked(job)
         self.throttle.wake()
 
     # -- worker side ----------------------------------------------------------------------------
@@ -521,20 +361,24 @@ class Client:
             except BaseException:  # noqa: BLE001 - a worker must never die
                 log.exception("kcopyd: unexpected error in %s", getattr(fn, "__name__", fn))
 
+    def _done(self, piece: Piece, written: bool = True) -> None:
+        with self._cond:
+            self._sched.piece_done(piece, written)
+
     def _throttle_bytes(self, piece: Piece) -> None:
         thr = self.throttle
         if thr.rate is not None:
-            thr.consume(piece.length, piece.job._cancel_event)
+            thr.consume(piece.length, piece.job.cancel_event)
 
     def _segments(self, piece: Piece) -> list[tuple[int, int, bool]]:
         job = piece.job
-        src = job._src
+        src = job.open_src
         if src is None:
             return [(0, piece.length, False)]
-        if job._dense:
+        if job.plan.dense:
             return [(0, piece.length, True)]
         try:
-            return plan_segments(src.endpoint, src.offset + piece.offset, piece.length, job._grain)
+            return plan_segments(src.endpoint, src.offset + piece.offset, piece.length, job.plan.grain)
         except Exception:  # noqa: BLE001 - unknown extents: copy everything
             log.debug("kcopyd: data_extents failed on %s", src.region.dev_name, exc_info=True)
             return [(0, piece.length, True)]
@@ -548,7 +392,7 @@ class Client:
         """Copy a piece with ``copy_file_range`` to every destination in parallel."""
         self._throttle_bytes(piece)
         piece.segments = self._segments(piece)
-        n = len(piece.job._dests)
+        n = len(piece.job.open_dests)
         piece.pending = n
         for i in range(1, n):
             self._tasks.put((self._offload_one, (piece, i)))
@@ -556,29 +400,7 @@ class Client:
 
     def _offload_one(self, arg: tuple[Piece, int]) -> None:
         piece, i = arg
-        job = piece.job
-        src, dst = job._src, job._dests[i]
-        assert src is not None
-        thr = self.throttle
-        failed = False
-        try:
-            sfd, dfd = src.endpoint.fileno(), dst.endpoint.fileno()
-            assert sfd is not None and dfd is not None
-            zeroed = bool(job.flags & DEST_ZEROED)
-            for off, length, is_data in piece.segments:
-                if is_data:
-                    thr.io_start()
-                    try:
-                        copy_offload(
-                            sfd, dfd, src.offset + piece.offset + off, dst.offset + piece.offset + off, length
-                        )
-                    finally:
-                        thr.io_finish()
-                elif not zeroed:
-                    dst.endpoint.zero(dst.offset + piece.offset + off, length)
-        except Exception as err:  # noqa: BLE001
-            log.debug("kcopyd: copy_file_range to destination %d failed: %s", i, err)
-            failed = True
+        failed = offload_piece(piece, i, self.throttle)
         with self._cond:
             if failed:
                 piece.write_err |= 1 << i
@@ -586,34 +408,17 @@ class Client:
             if piece.pending:
                 return
             if not piece.write_err:
-                self._piece_done_locked(piece)
-                return
-            # copy_file_range cannot say whether the read or the write failed (or it is not
-            # supported here): redo this piece, and the rest of the job, with buffers.
-            job._offload = False
-            job._piece_size = self._buffer_piece_size
-            job._lanes = _lanes_for(job._dests)
-            job._active -= 1
-            self._free_active -= 1
-            for off in range(piece.offset, piece.offset + piece.length, job._piece_size):
-                length = min(job._piece_size, piece.offset + piece.length - off)
-                job._retry.append(Piece(job, off, length))
-            if job in self._run_free:
-                self._run_free.remove(job)
-            if job not in self._run_pages:
-                self._run_pages.insert(0, job)
-            if job._finished():
-                self._finish_locked(job)
-            self._pump_locked()
+                self._sched.piece_done(piece)
+            else:
+                self._sched.fall_back_to_buffers(piece, self._buffer_piece_size)
 
     def _run_buffered(self, piece: Piece) -> None:
         job = piece.job
-        src = job._src
+        src = job.open_src
         assert src is not None and piece.pages is not None
         self._throttle_bytes(piece)
         if job.cancelled:  # cancelled while it waited for the throttle: no I/O
-            with self._cond:
-                self._piece_done_locked(piece, written=False)
+            self._done(piece, written=False)
             return
         thr = self.throttle
         ignore = bool(job.flags & IGNORE_ERROR)
@@ -625,7 +430,9 @@ class Client:
             views = piece.pages.spans(off, length)
             thr.io_start()
             try:
-                self._read(job, views, base + off, length)
+                read_exact(src.endpoint, views, base + off)
+                if job.plan.drop_behind:
+                    src.endpoint.fadvise(base + off, length, os.POSIX_FADV_DONTNEED)
             except Exception as err:  # noqa: BLE001 - any failure is this piece's read error
                 log.debug("kcopyd: read error on %s at %d: %s", src.region.dev_name, base + off, err)
                 piece.read_err = True
@@ -633,24 +440,14 @@ class Client:
                     break
                 pos = base + off
                 for v in views:
-                    read_salvage(src.endpoint, v, pos, job._grain)
+                    read_salvage(src.endpoint, v, pos, job.plan.grain)
                     pos += len(v)
             finally:
                 thr.io_finish()
         if piece.read_err and not ignore:
-            with self._cond:
-                self._piece_done_locked(piece, written=False)
+            self._done(piece, written=False)
             return
         self._write_stage(piece)
-
-    @staticmethod
-    def _read(job: Job, views: list[memoryview], pos: int, length: int) -> None:
-        """Read ``length`` bytes at ``pos`` of the source (then drop them from the cache if asked)."""
-        src = job._src
-        assert src is not None
-        read_exact(src.endpoint, views, pos)
-        if job._drop_behind:
-            _drop_pages(src.endpoint, pos, length)
 
     def _write_stage(self, piece: Piece) -> None:
         job = piece.job
@@ -658,30 +455,20 @@ class Client:
             with self._cond:
                 # A cancelled job writes nothing more; a WRITE_SEQ job stops writing after an
                 # error (dm-kcopyd.c run_io_job); otherwise in-flight pieces finish, as the kernel's.
-                if job.cancelled or (job.flags & WRITE_SEQ and job._stop):
-                    self._piece_done_locked(piece, written=False)
+                if job.writes_stopped:
+                    self._sched.piece_done(piece, written=False)
                     return
-                if job.flags & WRITE_SEQ and piece.offset != job._write_offset:
-                    job._parked[piece.offset] = piece
+                if job.park(piece):
                     return
         self._issue_writes(piece)
 
     def _issue_writes(self, piece: Piece) -> None:
-        job = piece.job
-        n = len(job._dests)
-        piece.pending = n
-        ready = list(range(n))
-        if any(lane is not None for lane in job._lanes):
+        lanes = piece.job.lanes
+        piece.pending = len(lanes)
+        ready = list(range(len(lanes)))
+        if lanes.used:
             with self._cond:
-                ready = []
-                for i, lane in enumerate(job._lanes):
-                    if lane is None:
-                        ready.append(i)
-                    elif job._lane_busy[i]:
-                        lane.append(piece)  # written when the lane's current write is done
-                    else:
-                        job._lane_busy[i] = True
-                        ready.append(i)
+                ready = lanes.claim(piece)
         if not ready:
             return
         for i in ready[1:]:
@@ -695,30 +482,20 @@ class Client:
         trips through the interpreter between writes, which matters when the CPUs are busy).
         """
         piece, i = arg
-        job = piece.job
-        lane = job._lanes[i]
+        lanes = piece.job.lanes
         batch = [piece]
-        while True:
-            if len(batch) == 1:
-                failed = [self._write_piece(piece, i)]
-            else:
-                failed = self._write_batch(batch, i)
+        while batch:
+            failed = [self._write_piece(piece, i)] if len(batch) == 1 else self._write_batch(batch, i)
             with self._cond:
                 for p, bad in zip(batch, failed):
                     if bad:
                         p.write_err |= 1 << i
                     p.pending -= 1
                     if p.pending == 0:
-                        self._piece_done_locked(p)
-                if lane is None:
-                    return
-                if not lane:
-                    job._lane_busy[i] = False
-                    return
-                piece = lane.popleft()
-                batch = [piece]
-                while lane and _continues(batch[-1], lane[0]):
-                    batch.append(lane.popleft())
+                        self._sched.piece_done(p)
+                batch = lanes.next_batch(i)
+            if batch:
+                piece = batch[0]
 
     def _write_batch(self, batch: list[Piece], i: int) -> list[bool]:
         """Write contiguous all-data pieces to destination ``i`` at once; per piece on failure.
@@ -726,8 +503,7 @@ class Client:
         Returns each piece's failure. A failed batch is redone piece by piece, so exactly the
         pieces that cannot be written count as failed.
         """
-        job = batch[0].job
-        dest = job._dests[i]
+        dest = batch[0].job.open_dests[i]
         views: list[memoryview] = []
         for p in batch:
             assert p.pages is not None
@@ -735,7 +511,7 @@ class Client:
         thr = self.throttle
         thr.io_start()
         try:
-            write_vectored(dest.endpoint, views, dest.offset + batch[0].offset)
+            dest.endpoint.writev(views, dest.offset + batch[0].offset)
             return [False] * len(batch)
         except Exception as err:  # noqa: BLE001 - retried piece by piece below
             log.debug("kcopyd: batched write to destination %d failed (%s), writing piece by piece", i, err)
@@ -746,24 +522,21 @@ class Client:
     def _write_piece(self, piece: Piece, i: int) -> bool:
         """Write ``piece`` to destination ``i``; True when it failed."""
         job = piece.job
-        dest: OpenRegion = job._dests[i]
+        dest = job.open_dests[i]
         ep = dest.endpoint
         base = dest.offset + piece.offset
         zeroed = bool(job.flags & DEST_ZEROED)
         thr = self.throttle
         try:
             for off, length, is_data in piece.segments:
-                if is_data:
-                    assert piece.pages is not None
+                if is_data or not zeroed:
                     thr.io_start()
                     try:
-                        write_exact(ep, piece.pages.spans(off, length), base + off)
-                    finally:
-                        thr.io_finish()
-                elif not zeroed:
-                    thr.io_start()
-                    try:
-                        ep.zero(base + off, length)
+                        if is_data:
+                            assert piece.pages is not None
+                            write_exact(ep, piece.pages.spans(off, length), base + off)
+                        else:
+                            ep.zero(base + off, length)
                     finally:
                         thr.io_finish()
         except Exception as err:  # noqa: BLE001 - any failure is this destination's write error
@@ -777,23 +550,7 @@ class Client:
             job = self._callbacks.get()
             if job is None:
                 return
-            if job._src is not None:
-                try:
-                    job._src.close()
-                except Exception:  # noqa: BLE001
-                    log.exception("kcopyd: closing %s failed", job._src.region.dev_name)
-            for i, o in enumerate(job._dests):
-                try:
-                    o.close()  # an NBD destination is flushed here
-                except Exception as err:  # noqa: BLE001 - the writes may not be durable
-                    log.warning("kcopyd: closing destination %d (%s) failed: %s", i, o.region.dev_name, err)
-                    job.write_err |= 1 << i
-            if job.notify is not None:
-                try:
-                    job.notify(job.read_err, job.write_err, job.context)
-                except Exception:  # noqa: BLE001 - a callback must never kill the client
-                    log.exception("kcopyd: notify callback raised")
-            job._complete()
+            job.run_callback()
             with self._cond:
                 self._unfinished -= 1
                 self._cond.notify_all()

@@ -1,9 +1,6 @@
-"""The I/O steps of one sub-job, chosen per endpoint pair.
+"""The I/O steps of one buffered sub-job (``copy_file_range`` is in :mod:`kcopyd.offload`).
 
-- ``copy_file_range`` between two regular files (the kernel copies, no user-space buffer);
-  refused by the kernel for anything else (EINVAL for non-regular files, EXDEV across some file
-  systems), in which case the job falls back to buffers.
-- otherwise reads into page-aligned pooled buffers and writes from them (``preadv``/``pwritev``
+- reads into page-aligned pooled buffers and writes from them (``preadv``/``pwritev``
   through the endpoints, O_DIRECT on block devices), one read serving every destination.
 - ``cachestat(2)`` tells whether a file source's range is in the page cache (an uncached one
   is dropped from the cache once read).
@@ -25,48 +22,10 @@ from dmtools.endpoint import Endpoint
 from dmtools.errors import DeviceIOError
 from dmtools.linux import libc
 
-__all__ = [
-    "OFFLOAD_UNSUPPORTED",
-    "Segment",
-    "cached_bytes",
-    "can_offload",
-    "copy_offload",
-    "plan_segments",
-    "read_exact",
-    "read_salvage",
-    "write_exact",
-    "write_vectored",
-]
+__all__ = ["Segment", "cached_bytes", "plan_segments", "read_exact", "read_salvage", "write_exact"]
 
 #: A piece-relative ``(offset, length, is_data)`` range; ``is_data`` False means a hole (zeros).
 Segment = tuple[int, int, bool]
-
-#: errno values of copy_file_range that mean "not possible here" rather than an I/O error.
-OFFLOAD_UNSUPPORTED = frozenset(
-    {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY, errno.EPERM}
-)
-
-
-def can_offload(src: Endpoint, dst: Endpoint) -> bool:
-    """True when ``copy_file_range`` may be tried between ``src`` and ``dst``."""
-    return (
-        src.is_regular_file
-        and dst.is_regular_file
-        and src.fileno() is not None
-        and dst.fileno() is not None
-    )
-
-
-def copy_offload(src_fd: int, dst_fd: int, src_off: int, dst_off: int, length: int) -> None:
-    """Copy ``length`` bytes with ``copy_file_range``; raise ``OSError`` on failure."""
-    while length > 0:
-        n = os.copy_file_range(src_fd, dst_fd, length, src_off, dst_off)
-        if n <= 0:
-            raise OSError(errno.EIO, "copy_file_range: unexpected end of source")
-        src_off += n
-        dst_off += n
-        length -= n
-
 
 #: cachestat(2) (Linux 6.5): one number on every architecture (include/uapi/asm-generic/unistd.h).
 _NR_CACHESTAT = 451
@@ -119,41 +78,8 @@ def read_exact(ep: Endpoint, views: Sequence[memoryview], offset: int) -> None:
 
 
 def write_exact(ep: Endpoint, views: Sequence[memoryview], offset: int) -> None:
-    """Write every view at ``offset`` on (a short write is continued)."""
-    for v in views:
-        want = len(v)
-        done = ep.write(v, offset)
-        while done < want:
-            if done <= 0:
-                raise DeviceIOError("write made no progress", operation="write", device=ep.name)
-            n = ep.write(v[done:], offset + done)
-            if n <= 0:
-                raise DeviceIOError("write made no progress", operation="write", device=ep.name)
-            done += n
-        offset += want
-
-
-def write_vectored(ep: Endpoint, views: Sequence[memoryview], offset: int) -> None:
-    """Write ``views`` back to back from ``offset``: one ``pwritev`` on a buffered file endpoint.
-
-    Other endpoints (and O_DIRECT ones, whose checks matter) get one ``write`` per view.
-    """
-    from dmtools.blockdev import BlockDevice
-
-    if type(ep) is not BlockDevice or ep.direct or ep.read_only or not ep.is_regular_file:
-        write_exact(ep, views, offset)
-        return
-    fd = ep.fileno()
-    pending = [v for v in views if len(v)]
-    while pending:
-        n = os.pwritev(fd, pending, offset)
-        if n <= 0:
-            raise DeviceIOError("write made no progress", operation="write", device=ep.name)
-        offset += n
-        while pending and n >= len(pending[0]):
-            n -= len(pending.pop(0))
-        if n:
-            pending[0] = pending[0][n:]
+    """Write every view at ``offset`` on, one ``write`` each (a short write is continued)."""
+    Endpoint.writev(ep, views, offset)
 
 
 def read_salvage(ep: Endpoint, view: memoryview, offset: int, grain: int) -> bool:

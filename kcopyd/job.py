@@ -7,12 +7,13 @@ and then run its notify callback once on the client's callback thread.
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Generator
 
 from dmtools.errors import DeviceIOError, OperationCancelled
+from kcopyd.lanes import WriteLanes
 
 if TYPE_CHECKING:  # pragma: no cover
     import asyncio
@@ -20,10 +21,19 @@ if TYPE_CHECKING:  # pragma: no cover
     from kcopyd.pagepool import Pages
     from kcopyd.region import OpenRegion, Region
 
-__all__ = ["Job", "Progress", "NotifyFn"]
+__all__ = ["DEST_ZEROED", "IGNORE_ERROR", "Job", "NotifyFn", "Plan", "Progress", "WRITE_SEQ"]
+
+log = logging.getLogger("kcopyd")
 
 #: ``notify(read_err, write_err, context)``: ``read_err`` a bool, ``write_err`` a bit per destination.
 NotifyFn = Callable[[bool, int, Any], object]
+
+#: Flag masks, as callers pass ``BIT(DM_KCOPYDIGNORE_ERROR)`` and ``BIT(DM_KCOPYDWRITE_SEQ)``
+#: (bit numbers 1 and 2, include/linux/dm-kcopyd.h).
+IGNORE_ERROR = 1 << 1
+WRITE_SEQ = 1 << 2
+#: This project's flag: the destinations already read as zeros, so holes of the source are skipped.
+DEST_ZEROED = 1 << 8
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,25 @@ class Piece:
         self.pending = 0
 
 
+@dataclass
+class Plan:
+    """How a job is cut into pieces and how they are read and written (chosen at submission)."""
+
+    piece_size: int
+    #: pieces in flight at once
+    max_active: int
+    #: pieces go through ``copy_file_range`` (kcopyd.offload), without pages
+    offload: bool = False
+    #: the source has no holes: pieces copy without asking for extents
+    dense: bool = False
+    #: hole segments stay aligned to this (page and logical block size)
+    grain: int = 4096
+    #: hand pieces out back to front (a memmove to a later offset, kcopyd.overlap)
+    reverse: bool = False
+    #: drop a file source's pages once read (none of its range was cached)
+    drop_behind: bool = False
+
+
 class Job:
     """An asynchronous copy (or zero) of one region to up to 8 destinations.
 
@@ -76,6 +105,8 @@ class Job:
         flags: int,
         notify: NotifyFn | None,
         context: Any,
+        plan: Plan,
+        on_cancel: Callable[[Job], None] | None = None,
     ) -> None:
         self._src = src
         self._dests = dests
@@ -83,35 +114,27 @@ class Job:
         self.notify = notify
         self.context = context
         self.total = nbytes
+        self.plan = plan
         self.read_err = False
         self.write_err = 0
         self.cancelled = False
         self._done_event = threading.Event()
         self._cancel_event = threading.Event()
+        self._on_cancel = on_cancel
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Job]]] = []
         self._waiters_lock = threading.Lock()
         # Scheduling state, guarded by the client's lock.
-        self._client: Any = None
         self._next = 0  # next job-relative byte offset to hand out
         self._done_bytes = 0
         self._active = 0  # pieces handed out and not yet complete
         self._stop = False  # error (without IGNORE_ERROR) or cancel: hand out nothing more
         self._retry: list[Piece] = []  # pieces to redo with buffers (copy_file_range fallback)
-        self._offload = False  # pieces go through copy_file_range
-        self._piece_size = 0
-        self._max_active = 8
         self._write_offset = 0  # WRITE_SEQ: next offset allowed to write
         self._parked: dict[int, Piece] = {}
-        self._grain = 4096  # hole segments stay aligned to this (page and logical block size)
         self._queued = False  # completion handed to the callback thread
-        self._dense = False  # the source has no holes: sub-jobs copy without asking for extents
-        # Write lanes: a destination whose ``_lanes`` entry is a deque takes one write at a time
-        # (pieces wait in the deque, in the order their reads finished); ``None`` lets its writes
-        # run in parallel. ``_lane_busy[i]`` is True while a write to destination i runs.
-        self._lanes: list[deque[Piece] | None] = [None] * len(dests)
-        self._lane_busy = [False] * len(dests)
-        self._drop_behind = False  # drop a file source's pages once read (it was not cached)
-        self._reverse = False  # hand pieces out back to front (a memmove to a later offset)
+        # a buffered copy gives destinations written through a page cache a lane (kcopyd.lanes)
+        self._lanes = WriteLanes.for_regions(dests) if src is not None and not plan.offload else WriteLanes(
+            [False] * len(dests))
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -154,9 +177,8 @@ class Job:
         ``cancelled`` is set unless the job had already finished all its pieces.
         """
         self._cancel_event.set()
-        client = self._client
-        if client is not None:
-            client._cancel(self)
+        if self._on_cancel is not None:
+            self._on_cancel(self)
 
     def raise_for_error(self) -> None:
         """Raise ``OperationCancelled`` or ``DeviceIOError`` naming what failed, if anything did."""
@@ -190,21 +212,144 @@ class Job:
             f"dest(s) read_err={int(self.read_err)} write_err={self.write_err:#x}>"
         )
 
-    # -- used by the client ---------------------------------------------------------------------
-    def _take(self, length: int) -> Piece:
-        """The next piece of ``length`` bytes: front to back, or back to front for ``_reverse``."""
-        offset = self.total - self._next - length if self._reverse else self._next
+    # -- used by the client (under its lock unless said otherwise) ----------------------------
+    @property
+    def open_src(self) -> OpenRegion | None:
+        """The open source region (``None`` for a zero job)."""
+        return self._src
+
+    @property
+    def open_dests(self) -> list[OpenRegion]:
+        """The open destination regions, in ``write_err`` bit order."""
+        return self._dests
+
+    @property
+    def cancel_event(self) -> threading.Event:
+        """Set once ``cancel()`` was called (a throttled piece stops waiting)."""
+        return self._cancel_event
+
+    @property
+    def lanes(self) -> WriteLanes:
+        """The destinations' write lanes (:mod:`kcopyd.lanes`)."""
+        return self._lanes
+
+    @property
+    def pageless(self) -> bool:
+        """True for a zero job or a ``copy_file_range`` one: its pieces need no pages."""
+        return self._src is None or self.plan.offload
+
+    @property
+    def has_work(self) -> bool:
+        """True while pieces remain to be handed out."""
+        return not self._stop and (bool(self._retry) or self._next < self.total)
+
+    @property
+    def wants_piece(self) -> bool:
+        """True when a piece remains and fewer than ``plan.max_active`` are in flight."""
+        return self.has_work and self._active < self.plan.max_active
+
+    @property
+    def finished(self) -> bool:
+        """True when nothing is in flight and nothing remains to hand out."""
+        return self._active == 0 and not self.has_work
+
+    @property
+    def writes_stopped(self) -> bool:
+        """True when a read piece must not be written: cancelled, or WRITE_SEQ after an error."""
+        return self.cancelled or bool(self.flags & WRITE_SEQ and self._stop)
+
+    def next_length(self) -> int:
+        """The size of the next piece (a piece to redo first)."""
+        return self._retry[0].length if self._retry else min(self.plan.piece_size, self.total - self._next)
+
+    def start_piece(self) -> Piece:
+        """Hand out the next piece: one to redo, else front to back (back to front for ``reverse``)."""
+        self._active += 1
+        if self._retry:
+            return self._retry.pop(0)
+        length = self.next_length()
+        offset = self.total - self._next - length if self.plan.reverse else self._next
         self._next += length
         return Piece(self, offset, length)
 
-    def _has_work(self) -> bool:
-        return not self._stop and (bool(self._retry) or self._next < self.total)
+    def park(self, piece: Piece) -> bool:
+        """WRITE_SEQ: hold ``piece`` until every earlier offset is written; True when held."""
+        if not self.flags & WRITE_SEQ or piece.offset == self._write_offset:
+            return False
+        self._parked[piece.offset] = piece
+        return True
 
-    def _finished(self) -> bool:
-        return self._active == 0 and not self._has_work()
+    def piece_done(self, piece: Piece, written: bool) -> tuple[list[Piece], Piece | None]:
+        """Account a finished piece: its bytes (when ``written``) and errors.
 
-    def _complete(self) -> None:
-        """Mark done and wake every waiter (called on the callback thread after notify)."""
+        Returns the parked pieces to drop (WRITE_SEQ stopped) and the parked piece whose turn
+        to be written has come.
+        """
+        self._active -= 1
+        if written:  # progress counts what reached the destinations
+            self._done_bytes += piece.length
+        self.read_err |= piece.read_err
+        self.write_err |= piece.write_err
+        if (piece.read_err or piece.write_err) and not self.flags & IGNORE_ERROR:
+            self._stop = True
+        if not self.flags & WRITE_SEQ:
+            return [], None
+        if written and piece.offset == self._write_offset:
+            self._write_offset = piece.offset + piece.length
+        if self._stop:
+            return self._unpark(), None
+        return [], self._parked.pop(self._write_offset, None)
+
+    def _unpark(self) -> list[Piece]:
+        parked = list(self._parked.values())
+        self._parked.clear()
+        return parked
+
+    def stop(self) -> list[Piece] | None:
+        """Cancel: hand out nothing more; returns the parked pieces to drop (``None`` once done)."""
+        if self._queued:
+            return None
+        self.cancelled = True
+        self._stop = True
+        self._retry.clear()
+        return self._unpark()
+
+    def fall_back_to_buffers(self, piece: Piece, piece_size: int) -> None:
+        """``copy_file_range`` failed on ``piece``: redo it, and copy the rest, through buffers."""
+        if self.plan.offload:  # the first piece to fail: lanes are made once, before any write
+            self.plan.offload = False
+            self.plan.piece_size = piece_size
+            self._lanes = WriteLanes.for_regions(self._dests)
+        self._active -= 1
+        for off in range(piece.offset, piece.offset + piece.length, piece_size):
+            self._retry.append(Piece(self, off, min(piece_size, piece.offset + piece.length - off)))
+
+    def claim_completion(self) -> bool:
+        """True the first time: the caller hands the job to the callback thread."""
+        queued, self._queued = self._queued, True
+        return not queued
+
+    def run_callback(self) -> None:
+        """On the callback thread: close the regions, run ``notify``, then wake every waiter.
+
+        A destination that fails to close (an NBD flush) counts as failed.
+        """
+        if self._src is not None:
+            try:
+                self._src.close()
+            except Exception:  # noqa: BLE001
+                log.exception("kcopyd: closing %s failed", self._src.region.dev_name)
+        for i, o in enumerate(self._dests):
+            try:
+                o.close()  # an NBD destination is flushed here
+            except Exception as err:  # noqa: BLE001 - the writes may not be durable
+                log.warning("kcopyd: closing destination %d (%s) failed: %s", i, o.region.dev_name, err)
+                self.write_err |= 1 << i
+        if self.notify is not None:
+            try:
+                self.notify(self.read_err, self.write_err, self.context)
+            except Exception:  # noqa: BLE001 - a callback must never kill the client
+                log.exception("kcopyd: notify callback raised")
         with self._waiters_lock:
             self._done_event.set()
             waiters, self._waiters = self._waiters, []

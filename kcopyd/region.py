@@ -110,23 +110,9 @@ def _open_path(path: str, *, writable: bool, offset: int, length: int) -> Endpoi
     return BlockDevice(path, writable=writable, direct=False)
 
 
-def is_zoned(ep: Endpoint) -> bool:
-    """True for a zoned block device (``/sys/dev/block/M:m/queue/zoned`` other than ``none``)."""
-    if getattr(ep, "zoned", False):
-        return True
-    devno = getattr(ep, "devno", None)
-    if not devno:
-        return False
-    try:
-        with open(f"/sys/dev/block/{devno[0]}:{devno[1]}/queue/zoned") as f:
-            return f.read().strip() not in ("", "none")
-    except OSError:
-        return False
-
-
 def _open_one(region: Region, *, writable: bool) -> OpenRegion:
     if isinstance(region.dev, Endpoint):
-        return OpenRegion(region, region.dev, region.offset, owned=False, zoned=is_zoned(region.dev))
+        return OpenRegion(region, region.dev, region.offset, owned=False, zoned=region.dev.zoned)
     path = os.fspath(region.dev)
     if is_nbd_uri(path):
         from dmtools.nbd import NbdEndpoint
@@ -141,7 +127,7 @@ def _open_one(region: Region, *, writable: bool) -> OpenRegion:
         raise InvalidArgument(
             f"cannot open: {err.strerror}", errno=err.errno, operation="copy", device=path
         ) from err
-    return OpenRegion(region, ep, region.offset, owned=True, zoned=is_zoned(ep))
+    return OpenRegion(region, ep, region.offset, owned=True, zoned=ep.zoned)
 
 
 def _check(opened: OpenRegion, role: str, *, writable: bool) -> None:

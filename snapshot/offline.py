@@ -335,7 +335,7 @@ def export(
             org.readinto(tail, sectors * SECTOR)
             dst.write(tail, sectors * SECTOR)
         if errors:
-            raise DeviceIOError("; ".join(errors), operation="export", device=str(getattr(dst, "name", out)))
+            raise DeviceIOError("; ".join(errors), operation="export", device=dst.name)
         with kcopyd.Client(num_pages=num_pages) as kc:
             cs = store.chunk_size
             for old, new, count in chunk_runs(store.table.items()):

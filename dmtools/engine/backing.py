@@ -10,7 +10,6 @@ better than one direct request at a time.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import mmap
 import os
@@ -64,8 +63,7 @@ class BackingDevice(Endpoint):
         # Requests arrive split over several FUSE threads, which hides their sequential pattern
         # from read-ahead; a larger read-ahead window keeps sequential reads streaming (random
         # reads are unaffected: their initial window depends on the request size).
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(self.buffered.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        self.buffered.fadvise(0, 0, os.POSIX_FADV_SEQUENTIAL)
         self.name = self.buffered.name
         self._direct: BlockDevice | None = None
         if writable:
@@ -131,6 +129,9 @@ class BackingDevice(Endpoint):
 
     def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
         return self.buffered.data_extents(offset, length)
+
+    def fadvise(self, offset: int, length: int, advice: int) -> None:
+        self.buffered.fadvise(offset, length, advice)
 
     def close(self) -> None:
         self.buffered.close()

@@ -153,7 +153,7 @@ class LoadedTable:
         """Engine devices this table references (for cycle checks)."""
         out = []
         for handle in self.context.handles.values():
-            dev = getattr(handle.inner, "device", None)
+            dev = handle.inner.device
             if isinstance(dev, Device):
                 out.append(dev)
         return out

@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # pragma: no cover
 class DeviceEndpoint(Endpoint):
     """Byte-addressed I/O on an engine device, through its live table and suspend gate."""
 
+    device: "Device"
+
     def __init__(self, device: "Device", *, writable: bool = True) -> None:
         device.acquire()
         self.device = device

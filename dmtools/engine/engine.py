@@ -189,7 +189,7 @@ class Engine(DeviceMapper):
         from dmtools.engine.resolve import resolve
 
         handle = resolve(self, ref, writable=writable)
-        target_dev = getattr(handle.inner, "device", None)
+        target_dev = handle.inner.device
         if isinstance(target_dev, Device) and self._reaches(target_dev, for_device):
             handle.inner.close()
             raise InvalidTable(

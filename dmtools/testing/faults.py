@@ -6,7 +6,7 @@
   ``ops`` so tests can check what was read and written, and in which order.
 - :class:`SlowEndpoint` delays requests, or holds them until a gate opens, so tests can keep I/O in
   flight deterministically.
-- :class:`MemoryEndpoint` is a ``bytearray`` device (fast, for property tests).
+- :class:`~dmtools.testing.memory.MemoryEndpoint` (a ``bytearray`` device) is re-exported here.
 
 The style follows nbdkit's ``error`` and ``delay`` filters: a wrapper states where faults happen and
 the test states whether the copy must fail or carry on.
@@ -22,6 +22,7 @@ from typing import Any, Iterable
 
 from dmtools.endpoint import Endpoint, ForwardingEndpoint
 from dmtools.errors import DeviceIOError, InvalidArgument, NoSpace
+from dmtools.testing.memory import MemoryEndpoint
 from dmtools.units import SECTOR
 
 __all__ = ["FaultyEndpoint", "SlowEndpoint", "MemoryEndpoint", "WrappedEndpoint"]
@@ -266,54 +267,3 @@ class SlowEndpoint(WrappedEndpoint):
             self.inner.zero(offset, length)
         finally:
             self._leave()
-
-
-class MemoryEndpoint(Endpoint):
-    """A device held in a ``bytearray`` (``data``); optional ``holes`` make ``data_extents`` known."""
-
-    def __init__(self, size: int | bytes | bytearray, name: str = "memory") -> None:
-        if isinstance(size, (bytes, bytearray)):
-            self.data = bytearray(size)
-        else:
-            self.data = bytearray(size)
-        self.name = name
-        self._extents: list[tuple[int, int]] | None = None
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-    def set_extents(self, extents: list[tuple[int, int]] | None) -> None:
-        """Declare the allocated ranges (``None``: unknown); callers keep holes zero."""
-        self._extents = extents
-
-    def readinto(self, buf: Any, offset: int) -> int:
-        mv = memoryview(buf).cast("B")
-        n = max(0, min(len(mv), len(self.data) - offset))
-        mv[:n] = self.data[offset : offset + n]
-        return n
-
-    def write(self, buf: Any, offset: int) -> int:
-        mv = memoryview(buf).cast("B")
-        end = offset + len(mv)
-        if end > len(self.data):
-            raise NoSpace(f"write past the end ({end} > {len(self.data)})", operation="write", device=self.name)
-        self.data[offset:end] = mv
-        return len(mv)
-
-    def zero(self, offset: int, length: int) -> None:
-        end = offset + length
-        if end > len(self.data):
-            raise NoSpace(f"zero past the end ({end} > {len(self.data)})", operation="zero", device=self.name)
-        self.data[offset:end] = bytes(length)
-
-    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
-        if self._extents is None:
-            return None
-        end = offset + length
-        out = []
-        for o, n in self._extents:
-            lo, hi = max(o, offset), min(o + n, end)
-            if lo < hi:
-                out.append((lo, hi - lo))
-        return out

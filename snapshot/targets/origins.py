@@ -71,8 +71,8 @@ S = TypeVar("S", bound=Member)
 
 def device_key(handle: DeviceHandle) -> Hashable:
     """A key equal for every handle on the same underlying device."""
-    inner: Any = handle.inner
-    dev = getattr(inner, "device", None)
+    inner = handle.inner
+    dev = inner.device
     if dev is not None:  # an engine device, resolved in-process
         return ("engine", id(dev))
     if handle.devno is not None:
