@@ -1,102 +1,17 @@
-"""In-memory endpoints for the mirror tests: a RAM disk, an event recorder and fault switches."""
+"""Mirror test rigs over ``dmtools.testing.memory``: a target context and a power cut."""
 
 from __future__ import annotations
 
 import threading
 from typing import Any
 
-from dmtools.endpoint import Endpoint
-from dmtools.errors import DeviceIOError
-
-
-class MemEndpoint(Endpoint):
-    """A RAM-backed endpoint that records writes/flushes in a shared journal and can be failed."""
-
-    def __init__(
-        self,
-        size: int,
-        name: str = "mem",
-        journal: "list[tuple[str, str, int, int]] | None" = None,
-        lbs: int = 512,
-    ) -> None:
-        self.name = name
-        self.data = bytearray(size)
-        self.journal = journal if journal is not None else []
-        self.lbs = lbs
-        self.fail_reads = False
-        self.fail_writes = False
-        self.fail_flush = False
-        #: writes touching [start, end) fail (a bad stretch of the device)
-        self.bad_range: tuple[int, int] | None = None
-        self.lock = threading.Lock()
-        self.flushed = bytearray(size)  # what would survive a power cut
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-    @property
-    def logical_block_size(self) -> int:
-        return self.lbs
-
-    def readinto(self, buf: Any, offset: int) -> int:
-        if self.fail_reads:
-            raise DeviceIOError("injected read error", operation="read", device=self.name)
-        mv = memoryview(buf).cast("B")
-        n = max(0, min(len(mv), len(self.data) - offset))
-        mv[:n] = self.data[offset : offset + n]
-        return n
-
-    def write(self, buf: Any, offset: int) -> int:
-        mv = memoryview(buf).cast("B")
-        if self.fail_writes or (
-            self.bad_range is not None and offset < self.bad_range[1] and offset + len(mv) > self.bad_range[0]
-        ):
-            raise DeviceIOError("injected write error", operation="write", device=self.name)
-        if offset + len(mv) > len(self.data):
-            raise DeviceIOError("write past end", operation="write", device=self.name)
-        with self.lock:
-            self.data[offset : offset + len(mv)] = mv
-            self.journal.append(("write", self.name, offset, len(mv)))
-        return len(mv)
-
-    def flush(self) -> None:
-        if self.fail_flush:
-            raise DeviceIOError("injected flush error", operation="flush", device=self.name)
-        with self.lock:
-            self.flushed[:] = self.data
-            self.journal.append(("flush", self.name, 0, 0))
-
-
-class GatedEndpoint(MemEndpoint):
-    """A MemEndpoint whose reads block while ``gate`` is clear (to hold a resync copy mid-flight)."""
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.gate = threading.Event()
-        self.gate.set()
-        self.reading = threading.Event()
-        self.active = 0
-        self.peak = 0
-
-    def readinto(self, buf: Any, offset: int) -> int:
-        with self.lock:
-            self.active += 1
-            self.peak = max(self.peak, self.active)
-        self.reading.set()
-        try:
-            if not self.gate.wait(10):
-                raise DeviceIOError("gate never opened", operation="read", device=self.name)
-            return super().readinto(buf, offset)
-        finally:
-            with self.lock:
-                self.active -= 1
+from dmtools.testing.memory import MemoryEndpoint
 
 
 class FakeContext:
     """A ``TargetContext`` over in-memory devices, counting events."""
 
-    def __init__(self, devices: "dict[str, MemEndpoint]") -> None:
+    def __init__(self, devices: "dict[str, MemoryEndpoint]") -> None:
         from dmtools.engine.target_driver import DeviceHandle
 
         self.devices = devices
@@ -155,12 +70,13 @@ class PowerCut:
             return False
 
 
-class CrashEndpoint(MemEndpoint):
-    """A RAM disk with a volatile write cache, on a ``PowerCut``."""
+class CrashEndpoint(MemoryEndpoint):
+    """A RAM disk with a volatile write cache, on a ``PowerCut``: ``flushed`` is what survives."""
 
     def __init__(self, size: int, name: str, power: PowerCut) -> None:
         super().__init__(size, name)
         self.power = power
+        self.flushed = bytearray(size)
         self.unflushed: list[tuple[int, bytes]] = []
 
     def write(self, buf: Any, offset: int) -> int:
@@ -177,14 +93,13 @@ class CrashEndpoint(MemEndpoint):
             return
         super().flush()
         with self.lock:
+            self.flushed[:] = self.data
             self.unflushed.clear()
 
-    def after_crash(self) -> MemEndpoint:
+    def after_crash(self) -> MemoryEndpoint:
         """The device as found after the power cut."""
-        out = MemEndpoint(len(self.data), self.name)
-        out.data[:] = self.flushed
+        out = MemoryEndpoint(self.flushed, self.name)
         for off, data in self.unflushed:
             if self.power.rng.random() < 0.5:
                 out.data[off : off + len(data)] = data
-        out.flushed[:] = out.data
         return out

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from dmtools.errors import CorruptMetadata, InvalidArgument
+from dmtools.testing.memory import MemoryEndpoint
 from mirror import cli
 from mirror.format import LogImage, format_log
 from mirror.manager import MirrorManager
-from mirror_memdev import MemEndpoint
 
 MB = 1 << 20
 
@@ -71,7 +71,7 @@ def test_inspect_errors(files: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_resync_offline_with_progress_fd(files: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
-    ep = MemEndpoint(64 * 1024, "log")
+    ep = MemoryEndpoint(64 * 1024, "log")
     format_log(ep, 32, in_sync=False)
     Path(files["log"]).write_bytes(bytes(ep.data))
     r, w = os.pipe()

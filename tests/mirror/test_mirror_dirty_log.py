@@ -7,15 +7,15 @@ import struct
 import pytest
 
 from dmtools.errors import DeviceIOError, InvalidTable
+from dmtools.testing.memory import MemoryEndpoint
 from mirror.format import LogImage, format_log
 from dmtools.target_values import CoreLog, DiskLog, OtherLog, SyncMode
 from mirror.log import CoreDirtyLog, DiskDirtyLog, open_dirty_log
-from mirror_memdev import MemEndpoint
 
 LEN = 100 * 8  # sectors: 100 regions of 8 sectors
 
 
-def _disk(ep: MemEndpoint, sync: SyncMode = SyncMode.DEFAULT, length: int = LEN) -> DiskDirtyLog:
+def _disk(ep: MemoryEndpoint, sync: SyncMode = SyncMode.DEFAULT, length: int = LEN) -> DiskDirtyLog:
     lg = DiskDirtyLog(ep, "7:1", length, 8, sync)
     lg.resume()
     return lg
@@ -55,7 +55,7 @@ def test_get_resync_work_and_set_region_sync() -> None:
 
 
 def test_disk_resume_of_blank_device_is_all_out_of_sync_and_writes_header() -> None:
-    ep = MemEndpoint(4096, "log")
+    ep = MemoryEndpoint(4096, "log")
     lg = _disk(ep)
     assert lg.get_sync_count() == 0
     assert ep.data[0:16] == struct.pack("<IIQ", 0x4D695272, 2, 100)
@@ -65,7 +65,7 @@ def test_disk_resume_of_blank_device_is_all_out_of_sync_and_writes_header() -> N
 
 
 def test_disk_resume_trusts_clean_bits_and_preserves_reserved_bytes() -> None:
-    ep = MemEndpoint(4096, "log")
+    ep = MemoryEndpoint(4096, "log")
     img = format_log(ep, 100, in_sync=True)
     img.clean.clear(42)
     img.write(ep)
@@ -78,7 +78,7 @@ def test_disk_resume_trusts_clean_bits_and_preserves_reserved_bytes() -> None:
 
 @pytest.mark.parametrize("mode, expect", [(SyncMode.FORCESYNC, 0), (SyncMode.NOSYNC, 100)])
 def test_sync_arguments_make_the_log_new(mode: SyncMode, expect: int) -> None:
-    ep = MemEndpoint(4096, "log")
+    ep = MemoryEndpoint(4096, "log")
     img = format_log(ep, 100, in_sync=True)
     img.clean.clear(3)
     img.write(ep)
@@ -87,7 +87,7 @@ def test_sync_arguments_make_the_log_new(mode: SyncMode, expect: int) -> None:
 
 
 def test_grown_regions_out_of_sync_shrunk_bits_cleared() -> None:
-    ep = MemEndpoint(4096, "log")
+    ep = MemoryEndpoint(4096, "log")
     format_log(ep, 100, in_sync=True)
     lg = _disk(ep, length=LEN + 8 * 20)  # 120 regions
     assert lg.get_sync_count() == 100 and not lg.in_sync(100) and not lg.in_sync(119)
@@ -98,7 +98,7 @@ def test_grown_regions_out_of_sync_shrunk_bits_cleared() -> None:
 
 
 def test_bad_magic_counts_as_new_log_and_version_1_is_accepted() -> None:
-    ep = MemEndpoint(4096, "log")
+    ep = MemoryEndpoint(4096, "log")
     format_log(ep, 100, in_sync=True)
     ep.data[4:8] = struct.pack("<I", 1)
     assert _disk(ep).get_sync_count() == 100
@@ -108,7 +108,7 @@ def test_bad_magic_counts_as_new_log_and_version_1_is_accepted() -> None:
 
 
 def test_unreadable_log_counts_everything_out_of_sync_and_reports_d() -> None:
-    ep = MemEndpoint(4096, "log")
+    ep = MemoryEndpoint(4096, "log")
     format_log(ep, 100, in_sync=True)
     ep.fail_reads = True
     lg = _disk(ep)
@@ -121,15 +121,15 @@ def _recorded(journal: list[tuple[str, str, int, int]]) -> list[str]:
 
 def test_dirty_mark_is_durable_before_returning() -> None:
     journal: list[tuple[str, str, int, int]] = []
-    ep = MemEndpoint(4096, "log", journal)
-    legs = [MemEndpoint(LEN * 512, f"leg{i}", journal) for i in range(2)]
+    ep = MemoryEndpoint(4096, "log", journal)
+    legs = [MemoryEndpoint(LEN * 512, f"leg{i}", journal) for i in range(2)]
     lg = _disk(ep, SyncMode.NOSYNC)
     lg.flush_legs = lambda: [leg.flush() for leg in legs] and None
     journal.clear()
     lg.mark_region(7)
     lg.flush()
     assert _recorded(journal) == ["write log", "flush log"]
-    assert ep.flushed[1024] == 0x7F  # region 7 dirty on stable storage
+    assert ep.data[1024] == 0x7F  # region 7 dirty, written before the flush
     journal.clear()
     lg.flush()  # nothing touched: no I/O
     assert journal == []
@@ -137,8 +137,8 @@ def test_dirty_mark_is_durable_before_returning() -> None:
 
 def test_clean_mark_written_only_after_legs_flushed() -> None:
     journal: list[tuple[str, str, int, int]] = []
-    ep = MemEndpoint(4096, "log", journal)
-    legs = [MemEndpoint(LEN * 512, f"leg{i}", journal) for i in range(2)]
+    ep = MemoryEndpoint(4096, "log", journal)
+    legs = [MemoryEndpoint(LEN * 512, f"leg{i}", journal) for i in range(2)]
     lg = _disk(ep, SyncMode.NOSYNC)
     lg.flush_legs = lambda: [leg.flush() for leg in legs] and None
     lg.mark_region(7)
@@ -152,8 +152,8 @@ def test_clean_mark_written_only_after_legs_flushed() -> None:
 
 def test_mixed_clean_and_dirty_flush_order() -> None:
     journal: list[tuple[str, str, int, int]] = []
-    ep = MemEndpoint(4096, "log", journal)
-    leg = MemEndpoint(LEN * 512, "leg0", journal)
+    ep = MemoryEndpoint(4096, "log", journal)
+    leg = MemoryEndpoint(LEN * 512, "leg0", journal)
     lg = _disk(ep, SyncMode.NOSYNC)
     lg.flush_legs = leg.flush
     lg.mark_region(1)
@@ -166,7 +166,7 @@ def test_mixed_clean_and_dirty_flush_order() -> None:
 
 
 def test_failed_leg_flush_marks_every_region_dirty_and_ignores_clears() -> None:
-    ep = MemEndpoint(4096, "log")
+    ep = MemoryEndpoint(4096, "log")
     lg = _disk(ep, SyncMode.NOSYNC)
 
     def bad_flush() -> None:
@@ -184,7 +184,7 @@ def test_failed_leg_flush_marks_every_region_dirty_and_ignores_clears() -> None:
 
 
 def test_log_write_failure_marks_log_failed() -> None:
-    ep = MemEndpoint(4096, "log")
+    ep = MemoryEndpoint(4096, "log")
     lg = _disk(ep, SyncMode.NOSYNC)
     ep.fail_writes = True
     lg.mark_region(1)
@@ -204,9 +204,9 @@ def test_open_dirty_log_from_the_table_value() -> None:
     assert type(core) is CoreDirtyLog and core.get_sync_count() == 100
     opened: list[str] = []
 
-    def opener(ref: str) -> MemEndpoint:
+    def opener(ref: str) -> MemoryEndpoint:
         opened.append(ref)
-        return MemEndpoint(4096 if ref == "7:1" else 1024, ref)
+        return MemoryEndpoint(4096 if ref == "7:1" else 1024, ref)
 
     disk = open_dirty_log(DiskLog("7:1", 8, "sync"), LEN, opener)
     assert isinstance(disk, DiskDirtyLog) and disk.sync is SyncMode.FORCESYNC and opened == ["7:1"]

@@ -7,9 +7,9 @@ import struct
 import pytest
 
 from dmtools.errors import CorruptMetadata, InvalidArgument
+from dmtools.testing.memory import MemoryEndpoint
 from mirror.bitmap import Bitmap, bitmap_bytes
 from mirror.format import LogImage, format_log, inspect, log_io_bytes
-from mirror_memdev import MemEndpoint
 
 MAGIC_BYTES = bytes([0x72, 0x52, 0x69, 0x4D])
 
@@ -65,8 +65,8 @@ def test_bitmap_helpers() -> None:
     assert b.iter_zero() == [77, 129]
 
 
-def _log_device(nr: int, *, in_sync: bool, size: int = 1 << 16, lbs: int = 512) -> MemEndpoint:
-    ep = MemEndpoint(size, "log", lbs=lbs)
+def _log_device(nr: int, *, in_sync: bool, size: int = 1 << 16, lbs: int = 512) -> MemoryEndpoint:
+    ep = MemoryEndpoint(size, "log", logical_block_size=lbs)
     format_log(ep, nr, in_sync=in_sync)
     return ep
 
@@ -112,7 +112,7 @@ def test_inspect_rejects_corrupt_logs_without_writing(mutate, exc, text) -> None
 
 
 def test_inspect_rejects_too_small_device() -> None:
-    ep = MemEndpoint(512, "tiny")
+    ep = MemoryEndpoint(512, "tiny")
     with pytest.raises(InvalidArgument, match="too small"):
         inspect(ep)
     assert ep.journal == []

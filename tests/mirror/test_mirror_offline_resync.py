@@ -8,23 +8,24 @@ import random
 import pytest
 
 from dmtools.errors import CorruptMetadata, InvalidArgument
+from dmtools.testing.memory import MemoryEndpoint
 from mirror.format import LogImage, format_log
 from mirror.resync import OfflineResync
-from mirror_memdev import CrashEndpoint, MemEndpoint, PowerCut
+from mirror_memdev import CrashEndpoint, PowerCut
 
 REGION = 8  # 4 KiB regions
 
 
-def _legs(n: int, size: int, seed: int = 1) -> list[MemEndpoint]:
+def _legs(n: int, size: int, seed: int = 1) -> list[MemoryEndpoint]:
     rnd = random.Random(seed)
-    legs = [MemEndpoint(size, f"leg{i}") for i in range(n)]
+    legs = [MemoryEndpoint(size, f"leg{i}") for i in range(n)]
     legs[0].data[:] = rnd.randbytes(size)
     return legs
 
 
 def test_copies_only_out_of_sync_regions_and_marks_them_clean() -> None:
     legs = _legs(3, 64 * 4096)
-    log = MemEndpoint(8192, "log")
+    log = MemoryEndpoint(8192, "log")
     img = format_log(log, 64, in_sync=True)
     for r in (1, 2, 40):
         img.clean.clear(r)
@@ -42,7 +43,7 @@ def test_copies_only_out_of_sync_regions_and_marks_them_clean() -> None:
 
 def test_clean_log_means_nothing_written() -> None:
     legs = _legs(2, 16 * 4096)
-    log = MemEndpoint(8192, "log")
+    log = MemoryEndpoint(8192, "log")
     format_log(log, 16, in_sync=True)
     journal_before = [len(e.journal) for e in (*legs, log)]
     res = OfflineResync(legs, log, region_size=REGION).run()
@@ -53,7 +54,7 @@ def test_clean_log_means_nothing_written() -> None:
 def test_rebuild_copies_every_region_to_one_leg_only() -> None:
     legs = _legs(3, 16 * 4096)
     legs[1].data[:] = legs[0].data
-    log = MemEndpoint(8192, "log")
+    log = MemoryEndpoint(8192, "log")
     img = format_log(log, 16, in_sync=True)
     img.clean.clear(5)
     img.write(log)
@@ -73,7 +74,7 @@ def test_progress_reports_bytes() -> None:
 
 def test_failed_copy_leaves_region_out_of_sync() -> None:
     legs = _legs(2, 16 * 4096)
-    log = MemEndpoint(8192, "log")
+    log = MemoryEndpoint(8192, "log")
     format_log(log, 16, in_sync=False)
     legs[1].fail_writes = True
     res = OfflineResync(legs, log, region_size=REGION).run()
@@ -93,15 +94,15 @@ def test_failed_copy_leaves_region_out_of_sync() -> None:
 )
 def test_bad_input_writes_nothing(setup: str, exc: type, text: str) -> None:
     legs = _legs(2, 16 * 4096)
-    log = MemEndpoint(8192, "log")
+    log = MemoryEndpoint(8192, "log")
     format_log(log, 16, in_sync=False)
     region = REGION
     if setup == "differ":
-        legs[1] = MemEndpoint(15 * 4096, "leg1")
+        legs[1] = MemoryEndpoint(15 * 4096, "leg1")
     elif setup == "region":
         region = 12
     elif setup == "small":
-        log = MemEndpoint(1024, "log")
+        log = MemoryEndpoint(1024, "log")
     elif setup == "corrupt":
         log.data[0:4] = b"junk"
     elif setup == "one-leg":
@@ -114,7 +115,7 @@ def test_bad_input_writes_nothing(setup: str, exc: type, text: str) -> None:
     assert [len(e.journal) for e in (*legs, log)] == journals
 
 
-def _regions_identical(legs: list[MemEndpoint], r: int, size: int) -> bool:
+def _regions_identical(legs: list[MemoryEndpoint], r: int, size: int) -> bool:
     a = legs[0].data[r * size : (r + 1) * size]
     return all(leg.data[r * size : (r + 1) * size] == a for leg in legs[1:])
 
@@ -159,9 +160,9 @@ def test_crash_at_a_random_moment_then_resume(seed: int) -> None:
 
 def test_random_seed_space_covers_cuts_inside_copies() -> None:
     # The crash test must hit cuts before, during and after the copies: check the op count range.
-    legs = [MemEndpoint(16 * 4096, f"leg{i}") for i in range(2)]
+    legs = [MemoryEndpoint(16 * 4096, f"leg{i}") for i in range(2)]
     legs[0].data[:] = os.urandom(16 * 4096)
-    log = MemEndpoint(8192, "log")
+    log = MemoryEndpoint(8192, "log")
     format_log(log, 16, in_sync=False)
     log.journal.clear()
     OfflineResync(legs, log, region_size=REGION, commit_interval=0.0, job_bytes=4096).run()
@@ -171,8 +172,8 @@ def test_random_seed_space_covers_cuts_inside_copies() -> None:
 
 def test_regions_marked_dirty_on_the_log_before_any_copy() -> None:
     journal: list[tuple[str, str, int, int]] = []
-    legs = [MemEndpoint(16 * 4096, f"leg{i}", journal) for i in range(3)]
-    log = MemEndpoint(8192, "log", journal)
+    legs = [MemoryEndpoint(16 * 4096, f"leg{i}", journal) for i in range(3)]
+    log = MemoryEndpoint(8192, "log", journal)
     format_log(log, 16, in_sync=True)
     journal.clear()
     OfflineResync(legs, log, region_size=REGION, rebuild=2, commit_interval=0.0).run()
@@ -190,7 +191,7 @@ def test_regions_marked_dirty_on_the_log_before_any_copy() -> None:
 
 def test_adjacent_regions_are_copied_in_one_job() -> None:
     legs = _legs(2, 64 * 4096)
-    log = MemEndpoint(8192, "log")
+    log = MemoryEndpoint(8192, "log")
     img = format_log(log, 64, in_sync=True)
     for r in (1, 2, 3, 10, 11, 40):
         img.clean.clear(r)
@@ -214,14 +215,14 @@ def test_cli_resync_killed_then_rerun_resumes_from_the_log(tmp_path, delay: floa
     a, b, lg = tmp_path / "a", tmp_path / "b", tmp_path / "log"
     a.write_bytes(os.urandom(size))
     b.write_bytes(bytes(size))
-    ep = MemEndpoint(64 * 1024, "log")
+    ep = MemoryEndpoint(64 * 1024, "log")
     format_log(ep, nreg, in_sync=False)
     lg.write_bytes(bytes(ep.data))
     cmd = [sys.executable, "-m", "dmtools.cli.main", "mirror", "resync-offline", str(a), str(b),
            "--log", str(lg), "--region-size", "64K", "--rate", "1M", "-q"]
     def out_of_sync() -> list[int]:
         with open(lg, "rb") as f:
-            return LogImage.read(_FileEndpoint(f.read())).out_of_sync()
+            return LogImage.read(MemoryEndpoint(f.read(), "file")).out_of_sync()
 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = _time.monotonic() + 20
@@ -241,9 +242,3 @@ def test_cli_resync_killed_then_rerun_resumes_from_the_log(tmp_path, delay: floa
 
     assert json.loads(done.stdout)["regions_copied"] == len(left)
     assert Path(a).read_bytes() == Path(b).read_bytes()
-
-
-class _FileEndpoint(MemEndpoint):
-    def __init__(self, data: bytes) -> None:
-        super().__init__(len(data), "file")
-        self.data[:] = data

@@ -10,9 +10,11 @@ from typing import Iterator
 import pytest
 
 from dmtools.errors import DeviceIOError, InvalidTable
+from dmtools.testing.faults import FaultyEndpoint
+from dmtools.testing.memory import GatedEndpoint, MemoryEndpoint
 from mirror.format import LogImage, format_log
 from mirror.target import MirrorTarget
-from mirror_memdev import FakeContext, GatedEndpoint, MemEndpoint, build_mirror
+from mirror_memdev import FakeContext, build_mirror
 
 MB = 1 << 20
 LEN = 2 * MB // 512  # 2 MiB mirror
@@ -24,15 +26,16 @@ class Rig:
 
     def __init__(self, nlegs: int = 2, size: int = 2 * MB, gated: bool = False) -> None:
         self.journal: list[tuple[str, str, int, int]] = []
-        self.devs: dict[str, MemEndpoint] = {}
+        self.devs: dict[str, MemoryEndpoint] = {}
         for i in range(nlegs):
-            cls = GatedEndpoint if gated and i == 0 else MemEndpoint
-            self.devs[f"leg{i}"] = cls(size, f"leg{i}", self.journal)
-        self.devs["log"] = MemEndpoint(64 * 1024, "log", self.journal)
+            gate = gated and i == 0  # the gate starts open: a test closes it to hold a copy
+            self.devs[f"leg{i}"] = (GatedEndpoint(size, "leg0", self.journal, open=True) if gate
+                                    else MemoryEndpoint(size, f"leg{i}", self.journal))
+        self.devs["log"] = MemoryEndpoint(64 * 1024, "log", self.journal)
         self.ctx = FakeContext(self.devs)
         self.targets: list[MirrorTarget] = []
 
-    def leg(self, i: int) -> MemEndpoint:
+    def leg(self, i: int) -> MemoryEndpoint:
         return self.devs[f"leg{i}"]
 
     def build(self, params: str, *, length: int = LEN, resume: bool = True, rate: int | None = None) -> MirrorTarget:
@@ -78,7 +81,7 @@ def test_leg_area_past_the_end_is_declared(rig: Rig) -> None:
 
 def test_too_small_disk_log_is_rejected() -> None:
     r = Rig()
-    r.devs["log"] = MemEndpoint(1024, "log")
+    r.devs["log"] = MemoryEndpoint(1024, "log")
     r.ctx = FakeContext(r.devs)
     with pytest.raises(InvalidTable, match="too small"):
         r.build(f"disk 2 log {REGION} {legs_params()}")
@@ -122,7 +125,7 @@ def test_several_regions_recover_at_once() -> None:
         r.leg(0).gate.clear()  # type: ignore[attr-defined]
         t = r.build(f"core 1 {REGION} {legs_params()}")
         deadline = time.monotonic() + 5
-        while r.leg(0).active < 2 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        while r.leg(0).in_flight < 2 and time.monotonic() < deadline:  # type: ignore[attr-defined]
             time.sleep(0.005)
         r.leg(0).gate.set()  # type: ignore[attr-defined]
         assert t.wait_in_sync(10)
@@ -351,7 +354,7 @@ def test_region_whose_copy_failed_is_never_marked_in_sync(features: str) -> None
         r.leg(0).data[:] = os.urandom(2 * MB)
         format_log(r.devs["log"], 32, in_sync=False)
         bad = 5 * 65536 + 40960  # the second half of region 5 cannot be written on leg 1
-        r.leg(1).bad_range = (bad, bad + 4096)
+        r.devs["leg1"] = FaultyEndpoint(r.leg(1), write_errors=[(bad // 512, 8)])  # type: ignore[assignment]
         t = r.build(f"disk 2 log {REGION} {legs_params()}{features}")
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

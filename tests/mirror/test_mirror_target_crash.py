@@ -7,20 +7,21 @@ import random
 
 import pytest
 
+from dmtools.testing.memory import MemoryEndpoint
 from mirror.format import LogImage
 from mirror.target import MirrorTarget
-from mirror_memdev import CrashEndpoint, FakeContext, MemEndpoint, PowerCut, build_mirror
+from mirror_memdev import CrashEndpoint, FakeContext, PowerCut, build_mirror
 
 NREG, RSIZE = 16, 4096  # 16 regions of 4 KiB
 SECTORS = NREG * RSIZE // 512
 
 
-def _identical(legs: list[MemEndpoint], r: int) -> bool:
+def _identical(legs: list[MemoryEndpoint], r: int) -> bool:
     a = legs[0].data[r * RSIZE : (r + 1) * RSIZE]
     return all(leg.data[r * RSIZE : (r + 1) * RSIZE] == a for leg in legs[1:])
 
 
-def _target(devs: dict[str, MemEndpoint], nlegs: int) -> MirrorTarget:
+def _target(devs: dict[str, MemoryEndpoint], nlegs: int) -> MirrorTarget:
     params = f"disk 2 log 8 {nlegs} " + " ".join(f"leg{i} 0" for i in range(nlegs))
     t: MirrorTarget = build_mirror(FakeContext(devs), SECTORS, params)
     return t
@@ -31,7 +32,7 @@ def test_target_resync_killed_at_random_moment(seed: int) -> None:
     rng = random.Random(seed)
     nlegs = rng.choice((2, 3))
     power = PowerCut(rng.randrange(0, 80), rng)
-    devs: dict[str, MemEndpoint] = {}
+    devs: dict[str, MemoryEndpoint] = {}
     base = rng.randbytes(NREG * RSIZE)
     dirty = set(rng.sample(range(NREG), rng.randrange(1, NREG + 1)))
     for i in range(nlegs):
@@ -58,7 +59,7 @@ def test_target_resync_killed_at_random_moment(seed: int) -> None:
     power.cut = True  # whatever has not happened yet never reaches the disks
     t.destroy()
 
-    after: dict[str, MemEndpoint] = {name: ep.after_crash() for name, ep in devs.items()}  # type: ignore[attr-defined]
+    after: dict[str, MemoryEndpoint] = {name: ep.after_crash() for name, ep in devs.items()}  # type: ignore[attr-defined]
     legs = [after[f"leg{i}"] for i in range(nlegs)]
     crashed = LogImage.read(after["log"])
     for r in range(NREG):

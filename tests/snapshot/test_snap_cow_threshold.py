@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from snap_helpers import MemoryEndpoint
 
 from dmtools.engine.target_driver import DeviceHandle
+from dmtools.testing.memory import GatedEndpoint, MemoryEndpoint
 from snapshot.store import PersistentStore
 from dmtools.engine import Engine
 from snapshot.targets import handover, origins
@@ -25,19 +25,6 @@ from snapshot.targets.core import CopyOnWrite, do_origin, origins_of
 CB = 4096
 CHUNKS = 64
 WAIT = 30.0  # seconds: bound for every wait on a loaded 2-CPU machine
-
-
-class GatedEndpoint(MemoryEndpoint):
-    """Reads wait until ``gate`` is set (bounded), so kcopyd's copies stay in flight."""
-
-    def __init__(self, size: int, name: str) -> None:
-        super().__init__(size, name)
-        self.gate = threading.Event()
-
-    def readinto(self, buf: Any, offset: int) -> int:
-        if not self.gate.wait(WAIT):
-            raise TimeoutError("gate never opened")
-        return super().readinto(buf, offset)
 
 
 def until(cond: Callable[[], bool], what: str) -> None:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import struct
 
-from snap_helpers import MemoryEndpoint
-
 from dmtools.engine.target_driver import DeviceHandle
+from dmtools.testing.memory import MemoryEndpoint
 from snapshot.store import PersistentStore
 from snapshot.targets.core import CopyOnWrite
 
@@ -24,13 +23,13 @@ def test_out_of_order_copies_commit_in_allocation_order() -> None:
         with snap.cond:
             first = snap._alloc_locked(5)
             second = snap._alloc_locked(9)
-        cow_ep.log.clear()
+        cow_ep.journal.clear()
         snap._complete([second], True)  # finishes first, must wait for the older one
-        assert not second.done and store.records == 0 and cow_ep.log == []
+        assert not second.done and store.records == 0 and cow_ep.journal == []
         snap._complete([first], True)
         assert first.ok and second.ok
-        writes = [e for e in cow_ep.log if e[0] == "write"]
-        assert writes == [("write", CB, CB)]  # one grouped area write for both
+        writes = [e for e in cow_ep.journal if e[0] == "write"]
+        assert writes == [("write", "cow", CB, CB)]  # one grouped area write for both
         assert bytes(cow_ep.data[CB : CB + 32]) == struct.pack("<QQQQ", 5, 2, 9, 3)
         assert snap.table.lookup(5) == 2 and snap.table.lookup(9) == 3
     finally:

@@ -8,10 +8,9 @@ import struct
 
 import pytest
 
-from snap_helpers import MemoryEndpoint
-
 from dmtools.engine.target_driver import DeviceHandle
 from dmtools.errors import NoSpace
+from dmtools.testing.memory import MemoryEndpoint
 from snapshot.store import ExceptionTable, PersistentStore, TransientStore
 from snapshot.targets.core import CopyOnWrite, _runs
 
@@ -141,7 +140,7 @@ def active_snapshot(
 def test_one_origin_write_over_mapped_pending_and_new_chunks() -> None:
     chunks = 600
     original = bytes(random.Random(1).randrange(256) for _ in range(chunks * CB // 64)) * 64
-    cow_ep, store, snap = active_snapshot(MemoryEndpoint(chunks * CB, "origin", original), MemoryEndpoint)
+    cow_ep, store, snap = active_snapshot(MemoryEndpoint(original, "origin"), MemoryEndpoint)
     try:
         assert snap.wait_all(snap.origin_write_prepare(10 * CB, 5 * CB))  # chunks 10..14 mapped
         with snap.cond:
@@ -195,17 +194,17 @@ def test_holes_of_origin_and_cow_are_not_copied_but_still_committed_in_order() -
     original = bytearray(chunks * CB)
     for c in (3, 40, 41):
         original[c * CB : (c + 1) * CB] = data[:CB]
-    cow_ep, store, snap = active_snapshot(SparseMemory(chunks * CB, "origin", bytes(original)), SparseMemory)
+    cow_ep, store, snap = active_snapshot(SparseMemory(original, "origin"), SparseMemory)
     try:
-        cow_ep.log.clear()
+        cow_ep.journal.clear()
         pes = snap.origin_write_prepare(0, 32 * CB)  # all holes but chunk 3: one run, one job
         assert snap.wait_all(pes) and not snap.pending and snap.in_progress == 0
-        data_writes = [e for e in cow_ep.log if e[0] == "write" and e[1] != CB]  # CB: metadata area
-        assert sum(length for _, _, length in data_writes) == 32 * CB  # the one run is copied
-        cow_ep.log.clear()
+        data_writes = [e for e in cow_ep.journal if e[0] == "write" and e[2] != CB]  # CB: metadata area
+        assert sum(length for _, _, _, length in data_writes) == 32 * CB  # the one run is copied
+        cow_ep.journal.clear()
         pes = snap.origin_write_prepare(32 * CB, 8 * CB)  # only holes: nothing copied
         assert snap.wait_all(pes) and snap.in_progress == 0
-        assert [e for e in cow_ep.log if e[0] == "write"] == [("write", CB, CB)]  # the records only
+        assert [e for e in cow_ep.journal if e[0] == "write"] == [("write", "cow", CB, CB)]  # the records only
         assert snap.wait_all(snap.origin_write_prepare(40 * CB, 24 * CB))
         assert [o for o, _ in store.iter_records()] == list(range(chunks))  # allocation order
         for c in range(chunks):

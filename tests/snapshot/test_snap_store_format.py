@@ -5,10 +5,10 @@ from __future__ import annotations
 import struct
 
 import pytest
-from snap_helpers import MemoryEndpoint
 
 from dmtools.errors import CorruptMetadata, InvalidTable, NoSpace
 from dmtools.target_values import StoreMode
+from dmtools.testing.memory import MemoryEndpoint
 from snapshot.store import (
     DiskHeader,
     ExceptionTable,
@@ -69,13 +69,13 @@ def test_records_bytes_and_group_commit() -> None:
     cow, store = new_store()
     a, b = store.prepare_exception(), store.prepare_exception()
     done: list[tuple[str, bool]] = []
-    cow.log.clear()
+    cow.journal.clear()
     store.commit_exception(10, a, True, lambda ok: done.append(("a", ok)))
-    assert done == [] and not [e for e in cow.log if e[0] == "write"]  # held: one still pending
+    assert done == [] and not [e for e in cow.journal if e[0] == "write"]  # held: one still pending
     store.commit_exception(11, b, True, lambda ok: done.append(("b", ok)))
     assert done == [("a", True), ("b", True)]
     # one metadata write framed by flushes (PREFLUSH|FUA)
-    assert cow.log == [("flush", 0, 0), ("write", CB, CB), ("flush", 0, 0)]
+    assert cow.journal == [("flush", "cow", 0, 0), ("write", "cow", CB, CB), ("flush", "cow", 0, 0)]
     assert bytes(cow.data[CB : CB + 48]) == struct.pack("<QQQQ", 10, 2, 11, 3) + bytes(16)
 
 
@@ -85,11 +85,11 @@ def test_full_area_zeroes_the_next_one_before_commit() -> None:
     cow.data[nxt : nxt + CB] = b"\xff" * CB  # garbage where area 1 will be
     for i in range(255):
         store.commit_exception(i, store.prepare_exception(), True, lambda ok: None)
-    cow.log.clear()
+    cow.journal.clear()
     store.commit_exception(255, store.prepare_exception(), True, lambda ok: None)
-    writes = [e for e in cow.log if e[0] == "write"]
-    assert writes == [("write", nxt, CB), ("write", CB, CB)]
-    assert cow.log.index(("write", nxt, CB)) < cow.log.index(("flush", 0, 0))
+    writes = [e for e in cow.journal if e[0] == "write"]
+    assert writes == [("write", "cow", nxt, CB), ("write", "cow", CB, CB)]
+    assert cow.journal.index(("write", "cow", nxt, CB)) < cow.journal.index(("flush", "cow", 0, 0))
     assert cow.data[nxt : nxt + CB] == bytes(CB)
     assert store.current_area == 1 and store.current_committed == 0
     assert store.usage().metadata_sectors == 3 * C
@@ -154,10 +154,10 @@ def test_corrupt_metadata_is_refused_and_nothing_written(patch: tuple[int, bytes
     off, raw = patch
     cow.data[off : off + len(raw)] = raw
     before = bytes(cow.data)
-    cow.log.clear()
+    cow.journal.clear()
     with pytest.raises(CorruptMetadata, match=message):
         PersistentStore(cow, C).read_metadata()
-    assert bytes(cow.data) == before and not [e for e in cow.log if e[0] == "write"]
+    assert bytes(cow.data) == before and not [e for e in cow.journal if e[0] == "write"]
 
 
 def test_full_cow_raises_nospace() -> None:
@@ -171,7 +171,7 @@ def test_full_cow_raises_nospace() -> None:
 def test_commit_failure_invalidates() -> None:
     cow, store = new_store()
     n = store.prepare_exception()
-    cow.fail_writes_at.add(CB)
+    cow.fail_writes = True
     results: list[bool] = []
     store.commit_exception(1, n, True, results.append)
     assert results == [False] and not store.valid
@@ -268,14 +268,14 @@ def test_batch_allocation_and_commit_across_an_area() -> None:
     cow, store = new_store()
     news = store.prepare_exceptions(300)
     assert news[:2] == [2, 3] and 258 not in news and news[256] == 259
-    cow.log.clear()
+    cow.journal.clear()
     done: list[bool] = []
     store.commit_batch([(1000 + i, n, True) for i, n in enumerate(news)], [done.append] * 300)
     assert done == [True] * 300
-    writes = [e for e in cow.log if e[0] == "write"]
+    writes = [e for e in cow.journal if e[0] == "write"]
     nxt = area_location(1, C) * CB
     # area 1 zeroed, area 0 committed full, then area 1 committed with the rest
-    assert writes == [("write", nxt, CB), ("write", CB, CB), ("write", nxt, CB)]
+    assert writes == [("write", "cow", nxt, CB), ("write", "cow", CB, CB), ("write", "cow", nxt, CB)]
     again = PersistentStore(cow, C)
     again.read_metadata()
     assert again.iter_records() == [(1000 + i, n) for i, n in enumerate(news)]
