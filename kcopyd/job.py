@@ -108,8 +108,9 @@ class Job:
         plan: Plan,
         on_cancel: Callable[[Job], None] | None = None,
     ) -> None:
-        self._src = src
-        self._dests = dests
+        #: the open regions (used by the client's I/O; ``src``/``dests`` name the regions)
+        self.open_src = src
+        self.open_dests = dests
         self.flags = flags
         self.notify = notify
         self.context = context
@@ -119,7 +120,7 @@ class Job:
         self.write_err = 0
         self.cancelled = False
         self._done_event = threading.Event()
-        self._cancel_event = threading.Event()
+        self.cancel_event = threading.Event()  # set by cancel(): a throttled piece stops waiting
         self._on_cancel = on_cancel
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Job]]] = []
         self._waiters_lock = threading.Lock()
@@ -140,12 +141,12 @@ class Job:
     @property
     def src(self) -> Region | None:
         """The source region (``None`` for a zero job)."""
-        return self._src.region if self._src is not None else None
+        return self.open_src.region if self.open_src is not None else None
 
     @property
     def dests(self) -> list[Region]:
         """The destination regions, in ``write_err`` bit order."""
-        return [d.region for d in self._dests]
+        return [d.region for d in self.open_dests]
 
     @property
     def done(self) -> bool:
@@ -165,7 +166,7 @@ class Job:
     @property
     def failed_dests(self) -> list[int]:
         """Indexes of the destinations whose writes failed."""
-        return [i for i in range(len(self._dests)) if self.write_err >> i & 1]
+        return [i for i in range(len(self.open_dests)) if self.write_err >> i & 1]
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the job is done (callback included); False if ``timeout`` passed first."""
@@ -176,7 +177,7 @@ class Job:
 
         ``cancelled`` is set unless the job had already finished all its pieces.
         """
-        self._cancel_event.set()
+        self.cancel_event.set()
         if self._on_cancel is not None:
             self._on_cancel(self)
 
@@ -190,7 +191,7 @@ class Job:
                 src = self.src
                 parts.append(f"read error on {src.dev_name if src is not None else 'source'}")
             for i in self.failed_dests:
-                parts.append(f"write error on destination {i} ({self._dests[i].region.dev_name})")
+                parts.append(f"write error on destination {i} ({self.open_dests[i].region.dev_name})")
             raise DeviceIOError("; ".join(parts), operation="copy")
 
     def __await__(self) -> Generator[Any, None, Job]:
@@ -208,26 +209,11 @@ class Job:
     def __repr__(self) -> str:
         state = "done" if self.done else "running"
         return (
-            f"<kcopyd.Job {state} {self._done_bytes}/{self.total} bytes to {len(self._dests)} "
+            f"<kcopyd.Job {state} {self._done_bytes}/{self.total} bytes to {len(self.open_dests)} "
             f"dest(s) read_err={int(self.read_err)} write_err={self.write_err:#x}>"
         )
 
     # -- used by the client (under its lock unless said otherwise) ----------------------------
-    @property
-    def open_src(self) -> OpenRegion | None:
-        """The open source region (``None`` for a zero job)."""
-        return self._src
-
-    @property
-    def open_dests(self) -> list[OpenRegion]:
-        """The open destination regions, in ``write_err`` bit order."""
-        return self._dests
-
-    @property
-    def cancel_event(self) -> threading.Event:
-        """Set once ``cancel()`` was called (a throttled piece stops waiting)."""
-        return self._cancel_event
-
     @property
     def lanes(self) -> WriteLanes:
         """The destinations' write lanes (:mod:`kcopyd.lanes`)."""
@@ -236,7 +222,7 @@ class Job:
     @property
     def pageless(self) -> bool:
         """True for a zero job or a ``copy_file_range`` one: its pieces need no pages."""
-        return self._src is None or self.plan.offload
+        return self.open_src is None or self.plan.offload
 
     @property
     def has_work(self) -> bool:
@@ -319,7 +305,7 @@ class Job:
         if self.plan.offload:  # the first piece to fail: lanes are made once, before any write
             self.plan.offload = False
             self.plan.piece_size = piece_size
-            self._lanes = WriteLanes.for_regions(self._dests)
+            self._lanes = WriteLanes.for_regions(self.open_dests)
         self._active -= 1
         for off in range(piece.offset, piece.offset + piece.length, piece_size):
             self._retry.append(Piece(self, off, min(piece_size, piece.offset + piece.length - off)))
@@ -334,12 +320,12 @@ class Job:
 
         A destination that fails to close (an NBD flush) counts as failed.
         """
-        if self._src is not None:
+        if self.open_src is not None:
             try:
-                self._src.close()
+                self.open_src.close()
             except Exception:  # noqa: BLE001
-                log.exception("kcopyd: closing %s failed", self._src.region.dev_name)
-        for i, o in enumerate(self._dests):
+                log.exception("kcopyd: closing %s failed", self.open_src.region.dev_name)
+        for i, o in enumerate(self.open_dests):
             try:
                 o.close()  # an NBD destination is flushed here
             except Exception as err:  # noqa: BLE001 - the writes may not be durable
