@@ -8,20 +8,21 @@ over a file on a FUSE mount are indexed by path only: asking their inode would g
 server, which may be stuck (a userspace engine's exposure; ``dmtools.claims``).
 
 Reading every loop device's sysfs attributes costs about 10 µs each (on a machine with 92 of them,
-1 ms per claim), so the index is built once and kept. It is dropped when the kernel announces a
-change to a loop device: ``loop_configure``, ``__loop_clr_fd`` and ``loop_change_fd`` send a
-``KOBJ_CHANGE`` uevent when they are done, a new device ``KOBJ_ADD`` (``drivers/block/loop.c``),
+1 ms per claim), so the index is built once and kept, and a loop device is read again only when the
+kernel announces a change to it: ``loop_configure``, ``__loop_clr_fd`` and ``loop_change_fd`` send
+a ``KOBJ_CHANGE`` uevent when they are done, a new device ``KOBJ_ADD`` (``drivers/block/loop.c``),
 and a uevent is in a ``NETLINK_KOBJECT_UEVENT`` socket's queue before the ``ioctl`` that caused it
 returns. The socket is bound before the scan that fills the index, so an attach that completes
 after the scan is seen by the next lookup. Without such a socket (a network namespace that gets no
-uevents, a process after ``fork``), or after the socket overflowed (``ENOBUFS``), every lookup
-scans.
+uevents), or after the socket overflowed (``ENOBUFS``), every loop device is read again; a process
+after ``fork`` opens its own socket and starts over.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import threading
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ SYS_BLOCK = "/sys/block"
 #: ``NETLINK_KOBJECT_UEVENT`` (include/uapi/linux/netlink.h) and its kernel multicast group.
 NETLINK_KOBJECT_UEVENT = 15
 KERNEL_GROUP = 1
+_LOOP_NAME = re.compile(r"^loop\d+$")
+#: the loop device a uevent is about: ``change@/devices/virtual/block/loop9`` (or ``/loop9/loop9p1``)
+_LOOP_EVENT = re.compile(rb"/block/(loop\d+)(?:/|$)")
 
 
 @dataclass(frozen=True)
@@ -52,17 +56,21 @@ class LoopIndex:
         self._lock = threading.Lock()
         self._pid = -1
         self._sock: socket.socket | None = None
-        self._by_inode: dict[tuple[int, int], list[LoopRef]] | None = None
+        #: loop device name -> (index key, LoopRef): an inode ``(st_dev, st_ino)`` or a path
+        self._entries: dict[str, tuple[tuple[int, int] | str, LoopRef]] | None = None
+        self._by_inode: dict[tuple[int, int], list[LoopRef]] = {}
         self._by_path: dict[str, list[LoopRef]] = {}
-        #: how many times the index was (re)built: tests and benchmarks read it
+        #: how many times every loop device was read (``scans``) or one was read again after its
+        #: uevent (``updates``): tests and benchmarks read them
         self.scans = 0
+        self.updates = 0
 
     # --- lookups ----------------------------------------------------------------------------
     def over_inode(self, st_dev: int, st_ino: int) -> list[LoopRef]:
         """The loop devices whose backing file is inode ``st_ino`` of file system ``st_dev``."""
         with self._lock:
-            by_inode = self._current()
-            return list(by_inode.get((st_dev, st_ino), ()))
+            self._current()
+            return list(self._by_inode.get((st_dev, st_ino), ()))
 
     def over_path(self, real: str) -> list[LoopRef]:
         """The FUSE-backed loop devices whose backing file is the resolved path ``real``."""
@@ -71,26 +79,45 @@ class LoopIndex:
             return list(self._by_path.get(real, ()))
 
     def invalidate(self) -> None:
-        """Forget the index (the next lookup scans)."""
+        """Forget the index (the next lookup reads every loop device)."""
         with self._lock:
-            self._by_inode = None
+            self._entries = None
 
     # --- internals ----------------------------------------------------------------------------
-    def _current(self) -> dict[tuple[int, int], list[LoopRef]]:
+    def _current(self) -> None:
         if self._pid != os.getpid():  # a forked child shares the parent's socket queue: its own
             self._reopen()
-        if self._sock is None or self._changed():
-            self._by_inode = None
-        if self._by_inode is None:
-            self._by_inode, self._by_path = _scan()
+        changed = self._changed() if self._sock is not None else None
+        if changed is None or self._entries is None:
+            self._entries = {}
+            fuse = _fuse_mounts()
+            for name in _loop_names():
+                self._read_one(name, fuse)
             self.scans += 1
-        return self._by_inode
+        elif changed:
+            fuse = _fuse_mounts()
+            for name in changed:
+                self._entries.pop(name, None)
+                self._read_one(name, fuse)
+            self.updates += 1
+        else:
+            return
+        self._by_inode, self._by_path = {}, {}
+        for key, ref in self._entries.values():
+            index = self._by_path if isinstance(key, str) else self._by_inode
+            index.setdefault(key, []).append(ref)  # type: ignore[arg-type]
+
+    def _read_one(self, name: str, fuse: list[str]) -> None:
+        assert self._entries is not None
+        entry = _entry(name, fuse)
+        if entry is not None:
+            self._entries[name] = entry
 
     def _reopen(self) -> None:
         if self._sock is not None:
             self._sock.close()  # after a fork: this process's copy only
         self._sock = None
-        self._by_inode = None
+        self._entries = None
         self._pid = os.getpid()
         try:
             sock = socket.socket(socket.AF_NETLINK,
@@ -105,25 +132,25 @@ class LoopIndex:
             return
         self._sock = sock
 
-    def _changed(self) -> bool:
-        """Drain the uevents queued since the last look; True when one concerns a loop device
-        (or some were lost)."""
+    def _changed(self) -> set[str] | None:
+        """Drain the uevents queued since the last look: the loop devices they name (a
+        partition's event names its disk), or ``None`` when some were lost (``ENOBUFS``)."""
         assert self._sock is not None
-        changed = False
+        names: set[str] | None = set()
         while True:
             try:
                 msg = self._sock.recv(16384)
             except BlockingIOError:
-                return changed
+                return names
             except OSError as err:
                 if err.errno == errno.ENOBUFS:  # overflowed: what was lost is unknown
-                    changed = True
+                    names = None
                     continue
                 raise DMError(f"uevent socket: {err.strerror}", errno=err.errno,
                               operation="claim") from err
-            head = msg.split(b"\0", 1)[0]
-            if b"/block/loop" in head:
-                changed = True
+            m = _LOOP_EVENT.search(msg.split(b"\0", 1)[0])
+            if m is not None and names is not None:
+                names.add(m.group(1).decode())
 
 
 def _read(path: str) -> str | None:
@@ -159,44 +186,39 @@ def _on(path: str, mounts: list[str]) -> bool:
     return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
 
 
-def _scan() -> tuple[dict[tuple[int, int], list[LoopRef]], dict[str, list[LoopRef]]]:
+def _loop_names() -> list[str]:
+    try:
+        return sorted(n for n in os.listdir(SYS_BLOCK) if _LOOP_NAME.match(n))
+    except OSError:
+        return []
+
+
+def _entry(name: str, fuse: list[str]) -> tuple[tuple[int, int] | str, LoopRef] | None:
+    """``(key, ref)`` of loop device ``name`` when bound: its backing inode as the kernel gives
+    it, or its backing path when that is on a FUSE mount (``fuse``: their mount points)."""
     from dmtools import loop
 
-    by_inode: dict[tuple[int, int], list[LoopRef]] = {}
-    by_path: dict[str, list[LoopRef]] = {}
+    backing = _read(f"{SYS_BLOCK}/{name}/loop/backing_file")
+    dev = _read(f"{SYS_BLOCK}/{name}/dev")
+    if backing is None or dev is None:
+        return None  # not bound (or detached meanwhile)
     try:
-        names = sorted(n for n in os.listdir(SYS_BLOCK) if n.startswith("loop"))
-    except OSError:
-        return by_inode, by_path
-    fuse: list[str] | None = None
-    for name in names:
-        backing = _read(f"{SYS_BLOCK}/{name}/loop/backing_file")
-        dev = _read(f"{SYS_BLOCK}/{name}/dev")
-        if backing is None or dev is None:
-            continue  # not bound (or detached meanwhile)
+        major, minor = (int(x) for x in dev.split(":"))
+    except ValueError:
+        return None
+    ref = LoopRef(f"/dev/{name}", (major, minor), backing)
+    if _on(backing, fuse):
+        return backing, ref
+    try:
+        st = loop.status(ref.path)
+    except DMError:
+        # No node in this /dev, or detached meanwhile: the path is all there is to go on.
         try:
-            major, minor = (int(x) for x in dev.split(":"))
-        except ValueError:
-            continue
-        ref = LoopRef(f"/dev/{name}", (major, minor), backing)
-        if fuse is None:
-            fuse = _fuse_mounts()
-        if _on(backing, fuse):
-            by_path.setdefault(backing, []).append(ref)
-            continue
-        try:
-            st = loop.status(ref.path)
-        except DMError:
-            # No node in this /dev, or detached meanwhile: the path is all there is to go on.
-            try:
-                pst = os.stat(backing)
-            except OSError:
-                continue
-            key = (pst.st_dev, pst.st_ino)
-        else:
-            key = (st.device, st.inode)
-        by_inode.setdefault(key, []).append(ref)
-    return by_inode, by_path
+            pst = os.stat(backing)
+        except OSError:
+            return None
+        return (pst.st_dev, pst.st_ino), ref
+    return (st.device, st.inode), ref
 
 
 #: The process's index.

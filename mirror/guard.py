@@ -62,6 +62,9 @@ __all__ = ["MirrorGuard", "UNMONITORED_PREFIX", "GUARD_INTERVAL", "guard_for", "
 UNMONITORED_PREFIX = "DMTOOLS-UNMONITORED-"
 #: Seconds between two looks at the mirrors (and the longest a failure waits to be seen).
 GUARD_INTERVAL = 0.25
+#: Seconds between two looks at a kernel mirror whose held writes must be ended again and again
+#: (each look suspends and resumes it; the failure itself is seen at once through its event).
+KERNEL_INTERVAL = 1.0
 #: ``MirrorGuard.check`` results that need no action
 NOT_WATCHED, HEALTHY, WAITING = "not watched", "healthy", "waiting"
 
@@ -76,7 +79,7 @@ class MirrorGuard:
     once and returns what it did (see its docstring).
     """
 
-    def __init__(self, dm: DeviceMapper, *, interval: float = GUARD_INTERVAL, persistent: bool = False,
+    def __init__(self, dm: DeviceMapper, *, interval: float | None = None, persistent: bool = False,
                  tells_held: bool | None = None) -> None:
         self.dm = dm
         #: the target answers ``held_ios`` and ``default_leg`` (our userspace target; the kernel's
@@ -84,7 +87,9 @@ class MirrorGuard:
         self.tells_held = dm.backend != "kernel" if tells_held is None else tells_held
         #: only these devices are looked at (``watch``); ``None``: every device of ``dm``
         self.names: set[str] | None = None if self.tells_held else set()
-        self.interval = interval
+        if interval is None:
+            interval = GUARD_INTERVAL if self.tells_held else KERNEL_INTERVAL
+        self.interval: float = interval
         #: keep running with no mirror to watch (the daemon's guard); else the thread ends then
         #: and ``start`` begins a new one
         self.persistent = persistent

@@ -1,7 +1,8 @@
-"""Unit tier: the loop index is kept until a uevent about a loop device (or a lost one) arrives.
+"""Unit tier: the loop index reads every loop device once, then only those a uevent names.
 
-The kernel's uevent socket is the seam: a datagram socket pair stands in for it, and the scan is
-counted, so each case states exactly when the index is rebuilt.
+The kernel's uevent socket and sysfs are the seams: a datagram socket pair stands in for the
+socket, and a dict for what sysfs and ``LOOP_GET_STATUS64`` say of each loop device, so each case
+states exactly which devices are read again.
 """
 
 from __future__ import annotations
@@ -16,62 +17,68 @@ import pytest
 from dmtools import loop_index
 from dmtools.loop_index import LoopIndex, LoopRef
 
-REF = LoopRef("/dev/loop7", (7, 7), "/srv/a.img")
+
+def ref(n: int) -> LoopRef:
+    return LoopRef(f"/dev/loop{n}", (7, n), f"/srv/{n}.img")
 
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """A LoopIndex whose uevents come from ``fake.send`` and whose scans are counted."""
+    """A LoopIndex over the loop devices in ``fake.bound`` (name -> inode key or FUSE path)."""
     kernel, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     ours.setblocking(False)
-    scans: list[int] = []
-
-    def scan() -> tuple[dict[tuple[int, int], list[LoopRef]], dict[str, list[LoopRef]]]:
-        scans.append(1)
-        return {(1, 2): [REF]}, {"/fuse/f": [REF]}
-
-    def reopen(self: LoopIndex) -> None:
-        self._sock, self._pid, self._by_inode = ours, os.getpid(), None
-
-    monkeypatch.setattr(loop_index, "_scan", scan)
-    monkeypatch.setattr(LoopIndex, "_reopen", reopen)
 
     class Fake:
+        bound: dict[str, Any] = {"loop1": (1, 10), "loop2": "/fuse/f"}
+        reads: list[str] = []
         index = LoopIndex()
-        count = scans
 
         @staticmethod
         def send(header: bytes) -> None:
             kernel.send(header + b"\0ACTION=change\0SUBSYSTEM=block\0")
 
+    def entry(name: str, fuse: list[str]) -> Any:
+        Fake.reads.append(name)
+        key = Fake.bound.get(name)
+        return None if key is None else (key, ref(int(name[4:])))
+
+    def reopen(self: LoopIndex) -> None:
+        self._sock, self._pid, self._entries = ours, os.getpid(), None
+
+    monkeypatch.setattr(loop_index, "_entry", entry)
+    monkeypatch.setattr(loop_index, "_loop_names", lambda: sorted(Fake.bound) + ["loop0"])
+    monkeypatch.setattr(loop_index, "_fuse_mounts", lambda: [])
+    monkeypatch.setattr(LoopIndex, "_reopen", reopen)
     yield Fake
     kernel.close()
     ours.close()
 
 
-def test_kept_until_a_loop_uevent(fake: Any) -> None:
+def test_kept_until_a_loop_uevent_then_that_device_read_again(fake: Any) -> None:
     idx = fake.index
-    assert idx.over_inode(1, 2) == [REF] and len(fake.count) == 1
-    assert idx.over_inode(3, 4) == [] and idx.over_path("/fuse/f") == [REF]
-    assert len(fake.count) == 1  # kept
+    assert idx.over_inode(1, 10) == [ref(1)] and idx.over_path("/fuse/f") == [ref(2)]
+    assert sorted(fake.reads) == ["loop0", "loop1", "loop2"] and idx.scans == 1
+    fake.reads.clear()
+    assert idx.over_inode(3, 30) == [] and fake.reads == []  # kept
     fake.send(b"change@/devices/virtual/block/dm-3")  # not a loop device
     fake.send(b"add@/devices/virtual/net/veth0")
-    assert idx.over_inode(1, 2) == [REF] and len(fake.count) == 1
-    fake.send(b"change@/devices/virtual/block/loop9")  # an attach or detach
-    assert idx.over_inode(1, 2) == [REF] and len(fake.count) == 2
-    assert idx.over_inode(1, 2) == [REF] and len(fake.count) == 2
-    fake.send(b"add@/devices/virtual/block/loop12")  # a new loop device
-    fake.send(b"change@/devices/virtual/block/loop12")
-    idx.over_path("/fuse/f")
-    assert len(fake.count) == 3  # two uevents, one rescan
+    assert idx.over_inode(1, 10) == [ref(1)] and fake.reads == []
+    fake.bound["loop3"] = (3, 30)  # attached after the index was built
+    fake.send(b"change@/devices/virtual/block/loop3")
+    assert idx.over_inode(3, 30) == [ref(3)] and fake.reads == ["loop3"]
+    del fake.bound["loop1"]  # detached, seen through its partition's event too
+    fake.send(b"remove@/devices/virtual/block/loop1/loop1p1")
+    fake.send(b"change@/devices/virtual/block/loop1")
+    assert idx.over_inode(1, 10) == [] and fake.reads == ["loop3", "loop1"]
+    assert idx.scans == 1 and idx.updates == 2
     idx.invalidate()
-    idx.over_inode(1, 2)
-    assert len(fake.count) == 4
+    idx.over_inode(1, 10)
+    assert idx.scans == 2
 
 
-def test_lost_uevents_or_no_socket_mean_a_scan_each_time(fake: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lost_uevents_or_no_socket_mean_reading_every_device(fake: Any) -> None:
     idx = fake.index
-    idx.over_inode(1, 2)
+    idx.over_inode(1, 10)
 
     class Overflowed:
         calls = 0
@@ -83,17 +90,17 @@ def test_lost_uevents_or_no_socket_mean_a_scan_each_time(fake: Any, monkeypatch:
             raise BlockingIOError
 
     idx._sock = Overflowed()
-    idx.over_inode(1, 2)
-    assert len(fake.count) == 2
+    idx.over_inode(1, 10)
+    assert idx.scans == 2
     idx._sock = None  # no uevent socket in this network namespace
-    idx.over_inode(1, 2)
-    idx.over_inode(1, 2)
-    assert len(fake.count) == 4
+    idx.over_inode(1, 10)
+    idx.over_inode(1, 10)
+    assert idx.scans == 4
 
 
-def test_a_forked_child_uses_its_own_socket(fake: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_forked_child_uses_its_own_socket(fake: Any) -> None:
     idx = fake.index
-    idx.over_inode(1, 2)
+    idx.over_inode(1, 10)
     idx._pid = -1  # as seen from a child after fork: the parent's socket queue is not ours
-    idx.over_inode(1, 2)
-    assert len(fake.count) == 2
+    idx.over_inode(1, 10)
+    assert idx.scans == 2

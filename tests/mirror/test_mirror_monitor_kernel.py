@@ -8,6 +8,7 @@ monitor's journal and log, and the monitor exits when the mirror is removed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -22,6 +23,7 @@ from dmtools.blockdev import BlockDevice, aligned_buffer
 from dmtools.cli import main as cli_main
 from dmtools.errors import DMError
 from dmtools.events.store import StateStore
+from dmtools.status import parse_mirror_status
 from mirror.monitor import state_root
 from test_mirror_kernel import SECTORS, SIZE, _loops, _read
 
@@ -113,6 +115,53 @@ def test_monitor_drops_a_failed_leg_and_held_writes_complete(kernel_dm: Any, mak
     assert len(actions) == 1 and actions[0]["ok"], events
     assert f"legs {bad} " in actions[0]["detail"] and "dropped" in actions[0]["detail"]
     assert "dropped" in (root / "monitor.log").read_text()
+    kernel_dm.remove(name, retry=True)
+    deadline = time.monotonic() + WAIT
+    while not _monitor_gone(name):
+        assert time.monotonic() < deadline, "the monitor did not exit after the mirror was removed"
+        time.sleep(0.1)
+
+
+def test_monitor_ends_held_writes_when_the_failed_source_holds_the_only_copy(
+        kernel_dm: Any, make_image: Any, make_loop: Any, kernel_tag: str) -> None:
+    """The source leg fails during the initial resync: the regions not copied exist nowhere else,
+    so no leg can be dropped. dm-raid1 holds the writes to them; the monitor ends each with EIO
+    (a plain suspend and resume), again for the next one, and keeps the mirror for a repair."""
+    legs = _loops(make_image, make_loop, 2, data=os.urandom(SIZE))
+    name, under = f"{kernel_tag}-m-dmtt", f"{kernel_tag}-src-dmtt"
+    kernel_dm.create(under, f"0 {SECTORS} error")  # the source fails every read of the resync
+    rc, err = kcli("mirror", "create", name, kernel_dm.device_path(under), legs[1], "--region-size", "64K")
+    assert rc == 0, err
+    path = kernel_dm.device_path(name)
+    for attempt in range(2):  # the second write comes after the monitor's first action
+        result: list[BaseException | None] = []
+        done = threading.Event()
+
+        def writer() -> None:
+            buf = aligned_buffer(BLOCK)
+            buf[:] = os.urandom(BLOCK)
+            try:
+                with BlockDevice(path, writable=True, direct=True) as dev:
+                    dev.write(buf, (attempt + 3) * BLOCK)
+                result.append(None)
+            except (OSError, DMError) as exc:
+                result.append(exc)
+            done.set()
+
+        threading.Thread(target=writer, daemon=True).start()
+        assert done.wait(WAIT), f"write {attempt} still held after {WAIT} s"
+        assert result[0] is not None and getattr(result[0], "errno", None) == errno.EIO, result
+    table = kernel_dm.table(name)
+    assert [ln.target.target_type for ln in table.lines] == ["mirror"]  # kept for a repair
+    health = parse_mirror_status(kernel_dm.status(name)[0].params).health
+    assert health[0] == "S", health  # leg 0 failed its resync (dm-raid1's letter)
+    events = [json.loads(line) for line in (Path(state_root(name)) / "events.jsonl").read_text().splitlines()]
+    actions = [e for e in events if e.get("policy") == "mirror-remove"]
+    assert actions and not actions[0]["ok"] and "EIO" in actions[0]["detail"], events
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli_main.main(["--backend", "kernel", "mirror", "status", name]) == 0
+    assert "source leg 0 failed out of sync" in out.getvalue()  # the monitor's journal, shown
     kernel_dm.remove(name, retry=True)
     deadline = time.monotonic() + WAIT
     while not _monitor_gone(name):
