@@ -17,7 +17,6 @@ ETA; ``--progress=FD`` writes ``N/100`` lines to descriptor FD.
 from __future__ import annotations
 
 import argparse
-import threading
 from typing import Any, Callable
 
 from dmtools.cli.common import device_argument, log_argument, seconds
@@ -94,6 +93,24 @@ def _failed(args: argparse.Namespace, err: Any) -> int:
         print(json.dumps(err.to_dict(), indent=2, sort_keys=True))
     print(f"dmtools: {one_line(err)}", file=sys.stderr)
     return 1
+
+
+def _copy_and_show(args: argparse.Namespace, label: str, action: Callable[[_Progress], Any]) -> int:
+    """Run a copying manager call ``action(progress)`` under a progress display and print the state it
+    returns; a copy that failed (``RecoveryFailed``) is the one-line error and exit status 1."""
+    from mirror.resync import RecoveryFailed
+
+    prog = _Progress(args, label)
+    ok = False
+    try:
+        st = action(prog)
+        ok = True
+    except RecoveryFailed as err:
+        return _failed(args, err)
+    finally:
+        prog.finish(ok)
+    _emit(args, st.to_dict(), lambda: _state_text(st))
+    return 0
 
 
 def _state_text(st: Any) -> str:
@@ -174,22 +191,9 @@ def _events_root(args: argparse.Namespace, name: str) -> str | None:
 
 
 def cmd_resync(args: argparse.Namespace) -> int:
-    from mirror.resync import RecoveryFailed
-
     mm = _manager(args)
-    prog = _Progress(args, f"resync {args.name}")
-    cancel = threading.Event()
-    ok = False
-    try:
-        st = mm.resync(args.name, rate=_rate(args.rate), leg=args.leg, progress=prog, timeout=args.timeout,
-                       cancel=cancel)
-        ok = True
-    except RecoveryFailed as err:
-        return _failed(args, err)
-    finally:
-        prog.finish(ok)
-    _emit(args, st.to_dict(), lambda: _state_text(st))
-    return 0
+    return _copy_and_show(args, f"resync {args.name}", lambda prog: mm.resync(
+        args.name, rate=_rate(args.rate), leg=args.leg, progress=prog, timeout=args.timeout))
 
 
 def cmd_resync_offline(args: argparse.Namespace) -> int:
@@ -232,21 +236,9 @@ def cmd_resync_offline(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from mirror.resync import RecoveryFailed
-
     mm = _manager(args)
-    prog = _Progress(args, f"repair {args.name}")
-    ok = False
-    try:
-        st = mm.repair(args.name, _leg(args.leg), args.new_leg, rate=_rate(args.rate), progress=prog,
-                       wait=not args.no_wait)
-        ok = True
-    except RecoveryFailed as err:
-        return _failed(args, err)
-    finally:
-        prog.finish(ok)
-    _emit(args, st.to_dict(), lambda: _state_text(st))
-    return 0
+    return _copy_and_show(args, f"repair {args.name}", lambda prog: mm.repair(
+        args.name, _leg(args.leg), args.new_leg, rate=_rate(args.rate), progress=prog, wait=not args.no_wait))
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -257,22 +249,10 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def cmd_add_leg(args: argparse.Namespace) -> int:
-    from mirror.resync import RecoveryFailed
-
     mm = _manager(args)
-    prog = _Progress(args, f"add-leg {args.name}")
-    ok = False
-    try:
-        st = mm.add_leg(args.name, args.new_leg, log=args.log, region_size=_region(args.region_size),
-                        rate=_rate(args.rate), progress=prog, wait=not args.no_wait,
-                        handle_errors=args.handle_errors)
-        ok = True
-    except RecoveryFailed as err:
-        return _failed(args, err)
-    finally:
-        prog.finish(ok)
-    _emit(args, st.to_dict(), lambda: _state_text(st))
-    return 0
+    return _copy_and_show(args, f"add-leg {args.name}", lambda prog: mm.add_leg(
+        args.name, args.new_leg, log=args.log, region_size=_region(args.region_size), rate=_rate(args.rate),
+        progress=prog, wait=not args.no_wait, handle_errors=args.handle_errors))
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
