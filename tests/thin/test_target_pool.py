@@ -223,3 +223,42 @@ def _run(out: list[BaseException | None], fn: Any) -> None:
         out.append(None)
     except BaseException as err:  # noqa: BLE001 - handed to the test
         out.append(err)
+
+
+def test_full_metadata_goes_read_only_and_loses_nothing(engine: Any, tmp_path: Path, thin_tools: Any) -> None:
+    import random
+
+    rig = PoolRig(engine, tmp_path, data_blocks=65536, meta_bytes=64 * 4096, features=("skip_block_zeroing",))
+    t = rig.thin(1, "t1", blocks=65536)
+    rng = random.Random(3)
+    written: dict[int, bytes] = {}
+    with pytest.raises(DMError) as err:
+        for i in range(20000):  # random blocks: many half-full leaves
+            v = rng.randrange(65536)
+            written[v] = i.to_bytes(4, "little") * 128
+            t.write(written[v], v * BB)
+            if i % 50 == 49:
+                t.flush()
+    assert err.value.errno == errno.EIO
+    failed = v
+    del written[failed]  # the write that found no metadata space
+    st = rig.status()
+    assert st.read_only and not st.needs_check  # out of metadata space, reported as ro
+    assert _errno(lambda: rig.message("create_thin 2")) == errno.EOPNOTSUPP
+    t.flush()  # nothing uncommitted is left to lose
+    for k, data in written.items():
+        assert read(t, k * BB, 512) == data
+    rig.close()
+    thin_tools.check(rig.meta)
+    with open(rig.meta, "r+b") as f:  # grow the metadata device: the pool takes writes again
+        f.truncate(128 * 4096)
+    engine.create(rig.name, rig.table(65536))
+    rig.thins, rig.endpoints = [], []
+    t = rig.thin(1, "t1", blocks=65536, create=False)
+    t.write(pattern(5, 512), failed * BB)
+    st = rig.status()
+    assert st.mode is PoolMode.WRITE and st.total_metadata == 128
+    assert all(read(t, k * BB, 512) == d for k, d in written.items())
+    assert read(t, failed * BB, 512) == pattern(5, 512)
+    rig.close()
+    thin_tools.check(rig.meta)

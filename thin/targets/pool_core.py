@@ -51,6 +51,10 @@ __all__ = ["DeviceState", "Features", "Mode", "Pool"]
 
 log = logging.getLogger("thin")
 
+#: metadata blocks one mapping insert may take at most: the top-level leaf and the device tree's
+#: path shadowed, and a split at each of its levels.
+INSERT_COST = 8
+
 
 class Mode(enum.IntEnum):
     """dm-thin.c ``enum pool_mode``, in order of degradation."""
@@ -177,6 +181,21 @@ class Pool:
         msm = self.md.tm.msm
         free = msm.nr_blocks - msm.nr_allocated - len(msm.freed)
         return max(0, free - self.reserve)
+
+    def _commit_cost(self) -> int:
+        """Metadata blocks the next commit still takes: the kernel shadows a changed space-map
+        bitmap when it changes it, ours moves it at commit (plus the data index btree's path and
+        the metadata index block), so the early commit that keeps a commit from ever running out
+        (dm-thin.c ``alloc_data_block``) comes that much sooner."""
+        tm = self.md.tm
+        return 2 * len(tm.dsm.dirty_bitmaps) + len(tm.msm.dirty_bitmaps) + 2
+
+    def _metadata_floor(self) -> bool:
+        """Fewer metadata blocks left, reserve included, than one more mapping and its commit
+        take: only a tiny metadata device (whose reserve is a few blocks) gets here before the
+        kernel's own rule (no free block above the reserve) stops it."""
+        msm = self.md.tm.msm
+        return msm.nr_blocks - msm.nr_allocated - len(msm.freed) <= self._commit_cost() + INSERT_COST
 
     def metadata_failed(self, op: str, err: BaseException) -> None:
         """``metadata_operation_failed``: abort the transaction, mark needs_check, go read-only."""
@@ -332,7 +351,7 @@ class Pool:
             self.run("dm_pool_commit_metadata", lambda md: md.commit(pre_commit=self.data.flush))
             for d in self.devices.values():
                 d.changed = False
-            if self.metadata_free() == 0 and self.mode < Mode.OUT_OF_METADATA_SPACE:
+            if self.mode < Mode.OUT_OF_METADATA_SPACE and (self.metadata_free() == 0 or self._metadata_floor()):
                 log.error("%s: No free metadata blocks", self.name)
                 self.set_mode(Mode.OUT_OF_METADATA_SPACE)
             if self.mode == Mode.OUT_OF_DATA_SPACE and self.md.free_data_blocks:
@@ -383,6 +402,13 @@ class Pool:
                     return block
 
     def _alloc_locked(self) -> int | None:
+        # No room above the reserve for this block's mapping and the commit after it: commit
+        # first, which may enter out-of-metadata-space (dm-thin.c commits right after such an
+        # allocation; before it, the block never lands in a transaction that cannot commit).
+        if self.metadata_free() <= self._commit_cost() + INSERT_COST:
+            self.commit()
+            if self.mode != Mode.WRITE:
+                return None
         free = self.md.free_data_blocks
         if free <= self.low_water_blocks and not self.low_water_triggered:
             log.warning("%s: reached low water mark for data device: sending event.", self.name)
@@ -398,8 +424,6 @@ class Pool:
         except NoSpace:  # every free block was freed in this very transaction
             self.set_mode(Mode.OUT_OF_DATA_SPACE)
             return None
-        if self.metadata_free() == 0:
-            self.commit()
         return block
 
     def try_alloc_many(self, n: int) -> list[int]:
