@@ -9,6 +9,9 @@ Text conventions (the same for every target):
   features upper/lower-cased and ordered as the kernel emits them, zero feature counts omitted.
   Device references are the one exception: they are kept **as written** (a path or
   ``major:minor``), because the kernel rewrites them to ``major:minor`` only after resolving them.
+* Text is split into arguments by :func:`split_args`, the kernel's ``dm_split_args``, and each
+  argument is written back by :func:`format_args` with the escapes that make the split give it
+  back, so a device path may hold spaces (``/srv/my\\ file``) or backslashes.
 * Parsing accepts what the kernel's constructors accept (case-insensitive store types and
   snapshot features, feature lists in any order or with duplicates) and validates what they
   validate, raising :class:`~dmtools.errors.InvalidTable` with the kernel's reason where it has
@@ -56,6 +59,7 @@ __all__ = [
     "MAX_THIN_DEV_ID",
     "TARGET_TYPES",
     "split_args",
+    "format_args",
     "parse_devno",
     "U32_MAX",
     "U64_MAX",
@@ -70,15 +74,37 @@ MAX_NR_MIRRORS = 9
 #: dm-exception-store.c: chunk size must be <= INT_MAX >> SECTOR_SHIFT.
 MAX_SNAPSHOT_CHUNK = ((1 << 31) - 1) >> 9
 
-# The kernel splits parameters on C isspace() (dm-table.c dm_split_args).
-_SPACE_RE = re.compile(r"[ \t\n\v\f\r]+")
+# dm-table.c dm_split_args splits on the kernel's isspace(), which lib/ctype.c makes true for
+# \t \n \v \f \r, space and the byte 0xA0; a backslash quotes the next byte, and one that ends the
+# text is kept as it is.
+_WORD_RE = re.compile(rb"(?:\\.|\\\Z|[^\\ \t\n\v\f\r\xa0])+", re.S)
+_QUOTED_RE = re.compile(rb"\\(.)", re.S)
+# What format_args escapes: white space and the backslash. A line end, a NUL or '#' cannot be
+# carried by a dmsetup table line at all (dmsetup.c _parse_line), so values refuse them.
+_ESCAPE_RE = re.compile(r"([\\ \t\v\f\r])")
 _DIGITS_RE = re.compile(r"[0-9]+")
+_WS = " \t\n\v\f\r"
 
 
 def split_args(params: str) -> list[str]:
-    """Split a parameter string into arguments as the kernel does (on ASCII whitespace)."""
-    stripped = params.strip(" \t\n\v\f\r")
-    return _SPACE_RE.split(stripped) if stripped else []
+    """Split parameter text into arguments exactly as the kernel's ``dm_split_args`` (dm-table.c).
+
+    Words are separated by the kernel's white space (of the UTF-8 bytes); a backslash makes the
+    next byte literal (``\\ `` is a space inside a word, ``\\\\`` a backslash), and a backslash
+    that ends the text is kept. Bytes a split leaves that are not UTF-8 come back as
+    ``surrogateescape`` characters.
+    """
+    data = params.encode("utf-8", "surrogateescape")
+    return [
+        _QUOTED_RE.sub(rb"\1", word).decode("utf-8", "surrogateescape")
+        for word in _WORD_RE.findall(data)
+    ]
+
+
+def format_args(args: Iterable[str]) -> str:
+    """Parameter text that :func:`split_args` splits back into ``args`` (white space and
+    backslashes escaped with a backslash; the values refuse what no escape can carry)."""
+    return " ".join(_ESCAPE_RE.sub(r"\\\1", arg) for arg in args)
 
 
 def parse_devno(ref: str) -> tuple[int, int] | None:
@@ -113,12 +139,24 @@ def _check_int(target_type: str, value: object, what: str, maximum: int = U64_MA
 
 
 def _check_device(target_type: str, device: object) -> str:
+    """A device reference that a table line can carry: escaped white space and backslashes are
+    fine; a NUL, a line end or ``#`` (dmsetup.c ``_parse_line``: a comment) are not, nor white
+    space at its end (dmsetup drops it from the line) or a character with the UTF-8 byte 0xA0."""
     if not isinstance(device, str) or not device:
         raise _fail(target_type, f"device reference must be a non-empty string, not {device!r}")
-    if any(c in " \t\n\v\f\r" or ord(c) < 0x20 or ord(c) == 0x7F for c in device):
-        raise _fail(target_type, f"device reference {device!r} contains whitespace or control characters")
-    if "#" in device:
-        raise _fail(target_type, f"device reference {device!r} contains '#', which dmsetup reads as a comment")
+    if "\0" in device or "\n" in device or "#" in device:
+        raise _fail(target_type, f"device reference {device!r} contains a NUL, a line end or '#', "
+                                 "which a table line cannot carry")
+    if device[-1] in _WS:
+        raise _fail(target_type, f"device reference {device!r} ends in white space, which dmsetup "
+                                 "drops from a table line")
+    try:
+        split = b"\xa0" in device.encode("utf-8")
+    except UnicodeEncodeError:  # a character split_args cut apart at its 0xA0 byte
+        split = True
+    if split:
+        raise _fail(target_type, f"device reference {device!r} contains a character whose UTF-8 "
+                                 "bytes the kernel takes for white space (0xA0)")
     return device
 
 
@@ -133,7 +171,7 @@ class Leg(NamedTuple):
     offset: int = 0
 
     def __str__(self) -> str:
-        return f"{self.device} {self.offset}"
+        return format_args((self.device, str(self.offset)))
 
 
 def _legs(target_type: str, legs: Iterable[object]) -> tuple[Leg, ...]:
@@ -165,8 +203,9 @@ class Target:
 
     @property
     def params(self) -> str:
-        """The parameter text, as the kernel prints it in ``dmsetup table`` (devices as written)."""
-        return " ".join(self.args())
+        """The parameter text, as the kernel prints it in ``dmsetup table`` (devices as written,
+        escaped by :func:`format_args`)."""
+        return format_args(self.args())
 
     def args(self) -> list[str]:
         """The parameters as a list of arguments."""
@@ -210,7 +249,7 @@ class Target:
             raise InvalidTable(f"{target_type}: parameters are not valid UTF-8") from err
         cls = TARGET_TYPES.get(target_type)
         if cls is None:
-            return GenericTarget(target_type, params.strip(" \t\n\v\f\r"))
+            return GenericTarget(target_type, params.strip(_WS))
         return cls.from_args(split_args(params))
 
     def __str__(self) -> str:
@@ -235,7 +274,7 @@ class GenericTarget(Target):
         if "#" in self.text:
             raise InvalidTable(f"{self.type_name}: parameters contain '#', which dmsetup reads as a comment")
         # dmsetup drops the whitespace around the parameters; so does the value.
-        object.__setattr__(self, "text", self.text.strip(" \t\n\v\f\r"))
+        object.__setattr__(self, "text", self.text.strip(_WS))
 
     @property
     def target_type(self) -> str:
@@ -360,8 +399,9 @@ class Zero(Target):
 class Error(Target):
     """``error``: every I/O fails (dm-target.c).
 
-    Newer kernels accept an optional ``<dev> <offset>`` (used for zoned limits); it is kept as
-    written, although the kernel prints no parameters for this target.
+    Newer kernels read an optional ``<dev> <offset>`` (used for zoned limits); it is kept as
+    written, although the kernel prints no parameters for this target. Any other arguments are
+    ignored, as the kernel ignores them.
     """
 
     TYPE: ClassVar[str] = "error"
@@ -387,11 +427,10 @@ class Error(Target):
 
     @classmethod
     def from_args(cls, args: Sequence[str]) -> Error:
-        if not args:
-            return cls()
+        # dm-target.c io_err_ctr reads exactly two arguments and ignores any other number of them.
         if len(args) == 2:
             return cls(args[0], _number(cls.TYPE, args[1], "Invalid device sector"))
-        raise _fail(cls.TYPE, f"takes no arguments or <dev> <offset>, got {len(args)} arguments")
+        return cls()
 
 
 _SNAPSHOT_FEATURES = ("discard_zeroes_cow", "discard_passdown_origin")
@@ -581,7 +620,7 @@ class MirrorLog:
         return [self.log_type, str(len(args)), *args]
 
     def __str__(self) -> str:
-        return " ".join(self.words())
+        return format_args(self.words())
 
 
 class SyncMode(StrEnum):
@@ -920,7 +959,7 @@ class ThinPool(Target):
     @property
     def params(self) -> str:
         # dm-thin.c pool_status: DMEMIT("%u ", count) and DMEMIT("<feature> ") - a trailing space.
-        return " ".join(self.args()) + " "
+        return format_args(self.args()) + " "
 
     @property
     def devices(self) -> tuple[str, ...]:

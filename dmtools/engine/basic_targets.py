@@ -1,24 +1,25 @@
 """Built-in targets: ``linear``, ``striped``, ``zero`` and ``error``.
 
-Argument checks, error texts, table and status text follow the kernel's ``drivers/md/dm-linear.c``,
+Each is built from its typed value (:mod:`dmtools.target_values`), whose parsing already raised
+the kernel's argument errors; what is left here needs the context (a device that cannot be
+opened). Table, status and IMA text follow the kernel's ``drivers/md/dm-linear.c``,
 ``dm-stripe.c``, ``dm-zero.c`` and ``dm-target.c`` (io-err); versions are those of Linux 6.16+.
 """
 
 from __future__ import annotations
 
 import errno
-from typing import Sequence
 
 from dmtools.engine.target_driver import (
     SECTOR,
     DeviceHandle,
     TargetDriver,
     TargetContext,
+    expect,
     fill_zero,
-    parse_sector,
-    parse_uint,
 )
 from dmtools.errors import DeviceIOError
+from dmtools.target_values import Error, Linear, Striped, Target
 
 
 class LinearTarget(TargetDriver):
@@ -27,18 +28,16 @@ class LinearTarget(TargetDriver):
     name = "linear"
     version = (1, 5, 0)  # dm-linear.c
 
-    def __init__(self, ctx: TargetContext, start: int, length: int, args: Sequence[str]) -> None:
-        super().__init__(ctx, start, length, args)
-        if len(args) != 2:
-            raise self.fail("Invalid argument count")
-        try:
-            self.offset = parse_sector(args[1])
-        except ValueError:
-            raise self.fail("Invalid device sector") from None
-        self.dev = ctx.get_device(args[0])
-        self.devices.append(self.dev)
+    def __init__(self, ctx: TargetContext, start: int, length: int, value: Linear) -> None:
+        super().__init__(ctx, start, length)
+        self.offset = value.offset
+        self.dev = self.open_device(value.device)
         self.check_area(self.dev, self.offset, length)
         self._base = self.offset * SECTOR
+
+    @classmethod
+    def build(cls, ctx: TargetContext, start: int, length: int, value: Target) -> LinearTarget:
+        return cls(ctx, start, length, expect(value, Linear))
 
     def read(self, buf: memoryview, offset: int) -> None:
         _read_full(self.dev, buf, self._base + offset)
@@ -56,9 +55,6 @@ class LinearTarget(TargetDriver):
         ext = self.dev.data_extents(self._base + offset, length)
         return None if ext is None else [(o - self._base, n) for o, n in ext]
 
-    def table_params(self) -> str:
-        return f"{self.dev.name} {self.offset}"
-
     def ima_status(self) -> str:
         """``…,device_name=<dev>,start=<offset>;`` (``linear_status``, STATUSTYPE_IMA)."""
         return f"{self.ima_prefix()},device_name={self.dev.name},start={self.offset};"
@@ -70,45 +66,22 @@ class StripedTarget(TargetDriver):
     name = "striped"
     version = (1, 7, 0)  # dm-stripe.c
 
-    def __init__(self, ctx: TargetContext, start: int, length: int, args: Sequence[str]) -> None:
-        super().__init__(ctx, start, length, args)
-        if len(args) < 2:
-            raise self.fail("Not enough arguments")
-        try:
-            stripes = parse_uint(args[0])
-        except ValueError:
-            stripes = 0
-        if not stripes:
-            raise self.fail("Invalid stripe count")
-        try:
-            chunk = parse_uint(args[1])
-        except ValueError:
-            chunk = 0
-        if not chunk:
-            raise self.fail("Invalid chunk_size")
-        if length % stripes:
-            raise self.fail("Target length not divisible by number of stripes")
-        width = length // stripes
-        if width % chunk:
-            raise self.fail("Target length not divisible by chunk size")
-        if len(args) != 2 + 2 * stripes:
-            raise self.fail("Not enough destinations specified")
-        self.stripes = stripes
-        self.chunk_sectors = chunk
-        self.width = width
-        self.offsets: list[int] = []
-        for i in range(stripes):
-            try:
-                off = parse_sector(args[3 + 2 * i])
-            except ValueError:
-                raise self.fail("Couldn't parse stripe destination") from None
-            dev = ctx.get_device(args[2 + 2 * i])
-            self.check_area(dev, off, width)
-            self.devices.append(dev)
-            self.offsets.append(off)
+    def __init__(self, ctx: TargetContext, start: int, length: int, value: Striped) -> None:
+        super().__init__(ctx, start, length)
+        self.stripes = len(value.stripes)
+        self.chunk_sectors = value.chunk_size
+        self.width = length // self.stripes
+        self.offsets = [leg.offset for leg in value.stripes]
+        for leg in value.stripes:
+            dev = self.open_device(leg.device, "Couldn't parse stripe destination")
+            self.check_area(dev, leg.offset, self.width)
         #: per-stripe I/O error counts (status health letters, ``stripe_end_io``).
-        self.errors = [0] * stripes
-        self._chunk_bytes = chunk * SECTOR
+        self.errors = [0] * self.stripes
+        self._chunk_bytes = self.chunk_sectors * SECTOR
+
+    @classmethod
+    def build(cls, ctx: TargetContext, start: int, length: int, value: Target) -> StripedTarget:
+        return cls(ctx, start, length, expect(value, Striped))
 
     def _pieces(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
         """Split a byte range into ``(stripe, device_byte_offset, buf_start, n)`` pieces."""
@@ -166,25 +139,17 @@ class StripedTarget(TargetDriver):
                          f",stripe_{i}_status={'D' if err else 'A'}")
         return "".join(parts) + ";"
 
-    def table_params(self) -> str:
-        parts = [f"{self.stripes} {self.chunk_sectors}"]
-        parts += [f"{d.name} {o}" for d, o in zip(self.devices, self.offsets)]
-        return " ".join(parts)
-
 
 class ZeroTarget(TargetDriver):
     """``zero``: reads return zeros, writes and discards are dropped.
 
-    dm-zero.c has no status function, so status and IMA text are empty (the base class's).
+    dm-zero.c has no status function, so status and IMA text are empty (the base class's). It is
+    built by the default ``build`` (the ``Zero`` value has no arguments), so third-party targets
+    that reuse its I/O under another name build the same way.
     """
 
     name = "zero"
     version = (1, 2, 0)  # dm-zero.c
-
-    def __init__(self, ctx: TargetContext, start: int, length: int, args: Sequence[str]) -> None:
-        super().__init__(ctx, start, length, args)
-        if args:
-            raise self.fail("No arguments required")
 
     def read(self, buf: memoryview, offset: int) -> None:
         fill_zero(buf)
@@ -198,9 +163,6 @@ class ZeroTarget(TargetDriver):
     def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
         return []
 
-    def table_params(self) -> str:
-        return ""
-
 
 class ErrorTarget(TargetDriver):
     """``error [<dev> <offset>]``: every I/O fails (io-err in dm-target.c).
@@ -211,15 +173,15 @@ class ErrorTarget(TargetDriver):
     name = "error"
     version = (1, 7, 0)  # dm-target.c
 
-    def __init__(self, ctx: TargetContext, start: int, length: int, args: Sequence[str]) -> None:
-        super().__init__(ctx, start, length, args)
-        # With exactly two arguments the kernel opens the device (for its limits), like linear.
-        if len(args) == 2:
-            try:
-                parse_sector(args[1])
-            except ValueError:
-                raise self.fail("Invalid device sector") from None
-            self.devices.append(ctx.get_device(args[0]))
+    def __init__(self, ctx: TargetContext, start: int, length: int, value: Error) -> None:
+        super().__init__(ctx, start, length)
+        # With a <dev> <offset> the kernel opens the device (for its limits), like linear.
+        if value.device is not None:
+            self.open_device(value.device)
+
+    @classmethod
+    def build(cls, ctx: TargetContext, start: int, length: int, value: Target) -> ErrorTarget:
+        return cls(ctx, start, length, expect(value, Error))
 
     def _fail(self, op: str) -> DeviceIOError:
         return DeviceIOError(
@@ -241,8 +203,9 @@ class ErrorTarget(TargetDriver):
     def flush(self) -> None:
         return None
 
-    def table_params(self) -> str:
-        return ""
+    def table_value(self, value: Target) -> Target:
+        """io-err has no status function: the kernel prints no parameters."""
+        return Error()
 
 
 def _read_full(dev: DeviceHandle, buf: memoryview, offset: int) -> None:

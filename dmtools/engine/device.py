@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from dmtools.engine.target_driver import SECTOR, DeviceHandle, TargetDriver
 from dmtools.errors import DeviceIOError, DeviceNotFound, InvalidArgument, InvalidTable, NoSpace
+from dmtools.table import Table, TableLine
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.engine.engine import Engine
-    from dmtools.table import TableLine
 
 _T = TypeVar("_T")
 
@@ -47,6 +47,9 @@ class TableContext:
         #: handles opened by this table, shared between its targets (``dm_get_device`` refcounts).
         self.handles: dict[str, DeviceHandle] = {}
         self._refs: dict[str, int] = {}
+        #: each device reference as written -> the device the kernel shows (``major:minor``; a
+        #: regular file's path).
+        self.shown: dict[str, str] = {}
 
     @property
     def device_name(self) -> str:
@@ -74,6 +77,7 @@ class TableContext:
             writable = not self._readonly
         handle = self._engine.open_reference(ref, writable=writable, for_device=self._device)
         key = handle.name
+        self.shown[ref] = key if handle.devno is not None else handle.path
         if key in self.handles:
             handle.inner.close()
             self._refs[key] += 1
@@ -110,9 +114,10 @@ class TableContext:
 
 @dataclass
 class LoadedTable:
-    """A constructed table: its lines, targets and the handles they opened."""
+    """A constructed table: the typed table it was loaded from, its targets and the handles they
+    opened."""
 
-    lines: list[TableLine]
+    table: Table
     targets: list[TargetDriver]
     context: TableContext
     readonly: bool
@@ -120,26 +125,28 @@ class LoadedTable:
     ends: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.starts = [ln.start * SECTOR for ln in self.lines]
-        self.ends = [(ln.start + ln.length) * SECTOR for ln in self.lines]
+        self.starts = [ln.start * SECTOR for ln in self.table]
+        self.ends = [ln.end * SECTOR for ln in self.table]
 
     @property
     def sectors(self) -> int:
         """Size in sectors."""
-        return self.lines[-1].start + self.lines[-1].length if self.lines else 0
+        return self.table.size
 
     @property
     def size(self) -> int:
         """Size in bytes."""
         return self.sectors * SECTOR
 
-    def text(self) -> str:
-        """The table as the kernel prints it (devices as ``major:minor``)."""
-        out = []
-        for ln, tgt in zip(self.lines, self.targets):
-            params = tgt.table_params()
-            out.append(f"{ln.start} {ln.length} {ln.target_type}" + (f" {params}" if params else ""))
-        return "\n".join(out)
+    def shown(self) -> Table:
+        """The table as the kernel prints it back: each target's ``table_value``, with every device
+        shown as the kernel shows it (``major:minor``)."""
+        names = self.context.shown
+        return Table(
+            TableLine(ln.start, ln.length,
+                      tgt.table_value(ln.target).map_devices(lambda ref: names.get(ref, ref)))
+            for ln, tgt in zip(self.table, self.targets)
+        )
 
     def devnos(self) -> list[tuple[int, int]]:
         """Device numbers of the devices this table holds, in table order, without repeats."""
@@ -436,30 +443,3 @@ class Device:
                     tgt.zero(off, n)
 
         self._requeueable(offset, zero)
-
-
-def split_args(params: str) -> list[str]:
-    """Split target parameters on white space, honouring backslash escapes (``dm_split_args``)."""
-    out: list[str] = []
-    cur: list[str] = []
-    in_word = False
-    escaped = False
-    for ch in params:
-        if escaped:
-            cur.append(ch)
-            escaped = False
-            in_word = True
-        elif ch == "\\":
-            escaped = True
-            in_word = True
-        elif ch.isspace():
-            if in_word:
-                out.append("".join(cur))
-                cur = []
-                in_word = False
-        else:
-            cur.append(ch)
-            in_word = True
-    if in_word:
-        out.append("".join(cur))
-    return out

@@ -19,12 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from dmtools.backend import DeviceEntry, DeviceInfo, DeviceMapper, StatusLine, Versions
 from dmtools.claims import Holder
-from dmtools.engine.device import (
-    Device,
-    LoadedTable,
-    TableContext,
-    split_args,
-)
+from dmtools.engine.device import Device, LoadedTable, TableContext
 from dmtools.engine.target_driver import DeviceHandle, TargetDriver
 from dmtools.errors import (
     DeviceBusy,
@@ -37,6 +32,7 @@ from dmtools.errors import (
 )
 from dmtools.names import validate_name, validate_uuid
 from dmtools.table import Table
+from dmtools.target_values import split_args
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.endpoint import Endpoint
@@ -249,7 +245,7 @@ class Engine(DeviceMapper):
                     pass
             ctx.close_all()
             raise
-        return LoadedTable(list(lines), targets, ctx, readonly)
+        return LoadedTable(lines, targets, ctx, readonly)
 
     # --- verbs ------------------------------------------------------------------------------
     def create(
@@ -496,7 +492,7 @@ class Engine(DeviceMapper):
             major=dev.major,
             minor=dev.minor,
             read_only=dev.read_only,
-            target_count=len(live.lines) if live else 0,
+            target_count=len(live.table) if live else 0,
             deferred_remove=dev.deferred_remove,
         )
 
@@ -507,16 +503,14 @@ class Engine(DeviceMapper):
         return count
 
     def table_text(self, name: str, *, inactive: bool = False) -> str:
-        """The live (or inactive) table as text, devices as ``major:minor``."""
-        dev = self._get(name, "table")
-        table = dev.inactive if inactive else dev.live
-        return table.text() if table is not None else ""
+        """The live (or inactive) table as text, ``str(table)``: what the daemon sends."""
+        return str(self.table(name, inactive=inactive))
 
     def table(self, name: str, *, inactive: bool = False) -> "Table":
-        """The live (or inactive) table as a ``dmtools.table.Table``."""
-        from dmtools.table import Table
-
-        return Table.parse(self.table_text(name, inactive=inactive))
+        """The live (or inactive) table as the kernel prints it back, devices as ``major:minor``."""
+        dev = self._get(name, "table")
+        table = dev.inactive if inactive else dev.live
+        return table.shown() if table is not None else Table()
 
     def _target_lines(self, name: str, operation: str, inactive: bool,
                       text: "Callable[[TargetDriver], str]") -> list[StatusLine]:
@@ -527,7 +521,7 @@ class Engine(DeviceMapper):
             return []
         return [
             StatusLine(ln.start, ln.length, ln.target_type, text(tgt))
-            for ln, tgt in zip(table.lines, table.targets)
+            for ln, tgt in zip(table.table, table.targets)
         ]
 
     def status(self, name: str, *, inactive: bool = False) -> list[StatusLine]:
@@ -561,8 +555,8 @@ class Engine(DeviceMapper):
         if not 0 <= sector < table.sectors:
             raise InvalidArgument("Target message sector outside device.", operation="message",
                                   device=name)
-        for ln, tgt in zip(table.lines, table.targets):
-            if ln.start <= sector < ln.start + ln.length:
+        for ln, tgt in zip(table.table, table.targets):
+            if ln.start <= sector < ln.end:
                 return tgt.message(argv)
         raise InvalidArgument("Target message sector outside device.", operation="message",
                               device=name)  # pragma: no cover - the table has no gaps

@@ -3,18 +3,29 @@
 A target maps one contiguous range of an engine device (``start``/``length`` in 512-byte sectors)
 the way a kernel ``struct target_type`` does (``include/linux/device-mapper.h``):
 
-- **construct**: ``TargetDriver.construct(ctx, start, length, args)`` (the kernel's ``ctr``) parses the
-  table arguments, opens the devices it names through ``ctx.get_device`` (``dm_get_device``) and raises
-  ``InvalidTable`` with the kernel's ``ti->error`` text when they are wrong. Nothing it opened stays
-  open when it raises: the engine releases every device the target opened.
+- **build**: ``TargetDriver.build(ctx, start, length, value)`` (the kernel's ``ctr``) is what the
+  engine calls, with the line's typed value from :mod:`dmtools.target_values`: the text was parsed
+  and checked once, by ``Table.parse``, which raises the kernel's ``ti->error`` words for bad
+  arguments. A built-in target (``linear``, ``snapshot``, ``mirror``...) reads its value and never
+  parses strings; it opens the devices the value names through ``ctx.get_device``
+  (``dm_get_device``) and raises ``InvalidTable`` only for what needs the context (a device that
+  cannot be opened, one too small). Nothing it opened stays open when it raises: the engine
+  releases every device the target opened.
+- **third-party targets** (registered under the ``dmtools.targets`` entry-point group or with
+  ``Engine.register_target``) have no value type of their own: ``Table.parse`` gives them a
+  ``GenericTarget`` whose text is kept verbatim, and the default ``build`` hands its arguments
+  (split by the kernel's ``dm_split_args``) to ``construct(ctx, start, length, args)``.
 - **I/O**: ``read(buf, offset)`` fills all of ``buf``; ``write(buf, offset)`` writes all of it.
   ``offset`` is in **bytes relative to the target's start** and the range never crosses the
   target's end. A failed I/O raises ``DeviceIOError`` (or ``OSError``). ``flush`` makes completed
   writes durable; ``discard`` drops a range (``zero`` writes zeros).
-- **text**: ``status()`` returns the kernel's STATUSTYPE_INFO text, ``table_params()`` the
-  STATUSTYPE_TABLE text (devices printed as ``major:minor``, i.e. ``DeviceHandle.name``) and
-  ``ima_status()`` the STATUSTYPE_IMA text (``dmsetup measure``; ``ima_prefix()`` builds its
-  ``target_name=…,target_version=…`` head).
+- **text**: ``status()`` returns the kernel's STATUSTYPE_INFO text and ``ima_status()`` the
+  STATUSTYPE_IMA text (``dmsetup measure``; ``ima_prefix()`` builds its
+  ``target_name=…,target_version=…`` head). The STATUSTYPE_TABLE line is the typed value printed
+  by ``str(table)``, each device shown as the kernel shows it (``major:minor``,
+  ``DeviceHandle.name``): ``table_value(value)`` is the value the target was built from, unless
+  the target prints something else (``table_params()``, text of its own, as a third-party
+  target does).
 - **control**: ``message(args)`` answers a target message (``None`` when it has no answer; raise
   ``InvalidArgument`` for a message it does not understand). ``presuspend``/``postsuspend`` run
   around a suspend (in-flight I/O drained in between), ``preresume`` may refuse a resume by
@@ -57,8 +68,8 @@ class DeviceHandle(ForwardingEndpoint):
     """A device a target opened through ``ctx.get_device`` (the kernel's ``struct dm_dev``).
 
     I/O is in bytes from the start of the underlying device. ``name`` is what the kernel prints in
-    tables and status lines: ``major:minor`` for block devices and engine devices, the path for a
-    regular file (which has no device number).
+    tables and status lines: ``major:minor`` for block devices and engine devices; a regular file
+    (which has no device number) prints its ``path``, escaped as a table argument.
     """
 
     def __init__(self, inner: Endpoint, name: str, major: int, minor: int, path: str) -> None:
@@ -129,7 +140,7 @@ class TargetDriver(abc.ABC):
     #: the version ``targets()`` reports (the kernel's ``target_type.version``).
     version: ClassVar[tuple[int, int, int]] = (0, 0, 0)
 
-    def __init__(self, ctx: TargetContext, start: int, length: int, args: Sequence[str]) -> None:
+    def __init__(self, ctx: TargetContext, start: int, length: int, args: Sequence[str] = ()) -> None:
         self.ctx = ctx
         self.start = start
         self.length = length
@@ -152,8 +163,8 @@ class TargetDriver(abc.ABC):
     ) -> "TargetDriver":
         """Build the runtime target for the typed table value ``value`` (what the engine calls).
 
-        The default hands the value's arguments to :meth:`construct`; a target that reads the
-        typed value itself overrides this.
+        The default, for third-party targets given a ``GenericTarget``, hands the value's
+        arguments to :meth:`construct`; a target with a value type of its own overrides this.
         """
         return cls.construct(ctx, start, length, value.args())
 
@@ -194,9 +205,24 @@ class TargetDriver(abc.ABC):
         """STATUSTYPE_INFO text; empty for targets without a status function."""
         return ""
 
-    @abc.abstractmethod
-    def table_params(self) -> str:
-        """STATUSTYPE_TABLE text (devices as ``major:minor``)."""
+    def table_value(self, value: "TargetValue") -> "TargetValue":
+        """What the kernel prints back for this target (STATUSTYPE_TABLE), as a value.
+
+        ``value`` is the value the target was built from; the engine shows each device it names
+        as the kernel does (``major:minor``). The default is ``value`` itself, or, for a target
+        that prints its own text (:meth:`table_params`), that text parsed.
+        """
+        params = self.table_params()
+        if params is None:
+            return value
+        from dmtools.target_values import Target
+
+        return Target.parse(value.target_type, params)
+
+    def table_params(self) -> str | None:
+        """STATUSTYPE_TABLE text of its own, devices as ``major:minor``; ``None`` (the default)
+        prints the value the target was built from (see :meth:`table_value`)."""
+        return None
 
     def ima_status(self) -> str:
         """STATUSTYPE_IMA text: what the kernel measures into IMA and ``dmsetup measure`` prints.
@@ -241,6 +267,20 @@ class TargetDriver(abc.ABC):
         """Release target resources (the engine closes the devices afterwards)."""
 
     # --- helpers for subclasses -----------------------------------------------------------
+    def open_device(self, ref: str, error: str = "Device lookup failed") -> DeviceHandle:
+        """Open ``ref`` through ``ctx.get_device`` and add it to :attr:`devices`.
+
+        A device that cannot be opened raises ``InvalidTable`` with the kernel's ``ti->error``
+        words ``error`` (what the target's ``ctr`` says when ``dm_get_device`` fails) followed by
+        the reason; ``DeviceBusy`` (claimed elsewhere) passes through.
+        """
+        try:
+            handle = self.ctx.get_device(ref)
+        except InvalidTable as err:
+            raise self.fail(f"{error}: {err.message}") from err
+        self.devices.append(handle)
+        return handle
+
     def fail(self, message: str) -> InvalidTable:
         """An ``InvalidTable`` carrying the kernel-style ``ti->error`` text for this target."""
         return InvalidTable(f"{self.name}: {message}", operation="load", device=self.ctx.device_name)
@@ -276,22 +316,14 @@ class TargetDriver(abc.ABC):
         return out
 
 
-def parse_sector(text: str) -> int:
-    """Parse an unsigned decimal sector number as the kernel's ``sscanf("%llu%c")`` accepts it."""
-    if not text.isdigit() or not text.isascii():
-        raise ValueError(text)
-    value = int(text)
-    if value >= 1 << 64:
-        raise ValueError(text)
-    return value
+_V = TypeVar("_V", bound="TargetValue")
 
 
-def parse_uint(text: str) -> int:
-    """Parse an unsigned 32-bit decimal as ``kstrtouint`` does (optional leading ``+``)."""
-    body = text[1:] if text.startswith("+") else text
-    if not body.isdigit() or not body.isascii():
-        raise ValueError(text)
-    value = int(body)
-    if value >= 1 << 32:
-        raise ValueError(text)
+def expect(value: "TargetValue", value_type: type[_V]) -> _V:
+    """``value`` as a ``value_type``; ``InvalidTable`` when a target type was registered under a
+    name whose table values are of another type."""
+    if not isinstance(value, value_type):
+        raise InvalidTable(f"{value.target_type}: expected a {value_type.__name__} value, "
+                           f"not {type(value).__name__}")
     return value
+

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import errno
 import threading
-from typing import Any, Sequence
+from typing import Any
 
-from dmtools.engine.target_driver import TargetContext
 from dmtools.engine.basic_targets import LinearTarget
-from dmtools.errors import DeviceIOError
+from dmtools.engine.target_driver import TargetContext
+from dmtools.errors import DeviceIOError, InvalidTable
+from dmtools.target_values import Linear, Target, format_args
 
 SWITCHES: dict[str, "Switch"] = {}
 
@@ -66,12 +67,17 @@ class TripTarget(LinearTarget):
     name = "trip"
     version = (1, 0, 0)
 
-    def __init__(self, ctx: TargetContext, start: int, length: int, args: Sequence[str]) -> None:
-        super().__init__(ctx, start, length, list(args[:2]))
+    def __init__(self, ctx: TargetContext, start: int, length: int, value: Linear, switch: str) -> None:
+        super().__init__(ctx, start, length, value)
+        self.switch = SWITCHES[switch]
+
+    @classmethod
+    def build(cls, ctx: TargetContext, start: int, length: int, value: Target) -> TripTarget:
+        """``value`` is the ``GenericTarget`` of a ``trip`` line: a ``linear`` line and a switch."""
+        args = value.args()
         if len(args) != 3 or args[2] not in SWITCHES:
-            raise self.fail("needs <dev> <offset> <switch> (a Switch made by the test)")
-        self.switch = SWITCHES[args[2]]
-        self.switch_name = args[2]
+            raise InvalidTable("trip: needs <dev> <offset> <switch> (a Switch made by the test)")
+        return cls(ctx, start, length, Linear.from_args(args[:2]), args[2])
 
     def read(self, buf: memoryview, offset: int) -> None:
         self.switch.check("read")
@@ -86,7 +92,7 @@ class TripTarget(LinearTarget):
         super().zero(offset, length)
 
     def table_params(self) -> str:
-        return f"{super().table_params()} {self.switch_name}"
+        return format_args([self.dev.name, str(self.offset), self.switch.name])
 
 
 def install(engine: Any) -> None:

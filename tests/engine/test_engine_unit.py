@@ -9,7 +9,6 @@ from typing import Sequence
 import pytest
 
 from dmtools.engine import Engine, TargetDriver, TargetContext
-from dmtools.engine.device import split_args
 from dmtools.errors import (
     DeviceBusy,
     DeviceIOError,
@@ -321,14 +320,6 @@ def test_busy_remove_message(eng):
     with eng.open_endpoint("x"):
         with pytest.raises(DeviceBusy):
             eng.remove("x")
-
-
-@pytest.mark.parametrize(
-    "text,args",
-    [("a b  c", ["a", "b", "c"]), (r"a\ b c", ["a b", "c"]), ("", []), (r"x\\y", ["x\\y"])],
-)
-def test_split_args(text, args):
-    assert split_args(text) == args
 
 
 def test_data_extents_follow_sparse_backing_files(eng, make_image):
