@@ -412,7 +412,7 @@ class _Resolver:
             elif isinstance(tgt, (Zero, Error)) and not tgt.devices:
                 node, offset = None, 0
             else:
-                refs = list(tgt.devices) or self._deps(name, tgt.params)
+                refs = list(tgt.devices) or self._deps(name, tgt.args())
                 whole = set()
                 for ref in refs:
                     whole |= _extents(child(ref), 0, None)
@@ -420,13 +420,13 @@ class _Resolver:
             segments.append((start, end, node, offset))
         return _Table(tuple(segments)), tuple(chain)
 
-    def _deps(self, name: str, params: str) -> list[str]:
+    def _deps(self, name: str, args: list[str]) -> list[str]:
         """Devices of a target this library does not model: its ``deps`` (block devices) and
         every argument that is ``major:minor`` or an absolute path of a file or block device
         (a userspace table names regular files by path; ``deps`` cannot list them)."""
         assert self.dm is not None
         refs = [f"{a}:{b}" for a, b in self.dm.deps(name)]
-        for arg in params.split():
+        for arg in args:
             if arg in refs:
                 continue
             if DEVNO.fullmatch(arg) or (arg.startswith("/") and _is_device_or_file(arg)):

@@ -57,7 +57,7 @@ def _sector_field(text: str, what: str, lineno: int) -> int:
         raise InvalidTable(f"line {lineno}: {what} {text[:40]!r} is not a decimal number of sectors")
     digits = text.lstrip("0") or "0"
     if len(digits) > 20 or int(digits) > MAX_SECTORS:
-        raise InvalidTable(f"line {lineno}: {what} {text[:40]} is beyond the largest device ({MAX_SECTORS} sectors)")
+        raise InvalidTable(f"line {lineno}: {what} {text[:40]}: too large device (limit {MAX_SECTORS} sectors)")
     return int(digits)
 
 

@@ -40,7 +40,7 @@ from dmtools.errors import (
     InvalidArgument,
     PoolNotWritable,
 )
-from dmtools.target_values import MAX_THIN_DEV_ID, U64_MAX
+from dmtools.target_values import MAX_THIN_DEV_ID, U64_MAX, split_args
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.backend import DeviceMapper
@@ -190,7 +190,7 @@ def parse_pool_message(text: str) -> PoolMessage:
     """
     if not isinstance(text, str):
         raise InvalidArgument("a pool message is text", operation="message")
-    argv = text.split()
+    argv = split_args(text)  # dm-ioctl.c target_message splits with dm_split_args
     if not argv:
         raise InvalidArgument("empty message", operation="message")
     verb = argv[0].lower()
