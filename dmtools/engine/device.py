@@ -47,8 +47,7 @@ class TableContext:
         #: handles opened by this table, shared between its targets (``dm_get_device`` refcounts).
         self.handles: dict[str, DeviceHandle] = {}
         self._refs: dict[str, int] = {}
-        #: each device reference as written -> the device the kernel shows (``major:minor``; a
-        #: regular file's path).
+        #: each device reference as written -> the name the kernel shows for it (``major:minor``).
         self.shown: dict[str, str] = {}
 
     @property
@@ -76,8 +75,7 @@ class TableContext:
         if writable is None:
             writable = not self._readonly
         handle = self._engine.open_reference(ref, writable=writable, for_device=self._device)
-        key = handle.name
-        self.shown[ref] = key if handle.devno is not None else handle.path
+        key = self.shown[ref] = handle.name
         if key in self.handles:
             handle.inner.close()
             self._refs[key] += 1

@@ -26,7 +26,6 @@ from dmtools.engine.target_driver import DeviceHandle
 from dmtools.errors import DeviceBusy, DMError, InvalidTable
 from dmtools.linux import DEVNO
 from dmtools.nbd.uri import is_nbd_uri
-from dmtools.target_values import format_args
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.engine.device import Device
@@ -91,10 +90,8 @@ def resolve(engine: "Engine", ref: str, *, writable: bool) -> DeviceHandle:
     bdev.claim = claim
     devno = bdev.devno
     if devno is None:
-        # A regular file has no device number: tables and status lines name it by its path,
-        # escaped as a table argument (``format_args``) so that the text still splits.
-        path = os.path.abspath(ref)
-        return DeviceHandle(bdev, format_args([path]), -1, -1, path)
+        name = os.path.abspath(ref)
+        return DeviceHandle(bdev, name, -1, -1, name)
     return DeviceHandle(bdev, f"{devno[0]}:{devno[1]}", devno[0], devno[1], path)
 
 
@@ -109,4 +106,4 @@ def _remote(ref: str, *, writable: bool) -> DeviceHandle:
     if writable and endpoint.read_only:
         endpoint.close()
         raise InvalidTable(f"{ref}: the export is read-only", operation="load")
-    return DeviceHandle(endpoint, format_args([ref]), -1, -1, ref)
+    return DeviceHandle(endpoint, ref, -1, -1, ref)

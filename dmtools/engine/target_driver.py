@@ -68,8 +68,9 @@ class DeviceHandle(ForwardingEndpoint):
     """A device a target opened through ``ctx.get_device`` (the kernel's ``struct dm_dev``).
 
     I/O is in bytes from the start of the underlying device. ``name`` is what the kernel prints in
-    tables and status lines: ``major:minor`` for block devices and engine devices; a regular file
-    (which has no device number) prints its ``path``, escaped as a table argument.
+    tables and status lines: ``major:minor`` for block devices and engine devices, the path for a
+    regular file (which has no device number). It is the device as a value names it: text made
+    from it is escaped by the value's formatter (``dmtools.target_values.format_args``).
     """
 
     def __init__(self, inner: Endpoint, name: str, major: int, minor: int, path: str) -> None:
