@@ -46,7 +46,9 @@ def test_skip_block_zeroing_keeps_stale_bytes(engine: Any, tmp_path: Path, thin_
     thin_tools.check(rig.meta)
 
 
-def test_whole_block_write_is_not_zeroed_first(rig: PoolRig, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_whole_block_write_is_not_zeroed_first(engine: Any, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = PoolRig(engine, tmp_path, data_fill=b"\xee")  # stale bytes: zeroing is needed
     t = rig.thin(1, "t1")
     pool = _pool(rig)
     zeroed: list[Any] = []
@@ -57,6 +59,17 @@ def test_whole_block_write_is_not_zeroed_first(rig: PoolRig, monkeypatch: pytest
     t.write(pattern(4, 512), BB)
     assert len(zeroed) == 1
     assert read(t, 0, BB) == pattern(3, BB)
+    rig.close()
+
+
+def test_a_hole_on_the_data_device_is_not_zeroed_again(rig: PoolRig, monkeypatch: pytest.MonkeyPatch) -> None:
+    t = rig.thin(1, "t1")
+    pool = _pool(rig)
+    zeroed: list[Any] = []
+    monkeypatch.setattr(pool.kc, "zero", lambda dests, *a, **k: zeroed.append(dests))
+    t.write(pattern(4, 512), BB)  # the sparse data file's block is a hole: it reads zeros already
+    assert zeroed == []
+    assert read(t, BB, BB) == pattern(4, 512) + bytes(BB - 512)
 
 
 def test_snapshot_shares_until_a_write_breaks_sharing(rig: PoolRig, thin_tools: Any) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from dmtools.engine.target_driver import SECTOR, TargetContext, TargetDriver
+from dmtools.engine.target_driver import TargetContext, TargetDriver
 from dmtools.errors import DeviceBusy, DMError, InvalidTable
 from dmtools.target_values import ThinPool
 
@@ -91,6 +91,9 @@ class ThinPoolTarget(TargetDriver):
     def flush(self) -> None:
         self.data.flush()
 
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        return self.data.data_extents(offset, length)
+
     # -- control -------------------------------------------------------------------------------
     def message(self, args: Sequence[str]) -> str | None:
         self.pool.message(args)
@@ -100,7 +103,7 @@ class ThinPoolTarget(TargetDriver):
         self.pool.suspend()
 
     def presuspend_undo(self) -> None:
-        self.pool.resume()
+        self.pool.suspended = False
 
     def postsuspend(self) -> None:
         self.pool.suspend()
@@ -129,8 +132,3 @@ class ThinPoolTarget(TargetDriver):
         trailing space (``pool_status`` STATUSTYPE_TABLE)."""
         return self.value.map_devices({self.value.metadata: self.metadata.name,
                                        self.value.data: self.data.name}.__getitem__).params
-
-    @property
-    def data_sectors(self) -> int:
-        """Sectors of the data device (for callers sizing the pool)."""
-        return self.data.size // SECTOR

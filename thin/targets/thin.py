@@ -260,12 +260,17 @@ class ThinTarget(TargetDriver):
             if n < bs and self.pool.pf.zero_new_blocks:
                 self._zero(kcopyd.Region(self.pool_dev, new * bs + n, bs - n))
             return
-        if self.pool.pf.zero_new_blocks:
+        if self.pool.pf.zero_new_blocks and not self._reads_zeros(new):
             self._zero(dst)
 
-    def zero(self, offset: int, length: int) -> None:
-        # WRITE_ZEROES is a write of zeros here: each block is provisioned as a write would.
-        super().zero(offset, length)
+    def _reads_zeros(self, block: int) -> bool:
+        """A data block the data device reports as a hole (never written, or discarded) already
+        reads zeros: zeroing it again changes nothing."""
+        try:
+            extents = self.pool_dev.data_extents(block * self.bb, self.bb)
+        except (DMError, OSError):
+            return False
+        return extents is not None and not extents
 
     # -- discards and flushes ------------------------------------------------------------------
     def discard(self, offset: int, length: int) -> None:
