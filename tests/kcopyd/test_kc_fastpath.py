@@ -113,6 +113,43 @@ def test_copy_file_range_failure_falls_back_to_buffers(tmp_path, monkeypatch, er
     assert dst.read_bytes() == src.read_bytes()
 
 
+def test_copy_file_range_failing_later_while_buffered_writes_run(tmp_path, monkeypatch):
+    """The first offload piece fails at once, the others only once buffered writes are under way.
+    The job's write lanes are made once, at the first failure: a later failure that replaced them
+    could strand a piece waiting in the old lane, and the job never finished."""
+    import threading
+
+    writing = threading.Event()
+    calls = [0]
+    jobs: list[kcopyd.Job] = []
+    lanes_seen: set[int] = set()
+    real_pwritev = os.pwritev
+
+    def pwritev(*args):
+        if jobs:
+            lanes_seen.add(id(jobs[0].lanes))
+        writing.set()
+        return real_pwritev(*args)
+
+    def refuse(*args):
+        calls[0] += 1
+        if calls[0] > 1:
+            assert writing.wait(TIMEOUT)
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    src, dst = tmp_path / "s.img", tmp_path / "d.img"
+    src.write_bytes(pattern(24 * MiB))
+    dst.write_bytes(bytes(24 * MiB))
+    with kcopyd.Client(num_pages=64) as kc:
+        jobs.append(kc.copy(kcopyd.Region(str(src), 0, 49152), [kcopyd.Region(str(dst), 0, 49152)]))
+        assert jobs[0].wait(TIMEOUT) and jobs[0].ok
+    assert calls[0] == 3, "three 8 MiB pieces were offered to copy_file_range, and each failed"
+    assert len(lanes_seen) == 1, "the lanes made at the first failure served every write"
+    assert dst.read_bytes() == src.read_bytes()
+
+
 def test_holes_skipped_when_destination_is_zeroed(tmp_path, client):
     src, dst = tmp_path / "s.img", tmp_path / "d.img"
     data = _sparse_source(src)
