@@ -10,6 +10,11 @@ device's events, every policy off unless configured, globally or per device
   Extending belongs to the snapshot layer: the ``snapshot-extend`` policy, an object that, called
   with the backend, returns something with ``extend(name, percent)`` —
   ``snapshot.manager:SnapshotManager`` fits (a file-backed COW grown, reloaded through handover);
+- **thin pool auto-extend**: when a thin pool's data or metadata usage reaches
+  ``thin_autoextend_threshold`` %, grow that device by ``thin_autoextend_percent`` % (LVM's
+  ``thin_pool_autoextend_threshold``/``_percent``, what dmeventd's thin plugin runs). The ``thin-extend``
+  policy (``thin.manager:ThinPoolManager``: ``autoextend(pool, percent, data=…, metadata=…)``) grows
+  the file behind the device and reloads the pool's layers;
 - **mirror degraded**: on a failed leg, keep running and report it;
 - **mirror repair**: on a failed leg, replace it by the spare device named in advance and resync
   it. The repair itself belongs to the mirror layer, which ``dmtools`` does not import: it is
@@ -86,17 +91,20 @@ class PolicySettings:
     autoextend_percent: int = 20
     mirror_policy: str = "none"
     spare: str | None = None
+    thin_autoextend_threshold: int | None = None
+    thin_autoextend_percent: int = 20
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "warn", parse_thresholds(self.warn))
-        t = self.autoextend_threshold
-        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= 100):
-            raise InvalidArgument(f"autoextend threshold must be a percentage 1..100, not {t!r}")
-        if t == 100:
-            object.__setattr__(self, "autoextend_threshold", None)  # LVM: 100 disables
-        p = self.autoextend_percent
-        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
-            raise InvalidArgument(f"autoextend percent must be a positive integer, not {p!r}")
+        for prefix in ("", "thin_"):
+            t = getattr(self, f"{prefix}autoextend_threshold")
+            if t is not None and (isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= 100):
+                raise InvalidArgument(f"{prefix}autoextend threshold must be a percentage 1..100, not {t!r}")
+            if t == 100:
+                object.__setattr__(self, f"{prefix}autoextend_threshold", None)  # LVM: 100 disables
+            p = getattr(self, f"{prefix}autoextend_percent")
+            if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+                raise InvalidArgument(f"{prefix}autoextend percent must be a positive integer, not {p!r}")
         if self.mirror_policy not in MIRROR_POLICIES:
             raise InvalidArgument(f"mirror policy must be one of {', '.join(MIRROR_POLICIES)}, "
                                   f"not {self.mirror_policy!r}")
@@ -223,27 +231,18 @@ class Monitor:
         # Refuse a repair policy that cannot work before anything happens.
         settings = [self.config.defaults, *self.config.devices.values()]
         if any(s.mirror_policy == "repair" for s in settings):
-            self._repairer()
+            self._policy("mirror-repair")
         if any(s.mirror_policy == "remove" for s in settings):
-            self._remover()
+            self._policy("mirror-remove")
 
     def _thresholds(self, name: str) -> Sequence[int]:
         return self.config.for_device(name).warn
 
-    def _extender(self) -> Any:
-        if "snapshot" not in self._repairers:
-            self._repairers["snapshot"] = self._loader("snapshot-extend")(self.dm)
-        return self._repairers["snapshot"]
-
-    def _remover(self) -> Any:
-        if "mirror-remove" not in self._repairers:
-            self._repairers["mirror-remove"] = self._loader("mirror-remove")(self.dm)
-        return self._repairers["mirror-remove"]
-
-    def _repairer(self) -> Any:
-        if "mirror" not in self._repairers:
-            self._repairers["mirror"] = self._loader("mirror-repair")(self.dm)
-        return self._repairers["mirror"]
+    def _policy(self, name: str) -> Any:
+        """The upper layer's ``name`` policy bound to this backend (made on first use)."""
+        if name not in self._repairers:
+            self._repairers[name] = self._loader(name)(self.dm)
+        return self._repairers[name]
 
     # --- policies ---------------------------------------------------------------------------
     def _action(self, plan: Plan, ok: bool, detail: str) -> PolicyAction:
@@ -274,6 +273,25 @@ class Monitor:
                 out.append(Plan(state.name, "snapshot-autoextend", "extend",
                                 {"percent": settings.autoextend_percent, "target_start": t.start,
                                  "at": round(snap.percent, 1)}))
+        return out
+
+    def _plan_thin(self, state: DeviceState, settings: PolicySettings) -> list[Plan]:
+        threshold = settings.thin_autoextend_threshold
+        if threshold is None:
+            return []
+        out: list[Plan] = []
+        for t in state.targets:
+            pool = t.thin_pool()
+            if pool is None or pool.used_data is None or pool.total_data is None:
+                continue  # Fail, or read-only without counts: nothing to extend by policy
+            data = 100 * pool.used_data / pool.total_data if pool.total_data else 0.0
+            meta = 100 * (pool.used_metadata or 0) / pool.total_metadata if pool.total_metadata else 0.0
+            if data >= threshold or meta >= threshold:
+                # LVM's layout: the thin-pool target is NAME-tpool; the manager knows the pool as NAME.
+                name = state.name[: -len("-tpool")] if state.name.endswith("-tpool") else state.name
+                out.append(Plan(state.name, "thin-autoextend", "extend", {
+                    "pool": name, "percent": settings.thin_autoextend_percent, "data": data >= threshold,
+                    "metadata": meta >= threshold, "at": [round(data, 1), round(meta, 1)]}))
         return out
 
     def _plan_mirror(self, state: DeviceState, events: Sequence[Event],
@@ -308,14 +326,14 @@ class Monitor:
         if state is None:
             return []
         settings = self.config.for_device(state.name)
-        return [*self._plan_autoextend(state, settings),
+        return [*self._plan_autoextend(state, settings), *self._plan_thin(state, settings),
                 *self._plan_mirror(state, batch.events, settings, batch.old)]
 
     def _extend(self, plan: Plan) -> PolicyAction | None:
         args = plan.args
         key = (plan.device, f"extend@{args.get('target_start', 0)}")
         try:
-            res = self._extender().extend(plan.device, int(args["percent"]))
+            res = self._policy("snapshot-extend").extend(plan.device, int(args["percent"]))
         except DMError as err:
             if not self._once(key, str(err)):
                 return None
@@ -326,14 +344,31 @@ class Monitor:
                             f"at {args.get('at')}% COW grown {res.old_bytes} -> {res.new_bytes} "
                             f"bytes (+{args['percent']}%, {res.file}); snapshot reloaded through handover")
 
+    def _extend_thin(self, plan: Plan) -> PolicyAction | None:
+        args = plan.args
+        key = (plan.device, "thin-extend")
+        data, meta = args["at"]
+        try:
+            info = self._policy("thin-extend").autoextend(args["pool"], int(args["percent"]), data=bool(args["data"]),
+                                                    metadata=bool(args["metadata"]))
+        except DMError as err:
+            if not self._once(key, str(err)):
+                return None
+            return self._action(plan, False, f"at data {data}%, metadata {meta}%: {err}")
+        self._failures.pop(key, None)
+        self.watcher.wake("policy")
+        grown = " and ".join(w for w in ("data", "metadata") if args[w])
+        return self._action(plan, True, f"at data {data}%, metadata {meta}%: {grown} grown by {args['percent']}%; "
+                            f"pool {args['pool']} now {info.data_sectors} data and {info.metadata_sectors} metadata sectors")
+
     def _drop(self, plan: Plan, why: str = "") -> PolicyAction:
         """The ``mirror-remove`` policy: the failed legs dropped (or the held writes ended)."""
         try:  # DMError includes InvalidArgument: no mirror-remove policy installed (repair's fallback)
-            result = self._remover().check(plan.device,
+            result = self._policy("mirror-remove").check(plan.device,
                                            in_sync_before=bool(plan.args.get("in_sync_before")))
         except DMError as err:
             return self._action(plan, False, f"{why}removing the failed leg failed: {err}")
-        actions = [a for a in getattr(self._remover(), "actions", []) if a[0] == plan.device]
+        actions = [a for a in getattr(self._policy("mirror-remove"), "actions", []) if a[0] == plan.device]
         detail = actions[-1][2] if actions and result in ("dropped", "released") else result
         self.watcher.wake("policy")
         return self._action(plan, result == "dropped", f"{why}{detail}")
@@ -345,7 +380,7 @@ class Monitor:
         if spare in self._spares_used:
             return self._drop(plan, f"{leg} failed but spare {spare} is already used: ")
         try:
-            self._repairer().repair(plan.device, int(args["leg"]), spare, wait=False)
+            self._policy("mirror-repair").repair(plan.device, int(args["leg"]), spare, wait=False)
         except DMError as err:
             return self._drop(plan, f"{leg} -> {spare}: {err}; ")
         self._spares_used.add(spare)
@@ -356,6 +391,8 @@ class Monitor:
         """Run one plan; return the action it reports (none for a failure already reported)."""
         if plan.policy == "snapshot-autoextend":
             action = self._extend(plan)
+        elif plan.policy == "thin-autoextend":
+            action = self._extend_thin(plan)
         elif plan.policy == "mirror-repair":
             action = self._repair(plan)
         elif plan.policy == "mirror-remove":

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import math
 import os
 import shutil
 import subprocess
@@ -47,6 +48,7 @@ from dmtools.errors import (
     PoolNotWritable,
     TargetNotSupported,
 )
+from dmtools.file_backing import grow_behind
 from dmtools.linux import DEVNO
 from dmtools.names import validate_name
 from dmtools.status import ThinPoolStatus, ThinStatus, parse_thin_pool_status, parse_thin_status
@@ -638,6 +640,31 @@ class ThinPoolManager:
                 metadata_sectors=rec.metadata_sectors, data_sectors=rec.data_sectors)))
             raise
         return self.pool_status(name)
+
+    def autoextend(self, name: str, percent: int, *, data: bool = True, metadata: bool = False) -> PoolInfo:
+        """Grow the pool's data and/or metadata device by ``percent`` % and take them up, as dmeventd's
+        thin plugin does with ``lvextend --use-policies`` (``thin_pool_autoextend_percent``).
+
+        Each device must be a file or a loop device over one (the file grows, allocated, and the loop
+        takes the new capacity); data grows by whole pool blocks, at least one, metadata up to the
+        kernel's limit. Then :meth:`extend` reloads the layers. Raises ``InvalidArgument`` (bad
+        percent, nothing to grow, not file-backed) and ``DMError`` from a failed step.
+        """
+        if isinstance(percent, bool) or not isinstance(percent, int) or percent < 1:
+            raise InvalidArgument(f"extension percent must be a positive integer, not {percent!r}",
+                                  operation="extend", device=name)
+        pool = self._pool(name, "extend")
+        rec = pool.record
+        if data:
+            target = self._single(pool.tdata)
+            step = max(1, math.ceil(rec.data_sectors * percent / 100 / rec.block_size)) * rec.block_size
+            grow_behind(target.device, (target.offset + rec.data_sectors + step) * SECTOR)
+        if metadata and rec.metadata_sectors < MAX_METADATA_SECTORS:
+            target = self._single(pool.tmeta)
+            new = min(rec.metadata_sectors + max(8, math.ceil(rec.metadata_sectors * percent / 100)),
+                      MAX_METADATA_SECTORS)
+            grow_behind(target.device, (target.offset + new) * SECTOR)
+        return self.extend(name)
 
     # -- volumes ---------------------------------------------------------------------------------------
     def _new_volume_checks(self, pool: _Pool, name: str, operation: str) -> int:

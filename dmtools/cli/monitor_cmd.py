@@ -56,6 +56,11 @@ def register(subparsers: Any) -> None:
                    help="grow a snapshot's COW when its usage reaches PCT %% (COW on a loop-backed file)")
     p.add_argument("--autoextend-percent", type=int, default=20, metavar="PCT",
                    help="grow the COW by PCT %% of its size (default 20)")
+    p.add_argument("--thin-autoextend-threshold", type=int, metavar="PCT",
+                   help="grow a thin pool's data or metadata when its usage reaches PCT %% "
+                   "(LVM's thin_pool_autoextend_threshold; devices on files or loop-backed files)")
+    p.add_argument("--thin-autoextend-percent", type=int, default=20, metavar="PCT",
+                   help="grow the thin pool's device by PCT %% (default 20)")
     p.add_argument("--mirror-policy", choices=MIRROR_POLICIES, default="none",
                    help="on a failed mirror leg: report it (degraded), replace it by --spare (repair; "
                    "the leg is removed when the spare cannot be used) or reload without it (remove)")
@@ -90,6 +95,8 @@ def _settings(args: argparse.Namespace) -> MonitorConfig:
         autoextend_percent=args.autoextend_percent,
         mirror_policy=args.mirror_policy,
         spare=args.spare,
+        thin_autoextend_threshold=args.thin_autoextend_threshold,
+        thin_autoextend_percent=args.thin_autoextend_percent,
     )
     if args.config:
         return MonitorConfig.load(args.config, defaults)

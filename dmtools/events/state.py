@@ -41,8 +41,10 @@ from dmtools.status import (
     MirrorStatus,
     SnapshotState,
     SnapshotStatus,
+    ThinPoolStatus,
     parse_mirror_status,
     parse_snapshot_status,
+    parse_thin_pool_status,
 )
 
 __all__ = ["TargetState", "DeviceState", "capture", "derive", "DEFAULT_THRESHOLDS",
@@ -89,6 +91,15 @@ class TargetState:
             return None
         try:
             return parse_mirror_status(self.status)
+        except InvalidStatus:
+            return None
+
+    def thin_pool(self) -> ThinPoolStatus | None:
+        """The parsed status of a ``thin-pool`` line (``None`` otherwise)."""
+        if self.target_type != "thin-pool":
+            return None
+        try:
+            return parse_thin_pool_status(self.status)
         except InvalidStatus:
             return None
 

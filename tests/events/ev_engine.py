@@ -65,6 +65,7 @@ def policies(name: str) -> Any:
     from mirror.guard import MirrorGuard
     from mirror.manager import MirrorManager
     from snapshot.manager import SnapshotManager
+    from thin.manager import ThinPoolManager
 
     return {"snapshot-extend": SnapshotManager, "mirror-repair": MirrorManager,
-            "mirror-remove": MirrorGuard}[name]
+            "mirror-remove": MirrorGuard, "thin-extend": ThinPoolManager}[name]
