@@ -194,7 +194,8 @@ HALF = MiB // 2
 def _device(s: Spelling) -> str:
     """Which device a spelling reaches the image through (the same device: a memmove is safe)."""
     return {"loop": "loop", "dev-block": "loop", "devno": "loop", "mknod": "loop", "second-loop": "second",
-            "offset-loop": "offset", "engine-path": "engine", "engine-name": "engine"}.get(s.kind, "file")
+            "hardlink-loop": "hardlink-loop", "offset-loop": "offset", "engine-path": "engine",
+            "engine-name": "engine"}.get(s.kind, "file")
 
 
 def _bytes(s: Spelling, sector: int) -> range:
