@@ -169,7 +169,7 @@ class Table:
             length = _sector_field(match.group(2), "length", lineno)
             params = match.group(4).split("#", 1)[0]
             try:
-                target = Target.parse(match.group(3), params)
+                target = Target.parse(match.group(3), params, length)
                 line = TableLine(start, length, target)
             except DMError as err:
                 raise InvalidTable(f"line {lineno}: {err.message}") from err

@@ -229,11 +229,12 @@ class Target:
         raise NotImplementedError
 
     @staticmethod
-    def parse(target_type: str, params: str = "") -> Target:
+    def parse(target_type: str, params: str = "", length: int | None = None) -> Target:
         """Parse ``params`` for ``target_type``: a typed target, or :class:`GenericTarget`.
 
         Raises :class:`InvalidTable` when a known type's arguments are wrong, or when the type
-        name or text cannot be given to the kernel.
+        name or text cannot be given to the kernel. With the line's ``length``, checks that the
+        kernel makes against it before reading all arguments come in the kernel's order.
         """
         try:
             validate_target_type(target_type)
@@ -250,7 +251,14 @@ class Target:
         cls = TARGET_TYPES.get(target_type)
         if cls is None:
             return GenericTarget(target_type, params.strip(_WS))
-        return cls.from_args(split_args(params))
+        args = split_args(params)
+        if length is not None:
+            cls.check_length_first(args, length)
+        return cls.from_args(args)
+
+    @classmethod
+    def check_length_first(cls, args: Sequence[str], length: int) -> None:
+        """Length checks the kernel's constructor makes before it reads every argument."""
 
     def __str__(self) -> str:
         params = self.params
@@ -346,14 +354,22 @@ class Striped(Target):
         return tuple(leg.device for leg in self.stripes)
 
     def validate_length(self, length: int) -> None:
-        count = len(self.stripes)
+        self._check_width(len(self.stripes), self.chunk_size, length)
+
+    @classmethod
+    def check_length_first(cls, args: Sequence[str], length: int) -> None:
+        # dm-stripe.c stripe_ctr divides the length before it counts the destinations.
+        if len(args) >= 2 and all(_DIGITS_RE.fullmatch(a) and len(a) < 20 for a in args[:2]):
+            count, chunk = int(args[0]), int(args[1])
+            if 0 < count <= U32_MAX and 0 < chunk <= U32_MAX:
+                cls._check_width(count, chunk, length)
+
+    @classmethod
+    def _check_width(cls, count: int, chunk: int, length: int) -> None:
         if length % count:
-            raise _fail(self.TYPE, f"Target length not divisible by number of stripes ({length} % {count})")
-        if (length // count) % self.chunk_size:
-            raise _fail(
-                self.TYPE,
-                f"Target length not divisible by chunk size ({length}/{count} % {self.chunk_size})",
-            )
+            raise _fail(cls.TYPE, f"Target length not divisible by number of stripes ({length} % {count})")
+        if (length // count) % chunk:
+            raise _fail(cls.TYPE, f"Target length not divisible by chunk size ({length}/{count} % {chunk})")
 
     def map_devices(self, fn: Callable[[str], str]) -> Striped:
         return Striped(self.chunk_size, tuple(Leg(fn(d), o) for d, o in self.stripes))

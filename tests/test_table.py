@@ -195,6 +195,8 @@ def test_parse_normalises_like_the_kernel(text: str, canonical: str) -> None:
         (f"0 {MAX_SECTORS + 1} zero", "length [0-9]*: too large device"),
         (f"0 {MAX_SECTORS} zero\n{MAX_SECTORS} 1 zero", "too large device"),
         ("0 10 zero x", "zero: No arguments required"),
+        ("0 9 striped 2 8 7:0 0", "Target length not divisible by number of stripes"),
+        ("0 8 striped 2 8 7:0 0", "Target length not divisible by chunk size"),
         ("0 10 linear 7:0", "linear: Invalid argument count"),
         ("0 10 linear 7:0 x", "linear: Invalid device sector 'x'"),
         ("0 10 linear 7:0 -1", "Invalid device sector"),
