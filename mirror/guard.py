@@ -50,7 +50,7 @@ from dmtools.backend import DeviceMapper
 from dmtools.errors import DMError
 from dmtools.status import parse_mirror_status
 from dmtools.table import Table
-from dmtools.target_values import CoreLog, Linear, Mirror
+from dmtools.target_values import CoreLog, Linear, Mirror, SyncMode
 
 from mirror.reload import swap_table
 
@@ -216,7 +216,7 @@ class MirrorGuard:
         if in_sync or default not in failed:
             if len(remaining) >= 2:
                 mlog = target.log
-                if isinstance(mlog, CoreLog) and mlog.sync == "nosync" and not in_sync:
+                if isinstance(mlog, CoreLog) and mlog.sync is SyncMode.NOSYNC and not in_sync:
                     # a reloaded nosync core log would trust every region: resync them all instead
                     mlog = CoreLog(mlog.region)
                 new = Table.single(line.length, Mirror(mlog, tuple(remaining), target.features))
