@@ -27,14 +27,14 @@ RB = REGION * 512
 BOUND = 10.0
 
 
-def _writer(eng: Any, offset: int, data: bytes) -> tuple[threading.Event, list[Any]]:
+def _writer(eng: Any, offset: int, data: bytes, name: str = "m") -> tuple[threading.Event, list[Any]]:
     done = threading.Event()
     out: list[Any] = []
 
     def run() -> None:
         t0 = time.monotonic()
         try:
-            with eng.open_endpoint("m") as ep:
+            with eng.open_endpoint(name) as ep:
                 ep.write(data, offset)
             out.append(("ok", time.monotonic() - t0))
         except DeviceIOError as err:

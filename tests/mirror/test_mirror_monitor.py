@@ -60,6 +60,22 @@ def _until_failed(mm: MirrorManager, leg: int, letters: str = "DSF") -> None:
         time.sleep(0.01)
 
 
+def policy_actions(root: Path, policy: str, bound: float) -> list[dict[str, Any]]:
+    """The ``policy`` actions in a monitor's ``events.jsonl`` (waiting up to ``bound`` seconds for
+    the first: the monitor records an action once it has run, after the writes it released)."""
+    import json
+
+    deadline = time.monotonic() + bound
+    while True:
+        path = root / "events.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        acts = [e for e in map(json.loads, lines) if e.get("policy") == policy]
+        if acts:
+            return acts
+        assert time.monotonic() < deadline, f"no {policy} action recorded in {path}: {lines}"
+        time.sleep(0.05)
+
+
 def _actions(events: list[Any]) -> list[PolicyAction]:
     return [e for e in events if isinstance(e, PolicyAction)]
 
@@ -108,3 +124,56 @@ def test_source_failed_out_of_sync_ends_held_writes_again_and_again(eng: Any, tm
     assert done.wait(BOUND) and out[0][0] == errno.EIO, out
     assert [act for dev, act, _ in guards[0].actions] == ["released"]  # recorded once
     guards[0].stop()
+
+
+def test_mirror_monitor_process_for_a_daemon_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mirror.monitor.start``: the ``dmtools monitor`` process it starts (here for a mirror of a
+    daemon, made with ``--no-monitor``) drops the failed leg, the held write lands, the action is in
+    its journal, events file and log, and it exits once the mirror is removed."""
+    import shutil
+    import uuid
+
+    from dmtools.engine.client import UserspaceClient
+    from dmtools.errors import DMError
+    from dmtools.events.store import StateStore
+    from dmtools.testing.daemon import serving_daemon
+    from mirror.monitor import start, state_root
+
+    run = str(tmp_path / "run")
+    data = os.urandom(SIZE)
+    a, b = _image(tmp_path, "a", SIZE, data), _image(tmp_path, "b", SIZE, data)
+    sw = Switch("monitor-process-leg")
+    name = f"mon{uuid.uuid4().hex[:8]}-dmtt"
+    monkeypatch.setenv("DMTOOLS_RUN_DIR", run)  # the monitor process finds the daemon there
+    try:
+        with serving_daemon(run, expose=False, setup=lambda d: install(d.engine)):
+            client = UserspaceClient(run)
+            try:
+                client.create("bad", f"0 {SIZE // 512} trip {b} 0 {sw.name}")
+                MirrorManager(client).create(name, [a, client.device_ref("bad")], region_size=REGION,
+                                             nosync=True, monitor=False)
+                assert start(client, name, interval=0.2) is not None
+                assert start(client, name) is None  # one monitor per mirror
+                sw.trip()
+                done, out = _writer(client, RB, b"d" * 8192, name)
+                assert done.wait(BOUND * 3), "the held write was never released by the monitor"
+                assert out[0][0] == "ok"
+                assert client.table(name).lines[0].target == Linear(a, 0)
+                root = Path(state_root(name))
+                acts = policy_actions(root, "mirror-remove", BOUND * 3)  # recorded once check returned
+                assert len(acts) == 1 and acts[0]["ok"] and "legs 1 " in acts[0]["detail"], acts
+                assert "dropped" in (root / "monitor.log").read_text()
+                client.remove(name)
+                deadline = time.monotonic() + BOUND * 3
+                while True:
+                    try:
+                        StateStore("userspace", str(root), lock=True).close()
+                        break
+                    except DMError:
+                        assert time.monotonic() < deadline, "the monitor outlived its mirror"
+                        time.sleep(0.05)
+                client.remove("bad")
+            finally:
+                client.close()
+    finally:
+        shutil.rmtree(state_root(name), ignore_errors=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
-import json
 import os
 import threading
 import time
@@ -26,6 +25,7 @@ from dmtools.events.store import StateStore
 from dmtools.status import parse_mirror_status
 from mirror.monitor import state_root
 from test_mirror_kernel import SECTORS, SIZE, _loops, _read
+from test_mirror_monitor import policy_actions
 
 pytestmark = pytest.mark.kernel
 
@@ -110,9 +110,8 @@ def test_monitor_drops_a_failed_leg_and_held_writes_complete(kernel_dm: Any, mak
     assert _read(path) == bytes(expect)
     # what the monitor did is in its journal, its events file and its log
     root = Path(state_root(name))
-    events = [json.loads(line) for line in (root / "events.jsonl").read_text().splitlines()]
-    actions = [e for e in events if e.get("policy") == "mirror-remove"]
-    assert len(actions) == 1 and actions[0]["ok"], events
+    actions = policy_actions(root, "mirror-remove", WAIT)
+    assert len(actions) == 1 and actions[0]["ok"], actions
     assert f"legs {bad} " in actions[0]["detail"] and "dropped" in actions[0]["detail"]
     assert "dropped" in (root / "monitor.log").read_text()
     kernel_dm.remove(name, retry=True)
@@ -155,9 +154,8 @@ def test_monitor_ends_held_writes_when_the_failed_source_holds_the_only_copy(
     assert [ln.target.target_type for ln in table.lines] == ["mirror"]  # kept for a repair
     health = parse_mirror_status(kernel_dm.status(name)[0].params).health
     assert health[0] == "S", health  # leg 0 failed its resync (dm-raid1's letter)
-    events = [json.loads(line) for line in (Path(state_root(name)) / "events.jsonl").read_text().splitlines()]
-    actions = [e for e in events if e.get("policy") == "mirror-remove"]
-    assert actions and not actions[0]["ok"] and "EIO" in actions[0]["detail"], events
+    actions = policy_actions(Path(state_root(name)), "mirror-remove", WAIT)
+    assert not actions[0]["ok"] and "EIO" in actions[0]["detail"], actions
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert cli_main.main(["--backend", "kernel", "mirror", "status", name]) == 0
