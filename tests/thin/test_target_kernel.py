@@ -163,7 +163,7 @@ def test_our_target_reads_what_the_kernel_wrote(kernel_dm: Any, kernel_tag: str,
         eng.close()
 
 
-def _engineread_uncached(eng: Engine, name: str) -> bytearray:
+def _engine_read(eng: Engine, name: str) -> bytearray:
     buf = bytearray(VOL)
     with eng.open_endpoint(name, writable=False) as ep:
         assert ep.readinto(buf, 0) == VOL
