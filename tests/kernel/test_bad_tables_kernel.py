@@ -1,7 +1,7 @@
 """Kernel tier: a bad table gets the same words from the userspace engine and from the kernel.
 
-The kernel's constructor errors (``ti->error`` in dm-linear.c, dm-stripe.c, dm-zero.c, and the
-table rules of dm-table.c) live in the typed values, which both backends parse with. Each case is
+The kernel's constructor errors (``ti->error`` in dm-linear.c, dm-stripe.c, dm-zero.c, dm-raid1.c,
+and the table rules of dm-table.c) live in the typed values, which both backends parse with. Each case is
 loaded three ways in the VM: on the in-process engine, through the kernel backend, and as raw text
 through the real ``dmsetup`` (no parsing of ours), whose failure the kernel explains in its log.
 The kernel's words must be in the engine's message, and the two backends' messages must be equal
@@ -46,6 +46,18 @@ BAD_TABLES = [
     ("0 8 zero\n8 0 zero", "zero-length target"),
     ("0 18014398509481984 zero", "too large device"),
     ("0 8 zero\n8 18014398509481976 zero", "too large device"),
+    # dm-raid1.c mirror_ctr; a log that dm-log.c refuses is dm-raid1.c's "Error creating ..."
+    ("0 16 mirror core", "mirror: Insufficient mirror log arguments"),
+    ("0 16 mirror core x 8", "mirror: Invalid mirror log argument count"),
+    ("0 16 mirror core 1 3 2 {dev} 0 {dev} 8", "mirror: Error creating mirror dirty log"),
+    ("0 16 mirror core 2 8 maybe 2 {dev} 0 {dev} 8", "mirror: Error creating mirror dirty log"),
+    ("0 16 mirror core 1 8 1 {dev} 0", "mirror: Invalid number of mirrors"),
+    ("0 16 mirror core 1 8 2 {dev} 0", "mirror: Too few mirror arguments"),
+    ("0 16 mirror core 1 8 2 {dev} 0 {dev} x", "mirror: Invalid offset"),
+    ("0 16 mirror core 1 8 2 {dev} 0 {dev} 8 1 bogus", "mirror: Unrecognised feature requested"),
+    ("0 16 mirror core 1 8 2 {dev} 0 {dev} 8 1 keep_log", "mirror: keep_log feature requires the handle_errors"),
+    ("0 16 mirror core 1 8 2 {dev} 0 {dev} 8 2 handle_errors", "mirror: Not enough arguments to support feature"),
+    ("0 16 mirror core 1 8 2 {dev} 0 {dev} 8 1 handle_errors x", "mirror: Too many mirror arguments"),
 ]
 
 #: Errors only the device can tell: the backends' messages differ in their detail.
