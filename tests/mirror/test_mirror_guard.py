@@ -102,9 +102,12 @@ def failing_source(eng: Any, tmp_path: Path, switch: str,
     while mm.status("m").health[0] != "S":
         assert time.monotonic() < deadline, "leg 0 never failed"
         time.sleep(0.01)
+    t = eng._get("m", "test").live.targets[0]
+    while t.rh.recovering:  # a copy read from leg 0 before it failed may still land: wait for it
+        assert time.monotonic() < deadline, "recovery never stopped"
+        time.sleep(0.01)
     st = mm.status("m")
     assert 0 < st.in_sync < st.regions
-    t = eng._get("m", "test").live.targets[0]
     synced = [r for r in range(st.regions) if t.log.in_sync(r)]
     return data, mm, synced, [r for r in range(st.regions) if r not in synced]
 
