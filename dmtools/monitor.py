@@ -44,7 +44,6 @@ import json
 import logging
 import threading
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from dmtools.backend import DeviceMapper
@@ -55,6 +54,7 @@ from dmtools.events.state import DeviceState, parse_thresholds
 from dmtools.events.store import Plan, StateStore
 from dmtools.events.types import Event, LegHealthChanged, PolicyAction
 from dmtools.events.watcher import Batch, Watcher
+from dmtools.plugins import entry_points
 from dmtools.status import SnapshotState
 
 __all__ = [
@@ -172,7 +172,7 @@ def load_policy(name: str) -> Any:
 
     Raises ``InvalidArgument`` naming what is missing.
     """
-    for ep in entry_points(group=POLICY_GROUP):
+    for ep in entry_points(POLICY_GROUP):
         if ep.name == name:
             try:
                 return ep.load()

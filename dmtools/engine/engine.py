@@ -14,7 +14,6 @@ import importlib
 import os
 import threading
 import time
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from dmtools.backend import DeviceEntry, DeviceInfo, DeviceMapper, StatusLine, Versions
@@ -31,6 +30,7 @@ from dmtools.errors import (
     TargetNotSupported,
 )
 from dmtools.names import validate_name, validate_uuid
+from dmtools.plugins import entry_points
 from dmtools.table import Table
 from dmtools.target_values import split_args
 
@@ -81,7 +81,7 @@ class TargetRegistry:
 
     def _specs(self) -> dict[str, str]:
         specs = dict(_BUILTIN_TARGETS)
-        for ep in entry_points(group="dmtools.targets"):
+        for ep in entry_points("dmtools.targets"):
             specs[ep.name] = ep.value
         return specs
 

@@ -9,8 +9,9 @@ held after a leg failure. Each entry point is called with the engine and returns
 from __future__ import annotations
 
 import logging
-from importlib.metadata import entry_points
 from typing import Any, Protocol
+
+from dmtools.plugins import entry_points
 
 __all__ = ["SERVICE_GROUP", "Service", "start_services", "stop_services"]
 
@@ -30,7 +31,7 @@ class Service(Protocol):
 def start_services(engine: Any) -> list[Service]:
     """Start every installed service on ``engine``; one that fails to start is logged and skipped."""
     started: list[Service] = []
-    for ep in entry_points(group=SERVICE_GROUP):
+    for ep in entry_points(SERVICE_GROUP):
         try:
             service = ep.load()(engine)
         except Exception:  # noqa: BLE001 - a broken plug-in must not keep the daemon down
