@@ -27,8 +27,14 @@ def write_synced(path: str, *pieces: tuple[int, bytes]) -> None:
 
 
 def read_at(path: str, offset: int, size: int) -> bytes:
-    """``size`` bytes of ``path`` from byte ``offset``."""
+    """``size`` bytes of ``path`` from byte ``offset``, as the device holds them now.
+
+    A write through a dm device above ``path`` reaches ``path``'s disk, not its page cache: pages
+    cached earlier (udev's blkid probe of a new loop device reads its start) would be stale, so
+    they are dropped first.
+    """
     with open(path, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         f.seek(offset)
         return f.read(size)
 
