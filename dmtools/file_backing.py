@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 
 from dmtools import loop
@@ -14,8 +13,6 @@ from dmtools.errors import DMError, InvalidArgument
 from dmtools.identity import devno_of
 
 __all__ = ["backing_file", "grow_file", "grow_behind"]
-
-_LOOP = re.compile(r"^loop(\d+)$")
 
 
 def backing_file(ref: str) -> tuple[str, str | None]:
@@ -33,7 +30,7 @@ def backing_file(ref: str) -> tuple[str, str | None]:
         if stat.S_ISREG(st.st_mode):
             return os.path.abspath(ref), None
     name = os.path.basename(os.path.realpath(f"/sys/dev/block/{devno[0]}:{devno[1]}")) if devno else ""
-    if not _LOOP.match(name):
+    if not loop.LOOP_NAME.match(name):
         raise InvalidArgument(f"{ref} is not a file or a loop-backed file; cannot extend it")
     loop_path = f"/dev/{name}"
     dev = loop.info(loop_path)

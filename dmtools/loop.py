@@ -80,7 +80,8 @@ CONFIG = struct.Struct("=2I" + INFO64.format.lstrip("=") + "8Q")
 #: How many free devices an attach tries before giving up when others keep taking them.
 ATTACH_ATTEMPTS = 64
 
-_NAME_RE = re.compile(r"^loop(\d+)$")
+#: A loop device's kernel name, ``loopN`` (drivers/block/loop.c ``loop_add``).
+LOOP_NAME = re.compile(r"^loop([0-9]+)$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,7 +236,7 @@ def _number_of(dev: LoopDevice | str | os.PathLike[str] | int) -> int:
             raise InvalidArgument(f"not a loop device number: {dev}")
         return dev
     text = os.fspath(dev)
-    m = _NAME_RE.match(os.path.basename(text))
+    m = LOOP_NAME.match(os.path.basename(text))
     if m and (os.sep not in text or not os.path.exists(text)):
         return int(m.group(1))
     major, minor = device_number(text)
@@ -243,7 +244,7 @@ def _number_of(dev: LoopDevice | str | os.PathLike[str] | int) -> int:
         name = os.path.basename(os.path.realpath(f"/sys/dev/block/{major}:{minor}"))
     except OSError:
         name = ""
-    m = _NAME_RE.match(name)
+    m = LOOP_NAME.match(name)
     if not m:
         raise InvalidArgument("not a loop device", errno=errno.ENOTTY, device=text)
     return int(m.group(1))
@@ -290,7 +291,7 @@ def list_loops() -> list[LoopDevice]:
         names = os.listdir(SYSFS_BLOCK)
     except FileNotFoundError:
         return []
-    numbers = sorted(int(m.group(1)) for m in map(_NAME_RE.match, names) if m)
+    numbers = sorted(int(m.group(1)) for m in map(LOOP_NAME.match, names) if m)
     found = []
     for number in numbers:
         try:

@@ -28,6 +28,7 @@ import threading
 from dataclasses import dataclass
 
 from dmtools.errors import DMError
+from dmtools.loop import LOOP_NAME
 
 __all__ = ["LoopRef", "LoopIndex", "loops_over_inode", "loops_over_path", "index"]
 
@@ -35,7 +36,6 @@ SYS_BLOCK = "/sys/block"
 #: ``NETLINK_KOBJECT_UEVENT`` (include/uapi/linux/netlink.h) and its kernel multicast group.
 NETLINK_KOBJECT_UEVENT = 15
 KERNEL_GROUP = 1
-_LOOP_NAME = re.compile(r"^loop\d+$")
 #: the loop device a uevent is about: ``change@/devices/virtual/block/loop9`` (or ``/loop9/loop9p1``)
 _LOOP_EVENT = re.compile(rb"/block/(loop\d+)(?:/|$)")
 
@@ -188,7 +188,7 @@ def _on(path: str, mounts: list[str]) -> bool:
 
 def _loop_names() -> list[str]:
     try:
-        return sorted(n for n in os.listdir(SYS_BLOCK) if _LOOP_NAME.match(n))
+        return sorted(n for n in os.listdir(SYS_BLOCK) if LOOP_NAME.match(n))
     except OSError:
         return []
 
