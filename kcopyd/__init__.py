@@ -10,7 +10,8 @@
 
 A client owns a page budget, worker threads and one callback thread; jobs are split into sub-jobs
 (512 KiB, 8 in flight per job), one read serving up to 8 destinations. See ``kcopyd.client`` for the
-semantics (errors, ``IGNORE_ERROR``, ``WRITE_SEQ``) and ``kcopyd.fastpath``, ``kcopyd.offload`` for the I/O paths.
+semantics (errors, ``IGNORE_ERROR``, ``WRITE_SEQ``), ``kcopyd.fastpath`` and ``kcopyd.offload`` for
+the I/O paths.
 """
 
 from __future__ import annotations

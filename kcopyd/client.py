@@ -44,15 +44,8 @@ from kcopyd.region import OpenRegion, Region, open_regions
 from kcopyd.scheduler import Scheduler
 from kcopyd.throttle import Throttle
 
-__all__ = [
-    "Client",
-    "IGNORE_ERROR",
-    "WRITE_SEQ",
-    "DEST_ZEROED",
-    "SPLIT_COUNT",
-    "SUB_JOB_SIZE",
-    "MAX_SUB_JOB_SIZE",
-]
+__all__ = ["Client", "IGNORE_ERROR", "WRITE_SEQ", "DEST_ZEROED", "SPLIT_COUNT", "SUB_JOB_SIZE",
+           "MAX_SUB_JOB_SIZE"]
 
 log = logging.getLogger("kcopyd")
 
@@ -289,11 +282,14 @@ class Client:
             self._sched.add(job)
         return job
 
-    def _plan(self, osrc: OpenRegion | None, odests: list[OpenRegion], flags: int, reverse: bool | None) -> Plan:
+    def _plan(
+        self, osrc: OpenRegion | None, odests: list[OpenRegion], flags: int, reverse: bool | None
+    ) -> Plan:
         """How the job is cut and which I/O path it takes."""
         nbytes = odests[0].region.nbytes
         eps = [d.endpoint for d in odests] + ([osrc.endpoint] if osrc is not None else [])
-        plan = Plan(self._buffer_piece_size, SPLIT_COUNT, grain=max([PAGE_SIZE] + [ep.logical_block_size for ep in eps]))
+        grain = max([PAGE_SIZE] + [ep.logical_block_size for ep in eps])
+        plan = Plan(self._buffer_piece_size, SPLIT_COUNT, grain=grain)
         plan.dense = osrc is not None and _fully_allocated(osrc.endpoint, osrc.offset, nbytes)
         # copy_file_range between two regular files. Several destinations share one read into
         # pooled buffers instead (one read serving all of them, as the kernel's); WRITE_SEQ needs
@@ -332,7 +328,10 @@ class Client:
     # -- the scheduler's hooks (under self._lock) -----------------------------------------------
     def _start(self, piece: Piece) -> None:
         job = piece.job
-        fn = self._run_buffered if not job.pageless else self._run_zero if job.open_src is None else self._run_offload
+        if not job.pageless:
+            fn = self._run_buffered
+        else:
+            fn = self._run_zero if job.open_src is None else self._run_offload
         self._tasks.put((fn, piece))
 
     def _resume(self, piece: Piece) -> None:

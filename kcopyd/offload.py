@@ -29,12 +29,7 @@ OFFLOAD_DEPTH = 4
 
 def can_offload(src: Endpoint, dst: Endpoint) -> bool:
     """True when ``copy_file_range`` may be tried between ``src`` and ``dst``."""
-    return (
-        src.is_regular_file
-        and dst.is_regular_file
-        and src.fileno() is not None
-        and dst.fileno() is not None
-    )
+    return src.is_regular_file and dst.is_regular_file and None not in (src.fileno(), dst.fileno())
 
 
 def copy_offload(src_fd: int, dst_fd: int, src_off: int, dst_off: int, length: int) -> None:
