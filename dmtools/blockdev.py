@@ -261,6 +261,9 @@ class BlockDevice(Endpoint):
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         if direct:
             flags |= os.O_DIRECT
+        if "\0" in self.path:  # no file can be named so (the OS would refuse it with ValueError)
+            raise DeviceNotFound("no such file or device (the name contains a NUL byte)", errno=errno.ENOENT,
+                                 operation="open", device=repr(self.path))
         try:
             st = os.stat(self.path)
         except FileNotFoundError:

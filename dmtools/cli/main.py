@@ -118,6 +118,9 @@ def _command_named(argv: Sequence[str]) -> str | None:
 def main(argv: Sequence[str] | None = None, *, propagate: bool = False) -> int:
     """Run the CLI; return the exit status. With ``propagate`` exceptions are re-raised (tests)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if any("\0" in arg for arg in argv):  # an exec'd command line cannot hold one; a caller's list can
+        print("dmtools: an argument contains a NUL byte", file=sys.stderr)
+        return 2
     hoisted = hoist_globals(argv)
     parser = build_parser(_command_named(hoisted))
     args = parser.parse_args(hoisted)
