@@ -268,7 +268,10 @@ def info(dev: LoopDevice | str | os.PathLike[str] | int) -> LoopDevice:
         dio = _read_attr(f"{base}/loop/dio") == "1"
         ro = _read_attr(f"{base}/ro") == "1"
         major, minor = (int(x) for x in _read_attr(f"{base}/dev").split(":"))
-    except FileNotFoundError as err:
+    except OSError as err:
+        # A device detached while we read it: its attributes go (ENOENT) or fail (ENODEV).
+        if err.errno not in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
+            raise
         raise DeviceNotFound("loop device is not attached", errno=errno.ENXIO, device=path) from err
     return LoopDevice(
         path=path,
