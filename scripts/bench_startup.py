@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if dmsetup:
         commands["dmsetup ls"] = [dmsetup, "ls"]
+    # libdevmapper makes /dev/mapper/control when it is missing (as root); on a host without
+    # device-mapper that node would then make the host look as if it had one: remove it after.
+    control = "/dev/mapper/control"
+    had_control = os.path.exists(control)
     # On the userspace engine dm ls talks to the daemon: start it before timing, stop it after.
     started_daemon = subprocess.run([dmtools, "daemon", "status"], env=env,
                                     stdout=subprocess.DEVNULL).returncode != 0
@@ -100,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if started_daemon:
             subprocess.run([dmtools, "daemon", "stop", "--force"], env=env, stdout=subprocess.DEVNULL)
+        if not had_control and os.path.exists(control):
+            os.unlink(control)
     load = os.getloadavg()[0]
     if args.json:
         print(json.dumps({"results": {n: t.summary() for n, t in timings.items()}, "budget": BUDGET,
