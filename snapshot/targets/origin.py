@@ -48,9 +48,6 @@ class SnapshotOriginTarget(TargetDriver):
         do_origin(self.origins, self.dev, here, length, limit=True)
         self.dev.discard(here, length)
 
-    def table_params(self) -> str:
-        return self.dev.name
-
     def ima_status(self) -> str:
         """STATUSTYPE_IMA: dm-snap.c ``origin_status`` emits nothing."""
         return ""

@@ -3,6 +3,7 @@ built from its table value (:class:`dmtools.target_values.Snapshot`, which holds
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 from dmtools.engine.target_driver import DeviceHandle, TargetDriver, TargetContext
@@ -117,12 +118,12 @@ class SnapshotTarget(TargetDriver):
     def status(self) -> str:
         return self.snap.status()
 
-    def table_params(self) -> str:
-        """Devices as ``major:minor``; store mode and chunk size as the store has them now (a
-        handover destination shows chunk size 0 until its resume, as dm-snap.c)."""
+    def table_value(self, value: Target) -> Target:
+        """The value with the store mode and chunk size the store has now (a handover destination
+        shows chunk size 0 until its resume, as dm-snap.c); the engine shows its devices as
+        ``major:minor`` and escapes what needs it when printing."""
         store = self.snap.store
-        return " ".join([self.origin.name, self.cow.name, store.mode.value, str(store.chunk_size),
-                         *self.value.args()[4:]])
+        return dataclasses.replace(self.value, store=store.mode, chunk_size=store.chunk_size)
 
     def ima_status(self) -> str:
         """STATUSTYPE_IMA text of dm-snap.c ``snapshot_status`` (``dmsetup measure``)."""

@@ -53,13 +53,6 @@ EXAMPLES = [
     ("0 2048 thin-pool {d} {b} 128 0 2 skip_block_zeroing error_if_no_space ", None),
 ]
 
-#: snapshot/targets prints its own table text with unescaped device names (``table_params``), so
-#: a path that needs escaping does not come back yet: these run on plain paths too (below).
-SNAPSHOT_PRINTS_ITSELF = pytest.mark.xfail(
-    reason="snapshot/targets/{snap,origin}.py table_params join device names unescaped; "
-           "TargetDriver.table_value lets the engine print them", strict=False)
-SNAPSHOT_EXAMPLES = [e for e, _ in EXAMPLES if e.split()[2].startswith("snapshot")]
-
 #: Text-only examples (a thin device needs its id created in the pool first), and LVM's spacing.
 TEXT_ONLY = [
     "0 10 thin {a} 1",
@@ -133,24 +126,11 @@ def _created_gives_back(userspace: Any, text: str, shown: str | None) -> None:
         userspace.remove("rt")
 
 
-@pytest.mark.parametrize(
-    ("example", "shown"),
-    [pytest.param(e, shown, marks=[SNAPSHOT_PRINTS_ITSELF] if e in SNAPSHOT_EXAMPLES else [])
-     for e, shown in EXAMPLES],
-)
+@pytest.mark.parametrize(("example", "shown"), EXAMPLES)
 def test_both_engines_give_back_the_same_text(
     example: str, shown: str | None, files: dict[str, str], userspace: Any
 ) -> None:
     _created_gives_back(userspace, example.format(**{k: escaped(v) for k, v in files.items()}), shown)
-
-
-@pytest.mark.parametrize("example", SNAPSHOT_EXAMPLES)
-def test_snapshot_examples_on_plain_paths(example: str, files: dict[str, str], userspace: Any) -> None:
-    plain = {}
-    for key, path in files.items():
-        plain[key] = str(Path(path).parent.parent / f"plain-{key}.img")
-        Path(path).rename(plain[key])
-    _created_gives_back(userspace, example.format(**plain), None)
 
 
 def test_a_path_with_a_space_maps_that_file(files: dict[str, str], userspace: Any) -> None:

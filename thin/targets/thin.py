@@ -317,10 +317,6 @@ class ThinTarget(TargetDriver):
     def status(self) -> str:
         return self.pool.thin_status(self.state)
 
-    def table_params(self) -> str:
-        text = f"{self.pool_dev.name} {self.dev_id}"
-        return text + (f" {self.origin.name}" if self.origin is not None else "")
-
     def presuspend(self) -> None:
         """A noflush suspend hands writes waiting for data space back to the device
         (``do_noflush_start``): wake them."""
