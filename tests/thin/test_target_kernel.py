@@ -63,7 +63,7 @@ def _history(dm: Any, pool: str, thin_path: Any, activate: Any, rng: random.Rand
     dm.message(pool, 0, "create_thin 3")
     activate(3)
     thin_path(3, "write", rng.randbytes(2 * BLOCK), 0)
-    dm.remove(f"{pool}-t3")
+    dm.remove(f"{pool}-t3", retry=True)  # udev may be probing it after the write
     dm.message(pool, 0, "delete 3")
     dm.message(pool, 0, "set_transaction_id 0 4")
 
@@ -133,7 +133,7 @@ def test_kernel_activates_what_our_target_wrote(kernel_dm: Any, kernel_tag: str,
         write_synced(f"/dev/mapper/{pool}-t1", b"\x5a" * 4096, 40 * BLOCK + 8192)
         write_synced(f"/dev/mapper/{pool}-t1", b"\xa5" * BLOCK, 90 * BLOCK)
         for name in (f"{pool}-t1", f"{pool}-t2", pool):
-            kernel_dm.remove(name)
+            kernel_dm.remove(name, retry=True)  # udev may be probing it after the writes
         thin_tools.check(Path(ml.path))
 
 
@@ -149,7 +149,7 @@ def test_our_target_reads_what_the_kernel_wrote(kernel_dm: Any, kernel_tag: str,
         theirs = {dev: read_uncached(f"/dev/mapper/{pool}-t{dev}", VOL) for dev in (1, 2)}
         kernel_status = {n: kernel_dm.status(n)[0].params for n in (pool, f"{pool}-t1", f"{pool}-t2")}
         for name in (f"{pool}-t1", f"{pool}-t2", pool):
-            kernel_dm.remove(name)
+            kernel_dm.remove(name, retry=True)
         thin_tools.check(Path(ml.path))
     eng = Engine()
     try:

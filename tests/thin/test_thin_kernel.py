@@ -107,7 +107,7 @@ def test_we_read_the_kernels_pool(kernel_dm: Any, thin_tools, tmp_path: Path, ma
     kernel_dm.message(pool, 0, "set_transaction_id 0 5")
     views = {1: _read(t1, VOL), 2: _read(t2, VOL)}
     for name in (f"{tag}-t1", f"{tag}-t2", pool):  # the pool commits when it goes
-        kernel_dm.remove(name)
+        kernel_dm.remove(name, retry=True)  # udev may be probing it after the writes
     theirs = _compare_with_thin_tools(thin_tools, Path(ml.path))
     assert 'transaction="5"' in theirs and 'time="1"' in theirs
     for dev_id, view in views.items():
@@ -146,7 +146,7 @@ def test_kernel_activates_our_pool(kernel_dm: Any, thin_tools, tmp_path: Path, m
     expect2[90 * BLOCK:91 * BLOCK] = b"\xa5" * BLOCK
     assert _read(paths[1], VOL) == expect1 and _read(paths[2], VOL) == expect2
     for name in (f"{tag}-t1", f"{tag}-t2", pool):
-        kernel_dm.remove(name)
+        kernel_dm.remove(name, retry=True)
     theirs = _compare_with_thin_tools(thin_tools, Path(ml.path))
     assert '<device dev_id="3" mapped_blocks="0"' in theirs
     for dev_id, view in ((1, expect1), (2, expect2)):

@@ -253,7 +253,7 @@ def test_activate_after_removing_every_device(kernel_dm: Any, devices: Any, tag:
     # the kernel's metadata after the record is sound: thin_check on the pool's own view of it
     kernel_dm.create(f"{tag}-m", Table.single(16384 - RECORD_SECTORS, _linear(meta.path)))
     check = subprocess.run(["thin_check", kernel_dm.device_path(f"{tag}-m")], capture_output=True, text=True)
-    kernel_dm.remove(f"{tag}-m")
+    kernel_dm.remove(f"{tag}-m", retry=True)
     assert check.returncode == 0, check.stderr
 
 
@@ -349,7 +349,7 @@ def test_messages_on_the_kernel(kernel_dm: Any, devices: Any, tag: str) -> None:
     kernel_dm.create(f"{tag}t", Table.single(2048, Thin(kernel_dm.device_ref(pool), 10)))
     with pytest.raises(DeviceBusy, match="active"):
         tm.delete(kernel_dm, pool, 10)
-    kernel_dm.remove(f"{tag}t")
+    kernel_dm.remove(f"{tag}t", retry=True)
     tm.set_transaction_id(kernel_dm, pool, 0, 7)
     with pytest.raises(InvalidArgument, match="transaction id is not 0"):
         tm.set_transaction_id(kernel_dm, pool, 0, 8)
