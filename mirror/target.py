@@ -43,7 +43,6 @@ from dmtools.engine.device import RequeueIO
 from dmtools.engine.target_driver import SECTOR, DeviceHandle, TargetContext, TargetDriver
 from dmtools.errors import DeviceIOError, DMError, InvalidArgument, InvalidTable
 from dmtools.target_values import U32_MAX, U64_MAX, Mirror
-from dmtools.target_values import Target as TargetValue
 
 from mirror.bitmap import Bitmap
 from mirror.log import CoreDirtyLog, open_dirty_log
@@ -112,6 +111,7 @@ class MirrorTarget(TargetDriver):
 
     name = "mirror"
     version = (1, 15, 0)  # dm-raid1.c
+    value_type = Mirror
 
     def __init__(self, ctx: TargetContext, start: int, length: int, value: Mirror) -> None:
         super().__init__(ctx, start, length, ())
@@ -167,13 +167,6 @@ class MirrorTarget(TargetDriver):
         self.recovery_failures: dict[int, int] = {}
 
     # -- features and legs ------------------------------------------------------------------------
-    @classmethod
-    def build(cls, ctx: TargetContext, start: int, length: int, value: TargetValue) -> MirrorTarget:
-        """The mirror for the table value ``value`` (a :class:`dmtools.target_values.Mirror`)."""
-        if not isinstance(value, Mirror):
-            raise InvalidTable(f"mirror: not a mirror table: {value}", operation="load", device=ctx.device_name)
-        return cls(ctx, start, length, value)
-
     @property
     def errors_handled(self) -> bool:
         """``handle_errors``: leg failures fail over and raise events."""

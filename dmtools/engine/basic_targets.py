@@ -15,7 +15,6 @@ from dmtools.engine.target_driver import (
     DeviceHandle,
     TargetDriver,
     TargetContext,
-    expect,
     fill_zero,
 )
 from dmtools.errors import DeviceIOError
@@ -27,6 +26,7 @@ class LinearTarget(TargetDriver):
 
     name = "linear"
     version = (1, 5, 0)  # dm-linear.c
+    value_type = Linear
 
     def __init__(self, ctx: TargetContext, start: int, length: int, value: Linear) -> None:
         super().__init__(ctx, start, length)
@@ -34,10 +34,6 @@ class LinearTarget(TargetDriver):
         self.dev = self.open_device(value.device)
         self.check_area(self.dev, self.offset, length)
         self._base = self.offset * SECTOR
-
-    @classmethod
-    def build(cls, ctx: TargetContext, start: int, length: int, value: Target) -> LinearTarget:
-        return cls(ctx, start, length, expect(value, Linear))
 
     def read(self, buf: memoryview, offset: int) -> None:
         _read_full(self.dev, buf, self._base + offset)
@@ -65,6 +61,7 @@ class StripedTarget(TargetDriver):
 
     name = "striped"
     version = (1, 7, 0)  # dm-stripe.c
+    value_type = Striped
 
     def __init__(self, ctx: TargetContext, start: int, length: int, value: Striped) -> None:
         super().__init__(ctx, start, length)
@@ -78,10 +75,6 @@ class StripedTarget(TargetDriver):
         #: per-stripe I/O error counts (status health letters, ``stripe_end_io``).
         self.errors = [0] * self.stripes
         self._chunk_bytes = self.chunk_sectors * SECTOR
-
-    @classmethod
-    def build(cls, ctx: TargetContext, start: int, length: int, value: Target) -> StripedTarget:
-        return cls(ctx, start, length, expect(value, Striped))
 
     def _pieces(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
         """Split a byte range into ``(stripe, device_byte_offset, buf_start, n)`` pieces."""
@@ -172,16 +165,13 @@ class ErrorTarget(TargetDriver):
 
     name = "error"
     version = (1, 7, 0)  # dm-target.c
+    value_type = Error
 
     def __init__(self, ctx: TargetContext, start: int, length: int, value: Error) -> None:
         super().__init__(ctx, start, length)
         # With a <dev> <offset> the kernel opens the device (for its limits), like linear.
         if value.device is not None:
             self.open_device(value.device)
-
-    @classmethod
-    def build(cls, ctx: TargetContext, start: int, length: int, value: Target) -> ErrorTarget:
-        return cls(ctx, start, length, expect(value, Error))
 
     def _fail(self, op: str) -> DeviceIOError:
         return DeviceIOError(

@@ -140,6 +140,9 @@ class TargetDriver(abc.ABC):
     name: ClassVar[str] = ""
     #: the version ``targets()`` reports (the kernel's ``target_type.version``).
     version: ClassVar[tuple[int, int, int]] = (0, 0, 0)
+    #: the typed table value the target is built from (``Linear``...); ``None`` for a third-party
+    #: target, which is built from a ``GenericTarget``'s arguments by :meth:`construct`.
+    value_type: ClassVar[type[TargetValue] | None] = None
 
     def __init__(self, ctx: TargetContext, start: int, length: int, args: Sequence[str] = ()) -> None:
         self.ctx = ctx
@@ -164,10 +167,14 @@ class TargetDriver(abc.ABC):
     ) -> "TargetDriver":
         """Build the runtime target for the typed table value ``value`` (what the engine calls).
 
-        The default, for third-party targets given a ``GenericTarget``, hands the value's
-        arguments to :meth:`construct`; a target with a value type of its own overrides this.
+        A target with a :attr:`value_type` is constructed from ``value`` itself (checked to be of
+        that type); one without (third-party, given a ``GenericTarget``) gets the value's
+        arguments through :meth:`construct`.
         """
-        return cls.construct(ctx, start, length, value.args())
+        if cls.value_type is None:
+            return cls.construct(ctx, start, length, value.args())
+        make: Callable[..., TargetDriver] = cls
+        return make(ctx, start, length, expect(value, cls.value_type))
 
     @property
     def size(self) -> int:
@@ -325,6 +332,6 @@ def expect(value: "TargetValue", value_type: type[_V]) -> _V:
     name whose table values are of another type."""
     if not isinstance(value, value_type):
         raise InvalidTable(f"{value.target_type}: expected a {value_type.__name__} value, "
-                           f"not {type(value).__name__}")
+                           f"not {type(value).__name__}", operation="load")
     return value
 

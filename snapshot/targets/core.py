@@ -21,13 +21,12 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import kcopyd
-from dmtools.engine.target_driver import DeviceHandle, TargetDriver
-from dmtools.errors import DeviceIOError, InvalidTable, NoSpace
+from dmtools.engine.target_driver import DeviceHandle
+from dmtools.errors import DeviceIOError, NoSpace
 from dmtools.status import SnapshotState, SnapshotStatus
-from dmtools.target_values import Target
 from dmtools.units import SECTOR
 
 from snapshot.store.base import ExceptionStore
@@ -569,18 +568,6 @@ class CopyOnWrite:
     def can_merge(self) -> bool:
         """The store supports snapshot-merge."""
         return self.store.can_merge
-
-
-V = TypeVar("V", bound=Target)
-
-
-def typed_value(driver: type[TargetDriver], value: Target, value_type: type[V]) -> V:
-    """``value`` when it is a ``value_type``; else the ``InvalidTable`` of a target registered
-    under another type's name."""
-    if not isinstance(value, value_type):
-        raise InvalidTable(f"{driver.name}: cannot be built from a {value.target_type} table line",
-                           operation="load")
-    return value
 
 
 def origins_of(engine: Any) -> OriginRegistry[CopyOnWrite]:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dmtools.engine.target_driver import TargetContext, TargetDriver
-from dmtools.target_values import SnapshotOrigin, Target
+from dmtools.target_values import SnapshotOrigin
 
-from snapshot.targets.core import SECTOR, _read_full, _write_full, do_origin, origins_of, typed_value
+from snapshot.targets.core import SECTOR, _read_full, _write_full, do_origin, origins_of
 
 
 class SnapshotOriginTarget(TargetDriver):
@@ -13,11 +13,7 @@ class SnapshotOriginTarget(TargetDriver):
 
     name = "snapshot-origin"
     version = (1, 9, 0)
-
-    @classmethod
-    def build(cls, ctx: TargetContext, start: int, length: int, value: Target) -> SnapshotOriginTarget:
-        """Build the target from its typed table value."""
-        return cls(ctx, start, length, typed_value(cls, value, SnapshotOrigin))
+    value_type = SnapshotOrigin
 
     def __init__(self, ctx: TargetContext, start: int, length: int, value: SnapshotOrigin) -> None:
         super().__init__(ctx, start, length, value.args())

@@ -13,7 +13,7 @@ from dmtools.target_values import Snapshot, Target
 from snapshot.store import make_store
 from snapshot.store.base import ExceptionStore
 from snapshot.targets import handover
-from snapshot.targets.core import SECTOR, CopyOnWrite, origins_of, typed_value
+from snapshot.targets.core import SECTOR, CopyOnWrite, origins_of
 
 
 class SnapshotTarget(TargetDriver):
@@ -26,11 +26,6 @@ class SnapshotTarget(TargetDriver):
     #: snapshot-merge opens the origin read-write; snapshot opens it read-only.
     origin_writable = False
     merge = False
-
-    @classmethod
-    def build(cls, ctx: TargetContext, start: int, length: int, value: Target) -> SnapshotTarget:
-        """Build the target from its typed table value (the argument checks are the value's)."""
-        return cls(ctx, start, length, typed_value(cls, value, cls.value_type))
 
     def __init__(self, ctx: TargetContext, start: int, length: int, value: Snapshot) -> None:
         super().__init__(ctx, start, length, value.args())

@@ -98,6 +98,17 @@ def test_unknown_target_type(eng):
     assert not eng.exists("x")
 
 
+def test_typed_target_under_another_name_is_refused(eng):
+    """A typed target registered under a name ``Table.parse`` does not know gets a generic value,
+    not its own: the default ``build`` refuses it and nothing is created."""
+    from dmtools.engine.basic_targets import LinearTarget
+
+    eng.register_target(LinearTarget, "linear-alias")
+    with pytest.raises(InvalidTable, match="linear-alias: expected a Linear value, not GenericTarget"):
+        eng.create("x", "0 8 linear-alias /dev/null 0")
+    assert not eng.exists("x")
+
+
 def test_hooks_order_on_swap(eng):
     eng.create("x", "0 8 recorder a")
     eng.load("x", "0 8 recorder b")

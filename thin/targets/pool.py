@@ -8,17 +8,14 @@ to the data device, and binds its features to the pool when it is resumed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from dmtools.engine.target_driver import TargetContext, TargetDriver
 from dmtools.errors import DeviceBusy, DMError, InvalidTable
 from dmtools.target_values import ThinPool
 
-from thin.targets.pool_core import Features, Pool, typed_value
+from thin.targets.pool_core import Features, Pool
 from thin.targets.pool_table import pool_table
-
-if TYPE_CHECKING:  # pragma: no cover
-    from dmtools.target_values import Target as TargetValue
 
 __all__ = ["ThinPoolTarget"]
 
@@ -28,10 +25,7 @@ class ThinPoolTarget(TargetDriver):
 
     name = "thin-pool"
     version = (1, 24, 0)  # dm-thin.c
-
-    @classmethod
-    def build(cls, ctx: TargetContext, start: int, length: int, value: "TargetValue") -> "ThinPoolTarget":
-        return cls(ctx, start, length, typed_value(value, ThinPool))
+    value_type = ThinPool
 
     def __init__(self, ctx: TargetContext, start: int, length: int, value: ThinPool) -> None:
         super().__init__(ctx, start, length, value.args())

@@ -28,7 +28,7 @@ import errno
 import logging
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import kcopyd
 from dmtools.errors import CorruptMetadata, DeviceBusy, DeviceIOError, DMError, InvalidTable, NoSpace, PoolNotWritable
@@ -100,17 +100,6 @@ class DeviceState:
         self.changed = False
         #: changes were lost by an abort: flushes fail (``dm_thin_aborted_changes``).
         self.aborted_with_changes = False
-
-
-_V = TypeVar("_V")
-
-
-def typed_value(value: object, cls: type[_V]) -> _V:
-    """``value`` if it is the typed table value a target expects, else ``InvalidTable``."""
-    if not isinstance(value, cls):
-        raise InvalidTable(f"expected a {getattr(cls, 'TYPE', cls.__name__)} table value, not "
-                           f"{type(value).__name__}", operation="load")
-    return value
 
 
 def _eio(message: str, device: str) -> DeviceIOError:

@@ -20,7 +20,7 @@ device: a suspended pool holds them, as the kernel's pool target does.
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import kcopyd
 from dmtools.endpoint import Endpoint
@@ -31,11 +31,8 @@ from dmtools.errors import DeviceIOError, DeviceNotFound, DMError, InvalidTable,
 from dmtools.target_values import Thin
 
 from thin.metadata import Lookup
-from thin.targets.pool_core import SECTOR, Mode, typed_value
+from thin.targets.pool_core import SECTOR, Mode
 from thin.targets.pool_table import pool_table
-
-if TYPE_CHECKING:  # pragma: no cover
-    from dmtools.target_values import Target as TargetValue
 
 __all__ = ["ThinTarget"]
 
@@ -45,10 +42,7 @@ class ThinTarget(TargetDriver):
 
     name = "thin"
     version = (1, 24, 0)  # dm-thin.c
-
-    @classmethod
-    def build(cls, ctx: TargetContext, start: int, length: int, value: "TargetValue") -> "ThinTarget":
-        return cls(ctx, start, length, typed_value(value, Thin))
+    value_type = Thin
 
     def __init__(self, ctx: TargetContext, start: int, length: int, value: Thin) -> None:
         super().__init__(ctx, start, length, value.args())
