@@ -272,7 +272,7 @@ class PersistentStore(ExceptionStore):
             raise DeviceIOError(f"flush failed: {err}", operation="flush", device=self.cow.name) from err
 
     def _area_io_write(self) -> None:
-        # REQ_PREFLUSH|REQ_FUA: data copied by kcopyd becomes durable before the record that
+        # REQ_PREFLUSH|REQ_FUA: data copied on write becomes durable before the record that
         # points at it, and the record is durable before the callbacks run.
         self._flush()
         self._write(self._area, area_location(self.current_area, self.chunk_size) * self.chunk_bytes, "metadata area")

@@ -9,6 +9,12 @@ Invariants kept from the kernel:
   except the holes the kernel itself can leave;
 * metadata commits are grouped: the persistent store writes an area only when nothing else is
   pending (or the area is full);
+* the copy of a run of chunks (at most ``MAX_COPY_BYTES``) runs on the thread of the write that
+  needs it, and so does its commit: the writer whose completion leaves nothing pending writes the
+  metadata area (one flush, the area, one flush) for every writer waiting (group commit). A 4 KiB
+  first write thus costs a read, a write and its share of one commit, with no thread hand-off
+  (dm-snap.c hands the copy to kcopyd, whose thread runs the commit: in Python each hand-off
+  costs more than the copy);
 * a snapshot read that goes to the origin is *tracked*; an exception for that chunk is not
   released to origin writers until the tracked reads have drained.
 """
@@ -21,10 +27,11 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import kcopyd
-from dmtools.engine.target_driver import DeviceHandle
+from dmtools.engine.target_driver import ZEROS, DeviceHandle
 from dmtools.errors import DeviceIOError, NoSpace
 from dmtools.status import SnapshotState, SnapshotStatus
 from dmtools.units import SECTOR
@@ -34,9 +41,9 @@ from snapshot.targets.origins import STATE_KEY, OriginRegistry, device_key
 
 log = logging.getLogger("snapshot")
 
-#: pages (4 KiB) reserved by each snapshot's kcopyd client.
+#: pages (4 KiB) reserved by each snapshot's kcopyd client (the merge's copies).
 KCOPYD_PAGES = 256
-#: largest copy job built by coalescing consecutive chunks.
+#: largest copy built by coalescing consecutive chunks (one read and one write on the writer's thread).
 MAX_COPY_BYTES = 1 << 20
 
 
@@ -44,7 +51,7 @@ class PendingException:
     """A run of ``count`` exceptions whose copy (or full-chunk write) and commit are in flight:
     origin chunks ``old..old+count-1`` to COW chunks ``new..new+count-1``, allocated together.
 
-    A run is copied by one kcopyd job and completes as a whole; its exceptions keep their
+    A run is copied with one read and one write and completes as a whole; its exceptions keep their
     allocation order (a run's ``seq`` orders it among the others). ``done`` and ``ok`` change
     under the snapshot's condition, which is notified when they do.
     """
@@ -239,54 +246,57 @@ class CopyOnWrite:
         return pe
 
     def _submit_copies(self, pes: list[PendingException]) -> None:
-        """Copy each run of origin chunks to the COW with one kcopyd job.
+        """Copy each run of origin chunks to the COW on the calling thread, then complete the runs.
 
-        A COW range that already reads as zeros (a hole of a sparse COW file) is not zeroed again
-        (``DEST_ZEROED``); when the origin range is a hole as well there is nothing to copy and
-        the run completes at once (its record is still committed, and flushed, in order).
+        The copy is a read of the origin range into a buffer and one write of it to the COW. A
+        run whose origin range reads as zeros is not written when its COW range is a hole (of a
+        sparse COW file) too: it completes without a data write, its record still committed (and
+        flushed) in order. A run that cannot be copied completes as failed, which invalidates
+        the snapshot as a kcopyd error does (dm-snap.c ``copy_callback``).
         """
-        cs = self.chunk_size
-        origin_sectors = self.origin.size // SECTOR
+        results: list[tuple[PendingException, bool]] = []
         for pe in pes:
             self.account_start_copy(pe.count)
-            start = pe.old * cs
-            count = min(pe.count * cs, origin_sectors - start)
             try:
-                if count <= 0:
-                    raise DeviceIOError("chunk lies past the end of the origin")
-                flags = 0
-                if _reads_zeros(self.cow, pe.new * cs * SECTOR, count * SECTOR):
-                    if _reads_zeros(self.origin, start * SECTOR, count * SECTOR):
-                        self.account_end_copy(pe.count)
-                        self._complete([pe], True)
-                        continue
-                    flags = kcopyd.DEST_ZEROED
-                self.kc.copy(
-                    kcopyd.Region(self.origin, start, count),
-                    [kcopyd.Region(self.cow, pe.new * cs, count)],
-                    flags,
-                    self._copy_notify,
-                    pe,
-                )
+                self._copy_run(pe)
+                ok = True
             except Exception as err:  # noqa: BLE001 - every allocated exception must complete
-                log.error("%s: cannot start copy: %s", self.name, err)
-                self.account_end_copy(pe.count)
-                self._complete([pe], False)
+                log.error("%s: copy-on-write of origin chunk %d (+%d) failed: %s",
+                          self.name, pe.old, pe.count - 1, err)
+                ok = False
+            self.account_end_copy(pe.count)
+            results.append((pe, ok))
+        self._complete_each(results)
 
-    def _copy_notify(self, read_err: int, write_err: int, pe: PendingException) -> None:
-        self.account_end_copy(pe.count)
-        self._complete([pe], not read_err and not write_err)
+    def _copy_run(self, pe: PendingException) -> None:
+        """Copy origin chunks ``pe.old…`` to COW chunks ``pe.new…`` (the last one cut at the
+        origin's end); raises on a read or write error."""
+        cb = self.chunk_bytes
+        start = pe.old * cb
+        nbytes = min(pe.count * cb, self.origin.size - start)
+        if nbytes <= 0:
+            raise DeviceIOError("chunk lies past the end of the origin")
+        dest = pe.new * cb
+        with _copy_buffer(nbytes) as buf:
+            _read_full(self.origin, memoryview(buf), start)
+            if _all_zero(buf) and _reads_zeros(self.cow, dest, nbytes):
+                return  # a hole copied onto a hole
+            _write_full(self.cow, memoryview(buf), dest)
 
     def _complete(self, pes: list[PendingException], ok: bool) -> None:
         """Commit exceptions strictly in allocation order (dm-snap.c ``copy_callback``).
 
-        Runs on kcopyd's callback thread (or a writer's). Any exception raised on the way (store,
-        table, a bug) invalidates the snapshot, as an I/O error does in the kernel
+        Runs on the thread that copied them. Any exception raised on the way (store, table, a
+        bug) invalidates the snapshot, as an I/O error does in the kernel
         (``__invalidate_snapshot``: header ``valid = 0``, later snapshot I/O gets EIO), and
         finishes every pending exception as failed, so no origin write waits forever.
         """
+        self._complete_each([(pe, ok) for pe in pes])
+
+    def _complete_each(self, results: list[tuple[PendingException, bool]]) -> None:
+        """``_complete`` for ``(exception, copied ok)`` pairs."""
         try:
-            self._complete_ordered(pes, ok)
+            self._complete_ordered(results)
         except Exception as err:  # noqa: BLE001 - a waiter must never hang on a lost completion
             log.exception("%s: completing exceptions failed", self.name)
             self._fail_pending(f"exception completion failed: {err}")
@@ -305,9 +315,9 @@ class CopyOnWrite:
             self.pending.clear()
             self.cond.notify_all()
 
-    def _complete_ordered(self, pes: list[PendingException], ok: bool) -> None:
+    def _complete_ordered(self, results: list[tuple[PendingException, bool]]) -> None:
         with self._complete_lock:
-            for pe in pes:
+            for pe, ok in results:
                 self._parked[pe.seq] = (pe, ok)
             runs: list[tuple[int, int, int, bool]] = []
             callbacks = []
@@ -627,3 +637,34 @@ def _write_full(dev: DeviceHandle, buf: memoryview, offset: int) -> None:
     n = dev.write(buf, offset)
     if n != len(buf):
         raise DeviceIOError("short write", errno=errno.EIO, operation="write", device=dev.name)
+
+
+class _CopyBuffers(threading.local):
+    """Each thread's spare copy buffers, by size (a nested copy on the same thread, as when a COW
+    is itself a snapshotted origin, takes another one)."""
+
+    def __init__(self) -> None:
+        self.free: dict[int, list[bytearray]] = {}
+
+
+_BUFFERS = _CopyBuffers()
+
+
+@contextmanager
+def _copy_buffer(nbytes: int) -> Iterator[bytearray]:
+    """A ``nbytes`` buffer of this thread's, returned to it after the block (at most two kept per size)."""
+    spare = _BUFFERS.free.setdefault(nbytes, [])
+    buf = spare.pop() if spare else bytearray(nbytes)
+    try:
+        yield buf
+    finally:
+        if len(spare) < 2:
+            spare.append(buf)
+
+
+def _all_zero(buf: bytearray) -> bool:
+    """True when ``buf`` holds only zero bytes (compared with memcmp, 1 MiB at a time)."""
+    step = len(ZEROS)
+    if len(buf) <= step:
+        return buf == ZEROS[: len(buf)]
+    return all(buf[pos : pos + step] == ZEROS[: min(step, len(buf) - pos)] for pos in range(0, len(buf), step))
