@@ -27,6 +27,9 @@ from dmtools.linux import DEVNO
 from dmtools.nbd.uri import is_nbd_uri
 from dmtools.units import SECTOR, format_size, parse_sectors, parse_size
 
+#: The one line ``dmtools --help`` shows for this command (read without building its parser).
+SUMMARY = "copy a device range to up to 8 destinations (kcopyd)"
+
 __all__ = ["register", "cmd_copy", "parse_spec", "Spec", "main"]
 
 DESCRIPTION = """\
@@ -83,7 +86,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``copy`` sub-command to an argparse sub-parser collection."""
     p = subparsers.add_parser(
         "copy",
-        help="copy a device range to up to 8 destinations (kcopyd)",
+        help=SUMMARY,
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -23,6 +23,9 @@ from dmtools.cli.common import device_argument, log_argument, seconds
 from dmtools.errors import InvalidArgument
 from dmtools.units import SECTOR, parse_size
 
+#: The one line ``dmtools --help`` shows for this command (read without building its parser).
+SUMMARY = "mirrors: dirty-region logs, resync, repair"
+
 __all__ = ["register"]
 
 
@@ -292,7 +295,7 @@ def _json(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``mirror`` sub-command and its actions."""
-    top = subparsers.add_parser("mirror", help="mirrors: dirty-region logs, resync, repair",
+    top = subparsers.add_parser("mirror", help=SUMMARY,
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = top.add_subparsers(dest="mirror_command", metavar="ACTION")
     sub.required = True

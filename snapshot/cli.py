@@ -19,6 +19,9 @@ from dmtools.cli.common import device_argument, seconds
 from dmtools.errors import InvalidArgument
 from dmtools.units import SECTOR, format_size, parse_size
 
+#: The one line ``dmtools --help`` shows for this command (read without building its parser).
+SUMMARY = "snapshots: create, list, merge, remove; inspect/export COWs"
+
 __all__ = ["register"]
 
 
@@ -159,7 +162,7 @@ def _progress_option(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``snapshot`` and its sub-commands to an argparse sub-parser collection."""
-    p = subparsers.add_parser("snapshot", help="snapshots: create, list, merge, remove; inspect/export COWs",
+    p = subparsers.add_parser("snapshot", help=SUMMARY,
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="snapshot_command", metavar="ACTION")
     sub.required = True

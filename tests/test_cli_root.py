@@ -81,3 +81,25 @@ def test_unknown_subcommand_lists_every_command(capsys: pytest.CaptureFixture[st
         cli.main(["no-such-command"])
     err = capsys.readouterr().err
     assert "invalid choice" in err and "snapshot" in err and "mirror" in err
+
+
+def test_help_summaries_read_from_source_are_the_modules_own() -> None:
+    """``--help`` reads each command's ``SUMMARY`` line without importing its module: the text it
+    finds is the one the module's ``register`` uses, for every command."""
+    import importlib
+
+    for name, where in cli._commands().items():
+        spec = where if isinstance(where, str) else where.value
+        module = spec.partition(":")[0]
+        assert cli._source_of(module) is not None, name
+        assert cli._summary(spec) == importlib.import_module(module).SUMMARY, name
+
+
+def test_help_summary_of_a_module_without_the_line_is_imported(tmp_path, monkeypatch) -> None:
+    """A third-party command module whose ``SUMMARY`` is not a plain one-line string is imported
+    and asked; one with no ``SUMMARY`` gets ``None`` (and is registered in full)."""
+    (tmp_path / "plugin_built.py").write_text('SUMMARY = "built " + "at import"\n')
+    (tmp_path / "plugin_bare.py").write_text("def register(sub):\n    sub.add_parser('bare')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cli._summary("plugin_built:register") == "built at import"
+    assert cli._summary("plugin_bare:register") is None

@@ -21,12 +21,15 @@ from typing import Any
 
 from dmtools.errors import InvalidArgument
 
+#: The one line ``dmtools --help`` shows for this command (read without building its parser).
+SUMMARY = "thin pools; offline check/dump/restore/ls/export of their metadata"
+
 __all__ = ["register"]
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``thin`` and its sub-commands to an argparse sub-parser collection."""
-    p = subparsers.add_parser("thin", help="thin pools; offline check/dump/restore/ls/export of their metadata",
+    p = subparsers.add_parser("thin", help=SUMMARY,
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="thin_command", metavar="ACTION")
     sub.required = True

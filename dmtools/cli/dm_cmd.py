@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict
 from typing import Any
 
 from dmtools.cli import common as cli_common
 from dmtools.cli.common import emit
 from dmtools.errors import InvalidArgument
 
+#: The one line ``dmtools --help`` shows for this command (read without building its parser).
+SUMMARY = "device-mapper verbs (dmsetup's words and table syntax)"
+
 #: Where ``read_ahead`` finds ``dev/block/MAJ:MIN`` (tests point it elsewhere).
 SYSFS = "/sys"
 
 #: What dmsetup prints when a verb over all devices finds none (``dmsetup.c`` ``_process_all``).
 NO_DEVICES = "No devices found"
+
+
+def _asdict(value: Any) -> dict[str, Any]:
+    """``dataclasses.asdict``, imported when a verb prints (``dmtools --help`` needs none of it)."""
+    from dataclasses import asdict
+
+    return asdict(value)
 
 
 def open_backend(args: argparse.Namespace) -> Any:
@@ -128,7 +137,7 @@ def _create(args: argparse.Namespace) -> int:
     table = Table.parse(text) if text is not None else None
     dm = open_backend(args)
     info = dm.create(args.name, table, uuid=args.uuid or "", readonly=args.readonly)
-    emit(args, asdict(info), "")
+    emit(args, _asdict(info), "")
     return 0
 
 
@@ -179,7 +188,7 @@ def _ls(args: argparse.Namespace) -> int:
         return 0
     emit(
         args,
-        [asdict(e) for e in entries],
+        [_asdict(e) for e in entries],
         lambda: "\n".join(f"{e.name}\t({e.major}:{e.minor})" for e in entries),
     )
     return 0
@@ -276,7 +285,7 @@ def format_info(info: Any, readahead: int | None = None) -> str:
 def _info(args: argparse.Namespace) -> int:
     dm = open_backend(args)
     infos = [(info, read_ahead(info)) for info in (dm.info(name) for name in _names(dm, args))]
-    data = [dict(asdict(info), read_ahead=ra) for info, ra in infos]
+    data = [dict(_asdict(info), read_ahead=ra) for info, ra in infos]
     # dmsetup ends every device with an empty line; print() adds the last newline.
     emit(args, data, lambda: "".join(format_info(i, ra) + "\n\n" for i, ra in infos)[:-1] or NO_DEVICES)
     return 0
@@ -313,7 +322,7 @@ def _version(args: argparse.Namespace) -> int:
     other = v.backend and v.backend != "kernel"
     emit(
         args,
-        asdict(v),
+        _asdict(v),
         f"Library version:   {v.library}\nDriver version:    {v.driver}"
         + (f"\nBackend:           {v.backend}" if other else ""),
     )
@@ -335,7 +344,7 @@ def _wait(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add ``dm`` and its verbs to the root parser's sub-commands."""
-    dm = sub.add_parser("dm", help="device-mapper verbs (dmsetup's words and table syntax)")
+    dm = sub.add_parser("dm", help=SUMMARY)
     verbs = dm.add_subparsers(dest="verb", metavar="VERB", parser_class=IntermixedParser)
     verbs.required = True
 

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from dmtools.units import parse_size
 
+#: The one line ``dmtools --help`` shows for this command (read without building its parser).
+SUMMARY = "attach, detach and list loop devices"
+
 if TYPE_CHECKING:  # pragma: no cover - imported by the commands that use it (start-up)
     from dmtools import loop
 
@@ -21,7 +24,7 @@ __all__ = ["register", "cmd_attach", "cmd_detach", "cmd_list"]
 
 def register(subparsers: Any) -> None:
     """Add the ``loop`` command and its actions to an argparse sub-parser collection."""
-    parser = subparsers.add_parser("loop", help="attach, detach and list loop devices")
+    parser = subparsers.add_parser("loop", help=SUMMARY)
     actions = parser.add_subparsers(dest="loop_action", metavar="ACTION")
     actions.required = True
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,17 +28,69 @@ BUILTIN_COMMANDS = {
 
 
 def _load(spec: str) -> Callable[[Any], None]:
-    import importlib
-
     module, _, attr = spec.partition(":")
     return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+#: How a command module states its ``SUMMARY`` so that ``--help`` can read it without importing.
+_SUMMARY_LINE = re.compile(r'^SUMMARY = "([^"\\]*)"$', re.MULTILINE)
+
+
+def _summary(spec: str) -> str | None:
+    """A command's one line for ``--help``: the ``SUMMARY = "..."`` line of the module its
+    ``register`` lives in, read from the source so that neither the module nor its package is
+    imported (``copy`` would pull in kcopyd); a module without that line is imported and asked.
+    ``None`` when it has no ``SUMMARY`` at all."""
+    module = spec.partition(":")[0]
+    origin = _source_of(module)
+    if origin is not None:
+        try:
+            with open(origin, encoding="utf-8") as f:
+                found = _SUMMARY_LINE.search(f.read())
+        except OSError:
+            found = None
+        if found is not None:
+            return found.group(1)
+    summary = getattr(importlib.import_module(module), "SUMMARY", None)
+    return summary if isinstance(summary, str) else None
+
+
+def _source_of(module: str) -> str | None:
+    """The ``.py`` file of ``module``, found by the import system's finders without importing
+    the module or its parent packages (``importlib.util.find_spec`` would import the parents)."""
+    path = None
+    spec = None
+    parts = module.split(".")
+    for depth in range(1, len(parts) + 1):
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(".".join(parts[:depth]), path) if find is not None else None
+            if spec is not None:
+                break
+        if spec is None:
+            return None
+        path = spec.submodule_search_locations
+    origin = spec.origin if spec is not None else None
+    return origin if origin is not None and origin.endswith(".py") else None
+
+
+def _commands() -> dict[str, Any]:
+    """Every sub-command, not yet loaded: name -> ``"module:function"`` (the built-in ones) or the
+    ``dmtools.commands`` entry point (a plugin cannot replace a built-in command)."""
+    found: dict[str, Any] = dict(BUILTIN_COMMANDS)
+    for ep in sorted(entry_points("dmtools.commands"), key=lambda e: e.name):
+        found.setdefault(ep.name, ep)
+    return found
+
+
+def build_parser(only: str | None = None, *, summaries: bool = False) -> argparse.ArgumentParser:
     """Build the parser: built-in commands plus the ``dmtools.commands`` entry points.
 
     With ``only``, just that sub-command is imported and registered (start-up stays fast: each
-    sub-command pulls in its own package); ``None`` registers them all (``--help``, unknown names).
+    sub-command pulls in its own package); ``None`` registers them all. With ``summaries`` (what
+    ``--help`` and a missing or unknown command need) a command is listed by the ``SUMMARY`` of
+    its module, without building its parser; one whose module has no ``SUMMARY`` is registered
+    in full.
     """
     parser = argparse.ArgumentParser(
         prog="dmtools",
@@ -53,27 +107,19 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    registered: set[str] = set()
-    for name, spec in BUILTIN_COMMANDS.items():
+    commands = {only: BUILTIN_COMMANDS[only]} if only in BUILTIN_COMMANDS else _commands()
+    for name, where in commands.items():
         if only is not None and name != only:
             continue
         try:
-            _load(spec)(sub)
+            spec = where if isinstance(where, str) else getattr(where, "value", None)
+            summary = _summary(spec) if summaries and spec else None
+            if summary is not None:
+                sub.add_parser(name, help=summary, add_help=False)
+            else:
+                (_load(where) if isinstance(where, str) else where.load())(sub)
         except ImportError as err:  # a part that is not installed is reported, not fatal
             log.debug("command %s unavailable: %s", name, err)
-            continue
-        registered.add(name)
-    if only is not None and only in registered:
-        return parser
-    for ep in sorted(entry_points("dmtools.commands"), key=lambda e: e.name):
-        if ep.name in registered or (only is not None and ep.name != only):
-            continue
-        try:
-            ep.load()(sub)
-        except ImportError as err:
-            log.debug("command %s unavailable: %s", ep.name, err)
-            continue
-        registered.add(ep.name)
     return parser
 
 
@@ -109,7 +155,7 @@ def _command_named(argv: Sequence[str]) -> str | None:
         elif not arg.startswith("-"):
             if arg in BUILTIN_COMMANDS:  # found without reading the installed entry points
                 return arg
-            return arg if arg in {ep.name for ep in entry_points("dmtools.commands")} else None
+            return arg if arg in _commands() else None
         elif arg in ("-h", "--help"):
             return None
     return None
@@ -122,7 +168,8 @@ def main(argv: Sequence[str] | None = None, *, propagate: bool = False) -> int:
         print("dmtools: an argument contains a NUL byte", file=sys.stderr)
         return 2
     hoisted = hoist_globals(argv)
-    parser = build_parser(_command_named(hoisted))
+    command = _command_named(hoisted)
+    parser = build_parser(command, summaries=command is None)
     args = parser.parse_args(hoisted)
     # A sub-command that declares its own --json/--debug would reset the global value with its
     # default (argparse copies sub-parser defaults over the parent's): the flag given wins.

@@ -27,6 +27,9 @@ from dmtools.cli import common as cli_common
 from dmtools.errors import DMError, InvalidArgument
 from dmtools.events.defaults import DEFAULT_THRESHOLDS, MIRROR_POLICIES, default_root
 
+#: The one line ``dmtools --help`` shows for this command (read without building its parser).
+SUMMARY = "watch devices: events, snapshot warnings and auto-extend, mirror fault policies"
+
 if TYPE_CHECKING:  # pragma: no cover - the commands import what they run (start-up)
     from dmtools.events.state import DeviceState
     from dmtools.events.store import StateStore
@@ -41,7 +44,7 @@ _DEFAULT_WARN = ",".join(str(t) for t in DEFAULT_THRESHOLDS)
 def register(subparsers: Any) -> None:
     """Add the ``monitor`` command to an argparse sub-parser collection."""
     p = subparsers.add_parser(
-        "monitor", help="watch devices: events, snapshot warnings and auto-extend, mirror fault policies",
+        "monitor", help=SUMMARY,
         description="Watch device-mapper devices (all, or the NAMES given) and report events; "
         "policies are off unless enabled here or in --config.")
     p.add_argument("names", metavar="NAME", nargs="*", help="devices to watch (default: all)")

@@ -10,12 +10,15 @@ import argparse
 import json
 from typing import Any
 
+#: The one line ``dmtools --help`` shows for this command (read without building its parser).
+SUMMARY = "attach NBD exports as /dev/nbdN (kernel nbd.ko)"
+
 __all__ = ["register", "cmd_attach", "cmd_detach", "cmd_list"]
 
 
 def register(subparsers: Any) -> None:
     """Add the ``nbd`` command and its actions to an argparse sub-parser collection."""
-    parser = subparsers.add_parser("nbd", help="attach NBD exports as /dev/nbdN (kernel nbd.ko)")
+    parser = subparsers.add_parser("nbd", help=SUMMARY)
     actions = parser.add_subparsers(dest="nbd_action", metavar="ACTION")
     actions.required = True
 

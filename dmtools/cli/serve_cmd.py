@@ -16,12 +16,15 @@ from typing import Any
 from dmtools.cli import common as cli_common
 from dmtools.errors import DMError
 
+#: The one line ``dmtools --help`` shows for this command (read without building its parser).
+SUMMARY = "export a device over NBD (nbdkit); read-only unless --writable"
+
 __all__ = ["register", "cmd_serve"]
 
 
 def register(subparsers: Any) -> None:
     """Add the ``serve`` command to an argparse sub-parser collection."""
-    p = subparsers.add_parser("serve", help="export a device over NBD (nbdkit); read-only unless --writable")
+    p = subparsers.add_parser("serve", help=SUMMARY)
     p.add_argument("name", metavar="NAME", help="the mapped device to serve")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket", "-U", metavar="PATH", type=cli_common.device_argument,

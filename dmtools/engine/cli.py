@@ -10,12 +10,15 @@ from typing import Any
 
 from dmtools.errors import DaemonError
 
+#: The one line ``dmtools --help`` shows for this command (read without building its parser).
+SUMMARY = "run or control the userspace engine's daemon"
+
 
 def register_daemon(subparsers: Any) -> None:
     """Add the ``daemon`` sub-command to the root parser's sub-parsers."""
     parser = subparsers.add_parser(
         "daemon",
-        help="run or control the userspace engine's daemon",
+        help=SUMMARY,
         description="Run the userspace device-mapper daemon (started on demand by other "
         "commands), or stop it / show its status.",
     )
