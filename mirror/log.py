@@ -18,6 +18,7 @@ Logs are not thread-safe: the mirror serialises every call under its own lock.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable
 
 from dmtools.endpoint import Endpoint
@@ -38,7 +39,20 @@ from mirror.format import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CoreDirtyLog", "DiskDirtyLog", "open_dirty_log"]
+__all__ = ["CoreDirtyLog", "DiskDirtyLog", "LogWrite", "open_dirty_log"]
+
+
+@dataclass(frozen=True)
+class LogWrite:
+    """One log flush taken under the mirror's lock, to be written without it (``write_image``)."""
+
+    image: bytes
+    #: a bit went dirty: the log device is flushed after the write (marks durable before data)
+    dirtied: bool
+    #: a bit went clean (the legs were flushed before the image was taken)
+    cleaned: bool
+    #: the regions whose dirty marks this write makes durable
+    marked: frozenset[int] = frozenset()
 
 
 class CoreDirtyLog:
@@ -61,6 +75,8 @@ class CoreDirtyLog:
         self.sync_search = 0
         self.touched_dirtied = False
         self.touched_cleaned = False
+        #: regions whose dirty mark is set in memory but not yet taken into a log write
+        self.unflushed: set[int] = set()
         self.flush_failed = False
         #: flushes every mirror leg; raises on failure (the mirror's ``mirror_flush``).
         self.flush_legs: Callable[[], None] | None = None
@@ -97,11 +113,17 @@ class CoreDirtyLog:
             self.mark_region(r)
 
     # -- updates -----------------------------------------------------------------------------------
+    @property
+    def changes_pending(self) -> bool:
+        """Marks or clears not yet taken into a log write."""
+        return self.touched_dirtied or self.touched_cleaned
+
     def mark_region(self, region: int) -> None:
         """Clear the clean bit: a write is about to go to ``region``."""
         if self.clean.test(region):
             self.clean.clear(region)
             self.touched_dirtied = True
+            self.unflushed.add(region)
 
     def clear_region(self, region: int) -> None:
         """Set the clean bit (ignored after a failed leg flush: dm-log.c ``core_clear_region``)."""
@@ -112,6 +134,21 @@ class CoreDirtyLog:
     def flush(self, legs_flushed: bool = False) -> None:
         """Make mark/clear changes durable (a no-op for the core log)."""
         self.touched_dirtied = self.touched_cleaned = False
+        self.unflushed.clear()
+
+    def take_image(self, legs_flushed: bool = False) -> LogWrite | None:
+        """The first half of ``flush``, under the caller's lock: what to write (``None``: nothing)."""
+        self.flush(legs_flushed)
+        return None
+
+    def write_image(self, pending: LogWrite) -> None:
+        """The second half of ``flush``, without the caller's lock (see ``DiskDirtyLog``)."""
+
+    def restore(self, pending: LogWrite) -> None:
+        """``write_image(pending)`` failed: its changes count as not flushed again (caller's lock)."""
+        self.touched_dirtied |= pending.dirtied
+        self.touched_cleaned |= pending.cleaned
+        self.unflushed |= pending.marked
 
     def get_resync_work(self) -> int | None:
         """Next region out of sync and not yet recovering, marked recovering; ``None`` when done."""
@@ -229,6 +266,7 @@ class DiskDirtyLog(CoreDirtyLog):
         except (OSError, DMError) as err:
             self._fail_device(err)
         self.touched_dirtied = self.touched_cleaned = False
+        self.unflushed.clear()
 
     def flush(self, legs_flushed: bool = False) -> None:
         """Persist changes in the kernel's order (dm-log.c ``disk_flush``).
@@ -239,8 +277,24 @@ class DiskDirtyLog(CoreDirtyLog):
         3. If a bit went dirty, flush the log device.
         Raises ``DeviceIOError``-like errors after recording the log as failed.
         """
+        pending = self.take_image(legs_flushed)
+        if pending is not None:
+            try:
+                self.write_image(pending)
+            except (OSError, DMError):
+                self.restore(pending)
+                raise
+
+    def take_image(self, legs_flushed: bool = False) -> LogWrite | None:
+        """Steps 1 and the packing of 2 of ``flush``, under the caller's lock.
+
+        Returns the image to write (``None`` when nothing changed); from then on the changes
+        count as flushed, and ``write_image`` may run without the lock while marks go on. The
+        caller lets one image be written at a time, in the order they were taken, so the log
+        device never goes back to an older image.
+        """
         if not self.touched_cleaned and not self.touched_dirtied:
-            return
+            return None
         if self.touched_cleaned and self.flush_legs is not None and not legs_flushed:
             try:
                 self.flush_legs()
@@ -248,20 +302,28 @@ class DiskDirtyLog(CoreDirtyLog):
                 self.flush_failed = True
                 for r in range(self.region_count):
                     self.clean.clear(r)
+        self.image.clean = self.clean
+        pending = LogWrite(bytes(self.image.pack()), self.touched_dirtied, self.touched_cleaned,
+                           frozenset(self.unflushed))
+        self.touched_dirtied = self.touched_cleaned = False
+        self.unflushed = set()
+        return pending
+
+    def write_image(self, pending: LogWrite) -> None:
+        """Steps 2 and 3 of ``flush``: write the image, then flush the log device when a bit went
+        dirty. On failure the log is recorded as failed and the error raised (the caller then
+        gives the changes back with ``restore``, under its lock)."""
         try:
-            self._write()
+            self.endpoint.write(pending.image, 0)
+            if pending.dirtied:
+                try:
+                    self.endpoint.flush()
+                except (OSError, DMError):
+                    self.log_dev_flush_failed = True
+                    raise
         except (OSError, DMError) as err:
             self._fail_device(err)
             raise
-        if self.touched_dirtied:
-            try:
-                self.endpoint.flush()
-            except (OSError, DMError) as err:
-                self.log_dev_flush_failed = True
-                self._fail_device(err)
-                raise
-            self.touched_dirtied = False
-        self.touched_cleaned = False
 
     def postsuspend(self) -> None:
         """Flush pending changes (dm-log.c: ``postsuspend = disk_flush``)."""

@@ -123,19 +123,23 @@ class RegionHash:
         self.clean[key] = now
 
     def dec(self, key: int, now: float = 0.0) -> bool:
-        """A write to ``key`` completed; True when the worker should run."""
+        """A write to ``key`` completed; True when the worker must run now (a region quiesced
+        for its recovery, or gone out of sync). A region gone clean waits on the clean list:
+        the worker retires those lazily (dm-region-hash.c clears them at its next pass)."""
         reg = self.regions[key]
         reg.pending -= 1
         if reg.pending:
             return False
         if self.flush_failure:
             reg.state = RegionState.NOSYNC
-        elif reg.state is RegionState.RECOVERING:
+            return True
+        if reg.state is RegionState.RECOVERING:
             self.quiesced.append(key)
-        elif reg.state is RegionState.DIRTY:
+            return True
+        if reg.state is RegionState.DIRTY:
             reg.state = RegionState.CLEAN
             self.clean[key] = now
-        return True
+        return False
 
     def mark_nosync(self, key: int) -> None:
         """A write to ``key`` failed on some leg: never let the region be marked clean."""
@@ -173,9 +177,10 @@ class RegionHash:
         self.clean = keep
         return batch
 
-    def apply(self, batch: Retirement, errors_handled: bool, *, legs_flushed: bool) -> list[int]:
-        """Retire ``batch`` and flush the log. With ``legs_flushed`` the caller flushed the legs
-        after ``collect``; a region written since then keeps its dirty mark."""
+    def apply(self, batch: Retirement, errors_handled: bool, *, legs_flushed: bool, flush: bool = True) -> list[int]:
+        """Retire ``batch`` and flush the log (unless ``flush`` is False: the caller writes the
+        log's changes itself). With ``legs_flushed`` the caller flushed the legs after
+        ``collect``; a region written since then keeps its dirty mark."""
         ended: list[int] = []
         for key in batch.recovered:
             self.regions.pop(key, None)
@@ -196,7 +201,8 @@ class RegionHash:
                 continue
             del self.regions[key]
             self.log.clear_region(key)
-        self.log.flush(legs_flushed=legs_flushed)
+        if flush:
+            self.log.flush(legs_flushed=legs_flushed)
         return ended
 
     def recovery_prepare(self) -> None:

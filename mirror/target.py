@@ -45,7 +45,7 @@ from dmtools.errors import DeviceIOError, DMError, InvalidArgument, InvalidTable
 from dmtools.target_values import U32_MAX, U64_MAX, Mirror
 
 from mirror.bitmap import Bitmap
-from mirror.log import CoreDirtyLog, open_dirty_log
+from mirror.log import CoreDirtyLog, LogWrite, open_dirty_log
 from mirror.region import RegionHash, RegionState
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,22 @@ __all__ = ["MirrorTarget", "MirrorLegState", "LegError", "DEFAULT_MAX_RECOVERY"]
 DEFAULT_MAX_RECOVERY = 8
 #: Bytes of recovery kept in flight at most, whatever the region size.
 RECOVERY_BYTES_IN_FLIGHT = 16 << 20
-#: Seconds a region stays marked dirty after its last write completed before its clean mark is
-#: written. The kernel writes it at the next kmirrord pass; waiting a little batches the leg flushes
-#: that every clean mark needs and spares a new dirty mark (a log flush) to a region written again
-#: soon. A crash in between only resyncs the region, which is already safe.
+#: Clean marks are written lazily (the kernel writes them at the next kmirrord pass). A region whose
+#: writes completed stays marked dirty until the mirror has had no write for ``CLEAN_DELAY``
+#: seconds, or it has waited ``CLEAN_MAX_DELAY`` seconds, or ``CLEAN_BACKLOG_BYTES`` of regions
+#: wait: one leg flush (which every clean mark needs first) then covers many regions, and a region
+#: written again soon needs no new dirty mark (a log flush). A crash in between only resyncs the
+#: regions still marked, which is always safe.
 CLEAN_DELAY = 0.2
-#: How far ahead of a write that needs a log flush the next regions are marked dirty with it.
+CLEAN_MAX_DELAY = 2.0
+CLEAN_BACKLOG_BYTES = 256 << 20
+#: How far ahead of a write that needs a log flush the next regions are marked dirty with it; the
+#: window doubles while the writes stay sequential, up to ``MARK_AHEAD_MAX_BYTES`` (the most a
+#: crash adds to the resync).
 MARK_AHEAD_BYTES = 2 << 20
-#: Writes at least this large go to the legs in parallel (like dm-io's one bio per region).
+MARK_AHEAD_MAX_BYTES = 64 << 20
+#: Writes at least this large go to the legs in parallel (like dm-io's one bio per leg) while no
+#: other write is in flight; with several in flight each goes to the legs in turn on its own thread.
 PARALLEL_WRITE_BYTES = 64 << 10
 
 
@@ -139,8 +147,17 @@ class MirrorTarget(TargetDriver):
         self.log.flush_legs = self._flush_legs
         in_flight = max(1, min(DEFAULT_MAX_RECOVERY, RECOVERY_BYTES_IN_FLIGHT // self.region_bytes))
         self.rh = RegionHash(self.log, in_flight)
-        #: regions marked dirty ahead of a sequential writer (within MARK_AHEAD_BYTES)
+        #: regions marked dirty ahead of a writer that pays a log flush (at first; see MARK_AHEAD_*)
         self.mark_ahead = max(1, min(8, MARK_AHEAD_BYTES // self.region_bytes))
+        self._ahead = self.mark_ahead
+        self._ahead_max = max(self.mark_ahead, MARK_AHEAD_MAX_BYTES // self.region_bytes)
+        self._clean_backlog = max(8, CLEAN_BACKLOG_BYTES // self.region_bytes)
+        #: the last time a write started or completed (clean marks wait for a quiet moment)
+        self._last_io = 0.0
+        self._writing = 0  # writes between their dirty marks and their completion
+        #: a log write runs without the lock (one at a time; see ``_write_log``)
+        self._flushing = False
+        self._in_flight: LogWrite | None = None
         self.cond = threading.Condition(threading.Lock())
         self.default = 0
         self.in_sync = False
@@ -267,10 +284,10 @@ class MirrorTarget(TargetDriver):
             return 1 << leg.index
         return 0
 
-    def _write_legs(self, legs: list[MirrorLegState], buf: memoryview, offset: int) -> int:
+    def _write_legs(self, legs: list[MirrorLegState], buf: memoryview, offset: int, parallel: bool = True) -> int:
         """Write to every leg, in parallel for large writes; return the error bits (bit = leg index)."""
         pool = self._pool
-        if pool is None or len(buf) < PARALLEL_WRITE_BYTES:
+        if pool is None or not parallel or len(buf) < PARALLEL_WRITE_BYTES:
             bits = 0
             for leg in legs:
                 bits |= self._write_leg(leg, buf, offset)
@@ -324,23 +341,21 @@ class MirrorTarget(TargetDriver):
             states = [self.rh.state(r) for r in regions]
             for r in regions:
                 self.rh.inc(r)
-            if self.log.touched_dirtied and self.log.persistent:
-                # this write pays a log flush anyway: let it carry the next regions' marks too
-                now = time.monotonic()
-                for r in range(regions[-1] + 1, min(self.nr_regions, regions[-1] + 1 + self.mark_ahead)):
-                    self.rh.mark_ahead(r, now)
-            try:
-                self.rh.log.flush()  # dirty marks durable before any data write
-            except (OSError, DMError):
-                self.log_failure = True
+            self._writing += 1
+            self._last_io = now = time.monotonic()
+            if self.log.persistent and self.log.touched_dirtied:
+                self._mark_ahead(regions, now)
+            # dirty marks durable before any data write (dm-raid1.c do_writes: dm_rh_flush)
+            self._make_marks_durable(regions)
             log_failure = self.log_failure
             nosync_fails = self.leg_failure and self.errors_handled and not self.keep_log
             default = self.legs[self.default]
+            parallel = self._writing == 1
         failures: list[int] = []
         error: BaseException | None = None
         try:
-            for (region, off, n), state in zip(pieces, states):
-                data = mv[off - offset : off - offset + n]
+            run: list[int] = []  # pieces in sync, written to every leg together
+            for i, ((region, off, n), state) in enumerate(zip(pieces, states)):
                 if state is RegionState.NOSYNC:
                     if self.rebuild_legs and self.partial.test(region):
                         with self.cond:  # the other legs miss this write now: copy to all of them
@@ -348,18 +363,16 @@ class MirrorTarget(TargetDriver):
                     if nosync_fails:
                         failures.append(region)
                     else:
-                        default.dev.write(data, default.base + off)
+                        default.dev.write(mv[off - offset : off - offset + n], default.base + off)
                     continue
                 if log_failure and self.errors_handled:
                     failures.append(region)
                     continue
-                bits = self._write_legs(self.legs, data, off)
-                if bits:
-                    with self.cond:
-                        for leg in self.legs:
-                            if bits & (1 << leg.index):
-                                self._fail_leg(leg, LegError.WRITE)
-                    failures.append(region)
+                run.append(i)
+                if i + 1 < len(pieces) and states[i + 1] is not RegionState.NOSYNC:
+                    continue  # the next piece joins this run
+                failures.extend(self._write_run([pieces[j] for j in run], mv, offset, parallel))
+                run = []
             if failures:
                 self._do_failures(failures)
         except BaseException as err:  # noqa: BLE001 - re-raised after the pending counts drop
@@ -367,13 +380,107 @@ class MirrorTarget(TargetDriver):
         finally:
             now = time.monotonic()
             with self.cond:
+                self._writing -= 1
+                self._last_io = now
                 wake = False
                 for r in regions:
                     wake = self.rh.dec(r, now) or wake
-                if wake:
+                if wake or (len(self.rh.clean) >= self._clean_backlog and not self._wake):
                     self._wake_worker()
         if error is not None:
             raise error
+
+    def _mark_ahead(self, regions: list[int], now: float) -> None:
+        """This write pays a log flush anyway: let it carry the next regions' marks too.
+
+        The window doubles while writes continue one another (the region before this write is
+        in the hash: written or marked recently), else it starts again from ``mark_ahead``.
+        """
+        if regions[0] > 0 and regions[0] - 1 in self.rh.regions:
+            self._ahead = min(2 * self._ahead, self._ahead_max)
+        else:
+            self._ahead = self.mark_ahead
+        last = regions[-1]
+        for r in range(last + 1, min(self.nr_regions, last + 1 + self._ahead)):
+            self.rh.mark_ahead(r, now)
+
+    def _write_run(self, run: list[tuple[int, int, int]], mv: memoryview, base: int, parallel: bool) -> list[int]:
+        """Write consecutive in-sync pieces to every leg with one write per leg; return the regions
+        that failed on some leg. A leg that fails the joined write is written again piece by
+        piece, so exactly the regions it cannot hold fail (as one bio per region would)."""
+        start, end = run[0][1], run[-1][1] + run[-1][2]
+        bits = self._write_legs(self.legs, mv[start - base : end - base], start, parallel)
+        if not bits:
+            return []
+        failed: set[int] = set()
+        for leg in self.legs:
+            if not bits & (1 << leg.index):
+                continue
+            if len(run) == 1:
+                failed.add(run[0][0])
+            else:
+                for region, off, n in run:
+                    if self._write_leg(leg, mv[off - base : off - base + n], off):
+                        failed.add(region)
+        with self.cond:
+            for leg in self.legs:
+                if bits & (1 << leg.index):
+                    self._fail_leg(leg, LegError.WRITE)
+        return sorted(failed) or [run[0][0]]
+
+    # -- the log: one write at a time, without the lock ------------------------------------------
+    def _marks_durable(self, regions: list[int]) -> bool:
+        unflushed = self.log.unflushed
+        if any(r in unflushed for r in regions):
+            return False
+        pending = self._in_flight
+        return pending is None or not any(r in pending.marked for r in regions)
+
+    def _make_marks_durable(self, regions: list[int]) -> None:
+        """(Lock held.) Return once the dirty marks of ``regions`` are on the log device.
+
+        Writers batch their flushes: the first one takes the log image and writes it without the
+        lock; those whose marks it holds wait for it, and marks made meanwhile go in the next
+        one. A failed log write sets ``log_failure`` (the caller acts on it) and ends the wait.
+        """
+        if not self.log.persistent:
+            self.log.flush()  # the core log: nothing to write
+            return
+        while not self._marks_durable(regions):
+            if self._flushing:
+                self.cond.wait()
+            elif not self._write_log():
+                return
+
+    def _write_log(self) -> bool:
+        """(Lock held, no log write in flight.) Write the log's pending changes without the lock.
+
+        A clean bit is set in memory only after the legs were flushed (the worker's pass), or by a
+        flush that flushes them itself (``update_states``), so the image needs no leg flush here.
+        """
+        pending = self.log.take_image(legs_flushed=True)
+        if pending is None:
+            return True
+        self._flushing, self._in_flight = True, pending
+        ok = True
+        self.cond.release()
+        try:
+            self.log.write_image(pending)
+        except (OSError, DMError):
+            ok = False
+        finally:
+            self.cond.acquire()
+            self._flushing, self._in_flight = False, None
+            if not ok:
+                self.log.restore(pending)
+                self.log_failure = True
+            self.cond.notify_all()
+        return ok
+
+    def _wait_log_idle(self) -> None:
+        """(Lock held.) Wait for a log write in flight: the caller writes the log under the lock."""
+        while self._flushing:
+            self.cond.wait()
 
     def _do_failures(self, regions: list[int]) -> None:
         """``do_failures``: the regions go NOSYNC; the write fails, is held, or completes."""
@@ -392,13 +499,10 @@ class MirrorTarget(TargetDriver):
 
 
     def flush(self) -> None:
-        """PREFLUSH to every leg; a failure marks the leg D and later clean marks NOSYNC."""
+        """PREFLUSH to every leg (in parallel); a failure marks the leg D and later clean marks NOSYNC."""
         bits = 0
-        for leg in self.legs:
-            try:
-                leg.dev.flush()
-            except (OSError, DMError):
-                bits |= 1 << leg.index
+        for leg in self._flush_leg_devices():
+            bits |= 1 << leg.index
         if not bits:
             return
         with self.cond:
@@ -457,14 +561,17 @@ class MirrorTarget(TargetDriver):
         """Retire regions, start copies, detect sync; False when the target is being destroyed."""
         to_copy: list[int] = []
         with self.cond:
-            while not self._wake and not self._stop:
+            while not self._wake and not self._stop and not self._due():
                 self.cond.wait(self._worker_timeout())
-                if self._due():
-                    break
             if self._stop:
                 return False
             self._wake = False
-            batch = self.rh.collect(clean_before=time.monotonic() - CLEAN_DELAY)
+            now = time.monotonic()
+            retire = self._retire_at(now)
+            # clean regions leave when retirement is due, those clean for CLEAN_DELAY at least
+            # (the regions marked ahead of a writer stay for it)
+            clean_before = now - CLEAN_DELAY if retire is not None and retire <= now else float("-inf")
+            batch = self.rh.collect(clean_before=clean_before)
             self._retiring = bool(batch)
         # The legs are flushed before any clean mark, without the lock: writes go on meanwhile
         # (a region written during the flush keeps its dirty mark).
@@ -479,9 +586,9 @@ class MirrorTarget(TargetDriver):
                     self._fail_leg(leg, LegError.FLUSH)
                 self.log.leg_flush_failed()
             try:
-                self.rh.apply(batch, self.errors_handled, legs_flushed=flushed or not self.log.persistent)
-            except (OSError, DMError):
-                self.log_failure = True
+                self.rh.apply(batch, self.errors_handled, legs_flushed=flushed or not self.log.persistent,
+                              flush=False)
+                self._flush_log()
             finally:
                 self._retiring = False
             self.cond.notify_all()  # delayed writes may go now
@@ -506,23 +613,45 @@ class MirrorTarget(TargetDriver):
             self._recover(region, default)
         return True
 
+    def _flush_log(self) -> None:
+        """(Lock held.) Write the log's pending changes (the worker's clean marks), batched with
+        the writers' flushes: done once an image holding them is taken."""
+        while self.log.changes_pending:
+            if self._flushing:
+                self.cond.wait()
+            elif not self._write_log():
+                return
+
+    def _retire_at(self, now: float) -> float | None:
+        """When the clean regions are due for retirement (``None``: none waits)."""
+        if not self.rh.clean:
+            return None
+        if len(self.rh.clean) >= self._clean_backlog:
+            return now
+        first = next(iter(self.rh.clean.values()))
+        return min(first + CLEAN_MAX_DELAY, max(first, self._last_io) + CLEAN_DELAY)
+
     def _worker_timeout(self) -> float | None:
         now = time.monotonic()
         timeouts = []
         if self.rh.quiesced and self.rate:
             timeouts.append(max(0.0, self._next_copy - now) + 0.001)
-        if self.rh.clean:
-            first = next(iter(self.rh.clean.values()))
-            timeouts.append(max(0.0, first + CLEAN_DELAY - now) + 0.001)
+        retire = self._retire_at(now)
+        if retire is not None:
+            timeouts.append(max(0.0, retire - now) + 0.001)
+        elif self.rh.regions:  # writes in flight: their regions go clean without a wake-up
+            timeouts.append(CLEAN_DELAY)
         return min(timeouts) if timeouts else None
 
     def _due(self) -> bool:
-        """Work the worker must do now: a copy the rate allows, or clean regions to retire."""
+        """Work the worker must do now: a copy the rate allows, ended recoveries, clean regions
+        due for retirement."""
         if self.rh.quiesced and self._rate_ready():
             return True
-        if self.rh.clean and next(iter(self.rh.clean.values())) + CLEAN_DELAY <= time.monotonic():
+        if self.rh.recovered or self.rh.failed_recovered:
             return True
-        return not self.rate
+        retire = self._retire_at(time.monotonic())
+        return retire is not None and retire <= time.monotonic()
 
     def _rate_ready(self) -> bool:
         return not self.rate or time.monotonic() >= self._next_copy
@@ -597,7 +726,8 @@ class MirrorTarget(TargetDriver):
             while self.rh.quiesced:
                 region = self.rh.quiesced[0]
                 self.rh.abandon(region)
-            while self._copying or self._retiring:  # copies in flight, or a retirement half done
+            # copies in flight, a retirement half done, or a log write (the log is written below)
+            while self._copying or self._retiring or self._flushing:
                 self.cond.wait()
             # Regions still waiting for writes to drain are given up: they stay out of sync.
             for region in list(self.rh.recovering):
@@ -615,11 +745,13 @@ class MirrorTarget(TargetDriver):
     def postsuspend(self) -> None:
         """Flush the log (``dm-log.c``: postsuspend is ``disk_flush``)."""
         with self.cond:
+            self._wait_log_idle()
             self.log.postsuspend()
 
     def resume(self) -> None:
         """Re-read the log (disk: the kernel's resume rules) and (re)start recovery."""
         with self.cond:
+            self._wait_log_idle()
             self.log.resume()
             if self._kc is None:
                 from kcopyd.client import Client
@@ -725,6 +857,7 @@ class MirrorTarget(TargetDriver):
 
     def _start_rebuild(self, index: int) -> None:
         """Mark every region dirty and out of sync; remember where only ``index`` needs a copy."""
+        self._wait_log_idle()  # the log is written below, under the lock
         self.rebuild_legs.add(index)
         self.recovery_failures.clear()  # every region is copied again
         for r in range(self.nr_regions):
