@@ -566,12 +566,7 @@ class MirrorTarget(TargetDriver):
             if self._stop:
                 return False
             self._wake = False
-            now = time.monotonic()
-            retire = self._retire_at(now)
-            # clean regions leave when retirement is due, those clean for CLEAN_DELAY at least
-            # (the regions marked ahead of a writer stay for it)
-            clean_before = now - CLEAN_DELAY if retire is not None and retire <= now else float("-inf")
-            batch = self.rh.collect(clean_before=clean_before)
+            batch = self.rh.collect(clean_before=self._clean_before(time.monotonic()))
             self._retiring = bool(batch)
         # The legs are flushed before any clean mark, without the lock: writes go on meanwhile
         # (a region written during the flush keeps its dirty mark).
@@ -621,6 +616,15 @@ class MirrorTarget(TargetDriver):
                 self.cond.wait()
             elif not self._write_log():
                 return
+
+    def _clean_before(self, now: float) -> float:
+        """Which clean regions this pass retires: all of them over the backlog; those clean for
+        ``CLEAN_DELAY`` at least when retirement is due (the regions just marked ahead of a
+        writer stay for it); none otherwise."""
+        if len(self.rh.clean) >= self._clean_backlog:
+            return now
+        retire = self._retire_at(now)
+        return now - CLEAN_DELAY if retire is not None and retire <= now else float("-inf")
 
     def _retire_at(self, now: float) -> float | None:
         """When the clean regions are due for retirement (``None``: none waits)."""
