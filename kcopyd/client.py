@@ -37,7 +37,7 @@ from dmtools.errors import InvalidArgument
 from kcopyd.fastpath import cached_bytes, plan_segments, read_exact, read_salvage, write_exact
 from kcopyd.job import DEST_ZEROED, IGNORE_ERROR, WRITE_SEQ, Job, NotifyFn, Piece, Plan, Progress
 from kcopyd.lanes import one_writer as _one_writer  # noqa: F401 - importable here, as before
-from kcopyd.offload import OFFLOAD_DEPTH, OFFLOAD_PIECE_SIZE, can_offload, offload_piece
+from kcopyd.offload import OFFLOAD_DEPTH, OFFLOAD_PIECE_SIZE, can_offload, offload_depth, offload_piece
 from kcopyd.overlap import check_dests_not_in_use, plan_overlap, region_identities, span_of
 from kcopyd.pagepool import PAGE_SIZE, PagePool
 from kcopyd.region import OpenRegion, Region, open_regions
@@ -305,7 +305,7 @@ class Client:
             plan.drop_behind = _uncached_file_source(osrc, nbytes)
         if plan.offload:
             plan.piece_size = OFFLOAD_PIECE_SIZE
-            plan.max_active = OFFLOAD_DEPTH
+            plan.max_active = offload_depth(osrc.endpoint, osrc.offset, nbytes) if osrc is not None else OFFLOAD_DEPTH
         elif osrc is None:
             plan.piece_size = max(self.sub_job_size, OFFLOAD_PIECE_SIZE)
         return plan

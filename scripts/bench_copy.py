@@ -5,7 +5,12 @@
 
 (a) file -> file: ``dd bs=1M`` and ``nbdcopy`` against ``python -m kcopyd SRC DST``;
 (b) file -> loop device: ``dd bs=1M oflag=direct`` against kcopyd (O_DIRECT on block devices);
-(c) one source -> 3 destinations: three sequential ``dd bs=1M`` runs against one kcopyd job;
+(c) one source -> 3 destinations: one kcopyd job against three sequential ``dd bs=1M`` runs, three
+    ``dd bs=1M`` runs started together (time until the last ends), and ``tee`` into three files;
+(e) file -> file with the source already in the page cache, through the Python API (``kcopyd.Client``
+    created and destroyed inside the timing, in a process that imported ``kcopyd`` before), against
+    ``dd bs=1M`` and a bare ``os.copy_file_range`` loop on the same files (each source read once,
+    untimed, before every run);
 (d) peak RSS of a ``--rss-size`` copy (a loop device over a sparse file, to ``null:``, through the
     page pool) with ``--num-pages`` 64 and 1024, read from ``wait4``'s rusage.
 
@@ -106,6 +111,24 @@ def make_source(path: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
+class Parallel(list):  # type: ignore[type-arg]
+    """A case's commands started together: its time is until the last one ends."""
+
+
+def timed_parallel(cmds: list[list[str]], prepare: Any = None) -> float:
+    """Run ``cmds`` at once after ``prepare()`` and a cache drop; wall seconds until all ended."""
+    if prepare is not None:
+        prepare()
+    evict()
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(c, env=ENV, stdout=subprocess.DEVNULL) for c in cmds]
+    codes = [p.wait() for p in procs]
+    wall = time.perf_counter() - t0
+    if any(codes):
+        raise RuntimeError(f"{cmds} exited with {codes}")
+    return wall
+
+
 def timed(cmd: list[str], prepare: Any = None, drop: bool = True) -> tuple[float, float | None]:
     """Run ``cmd`` after ``prepare()`` and a cache drop; return wall seconds and, for kcopyd, the
     copy's own seconds from its JSON summary (the wall time less interpreter start-up and exit)."""
@@ -152,7 +175,9 @@ def median_runs(cases: dict[str, tuple[list[str] | list[list[str]], Any]], repea
         if round_ == WARMUP:
             times.clear()  # the warm-up rounds are not counted
         for name, (cmd, prep) in cases.items():
-            if cmd and isinstance(cmd[0], list):
+            if isinstance(cmd, Parallel):
+                times.setdefault(name, []).append(timed_parallel(cmd, prep))
+            elif cmd and isinstance(cmd[0], list):
                 total = 0.0
                 # a sequence starts cold; later commands find what earlier ones cached, as they would
                 for i, c in enumerate(cmd):
@@ -224,13 +249,90 @@ def bench_three_dests(d: Path, src: Path, repeat: int, flush: bool, overwrite: b
             shutil.copyfile(src, p)
     dd_cmds = [["dd", f"if={src}", f"of={p}", "bs=1M", "status=none"] + conv for p in dsts]
     prep = None if overwrite else fresh(*dsts)
+    # tee into three files (truncating, as tee does; with --flush each file is then fdatasync'ed)
+    tee = ["sh", "-c", 'tee "$@" < "$0" > /dev/null' + (' && sync -d "$@"' if flush else ""),
+           str(src), *map(str, dsts)]
     cases: dict[str, Any] = {
         "kcopyd": (KCOPYD + [str(src)] + [str(p) for p in dsts] + (["--flush"] if flush else []), prep),
         "dd_x3": (dd_cmds, [prep, None, None]),
+        "dd_x3_parallel": (Parallel(dd_cmds), prep),
+        "tee": (tee, prep),
     }
     t = median_runs(cases, repeat)
     fresh(*dsts)()
-    return {"seconds": t, "runs": dict(RUNS), "loadavg": _loadavg(), "overwrite": overwrite, **ratios(t, "dd_x3", "ratio_vs_3dd")}
+    return {"seconds": t, "runs": dict(RUNS), "loadavg": _loadavg(), "overwrite": overwrite,
+            **ratios(t, "dd_x3", "ratio_vs_3dd"), **ratios(t, "dd_x3_parallel", "ratio_vs_3dd_parallel"),
+            **ratios(t, "tee", "ratio_vs_tee")}
+
+
+#: What ``--api-run`` runs: a kcopyd job through the Python API, or the bare ``copy_file_range`` loop.
+API_RUN = "--api-run"
+
+
+def api_run(mode: str, src: str, dst: str, size: int) -> float:
+    """One timed file -> file copy in this process (``kcopyd`` imported already): ``kcopyd`` with
+    the client created and destroyed inside the timing, or ``cfr``, a bare ``os.copy_file_range``
+    loop of 8 MiB calls. The destination is created inside the timing in both."""
+    import kcopyd
+
+    t0 = time.perf_counter()
+    if mode == "kcopyd":
+        with open(dst, "wb") as f:
+            f.truncate(size)
+        with kcopyd.Client() as kc:
+            kc.copy(kcopyd.Region(src, 0, size // 512), [kcopyd.Region(dst, 0, size // 512)]).wait()
+    else:
+        sfd = os.open(src, os.O_RDONLY)
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            off = 0
+            while off < size:
+                n = os.copy_file_range(sfd, dfd, min(8 << 20, size - off), off, off)
+                if n <= 0:
+                    raise OSError(f"copy_file_range returned {n} at {off}")
+                off += n
+        finally:
+            os.close(sfd)
+            os.close(dfd)
+    return time.perf_counter() - t0
+
+
+def warm(path: Path) -> None:
+    """Read ``path`` once so that it is in the page cache."""
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(8 << 20)
+        while f.readinto(buf):
+            pass
+
+
+def bench_cached_api(d: Path, src: Path, size: int, repeat: int) -> dict[str, Any]:
+    """(e): the source in the page cache; kcopyd through its Python API, dd and a bare loop."""
+    dst = d / "dst-e.img"
+    here = [PY, str(Path(__file__).resolve()), API_RUN]
+    times: dict[str, list[float]] = {}
+
+    def drop_dst() -> None:
+        fresh(dst)()
+        os.sync()  # the previous run's dirty pages are not the next run's to write
+
+    for round_ in range(WARMUP + repeat):
+        for name in ("kcopyd", "cfr", "dd"):
+            drop_dst()
+            warm(src)
+            if name == "dd":
+                t0 = time.perf_counter()
+                subprocess.run(["dd", f"if={src}", f"of={dst}", "bs=1M", "status=none"], check=True, env=ENV)
+                secs = time.perf_counter() - t0
+            else:
+                out = subprocess.run(here + [name, str(src), str(dst), str(size)], check=True, env=ENV,
+                                     stdout=subprocess.PIPE, text=True).stdout
+                secs = float(out.strip().splitlines()[-1])
+            if round_ >= WARMUP:
+                times.setdefault(name, []).append(secs)
+    drop_dst()
+    t = {k: statistics.median(v) for k, v in times.items()}
+    return {"seconds": t, "runs": {k: [round(x, 3) for x in v] for k, v in times.items()},
+            "loadavg": _loadavg(), "ratio_vs_dd": t["dd"] / t["kcopyd"], "cfr_vs_dd": t["dd"] / t["cfr"]}
 
 
 def _loadavg() -> list[float]:
@@ -272,6 +374,9 @@ def bench_rss(d: Path, size: int) -> dict[str, Any]:
 
 
 def main() -> int:
+    if len(sys.argv) == 6 and sys.argv[1] == API_RUN:  # one timed run of case (e), in a fresh process
+        print(f"{api_run(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])):.6f}")
+        return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1G", help="copy size for (a)-(c) (default 1G)")
     ap.add_argument("--rss-size", default="4G", help="copy size for (d) (default 4G)")
@@ -280,7 +385,7 @@ def main() -> int:
                     help="untimed rounds of every case before the timed ones (default 1)")
     ap.add_argument("--flush", action="store_true", help="include making the output durable")
     ap.add_argument("--dir", help="work directory (default: a temporary one under /var/tmp)")
-    ap.add_argument("--only", default="abcd", help="which cases to run (default abcd)")
+    ap.add_argument("--only", default="abcde", help="which cases to run (default abcde)")
     ap.add_argument("--overwrite", action="store_true",
                     help="(c): overwrite existing destination files instead of fresh ones")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -305,7 +410,7 @@ def main() -> int:
         compile_programs(workdir)
         src = workdir / "src.img"
         DATA_FILES.append(src)
-        if set(args.only) & set("abc"):
+        if set(args.only) & set("abce"):
             make_source(src, size)
         if "a" in args.only:
             results["a_file_to_file"] = bench_file_to_file(workdir, src, args.repeat, args.flush)
@@ -316,6 +421,8 @@ def main() -> int:
         if "c" in args.only:
             results["c_one_to_three"] = bench_three_dests(workdir, src, args.repeat, args.flush,
                                                           args.overwrite)
+        if "e" in args.only:
+            results["e_cached_api"] = bench_cached_api(workdir, src, size, args.repeat)
         if "d" in args.only:
             results["d_peak_rss"] = (bench_rss(workdir, rss_size) if root
                                      else {"skipped": "needs root for a loop device"})
@@ -369,7 +476,16 @@ def print_report(r: dict[str, Any], size: int, rss_size: int) -> None:
         c = r["c_one_to_three"]
         print(f"(c) 1->3{' (overwriting)' if c.get('overwrite') else ''}: {secs(c['seconds'])}")
         print(f"    kcopyd vs three sequential dd: {ratio(c, 'ratio_vs_3dd')}")
+        print(f"    kcopyd vs three parallel dd: {ratio(c, 'ratio_vs_3dd_parallel')}")
+        print(f"    kcopyd vs tee into three files: {ratio(c, 'ratio_vs_tee')}")
         runs(c)
+    if "e_cached_api" in r:
+        e = r["e_cached_api"]
+        print(f"(e) file->file, source in the page cache, Python API (client created and destroyed inside "
+              f"the timing): {secs(e['seconds'])}")
+        print(f"    kcopyd vs dd bs=1M: {e['ratio_vs_dd']:.2f}x (goal >= 1.0x); bare copy_file_range loop vs dd: "
+              f"{e['cfr_vs_dd']:.2f}x")
+        runs(e)
     if "d_peak_rss" in r:
         d = r["d_peak_rss"]
         if "skipped" in d:

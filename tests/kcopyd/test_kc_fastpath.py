@@ -8,7 +8,9 @@ import os
 import pytest
 
 import kcopyd
+import kcopyd.offload
 from kcopyd.fastpath import plan_segments
+from kcopyd.offload import OFFLOAD_DEPTH, OFFLOAD_PIECE_SIZE
 from dmtools.testing.faults import MemoryEndpoint
 from kc_helpers import TIMEOUT, make_writable, pattern
 
@@ -139,6 +141,8 @@ def test_copy_file_range_failing_later_while_buffered_writes_run(tmp_path, monke
 
     monkeypatch.setattr(os, "pwritev", pwritev)
     monkeypatch.setattr(os, "copy_file_range", refuse)
+    # a source read from disk: several pieces in flight (one at a time when it is in the page cache)
+    monkeypatch.setattr(kcopyd.offload, "cached_bytes", lambda fd, offset, length: 0)
     src, dst = tmp_path / "s.img", tmp_path / "d.img"
     src.write_bytes(pattern(24 * MiB))
     dst.write_bytes(bytes(24 * MiB))
@@ -235,3 +239,27 @@ def test_region_by_device_number(tmp_path, make_loop):
         assert job.wait(TIMEOUT) and job.ok
     with open(lo.path, "rb") as f:
         assert f.read() == src.read_bytes()
+
+
+@pytest.mark.parametrize("cached, depth", [("all", 1), (0, OFFLOAD_DEPTH), (None, OFFLOAD_DEPTH)],
+                         ids=["in-cache", "not-cached", "cache-unknown"])
+def test_copy_file_range_pieces_in_flight_follow_the_page_cache(tmp_path, monkeypatch, cached, depth):
+    """A source all in the page cache is copied one piece at a time (each piece is a memory copy the
+    others would wait behind); one read from disk, or whose cache state is unknown, several."""
+    size = 3 * OFFLOAD_PIECE_SIZE
+    asked = []
+
+    def cachestat(fd, offset, length):
+        asked.append((offset, length))
+        return length if cached == "all" else cached
+
+    monkeypatch.setattr(kcopyd.offload, "cached_bytes", cachestat)
+    src, dst = tmp_path / "s.img", tmp_path / "d.img"
+    src.write_bytes(pattern(size))
+    dst.write_bytes(bytes(size))
+    with kcopyd.Client() as kc:
+        job = kc.copy(kcopyd.Region(str(src), 0, size // 512), [kcopyd.Region(str(dst), 0, size // 512)])
+        assert job.wait(TIMEOUT) and job.ok
+    assert asked == [(0, size)]
+    assert job.plan.offload and job.plan.max_active == depth
+    assert dst.read_bytes() == src.read_bytes()
