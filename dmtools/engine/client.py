@@ -11,7 +11,6 @@ import errno
 import os
 import select
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -214,6 +213,8 @@ def _unpack(verb: str, reply: Any) -> Any:
 
 def start_daemon(run_dir: str | None = None, timeout: float = START_TIMEOUT) -> None:
     """Start a daemon in the background and wait until it serves (or another one already does)."""
+    import subprocess  # only here: a command that finds the daemon running never needs it
+
     directory = rundir.ensure(run_dir or protocol.run_dir())
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "dmtools.engine.daemon", "--run-dir", directory,
