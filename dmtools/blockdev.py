@@ -38,11 +38,11 @@ from dmtools.linux import (
     BLKPBSZGET,
     BLKSSZGET,
     BLKZEROOUT,
-    DEVNO,
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
     libc,
+    parse_devno,
 )
 
 __all__ = [
@@ -51,7 +51,6 @@ __all__ = [
     "open_endpoint",
     "device_number",
     "resolve_devno",
-    "parse_devno",
 ]
 
 
@@ -170,17 +169,6 @@ def _sysfs_dio_alignment(st_dev: int) -> int:
 # Device numbers
 
 
-def parse_devno(text: str) -> tuple[int, int]:
-    """Parse ``"MAJOR:MINOR"``; raises :class:`InvalidArgument` on anything else."""
-    m = DEVNO.fullmatch(text.strip())
-    if not m:
-        raise InvalidArgument(f"not a device number (MAJOR:MINOR): {text!r}")
-    major, minor = int(m.group(1)), int(m.group(2))
-    if major >= 1 << 12 or minor >= 1 << 20:  # include/linux/kdev_t.h MINORBITS = 20, 12 major bits
-        raise InvalidArgument(f"device number out of range: {text!r}")
-    return major, minor
-
-
 def device_number(path: str | os.PathLike[str]) -> tuple[int, int]:
     """``(major, minor)`` of the block device at ``path``.
 
@@ -204,7 +192,10 @@ def resolve_devno(devno: str | tuple[int, int]) -> str:
     Raises :class:`InvalidArgument` on bad syntax and :class:`DeviceNotFound` when no such block
     device (or no node for it) exists.
     """
-    major, minor = parse_devno(devno) if isinstance(devno, str) else devno
+    parsed = parse_devno(devno) if isinstance(devno, str) else devno
+    if parsed is None:
+        raise InvalidArgument(f"not a device number (MAJOR:MINOR, at most 4095:1048575): {devno!r}")
+    major, minor = parsed
     text = f"{major}:{minor}"
     try:
         with open(f"/sys/dev/block/{text}/uevent") as f:
@@ -736,6 +727,6 @@ def open_endpoint(
         from dmtools.nbd import NbdEndpoint
 
         return NbdEndpoint(path, writable=writable)
-    if DEVNO.fullmatch(path.strip()) and not os.path.exists(path):
+    if parse_devno(path) is not None and not os.path.exists(path):
         path = resolve_devno(path)
     return BlockDevice(path, writable=writable, direct=direct)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Union
 
 from dmtools.claims import mount_of, os_errors
 from dmtools.errors import DaemonError, DeviceConflict, DeviceNotFound, DMError, InvalidArgument
-from dmtools.linux import DEVNO
+from dmtools.linux import DEVNO, parse_devno
 from dmtools.units import SECTOR
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -498,9 +498,9 @@ def normalize_nbd_uri(uri: str) -> str:
 def devno_of(ref: str) -> tuple[int, int] | None:
     """The device number ``ref`` names: ``major:minor`` as a table spells it, or a block device's
     node (symlinks followed); ``None`` for anything else (a regular file, a missing path)."""
-    m = DEVNO.fullmatch(ref)
-    if m:
-        return int(m.group(1)), int(m.group(2))
+    devno = parse_devno(ref)
+    if devno is not None:
+        return devno
     try:
         st = os.stat(ref)
     except (OSError, ValueError):

@@ -22,6 +22,7 @@ __all__ = [
     "BLKSSZGET",
     "BLKZEROOUT",
     "DEVNO",
+    "parse_devno",
     "DM_DEV_ARM_POLL",
     "DM_IOCTL_SIZE",
     "FALLOC_FL_KEEP_SIZE",
@@ -79,6 +80,17 @@ FALLOC_FL_ZERO_RANGE = 0x10
 #: A device number as tables spell it, ``MAJOR:MINOR`` in ASCII digits (dm-table.c
 #: ``dm_get_device`` reads it with ``sscanf("%u:%u%c")``); use with ``fullmatch``.
 DEVNO = re.compile(r"([0-9]+):([0-9]+)")
+
+
+def parse_devno(text: str) -> tuple[int, int] | None:
+    """``(major, minor)`` when ``text`` is a device number as tables spell it (``MAJOR:MINOR``)
+    that fits a ``dev_t`` (12 major and 20 minor bits: ``MINORBITS`` in include/linux/kdev_t.h;
+    dm-table.c refuses a larger one with EOVERFLOW); ``None`` for anything else, such as a path."""
+    match = DEVNO.fullmatch(text)
+    if match is None:
+        return None
+    major, minor = int(match.group(1)), int(match.group(2))
+    return (major, minor) if major < 1 << 12 and minor < 1 << 20 else None
 
 
 @functools.cache

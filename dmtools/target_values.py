@@ -30,7 +30,7 @@ from enum import StrEnum
 from typing import ClassVar, NamedTuple
 
 from dmtools.errors import InvalidName, InvalidTable
-from dmtools.linux import DEVNO
+from dmtools.linux import parse_devno
 from dmtools.names import validate_target_type
 
 __all__ = [
@@ -105,14 +105,6 @@ def format_args(args: Iterable[str]) -> str:
     """Parameter text that :func:`split_args` splits back into ``args`` (white space and
     backslashes escaped with a backslash; the values refuse what no escape can carry)."""
     return " ".join(_ESCAPE_RE.sub(r"\\\1", arg) for arg in args)
-
-
-def parse_devno(ref: str) -> tuple[int, int] | None:
-    """``(major, minor)`` when ``ref`` is written ``major:minor``, else ``None`` (a path)."""
-    match = DEVNO.fullmatch(ref)
-    if match is None:
-        return None
-    return int(match.group(1)), int(match.group(2))
 
 
 def _fail(target_type: str, reason: str) -> InvalidTable:

@@ -83,15 +83,11 @@ class OpenRegion:
 
 def _open_path(path: str, *, writable: bool, offset: int, length: int) -> Endpoint:
     """Open a file or block device; block devices use O_DIRECT when the range is block aligned."""
-    from dmtools.blockdev import BlockDevice, parse_devno, resolve_devno
+    from dmtools.blockdev import BlockDevice, resolve_devno
+    from dmtools.linux import parse_devno
 
-    if not os.path.exists(path) and ":" in path:
-        try:
-            parse_devno(path)
-        except DMError:
-            pass
-        else:
-            path = resolve_devno(path)  # "MAJOR:MINOR", as dmsetup tables name devices
+    if not os.path.exists(path) and parse_devno(path) is not None:
+        path = resolve_devno(path)  # "MAJOR:MINOR", as dmsetup tables name devices
     try:
         st = os.stat(path)
     except OSError as err:

@@ -17,11 +17,11 @@ from dmtools.blockdev import (
     aligned_buffer,
     device_number,
     open_endpoint,
-    parse_devno,
     resolve_devno,
 )
 from dmtools.endpoint import NullEndpoint
 from dmtools.errors import DeviceBusy, DeviceIOError, DeviceNotFound, InvalidArgument, NoSpace
+from dmtools.linux import parse_devno
 from dmtools.loop import LoopDevice
 from dmtools.testing.loops import no_leaked_loops  # noqa: F401 (autouse fixture)
 
@@ -263,10 +263,12 @@ def test_open_endpoint_and_device_numbers(make_image: Callable[..., Path]) -> No
         device_number(img)
     with pytest.raises(DeviceNotFound):
         device_number(img.parent / "missing")
-    assert parse_devno(" 253:1 ") == (253, 1)
-    for bad in ("253", "a:b", "1:2:3", "-1:0", "5000:0", "1:2000000"):
+    assert parse_devno("253:1") == (253, 1)
+    assert parse_devno("4095:1048575") == (4095, 1048575)
+    for bad in ("253", "a:b", "1:2:3", "-1:0", "5000:0", "1:2000000", " 253:1 ", "/dev/loop0"):
+        assert parse_devno(bad) is None, bad
         with pytest.raises(InvalidArgument):
-            parse_devno(bad)
+            resolve_devno(bad)
     with pytest.raises(DeviceNotFound):
         resolve_devno("4095:1048575")
     with pytest.raises(DeviceNotFound):
