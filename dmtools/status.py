@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from dmtools.errors import InvalidStatus
+from dmtools.target_values import format_args, split_args
 
 __all__ = [
     "SnapshotState",
@@ -67,10 +68,11 @@ EMPTY_STATUS_TYPES = frozenset({"linear", "zero", "error", "snapshot-origin"})
 
 
 def _words(target_type: str, params: str) -> list[str]:
+    """The words of a status line, split as table text is (``dm_split_args``): a device the
+    userspace engine names by a path with white space in it is escaped as in its table."""
     if not isinstance(params, str):
         raise InvalidStatus(f"{target_type} status must be a string, not {type(params).__name__}")
-    stripped = params.strip(" \t\n\v\f\r")
-    return _WS_RE.split(stripped) if stripped else []
+    return split_args(params)
 
 
 def _bad(target_type: str, params: str, reason: str) -> InvalidStatus:
@@ -253,8 +255,8 @@ class MirrorStatus:
         if not self.devices:
             raise InvalidStatus("mirror status: no legs")
         for dev in (*self.devices, *self.log_args):
-            if not isinstance(dev, str) or not dev or _WS_RE.search(dev):
-                raise InvalidStatus(f"mirror status: {dev!r} is not a single word")
+            if not isinstance(dev, str) or not dev:
+                raise InvalidStatus(f"mirror status: {dev!r} is not a device or word")
         for name in ("in_sync", "regions"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -325,7 +327,7 @@ class MirrorStatus:
 
     def format(self) -> str:
         """The kernel's text for this status."""
-        return " ".join(
+        return format_args(
             [str(len(self.devices)), *self.devices, f"{self.in_sync}/{self.regions}", "1",
              self.health, str(len(self.log_args)), *self.log_args]
         )
@@ -375,8 +377,8 @@ class StripedStatus:
         if not self.devices:
             raise InvalidStatus("striped status: no stripes")
         for dev in self.devices:
-            if not isinstance(dev, str) or not dev or _WS_RE.search(dev):
-                raise InvalidStatus(f"striped status: {dev!r} is not a single word")
+            if not isinstance(dev, str) or not dev:
+                raise InvalidStatus(f"striped status: {dev!r} is not a device")
         if (
             not isinstance(self.health, str)
             or len(self.health) != len(self.devices)
@@ -393,7 +395,7 @@ class StripedStatus:
 
     def format(self) -> str:
         """The kernel's text for this status."""
-        return " ".join([str(len(self.devices)), *self.devices, "1", self.health])
+        return format_args([str(len(self.devices)), *self.devices, "1", self.health])
 
     def __str__(self) -> str:
         return self.format()

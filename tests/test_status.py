@@ -250,3 +250,28 @@ def test_fuzz_status_raises_only_dm_errors(target_type: str, text: str) -> None:
     except DMError:
         return
     assert parse_status(target_type, status.format()) == status
+
+
+def test_device_paths_with_white_space_are_escaped_as_in_tables() -> None:
+    """The userspace engine names a regular file by its path: status text escapes it as table text
+    does (``dm_split_args``), so the words split back to the same devices."""
+    striped = StripedStatus(("/srv/my disk", "/srv/back\\slash"), "AD")
+    assert str(striped) == "2 /srv/my\\ disk /srv/back\\\\slash 1 AD"
+    assert parse_status("striped", str(striped)) == striped
+    mirror = MirrorStatus(("/srv/a b", "253:2"), 3, 8, "AA", ("disk", "/srv/log\tfile", "A"))
+    assert str(mirror) == "2 /srv/a\\ b 253:2 3/8 1 AA 3 disk /srv/log\\\tfile A"
+    assert parse_mirror_status(str(mirror)) == mirror
+
+
+def test_engine_striped_status_over_paths_with_spaces_parses(tmp_path) -> None:
+    from dmtools.engine import Engine
+    from dmtools.target_values import format_args
+
+    files = [tmp_path / "a disk", tmp_path / "b disk"]
+    for f in files:
+        f.write_bytes(bytes(1 << 20))
+    with Engine() as eng:
+        legs = " ".join(f"{format_args([str(f)])} 0" for f in files)
+        eng.create("s", f"0 2048 striped 2 8 {legs}")
+        params = eng.status("s")[0].params
+    assert parse_status("striped", params).devices == tuple(str(f) for f in files)

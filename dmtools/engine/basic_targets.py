@@ -18,6 +18,7 @@ from dmtools.engine.target_driver import (
     fill_zero,
 )
 from dmtools.errors import DeviceIOError
+from dmtools.status import StripedStatus
 from dmtools.target_values import Error, Linear, Striped, Target
 
 
@@ -119,9 +120,8 @@ class StripedTarget(TargetDriver):
             self.devices[stripe].zero(dev_off, n)
 
     def status(self) -> str:
-        names = " ".join(d.name for d in self.devices)
         health = "".join("D" if e else "A" for e in self.errors)
-        return f"{self.stripes} {names} 1 {health}"
+        return str(StripedStatus(tuple(d.name for d in self.devices), health))
 
     def ima_status(self) -> str:
         """``…,stripes=N,chunk_size=C`` then ``,stripe_<i>_device_name=…,stripe_<i>_physical_start=…,
