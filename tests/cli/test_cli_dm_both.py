@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pytest_lazy_fixtures import lf
 
 from cli_helpers import MiB, Devices, devno, read_at, write_synced
 from dmtools.cli import main as cli_main
@@ -21,10 +22,8 @@ from dmtools.errors import DeviceBusy, DeviceExists, DeviceNotFound, InvalidTabl
 class Harness(Devices):
     """The CLI on one backend, plus that backend's own handle for paths and cleanup."""
 
-    def __init__(self, backend: str, capsys: pytest.CaptureFixture[str], base: str) -> None:
-        import dmtools
-
-        super().__init__(base, dmtools.open(backend))
+    def __init__(self, backend: str, dm: Any, capsys: pytest.CaptureFixture[str], base: str) -> None:
+        super().__init__(base, dm)
         self.backend = backend
         self.capsys = capsys
 
@@ -37,15 +36,12 @@ class Harness(Devices):
         return self.dm.device_path(name)
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("userspace", marks=pytest.mark.root),
-        pytest.param("kernel", marks=pytest.mark.kernel),
-    ]
-)
-def dmcli(request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str], dm_name: str,
-          make_loop: Any) -> Iterator[Harness]:
-    h = Harness(request.param, capsys, dm_name)
+@pytest.fixture
+def userspace_cli(capsys: pytest.CaptureFixture[str], dm_name: str, make_loop: Any) -> Iterator[Harness]:
+    """The CLI on the shared daemon, its devices exposed (root tier)."""
+    import dmtools
+
+    h = Harness("userspace", dmtools.open("userspace"), capsys, dm_name)
     try:
         yield h
     finally:
@@ -53,6 +49,28 @@ def dmcli(request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str], dm
             h.cleanup()
         finally:
             h.dm.close()
+
+
+@pytest.fixture
+def kernel_cli(kernel_dm: Any, capsys: pytest.CaptureFixture[str], dm_name: str,
+               make_loop: Any) -> Iterator[Harness]:
+    """The CLI on real device-mapper (kernel tier); the plugin's ``kernel_dm`` closes it."""
+    h = Harness("kernel", kernel_dm, capsys, dm_name)
+    try:
+        yield h
+    finally:
+        h.cleanup()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(lf("userspace_cli"), id="userspace", marks=pytest.mark.root),
+        pytest.param(lf("kernel_cli"), id="kernel", marks=pytest.mark.kernel),
+    ]
+)
+def dmcli(request: pytest.FixtureRequest) -> Harness:
+    harness: Harness = request.param
+    return harness
 
 
 @pytest.fixture
