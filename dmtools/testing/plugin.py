@@ -195,6 +195,26 @@ def kernel_tag(kernel_dm: Any) -> Iterator[str]:
 
 
 @pytest.fixture
+def private_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A daemon of the test's own (root tier): its run directory is under ``tmp_path`` and
+    ``DMTOOLS_RUN_DIR`` names it, so CLI commands the test runs reach it too; it is shut down,
+    forced, at teardown. Yields its ``UserspaceClient``."""
+    from dmtools.engine.client import open_userspace
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    monkeypatch.setenv("DMTOOLS_RUN_DIR", str(run_dir))
+    client = open_userspace(str(run_dir))
+    try:
+        yield client
+    finally:
+        try:
+            client.shutdown(force=True)
+        finally:
+            client.close()
+
+
+@pytest.fixture
 def engine() -> Iterator[Any]:
     """An in-process userspace engine, closed at teardown."""
     from dmtools.engine import Engine

@@ -49,22 +49,10 @@ class Backend:
 
 
 @pytest.fixture
-def daemon_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
+def daemon_cli(private_daemon: Any) -> Backend:
     """The daemon: its own process, working directory ``/``."""
-    from dmtools.engine.client import open_userspace
-
-    run_dir = tmp_path / "run"
-    run_dir.mkdir(mode=0o700)
-    monkeypatch.setenv("DMTOOLS_RUN_DIR", str(run_dir))
-    client = open_userspace(str(run_dir))
-    try:
-        assert os.readlink(f"/proc/{client.ping()['pid']}/cwd") == "/"
-        yield Backend(client, ["--backend", "userspace"])
-    finally:
-        try:
-            client.shutdown(force=True)
-        finally:
-            client.close()
+    assert os.readlink(f"/proc/{private_daemon.ping()['pid']}/cwd") == "/"
+    return Backend(private_daemon, ["--backend", "userspace"])
 
 
 @pytest.fixture

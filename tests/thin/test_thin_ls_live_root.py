@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,30 +20,14 @@ pytestmark = pytest.mark.root
 MiB = 1 << 20
 
 
-@pytest.fixture
-def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    from dmtools.engine.client import open_userspace
-
-    run_dir = tmp_path / "run"
-    run_dir.mkdir(mode=0o700)
-    monkeypatch.setenv("DMTOOLS_RUN_DIR", str(run_dir))
-    dm = open_userspace(str(run_dir))
-    try:
-        yield dm
-    finally:
-        try:
-            dm.shutdown(force=True)
-        finally:
-            dm.close()
-
-
 def _shared(meta: str) -> dict[str, tuple[int, int]]:
     out = subprocess.run([sys.executable, "-m", "dmtools.cli.main", "thin", "ls", "--no-headers", "-o",
                           "DEV,EXCLUSIVE_BLOCKS,SHARED_BLOCKS", meta], capture_output=True, text=True, check=True)
     return {f[0]: (int(f[1]), int(f[2])) for f in (line.split() for line in out.stdout.splitlines()) if f}
 
 
-def test_second_ls_sees_broken_sharing(daemon: Any, tmp_path: Path) -> None:
+def test_second_ls_sees_broken_sharing(private_daemon: Any, tmp_path: Path) -> None:
+    daemon = private_daemon
     meta, data = tmp_path / "meta.img", tmp_path / "data.img"
     for path, size in ((meta, 16 * MiB), (data, 64 * MiB)):
         with open(path, "wb") as f:
