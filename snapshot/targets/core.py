@@ -27,6 +27,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -405,6 +406,17 @@ class CopyOnWrite:
             self._submit_copies(start)
         return waits
 
+    def needs_copy(self, offset: int, length: int) -> bool:
+        """True when an origin write of ``[offset, offset+length)`` finds chunks of this snapshot
+        without a completed exception (``origin_write_prepare`` then copies or waits)."""
+        if offset >= self.length_bytes:
+            return False
+        with self.cond:
+            if not self.valid or not self.active or self.merge_target:
+                return False  # (a handover destination has no chunk size yet)
+            span = self.chunks(offset, min(length, self.length_bytes - offset))
+            return bool(self.table.unmapped(span.start, span.stop))
+
     # -- the snapshot's side ----------------------------------------------------------------------
     def _segments(self, offset: int, length: int) -> Iterator[tuple[int, int, int | None]]:
         """``(offset, length, cow_chunk|None)`` pieces of a request split at chunk boundaries."""
@@ -600,15 +612,28 @@ def do_origin(
     handover freezes.
     """
     key = device_key(origin)
-    with origins.gate(key).enter():
+    gate = origins.gate(key)
+    with gate.enter():
         snaps = origins.snapshots_of_key(key)
         if limit:
             for snap in snaps:
                 snap.wait_for_in_progress()
         waits: list[tuple[CopyOnWrite, list[PendingException]]] = []
+        snaps = [snap for snap in snaps if snap is not skip]
+        copying = [snap for snap in snaps if snap.needs_copy(offset, length)]
+        if len(copying) > 1 and gate.inflight < len(copying) and not _IN_POOL.flag:
+            # Several snapshots copy and commit at once (two flushes each), as each snapshot's
+            # kcopyd client does in dm-snap.c; this thread takes the first itself. With as many
+            # origin writes in flight as snapshots to copy into, the writers are parallel enough.
+            pool = _cow_pool()
+            futures = [(snap, pool.submit(snap.origin_write_prepare, offset, length)) for snap in copying[1:]]
+            try:
+                pes = copying[0].origin_write_prepare(offset, length)
+            finally:
+                done = [(snap, f.result()) for snap, f in futures]  # re-raises a copy's exception
+            waits.extend([(copying[0], pes), *done])
+            snaps = [snap for snap in snaps if snap not in copying]
         for snap in snaps:
-            if snap is skip:
-                continue
             pes = snap.origin_write_prepare(offset, length)
             if pes:
                 waits.append((snap, pes))
@@ -616,6 +641,34 @@ def do_origin(
         # pending exceptions waited for here, which either commits or invalidates its snapshot.
         for snap, pes in waits:
             snap.wait_all(pes)
+
+
+class _PoolFlag(threading.local):
+    """``flag`` is True on the threads of the copy pool (a nested origin write, as when a COW is
+    itself a snapshotted origin, runs inline there instead of waiting for the pool)."""
+
+    flag = False
+
+
+_IN_POOL = _PoolFlag()
+#: threads that copy and commit for the second and later snapshots of one origin write.
+COW_POOL_THREADS = 8
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _mark_pool_thread() -> None:
+    _IN_POOL.flag = True
+
+
+def _cow_pool() -> ThreadPoolExecutor:
+    """The process's copy pool, started on first use."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(COW_POOL_THREADS, thread_name_prefix="snapshot-cow",
+                                       initializer=_mark_pool_thread)
+        return _pool
 
 
 def _reads_zeros(dev: DeviceHandle, offset: int, length: int) -> bool:

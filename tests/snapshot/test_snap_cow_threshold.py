@@ -8,7 +8,6 @@ here is for an observable state (a counter, a pending exception) with a deadline
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,19 +21,10 @@ from dmtools.engine import Engine
 from snapshot.targets import handover, origins
 from snapshot.targets.core import CopyOnWrite, do_origin, origins_of
 
+from snap_helpers import WAIT, until
+
 CB = 4096
 CHUNKS = 64
-WAIT = 30.0  # seconds: bound for every wait on a loaded 2-CPU machine
-
-
-def until(cond: Callable[[], bool], what: str) -> None:
-    """Wait (bounded) for an observable state."""
-    deadline = time.monotonic() + WAIT
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.002)
-
-
 @pytest.fixture
 def threshold(rig: Any) -> Callable[[int], int]:
     """Set ``snapshot_cow_threshold`` of the rig's registry (its own: no other test sees it)."""
