@@ -1,9 +1,23 @@
 #!/usr/bin/env python3
-"""Snapshot benchmarks (issue 5): origin write throughput with 0, 1 and 4 snapshots on the userspace
-engine (first writes, rewrites, random 4 KiB writes; ratio to no snapshot), and loading a persistent
-COW holding 1,000,000 exceptions (time and peak memory, in a fresh process).
+"""Snapshot benchmarks (issues 5 and 12): origin writes with 0, 1 and 4 snapshots, as ratios to no
+snapshot, ours and the kernel's side by side, and loading a persistent COW of 1,000,000 exceptions.
 
-    scripts/bench snapshot [--size 64M] [--repeat 5] [--exceptions 1000000] [--only load|writes] [--json]
+Write workloads (fresh volume each; the origin holds data): sequential 1 MiB first writes, the same
+rewritten, sequential first writes from 4 writers, random 4 KiB first writes from one writer and
+from 16. Each is measured three ways:
+
+- ``ours: API``: through the userspace engine's in-process endpoint; every write returns once its
+  copy-on-write is committed (copy and exception record durable), so one writer pays two flushes
+  per first write;
+- ``ours: node``: buffered writes to the exposed block device (``<run_dir>/mapper/vol``), then
+  fsync, as a program writing to the volume does;
+- ``kernel: node``: the same code on ``/dev/mapper/vol`` with the kernel's dm-snapshot, in the VM
+  (``bench_common.in_vm``; ``--no-kernel`` leaves it out).
+
+fio (``bench_common.FIO_JOBS``: sequential 1 MiB and random 4 KiB, queue depth 1 and 16,
+``--direct=1``) runs on the origin's node with 0 and 1 snapshot, here and in the VM.
+
+    scripts/bench snapshot [--size 32M] [--repeat 3] [--no-kernel] [--no-fio] [--only load|writes] [--json]
 """
 
 from __future__ import annotations
@@ -24,7 +38,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
+from bench_common import FIO_JOBS, fio, fio_available, in_vm, loadavg  # noqa: E402
+from dmtools.engine.expose import exposure_possible  # noqa: E402
 from dmtools.units import parse_size  # noqa: E402
 from snapshot.store.format import (  # noqa: E402
     SECTOR,
@@ -127,11 +144,19 @@ def bench_load(exceptions: int, workdir: Path) -> dict[str, object]:
 
 
 class _Stack:
-    """``vol`` with ``nsnaps`` persistent snapshots on the userspace engine or the kernel."""
+    """``vol`` with ``nsnaps`` persistent snapshots, on ``dm`` (the userspace engine or the kernel).
 
-    def __init__(self, work: Path, size: int, nsnaps: int, chunk: int, tag: str, kernel: bool) -> None:
+    ``node`` writes through the device's block-device node (``/dev/mapper/vol`` for the kernel,
+    the exposed ``<run_dir>/mapper/vol`` for the engine), buffered, as a program writing to the
+    volume does; otherwise through the engine's in-process endpoint, where every write returns
+    once its copy-on-write is committed.
+    """
+
+    def __init__(self, dm: Any, work: Path, size: int, nsnaps: int, chunk: int, tag: str,
+                 kernel: bool, node: bool = False) -> None:
         from snapshot import SnapshotManager
 
+        self.dm = dm
         self.loops: list[Any] = []
         self.kernel = kernel
         origin = work / f"{tag}-vol.img"
@@ -149,33 +174,25 @@ class _Stack:
             with open(cow, "wb") as f:
                 f.truncate(cow_size)
             cows.append(cow)
+        self.files = [origin, *cows]
         self.vol = f"bench{os.getpid()}{tag}"
         if kernel:
             from dmtools import loop
-            from dmtools.kernel import KernelBackend
 
-            self.dm: Any = KernelBackend()
             self.loops = [loop.attach(origin)] + [loop.attach(c) for c in cows]
             devs = [lp.path for lp in self.loops]
         else:
-            from dmtools.engine import Engine
-            from snapshot.targets import TARGETS
-
-            self.dm = Engine()
-            try:
-                self.dm._registry.get("snapshot")
-            except Exception:  # noqa: BLE001 - entry points not installed: register the classes
-                self.dm._registry._classes.update(TARGETS)
             devs = [str(origin)] + [str(c) for c in cows]
         self.dm.create(self.vol, f"0 {size // SECTOR} linear {devs[0]} 0")
         self.mgr = SnapshotManager(self.dm)
         self.snaps = [f"{self.vol}s{i}" for i in range(nsnaps)]
         for name, cow_dev in zip(self.snaps, devs[1:]):
             self.mgr.create(self.vol, cow_dev, name, chunk_size=chunk)
-        if kernel:
+        self.path = self.dm.device_path(self.vol) if node or kernel else ""
+        if self.path:
             from dmtools.blockdev import BlockDevice
 
-            self.ep: Any = BlockDevice(self.dm.device_path(self.vol), writable=True)
+            self.ep: Any = BlockDevice(self.path, writable=True)
         else:
             self.ep = self.dm.open_endpoint(self.vol)
 
@@ -189,7 +206,8 @@ class _Stack:
 
             for lp in self.loops:
                 loop.detach(lp)
-        self.dm.close()
+        for f in self.files:
+            f.unlink()
 
 
 def _seq_pass(ep: Any, size: int, buf: bytes) -> float:
@@ -200,34 +218,62 @@ def _seq_pass(ep: Any, size: int, buf: bytes) -> float:
     return size / (time.perf_counter() - t0)
 
 
-def _seq_pass_threads(ep: Any, size: int, buf: bytes, threads: int) -> float:
-    """Sequential 1 MiB writes from ``threads`` writers at once (queue depth, as writeback gives)."""
+def _threads(ep: Any, offsets: list[int], buf: bytes, threads: int) -> float:
+    """Bytes/s of writing ``buf`` at ``offsets`` from ``threads`` writers at once (a queue depth,
+    as writeback or a database gives), the flush included."""
     import threading
 
-    step = len(buf) * threads
-
     def run(first: int) -> None:
-        for off in range(first, size, step):
+        for off in offsets[first::threads]:
             ep.write(buf, off)
 
     t0 = time.perf_counter()
-    workers = [threading.Thread(target=run, args=(i * len(buf),)) for i in range(threads)]
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
     ep.flush()
-    return size / (time.perf_counter() - t0)
+    return len(offsets) * len(buf) / (time.perf_counter() - t0)
+
+
+#: the workloads of one configuration, in the order they are printed.
+WORKLOADS = ("seq_first", "seq_rewrite", "seq_first_4_writers", "random_4k", "random_4k_16_writers")
+#: goals of issue 12 for one snapshot (four: sequential first writes), as ratios to no snapshot.
+GOALS = {"1 snapshots": {"seq_first": 0.8, "seq_rewrite": 0.95, "random_4k": 0.5},
+         "4 snapshots": {"seq_first": 0.5}}
+
+
+def _open_dm(kernel: bool, node: bool, work: Path) -> Any:
+    """The kernel backend, or a userspace engine (exposing its devices when ``node``)."""
+    if kernel:
+        from dmtools.kernel import KernelBackend
+
+        return KernelBackend()
+    from dmtools.engine import Engine
+    from snapshot.targets import TARGETS
+
+    dm = Engine(expose=True, run_dir=str(work / "run")) if node else Engine()
+    try:
+        dm._registry.get("snapshot")
+    except Exception:  # noqa: BLE001 - entry points not installed: register the classes
+        dm._registry._classes.update(TARGETS)
+    return dm
 
 
 def bench_writes(work: Path, size: int, chunk: int, nrandom: int, kernel: bool = False,
-                 repeat: int = 1) -> dict[str, object]:
+                 repeat: int = 1, node: bool = False) -> dict[str, object]:
     """MiB/s of origin writes with 0, 1 and 4 snapshots, and each as a ratio to 0 snapshots.
 
     With ``repeat`` > 1 the configurations are measured in turn that many times (0, 1, 4, 0, 1,
     4, ...), so a slow phase of a shared machine hits each alike; the medians are reported.
     """
-    runs = [_write_rows(work, size, chunk, nrandom, kernel) for _ in range(repeat)]
+    (work / "run").mkdir(exist_ok=True)
+    dm = _open_dm(kernel, node, work)
+    try:
+        runs = [_write_rows(dm, work, size, chunk, nrandom, kernel, node) for _ in range(repeat)]
+    finally:
+        dm.close()
     rows = {
         name: {k: statistics.median(r[name][k] for r in runs) for k in runs[0][name]}
         for name in runs[0]
@@ -235,10 +281,11 @@ def bench_writes(work: Path, size: int, chunk: int, nrandom: int, kernel: bool =
     base = rows["0 snapshots"]
     out: dict[str, object] = {
         "engine": "kernel" if kernel else "userspace",
+        "path": "block device node, buffered" if node or kernel else "engine endpoint (in-process)",
         "size_mib": size >> 20,
         "chunk_sectors": chunk,
         "repeat": repeat,
-        "goal": "1 snapshot >= 0.33x",
+        "loadavg": round(loadavg(), 2),
     }
     for name, row in rows.items():
         out[name] = {
@@ -251,43 +298,111 @@ def bench_writes(work: Path, size: int, chunk: int, nrandom: int, kernel: bool =
     return out
 
 
-def _write_rows(work: Path, size: int, chunk: int, nrandom: int, kernel: bool) -> dict[str, dict[str, float]]:
+def _write_rows(dm: Any, work: Path, size: int, chunk: int, nrandom: int, kernel: bool,
+                node: bool) -> dict[str, dict[str, float]]:
     """One measurement of every configuration: bytes/s per workload."""
     buf = os.urandom(1 << 20)
     small = os.urandom(4096)
     rng = random.Random(7)
     offsets = [rng.randrange(size // 4096) * 4096 for _ in range(nrandom)]
     rows: dict[str, dict[str, float]] = {}
+
+    def on_new_stack(n: int, tag: str, run: Any) -> float:
+        st = _Stack(dm, work, size, n, chunk, f"{tag}{n}", kernel, node)
+        try:
+            return float(run(st.ep))
+        finally:
+            st.close()
+
     for n in (0, 1, 4):
-        st = _Stack(work, size, n, chunk, f"q{n}", kernel)
+        st = _Stack(dm, work, size, n, chunk, f"q{n}", kernel, node)
         try:
             first = _seq_pass(st.ep, size, buf)
             rewrite = _seq_pass(st.ep, size, buf)
         finally:
             st.close()
-        st = _Stack(work, size, n, chunk, f"t{n}", kernel)
-        try:
-            first_qd4 = _seq_pass_threads(st.ep, size, buf, 4)
-        finally:
-            st.close()
-        st = _Stack(work, size, n, chunk, f"r{n}", kernel)
-        try:
-            t0 = time.perf_counter()
-            for off in offsets:
-                st.ep.write(small, off)
-            st.ep.flush()
-            rnd = nrandom * 4096 / (time.perf_counter() - t0)
-        finally:
-            st.close()
-        for p in work.iterdir():
-            p.unlink()
         rows[f"{n} snapshots"] = {
             "seq_first": first,
             "seq_rewrite": rewrite,
-            "seq_first_4_writers": first_qd4,
-            "random_4k": rnd,
+            "seq_first_4_writers": on_new_stack(
+                n, "t", lambda ep: _threads(ep, list(range(0, size, len(buf))), buf, 4)),
+            "random_4k": on_new_stack(n, "r", lambda ep: _threads(ep, offsets, small, 1)),
+            "random_4k_16_writers": on_new_stack(n, "w", lambda ep: _threads(ep, offsets, small, 16)),
         }
     return rows
+
+
+def bench_fio(work: Path, size: int, chunk: int, kernel: bool, runtime: float) -> dict[str, object]:
+    """fio's jobs (``bench_common.FIO_JOBS``, ``--direct=1``) on the origin's block-device node
+    with 0 and 1 snapshot, each job on a fresh volume (its writes are first writes); MiB/s and
+    the ratio to no snapshot."""
+    (work / "run").mkdir(exist_ok=True)
+    dm = _open_dm(kernel, True, work)
+    rows: dict[str, dict[str, float]] = {}
+    try:
+        for n in (0, 1):
+            row = rows[f"{n} snapshots"] = {}
+            for job, bs, depth in FIO_JOBS:
+                st = _Stack(dm, work, size, n, chunk, f"f{n}{job}", kernel, True)
+                try:
+                    st.ep.close()  # fio opens the node itself
+                    st.ep = _Closed()
+                    row[job] = fio(st.path, write=True, bs=bs, iodepth=depth, size=size, runtime=runtime).bw
+                finally:
+                    st.close()
+    finally:
+        dm.close()
+    base = rows["0 snapshots"]
+    out: dict[str, object] = {"engine": "kernel" if kernel else "userspace", "size_mib": size >> 20,
+                              "runtime_s": runtime, "loadavg": round(loadavg(), 2)}
+    for name, row in rows.items():
+        out[name] = {k: {"MiB/s": round(v / 2**20, 1), "ratio": round(v / base[k], 3)} for k, v in row.items()}
+    return out
+
+
+class _Closed:
+    """Stands in for an endpoint already closed."""
+
+    def close(self) -> None:
+        """Nothing left to close."""
+
+
+def _vm_results(args: argparse.Namespace) -> dict[str, Any] | str:
+    """The kernel's figures for the same workloads: this script run in the VM (``--in-vm``)."""
+    vm_args = ["--in-vm", "--json", "--size", args.vm_size, "--chunk-size", str(args.chunk_size),
+               "--random-writes", str(args.vm_random_writes), "--fio-runtime", str(args.fio_runtime)]
+    if args.no_fio:
+        vm_args.append("--no-fio")
+    return in_vm(Path(__file__), vm_args, modules=("dm-snapshot",))
+
+
+def _print_table(results: dict[str, Any]) -> None:
+    """Ratios to no snapshot, ours and the kernel's side by side."""
+    cols = [("ours: API", results.get("writes")), ("ours: node", results.get("writes_node")),
+            ("kernel: node", results.get("writes_kernel"))]
+    cols = [(h, c) for h, c in cols if isinstance(c, dict)]
+    print(f"origin writes, ratio to no snapshot (load average {loadavg():.1f} on {os.cpu_count()} CPUs)")
+    print(f"  {'workload':34}" + "".join(f"{h:>14}" for h, _ in cols) + "   goal")
+    for n in ("1 snapshots", "4 snapshots"):
+        for w in WORKLOADS:
+            goal = GOALS.get(n, {}).get(w)
+            cells = "".join(f"{c[n][w]['ratio']:>13.3f}x" for _, c in cols)
+            print(f"  {n[:-1] + ', ' + w:34}{cells}   {'>= ' + str(goal) + 'x' if goal else ''}")
+    print("  MiB/s with no snapshot:")
+    for w in WORKLOADS:
+        print(f"  {'  ' + w:34}" + "".join(f"{c['0 snapshots'][w]['MiB/s']:>14.1f}" for _, c in cols))
+    fcols = [("ours: fio", results.get("fio")), ("kernel: fio", results.get("fio_kernel"))]
+    fcols = [(h, c) for h, c in fcols if isinstance(c, dict)]
+    if fcols:
+        print("fio --direct=1 on the origin's node, 1 snapshot vs none: ratio (MiB/s with none)")
+        for job, _, _ in FIO_JOBS:
+            print(f"  {job:34}" + "".join(
+                f"{c['1 snapshots'][job]['ratio']:>8.3f}x ({c['0 snapshots'][job]['MiB/s']:7.1f})" for _, c in fcols))
+    for key in ("writes_kernel", "fio_kernel"):
+        if isinstance(results.get(key), str):
+            print(f"  {key}: {results[key]}")
+    if "load" in results:
+        print(f"load: {json.dumps(results['load'])}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,35 +410,59 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exceptions", type=int, default=1_000_000)
     p.add_argument("--size", default="32M", help="origin size for the write benchmarks")
     p.add_argument("--chunk-size", type=int, default=8, help="snapshot chunk size in sectors (default 8 = LVM's 4 KiB)")
-    p.add_argument("--random-writes", type=int, default=2000, help="random 4 KiB writes per configuration")
+    p.add_argument("--random-writes", type=int, default=1000, help="random 4 KiB writes per configuration")
     p.add_argument("--repeat", type=int, default=1,
                    help="measure the write configurations this many times, report medians")
+    p.add_argument("--fio-runtime", type=float, default=3.0, help="seconds per fio job (at most)")
+    p.add_argument("--vm-size", default="32M", help="origin size in the VM (TCG emulation is slow)")
+    p.add_argument("--vm-random-writes", type=int, default=500)
+    p.add_argument("--no-kernel", action="store_true", help="do not run the kernel's side in the VM")
+    p.add_argument("--no-fio", action="store_true", help="leave out the fio jobs")
     p.add_argument("--only", choices=("load", "writes"))
     p.add_argument("--json", action="store_true")
     p.add_argument("--load-child", help=argparse.SUPPRESS)
+    p.add_argument("--in-vm", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.load_child:
         _load_child(args.load_child)
         return 0
-    results: dict[str, object] = {}
+    results: dict[str, Any] = {}
+    size = parse_size(args.size, "b")
     with tempfile.TemporaryDirectory(prefix="bench-snapshot-") as tmp:
         work = Path(tmp)
+        if args.in_vm:  # the kernel's side, printed as JSON for the host
+            results["writes_kernel"] = bench_writes(work, size, args.chunk_size, args.random_writes,
+                                                    True, repeat=args.repeat)
+            if not args.no_fio:
+                results["fio_kernel"] = bench_fio(work, size, args.chunk_size, True, args.fio_runtime)
+            print(json.dumps(results))
+            return 0
         if args.only in (None, "writes"):
-            size = parse_size(args.size, "b")
             results["writes"] = bench_writes(work, size, args.chunk_size, args.random_writes,
                                              repeat=args.repeat)
-            from dmtools.backends import kernel_available
-
-            if kernel_available():  # in the VM: the kernel's own ratios for the same workload
-                results["writes_kernel"] = bench_writes(work, size, args.chunk_size, args.random_writes,
-                                                        True, repeat=args.repeat)
+            reason = exposure_possible()
+            if reason is None:
+                results["writes_node"] = bench_writes(work, size, args.chunk_size, args.random_writes,
+                                                      repeat=args.repeat, node=True)
+                if not args.no_fio:
+                    results["fio"] = (fio_available()
+                                      or bench_fio(work, size, args.chunk_size, False, args.fio_runtime))
+            else:
+                results["writes_node"] = results["fio"] = f"not measured: {reason}"
+            if not args.no_kernel:
+                vm = _vm_results(args)
+                if isinstance(vm, str):
+                    results["writes_kernel"] = vm
+                else:
+                    results.update(vm)
         if args.only in (None, "load"):
             results["load"] = bench_load(args.exceptions, work)
     if args.json:
         print(json.dumps(results, indent=2))
+    elif args.only == "load":
+        print(f"load: {json.dumps(results['load'])}")
     else:
-        for name, value in results.items():
-            print(f"{name}: {json.dumps(value)}")
+        _print_table(results)
     return 0
 
 
