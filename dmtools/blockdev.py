@@ -539,6 +539,29 @@ class BlockDevice(Endpoint):
             if n:
                 pending[0] = pending[0][n:]
 
+    def splice_to(self, pipe: int, offset: int, length: int) -> None:
+        """Put the ``length`` bytes at ``offset`` into the pipe ``pipe`` (``splice(2)``: page-cache
+        pages are referenced, not copied). A pipe without room raises :class:`DeviceIOError`
+        with errno ``EAGAIN`` (nothing waits); the end of the file or device before ``length``
+        bytes raises it with ``EIO``."""
+        fd = self._require_open()
+        self._check_range(offset, length, "read")
+        self._check_direct(None, offset, length, "read")
+        done = 0
+        while done < length:
+            try:
+                n = os.splice(fd, pipe, length - done, offset_src=offset + done,
+                              flags=os.SPLICE_F_NONBLOCK)
+            except BlockingIOError as err:
+                raise DeviceIOError(f"the pipe is full after {done} of {length} bytes",
+                                    errno=errno.EAGAIN, operation="read", device=self.path) from err
+            except OSError as err:
+                raise self._io_error(err, "read", offset + done, length - done) from err
+            if n <= 0:
+                raise DeviceIOError(f"short read at byte {offset + done}", errno=errno.EIO,
+                                    operation="read", device=self.path)
+            done += n
+
     def fadvise(self, offset: int, length: int, advice: int) -> None:
         """``posix_fadvise`` on the range (only advice: a file system may refuse it)."""
         with contextlib.suppress(OSError):

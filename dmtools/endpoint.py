@@ -9,6 +9,7 @@ userspace engine's device endpoints, ``NullEndpoint`` and, for tests, ``dmtools.
 from __future__ import annotations
 
 import abc
+import os
 from typing import Any, Sequence
 
 from dmtools.errors import DeviceIOError
@@ -82,6 +83,18 @@ class Endpoint(abc.ABC):
                 done += n
             offset += done
 
+    def splice_to(self, pipe: int, offset: int, length: int) -> None:
+        """Put the ``length`` bytes at ``offset`` into the pipe ``pipe`` (which has room for them).
+
+        An endpoint with a file descriptor lets the kernel move them (``splice(2)``); the default
+        reads them with :meth:`readinto` and writes them to the pipe. A short read (past the end)
+        raises ``DeviceIOError``.
+        """
+        buf = bytearray(length)
+        if self.readinto(buf, offset) != length:
+            raise DeviceIOError(f"short read at byte {offset}", operation="read", device=self.name)
+        write_pipe(pipe, memoryview(buf))
+
     def flush(self) -> None:
         """Make completed writes durable."""
 
@@ -123,6 +136,13 @@ class Endpoint(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def write_pipe(pipe: int, buf: memoryview) -> None:
+    """Write all of ``buf`` into the pipe ``pipe`` (which has room for it)."""
+    done = 0
+    while done < len(buf):
+        done += os.write(pipe, buf[done:])
 
 
 class ForwardingEndpoint(Endpoint):

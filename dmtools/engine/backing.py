@@ -118,6 +118,9 @@ class BackingDevice(Endpoint):
             _bounce.put(bounce)
         return n
 
+    def splice_to(self, pipe: int, offset: int, length: int) -> None:
+        self.buffered.splice_to(pipe, offset, length)
+
     def flush(self) -> None:
         self.buffered.flush()
 

@@ -9,6 +9,7 @@ opened). Table, status and IMA text follow the kernel's ``drivers/md/dm-linear.c
 from __future__ import annotations
 
 import errno
+from typing import Callable
 
 from dmtools.engine.target_driver import (
     SECTOR,
@@ -28,6 +29,7 @@ class LinearTarget(TargetDriver):
     name = "linear"
     version = (1, 5, 0)  # dm-linear.c
     value_type = Linear
+    pipe_io = True
 
     def __init__(self, ctx: TargetContext, start: int, length: int, value: Linear) -> None:
         super().__init__(ctx, start, length)
@@ -41,6 +43,9 @@ class LinearTarget(TargetDriver):
 
     def write(self, buf: memoryview, offset: int) -> None:
         _write_full(self.dev, buf, self._base + offset)
+
+    def read_to(self, pipe: int, offset: int, length: int) -> None:
+        self.dev.splice_to(pipe, self._base + offset, length)
 
     def discard(self, offset: int, length: int) -> None:
         self.dev.discard(self._base + offset, length)
@@ -63,6 +68,7 @@ class StripedTarget(TargetDriver):
     name = "striped"
     version = (1, 7, 0)  # dm-stripe.c
     value_type = Striped
+    pipe_io = True
 
     def __init__(self, ctx: TargetContext, start: int, length: int, value: Striped) -> None:
         super().__init__(ctx, start, length)
@@ -92,13 +98,11 @@ class StripedTarget(TargetDriver):
             pos += n
         return out
 
-    def _io(self, buf: memoryview, offset: int, write: bool) -> None:
-        for stripe, dev_off, pos, n in self._pieces(offset, len(buf)):
+    def _io(self, offset: int, length: int, move: Callable[[DeviceHandle, int, int, int], None]) -> None:
+        """``move(device, device_offset, buf_start, n)`` for each piece, counting errors per stripe."""
+        for stripe, dev_off, pos, n in self._pieces(offset, length):
             try:
-                if write:
-                    _write_full(self.devices[stripe], buf[pos : pos + n], dev_off)
-                else:
-                    _read_full(self.devices[stripe], buf[pos : pos + n], dev_off)
+                move(self.devices[stripe], dev_off, pos, n)
             except (OSError, DeviceIOError):
                 self.errors[stripe] += 1
                 if self.errors[stripe] < 15:  # DM_IO_ERROR_THRESHOLD in dm-stripe.c
@@ -106,10 +110,13 @@ class StripedTarget(TargetDriver):
                 raise
 
     def read(self, buf: memoryview, offset: int) -> None:
-        self._io(buf, offset, False)
+        self._io(offset, len(buf), lambda dev, off, pos, n: _read_full(dev, buf[pos : pos + n], off))
 
     def write(self, buf: memoryview, offset: int) -> None:
-        self._io(buf, offset, True)
+        self._io(offset, len(buf), lambda dev, off, pos, n: _write_full(dev, buf[pos : pos + n], off))
+
+    def read_to(self, pipe: int, offset: int, length: int) -> None:
+        self._io(offset, length, lambda dev, off, pos, n: dev.splice_to(pipe, off, n))
 
     def discard(self, offset: int, length: int) -> None:
         for stripe, dev_off, _pos, n in self._pieces(offset, length):

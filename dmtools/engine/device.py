@@ -336,6 +336,25 @@ class Device:
 
         return self._requeueable(offset, write)
 
+    def read_to(self, pipe: int, length: int, offset: int) -> int | None:
+        """Put up to ``length`` bytes from byte ``offset`` into the pipe ``pipe`` (which has room
+        for them); returns how many (short only at the end of the device), or ``None``, with the
+        pipe untouched, when a target of the range does not move bytes into pipes
+        (``TargetDriver.pipe_io``): the caller then uses :meth:`read`."""
+        table = self._enter(offset)
+        try:
+            if table is None or offset >= table.size or not length:
+                return 0
+            n = min(length, table.size - offset)
+            ranges = self._ranges(table, offset, n)
+            if not all(tgt.pipe_io for tgt, _, _ in ranges):
+                return None
+            for tgt, off, k in ranges:
+                tgt.read_to(pipe, off, k)
+            return n
+        finally:
+            self._leave()
+
     def _requeueable(self, offset: int, op: Callable[[LoadedTable | None], _T]) -> _T:
         """Run ``op`` on the live table inside the gate; an I/O a target hands back with
         ``RequeueIO`` during a noflush suspend is run again once the device is resumed."""

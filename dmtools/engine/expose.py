@@ -5,9 +5,11 @@ One FUSE file system (``mfusepy`` over Debian's libfuse3, multi-threaded) is mou
 ``<run_dir>/mapper/NAME`` links to that loop device (the analogue of ``/dev/mapper/NAME``). The
 device's ``major:minor`` is the loop device's.
 
-Reads and writes go straight between the kernel's request buffer and the engine (no copy in
-Python, no per-sector loop): the FUSE callbacks wrap the C buffer in a ``memoryview`` and hand it
-to the device, whose targets do ``preadv``/``pwritev`` into it. Files are served with FUSE
+Writes go straight from libfuse's request buffer to the engine (no copy in Python, no
+per-sector loop): the FUSE callback wraps the C buffer in a ``memoryview`` and hands it to the
+device, whose targets ``pwritev`` it. Reads of ``linear`` and ``striped`` ranges are moved by the
+kernel: the targets splice the backing file's pages into a pipe that libfuse splices into the
+reply (``dmtools.engine.fuse_io``); other targets read into a buffer. Files are served with FUSE
 ``direct_io`` (no second page cache under the loop device), and the loop device uses direct I/O
 where the kernel allows it, so several requests are in flight at once over the FUSE threads.
 """
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 
 from dmtools import loop
-from dmtools.engine import rundir
+from dmtools.engine import fuse_io, rundir
 from dmtools.errors import DMError, LoopError
 from dmtools.linux import BLKROSET, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, libc
 
@@ -253,6 +255,8 @@ class _Operations:
         self.files = files
         self.ready = ready
         self.started = time.time_ns()
+        #: each FUSE worker's pipe for read replies (``fuse_io``).
+        self.pipes = fuse_io.ReadPipes()
         #: files being bound to a loop device while their device is still empty: they report
         #: one sector, because ``dmtools.loop.attach`` refuses an empty file (the kernel does not).
         self.attaching: set[str] = set()
@@ -263,7 +267,9 @@ class _Operations:
             raise OSError(errno.ENOENT, "no such device")
         return dev
 
-    def init(self, path: str) -> None:
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        if conn is not None:
+            fuse_io.want_splice(conn)
         self.ready.set()
 
     def destroy(self, path: str) -> None:
@@ -289,22 +295,18 @@ class _Operations:
         self._dev(path)
         return 0
 
-    # ``read``/``write`` exist so that mfusepy wires the callbacks; ZeroCopyFUSE calls
-    # ``readinto``/``writefrom`` with the kernel's buffer instead.
-    def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
-        buf = bytearray(size)
-        return bytes(buf[: self.readinto(path, memoryview(buf), offset)])
-
+    # ``write`` exists so that mfusepy wires the callback; ZeroCopyFUSE calls ``writefrom`` with
+    # the kernel's buffer instead. Reads are ``read_buf`` (``fuse_io``).
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
         return self.writefrom(path, memoryview(data), offset)
 
     @_errno
-    def readinto(self, path: str | None, buf: memoryview, offset: int) -> int:
-        return self._dev(path).read(buf, offset)
-
-    @_errno
     def writefrom(self, path: str | None, buf: memoryview, offset: int) -> int:
         return self._dev(path).write(buf, offset)
+
+    @_errno
+    def read_buf(self, path: str | None, bufpp: Any, size: int, offset: int) -> int:
+        return fuse_io.read_buf(self._dev(path), self.pipes, bufpp, size, offset)
 
     @_errno
     def fsync(self, path: str, datasync: int, fh: int) -> int:
@@ -340,19 +342,19 @@ class _Operations:
 
 
 def _make_fuse_class() -> Any:
-    """A ``mfusepy.FUSE`` whose read/write hand the C buffer to the device without copying."""
+    """A ``mfusepy.FUSE`` whose write hands the C buffer to the device without copying, and whose
+    read replies are pipes or buffers filled by the device (``fuse_io.read_buf``)."""
     import mfusepy
 
     class ZeroCopyFUSE(mfusepy.FUSE):  # type: ignore[misc]
-        def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
-            view = (ctypes.c_char * size).from_address(ctypes.addressof(buf.contents))
-            name = None if path is None else path.decode()
-            return int(self.operations.readinto(name, memoryview(view).cast("B"), offset))
-
         def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
             view = (ctypes.c_char * size).from_address(ctypes.addressof(buf.contents))
             name = None if path is None else path.decode()
             return int(self.operations.writefrom(name, memoryview(view).cast("B"), offset))
+
+        def read_buf(self, path: bytes | None, bufpp: Any, size: int, offset: int, fip: Any) -> int:
+            name = None if path is None else path.decode()
+            return int(self.operations.read_buf(name, bufpp, size, offset))
 
     return ZeroCopyFUSE
 
@@ -415,6 +417,7 @@ class Exposure:
             except BaseException as err:  # noqa: BLE001 - reported to the thread that waits
                 self._error = err
             finally:
+                ops.pipes.close()
                 ready.set()
 
         self._error = None
@@ -517,7 +520,10 @@ class Exposure:
             loop.detach(exp.loop, timeout=timeout)
         with self._lock:
             self._files.pop(exp.file, None)
+            idle = not self._files
         dev.exposure = None
+        if idle:
+            self._ops.pipes.sweep()
 
     def renamed(self, dev: "Device", old_name: str) -> None:
         """Move the mapper link to the device's new name."""

@@ -89,6 +89,9 @@ class DeviceHandle(ForwardingEndpoint):
         """Size in 512-byte sectors (rounded down)."""
         return self.inner.size // SECTOR
 
+    def splice_to(self, pipe: int, offset: int, length: int) -> None:
+        self.inner.splice_to(pipe, offset, length)
+
     def close(self) -> None:
         """Handles are closed by the engine when the table that opened them is destroyed."""
 
@@ -182,6 +185,22 @@ class TargetDriver(abc.ABC):
         return self.length * SECTOR
 
     # --- I/O ------------------------------------------------------------------------------
+    #: True when the target puts the bytes it reads into a pipe itself (:meth:`read_to`,
+    #: ``splice(2)`` where its devices have a file descriptor) and never hands an I/O back with
+    #: ``RequeueIO``: the exposure's FUSE read replies then carry them without a buffer in Python.
+    pipe_io: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A subclass that changes read (a test target failing on demand) but not the pipe path
+        # would be bypassed by it: it reads through read only.
+        if "pipe_io" not in cls.__dict__ and "read" in cls.__dict__:
+            cls.pipe_io = False
+
+    def read_to(self, pipe: int, offset: int, length: int) -> None:
+        """Put the ``length`` bytes at ``offset`` into the pipe ``pipe`` (only if ``pipe_io``)."""
+        raise NotImplementedError(f"{self.name} does not move bytes into pipes")
+
     @abc.abstractmethod
     def read(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` with the data at ``offset`` bytes from the target's start."""
