@@ -134,7 +134,7 @@ class LoadedTable:
     @property
     def size(self) -> int:
         """Size in bytes."""
-        return self.sectors * SECTOR
+        return self.ends[-1] if self.ends else 0
 
     def shown(self) -> Table:
         """The table as the kernel prints it back: each target's ``table_value``, with every device
@@ -280,8 +280,8 @@ class Device:
     def _leave(self) -> None:
         with self._gate:
             self._inflight -= 1
-            if self._inflight == 0:
-                self._gate.notify_all()
+            if self._inflight == 0 and self.suspended:
+                self._gate.notify_all()  # block_io waits for the last one (nobody else does)
 
     def block_io(self, timeout: float | None = None) -> bool:
         """Hold new I/O and wait for in-flight I/O to finish; False if ``timeout`` expired."""
