@@ -1,10 +1,21 @@
 #!/usr/bin/env python3
-"""Benchmark: sequential 1 MiB I/O through an exposed userspace ``linear`` device vs its backing file.
+"""Benchmark: exposed userspace devices (loop → FUSE → engine) against their backing file, beside the kernel.
 
-One run measures both sides with the same access pattern (``O_DIRECT``, 1 MiB requests, one
-stream, writes ended by ``fsync``): the backing file directly and ``<run_dir>/mapper/NAME`` (loop
-device → FUSE → engine → backing file), alternating over a few rounds with caches dropped before
-each pass. It prints the median MB/s of each and the ratio (goal: ≥ 0.5× of the backing file). Needs root, ``/dev/fuse`` and loop devices.
+One run measures, side by side:
+
+- **sequential 1 MiB ``O_DIRECT``** writes (ended by ``fsync``) and reads, ``linear`` and
+  ``striped`` through ``<run_dir>/mapper/NAME``, and the backing file itself (a file of the same
+  size on the same file system), alternating over a few rounds with caches dropped before each
+  pass: the median MB/s, the ratio, and the engine's CPU seconds per GiB moved (every thread of
+  this process but the main one, which only issues the benchmark's own I/O);
+- **fio** (``bench_common.FIO_JOBS``: sequential 1 MiB and random 4 KiB, queue depth 1 and 16,
+  ``--direct=1``), reads and writes, on the backing file and the exposed devices;
+- **the kernel's ratios** from the same code in the VM (``bench_common.in_vm``): kernel ``linear``
+  and ``striped`` device-mapper devices over loop devices against the loop device itself
+  (``--no-kernel`` skips the VM).
+
+Goals (issue 12): writes ≥ 0.9× and reads ≥ 0.95× the backing file, engine CPU ≤ 0.3 s per GiB.
+Needs root, ``/dev/fuse`` and loop devices (and fio, which ``scripts/setup-env`` installs).
 
 ``--cycle`` measures instead what a table's devices cost: in-process create/remove cycles of a
 ``linear`` device over an image file (the reference is identified and claimed, and the loop
@@ -12,41 +23,43 @@ devices over the file are looked up: ``dmtools.claims``, ``dmtools.loop_index``)
 cycle of a ``zero`` device (no device to claim), alternating, with the number of bound loop
 devices on the machine (each one is looked at when the loop index is rebuilt).
 
-Usage: scripts/bench_engine.py [--size-mib 256] [--dir DIR] | --cycle [--cycles 300]
+Usage: scripts/bench engine [--size-mib 256] [--rounds 3] [--fio-runtime 3] [--no-kernel] [--json]
+       scripts/bench engine --cycle [--cycles 300]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from typing import Any, Callable, Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_common import FIO_JOBS, drop_caches, fio, fio_available, in_vm, loadavg  # noqa: E402
 
 from dmtools.blockdev import aligned_buffer  # noqa: E402
-from dmtools.engine import Engine  # noqa: E402
-from dmtools.engine.expose import exposure_possible  # noqa: E402
 
 MiB = 1 << 20
+GiB = 1 << 30
+#: Striped devices: two stripes of 64 KiB chunks (LVM's default stripe size).
+STRIPES = 2
+CHUNK_SECTORS = 128
+GOALS = {"write": 0.9, "read": 0.95, "cpu_s_per_gib": 0.3}
+KINDS = ("linear", "striped")
 
 
-def _drop_caches() -> None:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        pass
-
-
-def _cpu() -> float:
-    """CPU seconds used by this process (all threads, the FUSE workers included)."""
+def _cpu_others() -> float:
+    """CPU seconds of every thread of this process except the calling one (the FUSE workers and
+    the engine, not the benchmark's own I/O)."""
     t = os.times()
-    return t.user + t.system
+    return t.user + t.system - time.thread_time()
 
 
 def _seq(path: str, size: int, write: bool) -> float:
@@ -69,9 +82,229 @@ def _seq(path: str, size: int, write: bool) -> float:
     return size / elapsed / 1e6
 
 
+def _images(tmp: str, size: int) -> tuple[str, list[str]]:
+    """The backing file (``size`` bytes) and the stripes' files (``size / STRIPES`` each)."""
+    backing = os.path.join(tmp, "backing.img")
+    stripes = [os.path.join(tmp, f"stripe{i}.img") for i in range(STRIPES)]
+    for path, n in [(backing, size)] + [(p, size // STRIPES) for p in stripes]:
+        _allocate(path, n)
+    return backing, stripes
+
+
+def _allocate(path: str, size: int) -> None:
+    """Create ``path`` with its blocks written (later passes overwrite, as the devices' do)."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    try:
+        _seq(path, size, True)
+    except OSError:  # no O_DIRECT here (tmpfs before Linux 6.6, as in the VM): write it buffered
+        with open(path, "r+b") as f:
+            for off in range(0, size, MiB):
+                f.write(bytes(min(MiB, size - off)))
+
+
+def _tables(size: int, linear_dev: str, stripe_devs: list[str]) -> dict[str, str]:
+    sectors = size // 512
+    legs = " ".join(f"{d} 0" for d in stripe_devs)
+    return {"linear": f"0 {sectors} linear {linear_dev} 0",
+            "striped": f"0 {sectors} striped {STRIPES} {CHUNK_SECTORS} {legs}"}
+
+
+def measure(peer: str, devices: dict[str, str], size: int, rounds: int, fio_size: int,
+            fio_runtime: float, with_fio: bool,
+            cpu: Callable[[], float] | None) -> dict[str, Any]:
+    """Sequential passes and fio jobs on ``peer`` and each of ``devices`` (kind → path).
+
+    Returns MB/s medians and ratios per kind and direction, fio MiB/s and IOPS with ratios, and
+    (with ``cpu``) the CPU seconds per GiB that ``cpu()`` counts while each device is driven.
+    """
+    sides = {"peer": peer, **devices}
+    runs: dict[str, dict[str, list[float]]] = {k: {"write": [], "read": []} for k in sides}
+    used: dict[str, dict[str, float]] = {k: {"write": 0.0, "read": 0.0} for k in devices}
+    # Alternate the sides each round so that noise from other work hits all of them alike.
+    for _ in range(rounds):
+        for direction in ("write", "read"):
+            for name, path in sides.items():
+                drop_caches()
+                before = cpu() if cpu else 0.0
+                runs[name][direction].append(_seq(path, size, direction == "write"))
+                if cpu and name in used:
+                    used[name][direction] += cpu() - before
+    out: dict[str, Any] = {"seq": {}, "fio": {}}
+    for kind in devices:
+        row = {}
+        for direction in ("write", "read"):
+            ours = statistics.median(runs[kind][direction])
+            theirs = statistics.median(runs["peer"][direction])
+            row[direction] = {"peer_mbs": round(theirs, 1), "mbs": round(ours, 1),
+                              "ratio": round(ours / theirs, 3)}
+            if cpu:
+                row[direction]["cpu_s_per_gib"] = round(used[kind][direction] / (size * rounds / GiB), 3)
+        out["seq"][kind] = row
+    out["seq_runs"] = runs
+    if not with_fio:
+        return out
+    for job, bs, depth in FIO_JOBS:
+        for direction in ("write", "read"):
+            key = f"{job}_{direction}"
+            res = {}
+            for name, path in sides.items():
+                r = fio(path, write=direction == "write", bs=bs, iodepth=depth, size=fio_size,
+                        runtime=fio_runtime)
+                res[name] = {"mib_s": round(r.mib_s, 1), "iops": round(r.iops)}
+            for kind in devices:
+                res[kind]["ratio"] = round(res[kind]["mib_s"] / res["peer"]["mib_s"], 3)
+            out["fio"][key] = res
+    return out
+
+
+@contextlib.contextmanager
+def _exposed(tmp: str, backing: str, stripes: list[str], size: int) -> Iterator[dict[str, str]]:
+    """The userspace engine's linear (over a copy-sized file) and striped devices, exposed."""
+    from dmtools.engine import Engine
+
+    lin = os.path.join(tmp, "linear.img")
+    _allocate(lin, size)
+    eng = Engine(expose=True, run_dir=os.path.join(tmp, "run"))
+    try:
+        tables = _tables(size, lin, stripes)
+        for kind in KINDS:
+            eng.create(f"bench-{kind}-dmtt", tables[kind])
+        yield {kind: eng.device_path(f"bench-{kind}-dmtt") for kind in KINDS}
+        for kind in KINDS:
+            eng.remove(f"bench-{kind}-dmtt")
+    finally:
+        eng.close()
+
+
+@contextlib.contextmanager
+def _kernel(tmp: str, backing: str, stripes: list[str], size: int) -> Iterator[dict[str, str]]:
+    """Kernel device-mapper linear and striped devices over (buffered) loop devices, inside the
+    VM; the peer is the loop device of the backing file."""
+    import dmtools
+    from dmtools import loop
+
+    loops: list[loop.LoopDevice] = []
+    dm = dmtools.open("kernel")
+    made: list[str] = []
+    try:
+        lin = os.path.join(tmp, "linear.img")
+        _allocate(lin, size)
+        for path in [backing, lin, *stripes]:
+            # Buffered loop devices: the VM's /tmp (an overlay on tmpfs, Linux 6.1) accepts a
+            # direct-I/O loop device and then fails its I/O. The peer is one of them too.
+            loops.append(loop.attach(path))
+        tables = _tables(size, loops[1].path, [lo.path for lo in loops[2:]])
+        for kind in KINDS:
+            dm.create(f"bench-{kind}-dmtt", tables[kind])
+            made.append(f"bench-{kind}-dmtt")
+        yield {"peer": loops[0].path, **{k: f"/dev/mapper/bench-{k}-dmtt" for k in KINDS}}
+    finally:
+        for name in made:
+            with contextlib.suppress(Exception):
+                dm.remove(name, retry=True)
+        for lo in loops:
+            with contextlib.suppress(Exception):
+                loop.detach(lo)
+
+
+def run_kernel(args: argparse.Namespace) -> dict[str, Any]:
+    """Inside the VM: the same measurements on the kernel's targets, against the loop device."""
+    size = args.size_mib * MiB
+    with tempfile.TemporaryDirectory(prefix="dmtt-bench-", dir=args.dir) as tmp:
+        backing, stripes = _images(tmp, size)
+        with _kernel(tmp, backing, stripes, size) as devs:
+            peer = devs.pop("peer")
+            res = measure(peer, devs, size, args.rounds, args.fio_size_mib * MiB,
+                          args.fio_runtime, not args.no_fio, None)
+    res["peer"] = "loop device"
+    res["loadavg"] = loadavg()
+    return res
+
+
+def run_host(args: argparse.Namespace) -> dict[str, Any]:
+    """Here: the engine's exposed devices against the backing file."""
+    size = args.size_mib * MiB
+    with tempfile.TemporaryDirectory(prefix="dmtt-bench-", dir=args.dir) as tmp:
+        backing, stripes = _images(tmp, size)
+        with _exposed(tmp, backing, stripes, size) as devs:
+            res = measure(backing, devs, size, args.rounds, args.fio_size_mib * MiB,
+                          args.fio_runtime, not args.no_fio, _cpu_others)
+    res["peer"] = "backing file"
+    res["loadavg"] = loadavg()
+    return res
+
+
+def _fmt_ratio(value: Any) -> str:
+    return f"{value:.2f}x" if isinstance(value, (int, float)) else "-"
+
+
+def report(ours: dict[str, Any], kernel: dict[str, Any] | str | None, args: argparse.Namespace) -> None:
+    """Print the tables: ours and the kernel's ratio side by side."""
+    kern = kernel if isinstance(kernel, dict) else None
+    print(f"engine: exposed devices (loop -> FUSE -> engine) vs the backing file; load average "
+          f"{ours['loadavg']:.1f} on {os.cpu_count()} CPUs"
+          + (f"; kernel in the VM: dm device vs its loop device, load {kern['loadavg']:.1f}" if kern else ""))
+    print(f"sequential 1 MiB O_DIRECT, {args.size_mib} MiB per pass, median of {args.rounds} "
+          "alternating rounds (MB/s; engine CPU = every thread but the I/O issuer)")
+    print(f"  {'':15} {'backing':>9} {'ours':>9} {'ratio':>7} {'goal':>6} {'CPU s/GiB':>10}   {'kernel ratio':>12}")
+    for kind in KINDS:
+        for direction in ("write", "read"):
+            row = ours["seq"][kind][direction]
+            kr = kern["seq"][kind][direction]["ratio"] if kern else None
+            met = "met" if row["ratio"] >= GOALS[direction] else "NOT"
+            print(f"  {kind + ' ' + direction:15} {row['peer_mbs']:9.1f} {row['mbs']:9.1f} "
+                  f"{_fmt_ratio(row['ratio']):>7} {met:>6} {row['cpu_s_per_gib']:10.2f}   {_fmt_ratio(kr):>12}")
+    worst = max(ours["seq"][k][d]["cpu_s_per_gib"] for k in KINDS for d in ("write", "read"))
+    print(f"  goals: writes >= {GOALS['write']}x, reads >= {GOALS['read']}x, engine CPU <= "
+          f"{GOALS['cpu_s_per_gib']} s/GiB (worst here {worst:.2f}: "
+          f"{'met' if worst <= GOALS['cpu_s_per_gib'] else 'NOT met'})")
+    if ours["fio"]:
+        print(f"fio --direct=1 --ioengine=libaio, {args.fio_size_mib} MiB, {args.fio_runtime:g} s per job "
+              "(MiB/s; ratio = device / backing file; kernel = dm device / loop device)")
+        print(f"  {'job':20} {'backing':>9} {'linear':>9} {'ratio':>7} {'striped':>9} {'ratio':>7}   "
+              f"{'kernel linear':>13} {'striped':>8}")
+        for key, res in ours["fio"].items():
+            kr = kern["fio"].get(key) if kern else None
+            print(f"  {key:20} {res['peer']['mib_s']:9.1f} {res['linear']['mib_s']:9.1f} "
+                  f"{_fmt_ratio(res['linear']['ratio']):>7} {res['striped']['mib_s']:9.1f} "
+                  f"{_fmt_ratio(res['striped']['ratio']):>7}   "
+                  f"{_fmt_ratio(kr['linear']['ratio'] if kr else None):>13} "
+                  f"{_fmt_ratio(kr['striped']['ratio'] if kr else None):>8}")
+    if isinstance(kernel, str):
+        print(f"kernel: {kernel}")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.kernel:  # inside the VM, for the parent's in_vm()
+        print(json.dumps(run_kernel(args)))
+        return 0
+    from dmtools.engine.expose import exposure_possible
+
+    reason = exposure_possible() or (None if args.no_fio else fio_available())
+    if reason:
+        print(f"bench engine: skipped: {reason}", file=sys.stderr)
+        return 2
+    ours = run_host(args)
+    kernel: dict[str, Any] | str | None = None
+    if not args.no_kernel:
+        vm_args = ["--kernel", "--size-mib", str(args.vm_size_mib), "--rounds", str(args.rounds),
+                   "--fio-size-mib", str(min(args.fio_size_mib, args.vm_size_mib)),
+                   "--fio-runtime", str(args.fio_runtime)] + (["--no-fio"] if args.no_fio else [])
+        kernel = in_vm(os.path.abspath(__file__), vm_args)
+    if args.json:
+        print(json.dumps({"benchmark": "engine", "size_mib": args.size_mib, "rounds": args.rounds,
+                          "fio_size_mib": args.fio_size_mib, "fio_runtime": args.fio_runtime,
+                          "goals": GOALS, "ours": ours, "kernel": kernel}))
+        return 0
+    report(ours, kernel, args)
+    return 0
+
+
 def _cycles(image: str, rounds: int, cycles: int) -> dict[str, list[float]]:
     """ms per in-process create/remove cycle of a linear device over ``image`` and of a zero one."""
     from dmtools import loop_index
+    from dmtools.engine import Engine
 
     eng = Engine()
     runs: dict[str, list[float]] = {"linear": [], "zero": []}
@@ -129,71 +362,25 @@ def main_cycle(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mib", type=int, default=256, help="bytes moved per pass (MiB)")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=256, help="bytes per sequential pass (MiB)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
-    parser.add_argument("--dir", default=None, help="directory for the backing image")
-    parser.add_argument("--verbose", action="store_true", help="print every round")
+    parser.add_argument("--fio-size-mib", type=int, default=256, help="fio file/device span (MiB)")
+    parser.add_argument("--fio-runtime", type=float, default=3, help="seconds per fio job")
+    parser.add_argument("--no-fio", action="store_true", help="skip the fio jobs")
+    parser.add_argument("--no-kernel", action="store_true", help="skip the VM run of the kernel's targets")
+    parser.add_argument("--vm-size-mib", type=int, default=64, help="sequential pass size in the VM (MiB)")
+    parser.add_argument("--kernel", action="store_true", help=argparse.SUPPRESS)  # inside the VM
+    parser.add_argument("--dir", default=None, help="directory for the backing images")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--cycle", action="store_true",
                         help="measure in-process create/remove cycles instead (see above)")
     parser.add_argument("--cycles", type=int, default=300, help="cycles per round (--cycle)")
+    parser.add_argument("--verbose", action="store_true", help="print every round (--cycle)")
     args = parser.parse_args(argv)
     if args.cycle:
         return main_cycle(args)
-    reason = exposure_possible()
-    if reason:
-        print(f"bench engine: skipped: {reason}", file=sys.stderr)
-        return 2
-    size = args.size_mib * MiB
-    with tempfile.TemporaryDirectory(prefix="dmtt-bench-", dir=args.dir) as tmp:
-        image = os.path.join(tmp, "backing.img")
-        with open(image, "wb") as f:
-            f.truncate(size)
-        eng = Engine(expose=True, run_dir=os.path.join(tmp, "run"))
-        try:
-            eng.create("bench-dmtt", f"0 {size // 512} linear {image} 0")
-            dev = eng.device_path("bench-dmtt")
-            runs: dict[str, list[float]] = {k: [] for k in ("fw", "fr", "ew", "er")}
-            cpu: dict[str, float] = {"ew": 0.0, "er": 0.0}
-            # Warm once (allocates the image's blocks), then alternate the two sides each round so
-            # that noise from other work on the machine hits both alike; report the medians.
-            _seq(image, size, True)
-            for _ in range(args.rounds):
-                for key, path, write in (("fw", image, True), ("ew", dev, True),
-                                         ("fr", image, False), ("er", dev, False)):
-                    _drop_caches()
-                    before = _cpu()
-                    runs[key].append(_seq(path, size, write))
-                    if key in cpu:
-                        cpu[key] += _cpu() - before
-            eng.remove("bench-dmtt")
-        finally:
-            eng.close()
-    fw, fr, ew, er = (statistics.median(runs[k]) for k in ("fw", "fr", "ew", "er"))
-    gib = size * args.rounds / (1 << 30)
-    if args.json:
-        print(json.dumps({
-            "benchmark": "engine", "size_mib": args.size_mib, "rounds": args.rounds,
-            "write": {"file_mbs": fw, "engine_mbs": ew, "ratio": ew / fw},
-            "read": {"file_mbs": fr, "engine_mbs": er, "ratio": er / fr},
-            "engine_cpu_s_per_gib": {"write": cpu["ew"] / gib, "read": cpu["er"] / gib},
-            "goal": 0.5, "runs": runs, "loadavg": os.getloadavg()[0],
-        }))
-        return 0
-    if args.verbose:
-        for k, v in runs.items():
-            print(f"  {k}: " + " ".join(f"{x:.0f}" for x in v))
-    print(f"engine: sequential 1 MiB O_DIRECT, {args.size_mib} MiB per pass, "
-          f"median of {args.rounds} alternating rounds, load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} CPUs")
-    print(f"  write: backing file {fw:8.1f} MB/s  exposed linear {ew:8.1f} MB/s  ratio {ew / fw:.2f}x")
-    print(f"  read:  backing file {fr:8.1f} MB/s  exposed linear {er:8.1f} MB/s  ratio {er / fr:.2f}x")
-    print(f"  engine process CPU (FUSE threads + engine): write {cpu['ew'] / gib:.2f} s/GiB, "
-          f"read {cpu['er'] / gib:.2f} s/GiB (the engine's cost; ratios suffer when CPUs are busy)")
-    print(f"  goal >= 0.5x: write {'met' if ew / fw >= 0.5 else 'NOT met'}, "
-          f"read {'met' if er / fr >= 0.5 else 'NOT met'}")
-    return 0
+    return _bench(args)
 
 
 if __name__ == "__main__":
