@@ -9,9 +9,20 @@
    completed; the userspace target's own limit: bytes over the time until the mirror reports
    in sync) against their limit: goal within 10 %;
 4. sequential write throughput to an in-sync userspace mirror (2 legs, disk log) against one leg
-   alone (a linear device on the same engine).
+   alone (a linear device on the same engine), through the engine's API: goal >= 0.45x (both legs
+   on one disk: the physical limit is 0.5x);
+5. external peers on the mirror exposed as a block device (root, FUSE and loop devices): ``dd
+   bs=1M oflag=direct`` and fio (sequential 1 MiB and random 4 KiB writes, queue depth 1 and 16,
+   ``--direct=1``) on the exposed mirror against the same job on a file beside its legs (one leg);
+6. the same dd and fio jobs on the kernel's dm-mirror in the VM (``scripts/vmtest``: a disk log in
+   sync, two loop devices over files against a third one alone, ``--vm-size`` bytes, one run: the
+   VM's CPU is emulated), the kernel's ratio printed beside ours (``--no-kernel`` leaves it out).
 
-    scripts/bench mirror [--size 256M] [--region-size 512K] [--rate 64M] [--json]
+Every ratio is the mirror's rate over one leg's, measured in the same run; the load average is
+printed beside the results (busy CPUs lower the ratios).
+
+    scripts/bench mirror [--size 256M] [--peer-size 256M] [--region-size 512K] [--rate 64M]
+                         [--repeat 3] [--runtime 3] [--vm-size 32M] [--no-kernel] [--json]
 """
 
 from __future__ import annotations
@@ -21,10 +32,12 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -33,6 +46,7 @@ from dmtools.blockdev import BlockDevice  # noqa: E402
 from dmtools.units import format_size, parse_size  # noqa: E402
 from mirror.format import LogImage, region_count  # noqa: E402
 from mirror.resync import OfflineResync  # noqa: E402
+from bench_common import FIO_JOBS, fio, fio_available, in_vm, loadavg  # noqa: E402
 
 
 def fill(path: Path, size: int, seed: int) -> None:
@@ -142,6 +156,116 @@ def seq_write(eng, name: str, size: int, chunk: int = 1 << 20) -> float:  # type
         return time.monotonic() - t0
 
 
+def dd_write(path: str, size: int) -> float:
+    """``dd bs=1M oflag=direct conv=notrunc,fdatasync`` of ``size`` bytes onto ``path``; bytes/s."""
+    t0 = time.monotonic()
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={size >> 20}", "oflag=direct",
+                    "conv=notrunc,fdatasync", "status=none"], check=True)
+    return size / (time.monotonic() - t0)
+
+
+def peer_jobs(mirror: str, one: str, size: int, repeat: int, runtime: float) -> dict[str, Any]:
+    """dd and the fio jobs on ``mirror`` and on ``one`` (one leg alone), alternating; medians.
+
+    Returns ``{job: {"mirror": bytes/s, "one": bytes/s, "ratio": mirror/one}}``; fio jobs also
+    carry IOPS. Sequential jobs cover ``size`` once; random ones run ``runtime`` seconds.
+    """
+    out: dict[str, Any] = {}
+    rates: dict[str, list[float]] = {"mirror": [], "one": []}
+    for _ in range(repeat):
+        for side, path in (("one", one), ("mirror", mirror)):
+            rates[side].append(dd_write(path, size))
+    out["dd_1m_direct"] = _ratio(rates)
+    if fio_available() is not None:
+        out["fio_skipped"] = fio_available()
+        return out
+    for name, bs, qd in FIO_JOBS:
+        res: dict[str, list[Any]] = {"mirror": [], "one": []}
+        for _ in range(max(1, repeat // 2)):
+            for side, path in (("one", one), ("mirror", mirror)):
+                res[side].append(fio(path, write=True, bs=bs, iodepth=qd, size=size,
+                                     runtime=None if bs == "1M" else runtime))
+        row = _ratio({k: [r.bw for r in v] for k, v in res.items()})
+        row["mirror_iops"] = statistics.median(r.iops for r in res["mirror"])
+        row["one_iops"] = statistics.median(r.iops for r in res["one"])
+        out[f"fio_{name}"] = row
+    return out
+
+
+def _ratio(rates: dict[str, list[float]]) -> dict[str, Any]:
+    m, o = statistics.median(rates["mirror"]), statistics.median(rates["one"])
+    return {"mirror": m, "one": o, "ratio": m / o}
+
+
+def filled(path: Path, size: int) -> None:
+    """A file of ``size`` bytes, every block allocated (written once)."""
+    fill(path, size, 5)
+
+
+def bench_exposed(d: Path, size: int, region: int, repeat: int, runtime: float) -> dict[str, Any]:
+    """Section 5: the userspace mirror exposed as a block device against one leg (a file)."""
+    from dmtools.engine import Engine
+    from dmtools.engine.expose import exposure_possible
+    from mirror.target import MirrorTarget
+
+    reason = exposure_possible()
+    if reason:
+        return {"skipped": reason}
+    legs = [d / "x0", d / "x1"]
+    one, log = d / "x-one", d / "x-log"
+    for p in (*legs, one):
+        filled(p, size)
+    write_log(log, region_count(size // 512, region), [])
+    eng = Engine(expose=True, run_dir=str(d / "run"))
+    try:
+        eng.register_target(MirrorTarget)
+        eng.create("bench-xmirror", f"0 {size // 512} mirror disk 2 {log} {region} 2 {legs[0]} 0 {legs[1]} 0")
+        try:
+            out = peer_jobs(eng.device_path("bench-xmirror"), str(one), size, repeat, runtime)
+        finally:
+            eng.remove("bench-xmirror")
+    finally:
+        eng.close()
+    out["loadavg"] = loadavg()
+    return out
+
+
+def kernel_peer(size: int, region: int, repeat: int, runtime: float) -> dict[str, Any]:
+    """Section 6, run inside the VM: the kernel's dm-mirror (disk log in sync, two loop devices
+    over files) against a third loop device alone, with the same jobs."""
+    from dmtools import loop
+    from dmtools.kernel import KernelBackend
+    from dmtools.status import parse_mirror_status
+
+    d = Path(tempfile.mkdtemp(prefix="bench-mirror-vm-", dir="/tmp"))
+    files = [d / "k0", d / "k1", d / "k-one"]
+    for p in files:  # allocated without writing them (the VM's CPU is emulated, and slow)
+        with open(p, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+    write_log(d / "k-log", region_count(size // 512, region), [])
+    loops = [loop.attach(p) for p in (*files, d / "k-log")]
+    dm = KernelBackend()
+    name = f"bench-kmirror-{os.getpid()}"
+    try:
+        l0, l1, lone, llog = (lp.path for lp in loops)
+        dm.create(name, f"0 {size // 512} mirror disk 2 {llog} {region} 2 {l0} 0 {l1} 0")
+        try:
+            st = parse_mirror_status(dm.status(name)[0].params)
+            if st.in_sync != st.regions:  # the kernel read our in-sync log: nothing to resync
+                raise RuntimeError(f"the kernel's mirror is not in sync: {st}")
+            out = peer_jobs(dm.device_path(name), lone, size, repeat, runtime)
+        finally:
+            dm.remove(name, retry=True)
+    finally:
+        for lp in loops:
+            loop.detach(lp)
+        dm.close()
+        for p in d.iterdir():
+            p.unlink()
+        d.rmdir()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="256M")
@@ -150,12 +274,23 @@ def main() -> int:
     ap.add_argument("--dir", default=None, help="where the images go (default: a temporary directory)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of the copy/resync comparisons (median)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-kernel", action="store_true", help="leave out the kernel's dm-mirror in the VM")
+    ap.add_argument("--peer-size", default="256M", help="bytes of the dd and sequential fio jobs")
+    ap.add_argument("--runtime", type=float, default=3.0, help="seconds of each random fio job")
+    ap.add_argument("--vm-size", default="32M",
+                    help="bytes of the sequential jobs in the VM (its CPU is emulated: one run each)")
+    ap.add_argument("--kernel-peer", action="store_true", help=argparse.SUPPRESS)  # inside the VM
     args = ap.parse_args()
     size = parse_size(args.size, "b") >> 20 << 20
     region = parse_size(args.region_size, "b") // 512
     rate = parse_size(args.rate, "b")
+    peer_size = parse_size(args.peer_size, "b") >> 20 << 20
+    if args.kernel_peer:
+        print(json.dumps(kernel_peer(peer_size, region, args.repeat, args.runtime)))
+        return 0
+
     nr = region_count(size // 512, region)
-    out: dict[str, float] = {"size_bytes": size, "region_sectors": region, "regions": nr}
+    out: dict[str, Any] = {"size_bytes": size, "region_sectors": region, "regions": nr, "loadavg_start": loadavg()}
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-mirror-") as tmp:
         d = Path(tmp)
         src, dst, log = d / "leg0", d / "leg1", d / "log"
@@ -215,6 +350,17 @@ def main() -> int:
         out["one_leg_write_s"] = statistics.median(ones)
         out["mirror_write_s"] = statistics.median(mirrors)
         out["mirror_vs_one_leg"] = out["one_leg_write_s"] / out["mirror_write_s"]
+        out["loadavg_writes"] = loadavg()
+        for p in (src, dst, *legs_part):
+            p.unlink()
+
+        out["exposed"] = bench_exposed(d, peer_size, region, args.repeat, args.runtime)
+    if args.no_kernel:
+        out["kernel"] = {"skipped": "--no-kernel"}
+    else:  # after the measurements here: the VM takes a core for itself
+        out["kernel"] = in_vm(Path(__file__).resolve(), [
+            "--kernel-peer", "--peer-size", args.vm_size, "--region-size", args.region_size,
+            "--repeat", "1", "--runtime", str(min(args.runtime, 2.0))], ("dm-mirror",))
 
     if args.json:
         print(json.dumps(out, indent=2))
@@ -234,8 +380,33 @@ def main() -> int:
           f"  = {out['target_rate_ratio']:.3f}x (goal 0.9-1.1)")
     print(f"  writes, one leg        {out['one_leg_write_s']:.2f} s  {mb(out['one_leg_write_s'])}")
     print(f"  writes, 2-leg mirror   {out['mirror_write_s']:.2f} s  {mb(out['mirror_write_s'])}"
-          f"  = {out['mirror_vs_one_leg']:.2f}x one leg")
+          f"  = {out['mirror_vs_one_leg']:.2f}x one leg (goal >= 0.45x, limit 0.5x; load average "
+          f"{out['loadavg_writes']:.1f})")
+    print_peers(out["exposed"], out["kernel"], peer_size)
     return 0
+
+
+def print_peers(ours: dict[str, Any], kernel: dict[str, Any] | str, size: int) -> None:
+    """Sections 5 and 6: each job's rates on the mirror and one leg, our ratio and the kernel's."""
+    print(f"exposed mirror vs one leg (dd and fio writes, --direct=1, {format_size(size)} sequential here; "
+          "both legs and the lone leg on one disk; the VM's legs are loop devices over its /tmp):")
+    if "skipped" in ours:
+        print(f"  skipped: {ours['skipped']}")
+        return
+    if isinstance(kernel, str):
+        kernel = {"skipped": kernel}
+    mbs = lambda v: f"{v / 2**20:8.1f} MiB/s"  # noqa: E731
+    print(f"  {'job':<18} {'mirror':>14} {'one leg':>14} {'ratio':>7}   kernel dm-mirror (VM)")
+    for job, row in ours.items():
+        if not isinstance(row, dict):
+            continue
+        k = kernel.get(job) if "skipped" not in kernel else None
+        kern = (f"{k['ratio']:.2f}x ({mbs(k['mirror']).strip()} vs {mbs(k['one']).strip()})" if k
+                else kernel.get("skipped", "-"))
+        print(f"  {job:<18} {mbs(row['mirror'])} {mbs(row['one'])} {row['ratio']:6.2f}x   {kern}")
+    if "fio_skipped" in ours:
+        print(f"  fio: {ours['fio_skipped']}")
+    print(f"  load average after: {ours['loadavg']:.1f}")
 
 
 if __name__ == "__main__":
