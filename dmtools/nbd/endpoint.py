@@ -1,8 +1,9 @@
 """An endpoint on an NBD export, through libnbd: several requests in flight on several connections.
 
-Each connection is one libnbd handle driven by its own poller thread: callers (kcopyd's worker
-threads) queue ``aio_pread``/``aio_pwrite``/``aio_zero`` commands on it and wait for their
-completion, so every connection carries as many requests as there are callers. A second and
+Each connection is one libnbd handle: callers (kcopyd's worker threads) issue ``aio_pread``/
+``aio_pwrite``/``aio_zero`` commands on it and wait for their completion, one of the waiting
+threads driving the handle at a time (no poller thread, see :class:`_Connection`), so every
+connection carries as many requests as there are callers. A second and
 further connections are opened only when the server advertises ``CAN_MULTI_CONN`` (doc/proto.md:
 without it a client should not spread one export over several connections); requests go to the
 least busy connection.
@@ -12,8 +13,10 @@ least busy connection.
 - Zeros: ``zero`` sends ``WRITE_ZEROES`` (the server may punch holes), first with ``FAST_ZERO`` when
   offered; a server that answers ENOTSUP (zeroing is no faster than writing) gets plain
   ``WRITE_ZEROES`` from then on. Without ``SEND_WRITE_ZEROES`` zero buffers are written.
-- Durability: ``flush`` sends ``FLUSH`` on every connection that wrote (replies to writes are
-  awaited before, as doc/proto.md requires across connections); ``close`` flushes first.
+- Durability: ``flush`` sends ``FLUSH`` on every connection that wrote, all at once (replies to
+  writes are awaited before, as doc/proto.md requires across connections); ``close`` flushes
+  first. ``write_durable`` (the kernel's ``REQ_FUA``) sends one ``WRITE`` with ``CMD_FLAG_FUA``
+  when the server offers ``SEND_FUA``, else ``WRITE`` then ``FLUSH``.
 - Failures: a failed command raises :class:`~dmtools.errors.DeviceIOError` with the server's errno.
   A connection whose server goes away fails its commands (ENOTCONN) and is dead for good (libnbd
   cannot reconnect a handle); a command with no reply within ``timeout`` seconds kills its
@@ -25,7 +28,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
 import threading
 import time
 from typing import Any, Callable
@@ -44,6 +46,8 @@ log = logging.getLogger("dmtools.nbd")
 DEFAULT_CONNECTIONS = 4
 #: Seconds a command may wait for its reply before its connection is declared dead.
 DEFAULT_TIMEOUT = 30.0
+#: Longest a driving thread sleeps in ``nbd.poll`` before it looks for a kill (milliseconds).
+POLL_SLICE_MS = 500
 #: Largest READ/WRITE payload sent: 32 MiB, what every server must accept (doc/proto.md
 #: "Block size constraints"; qemu-nbd's maximum, the kernel's max_hw_sectors).
 MAX_REQUEST = 32 << 20
@@ -59,42 +63,60 @@ _Cmd = tuple[str, tuple[Any, ...], int]
 
 
 class _Request:
-    """One command in flight: its completion sets ``err`` (an errno, 0 on success) and ``done``."""
+    """One command in flight: its completion sets ``err`` (an errno, 0 on success) and ``finished``.
 
-    __slots__ = ("done", "err", "keep")
+    ``wake`` is set when the request finishes, and also when its waiter is handed the job of
+    driving the connection (the waiter tells the two apart by ``finished``).
+    """
 
-    def __init__(self, keep: Any = None) -> None:
-        self.done = threading.Event()
+    __slots__ = ("wake", "err", "finished", "keep", "deadline")
+
+    def __init__(self, keep: Any, deadline: float | None) -> None:
+        self.wake = threading.Event()
         self.err = 0
+        self.finished = False
         self.keep = keep  # the buffer libnbd reads or fills, alive until completion
+        self.deadline = deadline  # monotonic time by which its reply must have come
 
     def complete(self, err: Any) -> int:
-        # Runs on the poller thread with the handle locked: no handle calls, never raise.
-        self.err = err.value
-        self.done.set()
+        # Runs in the driving thread, inside aio_notify_*: no handle calls, never raise.
+        if not self.finished:
+            self.err = err.value
+            self.finished = True
+            self.wake.set()
         return 1  # retire the command (no aio_command_completed needed)
 
     def fail(self, code: int) -> None:
-        if not self.done.is_set():
+        if not self.finished:
             self.err = code
-            self.done.set()
+            self.finished = True
+            self.wake.set()
 
 
 class _Connection:
-    """One libnbd handle and the thread that moves its state machine (``aio_notify_*``)."""
+    """One libnbd handle, driven by the threads that wait on it (leader/followers).
 
-    def __init__(self, nbd: Any, handle: Any, name: str) -> None:
+    Callers issue ``aio_*`` commands from their own threads and then wait. One waiter at a time
+    *drives* the connection with ``nbd.poll``: libnbd's poll(2) and ``aio_notify_*`` run in C with
+    the GIL released, and the completion callbacks run in the driver's thread. When its own command
+    is done it hands the job to another waiter. A caller whose command completes while it drives
+    needs no thread switch at all, and the others need one wake-up each: fewer hand-offs than a
+    poller thread per connection, whose every completion and every partial send was a trip
+    through Python (measured: about half the client CPU per GiB). ``nbd.poll`` holds the handle's
+    lock while it sleeps, so a command issued meanwhile is sent when the next reply arrives (or
+    at the next slice); the endpoint spreads commands over idle connections first.
+    """
+
+    def __init__(self, nbd: Any, handle: Any, name: str, timeout: float | None) -> None:
         self.nbd = nbd
         self.h = handle
         self.name = name
+        self.timeout = timeout
         self.pending: set[_Request] = set()
         self.lock = threading.Lock()
         self.dead = 0  # errno once the connection is unusable
         self.wrote = False
-        self._stop = False
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._thread = threading.Thread(target=self._run, name=f"nbd-{name}", daemon=True)
-        self._thread.start()
+        self.driving = False
 
     @property
     def busy(self) -> int:
@@ -102,7 +124,7 @@ class _Connection:
 
     def submit(self, start: Callable[[Callable[[Any], int]], Any], keep: Any = None) -> _Request:
         """Queue a command (``start(completion)`` calls one ``aio_*``); return its request."""
-        req = _Request(keep)
+        req = _Request(keep, time.monotonic() + self.timeout if self.timeout is not None else None)
         with self.lock:
             if self.dead:
                 req.fail(self.dead)
@@ -112,94 +134,88 @@ class _Connection:
             start(req.complete)
         except self.nbd.Error as err:
             req.fail(err.errnum or errno.EIO)
-        try:
-            if self.h.aio_get_direction() & self.nbd.AIO_DIRECTION_WRITE:
-                self.wake()  # libnbd could not send it all at once: the poller must wait for POLLOUT
-        except self.nbd.Error:
-            self.wake()
         return req
 
-    def wait(self, req: _Request, timeout: float | None) -> int:
-        """Wait for ``req``; past ``timeout`` the connection is killed and ETIMEDOUT returned."""
-        if not req.done.wait(timeout):
-            log.warning("nbd: %s: no reply within %.1f s, dropping the connection", self.name, timeout)
-            self.kill(errno.ETIMEDOUT)
+    def wait(self, req: _Request) -> int:
+        """Wait for ``req``, driving the connection when no other thread does; return its errno.
+
+        A reply that does not come within the timeout kills the connection (ETIMEDOUT).
+        """
+        while not req.finished:
+            with self.lock:
+                drive = not self.driving
+                if drive:
+                    self.driving = True
+                else:
+                    req.wake.clear()  # under the lock: a hand-off after this is not lost
+            if drive:
+                try:
+                    self._drive(req)
+                finally:
+                    self._hand_off()
+            elif not req.finished:
+                # The driver kills the connection at the deadline; wait a little longer.
+                limit = None if req.deadline is None else max(0.0, req.deadline - time.monotonic()) + 1.0
+                if not req.wake.wait(limit) and not req.finished and not self.driving:
+                    continue  # no driver and no hand-off: take over
         with self.lock:
             self.pending.discard(req)
         return req.err
 
-    def wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:  # the poller has wake-ups queued already
-            pass
-        except OSError:  # closed
-            pass
+    def _hand_off(self) -> None:
+        with self.lock:
+            self.driving = False
+            nxt = next((r for r in self.pending if not r.finished), None)
+        if nxt is not None:
+            nxt.wake.set()
+
+    def _drive(self, req: _Request) -> None:
+        """Move the state machine until ``req`` is finished or the connection dies."""
+        nbd, h = self.nbd, self.h
+        if h is None:
+            req.fail(self.dead or errno.ESHUTDOWN)
+            return
+        while not req.finished:
+            if self.dead:
+                req.fail(self.dead)
+                return
+            wait_ms = -1
+            deadline = self._deadline()
+            if deadline is not None:
+                wait_ms = max(0, int((deadline - time.monotonic()) * 1000) + 1)
+            try:
+                # nbd_poll: poll(2) on the socket and one aio_notify_*, all in C (GIL released).
+                progressed = h.poll(min(wait_ms, POLL_SLICE_MS) if wait_ms >= 0 else POLL_SLICE_MS)
+            except nbd.Error as err:
+                log.debug("nbd: %s: connection failed: %s", self.name, err)
+                self.kill(err.errnum or errno.ENOTCONN)
+                return
+            if not progressed and deadline is not None and time.monotonic() >= deadline:
+                log.warning("nbd: %s: no reply within %.1f s, dropping the connection", self.name,
+                            self.timeout)
+                self.kill(errno.ETIMEDOUT)
+                return
+
+    def _deadline(self) -> float | None:
+        """The earliest deadline of the requests waiting for a reply (``None``: no timeout)."""
+        if self.timeout is None:
+            return None
+        with self.lock:
+            return min((r.deadline for r in self.pending if not r.finished and r.deadline is not None),
+                       default=None)
 
     def kill(self, code: int) -> None:
-        """Declare the connection dead: fail every command still waiting, stop the poller."""
+        """Declare the connection dead: fail every command still waiting (a driver stops within
+        ``POLL_SLICE_MS``)."""
         with self.lock:
             if not self.dead:
                 self.dead = code
             reqs = list(self.pending)
         for r in reqs:
             r.fail(code)
-        self._stop = True
-        self.wake()
-
-    def _run(self) -> None:
-        nbd, h = self.nbd, self.h
-        try:
-            fd = h.aio_get_fd()
-        except nbd.Error:
-            self.kill(errno.ENOTCONN)
-            return
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        while not self._stop:
-            try:
-                direction = h.aio_get_direction()
-                mask = 0
-                if direction & nbd.AIO_DIRECTION_READ:
-                    mask |= select.POLLIN
-                if direction & nbd.AIO_DIRECTION_WRITE:
-                    mask |= select.POLLOUT
-                if h.aio_is_dead() or h.aio_is_closed():
-                    break
-                poller.register(fd, mask)
-                events = poller.poll()
-            except nbd.Error as err:
-                log.debug("nbd: %s: connection failed: %s", self.name, err)
-                break
-            for efd, ev in events:
-                if efd == self._wake_r:
-                    try:
-                        while os.read(self._wake_r, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-                    continue
-                try:
-                    if ev & select.POLLOUT or (ev & (select.POLLERR | select.POLLHUP) and not mask & select.POLLIN):
-                        h.aio_notify_write()
-                    elif ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
-                        h.aio_notify_read()
-                except nbd.Error as err:
-                    # Either the connection failed, or another thread's command moved the state
-                    # machine since the direction was read (the notification no longer applies).
-                    if h.aio_is_dead() or h.aio_is_closed():
-                        log.debug("nbd: %s: connection failed: %s", self.name, err)
-                        self._stop = True
-                    else:
-                        log.debug("nbd: %s: notification ignored: %s", self.name, err)
-        # The server went away (or we stopped): commands libnbd did not complete fail here.
-        self.kill(self.dead or errno.ENOTCONN)
 
     def close(self) -> None:
         self.kill(errno.ESHUTDOWN)
-        self._thread.join()
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
         self.h = None  # libnbd 1.14 closes the handle (and its socket) when it is collected
 
 
@@ -240,6 +256,7 @@ class NbdEndpoint(Endpoint):
             self._size = h.get_size()
             self._export_ro = bool(h.is_read_only())
             self._can_flush = bool(h.can_flush())
+            self._can_fua = bool(h.can_fua())
             self._can_zero = bool(h.can_zero())
             self._can_fast_zero = bool(h.can_fast_zero())
             self._can_extents = bool(h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
@@ -262,12 +279,14 @@ class NbdEndpoint(Endpoint):
             h.set_handle_name(f"{'dst' if self._writable else 'src'}{index}")
             h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
             h.set_uri_allow_local_file(True)  # ?tls-psk-file= and ?tls-certificates= (as nbdcopy)
+            # A failed read raises, and its buffer is never used: no need to zero it first (nbdcopy).
+            h.set_pread_initialize(False)
             h.connect_uri(self.uri.text)
         except nbd.Error as err:
             raise NbdConnectionError(
                 f"cannot connect: {err.string}", errno=err.errnum or None, operation="nbd", device=self.name
             ) from err
-        conn = _Connection(nbd, h, f"{self.name}#{index}")
+        conn = _Connection(nbd, h, f"{self.name}#{index}", self.timeout)
         self._conns.append(conn)
         return conn
 
@@ -305,6 +324,11 @@ class NbdEndpoint(Endpoint):
         return self._can_fast_zero
 
     @property
+    def can_fua(self) -> bool:
+        """True when the server honours ``CMD_FLAG_FUA`` on writes (``SEND_FUA``)."""
+        return self._can_fua
+
+    @property
     def can_flush(self) -> bool:
         """True when the server takes ``FLUSH``."""
         return self._can_flush
@@ -322,11 +346,12 @@ class NbdEndpoint(Endpoint):
                 best = c
         return best
 
-    def _run(self, op: str, cmds: list[_Cmd], conn: _Connection | None = None) -> None:
-        """Issue commands (``aio_*`` name, arguments, flags) at once; wait for all; raise on failure."""
+    def _run(self, op: str, cmds: list[_Cmd], conns: list[_Connection] | None = None) -> None:
+        """Issue commands (``aio_*`` name, arguments, flags) at once, on ``conns`` (one each) or on
+        the least busy connections; wait for all; raise on failure."""
         issued = []
-        for name, args, flags in cmds:
-            c = conn if conn is not None else self._pick()
+        for i, (name, args, flags) in enumerate(cmds):
+            c = conns[i] if conns is not None else self._pick()
             method = getattr(c.h, name)
 
             def start(cb: Callable[[Any], int], method: Any = method, args: tuple[Any, ...] = args,
@@ -336,7 +361,7 @@ class NbdEndpoint(Endpoint):
             issued.append((c, c.submit(start, args)))
         first_err = 0
         for c, req in issued:
-            err = c.wait(req, self.timeout)
+            err = c.wait(req)
             if err and not first_err:
                 first_err = err
         if first_err:
@@ -363,12 +388,16 @@ class NbdEndpoint(Endpoint):
         return n
 
     def write(self, buf: Any, offset: int) -> int:
+        return self._write(buf, offset, 0)
+
+    def _write(self, buf: Any, offset: int, flags: int) -> int:
         self._check_writable(offset, memoryview(buf).nbytes)
         mv = memoryview(buf).cast("B")
         self._invalidate(offset, len(mv))
-        cmds: list[_Cmd] = [("aio_pwrite", (mv[pos - offset : pos - offset + length], pos), 0)
+        cmds: list[_Cmd] = [("aio_pwrite", (mv[pos - offset : pos - offset + length], pos), flags)
                             for pos, length in self._pieces(offset, len(mv), self._max_request)]
-        self._mark_written()
+        if not flags & self._nbd.CMD_FLAG_FUA:
+            self._mark_written()
         self._run("write", cmds)
         return len(mv)
 
@@ -402,9 +431,23 @@ class NbdEndpoint(Endpoint):
         targets = [c for c in self._conns if c.wrote]
         if not targets or not self._can_flush:
             return
+        # Every connection that wrote, at once (nbdcopy flushes every handle); the replies to the
+        # writes came before, as a flush covers only what was replied to (doc/proto.md).
         for c in targets:
-            self._run("flush", [("aio_flush", (), 0)], conn=c)
             c.wrote = False
+        try:
+            self._run("flush", [("aio_flush", (), 0)] * len(targets), conns=targets)
+        except BaseException:
+            for c in targets:
+                c.wrote = True
+            raise
+
+    def write_durable(self, buf: Any, offset: int) -> int:
+        """Write ``buf`` with ``CMD_FLAG_FUA`` when the server takes it (one command: the server
+        replies once the data is on stable storage), else write then ``FLUSH``."""
+        if not self._can_fua:
+            return super().write_durable(buf, offset)
+        return self._write(buf, offset, self._nbd.CMD_FLAG_FUA)
 
     def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
         """Ranges that hold data (not ``STATE_ZERO``) in ``[offset, offset+length)``; ``None`` if unknown."""
