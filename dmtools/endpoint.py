@@ -98,6 +98,17 @@ class Endpoint(abc.ABC):
     def flush(self) -> None:
         """Make completed writes durable."""
 
+    def write_durable(self, buf: Any, offset: int) -> int:
+        """Write all of ``buf`` at ``offset``, durable when this returns (the kernel's ``REQ_FUA``).
+
+        Here ``write`` then ``flush``; an endpoint whose device takes FUA writes (an NBD export
+        with ``SEND_FUA``) makes this write durable in one command. Wrappers keep this default,
+        so their own ``write`` and ``flush`` are the ones used.
+        """
+        n = self.write(buf, offset)
+        self.flush()
+        return n
+
     def zero(self, offset: int, length: int) -> None:
         """Write ``length`` zero bytes at ``offset`` (efficiently where the device allows)."""
         chunk = bytes(min(length, 1 << 20))

@@ -47,6 +47,10 @@ class LinearTarget(TargetDriver):
     def read_to(self, pipe: int, offset: int, length: int) -> None:
         self.dev.splice_to(pipe, self._base + offset, length)
 
+    def write_durable(self, buf: memoryview, offset: int) -> None:
+        # dm-linear remaps a REQ_FUA bio to the one device below, flag kept (drivers/md/dm-linear.c)
+        self.dev.write_durable(buf, self._base + offset)
+
     def discard(self, offset: int, length: int) -> None:
         self.dev.discard(self._base + offset, length)
 

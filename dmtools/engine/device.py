@@ -318,8 +318,9 @@ class Device:
         finally:
             self._leave()
 
-    def write(self, buf: Any, offset: int) -> int:
-        """Write all of ``buf`` at byte ``offset``."""
+    def write(self, buf: Any, offset: int, *, durable: bool = False) -> int:
+        """Write all of ``buf`` at byte ``offset``; ``durable``: durable on return (a bio with
+        ``REQ_FUA``, which dm passes to every target the write spans)."""
         mv = memoryview(buf).cast("B")
 
         def write(table: LoadedTable | None) -> int:
@@ -331,7 +332,13 @@ class Device:
             if table is None or offset + len(mv) > table.size:
                 raise NoSpace("write past the end of the device", errno=errno.ENOSPC,
                               operation="write", device=self.name)
-            self._map(table, mv, offset, True)
+            if durable:
+                pos = 0
+                for tgt, off, n in self._ranges(table, offset, len(mv)):
+                    tgt.write_durable(mv[pos : pos + n], off)
+                    pos += n
+            else:
+                self._map(table, mv, offset, True)
             return len(mv)
 
         return self._requeueable(offset, write)

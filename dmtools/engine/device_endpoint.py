@@ -57,6 +57,14 @@ class DeviceEndpoint(Endpoint):
                                 device=self.name)
         return self.device.write(buf, offset)
 
+    def write_durable(self, buf: Any, offset: int) -> int:
+        """A write with ``REQ_FUA`` through the device's table (one FUA write on an NBD export)."""
+        self._check("write")
+        if not self._writable:
+            raise DeviceIOError("endpoint is read-only", errno=errno.EBADF, operation="write",
+                                device=self.name)
+        return self.device.write(buf, offset, durable=True)
+
     def flush(self) -> None:
         self._check("flush")
         self.device.flush()

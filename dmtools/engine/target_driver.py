@@ -92,6 +92,10 @@ class DeviceHandle(ForwardingEndpoint):
     def splice_to(self, pipe: int, offset: int, length: int) -> None:
         self.inner.splice_to(pipe, offset, length)
 
+    def write_durable(self, buf: Any, offset: int) -> int:
+        """The device's own durable write (one FUA write on an NBD export that offers it)."""
+        return self.inner.write_durable(buf, offset)
+
     def close(self) -> None:
         """Handles are closed by the engine when the table that opened them is destroyed."""
 
@@ -213,6 +217,12 @@ class TargetDriver(abc.ABC):
         """Make completed writes durable on every device (a PREFLUSH to each)."""
         for dev in self.devices:
             dev.flush()
+
+    def write_durable(self, buf: memoryview, offset: int) -> None:
+        """Write ``buf`` at ``offset``, durable on return (a bio with ``REQ_FUA``): here a write and
+        then a flush of every device; a target that passes FUA down (``linear``) overrides it."""
+        self.write(buf, offset)
+        self.flush()
 
     def discard(self, offset: int, length: int) -> None:
         """Discard ``length`` bytes at ``offset``; the default does nothing (discard is a hint)."""

@@ -253,11 +253,11 @@ class PersistentStore(ExceptionStore):
         self.table = ExceptionTable.from_key_list(shift, keys)
 
     # -- I/O helpers ------------------------------------------------------------------------------
-    def _write(self, data: bytes | bytearray | memoryview, offset: int, what: str) -> None:
+    def _write(self, data: bytes | bytearray | memoryview, offset: int, what: str, durable: bool = False) -> None:
         if self.readonly:
             raise DeviceIOError(f"cannot write {what}: store opened read-only", device=self.cow.name)
         try:
-            n = self.cow.write(data, offset)
+            n = self.cow.write_durable(data, offset) if durable else self.cow.write(data, offset)
         except OSError as err:
             raise DeviceIOError(
                 f"cannot write {what}: {err}", operation="write", device=self.cow.name
@@ -273,10 +273,11 @@ class PersistentStore(ExceptionStore):
 
     def _area_io_write(self) -> None:
         # REQ_PREFLUSH|REQ_FUA: data copied on write becomes durable before the record that
-        # points at it, and the record is durable before the callbacks run.
+        # points at it, and the record is durable before the callbacks run (a FUA write where the
+        # COW takes one, such as an NBD export with SEND_FUA; else write then flush).
         self._flush()
-        self._write(self._area, area_location(self.current_area, self.chunk_size) * self.chunk_bytes, "metadata area")
-        self._flush()
+        self._write(self._area, area_location(self.current_area, self.chunk_size) * self.chunk_bytes, "metadata area",
+                    durable=True)
 
     # -- exceptions -------------------------------------------------------------------------------
     def prepare_exception(self) -> int:
