@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import mmap
+import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -134,6 +135,25 @@ def test_aligned_buffer() -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(InvalidArgument):
             aligned_buffer(bad)  # type: ignore[arg-type]
+
+
+def test_huge_aligned_buffer_is_whole_huge_pages_and_works_with_direct_io(
+    make_image: Callable[..., Path],
+) -> None:
+    buf = aligned_buffer(512 << 10, huge=True)
+    try:
+        assert len(buf) == blockdev.HUGE_PAGE
+        assert buf[:] == bytes(len(buf))
+        buf[: 512 << 10] = os.urandom(512 << 10)
+        with memoryview(buf) as mv, _direct(make_image(MiB), writable=True) as bd:
+            assert blockdev._buffer_address(mv) % mmap.PAGESIZE == 0
+            assert bd.write(mv[: 512 << 10], 4096) == 512 << 10
+            back = aligned_buffer(512 << 10)
+            assert bd.readinto(back, 4096) == 512 << 10
+            assert back[:] == buf[: 512 << 10]
+    finally:
+        buf.close()
+    assert len(aligned_buffer(blockdev.HUGE_PAGE + 1, huge=True)) == 2 * blockdev.HUGE_PAGE
 
 
 def test_direct_io_on_a_file(make_image: Callable[..., Path]) -> None:

@@ -30,13 +30,14 @@ _bounce: "queue.SimpleQueue[mmap.mmap]" = queue.SimpleQueue()
 
 
 def _take(size: int) -> mmap.mmap:
+    """A bounce buffer of at least ``size`` bytes, on huge pages (``aligned_buffer``)."""
     try:
         buf = _bounce.get_nowait()
     except queue.Empty:
-        return aligned_buffer(max(size, 1 << 20))
+        return aligned_buffer(size, huge=True)
     if len(buf) < size:
         buf.close()
-        return aligned_buffer(size)
+        return aligned_buffer(size, huge=True)
     return buf
 
 
