@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -107,6 +108,43 @@ def test_qemu_nbd_single_connection(tmp_path: Path, start_qemu_nbd: Callable[...
         assert buf == img.read_bytes()
         with pytest.raises(DeviceIOError, match="open for reading only"):
             ep.write(b"x" * 512, 0)
+
+
+@pytest.mark.parametrize("connections", [1, 4])
+def test_threads_sharing_connections_each_get_their_reply(start_nbdkit: Callable[..., NbdServer],
+                                                          connections: int) -> None:
+    """Sixteen threads on one or four connections: whichever thread drives a connection, every
+    request completes with its own data (the delay filter keeps several in flight at once, so the
+    driving role changes hands while others wait)."""
+    srv = start_nbdkit(["memory", "16M", "rdelay=2ms", "wdelay=2ms"], filters=["delay"])
+    blocks = [os.urandom(64 << 10) for _ in range(256)]
+    errors: list[BaseException] = []
+    with NbdEndpoint(srv.uri, writable=True, connections=connections) as ep:
+        assert ep.connections == connections
+
+        def worker(first: int, body: Callable[[int], None]) -> None:
+            try:
+                for i in range(first, len(blocks), 16):
+                    body(i)
+            except BaseException as err:  # noqa: BLE001 - reported by the main thread
+                errors.append(err)
+
+        def write(i: int) -> None:
+            ep.write(blocks[i], i * (64 << 10))
+
+        def check(i: int) -> None:
+            buf = bytearray(64 << 10)
+            assert ep.readinto(buf, i * (64 << 10)) == len(buf)
+            assert buf == blocks[i], f"block {i}"
+
+        for body in (write, check):
+            threads = [threading.Thread(target=worker, args=(t, body)) for t in range(16)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not any(t.is_alive() for t in threads), "a request was never completed"
+            assert not errors, errors
 
 
 def test_read_only_export(start_nbdkit: Callable[..., NbdServer]) -> None:
