@@ -10,7 +10,6 @@ kernel) and ``printed(ref)`` how that backend prints it in table and status text
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pytest_lazy_fixtures import lf
 from dmtools.backend import DeviceMapper
 from dmtools.blockdev import BlockDevice
 from dmtools.endpoint import Endpoint
+from dmtools.testing.daemon import serving_daemon
 
 
 @dataclass
@@ -62,19 +62,13 @@ def engine_harness(make_image: Callable[..., Any]) -> Iterator[Harness]:
 def daemon_harness(make_image: Callable[..., Any], tmp_path: Path) -> Iterator[Harness]:
     """The same engine behind the control socket (``UserspaceClient``, no exposure)."""
     from dmtools.engine.client import UserspaceClient
-    from dmtools.engine.daemon import Daemon
 
-    daemon = Daemon(str(tmp_path / "run"), expose=False)
-    daemon.start()
-    server = threading.Thread(target=daemon.serve, daemon=True)
-    server.start()
-    client = UserspaceClient(daemon.run_dir)
-    try:
-        yield Harness(client, "daemon", lambda size: str(make_image(size)))
-    finally:
-        client.close()
-        daemon.stop()
-        server.join(10)
+    with serving_daemon(str(tmp_path / "run")) as daemon:
+        client = UserspaceClient(daemon.run_dir)
+        try:
+            yield Harness(client, "daemon", lambda size: str(make_image(size)))
+        finally:
+            client.close()
 
 
 @pytest.fixture
@@ -104,15 +98,5 @@ def dm(request: pytest.FixtureRequest) -> Harness:
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Any]:
     """A ``Daemon`` without exposure serving ``tmp_path/run`` on a thread; stopped at teardown."""
-    from dmtools.engine.daemon import Daemon
-
-    d = Daemon(str(tmp_path / "run"), expose=False)
-    d.start()
-    t = threading.Thread(target=d.serve, daemon=True)
-    t.start()
-    try:
+    with serving_daemon(str(tmp_path / "run")) as d:
         yield d
-    finally:
-        d.stop()
-        t.join(10)
-        assert not t.is_alive()
