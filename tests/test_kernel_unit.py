@@ -148,8 +148,6 @@ class FakeLib:
     def __getattr__(self, fn: str) -> Any:
         if fn.startswith("dm_task_set_") or fn in (
             "dm_task_no_flush",
-            "dm_task_skip_lockfs",
-            "dm_task_no_open_count",
             "dm_task_deferred_remove",
             "dm_task_query_inactive_table",
             "dm_task_add_target",

@@ -264,10 +264,6 @@ class Task:
         """``dm_task_set_newname`` (RENAME)."""
         self._call("dm_task_set_newname", encode(name))
 
-    def set_newuuid(self, uuid: str) -> None:
-        """``dm_task_set_newuuid`` (RENAME that sets the uuid, dm-ioctl >= 4.19)."""
-        self._call("dm_task_set_newuuid", encode(uuid))
-
     def set_ro(self) -> None:
         """``dm_task_set_ro``: the table is loaded read-only."""
         self._call("dm_task_set_ro")
@@ -275,14 +271,6 @@ class Task:
     def no_flush(self) -> None:
         """``dm_task_no_flush``."""
         self._call("dm_task_no_flush")
-
-    def skip_lockfs(self) -> None:
-        """``dm_task_skip_lockfs``."""
-        self._call("dm_task_skip_lockfs")
-
-    def no_open_count(self) -> None:
-        """``dm_task_no_open_count``."""
-        self._call("dm_task_no_open_count")
 
     def deferred_remove(self) -> None:
         """``dm_task_deferred_remove``."""
@@ -296,10 +284,6 @@ class Task:
         """``dm_task_ima_measurement``: a STATUS task returns STATUSTYPE_IMA text (libdm 1.02.181+;
         check ``LibDM.supports`` first, an older libdm lacks the symbol)."""
         self._call("dm_task_ima_measurement")
-
-    def set_event_nr(self, event_nr: int) -> None:
-        """``dm_task_set_event_nr``."""
-        self._call("dm_task_set_event_nr", event_nr)
 
     def set_message(self, message: str) -> None:
         """``dm_task_set_message``."""

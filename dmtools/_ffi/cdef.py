@@ -115,16 +115,12 @@ int dm_task_set_uuid(struct dm_task *dmt, const char *uuid);
 int dm_task_set_major_minor(struct dm_task *dmt, int major, int minor,
                             int allow_default_major_fallback);
 int dm_task_set_newname(struct dm_task *dmt, const char *newname);
-int dm_task_set_newuuid(struct dm_task *dmt, const char *newuuid);
 int dm_task_set_ro(struct dm_task *dmt);
 int dm_task_no_flush(struct dm_task *dmt);
-int dm_task_skip_lockfs(struct dm_task *dmt);
-int dm_task_no_open_count(struct dm_task *dmt);
 int dm_task_deferred_remove(struct dm_task *dmt);
 int dm_task_query_inactive_table(struct dm_task *dmt);
 /* libdm 1.02.181+ (symbol version DM_1_02_181): resolved on first use, absent in older libdm. */
 int dm_task_ima_measurement(struct dm_task *dmt);
-int dm_task_set_event_nr(struct dm_task *dmt, uint32_t event_nr);
 int dm_task_set_message(struct dm_task *dmt, const char *message);
 int dm_task_set_sector(struct dm_task *dmt, uint64_t sector);
 int dm_task_add_target(struct dm_task *dmt, uint64_t start, uint64_t size, const char *ttype,
