@@ -68,10 +68,10 @@ from dmtools.errors import (
 )
 from dmtools.linux import DM_DEV_ARM_POLL
 from dmtools.names import DM_NAME_LEN, DM_UUID_LEN, mangle, validate_name, validate_uuid
-from dmtools.table import Table
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.endpoint import Endpoint
+    from dmtools.table import Table
 
 __all__ = ["KernelBackend", "check_control", "udev_running", "LIBDM_LOCK"]
 
@@ -277,6 +277,8 @@ class _EventPoll:
 
 
 def _table_lines(table: Table | str) -> list[tuple[int, int, str, str]]:
+    from dmtools.table import Table  # the typed grammar: only the verbs that carry tables need it
+
     if isinstance(table, str):
         table = Table.parse(table)
     elif not isinstance(table, Table):
@@ -285,6 +287,8 @@ def _table_lines(table: Table | str) -> list[tuple[int, int, str, str]]:
 
 
 def _table_from_targets(targets: list[tuple[int, int, str, str]]) -> Table:
+    from dmtools.table import Table
+
     return Table.parse("\n".join(f"{s} {n} {t} {p}" for s, n, t, p in targets))
 
 

@@ -731,7 +731,7 @@ def test_log_hook_falls_back_when_callbacks_are_impossible(fake: FakeLib, monkey
         raise MemoryError("Cannot allocate write+execute memory for ffi.callback()")
 
     monkeypatch.setattr(ffimod, "_callback", None)
-    monkeypatch.setattr(ffimod.ffi, "callback", refuse)
+    monkeypatch.setattr(ffimod, "_new_log_callback", refuse)
     libdm = LibDM(fake)
     assert libdm.install_log_hook(lambda level, text: None) is False
     assert "write+execute" in (libdm.log_hook_error or "")

@@ -6,7 +6,9 @@ of libdm's buffers before the task that owns them is destroyed. Nothing here dec
 
 The library is loaded lazily (:func:`open_library`) by SONAME: Debian ships
 ``libdevmapper.so.1.02.1``, upstream builds ``libdevmapper.so.1.02``; ``ctypes.util.find_library``
-is the last resort. The C declarations are in :mod:`dmtools._ffi.cdef`.
+is the last resort. The C declarations are in :mod:`dmtools._ffi.cdef`, and ``ffi`` comes from
+:mod:`dmtools._ffi._libdm`, generated from them by :mod:`dmtools._ffi.build` (cffi's out-of-line
+ABI mode: no C declarations parsed at start-up).
 
 Tests replace the loaded library with a fake object implementing the same C function names:
 ``LibDM(fake)``. Every argument passed to C goes through that object, so a fake sees exactly what
@@ -16,17 +18,14 @@ libdm would see (``bytes`` for strings, cdata for output parameters).
 from __future__ import annotations
 
 import atexit
-import ctypes.util
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from cffi import FFI
-
+from dmtools._ffi._libdm import ffi
 from dmtools._ffi.cdef import (
-    CDEF,
     DM_NAME_LIST_FLAG_HAS_UUID,
     SONAMES,
     TaskType,
@@ -49,9 +48,6 @@ __all__ = [
     "encode",
 ]
 
-ffi = FFI()
-ffi.cdef(CDEF)
-
 _load_lock = threading.Lock()
 _lib: Any = None
 
@@ -66,12 +62,15 @@ def decode(raw: bytes) -> str:
     return os.fsdecode(raw)
 
 
-def _library_names() -> list[str]:
-    names = list(SONAMES)
+def _library_names() -> Iterator[str]:
+    """The SONAMEs, then what ``find_library`` finds (asked only when they fail: it runs
+    ``ldconfig``, and ``ctypes.util`` costs start-up)."""
+    yield from SONAMES
+    import ctypes.util
+
     found = ctypes.util.find_library("devmapper")
-    if found and found not in names:
-        names.append(found)
-    return names
+    if found and found not in SONAMES:
+        yield found
 
 
 def open_library() -> Any:
@@ -409,6 +408,11 @@ def _ignore_error(exc_type: Any, exc: Any, tb: Any) -> None:
     return None
 
 
+def _new_log_callback() -> Any:
+    """The C function pointer libdm's logger calls (``ffi.callback``; tests make it fail)."""
+    return ffi.callback("dmtools_log_fn", _on_log, onerror=_ignore_error)
+
+
 class LibDM:
     """The library calls that are not made on one task."""
 
@@ -428,7 +432,7 @@ class LibDM:
         _sink = sink
         if _callback is None:
             try:
-                _callback = ffi.callback("dmtools_log_fn", _on_log, onerror=_ignore_error)
+                _callback = _new_log_callback()
             except Exception as err:  # noqa: BLE001 - cffi raises MemoryError/RuntimeError here
                 self.log_hook_error = f"cannot create a cffi callback: {err}"
                 return False

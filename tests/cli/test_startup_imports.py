@@ -72,3 +72,11 @@ def test_help_still_lists_every_command() -> None:
                          text=True, check=True).stdout
     for name in ("dm", "loop", "nbd", "daemon", "monitor", "serve", "copy", "mirror", "snapshot", "thin"):
         assert f"\n    {name} " in out, name
+
+
+def test_kernel_backend_loads_no_table_grammar_and_no_c_parser() -> None:
+    """``dm ls`` on the kernel imports ``dmtools.kernel``: it parses no C declarations at start-up
+    (the generated cffi module) and loads the table grammar only for verbs that carry tables."""
+    loaded = _modules("import dmtools.kernel\n")
+    assert "dmtools._ffi" in loaded
+    assert not loaded & {"pycparser", "cffi.cparser", "dmtools.table", "dmtools.target_values", "ctypes.util"}
