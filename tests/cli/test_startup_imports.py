@@ -77,6 +77,6 @@ def test_help_still_lists_every_command() -> None:
 def test_kernel_backend_loads_no_table_grammar_and_no_c_parser() -> None:
     """``dm ls`` on the kernel imports ``dmtools.kernel``: it parses no C declarations at start-up
     (the generated cffi module) and loads the table grammar only for verbs that carry tables."""
-    loaded = _modules("import dmtools.kernel\n")
+    loaded = _modules("import sys\nimport dmtools.kernel\n")
     assert "dmtools._ffi" in loaded
     assert not loaded & {"pycparser", "cffi.cparser", "dmtools.table", "dmtools.target_values", "ctypes.util"}
