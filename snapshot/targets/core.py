@@ -632,8 +632,9 @@ def do_origin(
             finally:
                 done = [(snap, f.result()) for snap, f in futures]  # re-raises a copy's exception
             waits.extend([(copying[0], pes), *done])
-            snaps = [snap for snap in snaps if snap not in copying]
-        for snap in snaps:
+            copying = []
+        # a snapshot not in ``copying`` had every chunk of the range mapped: nothing to wait for
+        for snap in copying:
             pes = snap.origin_write_prepare(offset, length)
             if pes:
                 waits.append((snap, pes))
