@@ -249,7 +249,7 @@ def _open_dm(kernel: bool, node: bool, work: Path) -> Any:
     try:
         dm._registry.get("snapshot")
     except Exception:  # noqa: BLE001 - entry points not installed: register the classes
-        dm._registry._classes.update(TARGETS)
+        dm._registry._classes.update(TARGETS)  # type: ignore[arg-type]
     return dm
 
 
@@ -382,9 +382,9 @@ def _vm_results(args: argparse.Namespace) -> dict[str, Any] | str:
 
 def _print_table(results: dict[str, Any]) -> None:
     """Ratios to no snapshot, ours and the kernel's side by side."""
-    cols = [("ours: API", results.get("writes")), ("ours: node", results.get("writes_node")),
-            ("kernel: node", results.get("writes_kernel"))]
-    cols = [(h, c) for h, c in cols if isinstance(c, dict)]
+    cols: list[tuple[str, dict[str, Any]]] = [
+        (h, results[k]) for h, k in (("ours: API", "writes"), ("ours: node", "writes_node"),
+                                     ("kernel: node", "writes_kernel")) if isinstance(results.get(k), dict)]
     print(f"origin writes, ratio to no snapshot (load average {loadavg():.1f} on {os.cpu_count()} CPUs)")
     print(f"  {'workload':34}" + "".join(f"{h:>14}" for h, _ in cols) + "   goal")
     for n in ("1 snapshots", "4 snapshots"):
@@ -395,14 +395,15 @@ def _print_table(results: dict[str, Any]) -> None:
     print("  MiB/s with no snapshot:")
     for w in WORKLOADS:
         print(f"  {'  ' + w:34}" + "".join(f"{c['0 snapshots'][w]['MiB/s']:>14.1f}" for _, c in cols))
-    fcols = [("ours: fio", results.get("fio")), ("kernel: fio", results.get("fio_kernel"))]
-    fcols = [(h, c) for h, c in fcols if isinstance(c, dict)]
+    fcols: list[tuple[str, dict[str, Any]]] = [
+        (h, results[k]) for h, k in (("ours: fio", "fio"), ("kernel: fio", "fio_kernel")) if isinstance(results.get(k), dict)]
     if fcols:
         print("fio --direct=1 on the origin's node, 1 snapshot vs none: ratio (MiB/s with none)")
+        print(f"  {'job':34}" + "".join(f"{h:>22}" for h, _ in fcols))
         for job, _, _ in FIO_JOBS:
             print(f"  {job:34}" + "".join(
-                f"{c['1 snapshots'][job]['ratio']:>8.3f}x ({c['0 snapshots'][job]['MiB/s']:7.1f})" for _, c in fcols))
-    for key in ("writes_kernel", "fio_kernel"):
+                f"{c['1 snapshots'][job]['ratio']:>11.3f}x ({c['0 snapshots'][job]['MiB/s']:7.1f})" for _, c in fcols))
+    for key in ("writes_node", "fio", "writes_kernel", "fio_kernel"):
         if isinstance(results.get(key), str):
             print(f"  {key}: {results[key]}")
     if "load" in results:
