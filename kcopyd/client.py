@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import stat
 import threading
 from typing import Any, Callable, Sequence
 
@@ -72,6 +73,22 @@ def _fully_allocated(ep: Endpoint, offset: int, length: int) -> bool:
     except Exception:  # noqa: BLE001 - unknown: let each sub-job ask
         return False
     return extents is None or (len(extents) == 1 and extents[0] == (offset, length))
+
+
+def _backend_may_be_live() -> bool:
+    """False when no table can map a device now: no ``/dev/mapper/control`` (kernel) and no
+    userspace daemon's socket. Cheap: the in-use check's machinery is imported only otherwise."""
+    from dmtools.backend import CONTROL_PATH
+    from dmtools.engine.rundir import socket_path
+
+    return os.path.exists(CONTROL_PATH) or os.path.exists(socket_path())
+
+
+def _regular_file(path: Any) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, TypeError, ValueError):
+        return False
 
 
 def _uncached_file_source(osrc: OpenRegion, nbytes: int) -> bool:
@@ -312,14 +329,22 @@ class Client:
 
     def _identities(self, src: Region | None, dests: list[Region], allow_in_use: bool) -> list[Any]:
         """Identities of the regions given by path (once per job), after refusing a destination
-        that a live table maps; ``[]`` when every region is an endpoint."""
+        that a live table maps; ``[]`` when every region is an endpoint, or when every path is a
+        regular file and no backend can hold one (two regular files share bytes only as one
+        inode, which the job's spans compare: ``kcopyd.overlap``)."""
         regions = [src, *dests]
-        if not any(isinstance(r, Region) and not isinstance(r.dev, Endpoint) for r in regions):
+        paths = [r for r in regions if isinstance(r, Region) and not isinstance(r.dev, Endpoint)]
+        if not paths:
             return []
         if self._backends is None:
-            from dmtools.inputs import live_backends
+            if not _backend_may_be_live():
+                self._backends = []
+            else:
+                from dmtools.inputs import live_backends
 
-            self._backends = live_backends()
+                self._backends = live_backends()
+        if not self._backends and all(_regular_file(r.dev) for r in paths):
+            return []
         ids = region_identities(regions, self._backends)
         if not allow_in_use:
             check_dests_not_in_use(dests, ids[1:], self._backends)

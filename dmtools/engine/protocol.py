@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from dmtools import errors
 from dmtools.backend import DeviceEntry, DeviceInfo, StatusLine, Versions
-from dmtools.engine import rundir
+from dmtools.engine.rundir import run_dir, socket_path  # noqa: F401 - named here by callers
 from dmtools.linux import DEVNO
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,22 +71,6 @@ IO_VERBS: dict[str, tuple[str, ...]] = {
     "discard": ("handle", "offset", "length"),
     "size": ("handle",),
 }
-
-
-def run_dir() -> str:
-    """Where the daemon keeps its socket, pid file and exposures for the calling user.
-
-    ``DMTOOLS_RUN_DIR`` overrides it (separate engines side by side); else ``/run/dmtools`` for root,
-    ``$XDG_RUNTIME_DIR/dmtools`` or ``/tmp/dmtools-UID`` for other users. Whoever writes there
-    checks it first (:mod:`dmtools.engine.rundir`).
-    """
-    override = os.environ.get("DMTOOLS_RUN_DIR")
-    if override:
-        return os.path.abspath(override)
-    if os.geteuid() == 0:
-        return rundir.ROOT_RUN_DIR
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return os.path.join(runtime, "dmtools") if runtime else f"/tmp/dmtools-{os.geteuid()}"
 
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -142,11 +126,6 @@ def refuse_relative_paths(verb: str, table_text: Any) -> None:
         raise errors.InvalidArgument(
             f"relative device path {relative[0]!r}: the daemon cannot resolve it in the caller's "
             "working directory; give an absolute path", operation=verb)
-
-
-def socket_path(directory: str | None = None) -> str:
-    """The control socket."""
-    return os.path.join(directory or run_dir(), "control.sock")
 
 
 def send(sock: socket.socket, obj: Any, payload: Any = None) -> None:

@@ -24,6 +24,27 @@ from dmtools.errors import DaemonError
 ROOT_RUN_DIR = "/run/dmtools"
 
 
+def run_dir() -> str:
+    """Where the daemon keeps its socket, pid file and exposures for the calling user.
+
+    ``DMTOOLS_RUN_DIR`` overrides it (separate engines side by side); else ``/run/dmtools`` for root,
+    ``$XDG_RUNTIME_DIR/dmtools`` or ``/tmp/dmtools-UID`` for other users. Whoever writes there
+    checks it first (the checks below).
+    """
+    override = os.environ.get("DMTOOLS_RUN_DIR")
+    if override:
+        return os.path.abspath(override)
+    if os.geteuid() == 0:
+        return ROOT_RUN_DIR
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(runtime, "dmtools") if runtime else f"/tmp/dmtools-{os.geteuid()}"
+
+
+def socket_path(directory: str | None = None) -> str:
+    """The control socket."""
+    return os.path.join(directory or run_dir(), "control.sock")
+
+
 def _refuse(path: str, why: str) -> DaemonError:
     return DaemonError(f"unsafe run directory {path}: {why}", errno=errno.EPERM)
 

@@ -263,3 +263,29 @@ def test_copy_file_range_pieces_in_flight_follow_the_page_cache(tmp_path, monkey
     assert asked == [(0, size)]
     assert job.plan.offload and job.plan.max_active == depth
     assert dst.read_bytes() == src.read_bytes()
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["no-backend", "backend-may-be-live"])
+def test_in_use_check_only_where_a_table_could_hold_the_files(tmp_path, monkeypatch, live):
+    """Regular files are looked up in live tables (DeviceBusy) only where a backend could have one:
+    with no /dev/mapper/control and no daemon socket, the lookup's machinery is not even loaded."""
+    import dmtools.inputs
+    import kcopyd.client
+
+    asked = []
+
+    def backends():
+        asked.append(True)
+        return []
+
+    monkeypatch.setattr(kcopyd.client, "_backend_may_be_live", lambda: live)
+    monkeypatch.setattr(dmtools.inputs, "live_backends", backends)
+    src, dst = tmp_path / "s.img", tmp_path / "d.img"
+    src.write_bytes(pattern(MiB))
+    dst.write_bytes(bytes(MiB))
+    with kcopyd.Client() as kc:
+        for _ in range(2):  # the backends are found once per client
+            job = kc.copy(kcopyd.Region(str(src), 0, 2048), [kcopyd.Region(str(dst), 0, 2048)])
+            assert job.wait(TIMEOUT) and job.ok
+    assert asked == ([True] if live else [])
+    assert dst.read_bytes() == src.read_bytes()
