@@ -11,7 +11,8 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import NamedTuple
 
 from dmtools.errors import CorruptMetadata, DeviceBusy, DeviceExists, DeviceNotFound, InvalidArgument
 
@@ -19,14 +20,13 @@ from . import btree
 from .btree import DETAILS, U64, ValueType
 from .ondisk import (BLOCK_SECTORS, MAX_DATA_BLOCK, MAX_DATA_BLOCK_SECTORS, MAX_DEV_ID, MAX_METADATA_SECTORS,
                      METADATA_VERSION, MIN_DATA_BLOCK_SECTORS, NEEDS_CHECK_FLAG, TIME_MASK, DeviceDetails,
-                     SpaceMapRoot, Superblock, pack_block_time, unpack_block_time)
+                     SpaceMapRoot, Superblock, pack_block_time)
 from .transaction import MetadataDevice, TransactionManager
 
 __all__ = ["Lookup", "ThinMetadata", "check_data_block_size"]
 
 
-@dataclass(frozen=True)
-class Lookup:
+class Lookup(NamedTuple):
     """One mapping: where a virtual block lives, when it was written, whether a snapshot shares it.
 
     ``shared`` is the kernel's test (dm-thin-metadata.c ``__snapshotted_since``): the device was
@@ -88,7 +88,12 @@ class ThinMetadata:
         self.writable = writable
         self.mapping = MappingValue(tm)
         self.subtree = SubtreeValue(tm, self.mapping)
+        #: details changed in this transaction (written to the details tree at commit).
         self._details: dict[int, DeviceDetails] = {}
+        #: committed details and each device's mapping-tree root, looked up once (the kernel keeps
+        #: them in ``struct dm_thin_device`` for open devices); see ``_forget``.
+        self._clean_details: dict[int, DeviceDetails] = {}
+        self._roots: dict[int, int] = {}
         self._load_superblock(sb)
 
     def _load_superblock(self, sb: Superblock) -> None:
@@ -104,6 +109,8 @@ class ThinMetadata:
         self.data_block_size = sb.data_block_size
         self.metadata_nr_blocks = sb.metadata_nr_blocks
         self._in_service = False
+        self._clean_details.clear()
+        self._roots.clear()
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
@@ -210,11 +217,12 @@ class ThinMetadata:
     # -- devices -----------------------------------------------------------------------------
     def details(self, dev_id: int) -> DeviceDetails:
         """A device's details; raises ``DeviceNotFound`` (ENODATA) if it does not exist."""
-        det = self._details.get(dev_id)
+        det = self._details.get(dev_id) or self._clean_details.get(dev_id)
         if det is None:
             det = btree.lookup(self.tm, self.details_root, dev_id, DETAILS)
             if det is None:
                 raise DeviceNotFound(f"thin device {dev_id} does not exist", errno=errno.ENODATA)
+            self._clean_details[dev_id] = det
         return det
 
     def devices(self) -> dict[int, DeviceDetails]:
@@ -227,10 +235,18 @@ class ThinMetadata:
         return dev_id in self._details or btree.lookup(self.tm, self.details_root, dev_id, DETAILS) is not None
 
     def device_root(self, dev_id: int) -> int:
-        root = btree.lookup(self.tm, self.mapping_root, dev_id, self.subtree)
+        root = self._roots.get(dev_id)
         if root is None:
-            raise DeviceNotFound(f"thin device {dev_id} does not exist", errno=errno.ENODATA)
-        return int(root)
+            root = btree.lookup(self.tm, self.mapping_root, dev_id, self.subtree)
+            if root is None:
+                raise DeviceNotFound(f"thin device {dev_id} does not exist", errno=errno.ENODATA)
+            root = self._roots[dev_id] = int(root)
+        return root
+
+    def _forget(self, dev_id: int) -> None:
+        """Drop the cached details and root of a device whose entries change."""
+        self._clean_details.pop(dev_id, None)
+        self._roots.pop(dev_id, None)
 
     @staticmethod
     def _check_id(dev_id: int) -> None:
@@ -244,6 +260,7 @@ class ThinMetadata:
         if self.exists(dev_id):
             raise DeviceExists(f"thin device {dev_id} already exists")
         root = btree.empty_tree(self.tm, self.mapping)
+        self._forget(dev_id)
         self.mapping_root, _ = btree.insert(self.tm, self.mapping_root, dev_id, root, self.subtree)
         self._details[dev_id] = DeviceDetails(0, self.trans_id, self.time, self.time)
 
@@ -259,6 +276,7 @@ class ThinMetadata:
         if self.time >= TIME_MASK:
             raise InvalidArgument("the pool's snapshot time is exhausted (2^24 snapshots)")
         self.tm.inc(root)
+        self._forget(dev_id)
         self.mapping_root, _ = btree.insert(self.tm, self.mapping_root, dev_id, root, self.subtree)
         self.time += 1
         self._details[dev_id] = DeviceDetails(origin_details.mapped_blocks, self.trans_id, self.time, self.time)
@@ -270,6 +288,7 @@ class ThinMetadata:
         self._writing()
         self.details(dev_id)
         self._details.pop(dev_id, None)
+        self._forget(dev_id)
         self.details_root, _ = btree.remove(self.tm, self.details_root, dev_id, DETAILS)
         self.mapping_root, found = btree.remove(self.tm, self.mapping_root, dev_id, self.subtree)
         if not found:
@@ -306,8 +325,8 @@ class ThinMetadata:
         value = btree.lookup(self.tm, self.device_root(dev_id), vblock, self.mapping)
         if value is None:
             return None
-        block, time = unpack_block_time(value)
-        return Lookup(block, time, det.snapshotted_time > time)
+        time = value & TIME_MASK
+        return Lookup(value >> 24, time, det.snapshotted_time > time)
 
     def highest_mapped(self, dev_id: int) -> int | None:
         """The highest mapped virtual block of a device, ``None`` when it maps nothing
@@ -339,12 +358,16 @@ class ThinMetadata:
             raise CorruptMetadata(f"thin device {dev_id} has details but no mapping tree")
         self.mapping_root, leaf, i = path
         added = 0
-        for vblock, data_block in pairs:
-            leaf.values[i], new = btree.insert(self.tm, leaf.values[i], vblock,
-                                               pack_block_time(data_block, self.time), self.mapping)
-            added += new
+        tm, mapping, root, time = self.tm, self.mapping, leaf.values[i], self.time
+        try:
+            for vblock, data_block in pairs:
+                root, new = btree.insert(tm, root, vblock, pack_block_time(data_block, time), mapping)
+                added += new
+        finally:
+            leaf.values[i] = self._roots[dev_id] = root
         if added:
-            self._details[dev_id] = replace(det, mapped_blocks=det.mapped_blocks + added)
+            self._details[dev_id] = DeviceDetails(det.mapped_blocks + added, det.transaction_id, det.creation_time,
+                                                  det.snapshotted_time)
 
     def remove(self, dev_id: int, vblock: int) -> bool:
         """Unmap ``vblock`` (its data block loses a reference); ``False`` if it was not mapped."""
@@ -355,6 +378,7 @@ class ThinMetadata:
         path = btree.shadow_path(self.tm, self.mapping_root, dev_id, self.subtree)
         assert path is not None
         self.mapping_root, leaf, i = path
+        self._roots.pop(dev_id, None)
         leaf.values[i], _ = btree.remove(self.tm, leaf.values[i], vblock, self.mapping)
         self._details[dev_id] = replace(det, mapped_blocks=det.mapped_blocks - 1)
         return True
@@ -433,6 +457,7 @@ class ThinMetadata:
         raw = self.tm.dirty_raw.get(b)
         copy = Superblock.unpack(raw if raw is not None else self.dev.read(b), b)
         self.held_root = 0
+        self._roots.clear()
         btree.delete_tree(self.tm, copy.data_mapping_root, self.subtree)
         btree.delete_tree(self.tm, copy.device_details_root, DETAILS)
         self.tm.dec(b)
@@ -467,6 +492,7 @@ class ThinMetadata:
             pre_commit()
         for dev_id, det in sorted(self._details.items()):
             self.details_root, _ = btree.insert(self.tm, self.details_root, dev_id, det, DETAILS)
+        details = dict(self._details)
         self._details.clear()
         written: list[Superblock] = []
 
@@ -475,8 +501,11 @@ class ThinMetadata:
             written.append(sb)
             return sb.pack()
 
+        roots = dict(self._roots)
         self.tm.commit(superblock)
         self._load_superblock(written[0])
+        self._roots.update(roots)  # a commit moves no tree: the roots stay where they are
+        self._clean_details.update(details)
         return True
 
     def abort(self) -> None:

@@ -23,24 +23,34 @@ class Cells:
         self._held: set[Hashable] = set()
         self._waiting = 0
 
-    @contextmanager
-    def hold(self, key: Hashable) -> Iterator[None]:
-        """Hold ``key`` for the ``with`` body."""
+    def acquire(self, key: Hashable) -> None:
+        """Hold ``key``, waiting while another thread holds it (``bio_detain``); pair it with
+        :meth:`release` in a ``finally`` (the per-block I/O path, where a ``with`` costs more)."""
         with self._cond:
-            while key in self._held:
+            held = self._held
+            while key in held:
                 self._waiting += 1
                 try:
                     self._cond.wait()
                 finally:
                     self._waiting -= 1
-            self._held.add(key)
+            held.add(key)
+
+    def release(self, key: Hashable) -> None:
+        """Let the next waiter for ``key`` in (``cell_defer``)."""
+        with self._cond:
+            self._held.discard(key)
+            if self._waiting:
+                self._cond.notify_all()
+
+    @contextmanager
+    def hold(self, key: Hashable) -> Iterator[None]:
+        """Hold ``key`` for the ``with`` body."""
+        self.acquire(key)
         try:
             yield
         finally:
-            with self._cond:
-                self._held.discard(key)
-                if self._waiting:
-                    self._cond.notify_all()
+            self.release(key)
 
     @contextmanager
     def hold_all(self, keys: Iterable[Hashable]) -> Iterator[None]:

@@ -131,6 +131,9 @@ class Pool:
         self.mode = Mode.READ_ONLY if value.read_only else Mode.WRITE
         self.suspended = False
         self.devices: dict[int, DeviceState] = {}
+        #: mapping inserts so far: a commit after a data flush made without the lock flushes
+        #: again only when this moved (see :meth:`commit`).
+        self.mapped = 0
         #: transactions aborted so far: a block taken before an abort is not given back after it.
         self.aborts = 0
         self._event: Callable[[], None] | None = None
@@ -332,12 +335,22 @@ class Pool:
             self.space.notify_all()
 
     # -- commits -------------------------------------------------------------------------------
-    def commit(self) -> None:
-        """Commit the transaction (dm-thin.c ``commit``); raises EIO when it cannot."""
+    def commit(self, flushed_at: int | None = None) -> None:
+        """Commit the transaction (dm-thin.c ``commit``); raises EIO when it cannot.
+
+        The data device is flushed first (``metadata_pre_commit_callback``) unless ``flushed_at``
+        is the :attr:`mapped` count read before a flush the caller made without the lock, and
+        nothing was mapped since: every mapping counted there was made after its data write
+        completed, so that flush made its data durable.
+        """
         with self.lock:
             if self.mode >= Mode.OUT_OF_METADATA_SPACE:
                 raise _eio("cannot commit: the pool is read-only", self.name)
-            self.run("dm_pool_commit_metadata", lambda md: md.commit(pre_commit=self.data.flush))
+
+            def flush_data() -> None:
+                if flushed_at != self.mapped:
+                    self.data.flush()
+            self.run("dm_pool_commit_metadata", lambda md: md.commit(pre_commit=flush_data))
             for d in self.devices.values():
                 d.changed = False
             if self.mode < Mode.OUT_OF_METADATA_SPACE and (self.metadata_free() == 0 or self._metadata_floor()):
@@ -355,13 +368,34 @@ class Pool:
             log.debug("%s: commit skipped: %s", self.name, err)
             return False
 
+    def flush_and_commit(self, only_if: Callable[[], bool] | None = None) -> None:
+        """:meth:`commit` with the data device flushed before the lock is taken, so writers keep
+        looking up, allocating and mapping blocks while it writes back (only what was mapped
+        meanwhile needs a second flush under the lock). ``only_if()`` is checked under the lock
+        first (nothing is committed when it is false). A failed flush here is left for the
+        commit's own flush, which fails the transaction as the kernel's pre-commit callback does."""
+        mapped: int | None = self.mapped
+        try:
+            self.data.flush()
+        except (DMError, OSError):
+            mapped = None
+        with self.lock:
+            if only_if is None or only_if():
+                self.commit(flushed_at=mapped)
+
+    def _wants_commit(self) -> bool:
+        return not self.suspended and self.mode < Mode.OUT_OF_METADATA_SPACE and self.md.dirty
+
     def _commit_loop(self) -> None:
         """``do_waker``: commit every ``COMMIT_PERIOD`` when something changed."""
         while not self._stop.wait(params.COMMIT_PERIOD):
             with self.lock:
-                if self.suspended or self.mode >= Mode.OUT_OF_METADATA_SPACE or not self.md.dirty:
+                if not self._wants_commit():
                     continue
-                self.try_commit()
+            try:
+                self.flush_and_commit(self._wants_commit)
+            except DMError as err:
+                log.debug("%s: commit skipped: %s", self.name, err)
 
     def suspend(self) -> None:
         """``pool_presuspend``/``pool_postsuspend``: commit, and refuse new thin devices."""
@@ -450,6 +484,18 @@ class Pool:
         return self.run("dm_thin_find_block",  # type: ignore[no-any-return]
                         lambda md: md.lookup(dev_id, vblock))
 
+    def lookup_for_write(self, dev_id: int, vblock: int) -> tuple[Lookup | None, int | None, int]:
+        """A write's lookup and, when the block is unmapped or shared, its new data block, under one
+        hold of the lock (``thin_bio_map``'s find, then ``alloc_data_block`` in ``provision_block``
+        and ``break_sharing``): ``(mapping or None, new block or None, self.aborts)``. The new
+        block is ``None`` when none is needed or the pool cannot give one at once; the caller then
+        goes :meth:`alloc_data_block`'s way, which waits or fails as the pool's mode says."""
+        with self.lock:
+            look = self.run("dm_thin_find_block", lambda md: md.lookup(dev_id, vblock))
+            if (look is None or look.shared) and self.mode == Mode.WRITE:
+                return look, self._alloc_locked(), self.aborts
+            return look, None, self.aborts
+
     def insert(self, state: DeviceState, vblock: int, block: int, aborts: int) -> None:
         """``dm_thin_insert_block``: map ``vblock`` to ``block`` (allocated when ``self.aborts``
         was ``aborts``) at the current time; EIO when an abort dropped the allocation since."""
@@ -489,6 +535,7 @@ class Pool:
         def insert(md: ThinMetadata) -> None:
             md.insert_many(state.dev_id, pairs)
             state.changed = True
+            self.mapped += 1
         with self.lock:
             if aborts != self.aborts:
                 raise _eio("the metadata transaction was aborted", self.name)

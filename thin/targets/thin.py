@@ -217,19 +217,22 @@ class ThinTarget(TargetDriver):
 
     def _write_block(self, vblock: int, within: int, piece: memoryview) -> None:
         pool = self.pool
-        with pool.cells.hold((self.dev_id, vblock)):
-            pool.check_io()
-            look = pool.lookup(self.dev_id, vblock)
+        key = (self.dev_id, vblock)
+        cells = pool.cells
+        cells.acquire(key)
+        try:
+            look, new, aborts = pool.lookup_for_write(self.dev_id, vblock)
             if look is not None and not look.shared:
                 self.pool_dev.write(piece, look.data_block * self.bb + within)
                 return
-            aborts = pool.aborts
-            try:
-                new = pool.alloc_data_block(lambda: not self.ctx.noflush_suspending)
-            except NoSpace:
-                if self.ctx.noflush_suspending and not pool.pf_error_if_no_space:
-                    raise RequeueIO("out of data space: requeued", device=self.ctx.device_name) from None
-                raise
+            if new is None:
+                aborts = pool.aborts
+                try:
+                    new = pool.alloc_data_block(lambda: not self.ctx.noflush_suspending)
+                except NoSpace:
+                    if self.ctx.noflush_suspending and not pool.pf_error_if_no_space:
+                        raise RequeueIO("out of data space: requeued", device=self.ctx.device_name) from None
+                    raise
             try:
                 if within or len(piece) != self.bb:
                     self._prepare(vblock, new, look)
@@ -238,14 +241,15 @@ class ThinTarget(TargetDriver):
                 pool.release_block(new, aborts)
                 raise
             pool.insert(self.state, vblock, new, aborts)
+        finally:
+            cells.release(key)
 
     def _prepare(self, vblock: int, new: int, old: Lookup | None) -> None:
         """Fill a new block before a partial write (dm-thin.c ``schedule_copy``/``schedule_zero``/
         ``schedule_external_copy``)."""
         bs = self.block_sectors
-        dst = kcopyd.Region(self.pool_dev, new * bs, bs)
         if old is not None:  # break_sharing
-            self._copy(kcopyd.Region(self.pool_dev, old.data_block * bs, bs), dst)
+            self._copy(kcopyd.Region(self.pool_dev, old.data_block * bs, bs), kcopyd.Region(self.pool_dev, new * bs, bs))
             return
         start = vblock * bs
         if self.origin is not None and start < self.origin_sectors:
@@ -255,7 +259,7 @@ class ThinTarget(TargetDriver):
                 self._zero(kcopyd.Region(self.pool_dev, new * bs + n, bs - n))
             return
         if self.pool.pf.zero_new_blocks and not self._reads_zeros(new):
-            self._zero(dst)
+            self._zero(kcopyd.Region(self.pool_dev, new * bs, bs))
 
     def _reads_zeros(self, block: int) -> bool:
         """A data block the data device reports as a hole (never written, or discarded) already
@@ -303,7 +307,7 @@ class ThinTarget(TargetDriver):
             raise DeviceIOError("metadata changes of this device were lost by an abort",
                                 errno=errno.EIO, operation="flush", device=self.ctx.device_name)
         if state.changed:
-            self.pool.commit()
+            self.pool.flush_and_commit()
         else:
             self.pool_dev.flush()
 
