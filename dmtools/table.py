@@ -61,6 +61,18 @@ def _sector_field(text: str, what: str, lineno: int) -> int:
     return int(digits)
 
 
+def _check_singleton(first: str | None, target_type: str, lineno: int) -> None:
+    """dm-table.c ``dm_table_add_target``: a ``DM_TARGET_SINGLETON`` type (thin-pool) must be the
+    only target of its table; ``first`` is the type of the table's first line (``None`` for the
+    first line itself). Checked before the new line's own arguments, as the kernel does."""
+    if first is None:
+        return
+    if _target_values.TARGET_TYPES.get(first, Target).SINGLETON:
+        raise InvalidTable(f"line {lineno}: target type {first} must appear alone in table")
+    if _target_values.TARGET_TYPES.get(target_type, Target).SINGLETON:
+        raise InvalidTable(f"line {lineno}: {target_type}: singleton target type must appear alone in table")
+
+
 @dataclass(frozen=True)
 class TableLine:
     """One target of a table: ``start`` and ``length`` in sectors, and the target value."""
@@ -131,6 +143,7 @@ class Table:
                 raise InvalidTable(f"a table line is a TableLine or (start, length, target), not {item!r}")
         expected = 0
         for number, line in enumerate(checked, 1):
+            _check_singleton(checked[0].target_type if number > 1 else None, line.target_type, number)
             if line.start != expected:
                 where = "the first target must start at sector 0" if number == 1 else (
                     f"previous target ends at sector {expected}"
@@ -167,6 +180,7 @@ class Table:
                 )
             start = _sector_field(match.group(1), "start", lineno)
             length = _sector_field(match.group(2), "length", lineno)
+            _check_singleton(lines[0].target_type if lines else None, match.group(3), lineno)
             params = match.group(4).split("#", 1)[0]
             try:
                 target = Target.parse(match.group(3), params, length)

@@ -187,6 +187,8 @@ class Target:
 
     #: Kernel target type name; set by each typed subclass.
     TYPE: ClassVar[str] = ""
+    #: ``DM_TARGET_SINGLETON``: the type must be the only target of its table (dm-table.c).
+    SINGLETON: ClassVar[bool] = False
 
     @property
     def target_type(self) -> str:
@@ -901,6 +903,7 @@ class ThinPool(Target):
     """
 
     TYPE: ClassVar[str] = "thin-pool"
+    SINGLETON: ClassVar[bool] = True  # dm-thin.c pool_target.features
     metadata: str
     data: str
     block_size: int = MIN_THIN_BLOCK_SECTORS

@@ -262,3 +262,69 @@ def test_full_metadata_goes_read_only_and_loses_nothing(engine: Any, tmp_path: P
     assert read(t, failed * BB, 512) == pattern(5, 512)
     rig.close()
     thin_tools.check(rig.meta)
+
+
+def test_noflush_suspend_hands_a_queued_write_back(engine: Any, tmp_path: Path, thin_tools: Any) -> None:
+    """A write waiting for data space is handed back to its device by a noflush suspend (dm-thin.c
+    ``do_noflush_start``/``requeue_io``): the suspend completes, the write neither fails nor is
+    lost, and it runs again on the table live after the resume, once the pool has grown."""
+    rig = PoolRig(engine, tmp_path, data_blocks=1)
+    t = rig.thin(1, "t1")
+    t.write(pattern(1, BB), 0)
+    event_nr = engine.info(rig.name).event_nr
+    done: list[BaseException | None] = []
+    writer = threading.Thread(target=lambda: _run(done, lambda: t.write(pattern(2, 512), BB)))
+    writer.start()
+    engine.wait_event(rig.name, event_nr, timeout=10)
+    assert rig.status().mode is PoolMode.OUT_OF_DATA_SPACE
+    engine.suspend("t1", noflush=True)  # returns only once the waiting write left the target
+    assert engine.info("t1").suspended and writer.is_alive() and not done
+    engine.load("t1", engine.table("t1"))  # a reload while suspended, as lvconvert does
+    rig.grow(2)
+    assert writer.is_alive() and not done  # still held by the suspended device
+    engine.resume("t1")
+    writer.join(10)
+    assert done == [None]
+    assert read(t, BB, 512) == pattern(2, 512) and read(t, 0, BB) == pattern(1, BB)
+    rig.close()
+    thin_tools.check(rig.meta)
+
+
+def test_fua_write_commits_before_it_completes(engine: Any, tmp_path: Path, thin_tools: Any,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write with REQ_FUA to a device that changed in the transaction completes after the
+    commit (dm-thin.c ``bio_triggers_commit``); a plain write's mapping waits for a flush."""
+    monkeypatch.setattr(params, "COMMIT_PERIOD", 3600.0)  # no periodic commit during the test
+    rig = PoolRig(engine, tmp_path)
+    t = rig.thin(1, "t1")
+
+    def on_disk() -> int:
+        with ThinMetadata.open(rig.meta) as md:
+            return md.details(1).mapped_blocks
+
+    t.write(pattern(1, 512), 0)
+    assert on_disk() == 0  # mapped in core only
+    t.write_durable(pattern(2, 512), BB)
+    assert on_disk() == 2  # the FUA write committed both mappings
+    t.write(pattern(3, 512), 2 * BB)
+    assert on_disk() == 2
+    t.write_durable(pattern(4, 512), 512)  # a mapped block, but the device changed: commit again
+    assert on_disk() == 3
+    assert read(t, 0, 1024) == pattern(1, 512) + pattern(4, 512)
+    rig.close()
+    thin_tools.check(rig.meta)
+
+
+def test_thin_pool_must_be_the_only_target(engine: Any, tmp_path: Path) -> None:
+    """dm-table.c refuses a thin-pool beside other targets, whichever comes first, in the kernel's
+    words, and nothing is created."""
+    rig = PoolRig(engine, tmp_path)
+    size = 64 * rig.block
+    pool = f"thin-pool {rig.table(64).split(' ', 3)[3]}"
+    cases = {f"0 {size} {pool}\n{size} 8 zero": "line 2: target type thin-pool must appear alone in table",
+             f"0 8 zero\n8 {size} {pool}": "line 2: thin-pool: singleton target type must appear alone in table"}
+    for text, words in cases.items():
+        with pytest.raises(InvalidTable, match=words):
+            engine.create("lonely", text)
+        assert "lonely" not in {e.name for e in engine.list()}
+    rig.close()
