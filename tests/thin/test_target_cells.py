@@ -77,3 +77,70 @@ def test_writers_on_one_shared_block_break_sharing_once(engine: Any, tmp_path: P
     assert read(s, 0, BB) == pattern(1, BB)
     rig.close()
     thin_tools.check(rig.meta)
+
+
+def _gate_writes(monkeypatch: Any, rig: PoolRig, block: int, gate: Any, events: list[str]) -> None:
+    """Writes to data block ``block`` wait for ``gate()`` inside the data device, then are logged;
+    passed-down discards are logged too."""
+    data = rig.in_core().data
+    write, discard = data.write, data.discard
+
+    def gated_write(buf: Any, offset: int) -> int:
+        if offset // BB == block:
+            gate()
+        n = write(buf, offset)
+        if offset // BB == block:
+            events.append("write done")
+        return int(n)
+
+    def logged_discard(offset: int, length: int) -> None:
+        events.append(f"discard {offset // BB}")
+        discard(offset, length)
+
+    monkeypatch.setattr(data, "write", gated_write)
+    monkeypatch.setattr(data, "discard", logged_discard)
+
+
+def test_writers_on_one_mapped_block_run_side_by_side(rig: PoolRig, monkeypatch: Any) -> None:
+    """Only the lookup holds the cell of a mapped, unshared block: two writers are inside the data
+    device at once (with the cell held through the write, the second could not get there)."""
+    t = rig.thin(1, "t1")
+    t.write(pattern(1, BB), 0)
+    both_inside = threading.Barrier(2, timeout=10)
+    events: list[str] = []
+    _gate_writes(monkeypatch, rig, rig.in_core().lookup(1, 0).data_block, both_inside.wait, events)
+    _race([lambda: t.write(pattern(2, 512), 0), lambda: t.write(pattern(3, 512), 4096)])
+    assert events == ["write done", "write done"]
+    assert read(t, 0, 4608) == pattern(2, 512) + pattern(1, 3584) + pattern(3, 512)
+
+
+def test_discard_waits_for_writes_in_flight_on_its_block(rig: PoolRig, monkeypatch: Any) -> None:
+    """A discard holds the block's cell and waits until the writes already sent to the data block
+    are done before it unmaps the block and passes the discard down (dm-thin.c quiesces through
+    ``all_io_ds``), so a block freed by a discard never takes a late write."""
+    t = rig.thin(1, "t1")
+    t.write(pattern(1, 2 * BB), 0)
+    block = rig.in_core().lookup(1, 0).data_block
+    inside, release = threading.Event(), threading.Event()
+    events: list[str] = []
+
+    def gate() -> None:
+        inside.set()
+        assert release.wait(10)
+
+    _gate_writes(monkeypatch, rig, block, gate, events)
+    writer = threading.Thread(target=t.write, args=(pattern(2, 512), 0))
+    writer.start()
+    assert inside.wait(10)
+    discarder = threading.Thread(target=t.discard, args=(0, BB))
+    discarder.start()
+    discarder.join(0.5)
+    assert discarder.is_alive() and events == []  # waiting for the write, not unmapping under it
+    assert rig.in_core().lookup(1, 0) is not None
+    release.set()
+    writer.join(10)
+    discarder.join(10)
+    assert not writer.is_alive() and not discarder.is_alive()
+    assert events == ["write done", f"discard {block}"]
+    assert rig.in_core().lookup(1, 0) is None and read(t, 0, BB) == bytes(BB)
+    assert read(t, BB, BB) == pattern(1, BB)

@@ -42,7 +42,7 @@ from thin.metadata import Lookup, ThinMetadata
 from thin.metadata.ondisk import BLOCK_SECTORS, MAX_METADATA_SECTORS
 from thin.metadata.transaction import EndpointMetadataDevice
 from thin.targets import params
-from thin.targets.cells import Cells
+from thin.targets.cells import Cells, InFlight
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.engine.target_driver import DeviceHandle
@@ -123,6 +123,8 @@ class Pool:
         #: notified when the mode or free space changes (writers waiting for space).
         self.space = threading.Condition(self.lock)
         self.cells = Cells()
+        #: I/O on mapped blocks that runs with its cell released (see :mod:`thin.targets.cells`).
+        self.in_flight = InFlight()
         self.pf = Features.of(value)
         #: the live ``error_if_no_space``: set by ``no_space_timeout``, reset in write mode.
         self.pf_error_if_no_space = self.pf.error_if_no_space

@@ -1,9 +1,10 @@
 """``thin <pool dev> <dev id> [<external origin dev>]``: a thin device of a pool (dm-thin.c ``thin_ctr``).
 
 I/O is split at data-block boundaries (the kernel sets ``max_io_len`` to one block) and each block
-is handled under its cell, as ``process_bio`` does:
+is looked up under its cell, as ``process_bio`` does (see :mod:`thin.targets.cells`):
 
-* mapped and not shared: the I/O goes to the data block, through the pool device;
+* mapped and not shared: the cell is released and the I/O goes to the data block, through the
+  pool device, counted in flight on that block until it is done;
 * a read of an unmapped block returns zeros, or the external origin's data;
 * a write to an unmapped block allocates one, prepares it with kcopyd (zeroed unless
   ``skip_block_zeroing``, copied from the external origin, nothing when the write covers the whole
@@ -142,13 +143,22 @@ class ThinTarget(TargetDriver):
 
     def _read_block(self, vblock: int, within: int, piece: memoryview) -> None:
         pool = self.pool
-        with pool.cells.hold((self.dev_id, vblock)):
-            pool.check_io()
+        key = (self.dev_id, vblock)
+        cells = pool.cells
+        cells.acquire(key)
+        try:
             look = pool.lookup(self.dev_id, vblock)
-            if look is not None:
-                _read_full(self.pool_dev, piece, look.data_block * self.bb + within)
-            else:
+            if look is None:
                 self._read_unmapped(vblock, within, piece)
+                return
+            block = look.data_block
+            pool.in_flight.enter(block)  # read outside the cell (thin_bio_map's remap)
+        finally:
+            cells.release(key)
+        try:
+            _read_full(self.pool_dev, piece, block * self.bb + within)
+        finally:
+            pool.in_flight.leave(block)
 
     def _read_unmapped(self, vblock: int, within: int, piece: memoryview) -> None:
         """An unprovisioned block reads zeros, or the external origin's data."""
@@ -210,6 +220,9 @@ class ThinTarget(TargetDriver):
                 for _v, block in pairs:
                     pool.release_block(block, aborts)
                 raise
+            for look in looks.values():
+                if look.shared:  # reads still in flight on the old block (shared_read_ds)
+                    pool.in_flight.quiesce(look.data_block)
             if pairs:
                 pool.insert_many(self.state, pairs, aborts)
         for v in need[len(news):]:
@@ -223,26 +236,43 @@ class ThinTarget(TargetDriver):
         try:
             look, new, aborts = pool.lookup_for_write(self.dev_id, vblock)
             if look is not None and not look.shared:
-                self.pool_dev.write(piece, look.data_block * self.bb + within)
+                block = look.data_block
+                pool.in_flight.enter(block)  # the write runs outside the cell (thin_bio_map)
+            else:
+                self._provision(vblock, within, piece, look, new, aborts)
                 return
-            if new is None:
-                aborts = pool.aborts
-                try:
-                    new = pool.alloc_data_block(lambda: not self.ctx.noflush_suspending)
-                except NoSpace:
-                    if self.ctx.noflush_suspending and not pool.pf_error_if_no_space:
-                        raise RequeueIO("out of data space: requeued", device=self.ctx.device_name) from None
-                    raise
-            try:
-                if within or len(piece) != self.bb:
-                    self._prepare(vblock, new, look)
-                self.pool_dev.write(piece, new * self.bb + within)
-            except BaseException:
-                pool.release_block(new, aborts)
-                raise
-            pool.insert(self.state, vblock, new, aborts)
         finally:
             cells.release(key)
+        try:
+            self.pool_dev.write(piece, block * self.bb + within)
+        finally:
+            pool.in_flight.leave(block)
+
+    def _provision(self, vblock: int, within: int, piece: memoryview, look: Lookup | None, new: int | None,
+                   aborts: int) -> None:
+        """Write ``piece`` to a new block for ``vblock`` (unmapped, or shared: ``look``), its cell
+        held: ``new`` is the block :meth:`Pool.lookup_for_write` gave, else one is allocated here
+        (waiting for space or failing as the pool's mode says). The new mapping goes in once the
+        block is prepared and written, and I/O still in flight on a shared old block is done."""
+        pool = self.pool
+        if new is None:
+            aborts = pool.aborts
+            try:
+                new = pool.alloc_data_block(lambda: not self.ctx.noflush_suspending)
+            except NoSpace:
+                if self.ctx.noflush_suspending and not pool.pf_error_if_no_space:
+                    raise RequeueIO("out of data space: requeued", device=self.ctx.device_name) from None
+                raise
+        try:
+            if within or len(piece) != self.bb:
+                self._prepare(vblock, new, look)
+            self.pool_dev.write(piece, new * self.bb + within)
+        except BaseException:
+            pool.release_block(new, aborts)
+            raise
+        if look is not None:
+            pool.in_flight.quiesce(look.data_block)
+        pool.insert(self.state, vblock, new, aborts)
 
     def _prepare(self, vblock: int, new: int, old: Lookup | None) -> None:
         """Fill a new block before a partial write (dm-thin.c ``schedule_copy``/``schedule_zero``/
@@ -288,6 +318,10 @@ class ThinTarget(TargetDriver):
                           lambda md: [v for v, _b, _t in md.mappings(self.dev_id, first, end)])
         for vblock in mapped:
             with pool.cells.hold((self.dev_id, vblock)):
+                look = pool.lookup(self.dev_id, vblock)
+                if look is None:
+                    continue
+                pool.in_flight.quiesce(look.data_block)  # I/O sent to it before the discard (all_io_ds)
                 aborts = pool.aborts
                 block = pool.unmap(self.state, vblock)
                 if block is None:
