@@ -4,15 +4,22 @@
 Write throughput on a thin volume against the same writes on a ``linear`` device (first writes,
 with and without zeroing of new blocks), and on a thin volume that has a snapshot (every write
 breaks sharing) against the same writes on an origin with one classic snapshot. Run on the
-userspace engine here; inside the VM (``--kernel``, run by ``scripts/vmtest --exec``) the same
-workloads run on the kernel's targets over loop devices, and their ratios are printed beside ours.
+userspace engine here (in-process, with the engine's CPU time per write); inside the VM
+(``--kernel``, run by ``scripts/vmtest --exec``) the same workloads run on the kernel's targets
+over loop devices, and their ratios are printed beside ours.
+
+``fio`` (``bench_common.fio``: direct I/O, sequential 1 MiB and random 4 KiB at queue depth 1 and
+16) then writes the exposed thin volume (``skip_block_zeroing``, every write a first write) and an
+exposed linear device of the same size: the userspace engine's FUSE + loop devices here (root and
+``/dev/fuse``), ``/dev/mapper`` in the VM.
+
 Then ``thin dump``/``thin check`` against the C++ tools (``scripts/bench thin_tools``).
 
 Goals: provisioning writes without zeroing >= 0.8x linear; snapshot writes >= 2x the classic
 snapshot's; dump and check within 3x of thin_dump/thin_check using <= 128 MiB.
 
     scripts/bench thin [--size 64M] [--random-writes 2000] [--repeat 3] [--mappings 1000000]
-                       [--no-kernel] [--only writes|tools] [--json]
+                       [--no-kernel] [--only writes|fio|tools ...] [--json]
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
+from bench_common import FIO_JOBS, fio, fio_available, in_vm, loadavg  # noqa: E402
 from dmtools.units import parse_size  # noqa: E402
 
 SECTOR = 512
@@ -46,7 +55,7 @@ GOALS = {"thin_nozero_vs_linear": 0.8, "thin_snapshot_vs_classic": 2.0}
 class Rig:
     """Backing files (loop devices on the kernel) and the backend's devices, removed at the end."""
 
-    def __init__(self, work: Path, kernel: bool, tag: str) -> None:
+    def __init__(self, work: Path, kernel: bool, tag: str, expose: bool = False) -> None:
         self.work, self.kernel, self.tag = work, kernel, tag
         self.loops: list[Any] = []
         self.names: list[str] = []
@@ -58,7 +67,7 @@ class Rig:
         else:
             from dmtools.engine import Engine
 
-            self.dm = Engine()
+            self.dm = Engine(expose=True, run_dir=str(work / "run")) if expose else Engine()
 
     def backing(self, name: str, size: int, fill: bool = False) -> str:
         """A file of ``size`` bytes (allocated, so no run pays the file system's allocation; random
@@ -88,6 +97,10 @@ class Rig:
     def ref(self, name: str) -> str:
         return self.dm.device_path(name) if self.kernel else self.dm.device_ref(name)
 
+    def block_device(self, name: str) -> str:
+        """The device's block device: ``/dev/mapper`` on the kernel, the exposure here."""
+        return str(self.dm.device_path(name))
+
     def endpoint(self, name: str) -> Any:
         if self.kernel:
             from dmtools.blockdev import BlockDevice
@@ -107,7 +120,8 @@ class Rig:
                 loop.detach(dev)
         self.dm.close()
         for p in self.work.iterdir():
-            p.unlink()
+            if p.is_file():
+                p.unlink()
 
 
 def _pool(rig: Rig, size: int, zero: bool) -> str:
@@ -144,7 +158,8 @@ def _random(ep: Any, offsets: list[int]) -> float:
 
 def _measure(work: Path, kernel: bool, tag: str, size: int, offsets: list[int],
              build: Callable[[Rig], str]) -> dict[str, float]:
-    """Each workload on a device built fresh by ``build``, so every write is a first write."""
+    """Each workload on a device built fresh by ``build``, so every write is a first write; with
+    the CPU time this process spent on it (the engine's, on the userspace engine)."""
     workloads: dict[str, Callable[[Any], float]] = {
         "seq_1m": lambda ep: _seq(ep, size), "random_4k": lambda ep: _random(ep, offsets)}
     out: dict[str, float] = {}
@@ -153,7 +168,9 @@ def _measure(work: Path, kernel: bool, tag: str, size: int, offsets: list[int],
         try:
             ep = rig.endpoint(build(rig))
             try:
+                cpu = time.process_time()
                 out[name] = run(ep)
+                out[f"{name}_cpu"] = time.process_time() - cpu
             finally:
                 ep.close()
         finally:
@@ -220,10 +237,15 @@ def bench_writes(work: Path, size: int, nrandom: int, repeat: int, kernel: bool)
              for n, (name, build) in enumerate(configs.items())} for i in range(repeat)]
     med = {name: {k: statistics.median(r[name][k] for r in runs) for k in runs[0][name]} for name in configs}
     out: dict[str, Any] = {"engine": "kernel" if kernel else "userspace", "size_mib": size >> 20,
-                           "random_writes": nrandom, "repeat": repeat,
-                           "MiB/s": {n: {k: round(v / MiB, 1) for k, v in row.items()} for n, row in med.items()}}
+                           "random_writes": nrandom, "repeat": repeat, "loadavg": loadavg(),
+                           "MiB/s": {n: {k: round(v / MiB, 1) for k, v in row.items() if not k.endswith("_cpu")}
+                                     for n, row in med.items()},
+                           # this process's CPU: seconds per GiB of sequential writes, us per random write
+                           "cpu": {n: {"seq_1m_s_per_gib": round(row["seq_1m_cpu"] * (1 << 30) / size, 2),
+                                       "random_4k_us_per_write": round(row["random_4k_cpu"] * 1e6 / nrandom, 1)}
+                                   for n, row in med.items()}}
     ratios: dict[str, dict[str, float]] = {}
-    for k in med["linear"]:
+    for k in ("seq_1m", "random_4k"):
         ratios.setdefault("thin_zero_vs_linear", {})[k] = round(med["thin (zeroing)"][k] / med["linear"][k], 3)
         ratios.setdefault("thin_nozero_vs_linear", {})[k] = round(
             med["thin (skip_block_zeroing)"][k] / med["linear"][k], 3)
@@ -233,18 +255,55 @@ def bench_writes(work: Path, size: int, nrandom: int, repeat: int, kernel: bool)
     return out
 
 
-def _in_vm(args: argparse.Namespace) -> dict[str, Any] | str:
-    """The same write benchmark on the kernel's targets, in the VM; its JSON, or why it is missing."""
-    cmd = (f"modprobe dm-thin-pool && {sys.executable} {Path(__file__).resolve()} --kernel --only writes --json "
-           f"--size {args.size} --random-writes {args.random_writes} --repeat {args.repeat}")
-    res = subprocess.run([str(ROOT / "scripts" / "vmtest"), "--exec", cmd], capture_output=True, text=True)
-    text = res.stdout
-    start = text.find("{")
-    if res.returncode != 0 or start < 0:
-        return f"the VM run failed ({res.returncode}): {(res.stderr or text).strip().splitlines()[-1:]}"
-    decoder = json.JSONDecoder()
-    value, _ = decoder.raw_decode(text[start:])
-    return value["writes"]
+def _exposure_missing(kernel: bool) -> str | None:
+    """Why fio cannot run on this engine's block devices here, or ``None``."""
+    missing = fio_available()
+    if missing or kernel:
+        return missing
+    from dmtools.engine.expose import exposure_possible
+
+    return exposure_possible()
+
+
+def bench_fio(work: Path, size: int, repeat: int, kernel: bool) -> dict[str, Any] | str:
+    """fio's jobs on an exposed linear device and an exposed thin volume (every write a first
+    write: each job gets fresh devices); MiB/s medians of ``repeat`` rounds, the thin/linear ratio
+    per job and, on the userspace engine, this process's CPU seconds per job (FUSE + engine)."""
+    missing = _exposure_missing(kernel)
+    if missing:
+        return missing
+    configs = {"linear": _linear(size), "thin": _thin_volume(size, False)}
+    runs: dict[str, dict[str, list[float]]] = {name: {} for name in configs}
+    cpu: dict[str, dict[str, list[float]]] = {name: {} for name in configs}
+    for i in range(repeat):
+        for job, bs, qd in FIO_JOBS:
+            for n, (name, build) in enumerate(configs.items()):
+                rig = Rig(work, kernel, f"f{i}{n}", expose=True)
+                try:
+                    path = rig.block_device(build(rig))
+                    before = os.times()
+                    res = fio(path, write=True, bs=bs, iodepth=qd, size=size)
+                    after = os.times()
+                    runs[name].setdefault(job, []).append(res.mib_s)
+                    cpu[name].setdefault(job, []).append(after.user + after.system - before.user - before.system)
+                finally:
+                    rig.close()
+    med = {name: {job: statistics.median(v) for job, v in row.items()} for name, row in runs.items()}
+    return {"engine": "kernel" if kernel else "userspace", "size_mib": size >> 20, "repeat": repeat,
+            "loadavg": loadavg(),
+            "MiB/s": {name: {job: round(v, 1) for job, v in row.items()} for name, row in med.items()},
+            "thin_vs_linear": {job: round(med["thin"][job] / med["linear"][job], 3) for job in med["linear"]},
+            "cpu_s": None if kernel else {name: {job: round(statistics.median(v), 2) for job, v in row.items()}
+                                          for name, row in cpu.items()}}
+
+
+def _in_vm(args: argparse.Namespace, sections: list[str]) -> dict[str, Any] | str:
+    """The write and fio benchmarks on the kernel's targets, in the VM; their JSON, or why not."""
+    argv = ["--kernel", "--json", "--size", args.size, "--random-writes", str(args.random_writes),
+            "--repeat", str(args.repeat)]
+    for section in sections:
+        argv += ["--only", section]
+    return in_vm(Path(__file__).resolve(), argv, modules=("dm-thin-pool",))
 
 
 def _tools(args: argparse.Namespace) -> Any:
@@ -259,15 +318,17 @@ def _print(results: dict[str, Any]) -> None:
     theirs = results.get("writes_kernel")
     if ours:
         print(f"thin writes, {ours['size_mib']} MiB devices, {ours['random_writes']} random 4 KiB writes, "
-              f"median of {ours['repeat']}; load average {os.getloadavg()[0]:.2f}")
+              f"median of {ours['repeat']}; load average {ours['loadavg']:.2f}")
         print(f"{'MiB/s':28} {'seq 1M':>10} {'rand 4K':>10}" + (f" {'kernel seq':>11} {'kernel 4K':>10}"
-                                                                  if isinstance(theirs, dict) else ""))
+                                                                  if isinstance(theirs, dict) else "")
+              + f" {'CPU s/GiB':>10} {'CPU us/4K':>10}")
         for name, row in ours["MiB/s"].items():
             line = f"{name:28} {row['seq_1m']:>10} {row['random_4k']:>10}"
             if isinstance(theirs, dict):
                 k = theirs["MiB/s"][name]
                 line += f" {k['seq_1m']:>11} {k['random_4k']:>10}"
-            print(line)
+            c = ours["cpu"][name]
+            print(line + f" {c['seq_1m_s_per_gib']:>10} {c['random_4k_us_per_write']:>10}")
         for name, row in ours["ratios"].items():
             goal = f" (goal >= {GOALS[name]}x)" if name in GOALS else ""
             kern = ""
@@ -277,8 +338,33 @@ def _print(results: dict[str, Any]) -> None:
             print(f"{name:28} seq {row['seq_1m']}x, 4K {row['random_4k']}x{goal}{kern}")
         if isinstance(theirs, str):
             print(f"kernel: {theirs}")
+    _print_fio(results.get("fio"), results.get("fio_kernel"))
     if "tools" in results:
         print("tools:", json.dumps(results["tools"]))
+
+
+def _print_fio(ours: dict[str, Any] | str | None, theirs: dict[str, Any] | str | None) -> None:
+    if ours is None:
+        return
+    if isinstance(ours, str):
+        print(f"fio: not run here: {ours}")
+        return
+    kern = isinstance(theirs, dict)
+    print(f"fio on exposed devices (direct, first writes), {ours['size_mib']} MiB, median of {ours['repeat']}; "
+          f"load average {ours['loadavg']:.2f}")
+    print(f"{'MiB/s':12} {'linear':>9} {'thin':>9} {'thin/lin':>9}"
+          + (f" {'k linear':>9} {'k thin':>9} {'k ratio':>9}" if kern else "")
+          + f" {'CPU s lin':>10} {'CPU s thin':>10}")
+    for job in ours["thin_vs_linear"]:
+        line = (f"{job:12} {ours['MiB/s']['linear'][job]:>9} {ours['MiB/s']['thin'][job]:>9} "
+                f"{ours['thin_vs_linear'][job]:>8}x")
+        if kern:
+            assert isinstance(theirs, dict)
+            line += (f" {theirs['MiB/s']['linear'][job]:>9} {theirs['MiB/s']['thin'][job]:>9} "
+                     f"{theirs['thin_vs_linear'][job]:>8}x")
+        print(line + f" {ours['cpu_s']['linear'][job]:>10} {ours['cpu_s']['thin'][job]:>10}")
+    if isinstance(theirs, str):
+        print(f"fio kernel: {theirs}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,19 +373,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-writes", type=int, default=2000)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--mappings", type=int, default=1_000_000, help="mapped blocks for the tools benchmark")
-    p.add_argument("--only", choices=("writes", "tools"))
+    p.add_argument("--only", choices=("writes", "fio", "tools"), action="append",
+                   help="run only these parts (repeatable; default: all)")
     p.add_argument("--no-kernel", action="store_true", help="skip the VM run of the kernel's targets")
     p.add_argument("--kernel", action="store_true", help=argparse.SUPPRESS)  # inside the VM
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     size = parse_size(args.size, "b")
+    only = args.only or ["writes", "fio", "tools"]
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-thin-") as tmp:
-        if args.only in (None, "writes"):
+        if "writes" in only:
             results["writes"] = bench_writes(Path(tmp), size, args.random_writes, args.repeat, args.kernel)
-            if not args.kernel and not args.no_kernel:
-                results["writes_kernel"] = _in_vm(args)
-    if args.only in (None, "tools") and not args.kernel:
+        if "fio" in only:
+            results["fio"] = bench_fio(Path(tmp), size, args.repeat, args.kernel)
+    vm_parts = [s for s in ("writes", "fio") if s in only]
+    if vm_parts and not args.kernel and not args.no_kernel:
+        vm = _in_vm(args, vm_parts)
+        for part in vm_parts:
+            results[f"{part}_kernel"] = vm.get(part, "missing from the VM's output") if isinstance(vm, dict) else vm
+    if "tools" in only and not args.kernel:
         results["tools"] = _tools(args)
     if args.json:
         print(json.dumps(results, indent=2))
