@@ -206,6 +206,25 @@ def test_flush_on_close(tmp_path: Path, start_nbdkit: Callable[..., NbdServer]) 
     assert len(re.findall(r"connection=\d+ Flush id", log.read_text())) == n
 
 
+@pytest.mark.parametrize("fua", [True, False])
+def test_durable_write_is_one_fua_write_when_offered(tmp_path: Path, start_nbdkit: Callable[..., NbdServer],
+                                                     fua: bool) -> None:
+    """``write_durable`` (REQ_FUA): one WRITE with the FUA flag and no FLUSH when the server offers
+    FUA; a plain WRITE then a FLUSH when it does not (nbdkit's fua filter, whose default hides it)."""
+    log = tmp_path / "fua.log"
+    srv = start_nbdkit(["memory", "4M", f"logfile={log}", *(["fuamode=pass"] if fua else [])],
+                       filters=["log", "fua"])
+    with NbdEndpoint(srv.uri, writable=True, connections=1) as ep:
+        assert ep.can_fua is fua
+        assert ep.write_durable(b"d" * 4096, 8192) == 4096
+        sent = re.findall(r"connection=\d+ (Write|Flush) id=\d+(?: offset=0x2000 count=0x1000 fua=(\d))?",
+                          log.read_text())
+        assert sent == ([("Write", "1")] if fua else [("Write", "0"), ("Flush", "")])
+        buf = bytearray(4096)
+        ep.readinto(buf, 8192)
+        assert buf == b"d" * 4096
+
+
 def test_bad_uri_before_connecting() -> None:
     with pytest.raises(InvalidArgument, match="socket"):
         NbdEndpoint("nbd+unix:///x")
