@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 from collections.abc import Callable
 from typing import Any
 
 from dmtools.errors import DMError
-
-log = logging.getLogger("dmtools")
-
 
 def open_backend(args: argparse.Namespace) -> Any:
     """Open the ``DeviceMapper`` backend named by ``--backend``; ``main`` closes it at the end."""
@@ -35,7 +31,9 @@ def close_backends(args: argparse.Namespace) -> None:
         try:
             dm.close()
         except (DMError, OSError) as err:  # the command's outcome stands; a failed close is noted
-            log.debug("closing %r: %s", dm, err)
+            import logging
+
+            logging.getLogger("dmtools").debug("closing %r: %s", dm, err)
 
 
 def one_line(err: BaseException) -> str:

@@ -80,3 +80,35 @@ def test_kernel_backend_loads_no_table_grammar_and_no_c_parser() -> None:
     loaded = _modules("import sys\nimport dmtools.kernel\n")
     assert "dmtools._ffi" in loaded
     assert not loaded & {"pycparser", "cffi.cparser", "dmtools.table", "dmtools.target_values", "ctypes.util"}
+
+
+LATE_LOGGER = """
+import sys
+import dmtools.cli.main as cli
+
+def register(sub):
+    def run(args):
+        import logging  # first imported here, by the command, as the kernel backend would
+        logging.getLogger("dmtools.probe").warning("late %s", "warning")
+        logging.getLogger("dmtools.probe").debug("hidden")
+        return 0
+    sub.add_parser("probe").set_defaults(func=run)
+
+cli.BUILTIN_COMMANDS["probe"] = "probe:register"
+cli._load = lambda spec: register
+assert "logging" not in sys.modules
+assert cli.main(["probe"]) == 0
+assert not any(type(f).__name__ == "_ConfigureLoggingOnImport" for f in sys.meta_path)
+"""
+
+
+def test_dm_ls_does_not_load_logging() -> None:
+    assert "logging" not in _modules(DM_LS)
+
+
+def test_logging_first_imported_by_a_command_is_configured() -> None:
+    """The CLI's log format and level hold for a module that imports ``logging`` only while the
+    command runs, and the one-shot hook is gone afterwards."""
+    proc = subprocess.run([sys.executable, "-c", LATE_LOGGER], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "dmtools: WARNING: late warning\n"
