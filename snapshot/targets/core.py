@@ -694,11 +694,15 @@ def _write_full(dev: DeviceHandle, buf: memoryview, offset: int) -> None:
 
 
 class _CopyBuffers(threading.local):
-    """Each thread's spare copy buffers, by size (a nested copy on the same thread, as when a COW
-    is itself a snapshotted origin, takes another one)."""
+    """Each thread's spare copy buffers, by size, at most ``KEEP_BYTES`` of them (a nested copy on
+    the same thread, as when a COW is itself a snapshotted origin, takes another one)."""
+
+    #: bytes of spare buffers a thread keeps (a 1 MiB run and a few chunks).
+    KEEP_BYTES = MAX_COPY_BYTES + (256 << 10)
 
     def __init__(self) -> None:
         self.free: dict[int, list[bytearray]] = {}
+        self.kept = 0
 
 
 _BUFFERS = _CopyBuffers()
@@ -706,14 +710,21 @@ _BUFFERS = _CopyBuffers()
 
 @contextmanager
 def _copy_buffer(nbytes: int) -> Iterator[bytearray]:
-    """A ``nbytes`` buffer of this thread's, returned to it after the block (at most two kept per size)."""
-    spare = _BUFFERS.free.setdefault(nbytes, [])
-    buf = spare.pop() if spare else bytearray(nbytes)
+    """A ``nbytes`` buffer of this thread's, kept for its next copy of that size while the
+    thread's spare buffers stay within ``KEEP_BYTES``."""
+    bufs = _BUFFERS
+    spare = bufs.free.get(nbytes)
+    if spare:
+        buf = spare.pop()
+        bufs.kept -= nbytes
+    else:
+        buf = bytearray(nbytes)
     try:
         yield buf
     finally:
-        if len(spare) < 2:
-            spare.append(buf)
+        if bufs.kept + nbytes <= bufs.KEEP_BYTES:
+            bufs.free.setdefault(nbytes, []).append(buf)
+            bufs.kept += nbytes
 
 
 def _all_zero(buf: bytearray) -> bool:

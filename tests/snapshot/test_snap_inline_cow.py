@@ -165,3 +165,25 @@ def test_the_snapshots_of_one_origin_copy_at_once() -> None:
             assert bytes(cow.data[new * CB : (new + 1) * CB]) == _original()[7 * CB : 8 * CB]
     finally:
         rig.close()
+
+
+def test_copy_buffers_are_distinct_when_nested_and_bounded_per_thread() -> None:
+    from snapshot.targets import core
+
+    seen: dict[str, Any] = {}
+
+    def run() -> None:
+        with core._copy_buffer(CB) as outer, core._copy_buffer(CB) as inner:  # a nested copy
+            seen["nested_distinct"] = outer is not inner
+        for n in range(1, 300):  # runs of every length
+            with core._copy_buffer(n * CB) as buf:
+                assert len(buf) == n * CB
+        seen["kept"] = core._BUFFERS.kept
+        with core._copy_buffer(CB) as again:
+            seen["reused"] = again is outer or again is inner
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(WAIT)
+    assert seen == {"nested_distinct": True, "kept": seen["kept"], "reused": True}
+    assert 0 < seen["kept"] <= core._CopyBuffers.KEEP_BYTES
