@@ -392,6 +392,35 @@ def test_bad_pool_tables_give_the_kernels_words(kernel_dm: Any, devices: Any, ta
     assert any(f"thin-pool: {reason}" in line for line in kmsg[-20:]), kmsg[-5:]
 
 
+@pytest.mark.parametrize("pool_first", [True, False])
+def test_thin_pool_beside_another_target_is_refused_in_the_kernels_words(
+        kernel_dm: Any, devices: Any, tag: str, pool_first: bool) -> None:
+    """dm-table.c: a singleton type (thin-pool) must be alone in its table. The kernel's log
+    says why in words that depend on the order; the engine, the kernel backend and our value
+    refuse with the same words, and no device is left behind."""
+    from dmtools.engine import Engine
+    from dmtools.errors import InvalidTable
+
+    meta, data = devices()
+    pool = f"thin-pool {meta.path} {data.path} 128 0"
+    if pool_first:
+        text, words = f"0 131072 {pool}\n131072 8 zero", "target type thin-pool must appear alone in table"
+    else:
+        text, words = f"0 8 zero\n8 131072 {pool}", "thin-pool: singleton target type must appear alone in table"
+    done = subprocess.run(["dmsetup", "create", f"{tag}raw"], input=text, capture_output=True, text=True)
+    subprocess.run(["dmsetup", "remove", f"{tag}raw"], capture_output=True)  # dmsetup may leave it empty
+    assert done.returncode != 0
+    kmsg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
+    assert any(words in line for line in kmsg[-20:]), kmsg[-5:]
+    with pytest.raises(InvalidTable, match=words):
+        Table.parse(text)
+    with Engine() as eng, pytest.raises(InvalidTable, match=words):
+        eng.create(f"{tag}eng", text)
+    with pytest.raises(InvalidTable, match=words):
+        kernel_dm.create(f"{tag}k", text)
+    assert not [e for e in kernel_dm.list() if e.name.startswith(tag)]
+
+
 _LVM_CONFIG = ("devices { use_devicesfile=0 scan_lvs=0 } "
                "activation { udev_sync=0 udev_rules=0 monitoring=0 }")
 
