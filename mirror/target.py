@@ -5,8 +5,11 @@ with a ``core`` or ``disk`` log (``mirror.log``), 2–9 legs and the features ``
 ``keep_log``. What it does, as the kernel does:
 
 - writes go to every leg under the mark/clear protocol: the region is marked dirty and the log
-  flushed before the data is written; it is marked clean (legs flushed first) by the worker once
-  its writes completed;
+  flushed before the data is written; it is marked clean (legs flushed first) by the worker some
+  time after its writes completed (``CLEAN_DELAY`` and the constants below it). The log is written
+  without the target's lock, one image at a time: writers whose marks are in one image share its
+  flush (the kernel's kmirrord flushes once for all the writes of a pass), and a write waits only
+  for the image holding its own regions' marks;
 - writes to an out-of-sync (NOSYNC) region go to the default leg only; writes to a region under
   recovery wait until its recovery ends;
 - reads come from the default leg, failing over to a leg without errors when the region is in sync;
