@@ -192,7 +192,9 @@ class Device:
         self.opens = 0
         #: serialises the verbs on this device (load, suspend, resume, remove...).
         self.op_lock = threading.RLock()
-        self._gate = threading.Condition(threading.Lock())
+        #: the suspend gate; the I/O path takes its lock directly (a C-level ``with``).
+        self._gate_lock = threading.Lock()
+        self._gate = threading.Condition(self._gate_lock)
         self._inflight = 0
         self._events = threading.Condition(threading.Lock())
         #: called when the last opener goes (for deferred remove).
@@ -269,7 +271,7 @@ class Device:
     def _enter(self, offset: int = 0) -> LoadedTable | None:
         if offset < 0:
             raise InvalidArgument(f"negative offset {offset}", operation="io", device=self.name)
-        with self._gate:
+        with self._gate_lock:
             while self.suspended and not self.removed:
                 self._gate.wait()
             if self.removed:
@@ -278,7 +280,7 @@ class Device:
             return self.live
 
     def _leave(self) -> None:
-        with self._gate:
+        with self._gate_lock:
             self._inflight -= 1
             if self._inflight == 0 and self.suspended:
                 self._gate.notify_all()  # block_io waits for the last one (nobody else does)
