@@ -48,6 +48,7 @@ from dmtools.errors import DeviceIOError, DMError, InvalidArgument, InvalidTable
 from dmtools.target_values import U32_MAX, U64_MAX, Mirror
 
 from mirror.bitmap import Bitmap
+from mirror.legio import LegWriters
 from mirror.log import CoreDirtyLog, LogWrite, open_dirty_log
 from mirror.region import RegionHash, RegionState
 
@@ -180,6 +181,7 @@ class MirrorTarget(TargetDriver):
         self._worker: threading.Thread | None = None
         self._kc: Any = None
         self._pool: ThreadPoolExecutor | None = None
+        self._writers: LegWriters | None = None
         #: legs being rebuilt, and the regions where only they need the copy.
         self.rebuild_legs: set[int] = set()
         self.partial = Bitmap(self.nr_regions)
@@ -289,16 +291,17 @@ class MirrorTarget(TargetDriver):
 
     def _write_legs(self, legs: list[MirrorLegState], buf: memoryview, offset: int, parallel: bool = True) -> int:
         """Write to every leg, in parallel for large writes; return the error bits (bit = leg index)."""
-        pool = self._pool
-        if pool is None or not parallel or len(buf) < PARALLEL_WRITE_BYTES:
+        writers = self._writers
+        if writers is None or not parallel or len(buf) < PARALLEL_WRITE_BYTES:
             bits = 0
             for leg in legs:
                 bits |= self._write_leg(leg, buf, offset)
             return bits
-        futures = [pool.submit(self._write_leg, leg, buf, offset) for leg in legs[1:]]
+        reqs = [(leg, writers.submit(i, self._write_leg, leg, buf, offset)) for i, leg in enumerate(legs[1:])]
         bits = self._write_leg(legs[0], buf, offset)
-        for fut in futures:
-            bits |= fut.result()
+        for leg, req in reqs:
+            got = req.wait()
+            bits |= got if got >= 0 else 1 << leg.index
         return bits
 
     # -- reads ------------------------------------------------------------------------------------
@@ -766,6 +769,8 @@ class MirrorTarget(TargetDriver):
                 self._kc = Client(num_pages=max(1024, 2 * self.region_bytes // 4096))
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=2 * (len(self.legs) - 1), thread_name_prefix="mirror-io")
+            if self._writers is None:
+                self._writers = LegWriters(len(self.legs) - 1, f"mirror-leg-{self.ctx.device_name}")
             self.suspended = False
             self._holds_released = False
             self.rh.recovery_stopped = False
@@ -790,6 +795,9 @@ class MirrorTarget(TargetDriver):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._writers is not None:
+            self._writers.close()
+            self._writers = None
 
     # -- text and control -------------------------------------------------------------------------
     def status(self) -> str:

@@ -155,3 +155,24 @@ def test_a_write_over_two_regions_fails_only_the_region_a_leg_cannot_hold() -> N
         assert r.devs["leg1"].inner.data[4 * RSIZE : 5 * RSIZE] == b"x" * RSIZE
     finally:
         t.destroy()
+
+
+def test_leg_writers_run_each_leg_on_its_own_thread_and_survive_a_bug() -> None:
+    from mirror.legio import LegWriters
+
+    writers = LegWriters(2, "test-leg")
+    try:
+        seen: list[str] = []
+
+        def call(value: int) -> int:
+            seen.append(threading.current_thread().name)
+            if value < 0:
+                raise RuntimeError("a bug in the write path")
+            return value
+
+        reqs = [writers.submit(i, call, v) for i, v in ((0, 4), (1, 8), (0, -1), (0, 2))]
+        assert [r.wait() for r in reqs] == [4, 8, -1, 2]  # -1: the call raised; the writer went on
+        assert sorted(set(seen)) == ["test-leg-0", "test-leg-1"]
+        assert threading.current_thread().name not in seen
+    finally:
+        writers.close()
