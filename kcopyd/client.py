@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 from dmtools.endpoint import Endpoint
 from dmtools.errors import InvalidArgument
 from kcopyd.fastpath import cached_bytes, plan_segments, read_exact, read_salvage, write_exact
+from kcopyd.inline import InlineJobs
 from kcopyd.job import DEST_ZEROED, IGNORE_ERROR, WRITE_SEQ, Job, NotifyFn, Piece, Plan, Progress
 from kcopyd.lanes import one_writer as _one_writer  # noqa: F401 - importable here, as before
 from kcopyd.offload import OFFLOAD_DEPTH, OFFLOAD_PIECE_SIZE, can_offload, offload_depth, offload_piece
@@ -105,7 +106,7 @@ def _uncached_file_source(osrc: OpenRegion, nbytes: int) -> bool:
     return fd is not None and cached_bytes(fd, osrc.offset, nbytes) == 0
 
 
-class Client:
+class Client(InlineJobs):
     """A copy engine with its own page budget, worker threads and callback thread.
 
     ``num_pages`` 4 KiB pages are set aside for buffers; the buffers in use never exceed them,
@@ -114,7 +115,8 @@ class Client:
     (bytes/s) and ``throttle_percent`` limit the copy. ``max_jobs`` bounds the jobs not yet done:
     ``copy()`` waits when that many are outstanding. ``offload=False`` disables
     ``copy_file_range`` (always buffers). ``drop_behind=False`` keeps the pages of an uncached
-    file source in the page cache (by default they are dropped once read).
+    file source in the page cache (by default they are dropped once read). ``run()`` does a
+    small job on the caller's thread and returns it done (:mod:`kcopyd.inline`).
     """
 
     def __init__(

@@ -20,6 +20,20 @@ def _mapping(thin_tools: Any, rig: PoolRig) -> str:
     return str(thin_tools.dump(rig.meta))
 
 
+def _spy_zero_jobs(pool: Any, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The destinations of every zero job the pool's kcopyd client runs from now on."""
+    zeroed: list[Any] = []
+    real = pool.kc.run
+
+    def run(src: Any, dests: Any, *a: Any, **k: Any) -> Any:
+        if src is None:
+            zeroed.append(dests)
+        return real(src, dests, *a, **k)
+
+    monkeypatch.setattr(pool.kc, "run", run)
+    return zeroed
+
+
 def test_first_write_provisions_and_zeroes_the_rest(engine: Any, tmp_path: Path, thin_tools: Any) -> None:
     rig = PoolRig(engine, tmp_path, data_fill=b"\xee")  # stale bytes on the data device
     t = rig.thin(1, "t1")
@@ -51,9 +65,7 @@ def test_whole_block_write_is_not_zeroed_first(engine: Any, tmp_path: Path,
     rig = PoolRig(engine, tmp_path, data_fill=b"\xee")  # stale bytes: zeroing is needed
     t = rig.thin(1, "t1")
     pool = _pool(rig)
-    zeroed: list[Any] = []
-    real = pool.kc.zero
-    monkeypatch.setattr(pool.kc, "zero", lambda dests, *a, **k: zeroed.append(dests) or real(dests, *a, **k))
+    zeroed = _spy_zero_jobs(pool, monkeypatch)
     t.write(pattern(3, BB), 0)
     assert zeroed == []
     t.write(pattern(4, 512), BB)
@@ -65,8 +77,7 @@ def test_whole_block_write_is_not_zeroed_first(engine: Any, tmp_path: Path,
 def test_a_hole_on_the_data_device_is_not_zeroed_again(rig: PoolRig, monkeypatch: pytest.MonkeyPatch) -> None:
     t = rig.thin(1, "t1")
     pool = _pool(rig)
-    zeroed: list[Any] = []
-    monkeypatch.setattr(pool.kc, "zero", lambda dests, *a, **k: zeroed.append(dests))
+    zeroed = _spy_zero_jobs(pool, monkeypatch)
     t.write(pattern(4, 512), BB)  # the sparse data file's block is a hole: it reads zeros already
     assert zeroed == []
     assert read(t, BB, BB) == pattern(4, 512) + bytes(BB - 512)

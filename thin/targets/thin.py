@@ -9,7 +9,9 @@ is looked up under its cell, as ``process_bio`` does (see :mod:`thin.targets.cel
 * a write to an unmapped block allocates one, prepares it with kcopyd (zeroed unless
   ``skip_block_zeroing``, copied from the external origin, nothing when the write covers the whole
   block), writes it and then maps it; a write to a *shared* block (a snapshot was taken since it
-  was written) does the same with a kcopyd copy of the old block (``break_sharing``);
+  was written) does the same with a kcopyd copy of the old block (``break_sharing``); a job of at
+  most one sub-job runs on the writer's thread (``kcopyd.Client.run``), larger blocks go through
+  kcopyd's workers;
 * discards unmap whole blocks and pass the freed ones down to the data device;
 * a flush commits the pool when this device changed in the transaction, else flushes the data
   device, so no flushed write is lost.
@@ -99,15 +101,13 @@ class ThinTarget(TargetDriver):
             fn(vblock, within, buf[pos:pos + n])
             pos += n
 
-    def _job(self, job: kcopyd.Job) -> None:
-        job.wait()
-        job.raise_for_error()
-
+    # A block-sized kcopyd job runs on the writer's thread (kcopyd.inline): the writer waits for
+    # it anyway, and a hand-off to kcopyd's threads costs more than the copy.
     def _copy(self, src: kcopyd.Region, dst: kcopyd.Region) -> None:
-        self._job(self.pool.kc.copy(src, [dst]))
+        self.pool.kc.run(src, [dst]).raise_for_error()
 
     def _zero(self, dst: kcopyd.Region) -> None:
-        self._job(self.pool.kc.zero([dst]))
+        self.pool.kc.run(None, [dst]).raise_for_error()
 
     # -- reads ---------------------------------------------------------------------------------
     def read(self, buf: memoryview, offset: int) -> None:

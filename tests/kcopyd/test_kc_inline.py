@@ -1,0 +1,160 @@
+"""``Client.run``: small jobs on the caller's thread (kcopyd.inline), with copy()'s contract."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+import kcopyd
+from dmtools.errors import DeviceIOError, InvalidArgument
+from dmtools.testing.faults import FaultyEndpoint, MemoryEndpoint
+from kc_helpers import pattern
+from kcopyd.inline import INLINE_MAX_BYTES
+
+SIZE = 64 * 1024
+SECTORS = SIZE // 512
+
+
+class ThreadLog(FaultyEndpoint):
+    """A faulty endpoint that also records the thread of every read, write and zero."""
+
+    def __init__(self, inner: Any, **kw: Any) -> None:
+        super().__init__(inner, **kw)
+        self.threads: list[str] = []
+
+    def readinto(self, buf: Any, offset: int) -> int:
+        self.threads.append(threading.current_thread().name)
+        return super().readinto(buf, offset)
+
+    def write(self, buf: Any, offset: int) -> int:
+        self.threads.append(threading.current_thread().name)
+        return super().write(buf, offset)
+
+    def zero(self, offset: int, length: int) -> None:
+        self.threads.append(threading.current_thread().name)
+        super().zero(offset, length)
+
+
+@pytest.fixture
+def kc():
+    with kcopyd.Client(num_pages=64, threads=2) as client:
+        yield client
+
+
+def test_copy_runs_on_the_callers_thread_and_counts_in_progress(kc):
+    data = pattern(SIZE)
+    src, dst = ThreadLog(MemoryEndpoint(data)), ThreadLog(MemoryEndpoint(2 * SIZE))
+    job = kc.run(kcopyd.Region(src, 0, SECTORS), [kcopyd.Region(dst, SECTORS, SECTORS)])
+    assert job.done and job.ok and (job.read_err, job.write_err) == (False, 0)
+    assert bytes(dst.inner.data) == bytes(SIZE) + data
+    me = threading.current_thread().name
+    assert src.threads and dst.threads and set(src.threads + dst.threads) == {me}
+    assert kc.progress == kcopyd.Progress(SIZE, SIZE) and job.progress == kcopyd.Progress(SIZE, SIZE)
+    assert kc.jobs_pending == 0
+
+
+def test_zero_job_and_dest_zeroed(kc):
+    dst = ThreadLog(MemoryEndpoint(pattern(SIZE)))
+    job = kc.run(None, kcopyd.Region(dst, 8, 16))
+    assert job.ok and dst.threads == [threading.current_thread().name]
+    expected = bytearray(pattern(SIZE))
+    expected[8 * 512:24 * 512] = bytes(16 * 512)
+    assert bytes(dst.inner.data) == bytes(expected)
+    # DEST_ZEROED: the destination reads as zeros already; nothing is written, as the workers do
+    dst.ops.clear()
+    job = kc.run(None, [kcopyd.Region(dst, 0, 8)], kcopyd.DEST_ZEROED)
+    assert job.ok and dst.ops == []
+    assert kc.progress == kcopyd.Progress(24 * 512, 24 * 512)
+
+
+def test_read_error_writes_nothing_and_sets_read_err(kc):
+    src = FaultyEndpoint(MemoryEndpoint(pattern(SIZE)), read_errors=[(10, 1)])
+    old = pattern(SIZE, seed=5)
+    dst = FaultyEndpoint(MemoryEndpoint(old))
+    job = kc.run(kcopyd.Region(src, 0, SECTORS), [kcopyd.Region(dst, 0, SECTORS)])
+    assert job.done and not job.ok and job.read_err and job.write_err == 0
+    assert not any(op[0] == "write" for op in dst.ops) and bytes(dst.inner.data) == old
+    with pytest.raises(DeviceIOError, match="read error"):
+        job.raise_for_error()
+    assert kc.progress == kcopyd.Progress(0, SIZE)  # submitted, not written
+
+
+def test_read_error_with_ignore_error_zero_fills_the_bad_block(kc):
+    data = pattern(SIZE)
+    src = FaultyEndpoint(MemoryEndpoint(data), read_errors=[(10, 1)])
+    dst = MemoryEndpoint(SIZE)
+    job = kc.run(kcopyd.Region(src, 0, SECTORS), [kcopyd.Region(dst, 0, SECTORS)], kcopyd.IGNORE_ERROR)
+    assert job.read_err and job.write_err == 0
+    expected = bytearray(data)
+    expected[4096:8192] = bytes(4096)  # sector 10 lies in the second 4 KiB block
+    assert bytes(dst.data) == bytes(expected)
+    # WRITE_SEQ clears IGNORE_ERROR (dm-kcopyd.c): the same fault writes nothing
+    dst2 = FaultyEndpoint(MemoryEndpoint(SIZE))
+    job = kc.run(kcopyd.Region(src, 0, SECTORS), [kcopyd.Region(dst2, 0, SECTORS)],
+                 kcopyd.IGNORE_ERROR | kcopyd.WRITE_SEQ)
+    assert job.read_err and not any(op[0] == "write" for op in dst2.ops)
+
+
+def test_write_error_sets_the_destinations_bit_and_the_others_are_written(kc):
+    data = pattern(SIZE)
+    good, bad, good2 = MemoryEndpoint(SIZE), FaultyEndpoint(MemoryEndpoint(SIZE), write_errors=[3]), MemoryEndpoint(SIZE)
+    job = kc.run(kcopyd.Region(MemoryEndpoint(data), 0, SECTORS),
+                 [kcopyd.Region(d, 0, SECTORS) for d in (good, bad, good2)])
+    assert not job.read_err and job.write_err == 0b010 and job.failed_dests == [1]
+    assert bytes(good.data) == data and bytes(good2.data) == data
+    with pytest.raises(DeviceIOError, match="write error on destination 1"):
+        job.raise_for_error()
+    zero_bad = FaultyEndpoint(MemoryEndpoint(pattern(SIZE)), write_errors=[0])
+    assert kc.run(None, [kcopyd.Region(zero_bad, 0, 8)]).write_err == 1
+
+
+def test_overlapping_source_and_destination_copy_as_memmove(kc):
+    data = pattern(SIZE)
+    dev = MemoryEndpoint(data)
+    job = kc.run(kcopyd.Region(dev, 0, SECTORS // 2), [kcopyd.Region(dev, 16, SECTORS // 2)])
+    assert job.ok
+    expected = bytearray(data)
+    expected[16 * 512:16 * 512 + SIZE // 2] = data[:SIZE // 2]
+    assert bytes(dev.data) == bytes(expected)
+
+
+def test_bad_input_is_refused_before_any_io(kc):
+    src, dst = FaultyEndpoint(MemoryEndpoint(SIZE)), FaultyEndpoint(MemoryEndpoint(SIZE))
+    cases = [
+        ((kcopyd.Region(src, 0, SECTORS), [kcopyd.Region(dst, 1, SECTORS)]), {}, "beyond the device"),
+        ((kcopyd.Region(src, 0, 8), [kcopyd.Region(dst, 0, 16)]), {}, "has 16 sectors"),
+        ((kcopyd.Region(src, 0, 8), [kcopyd.Region(dst, 0, 8), kcopyd.Region(dst, 4, 8)]), {}, "share bytes"),
+        ((kcopyd.Region(src, 0, 8), [kcopyd.Region(dst, 0, 8)]), {"flags": 1 << 20}, "unknown kcopyd flags"),
+        ((kcopyd.Region(src, 0, 8), []), {}, "at least one destination"),
+    ]
+    for args, kw, msg in cases:
+        with pytest.raises(InvalidArgument, match=msg):
+            kc.run(*args, **kw)
+    assert src.ops == [] and dst.ops == []
+    assert kc.progress == kcopyd.Progress(0, 0)
+
+
+def test_a_job_above_the_limit_takes_the_workers(kc):
+    n = INLINE_MAX_BYTES + 512
+    data = pattern(n)
+    src, dst = ThreadLog(MemoryEndpoint(data)), ThreadLog(MemoryEndpoint(n))
+    job = kc.run(kcopyd.Region(src, 0, n // 512), [kcopyd.Region(dst, 0, n // 512)])
+    assert job.done and job.ok and bytes(dst.inner.data) == data
+    assert src.threads and all(t.startswith("kcopyd-io-") for t in src.threads + dst.threads)
+    # a smaller limit sends a small job to the workers too, with the same result
+    src.threads.clear()
+    dst.threads.clear()
+    job = kc.run(None, [kcopyd.Region(dst, 0, 8)], max_bytes=2048)
+    assert job.ok and dst.threads and all(t.startswith("kcopyd-io-") for t in dst.threads)
+    assert kc.progress == kcopyd.Progress(n + 4096, n + 4096)
+
+
+def test_a_destroyed_client_refuses_jobs():
+    kc = kcopyd.Client(num_pages=8, threads=1)
+    kc.destroy()
+    dst = FaultyEndpoint(MemoryEndpoint(SIZE))
+    with pytest.raises(InvalidArgument, match="destroyed"):
+        kc.run(None, [kcopyd.Region(dst, 0, 8)])
+    assert dst.ops == []
