@@ -26,16 +26,21 @@ __all__ = ["Ref", "check_devices", "check_not_in_use", "live_backends"]
 Ref = Union[str, "os.PathLike[str]", Identity]
 
 
-def live_backends() -> list["DeviceMapper"]:
-    """The backends whose tables can hold a device now: the kernel's where it works, and the
-    userspace engine's daemon when one runs (never started for this). The caller closes them."""
+def live_backends(*, kernel: bool = True) -> list["DeviceMapper"]:
+    """The backends whose tables can hold a device now: the kernel's where it works (unless
+    ``kernel`` is false: the caller knows no kernel table can map its devices), and the userspace
+    engine's daemon when one runs (never started for this). The caller closes them."""
     from dmtools.backends import kernel_available
 
     out: list[DeviceMapper] = []
-    if kernel_available():
+    if kernel and kernel_available():
         from dmtools.kernel import KernelBackend
 
         out.append(KernelBackend())
+    from dmtools.engine import rundir
+
+    if not os.path.lexists(rundir.socket_path()):
+        return out  # no daemon: no userspace tables (its client's connect() would say ENOENT)
     from dmtools.engine.client import open_userspace
 
     try:

@@ -158,10 +158,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _source_size(path: str) -> int:
-    from dmtools.blockdev import BlockDevice
-    from dmtools.nbd import NbdEndpoint
+    if is_nbd_uri(path):  # libnbd's bindings are loaded only when an export takes part
+        from dmtools.nbd import NbdEndpoint
 
-    with NbdEndpoint(path, connections=1) if is_nbd_uri(path) else BlockDevice(path) as ep:
+        with NbdEndpoint(path, connections=1) as nbd_ep:
+            return nbd_ep.size
+    from dmtools.blockdev import BlockDevice
+
+    with BlockDevice(path) as ep:
         return ep.size
 
 
@@ -287,7 +291,7 @@ def _check_shared_bytes(src: Spec, dests: list[Spec], count: int, *, write_seq: 
 
     real = [d for d in dests if not d.is_null]
     nbytes = count * SECTOR
-    backends = live_backends()
+    backends = live_backends(kernel=not allow_in_use and _kernel_can_map([d.path for d in real]))
     try:
         regions = [kcopyd.Region(s.path, s.sector, count) if os.path.exists(s.path) else None for s in [src, *real]]
         ids = region_identities(regions, backends)
@@ -299,6 +303,25 @@ def _check_shared_bytes(src: Spec, dests: list[Spec], count: int, *, write_seq: 
     finally:
         for b in backends:
             b.close()
+
+
+def _kernel_can_map(paths: list[str]) -> bool:
+    """False when each path is a regular file with no loop device over it, a file not made yet or
+    an NBD URI: a kernel table maps block devices only (drivers/md/dm-table.c ``dm_get_device``),
+    so its bytes are reached through a loop device or not at all, and the kernel's backend (its
+    cffi binding) need not be loaded to look for tables."""
+    from dmtools.claims import loops_over
+
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue  # a new file, or an export's URI: no table maps it
+        except OSError:
+            return True  # unknown: look, as for a device
+        if not stat.S_ISREG(st.st_mode) or loops_over(path, st):
+            return True
+    return False
 
 
 def _prepare_dests(dests: list[Spec], count: int, created: list[str]) -> list[Any]:

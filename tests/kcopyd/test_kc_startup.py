@@ -1,0 +1,34 @@
+"""``dmtools copy`` of regular files loads only the copy path: its start-up is what nbdcopy's
+is compared against (issue 14), and what it imports is checked exactly here, in a fresh interpreter
+(timing is left to the benchmarks: this machine's load would make a time limit flaky)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+#: Neither a copy between two files nor its safety checks need these: the upper targets, the
+#: kernel's cffi binding, udev, libnbd (loaded when a URI is named).
+NOT_LOADED = ("snapshot", "mirror", "thin", "cffi", "_cffi_backend", "pyudev", "dmtools._ffi", "nbd",
+              "dmtools.nbd.endpoint", "dmtools.engine.client")
+
+PROBE = """
+import json, sys
+from dmtools.cli.main import main
+rc = main(["copy", sys.argv[1], sys.argv[2], "--quiet"])
+print(json.dumps([rc, sorted(sys.modules)]), file=sys.stderr)
+"""
+
+
+def test_copy_of_two_files_imports_only_the_copy_path(tmp_path) -> None:
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    src.write_bytes(bytes(range(256)) * 4096)
+    env = {"PATH": "/usr/bin:/bin", "DMTOOLS_RUN_DIR": str(tmp_path / "run")}  # no daemon there
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(src), str(dst)], capture_output=True,
+                          text=True, check=True, env=env)
+    rc, loaded = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert rc == 0 and dst.read_bytes() == src.read_bytes(), "the probe copied the file"
+    assert "kcopyd.client" in loaded and "dmtools.claims" in loaded, "the copy and its checks ran"
+    heavy = sorted(m for m in loaded if m in NOT_LOADED or m.partition(".")[0] in NOT_LOADED)
+    assert not heavy, f"dmtools copy FILE FILE imports {heavy}"
