@@ -401,7 +401,8 @@ class SnapshotManager:
         (``error`` after the handover) goes away. With
         ``wait`` this polls the status (``progress(done, total)`` in sectors) until the merge
         finishes, then restores ``snapshot-origin`` (other snapshots left) or the plain origin.
-        Calling ``merge`` again for a merge started with ``wait=False`` resumes waiting. Raises
+        Calling ``merge`` again for a merge started with ``wait=False`` resumes waiting, and
+        after ``Merge failed`` retries it (the table is reloaded; the merge goes on). Raises
         ``SnapshotInvalid``, ``DeviceBusy`` (snapshot open, another merge running) and
         ``DMError`` for ``Merge failed``.
         """
@@ -426,11 +427,30 @@ class SnapshotManager:
             merge_t = SnapshotMerge(target.origin, target.cow, StoreMode.PERSISTENT, target.chunk_size)
             self._start_merge(origin, name, Table.single(tables[origin].size, merge_t), tables)
             merging = origin
+        else:
+            self._retry_failed_merge(merging)
         if not wait:
             return None
         self._wait_merge(merging, name, progress, timeout)
         self._finish_merge(merging)
         return None
+
+    def _retry_failed_merge(self, origin: str) -> None:
+        """After ``Merge failed`` reactivate the origin, as LVM's deactivate + activate does: the
+        kernel keeps ``merge_failed`` for the table's life and refuses a second ``snapshot-merge``
+        of the origin (dm-snap.c), so a new table reads the exceptions left on the COW and merges
+        them. The origin must not be open."""
+        status = parse_snapshot_status(self.dm.status(origin)[0].params, "snapshot-merge")
+        if status.state is not SnapshotState.MERGE_FAILED:
+            return
+        dm = self.dm
+        if dm.info(origin).open_count:
+            raise DeviceBusy("Merge failed and the origin is open: close it to retry the merge",
+                             operation="merge", device=origin)
+        table = self._devices()[origin]
+        info = dm.info(origin)
+        dm.remove(origin, retry=True)
+        dm.create(origin, table, uuid=info.uuid, readonly=info.read_only)
 
     def _start_merge(self, origin: str, name: str, merge_table: Table, tables: dict[str, Table]) -> None:
         """LVM's sequence: the origin gets ``snapshot-merge`` (a handover destination) and the

@@ -28,6 +28,9 @@ class Switch:
         self.name = name
         self.fail_after = fail_after
         self.reads = 0
+        self.writes = 0
+        #: writes (and zeroings) fail, reads still work, once ``writes > write_fail_after``.
+        self.write_fail_after: int | None = None
         self.failing = False
         self.lock = threading.Lock()
         SWITCHES[name] = self
@@ -42,11 +45,17 @@ class Switch:
         with self.lock:
             self.fail_after = self.reads + reads
 
+    def fail_writes_after_more(self, writes: int) -> None:
+        """Fail every write (reads go on) once ``writes`` more writes went through."""
+        with self.lock:
+            self.write_fail_after = self.writes + writes
+
     def heal(self) -> None:
         """Work again (the device came back), and never fail by count."""
         with self.lock:
             self.failing = False
             self.fail_after = None
+            self.write_fail_after = None
 
     def check(self, op: str) -> None:
         """Count ``op``; raise EIO when the device is failing."""
@@ -55,7 +64,11 @@ class Switch:
                 self.reads += 1
                 if self.fail_after is not None and self.reads > self.fail_after:
                     self.failing = True
-            failing = self.failing
+                failing = self.failing
+            else:
+                self.writes += 1
+                limit = self.write_fail_after
+                failing = self.failing or (limit is not None and self.writes > limit)
         if failing:
             raise DeviceIOError(f"{op} failed (trip {self.name})", errno=errno.EIO, operation=op,
                                 device=self.name)

@@ -147,13 +147,24 @@ class SnapshotMergeTarget(SnapshotTarget):
         super().destroy()
 
     def _fail(self, reason: str) -> None:
-        log.error("%s: merge failed: %s", self.snap.name, reason)
+        """dm-snap.c ``shut:``: set ``merge_failed`` (status ``Merge failed``), let writes held for
+        the run go on, stop. The unmerged chunks keep their exceptions, so a reload retries. The
+        kernel raises no dm event here (only invalidation does); pollers see the status."""
+        log.error("%s: %s: shutting down merge", self.snap.name, reason)
         with self.snap.cond:
             self.snap.merge_failed = True
             self.snap.merge_range = (0, 0)
             self.snap.cond.notify_all()
 
     def _merge_loop(self) -> None:
+        """The worker: merge runs until done, stopped or failed; whatever escapes is a failure."""
+        try:
+            self._merge_runs()
+        except Exception as err:  # noqa: BLE001 - a bug or an unexpected error must not end the merge silently
+            log.exception("%s: merge worker error", self.snap.name)
+            self._fail(f"Merge error ({type(err).__name__}: {err})")
+
+    def _merge_runs(self) -> None:
         snap = self.snap
         store = snap.store
         cs = snap.chunk_size
@@ -188,8 +199,9 @@ class SnapshotMergeTarget(SnapshotTarget):
                     lambda r, w, ctx: errors.append((r, w)) if (r or w) else None,
                 )
                 job.wait()
-                if errors or not job.ok:
-                    self._fail("Error in kcopyd")
+                if errors or not job.ok:  # dm-snap.c merge_callback's two messages
+                    read_err = any(r for r, _ in errors)
+                    self._fail("Read error" if read_err else "Write error" if errors else "Error in kcopyd")
                     return
             try:
                 self.origin.flush()
