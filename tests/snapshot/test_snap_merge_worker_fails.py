@@ -6,22 +6,37 @@ snapshot's data from the COW for the rest; a retried ``SnapshotManager.merge`` f
 
 from __future__ import annotations
 
+import json
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import snapshot.targets.merge as merge_mod
-from dmtools.errors import DMError
+from dmtools.errors import DeviceBusy, DMError
 from dmtools.testing.trip import Switch, install
 from snapshot import SnapshotManager
+from test_snapshot_cli import run
 
 SIZE = 512 * 1024
 CB = 4096
 CHUNKS = SIZE // CB
 #: chunks the snapshot changes: even ones only, so that every chunk is a merge run of its own
 CHANGED = 12
+
+
+def _origin_and_snapshot(eng: Any, tmp_path: Path, data: bytes) -> tuple[SnapshotManager, Path, Path]:
+    """Origin ``vol`` (a file holding ``data``) with persistent snapshot ``s1``: manager, files."""
+    vol = tmp_path / "vol.img"
+    vol.write_bytes(data)
+    cow = tmp_path / "cow.img"
+    cow.write_bytes(bytes(256 * 1024))
+    eng.create("vol", f"0 {SIZE // 512} linear {vol} 0")
+    mgr = SnapshotManager(eng)
+    mgr.create("vol", str(cow), "s1", chunk_size=CB // 512)
+    return mgr, vol, cow
 
 
 def _trip_over(eng: Any, name: str, path: Path, sw: Switch) -> None:
@@ -46,13 +61,7 @@ def test_failed_merge_keeps_data_and_retries(snap_engine: Any, tmp_path: Path, f
     install(eng)
     rng = random.Random(fault)
     base = rng.randbytes(SIZE)
-    vol = tmp_path / "vol.img"
-    vol.write_bytes(base)
-    cow = tmp_path / "cow.img"
-    cow.write_bytes(bytes(256 * 1024))
-    eng.create("vol", f"0 {SIZE // 512} linear {vol} 0")
-    mgr = SnapshotManager(eng)
-    mgr.create("vol", str(cow), "s1", chunk_size=CB // 512)
+    mgr, vol, cow = _origin_and_snapshot(eng, tmp_path, base)
     sw = Switch(f"merge-{fault}")
     _trip_over(eng, "s1-cow", cow, sw)
     _trip_over(eng, "vol-real", vol, sw if fault == "origin-write" else Switch(f"spare-{fault}"))
@@ -103,3 +112,50 @@ def test_failed_merge_keeps_data_and_retries(snap_engine: Any, tmp_path: Path, f
     assert _read_origin(eng) == bytes(expected)
     assert not eng.exists("s1") and not eng.exists("s1-cow")
     assert eng.table("vol").lines[0].target_type != "snapshot-merge"
+
+
+def test_cli_reports_and_retries_a_failed_merge(snap_engine: Any, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """``snapshot merge`` fails with LVM's words, ``snapshot status`` says ``Merge failed``, the
+    origin cannot be reactivated while open (nothing changes), and ``snapshot merge`` again retries.
+    The kernel raises no dm event for a failed merge (only for an invalidated snapshot): the
+    device's event counter does not move when the worker fails."""
+    eng = snap_engine
+    monkeypatch.setattr("dmtools.cli.common.open_backend", lambda args: eng)
+    rng = random.Random(3)
+    data = rng.randbytes(SIZE)
+    mgr, vol, _ = _origin_and_snapshot(eng, tmp_path, data)
+    with eng.open_endpoint("vol") as ep:  # the origin changes; merging rolls it back to ``data``
+        for c in range(0, CHUNKS, 3):
+            ep.write(rng.randbytes(CB), c * CB)
+    release = threading.Event()
+    real = merge_mod.do_origin
+
+    def gated(*args: Any, **kwargs: Any) -> None:
+        assert release.wait(60), "the test never released the merge worker"
+        raise RuntimeError("injected bug in the merge worker")
+
+    monkeypatch.setattr(merge_mod, "do_origin", gated)
+    assert run(["snapshot", "merge", "s1", "--no-wait"]) == 0
+    capsys.readouterr()
+    events_before = eng.info("vol").event_nr
+    release.set()
+    with pytest.raises(DMError, match=r"Merge failed\. Retry merge or inspect manually\."):
+        run(["snapshot", "merge", "s1", "--timeout", "60"])
+    assert eng.info("vol").event_nr == events_before
+    assert run(["--json", "snapshot", "status", "s1"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["state"], shown["status"], shown["merging"]) == ("Merge failed", "Merge failed", True)
+    monkeypatch.setattr(merge_mod, "do_origin", real)
+    with eng.open_endpoint("vol", writable=False) as ep:
+        buf = bytearray(SIZE)
+        ep.readinto(buf, 0)
+        assert bytes(buf) == data
+        with pytest.raises(DeviceBusy, match="origin is open"):
+            run(["snapshot", "merge", "s1", "--timeout", "60"])
+    assert eng.status("vol")[0].params == "Merge failed"
+    assert run(["snapshot", "merge", "s1", "--timeout", "60"]) == 0
+    assert "merged s1" in capsys.readouterr().out
+    assert vol.read_bytes() == data
+    assert not eng.exists("s1-cow")
