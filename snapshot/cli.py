@@ -7,6 +7,8 @@
     dmtools snapshot inspect COW                       (no device-mapper needed)
     dmtools snapshot export --origin DEV --cow DEV OUT [--force]  (no device-mapper needed)
 
+After ``Merge failed`` (a read or write error while merging), ``snapshot merge NAME`` again retries:
+the closed origin is reactivated and merges the chunks left on the COW.
 A bare ``--chunk-size`` number is in sectors, as in tables; units (``16K``) are bytes.
 """
 
@@ -191,7 +193,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    "monitor --state-dir'; default the monitor's, /run/dmtools/monitor as root)")
     s.set_defaults(func=cmd_status)
 
-    m = sub.add_parser("merge", help="roll the origin back to the snapshot")
+    m = sub.add_parser("merge", help="roll the origin back to the snapshot (again: retry a failed merge)")
     m.add_argument("name", metavar="NAME")
     m.add_argument("--no-wait", action="store_true", help="start the merge and return")
     m.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS")
