@@ -30,13 +30,14 @@ def live_backends(*, kernel: bool = True) -> list["DeviceMapper"]:
     """The backends whose tables can hold a device now: the kernel's where it works (unless
     ``kernel`` is false: the caller knows no kernel table can map its devices), and the userspace
     engine's daemon when one runs (never started for this). The caller closes them."""
-    from dmtools.backends import kernel_available
-
     out: list[DeviceMapper] = []
-    if kernel and kernel_available():
-        from dmtools.kernel import KernelBackend
+    if kernel:
+        from dmtools.backends import kernel_available
 
-        out.append(KernelBackend())
+        if kernel_available():
+            from dmtools.kernel import KernelBackend
+
+            out.append(KernelBackend())
     from dmtools.engine import rundir
 
     if not os.path.lexists(rundir.socket_path()):

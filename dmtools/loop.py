@@ -17,7 +17,6 @@ import errno
 import fcntl
 import os
 import random
-import re
 import stat
 import struct
 import threading
@@ -28,6 +27,7 @@ from typing import Any
 
 from dmtools.blockdev import device_number
 from dmtools.errors import DeviceBusy, DeviceNotFound, DMError, InvalidArgument, LoopError
+from dmtools.loop_index import LOOP_NAME
 from dmtools.linux import (
     BLKGETSIZE64,
     BLKROSET,
@@ -80,8 +80,6 @@ CONFIG = struct.Struct("=2I" + INFO64.format.lstrip("=") + "8Q")
 #: How many free devices an attach tries before giving up when others keep taking them.
 ATTACH_ATTEMPTS = 64
 
-#: A loop device's kernel name, ``loopN`` (drivers/block/loop.c ``loop_add``).
-LOOP_NAME = re.compile(r"^loop([0-9]+)$")
 
 
 # --------------------------------------------------------------------------------------------

@@ -142,9 +142,12 @@ def parse_size(text: str | int, default_unit: str = "s") -> int:
         )
     if unit not in _UNITS:
         raise InvalidArgument(f"unknown unit {match.group('unit')!r} in size {text!r}")
+    num = match.group("num")
+    if "." not in num:  # a whole number (ASCII digits, _SIZE_RE): no fractions/decimal to load
+        return _check_max(int(num) * _UNITS[unit], text)
     from fractions import Fraction  # with decimal, 10 ms of start-up that most commands never use
 
-    exact = Fraction(match.group("num")) * _UNITS[unit]
+    exact = Fraction(num) * _UNITS[unit]
     if exact.denominator != 1:
         raise InvalidArgument(f"size {text!r} is not a whole number of bytes")
     return _check_max(int(exact), text)

@@ -9,9 +9,10 @@ import subprocess
 import sys
 
 #: Neither a copy between two files nor its safety checks need these: the upper targets, the
-#: kernel's cffi binding, udev, libnbd (loaded when a URI is named).
+#: kernel's backend and cffi binding (no kernel table maps a file without a loop over it), udev,
+#: libnbd (loaded when a URI is named), the daemon's client (none runs), fractions/decimal.
 NOT_LOADED = ("snapshot", "mirror", "thin", "cffi", "_cffi_backend", "pyudev", "dmtools._ffi", "nbd",
-              "dmtools.nbd.endpoint", "dmtools.engine.client")
+              "dmtools.kernel", "dmtools.nbd.endpoint", "dmtools.engine.client", "fractions", "decimal")
 
 PROBE = """
 import json, sys
