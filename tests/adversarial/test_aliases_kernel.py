@@ -111,3 +111,15 @@ def test_mirror_log_or_new_leg_aliasing_a_leg_is_refused(stack: dict[str, Any],
     refused(s, "copy", str(img["spare"]), loops["leg1"], "--quiet")
     rdev = os.stat(loops["leg1"]).st_rdev
     refused(s, "copy", str(img["spare"]), f"{os.major(rdev)}:{os.minor(rdev)}", "--quiet")
+
+
+def test_copy_onto_a_file_that_a_live_table_maps_through_a_loop_is_refused(stack: dict[str, Any]) -> None:
+    """A file destination is looked up in the kernel's tables when a loop device is over it (the
+    copy skips the kernel backend only for files no loop device reaches): mirror leg 1's image."""
+    s = stack
+    before = state(s)
+    for dest in (str(s["images"]["leg1"]), os.path.relpath(s["images"]["leg1"])):
+        rc, err = kcli("copy", str(s["images"]["spare"]), dest, "--quiet")
+        assert rc != 0 and "in use by device" in err and s["names"]["m"] in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert state(s) == before
