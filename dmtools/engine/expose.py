@@ -31,7 +31,7 @@ import subprocess
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 
 from dmtools import loop
@@ -228,6 +228,10 @@ class Exposed:
     file: str
     loop: loop.LoopDevice
     link: str
+    #: One open count of the device at a time: a count's O_EXCL probe is an opener to any other
+    #: count running (its EBUSY, its descriptor in /proc/self/fd), so the daemon's event watcher
+    #: reading every device's info made a command's busy check fail at random.
+    count_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -583,15 +587,17 @@ class Exposure:
         # the table, which the device's own count already has.
         own = self.engine.claims.holds(("blk", (exp.loop.major, exp.loop.minor)))
         count = -1 if own else 0
-        if not own:
-            try:
-                fd = os.open(exp.loop.path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
-            except OSError as err:
-                if err.errno == errno.EBUSY:
-                    count += 1
-            else:
-                os.close(fd)
-        return max(0, count + _fd_openers(exp.loop.path, exp.loop.major, exp.loop.minor))
+        with exp.count_lock:
+            if not own:
+                try:
+                    fd = os.open(exp.loop.path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+                except OSError as err:
+                    if err.errno == errno.EBUSY:
+                        count += 1
+                else:
+                    os.close(fd)
+            count += _fd_openers(exp.loop.path, exp.loop.major, exp.loop.minor)
+        return max(0, count)
 
 
 #: kcmp(2) syscall numbers (include/uapi/linux/kcmp.h: KCMP_FILE = 0), by machine.

@@ -36,7 +36,11 @@ def cli(tmp_path: Path) -> Iterator[Any]:
     def call(*argv: str) -> str:
         done = subprocess.run([exe, "--backend", "userspace", *argv], capture_output=True, text=True,
                               timeout=TIMEOUT, env=env, check=False)
-        assert done.returncode == 0, f"dmtools {' '.join(argv)}: {done.stderr.strip()}"
+        if done.returncode:
+            log = run / "daemon.log"
+            tail = log.read_text(errors="replace").splitlines()[-20:] if log.exists() else []
+            pytest.fail(f"dmtools {' '.join(argv)} exited {done.returncode}\nstderr: {done.stderr.strip()}\n"
+                        f"stdout: {done.stdout.strip()}\n{log} (last lines):\n" + "\n".join(tail), pytrace=False)
         return done.stdout
 
     call.mapper = run / "mapper"  # type: ignore[attr-defined]

@@ -1,0 +1,49 @@
+"""Root tier: an exposed device's open count while other threads count it too.
+
+The count probes the loop device with an ``O_EXCL`` open (a mount or a stacked table holds it
+with no descriptor to see); two such probes at once see each other's claim. The daemon's event
+watcher reads every device's info twice a second while a command reads it too, so a device
+nobody opened must read as unopened however many threads ask at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmtools.engine import Engine
+
+pytestmark = pytest.mark.root
+
+THREADS = 4
+SECONDS = 5.0
+
+
+def test_concurrent_open_counts_of_an_unopened_device_are_zero(tmp_path: Path, dm_name: str) -> None:
+    eng = Engine(expose=True, run_dir=str(tmp_path / "run"))
+    try:
+        eng.create(dm_name, "0 2048 zero")
+        seen: list[int] = []
+        start = threading.Barrier(THREADS + 1)
+
+        def count() -> None:
+            start.wait()
+            end = time.monotonic() + SECONDS
+            while time.monotonic() < end:
+                seen.append(eng.info(dm_name).open_count)
+
+        threads = [threading.Thread(target=count) for _ in range(THREADS)]
+        for t in threads:
+            t.start()
+        start.wait()
+        for t in threads:
+            t.join()
+        assert len(seen) >= THREADS
+        assert max(seen) == 0, f"{sum(1 for c in seen if c)} of {len(seen)} counts saw an opener"
+        eng.remove(dm_name)  # no grace needed: nothing holds it
+    finally:
+        eng.close()
