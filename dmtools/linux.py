@@ -68,6 +68,10 @@ LOOP_SET_BLOCK_SIZE = 0x4C09
 LOOP_CONFIGURE = 0x4C0A
 LOOP_CTL_GET_FREE = 0x4C82
 
+#: The device-mapper control node (include/uapi/linux/dm-ioctl.h ``DM_CONTROL_NODE``, under
+#: ``DM_DIR``); here so that whether the kernel's device-mapper is there can be asked cheaply.
+CONTROL_PATH = "/dev/mapper/control"
+
 # include/uapi/linux/dm-ioctl.h: DM_DEV_ARM_POLL is _IOWR(0xfd, 16, struct dm_ioctl), dm-ioctl 4.37.
 DM_IOCTL_SIZE = 312  # sizeof(struct dm_ioctl)
 DM_DEV_ARM_POLL = _ioc(_IOC_READ | _IOC_WRITE, 0xFD, 16, DM_IOCTL_SIZE)

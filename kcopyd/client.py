@@ -79,7 +79,7 @@ def _fully_allocated(ep: Endpoint, offset: int, length: int) -> bool:
 def _backend_may_be_live() -> bool:
     """False when no table can map a device now: no ``/dev/mapper/control`` (kernel) and no
     userspace daemon's socket. Cheap: the in-use check's machinery is imported only otherwise."""
-    from dmtools.backend import CONTROL_PATH
+    from dmtools.linux import CONTROL_PATH
     from dmtools.engine.rundir import socket_path
 
     return os.path.exists(CONTROL_PATH) or os.path.exists(socket_path())

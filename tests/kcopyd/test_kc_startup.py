@@ -12,7 +12,8 @@ import sys
 #: kernel's backend and cffi binding (no kernel table maps a file without a loop over it), udev,
 #: libnbd (loaded when a URI is named), the daemon's client (none runs), fractions/decimal.
 NOT_LOADED = ("snapshot", "mirror", "thin", "cffi", "_cffi_backend", "pyudev", "dmtools._ffi", "nbd",
-              "dmtools.kernel", "dmtools.nbd.endpoint", "dmtools.engine.client", "fractions", "decimal")
+              "dmtools.kernel", "dmtools.backend", "dmtools.nbd.endpoint", "dmtools.engine.client",
+              "fractions", "decimal")
 
 PROBE = """
 import json, sys
