@@ -450,7 +450,15 @@ class SnapshotManager:
         table = self._devices()[origin]
         info = dm.info(origin)
         dm.remove(origin, retry=True)
-        dm.create(origin, table, uuid=info.uuid, readonly=info.read_only)
+        try:
+            dm.create(origin, table, uuid=info.uuid, readonly=info.read_only)
+        except DMError as err:
+            # Only this table reads the origin right (merged chunks from -real, the rest from the
+            # COW), so nothing else may stand in for it: say exactly how to bring it back.
+            raise DMError(f"retrying the merge removed {origin} and could not create it again "
+                          f"({err.message}); no data is lost (it is on the -real device and the "
+                          f"COW): create it again with the table '{table}'",
+                          errno=err.errno, operation="merge", device=origin) from err
 
     def _start_merge(self, origin: str, name: str, merge_table: Table, tables: dict[str, Table]) -> None:
         """LVM's sequence: the origin gets ``snapshot-merge`` (a handover destination) and the

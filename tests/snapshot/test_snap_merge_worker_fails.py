@@ -159,3 +159,52 @@ def test_cli_reports_and_retries_a_failed_merge(snap_engine: Any, tmp_path: Path
     assert "merged s1" in capsys.readouterr().out
     assert vol.read_bytes() == data
     assert not eng.exists("s1-cow")
+
+
+def test_retry_that_cannot_recreate_the_origin_says_how(snap_engine: Any, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retry removes the failed origin and creates it again; when that create fails, the error
+    names the one table that reads the origin right, and creating it by hand lets the merge finish."""
+    eng = snap_engine
+    rng = random.Random("recreate")
+    base = rng.randbytes(SIZE)
+    mgr, vol, _cow = _origin_and_snapshot(eng, tmp_path, base)
+    with eng.open_endpoint("s1") as ep:
+        for c in range(0, CHUNKS, 2)[:CHANGED]:
+            ep.write(rng.randbytes(CB), c * CB)
+    with eng.open_endpoint("s1", writable=False) as ep:
+        expected = bytearray(SIZE)
+        ep.readinto(expected, 0)
+    real = merge_mod.do_origin
+    calls: list[int] = []
+
+    def buggy(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("injected bug in the merge worker")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(merge_mod, "do_origin", buggy)
+    with pytest.raises(DMError, match="Merge failed"):
+        mgr.merge("s1", timeout=60)
+    monkeypatch.undo()
+    uuid = eng.info("vol").uuid
+    create = eng.create
+
+    def refuse(name: str, *args: Any, **kwargs: Any) -> None:
+        raise DMError("out of memory (injected)", operation="create", device=name)
+
+    monkeypatch.setattr(eng, "create", refuse)
+    with pytest.raises(DMError) as caught:
+        mgr.merge("s1", timeout=60)
+    monkeypatch.undo()
+    message = str(caught.value)
+    assert "out of memory (injected)" in message and "no data is lost" in message
+    assert not eng.exists("vol")
+    table = message.rsplit("table '", 1)[1].rstrip("'")
+    assert table.split()[2] == "snapshot-merge"
+    create("vol", table, uuid=uuid)
+    assert _read_origin(eng) == bytes(expected)
+    mgr.merge("s1", timeout=60)
+    assert vol.read_bytes() == bytes(expected)
+    assert not eng.exists("s1")
