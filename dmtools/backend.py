@@ -136,8 +136,14 @@ class DeviceMapper(abc.ABC):
         """Rename a device."""
 
     @abc.abstractmethod
-    def info(self, name: str) -> DeviceInfo:
-        """Return ``DeviceInfo``; raises ``DeviceNotFound`` when absent."""
+    def info(self, name: str, *, open_count: bool = True) -> DeviceInfo:
+        """Return ``DeviceInfo``; raises ``DeviceNotFound`` when absent.
+
+        ``open_count=False`` lets a backend whose count costs work leave it out (``-1``): the
+        userspace engine counts the openers of an exposed device by opening it ``O_EXCL`` for a
+        moment and scanning every process's file descriptors, which a watcher that never reads
+        the count must not do twice a second (a user's own exclusive open, ``mount`` or ``mkfs``,
+        could meet that moment and fail with EBUSY). The kernel always reports the count."""
 
     @abc.abstractmethod
     def table(self, name: str, *, inactive: bool = False) -> "Table":

@@ -98,8 +98,8 @@ class UserspaceClient(DeviceMapper):
     def rename(self, name: str, new_name: str) -> None:
         self.call("rename", name=name, new_name=new_name)
 
-    def info(self, name: str) -> DeviceInfo:
-        result: DeviceInfo = self.call("info", name=name)
+    def info(self, name: str, *, open_count: bool = True) -> DeviceInfo:
+        result: DeviceInfo = self.call("info", name=name, open_count=open_count)
         return result
 
     def table(self, name: str, *, inactive: bool = False) -> "Table":

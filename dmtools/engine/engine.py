@@ -476,8 +476,9 @@ class Engine(DeviceMapper):
             if dev.live is not None:
                 dev.raise_event()
 
-    def info(self, name: str) -> DeviceInfo:
-        """Device state as ``dmsetup info`` reports it."""
+    def info(self, name: str, *, open_count: bool = True) -> DeviceInfo:
+        """Device state as ``dmsetup info`` reports it; ``open_count=False`` skips counting the
+        openers of an exposed device (``open_count`` is then ``-1``)."""
         dev = self._get(name, "info")
         live, inactive = dev.live, dev.inactive
         return DeviceInfo(
@@ -487,7 +488,7 @@ class Engine(DeviceMapper):
             suspended=dev.suspended,
             live_table=live is not None,
             inactive_table=inactive is not None,
-            open_count=self._open_count(dev),
+            open_count=self._open_count(dev) if open_count else -1,
             event_nr=dev.event_nr,
             major=dev.major,
             minor=dev.minor,

@@ -39,7 +39,7 @@ VERBS: dict[str, tuple[str, ...]] = {
     "remove": ("name", "retry", "deferred"),
     "clear": ("name",),
     "rename": ("name", "new_name"),
-    "info": ("name",),
+    "info": ("name", "open_count"),
     "table": ("name", "inactive"),
     "status": ("name", "inactive"),
     "measure": ("name", "inactive"),

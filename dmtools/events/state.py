@@ -174,7 +174,7 @@ def capture(dm: DeviceMapper, name: str) -> DeviceState | None:
     shows up as a mismatch of target types, and the line is then left out until the next scan.
     """
     try:
-        info = dm.info(name)
+        info = dm.info(name, open_count=False)  # not used, and costly on the userspace engine
         if not info.exists:
             return None
         targets: list[TargetState] = []

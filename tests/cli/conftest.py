@@ -67,7 +67,7 @@ class FakeDM:
     def rename(self, name: str, new_name: str) -> None:
         self._record("rename", name, new_name)
 
-    def info(self, name: str) -> DeviceInfo:
+    def info(self, name: str, *, open_count: bool = True) -> DeviceInfo:
         self._record("info", name)
         return self.devices[name]
 

@@ -164,3 +164,28 @@ def test_dropped_connection_releases_its_handles(daemon, client):
         time.sleep(0.02)
     assert client.info("h").open_count == 0
     client.remove("h")
+
+
+def test_info_without_open_count_never_counts(daemon, client, monkeypatch):
+    """``info(open_count=False)`` (what the event watcher asks twice a second) skips the engine's
+    opener count, which probes an exposed device with an ``O_EXCL`` open: over the daemon's
+    protocol and in ``events.state.capture``; a plain ``info`` still counts."""
+    from dmtools.engine.engine import Engine
+    from dmtools.events.state import capture
+
+    counted: list[str] = []
+    real = Engine._open_count
+
+    def spy(self, dev):
+        counted.append(dev.name)
+        return real(self, dev)
+
+    monkeypatch.setattr(Engine, "_open_count", spy)
+    client.create("a", "0 8 zero")
+    counted.clear()
+    assert client.info("a", open_count=False).open_count == -1
+    state = capture(client, "a")
+    assert state is not None and state.name == "a" and not state.suspended
+    assert counted == []
+    assert client.info("a").open_count == 0
+    assert counted == ["a"]

@@ -100,7 +100,7 @@ class FakeDM(DeviceMapper):
             dev.event_nr += 1
             self._cond.notify_all()
 
-    def info(self, name: str) -> DeviceInfo:
+    def info(self, name: str, *, open_count: bool = True) -> DeviceInfo:
         with self._cond:
             dev = self._get(name)
             return DeviceInfo(name=dev.name, uuid=dev.uuid, suspended=dev.suspended,
