@@ -84,6 +84,8 @@ FALLOC_FL_ZERO_RANGE = 0x10
 #: A device number as tables spell it, ``MAJOR:MINOR`` in ASCII digits (dm-table.c
 #: ``dm_get_device`` reads it with ``sscanf("%u:%u%c")``); use with ``fullmatch``.
 DEVNO = re.compile(r"([0-9]+):([0-9]+)")
+#: A loop device's kernel name, ``loopN`` (drivers/block/loop.c ``loop_add``).
+LOOP_NAME = re.compile(r"^loop([0-9]+)$")
 
 
 def parse_devno(text: str) -> tuple[int, int] | None:

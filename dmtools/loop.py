@@ -27,7 +27,6 @@ from typing import Any
 
 from dmtools.blockdev import device_number
 from dmtools.errors import DeviceBusy, DeviceNotFound, DMError, InvalidArgument, LoopError
-from dmtools.loop_index import LOOP_NAME
 from dmtools.linux import (
     BLKGETSIZE64,
     BLKROSET,
@@ -35,6 +34,7 @@ from dmtools.linux import (
     LOOP_CONFIGURE,
     LOOP_CTL_GET_FREE,
     LOOP_GET_STATUS64,
+    LOOP_NAME,
     LOOP_SET_BLOCK_SIZE,
     LOOP_SET_CAPACITY,
     LOOP_SET_DIRECT_IO,

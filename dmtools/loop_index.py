@@ -28,13 +28,11 @@ import threading
 from dataclasses import dataclass
 
 from dmtools.errors import DMError
+from dmtools.linux import LOOP_NAME
 
 __all__ = ["LoopRef", "LoopIndex", "loops_over_inode", "loops_over_path", "index"]
 
 SYS_BLOCK = "/sys/block"
-#: A loop device's kernel name, ``loopN`` (drivers/block/loop.c ``loop_add``); here, not in
-#: :mod:`dmtools.loop`, so that looking up loops loads no attach/detach code.
-LOOP_NAME = re.compile(r"^loop([0-9]+)$")
 #: ``NETLINK_KOBJECT_UEVENT`` (include/uapi/linux/netlink.h) and its kernel multicast group.
 NETLINK_KOBJECT_UEVENT = 15
 KERNEL_GROUP = 1
