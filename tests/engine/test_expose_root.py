@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import gc
 import os
 import signal
@@ -20,6 +21,7 @@ from dmtools.engine import Engine, TargetDriver
 from dmtools.engine.client import open_userspace
 from dmtools.engine.expose import FUSE_THREADS, mounted_at
 from dmtools.errors import DeviceBusy, DeviceExists
+from dmtools.testing.threads import run_together
 
 pytestmark = pytest.mark.root
 
@@ -226,22 +228,16 @@ def test_two_clients_racing_on_one_name(run_dir):
     first = open_userspace(run_dir)
     second = open_userspace(run_dir)
     results: list[object] = []
-    barrier = threading.Barrier(2)
 
     def go(client) -> None:
-        barrier.wait(5)
         try:
             client.create("race-dmtt", "0 2048 zero")
             results.append("ok")
         except DeviceExists as err:
             results.append(err)
 
-    threads = [threading.Thread(target=go, args=(c,)) for c in (first, second)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
     try:
+        run_together([functools.partial(go, c) for c in (first, second)], timeout=30)
         assert sorted(type(r).__name__ for r in results) == ["DeviceExists", "str"]
         first.remove("race-dmtt")
         first.shutdown()

@@ -8,7 +8,6 @@ nobody opened must read as unopened however many threads ask at once.
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 
 from dmtools.engine import Engine
+from dmtools.testing.threads import run_together
 
 pytestmark = pytest.mark.root
 
@@ -28,20 +28,13 @@ def test_concurrent_open_counts_of_an_unopened_device_are_zero(tmp_path: Path, d
     try:
         eng.create(dm_name, "0 2048 zero")
         seen: list[int] = []
-        start = threading.Barrier(THREADS + 1)
 
         def count() -> None:
-            start.wait()
             end = time.monotonic() + SECONDS
             while time.monotonic() < end:
                 seen.append(eng.info(dm_name).open_count)
 
-        threads = [threading.Thread(target=count) for _ in range(THREADS)]
-        for t in threads:
-            t.start()
-        start.wait()
-        for t in threads:
-            t.join()
+        run_together([count] * THREADS)
         assert len(seen) >= THREADS
         assert max(seen) == 0, f"{sum(1 for c in seen if c)} of {len(seen)} counts saw an opener"
         eng.remove(dm_name)  # no grace needed: nothing holds it

@@ -7,6 +7,7 @@ run as a subprocess on the same device and its output compared with ours.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 import subprocess
@@ -28,6 +29,7 @@ from dmtools.errors import (
 )
 from dmtools.kernel import KernelBackend
 from dmtools.table import Table, format_line
+from dmtools.testing.threads import run_together
 
 pytestmark = pytest.mark.kernel
 
@@ -399,23 +401,13 @@ def test_message_with_a_response_and_cancelled_deferred_remove(kernel_dm: Kernel
 
 def test_threads_share_one_backend(kernel_dm: KernelBackend, names: Any) -> None:
     workers = [[names(f"th{w}i{i}") for i in range(3)] for w in range(4)]
-    errors: list[BaseException] = []
 
     def work(batch: list[str]) -> None:
-        try:
-            for name in batch:
-                kernel_dm.create(name, "0 16 zero")
-                assert str(kernel_dm.table(name)) == "0 16 zero"
-                kernel_dm.remove(name, retry=True)
-        except BaseException as err:  # noqa: BLE001 - collected and asserted below
-            errors.append(err)
+        for name in batch:
+            kernel_dm.create(name, "0 16 zero")
+            assert str(kernel_dm.table(name)) == "0 16 zero"
+            kernel_dm.remove(name, retry=True)
 
-    threads = [threading.Thread(target=work, args=(batch,)) for batch in workers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not any(t.is_alive() for t in threads)
-    assert errors == []
+    run_together([functools.partial(work, batch) for batch in workers], timeout=120)
     listed = {e.name for e in kernel_dm.list()}
     assert not listed & {n for batch in workers for n in batch}

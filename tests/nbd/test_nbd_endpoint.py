@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +16,7 @@ import pytest
 from dmtools.errors import DeviceIOError, InvalidArgument
 from dmtools.nbd import NbdConnectionError, NbdEndpoint, NbdUnavailable
 from dmtools.testing.nbdserver import NbdServer
+from dmtools.testing.threads import run_together
 
 MiB = 1 << 20
 
@@ -118,33 +119,21 @@ def test_threads_sharing_connections_each_get_their_reply(start_nbdkit: Callable
     driving role changes hands while others wait)."""
     srv = start_nbdkit(["memory", "16M", "rdelay=2ms", "wdelay=2ms"], filters=["delay"])
     blocks = [os.urandom(64 << 10) for _ in range(256)]
-    errors: list[BaseException] = []
     with NbdEndpoint(srv.uri, writable=True, connections=connections) as ep:
         assert ep.connections == connections
 
-        def worker(first: int, body: Callable[[int], None]) -> None:
-            try:
-                for i in range(first, len(blocks), 16):
-                    body(i)
-            except BaseException as err:  # noqa: BLE001 - reported by the main thread
-                errors.append(err)
+        def write(first: int) -> None:
+            for i in range(first, len(blocks), 16):
+                ep.write(blocks[i], i * (64 << 10))
 
-        def write(i: int) -> None:
-            ep.write(blocks[i], i * (64 << 10))
-
-        def check(i: int) -> None:
+        def check(first: int) -> None:
             buf = bytearray(64 << 10)
-            assert ep.readinto(buf, i * (64 << 10)) == len(buf)
-            assert buf == blocks[i], f"block {i}"
+            for i in range(first, len(blocks), 16):
+                assert ep.readinto(buf, i * (64 << 10)) == len(buf)
+                assert buf == blocks[i], f"block {i}"
 
         for body in (write, check):
-            threads = [threading.Thread(target=worker, args=(t, body)) for t in range(16)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(60)
-            assert not any(t.is_alive() for t in threads), "a request was never completed"
-            assert not errors, errors
+            run_together([functools.partial(body, t) for t in range(16)])
 
 
 def test_read_only_export(start_nbdkit: Callable[..., NbdServer]) -> None:

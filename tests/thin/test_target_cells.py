@@ -13,31 +13,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from dmtools.testing.threads import run_together
 from target_rig import BB, PoolRig, pattern, read
 
 WRITERS = 8
 PIECE = BB // WRITERS
-
-
-def _race(fns: list[Any]) -> None:
-    """Run every ``fn`` in its own thread, released together; re-raise the first failure."""
-    start = threading.Barrier(len(fns))
-    errors: list[BaseException] = []
-
-    def run(fn: Any) -> None:
-        start.wait()
-        try:
-            fn()
-        except BaseException as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=run, args=(fn,)) for fn in fns]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads), "a writer is stuck"
-    assert not errors, errors
 
 
 def _pieces(ep: Any, base: int, seed: int) -> list[Any]:
@@ -49,7 +29,7 @@ def test_writers_on_one_unprovisioned_block_share_one_allocation(engine: Any, tm
     rig = PoolRig(engine, tmp_path, data_fill=b"\xee")
     t = rig.thin(1, "t1")
     for rnd in range(4):  # a fresh block each round
-        _race(_pieces(t, rnd * BB, 10 * rnd))
+        run_together(_pieces(t, rnd * BB, 10 * rnd))
         assert read(t, rnd * BB, BB) == b"".join(pattern(10 * rnd + i, PIECE) for i in range(WRITERS))
         assert rig.status().used_data == rnd + 1
     assert rig.thin_status("t1").mapped_sectors == 4 * rig.block
@@ -64,12 +44,12 @@ def test_writers_on_one_shared_block_break_sharing_once(engine: Any, tmp_path: P
     rig.snapshot(2, 1, "origin")
     s = rig.thin(2, "snap", create=False)
     assert rig.status().used_data == 2
-    _race(_pieces(t, 0, 20))
+    run_together(_pieces(t, 0, 20))
     assert read(t, 0, BB) == b"".join(pattern(20 + i, PIECE) for i in range(WRITERS))
     assert rig.status().used_data == 3  # one copy of block 0, whoever came first
     # origin and snapshot break the sharing of block 1 at once: each gets its own copy, and each
     # keeps the other's bytes out
-    _race(_pieces(t, BB, 40)[: WRITERS // 2] + _pieces(s, BB, 60)[WRITERS // 2:])
+    run_together(_pieces(t, BB, 40)[: WRITERS // 2] + _pieces(s, BB, 60)[WRITERS // 2:])
     half = WRITERS // 2 * PIECE
     assert read(t, BB, BB) == b"".join(pattern(40 + i, PIECE) for i in range(WRITERS // 2)) + pattern(1, half)
     assert read(s, BB, BB) == pattern(1, half) + b"".join(pattern(60 + i, PIECE) for i in range(WRITERS // 2,
@@ -109,7 +89,7 @@ def test_writers_on_one_mapped_block_run_side_by_side(rig: PoolRig, monkeypatch:
     both_inside = threading.Barrier(2, timeout=10)
     events: list[str] = []
     _gate_writes(monkeypatch, rig, rig.in_core().lookup(1, 0).data_block, both_inside.wait, events)
-    _race([lambda: t.write(pattern(2, 512), 0), lambda: t.write(pattern(3, 512), 4096)])
+    run_together([lambda: t.write(pattern(2, 512), 0), lambda: t.write(pattern(3, 512), 4096)])
     assert events == ["write done", "write done"]
     assert read(t, 0, 4608) == pattern(2, 512) + pattern(1, 3584) + pattern(3, 512)
 
