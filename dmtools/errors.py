@@ -14,6 +14,12 @@ class DMError(Exception):
 
     default_errno: int | None = None
 
+    def __init_subclass__(cls, errno: int | None = None, **kwargs: object) -> None:
+        """``class X(DMError, errno=E)`` gives ``X`` the errno it carries when none is passed."""
+        super().__init_subclass__(**kwargs)
+        if errno is not None:
+            cls.default_errno = errno
+
     def __init__(
         self,
         message: str,
@@ -29,59 +35,40 @@ class DMError(Exception):
         self.device = device
 
     def __str__(self) -> str:
-        parts = []
-        if self.operation:
-            parts.append(self.operation)
-        if self.device:
-            parts.append(self.device)
-        prefix = " ".join(parts)
+        prefix = " ".join(p for p in (self.operation, self.device) if p)
         return f"{prefix}: {self.message}" if prefix else self.message
 
 
-class KernelUnavailable(DMError):
+class KernelUnavailable(DMError, errno=_errno.ENODEV):
     """Kernel device-mapper (``/dev/mapper/control``) or libdevmapper cannot be used."""
 
-    default_errno = _errno.ENODEV
 
-
-class DeviceNotFound(DMError):
+class DeviceNotFound(DMError, errno=_errno.ENXIO):
     """The named device does not exist."""
 
-    default_errno = _errno.ENXIO
 
-
-class DeviceExists(DMError):
+class DeviceExists(DMError, errno=_errno.EEXIST):
     """A device with this name or uuid already exists."""
 
-    default_errno = _errno.EEXIST
 
-
-class DeviceBusy(DMError):
+class DeviceBusy(DMError, errno=_errno.EBUSY):
     """The device is open or otherwise in use."""
 
-    default_errno = _errno.EBUSY
 
-
-class InvalidTable(DMError):
+class InvalidTable(DMError, errno=_errno.EINVAL):
     """A table (or its text) was rejected; the message carries the reason."""
-
-    default_errno = _errno.EINVAL
 
 
 class TargetNotSupported(InvalidTable):
     """The table names a target type this backend does not provide."""
 
 
-class InvalidName(DMError):
+class InvalidName(DMError, errno=_errno.EINVAL):
     """A device name or uuid breaks the kernel's rules."""
 
-    default_errno = _errno.EINVAL
 
-
-class InvalidArgument(DMError):
+class InvalidArgument(DMError, errno=_errno.EINVAL):
     """A size, unit, region or option given by the caller is not acceptable."""
-
-    default_errno = _errno.EINVAL
 
 
 class DeviceConflict(InvalidArgument):
@@ -93,53 +80,37 @@ class DeviceConflict(InvalidArgument):
     """
 
 
-class InvalidStatus(DMError):
+class InvalidStatus(DMError, errno=_errno.EINVAL):
     """A status line could not be parsed."""
 
-    default_errno = _errno.EINVAL
 
-
-class DeviceIOError(DMError):
+class DeviceIOError(DMError, errno=_errno.EIO):
     """An I/O error on a device or endpoint."""
 
-    default_errno = _errno.EIO
 
-
-class NoSpace(DeviceIOError):
+class NoSpace(DeviceIOError, errno=_errno.ENOSPC):
     """The device or COW area is full."""
 
-    default_errno = _errno.ENOSPC
 
-
-class CorruptMetadata(DMError):
+class CorruptMetadata(DMError, errno=_errno.EINVAL):
     """On-disk metadata (COW header, mirror log) is corrupt or of an unknown version."""
 
-    default_errno = _errno.EINVAL
 
-
-class SnapshotInvalid(DMError):
+class SnapshotInvalid(DMError, errno=_errno.EIO):
     """The snapshot has been invalidated (COW full or an I/O error)."""
 
-    default_errno = _errno.EIO
 
-
-class PoolNotWritable(DMError):
+class PoolNotWritable(DMError, errno=_errno.EOPNOTSUPP):
     """A thin pool refused a change: it is read-only, out of metadata space or failed (dm-thin.c
     ``pool_message``: ``-EOPNOTSUPP``), or it needs a check."""
 
-    default_errno = _errno.EOPNOTSUPP
 
-
-class OperationCancelled(DMError):
+class OperationCancelled(DMError, errno=_errno.ECANCELED):
     """A long operation was cancelled by its caller."""
 
-    default_errno = _errno.ECANCELED
 
-
-class DaemonError(DMError):
+class DaemonError(DMError, errno=_errno.ECONNREFUSED):
     """The userspace engine's daemon could not be reached or refused a request."""
-
-    default_errno = _errno.ECONNREFUSED
 
 
 class LoopError(DMError):

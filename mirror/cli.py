@@ -19,7 +19,19 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from dmtools.cli.common import device_argument, log_argument, seconds
+from dmtools.cli import common
+from dmtools.cli.common import (
+    actions,
+    STATUS_EVENTS,
+    device_argument,
+    emit,
+    json_option,
+    log_argument,
+    progress_options,
+    seconds,
+    state_dir_option,
+    verb,
+)
 from dmtools.errors import InvalidArgument
 from dmtools.units import SECTOR, parse_size
 
@@ -45,16 +57,9 @@ def _leg(text: str) -> int | str:
 
 
 def _manager(args: argparse.Namespace) -> Any:
-    from dmtools.cli.common import open_backend
     from mirror.manager import MirrorManager
 
-    return MirrorManager(open_backend(args))
-
-
-def _emit(args: argparse.Namespace, data: Any, text: Callable[[], str] | str) -> None:
-    from dmtools.cli.common import emit
-
-    emit(args, data, text)
+    return MirrorManager(common.open_backend(args))  # looked up at call time (tests replace it)
 
 
 class _Progress:
@@ -112,7 +117,7 @@ def _copy_and_show(args: argparse.Namespace, label: str, action: Callable[[_Prog
         return _failed(args, err)
     finally:
         prog.finish(ok)
-    _emit(args, st.to_dict(), lambda: _state_text(st))
+    emit(args, st.to_dict(), lambda: _state_text(st))
     return 0
 
 
@@ -142,7 +147,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         except DMError:
             mm.remove(args.name)
             raise
-    _emit(args, st.to_dict(), lambda: _state_text(st))
+    emit(args, st.to_dict(), lambda: _state_text(st))
     return 0
 
 
@@ -158,13 +163,9 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     pid = start(mm.dm, args.name, spare=args.spare, interval=args.interval)
     root = state_root(args.name)
     state = {"name": args.name, "pid": pid, "state_dir": root, "already_running": pid is None}
-    _emit(args, state, f"{args.name}: {'already monitored' if pid is None else f'monitored by pid {pid}'}"
+    emit(args, state, f"{args.name}: {'already monitored' if pid is None else f'monitored by pid {pid}'}"
           f" (events: dmtools mirror status {args.name}; journal in {root})")
     return 0
-
-
-#: how many of a mirror's last monitor events ``status`` shows.
-STATUS_EVENTS = 5
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -176,7 +177,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     recent = {s.name: last_events(s.name, mm.dm.backend, STATUS_EVENTS, root=_events_root(args, s.name))
               for s in states}
     texts = [_state_text(s) + "".join(f"\n  event: {format_event(e)}" for e in recent[s.name]) for s in states]
-    _emit(args, [{**s.to_dict(), "events": [e.to_dict() for e in recent[s.name]]} for s in states],
+    emit(args, [{**s.to_dict(), "events": [e.to_dict() for e in recent[s.name]]} for s in states],
           "\n".join(texts))
     return 0
 
@@ -234,7 +235,7 @@ def cmd_resync_offline(args: argparse.Namespace) -> int:
         st = _manager(args).activate(args.activate, args.legs, log=log, region_size=_region(args.region_size))
         data["activated"] = st.to_dict()
         text += "\n" + _state_text(st)
-    _emit(args, data, text)
+    emit(args, data, text)
     return 0
 
 
@@ -247,7 +248,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
 def cmd_split(args: argparse.Namespace) -> int:
     mm = _manager(args)
     new = mm.split(args.name, _leg(args.leg), args.new_name, force=args.force)
-    _emit(args, {"split": new}, f"leg {args.leg} of {args.name} is now device {new}")
+    emit(args, {"split": new}, f"leg {args.leg} of {args.name} is now device {new}")
     return 0
 
 
@@ -267,16 +268,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from mirror.format import inspect
 
     rep = inspect(args.logdev, region_size=_region(args.region_size) if args.region_size else None)
-    _emit(args, rep.to_dict(), lambda: str(rep))
+    emit(args, rep.to_dict(), lambda: str(rep))
     return 0
 
 
 # -- parser ----------------------------------------------------------------------------------------
-def _progress_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--progress", "-p", nargs="?", const="bar", default=None, metavar="FD",
-                   help="progress bar with ETA, or with =FD 'N/100' lines on descriptor FD")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar even on a terminal")
+def _copy_args(p: argparse.ArgumentParser) -> None:
+    progress_options(p)
     p.add_argument("--rate", metavar="SIZE", help="resync at most SIZE bytes per second (100M)")
+    json_option(p)
 
 
 def _handle_errors_args(p: argparse.ArgumentParser) -> None:
@@ -289,19 +289,11 @@ def _handle_errors_args(p: argparse.ArgumentParser) -> None:
                    "failed is marked in sync anyway (resync and repair still report it)")
 
 
-def _json(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON output")
-
-
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``mirror`` sub-command and its actions."""
-    top = subparsers.add_parser("mirror", help=SUMMARY,
-                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = top.add_subparsers(dest="mirror_command", metavar="ACTION")
-    sub.required = True
+    top, sub = actions(subparsers, "mirror", SUMMARY, __doc__)
 
-    p = sub.add_parser("create", help="create and activate a mirror")
-    p.add_argument("name")
+    p = verb(sub, "create", cmd_create, "create and activate a mirror", "name")
     p.add_argument("legs", metavar="LEG", nargs="+", type=device_argument, help="2 to 9 devices of one size")
     p.add_argument("--log", default="core", metavar="DEV|core", type=log_argument,
                    help="disk log device, or core (default)")
@@ -318,84 +310,60 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    "process); another monitor, such as 'dmtools monitor --mirror-policy repair', may")
     p.add_argument("--spare", metavar="DEV", type=device_argument,
                    help="kernel: the monitor replaces a failed leg by DEV (then drops the next)")
-    _json(p)
-    p.set_defaults(func=cmd_create)
+    json_option(p)
 
-    p = sub.add_parser("monitor", help="monitor a kernel mirror: drop (or replace) a failed leg, as dmeventd",
-                       description="Start a monitor for kernel mirror NAME in the background (as 'lvchange "
-                       "--monitor y'): on a failed leg it reloads the mirror without it, or with --spare "
-                       "puts DEV in its place, so that held writes complete; it records what it did "
-                       "and exits when the mirror is removed. 'mirror create' starts one for kernel "
-                       "mirrors unless --no-monitor.")
-    p.add_argument("name")
+    p = verb(sub, "monitor", cmd_monitor, "monitor a kernel mirror: drop (or replace) a failed leg, as dmeventd",
+             "name", description="Start a monitor for kernel mirror NAME in the background (as 'lvchange "
+             "--monitor y'): on a failed leg it reloads the mirror without it, or with --spare "
+             "puts DEV in its place, so that held writes complete; it records what it did "
+             "and exits when the mirror is removed. 'mirror create' starts one for kernel "
+             "mirrors unless --no-monitor.")
     p.add_argument("--spare", metavar="DEV", type=device_argument, help="replace the first failed leg by DEV")
     p.add_argument("--interval", type=seconds, default=1.0, metavar="SECONDS",
                    help="status polling interval besides the mirror's events (default 1)")
-    _json(p)
-    p.set_defaults(func=cmd_monitor)
+    json_option(p)
 
-    p = sub.add_parser("status", help="in-sync regions, percent, per-leg health")
+    p = verb(sub, "status", cmd_status, "in-sync regions, percent, per-leg health")
     p.add_argument("names", metavar="NAME", nargs="*", help="mirrors (default: every mirror)")
-    p.add_argument("--state-dir", metavar="DIR", default=None,
-                   help="read the last events from this monitor state directory (as 'dmtools "
-                   "monitor --state-dir'; default the monitor's, /run/dmtools/monitor as root)")
-    _json(p)
-    p.set_defaults(func=cmd_status)
+    state_dir_option(p)
+    json_option(p)
 
-    p = sub.add_parser("resync", help="bring an active mirror in sync, with progress")
-    p.add_argument("name")
+    p = verb(sub, "resync", cmd_resync, "bring an active mirror in sync, with progress", "name")
     p.add_argument("--leg", type=int, metavar="N", help="rebuild leg N only (userspace engine)")
     p.add_argument("--timeout", type=seconds, metavar="SECONDS")
-    _progress_args(p)
-    _json(p)
-    p.set_defaults(func=cmd_resync)
+    _copy_args(p)
 
-    p = sub.add_parser("resync-offline", help="resync an inactive mirror's legs from its disk log")
+    p = verb(sub, "resync-offline", cmd_resync_offline, "resync an inactive mirror's legs from its disk log")
     p.add_argument("legs", metavar="LEG", nargs="+")
     p.add_argument("--log", required=True, metavar="DEV|core")
     p.add_argument("--region-size", default="512K", metavar="SIZE")
     p.add_argument("--leg", type=int, metavar="N", help="also copy every region to leg N (a replaced leg)")
     p.add_argument("--full", action="store_true", help="ignore the log's contents: copy everything")
     p.add_argument("--activate", metavar="NAME", help="then activate the mirror, already in sync")
-    _progress_args(p)
-    _json(p)
-    p.set_defaults(func=cmd_resync_offline)
+    _copy_args(p)
 
-    p = sub.add_parser("repair", help="replace a failed leg and resync it")
-    p.add_argument("name")
+    p = verb(sub, "repair", cmd_repair, "replace a failed leg and resync it", "name")
     p.add_argument("leg", help="leg index or device")
     p.add_argument("new_leg", metavar="NEW_LEG", type=device_argument)
     p.add_argument("--no-wait", action="store_true", help="return once the new table is live")
-    _progress_args(p)
-    _json(p)
-    p.set_defaults(func=cmd_repair)
+    _copy_args(p)
 
-    p = sub.add_parser("split", help="detach a leg as a standalone linear device")
-    p.add_argument("name")
+    p = verb(sub, "split", cmd_split, "detach a leg as a standalone linear device", "name")
     p.add_argument("leg", help="leg index or device")
     p.add_argument("new_name", metavar="NEW_NAME")
     p.add_argument("--force", action="store_true", help="split even when not in sync")
-    _json(p)
-    p.set_defaults(func=cmd_split)
+    json_option(p)
 
-    p = sub.add_parser("add-leg", help="add a leg (turns a linear device into a mirror)")
-    p.add_argument("name")
+    p = verb(sub, "add-leg", cmd_add_leg, "add a leg (turns a linear device into a mirror)", "name")
     p.add_argument("new_leg", metavar="NEW_LEG", type=device_argument)
     p.add_argument("--log", default="core", metavar="DEV|core", type=log_argument, help="log for a new mirror")
     p.add_argument("--region-size", default="512K", metavar="SIZE")
     p.add_argument("--no-wait", action="store_true")
     _handle_errors_args(p)
-    _progress_args(p)
-    _json(p)
-    p.set_defaults(func=cmd_add_leg)
+    _copy_args(p)
 
-    p = sub.add_parser("remove", help="remove a mirror device (legs and log are kept)")
-    p.add_argument("name")
-    p.set_defaults(func=cmd_remove)
-
-    p = sub.add_parser("inspect", help="read a disk log offline")
-    p.add_argument("logdev", metavar="LOGDEV")
+    verb(sub, "remove", cmd_remove, "remove a mirror device (legs and log are kept)", "name")
+    p = verb(sub, "inspect", cmd_inspect, "read a disk log offline", "LOGDEV")
     p.add_argument("--region-size", metavar="SIZE", help="region size, to check and show")
-    _json(p)
-    p.set_defaults(func=cmd_inspect)
+    json_option(p)
     return top  # type: ignore[no-any-return]

@@ -258,11 +258,7 @@ class DiskDirtyLog(CoreDirtyLog):
         self.sync_search = 0
         try:
             self._write()
-            try:
-                self.endpoint.flush()
-            except (OSError, DMError):
-                self.log_dev_flush_failed = True
-                raise
+            self._flush_device()
         except (OSError, DMError) as err:
             self._fail_device(err)
         self.touched_dirtied = self.touched_cleaned = False
@@ -316,13 +312,17 @@ class DiskDirtyLog(CoreDirtyLog):
         try:
             self.endpoint.write(pending.image, 0)
             if pending.dirtied:
-                try:
-                    self.endpoint.flush()
-                except (OSError, DMError):
-                    self.log_dev_flush_failed = True
-                    raise
+                self._flush_device()
         except (OSError, DMError) as err:
             self._fail_device(err)
+            raise
+
+    def _flush_device(self) -> None:
+        """Flush the log device, recording a failure in ``log_dev_flush_failed``."""
+        try:
+            self.endpoint.flush()
+        except (OSError, DMError):
+            self.log_dev_flush_failed = True
             raise
 
     def postsuspend(self) -> None:

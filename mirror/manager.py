@@ -19,7 +19,7 @@ import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypedDict, Unpack
 
 from dmtools.backend import DeviceMapper
 from dmtools.endpoint import Endpoint
@@ -422,27 +422,11 @@ class MirrorManager:
         dirty = [r for r in image.out_of_sync() if r < state.regions]
         return dirty if len(dirty) == state.regions - state.in_sync else None
 
-    def resync_offline(
-        self,
-        legs: Sequence[str | Endpoint],
-        log: str | Endpoint | None,
-        *,
-        region_size: int = DEFAULT_REGION_SIZE,
-        rate: int | None = None,
-        rebuild: int | None = None,
-        source: int = 0,
-        full: bool = False,
-        progress: ProgressFn | None = None,
-        cancel: threading.Event | None = None,
-    ) -> ResyncResult:
-        """Resync an inactive mirror's legs from its disk log with kcopyd (see ``mirror.resync``).
-
-        ``log=None`` means a core log: every region is copied. Raises the validation errors of
-        ``OfflineResync`` before writing anything, and ``RecoveryFailed``/``OperationCancelled`` when
-        regions failed or the run was cancelled (those regions stay out of sync on the log).
-        """
-        return resync_offline(legs, log, region_size=region_size, rate=rate, rebuild=rebuild, source=source,
-                              full=full, progress=progress, cancel=cancel, opener=self.open_ref, backends=[self.dm])
+    def resync_offline(self, legs: Sequence[str | Endpoint], log: str | Endpoint | None,
+                       **options: Unpack[OfflineOptions]) -> ResyncResult:
+        """``resync_offline`` (below) that opens references as this manager does and refuses devices
+        its backend maps."""
+        return resync_offline(legs, log, opener=self.open_ref, backends=[self.dm], **options)
 
     # -- repair / split / add_leg ---------------------------------------------------------------
     def _leg_index(self, target: Mirror, leg: int | str) -> int:
@@ -562,6 +546,18 @@ class MirrorManager:
         return new_name
 
 
+class OfflineOptions(TypedDict, total=False):
+    """The options of ``resync_offline`` that ``MirrorManager.resync_offline`` passes on."""
+
+    region_size: int
+    rate: int | None
+    rebuild: int | None
+    source: int
+    full: bool
+    progress: ProgressFn | None
+    cancel: threading.Event | None
+
+
 def resync_offline(
     legs: Sequence[str | Endpoint],
     log: str | Endpoint | None,
@@ -576,7 +572,12 @@ def resync_offline(
     opener: Callable[..., Endpoint] | None = None,
     backends: Sequence[DeviceMapper] = (),
 ) -> ResyncResult:
-    """``MirrorManager.resync_offline`` without a backend: legs and log are paths or endpoints.
+    """Resync an inactive mirror's legs from its disk log with kcopyd (see ``mirror.resync``): legs
+    and log are paths or endpoints; ``log=None`` means a core log (every region is copied).
+
+    Raises the validation errors of ``OfflineResync`` before writing anything, and
+    ``RecoveryFailed``/``OperationCancelled`` when regions failed or the run was cancelled (those
+    regions stay out of sync on the log).
 
     Legs and log that share bytes raise ``DeviceConflict``, and one that a live table of
     ``backends`` maps ``DeviceBusy`` (an inactive mirror's devices), before anything is opened."""

@@ -17,7 +17,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dmtools.cli.common import device_argument, seconds
+from dmtools.cli import common
+from dmtools.cli.common import (
+    actions,
+    STATUS_EVENTS,
+    device_argument,
+    emit,
+    progress_options,
+    seconds,
+    state_dir_option,
+    verb,
+)
 from dmtools.errors import InvalidArgument
 from dmtools.units import SECTOR, format_size, parse_size
 
@@ -35,16 +45,9 @@ def _chunk_sectors(text: str) -> int:
 
 
 def _manager(args: argparse.Namespace) -> Any:
-    from dmtools.cli.common import open_backend
     from snapshot.manager import SnapshotManager
 
-    return SnapshotManager(open_backend(args))
-
-
-def _emit(args: argparse.Namespace, data: Any, text: Any) -> None:
-    from dmtools.cli.common import emit
-
-    emit(args, data, text)
+    return SnapshotManager(common.open_backend(args))  # looked up at call time (tests replace it)
 
 
 def _reporter(args: argparse.Namespace, label: str) -> Any:
@@ -64,25 +67,21 @@ def cmd_create(args: argparse.Namespace) -> int:
 
     store = StoreMode.TRANSIENT if args.transient else StoreMode.PERSISTENT
     info = mgr.create(args.origin, args.cow, args.name, chunk_size=_chunk_sectors(args.chunk_size), store=store)
-    _emit(args, info.to_dict(), f"created snapshot {info.name} of {info.origin} ({info.status.format()})")
+    emit(args, info.to_dict(), f"created snapshot {info.name} of {info.origin} ({info.status.format()})")
     return 0
 
 
 def cmd_activate(args: argparse.Namespace) -> int:
     info = _manager(args).activate(args.origin, args.cow, args.name)
-    _emit(args, info.to_dict(), f"activated snapshot {info.name} of {info.origin} ({info.status.format()})")
+    emit(args, info.to_dict(), f"activated snapshot {info.name} of {info.origin} ({info.status.format()})")
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     infos = _manager(args).list()
     header = f"{'NAME':<20} {'ORIGIN':<20} {'STATE':<12} {'STATUS':<24} USED"
-    _emit(args, [i.to_dict() for i in infos], lambda: "\n".join([header] + [_info_line(i) for i in infos]))
+    emit(args, [i.to_dict() for i in infos], lambda: "\n".join([header] + [_info_line(i) for i in infos]))
     return 0
-
-
-#: how many of a device's last monitor events ``status`` shows.
-STATUS_EVENTS = 5
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -94,7 +93,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     events = last_events(args.name, mgr.dm.backend, STATUS_EVENTS, root=args.state_dir)
     lines = [f"{k}: {v}" for k, v in info.to_dict().items()]
     lines += ["recent events:"] + [f"  {format_event(e)}" for e in events] if events else []
-    _emit(args, {**info.to_dict(), "events": [e.to_dict() for e in events]}, "\n".join(lines))
+    emit(args, {**info.to_dict(), "events": [e.to_dict() for e in events]}, "\n".join(lines))
     return 0
 
 
@@ -102,25 +101,25 @@ def cmd_merge(args: argparse.Namespace) -> int:
     mgr = _manager(args)
     if args.no_wait:
         mgr.merge(args.name, wait=False)
-        _emit(args, {"name": args.name, "merging": True}, f"merging {args.name} in the background")
+        emit(args, {"name": args.name, "merging": True}, f"merging {args.name} in the background")
         return 0
     from kcopyd.progress import reporting
 
     with reporting(_reporter(args, f"merge {args.name}"), SECTOR) as progress:
         mgr.merge(args.name, progress=progress, timeout=args.timeout)
-    _emit(args, {"name": args.name, "merged": True}, f"merged {args.name}")
+    emit(args, {"name": args.name, "merged": True}, f"merged {args.name}")
     return 0
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
     info = _manager(args).refresh(args.name)
-    _emit(args, info.to_dict(), f"refreshed snapshot {info.name} ({info.status.format()})")
+    emit(args, info.to_dict(), f"refreshed snapshot {info.name} ({info.status.format()})")
     return 0
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
     _manager(args).remove(args.name)
-    _emit(args, {"name": args.name, "removed": True}, f"removed snapshot {args.name}")
+    emit(args, {"name": args.name, "removed": True}, f"removed snapshot {args.name}")
     return 0
 
 
@@ -128,7 +127,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from snapshot.offline import inspect
 
     info = inspect(args.cow)
-    _emit(args, info.to_dict(), info.format)
+    emit(args, info.to_dict(), info.format)
     return 0
 
 
@@ -147,7 +146,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     finally:
         for b in backends:
             b.close()
-    _emit(
+    emit(
         args,
         {"bytes": result.bytes, "exceptions": result.exceptions, "runs": result.runs, "output": result.output},
         f"exported {format_size(result.bytes)} ({result.exceptions} exceptions from the COW) to {args.out} "
@@ -156,70 +155,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--progress", "-p", nargs="?", const="bar", default=None, metavar="FD",
-                   help="show a progress bar, or with =FD write 'N/100' lines to file descriptor FD")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar even on a terminal")
-
-
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``snapshot`` and its sub-commands to an argparse sub-parser collection."""
-    p = subparsers.add_parser("snapshot", help=SUMMARY,
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="snapshot_command", metavar="ACTION")
-    sub.required = True
+    p, sub = actions(subparsers, "snapshot", SUMMARY, __doc__)
 
-    c = sub.add_parser("create", help="snapshot ORIGIN into a COW device")
+    c = verb(sub, "create", cmd_create, "snapshot ORIGIN into a COW device")
     c.add_argument("origin", metavar="ORIGIN", help="device-mapper device to snapshot")
     c.add_argument("--cow", required=True, metavar="DEV", type=device_argument, help="COW device or file (its header is wiped)")
     c.add_argument("--name", required=True, help="name of the snapshot device")
     c.add_argument("--chunk-size", default="4K", metavar="SIZE",
                    help="chunk size: sectors, or with a unit (default 4K, LVM's)")
     c.add_argument("--transient", action="store_true", help="non-persistent store (N): lost on deactivation")
-    c.set_defaults(func=cmd_create)
-
-    a = sub.add_parser("activate", help="activate an existing persistent COW of ORIGIN")
-    a.add_argument("origin", metavar="ORIGIN")
+    a = verb(sub, "activate", cmd_activate, "activate an existing persistent COW of ORIGIN", "ORIGIN")
     a.add_argument("--cow", required=True, metavar="DEV", type=device_argument)
     a.add_argument("--name", required=True)
-    a.set_defaults(func=cmd_activate)
-
-    sub.add_parser("list", help="list snapshots (--json for JSON)").set_defaults(func=cmd_list)
-
-    s = sub.add_parser("status", help="one snapshot's usage and state")
-    s.add_argument("name", metavar="NAME")
-    s.add_argument("--state-dir", metavar="DIR", default=None,
-                   help="read the last events from this monitor state directory (as 'dmtools "
-                   "monitor --state-dir'; default the monitor's, /run/dmtools/monitor as root)")
-    s.set_defaults(func=cmd_status)
-
-    m = sub.add_parser("merge", help="roll the origin back to the snapshot (again: retry a failed merge)")
-    m.add_argument("name", metavar="NAME")
+    verb(sub, "list", cmd_list, "list snapshots (--json for JSON)")
+    state_dir_option(verb(sub, "status", cmd_status, "one snapshot's usage and state", "NAME"))
+    m = verb(sub, "merge", cmd_merge, "roll the origin back to the snapshot (again: retry a failed merge)", "NAME")
     m.add_argument("--no-wait", action="store_true", help="start the merge and return")
     m.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS")
-    _progress_option(m)
-    m.set_defaults(func=cmd_merge)
-
-    f = sub.add_parser("refresh", help="reload a snapshot through exception handover, taking up a "
-                       "grown COW (as 'lvchange --refresh')")
-    f.add_argument("name", metavar="NAME")
-    f.set_defaults(func=cmd_refresh)
-
-    r = sub.add_parser("remove", help="drop a snapshot (the plain origin returns with the last one)")
-    r.add_argument("name", metavar="NAME")
-    r.set_defaults(func=cmd_remove)
-
-    i = sub.add_parser("inspect", help="read a COW's header and metadata (offline)")
-    i.add_argument("cow", metavar="COW")
-    i.set_defaults(func=cmd_inspect)
-
-    e = sub.add_parser("export", help="write a snapshot's view from its origin and COW (offline)")
+    progress_options(m)
+    verb(sub, "refresh", cmd_refresh, "reload a snapshot through exception handover, taking up a grown COW "
+         "(as 'lvchange --refresh')", "NAME")
+    verb(sub, "remove", cmd_remove, "drop a snapshot (the plain origin returns with the last one)", "NAME")
+    verb(sub, "inspect", cmd_inspect, "read a COW's header and metadata (offline)", "COW")
+    e = verb(sub, "export", cmd_export, "write a snapshot's view from its origin and COW (offline)")
     e.add_argument("--origin", required=True, metavar="DEV")
     e.add_argument("--cow", required=True, metavar="DEV")
     e.add_argument("out", metavar="OUT", help="output file (created) or block device")
     e.add_argument("--force", action="store_true",
                    help="overwrite an existing non-empty output: a file is truncated or extended to the "
                    "origin's size, a block device's first bytes are written")
-    _progress_option(e)
-    e.set_defaults(func=cmd_export)
+    progress_options(e)
     return p  # type: ignore[no-any-return]

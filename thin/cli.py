@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Any
 
+from dmtools.cli.common import actions, emit, progress_options, verb
 from dmtools.errors import InvalidArgument
 
 #: The one line ``dmtools --help`` shows for this command (read without building its parser).
@@ -29,10 +30,7 @@ __all__ = ["register"]
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``thin`` and its sub-commands to an argparse sub-parser collection."""
-    p = subparsers.add_parser("thin", help=SUMMARY,
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="thin_command", metavar="ACTION")
-    sub.required = True
+    p, sub = actions(subparsers, "thin", SUMMARY, __doc__)
     _add_offline_commands(sub)
     try:  # the pool commands live in their own module, thin/pool_cli.py, with one entry point
         pool_cli = importlib.import_module("thin.pool_cli")
@@ -42,12 +40,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     else:
         pool_cli.add_commands(sub)
     return p  # type: ignore[no-any-return]
-
-
-def _emit(args: argparse.Namespace, data: Any, text: Any) -> None:
-    from dmtools.cli.common import emit
-
-    emit(args, data, text)
 
 
 def _dev_id(text: str) -> int:
@@ -74,7 +66,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             md.commit()
         report.needs_check = False
     if getattr(args, "json", False):
-        _emit(args, report.to_dict(), "")
+        emit(args, report.to_dict(), "")
     else:
         for line in report.errors:
             print(f"dmtools: {args.metadata}: {line}", file=sys.stderr)
@@ -126,7 +118,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                               "(its size is the metadata size)")
     ensure_disjoint({"--input": args.input, "--output": args.output})
     image = restore(args.input, args.output)
-    _emit(args, {"devices": len(image.devices), "mappings": sum(len(d.vblocks) for d in image.devices),
+    emit(args, {"devices": len(image.devices), "mappings": sum(len(d.vblocks) for d in image.devices),
                  "transaction": image.transaction},
           "" if args.quiet else f"restored {len(image.devices)} devices, transaction {image.transaction}, "
           f"to {args.output}")
@@ -140,7 +132,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     fields = [f for f in args.format.split(",") if f] if args.format else None
     text = format_ls(rows, fields, headers=not args.no_headers) if fields else \
         format_ls(rows, headers=not args.no_headers)
-    _emit(args, [r.to_dict() for r in rows], text.rstrip("\n"))
+    emit(args, [r.to_dict() for r in rows], text.rstrip("\n"))
     return 0
 
 
@@ -160,7 +152,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     finally:
         for b in backends:
             b.close()
-    _emit(args, {"bytes": result.bytes, "mapped_blocks": result.mapped_blocks, "runs": result.runs},
+    emit(args, {"bytes": result.bytes, "mapped_blocks": result.mapped_blocks, "runs": result.runs},
           f"exported thin device {args.id}: {format_size(result.bytes)}, {result.mapped_blocks} mapped blocks "
           f"in {result.runs} runs, to {args.out}")
     return 0
@@ -168,15 +160,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _add_offline_commands(sub: Any) -> None:
     """The commands that read or write metadata without device-mapper."""
-    c = sub.add_parser("check", help="check pool metadata (as thin_check; exit 1 on errors)")
+    c = verb(sub, "check", cmd_check, "check pool metadata (as thin_check; exit 1 on errors)")
     c.add_argument("metadata", metavar="META", help="metadata device or file")
     c.add_argument("--skip-mappings", action="store_true", help="do not walk the mapping trees")
     c.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     c.add_argument("--clear-needs-check-flag", action="store_true",
                    help="clear the superblock's needs_check flag when the metadata is clean (as LVM runs thin_check)")
-    c.set_defaults(func=cmd_check)
 
-    d = sub.add_parser("dump", help="metadata as thin_dump's XML (or JSON with --json)")
+    d = verb(sub, "dump", cmd_dump, "metadata as thin_dump's XML (or JSON with --json)")
     d.add_argument("metadata", metavar="META")
     d.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     d.add_argument("--dev-id", type=_dev_id, action="append", metavar="N", help="only this device (repeatable)")
@@ -184,31 +175,25 @@ def _add_offline_commands(sub: Any) -> None:
     d.add_argument("-m", "--metadata-snap", action="store_true",
                    help="read the held metadata snapshot the superblock names (as thin_dump -m)")
     d.add_argument("--snap-block", type=int, metavar="BLOCK", help="read a metadata snapshot at BLOCK")
-    d.set_defaults(func=cmd_dump)
 
-    r = sub.add_parser("restore", help="write metadata from thin_dump XML (as thin_restore)")
+    r = verb(sub, "restore", cmd_restore, "write metadata from thin_dump XML (as thin_restore)")
     r.add_argument("-i", "--input", required=True, metavar="XML")
     r.add_argument("-o", "--output", required=True, metavar="META",
                    help="existing metadata file or device (overwritten)")
     r.add_argument("-q", "--quiet", action="store_true")
-    r.set_defaults(func=cmd_restore)
 
-    s = sub.add_parser("ls", help="thin devices with mapped, exclusive and shared blocks (as thin_ls)")
+    s = verb(sub, "ls", cmd_ls, "thin devices with mapped, exclusive and shared blocks (as thin_ls)")
     s.add_argument("metadata", metavar="META")
     s.add_argument("-o", "--format", metavar="FIELDS", help="comma-separated thin_ls fields")
     s.add_argument("--no-headers", action="store_true")
     s.add_argument("-m", "--metadata-snap", action="store_true", help="read the held metadata snapshot")
-    s.set_defaults(func=cmd_ls)
 
-    e = sub.add_parser("export", help="write one thin volume from a pool's metadata and data devices")
+    e = verb(sub, "export", cmd_export, "write one thin volume from a pool's metadata and data devices")
     e.add_argument("--metadata", required=True, metavar="DEV")
     e.add_argument("--data", required=True, metavar="DEV")
     e.add_argument("--id", required=True, type=_dev_id, metavar="N", help="thin device id")
     e.add_argument("--size", metavar="SIZE", help="volume size (default: the block device's, or up to the "
                    "highest mapped block); sectors, or with a unit")
     e.add_argument("-m", "--metadata-snap", action="store_true", help="read through the held metadata snapshot")
-    e.add_argument("--progress", nargs="?", const="bar", default=None, metavar="FD",
-                   help="progress bar, or 'N/100' lines on file descriptor FD")
-    e.add_argument("-q", "--quiet", action="store_true")
+    progress_options(e)
     e.add_argument("out", metavar="OUT", help="output file (created) or block device")
-    e.set_defaults(func=cmd_export)

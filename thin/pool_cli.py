@@ -23,7 +23,7 @@ import argparse
 from typing import Any
 
 from dmtools.cli import common
-from dmtools.cli.common import emit
+from dmtools.cli.common import actions, emit, verb
 from dmtools.units import SECTOR, format_size, parse_sectors
 
 __all__ = ["add_commands"]
@@ -125,11 +125,8 @@ def cmd_deactivate(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: Any) -> None:
     """Add the pool and volume commands to the ``dmtools thin`` sub-parser collection."""
-    pool = subparsers.add_parser("pool", help="thin pools: create, extend, status")
-    psub = pool.add_subparsers(dest="thin_pool_command", metavar="ACTION")
-    psub.required = True
-    c = psub.add_parser("create", help="make a pool on a metadata and a data device (LVM's layout)")
-    c.add_argument("name", metavar="NAME")
+    _, psub = actions(subparsers, "pool", "thin pools: create, extend, status")
+    c = verb(psub, "create", cmd_pool_create, "make a pool on a metadata and a data device (LVM's layout)", "NAME")
     c.add_argument("--metadata", required=True, metavar="DEV", help="metadata device (its start is wiped)")
     c.add_argument("--data", required=True, metavar="DEV", help="data device")
     c.add_argument("--chunk-size", default="64K", metavar="SIZE",
@@ -141,46 +138,18 @@ def add_commands(subparsers: Any) -> None:
     zero.add_argument("--no-zero", dest="zero", action="store_false", help="skip_block_zeroing")
     c.add_argument("--error-if-no-space", action="store_true",
                    help="fail writes at once when the data space is full (default: queue them)")
-    c.set_defaults(func=cmd_pool_create)
-    e = psub.add_parser("extend", help="take up grown metadata and data devices")
-    e.add_argument("name", metavar="NAME")
-    e.set_defaults(func=cmd_pool_extend)
-    s = psub.add_parser("status", help="a pool's usage, mode and transaction id")
-    s.add_argument("name", metavar="NAME")
-    s.set_defaults(func=cmd_pool_status)
+    verb(psub, "extend", cmd_pool_extend, "take up grown metadata and data devices", "NAME")
+    verb(psub, "status", cmd_pool_status, "a pool's usage, mode and transaction id", "NAME")
 
-    v = subparsers.add_parser("create", help="make a thin volume in a pool")
-    v.add_argument("pool", metavar="POOL")
-    v.add_argument("name", metavar="NAME")
+    v = verb(subparsers, "create", cmd_create, "make a thin volume in a pool", "POOL", "NAME")
     v.add_argument("--size", required=True, metavar="SIZE", help="virtual size: sectors, or with a unit")
-    v.set_defaults(func=cmd_create)
-
-    sn = subparsers.add_parser("snapshot", help="snapshot a thin volume (no copy; blocks are shared)")
-    sn.add_argument("pool", metavar="POOL")
-    sn.add_argument("origin", metavar="ORIGIN")
-    sn.add_argument("name", metavar="NAME")
-    sn.set_defaults(func=cmd_snapshot)
-
-    r = subparsers.add_parser("remove", help="deactivate a thin volume and delete it from its pool")
-    r.add_argument("pool", metavar="POOL")
-    r.add_argument("name", metavar="NAME")
-    r.set_defaults(func=cmd_remove)
-
-    ls = subparsers.add_parser("list", help="thin volumes of one or every active pool (--json)")
-    ls.add_argument("pool", metavar="POOL", nargs="?")
-    ls.set_defaults(func=cmd_list)
-
-    st = subparsers.add_parser("status", help="a pool's status, or one volume's (--json)")
-    st.add_argument("pool", metavar="POOL")
-    st.add_argument("name", metavar="NAME", nargs="?")
-    st.set_defaults(func=cmd_status)
-
-    a = subparsers.add_parser("activate", help="activate a pool and its volumes again (after a restart)")
+    verb(subparsers, "snapshot", cmd_snapshot, "snapshot a thin volume (no copy; blocks are shared)",
+         "POOL", "ORIGIN", "NAME")
+    verb(subparsers, "remove", cmd_remove, "deactivate a thin volume and delete it from its pool", "POOL", "NAME")
+    verb(subparsers, "list", cmd_list, "thin volumes of one or every active pool (--json)", "POOL?")
+    verb(subparsers, "status", cmd_status, "a pool's status, or one volume's (--json)", "POOL", "NAME?")
+    a = verb(subparsers, "activate", cmd_activate, "activate a pool and its volumes again (after a restart)")
     a.add_argument("--metadata", required=True, metavar="DEV")
     a.add_argument("--data", required=True, metavar="DEV")
     a.add_argument("--no-volumes", action="store_true", help="activate the pool only")
-    a.set_defaults(func=cmd_activate)
-
-    d = subparsers.add_parser("deactivate", help="remove a pool's devices and its volumes (data kept)")
-    d.add_argument("pool", metavar="POOL")
-    d.set_defaults(func=cmd_deactivate)
+    verb(subparsers, "deactivate", cmd_deactivate, "remove a pool's devices and its volumes (data kept)", "POOL")

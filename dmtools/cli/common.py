@@ -14,6 +14,64 @@ from typing import Any
 
 from dmtools.errors import DMError
 
+def actions(sub: Any, name: str, help: str, doc: str | None = None, *, dest: str | None = None,
+            metavar: str = "ACTION", **options: Any) -> tuple[argparse.ArgumentParser, Any]:
+    """Add command ``name`` to ``sub`` whose first operand is one of its actions: returns its parser
+    and the collection to ``verb`` the actions into (``args.NAME_action`` holds the one given).
+    ``doc`` (a module docstring) is its ``--help`` description, kept as written."""
+    layout = {} if doc is None else {"description": doc, "formatter_class": argparse.RawDescriptionHelpFormatter}
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help, **layout)
+    collection = parser.add_subparsers(dest=dest or f"{name}_action", metavar=metavar, **options)
+    collection.required = True
+    return parser, collection
+
+
+def verb(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help: str, *operands: str,
+         **parser_options: Any) -> argparse.ArgumentParser:
+    """Add sub-command ``name`` to ``sub`` (an ``add_subparsers`` result) that runs ``func``.
+
+    Each operand is a positional argument named as written: ``"name"`` is shown ``name``, ``"NAME"``
+    is shown ``NAME``, both read into ``args.name``; a last ``?``, ``+`` or ``*`` is its ``nargs``.
+    ``parser_options`` go to ``add_parser`` (``description``, ``aliases``, ...)."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help, **parser_options)
+    for word in operands:
+        nargs = word[-1] if word[-1] in "?+*" else None
+        word = word.rstrip("?+*")
+        p.add_argument(word.lower(), metavar=word if word.isupper() else None, nargs=nargs)
+    p.set_defaults(func=func)
+    return p
+
+
+def json_option(p: argparse.ArgumentParser, help: str = "JSON output") -> None:
+    """The command's own ``--json`` (SUPPRESS keeps the root parser's when this one is not given)."""
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=help)
+
+
+def columns(rows: list[list[str]]) -> str:
+    """``rows`` (the first is the header) as left-aligned columns, losetup style: the last column
+    is not padded."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(" ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + " " + r[-1] for r in rows)
+
+
+def progress_options(p: argparse.ArgumentParser) -> None:
+    """``--progress[=FD]`` and ``--quiet``, read by ``kcopyd.progress.reporter_for``."""
+    p.add_argument("--progress", "-p", nargs="?", const="bar", default=None, metavar="FD",
+                   help="show a progress bar, or with =FD write 'N/100' lines to file descriptor FD")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar even on a terminal")
+
+
+#: how many of a device's last monitor events ``snapshot status`` and ``mirror status`` show.
+STATUS_EVENTS = 5
+
+
+def state_dir_option(p: argparse.ArgumentParser) -> None:
+    """``--state-dir`` of the status commands: where the monitor keeps the events they show."""
+    p.add_argument("--state-dir", metavar="DIR", default=None,
+                   help="read the last events from this monitor state directory (as 'dmtools "
+                   "monitor --state-dir'; default the monitor's, /run/dmtools/monitor as root)")
+
+
 def open_backend(args: argparse.Namespace) -> Any:
     """Open the ``DeviceMapper`` backend named by ``--backend``; ``main`` closes it at the end."""
     import dmtools

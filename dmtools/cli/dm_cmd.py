@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from dmtools.cli import common as cli_common
-from dmtools.cli.common import emit
+from dmtools.cli.common import actions, emit, verb
 from dmtools.errors import InvalidArgument
 
 #: The one line ``dmtools --help`` shows for this command (read without building its parser).
@@ -344,82 +344,41 @@ def _wait(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add ``dm`` and its verbs to the root parser's sub-commands."""
-    dm = sub.add_parser("dm", help=SUMMARY)
-    verbs = dm.add_subparsers(dest="verb", metavar="VERB", parser_class=IntermixedParser)
-    verbs.required = True
+    _, verbs = actions(sub, "dm", SUMMARY, dest="verb", metavar="VERB", parser_class=IntermixedParser)
 
     def table_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--table", help="table text; ';' separates lines")
         p.add_argument("table_file", nargs="?", help="file holding the table (else stdin)")
         p.add_argument("--readonly", "-r", action="store_true", help="read-only table")
 
-    p = verbs.add_parser("create", help="create a device (empty with --notable)")
-    p.add_argument("name")
+    p = verb(verbs, "create", _create, "create a device (empty with --notable)", "name")
     table_opts(p)
     p.add_argument("--uuid", "-u", help="device uuid")
     p.add_argument("--notable", action="store_true", help="create without a table")
-    p.set_defaults(func=_create)
-
-    p = verbs.add_parser("load", aliases=["reload"], help="load a table into the inactive slot")
-    p.add_argument("name")
-    table_opts(p)
-    p.set_defaults(func=_load)
-
-    p = verbs.add_parser("suspend", help="suspend devices (I/O is held)")
-    p.add_argument("names", nargs="+")
+    table_opts(verb(verbs, "load", _load, "load a table into the inactive slot", "name", aliases=["reload"]))
+    p = verb(verbs, "suspend", _suspend, "suspend devices (I/O is held)", "names+")
     p.add_argument("--noflush", action="store_true", help="do not flush outstanding I/O")
-    p.set_defaults(func=_suspend)
-
-    p = verbs.add_parser("resume", help="resume devices, swapping in an inactive table")
-    p.add_argument("names", nargs="+")
-    p.set_defaults(func=_resume)
-
-    p = verbs.add_parser("remove", help="remove devices")
-    p.add_argument("names", nargs="+")
+    verb(verbs, "resume", _resume, "resume devices, swapping in an inactive table", "names+")
+    p = verb(verbs, "remove", _remove, "remove devices", "names+")
     p.add_argument("--retry", action="store_true", help="retry while the device is busy")
     p.add_argument("--deferred", action="store_true", help="remove when the last user closes it")
-    p.set_defaults(func=_remove)
-
-    p = verbs.add_parser("clear", help="drop the inactive table")
-    p.add_argument("name")
-    p.set_defaults(func=_clear)
-
-    p = verbs.add_parser("rename", help="rename a device")
-    p.add_argument("name")
-    p.add_argument("new_name")
-    p.set_defaults(func=_rename)
-
-    p = verbs.add_parser("ls", help="list devices")
-    p.set_defaults(func=_ls)
-
-    for verb, func, helptext in (
+    verb(verbs, "clear", _clear, "drop the inactive table", "name")
+    verb(verbs, "rename", _rename, "rename a device", "name", "new_name")
+    verb(verbs, "ls", _ls, "list devices")
+    for name, func, helptext in (
         ("table", _table, "print tables"),
         ("status", _status, "print target status"),
         ("measure", _status, "print what the kernel measures into IMA per target"),
     ):
-        p = verbs.add_parser(verb, help=helptext)
-        p.add_argument("names", nargs="*")
-        p.add_argument("--inactive", action="store_true", help="the inactive table")
-        p.set_defaults(func=func)
-
-    for verb, func, helptext in (("info", _info, "device information"), ("deps", _deps, "dependencies")):
-        p = verbs.add_parser(verb, help=helptext)
-        p.add_argument("names", nargs="*")
-        p.set_defaults(func=func)
-
-    p = verbs.add_parser("targets", help="list target types and versions")
-    p.set_defaults(func=_targets)
-    p = verbs.add_parser("version", help="library and driver versions")
-    p.set_defaults(func=_version)
-
-    p = verbs.add_parser("message", help="send a message to a target")
-    p.add_argument("name")
+        verb(verbs, name, func, helptext, "names*").add_argument("--inactive", action="store_true",
+                                                                  help="the inactive table")
+    verb(verbs, "info", _info, "device information", "names*")
+    verb(verbs, "deps", _deps, "dependencies", "names*")
+    verb(verbs, "targets", _targets, "list target types and versions")
+    verb(verbs, "version", _version, "library and driver versions")
+    p = verb(verbs, "message", _message, "send a message to a target", "name")
     p.add_argument("sector", type=int)
     p.add_argument("message", nargs="+")
-    p.set_defaults(func=_message)
-
-    p = verbs.add_parser("wait", help="wait for a device event")
-    p.add_argument("name")
+    p = verb(verbs, "wait", _wait, "wait for a device event", "name")
     p.add_argument("event_nr", type=int, nargs="?", default=0)
     p.add_argument("--timeout", type=cli_common.seconds, default=None, metavar="SECONDS")
-    p.set_defaults(func=_wait)

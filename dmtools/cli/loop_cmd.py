@@ -8,9 +8,9 @@ printed. Autoclear is for programs that keep the device open (``dmtools.loop.att
 from __future__ import annotations
 
 import argparse
-import json
 from typing import TYPE_CHECKING, Any
 
+from dmtools.cli import common as cli_common
 from dmtools.units import parse_size
 
 #: The one line ``dmtools --help`` shows for this command (read without building its parser).
@@ -24,41 +24,22 @@ __all__ = ["register", "cmd_attach", "cmd_detach", "cmd_list"]
 
 def register(subparsers: Any) -> None:
     """Add the ``loop`` command and its actions to an argparse sub-parser collection."""
-    parser = subparsers.add_parser("loop", help=SUMMARY)
-    actions = parser.add_subparsers(dest="loop_action", metavar="ACTION")
-    actions.required = True
+    _, actions = cli_common.actions(subparsers, "loop", SUMMARY)
 
-    p = actions.add_parser("attach", help="bind a free loop device to FILE and print its path")
+    p = cli_common.verb(actions, "attach", cmd_attach, "bind a free loop device to FILE and print its path")
     p.add_argument("file", metavar="FILE", help="backing file or block device")
     p.add_argument("--read-only", "-r", action="store_true", help="attach read-only")
     p.add_argument("--direct-io", action="store_true", help="bypass the page cache of FILE")
     p.add_argument("--partscan", "-P", action="store_true", help="scan for partitions")
-    p.add_argument(
-        "--offset",
-        "-o",
-        metavar="SIZE",
-        default="0",
-        help="start this far into FILE (bytes unless a unit is given: 1M, 2048s)",
-    )
-    p.add_argument(
-        "--sizelimit", metavar="SIZE", default="0", help="use at most this much of FILE (0: up to its end)"
-    )
-    p.add_argument(
-        "--sector-size",
-        metavar="SIZE",
-        default="0",
-        help="logical block size of the loop device (512 to 4096)",
-    )
-    p.set_defaults(func=cmd_attach)
-
-    p = actions.add_parser("detach", help="detach loop devices")
+    p.add_argument("--offset", "-o", metavar="SIZE", default="0",
+                   help="start this far into FILE (bytes unless a unit is given: 1M, 2048s)")
+    p.add_argument("--sizelimit", metavar="SIZE", default="0", help="use at most this much of FILE (0: up to its end)")
+    p.add_argument("--sector-size", metavar="SIZE", default="0",
+                   help="logical block size of the loop device (512 to 4096)")
+    p = cli_common.verb(actions, "detach", cmd_detach, "detach loop devices")
     p.add_argument("devices", metavar="DEV", nargs="+", help="/dev/loopN (or loopN)")
-    p.set_defaults(func=cmd_detach)
-
-    p = actions.add_parser("list", help="list attached loop devices with their backing files")
-    # SUPPRESS keeps the root parser's --json when this one is not given.
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON output")
-    p.set_defaults(func=cmd_list)
+    cli_common.json_option(cli_common.verb(actions, "list", cmd_list, "list attached loop devices with their "
+                                           "backing files"))
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
@@ -87,26 +68,11 @@ def cmd_detach(args: argparse.Namespace) -> int:
     return 0
 
 
-def _row(dev: loop.LoopDevice) -> list[str]:
-    return [
-        dev.path,
-        str(dev.sizelimit),
-        str(dev.offset),
-        "1" if dev.autoclear else "0",
-        "1" if dev.read_only else "0",
-        "1" if dev.direct_io else "0",
-        dev.backing_file or "",
-    ]
-
-
 def format_table(devices: list[loop.LoopDevice]) -> str:
     """The listing as aligned columns, losetup style."""
-    header = ["NAME", "SIZELIMIT", "OFFSET", "AUTOCLEAR", "RO", "DIO", "BACK-FILE"]
-    rows = [header] + [_row(d) for d in devices]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-    return "\n".join(
-        " ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + " " + r[-1] for r in rows
-    )
+    rows = [[d.path, str(d.sizelimit), str(d.offset), *("1" if f else "0" for f in (d.autoclear, d.read_only, d.direct_io)),
+             d.backing_file or ""] for d in devices]
+    return cli_common.columns([["NAME", "SIZELIMIT", "OFFSET", "AUTOCLEAR", "RO", "DIO", "BACK-FILE"], *rows])
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -114,8 +80,5 @@ def cmd_list(args: argparse.Namespace) -> int:
     from dmtools import loop
 
     devices = loop.list_loops()
-    if getattr(args, "json", False):
-        print(json.dumps([d.to_dict() for d in devices], indent=2, sort_keys=True))
-    elif devices:
-        print(format_table(devices))
+    cli_common.emit(args, [d.to_dict() for d in devices], lambda: format_table(devices) if devices else "")
     return 0

@@ -50,8 +50,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("names", metavar="NAME", nargs="*", help="devices to watch (default: all)")
     p.add_argument("--once", action="store_true",
                    help="report changes since the last run, apply policies once, print the state, exit")
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                   help="JSON output (one object per event)")
+    cli_common.json_option(p, "JSON output (one object per event)")
     p.add_argument("--warn", nargs="?", const=_DEFAULT_WARN, default=None, metavar="PCTS",
                    help=f"warn when snapshot usage crosses these percentages (default {_DEFAULT_WARN}; "
                    "write --warn=PCTS, or put the NAMEs first)")

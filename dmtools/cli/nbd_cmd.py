@@ -7,8 +7,9 @@ name it like any disk. ``list`` shows what is attached, with the URI each device
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
+
+from dmtools.cli import common as cli_common
 
 #: The one line ``dmtools --help`` shows for this command (read without building its parser).
 SUMMARY = "attach NBD exports as /dev/nbdN (kernel nbd.ko)"
@@ -18,11 +19,9 @@ __all__ = ["register", "cmd_attach", "cmd_detach", "cmd_list"]
 
 def register(subparsers: Any) -> None:
     """Add the ``nbd`` command and its actions to an argparse sub-parser collection."""
-    parser = subparsers.add_parser("nbd", help=SUMMARY)
-    actions = parser.add_subparsers(dest="nbd_action", metavar="ACTION")
-    actions.required = True
+    _, actions = cli_common.actions(subparsers, "nbd", SUMMARY)
 
-    p = actions.add_parser("attach", help="connect an export to a kernel nbd device and print its path")
+    p = cli_common.verb(actions, "attach", cmd_attach, "connect an export to a kernel nbd device and print its path")
     p.add_argument("uri", metavar="URI", help="nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH")
     p.add_argument("--device", metavar="DEV", help="the nbd device to use (/dev/nbdN); default: a free one")
     p.add_argument("--read-only", "-r", action="store_true", help="attach read-only")
@@ -33,17 +32,11 @@ def register(subparsers: Any) -> None:
                         "0 waits forever)")
     p.add_argument("--dead-conn-timeout", type=int, default=0, metavar="SECONDS",
                    help="how long I/O waits for a dead connection to be replaced before failing (default 0)")
-    p.set_defaults(func=cmd_attach)
-
-    p = actions.add_parser("detach", help="disconnect nbd devices")
+    p = cli_common.verb(actions, "detach", cmd_detach, "disconnect nbd devices")
     p.add_argument("devices", metavar="DEV", nargs="+", help="/dev/nbdN (or nbdN)")
-    p.set_defaults(func=cmd_detach)
-
-    p = actions.add_parser("list", help="list nbd devices with an export attached")
+    p = cli_common.verb(actions, "list", cmd_list, "list nbd devices with an export attached")
     p.add_argument("--all", "-a", action="store_true", help="every nbd device, attached or not")
-    # SUPPRESS keeps the root parser's --json when this one is not given.
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON output")
-    p.set_defaults(func=cmd_list)
+    cli_common.json_option(p)
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
@@ -71,15 +64,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     from dmtools.units import format_size
 
     devices = kernel.list_devices(all_devices=args.all)
-    if getattr(args, "json", False):
-        print(json.dumps([d.to_dict() for d in devices], indent=2, sort_keys=True))
-        return 0
-    if not devices:
-        return 0
-    rows = [["NAME", "CONNECTED", "SIZE", "RO", "BACKEND"]]
-    rows += [[d.path, "1" if d.connected else "0", format_size(d.size) if d.connected else "-",
-              "1" if d.read_only else "0", d.backend] for d in devices]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        print(" ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + " " + r[4])
+    rows = [[d.path, "1" if d.connected else "0", format_size(d.size) if d.connected else "-",
+             "1" if d.read_only else "0", d.backend] for d in devices]
+    cli_common.emit(args, [d.to_dict() for d in devices],
+                    lambda: cli_common.columns([["NAME", "CONNECTED", "SIZE", "RO", "BACKEND"], *rows]) if rows else "")
     return 0
