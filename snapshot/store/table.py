@@ -24,6 +24,8 @@ from typing import Union
 FLOAT_EXACT = 1 << 53
 #: an overlay value meaning "removed since the last compaction".
 _REMOVED = -1
+#: how many fully mapped ranges ``unmapped`` remembers (then it starts over).
+MAPPED_RANGES = 1 << 16
 
 Keys = Union["array[float]", "array[int]", list[int]]
 
@@ -55,6 +57,9 @@ class ExceptionTable:
         #: overlay entries put over a mapping of the sorted array (removals, replacements) since
         #: the last compaction; an upper bound. While 0, the overlay only adds origin chunks.
         self._hiding = 0
+        #: ``(lo, hi)`` ranges ``unmapped`` found fully mapped: a rewrite of one costs a set
+        #: lookup. Only ``remove`` (a merge) unmaps a chunk, and it forgets them all.
+        self._mapped: set[tuple[int, int]] = set()
 
     # -- bulk construction ------------------------------------------------------------------------
     @classmethod
@@ -98,7 +103,18 @@ class ExceptionTable:
 
     def unmapped(self, lo: int, hi: int) -> list[int]:
         """The origin chunks of ``[lo, hi)`` without a mapping, in order (one probe per range
-        of the sorted array instead of one lookup per chunk)."""
+        of the sorted array instead of one lookup per chunk; a range found fully mapped before
+        answers from a cache)."""
+        if (lo, hi) in self._mapped:
+            return []
+        out = self._unmapped(lo, hi)
+        if not out:
+            if len(self._mapped) >= MAPPED_RANGES:
+                self._mapped.clear()
+            self._mapped.add((lo, hi))
+        return out
+
+    def _unmapped(self, lo: int, hi: int) -> list[int]:
         chunks = range(lo, hi)
         if self._hiding:
             return [c for c in chunks if self.lookup(c) is None]
@@ -158,6 +174,7 @@ class ExceptionTable:
         """Forget origin chunk ``old`` (after it has been merged)."""
         if self.lookup(old) is None:
             return
+        self._mapped.clear()
         if self._base_lookup(old) is None:
             del self._overlay[old]
         else:

@@ -246,20 +246,21 @@ class CopyOnWrite:
         self.pending[chunk] = pe
         return pe
 
-    def _submit_copies(self, pes: list[PendingException]) -> None:
+    def _submit_copies(self, pes: list[PendingException], source: "SharedRead | None" = None) -> None:
         """Copy each run of origin chunks to the COW on the calling thread, then complete the runs.
 
-        The copy is a read of the origin range into a buffer and one write of it to the COW. A
-        run whose origin range reads as zeros is not written when its COW range is a hole (of a
-        sparse COW file) too: it completes without a data write, its record still committed (and
-        flushed) in order. A run that cannot be copied completes as failed, which invalidates
-        the snapshot as a kcopyd error does (dm-snap.c ``copy_callback``).
+        The copy is a read of the origin range into a buffer (or a slice of ``source``, the
+        origin range one write's snapshots share) and one write of it to the COW. A run whose
+        origin range reads as zeros is not written when its COW range is a hole (of a sparse COW
+        file) too: it completes without a data write, its record still committed (and flushed)
+        in order. A run that cannot be copied completes as failed, which invalidates the snapshot
+        as a kcopyd error does (dm-snap.c ``copy_callback``).
         """
         results: list[tuple[PendingException, bool]] = []
         for pe in pes:
             self.account_start_copy(pe.count)
             try:
-                self._copy_run(pe)
+                self._copy_run(pe, source)
                 ok = True
             except Exception as err:  # noqa: BLE001 - every allocated exception must complete
                 log.error("%s: copy-on-write of origin chunk %d (+%d) failed: %s",
@@ -269,7 +270,7 @@ class CopyOnWrite:
             results.append((pe, ok))
         self._complete_each(results)
 
-    def _copy_run(self, pe: PendingException) -> None:
+    def _copy_run(self, pe: PendingException, source: "SharedRead | None" = None) -> None:
         """Copy origin chunks ``pe.old…`` to COW chunks ``pe.new…`` (the last one cut at the
         origin's end); raises on a read or write error."""
         cb = self.chunk_bytes
@@ -278,6 +279,11 @@ class CopyOnWrite:
         if nbytes <= 0:
             raise DeviceIOError("chunk lies past the end of the origin")
         dest = pe.new * cb
+        if source is not None:
+            if source.zero(start, nbytes) and _reads_zeros(self.cow, dest, nbytes):
+                return  # a hole copied onto a hole
+            _write_full(self.cow, source.slice(start, nbytes), dest)
+            return
         with _copy_buffer(nbytes) as buf:
             _read_full(self.origin, memoryview(buf), start)
             if _all_zero(buf) and _reads_zeros(self.cow, dest, nbytes):
@@ -372,18 +378,34 @@ class CopyOnWrite:
         Returns the pending exceptions to wait for; an empty list means nothing to copy. A full COW
         invalidates the snapshot (the origin write goes on).
         """
+        waits, start = self.origin_write_allocate(offset, length)
+        if start:
+            self._submit_copies(start)
+        return waits
+
+    def origin_write_allocate(
+        self, offset: int, length: int
+    ) -> tuple[list[PendingException], list[PendingException]]:
+        """The allocation half of ``origin_write_prepare``: ``(wait for, copy now)``.
+
+        ``wait for`` holds every pending exception of the range (other writers' and the new
+        ones); ``copy now`` the new ones, which the caller must copy and complete
+        (``_submit_copies``). A range that is mapped throughout costs one cached lookup.
+        """
         if offset >= self.length_bytes:
-            return []
+            return [], []
         length = min(length, self.length_bytes - offset)
         waits: list[PendingException] = []
         start: list[PendingException] = []
         with self.cond:
             if not self.valid or not self.active or self.merge_target:
-                return []
+                return [], []
+            cb = self.chunk_bytes
+            need = self.table.unmapped(offset // cb, (offset + length + cb - 1) // cb)
+            if not need:
+                return [], []
             pending = self.pending
-            span = self.chunks(offset, length)
-            need = self.table.unmapped(span.start, span.stop)
-            if need and pending:
+            if pending:
                 found = list(map(pending.get, need))
                 if any(found):
                     waits.extend(dict.fromkeys(pe for pe in found if pe is not None))
@@ -393,7 +415,7 @@ class CopyOnWrite:
                     news = self.store.prepare_exceptions(len(need))
                 except NoSpace:
                     news = []
-                per_job = max(1, MAX_COPY_BYTES // self.chunk_bytes)
+                per_job = max(1, MAX_COPY_BYTES // cb)
                 for old, new, count in _runs(need[: len(news)], news, per_job):
                     pe = PendingException(old, new, self._seq_alloc, count)
                     self._seq_alloc += 1
@@ -402,20 +424,7 @@ class CopyOnWrite:
                 waits.extend(start)
                 if len(news) < len(need):
                     self.invalidate_locked("COW device is full")
-        if start:
-            self._submit_copies(start)
-        return waits
-
-    def needs_copy(self, offset: int, length: int) -> bool:
-        """True when an origin write of ``[offset, offset+length)`` finds chunks of this snapshot
-        without a completed exception (``origin_write_prepare`` then copies or waits)."""
-        if offset >= self.length_bytes:
-            return False
-        with self.cond:
-            if not self.valid or not self.active or self.merge_target:
-                return False  # (a handover destination has no chunk size yet)
-            span = self.chunks(offset, min(length, self.length_bytes - offset))
-            return bool(self.table.unmapped(span.start, span.stop))
+        return waits, start
 
     # -- the snapshot's side ----------------------------------------------------------------------
     def _segments(self, offset: int, length: int) -> Iterator[tuple[int, int, int | None]]:
@@ -613,35 +622,106 @@ def do_origin(
     """
     key = device_key(origin)
     gate = origins.gate(key)
-    with gate.enter():
+    gate.join()
+    try:
         snaps = origins.snapshots_of_key(key)
         if limit:
             for snap in snaps:
                 snap.wait_for_in_progress()
         waits: list[tuple[CopyOnWrite, list[PendingException]]] = []
-        snaps = [snap for snap in snaps if snap is not skip]
-        copying = [snap for snap in snaps if snap.needs_copy(offset, length)]
-        if len(copying) > 1 and gate.inflight < len(copying) and not _IN_POOL.flag:
-            # Several snapshots copy and commit at once (two flushes each), as each snapshot's
-            # kcopyd client does in dm-snap.c; this thread takes the first itself. With as many
-            # origin writes in flight as snapshots to copy into, the writers are parallel enough.
-            pool = _cow_pool()
-            futures = [(snap, pool.submit(snap.origin_write_prepare, offset, length)) for snap in copying[1:]]
-            try:
-                pes = copying[0].origin_write_prepare(offset, length)
-            finally:
-                done = [(snap, f.result()) for snap, f in futures]  # re-raises a copy's exception
-            waits.extend([(copying[0], pes), *done])
-            copying = []
-        # a snapshot not in ``copying`` had every chunk of the range mapped: nothing to wait for
-        for snap in copying:
-            pes = snap.origin_write_prepare(offset, length)
-            if pes:
-                waits.append((snap, pes))
+        copies: list[tuple[CopyOnWrite, list[PendingException]]] = []
+        for snap in snaps:
+            if snap is skip:
+                continue
+            wait, start = snap.origin_write_allocate(offset, length)
+            if wait:
+                waits.append((snap, wait))
+            if start:
+                copies.append((snap, start))
+        if copies:
+            _copy_for_snapshots(copies, gate.inflight)
         # One pass is enough: every chunk of the range had an exception already or has one of the
         # pending exceptions waited for here, which either commits or invalidates its snapshot.
         for snap, pes in waits:
             snap.wait_all(pes)
+    finally:
+        gate.leave()
+
+
+class SharedRead:
+    """Origin bytes ``[start, start+len(buf))``, read once for every snapshot that copies them."""
+
+    __slots__ = ("buf", "start")
+
+    def __init__(self, buf: bytearray, start: int) -> None:
+        self.buf = buf
+        self.start = start
+
+    def slice(self, offset: int, length: int) -> memoryview:
+        """The origin bytes ``[offset, offset+length)`` (inside the shared range)."""
+        at = offset - self.start
+        return memoryview(self.buf)[at : at + length]
+
+    def zero(self, offset: int, length: int) -> bool:
+        """True when the origin bytes ``[offset, offset+length)`` are all zero."""
+        return _all_zero(self.buf, offset - self.start, length)
+
+
+#: largest origin range read once for all the snapshots of one origin write.
+MAX_SHARED_READ = 4 * MAX_COPY_BYTES
+
+
+def _copy_for_snapshots(copies: list[tuple[CopyOnWrite, list[PendingException]]], inflight: int) -> None:
+    """Copy and complete the new exceptions of one origin write in each of its snapshots.
+
+    With several snapshots the origin range is read once for all of them (dm-snap.c reads it
+    once per snapshot's kcopyd job), after every exception is allocated, so no origin write can
+    have changed it since. Their COW writes and commits then run at once (a small pool takes the
+    second and later snapshots, as each snapshot's kcopyd client does in dm-snap.c), unless as
+    many origin writes are in flight as there are snapshots to copy into. A failed read fails
+    every run, which invalidates each snapshot, as a kcopyd read error does.
+    """
+    if len(copies) == 1:
+        snap, pes = copies[0]
+        snap._submit_copies(pes)
+        return
+    parallel = inflight < len(copies) and not _IN_POOL.flag
+    origin = copies[0][0].origin
+    spans = [(pe.old * snap.chunk_bytes, (pe.old + pe.count) * snap.chunk_bytes)
+             for snap, pes in copies for pe in pes]
+    lo = min(a for a, _ in spans)
+    hi = min(max(b for _, b in spans), origin.size)
+    if not 0 < hi - lo <= MAX_SHARED_READ:
+        _run_copies([(snap, pes, None) for snap, pes in copies], parallel)
+        return
+    with _copy_buffer(hi - lo) as buf:
+        try:
+            _read_full(origin, memoryview(buf), lo)
+        except Exception as err:  # noqa: BLE001 - every allocated exception must complete
+            log.error("%s: reading origin bytes %d+%d to copy on write failed: %s",
+                      origin.name, lo, hi - lo, err)
+            for snap, pes in copies:
+                snap._complete(pes, False)
+            return
+        source = SharedRead(buf, lo)
+        _run_copies([(snap, pes, source) for snap, pes in copies], parallel)
+
+
+def _run_copies(jobs: list[tuple[CopyOnWrite, list[PendingException], SharedRead | None]], parallel: bool) -> None:
+    """Each snapshot's ``_submit_copies``: the first on this thread, the others in the pool when
+    ``parallel``; returns once all are done (re-raising what one raised)."""
+    if not parallel:
+        for snap, pes, source in jobs:
+            snap._submit_copies(pes, source)
+        return
+    pool = _cow_pool()
+    futures = [pool.submit(snap._submit_copies, pes, source) for snap, pes, source in jobs[1:]]
+    try:
+        snap, pes, source = jobs[0]
+        snap._submit_copies(pes, source)
+    finally:
+        for f in futures:
+            f.result()
 
 
 class _PoolFlag(threading.local):
@@ -727,9 +807,13 @@ def _copy_buffer(nbytes: int) -> Iterator[bytearray]:
             bufs.kept += nbytes
 
 
-def _all_zero(buf: bytearray) -> bool:
-    """True when ``buf`` holds only zero bytes (compared with memcmp, 1 MiB at a time)."""
+def _all_zero(buf: bytearray, at: int = 0, length: int | None = None) -> bool:
+    """True when ``buf[at:at+length]`` (all of ``buf`` by default) holds only zero bytes
+    (compared with memcmp, 1 MiB at a time, without copying)."""
+    end = len(buf) if length is None else at + length
     step = len(ZEROS)
-    if len(buf) <= step:
-        return buf == ZEROS[: len(buf)]
-    return all(buf[pos : pos + step] == ZEROS[: min(step, len(buf) - pos)] for pos in range(0, len(buf), step))
+    zeros = _ZEROS_VIEW
+    return all(buf.startswith(zeros[: min(step, end - pos)], pos) for pos in range(at, end, step))
+
+
+_ZEROS_VIEW = memoryview(ZEROS)

@@ -119,20 +119,28 @@ class OriginGate:
         self.inflight = 0
         self.frozen = 0
 
-    @contextmanager
-    def enter(self) -> Iterator[None]:
-        """Count one origin write for the duration of the block (waits while frozen)."""
+    def join(self) -> None:
+        """Count one origin write in (waits while frozen); ``leave`` counts it out."""
         with self.cond:
             while self.frozen:
                 self.cond.wait()
             self.inflight += 1
+
+    def leave(self) -> None:
+        """Count one origin write out; the last one wakes a waiting ``freeze``."""
+        with self.cond:
+            self.inflight -= 1
+            if self.frozen and not self.inflight:
+                self.cond.notify_all()
+
+    @contextmanager
+    def enter(self) -> Iterator[None]:
+        """Count one origin write for the duration of the block (waits while frozen)."""
+        self.join()
         try:
             yield
         finally:
-            with self.cond:
-                self.inflight -= 1
-                if not self.inflight:
-                    self.cond.notify_all()
+            self.leave()
 
     @contextmanager
     def freeze(self) -> Iterator[None]:

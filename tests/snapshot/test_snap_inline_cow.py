@@ -146,23 +146,100 @@ def test_waiting_writers_share_one_commit() -> None:
         rig.close()
 
 
-def test_the_snapshots_of_one_origin_copy_at_once() -> None:
-    rig = Rig(3, GatedEndpoint(_original(), "origin"))
+class CountingOrigin(MemoryEndpoint):
+    """An origin that counts its reads."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.reads: list[tuple[int, int]] = []
+
+    def readinto(self, buf: Any, offset: int) -> int:
+        self.reads.append((offset, len(memoryview(buf))))
+        return super().readinto(buf, offset)
+
+
+class GatedCows:
+    """Holds the COWs' data writes (not their metadata areas) until ``gate`` is set."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.gate = threading.Event()
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        for cow in rig.cows:
+            self._hold(cow)
+
+    def _hold(self, cow: ThreadRecordingCow) -> None:
+        plain = cow.write
+
+        def write(buf: Any, offset: int) -> int:
+            if offset == CB:  # metadata area 0
+                return plain(buf, offset)
+            with self.lock:
+                self.in_flight += 1
+            try:
+                assert self.gate.wait(WAIT), "the gate never opened"
+                return plain(buf, offset)
+            finally:
+                with self.lock:
+                    self.in_flight -= 1
+
+        cow.write = write  # type: ignore[method-assign]
+
+
+def test_the_snapshots_of_one_origin_read_it_once_and_copy_at_once() -> None:
+    rig = Rig(3, CountingOrigin(_original(), "origin"))
+    cows = GatedCows(rig)
     try:
         writer = threading.Thread(target=rig.origin_write, args=(7 * CB, b"X" * CB), daemon=True)
         writer.start()
-        # one origin write, three snapshots: their copies are in flight together
-        until(lambda: rig.gate.in_flight == 3, "three copies at once")
+        # one origin write, three snapshots: one read of the origin, their COW writes in flight together
+        until(lambda: cows.in_flight == 3, "three COW writes at once")
+        assert rig.origin_ep.reads == [(7 * CB, CB)]
         assert writer.is_alive()
-        rig.gate.gate.set()
+        cows.gate.set()
         writer.join(WAIT)
         assert not writer.is_alive()
+        assert rig.origin_ep.reads == [(7 * CB, CB)]
+        assert len({cow.writers[0] for cow in rig.cows}) == 3  # three threads
         last_flush = max(i for i, e in enumerate(rig.journal) if e[0] == "flush")
         assert rig.journal[-1] == ("write", "origin", 7 * CB, CB) and last_flush == len(rig.journal) - 2
         for snap, cow, store in zip(rig.snaps, rig.cows, rig.stores):
             new = snap.table.lookup(7)
             assert new is not None and store.records == 1
             assert bytes(cow.data[new * CB : (new + 1) * CB]) == _original()[7 * CB : 8 * CB]
+            # each COW: its copy, then PREFLUSH, its record, FUA, in that order
+            mine = [e[0] for e in rig.journal if e[1] == cow.name]
+            assert mine == ["write", "flush", "write", "flush"]
+    finally:
+        cows.gate.set()
+        rig.close()
+
+
+def test_one_read_serves_snapshots_that_need_different_chunks() -> None:
+    rig = Rig(2, CountingOrigin(_original(), "origin"))
+    try:
+        rig.snaps[1].table.insert(3, 9)  # snapshot 1 already holds chunk 3: only snapshot 0 copies it
+        rig.origin_write(2 * CB, b"Y" * 3 * CB)  # chunks 2..4
+        assert rig.origin_ep.reads == [(2 * CB, 3 * CB)]
+        for snap, cow in zip(rig.snaps, rig.cows):
+            for c in (2, 4):
+                new = snap.table.lookup(c)
+                assert new is not None
+                assert bytes(cow.data[new * CB : (new + 1) * CB]) == _original()[c * CB : (c + 1) * CB]
+        assert rig.snaps[1].table.lookup(3) == 9 and rig.stores[1].records == 2
+    finally:
+        rig.close()
+
+
+def test_a_failed_shared_read_invalidates_every_snapshot_and_the_write_goes_on() -> None:
+    rig = Rig(3, MemoryEndpoint(_original(), "origin"))
+    try:
+        rig.origin_ep.fail_reads = True
+        rig.origin_write(4 * CB, b"Z" * CB)
+        for snap in rig.snaps:
+            assert not snap.valid and not snap.pending and snap.in_progress == 0
+            assert not snap.store.valid
+        assert ("write", "origin", 4 * CB, CB) in rig.journal
     finally:
         rig.close()
 
