@@ -116,6 +116,20 @@ def test_unmapped_matches_lookup() -> None:
         assert t.unmapped(0, 2000) == [c for c in range(2000) if t.lookup(c) is None]
 
 
+def test_a_range_found_mapped_is_remembered_until_a_merge_removes_a_chunk() -> None:
+    t = ExceptionTable(20)
+    t.insert_new([(c, 100 + c) for c in range(10, 20)])
+    assert t.unmapped(10, 20) == [] and t.unmapped(12, 14) == []
+    t.compact()  # folding the overlay in keeps every mapping
+    assert t.unmapped(10, 20) == []
+    t.remove(15)  # a merged chunk: the remembered ranges go
+    assert t.unmapped(10, 20) == [15] and t.unmapped(12, 14) == []
+    t.insert(15, 7)
+    assert t.unmapped(10, 20) == []
+    t.remove(12)
+    assert t.unmapped(12, 14) == [12] and t.unmapped(10, 20) == [12]
+
+
 def test_runs_split_at_gaps_and_at_the_job_size() -> None:
     assert _runs([1, 2, 3, 4, 5], [10, 11, 12, 13, 14], 2) == [(1, 10, 2), (3, 12, 2), (5, 14, 1)]
     assert _runs([1, 2, 4, 5], [10, 11, 12, 13], 9) == [(1, 10, 2), (4, 12, 2)]
