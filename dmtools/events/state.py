@@ -22,30 +22,11 @@ from dmtools.backend import DeviceMapper
 from dmtools.errors import DeviceNotFound, InvalidArgument, InvalidStatus
 from dmtools.events.defaults import DEFAULT_THRESHOLDS
 from dmtools.events.types import (
-    DeviceAdded,
-    DeviceRemoved,
-    DeviceRenamed,
-    DeviceResumed,
-    DeviceSuspended,
-    Event,
-    LegHealthChanged,
-    LogHealthChanged,
-    MergeFailed,
-    MergeFinished,
-    ResyncFinished,
-    SnapshotInvalidated,
-    SnapshotOverflowed,
+    DeviceAdded, DeviceRemoved, DeviceRenamed, DeviceResumed, DeviceSuspended, Event, LegHealthChanged,
+    LogHealthChanged, MergeFailed, MergeFinished, ResyncFinished, SnapshotInvalidated, SnapshotOverflowed,
     SnapshotUsageCrossed,
 )
-from dmtools.status import (
-    MirrorStatus,
-    SnapshotState,
-    SnapshotStatus,
-    ThinPoolStatus,
-    parse_mirror_status,
-    parse_snapshot_status,
-    parse_thin_pool_status,
-)
+from dmtools.status import MirrorStatus, SnapshotState, SnapshotStatus, TargetStatus, ThinPoolStatus, parse_status
 
 __all__ = ["TargetState", "DeviceState", "capture", "derive", "DEFAULT_THRESHOLDS",
            "parse_thresholds"]
@@ -76,32 +57,27 @@ class TargetState:
     table: str
     status: str
 
-    def snapshot(self) -> SnapshotStatus | None:
-        """The parsed status of a ``snapshot``/``snapshot-merge`` line (``None`` otherwise)."""
-        if self.target_type not in ("snapshot", "snapshot-merge"):
-            return None
+    def parsed(self) -> TargetStatus | None:
+        """The parsed status (``None`` when the text does not parse)."""
         try:
-            return parse_snapshot_status(self.status, self.target_type)
+            return parse_status(self.target_type, self.status)
         except InvalidStatus:
             return None
+
+    def snapshot(self) -> SnapshotStatus | None:
+        """The parsed status of a ``snapshot``/``snapshot-merge`` line (``None`` otherwise)."""
+        status = self.parsed()
+        return status if isinstance(status, SnapshotStatus) else None
 
     def mirror(self) -> MirrorStatus | None:
         """The parsed status of a ``mirror`` line (``None`` otherwise)."""
-        if self.target_type != "mirror":
-            return None
-        try:
-            return parse_mirror_status(self.status)
-        except InvalidStatus:
-            return None
+        status = self.parsed()
+        return status if isinstance(status, MirrorStatus) else None
 
     def thin_pool(self) -> ThinPoolStatus | None:
         """The parsed status of a ``thin-pool`` line (``None`` otherwise)."""
-        if self.target_type != "thin-pool":
-            return None
-        try:
-            return parse_thin_pool_status(self.status)
-        except InvalidStatus:
-            return None
+        status = self.parsed()
+        return status if isinstance(status, ThinPoolStatus) else None
 
     def to_dict(self) -> dict[str, Any]:
         return {"start": self.start, "length": self.length, "type": self.target_type,

@@ -60,6 +60,9 @@ class Event:
 
     #: the event's name in JSON (``"event"`` key) and in text output.
     kind: ClassVar[str] = "event"
+    #: ``describe()`` of an event whose text has no fields, and ``severity`` unless it depends on them.
+    summary: ClassVar[str] = ""
+    level: ClassVar[Severity] = Severity.INFO
 
     device: str
     uuid: str = ""
@@ -71,11 +74,11 @@ class Event:
     @property
     def severity(self) -> Severity:
         """How serious the event is."""
-        return Severity.INFO
+        return self.level
 
     def describe(self) -> str:
         """A one-line description for people (without the device name)."""
-        return self.kind
+        return self.summary or self.kind
 
     def __str__(self) -> str:
         return f"{self.device}: {self.describe()}"
@@ -110,9 +113,7 @@ class DeviceAdded(Event):
     """A device appeared (dm ``add`` uevent, or first seen by a scan)."""
 
     kind: ClassVar[str] = "device-added"
-
-    def describe(self) -> str:
-        return "device added"
+    summary: ClassVar[str] = "device added"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,9 +121,7 @@ class DeviceRemoved(Event):
     """A device went away (dm ``remove`` uevent, or missing from a scan)."""
 
     kind: ClassVar[str] = "device-removed"
-
-    def describe(self) -> str:
-        return "device removed"
+    summary: ClassVar[str] = "device removed"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,9 +129,7 @@ class DeviceSuspended(Event):
     """A device was suspended: its I/O is held (no uevent exists for this; scans see it)."""
 
     kind: ClassVar[str] = "device-suspended"
-
-    def describe(self) -> str:
-        return "device suspended"
+    summary: ClassVar[str] = "device suspended"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,16 +168,13 @@ class SnapshotUsageCrossed(Event):
     """
 
     kind: ClassVar[str] = "snapshot-usage"
+    level: ClassVar[Severity] = Severity.WARNING
 
     threshold: int
     percent: float
     allocated: int = 0
     total: int = 0
     target_start: int = 0
-
-    @property
-    def severity(self) -> Severity:
-        return Severity.WARNING
 
     def describe(self) -> str:
         return (f"snapshot is {self.percent:.1f}% full (crossed {self.threshold}%; "
@@ -193,13 +187,10 @@ class SnapshotInvalidated(Event):
     now fails while the origin keeps working. ``last_percent`` is the usage last seen valid."""
 
     kind: ClassVar[str] = "snapshot-invalidated"
+    level: ClassVar[Severity] = Severity.ERROR
 
     last_percent: float | None = None
     target_start: int = 0
-
-    @property
-    def severity(self) -> Severity:
-        return Severity.ERROR
 
     def describe(self) -> str:
         seen = "" if self.last_percent is None else f"; last seen {self.last_percent:.1f}% full"
@@ -211,15 +202,10 @@ class SnapshotOverflowed(Event):
     """A ``PO`` snapshot ran out of COW space: ``Overflow``; writes to it fail, reads work."""
 
     kind: ClassVar[str] = "snapshot-overflowed"
+    summary: ClassVar[str] = "snapshot OVERFLOWED (writes to it fail, reads still work)"
+    level: ClassVar[Severity] = Severity.ERROR
 
     target_start: int = 0
-
-    @property
-    def severity(self) -> Severity:
-        return Severity.ERROR
-
-    def describe(self) -> str:
-        return "snapshot OVERFLOWED (writes to it fail, reads still work)"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -227,11 +213,9 @@ class MergeFinished(Event):
     """A ``snapshot-merge`` target finished: allocated == metadata (Documentation snapshot.rst)."""
 
     kind: ClassVar[str] = "merge-finished"
+    summary: ClassVar[str] = "snapshot merge finished"
 
     target_start: int = 0
-
-    def describe(self) -> str:
-        return "snapshot merge finished"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -239,15 +223,10 @@ class MergeFailed(Event):
     """A ``snapshot-merge`` target stopped on an error (``Merge failed``)."""
 
     kind: ClassVar[str] = "merge-failed"
+    summary: ClassVar[str] = "snapshot merge FAILED (retry the merge or inspect manually)"
+    level: ClassVar[Severity] = Severity.ERROR
 
     target_start: int = 0
-
-    @property
-    def severity(self) -> Severity:
-        return Severity.ERROR
-
-    def describe(self) -> str:
-        return "snapshot merge FAILED (retry the merge or inspect manually)"
 
 
 # --- mirrors ----------------------------------------------------------------------------------

@@ -58,46 +58,28 @@ def test_create_empty_then_load(dm, dm_name):
     dm.dm.remove(dm_name)
 
 
-def test_io_held_while_suspended(dm, dm_name):
+@pytest.mark.parametrize("noflush", [False, True], ids=["flush", "noflush"])
+def test_io_held_while_suspended(dm, dm_name, noflush):
     a = dm.backing(MiB)
     dm.dm.create(dm_name, f"0 2048 linear {a} 0")
     ep = dm.open_direct(dm_name)
     try:
         _fill(ep, 0, 0x5A)
-        dm.dm.suspend(dm_name)
+        dm.dm.suspend(dm_name, noflush=noflush)
         assert dm.dm.info(dm_name).suspended
-        done = threading.Event()
-        result: list[bytes] = []
-
-        def reader() -> None:
-            result.append(_read(ep, 0))
-            done.set()
-
-        t = threading.Thread(target=reader, daemon=True)
-        t.start()
-        assert not done.wait(0.5), "I/O completed on a suspended device"
+        reads: list[bytes] = []
+        ios = [threading.Thread(target=lambda: reads.append(_read(ep, 0)), daemon=True),
+               threading.Thread(target=_fill, args=(ep, 4096, 1), daemon=True)]
+        for t in ios:
+            t.start()
+        for t in ios:
+            t.join(0.5)
+            assert t.is_alive(), "I/O completed on a suspended device"
         dm.dm.resume(dm_name)
-        assert done.wait(10), "held I/O not released by resume"
-        assert result == [b"\x5a" * 4096]
-        t.join(5)
-    finally:
-        ep.close()
-    dm.dm.remove(dm_name)
-
-
-def test_noflush_suspend_holds_io_too(dm, dm_name):
-    a = dm.backing(MiB)
-    dm.dm.create(dm_name, f"0 2048 linear {a} 0")
-    ep = dm.open_direct(dm_name)
-    try:
-        dm.dm.suspend(dm_name, noflush=True)
-        done = threading.Event()
-        t = threading.Thread(target=lambda: (_fill(ep, 4096, 1), done.set()), daemon=True)
-        t.start()
-        assert not done.wait(0.5)
-        dm.dm.resume(dm_name)
-        assert done.wait(10)
-        t.join(5)
+        for t in ios:
+            t.join(10)
+            assert not t.is_alive(), "held I/O not released by resume"
+        assert reads == [b"\x5a" * 4096]
         assert _read(ep, 4096) == b"\x01" * 4096
     finally:
         ep.close()

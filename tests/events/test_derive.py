@@ -6,24 +6,9 @@ import pytest
 
 from dmtools.errors import InvalidArgument
 from dmtools.events import (
-    DeviceAdded,
-    DeviceRemoved,
-    DeviceRenamed,
-    DeviceResumed,
-    DeviceState,
-    DeviceSuspended,
-    Event,
-    LegHealthChanged,
-    LogHealthChanged,
-    MergeFailed,
-    MergeFinished,
-    ResyncFinished,
-    SnapshotInvalidated,
-    SnapshotOverflowed,
-    SnapshotUsageCrossed,
-    TargetState,
-    derive,
-    parse_thresholds,
+    DeviceAdded, DeviceRemoved, DeviceRenamed, DeviceResumed, DeviceState, DeviceSuspended, Event,
+    LegHealthChanged, LogHealthChanged, MergeFailed, MergeFinished, ResyncFinished, SnapshotInvalidated,
+    SnapshotOverflowed, SnapshotUsageCrossed, TargetState, derive, parse_thresholds,
 )
 
 from ev_fakes import MIRROR_TABLE, SNAP_TABLE, mirror_status, snap_status

@@ -258,28 +258,33 @@ def test_without_udev_events_come_from_event_numbers(stack: Stack, make_image: C
     assert got[0].source == "event_nr" and got[0].old_name == name and got[0].device == renamed
 
 
-def test_raw_kernel_uevents_are_named_from_sysfs(stack: Stack, make_image: Callable[..., Path],
-                                                 make_loop: Callable[..., Any]) -> None:
-    dm = stack.dm
+def _change_uevent(stack: Stack, suffix: str, source: str, make_image: Callable[..., Path],
+                   make_loop: Callable[..., Any]) -> UEvent:
+    """The ``change`` uevent of a new linear device ``stack.name(suffix)``, heard from ``source``."""
     seen: list[UEvent] = []
     arrived = threading.Event()
-    target = stack.name("u")
+    target = stack.name(suffix)
 
     def collect(ev: UEvent) -> None:
         seen.append(ev)
         if ev.action == "change" and ev.name == target:
             arrived.set()
 
-    source = UeventSource(collect, source="kernel")  # what a host without udevd receives
+    listener = UeventSource(collect, source=source)
     try:
-        linear_on_loop(stack, "u", MiB, make_image, make_loop)
-        assert arrived.wait(20), [(e.action, e.name) for e in seen]
+        linear_on_loop(stack, suffix, MiB, make_image, make_loop)
+        assert arrived.wait(20), [(e.action, e.name, e.origin) for e in seen]
     finally:
-        source.close()
-    info = dm.info(target)
-    change = [e for e in seen if e.action == "change" and e.name == target][0]
+        listener.close()
+    return [e for e in seen if e.action == "change" and e.name == target][0]
+
+
+def test_raw_kernel_uevents_are_named_from_sysfs(stack: Stack, make_image: Callable[..., Path],
+                                                 make_loop: Callable[..., Any]) -> None:
+    change = _change_uevent(stack, "u", "kernel", make_image, make_loop)  # what a host without udevd receives
+    info = stack.dm.info(stack.name("u"))
     assert (change.origin, change.source, change.devno) == ("sysfs", "uevent", info.devno)
-    assert sysfs_identity(change.sys_name) == (target, info.uuid)
+    assert sysfs_identity(change.sys_name) == (stack.name("u"), info.uuid)
 
 
 def test_udev_events_carry_dm_names(stack: Stack, make_image: Callable[..., Path],
@@ -287,22 +292,7 @@ def test_udev_events_carry_dm_names(stack: Stack, make_image: Callable[..., Path
     if not udev_running():
         pytest.skip("udevd is not running in this VM (/run/udev/control absent or not listening); "
                     "plain scripts/vmtest starts it")
-    seen: list[UEvent] = []
-    arrived = threading.Event()
-    target = stack.name("v")
-
-    def collect(ev: UEvent) -> None:
-        seen.append(ev)
-        if ev.action == "change" and ev.name == target:
-            arrived.set()
-
-    source = UeventSource(collect, source="udev")
-    try:
-        linear_on_loop(stack, "v", MiB, make_image, make_loop)
-        assert arrived.wait(20), [(e.action, e.name, e.origin) for e in seen]
-    finally:
-        source.close()
-    change = [e for e in seen if e.action == "change" and e.name == target][0]
+    change = _change_uevent(stack, "v", "udev", make_image, make_loop)
     assert (change.origin, change.source) == ("udev", "udev")
 
 
