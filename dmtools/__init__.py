@@ -10,21 +10,8 @@ from typing import TYPE_CHECKING
 
 from dmtools import lazy
 from dmtools.errors import (
-    CorruptMetadata,
-    DeviceBusy,
-    DeviceConflict,
-    DeviceExists,
-    DeviceIOError,
-    DeviceNotFound,
-    DMError,
-    InvalidArgument,
-    InvalidName,
-    InvalidStatus,
-    InvalidTable,
-    KernelUnavailable,
-    NoSpace,
-    SnapshotInvalid,
-    TargetNotSupported,
+    CorruptMetadata, DeviceBusy, DeviceConflict, DeviceExists, DeviceIOError, DeviceNotFound, DMError, InvalidArgument,
+    InvalidName, InvalidStatus, InvalidTable, KernelUnavailable, NoSpace, SnapshotInvalid, TargetNotSupported,
 )
 from dmtools.version import __version__
 

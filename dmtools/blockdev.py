@@ -23,26 +23,11 @@ import struct
 from typing import Any, Sequence
 
 from dmtools.endpoint import Endpoint
-from dmtools.errors import (
-    DeviceBusy,
-    DeviceIOError,
-    DeviceNotFound,
-    DMError,
-    InvalidArgument,
-    NoSpace,
-)
+from dmtools.errors import DeviceBusy, DeviceIOError, DeviceNotFound, DMError, InvalidArgument, NoSpace
 from dmtools.nbd.uri import is_nbd_uri
 from dmtools.linux import (
-    BLKDISCARD,
-    BLKGETSIZE64,
-    BLKPBSZGET,
-    BLKSSZGET,
-    BLKZEROOUT,
-    FALLOC_FL_KEEP_SIZE,
-    FALLOC_FL_PUNCH_HOLE,
-    FALLOC_FL_ZERO_RANGE,
-    libc,
-    parse_devno,
+    BLKDISCARD, BLKGETSIZE64, BLKPBSZGET, BLKSSZGET, BLKZEROOUT, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE, libc, parse_devno,
 )
 
 __all__ = [

@@ -28,18 +28,8 @@ from typing import Any
 from dmtools.blockdev import device_number
 from dmtools.errors import DeviceBusy, DeviceNotFound, DMError, InvalidArgument, LoopError
 from dmtools.linux import (
-    BLKGETSIZE64,
-    BLKROSET,
-    LOOP_CLR_FD,
-    LOOP_CONFIGURE,
-    LOOP_CTL_GET_FREE,
-    LOOP_GET_STATUS64,
-    LOOP_NAME,
-    LOOP_SET_BLOCK_SIZE,
-    LOOP_SET_CAPACITY,
-    LOOP_SET_DIRECT_IO,
-    LOOP_SET_FD,
-    LOOP_SET_STATUS64,
+    BLKGETSIZE64, BLKROSET, LOOP_CLR_FD, LOOP_CONFIGURE, LOOP_CTL_GET_FREE, LOOP_GET_STATUS64, LOOP_NAME,
+    LOOP_SET_BLOCK_SIZE, LOOP_SET_CAPACITY, LOOP_SET_DIRECT_IO, LOOP_SET_FD, LOOP_SET_STATUS64,
 )
 
 __all__ = [

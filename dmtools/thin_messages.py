@@ -32,14 +32,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Union
 
-from dmtools.errors import (
-    DeviceBusy,
-    DeviceExists,
-    DeviceNotFound,
-    DMError,
-    InvalidArgument,
-    PoolNotWritable,
-)
+from dmtools.errors import DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, PoolNotWritable
 from dmtools.target_values import MAX_THIN_DEV_ID, U64_MAX, split_args
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -27,14 +27,7 @@ from dmtools.target_values import CoreLog, DiskLog, MirrorLog, SyncMode
 
 from mirror.bitmap import Bitmap
 from mirror.format import (
-    BITMAP_OFFSET,
-    MIRROR_DISK_VERSION,
-    MIRROR_MAGIC,
-    SECTOR,
-    LogHeader,
-    LogImage,
-    log_io_bytes,
-    region_count,
+    BITMAP_OFFSET, MIRROR_DISK_VERSION, MIRROR_MAGIC, SECTOR, LogHeader, LogImage, log_io_bytes, region_count,
 )
 
 log = logging.getLogger(__name__)

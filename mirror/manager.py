@@ -29,15 +29,7 @@ from dmtools.status import parse_mirror_status
 from dmtools.table import Table
 from dmtools.target_values import MAX_NR_MIRRORS, CoreLog, DiskLog, Leg, Linear, Mirror, SyncMode, parse_devno
 
-from mirror.format import (
-    SECTOR,
-    LogImage,
-    check_region_size,
-    drop_cache,
-    format_log,
-    log_io_bytes,
-    region_count,
-)
+from mirror.format import SECTOR, LogImage, check_region_size, drop_cache, format_log, log_io_bytes, region_count
 from mirror.guard import UNMONITORED_PREFIX, guard_for
 from mirror.reload import swap_table
 from mirror.resync import OfflineResync, RecoveryFailed, ResyncResult, check_legs, raise_for

@@ -19,14 +19,7 @@ from typing import Any
 
 from dmtools.cli import common
 from dmtools.cli.common import (
-    actions,
-    STATUS_EVENTS,
-    device_argument,
-    emit,
-    progress_options,
-    seconds,
-    state_dir_option,
-    verb,
+    actions, STATUS_EVENTS, device_argument, emit, progress_options, seconds, state_dir_option, verb,
 )
 from dmtools.errors import InvalidArgument
 from dmtools.units import SECTOR, format_size, parse_size

@@ -24,13 +24,7 @@ from typing import Any
 from dmtools import loop
 from dmtools.backend import DeviceMapper, wait_closed
 from dmtools.errors import (
-    DeviceBusy,
-    DeviceExists,
-    DeviceNotFound,
-    DMError,
-    InvalidArgument,
-    OperationCancelled,
-    SnapshotInvalid,
+    DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, OperationCancelled, SnapshotInvalid,
 )
 from dmtools.names import MAX_UUID_BYTES, validate_name
 from dmtools.status import SnapshotState, SnapshotStatus, parse_snapshot_status

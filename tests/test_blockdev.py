@@ -13,13 +13,7 @@ from pathlib import Path
 import pytest
 
 from dmtools import blockdev, loop
-from dmtools.blockdev import (
-    BlockDevice,
-    aligned_buffer,
-    device_number,
-    open_endpoint,
-    resolve_devno,
-)
+from dmtools.blockdev import BlockDevice, aligned_buffer, device_number, open_endpoint, resolve_devno
 from dmtools.endpoint import NullEndpoint
 from dmtools.errors import DeviceBusy, DeviceIOError, DeviceNotFound, InvalidArgument, NoSpace
 from dmtools.linux import parse_devno

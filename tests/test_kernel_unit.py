@@ -26,14 +26,7 @@ import dmtools._ffi as ffimod
 from dmtools import kernel
 from dmtools._ffi import LibDM, NameRecord, TaskType, ffi, parse_deps, parse_names, parse_versions
 from dmtools.errors import (
-    DeviceBusy,
-    DeviceExists,
-    DeviceNotFound,
-    DMError,
-    InvalidArgument,
-    InvalidName,
-    InvalidTable,
-    KernelUnavailable,
+    DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, InvalidName, InvalidTable, KernelUnavailable,
     TargetNotSupported,
 )
 from dmtools.kernel import KernelBackend, kernel_reason

@@ -8,13 +8,7 @@ from hypothesis import strategies as st
 
 from dmtools.errors import DMError, InvalidName
 from dmtools.names import (
-    MAX_NAME_BYTES,
-    MAX_UUID_BYTES,
-    is_portable_name,
-    mangle,
-    validate_name,
-    validate_target_type,
-    validate_uuid,
+    MAX_NAME_BYTES, MAX_UUID_BYTES, is_portable_name, mangle, validate_name, validate_target_type, validate_uuid,
 )
 
 

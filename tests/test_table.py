@@ -8,27 +8,8 @@ from hypothesis import strategies as st
 
 from dmtools.errors import DMError, InvalidTable
 from dmtools.table import (
-    TARGET_TYPES,
-    CoreLog,
-    DiskLog,
-    Error,
-    GenericTarget,
-    Leg,
-    Linear,
-    Mirror,
-    OtherLog,
-    Snapshot,
-    SnapshotMerge,
-    SnapshotOrigin,
-    Striped,
-    SyncMode,
-    Table,
-    TableLine,
-    Target,
-    Zero,
-    format_line,
-    parse_devno,
-    split_args,
+    TARGET_TYPES, CoreLog, DiskLog, Error, GenericTarget, Leg, Linear, Mirror, OtherLog, Snapshot, SnapshotMerge,
+    SnapshotOrigin, Striped, SyncMode, Table, TableLine, Target, Zero, format_line, parse_devno, split_args,
 )
 from dmtools.units import MAX_SECTORS
 

@@ -39,13 +39,7 @@ from typing import Any
 from dmtools.backend import DeviceMapper
 from dmtools.blockdev import BlockDevice, resolve_devno
 from dmtools.errors import (
-    CorruptMetadata,
-    DeviceBusy,
-    DeviceExists,
-    DeviceNotFound,
-    DMError,
-    InvalidArgument,
-    PoolNotWritable,
+    CorruptMetadata, DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, PoolNotWritable,
     TargetNotSupported,
 )
 from dmtools.file_backing import grow_behind

@@ -21,13 +21,7 @@ from dmtools.claims import Holder
 from dmtools.engine.device import Device, LoadedTable, TableContext
 from dmtools.engine.target_driver import DeviceHandle, TargetDriver
 from dmtools.errors import (
-    DeviceBusy,
-    DeviceExists,
-    DeviceNotFound,
-    DMError,
-    InvalidArgument,
-    InvalidTable,
-    TargetNotSupported,
+    DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, InvalidTable, TargetNotSupported,
 )
 from dmtools.names import validate_name, validate_uuid
 from dmtools.plugins import entry_points

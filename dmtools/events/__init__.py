@@ -17,23 +17,9 @@ if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
     from dmtools.events.state import DEFAULT_THRESHOLDS, DeviceState, TargetState, capture, derive, parse_thresholds
     from dmtools.events.store import StateStore, default_root, last_events
     from dmtools.events.types import (
-        EVENT_TYPES,
-        DeviceAdded,
-        DeviceRemoved,
-        DeviceRenamed,
-        DeviceResumed,
-        DeviceSuspended,
-        Event,
-        LegHealthChanged,
-        LogHealthChanged,
-        MergeFailed,
-        MergeFinished,
-        PolicyAction,
-        ResyncFinished,
-        Severity,
-        SnapshotInvalidated,
-        SnapshotOverflowed,
-        SnapshotUsageCrossed,
+        EVENT_TYPES, DeviceAdded, DeviceRemoved, DeviceRenamed, DeviceResumed, DeviceSuspended, Event, LegHealthChanged,
+        LogHealthChanged, MergeFailed, MergeFinished, PolicyAction, ResyncFinished, Severity, SnapshotInvalidated,
+        SnapshotOverflowed, SnapshotUsageCrossed,
     )
     from dmtools.events.watcher import Batch, Watcher
 

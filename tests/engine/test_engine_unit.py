@@ -10,13 +10,7 @@ import pytest
 
 from dmtools.engine import Engine, TargetDriver, TargetContext
 from dmtools.errors import (
-    DeviceBusy,
-    DeviceIOError,
-    DeviceNotFound,
-    InvalidArgument,
-    InvalidTable,
-    NoSpace,
-    TargetNotSupported,
+    DeviceBusy, DeviceIOError, DeviceNotFound, InvalidArgument, InvalidTable, NoSpace, TargetNotSupported,
 )
 
 MiB = 1 << 20

@@ -14,13 +14,7 @@ import pytest
 
 from dmtools.engine import Engine
 from dmtools.events import (
-    LegHealthChanged,
-    MergeFinished,
-    PolicyAction,
-    ResyncFinished,
-    SnapshotInvalidated,
-    SnapshotUsageCrossed,
-    StateStore,
+    LegHealthChanged, MergeFinished, PolicyAction, ResyncFinished, SnapshotInvalidated, SnapshotUsageCrossed, StateStore,
 )
 from dmtools.monitor import Monitor, MonitorConfig, PolicySettings
 from mirror.manager import MirrorManager

@@ -11,17 +11,8 @@ import pytest
 
 from dmtools.errors import DMError
 from dmtools.events import (
-    EventHub,
-    SnapshotInvalidated,
-    SnapshotUsageCrossed,
-    StateStore,
-    UEvent,
-    Watcher,
-    identity,
-    last_events,
-    read_events,
-    sysfs_identity,
-    write_event,
+    EventHub, SnapshotInvalidated, SnapshotUsageCrossed, StateStore, UEvent, Watcher, identity, last_events,
+    read_events, sysfs_identity, write_event,
 )
 
 from ev_fakes import MIRROR_TABLE, SNAP_TABLE, FakeDM, mirror_status, snap_status

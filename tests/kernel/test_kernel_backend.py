@@ -19,14 +19,7 @@ from typing import Any
 import pytest
 
 from dmtools.blockdev import BlockDevice, aligned_buffer
-from dmtools.errors import (
-    DeviceBusy,
-    DeviceExists,
-    DeviceNotFound,
-    InvalidArgument,
-    InvalidTable,
-    TargetNotSupported,
-)
+from dmtools.errors import DeviceBusy, DeviceExists, DeviceNotFound, InvalidArgument, InvalidTable, TargetNotSupported
 from dmtools.kernel import KernelBackend
 from dmtools.table import Table, format_line
 from dmtools.testing.threads import run_together

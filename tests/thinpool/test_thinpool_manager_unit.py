@@ -9,15 +9,7 @@ from typing import Any
 import pytest
 
 from dmtools.errors import CorruptMetadata, InvalidArgument, TargetNotSupported
-from thin.pool_record import (
-    RECORD_SECTORS,
-    SLOT_BYTES,
-    PoolRecord,
-    ThinVolume,
-    has_record,
-    read_record,
-    write_record,
-)
+from thin.pool_record import RECORD_SECTORS, SLOT_BYTES, PoolRecord, ThinVolume, has_record, read_record, write_record
 
 
 def _record(**changes: Any) -> PoolRecord:
