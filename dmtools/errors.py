@@ -7,6 +7,7 @@ such as ``"create"`` or an I/O operation such as ``"read"``) and the ``device`` 
 from __future__ import annotations
 
 import errno as _errno
+from collections.abc import Callable
 
 
 class DMError(Exception):
@@ -115,6 +116,16 @@ class DaemonError(DMError, errno=_errno.ECONNREFUSED):
 
 class LoopError(DMError):
     """A loop-device operation failed."""
+
+
+def quietly(*steps: Callable[[], object]) -> None:
+    """Run undo steps, each even if an earlier one failed: their ``DMError`` is dropped, as the
+    caller re-raises the error that made it undo."""
+    for step in steps:
+        try:
+            step()
+        except DMError:
+            pass
 
 
 # errno → error class used when a device-mapper verb fails with a bare errno.

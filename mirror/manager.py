@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence, TypedDict, Unpack
 
 from dmtools.backend import DeviceMapper
 from dmtools.endpoint import Endpoint
-from dmtools.errors import DMError, InvalidArgument, OperationCancelled
+from dmtools.errors import DMError, InvalidArgument, OperationCancelled, quietly
 from dmtools.names import validate_name
 from dmtools.status import parse_mirror_status
 from dmtools.table import Table
@@ -341,10 +341,7 @@ class MirrorManager:
             return self._wait_in_sync(name, operation, progress=progress, timeout=timeout, cancel=cancel, poll=poll)
         finally:
             if rate is not None:
-                try:
-                    self.dm.message(name, 0, "resync_rate 0")
-                except DMError:
-                    pass
+                quietly(lambda: self.dm.message(name, 0, "resync_rate 0"))
 
     def _wait_in_sync(self, name: str, operation: str, *, progress: ProgressFn | None, timeout: float | None,
                       cancel: threading.Event | None, poll: float) -> MirrorState:

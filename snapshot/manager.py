@@ -24,7 +24,7 @@ from typing import Any
 from dmtools import loop
 from dmtools.backend import DeviceMapper, wait_closed
 from dmtools.errors import (
-    DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, OperationCancelled, SnapshotInvalid,
+    DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, OperationCancelled, SnapshotInvalid, quietly,
 )
 from dmtools.names import MAX_UUID_BYTES, validate_name
 from dmtools.status import SnapshotState, SnapshotStatus, parse_snapshot_status
@@ -465,14 +465,14 @@ class SnapshotManager:
             dm.load(name, Table.single(tables[name].size, Error()))
             dm.suspend(origin)
         except BaseException:
-            self._quietly(lambda: dm.clear(name), lambda: dm.clear(origin), lambda: dm.resume(origin))
+            quietly(lambda: dm.clear(name), lambda: dm.clear(origin), lambda: dm.resume(origin))
             raise
         try:
             dm.suspend(name)
             dm.resume(origin)  # handover: the snapshot device's table is invalid from here on
         except BaseException:
             # the merge table may be live (suspended); put snapshot-origin back, then the snapshot
-            self._quietly(
+            quietly(
                 lambda: dm.clear(name),
                 lambda: dm.load(origin, tables[origin]),
                 lambda: dm.resume(origin),
@@ -481,15 +481,6 @@ class SnapshotManager:
             raise
         dm.resume(name)  # error target live; the handed-over snapshot table is destroyed
         dm.remove(name, retry=True)
-
-    @staticmethod
-    def _quietly(*steps: Callable[[], object]) -> None:
-        """Run undo steps, each even if an earlier one failed."""
-        for step in steps:
-            try:
-                step()
-            except DMError:
-                pass
 
     # -- refresh ----------------------------------------------------------------------------------
     def refresh(self, name: str) -> SnapshotInfo:
@@ -527,8 +518,8 @@ class SnapshotManager:
                 if dev in loaded:
                     loaded.remove(dev)
         except BaseException:
-            self._quietly(*[(lambda d=d: dm.clear(d)) for d in loaded])
-            self._quietly(*[(lambda d=d: dm.resume(d)) for d in reversed(suspended)])
+            quietly(*[(lambda d=d: dm.clear(d)) for d in loaded])
+            quietly(*[(lambda d=d: dm.resume(d)) for d in reversed(suspended)])
             raise
         return self.status(name)
 

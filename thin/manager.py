@@ -32,7 +32,7 @@ import math
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +40,7 @@ from dmtools.backend import DeviceMapper
 from dmtools.blockdev import BlockDevice, resolve_devno
 from dmtools.errors import (
     CorruptMetadata, DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, PoolNotWritable,
-    TargetNotSupported,
+    TargetNotSupported, quietly,
 )
 from dmtools.file_backing import grow_behind
 from dmtools.linux import DEVNO
@@ -177,15 +177,6 @@ def _ref_path(ref: str) -> str:
 def _device_sectors(path: str) -> int:
     with BlockDevice(path) as dev:
         return dev.size // SECTOR
-
-
-def _quietly(*steps: Callable[[], object]) -> None:
-    """Run undo steps, each even if an earlier one failed."""
-    for step in steps:
-        try:
-            step()
-        except DMError:
-            pass
 
 
 class ThinPoolManager:
@@ -369,7 +360,7 @@ class ThinPoolManager:
         back = dict(old.volumes)
         for msg in reversed(applied):
             if isinstance(msg, (CreateThin, CreateSnap)):
-                _quietly(lambda m=msg: send(self.dm, pool.tpool, Delete(m.dev_id)))  # type: ignore[misc]
+                quietly(lambda m=msg: send(self.dm, pool.tpool, Delete(m.dev_id)))  # type: ignore[misc]
             elif isinstance(msg, Delete):  # irreversible: the volume is gone
                 back = {n: v for n, v in back.items() if v.dev_id != msg.dev_id}
         try:
@@ -487,7 +478,7 @@ class ThinPoolManager:
             dm.create(name, Table.single(record.data_sectors, Linear(dm.device_ref(tpool), 0)))
             created.append(name)
         except BaseException:
-            _quietly(*[(lambda n=n: dm.remove(n, retry=True)) for n in reversed(created)])
+            quietly(*[(lambda n=n: dm.remove(n, retry=True)) for n in reversed(created)])
             raise
 
     def _check_metadata(self, tmeta: str) -> None:
@@ -563,7 +554,7 @@ class ThinPoolManager:
                     self._activate_volume(pool, vname, vol)
                     made.append(vname)
         except BaseException:
-            _quietly(*[(lambda n=n: self.dm.remove(n, retry=True))
+            quietly(*[(lambda n=n: self.dm.remove(n, retry=True))
                        for n in [*reversed(made), name, *reversed(_layer_names(name))]])
             raise
         return self.pool_status(name)
@@ -628,9 +619,9 @@ class ThinPoolManager:
                 if dev in loaded:
                     loaded.remove(dev)
         except BaseException:
-            _quietly(*[(lambda d=d: dm.clear(d)) for d in loaded])
-            _quietly(*[(lambda d=d: dm.resume(d)) for d in reversed(suspended)])
-            _quietly(lambda: write_record(pool.record_dev, pool.record.with_changes(
+            quietly(*[(lambda d=d: dm.clear(d)) for d in loaded])
+            quietly(*[(lambda d=d: dm.resume(d)) for d in reversed(suspended)])
+            quietly(lambda: write_record(pool.record_dev, pool.record.with_changes(
                 metadata_sectors=rec.metadata_sectors, data_sectors=rec.data_sectors)))
             raise
         return self.pool_status(name)
@@ -695,7 +686,7 @@ class ThinPoolManager:
             self._activate_volume(pool, name, vol)
         except BaseException:
             volumes = {n: v for n, v in pool.record.volumes.items() if n != name}
-            _quietly(lambda: self._change(pool, [Delete(vol.dev_id)], volumes, operation))
+            quietly(lambda: self._change(pool, [Delete(vol.dev_id)], volumes, operation))
             raise
 
     def snapshot(self, pool: str, origin: str, name: str) -> VolumeInfo:
@@ -735,7 +726,7 @@ class ThinPoolManager:
                          "remove")
         except BaseException:
             if active and name in p.record.volumes:
-                _quietly(lambda: self._activate_volume(p, name, vol))
+                quietly(lambda: self._activate_volume(p, name, vol))
             raise
 
     def activate_volume(self, pool: str, name: str) -> VolumeInfo:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from dmtools.engine.target_driver import SECTOR, DeviceHandle, TargetDriver
-from dmtools.errors import DeviceIOError, DeviceNotFound, InvalidArgument, InvalidTable, NoSpace
+from dmtools.errors import DeviceIOError, DeviceNotFound, InvalidArgument, NoSpace
 from dmtools.table import Table, TableLine
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from dmtools.cli import main as cli_main
 from dmtools.engine import Engine
 from dmtools.errors import TargetNotSupported
 

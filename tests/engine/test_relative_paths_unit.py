@@ -6,7 +6,6 @@ daemon, whose working directory is its own, refuses a table that still holds one
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -7,7 +7,7 @@ import pytest
 from dmtools.errors import InvalidArgument
 from dmtools.events import (
     DeviceAdded, DeviceRemoved, DeviceRenamed, DeviceResumed, DeviceState, DeviceSuspended, Event,
-    LegHealthChanged, LogHealthChanged, MergeFailed, MergeFinished, ResyncFinished, SnapshotInvalidated,
+    LegHealthChanged, LogHealthChanged, MergeFailed, MergeFinished, SnapshotInvalidated,
     SnapshotOverflowed, SnapshotUsageCrossed, TargetState, derive, parse_thresholds,
 )
 
