@@ -151,8 +151,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"I/O worker threads, 1..{MAX_THREADS} (default 8)")
     p.add_argument("--no-offload", action="store_true", help="never use copy_file_range")
     p.add_argument("--keep-cache", action="store_true",
-                   help="keep an uncached file source's pages in the page cache (by default they are "
-                        "dropped once read, as dd iflag=nocache)")
+                   help="keep an uncached file source's pages in the page cache, and a destination "
+                        "file's (by default the source's are dropped once read, as dd iflag=nocache, "
+                        "and a destination file not in the cache is written back and dropped as it "
+                        "is written, as nbdcopy does)")
     # SUPPRESS keeps the root parser's --json when this one is not given.
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print a JSON summary")
 
@@ -212,7 +214,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
         num_pages = 4096 if any(is_nbd_uri(s.path) for s in [src, *dests]) else 1024
     client = kcopyd.Client(num_pages=num_pages, sub_job_size=sub_job, threads=args.threads,
                            rate=rate, throttle_percent=args.throttle, offload=not args.no_offload,
-                           drop_behind=not args.keep_cache)
+                           drop_behind=not args.keep_cache, write_behind=not args.keep_cache)
     created: list[str] = []
     from dmtools.claims import Holder
 

@@ -115,7 +115,9 @@ class Client(InlineJobs):
     (bytes/s) and ``throttle_percent`` limit the copy. ``max_jobs`` bounds the jobs not yet done:
     ``copy()`` waits when that many are outstanding. ``offload=False`` disables
     ``copy_file_range`` (always buffers). ``drop_behind=False`` keeps the pages of an uncached
-    file source in the page cache (by default they are dropped once read). ``run()`` does a
+    file source in the page cache (by default they are dropped once read). ``write_behind=True``
+    writes a destination file that held none of its range in the cache back to disk during the
+    copy and drops what was written (:mod:`kcopyd.writebehind`). ``run()`` does a
     small job on the caller's thread and returns it done (:mod:`kcopyd.inline`).
     """
 
@@ -131,6 +133,7 @@ class Client(InlineJobs):
         max_jobs: int = 4096,
         offload: bool = True,
         drop_behind: bool = True,
+        write_behind: bool = False,
     ) -> None:
         if isinstance(sub_job_size, bool) or not isinstance(sub_job_size, int):
             raise InvalidArgument(f"sub_job_size must be an integer, not {sub_job_size!r}")
@@ -149,6 +152,7 @@ class Client(InlineJobs):
         self.throttle = throttle if throttle is not None else Throttle(rate, throttle_percent)
         self.offload = offload
         self.drop_behind = drop_behind
+        self.write_behind = write_behind
         self.max_jobs = max_jobs
         # A buffered piece never needs more than half the pool, so that even a small pool keeps
         # two pieces in flight (one read while the other is written).
@@ -288,6 +292,8 @@ class Client(InlineJobs):
             osrc.endpoint.fadvise(osrc.offset, nbytes, os.POSIX_FADV_SEQUENTIAL)
         job = Job(osrc, odests, nbytes, flags, notify, context, self._plan(osrc, odests, flags, reverse),
                   self._cancel)
+        if self.write_behind and job.lanes.used:
+            job.lanes.start_write_behind(odests)
         with self._cond:
             while self._outstanding >= self.max_jobs and not self._closed:
                 self._cond.wait()
@@ -512,6 +518,15 @@ class Client(InlineJobs):
         batch = [piece]
         while batch:
             failed = [self._write_piece(piece, i)] if len(batch) == 1 else self._write_batch(batch, i)
+            behind = lanes.behind[i]
+            if behind is not None and not any(failed):
+                start = piece.job.open_dests[i].offset + batch[0].offset
+                try:
+                    behind.written(start, batch[-1].offset + batch[-1].length - batch[0].offset)
+                except OSError as err:  # writeback failed: the destination's bytes are lost
+                    log.debug("kcopyd: writeback error on destination %d: %s", i, err)
+                    lanes.behind[i] = None
+                    failed = [True] * len(batch)
             with self._cond:
                 for p, bad in zip(batch, failed):
                     if bad:

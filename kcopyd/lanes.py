@@ -14,6 +14,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Iterable
 
 from dmtools.endpoint import Endpoint
+from kcopyd.writebehind import WriteBehind
 
 if TYPE_CHECKING:  # pragma: no cover
     from kcopyd.job import Piece
@@ -48,6 +49,8 @@ class WriteLanes(list["deque[Piece] | None"]):
     def __init__(self, lanes: Iterable[bool]) -> None:
         super().__init__(deque() if lane else None for lane in lanes)
         self.busy = [False] * len(self)  # a write to destination i is running
+        #: destination i's write-behind (kcopyd.writebehind), used by the lane's one writer
+        self.behind: list[WriteBehind | None] = [None] * len(self)
         #: True when some destination has a lane
         self.used = any(lane is not None for lane in self)
 
@@ -55,6 +58,12 @@ class WriteLanes(list["deque[Piece] | None"]):
     def for_regions(cls, dests: Iterable[OpenRegion]) -> WriteLanes:
         """Lanes for the destinations that are written through a page cache."""
         return cls(one_writer(d.endpoint) for d in dests)
+
+    def start_write_behind(self, dests: list[OpenRegion]) -> None:
+        """Give the lane destinations whose range is not cached a write-behind."""
+        for i, d in enumerate(dests):
+            if self[i] is not None:
+                self.behind[i] = WriteBehind.for_destination(d.endpoint, d.offset, d.region.nbytes)
 
     def claim(self, piece: Piece) -> list[int]:
         """The destinations ``piece`` may be written to now; it waits in the busy lanes."""

@@ -66,3 +66,19 @@ def evict_file(path: Any) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def cached(path: Any) -> int:
+    """Bytes of the file in the page cache; skips the test where cachestat(2) cannot tell."""
+    import pytest
+
+    from kcopyd.fastpath import cached_bytes
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        n = cached_bytes(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    if n is None:
+        pytest.skip("cachestat(2) is missing here (Linux < 6.5): kcopyd then keeps every page cached")
+    return n

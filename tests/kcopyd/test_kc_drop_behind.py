@@ -17,22 +17,10 @@ import kcopyd
 import kcopyd.client as kclient
 from dmtools.endpoint import NullEndpoint
 from dmtools.errors import DeviceIOError
-from kc_helpers import TIMEOUT, Recorder, evict_file, pattern
+from kc_helpers import TIMEOUT, Recorder, cached, evict_file, pattern
 from kcopyd.fastpath import cached_bytes
 
 MiB = 1 << 20
-
-
-def _cached(path: Any) -> int:
-    """Bytes of the file in the page cache; skips the test where cachestat(2) cannot tell."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        n = cached_bytes(fd, 0, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
-    if n is None:
-        pytest.skip("cachestat(2) is missing here (Linux < 6.5): sources are never dropped behind")
-    return n
 
 
 def _files(tmp_path: Any, size: int, ndest: int = 2) -> tuple[Any, bytes, list[Any]]:
@@ -57,9 +45,9 @@ def _copy(src: Any, dsts: list[Any], size: int, flags: int = 0, **kw: Any) -> tu
 def test_cachestat_counts_cached_pages(tmp_path):
     p = tmp_path / "f.img"
     p.write_bytes(pattern(MiB))
-    assert _cached(p) == MiB  # just written: every page is in the cache (dirty)
+    assert cached(p) == MiB  # just written: every page is in the cache (dirty)
     evict_file(p)
-    assert _cached(p) == 0
+    assert cached(p) == 0
     fd = os.open(p, os.O_RDONLY)
     try:
         os.pread(fd, 4096, 0)
@@ -73,7 +61,7 @@ def test_uncached_source_is_dropped_behind(tmp_path, ndest):
     size = 4 * MiB
     src, data, dsts = _files(tmp_path, size, ndest)
     evict_file(src)
-    assert _cached(src) == 0
+    assert cached(src) == 0
     if ndest:
         job, rec = _copy(src, dsts, size)
         assert all(d.read_bytes() == data for d in dsts)
@@ -84,7 +72,7 @@ def test_uncached_source_is_dropped_behind(tmp_path, ndest):
                           notify=rec, context="c")
             assert job.wait(TIMEOUT)
     assert rec.calls == [(False, 0, "c")] and job.ok
-    assert _cached(src) < size // 2, "the source's pages were dropped behind the copy"
+    assert cached(src) < size // 2, "the source's pages were dropped behind the copy"
 
 
 @pytest.mark.parametrize("case", ["cached-source", "drop-behind-off"])
@@ -97,7 +85,7 @@ def test_source_pages_kept(tmp_path, case):
         src.read_bytes()
     job, _ = _copy(src, dsts, size, drop_behind=case != "drop-behind-off")
     assert job.ok and all(d.read_bytes() == data for d in dsts)
-    assert _cached(src) == size
+    assert cached(src) == size
 
 
 def test_endpoint_source_is_never_dropped(tmp_path):
@@ -111,7 +99,7 @@ def test_endpoint_source_is_never_dropped(tmp_path):
         job = kc.copy(kcopyd.Region(ep, 0, size // 512), [kcopyd.Region(str(d), 0, size // 512) for d in dsts])
         assert job.wait(TIMEOUT) and job.ok
     assert all(d.read_bytes() == data for d in dsts)
-    assert _cached(src) == size
+    assert cached(src) == size
 
 
 @pytest.mark.parametrize("flags", [0, kcopyd.IGNORE_ERROR])

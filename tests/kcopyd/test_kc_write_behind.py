@@ -1,0 +1,104 @@
+"""Write-behind: a destination file not in the cache is written back and dropped during the copy.
+
+With ``Client(write_behind=True)`` (``dmtools copy`` without ``--keep-cache``) each range written
+to such a destination is handed to writeback at once and, once more than ``WINDOW`` bytes are
+behind, waited for and dropped from the cache (as nbdcopy does). A destination that was cached
+keeps its pages; a writeback error fails exactly that destination's ``write_err`` bit.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+import pytest
+
+import kcopyd
+import kcopyd.writebehind as wb
+from dmtools.endpoint import NullEndpoint
+from kc_helpers import TIMEOUT, Recorder, cached, evict_file, pattern
+
+MiB = 1 << 20
+WINDOW = 4 * MiB
+SIZE = 24 * MiB
+
+
+@pytest.fixture(autouse=True)
+def small_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wb, "WINDOW", WINDOW)
+
+
+def _copy(src: Any, dests: list[Any], flags: int = 0, **kw: Any) -> tuple[kcopyd.Job, Recorder]:
+    rec = Recorder()
+    regions = [kcopyd.Region(d if isinstance(d, NullEndpoint) else str(d), 0, SIZE // 512) for d in dests]
+    with kcopyd.Client(num_pages=1024, sub_job_size=MiB, **kw) as kc:
+        job = kc.copy(kcopyd.Region(str(src), 0, SIZE // 512), regions, flags=flags, notify=rec, context="c")
+        assert job.wait(TIMEOUT)
+    return job, rec
+
+
+def _source(tmp_path: Any) -> tuple[Any, bytes]:
+    src = tmp_path / "src.img"
+    data = pattern(SIZE, seed=5)
+    src.write_bytes(data)
+    evict_file(src)
+    return src, data
+
+
+def _new_dest(path: Any) -> Any:
+    path.write_bytes(b"")
+    os.truncate(path, SIZE)  # sparse: nothing of it is cached
+    return path
+
+
+@pytest.mark.parametrize("write_behind", [True, False], ids=["on", "off"])
+def test_uncached_destination_is_written_behind(tmp_path, write_behind):
+    src, data = _source(tmp_path)
+    dst = _new_dest(tmp_path / "dst.img")
+    assert cached(dst) == 0
+    job, rec = _copy(src, [dst, NullEndpoint(SIZE)], write_behind=write_behind)
+    assert rec.calls == [(False, 0, "c")] and job.ok
+    left = cached(dst)
+    if write_behind:
+        # at most the window, plus the ranges the last writes added before their wait
+        assert left <= WINDOW + 4 * MiB, f"{left} bytes of the destination still cached"
+    else:
+        assert left == SIZE
+    assert dst.read_bytes() == data
+
+
+def test_cached_destination_keeps_its_pages(tmp_path):
+    src, data = _source(tmp_path)
+    dst = tmp_path / "dst.img"
+    dst.write_bytes(bytes(SIZE))  # written just now: every page is in the cache
+    job, _ = _copy(src, [dst, NullEndpoint(SIZE)], write_behind=True)
+    assert job.ok
+    assert cached(dst) == SIZE
+    assert dst.read_bytes() == data
+
+
+@pytest.mark.parametrize("flags", [0, kcopyd.IGNORE_ERROR], ids=["stop", "ignore-error"])
+def test_writeback_error_fails_exactly_that_destination(tmp_path, monkeypatch, flags):
+    """The wait reports a writeback error of destination 1: bit 1 only. Without IGNORE_ERROR the
+    job stops handing out pieces (as after any write error); with it 0 and 2 are copied whole."""
+    src, data = _source(tmp_path)
+    dests = [_new_dest(tmp_path / f"d{i}.img") for i in range(3)]
+    bad_fd = []
+    real = wb.sync_range
+
+    def failing(fd: int, offset: int, length: int, flags: int) -> None:
+        if flags & wb.SYNC_FILE_RANGE_WAIT_AFTER and os.path.samefile(f"/proc/self/fd/{fd}", dests[1]):
+            bad_fd.append(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd, offset, length, flags)
+
+    monkeypatch.setattr(wb, "sync_range", failing)
+    job, rec = _copy(src, dests, flags, write_behind=True)
+    assert len(bad_fd) == 1, "the failed destination's write-behind stopped at its first error"
+    assert rec.calls == [(False, 0b010, "c")]
+    assert job.failed_dests == [1]
+    if flags:
+        assert dests[0].read_bytes() == data and dests[2].read_bytes() == data
+    else:
+        assert job.progress.done < SIZE, "the job stopped after the error"
