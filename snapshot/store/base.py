@@ -107,6 +107,11 @@ class ExceptionStore(abc.ABC):
             for k in range(count):
                 self.commit_exception(old + k, new + k, valid, joint)
 
+    def zeroed_ahead(self, new: int, count: int) -> bool:
+        """True when COW chunks ``new..new+count-1`` are known to read as zeros (the persistent
+        store writes zeros ahead of allocations on a sparse COW file)."""
+        return False
+
     @abc.abstractmethod
     def usage(self) -> Usage:
         """Space accounting for the status line."""

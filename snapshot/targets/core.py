@@ -280,15 +280,19 @@ class CopyOnWrite:
             raise DeviceIOError("chunk lies past the end of the origin")
         dest = pe.new * cb
         if source is not None:
-            if source.zero(start, nbytes) and _reads_zeros(self.cow, dest, nbytes):
+            if source.zero(start, nbytes) and self._cow_zero(pe, nbytes):
                 return  # a hole copied onto a hole
             _write_full(self.cow, source.slice(start, nbytes), dest)
             return
         with _copy_buffer(nbytes) as buf:
             _read_full(self.origin, memoryview(buf), start)
-            if _all_zero(buf) and _reads_zeros(self.cow, dest, nbytes):
+            if _all_zero(buf) and self._cow_zero(pe, nbytes):
                 return  # a hole copied onto a hole
             _write_full(self.cow, memoryview(buf), dest)
+
+    def _cow_zero(self, pe: PendingException, nbytes: int) -> bool:
+        """True when the COW chunks of ``pe`` read as zeros: zeroed ahead by the store, or a hole."""
+        return self.store.zeroed_ahead(pe.new, pe.count) or _reads_zeros(self.cow, pe.new * self.chunk_bytes, nbytes)
 
     def _complete(self, pes: list[PendingException], ok: bool) -> None:
         """Commit exceptions strictly in allocation order (dm-snap.c ``copy_callback``).

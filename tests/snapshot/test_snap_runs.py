@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import random
 import struct
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from dmtools.blockdev import BlockDevice
+from dmtools.endpoint import ForwardingEndpoint
 from dmtools.engine.target_driver import DeviceHandle
 from dmtools.errors import NoSpace
 from dmtools.testing.memory import MemoryEndpoint
 from snapshot.store import ExceptionTable, PersistentStore, TransientStore
+from snapshot.store.persistent import ZERO_AHEAD_BYTES
 from snapshot.targets.core import CopyOnWrite, _runs
 
 C = 8  # 4 KiB chunks: 256 records per area, stride 257
@@ -214,7 +219,10 @@ def test_holes_of_origin_and_cow_are_not_copied_but_still_committed_in_order() -
         pes = snap.origin_write_prepare(0, 32 * CB)  # all holes but chunk 3: one run, one job
         assert snap.wait_all(pes) and not snap.pending and snap.in_progress == 0
         data_writes = [e for e in cow_ep.journal if e[0] == "write" and e[2] != CB]  # CB: metadata area
-        assert sum(length for _, _, _, length in data_writes) == 32 * CB  # the one run is copied
+        # the free space of the sparse COW is zeroed ahead as the run is allocated (past it), then
+        # the one run is copied
+        ahead = ("write", "cow", store.next_free * CB, min(ZERO_AHEAD_BYTES, cow_ep.size - store.next_free * CB))
+        assert data_writes == [ahead, ("write", "cow", snap.table.lookup(0) * CB, 32 * CB)]
         cow_ep.journal.clear()
         pes = snap.origin_write_prepare(32 * CB, 8 * CB)  # only holes: nothing copied
         assert snap.wait_all(pes) and snap.in_progress == 0
@@ -226,3 +234,61 @@ def test_holes_of_origin_and_cow_are_not_copied_but_still_committed_in_order() -
             assert new is not None and cow_ep.data[new * CB : (new + 1) * CB] == original[c * CB : (c + 1) * CB]
     finally:
         snap.destroy()
+
+
+class CountingWrites(ForwardingEndpoint):
+    """Notes the offset and length of every write to a real file."""
+
+    def __init__(self, inner: BlockDevice) -> None:
+        super().__init__(inner)
+        self.writes: list[tuple[int, int]] = []
+
+    def write(self, buf: Any, offset: int) -> int:
+        self.writes.append((offset, len(memoryview(buf))))
+        return self.inner.write(buf, offset)
+
+
+def test_a_sparse_cow_file_is_zeroed_ahead_of_small_allocations(tmp_path: Path) -> None:
+    """Random first writes land in written blocks (no block allocation in each commit's flush);
+    a copy of zeros into the zeroed space writes nothing; the records and data stay exact."""
+    chunks = 64
+    original = bytearray(chunks * CB)
+    original[5 * CB : 6 * CB] = bytes(range(256)) * (CB // 256)
+    path = tmp_path / "cow"
+    with open(path, "wb") as f:
+        f.truncate(4 << 20)
+    with BlockDevice(str(path), writable=True) as dev:
+        cow_ep = CountingWrites(dev)
+        origin = DeviceHandle(MemoryEndpoint(original, "origin"), "origin", -1, -1, "/nonexistent/origin")
+        cow = DeviceHandle(cow_ep, "cow", -1, -1, str(path))
+        store = PersistentStore(cow, C)
+        store.read_metadata()
+        snap = CopyOnWrite(origin, cow, store, len(original), name="t", event=lambda: None)
+        snap.active = True
+        try:
+            assert dev.data_extents(2 * CB, ZERO_AHEAD_BYTES) == []  # free space: a hole
+            cow_ep.writes.clear()
+            assert snap.wait_all(snap.origin_write_prepare(5 * CB, 512))
+            first = snap.table.lookup(5)
+            assert first == 2  # the first data chunk
+            ahead = (3 * CB, ZERO_AHEAD_BYTES)
+            assert cow_ep.writes[0] == ahead and (first * CB, CB) in cow_ep.writes
+            assert dev.data_extents(*ahead) == [ahead]  # written: blocks allocated
+            cow_ep.writes.clear()
+            assert snap.wait_all(snap.origin_write_prepare(9 * CB, CB))  # zeros onto zeros
+            assert cow_ep.writes == [(CB, CB)]  # only the record: the chunk reads as zeros already
+            # allocations inside the zeroed space zero nothing more
+            for c in range(10, 20):
+                assert snap.wait_all(snap.origin_write_prepare(c * CB, CB))
+            assert all(size <= CB for _, size in cow_ep.writes)
+            assert [o for o, _ in store.iter_records()] == [5, 9, *range(10, 20)]
+            for c in (5, 9, *range(10, 20)):
+                new = snap.table.lookup(c)
+                assert new is not None
+                got = bytearray(CB)
+                assert dev.readinto(got, new * CB) == CB and got == original[c * CB : (c + 1) * CB]
+        finally:
+            snap.destroy()
+        reloaded = PersistentStore(cow, C)
+        reloaded.read_metadata()
+        assert sorted(reloaded.table.items()) == sorted(snap.table.items())
