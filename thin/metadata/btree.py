@@ -165,16 +165,19 @@ def empty_tree(tm: TransactionManager, vtype: ValueType) -> int:
 
 def lookup(tm: TransactionManager, root: int, key: int, vtype: ValueType) -> Any | None:
     """The value stored under ``key``, or ``None``."""
-    node = tm.read_node(root, vtype)
-    while not node.leaf:
-        i = bisect_right(node.keys, key) - 1
+    # tm.read_node's two dictionaries, read here first: a lookup per I/O finds its nodes there
+    dirty, cache = tm.dirty_nodes, tm.cache
+    blocknr = root
+    while True:
+        entry = dirty.get(blocknr)
+        node = entry[0] if entry is not None else cache.get(blocknr) or tm.read_node(blocknr, vtype)
+        keys = node.keys
+        i = bisect_right(keys, key) - 1
+        if node.leaf:
+            return node.values[i] if i >= 0 and keys[i] == key else None
         if i < 0:
             return None
-        node = tm.read_node(node.values[i], vtype)
-    i = bisect_right(node.keys, key) - 1
-    if i >= 0 and node.keys[i] == key:
-        return node.values[i]
-    return None
+        blocknr = node.values[i]
 
 
 def walk(tm: TransactionManager, root: int, vtype: ValueType,
@@ -243,7 +246,7 @@ def insert(tm: TransactionManager, root: int, key: int, value: Any, vtype: Value
     """
     node = tm.shadow(root, vtype)
     root = node.blocknr
-    if node.full and not (node.leaf and _has(node, key)):
+    if len(node.keys) >= node.max_entries and not (node.leaf and _has(node, key)):  # full
         _split_beneath(tm, node, vtype)
     while not node.leaf:
         i = bisect_right(node.keys, key) - 1
@@ -252,7 +255,7 @@ def insert(tm: TransactionManager, root: int, key: int, value: Any, vtype: Value
             node.keys[0] = key  # the lower bound drops to the new smallest key
         child = tm.shadow(node.values[i], vtype)
         node.values[i] = child.blocknr
-        if child.full and not (child.leaf and _has(child, key)):
+        if len(child.keys) >= child.max_entries and not (child.leaf and _has(child, key)):
             _split_child(tm, node, i, child, vtype)
             if key >= node.keys[i + 1]:
                 child = tm.read_node(node.values[i + 1], vtype)

@@ -20,7 +20,7 @@ from . import btree
 from .btree import DETAILS, U64, ValueType
 from .ondisk import (BLOCK_SECTORS, MAX_DATA_BLOCK, MAX_DATA_BLOCK_SECTORS, MAX_DEV_ID, MAX_METADATA_SECTORS,
                      METADATA_VERSION, MIN_DATA_BLOCK_SECTORS, NEEDS_CHECK_FLAG, TIME_MASK, DeviceDetails,
-                     SpaceMapRoot, Superblock, pack_block_time)
+                     SpaceMapRoot, Superblock)
 from .transaction import MetadataDevice, TransactionManager
 
 __all__ = ["Lookup", "ThinMetadata", "check_data_block_size"]
@@ -94,6 +94,8 @@ class ThinMetadata:
         #: them in ``struct dm_thin_device`` for open devices); see ``_forget``.
         self._clean_details: dict[int, DeviceDetails] = {}
         self._roots: dict[int, int] = {}
+        #: each device's shadowed top-level leaf, as ``_top_leaf`` found it last.
+        self._top_leaves: dict[int, tuple[int, btree.Node, int]] = {}
         self._load_superblock(sb)
 
     def _load_superblock(self, sb: Superblock) -> None:
@@ -111,6 +113,7 @@ class ThinMetadata:
         self._in_service = False
         self._clean_details.clear()
         self._roots.clear()
+        self._top_leaves.clear()
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
@@ -321,12 +324,23 @@ class ThinMetadata:
     # -- mappings ----------------------------------------------------------------------------
     def lookup(self, dev_id: int, vblock: int) -> Lookup | None:
         """Where ``vblock`` of a device lives, or ``None`` when it is not provisioned."""
-        det = self.details(dev_id)
-        value = btree.lookup(self.tm, self.device_root(dev_id), vblock, self.mapping)
+        root = self._roots.get(dev_id)
+        value = btree.lookup(self.tm, self.device_root(dev_id) if root is None else root, vblock, self.mapping)
         if value is None:
             return None
+        det = self._details.get(dev_id) or self._clean_details.get(dev_id) or self.details(dev_id)
         time = value & TIME_MASK
         return Lookup(value >> 24, time, det.snapshotted_time > time)
+
+    def find(self, dev_id: int, vblock: int) -> tuple[int, bool] | None:
+        """``(data block, shared)`` of ``vblock``'s mapping, or ``None``: :meth:`lookup` for the
+        per-I/O path, which needs no ``Lookup`` (nor the time)."""
+        root = self._roots.get(dev_id)
+        value = btree.lookup(self.tm, self.device_root(dev_id) if root is None else root, vblock, self.mapping)
+        if value is None:
+            return None
+        det = self._details.get(dev_id) or self._clean_details.get(dev_id) or self.details(dev_id)
+        return value >> 24, det.snapshotted_time > value & TIME_MASK
 
     def highest_mapped(self, dev_id: int) -> int | None:
         """The highest mapped virtual block of a device, ``None`` when it maps nothing
@@ -348,26 +362,47 @@ class ThinMetadata:
     def insert_many(self, dev_id: int, pairs: Sequence[tuple[int, int]]) -> None:
         """``insert`` of every ``(vblock, data_block)`` pair, the device's path shadowed once."""
         self._writing()
-        limit = min(self.nr_data_blocks, MAX_DATA_BLOCK + 1)
+        tm = self.tm
+        limit = min(len(tm.dsm.counts), MAX_DATA_BLOCK + 1)
         for _v, data_block in pairs:
             if not 0 <= data_block < limit:
                 raise InvalidArgument(f"data block {data_block} is outside the pool ({self.nr_data_blocks} blocks)")
-        det = self.details(dev_id)
-        path = btree.shadow_path(self.tm, self.mapping_root, dev_id, self.subtree)
-        if path is None:
-            raise CorruptMetadata(f"thin device {dev_id} has details but no mapping tree")
-        self.mapping_root, leaf, i = path
+        det = self._details.get(dev_id) or self._clean_details.get(dev_id) or self.details(dev_id)
+        leaf, i = self._top_leaf(dev_id)
         added = 0
-        tm, mapping, root, time = self.tm, self.mapping, leaf.values[i], self.time
+        mapping, root, time = self.mapping, leaf.values[i], self.time
         try:
             for vblock, data_block in pairs:
-                root, new = btree.insert(tm, root, vblock, pack_block_time(data_block, time), mapping)
+                root, new = btree.insert(tm, root, vblock, (data_block << 24) | time, mapping)  # pack_block_time
                 added += new
         finally:
             leaf.values[i] = self._roots[dev_id] = root
         if added:
             self._details[dev_id] = DeviceDetails(det.mapped_blocks + added, det.transaction_id, det.creation_time,
                                                   det.snapshotted_time)
+
+    def _top_leaf(self, dev_id: int) -> tuple[btree.Node, int]:
+        """The writable top-level leaf holding ``dev_id``'s subtree root, and its index: the top
+        level's path shadowed (``btree.shadow_path``), once a transaction. The leaf found last
+        time is used again while it is still that: the same root, still this transaction's
+        block referenced once, still a leaf holding ``dev_id`` at that index (a commit, an abort,
+        a split, a merge or a metadata snapshot each break one of these)."""
+        cached = self._top_leaves.get(dev_id)
+        tm = self.tm
+        if cached is not None:
+            root, leaf, i = cached
+            b = leaf.blocknr
+            entry = tm.dirty_nodes.get(b)
+            msm = tm.msm
+            if (root == self.mapping_root and entry is not None and entry[0] is leaf and leaf.leaf
+                    and b in msm.new and msm.counts[b] == 1 and i < len(leaf.keys) and leaf.keys[i] == dev_id):
+                return leaf, i
+        path = btree.shadow_path(tm, self.mapping_root, dev_id, self.subtree)
+        if path is None:
+            raise CorruptMetadata(f"thin device {dev_id} has details but no mapping tree")
+        self.mapping_root, leaf, i = path
+        self._top_leaves[dev_id] = (self.mapping_root, leaf, i)
+        return leaf, i
 
     def remove(self, dev_id: int, vblock: int) -> bool:
         """Unmap ``vblock`` (its data block loses a reference); ``False`` if it was not mapped."""

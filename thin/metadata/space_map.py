@@ -161,7 +161,10 @@ class RefCounts:
         if b is None:
             raise NoSpace(f"out of {self.what} space ({self.nr_blocks} blocks, "
                           f"{len(self.freed)} freed in this transaction)")
-        self.inc(b)
+        # inc(b) of a free block (find_free gives none freed in this transaction), inline
+        self.counts[b] = 1
+        self.nr_allocated += 1
+        self.dirty_bitmaps.add(b // ENTRIES_PER_BITMAP)
         self.new.add(b)
         self.allocated_this_transaction += 1
         self.cursor = b + 1

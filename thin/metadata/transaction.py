@@ -271,8 +271,11 @@ class TransactionManager:
         copied to a new block and the original loses a reference. When the original was shared its
         children (or leaf values) gain one, as dm-btree-spine.c ``inc_children`` does.
         """
-        count = self.msm.get(blocknr)
-        if blocknr in self.msm.new and count == 1:
+        msm = self.msm
+        count = msm.counts[blocknr]  # msm.get, inline: the per-insert path
+        if count == 3:
+            count = msm.overflow[blocknr]
+        if count == 1 and blocknr in msm.new:
             return self.dirty_nodes[blocknr][0]
         node = self.read_node(blocknr, vtype)
         copy = node.copy(self.msm.alloc())

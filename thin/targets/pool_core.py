@@ -42,7 +42,7 @@ from thin.metadata import Lookup, ThinMetadata
 from thin.metadata.ondisk import BLOCK_SECTORS, MAX_METADATA_SECTORS
 from thin.metadata.transaction import EndpointMetadataDevice
 from thin.targets import params
-from thin.targets.cells import Cells, InFlight
+from thin.targets.cells import Prison
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.engine.target_driver import DeviceHandle
@@ -122,9 +122,8 @@ class Pool:
         self.lock = threading.RLock()
         #: notified when the mode or free space changes (writers waiting for space).
         self.space = threading.Condition(self.lock)
-        self.cells = Cells()
-        #: I/O on mapped blocks that runs with its cell released (see :mod:`thin.targets.cells`).
-        self.in_flight = InFlight()
+        #: cells on virtual blocks and I/O in flight on data blocks (see :mod:`thin.targets.cells`).
+        self.prison = Prison()
         self.pf = Features.of(value)
         #: the live ``error_if_no_space``: set by ``no_space_timeout``, reset in write mode.
         self.pf_error_if_no_space = self.pf.error_if_no_space
@@ -228,8 +227,12 @@ class Pool:
             except (DeviceIOError, OSError, DMError) as err:
                 if not _metadata_fault(err):
                     raise
-                self.metadata_failed(op, err)
-                raise _eio(f"metadata operation '{op}' failed: {err}", self.name) from err
+                raise self._failed(op, err) from err
+
+    def _failed(self, op: str, err: BaseException) -> DeviceIOError:
+        """:meth:`metadata_failed`, and the EIO a caller raises for it."""
+        self.metadata_failed(op, err)
+        return _eio(f"metadata operation '{op}' failed: {err}", self.name)
 
     # -- modes ---------------------------------------------------------------------------------
     def event(self) -> None:
@@ -430,11 +433,18 @@ class Pool:
         # No room above the reserve for this block's mapping and the commit after it: commit
         # first, which may enter out-of-metadata-space (dm-thin.c commits right after such an
         # allocation; before it, the block never lands in a transaction that cannot commit).
-        if self.metadata_free() <= self._commit_cost() + INSERT_COST:
+        # (metadata_free() and _commit_cost(), inline: this runs for every new block)
+        md = self.md
+        tm = md.tm
+        msm, dsm = tm.msm, tm.dsm
+        if (len(msm.counts) - msm.nr_allocated - len(msm.freed) - self.reserve
+                <= 2 * len(dsm.dirty_bitmaps) + len(msm.dirty_bitmaps) + 2 + INSERT_COST):
             self.commit()
             if self.mode != Mode.WRITE:
                 return None
-        free = self.md.free_data_blocks
+            md = self.md
+            dsm = md.tm.dsm
+        free = len(dsm.counts) - dsm.nr_allocated
         if free <= self.low_water_blocks and not self.low_water_triggered:
             log.warning("%s: reached low water mark for data device: sending event.", self.name)
             self.low_water_triggered = True
@@ -444,12 +454,16 @@ class Pool:
             if not self.md.free_data_blocks:
                 self.set_mode(Mode.OUT_OF_DATA_SPACE)
                 return None
+            md = self.md
         try:
-            block = int(self.run("dm_pool_alloc_data_block", lambda md: md.alloc_data_block()))
-        except NoSpace:  # every free block was freed in this very transaction
-            self.set_mode(Mode.OUT_OF_DATA_SPACE)
-            return None
-        return block
+            return md.alloc_data_block()
+        except (DeviceIOError, OSError, DMError) as err:  # run()'s rules, inline
+            if _metadata_fault(err):
+                raise self._failed("dm_pool_alloc_data_block", err) from err
+            if isinstance(err, NoSpace):  # every free block was freed in this very transaction
+                self.set_mode(Mode.OUT_OF_DATA_SPACE)
+                return None
+            raise
 
     def try_alloc_many(self, n: int) -> list[int]:
         """Up to ``n`` new data blocks for a run of whole-block writes, as many as the pool gives
@@ -486,22 +500,67 @@ class Pool:
         return self.run("dm_thin_find_block",  # type: ignore[no-any-return]
                         lambda md: md.lookup(dev_id, vblock))
 
-    def lookup_for_write(self, dev_id: int, vblock: int) -> tuple[Lookup | None, int | None, int]:
-        """A write's lookup and, when the block is unmapped or shared, its new data block, under one
-        hold of the lock (``thin_bio_map``'s find, then ``alloc_data_block`` in ``provision_block``
-        and ``break_sharing``): ``(mapping or None, new block or None, self.aborts)``. The new
-        block is ``None`` when none is needed or the pool cannot give one at once; the caller then
-        goes :meth:`alloc_data_block`'s way, which waits or fails as the pool's mode says."""
+    def _find(self, dev_id: int, vblock: int) -> tuple[int, bool] | None:
+        """``dm_thin_find_block`` with the lock held, as ``(data block, shared)``: :meth:`run`'s
+        rules without its closure (the per-I/O path)."""
+        if self.mode == Mode.FAIL:
+            raise _eio("pool is in fail mode", self.name)
+        try:
+            return self.md.find(dev_id, vblock)
+        except (DeviceIOError, OSError, DMError) as err:
+            if not _metadata_fault(err):
+                raise
+            raise self._failed("dm_thin_find_block", err) from err
+
+    def begin_io(self, dev_id: int, vblock: int, write: bool) -> tuple[int, int | None, int | None, int]:
+        """``thin_bio_map`` for one block's I/O: the lookup under its cell, in one hold of the
+        lock when no other I/O holds the cell.
+
+        Returns ``(data block, None, None, 0)`` when the I/O goes to a mapped block (for a write,
+        one that is not shared): it is counted in flight there and the cell is free again; the
+        caller calls ``prison.leave(block)`` when done. Otherwise the caller holds the cell
+        (``prison.release((dev_id, vblock))`` when done) and gets ``(-1, shared data block or
+        None, new block or None, self.aborts)``: a read of an unmapped block gets no new block; a
+        write gets the block ``provision_block``/``break_sharing`` allocate (``alloc_data_block``),
+        or ``None`` when the pool cannot give one at once: the caller then goes
+        :meth:`alloc_data_block`'s way, which waits or fails as the pool's mode says.
+        """
+        key = (dev_id, vblock)
+        prison = self.prison
         with self.lock:
-            look = self.run("dm_thin_find_block", lambda md: md.lookup(dev_id, vblock))
-            if (look is None or look.shared) and self.mode == Mode.WRITE:
-                return look, self._alloc_locked(), self.aborts
-            return look, None, self.aborts
+            found = self._find(dev_id, vblock)
+            block = found[0] if found is not None and (not write or not found[1]) else None
+            if prison.enter_unless_held(key, block):
+                if block is not None:
+                    return block, None, None, 0
+                return self._provision_block(key, found, write)
+        prison.acquire(key)  # another I/O holds the cell: wait for it, then look again
+        try:
+            with self.lock:
+                found = self._find(dev_id, vblock)
+                if found is not None and (not write or not found[1]):
+                    prison.enter(found[0])
+                    prison.release(key)
+                    return found[0], None, None, 0
+                return self._provision_block(key, found, write)
+        except BaseException:
+            prison.release(key)
+            raise
+
+    def _provision_block(self, key: tuple[int, int], found: tuple[int, bool] | None,
+                         write: bool) -> tuple[int, int | None, int | None, int]:
+        """:meth:`begin_io`'s answer with the cell held (the lock held too)."""
+        try:
+            new = self._alloc_locked() if write and self.mode == Mode.WRITE else None
+        except BaseException:
+            self.prison.release(key)
+            raise
+        return -1, None if found is None else found[0], new, self.aborts
 
     def insert(self, state: DeviceState, vblock: int, block: int, aborts: int) -> None:
         """``dm_thin_insert_block``: map ``vblock`` to ``block`` (allocated when ``self.aborts``
         was ``aborts``) at the current time; EIO when an abort dropped the allocation since."""
-        self.insert_many(state, [(vblock, block)], aborts)
+        self.insert_many(state, ((vblock, block),), aborts)
 
     def unmap(self, state: DeviceState, vblock: int) -> int | None:
         """Remove a mapping for a discard; returns the data block to pass the discard down to, or
@@ -532,16 +591,21 @@ class Pool:
         with self.lock:
             self.space.notify_all()
 
-    def insert_many(self, state: DeviceState, pairs: list[tuple[int, int]], aborts: int) -> None:
+    def insert_many(self, state: DeviceState, pairs: Sequence[tuple[int, int]], aborts: int) -> None:
         """:meth:`insert` of every ``(vblock, block)`` pair under one lock."""
-        def insert(md: ThinMetadata) -> None:
-            md.insert_many(state.dev_id, pairs)
-            state.changed = True
-            self.mapped += 1
         with self.lock:
             if aborts != self.aborts:
                 raise _eio("the metadata transaction was aborted", self.name)
-            self.run("dm_thin_insert_block", insert)
+            if self.mode == Mode.FAIL:
+                raise _eio("pool is in fail mode", self.name)
+            try:  # run()'s rules, inline: this runs for every new block
+                self.md.insert_many(state.dev_id, pairs)
+            except (DeviceIOError, OSError, DMError) as err:
+                if not _metadata_fault(err):
+                    raise
+                raise self._failed("dm_thin_insert_block", err) from err
+            state.changed = True
+            self.mapped += 1
 
     # -- thin devices --------------------------------------------------------------------------
     def open_device(self, dev_id: int) -> DeviceState:

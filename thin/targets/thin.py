@@ -33,7 +33,6 @@ from dmtools.engine.target_driver import TargetContext, TargetDriver, fill_zero
 from dmtools.errors import DeviceIOError, DeviceNotFound, DMError, InvalidTable, NoSpace
 from dmtools.target_values import Thin
 
-from thin.metadata import Lookup
 from thin.targets.pool_core import SECTOR, Mode
 from thin.targets.pool_table import pool_table
 
@@ -112,14 +111,18 @@ class ThinTarget(TargetDriver):
     # -- reads ---------------------------------------------------------------------------------
     def read(self, buf: memoryview, offset: int) -> None:
         bb = self.bb
-        v0, v1 = offset // bb, -(-(offset + len(buf)) // bb)
+        vblock, within = divmod(offset, bb)
+        if within + len(buf) <= bb:  # one block: most I/O
+            self._read_block(vblock, within, buf)
+            return
+        v0, v1 = vblock, -(-(offset + len(buf)) // bb)
         if v1 - v0 < 2:
             self._per_block(buf, offset, self._read_block)
             return
         # Several blocks: their cells together, one walk of the mappings, one read per run of
         # blocks that are consecutive on the data device too.
         pool = self.pool
-        with pool.cells.hold_all((self.dev_id, v) for v in range(v0, v1)):
+        with pool.prison.hold_all((self.dev_id, v) for v in range(v0, v1)):
             pool.check_io()
             looks = pool.lookup_range(self.dev_id, v0, v1)
             run_start = run_at = run_end = -1
@@ -143,22 +146,17 @@ class ThinTarget(TargetDriver):
 
     def _read_block(self, vblock: int, within: int, piece: memoryview) -> None:
         pool = self.pool
-        key = (self.dev_id, vblock)
-        cells = pool.cells
-        cells.acquire(key)
-        try:
-            look = pool.lookup(self.dev_id, vblock)
-            if look is None:
+        block, _look, _new, _aborts = pool.begin_io(self.dev_id, vblock, False)
+        if block < 0:  # unmapped: read under the cell
+            try:
                 self._read_unmapped(vblock, within, piece)
-                return
-            block = look.data_block
-            pool.in_flight.enter(block)  # read outside the cell (thin_bio_map's remap)
-        finally:
-            cells.release(key)
-        try:
+            finally:
+                pool.prison.release((self.dev_id, vblock))
+            return
+        try:  # the read runs outside the cell (thin_bio_map's remap)
             _read_full(self.pool_dev, piece, block * self.bb + within)
         finally:
-            pool.in_flight.leave(block)
+            pool.prison.leave(block)
 
     def _read_unmapped(self, vblock: int, within: int, piece: memoryview) -> None:
         """An unprovisioned block reads zeros, or the external origin's data."""
@@ -179,6 +177,10 @@ class ThinTarget(TargetDriver):
     # -- writes --------------------------------------------------------------------------------
     def write(self, buf: memoryview, offset: int) -> None:
         bb = self.bb
+        vblock, within = divmod(offset, bb)
+        if within + len(buf) <= bb:  # one block: most I/O
+            self._write_block(vblock, within, buf)
+            return
         v0, v1 = -(-offset // bb), (offset + len(buf)) // bb
         if v1 - v0 < 2:
             self._per_block(buf, offset, self._write_block)
@@ -196,7 +198,7 @@ class ThinTarget(TargetDriver):
         allocated together, written with one I/O per run that is consecutive on the data device,
         and mapped together. Blocks the pool cannot give at once go the per-block way."""
         pool, bb = self.pool, self.bb
-        with pool.cells.hold_all((self.dev_id, v) for v in range(v0, v1)):
+        with pool.prison.hold_all((self.dev_id, v) for v in range(v0, v1)):
             pool.check_io()
             looks = pool.lookup_range(self.dev_id, v0, v1)
             dest = {v: look.data_block for v, look in looks.items() if not look.shared}
@@ -222,7 +224,7 @@ class ThinTarget(TargetDriver):
                 raise
             for look in looks.values():
                 if look.shared:  # reads still in flight on the old block (shared_read_ds)
-                    pool.in_flight.quiesce(look.data_block)
+                    pool.prison.quiesce(look.data_block)
             if pairs:
                 pool.insert_many(self.state, pairs, aborts)
         for v in need[len(news):]:
@@ -230,28 +232,22 @@ class ThinTarget(TargetDriver):
 
     def _write_block(self, vblock: int, within: int, piece: memoryview) -> None:
         pool = self.pool
-        key = (self.dev_id, vblock)
-        cells = pool.cells
-        cells.acquire(key)
-        try:
-            look, new, aborts = pool.lookup_for_write(self.dev_id, vblock)
-            if look is not None and not look.shared:
-                block = look.data_block
-                pool.in_flight.enter(block)  # the write runs outside the cell (thin_bio_map)
-            else:
-                self._provision(vblock, within, piece, look, new, aborts)
-                return
-        finally:
-            cells.release(key)
-        try:
+        block, old, new, aborts = pool.begin_io(self.dev_id, vblock, True)
+        if block < 0:  # unmapped or shared: provision under the cell
+            try:
+                self._provision(vblock, within, piece, old, new, aborts)
+            finally:
+                pool.prison.release((self.dev_id, vblock))
+            return
+        try:  # the write runs outside the cell (thin_bio_map)
             self.pool_dev.write(piece, block * self.bb + within)
         finally:
-            pool.in_flight.leave(block)
+            pool.prison.leave(block)
 
-    def _provision(self, vblock: int, within: int, piece: memoryview, look: Lookup | None, new: int | None,
+    def _provision(self, vblock: int, within: int, piece: memoryview, old: int | None, new: int | None,
                    aborts: int) -> None:
-        """Write ``piece`` to a new block for ``vblock`` (unmapped, or shared: ``look``), its cell
-        held: ``new`` is the block :meth:`Pool.lookup_for_write` gave, else one is allocated here
+        """Write ``piece`` to a new block for ``vblock`` (unmapped, or shared with data block ``old``), its cell
+        held: ``new`` is the block :meth:`Pool.begin_io` gave, else one is allocated here
         (waiting for space or failing as the pool's mode says). The new mapping goes in once the
         block is prepared and written, and I/O still in flight on a shared old block is done."""
         pool = self.pool
@@ -265,21 +261,21 @@ class ThinTarget(TargetDriver):
                 raise
         try:
             if within or len(piece) != self.bb:
-                self._prepare(vblock, new, look)
+                self._prepare(vblock, new, old)
             self.pool_dev.write(piece, new * self.bb + within)
         except BaseException:
             pool.release_block(new, aborts)
             raise
-        if look is not None:
-            pool.in_flight.quiesce(look.data_block)
+        if old is not None:
+            pool.prison.quiesce(old)
         pool.insert(self.state, vblock, new, aborts)
 
-    def _prepare(self, vblock: int, new: int, old: Lookup | None) -> None:
+    def _prepare(self, vblock: int, new: int, old: int | None) -> None:
         """Fill a new block before a partial write (dm-thin.c ``schedule_copy``/``schedule_zero``/
         ``schedule_external_copy``)."""
         bs = self.block_sectors
         if old is not None:  # break_sharing
-            self._copy(kcopyd.Region(self.pool_dev, old.data_block * bs, bs), kcopyd.Region(self.pool_dev, new * bs, bs))
+            self._copy(kcopyd.Region(self.pool_dev, old * bs, bs), kcopyd.Region(self.pool_dev, new * bs, bs))
             return
         start = vblock * bs
         if self.origin is not None and start < self.origin_sectors:
@@ -317,11 +313,11 @@ class ThinTarget(TargetDriver):
         mapped = pool.run("dm_thin_find_mapped_range",
                           lambda md: [v for v, _b, _t in md.mappings(self.dev_id, first, end)])
         for vblock in mapped:
-            with pool.cells.hold((self.dev_id, vblock)):
+            with pool.prison.hold((self.dev_id, vblock)):
                 look = pool.lookup(self.dev_id, vblock)
                 if look is None:
                     continue
-                pool.in_flight.quiesce(look.data_block)  # I/O sent to it before the discard (all_io_ds)
+                pool.prison.quiesce(look.data_block)  # I/O sent to it before the discard (all_io_ds)
                 aborts = pool.aborts
                 block = pool.unmap(self.state, vblock)
                 if block is None:
