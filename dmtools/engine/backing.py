@@ -14,6 +14,7 @@ import ctypes
 import mmap
 import os
 import queue
+import threading
 from typing import TYPE_CHECKING, Any
 
 from dmtools.blockdev import BlockDevice, aligned_buffer
@@ -67,6 +68,8 @@ class BackingDevice(Endpoint):
         self.buffered.fadvise(0, 0, os.POSIX_FADV_SEQUENTIAL)
         self.name = self.buffered.name
         self._direct: BlockDevice | None = None
+        self._random: int | None = None
+        self._random_lock = threading.Lock()
         if writable:
             try:
                 self._direct = BlockDevice(path, writable=True, direct=True)
@@ -96,6 +99,23 @@ class BackingDevice(Endpoint):
 
     def fileno(self) -> int | None:
         return self.buffered.fileno()
+
+    def random_fileno(self) -> int:
+        """A read-only descriptor of the same file without read-ahead (``POSIX_FADV_RANDOM``),
+        for small reads that the read-ahead of the main one would inflate; opened on first use
+        (through ``/proc/self/fd``: the same file, even if its path changed since)."""
+        with self._random_lock:
+            if self._random is None:
+                fd = os.open(f"/proc/self/fd/{self.buffered.fileno()}", os.O_RDONLY | os.O_CLOEXEC)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                self._random = fd
+            return self._random
+
+    def direct_fileno(self) -> tuple[int, int] | None:
+        """The ``O_DIRECT`` twin's descriptor and alignment (its logical block size), used for
+        writes of ``DIRECT_MIN`` bytes or more; ``None`` without one."""
+        direct = self._direct
+        return None if direct is None else (direct.fileno(), direct.logical_block_size)
 
     def readinto(self, buf: Any, offset: int) -> int:
         return self.buffered.readinto(buf, offset)
@@ -138,6 +158,9 @@ class BackingDevice(Endpoint):
         self.buffered.fadvise(offset, length, advice)
 
     def close(self) -> None:
+        if self._random is not None:
+            os.close(self._random)
+            self._random = None
         self.buffered.close()
         if self._direct is not None:
             self._direct.close()

@@ -9,7 +9,7 @@ opened). Table, status and IMA text follow the kernel's ``drivers/md/dm-linear.c
 from __future__ import annotations
 
 import errno
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from dmtools.engine.target_driver import (
     SECTOR,
@@ -21,6 +21,18 @@ from dmtools.engine.target_driver import (
 from dmtools.errors import DeviceIOError
 from dmtools.status import StripedStatus
 from dmtools.target_values import Error, Linear, Striped, Target
+
+
+class FileLayout(NamedTuple):
+    """How a ``linear`` or ``striped`` target lays its bytes on its devices (the exposure's C
+    data path moves them: ``dmtools.engine.fastpath``).
+
+    ``chunk`` bytes go to each leg in turn (0: one leg, no chunks); ``legs`` are the devices with
+    the byte offset where the target's area starts on each.
+    """
+
+    chunk: int
+    legs: tuple[tuple[DeviceHandle, int], ...]
 
 
 class LinearTarget(TargetDriver):
@@ -46,6 +58,10 @@ class LinearTarget(TargetDriver):
 
     def read_to(self, pipe: int, offset: int, length: int) -> None:
         self.dev.splice_to(pipe, self._base + offset, length)
+
+    def file_layout(self) -> FileLayout:
+        """One leg, no chunks: byte ``o`` of the target is byte ``base + o`` of the device."""
+        return FileLayout(0, ((self.dev, self._base),))
 
     def write_durable(self, buf: memoryview, offset: int) -> None:
         # dm-linear remaps a REQ_FUA bio to the one device below, flag kept (drivers/md/dm-linear.c)
@@ -121,6 +137,11 @@ class StripedTarget(TargetDriver):
 
     def read_to(self, pipe: int, offset: int, length: int) -> None:
         self._io(offset, length, lambda dev, off, pos, n: dev.splice_to(pipe, off, n))
+
+    def file_layout(self) -> FileLayout:
+        """Chunks round-robin over the legs, as :meth:`_pieces` splits them."""
+        return FileLayout(self._chunk_bytes, tuple(
+            (dev, off * SECTOR) for dev, off in zip(self.devices, self.offsets)))
 
     def discard(self, offset: int, length: int) -> None:
         for stripe, dev_off, _pos, n in self._pieces(offset, length):

@@ -201,6 +201,9 @@ class Device:
         self.on_last_close: Callable[["Device"], None] | None = None
         #: exposure bookkeeping (set by the exposure manager).
         self.exposure: Any = None
+        #: the exposure's C data path for this device (``dmtools.engine.fastpath.Slot``): the live
+        #: table's map is withdrawn as the gate closes and installed again once it opens.
+        self.fast_path: Any = None
 
     # --- identity ---------------------------------------------------------------------------
     @property
@@ -289,6 +292,9 @@ class Device:
         """Hold new I/O and wait for in-flight I/O to finish; False if ``timeout`` expired."""
         with self._gate:
             self.suspended = True
+        if self.fast_path is not None:
+            self.fast_path.off(timeout)
+        with self._gate:
             return self._gate.wait_for(lambda: self._inflight == 0, timeout)
 
     def unblock_io(self) -> None:
@@ -296,12 +302,16 @@ class Device:
         with self._gate:
             self.suspended = False
             self._gate.notify_all()
+        if self.fast_path is not None:
+            self.fast_path.on(self)
 
     def kill(self) -> None:
         """Mark removed: held I/O fails, waiters wake."""
         with self._gate:
             self.removed = True
             self._gate.notify_all()
+        if self.fast_path is not None:
+            self.fast_path.off(0.0)  # block_io withdrew it already, unless a C request hangs
         with self._events:
             self.event_nr += 1
             self._events.notify_all()

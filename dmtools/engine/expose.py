@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 
 from dmtools import loop
-from dmtools.engine import fuse_io, rundir
+from dmtools.engine import fastpath, fuse_io, rundir
 from dmtools.errors import DMError, LoopError
 from dmtools.linux import BLKROSET, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, libc
 
@@ -51,6 +51,9 @@ FUSECTL_DIR = "/sys/fs/fuse/connections"
 MNT_DETACH = 2
 #: FUSE worker threads (libfuse's ``max_threads``): requests served in parallel.
 FUSE_THREADS = 8
+#: How long a removed device's C slot waits for its requests in flight (a hung backing device):
+#: after that the slot stays taken, unused, until the FUSE session ends.
+FAST_SLOT_WAIT = 5.0
 #: How long ``close`` waits for the FUSE thread after a lazy unmount (its session lasts while a
 #: loop device someone holds open still refers to a file; process exit ends it).
 FUSE_JOIN_BUSY = 1.0
@@ -264,6 +267,8 @@ class _Operations:
         #: files being bound to a loop device while their device is still empty: they report
         #: one sector, because ``dmtools.loop.attach`` refuses an empty file (the kernel does not).
         self.attaching: set[str] = set()
+        #: each file's FUSE handle: its slot in the C data path (``dmtools.engine.fastpath``).
+        self.handles: dict[str, int] = {}
 
     def _dev(self, path: str | None) -> "Device":
         dev = self.files.get((path or "").lstrip("/"))
@@ -297,7 +302,7 @@ class _Operations:
 
     def open(self, path: str, flags: int) -> int:
         self._dev(path)
-        return 0
+        return self.handles.get(path.lstrip("/"), 0)
 
     # ``write`` exists so that mfusepy wires the callback; ZeroCopyFUSE calls ``writefrom`` with
     # the kernel's buffer instead. Reads are ``read_buf`` (``fuse_io``).
@@ -391,6 +396,7 @@ class Exposure:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._ops = _Operations(self._files, threading.Event())
+        self._fast: fastpath.Session | None = None
         _LIVE[os.path.realpath(self.mount_dir)] = self
 
     # --- the FUSE mount ---------------------------------------------------------------------
@@ -410,17 +416,21 @@ class Exposure:
         ready = threading.Event()
         ops = self._ops = _Operations(self._files, ready)
         fuse_cls = _make_fuse_class()
+        session = self._fast = fastpath.Session.create()
 
         def serve() -> None:
             try:
-                fuse_cls(
-                    ops, self.mount_dir, foreground=True, direct_io=True, fsname="dmtools",
-                    subtype="dmtools", attr_timeout=0, entry_timeout=0, negative_timeout=0,
-                    max_threads=FUSE_THREADS, max_idle_threads=FUSE_THREADS,
-                )
+                with fastpath.serving(session):
+                    fuse_cls(
+                        ops, self.mount_dir, foreground=True, direct_io=True, fsname="dmtools",
+                        subtype="dmtools", attr_timeout=0, entry_timeout=0, negative_timeout=0,
+                        max_threads=FUSE_THREADS, max_idle_threads=FUSE_THREADS,
+                    )
             except BaseException as err:  # noqa: BLE001 - reported to the thread that waits
                 self._error = err
             finally:
+                if session is not None:
+                    session.close()
                 ops.pipes.close()
                 ready.set()
 
@@ -472,13 +482,15 @@ class Exposure:
             self._serial += 1
             fname = f"dev{self._serial}"
             self._files[fname] = dev
+            slot = self._fast.slot() if self._fast is not None else None
+            if slot is not None:
+                self._ops.handles[fname] = slot.handle
         path = os.path.join(self.mount_dir, fname)
         self._ops.attaching.add(fname)
         try:
             lo = self._attach(path)
         except BaseException:
-            with self._lock:
-                del self._files[fname]
+            self._forget(fname, slot)
             raise
         finally:
             self._ops.attaching.discard(fname)
@@ -490,11 +502,11 @@ class Exposure:
         except OSError as err:
             with contextlib.suppress(DMError):
                 loop.detach(lo)
-            with self._lock:
-                del self._files[fname]
+            self._forget(fname, slot)
             raise DMError(f"cannot create {link}: {err}", errno=err.errno, operation="expose",
                           device=dev.name) from err
         dev.exposure = Exposed(fname, lo, link)
+        dev.fast_path = slot
         udev_settle()
         return lo.major, lo.minor
 
@@ -522,12 +534,26 @@ class Exposure:
                 os.unlink(exp.link)
         with contextlib.suppress(DMError):
             loop.detach(exp.loop, timeout=timeout)
-        with self._lock:
-            self._files.pop(exp.file, None)
-            idle = not self._files
+        slot, dev.fast_path = dev.fast_path, None
+        idle = self._forget(exp.file, slot)
         dev.exposure = None
         if idle:
             self._ops.pipes.sweep()
+
+    def _forget(self, fname: str, slot: fastpath.Slot | None) -> bool:
+        """Drop file ``fname`` and its C slot; True when no file is left."""
+        if slot is not None:
+            slot.close(timeout=FAST_SLOT_WAIT)
+        with self._lock:
+            self._files.pop(fname, None)
+            self._ops.handles.pop(fname, None)
+            return not self._files
+
+    def fast_stats(self, dev: "Device") -> dict[str, int]:
+        """What the C data path did for ``dev`` (``dmtools._ffi.fastio.STATS``: requests and
+        bytes moved in C, requests it handed to Python); empty when it does not serve ``dev``."""
+        slot: fastpath.Slot | None = dev.fast_path
+        return slot.stats() if slot is not None else {}
 
     def renamed(self, dev: "Device", old_name: str) -> None:
         """Move the mapper link to the device's new name."""

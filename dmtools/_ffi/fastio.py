@@ -1,0 +1,230 @@
+"""The exposure's C data path (``fastio.c``): built on first use with the system's C compiler, loaded
+with ctypes.
+
+The library is plain C (no Python headers, no libfuse headers): ``cc -shared`` turns ``fastio.c``
+into ``fastio-<hash>.so`` in a cache directory of this user (``$DMTOOLS_CACHE_DIR``, else
+``$XDG_CACHE_HOME/dmtools``, else ``~/.cache/dmtools``), named by the hash of the source and the
+flags, so an edited source is rebuilt and nothing stale is loaded. The directory and the library
+must belong to this user and be writable by no one else: root loads code from there. Without a
+compiler (or with ``DMTOOLS_FAST_IO=0``) :func:`load` returns ``None`` and says why once in the log;
+the exposure then serves every request in Python.
+
+This module only declares the C surface and builds it; :mod:`dmtools.engine.fastpath` decides
+what to install.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastio.c")
+CFLAGS = ("-O2", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-Wall", "-Werror")
+#: ``DMF_ABI`` in fastio.c: a library answering another number is not used.
+ABI = 1
+#: Counters of a slot (``enum`` ``ST_*`` in fastio.c), in order.
+STATS = ("reads", "writes", "read_bytes", "write_bytes", "fallbacks", "errors")
+#: Words of a map description (``HDR_WORDS``, ``SEG_WORDS``, ``LEG_WORDS`` in fastio.c).
+HDR_WORDS, SEG_WORDS, LEG_WORDS = 5, 4, 5
+#: Set to ``0`` to serve every FUSE request in Python.
+ENV_SWITCH = "DMTOOLS_FAST_IO"
+
+_c_u64 = ctypes.c_uint64
+_c_vp = ctypes.c_void_p
+#: name -> (restype, argtypes) of every function fastio.c exports.
+_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
+    "dmf_abi": (ctypes.c_int, []),
+    "dmf_setup": (None, [_c_vp, ctypes.c_size_t, ctypes.c_size_t]),
+    "dmf_ctx_new": (_c_vp, [_c_vp, _c_vp, _c_vp, ctypes.c_size_t, ctypes.c_size_t]),
+    "dmf_ctx_free": (None, [_c_vp]),
+    "dmf_slot_new": (_c_u64, [_c_vp]),
+    "dmf_slot_set": (ctypes.c_int, [_c_vp, _c_u64, ctypes.POINTER(ctypes.c_int64), ctypes.c_size_t,
+                                     ctypes.c_long]),
+    "dmf_slot_free": (ctypes.c_int, [_c_vp, _c_u64, ctypes.c_long]),
+    "dmf_slot_stats": (ctypes.c_int, [_c_vp, _c_u64, ctypes.POINTER(_c_u64)]),
+    "dmf_slot_write": (ctypes.c_int, [_c_vp, _c_u64, _c_vp, ctypes.c_size_t, ctypes.c_int64]),
+    "dmf_slot_read": (ctypes.c_int, [_c_vp, _c_u64, _c_vp, ctypes.c_size_t, ctypes.c_int64]),
+}
+#: The ``fuse_operations`` entries fastio.c provides, by field name.
+OPERATIONS = {"init": "dmf_op_init", "write": "dmf_op_write", "read_buf": "dmf_op_read_buf"}
+
+_lock = threading.Lock()
+_loaded: "FastIO | None" = None
+_reason: str | None = None
+
+
+def _cache_dirs() -> list[str]:
+    env = os.environ.get("DMTOOLS_CACHE_DIR")
+    if env:
+        return [env]
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return [os.path.join(xdg, "dmtools"),
+            os.path.join(tempfile.gettempdir(), f"dmtools-cache-{os.geteuid()}")]
+
+
+def _private(path: str, *, directory: bool) -> bool:
+    """True when ``path`` is ours and writable by no one else (not a symlink)."""
+    st = os.lstat(path)
+    kind = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
+    return kind and st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    return shutil.which(cc) if cc else (shutil.which("cc") or shutil.which("gcc"))
+
+
+def _build(cc: str) -> str:
+    """The path of the built library (built now unless cached); raises OSError with the reason."""
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    digest = hashlib.sha256(source + "\0".join((cc, *CFLAGS)).encode()).hexdigest()[:16]
+    errors = []
+    for cache in _cache_dirs():
+        try:
+            os.makedirs(cache, mode=0o700, exist_ok=True)
+            if not _private(cache, directory=True):
+                raise OSError(f"{cache} is not private to uid {os.geteuid()}")
+            lib = os.path.join(cache, f"fastio-{digest}.so")
+            if os.path.exists(lib):
+                if not _private(lib, directory=False):
+                    raise OSError(f"{lib} is not private to uid {os.geteuid()}")
+                return lib
+            fd, tmp = tempfile.mkstemp(prefix=".fastio-", suffix=".so", dir=cache)
+            os.close(fd)
+            try:
+                done = subprocess.run([cc, *CFLAGS, "-o", tmp, SOURCE], capture_output=True,
+                                      text=True, timeout=120, check=False)
+                if done.returncode != 0:
+                    raise OSError(f"{cc} failed: {done.stderr.strip()[:2000]}")
+                os.chmod(tmp, 0o700)
+                os.replace(tmp, lib)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return lib
+        except (OSError, subprocess.SubprocessError) as err:
+            errors.append(str(err))
+    raise OSError("; ".join(errors))
+
+
+def _millis(timeout: float | None) -> int:
+    return -1 if timeout is None else max(0, int(timeout * 1000))
+
+
+class FastIO:
+    """The loaded library: one Python method per exported C function (``fastio.c``)."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype = restype
+            fn.argtypes = argtypes
+
+    def operation(self, field: str) -> int:
+        """The address of the C function for ``fuse_operations.<field>`` (:data:`OPERATIONS`)."""
+        return ctypes.cast(getattr(self.lib, OPERATIONS[field]), _c_vp).value or 0
+
+    def setup(self, get_context: int, private_off: int, fh_off: int) -> None:
+        """libfuse's ``fuse_get_context`` and the offsets of ``fuse_context.private_data`` and
+        ``fuse_file_info.fh`` (the same in every FUSE session of a process)."""
+        self.lib.dmf_setup(get_context, private_off, fh_off)
+
+    def ctx_new(self, py_write: int, py_read_buf: int, py_init: int, pipe_min: int,
+                pipe_bytes: int) -> int:
+        """A context for one FUSE session, given the Python callbacks it falls back to."""
+        ctx = self.lib.dmf_ctx_new(py_write, py_read_buf, py_init, pipe_min, pipe_bytes)
+        if not ctx:
+            raise MemoryError("no memory for the FUSE fast path")
+        return int(ctx)
+
+    def ctx_free(self, ctx: int) -> None:
+        """Free a context whose FUSE session has ended (every slot's map with it)."""
+        self.lib.dmf_ctx_free(ctx)
+
+    def slot_new(self, ctx: int) -> int:
+        """A new slot's id (the FUSE file handle of its file), 0 when every slot is taken."""
+        return int(self.lib.dmf_slot_new(ctx))
+
+    def slot_set(self, ctx: int, slot: int, words: list[int] | None,
+                 timeout: float | None = None) -> None:
+        """Install a map (:data:`HDR_WORDS`...) or none, once the requests in flight are done
+        (waiting at most ``timeout`` seconds); raises ``OSError`` for a map that cannot be
+        installed, or ``ETIMEDOUT``: the slot's map is then not used by new requests."""
+        n = len(words or ())
+        arr = (ctypes.c_int64 * max(n, 1))(*(words or ()))
+        ret = self.lib.dmf_slot_set(ctx, slot, arr, n, _millis(timeout))
+        if ret:
+            raise OSError(-ret, f"fast path map: {os.strerror(-ret)}")
+
+    def slot_free(self, ctx: int, slot: int, timeout: float | None = None) -> None:
+        """Drop a slot (its map first) once its requests in flight are done, waiting at most
+        ``timeout`` seconds; raises ``OSError`` (``ETIMEDOUT``: it stays taken, unused)."""
+        ret = self.lib.dmf_slot_free(ctx, slot, _millis(timeout))
+        if ret:
+            raise OSError(-ret, f"fast path slot: {os.strerror(-ret)}")
+
+    def slot_stats(self, ctx: int, slot: int) -> dict[str, int]:
+        """The slot's counters (:data:`STATS`); empty for a slot that is gone."""
+        out = (_c_u64 * len(STATS))()
+        if self.lib.dmf_slot_stats(ctx, slot, out):
+            return {}
+        return dict(zip(STATS, out))
+
+    def slot_write(self, ctx: int, slot: int, buf: Any, offset: int) -> int | None:
+        """Write ``buf`` through the slot's map as a FUSE write would: its length, or ``None``
+        where the request would go to Python."""
+        view = memoryview(buf).cast("B")
+        c_buf = (ctypes.c_char * len(view)).from_buffer_copy(view) if view.readonly else \
+            (ctypes.c_char * len(view)).from_buffer(view)
+        n = self.lib.dmf_slot_write(ctx, slot, c_buf, len(view), offset)
+        return None if n < 0 else int(n)
+
+    def slot_read(self, ctx: int, slot: int, buf: Any, offset: int) -> int | None:
+        """Read into ``buf`` through the slot's map: its length, or ``None`` (the Python path)."""
+        view = memoryview(buf).cast("B")
+        n = self.lib.dmf_slot_read(ctx, slot, (ctypes.c_char * len(view)).from_buffer(view),
+                                   len(view), offset)
+        return None if n < 0 else int(n)
+
+
+def load() -> FastIO | None:
+    """The library, built on first use; ``None`` (logged once, with the reason) where it cannot
+    be built or loaded, or when ``DMTOOLS_FAST_IO=0``."""
+    global _loaded, _reason
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    with _lock:
+        if _loaded is None and _reason is None:
+            cc = _compiler()
+            try:
+                if cc is None:
+                    raise OSError("no C compiler (cc) on PATH")
+                lib = FastIO(ctypes.CDLL(_build(cc)))
+                if lib.lib.dmf_abi() != ABI:
+                    raise OSError("fastio library of another ABI")
+                _loaded = lib
+            except (OSError, AttributeError) as err:
+                _reason = str(err)
+                log.warning("exposed devices' I/O runs in Python: the C fast path is unavailable "
+                            "(%s)", _reason)
+        return _loaded
+
+
+def unavailable() -> str | None:
+    """Why :func:`load` returned ``None`` (after it did), else ``None``."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return f"{ENV_SWITCH}=0"
+    load()
+    return _reason
