@@ -409,9 +409,9 @@ static char *bounce(size_t n)
 	return t->bounce;
 }
 
-/* This thread's empty reply pipe with room for n bytes, or NULL. A pipe still holding bytes (a
- * reply libfuse did not take, or a read abandoned half-way) is replaced. */
-static int *reply_pipe(size_t n)
+/* This thread's empty reply pipe, of pipe_bytes, with room for n bytes, or NULL. A pipe still
+ * holding bytes (a reply libfuse did not take, or a read abandoned half-way) is replaced. */
+static int *reply_pipe(size_t n, size_t pipe_bytes)
 {
 	struct thread_bufs *t = thread_bufs();
 	if (!t)
@@ -426,7 +426,7 @@ static int *reply_pipe(size_t n)
 			t->pipe[0] = t->pipe[1] = -1;
 			return NULL;
 		}
-		int got = fcntl(t->pipe[1], F_SETPIPE_SZ, (int)n);
+		int got = fcntl(t->pipe[1], F_SETPIPE_SZ, (int)pipe_bytes);
 		t->pipe_size = got > 0 ? (size_t)got : 0;
 	}
 	return t->pipe_size >= n ? t->pipe : NULL;
@@ -610,7 +610,7 @@ static int slot_read_buf(struct dmf_ctx *ctx, uint64_t id, struct fuse_bufvec **
 	}
 	vec->count = 1;
 	int ok = 0;
-	int *p = size >= ctx->pipe_min && size <= ctx->pipe_bytes ? reply_pipe(size) : NULL;
+	int *p = size >= ctx->pipe_min && size <= ctx->pipe_bytes ? reply_pipe(size, ctx->pipe_bytes) : NULL;
 	if (p) {
 		if (map_io(s->map, OP_SPLICE, NULL, p[1], size, (uint64_t)off) == 0) {
 			vec->buf[0].fd = p[0];

@@ -549,10 +549,12 @@ class Exposure:
             self._ops.handles.pop(fname, None)
             return not self._files
 
-    def fast_stats(self, dev: "Device") -> dict[str, int]:
-        """What the C data path did for ``dev`` (``dmtools._ffi.fastio.STATS``: requests and
-        bytes moved in C, requests it handed to Python); empty when it does not serve ``dev``."""
-        slot: fastpath.Slot | None = dev.fast_path
+    def fast_stats(self, name: str) -> dict[str, int]:
+        """What the C data path did for device ``name`` (``dmtools._ffi.fastio.STATS``: requests
+        and bytes moved in C, requests it handed to Python); empty when it does not serve it."""
+        with self._lock:
+            devs = [d for d in self._files.values() if d.name == name]
+        slot: fastpath.Slot | None = devs[0].fast_path if devs else None
         return slot.stats() if slot is not None else {}
 
     def renamed(self, dev: "Device", old_name: str) -> None:

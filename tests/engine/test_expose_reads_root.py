@@ -20,7 +20,7 @@ pytestmark = pytest.mark.root
 MiB = 1 << 20
 
 
-@pytest.fixture(params=[True, False], ids=["c", "python"])
+@pytest.fixture(params=[False, True], ids=["python", "c"])
 def fast(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
     """Whether the exposure's C data path (``dmtools.engine.fastpath``) serves the devices."""
     if not request.param:

@@ -1,0 +1,279 @@
+"""Root tier: the exposure's C data path (``dmtools.engine.fastpath``) through real loop devices and
+FUSE: taken (its counters), the same bytes as the Python path, held by suspend, switched by a
+reload at resume, EIO from a failing backing device, and removal still refused while open."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from dmtools._ffi import fastio
+from dmtools.blockdev import aligned_buffer
+from dmtools.engine import Engine
+from dmtools.errors import DeviceBusy
+
+pytestmark = pytest.mark.root
+
+MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def _built() -> None:
+    if fastio.load() is None:
+        pytest.skip(f"the C fast path cannot be built here: {fastio.unavailable()} "
+                    "(scripts/setup-env installs gcc)")
+
+
+def _engine(run_dir: str) -> Iterator[Engine]:
+    eng = Engine(expose=True, run_dir=run_dir)
+    try:
+        yield eng
+    finally:
+        eng.close()
+
+
+@pytest.fixture
+def xengine(tmp_path: Path) -> Iterator[Engine]:
+    yield from _engine(str(tmp_path / "run"))
+
+
+def _stats(eng: Engine, name: str) -> dict[str, int]:
+    assert eng.exposure is not None
+    return eng.exposure.fast_stats(name)
+
+
+def _until(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _pwrite(path: str, data: bytes, offset: int, flags: int = 0) -> None:
+    buf = aligned_buffer(len(data))
+    buf[:] = data
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT | flags)
+    try:
+        assert os.pwritev(fd, [buf], offset) == len(data)
+    finally:
+        os.close(fd)
+
+
+def _pread(path: str, size: int, offset: int) -> bytes:
+    buf = aligned_buffer(size)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [buf], offset) == size
+    finally:
+        os.close(fd)
+    return bytes(buf)
+
+
+def _file(path: Path, size: int) -> str:
+    path.write_bytes(os.urandom(size))
+    return str(path)
+
+
+def _ops(seed: int, size: int) -> list[tuple[int, int]]:
+    """(offset, length) of writes of every size FUSE sees, 512-aligned, some crossing chunks."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(60):
+        n = rng.choice([512, 4096, 8192, 65536, 3 * 65536 + 512, MiB])
+        out.append((rng.randrange(0, (size - n) // 512 + 1) * 512, n))
+    return out
+
+
+def test_c_path_moves_the_same_bytes_as_the_python_path(tmp_path, monkeypatch):
+    tables = {}
+    seed = os.urandom(4 * MiB)
+    for variant in ("c", "py"):
+        d = tmp_path / variant
+        d.mkdir()
+        for name in ("lin", "a", "b"):
+            (d / f"{name}.img").write_bytes(seed)
+        tables[variant] = {
+            "lin": f"0 8192 linear {d / 'lin.img'} 0",
+            "str": f"0 8192 striped 2 128 {d / 'a.img'} 0 {d / 'b.img'} 0",
+        }
+    engines = {}
+    gens = []
+    try:
+        for variant in ("c", "py"):
+            if variant == "py":
+                monkeypatch.setenv("DMTOOLS_FAST_IO", "0")  # read when the FUSE mount starts
+            gen = _engine(str(tmp_path / f"run-{variant}"))
+            gens.append(gen)
+            eng = engines[variant] = next(gen)
+            for name, table in tables[variant].items():
+                eng.create(f"{name}-{variant}-dmtt", table)
+        for name in ("lin", "str"):
+            for off, n in _ops(hash(name) & 0xFFFF, 4 * MiB):
+                data = os.urandom(n)
+                for variant, eng in engines.items():
+                    dev = eng.device_path(f"{name}-{variant}-dmtt")
+                    _pwrite(dev, data, off)
+                    assert _pread(dev, n, off) == data
+            c_dev = engines["c"].device_path(f"{name}-c-dmtt")
+            py_dev = engines["py"].device_path(f"{name}-py-dmtt")
+            for off in range(0, 4 * MiB, MiB):
+                assert _pread(c_dev, MiB, off) == _pread(py_dev, MiB, off)
+            # the Python engine's own reads (Device.read) see what C wrote
+            with engines["c"].open_endpoint(f"{name}-c-dmtt") as ep:
+                got = bytearray(4 * MiB)
+                ep.readinto(got, 0)
+            assert bytes(got) == _pread(py_dev, 4 * MiB, 0)
+            stats = _stats(engines["c"], f"{name}-c-dmtt")
+            assert stats["writes"] >= 60 and stats["reads"] >= 60 and stats["errors"] == 0
+            assert _stats(engines["py"], f"{name}-py-dmtt") == {}
+        for name in ("lin", "a", "b"):
+            assert (tmp_path / "c" / f"{name}.img").read_bytes() == \
+                (tmp_path / "py" / f"{name}.img").read_bytes()
+    finally:
+        for gen in gens:
+            gen.close()
+
+
+def test_suspend_holds_c_writes_until_resume(xengine, tmp_path):
+    img = _file(tmp_path / "s.img", 4 * MiB)
+    xengine.create("sus-dmtt", f"0 8192 linear {img} 0")
+    dev = xengine.device_path("sus-dmtt")
+    _pwrite(dev, b"\1" * MiB, 0)
+    assert _stats(xengine, "sus-dmtt")["writes"] >= 1
+    xengine.suspend("sus-dmtt")
+    before = _stats(xengine, "sus-dmtt")
+    with open(img, "rb") as f:
+        old = f.read(MiB)
+    pattern = os.urandom(MiB)
+    writer = threading.Thread(target=_pwrite, args=(dev, pattern, 0))
+    writer.start()
+    # The request reached the C entry, found no map and went to Python, where the gate holds it.
+    _until(lambda: _stats(xengine, "sus-dmtt")["fallbacks"] > before["fallbacks"], "the held write")
+    assert writer.is_alive()
+    with open(img, "rb") as f:
+        assert f.read(MiB) == old
+    assert _stats(xengine, "sus-dmtt")["writes"] == before["writes"]
+    xengine.resume("sus-dmtt")
+    writer.join(20)
+    assert not writer.is_alive()
+    with open(img, "rb") as f:
+        assert f.read(MiB) == pattern
+    after = _stats(xengine, "sus-dmtt")["writes"]
+    _pwrite(dev, pattern, MiB)
+    assert _stats(xengine, "sus-dmtt")["writes"] > after  # C again after the resume
+
+
+def test_reload_switches_maps_at_resume(xengine, tmp_path):
+    old_img = _file(tmp_path / "old.img", 4 * MiB)
+    new_img = _file(tmp_path / "new.img", 4 * MiB)
+    xengine.create("rel-dmtt", f"0 8192 linear {old_img} 0")
+    dev = xengine.device_path("rel-dmtt")
+    stop = threading.Event()
+    done: list[int] = []
+
+    def write() -> None:
+        buf = aligned_buffer(4096)
+        fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+        try:
+            seq = 0
+            while not stop.is_set():
+                seq += 1
+                buf[:8] = struct.pack("<Q", seq)
+                assert os.pwritev(fd, [buf], 0) == 4096
+                done.append(seq)
+        finally:
+            os.close(fd)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        _until(lambda: len(done) >= 20, "writes to the old table")
+        xengine.load("rel-dmtt", f"0 8192 linear {new_img} 0")
+        _until(lambda: len(done) >= 40, "writes while the new table waits")
+        issued_before = done[-1]
+        xengine.resume("rel-dmtt")
+        with open(old_img, "rb") as f:
+            old_seq = struct.unpack("<Q", f.read(8))[0]
+        mark = len(done)
+        _until(lambda: len(done) >= mark + 20, "writes to the new table")
+    finally:
+        stop.set()
+        writer.join(20)
+    with open(old_img, "rb") as f:
+        assert struct.unpack("<Q", f.read(8))[0] == old_seq  # nothing reached it after resume
+    with open(new_img, "rb") as f:
+        assert struct.unpack("<Q", f.read(8))[0] == done[-1]
+    assert issued_before <= old_seq < done[-1]
+    assert _stats(xengine, "rel-dmtt")["writes"] >= len(done) - 5  # C before and after
+
+
+@pytest.fixture
+def lower(tmp_path: Path) -> Iterator[Engine]:
+    """A second engine whose exposed device is the backing block device of the first's."""
+    yield from _engine(str(tmp_path / "lower-run"))
+
+
+def test_a_failing_backing_device_gives_eio(lower, xengine, tmp_path):
+    lower.create("low-dmtt", f"0 8192 linear {_file(tmp_path / 'low.img', 4 * MiB)} 0")
+    other = _file(tmp_path / "other.img", 4 * MiB)
+    low = os.path.realpath(lower.device_path("low-dmtt"))
+    xengine.create("up-dmtt", f"0 8192 linear {low} 0")
+    xengine.create("ups-dmtt", f"0 8192 striped 2 128 {low} 0 {other} 0")
+    up, ups = xengine.device_path("up-dmtt"), xengine.device_path("ups-dmtt")
+    _pwrite(up, b"\2" * MiB, 0)
+    assert _stats(xengine, "up-dmtt")["writes"] >= 1 and _stats(xengine, "up-dmtt")["errors"] == 0
+    lower.load("low-dmtt", "0 8192 error")
+    lower.resume("low-dmtt")
+    for dev in (up, ups):
+        with pytest.raises(OSError) as exc:
+            _pread(dev, MiB, MiB)
+        assert exc.value.errno == errno.EIO
+        # A write reaches the device, or its page cache as the Python path's small writes do:
+        # then its flush (a durable write flushes, drivers/block/loop.c) reports the error.
+        with pytest.raises(OSError) as exc:
+            _pwrite(dev, b"\3" * MiB, 2 * MiB, os.O_DSYNC)
+        assert exc.value.errno == errno.EIO
+    for name in ("up-dmtt", "ups-dmtt"):
+        assert _stats(xengine, name)["errors"] >= 1  # tried in C, reported by Python
+    assert xengine.status("ups-dmtt")[0].params.endswith("DA")  # counted per stripe, as before
+    assert _pread(ups, 65536, 65536) == _pread(other, 65536, 0)  # the good stripe still reads
+
+
+def test_remove_is_refused_while_the_device_is_open(xengine, tmp_path):
+    xengine.create("open-dmtt", f"0 8192 linear {_file(tmp_path / 'o.img', 4 * MiB)} 0")
+    dev = xengine.device_path("open-dmtt")
+    fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        with pytest.raises(DeviceBusy):
+            xengine.remove("open-dmtt")
+        buf = aligned_buffer(65536)
+        buf[:] = os.urandom(65536)
+        writes = _stats(xengine, "open-dmtt")["writes"]
+        assert os.pwritev(fd, [buf], 0) == 65536  # still served, in C
+        assert _stats(xengine, "open-dmtt")["writes"] == writes + 1
+    finally:
+        os.close(fd)
+    xengine.remove("open-dmtt")
+    assert _stats(xengine, "open-dmtt") == {}
+
+
+def test_read_only_device_reads_in_c_and_refuses_writes(xengine, tmp_path):
+    data = os.urandom(4 * MiB)
+    img = tmp_path / "ro.img"
+    img.write_bytes(data)
+    xengine.create("ro-dmtt", f"0 8192 linear {img} 0", readonly=True)
+    dev = xengine.device_path("ro-dmtt")
+    assert _pread(dev, MiB, MiB) == data[MiB : 2 * MiB]
+    assert _stats(xengine, "ro-dmtt")["reads"] >= 1
+    with pytest.raises(OSError) as exc:
+        _pwrite(dev, b"\4" * MiB, 0)
+    assert exc.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)  # by the loop device
+    assert img.read_bytes() == data
