@@ -23,7 +23,10 @@ devices over the file are looked up: ``dmtools.claims``, ``dmtools.loop_index``)
 cycle of a ``zero`` device (no device to claim), alternating, with the number of bound loop
 devices on the machine (each one is looked at when the loop index is rebuilt).
 
-Usage: scripts/bench engine [--size-mib 256] [--rounds 3] [--fio-runtime 3] [--no-kernel] [--json]
+The exposure serves ``linear``/``striped`` requests in C (``dmtools.engine.fastpath``); the report
+says how many requests took that path. ``--python`` serves them in Python, for comparison.
+
+Usage: scripts/bench engine [--size-mib 256] [--rounds 3] [--fio-runtime 3] [--no-kernel] [--python] [--json]
        scripts/bench engine --cycle [--cycles 300]
 """
 
@@ -159,8 +162,10 @@ def measure(peer: str, devices: dict[str, str], size: int, rounds: int, fio_size
 
 
 @contextlib.contextmanager
-def _exposed(tmp: str, backing: str, stripes: list[str], size: int) -> Iterator[dict[str, str]]:
-    """The userspace engine's linear (over a copy-sized file) and striped devices, exposed."""
+def _exposed(tmp: str, backing: str, stripes: list[str], size: int,
+             paths: dict[str, dict[str, int]]) -> Iterator[dict[str, str]]:
+    """The userspace engine's linear (over a copy-sized file) and striped devices, exposed; fills
+    ``paths`` (kind → the C data path's counters, ``dmtools._ffi.fastio.STATS``) at the end."""
     from dmtools.engine import Engine
 
     lin = os.path.join(tmp, "linear.img")
@@ -171,7 +176,9 @@ def _exposed(tmp: str, backing: str, stripes: list[str], size: int) -> Iterator[
         for kind in KINDS:
             eng.create(f"bench-{kind}-dmtt", tables[kind])
         yield {kind: eng.device_path(f"bench-{kind}-dmtt") for kind in KINDS}
+        assert eng.exposure is not None
         for kind in KINDS:
+            paths[kind] = eng.exposure.fast_stats(f"bench-{kind}-dmtt")
             eng.remove(f"bench-{kind}-dmtt")
     finally:
         eng.close()
@@ -227,9 +234,11 @@ def run_host(args: argparse.Namespace) -> dict[str, Any]:
     size = args.size_mib * MiB
     with tempfile.TemporaryDirectory(prefix="dmtt-bench-", dir=args.dir) as tmp:
         backing, stripes = _images(tmp, size)
-        with _exposed(tmp, backing, stripes, size) as devs:
+        paths: dict[str, dict[str, int]] = {}
+        with _exposed(tmp, backing, stripes, size, paths) as devs:
             res = measure(backing, devs, size, args.rounds, args.fio_size_mib * MiB,
                           args.fio_runtime, not args.no_fio, _cpu_others)
+    res["data_path"] = paths
     res["peer"] = "backing file"
     res["loadavg"] = loadavg()
     return res
@@ -271,6 +280,15 @@ def report(ours: dict[str, Any], kernel: dict[str, Any] | str | None, args: argp
                   f"{_fmt_ratio(res['striped']['ratio']):>7}   "
                   f"{_fmt_ratio(kr['linear']['ratio'] if kr else None):>13} "
                   f"{_fmt_ratio(kr['striped']['ratio'] if kr else None):>8}")
+    paths = ours.get("data_path") or {}
+    if any(paths.values()):
+        print("data path: C (dmtools/_ffi/fastio.c): " + "; ".join(
+            f"{kind} {st['reads'] + st['writes']} requests in C, {st['fallbacks'] + st['errors']} "
+            "to Python" for kind, st in paths.items() if st))
+    else:
+        from dmtools._ffi import fastio
+
+        print(f"data path: Python ({fastio.unavailable() or 'no C slots'})")
     if isinstance(kernel, str):
         print(f"kernel: {kernel}")
 
@@ -374,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", action="store_true", help=argparse.SUPPRESS)  # inside the VM
     parser.add_argument("--dir", default=None, help="directory for the backing images")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--python", action="store_true",
+                        help="serve the devices in Python only (DMTOOLS_FAST_IO=0), for comparison")
     parser.add_argument("--cycle", action="store_true",
                         help="measure in-process create/remove cycles instead (see above)")
     parser.add_argument("--cycles", type=int, default=300, help="cycles per round (--cycle)")
@@ -381,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cycle:
         return main_cycle(args)
+    if args.python:
+        os.environ["DMTOOLS_FAST_IO"] = "0"
     return _bench(args)
 
 
