@@ -22,48 +22,15 @@ if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
     from dmtools.engine import Engine
     from dmtools.table import Table
 
-
-__all__ = [
-    "CorruptMetadata",
-    "DMError",
-    "DeviceBusy",
-    "DeviceConflict",
-    "DeviceEntry",
-    "DeviceExists",
-    "DeviceIOError",
-    "DeviceInfo",
-    "DeviceMapper",
-    "DeviceNotFound",
-    "Endpoint",
-    "Engine",
-    "InvalidArgument",
-    "InvalidName",
-    "InvalidStatus",
-    "InvalidTable",
-    "KernelUnavailable",
-    "NoSpace",
-    "NullEndpoint",
-    "SnapshotInvalid",
-    "StatusLine",
-    "Table",
-    "TargetNotSupported",
-    "Versions",
-    "open",
-]
-
 #: Loaded on first use, so that ``import dmtools`` (and the CLI's start) costs only the errors.
-__getattr__ = lazy.exports(
-    __name__,
-    {
-        "DeviceEntry": "dmtools.backend:DeviceEntry",
-        "DeviceInfo": "dmtools.backend:DeviceInfo",
-        "DeviceMapper": "dmtools.backend:DeviceMapper",
-        "StatusLine": "dmtools.backend:StatusLine",
-        "Versions": "dmtools.backend:Versions",
-        "open": "dmtools.backends:open",
-        "Endpoint": "dmtools.endpoint:Endpoint",
-        "NullEndpoint": "dmtools.endpoint:NullEndpoint",
-        "Engine": "dmtools.engine:Engine",
-        "Table": "dmtools.table:Table",
-    },
-)
+_EXPORTS = lazy.by_module({
+    "dmtools.backend": "DeviceEntry DeviceInfo DeviceMapper StatusLine Versions",
+    "dmtools.backends": "open",
+    "dmtools.endpoint": "Endpoint NullEndpoint",
+    "dmtools.engine": "Engine",
+    "dmtools.table": "Table",
+})
+#: the errors imported above, and the names loaded on first use
+__all__ = sorted([n for n, v in list(globals().items()) if isinstance(v, type) and issubclass(v, DMError)]
+                 + [*_EXPORTS])
+__getattr__ = lazy.exports(__name__, _EXPORTS)

@@ -15,37 +15,13 @@ if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
     from mirror.region import RegionState
     from mirror.resync import OfflineResync
 
-__all__ = [
-    "CoreDirtyLog",
-    "DiskDirtyLog",
-    "LogHeader",
-    "LogImage",
-    "LogReport",
-    "MirrorManager",
-    "MirrorState",
-    "OfflineResync",
-    "RegionState",
-    "SyncMode",
-    "format_log",
-    "inspect",
-    "open_dirty_log",
-]
-
-__getattr__ = lazy.exports(
-    __name__,
-    {
-        "LogHeader": "mirror.format:LogHeader",
-        "LogImage": "mirror.format:LogImage",
-        "LogReport": "mirror.format:LogReport",
-        "SyncMode": "dmtools.target_values:SyncMode",
-        "format_log": "mirror.format:format_log",
-        "inspect": "mirror.format:inspect",
-        "CoreDirtyLog": "mirror.log:CoreDirtyLog",
-        "DiskDirtyLog": "mirror.log:DiskDirtyLog",
-        "open_dirty_log": "mirror.log:open_dirty_log",
-        "MirrorManager": "mirror.manager:MirrorManager",
-        "MirrorState": "mirror.manager:MirrorState",
-        "RegionState": "mirror.region:RegionState",
-        "OfflineResync": "mirror.resync:OfflineResync",
-    },
-)
+_EXPORTS = lazy.by_module({
+    "mirror.format": "LogHeader LogImage LogReport format_log inspect",
+    "dmtools.target_values": "SyncMode",
+    "mirror.log": "CoreDirtyLog DiskDirtyLog open_dirty_log",
+    "mirror.manager": "MirrorManager MirrorState",
+    "mirror.region": "RegionState",
+    "mirror.resync": "OfflineResync",
+})
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy.exports(__name__, _EXPORTS)

@@ -17,32 +17,10 @@ if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
     from snapshot.offline import CowInfo, ExportResult, export, inspect
     from snapshot.store import ExceptionStore, PersistentStore, TransientStore, Usage
 
-
-__all__ = [
-    "CowInfo",
-    "ExceptionStore",
-    "ExportResult",
-    "PersistentStore",
-    "SnapshotInfo",
-    "SnapshotManager",
-    "TransientStore",
-    "Usage",
-    "export",
-    "inspect",
-]
-
-__getattr__ = lazy.exports(
-    __name__,
-    {
-        "SnapshotInfo": "snapshot.manager:SnapshotInfo",
-        "SnapshotManager": "snapshot.manager:SnapshotManager",
-        "CowInfo": "snapshot.offline:CowInfo",
-        "ExportResult": "snapshot.offline:ExportResult",
-        "export": "snapshot.offline:export",
-        "inspect": "snapshot.offline:inspect",
-        "ExceptionStore": "snapshot.store:ExceptionStore",
-        "PersistentStore": "snapshot.store:PersistentStore",
-        "TransientStore": "snapshot.store:TransientStore",
-        "Usage": "snapshot.store:Usage",
-    },
-)
+_EXPORTS = lazy.by_module({
+    "snapshot.manager": "SnapshotInfo SnapshotManager",
+    "snapshot.offline": "CowInfo ExportResult export inspect",
+    "snapshot.store": "ExceptionStore PersistentStore TransientStore Usage",
+})
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy.exports(__name__, _EXPORTS)

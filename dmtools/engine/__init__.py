@@ -15,15 +15,10 @@ if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
     from dmtools.engine.engine import Engine
     from dmtools.engine.target_driver import DeviceHandle, TargetContext, TargetDriver
 
-__all__ = ["DeviceEndpoint", "DeviceHandle", "Engine", "TargetDriver", "TargetContext"]
-
-__getattr__ = lazy.exports(
-    __name__,
-    {
-        "DeviceEndpoint": "dmtools.engine.device_endpoint:DeviceEndpoint",
-        "Engine": "dmtools.engine.engine:Engine",
-        "DeviceHandle": "dmtools.engine.target_driver:DeviceHandle",
-        "TargetDriver": "dmtools.engine.target_driver:TargetDriver",
-        "TargetContext": "dmtools.engine.target_driver:TargetContext",
-    },
-)
+_EXPORTS = lazy.by_module({
+    "dmtools.engine.device_endpoint": "DeviceEndpoint",
+    "dmtools.engine.engine": "Engine",
+    "dmtools.engine.target_driver": "DeviceHandle TargetDriver TargetContext",
+})
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy.exports(__name__, _EXPORTS)
