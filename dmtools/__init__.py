@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
     from dmtools.table import Table
 
 #: Loaded on first use, so that ``import dmtools`` (and the CLI's start) costs only the errors.
-_EXPORTS = lazy.by_module({
+__getattr__, _LAZY = lazy.package(__name__, {
     "dmtools.backend": "DeviceEntry DeviceInfo DeviceMapper StatusLine Versions",
     "dmtools.backends": "open",
     "dmtools.endpoint": "Endpoint NullEndpoint",
@@ -31,6 +31,4 @@ _EXPORTS = lazy.by_module({
     "dmtools.table": "Table",
 })
 #: the errors imported above, and the names loaded on first use
-__all__ = sorted([n for n, v in list(globals().items()) if isinstance(v, type) and issubclass(v, DMError)]
-                 + [*_EXPORTS])
-__getattr__ = lazy.exports(__name__, _EXPORTS)
+__all__ = sorted([n for n, v in list(globals().items()) if isinstance(v, type) and issubclass(v, DMError)] + _LAZY)

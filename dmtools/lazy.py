@@ -1,6 +1,6 @@
 """Package attributes loaded on first use (PEP 562), so importing a package costs only what is used.
 
-A package lists what it re-exports as ``"module:attribute"`` (or by module, through ``by_module``)
+A package lists what it re-exports as ``"module:attribute"`` (or by module, through ``package``)
 and sets ``__getattr__ = lazy.exports(__name__, {...})``; the names stay importable as before
 (``from kcopyd import Client``), and type checkers see them through an ``if TYPE_CHECKING:`` import.
 """
@@ -29,7 +29,8 @@ def exports(package: str, specs: Mapping[str, str]) -> Callable[[str], Any]:
     return __getattr__
 
 
-def by_module(modules: Mapping[str, str]) -> dict[str, str]:
-    """``exports``' specifications from names grouped by module: ``{"mirror.log": "CoreDirtyLog
-    open_dirty_log"}`` gives ``{"CoreDirtyLog": "mirror.log:CoreDirtyLog", ...}``."""
-    return {name: f"{module}:{name}" for module, names in modules.items() for name in names.split()}
+def package(package: str, modules: Mapping[str, str]) -> tuple[Callable[[str], Any], list[str]]:
+    """``exports`` for names grouped by module (``{"mirror.log": "CoreDirtyLog open_dirty_log"}``),
+    and those names sorted: the package's ``__all__``."""
+    specs = {name: f"{module}:{name}" for module, names in modules.items() for name in names.split()}
+    return exports(package, specs), sorted(specs)

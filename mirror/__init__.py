@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
     from mirror.region import RegionState
     from mirror.resync import OfflineResync
 
-_EXPORTS = lazy.by_module({
+__getattr__, __all__ = lazy.package(__name__, {
     "mirror.format": "LogHeader LogImage LogReport format_log inspect",
     "dmtools.target_values": "SyncMode",
     "mirror.log": "CoreDirtyLog DiskDirtyLog open_dirty_log",
@@ -23,5 +23,3 @@ _EXPORTS = lazy.by_module({
     "mirror.region": "RegionState",
     "mirror.resync": "OfflineResync",
 })
-__all__ = sorted(_EXPORTS)
-__getattr__ = lazy.exports(__name__, _EXPORTS)

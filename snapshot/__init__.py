@@ -17,10 +17,8 @@ if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
     from snapshot.offline import CowInfo, ExportResult, export, inspect
     from snapshot.store import ExceptionStore, PersistentStore, TransientStore, Usage
 
-_EXPORTS = lazy.by_module({
+__getattr__, __all__ = lazy.package(__name__, {
     "snapshot.manager": "SnapshotInfo SnapshotManager",
     "snapshot.offline": "CowInfo ExportResult export inspect",
     "snapshot.store": "ExceptionStore PersistentStore TransientStore Usage",
 })
-__all__ = sorted(_EXPORTS)
-__getattr__ = lazy.exports(__name__, _EXPORTS)

@@ -15,10 +15,8 @@ if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
     from dmtools.engine.engine import Engine
     from dmtools.engine.target_driver import DeviceHandle, TargetContext, TargetDriver
 
-_EXPORTS = lazy.by_module({
+__getattr__, __all__ = lazy.package(__name__, {
     "dmtools.engine.device_endpoint": "DeviceEndpoint",
     "dmtools.engine.engine": "Engine",
     "dmtools.engine.target_driver": "DeviceHandle TargetDriver TargetContext",
 })
-__all__ = sorted(_EXPORTS)
-__getattr__ = lazy.exports(__name__, _EXPORTS)

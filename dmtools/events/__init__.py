@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
     )
     from dmtools.events.watcher import Batch, Watcher
 
-_EXPORTS = lazy.by_module({
+__getattr__, __all__ = lazy.package(__name__, {
     "dmtools.events.publish": "EventHub Subscription read_events write_event",
     "dmtools.events.sources": "EventNumberWaiter UEvent UeventSource identity sysfs_identity udev_running",
     "dmtools.events.state": "DEFAULT_THRESHOLDS DeviceState TargetState capture derive parse_thresholds",
@@ -33,5 +33,3 @@ _EXPORTS = lazy.by_module({
                             "Severity SnapshotInvalidated SnapshotOverflowed SnapshotUsageCrossed",
     "dmtools.events.watcher": "Batch Watcher",
 })
-__all__ = sorted(_EXPORTS)
-__getattr__ = lazy.exports(__name__, _EXPORTS)
