@@ -25,7 +25,6 @@ import io
 import os
 import signal
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from dmtools import loop
 from dmtools.cli import common as cli_common
 from dmtools.cli import main as cli_main
 from dmtools.errors import DaemonError, LoopError
+from dmtools.testing.wait import pid_gone, wait_until
 
 #: ``dmtools`` exit statuses: success, error, usage (argparse), ``daemon status``: not running,
 #: interrupted.
@@ -243,14 +243,7 @@ def _stop_daemon(run: Path) -> None:
         client.shutdown(force=True)
     finally:
         client.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the daemon of {run} (pid {pid}) did not stop")
+    wait_until(lambda: pid_gone(pid), f"the daemon of {run} (pid {pid}) to stop", 30)
 
 
 def _prepare(work: Path, contents: dict[str, bytes]) -> Any:

@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from dmtools.engine import Engine
 from dmtools.engine.client import open_userspace
 from dmtools.engine.expose import clear_stale
 from dmtools.errors import DeviceBusy
+from dmtools.testing.wait import wait_until
 
 MiB = 1 << 20
 SECTORS = 8 * MiB // 512
@@ -163,10 +163,7 @@ def test_killed_daemon_leaves_no_claim(lo: Any, tmp_path: Path) -> None:
     finally:
         client.close()
     os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{pid}"):
-        assert time.monotonic() < deadline, "the daemon did not die"
-        time.sleep(0.02)
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}"), "the daemon to die")
     try:
         with claims.claim(lo.path):
             pass

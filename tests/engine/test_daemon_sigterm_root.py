@@ -29,6 +29,7 @@ from dmtools.engine.client import open_userspace
 from dmtools.engine.expose import clear_stale, mounted_at
 from dmtools.engine.basic_targets import ZeroTarget
 from dmtools.errors import DeviceIOError
+from dmtools.testing.wait import wait_until
 
 MiB = 1 << 20
 #: Bound on the daemon's exit after SIGTERM (it takes about 2-3 s here).
@@ -149,10 +150,7 @@ def test_sigterm_fails_the_held_write_and_exits_cleanly(run_dir: str, make_image
         assert not mounted_at(os.path.join(run_dir, "fuse"))
 
         assert writer.let_go() == 0  # its last close detaches the loop device (autoclear)
-        deadline = time.monotonic() + 10
-        while _loops_under(run_dir):
-            assert time.monotonic() < deadline, f"loop devices left: {_loops_under(run_dir)}"
-            time.sleep(0.05)
+        wait_until(lambda: not _loops_under(run_dir), lambda: f"loop devices left: {_loops_under(run_dir)}")
     finally:
         client.close()
         if _alive(pid):

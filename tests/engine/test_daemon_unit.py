@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 
 import pytest
 
@@ -13,6 +12,7 @@ from dmtools.engine import protocol
 from dmtools.engine.client import UserspaceClient
 from dmtools.engine.daemon import Daemon
 from dmtools.errors import DaemonError, DeviceExists, DeviceNotFound, InvalidTable, NoSpace
+from dmtools.testing.wait import wait_until
 
 
 @pytest.fixture
@@ -159,10 +159,7 @@ def test_dropped_connection_releases_its_handles(daemon, client):
     assert client.info("h").open_count == 1
     f.close()
     s.close()  # a client that dies with the device open
-    deadline = time.monotonic() + 5
-    while client.info("h").open_count and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert client.info("h").open_count == 0
+    wait_until(lambda: client.info("h").open_count == 0, "the dead client's open to be dropped", 5)
     client.remove("h")
 
 

@@ -22,6 +22,7 @@ from dmtools.engine.client import open_userspace
 from dmtools.engine.expose import FUSE_THREADS, mounted_at
 from dmtools.errors import DeviceBusy, DeviceExists
 from dmtools.testing.threads import run_together
+from dmtools.testing.wait import pid_gone, wait_until
 
 pytestmark = pytest.mark.root
 
@@ -190,10 +191,8 @@ def test_thousand_create_remove_cycles_leak_nothing(run_dir, make_image):
         eng.close()
     assert not mounted_at(os.path.join(run_dir, "fuse"))
     assert _loops_under(run_dir) == []
-    deadline = time.monotonic() + 10
-    while (_threads(), _fds()) != (threads0, fds0) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert (_threads(), _fds()) == (threads0, fds0)
+    wait_until(lambda: (_threads(), _fds()) == (threads0, fds0),
+               lambda: f"threads and fds {(_threads(), _fds())} back to {(threads0, fds0)}")
 
 
 def test_daemon_killed_is_restarted_cleanly(run_dir, make_image):
@@ -206,7 +205,7 @@ def test_daemon_killed_is_restarted_cleanly(run_dir, make_image):
     finally:
         client.close()
     os.kill(pid, signal.SIGKILL)
-    _wait_gone(pid)
+    wait_until(lambda: pid_gone(pid), f"pid {pid} to exit")
     assert _loops_under(run_dir)  # the killed daemon left its loop device behind
     client = open_userspace(run_dir)
     try:
@@ -273,22 +272,8 @@ def test_client_crash_mid_call_leaves_daemon_serving(run_dir):
     _wait_socket_gone(run_dir)
 
 
-def _wait_gone(pid: int) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"pid {pid} still alive")
-
-
 def _wait_socket_gone(run_dir: str) -> None:
-    deadline = time.monotonic() + 20
-    while os.path.exists(os.path.join(run_dir, "daemon.pid")):
-        assert time.monotonic() < deadline, "daemon did not stop"
-        time.sleep(0.05)
+    wait_until(lambda: not os.path.exists(os.path.join(run_dir, "daemon.pid")), "the daemon to stop", 20)
 
 
 def test_daemon_clears_exposures_of_a_killed_in_process_engine(run_dir, make_image):

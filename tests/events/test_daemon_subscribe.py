@@ -19,6 +19,7 @@ from dmtools.engine.client import UserspaceClient
 from dmtools.engine.daemon import Daemon
 from dmtools.testing.daemon import serving_daemon
 from dmtools.events import DeviceAdded, DeviceRemoved, Event
+from dmtools.testing.wait import wait_until
 
 #: seconds an event may take to reach the subscriber (the daemon wakes its hub after each verb,
 #: so this is a bound for a loaded machine, not the expected latency).
@@ -55,10 +56,8 @@ def _listen(stream: Iterator[Event], until: Callable[[Event], bool] = lambda ev:
 
 
 def _wait_subscribed(daemon: Daemon, count: int) -> None:
-    deadline = time.monotonic() + BOUND
-    while daemon.hub is None or daemon.hub.subscribers < count:
-        assert time.monotonic() < deadline, "the daemon never took the subscription"
-        time.sleep(0.01)
+    wait_until(lambda: daemon.hub is not None and daemon.hub.subscribers >= count,
+               "the daemon to take the subscription", BOUND)
 
 
 def _next_for(got: "queue.Queue[Any]", name: str, kind: type, since: float) -> float:
@@ -102,10 +101,8 @@ def test_subscriber_hears_another_clients_create_and_remove(
     reader.join(BOUND)
     assert not reader.is_alive()
     # hanging up ends the daemon's stream: its subscription goes within a heartbeat or two
-    deadline = time.monotonic() + BOUND
-    while daemon.hub is not None and daemon.hub.subscribers:
-        assert time.monotonic() < deadline, "the daemon kept a hung-up subscriber"
-        time.sleep(0.02)
+    wait_until(lambda: daemon.hub is None or not daemon.hub.subscribers, "the daemon to drop a hung-up subscriber",
+               BOUND)
 
 
 def test_stopping_the_daemon_ends_the_stream(daemon: Daemon) -> None:

@@ -14,6 +14,7 @@ from dmtools.events import (
     EventHub, SnapshotInvalidated, SnapshotUsageCrossed, StateStore, UEvent, Watcher, identity, last_events,
     read_events, sysfs_identity, write_event,
 )
+from dmtools.testing.wait import wait_until
 
 from ev_fakes import MIRROR_TABLE, SNAP_TABLE, FakeDM, mirror_status, snap_status
 
@@ -79,9 +80,7 @@ def test_event_number_wakes_the_watcher_within_a_bound() -> None:
     t = threading.Thread(target=run)
     t.start()
     try:
-        deadline = time.monotonic() + 10
-        while len(got) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: len(got) >= 2, "the catch-up scan")
         assert len(got) == 2  # the two device-added of the catch-up scan
         started = time.monotonic()
         dm.set_status("snap", "Invalid", event=True)  # dm_table_event, as __invalidate_snapshot
@@ -238,9 +237,7 @@ def test_subscribe_over_a_socket(tmp_path: Path) -> None:
         got: list = []
         reader = threading.Thread(target=lambda: got.append(next(stream)), daemon=True)
         reader.start()
-        deadline = time.monotonic() + 10
-        while hub.subscribers == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)  # the server has not taken the subscription yet
+        wait_until(lambda: hub.subscribers, "the server to take the subscription")
         assert hub.subscribers == 1
         dm.set_status("snap", "Invalid", event=True)
         reader.join(timeout=10)

@@ -23,6 +23,7 @@ from dmtools.errors import DeviceBusy, DeviceExists, DeviceNotFound, InvalidArgu
 from dmtools.kernel import KernelBackend
 from dmtools.table import Table, format_line
 from dmtools.testing.threads import run_together
+from dmtools.testing.wait import wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -61,15 +62,6 @@ def write_through(path: str, offset: int, data: bytes) -> None:
 
 def pattern(tag: int, length: int) -> bytes:
     return bytes((tag + i * 7) & 0xFF for i in range(length))
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 @pytest.fixture
@@ -138,12 +130,12 @@ def test_linear_create_reload_suspend_resume_rename_remove(
     assert not kernel_dm.exists(name)
     assert kernel_dm.info(renamed).uuid == f"DMTT-{name}"
     assert os.path.exists(kernel_dm.device_path(renamed))
-    assert wait_until(lambda: not os.path.exists(path))
+    wait_until(lambda: not os.path.exists(path), f"{path} to go after the rename")
     assert read_direct(kernel_dm.device_path(renamed), 0, 4096) == data2
 
     kernel_dm.remove(renamed)
     assert renamed not in [e.name for e in kernel_dm.list()]
-    assert wait_until(lambda: not os.path.exists(kernel_dm.device_path(renamed)))
+    wait_until(lambda: not os.path.exists(kernel_dm.device_path(renamed)), "the device node to go")
     with pytest.raises(DeviceNotFound):
         kernel_dm.info(renamed)
 
@@ -286,7 +278,7 @@ def test_removing_an_open_device_is_busy(kernel_dm: KernelBackend, names: Any) -
         assert kernel_dm.info(name).deferred_remove
     finally:
         os.close(fd)
-    assert wait_until(lambda: not kernel_dm.exists(name))
+    wait_until(lambda: not kernel_dm.exists(name), "the deferred remove")
 
 
 def test_targets_version_and_messages(kernel_dm: KernelBackend, names: Any) -> None:

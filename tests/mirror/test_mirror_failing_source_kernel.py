@@ -13,13 +13,13 @@ What the kernel does (dm-raid1.c, dm-region-hash.c):
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Callable
 
 import pytest
 
 from dmtools.blockdev import BlockDevice, aligned_buffer
 from dmtools.errors import DeviceIOError
+from dmtools.testing.wait import wait_until
 from mirror.manager import MirrorManager
 from mirror.resync import RecoveryFailed
 from test_mirror_kernel import _loops
@@ -49,10 +49,7 @@ def _outcome(dm: Any, name: str, data: bytes, handle_errors: bool,
             mm.resync(name, timeout=WAIT)
         verdict = (info.value.regions, info.value.legs)
     else:
-        deadline = time.monotonic() + WAIT
-        while not mm.status(name).fully_in_sync:
-            assert time.monotonic() < deadline, "the unsafe rule should mark every region in sync"
-            time.sleep(0.05)
+        wait_until(lambda: mm.status(name).fully_in_sync, "the unsafe rule to mark every region in sync", WAIT)
     before = mm.status(name)
     reads = [_classify(read_region(r), data, r) for r in range(NR)]
     after = mm.status(name)

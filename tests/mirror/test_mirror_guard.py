@@ -18,6 +18,7 @@ from dmtools.target_values import Linear, Mirror
 from mirror import MirrorManager
 from mirror.guard import GUARD_INTERVAL, UNMONITORED_PREFIX, guard_for
 from dmtools.testing.trip import Switch, install
+from dmtools.testing.wait import wait_until
 from test_mirror_manager import _image
 
 SIZE = 2 << 20
@@ -81,10 +82,7 @@ def test_failed_leg_is_dropped_and_the_held_write_lands(eng: Any, tmp_path: Path
     for p in kept:
         with open(p, "rb") as f:
             assert f.read() == expect
-    deadline = time.monotonic() + BOUND  # recorded once the reload returned
-    while not guard_for(eng).actions:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: guard_for(eng).actions, "the guard to record its action (once the reload returned)", BOUND)
     assert [a[1] for a in guard_for(eng).actions if a[0] == "m"] == ["dropped"]
 
 
@@ -98,14 +96,10 @@ def failing_source(eng: Any, tmp_path: Path, switch: str,
     eng.create("src", f"0 {SIZE // 512} trip {a} 0 {sw.name}")
     mm = MirrorManager(eng)
     mm.create("m", [eng.device_ref("src"), b], region_size=REGION, monitor=monitor)
-    deadline = time.monotonic() + BOUND
-    while mm.status("m").health[0] != "S":
-        assert time.monotonic() < deadline, "leg 0 never failed"
-        time.sleep(0.01)
+    wait_until(lambda: mm.status("m").health[0] == "S", "leg 0 to fail", BOUND)
     t = eng._get("m", "test").live.targets[0]
-    while t.rh.recovering:  # a copy read from leg 0 before it failed may still land: wait for it
-        assert time.monotonic() < deadline, "recovery never stopped"
-        time.sleep(0.01)
+    # a copy read from leg 0 before it failed may still land: wait for it
+    wait_until(lambda: not t.rh.recovering, "recovery to stop", BOUND)
     st = mm.status("m")
     assert 0 < st.in_sync < st.regions
     synced = [r for r in range(st.regions) if t.log.in_sync(r)]
@@ -119,10 +113,8 @@ def test_source_failed_out_of_sync_ends_held_writes_with_eio(eng: Any, tmp_path:
     done, out = _writer(eng, unsynced[0] * RB, b"w" * 4096)
     assert done.wait(BOUND), "the held write was never released"
     assert out[0][0] == errno.EIO and out[0][1] < BOUND
-    deadline = time.monotonic() + BOUND  # the guard records its action once the resume returned
-    while not any(act == "released" for dev, act, _ in guard_for(eng).actions if dev == "m"):
-        assert time.monotonic() < deadline, guard_for(eng).actions
-        time.sleep(0.01)
+    wait_until(lambda: any(act == "released" for dev, act, _ in guard_for(eng).actions if dev == "m"),
+               lambda: f"the guard to record the release (once the resume returned): {guard_for(eng).actions}", BOUND)
     assert isinstance(eng.table("m").lines[0].target, Mirror)  # kept for a repair
     # reads: the copied regions come from leg 1 with their data, the others fail with EIO
     with eng.open_endpoint("m", writable=False) as ep:
@@ -147,10 +139,7 @@ def test_unmonitored_mirror_is_left_to_another_monitor(eng: Any, tmp_path: Path)
     assert eng.info("m").uuid.startswith(UNMONITORED_PREFIX)
     sw.trip()
     done, out = _writer(eng, 0, b"z" * 4096)
-    deadline = time.monotonic() + BOUND
-    while eng.message("m", 0, "held_ios") != "1":
-        assert time.monotonic() < deadline, "the write was not held"
-        time.sleep(0.01)
+    wait_until(lambda: eng.message("m", 0, "held_ios") == "1", "the write to be held", BOUND)
     assert guard_for(eng).check_all() == 0  # not watched: nothing done
     assert not done.is_set() and eng.table("m").lines[0].target.legs[1].device == eng.device_ref("bad")
     eng.suspend("m")  # what another monitor's reload does: the held write ends (EIO)

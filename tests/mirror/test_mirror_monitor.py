@@ -24,6 +24,7 @@ from dmtools.events import PolicyAction
 from dmtools.monitor import Monitor, MonitorConfig, PolicySettings
 from dmtools.target_values import Linear, Mirror
 from dmtools.testing.trip import Switch, install
+from dmtools.testing.wait import wait_until
 from mirror import MirrorManager
 from mirror.guard import MirrorGuard
 from test_mirror_guard import BOUND, RB, REGION, SIZE, _writer, failing_source
@@ -54,10 +55,8 @@ def _monitor(eng: Any) -> tuple[Monitor, list[MirrorGuard]]:
 
 
 def _until_failed(mm: MirrorManager, leg: int, letters: str = "DSF") -> None:
-    deadline = time.monotonic() + BOUND
-    while mm.status("m").health[leg] not in letters:
-        assert time.monotonic() < deadline, f"leg {leg} never failed: {mm.status('m').health}"
-        time.sleep(0.01)
+    wait_until(lambda: mm.status("m").health[leg] in letters, lambda: f"leg {leg} to fail: {mm.status('m').health}",
+               BOUND)
 
 
 def policy_actions(root: Path, policy: str, bound: float) -> list[dict[str, Any]]:

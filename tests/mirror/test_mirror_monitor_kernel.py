@@ -12,7 +12,6 @@ import errno
 import io
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from dmtools.cli import main as cli_main
 from dmtools.errors import DMError
 from dmtools.events.store import StateStore
 from dmtools.status import parse_mirror_status
+from dmtools.testing.wait import wait_until
 from mirror.monitor import state_root
 from test_mirror_kernel import SECTORS, SIZE, _loops, _read
 from test_mirror_monitor import policy_actions
@@ -115,10 +115,7 @@ def test_monitor_drops_a_failed_leg_and_held_writes_complete(kernel_dm: Any, mak
     assert f"legs {bad} " in actions[0]["detail"] and "dropped" in actions[0]["detail"]
     assert "dropped" in (root / "monitor.log").read_text()
     kernel_dm.remove(name, retry=True)
-    deadline = time.monotonic() + WAIT
-    while not _monitor_gone(name):
-        assert time.monotonic() < deadline, "the monitor did not exit after the mirror was removed"
-        time.sleep(0.1)
+    wait_until(lambda: _monitor_gone(name), "the monitor to exit after the mirror was removed", WAIT)
 
 
 def test_monitor_ends_held_writes_when_the_failed_source_holds_the_only_copy(
@@ -161,7 +158,4 @@ def test_monitor_ends_held_writes_when_the_failed_source_holds_the_only_copy(
         assert cli_main.main(["--backend", "kernel", "mirror", "status", name]) == 0
     assert "source leg 0 failed out of sync" in out.getvalue()  # the monitor's journal, shown
     kernel_dm.remove(name, retry=True)
-    deadline = time.monotonic() + WAIT
-    while not _monitor_gone(name):
-        assert time.monotonic() < deadline, "the monitor did not exit after the mirror was removed"
-        time.sleep(0.1)
+    wait_until(lambda: _monitor_gone(name), "the monitor to exit after the mirror was removed", WAIT)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dmtools.errors import DeviceIOError
+from dmtools.testing.wait import wait_until
 from mirror import MirrorManager
 from test_mirror_manager import _image
 
@@ -59,10 +59,7 @@ def _held_write(eng: Any, op: str = "write") -> tuple[threading.Thread, threadin
 
 
 def _wait_for_health(mm: MirrorManager, health: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while mm.status("m").health != health:
-        assert time.monotonic() < deadline, f"mirror health never became {health}"
-        time.sleep(0.01)
+    wait_until(lambda: mm.status("m").health == health, f"mirror health {health}", WAIT)
 
 
 @pytest.mark.parametrize("op", ["write", "zero"])

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from typing import Any
 
 import pytest
 
 from dmtools.blockdev import BlockDevice, aligned_buffer
+from dmtools.testing.wait import wait_until
 from mirror.manager import MirrorManager
 from test_mirror_kernel import SECTORS, SIZE, _loops, _read
 
@@ -50,10 +50,7 @@ def test_kernel_held_write_completes_after_repair(kernel_dm: Any, make_image: An
 
         thread = threading.Thread(target=write, daemon=True)
         thread.start()
-        deadline = time.monotonic() + WAIT
-        while mm.status(dm_name).health != "AD":
-            assert time.monotonic() < deadline, "the kernel never reported the failed leg"
-            time.sleep(0.05)
+        wait_until(lambda: mm.status(dm_name).health == "AD", "the kernel to report the failed leg", WAIT)
         assert not done.wait(0.5), "the kernel did not hold the write"
         st = mm.repair(dm_name, 1, leg2)
         assert done.wait(WAIT), "held write never completed after the repair"

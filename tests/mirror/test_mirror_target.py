@@ -12,6 +12,7 @@ import pytest
 from dmtools.errors import DeviceIOError, InvalidTable
 from dmtools.testing.faults import FaultyEndpoint
 from dmtools.testing.memory import GatedEndpoint, MemoryEndpoint
+from dmtools.testing.wait import wait_until
 from mirror.format import LogImage, format_log
 from mirror.target import MirrorTarget
 from mirror_memdev import FakeContext, build_mirror
@@ -124,9 +125,7 @@ def test_several_regions_recover_at_once() -> None:
     try:
         r.leg(0).gate.clear()  # type: ignore[attr-defined]
         t = r.build(f"core 1 {REGION} {legs_params()}")
-        deadline = time.monotonic() + 5
-        while r.leg(0).in_flight < 2 and time.monotonic() < deadline:  # type: ignore[attr-defined]
-            time.sleep(0.005)
+        wait_until(lambda: r.leg(0).in_flight >= 2, "two recoveries in flight", 5)  # type: ignore[attr-defined]
         r.leg(0).gate.set()  # type: ignore[attr-defined]
         assert t.wait_in_sync(10)
         assert r.leg(0).peak >= 2  # type: ignore[attr-defined]
@@ -262,10 +261,7 @@ def test_recovery_errors_mark_s() -> None:
     try:
         r.leg(2).fail_writes = True
         t = r.build(f"core 1 {REGION} {legs_params(3)} 1 handle_errors")
-        deadline = time.monotonic() + 5
-        while t.health() != "AAS" and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert t.health() == "AAS"
+        wait_until(lambda: t.health() == "AAS", lambda: f"health AAS, not {t.health()}", 5)
         assert int(t.status().split()[4].split("/")[0]) < 32
     finally:
         r.close()
@@ -277,10 +273,7 @@ def test_failed_leg_flush_marks_f_and_keeps_regions_dirty(rig: Rig) -> None:
     assert t.wait_in_sync(5)
     rig.leg(1).fail_flush = True
     t.write(memoryview(b"f" * 512), 0)
-    deadline = time.monotonic() + 5
-    while t.health() != "AF" and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert t.health() == "AF"
+    wait_until(lambda: t.health() == "AF", lambda: f"health AF, not {t.health()}", 5)
     assert LogImage.read(rig.devs["log"]).out_of_sync() == list(range(32))
 
 
@@ -385,8 +378,5 @@ def test_sequential_writes_share_log_flushes_and_end_clean(rig: Rig) -> None:
         t.write(memoryview(b"s" * 65536), r * 65536)
     log_flushes = [j for j in rig.journal if j[:2] == ("flush", "log")]
     assert len(log_flushes) >= 1 and len(log_flushes) <= 16 // t.mark_ahead + 1  # marks ride along with earlier flushes
-    deadline = time.monotonic() + 5
-    while LogImage.read(rig.devs["log"]).out_of_sync() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert LogImage.read(rig.devs["log"]).out_of_sync() == []  # unused marks retired too
+    wait_until(lambda: LogImage.read(rig.devs["log"]).out_of_sync() == [], "unused marks to be retired too", 5)
     assert rig.leg(1).data[: 16 * 65536] == b"s" * (16 * 65536)

@@ -4,7 +4,6 @@ lazy clean marks, and one write per leg for consecutive in-sync regions."""
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any, Iterator
 
 import pytest
@@ -13,6 +12,7 @@ import mirror.target as target_mod
 from dmtools.errors import DeviceIOError
 from dmtools.testing.faults import FaultyEndpoint
 from dmtools.testing.memory import MemoryEndpoint
+from dmtools.testing.wait import wait_until
 from mirror.format import LogImage, format_log
 from mirror.region import RegionState
 from mirror.target import MirrorTarget
@@ -67,13 +67,6 @@ def rig() -> Iterator[Rig]:
     r.t.destroy()
 
 
-def _wait_for(cond: Any, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
-
-
 def test_writers_share_one_log_flush_and_no_data_precedes_its_mark(rig: Rig) -> None:
     t = rig.t
     rig.journal.clear()
@@ -92,7 +85,7 @@ def test_writers_share_one_log_flush_and_no_data_precedes_its_mark(rig: Rig) -> 
         with t.cond:
             return t.rh.regions[0].pending == 2 and {12, 20, 28} <= t.log.unflushed
 
-    _wait_for(all_waiting, "the writers to mark their regions")
+    wait_until(all_waiting, "the writers to mark their regions")
     assert [op for op in rig.ops() if op[1] != "log"] == []  # no data before the marks are durable
     rig.log.gate.set()
     for th in threads:
@@ -130,7 +123,7 @@ def test_clean_marks_wait_for_a_quiet_moment_or_the_backlog(monkeypatch: pytest.
         # the legs flushed before the log write that clears them
         for region in range(NREG):
             t.write(memoryview(b"w" * 4096), region * RSIZE)
-        _wait_for(lambda: LogImage.read(r.log).clean.test(3), "the backlog to be retired")
+        wait_until(lambda: LogImage.read(r.log).clean.test(3), "the backlog to be retired")
         ops = r.ops()
         cleared = max(i for i, op in enumerate(ops) if op == ("write", "log", 0))
         assert {("flush", "leg0", 0), ("flush", "leg1", 0)} <= set(ops[:cleared])
