@@ -29,7 +29,7 @@ from dmtools.engine.client import open_userspace
 from dmtools.engine.expose import clear_stale, mounted_at
 from dmtools.engine.basic_targets import ZeroTarget
 from dmtools.errors import DeviceIOError
-from dmtools.testing.wait import wait_until
+from dmtools.testing.wait import pid_gone, wait_until
 
 MiB = 1 << 20
 #: Bound on the daemon's exit after SIGTERM (it takes about 2-3 s here).
@@ -65,14 +65,6 @@ def _fuse_abort(run_dir: str) -> None:
                         ctl.write("1")
                 except OSError:
                     pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 class Writer:
@@ -141,7 +133,7 @@ def test_sigterm_fails_the_held_write_and_exits_cleanly(run_dir: str, make_image
 
         started = time.monotonic()
         os.kill(pid, signal.SIGTERM)
-        while _alive(pid):
+        while not pid_gone(pid):
             assert time.monotonic() - started < EXIT_WITHIN, "the daemon ignored SIGTERM"
             time.sleep(0.05)
         assert writer.line(10) == b"errno 5\n"  # EIO
@@ -153,7 +145,7 @@ def test_sigterm_fails_the_held_write_and_exits_cleanly(run_dir: str, make_image
         wait_until(lambda: not _loops_under(run_dir), lambda: f"loop devices left: {_loops_under(run_dir)}")
     finally:
         client.close()
-        if _alive(pid):
+        if not pid_gone(pid):
             _fuse_abort(run_dir)
             os.kill(pid, signal.SIGKILL)
         if writer is not None:
