@@ -52,12 +52,17 @@ class Rig:
         for t in self.targets:
             t.destroy()
 
+    def __enter__(self) -> "Rig":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 @pytest.fixture
 def rig() -> Iterator[Rig]:
-    r = Rig()
-    yield r
-    r.close()
+    with Rig() as r:
+        yield r
 
 
 def legs_params(n: int = 2) -> str:
@@ -108,29 +113,23 @@ def test_core_log_resyncs_everything_from_the_default_leg(rig: Rig) -> None:
 
 
 def test_last_region_may_be_short() -> None:
-    r = Rig()
-    try:
+    with Rig() as r:
         r.leg(0).data[:] = os.urandom(2 * MB)
         t = r.build(f"core 1 {REGION} {legs_params()}", length=LEN - 8)
         assert t.nr_regions == 32 and t.wait_in_sync(10)
         end = (LEN - 8) * 512
         assert r.leg(1).data[:end] == r.leg(0).data[:end]
         assert r.leg(1).data[end:] == bytes(2 * MB - end)
-    finally:
-        r.close()
 
 
 def test_several_regions_recover_at_once() -> None:
-    r = Rig(gated=True)
-    try:
+    with Rig(gated=True) as r:
         r.leg(0).gate.clear()  # type: ignore[attr-defined]
         t = r.build(f"core 1 {REGION} {legs_params()}")
         wait_until(lambda: r.leg(0).in_flight >= 2, "two recoveries in flight", 5)  # type: ignore[attr-defined]
         r.leg(0).gate.set()  # type: ignore[attr-defined]
         assert t.wait_in_sync(10)
         assert r.leg(0).peak >= 2  # type: ignore[attr-defined]
-    finally:
-        r.close()
 
 
 def _ops(journal: list[tuple[str, str, int, int]]) -> list[str]:
@@ -170,8 +169,7 @@ def test_nosync_region_writes_go_to_the_default_leg_only(rig: Rig) -> None:
 
 
 def test_write_to_recovering_region_waits_for_the_copy() -> None:
-    r = Rig(gated=True)
-    try:
+    with Rig(gated=True) as r:
         r.leg(0).data[:] = b"o" * (2 * MB)
         format_log(r.devs["log"], 32, in_sync=True)
         img = LogImage.read(r.devs["log"])
@@ -195,8 +193,6 @@ def test_write_to_recovering_region_waits_for_the_copy() -> None:
         assert r.leg(0).data[:512] == b"w" * 512 == r.leg(1).data[:512]
         assert r.leg(1).data[512:65536] == b"o" * (65536 - 512)
         assert t.wait_in_sync(5)
-    finally:
-        r.close()
 
 
 def test_read_fails_over_and_marks_r(rig: Rig) -> None:
@@ -257,14 +253,11 @@ def test_write_failure_with_handle_errors_is_held_until_suspend(rig: Rig) -> Non
 
 
 def test_recovery_errors_mark_s() -> None:
-    r = Rig(nlegs=3)
-    try:
+    with Rig(nlegs=3) as r:
         r.leg(2).fail_writes = True
         t = r.build(f"core 1 {REGION} {legs_params(3)} 1 handle_errors")
         wait_until(lambda: t.health() == "AAS", lambda: f"health AAS, not {t.health()}", 5)
         assert int(t.status().split()[4].split("/")[0]) < 32
-    finally:
-        r.close()
 
 
 def test_failed_leg_flush_marks_f_and_keeps_regions_dirty(rig: Rig) -> None:
@@ -286,21 +279,17 @@ def test_log_device_failure_reported(rig: Rig) -> None:
 
 
 def test_resync_rate_is_held() -> None:
-    r = Rig(size=MB)
-    try:
+    with Rig(size=MB) as r:
         # 16 regions of 8 KiB = 128 KiB at 256 KiB/s: about 0.5 s
         t = r.build(f"core 1 16 {legs_params()}", length=256, rate=256 * 1024)
         t0 = time.monotonic()
         assert t.wait_in_sync(10)
         took = time.monotonic() - t0
         assert 0.4 <= took <= 2.0, took  # never faster than the limit; slower only under load
-    finally:
-        r.close()
 
 
 def test_rebuild_copies_to_the_rebuilt_leg_only() -> None:
-    r = Rig(nlegs=3)
-    try:
+    with Rig(nlegs=3) as r:
         data = os.urandom(2 * MB)
         r.leg(0).data[:] = data
         r.leg(1).data[:] = data
@@ -316,13 +305,10 @@ def test_rebuild_copies_to_the_rebuilt_leg_only() -> None:
         assert LogImage.read(r.devs["log"]).out_of_sync() == []
         with pytest.raises(Exception, match="cannot rebuild"):
             t.message(["rebuild", "0"])
-    finally:
-        r.close()
 
 
 def test_write_during_rebuild_reaches_every_leg_after_resync() -> None:
-    r = Rig(nlegs=3)
-    try:
+    with Rig(nlegs=3) as r:
         data = os.urandom(2 * MB)
         r.leg(0).data[:] = data
         r.leg(1).data[:] = data
@@ -334,16 +320,13 @@ def test_write_during_rebuild_reaches_every_leg_after_resync() -> None:
         assert t.wait_in_sync(10)
         assert r.leg(1).data == r.leg(0).data == r.leg(2).data
         assert r.leg(1).data[10 * 65536 : 10 * 65536 + 4096] == b"W" * 4096
-    finally:
-        r.close()
 
 
 @pytest.mark.parametrize("features", ["", " 1 handle_errors"])
 def test_region_whose_copy_failed_is_never_marked_in_sync(features: str) -> None:
     """Regression test for the dm-mirror silent corruption (2006): a region whose recovery copy did
     not complete must stay out of sync on the log, so that the next activation copies it again."""
-    r = Rig()
-    try:
+    with Rig() as r:
         r.leg(0).data[:] = os.urandom(2 * MB)
         format_log(r.devs["log"], 32, in_sync=False)
         bad = 5 * 65536 + 40960  # the second half of region 5 cannot be written on leg 1
@@ -365,8 +348,6 @@ def test_region_whose_copy_failed_is_never_marked_in_sync(features: str) -> None
             # without handle_errors the kernel counts a failed recovery as in sync in memory
             # (dm-region-hash.c), but the clean bit on disk stays 0: the next activation recopies it
             assert t.status().split()[3] == "32/32"
-    finally:
-        r.close()
 
 
 def test_sequential_writes_share_log_flushes_and_end_clean(rig: Rig) -> None:
