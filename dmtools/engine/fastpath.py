@@ -159,7 +159,11 @@ class Slot:
             live = dev.live
             if dev.suspended or dev.removed or live is None:
                 return
-            words = describe(live)
+            try:
+                words = describe(live)
+            except OSError as err:  # a descriptor without read-ahead could not be opened
+                log.warning("%s: I/O runs in Python: %s", dev.name, err)
+                return
             if words is None:
                 return
             with self.session._using() as ctx:

@@ -277,3 +277,31 @@ def test_read_only_device_reads_in_c_and_refuses_writes(xengine, tmp_path):
         _pwrite(dev, b"\4" * MiB, 0)
     assert exc.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)  # by the loop device
     assert img.read_bytes() == data
+
+
+def test_suspend_waits_for_the_c_request_in_flight(lower, xengine, tmp_path):
+    low_img = tmp_path / "low2.img"
+    low_img.write_bytes(bytes(4 * MiB))
+    lower.create("low2-dmtt", f"0 8192 linear {low_img} 0")
+    xengine.create("up2-dmtt", f"0 8192 linear {os.path.realpath(lower.device_path('low2-dmtt'))} 0")
+    up = xengine.device_path("up2-dmtt")
+    lower.suspend("low2-dmtt")  # the upper device's C writes now wait inside the lower device
+    held = lower.exposure.fast_stats("low2-dmtt")["fallbacks"]  # type: ignore[union-attr]
+    pattern = os.urandom(MiB)
+    writer = threading.Thread(target=_pwrite, args=(up, pattern, 0))
+    writer.start()
+    _until(lambda: lower.exposure.fast_stats("low2-dmtt")["fallbacks"] > held,  # type: ignore[union-attr]
+           "the upper device's write to reach the suspended lower one")
+    # noflush: nothing but the drain of I/O in flight holds the suspend (a flush would wait for
+    # the lower device too)
+    suspender = threading.Thread(target=xengine.suspend, args=("up2-dmtt",), kwargs={"noflush": True})
+    suspender.start()
+    suspender.join(0.5)
+    assert suspender.is_alive()  # waiting for the C request in flight, not past it
+    assert xengine.info("up2-dmtt").suspended
+    lower.resume("low2-dmtt")
+    suspender.join(20)
+    writer.join(20)
+    assert not suspender.is_alive() and not writer.is_alive()
+    assert low_img.read_bytes()[:MiB] == pattern
+    xengine.resume("up2-dmtt")
