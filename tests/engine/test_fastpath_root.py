@@ -9,8 +9,7 @@ import os
 import random
 import struct
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from dmtools._ffi import fastio
 from dmtools.blockdev import aligned_buffer
 from dmtools.engine import Engine
 from dmtools.errors import DeviceBusy
+from dmtools.testing.wait import wait_until
 
 pytestmark = pytest.mark.root
 
@@ -48,13 +48,6 @@ def xengine(tmp_path: Path) -> Iterator[Engine]:
 def _stats(eng: Engine, name: str) -> dict[str, int]:
     assert eng.exposure is not None
     return eng.exposure.fast_stats(name)
-
-
-def _until(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def _pwrite(path: str, data: bytes, offset: int, flags: int = 0) -> None:
@@ -156,7 +149,7 @@ def test_suspend_holds_c_writes_until_resume(xengine, tmp_path):
     writer = threading.Thread(target=_pwrite, args=(dev, pattern, 0))
     writer.start()
     # The request reached the C entry, found no map and went to Python, where the gate holds it.
-    _until(lambda: _stats(xengine, "sus-dmtt")["fallbacks"] > before["fallbacks"], "the held write")
+    wait_until(lambda: _stats(xengine, "sus-dmtt")["fallbacks"] > before["fallbacks"], "the held write")
     assert writer.is_alive()
     with open(img, "rb") as f:
         assert f.read(MiB) == old
@@ -195,15 +188,15 @@ def test_reload_switches_maps_at_resume(xengine, tmp_path):
     writer = threading.Thread(target=write)
     writer.start()
     try:
-        _until(lambda: len(done) >= 20, "writes to the old table")
+        wait_until(lambda: len(done) >= 20, "writes to the old table")
         xengine.load("rel-dmtt", f"0 8192 linear {new_img} 0")
-        _until(lambda: len(done) >= 40, "writes while the new table waits")
+        wait_until(lambda: len(done) >= 40, "writes while the new table waits")
         issued_before = done[-1]
         xengine.resume("rel-dmtt")
         with open(old_img, "rb") as f:
             old_seq = struct.unpack("<Q", f.read(8))[0]
         mark = len(done)
-        _until(lambda: len(done) >= mark + 20, "writes to the new table")
+        wait_until(lambda: len(done) >= mark + 20, "writes to the new table")
     finally:
         stop.set()
         writer.join(20)
@@ -290,7 +283,7 @@ def test_suspend_waits_for_the_c_request_in_flight(lower, xengine, tmp_path):
     pattern = os.urandom(MiB)
     writer = threading.Thread(target=_pwrite, args=(up, pattern, 0))
     writer.start()
-    _until(lambda: lower.exposure.fast_stats("low2-dmtt")["fallbacks"] > held,  # type: ignore[union-attr]
+    wait_until(lambda: lower.exposure.fast_stats("low2-dmtt")["fallbacks"] > held,  # type: ignore[union-attr]
            "the upper device's write to reach the suspended lower one")
     # noflush: nothing but the drain of I/O in flight holds the suspend (a flush would wait for
     # the lower device too)
