@@ -210,23 +210,29 @@ class _Stack:
             f.unlink()
 
 
-def _threads(ep: Any, offsets: list[int], buf: bytes, threads: int) -> float:
+def _threads(ep: Any, offsets: list[int], buf: bytes, threads: int) -> tuple[float, float]:
     """Bytes/s of writing ``buf`` at ``offsets`` from ``threads`` writers at once (a queue depth,
-    as writeback or a database gives), the flush included."""
+    as writeback or a database gives), the flush included; and this process's CPU seconds per GiB
+    written (the writers and, for our engine, the engine: a figure other load barely moves)."""
     import threading
 
     def run(first: int) -> None:
         for off in offsets[first::threads]:
             ep.write(buf, off)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
     ep.flush()
-    return len(offsets) * len(buf) / (time.perf_counter() - t0)
+    nbytes = len(offsets) * len(buf)
+    return nbytes / (time.perf_counter() - t0), (time.process_time() - c0) / (nbytes / 2**30)
+
+
+#: suffix of a workload's CPU figure in a row of ``_write_rows``.
+CPU = " cpu"
 
 
 #: the workloads of one configuration, in the order they are printed.
@@ -282,11 +288,16 @@ def bench_writes(work: Path, size: int, chunk: int, nrandom: int, kernel: bool =
     }
     for name, row in rows.items():
         out[name] = {
-            k: {"MiB/s": round(v / 2**20, 1), "ratio": round(v / base[k], 3)} for k, v in row.items()
+            k: {"MiB/s": round(v / 2**20, 1), "ratio": round(v / base[k], 3),
+                "cpu_s_per_gib": round(row[k + CPU], 3)}
+            for k, v in row.items() if not k.endswith(CPU)
         }
     if repeat > 1:
         out["runs_seq_first_1_snapshot_ratio"] = [
             round(r["1 snapshots"]["seq_first"] / r["0 snapshots"]["seq_first"], 3) for r in runs
+        ]
+        out["runs_seq_rewrite_1_snapshot_ratio"] = [
+            round(r["1 snapshots"]["seq_rewrite"] / r["0 snapshots"]["seq_rewrite"], 3) for r in runs
         ]
     return out
 
@@ -310,15 +321,15 @@ def _write_rows(dm: Any, work: Path, size: int, chunk: int, nrandom: int, kernel
         row = rows[f"{n} snapshots"] = {}
         st = _Stack(dm, work, size, n, chunk, f"q{n}", kernel, node)
         try:
-            row["seq_first"] = _threads(st.ep, seq[:half], buf, 1)
-            row["seq_first_4_writers"] = _threads(st.ep, seq[half:], buf, 4)
-            row["seq_rewrite"] = _threads(st.ep, seq, buf, 1)
+            row["seq_first"], row["seq_first" + CPU] = _threads(st.ep, seq[:half], buf, 1)
+            row["seq_first_4_writers"], row["seq_first_4_writers" + CPU] = _threads(st.ep, seq[half:], buf, 4)
+            row["seq_rewrite"], row["seq_rewrite" + CPU] = _threads(st.ep, seq, buf, 1)
         finally:
             st.close()
         st = _Stack(dm, work, size, n, chunk, f"r{n}", kernel, node)
         try:
-            row["random_4k"] = _threads(st.ep, one, small, 1)
-            row["random_4k_16_writers"] = _threads(st.ep, many, small, 16)
+            row["random_4k"], row["random_4k" + CPU] = _threads(st.ep, one, small, 1)
+            row["random_4k_16_writers"], row["random_4k_16_writers" + CPU] = _threads(st.ep, many, small, 16)
         finally:
             st.close()
     return rows
@@ -395,6 +406,13 @@ def _print_table(results: dict[str, Any]) -> None:
     print("  MiB/s with no snapshot:")
     for w in WORKLOADS:
         print(f"  {'  ' + w:34}" + "".join(f"{c['0 snapshots'][w]['MiB/s']:>14.1f}" for _, c in cols))
+    ours = [(h, c) for h, c in cols if not h.startswith("kernel")]
+    if ours:
+        print("  CPU seconds per GiB written (the writing process: writers, engine, FUSE), 0 / 1 / 4 snapshots:")
+        for w in WORKLOADS:
+            print(f"  {'  ' + w:34}" + "".join(
+                "  " + " / ".join(f"{c[n][w]['cpu_s_per_gib']:.2f}" for n in ("0 snapshots", "1 snapshots", "4 snapshots"))
+                for _, c in ours))
     fcols: list[tuple[str, dict[str, Any]]] = [
         (h, results[k]) for h, k in (("ours: fio", "fio"), ("kernel: fio", "fio_kernel")) if isinstance(results.get(k), dict)]
     if fcols:
