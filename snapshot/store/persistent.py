@@ -337,16 +337,16 @@ class PersistentStore(ExceptionStore):
         free space the next allocations take (``_lock`` held, so no chunk there is handed out
         before the write is done). Chunks at or past ``next_free`` hold nothing: no exception
         points there, and a metadata area there is not in use (each is zeroed before its first
-        record anyway). Only a range that is a hole now is written, so a COW that is a block
-        device, or already written, is left alone (zeroing then stops for good). Nothing is
-        flushed here: the next commit's flush makes the blocks' allocation durable once for all
-        the chunks after it. A failure only stops zeroing ahead.
+        record anyway). Only a range that is a hole now is written: space already written is
+        left as it is, and a COW that cannot tell holes (a block device) stops zeroing for good,
+        as a failure does. Nothing is flushed here: the next commit's flush (REQ_PREFLUSH) makes
+        the zeros and the blocks' allocation durable, before any record of a chunk that relies on
+        reading zeros there (``zeroed_ahead``), once for all the chunks after it.
         """
         cb = self.chunk_bytes
         start = first * cb
         length = min(ZERO_AHEAD_BYTES // cb * cb, self.cow.size // cb * cb - start)
-        if length <= 0:
-            self._zeroed_upto = -1
+        if length <= 0:  # the COW is full (until it grows)
             return
         try:
             extents = self.cow.data_extents(start, length)
