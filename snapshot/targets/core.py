@@ -15,6 +15,9 @@ Invariants kept from the kernel:
   first write thus costs a read, a write and its share of one commit, with no thread hand-off
   (dm-snap.c hands the copy to kcopyd, whose thread runs the commit: in Python each hand-off
   costs more than the copy);
+* an origin write whose range needs copies in several snapshots reads the origin once for all
+  of them, after allocating every exception (``_copy_for_snapshots``); a rewrite of a range every
+  snapshot holds already costs one cached lookup per snapshot (``ExceptionTable.unmapped``);
 * a snapshot read that goes to the origin is *tracked*; an exception for that chunk is not
   released to origin writers until the tracked reads have drained.
 """
