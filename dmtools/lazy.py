@@ -1,15 +1,21 @@
-"""Package attributes loaded on first use (PEP 562), so importing a package costs only what is used.
+"""Loaded on first use, so importing a package or running a command costs only what is used.
 
-A package lists what it re-exports as ``"module:attribute"`` (or by module, through ``package``)
-and sets ``__getattr__ = lazy.exports(__name__, {...})``; the names stay importable as before
-(``from kcopyd import Client``), and type checkers see them through an ``if TYPE_CHECKING:`` import.
+- Package attributes (PEP 562): a package lists what it re-exports as ``"module:attribute"`` (or
+  by module, through ``package``) and sets ``__getattr__ = lazy.exports(__name__, {...})``; the
+  names stay importable as before (``from kcopyd import Client``), and type checkers see them
+  through an ``if TYPE_CHECKING:`` import.
+- Logging: :func:`logger` stands for ``logging.getLogger(name)`` until a message is logged, and
+  :func:`configure_logging` sets a command's format when ``logging`` is first imported. Importing
+  ``logging`` costs a command that never logs (most runs) about a tenth of its start-up.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import sys
 from collections.abc import Callable, Mapping
+from types import ModuleType
 from typing import Any
 
 
@@ -34,3 +40,76 @@ def package(package: str, modules: Mapping[str, str]) -> tuple[Callable[[str], A
     and those names sorted: the package's ``__all__``."""
     specs = {name: f"{module}:{name}" for module, names in modules.items() for name in names.split()}
     return exports(package, specs), sorted(specs)
+
+
+class _Logger:
+    """``logging.getLogger(name)``, looked up (and ``logging`` imported) at the first message."""
+
+    __slots__ = ("_name", "_logger")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._logger: Any = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._logger is None:
+            import logging
+
+            self._logger = logging.getLogger(self._name)
+        return getattr(self._logger, attr)
+
+
+def logger(name: str) -> Any:
+    """A stand-in for ``logging.getLogger(name)`` that imports ``logging`` when first used."""
+    return _Logger(name)
+
+
+def _basic_config(logging: ModuleType, program: str, debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format=f"{program}: %(levelname)s: %(message)s")
+
+
+class _ConfigureLoggingOnImport:
+    """A one-shot ``sys.meta_path`` finder: the first import of ``logging`` loads it as usual,
+    then configures it (:func:`configure_logging`)."""
+
+    def __init__(self, program: str, debug: bool) -> None:
+        self.program = program
+        self.debug = debug
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "logging":
+            return None
+        self.remove()
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        loader = spec.loader if spec is not None else None
+        if loader is None:
+            return spec
+        load = loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            load(module)
+            _basic_config(module, self.program, self.debug)
+
+        setattr(loader, "exec_module", exec_module)  # this spec's own loader object
+        return spec
+
+    def remove(self) -> None:
+        """Take the hook out of ``sys.meta_path`` (the command is over, or logging is loading)."""
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+
+
+def configure_logging(program: str, debug: bool) -> _ConfigureLoggingOnImport | None:
+    """Log ``PROGRAM: LEVEL: message`` on stderr, from WARNING (everything with ``debug``).
+
+    Unless ``logging`` is loaded already (or ``debug`` asks for it now), it is configured when
+    something first imports it, by the hook this returns (the command removes it at its end)."""
+    if debug or "logging" in sys.modules:
+        import logging
+
+        _basic_config(logging, program, debug)
+        return None
+    hook = _ConfigureLoggingOnImport(program, debug)
+    sys.meta_path.insert(0, hook)
+    return hook

@@ -23,9 +23,11 @@ from __future__ import annotations
 import errno
 import os
 import re
-import socket
 import threading
 from dataclasses import dataclass
+
+from _socket import AF_NETLINK, SOCK_CLOEXEC, SOCK_NONBLOCK, SOCK_RAW
+from _socket import socket as _raw_socket  # socket's C type: the socket module costs 5 ms at start-up
 
 from dmtools.errors import DMError
 from dmtools.linux import LOOP_NAME
@@ -55,7 +57,7 @@ class LoopIndex:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pid = -1
-        self._sock: socket.socket | None = None
+        self._sock: _raw_socket | None = None
         #: loop device name -> (index key, LoopRef): an inode ``(st_dev, st_ino)`` or a path
         self._entries: dict[str, tuple[tuple[int, int] | str, LoopRef]] | None = None
         self._by_inode: dict[tuple[int, int], list[LoopRef]] = {}
@@ -120,9 +122,7 @@ class LoopIndex:
         self._entries = None
         self._pid = os.getpid()
         try:
-            sock = socket.socket(socket.AF_NETLINK,
-                                 socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
-                                 NETLINK_KOBJECT_UEVENT)
+            sock = _raw_socket(AF_NETLINK, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, NETLINK_KOBJECT_UEVENT)
         except OSError:
             return
         try:
@@ -196,8 +196,6 @@ def _loop_names() -> list[str]:
 def _entry(name: str, fuse: list[str]) -> tuple[tuple[int, int] | str, LoopRef] | None:
     """``(key, ref)`` of loop device ``name`` when bound: its backing inode as the kernel gives
     it, or its backing path when that is on a FUSE mount (``fuse``: their mount points)."""
-    from dmtools import loop
-
     backing = _read(f"{SYS_BLOCK}/{name}/loop/backing_file")
     dev = _read(f"{SYS_BLOCK}/{name}/dev")
     if backing is None or dev is None:
@@ -209,6 +207,8 @@ def _entry(name: str, fuse: list[str]) -> tuple[tuple[int, int] | str, LoopRef] 
     ref = LoopRef(f"/dev/{name}", (major, minor), backing)
     if _on(backing, fuse):
         return backing, ref
+    from dmtools import loop  # only for a bound loop device: most are unbound
+
     try:
         st = loop.status(ref.path)
     except DMError:

@@ -288,15 +288,23 @@ def _check_shared_bytes(src: Spec, dests: list[Spec], count: int, *, write_seq: 
     (destinations that share bytes, a source sharing bytes with a destination through another
     device: ``kcopyd.overlap``) and a destination that a live table maps, unless ``allow_in_use``."""
     import kcopyd
-    from dmtools.inputs import live_backends
+    from kcopyd.client import _backend_may_be_live
     from kcopyd.overlap import check_dests_not_in_use, path_span, plan_overlap, region_identities
 
     real = [d for d in dests if not d.is_null]
     nbytes = count * SECTOR
-    backends = live_backends(kernel=not allow_in_use and _kernel_can_map([d.path for d in real]))
+    kernel = not allow_in_use and _kernel_can_map([d.path for d in real])
+    backends: list[Any] = []
+    if kernel or _backend_may_be_live():
+        from dmtools.inputs import live_backends
+
+        backends = live_backends(kernel=kernel)
     try:
         regions = [kcopyd.Region(s.path, s.sector, count) if os.path.exists(s.path) else None for s in [src, *real]]
-        ids = region_identities(regions, backends)
+        # Plain files with no table that could map them share bytes only as one inode, which
+        # the spans compare; anything else is resolved to what it is (dmtools.identity).
+        plain = not backends and all(r is None or _plain_file(r.dev) for r in regions)
+        ids = [] if plain else region_identities(regions, backends)
         plan_overlap((path_span(src.path, src.sector * SECTOR, nbytes), src.path),
                      [(path_span(d.path, d.sector * SECTOR, nbytes), d.path) for d in real],
                      write_seq=write_seq, identities=ids)
@@ -305,6 +313,17 @@ def _check_shared_bytes(src: Spec, dests: list[Spec], count: int, *, write_seq: 
     finally:
         for b in backends:
             b.close()
+
+
+def _plain_file(path: Any) -> bool:
+    """True for a regular file on a device-backed file system: :func:`dmtools.identity.identify`
+    gives it its own inode and nothing more. Files on anonymous devices (FUSE, where an engine's
+    exposure lives, tmpfs, overlayfs) are not plain: identity looks further."""
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return False
+    return stat.S_ISREG(st.st_mode) and os.major(st.st_dev) != 0
 
 
 def _kernel_can_map(paths: list[str]) -> bool:
@@ -374,13 +393,13 @@ def _flush(dests: list[Spec]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m kcopyd SRC DST ...``: the ``copy`` command on its own."""
-    import logging
+    from dmtools.lazy import configure_logging
 
     parser = argparse.ArgumentParser(prog="python -m kcopyd", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="kcopyd: %(levelname)s: %(message)s")
+    hook = configure_logging("kcopyd", False)
     try:
         return cmd_copy(args)
     except DMError as err:
@@ -389,3 +408,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kcopyd: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if hook is not None:
+            hook.remove()

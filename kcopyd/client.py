@@ -26,7 +26,6 @@ several requests are in flight at once. Two choices are this engine's own, made 
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import stat
@@ -35,6 +34,8 @@ from typing import Any, Callable, Sequence
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import InvalidArgument
+from dmtools.lazy import logger
+from dmtools.nbd.uri import is_nbd_uri
 from kcopyd.fastpath import cached_bytes, plan_segments, read_exact, read_salvage, write_exact
 from kcopyd.inline import InlineJobs
 from kcopyd.job import DEST_ZEROED, IGNORE_ERROR, WRITE_SEQ, Job, NotifyFn, Piece, Plan, Progress
@@ -49,7 +50,7 @@ from kcopyd.throttle import Throttle
 __all__ = ["Client", "IGNORE_ERROR", "WRITE_SEQ", "DEST_ZEROED", "SPLIT_COUNT", "SUB_JOB_SIZE",
            "MAX_SUB_JOB_SIZE"]
 
-log = logging.getLogger("kcopyd")
+log = logger("kcopyd")
 
 _KNOWN_FLAGS = IGNORE_ERROR | WRITE_SEQ | DEST_ZEROED
 
@@ -338,8 +339,8 @@ class Client(InlineJobs):
     def _identities(self, src: Region | None, dests: list[Region], allow_in_use: bool) -> list[Any]:
         """Identities of the regions given by path (once per job), after refusing a destination
         that a live table maps; ``[]`` when every region is an endpoint, or when every path is a
-        regular file and no backend can hold one (two regular files share bytes only as one
-        inode, which the job's spans compare: ``kcopyd.overlap``)."""
+        regular file (or one NBD URI) and no backend can hold one (two regular files share bytes
+        only as one inode, which the job's spans compare: ``kcopyd.overlap``)."""
         regions = [src, *dests]
         paths = [r for r in regions if isinstance(r, Region) and not isinstance(r.dev, Endpoint)]
         if not paths:
@@ -351,7 +352,9 @@ class Client(InlineJobs):
                 from dmtools.inputs import live_backends
 
                 self._backends = live_backends()
-        if not self._backends and all(_regular_file(r.dev) for r in paths):
+        # One NBD export shares no bytes with a file (its identity is the export's URI).
+        files = [r for r in paths if not is_nbd_uri(r.dev)]
+        if not self._backends and len(paths) - len(files) <= 1 and all(_regular_file(r.dev) for r in files):
             return []
         ids = region_identities(regions, self._backends)
         if not allow_in_use:

@@ -18,11 +18,11 @@ usual and waited for.
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from dmtools.errors import InvalidArgument
+from dmtools.lazy import logger
 from kcopyd.fastpath import read_exact, read_salvage, write_exact
 from kcopyd.job import DEST_ZEROED, IGNORE_ERROR, WRITE_SEQ, Job, Piece, Plan
 from kcopyd.overlap import plan_overlap, span_of
@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["INLINE_MAX_BYTES", "InlineJobs"]
 
-log = logging.getLogger("kcopyd")
+log = logger("kcopyd")
 
 #: Largest job run on the caller's thread by default: one maximal sub-job (1024 KiB, the maximum
 #: of dm_mod.kcopyd_subjob_size_kb in dm-kcopyd.c); larger jobs are split across the workers.

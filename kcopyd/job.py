@@ -7,12 +7,12 @@ and then run its notify callback once on the client's callback thread.
 
 from __future__ import annotations
 
-import logging
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Generator
 
 from dmtools.errors import DeviceIOError, OperationCancelled
+from dmtools.lazy import logger
 from kcopyd.lanes import WriteLanes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["DEST_ZEROED", "IGNORE_ERROR", "Job", "NotifyFn", "Plan", "Progress", "WRITE_SEQ"]
 
-log = logging.getLogger("kcopyd")
+log = logger("kcopyd")
 
 #: ``notify(read_err, write_err, context)``: ``read_err`` a bool, ``write_err`` a bit per destination.
 NotifyFn = Callable[[bool, int, Any], object]

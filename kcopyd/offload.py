@@ -12,17 +12,17 @@ where the errors are exact.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 
 from dmtools.endpoint import Endpoint
+from dmtools.lazy import logger
 from kcopyd.fastpath import cached_bytes
 from kcopyd.job import DEST_ZEROED, Piece
 from kcopyd.throttle import Throttle
 
 __all__ = ["OFFLOAD_DEPTH", "OFFLOAD_PIECE_SIZE", "can_offload", "copy_offload", "offload_depth", "offload_piece"]
 
-log = logging.getLogger("kcopyd")
+log = logger("kcopyd")
 
 OFFLOAD_PIECE_SIZE = 8 * 1024 * 1024
 OFFLOAD_DEPTH = 4

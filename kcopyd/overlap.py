@@ -167,6 +167,8 @@ def check_dests_not_in_use(
 ) -> None:
     """Raise ``DeviceBusy`` when a live table of ``backends`` maps bytes of a destination given by
     path (``dmtools.inputs.check_not_in_use``); writing under a live table corrupts it."""
+    if not backends:
+        return  # no live table
     from dmtools.inputs import check_not_in_use
 
     idents = {f"destination {i}": ident for i, ident in enumerate(identities) if ident is not None}

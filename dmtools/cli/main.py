@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.machinery
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -12,10 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from dmtools.cli.common import close_backends, one_line
 from dmtools.errors import DMError
+from dmtools.lazy import configure_logging
 from dmtools.plugins import entry_points
-
-if TYPE_CHECKING:  # pragma: no cover
-    from types import ModuleType
 
 #: Sub-commands that live in dmtools itself: name -> "module:function" taking the sub-parsers.
 BUILTIN_COMMANDS = {
@@ -168,58 +165,6 @@ def _log() -> Any:
     return logging.getLogger("dmtools")
 
 
-def _basic_config(logging: ModuleType, debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="dmtools: %(levelname)s: %(message)s")
-
-
-class _ConfigureLoggingOnImport:
-    """A one-shot ``sys.meta_path`` finder: the first import of ``logging`` loads it as usual,
-    then configures it (:func:`_configure_logging`)."""
-
-    def __init__(self, debug: bool) -> None:
-        self.debug = debug
-
-    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        if name != "logging":
-            return None
-        self.remove()
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        loader = spec.loader if spec is not None else None
-        if loader is None:
-            return spec
-        load = loader.exec_module
-
-        def exec_module(module: ModuleType) -> None:
-            load(module)
-            _basic_config(module, self.debug)
-
-        setattr(loader, "exec_module", exec_module)  # this spec's own loader object
-        return spec
-
-    def remove(self) -> None:
-        """Take the hook out of ``sys.meta_path`` (the command is over, or logging is loading)."""
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-
-
-def _configure_logging(debug: bool) -> _ConfigureLoggingOnImport | None:
-    """Log ``dmtools: LEVEL: message`` on stderr, from WARNING (everything with ``--debug``).
-
-    Importing ``logging`` costs a command such as ``dm ls``, which never logs, about a tenth of its
-    start-up: unless it is loaded already (or ``--debug`` asks for it now), ``logging`` is
-    configured when something first imports it, by the hook this returns (``main`` removes it at
-    the end)."""
-    if debug or "logging" in sys.modules:
-        import logging
-
-        _basic_config(logging, debug)
-        return None
-    hook = _ConfigureLoggingOnImport(debug)
-    sys.meta_path.insert(0, hook)
-    return hook
-
-
 def main(argv: Sequence[str] | None = None, *, propagate: bool = False) -> int:
     """Run the CLI; return the exit status. With ``propagate`` exceptions are re-raised (tests)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -236,7 +181,7 @@ def main(argv: Sequence[str] | None = None, *, propagate: bool = False) -> int:
     for flag in GLOBAL_FLAGS:
         if flag in options:
             setattr(args, flag.lstrip("-"), True)
-    hook = _configure_logging(args.debug)
+    hook = configure_logging("dmtools", args.debug)
     args.opened_backends = []
     try:
         rc = args.func(args)

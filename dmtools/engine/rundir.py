@@ -15,10 +15,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import socket
 import stat
+from typing import TYPE_CHECKING
 
 from dmtools.errors import DaemonError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import socket
 
 #: Where root's daemon lives by default; created 0700 (only root goes in).
 ROOT_RUN_DIR = "/run/dmtools"
@@ -161,6 +164,8 @@ def open_file(path: str, flags: int, mode: int = 0o600) -> int:
 def bind_socket(path: str, backlog: int = 64) -> socket.socket:
     """A listening Unix socket at ``path`` (mode 0600), bound under a temporary name and renamed
     over whatever stood there (a stale socket or a planted symlink is replaced, not followed)."""
+    import socket  # the daemon's only: a client finding the socket path need not load it
+
     tmp = _temp_name(path)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)

@@ -26,7 +26,6 @@ least busy connection.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import threading
 import time
@@ -34,13 +33,14 @@ from typing import Any, Callable
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import DeviceIOError, InvalidArgument
+from dmtools.lazy import logger
 from dmtools.nbd._lib import load
 from dmtools.nbd.errors import NbdConnectionError
 from dmtools.nbd.uri import NbdUri, parse_uri
 
 __all__ = ["NbdEndpoint", "DEFAULT_CONNECTIONS", "DEFAULT_TIMEOUT", "MAX_REQUEST"]
 
-log = logging.getLogger("dmtools.nbd")
+log = logger("dmtools.nbd")
 
 #: Connections per export when the server allows multi-conn (nbdcopy's default --connections).
 DEFAULT_CONNECTIONS = 4

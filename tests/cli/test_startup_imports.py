@@ -112,3 +112,37 @@ def test_logging_first_imported_by_a_command_is_configured() -> None:
     proc = subprocess.run([sys.executable, "-c", LATE_LOGGER], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "dmtools: WARNING: late warning\n"
+
+
+COPY = """
+import sys
+from kcopyd.cli import main
+assert main(["--quiet", sys.argv[1], sys.argv[2]]) == 0
+"""
+
+#: What a copy between two plain files does not load: logging (nothing is logged), the socket
+#: module (the loop index's uevent socket is made from _socket), dmtools.loop (no loop device is
+#: bound over them), and, with no table that could map them, identity resolution and the in-use
+#: check's machinery; nor the kernel backend or fractions/decimal.
+COPY_HEAVY = {
+    "logging", "socket", "dmtools.loop", "dmtools.identity", "dmtools.inputs", "dmtools.kernel",
+    "dmtools._ffi", "cffi", "fractions", "decimal", "importlib.metadata", "dmtools.engine.client",
+}
+
+
+def test_copy_between_files_imports_only_what_it_uses(tmp_path) -> None:
+    """``python -m kcopyd SRC DST`` (and ``dmtools copy``) between plain files, no daemon."""
+    import os
+
+    from dmtools.linux import CONTROL_PATH
+
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    src.write_bytes(os.urandom(1 << 20))
+    probe = COPY + "\nimport json\nprint(json.dumps(sorted(sys.modules)), file=sys.stderr)\n"
+    env = dict(os.environ, DMTOOLS_RUN_DIR=str(tmp_path / "run"))  # no daemon there
+    proc = subprocess.run([sys.executable, "-c", probe, str(src), str(dst)], capture_output=True, text=True,
+                          env=env, check=True)
+    loaded = set(json.loads(proc.stderr.strip().splitlines()[-1]))
+    assert "kcopyd.client" in loaded and dst.read_bytes() == src.read_bytes(), "the probe copied"
+    heavy = COPY_HEAVY if not os.path.exists(CONTROL_PATH) else COPY_HEAVY - {"dmtools.inputs", "dmtools.identity"}
+    assert not loaded & heavy, f"a copy imports {sorted(loaded & heavy)}"
