@@ -24,8 +24,9 @@ from typing import Union
 FLOAT_EXACT = 1 << 53
 #: an overlay value meaning "removed since the last compaction".
 _REMOVED = -1
-#: how many fully mapped ranges ``unmapped`` remembers (then it starts over).
-MAPPED_RANGES = 1 << 16
+#: how many fully mapped ranges ``unmapped`` remembers before it starts over (~1 MiB of memory;
+#: as 1 MiB writes' ranges they cover 8 GiB of a volume).
+MAPPED_RANGES = 8192
 
 Keys = Union["array[float]", "array[int]", list[int]]
 
@@ -108,7 +109,7 @@ class ExceptionTable:
         if (lo, hi) in self._mapped:
             return []
         out = self._unmapped(lo, hi)
-        if not out:
+        if not out and hi - lo > 1:  # (one chunk costs a probe anyway)
             if len(self._mapped) >= MAPPED_RANGES:
                 self._mapped.clear()
             self._mapped.add((lo, hi))
