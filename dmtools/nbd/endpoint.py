@@ -266,13 +266,46 @@ class NbdEndpoint(Endpoint):
             maximum = h.get_block_size(nbd.SIZE_MAXIMUM)
             self._max_request = min(MAX_REQUEST, maximum) if maximum else MAX_REQUEST
             n = connections if self.multi_conn else 1
-            for i in range(1, n):
-                self._connect(i)
+            self._connect_more(n - 1)
         except BaseException:
             self.close()
             raise
 
     def _connect(self, index: int) -> _Connection:
+        conn = _Connection(self._nbd, self._handle(index), f"{self.name}#{index}", self.timeout)
+        self._conns.append(conn)
+        return conn
+
+    def _connect_more(self, n: int) -> None:
+        """Open ``n`` more connections at once: each handshake waits for the server a few round
+        trips (libnbd releases the GIL meanwhile), so opening them one after the other would add
+        up those waits. All or nothing: the first failure is raised once all are done."""
+        handles: list[Any] = [None] * n
+        errors: list[BaseException] = []
+
+        def open_one(i: int) -> None:
+            try:
+                handles[i] = self._handle(i + 1)
+            except BaseException as err:  # noqa: BLE001 - raised by the caller below
+                errors.append(err)
+
+        threads = [threading.Thread(target=open_one, args=(i,), name=f"nbd-connect-{i + 1}", daemon=True)
+                   for i in range(1, n)]
+        for t in threads:
+            t.start()
+        if n:
+            open_one(0)
+        for t in threads:
+            t.join()
+        for i, h in enumerate(handles):
+            if h is not None:
+                self._conns.append(_Connection(self._nbd, h, f"{self.name}#{i + 1}", self.timeout))
+        handles.clear()  # the error's traceback holds this frame: the handles live on in _conns only
+        if errors:
+            raise errors[0]
+
+    def _handle(self, index: int) -> Any:
+        """A libnbd handle connected to the export."""
         nbd = self._nbd
         h = nbd.NBD()
         try:
@@ -286,9 +319,7 @@ class NbdEndpoint(Endpoint):
             raise NbdConnectionError(
                 f"cannot connect: {err.string}", errno=err.errnum or None, operation="nbd", device=self.name
             ) from err
-        conn = _Connection(nbd, h, f"{self.name}#{index}", self.timeout)
-        self._conns.append(conn)
-        return conn
+        return h
 
     # -- properties -----------------------------------------------------------------------------
     @property

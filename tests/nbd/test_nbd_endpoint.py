@@ -67,6 +67,18 @@ def test_connect_refused(tmp_path: Path) -> None:
         NbdEndpoint(f"nbd+unix:///?socket={tmp_path}/none.sock")
 
 
+def test_refused_extra_connection_fails_the_endpoint(start_nbdkit: Callable[..., NbdServer]) -> None:
+    """A server that takes three clients but advertises multi-conn: of the three extra connections,
+    opened at once, one is refused; the endpoint is not made (all or nothing), with the server's
+    refusal as the error, while three connections alone are fine."""
+    srv = start_nbdkit(["memory", "64M", "limit=3"], filters=["limit"])
+    with NbdEndpoint(srv.uri, connections=3) as ep:
+        assert ep.connections == 3
+    srv2 = start_nbdkit(["memory", "64M", "limit=3"], filters=["limit"])
+    with pytest.raises(NbdConnectionError, match="cannot connect"):
+        NbdEndpoint(srv2.uri, connections=4)
+
+
 def test_memory_export_io_and_flags(start_nbdkit: Callable[..., NbdServer]) -> None:
     srv = start_nbdkit(["memory", "64M"])
     with NbdEndpoint(srv.uri, writable=True) as ep:
