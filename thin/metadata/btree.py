@@ -244,7 +244,10 @@ def insert(tm: TransactionManager, root: int, key: int, value: Any, vtype: Value
     An overwritten value loses its reference (``vtype.dec``) unless ``vtype.equal`` says it is
     unchanged or ``dec_old`` is false.
     """
-    node = tm.shadow(root, vtype)
+    # tm.shadow's first case, inline (a node this transaction made, referenced once, is changed
+    # in place): most inserts find every node of their path so
+    counts, new, dirty = tm.msm.counts, tm.msm.new, tm.dirty_nodes
+    node = dirty[root][0] if counts[root] == 1 and root in new else tm.shadow(root, vtype)
     root = node.blocknr
     if len(node.keys) >= node.max_entries and not (node.leaf and _has(node, key)):  # full
         _split_beneath(tm, node, vtype)
@@ -253,7 +256,8 @@ def insert(tm: TransactionManager, root: int, key: int, value: Any, vtype: Value
         if i < 0:
             i = 0
             node.keys[0] = key  # the lower bound drops to the new smallest key
-        child = tm.shadow(node.values[i], vtype)
+        b = node.values[i]
+        child = dirty[b][0] if counts[b] == 1 and b in new else tm.shadow(b, vtype)
         node.values[i] = child.blocknr
         if len(child.keys) >= child.max_entries and not (child.leaf and _has(child, key)):
             _split_child(tm, node, i, child, vtype)

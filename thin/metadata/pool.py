@@ -90,6 +90,9 @@ class ThinMetadata:
         self.subtree = SubtreeValue(tm, self.mapping)
         #: details changed in this transaction (written to the details tree at commit).
         self._details: dict[int, DeviceDetails] = {}
+        #: mappings inserts added to a device since its details were last taken (``_settle``
+        #: adds them to ``mapped_blocks``: a new details value per insert costs more than the insert).
+        self._added: dict[int, int] = {}
         #: committed details and each device's mapping-tree root, looked up once (the kernel keeps
         #: them in ``struct dm_thin_device`` for open devices); see ``_forget``.
         self._clean_details: dict[int, DeviceDetails] = {}
@@ -220,6 +223,8 @@ class ThinMetadata:
     # -- devices -----------------------------------------------------------------------------
     def details(self, dev_id: int) -> DeviceDetails:
         """A device's details; raises ``DeviceNotFound`` (ENODATA) if it does not exist."""
+        if dev_id in self._added:
+            self._settle(dev_id)
         det = self._details.get(dev_id) or self._clean_details.get(dev_id)
         if det is None:
             det = btree.lookup(self.tm, self.details_root, dev_id, DETAILS)
@@ -228,8 +233,16 @@ class ThinMetadata:
             self._clean_details[dev_id] = det
         return det
 
+    def _settle(self, dev_id: int) -> None:
+        """Count the mappings inserts added to ``dev_id`` in its details."""
+        added = self._added.pop(dev_id)
+        det = self.details(dev_id)
+        self._details[dev_id] = replace(det, mapped_blocks=det.mapped_blocks + added)
+
     def devices(self) -> dict[int, DeviceDetails]:
         """Every device's details, by id, in id order."""
+        for dev_id in list(self._added):
+            self._settle(dev_id)
         out = dict(btree.items(self.tm, self.details_root, DETAILS))
         out.update(self._details)
         return dict(sorted(out.items()))
@@ -291,6 +304,7 @@ class ThinMetadata:
         self._writing()
         self.details(dev_id)
         self._details.pop(dev_id, None)
+        self._added.pop(dev_id, None)
         self._forget(dev_id)
         self.details_root, _ = btree.remove(self.tm, self.details_root, dev_id, DETAILS)
         self.mapping_root, found = btree.remove(self.tm, self.mapping_root, dev_id, self.subtree)
@@ -367,7 +381,8 @@ class ThinMetadata:
         for _v, data_block in pairs:
             if not 0 <= data_block < limit:
                 raise InvalidArgument(f"data block {data_block} is outside the pool ({self.nr_data_blocks} blocks)")
-        det = self._details.get(dev_id) or self._clean_details.get(dev_id) or self.details(dev_id)
+        if dev_id not in self._details and dev_id not in self._clean_details:
+            self.details(dev_id)  # DeviceNotFound
         leaf, i = self._top_leaf(dev_id)
         added = 0
         mapping, root, time = self.mapping, leaf.values[i], self.time
@@ -377,9 +392,8 @@ class ThinMetadata:
                 added += new
         finally:
             leaf.values[i] = self._roots[dev_id] = root
-        if added:
-            self._details[dev_id] = DeviceDetails(det.mapped_blocks + added, det.transaction_id, det.creation_time,
-                                                  det.snapshotted_time)
+            if added:
+                self._added[dev_id] = self._added.get(dev_id, 0) + added
 
     def _top_leaf(self, dev_id: int) -> tuple[btree.Node, int]:
         """The writable top-level leaf holding ``dev_id``'s subtree root, and its index: the top
@@ -510,7 +524,7 @@ class ThinMetadata:
     @property
     def dirty(self) -> bool:
         """Whether anything changed since the last commit."""
-        return self._in_service and (bool(self._details) or self.tm.changed or
+        return self._in_service and (bool(self._details or self._added) or self.tm.changed or
                                      self._superblock_now() != self.superblock)
 
     def commit(self, pre_commit: Callable[[], None] | None = None) -> bool:
@@ -525,6 +539,8 @@ class ThinMetadata:
             return False
         if pre_commit is not None:
             pre_commit()
+        for dev_id in list(self._added):
+            self._settle(dev_id)
         for dev_id, det in sorted(self._details.items()):
             self.details_root, _ = btree.insert(self.tm, self.details_root, dev_id, det, DETAILS)
         details = dict(self._details)
@@ -550,4 +566,5 @@ class ThinMetadata:
         self.mapping = MappingValue(self.tm)
         self.subtree = SubtreeValue(self.tm, self.mapping)
         self._details.clear()
+        self._added.clear()
         self._load_superblock(sb)

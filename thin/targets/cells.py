@@ -14,8 +14,14 @@ holding the cell, until the I/O already sent to the old block is done.
 Both live in one :class:`Prison` under one lock, so the pool can check a block's cell and count
 its I/O in flight in a single hold (:meth:`Prison.enter_unless_held`), with the metadata lock held
 around it for the lookup. That lock is always taken last: nothing waits for another lock while
-holding it, and its waits (:meth:`Prison.acquire`, :meth:`Prison.quiesce`) are never entered
-with the metadata lock held.
+holding it, and its waits (:meth:`Prison.acquire`, :meth:`Prison.quiesce`,
+:meth:`Prison.close_gate`) are never entered with the metadata lock held.
+
+The prison is also the pool device's gate for data I/O of thin devices: while the pool is live
+and not suspended, that I/O goes straight to the data device (what the pool target's ``map``
+does with it, without a second pass through the engine's device layer), counted here; a suspend
+closes the gate and waits for that I/O to finish (:meth:`Prison.close_gate`), after which I/O goes
+through the pool device again, whose own gate holds it until the pool resumes.
 """
 
 from __future__ import annotations
@@ -23,9 +29,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Hashable
+from typing import Any, Hashable
 
-__all__ = ["Prison"]
+__all__ = ["HELD", "Prison"]
+
+#: :meth:`Prison.enter_unless_held`'s answer when another I/O holds the cell.
+HELD: Any = object()
 
 
 class Prison:
@@ -38,6 +47,11 @@ class Prison:
         self._held: set[Hashable] = set()
         self._count: dict[int, int] = {}
         self._waiting = 0
+        #: the data device while the gate is open (else ``None``), whether writes may go there,
+        #: and how many I/Os were sent there straight and are not done.
+        self._route: Any = None
+        self._route_writes = False
+        self._direct = 0
 
     def _wait(self) -> None:
         self._waiting += 1
@@ -63,20 +77,26 @@ class Prison:
             if self._waiting:
                 self._changed.notify_all()
 
-    def enter_unless_held(self, key: Hashable, block: int | None) -> bool:
-        """In one hold of the lock: when no one holds ``key``'s cell, count one I/O in flight on
-        ``block`` (a mapped, unshared block: the cell is taken and released at once, as
-        ``thin_bio_map`` does) or, with ``block`` ``None``, take the cell; ``False`` when the
-        cell is held (the caller waits with :meth:`acquire`)."""
+    def enter_unless_held(self, key: Hashable, block: int | None, write: bool) -> Any:
+        """In one hold of the lock: :data:`HELD` when another I/O holds ``key``'s cell (the
+        caller waits with :meth:`acquire`). Else, with ``block`` ``None``, take the cell and
+        return ``None``; with a mapped, unshared ``block`` (the cell taken and released at once,
+        as ``thin_bio_map`` does), count one I/O in flight on it and return where to send it:
+        the data device while the gate is open (pair with ``leave(block, True)``), else ``None``
+        (through the pool device: ``leave(block, False)``)."""
         with self.lock:
             if key in self._held:
-                return False
+                return HELD
             if block is None:
                 self._held.add(key)
-            else:
-                count = self._count
-                count[block] = count.get(block, 0) + 1
-            return True
+                return None
+            count = self._count
+            count[block] = count.get(block, 0) + 1
+            route = self._route
+            if route is not None and (self._route_writes or not write):
+                self._direct += 1
+                return route
+            return None
 
     @contextmanager
     def hold(self, key: Hashable) -> Iterator[None]:
@@ -116,16 +136,18 @@ class Prison:
             count = self._count
             count[block] = count.get(block, 0) + 1
 
-    def leave(self, block: int) -> None:
-        """That I/O is done."""
+    def leave(self, block: int, direct: bool = False) -> None:
+        """That I/O is done (``direct``: it went to the data device :meth:`enter_unless_held` gave)."""
         with self.lock:
             count = self._count
             n = count[block] - 1
             if n:
                 count[block] = n
-                return
-            del count[block]
-            if self._waiting:
+            else:
+                del count[block]
+            if direct:
+                self._direct -= 1
+            if self._waiting and (direct or not n):
                 self._changed.notify_all()
 
     def quiesce(self, block: int) -> None:
@@ -133,3 +155,34 @@ class Prison:
         with self.lock:
             while block in self._count:
                 self._wait()
+
+    # -- the gate to the data device -----------------------------------------------------------
+    def open_gate(self, data: Any, writes: bool) -> None:
+        """I/O of thin devices may go to ``data`` straight from now on (writes only if ``writes``)."""
+        with self.lock:
+            self._route, self._route_writes = data, writes
+
+    def close_gate(self) -> None:
+        """Send I/O through the pool device from now on, and wait until none sent to the data
+        device straight is left (a suspend's drain)."""
+        with self.lock:
+            self._route = None
+            while self._direct:
+                self._wait()
+
+    def enter_direct(self, write: bool) -> Any:
+        """The data device for one I/O sent there straight (pair with :meth:`leave_direct`), or
+        ``None`` while the gate is closed (send it through the pool device)."""
+        with self.lock:
+            route = self._route
+            if route is None or (write and not self._route_writes):
+                return None
+            self._direct += 1
+            return route
+
+    def leave_direct(self) -> None:
+        """An I/O :meth:`enter_direct` routed is done."""
+        with self.lock:
+            self._direct -= 1
+            if self._waiting:
+                self._changed.notify_all()

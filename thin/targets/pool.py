@@ -97,7 +97,7 @@ class ThinPoolTarget(TargetDriver):
         self.pool.suspend()
 
     def presuspend_undo(self) -> None:
-        self.pool.suspended = False
+        self.pool.suspend_undo()
 
     def postsuspend(self) -> None:
         self.pool.suspend()
@@ -105,7 +105,8 @@ class ThinPoolTarget(TargetDriver):
     def preresume(self) -> None:
         """``pool_preresume``: bind this table to the pool, grow the data and metadata space maps
         to the table length and the metadata device (a smaller table fails the resume)."""
-        self.pool.bind(self.features, self.value.low_water_mark, self.ctx.event, self.metadata, self.data)
+        self.pool.bind(self.features, self.value.low_water_mark, self.ctx.event, self.metadata, self.data,
+                       writable=not self.ctx.readonly)
         self.pool.resize(self.length)
 
     def resume(self) -> None:

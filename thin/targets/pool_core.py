@@ -42,7 +42,7 @@ from thin.metadata import Lookup, ThinMetadata
 from thin.metadata.ondisk import BLOCK_SECTORS, MAX_METADATA_SECTORS
 from thin.metadata.transaction import EndpointMetadataDevice
 from thin.targets import params
-from thin.targets.cells import Prison
+from thin.targets.cells import HELD, Prison
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.engine.target_driver import DeviceHandle
@@ -131,6 +131,8 @@ class Pool:
         self.low_water_triggered = False
         self.mode = Mode.READ_ONLY if value.read_only else Mode.WRITE
         self.suspended = False
+        #: the bound table was loaded writable (see :meth:`bind`).
+        self._data_writable = False
         self.devices: dict[int, DeviceState] = {}
         #: mapping inserts so far: a commit after a data flush made without the lock flushes
         #: again only when this moved (see :meth:`commit`).
@@ -288,13 +290,15 @@ class Pool:
 
     # -- binding and resizing (pool_preresume) -------------------------------------------------
     def bind(self, features: Features, low_water: int, event: Callable[[], None], metadata: "DeviceHandle",
-             data: "DeviceHandle") -> None:
-        """``bind_control_target``: the table being resumed now drives the pool."""
+             data: "DeviceHandle", writable: bool = True) -> None:
+        """``bind_control_target``: the table being resumed now drives the pool (``writable``:
+        the table was not loaded read-only, so thin devices' writes may pass it)."""
         with self.lock:
             self._event = event
             self.pf = features
             self.low_water_blocks = low_water
             self.data = data
+            self._data_writable = writable
             dev = self.md.dev
             if isinstance(dev, EndpointMetadataDevice):
                 dev.endpoint = metadata
@@ -333,11 +337,20 @@ class Pool:
                 self.try_commit()
 
     def resume(self) -> None:
-        """``pool_resume``: the low water mark may fire again; queued writes retry."""
+        """``pool_resume``: the low water mark may fire again; queued writes retry; thin devices'
+        I/O goes to the data device straight again (see :mod:`thin.targets.cells`)."""
         with self.lock:
             self.suspended = False
             self.low_water_triggered = False
+            self.prison.open_gate(self.data, self._data_writable)
             self.space.notify_all()
+
+    def suspend_undo(self) -> None:
+        """A suspend failed after ``presuspend``: back to :meth:`resume`'s state, the low water
+        mark untouched."""
+        with self.lock:
+            self.suspended = False
+            self.prison.open_gate(self.data, self._data_writable)
 
     # -- commits -------------------------------------------------------------------------------
     def commit(self, flushed_at: int | None = None) -> None:
@@ -403,9 +416,13 @@ class Pool:
                 log.debug("%s: commit skipped: %s", self.name, err)
 
     def suspend(self) -> None:
-        """``pool_presuspend``/``pool_postsuspend``: commit, and refuse new thin devices."""
+        """``pool_presuspend``/``pool_postsuspend``: refuse new thin devices, send thin devices'
+        I/O through the pool device (whose gate holds it while suspended) once the I/O that went
+        to the data device straight is done, and commit."""
         with self.lock:
             self.suspended = True
+        self.prison.close_gate()  # without the lock: that I/O may need it to finish
+        with self.lock:
             if self.mode < Mode.OUT_OF_METADATA_SPACE and self.md.dirty:
                 self.try_commit()
 
@@ -512,27 +529,30 @@ class Pool:
                 raise
             raise self._failed("dm_thin_find_block", err) from err
 
-    def begin_io(self, dev_id: int, vblock: int, write: bool) -> tuple[int, int | None, int | None, int]:
+    def begin_io(self, dev_id: int, vblock: int, write: bool) -> tuple[int, int | None, int | None, int, Any]:
         """``thin_bio_map`` for one block's I/O: the lookup under its cell, in one hold of the
         lock when no other I/O holds the cell.
 
-        Returns ``(data block, None, None, 0)`` when the I/O goes to a mapped block (for a write,
-        one that is not shared): it is counted in flight there and the cell is free again; the
-        caller calls ``prison.leave(block)`` when done. Otherwise the caller holds the cell
+        Returns ``(data block, None, None, 0, data device or None)`` when the I/O goes to a
+        mapped block (for a write, one that is not shared): it is counted in flight there and
+        the cell is free again; the caller sends it to the data device given, or through the pool
+        device when that is ``None`` (the pool is suspended), then calls
+        ``prison.leave(block, data device is not None)``. Otherwise the caller holds the cell
         (``prison.release((dev_id, vblock))`` when done) and gets ``(-1, shared data block or
-        None, new block or None, self.aborts)``: a read of an unmapped block gets no new block; a
-        write gets the block ``provision_block``/``break_sharing`` allocate (``alloc_data_block``),
-        or ``None`` when the pool cannot give one at once: the caller then goes
-        :meth:`alloc_data_block`'s way, which waits or fails as the pool's mode says.
+        None, new block or None, self.aborts, None)``: a read of an unmapped block gets no new
+        block; a write gets the block ``provision_block``/``break_sharing`` allocate
+        (``alloc_data_block``), or ``None`` when the pool cannot give one at once: the caller
+        then goes :meth:`alloc_data_block`'s way, which waits or fails as the pool's mode says.
         """
         key = (dev_id, vblock)
         prison = self.prison
         with self.lock:
             found = self._find(dev_id, vblock)
             block = found[0] if found is not None and (not write or not found[1]) else None
-            if prison.enter_unless_held(key, block):
+            route = prison.enter_unless_held(key, block, write)
+            if route is not HELD:
                 if block is not None:
-                    return block, None, None, 0
+                    return block, None, None, 0, route
                 return self._provision_block(key, found, write)
         prison.acquire(key)  # another I/O holds the cell: wait for it, then look again
         try:
@@ -541,21 +561,21 @@ class Pool:
                 if found is not None and (not write or not found[1]):
                     prison.enter(found[0])
                     prison.release(key)
-                    return found[0], None, None, 0
+                    return found[0], None, None, 0, None
                 return self._provision_block(key, found, write)
         except BaseException:
             prison.release(key)
             raise
 
     def _provision_block(self, key: tuple[int, int], found: tuple[int, bool] | None,
-                         write: bool) -> tuple[int, int | None, int | None, int]:
+                         write: bool) -> tuple[int, int | None, int | None, int, Any]:
         """:meth:`begin_io`'s answer with the cell held (the lock held too)."""
         try:
             new = self._alloc_locked() if write and self.mode == Mode.WRITE else None
         except BaseException:
             self.prison.release(key)
             raise
-        return -1, None if found is None else found[0], new, self.aborts
+        return -1, None if found is None else found[0], new, self.aborts, None
 
     def insert(self, state: DeviceState, vblock: int, block: int, aborts: int) -> None:
         """``dm_thin_insert_block``: map ``vblock`` to ``block`` (allocated when ``self.aborts``
@@ -704,6 +724,7 @@ class Pool:
     # -- lifetime ------------------------------------------------------------------------------
     def destroy(self) -> None:
         """``__pool_destroy``: commit what is pending, stop the workers, close the metadata."""
+        self.prison.close_gate()
         self._stop.set()
         self._committer.join()
         if self._no_space_timer is not None:

@@ -3,8 +3,8 @@
 I/O is split at data-block boundaries (the kernel sets ``max_io_len`` to one block) and each block
 is looked up under its cell, as ``process_bio`` does (see :mod:`thin.targets.cells`):
 
-* mapped and not shared: the cell is released and the I/O goes to the data block, through the
-  pool device, counted in flight on that block until it is done;
+* mapped and not shared: the cell is released and the I/O goes to the data block, counted in
+  flight on that block until it is done;
 * a read of an unmapped block returns zeros, or the external origin's data;
 * a write to an unmapped block allocates one, prepares it with kcopyd (zeroed unless
   ``skip_block_zeroing``, copied from the external origin, nothing when the write covers the whole
@@ -16,8 +16,11 @@ is looked up under its cell, as ``process_bio`` does (see :mod:`thin.targets.cel
 * a flush commits the pool when this device changed in the transaction, else flushes the data
   device, so no flushed write is lost.
 
-Every block I/O and every kcopyd job goes through the pool device, which maps it to the data
-device: a suspended pool holds them, as the kernel's pool target does.
+The kernel remaps a thin bio to the pool device, whose target remaps it to the data device. Here
+block I/O goes to the data device straight while the pool is live (the pool's gate, see
+:mod:`thin.targets.cells`, counts it): a suspending pool closes the gate and waits for that I/O,
+and from then on block I/O goes through the pool device, which holds it until the pool resumes,
+as every kcopyd job always does.
 """
 
 from __future__ import annotations
@@ -146,7 +149,7 @@ class ThinTarget(TargetDriver):
 
     def _read_block(self, vblock: int, within: int, piece: memoryview) -> None:
         pool = self.pool
-        block, _look, _new, _aborts = pool.begin_io(self.dev_id, vblock, False)
+        block, _old, _new, _aborts, data = pool.begin_io(self.dev_id, vblock, False)
         if block < 0:  # unmapped: read under the cell
             try:
                 self._read_unmapped(vblock, within, piece)
@@ -154,9 +157,9 @@ class ThinTarget(TargetDriver):
                 pool.prison.release((self.dev_id, vblock))
             return
         try:  # the read runs outside the cell (thin_bio_map's remap)
-            _read_full(self.pool_dev, piece, block * self.bb + within)
+            _read_full(data or self.pool_dev, piece, block * self.bb + within)
         finally:
-            pool.prison.leave(block)
+            pool.prison.leave(block, data is not None)
 
     def _read_unmapped(self, vblock: int, within: int, piece: memoryview) -> None:
         """An unprovisioned block reads zeros, or the external origin's data."""
@@ -216,7 +219,7 @@ class ThinTarget(TargetDriver):
                     end = start + 1
                     while end < v1 and dest.get(end) == dest[start] + (end - start):
                         end += 1
-                    self.pool_dev.write(data[(start - v0) * bb:(end - v0) * bb], dest[start] * bb)
+                    self._write_data(data[(start - v0) * bb:(end - v0) * bb], dest[start] * bb)
                     start = end
             except BaseException:
                 for _v, block in pairs:
@@ -232,7 +235,7 @@ class ThinTarget(TargetDriver):
 
     def _write_block(self, vblock: int, within: int, piece: memoryview) -> None:
         pool = self.pool
-        block, old, new, aborts = pool.begin_io(self.dev_id, vblock, True)
+        block, old, new, aborts, data = pool.begin_io(self.dev_id, vblock, True)
         if block < 0:  # unmapped or shared: provision under the cell
             try:
                 self._provision(vblock, within, piece, old, new, aborts)
@@ -240,9 +243,22 @@ class ThinTarget(TargetDriver):
                 pool.prison.release((self.dev_id, vblock))
             return
         try:  # the write runs outside the cell (thin_bio_map)
-            self.pool_dev.write(piece, block * self.bb + within)
+            (data or self.pool_dev).write(piece, block * self.bb + within)
         finally:
-            pool.prison.leave(block)
+            pool.prison.leave(block, data is not None)
+
+    def _write_data(self, piece: memoryview, at: int) -> None:
+        """Write ``piece`` at byte ``at`` of the pool's data: straight to the data device while
+        the pool's gate is open, else through the pool device (see :mod:`thin.targets.cells`)."""
+        prison = self.pool.prison
+        data = prison.enter_direct(True)
+        if data is None:
+            self.pool_dev.write(piece, at)
+            return
+        try:
+            data.write(piece, at)
+        finally:
+            prison.leave_direct()
 
     def _provision(self, vblock: int, within: int, piece: memoryview, old: int | None, new: int | None,
                    aborts: int) -> None:
@@ -262,7 +278,7 @@ class ThinTarget(TargetDriver):
         try:
             if within or len(piece) != self.bb:
                 self._prepare(vblock, new, old)
-            self.pool_dev.write(piece, new * self.bb + within)
+            self._write_data(piece, new * self.bb + within)
         except BaseException:
             pool.release_block(new, aborts)
             raise
