@@ -161,6 +161,19 @@ RUNS: dict[str, list[float]] = {}
 #: Untimed rounds of every case before the timed ones (``--warmup``): the first run after the
 #: start-up cache drop would otherwise always be kcopyd's, on a machine in a state no later run sees.
 WARMUP = 1
+#: Median CPU seconds (user + system) per case of the last ``median_runs``: the timed commands'
+#: own, and ``SERVER_CPU``'s (a server the commands talk to, e.g. nbdkit). Unlike wall times they
+#: barely move with the machine's load: they show where the CPUs go.
+CPU: dict[str, float] = {}
+SERVER_CPU: Any = None  # a function giving a server's CPU seconds so far, or None
+
+
+def _cpu_now() -> tuple[float, float]:
+    """CPU seconds of the waited-for children, and of the server (0 without one)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime, SERVER_CPU() if SERVER_CPU is not None else 0.0
 
 
 def median_runs(cases: dict[str, tuple[list[str] | list[list[str]], Any]], repeat: int) -> dict[str, float]:
@@ -171,25 +184,39 @@ def median_runs(cases: dict[str, tuple[list[str] | list[list[str]], Any]], repea
     """
     RUNS.clear()
     times: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     for round_ in range(WARMUP + repeat):
         if round_ == WARMUP:
             times.clear()  # the warm-up rounds are not counted
+            cpu.clear()
         for name, (cmd, prep) in cases.items():
-            if isinstance(cmd, Parallel):
-                times.setdefault(name, []).append(timed_parallel(cmd, prep))
-            elif cmd and isinstance(cmd[0], list):
-                total = 0.0
-                # a sequence starts cold; later commands find what earlier ones cached, as they would
-                for i, c in enumerate(cmd):
-                    total += timed(c, prep[i] if isinstance(prep, list) else prep, drop=i == 0)[0]  # type: ignore[arg-type]
-                times.setdefault(name, []).append(total)
-            else:
-                wall, engine = timed(cmd, prep)  # type: ignore[arg-type]
-                times.setdefault(name, []).append(wall)
-                if engine is not None:
-                    times.setdefault(name + "_engine", []).append(engine)
+            before = _cpu_now()
+            _time_case(times, name, cmd, prep)
+            after = _cpu_now()
+            cpu.setdefault(name, []).append(after[0] - before[0])
+            if SERVER_CPU is not None:
+                cpu.setdefault(name + "_server", []).append(after[1] - before[1])
     RUNS.update({name: [round(t, 3) for t in ts] for name, ts in times.items()})
+    CPU.clear()
+    CPU.update({name: round(statistics.median(ts), 3) for name, ts in cpu.items()})
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _time_case(times: dict[str, list[float]], name: str, cmd: Any, prep: Any) -> None:
+    """One run of a case (see ``median_runs``), its seconds appended to ``times``."""
+    if isinstance(cmd, Parallel):
+        times.setdefault(name, []).append(timed_parallel(cmd, prep))
+    elif cmd and isinstance(cmd[0], list):
+        total = 0.0
+        # a sequence starts cold; later commands find what earlier ones cached, as they would
+        for i, c in enumerate(cmd):
+            total += timed(c, prep[i] if isinstance(prep, list) else prep, drop=i == 0)[0]  # type: ignore[arg-type]
+        times.setdefault(name, []).append(total)
+    else:
+        wall, engine = timed(cmd, prep)  # type: ignore[arg-type]
+        times.setdefault(name, []).append(wall)
+        if engine is not None:
+            times.setdefault(name + "_engine", []).append(engine)
 
 
 def ratios(t: dict[str, float], peer: str, key: str) -> dict[str, float]:

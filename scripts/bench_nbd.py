@@ -19,6 +19,8 @@ The conditions are those of ``scripts/bench copy`` (its helpers are used): fresh
 data files evicted from the page cache before each run, untimed warm-up rounds, medians of
 ``--repeat`` interleaved runs, times including process start-up, and ratios = nbdcopy's time /
 kcopyd's (> 1: kcopyd is faster), also against kcopyd's own copy time from its JSON summary.
+Beside the times, each case's median CPU seconds (user + system) of the tool and of nbdkit: a
+figure the machine's load barely moves, which shows where the two CPUs go.
 """
 
 from __future__ import annotations
@@ -44,13 +46,21 @@ from dmtools.testing.nbdserver import missing_tools, nbdkit  # noqa: E402
 from dmtools.units import format_size, parse_size  # noqa: E402
 
 
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far (``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (proc(5))
+
+
 def bench_to_export(src: Path, uri: str, repeat: int) -> dict[str, Any]:
     cases: dict[str, Any] = {
         "kcopyd": (KCOPYD + [str(src), uri], None),
         "nbdcopy": (["nbdcopy", "--flush", str(src), uri], None),
     }
     t = median_runs(cases, repeat)
-    return {"seconds": t, "runs": dict(RUNS), "loadavg": bc._loadavg(), **ratios(t, "nbdcopy", "ratio_vs_nbdcopy")}
+    return {"seconds": t, "runs": dict(RUNS), "cpu_seconds": dict(bc.CPU), "loadavg": bc._loadavg(),
+            **ratios(t, "nbdcopy", "ratio_vs_nbdcopy")}
 
 
 def bench_from_export(d: Path, uri: str, repeat: int) -> dict[str, Any]:
@@ -62,7 +72,8 @@ def bench_from_export(d: Path, uri: str, repeat: int) -> dict[str, Any]:
     }
     t = median_runs(cases, repeat)
     fresh(dst)()
-    return {"seconds": t, "runs": dict(RUNS), "loadavg": bc._loadavg(), **ratios(t, "nbdcopy", "ratio_vs_nbdcopy")}
+    return {"seconds": t, "runs": dict(RUNS), "cpu_seconds": dict(bc.CPU), "loadavg": bc._loadavg(),
+            **ratios(t, "nbdcopy", "ratio_vs_nbdcopy")}
 
 
 def bench_one_to_two(d: Path, src: Path, uri: str, repeat: int) -> dict[str, Any]:
@@ -74,7 +85,8 @@ def bench_one_to_two(d: Path, src: Path, uri: str, repeat: int) -> dict[str, Any
     }
     t = median_runs(cases, repeat)
     fresh(dst)()
-    return {"seconds": t, "runs": dict(RUNS), "loadavg": bc._loadavg(), **ratios(t, "nbdcopy_x2", "ratio_vs_2nbdcopy")}
+    return {"seconds": t, "runs": dict(RUNS), "cpu_seconds": dict(bc.CPU), "loadavg": bc._loadavg(),
+            **ratios(t, "nbdcopy_x2", "ratio_vs_2nbdcopy")}
 
 
 def bench_mirror_remote_leg(d: Path, uri: str, size: int, repeat: int) -> dict[str, Any]:
@@ -145,6 +157,7 @@ def main() -> int:
         bc.make_source(src, size)
         server = nbdkit(workdir, ["memory", str(size)], name="export")
         uri = server.uri
+        bc.SERVER_CPU = lambda: _process_cpu(server.pid)
         if "a" in args.only:
             results["a_file_to_export"] = bench_to_export(src, uri, args.repeat)
         if "b" in args.only:
@@ -179,6 +192,9 @@ def print_report(r: dict[str, Any], size: int) -> None:
             case = r[key]
             print(f"{title}: {bc.fmt_secs(case['seconds'], size)}")
             print(f"    kcopyd vs {goal}: {bc.fmt_ratio(case, peer)}")
+            cpu = case["cpu_seconds"]
+            print("    CPU seconds (median; the tool's own + nbdkit's): " + ", ".join(
+                f"{k} {cpu[k]:.2f} + {cpu[k + '_server']:.2f}" for k in cpu if not k.endswith("_server")))
             bc.print_runs(case)
     if "d_mirror_remote_leg" in r:
         case = r["d_mirror_remote_leg"]
