@@ -5,11 +5,14 @@ One FUSE file system (``mfusepy`` over Debian's libfuse3, multi-threaded) is mou
 ``<run_dir>/mapper/NAME`` links to that loop device (the analogue of ``/dev/mapper/NAME``). The
 device's ``major:minor`` is the loop device's.
 
-Writes go straight from libfuse's request buffer to the engine (no copy in Python, no
-per-sector loop): the FUSE callback wraps the C buffer in a ``memoryview`` and hands it to the
-device, whose targets ``pwritev`` it. Reads of ``linear`` and ``striped`` ranges are moved by the
-kernel: the targets splice the backing file's pages into a pipe that libfuse splices into the
-reply (``dmtools.engine.fuse_io``); other targets read into a buffer. Files are served with FUSE
+Requests to a device whose live table is only ``linear``/``striped`` over backing files are
+served in C, without the GIL (``dmtools.engine.fastpath``: each file's FUSE handle names its slot,
+whose map the device's suspend gate withdraws and installs). Everything else runs in Python:
+writes go straight from libfuse's request buffer to the engine (no copy in Python, no per-sector
+loop): the FUSE callback wraps the C buffer in a ``memoryview`` and hands it to the device, whose
+targets ``pwritev`` it. Reads of ``linear`` and ``striped`` ranges are moved by the kernel: the
+targets splice the backing file's pages into a pipe that libfuse splices into the reply
+(``dmtools.engine.fuse_io``); other targets read into a buffer. Files are served with FUSE
 ``direct_io`` (no second page cache under the loop device), and the loop device uses direct I/O
 where the kernel allows it, so several requests are in flight at once over the FUSE threads.
 """
