@@ -55,6 +55,10 @@ class ExceptionTable:
         self._float = isinstance(self._keys, array) and self._keys.typecode == "d"
         self._overlay: dict[int, int] = {}
         self._count = len(self._keys)
+        #: no origin chunk appears twice in the sorted array: true of a table grown by inserts;
+        #: one loaded from a COW is not checked (the kernel never writes a chunk twice, but a
+        #: damaged COW may)
+        self._unique = not self._count
         #: overlay entries put over a mapping of the sorted array (removals, replacements) since
         #: the last compaction; an upper bound. While 0, the overlay only adds origin chunks.
         self._hiding = 0
@@ -129,6 +133,8 @@ class ExceptionTable:
         overlay = self._overlay
         if i == j:
             return list(filterfalse(overlay.__contains__, chunks)) if overlay else list(chunks)
+        if j - i == hi - lo and self._unique:  # as many distinct chunks as the range holds: all
+            return []
         base = {int(k) >> shift for k in keys[i:j]}
         return [c for c in chunks if c not in overlay and c not in base]
 

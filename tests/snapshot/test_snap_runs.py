@@ -135,6 +135,16 @@ def test_a_range_found_mapped_is_remembered_until_a_merge_removes_a_chunk() -> N
     assert t.unmapped(12, 14) == [12] and t.unmapped(10, 20) == [12]
 
 
+def test_a_loaded_table_with_a_chunk_recorded_twice_still_finds_the_gap() -> None:
+    # a damaged COW: chunk 5 recorded twice, chunk 6 never; as many keys in [5, 7) as chunks
+    t = ExceptionTable.from_key_list(20, [float((5 << 20) | 9), float((5 << 20) | 10), float((7 << 20) | 11)])
+    assert t.unmapped(5, 7) == [6] and t.unmapped(5, 8) == [6]
+    grown = ExceptionTable(20)  # grown by inserts: the count of keys in a range answers
+    grown.insert_new([(c, 100 + c) for c in range(10, 20)])
+    grown.compact()
+    assert grown.unmapped(10, 20) == [] and grown.unmapped(9, 21) == [9, 20]
+
+
 def test_runs_split_at_gaps_and_at_the_job_size() -> None:
     assert _runs([1, 2, 3, 4, 5], [10, 11, 12, 13, 14], 2) == [(1, 10, 2), (3, 12, 2), (5, 14, 1)]
     assert _runs([1, 2, 4, 5], [10, 11, 12, 13], 9) == [(1, 10, 2), (4, 12, 2)]
