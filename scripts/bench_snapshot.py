@@ -17,7 +17,10 @@ from 16. Each is measured three ways:
 fio (``bench_common.FIO_JOBS``: sequential 1 MiB and random 4 KiB, queue depth 1 and 16,
 ``--direct=1``) runs on the origin's node with 0 and 1 snapshot, here and in the VM.
 
-    scripts/bench snapshot [--size 32M] [--repeat 3] [--no-kernel] [--no-fio] [--only load|writes] [--json]
+``--only profile`` shows where a random 4 KiB first write and a 1 MiB rewrite spend their time
+(system calls, fdatasync's share, Python calls and the functions with the most own time).
+
+    scripts/bench snapshot [--size 32M] [--repeat 3] [--no-kernel] [--no-fio] [--only load|writes|profile] [--json]
 """
 
 from __future__ import annotations
@@ -375,6 +378,102 @@ def bench_fio(work: Path, size: int, chunk: int, kernel: bool, runtime: float) -
     return out
 
 
+#: the system calls ``bench_profile`` counts (``os`` functions the engine's I/O goes through).
+PROFILED_CALLS = ("fdatasync", "pwritev", "preadv")
+
+
+def bench_profile(work: Path, size: int, chunk: int, nrandom: int, top: int = 8) -> dict[str, Any]:
+    """Where a random 4 KiB first write and a 1 MiB rewrite spend their time, with no snapshot and
+    with one: per write, wall and CPU microseconds, the counted system calls, the share of the
+    time in ``fdatasync``, Python function calls (cProfile, a second pass), and the functions
+    with the most own time. In-process engine, one writer."""
+    import cProfile
+    import pstats
+
+    dm = _open_dm(False, False, work)
+    real = {name: getattr(os, name) for name in PROFILED_CALLS}
+    counts = {name: [0, 0.0] for name in PROFILED_CALLS}
+
+    def counted(name: str) -> Any:
+        call, tally = real[name], counts[name]
+
+        def wrapper(*args: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return call(*args)
+            finally:
+                tally[0] += 1
+                tally[1] += time.perf_counter() - t
+        return wrapper
+
+    blocks = random.Random(7).sample(range(size // 4096), min(2 * nrandom, size // 4096))
+    cases = {"random_4k first": (os.urandom(4096), [b * 4096 for b in blocks]),
+             "seq_rewrite 1 MiB": (os.urandom(1 << 20), list(range(0, size, 1 << 20)))}
+    out: dict[str, Any] = {"loadavg": round(loadavg(), 2), "cases": []}
+    try:
+        for case, (buf, offsets) in cases.items():
+            for nsnaps in (0, 1):
+                row: dict[str, Any] = {"case": case, "snapshots": nsnaps}
+                for phase in ("timed", "profiled"):
+                    st = _Stack(dm, work, size, nsnaps, chunk, f"p{nsnaps}", False)
+                    try:
+                        todo = offsets[: len(offsets) // 2] if phase == "timed" else offsets[len(offsets) // 2:]
+                        if case.startswith("seq"):
+                            todo = offsets
+                            for off in todo:  # the first writes: what follows rewrites
+                                st.ep.write(buf, off)
+                        if phase == "timed":
+                            for tally in counts.values():
+                                tally[:] = [0, 0.0]
+                            for name in PROFILED_CALLS:
+                                setattr(os, name, counted(name))
+                            try:
+                                t0, c0 = time.perf_counter(), time.process_time()
+                                for off in todo:
+                                    st.ep.write(buf, off)
+                                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                            finally:
+                                for name, call in real.items():
+                                    setattr(os, name, call)
+                            n = len(todo)
+                            row.update(us_per_write=round(wall / n * 1e6, 1), cpu_us_per_write=round(cpu / n * 1e6, 1),
+                                       fdatasync_share=round(counts["fdatasync"][1] / wall, 3))
+                            row.update({f"{name}_per_write": round(c / n, 2) for name, (c, _) in counts.items()})
+                        else:
+                            prof = cProfile.Profile()
+                            prof.enable()
+                            for off in todo:
+                                st.ep.write(buf, off)
+                            prof.disable()
+                            stats = pstats.Stats(prof)
+                            row["calls_per_write"] = round(stats.total_calls / len(todo), 1)  # type: ignore[attr-defined]
+                            own = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])  # type: ignore[attr-defined]
+                            total = sum(v[2] for _, v in own) or 1.0
+                            row["top"] = [(f"{Path(f).name}:{line}({fn})", round(100 * v[2] / total, 1))
+                                          for (f, line, fn), v in own[:top]]
+                    finally:
+                        st.close()
+                out["cases"].append(row)
+    finally:
+        dm.close()
+    return out
+
+
+def _print_profile(prof: dict[str, Any]) -> None:
+    """The table of ``bench_profile`` and each case's functions with the most own time."""
+    print(f"profile, in-process engine, one writer (load average {prof['loadavg']}):")
+    print(f"  {'case':20}{'snaps':>6}{'us/write':>10}{'cpu us':>9}{'fdatasync':>10}{'% in it':>9}"
+          f"{'pwritev':>9}{'preadv':>8}{'py calls':>10}")
+    for r in prof["cases"]:
+        print(f"  {r['case']:20}{r['snapshots']:>6}{r['us_per_write']:>10}{r['cpu_us_per_write']:>9}"
+              f"{r['fdatasync_per_write']:>10}{100 * r['fdatasync_share']:>8.0f}%{r['pwritev_per_write']:>9}"
+              f"{r['preadv_per_write']:>8}{r['calls_per_write']:>10}")
+    for r in prof["cases"]:
+        if r["snapshots"]:
+            print(f"  own time, {r['case']}, {r['snapshots']} snapshot: "
+                  + ", ".join(f"{name} {pct}%" for name, pct in r["top"]))
+
+
 class _Closed:
     """Stands in for an endpoint already closed."""
 
@@ -441,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vm-random-writes", type=int, default=300)
     p.add_argument("--no-kernel", action="store_true", help="do not run the kernel's side in the VM")
     p.add_argument("--no-fio", action="store_true", help="leave out the fio jobs")
-    p.add_argument("--only", choices=("load", "writes"))
+    p.add_argument("--only", choices=("load", "writes", "profile"))
     p.add_argument("--json", action="store_true")
     p.add_argument("--load-child", help=argparse.SUPPRESS)
     p.add_argument("--in-vm", action="store_true", help=argparse.SUPPRESS)
@@ -480,10 +579,14 @@ def main(argv: list[str] | None = None) -> int:
                     results.update(vm)
         if args.only in (None, "load"):
             results["load"] = bench_load(args.exceptions, work)
+        if args.only == "profile":
+            results["profile"] = bench_profile(work, size, args.chunk_size, args.random_writes)
     if args.json:
         print(json.dumps(results, indent=2))
     elif args.only == "load":
         print(f"load: {json.dumps(results['load'])}")
+    elif args.only == "profile":
+        _print_profile(results["profile"])
     else:
         _print_table(results)
     return 0
