@@ -446,6 +446,12 @@ class ThinMetadata:
         self._writing()
         return self.tm.dsm.alloc()
 
+    def alloc_data_blocks(self, n: int) -> list[int]:
+        """Up to ``n`` blocks as ``n`` calls of :meth:`alloc_data_block` would give them (fewer,
+        without ``NoSpace``, when the pool has no more)."""
+        self._writing()
+        return self.tm.dsm.alloc_many(n)
+
     def data_ref_count(self, block: int) -> int:
         return self.tm.dsm.get(block)
 

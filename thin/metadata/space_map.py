@@ -170,6 +170,28 @@ class RefCounts:
         self.cursor = b + 1
         return b
 
+    def alloc_many(self, n: int) -> list[int]:
+        """Up to ``n`` blocks, the ones ``n`` calls of :meth:`alloc` would give, taken a run of
+        free blocks at a time; fewer when no more are free."""
+        out: list[int] = []
+        counts, freed = self.counts, self.freed
+        while len(out) < n:
+            b = self.find_free()
+            if b is None:
+                break
+            limit = min(len(counts), b + n - len(out))
+            end = limit - len(counts[b:limit].lstrip(b"\0"))  # the run of free blocks from b
+            if freed:  # none freed in this transaction (find_free skips them)
+                end = min([f for f in freed if b < f < end], default=end)
+            counts[b:end] = b"\1" * (end - b)
+            self.new.update(range(b, end))
+            self.dirty_bitmaps.update(range(b // ENTRIES_PER_BITMAP, (end - 1) // ENTRIES_PER_BITMAP + 1))
+            self.cursor = end
+            out.extend(range(b, end))
+        self.nr_allocated += len(out)
+        self.allocated_this_transaction += len(out)
+        return out
+
     def extend(self, extra: int) -> None:
         """Manage ``extra`` more blocks (all free)."""
         first_new_bitmap = (self.nr_blocks + ENTRIES_PER_BITMAP - 1) // ENTRIES_PER_BITMAP

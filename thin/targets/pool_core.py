@@ -39,7 +39,7 @@ from dmtools.thin_messages import (CreateSnap, CreateThin, Delete, ReleaseMetada
 from dmtools.units import SECTOR
 
 from thin.metadata import Lookup, ThinMetadata
-from thin.metadata.ondisk import BLOCK_SECTORS, MAX_METADATA_SECTORS
+from thin.metadata.ondisk import BLOCK_SECTORS, ENTRIES_PER_BITMAP, MAX_METADATA_SECTORS
 from thin.metadata.transaction import EndpointMetadataDevice
 from thin.targets import params
 from thin.targets.cells import HELD, Prison
@@ -488,12 +488,34 @@ class Pool:
         fails as the pool's mode says)."""
         out: list[int] = []
         with self.lock:
+            if self.mode == Mode.WRITE:
+                out = self._alloc_batch(n)
             while len(out) < n and self.mode == Mode.WRITE:
                 block = self._alloc_locked()
                 if block is None:
                     break
                 out.append(block)
         return out
+
+    def _alloc_batch(self, n: int) -> list[int]:
+        """Up to ``n`` blocks at once, as :meth:`_alloc_locked` would give them one by one, when
+        none of its steps can fall due among them (an early commit for metadata room, the low
+        water mark, an empty pool); else none. Data allocations take no metadata block: only the
+        commit's cost may grow, by a changed data bitmap, at most ``n // 16320 + 2`` of them."""
+        md = self.md
+        msm, dsm = md.tm.msm, md.tm.dsm
+        free = len(dsm.counts) - dsm.nr_allocated
+        k = min(n, free)
+        cost = 2 * (len(dsm.dirty_bitmaps) + k // ENTRIES_PER_BITMAP + 2) + len(msm.dirty_bitmaps) + 2
+        if (k < 2 or free - k < self.low_water_blocks
+                or len(msm.counts) - msm.nr_allocated - len(msm.freed) - self.reserve <= cost + INSERT_COST):
+            return []
+        try:
+            return md.alloc_data_blocks(k)
+        except (DeviceIOError, OSError, DMError) as err:  # run()'s rules, inline
+            if not _metadata_fault(err):
+                raise
+            raise self._failed("dm_pool_alloc_data_block", err) from err
 
     def release_block(self, block: int, aborts: int) -> None:
         """Give back a block whose preparation or write failed (taken when ``self.aborts`` was

@@ -306,10 +306,15 @@ class ThinTarget(TargetDriver):
     def _reads_zeros(self, block: int) -> bool:
         """A data block the data device reports as a hole (never written, or discarded) already
         reads zeros: zeroing it again changes nothing."""
+        prison = self.pool.prison
+        data = prison.enter_direct(False)  # straight to the data device while the pool is live
         try:
-            extents = self.pool_dev.data_extents(block * self.bb, self.bb)
+            extents = (data or self.pool_dev).data_extents(block * self.bb, self.bb)
         except (DMError, OSError):
             return False
+        finally:
+            if data is not None:
+                prison.leave_direct()
         return extents is not None and not extents
 
     # -- discards and flushes ------------------------------------------------------------------
