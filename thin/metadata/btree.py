@@ -276,6 +276,53 @@ def insert(tm: TransactionManager, root: int, key: int, value: Any, vtype: Value
     return root, True
 
 
+def insert_run(tm: TransactionManager, root: int, items: Sequence[tuple[int, Any]], vtype: ValueType) -> tuple[int, int]:
+    """:func:`insert` of each ``(key, value)`` of ``items`` in order; returns ``(new root, how
+    many keys are new)``. The tree comes out as the same inserts one by one leave it: a key above
+    the previous one goes straight into the leaf that one reached while nothing on that path is
+    full and the key is below the leaf's upper bound (the full path would find that leaf, change
+    every node of its path in place and split none), any other down the full path."""
+    added = 0
+    leaf: Node | None = None
+    last = hi = 0
+    for key, value in items:
+        if leaf is None or not last < key < hi or len(leaf.keys) >= leaf.max_entries:
+            root, new = insert(tm, root, key, value, vtype)
+            added += new
+            leaf, hi = _path_leaf(tm, root, key, vtype)
+            last = key
+            continue
+        last = key
+        keys = leaf.keys
+        i = bisect_right(keys, key) - 1
+        if i >= 0 and keys[i] == key:
+            old = leaf.values[i]
+            leaf.values[i] = value
+            if not vtype.equal(old, value):
+                vtype.dec(old)
+            continue
+        keys.insert(i + 1, key)
+        leaf.values.insert(i + 1, value)
+        added += 1
+    return root, added
+
+
+def _path_leaf(tm: TransactionManager, root: int, key: int, vtype: ValueType) -> tuple[Node | None, int]:
+    """The leaf holding ``key`` and its upper bound (exclusive; ``2**64`` for the last leaf),
+    or ``(None, 0)`` when a node on the path is full (the next insert may split it)."""
+    hi = 1 << 64
+    node = tm.read_node(root, vtype)
+    while True:
+        if len(node.keys) >= node.max_entries and not node.leaf:
+            return None, 0
+        if node.leaf:
+            return node, hi
+        i = bisect_right(node.keys, key) - 1
+        if i + 1 < len(node.keys):
+            hi = min(hi, node.keys[i + 1])
+        node = tm.read_node(node.values[i], vtype)
+
+
 def _has(node: Node, key: int) -> bool:
     i = bisect_right(node.keys, key) - 1
     return i >= 0 and node.keys[i] == key

@@ -387,9 +387,11 @@ class ThinMetadata:
         added = 0
         mapping, root, time = self.mapping, leaf.values[i], self.time
         try:
-            for vblock, data_block in pairs:
-                root, new = btree.insert(tm, root, vblock, (data_block << 24) | time, mapping)  # pack_block_time
-                added += new
+            if len(pairs) == 1:
+                (vblock, data_block), = pairs
+                root, added = btree.insert(tm, root, vblock, (data_block << 24) | time, mapping)  # pack_block_time
+            else:
+                root, added = btree.insert_run(tm, root, [(v, (b << 24) | time) for v, b in pairs], mapping)
         finally:
             leaf.values[i] = self._roots[dev_id] = root
             if added:
