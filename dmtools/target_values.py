@@ -23,11 +23,12 @@ Text conventions (the same for every target):
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple, Self
 
 from dmtools.errors import InvalidName, InvalidTable
 from dmtools.linux import parse_devno
@@ -178,7 +179,24 @@ def _legs(target_type: str, legs: Iterable[object]) -> tuple[Leg, ...]:
     return tuple(out)
 
 
-class Target:
+class _DeviceFields:
+    """``devices`` and ``map_devices`` of a value whose device references are its fields named in
+    ``DEVICE_FIELDS`` (``None`` in one of them: not given)."""
+
+    DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The device references this value names, in table order."""
+        return tuple(d for d in (getattr(self, f) for f in self.DEVICE_FIELDS) if d is not None)
+
+    def map_devices(self, fn: Callable[[str], str]) -> Self:
+        """A copy with every device reference replaced by ``fn(reference)``."""
+        new = {f: fn(getattr(self, f)) for f in self.DEVICE_FIELDS if getattr(self, f) is not None}
+        return dataclasses.replace(self, **new) if new else self  # type: ignore[type-var]  # subclasses are dataclasses
+
+
+class Target(_DeviceFields):
     """Base of every target value. Subclasses are frozen dataclasses.
 
     Every target has ``target_type`` (the kernel's name for it), ``params`` (its table text) and
@@ -205,17 +223,8 @@ class Target:
         """The parameters as a list of arguments."""
         raise NotImplementedError
 
-    @property
-    def devices(self) -> tuple[str, ...]:
-        """The device references this target names, in table order."""
-        return ()
-
     def validate_length(self, length: int) -> None:
         """Checks that depend on the target's length in sectors; raise :class:`InvalidTable`."""
-
-    def map_devices(self, fn: Callable[[str], str]) -> Target:
-        """A copy with every device reference replaced by ``fn(reference)``."""
-        return self
 
     @classmethod
     def from_args(cls, args: Sequence[str]) -> Target:
@@ -295,6 +304,7 @@ class Linear(Target):
     """``linear <dev> <offset>`` (dm-linear.c)."""
 
     TYPE: ClassVar[str] = "linear"
+    DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("device",)
     device: str
     offset: int = 0
 
@@ -304,13 +314,6 @@ class Linear(Target):
 
     def args(self) -> list[str]:
         return [self.device, str(self.offset)]
-
-    @property
-    def devices(self) -> tuple[str, ...]:
-        return (self.device,)
-
-    def map_devices(self, fn: Callable[[str], str]) -> Linear:
-        return Linear(fn(self.device), self.offset)
 
     @classmethod
     def from_args(cls, args: Sequence[str]) -> Linear:
@@ -415,6 +418,7 @@ class Error(Target):
     """
 
     TYPE: ClassVar[str] = "error"
+    DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("device",)
     device: str | None = None
     offset: int = 0
 
@@ -427,13 +431,6 @@ class Error(Target):
 
     def args(self) -> list[str]:
         return [] if self.device is None else [self.device, str(self.offset)]
-
-    @property
-    def devices(self) -> tuple[str, ...]:
-        return () if self.device is None else (self.device,)
-
-    def map_devices(self, fn: Callable[[str], str]) -> Error:
-        return self if self.device is None else Error(fn(self.device), self.offset)
 
     @classmethod
     def from_args(cls, args: Sequence[str]) -> Error:
@@ -492,6 +489,7 @@ class Snapshot(Target):
     """
 
     TYPE: ClassVar[str] = "snapshot"
+    DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("origin", "cow")
     origin: str
     cow: str
     store: StoreMode = StoreMode.PERSISTENT
@@ -539,13 +537,6 @@ class Snapshot(Target):
             out += [str(len(self.features)), *self.features]
         return out
 
-    @property
-    def devices(self) -> tuple[str, ...]:
-        return (self.origin, self.cow)
-
-    def map_devices(self, fn: Callable[[str], str]) -> Snapshot:
-        return type(self)(fn(self.origin), fn(self.cow), self.store, self.chunk_size, self.features)
-
     @classmethod
     def from_args(cls, args: Sequence[str]) -> Snapshot:
         t = cls.TYPE
@@ -579,6 +570,7 @@ class SnapshotOrigin(Target):
     """``snapshot-origin <origin_dev>`` (dm-snap.c; exactly one argument)."""
 
     TYPE: ClassVar[str] = "snapshot-origin"
+    DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("origin",)
     origin: str
 
     def __post_init__(self) -> None:
@@ -587,13 +579,6 @@ class SnapshotOrigin(Target):
     def args(self) -> list[str]:
         return [self.origin]
 
-    @property
-    def devices(self) -> tuple[str, ...]:
-        return (self.origin,)
-
-    def map_devices(self, fn: Callable[[str], str]) -> SnapshotOrigin:
-        return SnapshotOrigin(fn(self.origin))
-
     @classmethod
     def from_args(cls, args: Sequence[str]) -> SnapshotOrigin:
         if len(args) != 1:
@@ -601,7 +586,7 @@ class SnapshotOrigin(Target):
         return cls(args[0])
 
 
-class MirrorLog:
+class MirrorLog(_DeviceFields):
     """A mirror's dirty-region log: ``<log_type> <#log_args> <log_args...>`` (dm-log.c)."""
 
     log_type: str
@@ -611,18 +596,9 @@ class MirrorLog:
         raise NotImplementedError
 
     @property
-    def devices(self) -> tuple[str, ...]:
-        """Devices the log names."""
-        return ()
-
-    @property
     def region_size(self) -> int | None:
         """Region size in sectors, when the log type has one this library knows."""
         return None
-
-    def map_devices(self, fn: Callable[[str], str]) -> MirrorLog:
-        """A copy with device references replaced."""
-        return self
 
     def words(self) -> list[str]:
         """``<log_type> <#log_args> <log_args...>`` as a list."""
@@ -690,6 +666,7 @@ class CoreLog(MirrorLog):
 class DiskLog(MirrorLog):
     """``disk <2|3> <log_dev> <region_size> [sync|nosync]``: the log is kept on ``device``."""
 
+    DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("device",)
     device: str
     region: int
     sync: SyncMode = SyncMode.DEFAULT
@@ -703,13 +680,6 @@ class DiskLog(MirrorLog):
     @property
     def region_size(self) -> int:
         return self.region
-
-    @property
-    def devices(self) -> tuple[str, ...]:
-        return (self.device,)
-
-    def map_devices(self, fn: Callable[[str], str]) -> DiskLog:
-        return DiskLog(fn(self.device), self.region, self.sync)
 
     def args(self) -> list[str]:
         return [self.device, str(self.region)] + ([self.sync.value] if self.sync else [])
@@ -904,6 +874,7 @@ class ThinPool(Target):
 
     TYPE: ClassVar[str] = "thin-pool"
     SINGLETON: ClassVar[bool] = True  # dm-thin.c pool_target.features
+    DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("metadata", "data")
     metadata: str
     data: str
     block_size: int = MIN_THIN_BLOCK_SECTORS
@@ -972,16 +943,9 @@ class ThinPool(Target):
         # dm-thin.c pool_status: DMEMIT("%u ", count) and DMEMIT("<feature> ") - a trailing space.
         return format_args(self.args()) + " "
 
-    @property
-    def devices(self) -> tuple[str, ...]:
-        return (self.metadata, self.data)
-
     def data_blocks(self, length: int) -> int:
         """Data blocks a pool target of ``length`` sectors provides (dm-thin.c ``pool_preresume``)."""
         return length // self.block_size
-
-    def map_devices(self, fn: Callable[[str], str]) -> ThinPool:
-        return ThinPool(fn(self.metadata), fn(self.data), self.block_size, self.low_water_mark, self.features)
 
     @classmethod
     def from_args(cls, args: Sequence[str]) -> ThinPool:
@@ -1016,6 +980,7 @@ class Thin(Target):
     """
 
     TYPE: ClassVar[str] = "thin"
+    DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("pool", "origin")
     pool: str
     dev_id: int
     origin: str | None = None
@@ -1031,13 +996,6 @@ class Thin(Target):
 
     def args(self) -> list[str]:
         return [self.pool, str(self.dev_id)] + ([self.origin] if self.origin is not None else [])
-
-    @property
-    def devices(self) -> tuple[str, ...]:
-        return (self.pool,) if self.origin is None else (self.pool, self.origin)
-
-    def map_devices(self, fn: Callable[[str], str]) -> Thin:
-        return Thin(fn(self.pool), self.dev_id, None if self.origin is None else fn(self.origin))
 
     @classmethod
     def from_args(cls, args: Sequence[str]) -> Thin:
