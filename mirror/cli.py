@@ -109,8 +109,7 @@ def _copy_and_show(args: argparse.Namespace, label: str, action: Callable[[_Prog
         return _failed(args, err)
     finally:
         prog.finish(ok)
-    emit(args, st.to_dict(), lambda: _state_text(st))
-    return 0
+    return emit(args, st.to_dict(), lambda: _state_text(st))
 
 
 def _state_text(st: Any) -> str:
@@ -139,8 +138,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         except DMError:
             mm.remove(args.name)
             raise
-    emit(args, st.to_dict(), lambda: _state_text(st))
-    return 0
+    return emit(args, st.to_dict(), lambda: _state_text(st))
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
@@ -155,9 +153,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     pid = start(mm.dm, args.name, spare=args.spare, interval=args.interval)
     root = state_root(args.name)
     state = {"name": args.name, "pid": pid, "state_dir": root, "already_running": pid is None}
-    emit(args, state, f"{args.name}: {'already monitored' if pid is None else f'monitored by pid {pid}'}"
-          f" (events: dmtools mirror status {args.name}; journal in {root})")
-    return 0
+    return emit(args, state, f"{args.name}: {'already monitored' if pid is None else f'monitored by pid {pid}'}"
+                f" (events: dmtools mirror status {args.name}; journal in {root})")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -169,9 +166,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     recent = {s.name: last_events(s.name, mm.dm.backend, STATUS_EVENTS, root=_events_root(args, s.name))
               for s in states}
     texts = [_state_text(s) + "".join(f"\n  event: {format_event(e)}" for e in recent[s.name]) for s in states]
-    emit(args, [{**s.to_dict(), "events": [e.to_dict() for e in recent[s.name]]} for s in states],
-          "\n".join(texts))
-    return 0
+    return emit(args, [{**s.to_dict(), "events": [e.to_dict() for e in recent[s.name]]} for s in states],
+                "\n".join(texts))
 
 
 def _events_root(args: argparse.Namespace, name: str) -> str | None:
@@ -227,8 +223,7 @@ def cmd_resync_offline(args: argparse.Namespace) -> int:
         st = _manager(args).activate(args.activate, args.legs, log=log, region_size=_region(args.region_size))
         data["activated"] = st.to_dict()
         text += "\n" + _state_text(st)
-    emit(args, data, text)
-    return 0
+    return emit(args, data, text)
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
@@ -240,8 +235,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
 def cmd_split(args: argparse.Namespace) -> int:
     mm = _manager(args)
     new = mm.split(args.name, _leg(args.leg), args.new_name, force=args.force)
-    emit(args, {"split": new}, f"leg {args.leg} of {args.name} is now device {new}")
-    return 0
+    return emit(args, {"split": new}, f"leg {args.leg} of {args.name} is now device {new}")
 
 
 def cmd_add_leg(args: argparse.Namespace) -> int:
@@ -260,8 +254,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from mirror.format import inspect
 
     rep = inspect(args.logdev, region_size=_region(args.region_size) if args.region_size else None)
-    emit(args, rep.to_dict(), lambda: str(rep))
-    return 0
+    return emit(args, rep.to_dict(), lambda: str(rep))
 
 
 # -- parser ----------------------------------------------------------------------------------------

@@ -60,21 +60,18 @@ def cmd_create(args: argparse.Namespace) -> int:
 
     store = StoreMode.TRANSIENT if args.transient else StoreMode.PERSISTENT
     info = mgr.create(args.origin, args.cow, args.name, chunk_size=_chunk_sectors(args.chunk_size), store=store)
-    emit(args, info.to_dict(), f"created snapshot {info.name} of {info.origin} ({info.status.format()})")
-    return 0
+    return emit(args, info.to_dict(), f"created snapshot {info.name} of {info.origin} ({info.status.format()})")
 
 
 def cmd_activate(args: argparse.Namespace) -> int:
     info = _manager(args).activate(args.origin, args.cow, args.name)
-    emit(args, info.to_dict(), f"activated snapshot {info.name} of {info.origin} ({info.status.format()})")
-    return 0
+    return emit(args, info.to_dict(), f"activated snapshot {info.name} of {info.origin} ({info.status.format()})")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     infos = _manager(args).list()
     header = f"{'NAME':<20} {'ORIGIN':<20} {'STATE':<12} {'STATUS':<24} USED"
-    emit(args, [i.to_dict() for i in infos], lambda: "\n".join([header] + [_info_line(i) for i in infos]))
-    return 0
+    return emit(args, [i.to_dict() for i in infos], lambda: "\n".join([header] + [_info_line(i) for i in infos]))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -86,42 +83,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     events = last_events(args.name, mgr.dm.backend, STATUS_EVENTS, root=args.state_dir)
     lines = [f"{k}: {v}" for k, v in info.to_dict().items()]
     lines += ["recent events:"] + [f"  {format_event(e)}" for e in events] if events else []
-    emit(args, {**info.to_dict(), "events": [e.to_dict() for e in events]}, "\n".join(lines))
-    return 0
+    return emit(args, {**info.to_dict(), "events": [e.to_dict() for e in events]}, "\n".join(lines))
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     mgr = _manager(args)
     if args.no_wait:
         mgr.merge(args.name, wait=False)
-        emit(args, {"name": args.name, "merging": True}, f"merging {args.name} in the background")
-        return 0
+        return emit(args, {"name": args.name, "merging": True}, f"merging {args.name} in the background")
     from kcopyd.progress import reporting
 
     with reporting(_reporter(args, f"merge {args.name}"), SECTOR) as progress:
         mgr.merge(args.name, progress=progress, timeout=args.timeout)
-    emit(args, {"name": args.name, "merged": True}, f"merged {args.name}")
-    return 0
+    return emit(args, {"name": args.name, "merged": True}, f"merged {args.name}")
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
     info = _manager(args).refresh(args.name)
-    emit(args, info.to_dict(), f"refreshed snapshot {info.name} ({info.status.format()})")
-    return 0
+    return emit(args, info.to_dict(), f"refreshed snapshot {info.name} ({info.status.format()})")
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
     _manager(args).remove(args.name)
-    emit(args, {"name": args.name, "removed": True}, f"removed snapshot {args.name}")
-    return 0
+    return emit(args, {"name": args.name, "removed": True}, f"removed snapshot {args.name}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from snapshot.offline import inspect
 
     info = inspect(args.cow)
-    emit(args, info.to_dict(), info.format)
-    return 0
+    return emit(args, info.to_dict(), info.format)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -139,13 +130,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     finally:
         for b in backends:
             b.close()
-    emit(
-        args,
-        {"bytes": result.bytes, "exceptions": result.exceptions, "runs": result.runs, "output": result.output},
-        f"exported {format_size(result.bytes)} ({result.exceptions} exceptions from the COW) to {args.out} "
-        f"({result.output})",
+    return emit(
+               args,
+               {"bytes": result.bytes, "exceptions": result.exceptions, "runs": result.runs, "output": result.output},
+               f"exported {format_size(result.bytes)} ({result.exceptions} exceptions from the COW) to {args.out} "
+               f"({result.output})",
     )
-    return 0
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:

@@ -118,11 +118,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
                               "(its size is the metadata size)")
     ensure_disjoint({"--input": args.input, "--output": args.output})
     image = restore(args.input, args.output)
-    emit(args, {"devices": len(image.devices), "mappings": sum(len(d.vblocks) for d in image.devices),
-                 "transaction": image.transaction},
-          "" if args.quiet else f"restored {len(image.devices)} devices, transaction {image.transaction}, "
-          f"to {args.output}")
-    return 0
+    return emit(args, {"devices": len(image.devices), "mappings": sum(len(d.vblocks) for d in image.devices),
+                       "transaction": image.transaction},
+                "" if args.quiet else f"restored {len(image.devices)} devices, transaction {image.transaction}, "
+                f"to {args.output}")
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -132,8 +131,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     fields = [f for f in args.format.split(",") if f] if args.format else None
     text = format_ls(rows, fields, headers=not args.no_headers) if fields else \
         format_ls(rows, headers=not args.no_headers)
-    emit(args, [r.to_dict() for r in rows], text.rstrip("\n"))
-    return 0
+    return emit(args, [r.to_dict() for r in rows], text.rstrip("\n"))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -152,10 +150,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     finally:
         for b in backends:
             b.close()
-    emit(args, {"bytes": result.bytes, "mapped_blocks": result.mapped_blocks, "runs": result.runs},
-          f"exported thin device {args.id}: {format_size(result.bytes)}, {result.mapped_blocks} mapped blocks "
-          f"in {result.runs} runs, to {args.out}")
-    return 0
+    return emit(args, {"bytes": result.bytes, "mapped_blocks": result.mapped_blocks, "runs": result.runs},
+                f"exported thin device {args.id}: {format_size(result.bytes)}, {result.mapped_blocks} mapped blocks "
+                f"in {result.runs} runs, to {args.out}")
 
 
 def _add_offline_commands(sub: Any) -> None:

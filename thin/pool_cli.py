@@ -62,65 +62,55 @@ def cmd_pool_create(args: argparse.Namespace) -> int:
     info = _manager(args).create_pool(
         args.name, args.metadata, args.data, chunk_size=parse_sectors(args.chunk_size),
         zero=args.zero, error_if_no_space=args.error_if_no_space)
-    emit(args, info.to_dict(), lambda: "created " + _pool_text(info))
-    return 0
+    return emit(args, info.to_dict(), lambda: "created " + _pool_text(info))
 
 
 def cmd_pool_extend(args: argparse.Namespace) -> int:
     info = _manager(args).extend(args.name)
-    emit(args, info.to_dict(), lambda: "extended " + _pool_text(info))
-    return 0
+    return emit(args, info.to_dict(), lambda: "extended " + _pool_text(info))
 
 
 def cmd_pool_status(args: argparse.Namespace) -> int:
     info = _manager(args).pool_status(args.name)
-    emit(args, info.to_dict(), lambda: _pool_text(info))
-    return 0
+    return emit(args, info.to_dict(), lambda: _pool_text(info))
 
 
 def cmd_create(args: argparse.Namespace) -> int:
     v = _manager(args).create(args.pool, args.name, parse_sectors(args.size))
-    emit(args, v.to_dict(), f"created thin volume {v.name} (id {v.dev_id}, {format_size(v.size * SECTOR)}) "
-                             f"in pool {v.pool}")
-    return 0
+    return emit(args, v.to_dict(), f"created thin volume {v.name} (id {v.dev_id}, {format_size(v.size * SECTOR)}) "
+                                    f"in pool {v.pool}")
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     v = _manager(args).snapshot(args.pool, args.origin, args.name)
-    emit(args, v.to_dict(), f"created thin snapshot {v.name} (id {v.dev_id}) of {v.origin} in pool {v.pool}")
-    return 0
+    return emit(args, v.to_dict(), f"created thin snapshot {v.name} (id {v.dev_id}) of {v.origin} in pool {v.pool}")
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
     _manager(args).remove(args.pool, args.name)
-    emit(args, {"removed": args.name, "pool": args.pool}, f"removed thin volume {args.name} from pool {args.pool}")
-    return 0
+    return emit(args, {"removed": args.name, "pool": args.pool}, f"removed thin volume {args.name} from pool {args.pool}")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     volumes = _manager(args).list(args.pool)
-    emit(args, [v.to_dict() for v in volumes], lambda: "\n".join([_HEADER, *map(_volume_line, volumes)]))
-    return 0
+    return emit(args, [v.to_dict() for v in volumes], lambda: "\n".join([_HEADER, *map(_volume_line, volumes)]))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     if args.name is None:
         return cmd_pool_status(argparse.Namespace(**{**vars(args), "name": args.pool}))
     v = _manager(args).status(args.pool, args.name)
-    emit(args, v.to_dict(), lambda: "\n".join([_HEADER, _volume_line(v)]))
-    return 0
+    return emit(args, v.to_dict(), lambda: "\n".join([_HEADER, _volume_line(v)]))
 
 
 def cmd_activate(args: argparse.Namespace) -> int:
     info = _manager(args).activate(args.metadata, args.data, volumes=not args.no_volumes)
-    emit(args, info.to_dict(), lambda: "activated " + _pool_text(info))
-    return 0
+    return emit(args, info.to_dict(), lambda: "activated " + _pool_text(info))
 
 
 def cmd_deactivate(args: argparse.Namespace) -> int:
     _manager(args).deactivate(args.pool)
-    emit(args, {"deactivated": args.pool}, f"deactivated pool {args.pool} and its volumes")
-    return 0
+    return emit(args, {"deactivated": args.pool}, f"deactivated pool {args.pool} and its volumes")
 
 
 def add_commands(subparsers: Any) -> None:

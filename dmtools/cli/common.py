@@ -99,14 +99,16 @@ def one_line(err: BaseException) -> str:
     return "; ".join(part.strip() for part in str(err).splitlines() if part.strip())
 
 
-def emit(args: argparse.Namespace, data: Any, text: Callable[[], str] | str) -> None:
-    """Print ``data`` as JSON with ``--json``, else the human text."""
+def emit(args: argparse.Namespace, data: Any, text: Callable[[], str] | str) -> int:
+    """Print ``data`` as JSON with ``--json``, else the human text. Returns 0, the exit status of a
+    command whose last step this is (``return emit(...)``)."""
     if getattr(args, "json", False):
         print(json.dumps(data, indent=2, sort_keys=True, default=str))
     else:
         out = text() if callable(text) else text
         if out:
             print(out)
+    return 0
 
 
 def device_argument(text: str) -> str:

@@ -137,8 +137,7 @@ def _create(args: argparse.Namespace) -> int:
     table = Table.parse(text) if text is not None else None
     dm = open_backend(args)
     info = dm.create(args.name, table, uuid=args.uuid or "", readonly=args.readonly)
-    emit(args, _asdict(info), "")
-    return 0
+    return emit(args, _asdict(info), "")
 
 
 def _load(args: argparse.Namespace) -> int:
@@ -186,12 +185,11 @@ def _ls(args: argparse.Namespace) -> int:
     if not entries and not args.json:
         print(NO_DEVICES)
         return 0
-    emit(
-        args,
-        [_asdict(e) for e in entries],
-        lambda: "\n".join(f"{e.name}\t({e.major}:{e.minor})" for e in entries),
+    return emit(
+               args,
+               [_asdict(e) for e in entries],
+               lambda: "\n".join(f"{e.name}\t({e.major}:{e.minor})" for e in entries),
     )
-    return 0
 
 
 def _names(dm: Any, args: argparse.Namespace) -> list[str]:
@@ -287,8 +285,7 @@ def _info(args: argparse.Namespace) -> int:
     infos = [(info, read_ahead(info)) for info in (dm.info(name) for name in _names(dm, args))]
     data = [dict(_asdict(info), read_ahead=ra) for info, ra in infos]
     # dmsetup ends every device with an empty line; print() adds the last newline.
-    emit(args, data, lambda: "".join(format_info(i, ra) + "\n\n" for i, ra in infos)[:-1] or NO_DEVICES)
-    return 0
+    return emit(args, data, lambda: "".join(format_info(i, ra) + "\n\n" for i, ra in infos)[:-1] or NO_DEVICES)
 
 
 def _deps(args: argparse.Namespace) -> int:
@@ -302,31 +299,28 @@ def _deps(args: argparse.Namespace) -> int:
             lines.append(body if len(out) == 1 and args.names else f"{name}: {body}")
         return "\n".join(lines) or NO_DEVICES
 
-    emit(args, {k: [f"{a}:{b}" for a, b in v] for k, v in out.items()}, text)
-    return 0
+    return emit(args, {k: [f"{a}:{b}" for a, b in v] for k, v in out.items()}, text)
 
 
 def _targets(args: argparse.Namespace) -> int:
     targets = open_backend(args).targets()
-    emit(
-        args,
-        {k: ".".join(map(str, v)) for k, v in targets.items()},
-        lambda: "\n".join(f"{k:<16} v{'.'.join(map(str, v))}" for k, v in targets.items()),
+    return emit(
+               args,
+               {k: ".".join(map(str, v)) for k, v in targets.items()},
+               lambda: "\n".join(f"{k:<16} v{'.'.join(map(str, v))}" for k, v in targets.items()),
     )
-    return 0
 
 
 def _version(args: argparse.Namespace) -> int:
     v = open_backend(args).version()
     # dmsetup's two lines; a backend other than the kernel says which it is on a third
     other = v.backend and v.backend != "kernel"
-    emit(
-        args,
-        _asdict(v),
-        f"Library version:   {v.library}\nDriver version:    {v.driver}"
-        + (f"\nBackend:           {v.backend}" if other else ""),
+    return emit(
+               args,
+               _asdict(v),
+               f"Library version:   {v.library}\nDriver version:    {v.driver}"
+               + (f"\nBackend:           {v.backend}" if other else ""),
     )
-    return 0
 
 
 def _message(args: argparse.Namespace) -> int:
@@ -338,8 +332,7 @@ def _message(args: argparse.Namespace) -> int:
 
 def _wait(args: argparse.Namespace) -> int:
     nr = open_backend(args).wait_event(args.name, args.event_nr, timeout=args.timeout)
-    emit(args, {"event_nr": nr}, str(nr))
-    return 0
+    return emit(args, {"event_nr": nr}, str(nr))
 
 
 def register(sub: Any) -> None:

@@ -80,5 +80,4 @@ def cmd_list(args: argparse.Namespace) -> int:
     from dmtools import loop
 
     devices = loop.list_loops()
-    cli_common.emit(args, [d.to_dict() for d in devices], lambda: format_table(devices) if devices else "")
-    return 0
+    return cli_common.emit(args, [d.to_dict() for d in devices], lambda: format_table(devices) if devices else "")

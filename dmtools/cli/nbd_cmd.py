@@ -66,6 +66,5 @@ def cmd_list(args: argparse.Namespace) -> int:
     devices = kernel.list_devices(all_devices=args.all)
     rows = [[d.path, "1" if d.connected else "0", format_size(d.size) if d.connected else "-",
              "1" if d.read_only else "0", d.backend] for d in devices]
-    cli_common.emit(args, [d.to_dict() for d in devices],
-                    lambda: cli_common.columns([["NAME", "CONNECTED", "SIZE", "RO", "BACKEND"], *rows]) if rows else "")
-    return 0
+    return cli_common.emit(args, [d.to_dict() for d in devices],
+                           lambda: cli_common.columns([["NAME", "CONNECTED", "SIZE", "RO", "BACKEND"], *rows]) if rows else "")
