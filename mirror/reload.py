@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dmtools.backend import DeviceMapper
-from dmtools.errors import DMError
+from dmtools.reload import reload_stack
 from dmtools.table import Table
 
 __all__ = ["swap_table"]
@@ -18,20 +18,4 @@ def swap_table(dm: DeviceMapper, name: str, table: Table) -> None:
     suspend or resume fails the new table is dropped and the device resumed on its old table (held
     writes resubmit there), and the error is raised.
     """
-    dm.load(name, table)
-    suspended = False
-    try:
-        dm.suspend(name, noflush=True)
-        suspended = True
-        dm.resume(name)
-    except BaseException:
-        try:
-            dm.clear(name)
-        except DMError:
-            pass
-        if suspended:
-            try:
-                dm.resume(name)
-            except DMError:
-                pass
-        raise
+    reload_stack(dm, [(name, table)], [name], noflush=True)

@@ -27,6 +27,7 @@ from dmtools.errors import (
     DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, OperationCancelled, SnapshotInvalid, quietly,
 )
 from dmtools.names import MAX_UUID_BYTES, validate_name
+from dmtools.reload import reload_stack
 from dmtools.status import SnapshotState, SnapshotStatus, parse_snapshot_status
 from dmtools.table import Table
 from dmtools.target_values import Error, Linear, Snapshot, SnapshotMerge, SnapshotOrigin, StoreMode
@@ -501,26 +502,9 @@ class SnapshotManager:
         origin = self._origin_of_real(tables, target.origin)
         cow_name = refs.get(target.cow)
         cow_table = self._grown_cow_table(cow_name, tables, refs) if cow_name else None
-        loaded: Names = []
-        suspended: Names = []
-        try:
-            dm.load(name, tables[name])
-            loaded.append(name)
-            if cow_table is not None and cow_name is not None:
-                dm.load(cow_name, cow_table)
-                loaded.append(cow_name)
-            for dev in ([origin] if origin else []) + [name] + ([cow_name] if cow_table and cow_name else []):
-                dm.suspend(dev)
-                suspended.append(dev)
-            for dev in list(reversed(suspended)):  # bottom-up: NAME-cow, the snapshot, the origin
-                dm.resume(dev)
-                suspended.remove(dev)
-                if dev in loaded:
-                    loaded.remove(dev)
-        except BaseException:
-            quietly(*[(lambda d=d: dm.clear(d)) for d in loaded])
-            quietly(*[(lambda d=d: dm.resume(d)) for d in reversed(suspended)])
-            raise
+        cow = [(cow_name, cow_table)] if cow_table is not None and cow_name is not None else []
+        # resumed bottom-up: NAME-cow, the snapshot, the origin
+        reload_stack(dm, [(name, tables[name]), *cow], [*([origin] if origin else []), name, *(n for n, _ in cow)])
         return self.status(name)
 
     def extend(self, name: str, percent: int) -> ExtendResult:

@@ -45,6 +45,7 @@ from dmtools.errors import (
 from dmtools.file_backing import grow_behind
 from dmtools.linux import DEVNO
 from dmtools.names import validate_name
+from dmtools.reload import reload_stack
 from dmtools.status import ThinPoolStatus, ThinStatus, parse_thin_pool_status, parse_thin_status
 from dmtools.table import Table
 from dmtools.target_values import MAX_THIN_DEV_ID, Linear, Thin, ThinPool
@@ -603,24 +604,10 @@ class ThinPoolManager:
         new = rec.with_changes(metadata_sectors=max(meta_sectors, rec.metadata_sectors),
                                data_sectors=max(data_sectors, rec.data_sectors))
         order = [name, pool.tpool, pool.tdata, pool.tmeta]  # top-down for suspend
-        loaded: Names = []
-        suspended: Names = []
         try:
             pool.record = write_record(pool.record_dev, new)
-            for dev, table in loads:
-                dm.load(dev, table)
-                loaded.append(dev)
-            for dev in order:
-                dm.suspend(dev)
-                suspended.append(dev)
-            for dev in reversed(order):
-                dm.resume(dev)
-                suspended.remove(dev)
-                if dev in loaded:
-                    loaded.remove(dev)
+            reload_stack(dm, loads, order)
         except BaseException:
-            quietly(*[(lambda d=d: dm.clear(d)) for d in loaded])
-            quietly(*[(lambda d=d: dm.resume(d)) for d in reversed(suspended)])
             quietly(lambda: write_record(pool.record_dev, pool.record.with_changes(
                 metadata_sectors=rec.metadata_sectors, data_sectors=rec.data_sectors)))
             raise
