@@ -85,6 +85,17 @@ def _num(target_type: str, params: str, word: str, what: str) -> int:
     return int(word)
 
 
+class _Status:
+    """A parsed status: ``str()`` is the kernel's text (``format()``)."""
+
+    def format(self) -> str:
+        """The kernel's text for this status."""
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.format()
+
+
 # -- snapshot ----------------------------------------------------------------------------------
 
 
@@ -107,7 +118,7 @@ _SNAPSHOT_WORDS = {s.value: s for s in SnapshotState if s is not SnapshotState.A
 
 
 @dataclass(frozen=True)
-class SnapshotStatus:
+class SnapshotStatus(_Status):
     """Status of a ``snapshot`` or ``snapshot-merge`` target.
 
     For ``ACTIVE``, ``allocated`` and ``total`` are sectors (allocated includes the header and
@@ -167,9 +178,6 @@ class SnapshotStatus:
             return self.state.value
         text = f"{self.allocated}/{self.total}"
         return text if self.metadata is None else f"{text} {self.metadata}"
-
-    def __str__(self) -> str:
-        return self.format()
 
 
 def parse_snapshot_status(params: str, target_type: str = "snapshot") -> SnapshotStatus:
@@ -235,7 +243,7 @@ class LogHealth(enum.Enum):
 
 
 @dataclass(frozen=True)
-class MirrorStatus:
+class MirrorStatus(_Status):
     """Status of a ``mirror`` target.
 
     ``devices`` are the legs as the kernel names them (``major:minor``), ``in_sync``/``regions``
@@ -332,9 +340,6 @@ class MirrorStatus:
              self.health, str(len(self.log_args)), *self.log_args]
         )
 
-    def __str__(self) -> str:
-        return self.format()
-
 
 def parse_mirror_status(params: str) -> MirrorStatus:
     """Parse a ``mirror`` status; raises :class:`InvalidStatus`."""
@@ -366,7 +371,7 @@ def parse_mirror_status(params: str) -> MirrorStatus:
 
 
 @dataclass(frozen=True)
-class StripedStatus:
+class StripedStatus(_Status):
     """Status of a ``striped`` target: the stripes' devices and one ``A``/``D`` letter each."""
 
     devices: tuple[str, ...]
@@ -396,9 +401,6 @@ class StripedStatus:
     def format(self) -> str:
         """The kernel's text for this status."""
         return format_args([str(len(self.devices)), *self.devices, "1", self.health])
-
-    def __str__(self) -> str:
-        return self.format()
 
 
 def parse_striped_status(params: str) -> StripedStatus:
@@ -443,7 +445,7 @@ def _opt_count(value: object, what: str) -> None:
 
 
 @dataclass(frozen=True)
-class ThinPoolStatus:
+class ThinPoolStatus(_Status):
     """Status of a ``thin-pool`` target.
 
     ``fail`` is the whole status ``Fail`` (pool in fail mode), ``error`` the whole status
@@ -575,9 +577,6 @@ class ThinPoolStatus:
         text = " ".join(words)
         return text + " " if trailing else text
 
-    def __str__(self) -> str:
-        return self.format()
-
 
 def parse_thin_pool_status(params: str) -> ThinPoolStatus:
     """Parse a ``thin-pool`` status of any kernel (thin.md §3.1, §3.2); raises :class:`InvalidStatus`.
@@ -638,7 +637,7 @@ def parse_thin_pool_status(params: str) -> ThinPoolStatus:
 
 
 @dataclass(frozen=True)
-class ThinStatus:
+class ThinStatus(_Status):
     """Status of a ``thin`` target (dm-thin.c ``thin_status``).
 
     ``mapped_sectors`` is mapped blocks × block size; ``highest_mapped`` the last sector of the
@@ -680,9 +679,6 @@ class ThinStatus:
             return "-"
         return f"{self.mapped_sectors} {'-' if self.highest_mapped is None else self.highest_mapped}"
 
-    def __str__(self) -> str:
-        return self.format()
-
 
 def parse_thin_status(params: str) -> ThinStatus:
     """Parse a ``thin`` status; raises :class:`InvalidStatus`."""
@@ -701,7 +697,7 @@ def parse_thin_status(params: str) -> ThinStatus:
 
 
 @dataclass(frozen=True)
-class EmptyStatus:
+class EmptyStatus(_Status):
     """The empty status of ``linear``, ``zero``, ``error`` and ``snapshot-origin``."""
 
     target_type: str
@@ -710,12 +706,9 @@ class EmptyStatus:
         """The kernel's text: nothing."""
         return ""
 
-    def __str__(self) -> str:
-        return ""
-
 
 @dataclass(frozen=True)
-class GenericStatus:
+class GenericStatus(_Status):
     """The status of a target type without a parser here, kept verbatim."""
 
     target_type: str
@@ -723,9 +716,6 @@ class GenericStatus:
 
     def format(self) -> str:
         """The text as given."""
-        return self.text
-
-    def __str__(self) -> str:
         return self.text
 
 

@@ -15,10 +15,11 @@ the test states whether the copy must fail or carry on.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno as _errno
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from dmtools.endpoint import Endpoint, ForwardingEndpoint
 from dmtools.errors import DeviceIOError, InvalidArgument, NoSpace
@@ -231,39 +232,31 @@ class SlowEndpoint(WrappedEndpoint):
         self.requests = 0
         self._lock = threading.Lock()
 
-    def _enter(self, op: str) -> None:
+    @contextlib.contextmanager
+    def _serving(self, op: str) -> Iterator[None]:
+        """Count the request in flight while it is held at the gate, delayed and served."""
         with self._lock:
             self.in_flight += 1
             self.requests += 1
-        self.started.set()
-        if self.gate is not None and not self.gate.wait(self.gate_timeout):
+        try:
+            self.started.set()
+            if self.gate is not None and not self.gate.wait(self.gate_timeout):
+                raise DeviceIOError("gate never opened", errno=_errno.EIO, operation=op, device=self.name)
+            if self.delay:
+                time.sleep(self.delay)
+            yield
+        finally:
             with self._lock:
                 self.in_flight -= 1
-            raise DeviceIOError("gate never opened", errno=_errno.EIO, operation=op, device=self.name)
-        if self.delay:
-            time.sleep(self.delay)
-
-    def _leave(self) -> None:
-        with self._lock:
-            self.in_flight -= 1
 
     def readinto(self, buf: Any, offset: int) -> int:
-        self._enter("read")
-        try:
+        with self._serving("read"):
             return self.inner.readinto(buf, offset)
-        finally:
-            self._leave()
 
     def write(self, buf: Any, offset: int) -> int:
-        self._enter("write")
-        try:
+        with self._serving("write"):
             return self.inner.write(buf, offset)
-        finally:
-            self._leave()
 
     def zero(self, offset: int, length: int) -> None:
-        self._enter("zero")
-        try:
+        with self._serving("zero"):
             self.inner.zero(offset, length)
-        finally:
-            self._leave()
