@@ -144,10 +144,6 @@ class MirrorManager:
             raise InvalidArgument("not a mirror device (one mirror target expected)", operation="mirror", device=name)
         return table.lines[0].length, table.lines[0].target
 
-    def _swap(self, name: str, table: Table) -> None:
-        """``swap_table`` on this manager's backend (noflush; all-or-nothing)."""
-        swap_table(self.dm, name, table)
-
     # -- create / status / remove ---------------------------------------------------------------
     def create(
         self,
@@ -438,7 +434,7 @@ class MirrorManager:
                  progress: ProgressFn | None, rate: int | None, wait: bool, operation: str) -> MirrorState:
         forgetful = isinstance(target.log, CoreLog) and target.log.sync is SyncMode.NOSYNC
         if self.userspace and not (forgetful and not self.status(name).fully_in_sync):
-            self._swap(name, Table.single(length, Mirror(target.log, legs, target.features)))
+            swap_table(self.dm, name, Table.single(length, Mirror(target.log, legs, target.features)))
             if wait:
                 return self.resync(name, leg=index, rate=rate, progress=progress, operation=operation)
             self.dm.message(name, 0, f"rebuild {index}")
@@ -453,12 +449,12 @@ class MirrorManager:
             raise InvalidArgument(f"{mlog.log_type} logs are not managed here", operation=operation, device=name)
         features = tuple(dict.fromkeys(("handle_errors", *target.features)))
         copying = replace(mlog, sync=SyncMode.FORCESYNC if isinstance(mlog, DiskLog) else SyncMode.DEFAULT)
-        self._swap(name, Table.single(length, Mirror(copying, legs, features)))
+        swap_table(self.dm, name, Table.single(length, Mirror(copying, legs, features)))
         if not wait:
             return self.status(name)
         self.resync(name, progress=progress, operation=operation)
         kept = replace(mlog, sync=SyncMode.DEFAULT) if mlog.sync is SyncMode.FORCESYNC else mlog
-        self._swap(name, Table.single(length, Mirror(kept, legs, target.features)))
+        swap_table(self.dm, name, Table.single(length, Mirror(kept, legs, target.features)))
         return self.status(name)
 
     def repair(self, name: str, leg: int | str, new_leg: str, *, rate: int | None = None,
@@ -497,7 +493,7 @@ class MirrorManager:
         if isinstance(tgt, Linear):
             mlog = self._new_log(log, region_size, length, "add_leg")
             mirror = Mirror(mlog, (Leg(tgt.device, tgt.offset), Leg(new_leg, 0)), ("handle_errors",) * handle_errors)
-            self._swap(name, Table.single(length, mirror))
+            swap_table(self.dm, name, Table.single(length, mirror))
             self._monitor()
             if not wait:
                 return self.status(name)
@@ -530,7 +526,7 @@ class MirrorManager:
             new_table = Table.single(length, Mirror(target.log, rest, target.features))
         else:
             new_table = Table.single(length, Linear(rest[0].device, rest[0].offset))
-        self._swap(name, new_table)
+        swap_table(self.dm, name, new_table)
         self.dm.create(new_name, Table.single(length, Linear(split_leg.device, split_leg.offset)))
         return new_name
 
