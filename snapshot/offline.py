@@ -139,24 +139,21 @@ class ExportResult:
     output: str = ""
 
 
+def _same_stat(a: os.stat_result, b: os.stat_result) -> bool:
+    """The same block device, or the same file."""
+    if stat.S_ISBLK(a.st_mode) and stat.S_ISBLK(b.st_mode):
+        return a.st_rdev == b.st_rdev
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def _same_file(a: Endpoint, b: Endpoint) -> bool:
     fa, fb = a.fileno(), b.fileno()
-    if fa is None or fb is None:
-        return a is b
-    sa, sb = os.fstat(fa), os.fstat(fb)
-    if stat.S_ISBLK(sa.st_mode) and stat.S_ISBLK(sb.st_mode):
-        return sa.st_rdev == sb.st_rdev
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+    return a is b if fa is None or fb is None else _same_stat(os.fstat(fa), os.fstat(fb))
 
 
 def _same_as_path(path: Path, ep: Endpoint) -> bool:
     fd = ep.fileno()
-    if fd is None:
-        return False
-    a, b = path.stat(), os.fstat(fd)
-    if stat.S_ISBLK(a.st_mode) and stat.S_ISBLK(b.st_mode):
-        return a.st_rdev == b.st_rdev
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+    return fd is not None and _same_stat(path.stat(), os.fstat(fd))
 
 
 def _check_paths(
