@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +14,10 @@ from dmtools.errors import TargetNotSupported
 
 
 @pytest.fixture
-def eng(monkeypatch: pytest.MonkeyPatch) -> Iterator[Engine]:
-    """An in-process engine that ``open_backend`` hands to the CLI."""
-    engine = Engine()
+def eng(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Engine:
+    """The plugin's in-process engine, which ``open_backend`` hands to the CLI."""
     monkeypatch.setattr("dmtools.cli.common.open_backend", lambda args: engine)
-    try:
-        yield engine
-    finally:
-        engine.close()
+    return engine
 
 
 def test_one_device_bare_lines(eng: Engine, make_image: Callable[..., Path],

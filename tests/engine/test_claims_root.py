@@ -42,16 +42,6 @@ sys.stdin.read()
 """
 
 
-@pytest.fixture
-def engine() -> Iterator[DeviceMapper]:
-    """The in-process userspace engine."""
-    eng = Engine()
-    try:
-        yield eng
-    finally:
-        eng.close()
-
-
 @pytest.fixture(params=[pytest.param(lf("engine"), id="engine", marks=pytest.mark.root),
                         pytest.param(lf("kernel_dm"), id="kernel", marks=pytest.mark.kernel)])
 def backend(request: pytest.FixtureRequest) -> DeviceMapper:
