@@ -119,12 +119,18 @@ def _recorded(journal: list[tuple[str, str, int, int]]) -> list[str]:
     return [f"{op} {dev}" for op, dev, _o, _n in journal]
 
 
-def test_dirty_mark_is_durable_before_returning() -> None:
+def _journaled(nlegs: int = 2) -> tuple[list[tuple[str, str, int, int]], MemoryEndpoint, DiskDirtyLog]:
+    """A NOSYNC disk log whose own I/O and its legs' flushes are recorded in one journal."""
     journal: list[tuple[str, str, int, int]] = []
     ep = MemoryEndpoint(4096, "log", journal)
-    legs = [MemoryEndpoint(LEN * 512, f"leg{i}", journal) for i in range(2)]
+    legs = [MemoryEndpoint(LEN * 512, f"leg{i}", journal) for i in range(nlegs)]
     lg = _disk(ep, SyncMode.NOSYNC)
     lg.flush_legs = lambda: [leg.flush() for leg in legs] and None
+    return journal, ep, lg
+
+
+def test_dirty_mark_is_durable_before_returning() -> None:
+    journal, ep, lg = _journaled()
     journal.clear()
     lg.mark_region(7)
     lg.flush()
@@ -136,11 +142,7 @@ def test_dirty_mark_is_durable_before_returning() -> None:
 
 
 def test_clean_mark_written_only_after_legs_flushed() -> None:
-    journal: list[tuple[str, str, int, int]] = []
-    ep = MemoryEndpoint(4096, "log", journal)
-    legs = [MemoryEndpoint(LEN * 512, f"leg{i}", journal) for i in range(2)]
-    lg = _disk(ep, SyncMode.NOSYNC)
-    lg.flush_legs = lambda: [leg.flush() for leg in legs] and None
+    journal, ep, lg = _journaled()
     lg.mark_region(7)
     lg.flush()
     journal.clear()
@@ -151,11 +153,7 @@ def test_clean_mark_written_only_after_legs_flushed() -> None:
 
 
 def test_mixed_clean_and_dirty_flush_order() -> None:
-    journal: list[tuple[str, str, int, int]] = []
-    ep = MemoryEndpoint(4096, "log", journal)
-    leg = MemoryEndpoint(LEN * 512, "leg0", journal)
-    lg = _disk(ep, SyncMode.NOSYNC)
-    lg.flush_legs = leg.flush
+    journal, _ep, lg = _journaled(1)
     lg.mark_region(1)
     lg.flush()
     journal.clear()
