@@ -131,10 +131,7 @@ class MirrorManager:
         in ``in_use`` must not be mapped by a live table. Raises ``DeviceConflict``/``DeviceBusy``."""
         from dmtools.inputs import check_devices
 
-        roles: dict[str, Any] = {} if new is None else {"the new leg": new}
-        roles.update({f"leg {i}": r for i, r in enumerate(legs) if i != skip and not isinstance(r, Endpoint)})
-        if log not in (None, "core") and not isinstance(log, Endpoint):
-            roles["--log"] = log
+        roles = _roles(legs, log, new=new, skip=skip)
         check_devices(roles, backends=[self.dm], operation=operation, in_use=in_use,
                       missing_ok=[r for r in roles if r.startswith("leg ")] if new else ())
 
@@ -531,6 +528,17 @@ class MirrorManager:
         return new_name
 
 
+def _roles(legs: Sequence[str | Endpoint], log: str | Endpoint | None, *, new: str | None = None,
+           skip: int | None = None) -> dict[str, Any]:
+    """A mirror's devices by role for ``dmtools.inputs.check_devices`` (``the new leg``, ``leg N``
+    but ``skip``, ``--log``); endpoints given as objects are left out."""
+    roles: dict[str, Any] = {} if new is None else {"the new leg": new}
+    roles.update({f"leg {i}": r for i, r in enumerate(legs) if i != skip and not isinstance(r, Endpoint)})
+    if log not in (None, "core") and not isinstance(log, Endpoint):
+        roles["--log"] = log
+    return roles
+
+
 class OfflineOptions(TypedDict, total=False):
     """The options of ``resync_offline`` that ``MirrorManager.resync_offline`` passes on."""
 
@@ -568,10 +576,7 @@ def resync_offline(
     ``backends`` maps ``DeviceBusy`` (an inactive mirror's devices), before anything is opened."""
     from dmtools.inputs import check_devices
 
-    roles: dict[str, Any] = {f"leg {i}": r for i, r in enumerate(legs) if not isinstance(r, Endpoint)}
-    if log is not None and not isinstance(log, Endpoint):
-        roles["--log"] = log
-    check_devices(roles, backends=backends, operation="resync", in_use=("*",))
+    check_devices(_roles(legs, log), backends=backends, operation="resync", in_use=("*",))
     if opener is None:
         from dmtools.blockdev import open_endpoint
 
