@@ -118,13 +118,15 @@ class LoopError(DMError):
     """A loop-device operation failed."""
 
 
-def quietly(*steps: Callable[[], object]) -> None:
-    """Run undo steps, each even if an earlier one failed: their ``DMError`` is dropped, as the
-    caller re-raises the error that made it undo."""
+def quietly(*steps: Callable[[], object],
+            errors: type[BaseException] | tuple[type[BaseException], ...] = DMError) -> None:
+    """Run undo or release steps, each even if an earlier one failed: what they raise of ``errors``
+    (``DMError`` unless told) is dropped, as the caller re-raises the error that made it undo, or
+    must release everything whatever fails."""
     for step in steps:
         try:
             step()
-        except DMError:
+        except errors:
             pass
 
 

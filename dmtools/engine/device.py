@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from dmtools.engine.target_driver import SECTOR, DeviceHandle, TargetDriver
-from dmtools.errors import DeviceIOError, DeviceNotFound, InvalidArgument, NoSpace
+from dmtools.errors import DeviceIOError, DeviceNotFound, InvalidArgument, NoSpace, quietly
 from dmtools.table import Table, TableLine
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -101,11 +101,7 @@ class TableContext:
 
     def close_all(self) -> None:
         """Close every handle (after the targets are destroyed)."""
-        for handle in self.handles.values():
-            try:
-                handle.inner.close()
-            except Exception:  # noqa: BLE001 - closing must release every handle
-                pass
+        quietly(*(h.inner.close for h in self.handles.values()), errors=Exception)  # release every handle
         self.handles.clear()
         self._refs.clear()
 
@@ -165,11 +161,7 @@ class LoadedTable:
 
     def destroy(self) -> None:
         """Destroy every target (``dtr``) and then close the devices they opened."""
-        for tgt in self.targets:
-            try:
-                tgt.destroy()
-            except Exception:  # noqa: BLE001 - a failing dtr must not leak the other targets
-                pass
+        quietly(*(t.destroy for t in self.targets), errors=Exception)  # a failing dtr must not leak the others
         self.context.close_all()
 
 

@@ -21,7 +21,7 @@ from dmtools.claims import Holder
 from dmtools.engine.device import Device, LoadedTable, TableContext
 from dmtools.engine.target_driver import DeviceHandle, TargetDriver
 from dmtools.errors import (
-    DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, InvalidTable, TargetNotSupported,
+    DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, InvalidTable, TargetNotSupported, quietly,
 )
 from dmtools.names import validate_name, validate_uuid
 from dmtools.plugins import entry_points
@@ -232,11 +232,7 @@ class Engine(DeviceMapper):
                                        device=dev.name) from err
                 targets.append(tgt)
         except BaseException:
-            for tgt in targets:
-                try:
-                    tgt.destroy()
-                except Exception:  # noqa: BLE001 - unwinding a failed load
-                    pass
+            quietly(*(t.destroy for t in targets), errors=Exception)  # unwinding a failed load
             ctx.close_all()
             raise
         return LoadedTable(lines, targets, ctx, readonly)
@@ -332,11 +328,7 @@ class Engine(DeviceMapper):
                     tgt.postsuspend()
         except BaseException:
             if live is not None:
-                for tgt in live.targets:
-                    try:
-                        tgt.presuspend_undo()
-                    except Exception:  # noqa: BLE001 - undoing a failed suspend
-                        pass
+                quietly(*(t.presuspend_undo for t in live.targets), errors=Exception)  # undoing a failed suspend
             dev.unblock_io()
             raise
         finally:
@@ -433,17 +425,9 @@ class Engine(DeviceMapper):
                 del self._by_devno[dev.devno]
         live, inactive = dev.live, dev.inactive
         if live is not None and not dev.suspended:
-            for tgt in live.targets:
-                try:
-                    tgt.presuspend()
-                except Exception:  # noqa: BLE001 - the device goes regardless
-                    pass
+            quietly(*(t.presuspend for t in live.targets), errors=Exception)  # the device goes regardless
             dev.block_io(timeout=30)
-            for tgt in live.targets:
-                try:
-                    tgt.postsuspend()
-                except Exception:  # noqa: BLE001
-                    pass
+            quietly(*(t.postsuspend for t in live.targets), errors=Exception)
         dev.kill()
         if self._exposure is not None and dev.exposure is not None:
             self._exposure.remove(dev, timeout=detach_wait)

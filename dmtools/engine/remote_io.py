@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from dmtools.endpoint import Endpoint
 from dmtools.engine import protocol
-from dmtools.errors import DaemonError, DeviceIOError, InvalidArgument
+from dmtools.errors import DaemonError, DeviceIOError, InvalidArgument, quietly
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.engine.engine import Engine
@@ -76,11 +76,7 @@ class IOSession:
 
     def close(self) -> None:
         """Close every handle (the connection ended)."""
-        for ep in self.handles.values():
-            try:
-                ep.close()
-            except Exception:  # noqa: BLE001 - release every handle
-                pass
+        quietly(*(ep.close for ep in self.handles.values()), errors=Exception)  # release every handle
         self.handles.clear()
 
 
