@@ -569,7 +569,14 @@ class Pool:
         key = (dev_id, vblock)
         prison = self.prison
         with self.lock:
-            found = self._find(dev_id, vblock)
+            if self.mode == Mode.FAIL:  # _find, inline: this runs for every block I/O
+                raise _eio("pool is in fail mode", self.name)
+            try:
+                found = self.md.find(dev_id, vblock)
+            except (DeviceIOError, OSError, DMError) as err:
+                if not _metadata_fault(err):
+                    raise
+                raise self._failed("dm_thin_find_block", err) from err
             block = found[0] if found is not None and (not write or not found[1]) else None
             route = prison.enter_unless_held(key, block, write)
             if route is not HELD:

@@ -276,7 +276,8 @@ class ThinTarget(TargetDriver):
                     raise RequeueIO("out of data space: requeued", device=self.ctx.device_name) from None
                 raise
         try:
-            if within or len(piece) != self.bb:
+            if (within or len(piece) != self.bb) and (old is not None or self.origin is not None
+                                                      or pool.pf.zero_new_blocks):
                 self._prepare(vblock, new, old)
             self._write_data(piece, new * self.bb + within)
         except BaseException:
