@@ -15,11 +15,15 @@ exposed linear device of the same size: the userspace engine's FUSE + loop devic
 
 Then ``thin dump``/``thin check`` against the C++ tools (``scripts/bench thin_tools``).
 
+``--only profile`` (not part of the default run) counts, load-independently, the Python function
+calls per write of the write workloads (the flush included) on linear and thin volumes, with the
+functions that take the most own time (cProfile).
+
 Goals: provisioning writes without zeroing >= 0.8x linear; snapshot writes >= 2x the classic
 snapshot's; dump and check within 3x of thin_dump/thin_check using <= 128 MiB.
 
     scripts/bench thin [--size 64M] [--random-writes 2000] [--repeat 3] [--mappings 1000000]
-                       [--fio-runtime S] [--no-kernel] [--only writes|fio|tools ...] [--json]
+                       [--fio-runtime S] [--no-kernel] [--only writes|fio|tools|profile ...] [--json]
 """
 
 from __future__ import annotations
@@ -255,6 +259,40 @@ def bench_writes(work: Path, size: int, nrandom: int, repeat: int, kernel: bool)
     return out
 
 
+def bench_profile(work: Path, size: int, nrandom: int, top: int = 6) -> dict[str, Any]:
+    """Python calls per write of each write workload (flush included) and the functions with the
+    most own time, on linear and thin volumes of the in-process engine (cProfile)."""
+    import cProfile
+    import pstats
+
+    offsets = [b * 4096 for b in random.Random(7).sample(range(size // 4096), nrandom)]
+    workloads: dict[str, tuple[Callable[[Any], float], int]] = {
+        "seq_1m": (lambda ep: _seq(ep, size), size // MiB), "random_4k": (lambda ep: _random(ep, offsets), nrandom)}
+    configs = {"linear": _linear(size), "thin (zeroing)": _thin_volume(size, True),
+               "thin (skip_block_zeroing)": _thin_volume(size, False)}
+    out: dict[str, Any] = {"loadavg": round(loadavg(), 2), "size_mib": size >> 20, "random_writes": nrandom,
+                           "configs": {}}
+    for name, build in configs.items():
+        for job, (run, writes) in workloads.items():
+            rig = Rig(work, False, "prof")
+            try:
+                ep = rig.endpoint(build(rig))
+                try:
+                    prof = cProfile.Profile()
+                    prof.runcall(run, ep)
+                finally:
+                    ep.close()
+            finally:
+                rig.close()
+            stats = pstats.Stats(prof)
+            own = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])  # type: ignore[attr-defined]
+            total = sum(v[2] for _, v in own) or 1.0
+            out["configs"].setdefault(name, {})[job] = {
+                "calls_per_write": round(stats.total_calls / writes, 1),  # type: ignore[attr-defined]
+                "top": [(f"{Path(f).name}:{line}({fn})", round(100 * v[2] / total, 1)) for (f, line, fn), v in own[:top]]}
+    return out
+
+
 def _exposure_missing(kernel: bool) -> str | None:
     """Why fio cannot run on this engine's block devices here, or ``None``."""
     missing = fio_available()
@@ -342,6 +380,14 @@ def _print(results: dict[str, Any]) -> None:
         if isinstance(theirs, str):
             print(f"kernel: {theirs}")
     _print_fio(results.get("fio"), results.get("fio_kernel"))
+    prof = results.get("profile")
+    if prof:
+        print(f"Python calls per write (cProfile, flush included), {prof['size_mib']} MiB, "
+              f"{prof['random_writes']} random 4 KiB writes; load average {prof['loadavg']}")
+        for name, jobs in prof["configs"].items():
+            print(f"{name:28} " + "  ".join(f"{job} {row['calls_per_write']}" for job, row in jobs.items()))
+            for job, row in jobs.items():
+                print(f"    own time, {job}: " + ", ".join(f"{f} {pct}%" for f, pct in row["top"]))
     if "tools" in results:
         print("tools:", json.dumps(results["tools"]))
 
@@ -376,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-writes", type=int, default=2000)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--mappings", type=int, default=1_000_000, help="mapped blocks for the tools benchmark")
-    p.add_argument("--only", choices=("writes", "fio", "tools"), action="append",
+    p.add_argument("--only", choices=("writes", "fio", "tools", "profile"), action="append",
                    help="run only these parts (repeatable; default: all)")
     p.add_argument("--fio-runtime", type=float, default=None,
                    help="seconds each fio job may run at most (default: the whole device once; 2 in the VM)")
@@ -392,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             results["writes"] = bench_writes(Path(tmp), size, args.random_writes, args.repeat, args.kernel)
         if "fio" in only:
             results["fio"] = bench_fio(Path(tmp), size, args.repeat, args.kernel, args.fio_runtime)
+        if "profile" in only and not args.kernel:
+            results["profile"] = bench_profile(Path(tmp), size, args.random_writes)
     vm_parts = [s for s in ("writes", "fio") if s in only]
     if vm_parts and not args.kernel and not args.no_kernel:
         vm = _in_vm(args, vm_parts)
