@@ -12,7 +12,7 @@ from typing import Iterator
 import pytest
 
 from dmtools.blockdev import aligned_buffer
-from dmtools.engine import Engine
+from dmtools.engine import Engine, fuse_io
 from dmtools.engine.basic_targets import LinearTarget, StripedTarget
 
 pytestmark = pytest.mark.root
@@ -70,10 +70,13 @@ def test_linear_and_striped_reads_of_two_pages_or_more_never_pass_through_python
     with open(xengine.device_path("str-dmtt"), "rb") as f:  # buffered, through the loop's cache
         f.seek(12345)
         assert f.read(300_000) == striped[12345 : 12345 + 300_000]
-    # Others (udev, blkid) may probe the devices' first and last pages meanwhile; this test's
-    # ranges must not have gone through a buffer.
+    # Others (udev, blkid) may probe the devices' first and last pages meanwhile, and the kernel
+    # may split one of this test's reads so that a single page reaches FUSE as its own request
+    # (bio segments follow the memory's layout): a single page is read into a buffer by design.
+    # No request of two pages or more in this test's ranges may have gone through a buffer.
     ours = {"linear": (3 * MiB, 5 * MiB), "striped": (MiB, 3 * MiB)}
-    assert [r for r in buffered if r[1] < ours[r[0]][1] and r[1] + r[2] > ours[r[0]][0]] == []
+    assert [r for r in buffered
+            if r[1] < ours[r[0]][1] and r[1] + r[2] > ours[r[0]][0] and r[2] >= fuse_io.PIPE_MIN_READ] == []
     assert _read_direct(xengine.device_path("lin-dmtt"), 64 << 10, 0, 4096) == lin[: 64 << 10]
     # single pages are read into a buffer: in C (fastio.c), or in Python (fuse_io.PIPE_MIN_READ)
     assert (("linear", 0, 4096) in buffered) is not fast
