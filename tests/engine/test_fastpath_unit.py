@@ -38,15 +38,6 @@ def ctx(lib: fastio.FastIO) -> Iterator[int]:
         lib.ctx_free(handle)
 
 
-@pytest.fixture
-def engine() -> Iterator[Engine]:
-    eng = Engine()
-    try:
-        yield eng
-    finally:
-        eng.close()
-
-
 def _images(tmp_path: Path, *sizes: int) -> list[str]:
     out = []
     for i, size in enumerate(sizes):
