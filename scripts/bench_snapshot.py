@@ -17,10 +17,19 @@ from 16. Each is measured three ways:
 fio (``bench_common.FIO_JOBS``: sequential 1 MiB and random 4 KiB, queue depth 1 and 16,
 ``--direct=1``) runs on the origin's node with 0 and 1 snapshot, here and in the VM.
 
+A first write must wait for two flushes (the COW data, then the exception record: dm-snap-persistent.c
+commits with REQ_PREFLUSH|REQ_FUA), so a writer at queue depth 1 is bounded by what a flush costs on
+the storage, not by code. The kernel runs twice in the VM (``--vm-storage``): on the VM's tmpfs,
+where a flush costs nothing, and on an ext4 disk image kept on this host's file system
+(``DMTOOLS_VM_DISKS``: a guest flush is an fdatasync of the image here), whose flushes cost what
+ours do. The storage table prints each place's flush cost and the ceilings it puts on the ratios
+of one writer (``flush_bound``).
+
 ``--only profile`` shows where a random 4 KiB first write and a 1 MiB rewrite spend their time
 (system calls, fdatasync's share, Python calls and the functions with the most own time).
 
-    scripts/bench snapshot [--size 32M] [--repeat 3] [--no-kernel] [--no-fio] [--only load|writes|profile] [--json]
+    scripts/bench snapshot [--size 32M] [--repeat 3] [--no-kernel] [--vm-storage both|tmpfs|disk] [--no-fio]
+                           [--only load|writes|profile] [--json]
 """
 
 from __future__ import annotations
@@ -170,6 +179,7 @@ class _Stack:
             for _ in range(size >> 20):
                 f.write(block)
             f.truncate(size)
+            os.fsync(f.fileno())  # every configuration starts clean: no final flush pays for setup
         cow_size = size + size // 64 + 64 * chunk * SECTOR
         cows: list[Path] = []
         for i in range(nsnaps):
@@ -378,6 +388,54 @@ def bench_fio(work: Path, size: int, chunk: int, kernel: bool, runtime: float) -
     return out
 
 
+def flush_cost(work: Path, rounds: int = 48) -> dict[str, float]:
+    """What durability costs on the storage holding ``work`` (medians): microseconds of a 4 KiB
+    write + fdatasync over space written before (an exception area's commit) and into fresh space
+    of a sparse file (a first write's 4 KiB copy made durable), and MiB/s of 1 MiB writes each
+    followed by fdatasync into fresh space (a sequential copy made durable). Measured with nothing
+    else dirty (``sync`` first), before the write workloads."""
+    os.sync()
+    path = work / "flush-cost.img"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    small, big = os.urandom(4096), os.urandom(1 << 20)
+
+    def timed(data: bytes, offset: int) -> float:
+        t = time.perf_counter()
+        os.pwrite(fd, data, offset)
+        os.fdatasync(fd)
+        return time.perf_counter() - t
+
+    try:
+        os.ftruncate(fd, 256 << 20)
+        timed(small, 0)
+        record = [timed(small, 0) for _ in range(rounds)]
+        first = [timed(small, (64 << 20) + i * 65536) for i in range(rounds)]
+        seq = [timed(big, (128 << 20) + (i << 20)) for i in range(min(rounds, 96))]
+    finally:
+        os.close(fd)
+        path.unlink()
+    return {"record_us": round(statistics.median(record) * 1e6, 1),
+            "first_4k_us": round(statistics.median(first) * 1e6, 1),
+            "durable_1m_mib_s": round(1 / statistics.median(seq), 1)}
+
+
+def flush_bound(flush: dict[str, float], writes: dict[str, Any]) -> dict[str, float]:
+    """Estimates of the ratios the storage alone allows one writer that waits for each write
+    (``ours: API``), with CPU and the origin read free: a first write of 4 KiB waits for its copy and then its record to be durable
+    (dm-snap-persistent.c: data before the REQ_PREFLUSH|REQ_FUA area write, both before the origin
+    write); a sequential 1 MiB first write waits for each snapshot's 1 MiB copy and a record.
+    Against the time the same write takes with no snapshot. Flush costs vary from run to run on a
+    shared disk: an estimate, not a strict bound."""
+    base = writes["0 snapshots"]
+    t4k = 4096 / (base["random_4k"]["MiB/s"] * 2**20)
+    t1m = 1 / base["seq_first"]["MiB/s"]
+    record, first = flush["record_us"] / 1e6, flush["first_4k_us"] / 1e6
+    copy_1m = 1 / flush["durable_1m_mib_s"]
+    return {"random_4k": round(t4k / (t4k + first + record), 3),
+            "1 snapshot seq_first": round(t1m / (t1m + copy_1m + record), 3),
+            "4 snapshots seq_first": round(t1m / (t1m + 4 * copy_1m + record), 3)}
+
+
 #: the system calls ``bench_profile`` counts (``os`` functions the engine's I/O goes through).
 PROFILED_CALLS = ("fdatasync", "pwritev", "preadv")
 
@@ -481,20 +539,89 @@ class _Closed:
         """Nothing left to close."""
 
 
-def _vm_results(args: argparse.Namespace) -> dict[str, Any] | str:
-    """The kernel's figures for the same workloads: this script run in the VM (``--in-vm``)."""
+#: the name of the VM's disk (``DMTOOLS_VM_DISKS``), and its size (a sparse file; the VM's runs use
+#: a few hundred MiB of it at most).
+VM_DISK, VM_DISK_BYTES = "benchdisk", 2 << 30
+
+
+def _vm_results(args: argparse.Namespace, work: Path) -> dict[str, Any] | str:
+    """The kernel's figures for the same workloads: this script run in the VM (``--in-vm``), on
+    its tmpfs and/or on an ext4 image kept in ``work`` on this host (``--vm-storage``)."""
     vm_args = ["--in-vm", "--json", "--size", args.vm_size, "--chunk-size", str(args.chunk_size),
-               "--random-writes", str(args.vm_random_writes), "--fio-runtime", str(min(args.fio_runtime, 2.0))]
+               "--random-writes", str(args.vm_random_writes), "--fio-runtime", str(min(args.fio_runtime, 2.0)),
+               "--vm-storage", args.vm_storage]
     if args.no_fio:
         vm_args.append("--no-fio")
-    return in_vm(Path(__file__), vm_args, modules=("dm-snapshot",))
+    disks = os.environ.get("DMTOOLS_VM_DISKS")
+    if args.vm_storage != "tmpfs":
+        image = work / f"{VM_DISK}.img"
+        with open(image, "wb") as f:
+            f.truncate(VM_DISK_BYTES)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(image)],
+                       check=True, capture_output=True)
+        os.environ["DMTOOLS_VM_DISKS"] = f"{VM_DISK}={image}"
+    try:
+        return in_vm(Path(__file__), vm_args, modules=("dm-snapshot",))
+    finally:
+        if disks is None:
+            os.environ.pop("DMTOOLS_VM_DISKS", None)
+        else:
+            os.environ["DMTOOLS_VM_DISKS"] = disks
+
+
+def _vm_disk() -> str | None:
+    """The VM's ``benchdisk`` device node, or None."""
+    by_id = Path(f"/dev/disk/by-id/scsi-0virtme_disk_{VM_DISK}")
+    if by_id.exists():
+        return str(by_id)
+    for block in sorted(Path("/sys/block").glob("sd*")):
+        try:
+            vendor = (block / "device" / "vendor").read_text().strip()
+        except OSError:
+            continue
+        if vendor == "virtme":
+            return f"/dev/{block.name}"
+    return None
+
+
+def _kernel_side(args: argparse.Namespace, size: int, work: Path) -> dict[str, Any]:
+    """In the VM: the kernel's write figures, fio and flush costs on tmpfs and/or on the disk image."""
+    results: dict[str, Any] = {}
+    places: list[tuple[str, Path]] = []
+    if args.vm_storage != "disk":
+        places.append(("", work))
+    mnt = work / "disk"
+    mounted = False
+    if args.vm_storage != "tmpfs":
+        dev = _vm_disk()
+        mnt.mkdir()
+        res = None if dev is None else subprocess.run(["mount", "-t", "ext4", dev, str(mnt)],
+                                                      capture_output=True, text=True, check=False)
+        if res is not None and res.returncode == 0:
+            mounted = True
+            places.append(("_disk", mnt))
+        else:
+            why = "no disk in the VM" if res is None else res.stderr.strip()
+            results["writes_kernel_disk"] = f"not measured: {why}"
+    try:
+        for suffix, place in places:
+            results["flush_kernel" + suffix] = flush_cost(place)
+            results["writes_kernel" + suffix] = bench_writes(place, size, args.chunk_size, args.random_writes,
+                                                             True, repeat=args.repeat)
+            if not args.no_fio:
+                results["fio_kernel" + suffix] = bench_fio(place, size, args.chunk_size, True, args.fio_runtime)
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(mnt)], check=False)
+    return results
 
 
 def _print_table(results: dict[str, Any]) -> None:
     """Ratios to no snapshot, ours and the kernel's side by side."""
     cols: list[tuple[str, dict[str, Any]]] = [
         (h, results[k]) for h, k in (("ours: API", "writes"), ("ours: node", "writes_node"),
-                                     ("kernel: node", "writes_kernel")) if isinstance(results.get(k), dict)]
+                                     ("kernel: tmpfs", "writes_kernel"), ("kernel: disk", "writes_kernel_disk"))
+        if isinstance(results.get(k), dict)]
     print(f"origin writes, ratio to no snapshot (load average {loadavg():.1f} on {os.cpu_count()} CPUs)")
     print(f"  {'workload':34}" + "".join(f"{h:>14}" for h, _ in cols) + "   goal")
     for n in ("1 snapshots", "4 snapshots"):
@@ -513,18 +640,38 @@ def _print_table(results: dict[str, Any]) -> None:
                 "  " + " / ".join(f"{c[n][w]['cpu_s_per_gib']:.2f}" for n in ("0 snapshots", "1 snapshots", "4 snapshots"))
                 for _, c in ours))
     fcols: list[tuple[str, dict[str, Any]]] = [
-        (h, results[k]) for h, k in (("ours: fio", "fio"), ("kernel: fio", "fio_kernel")) if isinstance(results.get(k), dict)]
+        (h, results[k]) for h, k in (("ours: fio", "fio"), ("kernel: fio, tmpfs", "fio_kernel"),
+                                     ("kernel: fio, disk", "fio_kernel_disk")) if isinstance(results.get(k), dict)]
     if fcols:
         print("fio --direct=1 on the origin's node, 1 snapshot vs none: ratio (MiB/s with none)")
         print(f"  {'job':34}" + "".join(f"{h:>22}" for h, _ in fcols))
         for job, _, _ in FIO_JOBS:
             print(f"  {job:34}" + "".join(
                 f"{c['1 snapshots'][job]['ratio']:>11.3f}x ({c['0 snapshots'][job]['MiB/s']:7.1f})" for _, c in fcols))
-    for key in ("writes_node", "fio", "writes_kernel", "fio_kernel"):
+    _print_storage(results)
+    for key in ("writes_node", "fio", "writes_kernel", "fio_kernel", "writes_kernel_disk", "fio_kernel_disk"):
         if isinstance(results.get(key), str):
             print(f"  {key}: {results[key]}")
     if "load" in results:
         print(f"load: {json.dumps(results['load'])}")
+
+
+def _print_storage(results: dict[str, Any]) -> None:
+    """Each place's flush costs, and the ceilings they put on one waiting writer's ratios."""
+    rows = [(h, results[f], results[w]) for h, f, w in (
+        ("here (ours: API)", "flush", "writes"), ("VM tmpfs (kernel)", "flush_kernel", "writes_kernel"),
+        ("VM disk on this host (kernel)", "flush_kernel_disk", "writes_kernel_disk"))
+        if isinstance(results.get(f), dict) and isinstance(results.get(w), dict)]
+    if not rows:
+        return
+    print("storage: what durability costs, and the ratio it leaves one writer waiting on each write (CPU free)")
+    print(f"  {'place':30}{'4K record':>11}{'4K first':>10}{'1M durable':>12}"
+          f"{'random_4k':>11}{'1 snap seq':>12}{'4 snap seq':>12}")
+    for head, flush, writes in rows:
+        bound = flush_bound(flush, writes)
+        print(f"  {head:30}{flush['record_us']:>8.0f} us{flush['first_4k_us']:>7.0f} us"
+              f"{flush['durable_1m_mib_s']:>7.0f} MiB/s{bound['random_4k']:>10.3f}x"
+              f"{bound['1 snapshot seq_first']:>11.3f}x{bound['4 snapshots seq_first']:>11.3f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -539,6 +686,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vm-size", default="16M", help="origin size in the VM (TCG emulation is slow)")
     p.add_argument("--vm-random-writes", type=int, default=300)
     p.add_argument("--no-kernel", action="store_true", help="do not run the kernel's side in the VM")
+    p.add_argument("--vm-storage", choices=("both", "tmpfs", "disk"), default="both",
+                   help="where the kernel's volumes live in the VM: its tmpfs (flushes cost nothing), an ext4 "
+                        "image on this host's file system (flushes cost what ours do), or both (default)")
     p.add_argument("--no-fio", action="store_true", help="leave out the fio jobs")
     p.add_argument("--only", choices=("load", "writes", "profile"))
     p.add_argument("--json", action="store_true")
@@ -553,13 +703,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-snapshot-") as tmp:
         work = Path(tmp)
         if args.in_vm:  # the kernel's side, printed as JSON for the host
-            results["writes_kernel"] = bench_writes(work, size, args.chunk_size, args.random_writes,
-                                                    True, repeat=args.repeat)
-            if not args.no_fio:
-                results["fio_kernel"] = bench_fio(work, size, args.chunk_size, True, args.fio_runtime)
-            print(json.dumps(results))
+            print(json.dumps(_kernel_side(args, size, work)))
             return 0
         if args.only in (None, "writes"):
+            results["flush"] = flush_cost(work)
             results["writes"] = bench_writes(work, size, args.chunk_size, args.random_writes,
                                              repeat=args.repeat)
             reason = exposure_possible()
@@ -572,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 results["writes_node"] = results["fio"] = f"not measured: {reason}"
             if not args.no_kernel:
-                vm = _vm_results(args)
+                vm = _vm_results(args, work)
                 if isinstance(vm, str):
                     results["writes_kernel"] = vm
                 else:
