@@ -539,9 +539,8 @@ class _Closed:
         """Nothing left to close."""
 
 
-#: the name of the VM's disk (``DMTOOLS_VM_DISKS``), and its size (a sparse file; the VM's runs use
-#: a few hundred MiB of it at most).
-VM_DISK, VM_DISK_BYTES = "benchdisk", 2 << 30
+#: the size of the VM's disk (the VM's runs use a few hundred MiB of it at most).
+VM_DISK_BYTES = 768 << 20
 
 
 def _vm_results(args: argparse.Namespace, work: Path) -> dict[str, Any] | str:
@@ -554,12 +553,15 @@ def _vm_results(args: argparse.Namespace, work: Path) -> dict[str, Any] | str:
         vm_args.append("--no-fio")
     disks = os.environ.get("DMTOOLS_VM_DISKS")
     if args.vm_storage != "tmpfs":
-        image = work / f"{VM_DISK}.img"
-        with open(image, "wb") as f:
-            f.truncate(VM_DISK_BYTES)
+        image = work / "vm-disk.img"
+        with open(image, "wb") as f:  # written in full: a guest write never allocates a block here
+            zeros = bytes(1 << 20)
+            for _ in range(VM_DISK_BYTES >> 20):
+                f.write(zeros)
+            os.fsync(f.fileno())
         subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(image)],
                        check=True, capture_output=True)
-        os.environ["DMTOOLS_VM_DISKS"] = f"{VM_DISK}={image}"
+        os.environ["DMTOOLS_VM_DISKS"] = str(image)
     try:
         return in_vm(Path(__file__), vm_args, modules=("dm-snapshot",))
     finally:
@@ -570,18 +572,9 @@ def _vm_results(args: argparse.Namespace, work: Path) -> dict[str, Any] | str:
 
 
 def _vm_disk() -> str | None:
-    """The VM's ``benchdisk`` device node, or None."""
-    by_id = Path(f"/dev/disk/by-id/scsi-0virtme_disk_{VM_DISK}")
-    if by_id.exists():
-        return str(by_id)
-    for block in sorted(Path("/sys/block").glob("sd*")):
-        try:
-            vendor = (block / "device" / "vendor").read_text().strip()
-        except OSError:
-            continue
-        if vendor == "virtme":
-            return f"/dev/{block.name}"
-    return None
+    """The disk ``_vm_results`` attached (the VM's first virtio-blk disk: its root is 9p), or None."""
+    disks = sorted(Path("/sys/block").glob("vd*"))
+    return f"/dev/{disks[0].name}" if disks else None
 
 
 def _kernel_side(args: argparse.Namespace, size: int, work: Path) -> dict[str, Any]:
