@@ -5,10 +5,15 @@
  * device) has a slot; its open file handle (`fuse_file_info.fh`) is the slot's id. Python
  * installs in a slot a map of the device's live table when every segment maps straight onto
  * backing files (`linear`, `striped`), and removes it before the device's suspend gate closes.
- * A request whose slot holds a map is moved here, without the GIL (pwrite, or splice into a
- * per-thread pipe that libfuse splices into its reply); every other request, and every request
- * that meets an error, runs the original Python callback, which does it again and reports it
- * exactly as it always has.
+ * A request whose slot holds a map is moved here, without the GIL; every other request, and
+ * every request that meets an error, runs the original Python callback, which does it again and
+ * reports it exactly as it always has.
+ *
+ * dmf_main stands in for libfuse's fuse_main_real: its workers receive each request into a buffer
+ * where a write's data starts on a page, and serve reads and writes of mapped devices on the spot
+ * (O_DIRECT straight from, or into, that buffer; no copy in this process), answering on /dev/fuse
+ * themselves. The fuse_operations entries (pwrite, or splice into a per-thread pipe that libfuse
+ * splices into its reply) serve the requests that reach libfuse's own dispatch otherwise.
  *
  * Each slot's map is read under a read lock held for the whole request: taking the write lock
  * (dmf_slot_set) waits for the requests in flight, so nothing passes a suspend once it returned.
@@ -21,17 +26,21 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <semaphore.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <limits.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 #include <sys/types.h>
 #include <time.h>
 #include <unistd.h>
 
-#define DMF_ABI 1
+#define DMF_ABI 2
 /* A map description (dmf_slot_set): header words, then per segment SEG_WORDS + LEG_WORDS per leg. */
 #define HDR_WORDS 5 /* size, readonly, direct_min, random_max, nseg */
 #define SEG_WORDS 4 /* start, end, chunk bytes (0: linear), nlegs */
@@ -344,7 +353,9 @@ int dmf_slot_stats(struct dmf_ctx *ctx, uint64_t id, uint64_t *out)
 }
 
 /* --- per-thread buffers: the O_DIRECT bounce buffer and the read reply pipe ---------------- */
+struct run;
 struct thread_bufs {
+	struct run *runs; /* MAX_RUN_LEGS of them (map_io) */
 	char *bounce;
 	size_t bounce_size;
 	int pipe[2];
@@ -368,6 +379,7 @@ static void thread_bufs_free(void *p)
 	if (t->bounce)
 		munmap(t->bounce, t->bounce_size);
 	close_pipe(t);
+	free(t->runs);
 	free(t);
 }
 
@@ -432,44 +444,38 @@ static int *reply_pipe(size_t n, size_t pipe_bytes)
 	return t->pipe_size >= n ? t->pipe : NULL;
 }
 
-/* --- the mapping: one table's byte ranges onto (descriptor, offset) pieces ----------------- */
+/* --- the mapping: one table's byte ranges onto (descriptor, offset) runs ------------------- */
 enum op { OP_WRITE, OP_READ, OP_SPLICE };
 
-static int put(const struct dmf_map *m, const struct dmf_leg *l, const char *buf, size_t n, uint64_t off)
-{
-	/* As dmtools.engine.backing.BackingDevice.write: large aligned writes through O_DIRECT, from
-	 * a bounce buffer (libfuse's request buffer is not aligned). */
-	int fd = l->fd;
-	if (l->dfd >= 0 && n >= m->direct_min && off % l->dalign == 0 && n % l->dalign == 0) {
-		char *b = bounce(n);
-		if (b) {
-			memcpy(b, buf, n);
-			buf = b;
-			fd = l->dfd;
-		}
-	}
-	size_t done = 0;
-	while (done < n) {
-		ssize_t k = pwrite(fd, buf + done, n - done, (off_t)(off + done));
-		if (k < 0 && errno == EINTR)
-			continue;
-		if (k <= 0)
-			return -1;
-		done += (size_t)k;
-	}
-	return 0;
-}
+/* One leg's pieces that sit back to back on it, gathered into one preadv/pwritev (as dm-stripe
+ * sends the pieces of one stripe down together) or, for OP_SPLICE, one splice. */
+#define RUN_IOVS 256
+struct run {
+	const struct dmf_leg *leg;
+	uint64_t off; /* on the leg */
+	size_t len;
+	int niov, misaligned;
+	struct iovec iov[RUN_IOVS];
+};
 
-static int get(int fd, char *buf, size_t n, uint64_t off)
+static int rw_all(int fd, int write, struct iovec *iov, int niov, uint64_t off)
 {
-	size_t done = 0;
-	while (done < n) {
-		ssize_t k = pread(fd, buf + done, n - done, (off_t)(off + done));
+	while (niov > 0) {
+		ssize_t k = write ? pwritev(fd, iov, niov, (off_t)off) : preadv(fd, iov, niov, (off_t)off);
 		if (k < 0 && errno == EINTR)
 			continue;
 		if (k <= 0)
 			return -1; /* an error, or the end of the file: the Python path reports it */
-		done += (size_t)k;
+		off += (uint64_t)k;
+		while (niov > 0 && (size_t)k >= iov->iov_len) {
+			k -= (ssize_t)iov->iov_len;
+			iov++;
+			niov--;
+		}
+		if (niov > 0) {
+			iov->iov_base = (char *)iov->iov_base + k;
+			iov->iov_len -= (size_t)k;
+		}
 	}
 	return 0;
 }
@@ -489,24 +495,66 @@ static int splice_in(int fd, int pipe_w, size_t n, uint64_t off)
 	return 0;
 }
 
-/* Reads of a request under random_max go through the descriptor without read-ahead: through
+/* Move a run. Requests of direct_min bytes or more go through the leg's O_DIRECT descriptor, as
+ * the kernel's dm targets pass them on uncached (and as dmtools.engine.backing.BackingDevice
+ * writes): straight from the caller's buffer when it is aligned, else (writes) through a bounce
+ * buffer. Other reads of requests under random_max use the descriptor without read-ahead: through
  * the other one each small random read would read ahead a window of the file. */
-static int piece(const struct dmf_map *m, enum op op, const struct dmf_leg *l, char *buf, int pipe_w, size_t n,
-		 uint64_t off, size_t request)
+static int run_flush(const struct dmf_map *m, enum op op, struct run *r, int pipe_w, size_t request)
 {
-	int fd = request < m->random_max ? l->rfd : l->fd;
-	switch (op) {
-	case OP_WRITE:
-		return put(m, l, buf, n, off);
-	case OP_READ:
-		return get(fd, buf, n, off);
-	default:
-		return splice_in(fd, pipe_w, n, off);
+	if (!r->niov)
+		return 0;
+	const struct dmf_leg *l = r->leg;
+	int write = op == OP_WRITE, ret;
+	int direct = op != OP_SPLICE && l->dfd >= 0 && request >= m->direct_min && r->off % l->dalign == 0
+		     && r->len % l->dalign == 0;
+	char *b;
+	if (direct && !r->misaligned) {
+		ret = rw_all(l->dfd, write, r->iov, r->niov, r->off);
+	} else if (direct && write && (b = bounce(r->len)) != NULL) {
+		size_t at = 0;
+		for (int i = 0; i < r->niov; i++) {
+			memcpy(b + at, r->iov[i].iov_base, r->iov[i].iov_len);
+			at += r->iov[i].iov_len;
+		}
+		struct iovec one = {b, r->len};
+		ret = rw_all(l->dfd, 1, &one, 1, r->off);
+	} else {
+		int fd = write || request >= m->random_max ? l->fd : l->rfd;
+		ret = op == OP_SPLICE ? splice_in(fd, pipe_w, r->len, r->off)
+				      : rw_all(fd, write, r->iov, r->niov, r->off);
 	}
+	r->niov = 0;
+	r->len = 0;
+	r->misaligned = 0;
+	return ret;
+}
+
+/* Add a piece to the run of its leg (runs[stripe]); a piece that does not continue that run
+ * sends the run first. Splices keep the request's order: one run at a time, whatever the leg. */
+static int run_add(const struct dmf_map *m, enum op op, struct run *runs, uint32_t idx, const struct dmf_leg *l,
+		   char *p, size_t n, uint64_t dev_off, int pipe_w, size_t request)
+{
+	struct run *r = &runs[op == OP_SPLICE ? 0 : idx];
+	if (r->niov && (r->leg != l || r->off + r->len != dev_off || r->niov == RUN_IOVS || op == OP_SPLICE))
+		if (run_flush(m, op, r, pipe_w, request))
+			return -1;
+	if (!r->niov) {
+		r->leg = l;
+		r->off = dev_off;
+	}
+	r->iov[r->niov].iov_base = p;
+	r->iov[r->niov].iov_len = n;
+	r->niov++;
+	r->len += n;
+	if ((uintptr_t)p % l->dalign || n % l->dalign)
+		r->misaligned = 1;
+	return 0;
 }
 
 /* Move [off, off+size) of the device, all inside the map. As Device._map, LinearTarget and
  * StripedTarget._pieces in dmtools.engine. Returns 0 or -1. */
+#define MAX_RUN_LEGS 16
 static int map_io(const struct dmf_map *m, enum op op, char *buf, int pipe_w, size_t size, uint64_t off)
 {
 	uint32_t lo = 0, hi = m->nseg;
@@ -517,16 +565,28 @@ static int map_io(const struct dmf_map *m, enum op op, char *buf, int pipe_w, si
 		else
 			hi = mid;
 	}
+	struct thread_bufs *t = thread_bufs();
+	if (!t)
+		return -1;
+	if (!t->runs && !(t->runs = calloc(MAX_RUN_LEGS, sizeof(*t->runs))))
+		return -1;
+	struct run *runs = t->runs;
+	for (uint32_t k = 0; k < MAX_RUN_LEGS; k++)
+		runs[k].niov = 0, runs[k].len = 0, runs[k].misaligned = 0;
 	size_t pos = 0;
-	for (uint32_t i = lo; pos < size && i < m->nseg; i++) {
+	int ret = 0;
+	for (uint32_t i = lo; pos < size && i < m->nseg && !ret; i++) {
 		const struct dmf_seg *s = &m->segs[i];
+		/* a run per leg; a segment of more legs than that sends its runs one by one */
+		uint32_t nruns = s->nlegs <= MAX_RUN_LEGS ? s->nlegs : 1;
 		uint64_t here = off + pos;
 		size_t len = (size_t)((s->end < off + size ? s->end : off + size) - here);
 		uint64_t rel = here - s->start;
 		size_t done = 0;
-		while (done < len) {
+		while (done < len && !ret) {
 			const struct dmf_leg *l = &s->legs[0];
 			uint64_t dev_off;
+			uint32_t idx = 0;
 			size_t n = len - done;
 			if (s->chunk) {
 				uint64_t at = rel + done, chunk = at / s->chunk, within = at % s->chunk;
@@ -535,16 +595,18 @@ static int map_io(const struct dmf_map *m, enum op op, char *buf, int pipe_w, si
 					n = (size_t)(s->chunk - within);
 				l = &s->legs[stripe];
 				dev_off = l->base + row * s->chunk + within;
+				idx = nruns > 1 ? (uint32_t)stripe : 0;
 			} else {
 				dev_off = l->base + rel + done;
 			}
-			if (piece(m, op, l, buf ? buf + pos + done : NULL, pipe_w, n, dev_off, size))
-				return -1;
+			ret = run_add(m, op, runs, idx, l, buf ? buf + pos + done : NULL, n, dev_off, pipe_w, size);
 			done += n;
 		}
 		pos += len;
+		for (uint32_t k = 0; k < MAX_RUN_LEGS && !ret; k++) /* a segment's runs end with it */
+			ret = run_flush(m, op, &runs[k], pipe_w, size);
 	}
-	return pos == size ? 0 : -1;
+	return ret || pos != size ? -1 : 0;
 }
 
 /* The slot of handle id, read-locked, with a map covering [off, off+size); else NULL. */
@@ -640,6 +702,10 @@ static int slot_read_buf(struct dmf_ctx *ctx, uint64_t id, struct fuse_bufvec **
 }
 
 /* --- the fuse_operations entries ----------------------------------------------------------- */
+/* Set while the receive loop (dmf_main) hands libfuse a request that the map could not serve:
+ * the entries then pass it straight to Python (it was tried in C already). */
+static __thread int g_tried;
+
 static struct dmf_ctx *current(void)
 {
 	char *c = g_get_context();
@@ -660,14 +726,257 @@ void *dmf_op_init(void *conn, void *cfg)
 int dmf_op_write(const char *path, const char *buf, size_t size, off_t off, void *fi)
 {
 	struct dmf_ctx *ctx = current();
-	int n = dmf_slot_write(ctx, handle_of(fi), buf, size, off);
+	int n = g_tried ? FALLBACK : dmf_slot_write(ctx, handle_of(fi), buf, size, off);
 	return n != FALLBACK ? n : ctx->py_write(path, buf, size, off, fi);
 }
 
 int dmf_op_read_buf(const char *path, struct fuse_bufvec **bufp, size_t size, off_t off, void *fi)
 {
 	struct dmf_ctx *ctx = current();
-	if (slot_read_buf(ctx, handle_of(fi), bufp, size, off) == 0)
+	if (!g_tried && slot_read_buf(ctx, handle_of(fi), bufp, size, off) == 0)
 		return 0;
 	return ctx->py_read_buf(path, bufp, size, off, fi);
+}
+
+/* --- the receive loop: libfuse's session loop, with page-aligned write data -------------------
+ *
+ * libfuse's own loop (fuse_session_loop_mt) reads each request into a malloc'd buffer, which puts
+ * a write's data 80 bytes (struct fuse_in_header + struct fuse_write_in, linux/fuse.h) past a
+ * 16-byte aligned address: O_DIRECT then needs a copy. dmf_main does what fuse_main_real does
+ * (lib/helper.c), but its workers receive into buffers placed so that the data of a write starts
+ * on a page: reads and writes of a device with a map are served here and answered on /dev/fuse
+ * at once (FUSE_WRITE straight from the receive buffer, FUSE_READ into it); every other request,
+ * and one the map cannot serve, goes through fuse_session_process_buf as before (the Python
+ * callbacks, which report errors). */
+enum { FUSE_READ_OP = 15, FUSE_WRITE_OP = 16 }; /* linux/fuse.h: enum fuse_opcode */
+struct fuse_in_header {
+	uint32_t len, opcode;
+	uint64_t unique, nodeid;
+	uint32_t uid, gid, pid;
+	uint16_t total_extlen, padding;
+};
+struct fuse_io_in { /* struct fuse_read_in and struct fuse_write_in share this layout */
+	uint64_t fh, offset;
+	uint32_t size, io_flags;
+	uint64_t lock_owner;
+	uint32_t flags, padding;
+};
+struct fuse_out_header {
+	uint32_t len;
+	int32_t error;
+	uint64_t unique;
+};
+struct fuse_write_out {
+	uint32_t size, padding;
+};
+#define REQ_HDR (sizeof(struct fuse_in_header) + sizeof(struct fuse_io_in))
+#define PAGE 4096u
+/* libfuse 3's receive size (se->bufsize: FUSE_MAX_MAX_PAGES pages + FUSE_BUFFER_HEADER_SIZE). */
+#define RECV_BYTES ((256u + 1u) * PAGE)
+#define HUGE (2u << 20)
+#define RECV_MAP (2 * HUGE)
+
+/* struct fuse_args and the 3.12 struct fuse_cmdline_opts (fuse_lowlevel.h; room to spare). */
+struct fuse_args {
+	int argc;
+	char **argv;
+	int allocated;
+};
+struct cmdline_opts {
+	int singlethread, foreground, debug, nodefault_subtype;
+	char *mountpoint;
+	int show_version, show_help, clone_fd;
+	unsigned int max_idle_threads, max_threads;
+	long spare[8];
+};
+
+/* libfuse's functions, by the names of dmtools._ffi.fastio.LOOP_FUNCTIONS, in that order. */
+static struct {
+	int (*parse_cmdline)(struct fuse_args *, struct cmdline_opts *);
+	void *(*fuse_new)(struct fuse_args *, const void *, size_t, void *);
+	int (*mount)(void *, const char *);
+	int (*daemonize)(int);
+	void *(*get_session)(void *);
+	int (*set_signal_handlers)(void *);
+	void (*remove_signal_handlers)(void *);
+	void (*unmount)(void *);
+	void (*destroy)(void *);
+	void (*opt_free_args)(struct fuse_args *);
+	int (*receive_buf)(void *, struct fuse_buf *);
+	void (*process_buf)(void *, const struct fuse_buf *);
+	int (*exited)(void *);
+	void (*exit)(void *);
+	int (*session_fd)(void *);
+} g_fuse;
+
+void dmf_loop_setup(void *const *fns, size_t n)
+{
+	if (n * sizeof(void *) == sizeof(g_fuse))
+		memcpy(&g_fuse, fns, sizeof(g_fuse));
+}
+
+static void reply(void *se, uint64_t unique, const void *data, size_t n)
+{
+	struct fuse_out_header out = {(uint32_t)(sizeof(out) + n), 0, unique};
+	struct iovec iov[2] = {{&out, sizeof(out)}, {(void *)data, n}};
+	/* ENOENT: the request was interrupted meanwhile; the kernel has forgotten it (as libfuse). */
+	while (writev(g_fuse.session_fd(se), iov, n ? 2 : 1) < 0 && errno == EINTR)
+		;
+}
+
+/* Serve a read or write of a mapped device here; 0 when done, FALLBACK otherwise. */
+static int serve(struct dmf_ctx *ctx, void *se, char *req, size_t got)
+{
+	const struct fuse_in_header *in = (const void *)req;
+	if ((in->opcode != FUSE_READ_OP && in->opcode != FUSE_WRITE_OP) || got < REQ_HDR || in->total_extlen)
+		return FALLBACK;
+	const struct fuse_io_in *io = (const void *)(req + sizeof(*in));
+	char *data = req + REQ_HDR; /* page-aligned */
+	uint64_t unique = in->unique;
+	size_t size = io->size;
+	if (in->opcode == FUSE_WRITE_OP) {
+		if (got != REQ_HDR + size)
+			return FALLBACK;
+		if (dmf_slot_write(ctx, io->fh, data, size, (off_t)io->offset) != (int)size)
+			return FALLBACK;
+		struct fuse_write_out w = {(uint32_t)size, 0};
+		reply(se, unique, &w, sizeof(w));
+		return 0;
+	}
+	if (size > RECV_BYTES - PAGE || dmf_slot_read(ctx, io->fh, data, size, (off_t)io->offset) != (int)size)
+		return FALLBACK; /* the request's header, before data, is intact for libfuse */
+	reply(se, unique, data, size);
+	return 0;
+}
+
+struct worker {
+	pthread_t tid;
+	struct dmf_ctx *ctx;
+	void *se;
+	sem_t *done;
+	int err;
+};
+
+static void *work(void *arg)
+{
+	struct worker *w = arg;
+	/* The receive buffer: REQ_HDR bytes before a page boundary, RECV_BYTES from there on, on a
+	 * huge page where the kernel gives one (O_DIRECT pins one folio instead of 256 pages). */
+	char *base = mmap(NULL, RECV_MAP, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (base == MAP_FAILED) {
+		w->err = -ENOMEM;
+		g_fuse.exit(w->se);
+		sem_post(w->done);
+		return NULL;
+	}
+	char *huge = (char *)(((uintptr_t)base + HUGE - 1) & ~(uintptr_t)(HUGE - 1));
+	madvise(huge, HUGE, MADV_HUGEPAGE);
+	struct fuse_buf buf;
+	memset(&buf, 0, sizeof(buf));
+	buf.mem = huge + PAGE - REQ_HDR;
+	while (!g_fuse.exited(w->se)) {
+		buf.size = RECV_BYTES;
+		buf.flags = 0;
+		pthread_setcancelstate(PTHREAD_CANCEL_ENABLE, NULL);
+		int res = g_fuse.receive_buf(w->se, &buf);
+		pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, NULL);
+		if (res == -EINTR)
+			continue;
+		if (res <= 0) {
+			if (res < 0) {
+				g_fuse.exit(w->se);
+				w->err = res;
+			}
+			break;
+		}
+		if (buf.flags & FUSE_BUF_IS_FD || serve(w->ctx, w->se, buf.mem, (size_t)res) == FALLBACK) {
+			g_tried = 1;
+			g_fuse.process_buf(w->se, &buf);
+			g_tried = 0;
+		}
+	}
+	munmap(base, RECV_MAP);
+	sem_post(w->done);
+	return NULL;
+}
+
+/* Run the session's workers until it ends (fuse_session_loop_mt, with a fixed number of them:
+ * a worker ending ends the others, which are cancelled only while they wait for a request). */
+static int loop(struct dmf_ctx *ctx, void *se, unsigned int nthreads)
+{
+	struct worker *ws = calloc(nthreads, sizeof(*ws));
+	sem_t done;
+	if (!ws)
+		return -ENOMEM;
+	sem_init(&done, 0, 0);
+	sigset_t block, old;
+	sigemptyset(&block);
+	sigaddset(&block, SIGTERM);
+	sigaddset(&block, SIGINT);
+	sigaddset(&block, SIGHUP);
+	sigaddset(&block, SIGQUIT);
+	pthread_sigmask(SIG_BLOCK, &block, &old); /* the workers take no signals, as libfuse's */
+	unsigned int started = 0;
+	for (; started < nthreads; started++) {
+		ws[started] = (struct worker){.ctx = ctx, .se = se, .done = &done};
+		if (pthread_create(&ws[started].tid, NULL, work, &ws[started]))
+			break;
+		pthread_setname_np(ws[started].tid, "dmtools-fuse");
+	}
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	int err = started ? 0 : -EAGAIN;
+	if (started) {
+		while (sem_wait(&done) < 0 && errno == EINTR)
+			;
+		g_fuse.exit(se);
+		for (unsigned int i = 0; i < started; i++)
+			pthread_cancel(ws[i].tid);
+		for (unsigned int i = 0; i < started; i++) {
+			pthread_join(ws[i].tid, NULL);
+			if (ws[i].err && !err)
+				err = ws[i].err;
+		}
+	}
+	sem_destroy(&done);
+	free(ws);
+	return err;
+}
+
+/* fuse_main_real (libfuse 3.14, lib/helper.c) with the loop above; the same exit codes. */
+int dmf_main(int argc, char **argv, const void *ops, size_t ops_size, void *ctx)
+{
+	if (!g_fuse.session_fd)
+		return 1;
+	struct fuse_args args = {argc, argv, 0};
+	struct cmdline_opts opts;
+	memset(&opts, 0, sizeof(opts));
+	if (g_fuse.parse_cmdline(&args, &opts) != 0)
+		return 1;
+	int res = 1;
+	void *f = NULL, *se;
+	if (opts.show_version || opts.show_help || !opts.mountpoint)
+		goto out1;
+	res = 3;
+	if (!(f = g_fuse.fuse_new(&args, ops, ops_size, ctx)))
+		goto out1;
+	res = 4;
+	if (g_fuse.mount(f, opts.mountpoint) != 0)
+		goto out2;
+	res = 5;
+	if (g_fuse.daemonize(opts.foreground) != 0)
+		goto out3;
+	se = g_fuse.get_session(f);
+	res = 6;
+	if (g_fuse.set_signal_handlers(se) != 0)
+		goto out3;
+	res = loop(ctx, se, opts.singlethread ? 1 : opts.max_threads ? opts.max_threads : 10) ? 7 : 0;
+	g_fuse.remove_signal_handlers(se);
+out3:
+	g_fuse.unmount(f);
+out2:
+	g_fuse.destroy(f);
+out1:
+	free(opts.mountpoint);
+	g_fuse.opt_free_args(&args);
+	return res;
 }

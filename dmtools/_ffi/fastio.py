@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastio.c")
 CFLAGS = ("-O2", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-Wall", "-Werror")
 #: ``DMF_ABI`` in fastio.c: a library answering another number is not used.
-ABI = 1
+ABI = 2
 #: Counters of a slot (``enum`` ``ST_*`` in fastio.c), in order.
 STATS = ("reads", "writes", "read_bytes", "write_bytes", "fallbacks", "errors")
 #: Words of a map description (``HDR_WORDS``, ``SEG_WORDS``, ``LEG_WORDS`` in fastio.c).
@@ -54,7 +54,16 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "dmf_slot_stats": (ctypes.c_int, [_c_vp, _c_u64, ctypes.POINTER(_c_u64)]),
     "dmf_slot_write": (ctypes.c_int, [_c_vp, _c_u64, _c_vp, ctypes.c_size_t, ctypes.c_int64]),
     "dmf_slot_read": (ctypes.c_int, [_c_vp, _c_u64, _c_vp, ctypes.c_size_t, ctypes.c_int64]),
+    "dmf_loop_setup": (None, [ctypes.POINTER(_c_vp), ctypes.c_size_t]),
+    "dmf_main": (ctypes.c_int, [ctypes.c_int, _c_vp, _c_vp, ctypes.c_size_t, _c_vp]),
 }
+#: libfuse 3 functions that ``dmf_main`` calls (``g_fuse`` in fastio.c), in that order. The
+#: versioned names are the 3.12/3.1 ABIs that ``fuse_main_real`` of libfuse 3.14 uses.
+LOOP_FUNCTIONS = ("fuse_parse_cmdline_312", "fuse_new_31", "fuse_mount", "fuse_daemonize",
+                  "fuse_get_session", "fuse_set_signal_handlers", "fuse_remove_signal_handlers",
+                  "fuse_unmount", "fuse_destroy", "fuse_opt_free_args", "fuse_session_receive_buf",
+                  "fuse_session_process_buf", "fuse_session_exited", "fuse_session_exit",
+                  "fuse_session_fd")
 #: The ``fuse_operations`` entries fastio.c provides, by field name.
 OPERATIONS = {"init": "dmf_op_init", "write": "dmf_op_write", "read_buf": "dmf_op_read_buf"}
 
@@ -140,6 +149,23 @@ class FastIO:
         """libfuse's ``fuse_get_context`` and the offsets of ``fuse_context.private_data`` and
         ``fuse_file_info.fh`` (the same in every FUSE session of a process)."""
         self.lib.dmf_setup(get_context, private_off, fh_off)
+
+    def loop_setup(self, libfuse: Any) -> bool:
+        """Hand ``dmf_main`` libfuse's functions (:data:`LOOP_FUNCTIONS`) from the loaded
+        ``libfuse`` (a ``ctypes.CDLL``); False when one is missing (another libfuse than 3.12+)."""
+        try:
+            fns = [ctypes.cast(getattr(libfuse, name), _c_vp).value for name in LOOP_FUNCTIONS]
+        except AttributeError:
+            return False
+        self.lib.dmf_loop_setup((_c_vp * len(fns))(*fns), len(fns))
+        return True
+
+    def main(self, argc: int, argv: Any, ops: Any, ops_size: int, ctx: int) -> int:
+        """``fuse_main_real`` with the receive loop of fastio.c (``dmf_main``): requests of
+        mapped devices are served as they arrive, with page-aligned write data. Returns
+        ``fuse_main_real``'s exit code."""
+        return int(self.lib.dmf_main(argc, ctypes.cast(argv, _c_vp), ctypes.cast(ops, _c_vp),
+                                     ops_size, ctx))
 
     def ctx_new(self, py_write: int, py_read_buf: int, py_init: int, pipe_min: int,
                 pipe_bytes: int) -> int:

@@ -17,6 +17,10 @@ callback exactly as before.
   is seen at its resume. A table gets a map only when every target is exactly ``linear`` or
   ``striped`` over backing files or block devices (:func:`describe`); its readonly flag and size
   come with it (a write to a read-only device, or any request past the end, goes to Python).
+- The session's loop is fastio.c's ``dmf_main`` (``fuse_main_real`` with workers of its own): a
+  write's data is received page-aligned and goes to the backing file with ``O_DIRECT`` from
+  there, a read is read into that buffer, and both are answered on ``/dev/fuse`` without entering
+  libfuse's dispatch. Where libfuse lacks the functions it needs, libfuse's loop runs as before.
 - An error in C is not reported from C: the request goes to Python, which does it again and
   reports (and counts, for ``striped``) the error as it always has.
 """
@@ -222,6 +226,10 @@ def _main_hook(argc: int, argv: Any, ops_p: Any, size: int, user_data: Any) -> i
         _pending.session = None
         ctx = session.attach(ops_p.contents)
         if ctx:
+            import mfusepy
+
+            if session.lib.loop_setup(mfusepy._libfuse):
+                return session.lib.main(argc, argv, ops_p, size, ctx)
             user_data = ctypes.c_void_p(ctx)
     return int(_real_main(argc, argv, ops_p, size, user_data))
 
