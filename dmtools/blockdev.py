@@ -33,6 +33,7 @@ from dmtools.linux import (
 __all__ = [
     "BlockDevice",
     "aligned_buffer",
+    "buffer_address",
     "open_endpoint",
     "device_number",
     "resolve_devno",
@@ -85,7 +86,7 @@ class _PyBuffer(ctypes.Structure):
     ]
 
 
-def _buffer_address(mv: memoryview) -> int:
+def buffer_address(mv: memoryview) -> int:
     """Memory address of the first byte of a non-empty, C-contiguous byte view."""
     if not mv.readonly:
         return ctypes.addressof(ctypes.c_char.from_buffer(mv))
@@ -369,6 +370,11 @@ class BlockDevice(Endpoint):
         return not self._is_block
 
     @property
+    def writes_by_kernel(self) -> bool:
+        """True: writes are ``pwritev`` (or ``O_DIRECT``) from the caller's buffer."""
+        return True
+
+    @property
     def is_block_device(self) -> bool:
         """True for a block device."""
         return self._is_block
@@ -446,7 +452,7 @@ class BlockDevice(Endpoint):
             bad.append(f"offset {offset}")
         if length % align:
             bad.append(f"length {length}")
-        if mv is not None and len(mv) and _buffer_address(mv) % align:
+        if mv is not None and len(mv) and buffer_address(mv) % align:
             bad.append("buffer address")
         if bad:
             raise InvalidArgument(

@@ -131,6 +131,15 @@ class Endpoint(abc.ABC):
         """True for regular files (``copy_file_range`` and hole detection apply)."""
         return False
 
+    @property
+    def writes_by_kernel(self) -> bool:
+        """True when ``write``/``writev`` hand the caller's buffer to a system call and nothing in
+        this process reads it: the kernel alone copies it, and a page of it that cannot be
+        faulted in fails the call (EFAULT) instead of raising SIGBUS. A buffer that maps a file
+        (kcopyd's mapped sources, :mod:`kcopyd.mapped`) may then be written from. False unless
+        an endpoint declares it (wrappers, engine devices and TLS connections read buffers)."""
+        return False
+
     def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
         """Allocated ``(offset, length)`` ranges inside ``[offset, offset+length)``, or ``None`` if unknown."""
         return None
@@ -230,6 +239,10 @@ class NullEndpoint(Endpoint):
 
     def write(self, buf: Any, offset: int) -> int:
         return memoryview(buf).nbytes
+
+    @property
+    def writes_by_kernel(self) -> bool:
+        return True  # the bytes are never read
 
     def zero(self, offset: int, length: int) -> None:
         return None

@@ -40,6 +40,7 @@ from kcopyd.fastpath import cached_bytes, plan_segments, read_exact, read_salvag
 from kcopyd.inline import InlineJobs
 from kcopyd.job import DEST_ZEROED, IGNORE_ERROR, WRITE_SEQ, Job, NotifyFn, Piece, Plan, Progress
 from kcopyd.lanes import one_writer as _one_writer  # noqa: F401 - importable here, as before
+from kcopyd.mapped import SourceMap, can_map
 from kcopyd.offload import OFFLOAD_DEPTH, OFFLOAD_PIECE_SIZE, can_offload, offload_depth, offload_piece
 from kcopyd.overlap import check_dests_not_in_use, plan_overlap, region_identities, span_of
 from kcopyd.pagepool import PAGE_SIZE, PagePool
@@ -329,6 +330,10 @@ class Client(InlineJobs):
             plan.max_active = 1
         if osrc is not None and not plan.offload and self.drop_behind:
             plan.drop_behind = _uncached_file_source(osrc, nbytes)
+        # A file kcopyd opened, no overlap (a piece is read whole before it is written): the
+        # destinations are written from the source's page cache (kcopyd.mapped).
+        plan.mapped = bool(osrc is not None and osrc.owned and not plan.offload and reverse is None
+                           and can_map(osrc.endpoint, [d.endpoint for d in odests]))
         if plan.offload:
             plan.piece_size = OFFLOAD_PIECE_SIZE
             plan.max_active = offload_depth(osrc.endpoint, osrc.offset, nbytes) if osrc is not None else OFFLOAD_DEPTH
@@ -459,6 +464,9 @@ class Client(InlineJobs):
         ignore = bool(job.flags & IGNORE_ERROR)
         piece.segments = segs = self._segments(piece)
         base = src.offset + piece.offset
+        if job.plan.mapped and self._map_source(piece, base):
+            self._write_stage(piece)
+            return
         for off, length, is_data in segs:
             if not is_data:
                 continue
@@ -483,6 +491,57 @@ class Client(InlineJobs):
             self._done(piece, written=False)
             return
         self._write_stage(piece)
+
+    def _map_source(self, piece: Piece, base: int) -> bool:
+        """Map the piece's source range and fault its data in (:mod:`kcopyd.mapped`); False, with
+        nothing mapped, when that fails: the piece is then read into its pages (exact errors)."""
+        src = piece.job.open_src
+        assert src is not None
+        fd = src.endpoint.fileno()
+        assert fd is not None
+        thr = self.throttle
+        try:
+            smap = SourceMap(fd, base, piece.length)
+        except (OSError, ValueError) as err:
+            log.debug("kcopyd: cannot map %s at %d: %s", src.region.dev_name, base, err)
+            return False
+        thr.io_start()
+        try:
+            for off, length, is_data in piece.segments:
+                if is_data:
+                    smap.populate(off, length)
+        except OSError as err:
+            log.debug("kcopyd: %s at %d: %s; reading into buffers", src.region.dev_name, base, err)
+            smap.release()
+            return False
+        finally:
+            thr.io_finish()
+        piece.mapped = smap
+        return True
+
+    def _unmap(self, piece: Piece) -> None:
+        """A mapped piece's writes are done: remove its mapping, then drop its source pages when
+        the job drops behind (pages still mapped would stay in the cache)."""
+        smap, piece.mapped = piece.mapped, None
+        if smap is None:
+            return
+        smap.release()
+        job = piece.job
+        if job.plan.drop_behind and job.open_src is not None:
+            job.open_src.endpoint.fadvise(job.open_src.offset + piece.offset, piece.length,
+                                          os.POSIX_FADV_DONTNEED)
+
+    def _source_faults(self, batch: list[Piece], failed: list[bool]) -> list[bool]:
+        """Failed writes of mapped pieces whose source range can no longer be faulted in (the
+        file was truncated meanwhile) are the source's read errors, not the destination's."""
+        out = []
+        for p, bad in zip(batch, failed):
+            if bad and p.mapped is not None and not all(
+                    p.mapped.readable(off, n) for off, n, is_data in p.segments if is_data):
+                p.read_err = True
+                bad = False
+            out.append(bad)
+        return out
 
     def _write_stage(self, piece: Piece) -> None:
         job = piece.job
@@ -530,14 +589,23 @@ class Client(InlineJobs):
                     log.debug("kcopyd: writeback error on destination %d: %s", i, err)
                     lanes.behind[i] = None
                     failed = [True] * len(batch)
+            if any(failed):
+                failed = self._source_faults(batch, failed)
+            unmap = []
             with self._cond:
                 for p, bad in zip(batch, failed):
                     if bad:
                         p.write_err |= 1 << i
                     p.pending -= 1
                     if p.pending == 0:
-                        self._sched.piece_done(p)
+                        if p.mapped is not None:
+                            unmap.append(p)  # done below, outside the lock
+                        else:
+                            self._sched.piece_done(p)
                 batch = lanes.next_batch(i)
+            for p in unmap:
+                self._unmap(p)
+                self._done(p)
             if batch:
                 piece = batch[0]
 
@@ -550,8 +618,7 @@ class Client(InlineJobs):
         dest = batch[0].job.open_dests[i]
         views: list[memoryview] = []
         for p in batch:
-            assert p.pages is not None
-            views.extend(p.pages.spans(0, p.length))
+            views.extend(p.views(0, p.length))
         thr = self.throttle
         thr.io_start()
         try:
@@ -577,8 +644,7 @@ class Client(InlineJobs):
                     thr.io_start()
                     try:
                         if is_data:
-                            assert piece.pages is not None
-                            write_exact(ep, piece.pages.spans(off, length), base + off)
+                            write_exact(ep, piece.views(off, length), base + off)
                         else:
                             ep.zero(base + off, length)
                     finally:

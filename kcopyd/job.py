@@ -18,6 +18,7 @@ from kcopyd.lanes import WriteLanes
 if TYPE_CHECKING:  # pragma: no cover
     import asyncio
 
+    from kcopyd.mapped import SourceMap
     from kcopyd.pagepool import Pages
     from kcopyd.region import OpenRegion, Region
 
@@ -57,17 +58,26 @@ class Progress:
 class Piece:
     """One sub-job: ``length`` bytes at job-relative ``offset``, with its buffer and errors."""
 
-    __slots__ = ("job", "offset", "length", "pages", "segments", "read_err", "write_err", "pending")
+    __slots__ = ("job", "offset", "length", "pages", "mapped", "segments", "read_err", "write_err", "pending")
 
     def __init__(self, job: Job, offset: int, length: int) -> None:
         self.job = job
         self.offset = offset
         self.length = length
         self.pages: Pages | None = None
+        #: the source's range, mapped: written from instead of ``pages`` (kcopyd.mapped)
+        self.mapped: SourceMap | None = None
         self.segments: list[tuple[int, int, bool]] = []
         self.read_err = False
         self.write_err = 0
         self.pending = 0
+
+    def views(self, start: int, length: int) -> list[memoryview]:
+        """The piece's bytes ``[start, start+length)``: from its mapped source, else its pages."""
+        if self.mapped is not None:
+            return self.mapped.spans(start, length)
+        assert self.pages is not None
+        return self.pages.spans(start, length)
 
 
 @dataclass
@@ -87,6 +97,8 @@ class Plan:
     reverse: bool = False
     #: drop a file source's pages once read (none of its range was cached)
     drop_behind: bool = False
+    #: write the destinations from a mapping of the file source's range (kcopyd.mapped)
+    mapped: bool = False
 
 
 class Job:

@@ -96,6 +96,9 @@ class Scheduler:
     def piece_done(self, piece: Piece, written: bool = True) -> None:
         """A piece is complete: give back its pages, account it, finish its job, hand out more."""
         job = piece.job
+        if piece.mapped is not None:  # a cancelled or dropped piece (kcopyd.mapped)
+            piece.mapped.release()
+            piece.mapped = None
         if piece.pages is not None:
             self.pool.free(piece.pages)
             piece.pages = None

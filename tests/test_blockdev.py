@@ -122,8 +122,8 @@ def test_aligned_buffer() -> None:
         assert len(buf) == 3 * 4096 + 5
         assert buf[:] == bytes(len(buf))
         with memoryview(buf) as mv:
-            assert blockdev._buffer_address(mv) % mmap.PAGESIZE == 0
-            assert blockdev._buffer_address(mv.toreadonly()) % mmap.PAGESIZE == 0
+            assert blockdev.buffer_address(mv) % mmap.PAGESIZE == 0
+            assert blockdev.buffer_address(mv.toreadonly()) % mmap.PAGESIZE == 0
     finally:
         buf.close()
     for bad in (0, -1, 1.5, True):
@@ -140,7 +140,7 @@ def test_huge_aligned_buffer_is_whole_huge_pages_and_works_with_direct_io(
         assert buf[:] == bytes(len(buf))
         buf[: 512 << 10] = os.urandom(512 << 10)
         with memoryview(buf) as mv, _direct(make_image(MiB), writable=True) as bd:
-            assert blockdev._buffer_address(mv) % mmap.PAGESIZE == 0
+            assert blockdev.buffer_address(mv) % mmap.PAGESIZE == 0
             assert bd.write(mv[: 512 << 10], 4096) == 512 << 10
             back = aligned_buffer(512 << 10)
             assert bd.readinto(back, 4096) == 512 << 10

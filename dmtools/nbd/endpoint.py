@@ -261,6 +261,9 @@ class NbdEndpoint(Endpoint):
             self._can_fast_zero = bool(h.can_fast_zero())
             self._can_extents = bool(h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
             self.multi_conn = bool(h.can_multi_conn())
+            # TLS encrypts in this process (GnuTLS reads the buffer); plain sockets are sent by
+            # the kernel from the caller's buffer.
+            self._tls = bool(h.get_tls_negotiated())
             self._min_block = h.get_block_size(nbd.SIZE_MINIMUM) or 1
             self._pref_block = h.get_block_size(nbd.SIZE_PREFERRED) or 4096
             maximum = h.get_block_size(nbd.SIZE_MAXIMUM)
@@ -358,6 +361,12 @@ class NbdEndpoint(Endpoint):
     def can_fua(self) -> bool:
         """True when the server honours ``CMD_FLAG_FUA`` on writes (``SEND_FUA``)."""
         return self._can_fua
+
+    @property
+    def writes_by_kernel(self) -> bool:
+        """True without TLS: libnbd sends a write's payload with ``send(2)`` from the caller's
+        buffer; with TLS, GnuTLS reads it in this process to encrypt it."""
+        return not self._tls
 
     @property
     def can_flush(self) -> bool:

@@ -15,6 +15,7 @@ import pytest
 
 import kcopyd
 import kcopyd.client as kclient
+import kcopyd.mapped as kmapped
 from dmtools.endpoint import NullEndpoint
 from dmtools.errors import DeviceIOError
 from kc_helpers import TIMEOUT, Recorder, cached, evict_file, pattern
@@ -115,7 +116,14 @@ def test_read_error_bits_with_drop_behind(tmp_path, monkeypatch, flags):
             raise DeviceIOError("injected", errno=errno.EIO, operation="read")
         real(ep, views, offset)
 
+    def fault_in_fails_at(smap: Any, start: int, length: int) -> None:
+        if smap.offset + start == bad:  # a disk error fails the mapped source's fault-in too
+            raise OSError(errno.EIO, "injected")
+        real_populate(smap, start, length)
+
+    real_populate = kmapped.SourceMap.populate
     monkeypatch.setattr(kclient, "read_exact", fails_at)
+    monkeypatch.setattr(kmapped.SourceMap, "populate", fault_in_fails_at)
     job, rec = _copy(src, dsts, size, flags)
     assert rec.calls == [(True, 0, "c")]
     if flags & kcopyd.IGNORE_ERROR:
