@@ -5,11 +5,14 @@ One run measures, side by side:
 
 - **sequential 1 MiB ``O_DIRECT``** writes (ended by ``fsync``) and reads, ``linear`` and
   ``striped`` through ``<run_dir>/mapper/NAME``, and the backing file itself (a file of the same
-  size on the same file system), alternating over a few rounds with caches dropped before each
-  pass: the median MB/s, the ratio, and the engine's CPU seconds per GiB moved (every thread of
-  this process but the main one, which only issues the benchmark's own I/O);
+  size on the same file system), over a few rounds with the sides' order rotated each round and
+  caches written back and dropped before each pass: the median MB/s, the median of the rounds'
+  ratios with their min and max, the engine's CPU seconds per GiB moved (every thread of this
+  process but the main one, which only issues the benchmark's own I/O), and the FUSE requests
+  per MiB that reached the engine;
 - **fio** (``bench_common.FIO_JOBS``: sequential 1 MiB and random 4 KiB, queue depth 1 and 16,
-  ``--direct=1``), reads and writes, on the backing file and the exposed devices;
+  ``--direct=1``), reads and writes, on the backing file and the exposed devices, in rounds and
+  from the same cache state as above (``--fio-rounds``);
 - **the kernel's ratios** from the same code in the VM (``bench_common.in_vm``): kernel ``linear``
   and ``striped`` device-mapper devices over loop devices against the loop device itself
   (``--no-kernel`` skips the VM).
@@ -26,7 +29,8 @@ devices on the machine (each one is looked at when the loop index is rebuilt).
 The exposure serves ``linear``/``striped`` requests in C (``dmtools.engine.fastpath``); the report
 says how many requests took that path. ``--python`` serves them in Python, for comparison.
 
-Usage: scripts/bench engine [--size-mib 256] [--rounds 3] [--fio-runtime 3] [--no-kernel] [--python] [--json]
+Usage: scripts/bench engine [--size-mib 256] [--rounds 3] [--fio-runtime 3] [--fio-rounds N] [--no-kernel]
+                            [--python] [--json]
        scripts/bench engine --cycle [--cycles 300]
 """
 
@@ -113,59 +117,95 @@ def _tables(size: int, linear_dev: str, stripe_devs: list[str]) -> dict[str, str
             "striped": f"0 {sectors} striped {STRIPES} {CHUNK_SECTORS} {legs}"}
 
 
+def _order(names: list[str], rnd: int) -> list[str]:
+    """The sides in round ``rnd``'s order: rotated every round, so that no side always runs
+    first (right after the cache drop) or right after another side's writes are flushed."""
+    k = rnd % len(names)
+    return names[k:] + names[:k]
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """Median, min and max of ``values`` (rounded)."""
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+            "max": round(max(values), 3)}
+
+
 def measure(peer: str, devices: dict[str, str], size: int, rounds: int, fio_size: int,
-            fio_runtime: float, with_fio: bool,
-            cpu: Callable[[], float] | None) -> dict[str, Any]:
+            fio_runtime: float, with_fio: bool, cpu: Callable[[], float] | None,
+            requests: Callable[[str], dict[str, int]] | None = None,
+            fio_rounds: int = 1) -> dict[str, Any]:
     """Sequential passes and fio jobs on ``peer`` and each of ``devices`` (kind → path).
 
-    Returns MB/s medians and ratios per kind and direction, fio MiB/s and IOPS with ratios, and
-    (with ``cpu``) the CPU seconds per GiB that ``cpu()`` counts while each device is driven.
+    Every pass and every fio job starts from the same cache state (written back and dropped:
+    ``drop_caches``), and the sides run in an order rotated each round. Returns MB/s medians and
+    ratios per kind and direction (the ratio is the median of each round's device/peer ratio,
+    with their min and max), fio MiB/s and IOPS with ratios likewise, (with ``cpu``) the CPU
+    seconds per GiB that ``cpu()`` counts while each device is driven, and (with ``requests``:
+    kind → counters of ``dmtools._ffi.fastio.STATS``) the requests that reached the engine per
+    MiB of the sequential passes.
     """
     sides = {"peer": peer, **devices}
+    names = list(sides)
     runs: dict[str, dict[str, list[float]]] = {k: {"write": [], "read": []} for k in sides}
     used: dict[str, dict[str, float]] = {k: {"write": 0.0, "read": 0.0} for k in devices}
-    # Alternate the sides each round so that noise from other work hits all of them alike.
-    for _ in range(rounds):
+    counted: dict[str, dict[str, int]] = {k: {"write": 0, "read": 0} for k in devices}
+    for rnd in range(rounds):
         for direction in ("write", "read"):
-            for name, path in sides.items():
+            for name in _order(names, rnd):
                 drop_caches()
                 before = cpu() if cpu else 0.0
-                runs[name][direction].append(_seq(path, size, direction == "write"))
+                seen = requests(name) if requests and name in devices else {}
+                runs[name][direction].append(_seq(sides[name], size, direction == "write"))
                 if cpu and name in used:
                     used[name][direction] += cpu() - before
+                if seen:
+                    key = "writes" if direction == "write" else "reads"
+                    counted[name][direction] += requests(name)[key] - seen[key]  # type: ignore[misc]
     out: dict[str, Any] = {"seq": {}, "fio": {}}
     for kind in devices:
         row = {}
         for direction in ("write", "read"):
-            ours = statistics.median(runs[kind][direction])
-            theirs = statistics.median(runs["peer"][direction])
-            row[direction] = {"peer_mbs": round(theirs, 1), "mbs": round(ours, 1),
-                              "ratio": round(ours / theirs, 3)}
+            ratios = [o / p for o, p in zip(runs[kind][direction], runs["peer"][direction])]
+            row[direction] = {"peer_mbs": round(statistics.median(runs["peer"][direction]), 1),
+                              "mbs": round(statistics.median(runs[kind][direction]), 1),
+                              "ratio": round(statistics.median(ratios), 3),
+                              "ratio_spread": _spread(ratios)}
             if cpu:
                 row[direction]["cpu_s_per_gib"] = round(used[kind][direction] / (size * rounds / GiB), 3)
+            if requests:
+                row[direction]["requests_per_mib"] = round(counted[kind][direction] / (size * rounds / MiB), 2)
         out["seq"][kind] = row
     out["seq_runs"] = runs
     if not with_fio:
         return out
     for job, bs, depth in FIO_JOBS:
         for direction in ("write", "read"):
-            key = f"{job}_{direction}"
-            res = {}
-            for name, path in sides.items():
-                r = fio(path, write=direction == "write", bs=bs, iodepth=depth, size=fio_size,
-                        runtime=fio_runtime)
-                res[name] = {"mib_s": round(r.mib_s, 1), "iops": round(r.iops)}
+            rates: dict[str, list[tuple[float, float]]] = {k: [] for k in sides}
+            for rnd in range(fio_rounds):
+                for name in _order(names, rnd):
+                    drop_caches()
+                    r = fio(sides[name], write=direction == "write", bs=bs, iodepth=depth,
+                            size=fio_size, runtime=fio_runtime)
+                    rates[name].append((r.mib_s, r.iops))
+            res: dict[str, Any] = {}
+            for name in sides:
+                res[name] = {"mib_s": round(statistics.median(m for m, _ in rates[name]), 1),
+                             "iops": round(statistics.median(i for _, i in rates[name]))}
             for kind in devices:
-                res[kind]["ratio"] = round(res[kind]["mib_s"] / res["peer"]["mib_s"], 3)
-            out["fio"][key] = res
+                ratios = [o[0] / p[0] for o, p in zip(rates[kind], rates["peer"])]
+                res[kind]["ratio"] = round(statistics.median(ratios), 3)
+                res[kind]["ratio_spread"] = _spread(ratios)
+            out["fio"][f"{job}_{direction}"] = res
     return out
 
 
 @contextlib.contextmanager
 def _exposed(tmp: str, backing: str, stripes: list[str], size: int,
-             paths: dict[str, dict[str, int]]) -> Iterator[dict[str, str]]:
-    """The userspace engine's linear (over a copy-sized file) and striped devices, exposed; fills
-    ``paths`` (kind → the C data path's counters, ``dmtools._ffi.fastio.STATS``) at the end."""
+             paths: dict[str, dict[str, int]]
+             ) -> Iterator[tuple[dict[str, str], Callable[[str], dict[str, int]]]]:
+    """The userspace engine's linear (over a copy-sized file) and striped devices, exposed, and a
+    function of a kind giving its C data path's counters now (``dmtools._ffi.fastio.STATS``);
+    fills ``paths`` (kind → those counters) at the end."""
     from dmtools.engine import Engine
 
     lin = os.path.join(tmp, "linear.img")
@@ -175,10 +215,12 @@ def _exposed(tmp: str, backing: str, stripes: list[str], size: int,
         tables = _tables(size, lin, stripes)
         for kind in KINDS:
             eng.create(f"bench-{kind}-dmtt", tables[kind])
-        yield {kind: eng.device_path(f"bench-{kind}-dmtt") for kind in KINDS}
-        assert eng.exposure is not None
+        exposure = eng.exposure
+        assert exposure is not None
+        yield ({kind: eng.device_path(f"bench-{kind}-dmtt") for kind in KINDS},
+               lambda kind: exposure.fast_stats(f"bench-{kind}-dmtt"))
         for kind in KINDS:
-            paths[kind] = eng.exposure.fast_stats(f"bench-{kind}-dmtt")
+            paths[kind] = exposure.fast_stats(f"bench-{kind}-dmtt")
             eng.remove(f"bench-{kind}-dmtt")
     finally:
         eng.close()
@@ -223,7 +265,7 @@ def run_kernel(args: argparse.Namespace) -> dict[str, Any]:
         with _kernel(tmp, backing, stripes, size) as devs:
             peer = devs.pop("peer")
             res = measure(peer, devs, size, args.rounds, args.fio_size_mib * MiB,
-                          args.fio_runtime, not args.no_fio, None)
+                          args.fio_runtime, not args.no_fio, None, None, args.fio_rounds)
     res["peer"] = "loop device"
     res["loadavg"] = loadavg()
     return res
@@ -235,9 +277,9 @@ def run_host(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dmtt-bench-", dir=args.dir) as tmp:
         backing, stripes = _images(tmp, size)
         paths: dict[str, dict[str, int]] = {}
-        with _exposed(tmp, backing, stripes, size, paths) as devs:
+        with _exposed(tmp, backing, stripes, size, paths) as (devs, stats):
             res = measure(backing, devs, size, args.rounds, args.fio_size_mib * MiB,
-                          args.fio_runtime, not args.no_fio, _cpu_others)
+                          args.fio_runtime, not args.no_fio, _cpu_others, stats, args.fio_rounds)
     res["data_path"] = paths
     res["peer"] = "backing file"
     res["loadavg"] = loadavg()
@@ -248,36 +290,48 @@ def _fmt_ratio(value: Any) -> str:
     return f"{value:.2f}x" if isinstance(value, (int, float)) else "-"
 
 
+def _fmt_spread(row: dict[str, Any]) -> str:
+    spread = row.get("ratio_spread")
+    return f"[{spread['min']:.2f}-{spread['max']:.2f}]" if spread else "-"
+
+
 def report(ours: dict[str, Any], kernel: dict[str, Any] | str | None, args: argparse.Namespace) -> None:
     """Print the tables: ours and the kernel's ratio side by side."""
     kern = kernel if isinstance(kernel, dict) else None
     print(f"engine: exposed devices (loop -> FUSE -> engine) vs the backing file; load average "
           f"{ours['loadavg']:.1f} on {os.cpu_count()} CPUs"
           + (f"; kernel in the VM: dm device vs its loop device, load {kern['loadavg']:.1f}" if kern else ""))
-    print(f"sequential 1 MiB O_DIRECT, {args.size_mib} MiB per pass, median of {args.rounds} "
-          "alternating rounds (MB/s; engine CPU = every thread but the I/O issuer)")
-    print(f"  {'':15} {'backing':>9} {'ours':>9} {'ratio':>7} {'goal':>6} {'CPU s/GiB':>10}   {'kernel ratio':>12}")
+    print(f"sequential 1 MiB O_DIRECT, {args.size_mib} MiB per pass, {args.rounds} rounds, sides in "
+          "rotated order, caches dropped before each pass (MB/s medians; ratio = median of the "
+          "rounds' ratios [min-max]; engine CPU = every thread but the I/O issuer; req/MiB = FUSE "
+          "requests that reached the engine per MiB)")
+    print(f"  {'':15} {'backing':>9} {'ours':>9} {'ratio':>7} {'[min-max]':>13} {'goal':>5} "
+          f"{'CPU s/GiB':>10} {'req/MiB':>8}   {'kernel ratio':>12}")
     for kind in KINDS:
         for direction in ("write", "read"):
             row = ours["seq"][kind][direction]
             kr = kern["seq"][kind][direction]["ratio"] if kern else None
             met = "met" if row["ratio"] >= GOALS[direction] else "NOT"
             print(f"  {kind + ' ' + direction:15} {row['peer_mbs']:9.1f} {row['mbs']:9.1f} "
-                  f"{_fmt_ratio(row['ratio']):>7} {met:>6} {row['cpu_s_per_gib']:10.2f}   {_fmt_ratio(kr):>12}")
+                  f"{_fmt_ratio(row['ratio']):>7} {_fmt_spread(row):>13} {met:>5} "
+                  f"{row['cpu_s_per_gib']:10.2f} {row.get('requests_per_mib', '-'):>8}   "
+                  f"{_fmt_ratio(kr):>12}")
     worst = max(ours["seq"][k][d]["cpu_s_per_gib"] for k in KINDS for d in ("write", "read"))
     print(f"  goals: writes >= {GOALS['write']}x, reads >= {GOALS['read']}x, engine CPU <= "
           f"{GOALS['cpu_s_per_gib']} s/GiB (worst here {worst:.2f}: "
           f"{'met' if worst <= GOALS['cpu_s_per_gib'] else 'NOT met'})")
     if ours["fio"]:
-        print(f"fio --direct=1 --ioengine=libaio, {args.fio_size_mib} MiB, {args.fio_runtime:g} s per job "
-              "(MiB/s; ratio = device / backing file; kernel = dm device / loop device)")
-        print(f"  {'job':20} {'backing':>9} {'linear':>9} {'ratio':>7} {'striped':>9} {'ratio':>7}   "
-              f"{'kernel linear':>13} {'striped':>8}")
+        print(f"fio --direct=1 --ioengine=libaio, {args.fio_size_mib} MiB, {args.fio_runtime:g} s per job, "
+              f"{args.fio_rounds} rounds as above (MiB/s medians; ratio = device / backing file "
+              "[min-max]; kernel = dm device / loop device)")
+        print(f"  {'job':20} {'backing':>9} {'linear':>9} {'ratio':>7} {'[min-max]':>13} {'striped':>9} "
+              f"{'ratio':>7} {'[min-max]':>13}   {'kernel linear':>13} {'striped':>8}")
         for key, res in ours["fio"].items():
             kr = kern["fio"].get(key) if kern else None
             print(f"  {key:20} {res['peer']['mib_s']:9.1f} {res['linear']['mib_s']:9.1f} "
-                  f"{_fmt_ratio(res['linear']['ratio']):>7} {res['striped']['mib_s']:9.1f} "
-                  f"{_fmt_ratio(res['striped']['ratio']):>7}   "
+                  f"{_fmt_ratio(res['linear']['ratio']):>7} {_fmt_spread(res['linear']):>13} "
+                  f"{res['striped']['mib_s']:9.1f} "
+                  f"{_fmt_ratio(res['striped']['ratio']):>7} {_fmt_spread(res['striped']):>13}   "
                   f"{_fmt_ratio(kr['linear']['ratio'] if kr else None):>13} "
                   f"{_fmt_ratio(kr['striped']['ratio'] if kr else None):>8}")
     paths = ours.get("data_path") or {}
@@ -308,6 +362,7 @@ def _bench(args: argparse.Namespace) -> int:
     if not args.no_kernel:
         # Smaller and shorter in the VM (QEMU without KVM): its ratios, not its rates, are wanted.
         vm_args = ["--kernel", "--size-mib", str(args.vm_size_mib), "--rounds", str(args.rounds),
+                   "--fio-rounds", str(args.fio_rounds),
                    "--fio-size-mib", str(min(args.fio_size_mib, args.vm_size_mib)),
                    "--fio-runtime", str(min(args.fio_runtime, 2))] + (["--no-fio"] if args.no_fio else [])
         kernel = in_vm(os.path.abspath(__file__), vm_args)
@@ -386,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
     parser.add_argument("--fio-size-mib", type=int, default=256, help="fio file/device span (MiB)")
     parser.add_argument("--fio-runtime", type=float, default=3, help="seconds per fio job")
+    parser.add_argument("--fio-rounds", type=int, default=None,
+                        help="alternating rounds of the fio jobs (median; default: --rounds)")
     parser.add_argument("--no-fio", action="store_true", help="skip the fio jobs")
     parser.add_argument("--no-kernel", action="store_true", help="skip the VM run of the kernel's targets")
     parser.add_argument("--vm-size-mib", type=int, default=64, help="sequential pass size in the VM (MiB)")
@@ -399,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cycles", type=int, default=300, help="cycles per round (--cycle)")
     parser.add_argument("--verbose", action="store_true", help="print every round (--cycle)")
     args = parser.parse_args(argv)
+    if args.fio_rounds is None:
+        args.fio_rounds = args.rounds
     if args.cycle:
         return main_cycle(args)
     if args.python:
