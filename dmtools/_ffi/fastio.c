@@ -35,7 +35,9 @@
 #include <limits.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
+#include <linux/aio_abi.h>
 #include <sys/types.h>
 #include <time.h>
 #include <unistd.h>
@@ -356,6 +358,8 @@ int dmf_slot_stats(struct dmf_ctx *ctx, uint64_t id, uint64_t *out)
 struct run;
 struct thread_bufs {
 	struct run *runs; /* MAX_RUN_LEGS of them (map_io) */
+	aio_context_t aio; /* 0: not set up yet */
+	int aio_failed;
 	char *bounce;
 	size_t bounce_size;
 	int pipe[2];
@@ -380,6 +384,8 @@ static void thread_bufs_free(void *p)
 		munmap(t->bounce, t->bounce_size);
 	close_pipe(t);
 	free(t->runs);
+	if (t->aio)
+		syscall(SYS_io_destroy, t->aio);
 	free(t);
 }
 
@@ -450,6 +456,7 @@ enum op { OP_WRITE, OP_READ, OP_SPLICE };
 /* One leg's pieces that sit back to back on it, gathered into one preadv/pwritev (as dm-stripe
  * sends the pieces of one stripe down together) or, for OP_SPLICE, one splice. */
 #define RUN_IOVS 256
+#define MAX_RUN_LEGS 16 /* runs in flight per request; a segment of more legs sends its runs in turn */
 struct run {
 	const struct dmf_leg *leg;
 	uint64_t off; /* on the leg */
@@ -457,6 +464,13 @@ struct run {
 	int niov, misaligned;
 	struct iovec iov[RUN_IOVS];
 };
+
+static void run_clear(struct run *r)
+{
+	r->niov = 0;
+	r->len = 0;
+	r->misaligned = 0;
+}
 
 static int rw_all(int fd, int write, struct iovec *iov, int niov, uint64_t off)
 {
@@ -524,9 +538,75 @@ static int run_flush(const struct dmf_map *m, enum op op, struct run *r, int pip
 		ret = op == OP_SPLICE ? splice_in(fd, pipe_w, r->len, r->off)
 				      : rw_all(fd, write, r->iov, r->niov, r->off);
 	}
-	r->niov = 0;
-	r->len = 0;
-	r->misaligned = 0;
+	run_clear(r);
+	return ret;
+}
+
+static int direct_run(const struct dmf_map *m, enum op op, const struct run *r, size_t request)
+{
+	const struct dmf_leg *l = r->leg;
+	return r->niov && op != OP_SPLICE && l->dfd >= 0 && request >= m->direct_min && !r->misaligned
+	       && r->off % l->dalign == 0 && r->len % l->dalign == 0;
+}
+
+/* This thread's Linux AIO context (io_setup, linux/aio_abi.h), 0 where there is none. */
+static aio_context_t thread_aio(struct thread_bufs *t)
+{
+	if (!t->aio && !t->aio_failed && syscall(SYS_io_setup, MAX_RUN_LEGS, &t->aio) != 0) {
+		t->aio = 0;
+		t->aio_failed = 1;
+	}
+	return t->aio;
+}
+
+/* Send a segment's runs. The O_DIRECT runs of several legs go down together (Linux AIO), as
+ * dm-stripe's pieces of a bio reach their devices at once; the rest one by one. */
+static int runs_flush(const struct dmf_map *m, enum op op, struct thread_bufs *t, int pipe_w, size_t request)
+{
+	struct run *runs = t->runs;
+	struct iocb cbs[MAX_RUN_LEGS], *ptrs[MAX_RUN_LEGS];
+	struct io_event evs[MAX_RUN_LEGS];
+	uint32_t idx[MAX_RUN_LEGS];
+	long k = 0, sent = 0;
+	for (uint32_t i = 0; i < MAX_RUN_LEGS; i++)
+		if (direct_run(m, op, &runs[i], request))
+			idx[k++] = i;
+	aio_context_t aio = k > 1 ? thread_aio(t) : 0;
+	int ret = 0;
+	if (aio) {
+		for (long j = 0; j < k; j++) {
+			struct run *r = &runs[idx[j]];
+			memset(&cbs[j], 0, sizeof(cbs[j]));
+			cbs[j].aio_fildes = (uint32_t)r->leg->dfd;
+			cbs[j].aio_lio_opcode = op == OP_WRITE ? IOCB_CMD_PWRITEV : IOCB_CMD_PREADV;
+			cbs[j].aio_buf = (uint64_t)(uintptr_t)r->iov;
+			cbs[j].aio_nbytes = (uint64_t)r->niov;
+			cbs[j].aio_offset = (int64_t)r->off;
+			cbs[j].aio_data = (uint64_t)idx[j];
+			ptrs[j] = &cbs[j];
+		}
+		sent = syscall(SYS_io_submit, aio, k, ptrs);
+		if (sent < 0)
+			sent = 0; /* sent one by one below */
+		long got = 0;
+		while (got < sent) {
+			long n = syscall(SYS_io_getevents, aio, sent - got, sent - got, evs + got, NULL);
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n <= 0)
+				return -1; /* cannot happen while requests are in flight; the buffer stays ours */
+			got += n;
+		}
+		for (long j = 0; j < sent; j++) {
+			struct run *r = &runs[evs[j].data];
+			if (evs[j].res != (int64_t)r->len)
+				ret = -1; /* an error or a short transfer: the Python path does it again */
+		}
+		for (long j = 0; j < sent; j++)
+			run_clear(&runs[idx[j]]);
+	}
+	for (uint32_t i = 0; i < MAX_RUN_LEGS && !ret; i++)
+		ret = run_flush(m, op, &runs[i], pipe_w, request);
 	return ret;
 }
 
@@ -554,7 +634,6 @@ static int run_add(const struct dmf_map *m, enum op op, struct run *runs, uint32
 
 /* Move [off, off+size) of the device, all inside the map. As Device._map, LinearTarget and
  * StripedTarget._pieces in dmtools.engine. Returns 0 or -1. */
-#define MAX_RUN_LEGS 16
 static int map_io(const struct dmf_map *m, enum op op, char *buf, int pipe_w, size_t size, uint64_t off)
 {
 	uint32_t lo = 0, hi = m->nseg;
@@ -572,7 +651,7 @@ static int map_io(const struct dmf_map *m, enum op op, char *buf, int pipe_w, si
 		return -1;
 	struct run *runs = t->runs;
 	for (uint32_t k = 0; k < MAX_RUN_LEGS; k++)
-		runs[k].niov = 0, runs[k].len = 0, runs[k].misaligned = 0;
+		run_clear(&runs[k]);
 	size_t pos = 0;
 	int ret = 0;
 	for (uint32_t i = lo; pos < size && i < m->nseg && !ret; i++) {
@@ -603,8 +682,8 @@ static int map_io(const struct dmf_map *m, enum op op, char *buf, int pipe_w, si
 			done += n;
 		}
 		pos += len;
-		for (uint32_t k = 0; k < MAX_RUN_LEGS && !ret; k++) /* a segment's runs end with it */
-			ret = run_flush(m, op, &runs[k], pipe_w, size);
+		if (!ret) /* a segment's runs end with it */
+			ret = runs_flush(m, op, t, pipe_w, size);
 	}
 	return ret || pos != size ? -1 : 0;
 }
