@@ -509,18 +509,21 @@ static int splice_in(int fd, int pipe_w, size_t n, uint64_t off)
 	return 0;
 }
 
-/* Move a run. Requests of direct_min bytes or more go through the leg's O_DIRECT descriptor, as
- * the kernel's dm targets pass them on uncached (and as dmtools.engine.backing.BackingDevice
- * writes): straight from the caller's buffer when it is aligned, else (writes) through a bounce
- * buffer. Other reads of requests under random_max use the descriptor without read-ahead: through
- * the other one each small random read would read ahead a window of the file. */
+/* Move a run. Reads, and writes of requests of direct_min bytes or more (as
+ * dmtools.engine.backing.BackingDevice writes), go through the leg's O_DIRECT descriptor, as the
+ * kernel's dm targets pass I/O on uncached (the loop device's own page cache is the cache above
+ * us: a second one below would hold the same pages twice): straight from the caller's buffer
+ * when it is aligned, else (writes) through a bounce buffer. Smaller writes use the page cache
+ * (made durable by a flush); reads that cannot go direct, of requests under random_max, use the
+ * descriptor without read-ahead: through the other one each small random read would read ahead
+ * a window of the file. */
 static int run_flush(const struct dmf_map *m, enum op op, struct run *r, int pipe_w, size_t request)
 {
 	if (!r->niov)
 		return 0;
 	const struct dmf_leg *l = r->leg;
 	int write = op == OP_WRITE, ret;
-	int direct = op != OP_SPLICE && l->dfd >= 0 && request >= m->direct_min && r->off % l->dalign == 0
+	int direct = op != OP_SPLICE && l->dfd >= 0 && (op == OP_READ || request >= m->direct_min) && r->off % l->dalign == 0
 		     && r->len % l->dalign == 0;
 	char *b;
 	if (direct && !r->misaligned) {
@@ -545,7 +548,7 @@ static int run_flush(const struct dmf_map *m, enum op op, struct run *r, int pip
 static int direct_run(const struct dmf_map *m, enum op op, const struct run *r, size_t request)
 {
 	const struct dmf_leg *l = r->leg;
-	return r->niov && op != OP_SPLICE && l->dfd >= 0 && request >= m->direct_min && !r->misaligned
+	return r->niov && op != OP_SPLICE && l->dfd >= 0 && (op == OP_READ || request >= m->direct_min) && !r->misaligned
 	       && r->off % l->dalign == 0 && r->len % l->dalign == 0;
 }
 

@@ -52,8 +52,9 @@ DEFAULT_RUN_DIR = rundir.ROOT_RUN_DIR
 #: Where the kernel's fusectl file system lists FUSE connections.
 FUSECTL_DIR = "/sys/fs/fuse/connections"
 MNT_DETACH = 2
-#: FUSE worker threads (libfuse's ``max_threads``): requests served in parallel.
-FUSE_THREADS = 8
+#: FUSE worker threads (libfuse's ``max_threads``): requests served in parallel. As many as fio's
+#: queue depth 16: with 8, half of a deep queue of small requests waited for a worker.
+FUSE_THREADS = 16
 #: How long a removed device's C slot waits for its requests in flight (a hung backing device):
 #: after that the slot stays taken, unused, until the FUSE session ends.
 FAST_SLOT_WAIT = 5.0
