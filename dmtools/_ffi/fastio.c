@@ -936,6 +936,7 @@ struct worker {
 	struct dmf_ctx *ctx;
 	void *se;
 	sem_t *done;
+	char *base; /* its receive buffer's mapping (RECV_MAP bytes): unmapped once it is joined */
 	int err;
 };
 
@@ -944,13 +945,7 @@ static void *work(void *arg)
 	struct worker *w = arg;
 	/* The receive buffer: REQ_HDR bytes before a page boundary, RECV_BYTES from there on, on a
 	 * huge page where the kernel gives one (O_DIRECT pins one folio instead of 256 pages). */
-	char *base = mmap(NULL, RECV_MAP, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (base == MAP_FAILED) {
-		w->err = -ENOMEM;
-		g_fuse.exit(w->se);
-		sem_post(w->done);
-		return NULL;
-	}
+	char *base = w->base;
 	char *huge = (char *)(((uintptr_t)base + HUGE - 1) & ~(uintptr_t)(HUGE - 1));
 	madvise(huge, HUGE, MADV_HUGEPAGE);
 	struct fuse_buf buf;
@@ -977,7 +972,6 @@ static void *work(void *arg)
 			g_tried = 0;
 		}
 	}
-	munmap(base, RECV_MAP);
 	sem_post(w->done);
 	return NULL;
 }
@@ -1000,21 +994,27 @@ static int loop(struct dmf_ctx *ctx, void *se, unsigned int nthreads)
 	pthread_sigmask(SIG_BLOCK, &block, &old); /* the workers take no signals, as libfuse's */
 	unsigned int started = 0;
 	for (; started < nthreads; started++) {
-		ws[started] = (struct worker){.ctx = ctx, .se = se, .done = &done};
-		if (pthread_create(&ws[started].tid, NULL, work, &ws[started]))
+		char *base = mmap(NULL, RECV_MAP, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (base == MAP_FAILED)
 			break;
+		ws[started] = (struct worker){.ctx = ctx, .se = se, .done = &done, .base = base};
+		if (pthread_create(&ws[started].tid, NULL, work, &ws[started])) {
+			munmap(base, RECV_MAP);
+			break;
+		}
 		pthread_setname_np(ws[started].tid, "dmtools-fuse");
 	}
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
-	int err = started ? 0 : -EAGAIN;
+	int err = started ? 0 : -ENOMEM;
 	if (started) {
-		while (sem_wait(&done) < 0 && errno == EINTR)
-			;
+		while (sem_wait(&done) < 0 && errno == EINTR && !g_fuse.exited(se))
+			; /* a signal handler of libfuse's ends the session too */
 		g_fuse.exit(se);
 		for (unsigned int i = 0; i < started; i++)
 			pthread_cancel(ws[i].tid);
 		for (unsigned int i = 0; i < started; i++) {
 			pthread_join(ws[i].tid, NULL);
+			munmap(ws[i].base, RECV_MAP);
 			if (ws[i].err && !err)
 				err = ws[i].err;
 		}
