@@ -15,12 +15,19 @@ One nbdkit ``memory`` export on a Unix socket serves every case:
     in-process on one engine (``--mirror-size``, default 256M); also the same mirror with two
     local legs, for reference. Ratio = one leg's time / the mirror's (1.0: the remote leg is free).
 
-The conditions are those of ``scripts/bench copy`` (its helpers are used): fresh processes, the
-data files evicted from the page cache before each run, untimed warm-up rounds, medians of
-``--repeat`` interleaved runs, times including process start-up, and ratios = nbdcopy's time /
-kcopyd's (> 1: kcopyd is faster), also against kcopyd's own copy time from its JSON summary.
-Beside the times, each case's median CPU seconds (user + system) of the tool and of nbdkit: a
-figure the machine's load barely moves, which shows where the two CPUs go.
+Every tool runs as a fresh process (times include process start-up) on a fresh destination,
+after ``sync`` and evicting the data files from the page cache, as in ``scripts/bench copy``
+(its helpers are used), and then after ``--settle`` seconds of rest: on a VM whose free memory
+goes back to the host (virtio-balloon free page reporting, which reports freed memory after 2 s,
+mm/page_reporting.c ``PAGE_REPORTING_DELAY``), the memory the previous run and the eviction just
+freed would otherwise be cheap for the next tool and expensive once reported, which made the
+first tool after a large free up to twice as fast (measured: nbdcopy file -> export 0.57 s of
+system time right after an eviction, 1.0-1.55 s after 4 s of rest). The tools' order alternates
+from round to round (ABBA), after ``--warmup`` untimed rounds. Reported: medians of ``--repeat``
+rounds with every run's time (min-max), and ratios = nbdcopy's time / kcopyd's (> 1: kcopyd is
+faster) of the medians and, round by round, their min-max; also against kcopyd's own copy time
+from its JSON summary. Beside the times, each case's median CPU seconds (user + system) of the
+tool and of nbdkit: figures the machine's load moves less, which show where the two CPUs go.
 """
 
 from __future__ import annotations
@@ -33,13 +40,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_copy as bc  # noqa: E402
-from bench_copy import KCOPYD, RUNS, fresh, median_runs, ratios  # noqa: E402
+from bench_copy import KCOPYD, fresh, ratios  # noqa: E402
 
 import bench_mirror as bm  # noqa: E402
 from dmtools.testing.nbdserver import missing_tools, nbdkit  # noqa: E402
@@ -53,14 +61,58 @@ def _process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (proc(5))
 
 
+#: Seconds of rest after the cache eviction before each timed run (``--settle``).
+SETTLE = 3.0
+
+
+def rounds(cases: dict[str, tuple[Any, Any]], repeat: int, peer: str, key: str) -> dict[str, Any]:
+    """Run every case ``repeat`` times (after ``bench_copy.WARMUP`` untimed rounds), the order
+    reversed every other round; a case may be a list of commands run in sequence (the first
+    one evicted and settled). Returns the case's result: medians, runs, CPU seconds, ratios of
+    the medians and the min-max of the ratios of each round."""
+    times: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    names = list(cases)
+    evict = bc.evict
+
+    def evict_and_settle() -> None:
+        """``sync`` and evict the data files, then rest ``SETTLE`` seconds: the memory just
+        freed is then in the same state (returned to the host) for every tool."""
+        evict()
+        time.sleep(SETTLE)
+
+    bc.evict = evict_and_settle  # bench_copy.timed evicts before a run: settle after it too
+    try:
+        for round_ in range(bc.WARMUP + repeat):
+            timed_round = round_ >= bc.WARMUP
+            order = names if (round_ - bc.WARMUP) % 2 == 0 else names[::-1]
+            for name in order:
+                cmd, prep = cases[name]
+                before = bc._cpu_now()
+                got: dict[str, list[float]] = {}
+                bc._time_case(got, name, cmd, prep)
+                after = bc._cpu_now()
+                if timed_round:
+                    for k, v in got.items():
+                        times.setdefault(k, []).extend(v)
+                    cpu.setdefault(name, []).append(after[0] - before[0])
+                    cpu.setdefault(name + "_server", []).append(after[1] - before[1])
+    finally:
+        bc.evict = evict
+    t = {name: statistics.median(ts) for name, ts in times.items()}
+    paired = [p / k for p, k in zip(times[peer], times["kcopyd"])]
+    return {"seconds": t, "runs": {k: [round(x, 3) for x in v] for k, v in times.items()},
+            "cpu_seconds": {k: round(statistics.median(v), 3) for k, v in cpu.items()},
+            "loadavg": bc._loadavg(), "settle_seconds": SETTLE, **ratios(t, peer, key),
+            key + "_rounds_min": min(paired), key + "_rounds_max": max(paired)}
+
+
 def bench_to_export(src: Path, uri: str, repeat: int) -> dict[str, Any]:
     cases: dict[str, Any] = {
         "kcopyd": (KCOPYD + [str(src), uri], None),
         "nbdcopy": (["nbdcopy", "--flush", str(src), uri], None),
     }
-    t = median_runs(cases, repeat)
-    return {"seconds": t, "runs": dict(RUNS), "cpu_seconds": dict(bc.CPU), "loadavg": bc._loadavg(),
-            **ratios(t, "nbdcopy", "ratio_vs_nbdcopy")}
+    return rounds(cases, repeat, "nbdcopy", "ratio_vs_nbdcopy")
 
 
 def bench_from_export(d: Path, uri: str, repeat: int) -> dict[str, Any]:
@@ -70,10 +122,9 @@ def bench_from_export(d: Path, uri: str, repeat: int) -> dict[str, Any]:
         "kcopyd": (KCOPYD + [uri, str(dst)], fresh(dst)),
         "nbdcopy": (["nbdcopy", uri, str(dst)], fresh(dst)),
     }
-    t = median_runs(cases, repeat)
+    out = rounds(cases, repeat, "nbdcopy", "ratio_vs_nbdcopy")
     fresh(dst)()
-    return {"seconds": t, "runs": dict(RUNS), "cpu_seconds": dict(bc.CPU), "loadavg": bc._loadavg(),
-            **ratios(t, "nbdcopy", "ratio_vs_nbdcopy")}
+    return out
 
 
 def bench_one_to_two(d: Path, src: Path, uri: str, repeat: int) -> dict[str, Any]:
@@ -83,10 +134,9 @@ def bench_one_to_two(d: Path, src: Path, uri: str, repeat: int) -> dict[str, Any
         "kcopyd": (KCOPYD + [str(src), str(dst), uri], fresh(dst)),
         "nbdcopy_x2": ([["nbdcopy", str(src), str(dst)], ["nbdcopy", "--flush", str(src), uri]], [fresh(dst), None]),
     }
-    t = median_runs(cases, repeat)
+    out = rounds(cases, repeat, "nbdcopy_x2", "ratio_vs_2nbdcopy")
     fresh(dst)()
-    return {"seconds": t, "runs": dict(RUNS), "cpu_seconds": dict(bc.CPU), "loadavg": bc._loadavg(),
-            **ratios(t, "nbdcopy_x2", "ratio_vs_2nbdcopy")}
+    return out
 
 
 def bench_mirror_remote_leg(d: Path, uri: str, size: int, repeat: int) -> dict[str, Any]:
@@ -133,6 +183,9 @@ def main() -> int:
     ap.add_argument("--mirror-size", default="256M", help="bytes written in case (d) (default 256M)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--nice", type=int, default=0, help="scheduling priority change for everything run")
+    ap.add_argument("--settle", type=float, default=SETTLE,
+                    help="seconds of rest after each run's cache eviction (default 3; "
+                         "free page reporting hands freed memory back to the host after 2 s)")
     args = ap.parse_args()
     reason = missing_tools("nbdkit", "nbdcopy")
     if reason:
@@ -141,10 +194,11 @@ def main() -> int:
     if args.nice:
         os.nice(args.nice)
     bc.WARMUP = max(0, args.warmup)
+    globals()["SETTLE"] = max(0.0, args.settle)
     size = parse_size(args.size, "b")
     workdir = Path(tempfile.mkdtemp(prefix="dmtt-bench-nbd-", dir=args.dir or "/var/tmp"))
     results: dict[str, Any] = {
-        "size_bytes": size, "repeat": args.repeat, "warmup": bc.WARMUP, "nice": args.nice,
+        "size_bytes": size, "repeat": args.repeat, "warmup": bc.WARMUP, "nice": args.nice, "settle": args.settle,
         "page_cache_dropped_at_start": bc.drop_caches(), "cpus": os.cpu_count(), "kernel": os.uname().release,
         "nbdkit": subprocess.run(["nbdkit", "--version"], capture_output=True, text=True).stdout.strip(),
         "command": " ".join(["scripts/bench nbd"] + sys.argv[1:]),
@@ -181,7 +235,8 @@ def main() -> int:
 
 def print_report(r: dict[str, Any], size: int) -> None:
     print(f"kcopyd NBD benchmark: {format_size(size)}, nbdkit memory export on a Unix socket ({r['nbdkit']}), "
-          f"median of {r['repeat']} after {r['warmup']} untimed round(s), {r['cpus']} CPUs, kernel {r['kernel']}")
+          f"median of {r['repeat']} after {r['warmup']} untimed round(s), tools alternating, {r['settle']:g} s "
+          f"of rest after each eviction, {r['cpus']} CPUs, kernel {r['kernel']}")
     for key, title, peer, goal in (
         ("a_file_to_export", "(a) file->export", "ratio_vs_nbdcopy", "nbdcopy --flush (goal >= 1.0x)"),
         ("b_export_to_file", "(b) export->file", "ratio_vs_nbdcopy", "nbdcopy (goal >= 1.0x)"),
@@ -191,10 +246,12 @@ def print_report(r: dict[str, Any], size: int) -> None:
         if key in r:
             case = r[key]
             print(f"{title}: {bc.fmt_secs(case['seconds'], size)}")
-            print(f"    kcopyd vs {goal}: {bc.fmt_ratio(case, peer)}")
+            print(f"    kcopyd vs {goal}: {bc.fmt_ratio(case, peer)}; round by round "
+                  f"{case[peer + '_rounds_min']:.2f}-{case[peer + '_rounds_max']:.2f}x")
             cpu = case["cpu_seconds"]
             print("    CPU seconds (median; the tool's own + nbdkit's): " + ", ".join(
                 f"{k} {cpu[k]:.2f} + {cpu[k + '_server']:.2f}" for k in cpu if not k.endswith("_server")))
+            print("    min-max: " + ", ".join(f"{k} {min(v):.3f}-{max(v):.3f} s" for k, v in case["runs"].items()))
             bc.print_runs(case)
     if "d_mirror_remote_leg" in r:
         case = r["d_mirror_remote_leg"]
