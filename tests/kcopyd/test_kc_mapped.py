@@ -171,3 +171,20 @@ def test_kernel_without_populate_read_uses_buffers(tmp_path: Path, monkeypatch: 
     src.write_bytes(pattern(size, seed=8))
     with BlockDevice(src) as ep:
         assert not kmapped.can_map(ep, [NullEndpoint(size)])
+
+
+def test_loop_device_destination_written_directly_from_the_mapping(tmp_path: Path, make_dev: Any,
+                                                                   populated: list[tuple[int, int]]) -> None:
+    """O_DIRECT writes to a block device take the page-cache pages of the mapping as they are."""
+    size = 4 * MiB
+    src = tmp_path / "src.img"
+    data = pattern(size, seed=9)
+    src.write_bytes(data)
+    evict_file(src)
+    loop = make_dev("loop", size)
+    other = tmp_path / "b.img"
+    other.write_bytes(bytes(size))
+    job = _copy(src, [loop.dev, other], size)
+    assert job.ok
+    assert loop.read() == data and other.read_bytes() == data
+    assert sum(n for _, n in populated) == size

@@ -55,6 +55,8 @@ def test_file_to_nbd_and_back(tmp_path: Path, start_nbdkit: Callable[..., NbdSer
     job = _copy(str(src), [srv.uri], 24 * MiB)
     assert job.ok
     assert _read(srv.uri, 24 * MiB) == src.read_bytes()
+    with NbdEndpoint(srv.uri, writable=True) as ep:
+        assert ep.writes_by_kernel  # plain socket: the file source was sent from its mapping
     back = tmp_path / "back.img"
     back.write_bytes(bytes(24 * MiB))
     job = _copy(srv.uri, [str(back)], 24 * MiB)
@@ -262,6 +264,8 @@ def test_tls_psk(tmp_path: Path, start_nbdkit: Callable[..., NbdServer]) -> None
     job = _copy(str(src), [uri], 4 * MiB)
     assert job.ok
     assert _read(uri, 4 * MiB) == src.read_bytes()
+    with NbdEndpoint(uri, writable=True) as ep:
+        assert not ep.writes_by_kernel  # GnuTLS reads the buffer: no mapped source is sent from
     with pytest.raises(NbdConnectionError):
         NbdEndpoint(srv.uri)
 
