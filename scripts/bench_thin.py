@@ -8,6 +8,11 @@ userspace engine here (in-process, with the engine's CPU time per write); inside
 (``--kernel``, run by ``scripts/vmtest --exec``) the same workloads run on the kernel's targets
 over loop devices, and their ratios are printed beside ours.
 
+Each ratio is measured within a round: both sides one after the other, in an order that reverses
+every round, each on a fresh device over backing files written out once for the whole run (the
+same file state for every device), after a ``sync`` and a garbage collection; the median of the
+rounds' ratios is printed with its range. One untimed round goes first.
+
 ``fio`` (``bench_common.fio``: direct I/O, sequential 1 MiB and random 4 KiB at queue depth 1 and
 16) then writes the exposed thin volume (``skip_block_zeroing``, every write a first write) and an
 exposed linear device of the same size: the userspace engine's FUSE + loop devices here (root and
@@ -22,13 +27,14 @@ functions that take the most own time (cProfile).
 Goals: provisioning writes without zeroing >= 0.8x linear; snapshot writes >= 2x the classic
 snapshot's; dump and check within 3x of thin_dump/thin_check using <= 128 MiB.
 
-    scripts/bench thin [--size 64M] [--random-writes 2000] [--repeat 3] [--mappings 1000000]
+    scripts/bench thin [--size 64M] [--random-writes 2000] [--rounds 11] [--repeat 3] [--mappings 1000000]
                        [--fio-runtime S] [--no-kernel] [--only writes|fio|tools|profile ...] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -56,11 +62,75 @@ SNAP_CHUNK = 8
 GOALS = {"thin_nozero_vs_linear": 0.8, "thin_snapshot_vs_classic": 2.0}
 
 
+class Store:
+    """Backing files kept for a whole benchmark run, each written out in full once and synced.
+
+    Every device of every round starts from the same file state: blocks allocated and written
+    (no round pays ext4's allocation or unwritten-extent conversion at its flush, nor the
+    discards of the previous round's deleted files, which the ``discard`` mount option issues at
+    the next journal commit: the flush being measured). What a new device needs is done as LVM
+    does it: a thin pool's metadata and a snapshot's COW start with their first 4 KiB zeroed.
+    On the kernel, each file has one loop device for the run.
+    """
+
+    def __init__(self, work: Path, kernel: bool) -> None:
+        self.dir = work / "store"
+        self.dir.mkdir()
+        self.kernel = kernel
+        self.paths: dict[str, tuple[str, int]] = {}
+        self.loops: list[Any] = []
+
+    def get(self, name: str, size: int, fill: bool = False) -> str:
+        """The device path of backing ``name`` (``size`` bytes, zeros or random data), made on first use."""
+        if name in self.paths:
+            dev, have = self.paths[name]
+            if have != size:
+                raise ValueError(f"backing {name} is {have} bytes, not {size}")
+            return dev
+        path = self.dir / f"{name}.img"
+        with open(path, "wb") as f:
+            block = os.urandom(MiB) if fill else bytes(MiB)
+            for _ in range(size // MiB):
+                f.write(block)
+            f.write(block[:size % MiB])
+            os.fsync(f.fileno())
+        dev = str(path)
+        if self.kernel:
+            from dmtools import loop
+
+            attached = loop.attach(path)
+            self.loops.append(attached)
+            dev = str(attached.path)
+        self.paths[name] = (dev, size)
+        return dev
+
+    def close(self) -> None:
+        if self.kernel:
+            from dmtools import loop
+
+            for dev in self.loops:
+                loop.detach(dev)
+        for path in self.dir.iterdir():
+            path.unlink()
+        self.dir.rmdir()
+
+
+def wipe(path: str, length: int = 4096) -> None:
+    """Zero the first ``length`` bytes of a device, durably (lvcreate's wipe of a new volume)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, bytes(length), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Rig:
     """Backing files (loop devices on the kernel) and the backend's devices, removed at the end."""
 
-    def __init__(self, work: Path, kernel: bool, tag: str, expose: bool = False) -> None:
-        self.work, self.kernel, self.tag = work, kernel, tag
+    def __init__(self, work: Path, kernel: bool, tag: str, expose: bool = False,
+                 store: Store | None = None) -> None:
+        self.work, self.kernel, self.tag, self.store = work, kernel, tag, store
         self.loops: list[Any] = []
         self.names: list[str] = []
         self.cleanups: list[Callable[[], None]] = []  # run first, newest first
@@ -75,7 +145,10 @@ class Rig:
 
     def backing(self, name: str, size: int, fill: bool = False) -> str:
         """A file of ``size`` bytes (allocated, so no run pays the file system's allocation; random
-        data with ``fill``); on the kernel, a loop device over it."""
+        data with ``fill``); on the kernel, a loop device over it. With a :class:`Store`, its
+        written-out file of that name."""
+        if self.store is not None:
+            return self.store.get(name, size, fill)
         path = self.work / f"{self.tag}-{name}.img"
         with open(path, "wb") as f:
             if fill:
@@ -130,6 +203,7 @@ class Rig:
 
 def _pool(rig: Rig, size: int, zero: bool) -> str:
     meta = rig.backing("meta", 16 * MiB)
+    wipe(meta)  # a new pool: it formats metadata whose superblock is zeroes
     data = rig.backing("data", 2 * size + 64 * MiB)
     blocks = (2 * size + 64 * MiB) // SECTOR
     features = "" if zero else " 1 skip_block_zeroing"
@@ -160,26 +234,25 @@ def _random(ep: Any, offsets: list[int]) -> float:
     return len(offsets) * 4096 / (time.perf_counter() - t0)
 
 
-def _measure(work: Path, kernel: bool, tag: str, size: int, offsets: list[int],
-             build: Callable[[Rig], str]) -> dict[str, float]:
-    """Each workload on a device built fresh by ``build``, so every write is a first write; with
-    the CPU time this process spent on it (the engine's, on the userspace engine)."""
-    workloads: dict[str, Callable[[Any], float]] = {
-        "seq_1m": lambda ep: _seq(ep, size), "random_4k": lambda ep: _random(ep, offsets)}
-    out: dict[str, float] = {}
-    for name, run in workloads.items():
-        rig = Rig(work, kernel, tag)
+def _measure(work: Path, kernel: bool, store: Store, build: Callable[[Rig], str],
+             run: Callable[[Any], float]) -> tuple[float, float]:
+    """``(bytes/s, CPU seconds)`` of one workload on a device built fresh by ``build`` (every write a
+    first write), measured from the same settled state every time: the previous round's dirty
+    pages and journal written back (``sync``), Python's garbage collected. The CPU time is this
+    process's (the engine's, on the userspace engine)."""
+    rig = Rig(work, kernel, "w", store=store)
+    try:
+        ep = rig.endpoint(build(rig))
         try:
-            ep = rig.endpoint(build(rig))
-            try:
-                cpu = time.process_time()
-                out[name] = run(ep)
-                out[f"{name}_cpu"] = time.process_time() - cpu
-            finally:
-                ep.close()
+            gc.collect()
+            os.sync()
+            cpu = time.process_time()
+            rate = run(ep)
+            return rate, time.process_time() - cpu
         finally:
-            rig.close()
-    return out
+            ep.close()
+    finally:
+        rig.close()
 
 
 def _linear(size: int) -> Callable[[Rig], str]:
@@ -226,22 +299,64 @@ def _classic_snapshot(size: int) -> Callable[[Rig], str]:
     return build
 
 
-def bench_writes(work: Path, size: int, nrandom: int, repeat: int, kernel: bool) -> dict[str, Any]:
-    """MiB/s per configuration and workload (medians of ``repeat`` rounds), and the goal ratios."""
+def io_pressure() -> float | None:
+    """The share of the last minute in which some task waited for I/O (``/proc/pressure/io``,
+    ``some avg60``, percent): other processes' disk traffic, which the load average hides, moves
+    the flushes measured here."""
+    try:
+        with open("/proc/pressure/io") as f:
+            some = f.readline().split()
+    except OSError:
+        return None
+    return float(dict(kv.split("=") for kv in some[1:])["avg60"])
+
+
+#: The ratios the benchmark prints: ``(ours, peer)`` configurations measured in the same round.
+PAIRS = {"thin_zero_vs_linear": ("thin (zeroing)", "linear"),
+         "thin_nozero_vs_linear": ("thin (skip_block_zeroing)", "linear"),
+         "thin_snapshot_vs_classic": ("thin with a snapshot", "classic snapshot")}
+
+
+def bench_writes(work: Path, size: int, nrandom: int, repeat: int, kernel: bool,
+                 warmup: int = 1) -> dict[str, Any]:
+    """MiB/s per configuration and workload (medians of ``repeat`` rounds) and the goal ratios:
+    each the median, with its range, of the ratios of the rounds.
+
+    Every round measures every configuration once per workload, in an order that reverses from
+    one round to the next (ABBA: neither side of a ratio is always measured first, nor always
+    after the same neighbour), and each side of a ratio next to the other. ``warmup`` untimed
+    rounds go first (the interpreter's first calls, the backing files' first use)."""
     rng = random.Random(7)
     offsets = [b * 4096 for b in rng.sample(range(size // 4096), nrandom)]
-    configs = {
+    configs = {  # each pair's two sides next to each other
         "linear": _linear(size),
-        "thin (zeroing)": _thin_volume(size, True),
         "thin (skip_block_zeroing)": _thin_volume(size, False),
+        "thin (zeroing)": _thin_volume(size, True),
         "thin with a snapshot": _thin_snapshot(size),
         "classic snapshot": _classic_snapshot(size),
     }
-    runs = [{name: _measure(work, kernel, f"{i}{n}", size, offsets, build)
-             for n, (name, build) in enumerate(configs.items())} for i in range(repeat)]
+    workloads: dict[str, Callable[[Any], float]] = {
+        "seq_1m": lambda ep: _seq(ep, size), "random_4k": lambda ep: _random(ep, offsets)}
+    store = Store(work, kernel)
+    runs: list[dict[str, dict[str, float]]] = []
+    try:
+        for i in range(warmup + repeat):
+            order = list(configs.items())
+            if i % 2:
+                order.reverse()
+            row: dict[str, dict[str, float]] = {name: {} for name in configs}
+            for job, run in workloads.items():
+                for name, build in order:
+                    rate, cpu = _measure(work, kernel, store, build, run)
+                    row[name][job], row[name][f"{job}_cpu"] = rate, cpu
+            if i >= warmup:
+                runs.append(row)
+    finally:
+        store.close()
     med = {name: {k: statistics.median(r[name][k] for r in runs) for k in runs[0][name]} for name in configs}
     out: dict[str, Any] = {"engine": "kernel" if kernel else "userspace", "size_mib": size >> 20,
                            "random_writes": nrandom, "repeat": repeat, "loadavg": loadavg(),
+                           "io_pressure": io_pressure(),
                            "MiB/s": {n: {k: round(v / MiB, 1) for k, v in row.items() if not k.endswith("_cpu")}
                                      for n, row in med.items()},
                            # this process's CPU: seconds per GiB of sequential writes, us per random write
@@ -249,13 +364,17 @@ def bench_writes(work: Path, size: int, nrandom: int, repeat: int, kernel: bool)
                                        "random_4k_us_per_write": round(row["random_4k_cpu"] * 1e6 / nrandom, 1)}
                                    for n, row in med.items()}}
     ratios: dict[str, dict[str, float]] = {}
-    for k in ("seq_1m", "random_4k"):
-        ratios.setdefault("thin_zero_vs_linear", {})[k] = round(med["thin (zeroing)"][k] / med["linear"][k], 3)
-        ratios.setdefault("thin_nozero_vs_linear", {})[k] = round(
-            med["thin (skip_block_zeroing)"][k] / med["linear"][k], 3)
-        ratios.setdefault("thin_snapshot_vs_classic", {})[k] = round(
-            med["thin with a snapshot"][k] / med["classic snapshot"][k], 3)
+    spread: dict[str, dict[str, list[float]]] = {}
+    rounds: dict[str, dict[str, list[float]]] = {}
+    for pair, (ours, peer) in PAIRS.items():
+        for job in workloads:
+            per_round = [round(r[ours][job] / r[peer][job], 3) for r in runs]
+            ratios.setdefault(pair, {})[job] = round(statistics.median(per_round), 3)
+            spread.setdefault(pair, {})[job] = [min(per_round), max(per_round)]
+            rounds.setdefault(pair, {})[job] = per_round
     out["ratios"] = ratios
+    out["ratio_range"] = spread
+    out["ratio_rounds"] = rounds
     return out
 
 
@@ -341,7 +460,8 @@ def _in_vm(args: argparse.Namespace, sections: list[str]) -> dict[str, Any] | st
     """The write and fio benchmarks on the kernel's targets, in the VM; their JSON, or why not."""
     # QEMU without KVM: fio jobs run 2 s at most there, as the other benchmarks' VM runs do.
     argv = ["--kernel", "--json", "--size", args.size, "--random-writes", str(args.random_writes),
-            "--repeat", str(args.repeat), "--fio-runtime", str(min(args.fio_runtime or 2.0, 2.0))]
+            "--repeat", str(args.repeat), "--rounds", str(min(args.rounds, 5)),
+            "--fio-runtime", str(min(args.fio_runtime or 2.0, 2.0))]
     for section in sections:
         argv += ["--only", section]
     return in_vm(Path(__file__).resolve(), argv, modules=("dm-thin-pool",))
@@ -359,7 +479,8 @@ def _print(results: dict[str, Any]) -> None:
     theirs = results.get("writes_kernel")
     if ours:
         print(f"thin writes, {ours['size_mib']} MiB devices, {ours['random_writes']} random 4 KiB writes, "
-              f"median of {ours['repeat']}; load average {ours['loadavg']:.2f}")
+              f"median of {ours['repeat']} rounds; load average {ours['loadavg']:.2f}, "
+              f"I/O pressure {ours.get('io_pressure')}%")
         print(f"{'MiB/s':28} {'seq 1M':>10} {'rand 4K':>10}" + (f" {'kernel seq':>11} {'kernel 4K':>10}"
                                                                   if isinstance(theirs, dict) else "")
               + f" {'CPU s/GiB':>10} {'CPU us/4K':>10}")
@@ -370,13 +491,16 @@ def _print(results: dict[str, Any]) -> None:
                 line += f" {k['seq_1m']:>11} {k['random_4k']:>10}"
             c = ours["cpu"][name]
             print(line + f" {c['seq_1m_s_per_gib']:>10} {c['random_4k_us_per_write']:>10}")
+        print(f"ratios: median of the {ours['repeat']} rounds' ratios (their range)")
         for name, row in ours["ratios"].items():
             goal = f" (goal >= {GOALS[name]}x)" if name in GOALS else ""
             kern = ""
             if isinstance(theirs, dict):
                 kr = theirs["ratios"][name]
                 kern = f"   kernel: seq {kr['seq_1m']}x, 4K {kr['random_4k']}x"
-            print(f"{name:28} seq {row['seq_1m']}x, 4K {row['random_4k']}x{goal}{kern}")
+            rng = ours["ratio_range"][name]
+            print(f"{name:28} seq {row['seq_1m']}x ({rng['seq_1m'][0]}-{rng['seq_1m'][1]}), "
+                  f"4K {row['random_4k']}x ({rng['random_4k'][0]}-{rng['random_4k'][1]}){goal}{kern}")
         if isinstance(theirs, str):
             print(f"kernel: {theirs}")
     _print_fio(results.get("fio"), results.get("fio_kernel"))
@@ -420,7 +544,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="64M", help="thin volume size (default 64M)")
     p.add_argument("--random-writes", type=int, default=2000)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=3, help="rounds of the fio and tools parts (default 3)")
+    p.add_argument("--rounds", type=int, default=11,
+                   help="rounds of the write part (default 11; 5 at most in the VM): each ratio is the median "
+                        "of the rounds' ratios")
     p.add_argument("--mappings", type=int, default=1_000_000, help="mapped blocks for the tools benchmark")
     p.add_argument("--only", choices=("writes", "fio", "tools", "profile"), action="append",
                    help="run only these parts (repeatable; default: all)")
@@ -435,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-thin-") as tmp:
         if "writes" in only:
-            results["writes"] = bench_writes(Path(tmp), size, args.random_writes, args.repeat, args.kernel)
+            results["writes"] = bench_writes(Path(tmp), size, args.random_writes, args.rounds, args.kernel)
         if "fio" in only:
             results["fio"] = bench_fio(Path(tmp), size, args.repeat, args.kernel, args.fio_runtime)
         if "profile" in only and not args.kernel:
