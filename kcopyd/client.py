@@ -474,8 +474,6 @@ class Client(InlineJobs):
             thr.io_start()
             try:
                 read_exact(src.endpoint, views, base + off)
-                if job.plan.drop_behind:
-                    src.endpoint.fadvise(base + off, length, os.POSIX_FADV_DONTNEED)
             except Exception as err:  # noqa: BLE001 - any failure is this piece's read error
                 log.debug("kcopyd: read error on %s at %d: %s", src.region.dev_name, base + off, err)
                 piece.read_err = True
@@ -487,6 +485,8 @@ class Client(InlineJobs):
                     pos += len(v)
             finally:
                 thr.io_finish()
+        if job.plan.drop_behind:
+            self._drop_behind(piece)
         if piece.read_err and not ignore:
             self._done(piece, written=False)
             return
@@ -526,10 +526,19 @@ class Client(InlineJobs):
         if smap is None:
             return
         smap.release()
+        if piece.job.plan.drop_behind:
+            self._drop_behind(piece)
+
+    def _drop_behind(self, piece: Piece) -> None:
+        """The piece's source range is read (or unmapped): drop what is now behind the job's
+        read front from the cache (:meth:`kcopyd.job.Job.read_behind`)."""
         job = piece.job
-        if job.plan.drop_behind and job.open_src is not None:
-            job.open_src.endpoint.fadvise(job.open_src.offset + piece.offset, piece.length,
-                                          os.POSIX_FADV_DONTNEED)
+        src = job.open_src
+        assert src is not None
+        with self._cond:
+            span = job.read_behind(piece)
+        if span is not None:
+            src.endpoint.fadvise(src.offset + span[0], span[1] - span[0], os.POSIX_FADV_DONTNEED)
 
     def _source_faults(self, batch: list[Piece], failed: list[bool]) -> list[bool]:
         """Failed writes of mapped pieces whose source range can no longer be faulted in (the

@@ -130,3 +130,20 @@ def test_read_error_bits_with_drop_behind(tmp_path, monkeypatch, flags):
         assert all(d.read_bytes() == data for d in dsts)
     else:
         assert job.progress.done < size
+
+
+@pytest.mark.parametrize("ndest", [2, 0], ids=["mapped", "buffered"])
+def test_large_folios_across_pieces_are_dropped(tmp_path, ndest):
+    """Readahead fills large folios (up to 2 MiB) that pieces of 512 KiB cut across; each is
+    dropped once the later piece is done (DONTNEED skips a folio reaching outside its range)."""
+    size = 16 * MiB
+    src, data, dsts = _files(tmp_path, size, ndest)
+    evict_file(src)
+    if ndest:
+        job, _ = _copy(src, dsts, size)
+    else:
+        with kcopyd.Client(num_pages=256, sub_job_size=MiB) as kc:
+            job = kc.copy(kcopyd.Region(str(src), 0, size // 512), kcopyd.Region(NullEndpoint(size), 0, size // 512))
+            assert job.wait(TIMEOUT)
+    assert job.ok and all(d.read_bytes() == data for d in dsts)
+    assert cached(src) == 0
