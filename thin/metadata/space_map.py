@@ -157,7 +157,9 @@ class RefCounts:
 
     def alloc(self) -> int:
         """Allocate one block (count 1); raise ``NoSpace`` when none is free."""
-        b = self.find_free()
+        b: int | None = self.counts.find(0, self.cursor)  # find_free's first step, inline
+        if b == -1 or b in self.freed:
+            b = self.find_free()
         if b is None:
             raise NoSpace(f"out of {self.what} space ({self.nr_blocks} blocks, "
                           f"{len(self.freed)} freed in this transaction)")

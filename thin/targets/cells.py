@@ -70,25 +70,34 @@ class Prison:
                 self._wait()
             held.add(key)
 
-    def release(self, key: Hashable) -> None:
-        """Let the next waiter for ``key`` in (``cell_defer``)."""
+    def release(self, key: Hashable, direct: bool = False) -> None:
+        """Let the next waiter for ``key`` in (``cell_defer``); ``direct``: the I/O that held the
+        cell also had the data device from :meth:`enter_unless_held`, and is done with it."""
         with self.lock:
             self._held.discard(key)
+            if direct:
+                self._direct -= 1
             if self._waiting:
                 self._changed.notify_all()
 
     def enter_unless_held(self, key: Hashable, block: int | None, write: bool) -> Any:
         """In one hold of the lock: :data:`HELD` when another I/O holds ``key``'s cell (the
         caller waits with :meth:`acquire`). Else, with ``block`` ``None``, take the cell and
-        return ``None``; with a mapped, unshared ``block`` (the cell taken and released at once,
-        as ``thin_bio_map`` does), count one I/O in flight on it and return where to send it:
-        the data device while the gate is open (pair with ``leave(block, True)``), else ``None``
-        (through the pool device: ``leave(block, False)``)."""
+        return the data device for a write while the gate is open (the write of a new block:
+        pair with ``release(key, True)``, or give it back with :meth:`leave_direct` when no new
+        block comes at once), else ``None``; with a mapped, unshared ``block`` (the cell taken
+        and released at once, as ``thin_bio_map`` does), count one I/O in flight on it and
+        return where to send it: the data device while the gate is open (pair with
+        ``leave(block, True)``), else ``None`` (through the pool device: ``leave(block, False)``)."""
         with self.lock:
             if key in self._held:
                 return HELD
             if block is None:
                 self._held.add(key)
+                route = self._route
+                if write and route is not None and self._route_writes:
+                    self._direct += 1
+                    return route
                 return None
             count = self._count
             count[block] = count.get(block, 0) + 1

@@ -560,11 +560,13 @@ class Pool:
         the cell is free again; the caller sends it to the data device given, or through the pool
         device when that is ``None`` (the pool is suspended), then calls
         ``prison.leave(block, data device is not None)``. Otherwise the caller holds the cell
-        (``prison.release((dev_id, vblock))`` when done) and gets ``(-1, shared data block or
-        None, new block or None, self.aborts, None)``: a read of an unmapped block gets no new
-        block; a write gets the block ``provision_block``/``break_sharing`` allocate
-        (``alloc_data_block``), or ``None`` when the pool cannot give one at once: the caller
-        then goes :meth:`alloc_data_block`'s way, which waits or fails as the pool's mode says.
+        (``prison.release((dev_id, vblock), data device is not None)`` when done) and gets
+        ``(-1, shared data block or None, new block or None, self.aborts, data device or
+        None)``: a read of an unmapped block gets no new block; a write gets the block
+        ``provision_block``/``break_sharing`` allocate (``alloc_data_block``), and the data
+        device to write it to while the pool's gate is open, or ``None`` when the pool cannot
+        give one at once: the caller then goes :meth:`alloc_data_block`'s way, which waits or
+        fails as the pool's mode says.
         """
         key = (dev_id, vblock)
         prison = self.prison
@@ -582,7 +584,7 @@ class Pool:
             if route is not HELD:
                 if block is not None:
                     return block, None, None, 0, route
-                return self._provision_block(key, found, write)
+                return self._provision_block(key, found, write, route)
         prison.acquire(key)  # another I/O holds the cell: wait for it, then look again
         try:
             with self.lock:
@@ -597,14 +599,20 @@ class Pool:
             raise
 
     def _provision_block(self, key: tuple[int, int], found: tuple[int, bool] | None,
-                         write: bool) -> tuple[int, int | None, int | None, int, Any]:
-        """:meth:`begin_io`'s answer with the cell held (the lock held too)."""
+                         write: bool, route: Any = None) -> tuple[int, int | None, int | None, int, Any]:
+        """:meth:`begin_io`'s answer with the cell held (the lock held too). ``route`` is the
+        data device the prison gave the write with the cell: it stays the caller's only with a
+        new block, which it writes there (the caller then releases the cell with
+        ``release(key, True)``); a write that must wait for a block gives it back first."""
         try:
             new = self._alloc_locked() if write and self.mode == Mode.WRITE else None
         except BaseException:
-            self.prison.release(key)
+            self.prison.release(key, route is not None)
             raise
-        return -1, None if found is None else found[0], new, self.aborts, None
+        if new is None and route is not None:
+            self.prison.leave_direct()
+            route = None
+        return -1, None if found is None else found[0], new, self.aborts, route
 
     def insert(self, state: DeviceState, vblock: int, block: int, aborts: int) -> None:
         """``dm_thin_insert_block``: map ``vblock`` to ``block`` (allocated when ``self.aborts``

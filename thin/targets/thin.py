@@ -238,9 +238,9 @@ class ThinTarget(TargetDriver):
         block, old, new, aborts, data = pool.begin_io(self.dev_id, vblock, True)
         if block < 0:  # unmapped or shared: provision under the cell
             try:
-                self._provision(vblock, within, piece, old, new, aborts)
+                self._provision(vblock, within, piece, old, new, aborts, data)
             finally:
-                pool.prison.release((self.dev_id, vblock))
+                pool.prison.release((self.dev_id, vblock), data is not None)
             return
         try:  # the write runs outside the cell (thin_bio_map)
             (data or self.pool_dev).write(piece, block * self.bb + within)
@@ -261,11 +261,12 @@ class ThinTarget(TargetDriver):
             prison.leave_direct()
 
     def _provision(self, vblock: int, within: int, piece: memoryview, old: int | None, new: int | None,
-                   aborts: int) -> None:
+                   aborts: int, data: Endpoint | None = None) -> None:
         """Write ``piece`` to a new block for ``vblock`` (unmapped, or shared with data block ``old``), its cell
-        held: ``new`` is the block :meth:`Pool.begin_io` gave, else one is allocated here
-        (waiting for space or failing as the pool's mode says). The new mapping goes in once the
-        block is prepared and written, and I/O still in flight on a shared old block is done."""
+        held: ``new`` is the block :meth:`Pool.begin_io` gave (with ``data``, the data device the
+        pool's gate let it write to), else one is allocated here (waiting for space or failing
+        as the pool's mode says). The new mapping goes in once the block is prepared and
+        written, and I/O still in flight on a shared old block is done."""
         pool = self.pool
         if new is None:
             aborts = pool.aborts
@@ -279,13 +280,16 @@ class ThinTarget(TargetDriver):
             if (within or len(piece) != self.bb) and (old is not None or self.origin is not None
                                                       or pool.pf.zero_new_blocks):
                 self._prepare(vblock, new, old)
-            self._write_data(piece, new * self.bb + within)
+            if data is not None:
+                data.write(piece, new * self.bb + within)
+            else:
+                self._write_data(piece, new * self.bb + within)
         except BaseException:
             pool.release_block(new, aborts)
             raise
         if old is not None:
             pool.prison.quiesce(old)
-        pool.insert(self.state, vblock, new, aborts)
+        pool.insert_many(self.state, ((vblock, new),), aborts)
 
     def _prepare(self, vblock: int, new: int, old: int | None) -> None:
         """Fill a new block before a partial write (dm-thin.c ``schedule_copy``/``schedule_zero``/
