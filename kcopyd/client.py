@@ -63,6 +63,14 @@ MAX_SUB_JOB_SIZE = 1024 * 1024
 
 _Task = tuple[Callable[[Any], None], Any]
 
+#: Piece size of a buffered job with an NBD export named by URI, when the pool holds four such
+#: pieces (``dmtools copy`` gives NBD copies 16 MiB): each piece is one request on one connection
+#: and one trip through the workers, so larger pieces spend less of this process's CPU per byte
+#: (measured, 1 GiB, 1 MiB -> 4 MiB pieces: user CPU 0.29 -> 0.20 s export -> file, and
+#: 1.26 -> 0.93 CPU s file -> file + export); nbdcopy's 64 requests of 256 KiB are 16 MiB in
+#: flight too.
+NBD_PIECE_SIZE = 4 << 20
+
 
 def _fully_allocated(ep: Endpoint, offset: int, length: int) -> bool:
     """True when the source range has no hole (then sub-jobs skip their extent queries).
@@ -334,6 +342,9 @@ class Client(InlineJobs):
         # destinations are written from the source's page cache (kcopyd.mapped).
         plan.mapped = bool(osrc is not None and osrc.owned and not plan.offload and reverse is None
                            and can_map(osrc.endpoint, [d.endpoint for d in odests]))
+        if not plan.offload and osrc is not None and any(
+                is_nbd_uri(o.region.dev) for o in [osrc, *odests]):
+            plan.piece_size = max(plan.piece_size, min(NBD_PIECE_SIZE, self.num_pages * PAGE_SIZE // 4))
         if plan.offload:
             plan.piece_size = OFFLOAD_PIECE_SIZE
             plan.max_active = offload_depth(osrc.endpoint, osrc.offset, nbytes) if osrc is not None else OFFLOAD_DEPTH

@@ -316,3 +316,24 @@ def test_overlapping_destinations_on_one_export_refused(tmp_path: Path,
                       [kcopyd.Region(srv.uri, 0, 2048), kcopyd.Region(srv.uri, 2048, 2048)])
         assert job.wait(30) and job.ok
     assert _read(srv.uri, 2 * MiB) == src.read_bytes()
+
+
+@pytest.mark.parametrize("num_pages, piece", [(4096, 4 * MiB), (1024, MiB)])
+def test_nbd_jobs_take_larger_pieces_when_the_pool_allows(tmp_path: Path, start_nbdkit: Callable[..., NbdServer],
+                                                          num_pages: int, piece: int) -> None:
+    """A copy with an export moves NBD_PIECE_SIZE pieces when four fit in the pool, both ways."""
+    from kcopyd.client import NBD_PIECE_SIZE
+
+    assert NBD_PIECE_SIZE == 4 * MiB
+    srv = start_nbdkit(["memory", "16M"])
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(16 * MiB))
+    back = tmp_path / "back.img"
+    back.write_bytes(bytes(16 * MiB))
+    with kcopyd.Client(num_pages=num_pages, sub_job_size=MiB) as kc:
+        for s, d in ((str(src), srv.uri), (srv.uri, str(back))):
+            job = kc.copy(kcopyd.Region(s, 0, 16 * MiB // S), [kcopyd.Region(d, 0, 16 * MiB // S)])
+            assert job.wait(60) and job.ok
+            assert job.plan.piece_size == piece
+        assert kc.pool.peak <= num_pages
+    assert back.read_bytes() == src.read_bytes()
