@@ -7,7 +7,9 @@ device's ``major:minor`` is the loop device's.
 
 Requests to a device whose live table is only ``linear``/``striped`` over backing files are
 served in C, without the GIL (``dmtools.engine.fastpath``: each file's FUSE handle names its slot,
-whose map the device's suspend gate withdraws and installs). Everything else runs in Python:
+whose map the device's suspend gate withdraws and installs), by the FUSE session's own workers
+(``fastio.c``'s ``dmf_main``), which receive a write's data on a page boundary and pass it to the
+backing file with ``O_DIRECT`` as it lies there. Everything else runs in Python:
 writes go straight from libfuse's request buffer to the engine (no copy in Python, no per-sector
 loop): the FUSE callback wraps the C buffer in a ``memoryview`` and hands it to the device, whose
 targets ``pwritev`` it. Reads of ``linear`` and ``striped`` ranges are moved by the kernel: the
