@@ -21,7 +21,11 @@ several requests are in flight at once. Two choices are this engine's own, made 
 - a regular-file source that kcopyd opened by path and that has none of the job's range in the
   page cache (``kcopyd.fastpath.cached_bytes``) has its pages dropped once read, as ``dd
   iflag=nocache`` does: the copy does not push other data out of the cache, and the pages it frees
-  serve the destinations' writes. Reads stay buffered, so readahead keeps the disk busy.
+  serve the destinations' writes. Reads stay buffered, so readahead keeps the disk busy;
+- such a source whose destinations all write by system calls (files, block devices, plain NBD
+  connections) is written from a read-only mapping of its page cache, without copying it into
+  pooled buffers first (``kcopyd.mapped``); a job with an NBD export moves larger pieces
+  (``NBD_PIECE_SIZE``).
 """
 
 from __future__ import annotations
