@@ -244,6 +244,15 @@ def insert(tm: TransactionManager, root: int, key: int, value: Any, vtype: Value
     An overwritten value loses its reference (``vtype.dec``) unless ``vtype.equal`` says it is
     unchanged or ``dec_old`` is false.
     """
+    root, added, _leaf, _hi = _insert(tm, root, key, value, vtype, dec_old)
+    return root, added
+
+
+def _insert(tm: TransactionManager, root: int, key: int, value: Any, vtype: ValueType,
+            dec_old: bool = True) -> tuple[int, bool, Node | None, int]:
+    """:func:`insert`, plus the leaf ``key`` went into and its upper bound (exclusive; ``2**64``
+    for the last leaf), or ``None`` for the leaf when an internal node on the path is full (the
+    next insert down it may split that node)."""
     # tm.shadow's first case, inline (a node this transaction made, referenced once, is changed
     # in place): most inserts find every node of their path so
     counts, new, dirty = tm.msm.counts, tm.msm.new, tm.dirty_nodes
@@ -251,45 +260,55 @@ def insert(tm: TransactionManager, root: int, key: int, value: Any, vtype: Value
     root = node.blocknr
     if len(node.keys) >= node.max_entries and not (node.leaf and _has(node, key)):  # full
         _split_beneath(tm, node, vtype)
+    hi = 1 << 64
+    room = True
     while not node.leaf:
-        i = bisect_right(node.keys, key) - 1
+        keys = node.keys
+        i = bisect_right(keys, key) - 1
         if i < 0:
             i = 0
-            node.keys[0] = key  # the lower bound drops to the new smallest key
+            keys[0] = key  # the lower bound drops to the new smallest key
         b = node.values[i]
         child = dirty[b][0] if counts[b] == 1 and b in new else tm.shadow(b, vtype)
         node.values[i] = child.blocknr
         if len(child.keys) >= child.max_entries and not (child.leaf and _has(child, key)):
             _split_child(tm, node, i, child, vtype)
-            if key >= node.keys[i + 1]:
-                child = tm.read_node(node.values[i + 1], vtype)
+            if key >= keys[i + 1]:
+                i += 1
+                child = tm.read_node(node.values[i], vtype)
+        if i + 1 < len(keys) and keys[i + 1] < hi:
+            hi = keys[i + 1]
+        if len(keys) >= node.max_entries:
+            room = False
         node = child
-    i = bisect_right(node.keys, key) - 1
-    if i >= 0 and node.keys[i] == key:
+    leaf = node if room else None
+    keys = node.keys
+    i = bisect_right(keys, key) - 1
+    if i >= 0 and keys[i] == key:
         old = node.values[i]
         node.values[i] = value
         if dec_old and not vtype.equal(old, value):
             vtype.dec(old)
-        return root, False
-    node.keys.insert(i + 1, key)
+        return root, False, leaf, hi
+    keys.insert(i + 1, key)
     node.values.insert(i + 1, value)
-    return root, True
+    return root, True, leaf, hi
 
 
 def insert_run(tm: TransactionManager, root: int, items: Sequence[tuple[int, Any]], vtype: ValueType) -> tuple[int, int]:
     """:func:`insert` of each ``(key, value)`` of ``items`` in order; returns ``(new root, how
     many keys are new)``. The tree comes out as the same inserts one by one leave it: a key above
-    the previous one goes straight into the leaf that one reached while nothing on that path is
-    full and the key is below the leaf's upper bound (the full path would find that leaf, change
-    every node of its path in place and split none), any other down the full path."""
+    the previous one goes straight into the leaf that one reached while no internal node on that
+    path is full, the leaf is not full and the key is below the leaf's upper bound (the full path
+    would find that leaf, change every node of its path in place and split none), any other down
+    the full path."""
     added = 0
     leaf: Node | None = None
     last = hi = 0
     for key, value in items:
         if leaf is None or not last < key < hi or len(leaf.keys) >= leaf.max_entries:
-            root, new = insert(tm, root, key, value, vtype)
+            root, new, leaf, hi = _insert(tm, root, key, value, vtype)
             added += new
-            leaf, hi = _path_leaf(tm, root, key, vtype)
             last = key
             continue
         last = key
@@ -305,22 +324,6 @@ def insert_run(tm: TransactionManager, root: int, items: Sequence[tuple[int, Any
         leaf.values.insert(i + 1, value)
         added += 1
     return root, added
-
-
-def _path_leaf(tm: TransactionManager, root: int, key: int, vtype: ValueType) -> tuple[Node | None, int]:
-    """The leaf holding ``key`` and its upper bound (exclusive; ``2**64`` for the last leaf),
-    or ``(None, 0)`` when a node on the path is full (the next insert may split it)."""
-    hi = 1 << 64
-    node = tm.read_node(root, vtype)
-    while True:
-        if len(node.keys) >= node.max_entries and not node.leaf:
-            return None, 0
-        if node.leaf:
-            return node, hi
-        i = bisect_right(node.keys, key) - 1
-        if i + 1 < len(node.keys):
-            hi = min(hi, node.keys[i + 1])
-        node = tm.read_node(node.values[i], vtype)
 
 
 def _has(node: Node, key: int) -> bool:

@@ -4,17 +4,26 @@
 for a zeroed device), ``open`` reads an existing one. Changes (``create_thin``, ``create_snap``,
 ``delete``, ``insert``/``remove`` of mappings, data allocation, metadata snapshots) stay in memory
 until ``commit``, which writes them in the kernel's order; ``abort`` drops them.
+
+New mappings of unmapped blocks (``map_new``, what a first write to a block inserts) wait in a
+dict until something needs the trees: lookups find them there, and they go into the btrees, in
+the order they came, before any other change of the trees and at the commit (``fold``). A
+mapping is durable only after a commit in either case (dm-thin.c ``process_prepared_mapping``
+inserts into in-core btree nodes that reach the disk at the commit), and the trees come out
+block for block as inserting each mapping at once leaves them.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 from dataclasses import replace
 from typing import NamedTuple
 
-from dmtools.errors import CorruptMetadata, DeviceBusy, DeviceExists, DeviceNotFound, InvalidArgument
+from dmtools.errors import CorruptMetadata, DeviceBusy, DeviceExists, DeviceIOError, DeviceNotFound, InvalidArgument
 
 from . import btree
 from .btree import DETAILS, U64, ValueType
@@ -99,6 +108,18 @@ class ThinMetadata:
         self._roots: dict[int, int] = {}
         #: each device's shadowed top-level leaf, as ``_top_leaf`` found it last.
         self._top_leaves: dict[int, tuple[int, btree.Node, int]] = {}
+        #: ``map_new`` mappings not in their device's tree yet: per device, vblock -> packed
+        #: ``block_time``, in the order they came; ``_order`` holds the devices' turns as
+        #: ``(dev_id, where its run starts in its dict)``, so that ``fold`` inserts them in
+        #: that order across devices.
+        self._pending: dict[int, dict[int, int]] = {}
+        self._order: list[tuple[int, int]] = []
+        #: the device of the last run in ``_order``.
+        self._last = -1
+        #: how many mappings wait in ``_pending``.
+        self.pending = 0
+        #: why a ``fold`` failed (the trees are half changed: only ``abort`` goes on from there).
+        self._broken: str | None = None
         self._load_superblock(sb)
 
     def _load_superblock(self, sb: Superblock) -> None:
@@ -223,6 +244,16 @@ class ThinMetadata:
     # -- devices -----------------------------------------------------------------------------
     def details(self, dev_id: int) -> DeviceDetails:
         """A device's details; raises ``DeviceNotFound`` (ENODATA) if it does not exist."""
+        det = self._det(dev_id)
+        pend = self._pending.get(dev_id)
+        return replace(det, mapped_blocks=det.mapped_blocks + len(pend)) if pend else det
+
+    def snapshotted_time(self, dev_id: int) -> int:
+        """When the device was last snapshotted (a mapping older than that is shared)."""
+        return self._det(dev_id).snapshotted_time
+
+    def _det(self, dev_id: int) -> DeviceDetails:
+        """:meth:`details` without the mappings waiting in core (what the details tree gets)."""
         if dev_id in self._added:
             self._settle(dev_id)
         det = self._details.get(dev_id) or self._clean_details.get(dev_id)
@@ -236,11 +267,12 @@ class ThinMetadata:
     def _settle(self, dev_id: int) -> None:
         """Count the mappings inserts added to ``dev_id`` in its details."""
         added = self._added.pop(dev_id)
-        det = self.details(dev_id)
+        det = self._det(dev_id)
         self._details[dev_id] = replace(det, mapped_blocks=det.mapped_blocks + added)
 
     def devices(self) -> dict[int, DeviceDetails]:
         """Every device's details, by id, in id order."""
+        self.fold()
         for dev_id in list(self._added):
             self._settle(dev_id)
         out = dict(btree.items(self.tm, self.details_root, DETAILS))
@@ -251,6 +283,12 @@ class ThinMetadata:
         return dev_id in self._details or btree.lookup(self.tm, self.details_root, dev_id, DETAILS) is not None
 
     def device_root(self, dev_id: int) -> int:
+        """The root of a device's mapping tree, every mapping in it (waiting ones folded in)."""
+        if self.pending:
+            self.fold()
+        return self._root(dev_id)
+
+    def _root(self, dev_id: int) -> int:
         root = self._roots.get(dev_id)
         if root is None:
             root = btree.lookup(self.tm, self.mapping_root, dev_id, self.subtree)
@@ -275,6 +313,7 @@ class ThinMetadata:
         self._writing()
         if self.exists(dev_id):
             raise DeviceExists(f"thin device {dev_id} already exists")
+        self.fold()
         root = btree.empty_tree(self.tm, self.mapping)
         self._forget(dev_id)
         self.mapping_root, _ = btree.insert(self.tm, self.mapping_root, dev_id, root, self.subtree)
@@ -287,8 +326,9 @@ class ThinMetadata:
         self._writing()
         if self.exists(dev_id):
             raise DeviceExists(f"thin device {dev_id} already exists")
-        origin_details = self.details(origin)
-        root = self.device_root(origin)
+        self.fold()  # a waiting mapping is never shared (see map_new)
+        origin_details = self._det(origin)
+        root = self._root(origin)
         if self.time >= TIME_MASK:
             raise InvalidArgument("the pool's snapshot time is exhausted (2^24 snapshots)")
         self.tm.inc(root)
@@ -302,7 +342,8 @@ class ThinMetadata:
         """Remove a device and drop its mappings (``__delete_device``); ``DeviceNotFound`` if missing."""
         self._check_id(dev_id)
         self._writing()
-        self.details(dev_id)
+        self.fold()
+        self._det(dev_id)
         self._details.pop(dev_id, None)
         self._added.pop(dev_id, None)
         self._forget(dev_id)
@@ -338,22 +379,32 @@ class ThinMetadata:
     # -- mappings ----------------------------------------------------------------------------
     def lookup(self, dev_id: int, vblock: int) -> Lookup | None:
         """Where ``vblock`` of a device lives, or ``None`` when it is not provisioned."""
+        pend = self._pending.get(dev_id)
+        if pend:
+            value = pend.get(vblock)
+            if value is not None:
+                return Lookup(value >> 24, value & TIME_MASK, False)
         root = self._roots.get(dev_id)
-        value = btree.lookup(self.tm, self.device_root(dev_id) if root is None else root, vblock, self.mapping)
+        value = btree.lookup(self.tm, self._root(dev_id) if root is None else root, vblock, self.mapping)
         if value is None:
             return None
-        det = self._details.get(dev_id) or self._clean_details.get(dev_id) or self.details(dev_id)
+        det = self._details.get(dev_id) or self._clean_details.get(dev_id) or self._det(dev_id)
         time = value & TIME_MASK
         return Lookup(value >> 24, time, det.snapshotted_time > time)
 
     def find(self, dev_id: int, vblock: int) -> tuple[int, bool] | None:
         """``(data block, shared)`` of ``vblock``'s mapping, or ``None``: :meth:`lookup` for the
         per-I/O path, which needs no ``Lookup`` (nor the time)."""
+        pend = self._pending.get(dev_id)
+        if pend:
+            value = pend.get(vblock)
+            if value is not None:  # mapped at the current time: not shared (see map_new)
+                return value >> 24, False
         root = self._roots.get(dev_id)
-        value = btree.lookup(self.tm, self.device_root(dev_id) if root is None else root, vblock, self.mapping)
+        value = btree.lookup(self.tm, self._root(dev_id) if root is None else root, vblock, self.mapping)
         if value is None:
             return None
-        det = self._details.get(dev_id) or self._clean_details.get(dev_id) or self.details(dev_id)
+        det = self._details.get(dev_id) or self._clean_details.get(dev_id) or self._det(dev_id)
         return value >> 24, det.snapshotted_time > value & TIME_MASK
 
     def highest_mapped(self, dev_id: int) -> int | None:
@@ -363,10 +414,15 @@ class ThinMetadata:
 
     def mappings(self, dev_id: int, begin: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int]]:
         """``(vblock, data_block, time)`` of a device's mappings in ``[begin, end)``, in order."""
-        for keys, values in btree.walk(self.tm, self.device_root(dev_id), self.mapping, begin, end):
-            for k, v in zip(keys, values):
-                if k >= begin and (end is None or k < end):
-                    yield k, v >> 24, v & TIME_MASK
+        pend = self._pending.get(dev_id)
+        if pend and (end is None or (any(v in pend for v in range(begin, end)) if end - begin <= len(pend)
+                                     else any(begin <= v < end for v in pend))):
+            self.fold()  # waiting mappings in the range
+        for keys, values in btree.walk(self.tm, self._root(dev_id), self.mapping, begin, end):
+            lo = bisect_left(keys, begin)  # only the leaf's keys in the range
+            hi = len(keys) if end is None else bisect_left(keys, end, lo)
+            for k, v in zip(keys[lo:hi], values[lo:hi]):
+                yield k, v >> 24, v & TIME_MASK
 
     def insert(self, dev_id: int, vblock: int, data_block: int) -> None:
         """Map ``vblock`` to ``data_block`` at the current time (the data block's reference passes to
@@ -375,23 +431,96 @@ class ThinMetadata:
 
     def insert_many(self, dev_id: int, pairs: Sequence[tuple[int, int]]) -> None:
         """``insert`` of every ``(vblock, data_block)`` pair, the device's path shadowed once."""
+        self._check_mapping(dev_id, pairs)
+        self.fold()
+        time = self.time
+        self._insert_tree(dev_id, [(v, (b << 24) | time) for v, b in pairs])  # pack_block_time
+
+    def map_new(self, dev_id: int, pairs: Sequence[tuple[int, int]]) -> None:
+        """:meth:`insert_many` of blocks the caller found unmapped (the thin target, under their
+        cells): the mappings wait in core until :meth:`fold` puts them in the tree.
+
+        Lookups find them meanwhile, as mapped at the current time and not shared: nothing that
+        shares a tree (``create_snap``) or moves the time happens without a fold first. A block
+        that is mapped after all (or twice) goes in at once, as ``insert_many``: a waiting
+        mapping replaces no value, so no reference count changes later than it would at once."""
+        self._check_mapping(dev_id, pairs)
+        pend = self._pending.get(dev_id)
+        if pend is None:
+            pend = self._pending[dev_id] = {}
+        keys = {v for v, _b in pairs}
+        if len(keys) != len(pairs) or not pend.keys().isdisjoint(keys):
+            self.insert_many(dev_id, pairs)
+            return
+        if dev_id != self._last:
+            self._order.append((dev_id, len(pend)))
+            self._last = dev_id
+        time = self.time
+        pend.update((v, (b << 24) | time) for v, b in pairs)  # pack_block_time
+        self.pending += len(pairs)
+
+    def map_one(self, dev_id: int, vblock: int, data_block: int) -> None:
+        """:meth:`map_new` of one block (a first write's mapping)."""
+        pend = self._pending.get(dev_id)
+        if (pend is None or vblock in pend or dev_id != self._last or not self._in_service
+                or not 0 <= data_block < len(self.tm.dsm.counts)):
+            self.map_new(dev_id, ((vblock, data_block),))
+            return
+        pend[vblock] = (data_block << 24) | self.time  # pack_block_time
+        self.pending += 1
+
+    def _check_mapping(self, dev_id: int, pairs: Sequence[tuple[int, int]]) -> None:
+        """Refuse a data block outside the pool or a device that does not exist."""
         self._writing()
-        tm = self.tm
-        limit = min(len(tm.dsm.counts), MAX_DATA_BLOCK + 1)
+        limit = min(len(self.tm.dsm.counts), MAX_DATA_BLOCK + 1)
         for _v, data_block in pairs:
             if not 0 <= data_block < limit:
                 raise InvalidArgument(f"data block {data_block} is outside the pool ({self.nr_data_blocks} blocks)")
         if dev_id not in self._details and dev_id not in self._clean_details:
-            self.details(dev_id)  # DeviceNotFound
+            self._det(dev_id)  # DeviceNotFound
+
+    def fold(self) -> None:
+        """Put the mappings :meth:`map_new` keeps waiting into their trees, in the order they
+        came (the trees come out as inserting each at once leaves them). A failure leaves the
+        trees half changed: every later fold and commit refuses until :meth:`abort`."""
+        if self._broken is not None:
+            raise DeviceIOError(f"an earlier metadata update failed ({self._broken}): the transaction must be "
+                                "aborted", errno=errno.EIO, device=self.dev.path)
+        if not self.pending:
+            return
+        pending = self._pending
+        runs = {dev_id: iter(pend.items()) for dev_id, pend in pending.items()}
+        end = {dev_id: len(pend) for dev_id, pend in pending.items()}
+        turns = []
+        for dev_id, begin in reversed(self._order):
+            turns.append((dev_id, end[dev_id] - begin))
+            end[dev_id] = begin
+        try:
+            for dev_id, n in reversed(turns):
+                self._insert_tree(dev_id, list(islice(runs[dev_id], n)))
+        except BaseException as err:
+            self._broken = str(err) or type(err).__name__  # the waiting mappings stay findable
+            raise
+        self._clear_pending()
+
+    def _clear_pending(self) -> None:
+        self._pending.clear()
+        self._order.clear()
+        self._last = -1
+        self.pending = 0
+
+    def _insert_tree(self, dev_id: int, items: list[tuple[int, int]]) -> None:
+        """Insert ``(vblock, packed value)`` items into the device's tree now (the new keys
+        counted in its mapped blocks)."""
         leaf, i = self._top_leaf(dev_id)
         added = 0
-        mapping, root, time = self.mapping, leaf.values[i], self.time
+        tm, mapping, root = self.tm, self.mapping, leaf.values[i]
         try:
-            if len(pairs) == 1:
-                (vblock, data_block), = pairs
-                root, added = btree.insert(tm, root, vblock, (data_block << 24) | time, mapping)  # pack_block_time
+            if len(items) == 1:
+                (vblock, value), = items
+                root, added = btree.insert(tm, root, vblock, value, mapping)
             else:
-                root, added = btree.insert_run(tm, root, [(v, (b << 24) | time) for v, b in pairs], mapping)
+                root, added = btree.insert_run(tm, root, items, mapping)
         finally:
             leaf.values[i] = self._roots[dev_id] = root
             if added:
@@ -423,8 +552,9 @@ class ThinMetadata:
     def remove(self, dev_id: int, vblock: int) -> bool:
         """Unmap ``vblock`` (its data block loses a reference); ``False`` if it was not mapped."""
         self._writing()
-        det = self.details(dev_id)
-        if btree.lookup(self.tm, self.device_root(dev_id), vblock, self.mapping) is None:
+        self.fold()
+        det = self._det(dev_id)
+        if btree.lookup(self.tm, self._root(dev_id), vblock, self.mapping) is None:
             return False
         path = btree.shadow_path(self.tm, self.mapping_root, dev_id, self.subtree)
         assert path is not None
@@ -445,7 +575,8 @@ class ThinMetadata:
     def alloc_data_block(self) -> int:
         """A free data block with one reference; ``NoSpace`` when the pool is full (blocks freed in
         this transaction count only after the next commit, as the kernel's allocator)."""
-        self._writing()
+        if not self._in_service:
+            self._writing()
         return self.tm.dsm.alloc()
 
     def alloc_data_blocks(self, n: int) -> list[int]:
@@ -479,6 +610,7 @@ class ThinMetadata:
         (dm-space-map-metadata.c ``sm_metadata_extend``; the superblock's ``metadata_nr_blocks``
         keeps its format-time value, as the kernel leaves it). Returns the new block count."""
         self._writing()
+        self.fold()  # waiting mappings take the blocks they would have taken before the growth
         new = min(self.dev.refresh_size(), MAX_METADATA_SECTORS // BLOCK_SECTORS)
         if new < self.nr_metadata_blocks:
             raise InvalidArgument(f"metadata device ({new} blocks) too small: expected {self.nr_metadata_blocks}")
@@ -511,6 +643,7 @@ class ThinMetadata:
         b = self.held_root
         if not b:
             raise InvalidArgument("no pool metadata snapshot found: nothing to release")
+        self.fold()
         raw = self.tm.dirty_raw.get(b)
         copy = Superblock.unpack(raw if raw is not None else self.dev.read(b), b)
         self.held_root = 0
@@ -532,7 +665,7 @@ class ThinMetadata:
     @property
     def dirty(self) -> bool:
         """Whether anything changed since the last commit."""
-        return self._in_service and (bool(self._details or self._added) or self.tm.changed or
+        return self._in_service and (bool(self._details or self._added or self.pending) or self.tm.changed or
                                      self._superblock_now() != self.superblock)
 
     def commit(self, pre_commit: Callable[[], None] | None = None) -> bool:
@@ -543,6 +676,7 @@ class ThinMetadata:
         and every changed block are written and flushed, and the superblock last. Returns whether
         anything was written.
         """
+        self.fold()
         if not self.dirty:
             return False
         if pre_commit is not None:
@@ -575,4 +709,6 @@ class ThinMetadata:
         self.subtree = SubtreeValue(self.tm, self.mapping)
         self._details.clear()
         self._added.clear()
+        self._clear_pending()
+        self._broken = None
         self._load_superblock(sb)

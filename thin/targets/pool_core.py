@@ -55,6 +55,10 @@ log = logging.getLogger("thin")
 #: path shadowed, and a split at each of its levels.
 INSERT_COST = 8
 
+#: new mappings kept waiting in core (``ThinMetadata.map_new``) before they go into the btrees
+#: between commits: a bound on the memory they take and on the time one fold holds the lock.
+PENDING_MAX = 4096
+
 
 class Mode(enum.IntEnum):
     """dm-thin.c ``enum pool_mode``, in order of degradation."""
@@ -139,6 +143,10 @@ class Pool:
         self.mapped = 0
         #: transactions aborted so far: a block taken before an abort is not given back after it.
         self.aborts = 0
+        #: new blocks :meth:`_alloc_locked` may still give without its checks: none of them can
+        #: fall due before these are used up (see ``_alloc_locked``); whatever else changes the
+        #: metadata, the mode or the low water mark sets it to 0.
+        self._quota = 0
         self._event: Callable[[], None] | None = None
         self._no_space_timer: threading.Timer | None = None
         self.md = self._open_metadata(metadata, value)
@@ -185,6 +193,14 @@ class Pool:
         tm = self.md.tm
         return 2 * len(tm.dsm.dirty_bitmaps) + len(tm.msm.dirty_bitmaps) + 2
 
+    def _room(self) -> int:
+        """Free metadata blocks above the reserve, less what the next commit takes
+        (:meth:`metadata_free` and :meth:`_commit_cost`, inline: this runs for every new block)."""
+        tm = self.md.tm
+        msm = tm.msm
+        return (len(msm.counts) - msm.nr_allocated - len(msm.freed) - self.reserve
+                - 2 * len(tm.dsm.dirty_bitmaps) - len(msm.dirty_bitmaps) - 2)
+
     def _metadata_floor(self) -> bool:
         """Fewer metadata blocks left, reserve included, than one more mapping and its commit
         take: only a tiny metadata device (whose reserve is a few blocks) gets here before the
@@ -224,6 +240,7 @@ class Pool:
         with self.lock:
             if self.mode == Mode.FAIL:
                 raise _eio("pool is in fail mode", self.name)
+            self._quota = 0
             try:
                 return fn(self.md)
             except (DeviceIOError, OSError, DMError) as err:
@@ -244,6 +261,7 @@ class Pool:
 
     def set_mode(self, new: Mode) -> None:
         """dm-thin.c ``set_pool_mode`` (lock held)."""
+        self._quota = 0
         old = self.mode
         if new == Mode.WRITE and self.md.needs_check:
             log.error("%s: unable to switch pool to write mode until repaired.", self.name)
@@ -294,6 +312,7 @@ class Pool:
         """``bind_control_target``: the table being resumed now drives the pool (``writable``:
         the table was not loaded read-only, so thin devices' writes may pass it)."""
         with self.lock:
+            self._quota = 0
             self._event = event
             self.pf = features
             self.low_water_blocks = low_water
@@ -342,6 +361,7 @@ class Pool:
         with self.lock:
             self.suspended = False
             self.low_water_triggered = False
+            self._quota = 0
             self.prison.open_gate(self.data, self._data_writable)
             self.space.notify_all()
 
@@ -362,6 +382,7 @@ class Pool:
         completed, so that flush made its data durable.
         """
         with self.lock:
+            self._quota = 0
             if self.mode >= Mode.OUT_OF_METADATA_SPACE:
                 raise _eio("cannot commit: the pool is read-only", self.name)
 
@@ -450,17 +471,26 @@ class Pool:
         # No room above the reserve for this block's mapping and the commit after it: commit
         # first, which may enter out-of-metadata-space (dm-thin.c commits right after such an
         # allocation; before it, the block never lands in a transaction that cannot commit).
-        # (metadata_free() and _commit_cost(), inline: this runs for every new block)
+        # Mappings waiting in core (ThinMetadata.map_new) have taken no metadata block yet
+        # (_fold_cost bounds what they will take): when they could leave too little room, they
+        # go in first and the rule applies to what they took, as it would have to each of them.
         md = self.md
-        tm = md.tm
-        msm, dsm = tm.msm, tm.dsm
-        if (len(msm.counts) - msm.nr_allocated - len(msm.freed) - self.reserve
-                <= 2 * len(dsm.dirty_bitmaps) + len(msm.dirty_bitmaps) + 2 + INSERT_COST):
-            self.commit()
-            if self.mode != Mode.WRITE:
+        if self._quota > 0:
+            self._quota -= 1
+            try:
+                return md.alloc_data_block()
+            except NoSpace:  # every free block was freed in this very transaction
+                self.set_mode(Mode.OUT_OF_DATA_SPACE)
                 return None
-            md = self.md
-            dsm = md.tm.dsm
+        if self._room() <= _fold_cost(md.pending) + INSERT_COST:
+            if md.pending:
+                self.fold()
+            if self._room() <= INSERT_COST:
+                self.commit()
+                if self.mode != Mode.WRITE:
+                    return None
+                md = self.md
+        dsm = md.tm.dsm
         free = len(dsm.counts) - dsm.nr_allocated
         if free <= self.low_water_blocks and not self.low_water_triggered:
             log.warning("%s: reached low water mark for data device: sending event.", self.name)
@@ -472,6 +502,14 @@ class Pool:
                 self.set_mode(Mode.OUT_OF_DATA_SPACE)
                 return None
             md = self.md
+            free = md.free_data_blocks
+        # The allocations after this one that none of the steps above can stop: each leaves one
+        # block less free (none comes back without a run(), a commit or a mode change, which end
+        # the quota) and one more mapping waiting, which may take INSERT_COST blocks and change
+        # a data and a metadata bitmap (so 3 more) of the room above the reserve.
+        per = INSERT_COST + 3
+        self._quota = max(0, min(free - 1 if self.low_water_triggered else free - self.low_water_blocks - 1,
+                                 (self._room() - _fold_cost(md.pending) - INSERT_COST - 1) // per - 1))
         try:
             return md.alloc_data_block()
         except (DeviceIOError, OSError, DMError) as err:  # run()'s rules, inline
@@ -502,14 +540,19 @@ class Pool:
         none of its steps can fall due among them (an early commit for metadata room, the low
         water mark, an empty pool); else none. Data allocations take no metadata block: only the
         commit's cost may grow, by a changed data bitmap, at most ``n // 16320 + 2`` of them."""
+        self._quota = 0
         md = self.md
-        msm, dsm = md.tm.msm, md.tm.dsm
+        dsm = md.tm.dsm
         free = len(dsm.counts) - dsm.nr_allocated
         k = min(n, free)
-        cost = 2 * (len(dsm.dirty_bitmaps) + k // ENTRIES_PER_BITMAP + 2) + len(msm.dirty_bitmaps) + 2
-        if (k < 2 or free - k < self.low_water_blocks
-                or len(msm.counts) - msm.nr_allocated - len(msm.freed) - self.reserve <= cost + INSERT_COST):
+        if k < 2 or free - k < self.low_water_blocks:
             return []
+        cost = 2 * (k // ENTRIES_PER_BITMAP + 2) + INSERT_COST  # data bitmaps it may change, its insert
+        if self._room() <= cost + _fold_cost(md.pending):
+            if md.pending:
+                self.fold()
+            if self._room() <= cost:
+                return []
         try:
             return md.alloc_data_blocks(k)
         except (DeviceIOError, OSError, DMError) as err:  # run()'s rules, inline
@@ -530,7 +573,7 @@ class Pool:
     def lookup_range(self, dev_id: int, begin: int, end: int) -> dict[int, Lookup]:
         """The mappings of ``[begin, end)``, by virtual block (one walk of the device's tree)."""
         def lookup(md: ThinMetadata) -> dict[int, Lookup]:
-            snapped = md.details(dev_id).snapshotted_time
+            snapped = md.snapshotted_time(dev_id)
             return {v: Lookup(b, t, snapped > t) for v, b, t in md.mappings(dev_id, begin, end)}
         return self.run("dm_thin_find_mapped_range", lookup)  # type: ignore[no-any-return]
 
@@ -584,7 +627,15 @@ class Pool:
             if route is not HELD:
                 if block is not None:
                     return block, None, None, 0, route
-                return self._provision_block(key, found, write, route)
+                if write and self.mode == Mode.WRITE:  # _provision_block's commonest case, inline
+                    try:
+                        new = self._alloc_locked()
+                    except BaseException:
+                        prison.release(key, route is not None)
+                        raise
+                    if new is not None:
+                        return -1, None if found is None else found[0], new, self.aborts, route
+                return self._provision_block(key, found, False, route)
         prison.acquire(key)  # another I/O holds the cell: wait for it, then look again
         try:
             with self.lock:
@@ -648,21 +699,38 @@ class Pool:
         with self.lock:
             self.space.notify_all()
 
-    def insert_many(self, state: DeviceState, pairs: Sequence[tuple[int, int]], aborts: int) -> None:
-        """:meth:`insert` of every ``(vblock, block)`` pair under one lock."""
+    def insert_many(self, state: DeviceState, pairs: Sequence[tuple[int, int]], aborts: int,
+                    new: bool = False) -> None:
+        """:meth:`insert` of every ``(vblock, block)`` pair under one lock. ``new``: every
+        ``vblock`` was unmapped when looked up under its cell (held until now), so the mappings
+        may wait in core until the next fold or commit (``ThinMetadata.map_new``)."""
         with self.lock:
             if aborts != self.aborts:
                 raise _eio("the metadata transaction was aborted", self.name)
             if self.mode == Mode.FAIL:
                 raise _eio("pool is in fail mode", self.name)
+            md = self.md
             try:  # run()'s rules, inline: this runs for every new block
-                self.md.insert_many(state.dev_id, pairs)
+                if new:
+                    if len(pairs) == 1:  # a first write's mapping
+                        md.map_one(state.dev_id, *pairs[0])
+                    else:
+                        md.map_new(state.dev_id, pairs)
+                    if md.pending >= PENDING_MAX:
+                        md.fold()
+                else:
+                    self._quota = 0  # it takes its metadata blocks now
+                    md.insert_many(state.dev_id, pairs)
             except (DeviceIOError, OSError, DMError) as err:
                 if not _metadata_fault(err):
                     raise
                 raise self._failed("dm_thin_insert_block", err) from err
             state.changed = True
             self.mapped += 1
+
+    def fold(self) -> None:
+        """Put the mappings waiting in core into the btrees (``ThinMetadata.fold``)."""
+        self.run("dm_thin_insert_block", lambda md: md.fold())
 
     # -- thin devices --------------------------------------------------------------------------
     def open_device(self, dev_id: int) -> DeviceState:
@@ -773,6 +841,12 @@ class Pool:
             self.space.notify_all()
         self.kc.destroy()
         self.md.close()
+
+
+def _fold_cost(waiting: int) -> int:
+    """Metadata blocks ``waiting`` mappings kept in core may take when they go into the btrees:
+    :data:`INSERT_COST` each, and a metadata bitmap changed per 16320 of those blocks."""
+    return INSERT_COST * waiting + (INSERT_COST * waiting) // ENTRIES_PER_BITMAP + 1 if waiting else 0
 
 
 def _metadata_fault(err: BaseException) -> bool:

@@ -181,8 +181,16 @@ class ThinTarget(TargetDriver):
     def write(self, buf: memoryview, offset: int) -> None:
         bb = self.bb
         vblock, within = divmod(offset, bb)
-        if within + len(buf) <= bb:  # one block: most I/O
-            self._write_block(vblock, within, buf)
+        if within + len(buf) <= bb:  # one block: most I/O (_write_block, inline)
+            pool = self.pool
+            block, old, new, aborts, data = pool.begin_io(self.dev_id, vblock, True)
+            if block < 0:
+                self._provision_cell(vblock, within, buf, old, new, aborts, data)
+                return
+            try:  # the write runs outside the cell (thin_bio_map)
+                (data or self.pool_dev).write(buf, block * bb + within)
+            finally:
+                pool.prison.leave(block, data is not None)
             return
         v0, v1 = -(-offset // bb), (offset + len(buf)) // bb
         if v1 - v0 < 2:
@@ -229,7 +237,7 @@ class ThinTarget(TargetDriver):
                 if look.shared:  # reads still in flight on the old block (shared_read_ds)
                     pool.prison.quiesce(look.data_block)
             if pairs:
-                pool.insert_many(self.state, pairs, aborts)
+                pool.insert_many(self.state, pairs, aborts, new=not any(look.shared for look in looks.values()))
         for v in need[len(news):]:
             self._write_block(v, 0, data[(v - v0) * bb:(v - v0 + 1) * bb])
 
@@ -237,15 +245,31 @@ class ThinTarget(TargetDriver):
         pool = self.pool
         block, old, new, aborts, data = pool.begin_io(self.dev_id, vblock, True)
         if block < 0:  # unmapped or shared: provision under the cell
-            try:
-                self._provision(vblock, within, piece, old, new, aborts, data)
-            finally:
-                pool.prison.release((self.dev_id, vblock), data is not None)
+            self._provision_cell(vblock, within, piece, old, new, aborts, data)
             return
         try:  # the write runs outside the cell (thin_bio_map)
             (data or self.pool_dev).write(piece, block * self.bb + within)
         finally:
             pool.prison.leave(block, data is not None)
+
+    def _provision_cell(self, vblock: int, within: int, piece: memoryview, old: int | None, new: int | None,
+                        aborts: int, data: Endpoint | None) -> None:
+        """:meth:`_provision` with the cell :meth:`Pool.begin_io` gave, released when done."""
+        pool = self.pool
+        try:
+            if (old is None and new is not None and data is not None and self.origin is None
+                    and (not pool.pf.zero_new_blocks or (not within and len(piece) == self.bb))):
+                # a first write that needs no preparation (_provision's commonest case, inline)
+                try:
+                    data.write(piece, new * self.bb + within)
+                except BaseException:
+                    pool.release_block(new, aborts)
+                    raise
+                pool.insert_many(self.state, ((vblock, new),), aborts, new=True)
+            else:
+                self._provision(vblock, within, piece, old, new, aborts, data)
+        finally:
+            pool.prison.release((self.dev_id, vblock), data is not None)
 
     def _write_data(self, piece: memoryview, at: int) -> None:
         """Write ``piece`` at byte ``at`` of the pool's data: straight to the data device while
@@ -289,7 +313,9 @@ class ThinTarget(TargetDriver):
             raise
         if old is not None:
             pool.prison.quiesce(old)
-        pool.insert_many(self.state, ((vblock, new),), aborts)
+            pool.insert_many(self.state, ((vblock, new),), aborts)
+        else:
+            pool.insert_many(self.state, ((vblock, new),), aborts, new=True)
 
     def _prepare(self, vblock: int, new: int, old: int | None) -> None:
         """Fill a new block before a partial write (dm-thin.c ``schedule_copy``/``schedule_zero``/

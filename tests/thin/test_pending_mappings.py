@@ -1,0 +1,132 @@
+"""New mappings that wait in core (``ThinMetadata.map_new``/``map_one``) until a fold or commit:
+the metadata comes out byte for byte as inserting each at once leaves it, lookups and counts see
+them meanwhile, an abort drops them, and a failed fold stops every commit until the abort."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from dmtools.errors import DeviceIOError
+from thin.metadata import ThinMetadata
+from thin.metadata.check import check
+
+
+def _history(path: Path, seed: int, defer: bool) -> bytes:
+    """A random history of mappings (single and 16-block runs, up or scattered) on several
+    devices, with unmaps, snapshots, new and deleted devices, commits and data frees."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(8 << 20)
+    md = ThinMetadata.format(path, data_block_size=128, nr_data_blocks=20000)
+    md.create_thin(1)
+    mapped: dict[int, set[int]] = {1: set()}
+    for _ in range(500):
+        r = rng.random()
+        dev = rng.choice(sorted(mapped))
+        if r < 0.6:
+            n = rng.choice([1, 1, 1, 16])
+            start = rng.randrange(5000)
+            keys = list(range(start, start + n)) if rng.random() < 0.5 else rng.sample(range(5000), n)
+            pairs = [(k, md.alloc_data_block()) for k in keys]
+            one = rng.random() < 0.5  # drawn either way: both histories take the same steps
+            if defer and not any(md.lookup(dev, k) for k in keys):  # as the thin target finds them
+                if n == 1 and one:
+                    md.map_one(dev, *pairs[0])
+                else:
+                    md.map_new(dev, pairs)
+            else:
+                md.insert_many(dev, pairs)
+            mapped[dev].update(keys)
+        elif r < 0.7 and mapped[dev]:
+            k = rng.choice(sorted(mapped[dev]))
+            assert md.remove(dev, k)
+            mapped[dev].discard(k)
+        elif r < 0.75 and len(mapped) < 5:
+            new = max(mapped) + 1
+            if rng.random() < 0.5:
+                md.create_snap(new, dev)
+                mapped[new] = set(mapped[dev])
+            else:
+                md.create_thin(new)
+                mapped[new] = set()
+        elif r < 0.77 and len(mapped) > 1:
+            md.delete(dev)
+            del mapped[dev]
+        elif r < 0.82:
+            md.commit()
+        elif r < 0.83:
+            md.data_dec(md.alloc_data_block())
+        elif r < 0.86:
+            assert md.details(dev).mapped_blocks == len(mapped[dev])
+    md.commit()
+    md.close()
+    assert check(path).ok
+    return path.read_bytes()
+
+
+def _pool(tmp_path: Path) -> tuple[Path, ThinMetadata]:
+    """Fresh metadata with an empty thin device 1, committed."""
+    path = tmp_path / "meta.img"
+    with open(path, "wb") as f:
+        f.truncate(8 << 20)
+    md = ThinMetadata.format(path, data_block_size=128, nr_data_blocks=1000)
+    md.create_thin(1)
+    md.commit()
+    return path, md
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_waiting_mappings_write_what_immediate_inserts_write(tmp_path: Path, seed: int) -> None:
+    assert _history(tmp_path / "defer.img", seed, True) == _history(tmp_path / "now.img", seed, False)
+
+
+def test_waiting_mappings_are_found_counted_committed_and_aborted(tmp_path: Path) -> None:
+    path, md = _pool(tmp_path)
+    b = md.alloc_data_block()
+    md.map_one(1, 7, b)
+    assert md.pending == 1
+    assert md.find(1, 7) == (b, False)
+    look = md.lookup(1, 7)
+    assert look is not None and look.data_block == b and not look.shared
+    assert md.details(1).mapped_blocks == 1
+    assert [(v, d) for v, d, _t in md.mappings(1)] == [(7, b)]  # folds
+    assert md.pending == 0
+    c = md.alloc_data_block()
+    md.map_one(1, 8, c)
+    md.abort()  # never committed: gone, and its block free again
+    assert md.pending == 0 and md.find(1, 8) is None and md.find(1, 7) is None
+    assert md.details(1).mapped_blocks == 0
+    d = md.alloc_data_block()
+    md.map_new(1, [(3, d), (4, md.alloc_data_block())])
+    md.commit()
+    md.close()
+    with ThinMetadata.open(path) as again:
+        assert again.find(1, 3) == (d, False)
+        assert again.details(1).mapped_blocks == 2
+
+
+def test_a_failed_fold_refuses_commits_until_the_abort(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, md = _pool(tmp_path)
+    before = path.read_bytes()
+    b = md.alloc_data_block()
+    md.map_one(1, 5, b)
+
+    def broken(*_args: object, **_kw: object) -> None:
+        raise DeviceIOError("injected: metadata block unreadable")
+    monkeypatch.setattr(md, "_insert_tree", broken)
+    with pytest.raises(DeviceIOError, match="injected"):
+        md.commit()
+    monkeypatch.undo()
+    assert md.find(1, 5) == (b, False)  # still found until the abort
+    with pytest.raises(DeviceIOError, match="aborted"):
+        md.commit()
+    assert path.read_bytes() == before  # nothing written
+    md.abort()
+    assert md.find(1, 5) is None
+    md.map_one(1, 5, md.alloc_data_block())
+    md.commit()
+    md.close()
+    assert check(path).ok
