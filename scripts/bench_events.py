@@ -24,11 +24,12 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "events")]  # the engine and fake-backend helpers
 
+from dmtools.engine import Engine  # noqa: E402
 from dmtools.events import DeviceRenamed, SnapshotUsageCrossed, StateStore, Watcher  # noqa: E402
 from dmtools.events.delivery import CursorSink, JsonLinesFile  # noqa: E402
 from dmtools.monitor import Monitor, MonitorConfig, PolicySettings  # noqa: E402
 
-from ev_engine import engine_with_targets, image  # noqa: E402
+from ev_engine import image  # noqa: E402
 from ev_fakes import SNAP_TABLE, FakeDM, snap_status  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def latency(monitor: Monitor, want: Callable[[Any], bool], act: Callable[[], Non
 
 
 def engine_latencies(samples: int, tmp: Path) -> None:
-    eng = engine_with_targets()
+    eng = Engine()  # the snapshot and mirror targets load through their entry points
     try:
         eng.create("r0", "0 8 zero")
         rename = []

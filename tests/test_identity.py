@@ -34,8 +34,8 @@ def _file(path: Path) -> tuple[str, int, int]:
     return ("file", st_.st_dev, st_.st_ino)
 
 
-def _devno(name: str, eng: Engine) -> str:
-    return eng.device_ref(name)
+def _devno(name: str, engine: Engine) -> str:
+    return engine.device_ref(name)
 
 
 # --- Extent ----------------------------------------------------------------------------------------
@@ -110,12 +110,6 @@ def test_nbd_uris_normalized() -> None:
 
 
 # --- engine tables ---------------------------------------------------------------------------------
-@pytest.fixture
-def eng(engine: Engine) -> Engine:
-    """The plugin's in-process engine."""
-    return engine
-
-
 def _image(tmp_path: Path, name: str, size: int = 4 * MiB) -> Path:
     path = tmp_path / name
     with open(path, "wb") as f:
@@ -123,10 +117,10 @@ def _image(tmp_path: Path, name: str, size: int = 4 * MiB) -> Path:
     return path
 
 
-def test_linear_over_file_is_the_file(eng: Engine, tmp_path: Path) -> None:
+def test_linear_over_file_is_the_file(engine: Engine, tmp_path: Path) -> None:
     img = _image(tmp_path, "a.img")
-    eng.create("lin", f"0 2048 linear {img} 2048")
-    ident = identify(_devno("lin", eng), dm=eng)
+    engine.create("lin", f"0 2048 linear {img} 2048")
+    ident = identify(_devno("lin", engine), dm=engine)
     assert ident.extents == {Extent(_file(img), MiB, 2 * MiB)}
     assert ident.overlaps(identify(img))
     assert not ident.overlaps(identify(img).slice(0, MiB))
@@ -135,21 +129,21 @@ def test_linear_over_file_is_the_file(eng: Engine, tmp_path: Path) -> None:
     assert "backed by" in ident.describe() and str(img) in ident.describe()
 
 
-def test_stacked_linears_and_zero(eng: Engine, tmp_path: Path) -> None:
+def test_stacked_linears_and_zero(engine: Engine, tmp_path: Path) -> None:
     a, b = _image(tmp_path, "a.img"), _image(tmp_path, "b.img")
-    eng.create("low", f"0 4096 linear {a} 0\n4096 4096 linear {b} 0")
-    low = _devno("low", eng)
-    eng.create("top", f"0 1024 zero\n1024 4096 linear {low} 2048")
-    ident = identify(_devno("top", eng), dm=eng)
+    engine.create("low", f"0 4096 linear {a} 0\n4096 4096 linear {b} 0")
+    low = _devno("low", engine)
+    engine.create("top", f"0 1024 zero\n1024 4096 linear {low} 2048")
+    ident = identify(_devno("top", engine), dm=engine)
     # top sectors 1024..5120 = low sectors 2048..6144 = a[2048..4096) + b[0..2048)
     assert ident.extents == {Extent(_file(a), MiB, 2 * MiB), Extent(_file(b), 0, MiB)}
     assert ident.slice(0, 1024 * SECTOR).extents == frozenset()
-    assert users(identify(b), eng) == ["low", "top"]
-    assert users(identify(b).slice(MiB, MiB), eng) == ["low"]
-    assert users(identify(b).slice(2 * MiB, MiB), eng) == []
+    assert users(identify(b), engine) == ["low", "top"]
+    assert users(identify(b).slice(MiB, MiB), engine) == ["low"]
+    assert users(identify(b).slice(2 * MiB, MiB), engine) == []
 
 
-def test_conservative_target_takes_every_device(eng: Engine, tmp_path: Path) -> None:
+def test_conservative_target_takes_every_device(engine: Engine, tmp_path: Path) -> None:
     from dmtools.engine.target_driver import TargetDriver
 
     class Opaque(TargetDriver):
@@ -169,10 +163,10 @@ def test_conservative_target_takes_every_device(eng: Engine, tmp_path: Path) -> 
         def table_params(self) -> str:
             return " ".join(h.name for h in self.devices)
 
-    eng.register_target(Opaque)
+    engine.register_target(Opaque)
     a, b = _image(tmp_path, "a.img"), _image(tmp_path, "b.img")
-    eng.create("op", f"0 2048 opaque-test {a} {b}")
-    ident = identify(_devno("op", eng), dm=eng)
+    engine.create("op", f"0 2048 opaque-test {a} {b}")
+    ident = identify(_devno("op", engine), dm=engine)
     want = {Extent(_file(a), 0, None), Extent(_file(b), 0, None)}
     assert ident.extents == want
     assert ident.slice(0, 512).extents == want
@@ -255,12 +249,12 @@ def test_slice_matches_per_sector_mapping(
             == ident.slice(start + inner, SECTOR).extents)
 
 
-def test_ensure_disjoint_names_roles_and_alias(eng: Engine, tmp_path: Path) -> None:
+def test_ensure_disjoint_names_roles_and_alias(engine: Engine, tmp_path: Path) -> None:
     img, other = _image(tmp_path, "c.img"), _image(tmp_path, "o.img")
-    eng.create("cowdev", f"0 8192 linear {img} 0")
-    ref = _devno("cowdev", eng)
+    engine.create("cowdev", f"0 8192 linear {img} 0")
+    ref = _devno("cowdev", engine)
     with pytest.raises(DeviceConflict) as exc:
-        ensure_disjoint({"--cow": str(img), "the origin": ref}, dm=eng)
+        ensure_disjoint({"--cow": str(img), "the origin": ref}, dm=engine)
     msg = str(exc.value)
     assert msg == f"--cow {img} and the origin {ref} share bytes ({ref} is backed by {img})"
     assert exc.value.errno == 22
@@ -269,14 +263,14 @@ def test_ensure_disjoint_names_roles_and_alias(eng: Engine, tmp_path: Path) -> N
         ensure_disjoint({"--cow": str(img), "the origin": str(tmp_path / "link")})
     assert str(exc.value) == (f"--cow {img} and the origin {tmp_path / 'link'} are the same bytes "
                               f"({tmp_path / 'link'} is {img})")
-    ok = ensure_disjoint({"origin": str(other), "--cow": ref}, dm=eng)
+    ok = ensure_disjoint({"origin": str(other), "--cow": ref}, dm=engine)
     assert set(ok) == {"origin", "--cow"}
-    eng.create("half", f"0 10 linear {img} 4")
+    engine.create("half", f"0 10 linear {img} 4")
     with pytest.raises(DeviceConflict, match="share bytes"):
-        ensure_disjoint({"a": ref, "b": _devno("half", eng)}, dm=eng)
+        ensure_disjoint({"a": ref, "b": _devno("half", engine)}, dm=engine)
 
 
-def test_table_that_loops_is_refused_not_recursed(eng: Engine, tmp_path: Path) -> None:
+def test_table_that_loops_is_refused_not_recursed(engine: Engine, tmp_path: Path) -> None:
     # The engine refuses cycles itself; a resolver given a backend must not recurse forever
     # even when a backend reports one (a fake backend at the seam).
     from dmtools.backend import DeviceEntry
@@ -370,19 +364,19 @@ def test_exposed_engine_devices(make_image: Callable[..., Path], make_loop: Call
                                 tmp_path: Path) -> None:
     img = make_image(8 * MiB)
     lo = make_loop(img)
-    eng = Engine(expose=True, run_dir=str(tmp_path / "run"))
+    engine = Engine(expose=True, run_dir=str(tmp_path / "run"))
     try:
-        eng.create("lin", f"0 4096 linear {lo.path} 2048")
-        mapper = eng.device_path("lin")
+        engine.create("lin", f"0 4096 linear {lo.path} 2048")
+        mapper = engine.device_path("lin")
         fuse_file = loop.info(os.path.realpath(mapper)).backing_file
         assert fuse_file is not None and fuse_file.startswith(str(tmp_path / "run"))
         want = {Extent(_file(img), MiB, 3 * MiB)}
-        for spelling in (mapper, os.path.realpath(mapper), eng.device_ref("lin"), fuse_file):
-            assert identify(spelling, dm=eng).extents == want, spelling
-        assert users(identify(lo.path), eng) == ["lin"]
-        assert users(identify(str(img)).slice(4 * MiB, MiB), eng) == []
+        for spelling in (mapper, os.path.realpath(mapper), engine.device_ref("lin"), fuse_file):
+            assert identify(spelling, dm=engine).extents == want, spelling
+        assert users(identify(lo.path), engine) == ["lin"]
+        assert users(identify(str(img)).slice(4 * MiB, MiB), engine) == []
         with pytest.raises(DeviceConflict):
-            ensure_disjoint({"--log": str(img), "leg 1": mapper}, dm=eng)
+            ensure_disjoint({"--log": str(img), "leg 1": mapper}, dm=engine)
         # Without the backend, or with another one, the engine of this process is asked.
         for other in (None, Engine()):
             for spelling in (mapper, fuse_file):
@@ -390,7 +384,7 @@ def test_exposed_engine_devices(make_image: Callable[..., Path], make_loop: Call
             if other is not None:
                 other.close()
     finally:
-        eng.close()
+        engine.close()
 
 
 @root

@@ -1,23 +1,9 @@
-"""The in-process userspace engine with the snapshot and mirror targets, and image files."""
+"""Helpers for the events tests on the in-process userspace engine: image files, a recording backend."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-
-from dmtools.engine import Engine
-
-
-def engine_with_targets() -> Engine:
-    """An ``Engine`` that knows ``snapshot``, ``snapshot-origin``, ``snapshot-merge`` and ``mirror``."""
-    import snapshot.targets
-    from mirror.target import MirrorTarget
-
-    e = Engine()
-    for name, cls in snapshot.targets.TARGETS.items():
-        e.register_target(cls, name)
-    e.register_target(MirrorTarget, "mirror")
-    return e
 
 
 def image(tmp_path: Path, name: str, size: int) -> str:

@@ -6,11 +6,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from dmtools.engine import Engine
 from dmtools.events import (
@@ -20,44 +18,35 @@ from dmtools.monitor import Monitor, MonitorConfig, PolicySettings
 from mirror.manager import MirrorManager
 from snapshot.manager import SnapshotManager
 
-from ev_engine import Recorder, engine_with_targets, image, policies
+from ev_engine import Recorder, image, policies
 
 MiB = 1 << 20
 WRITE = 16 << 10
 
 
-@pytest.fixture
-def eng() -> Iterator[Engine]:
-    e = engine_with_targets()
-    try:
-        yield e
-    finally:
-        e.close()
-
-
-def snapshot_stack(eng: Engine, tmp_path: Path, cow_bytes: int) -> str:
+def snapshot_stack(engine: Engine, tmp_path: Path, cow_bytes: int) -> str:
     origin = image(tmp_path, "origin", 16 * MiB)
     cow = image(tmp_path, "cow", cow_bytes)
-    eng.create("o", f"0 {16 * MiB // 512} linear {origin} 0")
-    SnapshotManager(eng).create("o", cow, "s", chunk_size=8)
+    engine.create("o", f"0 {16 * MiB // 512} linear {origin} 0")
+    SnapshotManager(engine).create("o", cow, "s", chunk_size=8)
     return cow
 
 
-def fill(eng: Engine, monitor: Monitor, total: int) -> list[Any]:
+def fill(engine: Engine, monitor: Monitor, total: int) -> list[Any]:
     """Write ``total`` new bytes to the origin in 16 KiB pieces, one monitor scan after each."""
     events: list[Any] = []
-    with eng.open_endpoint("o") as ep:
+    with engine.open_endpoint("o") as ep:
         for off in range(0, total, WRITE):
             ep.write(bytes([off // WRITE % 251 + 1]) * WRITE, off)
             events += monitor.step()
     return events
 
 
-def test_snapshot_fills_warnings_in_order_then_invalid(eng: Engine, tmp_path: Path) -> None:
-    snapshot_stack(eng, tmp_path, 1 * MiB)
-    monitor = Monitor(eng, MonitorConfig(PolicySettings(warn=(80, 85, 90, 95))), event_numbers=False)
+def test_snapshot_fills_warnings_in_order_then_invalid(engine: Engine, tmp_path: Path) -> None:
+    snapshot_stack(engine, tmp_path, 1 * MiB)
+    monitor = Monitor(engine, MonitorConfig(PolicySettings(warn=(80, 85, 90, 95))), event_numbers=False)
     monitor.step()
-    events = fill(eng, monitor, 2 * MiB)
+    events = fill(engine, monitor, 2 * MiB)
     snap_events = [e for e in events if e.device == "s"]
     warned = [e.threshold for e in snap_events if isinstance(e, SnapshotUsageCrossed)]
     assert warned == [80, 85, 90, 95]
@@ -65,28 +54,28 @@ def test_snapshot_fills_warnings_in_order_then_invalid(eng: Engine, tmp_path: Pa
     assert len(invalid) == 1 and snap_events[-1] is invalid[0]
     assert "INVALID" in invalid[0].describe() and invalid[0].last_percent is not None
     assert invalid[0].last_percent >= 95
-    assert eng.status("s")[0].params == "Invalid"
+    assert engine.status("s")[0].params == "Invalid"
 
 
-def test_autoextend_keeps_the_snapshot_valid(eng: Engine, tmp_path: Path) -> None:
+def test_autoextend_keeps_the_snapshot_valid(engine: Engine, tmp_path: Path) -> None:
     # 1 MiB + 16 KiB COW (260 chunks); the writer copies 1.5 MiB of origin data into it.
-    cow = snapshot_stack(eng, tmp_path, MiB + WRITE)
+    cow = snapshot_stack(engine, tmp_path, MiB + WRITE)
     settings = PolicySettings(warn=(80, 85, 90, 95), autoextend_threshold=70, autoextend_percent=20)
-    dm = Recorder(eng)
+    dm = Recorder(engine)
     monitor = Monitor(dm, MonitorConfig(settings), event_numbers=False, policy_loader=policies)
     monitor.step()
-    events = fill(eng, monitor, 3 * MiB // 2)
+    events = fill(engine, monitor, 3 * MiB // 2)
     assert not [e for e in events if isinstance(e, SnapshotInvalidated)]
     assert not [e for e in events if isinstance(e, SnapshotUsageCrossed)]  # never reached 80 %
     extends = [e for e in events if isinstance(e, PolicyAction) and e.policy == "snapshot-autoextend"]
     assert extends and all(e.ok and "handover" in e.detail for e in extends)
     assert dm.handovers("o", "s") == len(extends)  # each extension reloaded the snapshot table
-    status = eng.status("s")[0].params
+    status = engine.status("s")[0].params
     used, total = (int(x) for x in status.split()[0].split("/"))
     assert total * 512 == os.path.getsize(cow) > 3 * MiB // 2 > MiB + WRITE
     assert used * 100 < 70 * total + 100 * 8  # below the threshold (within the last chunk)
     # the data written through the origin is what the origin returns, and the snapshot kept zeros
-    with eng.open_endpoint("o", writable=False) as ep, eng.open_endpoint("s", writable=False) as sp:
+    with engine.open_endpoint("o", writable=False) as ep, engine.open_endpoint("s", writable=False) as sp:
         buf, sbuf = bytearray(WRITE), bytearray(WRITE)
         ep.readinto(buf, 3 * MiB // 2 - WRITE)
         sp.readinto(sbuf, 3 * MiB // 2 - WRITE)
@@ -94,14 +83,14 @@ def test_autoextend_keeps_the_snapshot_valid(eng: Engine, tmp_path: Path) -> Non
     assert sbuf == bytes(WRITE)
 
 
-def mirror_stack(eng: Engine, tmp_path: Path) -> list[str]:
+def mirror_stack(engine: Engine, tmp_path: Path) -> list[str]:
     refs = []
     for i in range(3):
-        eng.create(f"l{i}", f"0 8192 linear {image(tmp_path, f'leg{i}', 4 * MiB)} 0")
-        refs.append(eng.device_ref(f"l{i}"))
-    MirrorManager(eng).create("m", refs[:2], handle_errors=True, region_size=1024,
+        engine.create(f"l{i}", f"0 8192 linear {image(tmp_path, f'leg{i}', 4 * MiB)} 0")
+        refs.append(engine.device_ref(f"l{i}"))
+    MirrorManager(engine).create("m", refs[:2], handle_errors=True, region_size=1024,
                               monitor=False)  # the Monitor under test owns the failures
-    MirrorManager(eng).resync("m")
+    MirrorManager(engine).resync("m")
     return refs
 
 
@@ -120,18 +109,18 @@ def run_monitor(monitor: Monitor, until: Any, timeout: float) -> tuple[list[Any]
     return got, thread
 
 
-def fail_leg_under_writer(eng: Engine, name: str) -> tuple[float, threading.Thread, list[str]]:
+def fail_leg_under_writer(engine: Engine, name: str) -> tuple[float, threading.Thread, list[str]]:
     """Turn leg device ``name`` into an ``error`` device, then write to the mirror in a thread
     (with handle_errors the write is held until the monitor acts)."""
-    with eng.open_endpoint("m") as ep:
+    with engine.open_endpoint("m") as ep:
         ep.write(b"x" * 65536, 0)
-    eng.load(name, "0 8192 error")
-    eng.resume(name)
+    engine.load(name, "0 8192 error")
+    engine.resume(name)
     result: list[str] = []
 
     def write() -> None:
         try:
-            with eng.open_endpoint("m") as ep:
+            with engine.open_endpoint("m") as ep:
                 ep.write(b"y" * 65536, MiB)
             result.append("ok")
         except Exception as err:  # noqa: BLE001 - the outcome is what the test looks at
@@ -143,15 +132,15 @@ def fail_leg_under_writer(eng: Engine, name: str) -> tuple[float, threading.Thre
     return started, writer, result
 
 
-def test_leg_failure_event_and_repair_onto_the_spare(eng: Engine, tmp_path: Path) -> None:
-    refs = mirror_stack(eng, tmp_path)
+def test_leg_failure_event_and_repair_onto_the_spare(engine: Engine, tmp_path: Path) -> None:
+    refs = mirror_stack(engine, tmp_path)
     settings = PolicySettings(mirror_policy="repair", spare=refs[2])
     # Polling alone would take 30 s: the leg failure must arrive through the event number.
-    monitor = Monitor(eng, MonitorConfig(settings), poll_interval=30.0,
+    monitor = Monitor(engine, MonitorConfig(settings), poll_interval=30.0,
                       policy_loader=lambda name: MirrorManager)
     monitor.step()
     got, thread = run_monitor(monitor, lambda e: isinstance(e, ResyncFinished), 25)
-    started, writer, result = fail_leg_under_writer(eng, "l1")
+    started, writer, result = fail_leg_under_writer(engine, "l1")
     thread.join(timeout=30)
     writer.join(timeout=10)
     monitor.close()
@@ -164,60 +153,60 @@ def test_leg_failure_event_and_repair_onto_the_spare(eng: Engine, tmp_path: Path
     actions = [e for e in events if isinstance(e, PolicyAction)]
     assert [(a.policy, a.ok) for a in actions] == [("mirror-repair", True)]
     assert isinstance(events[-1], ResyncFinished)
-    status = eng.status("m")[0].params
+    status = engine.status("m")[0].params
     assert status == f"2 {refs[0]} {refs[2]} 8/8 1 AA 1 core"
     legs = [bytearray(4 * MiB) for _ in range(2)]
     for buf, name in zip(legs, ("l0", "l2")):
-        with eng.open_endpoint(name, writable=False) as ep:
+        with engine.open_endpoint(name, writable=False) as ep:
             ep.readinto(buf, 0)
     assert legs[0] == legs[1] and legs[0][:65536] == b"x" * 65536
     assert result and not writer.is_alive()
 
 
-def test_degraded_policy_reports_and_changes_nothing(eng: Engine, tmp_path: Path) -> None:
-    refs = mirror_stack(eng, tmp_path)
-    monitor = Monitor(eng, MonitorConfig(PolicySettings(mirror_policy="degraded")), poll_interval=30.0)
+def test_degraded_policy_reports_and_changes_nothing(engine: Engine, tmp_path: Path) -> None:
+    refs = mirror_stack(engine, tmp_path)
+    monitor = Monitor(engine, MonitorConfig(PolicySettings(mirror_policy="degraded")), poll_interval=30.0)
     monitor.step()
     got, thread = run_monitor(monitor, lambda e: isinstance(e, PolicyAction), 20)
-    _started, writer, _result = fail_leg_under_writer(eng, "l1")
+    _started, writer, _result = fail_leg_under_writer(engine, "l1")
     thread.join(timeout=25)
     monitor.close()
     actions = [e for _t, e in got if isinstance(e, PolicyAction)]
     assert [(a.policy, a.action, a.ok) for a in actions] == [("mirror-degraded", "report", True)]
     assert "leg 1" in actions[0].detail
-    assert eng.table("m").lines[0].target.devices == (refs[0], refs[1])
-    eng.suspend("m")  # releases the held write (EIO), as an administrator's intervention would
-    eng.resume("m")
+    assert engine.table("m").lines[0].target.devices == (refs[0], refs[1])
+    engine.suspend("m")  # releases the held write (EIO), as an administrator's intervention would
+    engine.resume("m")
     writer.join(timeout=10)
     assert not writer.is_alive()
 
 
-def test_restart_catches_up_on_the_engine(eng: Engine, tmp_path: Path) -> None:
-    snapshot_stack(eng, tmp_path, 1 * MiB)
+def test_restart_catches_up_on_the_engine(engine: Engine, tmp_path: Path) -> None:
+    snapshot_stack(engine, tmp_path, 1 * MiB)
     config = MonitorConfig(PolicySettings(warn=(80, 85, 90, 95)))
     state_dir = str(tmp_path / "state")
     with StateStore("userspace", state_dir, lock=True) as store:
-        monitor = Monitor(eng, config, store=store, event_numbers=False)
+        monitor = Monitor(engine, config, store=store, event_numbers=False)
         monitor.step()
-        first = fill(eng, monitor, 52 * WRITE)  # to about 82 %
+        first = fill(engine, monitor, 52 * WRITE)  # to about 82 %
     assert [e.threshold for e in first if isinstance(e, SnapshotUsageCrossed)] == [80]
-    with eng.open_endpoint("o") as ep:  # nobody watches while the COW passes 85 and 90 %
+    with engine.open_endpoint("o") as ep:  # nobody watches while the COW passes 85 and 90 %
         for off in range(52 * WRITE, 58 * WRITE, WRITE):  # to about 91 %
             ep.write(b"z" * WRITE, off)
     with StateStore("userspace", state_dir, lock=True) as store:
-        events = Monitor(eng, config, store=store, event_numbers=False).step()
+        events = Monitor(engine, config, store=store, event_numbers=False).step()
     assert [e.threshold for e in events if isinstance(e, SnapshotUsageCrossed)] == [85, 90]
     assert {e.source for e in events} == {"catch-up"}
 
 
-def test_merge_finished_event(eng: Engine, tmp_path: Path) -> None:
-    snapshot_stack(eng, tmp_path, 1 * MiB)
-    monitor = Monitor(eng, event_numbers=False)
+def test_merge_finished_event(engine: Engine, tmp_path: Path) -> None:
+    snapshot_stack(engine, tmp_path, 1 * MiB)
+    monitor = Monitor(engine, event_numbers=False)
     monitor.step()
-    with eng.open_endpoint("o") as ep:  # copy some origin chunks into the COW
+    with engine.open_endpoint("o") as ep:  # copy some origin chunks into the COW
         for off in range(0, 8 * WRITE, WRITE):
             ep.write(b"m" * WRITE, off)
-    SnapshotManager(eng).merge("s", wait=False)  # "o" now runs snapshot-merge
+    SnapshotManager(engine).merge("s", wait=False)  # "o" now runs snapshot-merge
     finished: list[Any] = []
     deadline = time.monotonic() + 20
     seen: list[Any] = []
@@ -228,7 +217,7 @@ def test_merge_finished_event(eng: Engine, tmp_path: Path) -> None:
         time.sleep(0.02)
     assert finished and finished[0].device == "o", [str(e) for e in seen]
     assert [e.kind for e in seen if e.device == "s"] == ["device-removed"]
-    with eng.open_endpoint("o", writable=False) as ep:  # the origin is back to the snapshot's zeros
+    with engine.open_endpoint("o", writable=False) as ep:  # the origin is back to the snapshot's zeros
         buf = bytearray(WRITE)
         ep.readinto(buf, 0)
     assert buf == bytes(WRITE)

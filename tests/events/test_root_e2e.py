@@ -5,7 +5,7 @@ exception handover)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,6 @@ import pytest
 from dmtools.engine import Engine
 from dmtools.events import PolicyAction, SnapshotInvalidated
 from dmtools.monitor import Monitor, MonitorConfig, PolicySettings
-import snapshot.targets as snapshot_targets
 from snapshot.manager import SnapshotManager
 
 from ev_engine import Recorder, policies
@@ -25,58 +24,47 @@ MiB = 1 << 20
 WRITE = 16 << 10
 
 
-@pytest.fixture
-def eng() -> Iterator[Engine]:
-    e = Engine()
-    for name, cls in snapshot_targets.TARGETS.items():
-        e.register_target(cls, name)
-    try:
-        yield e
-    finally:
-        e.close()
-
-
-def loop_snapshot(eng: Engine, make_image: Callable[..., Path], make_loop: Callable[..., Any],
+def loop_snapshot(engine: Engine, make_image: Callable[..., Path], make_loop: Callable[..., Any],
                   cow_bytes: int) -> tuple[Path, Any]:
     origin = make_image(16 * MiB, name="origin")
     cow = make_image(cow_bytes, name="cow")
     loop = make_loop(cow)
-    eng.create("o", f"0 {16 * MiB // 512} linear {origin} 0")
-    SnapshotManager(eng).create("o", loop.path, "s", chunk_size=8)
+    engine.create("o", f"0 {16 * MiB // 512} linear {origin} 0")
+    SnapshotManager(engine).create("o", loop.path, "s", chunk_size=8)
     return cow, loop
 
 
 def test_extend_snapshot_on_a_loop_backed_cow(make_image: Callable[..., Path],
-                                              make_loop: Callable[..., Any], eng: Engine) -> None:
+                                              make_loop: Callable[..., Any], engine: Engine) -> None:
     # (the engine fixture comes last so it is torn down before the loop devices it holds)
-    cow, loop = loop_snapshot(eng, make_image, make_loop, MiB)
-    with eng.open_endpoint("o") as ep:
+    cow, loop = loop_snapshot(engine, make_image, make_loop, MiB)
+    with engine.open_endpoint("o") as ep:
         ep.write(b"n" * 65536, 0)
-    dm = Recorder(eng)
+    dm = Recorder(engine)
     res = SnapshotManager(dm).extend("s", 25)
     assert (res.old_bytes, res.new_bytes, res.loop, res.cow_device) == (MiB, MiB + MiB // 4, loop.path, "s-cow")
     assert res.handover and dm.handovers("o", "s") == 1
     assert os.path.getsize(cow) == MiB + MiB // 4
     with open(loop.path, "rb") as f:
         assert f.seek(0, os.SEEK_END) == MiB + MiB // 4
-    used = eng.status("s")[0].params.split()[0]
+    used = engine.status("s")[0].params.split()[0]
     assert used.endswith(f"/{(MiB + MiB // 4) // 512}") and int(used.split("/")[0]) > 128
-    assert not eng.info("s").suspended and not eng.info("o").suspended
-    with eng.open_endpoint("s", writable=False) as ep:
+    assert not engine.info("s").suspended and not engine.info("o").suspended
+    with engine.open_endpoint("s", writable=False) as ep:
         buf = bytearray(65536)
         ep.readinto(buf, 0)
     assert bytes(buf) == bytes(65536)  # the snapshot kept its exceptions through the reload
 
 
 def test_autoextend_under_a_writer_keeps_the_loop_backed_snapshot_valid(
-        make_image: Callable[..., Path], make_loop: Callable[..., Any], eng: Engine) -> None:
-    cow, _loop = loop_snapshot(eng, make_image, make_loop, MiB + WRITE)
-    dm = Recorder(eng)
+        make_image: Callable[..., Path], make_loop: Callable[..., Any], engine: Engine) -> None:
+    cow, _loop = loop_snapshot(engine, make_image, make_loop, MiB + WRITE)
+    dm = Recorder(engine)
     monitor = Monitor(dm, MonitorConfig(PolicySettings(warn=(80, 85, 90, 95), autoextend_threshold=70)),
                       event_numbers=False, policy_loader=policies)
     monitor.step()
     events = []
-    with eng.open_endpoint("o") as ep:
+    with engine.open_endpoint("o") as ep:
         for off in range(0, 3 * MiB // 2, WRITE):  # more than the original COW holds
             ep.write(b"w" * WRITE, off)
             events += monitor.step()
@@ -85,7 +73,7 @@ def test_autoextend_under_a_writer_keeps_the_loop_backed_snapshot_valid(
     assert extends and all(e.ok and e.policy == "snapshot-autoextend" for e in extends)
     assert dm.handovers("o", "s") == len(extends)  # each extension reloaded the snapshot table
     assert os.path.getsize(cow) > 3 * MiB // 2
-    assert eng.status("s")[0].params != "Invalid"
+    assert engine.status("s")[0].params != "Invalid"
 
 
 def test_watcher_over_the_daemon_gets_event_numbers(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ with ``--state-dir DIR`` (the option ``dmtools monitor`` takes), on the in-proce
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from dmtools.events import Event
 from mirror.manager import MirrorManager
 from snapshot.manager import SnapshotManager
 
-from ev_engine import engine_with_targets, image
+from ev_engine import image
 
 MiB = 1 << 20
 
@@ -37,15 +36,12 @@ class Kept:
 
 
 @pytest.fixture
-def eng(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Engine]:
-    e = engine_with_targets()
-    monkeypatch.setattr("dmtools.cli.common.open_backend", lambda args: Kept(e))
+def eng(engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Engine:
+    """The plugin's engine, behind the CLI's backend seam."""
+    monkeypatch.setattr("dmtools.cli.common.open_backend", lambda args: Kept(engine))
     # the default state directory: empty, so only --state-dir can show events
     monkeypatch.setattr(event_store, "default_root", lambda: str(tmp_path / "default"))
-    try:
-        yield e
-    finally:
-        e.close()
+    return engine
 
 
 def run(*argv: str) -> int:

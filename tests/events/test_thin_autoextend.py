@@ -18,25 +18,19 @@ from ev_engine import image, policies
 MiB = 1 << 20
 
 
-@pytest.fixture
-def eng(engine: Engine) -> Engine:
-    """The plugin's in-process engine."""
-    return engine
-
-
-def test_data_autoextend_before_the_pool_fills(eng: Engine, tmp_path: Path) -> None:
+def test_data_autoextend_before_the_pool_fills(engine: Engine, tmp_path: Path) -> None:
     """A volume larger than its pool is written: the monitor grows the data file by 20 % each time
     usage reaches 70 %, so every write lands and the pool never runs out of space."""
     meta, data = image(tmp_path, "meta", 8 * MiB), image(tmp_path, "data", 4 * MiB)
-    tpm = ThinPoolManager(eng)
+    tpm = ThinPoolManager(engine)
     tpm.create_pool("tp", meta, data, chunk_size=128)
     tpm.create("tp", "vol", 8 * MiB)
     settings = PolicySettings(thin_autoextend_threshold=70, thin_autoextend_percent=20)
-    monitor = Monitor(eng, MonitorConfig(settings), event_numbers=False, uevents=False, policy_loader=policies)
+    monitor = Monitor(engine, MonitorConfig(settings), event_numbers=False, uevents=False, policy_loader=policies)
     monitor.step()
     payload = os.urandom(6 * MiB)
     actions = []
-    with eng.open_endpoint("vol") as ep:
+    with engine.open_endpoint("vol") as ep:
         for off in range(0, len(payload), 256 << 10):
             ep.write(payload[off:off + (256 << 10)], off)
             ep.flush()
@@ -45,8 +39,8 @@ def test_data_autoextend_before_the_pool_fills(eng: Engine, tmp_path: Path) -> N
     assert os.path.getsize(data) >= 6 * MiB
     info = tpm.pool_status("tp")
     assert info.data_sectors * 512 == os.path.getsize(data) // (64 << 10) * (64 << 10)
-    assert "out_of_data_space" not in eng.status("tp-tpool")[0].params
-    with eng.open_endpoint("vol", writable=False) as ep:
+    assert "out_of_data_space" not in engine.status("tp-tpool")[0].params
+    with engine.open_endpoint("vol", writable=False) as ep:
         back = bytearray(len(payload))
         ep.readinto(back, 0)
     assert back == payload
@@ -60,11 +54,11 @@ def test_policy_settings_refuse_bad_percentages() -> None:
     assert PolicySettings(thin_autoextend_threshold=100).thin_autoextend_threshold is None  # LVM: 100 is off
 
 
-def test_a_failing_extension_is_reported_once(eng: Engine, tmp_path: Path) -> None:
+def test_a_failing_extension_is_reported_once(engine: Engine, tmp_path: Path) -> None:
     """The extension fails (the manager says why): one failed action, not one per scan, and the
     pool is untouched."""
     meta, data = image(tmp_path, "meta", 8 * MiB), image(tmp_path, "data", 2 * MiB)
-    tpm = ThinPoolManager(eng)
+    tpm = ThinPoolManager(engine)
     tpm.create_pool("tp", meta, data, chunk_size=128)
     tpm.create("tp", "vol", 4 * MiB)
 
@@ -76,10 +70,10 @@ def test_a_failing_extension_is_reported_once(eng: Engine, tmp_path: Path) -> No
             assert (pool, percent, data, metadata) == ("tp", 20, True, False)
             raise DMError("no space left in the volume group", operation="extend", device=pool)
 
-    monitor = Monitor(eng, MonitorConfig(PolicySettings(thin_autoextend_threshold=50)), event_numbers=False,
+    monitor = Monitor(engine, MonitorConfig(PolicySettings(thin_autoextend_threshold=50)), event_numbers=False,
                       uevents=False, policy_loader=lambda name: Refusing)
     monitor.step()
-    with eng.open_endpoint("vol") as ep:
+    with engine.open_endpoint("vol") as ep:
         ep.write(os.urandom(3 * MiB // 2), 0)
         ep.flush()
     events = [e for e in monitor.step() + monitor.step() if getattr(e, "policy", "") == "thin-autoextend"]

@@ -1,4 +1,5 @@
-"""Fixtures for the mirror tests."""
+"""Fixtures for the mirror tests: the plugin's ``engine`` knows the ``mirror`` target through the
+``dmtools.targets`` entry points."""
 
 from __future__ import annotations
 
@@ -6,21 +7,3 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-
-from typing import Any, Iterator  # noqa: E402
-
-import pytest  # noqa: E402
-
-
-@pytest.fixture
-def mengine() -> Iterator[Any]:
-    """An in-process engine with the ``mirror`` target registered on it."""
-    from dmtools.engine import Engine
-    from mirror.target import MirrorTarget
-
-    eng = Engine()
-    eng.register_target(MirrorTarget)
-    try:
-        yield eng
-    finally:
-        eng.close()

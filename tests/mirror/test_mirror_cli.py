@@ -43,9 +43,9 @@ def files(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def use_engine(mengine: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setattr(cli, "_manager", lambda args: MirrorManager(mengine))
-    return mengine
+def use_engine(engine: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setattr(cli, "_manager", lambda args: MirrorManager(engine))
+    return engine
 
 
 def test_inspect_json(files: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -116,9 +116,9 @@ class Run:
 
 
 @pytest.fixture
-def eng(mengine: Any) -> Any:
-    install(mengine)
-    return mengine
+def eng(engine: Any) -> Any:
+    install(engine)
+    return engine
 
 
 def _resync(eng: Any, tmp: Path, seed: int, handle_errors: bool) -> RecoveryFailed | None:

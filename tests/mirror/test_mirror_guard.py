@@ -47,9 +47,9 @@ def _writer(eng: Any, offset: int, data: bytes, name: str = "m") -> tuple[thread
 
 
 @pytest.fixture
-def eng(mengine: Any) -> Any:
-    install(mengine)
-    return mengine
+def eng(engine: Any) -> Any:
+    install(engine)
+    return engine
 
 
 @pytest.mark.parametrize("legs,bad", [(2, 1), (3, 1), (2, 0)], ids=["2-legs", "3-legs", "primary"])

@@ -33,8 +33,8 @@ def _same(a: str, b: str) -> bool:
 
 
 @pytest.fixture
-def mm(mengine: Any) -> MirrorManager:
-    return MirrorManager(mengine)
+def mm(engine: Any) -> MirrorManager:
+    return MirrorManager(engine)
 
 
 def test_create_resync_status_remove(mm: MirrorManager, tmp_path: Path) -> None:
@@ -142,17 +142,17 @@ def test_repair_rebuilds_only_the_new_leg(mm: MirrorManager, tmp_path: Path) -> 
         mm.repair("m7", 0, b)
 
 
-def test_leg_failed_through_error_target_then_repaired(mm: MirrorManager, mengine: Any, tmp_path: Path) -> None:
+def test_leg_failed_through_error_target_then_repaired(mm: MirrorManager, engine: Any, tmp_path: Path) -> None:
     data = os.urandom(SIZE)
     a, b = _image(tmp_path, "a", data=data), _image(tmp_path, "b", data=data)
     n = SIZE // 512
-    mengine.create("leg0", f"0 {n} linear {a} 0")
-    mengine.create("leg1", f"0 {n} linear {b} 0")
-    legs = [mengine.device_ref("leg0"), mengine.device_ref("leg1")]
+    engine.create("leg0", f"0 {n} linear {a} 0")
+    engine.create("leg1", f"0 {n} linear {b} 0")
+    legs = [engine.device_ref("leg0"), engine.device_ref("leg1")]
     mm.create("m8", legs, region_size=REGION, nosync=True, handle_errors=True, keep_log=True)
-    mengine.load("leg1", f"0 {n} error")
-    mengine.resume("leg1")
-    with mengine.open_endpoint("m8") as ep:
+    engine.load("leg1", f"0 {n} error")
+    engine.resume("leg1")
+    with engine.open_endpoint("m8") as ep:
         ep.write(b"x" * 4096, 0)
     st = mm.status("m8")
     assert st.health == "AD" and st.in_sync == 63

@@ -32,9 +32,9 @@ from test_mirror_manager import _image
 
 
 @pytest.fixture
-def eng(mengine: Any) -> Any:
-    install(mengine)
-    return mengine
+def eng(engine: Any) -> Any:
+    install(engine)
+    return engine
 
 
 def _monitor(eng: Any) -> tuple[Monitor, list[MirrorGuard]]:

@@ -63,10 +63,10 @@ def _wait_for_health(mm: MirrorManager, health: str) -> None:
 
 
 @pytest.mark.parametrize("op", ["write", "zero"])
-def test_write_held_after_leg_failure_lands_on_the_repaired_leg(mengine: Any, tmp_path: Path, op: str) -> None:
-    mm, a, _ = _failed_mirror(mengine, tmp_path)
+def test_write_held_after_leg_failure_lands_on_the_repaired_leg(engine: Any, tmp_path: Path, op: str) -> None:
+    mm, a, _ = _failed_mirror(engine, tmp_path)
     expect = DATA if op == "write" else bytes(len(DATA))
-    thread, done, errors = _held_write(mengine, op)
+    thread, done, errors = _held_write(engine, op)
     _wait_for_health(mm, "AD")  # the leg failure was seen: the write is now held
     assert not done.wait(0.2), "the write was not held after the leg failure"
     c = _image(tmp_path, "c")
@@ -83,36 +83,36 @@ def test_write_held_after_leg_failure_lands_on_the_repaired_leg(mengine: Any, tm
             assert f.read(len(DATA)) == expect, path
     with open(a, "rb") as fa, open(c, "rb") as fc:
         assert fa.read() == fc.read()
-    with mengine.open_endpoint("m", writable=False) as ep:
+    with engine.open_endpoint("m", writable=False) as ep:
         buf = bytearray(len(DATA))
         ep.readinto(buf, OFFSET)
     assert buf == expect
 
 
-def test_plain_suspend_still_fails_the_held_write(mengine: Any, tmp_path: Path) -> None:
+def test_plain_suspend_still_fails_the_held_write(engine: Any, tmp_path: Path) -> None:
     # without noflush the held write ends in EIO at the suspend (dm-raid1.c hold_bio)
-    mm, _, _ = _failed_mirror(mengine, tmp_path)
-    thread, done, errors = _held_write(mengine)
+    mm, _, _ = _failed_mirror(engine, tmp_path)
+    thread, done, errors = _held_write(engine)
     _wait_for_health(mm, "AD")
     assert not done.wait(0.2)
-    mengine.suspend("m")
+    engine.suspend("m")
     try:
         assert done.wait(WAIT), "held write not released by the suspend"
     finally:
-        mengine.resume("m")
+        engine.resume("m")
     thread.join(WAIT)
     assert len(errors) == 1 and isinstance(errors[0], DeviceIOError)
 
 
-def test_noflush_suspend_then_resume_resubmits_to_the_same_table(mengine: Any, tmp_path: Path) -> None:
+def test_noflush_suspend_then_resume_resubmits_to_the_same_table(engine: Any, tmp_path: Path) -> None:
     # a noflush suspend with no new table: the requeued write goes back to the mirror, is held
     # again (the leg is still failed), and a repair then completes it
-    mm, a, _ = _failed_mirror(mengine, tmp_path)
-    thread, done, errors = _held_write(mengine)
+    mm, a, _ = _failed_mirror(engine, tmp_path)
+    thread, done, errors = _held_write(engine)
     _wait_for_health(mm, "AD")
-    mengine.suspend("m", noflush=True)
+    engine.suspend("m", noflush=True)
     assert not done.wait(0.2), "a noflush suspend must not fail the held write"
-    mengine.resume("m")
+    engine.resume("m")
     assert not done.wait(0.2), "the requeued write is held again on the same degraded table"
     c = _image(tmp_path, "c")
     mm.repair("m", 1, c)

@@ -28,14 +28,11 @@ def main() -> None:
     work = Path(sys.argv[1])
     seed = int(sys.argv[2])
     chunks = [int(c) for c in sys.argv[3].split(",")]
-    sys.path.insert(0, str(Path(__file__).parent))
-    from snap_helpers import register_snapshot_targets
 
     from dmtools.engine import Engine
     from snapshot import SnapshotManager
 
     eng = Engine()
-    register_snapshot_targets(eng)
     eng.create("vol", f"0 {SECTORS} linear {work / 'vol.img'} 0")
     mgr = SnapshotManager(eng)
     names = []

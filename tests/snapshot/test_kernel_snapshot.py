@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from snap_helpers import register_snapshot_targets
 
 from dmtools.engine import Engine
 from dmtools.errors import InvalidTable
@@ -58,7 +57,6 @@ def _userspace_stack(tmp: Path, chunk: int, seed: int) -> tuple[bytes, bytes, Pa
     with open(cow, "wb") as f:
         f.truncate(COW_SIZE)
     eng = Engine()
-    register_snapshot_targets(eng)
     try:
         eng.create("vol", f"0 {SIZE // 512} linear {origin} 0")
         mgr = SnapshotManager(eng)
@@ -117,7 +115,6 @@ def test_we_read_the_kernels_cow(kernel_dm: Any, tmp_path: Path, make_loop: Call
     # our userspace target on the same COW
     kernel_dm.remove(vol, retry=True)  # udev may still be probing what we wrote
     eng = Engine()
-    register_snapshot_targets(eng)
     try:
         eng.create("vol", f"0 {SIZE // 512} linear {ol.path} 0")
         SnapshotManager(eng).activate("vol", cl.path, "s")
@@ -194,7 +191,6 @@ def test_bad_tables_give_the_kernels_words(kernel_dm: Any, tmp_path: Path, make_
     by_driver = {f"{ol.devno} {ol.path} P 8": "snapshot: COW device cannot be the same as origin device",
                  f"{ol.devno} {c4k.devno} P 1": "snapshot: Couldn't create exception store"}
     eng = Engine()
-    register_snapshot_targets(eng)
     try:
         for params in [*by_value, *by_driver]:
             table = f"0 {SIZE // 512} snapshot {params}"

@@ -79,8 +79,8 @@ def _pattern(chunks: int) -> bytes:
         (CHUNK - 8) % 8) for c in range(chunks))
 
 
-def test_cow_grown_three_times_under_writes_keeps_the_data(snap_engine: Any, tmp_path: Path) -> None:
-    eng = snap_engine
+def test_cow_grown_three_times_under_writes_keeps_the_data(engine: Any, tmp_path: Path) -> None:
+    eng = engine
     chunks = 400
     original = _pattern(chunks)
     cow_file = _stack(eng, tmp_path, original, 16 * CHUNK)  # 16 chunks: header + area + 14 data
@@ -159,9 +159,9 @@ def test_cow_grown_three_times_under_writes_keeps_the_data(snap_engine: Any, tmp
 
 
 def test_failure_while_completing_invalidates_instead_of_hanging(
-    snap_engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    eng = snap_engine
+    eng = engine
     original = _pattern(64)
     cow_file = _stack(eng, tmp_path, original, 32 * CHUNK)
 

@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from snap_helpers import register_snapshot_targets
 from snap_crash_writer import SECTORS, plan
 
 from dmtools.engine import Engine
@@ -59,7 +58,6 @@ def one_run(work: Path, seed: int) -> int:
     inflight = writes[acked + 1] if acked + 1 < len(writes) else None
 
     eng = Engine()
-    register_snapshot_targets(eng)
     try:
         eng.create("vol", f"0 {SECTORS} linear {work / 'vol.img'} 0")
         mgr = SnapshotManager(eng)

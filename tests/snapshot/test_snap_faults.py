@@ -40,8 +40,8 @@ def add_on_device(eng: Any, st: Stack, name: str) -> None:
     st.snaps[name] = Path()
 
 
-def test_copy_error_invalidates_only_that_snapshot(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
-    eng = snap_engine
+def test_copy_error_invalidates_only_that_snapshot(engine: Any, tmp_path: Path, data: bytes) -> None:
+    eng = engine
     st = Stack(eng, tmp_path, data)
     path = faulty_cow(eng, st, "bad", 2, 64)  # header and area 0 work, every data chunk fails
     add_on_device(eng, st, "bad")
@@ -60,8 +60,8 @@ def test_copy_error_invalidates_only_that_snapshot(snap_engine: Any, tmp_path: P
     assert not inspect(path).valid  # header rewritten with valid=0
 
 
-def test_metadata_error_invalidates(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
-    eng = snap_engine
+def test_metadata_error_invalidates(engine: Any, tmp_path: Path, data: bytes) -> None:
+    eng = engine
     st = Stack(eng, tmp_path, data)
     path = st.cow_file("m", 64 * CB)
     eng.create("m-cow", f"0 {64 * 8} linear {path} 0")
@@ -76,9 +76,9 @@ def test_metadata_error_invalidates(snap_engine: Any, tmp_path: Path, data: byte
     assert st.read("good") == data and st.read(st.base)[:CB] == b"E" * CB
 
 
-def test_origin_read_error_during_copy(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
+def test_origin_read_error_during_copy(engine: Any, tmp_path: Path, data: bytes) -> None:
     """A snapshot write whose origin read fails invalidates the snapshot and fails the write."""
-    eng = snap_engine
+    eng = engine
     st = Stack(eng, tmp_path, data)
     st.add_snapshot("s", 256 * 1024)
     eng.suspend(st.real)
@@ -89,8 +89,8 @@ def test_origin_read_error_during_copy(snap_engine: Any, tmp_path: Path, data: b
     assert st.status("s") == "Invalid"
 
 
-def test_whole_chunk_snapshot_write_skips_the_origin_read(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
-    eng = snap_engine
+def test_whole_chunk_snapshot_write_skips_the_origin_read(engine: Any, tmp_path: Path, data: bytes) -> None:
+    eng = engine
     st = Stack(eng, tmp_path, data)
     st.add_snapshot("s", 256 * 1024)
     eng.suspend(st.real)

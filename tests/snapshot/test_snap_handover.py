@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 from pytest_lazy_fixtures import lf
-from snap_helpers import register_snapshot_targets
 
 from dmtools.errors import DMError
 from snapshot import SnapshotManager
@@ -157,16 +156,9 @@ def _klog() -> list[str] | None:
 
 
 @pytest.fixture
-def engine_rig(tmp_path: Path) -> Iterator[Rig]:
-    """The in-process engine with the snapshot targets registered."""
-    from dmtools.engine import Engine
-
-    eng = Engine()
-    register_snapshot_targets(eng)
-    try:
-        yield Rig("engine", eng, tmp_path, lambda path: None)
-    finally:
-        eng.close()
+def engine_rig(engine: Any, tmp_path: Path) -> Rig:
+    """The plugin's in-process engine."""
+    return Rig("engine", engine, tmp_path, lambda path: None)
 
 
 @pytest.fixture

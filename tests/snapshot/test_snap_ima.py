@@ -28,42 +28,42 @@ def expected(kind: str, version: str, origin: str, cow: str, valid: str = "y", f
 
 
 @pytest.fixture
-def st(snap_engine: Any, tmp_path: Path) -> Stack:
-    return Stack(snap_engine, tmp_path, random.Random(3).randbytes(SIZE))
+def st(engine: Any, tmp_path: Path) -> Stack:
+    return Stack(engine, tmp_path, random.Random(3).randbytes(SIZE))
 
 
-def test_snapshot_and_origin(snap_engine: Any, st: Stack) -> None:
+def test_snapshot_and_origin(engine: Any, st: Stack) -> None:
     st.add_snapshot("s1", 16 * CB)
-    real = snap_engine.device_ref(st.real)
+    real = engine.device_ref(st.real)
     cow = str(st.snaps["s1"])
-    assert target(snap_engine, "s1").ima_status() == expected("snapshot", "1.16.0", real, cow)
-    assert target(snap_engine, st.base).ima_status() == ""  # origin_status emits nothing
+    assert target(engine, "s1").ima_status() == expected("snapshot", "1.16.0", real, cow)
+    assert target(engine, st.base).ima_status() == ""  # origin_status emits nothing
 
 
-def test_overflow_and_invalid(snap_engine: Any, st: Stack) -> None:
+def test_overflow_and_invalid(engine: Any, st: Stack) -> None:
     st.add_snapshot("s1", 3 * CB, store="PO")
-    real = snap_engine.device_ref(st.real)
+    real = engine.device_ref(st.real)
     st.write("s1", b"1" * CB, 0)
     with pytest.raises(DeviceIOError):
         st.write("s1", b"2" * CB, CB)
-    tgt = target(snap_engine, "s1")
+    tgt = target(engine, "s1")
     assert tgt.ima_status() == expected("snapshot", "1.16.0", real, str(st.snaps["s1"]), over="y")
     st.write(st.base, b"o" * CB, 9 * CB)  # an origin write needing space invalidates it
     assert tgt.ima_status() == expected("snapshot", "1.16.0", real, str(st.snaps["s1"]), "n", "n", "y")
 
 
-def test_merge_target(snap_engine: Any, st: Stack) -> None:
+def test_merge_target(engine: Any, st: Stack) -> None:
     st.add_snapshot("s1", 16 * CB)
-    real = snap_engine.device_ref(st.real)
+    real = engine.device_ref(st.real)
     cow = str(st.snaps["s1"])
-    snap_engine.suspend(st.base)
-    snap_engine.suspend("s1")
-    snap_engine.load(st.base, f"0 {st.sectors} snapshot-merge {real} {cow} P 8")
-    snap_engine.resume(st.base)
-    tgt = target(snap_engine, st.base)
+    engine.suspend(st.base)
+    engine.suspend("s1")
+    engine.load(st.base, f"0 {st.sectors} snapshot-merge {real} {cow} P 8")
+    engine.resume(st.base)
+    tgt = target(engine, st.base)
     assert tgt.ima_status() == expected("snapshot-merge", "1.5.0", real, cow)
     # the handed-over source: invalid from here on
-    snap_engine.resume("s1")
-    assert target(snap_engine, "s1").ima_status() == expected("snapshot", "1.16.0", real, cow, valid="n")
+    engine.resume("s1")
+    assert target(engine, "s1").ima_status() == expected("snapshot", "1.16.0", real, cow, valid="n")
     tgt._fail("test")  # merge_failed, as after a kcopyd error
     assert tgt.ima_status() == expected("snapshot-merge", "1.5.0", real, cow, failed="y")

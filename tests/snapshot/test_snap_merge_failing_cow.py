@@ -77,7 +77,7 @@ def _run(eng: Any, tmp_path: Path, seed: int) -> bool:
     return failed
 
 
-def test_merge_from_a_failing_cow_never_loses_a_chunk(snap_engine: Any, tmp_path: Path) -> None:
-    install(snap_engine)
-    failed = [_run(snap_engine, tmp_path, seed) for seed in range(RUNS)]
+def test_merge_from_a_failing_cow_never_loses_a_chunk(engine: Any, tmp_path: Path) -> None:
+    install(engine)
+    failed = [_run(engine, tmp_path, seed) for seed in range(RUNS)]
     assert 0 < sum(failed) < RUNS, failed  # the seeds cover failed and finished merges

@@ -55,9 +55,9 @@ def _read_origin(eng: Any) -> bytes:
 
 
 @pytest.mark.parametrize("fault", ["cow-read", "origin-write", "worker-bug"])
-def test_failed_merge_keeps_data_and_retries(snap_engine: Any, tmp_path: Path, fault: str,
+def test_failed_merge_keeps_data_and_retries(engine: Any, tmp_path: Path, fault: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    eng = snap_engine
+    eng = engine
     install(eng)
     rng = random.Random(fault)
     base = rng.randbytes(SIZE)
@@ -114,14 +114,14 @@ def test_failed_merge_keeps_data_and_retries(snap_engine: Any, tmp_path: Path, f
     assert eng.table("vol").lines[0].target_type != "snapshot-merge"
 
 
-def test_cli_reports_and_retries_a_failed_merge(snap_engine: Any, tmp_path: Path,
+def test_cli_reports_and_retries_a_failed_merge(engine: Any, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """``snapshot merge`` fails with LVM's words, ``snapshot status`` says ``Merge failed``, the
     origin cannot be reactivated while open (nothing changes), and ``snapshot merge`` again retries.
     The kernel raises no dm event for a failed merge (only for an invalidated snapshot): the
     device's event counter does not move when the worker fails."""
-    eng = snap_engine
+    eng = engine
     monkeypatch.setattr("dmtools.cli.common.open_backend", lambda args: eng)
     rng = random.Random(3)
     data = rng.randbytes(SIZE)
@@ -161,11 +161,11 @@ def test_cli_reports_and_retries_a_failed_merge(snap_engine: Any, tmp_path: Path
     assert not eng.exists("s1-cow")
 
 
-def test_retry_that_cannot_recreate_the_origin_says_how(snap_engine: Any, tmp_path: Path,
+def test_retry_that_cannot_recreate_the_origin_says_how(engine: Any, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A retry removes the failed origin and creates it again; when that create fails, the error
     names the one table that reads the origin right, and creating it by hand lets the merge finish."""
-    eng = snap_engine
+    eng = engine
     rng = random.Random("recreate")
     base = rng.randbytes(SIZE)
     mgr, vol, _cow = _origin_and_snapshot(eng, tmp_path, base)

@@ -8,7 +8,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from snap_helpers import register_snapshot_targets
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -26,7 +25,6 @@ class SnapshotMachine(RuleBasedStateMachine):
         super().__init__()
         self.tmp = Path(tempfile.mkdtemp(prefix="snap-sm-"))
         self.eng = Engine()
-        register_snapshot_targets(self.eng)
         self.mgr = SnapshotManager(self.eng, poll_interval=0.002)
         (self.tmp / "vol.img").write_bytes(bytes(SIZE))
         self.eng.create("vol", f"0 {SECTORS} linear {self.tmp / 'vol.img'} 0")

@@ -25,19 +25,19 @@ def data() -> bytes:
     return random.Random(3).randbytes(SIZE)
 
 
-def test_origin_write_preserves_snapshot(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
-    st = Stack(snap_engine, tmp_path, data)
+def test_origin_write_preserves_snapshot(engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(engine, tmp_path, data)
     st.add_snapshot("s1", 128 * 1024)
     st.write(st.base, b"x" * 10000, 5000)
     assert st.read("s1") == data
     assert st.read(st.base)[5000:15000] == b"x" * 10000
     assert st.status("s1") == f"{5 * 8}/{128 * 2} 16"  # header + area + 3 chunks
-    assert snap_engine.table("s1").lines[0].target.params.endswith(" P 8")
+    assert engine.table("s1").lines[0].target.params.endswith(" P 8")
     assert st.status(st.base) == ""
 
 
-def test_snapshot_writes_and_full_chunk_path(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
-    st = Stack(snap_engine, tmp_path, data)
+def test_snapshot_writes_and_full_chunk_path(engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(engine, tmp_path, data)
     st.add_snapshot("s1", 128 * 1024)
     st.write("s1", b"a" * 100, 3 * CB + 10)  # partial: origin chunk copied first
     st.write("s1", b"b" * CB, 7 * CB)  # whole chunk: no origin read
@@ -49,8 +49,8 @@ def test_snapshot_writes_and_full_chunk_path(snap_engine: Any, tmp_path: Path, d
     assert st.read(st.base) == data  # the origin never changes
 
 
-def test_several_snapshots_and_reactivation(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
-    st = Stack(snap_engine, tmp_path, data)
+def test_several_snapshots_and_reactivation(engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(engine, tmp_path, data)
     st.add_snapshot("s1", 128 * 1024)
     st.write(st.base, b"1" * CB, 0)
     v1 = st.read(st.base)
@@ -68,8 +68,8 @@ def test_several_snapshots_and_reactivation(snap_engine: Any, tmp_path: Path, da
     assert info.valid and info.exceptions >= 1
 
 
-def test_origin_write_waits_for_durable_record(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
-    st = Stack(snap_engine, tmp_path, data)
+def test_origin_write_waits_for_durable_record(engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(engine, tmp_path, data)
     st.add_snapshot("s1", 128 * 1024)
     st.write(st.base, b"z" * CB, 5 * CB)
     # the record is on disk as soon as the origin write returned
@@ -83,8 +83,8 @@ def test_origin_write_waits_for_durable_record(snap_engine: Any, tmp_path: Path,
         assert bytes(buf) == data[5 * CB : 6 * CB]
 
 
-def test_full_cow_invalidates_on_origin_write(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
-    st = Stack(snap_engine, tmp_path, data)
+def test_full_cow_invalidates_on_origin_write(engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(engine, tmp_path, data)
     st.add_snapshot("s1", 4 * CB)  # header, area, 2 data chunks
     st.add_snapshot("s2", 128 * 1024)
     st.write(st.base, b"q" * 3 * CB, 0)
@@ -97,8 +97,8 @@ def test_full_cow_invalidates_on_origin_write(snap_engine: Any, tmp_path: Path, 
         assert f.read(8)[4:8] == b"\0\0\0\0"  # header valid=0
 
 
-def test_snapshot_write_overflow_without_po_invalidates(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
-    st = Stack(snap_engine, tmp_path, data)
+def test_snapshot_write_overflow_without_po_invalidates(engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(engine, tmp_path, data)
     st.add_snapshot("s1", 3 * CB)
     st.write("s1", b"1" * CB, 0)
     with pytest.raises(DeviceIOError):
@@ -106,8 +106,8 @@ def test_snapshot_write_overflow_without_po_invalidates(snap_engine: Any, tmp_pa
     assert st.status("s1") == "Invalid"
 
 
-def test_po_overflow_fails_writes_only(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
-    st = Stack(snap_engine, tmp_path, data)
+def test_po_overflow_fails_writes_only(engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(engine, tmp_path, data)
     st.add_snapshot("s1", 3 * CB, store="PO")
     st.write("s1", b"1" * CB, 0)
     with pytest.raises(DeviceIOError):
@@ -116,33 +116,33 @@ def test_po_overflow_fails_writes_only(snap_engine: Any, tmp_path: Path, data: b
     assert st.read("s1")[:CB] == b"1" * CB  # reads still work
     with pytest.raises(DeviceIOError):
         st.write("s1", b"3" * CB, 0)  # even to an existing exception
-    assert snap_engine.table("s1").lines[0].target.params.endswith(" PO 8")
+    assert engine.table("s1").lines[0].target.params.endswith(" PO 8")
     # an origin write needing a new chunk still invalidates it
     st.write(st.base, b"o" * CB, 9 * CB)
     assert st.status("s1") == "Invalid"
 
 
-def test_transient_store(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
-    st = Stack(snap_engine, tmp_path, data)
+def test_transient_store(engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(engine, tmp_path, data)
     st.add_snapshot("s1", 64 * 1024, store="N")
     st.write(st.base, b"n" * CB, 0)
     assert st.read("s1") == data
     assert st.status("s1") == f"8/128 0"
 
 
-def test_cow_in_use_is_refused(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
-    st = Stack(snap_engine, tmp_path, data)
+def test_cow_in_use_is_refused(engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(engine, tmp_path, data)
     st.add_snapshot("s1", 64 * 1024)
     # same origin: the new table is a handover destination, which cannot go live beside its
     # source (dm-snap.c snapshot_preresume); create fails and leaves nothing behind
     with pytest.raises(InvalidArgument, match="until source is suspended"):
-        snap_engine.create("s2", f"0 {st.sectors} snapshot {snap_engine.device_ref(st.real)} {st.snaps['s1']} P 8")
-    assert not snap_engine.exists("s2")
+        engine.create("s2", f"0 {st.sectors} snapshot {engine.device_ref(st.real)} {st.snaps['s1']} P 8")
+    assert not engine.exists("s2")
     # another origin: refused at load
-    other = Stack(snap_engine, tmp_path, data, prefix="u")
+    other = Stack(engine, tmp_path, data, prefix="u")
     with pytest.raises(InvalidTable, match="in use"):
-        snap_engine.create("s3", f"0 {other.sectors} snapshot {snap_engine.device_ref(other.real)} {st.snaps['s1']} P 8")
-    assert not snap_engine.exists("s3")
+        engine.create("s3", f"0 {other.sectors} snapshot {engine.device_ref(other.real)} {st.snaps['s1']} P 8")
+    assert not engine.exists("s3")
     st.write(st.base, b"z" * CB, 0)
     assert st.read("s1") == data
 
@@ -159,29 +159,29 @@ def test_cow_in_use_is_refused(snap_engine: Any, tmp_path: Path, data: bytes) ->
         ("{o} {c} P 8 1 bogus", "Unrecognised feature"),
     ],
 )
-def test_bad_tables(snap_engine: Any, tmp_path: Path, data: bytes, args: str, msg: str) -> None:
-    st = Stack(snap_engine, tmp_path, data)
+def test_bad_tables(engine: Any, tmp_path: Path, data: bytes, args: str, msg: str) -> None:
+    st = Stack(engine, tmp_path, data)
     cow = st.cow_file("x", 64 * 1024)
-    text = args.format(o=snap_engine.device_ref(st.real), c=cow)
+    text = args.format(o=engine.device_ref(st.real), c=cow)
     with pytest.raises(InvalidTable, match=msg):
-        snap_engine.create("bad", f"0 {st.sectors} snapshot {text}")
+        engine.create("bad", f"0 {st.sectors} snapshot {text}")
     assert cow.read_bytes() == bytes(64 * 1024)  # nothing written
 
 
-def test_corrupt_cow_refused_nothing_written(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
-    st = Stack(snap_engine, tmp_path, data)
+def test_corrupt_cow_refused_nothing_written(engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(engine, tmp_path, data)
     cow = st.cow_file("x", 64 * 1024)
     with open(cow, "r+b") as f:
         f.write(b"JUNKJUNK")
     before = cow.read_bytes()
     with pytest.raises(InvalidTable, match="Invalid or corrupt snapshot"):
-        snap_engine.create("bad", f"0 {st.sectors} snapshot {snap_engine.device_ref(st.real)} {cow} P 8")
+        engine.create("bad", f"0 {st.sectors} snapshot {engine.device_ref(st.real)} {cow} P 8")
     assert cow.read_bytes() == before
 
 
-def merge(snap_engine: Any, st: Stack, name: str, timeout: float = 20.0) -> None:
+def merge(engine: Any, st: Stack, name: str, timeout: float = 20.0) -> None:
     """Convert ``name`` into a merge on the origin and wait for it (as the manager does)."""
-    eng = snap_engine
+    eng = engine
     cow = st.snaps[name]
     table = eng.table(name).lines[0].target.params.split()
     eng.suspend(st.base)
@@ -198,15 +198,15 @@ def merge(snap_engine: Any, st: Stack, name: str, timeout: float = 20.0) -> None
         time.sleep(0.01)
 
 
-def test_merge_rolls_the_origin_back(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
-    st = Stack(snap_engine, tmp_path, data)
+def test_merge_rolls_the_origin_back(engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(engine, tmp_path, data)
     st.add_snapshot("s1", 128 * 1024)
     for i in range(0, 20, 3):
         st.write(st.base, bytes([i]) * CB * 2, i * CB)
     st.write("s1", b"S" * CB, 30 * CB)
     changed = st.read(st.base)
     st.add_snapshot("s2", 128 * 1024)
-    merge(snap_engine, st, "s1")
+    merge(engine, st, "s1")
     expect = bytearray(data)
     expect[30 * CB : 31 * CB] = b"S" * CB
     assert st.read(st.base) == bytes(expect)
@@ -214,20 +214,20 @@ def test_merge_rolls_the_origin_back(snap_engine: Any, tmp_path: Path, data: byt
     assert inspect(tmp_path / "t-s1.cow").exceptions == 0
 
 
-def test_merge_serves_io_while_merging(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
-    st = Stack(snap_engine, tmp_path, data)
+def test_merge_serves_io_while_merging(engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(engine, tmp_path, data)
     st.add_snapshot("s1", 256 * 1024)
     st.write(st.base, os.urandom(SIZE // 2), 0)
-    merge(snap_engine, st, "s1")
+    merge(engine, st, "s1")
     st.write(st.base, b"after" * 100, 1000)
     assert st.read(st.base)[1000:1500] == b"after" * 100
     assert st.read(st.base)[1500:] == data[1500:]
 
 
-def test_merge_holds_writes_to_the_chunks_being_merged(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
+def test_merge_holds_writes_to_the_chunks_being_merged(engine: Any, tmp_path: Path, data: bytes) -> None:
     import threading
 
-    eng = snap_engine
+    eng = engine
     st = Stack(eng, tmp_path, data)
     st.add_snapshot("s1", 128 * 1024)
     st.write(st.base, b"o" * 4 * CB, 2 * CB)  # exceptions for chunks 2..5
@@ -266,10 +266,10 @@ def test_merge_holds_writes_to_the_chunks_being_merged(snap_engine: Any, tmp_pat
     assert used.split("/")[0] == meta
 
 
-def test_origin_discard_and_zero_copy_first(snap_engine: Any, tmp_path: Path, data: bytes) -> None:
-    st = Stack(snap_engine, tmp_path, data)
+def test_origin_discard_and_zero_copy_first(engine: Any, tmp_path: Path, data: bytes) -> None:
+    st = Stack(engine, tmp_path, data)
     st.add_snapshot("s1", 128 * 1024)
-    with snap_engine.open_endpoint(st.base) as ep:
+    with engine.open_endpoint(st.base) as ep:
         ep.discard(0, 4 * CB)
         ep.zero(8 * CB, 2 * CB)
     assert st.read(st.base)[8 * CB : 10 * CB] == bytes(2 * CB)

@@ -27,14 +27,14 @@ def run(argv: list[str]) -> int:
 
 
 @pytest.fixture
-def env(snap_engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Path, bytes]:
-    monkeypatch.setattr("dmtools.cli.common.open_backend", lambda args: snap_engine)
+def env(engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Path, bytes]:
+    monkeypatch.setattr("dmtools.cli.common.open_backend", lambda args: engine)
     data = random.Random(9).randbytes(SIZE)
     (tmp_path / "vol.img").write_bytes(data)
-    snap_engine.create("vol", f"0 {SIZE // 512} linear {tmp_path / 'vol.img'} 0")
+    engine.create("vol", f"0 {SIZE // 512} linear {tmp_path / 'vol.img'} 0")
     with open(tmp_path / "s.cow", "wb") as f:
         f.truncate(SIZE)
-    return snap_engine, tmp_path, data
+    return engine, tmp_path, data
 
 
 def test_create_list_merge_remove(env: tuple[Any, Path, bytes], capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,12 +18,12 @@ CB = 4096
 
 
 @pytest.fixture
-def vol(snap_engine: Any, tmp_path: Path) -> tuple[Any, bytes]:
+def vol(engine: Any, tmp_path: Path) -> tuple[Any, bytes]:
     data = random.Random(5).randbytes(SIZE)
     path = tmp_path / "vol.img"
     path.write_bytes(data)
-    snap_engine.create("vol", f"0 {SIZE // 512} linear {path} 0")
-    return snap_engine, data
+    engine.create("vol", f"0 {SIZE // 512} linear {path} 0")
+    return engine, data
 
 
 def cow(tmp_path: Path, name: str, size: int = 256 * 1024) -> str:
