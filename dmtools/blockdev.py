@@ -29,6 +29,7 @@ from dmtools.linux import (
     BLKDISCARD, BLKGETSIZE64, BLKPBSZGET, BLKSSZGET, BLKZEROOUT, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE, libc, parse_devno,
 )
+from dmtools.units import int_in
 
 __all__ = [
     "BlockDevice",
@@ -136,7 +137,7 @@ def aligned_buffer(nbytes: int, *, huge: bool = False) -> mmap.mmap:
 
     Raises :class:`InvalidArgument` when ``nbytes`` is not a positive integer.
     """
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+    if not int_in(nbytes, 1):
         raise InvalidArgument(f"buffer size must be a positive integer, not {nbytes!r}")
     if not huge:
         return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -414,7 +415,7 @@ class BlockDevice(Endpoint):
 
     def _check_range(self, offset: int, length: int, operation: str) -> None:
         for what, value in (("offset", offset), ("length", length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not int_in(value):
                 raise InvalidArgument(
                     f"{what} must be a non-negative integer, not {value!r}",
                     operation=operation,

@@ -31,6 +31,7 @@ from dmtools.linux import (
     BLKGETSIZE64, BLKROSET, LOOP_CLR_FD, LOOP_CONFIGURE, LOOP_CTL_GET_FREE, LOOP_GET_STATUS64, LOOP_NAME,
     LOOP_SET_BLOCK_SIZE, LOOP_SET_CAPACITY, LOOP_SET_DIRECT_IO, LOOP_SET_FD, LOOP_SET_STATUS64,
 )
+from dmtools.units import int_in
 
 __all__ = [
     "LoopDevice",
@@ -318,7 +319,7 @@ def _loop_error(err: OSError, what: str, device: str | None, operation: str) -> 
 
 def _check_attach_args(path: str, offset: int, sizelimit: int, block_size: int) -> os.stat_result:
     for what, value in (("offset", offset), ("sizelimit", sizelimit), ("block_size", block_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not int_in(value):
             raise InvalidArgument(f"{what} must be a non-negative integer, not {value!r}", device=path)
         if value >= 1 << 63:
             raise InvalidArgument(f"{what} too large: {value}", errno=errno.EOVERFLOW, device=path)

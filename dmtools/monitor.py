@@ -56,6 +56,7 @@ from dmtools.events.types import Event, LegHealthChanged, PolicyAction
 from dmtools.events.watcher import Batch, Watcher
 from dmtools.plugins import entry_points
 from dmtools.status import SnapshotState
+from dmtools.units import int_in
 
 __all__ = [
     "PolicySettings",
@@ -98,12 +99,12 @@ class PolicySettings:
         object.__setattr__(self, "warn", parse_thresholds(self.warn))
         for prefix in ("", "thin_"):
             t = getattr(self, f"{prefix}autoextend_threshold")
-            if t is not None and (isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= 100):
+            if t is not None and not int_in(t, 1, 100):
                 raise InvalidArgument(f"{prefix}autoextend threshold must be a percentage 1..100, not {t!r}")
             if t == 100:
                 object.__setattr__(self, f"{prefix}autoextend_threshold", None)  # LVM: 100 disables
             p = getattr(self, f"{prefix}autoextend_percent")
-            if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+            if not int_in(p, 1):
                 raise InvalidArgument(f"{prefix}autoextend percent must be a positive integer, not {p!r}")
         if self.mirror_policy not in MIRROR_POLICIES:
             raise InvalidArgument(f"mirror policy must be one of {', '.join(MIRROR_POLICIES)}, "

@@ -36,6 +36,7 @@ from typing import Union
 
 from dmtools.errors import InvalidStatus
 from dmtools.target_values import format_args, split_args
+from dmtools.units import int_in
 
 __all__ = [
     "SnapshotState",
@@ -83,6 +84,16 @@ def _num(target_type: str, params: str, word: str, what: str) -> int:
     if not _NUM_RE.fullmatch(word):
         raise _bad(target_type, params, f"{what} {word[:40]!r} is not a number")
     return int(word)
+
+
+def _counts(status: object, target_type: str, *names: str, optional: bool = False) -> None:
+    """Raise :class:`InvalidStatus` unless each field ``names`` of ``status`` is a non-negative
+    integer (or ``None`` when ``optional``)."""
+    for name in names:
+        value = getattr(status, name)
+        if not (int_in(value) or optional and value is None):
+            raise InvalidStatus(f"{target_type} status: {name} must be a non-negative integer"
+                                + (" or None" if optional else ""))
 
 
 class _Status:
@@ -135,14 +146,8 @@ class SnapshotStatus(_Status):
         if not isinstance(self.state, SnapshotState):
             raise InvalidStatus(f"snapshot state must be a SnapshotState, not {self.state!r}")
         if self.state is SnapshotState.ACTIVE:
-            for name in ("allocated", "total"):
-                value = getattr(self, name)
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    raise InvalidStatus(f"snapshot status: {name} must be a non-negative integer")
-            if self.metadata is not None and (
-                isinstance(self.metadata, bool) or not isinstance(self.metadata, int) or self.metadata < 0
-            ):
-                raise InvalidStatus("snapshot status: metadata must be a non-negative integer")
+            _counts(self, "snapshot", "allocated", "total")
+            _counts(self, "snapshot", "metadata", optional=True)
         elif (self.allocated, self.total, self.metadata) != (None, None, None):
             raise InvalidStatus(f"snapshot status {self.state.value!r} carries no usage figures")
 
@@ -265,10 +270,7 @@ class MirrorStatus(_Status):
         for dev in (*self.devices, *self.log_args):
             if not isinstance(dev, str) or not dev:
                 raise InvalidStatus(f"mirror status: {dev!r} is not a device or word")
-        for name in ("in_sync", "regions"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InvalidStatus(f"mirror status: {name} must be a non-negative integer")
+        _counts(self, "mirror", "in_sync", "regions")
         if not isinstance(self.health, str) or len(self.health) != len(self.devices):
             raise InvalidStatus(
                 f"mirror status: {len(self.devices)} legs need {len(self.devices)} health "
@@ -439,11 +441,6 @@ _POOL_DISCARDS = ("ignore_discard", "discard_passdown", "no_discard_passdown")
 _POOL_NO_SPACE = ("error_if_no_space", "queue_if_no_space")
 
 
-def _opt_count(value: object, what: str) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise InvalidStatus(f"thin-pool status: {what} must be a non-negative integer or None")
-
-
 @dataclass(frozen=True)
 class ThinPoolStatus(_Status):
     """Status of a ``thin-pool`` target.
@@ -485,12 +482,8 @@ class ThinPoolStatus(_Status):
             if any(getattr(self, n) is not None for n in counts) or self.mode is not None or self.extra:
                 raise InvalidStatus("thin-pool status: Fail and Error carry no other fields")
             return
-        for name in counts:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InvalidStatus(f"thin-pool status: {name} must be a non-negative integer")
-        _opt_count(self.held_root, "held_root")
-        _opt_count(self.metadata_low_watermark, "metadata_low_watermark")
+        _counts(self, "thin-pool", *counts)
+        _counts(self, "thin-pool", "held_root", "metadata_low_watermark", optional=True)
         if self.mode is not None and not isinstance(self.mode, PoolMode):
             raise InvalidStatus(f"thin-pool status: mode must be a PoolMode, not {self.mode!r}")
         if self.discard is not None and self.discard not in _POOL_DISCARDS:
@@ -660,14 +653,8 @@ class ThinStatus(_Status):
             if self.mapped_sectors is not None or self.highest_mapped is not None:
                 raise InvalidStatus("thin status: Fail, Error and - carry no counts")
             return
-        value = self.mapped_sectors
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise InvalidStatus("thin status: mapped_sectors must be a non-negative integer")
-        if self.highest_mapped is not None and (
-            isinstance(self.highest_mapped, bool) or not isinstance(self.highest_mapped, int)
-            or self.highest_mapped < 0
-        ):
-            raise InvalidStatus("thin status: highest_mapped must be a non-negative integer or None")
+        _counts(self, "thin", "mapped_sectors")
+        _counts(self, "thin", "highest_mapped", optional=True)
 
     def format(self) -> str:
         """The kernel's text for this status."""

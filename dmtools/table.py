@@ -35,7 +35,7 @@ from dmtools import target_values as _target_values
 from dmtools.errors import DMError, InvalidTable
 from dmtools.target_values import *  # noqa: F403 - the typed targets are part of this module's API
 from dmtools.target_values import Target
-from dmtools.units import MAX_SECTORS
+from dmtools.units import MAX_SECTORS, int_in
 
 __all__ = ["Table", "TableLine", "format_line", *_target_values.__all__]
 
@@ -84,7 +84,7 @@ class TableLine:
     def __post_init__(self) -> None:
         for name in ("start", "length"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not int_in(value):
                 raise InvalidTable(f"{name} must be a non-negative integer of sectors, not {value!r}")
         if not isinstance(self.target, Target):
             raise InvalidTable(f"target must be a Target, not {self.target!r}")

@@ -33,6 +33,7 @@ from typing import ClassVar, NamedTuple, Self
 from dmtools.errors import InvalidName, InvalidTable
 from dmtools.linux import parse_devno
 from dmtools.names import validate_target_type
+from dmtools.units import int_in
 
 __all__ = [
     "Target",
@@ -636,7 +637,7 @@ def _sync_mode(sync: object) -> SyncMode:
 
 
 def _check_region(region_size: object) -> None:
-    if isinstance(region_size, bool) or not isinstance(region_size, int) or not 0 <= region_size <= U32_MAX:
+    if not int_in(region_size, 0, U32_MAX):
         raise _log_fail(f"invalid region size {region_size!r}")
     if region_size < 2 or not _power_of_two(region_size):
         raise _log_fail(f"invalid region size {region_size}: a power of 2, at least 2")

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, ClassVar, Union
 
 from dmtools.errors import DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, PoolNotWritable
 from dmtools.target_values import MAX_THIN_DEV_ID, U64_MAX, split_args
+from dmtools.units import int_in
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.backend import DeviceMapper
@@ -61,13 +62,13 @@ _DIGITS = re.compile(r"[0-9]+")
 
 def _dev_id(value: object, what: str = "device id") -> int:
     # dm-thin.c read_dev_id: a decimal u64 no larger than MAX_DEV_ID.
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_THIN_DEV_ID:
+    if not int_in(value, 0, MAX_THIN_DEV_ID):
         raise InvalidArgument(f"invalid {what} {value!r}: 0 to {MAX_THIN_DEV_ID}", operation="message")
     return value
 
 
 def _u64(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= U64_MAX:
+    if not int_in(value, 0, U64_MAX):
         raise InvalidArgument(f"invalid {what} {value!r}: 0 to {U64_MAX}", operation="message")
     return value
 

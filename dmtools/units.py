@@ -22,6 +22,7 @@ units and (where sectors are required) byte counts that are not a multiple of 51
 from __future__ import annotations
 
 import re
+from typing import TypeGuard
 
 from dmtools.errors import InvalidArgument
 
@@ -37,6 +38,7 @@ __all__ = [
     "sectors_to_bytes",
     "format_size",
     "format_sectors",
+    "int_in",
 ]
 
 #: Bytes in a device-mapper sector (include/linux/blkdev.h SECTOR_SHIFT = 9).
@@ -66,6 +68,12 @@ _UNITS: dict[str, int] = {
 }
 _AMBIGUOUS = {"kb", "mb", "gb", "tb", "pb", "eb"}
 _SIZE_RE = re.compile(r"(?P<num>[0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*(?P<unit>[A-Za-z]*)")
+
+
+def int_in(value: object, low: int = 0, high: int | None = None) -> TypeGuard[int]:
+    """True when ``value`` is an ``int`` (``bool`` is not) with ``low <= value <= high``
+    (``high`` ``None``: no upper bound): the check every count, id and percentage takes."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value and (high is None or value <= high)
 
 
 class Sectors(int):

@@ -31,6 +31,7 @@ from dmtools.reload import reload_stack
 from dmtools.status import SnapshotState, SnapshotStatus, parse_snapshot_status
 from dmtools.table import Table
 from dmtools.target_values import Error, Linear, Snapshot, SnapshotMerge, SnapshotOrigin, StoreMode
+from dmtools.units import int_in
 
 from snapshot.cow_file import ExtendResult, backing_file, grow_file
 from snapshot.store.format import NUM_SNAPSHOT_HDR_CHUNKS, SECTOR, chunk_size_error
@@ -518,7 +519,7 @@ class SnapshotManager:
         unused); :meth:`refresh` undoes its own steps. Raises ``InvalidArgument`` (not a one-line
         snapshot, COW not file-backed, percent below 1) and ``DMError`` from a failed step.
         """
-        if isinstance(percent, bool) or not isinstance(percent, int) or percent < 1:
+        if not int_in(percent, 1):
             raise InvalidArgument(f"extension percent must be a positive integer, not {percent!r}",
                                   operation="extend", device=name)
         target, tables = self._snapshot(name, "extend")

@@ -51,7 +51,7 @@ from dmtools.table import Table
 from dmtools.target_values import MAX_THIN_DEV_ID, Linear, Thin, ThinPool
 from dmtools.thin_messages import CreateSnap, CreateThin, Delete, PoolMessage, parse_pool_message, send
 from dmtools.thin_messages import set_transaction_id as _set_transaction_id
-from dmtools.units import SECTOR
+from dmtools.units import SECTOR, int_in
 
 from thin.pool_record import RECORD_SECTORS, PoolRecord, ThinVolume, has_record, read_record, write_record
 
@@ -622,7 +622,7 @@ class ThinPoolManager:
         kernel's limit. Then :meth:`extend` reloads the layers. Raises ``InvalidArgument`` (bad
         percent, nothing to grow, not file-backed) and ``DMError`` from a failed step.
         """
-        if isinstance(percent, bool) or not isinstance(percent, int) or percent < 1:
+        if not int_in(percent, 1):
             raise InvalidArgument(f"extension percent must be a positive integer, not {percent!r}",
                                   operation="extend", device=name)
         pool = self._pool(name, "extend")
@@ -658,7 +658,7 @@ class ThinPoolManager:
         """Make thin volume ``name`` of ``size`` sectors in ``pool`` and activate it
         (``lvcreate -V``). All-or-nothing. Raises ``DeviceExists``, ``InvalidArgument`` and
         ``PoolNotWritable``."""
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        if not int_in(size, 1):
             raise InvalidArgument(f"a thin volume's size is a positive number of sectors, not {size!r}",
                                   operation="create", device=name)
         p = self._pool(pool, "create")

@@ -23,6 +23,7 @@ from typing import Callable, Protocol
 from dmtools.errors import InvalidArgument
 from dmtools.events.store import StateStore
 from dmtools.events.types import Event
+from dmtools.units import int_in
 
 __all__ = ["Sink", "CursorSink", "JsonLinesFile", "event_line"]
 
@@ -100,7 +101,7 @@ class JsonLinesFile:
             return 0
         try:
             seq = json.loads(lines[-1])["seq"]
-            if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+            if not int_in(seq, 1):
                 raise ValueError(f"seq {seq!r}")
         except (ValueError, KeyError, TypeError) as err:
             raise InvalidArgument(f"{self.path} does not end with a numbered monitor event "
