@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -146,6 +147,39 @@ def test_threads_sharing_connections_each_get_their_reply(start_nbdkit: Callable
 
         for body in (write, check):
             run_together([functools.partial(body, t) for t in range(16)])
+
+
+@pytest.mark.parametrize("connections", [1, 4])
+def test_threads_with_several_requests_each_are_never_left_undriven(
+        start_nbdkit: Callable[..., NbdServer], connections: int) -> None:
+    """Eight threads each reading and writing 4 MiB, which goes out as several requests, on one or
+    four connections: a driver handing the connection on must wake a thread that waits (not one
+    still waiting for another of its requests), or a request whose reply came sits undriven until
+    its timeout. Every call ends well within the timeout, with its own data."""
+    from dmtools.nbd.endpoint import REQUEST_SIZE
+
+    size = 4 * MiB
+    assert size // REQUEST_SIZE >= 4  # each call is several requests
+    srv = start_nbdkit(["memory", "32M", "rdelay=1ms", "wdelay=1ms"], filters=["delay"])
+    timeout = 20.0
+    data = [os.urandom(size) for _ in range(8)]
+    with NbdEndpoint(srv.uri, writable=True, connections=connections, timeout=timeout) as ep:
+        slowest = [0.0]
+
+        def timed(fn: Callable[[], object]) -> None:
+            t0 = time.monotonic()
+            fn()
+            slowest[0] = max(slowest[0], time.monotonic() - t0)
+
+        def body(t: int) -> None:
+            buf = bytearray(size)
+            for _ in range(3):
+                timed(lambda: ep.write(data[t], t * size))
+                timed(lambda: ep.readinto(buf, t * size))
+                assert buf == data[t], f"thread {t}"
+
+        run_together([functools.partial(body, t) for t in range(8)], timeout=4 * timeout)
+        assert slowest[0] < timeout / 2, f"a call took {slowest[0]:.1f} s"
 
 
 def test_read_only_export(start_nbdkit: Callable[..., NbdServer]) -> None:
