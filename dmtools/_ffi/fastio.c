@@ -82,12 +82,16 @@ struct dmf_seg {
 	uint32_t nlegs;
 	struct dmf_leg *legs;
 };
+struct dmf_chunks;
 struct dmf_map {
 	uint64_t size, direct_min, random_max;
 	int readonly;
 	uint32_t nseg;
 	struct dmf_seg *segs;
+	struct dmf_chunks *chunks; /* a snapshot-origin map (dmf_slot_set_origin): its chunk set... */
+	uint64_t lower;		   /* ...and the slot its requests pass onto; 0: segs */
 };
+void dmf_chunks_put(struct dmf_chunks *c);
 struct dmf_slot {
 	pthread_rwlock_t lock;
 	uint64_t id; /* 0: free */
@@ -136,6 +140,8 @@ static void map_free(struct dmf_map *m)
 		free(m->segs[i].legs);
 	}
 	free(m->segs);
+	if (m->chunks)
+		dmf_chunks_put(m->chunks);
 	free(m);
 }
 
@@ -284,21 +290,10 @@ static int wrlock(struct dmf_slot *s, long timeout_ms)
 	return -pthread_rwlock_timedwrlock(&s->lock, &ts);
 }
 
-/* Install the map described by d[0..n) (n == 0: none) once the requests in flight are done.
- * Returns 0, or -errno (the slot then has no map in use). -ETIMEDOUT: a request still runs after
- * timeout_ms; new ones do not use the map, which is freed by the next call that gets the lock. */
-int dmf_slot_set(struct dmf_ctx *ctx, uint64_t id, const int64_t *d, size_t n, long timeout_ms)
+/* Put m (NULL: none) in the slot once its requests in flight are done; ret is returned unless the
+ * slot is gone (-ENOENT) or the wait timed out (m freed). */
+static int slot_install(struct dmf_slot *s, uint64_t id, struct dmf_map *m, int ret, long timeout_ms)
 {
-	struct dmf_slot *s = slot_of(ctx, id);
-	if (!s)
-		return -EINVAL;
-	struct dmf_map *m = NULL;
-	int ret = 0;
-	if (n) {
-		m = map_new(d, n);
-		if (!m)
-			ret = -(errno ? errno : EINVAL);
-	}
 	int locked = wrlock(s, timeout_ms);
 	if (locked) {
 		map_free(m);
@@ -317,6 +312,24 @@ int dmf_slot_set(struct dmf_ctx *ctx, uint64_t id, const int64_t *d, size_t n, l
 	map_free(old);
 	map_free(m);
 	return ret;
+}
+
+/* Install the map described by d[0..n) (n == 0: none) once the requests in flight are done.
+ * Returns 0, or -errno (the slot then has no map in use). -ETIMEDOUT: a request still runs after
+ * timeout_ms; new ones do not use the map, which is freed by the next call that gets the lock. */
+int dmf_slot_set(struct dmf_ctx *ctx, uint64_t id, const int64_t *d, size_t n, long timeout_ms)
+{
+	struct dmf_slot *s = slot_of(ctx, id);
+	if (!s)
+		return -EINVAL;
+	struct dmf_map *m = NULL;
+	int ret = 0;
+	if (n) {
+		m = map_new(d, n);
+		if (!m)
+			ret = -(errno ? errno : EINVAL);
+	}
+	return slot_install(s, id, m, ret, timeout_ms);
 }
 
 /* Free the slot once its requests in flight are done (at most timeout_ms, < 0: no limit).
@@ -352,6 +365,171 @@ int dmf_slot_stats(struct dmf_ctx *ctx, uint64_t id, uint64_t *out)
 		out[k] = atomic_load(&s->stats[k]);
 	pthread_rwlock_unlock(&s->lock);
 	return ret;
+}
+
+/* --- snapshot-origin maps: requests passed onto the origin device's map ---------------------------
+ *
+ * A snapshot-origin table maps its device onto the origin (an engine device: LVM's "-real") at the
+ * same offsets (dm-snap.c origin_map). Its map (dmf_slot_set_origin) names that device's slot and
+ * a chunk set: the granules (4 KiB) of the origin whose every snapshot holds its copy already.
+ * Python marks granules once their exceptions are durable (dm-snap.c: origin data is overwritten
+ * only after its copy and record are), and empties the set before anything that could need a copy
+ * again (a snapshot resumed, merged, invalidated), waiting for the writes that relied on it. A read
+ * always passes on (an origin read never copies); a write only when every granule it touches is in
+ * the set, else Python copies first. The origin device's own slot must have a map in use, so its
+ * suspend holds these requests too (they go to Python, which waits at its gate). */
+#define GRANULE_SHIFT 12
+struct dmf_chunks {
+	pthread_rwlock_t lock; /* read: a write relying on the set, or a mark; write: emptying it */
+	_Atomic long refs;
+	uint64_t size, nbits;
+	size_t bytes;
+	_Atomic uint64_t *bits; /* an anonymous mapping: memory only where marks landed */
+};
+
+/* A set of granules for a device of size bytes, empty; NULL without memory. */
+struct dmf_chunks *dmf_chunks_new(uint64_t size)
+{
+	struct dmf_chunks *c = calloc(1, sizeof(*c));
+	if (!c)
+		return NULL;
+	c->size = size;
+	c->nbits = (size + (1u << GRANULE_SHIFT) - 1) >> GRANULE_SHIFT;
+	size_t words = (size_t)(c->nbits + 63) / 64;
+	c->bytes = ((words ? words : 1) * 8 + 4095) & ~(size_t)4095;
+	void *p = mmap(NULL, c->bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (p == MAP_FAILED) {
+		free(c);
+		return NULL;
+	}
+	c->bits = p;
+	atomic_init(&c->refs, 1);
+	pthread_rwlockattr_t attr;
+	pthread_rwlockattr_init(&attr);
+	/* emptying the set is not starved by a stream of writes: they go to Python meanwhile */
+	pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+	pthread_rwlock_init(&c->lock, &attr);
+	pthread_rwlockattr_destroy(&attr);
+	return c;
+}
+
+/* Drop a reference (Python's, or a map's): the last one frees the set. */
+void dmf_chunks_put(struct dmf_chunks *c)
+{
+	if (!c || atomic_fetch_sub(&c->refs, 1) != 1)
+		return;
+	munmap((void *)c->bits, c->bytes);
+	pthread_rwlock_destroy(&c->lock);
+	free(c);
+}
+
+/* For each 64-granule word of granules [g0, g1): its mask; all set (test) or set them (!test). */
+static int chunks_walk(struct dmf_chunks *c, uint64_t g0, uint64_t g1, int test)
+{
+	for (uint64_t g = g0; g < g1;) {
+		uint64_t b = g % 64, n = g1 - g < 64 - b ? g1 - g : 64 - b;
+		uint64_t mask = (n == 64 ? ~0ull : (1ull << n) - 1) << b;
+		_Atomic uint64_t *w = &c->bits[g / 64];
+		if ((atomic_load_explicit(w, memory_order_relaxed) & mask) != mask) {
+			if (test)
+				return 0;
+			atomic_fetch_or(w, mask);
+		}
+		g += n;
+	}
+	return 1;
+}
+
+/* Mark the granules lying wholly in [off, off+len) (the last one ends at the device's end). */
+void dmf_chunks_mark(struct dmf_chunks *c, uint64_t off, uint64_t len)
+{
+	uint64_t end = off + len, g0 = (off + (1u << GRANULE_SHIFT) - 1) >> GRANULE_SHIFT;
+	uint64_t g1 = end >= c->size ? c->nbits : end >> GRANULE_SHIFT;
+	pthread_rwlock_rdlock(&c->lock);
+	chunks_walk(c, g0, g1, 0);
+	pthread_rwlock_unlock(&c->lock);
+}
+
+/* Empty the set once no write relying on it is in flight (new ones go to Python meanwhile). */
+void dmf_chunks_clear(struct dmf_chunks *c)
+{
+	pthread_rwlock_wrlock(&c->lock);
+	if (madvise((void *)c->bits, c->bytes, MADV_DONTNEED) != 0)
+		memset((void *)c->bits, 0, c->bytes);
+	pthread_rwlock_unlock(&c->lock);
+}
+
+/* The number of granules in the set. */
+uint64_t dmf_chunks_count(struct dmf_chunks *c)
+{
+	uint64_t n = 0;
+	pthread_rwlock_rdlock(&c->lock);
+	for (uint64_t i = 0; i < (c->nbits + 63) / 64; i++)
+		n += (uint64_t)__builtin_popcountll(atomic_load(&c->bits[i]));
+	pthread_rwlock_unlock(&c->lock);
+	return n;
+}
+
+/* Install a snapshot-origin map of size bytes (see above): requests pass onto slot lower's map
+ * at the same offsets, writes where chunks holds them. Returns as dmf_slot_set. */
+int dmf_slot_set_origin(struct dmf_ctx *ctx, uint64_t id, uint64_t size, int readonly, struct dmf_chunks *chunks,
+			uint64_t lower, long timeout_ms)
+{
+	struct dmf_slot *s = slot_of(ctx, id);
+	if (!s || !chunks || !lower || lower == id)
+		return -EINVAL;
+	struct dmf_map *m = calloc(1, sizeof(*m));
+	if (!m)
+		return -ENOMEM;
+	m->size = size;
+	m->readonly = readonly != 0;
+	m->lower = lower;
+	m->chunks = chunks;
+	atomic_fetch_add(&chunks->refs, 1);
+	return slot_install(s, id, m, 0, timeout_ms);
+}
+
+/* The map serving a request of the entered slot s: its own, or for a snapshot-origin map the lower
+ * slot's, read-locked in *low (with the chunk set, for a write) until release(). NULL: the request
+ * goes to Python (s left, the fallback counted). Never waits: a lock being taken means a suspend
+ * or a change of the set, which Python waits for. */
+static const struct dmf_map *through(struct dmf_ctx *ctx, struct dmf_slot *s, size_t size, uint64_t off, int write,
+				     struct dmf_slot **low)
+{
+	const struct dmf_map *m = s->map;
+	*low = NULL;
+	if (!m->lower)
+		return m;
+	struct dmf_chunks *c = m->chunks;
+	if (write && pthread_rwlock_tryrdlock(&c->lock) != 0)
+		goto python;
+	if (!write || (off + size <= c->size && chunks_walk(c, off >> GRANULE_SHIFT, ((off + size - 1) >> GRANULE_SHIFT) + 1, 1))) {
+		struct dmf_slot *l = slot_of(ctx, m->lower);
+		if (pthread_rwlock_tryrdlock(&l->lock) == 0) {
+			const struct dmf_map *lm = l->id == m->lower && atomic_load(&l->on) ? l->map : NULL;
+			if (lm && !lm->lower && off + size <= lm->size && !(write && lm->readonly)) {
+				*low = l;
+				return lm;
+			}
+			pthread_rwlock_unlock(&l->lock);
+		}
+	}
+	if (write)
+		pthread_rwlock_unlock(&c->lock);
+python:
+	atomic_fetch_add(&s->stats[ST_FALLBACKS], 1);
+	pthread_rwlock_unlock(&s->lock);
+	return NULL;
+}
+
+/* Unlock what through() locked for a request of slot s. */
+static void release(struct dmf_slot *s, struct dmf_slot *low, int write)
+{
+	if (!low)
+		return;
+	pthread_rwlock_unlock(&low->lock);
+	if (write)
+		pthread_rwlock_unlock(&s->map->chunks->lock);
 }
 
 /* --- per-thread buffers: the O_DIRECT bounce buffer and the read reply pipe ---------------- */
@@ -721,10 +899,14 @@ static void leave(struct dmf_slot *s, int ok, int stat, int bytes_stat, size_t s
 /* Write through the slot's map: size, or FALLBACK (nothing to report: Python does it again). */
 int dmf_slot_write(struct dmf_ctx *ctx, uint64_t id, const char *buf, size_t size, off_t off)
 {
-	struct dmf_slot *s = enter(ctx, id, size, off, 1);
+	struct dmf_slot *s = enter(ctx, id, size, off, 1), *low;
 	if (!s)
 		return FALLBACK;
-	int ok = map_io(s->map, OP_WRITE, (char *)buf, -1, size, (uint64_t)off) == 0;
+	const struct dmf_map *m = through(ctx, s, size, (uint64_t)off, 1, &low);
+	if (!m)
+		return FALLBACK;
+	int ok = map_io(m, OP_WRITE, (char *)buf, -1, size, (uint64_t)off) == 0;
+	release(s, low, 1);
 	leave(s, ok, ST_WRITES, ST_WRITE_BYTES, size);
 	return ok ? (int)size : FALLBACK;
 }
@@ -732,10 +914,14 @@ int dmf_slot_write(struct dmf_ctx *ctx, uint64_t id, const char *buf, size_t siz
 /* Read through the slot's map into buf: size, or FALLBACK. */
 int dmf_slot_read(struct dmf_ctx *ctx, uint64_t id, char *buf, size_t size, off_t off)
 {
-	struct dmf_slot *s = enter(ctx, id, size, off, 0);
+	struct dmf_slot *s = enter(ctx, id, size, off, 0), *low;
 	if (!s)
 		return FALLBACK;
-	int ok = map_io(s->map, OP_READ, buf, -1, size, (uint64_t)off) == 0;
+	const struct dmf_map *m = through(ctx, s, size, (uint64_t)off, 0, &low);
+	if (!m)
+		return FALLBACK;
+	int ok = map_io(m, OP_READ, buf, -1, size, (uint64_t)off) == 0;
+	release(s, low, 0);
 	leave(s, ok, ST_READS, ST_READ_BYTES, size);
 	return ok ? (int)size : FALLBACK;
 }
@@ -747,8 +933,9 @@ static int slot_read_buf(struct dmf_ctx *ctx, uint64_t id, struct fuse_bufvec **
 	struct fuse_bufvec *vec = calloc(1, sizeof(*vec));
 	if (!vec)
 		return FALLBACK;
-	struct dmf_slot *s = enter(ctx, id, size, off, 0);
-	if (!s) {
+	struct dmf_slot *s = enter(ctx, id, size, off, 0), *low;
+	const struct dmf_map *m = s ? through(ctx, s, size, (uint64_t)off, 0, &low) : NULL;
+	if (!m) {
 		free(vec);
 		return FALLBACK;
 	}
@@ -756,7 +943,7 @@ static int slot_read_buf(struct dmf_ctx *ctx, uint64_t id, struct fuse_bufvec **
 	int ok = 0;
 	int *p = size >= ctx->pipe_min && size <= ctx->pipe_bytes ? reply_pipe(size, ctx->pipe_bytes) : NULL;
 	if (p) {
-		if (map_io(s->map, OP_SPLICE, NULL, p[1], size, (uint64_t)off) == 0) {
+		if (map_io(m, OP_SPLICE, NULL, p[1], size, (uint64_t)off) == 0) {
 			vec->buf[0].fd = p[0];
 			vec->buf[0].flags = FUSE_BUF_IS_FD;
 			ok = 1;
@@ -766,13 +953,14 @@ static int slot_read_buf(struct dmf_ctx *ctx, uint64_t id, struct fuse_bufvec **
 	}
 	if (!ok) {
 		char *mem = malloc(size);
-		if (mem && map_io(s->map, OP_READ, mem, -1, size, (uint64_t)off) == 0) {
+		if (mem && map_io(m, OP_READ, mem, -1, size, (uint64_t)off) == 0) {
 			vec->buf[0].mem = mem;
 			ok = 1;
 		} else {
 			free(mem);
 		}
 	}
+	release(s, low, 0);
 	leave(s, ok, ST_READS, ST_READ_BYTES, size);
 	if (!ok) {
 		free(vec);

@@ -55,6 +55,12 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "dmf_slot_write": (ctypes.c_int, [_c_vp, _c_u64, _c_vp, ctypes.c_size_t, ctypes.c_int64]),
     "dmf_slot_read": (ctypes.c_int, [_c_vp, _c_u64, _c_vp, ctypes.c_size_t, ctypes.c_int64]),
     "dmf_loop_setup": (None, [ctypes.POINTER(_c_vp), ctypes.c_size_t]),
+    "dmf_chunks_new": (_c_vp, [_c_u64]),
+    "dmf_chunks_put": (None, [_c_vp]),
+    "dmf_chunks_mark": (None, [_c_vp, _c_u64, _c_u64]),
+    "dmf_chunks_clear": (None, [_c_vp]),
+    "dmf_chunks_count": (_c_u64, [_c_vp]),
+    "dmf_slot_set_origin": (ctypes.c_int, [_c_vp, _c_u64, _c_u64, ctypes.c_int, _c_vp, _c_u64, ctypes.c_long]),
     "dmf_main": (ctypes.c_int, [ctypes.c_int, _c_vp, _c_vp, ctypes.c_size_t, _c_vp]),
 }
 #: libfuse 3 functions that ``dmf_main`` calls (``g_fuse`` in fastio.c), in that order. The
@@ -207,6 +213,37 @@ class FastIO:
         if self.lib.dmf_slot_stats(ctx, slot, out):
             return {}
         return dict(zip(STATS, out))
+
+    def chunks_new(self, size: int) -> int:
+        """An empty chunk set of a snapshot origin of ``size`` bytes (``dmf_chunks_new``)."""
+        chunks = self.lib.dmf_chunks_new(size)
+        if not chunks:
+            raise MemoryError("no memory for a snapshot origin's chunk set")
+        return int(chunks)
+
+    def chunks_put(self, chunks: int) -> None:
+        """Drop the caller's reference to a chunk set (the maps using it keep theirs)."""
+        self.lib.dmf_chunks_put(chunks)
+
+    def chunks_mark(self, chunks: int, offset: int, length: int) -> None:
+        """Add the granules lying wholly in ``[offset, offset+length)`` to the set."""
+        self.lib.dmf_chunks_mark(chunks, offset, length)
+
+    def chunks_clear(self, chunks: int) -> None:
+        """Empty the set once the C writes relying on it are done."""
+        self.lib.dmf_chunks_clear(chunks)
+
+    def chunks_count(self, chunks: int) -> int:
+        """How many granules the set holds."""
+        return int(self.lib.dmf_chunks_count(chunks))
+
+    def slot_set_origin(self, ctx: int, slot: int, size: int, readonly: bool, chunks: int, lower: int,
+                        timeout: float | None = None) -> None:
+        """Install a snapshot-origin map: requests pass onto slot ``lower``'s map, writes only
+        where ``chunks`` holds them (``dmf_slot_set_origin``); raises as :meth:`slot_set`."""
+        ret = self.lib.dmf_slot_set_origin(ctx, slot, size, int(readonly), chunks, lower, _millis(timeout))
+        if ret:
+            raise OSError(-ret, f"fast path map: {os.strerror(-ret)}")
 
     def slot_write(self, ctx: int, slot: int, buf: Any, offset: int) -> int | None:
         """Write ``buf`` through the slot's map as a FUSE write would: its length, or ``None``

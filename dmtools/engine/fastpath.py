@@ -34,7 +34,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Iterator
 
 from dmtools._ffi import fastio
-from dmtools.engine import fuse_io
+from dmtools.engine import fuse_io, passthrough
 from dmtools.engine.backing import DIRECT_MIN, BackingDevice
 from dmtools.engine.basic_targets import LinearTarget, StripedTarget
 
@@ -169,6 +169,7 @@ class Slot:
                 log.warning("%s: I/O runs in Python: %s", dev.name, err)
                 return
             if words is None:
+                self.active = self._origin(dev.name, live)
                 return
             with self.session._using() as ctx:
                 if not ctx:
@@ -179,6 +180,23 @@ class Slot:
                     log.warning("%s: I/O runs in Python: %s", dev.name, err)
                     return
             self.active = True
+
+    def _origin(self, name: str, live: "LoadedTable") -> bool:
+        """Install the map of a snapshot origin (:mod:`dmtools.engine.passthrough`) if ``live`` is
+        one; True when installed."""
+        found = passthrough.origin_map(live, self.session)
+        if found is None:
+            return False
+        writes, lower = found
+        with self.session._using() as ctx, writes.held() as chunks:
+            if not ctx or not chunks:
+                return False
+            try:
+                self.session.lib.slot_set_origin(ctx, self.handle, live.size, live.readonly, chunks, lower)
+            except OSError as err:
+                log.warning("%s: I/O runs in Python: %s", name, err)
+                return False
+        return True
 
     def off(self, timeout: float | None = None) -> None:
         """Withdraw the map and wait (at most ``timeout`` seconds) for the C requests in flight.

@@ -48,6 +48,7 @@ from dmtools.errors import InvalidArgument, InvalidTable
 from dmtools.units import SECTOR
 
 if TYPE_CHECKING:  # pragma: no cover
+    from dmtools.engine.passthrough import Passthrough
     from dmtools.target_values import Target as TargetValue
 
 _T = TypeVar("_T")
@@ -235,6 +236,12 @@ class TargetDriver(abc.ABC):
 
     def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
         """Ranges (target-relative bytes) that may hold data, or ``None`` when unknown."""
+        return None
+
+    def passthrough(self) -> "Passthrough | None":
+        """What the exposure's C data path may pass this target's requests onto itself (a
+        ``snapshot-origin``: :mod:`dmtools.engine.passthrough`); ``None``, the default, leaves
+        them to ``read`` and ``write``. Asked when the exposure installs the live table's map."""
         return None
 
     # --- text -----------------------------------------------------------------------------

@@ -184,7 +184,8 @@ class CopyOnWrite:
         if not self.valid:
             return
         log.error("%s: invalidating snapshot: %s", self.name, reason)
-        self.valid = False
+        with self.origins.cow_change(self.origin_key):  # the C data path's writes withdrawn first
+            self.valid = False
         self.store.drop_snapshot()
         self.cond.notify_all()
         try:

@@ -105,14 +105,19 @@ def handover_now(src: CopyOnWrite, dest: CopyOnWrite) -> None:
 
 
 def resume(snap: CopyOnWrite) -> None:
-    """``snapshot_resume``: complete a pending handover into ``snap``, re-sort it, activate it."""
-    found = snap.origins.find_sharing_cow(snap)
-    if found.src is not None and found.dest is not None:
-        handover_now(found.src, found.dest)
-    snap.origins.reregister(snap)
-    with snap.cond:
-        snap.active = True
-        snap.cond.notify_all()
+    """``snapshot_resume``: complete a pending handover into ``snap``, re-sort it, activate it.
+
+    Origin writes may need copies into it from now on: the C data path's writes that needed none
+    are withdrawn first (``OriginRegistry.cow_change``).
+    """
+    with snap.origins.cow_change(snap.origin_key):
+        found = snap.origins.find_sharing_cow(snap)
+        if found.src is not None and found.dest is not None:
+            handover_now(found.src, found.dest)
+        snap.origins.reregister(snap)
+        with snap.cond:
+            snap.active = True
+            snap.cond.notify_all()
 
 
 def before_destroy(snap: CopyOnWrite) -> None:

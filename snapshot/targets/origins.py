@@ -31,8 +31,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, Hashable, Protocol, TypeVar
 
+from dmtools.engine.passthrough import WriteThrough
 from dmtools.engine.target_driver import DeviceHandle
 from dmtools.errors import InvalidTable
+from dmtools.units import SECTOR
 
 log = logging.getLogger("snapshot")
 
@@ -163,6 +165,11 @@ class OriginRegistry(Generic[S]):
         self._lock = threading.RLock()
         self._origins: dict[Hashable, list[S]] = {}
         self._gates: dict[Hashable, OriginGate] = {}
+        #: per origin: the C data path's write-through sets of its snapshot-origin tables, how
+        #: many changes of its snapshots were begun (a mark's ticket), how many are under way.
+        self._writes: dict[Hashable, list[WriteThrough]] = {}
+        self._epochs: dict[Hashable, int] = {}
+        self._changing: dict[Hashable, int] = {}
         self._cow_threshold = threshold_from_env() if cow_threshold is None else cow_threshold
 
     # -- snapshot_cow_threshold -------------------------------------------------------------------
@@ -274,3 +281,62 @@ class OriginRegistry(Generic[S]):
             if g is None:
                 g = self._gates[key] = OriginGate()
             return g
+
+    # -- writes that need no copy (the exposure's C data path: dmtools.engine.passthrough) -------
+    def attach_writes(self, key: Hashable, writes: WriteThrough) -> None:
+        """Keep ``writes`` (of a snapshot-origin table of the origin ``key``) in step with the
+        origin's snapshots: :meth:`cow_change` empties it."""
+        with self._lock:
+            self._writes.setdefault(key, []).append(writes)
+
+    def detach_writes(self, key: Hashable, writes: WriteThrough) -> None:
+        """Forget ``writes`` (its table goes)."""
+        with self._lock:
+            sets = self._writes.get(key, [])
+            if writes in sets:
+                sets.remove(writes)
+            if not sets:
+                self._writes.pop(key, None)
+
+    def ticket(self, key: Hashable) -> int | None:
+        """Taken before an origin write's ``do_origin``: the write's :meth:`mark` counts only if no
+        change of the origin's snapshots began since. ``None`` while one is under way."""
+        with self._lock:
+            return None if self._changing.get(key) else self._epochs.get(key, 0)
+
+    def mark(self, key: Hashable, ticket: int, writes: WriteThrough, offset: int, length: int) -> None:
+        """After ``do_origin`` of ``[offset, offset+length)`` returned: every snapshot's chunks
+        touching the range have durable exceptions (or the snapshot is invalid), so writes there
+        need no copy, unless a change began since ``ticket``. The range grows to the chunks it
+        touches in every snapshot (all of the origin when it has none)."""
+        with self._lock:
+            if self._changing.get(key) or self._epochs.get(key, 0) != ticket:
+                return
+            lo, hi = 0, writes.size
+            for snap in self._origins.get(key, ()):
+                cb = snap.chunk_size * SECTOR
+                if cb:
+                    lo = max(lo, offset // cb * cb)
+                    hi = min(hi, -(-(offset + length) // cb) * cb)
+            writes.mark(lo, hi - lo)
+
+    @contextmanager
+    def cow_change(self, key: Hashable) -> Iterator[None]:
+        """Around a change after which writes to the origin ``key`` may need copies they did not
+        need before (a snapshot resumed or handed over, a merge, an invalidation): first the
+        origin's write-through sets are emptied, once the C writes relying on them are done; no
+        mark with a ticket from before the change's end counts."""
+        with self._lock:
+            self._epochs[key] = self._epochs.get(key, 0) + 1
+            self._changing[key] = self._changing.get(key, 0) + 1
+            sets = list(self._writes.get(key, ()))
+        try:
+            for writes in sets:
+                writes.clear()
+            yield
+        finally:
+            with self._lock:
+                self._epochs[key] += 1
+                self._changing[key] -= 1
+                if not self._changing[key]:
+                    del self._changing[key]

@@ -18,6 +18,8 @@ from dmtools._ffi import fastio
 from dmtools.blockdev import aligned_buffer
 from dmtools.engine import Engine
 from dmtools.errors import DeviceBusy
+from dmtools.testing.blockio import read_direct as _pread
+from dmtools.testing.blockio import write_direct as _pwrite
 from dmtools.testing.wait import wait_until
 
 pytestmark = pytest.mark.root
@@ -48,26 +50,6 @@ def xengine(tmp_path: Path) -> Iterator[Engine]:
 def _stats(eng: Engine, name: str) -> dict[str, int]:
     assert eng.exposure is not None
     return eng.exposure.fast_stats(name)
-
-
-def _pwrite(path: str, data: bytes, offset: int, flags: int = 0) -> None:
-    buf = aligned_buffer(len(data))
-    buf[:] = data
-    fd = os.open(path, os.O_WRONLY | os.O_DIRECT | flags)
-    try:
-        assert os.pwritev(fd, [buf], offset) == len(data)
-    finally:
-        os.close(fd)
-
-
-def _pread(path: str, size: int, offset: int) -> bytes:
-    buf = aligned_buffer(size)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        assert os.preadv(fd, [buf], offset) == size
-    finally:
-        os.close(fd)
-    return bytes(buf)
 
 
 def _file(path: Path, size: int) -> str:
