@@ -43,6 +43,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -60,6 +61,11 @@ STRIPES = 2
 CHUNK_SECTORS = 128
 GOALS = {"write": 0.9, "read": 0.95, "cpu_s_per_gib": 0.3}
 KINDS = ("linear", "striped")
+#: Per-MiB figures of the sequential passes: result key → (counter for writes, for reads) in
+#: what ``_exposed``'s counting function returns.
+_COUNTED = {"requests_per_mib": ("writes", "reads"),
+            "loop_requests_per_mib": ("loop_writes", "loop_reads"),
+            "switches_per_mib": ("switches", "switches")}
 
 
 def _cpu_others() -> float:
@@ -67,6 +73,28 @@ def _cpu_others() -> float:
     the engine, not the benchmark's own I/O)."""
     t = os.times()
     return t.user + t.system - time.thread_time()
+
+
+def _switches_others() -> int:
+    """Context switches so far of every thread of this process but the calling one: each time a
+    FUSE worker went to sleep (waiting for a request, or for its backing I/O) and was woken."""
+    me = str(threading.get_native_id())
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        if tid == me:
+            continue
+        with contextlib.suppress(OSError):
+            with open(f"/proc/self/task/{tid}/status") as f:
+                total += sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+    return total
+
+
+def _loop_requests(path: str) -> dict[str, int]:
+    """Reads and writes the block device ``path`` (a loop device) has completed: its
+    ``/sys/block/NAME/stat`` (Documentation/block/stat.rst: read I/Os, field 1; write I/Os, 5)."""
+    with open(f"/sys/block/{os.path.basename(os.path.realpath(path))}/stat") as f:
+        fields = f.read().split()
+    return {"loop_reads": int(fields[0]), "loop_writes": int(fields[4])}
 
 
 def _seq(path: str, size: int, write: bool) -> float:
@@ -141,14 +169,16 @@ def measure(peer: str, devices: dict[str, str], size: int, rounds: int, fio_size
     ratios per kind and direction (the ratio is the median of each round's device/peer ratio,
     with their min and max), fio MiB/s and IOPS with ratios likewise, (with ``cpu``) the CPU
     seconds per GiB that ``cpu()`` counts while each device is driven, and (with ``requests``:
-    kind → counters of ``dmtools._ffi.fastio.STATS``) the requests that reached the engine per
-    MiB of the sequential passes.
+    kind → counters of ``dmtools._ffi.fastio.STATS``, of the loop device and of the engine
+    threads' context switches) per MiB of the sequential passes: the requests that reached the
+    engine, the loop device's requests and the engine's hand-offs.
     """
     sides = {"peer": peer, **devices}
     names = list(sides)
     runs: dict[str, dict[str, list[float]]] = {k: {"write": [], "read": []} for k in sides}
     used: dict[str, dict[str, float]] = {k: {"write": 0.0, "read": 0.0} for k in devices}
-    counted: dict[str, dict[str, int]] = {k: {"write": 0, "read": 0} for k in devices}
+    counted: dict[str, dict[str, dict[str, int]]] = {
+        k: {"write": dict.fromkeys(_COUNTED, 0), "read": dict.fromkeys(_COUNTED, 0)} for k in devices}
     for rnd in range(rounds):
         for direction in ("write", "read"):
             for name in _order(names, rnd):
@@ -159,8 +189,10 @@ def measure(peer: str, devices: dict[str, str], size: int, rounds: int, fio_size
                 if cpu and name in used:
                     used[name][direction] += cpu() - before
                 if seen:
-                    key = "writes" if direction == "write" else "reads"
-                    counted[name][direction] += requests(name)[key] - seen[key]  # type: ignore[misc]
+                    now = requests(name)  # type: ignore[misc]
+                    for out_key, (w_key, r_key) in _COUNTED.items():
+                        key = w_key if direction == "write" else r_key
+                        counted[name][direction][out_key] += now.get(key, 0) - seen.get(key, 0)
     out: dict[str, Any] = {"seq": {}, "fio": {}}
     for kind in devices:
         row = {}
@@ -173,7 +205,8 @@ def measure(peer: str, devices: dict[str, str], size: int, rounds: int, fio_size
             if cpu:
                 row[direction]["cpu_s_per_gib"] = round(used[kind][direction] / (size * rounds / GiB), 3)
             if requests:
-                row[direction]["requests_per_mib"] = round(counted[kind][direction] / (size * rounds / MiB), 2)
+                for out_key, n in counted[kind][direction].items():
+                    row[direction][out_key] = round(n / (size * rounds / MiB), 2)
         out["seq"][kind] = row
     out["seq_runs"] = runs
     if not with_fio:
@@ -204,8 +237,9 @@ def _exposed(tmp: str, backing: str, stripes: list[str], size: int,
              paths: dict[str, dict[str, int]]
              ) -> Iterator[tuple[dict[str, str], Callable[[str], dict[str, int]]]]:
     """The userspace engine's linear (over a copy-sized file) and striped devices, exposed, and a
-    function of a kind giving its C data path's counters now (``dmtools._ffi.fastio.STATS``);
-    fills ``paths`` (kind → those counters) at the end."""
+    function of a kind giving its counters now: the C data path's (``dmtools._ffi.fastio.STATS``),
+    its loop device's requests (``_loop_requests``) and the engine threads' context switches
+    (``_switches_others``); fills ``paths`` (kind → the C data path's counters) at the end."""
     from dmtools.engine import Engine
 
     lin = os.path.join(tmp, "linear.img")
@@ -217,8 +251,13 @@ def _exposed(tmp: str, backing: str, stripes: list[str], size: int,
             eng.create(f"bench-{kind}-dmtt", tables[kind])
         exposure = eng.exposure
         assert exposure is not None
-        yield ({kind: eng.device_path(f"bench-{kind}-dmtt") for kind in KINDS},
-               lambda kind: exposure.fast_stats(f"bench-{kind}-dmtt"))
+        devs = {kind: eng.device_path(f"bench-{kind}-dmtt") for kind in KINDS}
+
+        def counters(kind: str) -> dict[str, int]:
+            return {**exposure.fast_stats(f"bench-{kind}-dmtt"), **_loop_requests(devs[kind]),
+                    "switches": _switches_others()}
+
+        yield devs, counters
         for kind in KINDS:
             paths[kind] = exposure.fast_stats(f"bench-{kind}-dmtt")
             eng.remove(f"bench-{kind}-dmtt")
@@ -303,10 +342,11 @@ def report(ours: dict[str, Any], kernel: dict[str, Any] | str | None, args: argp
           + (f"; kernel in the VM: dm device vs its loop device, load {kern['loadavg']:.1f}" if kern else ""))
     print(f"sequential 1 MiB O_DIRECT, {args.size_mib} MiB per pass, {args.rounds} rounds, sides in "
           "rotated order, caches dropped before each pass (MB/s medians; ratio = median of the "
-          "rounds' ratios [min-max]; engine CPU = every thread but the I/O issuer; req/MiB = FUSE "
-          "requests that reached the engine per MiB)")
+          "rounds' ratios [min-max]; engine CPU = every thread but the I/O issuer; per MiB: loop = "
+          "the loop device's requests, FUSE = those that reached the engine, sw = the engine "
+          "threads' context switches, its hand-offs)")
     print(f"  {'':15} {'backing':>9} {'ours':>9} {'ratio':>7} {'[min-max]':>13} {'goal':>5} "
-          f"{'CPU s/GiB':>10} {'req/MiB':>8}   {'kernel ratio':>12}")
+          f"{'CPU s/GiB':>10} {'loop':>5} {'FUSE':>5} {'sw':>5}   {'kernel ratio':>12}")
     for kind in KINDS:
         for direction in ("write", "read"):
             row = ours["seq"][kind][direction]
@@ -314,7 +354,8 @@ def report(ours: dict[str, Any], kernel: dict[str, Any] | str | None, args: argp
             met = "met" if row["ratio"] >= GOALS[direction] else "NOT"
             print(f"  {kind + ' ' + direction:15} {row['peer_mbs']:9.1f} {row['mbs']:9.1f} "
                   f"{_fmt_ratio(row['ratio']):>7} {_fmt_spread(row):>13} {met:>5} "
-                  f"{row['cpu_s_per_gib']:10.2f} {row.get('requests_per_mib', '-'):>8}   "
+                  f"{row['cpu_s_per_gib']:10.2f} {row.get('loop_requests_per_mib', '-'):>5} "
+                  f"{row.get('requests_per_mib', '-'):>5} {row.get('switches_per_mib', '-'):>5}   "
                   f"{_fmt_ratio(kr):>12}")
     worst = max(ours["seq"][k][d]["cpu_s_per_gib"] for k in KINDS for d in ("write", "read"))
     print(f"  goals: writes >= {GOALS['write']}x, reads >= {GOALS['read']}x, engine CPU <= "
