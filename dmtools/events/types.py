@@ -28,6 +28,7 @@ from dmtools.errors import InvalidArgument
 __all__ = [
     "Severity",
     "Event",
+    "TargetEvent",
     "DeviceAdded",
     "DeviceRemoved",
     "DeviceSuspended",
@@ -105,6 +106,13 @@ class Event:
             raise InvalidArgument(f"malformed {cls.kind} event: {err}") from err
 
 
+@dataclass(frozen=True, kw_only=True)
+class TargetEvent(Event):
+    """An event about one target of a device's table: ``target_start`` is its sector in the table."""
+
+    target_start: int = 0
+
+
 # --- device lifecycle -------------------------------------------------------------------------
 
 
@@ -160,7 +168,7 @@ class DeviceRenamed(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SnapshotUsageCrossed(Event):
+class SnapshotUsageCrossed(TargetEvent):
     """A snapshot's COW usage rose past ``threshold`` percent (dmeventd's 80/85/90/95 warnings).
 
     ``allocated`` and ``total`` are sectors as the status line reports them; ``target_start`` is
@@ -174,7 +182,6 @@ class SnapshotUsageCrossed(Event):
     percent: float
     allocated: int = 0
     total: int = 0
-    target_start: int = 0
 
     def describe(self) -> str:
         return (f"snapshot is {self.percent:.1f}% full (crossed {self.threshold}%; "
@@ -182,7 +189,7 @@ class SnapshotUsageCrossed(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SnapshotInvalidated(Event):
+class SnapshotInvalidated(TargetEvent):
     """The snapshot became ``Invalid``: its COW filled up or an I/O error hit it; every I/O to it
     now fails while the origin keeps working. ``last_percent`` is the usage last seen valid."""
 
@@ -190,7 +197,6 @@ class SnapshotInvalidated(Event):
     level: ClassVar[Severity] = Severity.ERROR
 
     last_percent: float | None = None
-    target_start: int = 0
 
     def describe(self) -> str:
         seen = "" if self.last_percent is None else f"; last seen {self.last_percent:.1f}% full"
@@ -198,35 +204,29 @@ class SnapshotInvalidated(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SnapshotOverflowed(Event):
+class SnapshotOverflowed(TargetEvent):
     """A ``PO`` snapshot ran out of COW space: ``Overflow``; writes to it fail, reads work."""
 
     kind: ClassVar[str] = "snapshot-overflowed"
     summary: ClassVar[str] = "snapshot OVERFLOWED (writes to it fail, reads still work)"
     level: ClassVar[Severity] = Severity.ERROR
 
-    target_start: int = 0
-
 
 @dataclass(frozen=True, kw_only=True)
-class MergeFinished(Event):
+class MergeFinished(TargetEvent):
     """A ``snapshot-merge`` target finished: allocated == metadata (Documentation snapshot.rst)."""
 
     kind: ClassVar[str] = "merge-finished"
     summary: ClassVar[str] = "snapshot merge finished"
 
-    target_start: int = 0
-
 
 @dataclass(frozen=True, kw_only=True)
-class MergeFailed(Event):
+class MergeFailed(TargetEvent):
     """A ``snapshot-merge`` target stopped on an error (``Merge failed``)."""
 
     kind: ClassVar[str] = "merge-failed"
     summary: ClassVar[str] = "snapshot merge FAILED (retry the merge or inspect manually)"
     level: ClassVar[Severity] = Severity.ERROR
-
-    target_start: int = 0
 
 
 # --- mirrors ----------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ _LETTERS = {"A": "alive", "F": "flush failed", "D": "dead (write failed)",
 
 
 @dataclass(frozen=True, kw_only=True)
-class LegHealthChanged(Event):
+class LegHealthChanged(TargetEvent):
     """A mirror leg's health letter changed (dm-raid1.c ``device_status_char``: A F D S R U)."""
 
     kind: ClassVar[str] = "mirror-leg-health"
@@ -246,7 +246,6 @@ class LegHealthChanged(Event):
     leg_device: str
     old: str
     new: str
-    target_start: int = 0
 
     @property
     def failed(self) -> bool:
@@ -266,7 +265,7 @@ class LegHealthChanged(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
-class LogHealthChanged(Event):
+class LogHealthChanged(TargetEvent):
     """A mirror's disk log health letter changed (dm-log.c ``disk_status``: A F D)."""
 
     kind: ClassVar[str] = "mirror-log-health"
@@ -274,7 +273,6 @@ class LogHealthChanged(Event):
     log_device: str
     old: str
     new: str
-    target_start: int = 0
 
     @property
     def severity(self) -> Severity:
@@ -285,13 +283,12 @@ class LogHealthChanged(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ResyncFinished(Event):
+class ResyncFinished(TargetEvent):
     """Every region of a mirror is in sync again (dm-raid1.c raises an event at that point)."""
 
     kind: ClassVar[str] = "mirror-resync-finished"
 
     regions: int = 0
-    target_start: int = 0
 
     def describe(self) -> str:
         return f"mirror in sync ({self.regions} regions)"
