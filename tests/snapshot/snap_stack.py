@@ -20,7 +20,7 @@ class Stack:
         self.base = f"{prefix}-base"
         engine.create(self.real, f"0 {self.sectors} linear {self.origin_path} 0")
         engine.create(self.base, f"0 {self.sectors} linear {engine.device_ref(self.real)} 0")
-        self.snaps: dict[str, Path] = {}
+        self.snaps: dict[str, str] = {}
 
     def cow_file(self, name: str, size: int) -> Path:
         path = self.tmp / f"{self.prefix}-{name}.cow"
@@ -28,10 +28,11 @@ class Stack:
             f.truncate(size)
         return path
 
-    def add_snapshot(self, name: str, cow_size: int, store: str = "P", chunk: int = 8, cow_path: Path | None = None) -> None:
-        """Take a snapshot: suspend base, create the snapshot, reload base as snapshot-origin."""
+    def add_snapshot(self, name: str, cow_size: int, store: str = "P", chunk: int = 8, cow: str = "") -> None:
+        """Take a snapshot: suspend base, create the snapshot, reload base as snapshot-origin. The
+        COW is a new file of ``cow_size`` bytes, or the device reference ``cow``."""
         eng = self.eng
-        cow = cow_path or self.cow_file(name, cow_size)
+        cow = cow or str(self.cow_file(name, cow_size))
         self.snaps[name] = cow
         eng.suspend(self.base)
         try:

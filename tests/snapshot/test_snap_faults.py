@@ -30,21 +30,11 @@ def faulty_cow(eng: Any, st: Stack, name: str, good_chunks: int, total_chunks: i
     return path
 
 
-def add_on_device(eng: Any, st: Stack, name: str) -> None:
-    eng.suspend(st.base)
-    try:
-        eng.create(name, f"0 {st.sectors} snapshot {eng.device_ref(st.real)} {eng.device_ref(name + '-cow')} P 8")
-        eng.load(st.base, f"0 {st.sectors} snapshot-origin {eng.device_ref(st.real)}")
-    finally:
-        eng.resume(st.base)
-    st.snaps[name] = Path()
-
-
 def test_copy_error_invalidates_only_that_snapshot(engine: Any, tmp_path: Path, data: bytes) -> None:
     eng = engine
     st = Stack(eng, tmp_path, data)
     path = faulty_cow(eng, st, "bad", 2, 64)  # header and area 0 work, every data chunk fails
-    add_on_device(eng, st, "bad")
+    st.add_snapshot("bad", 0, cow=eng.device_ref("bad-cow"))
     st.add_snapshot("good", 256 * 1024)
     ev = eng.info("bad").event_nr
     st.write(st.base, b"W" * 2 * CB, 4 * CB)
@@ -65,7 +55,7 @@ def test_metadata_error_invalidates(engine: Any, tmp_path: Path, data: bytes) ->
     st = Stack(eng, tmp_path, data)
     path = st.cow_file("m", 64 * CB)
     eng.create("m-cow", f"0 {64 * 8} linear {path} 0")
-    add_on_device(eng, st, "m")
+    st.add_snapshot("m", 0, cow=eng.device_ref("m-cow"))
     st.add_snapshot("good", 256 * 1024)
     # the COW dies after activation: copy and commit both fail
     eng.suspend("m-cow")
