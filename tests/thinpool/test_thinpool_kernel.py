@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -43,20 +43,9 @@ CHUNK = 128  # 64 KiB
 
 
 @pytest.fixture
-def tag(kernel_dm: Any) -> Iterator[str]:
-    """A unique name prefix; every kernel device starting with it is removed afterwards."""
-    t = f"tp{uuid.uuid4().hex[:6]}"
-    yield t
-    for _ in range(4):
-        left = [e.name for e in kernel_dm.list() if e.name.startswith(t)]
-        if not left:
-            break
-        # volumes, then the pool's linear, the pool, its sub-devices
-        for name in sorted(left, key=lambda n: (n.endswith("-tpool"), n.endswith(("-tmeta", "-tdata")))):
-            try:
-                kernel_dm.remove(name, retry=True)
-            except DMError:
-                pass
+def tag(kernel_tag: str) -> str:
+    """The plugin's unique name prefix: its devices are removed afterwards, stacked ones first."""
+    return kernel_tag
 
 
 @pytest.fixture
