@@ -49,18 +49,20 @@ def _region(path: str, r: int) -> bytes:
 
 
 class Run:
-    """One mirror ``m`` over ``src`` (a trip device on file ``a``) and a second leg."""
+    """One mirror ``m`` over ``src`` (a trip device on file ``a``) and a second leg. With
+    ``fail_early`` leg 0 fails after 0..NR+4 reads counted from the mirror's creation."""
 
     def __init__(self, eng: Any, tmp: Path, seed: int, *, handle_errors: bool, second_has_data: bool,
-                 nosync: bool) -> None:
+                 nosync: bool, fail_early: bool = False) -> None:
         self.eng = eng
         self.rng = random.Random(seed)
+        fail_after = self.rng.randrange(NR + 5) if fail_early else None
         self.data = self.rng.randbytes(SIZE)
         self.dir = tmp / f"run{seed}"
         self.dir.mkdir()
         self.a = _image(self.dir, "a", SIZE, self.data)
         self.b = _image(self.dir, "b", SIZE, self.data if second_has_data else None)
-        self.switch = Switch(f"s{seed}-{id(self)}")
+        self.switch = Switch(f"s{seed}-{id(self)}", fail_after=fail_after)
         eng.create("src", f"0 {SIZE // 512} trip {self.a} 0 {self.switch.name}")
         self.mm = MirrorManager(eng)
         self.mm.create("m", [eng.device_ref("src"), self.b], region_size=REGION, nosync=nosync,
@@ -123,21 +125,7 @@ def eng(engine: Any) -> Any:
 
 def _resync(eng: Any, tmp: Path, seed: int, handle_errors: bool) -> RecoveryFailed | None:
     # The mirror's initial resync starts at creation: the source may fail before the first copy.
-    rng = random.Random(seed)
-    k = rng.randrange(NR + 5)
-    switch_name = f"pre{seed}-{handle_errors}"
-    pre = Switch(switch_name, fail_after=k)
-    run = Run.__new__(Run)
-    run.eng, run.rng = eng, rng
-    run.data = rng.randbytes(SIZE)
-    run.dir = tmp / f"run{seed}"
-    run.dir.mkdir()
-    run.a = _image(run.dir, "a", SIZE, run.data)
-    run.b = _image(run.dir, "b", SIZE)
-    run.switch = pre
-    eng.create("src", f"0 {SIZE // 512} trip {run.a} 0 {switch_name}")
-    run.mm = MirrorManager(eng)
-    run.mm.create("m", [eng.device_ref("src"), run.b], region_size=REGION, handle_errors=handle_errors)
+    run = Run(eng, tmp, seed, handle_errors=handle_errors, second_has_data=False, nosync=False, fail_early=True)
     try:
         err = run.op(lambda: run.mm.resync("m", timeout=60))
         run.check(err, [run.b], handle_errors=handle_errors)
