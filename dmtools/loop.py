@@ -22,7 +22,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from dmtools.blockdev import device_number
@@ -194,19 +194,7 @@ class LoopDevice:
 
     def to_dict(self) -> dict[str, Any]:
         """The public fields as a plain dict (for JSON output)."""
-        return {
-            "path": self.path,
-            "number": self.number,
-            "backing_file": self.backing_file,
-            "offset": self.offset,
-            "sizelimit": self.sizelimit,
-            "read_only": self.read_only,
-            "autoclear": self.autoclear,
-            "direct_io": self.direct_io,
-            "partscan": self.partscan,
-            "major": self.major,
-            "minor": self.minor,
-        }
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
 
 def _read_attr(path: str) -> str:
