@@ -68,9 +68,7 @@ class StatusLine:
     params: str
 
     def __str__(self) -> str:
-        return f"{self.start} {self.length} {self.target_type}" + (
-            f" {self.params}" if self.params else ""
-        )
+        return f"{self.start} {self.length} {self.target_type}" + (f" {self.params}" if self.params else "")
 
     def dmsetup_text(self) -> str:
         """The line exactly as ``dmsetup status`` prints it (``"%llu %llu %s %s\\n"``)."""

@@ -31,14 +31,7 @@ from dmtools.linux import (
 )
 from dmtools.units import int_in
 
-__all__ = [
-    "BlockDevice",
-    "aligned_buffer",
-    "buffer_address",
-    "open_endpoint",
-    "device_number",
-    "resolve_devno",
-]
+__all__ = ["BlockDevice", "aligned_buffer", "buffer_address", "open_endpoint", "device_number", "resolve_devno"]
 
 
 #: Largest zero-filled buffer used when zeroing has to fall back to writes.
@@ -234,15 +227,8 @@ class BlockDevice(Endpoint):
     open refused) or :class:`DMError` carrying the errno (permissions and the like).
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        writable: bool = False,
-        direct: bool = False,
-        exclusive: bool = False,
-        create: bool = False,
-    ) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, writable: bool = False, direct: bool = False,
+                 exclusive: bool = False, create: bool = False) -> None:
         self.path = os.fspath(path)
         self.name = self.path
         self._fd = -1
@@ -282,12 +268,8 @@ class BlockDevice(Endpoint):
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError as err:
-                    raise DeviceBusy(
-                        "file is locked by another exclusive user",
-                        errno=errno.EBUSY,
-                        operation="open",
-                        device=self.path,
-                    ) from err
+                    raise DeviceBusy("file is locked by another exclusive user", errno=errno.EBUSY, operation="open",
+                                     device=self.path) from err
             self._is_block = stat.S_ISBLK(st.st_mode)
             self._rdev = st.st_rdev
             if self._is_block:
@@ -317,13 +299,9 @@ class BlockDevice(Endpoint):
         if code == errno.ENOENT:
             return DeviceNotFound("no such file or device", errno=code, operation="open", device=self.path)
         if code == errno.EBUSY:
-            return DeviceBusy(
-                "in use (mounted or opened exclusively)", errno=code, operation="open", device=self.path
-            )
+            return DeviceBusy("in use (mounted or opened exclusively)", errno=code, operation="open", device=self.path)
         if code == errno.EINVAL and self._direct:
-            return InvalidArgument(
-                "O_DIRECT is not supported here", errno=code, operation="open", device=self.path
-            )
+            return InvalidArgument("O_DIRECT is not supported here", errno=code, operation="open", device=self.path)
         if code == errno.EISDIR:
             return InvalidArgument("is a directory", errno=code, operation="open", device=self.path)
         return DMError(os.strerror(code), errno=code, operation="open", device=self.path)
@@ -397,9 +375,7 @@ class BlockDevice(Endpoint):
 
     # -- checks and error mapping
 
-    def _io_error(
-        self, err: OSError, operation: str, offset: int | None = None, length: int | None = None
-    ) -> DMError:
+    def _io_error(self, err: OSError, operation: str, offset: int | None = None, length: int | None = None) -> DMError:
         code = err.errno or errno.EIO
         where = f" at offset {offset}" if offset is not None else ""
         if length is not None:
@@ -416,11 +392,8 @@ class BlockDevice(Endpoint):
     def _check_range(self, offset: int, length: int, operation: str) -> None:
         for what, value in (("offset", offset), ("length", length)):
             if not int_in(value):
-                raise InvalidArgument(
-                    f"{what} must be a non-negative integer, not {value!r}",
-                    operation=operation,
-                    device=self.path,
-                )
+                raise InvalidArgument(f"{what} must be a non-negative integer, not {value!r}", operation=operation,
+                                      device=self.path)
 
     def _check_inside(self, offset: int, length: int, operation: str) -> None:
         """Refuse a block-device request that ends past the device (before any byte is written).
@@ -432,12 +405,8 @@ class BlockDevice(Endpoint):
             return
         self._known_size = self.size
         if end > self._known_size:
-            raise NoSpace(
-                f"range {offset}+{length} ends past the device's {self._known_size} bytes",
-                errno=errno.ENOSPC,
-                operation=operation,
-                device=self.path,
-            )
+            raise NoSpace(f"range {offset}+{length} ends past the device's {self._known_size} bytes",
+                          errno=errno.ENOSPC, operation=operation, device=self.path)
 
     def _check_writable(self, operation: str) -> None:
         if not self._writable:
@@ -518,12 +487,8 @@ class BlockDevice(Endpoint):
             except OSError as err:
                 raise self._io_error(err, "write", offset + total, want - total) from err
             if n == 0:
-                raise NoSpace(
-                    f"device accepted no data at offset {offset + total}",
-                    errno=errno.ENOSPC,
-                    operation="write",
-                    device=self.path,
-                )
+                raise NoSpace(f"device accepted no data at offset {offset + total}", errno=errno.ENOSPC,
+                              operation="write", device=self.path)
             total += n
         return total
 

@@ -21,14 +21,8 @@ class DMError(Exception):
         if errno is not None:
             cls.default_errno = errno
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        errno: int | None = None,
-        operation: str | None = None,
-        device: str | None = None,
-    ) -> None:
+    def __init__(self, message: str, *, errno: int | None = None, operation: str | None = None,
+                 device: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.errno = errno if errno is not None else self.default_errno
@@ -142,9 +136,7 @@ ERRNO_CLASSES: dict[int, type[DMError]] = {
 }
 
 
-def from_errno(
-    err: int, message: str, *, operation: str | None = None, device: str | None = None
-) -> DMError:
+def from_errno(err: int, message: str, *, operation: str | None = None, device: str | None = None) -> DMError:
     """Build the error class that fits ``err`` (``DMError`` when none is specific)."""
     cls = ERRNO_CLASSES.get(err, DMError)
     return cls(message, errno=err, operation=operation, device=device)

@@ -508,9 +508,7 @@ def devno_of(ref: str) -> tuple[int, int] | None:
     return (os.major(st.st_rdev), os.minor(st.st_rdev)) if stat.S_ISBLK(st.st_mode) else None
 
 
-def identify(
-    ref: "str | os.PathLike[str]", *, dm: "DeviceMapper | None" = None, cwd: str | None = None
-) -> Identity:
+def identify(ref: "str | os.PathLike[str]", *, dm: "DeviceMapper | None" = None, cwd: str | None = None) -> Identity:
     """Resolve ``ref`` to the bytes it names.
 
     ``ref`` is a path (absolute, or relative to ``cwd``, default the caller's working directory;
@@ -530,10 +528,8 @@ def identify(
     return Identity(text, path, frozenset(_extents(node, 0, None)), via, node)
 
 
-def ensure_disjoint(
-    refs: Mapping[str, "str | os.PathLike[str] | Identity"], *, dm: "DeviceMapper | None" = None,
-    cwd: str | None = None,
-) -> dict[str, Identity]:
+def ensure_disjoint(refs: Mapping[str, "str | os.PathLike[str] | Identity"], *, dm: "DeviceMapper | None" = None,
+                    cwd: str | None = None) -> dict[str, Identity]:
     """Identify every role's reference; raise ``DeviceConflict`` when two share bytes.
 
     ``refs`` maps a role as the user knows it (``"--cow"``, ``"the origin"``) to a reference or an

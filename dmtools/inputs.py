@@ -74,10 +74,8 @@ def _stack(ref: str, dm: "DeviceMapper") -> set[str]:
     return {names[d] for d in seen}
 
 
-def check_not_in_use(
-    idents: Mapping[str, Identity], backends: Iterable["DeviceMapper"], *, operation: str,
-    allowed: Iterable[str] = (),
-) -> None:
+def check_not_in_use(idents: Mapping[str, Identity], backends: Iterable["DeviceMapper"], *, operation: str,
+                     allowed: Iterable[str] = ()) -> None:
     """Raise ``DeviceBusy`` when a live table of any backend maps a byte of any role's device.
 
     ``allowed`` names devices whose use is expected (the device the request reconfigures).
@@ -99,15 +97,9 @@ def check_not_in_use(
                 )
 
 
-def check_devices(
-    roles: Mapping[str, Ref],
-    *,
-    backends: Sequence["DeviceMapper"],
-    operation: str,
-    in_use: Sequence[str] = (),
-    allowed: Iterable[str] = (),
-    missing_ok: Iterable[str] = (),
-) -> dict[str, Identity]:
+def check_devices(roles: Mapping[str, Ref], *, backends: Sequence["DeviceMapper"], operation: str,
+                  in_use: Sequence[str] = (), allowed: Iterable[str] = (),
+                  missing_ok: Iterable[str] = ()) -> dict[str, Identity]:
     """Identify every role's device; refuse two that share bytes, and the roles of ``in_use``
     (all roles when it holds ``"*"``) that a live table of one of ``backends`` maps. Roles in
     ``missing_ok`` whose device no longer exists are left out.

@@ -104,13 +104,9 @@ def check_control(path: str = CONTROL_PATH) -> None:
         st = os.stat(path)
     except OSError as err:
         reason = "does not exist" if err.errno == errno.ENOENT else err.strerror
-        raise KernelUnavailable(
-            f"{path} {reason} ({hint})", errno=err.errno, operation="open"
-        ) from None
+        raise KernelUnavailable(f"{path} {reason} ({hint})", errno=err.errno, operation="open") from None
     if not stat.S_ISCHR(st.st_mode):
-        raise KernelUnavailable(
-            f"{path} is not a character device ({hint})", errno=errno.ENODEV, operation="open"
-        )
+        raise KernelUnavailable(f"{path} is not a character device ({hint})", errno=errno.ENODEV, operation="open")
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as err:
@@ -165,9 +161,7 @@ def _real_libdm() -> LibDM:
 
 def _prepare(dm: LibDM) -> None:
     if not dm.log_hooked and not dm.install_log_hook(_log_sink):
-        log.warning(
-            "libdevmapper messages go to stderr: %s", dm.log_hook_error or "log hook unavailable"
-        )
+        log.warning("libdevmapper messages go to stderr: %s", dm.log_hook_error or "log hook unavailable")
 
 
 class _KernelLog:
@@ -244,9 +238,7 @@ class _EventPoll:
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
 
     def arm(self) -> None:
-        buf = bytearray(
-            _DM_IOCTL.pack(4, 37, 0, _DM_IOCTL.size, _DM_IOCTL.size, 0, 0, 0, 0, 0, 0, b"", b"", b"")
-        )
+        buf = bytearray(_DM_IOCTL.pack(4, 37, 0, _DM_IOCTL.size, _DM_IOCTL.size, 0, 0, 0, 0, 0, 0, b"", b"", b""))
         fcntl.ioctl(self.fd, DM_DEV_ARM_POLL, buf)
 
     def wait(self, timeout: float) -> None:
@@ -304,14 +296,8 @@ class KernelBackend(DeviceMapper):
 
     backend = "kernel"
 
-    def __init__(
-        self,
-        *,
-        udev_sync: bool | None = None,
-        udev_timeout: float = 30.0,
-        control_path: str = CONTROL_PATH,
-        libdm: LibDM | None = None,
-    ) -> None:
+    def __init__(self, *, udev_sync: bool | None = None, udev_timeout: float = 30.0, control_path: str = CONTROL_PATH,
+                 libdm: LibDM | None = None) -> None:
         if libdm is None:
             check_control(control_path)
             libdm = _real_libdm()
@@ -325,18 +311,9 @@ class KernelBackend(DeviceMapper):
 
     # -- the one function every call goes through --------------------------------------------
 
-    def _run(
-        self,
-        op: str,
-        task_type: TaskType,
-        device: str | None,
-        setup: Callable[[Task], None] | None = None,
-        collect: Callable[[Task], T] | None = None,
-        *,
-        cookie: bool = False,
-        kernel_log: bool = False,
-        table_types: Sequence[str] = (),
-    ) -> T | None:
+    def _run(self, op: str, task_type: TaskType, device: str | None, setup: Callable[[Task], None] | None = None,
+             collect: Callable[[Task], T] | None = None, *, cookie: bool = False, kernel_log: bool = False,
+             table_types: Sequence[str] = ()) -> T | None:
         """Create, set up and run one task; return ``collect(task)``; raise a ``DMError``.
 
         ``cookie`` marks ioctls that emit uevents (resume, remove, rename): they get a udev cookie
@@ -370,21 +347,14 @@ class KernelBackend(DeviceMapper):
                     if cookie:
                         udev_cookie = task.set_cookie(self._udev_flags())
                 except CallFailed as err:
-                    raise InvalidArgument(
-                        _text(messages) or str(err), operation=op, device=device
-                    ) from None
+                    raise InvalidArgument(_text(messages) or str(err), operation=op, device=device) from None
                 ok = task.run()
                 err_no = 0 if ok else task.errno()
                 if cookie:
                     self._udev_wait(udev_cookie)
-                log.debug(
-                    "%s %s: %s in %.1f ms%s",
-                    task_type.name.lower(),
-                    device or "",
-                    "ok" if ok else f"failed ({errno.errorcode.get(err_no, err_no)})",
-                    (time.monotonic() - started) * 1000,
-                    f", udev cookie {udev_cookie:#x}" if udev_cookie else "",
-                )
+                log.debug("%s %s: %s in %.1f ms%s", task_type.name.lower(), device or "",
+                          "ok" if ok else f"failed ({errno.errorcode.get(err_no, err_no)})",
+                          (time.monotonic() - started) * 1000, f", udev cookie {udev_cookie:#x}" if udev_cookie else "")
                 if not ok:
                     raise self._error(op, task_type, device, err_no, messages, klog, table_types)
                 return collect(task) if collect is not None else None
@@ -437,20 +407,10 @@ class KernelBackend(DeviceMapper):
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
-    def _error(
-        self,
-        op: str,
-        task_type: TaskType,
-        device: str | None,
-        err: int,
-        messages: list[tuple[int, str]],
-        klog: _KernelLog | None,
-        table_types: Sequence[str],
-    ) -> DMError:
+    def _error(self, op: str, task_type: TaskType, device: str | None, err: int, messages: list[tuple[int, str]],
+               klog: _KernelLog | None, table_types: Sequence[str]) -> DMError:
         """The exception for a failed task: class by errno and task, text from libdm and kernel."""
-        text = _text(messages) or (
-            f"device-mapper: {op} failed: {os.strerror(err)}" if err else f"{op} failed"
-        )
+        text = _text(messages) or (f"device-mapper: {op} failed: {os.strerror(err)}" if err else f"{op} failed")
         kernel_lines = klog.read() if klog is not None else []
         if any("Failure to communicate with kernel device-mapper driver" in m for _, m in messages):
             return KernelUnavailable(text, errno=err or errno.ENODEV, operation=op, device=device)
@@ -476,15 +436,8 @@ class KernelBackend(DeviceMapper):
             return InvalidArgument(text, errno=err, operation=op, device=device)
         return from_errno(err, text, operation=op, device=device)
 
-    def _load_error(
-        self,
-        op: str,
-        device: str | None,
-        err: int,
-        text: str,
-        kernel_lines: list[str],
-        table_types: Sequence[str],
-    ) -> DMError:
+    def _load_error(self, op: str, device: str | None, err: int, text: str, kernel_lines: list[str],
+                    table_types: Sequence[str]) -> DMError:
         devno = None
         exists = True
         if device is not None and err in (errno.ENXIO, errno.ENODEV, errno.ENOENT, errno.EINVAL):
@@ -507,12 +460,8 @@ class KernelBackend(DeviceMapper):
             # its module (dm-target.c dm_get_target_type → request_module) is not supported.
             missing = self._missing_types(table_types)
             if missing:
-                return TargetNotSupported(
-                    f"{text} (the kernel has no target type {', '.join(missing)})",
-                    errno=err,
-                    operation=op,
-                    device=device,
-                )
+                return TargetNotSupported(f"{text} (the kernel has no target type {', '.join(missing)})", errno=err,
+                                          operation=op, device=device)
         return InvalidTable(text, errno=err or errno.EINVAL, operation=op, device=device)
 
     def _missing_types(self, table_types: Sequence[str]) -> list[str]:
@@ -547,11 +496,8 @@ class KernelBackend(DeviceMapper):
             validate_uuid(uuid)
         lines = _table_lines(table) if table is not None else []
         if readonly and not lines:
-            raise InvalidArgument(
-                "read-only applies to a table; create with a table or load one with readonly=True",
-                operation="create",
-                device=name,
-            )
+            raise InvalidArgument("read-only applies to a table; create with a table or load one with readonly=True",
+                                  operation="create", device=name)
 
         def setup(task: Task) -> None:
             if uuid:
@@ -571,9 +517,7 @@ class KernelBackend(DeviceMapper):
                     raise
             return self.info(name)
 
-    def _load(
-        self, op: str, name: str, lines: list[tuple[int, int, str, str]], readonly: bool
-    ) -> None:
+    def _load(self, op: str, name: str, lines: list[tuple[int, int, str, str]], readonly: bool) -> None:
         if not lines:
             raise InvalidTable("a table needs at least one target", operation=op, device=name)
 
@@ -583,14 +527,7 @@ class KernelBackend(DeviceMapper):
             if readonly:
                 task.set_ro()
 
-        self._run(
-            op,
-            TaskType.RELOAD,
-            name,
-            setup,
-            kernel_log=True,
-            table_types=sorted({line[2] for line in lines}),
-        )
+        self._run(op, TaskType.RELOAD, name, setup, kernel_log=True, table_types=sorted({line[2] for line in lines}))
 
     def load(self, name: str, table: Table | str, *, readonly: bool = False) -> None:
         """Load ``table`` into the inactive slot of ``name`` (``resume`` makes it live).
@@ -716,9 +653,7 @@ class KernelBackend(DeviceMapper):
         """Each target's status line. Raises :class:`DeviceNotFound`."""
         return [
             StatusLine(start, length, target_type, params)
-            for start, length, target_type, params in self._targets_of(
-                "status", TaskType.STATUS, name, inactive
-            )
+            for start, length, target_type, params in self._targets_of("status", TaskType.STATUS, name, inactive)
         ]
 
     def measure(self, name: str, *, inactive: bool = False) -> list[StatusLine]:
@@ -731,11 +666,8 @@ class KernelBackend(DeviceMapper):
         if not self._dm.supports("dm_task_ima_measurement"):
             with LIBDM_LOCK:
                 library = self._dm.library_version()
-            raise TargetNotSupported(
-                f"libdevmapper {library} has no dm_task_ima_measurement (needs 1.02.181 or later)",
-                operation="measure",
-                device=name,
-            )
+            raise TargetNotSupported(f"libdevmapper {library} has no dm_task_ima_measurement (needs 1.02.181 or later)",
+                                     operation="measure", device=name)
         return [
             StatusLine(start, length, target_type, params)
             for start, length, target_type, params in self._targets_of(
@@ -758,14 +690,8 @@ class KernelBackend(DeviceMapper):
             task.set_sector(sector)
             task.set_message(message)
 
-        return self._run(
-            "message",
-            TaskType.TARGET_MSG,
-            name,
-            setup,
-            lambda t: t.message_response() or None,
-            kernel_log=True,
-        )
+        return self._run("message", TaskType.TARGET_MSG, name, setup, lambda t: t.message_response() or None,
+                         kernel_log=True)
 
     def deps(self, name: str) -> list[tuple[int, int]]:
         """``(major, minor)`` of every device the live table uses. Raises :class:`DeviceNotFound`."""
@@ -783,13 +709,8 @@ class KernelBackend(DeviceMapper):
         records = self._run("list", TaskType.LIST, None, collect=collect)
         assert records is not None
         return [
-            DeviceEntry(
-                name=r.name,
-                major=r.major,
-                minor=r.minor,
-                event_nr=r.event_nr or 0,
-                uuid=r.uuid if r.uuid is not None else _sysfs_uuid(r.major, r.minor),
-            )
+            DeviceEntry(name=r.name, major=r.major, minor=r.minor, event_nr=r.event_nr or 0,
+                        uuid=r.uuid if r.uuid is not None else _sysfs_uuid(r.major, r.minor))
             for r in records
         ]
 
@@ -852,9 +773,7 @@ class KernelBackend(DeviceMapper):
         def collect(task: Task) -> Info | None:
             return task.info()
 
-        info = self._run(
-            "wait_event", TaskType.INFO, None, lambda t: t.set_major_minor(major, minor), collect
-        )
+        info = self._run("wait_event", TaskType.INFO, None, lambda t: t.set_major_minor(major, minor), collect)
         if info is None or not info.exists:
             raise DeviceNotFound(
                 f"device {major}:{minor} was removed", errno=errno.ENXIO, operation="wait_event",

@@ -91,9 +91,7 @@ class LoopStatus:
     file_name: str
 
 
-def pack_info64(
-    *, offset: int = 0, sizelimit: int = 0, flags: int = 0, file_name: str | bytes = b""
-) -> bytes:
+def pack_info64(*, offset: int = 0, sizelimit: int = 0, flags: int = 0, file_name: str | bytes = b"") -> bytes:
     """Pack a ``struct loop_info64`` for ``LOOP_SET_STATUS64``/``LOOP_CONFIGURE``.
 
     ``file_name`` is informational (``lo_file_name``); it is cut to 63 bytes plus the NUL.
@@ -107,16 +105,8 @@ def unpack_info64(data: bytes | bytearray) -> LoopStatus:
     if len(data) != INFO64.size:
         raise InvalidArgument(f"loop_info64 is {INFO64.size} bytes, got {len(data)}")
     f = INFO64.unpack(data)
-    return LoopStatus(
-        device=f[0],
-        inode=f[1],
-        rdevice=f[2],
-        offset=f[3],
-        sizelimit=f[4],
-        number=f[5],
-        flags=f[8],
-        file_name=os.fsdecode(f[9].split(b"\0", 1)[0]),
-    )
+    return LoopStatus(device=f[0], inode=f[1], rdevice=f[2], offset=f[3], sizelimit=f[4], number=f[5], flags=f[8],
+                      file_name=os.fsdecode(f[9].split(b"\0", 1)[0]))
 
 
 def pack_config(fd: int, info64: bytes, *, block_size: int = 0) -> bytes:
@@ -250,19 +240,8 @@ def info(dev: LoopDevice | str | os.PathLike[str] | int) -> LoopDevice:
         if err.errno not in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
             raise
         raise DeviceNotFound("loop device is not attached", errno=errno.ENXIO, device=path) from err
-    return LoopDevice(
-        path=path,
-        number=number,
-        backing_file=backing,
-        offset=offset,
-        sizelimit=sizelimit,
-        read_only=ro,
-        autoclear=autoclear,
-        direct_io=dio,
-        major=major,
-        minor=minor,
-        partscan=partscan,
-    )
+    return LoopDevice(path=path, number=number, backing_file=backing, offset=offset, sizelimit=sizelimit, read_only=ro,
+                      autoclear=autoclear, direct_io=dio, major=major, minor=minor, partscan=partscan)
 
 
 def list_loops() -> list[LoopDevice]:
@@ -363,17 +342,8 @@ def _legacy_configure(
 _use_configure = True
 
 
-def attach(
-    path: str | os.PathLike[str],
-    *,
-    read_only: bool = False,
-    autoclear: bool = False,
-    direct_io: bool = False,
-    offset: int = 0,
-    sizelimit: int = 0,
-    partscan: bool = False,
-    block_size: int = 0,
-) -> LoopDevice:
+def attach(path: str | os.PathLike[str], *, read_only: bool = False, autoclear: bool = False, direct_io: bool = False,
+           offset: int = 0, sizelimit: int = 0, partscan: bool = False, block_size: int = 0) -> LoopDevice:
     """Bind a free loop device to the file (or block device) at ``path``.
 
     ``offset``/``sizelimit`` in bytes (multiples of 512; 0 = to the end); ``block_size`` sets the
@@ -406,12 +376,8 @@ def attach(
                 loop_fd = os.open(f"/dev/loop{number}", mode | os.O_CLOEXEC)
             except OSError as err:
                 if err.errno == errno.ENOENT and os.path.exists(f"{SYSFS_BLOCK}/loop{number}"):
-                    raise LoopError(
-                        f"/dev/loop{number} has no device node (is devtmpfs mounted on /dev?)",
-                        errno=err.errno,
-                        operation="attach",
-                        device=p,
-                    ) from err
+                    raise LoopError(f"/dev/loop{number} has no device node (is devtmpfs mounted on /dev?)",
+                                    errno=err.errno, operation="attach", device=p) from err
                 if err.errno in (errno.ENOENT, errno.ENXIO):
                     continue  # removed by someone between GET_FREE and open
                 raise _loop_error(err, "cannot open loop device", f"/dev/loop{number}", "attach") from err
@@ -423,12 +389,8 @@ def attach(
             # Someone else bound it first; back off a little as contention grows.
             if attempt >= 4:
                 time.sleep(random.uniform(0, 0.001 * attempt))
-    raise LoopError(
-        f"free loop devices kept being taken by others ({ATTACH_ATTEMPTS} attempts)",
-        errno=errno.EBUSY,
-        operation="attach",
-        device=p,
-    )
+    raise LoopError(f"free loop devices kept being taken by others ({ATTACH_ATTEMPTS} attempts)", errno=errno.EBUSY,
+                    operation="attach", device=p)
 
 
 @dataclass(frozen=True)
@@ -446,12 +408,8 @@ def _open_backing(path: str, mode: int) -> Iterator[int]:
         fd = os.open(path, mode | os.O_CLOEXEC)
     except OSError as err:
         hint = "; attach it read-only" if err.errno in (errno.EACCES, errno.EROFS, errno.EPERM) else ""
-        raise LoopError(
-            f"cannot open backing file: {os.strerror(err.errno or errno.EIO)}{hint}",
-            errno=err.errno,
-            operation="attach",
-            device=path,
-        ) from err
+        raise LoopError(f"cannot open backing file: {os.strerror(err.errno or errno.EIO)}{hint}", errno=err.errno,
+                        operation="attach", device=path) from err
     try:
         yield fd
     finally:
@@ -463,12 +421,8 @@ def _open_control(path: str) -> Iterator[int]:
     try:
         fd = os.open(LOOP_CONTROL, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError as err:
-        raise LoopError(
-            f"{LOOP_CONTROL} is missing (load the loop module)",
-            errno=err.errno,
-            operation="attach",
-            device=path,
-        ) from err
+        raise LoopError(f"{LOOP_CONTROL} is missing (load the loop module)", errno=err.errno, operation="attach",
+                        device=path) from err
     except OSError as err:
         raise _loop_error(err, f"cannot open {LOOP_CONTROL}", path, "attach") from err
     try:
@@ -488,9 +442,7 @@ def _bind(loop_fd: int, dev_path: str, backing_fd: int, req: _BindRequest) -> bo
         pass  # not permitted or not supported: the bind below reports any real problem
     try:
         if _use_configure:
-            info64 = pack_info64(
-                offset=req.offset, sizelimit=req.sizelimit, flags=req.flags, file_name=req.path
-            )
+            info64 = pack_info64(offset=req.offset, sizelimit=req.sizelimit, flags=req.flags, file_name=req.path)
             try:
                 _configure(loop_fd, backing_fd, info64, req.block_size)
                 return True
@@ -549,9 +501,7 @@ def _opened(number: int, operation: str) -> Iterator[int]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError as err:
-        raise DeviceNotFound(
-            "no such loop device", errno=errno.ENOENT, operation=operation, device=path
-        ) from err
+        raise DeviceNotFound("no such loop device", errno=errno.ENOENT, operation=operation, device=path) from err
     except OSError as err:
         raise _loop_error(err, "cannot open", path, operation) from err
     try:
@@ -669,7 +619,5 @@ def set_direct_io(dev: LoopDevice | str | os.PathLike[str] | int, enabled: bool 
         _device_ioctl(fd, number, "set_direct_io", LOOP_SET_DIRECT_IO, int(enabled), einval=refused)
     now = info(number).direct_io
     if enabled and not now:
-        raise InvalidArgument(
-            refused, errno=errno.EINVAL, operation="set_direct_io", device=f"/dev/loop{number}"
-        )
+        raise InvalidArgument(refused, errno=errno.EINVAL, operation="set_direct_io", device=f"/dev/loop{number}")
     return now

@@ -58,14 +58,7 @@ from dmtools.plugins import entry_points
 from dmtools.status import SnapshotState
 from dmtools.units import int_in
 
-__all__ = [
-    "PolicySettings",
-    "MonitorConfig",
-    "Monitor",
-    "load_policy",
-    "MIRROR_POLICIES",
-    "POLICY_GROUP",
-]
+__all__ = ["PolicySettings", "MonitorConfig", "Monitor", "load_policy", "MIRROR_POLICIES", "POLICY_GROUP"]
 
 log = logging.getLogger(__name__)
 
@@ -207,18 +200,9 @@ class Monitor:
     catch-up across restarts.
     """
 
-    def __init__(
-        self,
-        dm: DeviceMapper,
-        config: MonitorConfig | None = None,
-        *,
-        names: Sequence[str] | None = None,
-        store: StateStore | None = None,
-        poll_interval: float = 1.0,
-        uevents: bool | None = None,
-        event_numbers: bool = True,
-        policy_loader: PolicyLoader = load_policy,
-    ) -> None:
+    def __init__(self, dm: DeviceMapper, config: MonitorConfig | None = None, *, names: Sequence[str] | None = None,
+                 store: StateStore | None = None, poll_interval: float = 1.0, uevents: bool | None = None,
+                 event_numbers: bool = True, policy_loader: PolicyLoader = load_policy) -> None:
         self.dm = dm
         self.config = config or MonitorConfig()
         self._loader = policy_loader

@@ -50,9 +50,7 @@ MAX_UUID_BYTES = DM_UUID_LEN - 1
 _RESERVED_NAMES = frozenset({".", "..", "control"})
 
 # libdm's whitelist of characters that need no mangling (libdm-common.c _is_whitelisted_char).
-_WHITELIST = frozenset(
-    "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz#+-.:=@_"
-)
+_WHITELIST = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz#+-.:=@_")
 
 
 def _control_chars(text: str) -> list[str]:
@@ -78,19 +76,15 @@ def validate_name(name: str) -> str:
     if not raw:
         raise InvalidName("device name cannot be empty")
     if len(raw) > MAX_NAME_BYTES:
-        raise InvalidName(
-            f"device name is {len(raw)} bytes long; the kernel allows at most {MAX_NAME_BYTES}",
-            device=name[:40] + "...",
-        )
+        raise InvalidName(f"device name is {len(raw)} bytes long; the kernel allows at most {MAX_NAME_BYTES}",
+                          device=name[:40] + "...")
     if "/" in name:
         raise InvalidName(f"device name {name!r} contains '/'", device=name)
     if name in _RESERVED_NAMES:
         raise InvalidName(f"device name cannot be {name!r} (reserved by the kernel)", device=name)
     bad = _control_chars(name)
     if bad:
-        raise InvalidName(
-            f"device name {name!r} contains control character {bad[0]!r}", device=name
-        )
+        raise InvalidName(f"device name {name!r} contains control character {bad[0]!r}", device=name)
     return name
 
 
@@ -102,9 +96,7 @@ def validate_uuid(uuid: str) -> str:
     """
     raw = _encoded(uuid, "uuid")
     if len(raw) > MAX_UUID_BYTES:
-        raise InvalidName(
-            f"uuid is {len(raw)} bytes long; the kernel allows at most {MAX_UUID_BYTES}"
-        )
+        raise InvalidName(f"uuid is {len(raw)} bytes long; the kernel allows at most {MAX_UUID_BYTES}")
     bad = _control_chars(uuid)
     if bad:
         raise InvalidName(f"uuid {uuid!r} contains control character {bad[0]!r}")
@@ -121,9 +113,7 @@ def validate_target_type(target_type: str) -> str:
     if not raw:
         raise InvalidName("target type cannot be empty")
     if len(raw) >= DM_MAX_TYPE_NAME:
-        raise InvalidName(
-            f"target type {target_type!r} is longer than {DM_MAX_TYPE_NAME - 1} bytes"
-        )
+        raise InvalidName(f"target type {target_type!r} is longer than {DM_MAX_TYPE_NAME - 1} bytes")
     if any(c.isspace() for c in target_type) or _control_chars(target_type):
         raise InvalidName(f"target type {target_type!r} must be a single word")
     return target_type

@@ -171,11 +171,7 @@ class SnapshotStatus(_Status):
     @property
     def merge_done(self) -> bool:
         """True when a merge has finished: allocated == metadata (snapshot.rst)."""
-        return (
-            self.state is SnapshotState.ACTIVE
-            and self.metadata is not None
-            and self.allocated == self.metadata
-        )
+        return self.state is SnapshotState.ACTIVE and self.metadata is not None and self.allocated == self.metadata
 
     def format(self) -> str:
         """The kernel's text for this status."""
@@ -289,9 +285,7 @@ class MirrorStatus(_Status):
             try:
                 LogHealth(self.log_args[2])
             except ValueError as err:
-                raise InvalidStatus(
-                    f"mirror status: unknown log health letter {self.log_args[2]!r}"
-                ) from err
+                raise InvalidStatus(f"mirror status: unknown log health letter {self.log_args[2]!r}") from err
         elif self.log_args[0] == "core" and len(self.log_args) != 1:
             raise InvalidStatus("mirror status: a core log reports 1 word: core")
 
@@ -386,14 +380,8 @@ class StripedStatus(_Status):
         for dev in self.devices:
             if not isinstance(dev, str) or not dev:
                 raise InvalidStatus(f"striped status: {dev!r} is not a device")
-        if (
-            not isinstance(self.health, str)
-            or len(self.health) != len(self.devices)
-            or set(self.health) - {"A", "D"}
-        ):
-            raise InvalidStatus(
-                f"striped status: expected one A or D per stripe, got {self.health!r}"
-            )
+        if not isinstance(self.health, str) or len(self.health) != len(self.devices) or set(self.health) - {"A", "D"}:
+            raise InvalidStatus(f"striped status: expected one A or D per stripe, got {self.health!r}")
 
     @property
     def healthy(self) -> bool:
@@ -540,10 +528,7 @@ class ThinPoolStatus(_Status):
     @property
     def healthy(self) -> bool:
         """Neither failed nor in error, writable, no check needed."""
-        return (
-            not self.fail and not self.error and self.mode in (None, PoolMode.WRITE)
-            and not self.needs_check
-        )
+        return not self.fail and not self.error and self.mode in (None, PoolMode.WRITE) and not self.needs_check
 
     def format(self) -> str:
         """The kernel's text for this status."""

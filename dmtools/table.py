@@ -252,9 +252,7 @@ class Table:
 
     def map_devices(self, fn: Callable[[str], str]) -> Table:
         """A copy with every device reference replaced by ``fn(reference)``."""
-        return Table(
-            tuple(TableLine(ln.start, ln.length, ln.target.map_devices(fn)) for ln in self.lines)
-        )
+        return Table(tuple(TableLine(ln.start, ln.length, ln.target.map_devices(fn)) for ln in self.lines))
 
     # -- text -----------------------------------------------------------------------------------
 

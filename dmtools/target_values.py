@@ -97,10 +97,7 @@ def split_args(params: str) -> list[str]:
     ``surrogateescape`` characters.
     """
     data = params.encode("utf-8", "surrogateescape")
-    return [
-        _QUOTED_RE.sub(rb"\1", word).decode("utf-8", "surrogateescape")
-        for word in _WORD_RE.findall(data)
-    ]
+    return [_QUOTED_RE.sub(rb"\1", word).decode("utf-8", "surrogateescape") for word in _WORD_RE.findall(data)]
 
 
 def format_args(args: Iterable[str]) -> str:
@@ -800,9 +797,7 @@ class Mirror(Target):
             raise _log_fail(f"region count exceeds limit of {U32_MAX}")
 
     def map_devices(self, fn: Callable[[str], str]) -> Mirror:
-        return Mirror(
-            self.log.map_devices(fn), tuple(Leg(fn(d), o) for d, o in self.legs), self.features
-        )
+        return Mirror(self.log.map_devices(fn), tuple(Leg(fn(d), o) for d, o in self.legs), self.features)
 
     @classmethod
     def from_args(cls, args: Sequence[str]) -> Mirror:
@@ -817,10 +812,7 @@ class Mirror(Target):
         rest = rest[1:]
         if len(rest) < 2 * count:
             raise _fail(t, f"Too few mirror arguments: {count} legs need {2 * count}, got {len(rest)}")
-        legs = [
-            Leg(rest[i], _number(t, rest[i + 1], "Invalid offset"))
-            for i in range(0, 2 * count, 2)
-        ]
+        legs = [Leg(rest[i], _number(t, rest[i + 1], "Invalid offset")) for i in range(0, 2 * count, 2)]
         rest = rest[2 * count :]
         features: list[str] = []
         if rest:
@@ -834,13 +826,7 @@ class Mirror(Target):
 
 
 #: dm-thin.c pool_status (STATUSTYPE_TABLE): the feature words in the order the kernel prints them.
-THIN_POOL_FEATURES = (
-    "skip_block_zeroing",
-    "ignore_discard",
-    "no_discard_passdown",
-    "read_only",
-    "error_if_no_space",
-)
+THIN_POOL_FEATURES = ("skip_block_zeroing", "ignore_discard", "no_discard_passdown", "read_only", "error_if_no_space")
 #: dm-thin.c DATA_DEV_BLOCK_SIZE_MIN_SECTORS (64 KiB); block sizes are multiples of it.
 MIN_THIN_BLOCK_SECTORS = 128
 #: dm-thin.c DATA_DEV_BLOCK_SIZE_MAX_SECTORS (1 GiB).
@@ -853,10 +839,7 @@ _MAX_POOL_FEATURE_ARGS = 4
 
 def _thin_block_size_ok(value: int) -> bool:
     """dm-thin.c pool_ctr: 128 <= size <= 2097152 and a multiple of 128 (the kernel masks with 127)."""
-    return (
-        MIN_THIN_BLOCK_SECTORS <= value <= MAX_THIN_BLOCK_SECTORS
-        and value % MIN_THIN_BLOCK_SECTORS == 0
-    )
+    return MIN_THIN_BLOCK_SECTORS <= value <= MAX_THIN_BLOCK_SECTORS and value % MIN_THIN_BLOCK_SECTORS == 0
 
 
 @dataclass(frozen=True)
@@ -1011,7 +994,5 @@ class Thin(Target):
 #: Target type name -> typed class. Types not listed parse to :class:`GenericTarget`.
 TARGET_TYPES: dict[str, type[Target]] = {
     cls.TYPE: cls
-    for cls in (
-        Linear, Striped, Zero, Error, Snapshot, SnapshotMerge, SnapshotOrigin, Mirror, ThinPool, Thin
-    )
+    for cls in (Linear, Striped, Zero, Error, Snapshot, SnapshotMerge, SnapshotOrigin, Mirror, ThinPool, Thin)
 }

@@ -221,7 +221,5 @@ def format_sectors(sectors: int) -> str:
 
 def _check_max(value: int, text: str) -> int:
     if value > MAX_BYTES:
-        raise InvalidArgument(
-            f"size {text!r} exceeds the kernel's limit of {MAX_SECTORS} sectors"
-        )
+        raise InvalidArgument(f"size {text!r} exceeds the kernel's limit of {MAX_SECTORS} sectors")
     return value

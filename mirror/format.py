@@ -119,9 +119,7 @@ def _read_exact(ep: Endpoint, size: int, what: str) -> bytearray:
     except OSError as err:
         raise DeviceIOError(f"cannot read {what}: {err}", operation="read", device=ep.name) from err
     if got < size:
-        raise InvalidArgument(
-            f"log device too small: need {size} bytes, read {got}", operation="read", device=ep.name
-        )
+        raise InvalidArgument(f"log device too small: need {size} bytes, read {got}", operation="read", device=ep.name)
     return buf
 
 
@@ -165,25 +163,17 @@ class LogImage:
         lbs = max(ep.logical_block_size, SECTOR)
         first = log_io_bytes(1, lbs)
         if ep.size < first:
-            raise InvalidArgument(
-                f"log device too small: {ep.size} bytes, a disk log needs at least {first}",
-                operation="inspect",
-                device=ep.name,
-            )
+            raise InvalidArgument(f"log device too small: {ep.size} bytes, a disk log needs at least {first}",
+                                  operation="inspect", device=ep.name)
         head = LogHeader.unpack(_read_exact(ep, SECTOR, "log header"))
         if head.magic != MIRROR_MAGIC:
-            raise CorruptMetadata(
-                f"not a mirror disk log: magic 0x{head.magic:08x}, expected 0x{MIRROR_MAGIC:08x}",
-                operation="inspect",
-                device=ep.name,
-            )
+            raise CorruptMetadata(f"not a mirror disk log: magic 0x{head.magic:08x}, expected 0x{MIRROR_MAGIC:08x}",
+                                  operation="inspect", device=ep.name)
         version = head.version
         if version == 1:  # dm-log.c: version 1 is read as 2 on little-endian hosts
             version = MIRROR_DISK_VERSION
         if version != MIRROR_DISK_VERSION:
-            raise CorruptMetadata(
-                f"incompatible disk log version {head.version}", operation="inspect", device=ep.name
-            )
+            raise CorruptMetadata(f"incompatible disk log version {head.version}", operation="inspect", device=ep.name)
         if head.nr_regions == 0 or head.nr_regions >= 1 << 40:
             raise CorruptMetadata(
                 f"disk log header names {head.nr_regions} regions", operation="inspect", device=ep.name
@@ -343,15 +333,7 @@ def inspect(logdev: "str | Endpoint", *, region_size: int | None = None) -> LogR
 def _inspect(ep: Endpoint, region_size: int | None) -> LogReport:
     img = LogImage.read(ep)
     oos = tuple(img.out_of_sync())
-    return LogReport(
-        device=ep.name,
-        device_bytes=ep.size,
-        magic=img.header.magic,
-        version=img.header.version,
-        nr_regions=img.header.nr_regions,
-        bitmap_bytes=bitmap_bytes(img.header.nr_regions),
-        io_bytes=img.io_bytes,
-        in_sync=img.header.nr_regions - len(oos),
-        out_of_sync=oos,
-        region_size=region_size,
-    )
+    return LogReport(device=ep.name, device_bytes=ep.size, magic=img.header.magic, version=img.header.version,
+                     nr_regions=img.header.nr_regions, bitmap_bytes=bitmap_bytes(img.header.nr_regions),
+                     io_bytes=img.io_bytes, in_sync=img.header.nr_regions - len(oos), out_of_sync=oos,
+                     region_size=region_size)

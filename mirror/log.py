@@ -183,14 +183,8 @@ class DiskDirtyLog(CoreDirtyLog):
 
     persistent = True
 
-    def __init__(
-        self,
-        endpoint: Endpoint,
-        device: str,
-        target_len: int,
-        region_size: int,
-        sync: SyncMode = SyncMode.DEFAULT,
-    ) -> None:
+    def __init__(self, endpoint: Endpoint, device: str, target_len: int, region_size: int,
+                 sync: SyncMode = SyncMode.DEFAULT) -> None:
         super().__init__(target_len, region_size, sync)
         self.endpoint = endpoint
         self.device = device
@@ -331,9 +325,7 @@ class DiskDirtyLog(CoreDirtyLog):
         return f"3 disk {self.device} {c}"
 
 
-def open_dirty_log(
-    value: MirrorLog, target_len: int, open_device: Callable[[str], Endpoint]
-) -> CoreDirtyLog:
+def open_dirty_log(value: MirrorLog, target_len: int, open_device: Callable[[str], Endpoint]) -> CoreDirtyLog:
     """The runtime log for a table's log ``value`` (dm-dirty-log's ``dm_dirty_log_create``).
 
     ``open_device(ref)`` opens a disk log's device. Raises ``InvalidTable`` with dm-raid1.c's

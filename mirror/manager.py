@@ -142,20 +142,9 @@ class MirrorManager:
         return table.lines[0].length, table.lines[0].target
 
     # -- create / status / remove ---------------------------------------------------------------
-    def create(
-        self,
-        name: str,
-        legs: Sequence[str],
-        *,
-        log: str = "core",
-        region_size: int = DEFAULT_REGION_SIZE,
-        nosync: bool = False,
-        handle_errors: bool = True,
-        keep_log: bool = False,
-        keep_log_contents: bool = False,
-        uuid: str = "",
-        monitor: bool = True,
-    ) -> MirrorState:
+    def create(self, name: str, legs: Sequence[str], *, log: str = "core", region_size: int = DEFAULT_REGION_SIZE,
+               nosync: bool = False, handle_errors: bool = True, keep_log: bool = False,
+               keep_log_contents: bool = False, uuid: str = "", monitor: bool = True) -> MirrorState:
         """Create mirror ``name`` over ``legs`` (2–9 devices of one size) and activate it.
 
         ``log`` is ``"core"`` or a log device. A disk log is formatted (every region out of sync,
@@ -234,22 +223,11 @@ class MirrorManager:
         length, target = self._mirror(name)
         lines = self.dm.status(name)
         st = parse_mirror_status(lines[0].params)
-        return MirrorState(
-            name=name,
-            backend=self.dm.backend,
-            length=length,
-            region_size=target.region_size,
-            legs=st.devices,
-            health=st.health,
-            in_sync=st.in_sync,
-            regions=st.regions,
-            log_type=st.log_type,
-            log_device=st.log_device,
-            log_health=st.log_health.value if st.log_health else None,
-            features=target.features,
-            status_text=lines[0].params,
-            table_text=target.params,
-        )
+        return MirrorState(name=name, backend=self.dm.backend, length=length, region_size=target.region_size,
+                           legs=st.devices, health=st.health, in_sync=st.in_sync, regions=st.regions,
+                           log_type=st.log_type, log_device=st.log_device,
+                           log_health=st.log_health.value if st.log_health else None, features=target.features,
+                           status_text=lines[0].params, table_text=target.params)
 
     def list(self) -> list[MirrorState]:
         """Every device whose table is one mirror target."""
@@ -287,18 +265,9 @@ class MirrorManager:
             out[int(region)] = [int(x) for x in legs.split(",") if x]
         return out
 
-    def resync(
-        self,
-        name: str,
-        *,
-        rate: int | None = None,
-        leg: int | None = None,
-        progress: ProgressFn | None = None,
-        timeout: float | None = None,
-        cancel: threading.Event | None = None,
-        poll: float = 0.1,
-        operation: str = "resync",
-    ) -> MirrorState:
+    def resync(self, name: str, *, rate: int | None = None, leg: int | None = None, progress: ProgressFn | None = None,
+               timeout: float | None = None, cancel: threading.Event | None = None, poll: float = 0.1,
+               operation: str = "resync") -> MirrorState:
         """Bring mirror ``name`` in sync and report progress as ``progress(done_bytes, total_bytes)``.
 
         On the userspace engine the target is driven: ``rate`` (bytes/s) holds the copy for the
@@ -551,20 +520,11 @@ class OfflineOptions(TypedDict, total=False):
     cancel: threading.Event | None
 
 
-def resync_offline(
-    legs: Sequence[str | Endpoint],
-    log: str | Endpoint | None,
-    *,
-    region_size: int = DEFAULT_REGION_SIZE,
-    rate: int | None = None,
-    rebuild: int | None = None,
-    source: int = 0,
-    full: bool = False,
-    progress: ProgressFn | None = None,
-    cancel: threading.Event | None = None,
-    opener: Callable[..., Endpoint] | None = None,
-    backends: Sequence[DeviceMapper] = (),
-) -> ResyncResult:
+def resync_offline(legs: Sequence[str | Endpoint], log: str | Endpoint | None, *,
+                   region_size: int = DEFAULT_REGION_SIZE, rate: int | None = None, rebuild: int | None = None,
+                   source: int = 0, full: bool = False, progress: ProgressFn | None = None,
+                   cancel: threading.Event | None = None, opener: Callable[..., Endpoint] | None = None,
+                   backends: Sequence[DeviceMapper] = ()) -> ResyncResult:
     """Resync an inactive mirror's legs from its disk log with kcopyd (see ``mirror.resync``): legs
     and log are paths or endpoints; ``log=None`` means a core log (every region is copied).
 

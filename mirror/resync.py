@@ -63,18 +63,9 @@ class RecoveryFailed(DeviceIOError):
     when it could not be read); ``source``: the leg copied from. ``to_dict()`` is the ``--json`` form.
     """
 
-    def __init__(
-        self,
-        what: str,
-        *,
-        regions: Sequence[int] | None,
-        legs: Sequence[int],
-        source: int = 0,
-        leg_names: Sequence[str] = (),
-        detail: str = "",
-        operation: str = "resync",
-        device: str | None = None,
-    ) -> None:
+    def __init__(self, what: str, *, regions: Sequence[int] | None, legs: Sequence[int], source: int = 0,
+                 leg_names: Sequence[str] = (), detail: str = "", operation: str = "resync",
+                 device: str | None = None) -> None:
         self.regions = None if regions is None else sorted(set(regions))
         self.legs = sorted(set(legs))
         self.source = source
@@ -106,12 +97,7 @@ class RecoveryFailed(DeviceIOError):
 
     def to_dict(self) -> dict[str, object]:
         """JSON form: the error text, the failed regions and legs, and the source leg."""
-        return {
-            "error": str(self),
-            "failed_regions": self.regions,
-            "failed_legs": self.legs,
-            "source_leg": self.source,
-        }
+        return {"error": str(self), "failed_regions": self.regions, "failed_legs": self.legs, "source_leg": self.source}
 
 
 def check_legs(legs: Sequence[Endpoint], length: int | None = None) -> int:
@@ -199,22 +185,10 @@ class OfflineResync:
     legs of different sizes, a too-small or corrupt log raise before anything is written.
     """
 
-    def __init__(
-        self,
-        legs: Sequence[Endpoint],
-        log: Endpoint | None,
-        *,
-        region_size: int,
-        length: int | None = None,
-        source: int = 0,
-        rebuild: int | None = None,
-        full: bool = False,
-        rate: int | None = None,
-        in_flight: int | None = None,
-        commit_interval: float = COMMIT_INTERVAL,
-        num_pages: int = 2048,
-        job_bytes: int = RUN_BYTES,
-    ) -> None:
+    def __init__(self, legs: Sequence[Endpoint], log: Endpoint | None, *, region_size: int, length: int | None = None,
+                 source: int = 0, rebuild: int | None = None, full: bool = False, rate: int | None = None,
+                 in_flight: int | None = None, commit_interval: float = COMMIT_INTERVAL, num_pages: int = 2048,
+                 job_bytes: int = RUN_BYTES) -> None:
         self.legs = list(legs)
         self.length = check_legs(self.legs, length)
         for leg in self.legs:

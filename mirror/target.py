@@ -806,13 +806,8 @@ class MirrorTarget(TargetDriver):
 
         with self.cond:
             log_words = self.log.status_info().split()[1:]
-            return MirrorStatus(
-                tuple(leg.dev.name for leg in self.legs),
-                self.log.get_sync_count(),
-                self.nr_regions,
-                "".join(leg.health() for leg in self.legs),
-                tuple(log_words),
-            ).format()
+            return MirrorStatus(tuple(leg.dev.name for leg in self.legs), self.log.get_sync_count(), self.nr_regions,
+                                "".join(leg.health() for leg in self.legs), tuple(log_words)).format()
 
     def ima_status(self) -> str:
         """STATUSTYPE_IMA text of ``mirror_status`` (dm-raid1.c).

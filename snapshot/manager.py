@@ -144,16 +144,9 @@ class SnapshotManager:
         status = parse_snapshot_status(status_line[0].params if status_line else "Unknown")
         real = refs.get(target.origin, target.origin)
         origin = self._origin_of_real(tables, target.origin) or real
-        return SnapshotInfo(
-            name=name,
-            origin=origin if not merging else origin,
-            cow=refs.get(target.cow, target.cow),
-            store=target.store,
-            chunk_size=target.chunk_size,
-            status=status,
-            merging=merging,
-            extra={"real": real},
-        )
+        return SnapshotInfo(name=name, origin=origin if not merging else origin, cow=refs.get(target.cow, target.cow),
+                            store=target.store, chunk_size=target.chunk_size, status=status, merging=merging,
+                            extra={"real": real})
 
     def list(self) -> list[SnapshotInfo]:
         """Every snapshot (and every merge in progress, named after its ``NAME-cow`` device)."""
@@ -219,15 +212,8 @@ class SnapshotManager:
             raise InvalidArgument(f"{err} ({chunk_size} sectors)", operation="create")
 
     # -- create / activate ------------------------------------------------------------------------
-    def create(
-        self,
-        origin: str,
-        cow: str,
-        name: str,
-        *,
-        chunk_size: int = DEFAULT_CHUNK_SECTORS,
-        store: StoreMode = StoreMode.PERSISTENT,
-    ) -> SnapshotInfo:
+    def create(self, origin: str, cow: str, name: str, *, chunk_size: int = DEFAULT_CHUNK_SECTORS,
+               store: StoreMode = StoreMode.PERSISTENT) -> SnapshotInfo:
         """Snapshot device ``origin`` into ``cow`` (a path or block device) as ``name``.
 
         The COW's first 4 KiB are zeroed (the kernel then writes a new header). All-or-nothing:
@@ -382,14 +368,8 @@ class SnapshotManager:
             self.dm.remove(cow_name, retry=True)
 
     # -- merge ------------------------------------------------------------------------------------
-    def merge(
-        self,
-        name: str,
-        *,
-        wait: bool = True,
-        progress: MergeProgress | None = None,
-        timeout: float | None = None,
-    ) -> SnapshotInfo | None:
+    def merge(self, name: str, *, wait: bool = True, progress: MergeProgress | None = None,
+              timeout: float | None = None) -> SnapshotInfo | None:
         """Roll the origin back to snapshot ``name``.
 
         As ``lvconvert --merge``: the origin is reloaded as ``snapshot-merge`` on the snapshot's
@@ -474,12 +454,8 @@ class SnapshotManager:
             dm.resume(origin)  # handover: the snapshot device's table is invalid from here on
         except BaseException:
             # the merge table may be live (suspended); put snapshot-origin back, then the snapshot
-            quietly(
-                lambda: dm.clear(name),
-                lambda: dm.load(origin, tables[origin]),
-                lambda: dm.resume(origin),
-                lambda: dm.resume(name),
-            )
+            quietly(lambda: dm.clear(name), lambda: dm.load(origin, tables[origin]), lambda: dm.resume(origin),
+                    lambda: dm.resume(name))
             raise
         dm.resume(name)  # error target live; the handed-over snapshot table is destroyed
         dm.remove(name, retry=True)

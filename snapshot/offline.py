@@ -108,21 +108,12 @@ def inspect(cow_path: "str | os.PathLike[str] | Endpoint") -> CowInfo:
     try:
         store = load_store(cow)
         usage = store.usage()
-        return CowInfo(
-            path=cow.name,
-            size=cow.size,
-            magic=0 if store.new_store else SNAP_MAGIC,
-            initialised=not store.new_store,
-            valid=store.valid,
-            version=store.version,
-            chunk_size=store.chunk_size,
-            exceptions=store.records if store.valid else 0,
-            sectors_allocated=usage.sectors_allocated,
-            total_sectors=usage.total_sectors,
-            metadata_sectors=usage.metadata_sectors,
-            current_area=store.current_area,
-            next_free=store.next_free,
-        )
+        return CowInfo(path=cow.name, size=cow.size, magic=0 if store.new_store else SNAP_MAGIC,
+                       initialised=not store.new_store, valid=store.valid, version=store.version,
+                       chunk_size=store.chunk_size, exceptions=store.records if store.valid else 0,
+                       sectors_allocated=usage.sectors_allocated, total_sectors=usage.total_sectors,
+                       metadata_sectors=usage.metadata_sectors, current_area=store.current_area,
+                       next_free=store.next_free)
     finally:
         if owned:
             cow.close()
@@ -156,12 +147,8 @@ def _same_as_path(path: Path, ep: Endpoint) -> bool:
     return fd is not None and _same_stat(path.stat(), os.fstat(fd))
 
 
-def _check_paths(
-    origin: "str | os.PathLike[str] | Endpoint",
-    cow: "str | os.PathLike[str] | Endpoint",
-    out: "str | os.PathLike[str] | Endpoint",
-    backends: "Sequence[DeviceMapper]",
-) -> None:
+def _check_paths(origin: "str | os.PathLike[str] | Endpoint", cow: "str | os.PathLike[str] | Endpoint",
+                 out: "str | os.PathLike[str] | Endpoint", backends: "Sequence[DeviceMapper]") -> None:
     """Refuse, before anything is opened, an output sharing bytes with the origin or the COW
     under any spelling (``dmtools.identity``: the file behind a loop device, a second loop over
     it, a dm device over it, a symlink, a relative path), origin and COW that alias, and an output
@@ -214,11 +201,8 @@ def _open_output(
             dev = BlockDevice(path, writable=True)  # exclusive through the caller's claim
             if dev.size < size:
                 dev.close()
-                raise InvalidArgument(
-                    f"output holds {dev.size} bytes, the snapshot needs {size}",
-                    device=str(path),
-                    operation="export",
-                )
+                raise InvalidArgument(f"output holds {dev.size} bytes, the snapshot needs {size}", device=str(path),
+                                      operation="export")
             tail = dev.size - size
             return dev, True, f"first {size} bytes of the block device written" + (
                 f", its last {tail} bytes left as they were" if tail else "")
@@ -252,16 +236,9 @@ def chunk_runs(items: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, int
         yield run_old, run_new, count
 
 
-def export(
-    origin: "str | os.PathLike[str] | Endpoint",
-    cow: "str | os.PathLike[str] | Endpoint",
-    out: "str | os.PathLike[str] | Endpoint",
-    *,
-    progress: ProgressFn | None = None,
-    num_pages: int = 1024,
-    force: bool = False,
-    backends: "Sequence[DeviceMapper]" = (),
-) -> ExportResult:
+def export(origin: "str | os.PathLike[str] | Endpoint", cow: "str | os.PathLike[str] | Endpoint",
+           out: "str | os.PathLike[str] | Endpoint", *, progress: ProgressFn | None = None, num_pages: int = 1024,
+           force: bool = False, backends: "Sequence[DeviceMapper]" = ()) -> ExportResult:
     """Write the snapshot's view (origin with the COW's exceptions applied) to ``out``.
 
     ``out`` may be a new or empty regular file (sized to the origin). An existing non-empty file
@@ -340,13 +317,8 @@ def export(
                 length = min(count * cs, sectors - start)
                 if length <= 0:
                     continue
-                kc.copy(
-                    kcopyd.Region(cw, new * cs, length),
-                    [kcopyd.Region(dst, start, length)],
-                    0,
-                    notify,
-                    ("exception", count * cb),
-                )
+                kc.copy(kcopyd.Region(cw, new * cs, length), [kcopyd.Region(dst, start, length)], 0, notify,
+                        ("exception", count * cb))
                 runs += 1
         if errors:
             raise DeviceIOError("; ".join(errors[:5]), operation="export", device=dst.name)

@@ -131,9 +131,7 @@ def test_aligned_buffer() -> None:
             aligned_buffer(bad)  # type: ignore[arg-type]
 
 
-def test_huge_aligned_buffer_is_whole_huge_pages_and_works_with_direct_io(
-    make_image: Callable[..., Path],
-) -> None:
+def test_huge_aligned_buffer_is_whole_huge_pages_and_works_with_direct_io(make_image: Callable[..., Path]) -> None:
     buf = aligned_buffer(512 << 10, huge=True)
     try:
         assert len(buf) == blockdev.HUGE_PAGE
@@ -294,9 +292,7 @@ def test_open_endpoint_and_device_numbers(make_image: Callable[..., Path]) -> No
 
 
 @pytest.mark.root
-def test_block_device_properties(
-    make_image: Callable[..., Path], make_loop: Callable[..., LoopDevice]
-) -> None:
+def test_block_device_properties(make_image: Callable[..., Path], make_loop: Callable[..., LoopDevice]) -> None:
     dev = make_loop(make_image(6 * MiB))
     with BlockDevice(dev) as bd:
         assert bd.is_block_device and not bd.is_regular_file
@@ -350,9 +346,7 @@ def test_block_device_direct_io_alignment(
 
 
 @pytest.mark.root
-def test_block_device_zero_and_discard(
-    make_image: Callable[..., Path], make_loop: Callable[..., LoopDevice]
-) -> None:
+def test_block_device_zero_and_discard(make_image: Callable[..., Path], make_loop: Callable[..., LoopDevice]) -> None:
     img = make_image(4 * MiB)
     dev = make_loop(img)
     with BlockDevice(dev, writable=True) as bd:

@@ -13,12 +13,7 @@ from dmtools.errors import InvalidArgument
 def test_global_flags_are_hoisted_from_anywhere() -> None:
     argv = ["dm", "ls", "--json", "--backend", "userspace", "--debug"]
     assert cli.hoist_globals(argv) == ["--json", "--backend", "userspace", "--debug", "dm", "ls"]
-    assert cli.hoist_globals(["--backend=kernel", "dm", "--", "--json"]) == [
-        "--backend=kernel",
-        "dm",
-        "--",
-        "--json",
-    ]
+    assert cli.hoist_globals(["--backend=kernel", "dm", "--", "--json"]) == ["--backend=kernel", "dm", "--", "--json"]
 
 
 def test_parser_has_dm_verbs() -> None:

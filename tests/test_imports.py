@@ -149,9 +149,7 @@ def circles(edges: list[Edge]) -> list[list[Edge]]:
                 if member == node:
                     break
             if len(group) > 1:
-                groups.append(
-                    [e for src in sorted(group) for e in out.get(src, {}).values() if e.target in group]
-                )
+                groups.append([e for src in sorted(group) for e in out.get(src, {}).values() if e.target in group])
 
     for node in sorted(out):
         if node not in index:
@@ -202,9 +200,5 @@ def test_no_import_circles() -> None:
 @pytest.mark.parametrize("upper", UPPER)
 def test_dmtools_never_imports_an_upper_layer(upper: str) -> None:
     """``dmtools`` reaches ``kcopyd``, ``snapshot``, ``mirror`` and ``thin`` only via entry points."""
-    bad = [
-        _describe(e)
-        for e in graph()
-        if e.source.split(".")[0] == "dmtools" and e.target.split(".")[0] == upper
-    ]
+    bad = [_describe(e) for e in graph() if e.source.split(".")[0] == "dmtools" and e.target.split(".")[0] == upper]
     assert not bad, f"dmtools imports {upper}:\n" + "\n".join(bad)

@@ -89,9 +89,7 @@ class FakeLib:
         self.check_lock = False
         self.lock_free_elsewhere: list[bool] = []
         # on_run(task) -> (result, errno, [(level, message)]); default: success.
-        self.on_run: Callable[[FakeTask], tuple[int, int, list[tuple[int, bytes]]]] = (
-            lambda t: (1, 0, [])
-        )
+        self.on_run: Callable[[FakeTask], tuple[int, int, list[tuple[int, bytes]]]] = lambda t: (1, 0, [])
 
     def _rec(self, fn: str, *args: Any) -> None:
         self.calls.append((fn, tuple(_py(a) for a in args)))
@@ -359,10 +357,7 @@ def test_parse_names_with_event_numbers_and_uuids() -> None:
     dev_b = ((1000 & 0xFFF) << 8) | (300 & 0xFF) | ((300 & ~0xFF) << 12)
     buf = build_names([("abc", dev_a, 7, "UUID-1"), ("a-much-longer-name", dev_b, 0, None)])
     recs = parse_names(ffi.cast("struct dm_names *", buf), has_event_nr=True)
-    assert recs == [
-        NameRecord("abc", dev_a, 7, "UUID-1"),
-        NameRecord("a-much-longer-name", dev_b, 0, None),
-    ]
+    assert recs == [NameRecord("abc", dev_a, 7, "UUID-1"), NameRecord("a-much-longer-name", dev_b, 0, None)]
     assert (recs[0].major, recs[0].minor) == (254, 0)
     assert (recs[1].major, recs[1].minor) == (1000, 300)
 
@@ -408,11 +403,7 @@ def test_create_with_table_is_create_load_resume(dm: KernelBackend, fake: FakeLi
     info = dm.create("a-dmtt", "0 100 linear /dev/loop0 0\n100 50 zero", uuid="U-1", readonly=True)
     assert [t.type for t in fake.tasks] == [TaskType.CREATE, TaskType.RELOAD, TaskType.RESUME, TaskType.INFO]
     create, reload, resume, _ = fake.tasks
-    assert create.calls == [
-        ("dm_task_set_name", (b"a-dmtt",)),
-        ("dm_task_set_uuid", (b"U-1",)),
-        ("dm_task_run", ()),
-    ]
+    assert create.calls == [("dm_task_set_name", (b"a-dmtt",)), ("dm_task_set_uuid", (b"U-1",)), ("dm_task_run", ())]
     # No targets on the CREATE task: libdm's own create-and-load would hide the load's errno.
     assert not create.called("dm_task_add_target")
     assert reload.calls == [
@@ -622,20 +613,16 @@ def test_no_udev_flushes_node_operations(dm: KernelBackend, fake: FakeLib) -> No
 
 def test_info_fields(dm: KernelBackend, fake: FakeLib) -> None:
     def on_run(task: FakeTask) -> tuple[int, int, list[tuple[int, bytes]]]:
-        task.info = dict(
-            exists=1, suspended=1, live_table=1, inactive_table=1, open_count=2, event_nr=9,
-            major=254, minor=7, read_only=1, target_count=3, deferred_remove=1, internal_suspend=0,
-        )
+        task.info = dict(exists=1, suspended=1, live_table=1, inactive_table=1, open_count=2, event_nr=9,
+                         major=254, minor=7, read_only=1, target_count=3, deferred_remove=1, internal_suspend=0)
         task.name, task.uuid = b"x-dmtt", b"LVM-abc"
         return 1, 0, []
 
     fake.on_run = on_run
     info = dm.info("x-dmtt")
-    assert info == dmtools.DeviceInfo(
-        name="x-dmtt", uuid="LVM-abc", exists=True, suspended=True, live_table=True,
-        inactive_table=True, open_count=2, event_nr=9, major=254, minor=7, read_only=True,
-        target_count=3, deferred_remove=True, internal_suspend=False,
-    )
+    assert info == dmtools.DeviceInfo(name="x-dmtt", uuid="LVM-abc", exists=True, suspended=True, live_table=True,
+                                      inactive_table=True, open_count=2, event_nr=9, major=254, minor=7, read_only=True,
+                                      target_count=3, deferred_remove=True, internal_suspend=False)
     assert info.state == "SUSPENDED"
     assert dm.device_ref("x-dmtt") == "254:7"
 

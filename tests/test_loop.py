@@ -367,16 +367,8 @@ def test_both_attach_paths_honour_every_option(
     if legacy:
         monkeypatch.setattr(loop, "_use_configure", False)
     img = make_image(4 * MiB)
-    dev = loop.attach(
-        img,
-        read_only=True,
-        autoclear=True,
-        direct_io=True,
-        partscan=True,
-        offset=MiB,
-        sizelimit=MiB,
-        block_size=4096,
-    )
+    dev = loop.attach(img, read_only=True, autoclear=True, direct_io=True, partscan=True, offset=MiB, sizelimit=MiB,
+                      block_size=4096)
     try:
         assert called == (["legacy"] if legacy else ["configure"])
         got = loop.info(dev)
@@ -553,9 +545,7 @@ def test_attach_without_write_permission_is_a_clear_error(
     assert exc.value.errno == errno.EACCES
 
 
-def test_root_cli_turns_loop_errors_into_exit_codes(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_root_cli_turns_loop_errors_into_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from dmtools.cli.main import main
 
     missing = str(tmp_path / "missing.img")
@@ -576,9 +566,7 @@ def test_attach_without_loop_control_says_so(tmp_path: Path, monkeypatch: pytest
 
 
 @pytest.mark.root
-def test_attach_reports_a_missing_device_node(
-    make_image: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_attach_reports_a_missing_device_node(make_image: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
     img = make_image(MiB)
     _refuse_open(
         monkeypatch,

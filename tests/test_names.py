@@ -12,10 +12,7 @@ from dmtools.names import (
 )
 
 
-@pytest.mark.parametrize(
-    "name",
-    ["vg-lv", "a", "x" * 127, "snap_1.cow", "LVM-abc:def=ghi@#+", "with space", "é" * 63],
-)
+@pytest.mark.parametrize("name", ["vg-lv", "a", "x" * 127, "snap_1.cow", "LVM-abc:def=ghi@#+", "with space", "é" * 63])
 def test_valid_names(name: str) -> None:
     assert validate_name(name) == name
 

@@ -143,9 +143,7 @@ def test_health_letter_meanings() -> None:
 def test_mirror_status_built_by_a_userspace_target_prints_like_the_kernel() -> None:
     status = MirrorStatus(("253:1", "253:2"), 16, 16, "AA", ("disk", "253:3", "A"))
     assert status.format() == "2 253:1 253:2 16/16 1 AA 3 disk 253:3 A"
-    assert MirrorStatus(("253:1", "253:2"), 2048, 2048, "AA").format() == (
-        "2 253:1 253:2 2048/2048 1 AA 1 core"
-    )
+    assert MirrorStatus(("253:1", "253:2"), 2048, 2048, "AA").format() == "2 253:1 253:2 2048/2048 1 AA 1 core"
 
 
 @pytest.mark.parametrize(
@@ -206,20 +204,10 @@ _devs = st.builds(lambda a, b: f"{a}:{b}", st.integers(0, 4095), st.integers(0, 
 
 
 @settings(max_examples=100, deadline=None)
-@given(
-    st.lists(_devs, min_size=1, max_size=9),
-    st.integers(0, 1 << 40),
-    st.integers(0, 1 << 40),
-    st.data(),
-)
-def test_mirror_status_format_parse_identity(
-    devs: list[str], in_sync: int, regions: int, data: st.DataObject
-) -> None:
+@given(st.lists(_devs, min_size=1, max_size=9), st.integers(0, 1 << 40), st.integers(0, 1 << 40), st.data())
+def test_mirror_status_format_parse_identity(devs: list[str], in_sync: int, regions: int, data: st.DataObject) -> None:
     health = "".join(data.draw(st.lists(st.sampled_from("AFDSRU"), min_size=len(devs), max_size=len(devs))))
-    log = data.draw(st.one_of(
-        st.just(("core",)),
-        st.tuples(st.just("disk"), _devs, st.sampled_from("ADF")),
-    ))
+    log = data.draw(st.one_of(st.just(("core",)), st.tuples(st.just("disk"), _devs, st.sampled_from("ADF"))))
     status = MirrorStatus(tuple(devs), in_sync, regions, health, log)
     assert parse_mirror_status(status.format()) == status
 

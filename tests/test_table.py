@@ -72,9 +72,7 @@ def test_round_trip_is_exact(text: str) -> None:
     table = Table.parse(text)
     assert str(table) == text
     assert Table.parse(str(table)) == table
-    assert table.dmsetup_text() == "".join(
-        format_line(ln.start, ln.length, ln.target_type, ln.params) for ln in table
-    )
+    assert table.dmsetup_text() == "".join(format_line(ln.start, ln.length, ln.target_type, ln.params) for ln in table)
 
 
 @pytest.mark.parametrize("text", KERNEL_MD_TABLES + OTHER_TABLES)
@@ -262,14 +260,10 @@ def test_constructors_and_queries() -> None:
 
 
 def test_map_devices() -> None:
-    table = Table.parse(
-        "0 2048 mirror disk 2 /dev/log 1024 2 /dev/a 0 /dev/b 0\n2048 8 snapshot /dev/a /dev/c P 8"
-    )
+    table = Table.parse("0 2048 mirror disk 2 /dev/log 1024 2 /dev/a 0 /dev/b 0\n2048 8 snapshot /dev/a /dev/c P 8")
     numbers = {"/dev/log": "253:3", "/dev/a": "253:1", "/dev/b": "253:2", "/dev/c": "253:4"}
     mapped = table.map_devices(numbers.__getitem__)
-    assert str(mapped) == (
-        "0 2048 mirror disk 2 253:3 1024 2 253:1 0 253:2 0\n2048 8 snapshot 253:1 253:4 P 8"
-    )
+    assert str(mapped) == "0 2048 mirror disk 2 253:3 1024 2 253:1 0 253:2 0\n2048 8 snapshot 253:1 253:4 P 8"
     assert mapped.devices() == ("253:3", "253:1", "253:2", "253:4")
 
 
@@ -364,10 +358,8 @@ def test_helpers() -> None:
 
 # -- property tests -------------------------------------------------------------------------------
 
-_devices = st.one_of(
-    st.builds(lambda a, b: f"{a}:{b}", st.integers(0, 4095), st.integers(0, 1 << 20)),
-    st.from_regex(r"/dev/[a-z][a-z0-9/_.:-]{0,20}", fullmatch=True),
-)
+_devices = st.one_of(st.builds(lambda a, b: f"{a}:{b}", st.integers(0, 4095), st.integers(0, 1 << 20)),
+                     st.from_regex(r"/dev/[a-z][a-z0-9/_.:-]{0,20}", fullmatch=True))
 _offsets = st.integers(0, MAX_SECTORS)
 _legs = st.tuples(_devices, _offsets).map(lambda t: Leg(*t))
 

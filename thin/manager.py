@@ -319,15 +319,8 @@ class ThinPoolManager:
             raise CorruptMetadata(f"Thin pool {pool.name} reports transaction_id {now} after "
                                   f"set_transaction_id {old} {new}", operation=operation, device=pool.name)
 
-    def _change(
-        self,
-        pool: _Pool,
-        messages: Messages,
-        volumes: dict[str, ThinVolume],
-        operation: str,
-        *,
-        around: Iterable[str] = (),
-    ) -> None:
+    def _change(self, pool: _Pool, messages: Messages, volumes: dict[str, ThinVolume], operation: str, *,
+                around: Iterable[str] = ()) -> None:
         """One LVM transaction: record (next id, messages, new volumes), messages, set_transaction_id.
 
         Devices in ``around`` are suspended while the messages are sent (an origin during
@@ -376,16 +369,8 @@ class ThinPoolManager:
             pass
 
     # -- pools ---------------------------------------------------------------------------------------
-    def create_pool(
-        self,
-        name: str,
-        metadata: str,
-        data: str,
-        *,
-        chunk_size: int = DEFAULT_CHUNK_SECTORS,
-        zero: bool = True,
-        error_if_no_space: bool = False,
-    ) -> PoolInfo:
+    def create_pool(self, name: str, metadata: str, data: str, *, chunk_size: int = DEFAULT_CHUNK_SECTORS,
+                    zero: bool = True, error_if_no_space: bool = False) -> PoolInfo:
         """Make pool ``name`` on a metadata and a data device (``lvcreate --type thin-pool``).
 
         The metadata device's first 256 KiB take the pool record and the start of the rest is

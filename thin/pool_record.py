@@ -26,15 +26,7 @@ from dmtools.blockdev import BlockDevice
 from dmtools.errors import CorruptMetadata, InvalidArgument
 from dmtools.units import SECTOR
 
-__all__ = [
-    "RECORD_SECTORS",
-    "SLOT_BYTES",
-    "ThinVolume",
-    "PoolRecord",
-    "read_record",
-    "write_record",
-    "has_record",
-]
+__all__ = ["RECORD_SECTORS", "SLOT_BYTES", "ThinVolume", "PoolRecord", "read_record", "write_record", "has_record"]
 
 #: Sectors reserved for the record at the start of the metadata device (256 KiB).
 RECORD_SECTORS = 512
@@ -107,13 +99,11 @@ class PoolRecord:
                 str(n): ThinVolume(int(v["dev_id"]), int(v["size"]), v.get("origin"))
                 for n, v in body["volumes"].items()
             }
-            return cls(
-                name=str(body["name"]), block_size=int(body["block_size"]),
-                features=tuple(body["features"]), low_water_mark=int(body["low_water_mark"]),
-                data_sectors=int(body["data_sectors"]), metadata_sectors=int(body["metadata_sectors"]),
-                transaction_id=int(body["transaction_id"]), volumes=volumes,
-                pending=tuple(body["pending"]), seq=seq,
-            )
+            return cls(name=str(body["name"]), block_size=int(body["block_size"]),
+                       features=tuple(body["features"]), low_water_mark=int(body["low_water_mark"]),
+                       data_sectors=int(body["data_sectors"]), metadata_sectors=int(body["metadata_sectors"]),
+                       transaction_id=int(body["transaction_id"]), volumes=volumes,
+                       pending=tuple(body["pending"]), seq=seq)
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise CorruptMetadata(f"pool record is unreadable: {err}") from err
 

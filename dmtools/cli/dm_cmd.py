@@ -55,9 +55,7 @@ class IntermixedParser(argparse.ArgumentParser):
         finally:
             self._intermixing = False
 
-    def _parse_operands_after_dashes(
-        self, args: list[str], namespace: Any
-    ) -> tuple[argparse.Namespace, list[str]]:
+    def _parse_operands_after_dashes(self, args: list[str], namespace: Any) -> tuple[argparse.Namespace, list[str]]:
         """Options before ``--``; everything after it is an operand (a name such as ``-x``).
 
         ``parse_known_intermixed_args`` drops the ``--`` in its first pass (Python 3.11), so the
@@ -113,9 +111,7 @@ def _read_table(args: argparse.Namespace, *, required: bool) -> str | None:
                 f"cannot read table file: {err.strerror}", errno=err.errno, device=args.table_file
             ) from err
         except UnicodeDecodeError as err:
-            raise InvalidArgument(
-                f"table file is not UTF-8 text (byte {err.start})", device=args.table_file
-            ) from err
+            raise InvalidArgument(f"table file is not UTF-8 text (byte {err.start})", device=args.table_file) from err
     if getattr(args, "notable", False):
         return None
     if sys.stdin is not None and not sys.stdin.isatty():  # None: started with stdin closed
@@ -185,11 +181,8 @@ def _ls(args: argparse.Namespace) -> int:
     if not entries and not args.json:
         print(NO_DEVICES)
         return 0
-    return emit(
-               args,
-               [_asdict(e) for e in entries],
-               lambda: "\n".join(f"{e.name}\t({e.major}:{e.minor})" for e in entries),
-    )
+    return emit(args, [_asdict(e) for e in entries],
+                lambda: "\n".join(f"{e.name}\t({e.major}:{e.minor})" for e in entries))
 
 
 def _names(dm: Any, args: argparse.Namespace) -> list[str]:
@@ -261,9 +254,7 @@ def format_info(info: Any, readahead: int | None = None) -> str:
     """One device in ``dmsetup info``'s layout (``libdm/dm-tools/dmsetup.c`` ``_display_info_long``)."""
     state = info.state + (" (READ-ONLY)" if info.read_only else "")
     state += " (DEFERRED REMOVE)" if info.deferred_remove else ""
-    tables = " & ".join(
-        t for t, present in (("LIVE", info.live_table), ("INACTIVE", info.inactive_table)) if present
-    )
+    tables = " & ".join(t for t, present in (("LIVE", info.live_table), ("INACTIVE", info.inactive_table)) if present)
     rows = [("Name", info.name), ("State", state)]
     if readahead is not None:
         rows.append(("Read Ahead", str(readahead)))
@@ -304,11 +295,8 @@ def _deps(args: argparse.Namespace) -> int:
 
 def _targets(args: argparse.Namespace) -> int:
     targets = open_backend(args).targets()
-    return emit(
-               args,
-               {k: ".".join(map(str, v)) for k, v in targets.items()},
-               lambda: "\n".join(f"{k:<16} v{'.'.join(map(str, v))}" for k, v in targets.items()),
-    )
+    return emit(args, {k: ".".join(map(str, v)) for k, v in targets.items()},
+                lambda: "\n".join(f"{k:<16} v{'.'.join(map(str, v))}" for k, v in targets.items()))
 
 
 def _version(args: argparse.Namespace) -> int:

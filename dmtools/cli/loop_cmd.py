@@ -46,15 +46,9 @@ def cmd_attach(args: argparse.Namespace) -> int:
     """Attach ``args.file``; prints the loop device's path."""
     from dmtools import loop
 
-    dev = loop.attach(
-        args.file,
-        read_only=args.read_only,
-        direct_io=args.direct_io,
-        partscan=args.partscan,
-        offset=parse_size(args.offset, "b"),
-        sizelimit=parse_size(args.sizelimit, "b"),
-        block_size=parse_size(args.sector_size, "b"),
-    )
+    dev = loop.attach(args.file, read_only=args.read_only, direct_io=args.direct_io, partscan=args.partscan,
+                      offset=parse_size(args.offset, "b"), sizelimit=parse_size(args.sizelimit, "b"),
+                      block_size=parse_size(args.sector_size, "b"))
     print(dev.path)
     return 0
 

@@ -95,12 +95,8 @@ def build_parser(only: str | None = None, *, summaries: bool = False) -> argpars
         description="Linux device-mapper toolkit: tables, snapshots, mirrors and kcopyd, "
         "on the kernel or the embedded userspace engine.",
     )
-    parser.add_argument(
-        "--backend",
-        choices=("auto", "kernel", "userspace"),
-        default="auto",
-        help="device-mapper engine (default: the kernel where /dev/mapper/control works)",
-    )
+    parser.add_argument("--backend", choices=("auto", "kernel", "userspace"), default="auto",
+                        help="device-mapper engine (default: the kernel where /dev/mapper/control works)")
     parser.add_argument("--json", action="store_true", help="machine-readable output for listings")
     parser.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -91,15 +91,11 @@ def _settings(args: argparse.Namespace) -> MonitorConfig:
     from dmtools.events.state import parse_thresholds
     from dmtools.monitor import MonitorConfig, PolicySettings
 
-    defaults = PolicySettings(
-        warn=parse_thresholds(args.warn) if args.warn is not None else (),
-        autoextend_threshold=args.autoextend_threshold,
-        autoextend_percent=args.autoextend_percent,
-        mirror_policy=args.mirror_policy,
-        spare=args.spare,
-        thin_autoextend_threshold=args.thin_autoextend_threshold,
-        thin_autoextend_percent=args.thin_autoextend_percent,
-    )
+    defaults = PolicySettings(warn=parse_thresholds(args.warn) if args.warn is not None else (),
+                              autoextend_threshold=args.autoextend_threshold,
+                              autoextend_percent=args.autoextend_percent, mirror_policy=args.mirror_policy,
+                              spare=args.spare, thin_autoextend_threshold=args.thin_autoextend_threshold,
+                              thin_autoextend_percent=args.thin_autoextend_percent)
     if args.config:
         return MonitorConfig.load(args.config, defaults)
     return MonitorConfig(defaults)

@@ -48,17 +48,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve until interrupted; 0 when stopped by a signal, 1 when nbdkit failed."""
     from dmtools.nbd.serve import ServeOptions, Server, parse_listen
 
-    options = ServeOptions(
-        device="",
-        socket=args.socket,
-        listen=parse_listen(args.listen) if args.listen is not None else None,
-        export_name=args.export_name if args.export_name is not None else args.name,
-        writable=args.writable,
-        insecure=args.insecure,
-        tls_psk=args.tls_psk,
-        tls_certificates=args.tls_certificates,
-        threads=args.threads,
-    )
+    options = ServeOptions(device="", socket=args.socket,
+                           listen=parse_listen(args.listen) if args.listen is not None else None,
+                           export_name=args.export_name if args.export_name is not None else args.name,
+                           writable=args.writable, insecure=args.insecure, tls_psk=args.tls_psk,
+                           tls_certificates=args.tls_certificates, threads=args.threads)
     options.check()  # refuse before the backend is even opened
     path = cli_common.open_backend(args).device_path(args.name)
     server = Server(dataclasses.replace(options, device=path))

@@ -182,10 +182,8 @@ class Engine(DeviceMapper):
         target_dev = handle.inner.device
         if isinstance(target_dev, Device) and self._reaches(target_dev, for_device):
             handle.inner.close()
-            raise InvalidTable(
-                f"{ref}: table would make {for_device.name} depend on itself",
-                operation="load", device=for_device.name,
-            )
+            raise InvalidTable(f"{ref}: table would make {for_device.name} depend on itself",
+                               operation="load", device=for_device.name)
         return handle
 
     def _reaches(self, start: Device, goal: Device) -> bool:
@@ -459,21 +457,11 @@ class Engine(DeviceMapper):
         openers of an exposed device (``open_count`` is then ``-1``)."""
         dev = self._get(name, "info")
         live, inactive = dev.live, dev.inactive
-        return DeviceInfo(
-            name=dev.name,
-            uuid=dev.uuid,
-            exists=True,
-            suspended=dev.suspended,
-            live_table=live is not None,
-            inactive_table=inactive is not None,
-            open_count=self._open_count(dev) if open_count else -1,
-            event_nr=dev.event_nr,
-            major=dev.major,
-            minor=dev.minor,
-            read_only=dev.read_only,
-            target_count=len(live.table) if live else 0,
-            deferred_remove=dev.deferred_remove,
-        )
+        return DeviceInfo(name=dev.name, uuid=dev.uuid, exists=True, suspended=dev.suspended,
+                          live_table=live is not None, inactive_table=inactive is not None,
+                          open_count=self._open_count(dev) if open_count else -1, event_nr=dev.event_nr,
+                          major=dev.major, minor=dev.minor, read_only=dev.read_only,
+                          target_count=len(live.table) if live else 0, deferred_remove=dev.deferred_remove)
 
     def _open_count(self, dev: Device) -> int:
         count = dev.opens

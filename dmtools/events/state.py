@@ -175,10 +175,8 @@ def _pristine_snapshot() -> SnapshotStatus:
     return SnapshotStatus.usage(0, 0, None)
 
 
-def _snapshot_events(
-    old_t: TargetState | None, new_t: TargetState, thresholds: Sequence[int],
-    ev: dict[str, Any]
-) -> list[Event]:
+def _snapshot_events(old_t: TargetState | None, new_t: TargetState, thresholds: Sequence[int],
+                     ev: dict[str, Any]) -> list[Event]:
     new = new_t.snapshot()
     if new is None:
         return []
@@ -214,9 +212,7 @@ def _snapshot_events(
     return out
 
 
-def _mirror_events(
-    old_t: TargetState | None, new_t: TargetState, ev: dict[str, Any]
-) -> list[Event]:
+def _mirror_events(old_t: TargetState | None, new_t: TargetState, ev: dict[str, Any]) -> list[Event]:
     new = new_t.mirror()
     if new is None:
         return []
@@ -260,14 +256,8 @@ def _target_events(
     return out
 
 
-def derive(
-    old: DeviceState | None,
-    new: DeviceState | None,
-    *,
-    thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
-    source: str = "poll",
-    now: float | None = None,
-) -> list[Event]:
+def derive(old: DeviceState | None, new: DeviceState | None, *, thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
+           source: str = "poll", now: float | None = None) -> list[Event]:
     """The events that turn ``old`` into ``new`` (either may be ``None``: absent).
 
     ``thresholds`` are the snapshot usage percentages to report crossings of (empty: none).

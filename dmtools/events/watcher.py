@@ -62,18 +62,10 @@ class Watcher:
     backend, where devices are ``dm-N``). ``event_numbers``: wait on each device's event number.
     """
 
-    def __init__(
-        self,
-        dm: DeviceMapper,
-        *,
-        names: Sequence[str] | None = None,
-        thresholds: Sequence[int] | Callable[[str], Sequence[int]] = DEFAULT_THRESHOLDS,
-        store: StateStore | None = None,
-        poll_interval: float = 1.0,
-        uevents: bool | None = None,
-        event_numbers: bool = True,
-        uevent_source: str | None = None,
-    ) -> None:
+    def __init__(self, dm: DeviceMapper, *, names: Sequence[str] | None = None,
+                 thresholds: Sequence[int] | Callable[[str], Sequence[int]] = DEFAULT_THRESHOLDS,
+                 store: StateStore | None = None, poll_interval: float = 1.0, uevents: bool | None = None,
+                 event_numbers: bool = True, uevent_source: str | None = None) -> None:
         if poll_interval <= 0:
             raise DMError("poll interval must be positive")
         self.dm = dm

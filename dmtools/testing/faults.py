@@ -103,20 +103,10 @@ class FaultyEndpoint(WrappedEndpoint):
     ``fileno()`` is ``None`` and ``is_regular_file`` False so copiers cannot bypass the wrapper.
     """
 
-    def __init__(
-        self,
-        inner: Endpoint,
-        *,
-        read_errors: Iterable[int | range | tuple[int, int]] | None = None,
-        write_errors: Iterable[int | range | tuple[int, int]] | None = None,
-        read_error_rate: float = 0.0,
-        write_error_rate: float = 0.0,
-        seed: int = 0,
-        rate_block: int = 4096,
-        short_reads: int = 0,
-        nospace_from: int | None = None,
-        name: str | None = None,
-    ) -> None:
+    def __init__(self, inner: Endpoint, *, read_errors: Iterable[int | range | tuple[int, int]] | None = None,
+                 write_errors: Iterable[int | range | tuple[int, int]] | None = None, read_error_rate: float = 0.0,
+                 write_error_rate: float = 0.0, seed: int = 0, rate_block: int = 4096, short_reads: int = 0,
+                 nospace_from: int | None = None, name: str | None = None) -> None:
         super().__init__(inner, name)
         for what, rate in (("read_error_rate", read_error_rate), ("write_error_rate", write_error_rate)):
             if not 0.0 <= rate <= 1.0:
@@ -159,10 +149,8 @@ class FaultyEndpoint(WrappedEndpoint):
     def _check_write(self, op: str, offset: int, length: int) -> None:
         if self.nospace_from is not None and offset + length > self.nospace_from:
             self._record(op, offset, length, False)
-            raise NoSpace(
-                f"injected ENOSPC at offset {max(offset, self.nospace_from)}",
-                errno=_errno.ENOSPC, operation=op, device=self.name,
-            )
+            raise NoSpace(f"injected ENOSPC at offset {max(offset, self.nospace_from)}",
+                          errno=_errno.ENOSPC, operation=op, device=self.name)
         if self._fails("write", offset, length):
             self._record(op, offset, length, False)
             raise DeviceIOError(
@@ -214,15 +202,8 @@ class SlowEndpoint(WrappedEndpoint):
     A request held longer than ``gate_timeout`` fails with EIO (so a broken test cannot hang).
     """
 
-    def __init__(
-        self,
-        inner: Endpoint,
-        *,
-        delay: float = 0.0,
-        gate: threading.Event | None = None,
-        gate_timeout: float = 30.0,
-        name: str | None = None,
-    ) -> None:
+    def __init__(self, inner: Endpoint, *, delay: float = 0.0, gate: threading.Event | None = None,
+                 gate_timeout: float = 30.0, name: str | None = None) -> None:
         super().__init__(inner, name)
         self.delay = delay
         self.gate = gate

@@ -36,14 +36,8 @@ class MemoryEndpoint(Endpoint):
     #: settable, unlike ``Endpoint.zoned``: a test makes the device zoned
     zoned = False
 
-    def __init__(
-        self,
-        size: int | bytes | bytearray,
-        name: str = "memory",
-        journal: Journal | None = None,
-        *,
-        logical_block_size: int = 512,
-    ) -> None:
+    def __init__(self, size: int | bytes | bytearray, name: str = "memory", journal: Journal | None = None, *,
+                 logical_block_size: int = 512) -> None:
         self.data = bytearray(size)
         self.name = name
         self.journal: Journal = journal if journal is not None else []

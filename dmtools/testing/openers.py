@@ -29,10 +29,8 @@ class Opener:
     def __init__(self, path: str) -> None:
         self.path = path
         self._stderr = ""
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, path],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
+        self.proc = subprocess.Popen([sys.executable, "-c", _CHILD, path],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], START_LIMIT)
         line = self.proc.stdout.readline() if ready else b""

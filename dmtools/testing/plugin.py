@@ -46,12 +46,8 @@ _CHECKS: dict[str, Callable[[], str | None]] = {"root": _root_missing, "kernel":
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "root: needs root, loop devices and /dev/fuse (run: scripts/test as root)"
-    )
-    config.addinivalue_line(
-        "markers", "kernel: needs real kernel device-mapper (run: scripts/vmtest)"
-    )
+    config.addinivalue_line("markers", "root: needs root, loop devices and /dev/fuse (run: scripts/test as root)")
+    config.addinivalue_line("markers", "kernel: needs real kernel device-mapper (run: scripts/vmtest)")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

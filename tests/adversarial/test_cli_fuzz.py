@@ -115,14 +115,8 @@ def _safe(text: str) -> str:
 
 random_text = st.text(max_size=12).map(_safe)
 random_bytes = st.binary(max_size=12).map(lambda b: _safe(b.decode("utf-8", "surrogateescape")))
-values = st.one_of(
-    st.sampled_from(FILES),
-    st.sampled_from(FILES).map(lambda f: f"./{f}"),
-    st.sampled_from(DEVICES),
-    st.sampled_from(NUMBERS),
-    random_text,
-    random_bytes,
-)
+values = st.one_of(st.sampled_from(FILES), st.sampled_from(FILES).map(lambda f: f"./{f}"), st.sampled_from(DEVICES),
+                   st.sampled_from(NUMBERS), random_text, random_bytes)
 
 
 @st.composite

@@ -33,10 +33,8 @@ class FakeDM:
     def add(self, name: str, table: str = "", *, uuid: str = "", minor: int = 0, **info: Any) -> None:
         """A device ``name`` with a live ``table`` (empty: no table)."""
         count = len(table.splitlines())
-        self.devices[name] = DeviceInfo(
-            name=name, uuid=uuid, live_table=bool(table), major=254, minor=minor,
-            target_count=count, **info,
-        )
+        self.devices[name] = DeviceInfo(name=name, uuid=uuid, live_table=bool(table), major=254, minor=minor,
+                                        target_count=count, **info)
         self.tables[name] = table
 
     def _record(self, *call: Any) -> None:

@@ -217,10 +217,8 @@ def test_kernel_errors_have_their_types(names: Devices, loops: tuple[Any, Any], 
 
 def test_console_script_matches_dmsetup(zoo: dict[str, str]) -> None:
     exe = Path(sys.executable).with_name("dmtools")
-    proc = subprocess.run(
-        [str(exe), "--backend", "kernel", "dm", "info", zoo["zlin"], zoo["mnot"]],
-        capture_output=True, text=True, timeout=TIMEOUT, check=False,
-    )
+    proc = subprocess.run([str(exe), "--backend", "kernel", "dm", "info", zoo["zlin"], zoo["mnot"]],
+                          capture_output=True, text=True, timeout=TIMEOUT, check=False)
     assert proc.returncode == 0 and proc.stderr == ""
     assert proc.stdout == dmsetup("info", zoo["zlin"], zoo["mnot"])
     missing = subprocess.run([str(exe), "--backend", "kernel", "dm", "table", "nonexistent-dmtt"],

@@ -83,9 +83,7 @@ def test_lifecycle_and_data_through_the_exposed_device(
     assert cli("dm", "status", name) == "0 2048 linear \n2048 2048 linear \n"
     deps = json.loads(cli("dm", "deps", name, "--json"))[name]
     assert sorted(deps) == sorted([devno(la.path), devno(lb.path)])
-    assert cli("dm", "deps", name) == "2 dependencies\t:" + "".join(
-        f" ({d.replace(':', ', ')})" for d in deps
-    ) + "\n"
+    assert cli("dm", "deps", name) == "2 dependencies\t:" + "".join(f" ({d.replace(':', ', ')})" for d in deps) + "\n"
 
     # the exposed block device: /run/dmtools/mapper/NAME, with the number info reports
     path = f"{MAPPER}/{name}"

@@ -319,9 +319,7 @@ def test_table_json(three: Any, run: Any) -> None:
 
 
 def test_status_text_and_json(three: Any, run: Any) -> None:
-    assert run("dm", "status")[1] == (
-        "a-dev: 0 100 zero \nb-dev: 0 2048 linear \nb-dev: 2048 2048 linear \nc-empty: \n"
-    )
+    assert run("dm", "status")[1] == "a-dev: 0 100 zero \nb-dev: 0 2048 linear \nb-dev: 2048 2048 linear \nc-empty: \n"
     assert run("dm", "status", "a-dev")[1] == "0 100 zero \n"
     run("dm", "status", "--inactive", "b-dev")
     assert ("status", "b-dev", True) in three.calls
@@ -402,9 +400,7 @@ def test_deps_text_and_json(three: Any, run: Any) -> None:
 
 def test_targets_text_and_json(fake_dm: Any, run: Any) -> None:
     # dmsetup: "%-16s v%d.%d.%d"
-    assert run("dm", "targets")[1] == (
-        "striped          v1.7.0\nlinear           v1.5.0\nsnapshot-origin  v1.9.0\n"
-    )
+    assert run("dm", "targets")[1] == "striped          v1.7.0\nlinear           v1.5.0\nsnapshot-origin  v1.9.0\n"
     assert json.loads(run("dm", "targets", "--json")[1]) == {
         "striped": "1.7.0", "linear": "1.5.0", "snapshot-origin": "1.9.0",
     }

@@ -69,11 +69,8 @@ def names(dm_name: str, kernel_dm: Any, make_loop: Any) -> Iterator[Callable[[st
 
 def _kernel_versions(text: str, versions: dict[str, tuple[int, int, int]]) -> str:
     """``text`` with every ``target_version`` replaced by the kernel's for that target type."""
-    return re.sub(
-        r"target_name=([^,;]+),target_version=[0-9.]+",
-        lambda m: f"target_name={m.group(1)},target_version={'.'.join(map(str, versions[m.group(1)]))}",
-        text,
-    )
+    return re.sub(r"target_name=([^,;]+),target_version=[0-9.]+",
+                  lambda m: f"target_name={m.group(1)},target_version={'.'.join(map(str, versions[m.group(1)]))}", text)
 
 
 def _tables(loops: list[str]) -> dict[str, str]:

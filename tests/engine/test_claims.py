@@ -63,9 +63,7 @@ def test_one_engine_nests_tables_on_one_device(engine: Engine, make_image: Calla
         pass
 
 
-def test_offline_tool_and_engine_exclude_each_other(
-    engine: Engine, make_image: Callable[..., Path]
-) -> None:
+def test_offline_tool_and_engine_exclude_each_other(engine: Engine, make_image: Callable[..., Path]) -> None:
     img = make_image(MiB)
     with claims.claim(img):
         with pytest.raises(DeviceBusy):

@@ -100,9 +100,7 @@ def test_device_held_o_excl_elsewhere_is_refused(backend: DeviceMapper, lo: Any,
     backend.remove(dm_name)
 
 
-def test_device_claimed_by_another_engine_is_refused(
-    backend: DeviceMapper, lo: Any, dm_name: str
-) -> None:
+def test_device_claimed_by_another_engine_is_refused(backend: DeviceMapper, lo: Any, dm_name: str) -> None:
     other = Engine()
     try:
         other.create("holder", f"0 {SECTORS} linear {lo.path} 0")

@@ -89,10 +89,8 @@ def shadowed(make_image: Callable[..., Path], make_loop: Callable[..., Any], tmp
     return str(real.path), local
 
 
-def test_linear_over_a_relative_path_maps_the_callers_file(
-    cli: Backend, shadowed: tuple[str, Path], dm_name: str,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+def test_linear_over_a_relative_path_maps_the_callers_file(cli: Backend, shadowed: tuple[str, Path], dm_name: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
     real, local = shadowed
     before = _digest(real)
     relative = os.path.relpath(local)

@@ -169,9 +169,7 @@ def own_run(tmp_path: Path, outside: Path) -> Iterator[Path]:
             client.close()
 
 
-def test_own_run_directory_links_are_replaced_not_followed(
-    own_run: Path, outside: Path, dm_name: str
-) -> None:
+def test_own_run_directory_links_are_replaced_not_followed(own_run: Path, outside: Path, dm_name: str) -> None:
     before = _state(outside)
     (own_run / "mapper" / dm_name).symlink_to(outside / "link-target")
     client = open_userspace(str(own_run))  # starts the daemon (FUSE + loop exposure)

@@ -77,9 +77,7 @@ def _snapshot(path: Path) -> tuple[bytes, int, int]:
 
 
 @pytest.mark.parametrize("flags", [os.O_RDWR, os.O_WRONLY | os.O_APPEND])
-def test_open_file_replaces_a_symlink_and_never_writes_through_it(
-    private: Path, outside: Path, flags: int
-) -> None:
+def test_open_file_replaces_a_symlink_and_never_writes_through_it(private: Path, outside: Path, flags: int) -> None:
     before = _snapshot(outside)
     (private / "daemon.log").symlink_to(outside)
     fd = rundir.open_file(str(private / "daemon.log"), flags, 0o600)

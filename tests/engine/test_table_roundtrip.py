@@ -54,10 +54,7 @@ EXAMPLES = [
 ]
 
 #: Text-only examples (a thin device needs its id created in the pool first), and LVM's spacing.
-TEXT_ONLY = [
-    "0 10 thin {a} 1",
-    "0 10 thin {a} 16777215 {b}",
-]
+TEXT_ONLY = ["0 10 thin {a} 1", "0 10 thin {a} 16777215 {b}"]
 
 #: File names that need escaping in a table line: a space, a backslash, a tab, a trailing backslash.
 NAMES = {"a": "my file a.img", "b": "back\\slash b.img", "c": "tab\tc.img", "d": "cow\\"}

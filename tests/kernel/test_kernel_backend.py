@@ -91,9 +91,7 @@ def names(kernel_dm: KernelBackend, dm_name: str, loops: Any) -> Iterator[Callab
             kernel_dm.remove(name, retry=True)
 
 
-def test_linear_create_reload_suspend_resume_rename_remove(
-    kernel_dm: KernelBackend, loops: Any, names: Any
-) -> None:
+def test_linear_create_reload_suspend_resume_rename_remove(kernel_dm: KernelBackend, loops: Any, names: Any) -> None:
     a, b = loops(), loops()
     name, renamed = names("lin"), names("ren")
     info = kernel_dm.create(name, f"0 2048 linear {a.path} 0", uuid=f"DMTT-{name}")
@@ -177,11 +175,8 @@ def test_zero_and_error_targets(kernel_dm: KernelBackend, names: Any) -> None:
 def test_table_status_info_equal_dmsetup(kernel_dm: KernelBackend, loops: Any, names: Any) -> None:
     a, b = loops(), loops()
     name = names("cmp")
-    kernel_dm.create(
-        name,
-        f"0 1024 linear {a.path} 0\n1024 64 striped 2 8 {a.path} 2048 {b.path} 0\n1088 8 zero",
-        uuid=f"DMTT-cmp-{name}",
-    )
+    kernel_dm.create(name, f"0 1024 linear {a.path} 0\n1024 64 striped 2 8 {a.path} 2048 {b.path} 0\n1088 8 zero",
+                     uuid=f"DMTT-cmp-{name}")
     kernel_dm.load(name, "0 16 error")
     assert kernel_dm.table(name).dmsetup_text() == dmsetup("table", name)
     assert kernel_dm.table(name, inactive=True).dmsetup_text() == dmsetup("table", "--inactive", name)

@@ -142,11 +142,8 @@ def test_fuzzed_parameters_only_raise_invalid_table(params: str) -> None:
         assert Target.parse(target_type, target.params) == target
 
 
-@given(
-    st.integers(1, MAX := 2097152 // 128).map(lambda n: n * 128),
-    st.integers(0, 2**64 - 1),
-    st.sets(st.sampled_from(THIN_POOL_FEATURES), max_size=4),
-)
+@given(st.integers(1, MAX := 2097152 // 128).map(lambda n: n * 128), st.integers(0, 2**64 - 1),
+       st.sets(st.sampled_from(THIN_POOL_FEATURES), max_size=4))
 def test_every_pool_value_round_trips(block: int, lwm: int, features: set[str]) -> None:
     pool = ThinPool("253:0", "253:1", block, lwm, tuple(features))
     text = f"0 {block} thin-pool {pool.params}"
