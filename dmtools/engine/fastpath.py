@@ -23,6 +23,24 @@ callback exactly as before.
   libfuse's dispatch. Where libfuse lacks the functions it needs, libfuse's loop runs as before.
 - An error in C is not reported from C: the request goes to Python, which does it again and
   reports (and counts, for ``striped``) the error as it always has.
+
+What is left is the kernel's part (measured on Linux 6.18, 2 CPUs in a VM; ``scripts/bench
+engine`` prints these per MiB). A 1 MiB ``O_DIRECT`` write reaches us as two requests: the
+loop device's queue takes 128 segments of one page (``loop_add`` in drivers/block/loop.c leaves
+the block layer's default). Each request wakes three threads (the loop worker, a FUSE worker,
+the writer) where the backing file wakes one: about 40 µs per request (random 4 KiB reads, 105
+against 64 µs). Half the workers' CPU is ``read`` on ``/dev/fuse``: the kernel copying the data
+into the receive buffer, which it pins one page at a time (fs/fuse/dev.c ``fuse_copy_fill``).
+Not used, and why:
+
+- FUSE passthrough: the backing file is bound to an open file when it is opened
+  (``FOPEN_PASSTHROUGH``), and the loop device keeps its one open for life, so a suspend could
+  not hold its I/O nor a reload redirect it.
+- FUSE over io_uring: the ``INIT`` reply must announce it, and libfuse 3.14 writes that reply
+  itself. It would save one system call per request, not a wake-up or the copy.
+- Smaller requests (``max_write``), for more of them in flight: 1 MiB writes went 0.52× the
+  backing file at 512 KiB, 0.56× at 256 KiB, 0.40× at 128 KiB, with engine CPU 0.28, 0.38 and
+  0.51 s/GiB (load 3.4).
 """
 
 from __future__ import annotations
