@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from pytest_lazy_fixtures import lf
 
+from dmtools._ffi import fastio
 from dmtools.backend import DeviceMapper
 from dmtools.blockdev import BlockDevice
 from dmtools.endpoint import Endpoint
@@ -100,3 +101,23 @@ def daemon(tmp_path: Path) -> Iterator[Any]:
     """A ``Daemon`` without exposure serving ``tmp_path/run`` on a thread; stopped at teardown."""
     with serving_daemon(str(tmp_path / "run")) as d:
         yield d
+
+
+# --- the exposure's C data path (dmtools/_ffi/fastio.c), driven without FUSE ---------------------
+@pytest.fixture(scope="module")
+def lib() -> fastio.FastIO:
+    """fastio.c's library, built here (a C compiler is part of ``scripts/setup-env``)."""
+    loaded = fastio.load()
+    if loaded is None:
+        pytest.skip(f"the C fast path cannot be built here: {fastio.unavailable()} "
+                    "(scripts/setup-env installs gcc)")
+    return loaded
+
+
+@pytest.fixture
+def ctx(lib: fastio.FastIO) -> Iterator[int]:
+    handle = lib.ctx_new(0, 0, 0, 8192, 1 << 20)
+    try:
+        yield handle
+    finally:
+        lib.ctx_free(handle)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,25 +16,6 @@ from dmtools.engine import Engine
 from dmtools.engine.fastpath import describe
 
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def lib() -> fastio.FastIO:
-    """The library, built here (a C compiler is part of ``scripts/setup-env``)."""
-    loaded = fastio.load()
-    if loaded is None:
-        pytest.skip(f"the C fast path cannot be built here: {fastio.unavailable()} "
-                    "(scripts/setup-env installs gcc)")
-    return loaded
-
-
-@pytest.fixture
-def ctx(lib: fastio.FastIO) -> Iterator[int]:
-    handle = lib.ctx_new(0, 0, 0, 8192, MiB)
-    try:
-        yield handle
-    finally:
-        lib.ctx_free(handle)
 
 
 def _images(tmp_path: Path, *sizes: int) -> list[str]:
