@@ -98,15 +98,26 @@ def test_memory_export_io_and_flags(start_nbdkit: Callable[..., NbdServer]) -> N
         assert exc.value.errno == errno.ENOSPC
 
 
-def test_requests_beyond_32m_are_split(start_nbdkit: Callable[..., NbdServer]) -> None:
-    """A 40 MiB read or write goes out as requests of at most 32 MiB (qemu-nbd's limit)."""
-    srv = start_nbdkit(["memory", "64M"])
+def test_long_reads_and_writes_are_split(tmp_path: Path, start_nbdkit: Callable[..., NbdServer]) -> None:
+    """A 40 MiB read or write goes out as requests of REQUEST_SIZE (far below the protocol's
+    32 MiB limit: a server allocates each request's payload), every connection carrying some."""
+    from dmtools.nbd.endpoint import REQUEST_SIZE
+
+    log = tmp_path / "split.log"
+    srv = start_nbdkit(["memory", "64M", f"logfile={log}"], filters=["log"])
     data = os.urandom(40 * MiB)
     with NbdEndpoint(srv.uri, writable=True) as ep:
+        assert ep.connections == 4
         ep.write(data, 0)
         buf = bytearray(40 * MiB)
         ep.readinto(buf, 0)
         assert buf == data
+    text = log.read_text()
+    for op in ("Write", "Read"):
+        reqs = [(int(conn), int(off, 16), int(n, 16)) for conn, off, n in
+                re.findall(rf"connection=(\d+) {op} id=\d+ offset=(0x[0-9a-f]+) count=(0x[0-9a-f]+)", text)]
+        assert sorted((off, n) for _, off, n in reqs) == [(i, REQUEST_SIZE) for i in range(0, 40 * MiB, REQUEST_SIZE)]
+        assert len({conn for conn, _, _ in reqs}) == 4, op
 
 
 def test_qemu_nbd_single_connection(tmp_path: Path, start_qemu_nbd: Callable[..., NbdServer]) -> None:
