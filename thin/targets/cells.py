@@ -11,6 +11,13 @@ I/O to a block that is mapped and not shared takes the cell only for the lookup,
 and what changes a mapping (a discard passing its block down, a write breaking sharing) waits,
 holding the cell, until the I/O already sent to the old block is done.
 
+The prison also knows blocks the pool found mapped and not shared (:attr:`Prison.mapped`): I/O to
+one of them whose cell is free is counted in flight on its data block in one hold of the prison's
+lock, without the metadata lock or a lookup (:meth:`Prison.enter_mapped`). The pool forgets a
+block there before its mapping can change: a discard removes it holding the cell, and a snapshot
+of the device (which makes its mappings shared), a delete, an abort and fail mode forget them
+all, each before it returns.
+
 Both live in one :class:`Prison` under one lock, so the pool can check a block's cell and count
 its I/O in flight in a single hold (:meth:`Prison.enter_unless_held`), with the metadata lock held
 around it for the lookup. That lock is always taken last: nothing waits for another lock while
@@ -31,10 +38,14 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Hashable
 
-__all__ = ["HELD", "Prison"]
+__all__ = ["HELD", "MAPPED_MAX", "Prison"]
 
 #: :meth:`Prison.enter_unless_held`'s answer when another I/O holds the cell.
 HELD: Any = object()
+
+#: blocks :attr:`Prison.mapped` knows at most (64 KiB blocks: 4 GiB of data); past that it starts
+#: again from none (a bound on its memory, one entry taking about 150 bytes).
+MAPPED_MAX = 1 << 16
 
 
 class Prison:
@@ -52,6 +63,11 @@ class Prison:
         self._route: Any = None
         self._route_writes = False
         self._direct = 0
+        #: ``(device id, virtual block)`` -> data block of mappings the pool found or made, mapped
+        #: and not shared: changed only by the pool, with its lock held (see :meth:`enter_mapped`).
+        self.mapped: dict[Hashable, int] = {}
+        #: how many :attr:`mapped` holds at most.
+        self.mapped_max = MAPPED_MAX
 
     def _wait(self) -> None:
         self._waiting += 1
@@ -99,13 +115,49 @@ class Prison:
                     self._direct += 1
                     return route
                 return None
-            count = self._count
-            count[block] = count.get(block, 0) + 1
-            route = self._route
-            if route is not None and (self._route_writes or not write):
-                self._direct += 1
-                return route
+            return self._in_flight(block, write)
+
+    def _in_flight(self, block: int, write: bool) -> Any:
+        """Count one I/O in flight on a mapped ``block``; the data device for it while the gate
+        is open, else ``None`` (the lock held)."""
+        count = self._count
+        count[block] = count.get(block, 0) + 1
+        route = self._route
+        if route is not None and (self._route_writes or not write):
+            self._direct += 1
+            return route
+        return None
+
+    def enter_mapped(self, key: Hashable, write: bool) -> tuple[int, Any] | None:
+        """``thin_bio_map``'s remap of a block :attr:`mapped` knows, in one hold of the lock:
+        when ``key``'s cell is free, count one I/O in flight on its data block and return
+        ``(data block, route)`` as :meth:`enter_unless_held` does for a mapped block (pair with
+        ``leave(block, route is not None)``); else ``None`` (look it up the pool's way)."""
+        mapped = self.mapped
+        if key not in mapped:  # without the lock: the pool's way is always right
             return None
+        with self.lock:
+            block = mapped.get(key)
+            if block is None or key in self._held:
+                return None
+            return block, self._in_flight(block, write)
+
+    def know(self, key: Hashable, block: int) -> None:
+        """``key`` maps to ``block``, which is not shared (the pool's lock held)."""
+        mapped = self.mapped
+        if len(mapped) >= self.mapped_max:
+            mapped.clear()
+        mapped[key] = block
+
+    def forget(self, key: Hashable) -> None:
+        """``key``'s mapping is about to change (its cell held)."""
+        self.mapped.pop(key, None)
+
+    def forget_all(self) -> None:
+        """Mappings may change without their cells (a snapshot, a delete, an abort, fail
+        mode): from now on every I/O looks its block up."""
+        with self.lock:
+            self.mapped.clear()
 
     @contextmanager
     def hold(self, key: Hashable) -> Iterator[None]:

@@ -216,6 +216,7 @@ class Pool:
                 return
             log.error("%s: aborting current metadata transaction", self.name)
             lost = [d for d in self.devices.values() if d.changed]
+            self.prison.forget_all()
             try:
                 self.md.abort()
             except Exception as abort_err:  # noqa: BLE001 - any failure here is fail mode
@@ -273,6 +274,8 @@ class Pool:
         if new == Mode.WRITE:
             self.pf_error_if_no_space = self.pf.error_if_no_space
         if new != old:
+            if new == Mode.FAIL:
+                self.prison.forget_all()  # every I/O fails from now on (begin_io)
             self.mode = new
             word = _MODE_TEXT[new]
             if new == Mode.OUT_OF_DATA_SPACE:
@@ -596,7 +599,8 @@ class Pool:
 
     def begin_io(self, dev_id: int, vblock: int, write: bool) -> tuple[int, int | None, int | None, int, Any]:
         """``thin_bio_map`` for one block's I/O: the lookup under its cell, in one hold of the
-        lock when no other I/O holds the cell.
+        lock when no other I/O holds the cell; a block the prison knows mapped and not shared
+        (:meth:`Prison.enter_mapped`) needs neither the lock nor the lookup.
 
         Returns ``(data block, None, None, 0, data device or None)`` when the I/O goes to a
         mapped block (for a write, one that is not shared): it is counted in flight there and
@@ -611,6 +615,13 @@ class Pool:
         give one at once: the caller then goes :meth:`alloc_data_block`'s way, which waits or
         fails as the pool's mode says.
         """
+        known = self.prison.enter_mapped((dev_id, vblock), write)  # no FAIL check: fail mode forgets them all
+        if known is not None:
+            return known[0], None, None, 0, known[1]
+        return self.look_up_io(dev_id, vblock, write)
+
+    def look_up_io(self, dev_id: int, vblock: int, write: bool) -> tuple[int, int | None, int | None, int, Any]:
+        """:meth:`begin_io` of a block :meth:`Prison.enter_mapped` did not know."""
         key = (dev_id, vblock)
         prison = self.prison
         with self.lock:
@@ -626,6 +637,8 @@ class Pool:
             route = prison.enter_unless_held(key, block, write)
             if route is not HELD:
                 if block is not None:
+                    if found is not None and not found[1]:
+                        prison.know(key, block)
                     return block, None, None, 0, route
                 if write and self.mode == Mode.WRITE:  # _provision_block's commonest case, inline
                     try:
@@ -641,6 +654,8 @@ class Pool:
             with self.lock:
                 found = self._find(dev_id, vblock)
                 if found is not None and (not write or not found[1]):
+                    if not found[1]:
+                        prison.know(key, found[0])
                     prison.enter(found[0])
                     prison.release(key)
                     return found[0], None, None, 0, None
@@ -679,6 +694,7 @@ class Pool:
             look = md.lookup(state.dev_id, vblock)
             if look is None:
                 return None
+            self.prison.forget((state.dev_id, vblock))
             md.remove(state.dev_id, vblock)
             state.changed = True
             if not self.pf.discard_passdown or md.data_ref_count(look.data_block):
@@ -727,6 +743,8 @@ class Pool:
                 raise self._failed("dm_thin_insert_block", err) from err
             state.changed = True
             self.mapped += 1
+            if len(pairs) == 1:  # a block's write: the prison knows it from now on (mapped at
+                self.prison.know((state.dev_id, pairs[0][0]), pairs[0][1])  # the current time: not shared)
 
     def fold(self) -> None:
         """Put the mappings waiting in core into the btrees (``ThinMetadata.fold``)."""
@@ -760,11 +778,13 @@ class Pool:
             if isinstance(msg, CreateThin):
                 self.run("create_thin", lambda md: md.create_thin(msg.dev_id))
             elif isinstance(msg, CreateSnap):
+                self.prison.forget_all()  # the origin's mappings become shared
                 self.run("create_snap", lambda md: md.create_snap(msg.dev_id, msg.origin_id))
             elif isinstance(msg, Delete):
                 state = self.devices.get(msg.dev_id)
                 if state is not None and state.open_count:
                     raise DeviceBusy(f"thin device {msg.dev_id} is open", operation="message")
+                self.prison.forget_all()
                 self.run("delete", lambda md: md.delete(msg.dev_id))
             elif isinstance(msg, SetTransactionId):
                 self.run("set_transaction_id", lambda md: md.set_transaction_id(msg.current, msg.new))

@@ -183,10 +183,14 @@ class ThinTarget(TargetDriver):
         vblock, within = divmod(offset, bb)
         if within + len(buf) <= bb:  # one block: most I/O (_write_block, inline)
             pool = self.pool
-            block, old, new, aborts, data = pool.begin_io(self.dev_id, vblock, True)
-            if block < 0:
-                self._provision_cell(vblock, within, buf, old, new, aborts, data)
-                return
+            known = pool.prison.enter_mapped((self.dev_id, vblock), True)  # begin_io's first step
+            if known is not None:
+                block, data = known
+            else:
+                block, old, new, aborts, data = pool.look_up_io(self.dev_id, vblock, True)
+                if block < 0:
+                    self._provision_cell(vblock, within, buf, old, new, aborts, data)
+                    return
             try:  # the write runs outside the cell (thin_bio_map)
                 (data or self.pool_dev).write(buf, block * bb + within)
             finally:
