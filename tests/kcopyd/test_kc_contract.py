@@ -35,12 +35,9 @@ def test_copy_three_destinations_at_offsets(kc, make_dev, recorder, kind, flags)
     src = make_dev(kind, SIZE + 4096, bytes(4096) + data)
     dests = [make_dev(kind, SIZE + 8192) for _ in range(3)]
     offsets = [0, 3, 16]  # sectors
-    job = kc.copy(
-        kcopyd.Region(src.dev, 8, SIZE // 512),
-        [kcopyd.Region(d.dev, off, SIZE // 512) for d, off in zip(dests, offsets)],
-        flags=flags,
-        notify=recorder,
-    )
+    job = kc.copy(kcopyd.Region(src.dev, 8, SIZE // 512),
+                  [kcopyd.Region(d.dev, off, SIZE // 512) for d, off in zip(dests, offsets)], flags=flags,
+                  notify=recorder)
     assert job.wait(TIMEOUT)
     assert recorder.calls == [(False, 0, None)]
     for d, off in zip(dests, offsets):

@@ -54,11 +54,9 @@ def test_copy_between_linear_devices_and_to_an_error_target(kernel_dm, make_loop
     with _devices(kernel_dm, tables) as paths:
         rec = Recorder()
         with kcopyd.Client() as kc:
-            job = kc.copy(
-                kcopyd.Region(paths[src_n], 0, SECTORS),
-                [kcopyd.Region(paths[dst_n], 0, SECTORS), kcopyd.Region(paths[err_n], 0, SECTORS)],
-                flags=kcopyd.IGNORE_ERROR, notify=rec, context="k",
-            )
+            job = kc.copy(kcopyd.Region(paths[src_n], 0, SECTORS),
+                          [kcopyd.Region(paths[dst_n], 0, SECTORS), kcopyd.Region(paths[err_n], 0, SECTORS)],
+                          flags=kcopyd.IGNORE_ERROR, notify=rec, context="k")
             assert job.wait(TIMEOUT)
         assert rec.calls == [(False, 0b10, "k")], "only the error target's bit is set"
         assert _read(paths[dst_n], 0, SIZE) == data

@@ -296,10 +296,8 @@ def test_merge_conversion_by_hand(rig: Rig) -> None:
     x = rig.name("x")
     rig.dm.create(x)
     try:
-        rig.refused(
-            lambda: rig.dm.load(x, f"0 {SECTORS} snapshot-merge {t_target.origin} {t_target.cow} P 8"),
-            "A snapshot is already merging.",
-        )
+        rig.refused(lambda: rig.dm.load(x, f"0 {SECTORS} snapshot-merge {t_target.origin} {t_target.cow} P 8"),
+                    "A snapshot is already merging.")
     finally:
         rig.dm.remove(x)
     rig.wait_merged(vol)

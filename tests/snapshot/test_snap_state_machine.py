@@ -105,9 +105,5 @@ class SnapshotMachine(RuleBasedStateMachine):
 
 
 TestSnapshotMachine = SnapshotMachine.TestCase
-TestSnapshotMachine.settings = settings(
-    max_examples=60,
-    stateful_step_count=15,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+TestSnapshotMachine.settings = settings(max_examples=60, stateful_step_count=15, deadline=None,
+                                        suppress_health_check=[HealthCheck.too_slow])

@@ -103,11 +103,8 @@ def test_reload_gives_the_same_table_and_counters() -> None:
     again.read_metadata()
     assert again.chunk_size == C and not again.new_store
     assert sorted(again.table.items()) == sorted(pairs)
-    assert (again.next_free, again.current_area, again.current_committed) == (
-        store.next_free,
-        store.current_area,
-        store.current_committed,
-    )
+    assert (again.next_free, again.current_area, again.current_committed) == (store.next_free, store.current_area,
+                                                                              store.current_committed)
     assert again.usage() == store.usage()
     assert again.iter_records() == pairs
 

@@ -162,9 +162,5 @@ class ThinMachine(RuleBasedStateMachine):
 
 
 TestThinMachine = ThinMachine.TestCase
-TestThinMachine.settings = settings(
-    max_examples=EXAMPLES,
-    stateful_step_count=20,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+TestThinMachine.settings = settings(max_examples=EXAMPLES, stateful_step_count=20, deadline=None,
+                                    suppress_health_check=[HealthCheck.too_slow])
