@@ -129,6 +129,21 @@ def _check_int(target_type: str, value: object, what: str, maximum: int = U64_MA
     return value
 
 
+def _features(target_type: str, features: object, known: tuple[str, ...], unknown: str, *,
+              fold: bool = False) -> tuple[str, ...]:
+    """``features`` (a sequence of names; with ``fold`` in any case) in ``known``'s order, each once;
+    a name not in ``known`` raises the kernel's ``unknown`` text (``{!r}`` becomes the name)."""
+    if isinstance(features, str) or not isinstance(features, Iterable):
+        raise _fail(target_type, "features must be a sequence of feature names")
+    wanted = set()
+    for feat in features:
+        name = feat.lower() if fold and isinstance(feat, str) else feat
+        if name not in known:
+            raise _fail(target_type, unknown.format(feat))
+        wanted.add(name)
+    return tuple(f for f in known if f in wanted)
+
+
 def _check_device(target_type: str, device: object) -> str:
     """A device reference that a table line can carry: escaped white space and backslashes are
     fine; a NUL, a line end or ``#`` (dmsetup.c ``_parse_line``: a comment) are not, nor white
@@ -508,16 +523,10 @@ class Snapshot(Target):
             raise _store_failure(t, "Chunk size is too high")
         if self.chunk_size == 0 and not self.store.persistent:
             raise _fail(t, "Chunk size not set")
-        if isinstance(self.features, str):
-            raise _fail(t, "features must be a sequence of feature names")
-        wanted = set()
-        for feat in self.features:
-            if not isinstance(feat, str) or feat.lower() not in _SNAPSHOT_FEATURES:
-                raise _fail(t, "Unrecognised feature requested")
-            wanted.add(feat.lower())
-        if "discard_passdown_origin" in wanted and "discard_zeroes_cow" not in wanted:
+        features = _features(t, self.features, _SNAPSHOT_FEATURES, "Unrecognised feature requested", fold=True)
+        if "discard_passdown_origin" in features and "discard_zeroes_cow" not in features:
             raise _fail(t, "discard_passdown_origin feature depends on discard_zeroes_cow")
-        object.__setattr__(self, "features", tuple(f for f in _SNAPSHOT_FEATURES if f in wanted))
+        object.__setattr__(self, "features", features)
 
     @property
     def persistent(self) -> bool:
@@ -746,16 +755,10 @@ class Mirror(Target):
         object.__setattr__(self, "legs", _legs(t, self.legs))
         if not 2 <= len(self.legs) <= MAX_NR_MIRRORS:
             raise _fail(t, f"Invalid number of mirrors {len(self.legs)} (2 to {MAX_NR_MIRRORS})")
-        if isinstance(self.features, str):
-            raise _fail(t, "features must be a sequence of feature names")
-        wanted = set()
-        for feat in self.features:
-            if feat not in _MIRROR_FEATURES:
-                raise _fail(t, f"Unrecognised feature requested: {feat!r}")
-            wanted.add(feat)
-        if "keep_log" in wanted and "handle_errors" not in wanted:
+        features = _features(t, self.features, _MIRROR_FEATURES, "Unrecognised feature requested: {!r}")
+        if "keep_log" in features and "handle_errors" not in features:
             raise _fail(t, "keep_log feature requires the handle_errors feature")
-        object.__setattr__(self, "features", tuple(f for f in _MIRROR_FEATURES if f in wanted))
+        object.__setattr__(self, "features", features)
 
     @property
     def handle_errors(self) -> bool:
@@ -879,17 +882,11 @@ class ThinPool(Target):
                 f"{MAX_THIN_BLOCK_SECTORS} sectors, a multiple of {MIN_THIN_BLOCK_SECTORS}",
             )
         _check_int(t, self.low_water_mark, "Invalid low water mark")
-        if isinstance(self.features, str):
-            raise _fail(t, "features must be a sequence of feature names")
-        features = tuple(self.features)
-        if len(features) > _MAX_POOL_FEATURE_ARGS:
-            raise _fail(t, f"Invalid number of pool feature arguments {len(features)} (0 to 4)")
-        wanted = set()
-        for feat in features:
-            if not isinstance(feat, str) or feat.lower() not in THIN_POOL_FEATURES:
-                raise _fail(t, f"Unrecognised pool feature requested: {feat!r}")
-            wanted.add(feat.lower())
-        object.__setattr__(self, "features", tuple(f for f in THIN_POOL_FEATURES if f in wanted))
+        raw = self.features
+        if isinstance(raw, Sequence) and not isinstance(raw, str) and len(raw) > _MAX_POOL_FEATURE_ARGS:
+            raise _fail(t, f"Invalid number of pool feature arguments {len(raw)} (0 to 4)")
+        unknown = "Unrecognised pool feature requested: {!r}"
+        object.__setattr__(self, "features", _features(t, raw, THIN_POOL_FEATURES, unknown, fold=True))
 
     @property
     def zero_new_blocks(self) -> bool:
