@@ -164,6 +164,23 @@ def digest(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def run_cli(capsys: Any, *argv: str) -> tuple[int, str]:
+    """The CLI in-process: exit status and stderr (stdout dropped)."""
+    from dmtools.cli import main as cli_main
+
+    capsys.readouterr()
+    rc = cli_main.main(list(argv))
+    return rc, capsys.readouterr().err
+
+
+def assert_refused(rc: int, err: str, *words: str) -> None:
+    """A refusal: non-zero exit and one ``dmtools:`` line of stderr (naming one of ``words``)."""
+    assert rc != 0, "accepted"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dmtools: ") and "Traceback" not in err, err
+    assert not words or any(w in lines[0] for w in words), lines[0]
+
+
 def digests(*paths: str | os.PathLike[str]) -> dict[str, str]:
     """``{path: sha256}`` of every image, to compare before and after a refused command."""
     return {os.fspath(p): digest(p) for p in paths}

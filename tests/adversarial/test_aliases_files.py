@@ -25,7 +25,7 @@ from dmtools.engine import Engine
 from dmtools.errors import DeviceBusy, DeviceConflict, DMError
 from mirror.manager import MirrorManager, resync_offline
 from snapshot.manager import SnapshotManager
-from spellings import Spelling, digests, file_spellings, make_images, within
+from spellings import Spelling, assert_refused, digests, file_spellings, make_images, run_cli, within
 
 MiB = 1 << 20
 SECTORS = MiB // 512
@@ -69,20 +69,6 @@ def world(tmp_path: Path) -> Iterator[World]:
 
 def spelled(w: World, image: str) -> st.SearchStrategy[Spelling]:
     return st.sampled_from(w.spell[image])
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    """The CLI in-process: exit status and stderr (stdout dropped)."""
-    capsys.readouterr()
-    rc = cli_main.main(list(argv))
-    return rc, capsys.readouterr().err
-
-
-def assert_refused(rc: int, err: str, *words: str) -> None:
-    assert rc != 0, "accepted"
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dmtools: "), err
-    assert any(w in lines[0] for w in words), lines[0]
 
 
 # -- snapshot export --------------------------------------------------------------------------------

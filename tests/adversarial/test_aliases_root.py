@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dmtools.blockdev import BlockDevice, aligned_buffer
-from dmtools.cli import main as cli_main
 from dmtools.engine.protocol import run_dir
-from spellings import Spelling, block_spellings, digests, file_spellings, make_images, realized, within
+from spellings import (Spelling, assert_refused, block_spellings, digests, file_spellings, make_images, realized,
+                       run_cli, within)
 
 pytestmark = pytest.mark.root
 
@@ -93,16 +93,7 @@ def paths(w: World, image: str) -> st.SearchStrategy[Spelling]:
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    capsys.readouterr()
-    rc = cli_main.main(["--backend", "userspace", *argv])
-    return rc, capsys.readouterr().err
-
-
-def assert_refused(rc: int, err: str) -> None:
-    assert rc != 0, "accepted"
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dmtools: "), err
-    assert "Traceback" not in err
+    return run_cli(capsys, "--backend", "userspace", *argv)
 
 
 def refused(w: World, capsys: pytest.CaptureFixture[str], spellings: tuple[Spelling, ...], *argv: str) -> None:
