@@ -52,10 +52,6 @@ class FakeDM(DeviceMapper):
                 self._devs[name].event_nr += 1
                 self._cond.notify_all()
 
-    def set_table(self, name: str, lines: list[tuple[int, int, str, str, str]]) -> None:
-        with self._cond:
-            self._devs[name].lines = [list(x) for x in lines]
-
     def set_suspended(self, name: str, value: bool) -> None:
         with self._cond:
             self._devs[name].suspended = value
