@@ -20,6 +20,11 @@ Invariants kept from the kernel:
   snapshot holds already costs one cached lookup per snapshot (``ExceptionTable.unmapped``);
 * a snapshot read that goes to the origin is *tracked*; an exception for that chunk is not
   released to origin writers until the tracked reads have drained.
+* on an exposed origin, reads and the writes over chunks every snapshot holds are moved by the C
+  data path (``dmtools.engine.passthrough``): an origin write marks its range there only after
+  ``do_origin`` returned (every copy and record durable), and ``OriginRegistry.cow_change`` empties
+  the marks, waiting for the C writes that relied on them, before a snapshot is resumed (a new
+  one, a handover, a merge) or invalidated.
 """
 
 from __future__ import annotations
