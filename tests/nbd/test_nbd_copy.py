@@ -337,3 +337,30 @@ def test_nbd_jobs_take_larger_pieces_when_the_pool_allows(tmp_path: Path, start_
             assert job.plan.piece_size == piece
         assert kc.pool.peak <= num_pages
     assert back.read_bytes() == src.read_bytes()
+
+
+def test_copy_command_sizes_its_client_for_nbd(tmp_path: Path, start_nbdkit: Callable[..., NbdServer],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``dmtools copy`` with an export: 16 MiB of pages and a worker per 4 MiB piece (4); a copy
+    between files keeps 4 MiB and 8 workers; --threads and --num-pages still rule. Data checked."""
+    from kcopyd.cli import main
+
+    made: list[tuple[int, int]] = []
+    real = kcopyd.Client
+
+    class Recording(real):  # type: ignore[misc, valid-type]
+        def __init__(self, num_pages: int = 1024, *, threads: int = 8, **kw: object) -> None:
+            made.append((num_pages, threads))
+            super().__init__(num_pages, threads=threads, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kcopyd, "Client", Recording)
+    srv = start_nbdkit(["memory", "8M"])
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(8 * MiB))
+    back, copy = tmp_path / "back.img", tmp_path / "copy.img"
+    assert main([str(src), srv.uri, "-q"]) == 0
+    assert main([srv.uri, str(back), "-q"]) == 0
+    assert main([str(src), str(copy), "-q"]) == 0
+    assert main([srv.uri, "null:", "-q", "--threads", "2", "--num-pages", "512"]) == 0
+    assert made == [(4096, 4), (4096, 4), (1024, 8), (512, 2)]
+    assert back.read_bytes() == copy.read_bytes() == src.read_bytes()
