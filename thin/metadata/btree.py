@@ -313,6 +313,11 @@ def insert_run(tm: TransactionManager, root: int, items: Sequence[tuple[int, Any
             continue
         last = key
         keys = leaf.keys
+        if key > keys[-1]:  # past the leaf's last key (a run going up): it goes at the end
+            keys.append(key)
+            leaf.values.append(value)
+            added += 1
+            continue
         i = bisect_right(keys, key) - 1
         if i >= 0 and keys[i] == key:
             old = leaf.values[i]
