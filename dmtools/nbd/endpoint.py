@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import threading
 import time
 from typing import Any, Callable
@@ -108,14 +109,18 @@ class _Connection:
     """One libnbd handle, driven by the threads that wait on it (leader/followers).
 
     Callers issue ``aio_*`` commands from their own threads and then wait. One waiter at a time
-    *drives* the connection with ``nbd.poll``: libnbd's poll(2) and ``aio_notify_*`` run in C with
-    the GIL released, and the completion callbacks run in the driver's thread. When its own command
-    is done it hands the job to another waiter. A caller whose command completes while it drives
-    needs no thread switch at all, and the others need one wake-up each: fewer hand-offs than a
-    poller thread per connection, whose every completion and every partial send was a trip
-    through Python (measured: about half the client CPU per GiB). ``nbd.poll`` holds the handle's
-    lock while it sleeps, so a command issued meanwhile is sent when the next reply arrives (or
-    at the next slice); the endpoint spreads commands over idle connections first.
+    *drives* the connection: it sleeps in poll(2) on the socket, in the direction libnbd asks for,
+    and tells libnbd what the socket is ready for (``aio_notify_read``/``aio_notify_write``, in C
+    with the GIL released); the completion callbacks run in the driver's thread. When its own
+    command is done it hands the job to another waiter. A caller whose command completes while it
+    drives needs no thread switch at all, and the others need one wake-up each: fewer hand-offs
+    than a poller thread per connection, whose every completion and every partial send was a trip
+    through Python (measured: about half the client CPU per GiB). The driver sleeps without the
+    handle's lock (``nbd.poll`` holds it while asleep: every command issued meanwhile waited for
+    the next reply; 1 GiB export -> file, 4 workers, load 5: 0.47-0.72 s of the workers' time
+    in issuing commands, 0.21-0.36 s without), so a caller issues its command
+    at once; what libnbd could not send then is sent at the driver's next wake-up (the next
+    reply); the endpoint spreads commands over idle connections first.
     """
 
     def __init__(self, nbd: Any, handle: Any, name: str, timeout: float | None) -> None:
@@ -128,6 +133,8 @@ class _Connection:
         self.dead = 0  # errno once the connection is unusable
         self.wrote = False
         self.driving = False
+        self._fd = handle.aio_get_fd()
+        self._poller = select.poll()  # used by the driver only
 
     @property
     def busy(self) -> int:
@@ -201,8 +208,7 @@ class _Connection:
             if deadline is not None:
                 wait_ms = max(0, int((deadline - time.monotonic()) * 1000) + 1)
             try:
-                # nbd_poll: poll(2) on the socket and one aio_notify_*, all in C (GIL released).
-                progressed = h.poll(min(wait_ms, POLL_SLICE_MS) if wait_ms >= 0 else POLL_SLICE_MS)
+                progressed = self._poll(min(wait_ms, POLL_SLICE_MS) if wait_ms >= 0 else POLL_SLICE_MS)
             except nbd.Error as err:
                 log.debug("nbd: %s: connection failed: %s", self.name, err)
                 self.kill(err.errnum or errno.ENOTCONN)
@@ -212,6 +218,30 @@ class _Connection:
                             self.timeout)
                 self.kill(errno.ETIMEDOUT)
                 return
+
+    def _poll(self, timeout_ms: int) -> bool:
+        """One round of libnbd's ``nbd_poll`` (lib/poll.c: poll(2) in the direction the state
+        machine waits for, then one ``aio_notify_*``), asleep without the handle's lock; False
+        when nothing happened within ``timeout_ms``. Raises ``nbd.Error`` when the connection
+        fails."""
+        nbd, h = self.nbd, self.h
+        want = h.aio_get_direction()
+        events = (select.POLLIN if want & nbd.AIO_DIRECTION_READ else 0) | \
+                 (select.POLLOUT if want & nbd.AIO_DIRECTION_WRITE else 0)
+        if not events:  # not connected any more: nbd_poll says why
+            return bool(h.poll(timeout_ms))
+        self._poller.register(self._fd, events)
+        ready = self._poller.poll(timeout_ms)
+        if not ready:
+            return False
+        got = ready[0][1]
+        if got & (select.POLLIN | select.POLLHUP):
+            h.aio_notify_read()
+        elif got & select.POLLOUT:
+            h.aio_notify_write()
+        else:  # POLLERR, POLLNVAL
+            return bool(h.poll(0))
+        return True
 
     def _deadline(self) -> float | None:
         """The earliest deadline of the requests waiting for a reply (``None``: no timeout)."""

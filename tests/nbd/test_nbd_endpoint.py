@@ -160,21 +160,31 @@ def test_threads_sharing_connections_each_get_their_reply(start_nbdkit: Callable
             run_together([functools.partial(body, t) for t in range(16)])
 
 
-@pytest.mark.parametrize("connections", [1, 4])
+@pytest.mark.parametrize("connections, tls", [(1, False), (4, False), (4, True)])
 def test_threads_with_several_requests_each_are_never_left_undriven(
-        start_nbdkit: Callable[..., NbdServer], connections: int) -> None:
+        tmp_path: Path, start_nbdkit: Callable[..., NbdServer], connections: int, tls: bool) -> None:
     """Eight threads each reading and writing 4 MiB, which goes out as several requests, on one or
-    four connections: a driver handing the connection on must wake a thread that waits (not one
-    still waiting for another of its requests), or a request whose reply came sits undriven until
-    its timeout. Every call ends well within the timeout, with its own data."""
+    four connections, plain and with TLS (where GnuTLS may hold decrypted bytes that poll(2) does
+    not see): a driver handing the connection on must wake a thread that waits (not one still
+    waiting for another of its requests), and commands issued while it sleeps must still go out,
+    or a request sits undriven until its timeout. Every call ends well within the timeout, with
+    its own data."""
     from dmtools.nbd.endpoint import REQUEST_SIZE
 
     size = 4 * MiB
     assert size // REQUEST_SIZE >= 4  # each call is several requests
-    srv = start_nbdkit(["memory", "32M", "rdelay=1ms", "wdelay=1ms"], filters=["delay"])
+    options: list[str] = []
+    if tls:
+        keys = tmp_path / "keys.psk"
+        keys.write_text(f"alice:{os.urandom(32).hex()}\n")
+        keys.chmod(0o600)
+        options = ["--tls=require", f"--tls-psk={keys}"]
+    srv = start_nbdkit(["memory", "32M", "rdelay=1ms", "wdelay=1ms"], filters=["delay"], options=options)
+    uri = f"nbds+unix://alice@/?socket={srv.socket}&tls-psk-file={keys}" if tls else srv.uri
     timeout = 20.0
     data = [os.urandom(size) for _ in range(8)]
-    with NbdEndpoint(srv.uri, writable=True, connections=connections, timeout=timeout) as ep:
+    with NbdEndpoint(uri, writable=True, connections=connections, timeout=timeout) as ep:
+        assert ep.writes_by_kernel is not tls
         slowest = [0.0]
 
         def timed(fn: Callable[[], object]) -> None:
