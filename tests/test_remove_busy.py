@@ -60,11 +60,8 @@ def engine_stack(make_image: Callable[..., Path]) -> Iterator[Stack]:
     """The exposed in-process engine over image files."""
     from dmtools.engine import Engine
 
-    eng = Engine(expose=True)
-    try:
+    with Engine(expose=True) as eng:
         yield Stack(eng, lambda fill: str(make_image(SIZE, fill=fill)))
-    finally:
-        eng.close()
 
 
 @pytest.fixture

@@ -168,11 +168,8 @@ def kernel_dm() -> Iterator[Any]:
         pytest.fail(f"kernel_dm used outside the kernel tier: {reason}", pytrace=False)
     from dmtools.kernel import KernelBackend
 
-    dm = KernelBackend()
-    try:
+    with KernelBackend() as dm:
         yield dm
-    finally:
-        dm.close()
 
 
 @pytest.fixture
@@ -215,8 +212,5 @@ def engine() -> Iterator[Any]:
     """An in-process userspace engine, closed at teardown."""
     from dmtools.engine import Engine
 
-    eng = Engine()
-    try:
+    with Engine() as eng:
         yield eng
-    finally:
-        eng.close()

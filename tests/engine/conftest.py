@@ -52,11 +52,8 @@ def engine_harness(make_image: Callable[..., Any]) -> Iterator[Harness]:
     """The in-process ``Engine`` over image files."""
     from dmtools.engine import Engine
 
-    eng = Engine()
-    try:
+    with Engine() as eng:
         yield Harness(eng, "engine", lambda size: str(make_image(size)))
-    finally:
-        eng.close()
 
 
 @pytest.fixture
@@ -65,11 +62,8 @@ def daemon_harness(make_image: Callable[..., Any], tmp_path: Path) -> Iterator[H
     from dmtools.engine.client import UserspaceClient
 
     with serving_daemon(str(tmp_path / "run")) as daemon:
-        client = UserspaceClient(daemon.run_dir)
-        try:
+        with UserspaceClient(daemon.run_dir) as client:
             yield Harness(client, "daemon", lambda size: str(make_image(size)))
-        finally:
-            client.close()
 
 
 @pytest.fixture

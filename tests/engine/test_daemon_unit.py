@@ -17,11 +17,8 @@ from dmtools.testing.wait import wait_until
 
 @pytest.fixture
 def client(daemon):
-    c = UserspaceClient(daemon.run_dir)
-    try:
+    with UserspaceClient(daemon.run_dir) as c:
         yield c
-    finally:
-        c.close()
 
 
 def test_verbs_round_trip(client, make_image):
