@@ -15,7 +15,8 @@ from 16. Each is measured three ways:
   (``bench_common.in_vm``; ``--no-kernel`` leaves it out).
 
 fio (``bench_common.FIO_JOBS``: sequential 1 MiB and random 4 KiB, queue depth 1 and 16,
-``--direct=1``) runs on the origin's node with 0 and 1 snapshot, here and in the VM.
+``--direct=1``) runs on the origin's node with 0 and 1 snapshot, here and in the VM: first writes,
+and rewrites (``<job> rewrite``: the volume written all over first, untimed).
 
 A first write must wait for two flushes (the COW data, then the exception record: dm-snap-persistent.c
 commits with REQ_PREFLUSH|REQ_FUA), so a writer at queue depth 1 is bounded by what a flush costs on
@@ -362,10 +363,15 @@ def _warm(dm: Any, work: Path, size: int, chunk: int, kernel: bool, node: bool) 
         st.close()
 
 
+#: suffix of a fio job run on a volume written all over first (every chunk copied: rewrites).
+REWRITE = " rewrite"
+
+
 def bench_fio(work: Path, size: int, chunk: int, kernel: bool, runtime: float) -> dict[str, object]:
     """fio's jobs (``bench_common.FIO_JOBS``, ``--direct=1``) on the origin's block-device node
-    with 0 and 1 snapshot, each job on a fresh volume (its writes are first writes); MiB/s and
-    the ratio to no snapshot."""
+    with 0 and 1 snapshot, each job on a fresh volume (its writes are first writes), and again
+    (``<job> rewrite``) on a fresh volume written all over first, untimed (its writes are
+    rewrites of chunks every snapshot holds); MiB/s and the ratio to no snapshot."""
     (work / "run").mkdir(exist_ok=True)
     dm = _open_dm(kernel, True, work)
     rows: dict[str, dict[str, float]] = {}
@@ -373,13 +379,17 @@ def bench_fio(work: Path, size: int, chunk: int, kernel: bool, runtime: float) -
         for n in (0, 1):
             row = rows[f"{n} snapshots"] = {}
             for job, bs, depth in FIO_JOBS:
-                st = _Stack(dm, work, size, n, chunk, f"f{n}{job}", kernel, True)
-                try:
-                    st.ep.close()  # fio opens the node itself
-                    st.ep = _Closed()
-                    row[job] = fio(st.path, write=True, bs=bs, iodepth=depth, size=size, runtime=runtime).bw
-                finally:
-                    st.close()
+                for suffix in ("", REWRITE):
+                    st = _Stack(dm, work, size, n, chunk, f"f{n}{job}{len(suffix)}", kernel, True)
+                    try:
+                        st.ep.close()  # fio opens the node itself
+                        st.ep = _Closed()
+                        if suffix:
+                            fio(st.path, write=True, bs="1m", iodepth=16, size=size)
+                        row[job + suffix] = fio(st.path, write=True, bs=bs, iodepth=depth, size=size,
+                                                runtime=runtime).bw
+                    finally:
+                        st.close()
     finally:
         dm.close()
     base = rows["0 snapshots"]
@@ -659,9 +669,10 @@ def _print_table(results: dict[str, Any]) -> None:
     if fcols:
         print("fio --direct=1 on the origin's node, 1 snapshot vs none: ratio (MiB/s with none)")
         print(f"  {'job':34}" + "".join(f"{h:>22}" for h, _ in fcols))
-        for job, _, _ in FIO_JOBS:
+        for job in [j for j, _, _ in FIO_JOBS] + [j + REWRITE for j, _, _ in FIO_JOBS]:
             print(f"  {job:34}" + "".join(
-                f"{c['1 snapshots'][job]['ratio']:>11.3f}x ({c['0 snapshots'][job]['MiB/s']:7.1f})" for _, c in fcols))
+                f"{c['1 snapshots'][job]['ratio']:>11.3f}x ({c['0 snapshots'][job]['MiB/s']:7.1f})"
+                if job in c["1 snapshots"] else f"{'-':>22}" for _, c in fcols))
     _print_storage(results)
     for key in ("writes_node", "fio", "writes_kernel", "fio_kernel", "writes_kernel_disk", "fio_kernel_disk"):
         if isinstance(results.get(key), str):
