@@ -1,11 +1,45 @@
-"""Run test bodies in threads released together, and fail the test if one fails or hangs."""
+"""Run test bodies in threads (released together, or one started now), and fail the test if one
+fails or hangs."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
-__all__ = ["run_together"]
+__all__ = ["Worker", "run_together"]
+
+
+class Worker:
+    """``fn(*args, **kwargs)`` running in a thread of its own from now on. :meth:`result` waits for
+    it and re-raises what it raised: a test sees a failed call (an ``EIO``, a short write), not
+    only its effects."""
+
+    def __init__(self, fn: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+        self.error: BaseException | None = None
+        self._fn = fn
+        self._thread = threading.Thread(target=self._run, args=(args, kwargs), daemon=True)
+        self._thread.start()
+
+    def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        try:
+            self._fn(*args, **kwargs)
+        except BaseException as err:  # noqa: BLE001 - re-raised by result()
+            self.error = err
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def result(self, timeout: float = 20.0) -> None:
+        """Wait up to ``timeout`` seconds for the call; ``AssertionError`` if it is still running
+        then, else what it raised, if anything."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"{self._fn!r} still running after {timeout} s"
+        if self.error is not None:
+            raise self.error
 
 
 def run_together(fns: Sequence[Callable[[], object]], timeout: float = 60.0) -> None:

@@ -20,6 +20,7 @@ from dmtools.engine import Engine
 from dmtools.errors import DeviceBusy
 from dmtools.testing.blockio import read_direct as _pread
 from dmtools.testing.blockio import write_direct as _pwrite
+from dmtools.testing.threads import Worker
 from dmtools.testing.wait import wait_until
 
 pytestmark = pytest.mark.root
@@ -50,6 +51,15 @@ def xengine(tmp_path: Path) -> Iterator[Engine]:
 def _stats(eng: Engine, name: str) -> dict[str, int]:
     assert eng.exposure is not None
     return eng.exposure.fast_stats(name)
+
+
+def _flush(dev: str) -> None:
+    """Flush ``dev`` (a durable write's flush: the engine's targets flush their devices)."""
+    fd = os.open(dev, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _file(path: Path, size: int) -> str:
@@ -128,8 +138,7 @@ def test_suspend_holds_c_writes_until_resume(xengine, tmp_path):
     with open(img, "rb") as f:
         old = f.read(MiB)
     pattern = os.urandom(MiB)
-    writer = threading.Thread(target=_pwrite, args=(dev, pattern, 0))
-    writer.start()
+    writer = Worker(_pwrite, dev, pattern, 0)
     # The request reached the C entry, found no map and went to Python, where the gate holds it.
     wait_until(lambda: _stats(xengine, "sus-dmtt")["fallbacks"] > before["fallbacks"], "the held write")
     assert writer.is_alive()
@@ -137,8 +146,7 @@ def test_suspend_holds_c_writes_until_resume(xengine, tmp_path):
         assert f.read(MiB) == old
     assert _stats(xengine, "sus-dmtt")["writes"] == before["writes"]
     xengine.resume("sus-dmtt")
-    writer.join(20)
-    assert not writer.is_alive()
+    writer.result(20)
     with open(img, "rb") as f:
         assert f.read(MiB) == pattern
     after = _stats(xengine, "sus-dmtt")["writes"]
@@ -260,23 +268,26 @@ def test_suspend_waits_for_the_c_request_in_flight(lower, xengine, tmp_path):
     lower.create("low2-dmtt", f"0 8192 linear {low_img} 0")
     xengine.create("up2-dmtt", f"0 8192 linear {os.path.realpath(lower.device_path('low2-dmtt'))} 0")
     up = xengine.device_path("up2-dmtt")
-    lower.suspend("low2-dmtt")  # the upper device's C writes now wait inside the lower device
+    # the upper device's C writes (of DIRECT_MIN bytes or more) now wait inside the lower device
+    lower.suspend("low2-dmtt")
     held = lower.exposure.fast_stats("low2-dmtt")["fallbacks"]  # type: ignore[union-attr]
     pattern = os.urandom(MiB)
-    writer = threading.Thread(target=_pwrite, args=(up, pattern, 0))
-    writer.start()
+    writer = Worker(_pwrite, up, pattern, 0)
     wait_until(lambda: lower.exposure.fast_stats("low2-dmtt")["fallbacks"] > held,  # type: ignore[union-attr]
            "the upper device's write to reach the suspended lower one")
     # noflush: nothing but the drain of I/O in flight holds the suspend (a flush would wait for
     # the lower device too)
-    suspender = threading.Thread(target=xengine.suspend, args=("up2-dmtt",), kwargs={"noflush": True})
-    suspender.start()
+    suspender = Worker(xengine.suspend, "up2-dmtt", noflush=True)
     suspender.join(0.5)
     assert suspender.is_alive()  # waiting for the C request in flight, not past it
     assert xengine.info("up2-dmtt").suspended
     lower.resume("low2-dmtt")
-    suspender.join(20)
-    writer.join(20)
-    assert not suspender.is_alive() and not writer.is_alive()
-    assert low_img.read_bytes()[:MiB] == pattern
+    suspender.result(20)
+    # The loop device cuts the write where its 128 segments end (512 KiB to all of it, as the
+    # pages lie): a piece reaching the upper device after its suspend began waits for the resume.
     xengine.resume("up2-dmtt")
+    writer.result(20)
+    # A piece under DIRECT_MIN went into the lower device's page cache (fastio.c run_flush, as
+    # BackingDevice.write), done at once: durable, in the image, once flushed.
+    _flush(up)
+    assert low_img.read_bytes()[:MiB] == pattern
