@@ -7,7 +7,7 @@ import importlib
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dmtools.cli.common import close_backends, one_line
 from dmtools.errors import DMError

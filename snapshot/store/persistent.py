@@ -93,7 +93,6 @@ class PersistentStore(ExceptionStore):
         self.current_committed = 0
         self.records = 0  # committed records read at load time plus those committed since
         self.new_store = False
-        self.header_chunk_size = 0
         self._area = bytearray()
         self._pending = 0
         self._callbacks: list[CommitCallback] = []
@@ -139,7 +138,6 @@ class PersistentStore(ExceptionStore):
                 f"expected 0x{SNAP_MAGIC:08x}",
                 device=self.cow.name,
             )
-        self.header_chunk_size = header.chunk_size
         if header.chunk_size != self.chunk_size:
             err = chunk_size_error(header.chunk_size)
             if err:
