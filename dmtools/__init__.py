@@ -9,10 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dmtools import lazy
-from dmtools.errors import (
-    CorruptMetadata, DeviceBusy, DeviceConflict, DeviceExists, DeviceIOError, DeviceNotFound, DMError, InvalidArgument,
-    InvalidName, InvalidStatus, InvalidTable, KernelUnavailable, NoSpace, SnapshotInvalid, TargetNotSupported,
-)
+from dmtools.errors import (CorruptMetadata, DeviceBusy, DeviceConflict, DeviceExists, DeviceIOError, DeviceNotFound,
+                            DMError, InvalidArgument, InvalidName, InvalidStatus, InvalidTable, KernelUnavailable,
+                            NoSpace, SnapshotInvalid, TargetNotSupported)
 from dmtools.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__

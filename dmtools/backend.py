@@ -104,9 +104,8 @@ class DeviceMapper(abc.ABC):
     backend: str = ""
 
     @abc.abstractmethod
-    def create(
-        self, name: str, table: "Table | str | None" = None, *, uuid: str = "", readonly: bool = False
-    ) -> DeviceInfo:
+    def create(self, name: str, table: "Table | str | None" = None, *, uuid: str = "",
+               readonly: bool = False) -> DeviceInfo:
         """Create a device, empty or with a live table (create → load → resume, rolled back on failure)."""
 
     @abc.abstractmethod

@@ -25,10 +25,8 @@ from typing import Any, Sequence
 from dmtools.endpoint import Endpoint
 from dmtools.errors import DeviceBusy, DeviceIOError, DeviceNotFound, DMError, InvalidArgument, NoSpace
 from dmtools.nbd.uri import is_nbd_uri
-from dmtools.linux import (
-    BLKDISCARD, BLKGETSIZE64, BLKPBSZGET, BLKSSZGET, BLKZEROOUT, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
-    FALLOC_FL_ZERO_RANGE, libc, parse_devno,
-)
+from dmtools.linux import (BLKDISCARD, BLKGETSIZE64, BLKPBSZGET, BLKSSZGET, BLKZEROOUT, FALLOC_FL_KEEP_SIZE,
+                           FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, libc, parse_devno)
 from dmtools.units import int_in
 
 __all__ = ["BlockDevice", "aligned_buffer", "buffer_address", "open_endpoint", "device_number", "resolve_devno"]
@@ -246,9 +244,8 @@ class BlockDevice(Endpoint):
             st = os.stat(self.path)
         except FileNotFoundError:
             if not create:
-                raise DeviceNotFound(
-                    "no such file or device", errno=errno.ENOENT, operation="open", device=self.path
-                ) from None
+                raise DeviceNotFound("no such file or device", errno=errno.ENOENT, operation="open",
+                                     device=self.path) from None
             flags |= os.O_CREAT
             st = None
         except OSError as err:
@@ -290,9 +287,8 @@ class BlockDevice(Endpoint):
         if stat.S_ISDIR(mode):
             raise InvalidArgument("is a directory", errno=errno.EISDIR, operation="open", device=self.path)
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-            raise InvalidArgument(
-                "not a regular file or block device", errno=errno.EINVAL, operation="open", device=self.path
-            )
+            raise InvalidArgument("not a regular file or block device", errno=errno.EINVAL, operation="open",
+                                  device=self.path)
 
     def _open_error(self, err: OSError) -> DMError:
         code = err.errno or errno.EIO
@@ -521,8 +517,7 @@ class BlockDevice(Endpoint):
         done = 0
         while done < length:
             try:
-                n = os.splice(fd, pipe, length - done, offset_src=offset + done,
-                              flags=os.SPLICE_F_NONBLOCK)
+                n = os.splice(fd, pipe, length - done, offset_src=offset + done, flags=os.SPLICE_F_NONBLOCK)
             except BlockingIOError as err:
                 raise DeviceIOError(f"the pipe is full after {done} of {length} bytes",
                                     errno=errno.EAGAIN, operation="read", device=self.path) from err
@@ -702,9 +697,8 @@ class BlockDevice(Endpoint):
         return f"BlockDevice({self.path!r}, {state})"
 
 
-def open_endpoint(
-    target: Endpoint | str | os.PathLike[str], *, writable: bool = False, direct: bool = False
-) -> Endpoint:
+def open_endpoint(target: Endpoint | str | os.PathLike[str], *, writable: bool = False,
+                  direct: bool = False) -> Endpoint:
     """An endpoint for ``target``: an :class:`Endpoint` is returned as it is, a path (or a
     ``"MAJOR:MINOR"`` block device number that names no file) is opened as a :class:`BlockDevice`,
     an NBD URI as a :class:`dmtools.nbd.NbdEndpoint`.

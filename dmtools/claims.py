@@ -232,14 +232,12 @@ def os_errors(path: str, operation: str, device: str | None = None) -> Iterator[
     try:
         yield
     except FileNotFoundError as err:
-        raise DeviceNotFound("no such file or device", errno=errno.ENOENT, operation=operation,
-                             device=path) from err
+        raise DeviceNotFound("no such file or device", errno=errno.ENOENT, operation=operation, device=path) from err
     except OSError as err:
         if err.errno == errno.EBUSY:
             raise DeviceBusy(f"{path} is {busy_reason(path)}", errno=errno.EBUSY,
                              operation=operation, device=device) from err
-        raise DMError(f"{path}: {err.strerror}", errno=err.errno, operation=operation,
-                      device=device) from err
+        raise DMError(f"{path}: {err.strerror}", errno=err.errno, operation=operation, device=device) from err
 
 
 def busy_reason(path: str) -> str:

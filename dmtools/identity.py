@@ -326,8 +326,7 @@ class _Resolver:
             return self.dm_table(name, devno)
         sysdir = f"{SYS_DEV_BLOCK}/{text}"
         if not os.path.isdir(sysdir):
-            raise DeviceNotFound("no such block device", errno=errno.ENXIO, operation="identify",
-                                 device=text)
+            raise DeviceNotFound("no such block device", errno=errno.ENXIO, operation="identify", device=text)
         path = _dev_path(devno)
         backing = _sysfs(devno, "loop/backing_file")
         if backing is not None:
@@ -353,8 +352,7 @@ class _Resolver:
             return _Opaque(frozenset(out)), tuple(chain)
         return _Leaf(("blk", devno[0], devno[1])), (path,)
 
-    def loop(self, devno: tuple[int, int], path: str,
-             backing: str) -> tuple[_Node, tuple[str, ...]]:
+    def loop(self, devno: tuple[int, int], path: str, backing: str) -> tuple[_Node, tuple[str, ...]]:
         """A loop device: a window on its backing inode as ``LOOP_GET_STATUS64`` gives it
         (``lo_device``, ``lo_inode``: a hard link, a bind mount or an unlinked file is the same
         inode), or on the block device or FUSE file it is bound to, resolved as a reference."""

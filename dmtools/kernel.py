@@ -44,10 +44,8 @@ from dmtools import _ffi
 from dmtools._ffi import CallFailed, Info, LibDM, Task, TaskType
 from dmtools._ffi.cdef import DM_UDEV_DISABLE_DM_RULES_FLAG, DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG
 from dmtools.backend import CONTROL_PATH, DeviceEntry, DeviceInfo, DeviceMapper, StatusLine, Versions, wait_closed
-from dmtools.errors import (
-    DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, InvalidTable, KernelUnavailable,
-    TargetNotSupported, from_errno,
-)
+from dmtools.errors import (DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, InvalidTable,
+                            KernelUnavailable, TargetNotSupported, from_errno)
 from dmtools.linux import DM_DEV_ARM_POLL
 from dmtools.names import DM_NAME_LEN, DM_UUID_LEN, mangle, validate_name, validate_uuid
 
@@ -116,9 +114,8 @@ def check_control(path: str = CONTROL_PATH) -> None:
             why = "no device-mapper driver behind it (modprobe dm-mod)"
         else:
             why = hint
-        raise KernelUnavailable(
-            f"cannot open {path}: {err.strerror}; {why}", errno=err.errno, operation="open"
-        ) from None
+        raise KernelUnavailable(f"cannot open {path}: {err.strerror}; {why}", errno=err.errno,
+                                operation="open") from None
     os.close(fd)
 
 
@@ -482,9 +479,8 @@ class KernelBackend(DeviceMapper):
 
     # -- verbs ---------------------------------------------------------------------------------
 
-    def create(
-        self, name: str, table: Table | str | None = None, *, uuid: str = "", readonly: bool = False
-    ) -> DeviceInfo:
+    def create(self, name: str, table: Table | str | None = None, *, uuid: str = "",
+               readonly: bool = False) -> DeviceInfo:
         """Create ``name``, empty or with ``table`` live (create → load → resume).
 
         All or nothing: when the load or resume fails the new device is removed again. Raises
@@ -617,9 +613,8 @@ class KernelBackend(DeviceMapper):
         # Info has the fields of struct dm_info, which DeviceInfo carries under the same names.
         return DeviceInfo(name=real_name, uuid=uuid, **info._asdict())
 
-    def _targets_of(
-        self, op: str, task_type: TaskType, name: str, inactive: bool, *, ima: bool = False
-    ) -> list[tuple[int, int, str, str]]:
+    def _targets_of(self, op: str, task_type: TaskType, name: str, inactive: bool, *,
+                    ima: bool = False) -> list[tuple[int, int, str, str]]:
         def setup(task: Task) -> None:
             if inactive:
                 task.query_inactive_table()

@@ -27,10 +27,9 @@ from typing import Any
 
 from dmtools.blockdev import device_number
 from dmtools.errors import DeviceBusy, DeviceNotFound, DMError, InvalidArgument, LoopError
-from dmtools.linux import (
-    BLKGETSIZE64, BLKROSET, LOOP_CLR_FD, LOOP_CONFIGURE, LOOP_CTL_GET_FREE, LOOP_GET_STATUS64, LOOP_NAME,
-    LOOP_SET_BLOCK_SIZE, LOOP_SET_CAPACITY, LOOP_SET_DIRECT_IO, LOOP_SET_FD, LOOP_SET_STATUS64,
-)
+from dmtools.linux import (BLKGETSIZE64, BLKROSET, LOOP_CLR_FD, LOOP_CONFIGURE, LOOP_CTL_GET_FREE, LOOP_GET_STATUS64,
+                           LOOP_NAME, LOOP_SET_BLOCK_SIZE, LOOP_SET_CAPACITY, LOOP_SET_DIRECT_IO, LOOP_SET_FD,
+                           LOOP_SET_STATUS64)
 from dmtools.units import int_in
 
 __all__ = [
@@ -315,9 +314,8 @@ def _configure(loop_fd: int, backing_fd: int, info64: bytes, block_size: int) ->
     fcntl.ioctl(loop_fd, LOOP_CONFIGURE, pack_config(backing_fd, info64, block_size=block_size))
 
 
-def _legacy_configure(
-    loop_fd: int, backing_fd: int, offset: int, sizelimit: int, flags: int, name: str, block_size: int
-) -> None:
+def _legacy_configure(loop_fd: int, backing_fd: int, offset: int, sizelimit: int, flags: int, name: str,
+                      block_size: int) -> None:
     """``LOOP_SET_FD`` + ``LOOP_SET_STATUS64`` (+ block size, direct I/O) for kernels before 5.8.
 
     Read-only comes from the backing descriptor's mode. All or nothing: a failure after
@@ -510,9 +508,8 @@ def _opened(number: int, operation: str) -> Iterator[int]:
         os.close(fd)
 
 
-def _device_ioctl(
-    fd: int, number: int, operation: str, request: int, arg: int | bytes, *, einval: str | None = None
-) -> None:
+def _device_ioctl(fd: int, number: int, operation: str, request: int, arg: int | bytes, *,
+                  einval: str | None = None) -> None:
     """Run one ioctl on a bound loop device, turning its errno into our errors.
 
     ENXIO (nothing bound) is :class:`DeviceNotFound`, EBUSY :class:`DeviceBusy`, EINVAL
@@ -523,9 +520,8 @@ def _device_ioctl(
         fcntl.ioctl(fd, request, arg)
     except OSError as err:
         if err.errno == errno.ENXIO:
-            raise DeviceNotFound(
-                "loop device is not attached", errno=err.errno, operation=operation, device=path
-            ) from err
+            raise DeviceNotFound("loop device is not attached", errno=err.errno, operation=operation,
+                                 device=path) from err
         if einval is not None and err.errno == errno.EINVAL:
             raise InvalidArgument(einval, errno=err.errno, operation=operation, device=path) from err
         raise _loop_error(err, f"{operation} failed", path, operation) from err

@@ -146,8 +146,7 @@ class LoopIndex:
                 if err.errno == errno.ENOBUFS:  # overflowed: what was lost is unknown
                     names = None
                     continue
-                raise DMError(f"uevent socket: {err.strerror}", errno=err.errno,
-                              operation="claim") from err
+                raise DMError(f"uevent socket: {err.strerror}", errno=err.errno, operation="claim") from err
             m = _LOOP_EVENT.search(msg.split(b"\0", 1)[0])
             if m is not None and names is not None:
                 names.add(m.group(1).decode())

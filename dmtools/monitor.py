@@ -144,8 +144,7 @@ class MonitorConfig:
         if unknown:
             raise InvalidArgument(f"unknown configuration keys: {', '.join(sorted(unknown))}")
         base = (defaults or PolicySettings()).merged(data.get("defaults") or {})
-        devices = {str(name): base.merged(over or {})
-                   for name, over in (data.get("devices") or {}).items()}
+        devices = {str(name): base.merged(over or {}) for name, over in (data.get("devices") or {}).items()}
         return cls(base, devices)
 
     @classmethod
@@ -210,9 +209,8 @@ class Monitor:
         self._spares_used: set[str] = set()
         self._failures: dict[tuple[str, str], str] = {}
         self._delivered = 0
-        self.watcher = Watcher(dm, names=names, thresholds=self._thresholds, store=store,
-                               poll_interval=poll_interval, uevents=uevents,
-                               event_numbers=event_numbers)
+        self.watcher = Watcher(dm, names=names, thresholds=self._thresholds, store=store, poll_interval=poll_interval,
+                               uevents=uevents, event_numbers=event_numbers)
         # Refuse a repair policy that cannot work before anything happens.
         settings = [self.config.defaults, *self.config.devices.values()]
         if any(s.mirror_policy == "repair" for s in settings):
@@ -232,9 +230,8 @@ class Monitor:
     # --- policies ---------------------------------------------------------------------------
     def _action(self, plan: Plan, ok: bool, detail: str) -> PolicyAction:
         state = self.watcher.known.get(plan.device)
-        return PolicyAction(device=plan.device, uuid=state.uuid if state else "",
-                            devno=state.devno if state else "", source="policy",
-                            policy=plan.policy, action=plan.action, ok=ok, detail=detail)
+        return PolicyAction(device=plan.device, uuid=state.uuid if state else "", devno=state.devno if state else "",
+                            source="policy", policy=plan.policy, action=plan.action, ok=ok, detail=detail)
 
     def _once(self, key: tuple[str, str], message: str) -> bool:
         """True the first time ``key`` fails with ``message`` (failures are reported once)."""
@@ -301,8 +298,7 @@ class Monitor:
                 # A read error leaves the data intact (dm-raid1.c): report, never repair.
                 out.append(Plan(state.name, "mirror-degraded", "report", args))
             else:
-                out.append(Plan(state.name, "mirror-repair", "repair",
-                                {**args, "spare": settings.spare or ""}))
+                out.append(Plan(state.name, "mirror-repair", "repair", {**args, "spare": settings.spare or ""}))
         return out
 
     def plan(self, batch: Batch) -> list[Plan]:
@@ -455,16 +451,14 @@ class Monitor:
         self._deliver(CursorSink(self.watcher.store, events.append), self.watcher.scan(reason))
         return events
 
-    def events(self, *, timeout: float | None = None,
-               stop: threading.Event | None = None) -> Iterator[Event]:
+    def events(self, *, timeout: float | None = None, stop: threading.Event | None = None) -> Iterator[Event]:
         """Events and policy actions as they happen, until ``timeout`` or ``stop``; each is
         handed out once the previous one was taken (the store's cursor follows)."""
         sink = CursorSink(self.watcher.store, lambda event: None)
         self._delivered = sink.last_seq()
         pending: Event | None = None
         try:
-            for event in self._stream(sink.last_seq(),
-                                      self.watcher.batches(timeout=timeout, stop=stop)):
+            for event in self._stream(sink.last_seq(), self.watcher.batches(timeout=timeout, stop=stop)):
                 pending = event
                 yield event
                 sink.write(event)

@@ -190,12 +190,10 @@ def parse_pool_message(text: str) -> PoolMessage:
     verb = argv[0].lower()
     cls = _VERBS.get(verb)
     if cls is None:
-        raise InvalidArgument(f"Unrecognised thin pool target message received: {argv[0][:40]}",
-                              operation="message")
+        raise InvalidArgument(f"Unrecognised thin pool target message received: {argv[0][:40]}", operation="message")
     if len(argv) != _ARGC[verb]:
-        raise InvalidArgument(
-            f"Message received with {len(argv)} arguments instead of {_ARGC[verb]}.", operation="message"
-        )
+        raise InvalidArgument(f"Message received with {len(argv)} arguments instead of {_ARGC[verb]}.",
+                              operation="message")
     if cls is CreateThin:
         return CreateThin(_parse_number(argv[1], "device id", MAX_THIN_DEV_ID))
     if cls is CreateSnap:

@@ -46,9 +46,8 @@ def fio_available() -> str | None:
     return None if shutil.which("fio") else "fio is not installed (apt-get install fio)"
 
 
-def fio(path: str | os.PathLike[str], *, write: bool, bs: str, iodepth: int, size: int,
-        random: bool | None = None, runtime: float | None = None, engine: str = "libaio",
-        seed: int = 7) -> FioResult:
+def fio(path: str | os.PathLike[str], *, write: bool, bs: str, iodepth: int, size: int, random: bool | None = None,
+        runtime: float | None = None, engine: str = "libaio", seed: int = 7) -> FioResult:
     """Run one fio job on ``path`` (a block device or an existing file) and return its rate.
 
     ``random`` defaults to random offsets for blocks under 1 MiB. With ``runtime`` the job is time

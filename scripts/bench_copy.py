@@ -277,8 +277,7 @@ def bench_three_dests(d: Path, src: Path, repeat: int, flush: bool, overwrite: b
     dd_cmds = [["dd", f"if={src}", f"of={p}", "bs=1M", "status=none"] + conv for p in dsts]
     prep = None if overwrite else fresh(*dsts)
     # tee into three files (truncating, as tee does; with --flush each file is then fdatasync'ed)
-    tee = ["sh", "-c", 'tee "$@" < "$0" > /dev/null' + (' && sync -d "$@"' if flush else ""),
-           str(src), *map(str, dsts)]
+    tee = ["sh", "-c", 'tee "$@" < "$0" > /dev/null' + (' && sync -d "$@"' if flush else ""), str(src), *map(str, dsts)]
     cases: dict[str, Any] = {
         "kcopyd": (KCOPYD + [str(src)] + [str(p) for p in dsts] + (["--flush"] if flush else []), prep),
         "dd_x3": (dd_cmds, [prep, None, None]),
@@ -446,8 +445,7 @@ def main() -> int:
                 bench_file_to_loop(workdir, src, size, args.repeat, args.flush) if root
                 else {"skipped": "needs root for a loop device"})
         if "c" in args.only:
-            results["c_one_to_three"] = bench_three_dests(workdir, src, args.repeat, args.flush,
-                                                          args.overwrite)
+            results["c_one_to_three"] = bench_three_dests(workdir, src, args.repeat, args.flush, args.overwrite)
         if "e" in args.only:
             results["e_cached_api"] = bench_cached_api(workdir, src, size, args.repeat)
         if "d" in args.only:

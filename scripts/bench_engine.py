@@ -154,13 +154,11 @@ def _order(names: list[str], rnd: int) -> list[str]:
 
 def _spread(values: list[float]) -> dict[str, float]:
     """Median, min and max of ``values`` (rounded)."""
-    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
-            "max": round(max(values), 3)}
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
 
 
-def measure(peer: str, devices: dict[str, str], size: int, rounds: int, fio_size: int,
-            fio_runtime: float, with_fio: bool, cpu: Callable[[], float] | None,
-            requests: Callable[[str], dict[str, int]] | None = None,
+def measure(peer: str, devices: dict[str, str], size: int, rounds: int, fio_size: int, fio_runtime: float,
+            with_fio: bool, cpu: Callable[[], float] | None, requests: Callable[[str], dict[str, int]] | None = None,
             fio_rounds: int = 1) -> dict[str, Any]:
     """Sequential passes and fio jobs on ``peer`` and each of ``devices`` (kind → path).
 
@@ -234,8 +232,7 @@ def measure(peer: str, devices: dict[str, str], size: int, rounds: int, fio_size
 
 @contextlib.contextmanager
 def _exposed(tmp: str, backing: str, stripes: list[str], size: int,
-             paths: dict[str, dict[str, int]]
-             ) -> Iterator[tuple[dict[str, str], Callable[[str], dict[str, int]]]]:
+             paths: dict[str, dict[str, int]]) -> Iterator[tuple[dict[str, str], Callable[[str], dict[str, int]]]]:
     """The userspace engine's linear (over a copy-sized file) and striped devices, exposed, and a
     function of a kind giving its counters now: the C data path's (``dmtools._ffi.fastio.STATS``),
     its loop device's requests (``_loop_requests``) and the engine threads' context switches
@@ -444,8 +441,7 @@ def _cycles(image: str, rounds: int, cycles: int) -> dict[str, list[float]]:
 
 def _bound_loops() -> int:
     try:
-        return sum(os.path.exists(f"/sys/block/{n}/loop") for n in os.listdir("/sys/block")
-                   if n.startswith("loop"))
+        return sum(os.path.exists(f"/sys/block/{n}/loop") for n in os.listdir("/sys/block") if n.startswith("loop"))
     except OSError:
         return 0
 

@@ -100,8 +100,7 @@ def throughput(directory: Path, changes: int) -> None:
         """Scans per second, each seeing the snapshot cross one more threshold (one event)."""
         dm = FakeDM()
         dm.add("s", [(0, 2048, "snapshot", SNAP_TABLE, snap_status(0))])
-        w = Watcher(dm, store=store, event_numbers=False, uevents=False,
-                    thresholds=range(1, changes + 1))
+        w = Watcher(dm, store=store, event_numbers=False, uevents=False, thresholds=range(1, changes + 1))
         w.poll()
         started = time.perf_counter()
         for i in range(changes):

@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     control = "/dev/mapper/control"
     had_control = os.path.exists(control)
     # On the userspace engine dm ls talks to the daemon: start it before timing, stop it after.
-    started_daemon = subprocess.run([dmtools, "daemon", "status"], env=env,
-                                    stdout=subprocess.DEVNULL).returncode != 0
+    started_daemon = subprocess.run([dmtools, "daemon", "status"], env=env, stdout=subprocess.DEVNULL).returncode != 0
     timings: dict[str, Timing] = {}
     try:
         for name, cmd in commands.items():  # warm-up (caches, the daemon), not timed

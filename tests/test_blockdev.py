@@ -159,11 +159,8 @@ def test_direct_io_on_a_file(make_image: Callable[..., Path]) -> None:
         assert bd.write(buf, lbs) == 2 * lbs
         with memoryview(buf) as mv:
             assert bd.write(mv.toreadonly(), 4 * lbs) == 2 * lbs  # read-only but aligned buffer
-            for bad_offset, bad_buf, what in (
-                (lbs + 1, mv, "offset"),
-                (0, mv[: lbs - 1], "length"),
-                (0, mv[1 : lbs + 1], "buffer address"),
-            ):
+            for bad_offset, bad_buf, what in ((lbs + 1, mv, "offset"), (0, mv[: lbs - 1], "length"),
+                                              (0, mv[1 : lbs + 1], "buffer address")):
                 with pytest.raises(InvalidArgument, match=what) as exc:
                     bd.readinto(bad_buf, bad_offset)
                 assert exc.value.errno == errno.EINVAL and exc.value.operation == "read"
@@ -309,9 +306,8 @@ def test_block_device_properties(make_image: Callable[..., Path], make_loop: Cal
 
 
 @pytest.mark.root
-def test_block_device_io_and_end_of_device(
-    make_image: Callable[..., Path], make_loop: Callable[..., LoopDevice]
-) -> None:
+def test_block_device_io_and_end_of_device(make_image: Callable[..., Path],
+                                           make_loop: Callable[..., LoopDevice]) -> None:
     img = make_image(MiB)
     dev = make_loop(img)
     with BlockDevice(dev, writable=True) as bd:
@@ -330,9 +326,8 @@ def test_block_device_io_and_end_of_device(
 
 
 @pytest.mark.root
-def test_block_device_direct_io_alignment(
-    make_image: Callable[..., Path], make_loop: Callable[..., LoopDevice]
-) -> None:
+def test_block_device_direct_io_alignment(make_image: Callable[..., Path],
+                                          make_loop: Callable[..., LoopDevice]) -> None:
     dev = make_loop(make_image(MiB), block_size=4096)
     with BlockDevice(dev, writable=True, direct=True) as bd:
         buf = aligned_buffer(8192)
@@ -371,9 +366,8 @@ def test_block_device_zero_and_discard(make_image: Callable[..., Path], make_loo
 
 
 @pytest.mark.root
-def test_exclusive_open_of_a_block_device(
-    make_image: Callable[..., Path], make_loop: Callable[..., LoopDevice]
-) -> None:
+def test_exclusive_open_of_a_block_device(make_image: Callable[..., Path],
+                                          make_loop: Callable[..., LoopDevice]) -> None:
     dev = make_loop(make_image(8 * MiB))
     with BlockDevice(dev, exclusive=True):
         with pytest.raises(DeviceBusy) as exc:
@@ -386,9 +380,8 @@ def test_exclusive_open_of_a_block_device(
 
 
 @pytest.mark.root
-def test_exclusive_open_refused_while_mounted(
-    make_image: Callable[..., Path], make_loop: Callable[..., LoopDevice], tmp_path: Path
-) -> None:
+def test_exclusive_open_refused_while_mounted(make_image: Callable[..., Path], make_loop: Callable[..., LoopDevice],
+                                              tmp_path: Path) -> None:
     mkfs = shutil.which("mkfs.ext4")
     if mkfs is None:
         pytest.skip("needs mkfs.ext4 (apt-get install e2fsprogs)")

@@ -66,8 +66,7 @@ def test_file_spellings_resolve_alike(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.chdir(tmp_path / "sub")
     hard = tmp_path / "hard"
     os.link(img, hard)
-    spellings = [str(img), "../c.img", str(tmp_path / "link"), str(hard),
-                 str(tmp_path / "sub" / ".." / "c.img")]
+    spellings = [str(img), "../c.img", str(tmp_path / "link"), str(hard), str(tmp_path / "sub" / ".." / "c.img")]
     idents = [identify(s) for s in spellings]
     want = frozenset({Extent(_file(img), 0, None)})
     for ident in idents:
@@ -172,8 +171,7 @@ def test_conservative_target_takes_every_device(engine: Engine, tmp_path: Path) 
     assert ident.slice(0, 512).extents == want
 
 
-def _reference_extents(mapping: Callable[[int], tuple[Any, int] | None], start: int,
-                       end: int) -> set[Extent]:
+def _reference_extents(mapping: Callable[[int], tuple[Any, int] | None], start: int, end: int) -> set[Extent]:
     """Per-sector mapping merged into maximal runs: what ``slice`` must return."""
     runs: dict[Any, list[list[int]]] = {}
     for sector in range(start // SECTOR, end // SECTOR):
@@ -236,17 +234,15 @@ def striped_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[En
 
 @settings(max_examples=200, deadline=None)
 @given(data=st.data())
-def test_slice_matches_per_sector_mapping(
-    striped_world: tuple[Engine, Identity, Callable[[int], Any]], data: st.DataObject
-) -> None:
+def test_slice_matches_per_sector_mapping(striped_world: tuple[Engine, Identity, Callable[[int], Any]],
+                                          data: st.DataObject) -> None:
     _, ident, mapping = striped_world
     start = data.draw(st.integers(0, 247)) * SECTOR
     end = data.draw(st.integers(start // SECTOR + 1, 248)) * SECTOR
     assert _merge(ident.slice(start, end - start).extents) == _reference_extents(mapping, start, end)
     # slicing a slice is slicing the device
     inner = data.draw(st.integers(0, (end - start) // SECTOR - 1)) * SECTOR
-    assert (ident.slice(start, end - start).slice(inner, SECTOR).extents
-            == ident.slice(start + inner, SECTOR).extents)
+    assert (ident.slice(start, end - start).slice(inner, SECTOR).extents == ident.slice(start + inner, SECTOR).extents)
 
 
 def test_ensure_disjoint_names_roles_and_alias(engine: Engine, tmp_path: Path) -> None:
@@ -305,8 +301,7 @@ def test_loop_spellings(make_image: Callable[..., Path], make_loop: Callable[...
     base = _file(img)
     whole = frozenset({Extent(base, 0, None)})
     monkeypatch.chdir("/dev")
-    for spelling in (lo1.path, lo2.path, lo1.devno, f"/dev/block/{lo1.devno}",
-                     os.path.basename(lo1.path), str(img)):
+    for spelling in (lo1.path, lo2.path, lo1.devno, f"/dev/block/{lo1.devno}", os.path.basename(lo1.path), str(img)):
         assert identify(spelling).extents == whole, spelling
     ident = identify(part.path)
     assert ident.extents == {Extent(base, MiB, 3 * MiB)}
@@ -321,8 +316,7 @@ def test_loop_spellings(make_image: Callable[..., Path], make_loop: Callable[...
 
 
 @root
-def test_loop_over_deleted_file_keeps_its_inode(make_image: Callable[..., Path],
-                                                make_loop: Callable[..., Any]) -> None:
+def test_loop_over_deleted_file_keeps_its_inode(make_image: Callable[..., Path], make_loop: Callable[..., Any]) -> None:
     img = make_image(MiB)
     base = _file(img)
     lo = make_loop(img)
@@ -340,8 +334,7 @@ def _mbr(parts: list[tuple[int, int]]) -> bytes:
 
 
 @pytest.mark.kernel  # the VM's kernel scans partition tables on loop devices; this host's does not
-def test_partition_is_its_disk_range(make_image: Callable[..., Path],
-                                     make_loop: Callable[..., Any]) -> None:
+def test_partition_is_its_disk_range(make_image: Callable[..., Path], make_loop: Callable[..., Any]) -> None:
     img = make_image(8 * MiB)
     with open(img, "r+b") as f:
         f.write(_mbr([(2048, 4096), (6144, 8192)]))
@@ -360,8 +353,7 @@ def test_partition_is_its_disk_range(make_image: Callable[..., Path],
 
 
 @root
-def test_exposed_engine_devices(make_image: Callable[..., Path], make_loop: Callable[..., Any],
-                                tmp_path: Path) -> None:
+def test_exposed_engine_devices(make_image: Callable[..., Path], make_loop: Callable[..., Any], tmp_path: Path) -> None:
     img = make_image(8 * MiB)
     lo = make_loop(img)
     engine = Engine(expose=True, run_dir=str(tmp_path / "run"))
@@ -388,8 +380,7 @@ def test_exposed_engine_devices(make_image: Callable[..., Path], make_loop: Call
 
 
 @root
-def test_daemon_devices_seen_without_their_backend(make_image: Callable[..., Path],
-                                                   make_loop: Callable[..., Any],
+def test_daemon_devices_seen_without_their_backend(make_image: Callable[..., Path], make_loop: Callable[..., Any],
                                                    tmp_path: Path) -> None:
     """A reference to the daemon's exposed device is resolved through that daemon, whatever
     backend the caller holds; a daemon that does not answer makes it an error, not a guess."""

@@ -25,10 +25,8 @@ import dmtools
 import dmtools._ffi as ffimod
 from dmtools import kernel
 from dmtools._ffi import LibDM, NameRecord, TaskType, ffi, parse_deps, parse_names, parse_versions
-from dmtools.errors import (
-    DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, InvalidName, InvalidTable, KernelUnavailable,
-    TargetNotSupported,
-)
+from dmtools.errors import (DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, InvalidName,
+                            InvalidTable, KernelUnavailable, TargetNotSupported)
 from dmtools.kernel import KernelBackend, kernel_reason
 from dmtools.table import Table
 
@@ -469,9 +467,8 @@ def test_load_on_missing_device_is_device_not_found(dm: KernelBackend, fake: Fak
         (lambda dm: dm.deps("x-dmtt"), TaskType.DEPS, errno.ENXIO, DeviceNotFound),
     ],
 )
-def test_errno_maps_per_operation(
-    dm: KernelBackend, fake: FakeLib, verb: Callable[[KernelBackend], Any], task_type: TaskType, err: int, expected: type
-) -> None:
+def test_errno_maps_per_operation(dm: KernelBackend, fake: FakeLib, verb: Callable[[KernelBackend], Any],
+                                  task_type: TaskType, err: int, expected: type) -> None:
     text = f"device-mapper: op ioctl on x-dmtt  failed: {os.strerror(err)}".encode()
     fake.on_run = _fail(err, text, (task_type,))
     with pytest.raises(DMError) as exc:

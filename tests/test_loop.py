@@ -178,13 +178,8 @@ def test_cli_parses_attach_options() -> None:
         ["loop", "attach", "f.img", "--read-only", "--direct-io", "--offset", "1M", "--sizelimit", "2048s"]
     )
     assert args.func is loop_cmd.cmd_attach
-    assert (args.file, args.read_only, args.direct_io, args.offset, args.sizelimit) == (
-        "f.img",
-        True,
-        True,
-        "1M",
-        "2048s",
-    )
+    assert (args.file, args.read_only, args.direct_io, args.offset,
+            args.sizelimit) == ("f.img", True, True, "1M", "2048s")
 
 
 def test_cli_json_flag_on_either_side() -> None:
@@ -348,9 +343,8 @@ def test_block_size_and_capacity(make_image: Callable[..., Path]) -> None:
 
 @pytest.mark.root
 @pytest.mark.parametrize("legacy", [False, True], ids=["LOOP_CONFIGURE", "LOOP_SET_FD"])
-def test_both_attach_paths_honour_every_option(
-    make_image: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, legacy: bool
-) -> None:
+def test_both_attach_paths_honour_every_option(make_image: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
+                                               legacy: bool) -> None:
     called: list[str] = []
     real_configure, real_legacy = loop._configure, loop._legacy_configure
 
@@ -372,14 +366,8 @@ def test_both_attach_paths_honour_every_option(
     try:
         assert called == (["legacy"] if legacy else ["configure"])
         got = loop.info(dev)
-        assert (got.read_only, got.autoclear, got.direct_io, got.partscan, got.offset, got.sizelimit) == (
-            True,
-            True,
-            True,
-            True,
-            MiB,
-            MiB,
-        )
+        assert (got.read_only, got.autoclear, got.direct_io, got.partscan, got.offset,
+                got.sizelimit) == (True, True, True, True, MiB, MiB)
         with BlockDevice(dev) as bd:
             assert (bd.size, bd.logical_block_size) == (MiB, 4096)
     finally:
@@ -388,9 +376,8 @@ def test_both_attach_paths_honour_every_option(
 
 
 @pytest.mark.root
-def test_retries_when_the_free_device_is_taken(
-    make_image: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_retries_when_the_free_device_is_taken(make_image: Callable[..., Path],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Another process binds the device LOOP_CTL_GET_FREE gave us: EBUSY, then another one."""
     ours, theirs = make_image(8 * MiB, name="ours"), make_image(8 * MiB, name="theirs")
     real = loop._configure
@@ -535,9 +522,8 @@ def _refuse_open(monkeypatch: pytest.MonkeyPatch, refuse: Callable[[str, int], b
     monkeypatch.setattr(os, "open", fake_open)
 
 
-def test_attach_without_write_permission_is_a_clear_error(
-    make_image: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_attach_without_write_permission_is_a_clear_error(make_image: Callable[..., Path],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     img = make_image(8 * MiB)
     _refuse_open(monkeypatch, lambda path, flags: path == str(img) and bool(flags & os.O_RDWR), errno.EACCES)
     with pytest.raises(LoopError, match="read-only") as exc:

@@ -7,9 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dmtools.errors import DMError, InvalidName
-from dmtools.names import (
-    MAX_NAME_BYTES, MAX_UUID_BYTES, is_portable_name, mangle, validate_name, validate_target_type, validate_uuid,
-)
+from dmtools.names import (MAX_NAME_BYTES, MAX_UUID_BYTES, is_portable_name, mangle, validate_name,
+                           validate_target_type, validate_uuid)
 
 
 @pytest.mark.parametrize("name", ["vg-lv", "a", "x" * 127, "snap_1.cow", "LVM-abc:def=ghi@#+", "with space", "é" * 63])

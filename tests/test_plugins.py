@@ -20,9 +20,8 @@ def test_same_entry_points_as_importlib_metadata(group: str) -> None:
     assert sorted((ep.name, ep.value) for ep in entry_points(group)) == want
 
 
-def test_first_distribution_of_a_name_wins_and_sections_are_kept_apart(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_first_distribution_of_a_name_wins_and_sections_are_kept_apart(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     first, second = tmp_path / "a", tmp_path / "b"
     (first / "Demo_Pkg-1.0.dist-info").mkdir(parents=True)
     (first / "Demo_Pkg-1.0.dist-info" / "entry_points.txt").write_text(

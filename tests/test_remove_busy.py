@@ -142,8 +142,7 @@ def test_a_passing_opener_is_waited_for(stack: Stack, dm_name: str, kind: str) -
 
 
 @pytest.mark.parametrize("kind", list(BUILDERS))
-def test_a_user_holding_it_open_is_refused_and_nothing_changes(stack: Stack, dm_name: str,
-                                                               kind: str) -> None:
+def test_a_user_holding_it_open_is_refused_and_nothing_changes(stack: Stack, dm_name: str, kind: str) -> None:
     mgr, _, device, tables = BUILDERS[kind](stack, dm_name)
     before = stack.read(device)
     with Opener(stack.path(device)):

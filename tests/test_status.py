@@ -7,10 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dmtools.errors import DMError, InvalidStatus
-from dmtools.status import (
-    EmptyStatus, GenericStatus, LegHealth, LogHealth, MirrorStatus, SnapshotState, SnapshotStatus, StripedStatus,
-    parse_mirror_status, parse_snapshot_status, parse_status, parse_striped_status,
-)
+from dmtools.status import (EmptyStatus, GenericStatus, LegHealth, LogHealth, MirrorStatus, SnapshotState,
+                            SnapshotStatus, StripedStatus, parse_mirror_status, parse_snapshot_status, parse_status,
+                            parse_striped_status)
 
 # Status lines from /work/shared/reference/kernel.md §2.3 and §3.2, literally where it gives a
 # literal and with its placeholders filled in where it gives a template.

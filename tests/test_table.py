@@ -7,10 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dmtools.errors import DMError, InvalidTable
-from dmtools.table import (
-    TARGET_TYPES, CoreLog, DiskLog, Error, GenericTarget, Leg, Linear, Mirror, OtherLog, Snapshot, SnapshotMerge,
-    SnapshotOrigin, Striped, SyncMode, Table, TableLine, Target, Zero, format_line, parse_devno, split_args,
-)
+from dmtools.table import (TARGET_TYPES, CoreLog, DiskLog, Error, GenericTarget, Leg, Linear, Mirror, OtherLog,
+                           Snapshot, SnapshotMerge, SnapshotOrigin, Striped, SyncMode, Table, TableLine, Target, Zero,
+                           format_line, parse_devno, split_args)
 from dmtools.units import MAX_SECTORS
 
 # Tables from /work/shared/reference/kernel.md (§2.1, §2.3, §2.11, §3.1, §3.2), literally where the

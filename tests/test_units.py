@@ -7,10 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dmtools.errors import DMError, InvalidArgument
-from dmtools.units import (
-    MAX_BYTES, MAX_SECTORS, SECTOR, Sectors, bytes_to_sectors, format_sectors, format_size, parse_sectors, parse_size,
-    sectors_to_bytes,
-)
+from dmtools.units import (MAX_BYTES, MAX_SECTORS, SECTOR, Sectors, bytes_to_sectors, format_sectors, format_size,
+                           parse_sectors, parse_size, sectors_to_bytes)
 
 
 @pytest.mark.parametrize(

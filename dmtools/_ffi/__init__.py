@@ -25,11 +25,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from dmtools._ffi._libdm import ffi
-from dmtools._ffi.cdef import (
-    DM_NAME_LIST_FLAG_HAS_UUID,
-    SONAMES,
-    TaskType,
-)
+from dmtools._ffi.cdef import DM_NAME_LIST_FLAG_HAS_UUID, SONAMES, TaskType
 from dmtools.errors import KernelUnavailable
 
 __all__ = [
@@ -319,20 +315,9 @@ class Task:
         dmi = ffi.new("struct dm_info *")
         if not self._lib.dm_task_get_info(self.ptr, dmi):
             return None
-        return Info(
-            bool(dmi.exists),
-            bool(dmi.suspended),
-            bool(dmi.live_table),
-            bool(dmi.inactive_table),
-            int(dmi.open_count),
-            int(dmi.event_nr),
-            int(dmi.major),
-            int(dmi.minor),
-            bool(dmi.read_only),
-            int(dmi.target_count),
-            bool(dmi.deferred_remove),
-            bool(dmi.internal_suspend),
-        )
+        return Info(bool(dmi.exists), bool(dmi.suspended), bool(dmi.live_table), bool(dmi.inactive_table),
+                    int(dmi.open_count), int(dmi.event_nr), int(dmi.major), int(dmi.minor), bool(dmi.read_only),
+                    int(dmi.target_count), bool(dmi.deferred_remove), bool(dmi.internal_suspend))
 
     def name(self) -> str | None:
         """``dm_task_get_name`` (copied)."""
@@ -353,9 +338,7 @@ class Task:
         while True:
             nxt = self._lib.dm_get_next_target(self.ptr, nxt, start, length, ttype, params)
             if ttype[0] != ffi.NULL:
-                out.append(
-                    (int(start[0]), int(length[0]), _string(ttype[0]) or "", _string(params[0]) or "")
-                )
+                out.append((int(start[0]), int(length[0]), _string(ttype[0]) or "", _string(params[0]) or ""))
             if nxt == ffi.NULL:
                 return out
 

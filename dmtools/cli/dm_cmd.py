@@ -107,9 +107,8 @@ def _read_table(args: argparse.Namespace, *, required: bool) -> str | None:
             with open(args.table_file, encoding="utf-8") as f:
                 return f.read()
         except OSError as err:
-            raise InvalidArgument(
-                f"cannot read table file: {err.strerror}", errno=err.errno, device=args.table_file
-            ) from err
+            raise InvalidArgument(f"cannot read table file: {err.strerror}", errno=err.errno,
+                                  device=args.table_file) from err
         except UnicodeDecodeError as err:
             raise InvalidArgument(f"table file is not UTF-8 text (byte {err.start})", device=args.table_file) from err
     if getattr(args, "notable", False):
@@ -192,11 +191,8 @@ def _names(dm: Any, args: argparse.Namespace) -> list[str]:
 def _table(args: argparse.Namespace) -> int:
     dm = open_backend(args)
     tables = {name: dm.table(name, inactive=args.inactive) for name in _names(dm, args)}
-    _emit_per_device(
-        args,
-        {name: t.dmsetup_text().splitlines() for name, t in tables.items()},
-        {name: str(t) for name, t in tables.items()},
-    )
+    _emit_per_device(args, {name: t.dmsetup_text().splitlines() for name, t in tables.items()},
+                     {name: str(t) for name, t in tables.items()})
     return 0
 
 
@@ -205,11 +201,9 @@ def _status(args: argparse.Namespace) -> int:
     dm = open_backend(args)
     verb = dm.measure if args.verb == "measure" else dm.status
     statuses = {name: verb(name, inactive=args.inactive) for name in _names(dm, args)}
-    _emit_per_device(
-        args,
-        {name: [line.dmsetup_text().rstrip("\n") for line in lines] for name, lines in statuses.items()},
-        {name: "\n".join(str(line) for line in lines) for name, lines in statuses.items()},
-    )
+    _emit_per_device(args,
+                     {name: [line.dmsetup_text().rstrip("\n") for line in lines] for name, lines in statuses.items()},
+                     {name: "\n".join(str(line) for line in lines) for name, lines in statuses.items()})
     return 0
 
 
@@ -346,11 +340,8 @@ def register(sub: Any) -> None:
     verb(verbs, "clear", _clear, "drop the inactive table", "name")
     verb(verbs, "rename", _rename, "rename a device", "name", "new_name")
     verb(verbs, "ls", _ls, "list devices")
-    for name, func, helptext in (
-        ("table", _table, "print tables"),
-        ("status", _status, "print target status"),
-        ("measure", _status, "print what the kernel measures into IMA per target"),
-    ):
+    for name, func, helptext in (("table", _table, "print tables"), ("status", _status, "print target status"),
+                                 ("measure", _status, "print what the kernel measures into IMA per target")):
         verb(verbs, name, func, helptext, "names*").add_argument("--inactive", action="store_true",
                                                                   help="the inactive table")
     verb(verbs, "info", _info, "device information", "names*")

@@ -68,8 +68,7 @@ def register(subparsers: Any) -> None:
                    "the leg is removed when the spare cannot be used) or reload without it (remove)")
     p.add_argument("--spare", metavar="DEV", type=cli_common.device_argument,
                    help="spare device for --mirror-policy repair")
-    p.add_argument("--config", metavar="FILE",
-                   help='JSON policies: {"defaults": {...}, "devices": {"NAME": {...}}}')
+    p.add_argument("--config", metavar="FILE", help='JSON policies: {"defaults": {...}, "devices": {"NAME": {...}}}')
     p.add_argument("--interval", type=cli_common.seconds, default=1.0, metavar="SECONDS",
                    help="status polling interval (default 1)")
     p.add_argument("--timeout", type=cli_common.seconds, metavar="SECONDS", help="stop after this long")
@@ -171,8 +170,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     store, owned = _open_store(args, dm.backend)
     try:
         monitor = Monitor(dm, config, names=args.names or None, store=store if owned else None,
-                          poll_interval=args.interval,
-                          uevents=False if args.no_uevents else None)
+                          poll_interval=args.interval, uevents=False if args.no_uevents else None)
         with monitor:
             output = JsonLinesFile(args.output) if args.output else None
             try:

@@ -11,13 +11,7 @@ from __future__ import annotations
 import errno
 from typing import Callable, NamedTuple
 
-from dmtools.engine.target_driver import (
-    SECTOR,
-    DeviceHandle,
-    TargetDriver,
-    TargetContext,
-    fill_zero,
-)
+from dmtools.engine.target_driver import SECTOR, DeviceHandle, TargetDriver, TargetContext, fill_zero
 from dmtools.errors import DeviceIOError
 from dmtools.status import StripedStatus
 from dmtools.target_values import Error, Linear, Striped, Target
@@ -140,8 +134,7 @@ class StripedTarget(TargetDriver):
 
     def file_layout(self) -> FileLayout:
         """Chunks round-robin over the legs, as :meth:`_pieces` splits them."""
-        return FileLayout(self._chunk_bytes, tuple(
-            (dev, off * SECTOR) for dev, off in zip(self.devices, self.offsets)))
+        return FileLayout(self._chunk_bytes, tuple((dev, off * SECTOR) for dev, off in zip(self.devices, self.offsets)))
 
     def discard(self, offset: int, length: int) -> None:
         for stripe, dev_off, _pos, n in self._pieces(offset, length):
@@ -206,9 +199,7 @@ class ErrorTarget(TargetDriver):
             self.open_device(value.device)
 
     def _fail(self, op: str) -> DeviceIOError:
-        return DeviceIOError(
-            "I/O error (error target)", errno=errno.EIO, operation=op, device=self.ctx.device_name
-        )
+        return DeviceIOError("I/O error (error target)", errno=errno.EIO, operation=op, device=self.ctx.device_name)
 
     def read(self, buf: memoryview, offset: int) -> None:
         raise self._fail("read")
@@ -236,9 +227,8 @@ def _read_full(dev: DeviceHandle, buf: memoryview, offset: int) -> None:
     while got < len(buf):
         n = dev.readinto(buf[got:], offset + got)
         if n <= 0:
-            raise DeviceIOError(
-                f"short read at byte {offset + got}", errno=errno.EIO, operation="read", device=dev.name
-            )
+            raise DeviceIOError(f"short read at byte {offset + got}", errno=errno.EIO, operation="read",
+                                device=dev.name)
         got += n
 
 

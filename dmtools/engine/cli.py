@@ -24,10 +24,8 @@ def register_daemon(subparsers: Any) -> None:
     )
     parser.add_argument("action", nargs="?", choices=("run", "stop", "status"), default="run",
                         help="run (default), stop or status")
-    parser.add_argument("--foreground", action="store_true",
-                        help="run: stay attached to the terminal")
-    parser.add_argument("--force", action="store_true",
-                        help="stop: remove devices even while they are open")
+    parser.add_argument("--foreground", action="store_true", help="run: stay attached to the terminal")
+    parser.add_argument("--force", action="store_true", help="stop: remove devices even while they are open")
     parser.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
     parser.set_defaults(func=_daemon)
 

@@ -65,8 +65,7 @@ class UserspaceClient(DeviceMapper):
                 protocol.send(self._sock, {"verb": verb, "args": args})
                 reply = protocol.receive(self._stream)
             except OSError as err:
-                raise DaemonError(f"lost the dmtools daemon: {err}", errno=err.errno,
-                                  operation=verb) from err
+                raise DaemonError(f"lost the dmtools daemon: {err}", errno=err.errno, operation=verb) from err
         return _unpack(verb, reply)
 
     # --- DeviceMapper -------------------------------------------------------------------------
@@ -75,8 +74,7 @@ class UserspaceClient(DeviceMapper):
         """As ``DeviceMapper.create``; relative device paths are resolved in the caller's
         working directory before the table reaches the daemon."""
         text = None if table is None else str(protocol.absolute_table(table))
-        result: DeviceInfo = self.call("create", name=name, table=text, uuid=uuid,
-                                       readonly=readonly)
+        result: DeviceInfo = self.call("create", name=name, table=text, uuid=uuid, readonly=readonly)
         return result
 
     def load(self, name: str, table: "Table | str", *, readonly: bool = False) -> None:
@@ -202,8 +200,7 @@ class UserspaceClient(DeviceMapper):
 
 def _unpack(verb: str, reply: Any) -> Any:
     if reply is None:
-        raise DaemonError("the dmtools daemon closed the connection", errno=errno.ECONNRESET,
-                          operation=verb)
+        raise DaemonError("the dmtools daemon closed the connection", errno=errno.ECONNRESET, operation=verb)
     if not isinstance(reply, dict):
         raise DaemonError("malformed reply", errno=errno.EPROTO, operation=verb)
     if not reply.get("ok"):
@@ -217,8 +214,7 @@ def start_daemon(run_dir: str | None = None, timeout: float = START_TIMEOUT) -> 
 
     directory = rundir.ensure(run_dir or protocol.run_dir())
     r, w = os.pipe()
-    cmd = [sys.executable, "-m", "dmtools.engine.daemon", "--run-dir", directory,
-           "--ready-fd", str(w)]
+    cmd = [sys.executable, "-m", "dmtools.engine.daemon", "--run-dir", directory, "--ready-fd", str(w)]
     log_path = os.path.join(directory, "daemon.log")
     log = rundir.open_file(log_path, os.O_WRONLY | os.O_APPEND, 0o600)
     try:

@@ -123,8 +123,7 @@ class Daemon:
                     log.error("accept failed: %s", err)
                     continue
                 conn.settimeout(None)
-                threading.Thread(target=self._client, args=(conn,), name="dmtools-client",
-                                 daemon=True).start()
+                threading.Thread(target=self._client, args=(conn,), name="dmtools-client", daemon=True).start()
         finally:
             self.shutdown()
 
@@ -296,8 +295,7 @@ class Daemon:
             if not args.get("force"):
                 busy = [e.name for e in eng.list() if eng.info(e.name).open_count]
                 if busy:
-                    raise DeviceBusy(f"devices are open: {', '.join(busy)} (use --force)",
-                                     operation="shutdown")
+                    raise DeviceBusy(f"devices are open: {', '.join(busy)} (use --force)", operation="shutdown")
             self.stop()
             return None
         if verb in ("create", "load"):

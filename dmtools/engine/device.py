@@ -331,8 +331,7 @@ class Device:
             if not len(mv):
                 return 0
             if table is not None and table.readonly:
-                raise DeviceIOError("device is read-only", errno=errno.EROFS, operation="write",
-                                    device=self.name)
+                raise DeviceIOError("device is read-only", errno=errno.EROFS, operation="write", device=self.name)
             if table is None or offset + len(mv) > table.size:
                 raise NoSpace("write past the end of the device", errno=errno.ENOSPC,
                               operation="write", device=self.name)
@@ -465,8 +464,7 @@ class Device:
         def zero(table: LoadedTable | None) -> None:
             if table is not None:
                 if table.readonly:
-                    raise DeviceIOError("device is read-only", errno=errno.EROFS,
-                                        operation="write", device=self.name)
+                    raise DeviceIOError("device is read-only", errno=errno.EROFS, operation="write", device=self.name)
                 for tgt, off, n in self._ranges(table, offset, length):
                     tgt.zero(off, n)
 

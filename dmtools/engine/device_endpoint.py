@@ -43,8 +43,7 @@ class DeviceEndpoint(Endpoint):
 
     def _check(self, operation: str) -> None:
         if self._closed:
-            raise DeviceIOError("endpoint is closed", errno=errno.EBADF, operation=operation,
-                                device=self.name)
+            raise DeviceIOError("endpoint is closed", errno=errno.EBADF, operation=operation, device=self.name)
 
     def readinto(self, buf: Any, offset: int) -> int:
         self._check("read")
@@ -53,16 +52,14 @@ class DeviceEndpoint(Endpoint):
     def write(self, buf: Any, offset: int) -> int:
         self._check("write")
         if not self._writable:
-            raise DeviceIOError("endpoint is read-only", errno=errno.EBADF, operation="write",
-                                device=self.name)
+            raise DeviceIOError("endpoint is read-only", errno=errno.EBADF, operation="write", device=self.name)
         return self.device.write(buf, offset)
 
     def write_durable(self, buf: Any, offset: int) -> int:
         """A write with ``REQ_FUA`` through the device's table (one FUA write on an NBD export)."""
         self._check("write")
         if not self._writable:
-            raise DeviceIOError("endpoint is read-only", errno=errno.EBADF, operation="write",
-                                device=self.name)
+            raise DeviceIOError("endpoint is read-only", errno=errno.EBADF, operation="write", device=self.name)
         return self.device.write(buf, offset, durable=True)
 
     def flush(self) -> None:
@@ -72,8 +69,7 @@ class DeviceEndpoint(Endpoint):
     def zero(self, offset: int, length: int) -> None:
         self._check("zero")
         if not self._writable:
-            raise DeviceIOError("endpoint is read-only", errno=errno.EBADF, operation="zero",
-                                device=self.name)
+            raise DeviceIOError("endpoint is read-only", errno=errno.EBADF, operation="zero", device=self.name)
         self.device.zero(offset, length)
 
     def discard(self, offset: int, length: int) -> None:

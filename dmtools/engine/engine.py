@@ -20,9 +20,8 @@ from dmtools.backend import DeviceEntry, DeviceInfo, DeviceMapper, StatusLine, V
 from dmtools.claims import Holder
 from dmtools.engine.device import Device, LoadedTable, TableContext
 from dmtools.engine.target_driver import DeviceHandle, TargetDriver
-from dmtools.errors import (
-    DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, InvalidTable, TargetNotSupported, quietly,
-)
+from dmtools.errors import (DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, InvalidTable,
+                            TargetNotSupported, quietly)
 from dmtools.names import validate_name, validate_uuid
 from dmtools.plugins import entry_points
 from dmtools.table import Table
@@ -91,9 +90,8 @@ class TargetRegistry:
             try:
                 cls = _load_spec(spec)
             except (ImportError, AttributeError, TypeError) as err:
-                raise TargetNotSupported(
-                    f"target type {name!r} cannot be loaded from {spec}: {err}", operation="load"
-                ) from err
+                raise TargetNotSupported(f"target type {name!r} cannot be loaded from {spec}: {err}",
+                                         operation="load") from err
             self._classes[name] = cls
             return cls
 
@@ -226,8 +224,7 @@ class Engine(DeviceMapper):
                 except DMError:
                     raise
                 except (ValueError, OSError) as err:
-                    raise InvalidTable(f"{ln.target_type}: {err}", operation="load",
-                                       device=dev.name) from err
+                    raise InvalidTable(f"{ln.target_type}: {err}", operation="load", device=dev.name) from err
                 targets.append(tgt)
         except BaseException:
             quietly(*(t.destroy for t in targets), errors=Exception)  # unwinding a failed load
@@ -236,9 +233,8 @@ class Engine(DeviceMapper):
         return LoadedTable(lines, targets, ctx, readonly)
 
     # --- verbs ------------------------------------------------------------------------------
-    def create(
-        self, name: str, table: "Table | str | None" = None, *, uuid: str = "", readonly: bool = False
-    ) -> DeviceInfo:
+    def create(self, name: str, table: "Table | str | None" = None, *, uuid: str = "",
+               readonly: bool = False) -> DeviceInfo:
         """Create a device, empty or with a live table (load + resume); all-or-nothing.
 
         Raises ``InvalidName``, ``DeviceExists`` (name or uuid taken), ``InvalidTable`` /
@@ -251,8 +247,7 @@ class Engine(DeviceMapper):
             if name in self._devices:
                 raise DeviceExists("device already exists", operation="create", device=name)
             if uuid and any(d.uuid == uuid for d in self._devices.values()):
-                raise DeviceExists(f"uuid {uuid!r} is already in use", operation="create",
-                                   device=name)
+                raise DeviceExists(f"uuid {uuid!r} is already in use", operation="create", device=name)
             dev = Device(name, uuid, PSEUDO_MAJOR, -1)
             self._devices[name] = dev
         try:
@@ -360,8 +355,7 @@ class Engine(DeviceMapper):
             try:
                 live = dev.live
                 if live is None:
-                    raise InvalidArgument("no table to resume", errno=errno.EINVAL,
-                                          operation="resume", device=name)
+                    raise InvalidArgument("no table to resume", errno=errno.EINVAL, operation="resume", device=name)
                 for tgt in live.targets:
                     tgt.preresume()
                 dev.unblock_io()
@@ -396,8 +390,7 @@ class Engine(DeviceMapper):
             waited = time.monotonic() - start
             limit = 5.0 if retry else (EXTERNAL_OPEN_GRACE if dev.opens == 0 else 0.0)
             if waited >= limit:
-                raise DeviceBusy(f"device is open ({count} openers)", operation="remove",
-                                 device=name)
+                raise DeviceBusy(f"device is open ({count} openers)", operation="remove", device=name)
             time.sleep(0.02 if waited < 0.2 else 0.1)
 
     def _deferred_remove(self, dev: Device) -> None:
@@ -442,8 +435,7 @@ class Engine(DeviceMapper):
             self._alive(dev, "rename")
             with self._lock:
                 if new_name in self._devices:
-                    raise DeviceExists(f"{new_name} already exists", operation="rename",
-                                       device=name)
+                    raise DeviceExists(f"{new_name} already exists", operation="rename", device=name)
                 del self._devices[name]
                 self._devices[new_name] = dev
                 dev.name = new_name
@@ -507,8 +499,7 @@ class Engine(DeviceMapper):
             raise InvalidArgument("Empty message received.", operation="message", device=name)
         if argv[0] == "@cancel_deferred_remove":
             if len(argv) != 1:
-                raise InvalidArgument("Invalid arguments for @cancel_deferred_remove",
-                                      operation="message", device=name)
+                raise InvalidArgument("Invalid arguments for @cancel_deferred_remove", operation="message", device=name)
             with dev.op_lock:
                 if not dev.deferred_remove:
                     raise InvalidArgument("device is not marked for deferred remove",
@@ -517,11 +508,9 @@ class Engine(DeviceMapper):
             return None
         table = dev.live
         if table is None:
-            raise InvalidArgument("no live table", errno=errno.ENXIO, operation="message",
-                                  device=name)
+            raise InvalidArgument("no live table", errno=errno.ENXIO, operation="message", device=name)
         if not 0 <= sector < table.sectors:
-            raise InvalidArgument("Target message sector outside device.", operation="message",
-                                  device=name)
+            raise InvalidArgument("Target message sector outside device.", operation="message", device=name)
         for ln, tgt in zip(table.table, table.targets):
             if ln.start <= sector < ln.end:
                 return tgt.message(argv)
@@ -593,8 +582,7 @@ class Engine(DeviceMapper):
                 devs = list(self._devices.values())
             if not devs:
                 break
-            held = {id(d) for dev in devs for t in (dev.live, dev.inactive) if t
-                    for d in t.engine_devices()}
+            held = {id(d) for dev in devs for t in (dev.live, dev.inactive) if t for d in t.engine_devices()}
             top = [d for d in devs if id(d) not in held] or devs
             for dev in top:
                 with dev.op_lock:

@@ -225,9 +225,8 @@ def udev_settle() -> None:
     if not os.path.exists("/run/udev/control"):
         return
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        subprocess.run(["udevadm", "settle", "--timeout=10"], check=False, timeout=15,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        subprocess.run(["udevadm", "settle", "--timeout=10"], check=False, timeout=15, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 @dataclass
@@ -293,8 +292,7 @@ class _Operations:
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         t = self.started
         if path == "/":
-            return {"st_mode": stat.S_IFDIR | 0o700, "st_nlink": 2, "st_atime": t,
-                    "st_mtime": t, "st_ctime": t}
+            return {"st_mode": stat.S_IFDIR | 0o700, "st_nlink": 2, "st_atime": t, "st_mtime": t, "st_ctime": t}
         dev = self._dev(path)
         size = dev.size
         if not size and path.lstrip("/") in self.attaching:
@@ -427,11 +425,9 @@ class Exposure:
         def serve() -> None:
             try:
                 with fastpath.serving(session):
-                    fuse_cls(
-                        ops, self.mount_dir, foreground=True, direct_io=True, fsname="dmtools",
-                        subtype="dmtools", attr_timeout=0, entry_timeout=0, negative_timeout=0,
-                        max_threads=FUSE_THREADS, max_idle_threads=FUSE_THREADS,
-                    )
+                    fuse_cls(ops, self.mount_dir, foreground=True, direct_io=True, fsname="dmtools", subtype="dmtools",
+                             attr_timeout=0, entry_timeout=0, negative_timeout=0, max_threads=FUSE_THREADS,
+                             max_idle_threads=FUSE_THREADS)
             except BaseException as err:  # noqa: BLE001 - reported to the thread that waits
                 self._error = err
             finally:
@@ -446,11 +442,9 @@ class Exposure:
         deadline = time.monotonic() + 10
         while not mounted_at(self.mount_dir):
             if self._error is not None or not self._thread.is_alive():
-                raise DMError(f"FUSE mount at {self.mount_dir} failed: {self._error}",
-                              operation="expose")
+                raise DMError(f"FUSE mount at {self.mount_dir} failed: {self._error}", operation="expose")
             if time.monotonic() > deadline:
-                raise DMError(f"FUSE mount at {self.mount_dir} did not come up",
-                              operation="expose")
+                raise DMError(f"FUSE mount at {self.mount_dir} did not come up", operation="expose")
             ready.wait(0.01)
 
     def close(self) -> None:
@@ -509,8 +503,7 @@ class Exposure:
             with contextlib.suppress(DMError):
                 loop.detach(lo)
             self._forget(fname, slot)
-            raise DMError(f"cannot create {link}: {err}", errno=err.errno, operation="expose",
-                          device=dev.name) from err
+            raise DMError(f"cannot create {link}: {err}", errno=err.errno, operation="expose", device=dev.name) from err
         dev.exposure = Exposed(fname, lo, link)
         dev.fast_path = slot
         udev_settle()

@@ -136,8 +136,7 @@ class ReadPipes:
             except OSError as err:
                 os.close(r)
                 os.close(w)
-                log.info("FUSE reads go through buffers: cannot grow a pipe to %d bytes: %s",
-                         PIPE_BYTES, err)
+                log.info("FUSE reads go through buffers: cannot grow a pipe to %d bytes: %s", PIPE_BYTES, err)
                 self.usable = False
                 return None
             self._pipes[ident] = [r, w, 1]

@@ -180,8 +180,7 @@ def encode_error(err: BaseException) -> dict[str, Any]:
         return {"class": type(err).__name__, "message": err.message, "errno": err.errno,
                 "operation": err.operation, "device": err.device}
     if isinstance(err, OSError):
-        return {"class": "DMError", "message": str(err), "errno": err.errno,
-                "operation": None, "device": None}
+        return {"class": "DMError", "message": str(err), "errno": err.errno, "operation": None, "device": None}
     return {"class": "DMError", "message": f"{type(err).__name__}: {err}", "errno": None,
             "operation": None, "device": None}
 

@@ -104,8 +104,7 @@ class SocketEndpoint(Endpoint):
     def _call(self, verb: str, payload: Any, into: Any = None, **args: Any) -> tuple[Any, Any]:
         with self._lock:
             if self._sock.fileno() < 0:
-                raise DeviceIOError("endpoint is closed", errno=errno.EBADF, operation=verb,
-                                    device=self.name)
+                raise DeviceIOError("endpoint is closed", errno=errno.EBADF, operation=verb, device=self.name)
             try:
                 protocol.send(self._sock, {"verb": verb, "args": args}, payload)
                 reply = protocol.receive(self._stream)

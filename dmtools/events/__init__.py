@@ -16,11 +16,10 @@ if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
     from dmtools.events.sources import EventNumberWaiter, UEvent, UeventSource, identity, sysfs_identity, udev_running
     from dmtools.events.state import DEFAULT_THRESHOLDS, DeviceState, TargetState, capture, derive, parse_thresholds
     from dmtools.events.store import StateStore, default_root, last_events
-    from dmtools.events.types import (
-        EVENT_TYPES, DeviceAdded, DeviceRemoved, DeviceRenamed, DeviceResumed, DeviceSuspended, Event, LegHealthChanged,
-        LogHealthChanged, MergeFailed, MergeFinished, PolicyAction, ResyncFinished, Severity, SnapshotInvalidated,
-        SnapshotOverflowed, SnapshotUsageCrossed,
-    )
+    from dmtools.events.types import (EVENT_TYPES, DeviceAdded, DeviceRemoved, DeviceRenamed, DeviceResumed,
+                                      DeviceSuspended, Event, LegHealthChanged, LogHealthChanged, MergeFailed,
+                                      MergeFinished, PolicyAction, ResyncFinished, Severity, SnapshotInvalidated,
+                                      SnapshotOverflowed, SnapshotUsageCrossed)
     from dmtools.events.watcher import Batch, Watcher
 
 __getattr__, __all__ = lazy.package(__name__, {

@@ -71,8 +71,7 @@ def _well_formed(record: Any) -> bool:
     if not isinstance(record, dict) or not _is_int(record.get("r")):
         return False
     events = record.get("events", [])
-    if not isinstance(events, list) or not all(
-            isinstance(e, dict) and _is_int(e.get("seq", 0)) for e in events):
+    if not isinstance(events, list) or not all(isinstance(e, dict) and _is_int(e.get("seq", 0)) for e in events):
         return False
     return _is_int(record.get("base_seq", 0))
 
@@ -113,8 +112,7 @@ def read_records(path: str) -> list[dict[str, Any]]:
     except FileNotFoundError:
         return []
     except OSError as err:
-        raise DMError(f"cannot read {path}: {err.strerror}", errno=err.errno,
-                      operation="journal") from err
+        raise DMError(f"cannot read {path}: {err.strerror}", errno=err.errno, operation="journal") from err
     return _parse(data, path, strict=False)[0]
 
 
@@ -160,8 +158,7 @@ class Journal:
     def append(self, record: dict[str, Any]) -> dict[str, Any]:
         """Commit ``record`` (its ``"r"`` is set here); durable when this returns."""
         if self._fd is None:
-            raise DMError("the journal is not open for writing", errno=errno.EBADF,
-                          operation="journal")
+            raise DMError("the journal is not open for writing", errno=errno.EBADF, operation="journal")
         full = {**record, "r": self._next_r}
         line = _line(full)
         written = 0

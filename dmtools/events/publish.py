@@ -208,7 +208,6 @@ def subscribe(socket_path: str, *, timeout: float | None = None) -> Iterator[Eve
             try:
                 yield from read_events(stream)
             except (socket.timeout, TimeoutError) as err:
-                raise DMError("no event or heartbeat from the daemon in time",
-                              operation="subscribe") from err
+                raise DMError("no event or heartbeat from the daemon in time", operation="subscribe") from err
     finally:
         sock.close()

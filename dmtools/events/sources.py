@@ -26,8 +26,7 @@ from typing import Any, Callable, Mapping
 from dmtools.backend import DeviceMapper
 from dmtools.errors import DeviceNotFound, DMError
 
-__all__ = ["UEvent", "UeventSource", "EventNumberWaiter", "udev_running", "sysfs_identity",
-           "identity", "UDEV_CONTROL"]
+__all__ = ["UEvent", "UeventSource", "EventNumberWaiter", "udev_running", "sysfs_identity", "identity", "UDEV_CONTROL"]
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +72,7 @@ def sysfs_identity(sys_name: str, sys_root: str = SYS_BLOCK) -> tuple[str, str]:
     return _read_attr(os.path.join(base, "name")), _read_attr(os.path.join(base, "uuid"))
 
 
-def identity(sys_name: str, properties: Mapping[str, str],
-             sys_root: str = SYS_BLOCK) -> tuple[str, str, str]:
+def identity(sys_name: str, properties: Mapping[str, str], sys_root: str = SYS_BLOCK) -> tuple[str, str, str]:
     """``(name, uuid, origin)`` of a dm device: udev's ``DM_NAME``/``DM_UUID`` when present
     (origin ``"udev"``), else sysfs (origin ``"sysfs"``), else empty (origin ``""``)."""
     name = properties.get("DM_NAME", "")
@@ -169,8 +167,7 @@ class EventNumberWaiter:
     when the device went away. Each wait is cut into ``slice_s`` pieces so ``close`` is prompt.
     """
 
-    def __init__(self, dm: DeviceMapper, callback: Callable[[str, int | None], None], *,
-                 slice_s: float = 0.5) -> None:
+    def __init__(self, dm: DeviceMapper, callback: Callable[[str, int | None], None], *, slice_s: float = 0.5) -> None:
         self._dm = dm
         self._callback = callback
         self._slice = slice_s

@@ -21,15 +21,12 @@ from typing import Any, Iterable, Sequence
 from dmtools.backend import DeviceMapper
 from dmtools.errors import DeviceNotFound, InvalidArgument, InvalidStatus
 from dmtools.events.defaults import DEFAULT_THRESHOLDS
-from dmtools.events.types import (
-    DeviceAdded, DeviceRemoved, DeviceRenamed, DeviceResumed, DeviceSuspended, Event, LegHealthChanged,
-    LogHealthChanged, MergeFailed, MergeFinished, ResyncFinished, SnapshotInvalidated, SnapshotOverflowed,
-    SnapshotUsageCrossed,
-)
+from dmtools.events.types import (DeviceAdded, DeviceRemoved, DeviceRenamed, DeviceResumed, DeviceSuspended, Event,
+                                  LegHealthChanged, LogHealthChanged, MergeFailed, MergeFinished, ResyncFinished,
+                                  SnapshotInvalidated, SnapshotOverflowed, SnapshotUsageCrossed)
 from dmtools.status import MirrorStatus, SnapshotState, SnapshotStatus, TargetStatus, ThinPoolStatus, parse_status
 
-__all__ = ["TargetState", "DeviceState", "capture", "derive", "DEFAULT_THRESHOLDS",
-           "parse_thresholds"]
+__all__ = ["TargetState", "DeviceState", "capture", "derive", "DEFAULT_THRESHOLDS", "parse_thresholds"]
 
 def parse_thresholds(text: str | Iterable[int]) -> tuple[int, ...]:
     """``"80,85,90,95"`` (or integers) as a sorted tuple of distinct percentages in 1..100."""
@@ -103,8 +100,7 @@ class DeviceState:
     @property
     def table_text(self) -> str:
         """The live table as text (empty without one)."""
-        return "\n".join(f"{t.start} {t.length} {t.target_type} {t.table}".rstrip()
-                         for t in self.targets)
+        return "\n".join(f"{t.start} {t.length} {t.target_type} {t.table}".rstrip() for t in self.targets)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (what the monitor persists and prints with ``--once --json``)."""
@@ -164,8 +160,7 @@ def capture(dm: DeviceMapper, name: str) -> DeviceState | None:
                                            line.target.params, st.params))
     except DeviceNotFound:
         return None
-    return DeviceState(info.name, info.uuid, info.devno, info.event_nr, info.suspended,
-                       tuple(targets))
+    return DeviceState(info.name, info.uuid, info.devno, info.event_nr, info.suspended, tuple(targets))
 
 
 # --- derivation -------------------------------------------------------------------------------
@@ -224,16 +219,14 @@ def _mirror_events(old_t: TargetState | None, new_t: TargetState, ev: dict[str, 
     for index, (dev, letter) in enumerate(zip(new.devices, new.health)):
         before = old_health.get(dev, "A")
         if letter != before:
-            out.append(LegHealthChanged(leg=index, leg_device=dev, old=before, new=letter,
-                                        **at, **ev))
+            out.append(LegHealthChanged(leg=index, leg_device=dev, old=before, new=letter, **at, **ev))
     new_log = new.log_health
     if new_log is not None and new.log_device is not None:
         before_log = "A"
         if old is not None and old.log_device == new.log_device and old.log_health is not None:
             before_log = old.log_health.value
         if new_log.value != before_log:
-            out.append(LogHealthChanged(log_device=new.log_device, old=before_log,
-                                        new=new_log.value, **at, **ev))
+            out.append(LogHealthChanged(log_device=new.log_device, old=before_log, new=new_log.value, **at, **ev))
     # First sight counts as in sync: only an observed resync can finish.
     was_complete = old is None or old.in_sync_complete
     if new.in_sync_complete and not was_complete:
@@ -241,9 +234,8 @@ def _mirror_events(old_t: TargetState | None, new_t: TargetState, ev: dict[str, 
     return out
 
 
-def _target_events(
-    old: DeviceState | None, new: DeviceState, thresholds: Sequence[int], ev: dict[str, Any]
-) -> list[Event]:
+def _target_events(old: DeviceState | None, new: DeviceState, thresholds: Sequence[int],
+                   ev: dict[str, Any]) -> list[Event]:
     old_by_start = {t.start: t for t in old.targets} if old is not None else {}
     out: list[Event] = []
     for t in new.targets:
@@ -251,8 +243,7 @@ def _target_events(
         if t.target_type in ("snapshot", "snapshot-merge"):
             out.extend(_snapshot_events(before, t, thresholds, ev))
         elif t.target_type == "mirror":
-            out.extend(_mirror_events(before if before is not None
-                                      and before.target_type == "mirror" else None, t, ev))
+            out.extend(_mirror_events(before if before is not None and before.target_type == "mirror" else None, t, ev))
     return out
 
 
@@ -269,15 +260,12 @@ def derive(old: DeviceState | None, new: DeviceState | None, *, thresholds: Sequ
         return []
     if new is None:
         assert old is not None
-        return [DeviceRemoved(device=old.name, uuid=old.uuid, devno=old.devno, source=source,
-                              time=stamp)]
-    ev: dict[str, Any] = {"device": new.name, "uuid": new.uuid, "devno": new.devno,
-                          "source": source, "time": stamp}
+        return [DeviceRemoved(device=old.name, uuid=old.uuid, devno=old.devno, source=source, time=stamp)]
+    ev: dict[str, Any] = {"device": new.name, "uuid": new.uuid, "devno": new.devno, "source": source, "time": stamp}
     out: list[Event] = []
     if old is not None and (old.devno != new.devno or old.uuid != new.uuid):
         # The same name on another device: the old one went, a new one came.
-        out.append(DeviceRemoved(device=old.name, uuid=old.uuid, devno=old.devno, source=source,
-                                 time=stamp))
+        out.append(DeviceRemoved(device=old.name, uuid=old.uuid, devno=old.devno, source=source, time=stamp))
         old = None
     if old is None:
         out.append(DeviceAdded(**ev))

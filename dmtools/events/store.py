@@ -73,8 +73,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, device: str, data: dict[str, Any]) -> "Plan":
-        return cls(device, str(data["policy"]), str(data["action"]), dict(data.get("args") or {}),
-                   str(data["id"]))
+        return cls(device, str(data["policy"]), str(data["action"]), dict(data.get("args") or {}), str(data["id"]))
 
 
 def _checkpoint_ok(data: Any) -> bool:
@@ -110,16 +109,14 @@ class StateStore:
 
     def __init__(self, backend: str, root: str | None = None, *, lock: bool = False) -> None:
         if not backend or "/" in backend or backend.startswith("."):
-            raise DMError(f"bad backend name for the monitor state: {backend!r}",
-                          errno=errno.EINVAL)
+            raise DMError(f"bad backend name for the monitor state: {backend!r}", errno=errno.EINVAL)
         self.directory = os.path.join(root or default_root(), backend)
         self._lock_fd: int | None = None
         self._journal: Journal | None = None
         self._next_seq = 1
         if lock:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            fd = os.open(os.path.join(self.directory, ".lock"),
-                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(os.path.join(self.directory, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
@@ -142,8 +139,7 @@ class StateStore:
 
     def _writable(self) -> Journal:
         if self._journal is None:
-            raise DMError("the monitor state is read-only here (lock not held)",
-                          errno=errno.EROFS, operation="monitor")
+            raise DMError("the monitor state is read-only here (lock not held)", errno=errno.EROFS, operation="monitor")
         return self._journal
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -207,12 +203,10 @@ class StateStore:
                 continue
         return out
 
-    def _checkpoint(self, name: str, state: Any, recent: list[Any], applied: int, *,
-                    durable: bool = True) -> None:
+    def _checkpoint(self, name: str, state: Any, recent: list[Any], applied: int, *, durable: bool = True) -> None:
         """Replace ``name``'s checkpoint; not ``durable`` when the journal holds what it adds
         (:meth:`compact` makes every checkpoint durable before it drops journal records)."""
-        _atomic_write(self._path(name),
-                      {"state": state, "recent": recent[-RECENT_EVENTS:], "applied": applied},
+        _atomic_write(self._path(name), {"state": state, "recent": recent[-RECENT_EVENTS:], "applied": applied},
                       durable=durable)
 
     def _apply(self, record: dict[str, Any]) -> None:
@@ -244,8 +238,7 @@ class StateStore:
         self._writable()
         data = self._read(name) or {}
         self._checkpoint(name, state.to_dict() if state is not None else None,
-                         list(data.get("recent", [])) + [e.to_dict() for e in events],
-                         int(data.get("applied", 0)))
+                         list(data.get("recent", [])) + [e.to_dict() for e in events], int(data.get("applied", 0)))
 
     # --- the journal ------------------------------------------------------------------------
     def _open_journal(self) -> None:
@@ -278,9 +271,8 @@ class StateStore:
             self._next_seq += 1
         return out
 
-    def commit(self, name: str, state: DeviceState | None, events: Sequence[Event], *,
-               keep_state: bool = False, renamed_from: str | None = None,
-               plans: Sequence[Plan] = ()) -> tuple[list[Event], list[Plan]]:
+    def commit(self, name: str, state: DeviceState | None, events: Sequence[Event], *, keep_state: bool = False,
+               renamed_from: str | None = None, plans: Sequence[Plan] = ()) -> tuple[list[Event], list[Plan]]:
         """Commit ``name``'s new ``state`` (``None``: removed; ``keep_state``: unchanged) with
         ``events`` and ``plans`` in one journal record; return them numbered (events' ``seq``,
         plans' ``id``). Durable when this returns."""

@@ -86,8 +86,7 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: ``{"event": kind, "severity": ..., "message": ..., <fields>}``."""
-        data: dict[str, Any] = {"event": self.kind, "severity": self.severity.value,
-                                "message": self.describe()}
+        data: dict[str, Any] = {"event": self.kind, "severity": self.severity.value, "message": self.describe()}
         data.update(dataclasses.asdict(self))
         return data
 

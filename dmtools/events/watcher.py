@@ -244,8 +244,7 @@ class Watcher:
                 if not name or not self._in_scope(name):
                     continue
                 uuid = first.uuid or u.uuid
-                ev: dict[str, Any] = {"device": name, "uuid": uuid, "devno": u.devno,
-                                      "source": u.source, "time": now}
+                ev: dict[str, Any] = {"device": name, "uuid": uuid, "devno": u.devno, "source": u.source, "time": now}
                 out.append(Batch(name, None, None, [DeviceAdded(**ev), DeviceRemoved(**ev)]))
         # An add whose device no scan saw yet: its remove may come with the next scan's uevents.
         self._unmatched_adds = {devno: u for devno, u in added.items() if devno not in seen}
@@ -329,8 +328,7 @@ class Watcher:
                 return preferred
         return sorted(reasons)[0]
 
-    def batches(self, *, timeout: float | None = None,
-                stop: threading.Event | None = None) -> Iterator[Batch]:
+    def batches(self, *, timeout: float | None = None, stop: threading.Event | None = None) -> Iterator[Batch]:
         """Batches as they happen, each to be passed to :meth:`commit` by the caller.
 
         The first scan catches up with the stored state. Ends after ``timeout`` seconds or when

@@ -153,9 +153,8 @@ class FaultyEndpoint(WrappedEndpoint):
                           errno=_errno.ENOSPC, operation=op, device=self.name)
         if self._fails("write", offset, length):
             self._record(op, offset, length, False)
-            raise DeviceIOError(
-                f"injected write error in {offset}+{length}", errno=_errno.EIO, operation=op, device=self.name
-            )
+            raise DeviceIOError(f"injected write error in {offset}+{length}", errno=_errno.EIO, operation=op,
+                                device=self.name)
 
     def readinto(self, buf: Any, offset: int) -> int:
         mv = memoryview(buf).cast("B")
@@ -163,9 +162,8 @@ class FaultyEndpoint(WrappedEndpoint):
             mv = mv[: self.short_reads]
         if self._fails("read", offset, len(mv)):
             self._record("read", offset, len(mv), False)
-            raise DeviceIOError(
-                f"injected read error in {offset}+{len(mv)}", errno=_errno.EIO, operation="read", device=self.name
-            )
+            raise DeviceIOError(f"injected read error in {offset}+{len(mv)}", errno=_errno.EIO, operation="read",
+                                device=self.name)
         n = self.inner.readinto(mv, offset)
         self._record("read", offset, n, True)
         return n

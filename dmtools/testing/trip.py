@@ -70,8 +70,7 @@ class Switch:
                 limit = self.write_fail_after
                 failing = self.failing or (limit is not None and self.writes > limit)
         if failing:
-            raise DeviceIOError(f"{op} failed (trip {self.name})", errno=errno.EIO, operation=op,
-                                device=self.name)
+            raise DeviceIOError(f"{op} failed (trip {self.name})", errno=errno.EIO, operation=op, device=self.name)
 
 
 class TripTarget(LinearTarget):

@@ -87,9 +87,8 @@ def _hardlink(image: Path, scratch: Path) -> Path:
     return hard
 
 
-def block_spellings(
-    image: Path, scratch: Path, make_loop: Callable[..., Any], engine_name: str, mapper: str
-) -> list[Spelling]:
+def block_spellings(image: Path, scratch: Path, make_loop: Callable[..., Any], engine_name: str,
+                    mapper: str) -> list[Spelling]:
     """The spellings that need loop devices and the userspace engine (root tier).
 
     Loop devices are attached here (``make_loop`` detaches them). The ``engine-path`` and

@@ -98,8 +98,7 @@ def test_export_onto_the_cow_through_another_device_is_refused(stack: dict[str, 
                 "--force")
 
 
-def test_mirror_log_or_new_leg_aliasing_a_leg_is_refused(stack: dict[str, Any],
-                                                        make_loop: Callable[..., Any]) -> None:
+def test_mirror_log_or_new_leg_aliasing_a_leg_is_refused(stack: dict[str, Any], make_loop: Callable[..., Any]) -> None:
     s = stack
     img, loops = s["images"], s["loops"]
     free = make_loop(img["free"]).path

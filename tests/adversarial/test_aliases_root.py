@@ -111,9 +111,8 @@ def refused(w: World, capsys: pytest.CaptureFixture[str], spellings: tuple[Spell
 # -- snapshot --------------------------------------------------------------------------------------
 @SETTINGS
 @given(data=st.data())
-def test_snapshot_create_with_a_cow_aliasing_a_live_stack_is_refused(
-    world: World, capsys: pytest.CaptureFixture[str], data: Any
-) -> None:
+def test_snapshot_create_with_a_cow_aliasing_a_live_stack_is_refused(world: World, capsys: pytest.CaptureFixture[str],
+                                                                     data: Any) -> None:
     w = world
     origin = w.name("o")
     if not w.dm.exists(origin):  # a live stack: origin over its loop, snapshot s1 on the cow image
@@ -151,9 +150,8 @@ def test_snapshot_export_onto_an_input_is_refused(world: World, capsys: pytest.C
 # -- mirror ----------------------------------------------------------------------------------------
 @SETTINGS
 @given(data=st.data())
-def test_mirror_create_with_aliased_legs_or_log_is_refused(
-    world: World, capsys: pytest.CaptureFixture[str], data: Any
-) -> None:
+def test_mirror_create_with_aliased_legs_or_log_is_refused(world: World, capsys: pytest.CaptureFixture[str],
+                                                           data: Any) -> None:
     w = world
     images = ["leg0", "leg1", "log"]
     a, b = data.draw(st.lists(st.integers(0, 2), min_size=2, max_size=2, unique=True))
@@ -165,9 +163,8 @@ def test_mirror_create_with_aliased_legs_or_log_is_refused(
 
 @SETTINGS
 @given(data=st.data())
-def test_mirror_repair_onto_a_live_leg_or_the_log_is_refused(
-    world: World, capsys: pytest.CaptureFixture[str], data: Any
-) -> None:
+def test_mirror_repair_onto_a_live_leg_or_the_log_is_refused(world: World, capsys: pytest.CaptureFixture[str],
+                                                             data: Any) -> None:
     w = world
     m = w.name("m")
     if not w.dm.exists(m):
@@ -197,9 +194,8 @@ def _bytes(s: Spelling, sector: int) -> range:
 
 @SETTINGS
 @given(data=st.data())
-def test_copy_between_spellings_of_one_image_is_refused_or_safe(
-    world: World, capsys: pytest.CaptureFixture[str], data: Any
-) -> None:
+def test_copy_between_spellings_of_one_image_is_refused_or_safe(world: World, capsys: pytest.CaptureFixture[str],
+                                                                data: Any) -> None:
     """Two destinations sharing bytes, a source sharing bytes with a destination through another
     device, and a destination a live table maps are refused; disjoint bytes are copied, and the
     same device on both sides is a memmove."""
@@ -247,9 +243,8 @@ def test_copy_between_spellings_of_one_image_is_refused_or_safe(
 # -- tables on the engine --------------------------------------------------------------------------
 @SETTINGS
 @given(data=st.data())
-def test_two_tables_over_one_image_are_refused_or_coherent(
-    world: World, capsys: pytest.CaptureFixture[str], data: Any
-) -> None:
+def test_two_tables_over_one_image_are_refused_or_coherent(world: World, capsys: pytest.CaptureFixture[str],
+                                                           data: Any) -> None:
     w = world
     a, b = data.draw(paths(w, "dst")), data.draw(paths(w, "dst"))
     x, y = w.name("x"), w.name("y")

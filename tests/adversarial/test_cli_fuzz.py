@@ -72,8 +72,7 @@ def _leaves(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()) -> Ite
                 yield from _leaves(child, (*words, name))
         return
     actions = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
-    yield Leaf(words, tuple(a for a in actions if a.option_strings),
-               tuple(a for a in actions if not a.option_strings))
+    yield Leaf(words, tuple(a for a in actions if a.option_strings), tuple(a for a in actions if not a.option_strings))
 
 
 LEAVES = sorted(_leaves(cli_main.build_parser()), key=lambda leaf: leaf.words)
@@ -148,8 +147,7 @@ def command_lines(draw: Any, leaf: Leaf) -> list[str]:
     elif operands:
         tokens += ["--", *operands]
     if words[0] == "daemon":  # "run" (the default) serves until stopped
-        tokens = [draw(st.sampled_from(["stop", "status"])), *[t for t in tokens if t not in
-                                                                ("run", "stop", "status")]]
+        tokens = [draw(st.sampled_from(["stop", "status"])), *[t for t in tokens if t not in ("run", "stop", "status")]]
     if words[0] == "monitor":
         tokens = ["--once", *tokens]
     if words == ["dm", "wait"]:

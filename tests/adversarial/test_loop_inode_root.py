@@ -77,8 +77,7 @@ def test_hard_link_of_a_loop_backing_file(make_image: Callable[..., Path],
         holder.close()
 
 
-def test_bind_mount_of_a_loop_backing_file(bind_dir: tuple[Path, Path],
-                                           make_loop: Callable[..., Any]) -> None:
+def test_bind_mount_of_a_loop_backing_file(bind_dir: tuple[Path, Path], make_loop: Callable[..., Any]) -> None:
     source, target = bind_dir
     img = source / "b.img"
     with open(img, "wb") as f:

@@ -112,8 +112,7 @@ def _backing(disk: str) -> str:
 
 
 @pytest.mark.kernel
-def test_kernel_claims_a_disk_and_its_partitions(kernel_dm: Any, kernel_tag: str,
-                                                 make_image: Callable[..., Path],
+def test_kernel_claims_a_disk_and_its_partitions(kernel_dm: Any, kernel_tag: str, make_image: Callable[..., Path],
                                                  make_loop: Callable[..., Any]) -> None:
     disk, p1, p2 = _disk(make_image, make_loop)
     _disk_and_partition(kernel_dm, kernel_tag, disk, p1, p2)

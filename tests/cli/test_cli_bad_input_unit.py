@@ -74,9 +74,8 @@ def test_table_on_stdin_that_is_not_utf8(fake_dm: Any, run: Any, monkeypatch: py
     [("--threads", "100000"), ("--threads", "0"), ("--num-pages", "99999999999"), ("--throttle", "0"),
      ("--throttle", "101"), ("--threads", "x")],
 )
-def test_copy_numbers_out_of_range_are_usage_errors(
-    option: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_copy_numbers_out_of_range_are_usage_errors(option: str, value: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "src"
     src.write_bytes(b"a" * 4096)
     with pytest.raises(SystemExit) as exc:
@@ -99,8 +98,7 @@ def test_copy_numbers_out_of_range_are_usage_errors(
         ["monitor", "--timeout", "x"],
     ],
 )
-def test_times_must_be_finite_seconds(argv: list[str], fake_dm: Any,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_times_must_be_finite_seconds(argv: list[str], fake_dm: Any, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         cli_main.main(argv)
     assert exc.value.code == 2

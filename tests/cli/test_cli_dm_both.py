@@ -52,8 +52,7 @@ def userspace_cli(capsys: pytest.CaptureFixture[str], dm_name: str, make_loop: A
 
 
 @pytest.fixture
-def kernel_cli(kernel_dm: Any, capsys: pytest.CaptureFixture[str], dm_name: str,
-               make_loop: Any) -> Iterator[Harness]:
+def kernel_cli(kernel_dm: Any, capsys: pytest.CaptureFixture[str], dm_name: str, make_loop: Any) -> Iterator[Harness]:
     """The CLI on real device-mapper (kernel tier); the plugin's ``kernel_dm`` closes it."""
     h = Harness("kernel", kernel_dm, capsys, dm_name)
     try:

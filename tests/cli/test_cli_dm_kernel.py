@@ -90,8 +90,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         devs = Devices(base, dm)
         try:
             z = {k: devs.name(k) for k in ("zlin", "astr", "mnot", "bro", "ysus", "cinact")}
-            dmsetup("create", z["zlin"], "--table",
-                    f"0 2048 linear {la.path} 0\n2048 2048 linear {lb.path} 8")
+            dmsetup("create", z["zlin"], "--table", f"0 2048 linear {la.path} 0\n2048 2048 linear {lb.path} 8")
             ours_quiet("create", z["astr"], "--uuid", f"CLI-{z['astr']}", "--table",
                        f"0 4096 striped 2 8 {la.path} 4096 {lb.path} 4096")
             dmsetup("create", z["mnot"], "--notable")
@@ -146,9 +145,8 @@ def test_info_read_ahead_comes_from_the_device(zoo: dict[str, str], ours: Callab
         assert lines[2] == f"Read Ahead:        {int(f.read()) * 2}"
 
 
-def test_created_by_us_seen_by_dmsetup_and_the_reverse(
-    names: Devices, loops: tuple[Any, Any], ours: Callable[..., str]
-) -> None:
+def test_created_by_us_seen_by_dmsetup_and_the_reverse(names: Devices, loops: tuple[Any, Any],
+                                                       ours: Callable[..., str]) -> None:
     la, _ = loops
     mine, theirs = names.name("ours"), names.name("theirs")
     ours("create", mine, "--table", f"0 1024 linear {la.path} 0")
@@ -165,10 +163,8 @@ def test_created_by_us_seen_by_dmsetup_and_the_reverse(
     assert names.cleanup() == []
 
 
-def test_lifecycle_with_data_through_dev_mapper(
-    names: Devices, loops: tuple[Any, Any], ours: Callable[..., str], tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_lifecycle_with_data_through_dev_mapper(names: Devices, loops: tuple[Any, Any], ours: Callable[..., str],
+                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import io
 
     la, lb = loops

@@ -70,9 +70,8 @@ def two_loops(make_image: Callable[..., Path], make_loop: Callable[..., Any]) ->
     return make_loop(make_image(4 * MiB)), make_loop(make_image(4 * MiB))
 
 
-def test_lifecycle_and_data_through_the_exposed_device(
-    cli: Callable[..., str], devices: Devices, two_loops: tuple[Any, Any]
-) -> None:
+def test_lifecycle_and_data_through_the_exposed_device(cli: Callable[..., str], devices: Devices,
+                                                       two_loops: tuple[Any, Any]) -> None:
     la, lb = two_loops
     name = devices.name()
     table = f"0 2048 linear {la.path} 0\n2048 2048 linear {lb.path} 8"
@@ -125,10 +124,8 @@ def test_lifecycle_and_data_through_the_exposed_device(
     assert devices.cleanup() == []
 
 
-def test_create_from_a_table_file_and_from_stdin(
-    cli: Callable[..., str], devices: Devices, two_loops: tuple[Any, Any], tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_create_from_a_table_file_and_from_stdin(cli: Callable[..., str], devices: Devices, two_loops: tuple[Any, Any],
+                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import io
 
     la, lb = two_loops

@@ -133,9 +133,8 @@ def test_create_with_empty_stdin_creates_without_table(fake_dm: Any, run: Any, s
     assert fake_dm.calls == [("create", "n", None, "", False)]
 
 
-def test_create_with_stdin_closed_creates_without_table(
-    fake_dm: Any, run: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_create_with_stdin_closed_creates_without_table(fake_dm: Any, run: Any,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", None)  # what Python gives a process started with <&-
     run("dm", "create", "n")
     assert fake_dm.calls == [("create", "n", None, "", False)]
@@ -544,9 +543,8 @@ def test_broken_plugin_command_is_skipped(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @pytest.mark.parametrize(("kernel_works", "expected"), [(True, "kernel"), (False, "userspace")])
-def test_auto_picks_the_kernel_where_it_works(
-    kernel_works: bool, expected: str, monkeypatch: pytest.MonkeyPatch, run: Any
-) -> None:
+def test_auto_picks_the_kernel_where_it_works(kernel_works: bool, expected: str, monkeypatch: pytest.MonkeyPatch,
+                                              run: Any) -> None:
     """Through the real seam and ``dmtools.open``: only the two backends' constructors are faked."""
     import dmtools.backends
     import dmtools.engine.client

@@ -32,8 +32,7 @@ def test_one_device_bare_lines(eng: Engine, make_image: Callable[..., Path],
                    "8 8 zero \n")  # the space after a type that measured nothing, as dmsetup
 
 
-def test_all_devices_prefixed_and_empty_ones(eng: Engine,
-                                             run: Callable[..., tuple[int, str, str]]) -> None:
+def test_all_devices_prefixed_and_empty_ones(eng: Engine, run: Callable[..., tuple[int, str, str]]) -> None:
     eng.create("b", "0 8 error")
     eng.create("a")  # no table: "a: " as dmsetup prints it
     rc, out, _ = run("dm", "measure")
@@ -49,8 +48,7 @@ def test_inactive_and_no_devices(eng: Engine, run: Callable[..., tuple[int, str,
     assert run("dm", "measure", "--inactive", "a")[1] == "0 16 error \n"
 
 
-def test_backend_that_cannot_measure(monkeypatch: pytest.MonkeyPatch,
-                                     run: Callable[..., tuple[int, str, str]]) -> None:
+def test_backend_that_cannot_measure(monkeypatch: pytest.MonkeyPatch, run: Callable[..., tuple[int, str, str]]) -> None:
     class Old(Engine):
         def measure(self, name: str, *, inactive: bool = False) -> Any:
             raise TargetNotSupported("libdevmapper 1.02.175 has no dm_task_ima_measurement",

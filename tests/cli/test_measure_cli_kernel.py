@@ -29,8 +29,7 @@ LEN = 4 * MiB // 512
 
 def dmsetup(*argv: str) -> str:
     """``dmsetup ARGV``'s stdout (raises when it fails)."""
-    return subprocess.check_output([shutil.which("dmsetup") or "/sbin/dmsetup", *argv], text=True,
-                                   timeout=60)
+    return subprocess.check_output([shutil.which("dmsetup") or "/sbin/dmsetup", *argv], text=True, timeout=60)
 
 
 @pytest.fixture
@@ -86,8 +85,7 @@ def _tables(loops: list[str]) -> dict[str, str]:
     }
 
 
-def test_measure_equals_dmsetup_and_the_userspace_engine(kernel_dm: Any, loops: list[str],
-                                                         names: Callable[[str], str],
+def test_measure_equals_dmsetup_and_the_userspace_engine(kernel_dm: Any, loops: list[str], names: Callable[[str], str],
                                                          ours: Callable[..., str]) -> None:
     tables = _tables(loops)
     made = {tag: names(tag) for tag in tables}
@@ -121,8 +119,7 @@ def test_measure_equals_dmsetup_and_the_userspace_engine(kernel_dm: Any, loops: 
     mix = kernel_dm.measure(made["mix"])
     assert [line.params for line in mix][2:] == ["", ""]  # zero and error measure nothing
     assert mix[0].params.endswith(f",start=16;") and ",stripe_1_status=A;" in mix[1].params
-    assert kernel_dm.measure(made["mdisk"])[0].params.endswith(
-        ",handle_errors=y,keep_log=y,log_type_status=;")
+    assert kernel_dm.measure(made["mdisk"])[0].params.endswith(",handle_errors=y,keep_log=y,log_type_status=;")
 
 
 def test_inactive_table_measured(kernel_dm: Any, loops: list[str], names: Callable[[str], str],
@@ -136,8 +133,7 @@ def test_inactive_table_measured(kernel_dm: Any, loops: list[str], names: Callab
     assert [line.target_type for line in kernel_dm.measure(name)] == ["linear"]
 
 
-def test_failed_mirror_leg_is_measured_d(kernel_dm: Any, loops: list[str],
-                                         names: Callable[[str], str]) -> None:
+def test_failed_mirror_leg_is_measured_d(kernel_dm: Any, loops: list[str], names: Callable[[str], str]) -> None:
     """A mirror leg that failed a write: ``mirror_device_1_status=D`` on the kernel, as our
     engine writes it (tests/mirror/test_measure_mirror.py)."""
     a, b, _c, _log = loops

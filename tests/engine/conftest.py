@@ -67,8 +67,7 @@ def daemon_harness(make_image: Callable[..., Any], tmp_path: Path) -> Iterator[H
 
 
 @pytest.fixture
-def kernel_harness(kernel_dm: DeviceMapper, make_image: Callable[..., Any],
-                   make_loop: Callable[..., Any]) -> Harness:
+def kernel_harness(kernel_dm: DeviceMapper, make_image: Callable[..., Any], make_loop: Callable[..., Any]) -> Harness:
     """The real device-mapper over loop devices."""
     return Harness(kernel_dm, "kernel", lambda size: str(make_loop(make_image(size)).path))
 

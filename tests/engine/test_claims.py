@@ -27,9 +27,8 @@ def second() -> Iterator[Engine]:
     eng.close()
 
 
-def test_second_engine_is_refused_and_nothing_changes(
-    engine: Engine, second: Engine, make_image: Callable[..., Path]
-) -> None:
+def test_second_engine_is_refused_and_nothing_changes(engine: Engine, second: Engine,
+                                                      make_image: Callable[..., Path]) -> None:
     img, other = make_image(4 * MiB), make_image(4 * MiB)
     engine.create("a", f"0 2048 linear {img} 0")
     with pytest.raises(DeviceBusy) as exc:
@@ -81,9 +80,8 @@ def test_offline_tool_and_engine_exclude_each_other(engine: Engine, make_image: 
             pass
 
 
-def test_table_swap_releases_the_old_devices_after_resume(
-    engine: Engine, second: Engine, make_image: Callable[..., Path]
-) -> None:
+def test_table_swap_releases_the_old_devices_after_resume(engine: Engine, second: Engine,
+                                                          make_image: Callable[..., Path]) -> None:
     old, new = make_image(MiB), make_image(MiB)
     engine.create("a", f"0 2048 linear {old} 0")
     engine.load("a", f"0 2048 linear {new} 0")

@@ -87,8 +87,7 @@ def test_mounted_device_is_refused(backend: DeviceMapper, lo: Any, mounted: str,
 
 
 def test_device_held_o_excl_elsewhere_is_refused(backend: DeviceMapper, lo: Any, dm_name: str) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", EXCL_HOLDER, lo.path],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", EXCL_HOLDER, lo.path], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
         _refused(backend, dm_name, lo.path, why="held open exclusively")
@@ -116,9 +115,8 @@ def test_device_claimed_by_another_engine_is_refused(backend: DeviceMapper, lo: 
         other.close()
 
 
-def test_claimed_device_cannot_be_mounted_or_opened_exclusively(
-    backend: DeviceMapper, lo: Any, dm_name: str, tmp_path: Path
-) -> None:
+def test_claimed_device_cannot_be_mounted_or_opened_exclusively(backend: DeviceMapper, lo: Any, dm_name: str,
+                                                                tmp_path: Path) -> None:
     subprocess.run(["mkfs.ext4", "-q", "-F", lo.path], check=True)
     backend.create(dm_name, f"0 {SECTORS} linear {lo.path} 0")
     try:
@@ -160,8 +158,7 @@ def test_killed_daemon_leaves_no_claim(lo: Any, tmp_path: Path) -> None:
 
 
 @pytest.mark.root
-def test_engine_device_under_a_table_is_claimed_too(make_image: Callable[..., Path],
-                                                    tmp_path: Path) -> None:
+def test_engine_device_under_a_table_is_claimed_too(make_image: Callable[..., Path], tmp_path: Path) -> None:
     """A table over one of the engine's own devices holds that device's block device as the
     kernel's dm holds a dm device under another table: no mount, no O_EXCL opener, open count 1."""
     img = make_image(16 * MiB)

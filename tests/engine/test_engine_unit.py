@@ -9,9 +9,8 @@ from typing import Sequence
 import pytest
 
 from dmtools.engine import Engine, TargetDriver, TargetContext
-from dmtools.errors import (
-    DeviceBusy, DeviceIOError, DeviceNotFound, InvalidArgument, InvalidTable, NoSpace, TargetNotSupported,
-)
+from dmtools.errors import (DeviceBusy, DeviceIOError, DeviceNotFound, InvalidArgument, InvalidTable, NoSpace,
+                            TargetNotSupported)
 
 MiB = 1 << 20
 

@@ -323,10 +323,8 @@ def test_discard_and_zeroout_reach_the_backing_file(xengine, make_image, dm_name
     img = make_image(4 * MiB, fill=b"\xee")
     xengine.create(dm_name, f"0 {4 * MiB // 512} linear {img} 0")
     dev = xengine.device_path(dm_name)
-    subprocess.run(["blkdiscard", "-z", "-o", str(MiB), "-l", str(MiB), dev], check=True,
-                   timeout=60)
-    subprocess.run(["blkdiscard", "-o", str(2 * MiB), "-l", str(MiB), dev], check=True,
-                   timeout=60)
+    subprocess.run(["blkdiscard", "-z", "-o", str(MiB), "-l", str(MiB), dev], check=True, timeout=60)
+    subprocess.run(["blkdiscard", "-o", str(2 * MiB), "-l", str(MiB), dev], check=True, timeout=60)
     with open(img, "rb") as f:
         data = f.read()
     assert data[:MiB] == b"\xee" * MiB

@@ -124,8 +124,7 @@ def test_ranges_with_other_targets_are_read_into_a_buffer(eng, pipes, tmp_path):
     img = _image(tmp_path / "a.img", data)
     eng.create("mix-dmtt", f"0 2048 linear {img} 0\n2048 2048 zero")
     dev = _device(eng, "mix-dmtt")
-    assert _read(dev, pipes, 256 << 10, MiB - (128 << 10)) == (
-        "buffer", data[-(128 << 10):] + bytes(128 << 10))
+    assert _read(dev, pipes, 256 << 10, MiB - (128 << 10)) == ("buffer", data[-(128 << 10):] + bytes(128 << 10))
     assert _read(dev, pipes, 64 << 10, 0) == ("pipe", data[: 64 << 10])  # linear alone: spliced
 
 

@@ -42,8 +42,7 @@ def test_linear_striped_zero_error_text(dm, dm_name):
             StatusLine(3172, 28, "error", ""),
         ]
         # dmsetup's line keeps the space after a type that measured nothing, as for status
-        assert [line.dmsetup_text() for line in dm.dm.measure(dm_name)][2:] == [
-            "3072 100 zero \n", "3172 28 error \n"]
+        assert [line.dmsetup_text() for line in dm.dm.measure(dm_name)][2:] == ["3072 100 zero \n", "3172 28 error \n"]
     finally:
         dm.dm.remove(dm_name)
 

@@ -106,10 +106,9 @@ def test_linear_over_a_relative_path_maps_the_callers_file(cli: Backend, shadowe
     assert _digest(real) == before
 
 
-def test_snapshot_cow_given_relative_is_the_callers_file(
-    cli: Backend, shadowed: tuple[str, Path], dm_name: str,
-    make_image: Callable[..., Path], capsys: pytest.CaptureFixture[str],
-) -> None:
+def test_snapshot_cow_given_relative_is_the_callers_file(cli: Backend, shadowed: tuple[str, Path], dm_name: str,
+                                                         make_image: Callable[..., Path],
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
     real, local = shadowed
     before = _digest(real)
     origin_image = make_image(SIZE, fill=b"O")

@@ -36,8 +36,7 @@ def test_absolute_reference(ref: str, cwd: str, expected: str) -> None:
     assert protocol.absolute_reference(ref, cwd) == expected
 
 
-def test_absolute_table_rewrites_every_relative_reference(monkeypatch: pytest.MonkeyPatch,
-                                                          tmp_path: Path) -> None:
+def test_absolute_table_rewrites_every_relative_reference(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     text = "0 8 linear dev/a 0\n8 16 striped 2 8 b 0 /dev/loop1 0\n24 8 linear 7:3 8"
     table = protocol.absolute_table(text)
@@ -64,8 +63,7 @@ def test_daemon_refuses_a_relative_path(daemon: Daemon, tmp_path: Path, verb: st
         client.close()
 
 
-def test_client_sends_the_callers_file(daemon: Daemon, tmp_path: Path,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_client_sends_the_callers_file(daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The daemon runs in another directory: the client's rewriting makes ``img`` the caller's."""
     work = tmp_path / "work"
     work.mkdir()

@@ -80,10 +80,8 @@ def foreign(tmp_path: Path, outside: Path) -> Path:
     return run
 
 
-def test_root_refuses_another_users_run_directory(
-    foreign: Path, outside: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-    dm_name: str,
-) -> None:
+def test_root_refuses_another_users_run_directory(foreign: Path, outside: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str], dm_name: str) -> None:
     before = _state(outside, foreign)
     monkeypatch.setenv("DMTOOLS_RUN_DIR", str(foreign))
     why = f"unsafe run directory {foreign}: owned by uid {NOBODY}, not by uid 0"
@@ -104,9 +102,8 @@ def test_root_refuses_another_users_run_directory(
     finally:
         eng.close()
 
-    for argv in (["--backend", "userspace", "dm", "ls"], ["daemon", "run", "--foreground"],
-                 ["daemon", "status"], ["daemon", "stop"],
-                 ["--backend", "userspace", "dm", "create", dm_name, "--table", "0 8 zero"]):
+    for argv in (["--backend", "userspace", "dm", "ls"], ["daemon", "run", "--foreground"], ["daemon", "status"],
+                 ["daemon", "stop"], ["--backend", "userspace", "dm", "create", dm_name, "--table", "0 8 zero"]):
         capsys.readouterr()
         rc = cli_main.main(argv, propagate=False)
         err = capsys.readouterr().err
@@ -116,10 +113,9 @@ def test_root_refuses_another_users_run_directory(
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o775, 0o1777])
-def test_root_refuses_a_run_directory_others_can_write(
-    tmp_path: Path, outside: Path, mode: int, capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_root_refuses_a_run_directory_others_can_write(tmp_path: Path, outside: Path, mode: int,
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "shared"
     run.mkdir()
     run.chmod(mode)
@@ -183,8 +179,7 @@ def test_own_run_directory_links_are_replaced_not_followed(own_run: Path, outsid
     finally:
         client.close()
     assert (own_run / "daemon.pid").read_text().strip() == str(pid)
-    for name, kind in (("daemon.pid", stat.S_ISREG), ("control.sock", stat.S_ISSOCK),
-                       ("daemon.log", stat.S_ISREG)):
+    for name, kind in (("daemon.pid", stat.S_ISREG), ("control.sock", stat.S_ISSOCK), ("daemon.log", stat.S_ISREG)):
         assert kind(os.lstat(own_run / name).st_mode), name
     log = own_run / "daemon.log"
     assert stat.S_IMODE(log.stat().st_mode) == 0o600

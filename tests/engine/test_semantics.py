@@ -124,8 +124,7 @@ def test_bad_table_rejected_without_state_change(dm, dm_name, bad):
         dm.dm.load(dm_name, bad.format(a=a))
     after = dm.dm.info(dm_name)
     assert not after.inactive_table
-    assert (after.live_table, after.suspended, after.event_nr) == (
-        before.live_table, before.suspended, before.event_nr)
+    assert (after.live_table, after.suspended, after.event_nr) == (before.live_table, before.suspended, before.event_nr)
     assert str(dm.dm.table(dm_name)) == f"0 1024 linear {dm.printed(a)} 0"
     dm.dm.remove(dm_name)
 
@@ -294,7 +293,6 @@ def test_engine_and_kernel_print_the_same_text(kernel_dm, make_image, make_loop,
     try:
         k = kernel_dm.info(dm_name)
         assert seen == (str(kernel_dm.table(dm_name)), [str(s) for s in kernel_dm.status(dm_name)],
-                        (k.live_table, k.inactive_table, k.suspended, k.target_count),
-                        sorted(kernel_dm.deps(dm_name)))
+                        (k.live_table, k.inactive_table, k.suspended, k.target_count), sorted(kernel_dm.deps(dm_name)))
     finally:
         kernel_dm.remove(dm_name)

@@ -124,9 +124,8 @@ def _created_gives_back(userspace: Any, text: str, shown: str | None) -> None:
 
 
 @pytest.mark.parametrize(("example", "shown"), EXAMPLES)
-def test_both_engines_give_back_the_same_text(
-    example: str, shown: str | None, files: dict[str, str], userspace: Any
-) -> None:
+def test_both_engines_give_back_the_same_text(example: str, shown: str | None, files: dict[str, str],
+                                              userspace: Any) -> None:
     _created_gives_back(userspace, example.format(**{k: escaped(v) for k, v in files.items()}), shown)
 
 

@@ -99,9 +99,8 @@ class FakeDM(DeviceMapper):
     def info(self, name: str, *, open_count: bool = True) -> DeviceInfo:
         with self._cond:
             dev = self._get(name)
-            return DeviceInfo(name=dev.name, uuid=dev.uuid, suspended=dev.suspended,
-                              live_table=bool(dev.lines), event_nr=dev.event_nr, major=250,
-                              minor=dev.minor, target_count=len(dev.lines))
+            return DeviceInfo(name=dev.name, uuid=dev.uuid, suspended=dev.suspended, live_table=bool(dev.lines),
+                              event_nr=dev.event_nr, major=250, minor=dev.minor, target_count=len(dev.lines))
 
     def table(self, name: str, *, inactive: bool = False) -> Table:
         with self._cond:

@@ -26,8 +26,7 @@ from dmtools.testing.wait import wait_until
 BOUND = 10.0
 
 
-@pytest.fixture(params=[pytest.param(False, id="unexposed"),
-                        pytest.param(None, id="exposed", marks=pytest.mark.root)])
+@pytest.fixture(params=[pytest.param(False, id="unexposed"), pytest.param(None, id="exposed", marks=pytest.mark.root)])
 def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Daemon]:
     with serving_daemon(str(tmp_path / "run"), expose=request.param) as d:
         yield d
@@ -76,9 +75,8 @@ def _next_for(got: "queue.Queue[Any]", name: str, kind: type, since: float) -> f
             return at - since
 
 
-def test_subscriber_hears_another_clients_create_and_remove(
-    daemon: Daemon, dm_name: str, make_image: Callable[..., Path]
-) -> None:
+def test_subscriber_hears_another_clients_create_and_remove(daemon: Daemon, dm_name: str,
+                                                            make_image: Callable[..., Path]) -> None:
     img = make_image(1 << 20)
     listener = UserspaceClient(daemon.run_dir)
     other = UserspaceClient(daemon.run_dir)

@@ -5,19 +5,16 @@ from __future__ import annotations
 import pytest
 
 from dmtools.errors import InvalidArgument
-from dmtools.events import (
-    DeviceAdded, DeviceRemoved, DeviceRenamed, DeviceResumed, DeviceState, DeviceSuspended, Event,
-    LegHealthChanged, LogHealthChanged, MergeFailed, MergeFinished, SnapshotInvalidated,
-    SnapshotOverflowed, SnapshotUsageCrossed, TargetState, derive, parse_thresholds,
-)
+from dmtools.events import (DeviceAdded, DeviceRemoved, DeviceRenamed, DeviceResumed, DeviceState, DeviceSuspended,
+                            Event, LegHealthChanged, LogHealthChanged, MergeFailed, MergeFinished, SnapshotInvalidated,
+                            SnapshotOverflowed, SnapshotUsageCrossed, TargetState, derive, parse_thresholds)
 
 from ev_fakes import MIRROR_TABLE, SNAP_TABLE, mirror_status, snap_status
 
 
 def snap(status: str, *, ttype: str = "snapshot", suspended: bool = False, name: str = "s",
          event_nr: int = 0) -> DeviceState:
-    return DeviceState(name, "U-s", "250:1", event_nr, suspended,
-                       (TargetState(0, 2048, ttype, SNAP_TABLE, status),))
+    return DeviceState(name, "U-s", "250:1", event_nr, suspended, (TargetState(0, 2048, ttype, SNAP_TABLE, status),))
 
 
 def mirror(status: str, table: str = MIRROR_TABLE) -> DeviceState:
@@ -84,8 +81,7 @@ def test_merge_finished_once() -> None:
 
 
 def test_snapshot_converted_to_merge_that_is_already_done() -> None:
-    before = DeviceState("s", "U-s", "250:1", 0, False,
-                         (TargetState(0, 2048, "snapshot", SNAP_TABLE, "16/10000 16"),))
+    before = DeviceState("s", "U-s", "250:1", 0, False, (TargetState(0, 2048, "snapshot", SNAP_TABLE, "16/10000 16"),))
     after = snap("16/10000 16", ttype="snapshot-merge")
     events = derive(before, after)
     assert kinds(events) == ["device-resumed", "merge-finished"]
@@ -117,8 +113,7 @@ def test_leg_replaced_by_spare_is_not_a_health_change_but_resync_finishes() -> N
 
 def test_resync_finished_only_after_an_observed_resync() -> None:
     assert kinds(derive(None, mirror(mirror_status("AA")))) == ["device-added"]
-    assert kinds(derive(mirror(mirror_status(in_sync=0)), mirror(mirror_status()))) == [
-        "mirror-resync-finished"]
+    assert kinds(derive(mirror(mirror_status(in_sync=0)), mirror(mirror_status()))) == ["mirror-resync-finished"]
 
 
 def test_disk_log_health() -> None:
@@ -156,8 +151,7 @@ def test_lifecycle_events() -> None:
 
 
 def test_event_fields_and_json_round_trip() -> None:
-    events = derive(mirror(mirror_status("AA")), mirror(mirror_status("AS")), source="event_nr",
-                    now=123.0)
+    events = derive(mirror(mirror_status("AA")), mirror(mirror_status("AS")), source="event_nr", now=123.0)
     ev = events[0]
     assert (ev.device, ev.devno, ev.source, ev.time) == ("m", "250:2", "event_nr", 123.0)
     data = ev.to_dict()

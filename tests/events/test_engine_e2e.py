@@ -11,9 +11,8 @@ from typing import Any
 
 
 from dmtools.engine import Engine
-from dmtools.events import (
-    LegHealthChanged, MergeFinished, PolicyAction, ResyncFinished, SnapshotInvalidated, SnapshotUsageCrossed, StateStore,
-)
+from dmtools.events import (LegHealthChanged, MergeFinished, PolicyAction, ResyncFinished, SnapshotInvalidated,
+                            SnapshotUsageCrossed, StateStore)
 from dmtools.monitor import Monitor, MonitorConfig, PolicySettings
 from mirror.manager import MirrorManager
 from snapshot.manager import SnapshotManager
@@ -136,8 +135,7 @@ def test_leg_failure_event_and_repair_onto_the_spare(engine: Engine, tmp_path: P
     refs = mirror_stack(engine, tmp_path)
     settings = PolicySettings(mirror_policy="repair", spare=refs[2])
     # Polling alone would take 30 s: the leg failure must arrive through the event number.
-    monitor = Monitor(engine, MonitorConfig(settings), poll_interval=30.0,
-                      policy_loader=lambda name: MirrorManager)
+    monitor = Monitor(engine, MonitorConfig(settings), poll_interval=30.0, policy_loader=lambda name: MirrorManager)
     monitor.step()
     got, thread = run_monitor(monitor, lambda e: isinstance(e, ResyncFinished), 25)
     started, writer, result = fail_leg_under_writer(engine, "l1")

@@ -19,8 +19,7 @@ from ev_fakes import FakeDM
 
 
 def usage(name: str, *thresholds: int) -> list[SnapshotUsageCrossed]:
-    return [SnapshotUsageCrossed(device=name, threshold=t, percent=t + 0.5, time=1.0)
-            for t in thresholds]
+    return [SnapshotUsageCrossed(device=name, threshold=t, percent=t + 0.5, time=1.0) for t in thresholds]
 
 
 def test_torn_last_record_is_cut_off_and_numbering_goes_on(tmp_path: Path) -> None:

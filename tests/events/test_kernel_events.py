@@ -14,10 +14,8 @@ import pytest
 
 from dmtools.blockdev import BlockDevice, aligned_buffer
 from dmtools.errors import DMError
-from dmtools.events import (
-    DeviceRenamed, LegHealthChanged, PolicyAction, ResyncFinished, SnapshotInvalidated, SnapshotUsageCrossed, UEvent,
-    UeventSource, Watcher, sysfs_identity, udev_running,
-)
+from dmtools.events import (DeviceRenamed, LegHealthChanged, PolicyAction, ResyncFinished, SnapshotInvalidated,
+                            SnapshotUsageCrossed, UEvent, UeventSource, Watcher, sysfs_identity, udev_running)
 from dmtools.monitor import Monitor, MonitorConfig, PolicySettings
 from dmtools.status import parse_mirror_status
 

@@ -100,8 +100,7 @@ def test_missing_repair_implementation_is_refused_up_front() -> None:
 
 def test_repair_uses_the_spare_once() -> None:
     dm = FakeDM()
-    dm.add("m", [(0, 4096, "mirror", THREE_LEGS,
-                  mirror_status("AAA", legs=("250:10", "250:11", "250:12")))])
+    dm.add("m", [(0, 4096, "mirror", THREE_LEGS, mirror_status("AAA", legs=("250:10", "250:11", "250:12")))])
     rep, rem = FakeRepairer(dm), FakeRemover()
     cfg = MonitorConfig(PolicySettings(mirror_policy="repair", spare="250:20"))
     mon = Monitor(dm, cfg, event_numbers=False, uevents=False, policy_loader=loader_for(rep, rem))
@@ -178,8 +177,7 @@ def test_remove_policy_drops_failed_legs_in_one_reload() -> None:
 def test_autoextend_failure_is_reported_once() -> None:
     dm = FakeDM()
     dm.add("s", [(0, 2048, "snapshot", SNAP_TABLE, snap_status(10))])
-    mon = Monitor(dm, MonitorConfig(PolicySettings(autoextend_threshold=70)),
-                  event_numbers=False, uevents=False)
+    mon = Monitor(dm, MonitorConfig(PolicySettings(autoextend_threshold=70)), event_numbers=False, uevents=False)
     mon.step()
     failures = []
     for pct in (71, 75, 80, 90):
@@ -257,8 +255,7 @@ def test_cli_output_file_holds_each_event_once_across_runs(cli: Any, tmp_path: P
     capsys.readouterr()
     assert out.read_text().splitlines() == [json.dumps(x, sort_keys=True) for x in first]
     dm.set_status("s", snap_status(91))
-    assert run("--warn", "--output", str(out), "--timeout", "0.3", "--interval", "0.05",
-               "--no-uevents") == 0
+    assert run("--warn", "--output", str(out), "--timeout", "0.3", "--interval", "0.05", "--no-uevents") == 0
     assert capsys.readouterr().out == ""  # the events went to the file
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [(x["seq"], x.get("threshold")) for x in lines[3:]] == [(4, 90)]

@@ -92,8 +92,7 @@ def test_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path: Path) -> N
     producer = Producer(run_dir, pace=0.15)
     try:
         client.create("o-dmtt", f"0 {(8 << 20) // 512} linear {image(tmp_path, 'origin', 8 << 20)} 0")
-        SnapshotManager(client).create("o-dmtt", image(tmp_path, "cow", 512 << 10), "s-dmtt",
-                                       chunk_size=CHUNK // 512)
+        SnapshotManager(client).create("o-dmtt", image(tmp_path, "cow", 512 << 10), "s-dmtt", chunk_size=CHUNK // 512)
         producer.start()
         grew = 0
         for run in range(RUNS):

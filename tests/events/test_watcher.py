@@ -10,10 +10,8 @@ from pathlib import Path
 import pytest
 
 from dmtools.errors import DMError
-from dmtools.events import (
-    EventHub, SnapshotInvalidated, SnapshotUsageCrossed, StateStore, UEvent, Watcher, identity, last_events,
-    read_events, sysfs_identity, write_event,
-)
+from dmtools.events import (EventHub, SnapshotInvalidated, SnapshotUsageCrossed, StateStore, UEvent, Watcher, identity,
+                            last_events, read_events, sysfs_identity, write_event)
 from dmtools.testing.wait import wait_until
 
 from ev_fakes import MIRROR_TABLE, SNAP_TABLE, FakeDM, mirror_status, snap_status
@@ -109,8 +107,7 @@ def test_catch_up_across_restart_loses_and_repeats_nothing(tmp_path: Path) -> No
     with StateStore("fake", str(tmp_path), lock=True) as store:
         w = Watcher(dm, store=store, event_numbers=False, uevents=False)
         events = w.poll()
-        assert kinds(events) == ["mir:device-removed", "new:device-added",
-                                 "snap:snapshot-usage", "snap:snapshot-usage"]
+        assert kinds(events) == ["mir:device-removed", "new:device-added", "snap:snapshot-usage", "snap:snapshot-usage"]
         assert [e.threshold for e in events if isinstance(e, SnapshotUsageCrossed)] == [85, 90]
         assert w.poll() == []
     # a third start with nothing changed reports nothing

@@ -75,8 +75,7 @@ def _dmesg() -> list[str]:
 def _kernel_says(name: str, text: str) -> str:
     """Load ``text`` with the real dmsetup (refused) and return the kernel's log lines about it."""
     before = len(_dmesg())
-    proc = subprocess.run(["dmsetup", "create", name], input=text, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(["dmsetup", "create", name], input=text, capture_output=True, text=True, timeout=60)
     subprocess.run(["dmsetup", "remove", name], capture_output=True, timeout=60)
     assert proc.returncode != 0, f"the kernel took {text!r}"
     return "\n".join(_dmesg()[before:])
@@ -93,13 +92,10 @@ def dev(make_image: Callable[..., Any], make_loop: Callable[..., Any]) -> str:
     return str(make_loop(make_image(2 * MiB)).path)
 
 
-@pytest.mark.parametrize(
-    ("template", "words", "same_text"),
-    [(t, w, True) for t, w in BAD_TABLES] + [(t, w, False) for t, w in CONTEXT_ERRORS],
-)
-def test_bad_tables_get_the_kernels_words_on_both_backends(
-    template: str, words: str, same_text: bool, dev: str, kernel_dm: Any, kernel_tag: str
-) -> None:
+@pytest.mark.parametrize(("template", "words", "same_text"),
+                         [(t, w, True) for t, w in BAD_TABLES] + [(t, w, False) for t, w in CONTEXT_ERRORS])
+def test_bad_tables_get_the_kernels_words_on_both_backends(template: str, words: str, same_text: bool, dev: str,
+                                                           kernel_dm: Any, kernel_tag: str) -> None:
     text = template.format(dev=dev)
     assert words in _kernel_says(f"{kernel_tag}-raw", text)
     with Engine() as eng:

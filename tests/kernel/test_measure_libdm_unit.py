@@ -67,8 +67,7 @@ class FakeLib:
         ffi.memmove(buf, b"1.02.175\0", 9)
         return 1
 
-    def dm_get_next_target(self, ptr: Any, nxt: Any, start: Any, length: Any, ttype: Any,
-                           params: Any) -> Any:
+    def dm_get_next_target(self, ptr: Any, nxt: Any, start: Any, length: Any, ttype: Any, params: Any) -> Any:
         # libdm's iterator: ``nxt`` is NULL first, then what the previous call returned
         position = int(ffi.cast("uintptr_t", nxt))
         first, count, type_name, text = self.targets[position]
@@ -96,8 +95,7 @@ def test_measure_is_a_status_task_with_the_ima_flag() -> None:
                                 "target_name=linear,target_version=1.4.0,device_name=7:0,start=0;"),
                      StatusLine(8, 8, "zero", "")]
     assert lib.types == [TaskType.STATUS]
-    assert lib.calls == ["dm_task_set_name", "dm_task_query_inactive_table",
-                         "dm_task_ima_measurement", "dm_task_run"]
+    assert lib.calls == ["dm_task_set_name", "dm_task_query_inactive_table", "dm_task_ima_measurement", "dm_task_run"]
 
 
 def test_libdm_without_the_symbol_is_target_not_supported_before_any_ioctl() -> None:
