@@ -86,6 +86,14 @@ def _num(target_type: str, params: str, word: str, what: str) -> int:
     return int(word)
 
 
+def _counted(target_type: str, params: str, what: str) -> tuple[list[str], int]:
+    """The words of a status that opens with a count of devices, and that count."""
+    words = _words(target_type, params)
+    if not words:
+        raise _bad(target_type, params, "empty")
+    return words, _num(target_type, params, words[0], what)
+
+
 def _counts(status: object, target_type: str, *names: str, optional: bool = False) -> None:
     """Raise :class:`InvalidStatus` unless each field ``names`` of ``status`` is a non-negative
     integer (or ``None`` when ``optional``)."""
@@ -340,10 +348,7 @@ class MirrorStatus(_Status):
 def parse_mirror_status(params: str) -> MirrorStatus:
     """Parse a ``mirror`` status; raises :class:`InvalidStatus`."""
     t = "mirror"
-    words = _words(t, params)
-    if not words:
-        raise _bad(t, params, "empty")
-    count = _num(t, params, words[0], "leg count")
+    words, count = _counted(t, params, "leg count")
     if count == 0 or len(words) < count + 5:
         raise _bad(t, params, f"too short for {count} legs")
     devices = tuple(words[1 : 1 + count])
@@ -396,10 +401,7 @@ class StripedStatus(_Status):
 def parse_striped_status(params: str) -> StripedStatus:
     """Parse a ``striped`` status; raises :class:`InvalidStatus`."""
     t = "striped"
-    words = _words(t, params)
-    if not words:
-        raise _bad(t, params, "empty")
-    count = _num(t, params, words[0], "stripe count")
+    words, count = _counted(t, params, "stripe count")
     if len(words) != count + 3:
         raise _bad(t, params, f"expected {count + 3} words for {count} stripes, got {len(words)}")
     if words[1 + count] != "1":
