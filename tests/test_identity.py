@@ -352,31 +352,28 @@ def test_partition_is_its_disk_range(make_image: Callable[..., Path], make_loop:
     assert i1.via == (p1, lo.path, str(img))
 
 
-@root
-def test_exposed_engine_devices(make_image: Callable[..., Path], make_loop: Callable[..., Any], tmp_path: Path) -> None:
+@root  # exposed_engine after make_loop: the engine is closed first, and lets go of the loop device
+def test_exposed_engine_devices(make_image: Callable[..., Path], make_loop: Callable[..., Any], exposed_engine: Engine,
+                                tmp_path: Path) -> None:
     img = make_image(8 * MiB)
     lo = make_loop(img)
-    engine = Engine(expose=True, run_dir=str(tmp_path / "run"))
-    try:
-        engine.create("lin", f"0 4096 linear {lo.path} 2048")
-        mapper = engine.device_path("lin")
-        fuse_file = loop.info(os.path.realpath(mapper)).backing_file
-        assert fuse_file is not None and fuse_file.startswith(str(tmp_path / "run"))
-        want = {Extent(_file(img), MiB, 3 * MiB)}
-        for spelling in (mapper, os.path.realpath(mapper), engine.device_ref("lin"), fuse_file):
-            assert identify(spelling, dm=engine).extents == want, spelling
-        assert users(identify(lo.path), engine) == ["lin"]
-        assert users(identify(str(img)).slice(4 * MiB, MiB), engine) == []
-        with pytest.raises(DeviceConflict):
-            ensure_disjoint({"--log": str(img), "leg 1": mapper}, dm=engine)
-        # Without the backend, or with another one, the engine of this process is asked.
-        for other in (None, Engine()):
-            for spelling in (mapper, fuse_file):
-                assert identify(spelling, dm=other).extents == want, (spelling, other)
-            if other is not None:
-                other.close()
-    finally:
-        engine.close()
+    exposed_engine.create("lin", f"0 4096 linear {lo.path} 2048")
+    mapper = exposed_engine.device_path("lin")
+    fuse_file = loop.info(os.path.realpath(mapper)).backing_file
+    assert fuse_file is not None and fuse_file.startswith(str(tmp_path / "run"))
+    want = {Extent(_file(img), MiB, 3 * MiB)}
+    for spelling in (mapper, os.path.realpath(mapper), exposed_engine.device_ref("lin"), fuse_file):
+        assert identify(spelling, dm=exposed_engine).extents == want, spelling
+    assert users(identify(lo.path), exposed_engine) == ["lin"]
+    assert users(identify(str(img)).slice(4 * MiB, MiB), exposed_engine) == []
+    with pytest.raises(DeviceConflict):
+        ensure_disjoint({"--log": str(img), "leg 1": mapper}, dm=exposed_engine)
+    # Without the backend, or with another one, the engine of this process is asked.
+    for other in (None, Engine()):
+        for spelling in (mapper, fuse_file):
+            assert identify(spelling, dm=other).extents == want, (spelling, other)
+        if other is not None:
+            other.close()
 
 
 @root

@@ -214,3 +214,13 @@ def engine() -> Iterator[Any]:
 
     with Engine() as eng:
         yield eng
+
+
+@pytest.fixture
+def exposed_engine(tmp_path: Path) -> Iterator[Any]:
+    """An in-process engine whose devices are block devices (FUSE + loop: root tier), its run
+    directory ``tmp_path / "run"``; closed at teardown."""
+    from dmtools.engine import Engine
+
+    with Engine(expose=True, run_dir=str(tmp_path / "run")) as eng:
+        yield eng

@@ -158,28 +158,25 @@ def test_killed_daemon_leaves_no_claim(lo: Any, tmp_path: Path) -> None:
 
 
 @pytest.mark.root
-def test_engine_device_under_a_table_is_claimed_too(make_image: Callable[..., Path], tmp_path: Path) -> None:
+def test_engine_device_under_a_table_is_claimed_too(exposed_engine: Engine, make_image: Callable[..., Path],
+                                                    tmp_path: Path) -> None:
     """A table over one of the engine's own devices holds that device's block device as the
     kernel's dm holds a dm device under another table: no mount, no O_EXCL opener, open count 1."""
     img = make_image(16 * MiB)
     subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
-    eng = Engine(expose=True, run_dir=str(tmp_path / "run"))
-    try:
-        eng.create("low-dmtt", f"0 {2 * SECTORS} linear {img} 0")
-        low = eng.device_path("low-dmtt")
-        eng.create("top-dmtt", f"0 {SECTORS} linear {low} 0")
-        assert eng.info("low-dmtt").open_count == 1
-        mnt = tmp_path / "mnt"
-        mnt.mkdir()
-        res = subprocess.run(["mount", low, str(mnt)], capture_output=True, text=True)
-        assert res.returncode != 0 and not os.path.ismount(mnt), res.stderr
-        with pytest.raises(DeviceBusy):
-            with claims.claim(low):
-                pass
-        eng.remove("top-dmtt")
-        assert eng.info("low-dmtt").open_count == 0
+    exposed_engine.create("low-dmtt", f"0 {2 * SECTORS} linear {img} 0")
+    low = exposed_engine.device_path("low-dmtt")
+    exposed_engine.create("top-dmtt", f"0 {SECTORS} linear {low} 0")
+    assert exposed_engine.info("low-dmtt").open_count == 1
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run(["mount", low, str(mnt)], capture_output=True, text=True)
+    assert res.returncode != 0 and not os.path.ismount(mnt), res.stderr
+    with pytest.raises(DeviceBusy):
         with claims.claim(low):
             pass
-        eng.remove("low-dmtt")
-    finally:
-        eng.close()
+    exposed_engine.remove("top-dmtt")
+    assert exposed_engine.info("low-dmtt").open_count == 0
+    with claims.claim(low):
+        pass
+    exposed_engine.remove("low-dmtt")

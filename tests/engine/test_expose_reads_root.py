@@ -6,8 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -29,12 +27,9 @@ def fast(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> boo
 
 
 @pytest.fixture
-def xengine(tmp_path: Path, fast: bool) -> Iterator[Engine]:
-    eng = Engine(expose=True, run_dir=str(tmp_path / "run"))
-    try:
-        yield eng
-    finally:
-        eng.close()
+def xengine(fast: bool, exposed_engine: Engine) -> Engine:
+    """The exposed engine, made once ``fast`` has set the C data path on or off."""
+    return exposed_engine
 
 
 def _read_direct(path: str, size: int, offset: int, piece: int) -> bytes:

@@ -34,15 +34,6 @@ def run_dir(tmp_path: Path) -> str:
     return str(tmp_path / "run")
 
 
-@pytest.fixture
-def xengine(run_dir: str):
-    eng = Engine(expose=True, run_dir=run_dir)
-    try:
-        yield eng
-    finally:
-        eng.close()
-
-
 def _loops_under(run_dir: str) -> list[str]:
     prefix = os.path.realpath(os.path.join(run_dir, "fuse")) + "/"
     return [d.path for d in loop.list_loops() if (d.backing_file or "").startswith(prefix)]
@@ -56,11 +47,11 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_mkfs_mount_write_remount(xengine, make_image, tmp_path, dm_name):
+def test_mkfs_mount_write_remount(exposed_engine, make_image, tmp_path, dm_name):
     img = make_image(64 * MiB)
-    xengine.create(dm_name, f"0 {64 * MiB // 512} linear {img} 0")
-    dev = xengine.device_path(dm_name)
-    info = xengine.info(dm_name)
+    exposed_engine.create(dm_name, f"0 {64 * MiB // 512} linear {img} 0")
+    dev = exposed_engine.device_path(dm_name)
+    info = exposed_engine.info(dm_name)
     st = os.stat(dev)
     assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (info.major, info.minor)
     subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True, timeout=120)
@@ -68,9 +59,9 @@ def test_mkfs_mount_write_remount(xengine, make_image, tmp_path, dm_name):
     mnt.mkdir()
     subprocess.run(["mount", dev, str(mnt)], check=True, timeout=60)
     try:
-        assert xengine.info(dm_name).open_count >= 1
+        assert exposed_engine.info(dm_name).open_count >= 1
         with pytest.raises(DeviceBusy):
-            xengine.remove(dm_name)
+            exposed_engine.remove(dm_name)
         payload = {f"f{i}.bin": os.urandom(100_000 + i) for i in range(20)}
         for name, data in payload.items():
             (mnt / name).write_bytes(data)
@@ -84,20 +75,20 @@ def test_mkfs_mount_write_remount(xengine, make_image, tmp_path, dm_name):
         subprocess.run(["umount", str(mnt)], check=True, timeout=60)
     fsck = subprocess.run(["fsck.ext4", "-n", "-f", dev], capture_output=True, timeout=120)
     assert fsck.returncode == 0, fsck.stdout.decode() + fsck.stderr.decode()
-    xengine.remove(dm_name)
+    exposed_engine.remove(dm_name)
     assert not os.path.lexists(dev)
 
 
-def test_loop_and_endpoint_see_the_same_data(xengine, make_image, dm_name):
+def test_loop_and_endpoint_see_the_same_data(exposed_engine, make_image, dm_name):
     a, b = make_image(4 * MiB), make_image(4 * MiB)
-    xengine.create(dm_name, f"0 8192 striped 2 16 {a} 0 {b} 0")
-    dev = xengine.device_path(dm_name)
+    exposed_engine.create(dm_name, f"0 8192 striped 2 16 {a} 0 {b} 0")
+    dev = exposed_engine.device_path(dm_name)
     pattern = os.urandom(MiB)
     buf = aligned_buffer(MiB)
     buf[:] = pattern
     with BlockDevice(dev, writable=True, direct=True) as bd:
         bd.write(buf, 2 * MiB)
-    with xengine.open_endpoint(dm_name) as ep:
+    with exposed_engine.open_endpoint(dm_name) as ep:
         got = bytearray(MiB)
         assert ep.readinto(got, 2 * MiB) == MiB
         assert bytes(got) == pattern
@@ -108,29 +99,29 @@ def test_loop_and_endpoint_see_the_same_data(xengine, make_image, dm_name):
         assert bytes(buf) == other
 
 
-def test_user_holding_loop_open_blocks_remove(xengine, dm_name):
-    xengine.create(dm_name, "0 2048 zero")
-    fd = os.open(xengine.device_path(dm_name), os.O_RDONLY)
+def test_user_holding_loop_open_blocks_remove(exposed_engine, dm_name):
+    exposed_engine.create(dm_name, "0 2048 zero")
+    fd = os.open(exposed_engine.device_path(dm_name), os.O_RDONLY)
     try:
-        assert xengine.info(dm_name).open_count == 1
+        assert exposed_engine.info(dm_name).open_count == 1
         with pytest.raises(DeviceBusy):
-            xengine.remove(dm_name)
+            exposed_engine.remove(dm_name)
     finally:
         os.close(fd)
-    assert xengine.info(dm_name).open_count == 0
-    xengine.remove(dm_name)
+    assert exposed_engine.info(dm_name).open_count == 0
+    exposed_engine.remove(dm_name)
 
 
-def test_resize_on_reload_reaches_the_loop_device(xengine, make_image, dm_name):
+def test_resize_on_reload_reaches_the_loop_device(exposed_engine, make_image, dm_name):
     img = make_image(4 * MiB)
-    xengine.create(dm_name)
-    dev = xengine.device_path(dm_name)
+    exposed_engine.create(dm_name)
+    dev = exposed_engine.device_path(dm_name)
     assert _blockdev_size(dev) == 0
-    xengine.load(dm_name, f"0 2048 linear {img} 0")
-    xengine.resume(dm_name)
+    exposed_engine.load(dm_name, f"0 2048 linear {img} 0")
+    exposed_engine.resume(dm_name)
     assert _blockdev_size(dev) == MiB
-    xengine.load(dm_name, f"0 8192 linear {img} 0")
-    xengine.resume(dm_name)
+    exposed_engine.load(dm_name, f"0 8192 linear {img} 0")
+    exposed_engine.resume(dm_name)
     assert _blockdev_size(dev) == 4 * MiB
 
 
@@ -142,30 +133,30 @@ def _blockdev_size(path: str) -> int:
         os.close(fd)
 
 
-def test_stacked_reference_to_own_loop_resolves_in_process(xengine, make_image, dm_name):
+def test_stacked_reference_to_own_loop_resolves_in_process(exposed_engine, make_image, dm_name):
     img = make_image(4 * MiB)
-    xengine.create(dm_name, f"0 8192 linear {img} 0")
+    exposed_engine.create(dm_name, f"0 8192 linear {img} 0")
     upper = "up" + dm_name
     # Name the lower device by its exposed path: the engine must not go through its own loop.
-    xengine.create(upper, f"0 4096 linear {xengine.device_path(dm_name)} 2048")
-    xengine.suspend(dm_name)
+    exposed_engine.create(upper, f"0 4096 linear {exposed_engine.device_path(dm_name)} 2048")
+    exposed_engine.suspend(dm_name)
     done = threading.Event()
 
     def writer() -> None:
-        with xengine.open_endpoint(upper) as ep:
+        with exposed_engine.open_endpoint(upper) as ep:
             ep.write(b"\x42" * 4096, 0)
         done.set()
 
     t = threading.Thread(target=writer, daemon=True)
     t.start()
     assert not done.wait(0.3)  # held by the suspended lower device, in-process
-    xengine.resume(dm_name)
+    exposed_engine.resume(dm_name)
     assert done.wait(10)
     t.join(5)
     with open(img, "rb") as f:
         f.seek(2048 * 512)
         assert f.read(4096) == b"\x42" * 4096
-    xengine.remove(upper)
+    exposed_engine.remove(upper)
 
 
 def test_thousand_create_remove_cycles_leak_nothing(run_dir, make_image):
@@ -307,22 +298,22 @@ def test_daemon_clears_exposures_of_a_killed_in_process_engine(run_dir, make_ima
     _wait_socket_gone(run_dir)
 
 
-def test_readonly_table_makes_the_block_device_read_only(xengine, make_image, dm_name):
+def test_readonly_table_makes_the_block_device_read_only(exposed_engine, make_image, dm_name):
     img = make_image(MiB)
-    xengine.create(dm_name, f"0 2048 linear {img} 0", readonly=True)
-    dev = xengine.device_path(dm_name)
+    exposed_engine.create(dm_name, f"0 2048 linear {img} 0", readonly=True)
+    dev = exposed_engine.device_path(dm_name)
     with open(f"/sys/block/{os.path.basename(os.path.realpath(dev))}/ro") as f:
         assert f.read().strip() == "1"
-    xengine.load(dm_name, f"0 2048 linear {img} 0")
-    xengine.resume(dm_name)
+    exposed_engine.load(dm_name, f"0 2048 linear {img} 0")
+    exposed_engine.resume(dm_name)
     with open(f"/sys/block/{os.path.basename(os.path.realpath(dev))}/ro") as f:
         assert f.read().strip() == "0"
 
 
-def test_discard_and_zeroout_reach_the_backing_file(xengine, make_image, dm_name):
+def test_discard_and_zeroout_reach_the_backing_file(exposed_engine, make_image, dm_name):
     img = make_image(4 * MiB, fill=b"\xee")
-    xengine.create(dm_name, f"0 {4 * MiB // 512} linear {img} 0")
-    dev = xengine.device_path(dm_name)
+    exposed_engine.create(dm_name, f"0 {4 * MiB // 512} linear {img} 0")
+    dev = exposed_engine.device_path(dm_name)
     subprocess.run(["blkdiscard", "-z", "-o", str(MiB), "-l", str(MiB), dev], check=True, timeout=60)
     subprocess.run(["blkdiscard", "-o", str(2 * MiB), "-l", str(MiB), dev], check=True, timeout=60)
     with open(img, "rb") as f:
@@ -332,9 +323,9 @@ def test_discard_and_zeroout_reach_the_backing_file(xengine, make_image, dm_name
     assert data[3 * MiB :] == b"\xee" * MiB
 
 
-def test_io_errors_reach_the_block_device_as_eio(xengine, dm_name, capfd):
-    xengine.create(dm_name, "0 2048 zero\n2048 2048 error")
-    fd = os.open(xengine.device_path(dm_name), os.O_RDONLY | os.O_DIRECT)
+def test_io_errors_reach_the_block_device_as_eio(exposed_engine, dm_name, capfd):
+    exposed_engine.create(dm_name, "0 2048 zero\n2048 2048 error")
+    fd = os.open(exposed_engine.device_path(dm_name), os.O_RDONLY | os.O_DIRECT)
     try:
         buf = aligned_buffer(4096)
         assert os.preadv(fd, [buf], 0) == 4096
@@ -387,12 +378,12 @@ class _Memory(TargetDriver):
         return ""
 
 
-def test_punched_holes_read_back_as_zeros_on_any_target(xengine, dm_name):
-    xengine.register_target(_Memory)
-    xengine.create(dm_name, "0 8192 memory-test")
-    dev = xengine.device_path(dm_name)
+def test_punched_holes_read_back_as_zeros_on_any_target(exposed_engine, dm_name):
+    exposed_engine.register_target(_Memory)
+    exposed_engine.create(dm_name, "0 8192 memory-test")
+    dev = exposed_engine.device_path(dm_name)
     subprocess.run(["blkdiscard", "-o", str(MiB), "-l", str(MiB), dev], check=True, timeout=60)
-    with xengine.open_endpoint(dm_name) as ep:
+    with exposed_engine.open_endpoint(dm_name) as ep:
         got = bytearray(2 * MiB)
         ep.readinto(got, 0)
     assert bytes(got[:MiB]) == b"\xab" * MiB

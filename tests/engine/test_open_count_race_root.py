@@ -9,7 +9,6 @@ nobody opened must read as unopened however many threads ask at once.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
@@ -22,20 +21,16 @@ THREADS = 4
 SECONDS = 5.0
 
 
-def test_concurrent_open_counts_of_an_unopened_device_are_zero(tmp_path: Path, dm_name: str) -> None:
-    eng = Engine(expose=True, run_dir=str(tmp_path / "run"))
-    try:
-        eng.create(dm_name, "0 2048 zero")
-        seen: list[int] = []
+def test_concurrent_open_counts_of_an_unopened_device_are_zero(exposed_engine: Engine, dm_name: str) -> None:
+    exposed_engine.create(dm_name, "0 2048 zero")
+    seen: list[int] = []
 
-        def count() -> None:
-            end = time.monotonic() + SECONDS
-            while time.monotonic() < end:
-                seen.append(eng.info(dm_name).open_count)
+    def count() -> None:
+        end = time.monotonic() + SECONDS
+        while time.monotonic() < end:
+            seen.append(exposed_engine.info(dm_name).open_count)
 
-        run_together([count] * THREADS)
-        assert len(seen) >= THREADS
-        assert max(seen) == 0, f"{sum(1 for c in seen if c)} of {len(seen)} counts saw an opener"
-        eng.remove(dm_name)  # no grace needed: nothing holds it
-    finally:
-        eng.close()
+    run_together([count] * THREADS)
+    assert len(seen) >= THREADS
+    assert max(seen) == 0, f"{sum(1 for c in seen if c)} of {len(seen)} counts saw an opener"
+    exposed_engine.remove(dm_name)  # no grace needed: nothing holds it

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +39,8 @@ def _built() -> None:
 
 
 @pytest.fixture
-def xengine(tmp_path: Path) -> Iterator[Engine]:
-    eng = Engine(expose=True, run_dir=str(tmp_path / "run"))
-    try:
-        yield eng
-    finally:
-        eng.close()
+def xengine(exposed_engine: Engine) -> Engine:
+    return exposed_engine
 
 
 @pytest.fixture
