@@ -1,9 +1,16 @@
-"""Helpers for the events tests on the in-process userspace engine: image files, a recording backend."""
+"""Helpers for the events tests: image files, the devices of a scenario on either backend, a
+recording backend."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from dmtools.errors import DMError
+from snapshot.manager import SnapshotManager
+
+MiB = 1 << 20
 
 
 def image(tmp_path: Path, name: str, size: int) -> str:
@@ -12,6 +19,60 @@ def image(tmp_path: Path, name: str, size: int) -> str:
     with open(path, "wb") as f:
         f.truncate(size)
     return str(path)
+
+
+class Stack:
+    """The devices a test makes on one backend, removed (topmost first) at the end whatever
+    happened. On the kernel (``make_loop`` given) images sit under loop devices; the userspace
+    engine takes the image files themselves."""
+
+    def __init__(self, dm: Any, base: str, make_image: Callable[..., Path],
+                 make_loop: Callable[..., Any] | None = None) -> None:
+        self.dm = dm
+        self.base = base[: -len("-dmtt")]
+        self.make_image = make_image
+        self.make_loop = make_loop
+        self.snapshots: list[str] = []
+        self.devices: list[str] = []
+
+    def name(self, tag: str) -> str:
+        return f"{self.base}{tag}-dmtt"
+
+    def backing(self, tag: str, size: int) -> tuple[str, Path]:
+        """A new image of ``size`` bytes: how a table names it (its loop device on the kernel), and its file."""
+        path = self.make_image(size, name=tag)
+        return (self.make_loop(path).path if self.make_loop else str(path)), path
+
+    def linear(self, tag: str, size: int) -> str:
+        """A linear device ``name(tag)`` over a new image of ``size`` bytes."""
+        name = self.name(tag)
+        self.dm.create(name, f"0 {size // 512} linear {self.backing(tag, size)[0]} 0")
+        self.devices.append(name)
+        return name
+
+    def snapshot(self, cow_bytes: int) -> tuple[str, str, Path]:
+        """A 16 MiB origin and a snapshot of it with a COW of ``cow_bytes``: origin, snapshot and COW file."""
+        origin = self.linear("o", 16 * MiB)
+        cow, cow_file = self.backing("cow", cow_bytes)
+        snap = self.name("s")
+        SnapshotManager(self.dm).create(origin, cow, snap, chunk_size=8)
+        self.snapshots.append(snap)
+        return origin, snap, cow_file
+
+    def cleanup(self) -> None:
+        sm = SnapshotManager(self.dm)
+        for snap in reversed(self.snapshots):
+            try:
+                sm.remove(snap)
+            except DMError:
+                pass
+        for name in reversed(self.devices):
+            for n in (name, f"{name}-real"):
+                try:
+                    if self.dm.exists(n):
+                        self.dm.remove(n, retry=True)
+                except DMError:
+                    pass
 
 
 class Recorder:
