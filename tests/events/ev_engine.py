@@ -3,11 +3,16 @@ recording backend."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from dmtools.errors import DMError
+from dmtools.events import Watcher
+from dmtools.monitor import Monitor
+from mirror.manager import MirrorManager
 from snapshot.manager import SnapshotManager
 
 MiB = 1 << 20
@@ -59,6 +64,18 @@ class Stack:
         self.snapshots.append(snap)
         return origin, snap, cow_file
 
+    def mirror(self) -> tuple[str, list[str], list[str]]:
+        """A mirror ``name("m")`` over linear legs ``l0`` and ``l1`` (4 MiB, resynced), with
+        ``handle_errors`` and no guard (the monitor under test owns the failures), and a spare
+        ``l2``: the mirror, the three legs' names and their table references."""
+        legs = [self.linear(f"l{i}", 4 * MiB) for i in range(3)]
+        refs = [self.dm.device_ref(n) for n in legs]
+        name = self.name("m")
+        self.devices.append(name)
+        MirrorManager(self.dm).create(name, refs[:2], handle_errors=True, region_size=1024, monitor=False)
+        MirrorManager(self.dm).resync(name)
+        return name, legs, refs
+
     def cleanup(self) -> None:
         sm = SnapshotManager(self.dm)
         for snap in reversed(self.snapshots):
@@ -73,6 +90,50 @@ class Stack:
                         self.dm.remove(n, retry=True)
                 except DMError:
                     pass
+
+
+def collect_events(source: Monitor | Watcher, until: Callable[[Any], bool],
+                   timeout: float) -> tuple[list[Any], threading.Thread]:
+    """A started thread collecting ``(time, event)`` from ``source.events`` up to the first event
+    ``until`` accepts."""
+    got: list[Any] = []
+    stop = threading.Event()
+
+    def run() -> None:
+        for ev in source.events(timeout=timeout, stop=stop):
+            got.append((time.monotonic(), ev))
+            if until(ev):
+                stop.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return got, thread
+
+
+def fail_leg_under_writer(dm: Any, mirror: str, leg: str) -> tuple[float, threading.Thread, list[str]]:
+    """Write 64 KiB of ``x`` to ``mirror``, turn leg device ``leg`` into an ``error`` device, then
+    write to the mirror in a thread (with handle_errors the write is held until the monitor acts):
+    when the failure began, the writer, and its outcome once it ends."""
+    with dm.open_endpoint(mirror) as ep:
+        ep.write(b"x" * 65536, 0)
+        ep.flush()
+    dm.load(leg, "0 8192 error")  # the leg's disk dies
+    dm.resume(leg)
+    result: list[str] = []
+
+    def write() -> None:
+        try:
+            with dm.open_endpoint(mirror) as ep:
+                ep.write(b"y" * 65536, MiB)
+                ep.flush()
+            result.append("ok")
+        except DMError as err:
+            result.append(type(err).__name__)
+
+    started = time.monotonic()
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    return started, writer, result
 
 
 class Recorder:

@@ -1,23 +1,19 @@
-"""End to end on the in-process userspace engine (regular files, no root needed): a mirror leg
-failing and the repair policy, a restart catching up, a merge finishing (a snapshot filling, with
-and without auto-extend, is in test_snapshot_events.py, on both backends)."""
+"""End to end on the in-process userspace engine (regular files, no root needed): the degraded
+mirror policy, a restart catching up, a merge finishing (a snapshot filling, auto-extend and a
+mirror leg's repair are in test_policy_scenarios.py, on both backends)."""
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-
 from dmtools.engine import Engine
-from dmtools.events import (LegHealthChanged, MergeFinished, PolicyAction, ResyncFinished, SnapshotUsageCrossed,
-                            StateStore)
+from dmtools.events import MergeFinished, PolicyAction, SnapshotUsageCrossed, StateStore
 from dmtools.monitor import Monitor, MonitorConfig, PolicySettings
-from mirror.manager import MirrorManager
 from snapshot.manager import SnapshotManager
 
-from ev_engine import image
+from ev_engine import Stack, fail_leg_under_writer, image, collect_events
 
 MiB = 1 << 20
 WRITE = 16 << 10
@@ -41,99 +37,21 @@ def fill(engine: Engine, monitor: Monitor, total: int) -> list[Any]:
     return events
 
 
-def mirror_stack(engine: Engine, tmp_path: Path) -> list[str]:
-    refs = []
-    for i in range(3):
-        engine.create(f"l{i}", f"0 8192 linear {image(tmp_path, f'leg{i}', 4 * MiB)} 0")
-        refs.append(engine.device_ref(f"l{i}"))
-    MirrorManager(engine).create("m", refs[:2], handle_errors=True, region_size=1024,
-                              monitor=False)  # the Monitor under test owns the failures
-    MirrorManager(engine).resync("m")
-    return refs
-
-
-def run_monitor(monitor: Monitor, until: Any, timeout: float) -> tuple[list[Any], threading.Thread]:
-    got: list[Any] = []
-    stop = threading.Event()
-
-    def run() -> None:
-        for ev in monitor.events(timeout=timeout, stop=stop):
-            got.append((time.monotonic(), ev))
-            if until(ev):
-                stop.set()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return got, thread
-
-
-def fail_leg_under_writer(engine: Engine, name: str) -> tuple[float, threading.Thread, list[str]]:
-    """Turn leg device ``name`` into an ``error`` device, then write to the mirror in a thread
-    (with handle_errors the write is held until the monitor acts)."""
-    with engine.open_endpoint("m") as ep:
-        ep.write(b"x" * 65536, 0)
-    engine.load(name, "0 8192 error")
-    engine.resume(name)
-    result: list[str] = []
-
-    def write() -> None:
-        try:
-            with engine.open_endpoint("m") as ep:
-                ep.write(b"y" * 65536, MiB)
-            result.append("ok")
-        except Exception as err:  # noqa: BLE001 - the outcome is what the test looks at
-            result.append(type(err).__name__)
-
-    started = time.monotonic()
-    writer = threading.Thread(target=write, daemon=True)
-    writer.start()
-    return started, writer, result
-
-
-def test_leg_failure_event_and_repair_onto_the_spare(engine: Engine, tmp_path: Path) -> None:
-    refs = mirror_stack(engine, tmp_path)
-    settings = PolicySettings(mirror_policy="repair", spare=refs[2])
-    # Polling alone would take 30 s: the leg failure must arrive through the event number.
-    monitor = Monitor(engine, MonitorConfig(settings), poll_interval=30.0, policy_loader=lambda name: MirrorManager)
-    monitor.step()
-    got, thread = run_monitor(monitor, lambda e: isinstance(e, ResyncFinished), 25)
-    started, writer, result = fail_leg_under_writer(engine, "l1")
-    thread.join(timeout=30)
-    writer.join(timeout=10)
-    monitor.close()
-    events = [e for _t, e in got]
-    failed = [(t, e) for t, e in got if isinstance(e, LegHealthChanged) and e.failed]
-    assert failed, [str(e) for e in events]
-    t_failed, ev = failed[0]
-    assert (ev.device, ev.leg, ev.leg_device, ev.new) == ("m", 1, refs[1], "D")
-    assert t_failed - started < 5
-    actions = [e for e in events if isinstance(e, PolicyAction)]
-    assert [(a.policy, a.ok) for a in actions] == [("mirror-repair", True)]
-    assert isinstance(events[-1], ResyncFinished)
-    status = engine.status("m")[0].params
-    assert status == f"2 {refs[0]} {refs[2]} 8/8 1 AA 1 core"
-    legs = [bytearray(4 * MiB) for _ in range(2)]
-    for buf, name in zip(legs, ("l0", "l2")):
-        with engine.open_endpoint(name, writable=False) as ep:
-            ep.readinto(buf, 0)
-    assert legs[0] == legs[1] and legs[0][:65536] == b"x" * 65536
-    assert result and not writer.is_alive()
-
-
-def test_degraded_policy_reports_and_changes_nothing(engine: Engine, tmp_path: Path) -> None:
-    refs = mirror_stack(engine, tmp_path)
+def test_degraded_policy_reports_and_changes_nothing(engine_stack: Stack) -> None:
+    engine = engine_stack.dm
+    mirror, legs, refs = engine_stack.mirror()
     monitor = Monitor(engine, MonitorConfig(PolicySettings(mirror_policy="degraded")), poll_interval=30.0)
     monitor.step()
-    got, thread = run_monitor(monitor, lambda e: isinstance(e, PolicyAction), 20)
-    _started, writer, _result = fail_leg_under_writer(engine, "l1")
+    got, thread = collect_events(monitor, lambda e: isinstance(e, PolicyAction), 20)
+    _started, writer, _result = fail_leg_under_writer(engine, mirror, legs[1])
     thread.join(timeout=25)
     monitor.close()
     actions = [e for _t, e in got if isinstance(e, PolicyAction)]
     assert [(a.policy, a.action, a.ok) for a in actions] == [("mirror-degraded", "report", True)]
     assert "leg 1" in actions[0].detail
-    assert engine.table("m").lines[0].target.devices == (refs[0], refs[1])
-    engine.suspend("m")  # releases the held write (EIO), as an administrator's intervention would
-    engine.resume("m")
+    assert engine.table(mirror).lines[0].target.devices == (refs[0], refs[1])
+    engine.suspend(mirror)  # releases the held write (EIO), as an administrator's intervention would
+    engine.resume(mirror)
     writer.join(timeout=10)
     assert not writer.is_alive()
 

@@ -1,6 +1,7 @@
-"""A snapshot filling under a writer, with and without auto-extend, watched by the monitor: one body
-over the in-process userspace engine (image files) and the kernel (loop devices; the VM tier:
-``scripts/vmtest -k events``)."""
+"""The monitor's scenarios, one body over the in-process userspace engine (image files) and the
+kernel (loop devices; the VM tier: ``scripts/vmtest -k events``): a snapshot filling under a
+writer, with and without auto-extend, and a mirror leg failing under a writer, repaired onto the
+spare."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import pytest
 from pytest_lazy_fixtures import lf
 
 from dmtools.errors import DMError
-from dmtools.events import PolicyAction, SnapshotInvalidated, SnapshotUsageCrossed
+from dmtools.events import LegHealthChanged, PolicyAction, ResyncFinished, SnapshotInvalidated, SnapshotUsageCrossed
 from dmtools.monitor import Monitor, MonitorConfig, PolicySettings
+from dmtools.status import parse_mirror_status
+from mirror.manager import MirrorManager
 
-from ev_engine import MiB, Recorder, Stack, policies
+from ev_engine import MiB, Recorder, Stack, fail_leg_under_writer, policies, collect_events
 
 WRITE = 16 << 10
 WARN = (80, 85, 90, 95)
@@ -46,9 +49,9 @@ def write_through(dm: Any, name: str, monitor: Monitor, total: int) -> list[Any]
     return events
 
 
-def read(dm: Any, name: str, offset: int) -> bytes:
+def read(dm: Any, name: str, offset: int, size: int = WRITE) -> bytes:
     with dm.open_endpoint(name, writable=False) as ep:
-        buf = bytearray(WRITE)
+        buf = bytearray(size)
         ep.readinto(buf, offset)
     return bytes(buf)
 
@@ -87,3 +90,30 @@ def test_autoextend_keeps_the_snapshot_valid(stack: Stack) -> None:
     # the origin returns what was written through it; the snapshot still shows its zeros
     assert read(stack.dm, origin, 3 * MiB - WRITE) == piece(3 * MiB - WRITE)
     assert read(stack.dm, snap, 3 * MiB - WRITE) == bytes(WRITE)
+
+
+def test_leg_failure_event_and_repair_onto_the_spare(stack: Stack) -> None:
+    mirror, legs, refs = stack.mirror()
+    settings = PolicySettings(mirror_policy="repair", spare=refs[2])
+    # Polling alone would take 30 s: the leg failure must arrive through the event number.
+    monitor = Monitor(stack.dm, MonitorConfig(settings), names=[mirror], poll_interval=30.0, uevents=False,
+                      policy_loader=lambda name: MirrorManager)
+    monitor.step()
+    got, thread = collect_events(monitor, lambda e: isinstance(e, ResyncFinished), 60)
+    started, writer, result = fail_leg_under_writer(stack.dm, mirror, legs[1])
+    thread.join(timeout=90)
+    writer.join(timeout=30)
+    monitor.close()
+    events = [e for _t, e in got]
+    failed = [(t, e) for t, e in got if isinstance(e, LegHealthChanged) and e.failed]
+    assert failed, [str(e) for e in events]
+    t_failed, ev = failed[0]
+    assert (ev.device, ev.leg, ev.leg_device, ev.new) == (mirror, 1, refs[1], "D")
+    assert t_failed - started < 10
+    assert [(a.policy, a.ok) for a in events if isinstance(a, PolicyAction)] == [("mirror-repair", True)]
+    assert isinstance(events[-1], ResyncFinished)
+    status = parse_mirror_status(stack.dm.status(mirror)[0].params)
+    assert status.devices == (refs[0], refs[2]) and status.health == "AA" and status.in_sync_complete
+    images = [read(stack.dm, name, 0, 4 * MiB) for name in (legs[0], legs[2])]
+    assert images[0] == images[1] and images[0][:65536] == b"x" * 65536
+    assert result and not writer.is_alive()
