@@ -268,10 +268,8 @@ def _open_dm(kernel: bool, node: bool, work: Path) -> Any:
     from snapshot.targets import TARGETS
 
     dm = Engine(expose=True, run_dir=str(work / "run")) if node else Engine()
-    try:
-        dm._registry.get("snapshot")
-    except Exception:  # noqa: BLE001 - entry points not installed: register the classes
-        dm._registry._classes.update(TARGETS)  # type: ignore[arg-type]
+    for name, cls in TARGETS.items():  # the entry points' classes, also where the package is not installed
+        dm.register_target(cls, name)
     return dm
 
 
