@@ -3,7 +3,7 @@
 snapshot, ours and the kernel's side by side, and loading a persistent COW of 1,000,000 exceptions.
 
 Write workloads (fresh volume each; the origin holds data): sequential 1 MiB first writes, the same
-rewritten, sequential first writes from 4 writers, random 4 KiB first writes from one writer and
+rewritten (the 0, 1 and 4 snapshot volumes a pass each in turn, ``REWRITE_ROUNDS`` rounds), sequential first writes from 4 writers, random 4 KiB first writes from one writer and
 from 16. Each is measured three ways:
 
 - ``ours: API``: through the userspace engine's in-process endpoint; every write returns once its
@@ -284,9 +284,11 @@ def bench_writes(work: Path, size: int, chunk: int, nrandom: int, kernel: bool =
     dm = _open_dm(kernel, node, work)
     try:
         _warm(dm, work, size, chunk, kernel, node)
-        runs = [_write_rows(dm, work, size, chunk, nrandom, kernel, node) for _ in range(repeat)]
+        measured = [_write_rows(dm, work, size, chunk, nrandom, kernel, node) for _ in range(repeat)]
     finally:
         dm.close()
+    runs = [r for r, _ in measured]
+    pairs = sorted(ratio for _, ratios in measured for ratio in ratios)
     rows = {
         name: {k: statistics.median(r[name][k] for r in runs) for k in runs[0][name]}
         for name in runs[0]
@@ -306,6 +308,9 @@ def bench_writes(work: Path, size: int, chunk: int, nrandom: int, kernel: bool =
                 "cpu_s_per_gib": round(row[k + CPU], 3)}
             for k, v in row.items() if not k.endswith(CPU)
         }
+    # the range of the rewrite's ratio: each round's 1-snapshot pass over the 0-snapshot pass
+    out["seq_rewrite_1_snapshot_pass_ratios"] = [round(pairs[0], 3), round(statistics.median(pairs), 3),
+                                                 round(pairs[-1], 3)]
     if repeat > 1:
         out["runs_seq_first_1_snapshot_ratio"] = [
             round(r["1 snapshots"]["seq_first"] / r["0 snapshots"]["seq_first"], 3) for r in runs
@@ -316,13 +321,22 @@ def bench_writes(work: Path, size: int, chunk: int, nrandom: int, kernel: bool =
     return out
 
 
+#: rewrite passes over each configuration's volume per measurement, in turn (0, 1, 4, then 1,
+#: 4, 0, ...): one 1 MiB pass over a volume takes a tenth of a second on this storage, where a
+#: neighbour's I/O moves it by half.
+REWRITE_ROUNDS = 5
+
+
 def _write_rows(dm: Any, work: Path, size: int, chunk: int, nrandom: int, kernel: bool,
-                node: bool) -> dict[str, dict[str, float]]:
-    """One measurement of every configuration: bytes/s per workload.
+                node: bool) -> tuple[dict[str, dict[str, float]], list[float]]:
+    """One measurement of every configuration: bytes/s per workload; and the ratios of each
+    round's 1-snapshot rewrite pass to its 0-snapshot pass.
 
     Two volumes per configuration: on the first, sequential first writes over its first half
-    from one writer, over its second half from four, then the whole volume rewritten; on the
-    second, random 4 KiB first writes to distinct blocks from one writer, then to others from 16.
+    from one writer, over its second half from four; then the three configurations' volumes are
+    rewritten whole, ``REWRITE_ROUNDS`` passes each, in turn (the median pass counts), so a busy
+    moment of the shared storage falls on each alike. On the second, random 4 KiB first writes to
+    distinct blocks from one writer, then to others from 16.
     """
     buf = os.urandom(1 << 20)
     small = os.urandom(4096)
@@ -330,23 +344,36 @@ def _write_rows(dm: Any, work: Path, size: int, chunk: int, nrandom: int, kernel
     one, many = [b * 4096 for b in blocks[: len(blocks) // 2]], [b * 4096 for b in blocks[len(blocks) // 2 :]]
     seq = list(range(0, size, len(buf)))
     half = len(seq) // 2
-    rows: dict[str, dict[str, float]] = {}
-    for n in (0, 1, 4):
-        row = rows[f"{n} snapshots"] = {}
-        st = _Stack(dm, work, size, n, chunk, f"q{n}", kernel, node)
-        try:
+    counts = (0, 1, 4)
+    rows: dict[str, dict[str, float]] = {f"{n} snapshots": {} for n in counts}
+    stacks: dict[int, _Stack] = {}
+    passes: dict[int, list[tuple[float, float]]] = {n: [] for n in counts}
+    try:
+        for n in counts:
+            row = rows[f"{n} snapshots"]
+            st = stacks[n] = _Stack(dm, work, size, n, chunk, f"q{n}", kernel, node)
             row["seq_first"], row["seq_first" + CPU] = _threads(st.ep, seq[:half], buf, 1)
             row["seq_first_4_writers"], row["seq_first_4_writers" + CPU] = _threads(st.ep, seq[half:], buf, 4)
-            row["seq_rewrite"], row["seq_rewrite" + CPU] = _threads(st.ep, seq, buf, 1)
-        finally:
+        for i in range(REWRITE_ROUNDS):
+            for n in counts[i % len(counts):] + counts[: i % len(counts)]:
+                passes[n].append(_threads(stacks[n].ep, seq, buf, 1))
+    finally:
+        for st in stacks.values():
             st.close()
+    for n in counts:
+        row = rows[f"{n} snapshots"]
+        row["seq_rewrite"] = statistics.median(rate for rate, _ in passes[n])
+        row["seq_rewrite" + CPU] = statistics.median(cpu for _, cpu in passes[n])
+    pairs = [a[0] / b[0] for a, b in zip(passes[1], passes[0])]
+    for n in counts:
+        row = rows[f"{n} snapshots"]
         st = _Stack(dm, work, size, n, chunk, f"r{n}", kernel, node)
         try:
             row["random_4k"], row["random_4k" + CPU] = _threads(st.ep, one, small, 1)
             row["random_4k_16_writers"], row["random_4k_16_writers" + CPU] = _threads(st.ep, many, small, 16)
         finally:
             st.close()
-    return rows
+    return rows, pairs
 
 
 def _warm(dm: Any, work: Path, size: int, chunk: int, kernel: bool, node: bool) -> None:
@@ -661,6 +688,9 @@ def _print_table(results: dict[str, Any]) -> None:
             print(f"  {'  ' + w:34}" + "".join(
                 "  " + " / ".join(f"{c[n][w]['cpu_s_per_gib']:.2f}" for n in ("0 snapshots", "1 snapshots", "4 snapshots"))
                 for _, c in ours))
+    print("  1 snapshot, seq_rewrite: each pass over the 0-snapshot pass of its round, min / median / max:")
+    print(f"  {'':34}" + "".join("  " + " / ".join(f"{x:.2f}" for x in c["seq_rewrite_1_snapshot_pass_ratios"])
+                                 if "seq_rewrite_1_snapshot_pass_ratios" in c else "  -" for _, c in cols))
     fcols: list[tuple[str, dict[str, Any]]] = [
         (h, results[k]) for h, k in (("ours: fio", "fio"), ("kernel: fio, tmpfs", "fio_kernel"),
                                      ("kernel: fio, disk", "fio_kernel_disk")) if isinstance(results.get(k), dict)]
