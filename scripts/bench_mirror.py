@@ -2,7 +2,9 @@
 """Mirror benchmarks (issue 6), measured in one run and printed as ratios against peers:
 
 1. full resync of an inactive mirror (every region out of sync on its disk log) against a raw
-   kcopyd copy of the same size (what ``dmtools copy`` runs), both flushed: goal >= 1.0x (issue 12); and the
+   kcopyd copy of the same size (what ``dmtools copy`` runs), both flushed, in ``--copy-repeat``
+   rounds, each running both in turn (which goes first alternates): medians, ranges, CPU seconds
+   and each round's ratio; goal >= 1.0x (issue 12); and the
    userspace ``mirror`` target's own full resync (core log), until the mirror is removed;
 2. a resync with 10 % of the regions dirty against the full resync: goal <= 15 % of the time;
 3. rate-limited resyncs (offline, paced submissions: bytes over the time until the last copy
@@ -85,6 +87,21 @@ def raw_copy(src: Path, dst: Path, size: int) -> float:
         job.wait()
         d.flush()
     return time.monotonic() - t0
+
+
+def raw_vs_full(src: Path, dst: Path, log: Path, size: int, nr: int, region: int,
+                raw_first: bool) -> tuple[float, float, float, float]:
+    """One round: a raw kcopyd copy of ``src`` onto a blank ``dst`` and a full resync of the two
+    as legs (every region out of sync on ``log``), in the order given; the seconds of each, then
+    the CPU seconds of each (this process: kcopyd's threads are in it)."""
+    took: dict[str, tuple[float, float]] = {}
+    for what in (("raw", "full") if raw_first else ("full", "raw")):
+        blank(dst, size)
+        write_log(log, nr, None)
+        c0 = time.process_time()
+        secs = raw_copy(src, dst, size) if what == "raw" else offline([src, dst], log, region)[0]
+        took[what] = (secs, time.process_time() - c0)
+    return took["raw"][0], took["full"][0], took["raw"][1], took["full"][1]
 
 
 def offline(legs: list[Path], log: Path, region: int, rate: int | None = None,
@@ -272,7 +289,9 @@ def main() -> int:
     ap.add_argument("--region-size", default="512K")
     ap.add_argument("--rate", default="64M", help="rate limit for the rate tests (bytes/s)")
     ap.add_argument("--dir", default=None, help="where the images go (default: a temporary directory)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of the copy/resync comparisons (median)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of the resync comparisons (median)")
+    ap.add_argument("--copy-repeat", type=int, default=9,
+                    help="rounds of the raw copy against the full resync, each in turn (median and range)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--no-kernel", action="store_true", help="leave out the kernel's dm-mirror in the VM")
     ap.add_argument("--peer-size", default="256M", help="bytes of the dd and sequential fio jobs")
@@ -296,14 +315,15 @@ def main() -> int:
         src, dst, log = d / "leg0", d / "leg1", d / "log"
         fill(src, size, 1)
 
-        raws, fulls, dirties, targets = [], [], [], []
+        dirties: list[float] = []
+        targets: list[float] = []
         dirty = sorted(random.Random(2).sample(range(nr), max(1, nr // 10)))
+        pairs: list[tuple[float, float, float, float]] = []
+        for i in range(args.copy_repeat):  # interleaved, first one then the other: the disk is shared
+            pairs.append(raw_vs_full(src, dst, log, size, nr, region, raw_first=i % 2 == 0))
+        raws = [p[0] for p in pairs]
+        fulls = [p[1] for p in pairs]
         for _ in range(args.repeat):  # interleaved, medians: the machine is shared
-            blank(dst, size)
-            raws.append(raw_copy(src, dst, size))
-            blank(dst, size)
-            write_log(log, nr, None)
-            fulls.append(offline([src, dst], log, region)[0])
             write_log(log, nr, dirty)
             dirties.append(offline([src, dst], log, region)[0])
             blank(dst, size)
@@ -311,6 +331,14 @@ def main() -> int:
         out["raw_copy_s"] = statistics.median(raws)
         out["full_resync_s"] = statistics.median(fulls)
         out["full_vs_raw"] = out["raw_copy_s"] / out["full_resync_s"]
+        out["copy_rounds"] = len(pairs)
+        out["raw_copy_s_range"] = [min(raws), max(raws)]
+        out["full_resync_s_range"] = [min(fulls), max(fulls)]
+        out["raw_copy_cpu_s"] = statistics.median(p[2] for p in pairs)
+        out["full_resync_cpu_s"] = statistics.median(p[3] for p in pairs)
+        ratios = sorted(p[0] / p[1] for p in pairs)
+        out["full_vs_raw_rounds"] = [ratios[0], statistics.median(ratios), ratios[-1]]
+        out["loadavg_copies"] = loadavg()
         out["dirty10_resync_s"] = statistics.median(dirties)
         out["target_resync_s"] = statistics.median(targets)
         out["target_vs_raw"] = out["raw_copy_s"] / out["target_resync_s"]
@@ -367,9 +395,15 @@ def main() -> int:
         return 0
     mb = lambda s: format_size(int(size / s)) + "/s"  # noqa: E731
     print(f"mirror benchmark: {format_size(size)}, {nr} regions of {format_size(region * 512)}")
-    print(f"  raw kcopyd copy        {out['raw_copy_s']:.2f} s  {mb(out['raw_copy_s'])}")
-    print(f"  full resync            {out['full_resync_s']:.2f} s  {mb(out['full_resync_s'])}"
+    rng = lambda k: "[{:.2f}-{:.2f}]".format(*out[k])  # noqa: E731
+    print(f"  raw kcopyd copy        {out['raw_copy_s']:.2f} s {rng('raw_copy_s_range')}  {mb(out['raw_copy_s'])}"
+          f"  CPU {out['raw_copy_cpu_s']:.2f} s")
+    print(f"  full resync            {out['full_resync_s']:.2f} s {rng('full_resync_s_range')}  "
+          f"{mb(out['full_resync_s'])}  CPU {out['full_resync_cpu_s']:.2f} s"
           f"  = {out['full_vs_raw']:.2f}x raw copy (goal >= 1.0x)")
+    print(f"    per round (raw copy time over resync time, {out['copy_rounds']} rounds, load average "
+          f"{out['loadavg_copies']:.1f}): min {out['full_vs_raw_rounds'][0]:.2f}x, median "
+          f"{out['full_vs_raw_rounds'][1]:.2f}x, max {out['full_vs_raw_rounds'][2]:.2f}x")
     print(f"  userspace target       {out['target_resync_s']:.2f} s  {mb(out['target_resync_s'])}"
           f"  = {out['target_vs_raw']:.2f}x raw copy (resync inside the engine's mirror target)")
     print(f"  10% dirty resync       {out['dirty10_resync_s']:.2f} s"
