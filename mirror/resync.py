@@ -27,10 +27,14 @@ from mirror.format import SECTOR, LogImage, check_region_size, drop_cache, regio
 __all__ = ["ResyncPlan", "ResyncResult", "OfflineResync", "RecoveryFailed", "check_legs", "format_regions",
            "raise_for"]
 
-#: Bytes of copies kept in flight.
+#: Bytes of copies kept in flight (at least two jobs: ``RUN_BYTES`` each).
 IN_FLIGHT_BYTES = 32 << 20
-#: Largest kcopyd job: adjacent out-of-sync regions are copied together up to this size.
-RUN_BYTES = 8 << 20
+#: Largest kcopyd job: adjacent out-of-sync regions are copied together up to this size. kcopyd
+#: spreads one job over its workers itself; each further job costs Python time (submission, plan,
+#: callback) and is one more writer of the same legs (on regular files, waiting for the inode
+#: lock). Measured on file legs, 512 MiB full resync, 20 rounds against a raw kcopyd copy: CPU
+#: 0.202 s with 8 MiB jobs, 0.183 s with 32 MiB, 0.174 s for the raw copy (one job).
+RUN_BYTES = 32 << 20
 #: Seconds between log commits (legs flushed, then clean bits written).
 COMMIT_INTERVAL = 1.0
 
