@@ -10,11 +10,16 @@ the origins and their snapshots, and ``snapshot_cow_threshold``, set with
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from snapshot.targets.core import CopyOnWrite, do_origin, origins_of
 from snapshot.targets.merge import SnapshotMergeTarget
 from snapshot.targets.origin import SnapshotOriginTarget
 from snapshot.targets.origins import OriginRegistry
 from snapshot.targets.snap import SnapshotTarget
+
+if TYPE_CHECKING:
+    from dmtools.engine.target_driver import TargetDriver
 
 __all__ = [
     "CopyOnWrite",
@@ -28,7 +33,7 @@ __all__ = [
 ]
 
 #: target type name -> class, for engines that register classes directly.
-TARGETS = {
+TARGETS: dict[str, type[TargetDriver]] = {
     "snapshot-origin": SnapshotOriginTarget,
     "snapshot": SnapshotTarget,
     "snapshot-merge": SnapshotMergeTarget,
