@@ -24,7 +24,7 @@ import errno
 import os
 import re
 import threading
-from dataclasses import dataclass
+from dmtools.record import record
 
 from _socket import AF_NETLINK, SOCK_CLOEXEC, SOCK_NONBLOCK, SOCK_RAW
 from _socket import socket as _raw_socket  # socket's C type: the socket module costs 5 ms at start-up
@@ -42,7 +42,7 @@ KERNEL_GROUP = 1
 _LOOP_EVENT = re.compile(rb"/block/(loop\d+)(?:/|$)")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LoopRef:
     """One bound loop device: its node, ``(major, minor)`` and backing file as sysfs names it."""
 

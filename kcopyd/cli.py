@@ -18,7 +18,7 @@ import re
 import stat
 import sys
 import time
-from dataclasses import dataclass
+from dmtools.record import record
 from typing import Any, Sequence
 
 from dmtools.endpoint import Endpoint, NullEndpoint
@@ -52,7 +52,7 @@ destination within one file or device is copied as memmove(3) does (img@0+100 im
 _SPEC_RE = re.compile(r"^(?P<path>.*?)(?:@(?P<sector>[0-9][0-9A-Za-z.]*))?(?:\+(?P<count>[0-9][0-9A-Za-z.]*))?$")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Spec:
     """A parsed ``PATH[@SECTOR][+COUNT]`` argument (sector and count in sectors)."""
 

@@ -8,7 +8,7 @@ and then run its notify callback once on the client's callback thread.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dmtools.record import record
 from typing import TYPE_CHECKING, Any, Callable, Generator
 
 from dmtools.errors import DeviceIOError, OperationCancelled
@@ -40,7 +40,7 @@ DEST_ZEROED = 1 << 8
 LARGE_FOLIO = 2 << 20
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Progress:
     """Bytes done out of bytes total."""
 
@@ -83,7 +83,7 @@ class Piece:
         return self.pages.spans(start, length)
 
 
-@dataclass
+@record
 class Plan:
     """How a job is cut into pieces and how they are read and written (chosen at submission)."""
 

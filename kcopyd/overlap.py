@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from dmtools.record import record
 from typing import TYPE_CHECKING, Any, Hashable, Sequence
 
 from dmtools.endpoint import Endpoint
@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Span", "span_of", "path_span", "plan_overlap", "region_identities", "check_dests_not_in_use"]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Span:
     """Bytes ``[start, end)`` of the device ``key`` (what the I/O is addressed through)."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from dmtools.record import record
 from typing import Union
 
 from dmtools.endpoint import Endpoint
@@ -27,7 +27,7 @@ MAX_REGIONS = 8
 DevLike = Union[str, "os.PathLike[str]", Endpoint]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Region:
     """``count`` sectors of ``dev`` starting at ``sector``."""
 
@@ -62,7 +62,7 @@ class Region:
         return os.fspath(self.dev)
 
 
-@dataclass
+@record
 class OpenRegion:
     """A region whose device is open: ``endpoint``, byte ``offset`` and ``owned`` (kcopyd closes it)."""
 

@@ -12,7 +12,7 @@ loaded or anything is connected. One spelling per export (the export's identity)
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dmtools.record import record
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from dmtools.errors import InvalidArgument
@@ -41,7 +41,7 @@ def is_nbd_uri(text: object) -> bool:
     return bool(sep) and scheme.lower() in SCHEMES
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class NbdUri:
     """A parsed NBD URI; ``text`` is what the user wrote (handed to libnbd unchanged)."""
 

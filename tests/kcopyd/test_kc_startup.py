@@ -10,10 +10,11 @@ import sys
 
 #: Neither a copy between two files nor its safety checks need these: the upper targets, the
 #: kernel's backend and cffi binding (no kernel table maps a file without a loop over it), udev,
-#: libnbd (loaded when a URI is named), the daemon's client (none runs), fractions/decimal.
+#: libnbd (loaded when a URI is named), the daemon's client (none runs), fractions/decimal,
+#: dataclasses and the inspect it imports (dmtools.record instead: a quarter of the start-up).
 NOT_LOADED = ("snapshot", "mirror", "thin", "cffi", "_cffi_backend", "pyudev", "dmtools._ffi", "nbd",
               "dmtools.kernel", "dmtools.backend", "dmtools.nbd.endpoint", "dmtools.engine.client",
-              "fractions", "decimal")
+              "fractions", "decimal", "dataclasses", "inspect")
 
 PROBE = """
 import json, sys
