@@ -4,6 +4,7 @@ is compared against (issue 14), and what it imports is checked exactly here, in 
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -35,3 +36,37 @@ def test_copy_of_two_files_imports_only_the_copy_path(tmp_path) -> None:
     assert "kcopyd.client" in loaded and "dmtools.claims" in loaded, "the copy and its checks ran"
     heavy = sorted(m for m in loaded if m in NOT_LOADED or m.partition(".")[0] in NOT_LOADED)
     assert not heavy, f"dmtools copy FILE FILE imports {heavy}"
+
+
+KCOPYD_PROBE = """
+import json, sys
+from kcopyd.cli import main
+rc = main([sys.argv[1], sys.argv[2], "--quiet"])
+print(json.dumps([rc, sorted(sys.modules)]), file=sys.stderr)
+"""
+
+
+def test_python_m_kcopyd_does_not_import_shutil(tmp_path) -> None:
+    """``python -m kcopyd`` (what ``scripts/bench nbd`` times against nbdcopy) finds the terminal's
+    width for argparse itself: argparse's own way imports shutil, bz2 and lzma."""
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    src.write_bytes(bytes(range(256)) * 16)
+    env = {"PATH": "/usr/bin:/bin", "DMTOOLS_RUN_DIR": str(tmp_path / "run")}
+    proc = subprocess.run([sys.executable, "-c", KCOPYD_PROBE, str(src), str(dst)], capture_output=True,
+                          text=True, check=True, env=env)
+    rc, loaded = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert rc == 0 and dst.read_bytes() == src.read_bytes(), "the probe copied the file"
+    heavy = sorted(m for m in loaded if m in NOT_LOADED + ("shutil", "bz2", "lzma"))
+    assert not heavy, f"python -m kcopyd FILE FILE imports {heavy}"
+
+
+def test_help_width_follows_columns(monkeypatch) -> None:
+    """The width is found as ``shutil.get_terminal_size`` finds it: ``$COLUMNS`` first."""
+    from kcopyd.cli import HelpFormatter, _terminal_columns
+
+    monkeypatch.setenv("COLUMNS", "61")
+    assert _terminal_columns() == 61
+    assert HelpFormatter("prog")._width == 61 - 2  # argparse keeps 2 columns of margin
+    assert HelpFormatter("prog")._width == argparse.RawDescriptionHelpFormatter("prog")._width
+    monkeypatch.setenv("COLUMNS", "junk")
+    assert _terminal_columns() > 0
