@@ -70,3 +70,30 @@ def test_help_width_follows_columns(monkeypatch) -> None:
     assert HelpFormatter("prog")._width == argparse.RawDescriptionHelpFormatter("prog")._width
     monkeypatch.setenv("COLUMNS", "junk")
     assert _terminal_columns() > 0
+
+
+def _run_module(tmp_path, stdout) -> subprocess.CompletedProcess[str]:
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    src.write_bytes(bytes(range(256)) * 64)
+    env = {"PATH": "/usr/bin:/bin", "DMTOOLS_RUN_DIR": str(tmp_path / "run")}  # block-buffered stdout
+    proc = subprocess.run([sys.executable, "-m", "kcopyd", "--json", str(src), str(dst)], stdout=stdout,
+                          stderr=subprocess.PIPE, text=True, env=env)
+    assert dst.read_bytes() == src.read_bytes(), "the copy ran"
+    return proc
+
+
+def test_python_m_kcopyd_leaves_with_its_output_written(tmp_path) -> None:
+    """``python -m kcopyd`` skips the interpreter's teardown: its buffered summary is written first."""
+    out = tmp_path / "out.json"
+    with open(out, "w") as f:
+        proc = _run_module(tmp_path, f)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["ok"] is True
+
+
+def test_python_m_kcopyd_exits_120_when_its_output_cannot_be_written(tmp_path) -> None:
+    """As the ordinary exit does when flushing standard output fails (here: a full device)."""
+    with open("/dev/full", "w") as f:
+        proc = _run_module(tmp_path, f)
+    assert proc.returncode == 120
+    assert "No space left" in proc.stderr
