@@ -24,13 +24,13 @@ import errno
 import os
 import re
 import threading
-from dmtools.record import record
 
 from _socket import AF_NETLINK, SOCK_CLOEXEC, SOCK_NONBLOCK, SOCK_RAW
 from _socket import socket as _raw_socket  # socket's C type: the socket module costs 5 ms at start-up
 
 from dmtools.errors import DMError
 from dmtools.linux import LOOP_NAME
+from dmtools.record import record
 
 __all__ = ["LoopRef", "LoopIndex", "loops_over_inode", "loops_over_path", "index"]
 

@@ -18,13 +18,13 @@ import re
 import stat
 import sys
 import time
-from dmtools.record import record
 from typing import Any, Sequence
 
 from dmtools.endpoint import Endpoint, NullEndpoint
 from dmtools.errors import DMError, InvalidArgument
 from dmtools.linux import DEVNO
 from dmtools.nbd.uri import is_nbd_uri
+from dmtools.record import record
 from dmtools.units import SECTOR, format_size, parse_sectors, parse_size
 
 #: The one line ``dmtools --help`` shows for this command (read without building its parser).

@@ -8,11 +8,11 @@ and then run its notify callback once on the client's callback thread.
 from __future__ import annotations
 
 import threading
-from dmtools.record import record
 from typing import TYPE_CHECKING, Any, Callable, Generator
 
 from dmtools.errors import DeviceIOError, OperationCancelled
 from dmtools.lazy import logger
+from dmtools.record import record
 from kcopyd.lanes import WriteLanes
 
 if TYPE_CHECKING:  # pragma: no cover

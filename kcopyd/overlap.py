@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import os
 import stat
-from dmtools.record import record
 from typing import TYPE_CHECKING, Any, Hashable, Sequence
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import InvalidArgument
+from dmtools.record import record
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.backend import DeviceMapper

@@ -12,10 +12,10 @@ loaded or anything is connected. One spelling per export (the export's identity)
 from __future__ import annotations
 
 import os
-from dmtools.record import record
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from dmtools.errors import InvalidArgument
+from dmtools.record import record
 
 __all__ = ["DEFAULT_PORT", "SCHEMES", "NbdUri", "is_nbd_uri", "parse_uri"]
 
