@@ -97,3 +97,24 @@ def test_python_m_kcopyd_exits_120_when_its_output_cannot_be_written(tmp_path) -
         proc = _run_module(tmp_path, f)
     assert proc.returncode == 120
     assert "No space left" in proc.stderr
+
+
+FORWARD_REF_PROBE = """
+import typing
+made = []
+init = typing.ForwardRef.__init__
+def counting(self, arg, *a, **k):
+    made.append(arg)
+    init(self, arg, *a, **k)
+typing.ForwardRef.__init__ = counting
+import kcopyd.cli, kcopyd.client, kcopyd.progress, dmtools.claims, dmtools.loop_index, dmtools.nbd.endpoint
+print(made)
+"""
+
+
+def test_copy_path_makes_no_forward_refs_at_import() -> None:
+    """A string in a runtime ``Union[...]`` (or a ``TypeVar`` bound) becomes a ``typing.ForwardRef``,
+    which compiles it: 10 M instructions for the first, a twentieth of a small copy's run."""
+    proc = subprocess.run([sys.executable, "-c", FORWARD_REF_PROBE], capture_output=True, text=True,
+                          check=True)
+    assert proc.stdout.strip() == "[]", f"forward references made at import: {proc.stdout.strip()}"
