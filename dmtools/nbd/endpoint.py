@@ -135,6 +135,7 @@ class _Connection:
         self.driving = False
         self._fd = handle.aio_get_fd()
         self._poller = select.poll()  # used by the driver only
+        self._events = 0  # what the poller waits for on the socket
 
     @property
     def busy(self) -> int:
@@ -194,26 +195,37 @@ class _Connection:
             nxt.wake.set()
 
     def _drive(self, req: _Request) -> None:
-        """Move the state machine until ``req`` is finished or the connection dies."""
+        """Move the state machine until ``req`` is finished or the connection dies.
+
+        The earliest deadline is looked up again only when a wait ends with nothing done (about
+        5 rounds per 1 MiB reply otherwise, each looking through every request in flight): the
+        one known is never later than the true one (requests issued since have later deadlines),
+        so a wait is never longer than it should be, and the connection is killed only after a
+        wait with nothing done, with a fresh deadline past, as before.
+        """
         nbd, h = self.nbd, self.h
         if h is None:
             req.fail(self.dead or errno.ESHUTDOWN)
             return
+        monotonic = time.monotonic
+        deadline = self._deadline()
         while not req.finished:
             if self.dead:
                 req.fail(self.dead)
                 return
-            wait_ms = -1
-            deadline = self._deadline()
+            wait_ms = POLL_SLICE_MS
             if deadline is not None:
-                wait_ms = max(0, int((deadline - time.monotonic()) * 1000) + 1)
+                wait_ms = min(POLL_SLICE_MS, max(0, int((deadline - monotonic()) * 1000) + 1))
             try:
-                progressed = self._poll(min(wait_ms, POLL_SLICE_MS) if wait_ms >= 0 else POLL_SLICE_MS)
+                progressed = self._poll(wait_ms)
             except nbd.Error as err:
                 log.debug("nbd: %s: connection failed: %s", self.name, err)
                 self.kill(err.errnum or errno.ENOTCONN)
                 return
-            if not progressed and deadline is not None and time.monotonic() >= deadline:
+            if progressed:
+                continue
+            deadline = self._deadline()
+            if deadline is not None and monotonic() >= deadline:
                 log.warning("nbd: %s: no reply within %.1f s, dropping the connection", self.name,
                             self.timeout)
                 self.kill(errno.ETIMEDOUT)
@@ -230,7 +242,9 @@ class _Connection:
                  (select.POLLOUT if want & nbd.AIO_DIRECTION_WRITE else 0)
         if not events:  # not connected any more: nbd_poll says why
             return bool(h.poll(timeout_ms))
-        self._poller.register(self._fd, events)
+        if events != self._events:  # only the driver polls: a change of direction is re-registered
+            self._poller.register(self._fd, events)
+            self._events = events
         ready = self._poller.poll(timeout_ms)
         if not ready:
             return False
