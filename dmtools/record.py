@@ -8,9 +8,10 @@ and for ``frozen=True`` assignment refused (:class:`FrozenInstanceError`) and ``
 fields (a mutable record is unhashable, as a mutable dataclass). Fields with ``ClassVar`` or
 ``field()`` options are not supported.
 
-Why: importing ``dataclasses`` (which imports ``inspect``, ``ast``, ``dis``, ``tokenize``) was
-42 M of the 176 M instructions ``python -m kcopyd`` spends on its own start-up before copying a
-byte (``valgrind --tool=callgrind``; ``python -c pass`` is 88 M), and every NBD copy pays it.
+Why: importing ``dataclasses`` (which imports ``inspect``, ``ast``, ``dis``, ``tokenize``) costs
+42 M instructions (``valgrind --tool=callgrind``; ``python -c pass`` is 88 M), and every copy paid
+it: without it, ``python -m kcopyd`` copying a 1 MiB NBD export to a file went from 266.7 M to
+211.8 M instructions.
 """
 
 from __future__ import annotations
