@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dmtools.errors import DeviceIOError
+from dmtools.errors import DeviceIOError, InvalidArgument
 from thin.metadata import ThinMetadata
 from thin.metadata.check import check
 
@@ -130,3 +130,51 @@ def test_a_failed_fold_refuses_commits_until_the_abort(tmp_path: Path, monkeypat
     md.commit()
     md.close()
     assert check(path).ok
+
+
+def test_a_run_joins_the_waiting_mappings_only_when_it_may(tmp_path: Path) -> None:
+    """``map_new``'s way for a run of the device of the last run: it waits in core; a run with a
+    block outside the pool is refused and changes nothing; a run with a virtual block waiting
+    already (or twice) goes in at once, as ``insert_many``."""
+    path, md = _pool(tmp_path)
+    first = md.alloc_data_blocks(16)
+    md.map_new(1, list(zip(range(0, 16), first)))
+    second = md.alloc_data_blocks(16)
+    md.map_new(1, list(zip(range(16, 32), second)))  # the device of the last run: joins it
+    assert md.pending == 32
+    assert [md.find(1, v) for v in (0, 15, 16, 31)] == [(first[0], False), (first[15], False),
+                                                       (second[0], False), (second[15], False)]
+    for bad in (-1, 1000):  # 1000 data blocks: 0..999
+        with pytest.raises(InvalidArgument, match="outside the pool"):
+            md.map_new(1, [(40, md.alloc_data_block()), (41, bad)])
+        assert md.pending == 32 and md.find(1, 40) is None
+    again = md.alloc_data_blocks(2)
+    md.map_new(1, [(31, again[0]), (32, again[1])])  # 31 waits already: both go in now
+    assert md.pending == 0  # the insert folded the waiting ones first
+    assert md.find(1, 31) == (again[0], False) and md.find(1, 32) == (again[1], False)
+    md.commit()
+    md.close()
+    assert check(path).ok
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_unmapped_agrees_with_the_mappings_of_the_range(tmp_path: Path, seed: int) -> None:
+    """``unmapped`` over trees of several leaves and mappings waiting in core, for ranges inside,
+    across and between leaves."""
+    rng = random.Random(seed)
+    _path, md = _pool(tmp_path)
+    keys = rng.sample(range(3000), 700)
+    committed, waiting = keys[:600], keys[600:]
+    md.insert_many(1, [(k, md.alloc_data_block()) for k in committed])  # several leaves
+    md.commit()
+    for k in waiting:
+        md.map_one(1, k, md.alloc_data_block())
+    everything = set(keys)
+    for _ in range(300):
+        begin = rng.randrange(3100)
+        end = begin + rng.choice([1, 2, 16, 40])
+        expect = everything.isdisjoint(range(begin, end))
+        assert md.unmapped(1, begin, end) is expect, (begin, end)
+    assert md.pending == len(waiting)  # no fold needed to tell
+    assert md.unmapped(1, 5000, 5016)
+    md.close()

@@ -13,7 +13,7 @@ third full, ``max_entries`` from the kernel's ``calc_max_entries``.
 from __future__ import annotations
 
 import struct
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -193,6 +193,22 @@ def walk(tm: TransactionManager, root: int, vtype: ValueType,
         first = max(bisect_right(keys, lo) - 1, 0)
         last = len(keys) if hi is None else bisect_right(keys, hi - 1)
         stack.extend(reversed(kids[first:last]))
+
+
+def has_key_in(tm: TransactionManager, root: int, vtype: ValueType, lo: int, hi: int) -> bool:
+    """Whether the tree holds a key in ``[lo, hi)`` (read-only; the leaves :func:`walk` visits,
+    up to the first that holds one)."""
+    stack = [root]
+    while stack:
+        node = tm.read_node(stack.pop(), vtype, cache=False)
+        keys = node.keys
+        if node.leaf:
+            i = bisect_left(keys, lo)
+            if i < len(keys) and keys[i] < hi:
+                return True
+            continue
+        stack.extend(reversed(node.values[max(bisect_right(keys, lo) - 1, 0):bisect_right(keys, hi - 1)]))
+    return False
 
 
 def highest_key(tm: TransactionManager, root: int, vtype: ValueType) -> int | None:

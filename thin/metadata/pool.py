@@ -407,6 +407,15 @@ class ThinMetadata:
         det = self._details.get(dev_id) or self._clean_details.get(dev_id) or self._det(dev_id)
         return value >> 24, det.snapshotted_time > value & TIME_MASK
 
+    def unmapped(self, dev_id: int, begin: int, end: int) -> bool:
+        """Whether no block of ``[begin, end)`` is mapped, in the tree or waiting in core
+        (:meth:`mappings` of the range would give nothing; no fold needed to tell)."""
+        pend = self._pending.get(dev_id)
+        if pend and not pend.keys().isdisjoint(range(begin, end)):
+            return False
+        root = self._roots.get(dev_id)
+        return not btree.has_key_in(self.tm, self._root(dev_id) if root is None else root, self.mapping, begin, end)
+
     def highest_mapped(self, dev_id: int) -> int | None:
         """The highest mapped virtual block of a device, ``None`` when it maps nothing
         (dm-thin-metadata.c ``dm_thin_get_highest_mapped_block``)."""
@@ -444,19 +453,27 @@ class ThinMetadata:
         shares a tree (``create_snap``) or moves the time happens without a fold first. A block
         that is mapped after all (or twice) goes in at once, as ``insert_many``: a waiting
         mapping replaces no value, so no reference count changes later than it would at once."""
-        self._check_mapping(dev_id, pairs)
+        time = self.time
+        packed = {v: (b << 24) | time for v, b in pairs}  # pack_block_time
         pend = self._pending.get(dev_id)
+        if (pend is not None and dev_id == self._last and self._in_service and packed
+                and len(packed) == len(pairs) and min(packed.values()) >= 0
+                and max(packed.values()) >> 24 < len(self.tm.dsm.counts) and pend.keys().isdisjoint(packed)):
+            # map_one's way for a run (a whole-block write's blocks): the device of the last
+            # run, in service, every block inside the pool and no virtual block waiting already
+            pend.update(packed)
+            self.pending += len(packed)
+            return
+        self._check_mapping(dev_id, pairs)
         if pend is None:
             pend = self._pending[dev_id] = {}
-        keys = {v for v, _b in pairs}
-        if len(keys) != len(pairs) or not pend.keys().isdisjoint(keys):
+        if len(packed) != len(pairs) or not pend.keys().isdisjoint(packed):
             self.insert_many(dev_id, pairs)
             return
         if dev_id != self._last:
             self._order.append((dev_id, len(pend)))
             self._last = dev_id
-        time = self.time
-        pend.update((v, (b << 24) | time) for v, b in pairs)  # pack_block_time
+        pend.update(packed)
         self.pending += len(pairs)
 
     def map_one(self, dev_id: int, vblock: int, data_block: int) -> None:

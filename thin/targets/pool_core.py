@@ -563,6 +563,24 @@ class Pool:
                 raise
             raise self._failed("dm_pool_alloc_data_block", err) from err
 
+    def alloc_unmapped(self, dev_id: int, begin: int, end: int) -> tuple[list[int], int] | None:
+        """For whole-block writes of ``[begin, end)``, their cells held, in one hold of the lock:
+        ``None`` when a block there is mapped or the pool is not in write mode (the caller looks
+        them up); else the new blocks :meth:`try_alloc_many` gives for them (maybe fewer) and
+        the abort count they were taken at."""
+        with self.lock:
+            if self.mode != Mode.WRITE:
+                return None
+            try:  # run()'s rules, inline
+                if not self.md.unmapped(dev_id, begin, end):
+                    return None
+            except (DeviceIOError, OSError, DMError) as err:
+                if not _metadata_fault(err):
+                    raise
+                raise self._failed("dm_thin_find_mapped_range", err) from err
+            aborts = self.aborts
+            return self.try_alloc_many(end - begin), aborts
+
     def release_block(self, block: int, aborts: int) -> None:
         """Give back a block whose preparation or write failed (taken when ``self.aborts`` was
         ``aborts``: an abort since then dropped the reference already)."""

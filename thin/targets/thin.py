@@ -26,6 +26,7 @@ as every kcopyd job always does.
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 from typing import Callable
 
 import kcopyd
@@ -36,7 +37,7 @@ from dmtools.engine.target_driver import TargetContext, TargetDriver, fill_zero
 from dmtools.errors import DeviceIOError, DeviceNotFound, DMError, InvalidTable, NoSpace
 from dmtools.target_values import Thin
 
-from thin.targets.pool_core import SECTOR, Mode
+from thin.targets.pool_core import SECTOR, Lookup, Mode
 from thin.targets.pool_table import pool_table
 
 __all__ = ["ThinTarget"]
@@ -212,18 +213,30 @@ class ThinTarget(TargetDriver):
         """Whole-block writes of ``[v0, v1)``: no zeroing or copying is needed, so the blocks are
         allocated together, written with one I/O per run that is consecutive on the data device,
         and mapped together. Blocks the pool cannot give at once go the per-block way."""
-        pool, bb = self.pool, self.bb
-        with pool.prison.hold_all((self.dev_id, v) for v in range(v0, v1)):
+        pool, bb, dev_id = self.pool, self.bb, self.dev_id
+        with pool.prison.hold_all({(dev_id, v) for v in range(v0, v1)}):
             pool.check_io()
-            looks = pool.lookup_range(self.dev_id, v0, v1)
-            dest = {v: look.data_block for v, look in looks.items() if not look.shared}
-            need = [v for v in range(v0, v1) if v not in dest]
-            aborts = pool.aborts
-            news = pool.try_alloc_many(len(need)) if need else []
+            fresh = pool.alloc_unmapped(dev_id, v0, v1)
+            looks: dict[int, Lookup]
+            need: Sequence[int]
+            if fresh is not None:  # first writes (the sequential writer's case): nothing to look up
+                looks, need = {}, range(v0, v1)
+                news, aborts = fresh
+                dest: dict[int, int] = {}
+            else:
+                looks = pool.lookup_range(self.dev_id, v0, v1)
+                dest = {v: look.data_block for v, look in looks.items() if not look.shared}
+                need = [v for v in range(v0, v1) if v not in dest]
+                aborts = pool.aborts
+                news = pool.try_alloc_many(len(need)) if need else []
             pairs = list(zip(need, news))
-            dest.update(pairs)
             try:
-                start = v0
+                if len(news) == v1 - v0 and news == list(range(news[0], news[0] + len(news))):  # one new run
+                    self._write_data(data, news[0] * bb)
+                    start = v1
+                else:
+                    start = v0
+                    dest.update(pairs)
                 while start < v1:
                     if start not in dest:
                         start += 1
