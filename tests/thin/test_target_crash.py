@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from thin_crash_writer import BLOCK, DATA_BLOCKS, SECTORS, pool_table, plan, thin_table
 
 from dmtools.engine import Engine
@@ -53,15 +55,15 @@ class DeviceModel:
                                      f"{' or an unflushed write' if i in allowed else ''}")
 
 
-def one_run(work: Path, seed: int, thin_tools: Any) -> int:
+def one_run(work: Path, seed: int, thin_tools: Any, runs: bool = False) -> int:
     rng = random.Random(seed)
     with open(work / "meta.img", "wb") as f:
         f.truncate(4 << 20)
     with open(work / "data.img", "wb") as f:
         f.truncate(DATA_BLOCKS * BLOCK * 512)
-    acked = kill_after_acks(WRITER, [str(work), str(seed)], rng, 60) - 1
+    acked = kill_after_acks(WRITER, [str(work), str(seed)] + (["runs"] if runs else []), rng, 60) - 1
     thin_tools.check(work / "meta.img")
-    ops = plan(seed)
+    ops = plan(seed, runs)
     models = {1: DeviceModel(bytearray(SIZE))}
     for op in ops[:acked + 1]:
         if op[0] == "snap":
@@ -104,12 +106,14 @@ def one_run(work: Path, seed: int, thin_tools: Any) -> int:
     return acked + 1
 
 
-def test_sigkill_during_writes_and_snapshots(tmp_path: Path, thin_tools: Any) -> None:
+@pytest.mark.parametrize("runs", [False, True], ids=["blocks", "whole-block-runs"])
+def test_sigkill_during_writes_and_snapshots(tmp_path: Path, thin_tools: Any, runs: bool) -> None:
+    """``whole-block-runs``: writes also cover several whole blocks, mapped together."""
     def run(seed: int) -> int:
         work = tmp_path / f"run{seed}"
         work.mkdir()
         try:
-            return one_run(work, seed, thin_tools)
+            return one_run(work, seed, thin_tools, runs)
         finally:
             for p in work.iterdir():
                 p.unlink()

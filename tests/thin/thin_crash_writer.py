@@ -1,6 +1,7 @@
 """Child process for the thin crash test: a thin pool on the in-process engine (the process the
 parent SIGKILLs holds the pool, as the daemon would), then a deterministic plan of writes, flushes
-and snapshots, printing ``ack N`` after op N returned. Run: ``thin_crash_writer.py WORK SEED``."""
+and snapshots, printing ``ack N`` after op N returned. Run: ``thin_crash_writer.py WORK SEED [runs]``
+(``runs``: writes of up to the whole device too, which cover several whole blocks)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,13 @@ DATA_BLOCKS = 48
 Op = tuple
 
 
-def plan(seed: int) -> list[Op]:
+#: sectors a write covers; with ``runs`` also several whole blocks (the thin target maps them
+#: together: ``ThinTarget._write_whole_blocks``).
+COUNTS = [1, 8, 64, 128, 200]
+RUN_COUNTS = COUNTS + [256, 384, 512, SECTORS]
+
+
+def plan(seed: int, runs: bool = False) -> list[Op]:
     """The ops of run ``seed``: device 1 exists at the start; up to 3 snapshots come on the way."""
     rng = random.Random(seed)
     devs = [1]
@@ -30,7 +37,7 @@ def plan(seed: int) -> list[Op]:
             continue
         dev = rng.choice(devs)
         sector = rng.randrange(SECTORS)
-        count = min(rng.choice([1, 8, 64, 128, 200]), SECTORS - sector)
+        count = min(rng.choice(RUN_COUNTS if runs else COUNTS), SECTORS - sector)
         stamp = f"{i:05d}d{dev}".encode()
         data = (stamp * (count * 512 // len(stamp) + 1))[: count * 512]
         ops.append(("write", dev, sector, data, rng.random() < 0.7))
@@ -46,7 +53,7 @@ def thin_table(pool_ref: str, dev: int) -> str:
 
 
 def main() -> None:
-    work, seed = Path(sys.argv[1]), int(sys.argv[2])
+    work, seed, runs = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:] == ["runs"]
     from dmtools.engine import Engine
 
     eng = Engine()
@@ -56,7 +63,7 @@ def main() -> None:
     eng.create("t1", thin_table(ref, 1))
     eps = {1: eng.open_endpoint("t1")}
     print("ready", flush=True)
-    for i, op in enumerate(plan(seed)):
+    for i, op in enumerate(plan(seed, runs)):
         if op[0] == "snap":
             _, new, origin = op
             eng.suspend(f"t{origin}")
