@@ -15,6 +15,7 @@ from __future__ import annotations
 import struct
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Sequence
+from operator import le
 from typing import TYPE_CHECKING, Any
 
 from dmtools.errors import CorruptMetadata
@@ -321,19 +322,30 @@ def insert_run(tm: TransactionManager, root: int, items: Sequence[tuple[int, Any
     added = 0
     leaf: Node | None = None
     last = hi = 0
-    for key, value in items:
+    at, n = 0, len(items)
+    while at < n:
+        key, value = items[at]
+        at += 1
         if leaf is None or not last < key < hi or len(leaf.keys) >= leaf.max_entries:
             root, new, leaf, hi = _insert(tm, root, key, value, vtype)
             added += new
             last = key
             continue
-        last = key
         keys = leaf.keys
-        if key > keys[-1]:  # past the leaf's last key (a run going up): it goes at the end
-            keys.append(key)
-            leaf.values.append(value)
-            added += 1
+        if key > keys[-1]:  # past the leaf's last key (a run going up): it goes at the end, and
+            # so does each key after it while they go up, stay below ``hi`` and the leaf has room
+            chunk = items[at - 1:at - 1 + leaf.max_entries - len(keys)]
+            ks = [k for k, _v in chunk]
+            down = list(map(le, ks[1:], ks[:-1]))
+            m = down.index(True) + 1 if True in down else len(ks)
+            m = bisect_left(ks, hi, 1, m)  # ks[:m] goes up; ks[0] is below hi
+            keys.extend(ks[:m])
+            leaf.values.extend([v for _k, v in chunk[:m]])
+            added += m
+            last = ks[m - 1]
+            at += m - 1
             continue
+        last = key
         i = bisect_right(keys, key) - 1
         if i >= 0 and keys[i] == key:
             old = leaf.values[i]
