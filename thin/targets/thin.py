@@ -37,7 +37,7 @@ from dmtools.engine.target_driver import TargetContext, TargetDriver, fill_zero
 from dmtools.errors import DeviceIOError, DeviceNotFound, DMError, InvalidTable, NoSpace
 from dmtools.target_values import Thin
 
-from thin.targets.pool_core import SECTOR, Lookup, Mode
+from thin.targets.pool_core import SECTOR, Mode
 from thin.targets.pool_table import pool_table
 
 __all__ = ["ThinTarget"]
@@ -217,15 +217,16 @@ class ThinTarget(TargetDriver):
         with pool.prison.hold_all({(dev_id, v) for v in range(v0, v1)}):
             pool.check_io()
             fresh = pool.alloc_unmapped(dev_id, v0, v1)
-            looks: dict[int, Lookup]
             need: Sequence[int]
+            shared: list[int]  # the old blocks of shared ones
             if fresh is not None:  # first writes (the sequential writer's case): nothing to look up
-                looks, need = {}, range(v0, v1)
+                need, shared = range(v0, v1), []
                 news, aborts = fresh
                 dest: dict[int, int] = {}
             else:
                 looks = pool.lookup_range(self.dev_id, v0, v1)
                 dest = {v: look.data_block for v, look in looks.items() if not look.shared}
+                shared = [look.data_block for look in looks.values() if look.shared]
                 need = [v for v in range(v0, v1) if v not in dest]
                 aborts = pool.aborts
                 news = pool.try_alloc_many(len(need)) if need else []
@@ -250,11 +251,10 @@ class ThinTarget(TargetDriver):
                 for _v, block in pairs:
                     pool.release_block(block, aborts)
                 raise
-            for look in looks.values():
-                if look.shared:  # reads still in flight on the old block (shared_read_ds)
-                    pool.prison.quiesce(look.data_block)
+            for block in shared:  # reads still in flight on the old block (shared_read_ds)
+                pool.prison.quiesce(block)
             if pairs:
-                pool.insert_many(self.state, pairs, aborts, new=not any(look.shared for look in looks.values()))
+                pool.insert_many(self.state, pairs, aborts, new=not shared)
         for v in need[len(news):]:
             self._write_block(v, 0, data[(v - v0) * bb:(v - v0 + 1) * bb])
 
