@@ -144,7 +144,7 @@ class Engine(DeviceMapper):
     def _get(self, name: str, operation: str) -> Device:
         with self._lock:
             dev = self._devices.get(name)
-        if dev is None:
+        if dev is None or dev.minor < 0:  # a create still numbering it holds the name only
             raise DeviceNotFound("no such device", operation=operation, device=name)
         return dev
 
@@ -239,6 +239,8 @@ class Engine(DeviceMapper):
 
         Raises ``InvalidName``, ``DeviceExists`` (name or uuid taken), ``InvalidTable`` /
         ``TargetNotSupported`` (bad table: nothing is left behind) or ``DMError`` (exposure failed).
+        Until its exposure gave it a device number the device holds its name but is not found
+        (as in the kernel, where a device is numbered before it is hashed).
         """
         validate_name(name)
         validate_uuid(uuid)
@@ -525,7 +527,7 @@ class Engine(DeviceMapper):
     def list(self) -> list[DeviceEntry]:
         """Every device, by name."""
         with self._lock:
-            devs = sorted(self._devices.values(), key=lambda d: d.name)
+            devs = sorted((d for d in self._devices.values() if d.minor >= 0), key=lambda d: d.name)
         return [DeviceEntry(d.name, d.major, d.minor, d.event_nr, d.uuid) for d in devs]
 
     def targets(self) -> dict[str, tuple[int, int, int]]:

@@ -9,7 +9,7 @@ from typing import Sequence
 import pytest
 
 from dmtools.engine import Engine, TargetDriver, TargetContext
-from dmtools.errors import (DeviceBusy, DeviceIOError, DeviceNotFound, InvalidArgument, InvalidTable, NoSpace,
+from dmtools.errors import (DeviceBusy, DeviceExists, DeviceIOError, DeviceNotFound, InvalidArgument, InvalidTable, NoSpace,
                             TargetNotSupported)
 
 MiB = 1 << 20
@@ -342,3 +342,47 @@ def test_data_extents_follow_sparse_backing_files(eng, make_image):
         assert all(o + n <= 2048 * 512 for o, n in covered)
         assert ep.data_extents(2048 * 512, 2048 * 512) == []
         assert ep.data_extents(4096 * 512, 16 * 512) is None  # error target cannot tell
+
+
+class HeldExposure:
+    """An exposure seam whose ``add`` waits until released (a loop device slow to attach)."""
+
+    def __init__(self) -> None:
+        self.adding = threading.Event()
+        self.release = threading.Event()
+
+    def add(self, dev: object) -> tuple[int, int]:
+        self.adding.set()
+        assert self.release.wait(30)
+        return 7, 99
+
+    def resized(self, dev: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_device_is_invisible_until_its_create_numbered_it(eng):
+    # A monitor scanning while the exposure attached the loop device saw the device as 0:-1, then
+    # "removed" and "added" again as 7:N (tests/events/test_sigkill.py). The kernel numbers a
+    # device before it can be found; the engine only reserves the name meanwhile.
+    exposure = HeldExposure()
+    eng._exposure = exposure
+    done: list[object] = []
+    creator = threading.Thread(target=lambda: done.append(eng.create("held", "0 8 zero")))
+    creator.start()
+    try:
+        assert exposure.adding.wait(30)
+        assert "held" not in [d.name for d in eng.list()]
+        for look in (eng.info, eng.table, eng.status):
+            with pytest.raises(DeviceNotFound):
+                look("held")
+        with pytest.raises(DeviceExists):
+            eng.create("held", "0 8 zero")  # the name is taken all the same
+    finally:
+        exposure.release.set()
+        creator.join(30)
+    info = eng.info("held")
+    assert done == [info] and (info.major, info.minor) == (7, 99) and not info.suspended
+    assert [(d.name, d.major, d.minor) for d in eng.list()] == [("held", 7, 99)]
