@@ -279,8 +279,9 @@ def derive(old: DeviceState | None, new: DeviceState | None, *, thresholds: Sequ
             out.append(DeviceSuspended(**ev))
         elif old.suspended and not new.suspended:
             out.append(DeviceResumed(table_changed=table_changed, **ev))
-        elif table_changed and new.targets:
-            # A suspend/load/resume between two scans: only the new table tells.
+        elif table_changed and new.targets and not new.suspended:
+            # A suspend/load/resume between two scans: only the new table tells. Still suspended on
+            # a new table, the device is within a resume (or its preresume failed): nothing yet.
             out.append(DeviceResumed(table_changed=True, **ev))
     out.extend(_target_events(old, new, thresholds, ev))
     return out

@@ -178,3 +178,13 @@ def test_parse_thresholds() -> None:
         parse_thresholds("80,abc")
     with pytest.raises(InvalidArgument):
         parse_thresholds("0")
+
+
+def test_suspended_on_a_new_table_is_not_resumed_yet() -> None:
+    # Seen between the table swap and the end of a resume (or after a failed preresume): the
+    # device is still suspended, so no "resumed" until a scan sees it running.
+    before = DeviceState("s", "U-s", "250:1", 0, True, ())
+    swapped = snap(snap_status(1), suspended=True)
+    assert derive(before, swapped) == []
+    assert kinds(derive(swapped, snap(snap_status(1)))) == ["device-resumed"]
+    assert kinds(derive(snap(snap_status(1)), swapped)) == ["device-suspended"]
