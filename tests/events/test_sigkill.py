@@ -1,6 +1,7 @@
 """Root tier: ``dmtools monitor`` processes killed with SIGKILL at random points while a writer fills
-a snapshot and devices come and get suspended on the userspace engine's daemon. The events in the
-monitor's ``--output`` file, over all its runs, are the expected ones, each once, numbered 1..N."""
+a snapshot and devices come and get suspended on the userspace engine's daemon, one after the other
+until the snapshot is full. The events in the monitor's ``--output`` file, over all its runs, are the
+expected ones, each once, numbered 1..N."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from ev_engine import image
 
 pytestmark = pytest.mark.root
 
-RUNS = 50
+MIN_RUNS = 30  # killed monitors at least (a fast machine kills more while the snapshot fills)
+MAX_RUNS = 1000  # against a producer that hangs
 CHUNK = 4096
 STOP_AT = 97  # percent: the writer stops before the COW fills (an invalid snapshot hides thresholds)
 WARN = ",".join(str(t) for t in range(1, 100))
@@ -94,8 +96,11 @@ def test_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path: Path) -> N
         client.create("o-dmtt", f"0 {(8 << 20) // 512} linear {image(tmp_path, 'origin', 8 << 20)} 0")
         SnapshotManager(client).create("o-dmtt", image(tmp_path, "cow", 512 << 10), "s-dmtt", chunk_size=CHUNK // 512)
         producer.start()
-        grew = 0
-        for run in range(RUNS):
+        grew = runs = live = 0  # live: runs started while the producer still changed devices
+        # Until the producer is done: a monitor started after it would have nothing to write.
+        while (producer.is_alive() or runs < MIN_RUNS) and runs < MAX_RUNS:
+            run, runs = runs, runs + 1
+            live += producer.is_alive()
             before = size(out)
             proc = monitor(run_dir, tmp_path)
             if run % 2:  # just after the output grew: in the middle of a batch's events
@@ -103,7 +108,8 @@ def test_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path: Path) -> N
                 # write once it is up; its start-up takes seconds on a loaded machine, so the bound
                 # is only against a hang (the growth is asserted through ``grew`` below).
                 deadline = time.monotonic() + 60
-                while size(out) == before and time.monotonic() < deadline and proc.poll() is None:
+                while size(out) == before and time.monotonic() < deadline and proc.poll() is None \
+                        and producer.is_alive():
                     time.sleep(0.002)
                 time.sleep(rng.uniform(0, 0.01))
             else:  # anywhere: starting, catching up, waiting, scanning, writing
@@ -130,13 +136,20 @@ def test_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path: Path) -> N
             "s-dmtt-cow": ["device-added"],
             "s-dmtt": ["device-added"] + [("snapshot-usage", t) for t in range(1, 100) if t <= used],
         }
-        for name in producer.devices:
-            expected[name] = ["device-added"] + (["device-suspended"] if client.info(name).suspended else [])
         seen = {name: [x["event"] if x["event"] != "snapshot-usage" else (x["event"], x["threshold"])
                        for x in events] for name, events in by_device.items()}
+        for name in producer.devices:
+            # ``create`` with a table is load + resume, and the resume suspends the device around the
+            # swap of its first table (the kernel's do_resume too): a scan in that window sees it
+            # suspended, or suspended with no table yet, or (earlier) without a table; the next one
+            # sees it resumed. That is a real suspend, seen or not by chance: either is right.
+            got = seen.get(name, [])
+            activation = next((a for a in (["device-suspended", "device-resumed"], ["device-resumed"])
+                               if got[1 : 1 + len(a)] == a), [])
+            expected[name] = ["device-added", *activation] + (["device-suspended"] if client.info(name).suspended else [])
         assert seen == expected
-        assert len(producer.devices) > 15 and used > 60 and grew > RUNS // 3
-        print(f"{len(lines)} events over {RUNS} killed runs ({grew} of them wrote some)")
+        assert len(producer.devices) > 15 and used >= STOP_AT and grew > live // 3
+        print(f"{len(lines)} events over {runs} killed runs ({grew} of them wrote some)")
     finally:
         producer.stop.set()
         producer.join(timeout=30)
