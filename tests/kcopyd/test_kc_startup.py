@@ -17,8 +17,16 @@ NOT_LOADED = ("snapshot", "mirror", "thin", "cffi", "_cffi_backend", "pyudev", "
               "dmtools.kernel", "dmtools.backend", "dmtools.nbd.endpoint", "dmtools.engine.client",
               "fractions", "decimal", "dataclasses", "inspect")
 
+#: The probe maps no device whatever this host's /dev holds: the control node it checks is a path
+#: that does not exist (a node made by another test or tool mid-run would load the kernel's side).
+NO_CONTROL = """
+import dmtools.linux
+dmtools.linux.CONTROL_PATH = sys.argv.pop()
+"""
+
 PROBE = """
 import json, sys
+""" + NO_CONTROL + """
 from dmtools.cli.main import main
 rc = main(["copy", sys.argv[1], sys.argv[2], "--quiet"])
 print(json.dumps([rc, sorted(sys.modules)]), file=sys.stderr)
@@ -29,8 +37,8 @@ def test_copy_of_two_files_imports_only_the_copy_path(tmp_path) -> None:
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     src.write_bytes(bytes(range(256)) * 4096)
     env = {"PATH": "/usr/bin:/bin", "DMTOOLS_RUN_DIR": str(tmp_path / "run")}  # no daemon there
-    proc = subprocess.run([sys.executable, "-c", PROBE, str(src), str(dst)], capture_output=True,
-                          text=True, check=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(src), str(dst), str(tmp_path / "no-control")],
+                          capture_output=True, text=True, check=True, env=env)
     rc, loaded = json.loads(proc.stderr.strip().splitlines()[-1])
     assert rc == 0 and dst.read_bytes() == src.read_bytes(), "the probe copied the file"
     assert "kcopyd.client" in loaded and "dmtools.claims" in loaded, "the copy and its checks ran"
@@ -40,6 +48,7 @@ def test_copy_of_two_files_imports_only_the_copy_path(tmp_path) -> None:
 
 KCOPYD_PROBE = """
 import json, sys
+""" + NO_CONTROL + """
 from kcopyd.cli import main
 rc = main([sys.argv[1], sys.argv[2], "--quiet"])
 print(json.dumps([rc, sorted(sys.modules)]), file=sys.stderr)
@@ -52,8 +61,8 @@ def test_python_m_kcopyd_does_not_import_shutil(tmp_path) -> None:
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     src.write_bytes(bytes(range(256)) * 16)
     env = {"PATH": "/usr/bin:/bin", "DMTOOLS_RUN_DIR": str(tmp_path / "run")}
-    proc = subprocess.run([sys.executable, "-c", KCOPYD_PROBE, str(src), str(dst)], capture_output=True,
-                          text=True, check=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", KCOPYD_PROBE, str(src), str(dst), str(tmp_path / "no-control")],
+                          capture_output=True, text=True, check=True, env=env)
     rc, loaded = json.loads(proc.stderr.strip().splitlines()[-1])
     assert rc == 0 and dst.read_bytes() == src.read_bytes(), "the probe copied the file"
     heavy = sorted(m for m in loaded if m in NOT_LOADED + ("shutil", "bz2", "lzma"))
