@@ -54,7 +54,6 @@ SYSFS_BLOCK = "/sys/block"
 
 # include/uapi/linux/loop.h
 LO_NAME_SIZE = 64
-LO_KEY_SIZE = 32
 LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
 LO_FLAGS_PARTSCAN = 8

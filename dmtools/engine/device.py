@@ -44,9 +44,8 @@ class TableContext:
         self._engine = engine
         self._device = device
         self._readonly = readonly
-        #: handles opened by this table, shared between its targets (``dm_get_device`` refcounts).
+        #: handles opened by this table, one per device, shared between its targets.
         self.handles: dict[str, DeviceHandle] = {}
-        self._refs: dict[str, int] = {}
         #: each device reference as written -> the name the kernel shows for it (``major:minor``).
         self.shown: dict[str, str] = {}
 
@@ -78,20 +77,9 @@ class TableContext:
         key = self.shown[ref] = handle.name
         if key in self.handles:
             handle.inner.close()
-            self._refs[key] += 1
             return self.handles[key]
         self.handles[key] = handle
-        self._refs[key] = 1
         return handle
-
-    def put_device(self, handle: DeviceHandle) -> None:
-        key = handle.name
-        if key not in self._refs:
-            return
-        self._refs[key] -= 1
-        if self._refs[key] == 0:
-            del self._refs[key]
-            self.handles.pop(key).inner.close()
 
     def event(self) -> None:
         self._device.raise_event()
@@ -103,7 +91,6 @@ class TableContext:
         """Close every handle (after the targets are destroyed)."""
         quietly(*(h.inner.close for h in self.handles.values()), errors=Exception)  # release every handle
         self.handles.clear()
-        self._refs.clear()
 
 
 @dataclass

@@ -131,9 +131,6 @@ class TargetContext(Protocol):
     def get_device(self, ref: str, *, writable: bool | None = None) -> DeviceHandle:
         """Open a device named in the table (path or ``major:minor``); raises ``InvalidTable``."""
 
-    def put_device(self, handle: DeviceHandle) -> None:
-        """Release a handle before the table is destroyed (optional)."""
-
     def event(self) -> None:
         """Raise a device event (``dm_table_event``)."""
 

@@ -76,7 +76,6 @@ def _leaves(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()) -> Ite
 
 
 LEAVES = sorted(_leaves(cli_main.build_parser()), key=lambda leaf: leaf.words)
-GLOBAL = ("--json", "--backend")
 
 
 # --- values ----------------------------------------------------------------------------------------

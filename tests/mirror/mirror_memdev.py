@@ -32,9 +32,6 @@ class FakeContext:
             self.handles[ref] = DeviceHandle(self.devices[ref], f"7:{minor}", 7, minor, ref)
         return self.handles[ref]
 
-    def put_device(self, handle: Any) -> None:
-        pass
-
     def event(self) -> None:
         self.events += 1
 
