@@ -27,6 +27,7 @@ from pytest_lazy_fixtures import lf
 
 from dmtools import backend
 from dmtools.errors import DeviceBusy, DMError
+from dmtools.testing.loops import backing
 from dmtools.testing.openers import Opener
 
 SIZE = 1 << 20
@@ -39,7 +40,7 @@ BOUND = 1.5
 @dataclass
 class Stack:
     dm: Any
-    backing: Callable[[bytes], str]
+    backing: Callable[..., str]
 
     def path(self, name: str) -> str:
         return str(self.dm.device_path(name))
@@ -61,14 +62,14 @@ def engine_stack(make_image: Callable[..., Path]) -> Iterator[Stack]:
     from dmtools.engine import Engine
 
     with Engine(expose=True) as eng:
-        yield Stack(eng, lambda fill: str(make_image(SIZE, fill=fill)))
+        yield Stack(eng, backing(make_image))
 
 
 @pytest.fixture
 def kernel_stack(kernel_dm: Any, make_image: Callable[..., Path], make_loop: Callable[..., Any]) -> Iterator[Stack]:
     """The kernel over loop devices; what a failed test left is removed after it."""
     try:
-        yield Stack(kernel_dm, lambda fill: str(make_loop(make_image(SIZE, fill=fill)).path))
+        yield Stack(kernel_dm, backing(make_image, make_loop))
     finally:  # what a failed test left: snapshots before origins before -real/-cow
         for _ in range(3):
             left = sorted((e.name for e in kernel_dm.list() if "-dmtt" in e.name),
@@ -91,10 +92,10 @@ def _snapshot(stack: Stack, dm_name: str) -> tuple[Any, str, str, dict[str, str]
     from snapshot import SnapshotManager
 
     origin = f"o{dm_name}"
-    stack.dm.create(origin, f"0 {SIZE // 512} linear {stack.backing(b'O')} 0")
+    stack.dm.create(origin, f"0 {SIZE // 512} linear {stack.backing(SIZE, fill=b'O')} 0")
     mgr = SnapshotManager(stack.dm)
     snap = f"s{dm_name}"
-    mgr.create(origin, stack.backing(b"\0"), snap, chunk_size=8)
+    mgr.create(origin, stack.backing(SIZE, fill=b"\0"), snap, chunk_size=8)
     tables = {n: str(stack.dm.table(n)) for n in stack.names()}
     return mgr, origin, snap, tables
 
@@ -104,13 +105,13 @@ def _mirror(stack: Stack, dm_name: str) -> tuple[Any, str, str, dict[str, str]]:
 
     mgr = MirrorManager(stack.dm)
     name = f"m{dm_name}"
-    mgr.create(name, [stack.backing(b"M"), stack.backing(b"M")], nosync=True)
+    mgr.create(name, [stack.backing(SIZE, fill=b"M"), stack.backing(SIZE, fill=b"M")], nosync=True)
     tables = {n: str(stack.dm.table(n)) for n in stack.names()}
     return mgr, name, name, tables
 
 
 def _plain(stack: Stack, dm_name: str) -> tuple[Any, str, str, dict[str, str]]:
-    stack.dm.create(dm_name, f"0 {SIZE // 512} linear {stack.backing(b'P')} 0")
+    stack.dm.create(dm_name, f"0 {SIZE // 512} linear {stack.backing(SIZE, fill=b'P')} 0")
     tables = {n: str(stack.dm.table(n)) for n in stack.names()}
 
     class Retrying:

@@ -2,13 +2,14 @@
 
 ``LoopTracker`` is what the ``make_loop`` fixture of :mod:`dmtools.testing.plugin` hands out; it
 can also be used directly as a context manager. :func:`sweep` detaches leftovers of crashed runs.
+:func:`image_ref` and :func:`backing` name image files the way one backend's tables name devices.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from dmtools import loop
 from dmtools.errors import DeviceNotFound, DMError, LoopError
 from dmtools.loop import LoopDevice
 
-__all__ = ["LoopTracker", "sweep", "loops_under", "no_leaked_loops"]
+__all__ = ["LoopTracker", "backing", "image_ref", "sweep", "loops_under", "no_leaked_loops"]
 
 
 class LoopTracker:
@@ -78,6 +79,18 @@ class LoopTracker:
 
     def __exit__(self, *exc: object) -> None:
         self.detach_all()
+
+
+def image_ref(path: str | os.PathLike[str], make_loop: Callable[..., LoopDevice] | None = None) -> str:
+    """How one backend's tables name the image file ``path``: a loop device that ``make_loop``
+    attaches over it (the kernel) or, without ``make_loop``, the file itself (the userspace engine)."""
+    return str(make_loop(path).path if make_loop is not None else path)
+
+
+def backing(make_image: Callable[..., Path], make_loop: Callable[..., LoopDevice] | None = None) -> Callable[..., str]:
+    """A factory of table device references on one backend: ``backing(size, name=None, fill=None)``
+    makes an image with ``make_image`` and returns its :func:`image_ref`."""
+    return lambda size, **image_options: image_ref(make_image(size, **image_options), make_loop)
 
 
 def loops_under(directory: str | os.PathLike[str]) -> list[LoopDevice]:

@@ -23,6 +23,7 @@ from dmtools.backend import DeviceMapper
 from dmtools.blockdev import BlockDevice
 from dmtools.endpoint import Endpoint
 from dmtools.testing.daemon import serving_daemon
+from dmtools.testing.loops import backing
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Harness:
 
     dm: DeviceMapper
     kind: str
-    backing: Callable[[int], str]
+    backing: Callable[..., str]
 
     def printed(self, ref: str) -> str:
         """How the backend prints ``ref`` in tables: ``major:minor`` for block devices."""
@@ -53,7 +54,7 @@ def engine_harness(make_image: Callable[..., Any]) -> Iterator[Harness]:
     from dmtools.engine import Engine
 
     with Engine() as eng:
-        yield Harness(eng, "engine", lambda size: str(make_image(size)))
+        yield Harness(eng, "engine", backing(make_image))
 
 
 @pytest.fixture
@@ -63,13 +64,13 @@ def daemon_harness(make_image: Callable[..., Any], tmp_path: Path) -> Iterator[H
 
     with serving_daemon(str(tmp_path / "run")) as daemon:
         with UserspaceClient(daemon.run_dir) as client:
-            yield Harness(client, "daemon", lambda size: str(make_image(size)))
+            yield Harness(client, "daemon", backing(make_image))
 
 
 @pytest.fixture
 def kernel_harness(kernel_dm: DeviceMapper, make_image: Callable[..., Any], make_loop: Callable[..., Any]) -> Harness:
     """The real device-mapper over loop devices."""
-    return Harness(kernel_dm, "kernel", lambda size: str(make_loop(make_image(size)).path))
+    return Harness(kernel_dm, "kernel", backing(make_image, make_loop))
 
 
 @pytest.fixture(

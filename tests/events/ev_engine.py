@@ -12,6 +12,7 @@ from typing import Any
 from dmtools.errors import DMError
 from dmtools.events import Watcher
 from dmtools.monitor import Monitor
+from dmtools.testing.loops import image_ref
 from mirror.manager import MirrorManager
 from snapshot.manager import SnapshotManager
 
@@ -43,24 +44,19 @@ class Stack:
     def name(self, tag: str) -> str:
         return f"{self.base}{tag}-dmtt"
 
-    def backing(self, tag: str, size: int) -> tuple[str, Path]:
-        """A new image of ``size`` bytes: how a table names it (its loop device on the kernel), and its file."""
-        path = self.make_image(size, name=tag)
-        return (self.make_loop(path).path if self.make_loop else str(path)), path
-
     def linear(self, tag: str, size: int) -> str:
         """A linear device ``name(tag)`` over a new image of ``size`` bytes."""
         name = self.name(tag)
-        self.dm.create(name, f"0 {size // 512} linear {self.backing(tag, size)[0]} 0")
+        self.dm.create(name, f"0 {size // 512} linear {image_ref(self.make_image(size, name=tag), self.make_loop)} 0")
         self.devices.append(name)
         return name
 
     def snapshot(self, cow_bytes: int) -> tuple[str, str, Path]:
         """A 16 MiB origin and a snapshot of it with a COW of ``cow_bytes``: origin, snapshot and COW file."""
         origin = self.linear("o", 16 * MiB)
-        cow, cow_file = self.backing("cow", cow_bytes)
+        cow_file = self.make_image(cow_bytes, name="cow")
         snap = self.name("s")
-        SnapshotManager(self.dm).create(origin, cow, snap, chunk_size=8)
+        SnapshotManager(self.dm).create(origin, image_ref(cow_file, self.make_loop), snap, chunk_size=8)
         self.snapshots.append(snap)
         return origin, snap, cow_file
 
