@@ -18,9 +18,8 @@ import argparse
 from typing import Any
 
 from dmtools.cli import common
-from dmtools.cli.common import (
-    actions, STATUS_EVENTS, device_argument, emit, progress_options, seconds, state_dir_option, verb,
-)
+from dmtools.cli.common import (actions, STATUS_EVENTS, device_argument, emit, progress_options, seconds,
+                                state_dir_option, verb)
 from dmtools.errors import InvalidArgument
 from dmtools.units import SECTOR, format_size, parse_size
 
@@ -125,8 +124,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     backends = live_backends()  # an output in use by a live table is refused
     try:
         with reporting(_reporter(args, "export")) as progress:
-            result = export(args.origin, args.cow, args.out, progress=progress, force=args.force,
-                            backends=backends)
+            result = export(args.origin, args.cow, args.out, progress=progress, force=args.force, backends=backends)
     finally:
         for b in backends:
             b.close()

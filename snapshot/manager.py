@@ -23,9 +23,8 @@ from typing import Any
 
 from dmtools import loop
 from dmtools.backend import DeviceMapper, wait_closed
-from dmtools.errors import (
-    DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, OperationCancelled, SnapshotInvalid, quietly,
-)
+from dmtools.errors import (DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, OperationCancelled,
+                            SnapshotInvalid, quietly)
 from dmtools.names import MAX_UUID_BYTES, validate_name
 from dmtools.reload import reload_stack
 from dmtools.status import SnapshotState, SnapshotStatus, parse_snapshot_status

@@ -163,9 +163,8 @@ def _check_paths(origin: "str | os.PathLike[str] | Endpoint", cow: "str | os.Pat
     check_devices(roles, backends=backends, operation="export", in_use=("the output",))
 
 
-def _open_output(
-    out: "str | os.PathLike[str] | Endpoint", size: int, inputs: tuple[Endpoint, ...], force: bool
-) -> tuple[Endpoint, bool, str]:
+def _open_output(out: "str | os.PathLike[str] | Endpoint", size: int, inputs: tuple[Endpoint, ...],
+                 force: bool) -> tuple[Endpoint, bool, str]:
     """Open (or create) the output; returns ``(endpoint, owned, what was done to it)``."""
     if isinstance(out, Endpoint):
         if any(_same_file(out, ep) for ep in inputs):
@@ -173,17 +172,15 @@ def _open_output(
         if out.read_only:
             raise InvalidArgument("output is read-only", device=out.name, operation="export")
         if out.size < size:
-            raise InvalidArgument(
-                f"output holds {out.size} bytes, the snapshot needs {size}", device=out.name, operation="export"
-            )
+            raise InvalidArgument(f"output holds {out.size} bytes, the snapshot needs {size}", device=out.name,
+                                  operation="export")
         return out, False, f"first {size} bytes of {out.name} written"
     path = Path(out)
     action = f"created with {size} bytes"
     if path.exists():
         if any(_same_as_path(path, ep) for ep in inputs):
-            raise InvalidArgument(
-                "output must differ from the origin and the COW", device=str(path), operation="export"
-            )
+            raise InvalidArgument("output must differ from the origin and the COW", device=str(path),
+                                  operation="export")
         st = path.stat()
         is_blk = stat.S_ISBLK(st.st_mode)
         if not is_blk and not stat.S_ISREG(st.st_mode):

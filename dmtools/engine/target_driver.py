@@ -160,16 +160,12 @@ class TargetDriver(abc.ABC):
         self.areas: list[tuple[DeviceHandle, int, int]] = []
 
     @classmethod
-    def construct(
-        cls, ctx: TargetContext, start: int, length: int, args: Sequence[str]
-    ) -> "TargetDriver":
+    def construct(cls, ctx: TargetContext, start: int, length: int, args: Sequence[str]) -> "TargetDriver":
         """Build the target from its table arguments (the kernel's ``ctr``)."""
         return cls(ctx, start, length, args)
 
     @classmethod
-    def build(
-        cls, ctx: TargetContext, start: int, length: int, value: "TargetValue"
-    ) -> "TargetDriver":
+    def build(cls, ctx: TargetContext, start: int, length: int, value: "TargetValue") -> "TargetDriver":
         """Build the runtime target for the typed table value ``value`` (what the engine calls).
 
         A target with a :attr:`value_type` is constructed from ``value`` itself (checked to be of
@@ -285,9 +281,7 @@ class TargetDriver(abc.ABC):
     # --- control --------------------------------------------------------------------------
     def message(self, args: Sequence[str]) -> str | None:
         """Handle a target message; targets without messages refuse them as the kernel does."""
-        raise InvalidArgument(
-            f"target {self.name} does not handle messages", operation="message"
-        )
+        raise InvalidArgument(f"target {self.name} does not handle messages", operation="message")
 
     def presuspend(self) -> None:
         """Called before in-flight I/O is drained on suspend."""

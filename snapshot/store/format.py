@@ -57,9 +57,7 @@ class DiskHeader:
 
     def pack(self, chunk_bytes: int) -> bytes:
         """The whole header chunk: the 16 header bytes followed by zeros up to ``chunk_bytes``."""
-        return _HEADER.pack(self.magic, self.valid, self.version, self.chunk_size) + bytes(
-            chunk_bytes - HEADER_SIZE
-        )
+        return _HEADER.pack(self.magic, self.valid, self.version, self.chunk_size) + bytes(chunk_bytes - HEADER_SIZE)
 
     @property
     def is_new(self) -> bool:

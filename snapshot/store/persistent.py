@@ -22,18 +22,9 @@ from dmtools.errors import CorruptMetadata, DeviceIOError, InvalidTable, NoSpace
 from dmtools.target_values import StoreMode
 
 from snapshot.store.base import CommitCallback, ExceptionStore, Usage
-from snapshot.store.format import (
-    DM_CHUNK_SIZE_DEFAULT_SECTORS,
-    NUM_SNAPSHOT_HDR_CHUNKS,
-    SECTOR,
-    SNAP_MAGIC,
-    SNAPSHOT_DISK_VERSION,
-    DiskHeader,
-    area_location,
-    chunk_size_error,
-    exceptions_per_area,
-    skip_metadata,
-)
+from snapshot.store.format import (DM_CHUNK_SIZE_DEFAULT_SECTORS, NUM_SNAPSHOT_HDR_CHUNKS, SECTOR, SNAP_MAGIC,
+                                   SNAPSHOT_DISK_VERSION, DiskHeader, area_location, chunk_size_error,
+                                   exceptions_per_area, skip_metadata)
 from snapshot.store.table import FLOAT_EXACT, ExceptionTable
 
 log = logging.getLogger(__name__)
@@ -55,10 +46,8 @@ def _read_exact(dev: Endpoint, size: int, offset: int, what: str) -> bytearray:
     except OSError as err:
         raise DeviceIOError(f"cannot read {what}: {err}", operation="read", device=dev.name) from err
     if n != size:
-        raise CorruptMetadata(
-            f"{what} at byte {offset} lies past the end of the COW ({dev.size} bytes)",
-            device=dev.name,
-        )
+        raise CorruptMetadata(f"{what} at byte {offset} lies past the end of the COW ({dev.size} bytes)",
+                              device=dev.name)
     return buf
 
 
@@ -80,9 +69,7 @@ class PersistentStore(ExceptionStore):
     ``readonly`` loads without ever writing: a new store (magic 0) is set up in memory only.
     """
 
-    def __init__(
-        self, cow: Endpoint, chunk_size: int = 0, *, overflow: bool = False, readonly: bool = False
-    ) -> None:
+    def __init__(self, cow: Endpoint, chunk_size: int = 0, *, overflow: bool = False, readonly: bool = False) -> None:
         super().__init__(cow, chunk_size)
         self.readonly = readonly
         self.overflow = overflow
@@ -141,21 +128,14 @@ class PersistentStore(ExceptionStore):
         if header.chunk_size != self.chunk_size:
             err = chunk_size_error(header.chunk_size)
             if err:
-                raise CorruptMetadata(
-                    f"invalid on-disk chunk size {header.chunk_size}: {err}", device=self.cow.name
-                )
+                raise CorruptMetadata(f"invalid on-disk chunk size {header.chunk_size}: {err}", device=self.cow.name)
             if self.chunk_size_supplied:
-                log.warning(
-                    "chunk size %d in device metadata overrides table chunk size of %d.",
-                    header.chunk_size,
-                    self.chunk_size,
-                )
+                log.warning("chunk size %d in device metadata overrides table chunk size of %d.", header.chunk_size,
+                            self.chunk_size)
             self.chunk_size = header.chunk_size
         if self.chunk_bytes % self.cow.logical_block_size:
-            raise CorruptMetadata(
-                f"chunk size {self.chunk_size} is not a multiple of device blocksize",
-                device=self.cow.name,
-            )
+            raise CorruptMetadata(f"chunk size {self.chunk_size} is not a multiple of device blocksize",
+                                  device=self.cow.name)
         self.valid = header.valid != 0
         self.version = header.version
         return header
@@ -176,9 +156,7 @@ class PersistentStore(ExceptionStore):
                 self._initialise()
             return
         if header.version != SNAPSHOT_DISK_VERSION:
-            raise CorruptMetadata(
-                f"unable to handle snapshot disk version {header.version}", device=self.cow.name
-            )
+            raise CorruptMetadata(f"unable to handle snapshot disk version {header.version}", device=self.cow.name)
         if not self.valid:
             return
         self._read_exceptions()
@@ -235,13 +213,9 @@ class PersistentStore(ExceptionStore):
                 low = min(news)
                 span = (low - 1) // stride
                 quick = (low - 1) % stride != 0 and (top - 1) // stride == span
-                if not quick and any(
-                    map(eq, map(mod, news, repeat(stride)), repeat(NUM_SNAPSHOT_HDR_CHUNKS))
-                ):
-                    raise CorruptMetadata(
-                        f"metadata area {area} maps an origin chunk onto a metadata chunk",
-                        device=self.cow.name,
-                    )
+                if not quick and any(map(eq, map(mod, news, repeat(stride)), repeat(NUM_SNAPSHOT_HDR_CHUNKS))):
+                    raise CorruptMetadata(f"metadata area {area} maps an origin chunk onto a metadata chunk",
+                                          device=self.cow.name)
                 if use_float and ((max(olds) << shift) | top) >= FLOAT_EXACT:
                     use_float = False
                     keys[:] = map(int, keys)
@@ -269,9 +243,7 @@ class PersistentStore(ExceptionStore):
         try:
             n = self.cow.write_durable(data, offset) if durable else self.cow.write(data, offset)
         except OSError as err:
-            raise DeviceIOError(
-                f"cannot write {what}: {err}", operation="write", device=self.cow.name
-            ) from err
+            raise DeviceIOError(f"cannot write {what}: {err}", operation="write", device=self.cow.name) from err
         if n != len(data):
             raise DeviceIOError(f"short write of {what}", operation="write", device=self.cow.name)
 
@@ -536,10 +508,7 @@ def struct_into(area: bytearray, index: int, old: int, new: int) -> None:
 def struct_from(area: bytes | bytearray, index: int) -> tuple[int, int]:
     """Read record ``index`` of an area buffer."""
     off = index * 16
-    return (
-        int.from_bytes(area[off : off + 8], "little"),
-        int.from_bytes(area[off + 8 : off + 16], "little"),
-    )
+    return (int.from_bytes(area[off : off + 8], "little"), int.from_bytes(area[off + 8 : off + 16], "little"))
 
 
 def words_to_bytes(words: list[int]) -> bytes:

@@ -109,20 +109,9 @@ class CopyOnWrite:
     gets a registry of its own.
     """
 
-    def __init__(
-        self,
-        origin: DeviceHandle,
-        cow: DeviceHandle,
-        store: ExceptionStore,
-        length_bytes: int,
-        *,
-        name: str,
-        event: Callable[[], None],
-        overflow_allowed: bool = False,
-        merge_target: bool = False,
-        owner: Any = None,
-        origins: "OriginRegistry[CopyOnWrite] | None" = None,
-    ) -> None:
+    def __init__(self, origin: DeviceHandle, cow: DeviceHandle, store: ExceptionStore, length_bytes: int, *, name: str,
+                 event: Callable[[], None], overflow_allowed: bool = False, merge_target: bool = False,
+                 owner: Any = None, origins: "OriginRegistry[CopyOnWrite] | None" = None) -> None:
         self.origin = origin
         self.cow = cow
         self.store = store
@@ -272,8 +261,7 @@ class CopyOnWrite:
                 self._copy_run(pe, source)
                 ok = True
             except Exception as err:  # noqa: BLE001 - every allocated exception must complete
-                log.error("%s: copy-on-write of origin chunk %d (+%d) failed: %s",
-                          self.name, pe.old, pe.count - 1, err)
+                log.error("%s: copy-on-write of origin chunk %d (+%d) failed: %s", self.name, pe.old, pe.count - 1, err)
                 ok = False
             self.account_end_copy(pe.count)
             results.append((pe, ok))
@@ -396,9 +384,7 @@ class CopyOnWrite:
             self._submit_copies(start)
         return waits
 
-    def origin_write_allocate(
-        self, offset: int, length: int
-    ) -> tuple[list[PendingException], list[PendingException]]:
+    def origin_write_allocate(self, offset: int, length: int) -> tuple[list[PendingException], list[PendingException]]:
         """The allocation half of ``origin_write_prepare``: ``(wait for, copy now)``.
 
         ``wait for`` holds every pending exception of the range (other writers' and the new
@@ -621,10 +607,8 @@ def origins_of(engine: Any) -> OriginRegistry[CopyOnWrite]:
     return registry
 
 
-def do_origin(
-    origins: OriginRegistry[CopyOnWrite], origin: DeviceHandle, offset: int, length: int, *,
-    skip: CopyOnWrite | None = None, limit: bool = False,
-) -> None:
+def do_origin(origins: OriginRegistry[CopyOnWrite], origin: DeviceHandle, offset: int, length: int, *,
+              skip: CopyOnWrite | None = None, limit: bool = False) -> None:
     """Make every active, valid, non-merging snapshot of ``origin`` hold its own copy of
     ``[offset, offset+length)`` before the caller overwrites it (dm-snap.c ``do_origin``).
 
@@ -700,8 +684,7 @@ def _copy_for_snapshots(copies: list[tuple[CopyOnWrite, list[PendingException]]]
         return
     parallel = inflight < len(copies) and not _IN_POOL.flag
     origin = copies[0][0].origin
-    spans = [(pe.old * snap.chunk_bytes, (pe.old + pe.count) * snap.chunk_bytes)
-             for snap, pes in copies for pe in pes]
+    spans = [(pe.old * snap.chunk_bytes, (pe.old + pe.count) * snap.chunk_bytes) for snap, pes in copies for pe in pes]
     lo = min(a for a, _ in spans)
     hi = min(max(b for _, b in spans), origin.size)
     if not 0 < hi - lo <= MAX_SHARED_READ:
@@ -711,8 +694,7 @@ def _copy_for_snapshots(copies: list[tuple[CopyOnWrite, list[PendingException]]]
         try:
             _read_full(origin, memoryview(buf), lo)
         except Exception as err:  # noqa: BLE001 - every allocated exception must complete
-            log.error("%s: reading origin bytes %d+%d to copy on write failed: %s",
-                      origin.name, lo, hi - lo, err)
+            log.error("%s: reading origin bytes %d+%d to copy on write failed: %s", origin.name, lo, hi - lo, err)
             for snap, pes in copies:
                 snap._complete(pes, False)
             return

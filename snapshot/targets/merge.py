@@ -119,9 +119,7 @@ class SnapshotMergeTarget(SnapshotTarget):
         with self._worker_lock:
             if self._worker is None and self.snap.valid and not self.merge_done.is_set():
                 self._stop.clear()
-                self._worker = threading.Thread(
-                    target=self._merge_loop, name=f"merge-{self.snap.name}", daemon=True
-                )
+                self._worker = threading.Thread(target=self._merge_loop, name=f"merge-{self.snap.name}", daemon=True)
                 self._worker.start()
 
     def stop_merge(self) -> bool:
@@ -192,12 +190,9 @@ class SnapshotMergeTarget(SnapshotTarget):
             count = min(n * cs, origin_sectors - old * cs)
             errors: list[tuple[int, int]] = []
             if count > 0:
-                job = snap.kc.copy(
-                    kcopyd.Region(self.cow, new * cs, count),
-                    [kcopyd.Region(self.origin, old * cs, count)],
-                    0,
-                    lambda r, w, ctx: errors.append((r, w)) if (r or w) else None,
-                )
+                job = snap.kc.copy(kcopyd.Region(self.cow, new * cs, count),
+                                   [kcopyd.Region(self.origin, old * cs, count)], 0, lambda r, w,
+                                   ctx: errors.append((r, w)) if (r or w) else None)
                 job.wait()
                 if errors or not job.ok:  # dm-snap.c merge_callback's two messages
                     read_err = any(r for r, _ in errors)

@@ -47,18 +47,9 @@ class SnapshotTarget(TargetDriver):
         store = make_store(self.cow, value.store, value.chunk_size)
         if store.chunk_size:
             self._check_chunk(store.chunk_size, "Couldn't create exception store")
-        self.snap = CopyOnWrite(
-            self.origin,
-            self.cow,
-            store,
-            (start + length) * SECTOR,
-            name=ctx.device_name,
-            event=ctx.event,
-            overflow_allowed=value.overflow,
-            merge_target=self.merge,
-            owner=self,
-            origins=origins_of(ctx),
-        )
+        self.snap = CopyOnWrite(self.origin, self.cow, store, (start + length) * SECTOR, name=ctx.device_name,
+                                event=ctx.event, overflow_allowed=value.overflow, merge_target=self.merge, owner=self,
+                                origins=origins_of(ctx))
         self._base = start * SECTOR
         try:
             #: a handover destination reads no metadata: its store comes from the source at resume

@@ -145,8 +145,7 @@ def test_aligned_large_requests_go_direct_and_match(lib, ctx, engine, tmp_path, 
     from dmtools.blockdev import aligned_buffer
 
     a, b, c = _images(tmp_path, 8 * MiB, 8 * MiB, 8 * MiB)
-    tables = {"linear": f"0 14336 linear {a} 2048",
-              "striped": f"0 36864 striped 3 128 {a} 0 {b} 2048 {c} 4096"}
+    tables = {"linear": f"0 14336 linear {a} 2048", "striped": f"0 36864 striped 3 128 {a} 0 {b} 2048 {c} 4096"}
     engine.create("fp-al", tables[table])
     size = engine._get("fp-al", "test").size
     slot = _mapped(lib, ctx, engine, "fp-al")

@@ -186,8 +186,7 @@ def test_bad_tables_give_the_kernels_words(kernel_dm: Any, tmp_path: Path, make_
     ol = make_loop(_image(tmp_path, "o", SIZE))
     cl = make_loop(_image(tmp_path, "c", COW_SIZE))
     c4k = make_loop(_image(tmp_path, "c4k", COW_SIZE), block_size=4096)
-    by_value = [f"{ol.devno} {cl.devno} X 8", f"{ol.devno} {cl.devno} P 12",
-                f"{ol.devno} {cl.devno} P 8 1 bogus"]
+    by_value = [f"{ol.devno} {cl.devno} X 8", f"{ol.devno} {cl.devno} P 12", f"{ol.devno} {cl.devno} P 8 1 bogus"]
     by_driver = {f"{ol.devno} {ol.path} P 8": "snapshot: COW device cannot be the same as origin device",
                  f"{ol.devno} {c4k.devno} P 1": "snapshot: Couldn't create exception store"}
     eng = Engine()

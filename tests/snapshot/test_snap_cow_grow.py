@@ -158,9 +158,8 @@ def test_cow_grown_three_times_under_writes_keeps_the_data(engine: Any, tmp_path
     assert sbuf == original
 
 
-def test_failure_while_completing_invalidates_instead_of_hanging(
-    engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_failure_while_completing_invalidates_instead_of_hanging(engine: Any, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     eng = engine
     original = _pattern(64)
     cow_file = _stack(eng, tmp_path, original, 32 * CHUNK)

@@ -127,8 +127,7 @@ def test_waiting_writers_share_one_commit() -> None:
         for t in threads:
             t.start()
         # every writer allocated its exception and holds its copy in flight at the gate
-        until(lambda: snap.in_progress == writers and rig.gate.in_flight == writers,
-              "every writer to copy")
+        until(lambda: snap.in_progress == writers and rig.gate.in_flight == writers, "every writer to copy")
         assert not [e for e in rig.journal if e[1] == "cow0"]
         rig.gate.gate.set()
         for t in threads:

@@ -114,8 +114,7 @@ def test_failed_merge_keeps_data_and_retries(engine: Any, tmp_path: Path, fault:
     assert eng.table("vol").lines[0].target_type != "snapshot-merge"
 
 
-def test_cli_reports_and_retries_a_failed_merge(engine: Any, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch,
+def test_cli_reports_and_retries_a_failed_merge(engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """``snapshot merge`` fails with LVM's words, ``snapshot status`` says ``Merge failed``, the
     origin cannot be reactivated while open (nothing changes), and ``snapshot merge`` again retries.

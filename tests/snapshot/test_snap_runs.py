@@ -88,10 +88,8 @@ def test_a_failed_run_invalidates_the_store_and_reports_failure_once() -> None:
     a = store.prepare_exceptions(10)
     b = store.prepare_exceptions(10)
     done: list[tuple[str, bool]] = []
-    store.commit_runs(
-        [(0, a[0], 10, True), (10, b[0], 10, False)],
-        [lambda ok: done.append(("a", ok)), lambda ok: done.append(("b", ok))],
-    )
+    store.commit_runs([(0, a[0], 10, True), (10, b[0], 10, False)],
+                      [lambda ok: done.append(("a", ok)), lambda ok: done.append(("b", ok))])
     assert done == [("a", False), ("b", False)] and not store.valid
 
 
@@ -152,9 +150,8 @@ def test_runs_split_at_gaps_and_at_the_job_size() -> None:
     assert _runs([], [], 4) == []
 
 
-def active_snapshot(
-    origin_ep: MemoryEndpoint, cow_type: type[MemoryEndpoint]
-) -> tuple[MemoryEndpoint, PersistentStore, CopyOnWrite]:
+def active_snapshot(origin_ep: MemoryEndpoint,
+                    cow_type: type[MemoryEndpoint]) -> tuple[MemoryEndpoint, PersistentStore, CopyOnWrite]:
     """An active snapshot of ``origin_ep`` on a new persistent COW twice its size."""
     origin = DeviceHandle(origin_ep, "origin", -1, -1, "/nonexistent/origin")
     cow_ep = cow_type(2 * origin_ep.size, "cow")

@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 
-from dmtools.errors import (
-    CorruptMetadata, DeviceBusy, DeviceConflict, DeviceExists, DeviceNotFound, InvalidArgument, SnapshotInvalid,
-)
+from dmtools.errors import (CorruptMetadata, DeviceBusy, DeviceConflict, DeviceExists, DeviceNotFound, InvalidArgument,
+                            SnapshotInvalid)
 from snapshot import SnapshotManager
 
 SIZE = 512 * 1024
