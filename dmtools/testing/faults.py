@@ -180,13 +180,6 @@ class FaultyEndpoint(WrappedEndpoint):
         self.inner.zero(offset, length)
         self._record("zero", offset, length, True)
 
-    def fileno(self) -> int | None:
-        return None
-
-    @property
-    def is_regular_file(self) -> bool:
-        return False
-
     def written(self) -> list[tuple[int, int]]:
         """``(offset, length)`` of every successful write or zero, in completion order."""
         with self._lock:
