@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from typing import Hashable
 
 from dmtools.errors import DeviceBusy, DeviceNotFound, DMError
+from dmtools.linux import mounts
 
 __all__ = ["Claim", "Holder", "claim", "busy_reason", "loops_over", "mount_of", "os_errors", "whole_disk"]
 
@@ -247,14 +248,9 @@ def busy_reason(path: str) -> str:
     except OSError:
         return "in use"
     devno = f"{os.major(rdev)}:{os.minor(rdev)}"
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and fields[2] == devno:
-                    return f"mounted on {fields[4]}"
-    except OSError:
-        pass
+    for mounted, point, _, _ in mounts():
+        if mounted == devno:
+            return f"mounted on {point}"
     try:
         holders = sorted(os.listdir(f"/sys/dev/block/{devno}/holders"))
     except OSError:
@@ -335,19 +331,9 @@ def mount_of(path: str) -> tuple[str, str, str]:
     ``/proc/self/mountinfo`` (``path`` is never stat()ed: a FUSE server may be stuck)."""
     real = path if os.path.isabs(path) else os.path.abspath(path)
     best = ("", "", "")
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                fields = left.split()
-                tail = right.split()
-                if len(fields) < 5 or len(tail) < 2:
-                    continue
-                mnt = fields[4].replace("\\040", " ")
-                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
-                    best = (mnt, tail[0], tail[1])
-    except OSError:
-        pass
+    for _, mnt, fstype, source in mounts():
+        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+            best = (mnt, fstype, source)
     return best
 
 

@@ -1,7 +1,8 @@
 """Linux's numbers that several modules need, each defined once with the header it comes from.
 
 ioctl requests (block devices, loop devices, device-mapper's poll), ``fallocate(2)`` modes, how a
-device number is spelt in a table, and the C library loaded once for the calls Python lacks.
+device number is spelt in a table, the mount table, and the C library loaded once for the calls
+Python lacks.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "LOOP_SET_DIRECT_IO",
     "LOOP_SET_FD",
     "LOOP_SET_STATUS64",
+    "mounts",
     "libc",
 ]
 
@@ -97,6 +99,23 @@ def parse_devno(text: str) -> tuple[int, int] | None:
         return None
     major, minor = int(match.group(1)), int(match.group(2))
     return (major, minor) if major < 1 << 12 and minor < 1 << 20 else None
+
+
+def mounts() -> list[tuple[str, str, str, str]]:
+    """The mounts this process sees, from ``/proc/self/mountinfo`` (proc(5); none when it cannot be
+    read): ``(device number, mount point, file system type, source)``, the point's ``\\040`` read
+    back as a space. Nothing asks a file system, so a stuck FUSE server cannot hang the call."""
+    out = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields, tail = left.split(), right.split()
+                if len(fields) >= 5 and len(tail) >= 2:
+                    out.append((fields[2], fields[4].replace("\\040", " "), tail[0], tail[1]))
+    except OSError:
+        pass
+    return out
 
 
 @functools.cache

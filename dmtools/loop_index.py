@@ -29,7 +29,7 @@ from _socket import AF_NETLINK, SOCK_CLOEXEC, SOCK_NONBLOCK, SOCK_RAW
 from _socket import socket as _raw_socket  # socket's C type: the socket module costs 5 ms at start-up
 
 from dmtools.errors import DMError
-from dmtools.linux import LOOP_NAME
+from dmtools.linux import LOOP_NAME, mounts
 from dmtools.record import record
 
 __all__ = ["LoopRef", "LoopIndex", "loops_over_inode", "loops_over_path", "index"]
@@ -168,17 +168,7 @@ def _read(path: str) -> str | None:
 
 def _fuse_mounts() -> list[str]:
     """Mount points of FUSE file systems, from ``/proc/self/mountinfo``."""
-    out = []
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                fields = left.split()
-                if len(fields) >= 5 and right.startswith("fuse"):
-                    out.append(fields[4].replace("\\040", " "))
-    except OSError:
-        pass
-    return out
+    return [point for _, point, fstype, _ in mounts() if fstype.startswith("fuse")]
 
 
 def _on(path: str, mounts: list[str]) -> bool:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import errno
+import os
+from pathlib import Path
+
+import pytest
 
 from dmtools import linux
 
@@ -39,3 +44,17 @@ def test_libc_is_loaded_once_and_keeps_errno() -> None:
     assert linux.libc() is linux.libc()
     assert linux.libc().close(-1) == -1
     assert ctypes.get_errno() == errno.EBADF
+
+
+def test_mounts_read_this_process_mount_table() -> None:
+    devno, fstype = {point: (devno, fstype) for devno, point, fstype, _ in linux.mounts()}["/proc"]
+    st = os.stat("/proc")
+    assert (fstype, devno) == ("proc", f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+
+
+def test_mounts_unescape_the_mount_point_and_skip_a_short_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    info = tmp_path / "mountinfo"  # proc(5): optional fields before " - ", then type, source, options
+    info.write_text("36 35 98:0 /mnt1 /mnt/my\\040dir rw,noatime master:1 - fuse.dmtools dmtools rw\n"
+                    "37 35 98:1 / /short rw - ext4\n")
+    monkeypatch.setattr(linux, "open", lambda path: builtins.open(info), raising=False)
+    assert linux.mounts() == [("98:0", "/mnt/my dir", "fuse.dmtools", "dmtools")]

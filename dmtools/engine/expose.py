@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 from dmtools import loop
 from dmtools.engine import fastpath, fuse_io, rundir
 from dmtools.errors import DMError, LoopError
-from dmtools.linux import BLKROSET, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, libc
+from dmtools.linux import BLKROSET, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, libc, mounts
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.engine.device import Device
@@ -85,19 +85,11 @@ def _umount(path: str, flags: int = 0) -> int:
     return 0
 
 
-def _mount_entry(path: str) -> list[str] | None:
-    """The ``/proc/self/mountinfo`` fields of what is mounted at ``path`` (works for dead FUSE
+def _mount_entry(path: str) -> tuple[str, str, str, str] | None:
+    """The :func:`~dmtools.linux.mounts` entry of what is mounted at ``path`` (works for dead FUSE
     mounts too: nothing asks the file system), or ``None``."""
     real = os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and fields[4].replace("\\040", " ") == real:
-                    return fields
-    except OSError:
-        return None
-    return None
+    return next((m for m in mounts() if m[1] == real), None)
 
 
 def mounted_at(path: str) -> bool:
@@ -108,9 +100,9 @@ def mounted_at(path: str) -> bool:
 def fuse_connection(mount_dir: str) -> int | None:
     """The FUSE connection number (the mount's device minor) of the file system at ``mount_dir``,
     ``None`` when nothing is mounted there."""
-    fields = _mount_entry(mount_dir)
+    mount = _mount_entry(mount_dir)
     try:
-        return None if fields is None else int(fields[2].split(":")[1])
+        return None if mount is None else int(mount[0].split(":")[1])
     except (ValueError, IndexError):
         return None
 

@@ -26,7 +26,7 @@ import pytest
 from dmtools import loop
 from dmtools.engine import Engine
 from dmtools.engine.client import open_userspace
-from dmtools.engine.expose import clear_stale, mounted_at
+from dmtools.engine.expose import abort_fuse, clear_stale, mounted_at
 from dmtools.engine.basic_targets import ZeroTarget
 from dmtools.errors import DeviceIOError
 from dmtools.testing.wait import pid_gone, wait_until
@@ -54,17 +54,7 @@ sys.stdin.read()
 def _fuse_abort(run_dir: str) -> None:
     """Fail every request of the FUSE mount under ``run_dir`` (fusectl), so a test that failed
     leaves no process waiting on it uninterruptibly."""
-    mount = os.path.realpath(os.path.join(run_dir, "fuse"))
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == mount:
-                minor = fields[2].split(":")[1]
-                try:
-                    with open(f"/sys/fs/fuse/connections/{minor}/abort", "w") as ctl:
-                        ctl.write("1")
-                except OSError:
-                    pass
+    abort_fuse(os.path.join(run_dir, "fuse"))
 
 
 class Writer:
