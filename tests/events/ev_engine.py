@@ -19,14 +19,6 @@ from snapshot.manager import SnapshotManager
 MiB = 1 << 20
 
 
-def image(tmp_path: Path, name: str, size: int) -> str:
-    """A sparse file of ``size`` bytes named for the test sweep (``dmtt-``)."""
-    path = tmp_path / f"dmtt-{name}.img"
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return str(path)
-
-
 class Stack:
     """The devices a test makes on one backend, removed (topmost first) at the end whatever
     happened. On the kernel (``make_loop`` given) images sit under loop devices; the userspace

@@ -5,23 +5,25 @@ mirror leg's repair are in test_policy_scenarios.py, on both backends)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from dmtools.engine import Engine
 from dmtools.events import MergeFinished, PolicyAction, SnapshotUsageCrossed, StateStore
 from dmtools.monitor import Monitor, MonitorConfig, PolicySettings
+from dmtools.testing.loops import backing
 from snapshot.manager import SnapshotManager
 
-from ev_engine import Stack, fail_leg_under_writer, image, collect_events
+from ev_engine import Stack, fail_leg_under_writer, collect_events
 
 MiB = 1 << 20
 WRITE = 16 << 10
 
 
-def snapshot_stack(engine: Engine, tmp_path: Path, cow_bytes: int) -> str:
-    origin = image(tmp_path, "origin", 16 * MiB)
-    cow = image(tmp_path, "cow", cow_bytes)
+def snapshot_stack(engine: Engine, make_image: Callable[..., Path], cow_bytes: int) -> str:
+    image = backing(make_image)
+    origin, cow = image(16 * MiB, name="origin"), image(cow_bytes, name="cow")
     engine.create("o", f"0 {16 * MiB // 512} linear {origin} 0")
     SnapshotManager(engine).create("o", cow, "s", chunk_size=8)
     return cow
@@ -56,8 +58,8 @@ def test_degraded_policy_reports_and_changes_nothing(engine_stack: Stack) -> Non
     assert not writer.is_alive()
 
 
-def test_restart_catches_up_on_the_engine(engine: Engine, tmp_path: Path) -> None:
-    snapshot_stack(engine, tmp_path, 1 * MiB)
+def test_restart_catches_up_on_the_engine(engine: Engine, tmp_path: Path, make_image: Callable[..., Path]) -> None:
+    snapshot_stack(engine, make_image, 1 * MiB)
     config = MonitorConfig(PolicySettings(warn=(80, 85, 90, 95)))
     state_dir = str(tmp_path / "state")
     with StateStore("userspace", state_dir, lock=True) as store:
@@ -74,8 +76,8 @@ def test_restart_catches_up_on_the_engine(engine: Engine, tmp_path: Path) -> Non
     assert {e.source for e in events} == {"catch-up"}
 
 
-def test_merge_finished_event(engine: Engine, tmp_path: Path) -> None:
-    snapshot_stack(engine, tmp_path, 1 * MiB)
+def test_merge_finished_event(engine: Engine, make_image: Callable[..., Path]) -> None:
+    snapshot_stack(engine, make_image, 1 * MiB)
     monitor = Monitor(engine, event_numbers=False)
     monitor.step()
     with engine.open_endpoint("o") as ep:  # copy some origin chunks into the COW

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,6 @@ import pytest
 from dmtools.engine.client import UserspaceClient, start_daemon
 from snapshot.manager import SnapshotManager
 
-from ev_engine import image
 
 pytestmark = pytest.mark.root
 
@@ -85,7 +85,7 @@ def size(path: Path) -> int:
         return 0
 
 
-def test_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path: Path) -> None:
+def test_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path: Path, make_image: Callable[..., Path]) -> None:
     rng = random.Random(int(os.environ.get("DMTOOLS_TEST_SEED", "7")))
     run_dir = str(tmp_path / "run")
     start_daemon(run_dir)
@@ -93,8 +93,8 @@ def test_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path: Path) -> N
     out = tmp_path / "events.jsonl"
     producer = Producer(run_dir, pace=0.15)
     try:
-        client.create("o-dmtt", f"0 {(8 << 20) // 512} linear {image(tmp_path, 'origin', 8 << 20)} 0")
-        SnapshotManager(client).create("o-dmtt", image(tmp_path, "cow", 512 << 10), "s-dmtt", chunk_size=CHUNK // 512)
+        client.create("o-dmtt", f"0 {(8 << 20) // 512} linear {make_image(8 << 20, name='origin')} 0")
+        SnapshotManager(client).create("o-dmtt", str(make_image(512 << 10, name="cow")), "s-dmtt", chunk_size=CHUNK // 512)
         producer.start()
         grew = runs = live = 0  # live: runs started while the producer still changed devices
         # Until the producer is done: a monitor started after it would have nothing to write.

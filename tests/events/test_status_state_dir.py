@@ -4,6 +4,7 @@ with ``--state-dir DIR`` (the option ``dmtools monitor`` takes), on the in-proce
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,9 @@ from dmtools.cli import main as cli_main
 from dmtools.cli.monitor_cmd import format_event
 from dmtools.engine import Engine
 from dmtools.events import Event
+from dmtools.testing.loops import backing
 from mirror.manager import MirrorManager
 from snapshot.manager import SnapshotManager
-
-from ev_engine import image
 
 MiB = 1 << 20
 
@@ -48,15 +48,16 @@ def run(*argv: str) -> int:
     return cli_main.main(list(argv), propagate=True)
 
 
-def stack(eng: Engine, tmp_path: Path) -> None:
+def stack(eng: Engine, make_image: Callable[..., Path]) -> None:
     """A snapshot ``s`` of ``o`` 3/8 full, and a two-leg mirror ``m``."""
-    eng.create("o", f"0 {4 * MiB // 512} linear {image(tmp_path, 'origin', 4 * MiB)} 0")
-    SnapshotManager(eng).create("o", image(tmp_path, "cow", 256 << 10), "s", chunk_size=8)
+    image = backing(make_image)
+    eng.create("o", f"0 {4 * MiB // 512} linear {image(4 * MiB, name='origin')} 0")
+    SnapshotManager(eng).create("o", image(256 << 10, name="cow"), "s", chunk_size=8)
     with eng.open_endpoint("o") as ep:
         ep.write(b"x" * (96 << 10), 0)
     legs = []
     for i in range(2):
-        eng.create(f"l{i}", f"0 2048 linear {image(tmp_path, f'leg{i}', MiB)} 0")
+        eng.create(f"l{i}", f"0 2048 linear {image(MiB, name=f'leg{i}')} 0")
         legs.append(eng.device_ref(f"l{i}"))
     MirrorManager(eng).create("m", legs, region_size=256, nosync=True)
 
@@ -71,9 +72,9 @@ def monitor_run(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> dict[str
     return by_device
 
 
-def test_snapshot_status_reads_the_given_state_dir(eng: Engine, tmp_path: Path,
+def test_snapshot_status_reads_the_given_state_dir(eng: Engine, tmp_path: Path, make_image: Callable[..., Path],
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    stack(eng, tmp_path)
+    stack(eng, make_image)
     state_dir = tmp_path / "elsewhere"
     recorded = monitor_run(state_dir, capsys)["s"]
     assert [e.get("threshold") for e in recorded] == [None, 10, 20, 30]
@@ -88,9 +89,9 @@ def test_snapshot_status_reads_the_given_state_dir(eng: Engine, tmp_path: Path,
     assert "crossed 30%" in out[-1]
 
 
-def test_mirror_status_reads_the_given_state_dir(eng: Engine, tmp_path: Path,
+def test_mirror_status_reads_the_given_state_dir(eng: Engine, tmp_path: Path, make_image: Callable[..., Path],
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    stack(eng, tmp_path)
+    stack(eng, make_image)
     state_dir = tmp_path / "elsewhere"
     recorded = monitor_run(state_dir, capsys)["m"]
     assert [e["event"] for e in recorded] == ["device-added"] and recorded[0]["seq"] > 0

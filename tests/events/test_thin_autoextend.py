@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,17 +12,18 @@ import pytest
 from dmtools.engine import Engine
 from dmtools.errors import DMError, InvalidArgument
 from dmtools.monitor import Monitor, MonitorConfig, PolicySettings
+from dmtools.testing.loops import backing
 from thin.manager import ThinPoolManager
 
-from ev_engine import image, policies
+from ev_engine import policies
 
 MiB = 1 << 20
 
 
-def test_data_autoextend_before_the_pool_fills(engine: Engine, tmp_path: Path) -> None:
+def test_data_autoextend_before_the_pool_fills(engine: Engine, make_image: Callable[..., Path]) -> None:
     """A volume larger than its pool is written: the monitor grows the data file by 20 % each time
     usage reaches 70 %, so every write lands and the pool never runs out of space."""
-    meta, data = image(tmp_path, "meta", 8 * MiB), image(tmp_path, "data", 4 * MiB)
+    meta, data = backing(make_image)(8 * MiB, name="meta"), backing(make_image)(4 * MiB, name="data")
     tpm = ThinPoolManager(engine)
     tpm.create_pool("tp", meta, data, chunk_size=128)
     tpm.create("tp", "vol", 8 * MiB)
@@ -54,10 +56,10 @@ def test_policy_settings_refuse_bad_percentages() -> None:
     assert PolicySettings(thin_autoextend_threshold=100).thin_autoextend_threshold is None  # LVM: 100 is off
 
 
-def test_a_failing_extension_is_reported_once(engine: Engine, tmp_path: Path) -> None:
+def test_a_failing_extension_is_reported_once(engine: Engine, make_image: Callable[..., Path]) -> None:
     """The extension fails (the manager says why): one failed action, not one per scan, and the
     pool is untouched."""
-    meta, data = image(tmp_path, "meta", 8 * MiB), image(tmp_path, "data", 2 * MiB)
+    meta, data = backing(make_image)(8 * MiB, name="meta"), backing(make_image)(2 * MiB, name="data")
     tpm = ThinPoolManager(engine)
     tpm.create_pool("tp", meta, data, chunk_size=128)
     tpm.create("tp", "vol", 4 * MiB)

@@ -179,13 +179,13 @@ def test_manager_on_the_kernel(kernel_dm: Any, tmp_path: Path, make_loop: Callab
     assert sorted(e.name for e in kernel_dm.list() if e.name.startswith(tag)) == [vol]
 
 
-def test_bad_tables_give_the_kernels_words(kernel_dm: Any, tmp_path: Path, make_loop: Callable[..., Any],
-                                           tag: str) -> None:
+def test_bad_tables_give_the_kernels_words(kernel_dm: Any, make_image: Callable[..., Path],
+                                           make_loop: Callable[..., Any], tag: str) -> None:
     """Both engines refuse the same bad snapshot tables with dm-snap.c's ``ti->error`` text: the value
     types' texts (the same on both, nothing reaches a device) and the drivers' device checks."""
-    ol = make_loop(_image(tmp_path, "o", SIZE))
-    cl = make_loop(_image(tmp_path, "c", COW_SIZE))
-    c4k = make_loop(_image(tmp_path, "c4k", COW_SIZE), block_size=4096)
+    ol = make_loop(make_image(SIZE, name="o"))
+    cl = make_loop(make_image(COW_SIZE, name="c"))
+    c4k = make_loop(make_image(COW_SIZE, name="c4k"), block_size=4096)
     by_value = [f"{ol.devno} {cl.devno} X 8", f"{ol.devno} {cl.devno} P 12", f"{ol.devno} {cl.devno} P 8 1 bogus"]
     by_driver = {f"{ol.devno} {ol.path} P 8": "snapshot: COW device cannot be the same as origin device",
                  f"{ol.devno} {c4k.devno} P 1": "snapshot: Couldn't create exception store"}
@@ -208,10 +208,3 @@ def test_bad_tables_give_the_kernels_words(kernel_dm: Any, tmp_path: Path, make_
     for cow in (cl, c4k):  # nothing was written to the COWs
         with open(cow.path, "rb") as f:
             assert f.read(4096) == bytes(4096)
-
-
-def _image(tmp_path: Path, name: str, size: int) -> Path:
-    path = tmp_path / f"dmtt-{name}.img"
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
