@@ -320,7 +320,7 @@ class ThinTarget(TargetDriver):
         try:
             if (within or len(piece) != self.bb) and (old is not None or self.origin is not None
                                                       or pool.pf.zero_new_blocks):
-                self._prepare(vblock, new, old)
+                self._prepare(vblock, new, old, data)
             if data is not None:
                 data.write(piece, new * self.bb + within)
             else:
@@ -334,34 +334,41 @@ class ThinTarget(TargetDriver):
         else:
             pool.insert_many(self.state, ((vblock, new),), aborts, new=True)
 
-    def _prepare(self, vblock: int, new: int, old: int | None) -> None:
+    def _prepare(self, vblock: int, new: int, old: int | None, data: Endpoint | None = None) -> None:
         """Fill a new block before a partial write (dm-thin.c ``schedule_copy``/``schedule_zero``/
-        ``schedule_external_copy``)."""
+        ``schedule_external_copy``). ``data`` is the data device the pool's gate let this write
+        use (:meth:`Pool.begin_io`): the kcopyd job's pool-side regions go there straight, as the
+        write does, else through the pool device."""
         bs = self.block_sectors
+        dev = data or self.pool_dev
         if old is not None:  # break_sharing
-            self._copy(kcopyd.Region(self.pool_dev, old * bs, bs), kcopyd.Region(self.pool_dev, new * bs, bs))
+            self._copy(kcopyd.Region(dev, old * bs, bs), kcopyd.Region(dev, new * bs, bs))
             return
         start = vblock * bs
         if self.origin is not None and start < self.origin_sectors:
             n = min(bs, self.origin_sectors - start)
-            self._copy(kcopyd.Region(self.origin, start, n), kcopyd.Region(self.pool_dev, new * bs, n))
+            self._copy(kcopyd.Region(self.origin, start, n), kcopyd.Region(dev, new * bs, n))
             if n < bs and self.pool.pf.zero_new_blocks:
-                self._zero(kcopyd.Region(self.pool_dev, new * bs + n, bs - n))
+                self._zero(kcopyd.Region(dev, new * bs + n, bs - n))
             return
-        if self.pool.pf.zero_new_blocks and not self._reads_zeros(new):
-            self._zero(kcopyd.Region(self.pool_dev, new * bs, bs))
+        if self.pool.pf.zero_new_blocks and not self._reads_zeros(new, data):
+            self._zero(kcopyd.Region(dev, new * bs, bs))
 
-    def _reads_zeros(self, block: int) -> bool:
+    def _reads_zeros(self, block: int, data: Endpoint | None = None) -> bool:
         """A data block the data device reports as a hole (never written, or discarded) already
-        reads zeros: zeroing it again changes nothing."""
+        reads zeros: zeroing it again changes nothing. ``data``: the data device the caller's
+        I/O already counts on (:meth:`_prepare`), else the pool's gate is asked for it."""
         prison = self.pool.prison
-        data = prison.enter_direct(False)  # straight to the data device while the pool is live
+        entered = data is None
+        if entered:
+            data = prison.enter_direct(False)  # straight to the data device while the pool is live
+            entered = data is not None
         try:
             extents = (data or self.pool_dev).data_extents(block * self.bb, self.bb)
         except (DMError, OSError):
             return False
         finally:
-            if data is not None:
+            if entered:
                 prison.leave_direct()
         return extents is not None and not extents
 
