@@ -36,7 +36,18 @@ def _build(cls: _T, frozen: bool) -> _T:
     names, defaults = _fields(cls)
     qualname = cls.__qualname__
 
+    nfields = len(names)
+
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if not kwargs and len(args) == nfields:  # every field by position: the common call, fast
+            self.__dict__.update(zip(names, args))
+        else:
+            _fill(self, args, kwargs)
+        post = getattr(self, "__post_init__", None)
+        if post is not None:
+            post()
+
+    def _fill(self: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if len(args) > len(names):
             raise TypeError(f"{qualname}() takes {len(names)} arguments but {len(args)} were given")
         values = dict(zip(names, args))
@@ -53,9 +64,6 @@ def _build(cls: _T, frozen: bool) -> _T:
                 object.__setattr__(self, name, defaults[name])
             else:
                 raise TypeError(f"{qualname}() missing required argument {name!r}")
-        post = getattr(self, "__post_init__", None)
-        if post is not None:
-            post()
 
     def __repr__(self: Any) -> str:
         inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in names)

@@ -36,6 +36,10 @@ class Region:
     count: int
 
     def __post_init__(self) -> None:
+        sector, count = self.sector, self.count
+        if type(sector) is int and type(count) is int and sector >= 0 and count >= 0 and isinstance(
+                self.dev, (Endpoint, str)):
+            return  # the common case, checked fast (a job's regions are made for every copy)
         for field, value in (("sector", self.sector), ("count", self.count)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise InvalidArgument(f"region {field} must be an integer, not {value!r}")
@@ -108,7 +112,7 @@ def _open_path(path: str, *, writable: bool, offset: int, length: int) -> Endpoi
 
 def _open_one(region: Region, *, writable: bool) -> OpenRegion:
     if isinstance(region.dev, Endpoint):
-        return OpenRegion(region, region.dev, region.offset, owned=False, zoned=region.dev.zoned)
+        return OpenRegion(region, region.dev, region.offset, False, region.dev.zoned)  # by position: faster
     path = os.fspath(region.dev)
     if is_nbd_uri(path):
         from dmtools.nbd import NbdEndpoint
@@ -123,7 +127,7 @@ def _open_one(region: Region, *, writable: bool) -> OpenRegion:
         raise InvalidArgument(
             f"cannot open: {err.strerror}", errno=err.errno, operation="copy", device=path
         ) from err
-    return OpenRegion(region, ep, region.offset, owned=True, zoned=ep.zoned)
+    return OpenRegion(region, ep, region.offset, True, ep.zoned)
 
 
 def _check(opened: OpenRegion, role: str, *, writable: bool) -> None:
