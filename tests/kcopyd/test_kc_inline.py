@@ -158,3 +158,39 @@ def test_a_destroyed_client_refuses_jobs():
     with pytest.raises(InvalidArgument, match="destroyed"):
         kc.run(None, [kcopyd.Region(dst, 0, 8)])
     assert dst.ops == []
+
+
+class NestedCopy(MemoryEndpoint):
+    """A destination whose write first runs another inline job on the same thread (a target
+    below a kcopyd destination that copies a block itself: a snapshot origin under a thin pool)."""
+
+    def __init__(self, data: Any, kc: Any, inner_job: tuple[Any, Any]) -> None:
+        super().__init__(data)
+        self.kc, self.inner_job = kc, inner_job
+
+    def write(self, buf: Any, offset: int) -> int:
+        if self.inner_job is not None:
+            job, self.inner_job = self.inner_job, None
+            self.kc.run(*job).raise_for_error()
+        return super().write(buf, offset)
+
+
+def test_nested_and_successive_jobs_each_copy_their_own_bytes(kc):
+    # The read buffer a thread keeps between jobs: a job started by a destination's write while
+    # the outer job's bytes are being written must not overwrite them, and a smaller job after a
+    # larger one copies only its own bytes.
+    a, b = pattern(SIZE, seed=1), pattern(SIZE, seed=2)
+    side = MemoryEndpoint(SIZE)
+    dst = NestedCopy(SIZE, kc, (kcopyd.Region(MemoryEndpoint(b), 0, SECTORS), [kcopyd.Region(side, 0, SECTORS)]))
+    kc.run(kcopyd.Region(MemoryEndpoint(a), 0, SECTORS), [kcopyd.Region(dst, 0, SECTORS)]).raise_for_error()
+    assert bytes(dst.data) == a and bytes(side.data) == b
+    small = MemoryEndpoint(SIZE)
+    kc.run(kcopyd.Region(MemoryEndpoint(b), 0, 8), [kcopyd.Region(small, 8, 8)]).raise_for_error()
+    assert bytes(small.data) == bytes(4096) + b[:4096] + bytes(SIZE - 8192)
+    # a read error with IGNORE_ERROR zero-fills the bad block whatever the kept buffer held
+    src = FaultyEndpoint(MemoryEndpoint(b), read_errors=[(10, 1)])
+    out = MemoryEndpoint(SIZE)
+    kc.run(kcopyd.Region(src, 0, SECTORS), [kcopyd.Region(out, 0, SECTORS)], kcopyd.IGNORE_ERROR)
+    expected = bytearray(b)
+    expected[4096:8192] = bytes(4096)
+    assert bytes(out.data) == bytes(expected)
