@@ -25,11 +25,17 @@ several requests are in flight at once. Two choices are this engine's own, made 
 - such a source whose destinations all write by system calls (files, block devices, plain NBD
   connections) is written from a read-only mapping of its page cache, without copying it into
   pooled buffers first (``kcopyd.mapped``); a job with an NBD export moves larger pieces
-  (``NBD_PIECE_SIZE``).
+  (``NBD_PIECE_SIZE``);
+- a source that streams reads (an NBD export: ``NbdEndpoint.stream_read``) is read one request
+  per piece, the pool's worth in flight, and each piece is written by the thread its reply lands
+  on (the connection's pump) as soon as it lands, not after a worker's wait: no hand-off between
+  threads on the way from the socket to the destination. A piece whose read failed is not
+  written.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import stat
@@ -349,6 +355,14 @@ class Client(InlineJobs):
         if not plan.offload and osrc is not None and any(
                 is_nbd_uri(o.region.dev) for o in [osrc, *odests]):
             plan.piece_size = max(plan.piece_size, min(NBD_PIECE_SIZE, self.num_pages * PAGE_SIZE // 4))
+        stream_size = getattr(osrc.endpoint, "request_size", 0) if osrc is not None else 0
+        if stream_size and not plan.offload and not plan.mapped and reverse is None and not flags & WRITE_SEQ:
+            # An NBD source: a piece is one READ, written by the thread its reply lands on, as soon
+            # as it lands; the pool's worth of requests in flight (nbdcopy: 16 MiB).
+            plan.stream = True
+            plan.piece_size = max(plan.grain, min(stream_size, self.num_pages // 2 * PAGE_SIZE))
+            plan.piece_size -= plan.piece_size % plan.grain
+            plan.max_active = max(SPLIT_COUNT, self.num_pages * PAGE_SIZE // plan.piece_size)
         if plan.offload:
             plan.piece_size = OFFLOAD_PIECE_SIZE
             plan.max_active = offload_depth(osrc.endpoint, osrc.offset, nbytes) if osrc is not None else OFFLOAD_DEPTH
@@ -384,6 +398,9 @@ class Client(InlineJobs):
     # -- the scheduler's hooks (under self._lock) -----------------------------------------------
     def _start(self, piece: Piece) -> None:
         job = piece.job
+        if job.plan.stream:
+            self._start_stream(piece)
+            return
         if not job.pageless:
             fn = self._run_buffered
         else:
@@ -505,6 +522,106 @@ class Client(InlineJobs):
         if piece.read_err and not ignore:
             self._done(piece, written=False)
             return
+        self._write_stage(piece)
+
+    def _start_stream(self, piece: Piece) -> None:
+        """Under the lock: issue a piece of a dense streamed job at once (one READ into one run
+        of pages, no throttle); the others go through a worker (``_run_stream``)."""
+        job = piece.job
+        src = job.open_src
+        assert src is not None and piece.pages is not None
+        if job.plan.dense and not self.throttle.active and len(piece.pages.views) == 1:
+            piece.segments = [(0, piece.length, True)]
+            piece.pending = 1
+            ep: Any = src.endpoint
+            try:
+                ep.stream_read(piece.pages.spans(0, piece.length)[0], src.offset + piece.offset,
+                                         lambda err: self._stream_landed(piece, err, False))
+                return
+            except Exception as err:  # noqa: BLE001 - a worker tries again and reports it
+                log.debug("kcopyd: streamed read on %s: %s", src.region.dev_name, err)
+        self._tasks.put((self._run_stream, piece))
+
+    def _run_stream(self, piece: Piece) -> None:
+        """A worker issues a streamed piece's READs, one per data range and run of pages (each at
+        most the source's request size); the piece is written once all have landed."""
+        job = piece.job
+        src = job.open_src
+        assert src is not None and piece.pages is not None
+        self._throttle_bytes(piece)
+        if job.cancelled:
+            self._done(piece, written=False)
+            return
+        piece.segments = self._segments(piece)
+        ep: Any = src.endpoint
+        limit = ep.request_size
+        base = src.offset + piece.offset
+        reads = []
+        for off, length, is_data in piece.segments:
+            if not is_data:
+                continue
+            pos = base + off
+            for v in piece.pages.spans(off, length):
+                for i in range(0, len(v), limit):
+                    reads.append((v[i : i + limit], pos + i))
+                pos += len(v)
+        if not reads:  # all holes
+            self._write_stage(piece)
+            return
+        piece.pending = len(reads)
+        thr = self.throttle
+        for k, (view, pos) in enumerate(reads):
+            thr.io_start()
+            try:
+                ep.stream_read(view, pos, lambda err: self._stream_landed(piece, err, True))
+            except Exception as err:  # noqa: BLE001 - the reads not issued fail the piece
+                thr.io_finish()
+                log.debug("kcopyd: read error on %s at %d: %s", src.region.dev_name, pos, err)
+                piece.read_err = True
+                for _ in range(len(reads) - k):
+                    self._stream_landed(piece, errno.EIO, False)
+                return
+
+    def _stream_landed(self, piece: Piece, err: int, throttled: bool) -> None:
+        """A streamed READ of ``piece`` is done (on the source's pump thread): once all are,
+        the piece is written from this thread, or, after a failed read, never written (its
+        pages are salvaged by a worker with ``IGNORE_ERROR``)."""
+        if throttled:
+            self.throttle.io_finish()
+        job = piece.job
+        if err:
+            src = job.open_src
+            log.debug("kcopyd: read error on %s in piece %d: %s", src.region.dev_name if src else "?",
+                      piece.offset, os.strerror(err))
+            piece.read_err = True
+        if piece.pending > 1:
+            with self._cond:
+                piece.pending -= 1
+                if piece.pending:
+                    return
+        else:
+            piece.pending = 0
+        if piece.read_err:
+            if job.flags & IGNORE_ERROR:
+                self._tasks.put((self._salvage_stream, piece))
+            else:
+                self._done(piece, written=False)
+            return
+        self._write_stage(piece)
+
+    def _salvage_stream(self, piece: Piece) -> None:
+        """``IGNORE_ERROR``: read a streamed piece whose read failed block by block, zeros where
+        a block cannot be read, then write it (as ``_run_buffered`` does)."""
+        job = piece.job
+        src = job.open_src
+        assert src is not None and piece.pages is not None
+        pos0 = src.offset + piece.offset
+        for off, length, is_data in piece.segments:
+            if is_data:
+                pos = pos0 + off
+                for v in piece.pages.spans(off, length):
+                    read_salvage(src.endpoint, v, pos, job.plan.grain)
+                    pos += len(v)
         self._write_stage(piece)
 
     def _map_source(self, piece: Piece, base: int) -> bool:

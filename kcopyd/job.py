@@ -102,6 +102,9 @@ class Plan:
     drop_behind: bool = False
     #: write the destinations from a mapping of the file source's range (kcopyd.mapped)
     mapped: bool = False
+    #: the source streams reads (an NBD export's ``stream_read``): a piece is one request, and
+    #: the thread its reply lands on writes it (kcopyd.client ``_run_stream``)
+    stream: bool = False
 
 
 class Job:

@@ -8,6 +8,13 @@ further connections are opened only when the server advertises ``CAN_MULTI_CONN`
 without it a client should not spread one export over several connections); requests go to the
 least busy connection.
 
+Streamed reads (``stream_read``, kcopyd's path for an export source) do not wait: each connection
+that carries one gets a *pump* thread of its own, which drives it, issues the reads queued for it
+and runs each read's completion as its reply lands (kcopyd writes the bytes there and then), as
+nbdcopy's threads do, one per connection. While a pump runs, it is the connection's driver: other
+callers' commands are issued from their threads and waited for as usual. A pump stops after
+``POLL_SLICE_MS`` with nothing in flight, and at ``close``.
+
 - Holes: ``data_extents`` asks ``BLOCK_STATUS`` in the ``base:allocation`` context; a range that
   reads as zeros (``STATE_ZERO``) is a hole, whatever ``STATE_HOLE`` says (as nbdcopy does).
 - Zeros: ``zero`` sends ``WRITE_ZEROES`` (the server may punch holes), first with ``FAST_ZERO`` when
@@ -30,6 +37,7 @@ import os
 import select
 import threading
 import time
+from collections import deque
 from typing import Any, Callable
 
 from dmtools.endpoint import Endpoint
@@ -80,7 +88,7 @@ class _Request:
     connection.
     """
 
-    __slots__ = ("wake", "err", "finished", "waiting", "keep", "deadline")
+    __slots__ = ("wake", "err", "finished", "waiting", "keep", "deadline", "done", "landed")
 
     def __init__(self, keep: Any, deadline: float | None) -> None:
         self.wake = threading.Event()
@@ -89,20 +97,29 @@ class _Request:
         self.waiting = False
         self.keep = keep  # the buffer libnbd reads or fills, alive until completion
         self.deadline = deadline  # monotonic time by which its reply must have come
+        #: a streamed read's ``done(errno)``, run by the connection's pump once the reply is in
+        self.done: Callable[[int], None] | None = None
+        self.landed: deque[_Request] | None = None  # the pump's queue of finished streamed reads
 
     def complete(self, err: Any) -> int:
         # Runs in the driving thread, inside aio_notify_*: no handle calls, never raise.
         if not self.finished:
             self.err = err.value
             self.finished = True
-            self.wake.set()
+            if self.landed is not None:
+                self.landed.append(self)
+            else:
+                self.wake.set()
         return 1  # retire the command (no aio_command_completed needed)
 
     def fail(self, code: int) -> None:
         if not self.finished:
             self.err = code
             self.finished = True
-            self.wake.set()
+            if self.landed is not None:
+                self.landed.append(self)
+            else:
+                self.wake.set()
 
 
 class _Connection:
@@ -136,6 +153,14 @@ class _Connection:
         self._fd = handle.aio_get_fd()
         self._poller = select.poll()  # used by the driver only
         self._events = 0  # what the poller waits for on the socket
+        # Streamed reads (see stream_read): the pump thread, reads waiting for it to issue them,
+        # the finished ones whose ``done`` it has to run, and how many are not done yet.
+        self.pump: threading.Thread | None = None
+        self.inbox: list[tuple[_Request, Any, int]] = []
+        self.landed: deque[_Request] = deque()
+        self.streaming = 0
+        self._stopping = False
+        self._wake_fd = -1  # an eventfd that wakes the pump from poll(2), made with it
 
     @property
     def busy(self) -> int:
@@ -153,13 +178,184 @@ class _Connection:
             start(req.complete)
         except self.nbd.Error as err:
             req.fail(err.errnum or errno.EIO)
+        else:
+            # The pump sleeps in poll(2) for replies: a payload that libnbd could not send at
+            # once (a long write) is sent when it is told the socket is writable.
+            if self.pump is not None and self.h is not None \
+                    and self.h.aio_get_direction() & self.nbd.AIO_DIRECTION_WRITE:
+                self._wake()
         return req
+
+    # -- streamed reads: a pump thread per connection --------------------------------------------
+    def stream_read(self, buf: Any, offset: int, done: Callable[[int], None]) -> None:
+        """Queue a READ into ``buf`` at ``offset``; ``done(errno)`` (0 on success) runs on this
+        connection's pump thread once the reply is in (started here when none runs). Called
+        from the pump itself (from a ``done``), the read is issued when that ``done`` returns,
+        without a wake-up."""
+        req = _Request(buf, time.monotonic() + self.timeout if self.timeout is not None else None)
+        req.done = done
+        req.landed = self.landed
+        me = threading.current_thread()
+        start = wake = False
+        with self.lock:
+            self.pending.add(req)
+            self.streaming += 1
+            self.inbox.append((req, buf, offset))
+            if self.pump is None:
+                if self._wake_fd < 0:
+                    self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                self._stopping = False
+                self.pump = threading.Thread(target=self._pump, name=f"nbd-pump {self.name}", daemon=True)
+                start = True
+            elif self.pump is not me:
+                wake = True
+        if start:
+            self.pump.start()  # type: ignore[union-attr]  # set above, under the lock
+        elif wake:
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.eventfd_write(self._wake_fd, 1)
+        except OSError:  # closed meanwhile (the pump has stopped): nothing to wake
+            pass
+
+    def _pump(self) -> None:
+        """The pump thread: drive the connection (once no other thread drives it), issuing the
+        queued reads and running the finished ones' ``done``, until nothing has been queued for
+        ``POLL_SLICE_MS`` or the connection is closed."""
+        wake_fd = self._wake_fd
+        idle = select.poll()
+        idle.register(wake_fd, select.POLLIN)
+        while True:
+            with self.lock:
+                if not self.driving:
+                    self.driving = True
+                    break
+            idle.poll(POLL_SLICE_MS)  # a driving waiter wakes us when it hands off
+            self._drain_wake()
+        try:
+            self._pump_loop(wake_fd)
+        finally:
+            self._hand_off()
+
+    def _drain_wake(self) -> None:
+        try:
+            os.eventfd_read(self._wake_fd)
+        except (BlockingIOError, OSError):
+            pass
+
+    def _pump_loop(self, wake_fd: int) -> None:
+        nbd, h = self.nbd, self.h
+        monotonic = time.monotonic
+        poller = select.poll()
+        poller.register(wake_fd, select.POLLIN)
+        events = 0  # what the poller waits for on the socket
+        idle = False  # a whole slice went by with nothing in flight
+        deadline = self._deadline()
+        while True:
+            with self.lock:
+                todo, self.inbox = self.inbox, []
+                if not todo and not self.landed and (
+                        self._stopping or (idle and not self.streaming and not self.pending)):
+                    self.pump = None  # a read queued from now on starts a new pump
+                    return
+            idle = False
+            for req, buf, offset in todo:
+                if self.dead or h is None:
+                    req.fail(self.dead or errno.ESHUTDOWN)
+                    continue
+                try:
+                    h.aio_pread(buf, offset, completion=req.complete)
+                except nbd.Error as err:
+                    req.fail(err.errnum or errno.EIO)
+            if todo:
+                deadline = self._deadline()
+            self._run_landed()
+            if self.inbox or self._stopping:
+                continue
+            wait_ms = POLL_SLICE_MS
+            if deadline is not None:
+                wait_ms = min(POLL_SLICE_MS, max(0, int((deadline - monotonic()) * 1000) + 1))
+            want = 0
+            if not self.dead and h is not None:
+                d = h.aio_get_direction()
+                want = (select.POLLIN if d & nbd.AIO_DIRECTION_READ else 0) | \
+                       (select.POLLOUT if d & nbd.AIO_DIRECTION_WRITE else 0)
+                if not want:  # not connected any more: nbd_poll says why
+                    try:
+                        h.poll(0)
+                    except nbd.Error as err:
+                        self.kill(err.errnum or errno.ENOTCONN)
+                    else:
+                        self.kill(errno.ENOTCONN)
+                    continue
+            if want != events:
+                if want:
+                    poller.register(self._fd, want)
+                elif events:
+                    poller.unregister(self._fd)
+                events = want
+            ready = poller.poll(wait_ms)
+            progressed = False
+            for fd, got in ready:
+                if fd == wake_fd:
+                    self._drain_wake()
+                    progressed = True
+                    continue
+                try:
+                    if got & (select.POLLIN | select.POLLHUP):
+                        h.aio_notify_read()
+                    elif got & select.POLLOUT:
+                        h.aio_notify_write()
+                    else:  # POLLERR, POLLNVAL
+                        h.poll(0)
+                except nbd.Error as err:
+                    log.debug("nbd: %s: connection failed: %s", self.name, err)
+                    self.kill(err.errnum or errno.ENOTCONN)
+                progressed = True
+            if progressed:
+                continue
+            deadline = self._deadline()
+            if deadline is not None and monotonic() >= deadline and not self.dead:
+                log.warning("nbd: %s: no reply within %.1f s, dropping the connection", self.name,
+                            self.timeout)
+                self.kill(errno.ETIMEDOUT)
+            else:
+                idle = deadline is None
+
+    def _run_landed(self) -> None:
+        """Run the ``done`` of every finished streamed read (on the pump thread)."""
+        landed = self.landed
+        while landed:
+            req = landed.popleft()
+            with self.lock:
+                self.pending.discard(req)
+                self.streaming -= 1
+            done, req.done, req.keep = req.done, None, None
+            try:
+                done(req.err)  # type: ignore[misc]  # set by stream_read
+            except BaseException:  # noqa: BLE001 - the pump must go on
+                log.exception("nbd: %s: a read's completion raised", self.name)
+
+    def stop_pump(self) -> None:
+        """Stop the pump thread (its queued reads fail) and wait for it, unless called from it."""
+        with self.lock:
+            t = self.pump
+            self._stopping = True
+        if t is None:
+            return
+        self._wake()
+        if t is not threading.current_thread():
+            t.join()
 
     def wait(self, req: _Request) -> int:
         """Wait for ``req``, driving the connection when no other thread does; return its errno.
 
         A reply that does not come within the timeout kills the connection (ETIMEDOUT).
         """
+        if self.pump is threading.current_thread():  # a streamed read's completion waits here:
+            self._drive(req)  # the pump drives already (replies to its reads queue meanwhile)
         while not req.finished:
             with self.lock:
                 drive = not self.driving
@@ -191,8 +387,11 @@ class _Connection:
         with self.lock:
             self.driving = False
             nxt = next((r for r in self.pending if r.waiting and not r.finished), None)
+            pump = self.pump is not None and self.pump is not threading.current_thread()
         if nxt is not None:
             nxt.wake.set()
+        elif pump:
+            self._wake()  # the pump waits for its turn to drive
 
     def _drive(self, req: _Request) -> None:
         """Move the state machine until ``req`` is finished or the connection dies.
@@ -277,7 +476,11 @@ class _Connection:
 
     def close(self) -> None:
         self.kill(errno.ESHUTDOWN)
+        self.stop_pump()
         self.h = None  # libnbd 1.14 closes the handle (and its socket) when it is collected
+        if self._wake_fd >= 0 and self.pump is None:
+            os.close(self._wake_fd)
+            self._wake_fd = -1
 
 
 class NbdEndpoint(Endpoint):
@@ -468,6 +671,34 @@ class NbdEndpoint(Endpoint):
                 first_err = err
         if first_err:
             raise DeviceIOError(f"{os.strerror(first_err)}", errno=first_err, operation=op, device=self.name)
+
+    @property
+    def request_size(self) -> int:
+        """The longest READ/WRITE payload sent in one request (longer I/O is split)."""
+        return int(self._max_request)
+
+    def stream_read(self, buf: Any, offset: int, done: Callable[[int], None]) -> None:
+        """Read ``len(buf)`` bytes (at most :attr:`request_size`) at ``offset`` into ``buf``
+        without waiting: ``done(errno)``, 0 on success, runs later on the pump thread of the
+        connection that carried the read, which runs every completion of its connection as
+        its reply lands (one thread per connection, as nbdcopy's). The least busy connection
+        carries it, the caller's own when it is a pump thread of this endpoint and no busier
+        than the others. ``buf`` must stay alive until ``done`` runs; a short read at the end
+        of the export is an error (EIO). Raises ``DeviceIOError`` (and ``done`` never runs)
+        when no connection is left."""
+        n = memoryview(buf).nbytes
+        if n > self._max_request or n <= 0:
+            raise InvalidArgument(f"a streamed read is 1 to {self._max_request} bytes, not {n}")
+        if offset < 0 or offset + n > self._size:
+            raise DeviceIOError("read beyond the end of the export", errno=errno.EIO, operation="read",
+                                device=self.name)
+        best = self._pick()
+        me = threading.current_thread()
+        for c in self._conns:
+            if c.pump is me and not c.dead and c.busy <= best.busy:
+                best = c
+                break
+        best.stream_read(buf, offset, done)
 
     def _pieces(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
         out = []

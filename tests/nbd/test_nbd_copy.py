@@ -187,6 +187,18 @@ def test_read_errors_in_one_range_with_ignore(tmp_path: Path, start_nbdkit: Call
     assert job.ok and dst.read_bytes() == data
 
 
+def _kill_mid_copy(job: kcopyd.Job, server: NbdServer, total: int) -> None:
+    """Kill ``server`` once ``job`` has done 4 MiB (and not all); the job must end within 10 s."""
+    deadline = time.monotonic() + 30
+    while job.progress.done < 4 * MiB and time.monotonic() < deadline:
+        job.wait(0.01)
+    assert 0 < job.progress.done < total
+    t0 = time.monotonic()
+    server.kill()
+    assert job.wait(10), "the copy hung after its server died"
+    assert time.monotonic() - t0 < 10
+
+
 def test_server_killed_mid_copy(tmp_path: Path, start_nbdkit: Callable[..., NbdServer]) -> None:
     """A destination server that dies mid-copy fails that destination, in bounded time, not a hang."""
     slow = start_nbdkit(["memory", "64M", "wdelay=40ms"], filters=["delay"])
@@ -198,16 +210,31 @@ def test_server_killed_mid_copy(tmp_path: Path, start_nbdkit: Callable[..., NbdS
         job = kc.copy(kcopyd.Region(str(src), 0, 64 * MiB // S),
                       [kcopyd.Region(str(local), 0, 64 * MiB // S), kcopyd.Region(slow.uri, 0, 64 * MiB // S)],
                       flags=kcopyd.IGNORE_ERROR)
-        deadline = time.monotonic() + 30
-        while job.progress.done < 4 * MiB and time.monotonic() < deadline:
-            job.wait(0.01)
-        assert 0 < job.progress.done < 64 * MiB
-        t0 = time.monotonic()
-        slow.kill()
-        assert job.wait(10), "the copy hung after its server died"
-        assert time.monotonic() - t0 < 10
+        _kill_mid_copy(job, slow, 64 * MiB)
     assert (job.read_err, job.write_err) == (False, 0b10)
     assert local.read_bytes() == src.read_bytes()  # the local destination carried on
+
+
+def test_source_server_killed_mid_copy(tmp_path: Path, start_nbdkit: Callable[..., NbdServer]) -> None:
+    """A source server that dies mid-copy: read_err, in bounded time; what was written is the
+    export's data, and the pump threads are gone once the job is done."""
+    slow = start_nbdkit(["memory", "64M", "rdelay=20ms"], filters=["delay"])
+    data = os.urandom(64 * MiB)
+    with NbdEndpoint(slow.uri, writable=True) as ep:
+        ep.write(data, 0)
+    dst = tmp_path / "dst.img"
+    dst.write_bytes(bytes(64 * MiB))
+    with kcopyd.Client(num_pages=1024) as kc:
+        job = kc.copy(kcopyd.Region(slow.uri, 0, 64 * MiB // S), [kcopyd.Region(str(dst), 0, 64 * MiB // S)])
+        assert job.plan.stream
+        _kill_mid_copy(job, slow, 64 * MiB)
+    assert (job.read_err, job.write_err) == (True, 0)
+    assert not [t for t in threading.enumerate() if t.name.startswith("nbd-pump")]
+    got = dst.read_bytes()
+    written = [i for i in range(64) if got[i * MiB : (i + 1) * MiB] != bytes(MiB)]
+    assert written, "nothing was written before the kill"
+    for i in written:  # a piece is written whole, from its own read, or not at all
+        assert got[i * MiB : (i + 1) * MiB] == data[i * MiB : (i + 1) * MiB]
 
 
 def test_hung_server_times_out(tmp_path: Path, start_nbdkit: Callable[..., NbdServer]) -> None:
@@ -321,7 +348,9 @@ def test_overlapping_destinations_on_one_export_refused(tmp_path: Path,
 @pytest.mark.parametrize("num_pages, piece", [(4096, 4 * MiB), (1024, MiB)])
 def test_nbd_jobs_take_larger_pieces_when_the_pool_allows(tmp_path: Path, start_nbdkit: Callable[..., NbdServer],
                                                           num_pages: int, piece: int) -> None:
-    """A copy with an export moves NBD_PIECE_SIZE pieces when four fit in the pool, both ways."""
+    """A copy to an export moves NBD_PIECE_SIZE pieces when four fit in the pool; a copy from an
+    export streams pieces of one request each, a pool's worth in flight."""
+    from dmtools.nbd.endpoint import REQUEST_SIZE
     from kcopyd.client import NBD_PIECE_SIZE
 
     assert NBD_PIECE_SIZE == 4 * MiB
@@ -334,7 +363,12 @@ def test_nbd_jobs_take_larger_pieces_when_the_pool_allows(tmp_path: Path, start_
         for s, d in ((str(src), srv.uri), (srv.uri, str(back))):
             job = kc.copy(kcopyd.Region(s, 0, 16 * MiB // S), [kcopyd.Region(d, 0, 16 * MiB // S)])
             assert job.wait(60) and job.ok
-            assert job.plan.piece_size == piece
+            if s == srv.uri:
+                assert job.plan.stream
+                assert job.plan.piece_size == min(REQUEST_SIZE, num_pages * 4096 // 2)
+                assert job.plan.max_active == max(kcopyd.SPLIT_COUNT, num_pages * 4096 // job.plan.piece_size)
+            else:
+                assert not job.plan.stream and job.plan.piece_size == piece
         assert kc.pool.peak <= num_pages
     assert back.read_bytes() == src.read_bytes()
 

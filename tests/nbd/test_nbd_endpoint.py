@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -201,6 +202,75 @@ def test_threads_with_several_requests_each_are_never_left_undriven(
 
         run_together([functools.partial(body, t) for t in range(8)], timeout=4 * timeout)
         assert slowest[0] < timeout / 2, f"a call took {slowest[0]:.1f} s"
+
+
+def test_stream_read_runs_completions_on_one_pump_per_connection(
+        start_nbdkit: Callable[..., NbdServer]) -> None:
+    """stream_read: each done(errno) runs on the pump thread of the connection that carried the
+    read, with the data in place; reads queued from a pump stay on its connection when it is no
+    busier; the pumps stop once idle and at close; a read past the end raises at once."""
+    srv = start_nbdkit(["memory", "8M"])
+    data = os.urandom(8 * 1024 * 1024)
+    with NbdEndpoint(srv.uri, writable=True) as w:
+        w.write(data, 0)
+    ep = NbdEndpoint(srv.uri)
+    try:
+        assert ep.connections == 4
+        size = ep.request_size
+        bufs = [bytearray(size) for _ in range(len(data) // size)]
+        landed: list[tuple[int, int, str]] = []
+        all_done = threading.Event()
+        chained = [0]
+
+        def done_for(i: int) -> Callable[[int], None]:
+            def done(err: int) -> None:
+                landed.append((i, err, threading.current_thread().name))
+                if i == 0 and not chained[0]:  # queue one more from the pump itself
+                    chained[0] = 1
+                    ep.stream_read(bufs[1], size, done_for(1))
+                    return
+                if len(landed) == len(bufs) + 1:
+                    all_done.set()
+            return done
+
+        for i in range(len(bufs)):
+            ep.stream_read(bufs[i], i * size, done_for(i))
+        assert all_done.wait(30)
+        assert all(err == 0 for _, err, _ in landed)
+        assert {name.split(" ")[0] for _, _, name in landed} == {"nbd-pump"}
+        assert len({name for _, _, name in landed}) > 1  # spread over the connections
+        for i, b in enumerate(bufs):
+            assert bytes(b) == data[i * size : (i + 1) * size]
+        with pytest.raises(DeviceIOError):
+            ep.stream_read(bytearray(4096), len(data) - 512, lambda err: None)
+        with pytest.raises(InvalidArgument):
+            ep.stream_read(bytearray(size + 4096), 0, lambda err: None)
+        t0 = time.monotonic()
+        while any(t.name.startswith("nbd-pump") for t in threading.enumerate()) and time.monotonic() - t0 < 5:
+            time.sleep(0.05)
+        assert not [t for t in threading.enumerate() if t.name.startswith("nbd-pump")]
+        ep.stream_read(bufs[0], 0, lambda err: None)  # a new pump, stopped by close
+    finally:
+        ep.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("nbd-pump")]
+
+
+def test_stream_read_error_is_the_servers_errno(start_nbdkit: Callable[..., NbdServer]) -> None:
+    srv = start_nbdkit(["memory", "1M", "error-pread-rate=100%", "error=ENOSPC"], filters=["error"])
+    got: list[int] = []
+    ev = threading.Event()
+
+    def done(err: int) -> None:
+        got.append(err)
+        ev.set()
+
+    ep = NbdEndpoint(srv.uri)
+    try:
+        ep.stream_read(bytearray(4096), 0, done)
+        assert ev.wait(30)
+    finally:
+        ep.close()
+    assert got == [errno.ENOSPC]
 
 
 def test_read_only_export(start_nbdkit: Callable[..., NbdServer]) -> None:
