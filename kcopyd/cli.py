@@ -189,16 +189,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print a JSON summary")
 
 
-def _source_size(path: str) -> int:
+def _open_source(path: str) -> tuple[str | Endpoint, int]:
+    """The source's size, and what its region names: an export is opened here once, its
+    connections then serve the copy (a connection opened only to read the size cost a handshake
+    with the server, and the server a thread); a path is opened by the job."""
     if is_nbd_uri(path):  # libnbd's bindings are loaded only when an export takes part
         from dmtools.nbd import NbdEndpoint
 
-        with NbdEndpoint(path, connections=1) as nbd_ep:
-            return nbd_ep.size
+        nbd_ep = NbdEndpoint(path)
+        return nbd_ep, nbd_ep.size
     from dmtools.blockdev import BlockDevice
 
     with BlockDevice(path) as ep:
-        return ep.size
+        return path, ep.size
 
 
 def cmd_copy(args: argparse.Namespace) -> int:
@@ -211,7 +214,18 @@ def cmd_copy(args: argparse.Namespace) -> int:
     dests = [_devno_spec(parse_spec(d)) for d in args.dests]
     if len(dests) > kcopyd.MAX_REGIONS:
         raise InvalidArgument(f"{len(dests)} destinations: at most {kcopyd.MAX_REGIONS}", operation="copy")
-    src_size = _source_size(src.path)
+    src_dev, src_size = _open_source(src.path)
+    try:
+        return _copy(args, src, src_dev, src_size, dests)
+    finally:
+        if isinstance(src_dev, Endpoint):
+            src_dev.close()
+
+
+def _copy(args: argparse.Namespace, src: Spec, src_dev: str | Endpoint, src_size: int, dests: list[Spec]) -> int:
+    """``cmd_copy`` once the source is open: the copy of ``src_dev`` (its path, or its endpoint)."""
+    import kcopyd
+
     if src.sector * SECTOR > src_size:
         raise InvalidArgument(f"start sector {src.sector} is beyond the source's end", operation="copy",
                               device=src.path)
@@ -258,7 +272,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
                 if not d.is_null and not is_nbd_uri(d.path) and not args.allow_in_use:
                     holder.claim(d.path, device="copy")
             # in use: checked above (before any file was created), as the caller asked
-            job = client.copy(kcopyd.Region(src.path, src.sector, count), regions, flags=flags, allow_in_use=True)
+            job = client.copy(kcopyd.Region(src_dev, src.sector, count), regions, flags=flags, allow_in_use=True)
         except DMError:
             for path in created:
                 os.unlink(path)

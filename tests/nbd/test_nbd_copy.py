@@ -373,6 +373,27 @@ def test_nbd_jobs_take_larger_pieces_when_the_pool_allows(tmp_path: Path, start_
     assert back.read_bytes() == src.read_bytes()
 
 
+def test_copy_command_reads_an_export_on_the_copys_connections(tmp_path: Path,
+                                                               start_nbdkit: Callable[..., NbdServer]) -> None:
+    """``dmtools copy URI FILE`` opens the export once: its size comes from the connections that
+    then carry the copy (no connection of its own), closed at the end. Data checked."""
+    from kcopyd.cli import main
+
+    log = tmp_path / "nbdkit.log"
+    srv = start_nbdkit(["memory", "8M", f"logfile={log}"], filters=["log"])
+    data = os.urandom(8 * MiB)
+    with NbdEndpoint(srv.uri, writable=True) as w:
+        w.write(data, 0)
+        opened = w.connections
+    dst = tmp_path / "dst.img"
+    assert main([srv.uri, str(dst), "-q"]) == 0
+    assert dst.read_bytes() == data
+    text = log.read_text()
+    connects = re.findall(r"^.* Connect export=", text, re.M)
+    assert len(connects) == 2 * opened  # the writer's, then the copy's: no extra one for the size
+    assert not [t for t in threading.enumerate() if t.name.startswith("nbd-pump")]  # closed
+
+
 def test_copy_command_sizes_its_client_for_nbd(tmp_path: Path, start_nbdkit: Callable[..., NbdServer],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """``dmtools copy`` with an export: 16 MiB of pages and a worker per 4 MiB piece (4); a copy
