@@ -88,7 +88,7 @@ class _Request:
     connection.
     """
 
-    __slots__ = ("wake", "err", "finished", "waiting", "keep", "deadline", "done", "landed")
+    __slots__ = ("wake", "err", "finished", "waiting", "keep", "deadline", "batch", "landed")
 
     def __init__(self, keep: Any, deadline: float | None) -> None:
         self.wake = threading.Event()
@@ -97,8 +97,8 @@ class _Request:
         self.waiting = False
         self.keep = keep  # the buffer libnbd reads or fills, alive until completion
         self.deadline = deadline  # monotonic time by which its reply must have come
-        #: a streamed read's ``done(errno)``, run by the connection's pump once the reply is in
-        self.done: Callable[[int], None] | None = None
+        #: the streamed reads this one belongs to (their pump runs its ``done`` once all are in)
+        self.batch: _Batch | None = None
         self.landed: deque[_Request] | None = None  # the pump's queue of finished streamed reads
 
     def complete(self, err: Any) -> int:
@@ -120,6 +120,18 @@ class _Request:
                 self.landed.append(self)
             else:
                 self.wake.set()
+
+
+class _Batch:
+    """Streamed reads queued together on one connection: ``done(errno)`` runs once all are in,
+    with the first error (0 when none failed). Used by the connection's pump thread only."""
+
+    __slots__ = ("left", "err", "done")
+
+    def __init__(self, left: int, done: Callable[[int], None]) -> None:
+        self.left = left
+        self.err = 0
+        self.done = done
 
 
 class _Connection:
@@ -187,20 +199,26 @@ class _Connection:
         return req
 
     # -- streamed reads: a pump thread per connection --------------------------------------------
-    def stream_read(self, buf: Any, offset: int, done: Callable[[int], None]) -> None:
-        """Queue a READ into ``buf`` at ``offset``; ``done(errno)`` (0 on success) runs on this
-        connection's pump thread once the reply is in (started here when none runs). Called
-        from the pump itself (from a ``done``), the read is issued when that ``done`` returns,
-        without a wake-up."""
-        req = _Request(buf, time.monotonic() + self.timeout if self.timeout is not None else None)
-        req.done = done
-        req.landed = self.landed
+    def stream_read(self, parts: list[tuple[Any, int]], done: Callable[[int], None]) -> None:
+        """Queue READs (buffer, offset); ``done(errno)`` (0 when all succeeded) runs on this
+        connection's pump thread once every reply is in (the pump is started here when none
+        runs). Called from the pump itself (from a ``done``), the reads are issued when that
+        ``done`` returns, without a wake-up."""
+        batch = _Batch(len(parts), done)
+        deadline = time.monotonic() + self.timeout if self.timeout is not None else None
+        reqs = []
+        for buf, offset in parts:
+            req = _Request(buf, deadline)
+            req.batch = batch
+            req.landed = self.landed
+            reqs.append((req, buf, offset))
         me = threading.current_thread()
         start = wake = False
         with self.lock:
-            self.pending.add(req)
-            self.streaming += 1
-            self.inbox.append((req, buf, offset))
+            for r in reqs:
+                self.pending.add(r[0])
+            self.streaming += len(reqs)
+            self.inbox.extend(reqs)
             if self.pump is None:
                 if self._wake_fd < 0:
                     self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -325,16 +343,23 @@ class _Connection:
                 idle = deadline is None
 
     def _run_landed(self) -> None:
-        """Run the ``done`` of every finished streamed read (on the pump thread)."""
+        """Count in every finished streamed read; run a batch's ``done`` once all its reads are
+        in (on the pump thread)."""
         landed = self.landed
         while landed:
             req = landed.popleft()
             with self.lock:
                 self.pending.discard(req)
                 self.streaming -= 1
-            done, req.done, req.keep = req.done, None, None
+            batch, req.batch, req.keep = req.batch, None, None
+            assert batch is not None  # set by stream_read
+            if req.err and not batch.err:
+                batch.err = req.err
+            batch.left -= 1
+            if batch.left:
+                continue
             try:
-                done(req.err)  # type: ignore[misc]  # set by stream_read
+                batch.done(batch.err)
             except BaseException:  # noqa: BLE001 - the pump must go on
                 log.exception("nbd: %s: a read's completion raised", self.name)
 
@@ -677,28 +702,30 @@ class NbdEndpoint(Endpoint):
         """The longest READ/WRITE payload sent in one request (longer I/O is split)."""
         return int(self._max_request)
 
-    def stream_read(self, buf: Any, offset: int, done: Callable[[int], None]) -> None:
-        """Read ``len(buf)`` bytes (at most :attr:`request_size`) at ``offset`` into ``buf``
-        without waiting: ``done(errno)``, 0 on success, runs later on the pump thread of the
-        connection that carried the read, which runs every completion of its connection as
-        its reply lands (one thread per connection, as nbdcopy's). The least busy connection
-        carries it, the caller's own when it is a pump thread of this endpoint and no busier
-        than the others. ``buf`` must stay alive until ``done`` runs; a short read at the end
-        of the export is an error (EIO). Raises ``DeviceIOError`` (and ``done`` never runs)
-        when no connection is left."""
-        n = memoryview(buf).nbytes
-        if n > self._max_request or n <= 0:
-            raise InvalidArgument(f"a streamed read is 1 to {self._max_request} bytes, not {n}")
-        if offset < 0 or offset + n > self._size:
-            raise DeviceIOError("read beyond the end of the export", errno=errno.EIO, operation="read",
-                                device=self.name)
+    def stream_read(self, parts: list[tuple[Any, int]], done: Callable[[int], None]) -> None:
+        """Read each ``(buffer, offset)`` of ``parts`` (at most :attr:`request_size` bytes each)
+        without waiting, all on one connection: ``done(errno)`` runs once all are in, with the
+        first error (0 when none), on the pump thread of that connection, which runs every
+        completion of its connection as its replies land (one thread per connection, as
+        nbdcopy's). The least busy connection carries them, the caller's own when it is a pump
+        thread of this endpoint and no busier than the others. The buffers must stay alive
+        until ``done`` runs. Raises ``InvalidArgument`` (a part empty, too long or beyond the
+        export's end) or ``DeviceIOError`` (no connection left), and then ``done`` never runs."""
+        if not parts:
+            raise InvalidArgument("stream_read needs at least one part")
+        for buf, offset in parts:
+            n = memoryview(buf).nbytes
+            if n > self._max_request or n <= 0:
+                raise InvalidArgument(f"a streamed read is 1 to {self._max_request} bytes, not {n}")
+            if offset < 0 or offset + n > self._size:
+                raise InvalidArgument(f"a streamed read at {offset} + {n} is beyond the export's end")
         best = self._pick()
         me = threading.current_thread()
         for c in self._conns:
             if c.pump is me and not c.dead and c.busy <= best.busy:
                 best = c
                 break
-        best.stream_read(buf, offset, done)
+        best.stream_read(parts, done)
 
     def _pieces(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
         out = []
