@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Any, Sequence
 
+from dmtools.cli.lean import HelpFormatter, terminal_columns as _terminal_columns  # noqa: F401 - as before
 from dmtools.endpoint import Endpoint, NullEndpoint
 from dmtools.errors import DMError, InvalidArgument
 from dmtools.linux import DEVNO
@@ -80,33 +81,6 @@ def parse_spec(text: str) -> Spec:
     sector = parse_sectors(m.group("sector")) if m.group("sector") else 0
     count = parse_sectors(m.group("count")) if m.group("count") else None
     return Spec(path, sector, count)
-
-
-def _terminal_columns() -> int:
-    """The terminal's width as ``shutil.get_terminal_size`` finds it: ``$COLUMNS``, else standard
-    output's terminal, else 80."""
-    try:
-        columns = int(os.environ.get("COLUMNS", ""))
-    except ValueError:
-        columns = 0
-    if columns <= 0:
-        try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
-        except (AttributeError, ValueError, OSError):
-            columns = 0
-    return columns or 80
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """argparse's formatter (the description kept as written) that finds the terminal's width
-    itself: argparse makes a formatter for every argument added (to check it), and its own
-    imports ``shutil`` (with ``bz2``, ``lzma``, ``fnmatch``) for ``get_terminal_size``: 7.4 M of
-    the copy command's start-up instructions (callgrind)."""
-
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
-                 width: int | None = None) -> None:
-        super().__init__(prog, indent_increment, max_help_position,
-                         _terminal_columns() - 2 if width is None else width)
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:

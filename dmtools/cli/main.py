@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dmtools.cli.common import close_backends, one_line
+from dmtools.cli.lean import HelpFormatter, leave
 from dmtools.errors import DMError
 from dmtools.lazy import configure_logging
 from dmtools.plugins import entry_points
@@ -94,6 +95,7 @@ def build_parser(only: str | None = None, *, summaries: bool = False) -> argpars
         prog="dmtools",
         description="Linux device-mapper toolkit: tables, snapshots, mirrors and kcopyd, "
         "on the kernel or the embedded userspace engine.",
+        formatter_class=HelpFormatter,  # argparse's own imports shutil for the width
     )
     parser.add_argument("--backend", choices=("auto", "kernel", "userspace"), default="auto",
                         help="device-mapper engine (default: the kernel where /dev/mapper/control works)")
@@ -163,6 +165,7 @@ def _log() -> Any:
 
 def main(argv: Sequence[str] | None = None, *, propagate: bool = False) -> int:
     """Run the CLI; return the exit status. With ``propagate`` exceptions are re-raised (tests)."""
+    argv_given = argv
     argv = sys.argv[1:] if argv is None else list(argv)
     if any("\0" in arg for arg in argv):  # an exec'd command line cannot hold one; a caller's list can
         print("dmtools: an argument contains a NUL byte", file=sys.stderr)
@@ -180,8 +183,7 @@ def main(argv: Sequence[str] | None = None, *, propagate: bool = False) -> int:
     hook = configure_logging("dmtools", args.debug)
     args.opened_backends = []
     try:
-        rc = args.func(args)
-        return int(rc or 0)
+        code = int(args.func(args) or 0)
     except (DMError, OSError) as err:
         if propagate:
             raise
@@ -198,6 +200,14 @@ def main(argv: Sequence[str] | None = None, *, propagate: bool = False) -> int:
         close_backends(args)
         if hook is not None:
             hook.remove()
+    if argv_given is None and command in FAST_EXIT:
+        leave(code, "dmtools")  # the process's own command line: no interpreter teardown
+    return code
+
+
+#: Commands that leave without the interpreter's teardown once done (:func:`dmtools.cli.lean.leave`)
+#: when ``main`` runs the process's own command line.
+FAST_EXIT = frozenset({"copy"})
 
 
 if __name__ == "__main__":  # pragma: no cover
