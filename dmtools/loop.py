@@ -22,7 +22,6 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
 from typing import Any
 
 from dmtools.blockdev import device_number
@@ -30,6 +29,7 @@ from dmtools.errors import DeviceBusy, DeviceNotFound, DMError, InvalidArgument,
 from dmtools.linux import (BLKGETSIZE64, BLKROSET, LOOP_CLR_FD, LOOP_CONFIGURE, LOOP_CTL_GET_FREE, LOOP_GET_STATUS64,
                            LOOP_NAME, LOOP_SET_BLOCK_SIZE, LOOP_SET_CAPACITY, LOOP_SET_DIRECT_IO, LOOP_SET_FD,
                            LOOP_SET_STATUS64)
+from dmtools.record import record
 from dmtools.units import int_in
 
 __all__ = [
@@ -75,7 +75,7 @@ ATTACH_ATTEMPTS = 64
 # Structures
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LoopStatus:
     """Decoded ``struct loop_info64`` (what ``LOOP_GET_STATUS64`` returns)."""
 
@@ -139,7 +139,7 @@ class _Holder:
         self.close()
 
 
-@dataclass
+@record
 class LoopDevice:
     """A bound loop device as the kernel reports it (sysfs).
 
@@ -160,7 +160,10 @@ class LoopDevice:
     major: int = 7
     minor: int = 0
     partscan: bool = False
-    _holder: _Holder | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # the descriptor attach() keeps open: not a field (no part of equality, repr or to_dict)
+        self._holder: _Holder | None = None
 
     def __fspath__(self) -> str:
         return self.path
@@ -182,7 +185,7 @@ class LoopDevice:
 
     def to_dict(self) -> dict[str, Any]:
         """The public fields as a plain dict (for JSON output)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+        return {name: getattr(self, name) for name in self.__match_args__}
 
 
 def _read_attr(path: str) -> str:
@@ -390,7 +393,7 @@ def attach(path: str | os.PathLike[str], *, read_only: bool = False, autoclear: 
                     operation="attach", device=p)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _BindRequest:
     path: str
     offset: int

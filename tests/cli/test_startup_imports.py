@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from dmtools.testing.probes import NO_HOST_DEVICES
+
 #: Loaded by neither command: the engine and its tables, the monitor, libdevmapper's cffi binding,
 #: importlib.metadata (entry points are read by dmtools.plugins) and fractions/decimal.
 HEAVY = {
@@ -114,13 +116,6 @@ def test_logging_first_imported_by_a_command_is_configured() -> None:
     assert proc.stderr == "dmtools: WARNING: late warning\n"
 
 
-#: The copy probes map no device whatever this host's /dev holds: the control node they check is a
-#: path that does not exist (a node made by another test or tool mid-run would load the kernel's side).
-NO_CONTROL = """
-import dmtools.linux
-dmtools.linux.CONTROL_PATH = sys.argv.pop()
-"""
-
 COPY = """
 import sys
 from kcopyd.cli import main
@@ -143,9 +138,9 @@ def test_copy_between_files_imports_only_what_it_uses(tmp_path) -> None:
 
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     src.write_bytes(os.urandom(1 << 20))
-    probe = "import sys" + NO_CONTROL + COPY + "\nimport json\nprint(json.dumps(sorted(sys.modules)), file=sys.stderr)"
+    probe = "import sys" + NO_HOST_DEVICES + COPY + "\nimport json\nprint(json.dumps(sorted(sys.modules)), file=sys.stderr)"
     env = dict(os.environ, DMTOOLS_RUN_DIR=str(tmp_path / "run"))  # no daemon there
-    proc = subprocess.run([sys.executable, "-c", probe, str(src), str(dst), str(tmp_path / "no-control")],
+    proc = subprocess.run([sys.executable, "-c", probe, str(src), str(dst), str(tmp_path / "no-such-path")],
                           capture_output=True, text=True, env=env, check=True)
     loaded = set(json.loads(proc.stderr.strip().splitlines()[-1]))
     assert "kcopyd.client" in loaded and dst.read_bytes() == src.read_bytes(), "the probe copied"

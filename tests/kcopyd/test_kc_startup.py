@@ -9,6 +9,8 @@ import json
 import subprocess
 import sys
 
+from dmtools.testing.probes import NO_HOST_DEVICES
+
 #: Neither a copy between two files nor its safety checks need these: the upper targets, the
 #: kernel's backend and cffi binding (no kernel table maps a file without a loop over it), udev,
 #: libnbd (loaded when a URI is named), the daemon's client (none runs), fractions/decimal,
@@ -17,16 +19,9 @@ NOT_LOADED = ("snapshot", "mirror", "thin", "cffi", "_cffi_backend", "pyudev", "
               "dmtools.kernel", "dmtools.backend", "dmtools.nbd.endpoint", "dmtools.engine.client",
               "fractions", "decimal", "dataclasses", "inspect")
 
-#: The probe maps no device whatever this host's /dev holds: the control node it checks is a path
-#: that does not exist (a node made by another test or tool mid-run would load the kernel's side).
-NO_CONTROL = """
-import dmtools.linux
-dmtools.linux.CONTROL_PATH = sys.argv.pop()
-"""
-
 PROBE = """
 import json, sys
-""" + NO_CONTROL + """
+""" + NO_HOST_DEVICES + """
 from dmtools.cli.main import main
 rc = main(["copy", sys.argv[1], sys.argv[2], "--quiet"])
 print(json.dumps([rc, sorted(sys.modules)]), file=sys.stderr)
@@ -37,7 +32,7 @@ def test_copy_of_two_files_imports_only_the_copy_path(tmp_path) -> None:
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     src.write_bytes(bytes(range(256)) * 4096)
     env = {"PATH": "/usr/bin:/bin", "DMTOOLS_RUN_DIR": str(tmp_path / "run")}  # no daemon there
-    proc = subprocess.run([sys.executable, "-c", PROBE, str(src), str(dst), str(tmp_path / "no-control")],
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(src), str(dst), str(tmp_path / "no-such-path")],
                           capture_output=True, text=True, check=True, env=env)
     rc, loaded = json.loads(proc.stderr.strip().splitlines()[-1])
     assert rc == 0 and dst.read_bytes() == src.read_bytes(), "the probe copied the file"
@@ -49,7 +44,7 @@ def test_copy_of_two_files_imports_only_the_copy_path(tmp_path) -> None:
 
 KCOPYD_PROBE = """
 import json, sys
-""" + NO_CONTROL + """
+""" + NO_HOST_DEVICES + """
 from kcopyd.cli import main
 rc = main([sys.argv[1], sys.argv[2], "--quiet"])
 print(json.dumps([rc, sorted(sys.modules)]), file=sys.stderr)
@@ -62,7 +57,7 @@ def test_python_m_kcopyd_does_not_import_shutil(tmp_path) -> None:
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     src.write_bytes(bytes(range(256)) * 16)
     env = {"PATH": "/usr/bin:/bin", "DMTOOLS_RUN_DIR": str(tmp_path / "run")}
-    proc = subprocess.run([sys.executable, "-c", KCOPYD_PROBE, str(src), str(dst), str(tmp_path / "no-control")],
+    proc = subprocess.run([sys.executable, "-c", KCOPYD_PROBE, str(src), str(dst), str(tmp_path / "no-such-path")],
                           capture_output=True, text=True, check=True, env=env)
     rc, loaded = json.loads(proc.stderr.strip().splitlines()[-1])
     assert rc == 0 and dst.read_bytes() == src.read_bytes(), "the probe copied the file"
@@ -180,3 +175,11 @@ def test_copy_path_makes_no_forward_refs_at_import() -> None:
     proc = subprocess.run([sys.executable, "-c", FORWARD_REF_PROBE], capture_output=True, text=True,
                           check=True)
     assert proc.stdout.strip() == "[]", f"forward references made at import: {proc.stdout.strip()}"
+
+
+def test_loop_status_reader_imports_no_dataclasses() -> None:
+    """On a host with bound loop devices the copy's in-use check reads their status through
+    ``dmtools.loop`` (the probes above hide the host's devices), so it too stays off ``dataclasses``."""
+    code = "import sys, dmtools.loop; print(' '.join(sorted(sys.modules)))"
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert "dmtools.loop" in loaded and not loaded & {"dataclasses", "inspect"}
