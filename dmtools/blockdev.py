@@ -78,23 +78,30 @@ class _PyBuffer(ctypes.Structure):
     ]
 
 
+_get_buffer: Any = None
+_release_buffer: Any = None
+
+
 def buffer_address(mv: memoryview) -> int:
     """Memory address of the first byte of a non-empty, C-contiguous byte view."""
+    global _get_buffer, _release_buffer
     if not mv.readonly:
         return ctypes.addressof(ctypes.c_char.from_buffer(mv))
+    if _get_buffer is None:
+        get = ctypes.pythonapi.PyObject_GetBuffer
+        get.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+        get.restype = ctypes.c_int
+        release = ctypes.pythonapi.PyBuffer_Release
+        release.argtypes = [ctypes.POINTER(_PyBuffer)]
+        release.restype = None
+        _get_buffer, _release_buffer = get, release
     view = _PyBuffer()
-    get = ctypes.pythonapi.PyObject_GetBuffer
-    get.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-    get.restype = ctypes.c_int
-    release = ctypes.pythonapi.PyBuffer_Release
-    release.argtypes = [ctypes.POINTER(_PyBuffer)]
-    release.restype = None
-    if get(mv, ctypes.byref(view), 0) != 0:  # PyBUF_SIMPLE
+    if _get_buffer(mv, ctypes.byref(view), 0) != 0:  # PyBUF_SIMPLE
         raise InvalidArgument("buffer does not expose its memory")
     try:
         return int(view.buf or 0)
     finally:
-        release(ctypes.byref(view))
+        _release_buffer(ctypes.byref(view))
 
 
 def _byte_view(buf: Any, *, writable: bool) -> memoryview:

@@ -17,7 +17,7 @@ import queue
 import threading
 from typing import TYPE_CHECKING, Any
 
-from dmtools.blockdev import BlockDevice, aligned_buffer
+from dmtools.blockdev import BlockDevice, aligned_buffer, buffer_address
 from dmtools.endpoint import Endpoint
 from dmtools.errors import DMError
 
@@ -44,14 +44,7 @@ def _take(size: int) -> mmap.mmap:
 
 def _copy(dst: mmap.mmap, src: memoryview, n: int) -> None:
     """Copy ``n`` bytes with the GIL released (``ctypes.memmove``), so FUSE threads overlap."""
-    if src.readonly:
-        dst[:n] = src
-        return
-    ctypes.memmove(
-        ctypes.addressof(ctypes.c_char.from_buffer(dst)),
-        ctypes.addressof(ctypes.c_char.from_buffer(src)),
-        n,
-    )
+    ctypes.memmove(ctypes.addressof(ctypes.c_char.from_buffer(dst)), buffer_address(src), n)
 
 
 class BackingDevice(Endpoint):
@@ -129,6 +122,11 @@ class BackingDevice(Endpoint):
         align = direct.logical_block_size
         if offset % align or n % align:
             return self.buffered.write(mv, offset)
+        if buffer_address(mv) % align == 0:
+            # The caller's buffer can go to the disk as it is (kcopyd's pages, aligned_buffer):
+            # the copy below cost more than the write's own CPU (0.176 s of 0.52 s for 512 MiB in
+            # 1 MiB writes under cProfile: a buffer that just went out by DMA is cold).
+            return direct.write(mv, offset)
         bounce = _take(n)
         try:
             _copy(bounce, mv, n)
