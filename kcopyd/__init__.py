@@ -21,15 +21,7 @@ from typing import TYPE_CHECKING
 from dmtools import lazy
 
 if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
-    from kcopyd.client import (
-        DEST_ZEROED,
-        IGNORE_ERROR,
-        MAX_SUB_JOB_SIZE,
-        SPLIT_COUNT,
-        SUB_JOB_SIZE,
-        WRITE_SEQ,
-        Client,
-    )
+    from kcopyd.client import DEST_ZEROED, IGNORE_ERROR, MAX_SUB_JOB_SIZE, SPLIT_COUNT, SUB_JOB_SIZE, WRITE_SEQ, Client
     from kcopyd.job import Job, NotifyFn, Progress
     from kcopyd.pagepool import PAGE_SIZE, PagePool
     from kcopyd.region import MAX_REGIONS, Region

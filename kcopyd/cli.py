@@ -85,12 +85,7 @@ def parse_spec(text: str) -> Spec:
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``copy`` sub-command to an argparse sub-parser collection."""
-    p = subparsers.add_parser(
-        "copy",
-        help=SUMMARY,
-        description=DESCRIPTION,
-        formatter_class=HelpFormatter,
-    )
+    p = subparsers.add_parser("copy", help=SUMMARY, description=DESCRIPTION, formatter_class=HelpFormatter)
     add_arguments(p)
     p.set_defaults(func=cmd_copy)
     return p  # type: ignore[no-any-return]
@@ -146,8 +141,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-pages", type=_int_in(1, MAX_NUM_PAGES), default=None, metavar="N",
                    help="buffer pages of 4 KiB (default 1024 = 4 MiB; 4096 = 16 MiB when an NBD export "
                         "takes part)")
-    p.add_argument("--sub-job-size", default="1M", metavar="SIZE",
-                   help="sub-job size, 512 bytes to 1M (default 1M)")
+    p.add_argument("--sub-job-size", default="1M", metavar="SIZE", help="sub-job size, 512 bytes to 1M (default 1M)")
     # An NBD copy's pool holds four pieces (kcopyd.client.NBD_PIECE_SIZE): a worker per piece;
     # more only contend for the GIL (1 GiB export -> file at load 9: CPU 1.10-1.30 s with 8
     # workers, 0.91-0.95 s with 4).
@@ -286,8 +280,7 @@ def _copy(args: argparse.Namespace, src: Spec, src_dev: str | Endpoint, src_size
     if getattr(args, "json", False):
         print(json.dumps(summary, indent=2))
     elif reporter.bar:
-        print(f"copied {format_size(nbytes)} to {len(dests)} destination(s) in {elapsed:.2f} s",
-              file=sys.stderr)
+        print(f"copied {format_size(nbytes)} to {len(dests)} destination(s) in {elapsed:.2f} s", file=sys.stderr)
     job.raise_for_error()
     return 0
 
@@ -377,8 +370,7 @@ def _prepare_dests(dests: list[Spec], count: int, created: list[str]) -> list[An
         except FileNotFoundError:
             parent = os.path.dirname(os.path.abspath(d.path))
             if not os.path.isdir(parent):
-                raise InvalidArgument("no such directory for the new file", operation="copy",
-                                      device=d.path) from None
+                raise InvalidArgument("no such directory for the new file", operation="copy", device=d.path) from None
             need_paths.append((d.path, end, True))
             continue
         if stat.S_ISREG(st.st_mode) and st.st_size < end:
@@ -413,8 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m kcopyd SRC DST ...``: the ``copy`` command on its own."""
     from dmtools.lazy import configure_logging
 
-    parser = argparse.ArgumentParser(prog="python -m kcopyd", description=DESCRIPTION,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m kcopyd", description=DESCRIPTION, formatter_class=HelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
     hook = configure_logging("kcopyd", False)

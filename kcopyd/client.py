@@ -58,8 +58,7 @@ from kcopyd.region import OpenRegion, Region, open_regions
 from kcopyd.scheduler import Scheduler
 from kcopyd.throttle import Throttle
 
-__all__ = ["Client", "IGNORE_ERROR", "WRITE_SEQ", "DEST_ZEROED", "SPLIT_COUNT", "SUB_JOB_SIZE",
-           "MAX_SUB_JOB_SIZE"]
+__all__ = ["Client", "IGNORE_ERROR", "WRITE_SEQ", "DEST_ZEROED", "SPLIT_COUNT", "SUB_JOB_SIZE", "MAX_SUB_JOB_SIZE"]
 
 log = logger("kcopyd")
 
@@ -141,20 +140,10 @@ class Client(InlineJobs):
     small job on the caller's thread and returns it done (:mod:`kcopyd.inline`).
     """
 
-    def __init__(
-        self,
-        num_pages: int = 1024,
-        *,
-        sub_job_size: int = SUB_JOB_SIZE,
-        threads: int = 8,
-        throttle: Throttle | None = None,
-        rate: int | None = None,
-        throttle_percent: int = 100,
-        max_jobs: int = 4096,
-        offload: bool = True,
-        drop_behind: bool = True,
-        write_behind: bool = False,
-    ) -> None:
+    def __init__(self, num_pages: int = 1024, *, sub_job_size: int = SUB_JOB_SIZE, threads: int = 8,
+                 throttle: Throttle | None = None, rate: int | None = None, throttle_percent: int = 100,
+                 max_jobs: int = 4096, offload: bool = True, drop_behind: bool = True,
+                 write_behind: bool = False) -> None:
         if isinstance(sub_job_size, bool) or not isinstance(sub_job_size, int):
             raise InvalidArgument(f"sub_job_size must be an integer, not {sub_job_size!r}")
         if sub_job_size < 512 or sub_job_size % 512 or sub_job_size > MAX_SUB_JOB_SIZE:
@@ -198,16 +187,8 @@ class Client(InlineJobs):
         self._cb_thread.start()
 
     # -- public API -----------------------------------------------------------------------------
-    def copy(
-        self,
-        src: Region,
-        dests: Sequence[Region] | Region,
-        flags: int = 0,
-        notify: NotifyFn | None = None,
-        context: Any = None,
-        *,
-        allow_in_use: bool = False,
-    ) -> Job:
+    def copy(self, src: Region, dests: Sequence[Region] | Region, flags: int = 0, notify: NotifyFn | None = None,
+             context: Any = None, *, allow_in_use: bool = False) -> Job:
         """Copy ``src`` to every destination (at most 8) asynchronously; return the job at once.
 
         Every region is checked before any I/O; a bad one raises ``InvalidArgument`` and nothing is
@@ -221,13 +202,8 @@ class Client(InlineJobs):
             raise InvalidArgument(f"source must be a Region, not {src!r}", operation="copy")
         return self._submit(src, dests, flags, notify, context, allow_in_use)
 
-    def zero(
-        self,
-        dests: Sequence[Region] | Region,
-        flags: int = 0,
-        notify: NotifyFn | None = None,
-        context: Any = None,
-    ) -> Job:
+    def zero(self, dests: Sequence[Region] | Region, flags: int = 0, notify: NotifyFn | None = None,
+             context: Any = None) -> Job:
         """Write zeros to every destination (``Endpoint.zero``: fallocate/BLKZEROOUT where possible)."""
         return self._submit(None, dests, flags, notify, context, False)
 
@@ -244,9 +220,7 @@ class Client(InlineJobs):
     def destroy(self) -> None:
         """Wait for every job (callbacks included), then stop the threads and release the pages."""
         if threading.current_thread() is self._cb_thread:
-            raise InvalidArgument(
-                "destroy() from a notify callback would wait for that callback", operation="destroy"
-            )
+            raise InvalidArgument("destroy() from a notify callback would wait for that callback", operation="destroy")
         with self._cond:
             self._closed = True
             while self._unfinished:
@@ -273,15 +247,8 @@ class Client(InlineJobs):
         self.destroy()
 
     # -- submission -----------------------------------------------------------------------------
-    def _submit(
-        self,
-        src: Region | None,
-        dests: Sequence[Region] | Region,
-        flags: int,
-        notify: NotifyFn | None,
-        context: Any,
-        allow_in_use: bool,
-    ) -> Job:
+    def _submit(self, src: Region | None, dests: Sequence[Region] | Region, flags: int, notify: NotifyFn | None,
+                context: Any, allow_in_use: bool) -> Job:
         if self._closed:
             raise InvalidArgument("the client has been destroyed", operation="copy")
         if isinstance(flags, bool) or not isinstance(flags, int) or flags & ~_KNOWN_FLAGS:
@@ -310,8 +277,7 @@ class Client(InlineJobs):
         if osrc is not None and osrc.endpoint.is_regular_file and nbytes > 0:
             # a larger readahead window, as cp does
             osrc.endpoint.fadvise(osrc.offset, nbytes, os.POSIX_FADV_SEQUENTIAL)
-        job = Job(osrc, odests, nbytes, flags, notify, context, self._plan(osrc, odests, flags, reverse),
-                  self._cancel)
+        job = Job(osrc, odests, nbytes, flags, notify, context, self._plan(osrc, odests, flags, reverse), self._cancel)
         if self.write_behind and job.lanes.used:
             job.lanes.start_write_behind(odests)
         with self._cond:
@@ -327,9 +293,7 @@ class Client(InlineJobs):
             self._sched.add(job)
         return job
 
-    def _plan(
-        self, osrc: OpenRegion | None, odests: list[OpenRegion], flags: int, reverse: bool | None
-    ) -> Plan:
+    def _plan(self, osrc: OpenRegion | None, odests: list[OpenRegion], flags: int, reverse: bool | None) -> Plan:
         """How the job is cut and which I/O path it takes."""
         nbytes = odests[0].region.nbytes
         eps = [d.endpoint for d in odests] + ([osrc.endpoint] if osrc is not None else [])
@@ -352,8 +316,7 @@ class Client(InlineJobs):
         # destinations are written from the source's page cache (kcopyd.mapped).
         plan.mapped = bool(osrc is not None and osrc.owned and not plan.offload and reverse is None
                            and can_map(osrc.endpoint, [d.endpoint for d in odests]))
-        if not plan.offload and osrc is not None and any(
-                is_nbd_uri(o.region.dev) for o in [osrc, *odests]):
+        if not plan.offload and osrc is not None and any(is_nbd_uri(o.region.dev) for o in [osrc, *odests]):
             plan.piece_size = max(plan.piece_size, min(NBD_PIECE_SIZE, self.num_pages * PAGE_SIZE // 4))
         if osrc is not None and hasattr(osrc.endpoint, "stream_read") and not plan.offload \
                 and not plan.mapped and reverse is None and not flags & WRITE_SEQ:

@@ -48,8 +48,7 @@ def cached_bytes(fd: int, offset: int, length: int) -> int | None:
         _syscall = fn
     rng = struct.pack("=QQ", offset, length)  # struct cachestat_range (include/uapi/linux/mman.h)
     out = ctypes.create_string_buffer(5 * 8)  # struct cachestat: nr_cache, nr_dirty, ...
-    res = _syscall(ctypes.c_long(_NR_CACHESTAT), ctypes.c_uint(fd), ctypes.c_char_p(rng), out,
-                   ctypes.c_uint(0))
+    res = _syscall(ctypes.c_long(_NR_CACHESTAT), ctypes.c_uint(fd), ctypes.c_char_p(rng), out, ctypes.c_uint(0))
     if res != 0:
         if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # old kernel, or a seccomp filter
             _cachestat_missing = True
@@ -65,14 +64,10 @@ def read_exact(ep: Endpoint, views: Sequence[memoryview], offset: int) -> None:
         got = ep.readinto(v, offset)
         while got < want:
             if got <= 0:
-                raise DeviceIOError(
-                    "unexpected end of device", operation="read", device=ep.name, errno=errno.EIO
-                )
+                raise DeviceIOError("unexpected end of device", operation="read", device=ep.name, errno=errno.EIO)
             n = ep.readinto(v[got:], offset + got)
             if n <= 0:
-                raise DeviceIOError(
-                    "unexpected end of device", operation="read", device=ep.name, errno=errno.EIO
-                )
+                raise DeviceIOError("unexpected end of device", operation="read", device=ep.name, errno=errno.EIO)
             got += n
         offset += want
 

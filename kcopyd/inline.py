@@ -76,15 +76,8 @@ class InlineJobs:
     zero: Callable[..., Job]
     _identities: Callable[[Region | None, list[Region], bool], list[object]]
 
-    def run(
-        self,
-        src: Region | None,
-        dests: Sequence[Region] | Region,
-        flags: int = 0,
-        *,
-        max_bytes: int = INLINE_MAX_BYTES,
-        allow_in_use: bool = False,
-    ) -> Job:
+    def run(self, src: Region | None, dests: Sequence[Region] | Region, flags: int = 0, *,
+            max_bytes: int = INLINE_MAX_BYTES, allow_in_use: bool = False) -> Job:
         """Copy ``src`` to every destination (zero them when ``src`` is ``None``); return the job, done.
 
         A job of at most ``max_bytes`` runs on the calling thread (no worker, no callback thread);

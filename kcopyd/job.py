@@ -115,17 +115,9 @@ class Job:
     both finish after the notify callback has run.
     """
 
-    def __init__(
-        self,
-        src: OpenRegion | None,
-        dests: list[OpenRegion],
-        nbytes: int,
-        flags: int,
-        notify: NotifyFn | None,
-        context: Any,
-        plan: Plan,
-        on_cancel: Callable[[Job], None] | None = None,
-    ) -> None:
+    def __init__(self, src: OpenRegion | None, dests: list[OpenRegion], nbytes: int, flags: int,
+                 notify: NotifyFn | None, context: Any, plan: Plan,
+                 on_cancel: Callable[[Job], None] | None = None) -> None:
         #: the open regions (used by the client's I/O; ``src``/``dests`` name the regions)
         self.open_src = src
         self.open_dests = dests

@@ -75,8 +75,7 @@ class SourceMap:
     def __init__(self, fd: int, offset: int, length: int) -> None:
         self.offset = offset
         skip = offset % PAGE_SIZE
-        self._mm = mmap.mmap(fd, skip + length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
-                             offset=offset - skip)
+        self._mm = mmap.mmap(fd, skip + length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=offset - skip)
         whole = memoryview(self._mm)
         self._addr = buffer_address(whole) + skip
         self.view = whole[skip:]

@@ -81,13 +81,8 @@ def path_span(path: str, offset: int, nbytes: int) -> Span:
     return Span(key, offset, offset + nbytes)
 
 
-def plan_overlap(
-    src: tuple[Span, str] | None,
-    dests: Sequence[tuple[Span, str]],
-    *,
-    write_seq: bool,
-    identities: Sequence[Any | None] = (),
-) -> bool | None:
+def plan_overlap(src: tuple[Span, str] | None, dests: Sequence[tuple[Span, str]], *, write_seq: bool,
+                 identities: Sequence[Any | None] = ()) -> bool | None:
     """Check a job's regions, each a ``(span, name for messages)``; return ``None`` (no
     overlap), ``False`` (one sub-job at a time, front to back) or ``True`` (one at a time, back to
     front).
@@ -125,9 +120,8 @@ def plan_overlap(
                 operation="copy",
             )
     if before and after:
-        raise InvalidArgument(
-            "the source overlaps destinations on both sides; no copy order keeps it intact", operation="copy"
-        )
+        raise InvalidArgument("the source overlaps destinations on both sides; no copy order keeps it intact",
+                              operation="copy")
     if after and write_seq:
         raise InvalidArgument(
             "a destination overlapping the source's end must be written back to front, "
@@ -162,9 +156,8 @@ def region_identities(regions: Sequence[Any | None], backends: Sequence["DeviceM
     return out
 
 
-def check_dests_not_in_use(
-    dests: Sequence[Any], identities: Sequence["Identity | None"], backends: Sequence["DeviceMapper"]
-) -> None:
+def check_dests_not_in_use(dests: Sequence[Any], identities: Sequence["Identity | None"],
+                           backends: Sequence["DeviceMapper"]) -> None:
     """Raise ``DeviceBusy`` when a live table of ``backends`` maps bytes of a destination given by
     path (``dmtools.inputs.check_not_in_use``); writing under a live table corrupts it."""
     if not backends:

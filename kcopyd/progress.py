@@ -37,16 +37,8 @@ class ProgressReporter:
     """Report ``done``/``total`` bytes on a bar (``bar``: None = when ``stream`` is a terminal)
     and/or as ``N/100`` lines on ``fd``."""
 
-    def __init__(
-        self,
-        *,
-        fd: int | None = None,
-        bar: bool | None = None,
-        stream: TextIO | None = None,
-        label: str = "",
-        interval: float = 0.1,
-        width: int = 30,
-    ) -> None:
+    def __init__(self, *, fd: int | None = None, bar: bool | None = None, stream: TextIO | None = None, label: str = "",
+                 interval: float = 0.1, width: int = 30) -> None:
         self.fd = check_fd(fd) if fd is not None else None
         self.stream = stream if stream is not None else sys.stderr
         if bar is None:
@@ -122,12 +114,8 @@ class ProgressReporter:
         self._drawn = True
 
 
-def follow(
-    progress: Callable[[], tuple[int, int]],
-    wait: Callable[[float], bool],
-    reporter: ProgressReporter,
-    interval: float = 0.2,
-) -> None:
+def follow(progress: Callable[[], tuple[int, int]], wait: Callable[[float], bool], reporter: ProgressReporter,
+           interval: float = 0.2) -> None:
     """Poll ``progress()`` (``(done, total)``) into ``reporter`` until ``wait(interval)`` is True.
 
     For a kcopyd job: ``follow(lambda: (job.progress.done, job.progress.total), job.wait, r)``.

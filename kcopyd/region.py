@@ -95,9 +95,7 @@ def _open_path(path: str, *, writable: bool, offset: int, length: int) -> Endpoi
     try:
         st = os.stat(path)
     except OSError as err:
-        raise InvalidArgument(
-            f"cannot open: {err.strerror}", errno=err.errno, operation="copy", device=path
-        ) from err
+        raise InvalidArgument(f"cannot open: {err.strerror}", errno=err.errno, operation="copy", device=path) from err
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise InvalidArgument("not a regular file or block device", operation="copy", device=path)
     if stat.S_ISBLK(st.st_mode):
@@ -124,9 +122,7 @@ def _open_one(region: Region, *, writable: bool) -> OpenRegion:
     except DMError:
         raise
     except OSError as err:
-        raise InvalidArgument(
-            f"cannot open: {err.strerror}", errno=err.errno, operation="copy", device=path
-        ) from err
+        raise InvalidArgument(f"cannot open: {err.strerror}", errno=err.errno, operation="copy", device=path) from err
     return OpenRegion(region, ep, region.offset, True, ep.zoned)
 
 
@@ -154,9 +150,7 @@ def open_regions(src: Region | None, dests: list[Region]) -> tuple[OpenRegion | 
     if not dests:
         raise InvalidArgument("a job needs at least one destination", operation="copy")
     if len(dests) > MAX_REGIONS:
-        raise InvalidArgument(
-            f"{len(dests)} destinations: at most {MAX_REGIONS} per job", operation="copy"
-        )
+        raise InvalidArgument(f"{len(dests)} destinations: at most {MAX_REGIONS} per job", operation="copy")
     for d in ([src] if src is not None else []) + list(dests):
         if not isinstance(d, Region):
             raise InvalidArgument(f"not a Region: {d!r}", operation="copy")
@@ -164,11 +158,8 @@ def open_regions(src: Region | None, dests: list[Region]) -> tuple[OpenRegion | 
     for i, d in enumerate(dests):
         if d.count != count:
             what = "the source's" if src is not None else "destination 0's"
-            raise InvalidArgument(
-                f"destination {i} has {d.count} sectors, {what} {count}",
-                operation="copy",
-                device=d.dev_name,
-            )
+            raise InvalidArgument(f"destination {i} has {d.count} sectors, {what} {count}", operation="copy",
+                                  device=d.dev_name)
     opened: list[OpenRegion] = []
     try:
         osrc = None

@@ -23,14 +23,8 @@ class Scheduler:
     a job whose last piece is done (once per job).
     """
 
-    def __init__(
-        self,
-        pool: PagePool,
-        max_free_active: int,
-        start: Callable[[Piece], None],
-        resume: Callable[[Piece], None],
-        finish: Callable[[Job], None],
-    ) -> None:
+    def __init__(self, pool: PagePool, max_free_active: int, start: Callable[[Piece], None],
+                 resume: Callable[[Piece], None], finish: Callable[[Job], None]) -> None:
         self.pool = pool
         self.done_bytes = 0  # bytes written by every job of the client
         self._max_free_active = max_free_active

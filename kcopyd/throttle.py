@@ -31,14 +31,8 @@ _ACCOUNT_INTERVAL = 1.0
 class Throttle:
     """Limit copying to ``rate`` bytes per second and/or ``percent`` of the time with I/O in flight."""
 
-    def __init__(
-        self,
-        rate: int | None = None,
-        percent: int = 100,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
+    def __init__(self, rate: int | None = None, percent: int = 100, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         """``clock`` and ``sleep`` are the time source of the duty cycle (tests pass a fake one)."""
         self._clock = clock
         self._sleep = sleep

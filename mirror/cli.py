@@ -20,10 +20,8 @@ import argparse
 from typing import Any, Callable
 
 from dmtools.cli import common
-from dmtools.cli.common import (
-    actions, STATUS_EVENTS, device_argument, emit, json_option, log_argument, progress_options, seconds,
-    state_dir_option, verb,
-)
+from dmtools.cli.common import (actions, STATUS_EVENTS, device_argument, emit, json_option, log_argument,
+                                progress_options, seconds, state_dir_option, verb)
 from dmtools.errors import InvalidArgument
 from dmtools.units import SECTOR, parse_size
 

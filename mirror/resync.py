@@ -24,8 +24,7 @@ from dmtools.errors import DeviceIOError, DMError, InvalidArgument, OperationCan
 from dmtools.target_values import SyncMode
 from mirror.format import SECTOR, LogImage, check_region_size, drop_cache, region_count
 
-__all__ = ["ResyncPlan", "ResyncResult", "OfflineResync", "RecoveryFailed", "check_legs", "format_regions",
-           "raise_for"]
+__all__ = ["ResyncPlan", "ResyncResult", "OfflineResync", "RecoveryFailed", "check_legs", "format_regions", "raise_for"]
 
 #: Bytes of copies kept in flight (at least two jobs: ``RUN_BYTES`` each).
 IN_FLIGHT_BYTES = 32 << 20
@@ -120,9 +119,8 @@ def check_legs(legs: Sequence[Endpoint], length: int | None = None) -> int:
         length = sizes[0] // SECTOR
     for leg in legs:
         if leg.size < length * SECTOR:
-            raise InvalidArgument(
-                f"leg {leg.name} has {leg.size} bytes, the mirror needs {length * SECTOR}", operation="mirror"
-            )
+            raise InvalidArgument(f"leg {leg.name} has {leg.size} bytes, the mirror needs {length * SECTOR}",
+                                  operation="mirror")
     if length <= 0:
         raise InvalidArgument("mirror legs are empty", operation="mirror")
     return length
@@ -222,9 +220,8 @@ class OfflineResync:
         elif full:
             self.image = LogImage.new(self.nr_regions, in_sync=False, logical_block_size=log.logical_block_size)
             if self.image.io_bytes > log.size:
-                raise InvalidArgument(
-                    f"log device {log.name} too small: need {self.image.io_bytes} bytes", operation="resync"
-                )
+                raise InvalidArgument(f"log device {log.name} too small: need {self.image.io_bytes} bytes",
+                                      operation="resync")
             out_of_sync = set(range(self.nr_regions))
         else:
             self.image = LogImage.read(log)  # strict: CorruptMetadata / InvalidArgument, nothing written
@@ -232,9 +229,8 @@ class OfflineResync:
             self.image.resize(self.nr_regions, SyncMode.DEFAULT)  # the kernel's resume rules, in memory
             self._needs_header_write = bytes(self.image.pack()) != before
             if self.image.io_bytes > log.size:
-                raise InvalidArgument(
-                    f"log device {log.name} too small: need {self.image.io_bytes} bytes", operation="resync"
-                )
+                raise InvalidArgument(f"log device {log.name} too small: need {self.image.io_bytes} bytes",
+                                      operation="resync")
             out_of_sync = set(self.image.out_of_sync())
         others = tuple(i for i in range(len(self.legs)) if i != source)
         copies = []

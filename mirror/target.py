@@ -587,8 +587,7 @@ class MirrorTarget(TargetDriver):
                     self._fail_leg(leg, LegError.FLUSH)
                 self.log.leg_flush_failed()
             try:
-                self.rh.apply(batch, self.errors_handled, legs_flushed=flushed or not self.log.persistent,
-                              flush=False)
+                self.rh.apply(batch, self.errors_handled, legs_flushed=flushed or not self.log.persistent, flush=False)
                 self._flush_log()
             finally:
                 self._retiring = False

@@ -33,7 +33,7 @@ from ev_engine import image  # noqa: E402
 from ev_fakes import SNAP_TABLE, FakeDM, snap_status  # noqa: E402
 
 
-def latency(monitor: Monitor, want: Callable[[Any], bool], act: Callable[[], None]) -> float:
+def latency(monitor: Monitor, want: Callable[[Any], bool], act: Callable[[], object]) -> float:
     """Seconds from ``act()`` to the first event ``want`` accepts."""
     got = threading.Event()
     stop = threading.Event()

@@ -144,13 +144,8 @@ def bench_load(exceptions: int, workdir: Path) -> dict[str, object]:
     t0 = time.perf_counter()
     make_cow(path, exceptions)
     built = time.perf_counter() - t0
-    out = subprocess.run(
-        [sys.executable, __file__, "--load-child", str(path)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    ).stdout
+    out = subprocess.run([sys.executable, __file__, "--load-child", str(path)], check=True, capture_output=True,
+                         text=True, timeout=300).stdout
     result: dict[str, object] = json.loads(out)
     result["build_seconds"] = round(built, 2)
     result["goal"] = "<= 1 s, <= 64 MiB"
@@ -254,8 +249,7 @@ CPU = " cpu"
 #: the workloads of one configuration, in the order they are printed.
 WORKLOADS = ("seq_first", "seq_rewrite", "seq_first_4_writers", "random_4k", "random_4k_16_writers")
 #: goals of issue 12 for one snapshot (four: sequential first writes), as ratios to no snapshot.
-GOALS = {"1 snapshots": {"seq_first": 0.8, "seq_rewrite": 0.95, "random_4k": 0.5},
-         "4 snapshots": {"seq_first": 0.5}}
+GOALS = {"1 snapshots": {"seq_first": 0.8, "seq_rewrite": 0.95, "random_4k": 0.5}, "4 snapshots": {"seq_first": 0.5}}
 
 
 def _open_dm(kernel: bool, node: bool, work: Path) -> Any:
@@ -760,8 +754,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.only in (None, "writes"):
             results["flush"] = flush_cost(work)
-            results["writes"] = bench_writes(work, size, args.chunk_size, args.random_writes,
-                                             repeat=args.repeat)
+            results["writes"] = bench_writes(work, size, args.chunk_size, args.random_writes, repeat=args.repeat)
             reason = exposure_possible()
             if reason is None:
                 results["writes_node"] = bench_writes(work, size, args.chunk_size, args.random_writes,

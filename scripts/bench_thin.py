@@ -140,8 +140,7 @@ def wipe(path: str, length: int = 4096) -> None:
 class Rig:
     """Backing files (loop devices on the kernel) and the backend's devices, removed at the end."""
 
-    def __init__(self, work: Path, kernel: bool, tag: str, expose: bool = False,
-                 store: Store | None = None) -> None:
+    def __init__(self, work: Path, kernel: bool, tag: str, expose: bool = False, store: Store | None = None) -> None:
         self.work, self.kernel, self.tag, self.store = work, kernel, tag, store
         self.loops: list[Any] = []
         self.names: list[str] = []
@@ -331,8 +330,7 @@ PAIRS = {"thin_zero_vs_linear": ("thin (zeroing)", "linear"),
          "thin_snapshot_vs_classic": ("thin with a snapshot", "classic snapshot")}
 
 
-def bench_writes(work: Path, size: int, nrandom: int, repeat: int, kernel: bool,
-                 warmup: int = 1) -> dict[str, Any]:
+def bench_writes(work: Path, size: int, nrandom: int, repeat: int, kernel: bool, warmup: int = 1) -> dict[str, Any]:
     """MiB/s per configuration and workload (medians of ``repeat`` rounds) and the goal ratios:
     each the median, with its range, of the ratios of the rounds.
 
@@ -436,8 +434,7 @@ def _exposure_missing(kernel: bool) -> str | None:
     return exposure_possible()
 
 
-def bench_fio(work: Path, size: int, repeat: int, kernel: bool,
-              runtime: float | None = None) -> dict[str, Any] | str:
+def bench_fio(work: Path, size: int, repeat: int, kernel: bool, runtime: float | None = None) -> dict[str, Any] | str:
     """fio's jobs on an exposed linear device and an exposed thin volume (every write a first
     write: each job gets fresh devices); MiB/s medians of ``repeat`` rounds, the thin/linear ratio
     per job and, on the userspace engine, this process's CPU seconds per job (FUSE + engine).

@@ -38,10 +38,8 @@ from typing import Any
 
 from dmtools.backend import DeviceMapper
 from dmtools.blockdev import BlockDevice, resolve_devno
-from dmtools.errors import (
-    CorruptMetadata, DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, PoolNotWritable,
-    TargetNotSupported, quietly,
-)
+from dmtools.errors import (CorruptMetadata, DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument,
+                            PoolNotWritable, TargetNotSupported, quietly)
 from dmtools.file_backing import grow_behind
 from dmtools.linux import DEVNO
 from dmtools.names import validate_name
@@ -298,9 +296,8 @@ class ThinPoolManager:
         if kernel == expected:
             return
         if kernel + 1 != expected:
-            raise CorruptMetadata(
-                f"Thin pool {pool.name} transaction_id is {kernel}, while expected {expected}",
-                operation=operation, device=pool.name)
+            raise CorruptMetadata(f"Thin pool {pool.name} transaction_id is {kernel}, while expected {expected}",
+                                  operation=operation, device=pool.name)
         for text in pool.record.pending:
             msg = parse_pool_message(text)
             try:
@@ -675,8 +672,7 @@ class ThinPoolManager:
         dev_id = self._new_volume_checks(p, name, "snapshot")
         vol = ThinVolume(dev_id, src.size, origin)
         around = [origin] if self._is_volume(p, origin, src) else []
-        self._change(p, [CreateSnap(dev_id, src.dev_id)], {**p.record.volumes, name: vol}, "snapshot",
-                     around=around)
+        self._change(p, [CreateSnap(dev_id, src.dev_id)], {**p.record.volumes, name: vol}, "snapshot", around=around)
         self._activate_or_undo(p, name, vol, "snapshot")
         return self.status(pool, name)
 
@@ -694,8 +690,7 @@ class ThinPoolManager:
         if active:
             self.dm.remove(name, retry=True)
         try:
-            self._change(p, [Delete(vol.dev_id)], {n: v for n, v in p.record.volumes.items() if n != name},
-                         "remove")
+            self._change(p, [Delete(vol.dev_id)], {n: v for n, v in p.record.volumes.items() if n != name}, "remove")
         except BaseException:
             if active and name in p.record.volumes:
                 quietly(lambda: self._activate_volume(p, name, vol))

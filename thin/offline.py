@@ -171,9 +171,8 @@ def _output(out: str | os.PathLike[str], size: int | None, needed: int) -> tuple
     return dev, want, False
 
 
-def export(metadata: str | os.PathLike[str], data: str | os.PathLike[str], dev_id: int,
-           out: str | os.PathLike[str], *, size: int | None = None, snapshot: bool = False,
-           progress: ProgressFn | None = None, num_pages: int = 1024,
+def export(metadata: str | os.PathLike[str], data: str | os.PathLike[str], dev_id: int, out: str | os.PathLike[str], *,
+           size: int | None = None, snapshot: bool = False, progress: ProgressFn | None = None, num_pages: int = 1024,
            backends: Sequence[DeviceMapper] = ()) -> ExportResult:
     """Write thin device ``dev_id`` of a pool to ``out`` (a new or existing file, or a block device).
 

@@ -99,11 +99,10 @@ class PoolRecord:
                 str(n): ThinVolume(int(v["dev_id"]), int(v["size"]), v.get("origin"))
                 for n, v in body["volumes"].items()
             }
-            return cls(name=str(body["name"]), block_size=int(body["block_size"]),
-                       features=tuple(body["features"]), low_water_mark=int(body["low_water_mark"]),
-                       data_sectors=int(body["data_sectors"]), metadata_sectors=int(body["metadata_sectors"]),
-                       transaction_id=int(body["transaction_id"]), volumes=volumes,
-                       pending=tuple(body["pending"]), seq=seq)
+            return cls(name=str(body["name"]), block_size=int(body["block_size"]), features=tuple(body["features"]),
+                       low_water_mark=int(body["low_water_mark"]), data_sectors=int(body["data_sectors"]),
+                       metadata_sectors=int(body["metadata_sectors"]), transaction_id=int(body["transaction_id"]),
+                       volumes=volumes, pending=tuple(body["pending"]), seq=seq)
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise CorruptMetadata(f"pool record is unreadable: {err}") from err
 

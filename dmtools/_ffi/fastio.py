@@ -65,11 +65,10 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
 }
 #: libfuse 3 functions that ``dmf_main`` calls (``g_fuse`` in fastio.c), in that order. The
 #: versioned names are the 3.12/3.1 ABIs that ``fuse_main_real`` of libfuse 3.14 uses.
-LOOP_FUNCTIONS = ("fuse_parse_cmdline_312", "fuse_new_31", "fuse_mount", "fuse_daemonize",
-                  "fuse_get_session", "fuse_set_signal_handlers", "fuse_remove_signal_handlers",
-                  "fuse_unmount", "fuse_destroy", "fuse_opt_free_args", "fuse_session_receive_buf",
-                  "fuse_session_process_buf", "fuse_session_exited", "fuse_session_exit",
-                  "fuse_session_fd")
+LOOP_FUNCTIONS = ("fuse_parse_cmdline_312", "fuse_new_31", "fuse_mount", "fuse_daemonize", "fuse_get_session",
+                  "fuse_set_signal_handlers", "fuse_remove_signal_handlers", "fuse_unmount", "fuse_destroy",
+                  "fuse_opt_free_args", "fuse_session_receive_buf", "fuse_session_process_buf", "fuse_session_exited",
+                  "fuse_session_exit", "fuse_session_fd")
 #: The ``fuse_operations`` entries fastio.c provides, by field name.
 OPERATIONS = {"init": "dmf_op_init", "write": "dmf_op_write", "read_buf": "dmf_op_read_buf"}
 
@@ -83,8 +82,7 @@ def _cache_dirs() -> list[str]:
     if env:
         return [env]
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return [os.path.join(xdg, "dmtools"),
-            os.path.join(tempfile.gettempdir(), f"dmtools-cache-{os.geteuid()}")]
+    return [os.path.join(xdg, "dmtools"), os.path.join(tempfile.gettempdir(), f"dmtools-cache-{os.geteuid()}")]
 
 
 def _private(path: str, *, directory: bool) -> bool:
@@ -170,11 +168,9 @@ class FastIO:
         """``fuse_main_real`` with the receive loop of fastio.c (``dmf_main``): requests of
         mapped devices are served as they arrive, with page-aligned write data. Returns
         ``fuse_main_real``'s exit code."""
-        return int(self.lib.dmf_main(argc, ctypes.cast(argv, _c_vp), ctypes.cast(ops, _c_vp),
-                                     ops_size, ctx))
+        return int(self.lib.dmf_main(argc, ctypes.cast(argv, _c_vp), ctypes.cast(ops, _c_vp), ops_size, ctx))
 
-    def ctx_new(self, py_write: int, py_read_buf: int, py_init: int, pipe_min: int,
-                pipe_bytes: int) -> int:
+    def ctx_new(self, py_write: int, py_read_buf: int, py_init: int, pipe_min: int, pipe_bytes: int) -> int:
         """A context for one FUSE session, given the Python callbacks it falls back to."""
         ctx = self.lib.dmf_ctx_new(py_write, py_read_buf, py_init, pipe_min, pipe_bytes)
         if not ctx:
@@ -189,8 +185,7 @@ class FastIO:
         """A new slot's id (the FUSE file handle of its file), 0 when every slot is taken."""
         return int(self.lib.dmf_slot_new(ctx))
 
-    def slot_set(self, ctx: int, slot: int, words: list[int] | None,
-                 timeout: float | None = None) -> None:
+    def slot_set(self, ctx: int, slot: int, words: list[int] | None, timeout: float | None = None) -> None:
         """Install a map (:data:`HDR_WORDS`...) or none, once the requests in flight are done
         (waiting at most ``timeout`` seconds); raises ``OSError`` for a map that cannot be
         installed, or ``ETIMEDOUT``: the slot's map is then not used by new requests."""
@@ -257,8 +252,7 @@ class FastIO:
     def slot_read(self, ctx: int, slot: int, buf: Any, offset: int) -> int | None:
         """Read into ``buf`` through the slot's map: its length, or ``None`` (the Python path)."""
         view = memoryview(buf).cast("B")
-        n = self.lib.dmf_slot_read(ctx, slot, (ctypes.c_char * len(view)).from_buffer(view),
-                                   len(view), offset)
+        n = self.lib.dmf_slot_read(ctx, slot, (ctypes.c_char * len(view)).from_buffer(view), len(view), offset)
         return None if n < 0 else int(n)
 
 

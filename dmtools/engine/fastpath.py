@@ -119,8 +119,7 @@ class Session:
 
         fields = type(ops)
         base = ctypes.addressof(ops)
-        slots = {name: ctypes.c_void_p.from_address(base + getattr(fields, name).offset)
-                 for name in fastio.OPERATIONS}
+        slots = {name: ctypes.c_void_p.from_address(base + getattr(fields, name).offset) for name in fastio.OPERATIONS}
         python = {name: slot.value for name, slot in slots.items()}
         if not all(python.values()):
             log.warning("exposed devices' I/O runs in Python: mfusepy wired no %s callback",

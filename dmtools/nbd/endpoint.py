@@ -336,8 +336,7 @@ class _Connection:
                 continue
             deadline = self._deadline()
             if deadline is not None and monotonic() >= deadline and not self.dead:
-                log.warning("nbd: %s: no reply within %.1f s, dropping the connection", self.name,
-                            self.timeout)
+                log.warning("nbd: %s: no reply within %.1f s, dropping the connection", self.name, self.timeout)
                 self.kill(errno.ETIMEDOUT)
             else:
                 idle = deadline is None
@@ -450,8 +449,7 @@ class _Connection:
                 continue
             deadline = self._deadline()
             if deadline is not None and monotonic() >= deadline:
-                log.warning("nbd: %s: no reply within %.1f s, dropping the connection", self.name,
-                            self.timeout)
+                log.warning("nbd: %s: no reply within %.1f s, dropping the connection", self.name, self.timeout)
                 self.kill(errno.ETIMEDOUT)
                 return
 
@@ -486,8 +484,7 @@ class _Connection:
         if self.timeout is None:
             return None
         with self.lock:
-            return min((r.deadline for r in self.pending if not r.finished and r.deadline is not None),
-                       default=None)
+            return min((r.deadline for r in self.pending if not r.finished and r.deadline is not None), default=None)
 
     def kill(self, code: int) -> None:
         """Declare the connection dead: fail every command still waiting (a driver stops within
@@ -518,14 +515,8 @@ class NbdEndpoint(Endpoint):
     ``NbdConnectionError`` when the server cannot be reached or refuses the export.
     """
 
-    def __init__(
-        self,
-        uri: str | NbdUri,
-        *,
-        writable: bool = False,
-        connections: int = DEFAULT_CONNECTIONS,
-        timeout: float | None = DEFAULT_TIMEOUT,
-    ) -> None:
+    def __init__(self, uri: str | NbdUri, *, writable: bool = False, connections: int = DEFAULT_CONNECTIONS,
+                 timeout: float | None = DEFAULT_TIMEOUT) -> None:
         self.uri = uri if isinstance(uri, NbdUri) else parse_uri(uri)
         if isinstance(connections, bool) or not isinstance(connections, int) or connections < 1:
             raise InvalidArgument(f"connections must be a positive integer, not {connections!r}")
@@ -609,9 +600,8 @@ class NbdEndpoint(Endpoint):
             h.set_pread_initialize(False)
             h.connect_uri(self.uri.text)
         except nbd.Error as err:
-            raise NbdConnectionError(
-                f"cannot connect: {err.string}", errno=err.errnum or None, operation="nbd", device=self.name
-            ) from err
+            raise NbdConnectionError(f"cannot connect: {err.string}", errno=err.errnum or None, operation="nbd",
+                                     device=self.name) from err
         return h
 
     # -- properties -----------------------------------------------------------------------------

@@ -140,8 +140,7 @@ def negotiate(sock: socket.socket, export: str, where: str = "") -> ExportInfo:
         if magic != NBDMAGIC or opt_magic != IHAVEOPT:
             raise NbdConnectionError("not a newstyle NBD server", operation="nbd", device=where)
         if not hflags & FLAG_FIXED_NEWSTYLE:
-            raise NbdConnectionError("the server does not speak fixed newstyle NBD", operation="nbd",
-                                     device=where)
+            raise NbdConnectionError("the server does not speak fixed newstyle NBD", operation="nbd", device=where)
         no_zeroes = bool(hflags & FLAG_NO_ZEROES)
         sock.sendall(struct.pack(">I", FLAG_FIXED_NEWSTYLE | (FLAG_NO_ZEROES if no_zeroes else 0)))
         c.option(OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">HH", 1, INFO_BLOCK_SIZE))

@@ -166,15 +166,8 @@ def list_devices(*, all_devices: bool = False) -> list[NbdDevice]:
     return [_describe(i, c) for i, c in found if c or all_devices]
 
 
-def attach(
-    uri: str,
-    *,
-    device: str | os.PathLike[str] | int | None = None,
-    connections: int = 1,
-    read_only: bool = False,
-    timeout: int = 30,
-    dead_conn_timeout: int = 0,
-) -> NbdDevice:
+def attach(uri: str, *, device: str | os.PathLike[str] | int | None = None, connections: int = 1,
+           read_only: bool = False, timeout: int = 30, dead_conn_timeout: int = 0) -> NbdDevice:
     """Connect the export ``uri`` to nbd.ko; return the device (``/dev/nbdN``).
 
     ``device`` picks the nbd device (else the kernel takes a free one). ``connections`` > 1 needs
@@ -204,8 +197,7 @@ def attach(
                     raise InvalidArgument(f"{connections} connections: the server does not allow multi-conn",
                                           operation="nbd", device=uri)
             elif (got.size, got.flags) != (info.size, info.flags):
-                raise InvalidArgument("the server's connections disagree on the export", operation="nbd",
-                                      device=uri)
+                raise InvalidArgument("the server's connections disagree on the export", operation="nbd", device=uri)
         assert info is not None
         # Block size: the server's minimum, at least 512 and at most a page (nbd_set_size).
         block = max(512, info.min_block)

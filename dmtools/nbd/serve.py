@@ -97,8 +97,7 @@ class Server:
         try:
             self._device_fd = os.open(options.device, flags)
         except OSError as err:
-            raise DMError(f"cannot open {options.device}: {err.strerror}", errno=err.errno,
-                          operation="serve") from err
+            raise DMError(f"cannot open {options.device}: {err.strerror}", errno=err.errno, operation="serve") from err
         self._sock: socket.socket | None = None
         self._address: str | tuple[str, int] | None = None
         self._socket_ino: tuple[int, int] | None = None
@@ -136,8 +135,7 @@ class Server:
         else:
             assert opts.listen is not None
             host, port = opts.listen
-            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
+            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
             family, _, _, _, addr = infos[0]
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -176,8 +174,7 @@ class Server:
             os.environ["LISTEN_FDS"] = "1"
             os.environ["LISTEN_PID"] = str(os.getpid())
 
-        return subprocess.Popen(self.argv(), pass_fds=(_LISTEN_FD,), preexec_fn=activate,
-                                stdin=subprocess.DEVNULL)
+        return subprocess.Popen(self.argv(), pass_fds=(_LISTEN_FD,), preexec_fn=activate, stdin=subprocess.DEVNULL)
 
     # -- use -------------------------------------------------------------------------------------
 

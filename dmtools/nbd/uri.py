@@ -86,7 +86,6 @@ def parse_uri(text: str) -> NbdUri:
                                   operation="nbd", device=text)
         socket = os.path.abspath(socket)
     elif not host:
-        raise InvalidArgument("a TCP NBD URI needs a host (nbd://HOST[:PORT]/EXPORT)", operation="nbd",
-                              device=text)
+        raise InvalidArgument("a TCP NBD URI needs a host (nbd://HOST[:PORT]/EXPORT)", operation="nbd", device=text)
     port = port_text if port_text is not None else (DEFAULT_PORT if transport == "tcp" else 0)
     return NbdUri(text, scheme, transport, tls, host, port, export, socket, user, query)

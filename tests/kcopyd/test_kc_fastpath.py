@@ -159,8 +159,7 @@ def test_holes_skipped_when_destination_is_zeroed(tmp_path, client):
     data = _sparse_source(src)
     with open(dst, "wb") as f:
         f.truncate(4 * MiB)
-    job = client.copy(kcopyd.Region(str(src), 0, 8192), [kcopyd.Region(str(dst), 0, 8192)],
-                      flags=kcopyd.DEST_ZEROED)
+    job = client.copy(kcopyd.Region(str(src), 0, 8192), [kcopyd.Region(str(dst), 0, 8192)], flags=kcopyd.DEST_ZEROED)
     assert job.wait(TIMEOUT) and job.ok
     assert dst.read_bytes() == data
     assert _allocated(dst) <= 256 * 1024, "holes of the source stay holes"

@@ -85,8 +85,7 @@ def test_sparse_source_maps_only_its_data(tmp_path: Path, populated: list[tuple[
     assert 0 < sum(n for _, n in populated) < size
 
 
-def test_destination_reading_buffers_is_never_given_a_mapping(tmp_path: Path,
-                                                              populated: list[tuple[int, int]]) -> None:
+def test_destination_reading_buffers_is_never_given_a_mapping(tmp_path: Path, populated: list[tuple[int, int]]) -> None:
     size = 2 * MiB
     src = tmp_path / "src.img"
     data = pattern(size, seed=3)

@@ -172,8 +172,7 @@ print(made)
 def test_copy_path_makes_no_forward_refs_at_import() -> None:
     """A string in a runtime ``Union[...]`` (or a ``TypeVar`` bound) becomes a ``typing.ForwardRef``,
     which compiles it: 10 M instructions for the first, a twentieth of a small copy's run."""
-    proc = subprocess.run([sys.executable, "-c", FORWARD_REF_PROBE], capture_output=True, text=True,
-                          check=True)
+    proc = subprocess.run([sys.executable, "-c", FORWARD_REF_PROBE], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]", f"forward references made at import: {proc.stdout.strip()}"
 
 

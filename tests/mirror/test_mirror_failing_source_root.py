@@ -73,8 +73,7 @@ def test_repair_command_with_a_source_failing_at_random_moments(
             la, lb, lc = (make_loop(p).path for p in (a, b, c))
             src, m = f"src{seed}-dmtt", f"m{seed}-dmtt"
             ok(run_dir, "dm", "create", src, "--table", f"0 {SECTORS} linear {la} 0")
-            ok(run_dir, "mirror", "create", m, f"{run_dir}/mapper/{src}", lb, "--nosync",
-               "--region-size", "64K")
+            ok(run_dir, "mirror", "create", m, f"{run_dir}/mapper/{src}", lb, "--nosync", "--region-size", "64K")
             repair = subprocess.Popen(
                 [sys.executable, "-m", "dmtools.cli.main", "--json", "mirror", "repair", m, "1", lc,
                  "--rate", "4M", "-q"],

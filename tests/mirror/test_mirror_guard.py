@@ -151,14 +151,12 @@ def test_guard_interval_is_short() -> None:
     assert GUARD_INTERVAL <= 1.0
 
 
-@pytest.fixture(params=[pytest.param(False, id="unexposed"),
-                        pytest.param(None, id="exposed", marks=pytest.mark.root)])
+@pytest.fixture(params=[pytest.param(False, id="unexposed"), pytest.param(None, id="exposed", marks=pytest.mark.root)])
 def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     from dmtools.testing.daemon import serving_daemon
     from dmtools.testing.trip import install as install_trip
 
-    with serving_daemon(str(tmp_path / "run"), expose=request.param,
-                        setup=lambda d: install_trip(d.engine)) as d:
+    with serving_daemon(str(tmp_path / "run"), expose=request.param, setup=lambda d: install_trip(d.engine)) as d:
         yield d
 
 

@@ -36,11 +36,9 @@ def _engine() -> Engine:
 @given(script=ops, nosync=st.booleans(), disk_log=st.booleans(), handle=st.booleans())
 # found by this test: a write to a NOSYNC region went to the default leg only, and a repair that
 # reloaded a nosync core log forgot the region was out of sync (leg 2 kept the old data)
-@example(script=[("fail", 1, 0, 0), ("write", 0, 1, 0), ("write", 0, 1, 1)], nosync=True, disk_log=False,
-         handle=False)
-def test_random_writes_failures_and_resyncs_match_the_model(
-    script: list[tuple[str, int, int, int]], nosync: bool, disk_log: bool, handle: bool
-) -> None:
+@example(script=[("fail", 1, 0, 0), ("write", 0, 1, 0), ("write", 0, 1, 1)], nosync=True, disk_log=False, handle=False)
+def test_random_writes_failures_and_resyncs_match_the_model(script: list[tuple[str, int, int, int]], nosync: bool,
+                                                            disk_log: bool, handle: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = os.urandom(SIZE)
         files = []

@@ -52,9 +52,8 @@ def _monitor_gone(name: str) -> bool:
 
 
 @pytest.mark.parametrize("bad", [1, 0], ids=["second-leg", "primary"])
-def test_monitor_drops_a_failed_leg_and_held_writes_complete(kernel_dm: Any, make_image: Any,
-                                                             make_loop: Any, kernel_tag: str,
-                                                             bad: int) -> None:
+def test_monitor_drops_a_failed_leg_and_held_writes_complete(kernel_dm: Any, make_image: Any, make_loop: Any,
+                                                             kernel_tag: str, bad: int) -> None:
     data = os.urandom(SIZE)
     legs = _loops(make_image, make_loop, 2)
     for leg in legs:

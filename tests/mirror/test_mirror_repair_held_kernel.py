@@ -33,8 +33,7 @@ def test_kernel_held_write_completes_after_repair(kernel_dm: Any, make_image: An
     data = aligned_buffer(65536)
     data[:] = b"h" * 65536
     try:
-        mm.create(dm_name, [leg0, kernel_dm.device_path(l1)], region_size=REGION, nosync=True,
-                  handle_errors=True)
+        mm.create(dm_name, [leg0, kernel_dm.device_path(l1)], region_size=REGION, nosync=True, handle_errors=True)
         kernel_dm.load(l1, f"0 {SECTORS} error")
         kernel_dm.resume(l1)
         path = kernel_dm.device_path(dm_name)

@@ -191,8 +191,7 @@ def test_piece_with_a_failed_read_is_not_written(tmp_path: Path, start_nbdkit: C
 def test_read_errors_in_one_range_with_ignore(tmp_path: Path, start_nbdkit: Callable[..., NbdServer]) -> None:
     """IGNORE_ERROR: the failing blocks read as zeros, the rest is copied (error filter + error-file)."""
     trigger = tmp_path / "fail-now"
-    srv = start_nbdkit(["memory", "4M", "error-pread-rate=100%", f"error-pread-file={trigger}"],
-                       filters=["error"])
+    srv = start_nbdkit(["memory", "4M", "error-pread-rate=100%", f"error-pread-file={trigger}"], filters=["error"])
     data = os.urandom(4 * MiB)
     with NbdEndpoint(srv.uri, writable=True) as ep:
         ep.write(data, 0)
@@ -349,8 +348,7 @@ def test_cli_errors_one_line(tmp_path: Path, start_nbdkit: Callable[..., NbdServ
     assert not (tmp_path / "x").exists()  # nothing created for a copy that could not start
 
 
-def test_overlapping_destinations_on_one_export_refused(tmp_path: Path,
-                                                        start_nbdkit: Callable[..., NbdServer]) -> None:
+def test_overlapping_destinations_on_one_export_refused(tmp_path: Path, start_nbdkit: Callable[..., NbdServer]) -> None:
     """Two destinations sharing bytes of one export (its identity: the URI) are refused before any I/O."""
     srv = start_nbdkit(["memory", "4M"])
     src = tmp_path / "src.img"

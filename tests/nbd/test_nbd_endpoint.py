@@ -204,8 +204,7 @@ def test_threads_with_several_requests_each_are_never_left_undriven(
         assert slowest[0] < timeout / 2, f"a call took {slowest[0]:.1f} s"
 
 
-def test_stream_read_runs_completions_on_one_pump_per_connection(
-        start_nbdkit: Callable[..., NbdServer]) -> None:
+def test_stream_read_runs_completions_on_one_pump_per_connection(start_nbdkit: Callable[..., NbdServer]) -> None:
     """stream_read: a batch's done(errno) runs once, on the pump thread of the connection that
     carried all its reads, with the data in place; batches queued from a pump go on; the pumps
     spread over the connections, stop once idle and at close; bad parts raise at once."""
@@ -341,8 +340,7 @@ def test_durable_write_is_one_fua_write_when_offered(tmp_path: Path, start_nbdki
     """``write_durable`` (REQ_FUA): one WRITE with the FUA flag and no FLUSH when the server offers
     FUA; a plain WRITE then a FLUSH when it does not (nbdkit's fua filter, whose default hides it)."""
     log = tmp_path / "fua.log"
-    srv = start_nbdkit(["memory", "4M", f"logfile={log}", *(["fuamode=pass"] if fua else [])],
-                       filters=["log", "fua"])
+    srv = start_nbdkit(["memory", "4M", f"logfile={log}", *(["fuamode=pass"] if fua else [])], filters=["log", "fua"])
     with NbdEndpoint(srv.uri, writable=True, connections=1) as ep:
         assert ep.can_fua is fua
         assert ep.write_durable(b"d" * 4096, 8192) == 4096

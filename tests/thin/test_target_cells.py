@@ -24,8 +24,7 @@ def _pieces(ep: Any, base: int, seed: int) -> list[Any]:
     return [lambda i=i: ep.write(pattern(seed + i, PIECE), base + i * PIECE) for i in range(WRITERS)]
 
 
-def test_writers_on_one_unprovisioned_block_share_one_allocation(engine: Any, tmp_path: Path,
-                                                                  thin_tools: Any) -> None:
+def test_writers_on_one_unprovisioned_block_share_one_allocation(engine: Any, tmp_path: Path, thin_tools: Any) -> None:
     rig = PoolRig(engine, tmp_path, data_fill=b"\xee")
     t = rig.thin(1, "t1")
     for rnd in range(4):  # a fresh block each round
@@ -52,8 +51,7 @@ def test_writers_on_one_shared_block_break_sharing_once(engine: Any, tmp_path: P
     run_together(_pieces(t, BB, 40)[: WRITERS // 2] + _pieces(s, BB, 60)[WRITERS // 2:])
     half = WRITERS // 2 * PIECE
     assert read(t, BB, BB) == b"".join(pattern(40 + i, PIECE) for i in range(WRITERS // 2)) + pattern(1, half)
-    assert read(s, BB, BB) == pattern(1, half) + b"".join(pattern(60 + i, PIECE) for i in range(WRITERS // 2,
-                                                                                               WRITERS))
+    assert read(s, BB, BB) == pattern(1, half) + b"".join(pattern(60 + i, PIECE) for i in range(WRITERS // 2, WRITERS))
     assert read(s, 0, BB) == pattern(1, BB)
     rig.close()
     thin_tools.check(rig.meta)

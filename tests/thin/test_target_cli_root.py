@@ -47,12 +47,10 @@ def cli(tmp_path: Path) -> Iterator[Any]:
     try:
         yield call
     finally:
-        subprocess.run([exe, "daemon", "stop", "--force"], capture_output=True, timeout=TIMEOUT, env=env,
-                       check=False)
+        subprocess.run([exe, "daemon", "stop", "--force"], capture_output=True, timeout=TIMEOUT, env=env, check=False)
 
 
-def test_pool_volume_snapshot_through_block_devices(cli: Any, make_image: Any, tmp_path: Path,
-                                                    thin_tools: Any) -> None:
+def test_pool_volume_snapshot_through_block_devices(cli: Any, make_image: Any, tmp_path: Path, thin_tools: Any) -> None:
     meta, data = make_image(8 * MiB, "meta"), make_image(64 * MiB, "data")
     assert "created pool tp" in cli("thin", "pool", "create", "tp", "--metadata", str(meta), "--data", str(data))
     cli("thin", "create", "tp", "v1", "--size", "16M")

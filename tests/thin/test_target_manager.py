@@ -16,13 +16,11 @@ def _kernel_metadata(meta: Path, out: Path) -> Path:
     return out
 
 
-def test_pool_volumes_snapshot_and_reactivation(engine: Any, make_image: Any, tmp_path: Path,
-                                                thin_tools: Any) -> None:
+def test_pool_volumes_snapshot_and_reactivation(engine: Any, make_image: Any, tmp_path: Path, thin_tools: Any) -> None:
     meta, data = make_image(8 << 20, "meta"), make_image(64 << 20, "data")
     mgr = ThinPoolManager(engine)
     pool = mgr.create_pool("p", str(meta), str(data))
-    assert pool.status.total_data == 1024 and {"p", "p-tpool", "p-tmeta", "p-tdata"} <= {
-        e.name for e in engine.list()}
+    assert pool.status.total_data == 1024 and {"p", "p-tpool", "p-tmeta", "p-tdata"} <= {e.name for e in engine.list()}
     mgr.create("p", "v1", 16 << 20)
     with engine.open_endpoint("v1") as ep:
         ep.write(pattern(1, 1 << 20), 0)

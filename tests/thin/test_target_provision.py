@@ -60,8 +60,7 @@ def test_skip_block_zeroing_keeps_stale_bytes(engine: Any, tmp_path: Path, thin_
     thin_tools.check(rig.meta)
 
 
-def test_whole_block_write_is_not_zeroed_first(engine: Any, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_whole_block_write_is_not_zeroed_first(engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rig = PoolRig(engine, tmp_path, data_fill=b"\xee")  # stale bytes: zeroing is needed
     t = rig.thin(1, "t1")
     pool = _pool(rig)

@@ -174,8 +174,7 @@ class PoolHistory(RuleBasedStateMachine):
         assert self.tools is not None
         self.tools.check(self.meta)
         report = check(self.meta)
-        assert report.ok and not report.leaks and not report.warnings, (report.errors, report.leaks,
-                                                                         report.warnings)
+        assert report.ok and not report.leaks and not report.warnings, (report.errors, report.leaks, report.warnings)
         assert self.tools.dump(self.meta) == self.committed.xml()
         out = io.StringIO()
         with ThinMetadata.open(self.meta) as md:

@@ -64,8 +64,7 @@ def test_lvm_device_ids() -> None:
     assert _record(volumes=vols).next_dev_id() == 6  # holes are not reused, as LVM
 
 
-def test_userspace_engine_refuses_with_a_clear_error(tmp_path: Path, meta: str, capsys: Any,
-                                                     monkeypatch: Any) -> None:
+def test_userspace_engine_refuses_with_a_clear_error(tmp_path: Path, meta: str, capsys: Any, monkeypatch: Any) -> None:
     from dmtools.cli import main as cli_main
     from dmtools.engine import Engine
     from thin.manager import ThinPoolManager

@@ -13,9 +13,8 @@ from hypothesis import strategies as st
 from dmtools.errors import DMError, InvalidArgument, InvalidStatus, InvalidTable
 from dmtools.status import PoolMode, ThinPoolStatus, ThinStatus, parse_status, parse_thin_pool_status, parse_thin_status
 from dmtools.table import THIN_POOL_FEATURES, Table, Target, Thin, ThinPool
-from dmtools.thin_messages import (
-    CreateSnap, CreateThin, Delete, ReleaseMetadataSnap, ReserveMetadataSnap, SetTransactionId, parse_pool_message,
-)
+from dmtools.thin_messages import (CreateSnap, CreateThin, Delete, ReleaseMetadataSnap, ReserveMetadataSnap,
+                                   SetTransactionId, parse_pool_message)
 
 # thin.md §1.1 "Example: `253:0 253:1 128 0 0 `, or `253:0 253:1 128 0 1 skip_block_zeroing `" and the
 # template `<meta> <data> <block size> <low water mark> <count> [skip_block_zeroing ][ignore_discard ]

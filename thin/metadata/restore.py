@@ -25,8 +25,7 @@ from .pool import ThinMetadata, check_data_block_size
 
 __all__ = ["PoolImage", "parse_xml", "restore"]
 
-_SUPERBLOCK = {"uuid", "time", "transaction", "flags", "version", "data_block_size", "nr_data_blocks",
-               "metadata_snap"}
+_SUPERBLOCK = {"uuid", "time", "transaction", "flags", "version", "data_block_size", "nr_data_blocks", "metadata_snap"}
 _DEVICE = {"dev_id", "mapped_blocks", "transaction", "creation_time", "snap_time"}
 _RANGE = {"origin_begin", "data_begin", "length", "time"}
 _SINGLE = {"origin_block", "data_block", "time"}

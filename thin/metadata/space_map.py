@@ -25,8 +25,7 @@ _BITMAP_BYTES = BLOCK_SIZE - 16
 # Entry k of a byte sits at bit 2k (the HIGH bit of the count) and 2k+1 (the LOW bit):
 # dm-space-map-common.c sm_lookup_bitmap / sm_set_bitmap.
 _DECODE = [bytes((((b >> (2 * k)) & 1) << 1) | ((b >> (2 * k + 1)) & 1) for b in range(256)) for k in range(4)]
-_ENCODE = [bytes(((((c >> 1) & 1) | ((c & 1) << 1)) << (2 * k)) if c < 4 else 0 for c in range(256))
-           for k in range(4)]
+_ENCODE = [bytes(((((c >> 1) & 1) | ((c & 1) << 1)) << (2 * k)) if c < 4 else 0 for c in range(256)) for k in range(4)]
 
 
 def decode_bitmap(block: bytes | bytearray | memoryview) -> bytearray:

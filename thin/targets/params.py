@@ -36,8 +36,7 @@ def _from_env() -> float:
     except ValueError:
         value = -1.0
     if value < 0:
-        log.warning("%s=%r is not a number of seconds; using %g", ENV_NO_SPACE_TIMEOUT, text,
-                    DEFAULT_NO_SPACE_TIMEOUT)
+        log.warning("%s=%r is not a number of seconds; using %g", ENV_NO_SPACE_TIMEOUT, text, DEFAULT_NO_SPACE_TIMEOUT)
         return DEFAULT_NO_SPACE_TIMEOUT
     return value
 

@@ -47,9 +47,8 @@ class ThinPoolTarget(TargetDriver):
         self.check_area(self.data, 0, length)
         table = pool_table(ctx)
         try:
-            self.pool = table.find_or_create(
-                ctx.device, self.metadata, self.data,
-                lambda: Pool(ctx.device, ctx.device_name, self.metadata, self.data, value))
+            self.pool = table.find_or_create(ctx.device, self.metadata, self.data,
+                                             lambda: Pool(ctx.device, ctx.device_name, self.metadata, self.data, value))
         except (DeviceBusy, InvalidTable) as err:
             raise InvalidTable(f"{self.name}: {err.message}", errno=err.errno, operation="load",
                                device=ctx.device_name) from err

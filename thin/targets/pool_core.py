@@ -334,8 +334,7 @@ class Pool:
             data_size = length // self.block_size
             have = self.md.nr_data_blocks
             if data_size < have:
-                raise InvalidTable(f"pool target ({data_size} blocks) too small: expected {have}",
-                                   operation="resume")
+                raise InvalidTable(f"pool target ({data_size} blocks) too small: expected {have}", operation="resume")
             if data_size > have:
                 if self.md.needs_check or self.mode >= Mode.READ_ONLY:
                     log.error("%s: unable to grow the data device until repaired.", self.name)
@@ -733,8 +732,7 @@ class Pool:
         with self.lock:
             self.space.notify_all()
 
-    def insert_many(self, state: DeviceState, pairs: Sequence[tuple[int, int]], aborts: int,
-                    new: bool = False) -> None:
+    def insert_many(self, state: DeviceState, pairs: Sequence[tuple[int, int]], aborts: int, new: bool = False) -> None:
         """:meth:`insert` of every ``(vblock, block)`` pair under one lock. ``new``: every
         ``vblock`` was unmapped when looked up under its cell (held until now), so the mappings
         may wait in core until the next fold or commit (``ThinMetadata.map_new``)."""
@@ -839,12 +837,10 @@ class Pool:
                     discard = "ignore_discard"
                 else:
                     discard = "discard_passdown" if self.pf.discard_passdown else "no_discard_passdown"
-                st = ThinPoolStatus(
-                    md.trans_id, used_meta, total_meta, dsm.nr_allocated, dsm.nr_blocks,
-                    md.held_root or None, mode, discard,
-                    "error_if_no_space" if self.pf_error_if_no_space else "queue_if_no_space",
-                    md.needs_check, min(1024, meta_dev_blocks // 4),
-                )
+                st = ThinPoolStatus(md.trans_id, used_meta, total_meta, dsm.nr_allocated, dsm.nr_blocks,
+                                    md.held_root or None, mode, discard,
+                                    "error_if_no_space" if self.pf_error_if_no_space else "queue_if_no_space",
+                                    md.needs_check, min(1024, meta_dev_blocks // 4))
             except DMError as err:
                 log.error("%s: status query failed: %s", self.name, err)
                 return "Error"
