@@ -26,13 +26,19 @@ def eng() -> Iterator[Any]:
     e.close()
 
 
-def test_file_legs_recover_adjacent_regions_in_one_job(eng: Any, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def _legs(tmp_path: Path, seed: int) -> tuple[Path, Path, bytes]:
+    """Leg files ``a`` (random data from ``seed``) and ``b`` (a hole of the same size), and the data."""
     a, b = tmp_path / "a", tmp_path / "b"
-    data = random.Random(3).randbytes(SIZE)
+    data = random.Random(seed).randbytes(SIZE)
     a.write_bytes(data)
     b.write_bytes(b"")
     os.truncate(b, SIZE)
+    return a, b, data
+
+
+def test_file_legs_recover_adjacent_regions_in_one_job(eng: Any, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b, data = _legs(tmp_path, 3)
     jobs: list[int] = []
     real = kcopyd.Client.copy
 
@@ -56,11 +62,7 @@ def test_a_failed_run_is_copied_again_region_by_region(eng: Any, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A run whose job fails is redone a region at a time, so that only regions that really cannot
     be copied fail (here the seam fails every job of more than one region, once each)."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    data = random.Random(4).randbytes(SIZE)
-    a.write_bytes(data)
-    b.write_bytes(b"")
-    os.truncate(b, SIZE)
+    a, b, data = _legs(tmp_path, 4)
     failed: list[int] = []
     singles: list[int] = []
     real = kcopyd.Client.copy
