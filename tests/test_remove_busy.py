@@ -13,7 +13,6 @@ on the kernel (kernel tier, in the VM).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
@@ -26,7 +25,8 @@ import pytest
 from pytest_lazy_fixtures import lf
 
 from dmtools import backend
-from dmtools.errors import DeviceBusy, DMError
+from dmtools.errors import DeviceBusy
+from dmtools.testing.leftovers import remove_devices
 from dmtools.testing.loops import backing
 from dmtools.testing.openers import Opener
 
@@ -70,13 +70,8 @@ def kernel_stack(kernel_dm: Any, make_image: Callable[..., Path], make_loop: Cal
     """The kernel over loop devices; what a failed test left is removed after it."""
     try:
         yield Stack(kernel_dm, backing(make_image, make_loop))
-    finally:  # what a failed test left: snapshots before origins before -real/-cow
-        for _ in range(3):
-            left = sorted((e.name for e in kernel_dm.list() if "-dmtt" in e.name),
-                          key=lambda n: (n.endswith(("-real", "-cow")), n.startswith("o"), n))
-            for name in left:
-                with contextlib.suppress(DMError):
-                    kernel_dm.remove(name, retry=True)
+    finally:  # what a failed test left, stacked devices first
+        remove_devices(kernel_dm, lambda name: "-dmtt" in name)
 
 
 @pytest.fixture(params=[pytest.param(lf("engine_stack"), id="engine", marks=pytest.mark.root),

@@ -65,18 +65,9 @@ def _sweep_kernel() -> None:
     if not kernel_available():
         return
     from dmtools.kernel import KernelBackend
+    from dmtools.testing.leftovers import remove_devices
 
-    dm = KernelBackend()
-    # Remove in reverse creation order as far as we can tell: retry until nothing more goes.
-    for _ in range(4):
-        names = [e.name for e in dm.list() if e.name.endswith(TEST_SUFFIX)]
-        if not names:
-            break
-        for name in names:
-            try:
-                dm.remove(name, retry=True)
-            except Exception:  # noqa: BLE001 - a sweep must not fail the run; stacked devices retry
-                continue
+    remove_devices(KernelBackend(), lambda name: name.endswith(TEST_SUFFIX), rounds=4)
 
 
 def _sweep_loops() -> None:
@@ -175,16 +166,12 @@ def kernel_dm() -> Iterator[Any]:
 @pytest.fixture
 def kernel_tag(kernel_dm: Any) -> Iterator[str]:
     """A unique name prefix for kernel devices; every device starting with it is removed afterwards,
-    in rounds, so devices stacked on others go first whatever their names."""
+    devices stacked on others first whatever their names."""
+    from dmtools.testing.leftovers import remove_devices
+
     tag = f"k{uuid.uuid4().hex[:8]}"
     yield tag
-    for _ in range(8):
-        left = [e.name for e in kernel_dm.list() if e.name.startswith(tag)]
-        if not left:
-            return
-        for name in left:
-            with contextlib.suppress(Exception):  # busy until its users are gone: next round
-                kernel_dm.remove(name)
+    remove_devices(kernel_dm, lambda name: name.startswith(tag))
 
 
 @pytest.fixture

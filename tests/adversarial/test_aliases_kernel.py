@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from dmtools.cli import main as cli_main
+from dmtools.testing.leftovers import remove_devices
 from spellings import digests, file_spellings, make_images, within
 
 pytestmark = pytest.mark.kernel
@@ -40,13 +41,7 @@ def stack(kernel_dm: Any, tmp_path: Path, make_loop: Callable[..., Any]) -> Iter
     try:
         yield {"dm": kernel_dm, "images": images, "loops": loops, "names": names, "tmp": tmp_path}
     finally:
-        for _ in range(3):
-            for name in sorted((e.name for e in kernel_dm.list() if e.name.startswith(tag)),
-                               key=lambda n: (n.endswith(("-real", "-cow")), n)):
-                try:
-                    kernel_dm.remove(name, retry=True)
-                except Exception:  # noqa: BLE001 - the next pass retries stacked devices
-                    continue
+        remove_devices(kernel_dm, lambda name: name.startswith(tag))
 
 
 def kcli(*argv: str) -> tuple[int, str]:

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from dmtools.blockdev import BlockDevice, aligned_buffer
 from dmtools.engine.protocol import run_dir
+from dmtools.testing.leftovers import remove_devices
 from spellings import (Spelling, assert_refused, block_spellings, digests, file_spellings, make_images, realized,
                        run_cli, within)
 
@@ -76,15 +77,7 @@ def world(tmp_path: Path, make_loop: Callable[..., Any]) -> Iterator[World]:
         try:
             yield w
         finally:
-            for _ in range(3):  # stacked devices: the top goes first
-                for name in sorted(w.ours(), key=lambda n: not n.startswith(("s", "m"))):
-                    try:
-                        if dm.info(name).suspended:
-                            dm.resume(name)
-                        dm.remove(name, retry=True)
-                    except Exception:  # noqa: BLE001 - retried in the next pass
-                        continue
-            assert w.ours() == {}
+            assert remove_devices(dm, lambda name: w.tag in name) == []
 
 
 def paths(w: World, image: str) -> st.SearchStrategy[Spelling]:

@@ -24,6 +24,7 @@ import pytest
 from pytest_lazy_fixtures import lf
 
 from dmtools.errors import DMError
+from dmtools.testing.leftovers import remove_devices
 from snapshot import SnapshotManager
 from snapshot.targets import handover, origins
 
@@ -127,16 +128,7 @@ class Rig:
             time.sleep(0.05)
 
     def cleanup(self) -> None:
-        for _ in range(3):
-            left = [e.name for e in self.dm.list() if e.name.startswith(self.tag)]
-            if not left:
-                return
-            for n in sorted(left, key=lambda n: (n.endswith("-real") or n.endswith("-cow"), n)):
-                try:
-                    self.dm.resume(n)
-                    self.dm.remove(n, retry=True)
-                except DMError:
-                    pass
+        remove_devices(self.dm, lambda name: name.startswith(self.tag))
 
 
 def _wait_gone(mountpoint: str) -> None:
