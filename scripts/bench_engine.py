@@ -29,8 +29,17 @@ devices on the machine (each one is looked at when the loop index is rebuilt).
 The exposure serves ``linear``/``striped`` requests in C (``dmtools.engine.fastpath``); the report
 says how many requests took that path. ``--python`` serves them in Python, for comparison.
 
+``--floor`` measures what the architecture allows: the same sequential passes on the backing
+file, on the kernel's loop device over a copy of it (direct I/O: the loop hop alone), on loop
+devices over a trivial FUSE server (``scripts/fuse_floor.c``, raw ``/dev/fuse`` protocol, as many
+threads as the exposure's: one ``O_DIRECT`` pread/pwrite per request, or none at all, which leaves
+the hops' own cost, or FUSE passthrough where the kernel has it, which leaves the server out of
+the data path) and on the engine's exposed ``linear`` device, in rotated order, with each
+server's CPU per GiB.
+
 Usage: scripts/bench engine [--size-mib 256] [--rounds 3] [--fio-runtime 3] [--fio-rounds N] [--no-kernel]
                             [--python] [--json]
+       scripts/bench engine --floor [--size-mib 256] [--rounds 3] [--json]
        scripts/bench engine --cycle [--cycles 300]
 """
 
@@ -40,7 +49,9 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -61,6 +72,13 @@ STRIPES = 2
 CHUNK_SECTORS = 128
 GOALS = {"write": 0.9, "read": 0.95, "cpu_s_per_gib": 0.3}
 KINDS = ("linear", "striped")
+#: ``--floor``: the trivial FUSE server's source, and its sides in the report's order.
+FLOOR_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuse_floor.c")
+FLOOR_SIDES = {"loop": "kernel loop over a copy of the file (no FUSE)",
+               "fuse-null": "loop + trivial FUSE server, no disk I/O (the hops alone)",
+               "fuse-file": "loop + trivial FUSE server, O_DIRECT to a copy of the file",
+               "passthrough": "loop + FUSE passthrough to a copy of the file (the kernel moves the bytes)",
+               "linear": "loop + the engine (exposed linear device)"}
 #: Per-MiB figures of the sequential passes: result key → (counter for writes, for reads) in
 #: what ``_exposed``'s counting function returns.
 _COUNTED = {"requests_per_mib": ("writes", "reads"),
@@ -322,6 +340,117 @@ def run_host(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far, 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def _floor_server(exe: str, mnt: str, size: int, backing: str | None, threads: int) -> Iterator[tuple[str, int]]:
+    """A trivial FUSE server (``fuse_floor``) at ``mnt`` serving ``size`` bytes (from ``backing``,
+    or none), with a direct-I/O loop device over its file: yields the loop device and the pid."""
+    from dmtools import loop
+    from dmtools.errors import DMError
+    from dmtools.linux import libc
+
+    os.makedirs(mnt)
+    proc = subprocess.Popen([exe, mnt, str(size), backing or "-", str(threads)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"fuse_floor did not start: {proc.communicate(timeout=10)[1].strip()}")
+        try:
+            lo = loop.attach(os.path.join(mnt, "f"), direct_io=True)
+        except (DMError, OSError) as err:  # the server refused the file, or ended (its stderr says why)
+            raise RuntimeError(f"no loop device over fuse_floor's file: {err}") from err
+        try:
+            yield lo.path, proc.pid
+        finally:
+            loop.detach(lo)
+    finally:
+        libc().umount2(os.fsencode(mnt), 0)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_floor(args: argparse.Namespace) -> dict[str, Any]:
+    """``--floor``: the backing file against the loop hop alone, loop + a trivial FUSE server with
+    and without its disk I/O, and the engine's linear device (see the module's docstring)."""
+    from dmtools import loop
+    from dmtools.engine.expose import FUSE_THREADS
+
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("--floor needs a C compiler")
+    size = args.size_mib * MiB
+    with tempfile.TemporaryDirectory(prefix="dmtt-bench-", dir=args.dir) as tmp:
+        exe = os.path.join(tmp, "fuse_floor")
+        subprocess.run([cc, "-O2", "-std=gnu11", "-pthread", "-Wall", "-Werror", "-o", exe, FLOOR_SOURCE],
+                       check=True, capture_output=True)
+        backing, stripes = _images(tmp, size)
+        copies = {k: os.path.join(tmp, f"{k}.img") for k in ("loop", "fuse-file", "passthrough")}
+        for path in copies.values():
+            _allocate(path, size)
+        pids: list[int] = []
+        with contextlib.ExitStack() as stack:
+            lo = loop.attach(copies["loop"], direct_io=True)
+            stack.callback(loop.detach, lo)
+            devs = {"loop": lo.path}
+            missing: dict[str, str] = {}
+            for kind, src in (("fuse-null", None), ("fuse-file", copies["fuse-file"]),
+                              ("passthrough", "pt:" + copies["passthrough"])):
+                try:
+                    devs[kind], pid = stack.enter_context(
+                        _floor_server(exe, os.path.join(tmp, kind), size, src, FUSE_THREADS))
+                except RuntimeError as err:  # passthrough: Linux before 6.9, or without CONFIG_FUSE_PASSTHROUGH
+                    missing[kind] = str(err)
+                    continue
+                pids.append(pid)
+            paths: dict[str, dict[str, int]] = {}
+            ours, _ = stack.enter_context(_exposed(tmp, backing, stripes, size, paths))
+            devs["linear"] = ours["linear"]
+
+            def cpu() -> float:
+                return _cpu_others() + sum(_process_cpu(pid) for pid in pids)
+
+            res = measure(backing, devs, size, args.rounds, 0, 0, False, cpu, None)
+    res["missing"] = missing
+    res["peer"] = "backing file"
+    res["loadavg"] = loadavg()
+    return res
+
+
+def report_floor(res: dict[str, Any], args: argparse.Namespace) -> None:
+    """Print ``--floor``'s table: ms per MiB and the ratio to the backing file for each side."""
+    print(f"engine floor: sequential 1 MiB O_DIRECT, {args.size_mib} MiB per pass, {args.rounds} rounds, sides "
+          f"in rotated order, caches dropped before each pass; load average {res['loadavg']:.1f} on "
+          f"{os.cpu_count()} CPUs (ms per MiB medians; ratio = median of the rounds' ratios to the backing file "
+          "[min-max]; CPU = the serving process's threads)")
+    runs = res["seq_runs"]
+    for direction in ("write", "read"):
+        peer = statistics.median(MiB / 1e3 / x for x in runs["peer"][direction])
+        print(f"  {direction}: backing file {peer:.3f} ms/MiB")
+        for kind, what in FLOOR_SIDES.items():
+            if kind in res["missing"]:
+                print(f"    {kind:11} -  ({res['missing'][kind]})")
+                continue
+            row = res["seq"][kind][direction]
+            ms = statistics.median(MiB / 1e3 / x for x in runs[kind][direction])
+            # the kernel's threads only (not counted)
+            cpu = "    -" if kind in ("loop", "passthrough") else f"{row['cpu_s_per_gib']:5.2f}"
+            print(f"    {kind:11} {ms:7.3f} ms/MiB {_fmt_ratio(row['ratio']):>7} {_fmt_spread(row):>13} "
+                  f"CPU {cpu} s/GiB  {what}")
+
+
 def _fmt_ratio(value: Any) -> str:
     return f"{value:.2f}x" if isinstance(value, (int, float)) else "-"
 
@@ -391,10 +520,18 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     from dmtools.engine.expose import exposure_possible
 
-    reason = exposure_possible() or (None if args.no_fio else fio_available())
+    reason = exposure_possible() or (None if args.no_fio or args.floor else fio_available())
     if reason:
         print(f"bench engine: skipped: {reason}", file=sys.stderr)
         return 2
+    if args.floor:
+        floor = run_floor(args)
+        if args.json:
+            print(json.dumps({"benchmark": "engine-floor", "size_mib": args.size_mib, "rounds": args.rounds,
+                              "sides": FLOOR_SIDES, "ours": floor}))
+        else:
+            report_floor(floor, args)
+        return 0
     ours = run_host(args)
     kernel: dict[str, Any] | str | None = None
     if not args.no_kernel:
@@ -488,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--python", action="store_true",
                         help="serve the devices in Python only (DMTOOLS_FAST_IO=0), for comparison")
+    parser.add_argument("--floor", action="store_true",
+                        help="measure the loop and FUSE hops' floor with a trivial FUSE server (see above)")
     parser.add_argument("--cycle", action="store_true",
                         help="measure in-process create/remove cycles instead (see above)")
     parser.add_argument("--cycles", type=int, default=300, help="cycles per round (--cycle)")
