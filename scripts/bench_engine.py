@@ -35,11 +35,11 @@ devices over a trivial FUSE server (``scripts/fuse_floor.c``, raw ``/dev/fuse`` 
 threads as the exposure's: one ``O_DIRECT`` pread/pwrite per request, or none at all, which leaves
 the hops' own cost, or FUSE passthrough where the kernel has it, which leaves the server out of
 the data path) and on the engine's exposed ``linear`` device, in rotated order, with each
-server's CPU per GiB.
+server's CPU per GiB, and the fio jobs on each of them (``--no-fio`` skips them).
 
 Usage: scripts/bench engine [--size-mib 256] [--rounds 3] [--fio-runtime 3] [--fio-rounds N] [--no-kernel]
                             [--python] [--json]
-       scripts/bench engine --floor [--size-mib 256] [--rounds 3] [--json]
+       scripts/bench engine --floor [--size-mib 256] [--rounds 3] [--no-fio] [--fio-rounds N] [--json]
        scripts/bench engine --cycle [--cycles 300]
 """
 
@@ -422,7 +422,8 @@ def run_floor(args: argparse.Namespace) -> dict[str, Any]:
             def cpu() -> float:
                 return _cpu_others() + sum(_process_cpu(pid) for pid in pids)
 
-            res = measure(backing, devs, size, args.rounds, 0, 0, False, cpu, None)
+            res = measure(backing, devs, size, args.rounds, args.fio_size_mib * MiB, args.fio_runtime,
+                          not args.no_fio, cpu, None, args.fio_rounds)
     res["missing"] = missing
     res["peer"] = "backing file"
     res["loadavg"] = loadavg()
@@ -449,6 +450,15 @@ def report_floor(res: dict[str, Any], args: argparse.Namespace) -> None:
             cpu = "    -" if kind in ("loop", "passthrough") else f"{row['cpu_s_per_gib']:5.2f}"
             print(f"    {kind:11} {ms:7.3f} ms/MiB {_fmt_ratio(row['ratio']):>7} {_fmt_spread(row):>13} "
                   f"CPU {cpu} s/GiB  {what}")
+    if not res["fio"]:
+        return
+    sides = [k for k in FLOOR_SIDES if k not in res["missing"]]
+    print(f"fio --direct=1 --ioengine=libaio, {args.fio_size_mib} MiB, {args.fio_runtime:g} s per job, "
+          f"{args.fio_rounds} rounds in rotated order (backing MiB/s median; ratio = side / backing file [min-max])")
+    print(f"  {'job':20} {'backing':>9} " + " ".join(f"{k:>20}" for k in sides))
+    for key, row in res["fio"].items():
+        cells = " ".join(f"{_fmt_ratio(row[k]['ratio']) + ' ' + _fmt_spread(row[k]):>20}" for k in sides)
+        print(f"  {key:20} {row['peer']['mib_s']:9.1f} {cells}")
 
 
 def _fmt_ratio(value: Any) -> str:
@@ -520,7 +530,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     from dmtools.engine.expose import exposure_possible
 
-    reason = exposure_possible() or (None if args.no_fio or args.floor else fio_available())
+    reason = exposure_possible() or (None if args.no_fio else fio_available())
     if reason:
         print(f"bench engine: skipped: {reason}", file=sys.stderr)
         return 2
