@@ -162,9 +162,9 @@ def _open_source(path: str) -> tuple[str | Endpoint, int]:
     connections then serve the copy (a connection opened only to read the size cost a handshake
     with the server, and the server a thread); a path is opened by the job."""
     if is_nbd_uri(path):  # libnbd's bindings are loaded only when an export takes part
-        from dmtools.nbd import NbdEndpoint
+        from dmtools.nbd import NbdEndpoint, source_connections
 
-        nbd_ep = NbdEndpoint(path)
+        nbd_ep = NbdEndpoint(path, connections=source_connections())
         return nbd_ep, nbd_ep.size
     from dmtools.blockdev import BlockDevice
 

@@ -113,9 +113,10 @@ def _open_one(region: Region, *, writable: bool) -> OpenRegion:
         return OpenRegion(region, region.dev, region.offset, False, region.dev.zoned)  # by position: faster
     path = os.fspath(region.dev)
     if is_nbd_uri(path):
-        from dmtools.nbd import NbdEndpoint
+        from dmtools.nbd import NbdEndpoint, source_connections
 
-        nbd_ep = NbdEndpoint(path, writable=writable)
+        nbd_ep = NbdEndpoint(path, writable=writable) if writable else \
+            NbdEndpoint(path, connections=source_connections())
         return OpenRegion(region, nbd_ep, region.offset, owned=True)
     try:
         ep = _open_path(path, writable=writable, offset=region.offset, length=region.nbytes)

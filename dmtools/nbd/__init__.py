@@ -15,7 +15,7 @@ from dmtools import lazy
 
 if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
     from dmtools.nbd._lib import is_supported
-    from dmtools.nbd.endpoint import DEFAULT_CONNECTIONS, DEFAULT_TIMEOUT, NbdEndpoint
+    from dmtools.nbd.endpoint import DEFAULT_CONNECTIONS, DEFAULT_TIMEOUT, NbdEndpoint, source_connections
     from dmtools.nbd.errors import NbdConnectionError, NbdUnavailable
     from dmtools.nbd.uri import NbdUri, is_nbd_uri, parse_uri
 
@@ -30,6 +30,7 @@ __all__ = [
     "is_nbd_uri",
     "is_supported",
     "parse_uri",
+    "source_connections",
 ]
 
 __getattr__ = lazy.exports(
@@ -44,5 +45,6 @@ __getattr__ = lazy.exports(
         "NbdUri": "dmtools.nbd.uri:NbdUri",
         "is_nbd_uri": "dmtools.nbd.uri:is_nbd_uri",
         "parse_uri": "dmtools.nbd.uri:parse_uri",
+        "source_connections": "dmtools.nbd.endpoint:source_connections",
     },
 )

@@ -99,6 +99,26 @@ def test_memory_export_io_and_flags(start_nbdkit: Callable[..., NbdServer]) -> N
         assert exc.value.errno == errno.ENOSPC
 
 
+def test_source_connections_follow_the_cpus() -> None:
+    """A copy reads an export on one connection per CPU it may run on, at most
+    DEFAULT_CONNECTIONS (nbdcopy's rule), in the thread's own affinity: one CPU gives one."""
+    from dmtools.nbd.endpoint import DEFAULT_CONNECTIONS, source_connections
+
+    cpus = sorted(os.sched_getaffinity(0))
+    assert source_connections() == min(DEFAULT_CONNECTIONS, len(cpus))
+    got: list[int] = []
+
+    def pinned() -> None:
+        os.sched_setaffinity(0, {cpus[-1]})  # this thread only
+        got.append(source_connections())
+
+    t = threading.Thread(target=pinned)
+    t.start()
+    t.join()
+    assert got == [1]
+    assert source_connections() == min(DEFAULT_CONNECTIONS, len(cpus))  # the caller's is unchanged
+
+
 def test_long_reads_and_writes_are_split(tmp_path: Path, start_nbdkit: Callable[..., NbdServer]) -> None:
     """A 40 MiB read or write goes out as requests of REQUEST_SIZE (far below the protocol's
     32 MiB limit: a server allocates each request's payload), every connection carrying some."""
