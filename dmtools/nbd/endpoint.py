@@ -99,7 +99,7 @@ class _Request:
     connection.
     """
 
-    __slots__ = ("wake", "err", "finished", "waiting", "keep", "deadline", "batch", "landed")
+    __slots__ = ("wake", "err", "finished", "waiting", "keep", "deadline")
 
     def __init__(self, keep: Any, deadline: float | None) -> None:
         self.wake = threading.Event()
@@ -108,29 +108,50 @@ class _Request:
         self.waiting = False
         self.keep = keep  # the buffer libnbd reads or fills, alive until completion
         self.deadline = deadline  # monotonic time by which its reply must have come
-        #: the streamed reads this one belongs to (their pump runs its ``done`` once all are in)
-        self.batch: _Batch | None = None
-        self.landed: deque[_Request] | None = None  # the pump's queue of finished streamed reads
 
     def complete(self, err: Any) -> int:
         # Runs in the driving thread, inside aio_notify_*: no handle calls, never raise.
         if not self.finished:
             self.err = err.value
             self.finished = True
-            if self.landed is not None:
-                self.landed.append(self)
-            else:
-                self.wake.set()
+            self.wake.set()
         return 1  # retire the command (no aio_command_completed needed)
 
     def fail(self, code: int) -> None:
         if not self.finished:
             self.err = code
             self.finished = True
-            if self.landed is not None:
-                self.landed.append(self)
-            else:
-                self.wake.set()
+            self.wake.set()
+
+
+class _Read(_Request):
+    """A streamed read: no thread waits for it (no ``wake``: an Event is a lock and a condition
+    made per request); once finished it joins its pump's ``landed`` queue, and the pump counts it
+    into its batch."""
+
+    __slots__ = ("batch", "landed")
+
+    def __init__(self, keep: Any, deadline: float | None, batch: _Batch, landed: deque[_Read]) -> None:
+        self.err = 0
+        self.finished = False
+        self.waiting = False
+        self.keep = keep
+        self.deadline = deadline
+        self.batch: _Batch | None = batch  # the reads whose ``done`` runs once all are in
+        self.landed = landed
+
+    def complete(self, err: Any) -> int:
+        if not self.finished:
+            self.err = err.value
+            self.finished = True
+            self.landed.append(self)
+        return 1
+
+    def fail(self, code: int) -> None:
+        if not self.finished:
+            self.err = code
+            self.finished = True
+            self.landed.append(self)
 
 
 class _Batch:
@@ -179,8 +200,8 @@ class _Connection:
         # Streamed reads (see stream_read): the pump thread, reads waiting for it to issue them,
         # the finished ones whose ``done`` it has to run, and how many are not done yet.
         self.pump: threading.Thread | None = None
-        self.inbox: list[tuple[_Request, Any, int]] = []
-        self.landed: deque[_Request] = deque()
+        self.inbox: list[tuple[_Read, Any, int]] = []
+        self.landed: deque[_Read] = deque()
         self.streaming = 0
         self._stopping = False
         self._wake_fd = -1  # an eventfd that wakes the pump from poll(2), made with it
@@ -217,17 +238,12 @@ class _Connection:
         ``done`` returns, without a wake-up."""
         batch = _Batch(len(parts), done)
         deadline = time.monotonic() + self.timeout if self.timeout is not None else None
-        reqs = []
-        for buf, offset in parts:
-            req = _Request(buf, deadline)
-            req.batch = batch
-            req.landed = self.landed
-            reqs.append((req, buf, offset))
+        landed = self.landed
+        reqs = [(_Read(buf, deadline, batch, landed), buf, offset) for buf, offset in parts]
         me = threading.current_thread()
         start = wake = False
         with self.lock:
-            for r in reqs:
-                self.pending.add(r[0])
+            self.pending.update(r[0] for r in reqs)
             self.streaming += len(reqs)
             self.inbox.extend(reqs)
             if self.pump is None:
@@ -275,6 +291,10 @@ class _Connection:
             pass
 
     def _pump_loop(self, wake_fd: int) -> None:
+        """Rounds of: issue the queued reads, run the landed ones' ``done``, then sleep in poll(2)
+        and move the state machine. A 1 MiB reply comes in about five socket buffers' worth: until
+        a reply lands, a read is queued or libnbd's direction changes, the pump only polls and
+        reads (the round's bookkeeping, under the lock, once per reply, not per buffer)."""
         nbd, h = self.nbd, self.h
         monotonic = time.monotonic
         poller = select.poll()
@@ -282,10 +302,11 @@ class _Connection:
         events = 0  # what the poller waits for on the socket
         idle = False  # a whole slice went by with nothing in flight
         deadline = self._deadline()
+        landed = self.landed
         while True:
             with self.lock:
                 todo, self.inbox = self.inbox, []
-                if not todo and not self.landed and (
+                if not todo and not landed and (
                         self._stopping or (idle and not self.streaming and not self.pending)):
                     self.pump = None  # a read queued from now on starts a new pump
                     return
@@ -306,7 +327,7 @@ class _Connection:
             wait_ms = POLL_SLICE_MS
             if deadline is not None:
                 wait_ms = min(POLL_SLICE_MS, max(0, int((deadline - monotonic()) * 1000) + 1))
-            want = 0
+            want = d = 0
             if not self.dead and h is not None:
                 d = h.aio_get_direction()
                 want = (select.POLLIN if d & nbd.AIO_DIRECTION_READ else 0) | \
@@ -325,24 +346,30 @@ class _Connection:
                 elif events:
                     poller.unregister(self._fd)
                 events = want
-            ready = poller.poll(wait_ms)
             progressed = False
-            for fd, got in ready:
-                if fd == wake_fd:
-                    self._drain_wake()
-                    progressed = True
-                    continue
-                try:
-                    if got & (select.POLLIN | select.POLLHUP):
-                        h.aio_notify_read()
-                    elif got & select.POLLOUT:
-                        h.aio_notify_write()
-                    else:  # POLLERR, POLLNVAL
-                        h.poll(0)
-                except nbd.Error as err:
-                    log.debug("nbd: %s: connection failed: %s", self.name, err)
-                    self.kill(err.errnum or errno.ENOTCONN)
+            while True:
+                ready = poller.poll(wait_ms)
+                if not ready:
+                    break
                 progressed = True
+                for fd, got in ready:
+                    if fd == wake_fd:
+                        self._drain_wake()
+                        continue
+                    try:
+                        if got & (select.POLLIN | select.POLLHUP):
+                            h.aio_notify_read()
+                        elif got & select.POLLOUT:
+                            h.aio_notify_write()
+                        else:  # POLLERR, POLLNVAL
+                            h.poll(0)
+                    except nbd.Error as err:
+                        log.debug("nbd: %s: connection failed: %s", self.name, err)
+                        self.kill(err.errnum or errno.ENOTCONN)
+                if landed or self.inbox or self._stopping or self.dead or h is None or h.aio_get_direction() != d:
+                    break
+                if deadline is not None:
+                    wait_ms = min(POLL_SLICE_MS, max(0, int((deadline - monotonic()) * 1000) + 1))
             if progressed:
                 continue
             deadline = self._deadline()
@@ -356,11 +383,15 @@ class _Connection:
         """Count in every finished streamed read; run a batch's ``done`` once all its reads are
         in (on the pump thread)."""
         landed = self.landed
-        while landed:
-            req = landed.popleft()
-            with self.lock:
-                self.pending.discard(req)
-                self.streaming -= 1
+        if not landed:
+            return
+        reqs = []
+        while landed:  # completions append only on this thread (the driver) or in kill()
+            reqs.append(landed.popleft())
+        with self.lock:
+            self.pending.difference_update(reqs)
+            self.streaming -= len(reqs)
+        for req in reqs:
             batch, req.batch, req.keep = req.batch, None, None
             assert batch is not None  # set by stream_read
             if req.err and not batch.err:
