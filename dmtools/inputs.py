@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Ref", "check_devices", "check_not_in_use", "live_backends"]
 
-Ref = Union[str, "os.PathLike[str]", Identity]
+Ref = Union[str, os.PathLike[str], Identity]  # no string: a ForwardRef compiles it at import
 
 
 def live_backends(*, kernel: bool = True) -> list["DeviceMapper"]:
