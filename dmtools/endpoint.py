@@ -50,15 +50,16 @@ class Endpoint(abc.ABC):
 
     @property
     def zoned(self) -> bool:
-        """True for a zoned block device (sysfs ``queue/zoned`` is not ``none``): writes go in order."""
-        devno = self.devno
-        if not devno:
-            return False
-        try:
-            with open(f"/sys/dev/block/{devno[0]}:{devno[1]}/queue/zoned") as f:
-                return f.read().strip() not in ("", "none")
-        except OSError:
-            return False
+        """True for a zoned block device (sysfs ``queue/zoned`` is not ``none``): writes go in order.
+
+        Read once per endpoint (a device's zoned model does not change while it is open): every
+        kcopyd job asks it of its destinations, and a device without a sysfs entry (the userspace
+        engine's) cost a failed ``open`` each time.
+        """
+        known: bool | None = self.__dict__.get("_zoned")
+        if known is None:
+            known = self.__dict__["_zoned"] = _sysfs_zoned(self.devno)
+        return known
 
     @abc.abstractmethod
     def readinto(self, buf: Any, offset: int) -> int:
@@ -156,6 +157,17 @@ class Endpoint(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _sysfs_zoned(devno: tuple[int, int] | None) -> bool:
+    """True when sysfs says block device ``devno`` is zoned (False for no device, or no entry)."""
+    if not devno:
+        return False
+    try:
+        with open(f"/sys/dev/block/{devno[0]}:{devno[1]}/queue/zoned") as f:
+            return f.read().strip() not in ("", "none")
+    except OSError:
+        return False
 
 
 def write_pipe(pipe: int, buf: memoryview) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dmtools import blockdev, loop
+from dmtools import endpoint as endpoint_mod
 from dmtools.blockdev import BlockDevice, aligned_buffer, device_number, open_endpoint, resolve_devno
 from dmtools.endpoint import NullEndpoint
 from dmtools.errors import DeviceBusy, DeviceIOError, DeviceNotFound, InvalidArgument, NoSpace
@@ -52,6 +53,28 @@ def test_file_properties(make_image: Callable[..., Path]) -> None:
     with pytest.raises(InvalidArgument):
         bd.fileno()
     bd.close()  # idempotent
+
+
+class _Numbered(NullEndpoint):
+    """A null endpoint that says it is block device 7:0 and counts how often it is asked."""
+
+    asked = 0
+
+    @property
+    def devno(self) -> tuple[int, int] | None:
+        self.asked += 1
+        return (7, 0)
+
+
+def test_zoned_is_read_once_per_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    # kcopyd asks every destination of every job; the answer cannot change while it is open
+    reads: list[tuple[int, int] | None] = []
+    monkeypatch.setattr(endpoint_mod, "_sysfs_zoned", lambda devno: reads.append(devno) or devno == (7, 0))
+    a, b = _Numbered(4096), _Numbered(4096)
+    assert [a.zoned, a.zoned, a.zoned] == [True, True, True]
+    assert a.asked == 1 and reads == [(7, 0)]
+    assert b.zoned and b.asked == 1 and len(reads) == 2  # each endpoint reads its own
+    assert not NullEndpoint(4096).zoned and reads[-1] is None  # no device number: not zoned
 
 
 def test_read_write_into_caller_buffers(make_image: Callable[..., Path]) -> None:
@@ -296,6 +319,7 @@ def test_block_device_properties(make_image: Callable[..., Path], make_loop: Cal
         assert bd.size == 6 * MiB
         assert bd.logical_block_size == 512 and bd.physical_block_size >= 512
         assert bd.devno == (dev.major, dev.minor) == device_number(dev.path)
+        assert not bd.zoned  # a loop device is never zoned (sysfs queue/zoned: none)
         assert bd.data_extents(0, MiB) is None
     assert resolve_devno(f"{dev.major}:{dev.minor}") == dev.path
     with open_endpoint(dev.devno) as ep:
