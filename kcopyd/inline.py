@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from dmtools.errors import InvalidArgument
 from dmtools.lazy import logger
+from dmtools.endpoint import Endpoint
 from kcopyd.fastpath import read_exact, read_salvage, write_exact
-from kcopyd.job import DEST_ZEROED, IGNORE_ERROR, WRITE_SEQ, Job, Piece, Plan
-from kcopyd.overlap import plan_overlap, span_of
+from kcopyd.job import DEST_ZEROED, IGNORE_ERROR, WRITE_SEQ, FinishedJob, Job, close_regions
+from kcopyd.overlap import Span, plan_overlap, span_of
 from kcopyd.pagepool import PAGE_SIZE
-from kcopyd.region import OpenRegion, Region, open_regions
+from kcopyd.region import MAX_REGIONS, Region, open_regions
 
 if TYPE_CHECKING:  # pragma: no cover
     from kcopyd.scheduler import Scheduler
@@ -99,6 +100,8 @@ class InlineJobs:
         if isinstance(flags, bool) or not isinstance(flags, int) or flags & ~(IGNORE_ERROR | WRITE_SEQ | DEST_ZEROED):
             raise InvalidArgument(f"unknown kcopyd flags {flags!r}", operation="copy")
         regions = list(dest_list)
+        if _endpoints_pass(src, regions):
+            return self._run_endpoints(src, regions, flags)
         osrc, odests = open_regions(src, regions)
         if any(d.zoned for d in odests):
             flags |= WRITE_SEQ  # as Client.copy: forced for zoned destinations (dm-kcopyd.c)
@@ -111,83 +114,144 @@ class InlineJobs:
             plan_overlap((span_of(osrc), osrc.region.dev_name) if osrc is not None else None,
                          [(span_of(d), d.region.dev_name) for d in odests],
                          write_seq=bool(flags & WRITE_SEQ), identities=ids)
-        except BaseException:
-            for o in ([osrc] if osrc else []) + odests:
-                o.close()
-            raise
-        nbytes = odests[0].region.nbytes
-        job = Job(osrc, odests, nbytes, flags, None, None, Plan(max(nbytes, PAGE_SIZE), 1))
+            nbytes = odests[0].region.nbytes
+            read_err, write_err, written = _transfer(osrc.endpoint if osrc is not None else None,
+                                                     osrc.offset if osrc is not None else 0,
+                                                     [(d.endpoint, d.offset) for d in odests], nbytes, flags,
+                                                     self.throttle)
+        finally:
+            # closes the regions kcopyd opened; an NBD destination is flushed, and one that
+            # fails to is a failed destination
+            closed_err = close_regions(osrc, odests)
+        return self._finished(src, regions, nbytes, flags, read_err, write_err | closed_err, written)
+
+    def _run_endpoints(self, src: Region | None, dests: list[Region], flags: int) -> Job:
+        """:meth:`run` for a job whose regions are all open endpoints' and passed
+        :func:`_endpoints_pass`: nothing to open or close, and the overlap checks without
+        ``fstat`` when one destination is the source's endpoint (a thin pool's data device
+        breaking sharing of a block)."""
+        dest0 = dests[0]
+        nbytes = dest0.nbytes
+        for d in dests:
+            if d.dev.zoned:  # type: ignore[union-attr]
+                flags |= WRITE_SEQ  # as Client.copy: forced for zoned destinations (dm-kcopyd.c)
+                break
+        if flags & WRITE_SEQ:
+            flags &= ~IGNORE_ERROR
+        if len(dests) > 1 or (src is not None and src.dev is not dest0.dev):
+            # two endpoints may still be one file or device: compared by what they open
+            plan_overlap((_endpoint_span(src), src.dev_name) if src is not None else None,
+                         [(_endpoint_span(d), d.dev_name) for d in dests], write_seq=bool(flags & WRITE_SEQ))
+        elif src is not None and src.offset < dest0.offset + nbytes and dest0.offset < src.offset + nbytes:
+            key = ("obj", id(src.dev))  # the same endpoint: a memmove, refused only with WRITE_SEQ back to front
+            plan_overlap((Span(key, src.offset, src.offset + nbytes), src.dev_name),
+                         [(Span(key, dest0.offset, dest0.offset + nbytes), dest0.dev_name)],
+                         write_seq=bool(flags & WRITE_SEQ))
+        read_err, write_err, written = _transfer(
+            src.dev if src is not None else None, src.offset if src is not None else 0,  # type: ignore[arg-type]
+            [(d.dev, d.offset) for d in dests], nbytes, flags, self.throttle)  # type: ignore[misc]
+        return self._finished(src, dests, nbytes, flags, read_err, write_err, written)
+
+    def _finished(self, src: Region | None, dests: list[Region], nbytes: int, flags: int, read_err: bool,
+                  write_err: int, written: bool) -> Job:
+        """Count a job run here in the client's progress (submitted and, when ``written``, done)
+        and return it finished."""
         with self._cond:
             self._total_bytes += nbytes
-        if nbytes:
-            piece = job.start_piece()
-            written = _run_piece(piece, self.throttle)
-            with self._cond:
-                if written:
-                    self._sched.done_bytes += nbytes
-            job.piece_done(piece, written)
-        job.claim_completion()  # a later cancel() finds the job finished
-        job.run_callback()  # closes the regions kcopyd opened (an NBD destination is flushed)
-        return job
+            if written:
+                self._sched.done_bytes += nbytes
+        return FinishedJob(src, dests, nbytes, flags, read_err, write_err, nbytes if written else 0)
 
 
-def _grain(job: Job) -> int:
-    eps = [d.endpoint for d in job.open_dests] + ([job.open_src.endpoint] if job.open_src is not None else [])
-    return max([PAGE_SIZE] + [ep.logical_block_size for ep in eps])
-
-
-def _run_piece(piece: Piece, throttle: Throttle) -> bool:
-    """Read the piece's whole source, then write each destination; errors go in ``piece``.
-    True when the destinations were written (False: a read error without ``IGNORE_ERROR``)."""
-    job = piece.job
-    n = piece.length
-    if throttle.rate is not None:
-        throttle.consume(n, job.cancel_event)
-    src = job.open_src
-    if src is None:
-        if job.flags & DEST_ZEROED:
-            return True  # the destinations read as zeros already
-        _write_all(piece, None, n, throttle)
-        return True
-    buf = _take_buffer(n)
-    try:
-        view = memoryview(buf)[:n]
-        throttle.io_start()
-        try:
-            read_exact(src.endpoint, [view], src.offset)
-        except Exception as err:  # noqa: BLE001 - any failure is the job's read error
-            log.debug("kcopyd: read error on %s at %d: %s", src.region.dev_name, src.offset, err)
-            piece.read_err = True
-            if not job.flags & IGNORE_ERROR:
-                return False
-            read_salvage(src.endpoint, view, src.offset, _grain(job))  # zero-fills what it cannot read
-        finally:
-            throttle.io_finish()
-        _write_all(piece, view, n, throttle)
-    finally:
-        _give_buffer(buf)
+def _endpoints_pass(src: Region | None, dests: list[Region]) -> bool:
+    """True when every region is an open endpoint's and passes :func:`kcopyd.region.open_regions`'
+    checks (1 to ``MAX_REGIONS`` destinations of the source's length, inside their devices,
+    destinations writable). False sends the job to the general path, which raises the error."""
+    if not dests or len(dests) > MAX_REGIONS:
+        return False
+    count = src.count if src is not None else dests[0].count
+    if src is not None and not (isinstance(src, Region) and isinstance(src.dev, Endpoint)
+                                and src.offset + src.nbytes <= src.dev.size):
+        return False
+    sized = src.dev if src is not None else None
+    for d in dests:
+        if not isinstance(d, Region) or not isinstance(d.dev, Endpoint) or d.count != count or d.dev.read_only:
+            return False
+        if d.dev is not sized and d.offset + d.nbytes > d.dev.size:  # the source's device: checked
+            return False
     return True
 
 
-def _write_all(piece: Piece, view: memoryview | None, n: int, throttle: Throttle) -> None:
-    """Write ``view`` (zeros when ``None``) to every destination of the piece's job, each
-    failure a bit of ``piece.write_err``."""
-    for i, dest in enumerate(piece.job.open_dests):
-        if _write_failed(dest, view, n, throttle):
-            piece.write_err |= 1 << i
+def _endpoint_span(region: Region) -> Span:
+    """The :class:`~kcopyd.overlap.Span` of an endpoint's region (its file or device, by ``fstat``)."""
+    return span_of(_Opened(region))
 
 
-def _write_failed(dest: OpenRegion, view: memoryview | None, n: int, throttle: Throttle) -> bool:
-    """Write ``view`` (zeros when ``None``) to ``dest``; True when it failed."""
-    throttle.io_start()
+class _Opened:
+    """What :func:`~kcopyd.overlap.span_of` reads of an open region, for an endpoint's region."""
+
+    __slots__ = ("region", "endpoint", "offset")
+
+    def __init__(self, region: Region) -> None:
+        self.region = region
+        self.endpoint = region.dev
+        self.offset = region.offset
+
+
+def _transfer(src: Endpoint | None, src_offset: int, dests: list[tuple[Endpoint, int]], n: int, flags: int,
+              throttle: Throttle) -> tuple[bool, int, bool]:
+    """Read ``n`` bytes of ``src`` at ``src_offset`` (zeros when ``None``), then write them to every
+    ``(endpoint, offset)`` of ``dests``. Returns ``(read_err, write_err, written)``: ``write_err``
+    a bit per failed destination, ``written`` False when a read error without ``IGNORE_ERROR``
+    wrote nothing. The throttle is consulted only while it limits anything."""
+    thr = throttle if throttle.active else None
+    if thr is not None and thr.rate is not None:
+        thr.consume(n)  # nobody can cancel a job before run() returns it
+    if not n:
+        return False, 0, True
+    if src is None:
+        if flags & DEST_ZEROED:
+            return False, 0, True  # the destinations read as zeros already
+        return False, _write_all(dests, None, n, thr), True
+    read_err = False
+    buf = _take_buffer(n)
     try:
-        if view is None:
-            dest.endpoint.zero(dest.offset, n)
-        else:
-            write_exact(dest.endpoint, [view], dest.offset)
-    except Exception as err:  # noqa: BLE001 - any failure is this destination's write error
-        log.debug("kcopyd: write error on %s at %d: %s", dest.region.dev_name, dest.offset, err)
-        return True
+        view = memoryview(buf)[:n]
+        if thr is not None:
+            thr.io_start()
+        try:
+            read_exact(src, [view], src_offset)
+        except Exception as err:  # noqa: BLE001 - any failure is the job's read error
+            log.debug("kcopyd: read error on %s at %d: %s", src.name, src_offset, err)
+            read_err = True
+            if not flags & IGNORE_ERROR:
+                return True, 0, False
+            grain = max([PAGE_SIZE, src.logical_block_size] + [ep.logical_block_size for ep, _ in dests])
+            read_salvage(src, view, src_offset, grain)  # zero-fills what it cannot read
+        finally:
+            if thr is not None:
+                thr.io_finish()
+        return read_err, _write_all(dests, view, n, thr), True
     finally:
-        throttle.io_finish()
-    return False
+        _give_buffer(buf)
+
+
+def _write_all(dests: list[tuple[Endpoint, int]], view: memoryview | None, n: int, thr: Throttle | None) -> int:
+    """Write ``view`` (zeros when ``None``) to every destination; the ``write_err`` bits of those
+    that failed."""
+    failed = 0
+    for i, (ep, offset) in enumerate(dests):
+        if thr is not None:
+            thr.io_start()
+        try:
+            if view is None:
+                ep.zero(offset, n)
+            else:
+                write_exact(ep, [view], offset)
+        except Exception as err:  # noqa: BLE001 - any failure is this destination's write error
+            log.debug("kcopyd: write error on %s at %d: %s", ep.name, offset, err)
+            failed |= 1 << i
+        finally:
+            if thr is not None:
+                thr.io_finish()
+    return failed

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from kcopyd.pagepool import Pages
     from kcopyd.region import OpenRegion, Region
 
-__all__ = ["DEST_ZEROED", "IGNORE_ERROR", "Job", "NotifyFn", "Plan", "Progress", "WRITE_SEQ"]
+__all__ = ["DEST_ZEROED", "FinishedJob", "IGNORE_ERROR", "Job", "NotifyFn", "Plan", "Progress", "WRITE_SEQ"]
 
 log = logger("kcopyd")
 
@@ -178,7 +178,7 @@ class Job:
     @property
     def failed_dests(self) -> list[int]:
         """Indexes of the destinations whose writes failed."""
-        return [i for i in range(len(self.open_dests)) if self.write_err >> i & 1]
+        return [i for i in range(len(self.dests)) if self.write_err >> i & 1]
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the job is done (callback included); False if ``timeout`` passed first."""
@@ -202,8 +202,9 @@ class Job:
             if self.read_err:
                 src = self.src
                 parts.append(f"read error on {src.dev_name if src is not None else 'source'}")
+            dests = self.dests
             for i in self.failed_dests:
-                parts.append(f"write error on destination {i} ({self.open_dests[i].region.dev_name})")
+                parts.append(f"write error on destination {i} ({dests[i].dev_name})")
             raise DeviceIOError("; ".join(parts), operation="copy")
 
     def __await__(self) -> Generator[Any, None, Job]:
@@ -221,7 +222,7 @@ class Job:
     def __repr__(self) -> str:
         state = "done" if self.done else "running"
         return (
-            f"<kcopyd.Job {state} {self._done_bytes}/{self.total} bytes to {len(self.open_dests)} "
+            f"<kcopyd.Job {state} {self._done_bytes}/{self.total} bytes to {len(self.dests)} "
             f"dest(s) read_err={int(self.read_err)} write_err={self.write_err:#x}>"
         )
 
@@ -351,17 +352,7 @@ class Job:
 
         A destination that fails to close (an NBD flush) counts as failed.
         """
-        if self.open_src is not None:
-            try:
-                self.open_src.close()
-            except Exception:  # noqa: BLE001
-                log.exception("kcopyd: closing %s failed", self.open_src.region.dev_name)
-        for i, o in enumerate(self.open_dests):
-            try:
-                o.close()  # an NBD destination is flushed here
-            except Exception as err:  # noqa: BLE001 - the writes may not be durable
-                log.warning("kcopyd: closing destination %d (%s) failed: %s", i, o.region.dev_name, err)
-                self.write_err |= 1 << i
+        self.write_err |= close_regions(self.open_src, self.open_dests)
         if self.notify is not None:
             try:
                 self.notify(self.read_err, self.write_err, self.context)
@@ -375,6 +366,69 @@ class Job:
                 loop.call_soon_threadsafe(_resolve, fut, self)
             except RuntimeError:  # the loop was closed meanwhile: nobody is waiting any more
                 pass
+
+
+class FinishedJob(Job):
+    """A job done on the caller's thread (:meth:`kcopyd.Client.run`), made finished.
+
+    It has a :class:`Job`'s results and methods: ``wait()`` and ``await`` return at once,
+    ``cancel()`` changes nothing (``cancelled`` stays False, as for any job that finished all its
+    pieces). It holds no events, locks or write lanes: none of the client's threads ever sees it.
+    """
+
+    def __init__(self, src: Region | None, dests: list[Region], nbytes: int, flags: int, read_err: bool,
+                 write_err: int, done_bytes: int) -> None:
+        self._src_region = src
+        self._dest_regions = dests
+        self.flags = flags
+        self.notify = None
+        self.context = None
+        self.total = nbytes
+        self.read_err = read_err
+        self.write_err = write_err
+        self.cancelled = False
+        self._done_bytes = done_bytes
+        self._queued = True
+
+    @property
+    def src(self) -> Region | None:
+        return self._src_region
+
+    @property
+    def dests(self) -> list[Region]:
+        return list(self._dest_regions)
+
+    @property
+    def done(self) -> bool:
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return True
+
+    def cancel(self) -> None:
+        """Nothing to stop: the job is finished."""
+
+    def __await__(self) -> Generator[Any, None, Job]:
+        return self
+        yield  # unreachable: makes this a generator that finishes at once
+
+
+def close_regions(src: OpenRegion | None, dests: list[OpenRegion]) -> int:
+    """Close the regions kcopyd opened (an NBD destination is flushed); return the ``write_err``
+    bits of the destinations that failed to close (their writes may not be durable)."""
+    if src is not None:
+        try:
+            src.close()
+        except Exception:  # noqa: BLE001
+            log.exception("kcopyd: closing %s failed", src.region.dev_name)
+    failed = 0
+    for i, o in enumerate(dests):
+        try:
+            o.close()  # an NBD destination is flushed here
+        except Exception as err:  # noqa: BLE001 - the writes may not be durable
+            log.warning("kcopyd: closing destination %d (%s) failed: %s", i, o.region.dev_name, err)
+            failed |= 1 << i
+    return failed
 
 
 def _resolve(fut: "asyncio.Future[Job]", job: Job) -> None:
