@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import threading
 from typing import Any
 
 import pytest
 
 import kcopyd
+from dmtools.blockdev import BlockDevice
 from dmtools.errors import DeviceIOError, InvalidArgument
 from dmtools.testing.faults import FaultyEndpoint, MemoryEndpoint
 from kc_helpers import pattern
@@ -194,3 +197,62 @@ def test_nested_and_successive_jobs_each_copy_their_own_bytes(kc):
     expected = bytearray(b)
     expected[4096:8192] = bytes(4096)
     assert bytes(out.data) == bytes(expected)
+
+
+def test_regions_given_by_path_are_opened_copied_and_closed(kc, tmp_path):
+    # the general path: kcopyd opens the files, copies on this thread and closes them again
+    data = pattern(SIZE)
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    src.write_bytes(data)
+    dst.write_bytes(bytes(2 * SIZE))
+    fds = len(os.listdir("/proc/self/fd"))
+    job = kc.run(kcopyd.Region(str(src), 0, SECTORS), [kcopyd.Region(str(dst), SECTORS, SECTORS)])
+    assert job.done and job.ok and job.src == kcopyd.Region(str(src), 0, SECTORS)
+    assert dst.read_bytes() == bytes(SIZE) + data
+    assert len(os.listdir("/proc/self/fd")) == fds, "the files kcopyd opened are closed"
+    assert kc.progress == kcopyd.Progress(SIZE, SIZE)
+    with pytest.raises(InvalidArgument, match="beyond the device"):
+        kc.run(kcopyd.Region(str(src), 1, SECTORS), [kcopyd.Region(str(dst), 0, SECTORS)])
+    assert len(os.listdir("/proc/self/fd")) == fds and kc.progress == kcopyd.Progress(SIZE, SIZE)
+
+
+def test_two_endpoints_on_one_file_are_checked_as_one_file(kc, tmp_path):
+    # endpoints handed in by the caller are compared by the file they open, not by object: an
+    # overlap that only a back-to-front copy could do is refused with WRITE_SEQ, before any I/O
+    path = tmp_path / "one.img"
+    path.write_bytes(pattern(SIZE))
+    with BlockDevice(path, writable=True) as a, BlockDevice(path, writable=True) as b:
+        for src_dev, dst_dev in ((a, b), (a, a)):
+            with pytest.raises(InvalidArgument, match="WRITE_SEQ"):
+                kc.run(kcopyd.Region(src_dev, 0, 16), [kcopyd.Region(dst_dev, 8, 16)], kcopyd.WRITE_SEQ)
+        with pytest.raises(InvalidArgument, match="share bytes"):
+            kc.run(None, [kcopyd.Region(a, 0, 16), kcopyd.Region(b, 8, 16)])
+        assert path.read_bytes() == pattern(SIZE) and kc.progress == kcopyd.Progress(0, 0)
+        # without WRITE_SEQ the same overlap is a memmove, whichever endpoint names the file
+        kc.run(kcopyd.Region(a, 0, 16), [kcopyd.Region(b, 8, 16)]).raise_for_error()
+    expected = bytearray(pattern(SIZE))
+    expected[8 * 512:24 * 512] = pattern(SIZE)[:16 * 512]
+    assert path.read_bytes() == bytes(expected)
+
+
+def test_zoned_destination_forces_write_seq_here_too(kc):
+    dst = MemoryEndpoint(8192)
+    dst.zoned = True  # type: ignore[attr-defined]
+    job = kc.run(kcopyd.Region(MemoryEndpoint(pattern(8192)), 0, 16), [kcopyd.Region(dst, 0, 16)],
+                 kcopyd.IGNORE_ERROR)
+    assert job.ok and job.flags & kcopyd.WRITE_SEQ and not job.flags & kcopyd.IGNORE_ERROR
+    assert bytes(dst.data) == pattern(8192)
+
+
+def test_a_finished_job_waits_awaits_and_cancels_as_any_done_job(kc):
+    dst = MemoryEndpoint(SIZE)
+    job = kc.run(kcopyd.Region(MemoryEndpoint(pattern(SIZE)), 0, 8), [kcopyd.Region(dst, 0, 8)])
+    assert isinstance(job, kcopyd.Job) and job.wait(0) and job.done
+    assert asyncio.run(_await(job)) is job
+    job.cancel()  # finished: nothing to stop
+    assert job.ok and not job.cancelled and job.progress == kcopyd.Progress(4096, 4096)
+    assert job.dests == [kcopyd.Region(dst, 0, 8)] and job.failed_dests == [] and "done" in repr(job)
+
+
+async def _await(job: Any) -> Any:
+    return await job
