@@ -21,9 +21,10 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from dmtools.endpoint import Endpoint
 from dmtools.errors import InvalidArgument
 from dmtools.lazy import logger
-from dmtools.endpoint import Endpoint
+from dmtools.units import SECTOR
 from kcopyd.fastpath import read_exact, read_salvage, write_exact
 from kcopyd.job import DEST_ZEROED, IGNORE_ERROR, WRITE_SEQ, FinishedJob, Job, close_regions
 from kcopyd.overlap import Span, plan_overlap, span_of
@@ -138,18 +139,22 @@ class InlineJobs:
                 break
         if flags & WRITE_SEQ:
             flags &= ~IGNORE_ERROR
-        if len(dests) > 1 or (src is not None and src.dev is not dest0.dev):
+        src_dev: Endpoint | None = src.dev if src is not None else None  # type: ignore[assignment]
+        src_off = src.offset if src is not None else 0
+        if len(dests) > 1 or (src is not None and src_dev is not dest0.dev):
             # two endpoints may still be one file or device: compared by what they open
             plan_overlap((_endpoint_span(src), src.dev_name) if src is not None else None,
                          [(_endpoint_span(d), d.dev_name) for d in dests], write_seq=bool(flags & WRITE_SEQ))
-        elif src is not None and src.offset < dest0.offset + nbytes and dest0.offset < src.offset + nbytes:
-            key = ("obj", id(src.dev))  # the same endpoint: a memmove, refused only with WRITE_SEQ back to front
-            plan_overlap((Span(key, src.offset, src.offset + nbytes), src.dev_name),
-                         [(Span(key, dest0.offset, dest0.offset + nbytes), dest0.dev_name)],
-                         write_seq=bool(flags & WRITE_SEQ))
-        read_err, write_err, written = _transfer(
-            src.dev if src is not None else None, src.offset if src is not None else 0,  # type: ignore[arg-type]
-            [(d.dev, d.offset) for d in dests], nbytes, flags, self.throttle)  # type: ignore[misc]
+            targets: list[tuple[Endpoint, int]] = [(d.dev, d.offset) for d in dests]  # type: ignore[misc]
+        else:
+            dest_off = dest0.offset
+            if src is not None and src_off < dest_off + nbytes and dest_off < src_off + nbytes:
+                key = ("obj", id(src_dev))  # one endpoint: a memmove, refused only with WRITE_SEQ back to front
+                plan_overlap((Span(key, src_off, src_off + nbytes), src.dev_name),
+                             [(Span(key, dest_off, dest_off + nbytes), dest0.dev_name)],
+                             write_seq=bool(flags & WRITE_SEQ))
+            targets = [(dest0.dev, dest_off)]  # type: ignore[list-item]
+        read_err, write_err, written = _transfer(src_dev, src_off, targets, nbytes, flags, self.throttle)
         return self._finished(src, dests, nbytes, flags, read_err, write_err, written)
 
     def _finished(self, src: Region | None, dests: list[Region], nbytes: int, flags: int, read_err: bool,
@@ -170,14 +175,20 @@ def _endpoints_pass(src: Region | None, dests: list[Region]) -> bool:
     if not dests or len(dests) > MAX_REGIONS:
         return False
     count = src.count if src is not None else dests[0].count
-    if src is not None and not (isinstance(src, Region) and isinstance(src.dev, Endpoint)
-                                and src.offset + src.nbytes <= src.dev.size):
-        return False
-    sized = src.dev if src is not None else None
-    for d in dests:
-        if not isinstance(d, Region) or not isinstance(d.dev, Endpoint) or d.count != count or d.dev.read_only:
+    sized: object = None  # the source's device and its size, asked once when a destination shares it
+    size = 0
+    if src is not None:
+        sized = src.dev
+        if not isinstance(sized, Endpoint):
             return False
-        if d.dev is not sized and d.offset + d.nbytes > d.dev.size:  # the source's device: checked
+        size = sized.size
+        if (src.sector + count) * SECTOR > size:
+            return False
+    for d in dests:
+        dev = d.dev
+        if not isinstance(d, Region) or not isinstance(dev, Endpoint) or d.count != count or dev.read_only:
+            return False
+        if (d.sector + count) * SECTOR > (size if dev is sized else dev.size):
             return False
     return True
 

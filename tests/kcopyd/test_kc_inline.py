@@ -127,6 +127,8 @@ def test_bad_input_is_refused_before_any_io(kc):
     src, dst = FaultyEndpoint(MemoryEndpoint(SIZE)), FaultyEndpoint(MemoryEndpoint(SIZE))
     cases = [
         ((kcopyd.Region(src, 0, SECTORS), [kcopyd.Region(dst, 1, SECTORS)]), {}, "beyond the device"),
+        ((kcopyd.Region(dst, 0, 8), [kcopyd.Region(dst, SECTORS - 4, 8)]), {}, "beyond the device"),  # one device
+        ((kcopyd.Region(dst, SECTORS - 4, 8), [kcopyd.Region(dst, 0, 8)]), {}, "beyond the device"),
         ((kcopyd.Region(src, 0, 8), [kcopyd.Region(dst, 0, 16)]), {}, "has 16 sectors"),
         ((kcopyd.Region(src, 0, 8), [kcopyd.Region(dst, 0, 8), kcopyd.Region(dst, 4, 8)]), {}, "share bytes"),
         ((kcopyd.Region(src, 0, 8), [kcopyd.Region(dst, 0, 8)]), {"flags": 1 << 20}, "unknown kcopyd flags"),
