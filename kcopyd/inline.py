@@ -14,6 +14,13 @@ whole source is read before any destination is written, so a source overlapping 
 copied as ``memmove`` does. ``DEST_ZEROED`` makes a zero job write nothing, as the workers do; a
 copy writes its whole range. A job above ``max_bytes`` is submitted to the worker threads as
 usual and waited for.
+
+A job run here is returned as a :class:`~kcopyd.job.FinishedJob`: no events, locks, write lanes
+or pieces. One whose regions are all endpoints the caller holds open (a thin pool's data device
+breaking sharing of a block) opens and closes nothing, and calls no ``fstat`` when its one
+destination is on the source's endpoint. The job counts in the client's ``progress`` once done:
+its bytes submitted and, when written, done. The throttle is consulted while it limits anything
+(a rate, or a duty cycle below 100%), as for the workers' jobs.
 """
 
 from __future__ import annotations
