@@ -238,7 +238,8 @@ def _transfer(src: Endpoint | None, src_offset: int, dests: list[tuple[Endpoint,
         if thr is not None:
             thr.io_start()
         try:
-            read_exact(src, [view], src_offset)
+            if src.readinto(view, src_offset) != n:  # short: read again as read_exact does (retries, EOF an error)
+                read_exact(src, [view], src_offset)
         except Exception as err:  # noqa: BLE001 - any failure is the job's read error
             log.debug("kcopyd: read error on %s at %d: %s", src.name, src_offset, err)
             read_err = True
@@ -264,7 +265,7 @@ def _write_all(dests: list[tuple[Endpoint, int]], view: memoryview | None, n: in
         try:
             if view is None:
                 ep.zero(offset, n)
-            else:
+            elif ep.write(view, offset) != n:  # short: write it again as write_exact does (continued)
                 write_exact(ep, [view], offset)
         except Exception as err:  # noqa: BLE001 - any failure is this destination's write error
             log.debug("kcopyd: write error on %s at %d: %s", ep.name, offset, err)
