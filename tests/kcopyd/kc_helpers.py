@@ -69,7 +69,11 @@ def evict_file(path: Any) -> None:
 
 
 def cached(path: Any) -> int:
-    """Bytes of the file in the page cache; skips the test where cachestat(2) cannot tell."""
+    """Bytes of the file in the page cache; skips the test where cachestat(2) cannot tell.
+
+    Tests compare it with half the file, not with all of it: kept and dropped differ by the whole
+    file, and this host's kernel pages out cold memory on its own (a DAMON ``pageout`` scheme on
+    physical addresses), which can take a page of a file just read."""
     import pytest
 
     from kcopyd.fastpath import cached_bytes

@@ -65,7 +65,7 @@ def test_file_to_files_and_null_from_the_mapping(tmp_path: Path, populated: list
         assert d.read_bytes() == data
     assert sum(n for _, n in populated) == size  # every byte came through a mapping
     # drop-behind still applies to an uncached source (after the mapping is gone); a cached one stays
-    assert cached(src) == (0 if evicted else size)
+    assert (cached(src) < size // 2) if evicted else (cached(src) > size // 2)
 
 
 def test_sparse_source_maps_only_its_data(tmp_path: Path, populated: list[tuple[int, int]]) -> None:
