@@ -26,14 +26,16 @@ as every kcopyd job always does.
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Sequence
-from typing import Callable
+from typing import Any, Callable
 
 import kcopyd
 from dmtools.endpoint import Endpoint
+from dmtools.engine.backing import DIRECT_MIN, BackingDevice
 from dmtools.engine.device import RequeueIO
 from dmtools.engine.device_endpoint import DeviceEndpoint
-from dmtools.engine.target_driver import TargetContext, TargetDriver, fill_zero
+from dmtools.engine.target_driver import DeviceHandle, TargetContext, TargetDriver, fill_zero
 from dmtools.errors import DeviceIOError, DeviceNotFound, DMError, InvalidTable, NoSpace
 from dmtools.target_values import Thin
 
@@ -90,9 +92,19 @@ class ThinTarget(TargetDriver):
         self.block_sectors = pool.block_size
         self.bb = pool.block_bytes
         self.origin_sectors = self.origin.sectors if self.origin is not None else 0
+        #: the data device the pool's gate gave last and its writer (:func:`_writer_of`).
+        self._route: tuple[Any, Callable[[memoryview, int], Any]] = (None, self.pool_dev.write)
         self._closed = False
 
     # -- helpers -------------------------------------------------------------------------------
+    def _writer(self, data: Endpoint) -> Callable[[memoryview, int], Any]:
+        """The writer of ``data``, a data device the pool's gate gave (:func:`_writer_of`), kept
+        for the next I/O the gate gives it to."""
+        route = self._route
+        if route[0] is not data:
+            route = self._route = (data, _writer_of(data))
+        return route[1]
+
     def _per_block(self, buf: memoryview, offset: int, fn: Callable[[int, int, memoryview], None]) -> None:
         """``fn(vblock, offset in block, piece)`` for each block the I/O touches, in order (the
         kernel splits bios at block boundaries)."""
@@ -193,7 +205,11 @@ class ThinTarget(TargetDriver):
                     self._provision_cell(vblock, within, buf, old, new, aborts, data)
                     return
             try:  # the write runs outside the cell (thin_bio_map)
-                (data or self.pool_dev).write(buf, block * bb + within)
+                if data is None:
+                    self.pool_dev.write(buf, block * bb + within)
+                else:
+                    route = self._route
+                    (route[1] if route[0] is data else self._writer(data))(buf, block * bb + within)
             finally:
                 pool.prison.leave(block, data is not None)
             return
@@ -265,7 +281,10 @@ class ThinTarget(TargetDriver):
             self._provision_cell(vblock, within, piece, old, new, aborts, data)
             return
         try:  # the write runs outside the cell (thin_bio_map)
-            (data or self.pool_dev).write(piece, block * self.bb + within)
+            if data is None:
+                self.pool_dev.write(piece, block * self.bb + within)
+            else:
+                self._writer(data)(piece, block * self.bb + within)
         finally:
             pool.prison.leave(block, data is not None)
 
@@ -278,7 +297,8 @@ class ThinTarget(TargetDriver):
                     and (not pool.pf.zero_new_blocks or (not within and len(piece) == self.bb))):
                 # a first write that needs no preparation (_provision's commonest case, inline)
                 try:
-                    data.write(piece, new * self.bb + within)
+                    route = self._route
+                    (route[1] if route[0] is data else self._writer(data))(piece, new * self.bb + within)
                 except BaseException:
                     pool.release_block(new, aborts)
                     raise
@@ -322,7 +342,7 @@ class ThinTarget(TargetDriver):
                                                       or pool.pf.zero_new_blocks):
                 self._prepare(vblock, new, old, data)
             if data is not None:
-                data.write(piece, new * self.bb + within)
+                self._writer(data)(piece, new * self.bb + within)
             else:
                 self._write_data(piece, new * self.bb + within)
         except BaseException:
@@ -438,6 +458,35 @@ class ThinTarget(TargetDriver):
         self._closed = True
         self.pool.close_device(self.state)
         pool_table(self.ctx).put(self.pool)
+
+
+def _writer_of(dev: Endpoint) -> Callable[[memoryview, int], Any]:
+    """A function writing a piece of a block at a byte of ``dev``, the pool's data device: its
+    ``write``, or, for a writable file or block device the engine opened (:class:`BackingDevice`,
+    under the table's handle), one ``pwrite`` on its buffered descriptor for what it writes
+    buffered (under ``DIRECT_MIN`` bytes). Its offset and length checks are not needed here: a
+    thin device writes inside a data block of the pool, which the data device holds (checked
+    at the pool's resume). A failed or short ``pwrite`` goes on through ``write``, which writes
+    the rest or raises the device's error; so does every write while the handle's ``write`` is
+    replaced on the handle itself (a test's probe)."""
+    inner = dev.inner if isinstance(dev, DeviceHandle) else dev
+    fd = inner.fileno() if type(inner) is BackingDevice and not inner.read_only else None
+    if fd is None:
+        return dev.write
+    own = vars(dev)
+
+    def write(piece: memoryview, at: int) -> Any:
+        n = len(piece)
+        if n >= DIRECT_MIN or "write" in own:
+            return dev.write(piece, at)
+        try:
+            done = os.pwrite(fd, piece, at)
+        except OSError:
+            done = 0
+        if done < n:
+            dev.write(piece[done:], at + done)
+        return n
+    return write
 
 
 def _read_full(dev: Endpoint, buf: memoryview, offset: int) -> None:
