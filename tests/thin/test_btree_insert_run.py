@@ -50,3 +50,17 @@ def test_insert_run_splits_full_internal_nodes_as_single_inserts_do(tmp_path: Pa
     too: the runs must leave that to the full path, as a single insert splits them on the way down."""
     batches = [list(range(start, start + 128)) for start in range(0, 90_000, 128)]
     assert _image(tmp_path / "run.img", batches, False) == _image(tmp_path / "single.img", batches, True)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_runs_in_no_order_write_what_single_inserts_write(tmp_path: Path, seed: int) -> None:
+    """Runs of random keys (the first writes of random blocks, folded) into a tree of two levels:
+    most keys go straight into their leaf, found from the root; leaves fill and split, keys below
+    the root's first key and overwrites take the full path, and a commit between runs makes every
+    node shared again."""
+    rng = random.Random(seed)
+    batches = [rng.sample(range(100, 30_000), rng.randrange(200, 1500)) for _ in range(12)]
+    last = rng.sample(range(30_000), 800) + list(range(100))  # overwrites, and keys below every other
+    rng.shuffle(last)
+    batches.append(last)
+    assert _image(tmp_path / "run.img", batches, False) == _image(tmp_path / "single.img", batches, True)

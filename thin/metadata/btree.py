@@ -318,22 +318,43 @@ def insert_run(tm: TransactionManager, root: int, items: Sequence[tuple[int, Any
     the previous one goes straight into the leaf that one reached while no internal node on that
     path is full, the leaf is not full and the key is below the leaf's upper bound (the full path
     would find that leaf, change every node of its path in place and split none), any other down
-    the full path."""
+    the full path. In a tree of two levels whose root is changed in place and not full, any
+    other key goes straight into its leaf too, found by one search of the root, when that leaf
+    is changed in place and not full and the key is not below the root's first key (the full
+    path would then split, shadow and change nothing on its way): a run in no order (the first
+    writes of random blocks, folded) walks no path per key."""
+    counts, fresh, dirty = tm.msm.counts, tm.msm.new, tm.dirty_nodes
     added = 0
     leaf: Node | None = None
+    top: Node | None = None  # the root when changed in place and not a leaf (looked for after each full path)
     last = hi = 0
     at, n = 0, len(items)
     while at < n:
         key, value = items[at]
         at += 1
         if leaf is None or not last < key < hi or len(leaf.keys) >= leaf.max_entries:
-            root, new, leaf, hi = _insert(tm, root, key, value, vtype)
-            added += new
-            last = key
-            continue
+            leaf = None
+            if top is None and counts[root] == 1 and root in fresh and not dirty[root][0].leaf:
+                top = dirty[root][0]
+            if top is not None and len(top.keys) < top.max_entries:
+                tk = top.keys
+                i = bisect_right(tk, key) - 1
+                if i >= 0:
+                    b = top.values[i]
+                    if counts[b] == 1 and b in fresh:
+                        child = dirty[b][0]
+                        if child.leaf and 0 < len(child.keys) < child.max_entries:
+                            leaf, hi = child, tk[i + 1] if i + 1 < len(tk) else 1 << 64
+            if leaf is None:
+                root, new, leaf, hi = _insert(tm, root, key, value, vtype)
+                top = None
+                added += new
+                last = key
+                continue
         keys = leaf.keys
-        if key > keys[-1]:  # past the leaf's last key (a run going up): it goes at the end, and
-            # so does each key after it while they go up, stay below ``hi`` and the leaf has room
+        if key > keys[-1] and at < n and items[at][0] > key:  # past the leaf's last key, a run going
+            # up: it goes at the end, and so does each key after it while they go up, stay below
+            # ``hi`` and the leaf has room (a key alone goes there by the search below)
             chunk = items[at - 1:at - 1 + leaf.max_entries - len(keys)]
             ks = [k for k, _v in chunk]
             down = list(map(le, ks[1:], ks[:-1]))
