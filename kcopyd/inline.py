@@ -192,8 +192,10 @@ def _endpoints_pass(src: Region | None, dests: list[Region]) -> bool:
         if (src.sector + count) * SECTOR > size:
             return False
     for d in dests:
+        if not isinstance(d, Region):
+            return False
         dev = d.dev
-        if not isinstance(d, Region) or not isinstance(dev, Endpoint) or d.count != count or dev.read_only:
+        if not isinstance(dev, Endpoint) or d.count != count or dev.read_only:
             return False
         if (d.sector + count) * SECTOR > (size if dev is sized else dev.size):
             return False

@@ -207,15 +207,28 @@ def test_regions_given_by_path_are_opened_copied_and_closed(kc, tmp_path):
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     src.write_bytes(data)
     dst.write_bytes(bytes(2 * SIZE))
-    fds = len(os.listdir("/proc/self/fd"))
     job = kc.run(kcopyd.Region(str(src), 0, SECTORS), [kcopyd.Region(str(dst), SECTORS, SECTORS)])
     assert job.done and job.ok and job.src == kcopyd.Region(str(src), 0, SECTORS)
     assert dst.read_bytes() == bytes(SIZE) + data
-    assert len(os.listdir("/proc/self/fd")) == fds, "the files kcopyd opened are closed"
+    assert _open_on(src, dst) == [], "the files kcopyd opened are closed"
     assert kc.progress == kcopyd.Progress(SIZE, SIZE)
     with pytest.raises(InvalidArgument, match="beyond the device"):
         kc.run(kcopyd.Region(str(src), 1, SECTORS), [kcopyd.Region(str(dst), 0, SECTORS)])
-    assert len(os.listdir("/proc/self/fd")) == fds and kc.progress == kcopyd.Progress(SIZE, SIZE)
+    assert _open_on(src, dst) == [] and kc.progress == kcopyd.Progress(SIZE, SIZE)
+
+
+def _open_on(*paths: Any) -> list[str]:
+    """This process's descriptors open on ``paths`` (counting all of them instead would also see
+    an unrelated object of an earlier test closed by the garbage collector meanwhile)."""
+    names = {os.path.realpath(p) for p in paths}
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") in names:
+                found.append(fd)
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+    return found
 
 
 def test_two_endpoints_on_one_file_are_checked_as_one_file(kc, tmp_path):
@@ -287,3 +300,10 @@ def test_short_reads_and_writes_are_completed(kc):
     job = kc.run(kcopyd.Region(src, 0, SECTORS), [kcopyd.Region(dst, 0, SECTORS)])
     assert job.ok and bytes(dst.data) == data
     assert src.short_reads == 0 and dst.short_writes == 0  # both were cut short once
+
+
+@pytest.mark.parametrize("dests", [["x"], "x"], ids=["list", "string"])
+def test_a_destination_that_is_no_region_is_refused_before_any_io(kc, dests):
+    src = MemoryEndpoint(pattern(8192))
+    with pytest.raises(InvalidArgument, match="not a Region"):
+        kc.run(kcopyd.Region(src, 0, 16), dests)
