@@ -77,10 +77,14 @@ class Holder:
         self._held: dict[Hashable, list[int]] = {}  # key -> [fd, count]
         self._paths: dict[Hashable, str] = {}  # block device key -> the path it was claimed by
 
-    def claim(self, path: str, *, device: str | None = None) -> Claim:
+    def claim(self, path: str, *, device: str | None = None, created: bool = False) -> Claim:
         """Claim the block device or regular file at ``path``; all-or-nothing.
 
-        ``device`` names the requester in errors. Raises ``DeviceBusy`` (mounted, held ``O_EXCL``
+        ``device`` names the requester in errors. ``created``: ``path`` is a regular file that the
+        caller has just made (``O_CREAT | O_EXCL``), so no loop device can be over it unless one
+        was set up in between, which a search could miss as well (a loop set up just after it):
+        the loop devices are not searched (a search reads every loop device the first time).
+        Raises ``DeviceBusy`` (mounted, held ``O_EXCL``
         or locked by another holder, or a loop device over the file is), ``DeviceNotFound``,
         or ``DMError`` (permissions and the like).
         """
@@ -98,7 +102,7 @@ class Holder:
                     except DeviceNotFound:
                         pass  # unlinked: nobody else can name it any more
             elif stat.S_ISREG(st.st_mode):
-                self._take_file(path, device, taken)
+                self._take_file(path, device, taken, loops=not created)
             else:
                 raise DeviceNotFound("not a block device or regular file", errno=errno.ENOTBLK,
                                      operation="claim", device=path)
@@ -147,7 +151,7 @@ class Holder:
                 return path
         return None
 
-    def _take_file(self, path: str, device: str | None, taken: list[Hashable]) -> None:
+    def _take_file(self, path: str, device: str | None, taken: list[Hashable], loops: bool = True) -> None:
         with os_errors(path, "claim", device):
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         st = os.fstat(fd)
@@ -161,7 +165,8 @@ class Holder:
                 return
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._check_loops(path, device, st)
+                if loops:
+                    self._check_loops(path, device, st)
             except BlockingIOError as err:
                 os.close(fd)
                 raise DeviceBusy(f"{path} is claimed by another engine or tool", errno=errno.EBUSY,

@@ -12,7 +12,6 @@ block devices must be large enough. An NBD URI (``nbd://HOST/EXPORT``,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import stat
@@ -238,7 +237,7 @@ def _copy(args: argparse.Namespace, src: Spec, src_dev: str | Endpoint, src_size
             for d in dests:
                 # an export is claimed by its server, not here (no local device to hold)
                 if not d.is_null and not is_nbd_uri(d.path) and not args.allow_in_use:
-                    holder.claim(d.path, device="copy")
+                    holder.claim(d.path, device="copy", created=d.path in created)
             # in use: checked above (before any file was created), as the caller asked
             job = client.copy(kcopyd.Region(src_dev, src.sector, count), regions, flags=flags, allow_in_use=True)
         except DMError:
@@ -278,6 +277,8 @@ def _copy(args: argparse.Namespace, src: Spec, src_dev: str | Endpoint, src_size
         "ok": job.ok,
     }
     if getattr(args, "json", False):
+        import json  # only for --json: its decoder and scanner come with it
+
         print(json.dumps(summary, indent=2))
     elif reporter.bar:
         print(f"copied {format_size(nbytes)} to {len(dests)} destination(s) in {elapsed:.2f} s", file=sys.stderr)

@@ -12,7 +12,6 @@ loaded or anything is connected. One spelling per export (the export's identity)
 from __future__ import annotations
 
 import os
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 from dmtools.errors import InvalidArgument
 from dmtools.record import record
@@ -64,6 +63,10 @@ def parse_uri(text: str) -> NbdUri:
     """Parse an NBD URI; raise ``InvalidArgument`` with a one-line reason when it is not one."""
     if not is_nbd_uri(text):
         raise InvalidArgument(f"not an NBD URI (nbd://, nbds://, nbd+unix://): {text!r}", operation="nbd")
+    # Here, not at the top: every copy imports this module (is_nbd_uri), and urllib.parse with
+    # the ipaddress module it imports costs about 2 ms of start-up.
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
     try:
         parts = urlsplit(text)
         port_text = parts.port  # raises ValueError on a bad port

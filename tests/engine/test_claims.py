@@ -123,3 +123,21 @@ def test_holder_refcounts_and_reports(tmp_path: Path, make_image: Callable[..., 
     with pytest.raises(DeviceNotFound, match="not a block device or regular file"):
         holder.claim(str(tmp_path))
     holder.close()
+
+
+def test_a_file_just_created_is_claimed_without_searching_loops(tmp_path: Path, monkeypatch) -> None:
+    """``created=True`` (``dmtools copy``'s new destination files) takes the lock but does not read
+    every loop device; any other file's claim still searches them."""
+    searched: list[str] = []
+    monkeypatch.setattr(claims, "loops_over", lambda path, st=None: searched.append(path) or [])
+    new, old = tmp_path / "new.img", tmp_path / "old.img"
+    new.write_bytes(b"")
+    old.write_bytes(b"")
+    holder = claims.Holder("test")
+    holder.claim(str(new), created=True)
+    assert searched == []
+    holder.claim(str(old))
+    assert searched == [str(old)]
+    with pytest.raises(DeviceBusy):  # the lock is taken all the same
+        claims.Holder("other").claim(str(new), created=True)
+    holder.close()

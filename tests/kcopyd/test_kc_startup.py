@@ -182,3 +182,34 @@ def test_loop_status_reader_imports_no_dataclasses() -> None:
     code = "import sys, dmtools.loop; print(' '.join(sorted(sys.modules)))"
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
     assert "dmtools.loop" in loaded and not loaded & {"dataclasses", "inspect"}
+
+
+#: ``python -m kcopyd`` without site-packages (as an installed package's interpreter would have no
+#: editable-install hook importing urllib.parse), summary printed without json.
+BARE_PROBE = """
+import sys
+""" + NO_HOST_DEVICES + """
+from kcopyd.cli import main
+rc = main(sys.argv[1:] + ["--quiet"])
+print(repr([rc, sorted(sys.modules)]), file=sys.stderr)
+"""
+
+
+def test_copy_without_json_loads_neither_json_nor_urllib(tmp_path) -> None:
+    """json is loaded for ``--json`` only, urllib.parse when a URI is parsed (a new destination
+    file, then an existing one)."""
+    import ast
+    import os
+
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    src.write_bytes(bytes(range(256)) * 16)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {"PATH": "/usr/bin:/bin", "DMTOOLS_RUN_DIR": str(tmp_path / "run"), "PYTHONPATH": root}
+    loaded = {}
+    for case in ("new", "existing"):
+        proc = subprocess.run([sys.executable, "-S", "-c", BARE_PROBE, str(src), str(dst), str(tmp_path / "no-such-path")],
+                              capture_output=True, text=True, check=True, env=env)
+        rc, loaded[case] = ast.literal_eval(proc.stderr.strip().splitlines()[-1])
+        assert rc == 0 and dst.read_bytes() == src.read_bytes(), "the probe copied the file"
+    for case in loaded:
+        assert "json" not in loaded[case] and "urllib.parse" not in loaded[case], case
