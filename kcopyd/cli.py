@@ -240,6 +240,8 @@ def _copy(args: argparse.Namespace, src: Spec, src_dev: str | Endpoint, src_size
                     holder.claim(d.path, device="copy", created=d.path in created)
             # in use: checked above (before any file was created), as the caller asked
             job = client.copy(kcopyd.Region(src_dev, src.sector, count), regions, flags=flags, allow_in_use=True)
+            if getattr(args, "start_up_gc_off", False):
+                _gc_on()
         except DMError:
             for path in created:
                 os.unlink(path)
@@ -402,13 +404,25 @@ def _flush(dests: list[Spec]) -> None:
                 ep.flush()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m kcopyd SRC DST ...``: the ``copy`` command on its own."""
+def _gc_on() -> None:
+    """Turn the cyclic garbage collector back on, the objects made so far kept out of its passes
+    (``gc.freeze``: they live until exit)."""
+    import gc
+
+    gc.freeze()
+    gc.enable()
+
+
+def main(argv: Sequence[str] | None = None, *, start_up_gc_off: bool = False) -> int:
+    """``python -m kcopyd SRC DST ...``: the ``copy`` command on its own. ``start_up_gc_off``: the
+    caller turned the cyclic garbage collector off for the start-up (``kcopyd.__main__``); it is
+    turned back on once the copy has started."""
     from dmtools.lazy import configure_logging
 
     parser = argparse.ArgumentParser(prog="python -m kcopyd", description=DESCRIPTION, formatter_class=HelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
+    args.start_up_gc_off = start_up_gc_off
     hook = configure_logging("kcopyd", False)
     try:
         return cmd_copy(args)

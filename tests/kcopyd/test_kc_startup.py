@@ -213,3 +213,26 @@ def test_copy_without_json_loads_neither_json_nor_urllib(tmp_path) -> None:
         assert rc == 0 and dst.read_bytes() == src.read_bytes(), "the probe copied the file"
     for case in loaded:
         assert "json" not in loaded[case] and "urllib.parse" not in loaded[case], case
+
+
+def test_python_m_kcopyd_turns_the_collector_back_on_once_the_copy_runs(tmp_path) -> None:
+    """``kcopyd.__main__`` turns the cyclic collector off for the start-up; ``main`` turns it on
+    again (the start-up's objects frozen) once the copy has started, and only when asked."""
+    import gc
+
+    src = tmp_path / "src.img"
+    src.write_bytes(bytes(range(256)) * 64)
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        from kcopyd.cli import main
+
+        assert main([str(src), str(tmp_path / "a.img"), "--quiet"]) == 0
+        assert not gc.isenabled(), "without start_up_gc_off the caller's setting is kept"
+        assert gc.get_freeze_count() == 0
+        assert main([str(src), str(tmp_path / "b.img"), "--quiet"], start_up_gc_off=True) == 0
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+        assert (tmp_path / "b.img").read_bytes() == src.read_bytes()
+    finally:
+        gc.unfreeze()
+        (gc.enable if was else gc.disable)()
