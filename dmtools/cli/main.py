@@ -182,6 +182,13 @@ def main(argv: Sequence[str] | None = None, *, propagate: bool = False) -> int:
             setattr(args, flag.lstrip("-"), True)
     hook = configure_logging("dmtools", args.debug)
     args.opened_backends = []
+    if argv_given is None and command in FAST_EXIT:
+        # The process's own copy: the cyclic collector is off while it loads and sets up what it
+        # runs (objects that live until exit), and on again once it runs (kcopyd.__main__).
+        import gc
+
+        gc.disable()
+        args.start_up_gc_off = True
     try:
         code = int(args.func(args) or 0)
     except (DMError, OSError) as err:

@@ -236,3 +236,32 @@ def test_python_m_kcopyd_turns_the_collector_back_on_once_the_copy_runs(tmp_path
     finally:
         gc.unfreeze()
         (gc.enable if was else gc.disable)()
+
+
+def test_dmtools_copy_of_its_own_command_line_turns_the_collector_back_on(tmp_path, monkeypatch) -> None:
+    """``dmtools copy`` run as the process's command line turns the collector off for the copy's
+    start-up and on again once it runs; ``main(argv)`` (a caller's list) leaves it alone."""
+    import gc
+
+    import dmtools.cli.main as cli_main
+
+    src = tmp_path / "src.img"
+    src.write_bytes(bytes(range(256)) * 64)
+    left: list[int] = []
+    monkeypatch.setattr(cli_main, "leave", lambda code, prog: left.append(code))
+    was = gc.isenabled()
+    try:
+        gc.disable()
+        assert cli_main.main(["copy", str(src), str(tmp_path / "a.img"), "--quiet"]) == 0
+        assert not gc.isenabled() and gc.get_freeze_count() == 0
+        gc.enable()
+        monkeypatch.setattr(sys, "argv", ["dmtools", "copy", str(src), str(tmp_path / "b.img"), "--quiet"])
+        seen: list[bool] = []
+        monkeypatch.setattr(gc, "disable", lambda real=gc.disable: (seen.append(True), real())[1])
+        assert cli_main.main() == 0
+        assert seen == [True], "the start-up ran with the collector off"
+        assert gc.isenabled() and gc.get_freeze_count() > 0 and left == [0]
+        assert (tmp_path / "b.img").read_bytes() == src.read_bytes()
+    finally:
+        gc.unfreeze()
+        (gc.enable if was else gc.disable)()
