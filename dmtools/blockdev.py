@@ -376,6 +376,14 @@ class BlockDevice(Endpoint):
     def fileno(self) -> int:
         return self._require_open()
 
+    def plain_fd(self, length: int, write: bool) -> int:
+        """The descriptor, unless opened ``O_DIRECT`` (alignment), or ``write`` on a read-only
+        endpoint or a zoned device; -1 once closed. :meth:`write`'s own checks beyond a plain
+        ``pwrite`` are the range and the end of a block device, which the caller makes."""
+        if self._direct or (write and (not self._writable or self.zoned)):
+            return -1
+        return self._fd
+
     # -- checks and error mapping
 
     def _io_error(self, err: OSError, operation: str, offset: int | None = None, length: int | None = None) -> DMError:

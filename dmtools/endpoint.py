@@ -127,6 +127,20 @@ class Endpoint(abc.ABC):
         """The OS file descriptor for fast paths (``copy_file_range``, ``preadv``), or ``None``."""
         return None
 
+    def plain_fd(self, length: int, write: bool) -> int:
+        """The descriptor on which this endpoint's I/O of ``length`` bytes is nothing but a
+        ``pread``/``pwrite`` at the same byte offset, else -1.
+
+        "Nothing but": no suspend gate, no wrapper's work, no other check than the end of the file
+        or device (which the caller then checks itself, on the descriptor). ``write`` asks for
+        writing, and -1 then also means writes are refused (``read_only``) or go another way (a
+        zoned device's order, ``O_DIRECT``); a descriptor given for writing reads plainly too.
+        Asked per job: it is valid only while the endpoint is open. kcopyd's lean path
+        (:mod:`kcopyd.inline`) copies between such descriptors in C. Here -1: an endpoint says
+        otherwise only for what it knows to be plain.
+        """
+        return -1
+
     @property
     def is_regular_file(self) -> bool:
         """True for regular files (``copy_file_range`` and hole detection apply)."""
@@ -217,6 +231,21 @@ class ForwardingEndpoint(Endpoint):
 
     def fileno(self) -> int | None:
         return self.inner.fileno()
+
+    def plain_fd(self, length: int, write: bool) -> int:
+        """``inner``'s, unless this endpoint's ``readinto``/``write``/``zero`` is its own: a
+        subclass that defines one of them is not plain (:meth:`__init_subclass__`), nor an
+        endpoint whose method was replaced on the instance (a test's probe)."""
+        own = self.__dict__
+        if "write" in own or "readinto" in own:
+            return -1
+        return self.inner.plain_fd(length, write)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A wrapper changing the I/O would be bypassed by a copy on the inner descriptor.
+        if "plain_fd" not in cls.__dict__ and any(m in cls.__dict__ for m in ("readinto", "write", "zero")):
+            cls.plain_fd = Endpoint.plain_fd  # type: ignore[method-assign]
 
     @property
     def is_regular_file(self) -> bool:

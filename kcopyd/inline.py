@@ -26,7 +26,7 @@ its bytes submitted and, when written, done. The throttle is consulted while it 
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import InvalidArgument
@@ -108,6 +108,10 @@ class InlineJobs:
         if isinstance(flags, bool) or not isinstance(flags, int) or flags & ~(IGNORE_ERROR | WRITE_SEQ | DEST_ZEROED):
             raise InvalidArgument(f"unknown kcopyd flags {flags!r}", operation="copy")
         regions = list(dest_list)
+        if src is not None and not self.throttle.active:
+            plain = _plain_copy(src, regions, flags)
+            if plain is not None:
+                return self._finished(src, regions, src.count * SECTOR, *plain)
         if _endpoints_pass(src, regions):
             return self._run_endpoints(src, regions, flags)
         osrc, odests = open_regions(src, regions)
@@ -173,6 +177,84 @@ class InlineJobs:
             if written:
                 self._sched.done_bytes += nbytes
         return FinishedJob(src, dests, nbytes, flags, read_err, write_err, nbytes if written else 0)
+
+
+#: fastio.c's kcopyd functions through cffi (:func:`dmtools._ffi.fastio.kcopyd_lib`): None until
+#: first asked, False where there is no C library (every job then copies in Python).
+_clib: Any = None
+
+
+def _c_functions() -> Any:
+    """:data:`_clib`, looked up on first use."""
+    global _clib
+    if _clib is None:
+        from dmtools._ffi.fastio import kcopyd_lib
+
+        _clib = kcopyd_lib() or False
+    return _clib
+
+
+def _plain_copy(src: Region, dests: list[Region], flags: int) -> tuple[int, bool, int, bool] | None:
+    """Run a copy in C (``dmk_copy`` of fastio.c, the GIL released) when every region is an open
+    endpoint's whose I/O is a plain ``pread``/``pwrite`` (:meth:`Endpoint.plain_fd`); returns the
+    job's ``(flags, read_err, write_err, written)``, or ``None`` with nothing done: the Python
+    path then runs it (and raises what it raises).
+
+    C checks what :func:`_endpoints_pass` and the overlap checks do, on the descriptors (each
+    region inside its file or device, no two regions sharing bytes) and hands back anything else
+    before any I/O: regions past an end or sharing bytes, a read error of a job with
+    ``IGNORE_ERROR`` (the Python path salvages what it can; the read is done again). A zoned
+    destination is not plain (``WRITE_SEQ`` is forced for it), nor is an endpoint with a suspend
+    gate, a wrapper's I/O or ``O_DIRECT``.
+    """
+    sdev = src.dev
+    count = src.count
+    if not isinstance(sdev, Endpoint) or not dests or len(dests) > MAX_REGIONS:
+        return None
+    lib = _clib if _clib is not None else _c_functions()
+    if not lib:
+        return None
+    if flags & WRITE_SEQ:
+        flags &= ~IGNORE_ERROR
+    n = count * SECTOR
+    dest0 = dests[0]
+    if len(dests) == 1:
+        if not isinstance(dest0, Region) or dest0.count != count:
+            return None
+        ddev = dest0.dev
+        if not isinstance(ddev, Endpoint):
+            return None
+        dfd = ddev.plain_fd(n, True)
+        sfd = dfd if ddev is sdev else sdev.plain_fd(n, False)
+        if dfd < 0 or sfd < 0:
+            return None
+        rc = lib.dmk_copy1(sfd, src.sector * SECTOR, dfd, dest0.sector * SECTOR, n, flags & IGNORE_ERROR)
+    else:
+        sfd = sdev.plain_fd(n, False)
+        words: list[int] = []
+        for d in dests:
+            if not isinstance(d, Region) or d.count != count:
+                return None
+            dev = d.dev
+            fd = dev.plain_fd(n, True) if isinstance(dev, Endpoint) else -1
+            if fd < 0:
+                return None
+            words += (fd, d.sector * SECTOR)
+        if sfd < 0:
+            return None
+        rc = lib.dmk_copy(sfd, src.sector * SECTOR, words, len(dests), n, flags & IGNORE_ERROR)
+    if rc >= 0:
+        if rc:
+            log.debug("kcopyd: write error on destinations %#x of a copy from %s", rc, src.dev_name)
+        return flags, False, rc, True
+    if rc == _C_READ_ERR:
+        log.debug("kcopyd: read error on %s at %d", src.dev_name, src.offset)
+        return flags, True, 0, False
+    return None
+
+
+#: ``dmk_copy``'s answer for a source that could not be read (fastio.c ``KC_READ_ERR``).
+_C_READ_ERR = -2
 
 
 def _endpoints_pass(src: Region | None, dests: list[Region]) -> bool:

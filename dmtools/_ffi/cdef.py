@@ -1,4 +1,5 @@
-"""The C surface of libdevmapper that dmtools uses, declared for cffi's ABI mode.
+"""The C surface of libdevmapper that dmtools uses, declared for cffi's ABI mode, and the few
+functions of dmtools' own C library (``fastio.c``) called through cffi (their section at the end).
 
 Only what is called is declared. Layouts follow ``libdm/libdevmapper.h`` of lvm2 (1.02.185 and
 later); a wrong layout in ABI mode corrupts memory silently, so every struct read here is declared
@@ -150,4 +151,10 @@ void dm_udev_set_sync_support(int sync_with_udev);
 int dm_udev_get_sync_support(void);
 void dm_task_update_nodes(void);
 void dm_lib_release(void);
+
+/* --- kcopyd's lean path (kcopyd.inline._plain_copy): dmtools' own fastio.c, not libdevmapper,
+   opened by dmtools._ffi.fastio.kcopyd_lib from the built fastio library. */
+int dmk_copy(int sfd, int64_t soff, const int64_t *d, int nd, int64_t n, int ignore_error);
+int dmk_copy1(int sfd, int64_t soff, int dfd, int64_t doff, int64_t n, int ignore_error);
+void dmk_set_max_io(uint64_t n); /* tests: at most n bytes per pread/pwrite */
 """

@@ -35,6 +35,8 @@
 #include <limits.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <linux/fs.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <linux/aio_abi.h>
@@ -1249,4 +1251,130 @@ out1:
 	free(opts.mountpoint);
 	g_fuse.opt_free_args(&args);
 	return res;
+}
+
+/* --- kcopyd's lean path: one small job copied between plain descriptors -------------------
+ *
+ * kcopyd.inline runs a job of at most one sub-job on the caller's thread. When every region's
+ * endpoint says its I/O is a plain pread/pwrite on a descriptor at the same byte offset
+ * (Endpoint.plain_fd), the job is done here, without the GIL: the checks the Python path makes
+ * before any I/O (each region inside its file or device, no two regions sharing bytes), then one
+ * read of the source into a buffer and one write of it to each destination, short reads and
+ * writes continued. Anything else -- a region past its device's end, regions sharing bytes (the
+ * Python path refuses or orders them), a descriptor that is neither a regular file nor a block
+ * device, no memory, a read error when the job ignores errors (the Python path salvages what it
+ * can) -- returns KC_FALLBACK before any byte is written, and the Python path does the job.
+ */
+#define KC_FALLBACK (-1)
+#define KC_READ_ERR (-2)
+#define KC_MAX_DESTS 8    /* kcopyd.region.MAX_REGIONS */
+
+/* What a region's descriptor is: the key two regions share bytes by (kcopyd.overlap._key) and
+ * its size (BLKGETSIZE64, st_size). */
+struct kc_file {
+	int fd, blk;
+	uint64_t k0, k1, size;
+};
+
+static int kc_file_of(int fd, struct kc_file *f)
+{
+	struct stat st;
+	if (fstat(fd, &st) != 0)
+		return -1;
+	f->fd = fd;
+	f->blk = S_ISBLK(st.st_mode);
+	if (f->blk) {
+		f->k0 = st.st_rdev;
+		f->k1 = 0;
+		return ioctl(fd, BLKGETSIZE64, &f->size) == 0 ? 0 : -1;
+	}
+	if (!S_ISREG(st.st_mode))
+		return -1;
+	f->k0 = st.st_dev;
+	f->k1 = st.st_ino;
+	f->size = (uint64_t)st.st_size;
+	return 0;
+}
+
+static int kc_share(const struct kc_file *a, uint64_t aoff, const struct kc_file *b, uint64_t boff, uint64_t n)
+{
+	return a->blk == b->blk && a->k0 == b->k0 && a->k1 == b->k1 && aoff < boff + n && boff < aoff + n;
+}
+
+/* A test's seam: each pread/pwrite asks for at most this many bytes (0: all that is left), so
+ * that short transfers are seen on files, which give whole ones. */
+static uint64_t kc_max_io;
+
+void dmk_set_max_io(uint64_t n) { kc_max_io = n; }
+
+/* All n bytes read or written at off; -1 on an error or the end of the file (the caller's
+ * checks made that one a file shrinking meanwhile). */
+static int kc_all(int fd, int write, char *buf, uint64_t n, uint64_t off)
+{
+	while (n) {
+		size_t want = kc_max_io && kc_max_io < n ? kc_max_io : n;
+		ssize_t k = write ? pwrite(fd, buf, want, (off_t)off) : pread(fd, buf, want, (off_t)off);
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k <= 0)
+			return -1;
+		buf += k;
+		off += (uint64_t)k;
+		n -= (uint64_t)k;
+	}
+	return 0;
+}
+
+/* Copy n bytes at soff of sfd to each of the nd (descriptor, offset) pairs of d (fd, off, fd,
+ * off...). ignore_error: nonzero when the job has IGNORE_ERROR. Returns the write_err bits of
+ * the destinations that failed (0: all written), KC_READ_ERR when the source could not be read
+ * (nothing written) or KC_FALLBACK (nothing done). */
+int dmk_copy(int sfd, int64_t soff, const int64_t *d, int nd, int64_t n, int ignore_error)
+{
+	struct kc_file files[1 + KC_MAX_DESTS];
+	uint64_t offs[1 + KC_MAX_DESTS];
+	if (nd < 1 || nd > KC_MAX_DESTS || soff < 0 || n < 0)
+		return KC_FALLBACK;
+	for (int i = 0; i <= nd; i++) {
+		int fd = i ? (int)d[2 * (i - 1)] : sfd;
+		int64_t off = i ? d[2 * (i - 1) + 1] : soff;
+		if (fd < 0 || off < 0)
+			return KC_FALLBACK;
+		offs[i] = (uint64_t)off;
+		int known = -1; /* a descriptor met before is asked once */
+		for (int j = 0; j < i && known < 0; j++)
+			if (files[j].fd == fd)
+				known = j;
+		if (known >= 0)
+			files[i] = files[known];
+		else if (kc_file_of(fd, &files[i]) != 0)
+			return KC_FALLBACK;
+		if (offs[i] + (uint64_t)n > files[i].size)
+			return KC_FALLBACK; /* past the device's end: the Python path raises InvalidArgument */
+		for (int j = 0; j < i; j++)
+			if (kc_share(&files[j], offs[j], &files[i], offs[i], (uint64_t)n))
+				return KC_FALLBACK;
+	}
+	if (!n)
+		return 0;
+	char *buf = malloc((size_t)n);
+	if (!buf)
+		return KC_FALLBACK;
+	int ret = 0;
+	if (kc_all(sfd, 0, buf, (uint64_t)n, offs[0]) != 0) {
+		ret = ignore_error ? KC_FALLBACK : KC_READ_ERR;
+	} else {
+		for (int i = 1; i <= nd; i++)
+			if (kc_all(files[i].fd, 1, buf, (uint64_t)n, offs[i]) != 0)
+				ret |= 1 << (i - 1);
+	}
+	free(buf);
+	return ret;
+}
+
+/* dmk_copy with one destination (a thin pool breaking sharing of a block). */
+int dmk_copy1(int sfd, int64_t soff, int dfd, int64_t doff, int64_t n, int ignore_error)
+{
+	int64_t d[2] = {dfd, doff};
+	return dmk_copy(sfd, soff, d, 1, n, ignore_error);
 }

@@ -10,7 +10,8 @@ compiler (or with ``DMTOOLS_FAST_IO=0``) :func:`load` returns ``None`` and says 
 the exposure then serves every request in Python.
 
 This module only declares the C surface and builds it; :mod:`dmtools.engine.fastpath` decides
-what to install.
+what to install. kcopyd's lean path calls its own two functions through cffi instead
+(:func:`kcopyd_lib`: a cffi call costs about two thirds of a ctypes one, paid per job).
 """
 
 from __future__ import annotations
@@ -138,8 +139,10 @@ def _millis(timeout: float | None) -> int:
 class FastIO:
     """The loaded library: one Python method per exported C function (``fastio.c``)."""
 
-    def __init__(self, lib: ctypes.CDLL) -> None:
+    def __init__(self, lib: ctypes.CDLL, path: str = "") -> None:
         self.lib = lib
+        #: the built library's file (:func:`kcopyd_lib` opens it again through cffi).
+        self.path = path
         for name, (restype, argtypes) in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.restype = restype
@@ -268,7 +271,8 @@ def load() -> FastIO | None:
             try:
                 if cc is None:
                     raise OSError("no C compiler (cc) on PATH")
-                lib = FastIO(ctypes.CDLL(_build(cc)))
+                path = _build(cc)
+                lib = FastIO(ctypes.CDLL(path), path)
                 if lib.lib.dmf_abi() != ABI:
                     raise OSError("fastio library of another ABI")
                 _loaded = lib
@@ -277,6 +281,28 @@ def load() -> FastIO | None:
                 log.warning("exposed devices' I/O runs in Python: the C fast path is unavailable "
                             "(%s)", _reason)
         return _loaded
+
+
+_kcopyd_lock = threading.Lock()
+_kcopyd: Any = None  # the cffi library, False once known to be unavailable
+
+
+def kcopyd_lib() -> Any | None:
+    """The library's kcopyd functions (``dmk_copy``, ``dmk_copy1``, ``dmk_set_max_io``: declared in
+    :mod:`dmtools._ffi.cdef`) opened through cffi, or ``None`` where :func:`load` gives no library
+    (kcopyd's lean path then copies in Python)."""
+    global _kcopyd
+    if _kcopyd is None:
+        with _kcopyd_lock:
+            if _kcopyd is None:
+                fast = load()
+                if fast is None:
+                    _kcopyd = False
+                else:
+                    from dmtools._ffi._libdm import ffi
+
+                    _kcopyd = ffi.dlopen(fast.path)
+    return _kcopyd or None
 
 
 def unavailable() -> str | None:

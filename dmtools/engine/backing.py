@@ -93,6 +93,13 @@ class BackingDevice(Endpoint):
     def fileno(self) -> int | None:
         return self.buffered.fileno()
 
+    def plain_fd(self, length: int, write: bool) -> int:
+        """The buffered descriptor's (:meth:`BlockDevice.plain_fd`), except for a write that
+        :meth:`write` sends through the ``O_DIRECT`` twin (``DIRECT_MIN`` bytes or more)."""
+        if write and length >= DIRECT_MIN and self._direct is not None:
+            return -1
+        return self.buffered.plain_fd(length, write)
+
     def random_fileno(self) -> int:
         """A read-only descriptor of the same file without read-ahead (``POSIX_FADV_RANDOM``),
         for small reads that the read-ahead of the main one would inflate; opened on first use
