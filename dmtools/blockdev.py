@@ -380,7 +380,7 @@ class BlockDevice(Endpoint):
         """The descriptor, unless opened ``O_DIRECT`` (alignment), or ``write`` on a read-only
         endpoint or a zoned device; -1 once closed. :meth:`write`'s own checks beyond a plain
         ``pwrite`` are the range and the end of a block device, which the caller makes."""
-        if self._direct or (write and (not self._writable or self.zoned)):
+        if self._direct or (write and (not self._writable or (self._is_block and self.zoned))):
             return -1
         return self._fd
 

@@ -76,6 +76,7 @@ class InlineJobs:
 
     # The client's state this part uses (defined by Client.__init__).
     throttle: Throttle
+    _lock: threading.Lock  # the lock of the client's Condition
     _cond: threading.Condition
     _sched: Scheduler
     _total_bytes: int
@@ -97,7 +98,7 @@ class InlineJobs:
         dest_list = [dests] if isinstance(dests, Region) else dests
         first = src if src is not None else (dest_list[0] if isinstance(dest_list, (list, tuple)) and dest_list
                                              else None)
-        if not isinstance(first, Region) or first.nbytes > max_bytes:
+        if not isinstance(first, Region) or first.count * SECTOR > max_bytes:
             if threading.current_thread() is self._cb_thread:
                 raise InvalidArgument("a notify callback cannot wait for a job of its client", operation="copy")
             job = self.copy(src, dests, flags, allow_in_use=allow_in_use) if src is not None else self.zero(dests, flags)
@@ -172,7 +173,7 @@ class InlineJobs:
                   write_err: int, written: bool) -> Job:
         """Count a job run here in the client's progress (submitted and, when ``written``, done)
         and return it finished."""
-        with self._cond:
+        with self._lock:  # the client's condition's lock, without Condition.__enter__'s Python frame
             self._total_bytes += nbytes
             if written:
                 self._sched.done_bytes += nbytes

@@ -402,7 +402,8 @@ def test_thin_breaks_sharing_in_c(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_a_block_device_end_is_its_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clib: Any,
                                         make_dev: Any) -> None:
     """On a block device the end C checks is BLKGETSIZE64's: a job ending there is copied in C,
-    one past it is refused as the Python path refuses it."""
+    one past it is refused as the Python path refuses it; a zoned one is written in Python, in
+    order (WRITE_SEQ)."""
     loop = make_dev("loop", FILE, pattern(FILE, seed=5))
     spy = Spy(clib)
     monkeypatch.setattr(inline, "_clib", spy)
@@ -411,7 +412,11 @@ def test_a_block_device_end_is_its_size(tmp_path: Path, monkeypatch: pytest.Monk
         assert kc.run(kcopyd.Region(dev, 0, S), kcopyd.Region(dev, last, S)).ok
         with pytest.raises(InvalidArgument, match="ends beyond the device"):
             kc.run(kcopyd.Region(dev, 0, S), kcopyd.Region(dev, last + 1, S))
+        dev.__dict__["_zoned"] = True  # what sysfs says of a zoned device (read once per endpoint)
+        assert dev.plain_fd(JOB, True) == -1 and dev.plain_fd(JOB, False) == dev.fileno()
+        job = kc.run(kcopyd.Region(dev, 0, S), kcopyd.Region(dev, last, S), kcopyd.IGNORE_ERROR)
+        assert job.ok and job.flags == kcopyd.WRITE_SEQ  # forced in Python for the zoned destination
         dev.flush()
-    assert spy.answers == [0, -1]
+    assert spy.answers == [0, -1]  # the zoned destination's job is not asked of C
     data = pattern(FILE, seed=5)
     assert loop.read() == data[:FILE - JOB] + data[:JOB]
