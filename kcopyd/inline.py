@@ -21,6 +21,13 @@ breaking sharing of a block) opens and closes nothing, and calls no ``fstat`` wh
 destination is on the source's endpoint. The job counts in the client's ``progress`` once done:
 its bytes submitted and, when written, done. The throttle is consulted while it limits anything
 (a rate, or a duty cycle below 100%), as for the workers' jobs.
+
+A copy whose regions all sit on plain descriptors (:meth:`~dmtools.endpoint.Endpoint.plain_fd`:
+a file or block device the caller opened, through forwarding handles; no suspend gate, wrapper,
+``O_DIRECT`` or zoned destination) runs in C (``dmk_copy`` of ``dmtools/_ffi/fastio.c``, the GIL
+released) while no throttle limits the client: the same checks on the descriptors, the same
+error bits, flags and progress. What C hands back (a region past an end, regions sharing bytes,
+a read error of a job with ``IGNORE_ERROR``) runs here in Python, nothing having been written.
 """
 
 from __future__ import annotations
