@@ -420,3 +420,23 @@ def test_a_block_device_end_is_its_size(tmp_path: Path, monkeypatch: pytest.Monk
     assert spy.answers == [0, -1]  # the zoned destination's job is not asked of C
     data = pattern(FILE, seed=5)
     assert loop.read() == data[:FILE - JOB] + data[:JOB]
+
+
+def test_jobs_of_several_sizes_in_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clib: Any) -> None:
+    """A small job after a large one, and a large one after a small one, each copy their own bytes
+    in C (each has a buffer of its size)."""
+    big = 512 * 1024
+    path = tmp_path / "f.img"
+    data = pattern(4 * big, seed=7)
+    path.write_bytes(data)
+    spy = Spy(clib)
+    monkeypatch.setattr(inline, "_clib", spy)
+    with BlockDevice(path, writable=True) as ep, kcopyd.Client(num_pages=64, threads=2) as kc:
+        for n, src, dst in ((JOB, 0, 3 * big), (big, big, 2 * big), (JOB, 2 * big + JOB, big)):
+            assert kc.run(kcopyd.Region(ep, src // 512, n // 512), kcopyd.Region(ep, dst // 512, n // 512)).ok
+    assert spy.answers == [0, 0, 0]
+    want = bytearray(data)
+    want[3 * big:3 * big + JOB] = data[:JOB]
+    want[2 * big:3 * big] = data[big:2 * big]
+    want[big:big + JOB] = want[2 * big + JOB:2 * big + 2 * JOB]
+    assert path.read_bytes() == bytes(want)
