@@ -32,10 +32,10 @@ from typing import Any, Callable
 
 import kcopyd
 from dmtools.endpoint import Endpoint
-from dmtools.engine.backing import DIRECT_MIN, BackingDevice
+from dmtools.engine.backing import DIRECT_MIN
 from dmtools.engine.device import RequeueIO
 from dmtools.engine.device_endpoint import DeviceEndpoint
-from dmtools.engine.target_driver import DeviceHandle, TargetContext, TargetDriver, fill_zero
+from dmtools.engine.target_driver import TargetContext, TargetDriver, fill_zero
 from dmtools.errors import DeviceIOError, DeviceNotFound, DMError, InvalidTable, NoSpace
 from dmtools.target_values import Thin
 
@@ -462,18 +462,17 @@ class ThinTarget(TargetDriver):
 
 def _writer_of(dev: Endpoint) -> Callable[[memoryview, int], Any]:
     """A function writing a piece of a block at a byte of ``dev``, the pool's data device: its
-    ``write``, or, for a writable file or block device the engine opened (:class:`BackingDevice`,
-    under the table's handle), one ``pwrite`` on its buffered descriptor for what it writes
-    buffered (under ``DIRECT_MIN`` bytes). Its offset and length checks are not needed here: a
-    thin device writes inside a data block of the pool, which the data device holds (checked
-    at the pool's resume). A failed or short ``pwrite`` goes on through ``write``, which writes
-    the rest or raises the device's error; so does every write while the handle's ``write`` is
-    replaced on the handle itself (a test's probe)."""
-    inner = dev.inner if isinstance(dev, DeviceHandle) else dev
-    fd = inner.fileno() if type(inner) is BackingDevice and not inner.read_only else None
-    if fd is None:
+    ``write``, or, where a write under ``DIRECT_MIN`` bytes is a plain ``pwrite``
+    (:meth:`~dmtools.endpoint.Endpoint.plain_fd`: a writable file or block device the engine
+    opened, under the table's handle), one ``pwrite`` on that descriptor. Its offset and length
+    checks are not needed here: a thin device writes inside a data block of the pool, which the
+    data device holds (checked at the pool's resume). A failed or short ``pwrite`` goes on through
+    ``write``, which writes the rest or raises the device's error; so does every write while the
+    handle's ``write`` is replaced on the handle itself (a test's probe)."""
+    fd = dev.plain_fd(DIRECT_MIN - 1, True)
+    if fd < 0:
         return dev.write
-    own = vars(dev)
+    own = getattr(dev, "__dict__", {})
 
     def write(piece: memoryview, at: int) -> Any:
         n = len(piece)
