@@ -21,6 +21,7 @@ from dmtools.engine.target_driver import ZEROS
 from dmtools.errors import CorruptMetadata, DeviceIOError, InvalidTable, NoSpace
 from dmtools.target_values import StoreMode
 
+from snapshot.route import Route
 from snapshot.store.base import CommitCallback, ExceptionStore, Usage
 from snapshot.store.format import (DM_CHUNK_SIZE_DEFAULT_SECTORS, NUM_SNAPSHOT_HDR_CHUNKS, SECTOR, SNAP_MAGIC,
                                    SNAPSHOT_DISK_VERSION, DiskHeader, area_location, chunk_size_error,
@@ -88,6 +89,7 @@ class PersistentStore(ExceptionStore):
         #: the last range zeroed ahead is ``[_zeroed_from, _zeroed_upto)``
         self._zeroed_from = 0
         self._commit_lock = threading.Lock()
+        self._route: Route | None = None
         if chunk_size:
             err = chunk_size_error(chunk_size)
             if err:
@@ -241,15 +243,22 @@ class PersistentStore(ExceptionStore):
         if self.readonly:
             raise DeviceIOError(f"cannot write {what}: store opened read-only", device=self.cow.name)
         try:
-            n = self.cow.write_durable(data, offset) if durable else self.cow.write(data, offset)
+            n = self._cow_route().write_durable(memoryview(data), offset) if durable else self.cow.write(data, offset)
         except OSError as err:
             raise DeviceIOError(f"cannot write {what}: {err}", operation="write", device=self.cow.name) from err
         if n != len(data):
             raise DeviceIOError(f"short write of {what}", operation="write", device=self.cow.name)
 
+    def _cow_route(self) -> Route:
+        """The COW's :class:`~snapshot.route.Route` (made again when a handover rebinds ``cow``)."""
+        route = self._route
+        if route is None or route.handle is not self.cow:
+            route = self._route = Route(self.cow)
+        return route
+
     def _flush(self) -> None:
         try:
-            self.cow.flush()
+            self._cow_route().flush()
         except OSError as err:
             raise DeviceIOError(f"flush failed: {err}", operation="flush", device=self.cow.name) from err
 

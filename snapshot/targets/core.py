@@ -45,6 +45,7 @@ from dmtools.errors import DeviceIOError, NoSpace
 from dmtools.status import SnapshotState, SnapshotStatus
 from dmtools.units import SECTOR
 
+from snapshot.route import Route
 from snapshot.store.base import ExceptionStore
 from snapshot.targets.origins import STATE_KEY, OriginRegistry, device_key
 
@@ -126,6 +127,9 @@ class CopyOnWrite:
         self.origins: OriginRegistry[CopyOnWrite] = OriginRegistry() if origins is None else origins
         self.origin_key = device_key(origin)
         self.cow_key = device_key(cow)
+        #: the origin's and the COW's small I/O straight on their files where they allow it.
+        self.origin_io = Route(origin)
+        self.cow_io = Route(cow)
         self.cond = threading.Condition(threading.Lock())
         self.valid = True
         self.active = False
@@ -279,13 +283,15 @@ class CopyOnWrite:
         if source is not None:
             if source.zero(start, nbytes) and self._cow_zero(pe, nbytes):
                 return  # a hole copied onto a hole
-            _write_full(self.cow, source.slice(start, nbytes), dest)
+            self.cow_io.write(source.slice(start, nbytes), dest)
             return
         with _copy_buffer(nbytes) as buf:
-            _read_full(self.origin, memoryview(buf), start)
+            view = memoryview(buf)
+            if not self.origin_io.readinto_full(view, start):
+                _read_full(self.origin, view, start)
             if _all_zero(buf) and self._cow_zero(pe, nbytes):
                 return  # a hole copied onto a hole
-            _write_full(self.cow, memoryview(buf), dest)
+            self.cow_io.write(view, dest)
 
     def _cow_zero(self, pe: PendingException, nbytes: int) -> bool:
         """True when the COW chunks of ``pe`` read as zeros: zeroed ahead by the store, or a hole."""
@@ -537,7 +543,7 @@ class CopyOnWrite:
                 break
         if new is not None:
             try:
-                _write_full(self.cow, piece, new * cb + within)
+                self.cow_io.write(piece, new * cb + within)
             finally:
                 if self.merging:
                     with self.cond:
@@ -549,7 +555,7 @@ class CopyOnWrite:
             # a whole-chunk write needs no origin read: write it, then complete the exception
             self.account_start_copy()
             try:
-                _write_full(self.cow, piece, pe.new * cb)
+                self.cow_io.write(piece, pe.new * cb)
                 ok = True
             except (OSError, DeviceIOError) as err:
                 log.error("%s: COW write failed: %s", self.name, err)
@@ -562,7 +568,7 @@ class CopyOnWrite:
         self._submit_copies([pe])
         if not self.wait_all([pe]):
             raise eio("snapshot is invalid", self.name)
-        _write_full(self.cow, piece, pe.new * cb + within)
+        self.cow_io.write(piece, pe.new * cb + within)
 
     def discard(self, offset: int, length: int) -> None:
         """``discard_zeroes_cow``: zero whole chunks that have exceptions; others need nothing."""

@@ -6,7 +6,8 @@ from dmtools.engine.passthrough import Passthrough, WriteThrough
 from dmtools.engine.target_driver import TargetContext, TargetDriver
 from dmtools.target_values import SnapshotOrigin
 
-from snapshot.targets.core import SECTOR, _read_full, _write_full, do_origin, origins_of
+from snapshot.route import Route
+from snapshot.targets.core import SECTOR, _read_full, do_origin, origins_of
 from snapshot.targets.origins import device_key
 
 
@@ -32,6 +33,8 @@ class SnapshotOriginTarget(TargetDriver):
         self._base = start * SECTOR
         self.origins = origins_of(ctx)
         self._key = device_key(self.dev)
+        #: the origin device's small writes straight on its file where it allows it.
+        self._io = Route(self.dev)
         #: the C data path's set of writes that need no copy, made when the exposure asks.
         self._writes: WriteThrough | None = None
 
@@ -43,7 +46,7 @@ class SnapshotOriginTarget(TargetDriver):
         writes = self._writes
         ticket = None if writes is None else self.origins.ticket(self._key)
         do_origin(self.origins, self.dev, here, len(buf), limit=True)
-        _write_full(self.dev, buf, here)
+        self._io.write(buf, here)
         if writes is not None and ticket is not None:
             self.origins.mark(self._key, ticket, writes, here, len(buf))
 

@@ -1,0 +1,152 @@
+"""Small I/O of a snapshot table's devices straight on the file under them.
+
+A snapshot's origin (LVM's ``-real``) and COW (``-cow``) are usually engine devices that map one
+``linear`` segment onto a file the engine opened. Every copy-on-write moves a chunk through four
+I/Os on them (origin read, COW write, the metadata area's PREFLUSH and FUA write) plus the origin
+write; through the device stack (handle, endpoint, device gate, table, target, handle, backing
+file, checks) each took about as many instructions as the system call several times over.
+
+A :class:`Route` does the same I/O as its handle with one system call, inside the device's suspend
+gate (a suspend still waits for it, a removed device still fails it), on the live table: only
+while that table is one ``linear`` target over a regular file the engine opened (a
+:class:`~dmtools.engine.backing.BackingDevice`), writes smaller than ``DIRECT_MIN`` (which the
+backing file writes buffered too) and inside the device. A handle that is such a file itself
+(a table naming the file) is routed the same way without a gate. Anything else, a failed or short
+system call, and every call while the handle's method is replaced on the handle itself (a test's
+probe), goes through the handle as before, which does the I/O or raises the device's error.
+Durability is unchanged: ``flush`` is the ``fdatasync`` the backing file's flush is, and
+``write_durable`` the write then that flush, as the endpoint's default ``write_durable`` does.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any, Callable
+
+from dmtools.endpoint import Endpoint
+from dmtools.engine.backing import DIRECT_MIN, BackingDevice
+from dmtools.engine.basic_targets import LinearTarget
+from dmtools.engine.device_endpoint import DeviceEndpoint
+from dmtools.engine.target_driver import DeviceHandle
+from dmtools.errors import DeviceIOError
+
+__all__ = ["Route"]
+
+
+def _file_of(ep: Any) -> tuple[int, bool]:
+    """The buffered descriptor of ``ep`` when it is a regular file the engine opened (a handle's
+    inner :class:`BackingDevice`), else -1; and whether it is writable."""
+    inner = ep.inner if type(ep) is DeviceHandle else ep
+    if type(inner) is not BackingDevice or not inner.is_regular_file:
+        return -1, False
+    fd = inner.fileno()
+    return (-1, False) if fd is None else (fd, not inner.read_only)
+
+
+class Route:
+    """Reads, writes and flushes of ``handle`` (see the module docstring); each method does what
+    the handle's does, or calls it."""
+
+    __slots__ = ("handle", "_own", "_device", "_writable", "_table", "_fd", "_wfd", "_base", "_size")
+
+    def __init__(self, handle: Endpoint) -> None:
+        self.handle = handle
+        #: the handle's instance attributes: a method replaced there sends every call through it.
+        self._own: dict[str, Any] = vars(handle) if type(handle) is DeviceHandle else {}
+        inner = handle.inner if type(handle) is DeviceHandle else None
+        #: the engine device under the handle (its gate and live table), or None.
+        self._device = inner.device if type(inner) is DeviceEndpoint else None
+        #: the handle may write (an endpoint opened read-only may not, whatever its table)
+        self._writable = type(handle) is DeviceHandle and not handle.read_only
+        self._table: object = None  # the live table _fd/_wfd/_base/_size were learnt from
+        #: the routed file's descriptor for reads (-1: none) and for writes (-1: none)
+        self._fd, self._wfd = -1, -1
+        if type(handle) is DeviceHandle and self._device is None:
+            fd, writable = _file_of(handle)
+            self._fd, self._wfd = fd, fd if writable and self._writable else -1
+        self._base = 0
+        self._size = handle.size if self._fd >= 0 else 0
+
+    def _learn(self, table: Any) -> None:
+        """Learn the descriptors of ``table`` (a device's live table, under its gate) and its
+        offset: -1 unless it is one ``linear`` target over a routable file."""
+        self._table = table
+        self._fd, self._wfd = -1, -1
+        if table is not None and len(table.targets) == 1 and type(table.targets[0]) is LinearTarget:
+            (dev, base), = table.targets[0].file_layout().legs
+            fd, writable = _file_of(dev)
+            if fd >= 0:
+                self._fd, self._base, self._size = fd, base, table.size
+                if writable and self._writable and not table.readonly:
+                    self._wfd = fd
+
+    def readinto_full(self, buf: memoryview, offset: int) -> bool:
+        """Fill ``buf`` from byte ``offset`` with one ``preadv``; False (nothing promised of
+        ``buf``) when the caller must read through the handle."""
+        return "readinto" not in self._own and self._io(_preadv, buf, offset, False)
+
+    def write(self, buf: memoryview, offset: int) -> None:
+        """Write all of ``buf`` at byte ``offset`` (raises the device's error)."""
+        if len(buf) >= DIRECT_MIN or "write" in self._own or not self._io(_pwrite, buf, offset, True):
+            n = self.handle.write(buf, offset)
+            if n != len(buf):
+                raise DeviceIOError("short write", errno=errno.EIO, operation="write", device=self.handle.name)
+
+    def write_durable(self, buf: memoryview, offset: int) -> int:
+        """``write`` then ``flush`` (a FUA write); through the handle's ``write_durable`` unless
+        both go to one routed file."""
+        own = self._own
+        if len(buf) >= DIRECT_MIN or "write_durable" in own or "write" in own or "flush" in own \
+                or not self._io(_pwrite, buf, offset, True):
+            return self.handle.write_durable(buf, offset)
+        self.flush()
+        return len(buf)
+
+    def flush(self) -> None:
+        """Make completed writes durable: ``fdatasync`` of the routed file, or the handle's flush.
+        A failed ``fdatasync`` raises, never tried again (a second one could report success for
+        writes the first lost)."""
+        if "flush" in self._own or not self._io(self._fdatasync, None, 0, True):
+            self.handle.flush()
+
+    def _fdatasync(self, fd: int, buf: None, at: int) -> int:
+        try:
+            os.fdatasync(fd)
+        except OSError as err:
+            raise DeviceIOError(f"flush failed: {err.strerror}", errno=err.errno, operation="flush",
+                                device=self.handle.name) from err
+        return 0
+
+    def _io(self, call: Callable[[int, Any, int], int], buf: memoryview | None, offset: int, write: bool) -> bool:
+        """``call(fd, buf, at)`` on the routed file, inside the device's gate (when there is a
+        device): True when it moved all of ``buf``; False when nothing is routed, ``buf`` does not
+        lie inside the device, or the call failed or fell short (the caller then goes through the
+        handle, which reads or writes all of it again)."""
+        n = 0 if buf is None else len(buf)
+        device = self._device
+        if device is None:
+            fd = self._wfd if write else self._fd
+            return fd >= 0 and offset + n <= self._size and call(fd, buf, offset) == n
+        table = device._enter(offset)
+        try:
+            if table is not self._table:
+                self._learn(table)
+            fd = self._wfd if write else self._fd
+            return fd >= 0 and offset + n <= self._size and call(fd, buf, self._base + offset) == n
+        finally:
+            device._leave()
+
+
+def _preadv(fd: int, buf: memoryview, at: int) -> int:
+    try:
+        return os.preadv(fd, [buf], at)
+    except OSError:
+        return -1
+
+
+def _pwrite(fd: int, buf: memoryview, at: int) -> int:
+    try:
+        return os.pwrite(fd, buf, at)
+    except OSError:
+        return -1
