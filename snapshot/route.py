@@ -103,6 +103,17 @@ class Route:
         self.flush()
         return len(buf)
 
+    def preflush_write_fua(self, buf: memoryview, offset: int) -> None:
+        """A flush, then ``buf`` written at byte ``offset`` and flushed (a write with
+        ``REQ_PREFLUSH|REQ_FUA``): in one pass through the device's gate when routed, else
+        ``flush`` and the handle's ``write_durable``. Raises the device's error."""
+        own = self._own
+        if len(buf) >= DIRECT_MIN or "flush" in own or "write" in own or "write_durable" in own \
+                or not self._io(self._flush_write_flush, buf, offset, True):
+            self.flush()
+            if self.handle.write_durable(buf, offset) != len(buf):
+                raise DeviceIOError("short write", errno=errno.EIO, operation="write", device=self.handle.name)
+
     def flush(self) -> None:
         """Make completed writes durable: ``fdatasync`` of the routed file, or the handle's flush.
         A failed ``fdatasync`` raises, never tried again (a second one could report success for
@@ -117,6 +128,16 @@ class Route:
             raise DeviceIOError(f"flush failed: {err.strerror}", errno=err.errno, operation="flush",
                                 device=self.handle.name) from err
         return 0
+
+    def _flush_write_flush(self, fd: int, buf: memoryview, at: int) -> int:
+        """``fdatasync``, ``pwrite``, ``fdatasync`` of ``fd``; -1 when the write failed or fell
+        short (the second flush then not done: the caller writes again, flushes and so on)."""
+        self._fdatasync(fd, None, 0)
+        n = _pwrite(fd, buf, at)
+        if n != len(buf):
+            return -1
+        self._fdatasync(fd, None, 0)
+        return n
 
     def _io(self, call: Callable[[int, Any, int], int], buf: memoryview | None, offset: int, write: bool) -> bool:
         """``call(fd, buf, at)`` on the routed file, inside the device's gate (when there is a

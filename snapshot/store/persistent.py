@@ -266,9 +266,13 @@ class PersistentStore(ExceptionStore):
         # REQ_PREFLUSH|REQ_FUA: data copied on write becomes durable before the record that
         # points at it, and the record is durable before the callbacks run (a FUA write where the
         # COW takes one, such as an NBD export with SEND_FUA; else write then flush).
-        self._flush()
-        self._write(self._area, area_location(self.current_area, self.chunk_size) * self.chunk_bytes, "metadata area",
-                    durable=True)
+        if self.readonly:
+            raise DeviceIOError("cannot write metadata area: store opened read-only", device=self.cow.name)
+        try:
+            self._cow_route().preflush_write_fua(memoryview(self._area),
+                                                 area_location(self.current_area, self.chunk_size) * self.chunk_bytes)
+        except OSError as err:
+            raise DeviceIOError(f"cannot write metadata area: {err}", operation="write", device=self.cow.name) from err
 
     # -- exceptions -------------------------------------------------------------------------------
     def prepare_exception(self) -> int:

@@ -216,3 +216,32 @@ def test_a_method_replaced_on_the_handle_is_called(engine: Any, tmp_path: Path) 
     data = bytearray(_origin_bytes()[13 * CB : 14 * CB])
     data[:512] = b"c" * 512
     _check_views(st, {13: bytes(data)})
+
+
+def test_a_failed_metadata_pwrite_goes_through_the_device(engine: Any, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    st, cow = _stack(engine, tmp_path)
+    snap = _snap(engine)
+    real = os.pwrite
+    failed: list[int] = []
+
+    def pwrite(fd: int, buf: Any, at: int) -> int:
+        if at == CB and not failed:  # metadata area 0, once
+            failed.append(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd, buf, at)
+
+    with engine.open_endpoint(st.base) as ep:
+        ep.write(b"a" * 512, 6 * CB)
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        calls = Calls(monkeypatch)
+        ep.write(b"b" * 512, 10 * CB)
+        monkeypatch.undo()
+    assert failed
+    # PREFLUSH, the failed pwrite, then the device's flush and FUA write (write, flush) of the area
+    names = calls.names()
+    assert names[names.index("pwrite", 2):] == ["pwrite", "fdatasync", "pwritev", "fdatasync", "pwrite"]
+    new = snap.table.lookup(10)
+    assert new is not None and snap.store.records == 2 and snap.valid
+    area = cow.read_bytes()[CB : 2 * CB]
+    assert int.from_bytes(area[16:24], "little") == 10 and int.from_bytes(area[24:32], "little") == new
