@@ -331,17 +331,24 @@ class CopyOnWrite:
 
     def _complete_ordered(self, results: list[tuple[PendingException, bool]]) -> None:
         with self._complete_lock:
-            for pe, ok in results:
-                self._parked[pe.seq] = (pe, ok)
-            runs: list[tuple[int, int, int, bool]] = []
-            callbacks = []
-            while self._seq_next in self._parked:
-                done, good = self._parked.pop(self._seq_next)
+            parked = self._parked
+            if len(results) == 1 and not parked and results[0][0].seq == self._seq_next:
+                done, good = results[0]  # the next in order, nothing parked (one writer): commit it
                 self._seq_next += 1
-                runs.append((done.old, done.new, done.count, good))
-                callbacks.append(functools.partial(self._on_commit, done))
-            if runs:
-                self.store.commit_runs(runs, callbacks)
+                self.store.commit_runs([(done.old, done.new, done.count, good)],
+                                       [functools.partial(self._on_commit, done)])
+            else:
+                for pe, ok in results:
+                    parked[pe.seq] = (pe, ok)
+                runs: list[tuple[int, int, int, bool]] = []
+                callbacks = []
+                while self._seq_next in parked:
+                    done, good = parked.pop(self._seq_next)
+                    self._seq_next += 1
+                    runs.append((done.old, done.new, done.count, good))
+                    callbacks.append(functools.partial(self._on_commit, done))
+                if runs:
+                    self.store.commit_runs(runs, callbacks)
             if self._finished:
                 batch, self._finished = self._finished, []
                 self._publish(batch)
@@ -356,9 +363,13 @@ class CopyOnWrite:
             if not all(success for _, success in batch):
                 self.invalidate_locked("copy or metadata I/O error")
             elif self.valid:
-                good: list[tuple[int, int]] = []
-                for pe, _ in batch:
-                    good.extend(zip(pe.chunks(), range(pe.new, pe.new + pe.count)))
+                if len(batch) == 1 and batch[0][0].count == 1:
+                    one = batch[0][0]
+                    good = [(one.old, one.new)]
+                else:
+                    good = []
+                    for pe, _ in batch:
+                        good.extend(zip(pe.chunks(), range(pe.new, pe.new + pe.count)))
                 self.table.insert_new(good)
             if self.tracked:
                 tracked = self.tracked
@@ -367,15 +378,19 @@ class CopyOnWrite:
             for pe, success in batch:
                 # a run's chunks all map to it, or (after _fail_pending) none of them does
                 if pending.get(pe.old) is pe:
-                    deque(map(pending.pop, pe.chunks()), 0)
+                    if pe.count == 1:
+                        del pending[pe.old]
+                    else:
+                        deque(map(pending.pop, pe.chunks()), 0)
                 pe.ok = success and self.valid
                 pe.done = True
             self.cond.notify_all()
 
     def wait_all(self, pes: list[PendingException]) -> bool:
         """Wait until every exception in ``pes`` completed; True if all were committed."""
-        with self.cond:
-            self.cond.wait_for(lambda: all(pe.done for pe in pes))
+        if not all(pe.done for pe in pes):  # (done only ever turns True: no lock to see it did)
+            with self.cond:
+                self.cond.wait_for(lambda: all(pe.done for pe in pes))
         return all(pe.ok for pe in pes)
 
     # -- the origin's side ------------------------------------------------------------------------
@@ -415,7 +430,19 @@ class CopyOnWrite:
                 if any(found):
                     waits.extend(dict.fromkeys(pe for pe in found if pe is not None))
                     need = [c for c, pe in zip(need, found) if pe is None]
-            if need:
+            if len(need) == 1:  # one chunk (a small write): one exception, no runs to find
+                try:
+                    (new,) = self.store.prepare_exceptions(1)
+                except NoSpace:
+                    self.invalidate_locked("COW device is full")
+                    return waits, start
+                c = need[0]
+                pe = PendingException(c, new, self._seq_alloc)
+                self._seq_alloc += 1
+                pending[c] = pe
+                start.append(pe)
+                waits.append(pe)
+            elif need:
                 try:
                     news = self.store.prepare_exceptions(len(need))
                 except NoSpace:
