@@ -285,13 +285,16 @@ class CopyOnWrite:
                 return  # a hole copied onto a hole
             self.cow_io.write(source.slice(start, nbytes), dest)
             return
-        with _copy_buffer(nbytes) as buf:
+        buf = _take_buffer(nbytes)
+        try:
             view = memoryview(buf)
             if not self.origin_io.readinto_full(view, start):
                 _read_full(self.origin, view, start)
             if _all_zero(buf) and self._cow_zero(pe, nbytes):
                 return  # a hole copied onto a hole
             self.cow_io.write(view, dest)
+        finally:
+            _give_buffer(buf)
 
     def _cow_zero(self, pe: PendingException, nbytes: int) -> bool:
         """True when the COW chunks of ``pe`` read as zeros: zeroed ahead by the store, or a hole."""
@@ -816,29 +819,42 @@ class _CopyBuffers(threading.local):
 _BUFFERS = _CopyBuffers()
 
 
-@contextmanager
-def _copy_buffer(nbytes: int) -> Iterator[bytearray]:
-    """A ``nbytes`` buffer of this thread's, kept for its next copy of that size while the
-    thread's spare buffers stay within ``KEEP_BYTES``."""
+def _take_buffer(nbytes: int) -> bytearray:
+    """A ``nbytes`` buffer of this thread's (``_give_buffer`` it back after use)."""
     bufs = _BUFFERS
     spare = bufs.free.get(nbytes)
     if spare:
-        buf = spare.pop()
         bufs.kept -= nbytes
-    else:
-        buf = bytearray(nbytes)
+        return spare.pop()
+    return bytearray(nbytes)
+
+
+def _give_buffer(buf: bytearray) -> None:
+    """Keep ``buf`` for this thread's next copy of its size while the thread's spare buffers stay
+    within ``KEEP_BYTES``."""
+    bufs = _BUFFERS
+    nbytes = len(buf)
+    if bufs.kept + nbytes <= bufs.KEEP_BYTES:
+        bufs.free.setdefault(nbytes, []).append(buf)
+        bufs.kept += nbytes
+
+
+@contextmanager
+def _copy_buffer(nbytes: int) -> Iterator[bytearray]:
+    """``_take_buffer`` for the block, given back after it."""
+    buf = _take_buffer(nbytes)
     try:
         yield buf
     finally:
-        if bufs.kept + nbytes <= bufs.KEEP_BYTES:
-            bufs.free.setdefault(nbytes, []).append(buf)
-            bufs.kept += nbytes
+        _give_buffer(buf)
 
 
 def _all_zero(buf: bytearray, at: int = 0, length: int | None = None) -> bool:
     """True when ``buf[at:at+length]`` (all of ``buf`` by default) holds only zero bytes
     (compared with memcmp, 1 MiB at a time, without copying)."""
     end = len(buf) if length is None else at + length
+    if at < end and buf[at]:  # the usual data: no need to look further
+        return False
     step = len(ZEROS)
     zeros = _ZEROS_VIEW
     return all(buf.startswith(zeros[: min(step, end - pos)], pos) for pos in range(at, end, step))
