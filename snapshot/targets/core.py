@@ -644,23 +644,26 @@ def origins_of(engine: Any) -> OriginRegistry[CopyOnWrite]:
 
 
 def do_origin(origins: OriginRegistry[CopyOnWrite], origin: DeviceHandle, offset: int, length: int, *,
-              skip: CopyOnWrite | None = None, limit: bool = False) -> None:
+              skip: CopyOnWrite | None = None, limit: bool = False, key: Any = None) -> None:
     """Make every active, valid, non-merging snapshot of ``origin`` hold its own copy of
     ``[offset, offset+length)`` before the caller overwrites it (dm-snap.c ``do_origin``).
 
     With ``limit`` (origin writes; not the merge's) it first waits while any of the snapshots has
     more than ``snapshot_cow_threshold`` copies in flight. Returns once every needed exception is
     copied **and** committed (or its snapshot is invalid). Runs inside the origin's gate, which a
-    handover freezes.
+    handover freezes. ``key`` is ``device_key(origin)`` where the caller keeps it.
     """
-    key = device_key(origin)
+    if key is None:
+        key = device_key(origin)
     gate = origins.gate(key)
     gate.join()
     try:
         snaps = origins.snapshots_of_key(key)
         if limit:
+            over = origins.over_threshold
             for snap in snaps:
-                snap.wait_for_in_progress()
+                if over(snap.in_progress):
+                    snap.wait_for_in_progress()
         waits: list[tuple[CopyOnWrite, list[PendingException]]] = []
         copies: list[tuple[CopyOnWrite, list[PendingException]]] = []
         for snap in snaps:

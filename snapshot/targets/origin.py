@@ -45,20 +45,20 @@ class SnapshotOriginTarget(TargetDriver):
         here = self._base + offset
         writes = self._writes
         ticket = None if writes is None else self.origins.ticket(self._key)
-        do_origin(self.origins, self.dev, here, len(buf), limit=True)
+        do_origin(self.origins, self.dev, here, len(buf), limit=True, key=self._key)
         self._io.write(buf, here)
         if writes is not None and ticket is not None:
             self.origins.mark(self._key, ticket, writes, here, len(buf))
 
     def zero(self, offset: int, length: int) -> None:
         here = self._base + offset
-        do_origin(self.origins, self.dev, here, length, limit=True)
+        do_origin(self.origins, self.dev, here, length, limit=True, key=self._key)
         self.dev.zero(here, length)
 
     def discard(self, offset: int, length: int) -> None:
         """A discard is a write for the snapshots: they keep their copy first (origin_map)."""
         here = self._base + offset
-        do_origin(self.origins, self.dev, here, length, limit=True)
+        do_origin(self.origins, self.dev, here, length, limit=True, key=self._key)
         self.dev.discard(here, length)
 
     def passthrough(self) -> Passthrough | None:
