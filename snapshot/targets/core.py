@@ -40,6 +40,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import kcopyd
+from dmtools.blockdev import buffer_address
 from dmtools.engine.target_driver import ZEROS, DeviceHandle
 from dmtools.errors import DeviceIOError, NoSpace
 from dmtools.status import SnapshotState, SnapshotStatus
@@ -287,10 +288,10 @@ class CopyOnWrite:
             return
         buf = _take_buffer(nbytes)
         try:
-            view = memoryview(buf)
+            view = buf.view
             if not self.origin_io.readinto_full(view, start):
                 _read_full(self.origin, view, start)
-            if _all_zero(buf) and self._cow_zero(pe, nbytes):
+            if buf.zero(0, nbytes) and self._cow_zero(pe, nbytes):
                 return  # a hole copied onto a hole
             self.cow_io.write(view, dest)
         finally:
@@ -689,18 +690,18 @@ class SharedRead:
 
     __slots__ = ("buf", "start")
 
-    def __init__(self, buf: bytearray, start: int) -> None:
+    def __init__(self, buf: "_Buffer", start: int) -> None:
         self.buf = buf
         self.start = start
 
     def slice(self, offset: int, length: int) -> memoryview:
         """The origin bytes ``[offset, offset+length)`` (inside the shared range)."""
         at = offset - self.start
-        return memoryview(self.buf)[at : at + length]
+        return self.buf.view[at : at + length]
 
     def zero(self, offset: int, length: int) -> bool:
         """True when the origin bytes ``[offset, offset+length)`` are all zero."""
-        return _all_zero(self.buf, offset - self.start, length)
+        return self.buf.zero(offset - self.start, length)
 
 
 #: largest origin range read once for all the snapshots of one origin write.
@@ -731,7 +732,7 @@ def _copy_for_snapshots(copies: list[tuple[CopyOnWrite, list[PendingException]]]
         return
     with _copy_buffer(hi - lo) as buf:
         try:
-            _read_full(origin, memoryview(buf), lo)
+            _read_full(origin, buf.view, lo)
         except Exception as err:  # noqa: BLE001 - every allocated exception must complete
             log.error("%s: reading origin bytes %d+%d to copy on write failed: %s", origin.name, lo, hi - lo, err)
             for snap, pes in copies:
@@ -815,24 +816,47 @@ class _CopyBuffers(threading.local):
     KEEP_BYTES = MAX_COPY_BYTES + (256 << 10)
 
     def __init__(self) -> None:
-        self.free: dict[int, list[bytearray]] = {}
+        self.free: dict[int, list[_Buffer]] = {}
         self.kept = 0
 
 
 _BUFFERS = _CopyBuffers()
+#: alignment of a copy buffer's bytes: a COW write of ``DIRECT_MIN`` bytes or more goes to an
+#: ``O_DIRECT`` descriptor straight from them (``BackingDevice`` first copies the bytes of a
+#: misaligned buffer to a bounce buffer: a memcpy per snapshot of every large copy).
+BUFFER_ALIGN = 4096
 
 
-def _take_buffer(nbytes: int) -> bytearray:
+class _Buffer:
+    """``len`` bytes at an address aligned to ``BUFFER_ALIGN``: ``view`` for I/O, at ``at`` in the
+    bytearray ``data`` (compared with zeros there)."""
+
+    __slots__ = ("data", "at", "view")
+
+    def __init__(self, nbytes: int) -> None:
+        self.data = bytearray(nbytes + BUFFER_ALIGN - 1)
+        self.at = -buffer_address(memoryview(self.data)) % BUFFER_ALIGN
+        self.view = memoryview(self.data)[self.at : self.at + nbytes]
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def zero(self, offset: int, length: int) -> bool:
+        """True when bytes ``[offset, offset+length)`` of the buffer are all zero."""
+        return _all_zero(self.data, self.at + offset, length)
+
+
+def _take_buffer(nbytes: int) -> _Buffer:
     """A ``nbytes`` buffer of this thread's (``_give_buffer`` it back after use)."""
     bufs = _BUFFERS
     spare = bufs.free.get(nbytes)
     if spare:
         bufs.kept -= nbytes
         return spare.pop()
-    return bytearray(nbytes)
+    return _Buffer(nbytes)
 
 
-def _give_buffer(buf: bytearray) -> None:
+def _give_buffer(buf: _Buffer) -> None:
     """Keep ``buf`` for this thread's next copy of its size while the thread's spare buffers stay
     within ``KEEP_BYTES``."""
     bufs = _BUFFERS
@@ -843,7 +867,7 @@ def _give_buffer(buf: bytearray) -> None:
 
 
 @contextmanager
-def _copy_buffer(nbytes: int) -> Iterator[bytearray]:
+def _copy_buffer(nbytes: int) -> Iterator[_Buffer]:
     """``_take_buffer`` for the block, given back after it."""
     buf = _take_buffer(nbytes)
     try:
