@@ -131,7 +131,10 @@ class CopyOnWrite:
         #: the origin's and the COW's small I/O straight on their files where they allow it.
         self.origin_io = Route(origin)
         self.cow_io = Route(cow)
-        self.cond = threading.Condition(threading.Lock())
+        #: the lock of ``cond``: held with ``with self.lock`` where nothing waits (a Condition's
+        #: own ``__enter__``/``__exit__`` are Python calls, a lock's are not).
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self.valid = True
         self.active = False
         self.merging = False
@@ -148,7 +151,8 @@ class CopyOnWrite:
         self.in_progress = 0
         #: writers waiting at ``snapshot_cow_threshold`` (for tests and diagnostics).
         self.throttled = 0
-        self._progress = threading.Condition(threading.Lock())
+        self._progress_lock = threading.Lock()
+        self._progress = threading.Condition(self._progress_lock)
         self._closing = False
         self._seq_alloc = 0
         self._seq_next = 0
@@ -214,12 +218,12 @@ class CopyOnWrite:
     # -- snapshot_cow_threshold (dm-snap.c account_start_copy/account_end_copy/wait_for_in_progress)
     def account_start_copy(self, chunks: int = 1) -> None:
         """Count ``chunks`` copies (or full-chunk writes) started."""
-        with self._progress:
+        with self._progress_lock:
             self.in_progress += chunks
 
     def account_end_copy(self, chunks: int = 1) -> None:
         """Count ``chunks`` copies finished; wake writers once at or below the threshold."""
-        with self._progress:
+        with self._progress_lock:
             self.in_progress -= chunks
             if self.throttled and not self.origins.over_threshold(self.in_progress):
                 self._progress.notify_all()
@@ -363,7 +367,7 @@ class CopyOnWrite:
 
     def _publish(self, batch: list[tuple[PendingException, bool]]) -> None:
         """``pending_complete``: publish exceptions, drain tracked reads, wake waiters."""
-        with self.cond:
+        with self.lock:
             if not all(success for _, success in batch):
                 self.invalidate_locked("copy or metadata I/O error")
             elif self.valid:
@@ -421,7 +425,7 @@ class CopyOnWrite:
         length = min(length, self.length_bytes - offset)
         waits: list[PendingException] = []
         start: list[PendingException] = []
-        with self.cond:
+        with self.lock:
             if not self.valid or not self.active or self.merge_target:
                 return [], []
             cb = self.chunk_bytes

@@ -117,20 +117,21 @@ class OriginGate:
     """
 
     def __init__(self) -> None:
-        self.cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()  # cond's: taken directly by join and leave (cheaper)
+        self.cond = threading.Condition(self._lock)
         self.inflight = 0
         self.frozen = 0
 
     def join(self) -> None:
         """Count one origin write in (waits while frozen); ``leave`` counts it out."""
-        with self.cond:
+        with self._lock:
             while self.frozen:
                 self.cond.wait()
             self.inflight += 1
 
     def leave(self) -> None:
         """Count one origin write out; the last one wakes a waiting ``freeze``."""
-        with self.cond:
+        with self._lock:
             self.inflight -= 1
             if self.frozen and not self.inflight:
                 self.cond.notify_all()
