@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from typing import Any, Callable
 
 from dmtools.endpoint import Endpoint
@@ -31,7 +32,10 @@ from dmtools.engine.device_endpoint import DeviceEndpoint
 from dmtools.engine.target_driver import DeviceHandle
 from dmtools.errors import DeviceIOError
 
-__all__ = ["Route"]
+__all__ = ["FLUSH_COST_WEIGHT", "Route"]
+
+#: weight of the newest ``fdatasync`` in ``Route.flush_cost``, a moving average.
+FLUSH_COST_WEIGHT = 0.125
 
 
 def _file_of(ep: Any) -> tuple[int, bool]:
@@ -48,7 +52,7 @@ class Route:
     """Reads, writes and flushes of ``handle`` (see the module docstring); each method does what
     the handle's does, or calls it."""
 
-    __slots__ = ("handle", "_own", "_device", "_writable", "_table", "_fd", "_wfd", "_base", "_size")
+    __slots__ = ("handle", "_own", "_device", "_writable", "_table", "_fd", "_wfd", "_base", "_size", "flush_cost")
 
     def __init__(self, handle: Endpoint) -> None:
         self.handle = handle
@@ -67,6 +71,8 @@ class Route:
             self._fd, self._wfd = fd, fd if writable and self._writable else -1
         self._base = 0
         self._size = handle.size if self._fd >= 0 else 0
+        #: seconds a routed ``fdatasync`` takes, a moving average (``None`` before the first one)
+        self.flush_cost: float | None = None
 
     def _learn(self, table: Any) -> None:
         """Learn the descriptors of ``table`` (a device's live table, under its gate) and its
@@ -122,11 +128,15 @@ class Route:
             self.handle.flush()
 
     def _fdatasync(self, fd: int, buf: None, at: int) -> int:
+        t = time.perf_counter()
         try:
             os.fdatasync(fd)
         except OSError as err:
             raise DeviceIOError(f"flush failed: {err.strerror}", errno=err.errno, operation="flush",
                                 device=self.handle.name) from err
+        took = time.perf_counter() - t
+        cost = self.flush_cost
+        self.flush_cost = took if cost is None else cost + (took - cost) * FLUSH_COST_WEIGHT
         return 0
 
     def _flush_write_flush(self, fd: int, buf: memoryview, at: int) -> int:

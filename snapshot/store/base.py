@@ -56,6 +56,11 @@ class ExceptionStore(abc.ABC):
         self._lock = threading.Lock()
 
     @property
+    def flush_cost(self) -> float | None:
+        """Seconds a flush of the COW takes (a commit flushes twice), ``None`` when unknown."""
+        return None
+
+    @property
     def chunk_bytes(self) -> int:
         """Chunk size in bytes."""
         return self.chunk_size * SECTOR

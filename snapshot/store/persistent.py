@@ -249,6 +249,12 @@ class PersistentStore(ExceptionStore):
         if n != len(data):
             raise DeviceIOError(f"short write of {what}", operation="write", device=self.cow.name)
 
+    @property
+    def flush_cost(self) -> float | None:
+        """Seconds a flush of the COW takes, measured on its routed file (``None`` until then)."""
+        route = self._route
+        return None if route is None else route.flush_cost
+
     def _cow_route(self) -> Route:
         """The COW's :class:`~snapshot.route.Route` (made again when a handover rebinds ``cow``)."""
         route = self._route

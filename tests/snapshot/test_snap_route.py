@@ -245,3 +245,56 @@ def test_a_failed_metadata_pwrite_goes_through_the_device(engine: Any, tmp_path:
     assert new is not None and snap.store.records == 2 and snap.valid
     area = cow.read_bytes()[CB : 2 * CB]
     assert int.from_bytes(area[16:24], "little") == 10 and int.from_bytes(area[24:32], "little") == new
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-flushes", "slow-flushes"])
+def test_snapshots_copy_on_the_writers_thread_where_flushes_are_fast(engine: Any, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    fast: bool) -> None:
+    from snapshot.targets import core
+
+    st = Stack(engine, tmp_path, _origin_bytes())
+    for name in ("a", "b", "c"):
+        st.add_snapshot(name, 4 * CHUNKS * CB)
+    snaps = origins_of(engine).all_snapshots()
+    cow_fds = {snap.cow.inner.fileno() for snap in snaps}
+    with engine.open_endpoint(st.base) as ep:
+        ep.write(b"a" * 512, 1 * CB)  # every COW's flush measured once
+        assert all(snap.store.flush_cost is not None and snap.store.flush_cost >= 0 for snap in snaps)
+        monkeypatch.setattr(core, "PARALLEL_FLUSH_SECONDS", float("inf") if fast else 0.0)
+        threads: list[int] = []
+        real = os.pwrite
+
+        def pwrite(fd: int, buf: Any, at: int) -> int:
+            if fd in cow_fds and len(buf) == CB and at % CB == 0 and at >= 2 * CB:
+                threads.append(threading.get_ident())
+            return real(fd, buf, at)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        writer_ident: list[int] = []
+
+        def write() -> None:
+            writer_ident.append(threading.get_ident())
+            ep.write(b"b" * 512, 20 * CB)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        writer.join(WAIT)
+        monkeypatch.undo()
+    assert not writer.is_alive()
+    assert len(threads) >= 3  # the three copies (and areas)
+    if fast:
+        assert set(threads) == set(writer_ident)
+    else:
+        assert set(threads) - set(writer_ident)  # the pool took some
+    data20 = bytearray(_origin_bytes()[20 * CB : 21 * CB])
+    data20[:512] = b"b" * 512
+    data1 = bytearray(_origin_bytes()[CB : 2 * CB])
+    data1[:512] = b"a" * 512
+    original = _origin_bytes()
+    origin = bytearray(original)
+    origin[CB : 2 * CB] = data1
+    origin[20 * CB : 21 * CB] = data20
+    assert st.read(st.base) == bytes(origin)
+    for name in ("a", "b", "c"):
+        assert st.read(name) == original
