@@ -726,11 +726,12 @@ def _copy_for_snapshots(copies: list[tuple[CopyOnWrite, list[PendingException]]]
         snap, pes = copies[0]
         snap._submit_copies(pes)
         return
-    parallel = inflight < len(copies) and not _IN_POOL.flag and _slow_commits(copies)
     origin = copies[0][0].origin
     spans = [(pe.old * snap.chunk_bytes, (pe.old + pe.count) * snap.chunk_bytes) for snap, pes in copies for pe in pes]
     lo = min(a for a, _ in spans)
     hi = min(max(b for _, b in spans), origin.size)
+    parallel = inflight < len(copies) and not _IN_POOL.flag and (hi - lo >= PARALLEL_COPY_BYTES
+                                                                 or _slow_commits(copies))
     if not 0 < hi - lo <= MAX_SHARED_READ:
         _run_copies([(snap, pes, None) for snap, pes in copies], parallel)
         return
@@ -751,6 +752,9 @@ def _copy_for_snapshots(copies: list[tuple[CopyOnWrite, list[PendingException]]]
 #: thread and back (random 4 KiB first writes with 4 snapshots on tmpfs: 173-202 us of CPU per
 #: write in parallel, 108-111 us on the writer's thread).
 PARALLEL_FLUSH_SECONDS = 20e-6
+#: copies of this many bytes or more go to the pool whatever the flushes cost: their writes (the
+#: kernel copying them, without the GIL) then run on other CPUs at once.
+PARALLEL_COPY_BYTES = 256 << 10
 
 
 def _slow_commits(copies: list[tuple[CopyOnWrite, list[PendingException]]]) -> bool:
