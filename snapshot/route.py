@@ -8,8 +8,8 @@ file, checks) each took about as many instructions as the system call several ti
 
 A :class:`Route` does the same I/O as its handle with one system call, inside the device's suspend
 gate (a suspend still waits for it, a removed device still fails it), on the live table: only
-while that table is one ``linear`` target over a regular file the engine opened (a
-:class:`~dmtools.engine.backing.BackingDevice`), writes smaller than ``DIRECT_MIN`` (which the
+while that table is one ``linear`` target over a file or block device whose I/O is a plain
+system call (:meth:`~dmtools.endpoint.Endpoint.plain_fd`), writes smaller than ``DIRECT_MIN`` (which the
 backing file writes buffered too) and inside the device. A handle that is such a file itself
 (a table naming the file) is routed the same way without a gate. Anything else, a failed or short
 system call, and every call while the handle's method is replaced on the handle itself (a test's
@@ -26,7 +26,7 @@ import time
 from typing import Any, Callable
 
 from dmtools.endpoint import Endpoint
-from dmtools.engine.backing import DIRECT_MIN, BackingDevice
+from dmtools.engine.backing import DIRECT_MIN
 from dmtools.engine.basic_targets import LinearTarget
 from dmtools.engine.device_endpoint import DeviceEndpoint
 from dmtools.engine.target_driver import DeviceHandle
@@ -38,14 +38,14 @@ __all__ = ["FLUSH_COST_WEIGHT", "Route"]
 FLUSH_COST_WEIGHT = 0.125
 
 
-def _file_of(ep: Any) -> tuple[int, bool]:
-    """The buffered descriptor of ``ep`` when it is a regular file the engine opened (a handle's
-    inner :class:`BackingDevice`), else -1; and whether it is writable."""
-    inner = ep.inner if type(ep) is DeviceHandle else ep
-    if type(inner) is not BackingDevice or not inner.is_regular_file:
-        return -1, False
-    fd = inner.fileno()
-    return (-1, False) if fd is None else (fd, not inner.read_only)
+def _file_of(ep: Endpoint) -> tuple[int, bool]:
+    """The descriptor on which ``ep``'s I/O under ``DIRECT_MIN`` bytes is a plain ``pread`` or
+    ``pwrite`` (:meth:`~dmtools.endpoint.Endpoint.plain_fd`: a file or block device the engine
+    opened, under a handle), else -1; and whether it may be written so."""
+    fd = ep.plain_fd(DIRECT_MIN - 1, True)
+    if fd >= 0:
+        return fd, True
+    return ep.plain_fd(DIRECT_MIN - 1, False), False
 
 
 class Route:
