@@ -600,18 +600,31 @@ class MirrorTarget(TargetDriver):
                     self._charge(self._region_len(region))
                     self._copying.add(region)
                     to_copy.append(region)
-            if not self.in_sync and self.log.get_sync_count() == self.nr_regions:
-                self._event()
-                self.in_sync = True
-                for leg in self.legs:
-                    leg.error_count = leg.error_type = 0
-                self.leg_failure = False
-                self.rebuild_legs.clear()
-                self.cond.notify_all()
+            self._note_in_sync()
             default = self.legs[self.default]
         for run in self._runs(to_copy):
             self._recover(run, default)
         return True
+
+    def _note_in_sync(self) -> None:
+        """(Lock held.) ``do_recovery``'s last step: once every region is in sync, raise an event,
+        set ``in_sync`` and forget the legs' errors.
+
+        The kernel runs it in every kmirrord pass, before that pass dispatches its writes
+        (``do_mirror``: ``do_recovery`` then ``do_writes``), and the constructor's wake-up runs a
+        pass as the table is loaded. Our writes run on the caller's thread, not in the worker's
+        pass, so ``resume`` calls it too: else a write reaching the mirror before the worker's
+        first pass would find ``in_sync`` still False, and a failure of the default leg would keep
+        it the default (``fail_mirror``) although the other legs hold all the data, and the guard
+        would end the held write with EIO instead of dropping the leg."""
+        if not self.in_sync and self.log.get_sync_count() == self.nr_regions:
+            self._event()
+            self.in_sync = True
+            for leg in self.legs:
+                leg.error_count = leg.error_type = 0
+            self.leg_failure = False
+            self.rebuild_legs.clear()
+            self.cond.notify_all()
 
     def _runs(self, regions: list[int]) -> list[list[int]]:
         """``regions`` cut into the kcopyd jobs that copy them. Between regular files (kcopyd's
@@ -799,6 +812,7 @@ class MirrorTarget(TargetDriver):
                 self._pool = ThreadPoolExecutor(max_workers=2 * (len(self.legs) - 1), thread_name_prefix="mirror-io")
             if self._writers is None:
                 self._writers = LegWriters(len(self.legs) - 1, f"mirror-leg-{self.ctx.device_name}")
+            self._note_in_sync()  # before any I/O (the kernel's pass at table load)
             self.suspended = False
             self._holds_released = False
             self.rh.recovery_stopped = False
