@@ -344,6 +344,7 @@ class MirrorTarget(TargetDriver):
             # Writes to a region under recovery are delayed until its recovery ends.
             while any(self.rh.state(r) is RegionState.RECOVERING for r in regions):
                 self.cond.wait()
+            self._note_in_sync()  # as the kmirrord pass that would dispatch this write does first
             states = [self.rh.state(r) for r in regions]
             for r in regions:
                 self.rh.inc(r)
@@ -613,8 +614,9 @@ class MirrorTarget(TargetDriver):
         The kernel runs it in every kmirrord pass, before that pass dispatches its writes
         (``do_mirror``: ``do_recovery`` then ``do_writes``), and the constructor's wake-up runs a
         pass as the table is loaded. Our writes run on the caller's thread, not in the worker's
-        pass, so ``resume`` calls it too: else a write reaching the mirror before the worker's
-        first pass would find ``in_sync`` still False, and a failure of the default leg would keep
+        pass, so ``resume`` and every write call it too: else a write reaching the mirror before
+        the worker's first pass, or while the pass that ended the resync writes the log without
+        the lock, would find ``in_sync`` still False, and a failure of the default leg would keep
         it the default (``fail_mirror``) although the other legs hold all the data, and the guard
         would end the held write with EIO instead of dropping the leg."""
         if not self.in_sync and self.log.get_sync_count() == self.nr_regions:

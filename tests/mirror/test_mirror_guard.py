@@ -117,6 +117,69 @@ def test_primary_failing_before_the_first_worker_pass_is_dropped(late_worker: th
     assert not late_worker.is_set()  # no pass ran: the write met the state resume left
 
 
+def test_primary_failing_while_the_pass_that_ends_the_resync_writes_the_log(
+        eng: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's pass that copies the last region writes the disk log without the lock before it
+    notes ``in_sync``; a write to a region whose dirty mark is already on the log goes on meanwhile.
+    The kernel's write would come in a later pass, after ``do_recovery`` set ``in_sync``: so must
+    ours, or a failure of the primary keeps it the default and the held write ends with EIO."""
+    import mirror.target as mt
+    from mirror.guard import MirrorGuard
+    from mirror.log import DiskDirtyLog
+
+    # the first write's region keeps its durable dirty mark (no retirement during the test)
+    monkeypatch.setattr(mt, "CLEAN_DELAY", 3600.0)
+    monkeypatch.setattr(mt, "CLEAN_MAX_DELAY", 3600.0)
+    last = SIZE // RB - 1
+    copy_last, in_log_write, end_log_write = threading.Event(), threading.Event(), threading.Event()
+    recover = mt.MirrorTarget._recover
+
+    def late_last_copy(self: Any, run: list[int], source: Any) -> None:
+        if last not in run:
+            return recover(self, run, source)
+        if run[:-1]:
+            recover(self, run[:-1], source)
+        threading.Thread(target=lambda: (copy_last.wait(), recover(self, [last], source)), daemon=True).start()
+
+    write_image = DiskDirtyLog.write_image
+
+    def held_log_write(self: DiskDirtyLog, pending: Any) -> None:
+        if self.get_sync_count() == self.region_count and not in_log_write.is_set():
+            in_log_write.set()
+            end_log_write.wait()
+        write_image(self, pending)
+
+    monkeypatch.setattr(mt.MirrorTarget, "_recover", late_last_copy)
+    monkeypatch.setattr(DiskDirtyLog, "write_image", held_log_write)
+    data = os.urandom(SIZE)
+    a, b = _image(tmp_path, "a", SIZE, data), _image(tmp_path, "b", SIZE)
+    lg = _image(tmp_path, "log", 64 * 1024)
+    sw = Switch("resync-end")
+    eng.create("src", f"0 {SIZE // 512} trip {a} 0 {sw.name}")
+    mm = MirrorManager(eng)
+    try:
+        mm.create("m", [eng.device_ref("src"), b], log=lg, region_size=REGION, monitor=False)
+        t = eng._get("m", "test").live.targets[0]
+        wait_until(lambda: mm.status("m").in_sync == last, "every region but the last to be copied", BOUND)
+        with eng.open_endpoint("m") as ep:
+            ep.write(b"1" * RB, 5 * RB)  # region 5: dirty mark on the log
+        copy_last.set()
+        assert in_log_write.wait(BOUND), "the pass that ends the resync never wrote the log"
+        assert not t.in_sync  # the window: every region in sync, the pass not done
+        sw.trip()
+        done, out = _writer(eng, 5 * RB, b"2" * RB)
+        wait_until(lambda: eng.message("m", 0, "held_ios") == "1", "the write to be held", BOUND)
+        assert eng.message("m", 0, "default_leg") == "1"  # in sync when leg 0 failed: fail_mirror moved it
+    finally:
+        copy_last.set()
+        end_log_write.set()
+    assert MirrorGuard(eng).check("m") == "dropped"
+    assert done.wait(BOUND) and out[0][0] == "ok"
+    assert eng.table("m").lines[0].target == Linear(b, 0)
+    with open(b, "rb") as f:
+        assert f.read() == data[:5 * RB] + b"2" * RB + data[6 * RB:]
+
+
 def failing_source(eng: Any, tmp_path: Path, switch: str,
                    monitor: bool = True) -> tuple[bytes, Any, list[int], list[int]]:
     """Mirror ``m`` whose source (leg 0) fails after 8 region copies of its resync, so out of
