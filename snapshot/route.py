@@ -15,7 +15,8 @@ backing file writes buffered too) and inside the device. A handle that is such a
 system call, and every call while the handle's method is replaced on the handle itself (a test's
 probe), goes through the handle as before, which does the I/O or raises the device's error.
 Durability is unchanged: ``flush`` is the ``fdatasync`` the backing file's flush is, and
-``write_durable`` the write then that flush, as the endpoint's default ``write_durable`` does.
+``write_durable`` the write then that flush, as the endpoint's default ``write_durable`` does,
+both in one pass through the gate.
 """
 
 from __future__ import annotations
@@ -104,9 +105,8 @@ class Route:
         both go to one routed file."""
         own = self._own
         if len(buf) >= DIRECT_MIN or "write_durable" in own or "write" in own or "flush" in own \
-                or not self._io(_pwrite, buf, offset, True):
+                or not self._io(self._write_flush, buf, offset, True):
             return self.handle.write_durable(buf, offset)
-        self.flush()
         return len(buf)
 
     def preflush_write_fua(self, buf: memoryview, offset: int) -> None:
@@ -139,15 +139,20 @@ class Route:
         self.flush_cost = took if cost is None else cost + (took - cost) * FLUSH_COST_WEIGHT
         return 0
 
-    def _flush_write_flush(self, fd: int, buf: memoryview, at: int) -> int:
-        """``fdatasync``, ``pwrite``, ``fdatasync`` of ``fd``; -1 when the write failed or fell
-        short (the second flush then not done: the caller writes again, flushes and so on)."""
-        self._fdatasync(fd, None, 0)
+    def _write_flush(self, fd: int, buf: memoryview, at: int) -> int:
+        """``pwrite`` then ``fdatasync`` of ``fd``, in the caller's one pass through the gate (a
+        reload between the two cannot send the flush to another file); -1 when the write failed
+        or fell short (no flush then: the caller writes again through the handle, and flushes)."""
         n = _pwrite(fd, buf, at)
         if n != len(buf):
             return -1
         self._fdatasync(fd, None, 0)
         return n
+
+    def _flush_write_flush(self, fd: int, buf: memoryview, at: int) -> int:
+        """``fdatasync`` then :meth:`_write_flush` of ``fd``."""
+        self._fdatasync(fd, None, 0)
+        return self._write_flush(fd, buf, at)
 
     def _io(self, call: Callable[[int, Any, int], int], buf: memoryview | None, offset: int, write: bool) -> bool:
         """``call(fd, buf, at)`` on the routed file, inside the device's gate (when there is a

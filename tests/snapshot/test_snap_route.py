@@ -298,3 +298,30 @@ def test_snapshots_copy_on_the_writers_thread_where_flushes_are_fast(engine: Any
     assert st.read(st.base) == bytes(origin)
     for name in ("a", "b", "c"):
         assert st.read(name) == original
+
+
+def test_a_durable_write_is_written_and_flushed_in_one_pass_through_the_gate(
+        engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, cow = _stack(engine, tmp_path)
+    route = _snap(engine).cow_io
+    device = route._device
+    assert device is not None
+    entered: list[int] = []
+    real_enter = device._enter
+
+    def enter(offset: int) -> Any:
+        entered.append(offset)
+        return real_enter(offset)
+
+    monkeypatch.setattr(device, "_enter", enter)
+    calls = Calls(monkeypatch)
+    data = b"d" * CB
+    assert route.write_durable(memoryview(data), 3 * CB) == CB
+    # the write and its flush on one descriptor, under one entry of the gate: a reload between
+    # them could not send the flush to another file
+    assert calls.names() == ["pwrite", "fdatasync"]
+    assert calls.log[0][1] == calls.log[1][1]
+    assert entered == [3 * CB]
+    with open(cow, "rb") as f:
+        f.seek(3 * CB)
+        assert f.read(CB) == data
