@@ -141,6 +141,15 @@ class Endpoint(abc.ABC):
         """
         return -1
 
+    def direct_fileno(self) -> tuple[int, int] | None:
+        """An ``O_DIRECT`` descriptor of the same file or device and its alignment (the logical
+        block size), on which an aligned ``pread``/``pwrite`` of whole blocks is this endpoint's
+        I/O without the page cache (the kernel writes back and invalidates cached pages of the
+        range first, so it agrees with the buffered I/O), else ``None``. Valid while the
+        endpoint is open, as :meth:`plain_fd`. Here ``None``: an endpoint says otherwise only
+        for what it knows to be plain."""
+        return None
+
     @property
     def is_regular_file(self) -> bool:
         """True for regular files (``copy_file_range`` and hole detection apply)."""
@@ -241,11 +250,21 @@ class ForwardingEndpoint(Endpoint):
             return -1
         return self.inner.plain_fd(length, write)
 
+    def direct_fileno(self) -> tuple[int, int] | None:
+        """``inner``'s, on :meth:`plain_fd`'s conditions."""
+        own = self.__dict__
+        if "write" in own or "readinto" in own:
+            return None
+        return self.inner.direct_fileno()
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # A wrapper changing the I/O would be bypassed by a copy on the inner descriptor.
-        if "plain_fd" not in cls.__dict__ and any(m in cls.__dict__ for m in ("readinto", "write", "zero")):
-            cls.plain_fd = Endpoint.plain_fd  # type: ignore[method-assign]
+        if any(m in cls.__dict__ for m in ("readinto", "write", "zero")):
+            if "plain_fd" not in cls.__dict__:
+                cls.plain_fd = Endpoint.plain_fd  # type: ignore[method-assign]
+            if "direct_fileno" not in cls.__dict__:
+                cls.direct_fileno = Endpoint.direct_fileno  # type: ignore[method-assign]
 
     @property
     def is_regular_file(self) -> bool:

@@ -77,8 +77,8 @@ def _hits(starts: list[int], ends: list[int], first: int, last: int) -> bool:
 class WrappedEndpoint(ForwardingEndpoint):
     """Forward every operation to ``inner`` (the base of the test wrappers).
 
-    ``fileno()`` is ``None``, ``plain_fd`` -1 and ``is_regular_file`` False so copiers cannot
-    bypass the wrapper.
+    ``fileno()`` and ``direct_fileno()`` are ``None``, ``plain_fd`` -1 and ``is_regular_file``
+    False so copiers cannot bypass the wrapper.
     """
 
     def __init__(self, inner: Endpoint, name: str | None = None) -> None:
@@ -89,6 +89,9 @@ class WrappedEndpoint(ForwardingEndpoint):
 
     def plain_fd(self, length: int, write: bool) -> int:
         return -1
+
+    def direct_fileno(self) -> tuple[int, int] | None:
+        return None
 
     @property
     def is_regular_file(self) -> bool:

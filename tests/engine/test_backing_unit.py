@@ -174,3 +174,29 @@ def test_a_file_system_without_o_direct_writes_buffered(tmp_path: Path, copies: 
         assert _on_disk(dev, 0, MiB) == data
     finally:
         dev.close()
+
+
+def test_direct_fileno_passes_only_plain_forwarding(dev: BackingDevice, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``O_DIRECT`` twin is offered through forwarding handles, and never past a wrapper's own
+    I/O (a subclass's or a probe's on the instance), as ``plain_fd`` is."""
+    from dmtools.endpoint import ForwardingEndpoint
+    from dmtools.testing.faults import FaultyEndpoint, WrappedEndpoint
+
+    twin = dev.direct_fileno()
+    assert twin is not None and twin[0] not in (dev.fileno(), -1) and twin[1] in (512, 1024, 2048, 4096)
+    assert ForwardingEndpoint(ForwardingEndpoint(dev)).direct_fileno() == twin
+
+    class Counting(ForwardingEndpoint):
+        def readinto(self, buf: Any, offset: int) -> int:
+            return self.inner.readinto(buf, offset)
+
+    assert Counting(dev).direct_fileno() is None
+    assert WrappedEndpoint(dev).direct_fileno() is None and FaultyEndpoint(dev).direct_fileno() is None
+    probed = ForwardingEndpoint(dev)
+    monkeypatch.setattr(probed, "readinto", dev.readinto)
+    assert probed.direct_fileno() is None
+    ro = BackingDevice(dev.path, writable=False)
+    try:
+        assert ro.direct_fileno() is None  # no twin for a read-only table: buffered reads
+    finally:
+        ro.close()
