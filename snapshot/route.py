@@ -164,14 +164,15 @@ class Route:
         if device is None:
             fd = self._wfd if write else self._fd
             return fd >= 0 and offset + n <= self._size and call(fd, buf, offset) == n
-        table = device._enter(offset)
-        try:
-            if table is not self._table:
-                self._learn(table)
-            fd = self._wfd if write else self._fd
-            return fd >= 0 and offset + n <= self._size and call(fd, buf, self._base + offset) == n
-        finally:
-            device._leave()
+        return device.run(offset, self._on_table, call, buf, offset, n, write)
+
+    def _on_table(self, table: Any, call: Callable[[int, Any, int], int], buf: memoryview | None, offset: int,
+                  n: int, write: bool) -> bool:
+        """:meth:`_io` inside the device's gate, ``table`` its live table."""
+        if table is not self._table:
+            self._learn(table)
+        fd = self._wfd if write else self._fd
+        return fd >= 0 and offset + n <= self._size and call(fd, buf, self._base + offset) == n
 
 
 def _preadv(fd: int, buf: memoryview, at: int) -> int:

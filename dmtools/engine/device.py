@@ -37,6 +37,10 @@ class RequeueIO(DeviceIOError):
         super().__init__(message, errno=errno.EIO, device=device)
 
 
+class _Held(Exception):
+    """A suspended device's gate, entered without waiting (``Device.run_unheld``)."""
+
+
 class TableContext:
     """The ``TargetContext`` handed to the targets of one table (``struct dm_table``)."""
 
@@ -250,11 +254,15 @@ class Device:
             while (self.suspended or self._noflush) and not self.removed:
                 self._gate.wait()
 
-    def _enter(self, offset: int = 0) -> LoadedTable | None:
+    def _enter(self, offset: int = 0, wait: bool = True) -> LoadedTable | None:
+        """Count an I/O in flight and return the live table; waits while suspended (raises
+        ``_Held`` instead unless ``wait``)."""
         if offset < 0:
             raise InvalidArgument(f"negative offset {offset}", operation="io", device=self.name)
         with self._gate_lock:
             while self.suspended and not self.removed:
+                if not wait:
+                    raise _Held
                 self._gate.wait()
             if self.removed:
                 raise DeviceIOError("device was removed", errno=errno.ENXIO, device=self.name)
@@ -266,6 +274,31 @@ class Device:
             self._inflight -= 1
             if self._inflight == 0 and self.suspended:
                 self._gate.notify_all()  # block_io waits for the last one (nobody else does)
+
+    def run(self, offset: int, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(table, *args)`` inside the suspend gate on the live table (``None`` without one), as
+        the device's own I/O runs: for a caller that moves the bytes the table maps itself
+        (``snapshot.route``). It waits while the device is suspended (a suspend waits for it in
+        turn) and raises ``ENXIO`` once the device is removed; ``offset`` is the I/O's first byte
+        (a negative one raises ``InvalidArgument``)."""
+        table = self._enter(offset)
+        try:
+            return fn(table, *args)
+        finally:
+            self._leave()
+
+    def run_unheld(self, offset: int, held: _T, fn: Callable[..., _T], *args: Any) -> _T:
+        """:meth:`run`, except that while the device is suspended it returns ``held`` at once
+        (``fn`` not called) instead of waiting: for a caller already inside another device's gate,
+        which must not hold that one while it waits for this one."""
+        try:
+            table = self._enter(offset, False)
+        except _Held:
+            return held
+        try:
+            return fn(table, *args)
+        finally:
+            self._leave()
 
     def block_io(self, timeout: float | None = None) -> bool:
         """Hold new I/O and wait for in-flight I/O to finish; False if ``timeout`` expired."""
