@@ -33,7 +33,8 @@ from dmtools.engine.device_endpoint import DeviceEndpoint
 from dmtools.engine.target_driver import DeviceHandle
 from dmtools.errors import DeviceIOError
 
-__all__ = ["FLUSH_COST_WEIGHT", "Route"]
+__all__ = ["DMS_AREA", "DMS_COPY", "DMS_DONE", "DMS_FUA", "DMS_PREFLUSH", "FLUSH_COST_WEIGHT", "NOT_DONE", "Route",
+           "copy_commit"]
 
 #: weight of the newest ``fdatasync`` in ``Route.flush_cost``, a moving average.
 FLUSH_COST_WEIGHT = 0.125
@@ -53,7 +54,8 @@ class Route:
     """Reads, writes and flushes of ``handle`` (see the module docstring); each method does what
     the handle's does, or calls it."""
 
-    __slots__ = ("handle", "_own", "_device", "_writable", "_table", "_fd", "_wfd", "_base", "_size", "flush_cost")
+    __slots__ = ("handle", "_own", "_device", "_writable", "_table", "_fd", "_wfd", "_base", "_size", "flush_cost",
+                 "_c_buffer")
 
     def __init__(self, handle: Endpoint) -> None:
         self.handle = handle
@@ -74,6 +76,8 @@ class Route:
         self._size = handle.size if self._fd >= 0 else 0
         #: seconds a routed ``fdatasync`` takes, a moving average (``None`` before the first one)
         self.flush_cost: float | None = None
+        #: ``(bytearray, its cffi buffer)`` of the last area :func:`copy_commit` wrote through this route
+        self._c_buffer: tuple[bytearray, Any] | None = None
 
     def _learn(self, table: Any) -> None:
         """Learn the descriptors of ``table`` (a device's live table, under its gate) and its
@@ -187,3 +191,88 @@ def _pwrite(fd: int, buf: memoryview, at: int) -> int:
         return os.pwrite(fd, buf, at)
     except OSError:
         return -1
+
+
+# -- the copy-on-write of one chunk in C ----------------------------------------------------------
+#: :func:`copy_commit`'s answers: fastio.c's ``DMS_*`` (how far the C call got), and ``NOT_DONE``
+#: (nothing was done: not routed, a device suspended, C unavailable).
+DMS_DONE, DMS_COPY, DMS_PREFLUSH, DMS_AREA, DMS_FUA = 0, 1, 2, 3, 4
+NOT_DONE = -1
+#: the system calls a route makes, as this module found them: while a test replaces one in ``os``
+#: (a probe), every routed I/O is made in Python, where it sees them.
+_OS_CALLS = (os.preadv, os.pwrite, os.fdatasync)
+#: fastio.c's ``dms_copy_commit_chunk`` through cffi; None until first asked, False without C.
+_c_copy: Any = None
+
+
+def _c_function() -> Any:
+    global _c_copy
+    if _c_copy is None:
+        from dmtools._ffi.fastio import kcopyd_lib
+
+        lib = kcopyd_lib()
+        _c_copy = lib.dms_copy_commit_chunk if lib else False
+    return _c_copy
+
+
+def copy_commit(origin: Route, cow: Route, src: int, n: int, dest: int, zeroed: bool, area: bytearray, aoff: int,
+                index: int, old: int, new: int) -> int:
+    """Copy ``n`` bytes at ``src`` of ``origin``'s device to ``dest`` of ``cow``'s, then commit
+    the exception ``{old, new}`` as record ``index`` of the metadata area ``area`` (at ``aoff``
+    of the COW): a flush, the area (the record written into ``area`` first), a flush. One C call
+    (fastio.c ``dms_copy_commit_chunk``, the GIL released) inside both devices' gates, each
+    entered once, on their live tables; the caller holds what keeps the area from being written
+    by another (the store's commit lock). ``zeroed``: the COW chunk reads as zeros (an origin
+    chunk of zeros is then not written).
+
+    Returns ``NOT_DONE`` (nothing done) unless both routes are one system call per I/O for these
+    sizes, C is available, no method is replaced on the handles nor a system call in ``os``, and
+    neither device is suspended (the caller, holding locks, then copies in Python, which waits);
+    else how far C got (``DMS_*``), stopped at the first failure or short transfer: ``DMS_COPY``
+    nothing of the copy is in place (also for zeros onto a COW chunk not known to be zeros);
+    ``DMS_PREFLUSH``/``DMS_FUA`` a flush failed (the commit has failed: never flush again for
+    it); ``DMS_AREA`` the copy is durable and the record in ``area``, whose write failed.
+    """
+    fn = _c_copy if _c_copy is not None else _c_function()
+    if not fn or n >= DIRECT_MIN or len(area) >= DIRECT_MIN or "readinto" in origin._own \
+            or _OS_CALLS != (os.preadv, os.pwrite, os.fdatasync):
+        return NOT_DONE
+    own = cow._own
+    if "write" in own or "flush" in own or "write_durable" in own:
+        return NOT_DONE
+    buf = cow._c_buffer
+    if buf is None or buf[0] is not area:
+        from dmtools._ffi._libdm import ffi
+
+        buf = cow._c_buffer = (area, ffi.from_buffer(area))
+    args = (fn, cow, n, dest, int(zeroed), buf[1], len(area), aoff, index, old, new)
+    device = origin._device
+    if device is None:
+        return _origin_side(None, origin, src, args)
+    return device.run_unheld(src, NOT_DONE, _origin_side, origin, src, args)
+
+
+def _origin_side(table: Any, origin: Route, src: int, args: tuple[Any, ...]) -> int:
+    """:func:`copy_commit` inside the origin device's gate."""
+    if origin._device is not None and table is not origin._table:
+        origin._learn(table)
+    fd = origin._fd
+    cow, n, dest = args[1], args[2], args[3]
+    if fd < 0 or src + n > origin._size:
+        return NOT_DONE
+    device = cow._device
+    if device is None:
+        return _cow_side(None, fd, origin._base + src, args)
+    return device.run_unheld(dest, NOT_DONE, _cow_side, fd, origin._base + src, args)
+
+
+def _cow_side(table: Any, ofd: int, at: int, args: tuple[Any, ...]) -> int:
+    """:func:`copy_commit` inside both devices' gates: the C call."""
+    fn, cow, n, dest, zeroed, area, alen, aoff, index, old, new = args
+    if cow._device is not None and table is not cow._table:
+        cow._learn(table)
+    fd = cow._wfd
+    if fd < 0 or dest + n > cow._size or aoff + alen > cow._size:
+        return NOT_DONE
+    base = cow._base
+    return int(fn(ofd, at, n, fd, base + dest, zeroed, area, alen, base + aoff, index, old, new))

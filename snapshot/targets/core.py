@@ -46,7 +46,7 @@ from dmtools.errors import DeviceIOError, NoSpace
 from dmtools.status import SnapshotState, SnapshotStatus
 from dmtools.units import SECTOR
 
-from snapshot.route import Route
+from snapshot.route import Route, copy_commit
 from snapshot.store.base import ExceptionStore
 from snapshot.targets.origins import STATE_KEY, OriginRegistry, device_key
 
@@ -263,6 +263,8 @@ class CopyOnWrite:
         in order. A run that cannot be copied completes as failed, which invalidates the snapshot
         as a kcopyd error does (dm-snap.c ``copy_callback``).
         """
+        if source is None and len(pes) == 1 and pes[0].count == 1 and self._copy_commit_c(pes[0]):
+            return
         results: list[tuple[PendingException, bool]] = []
         for pe in pes:
             self.account_start_copy(pe.count)
@@ -300,6 +302,44 @@ class CopyOnWrite:
             self.cow_io.write(view, dest)
         finally:
             _give_buffer(buf)
+
+    def _copy_commit_c(self, pe: PendingException) -> bool:
+        """Copy and complete the one-chunk exception ``pe`` in one C call (``copy_commit``: the
+        origin read, the COW write, a flush, the area write, a flush) where it is the next to
+        complete and its record commits alone (``ExceptionStore.commit_copied``); then publish it
+        as ``_complete`` does. ``False`` with nothing done otherwise: the caller copies and
+        completes it in Python. The copy runs under the completion lock, which the commit takes
+        anyway."""
+        cb = self.chunk_bytes
+        start = pe.old * cb
+        nbytes = min(cb, self.origin.size - start)
+        store = self.store
+        if nbytes <= 0 or store.cow is not self.cow:
+            return False
+        origin_io, cow_io = self.origin_io, self.cow_io
+        dest = pe.new * cb
+        zeroed = store.zeroed_ahead(pe.new, 1)
+
+        def copy(area: bytearray, aoff: int, index: int) -> int:
+            return copy_commit(origin_io, cow_io, start, nbytes, dest, zeroed, area, aoff, index, pe.old, pe.new)
+
+        with self._complete_lock:
+            if self._parked or pe.seq != self._seq_next:
+                return False
+            self.account_start_copy()
+            try:
+                if not store.commit_copied(pe.old, pe.new, functools.partial(self._on_commit, pe), copy):
+                    return False
+                self._seq_next += 1
+                if self._finished:
+                    batch, self._finished = self._finished, []
+                    self._publish(batch)
+            except Exception as err:  # noqa: BLE001 - a waiter must never hang on a lost completion
+                log.exception("%s: completing exceptions failed", self.name)
+                self._fail_pending(f"exception completion failed: {err}")
+            finally:
+                self.account_end_copy()
+        return True
 
     def _cow_zero(self, pe: PendingException, nbytes: int) -> bool:
         """True when the COW chunks of ``pe`` read as zeros: zeroed ahead by the store, or a hole."""

@@ -1,0 +1,210 @@
+"""A one-chunk first write's copy and commit in one C call (``snapshot.route.copy_commit``,
+fastio.c ``dms_copy_commit_chunk``): the kernel's order (origin read, COW write, flush, area
+write, flush), and at each step a failure or short transfer handed to the Python path, which
+copies again, writes the area again, or fails the commit without flushing for it again."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from snap_stack import Stack
+
+from dmtools._ffi._libdm import ffi
+from dmtools._ffi.fastio import kcopyd_lib
+from snapshot.store.persistent import PersistentStore
+from snapshot.targets.core import CopyOnWrite, origins_of
+
+CB = 4096  # chunk size 8 sectors
+CHUNKS = 64
+WAIT = 30.0
+LIB = kcopyd_lib()
+
+pytestmark = pytest.mark.skipif(LIB is None, reason="no C library (no compiler, or DMTOOLS_FAST_IO=0)")
+
+
+def _origin_bytes() -> bytes:
+    return bytes((i * 7 + j) % 251 for i in range(CHUNKS) for j in range(CB))
+
+
+def _stack(engine: Any, tmp_path: Path, cow_device: bool = True, origin: bytes | None = None) -> tuple[Stack, Path]:
+    """An origin with one persistent snapshot; its COW the engine device ``t-cow`` (one linear
+    segment over the COW file), or with ``cow_device`` False the file itself."""
+    st = Stack(engine, tmp_path, _origin_bytes() if origin is None else origin)
+    cow = st.cow_file("s", 4 * CHUNKS * CB)
+    if cow_device:
+        engine.create("t-cow", f"0 {4 * CHUNKS * 8} linear {cow} 0")
+        st.add_snapshot("s", 0, cow=engine.device_ref("t-cow"))
+    else:
+        st.add_snapshot("s", 0, cow=str(cow))
+    return st, cow
+
+
+def _snap(engine: Any) -> CopyOnWrite:
+    (snap,) = origins_of(engine).all_snapshots()
+    return snap
+
+
+def _ops() -> str:
+    """The system calls of this thread's last C call: r(ead), w(rite), f(lush)."""
+    out = bytearray(8)
+    n = LIB.dms_last_ops(ffi.from_buffer(out), len(out))
+    return out[:n].decode()
+
+
+def _records(cow: Path) -> list[tuple[int, int]]:
+    """The records of metadata area 0 on the COW file, up to the first empty one."""
+    area = cow.read_bytes()[CB : 2 * CB]
+    out = []
+    for i in range(CB // 16):
+        old, new = (int.from_bytes(area[16 * i + k : 16 * i + k + 8], "little") for k in (0, 8))
+        if not new:
+            break
+        out.append((old, new))
+    return out
+
+
+def _written(chunk: int, at: int, data: bytes) -> bytes:
+    b = bytearray(_origin_bytes()[chunk * CB : (chunk + 1) * CB])
+    b[at : at + len(data)] = data
+    return bytes(b)
+
+
+def _check_views(st: Stack, written: dict[int, bytes], snapshot_valid: bool = True) -> None:
+    origin = bytearray(_origin_bytes())
+    for chunk, data in written.items():
+        origin[chunk * CB : (chunk + 1) * CB] = data
+    assert st.read(st.base) == bytes(origin)
+    if snapshot_valid:
+        assert st.read("s") == _origin_bytes()
+
+
+def _reloaded(engine: Any, cow: Path) -> dict[int, int]:
+    """The exceptions a store loaded from the COW file holds (the kernel's reader)."""
+    with engine.open_endpoint("t-cow", writable=False) as ep:
+        store = PersistentStore(ep, 8, readonly=True)
+        store.read_metadata()
+        return dict(store.iter_records())
+
+
+@pytest.mark.parametrize("cow_device", [True, False], ids=["cow-device", "cow-file"])
+def test_a_first_write_copies_and_commits_in_one_c_call(engine: Any, tmp_path: Path, cow_device: bool) -> None:
+    st, cow = _stack(engine, tmp_path, cow_device)
+    snap = _snap(engine)
+    with engine.open_endpoint(st.base) as ep:
+        ep.write(b"a" * 512, 5 * CB + 512)  # the first one: the area's first write, zeroing ahead
+        ep.write(b"b" * 512, 9 * CB + 1024)
+        ops = _ops()
+    # the origin chunk read, the copy written, PREFLUSH, the area, FUA: the kernel's order
+    assert ops == "rwfwf"
+    new = snap.table.lookup(9)
+    assert new is not None and snap.store.records == 2 and snap.valid
+    assert _records(cow)[-1] == (9, new)
+    assert cow.read_bytes()[new * CB : (new + 1) * CB] == _origin_bytes()[9 * CB : 10 * CB]
+    _check_views(st, {5: _written(5, 512, b"a" * 512), 9: _written(9, 1024, b"b" * 512)})
+
+
+def test_zeros_are_not_copied_onto_a_chunk_zeroed_ahead(engine: Any, tmp_path: Path) -> None:
+    origin = bytearray(_origin_bytes())
+    origin[12 * CB : 13 * CB] = bytes(CB)
+    st, cow = _stack(engine, tmp_path, origin=bytes(origin))
+    snap = _snap(engine)
+    with engine.open_endpoint(st.base) as ep:
+        ep.write(b"a" * 512, 2 * CB)
+        ep.write(b"z" * 512, 12 * CB)
+        ops = _ops()
+    assert ops == "rfwf"  # no write of the zeros: the chunk reads as zeros already
+    new = snap.table.lookup(12)
+    assert new is not None and _records(cow)[-1] == (12, new)
+    assert st.read("s") == bytes(origin)
+    assert _reloaded(engine, cow)[12] == new
+
+
+#: step of the fault -> the C call's system calls, and whether the snapshot stays valid (the
+#: Python path copied again, or wrote the area again) or is invalid (a flush failed: the
+#: commit fails, and the record is never written after it).
+FAULTS = {
+    "origin-read": (0, False, "r", True),
+    "origin-read-short": (0, True, "r", True),
+    "cow-write": (1, False, "rw", True),
+    "cow-write-short": (1, True, "rw", True),
+    "preflush": (2, False, "rwf", False),
+    "area-write": (3, False, "rwfw", True),
+    "area-write-short": (3, True, "rwfw", True),
+    "fua": (4, False, "rwfwf", False),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_failure_at_each_step_goes_on_in_python(engine: Any, tmp_path: Path, fault: str) -> None:
+    step, short, calls, valid = FAULTS[fault]
+    st, cow = _stack(engine, tmp_path)
+    snap = _snap(engine)
+    with engine.open_endpoint(st.base) as ep:
+        ep.write(b"a" * 512, 3 * CB)
+        LIB.dms_set_fault(step, int(short))
+        try:
+            ep.write(b"b" * 512, 7 * CB + 512)  # the origin write lands, whatever the snapshot's fate
+            ops = _ops()
+        finally:
+            LIB.dms_set_fault(-1, 0)
+    assert ops == calls
+    assert snap.valid is valid
+    _check_views(st, {3: _written(3, 0, b"a" * 512), 7: _written(7, 512, b"b" * 512)},
+                 snapshot_valid=valid)
+    records = dict(_records(cow))
+    if valid:
+        new = snap.table.lookup(7)
+        assert new is not None and records[7] == new and snap.store.records == 2
+        assert cow.read_bytes()[new * CB : (new + 1) * CB] == _origin_bytes()[7 * CB : 8 * CB]
+        assert _reloaded(engine, cow)[7] == new
+    else:
+        assert 7 not in records or step == 4  # after a failed PREFLUSH the record is never written
+        assert "Invalid" in st.status("s")
+        assert snap.table.lookup(7) is None
+
+
+def test_a_suspended_cow_sends_the_copy_to_python_which_waits(engine: Any, tmp_path: Path) -> None:
+    st, cow = _stack(engine, tmp_path)
+    snap = _snap(engine)
+    with engine.open_endpoint(st.base) as ep:
+        ep.write(b"a" * 512, 3 * CB)  # routes learnt
+        before = cow.read_bytes()
+        engine.suspend("t-cow")
+        writer = threading.Thread(target=ep.write, args=(b"b" * 512, 11 * CB), daemon=True)
+        writer.start()
+        writer.join(0.3)
+        held = writer.is_alive()
+        unchanged = cow.read_bytes() == before
+        engine.resume("t-cow")
+        writer.join(WAIT)
+    assert held and unchanged, "a first write wrote to a suspended COW"
+    assert not writer.is_alive()
+    new = snap.table.lookup(11)
+    assert new is not None and _records(cow)[-1] == (11, new)
+    _check_views(st, {3: _written(3, 0, b"a" * 512), 11: _written(11, 0, b"b" * 512)})
+
+
+def test_concurrent_first_writes_commit_in_allocation_order(engine: Any, tmp_path: Path) -> None:
+    st, cow = _stack(engine, tmp_path)
+    snap = _snap(engine)
+    chunks = list(range(1, CHUNKS))
+    with engine.open_endpoint(st.base) as ep:
+
+        def run(first: int) -> None:
+            for c in chunks[first::4]:
+                ep.write(bytes([c]) * 512, c * CB + 1024)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+    assert snap.valid and not any(t.is_alive() for t in threads)
+    on_disk = _records(cow)
+    # every exception on disk, in the order of its COW chunk (allocation order), and no other
+    assert sorted(on_disk, key=lambda r: r[1]) == on_disk and len(on_disk) == len(chunks)
+    assert dict(on_disk) == {c: snap.table.lookup(c) for c in chunks}
+    _check_views(st, {c: _written(c, 1024, bytes([c]) * 512) for c in chunks})
