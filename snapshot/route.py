@@ -33,8 +33,8 @@ from dmtools.engine.device_endpoint import DeviceEndpoint
 from dmtools.engine.target_driver import DeviceHandle
 from dmtools.errors import DeviceIOError
 
-__all__ = ["DMS_AREA", "DMS_COPY", "DMS_DONE", "DMS_FUA", "DMS_PREFLUSH", "FLUSH_COST_WEIGHT", "NOT_DONE", "Route",
-           "copy_commit"]
+__all__ = ["DMS_AREA", "DMS_COPY", "DMS_DONE", "DMS_FUA", "DMS_ORIGIN", "DMS_PREFLUSH", "DONE_WROTE",
+           "FLUSH_COST_WEIGHT", "NOT_DONE", "Route", "copy_commit"]
 
 #: weight of the newest ``fdatasync`` in ``Route.flush_cost``, a moving average.
 FLUSH_COST_WEIGHT = 0.125
@@ -196,34 +196,42 @@ def _pwrite(fd: int, buf: memoryview, at: int) -> int:
 # -- the copy-on-write of one chunk in C ----------------------------------------------------------
 #: :func:`copy_commit`'s answers: fastio.c's ``DMS_*`` (how far the C call got), and ``NOT_DONE``
 #: (nothing was done: not routed, a device suspended, C unavailable).
-DMS_DONE, DMS_COPY, DMS_PREFLUSH, DMS_AREA, DMS_FUA = 0, 1, 2, 3, 4
+DMS_DONE, DMS_COPY, DMS_PREFLUSH, DMS_AREA, DMS_FUA, DMS_ORIGIN = 0, 1, 2, 3, 4, 5
 NOT_DONE = -1
+#: :func:`copy_commit`'s ``DMS_DONE`` where C made the origin write too.
+DONE_WROTE = 6
 #: the system calls a route makes, as this module found them: while a test replaces one in ``os``
 #: (a probe), every routed I/O is made in Python, where it sees them.
 _OS_CALLS = (os.preadv, os.pwrite, os.fdatasync)
 #: fastio.c's ``dms_copy_commit_chunk`` through cffi; None until first asked, False without C.
 _c_copy: Any = None
+_ffi: Any = None
 
 
 def _c_function() -> Any:
-    global _c_copy
+    global _c_copy, _ffi
     if _c_copy is None:
+        from dmtools._ffi._libdm import ffi
         from dmtools._ffi.fastio import kcopyd_lib
 
         lib = kcopyd_lib()
+        _ffi = ffi
         _c_copy = lib.dms_copy_commit_chunk if lib else False
     return _c_copy
 
 
 def copy_commit(origin: Route, cow: Route, src: int, n: int, dest: int, zeroed: bool, area: bytearray, aoff: int,
-                index: int, old: int, new: int) -> int:
+                index: int, old: int, new: int, write: "tuple[Route, memoryview, int] | None" = None) -> int:
     """Copy ``n`` bytes at ``src`` of ``origin``'s device to ``dest`` of ``cow``'s, then commit
     the exception ``{old, new}`` as record ``index`` of the metadata area ``area`` (at ``aoff``
-    of the COW): a flush, the area (the record written into ``area`` first), a flush. One C call
-    (fastio.c ``dms_copy_commit_chunk``, the GIL released) inside both devices' gates, each
-    entered once, on their live tables; the caller holds what keeps the area from being written
-    by another (the store's commit lock). ``zeroed``: the COW chunk reads as zeros (an origin
-    chunk of zeros is then not written).
+    of the COW): a flush, the area (the record written into ``area`` first), a flush; then
+    ``write`` = ``(route, data, offset)``, the origin write that needed the copy, where ``route``
+    writes the origin's device and may do so in C too. One C call (fastio.c
+    ``dms_copy_commit_chunk``, the GIL released) inside both devices' gates, each entered once,
+    on their live tables; the caller holds what keeps the area from being written by another
+    (the store's commit lock) and the chunk from being read through the snapshot before the
+    exception is published. ``zeroed``: the COW chunk reads as zeros (an origin chunk of zeros
+    is then not written).
 
     Returns ``NOT_DONE`` (nothing done) unless both routes are one system call per I/O for these
     sizes, C is available, no method is replaced on the handles nor a system call in ``os``, and
@@ -231,7 +239,9 @@ def copy_commit(origin: Route, cow: Route, src: int, n: int, dest: int, zeroed: 
     else how far C got (``DMS_*``), stopped at the first failure or short transfer: ``DMS_COPY``
     nothing of the copy is in place (also for zeros onto a COW chunk not known to be zeros);
     ``DMS_PREFLUSH``/``DMS_FUA`` a flush failed (the commit has failed: never flush again for
-    it); ``DMS_AREA`` the copy is durable and the record in ``area``, whose write failed.
+    it); ``DMS_AREA`` the copy is durable and the record in ``area``, whose write failed;
+    ``DMS_ORIGIN`` committed, the origin write not done or not whole; ``DMS_DONE`` committed
+    (the caller writes the origin: C could not); ``DONE_WROTE`` committed and ``write`` made.
     """
     fn = _c_copy if _c_copy is not None else _c_function()
     if not fn or n >= DIRECT_MIN or len(area) >= DIRECT_MIN or "readinto" in origin._own \
@@ -242,17 +252,20 @@ def copy_commit(origin: Route, cow: Route, src: int, n: int, dest: int, zeroed: 
         return NOT_DONE
     buf = cow._c_buffer
     if buf is None or buf[0] is not area:
-        from dmtools._ffi._libdm import ffi
-
-        buf = cow._c_buffer = (area, ffi.from_buffer(area))
+        buf = cow._c_buffer = (area, _ffi.from_buffer(area))
     args = (fn, cow, n, dest, int(zeroed), buf[1], len(area), aoff, index, old, new)
     device = origin._device
     if device is None:
-        return _origin_side(None, origin, src, args)
-    return device.run_unheld(src, NOT_DONE, _origin_side, origin, src, args)
+        return _origin_side(None, origin, src, args, None)
+    if write is not None:
+        route, data, _ = write
+        if route._device is not device or len(data) >= DIRECT_MIN or "write" in route._own:
+            write = None
+    return device.run_unheld(src, NOT_DONE, _origin_side, origin, src, args, write)
 
 
-def _origin_side(table: Any, origin: Route, src: int, args: tuple[Any, ...]) -> int:
+def _origin_side(table: Any, origin: Route, src: int, args: tuple[Any, ...],
+                 write: "tuple[Route, memoryview, int] | None") -> int:
     """:func:`copy_commit` inside the origin device's gate."""
     if origin._device is not None and table is not origin._table:
         origin._learn(table)
@@ -260,13 +273,22 @@ def _origin_side(table: Any, origin: Route, src: int, args: tuple[Any, ...]) -> 
     cow, n, dest = args[1], args[2], args[3]
     if fd < 0 or src + n > origin._size:
         return NOT_DONE
+    wfd, wbuf, wlen, wat = -1, _ffi.NULL, 0, 0
+    if write is not None:
+        route, data, offset = write
+        if table is not route._table:
+            route._learn(table)
+        if route._wfd >= 0 and offset + len(data) <= route._size:
+            wfd, wbuf, wlen, wat = route._wfd, _ffi.from_buffer(data), len(data), route._base + offset
     device = cow._device
     if device is None:
-        return _cow_side(None, fd, origin._base + src, args)
-    return device.run_unheld(dest, NOT_DONE, _cow_side, fd, origin._base + src, args)
+        rc = _cow_side(None, fd, origin._base + src, args, (wfd, wbuf, wlen, wat))
+    else:
+        rc = device.run_unheld(dest, NOT_DONE, _cow_side, fd, origin._base + src, args, (wfd, wbuf, wlen, wat))
+    return DONE_WROTE if rc == DMS_DONE and wlen else rc
 
 
-def _cow_side(table: Any, ofd: int, at: int, args: tuple[Any, ...]) -> int:
+def _cow_side(table: Any, ofd: int, at: int, args: tuple[Any, ...], write: tuple[int, Any, int, int]) -> int:
     """:func:`copy_commit` inside both devices' gates: the C call."""
     fn, cow, n, dest, zeroed, area, alen, aoff, index, old, new = args
     if cow._device is not None and table is not cow._table:
@@ -275,4 +297,4 @@ def _cow_side(table: Any, ofd: int, at: int, args: tuple[Any, ...]) -> int:
     if fd < 0 or dest + n > cow._size or aoff + alen > cow._size:
         return NOT_DONE
     base = cow._base
-    return int(fn(ofd, at, n, fd, base + dest, zeroed, area, alen, base + aoff, index, old, new))
+    return int(fn(ofd, at, n, fd, base + dest, zeroed, area, alen, base + aoff, index, old, new, *write))

@@ -160,7 +160,8 @@ void dmk_set_max_io(uint64_t n); /* tests: at most n bytes per pread/pwrite */
 
 /* --- the classic snapshot's copy-on-write of one chunk (snapshot.route.copy_commit): fastio.c. */
 int dms_copy_commit_chunk(int ofd, int64_t ooff, int64_t n, int cfd, int64_t coff, int cow_zeroed, char *area,
-                          int64_t alen, int64_t aoff, int64_t index, uint64_t old, uint64_t new);
+                          int64_t alen, int64_t aoff, int64_t index, uint64_t old, uint64_t new, int wfd,
+                          const char *wbuf, int64_t wlen, int64_t woff);
 void dms_set_fault(int step, int short_io); /* tests: the step-th system call of the next call fails */
 int dms_last_ops(char *out, int n);          /* tests: the system calls of this thread's last call */
 """

@@ -1386,7 +1386,8 @@ int dmk_copy1(int sfd, int64_t soff, int dfd, int64_t doff, int64_t n, int ignor
  * durable before the origin changes, as dm-snap.c does: read the origin chunk, write it to the
  * chunk the COW store allocated, then commit the exception (dm-snap-persistent.c): a flush
  * (REQ_PREFLUSH: the copy durable before the record that points at it), the metadata area with
- * the new record written, and a flush (REQ_FUA: the record durable before the origin write).
+ * the new record written, and a flush (REQ_FUA: the record durable before the origin write);
+ * then, where the caller asks (wlen > 0), the origin write that needed the copy.
  * snapshot.route calls this inside the origin's and the COW's suspend gates, on the files their
  * live tables map (one linear target each, plain descriptors), holding the snapshot's completion
  * and commit locks, with the GIL released.
@@ -1405,10 +1406,12 @@ int dmk_copy1(int sfd, int64_t soff, int dfd, int64_t doff, int64_t n, int ignor
 #define DMS_PREFLUSH 2 /* copied; the flush before the record failed */
 #define DMS_AREA 3     /* copied and flushed, record in the area buffer; the area write failed */
 #define DMS_FUA 4      /* area written; the flush after it failed */
+#define DMS_ORIGIN 5   /* committed; the origin write failed (or fell short) */
 #define DMS_STACK_MAX (64 << 10)
 
 /* A test's seam: the step-th system call (0 origin read, 1 COW write, 2 flush, 3 area write,
- * 4 flush) of the next call fails (EIO), or with dms_fault_short moves half its bytes. */
+ * 4 flush, 5 origin write) of the next call fails (EIO), or with dms_fault_short moves half its
+ * bytes. */
 static __thread int dms_fault_step = -1, dms_fault_short;
 /* The system calls of this thread's last call, one letter each (r, w, f), for tests. */
 static __thread char dms_ops[8];
@@ -1461,7 +1464,8 @@ static int dms_zero(const char *p, uint64_t n)
 }
 
 static int dms_copy_commit(int ofd, int64_t ooff, int64_t n, int cfd, int64_t coff, int cow_zeroed, char *area,
-			   int64_t alen, int64_t aoff, int64_t index, uint64_t old, uint64_t new, char *buf)
+			   int64_t alen, int64_t aoff, int64_t index, uint64_t old, uint64_t new, int wfd,
+			   const char *wbuf, int64_t wlen, int64_t woff, char *buf)
 {
 	if (dms_io(0, 'r', ofd, buf, (uint64_t)n, (uint64_t)ooff))
 		return DMS_COPY;
@@ -1479,26 +1483,33 @@ static int dms_copy_commit(int ofd, int64_t ooff, int64_t n, int cfd, int64_t co
 		return DMS_AREA;
 	if (dms_io(4, 'f', cfd, NULL, 0, 0))
 		return DMS_FUA;
+	if (wlen > 0 && dms_io(5, 'w', wfd, (char *)wbuf, (uint64_t)wlen, (uint64_t)woff))
+		return DMS_ORIGIN;
 	return DMS_DONE;
 }
 
 /* Copy n bytes at ooff of ofd to coff of cfd and commit record {old, new} at index of the area
- * buffer (alen bytes, written at aoff of cfd); see above. Returns DMS_*, or -1 (nothing done)
- * for arguments out of range. */
+ * buffer (alen bytes, written at aoff of cfd), then write wlen bytes of wbuf at woff of wfd
+ * (none for wlen 0); see above. Returns DMS_*, or -1 (nothing done) for arguments out of
+ * range. */
 int dms_copy_commit_chunk(int ofd, int64_t ooff, int64_t n, int cfd, int64_t coff, int cow_zeroed, char *area,
-			  int64_t alen, int64_t aoff, int64_t index, uint64_t old, uint64_t new)
+			  int64_t alen, int64_t aoff, int64_t index, uint64_t old, uint64_t new, int wfd,
+			  const char *wbuf, int64_t wlen, int64_t woff)
 {
 	dms_nops = 0;
-	if (n <= 0 || ooff < 0 || coff < 0 || aoff < 0 || index < 0 || 16 * (index + 1) > alen)
+	if (n <= 0 || ooff < 0 || coff < 0 || aoff < 0 || index < 0 || 16 * (index + 1) > alen || wlen < 0 ||
+	    (wlen && (wfd < 0 || woff < 0 || !wbuf)))
 		return -1;
 	if (n <= DMS_STACK_MAX) {
 		char buf[DMS_STACK_MAX] __attribute__((aligned(4096)));
-		return dms_copy_commit(ofd, ooff, n, cfd, coff, cow_zeroed, area, alen, aoff, index, old, new, buf);
+		return dms_copy_commit(ofd, ooff, n, cfd, coff, cow_zeroed, area, alen, aoff, index, old, new, wfd,
+				       wbuf, wlen, woff, buf);
 	}
 	char *buf = malloc((size_t)n);
 	if (!buf)
 		return DMS_COPY;
-	int rc = dms_copy_commit(ofd, ooff, n, cfd, coff, cow_zeroed, area, alen, aoff, index, old, new, buf);
+	int rc = dms_copy_commit(ofd, ooff, n, cfd, coff, cow_zeroed, area, alen, aoff, index, old, new, wfd, wbuf,
+				 wlen, woff, buf);
 	free(buf);
 	return rc;
 }

@@ -113,13 +113,13 @@ class ExceptionStore(abc.ABC):
                 self.commit_exception(old + k, new + k, valid, joint)
 
     def commit_copied(self, old: int, new: int, callback: CommitCallback,
-                      copy: Callable[[bytearray, int, int], int]) -> bool:
+                      copy: Callable[[bytearray, int, int], int]) -> int:
         """Commit ``old -> new`` as :meth:`commit_exception` does, its copy and the commit's I/O
         done in one call: ``copy(area, area_offset, index)`` (``snapshot.route.copy_commit``)
-        where this commit would write one metadata area with this record alone; ``False``
-        (nothing done) where it would not, or ``copy`` did nothing of the copy: the caller copies
-        and commits as usual. The base store never does (``False``)."""
-        return False
+        where this commit would write one metadata area with this record alone; returns
+        ``copy``'s answer, or -1 (``NOT_DONE``: nothing done) where it would not: the caller then
+        copies and commits as usual. The base store never does (-1)."""
+        return -1
 
     def zeroed_ahead(self, new: int, count: int) -> bool:
         """True when COW chunks ``new..new+count-1`` are known to read as zeros (the persistent

@@ -21,7 +21,7 @@ from dmtools.engine.target_driver import ZEROS
 from dmtools.errors import CorruptMetadata, DeviceIOError, InvalidTable, NoSpace
 from dmtools.target_values import StoreMode
 
-from snapshot.route import DMS_AREA, DMS_COPY, DMS_DONE, Route
+from snapshot.route import DMS_AREA, DMS_COPY, DMS_FUA, DMS_PREFLUSH, NOT_DONE, Route
 from snapshot.store.base import CommitCallback, ExceptionStore, Usage
 from snapshot.store.format import (DM_CHUNK_SIZE_DEFAULT_SECTORS, NUM_SNAPSHOT_HDR_CHUNKS, SECTOR, SNAP_MAGIC,
                                    SNAPSHOT_DISK_VERSION, DiskHeader, area_location, chunk_size_error,
@@ -412,23 +412,24 @@ class PersistentStore(ExceptionStore):
                 cb(success)
 
     def commit_copied(self, old: int, new: int, callback: CommitCallback,
-                      copy: Callable[[bytearray, int, int], int]) -> bool:
+                      copy: Callable[[bytearray, int, int], int]) -> int:
         """:meth:`commit_exception` of ``{old, new}`` with its copy, where the record is the only
-        exception pending and leaves the area not full (else ``False``, nothing done): under the
-        commit lock (no other commit writes the area meanwhile), ``copy(area, area_offset,
+        exception pending and leaves the area not full (else ``NOT_DONE``, nothing done): under
+        the commit lock (no other commit writes the area meanwhile), ``copy(area, area_offset,
         index)`` copies, flushes, writes the record into the area buffer and the area, and
-        flushes (``snapshot.route.copy_commit``). From its answer the commit goes on as
-        :meth:`commit_runs`': a failed flush fails the commit (the store invalid, never flushed
-        again for it); a failed area write is made again in Python (through the device if it
-        must); nothing of the copy in place: ``False``, the caller copies and commits."""
+        flushes (``snapshot.route.copy_commit``). From its answer, which is returned, the commit
+        goes on as :meth:`commit_runs`': a failed flush fails the commit (the store invalid,
+        never flushed again for it); a failed area write is made again in Python (through the
+        device if it must); nothing of the copy in place (``NOT_DONE``, ``DMS_COPY``): nothing
+        committed, the caller copies and commits."""
         with self._commit_lock:
             i = self.current_committed
             if not self.valid or self.readonly or self._callbacks or self._pending != 1 \
                     or i + 1 >= self.exceptions_per_area:
-                return False
+                return NOT_DONE
             rc = copy(self._area, area_location(self.current_area, self.chunk_size) * self.chunk_bytes, i)
-            if rc < 0 or rc == DMS_COPY:
-                return False
+            if rc == NOT_DONE or rc == DMS_COPY:
+                return rc
             _pack_run(self._area, i, old, new, 1)  # (C wrote the same unless its first flush failed)
             self.current_committed = i + 1
             self.records += 1
@@ -438,14 +439,14 @@ class PersistentStore(ExceptionStore):
             if rc == DMS_AREA:
                 callbacks, success = self._write_area_locked()
             else:
-                if rc != DMS_DONE:
+                if rc == DMS_PREFLUSH or rc == DMS_FUA:
                     log.warning("%s: metadata commit failed: flush failed", self.cow.name)
                     self.valid = False
                 callbacks, self._callbacks = self._callbacks, []
                 success = self.valid
         for cb in callbacks:
             cb(success)
-        return True
+        return rc
 
     def _write_area_locked(self) -> tuple[list[CommitCallback], bool]:
         """Commit the current area (zeroing the next one first when it is full)."""

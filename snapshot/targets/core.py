@@ -46,7 +46,7 @@ from dmtools.errors import DeviceIOError, NoSpace
 from dmtools.status import SnapshotState, SnapshotStatus
 from dmtools.units import SECTOR
 
-from snapshot.route import Route, copy_commit
+from snapshot.route import DMS_COPY, DMS_ORIGIN, DONE_WROTE, NOT_DONE, Route, copy_commit
 from snapshot.store.base import ExceptionStore
 from snapshot.targets.origins import STATE_KEY, OriginRegistry, device_key
 
@@ -144,6 +144,9 @@ class CopyOnWrite:
         self.merge_control: Any = None
         self.pending: dict[int, PendingException] = {}
         self.tracked: dict[int, int] = {}
+        #: the origin chunk C writes before its exception is published (``_copy_commit_c``), or
+        #: -1: snapshot reads of it wait (under ``cond``) until it is published.
+        self.sealed = -1
         #: chunks [first, last) being merged: writes to them wait (snapshot-merge).
         self.merge_range: tuple[int, int] = (0, 0)
         self.merge_writes = 0  # writes in flight to chunks with exceptions (merge drains them)
@@ -253,7 +256,7 @@ class CopyOnWrite:
         self.pending[chunk] = pe
         return pe
 
-    def _submit_copies(self, pes: list[PendingException], source: "SharedRead | None" = None) -> None:
+    def _submit_copies(self, pes: list[PendingException], source: "SharedRead | None" = None, c: bool = True) -> None:
         """Copy each run of origin chunks to the COW on the calling thread, then complete the runs.
 
         The copy is a read of the origin range into a buffer (or a slice of ``source``, the
@@ -261,9 +264,10 @@ class CopyOnWrite:
         origin range reads as zeros is not written when its COW range is a hole (of a sparse COW
         file) too: it completes without a data write, its record still committed (and flushed)
         in order. A run that cannot be copied completes as failed, which invalidates the snapshot
-        as a kcopyd error does (dm-snap.c ``copy_callback``).
+        as a kcopyd error does (dm-snap.c ``copy_callback``). One chunk may be copied and
+        completed in C (``_copy_commit_c``) unless ``c`` is False.
         """
-        if source is None and len(pes) == 1 and pes[0].count == 1 and self._copy_commit_c(pes[0]):
+        if c and source is None and len(pes) == 1 and pes[0].count == 1 and self._copy_commit_c(pes[0]):
             return
         results: list[tuple[PendingException, bool]] = []
         for pe in pes:
@@ -303,43 +307,63 @@ class CopyOnWrite:
         finally:
             _give_buffer(buf)
 
-    def _copy_commit_c(self, pe: PendingException) -> bool:
+    def _copy_commit_c(self, pe: PendingException, write: "tuple[Route, memoryview, int] | None" = None) -> int:
         """Copy and complete the one-chunk exception ``pe`` in one C call (``copy_commit``: the
-        origin read, the COW write, a flush, the area write, a flush) where it is the next to
-        complete and its record commits alone (``ExceptionStore.commit_copied``); then publish it
-        as ``_complete`` does. ``False`` with nothing done otherwise: the caller copies and
-        completes it in Python. The copy runs under the completion lock, which the commit takes
-        anyway."""
+        origin read, the COW write, a flush, the area write, a flush, then ``write``, the origin
+        write that needs the copy: ``(route, data, offset)``) where it is the next to complete
+        and its record commits alone (``ExceptionStore.commit_copied``); then publish it as
+        ``_complete`` does. Returns 0 with nothing done (the caller copies and completes it in
+        Python), 1 once completed, 2 once completed and ``write`` made.
+
+        The copy runs under the completion lock, which the commit takes anyway. Before C writes
+        the origin, before the exception is published, the chunk is *sealed*: snapshot reads of
+        it wait for the exception (and then read the copy); a chunk with snapshot reads of the
+        origin in flight (``tracked``) is not written by C.
+        """
         cb = self.chunk_bytes
         start = pe.old * cb
         nbytes = min(cb, self.origin.size - start)
         store = self.store
         if nbytes <= 0 or store.cow is not self.cow:
-            return False
+            return 0
         origin_io, cow_io = self.origin_io, self.cow_io
         dest = pe.new * cb
         zeroed = store.zeroed_ahead(pe.new, 1)
 
         def copy(area: bytearray, aoff: int, index: int) -> int:
-            return copy_commit(origin_io, cow_io, start, nbytes, dest, zeroed, area, aoff, index, pe.old, pe.new)
+            return copy_commit(origin_io, cow_io, start, nbytes, dest, zeroed, area, aoff, index, pe.old, pe.new,
+                               write)
 
         with self._complete_lock:
             if self._parked or pe.seq != self._seq_next:
-                return False
+                return 0
+            if write is not None:
+                with self.lock:
+                    if self.tracked.get(pe.old):
+                        write = None
+                    else:
+                        self.sealed = pe.old
             self.account_start_copy()
             try:
-                if not store.commit_copied(pe.old, pe.new, functools.partial(self._on_commit, pe), copy):
-                    return False
+                rc = store.commit_copied(pe.old, pe.new, functools.partial(self._on_commit, pe), copy)
+                self.sealed = -1  # (snapshot reads waiting for it wake when it is published)
+                if rc == NOT_DONE or rc == DMS_COPY:
+                    if write is not None:
+                        with self.cond:
+                            self.cond.notify_all()
+                    return 0
                 self._seq_next += 1
                 if self._finished:
                     batch, self._finished = self._finished, []
                     self._publish(batch)
             except Exception as err:  # noqa: BLE001 - a waiter must never hang on a lost completion
+                self.sealed = -1
                 log.exception("%s: completing exceptions failed", self.name)
                 self._fail_pending(f"exception completion failed: {err}")
+                rc = DMS_ORIGIN
             finally:
                 self.account_end_copy()
-        return True
+        return 2 if rc == DONE_WROTE else 1
 
     def _cow_zero(self, pe: PendingException, nbytes: int) -> bool:
         """True when the COW chunks of ``pe`` read as zeros: zeroed ahead by the store, or a hole."""
@@ -530,6 +554,8 @@ class CopyOnWrite:
             c = here // cb
             # gather a run of chunks served by the same device and contiguous there
             with self.cond:
+                while c == self.sealed:  # its origin chunk is being overwritten: read the copy
+                    self.cond.wait()
                 if not self.valid:
                     raise eio("snapshot is invalid", self.name)
                 new = self.table.lookup(c)
@@ -538,7 +564,7 @@ class CopyOnWrite:
                     tracked = [c]
                     while stop < offset + total:
                         nc = stop // cb
-                        if self.table.lookup(nc) is not None:
+                        if nc == self.sealed or self.table.lookup(nc) is not None:
                             break
                         tracked.append(nc)
                         stop = min(offset + total, (nc + 1) * cb)
@@ -689,7 +715,8 @@ def origins_of(engine: Any) -> OriginRegistry[CopyOnWrite]:
 
 
 def do_origin(origins: OriginRegistry[CopyOnWrite], origin: DeviceHandle, offset: int, length: int, *,
-              skip: CopyOnWrite | None = None, limit: bool = False, key: Any = None) -> None:
+              skip: CopyOnWrite | None = None, limit: bool = False, key: Any = None,
+              write: "tuple[Route, memoryview, int] | None" = None) -> bool:
     """Make every active, valid, non-merging snapshot of ``origin`` hold its own copy of
     ``[offset, offset+length)`` before the caller overwrites it (dm-snap.c ``do_origin``).
 
@@ -697,6 +724,11 @@ def do_origin(origins: OriginRegistry[CopyOnWrite], origin: DeviceHandle, offset
     more than ``snapshot_cow_threshold`` copies in flight. Returns once every needed exception is
     copied **and** committed (or its snapshot is invalid). Runs inside the origin's gate, which a
     handover freezes. ``key`` is ``device_key(origin)`` where the caller keeps it.
+
+    ``write``: the caller's origin write of the range, ``(route, data, offset)``. Where the range
+    needs one new exception (one chunk, one snapshot, nothing else to wait for) its copy and
+    commit in C may make that write too (``CopyOnWrite._copy_commit_c``): then True, and the
+    caller must not write again.
     """
     if key is None:
         key = device_key(origin)
@@ -720,11 +752,19 @@ def do_origin(origins: OriginRegistry[CopyOnWrite], origin: DeviceHandle, offset
             if start:
                 copies.append((snap, start))
         if copies:
-            _copy_for_snapshots(copies, gate.inflight)
+            if write is not None and len(copies) == 1 and len(waits) == 1 and len(waits[0][1]) == 1:
+                snap, (pe,) = copies[0]
+                done = snap._copy_commit_c(pe, write) if pe.count == 1 else 0
+                if done:
+                    return done == 2
+                snap._submit_copies([pe], c=False)  # (C declined or stopped: not asked again)
+            else:
+                _copy_for_snapshots(copies, gate.inflight)
         # One pass is enough: every chunk of the range had an exception already or has one of the
         # pending exceptions waited for here, which either commits or invalidates its snapshot.
         for snap, pes in waits:
             snap.wait_all(pes)
+        return False
     finally:
         gate.leave()
 

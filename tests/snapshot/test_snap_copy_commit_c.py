@@ -1,7 +1,8 @@
 """A one-chunk first write's copy and commit in one C call (``snapshot.route.copy_commit``,
 fastio.c ``dms_copy_commit_chunk``): the kernel's order (origin read, COW write, flush, area
-write, flush), and at each step a failure or short transfer handed to the Python path, which
-copies again, writes the area again, or fails the commit without flushing for it again."""
+write, flush, origin write), and at each step a failure or short transfer handed to the Python
+path, which copies again, writes the area again, fails the commit without flushing for it
+again, or writes the origin; snapshot reads of the chunk never see the new origin bytes."""
 
 from __future__ import annotations
 
@@ -97,8 +98,9 @@ def test_a_first_write_copies_and_commits_in_one_c_call(engine: Any, tmp_path: P
         ep.write(b"a" * 512, 5 * CB + 512)  # the first one: the area's first write, zeroing ahead
         ep.write(b"b" * 512, 9 * CB + 1024)
         ops = _ops()
-    # the origin chunk read, the copy written, PREFLUSH, the area, FUA: the kernel's order
-    assert ops == "rwfwf"
+    # the origin chunk read, the copy written, PREFLUSH, the area, FUA, then the origin write:
+    # the kernel's order
+    assert ops == "rwfwfw"
     new = snap.table.lookup(9)
     assert new is not None and snap.store.records == 2 and snap.valid
     assert _records(cow)[-1] == (9, new)
@@ -115,7 +117,7 @@ def test_zeros_are_not_copied_onto_a_chunk_zeroed_ahead(engine: Any, tmp_path: P
         ep.write(b"a" * 512, 2 * CB)
         ep.write(b"z" * 512, 12 * CB)
         ops = _ops()
-    assert ops == "rfwf"  # no write of the zeros: the chunk reads as zeros already
+    assert ops == "rfwfw"  # no write of the zeros: the chunk reads as zeros already
     new = snap.table.lookup(12)
     assert new is not None and _records(cow)[-1] == (12, new)
     assert st.read("s") == bytes(origin)
@@ -134,6 +136,8 @@ FAULTS = {
     "area-write": (3, False, "rwfw", True),
     "area-write-short": (3, True, "rwfw", True),
     "fua": (4, False, "rwfwf", False),
+    "origin-write": (5, False, "rwfwfw", True),
+    "origin-write-short": (5, True, "rwfwfw", True),
 }
 
 
@@ -208,3 +212,47 @@ def test_concurrent_first_writes_commit_in_allocation_order(engine: Any, tmp_pat
     assert sorted(on_disk, key=lambda r: r[1]) == on_disk and len(on_disk) == len(chunks)
     assert dict(on_disk) == {c: snap.table.lookup(c) for c in chunks}
     _check_views(st, {c: _written(c, 1024, bytes([c]) * 512) for c in chunks})
+
+
+def test_a_snapshot_read_of_a_sealed_chunk_waits_for_the_exception(engine: Any, tmp_path: Path) -> None:
+    st, _ = _stack(engine, tmp_path)
+    snap = _snap(engine)
+    got: list[bytes] = []
+    snap.sealed = 5  # as while C writes the origin chunk before the exception is published
+    reader = threading.Thread(target=lambda: got.append(st.read("s", 4 * CB, 2 * CB)), daemon=True)
+    reader.start()
+    reader.join(0.3)
+    held = reader.is_alive()
+    with snap.cond:
+        snap.sealed = -1
+        snap.cond.notify_all()
+    reader.join(WAIT)
+    assert held, "a snapshot read of a sealed chunk went to the origin"
+    assert got == [_origin_bytes()[4 * CB : 6 * CB]]
+
+
+def test_an_origin_chunk_with_snapshot_reads_in_flight_is_written_after_them(engine: Any, tmp_path: Path) -> None:
+    st, _ = _stack(engine, tmp_path)
+    snap = _snap(engine)
+    ops: list[str] = []
+    with engine.open_endpoint(st.base) as ep:
+        ep.write(b"a" * 512, 3 * CB)
+        with snap.cond:
+            snap.tracked[7] = 1  # a snapshot read of chunk 7 from the origin, in flight
+
+        def write() -> None:
+            ep.write(b"b" * 512, 7 * CB)
+            ops.append(_ops())
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        writer.join(0.3)
+        held = writer.is_alive()
+        unchanged = st.origin_path.read_bytes()[7 * CB : 8 * CB] == _origin_bytes()[7 * CB : 8 * CB]
+        with snap.cond:
+            del snap.tracked[7]
+            snap.cond.notify_all()
+        writer.join(WAIT)
+    assert held and unchanged, "the origin chunk changed under a snapshot read of it"
+    assert ops == ["rwfwf"]  # copied and committed in C; the origin written after the read, in Python
+    _check_views(st, {3: _written(3, 0, b"a" * 512), 7: _written(7, 0, b"b" * 512)})
