@@ -17,6 +17,11 @@ probe), goes through the handle as before, which does the I/O or raises the devi
 Durability is unchanged: ``flush`` is the ``fdatasync`` the backing file's flush is, and
 ``write_durable`` the write then that flush, as the endpoint's default ``write_durable`` does,
 both in one pass through the gate.
+
+:func:`copy_commit` does a one-chunk first write's copy, its commit and the origin write in one
+C call (fastio.c ``dms_copy_commit_chunk``, the GIL released), inside both devices' gates, each
+entered once (:meth:`~dmtools.engine.device.Device.run_unheld`), in the same order and with the
+same hand-back to the Python path at the first failure.
 """
 
 from __future__ import annotations
