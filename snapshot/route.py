@@ -39,7 +39,7 @@ from dmtools.engine.target_driver import DeviceHandle
 from dmtools.errors import DeviceIOError
 
 __all__ = ["DMS_AREA", "DMS_COPY", "DMS_DONE", "DMS_FUA", "DMS_ORIGIN", "DMS_PREFLUSH", "DONE_WROTE",
-           "FLUSH_COST_WEIGHT", "NOT_DONE", "Route", "copy_commit"]
+           "FLUSH_COST_WEIGHT", "NOT_DONE", "Route", "copy_commit", "last_flush_seconds"]
 
 #: weight of the newest ``fdatasync`` in ``Route.flush_cost``, a moving average.
 FLUSH_COST_WEIGHT = 0.125
@@ -143,10 +143,13 @@ class Route:
         except OSError as err:
             raise DeviceIOError(f"flush failed: {err.strerror}", errno=err.errno, operation="flush",
                                 device=self.handle.name) from err
-        took = time.perf_counter() - t
+        self.note_flush(time.perf_counter() - t)
+        return 0
+
+    def note_flush(self, took: float) -> None:
+        """Count a flush of the routed file that took ``took`` seconds in :attr:`flush_cost`."""
         cost = self.flush_cost
         self.flush_cost = took if cost is None else cost + (took - cost) * FLUSH_COST_WEIGHT
-        return 0
 
     def _write_flush(self, fd: int, buf: memoryview, at: int) -> int:
         """``pwrite`` then ``fdatasync`` of ``fd``, in the caller's one pass through the gate (a
@@ -208,25 +211,37 @@ DONE_WROTE = 6
 #: the system calls a route makes, as this module found them: while a test replaces one in ``os``
 #: (a probe), every routed I/O is made in Python, where it sees them.
 _OS_CALLS = (os.preadv, os.pwrite, os.fdatasync)
-#: fastio.c's ``dms_copy_commit_chunk`` through cffi; None until first asked, False without C.
+#: fastio.c's ``dms_copy_commit_chunk`` and ``dms_commit_copy`` through cffi; None until first
+#: asked, False without C.
 _c_copy: Any = None
+_c_commit: Any = None
+_c_flush_ns: Any = None
 _ffi: Any = None
 
 
 def _c_function() -> Any:
-    global _c_copy, _ffi
+    global _c_copy, _c_commit, _c_flush_ns, _ffi
     if _c_copy is None:
         from dmtools._ffi._libdm import ffi
         from dmtools._ffi.fastio import kcopyd_lib
 
         lib = kcopyd_lib()
         _ffi = ffi
+        _c_commit = lib.dms_commit_copy if lib else False
+        _c_flush_ns = lib.dms_last_flush_ns if lib else False
         _c_copy = lib.dms_copy_commit_chunk if lib else False
     return _c_copy
 
 
+def last_flush_seconds() -> float | None:
+    """The mean time of the flushes this thread's last :func:`copy_commit` made in C, or None."""
+    ns = _c_flush_ns()
+    return None if ns < 0 else ns * 1e-9
+
+
 def copy_commit(origin: Route, cow: Route, src: int, n: int, dest: int, zeroed: bool, area: bytearray, aoff: int,
-                index: int, old: int, new: int, write: "tuple[Route, memoryview, int] | None" = None) -> int:
+                index: int, old: int, new: int, write: "tuple[Route, memoryview, int] | None" = None,
+                source: memoryview | None = None) -> int:
     """Copy ``n`` bytes at ``src`` of ``origin``'s device to ``dest`` of ``cow``'s, then commit
     the exception ``{old, new}`` as record ``index`` of the metadata area ``area`` (at ``aoff``
     of the COW): a flush, the area (the record written into ``area`` first), a flush; then
@@ -247,6 +262,9 @@ def copy_commit(origin: Route, cow: Route, src: int, n: int, dest: int, zeroed: 
     it); ``DMS_AREA`` the copy is durable and the record in ``area``, whose write failed;
     ``DMS_ORIGIN`` committed, the origin write not done or not whole; ``DMS_DONE`` committed
     (the caller writes the origin: C could not); ``DONE_WROTE`` committed and ``write`` made.
+
+    ``source``: the ``n`` origin bytes, read already (for several snapshots at once): no origin
+    read then, only the COW's gate, and no ``write``.
     """
     fn = _c_copy if _c_copy is not None else _c_function()
     if not fn or n >= DIRECT_MIN or len(area) >= DIRECT_MIN or "readinto" in origin._own \
@@ -259,6 +277,13 @@ def copy_commit(origin: Route, cow: Route, src: int, n: int, dest: int, zeroed: 
     if buf is None or buf[0] is not area:
         buf = cow._c_buffer = (area, _ffi.from_buffer(area))
     args = (fn, cow, n, dest, int(zeroed), buf[1], len(area), aoff, index, old, new)
+    if source is not None:
+        args = (_c_commit, *args[1:])
+        lead = (_ffi.from_buffer(source),)
+        device = cow._device
+        if device is None:
+            return _cow_side(None, lead, args, ())
+        return device.run_unheld(dest, NOT_DONE, _cow_side, lead, args, ())
     device = origin._device
     if device is None:
         return _origin_side(None, origin, src, args, None)
@@ -286,15 +311,18 @@ def _origin_side(table: Any, origin: Route, src: int, args: tuple[Any, ...],
         if route._wfd >= 0 and offset + len(data) <= route._size:
             wfd, wbuf, wlen, wat = route._wfd, _ffi.from_buffer(data), len(data), route._base + offset
     device = cow._device
+    lead = (fd, origin._base + src)
     if device is None:
-        rc = _cow_side(None, fd, origin._base + src, args, (wfd, wbuf, wlen, wat))
+        rc = _cow_side(None, lead, args, (wfd, wbuf, wlen, wat))
     else:
-        rc = device.run_unheld(dest, NOT_DONE, _cow_side, fd, origin._base + src, args, (wfd, wbuf, wlen, wat))
+        rc = device.run_unheld(dest, NOT_DONE, _cow_side, lead, args, (wfd, wbuf, wlen, wat))
     return DONE_WROTE if rc == DMS_DONE and wlen else rc
 
 
-def _cow_side(table: Any, ofd: int, at: int, args: tuple[Any, ...], write: tuple[int, Any, int, int]) -> int:
-    """:func:`copy_commit` inside both devices' gates: the C call."""
+def _cow_side(table: Any, lead: tuple[Any, ...], args: tuple[Any, ...], write: tuple[Any, ...]) -> int:
+    """:func:`copy_commit` inside both devices' gates (the COW's alone for a ``source``): the C
+    call, its arguments ``lead`` (the origin's descriptor and offset, or the source), the
+    COW's and ``write`` (the origin write's, or none)."""
     fn, cow, n, dest, zeroed, area, alen, aoff, index, old, new = args
     if cow._device is not None and table is not cow._table:
         cow._learn(table)
@@ -302,4 +330,4 @@ def _cow_side(table: Any, ofd: int, at: int, args: tuple[Any, ...], write: tuple
     if fd < 0 or dest + n > cow._size or aoff + alen > cow._size:
         return NOT_DONE
     base = cow._base
-    return int(fn(ofd, at, n, fd, base + dest, zeroed, area, alen, base + aoff, index, old, new, *write))
+    return int(fn(*lead, n, fd, base + dest, zeroed, area, alen, base + aoff, index, old, new, *write))

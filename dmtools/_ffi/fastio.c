@@ -1416,11 +1416,21 @@ static __thread int dms_fault_step = -1, dms_fault_short;
 /* The system calls of this thread's last call, one letter each (r, w, f), for tests. */
 static __thread char dms_ops[8];
 static __thread int dms_nops;
+/* The nanoseconds the flushes of this thread's last call took, and how many there were. */
+static __thread int64_t dms_flush_ns;
+static __thread int dms_flushes;
 
 void dms_set_fault(int step, int short_io)
 {
 	dms_fault_step = step;
 	dms_fault_short = short_io;
+}
+
+/* The mean nanoseconds of the flushes of this thread's last call, -1 without one (snapshot.route
+ * keeps the moving average the several-snapshot copies are scheduled by). */
+int64_t dms_last_flush_ns(void)
+{
+	return dms_flushes ? dms_flush_ns / dms_flushes : -1;
 }
 
 int dms_last_ops(char *out, int n)
@@ -1441,7 +1451,13 @@ static int dms_io(int step, char op, int fd, char *buf, uint64_t n, uint64_t off
 	if (op == 'f') {
 		if (fault)
 			return -1;
-		return fdatasync(fd) == 0 ? 0 : -1;
+		struct timespec t0, t1;
+		clock_gettime(CLOCK_MONOTONIC, &t0);
+		int ret = fdatasync(fd);
+		clock_gettime(CLOCK_MONOTONIC, &t1);
+		dms_flush_ns += (t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec);
+		dms_flushes++;
+		return ret == 0 ? 0 : -1;
 	}
 	if (fault && !dms_fault_short)
 		return -1;
@@ -1467,7 +1483,7 @@ static int dms_copy_commit(int ofd, int64_t ooff, int64_t n, int cfd, int64_t co
 			   int64_t alen, int64_t aoff, int64_t index, uint64_t old, uint64_t new, int wfd,
 			   const char *wbuf, int64_t wlen, int64_t woff, char *buf)
 {
-	if (dms_io(0, 'r', ofd, buf, (uint64_t)n, (uint64_t)ooff))
+	if (ofd >= 0 && dms_io(0, 'r', ofd, buf, (uint64_t)n, (uint64_t)ooff))
 		return DMS_COPY;
 	if (dms_zero(buf, (uint64_t)n)) {
 		if (!cow_zeroed)
@@ -1496,7 +1512,8 @@ int dms_copy_commit_chunk(int ofd, int64_t ooff, int64_t n, int cfd, int64_t cof
 			  int64_t alen, int64_t aoff, int64_t index, uint64_t old, uint64_t new, int wfd,
 			  const char *wbuf, int64_t wlen, int64_t woff)
 {
-	dms_nops = 0;
+	dms_nops = dms_flushes = 0;
+	dms_flush_ns = 0;
 	if (n <= 0 || ooff < 0 || coff < 0 || aoff < 0 || index < 0 || 16 * (index + 1) > alen || wlen < 0 ||
 	    (wlen && (wfd < 0 || woff < 0 || !wbuf)))
 		return -1;
@@ -1512,4 +1529,17 @@ int dms_copy_commit_chunk(int ofd, int64_t ooff, int64_t n, int cfd, int64_t cof
 				 wlen, woff, buf);
 	free(buf);
 	return rc;
+}
+
+/* dms_copy_commit_chunk for an origin chunk read already (src, n bytes: the range one origin
+ * write's snapshots share), for one of them: no origin read, no origin write. */
+int dms_commit_copy(const char *src, int64_t n, int cfd, int64_t coff, int cow_zeroed, char *area, int64_t alen,
+		    int64_t aoff, int64_t index, uint64_t old, uint64_t new)
+{
+	dms_nops = dms_flushes = 0;
+	dms_flush_ns = 0;
+	if (!src || n <= 0 || coff < 0 || aoff < 0 || index < 0 || 16 * (index + 1) > alen)
+		return -1;
+	return dms_copy_commit(-1, 0, n, cfd, coff, cow_zeroed, area, alen, aoff, index, old, new, -1, NULL, 0, 0,
+			       (char *)src);
 }

@@ -21,7 +21,7 @@ from dmtools.engine.target_driver import ZEROS
 from dmtools.errors import CorruptMetadata, DeviceIOError, InvalidTable, NoSpace
 from dmtools.target_values import StoreMode
 
-from snapshot.route import DMS_AREA, DMS_COPY, DMS_FUA, DMS_PREFLUSH, NOT_DONE, Route
+from snapshot.route import DMS_AREA, DMS_COPY, DMS_FUA, DMS_PREFLUSH, NOT_DONE, Route, last_flush_seconds
 from snapshot.store.base import CommitCallback, ExceptionStore, Usage
 from snapshot.store.format import (DM_CHUNK_SIZE_DEFAULT_SECTORS, NUM_SNAPSHOT_HDR_CHUNKS, SECTOR, SNAP_MAGIC,
                                    SNAPSHOT_DISK_VERSION, DiskHeader, area_location, chunk_size_error,
@@ -38,6 +38,11 @@ _BIG_ENDIAN = sys.byteorder == "big"
 #: data back. Allocations of this size or more (sequential copies) are not zeroed first: they write
 #: their whole range themselves, and writing it twice would cost more than the journal commit.
 ZERO_AHEAD_BYTES = 1 << 20
+
+
+#: :meth:`PersistentStore.commit_copied` counts the flush time of the first and then every so
+#: many of its commits in ``flush_cost`` (a power of two): a moving average needs no more.
+C_FLUSH_SAMPLE = 16
 
 
 def _read_exact(dev: Endpoint, size: int, offset: int, what: str) -> bytearray:
@@ -90,6 +95,9 @@ class PersistentStore(ExceptionStore):
         self._zeroed_from = 0
         self._commit_lock = threading.Lock()
         self._route: Route | None = None
+        #: commits made by :meth:`commit_copied` (each ``C_FLUSH_SAMPLE``-th one's flush time is
+        #: counted in ``flush_cost``)
+        self._c_commits = 0
         if chunk_size:
             err = chunk_size_error(chunk_size)
             if err:
@@ -436,6 +444,11 @@ class PersistentStore(ExceptionStore):
             with self._lock:
                 self._pending -= 1
             self._callbacks.append(callback)
+            if not self._c_commits & (C_FLUSH_SAMPLE - 1):  # C's flushes count in flush_cost too
+                took = last_flush_seconds()
+                if took is not None:
+                    self._cow_route().note_flush(took)
+            self._c_commits += 1
             if rc == DMS_AREA:
                 callbacks, success = self._write_area_locked()
             else:

@@ -267,7 +267,7 @@ class CopyOnWrite:
         as a kcopyd error does (dm-snap.c ``copy_callback``). One chunk may be copied and
         completed in C (``_copy_commit_c``) unless ``c`` is False.
         """
-        if c and source is None and len(pes) == 1 and pes[0].count == 1 and self._copy_commit_c(pes[0]):
+        if c and len(pes) == 1 and pes[0].count == 1 and self._copy_commit_c(pes[0], None, source):
             return
         results: list[tuple[PendingException, bool]] = []
         for pe in pes:
@@ -307,13 +307,15 @@ class CopyOnWrite:
         finally:
             _give_buffer(buf)
 
-    def _copy_commit_c(self, pe: PendingException, write: "tuple[Route, memoryview, int] | None" = None) -> int:
+    def _copy_commit_c(self, pe: PendingException, write: "tuple[Route, memoryview, int] | None" = None,
+                       source: "SharedRead | None" = None) -> int:
         """Copy and complete the one-chunk exception ``pe`` in one C call (``copy_commit``: the
         origin read, the COW write, a flush, the area write, a flush, then ``write``, the origin
         write that needs the copy: ``(route, data, offset)``) where it is the next to complete
         and its record commits alone (``ExceptionStore.commit_copied``); then publish it as
         ``_complete`` does. Returns 0 with nothing done (the caller copies and completes it in
-        Python), 1 once completed, 2 once completed and ``write`` made.
+        Python), 1 once completed, 2 once completed and ``write`` made. With ``source`` (the
+        origin bytes several snapshots share, read already) C copies from it, without ``write``.
 
         The copy runs under the completion lock, which the commit takes anyway. Before C writes
         the origin, before the exception is published, the chunk is *sealed*: snapshot reads of
@@ -329,10 +331,11 @@ class CopyOnWrite:
         origin_io, cow_io = self.origin_io, self.cow_io
         dest = pe.new * cb
         zeroed = store.zeroed_ahead(pe.new, 1)
+        data = None if source is None else source.slice(start, nbytes)
 
         def copy(area: bytearray, aoff: int, index: int) -> int:
             return copy_commit(origin_io, cow_io, start, nbytes, dest, zeroed, area, aoff, index, pe.old, pe.new,
-                               write)
+                               write, data)
 
         with self._complete_lock:
             if self._parked or pe.seq != self._seq_next:

@@ -15,7 +15,8 @@ from snap_stack import Stack
 
 from dmtools._ffi._libdm import ffi
 from dmtools._ffi.fastio import kcopyd_lib
-from snapshot.store.persistent import PersistentStore
+from snapshot.route import FLUSH_COST_WEIGHT
+from snapshot.store.persistent import C_FLUSH_SAMPLE, PersistentStore
 from snapshot.targets.core import CopyOnWrite, origins_of
 
 CB = 4096  # chunk size 8 sectors
@@ -256,3 +257,63 @@ def test_an_origin_chunk_with_snapshot_reads_in_flight_is_written_after_them(eng
     assert held and unchanged, "the origin chunk changed under a snapshot read of it"
     assert ops == ["rwfwf"]  # copied and committed in C; the origin written after the read, in Python
     _check_views(st, {3: _written(3, 0, b"a" * 512), 7: _written(7, 0, b"b" * 512)})
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["writers-thread", "pool"])
+def test_several_snapshots_commit_copies_of_one_origin_read_in_c(engine: Any, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch, fast: bool) -> None:
+    from snapshot.targets import core
+
+    st = Stack(engine, tmp_path, _origin_bytes())
+    for name in ("a", "b", "c"):
+        st.add_snapshot(name, 4 * CHUNKS * CB)
+    snaps = origins_of(engine).all_snapshots()
+    monkeypatch.setattr(core, "PARALLEL_FLUSH_SECONDS", float("inf") if fast else 0.0)
+    answers: list[tuple[int, int]] = []
+    real = core.copy_commit
+
+    def copy_commit(*args: Any) -> int:
+        rc = real(*args)
+        answers.append((args[9], rc))  # (origin chunk, answer)
+        return rc
+
+    with engine.open_endpoint(st.base) as ep:
+        ep.write(b"a" * 512, 1 * CB)
+        monkeypatch.setattr(core, "copy_commit", copy_commit)
+        ep.write(b"b" * 512, 20 * CB + 512)
+        ops = _ops()
+    # one C commit of the shared origin read per snapshot, on the writer's thread or in the pool
+    assert answers == [(20, 0)] * 3
+    if fast:  # the last snapshot's commit on this thread: no origin read (the shared one), no origin write
+        assert ops == "wfwf"
+    for snap in snaps:
+        assert snap.valid and snap.store.flush_cost is not None
+        new = snap.table.lookup(20)
+        assert new is not None
+        cow = Path(st.snaps[snap.name])
+        assert _records(cow)[-1] == (20, new)
+        assert cow.read_bytes()[new * CB : (new + 1) * CB] == _origin_bytes()[20 * CB : 21 * CB]
+    for name in ("a", "b", "c"):
+        assert st.read(name) == _origin_bytes()
+    assert st.read(st.base) == bytes(_merge({1: _written(1, 0, b"a" * 512), 20: _written(20, 512, b"b" * 512)}))
+
+
+def _merge(written: dict[int, bytes]) -> bytearray:
+    origin = bytearray(_origin_bytes())
+    for chunk, data in written.items():
+        origin[chunk * CB : (chunk + 1) * CB] = data
+    return origin
+
+
+def test_the_flushes_made_in_c_count_in_the_stores_flush_cost(engine: Any, tmp_path: Path) -> None:
+    st, _ = _stack(engine, tmp_path)
+    snap = _snap(engine)
+    with engine.open_endpoint(st.base) as ep:
+        ep.write(b"a" * 512, 2 * CB)
+        route = snap.store._cow_route()
+        route.flush_cost = 10.0  # an old, slow figure: C's flushes move the moving average down
+        for chunk in range(4, 4 + C_FLUSH_SAMPLE):  # one of them sampled
+            ep.write(b"b" * 512, chunk * CB)
+            assert _ops() == "rwfwfw"
+    cost = snap.store.flush_cost
+    assert cost is not None and 10.0 * (1 - FLUSH_COST_WEIGHT) <= cost < 10.0
