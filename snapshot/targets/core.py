@@ -349,22 +349,21 @@ class CopyOnWrite:
             self.account_start_copy()
             try:
                 rc = store.commit_copied(pe.old, pe.new, functools.partial(self._on_commit, pe), copy)
-                self.sealed = -1  # (snapshot reads waiting for it wake when it is published)
                 if rc == NOT_DONE or rc == DMS_COPY:
-                    if write is not None:
-                        with self.cond:
-                            self.cond.notify_all()
-                    return 0
+                    return 0  # (the origin is not written: unsealed below)
                 self._seq_next += 1
                 if self._finished:
                     batch, self._finished = self._finished, []
-                    self._publish(batch)
+                    self._publish(batch)  # (unsealed there, with the exception in the table)
             except Exception as err:  # noqa: BLE001 - a waiter must never hang on a lost completion
-                self.sealed = -1
                 log.exception("%s: completing exceptions failed", self.name)
                 self._fail_pending(f"exception completion failed: {err}")
                 rc = DMS_ORIGIN
             finally:
+                if self.sealed >= 0:
+                    with self.cond:
+                        self.sealed = -1
+                        self.cond.notify_all()
                 self.account_end_copy()
         return 2 if rc == DONE_WROTE else 1
 
@@ -459,6 +458,7 @@ class CopyOnWrite:
                         deque(map(pending.pop, pe.chunks()), 0)
                 pe.ok = success and self.valid
                 pe.done = True
+            self.sealed = -1  # (a chunk C wrote on the origin is read from its copy from now on)
             self.cond.notify_all()
 
     def wait_all(self, pes: list[PendingException]) -> bool:

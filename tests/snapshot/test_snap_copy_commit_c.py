@@ -317,3 +317,31 @@ def test_the_flushes_made_in_c_count_in_the_stores_flush_cost(engine: Any, tmp_p
             assert _ops() == "rwfwfw"
     cost = snap.store.flush_cost
     assert cost is not None and 10.0 * (1 - FLUSH_COST_WEIGHT) <= cost < 10.0
+
+
+def test_a_chunk_stays_sealed_until_its_exception_is_published(engine: Any, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    st, _ = _stack(engine, tmp_path)
+    snap = _snap(engine)
+    got: list[bytes] = []
+    held: list[bool] = []
+    real = snap._publish
+
+    def publish(batch: Any) -> None:
+        # C has written the origin chunk; a snapshot read of it starts before the exception is
+        # in the table, and must not read the new origin bytes
+        reader = threading.Thread(target=lambda: got.append(st.read("s", 9 * CB, CB)), daemon=True)
+        reader.start()
+        reader.join(0.3)
+        held.append(reader.is_alive())
+        real(batch)
+        reader.join(WAIT)
+
+    with engine.open_endpoint(st.base) as ep:
+        ep.write(b"a" * 512, 3 * CB)
+        monkeypatch.setattr(snap, "_publish", publish)
+        ep.write(b"b" * 512, 9 * CB)
+        ops = _ops()
+    assert ops == "rwfwfw" and held == [True]
+    assert got == [_origin_bytes()[9 * CB : 10 * CB]]
+    _check_views(st, {3: _written(3, 0, b"a" * 512), 9: _written(9, 0, b"b" * 512)})
