@@ -112,6 +112,11 @@ class ExceptionStore(abc.ABC):
             for k in range(count):
                 self.commit_exception(old + k, new + k, valid, joint)
 
+    def commits_alone(self) -> bool:
+        """True when :meth:`commit_copied` would likely commit a new exception on its own now
+        (a hint, read without locks; ``commit_copied`` decides). The base store never does."""
+        return False
+
     def commit_copied(self, old: int, new: int, callback: CommitCallback,
                       copy: Callable[[bytearray, int, int], int]) -> int:
         """Commit ``old -> new`` as :meth:`commit_exception` does, its copy and the commit's I/O

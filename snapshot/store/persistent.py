@@ -419,6 +419,11 @@ class PersistentStore(ExceptionStore):
             for cb in cbs:
                 cb(success)
 
+    def commits_alone(self) -> bool:
+        """True while one exception is pending and the store can write (a hint, read without
+        locks: :meth:`commit_copied` decides under them)."""
+        return self._pending == 1 and self.valid and not self.readonly
+
     def commit_copied(self, old: int, new: int, callback: CommitCallback,
                       copy: Callable[[bytearray, int, int], int]) -> int:
         """:meth:`commit_exception` of ``{old, new}`` with its copy, where the record is the only

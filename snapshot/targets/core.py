@@ -147,6 +147,7 @@ class CopyOnWrite:
         #: the origin chunk C writes before its exception is published (``_copy_commit_c``), or
         #: -1: snapshot reads of it wait (under ``cond``) until it is published.
         self.sealed = -1
+        self._seal_waiters = 0  # snapshot reads waiting for ``sealed``
         #: chunks [first, last) being merged: writes to them wait (snapshot-merge).
         self.merge_range: tuple[int, int] = (0, 0)
         self.merge_writes = 0  # writes in flight to chunks with exceptions (merge drains them)
@@ -322,10 +323,12 @@ class CopyOnWrite:
         it wait for the exception (and then read the copy); a chunk with snapshot reads of the
         origin in flight (``tracked``) is not written by C.
         """
+        store = self.store
+        if not store.commits_alone() or self._parked or pe.seq != self._seq_next:
+            return 0  # (concurrent writers: the Python path, which commits them together)
         cb = self.chunk_bytes
         start = pe.old * cb
         nbytes = min(cb, self.origin.size - start)
-        store = self.store
         if nbytes <= 0 or store.cow is not self.cow:
             return 0
         origin_io, cow_io = self.origin_io, self.cow_io
@@ -337,7 +340,12 @@ class CopyOnWrite:
             return copy_commit(origin_io, cow_io, start, nbytes, dest, zeroed, area, aoff, index, pe.old, pe.new,
                                write, data)
 
-        with self._complete_lock:
+        # Not while another thread completes (it commits, or will: this one would wait for it,
+        # and then not be the next in order or the only exception pending): the Python path
+        # copies meanwhile, as it does for concurrent writers.
+        if not self._complete_lock.acquire(blocking=False):
+            return 0
+        try:
             if self._parked or pe.seq != self._seq_next:
                 return 0
             if write is not None:
@@ -363,8 +371,11 @@ class CopyOnWrite:
                 if self.sealed >= 0:
                     with self.cond:
                         self.sealed = -1
-                        self.cond.notify_all()
+                        if self._seal_waiters:
+                            self.cond.notify_all()
                 self.account_end_copy()
+        finally:
+            self._complete_lock.release()
         return 2 if rc == DONE_WROTE else 1
 
     def _cow_zero(self, pe: PendingException, nbytes: int) -> bool:
@@ -558,7 +569,11 @@ class CopyOnWrite:
             # gather a run of chunks served by the same device and contiguous there
             with self.cond:
                 while c == self.sealed:  # its origin chunk is being overwritten: read the copy
-                    self.cond.wait()
+                    self._seal_waiters += 1
+                    try:
+                        self.cond.wait()
+                    finally:
+                        self._seal_waiters -= 1
                 if not self.valid:
                     raise eio("snapshot is invalid", self.name)
                 new = self.table.lookup(c)
