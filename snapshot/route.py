@@ -278,6 +278,8 @@ def copy_commit(origin: Route, cow: Route, src: int, n: int, dest: int, zeroed: 
         buf = cow._c_buffer = (area, _ffi.from_buffer(area))
     args = (fn, cow, n, dest, int(zeroed), buf[1], len(area), aoff, index, old, new)
     if source is not None:
+        if len(source) != n:
+            return NOT_DONE
         args = (_c_commit, *args[1:])
         lead = (_ffi.from_buffer(source),)
         device = cow._device

@@ -328,13 +328,17 @@ class CopyOnWrite:
             return 0  # (concurrent writers: the Python path, which commits them together)
         cb = self.chunk_bytes
         start = pe.old * cb
-        nbytes = min(cb, self.origin.size - start)
+        # a chunk inside the snapshot is whole on the origin unless the origin is smaller, which
+        # copy_commit sees on the origin's live table (and declines): no size asked of the handle
+        nbytes = cb if start + cb <= self.length_bytes else min(cb, self.origin.size - start)
         if nbytes <= 0 or store.cow is not self.cow:
             return 0
         origin_io, cow_io = self.origin_io, self.cow_io
         dest = pe.new * cb
         zeroed = store.zeroed_ahead(pe.new, 1)
         data = None if source is None else source.slice(start, nbytes)
+        if data is not None and len(data) != nbytes:  # (past the origin's end: the Python path)
+            return 0
 
         def copy(area: bytearray, aoff: int, index: int) -> int:
             return copy_commit(origin_io, cow_io, start, nbytes, dest, zeroed, area, aoff, index, pe.old, pe.new,

@@ -345,3 +345,22 @@ def test_a_chunk_stays_sealed_until_its_exception_is_published(engine: Any, tmp_
     assert ops == "rwfwfw" and held == [True]
     assert got == [_origin_bytes()[9 * CB : 10 * CB]]
     _check_views(st, {3: _written(3, 0, b"a" * 512), 9: _written(9, 0, b"b" * 512)})
+
+
+def test_the_last_chunk_cut_at_the_origins_end_is_copied_in_c(engine: Any, tmp_path: Path) -> None:
+    origin = _origin_bytes() + bytes(range(256)) * 4  # the last chunk: 1 KiB on the origin
+    st = Stack(engine, tmp_path, origin)
+    cow = st.cow_file("s", 4 * CHUNKS * CB)
+    engine.create("t-cow", f"0 {4 * CHUNKS * 8} linear {cow} 0")
+    st.add_snapshot("s", 0, cow=engine.device_ref("t-cow"))
+    snap = _snap(engine)
+    with engine.open_endpoint(st.base) as ep:
+        ep.write(b"a" * 512, 2 * CB)
+        ep.write(b"z" * 512, CHUNKS * CB + 512)
+        ops = _ops()
+    assert ops == "rwfwfw"
+    new = snap.table.lookup(CHUNKS)
+    assert new is not None and _records(cow)[-1] == (CHUNKS, new)
+    assert cow.read_bytes()[new * CB : new * CB + 1024] == origin[CHUNKS * CB :]
+    assert st.read("s") == origin
+    assert st.read(st.base)[CHUNKS * CB :] == origin[CHUNKS * CB : CHUNKS * CB + 512] + b"z" * 512
