@@ -46,6 +46,7 @@ from dmtools.endpoint import Endpoint
 from dmtools.errors import InvalidArgument
 from dmtools.lazy import logger
 from dmtools.nbd.uri import is_nbd_uri
+from kcopyd import writebehind
 from kcopyd.fastpath import cached_bytes, plan_segments, read_exact, read_salvage, write_exact
 from kcopyd.inline import InlineJobs
 from kcopyd.job import DEST_ZEROED, IGNORE_ERROR, WRITE_SEQ, Job, NotifyFn, Piece, Plan, Progress
@@ -676,16 +677,11 @@ class Client(InlineJobs):
         lanes = piece.job.lanes
         batch = [piece]
         while batch:
-            failed = [self._write_piece(piece, i)] if len(batch) == 1 else self._write_batch(batch, i)
             behind = lanes.behind[i]
-            if behind is not None and not any(failed):
-                start = piece.job.open_dests[i].offset + batch[0].offset
-                try:
-                    behind.written(start, batch[-1].offset + batch[-1].length - batch[0].offset)
-                except OSError as err:  # writeback failed: the destination's bytes are lost
-                    log.debug("kcopyd: writeback error on destination %d: %s", i, err)
-                    lanes.behind[i] = None
-                    failed = [True] * len(batch)
+            if behind is not None:
+                failed = self._write_behind(batch, i, behind)
+            else:
+                failed = [self._write_piece(piece, i)] if len(batch) == 1 else self._write_batch(batch, i)
             if any(failed):
                 failed = self._source_faults(batch, failed)
             unmap = []
@@ -705,6 +701,51 @@ class Client(InlineJobs):
                 self._done(p)
             if batch:
                 piece = batch[0]
+
+    def _write_behind(self, batch: list[Piece], i: int, behind: writebehind.WriteBehind) -> list[bool]:
+        """Write contiguous pieces to destination ``i``, which has a write-behind; return each
+        piece's failure. Pieces that are all data are written in steps of ``writebehind.CHUNK``,
+        each handed to writeback as soon as it is written (the disk starts on a piece's first
+        MiB while the rest is copied); a piece with holes is written as ``_write_piece`` does and
+        handed over whole. A failed write is redone piece by piece (exact failures), and what
+        was not yet handed over is handed over once every piece is written. A writeback error
+        (the wait reports it) fails the whole batch and ends the destination's write-behind."""
+        job = batch[0].job
+        start = job.open_dests[i].offset + batch[0].offset
+        total = batch[-1].offset + batch[-1].length - batch[0].offset
+        handed = 0
+        failed = [False] * len(batch)
+        try:
+            if all(p.segments == [(0, p.length, True)] for p in batch):
+                ep = job.open_dests[i].endpoint
+                views = []
+                for p in batch:
+                    views.extend(p.views(0, p.length))
+                thr = self.throttle
+                for run, n in writebehind.chunks(views, writebehind.CHUNK):
+                    thr.io_start()
+                    try:
+                        write_exact(ep, run, start + handed)
+                        ok = True
+                    except Exception as err:  # noqa: BLE001 - redone piece by piece below
+                        log.debug("kcopyd: write to destination %d failed (%s), writing piece by piece", i, err)
+                        ok = False
+                    finally:
+                        thr.io_finish()
+                    if not ok:
+                        failed = [self._write_piece(p, i) for p in batch]
+                        break
+                    behind.written(start + handed, n)
+                    handed += n
+            else:
+                failed = [self._write_piece(batch[0], i)] if len(batch) == 1 else self._write_batch(batch, i)
+            if not any(failed) and handed < total:
+                behind.written(start + handed, total - handed)
+        except OSError as err:  # writeback failed: the destination's bytes are lost
+            log.debug("kcopyd: writeback error on destination %d: %s", i, err)
+            job.lanes.behind[i] = None
+            failed = [True] * len(batch)
+        return failed
 
     def _write_batch(self, batch: list[Piece], i: int) -> list[bool]:
         """Write contiguous all-data pieces to destination ``i`` at once; per piece on failure.

@@ -25,18 +25,25 @@ from __future__ import annotations
 import ctypes
 import os
 from collections import deque
-from typing import Any
+from typing import Any, Iterator
 
 from dmtools.endpoint import Endpoint
 from dmtools.linux import libc
 from kcopyd.fastpath import cached_bytes
 
-__all__ = ["WINDOW", "WriteBehind", "sync_range"]
+__all__ = ["CHUNK", "WINDOW", "WriteBehind", "sync_range", "chunks"]
 
 #: Bytes written and not yet waited for, per destination: enough to keep the disk busy while the
 #: copy goes on (measured on this project's VM: 2 MiB made the copy wait for the disk, 32 MiB did
 #: not), few enough that the cache pages in use stay a small, reused set.
 WINDOW = 32 << 20
+#: Bytes written to a destination between two hand-overs to writeback: a piece (an NBD copy's are
+#: 4 MiB, a batch of waiting pieces more) is written and handed over in steps of this size, so the
+#: disk starts on its first MiB while the rest is still being copied into the cache (measured on
+#: this project's VM, 1 GiB written from memory with a 32 MiB window, 6 rounds each: 4 MiB steps
+#: 0.56-0.67 s, median 0.60; 1 MiB steps 0.51-0.70 s, median 0.52; 256 and 512 KiB as 1 MiB, 2 MiB
+#: 0.53-0.56 s).
+CHUNK = 1 << 20
 #: include/uapi/linux/fs.h
 SYNC_FILE_RANGE_WAIT_BEFORE = 1
 SYNC_FILE_RANGE_WRITE = 2
@@ -59,6 +66,24 @@ def sync_range(fd: int, offset: int, length: int, flags: int) -> None:
     if _sync_file_range(fd, offset, length, flags):
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+def chunks(views: list[memoryview], size: int) -> Iterator[tuple[list[memoryview], int]]:
+    """``views`` (back to back) cut into runs of ``size`` bytes (the last may be shorter): each
+    run's views and its length."""
+    run: list[memoryview] = []
+    n = 0
+    for v in views:
+        while len(v):
+            take = min(len(v), size - n)
+            run.append(v[:take])
+            v = v[take:]
+            n += take
+            if n == size:
+                yield run, n
+                run, n = [], 0
+    if n:
+        yield run, n
 
 
 class WriteBehind:

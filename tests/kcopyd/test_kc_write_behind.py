@@ -119,3 +119,41 @@ def test_writeback_error_fails_exactly_that_destination(tmp_path, monkeypatch, s
         assert dests[0].read_bytes() == data and dests[2].read_bytes() == data
     else:
         assert job.progress.done < SIZE, "the job stopped after the error"
+
+
+def test_pieces_are_handed_to_writeback_in_chunk_steps(tmp_path, monkeypatch, syncs):
+    """Each ``CHUNK`` written goes to writeback at once, not once its piece (or the batch of waiting
+    pieces joined to it) is all written: every range started is one chunk, in order."""
+    monkeypatch.setattr(wb, "CHUNK", 256 << 10)
+    src, data = _source(tmp_path)
+    dst = _new_dest(tmp_path / "dst.img")
+    job, rec = _copy(src, [dst, NullEndpoint(SIZE)], write_behind=True)  # two: no copy_file_range
+    assert rec.calls == [(False, 0, "c")] and job.ok
+    started = sorted((o, n) for o, n, f in syncs if f == wb.SYNC_FILE_RANGE_WRITE)
+    assert started == [(o, 256 << 10) for o in range(0, SIZE, 256 << 10)]
+    assert dst.read_bytes() == data
+
+
+def test_failed_chunk_write_is_redone_piece_by_piece(tmp_path, monkeypatch, syncs):
+    """A write that fails in the middle of a piece fails that piece only (IGNORE_ERROR: the job goes
+    on): the destination's bit is set, and every other piece is written and handed to writeback."""
+    import kcopyd.client
+
+    real = kcopyd.client.write_exact
+    bad = 5 * MiB + (512 << 10)  # inside the sixth 1 MiB piece
+
+    def failing(ep, views, offset):
+        if ep.name.endswith("dst.img") and offset <= bad < offset + sum(len(v) for v in views):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(ep, views, offset)
+
+    monkeypatch.setattr(kcopyd.client, "write_exact", failing)
+    src, data = _source(tmp_path)
+    dst = _new_dest(tmp_path / "dst.img")
+    job, rec = _copy(src, [dst, NullEndpoint(SIZE)], kcopyd.IGNORE_ERROR, write_behind=True)
+    assert rec.calls == [(False, 0b1, "c")]
+    got = dst.read_bytes()
+    assert got[: 5 * MiB] == data[: 5 * MiB] and got[6 * MiB :] == data[6 * MiB :]
+    started = {(o, n) for o, n, f in syncs if f == wb.SYNC_FILE_RANGE_WRITE}
+    assert not any(o <= bad < o + n for o, n in started), "the failed piece was not handed over"
+    assert sum(n for _, n in started) >= SIZE - 4 * MiB - MiB, "the rest was"
