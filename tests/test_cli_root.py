@@ -98,3 +98,22 @@ def test_help_summary_of_a_module_without_the_line_is_imported(tmp_path, monkeyp
     monkeypatch.syspath_prepend(str(tmp_path))
     assert cli._summary("plugin_built:register") == "built at import"
     assert cli._summary("plugin_bare:register") is None
+
+
+def test_a_plugin_command_reads_the_entry_points_once(monkeypatch, tmp_path) -> None:
+    """``dmtools copy`` (kcopyd's entry point) finds its command and builds its parser from one
+    reading of the installed entry points, not one for each."""
+    calls: list[str] = []
+    real = cli.entry_points
+
+    def counting(group: str):
+        calls.append(group)
+        return real(group)
+
+    monkeypatch.setattr(cli, "entry_points", counting)
+    src = tmp_path / "src.img"
+    src.write_bytes(b"\x5a" * 4096)
+    dst = tmp_path / "dst.img"
+    assert cli.main(["copy", "--quiet", str(src), str(dst)]) == 0
+    assert dst.read_bytes() == src.read_bytes()
+    assert calls == ["dmtools.commands"]

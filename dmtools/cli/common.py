@@ -7,7 +7,6 @@ imports this and never the root that imports it. Tests replace :func:`open_backe
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -103,6 +102,8 @@ def emit(args: argparse.Namespace, data: Any, text: Callable[[], str] | str) -> 
     """Print ``data`` as JSON with ``--json``, else the human text. Returns 0, the exit status of a
     command whose last step this is (``return emit(...)``)."""
     if getattr(args, "json", False):
+        import json  # only for --json: its decoder and scanner come with it
+
         print(json.dumps(data, indent=2, sort_keys=True, default=str))
     else:
         out = text() if callable(text) else text

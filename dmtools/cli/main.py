@@ -82,14 +82,16 @@ def _commands() -> dict[str, Any]:
     return found
 
 
-def build_parser(only: str | None = None, *, summaries: bool = False) -> argparse.ArgumentParser:
+def build_parser(only: str | None = None, *, summaries: bool = False,
+                 commands: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """Build the parser: built-in commands plus the ``dmtools.commands`` entry points.
 
     With ``only``, just that sub-command is imported and registered (start-up stays fast: each
     sub-command pulls in its own package); ``None`` registers them all. With ``summaries`` (what
     ``--help`` and a missing or unknown command need) a command is listed by the ``SUMMARY`` of
     its module, without building its parser; one whose module has no ``SUMMARY`` is registered
-    in full.
+    in full. ``commands``: what :func:`_commands` gave, when the caller has it already (the
+    installed entry points are then not read again).
     """
     parser = argparse.ArgumentParser(
         prog="dmtools",
@@ -103,7 +105,10 @@ def build_parser(only: str | None = None, *, summaries: bool = False) -> argpars
     parser.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    commands = {only: BUILTIN_COMMANDS[only]} if only in BUILTIN_COMMANDS else _commands()
+    if only in BUILTIN_COMMANDS:
+        commands = {only: BUILTIN_COMMANDS[only]}
+    elif commands is None:
+        commands = _commands()
     for name, where in commands.items():
         if only is not None and name != only:
             continue
@@ -142,8 +147,9 @@ def hoist_globals(argv: Sequence[str]) -> list[str]:
     return front + rest
 
 
-def _command_named(argv: Sequence[str]) -> str | None:
-    """The sub-command ``argv`` names, if it is a known one (global options already in front)."""
+def _command_named(argv: Sequence[str], found: dict[str, Any] | None = None) -> str | None:
+    """The sub-command ``argv`` names, if it is a known one (global options already in front).
+    ``found``: a dict that receives :func:`_commands` when the entry points had to be read."""
     it = iter(argv)
     for arg in it:
         if arg == "--backend":
@@ -151,7 +157,10 @@ def _command_named(argv: Sequence[str]) -> str | None:
         elif not arg.startswith("-"):
             if arg in BUILTIN_COMMANDS:  # found without reading the installed entry points
                 return arg
-            return arg if arg in _commands() else None
+            commands = _commands()
+            if found is not None:
+                found.update(commands)
+            return arg if arg in commands else None
         elif arg in ("-h", "--help"):
             return None
     return None
@@ -171,8 +180,9 @@ def main(argv: Sequence[str] | None = None, *, propagate: bool = False) -> int:
         print("dmtools: an argument contains a NUL byte", file=sys.stderr)
         return 2
     hoisted = hoist_globals(argv)
-    command = _command_named(hoisted)
-    parser = build_parser(command, summaries=command is None)
+    found: dict[str, Any] = {}
+    command = _command_named(hoisted, found)  # ``copy``, a plugin's command, reads the entry points once
+    parser = build_parser(command, summaries=command is None, commands=found or None)
     args = parser.parse_args(hoisted)
     # A sub-command that declares its own --json/--debug would reset the global value with its
     # default (argparse copies sub-parser defaults over the parent's): the flag given wins.
