@@ -9,8 +9,12 @@
     ``dd bs=1M`` runs started together (time until the last ends), and ``tee`` into three files;
 (e) file -> file with the source already in the page cache, through the Python API (``kcopyd.Client``
     created and destroyed inside the timing, in a process that imported ``kcopyd`` before), against
-    ``dd bs=1M`` and a bare ``os.copy_file_range`` loop on the same files (each source read once,
-    untimed, before every run);
+    ``dd bs=1M`` and a bare ``os.copy_file_range`` loop on the same files. Every run of every tool
+    starts from one state (``settle_for_run``): destination removed, the previous run's dirty pages
+    written back (Dirty + Writeback waited down), ``--settle`` seconds of rest (on this VM freed
+    memory goes back to the host after 2 s: a tool that ran just after a large free found cheap
+    pages, one after a pause faulted them in from the host), the source read and checked resident
+    (``cachestat``); the tools' order is reversed every round;
 (d) peak RSS of a ``--rss-size`` copy (a loop device over a sparse file, to ``null:``, through the
     page pool) with ``--num-pages`` 64 and 1024, read from ``wait4``'s rusage.
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -331,20 +336,68 @@ def warm(path: Path) -> None:
             pass
 
 
-def bench_cached_api(d: Path, src: Path, size: int, repeat: int) -> dict[str, Any]:
-    """(e): the source in the page cache; kcopyd through its Python API, dd and a bare loop."""
+def _meminfo_mib(*keys: str) -> dict[str, int]:
+    """``/proc/meminfo`` fields ``keys``, in MiB."""
+    out: dict[str, int] = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in keys:
+                out[name] = int(rest.split()[0]) >> 10
+    return out
+
+
+#: Seconds of rest before every timed run of case (e) (``--settle``): longer than the 2 s after
+#: which virtio-balloon free page reporting hands freed memory back to the host
+#: (mm/page_reporting.c ``PAGE_REPORTING_DELAY``), so that every tool starts with the memory the
+#: previous run freed in the same state (reported), whatever ran before it.
+E_SETTLE = 3.0
+#: Dirty + Writeback (MiB) below which the previous run's writeback counts as done.
+E_DIRTY_DONE_MIB = 16
+
+
+def settle_for_run(src: Path, dst: Path, size: int, settle: float) -> dict[str, Any]:
+    """The state every timed run of case (e) starts from, whichever tool it is: the destination
+    removed, the previous run's dirty pages written back (``sync``, then Dirty + Writeback waited
+    down below ``E_DIRTY_DONE_MIB``), the source read into the page cache and checked resident
+    (``cachestat``; read again if the rest evicted any of it), after ``settle`` seconds of rest.
+    Returns what was found: the source's resident MiB and Dirty/Writeback/MemFree just before."""
+    fresh(dst)()
+    os.sync()
+    deadline = time.monotonic() + 60
+    while sum(_meminfo_mib("Dirty", "Writeback").values()) >= E_DIRTY_DONE_MIB and time.monotonic() < deadline:
+        time.sleep(0.1)  # a poll, not a guess: the loop ends when the counters say so
+    time.sleep(settle)
+    from kcopyd.fastpath import cached_bytes
+
+    resident = None
+    for _ in range(3):
+        warm(src)
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            resident = cached_bytes(fd, 0, size)
+        finally:
+            os.close(fd)
+        if resident is None or resident >= size:
+            break
+    return {"source_resident_mib": None if resident is None else resident >> 20,
+            **{k.lower() + "_mib": v for k, v in _meminfo_mib("Dirty", "Writeback", "MemFree").items()}}
+
+
+def bench_cached_api(d: Path, src: Path, size: int, repeat: int, settle: float = E_SETTLE) -> dict[str, Any]:
+    """(e): the source in the page cache; kcopyd through its Python API, dd and a bare loop, each
+    run from the same state (:func:`settle_for_run`), the tools' order reversed every round.
+    dd's system CPU seconds are kept beside its times (where its time goes)."""
     dst = d / "dst-e.img"
     here = [PY, str(Path(__file__).resolve()), API_RUN]
     times: dict[str, list[float]] = {}
-
-    def drop_dst() -> None:
-        fresh(dst)()
-        os.sync()  # the previous run's dirty pages are not the next run's to write
-
+    sys_cpu: dict[str, list[float]] = {}
+    states: list[dict[str, Any]] = []
+    names = ["kcopyd", "cfr", "dd"]
     for round_ in range(WARMUP + repeat):
-        for name in ("kcopyd", "cfr", "dd"):
-            drop_dst()
-            warm(src)
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            state = settle_for_run(src, dst, size, settle)
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             if name == "dd":
                 t0 = time.perf_counter()
                 subprocess.run(["dd", f"if={src}", f"of={dst}", "bs=1M", "status=none"], check=True, env=ENV)
@@ -353,11 +406,18 @@ def bench_cached_api(d: Path, src: Path, size: int, repeat: int) -> dict[str, An
                 out = subprocess.run(here + [name, str(src), str(dst), str(size)], check=True, env=ENV,
                                      stdout=subprocess.PIPE, text=True).stdout
                 secs = float(out.strip().splitlines()[-1])
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
             if round_ >= WARMUP:
                 times.setdefault(name, []).append(secs)
-    drop_dst()
+                sys_cpu.setdefault(name, []).append(after.ru_stime - before.ru_stime)
+                states.append({"tool": name, **state})
+    fresh(dst)()
     t = {k: statistics.median(v) for k, v in times.items()}
+    resident = [s["source_resident_mib"] for s in states]
     return {"seconds": t, "runs": {k: [round(x, 3) for x in v] for k, v in times.items()},
+            "system_cpu_seconds": {k: round(statistics.median(v), 3) for k, v in sys_cpu.items()},
+            "settle_seconds": settle, "source_resident_mib_min": min((r for r in resident if r is not None), default=None),
+            "dirty_writeback_mib_max": max(s.get("dirty_mib", 0) + s.get("writeback_mib", 0) for s in states),
             "loadavg": _loadavg(), "ratio_vs_dd": t["dd"] / t["kcopyd"], "cfr_vs_dd": t["dd"] / t["cfr"]}
 
 
@@ -412,6 +472,8 @@ def main() -> int:
     ap.add_argument("--flush", action="store_true", help="include making the output durable")
     ap.add_argument("--dir", help="work directory (default: a temporary one under /var/tmp)")
     ap.add_argument("--only", default="abcde", help="which cases to run (default abcde)")
+    ap.add_argument("--settle", type=float, default=E_SETTLE,
+                    help=f"(e): seconds of rest before every timed run (default {E_SETTLE:g})")
     ap.add_argument("--overwrite", action="store_true",
                     help="(c): overwrite existing destination files instead of fresh ones")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -447,7 +509,7 @@ def main() -> int:
         if "c" in args.only:
             results["c_one_to_three"] = bench_three_dests(workdir, src, args.repeat, args.flush, args.overwrite)
         if "e" in args.only:
-            results["e_cached_api"] = bench_cached_api(workdir, src, size, args.repeat)
+            results["e_cached_api"] = bench_cached_api(workdir, src, size, args.repeat, args.settle)
         if "d" in args.only:
             results["d_peak_rss"] = (bench_rss(workdir, rss_size) if root
                                      else {"skipped": "needs root for a loop device"})
@@ -510,6 +572,11 @@ def print_report(r: dict[str, Any], size: int, rss_size: int) -> None:
               f"the timing): {secs(e['seconds'])}")
         print(f"    kcopyd vs dd bs=1M: {e['ratio_vs_dd']:.2f}x (goal >= 1.0x); bare copy_file_range loop vs dd: "
               f"{e['cfr_vs_dd']:.2f}x")
+        print(f"    every run from one state: destination removed, sync, Dirty+Writeback <= "
+              f"{e['dirty_writeback_mib_max']} MiB, {e['settle_seconds']:g} s of rest"
+              f"{' (freed memory reported to the host)' if e['settle_seconds'] > 2 else ''}, source resident (min {e['source_resident_mib_min']} MiB of "
+              f"{format_size(size)}), tools' order reversed every round")
+        print(f"    median system CPU s: " + ", ".join(f"{k} {v:.2f}" for k, v in e["system_cpu_seconds"].items()))
         runs(e)
     if "d_peak_rss" in r:
         d = r["d_peak_rss"]
