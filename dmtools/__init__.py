@@ -6,13 +6,13 @@ userspace engine (``open``, ``Engine``), endpoints for I/O and loop devices.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from dmtools import lazy
 from dmtools.errors import (CorruptMetadata, DeviceBusy, DeviceConflict, DeviceExists, DeviceIOError, DeviceNotFound,
                             DMError, InvalidArgument, InvalidName, InvalidStatus, InvalidTable, KernelUnavailable,
                             NoSpace, SnapshotInvalid, TargetNotSupported)
 from dmtools.version import __version__
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
 
 if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
     from dmtools.backend import DeviceEntry, DeviceInfo, DeviceMapper, StatusLine, Versions

@@ -20,7 +20,6 @@ import mmap
 import os
 import stat
 import struct
-from typing import Any, Sequence
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import DeviceBusy, DeviceIOError, DeviceNotFound, DMError, InvalidArgument, NoSpace
@@ -28,6 +27,10 @@ from dmtools.nbd.uri import is_nbd_uri
 from dmtools.linux import (BLKDISCARD, BLKGETSIZE64, BLKPBSZGET, BLKSSZGET, BLKZEROOUT, FALLOC_FL_KEEP_SIZE,
                            FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, libc, parse_devno)
 from dmtools.units import int_in
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
+if TYPE_CHECKING:
+    from typing import Any, Sequence
 
 __all__ = ["BlockDevice", "aligned_buffer", "buffer_address", "open_endpoint", "device_number", "resolve_devno"]
 

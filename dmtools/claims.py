@@ -36,10 +36,13 @@ import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Hashable
 
 from dmtools.errors import DeviceBusy, DeviceNotFound, DMError
 from dmtools.linux import mounts
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
+if TYPE_CHECKING:
+    from typing import Hashable
 
 __all__ = ["Claim", "Holder", "claim", "busy_reason", "loops_over", "mount_of", "os_errors", "whole_disk"]
 

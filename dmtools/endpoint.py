@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import abc
 import os
-from typing import Any, Sequence
 
 from dmtools.errors import DeviceIOError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
+if TYPE_CHECKING:
+    from typing import Any, Sequence
 
 
 class Endpoint(abc.ABC):

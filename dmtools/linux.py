@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import TYPE_CHECKING
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
 
 if TYPE_CHECKING:  # pragma: no cover
     import ctypes

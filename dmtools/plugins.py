@@ -14,14 +14,20 @@ import importlib
 import os
 import re
 import sys
-from typing import Any, NamedTuple
+
+from dmtools.record import record
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["EntryPoint", "entry_points"]
 
 _SECTION = re.compile(r"\[\s*(?P<group>[^\]]+?)\s*\]")
 
 
-class EntryPoint(NamedTuple):
+@record(frozen=True)
+class EntryPoint:
     """One ``name = module:attr`` line of ``group``."""
 
     name: str

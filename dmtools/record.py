@@ -16,11 +16,20 @@ it: without it, ``python -m kcopyd`` copying a 1 MiB NBD export to a file went f
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar, dataclass_transform, overload
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
+if TYPE_CHECKING:
+    from typing import Any, Callable, TypeVar, dataclass_transform, overload
+
+    _T = TypeVar("_T", bound=type)
+else:  # typing's decorators only tell type checkers something: at run time they change nothing here
+    def overload(func: object) -> object:
+        return func
+
+    def dataclass_transform(**_kwargs: object) -> object:
+        return lambda func: func
+
 
 __all__ = ["record", "FrozenInstanceError"]
-
-_T = TypeVar("_T", bound=type)
 
 
 class FrozenInstanceError(AttributeError):

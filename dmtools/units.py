@@ -22,9 +22,12 @@ units and (where sectors are required) byte counts that are not a multiple of 51
 from __future__ import annotations
 
 import re
-from typing import TypeGuard
 
 from dmtools.errors import InvalidArgument
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
+if TYPE_CHECKING:
+    from typing import TypeGuard
 
 __all__ = [
     "SECTOR",

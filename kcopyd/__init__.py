@@ -16,9 +16,9 @@ the I/O paths.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from dmtools import lazy
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
 
 if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
     from kcopyd.client import DEST_ZEROED, IGNORE_ERROR, MAX_SUB_JOB_SIZE, SPLIT_COUNT, SUB_JOB_SIZE, WRITE_SEQ, Client

@@ -17,7 +17,6 @@ import re
 import stat
 import sys
 import time
-from typing import Any, Sequence
 
 from dmtools.cli.lean import HelpFormatter, terminal_columns as _terminal_columns  # noqa: F401 - as before
 from dmtools.endpoint import Endpoint, NullEndpoint
@@ -26,6 +25,10 @@ from dmtools.linux import DEVNO
 from dmtools.nbd.uri import is_nbd_uri
 from dmtools.record import record
 from dmtools.units import SECTOR, format_size, parse_sectors, parse_size
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
+if TYPE_CHECKING:
+    from typing import Any, Sequence
 
 #: The one line ``dmtools --help`` shows for this command (read without building its parser).
 SUMMARY = "copy a device range to up to 8 destinations (kcopyd)"

@@ -40,7 +40,6 @@ import os
 import queue
 import stat
 import threading
-from typing import Any, Callable, Sequence
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import InvalidArgument
@@ -59,6 +58,12 @@ from kcopyd.region import OpenRegion, Region, open_regions
 from kcopyd.scheduler import Scheduler
 from kcopyd.throttle import Throttle
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
+if TYPE_CHECKING:
+    from typing import Any, Callable, Sequence
+
+    _Task = tuple[Callable[[Any], None], Any]
+
 __all__ = ["Client", "IGNORE_ERROR", "WRITE_SEQ", "DEST_ZEROED", "SPLIT_COUNT", "SUB_JOB_SIZE", "MAX_SUB_JOB_SIZE"]
 
 log = logger("kcopyd")
@@ -70,8 +75,6 @@ SPLIT_COUNT = 8
 #: Default sub-job size: dm_mod.kcopyd_subjob_size_kb = 512 KiB (dm-kcopyd.c); its maximum 1024 KiB.
 SUB_JOB_SIZE = 512 * 1024
 MAX_SUB_JOB_SIZE = 1024 * 1024
-
-_Task = tuple[Callable[[Any], None], Any]
 
 #: Piece size of a buffered job with an NBD export named by URI, when the pool holds four such
 #: pieces (``dmtools copy`` gives NBD copies 16 MiB): each piece is one request on one connection

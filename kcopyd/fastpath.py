@@ -16,11 +16,14 @@ import ctypes
 import errno
 import os
 import struct
-from typing import Any, Sequence
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import DeviceIOError
 from dmtools.linux import libc
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
+if TYPE_CHECKING:
+    from typing import Any, Sequence
 
 __all__ = ["Segment", "cached_bytes", "plan_segments", "read_exact", "read_salvage", "write_exact"]
 

@@ -33,7 +33,6 @@ a read error of a job with ``IGNORE_ERROR``) runs here in Python, nothing having
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import InvalidArgument
@@ -45,7 +44,9 @@ from kcopyd.overlap import Span, plan_overlap, span_of
 from kcopyd.pagepool import PAGE_SIZE
 from kcopyd.region import MAX_REGIONS, Region, open_regions
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
 if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Callable, Sequence
     from kcopyd.scheduler import Scheduler
     from kcopyd.throttle import Throttle
 

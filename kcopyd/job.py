@@ -8,15 +8,17 @@ and then run its notify callback once on the client's callback thread.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Generator
+from collections.abc import Callable
 
 from dmtools.errors import DeviceIOError, OperationCancelled
 from dmtools.lazy import logger
 from dmtools.record import record
 from kcopyd.lanes import WriteLanes
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
 if TYPE_CHECKING:  # pragma: no cover
     import asyncio
+    from typing import Any, Generator
 
     from kcopyd.mapped import SourceMap
     from kcopyd.pagepool import Pages
@@ -27,7 +29,7 @@ __all__ = ["DEST_ZEROED", "FinishedJob", "IGNORE_ERROR", "Job", "NotifyFn", "Pla
 log = logger("kcopyd")
 
 #: ``notify(read_err, write_err, context)``: ``read_err`` a bool, ``write_err`` a bit per destination.
-NotifyFn = Callable[[bool, int, Any], object]
+NotifyFn = Callable[[bool, int, "Any"], object]  # "Any": typing is not imported at run time
 
 #: Flag masks, as callers pass ``BIT(DM_KCOPYDIGNORE_ERROR)`` and ``BIT(DM_KCOPYDWRITE_SEQ)``
 #: (bit numbers 1 and 2, include/linux/dm-kcopyd.h).

@@ -11,12 +11,13 @@ several writes in flight fill their queues.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Iterable
 
 from dmtools.endpoint import Endpoint
 from kcopyd.writebehind import WriteBehind
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
 if TYPE_CHECKING:  # pragma: no cover
+    from typing import Iterable
     from kcopyd.job import Piece
     from kcopyd.region import OpenRegion
 

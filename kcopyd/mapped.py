@@ -30,11 +30,14 @@ import ctypes
 import errno
 import mmap
 import os
-from typing import Any
 
 from dmtools.blockdev import buffer_address
 from dmtools.linux import libc
 from kcopyd.pagepool import PAGE_SIZE
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["MADV_POPULATE_READ", "SourceMap", "can_map", "supported"]
 

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import TYPE_CHECKING, Any, Hashable, Sequence
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import InvalidArgument
 from dmtools.record import record
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
 if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Hashable, Sequence
     from dmtools.backend import DeviceMapper
     from dmtools.identity import Identity
 

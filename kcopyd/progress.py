@@ -14,10 +14,13 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Callable, TextIO
 
 from dmtools.errors import InvalidArgument
 from dmtools.units import format_size
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
+if TYPE_CHECKING:
+    from typing import Callable, TextIO
 
 __all__ = ["ProgressReporter", "follow", "check_fd", "reporter_for", "reporting"]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Union
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import DMError, InvalidArgument
@@ -24,7 +23,7 @@ __all__ = ["MAX_REGIONS", "Region", "DevLike", "OpenRegion", "open_regions"]
 #: At most this many destinations per job (DM_KCOPYD_MAX_REGIONS, include/linux/dm-kcopyd.h).
 MAX_REGIONS = 8
 
-DevLike = Union[str, os.PathLike[str], Endpoint]  # no string: a ForwardRef compiles it (10M instructions)
+DevLike = str | os.PathLike[str] | Endpoint  # no string: a ForwardRef compiles it (10M instructions)
 
 
 @record(frozen=True)

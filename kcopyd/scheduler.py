@@ -8,10 +8,12 @@ job is not starved by small ones. Every method runs under the client's lock.
 
 from __future__ import annotations
 
-from typing import Callable
-
 from kcopyd.job import Job, Piece
 from kcopyd.pagepool import PAGE_SIZE, PagePool
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
+if TYPE_CHECKING:
+    from typing import Callable
 
 __all__ = ["Scheduler"]
 

@@ -25,11 +25,14 @@ from __future__ import annotations
 import ctypes
 import os
 from collections import deque
-from typing import Any, Iterator
 
 from dmtools.endpoint import Endpoint
 from dmtools.linux import libc
 from kcopyd.fastpath import cached_bytes
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
+if TYPE_CHECKING:
+    from typing import Any, Iterator
 
 __all__ = ["CHUNK", "WINDOW", "WriteBehind", "sync_range", "chunks"]
 

@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
-from typing import Any
 
 from dmtools.errors import DMError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
+if TYPE_CHECKING:
+    from typing import Any
+
 
 def actions(sub: Any, name: str, help: str, doc: str | None = None, *, dest: str | None = None,
             metavar: str = "ACTION", **options: Any) -> tuple[argparse.ArgumentParser, Any]:

@@ -7,13 +7,16 @@ import importlib
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from dmtools.cli.common import close_backends, one_line
 from dmtools.cli.lean import HelpFormatter, leave
 from dmtools.errors import DMError
 from dmtools.lazy import configure_logging
 from dmtools.plugins import entry_points
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
+if TYPE_CHECKING:
+    from typing import Any
 
 #: Sub-commands that live in dmtools itself: name -> "module:function" taking the sub-parsers.
 BUILTIN_COMMANDS = {

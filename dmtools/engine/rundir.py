@@ -16,9 +16,10 @@ import contextlib
 import errno
 import os
 import stat
-from typing import TYPE_CHECKING
 
 from dmtools.errors import DaemonError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
 
 if TYPE_CHECKING:  # pragma: no cover
     import socket

@@ -9,9 +9,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from dmtools import lazy
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
 
 if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
     from dmtools.nbd._lib import is_supported

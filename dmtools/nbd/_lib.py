@@ -8,9 +8,12 @@ to the project's venv. A missing or wrong module is a clear :class:`NbdUnavailab
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 from dmtools.nbd.errors import NbdUnavailable
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["load", "is_supported", "PACKAGE"]
 

@@ -38,7 +38,6 @@ import select
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import DeviceIOError, InvalidArgument
@@ -46,6 +45,13 @@ from dmtools.lazy import logger
 from dmtools.nbd._lib import load
 from dmtools.nbd.errors import NbdConnectionError
 from dmtools.nbd.uri import NbdUri, parse_uri
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
+if TYPE_CHECKING:
+    from typing import Any, Callable
+
+    #: A command: the libnbd ``aio_*`` method, its arguments before ``completion``, its flags.
+    _Cmd = tuple[str, tuple[Any, ...], int]
 
 __all__ = ["NbdEndpoint", "DEFAULT_CONNECTIONS", "DEFAULT_TIMEOUT", "MAX_REQUEST", "REQUEST_SIZE",
            "source_connections"]
@@ -83,10 +89,6 @@ def source_connections() -> int:
     export -> file, 1 GiB, 2 CPUs, 5 rounds at load 6: 4 connections 7.5k page faults and 0.35 s of
     nbdkit CPU, 0.69 s of ours; 2 connections 3.3k, 0.33 s and 0.63 s)."""
     return max(1, min(DEFAULT_CONNECTIONS, len(os.sched_getaffinity(0))))
-
-
-#: A command: the libnbd ``aio_*`` method, its arguments before ``completion``, its flags.
-_Cmd = tuple[str, tuple[Any, ...], int]
 
 
 class _Request:
