@@ -53,6 +53,29 @@ ENV = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHO
 KCOPYD = [PY, "-m", "kcopyd", "--quiet", "--json"]
 
 
+def interpreter_start() -> dict[str, Any]:
+    """How the timed ``python -m kcopyd`` runs start, which a user's installed copy may not share:
+    whether the interpreter runs an editable install (``pip install -e``: ``site`` then imports
+    its import finder, with ``pathlib``, on every start) and the median wall milliseconds of
+    ``python -c pass`` and ``python -S -c pass`` (no ``site``), 7 runs each, alternating."""
+    probe = "import sys; print(any(m.startswith('__editable__') for m in sys.modules))"
+    editable = subprocess.run([PY, "-c", probe], env=ENV, capture_output=True, text=True).stdout.strip() == "True"
+    runs: dict[str, list[float]] = {"pass": [], "no_site": []}
+    for _ in range(7):
+        for key, cmd in (("pass", [PY, "-c", "pass"]), ("no_site", [PY, "-S", "-c", "pass"])):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, env=ENV, check=True)
+            runs[key].append((time.perf_counter() - t0) * 1000)
+    return {"editable_install": editable, **{k + "_ms": round(statistics.median(v), 1) for k, v in runs.items()}}
+
+
+def describe_start(s: dict[str, Any]) -> str:
+    """One line from :func:`interpreter_start`."""
+    how = "an editable install (pip -e: site imports its finder)" if s["editable_install"] else "an installed package"
+    return (f"kcopyd runs from {how}; python -c pass {s['pass_ms']:.1f} ms (the floor of every kcopyd run), "
+            f"{s['no_site_ms']:.1f} ms without site (-S)")
+
+
 def drop_caches() -> bool:
     """``sync`` and drop the whole page cache; False when not permitted."""
     os.sync()

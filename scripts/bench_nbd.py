@@ -28,6 +28,9 @@ rounds with every run's time (min-max), and ratios = nbdcopy's time / kcopyd's (
 faster) of the medians and, round by round, their min-max; also against kcopyd's own copy time
 from its JSON summary. Beside the times, each case's median CPU seconds (user + system) of the
 tool and of nbdkit: figures the machine's load moves less, which show where the two CPUs go.
+The report also says whether kcopyd runs from an editable install (``site`` then imports pip's
+finder on every start, which an installed package does not) and what ``python -c pass`` and
+``python -S -c pass`` take here (``bench_copy.interpreter_start``).
 """
 
 from __future__ import annotations
@@ -209,7 +212,7 @@ def main() -> int:
         "size_bytes": size, "repeat": args.repeat, "warmup": bc.WARMUP, "nice": args.nice, "settle": args.settle,
         "page_cache_dropped_at_start": bc.drop_caches(), "cpus": os.cpu_count(), "kernel": os.uname().release,
         "nbdkit": subprocess.run(["nbdkit", "--version"], capture_output=True, text=True).stdout.strip(),
-        "command": " ".join(["scripts/bench nbd"] + sys.argv[1:]),
+        "command": " ".join(["scripts/bench nbd"] + sys.argv[1:]), "interpreter": bc.interpreter_start(),
     }
     server = None
     try:
@@ -246,6 +249,7 @@ def print_report(r: dict[str, Any], size: int) -> None:
     print(f"kcopyd NBD benchmark: {format_size(size)}, nbdkit memory export on a Unix socket ({r['nbdkit']}), "
           f"median of {r['repeat']} after {r['warmup']} untimed round(s), tools alternating, {r['settle']:g} s "
           f"of rest after each eviction, {r['cpus']} CPUs, kernel {r['kernel']}")
+    print(bc.describe_start(r["interpreter"]))
     for key, title, peer, goal in (
         ("a_file_to_export", "(a) file->export", "ratio_vs_nbdcopy", "nbdcopy --flush (goal >= 1.0x)"),
         ("b_export_to_file", "(b) export->file", "ratio_vs_nbdcopy", "nbdcopy (goal >= 1.0x)"),
