@@ -432,3 +432,56 @@ def test_copy_command_sizes_its_client_for_nbd(tmp_path: Path, start_nbdkit: Cal
     assert main([srv.uri, "null:", "-q", "--threads", "2", "--num-pages", "512"]) == 0
     assert made == [(4096, 4), (4096, 4), (1024, 8), (512, 2)]
     assert back.read_bytes() == copy.read_bytes() == src.read_bytes()
+
+
+def test_an_export_opened_ahead_is_the_one_open_returns(tmp_path: Path, start_nbdkit: Callable[..., NbdServer]) -> None:
+    """``open_ahead`` then ``NbdEndpoint.open`` with the same arguments: one set of connections,
+    made on the opening thread, which then carries the I/O."""
+    from dmtools.nbd import endpoint as nbd_endpoint
+
+    log = tmp_path / "nbdkit.log"
+    srv = start_nbdkit(["memory", "8M", f"logfile={log}"], filters=["log"])
+    nbd_endpoint.open_ahead(srv.uri, writable=True)
+    with NbdEndpoint.open(srv.uri, writable=True) as ep:
+        ep.write(b"\x11" * 4096, 0)
+        opened = ep.connections
+    assert not nbd_endpoint._ahead
+    assert len(re.findall(r"^.* Connect export=", log.read_text(), re.M)) == opened
+    assert _read(srv.uri, 4096) == b"\x11" * 4096
+
+
+def test_a_failed_open_ahead_is_raised_by_open_as_by_the_constructor(tmp_path: Path) -> None:
+    from dmtools.nbd.endpoint import open_ahead
+
+    uri = f"nbd+unix:///?socket={tmp_path}/none"
+    with pytest.raises(NbdConnectionError) as direct:
+        NbdEndpoint(uri, writable=True)
+    open_ahead(uri, writable=True)
+    with pytest.raises(NbdConnectionError) as ahead:
+        NbdEndpoint.open(uri, writable=True)
+    assert str(ahead.value) == str(direct.value)
+
+
+def test_copy_refused_after_opening_ahead_closes_the_export_untouched(
+        tmp_path: Path, start_nbdkit: Callable[..., NbdServer]) -> None:
+    """The copy command connects to its exports while it sets up; a copy refused after that (a
+    bad option value) closes those connections without a request and writes nothing."""
+    from dmtools.nbd import endpoint as nbd_endpoint
+    from kcopyd.cli import main
+
+    log = tmp_path / "nbdkit.log"
+    srv = start_nbdkit(["memory", "1M", f"logfile={log}"], filters=["log"])
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(MiB))
+    assert main([str(src), srv.uri, "-q", "--sub-job-size", "3"]) == 1
+    assert not nbd_endpoint._ahead
+    deadline = time.monotonic() + 30  # nbdkit logs a disconnect once it has seen the socket close
+    while True:
+        text = log.read_text()
+        connects = re.findall(r"^.* Connect export=", text, re.M)
+        closed = re.findall(r"^.* Disconnect transactions=(\d+)", text, re.M)
+        if len(closed) == len(connects) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert connects and len(closed) == len(connects) and set(closed) == {"0"}
+    assert _read(srv.uri, MiB) == bytes(MiB)
