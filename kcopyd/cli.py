@@ -166,7 +166,7 @@ def _open_source(path: str) -> tuple[str | Endpoint, int]:
     if is_nbd_uri(path):  # libnbd's bindings are loaded only when an export takes part
         from dmtools.nbd import NbdEndpoint, source_connections
 
-        nbd_ep = NbdEndpoint.open(path, connections=source_connections())
+        nbd_ep = NbdEndpoint(path, connections=source_connections())
         return nbd_ep, nbd_ep.size
     from dmtools.blockdev import BlockDevice
 
@@ -184,38 +184,12 @@ def cmd_copy(args: argparse.Namespace) -> int:
     dests = [_devno_spec(parse_spec(d)) for d in args.dests]
     if len(dests) > kcopyd.MAX_REGIONS:
         raise InvalidArgument(f"{len(dests)} destinations: at most {kcopyd.MAX_REGIONS}", operation="copy")
-    ahead = _open_exports_ahead(src, dests)
+    src_dev, src_size = _open_source(src.path)
     try:
-        src_dev, src_size = _open_source(src.path)
-        try:
-            return _copy(args, src, src_dev, src_size, dests)
-        finally:
-            if isinstance(src_dev, Endpoint):
-                src_dev.close()
+        return _copy(args, src, src_dev, src_size, dests)
     finally:
-        if ahead:
-            from dmtools.nbd.endpoint import discard_ahead
-
-            discard_ahead()
-
-
-def _open_exports_ahead(src: Spec, dests: list[Spec]) -> bool:
-    """Start connecting to the exports the copy names, each as the copy will open it (the
-    source read-only with its connections, a destination writable: ``NbdEndpoint.open``), and
-    load the copy engine meanwhile: the servers' handshakes overlap the imports. True when an
-    export takes part (what was opened and not taken is closed by ``discard_ahead``)."""
-    if not any(is_nbd_uri(s.path) for s in [src, *dests]):
-        return False
-    from dmtools.nbd.endpoint import open_ahead, source_connections
-
-    if is_nbd_uri(src.path):
-        open_ahead(src.path, connections=source_connections())
-    for d in dests:
-        if is_nbd_uri(d.path):
-            open_ahead(d.path, writable=True)
-    import kcopyd.client  # noqa: F401 - the copy's engine, loaded while the exports connect
-
-    return True
+        if isinstance(src_dev, Endpoint):
+            src_dev.close()
 
 
 def _copy(args: argparse.Namespace, src: Spec, src_dev: str | Endpoint, src_size: int, dests: list[Spec]) -> int:

@@ -114,8 +114,8 @@ def _open_one(region: Region, *, writable: bool) -> OpenRegion:
     if is_nbd_uri(path):
         from dmtools.nbd import NbdEndpoint, source_connections
 
-        nbd_ep = NbdEndpoint.open(path, writable=True) if writable else \
-            NbdEndpoint.open(path, connections=source_connections())
+        nbd_ep = NbdEndpoint(path, writable=writable) if writable else \
+            NbdEndpoint(path, connections=source_connections())
         return OpenRegion(region, nbd_ep, region.offset, owned=True)
     try:
         ep = _open_path(path, writable=writable, offset=region.offset, length=region.nbytes)

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     _Cmd = tuple[str, tuple[Any, ...], int]
 
 __all__ = ["NbdEndpoint", "DEFAULT_CONNECTIONS", "DEFAULT_TIMEOUT", "MAX_REQUEST", "REQUEST_SIZE",
-           "discard_ahead", "open_ahead", "source_connections"]
+           "source_connections"]
 
 log = logger("dmtools.nbd")
 
@@ -559,20 +559,6 @@ class NbdEndpoint(Endpoint):
     ``NbdConnectionError`` when the server cannot be reached or refuses the export.
     """
 
-    @classmethod
-    def open(cls, uri: str, *, writable: bool = False, connections: int = DEFAULT_CONNECTIONS) -> NbdEndpoint:
-        """``NbdEndpoint(uri, writable=writable, connections=connections)``, or the endpoint
-        :func:`open_ahead` opened with the same arguments (waiting for it when it is still
-        connecting). When that one failed, this connects again and raises what the constructor
-        raises, where it always has."""
-        with _ahead_lock:
-            ahead = _ahead.pop((uri, writable, connections), None)
-        if ahead is not None:
-            ahead.thread.join()
-            if ahead.endpoint is not None:
-                return ahead.endpoint
-        return cls(uri, writable=writable, connections=connections)
-
     def __init__(self, uri: str | NbdUri, *, writable: bool = False, connections: int = DEFAULT_CONNECTIONS,
                  timeout: float | None = DEFAULT_TIMEOUT) -> None:
         self.uri = uri if isinstance(uri, NbdUri) else parse_uri(uri)
@@ -955,47 +941,3 @@ class NbdEndpoint(Endpoint):
 
     def __repr__(self) -> str:
         return f"<NbdEndpoint {self.name} size={getattr(self, '_size', '?')} connections={len(self._conns)}>"
-
-
-class _Ahead:
-    """An :class:`NbdEndpoint` being opened on a thread of its own (:func:`open_ahead`)."""
-
-    def __init__(self, uri: str, writable: bool, connections: int) -> None:
-        self.endpoint: NbdEndpoint | None = None
-        self.thread = threading.Thread(target=self._open, args=(uri, writable, connections),
-                                       name="nbd-open-ahead", daemon=True)
-        self.thread.start()
-
-    def _open(self, uri: str, writable: bool, connections: int) -> None:
-        try:
-            self.endpoint = NbdEndpoint(uri, writable=writable, connections=connections)
-        except BaseException:  # noqa: BLE001 - NbdEndpoint.open connects again and raises it
-            log.debug("nbd: %s: opening ahead failed", uri, exc_info=True)
-
-
-#: Endpoints being opened ahead, by ``(uri, writable, connections)``.
-_ahead: dict[tuple[str, bool, int], _Ahead] = {}
-_ahead_lock = threading.Lock()
-
-
-def open_ahead(uri: str, *, writable: bool = False, connections: int = DEFAULT_CONNECTIONS) -> None:
-    """Start connecting to the export ``uri`` on a thread of its own, for the
-    :meth:`NbdEndpoint.open` with the same arguments that comes later: the handshakes' round trips
-    to the server (libnbd waits without the GIL) then overlap what the caller does meanwhile (a
-    command's imports and checks). Nothing is read or written; a failure is left for that
-    ``open`` to raise. What is not taken is closed by :func:`discard_ahead`."""
-    key = (uri, writable, connections)
-    with _ahead_lock:
-        if key not in _ahead:
-            _ahead[key] = _Ahead(uri, writable, connections)
-
-
-def discard_ahead() -> None:
-    """Close the endpoints :func:`open_ahead` opened that no :meth:`NbdEndpoint.open` took."""
-    with _ahead_lock:
-        left = list(_ahead.values())
-        _ahead.clear()
-    for ahead in left:
-        ahead.thread.join()
-        if ahead.endpoint is not None:
-            ahead.endpoint.close()
