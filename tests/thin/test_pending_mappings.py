@@ -1,4 +1,4 @@
-"""New mappings that wait in core (``ThinMetadata.map_new``/``map_one``) until a fold or commit:
+"""New mappings that wait in core (``ThinMetadata.map_new``/``map_one``/``map_run``) until a fold or commit:
 the metadata comes out byte for byte as inserting each at once leaves it, lookups and counts see
 them meanwhile, an abort drops them, and a failed fold stops every commit until the abort."""
 
@@ -33,8 +33,11 @@ def _history(path: Path, seed: int, defer: bool) -> bytes:
             pairs = [(k, md.alloc_data_block()) for k in keys]
             one = rng.random() < 0.5  # drawn either way: both histories take the same steps
             if defer and not any(md.lookup(dev, k) for k in keys):  # as the thin target finds them
+                blocks = [b for _k, b in pairs]
                 if n == 1 and one:
                     md.map_one(dev, *pairs[0])
+                elif one and keys == list(range(start, start + n)) and blocks == list(range(blocks[0], blocks[0] + n)):
+                    md.map_run(dev, start, blocks[0], n)  # a whole-block write's new run
                 else:
                     md.map_new(dev, pairs)
             else:

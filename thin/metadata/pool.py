@@ -476,6 +476,21 @@ class ThinMetadata:
         pend.update(packed)
         self.pending += len(pairs)
 
+    def map_run(self, dev_id: int, vblock: int, data_block: int, n: int) -> None:
+        """:meth:`map_new` of ``n`` consecutive virtual blocks from ``vblock`` onto ``n``
+        consecutive data blocks from ``data_block`` (a whole-block write's new run), without
+        building the pairs: the waiting values come from two ranges."""
+        pend = self._pending.get(dev_id)
+        end = vblock + n
+        if (pend is None or dev_id != self._last or not self._in_service or n < 1 or vblock < 0
+                or not 0 <= data_block <= len(self.tm.dsm.counts) - n
+                or not pend.keys().isdisjoint(range(vblock, end))):
+            self.map_new(dev_id, list(zip(range(vblock, end), range(data_block, data_block + n))))
+            return
+        time = self.time  # pack_block_time of each: (block << 24) | time
+        pend.update(zip(range(vblock, end), range((data_block << 24) | time, ((data_block + n) << 24) | time, 1 << 24)))
+        self.pending += n
+
     def map_one(self, dev_id: int, vblock: int, data_block: int) -> None:
         """:meth:`map_new` of one block (a first write's mapping)."""
         pend = self._pending.get(dev_id)

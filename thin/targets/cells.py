@@ -172,18 +172,28 @@ class Prison:
     def hold_all(self, keys: Iterable[Hashable]) -> Iterator[None]:
         """Hold every key of ``keys`` for the ``with`` body, taken together once none is held (so
         two callers never hold part of each other's keys and wait for the rest)."""
+        wanted = self.take_all(keys)
+        try:
+            yield
+        finally:
+            self.give_all(wanted)
+
+    def take_all(self, keys: Iterable[Hashable]) -> set[Hashable]:
+        """:meth:`hold_all`'s taking, without a ``with`` (the per-I/O path, where one costs
+        more): returns the keys to give back with :meth:`give_all` in a ``finally``."""
         wanted = set(keys)
         with self.lock:
             while not wanted.isdisjoint(self._held):
                 self._wait()
             self._held |= wanted
-        try:
-            yield
-        finally:
-            with self.lock:
-                self._held -= wanted
-                if self._waiting:
-                    self._changed.notify_all()
+        return wanted
+
+    def give_all(self, keys: set[Hashable]) -> None:
+        """Release the cells :meth:`take_all` took."""
+        with self.lock:
+            self._held -= keys
+            if self._waiting:
+                self._changed.notify_all()
 
     def held(self) -> int:
         """How many cells are held."""

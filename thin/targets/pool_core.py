@@ -582,7 +582,14 @@ class Pool:
                     raise
                 raise self._failed("dm_thin_find_mapped_range", err) from err
             aborts = self.aborts
-            return self.try_alloc_many(end - begin), aborts
+            n = end - begin
+            out = self._alloc_batch(n)  # try_alloc_many, inline (the mode is WRITE)
+            while len(out) < n and self.mode == _WRITE:
+                block = self._alloc_locked()
+                if block is None:
+                    break
+                out.append(block)
+            return out, aborts
 
     def release_block(self, block: int, aborts: int) -> None:
         """Give back a block whose preparation or write failed (taken when ``self.aborts`` was
@@ -736,10 +743,13 @@ class Pool:
         with self.lock:
             self.space.notify_all()
 
-    def insert_many(self, state: DeviceState, pairs: Sequence[tuple[int, int]], aborts: int, new: bool = False) -> None:
+    def insert_many(self, state: DeviceState, pairs: Sequence[tuple[int, int]], aborts: int, new: bool = False,
+                    run: tuple[int, int, int] | None = None) -> None:
         """:meth:`insert` of every ``(vblock, block)`` pair under one lock. ``new``: every
         ``vblock`` was unmapped when looked up under its cell (held until now), so the mappings
-        may wait in core until the next fold or commit (``ThinMetadata.map_new``)."""
+        may wait in core until the next fold or commit (``ThinMetadata.map_new``). ``run``
+        (with ``new``, ``pairs`` empty): ``(vblock, block, n)``, ``n`` consecutive virtual blocks
+        onto ``n`` consecutive data blocks (a whole-block write's new run, ``map_run``)."""
         with self.lock:
             if aborts != self.aborts:
                 raise _eio("the metadata transaction was aborted", self.name)
@@ -749,7 +759,9 @@ class Pool:
             one = pairs[0] if len(pairs) == 1 else None  # a block's write
             try:  # run()'s rules, inline: this runs for every new block
                 if new:
-                    if one is not None:  # a first write's mapping
+                    if run is not None:
+                        md.map_run(state.dev_id, *run)
+                    elif one is not None:  # a first write's mapping
                         md.map_one(state.dev_id, one[0], one[1])
                     else:
                         md.map_new(state.dev_id, pairs)

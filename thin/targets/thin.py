@@ -238,49 +238,72 @@ class ThinTarget(TargetDriver):
         allocated together, written with one I/O per run that is consecutive on the data device,
         and mapped together. Blocks the pool cannot give at once go the per-block way."""
         pool, bb, dev_id = self.pool, self.bb, self.dev_id
-        with pool.prison.hold_all({(dev_id, v) for v in range(v0, v1)}):
+        prison = pool.prison
+        cells = prison.take_all([(dev_id, v) for v in range(v0, v1)])
+        try:
             pool.check_io()
             fresh = pool.alloc_unmapped(dev_id, v0, v1)
-            need: Sequence[int]
-            shared: list[int]  # the old blocks of shared ones
-            if fresh is not None:  # first writes (the sequential writer's case): nothing to look up
-                need, shared = range(v0, v1), []
+            if fresh is not None:
                 news, aborts = fresh
-                dest: dict[int, int] = {}
-            else:
-                looks = pool.lookup_range(self.dev_id, v0, v1)
-                dest = {v: look.data_block for v, look in looks.items() if not look.shared}
-                shared = [look.data_block for look in looks.values() if look.shared]
-                need = [v for v in range(v0, v1) if v not in dest]
-                aborts = pool.aborts
-                news = pool.try_alloc_many(len(need)) if need else []
-            pairs = list(zip(need, news))
-            try:
-                if len(news) == v1 - v0 and news == list(range(news[0], news[0] + len(news))):  # one new run
-                    self._write_data(data, news[0] * bb)
-                    start = v1
-                else:
-                    start = v0
-                    dest.update(pairs)
-                while start < v1:
-                    if start not in dest:
-                        start += 1
-                        continue
-                    end = start + 1
-                    while end < v1 and dest.get(end) == dest[start] + (end - start):
-                        end += 1
-                    self._write_data(data[(start - v0) * bb:(end - v0) * bb], dest[start] * bb)
-                    start = end
-            except BaseException:
-                for _v, block in pairs:
-                    pool.release_block(block, aborts)
-                raise
-            for block in shared:  # reads still in flight on the old block (shared_read_ds)
-                pool.prison.quiesce(block)
-            if pairs:
-                pool.insert_many(self.state, pairs, aborts, new=not shared)
-        for v in need[len(news):]:
+                n = len(news)
+                if n == v1 - v0 and news == list(range(news[0], news[0] + n)):
+                    # first writes on one new run of blocks (the sequential writer's case): one
+                    # write, then the run mapped
+                    try:
+                        self._write_data(data, news[0] * bb)
+                    except BaseException:
+                        for block in news:
+                            pool.release_block(block, aborts)
+                        raise
+                    pool.insert_many(self.state, (), aborts, new=True, run=(v0, news[0], n))
+                    return
+            need = self._write_runs(v0, v1, data, fresh)
+        finally:
+            prison.give_all(cells)
+        for v in need:
             self._write_block(v, 0, data[(v - v0) * bb:(v - v0 + 1) * bb])
+
+    def _write_runs(self, v0: int, v1: int, data: memoryview, fresh: tuple[list[int], int] | None) -> Sequence[int]:
+        """:meth:`_write_whole_blocks` of blocks that are mapped, shared, or new but not one run
+        (``fresh``: the new blocks and abort count :meth:`Pool.alloc_unmapped` gave, ``None``
+        when some block is mapped), their cells held: one write per run consecutive on the data
+        device, then the new mappings. Returns the blocks the pool could not give at once."""
+        pool, bb = self.pool, self.bb
+        need: Sequence[int]
+        shared: list[int]  # the old blocks of shared ones
+        if fresh is not None:  # first writes: nothing to look up
+            need, shared = range(v0, v1), []
+            news, aborts = fresh
+            dest: dict[int, int] = {}
+        else:
+            looks = pool.lookup_range(self.dev_id, v0, v1)
+            dest = {v: look.data_block for v, look in looks.items() if not look.shared}
+            shared = [look.data_block for look in looks.values() if look.shared]
+            need = [v for v in range(v0, v1) if v not in dest]
+            aborts = pool.aborts
+            news = pool.try_alloc_many(len(need)) if need else []
+        pairs = list(zip(need, news))
+        try:
+            dest.update(pairs)
+            start = v0
+            while start < v1:
+                if start not in dest:
+                    start += 1
+                    continue
+                end = start + 1
+                while end < v1 and dest.get(end) == dest[start] + (end - start):
+                    end += 1
+                self._write_data(data[(start - v0) * bb:(end - v0) * bb], dest[start] * bb)
+                start = end
+        except BaseException:
+            for _v, block in pairs:
+                pool.release_block(block, aborts)
+            raise
+        for block in shared:  # reads still in flight on the old block (shared_read_ds)
+            pool.prison.quiesce(block)
+        if pairs:
+            pool.insert_many(self.state, pairs, aborts, new=not shared)
+        return need[len(news):]
 
     def _write_block(self, vblock: int, within: int, piece: memoryview) -> None:
         pool = self.pool
