@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
 import struct
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from thin.metadata import ThinMetadata, dump_xml
 from thin.metadata.check import check
@@ -35,6 +38,17 @@ def test_bitmap_bit_order() -> None:
     assert raw[2] == 0x50 and raw[3] == 0x01 and raw[125] == 0x02
     block = bytes(16) + raw
     assert decode_bitmap(block) == counts
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 3072, 16319, 16320])
+def test_a_short_bitmap_encodes_as_its_counts_padded_with_free_entries(n: int) -> None:
+    """A pool's last bitmap holds fewer than 16320 counts: the entries past them are free."""
+    rng = random.Random(n)
+    counts = bytearray(rng.randrange(4) for _ in range(n))
+    raw = encode_bitmap(counts)
+    assert len(raw) == 4080
+    assert raw == encode_bitmap(counts + bytes(16320 - n))
+    assert decode_bitmap(bytes(16) + raw) == counts + bytes(16320 - n)
 
 
 def test_block_time_packing() -> None:
@@ -129,3 +143,4 @@ def test_data_space_map_index_of_two_levels(thin_tools, meta_image: Callable[...
     report = check(path)
     assert report.ok and not report.warnings and not report.leaks, (report.errors, report.warnings, report.leaks)
     assert report.data_blocks == nr and report.data_free == nr - len(range(0, nr, 16320 * 7))
+

@@ -38,8 +38,10 @@ def decode_bitmap(block: bytes | bytearray | memoryview) -> bytearray:
 
 
 def encode_bitmap(counts: bytes | bytearray) -> bytes:
-    """The 4080 bitmap bytes (after the header) for up to 16320 counts of 0..3."""
-    padded = bytes(counts).ljust(ENTRIES_PER_BITMAP, b"\0")
+    """The 4080 bitmap bytes (after the header) for up to 16320 counts of 0..3 (the counts past
+    them encode as zero bytes: only the given ones are translated, a pool's last bitmap being
+    mostly past its end)."""
+    padded = bytes(counts).ljust(-(-len(counts) // 4) * 4, b"\0")
     word = 0
     for k in range(4):
         word |= int.from_bytes(padded[k::4].translate(_ENCODE[k]), "little")
