@@ -144,3 +144,22 @@ def test_data_space_map_index_of_two_levels(thin_tools, meta_image: Callable[...
     assert report.ok and not report.warnings and not report.leaks, (report.errors, report.warnings, report.leaks)
     assert report.data_blocks == nr and report.data_free == nr - len(range(0, nr, 16320 * 7))
 
+
+
+def test_a_run_of_blocks_is_one_write_and_one_past_the_end_is_refused(tmp_path: Path) -> None:
+    """``MetadataDevice.write`` of consecutive blocks (a commit writes each run of its blocks so)."""
+    from dmtools.errors import InvalidArgument
+    from thin.metadata.transaction import MetadataDevice
+
+    path = tmp_path / "meta.img"
+    path.write_bytes(bytes(4 * 4096))
+    dev = MetadataDevice(str(path), writable=True)
+    try:
+        dev.write(1, b"\1" * 4096 + b"\2" * 4096)
+        assert dev.read(1) == b"\1" * 4096 and dev.read(2) == b"\2" * 4096
+        for blocknr, data in ((3, bytes(2 * 4096)), (0, bytes(100)), (4, bytes(4096))):
+            with pytest.raises(InvalidArgument):
+                dev.write(blocknr, data)
+    finally:
+        dev.close()
+    assert path.read_bytes() == bytes(4096) + b"\1" * 4096 + b"\2" * 4096 + bytes(4096)

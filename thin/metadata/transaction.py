@@ -92,14 +92,15 @@ class MetadataDevice:
         return data
 
     def write(self, blocknr: int, data: bytes | bytearray) -> None:
-        if not 0 <= blocknr < self.nr_blocks:
+        """Write ``data``, one block or several consecutive ones, at block ``blocknr``."""
+        if not 0 <= blocknr <= self.nr_blocks - max(1, len(data) // BLOCK_SIZE) or len(data) % BLOCK_SIZE:
             raise InvalidArgument(f"block {blocknr} is beyond the end of the metadata device", device=self.path)
         try:
             done = self._pwrite(data, blocknr * BLOCK_SIZE)
         except OSError as err:
             raise DeviceIOError(f"writing metadata block {blocknr}: {err.strerror}", device=self.path,
                                 operation="write", errno=err.errno) from err
-        if done != BLOCK_SIZE:
+        if done != len(data):
             raise DeviceIOError(f"short write of metadata block {blocknr}", device=self.path, operation="write")
 
     def flush(self) -> None:
@@ -402,10 +403,15 @@ class TransactionManager:
         self._commit_data_sm()
         self._commit_metadata_sm()
         dev = self.dev
-        for b, (node, vtype) in sorted(self.dirty_nodes.items()):
-            dev.write(b, node.encode(vtype))
-        for b, raw in sorted(self.dirty_raw.items()):
-            dev.write(b, raw)
+        blocks: dict[int, bytes | bytearray] = {b: node.encode(vtype) for b, (node, vtype) in self.dirty_nodes.items()}
+        blocks.update(self.dirty_raw)
+        order = sorted(blocks)
+        start = 0
+        for i, b in enumerate(order):  # one write per run of consecutive blocks
+            if i + 1 == len(order) or order[i + 1] != b + 1:
+                first = order[start]
+                dev.write(first, blocks[first] if i == start else b"".join(blocks[c] for c in order[start:i + 1]))
+                start = i + 1
         dev.flush()
         dev.write(0, superblock(*self.space_map_roots()))
         dev.flush()
