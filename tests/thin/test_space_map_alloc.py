@@ -18,6 +18,18 @@ def _state(sm: RefCounts) -> tuple[object, ...]:
             sorted(sm.dirty_bitmaps), sm.allocated_this_transaction)
 
 
+def _assert_alloc_many_is_alloc_repeated(sm: RefCounts, n: int) -> None:
+    one_by_one = copy.deepcopy(sm)
+    expected = []
+    for _ in range(n):
+        try:
+            expected.append(one_by_one.alloc())
+        except NoSpace:
+            break
+    assert sm.alloc_many(n) == expected
+    assert _state(sm) == _state(one_by_one)
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_alloc_many_is_alloc_repeated(seed: int) -> None:
     rng = random.Random(seed)
@@ -30,12 +42,18 @@ def test_alloc_many_is_alloc_repeated(seed: int) -> None:
         sm.dec(b)  # freed in this transaction: not reusable before the commit
     sm.cursor = rng.randrange(nr)
     n = rng.randrange(1, min(nr, 1500))
-    one_by_one = copy.deepcopy(sm)
-    expected = []
-    for _ in range(n):
-        try:
-            expected.append(one_by_one.alloc())
-        except NoSpace:
-            break
-    assert sm.alloc_many(n) == expected
-    assert _state(sm) == _state(one_by_one)
+    _assert_alloc_many_is_alloc_repeated(sm, n)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_alloc_many_with_nothing_freed_is_alloc_repeated(seed: int) -> None:
+    """The case a sequential writer meets (nothing freed in the transaction): a run of free blocks
+    from the cursor, or a used block inside it, or the device's end before it."""
+    rng = random.Random(seed)
+    nr = rng.choice([64, 3 * ENTRIES_PER_BITMAP])
+    sm = RefCounts(nr, "data")
+    for b in rng.sample(range(nr), rng.choice([0, 0, 3, nr // 4])):
+        sm.inc(b)
+    sm.cursor = rng.randrange(nr)
+    n = rng.choice([1, 16, 16, ENTRIES_PER_BITMAP + 7, nr])
+    _assert_alloc_many_is_alloc_repeated(sm, n)

@@ -176,8 +176,20 @@ class RefCounts:
     def alloc_many(self, n: int) -> list[int]:
         """Up to ``n`` blocks, the ones ``n`` calls of :meth:`alloc` would give, taken a run of
         free blocks at a time; fewer when no more are free."""
-        out: list[int] = []
         counts, freed = self.counts, self.freed
+        at = counts.find(0, self.cursor)
+        end = at + n
+        if at >= 0 and not freed and end <= len(counts) and counts.count(0, at, end) == n:
+            # the commonest case, at once: ``n`` free blocks from the first one past the cursor
+            # (nothing freed in this transaction for alloc to skip)
+            counts[at:end] = b"\1" * n
+            self.new.update(range(at, end))
+            self.dirty_bitmaps.update(range(at // ENTRIES_PER_BITMAP, (end - 1) // ENTRIES_PER_BITMAP + 1))
+            self.cursor = end
+            self.nr_allocated += n
+            self.allocated_this_transaction += n
+            return list(range(at, end))
+        out: list[int] = []
         while len(out) < n:
             b = self.find_free()
             if b is None:
