@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,15 +74,34 @@ def fio(path: str | os.PathLike[str], *, write: bool, bs: str, iodepth: int, siz
     return FioResult(bw=float(side["bw_bytes"]), iops=float(side["iops"]))
 
 
-def in_vm(script: str | os.PathLike[str], args: list[str], modules: tuple[str, ...] = ()) -> dict[str, Any] | str:
+def in_vm(script: str | os.PathLike[str], args: list[str], modules: tuple[str, ...] = (),
+          scratch: int = 0) -> dict[str, Any] | str:
     """Run ``script args`` with the project's interpreter in the VM (``scripts/vmtest --exec``).
 
     The script prints one JSON object; it is returned, or a sentence saying why the run failed.
+    ``scratch`` (bytes): the VM's ``/tmp`` is a tmpfs of half its memory (1.5 GiB), too small for
+    big backing files, so the run gets a disk of that size for its temporary files instead: a
+    sparse file here (only what the run writes takes room), attached as the VM's virtio disk,
+    formatted ext4 there and mounted as ``TMPDIR``; removed afterwards.
     """
     mods = "".join(f"modprobe {m} && " for m in modules)
     quoted = " ".join(shlex.quote(a) for a in [sys.executable, os.fspath(script), *args])
-    res = subprocess.run([str(ROOT / "scripts" / "vmtest"), "--exec", mods + quoted],
-                         capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    disk = None
+    if scratch:
+        fd, disk = tempfile.mkstemp(prefix="dmtools-vm-scratch-", suffix=".img")
+        os.ftruncate(fd, scratch)
+        os.close(fd)
+        env["DMTOOLS_VM_DISKS"] = disk
+        mnt = "/tmp/dmtools-scratch"
+        mods = (f"mkfs.ext4 -q -F /dev/vda && mkdir -p {mnt} && mount /dev/vda {mnt} && export TMPDIR={mnt} && "
+                + mods)
+    try:
+        res = subprocess.run([str(ROOT / "scripts" / "vmtest"), "--exec", mods + quoted],
+                             capture_output=True, text=True, check=False, env=env)
+    finally:
+        if disk is not None:
+            os.unlink(disk)
     text = res.stdout
     start = text.find("{")
     if res.returncode != 0 or start < 0:

@@ -509,7 +509,11 @@ def _in_vm(args: argparse.Namespace, sections: list[str]) -> dict[str, Any] | st
             "--fio-runtime", str(min(args.fio_runtime or 2.0, 2.0))]
     for section in sections:
         argv += ["--only", section]
-    return in_vm(Path(__file__).resolve(), argv, modules=("dm-thin-pool",))
+    # Backing files of a run: linear, thin data (twice the size and 64 MiB), metadata, the
+    # classic snapshot's origin and COW, and the fio part's: more than the VM's /tmp holds at
+    # --size 512M ("No space left on device"), so they go on a scratch disk.
+    size = parse_size(args.size, "b")
+    return in_vm(Path(__file__).resolve(), argv, modules=("dm-thin-pool",), scratch=6 * size + (1 << 30))
 
 
 def _tools(args: argparse.Namespace) -> Any:
