@@ -117,14 +117,14 @@ class ExceptionStore(abc.ABC):
         (a hint, read without locks; ``commit_copied`` decides). The base store never does."""
         return False
 
-    def commit_copied(self, old: int, new: int, callback: CommitCallback,
-                      copy: Callable[[bytearray, int, int], int]) -> int:
+    def commit_copied(self, old: int, new: int, copy: Callable[[bytearray, int, int], int]) -> tuple[int, bool]:
         """Commit ``old -> new`` as :meth:`commit_exception` does, its copy and the commit's I/O
         done in one call: ``copy(area, area_offset, index)`` (``snapshot.route.copy_commit``)
         where this commit would write one metadata area with this record alone; returns
-        ``copy``'s answer, or -1 (``NOT_DONE``: nothing done) where it would not: the caller then
-        copies and commits as usual. The base store never does (-1)."""
-        return -1
+        ``(copy's answer, success)`` (``success`` what a commit callback would be given), or
+        ``(-1, False)`` (``NOT_DONE``: nothing done) where it would not: the caller then copies and
+        commits as usual. The base store never does."""
+        return -1, False
 
     def zeroed_ahead(self, new: int, count: int) -> bool:
         """True when COW chunks ``new..new+count-1`` are known to read as zeros (the persistent

@@ -23,9 +23,9 @@ from dmtools.target_values import StoreMode
 
 from snapshot.route import DMS_AREA, DMS_COPY, DMS_FUA, DMS_PREFLUSH, NOT_DONE, Route, last_flush_seconds
 from snapshot.store.base import CommitCallback, ExceptionStore, Usage
-from snapshot.store.format import (DM_CHUNK_SIZE_DEFAULT_SECTORS, NUM_SNAPSHOT_HDR_CHUNKS, SECTOR, SNAP_MAGIC,
-                                   SNAPSHOT_DISK_VERSION, DiskHeader, area_location, chunk_size_error,
-                                   exceptions_per_area, skip_metadata)
+from snapshot.store.format import (DISK_EXCEPTION_SIZE, DM_CHUNK_SIZE_DEFAULT_SECTORS, NUM_SNAPSHOT_HDR_CHUNKS,
+                                   SECTOR, SNAP_MAGIC, SNAPSHOT_DISK_VERSION, DiskHeader, area_location,
+                                   chunk_size_error, exceptions_per_area, skip_metadata)
 from snapshot.store.table import FLOAT_EXACT, ExceptionTable
 
 log = logging.getLogger(__name__)
@@ -424,47 +424,43 @@ class PersistentStore(ExceptionStore):
         locks: :meth:`commit_copied` decides under them)."""
         return self._pending == 1 and self.valid and not self.readonly
 
-    def commit_copied(self, old: int, new: int, callback: CommitCallback,
-                      copy: Callable[[bytearray, int, int], int]) -> int:
+    def commit_copied(self, old: int, new: int, copy: Callable[[bytearray, int, int], int]) -> tuple[int, bool]:
         """:meth:`commit_exception` of ``{old, new}`` with its copy, where the record is the only
-        exception pending and leaves the area not full (else ``NOT_DONE``, nothing done): under
-        the commit lock (no other commit writes the area meanwhile), ``copy(area, area_offset,
-        index)`` copies, flushes, writes the record into the area buffer and the area, and
-        flushes (``snapshot.route.copy_commit``). From its answer, which is returned, the commit
-        goes on as :meth:`commit_runs`': a failed flush fails the commit (the store invalid,
-        never flushed again for it); a failed area write is made again in Python (through the
-        device if it must); nothing of the copy in place (``NOT_DONE``, ``DMS_COPY``): nothing
-        committed, the caller copies and commits."""
+        exception pending and leaves the area not full (else ``(NOT_DONE, False)``, nothing
+        done): under the commit lock (no other commit writes the area meanwhile), ``copy(area,
+        area_offset, index)`` copies, flushes, writes the record into the area buffer and the
+        area, and flushes (``snapshot.route.copy_commit``). From its answer the commit goes on as
+        :meth:`commit_runs`': a failed flush fails the commit (the store invalid, never flushed
+        again for it); a failed area write is made again in Python (through the device if it
+        must); nothing of the copy in place (``NOT_DONE``, ``DMS_COPY``): nothing committed, the
+        caller copies and commits. Returns ``(answer, success)``: ``success`` is what the
+        commit's callback would be given (no callback: this record commits alone)."""
         with self._commit_lock:
             i = self.current_committed
-            if not self.valid or self.readonly or self._callbacks or self._pending != 1 \
-                    or i + 1 >= self.exceptions_per_area:
-                return NOT_DONE
-            rc = copy(self._area, area_location(self.current_area, self.chunk_size) * self.chunk_bytes, i)
+            cb = self.chunk_size * SECTOR
+            epa = cb // DISK_EXCEPTION_SIZE  # (exceptions_per_area, area_location: no calls here)
+            if not self.valid or self.readonly or self._callbacks or self._pending != 1 or i + 1 >= epa:
+                return NOT_DONE, False
+            rc = copy(self._area, (NUM_SNAPSHOT_HDR_CHUNKS + (epa + 1) * self.current_area) * cb, i)
             if rc == NOT_DONE or rc == DMS_COPY:
-                return rc
-            _pack_run(self._area, i, old, new, 1)  # (C wrote the same unless its first flush failed)
+                return rc, False
+            # the record, as C wrote it into the area unless its first flush failed
+            _RECORD.pack_into(self._area, i * DISK_EXCEPTION_SIZE, old, new)
             self.current_committed = i + 1
             self.records += 1
             with self._lock:
                 self._pending -= 1
-            self._callbacks.append(callback)
             if not self._c_commits & (C_FLUSH_SAMPLE - 1):  # C's flushes count in flush_cost too
                 took = last_flush_seconds()
                 if took is not None:
                     self._cow_route().note_flush(took)
             self._c_commits += 1
             if rc == DMS_AREA:
-                callbacks, success = self._write_area_locked()
-            else:
-                if rc == DMS_PREFLUSH or rc == DMS_FUA:
-                    log.warning("%s: metadata commit failed: flush failed", self.cow.name)
-                    self.valid = False
-                callbacks, self._callbacks = self._callbacks, []
-                success = self.valid
-        for cb in callbacks:
-            cb(success)
-        return rc
+                return rc, self._write_area_locked()[1]
+            if rc == DMS_PREFLUSH or rc == DMS_FUA:
+                log.warning("%s: metadata commit failed: flush failed", self.cow.name)
+                self.valid = False
+            return rc, self.valid
 
     def _write_area_locked(self) -> tuple[list[CommitCallback], bool]:
         """Commit the current area (zeroing the next one first when it is full)."""

@@ -27,6 +27,9 @@ _REMOVED = -1
 #: how many fully mapped ranges ``unmapped`` remembers before it starts over (~1 MiB of memory;
 #: as 1 MiB writes' ranges they cover 8 GiB of a volume).
 MAPPED_RANGES = 8192
+#: the overlay is folded into the sorted array once it holds more than this many entries and an
+#: eighth of the array.
+OVERLAY_MIN = 4096
 
 Keys = Union["array[float]", "array[int]", list[int]]
 
@@ -190,8 +193,18 @@ class ExceptionTable:
         self._count -= 1
         self._maybe_compact()
 
+    def insert_one(self, old: int, new: int) -> None:
+        """``insert_new([(old, new)])`` without building a list (the one-chunk first write)."""
+        if new >> self.shift:
+            self._reshift(new.bit_length() + 2)
+        overlay = self._overlay
+        overlay[old] = new
+        self._count += 1
+        if len(overlay) > max(OVERLAY_MIN, len(self._keys) >> 3):  # (_maybe_compact, inline)
+            self.compact()
+
     def _maybe_compact(self) -> None:
-        if len(self._overlay) > max(4096, len(self._keys) >> 3):
+        if len(self._overlay) > max(OVERLAY_MIN, len(self._keys) >> 3):
             self.compact()
 
     def compact(self) -> None:

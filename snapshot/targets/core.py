@@ -326,7 +326,7 @@ class CopyOnWrite:
         store = self.store
         if not store.commits_alone() or self._parked or pe.seq != self._seq_next:
             return 0  # (concurrent writers: the Python path, which commits them together)
-        cb = self.chunk_bytes
+        cb = store.chunk_size * SECTOR
         start = pe.old * cb
         # a chunk inside the snapshot is whole on the origin unless the origin is smaller, which
         # copy_commit sees on the origin's live table (and declines): no size asked of the handle
@@ -358,15 +358,15 @@ class CopyOnWrite:
                         write = None
                     else:
                         self.sealed = pe.old
-            self.account_start_copy()
+            progress = self._progress_lock  # (account_start_copy/account_end_copy, inline)
+            with progress:
+                self.in_progress += 1
             try:
-                rc = store.commit_copied(pe.old, pe.new, functools.partial(self._on_commit, pe), copy)
+                rc, success = store.commit_copied(pe.old, pe.new, copy)
                 if rc == NOT_DONE or rc == DMS_COPY:
                     return 0  # (the origin is not written: unsealed below)
                 self._seq_next += 1
-                if self._finished:
-                    batch, self._finished = self._finished, []
-                    self._publish(batch)  # (unsealed there, with the exception in the table)
+                self._publish([(pe, success)])  # (unsealed there, with the exception in the table)
             except Exception as err:  # noqa: BLE001 - a waiter must never hang on a lost completion
                 log.exception("%s: completing exceptions failed", self.name)
                 self._fail_pending(f"exception completion failed: {err}")
@@ -377,7 +377,10 @@ class CopyOnWrite:
                         self.sealed = -1
                         if self._seal_waiters:
                             self.cond.notify_all()
-                self.account_end_copy()
+                with progress:
+                    self.in_progress -= 1
+                    if self.throttled and not self.origins.over_threshold(self.in_progress):
+                        self._progress.notify_all()
         finally:
             self._complete_lock.release()
         return 2 if rc == DONE_WROTE else 1
@@ -449,16 +452,21 @@ class CopyOnWrite:
     def _publish(self, batch: list[tuple[PendingException, bool]]) -> None:
         """``pending_complete``: publish exceptions, drain tracked reads, wake waiters."""
         with self.lock:
-            if not all(success for _, success in batch):
+            if len(batch) == 1:  # (one exception, the usual: no generators, no lists)
+                one, success = batch[0]
+                if not success:
+                    self.invalidate_locked("copy or metadata I/O error")
+                elif self.valid:
+                    if one.count == 1:
+                        self.table.insert_one(one.old, one.new)
+                    else:
+                        self.table.insert_new(list(zip(one.chunks(), range(one.new, one.new + one.count))))
+            elif not all(success for _, success in batch):
                 self.invalidate_locked("copy or metadata I/O error")
             elif self.valid:
-                if len(batch) == 1 and batch[0][0].count == 1:
-                    one = batch[0][0]
-                    good = [(one.old, one.new)]
-                else:
-                    good = []
-                    for pe, _ in batch:
-                        good.extend(zip(pe.chunks(), range(pe.new, pe.new + pe.count)))
+                good: list[tuple[int, int]] = []
+                for pe, _ in batch:
+                    good.extend(zip(pe.chunks(), range(pe.new, pe.new + pe.count)))
                 self.table.insert_new(good)
             if self.tracked:
                 tracked = self.tracked
@@ -754,10 +762,10 @@ def do_origin(origins: OriginRegistry[CopyOnWrite], origin: DeviceHandle, offset
     """
     if key is None:
         key = device_key(origin)
-    gate = origins.gate(key)
+    gate = origins.origin_gate(key)
     gate.join()
     try:
-        snaps = origins.snapshots_of_key(key)
+        snaps: tuple[CopyOnWrite, ...] = gate.snaps
         if limit:
             over = origins.over_threshold
             for snap in snaps:

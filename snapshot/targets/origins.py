@@ -121,6 +121,10 @@ class OriginGate:
         self.cond = threading.Condition(self._lock)
         self.inflight = 0
         self.frozen = 0
+        #: the origin's snapshots (``OriginRegistry.snapshots_of_key``), a tuple the registry
+        #: replaces under its lock whenever they change: read after ``join``, it is what the
+        #: write must copy for (a handover changes it only while frozen).
+        self.snaps: tuple[Any, ...] = ()
 
     def join(self) -> None:
         """Count one origin write in (waits while frozen); ``leave`` counts it out."""
@@ -245,6 +249,7 @@ class OriginRegistry(Generic[S]):
                 if not found.src.can_merge:
                     raise InvalidTable(NO_MERGE_SUPPORT)
             self._insert(self._origins.setdefault(snap.origin_key, []), snap)
+            self._gate_locked(snap.origin_key).snaps = tuple(self._origins[snap.origin_key])
             return found.src is not None
 
     def reregister(self, snap: S) -> None:
@@ -254,6 +259,7 @@ class OriginRegistry(Generic[S]):
             if snaps and snap in snaps:
                 snaps.remove(snap)
                 self._insert(snaps, snap)
+                self._gate_locked(snap.origin_key).snaps = tuple(self._origins[snap.origin_key])
 
     def unregister(self, snap: S) -> None:
         """Forget ``snap`` (idempotent)."""
@@ -264,11 +270,17 @@ class OriginRegistry(Generic[S]):
                 snaps.remove(snap)
                 if not snaps:
                     del self._origins[key]
+                self._gate_locked(key).snaps = tuple(snaps)
 
     def snapshots_of_key(self, key: Hashable) -> list[S]:
         """The snapshots registered on the origin with ``key`` (a copy of the list)."""
         with self._lock:
             return list(self._origins.get(key, ()))
+
+    def origin_gate(self, key: Hashable) -> OriginGate:
+        """:meth:`gate`, without the lock once the gate exists (gates are never dropped): an
+        origin write's, which reads the snapshots from its ``snaps`` once it joined."""
+        return self._gates.get(key) or self.gate(key)
 
     def all_snapshots(self) -> list[S]:
         """Every registered snapshot."""
@@ -278,10 +290,14 @@ class OriginRegistry(Generic[S]):
     def gate(self, key: Hashable) -> OriginGate:
         """The gate of the origin with ``key`` (created on first use, kept: it is small)."""
         with self._lock:
-            g = self._gates.get(key)
-            if g is None:
-                g = self._gates[key] = OriginGate()
-            return g
+            return self._gate_locked(key)
+
+    def _gate_locked(self, key: Hashable) -> OriginGate:
+        g = self._gates.get(key)
+        if g is None:
+            g = self._gates[key] = OriginGate()
+            g.snaps = tuple(self._origins.get(key, ()))
+        return g
 
     # -- writes that need no copy (the exposure's C data path: dmtools.engine.passthrough) -------
     def attach_writes(self, key: Hashable, writes: WriteThrough) -> None:

@@ -164,10 +164,11 @@ def test_failure_while_completing_invalidates_instead_of_hanging(engine: Any, tm
     original = _pattern(64)
     cow_file = _stack(eng, tmp_path, original, 32 * CHUNK)
 
-    def broken(self: ExceptionTable, pairs: list[tuple[int, int]]) -> None:
+    def broken(self: ExceptionTable, *pairs: Any) -> None:
         raise ValueError("COW chunk does not fit")  # what the fixed-width table used to raise
 
     monkeypatch.setattr(ExceptionTable, "insert_new", broken)
+    monkeypatch.setattr(ExceptionTable, "insert_one", broken)  # (one chunk's exception)
     done = threading.Event()
     errors: list[BaseException] = []
 
