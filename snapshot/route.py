@@ -20,7 +20,7 @@ both in one pass through the gate.
 
 :func:`copy_commit` does a one-chunk first write's copy, its commit and the origin write in one
 C call (fastio.c ``dms_copy_commit_chunk``, the GIL released), inside both devices' gates, each
-entered once (:meth:`~dmtools.engine.device.Device.run_unheld`), in the same order and with the
+entered once (:meth:`~dmtools.engine.device.Device.enter_unheld`), in the same order and with the
 same hand-back to the Python path at the first failure.
 """
 
@@ -34,6 +34,7 @@ from typing import Any, Callable
 from dmtools.endpoint import Endpoint
 from dmtools.engine.backing import DIRECT_MIN
 from dmtools.engine.basic_targets import LinearTarget
+from dmtools.engine.device import HELD
 from dmtools.engine.device_endpoint import DeviceEndpoint
 from dmtools.engine.target_driver import DeviceHandle
 from dmtools.errors import DeviceIOError
@@ -276,60 +277,57 @@ def copy_commit(origin: Route, cow: Route, src: int, n: int, dest: int, zeroed: 
     buf = cow._c_buffer
     if buf is None or buf[0] is not area:
         buf = cow._c_buffer = (area, _ffi.from_buffer(area))
-    args = (fn, cow, n, dest, int(zeroed), buf[1], len(area), aoff, index, old, new)
+    cdev = cow._device
     if source is not None:
         if len(source) != n:
             return NOT_DONE
-        args = (_c_commit, *args[1:])
-        lead = (_ffi.from_buffer(source),)
-        device = cow._device
-        if device is None:
-            return _cow_side(None, lead, args, ())
-        return device.run_unheld(dest, NOT_DONE, _cow_side, lead, args, ())
-    device = origin._device
-    if device is None:
-        return _origin_side(None, origin, src, args, None)
-    if write is not None:
-        route, data, _ = write
-        if route._device is not device or len(data) >= DIRECT_MIN or "write" in route._own:
-            write = None
-    return device.run_unheld(src, NOT_DONE, _origin_side, origin, src, args, write)
-
-
-def _origin_side(table: Any, origin: Route, src: int, args: tuple[Any, ...],
-                 write: "tuple[Route, memoryview, int] | None") -> int:
-    """:func:`copy_commit` inside the origin device's gate."""
-    if origin._device is not None and table is not origin._table:
-        origin._learn(table)
-    fd = origin._fd
-    cow, n, dest = args[1], args[2], args[3]
-    if fd < 0 or src + n > origin._size:
+        return _cow_side(cow, cdev, _c_commit, (_ffi.from_buffer(source),), n, dest, zeroed, buf[1], area, aoff,
+                         index, old, new, ())
+    odev = origin._device
+    table = None if odev is None else odev.enter_unheld(src)
+    if table is HELD:
         return NOT_DONE
-    wfd, wbuf, wlen, wat = -1, _ffi.NULL, 0, 0
-    if write is not None:
-        route, data, offset = write
-        if table is not route._table:
-            route._learn(table)
-        if route._wfd >= 0 and offset + len(data) <= route._size:
-            wfd, wbuf, wlen, wat = route._wfd, _ffi.from_buffer(data), len(data), route._base + offset
-    device = cow._device
-    lead = (fd, origin._base + src)
-    if device is None:
-        rc = _cow_side(None, lead, args, (wfd, wbuf, wlen, wat))
-    else:
-        rc = device.run_unheld(dest, NOT_DONE, _cow_side, lead, args, (wfd, wbuf, wlen, wat))
-    return DONE_WROTE if rc == DMS_DONE and wlen else rc
+    try:
+        # inside the origin device's gate (each gate is entered once, the origin's first)
+        if odev is not None and table is not origin._table:
+            origin._learn(table)
+        fd = origin._fd
+        if fd < 0 or src + n > origin._size:
+            return NOT_DONE
+        wargs: tuple[Any, ...] = (-1, _ffi.NULL, 0, 0)
+        if write is not None:
+            route, data, offset = write
+            if route._device is odev and len(data) < DIRECT_MIN and "write" not in route._own:
+                if table is not route._table:
+                    route._learn(table)
+                if route._wfd >= 0 and offset + len(data) <= route._size:
+                    wargs = (route._wfd, _ffi.from_buffer(data), len(data), route._base + offset)
+        rc = _cow_side(cow, cdev, fn, (fd, origin._base + src), n, dest, zeroed, buf[1], area, aoff, index, old, new,
+                       wargs)
+    finally:
+        if odev is not None:
+            odev.leave()
+    return DONE_WROTE if rc == DMS_DONE and wargs[2] else rc
 
 
-def _cow_side(table: Any, lead: tuple[Any, ...], args: tuple[Any, ...], write: tuple[Any, ...]) -> int:
-    """:func:`copy_commit` inside both devices' gates (the COW's alone for a ``source``): the C
-    call, its arguments ``lead`` (the origin's descriptor and offset, or the source), the
-    COW's and ``write`` (the origin write's, or none)."""
-    fn, cow, n, dest, zeroed, area, alen, aoff, index, old, new = args
-    if cow._device is not None and table is not cow._table:
-        cow._learn(table)
-    fd = cow._wfd
-    if fd < 0 or dest + n > cow._size or aoff + alen > cow._size:
+def _cow_side(cow: Route, cdev: Any, fn: Any, lead: tuple[Any, ...], n: int, dest: int, zeroed: bool, cbuf: Any,
+              area: bytearray, aoff: int, index: int, old: int, new: int, write: tuple[Any, ...]) -> int:
+    """:func:`copy_commit` inside the COW device's gate (``cdev``, entered here once; inside the
+    origin's too unless a ``source`` is copied): the C call, its arguments ``lead`` (the origin's
+    descriptor and offset, or the source), the COW's and ``write`` (the origin write's: none for a
+    source)."""
+    table = None if cdev is None else cdev.enter_unheld(dest)
+    if table is HELD:
         return NOT_DONE
-    base = cow._base
-    return int(fn(*lead, n, fd, base + dest, zeroed, area, alen, base + aoff, index, old, new, *write))
+    try:
+        if cdev is not None and table is not cow._table:
+            cow._learn(table)
+        fd = cow._wfd
+        alen = len(area)
+        if fd < 0 or dest + n > cow._size or aoff + alen > cow._size:
+            return NOT_DONE
+        base = cow._base
+        return int(fn(*lead, n, fd, base + dest, int(zeroed), cbuf, alen, base + aoff, index, old, new, *write))
+    finally:
+        if cdev is not None:
+            cdev.leave()

@@ -37,8 +37,8 @@ class RequeueIO(DeviceIOError):
         super().__init__(message, errno=errno.EIO, device=device)
 
 
-class _Held(Exception):
-    """A suspended device's gate, entered without waiting (``Device.run_unheld``)."""
+#: :meth:`Device.enter_unheld`'s answer while the device is suspended (nothing counted in).
+HELD: Any = object()
 
 
 class TableContext:
@@ -254,15 +254,12 @@ class Device:
             while (self.suspended or self._noflush) and not self.removed:
                 self._gate.wait()
 
-    def _enter(self, offset: int = 0, wait: bool = True) -> LoadedTable | None:
-        """Count an I/O in flight and return the live table; waits while suspended (raises
-        ``_Held`` instead unless ``wait``)."""
+    def _enter(self, offset: int = 0) -> LoadedTable | None:
+        """Count an I/O in flight and return the live table; waits while suspended."""
         if offset < 0:
             raise InvalidArgument(f"negative offset {offset}", operation="io", device=self.name)
         with self._gate_lock:
             while self.suspended and not self.removed:
-                if not wait:
-                    raise _Held
                 self._gate.wait()
             if self.removed:
                 raise DeviceIOError("device was removed", errno=errno.ENXIO, device=self.name)
@@ -291,14 +288,31 @@ class Device:
         """:meth:`run`, except that while the device is suspended it returns ``held`` at once
         (``fn`` not called) instead of waiting: for a caller already inside another device's gate,
         which must not hold that one while it waits for this one."""
-        try:
-            table = self._enter(offset, False)
-        except _Held:
+        table = self.enter_unheld(offset)
+        if table is HELD:
             return held
         try:
             return fn(table, *args)
         finally:
             self._leave()
+
+    def enter_unheld(self, offset: int) -> LoadedTable | None:
+        """The first half of :meth:`run_unheld` for a caller that nests gates without callbacks:
+        count an I/O in flight and return the live table (``None`` without one), or ``HELD`` at
+        once (nothing counted) while the device is suspended; raises as :meth:`run` does. Every
+        answer but ``HELD`` must be followed by one :meth:`leave`."""
+        if offset < 0:
+            raise InvalidArgument(f"negative offset {offset}", operation="io", device=self.name)
+        with self._gate_lock:
+            if self.removed:
+                raise DeviceIOError("device was removed", errno=errno.ENXIO, device=self.name)
+            if self.suspended:
+                return HELD  # type: ignore[no-any-return]
+            self._inflight += 1
+            return self.live
+
+    #: the second half of :meth:`enter_unheld`: count the I/O out.
+    leave = _leave
 
     def block_io(self, timeout: float | None = None) -> bool:
         """Hold new I/O and wait for in-flight I/O to finish; False if ``timeout`` expired."""

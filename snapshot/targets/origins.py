@@ -122,8 +122,8 @@ class OriginGate:
         self.inflight = 0
         self.frozen = 0
         #: the origin's snapshots (``OriginRegistry.snapshots_of_key``), a tuple the registry
-        #: replaces under its lock whenever they change: read after ``join``, it is what the
-        #: write must copy for (a handover changes it only while frozen).
+        #: replaces under its lock whenever they change: an origin write reads it after ``join``
+        #: (so not during a handover's freeze), without the registry's lock.
         self.snaps: tuple[Any, ...] = ()
 
     def join(self) -> None:

@@ -113,3 +113,26 @@ def test_run_on_a_removed_device_raises_enxio(engine: Engine, tmp_path: Path) ->
         with pytest.raises(DeviceIOError) as info:
             call()
         assert info.value.errno == errno.ENXIO
+
+
+def test_enter_unheld_counts_in_until_leave_and_answers_held_while_suspended(engine: Engine, tmp_path: Path) -> None:
+    from dmtools.engine.device import HELD as DEVICE_HELD
+
+    dev, img = _device(engine, tmp_path)
+    table = dev.enter_unheld(512)
+    assert table is dev.live and str(img) in _leg(table)[0] and dev._inflight == 1
+    suspended = threading.Event()
+    threading.Thread(target=lambda: (engine.suspend("r"), suspended.set()), daemon=True).start()
+    assert not suspended.wait(0.3), "the suspend did not wait for the entered I/O"
+    dev.leave()
+    assert suspended.wait(WAIT) and dev.suspended and dev._inflight == 0
+    assert dev.enter_unheld(0) is DEVICE_HELD and dev._inflight == 0  # nothing counted: no leave
+    with pytest.raises(InvalidArgument):
+        dev.enter_unheld(-1)
+    engine.resume("r")
+    assert dev.enter_unheld(0) is dev.live
+    dev.leave()
+    engine.remove("r")
+    with pytest.raises(DeviceIOError) as info:
+        dev.enter_unheld(0)
+    assert info.value.errno == errno.ENXIO and dev._inflight == 0
