@@ -556,6 +556,43 @@ class CopyOnWrite:
                     self.invalidate_locked("COW device is full")
         return waits, start
 
+    def origin_write_one(self, offset: int, length: int, write: "tuple[Route, memoryview, int]") -> int:
+        """``origin_write_prepare`` and the wait for its copies, for an origin write whose range
+        lies in one chunk of this, the origin's only snapshot, while no exception of it is
+        pending (one writer, the common first write): the copy and commit in C
+        (``_copy_commit_c``) where it can, ``write`` made there too where it can. Returns -1
+        with nothing done where the range spans chunks or an exception is pending (the caller
+        then takes the general path); else 0 (nothing to copy: the chunk has its exception, or
+        the snapshot takes none), 1 (copied and committed, or the snapshot invalid: the caller
+        writes) or 2 (``write`` made too)."""
+        if offset >= self.length_bytes:
+            return 0
+        last = min(offset + length, self.length_bytes) - 1
+        with self.lock:
+            if not self.valid or not self.active or self.merge_target:
+                return 0
+            store = self.store
+            cb = store.chunk_size * SECTOR
+            c = offset // cb
+            if last // cb != c or self.pending:
+                return -1
+            if store.table.lookup(c) is not None:
+                return 0
+            try:
+                (new,) = store.prepare_exceptions(1)
+            except NoSpace:
+                self.invalidate_locked("COW device is full")
+                return 0
+            pe = PendingException(c, new, self._seq_alloc)
+            self._seq_alloc += 1
+            self.pending[c] = pe
+        done = self._copy_commit_c(pe, write)
+        if done:
+            return done
+        self._submit_copies([pe], c=False)  # (C declined or stopped: not asked again)
+        self.wait_all([pe])
+        return 1
+
     # -- the snapshot's side ----------------------------------------------------------------------
     def _segments(self, offset: int, length: int) -> Iterator[tuple[int, int, int | None]]:
         """``(offset, length, cow_chunk|None)`` pieces of a request split at chunk boundaries."""
@@ -766,6 +803,14 @@ def do_origin(origins: OriginRegistry[CopyOnWrite], origin: DeviceHandle, offset
     gate.join()
     try:
         snaps: tuple[CopyOnWrite, ...] = gate.snaps
+        if write is not None and len(snaps) == 1 and skip is None:  # (one snapshot: the usual)
+            snap = snaps[0]
+            if limit and origins.over_threshold(snap.in_progress):
+                snap.wait_for_in_progress()
+            done = snap.origin_write_one(offset, length, write)
+            if done >= 0:
+                return done == 2
+            limit = False  # (waited already)
         if limit:
             over = origins.over_threshold
             for snap in snaps:
