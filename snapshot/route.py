@@ -240,9 +240,9 @@ def last_flush_seconds() -> float | None:
     return None if ns < 0 else ns * 1e-9
 
 
-def copy_commit(origin: Route, cow: Route, src: int, n: int, dest: int, zeroed: bool, area: bytearray, aoff: int,
-                index: int, old: int, new: int, write: "tuple[Route, memoryview, int] | None" = None,
-                source: memoryview | None = None) -> int:
+def copy_commit(origin: Route, cow: Route, src: int, n: int, dest: int, old: int, new: int,
+                write: "tuple[Route, memoryview, int] | None", source: memoryview | None, zeroed: bool,
+                area: bytearray, aoff: int, index: int) -> int:
     """Copy ``n`` bytes at ``src`` of ``origin``'s device to ``dest`` of ``cow``'s, then commit
     the exception ``{old, new}`` as record ``index`` of the metadata area ``area`` (at ``aoff``
     of the COW): a flush, the area (the record written into ``area`` first), a flush; then

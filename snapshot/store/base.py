@@ -6,6 +6,7 @@ import abc
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import NoSpace
@@ -117,13 +118,14 @@ class ExceptionStore(abc.ABC):
         (a hint, read without locks; ``commit_copied`` decides). The base store never does."""
         return False
 
-    def commit_copied(self, old: int, new: int, copy: Callable[[bytearray, int, int], int]) -> tuple[int, bool]:
+    def commit_copied(self, old: int, new: int, copy: Callable[..., int], args: tuple[Any, ...]) -> tuple[int, bool]:
         """Commit ``old -> new`` as :meth:`commit_exception` does, its copy and the commit's I/O
-        done in one call: ``copy(area, area_offset, index)`` (``snapshot.route.copy_commit``)
-        where this commit would write one metadata area with this record alone; returns
-        ``(copy's answer, success)`` (``success`` what a commit callback would be given), or
-        ``(-1, False)`` (``NOT_DONE``: nothing done) where it would not: the caller then copies and
-        commits as usual. The base store never does."""
+        done in one call: ``copy(*args, zeroed, area, area_offset, index)``
+        (``snapshot.route.copy_commit``; ``zeroed``: COW chunk ``new`` reads as zeros, as
+        :meth:`zeroed_ahead` tells) where this commit would write one metadata area with this
+        record alone; returns ``(copy's answer, success)`` (``success`` what a commit callback
+        would be given), or ``(-1, False)`` (``NOT_DONE``: nothing done) where it would not: the
+        caller then copies and commits as usual. The base store never does."""
         return -1, False
 
     def zeroed_ahead(self, new: int, count: int) -> bool:

@@ -14,7 +14,7 @@ import sys
 import threading
 from array import array
 from itertools import repeat
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from dmtools.endpoint import Endpoint
 from dmtools.engine.target_driver import ZEROS
@@ -424,12 +424,13 @@ class PersistentStore(ExceptionStore):
         locks: :meth:`commit_copied` decides under them)."""
         return self._pending == 1 and self.valid and not self.readonly
 
-    def commit_copied(self, old: int, new: int, copy: Callable[[bytearray, int, int], int]) -> tuple[int, bool]:
+    def commit_copied(self, old: int, new: int, copy: Callable[..., int], args: tuple[Any, ...]) -> tuple[int, bool]:
         """:meth:`commit_exception` of ``{old, new}`` with its copy, where the record is the only
         exception pending and leaves the area not full (else ``(NOT_DONE, False)``, nothing
-        done): under the commit lock (no other commit writes the area meanwhile), ``copy(area,
-        area_offset, index)`` copies, flushes, writes the record into the area buffer and the
-        area, and flushes (``snapshot.route.copy_commit``). From its answer the commit goes on as
+        done): under the commit lock (no other commit writes the area meanwhile), ``copy(*args,
+        zeroed, area, area_offset, index)`` copies, flushes, writes the record into the area
+        buffer and the area, and flushes (``snapshot.route.copy_commit``; ``zeroed``:
+        :meth:`zeroed_ahead` of ``new``). From its answer the commit goes on as
         :meth:`commit_runs`': a failed flush fails the commit (the store invalid, never flushed
         again for it); a failed area write is made again in Python (through the device if it
         must); nothing of the copy in place (``NOT_DONE``, ``DMS_COPY``): nothing committed, the
@@ -441,7 +442,9 @@ class PersistentStore(ExceptionStore):
             epa = cb // DISK_EXCEPTION_SIZE  # (exceptions_per_area, area_location: no calls here)
             if not self.valid or self.readonly or self._callbacks or self._pending != 1 or i + 1 >= epa:
                 return NOT_DONE, False
-            rc = copy(self._area, (NUM_SNAPSHOT_HDR_CHUNKS + (epa + 1) * self.current_area) * cb, i)
+            with self._lock:
+                zeroed = self._zeroed_from <= new < self._zeroed_upto  # (zeroed_ahead(new, 1))
+            rc = copy(*args, zeroed, self._area, (NUM_SNAPSHOT_HDR_CHUNKS + (epa + 1) * self.current_area) * cb, i)
             if rc == NOT_DONE or rc == DMS_COPY:
                 return rc, False
             # the record, as C wrote it into the area unless its first flush failed

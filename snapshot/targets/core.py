@@ -58,6 +58,20 @@ KCOPYD_PAGES = 256
 MAX_COPY_BYTES = 1 << 20
 
 
+class WaitCountingCondition(threading.Condition):
+    """A condition that counts the threads in :meth:`wait` (``waiting``, changed and read with
+    its lock held): a notify where none waits is skipped (three Python calls each)."""
+
+    waiting = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waiting += 1  # (the caller holds the lock: wait requires it)
+        try:
+            return super().wait(timeout)
+        finally:
+            self.waiting -= 1  # (the lock is held again)
+
+
 class PendingException:
     """A run of ``count`` exceptions whose copy (or full-chunk write) and commit are in flight:
     origin chunks ``old..old+count-1`` to COW chunks ``new..new+count-1``, allocated together.
@@ -134,7 +148,7 @@ class CopyOnWrite:
         #: the lock of ``cond``: held with ``with self.lock`` where nothing waits (a Condition's
         #: own ``__enter__``/``__exit__`` are Python calls, a lock's are not).
         self.lock = threading.Lock()
-        self.cond = threading.Condition(self.lock)
+        self.cond = WaitCountingCondition(self.lock)
         self.valid = True
         self.active = False
         self.merging = False
@@ -333,17 +347,9 @@ class CopyOnWrite:
         nbytes = cb if start + cb <= self.length_bytes else min(cb, self.origin.size - start)
         if nbytes <= 0 or store.cow is not self.cow:
             return 0
-        origin_io, cow_io = self.origin_io, self.cow_io
-        dest = pe.new * cb
-        zeroed = store.zeroed_ahead(pe.new, 1)
         data = None if source is None else source.slice(start, nbytes)
         if data is not None and len(data) != nbytes:  # (past the origin's end: the Python path)
             return 0
-
-        def copy(area: bytearray, aoff: int, index: int) -> int:
-            return copy_commit(origin_io, cow_io, start, nbytes, dest, zeroed, area, aoff, index, pe.old, pe.new,
-                               write, data)
-
         # Not while another thread completes (it commits, or will: this one would wait for it,
         # and then not be the next in order or the only exception pending): the Python path
         # copies meanwhile, as it does for concurrent writers.
@@ -362,7 +368,9 @@ class CopyOnWrite:
             with progress:
                 self.in_progress += 1
             try:
-                rc, success = store.commit_copied(pe.old, pe.new, copy)
+                rc, success = store.commit_copied(pe.old, pe.new, copy_commit,
+                                                  (self.origin_io, self.cow_io, start, nbytes, pe.new * cb, pe.old,
+                                                   pe.new, write, data))
                 if rc == NOT_DONE or rc == DMS_COPY:
                     return 0  # (the origin is not written: unsealed below)
                 self._seq_next += 1
@@ -482,7 +490,8 @@ class CopyOnWrite:
                 pe.ok = success and self.valid
                 pe.done = True
             self.sealed = -1  # (a chunk C wrote on the origin is read from its copy from now on)
-            self.cond.notify_all()
+            if self.cond.waiting:
+                self.cond.notify_all()
 
     def wait_all(self, pes: list[PendingException]) -> bool:
         """Wait until every exception in ``pes`` completed; True if all were committed."""

@@ -274,7 +274,7 @@ def test_several_snapshots_commit_copies_of_one_origin_read_in_c(engine: Any, tm
 
     def copy_commit(*args: Any) -> int:
         rc = real(*args)
-        answers.append((args[9], rc))  # (origin chunk, answer)
+        answers.append((args[5], rc))  # (origin chunk, answer)
         return rc
 
     with engine.open_endpoint(st.base) as ep:
