@@ -588,7 +588,7 @@ class CopyOnWrite:
             if store.table.lookup(c) is not None:
                 return 0
             try:
-                (new,) = store.prepare_exceptions(1)
+                new = store.prepare_exception()
             except NoSpace:
                 self.invalidate_locked("COW device is full")
                 return 0
