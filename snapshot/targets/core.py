@@ -812,7 +812,8 @@ def do_origin(origins: OriginRegistry[CopyOnWrite], origin: DeviceHandle, offset
     gate.join()
     try:
         snaps: tuple[CopyOnWrite, ...] = gate.snaps
-        if write is not None and len(snaps) == 1 and skip is None:  # (one snapshot: the usual)
+        # one snapshot, no exception pending (a hint, read without the lock): one writer, the usual
+        if write is not None and len(snaps) == 1 and skip is None and not snaps[0].pending:
             snap = snaps[0]
             if limit and origins.over_threshold(snap.in_progress):
                 snap.wait_for_in_progress()
