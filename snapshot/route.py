@@ -19,7 +19,7 @@ Durability is unchanged: ``flush`` is the ``fdatasync`` the backing file's flush
 both in one pass through the gate.
 
 :func:`copy_commit` does a one-chunk first write's copy, its commit and the origin write in one
-C call (fastio.c ``dms_copy_commit_chunk``, the GIL released), inside both devices' gates, each
+C call (dms.c ``dms_copy_commit_chunk``, the GIL released), inside both devices' gates, each
 entered once (:meth:`~dmtools.engine.device.Device.enter_unheld`), in the same order and with the
 same hand-back to the Python path at the first failure.
 """
@@ -40,7 +40,7 @@ from dmtools.engine.target_driver import DeviceHandle
 from dmtools.errors import DeviceIOError
 
 __all__ = ["DMS_AREA", "DMS_COPY", "DMS_DONE", "DMS_FUA", "DMS_ORIGIN", "DMS_PREFLUSH", "DONE_WROTE",
-           "FLUSH_COST_WEIGHT", "NOT_DONE", "Route", "copy_commit", "last_flush_seconds"]
+           "FLUSH_COST_WEIGHT", "NOT_DONE", "Route", "c_library", "copy_commit", "last_flush_seconds"]
 
 #: weight of the newest ``fdatasync`` in ``Route.flush_cost``, a moving average.
 FLUSH_COST_WEIGHT = 0.125
@@ -203,7 +203,7 @@ def _pwrite(fd: int, buf: memoryview, at: int) -> int:
 
 
 # -- the copy-on-write of one chunk in C ----------------------------------------------------------
-#: :func:`copy_commit`'s answers: fastio.c's ``DMS_*`` (how far the C call got), and ``NOT_DONE``
+#: :func:`copy_commit`'s answers: dms.c's ``DMS_*`` (how far the C call got), and ``NOT_DONE``
 #: (nothing was done: not routed, a device suspended, C unavailable).
 DMS_DONE, DMS_COPY, DMS_PREFLUSH, DMS_AREA, DMS_FUA, DMS_ORIGIN = 0, 1, 2, 3, 4, 5
 NOT_DONE = -1
@@ -212,7 +212,8 @@ DONE_WROTE = 6
 #: the system calls a route makes, as this module found them: while a test replaces one in ``os``
 #: (a probe), every routed I/O is made in Python, where it sees them.
 _OS_CALLS = (os.preadv, os.pwrite, os.fdatasync)
-#: fastio.c's ``dms_copy_commit_chunk`` and ``dms_commit_copy`` through cffi; None until first
+#: dms.c's ``dms_copy_commit_chunk`` and ``dms_commit_copy``: the API-mode extension's
+#: (:mod:`dmtools._ffi.dms`), else the C library's through cffi's ABI mode; None until first
 #: asked, False without C.
 _c_copy: Any = None
 _c_commit: Any = None
@@ -220,17 +221,31 @@ _c_flush_ns: Any = None
 _ffi: Any = None
 
 
+def c_library() -> tuple[Any, Any] | None:
+    """``(ffi, lib)`` of the dms.c functions :func:`copy_commit` calls (``lib`` has
+    ``dms_set_fault`` and ``dms_last_ops`` for tests too), or None without C."""
+    from dmtools._ffi import dms
+
+    ext = dms.module()
+    if ext is not None:
+        return ext.ffi, ext.lib
+    from dmtools._ffi._libdm import ffi
+    from dmtools._ffi.fastio import kcopyd_lib
+
+    lib = kcopyd_lib()
+    return None if lib is None else (ffi, lib)
+
+
 def _c_function() -> Any:
     global _c_copy, _c_commit, _c_flush_ns, _ffi
     if _c_copy is None:
-        from dmtools._ffi._libdm import ffi
-        from dmtools._ffi.fastio import kcopyd_lib
-
-        lib = kcopyd_lib()
-        _ffi = ffi
-        _c_commit = lib.dms_commit_copy if lib else False
-        _c_flush_ns = lib.dms_last_flush_ns if lib else False
-        _c_copy = lib.dms_copy_commit_chunk if lib else False
+        found = c_library()
+        if found is None:
+            _c_commit = _c_flush_ns = _c_copy = False
+        else:
+            _ffi, lib = found
+            _c_commit, _c_flush_ns = lib.dms_commit_copy, lib.dms_last_flush_ns
+            _c_copy = lib.dms_copy_commit_chunk
     return _c_copy
 
 
@@ -247,7 +262,7 @@ def copy_commit(origin: Route, cow: Route, src: int, n: int, dest: int, old: int
     the exception ``{old, new}`` as record ``index`` of the metadata area ``area`` (at ``aoff``
     of the COW): a flush, the area (the record written into ``area`` first), a flush; then
     ``write`` = ``(route, data, offset)``, the origin write that needed the copy, where ``route``
-    writes the origin's device and may do so in C too. One C call (fastio.c
+    writes the origin's device and may do so in C too. One C call (dms.c
     ``dms_copy_commit_chunk``, the GIL released) inside both devices' gates, each entered once,
     on their live tables; the caller holds what keeps the area from being written by another
     (the store's commit lock) and the chunk from being read through the snapshot before the

@@ -54,6 +54,19 @@ DM_UDEV_PRIMARY_SOURCE_FLAG = 0x0040
 DM_NAME_LIST_FLAG_HAS_UUID = 1
 DM_NAME_LIST_FLAG_DOESNT_HAVE_UUID = 2
 
+#: fastio.c's (dms.c's) copy-on-write of one chunk: the end of :data:`CDEF` (ABI mode), and on its own
+#: the declarations of the API-mode extension :mod:`dmtools._ffi.dms` builds.
+DMS_CDEF = """
+int dms_copy_commit_chunk(int ofd, int64_t ooff, int64_t n, int cfd, int64_t coff, int cow_zeroed, char *area,
+                          int64_t alen, int64_t aoff, int64_t index, uint64_t old, uint64_t new, int wfd,
+                          const char *wbuf, int64_t wlen, int64_t woff);
+int dms_commit_copy(const char *src, int64_t n, int cfd, int64_t coff, int cow_zeroed, char *area, int64_t alen,
+                    int64_t aoff, int64_t index, uint64_t old, uint64_t new);
+int64_t dms_last_flush_ns(void);            /* the mean time of the last call's flushes, or -1 */
+void dms_set_fault(int step, int short_io); /* tests: the step-th system call of the next call fails */
+int dms_last_ops(char *out, int n);          /* tests: the system calls of this thread's last call */
+"""
+
 CDEF = """
 struct dm_task;
 
@@ -159,12 +172,4 @@ int dmk_copy1(int sfd, int64_t soff, int dfd, int64_t doff, int64_t n, int ignor
 void dmk_set_max_io(uint64_t n); /* tests: at most n bytes per pread/pwrite */
 
 /* --- the classic snapshot's copy-on-write of one chunk (snapshot.route.copy_commit): fastio.c. */
-int dms_copy_commit_chunk(int ofd, int64_t ooff, int64_t n, int cfd, int64_t coff, int cow_zeroed, char *area,
-                          int64_t alen, int64_t aoff, int64_t index, uint64_t old, uint64_t new, int wfd,
-                          const char *wbuf, int64_t wlen, int64_t woff);
-int dms_commit_copy(const char *src, int64_t n, int cfd, int64_t coff, int cow_zeroed, char *area, int64_t alen,
-                    int64_t aoff, int64_t index, uint64_t old, uint64_t new);
-int64_t dms_last_flush_ns(void);            /* the mean time of the last call's flushes, or -1 */
-void dms_set_fault(int step, int short_io); /* tests: the step-th system call of the next call fails */
-int dms_last_ops(char *out, int n);          /* tests: the system calls of this thread's last call */
-"""
+""" + DMS_CDEF

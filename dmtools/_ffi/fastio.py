@@ -30,6 +30,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastio.c")
+#: Files ``fastio.c`` includes (``#include "dms.c"``): their text is part of the library's hash.
+INCLUDED = (os.path.join(os.path.dirname(SOURCE), "dms.c"),)
 CFLAGS = ("-O2", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-Wall", "-Werror")
 #: ``DMF_ABI`` in fastio.c: a library answering another number is not used.
 ABI = 2
@@ -100,8 +102,10 @@ def _compiler() -> str | None:
 
 def _build(cc: str) -> str:
     """The path of the built library (built now unless cached); raises OSError with the reason."""
-    with open(SOURCE, "rb") as f:
-        source = f.read()
+    source = b""
+    for path in (SOURCE, *INCLUDED):
+        with open(path, "rb") as f:
+            source += f.read()
     digest = hashlib.sha256(source + "\0".join((cc, *CFLAGS)).encode()).hexdigest()[:16]
     errors = []
     for cache in _cache_dirs():

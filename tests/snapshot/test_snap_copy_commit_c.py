@@ -13,16 +13,15 @@ from typing import Any
 import pytest
 from snap_stack import Stack
 
-from dmtools._ffi._libdm import ffi
-from dmtools._ffi.fastio import kcopyd_lib
-from snapshot.route import FLUSH_COST_WEIGHT
+from snapshot.route import FLUSH_COST_WEIGHT, c_library
 from snapshot.store.persistent import C_FLUSH_SAMPLE, PersistentStore
 from snapshot.targets.core import CopyOnWrite, origins_of
 
 CB = 4096  # chunk size 8 sectors
 CHUNKS = 64
 WAIT = 30.0
-LIB = kcopyd_lib()
+_C = c_library()  # (ffi, lib): the functions copy_commit calls, whose test seams these tests use
+FFI, LIB = _C if _C is not None else (None, None)
 
 pytestmark = pytest.mark.skipif(LIB is None, reason="no C library (no compiler, or DMTOOLS_FAST_IO=0)")
 
@@ -52,7 +51,7 @@ def _snap(engine: Any) -> CopyOnWrite:
 def _ops() -> str:
     """The system calls of this thread's last C call: r(ead), w(rite), f(lush)."""
     out = bytearray(8)
-    n = LIB.dms_last_ops(ffi.from_buffer(out), len(out))
+    n = LIB.dms_last_ops(FFI.from_buffer(out), len(out))
     return out[:n].decode()
 
 
