@@ -291,14 +291,19 @@ class PersistentStore(ExceptionStore):
     # -- exceptions -------------------------------------------------------------------------------
     def prepare_exception(self) -> int:
         """Take ``next_free`` (skipping metadata areas); ``NoSpace`` when ``(next_free+1)·C`` > size."""
+        cs = self.chunk_size
         with self._lock:
-            if self.cow_sectors < (self.next_free + 1) * self.chunk_size:
-                raise NoSpace("COW device is full", operation="snapshot", device=self.cow.name)
             new = self.next_free
-            self.next_free = skip_metadata(self.next_free + 1, self.chunk_size)
+            if self.cow.size // SECTOR < (new + 1) * cs:  # (cow_sectors, inline)
+                raise NoSpace("COW device is full", operation="snapshot", device=self.cow.name)
+            # skip_metadata(new + 1), inline: the chunk after an area's last data chunk is the next area
+            nf = new + 1
+            if nf % (cs * SECTOR // DISK_EXCEPTION_SIZE + 1) == NUM_SNAPSHOT_HDR_CHUNKS:
+                nf += 1
+            self.next_free = nf
             self._pending += 1
-            if 0 <= self._zeroed_upto <= self.next_free and self.chunk_bytes < ZERO_AHEAD_BYTES:
-                self._zero_ahead_locked(self.next_free)
+            if 0 <= self._zeroed_upto <= nf and cs * SECTOR < ZERO_AHEAD_BYTES:
+                self._zero_ahead_locked(nf)
             return new
 
     def prepare_exceptions(self, count: int) -> list[int]:

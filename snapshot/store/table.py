@@ -107,7 +107,15 @@ class ExceptionTable:
             v = self._overlay.get(old)
             if v is not None:
                 return None if v == _REMOVED else v
-        return self._base_lookup(old)
+        # (_base_lookup, inline: every origin write of a snapshot asks this once)
+        keys = self._keys
+        shift = self.shift
+        i = bisect_left(keys, float(old << shift) if self._float else old << shift)  # type: ignore[arg-type]
+        if i < len(keys):
+            k = int(keys[i])
+            if k >> shift == old:
+                return k & self._mask
+        return None
 
     def unmapped(self, lo: int, hi: int) -> list[int]:
         """The origin chunks of ``[lo, hi)`` without a mapping, in order (one probe per range

@@ -353,7 +353,7 @@ class CopyOnWrite:
         # Not while another thread completes (it commits, or will: this one would wait for it,
         # and then not be the next in order or the only exception pending): the Python path
         # copies meanwhile, as it does for concurrent writers.
-        if not self._complete_lock.acquire(blocking=False):
+        if not self._complete_lock.acquire(False):  # (not blocking; positional: no keyword parsing)
             return 0
         try:
             if self._parked or pe.seq != self._seq_next:
@@ -815,7 +815,7 @@ def do_origin(origins: OriginRegistry[CopyOnWrite], origin: DeviceHandle, offset
         # one snapshot, no exception pending (a hint, read without the lock): one writer, the usual
         if write is not None and len(snaps) == 1 and skip is None and not snaps[0].pending:
             snap = snaps[0]
-            if limit and origins.over_threshold(snap.in_progress):
+            if limit and snap.in_progress and origins.over_threshold(snap.in_progress):  # (0 is never over)
                 snap.wait_for_in_progress()
             done = snap.origin_write_one(offset, length, write)
             if done >= 0:
