@@ -292,57 +292,53 @@ def copy_commit(origin: Route, cow: Route, src: int, n: int, dest: int, old: int
     buf = cow._c_buffer
     if buf is None or buf[0] is not area:
         buf = cow._c_buffer = (area, _ffi.from_buffer(area))
-    cdev = cow._device
+    lead: tuple[Any, ...]
+    wargs: tuple[Any, ...] = ()  # (the origin write's arguments: none for a source)
     if source is not None:
         if len(source) != n:
             return NOT_DONE
-        return _cow_side(cow, cdev, _c_commit, (_ffi.from_buffer(source),), n, dest, zeroed, buf[1], area, aoff,
-                         index, old, new, ())
-    odev = origin._device
-    table = None if odev is None else odev.enter_unheld(src)
-    if table is HELD:
-        return NOT_DONE
-    try:
-        # inside the origin device's gate (each gate is entered once, the origin's first)
-        if odev is not None and table is not origin._table:
-            origin._learn(table)
-        fd = origin._fd
-        if fd < 0 or src + n > origin._size:
+        odev = None
+        fn, lead = _c_commit, (_ffi.from_buffer(source),)
+    else:
+        odev = origin._device
+        table = None if odev is None else odev.enter_unheld(src)
+        if table is HELD:
             return NOT_DONE
-        wargs: tuple[Any, ...] = (-1, _ffi.NULL, 0, 0)
-        if write is not None:
-            route, data, offset = write
-            if route._device is odev and len(data) < DIRECT_MIN and "write" not in route._own:
-                if table is not route._table:
-                    route._learn(table)
-                if route._wfd >= 0 and offset + len(data) <= route._size:
-                    wargs = (route._wfd, _ffi.from_buffer(data), len(data), route._base + offset)
-        rc = _cow_side(cow, cdev, fn, (fd, origin._base + src), n, dest, zeroed, buf[1], area, aoff, index, old, new,
-                       wargs)
+    try:
+        if source is None:
+            # inside the origin device's gate (each gate is entered once, the origin's first)
+            if odev is not None and table is not origin._table:
+                origin._learn(table)
+            fd = origin._fd
+            if fd < 0 or src + n > origin._size:
+                return NOT_DONE
+            lead = (fd, origin._base + src)
+            wargs = (-1, _ffi.NULL, 0, 0)
+            if write is not None:
+                route, data, offset = write
+                if route._device is odev and len(data) < DIRECT_MIN and "write" not in route._own:
+                    if table is not route._table:
+                        route._learn(table)
+                    if route._wfd >= 0 and offset + len(data) <= route._size:
+                        wargs = (route._wfd, _ffi.from_buffer(data), len(data), route._base + offset)
+        # the COW's side, inside its gate (and the origin's unless a source is copied)
+        cdev = cow._device
+        table = None if cdev is None else cdev.enter_unheld(dest)
+        if table is HELD:
+            return NOT_DONE
+        try:
+            if cdev is not None and table is not cow._table:
+                cow._learn(table)
+            fd = cow._wfd
+            alen = len(area)
+            if fd < 0 or dest + n > cow._size or aoff + alen > cow._size:
+                return NOT_DONE
+            base = cow._base
+            rc = int(fn(*lead, n, fd, base + dest, int(zeroed), buf[1], alen, base + aoff, index, old, new, *wargs))
+        finally:
+            if cdev is not None:
+                cdev.leave()
     finally:
         if odev is not None:
             odev.leave()
-    return DONE_WROTE if rc == DMS_DONE and wargs[2] else rc
-
-
-def _cow_side(cow: Route, cdev: Any, fn: Any, lead: tuple[Any, ...], n: int, dest: int, zeroed: bool, cbuf: Any,
-              area: bytearray, aoff: int, index: int, old: int, new: int, write: tuple[Any, ...]) -> int:
-    """:func:`copy_commit` inside the COW device's gate (``cdev``, entered here once; inside the
-    origin's too unless a ``source`` is copied): the C call, its arguments ``lead`` (the origin's
-    descriptor and offset, or the source), the COW's and ``write`` (the origin write's: none for a
-    source)."""
-    table = None if cdev is None else cdev.enter_unheld(dest)
-    if table is HELD:
-        return NOT_DONE
-    try:
-        if cdev is not None and table is not cow._table:
-            cow._learn(table)
-        fd = cow._wfd
-        alen = len(area)
-        if fd < 0 or dest + n > cow._size or aoff + alen > cow._size:
-            return NOT_DONE
-        base = cow._base
-        return int(fn(*lead, n, fd, base + dest, int(zeroed), cbuf, alen, base + aoff, index, old, new, *write))
-    finally:
-        if cdev is not None:
-            cdev.leave()
+    return DONE_WROTE if rc == DMS_DONE and wargs and wargs[2] else rc
