@@ -77,3 +77,31 @@ def test_settle_writes_back_punched_holes_and_keeps_the_data(bench: ModuleType, 
         store.close()
     assert not tmp_path.joinpath("store").exists()
 
+
+
+def test_zeroing_pool_punches_holes_only_in_files_of_its_own(bench: ModuleType, tmp_path: Path) -> None:
+    """The zeroing pool's random writes punch holes, which come back as new extents: the file
+    the no-zeroing volume (compared with linear) and the snapshot's pool write must not be it."""
+    size = 4 * MiB
+    store = bench.Store(tmp_path, False)
+    asked: list[str] = []
+    get = store.get
+    store.get = lambda name, *args: (asked.append(name), get(name, *args))[1]
+    files: dict[str, set[str]] = {}
+    try:
+        for name, build in (("zero", bench._thin_volume(size, True)), ("nozero", bench._thin_volume(size, False)),
+                            ("snapshot", bench._thin_snapshot(size))):
+            asked.clear()
+            rig = bench.Rig(tmp_path, False, "t", store=store)
+            try:
+                with rig.endpoint(build(rig)) as ep:
+                    ep.write(bytes(4096), 0)  # a working pool over those files
+                    ep.flush()
+            finally:
+                rig.close()
+            files[name] = set(asked)
+    finally:
+        store.close()
+    assert files["zero"] == {"meta-zero", "data-zero"}
+    assert files["nozero"] == {"meta", "data"}
+    assert files["snapshot"] == {"meta", "data"}  # the no-zeroing volume's: no holes there
