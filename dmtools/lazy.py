@@ -1,9 +1,9 @@
 """Loaded on first use, so importing a package or running a command costs only what is used.
 
-- Package attributes (PEP 562): a package lists what it re-exports as ``"module:attribute"`` (or
-  by module, through ``package``) and sets ``__getattr__ = lazy.exports(__name__, {...})``; the
-  names stay importable as before (``from kcopyd import Client``), and type checkers see them
-  through an ``if TYPE_CHECKING:`` import.
+- Package attributes (PEP 562): a package lists what it re-exports by module and sets
+  ``__getattr__, __all__ = lazy.package(__name__, {...})``; the names stay importable as before
+  (``from kcopyd import Client``), and type checkers see them through an ``if TYPE_CHECKING:``
+  import.
 - Logging: :func:`logger` stands for ``logging.getLogger(name)`` until a message is logged, and
   :func:`configure_logging` sets a command's format when ``logging`` is first imported. Importing
   ``logging`` costs a command that never logs (most runs) about a tenth of its start-up.
@@ -27,27 +27,22 @@ if TYPE_CHECKING:
     from typing import Any
 
 
-def exports(package: str, specs: Mapping[str, str]) -> Callable[[str], Any]:
-    """A module ``__getattr__`` for ``package`` that imports ``specs[name]`` when ``name`` is
-    first asked for, and keeps it in the package's namespace afterwards."""
+def package(package: str, modules: Mapping[str, str]) -> tuple[Callable[[str], Any], list[str]]:
+    """A module ``__getattr__`` for ``package`` that imports a name when it is first asked for
+    and keeps it in the package's namespace afterwards, and the names sorted: the package's
+    ``__all__``. ``modules`` groups the names by module (``{"mirror.log": "CoreDirtyLog
+    open_dirty_log"}``)."""
+    where = {name: module for module, names in modules.items() for name in names.split()}
 
     def __getattr__(name: str) -> Any:
-        spec = specs.get(name)
-        if spec is None:
+        module = where.get(name)
+        if module is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        module, _, attr = spec.partition(":")
-        value = getattr(importlib.import_module(module), attr)
+        value = getattr(importlib.import_module(module), name)
         setattr(sys.modules[package], name, value)
         return value
 
-    return __getattr__
-
-
-def package(package: str, modules: Mapping[str, str]) -> tuple[Callable[[str], Any], list[str]]:
-    """``exports`` for names grouped by module (``{"mirror.log": "CoreDirtyLog open_dirty_log"}``),
-    and those names sorted: the package's ``__all__``."""
-    specs = {name: f"{module}:{name}" for module, names in modules.items() for name in names.split()}
-    return exports(package, specs), sorted(specs)
+    return __getattr__, sorted(where)
 
 
 class _Logger:

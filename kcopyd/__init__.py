@@ -28,41 +28,10 @@ if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
     from kcopyd.throttle import Throttle
 
 
-__all__ = [
-    "Client",
-    "DEST_ZEROED",
-    "IGNORE_ERROR",
-    "Job",
-    "MAX_REGIONS",
-    "MAX_SUB_JOB_SIZE",
-    "NotifyFn",
-    "PAGE_SIZE",
-    "PagePool",
-    "Progress",
-    "Region",
-    "SPLIT_COUNT",
-    "SUB_JOB_SIZE",
-    "Throttle",
-    "WRITE_SEQ",
-]
-
-__getattr__ = lazy.exports(
-    __name__,
-    {
-        "DEST_ZEROED": "kcopyd.client:DEST_ZEROED",
-        "IGNORE_ERROR": "kcopyd.client:IGNORE_ERROR",
-        "MAX_SUB_JOB_SIZE": "kcopyd.client:MAX_SUB_JOB_SIZE",
-        "SPLIT_COUNT": "kcopyd.client:SPLIT_COUNT",
-        "SUB_JOB_SIZE": "kcopyd.client:SUB_JOB_SIZE",
-        "WRITE_SEQ": "kcopyd.client:WRITE_SEQ",
-        "Client": "kcopyd.client:Client",
-        "Job": "kcopyd.job:Job",
-        "NotifyFn": "kcopyd.job:NotifyFn",
-        "Progress": "kcopyd.job:Progress",
-        "PAGE_SIZE": "kcopyd.pagepool:PAGE_SIZE",
-        "PagePool": "kcopyd.pagepool:PagePool",
-        "MAX_REGIONS": "kcopyd.region:MAX_REGIONS",
-        "Region": "kcopyd.region:Region",
-        "Throttle": "kcopyd.throttle:Throttle",
-    },
-)
+__getattr__, __all__ = lazy.package(__name__, {
+    "kcopyd.client": "DEST_ZEROED IGNORE_ERROR MAX_SUB_JOB_SIZE SPLIT_COUNT SUB_JOB_SIZE WRITE_SEQ Client",
+    "kcopyd.job": "Job NotifyFn Progress",
+    "kcopyd.pagepool": "PAGE_SIZE PagePool",
+    "kcopyd.region": "MAX_REGIONS Region",
+    "kcopyd.throttle": "Throttle",
+})

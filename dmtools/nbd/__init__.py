@@ -20,31 +20,9 @@ if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
     from dmtools.nbd.uri import NbdUri, is_nbd_uri, parse_uri
 
 
-__all__ = [
-    "DEFAULT_CONNECTIONS",
-    "DEFAULT_TIMEOUT",
-    "NbdConnectionError",
-    "NbdEndpoint",
-    "NbdUnavailable",
-    "NbdUri",
-    "is_nbd_uri",
-    "is_supported",
-    "parse_uri",
-    "source_connections",
-]
-
-__getattr__ = lazy.exports(
-    __name__,
-    {
-        "is_supported": "dmtools.nbd._lib:is_supported",
-        "DEFAULT_CONNECTIONS": "dmtools.nbd.endpoint:DEFAULT_CONNECTIONS",
-        "DEFAULT_TIMEOUT": "dmtools.nbd.endpoint:DEFAULT_TIMEOUT",
-        "NbdEndpoint": "dmtools.nbd.endpoint:NbdEndpoint",
-        "NbdConnectionError": "dmtools.nbd.errors:NbdConnectionError",
-        "NbdUnavailable": "dmtools.nbd.errors:NbdUnavailable",
-        "NbdUri": "dmtools.nbd.uri:NbdUri",
-        "is_nbd_uri": "dmtools.nbd.uri:is_nbd_uri",
-        "parse_uri": "dmtools.nbd.uri:parse_uri",
-        "source_connections": "dmtools.nbd.endpoint:source_connections",
-    },
-)
+__getattr__, __all__ = lazy.package(__name__, {
+    "dmtools.nbd._lib": "is_supported",
+    "dmtools.nbd.endpoint": "DEFAULT_CONNECTIONS DEFAULT_TIMEOUT NbdEndpoint source_connections",
+    "dmtools.nbd.errors": "NbdConnectionError NbdUnavailable",
+    "dmtools.nbd.uri": "NbdUri is_nbd_uri parse_uri",
+})
