@@ -65,14 +65,13 @@ class JsonLinesFile:
     """An append-only file of JSON event lines that is its own cursor.
 
     Opening it cuts off a last line without its newline (torn by a kill) and reads the ``seq`` of
-    the last complete line. Each event is written with one ``write`` and, with ``fsync`` (the
-    default), made durable before :meth:`write` returns. Raises ``InvalidArgument`` when the file
+    the last complete line. Each event is written with one ``write`` and made durable
+    (``fsync``) before :meth:`write` returns. Raises ``InvalidArgument`` when the file
     does not end with an event line of a monitor.
     """
 
-    def __init__(self, path: str, *, fsync: bool = True) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self._fsync = fsync
         try:
             self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as err:
@@ -119,8 +118,7 @@ class JsonLinesFile:
         done = 0
         while done < len(data):
             done += os.write(self._fd, data[done:])
-        if self._fsync:
-            os.fsync(self._fd)
+        os.fsync(self._fd)
         self._last = event.seq
 
     def close(self) -> None:

@@ -271,13 +271,13 @@ class StateStore:
             self._next_seq += 1
         return out
 
-    def commit(self, name: str, state: DeviceState | None, events: Sequence[Event], *, keep_state: bool = False,
+    def commit(self, name: str, state: DeviceState | None, events: Sequence[Event], *,
                renamed_from: str | None = None, plans: Sequence[Plan] = ()) -> tuple[list[Event], list[Plan]]:
-        """Commit ``name``'s new ``state`` (``None``: removed; ``keep_state``: unchanged) with
+        """Commit ``name``'s new ``state`` (``None``: removed) with
         ``events`` and ``plans`` in one journal record; return them numbered (events' ``seq``,
         plans' ``id``). Durable when this returns."""
         journal = self._writable()
-        if not events and not plans and not renamed_from and not keep_state:
+        if not events and not plans and not renamed_from:
             # A change that explains itself by no event (usage moving between thresholds) needs
             # no numbering: the checkpoint alone, as durable, keeps the next comparison right.
             data = self._read(name) or {}
@@ -287,9 +287,8 @@ class StateStore:
         r = journal.next_r
         numbered = self._number(events)
         ided = [replace(p, id=f"{r}.{i}") for i, p in enumerate(plans)]
-        record: dict[str, Any] = {"device": name, "events": [e.to_dict() for e in numbered]}
-        if not keep_state:
-            record["state"] = state.to_dict() if state is not None else None
+        record: dict[str, Any] = {"device": name, "events": [e.to_dict() for e in numbered],
+                                  "state": state.to_dict() if state is not None else None}
         if renamed_from:
             record["renamed_from"] = renamed_from
         if ided:

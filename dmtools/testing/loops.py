@@ -114,15 +114,11 @@ def no_leaked_loops(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
     assert leaked == [], f"loop devices leaked: {leaked}"
 
 
-def sweep(*, name_contains: str | None = None, under: str | os.PathLike[str] | None = None) -> list[str]:
-    """Detach loop devices whose backing file's name contains ``name_contains`` or that lie under
-    the directory ``under``; returns the device paths detached. Errors are skipped (best effort)."""
-    if name_contains is None and under is None:
-        raise ValueError("sweep needs name_contains or under")
+def sweep(*, under: str | os.PathLike[str]) -> list[str]:
+    """Detach loop devices whose backing file lies under the directory ``under``; returns the
+    device paths detached. Errors are skipped (best effort)."""
     done = []
-    for dev in loops_under(under) if under is not None else loop.list_loops():
-        if name_contains is not None and name_contains not in os.path.basename(dev.backing_file or ""):
-            continue
+    for dev in loops_under(under):
         try:
             loop.detach(dev)
         except DMError:
