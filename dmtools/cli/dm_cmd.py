@@ -27,11 +27,6 @@ def _asdict(value: Any) -> dict[str, Any]:
     return asdict(value)
 
 
-def open_backend(args: argparse.Namespace) -> Any:
-    """The backend, looked up in :mod:`dmtools.cli.common` at call time (tests replace it there)."""
-    return cli_common.open_backend(args)
-
-
 class IntermixedParser(argparse.ArgumentParser):
     """A verb's parser taking options and operands in any order, as dmsetup (getopt) does.
 
@@ -130,7 +125,7 @@ def _create(args: argparse.Namespace) -> int:
 
     text = _read_table(args, required=False)
     table = Table.parse(text) if text is not None else None
-    dm = open_backend(args)
+    dm = cli_common.open_backend(args)
     info = dm.create(args.name, table, uuid=args.uuid or "", readonly=args.readonly)
     return emit(args, _asdict(info), "")
 
@@ -140,43 +135,43 @@ def _load(args: argparse.Namespace) -> int:
 
     text = _read_table(args, required=True)
     assert text is not None
-    open_backend(args).load(args.name, Table.parse(text), readonly=args.readonly)
+    cli_common.open_backend(args).load(args.name, Table.parse(text), readonly=args.readonly)
     return 0
 
 
 def _suspend(args: argparse.Namespace) -> int:
-    dm = open_backend(args)
+    dm = cli_common.open_backend(args)
     for name in args.names:
         dm.suspend(name, noflush=args.noflush)
     return 0
 
 
 def _resume(args: argparse.Namespace) -> int:
-    dm = open_backend(args)
+    dm = cli_common.open_backend(args)
     for name in args.names:
         dm.resume(name)
     return 0
 
 
 def _remove(args: argparse.Namespace) -> int:
-    dm = open_backend(args)
+    dm = cli_common.open_backend(args)
     for name in args.names:
         dm.remove(name, retry=args.retry, deferred=args.deferred)
     return 0
 
 
 def _clear(args: argparse.Namespace) -> int:
-    open_backend(args).clear(args.name)
+    cli_common.open_backend(args).clear(args.name)
     return 0
 
 
 def _rename(args: argparse.Namespace) -> int:
-    open_backend(args).rename(args.name, args.new_name)
+    cli_common.open_backend(args).rename(args.name, args.new_name)
     return 0
 
 
 def _ls(args: argparse.Namespace) -> int:
-    entries = sorted(open_backend(args).list(), key=lambda e: e.name)
+    entries = sorted(cli_common.open_backend(args).list(), key=lambda e: e.name)
     if not entries and not args.json:
         print(NO_DEVICES)
         return 0
@@ -189,7 +184,7 @@ def _names(dm: Any, args: argparse.Namespace) -> list[str]:
 
 
 def _table(args: argparse.Namespace) -> int:
-    dm = open_backend(args)
+    dm = cli_common.open_backend(args)
     tables = {name: dm.table(name, inactive=args.inactive) for name in _names(dm, args)}
     _emit_per_device(args, {name: t.dmsetup_text().splitlines() for name, t in tables.items()},
                      {name: str(t) for name, t in tables.items()})
@@ -198,7 +193,7 @@ def _table(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     """``status`` and ``measure`` (STATUSTYPE_IMA): the same lines, as dmsetup prints both."""
-    dm = open_backend(args)
+    dm = cli_common.open_backend(args)
     verb = dm.measure if args.verb == "measure" else dm.status
     statuses = {name: verb(name, inactive=args.inactive) for name in _names(dm, args)}
     _emit_per_device(args,
@@ -266,7 +261,7 @@ def format_info(info: Any, readahead: int | None = None) -> str:
 
 
 def _info(args: argparse.Namespace) -> int:
-    dm = open_backend(args)
+    dm = cli_common.open_backend(args)
     infos = [(info, read_ahead(info)) for info in (dm.info(name) for name in _names(dm, args))]
     data = [dict(_asdict(info), read_ahead=ra) for info, ra in infos]
     # dmsetup ends every device with an empty line; print() adds the last newline.
@@ -274,7 +269,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _deps(args: argparse.Namespace) -> int:
-    dm = open_backend(args)
+    dm = cli_common.open_backend(args)
     out = {name: dm.deps(name) for name in _names(dm, args)}
 
     def text() -> str:
@@ -288,13 +283,13 @@ def _deps(args: argparse.Namespace) -> int:
 
 
 def _targets(args: argparse.Namespace) -> int:
-    targets = open_backend(args).targets()
+    targets = cli_common.open_backend(args).targets()
     return emit(args, {k: ".".join(map(str, v)) for k, v in targets.items()},
                 lambda: "\n".join(f"{k:<16} v{'.'.join(map(str, v))}" for k, v in targets.items()))
 
 
 def _version(args: argparse.Namespace) -> int:
-    v = open_backend(args).version()
+    v = cli_common.open_backend(args).version()
     # dmsetup's two lines; a backend other than the kernel says which it is on a third
     other = v.backend and v.backend != "kernel"
     return emit(
@@ -306,14 +301,14 @@ def _version(args: argparse.Namespace) -> int:
 
 
 def _message(args: argparse.Namespace) -> int:
-    resp = open_backend(args).message(args.name, args.sector, " ".join(args.message))
+    resp = cli_common.open_backend(args).message(args.name, args.sector, " ".join(args.message))
     if resp:  # dmsetup adds a newline only where the target's response lacks one
         sys.stdout.write(resp if resp.endswith("\n") else resp + "\n")
     return 0
 
 
 def _wait(args: argparse.Namespace) -> int:
-    nr = open_backend(args).wait_event(args.name, args.event_nr, timeout=args.timeout)
+    nr = cli_common.open_backend(args).wait_event(args.name, args.event_nr, timeout=args.timeout)
     return emit(args, {"event_nr": nr}, str(nr))
 
 
