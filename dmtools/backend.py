@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from dmtools.linux import CONTROL_PATH  # noqa: F401 - named here by callers
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.endpoint import Endpoint

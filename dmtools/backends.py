@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 
-from dmtools.backend import CONTROL_PATH, DeviceMapper
+from dmtools.backend import DeviceMapper
+from dmtools.linux import CONTROL_PATH
 
 __all__ = ["kernel_available", "open"]
 

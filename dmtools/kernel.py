@@ -43,10 +43,10 @@ from typing import TYPE_CHECKING, TypeVar
 from dmtools import _ffi
 from dmtools._ffi import CallFailed, Info, LibDM, Task, TaskType
 from dmtools._ffi.cdef import DM_UDEV_DISABLE_DM_RULES_FLAG, DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG
-from dmtools.backend import CONTROL_PATH, DeviceEntry, DeviceInfo, DeviceMapper, StatusLine, Versions, wait_closed
+from dmtools.backend import DeviceEntry, DeviceInfo, DeviceMapper, StatusLine, Versions, wait_closed
 from dmtools.errors import (DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, InvalidTable,
                             KernelUnavailable, TargetNotSupported, from_errno)
-from dmtools.linux import DM_DEV_ARM_POLL
+from dmtools.linux import CONTROL_PATH, DM_DEV_ARM_POLL
 from dmtools.names import DM_NAME_LEN, DM_UUID_LEN, mangle, validate_name, validate_uuid
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -18,7 +18,7 @@ import stat
 import sys
 import time
 
-from dmtools.cli.lean import HelpFormatter, terminal_columns as _terminal_columns  # noqa: F401 - as before
+from dmtools.cli.lean import HelpFormatter
 from dmtools.endpoint import Endpoint, NullEndpoint
 from dmtools.errors import DMError, InvalidArgument
 from dmtools.linux import DEVNO

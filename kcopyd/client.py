@@ -49,7 +49,6 @@ from kcopyd import writebehind
 from kcopyd.fastpath import cached_bytes, plan_segments, read_exact, read_salvage, write_exact
 from kcopyd.inline import InlineJobs
 from kcopyd.job import DEST_ZEROED, IGNORE_ERROR, WRITE_SEQ, Job, NotifyFn, Piece, Plan, Progress
-from kcopyd.lanes import one_writer as _one_writer  # noqa: F401 - importable here, as before
 from kcopyd.mapped import SourceMap, can_map
 from kcopyd.offload import OFFLOAD_DEPTH, OFFLOAD_PIECE_SIZE, can_offload, offload_depth, offload_piece
 from kcopyd.overlap import check_dests_not_in_use, plan_overlap, region_identities, span_of

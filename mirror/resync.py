@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from dmtools.endpoint import Endpoint
-from dmtools.errors import DeviceIOError, DMError, InvalidArgument, OperationCancelled
+from dmtools.errors import DeviceIOError, InvalidArgument, OperationCancelled
 
 from dmtools.target_values import SyncMode
 from mirror.format import SECTOR, LogImage, check_region_size, drop_cache, region_count

@@ -37,8 +37,8 @@ class UserspaceClient(DeviceMapper):
     backend = "userspace"
 
     def __init__(self, run_dir: str | None = None) -> None:
-        self.run_dir = os.path.abspath(run_dir or protocol.run_dir())
-        self.socket_path = protocol.socket_path(self.run_dir)
+        self.run_dir = os.path.abspath(run_dir or rundir.run_dir())
+        self.socket_path = rundir.socket_path(self.run_dir)
         self._lock = threading.Lock()
         self._sock: socket.socket | None = self._connect()
         self._stream = self._sock.makefile("rb")
@@ -212,7 +212,7 @@ def start_daemon(run_dir: str | None = None, timeout: float = START_TIMEOUT) -> 
     """Start a daemon in the background and wait until it serves (or another one already does)."""
     import subprocess  # only here: a command that finds the daemon running never needs it
 
-    directory = rundir.ensure(run_dir or protocol.run_dir())
+    directory = rundir.ensure(run_dir or rundir.run_dir())
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "dmtools.engine.daemon", "--run-dir", directory, "--ready-fd", str(w)]
     log_path = os.path.join(directory, "daemon.log")

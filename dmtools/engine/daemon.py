@@ -54,8 +54,8 @@ class Daemon:
     """The engine plus its control socket."""
 
     def __init__(self, run_dir: str | None = None, *, expose: bool | None = None) -> None:
-        self.run_dir = os.path.abspath(run_dir or protocol.run_dir())
-        self.socket_path = protocol.socket_path(self.run_dir)
+        self.run_dir = os.path.abspath(run_dir or rundir.run_dir())
+        self.socket_path = rundir.socket_path(self.run_dir)
         self.pid_path = os.path.join(self.run_dir, "daemon.pid")
         self._expose = expose
         self._stop = threading.Event()

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from dmtools import errors
 from dmtools.backend import DeviceEntry, DeviceInfo, StatusLine, Versions
-from dmtools.engine.rundir import run_dir, socket_path  # noqa: F401 - named here by callers
 from dmtools.linux import DEVNO
 
 if TYPE_CHECKING:  # pragma: no cover

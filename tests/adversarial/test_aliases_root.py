@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dmtools.blockdev import BlockDevice, aligned_buffer
-from dmtools.engine.protocol import run_dir
+from dmtools.engine.rundir import run_dir
 from dmtools.testing.leftovers import remove_devices
 from spellings import (Spelling, assert_refused, block_spellings, digests, file_spellings, make_images, realized,
                        run_cli, within)

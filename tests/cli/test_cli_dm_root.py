@@ -18,7 +18,7 @@ import pytest
 
 from cli_helpers import MiB, Devices, devno, read_at, write_synced
 from dmtools.cli import main as cli_main
-from dmtools.engine.protocol import run_dir
+from dmtools.engine.rundir import run_dir
 from dmtools.errors import DeviceBusy, DeviceExists, DeviceNotFound, InvalidTable, TargetNotSupported
 
 #: where the daemon of this run exposes devices (DMTOOLS_RUN_DIR or /run/dmtools)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from dmtools.cli import main as cli_main
-from dmtools.engine import protocol, rundir
+from dmtools.engine import rundir
 from dmtools.engine.client import UserspaceClient, open_userspace, start_daemon
 from dmtools.engine.daemon import Daemon
 from dmtools.errors import DaemonError, DMError
@@ -196,7 +196,7 @@ def test_default_run_directory_is_made_0700(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(rundir, "ROOT_RUN_DIR", str(default))
     monkeypatch.setattr(expose, "DEFAULT_RUN_DIR", str(default))
     monkeypatch.delenv("DMTOOLS_RUN_DIR", raising=False)
-    assert protocol.run_dir() == str(default)
+    assert rundir.run_dir() == str(default)
     daemon = Daemon(expose=False)
     daemon.start()
     try:

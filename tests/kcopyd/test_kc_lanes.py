@@ -160,10 +160,10 @@ def test_real_file_destination_blockdev_endpoint_is_a_lane(tmp_path):
     p = tmp_path / "f.img"
     p.write_bytes(bytes(8192))
     with BlockDevice(p, writable=True) as ep:
-        from kcopyd.client import _one_writer
+        from kcopyd.lanes import one_writer
 
-        assert _one_writer(ep)
-        assert not _one_writer(MemoryEndpoint(512))
+        assert one_writer(ep)
+        assert not one_writer(MemoryEndpoint(512))
 
 
 def _slow_pwritev(monkeypatch: pytest.MonkeyPatch, fail_batches: bool = False) -> list[int]:

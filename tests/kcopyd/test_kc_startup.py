@@ -68,14 +68,15 @@ def test_python_m_kcopyd_does_not_import_shutil(tmp_path) -> None:
 
 def test_help_width_follows_columns(monkeypatch) -> None:
     """The width is found as ``shutil.get_terminal_size`` finds it: ``$COLUMNS`` first."""
-    from kcopyd.cli import HelpFormatter, _terminal_columns
+    from dmtools.cli.lean import terminal_columns
+    from kcopyd.cli import HelpFormatter
 
     monkeypatch.setenv("COLUMNS", "61")
-    assert _terminal_columns() == 61
+    assert terminal_columns() == 61
     assert HelpFormatter("prog")._width == 61 - 2  # argparse keeps 2 columns of margin
     assert HelpFormatter("prog")._width == argparse.RawDescriptionHelpFormatter("prog")._width
     monkeypatch.setenv("COLUMNS", "junk")
-    assert _terminal_columns() > 0
+    assert terminal_columns() > 0
 
 
 def _run_module(tmp_path, stdout) -> subprocess.CompletedProcess[str]:

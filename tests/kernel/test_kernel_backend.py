@@ -312,7 +312,7 @@ def test_readonly_and_noflush_suspend(kernel_dm: KernelBackend, loops: Any, name
 
 
 def test_wait_event_follows_a_rename(kernel_dm: KernelBackend, names: Any) -> None:
-    from dmtools.backend import CONTROL_PATH
+    from dmtools.linux import CONTROL_PATH
     from dmtools.kernel import _EventPoll
 
     poll = _EventPoll(CONTROL_PATH)  # DM_DEV_ARM_POLL works here, so waits block in poll()

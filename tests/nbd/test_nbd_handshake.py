@@ -14,7 +14,7 @@ import pytest
 from dmtools.errors import InvalidArgument
 from dmtools.nbd import NbdConnectionError, parse_uri
 from dmtools.nbd import netlink as nl
-from dmtools.nbd.handshake import FLAG_CAN_MULTI_CONN, FLAG_READ_ONLY, FLAG_SEND_FLUSH, connect_socket, negotiate
+from dmtools.nbd.handshake import FLAG_CAN_MULTI_CONN, FLAG_SEND_FLUSH, connect_socket, negotiate
 from dmtools.nbd.kernel import device_index
 from dmtools.testing.nbdserver import NbdServer
 
