@@ -501,8 +501,7 @@ class MirrorTarget(TargetDriver):
                 raise _io_error("all mirror legs failed" if self._valid_leg() is None else "mirror log failed")
             if self.errors_handled and not self.keep_log:
                 # Held until a suspend lets userspace (a manager, dmeventd) replace the leg.
-                self._hold()
-                self._give_up_hold("write")
+                self._hold("write")
 
 
     def flush(self) -> None:
@@ -520,21 +519,18 @@ class MirrorTarget(TargetDriver):
             if self._valid_leg() is None:
                 raise _io_error("flush failed on every mirror leg")
             if self.errors_handled and not self.keep_log:
-                self._hold()
-                self._give_up_hold("flush")
+                self._hold("flush")
 
-    def _hold(self) -> None:
-        """Wait (lock held) until a suspend releases held I/O (dm-raid1.c ``hold_bio``)."""
+    def _hold(self, what: str) -> None:
+        """Hold the I/O (lock held) until a suspend releases it, then end it (dm-raid1.c
+        ``hold_bio``): requeued to the next table during a noflush suspend (so a leg replaced by
+        dmeventd/LVM receives it), else EIO. ``what`` names the I/O in the error."""
         self.held += 1
         try:
             while not self._holds_released:
                 self.cond.wait()
         finally:
             self.held -= 1
-
-    def _give_up_hold(self, what: str) -> None:
-        """End a held I/O at suspend (dm-raid1.c ``hold_bio``): requeued to the next table during a
-        noflush suspend (so a leg replaced by dmeventd/LVM receives it), else EIO."""
         if self.ctx.noflush_suspending:
             raise RequeueIO(f"{what} held after a leg failure, requeued at a noflush suspend",
                             device=self.ctx.device_name)
