@@ -18,7 +18,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from dmtools.blockdev import BlockDevice, aligned_buffer, buffer_address
-from dmtools.endpoint import Endpoint
+from dmtools.endpoint import ForwardingEndpoint
 from dmtools.errors import DMError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,19 +47,21 @@ def _copy(dst: mmap.mmap, src: memoryview, n: int) -> None:
     ctypes.memmove(ctypes.addressof(ctypes.c_char.from_buffer(dst)), buffer_address(src), n)
 
 
-class BackingDevice(Endpoint):
-    """A ``BlockDevice`` plus an ``O_DIRECT`` twin for large aligned writes."""
+class BackingDevice(ForwardingEndpoint):
+    """A ``BlockDevice`` (``inner``, buffered) plus an ``O_DIRECT`` twin for large aligned writes;
+    all but writes, :meth:`plain_fd` and :meth:`direct_fileno` go to ``inner``."""
+
+    inner: BlockDevice
 
     def __init__(self, path: str, *, writable: bool) -> None:
-        self.buffered = BlockDevice(path, writable=writable)
+        super().__init__(BlockDevice(path, writable=writable))
         self.path = path
         #: the engine's claim on the device, released by ``close`` (set by ``resolve``).
         self.claim: "Claim | None" = None
         # Requests arrive split over several FUSE threads, which hides their sequential pattern
         # from read-ahead; a larger read-ahead window keeps sequential reads streaming (random
         # reads are unaffected: their initial window depends on the request size).
-        self.buffered.fadvise(0, 0, os.POSIX_FADV_SEQUENTIAL)
-        self.name = self.buffered.name
+        self.inner.fadvise(0, 0, os.POSIX_FADV_SEQUENTIAL)
         self._direct: BlockDevice | None = None
         self._random: int | None = None
         self._random_lock = threading.Lock()
@@ -72,33 +74,14 @@ class BackingDevice(Endpoint):
     @property
     def devno(self) -> tuple[int, int] | None:
         """``(major, minor)`` of a block device, ``None`` for a regular file."""
-        return self.buffered.devno
-
-    @property
-    def size(self) -> int:
-        return self.buffered.size
-
-    @property
-    def logical_block_size(self) -> int:
-        return self.buffered.logical_block_size
-
-    @property
-    def read_only(self) -> bool:
-        return self.buffered.read_only
-
-    @property
-    def is_regular_file(self) -> bool:
-        return self.buffered.is_regular_file
-
-    def fileno(self) -> int | None:
-        return self.buffered.fileno()
+        return self.inner.devno
 
     def plain_fd(self, length: int, write: bool) -> int:
         """The buffered descriptor's (:meth:`BlockDevice.plain_fd`), except for a write that
         :meth:`write` sends through the ``O_DIRECT`` twin (``DIRECT_MIN`` bytes or more)."""
         if write and length >= DIRECT_MIN and self._direct is not None:
             return -1
-        return self.buffered.plain_fd(length, write)
+        return self.inner.plain_fd(length, write)
 
     def random_fileno(self) -> int:
         """A read-only descriptor of the same file without read-ahead (``POSIX_FADV_RANDOM``),
@@ -106,7 +89,7 @@ class BackingDevice(Endpoint):
         (through ``/proc/self/fd``: the same file, even if its path changed since)."""
         with self._random_lock:
             if self._random is None:
-                fd = os.open(f"/proc/self/fd/{self.buffered.fileno()}", os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(f"/proc/self/fd/{self.inner.fileno()}", os.O_RDONLY | os.O_CLOEXEC)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
                 self._random = fd
             return self._random
@@ -117,18 +100,15 @@ class BackingDevice(Endpoint):
         direct = self._direct
         return None if direct is None else (direct.fileno(), direct.logical_block_size)
 
-    def readinto(self, buf: Any, offset: int) -> int:
-        return self.buffered.readinto(buf, offset)
-
     def write(self, buf: Any, offset: int) -> int:
         direct = self._direct
         mv = memoryview(buf).cast("B")
         n = len(mv)
         if direct is None or n < DIRECT_MIN:
-            return self.buffered.write(mv, offset)
+            return self.inner.write(mv, offset)
         align = direct.logical_block_size
         if offset % align or n % align:
-            return self.buffered.write(mv, offset)
+            return self.inner.write(mv, offset)
         if buffer_address(mv) % align == 0:
             # The caller's buffer can go to the disk as it is (kcopyd's pages, aligned_buffer):
             # the copy below cost more than the write's own CPU (0.176 s of 0.52 s for 512 MiB in
@@ -145,28 +125,13 @@ class BackingDevice(Endpoint):
         return n
 
     def splice_to(self, pipe: int, offset: int, length: int) -> None:
-        self.buffered.splice_to(pipe, offset, length)
-
-    def flush(self) -> None:
-        self.buffered.flush()
-
-    def zero(self, offset: int, length: int) -> None:
-        self.buffered.zero(offset, length)
-
-    def discard(self, offset: int, length: int) -> None:
-        self.buffered.discard(offset, length)
-
-    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]] | None:
-        return self.buffered.data_extents(offset, length)
-
-    def fadvise(self, offset: int, length: int, advice: int) -> None:
-        self.buffered.fadvise(offset, length, advice)
+        self.inner.splice_to(pipe, offset, length)
 
     def close(self) -> None:
         if self._random is not None:
             os.close(self._random)
             self._random = None
-        self.buffered.close()
+        self.inner.close()
         if self._direct is not None:
             self._direct.close()
         if self.claim is not None:
