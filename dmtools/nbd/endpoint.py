@@ -589,10 +589,10 @@ class NbdEndpoint(Endpoint):
             # the kernel from the caller's buffer.
             self._tls = bool(h.get_tls_negotiated())
             self._min_block = h.get_block_size(nbd.SIZE_MINIMUM) or 1
-            self._pref_block = h.get_block_size(nbd.SIZE_PREFERRED) or 4096
+            preferred = h.get_block_size(nbd.SIZE_PREFERRED) or 4096
             maximum = h.get_block_size(nbd.SIZE_MAXIMUM)
             # The server's preferred size when it asks for larger requests, within its maximum.
-            self._max_request = min(max(REQUEST_SIZE, self._pref_block), maximum or MAX_REQUEST, MAX_REQUEST)
+            self._max_request = min(max(REQUEST_SIZE, preferred), maximum or MAX_REQUEST, MAX_REQUEST)
             n = connections if self.multi_conn else 1
             self._connect_more(n - 1)
         except BaseException:
@@ -656,11 +656,6 @@ class NbdEndpoint(Endpoint):
     @property
     def logical_block_size(self) -> int:
         return max(512, int(self._min_block))
-
-    @property
-    def preferred_block_size(self) -> int:
-        """The server's preferred request size (4096 when it advertises none)."""
-        return int(self._pref_block)
 
     @property
     def read_only(self) -> bool:
