@@ -32,7 +32,6 @@ import logging
 import os
 import re
 import select
-import socket
 import stat
 import struct
 import threading
@@ -46,22 +45,20 @@ from dmtools._ffi.cdef import DM_UDEV_DISABLE_DM_RULES_FLAG, DM_UDEV_DISABLE_SUB
 from dmtools.backend import DeviceEntry, DeviceInfo, DeviceMapper, StatusLine, Versions, wait_closed
 from dmtools.errors import (DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, InvalidTable,
                             KernelUnavailable, TargetNotSupported, from_errno)
-from dmtools.linux import CONTROL_PATH, DM_DEV_ARM_POLL
+from dmtools.linux import CONTROL_PATH, DM_DEV_ARM_POLL, udev_running
 from dmtools.names import DM_NAME_LEN, DM_UUID_LEN, mangle, validate_name, validate_uuid
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.endpoint import Endpoint
     from dmtools.table import Table
 
-__all__ = ["KernelBackend", "check_control", "udev_running", "LIBDM_LOCK"]
+__all__ = ["KernelBackend", "check_control", "LIBDM_LOCK"]
 
 log = logging.getLogger(__name__)
 _libdm_log = logging.getLogger(__name__ + ".libdm")
 
 T = TypeVar("T")
 
-#: udevd's control socket: present while udevd runs (what libudev's "is udev active" checks).
-UDEV_CONTROL = "/run/udev/control"
 #: The kernel log, read for device-mapper's own reason when a table load or message fails.
 KMSG_PATH = "/dev/kmsg"
 MAPPER_DIR = "/dev/mapper"
@@ -117,29 +114,6 @@ def check_control(path: str = CONTROL_PATH) -> None:
         raise KernelUnavailable(f"cannot open {path}: {err.strerror}; {why}", errno=err.errno,
                                 operation="open") from None
     os.close(fd)
-
-
-def udev_running(path: str = UDEV_CONTROL) -> bool:
-    """True when udevd answers on its control socket.
-
-    libudev (and so libdm) only checks that ``/run/udev/control`` exists; a udevd that exited
-    leaves the socket behind, and every udev wait would then hang until its timeout. Connecting
-    tells the two apart (refused: nobody listens). Other errors count as running, as libudev's
-    check would.
-    """
-    if not os.path.exists(path):
-        return False
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        sock.settimeout(2.0)
-        sock.connect(path)
-    except ConnectionRefusedError:
-        return False
-    except OSError:
-        return True
-    finally:
-        sock.close()
-    return True
 
 
 _libdm: LibDM | None = None
@@ -282,8 +256,8 @@ def _sysfs_uuid(major: int, minor: int) -> str:
 class KernelBackend(DeviceMapper):
     """dmsetup's verbs on the kernel's device-mapper, through libdevmapper.
 
-    ``udev_sync``: None (default) synchronises with udev when udevd runs (:func:`udev_running`);
-    False never does.
+    ``udev_sync``: None (default) synchronises with udev when udevd runs
+    (:func:`dmtools.linux.udev_running`); False never does.
     ``udev_timeout`` bounds each wait for udev (seconds); when it passes, the cookie is completed
     here so the semaphore is not leaked, and a warning is logged.
 

@@ -1,8 +1,8 @@
 """Linux's numbers that several modules need, each defined once with the header it comes from.
 
 ioctl requests (block devices, loop devices, device-mapper's poll), ``fallocate(2)`` modes, how a
-device number is spelt in a table, the mount table, and the C library loaded once for the calls
-Python lacks.
+device number is spelt in a table, the mount table, whether udevd runs, and the C library loaded
+once for the calls Python lacks.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ __all__ = [
     "LOOP_SET_FD",
     "LOOP_SET_STATUS64",
     "mounts",
+    "UDEV_CONTROL",
+    "udev_running",
     "libc",
 ]
 
@@ -117,6 +119,36 @@ def mounts() -> list[tuple[str, str, str, str]]:
     except OSError:
         pass
     return out
+
+
+#: udevd's control socket (libudev's ``/run/udev/control``).
+UDEV_CONTROL = "/run/udev/control"
+
+
+def udev_running(path: str = UDEV_CONTROL) -> bool:
+    """True when udevd answers on its control socket.
+
+    libudev (and so libdm and a udev monitor) only checks that the socket exists; a udevd that
+    exited (``udevadm control --exit``) leaves it behind, and every udev wait would then hang
+    until its timeout, a udev monitor stay silent forever. Connecting tells the two apart
+    (refused or gone: nobody listens). Other errors count as running, as libudev's check would.
+    """
+    import os
+    import socket  # only here: the CLI's start-up imports this module
+
+    if not os.path.exists(path):
+        return False
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(2.0)
+        sock.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.close()
+    return True
 
 
 @functools.cache

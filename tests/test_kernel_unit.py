@@ -789,22 +789,6 @@ def test_debug_logging(dm: KernelBackend, fake: FakeLib, caplog: pytest.LogCaptu
     assert any(n == "dmtools.kernel" and m.startswith("suspend x-dmtt: ok in ") for n, m in records)
 
 
-def test_udev_running_tells_a_stale_socket_from_a_live_one(tmp_path: Any) -> None:
-    import socket
-
-    path = str(tmp_path / "control")
-    assert kernel.udev_running(path) is False  # absent
-    live = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    live.bind(path)
-    live.listen(1)
-    try:
-        assert kernel.udev_running(path) is True
-    finally:
-        live.close()
-    assert os.path.exists(path)  # the socket file outlives its listener, as udevd's does
-    assert kernel.udev_running(path) is False
-
-
 def test_log_hook_is_removed_again(fake: FakeLib) -> None:
     libdm = LibDM(fake)
     assert libdm.install_log_hook(lambda level, text: None)

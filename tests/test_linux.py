@@ -58,3 +58,22 @@ def test_mounts_unescape_the_mount_point_and_skip_a_short_line(tmp_path: Path, m
                     "37 35 98:1 / /short rw - ext4\n")
     monkeypatch.setattr(linux, "open", lambda path: builtins.open(info), raising=False)
     assert linux.mounts() == [("98:0", "/mnt/my dir", "fuse.dmtools", "dmtools")]
+
+
+def test_udev_running_tells_a_stale_socket_from_a_live_one(tmp_path: Path) -> None:
+    import socket
+
+    from dmtools.events import udev_running
+
+    assert udev_running is linux.udev_running  # the events package names the same function
+    path = str(tmp_path / "control")
+    assert linux.udev_running(path) is False  # absent
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    live.bind(path)
+    live.listen(1)
+    try:
+        assert linux.udev_running(path) is True
+    finally:
+        live.close()
+    assert os.path.exists(path)  # the socket file outlives its listener, as udevd's does
+    assert linux.udev_running(path) is False

@@ -13,7 +13,7 @@ from dmtools import lazy
 
 if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
     from dmtools.events.publish import EventHub, Subscription, read_events, write_event
-    from dmtools.events.sources import EventNumberWaiter, UEvent, UeventSource, identity, sysfs_identity, udev_running
+    from dmtools.events.sources import EventNumberWaiter, UEvent, UeventSource, identity, sysfs_identity
     from dmtools.events.state import DEFAULT_THRESHOLDS, DeviceState, TargetState, capture, derive, parse_thresholds
     from dmtools.events.store import StateStore, default_root, last_events
     from dmtools.events.types import (EVENT_TYPES, DeviceAdded, DeviceRemoved, DeviceRenamed, DeviceResumed,
@@ -21,10 +21,12 @@ if TYPE_CHECKING:  # pragma: no cover - loaded on first use, see __getattr__
                                       MergeFinished, PolicyAction, ResyncFinished, Severity, SnapshotInvalidated,
                                       SnapshotOverflowed, SnapshotUsageCrossed)
     from dmtools.events.watcher import Batch, Watcher
+    from dmtools.linux import udev_running
 
 __getattr__, __all__ = lazy.package(__name__, {
     "dmtools.events.publish": "EventHub Subscription read_events write_event",
-    "dmtools.events.sources": "EventNumberWaiter UEvent UeventSource identity sysfs_identity udev_running",
+    "dmtools.events.sources": "EventNumberWaiter UEvent UeventSource identity sysfs_identity",
+    "dmtools.linux": "udev_running",
     "dmtools.events.state": "DEFAULT_THRESHOLDS DeviceState TargetState capture derive parse_thresholds",
     "dmtools.events.store": "StateStore default_root last_events",
     "dmtools.events.types": "EVENT_TYPES DeviceAdded DeviceRemoved DeviceRenamed DeviceResumed DeviceSuspended Event "

@@ -18,42 +18,19 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from dmtools.backend import DeviceMapper
 from dmtools.errors import DeviceNotFound, DMError
+from dmtools.linux import udev_running
 
-__all__ = ["UEvent", "UeventSource", "EventNumberWaiter", "udev_running", "sysfs_identity", "identity", "UDEV_CONTROL"]
+__all__ = ["UEvent", "UeventSource", "EventNumberWaiter", "sysfs_identity", "identity"]
 
 log = logging.getLogger(__name__)
 
-#: udevd's control socket; libudev refuses to subscribe to udevd's events without it.
-UDEV_CONTROL = "/run/udev/control"
 SYS_BLOCK = "/sys/block"
-
-
-def udev_running(control: str = UDEV_CONTROL) -> bool:
-    """True when udevd runs: its control socket exists *and* accepts a connection.
-
-    The socket file outlives udevd (``udevadm control --exit`` leaves it behind), and libudev
-    only checks that it exists, so a dead udevd would leave a udev monitor silent forever.
-    """
-    if not os.path.exists(control):
-        return False
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    sock.settimeout(1.0)
-    try:
-        sock.connect(control)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except OSError:
-        return True  # there, but not ours to talk to (permissions, socket type): assume alive
-    finally:
-        sock.close()
-    return True
 
 
 def _read_attr(path: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -247,21 +246,6 @@ def test_subscribe_over_a_socket(tmp_path: Path) -> None:
     assert not thread.is_alive()
 
 
-def test_udev_running_needs_a_listening_control_socket(tmp_path: Path) -> None:
-    import socket
-
-    from dmtools.events import udev_running
-
-    path = str(tmp_path / "control")
-    assert not udev_running(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sock.bind(path)
-    sock.listen(1)
-    try:
-        assert udev_running(path)
-    finally:
-        sock.close()
-    assert os.path.exists(path) and not udev_running(path)  # left behind by a udevd that exited
 
 
 def test_rename_between_listing_and_capture_is_not_a_removal() -> None:
