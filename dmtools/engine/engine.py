@@ -350,8 +350,6 @@ class Engine(DeviceMapper):
                     bad.destroy()
                     raise InvalidTable("; ".join(problems), operation="resume", device=name)
                 old, dev.live, dev.inactive = dev.live, dev.inactive, None
-                if self._exposure is not None:
-                    self._exposure.resized(dev)
             elif not dev.suspended:
                 return
             try:
@@ -368,6 +366,10 @@ class Engine(DeviceMapper):
                 # a new snapshot table takes over its exceptions before the old one goes.
                 if old is not None:
                     old.destroy()
+        # The loop device learns the new size and read-only flag once I/O flows again and without
+        # the device's lock (``Exposure.resized``: an open of it waits for writes to it).
+        if self._exposure is not None:
+            self._exposure.resized(dev)
 
     def remove(self, name: str, *, retry: bool = False, deferred: bool = False) -> None:
         """Remove a device.

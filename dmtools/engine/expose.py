@@ -208,6 +208,19 @@ def _keep_default_signals() -> None:
             signal.signal(sig, _die_by)
 
 
+def _loop_size_and_ro(lo: loop.LoopDevice) -> tuple[int, bool] | None:
+    """A loop device's size in bytes and read-only flag, read from sysfs (the device is not
+    opened); ``None`` when they cannot be read."""
+    base = f"{loop.SYSFS_BLOCK}/loop{lo.number}"
+    try:
+        with open(f"{base}/size") as f:
+            size = int(f.read()) * 512
+        with open(f"{base}/ro") as f:
+            return size, f.read().strip() == "1"
+    except (OSError, ValueError):
+        return None
+
+
 def udev_settle() -> None:
     """Wait for udev to finish probing new or changed loop devices (when udevd runs).
 
@@ -560,17 +573,34 @@ class Exposure:
         exp.link = new_link
 
     def resized(self, dev: "Device") -> None:
-        """After a table swap: new size to the loop device, read-only flag as the table's."""
+        """After a table swap: new size to the loop device, read-only flag as the table's.
+
+        The loop device is opened only for what changed (its size and flag are read from sysfs),
+        and only while the device serves I/O: opening a block device waits for its disk's
+        ``open_mutex``, which ``sync(2)`` (``sync_bdevs``) and the device's last close hold while
+        they wait for its dirty pages to be written. An open made while those writes cannot
+        complete (the device suspended, or a write held until a reload) would wait forever.
+        """
         exp: Exposed | None = dev.exposure
         if exp is None:
             return
-        self._refresh(exp.file, exp.loop)
-        with contextlib.suppress(OSError):
-            fd = os.open(exp.loop.path, os.O_RDONLY | os.O_CLOEXEC)
+        now = _loop_size_and_ro(exp.loop)
+        if now == (dev.size, dev.read_only):
+            return
+        if now is None or now[0] != dev.size:
             try:
-                fcntl.ioctl(fd, BLKROSET, struct.pack("i", 1 if dev.read_only else 0))
-            finally:
-                os.close(fd)
+                self._refresh(exp.file, exp.loop)
+            except DMError:
+                if dev.exposure is exp and not dev.removed:
+                    raise
+                return  # removed meanwhile (``Engine.resume`` calls this without the device's lock)
+        if now is None or now[1] != dev.read_only:
+            with contextlib.suppress(OSError):
+                fd = os.open(exp.loop.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    fcntl.ioctl(fd, BLKROSET, struct.pack("i", 1 if dev.read_only else 0))
+                finally:
+                    os.close(fd)
         udev_settle()
 
     def _refresh(self, fname: str, lo: loop.LoopDevice) -> None:

@@ -388,3 +388,52 @@ def test_punched_holes_read_back_as_zeros_on_any_target(exposed_engine, dm_name)
         ep.readinto(got, 0)
     assert bytes(got[:MiB]) == b"\xab" * MiB
     assert bytes(got[MiB:]) == bytes(MiB)
+
+
+def _kernel_stack(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stack") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def test_reload_resume_while_a_sync_waits_for_the_suspended_device(exposed_engine, make_image, dm_name):
+    """``sync(2)`` waits for each block device's writeback holding the disk's ``open_mutex``
+    (``sync_bdevs``); a write queued on a suspended device is such writeback. A resume that
+    swaps in a table of the same size must not open the loop device before that write can land:
+    the open waits for the mutex, the sync for the resume (a mirror guard's reload, dropping a
+    failed leg while a write was held, hung so with another process's ``sync`` running)."""
+    img = make_image(MiB)
+    table = f"0 2048 linear {img} 0"
+    exposed_engine.create(dm_name, table)
+    path = exposed_engine.device_path(dm_name)
+    fd = os.open(path, os.O_RDWR)
+    sync = opener = None
+    try:
+        os.pwrite(fd, b"s" * 8192, 64 * 1024)  # in the loop device's page cache
+        exposed_engine.suspend(dm_name)
+        sync = subprocess.Popen(["sync"])
+        # another open of the device waits while the sync holds the mutex, waiting for our write
+        opener = subprocess.Popen([sys.executable, "-c", f"import os; os.close(os.open({path!r}, os.O_RDONLY))"])
+        wait_until(lambda: "sync_bdevs" in _kernel_stack(sync.pid) and "bdev_open" in _kernel_stack(opener.pid),
+                   "the sync to hold the device's open_mutex, waiting for its writeback", 30)
+        exposed_engine.load(dm_name, table)
+        resumer = threading.Thread(target=exposed_engine.resume, args=(dm_name,), daemon=True)
+        resumer.start()
+        resumer.join(10)
+        stuck = resumer.is_alive()
+        if stuck:  # our own FUSE connection: its I/O fails, the sync and the resume return
+            exposed_engine.exposure.abort()
+            resumer.join(10)
+        assert not stuck, "the resume waited for the sync that waited for it"
+        assert sync.wait(30) == 0 and opener.wait(30) == 0
+    finally:
+        os.close(fd)
+        for proc in (sync, opener):
+            if proc is not None and proc.poll() is None:
+                exposed_engine.exposure.abort()
+                proc.wait(30)
+    with open(img, "rb") as f:
+        f.seek(64 * 1024)
+        assert f.read(8192) == b"s" * 8192
