@@ -37,6 +37,9 @@ def _writer(eng: Any, offset: int, data: bytes, name: str = "m") -> tuple[thread
         try:
             with eng.open_endpoint(name) as ep:
                 ep.write(data, offset)
+                # an exposed device's write is in its page cache until then: its close writes it
+                # only when it is the last (another opener, a probe, makes the close return at once)
+                ep.flush()
             out.append(("ok", time.monotonic() - t0))
         except DeviceIOError as err:
             out.append((err.errno, time.monotonic() - t0))
