@@ -380,9 +380,10 @@ class Engine(DeviceMapper):
         start = time.monotonic()
         while True:
             dev = self._get(name, "remove")
+            outside = self._outside_opens(dev)
             with dev.op_lock:
                 self._alive(dev, "remove")
-                count = self._open_count(dev)
+                count = dev.opens + outside
                 if count == 0:
                     self._drop(dev)
                     return
@@ -398,8 +399,11 @@ class Engine(DeviceMapper):
             time.sleep(0.02 if waited < 0.2 else 0.1)
 
     def _deferred_remove(self, dev: Device) -> None:
+        if dev.removed or not dev.deferred_remove:
+            return
+        outside = self._outside_opens(dev)
         with dev.op_lock:
-            if dev.removed or not dev.deferred_remove or self._open_count(dev):
+            if dev.removed or not dev.deferred_remove or dev.opens + outside:
                 return
             self._drop(dev)
 
@@ -460,10 +464,18 @@ class Engine(DeviceMapper):
                           target_count=len(live.table) if live else 0, deferred_remove=dev.deferred_remove)
 
     def _open_count(self, dev: Device) -> int:
-        count = dev.opens
-        if self._exposure is not None and dev.exposure is not None:
-            count += self._exposure.open_count(dev)
-        return count
+        return dev.opens + self._outside_opens(dev)
+
+    def _outside_opens(self, dev: Device) -> int:
+        """Openers of the device's loop device outside the engine (0 when it is not exposed).
+
+        Never called holding ``dev.op_lock``: counting opens the loop device, and an open waits
+        for the writes that ``sync(2)`` or a last close is flushing to it (``Exposure.resized``),
+        which may wait for that lock (a mirror write held until the guard's reload).
+        """
+        if self._exposure is None or dev.exposure is None:
+            return 0
+        return self._exposure.open_count(dev)
 
     def table_text(self, name: str, *, inactive: bool = False) -> str:
         """The live (or inactive) table as text, ``str(table)``: what the daemon sends."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import gc
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
@@ -390,12 +392,56 @@ def test_punched_holes_read_back_as_zeros_on_any_target(exposed_engine, dm_name)
     assert bytes(got[MiB:]) == bytes(MiB)
 
 
+
 def _kernel_stack(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stack") as f:
             return f.read()
     except OSError:
         return ""
+
+
+@contextlib.contextmanager
+def _sync_waiting_for(eng: Engine, name: str) -> Iterator[int]:
+    """Yield a descriptor of ``name``'s loop device holding a write in its page cache, the device
+    suspended and ``sync(2)`` waiting for that write while it holds the disk's ``open_mutex`` (so
+    that another open of the device, made in a child, waits). After the block the sync and the
+    child must end; if they still wait, our FUSE connection is aborted so that nothing hangs."""
+    path = eng.device_path(name)
+    fd = os.open(path, os.O_RDWR)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        os.pwrite(fd, b"s" * 8192, 64 * 1024)
+        eng.suspend(name)
+        procs.append(subprocess.Popen(["sync"]))
+        procs.append(subprocess.Popen([sys.executable, "-c", f"import os; os.close(os.open({path!r}, os.O_RDONLY))"]))
+        wait_until(lambda: "sync_bdevs" in _kernel_stack(procs[0].pid) and "bdev_open" in _kernel_stack(procs[1].pid),
+                   "the sync to hold the device's open_mutex, waiting for its writeback", 30)
+        yield fd
+        assert [p.wait(30) for p in procs] == [0, 0]
+    finally:
+        if any(p.poll() is None for p in procs):
+            eng.exposure.abort()  # first: our close of the device would wait for the write too
+            for p in procs:
+                p.wait(30)
+        os.close(fd)
+
+
+def _returns(func: Callable[[], object], bound: float = 10.0) -> list[object]:
+    """Run ``func`` on a thread; ``[result or exception]`` once it returned within ``bound``
+    seconds, ``[]`` when it is still running then."""
+    out: list[object] = []
+
+    def run() -> None:
+        try:
+            out.append(func())
+        except Exception as err:  # noqa: BLE001 - handed to the test
+            out.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(bound)
+    return out
 
 
 def test_reload_resume_while_a_sync_waits_for_the_suspended_device(exposed_engine, make_image, dm_name):
@@ -407,33 +453,34 @@ def test_reload_resume_while_a_sync_waits_for_the_suspended_device(exposed_engin
     img = make_image(MiB)
     table = f"0 2048 linear {img} 0"
     exposed_engine.create(dm_name, table)
-    path = exposed_engine.device_path(dm_name)
-    fd = os.open(path, os.O_RDWR)
-    sync = opener = None
-    try:
-        os.pwrite(fd, b"s" * 8192, 64 * 1024)  # in the loop device's page cache
-        exposed_engine.suspend(dm_name)
-        sync = subprocess.Popen(["sync"])
-        # another open of the device waits while the sync holds the mutex, waiting for our write
-        opener = subprocess.Popen([sys.executable, "-c", f"import os; os.close(os.open({path!r}, os.O_RDONLY))"])
-        wait_until(lambda: "sync_bdevs" in _kernel_stack(sync.pid) and "bdev_open" in _kernel_stack(opener.pid),
-                   "the sync to hold the device's open_mutex, waiting for its writeback", 30)
+    with _sync_waiting_for(exposed_engine, dm_name):
         exposed_engine.load(dm_name, table)
-        resumer = threading.Thread(target=exposed_engine.resume, args=(dm_name,), daemon=True)
-        resumer.start()
-        resumer.join(10)
-        stuck = resumer.is_alive()
-        if stuck:  # our own FUSE connection: its I/O fails, the sync and the resume return
-            exposed_engine.exposure.abort()
-            resumer.join(10)
-        assert not stuck, "the resume waited for the sync that waited for it"
-        assert sync.wait(30) == 0 and opener.wait(30) == 0
-    finally:
-        os.close(fd)
-        for proc in (sync, opener):
-            if proc is not None and proc.poll() is None:
-                exposed_engine.exposure.abort()
-                proc.wait(30)
+        assert _returns(lambda: exposed_engine.resume(dm_name)) == [None], "the resume waited for the sync"
     with open(img, "rb") as f:
         f.seek(64 * 1024)
         assert f.read(8192) == b"s" * 8192
+
+
+def test_remove_waiting_for_a_sync_lets_the_resume_through(exposed_engine, make_image, dm_name):
+    """A ``remove`` counting the openers of a suspended device waits (its probe opens the loop
+    device) until the writes that a ``sync(2)`` waits for land: it must not hold the device's lock
+    meanwhile, or the resume that lets them land waits for it."""
+    img = make_image(MiB)
+    exposed_engine.create(dm_name, f"0 2048 linear {img} 0")
+    with _sync_waiting_for(exposed_engine, dm_name):
+        removal: list[object] = []
+
+        def remove() -> None:
+            try:
+                exposed_engine.remove(dm_name)
+            except DeviceBusy as err:
+                removal.append(err)
+
+        remover = threading.Thread(target=remove, daemon=True)
+        remover.start()
+        wait_until(lambda: "bdev_open" in _kernel_stack(remover.native_id or 0) or removal,
+                   "the remove to probe the loop device", 30)
+        assert _returns(lambda: exposed_engine.resume(dm_name)) == [None], "the resume waited for the remove"
+        remover.join(60)
+    assert len(removal) == 1 and isinstance(removal[0], DeviceBusy)  # our descriptor was open
+    exposed_engine.remove(dm_name)
