@@ -404,21 +404,29 @@ def _kernel_stack(pid: int) -> str:
 @contextlib.contextmanager
 def _sync_waiting_for(eng: Engine, name: str) -> Iterator[int]:
     """Yield a descriptor of ``name``'s loop device holding a write in its page cache, the device
-    suspended and ``sync(2)`` waiting for that write while it holds the disk's ``open_mutex`` (so
-    that another open of the device, made in a child, waits). After the block the sync and the
-    child must end; if they still wait, our FUSE connection is aborted so that nothing hangs."""
+    suspended and ``sync(2)`` waiting for that write while it holds the disk's ``open_mutex``: an
+    open of the device made in a child waits (a child that opens it while the sync still waits for
+    other devices ends, and the next one looks again). After the block the sync and the children
+    must end; if they still wait, our FUSE connection is aborted so that nothing hangs."""
     path = eng.device_path(name)
     fd = os.open(path, os.O_RDWR)
     procs: list[subprocess.Popen[bytes]] = []
+
+    def open_waits() -> bool:
+        if "sync_bdevs" not in _kernel_stack(procs[0].pid):
+            return False
+        if procs[-1].poll() is not None:
+            procs.append(subprocess.Popen(["sh", "-c", ': < "$0"', path]))
+        return "bdev_open" in _kernel_stack(procs[-1].pid)
+
     try:
         os.pwrite(fd, b"s" * 8192, 64 * 1024)
         eng.suspend(name)
         procs.append(subprocess.Popen(["sync"]))
-        procs.append(subprocess.Popen([sys.executable, "-c", f"import os; os.close(os.open({path!r}, os.O_RDONLY))"]))
-        wait_until(lambda: "sync_bdevs" in _kernel_stack(procs[0].pid) and "bdev_open" in _kernel_stack(procs[1].pid),
-                   "the sync to hold the device's open_mutex, waiting for its writeback", 30)
+        procs.append(subprocess.Popen(["true"]))
+        wait_until(open_waits, "the sync to hold the device's open_mutex, waiting for its writeback", 60)
         yield fd
-        assert [p.wait(30) for p in procs] == [0, 0]
+        assert [p.wait(30) for p in procs] == [0] * len(procs)
     finally:
         if any(p.poll() is None for p in procs):
             eng.exposure.abort()  # first: our close of the device would wait for the write too
