@@ -75,27 +75,17 @@ def _load() -> Any:
     if fastio._compiler() is None:
         raise OSError("no C compiler (cc) on PATH")
     name = f"_dmtools_dms_{_digest()}"
-    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    errors = []
-    for cache in fastio._cache_dirs():
-        try:
-            os.makedirs(cache, mode=0o700, exist_ok=True)
-            if not fastio._private(cache, directory=True):
-                raise OSError(f"{cache} is not private to uid {os.geteuid()}")
-            path = os.path.join(cache, name + suffix)
-            if not os.path.exists(path):
-                _build(cache, name, path)
-            if not fastio._private(path, directory=False):
-                raise OSError(f"{path} is not private to uid {os.geteuid()}")
-            spec = importlib.util.spec_from_file_location(name, path)
-            if spec is None or spec.loader is None:
-                raise OSError(f"cannot load {path}")
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module
-        except (OSError, ImportError) as err:
-            errors.append(str(err))
-    raise OSError("; ".join(errors))
+    path = fastio.cached(name + importlib.machinery.EXTENSION_SUFFIXES[0],
+                         lambda cache, target: _build(cache, name, target))
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise OSError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as err:
+        raise OSError(f"cannot load {path}: {err}") from err
+    return module
 
 
 def module() -> Any | None:

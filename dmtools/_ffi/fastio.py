@@ -25,6 +25,7 @@ import stat
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -107,30 +108,40 @@ def _build(cc: str) -> str:
         with open(path, "rb") as f:
             source += f.read()
     digest = hashlib.sha256(source + "\0".join((cc, *CFLAGS)).encode()).hexdigest()[:16]
+
+    def compile_into(cache: str, lib: str) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=".fastio-", suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, *CFLAGS, "-o", tmp, SOURCE], capture_output=True,
+                                  text=True, timeout=120, check=False)
+            if done.returncode != 0:
+                raise OSError(f"{cc} failed: {done.stderr.strip()[:2000]}")
+            os.chmod(tmp, 0o700)
+            os.replace(tmp, lib)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    return cached(f"fastio-{digest}.so", compile_into)
+
+
+def cached(name: str, build: Callable[[str, str], None]) -> str:
+    """The path of ``name`` in the first usable private cache directory, made there by
+    ``build(cache, path)`` unless it is already there; raises OSError with every directory's reason.
+    A directory or file not private to this user is never used."""
     errors = []
     for cache in _cache_dirs():
         try:
             os.makedirs(cache, mode=0o700, exist_ok=True)
             if not _private(cache, directory=True):
                 raise OSError(f"{cache} is not private to uid {os.geteuid()}")
-            lib = os.path.join(cache, f"fastio-{digest}.so")
-            if os.path.exists(lib):
-                if not _private(lib, directory=False):
-                    raise OSError(f"{lib} is not private to uid {os.geteuid()}")
-                return lib
-            fd, tmp = tempfile.mkstemp(prefix=".fastio-", suffix=".so", dir=cache)
-            os.close(fd)
-            try:
-                done = subprocess.run([cc, *CFLAGS, "-o", tmp, SOURCE], capture_output=True,
-                                      text=True, timeout=120, check=False)
-                if done.returncode != 0:
-                    raise OSError(f"{cc} failed: {done.stderr.strip()[:2000]}")
-                os.chmod(tmp, 0o700)
-                os.replace(tmp, lib)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            return lib
+            path = os.path.join(cache, name)
+            if not os.path.exists(path):
+                build(cache, path)
+            if not _private(path, directory=False):
+                raise OSError(f"{path} is not private to uid {os.geteuid()}")
+            return path
         except (OSError, subprocess.SubprocessError) as err:
             errors.append(str(err))
     raise OSError("; ".join(errors))
