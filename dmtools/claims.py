@@ -44,7 +44,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.
 if TYPE_CHECKING:
     from typing import Hashable
 
-__all__ = ["Claim", "Holder", "claim", "busy_reason", "loops_over", "mount_of", "os_errors", "whole_disk"]
+__all__ = ["Claim", "Holder", "claim", "busy_reason", "loops_over", "mount_of", "os_errors", "read_attr", "whole_disk"]
 
 class Claim:
     """One device claimed by a :class:`Holder`; :meth:`release` gives it back (once)."""
@@ -318,7 +318,7 @@ def whole_disk(devno: tuple[int, int]) -> tuple[int, int] | None:
     base = f"/sys/dev/block/{devno[0]}:{devno[1]}"
     if not os.path.exists(f"{base}/partition"):
         return None
-    dev = _read_attr(os.path.join(os.path.realpath(base), "..", "dev"))
+    dev = read_attr(os.path.join(os.path.realpath(base), "..", "dev"))
     try:
         major, minor = (dev or "").split(":")
         return int(major), int(minor)
@@ -326,7 +326,8 @@ def whole_disk(devno: tuple[int, int]) -> tuple[int, int] | None:
         return None
 
 
-def _read_attr(path: str) -> str | None:
+def read_attr(path: str) -> str | None:
+    """A sysfs attribute's text, stripped, or ``None`` when it cannot be read."""
     try:
         with open(path) as f:
             return f.read().strip()

@@ -469,9 +469,9 @@ class Engine(DeviceMapper):
     def _outside_opens(self, dev: Device) -> int:
         """Openers of the device's loop device outside the engine (0 when it is not exposed).
 
-        Never called holding ``dev.op_lock``: counting opens the loop device, and an open waits
-        for the writes that ``sync(2)`` or a last close is flushing to it (``Exposure.resized``),
-        which may wait for that lock (a mirror write held until the guard's reload).
+        Counted without opening the loop device (``Exposure.open_count``): an open waits for the
+        writes that ``sync(2)`` or a last close is flushing to it, which a suspended device, or
+        a mirror write held until the guard's reload, does not finish.
         """
         if self._exposure is None or dev.exposure is None:
             return 0

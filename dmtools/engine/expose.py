@@ -28,7 +28,6 @@ import fcntl
 import functools
 import logging
 import os
-import platform
 import signal
 import stat
 import struct
@@ -36,11 +35,11 @@ import subprocess
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 
 from dmtools import loop
-from dmtools.engine import fastpath, fuse_io, rundir
+from dmtools.engine import fastpath, fuse_io, openers, rundir
 from dmtools.errors import DMError, LoopError
 from dmtools.linux import BLKROSET, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, libc, mounts
 
@@ -241,10 +240,6 @@ class Exposed:
     file: str
     loop: loop.LoopDevice
     link: str
-    #: One open count of the device at a time: a count's O_EXCL probe is an opener to any other
-    #: count running (its EBUSY, its descriptor in /proc/self/fd), so the daemon's event watcher
-    #: reading every device's info made a command's busy check fail at random.
-    count_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -628,75 +623,15 @@ class Exposure:
 
     # --- open counts ------------------------------------------------------------------------
     def open_count(self, dev: "Device") -> int:
-        """Users of the loop device: exclusive holders (mounts, stacked devices) + open fds."""
+        """Opens of the loop device outside the engine, as the kernel's dm would count them
+        (:mod:`dmtools.engine.openers`: open files, holder disks, a mount, swap, loops over it),
+        found without opening it, so that a suspended device's count never waits for its writes."""
         exp: Exposed | None = dev.exposure
         if exp is None:
             return 0
-        # A table of this engine over the device holds it O_EXCL (dmtools.claims): that opener is
+        count = openers.count(exp.loop.path, exp.loop.major, exp.loop.minor)
+        # A table of this engine over the device holds it O_EXCL (dmtools.claims): that open is
         # the table, which the device's own count already has.
-        own = self.engine.claims.holds(("blk", (exp.loop.major, exp.loop.minor)))
-        count = -1 if own else 0
-        with exp.count_lock:
-            if not own:
-                try:
-                    fd = os.open(exp.loop.path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
-                except OSError as err:
-                    if err.errno == errno.EBUSY:
-                        count += 1
-                else:
-                    os.close(fd)
-            count += _fd_openers(exp.loop.path, exp.loop.major, exp.loop.minor)
+        if self.engine.claims.holds(("blk", (exp.loop.major, exp.loop.minor))):
+            count -= 1
         return max(0, count)
-
-
-#: kcmp(2) syscall numbers (include/uapi/linux/kcmp.h: KCMP_FILE = 0), by machine.
-_KCMP_SYSCALL = {"x86_64": 312, "aarch64": 272, "riscv64": 272, "ppc64le": 354, "s390x": 343}
-_KCMP_FILE = 0
-
-
-def _same_open_file(a: tuple[int, int], b: tuple[int, int]) -> bool:
-    """True when descriptors ``(pid, fd)`` ``a`` and ``b`` share one open file (kcmp KCMP_FILE).
-
-    The kernel counts opens of a block device, not descriptors: a descriptor inherited by a child or
-    duplicated with dup() is the same open. Without kcmp the two are taken as distinct.
-    """
-    nr = _KCMP_SYSCALL.get(platform.machine())
-    if nr is None:
-        return False
-    return libc().syscall(nr, a[0], b[0], _KCMP_FILE, a[1], b[1]) == 0
-
-
-def _fd_openers(path: str, major: int, minor: int) -> int:
-    """Count opens, in every process, of block device ``major:minor`` (one per open file)."""
-    want = os.makedev(major, minor)
-    try:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return 0
-    found: list[tuple[int, int]] = []
-    for pid in pids:
-        fd_dir = f"/proc/{pid}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"{fd_dir}/{fd}")
-            except OSError:
-                continue
-            if not target.startswith("/dev/"):
-                continue
-            if target != path:
-                try:
-                    st = os.stat(target)
-                except OSError:
-                    continue
-                if not (stat.S_ISBLK(st.st_mode) and st.st_rdev == want):
-                    continue
-            found.append((pid, int(fd)))
-    opens: list[tuple[int, int]] = []
-    for desc in found:
-        if not any(_same_open_file(desc, other) for other in opens):
-            opens.append(desc)
-    return len(opens)

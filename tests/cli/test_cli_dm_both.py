@@ -171,3 +171,102 @@ def test_open_count_counts_opens_not_descriptors(dmcli: Harness) -> None:
     assert "Open count:        0" in dmcli("info", name).splitlines()
     dmcli("remove", name)
     assert dmcli.cleanup() == []
+
+
+# --- who counts as an opener: the same users give the same count on both backends ------------------
+# (the userspace engine finds them without opening its loop device: dmtools.engine.openers)
+def _open_count(dmcli: Harness, name: str) -> int:
+    line = next(ln for ln in dmcli("info", name).splitlines() if ln.startswith("Open count:"))
+    return int(line.split(":")[1])
+
+
+@pytest.fixture
+def writable(dmcli: Harness, make_image: Callable[..., Path], make_loop: Callable[..., Any]) -> str:
+    """A 32 MiB device over a loop device (``linear``), named for this test."""
+    lo = make_loop(make_image(32 * MiB))
+    name = dmcli.name("open")
+    dmcli("create", name, "--table", f"0 {32 * MiB // 512} linear {lo.path} 0")
+    return name
+
+
+def test_open_count_of_descriptors_dup_and_fork(dmcli: Harness, writable: str) -> None:
+    import subprocess
+    import sys
+
+    path = dmcli.path(writable)
+    fd = os.open(path, os.O_RDONLY)
+    dup = os.dup(fd)
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE, pass_fds=(fd,))
+    try:
+        assert _open_count(dmcli, writable) == 1  # one open: a dup and a child's inherited copy
+        other = os.open(path, os.O_RDONLY)
+        assert _open_count(dmcli, writable) == 2
+        os.close(other)
+        excl = os.open(path, os.O_RDONLY | os.O_EXCL)  # an O_EXCL opener is one open, not two
+        assert _open_count(dmcli, writable) == 2
+        os.close(excl)
+    finally:
+        child.communicate(timeout=60)
+        os.close(dup)
+        os.close(fd)
+    assert _open_count(dmcli, writable) == 0
+    dmcli("remove", writable)
+    assert dmcli.cleanup() == []
+
+
+def test_open_count_of_a_mount_in_any_namespace(dmcli: Harness, writable: str, tmp_path: Path) -> None:
+    import subprocess
+
+    path = dmcli.path(writable)
+    subprocess.run(["mkfs.ext4", "-q", "-F", path], check=True, timeout=120)
+    mnt, bind = tmp_path / "mnt", tmp_path / "bind"
+    mnt.mkdir()
+    bind.mkdir()
+    subprocess.run(["mount", path, str(mnt)], check=True, timeout=60)
+    try:
+        assert _open_count(dmcli, writable) == 1
+        subprocess.run(["mount", "--bind", str(mnt), str(bind)], check=True, timeout=60)
+        assert _open_count(dmcli, writable) == 1  # one super block
+        subprocess.run(["umount", str(bind)], check=True, timeout=60)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True, timeout=60)
+    assert _open_count(dmcli, writable) == 0
+    # mounted only in another mount namespace, which a sleeping process keeps
+    ns = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                           f'mount "$0" "$1" && echo up && exec sleep 60', path, str(mnt)],
+                          stdout=subprocess.PIPE)
+    try:
+        assert ns.stdout is not None and ns.stdout.readline() == b"up\n"
+        assert not os.path.ismount(mnt)
+        assert _open_count(dmcli, writable) == 1
+    finally:
+        ns.kill()
+        ns.wait(30)
+        ns.stdout.close()  # type: ignore[union-attr]
+    assert _open_count(dmcli, writable) == 0
+    dmcli("remove", writable)
+    assert dmcli.cleanup() == []
+
+
+def test_open_count_of_swap_and_a_loop_over_it(dmcli: Harness, writable: str) -> None:
+    import subprocess
+
+    from dmtools import loop
+
+    path = dmcli.path(writable)
+    subprocess.run(["mkswap", "-q", path], check=True, timeout=60)
+    subprocess.run(["swapon", "-p", "-2", path], check=True, timeout=60)
+    try:
+        assert _open_count(dmcli, writable) == 1
+    finally:
+        subprocess.run(["swapoff", path], check=True, timeout=60)
+    assert _open_count(dmcli, writable) == 0
+    upper = loop.attach(path, read_only=True)
+    try:
+        assert _open_count(dmcli, writable) == 1  # the loop driver keeps the file it was given
+    finally:
+        loop.detach(upper)
+    assert _open_count(dmcli, writable) == 0
+    dmcli("remove", writable)
+    assert dmcli.cleanup() == []

@@ -492,3 +492,19 @@ def test_remove_waiting_for_a_sync_lets_the_resume_through(exposed_engine, make_
         remover.join(60)
     assert len(removal) == 1 and isinstance(removal[0], DeviceBusy)  # our descriptor was open
     exposed_engine.remove(dm_name)
+
+
+def test_info_of_a_suspended_device_a_sync_waits_for(exposed_engine, make_image, dm_name):
+    """``info`` counts the openers of a suspended device without opening it: an open waits for
+    the disk's ``open_mutex``, which a ``sync(2)`` waiting for the device's writes holds until the
+    resume, so a client doing suspend, info, resume never got to the resume. The count is what the
+    kernel's would be: our descriptor (the children waiting in ``bdev_open`` hold no open yet)."""
+    img = make_image(MiB)
+    exposed_engine.create(dm_name, f"0 2048 linear {img} 0")
+    with _sync_waiting_for(exposed_engine, dm_name):
+        got = _returns(lambda: exposed_engine.info(dm_name))
+        assert got, "info waited for the sync"
+        assert got[0].suspended and got[0].open_count == 1
+        exposed_engine.resume(dm_name)
+    assert exposed_engine.info(dm_name).open_count == 0
+

@@ -1,10 +1,10 @@
 """Root tier: an exposed device's open count while other threads count it too.
 
-The count probes the loop device with an ``O_EXCL`` open (a mount or a stacked table holds it
-with no descriptor to see); two such probes at once see each other's claim. The daemon's event
-watcher reads every device's info twice a second while a command reads it too, so a device
-nobody opened must read as unopened however many threads ask at once.
-"""
+The count once probed the loop device with an ``O_EXCL`` open, and two such probes at once saw
+each other's claim; it now opens nothing (``dmtools.engine.openers``), and a count's own reads of
+``/proc`` must not look like an opener either. The daemon's event watcher reads every device's
+info twice a second while a command reads it too, so a device nobody opened must read as
+unopened however many threads ask at once."""
 
 from __future__ import annotations
 

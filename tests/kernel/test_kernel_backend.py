@@ -276,6 +276,32 @@ def test_removing_an_open_device_is_busy(kernel_dm: KernelBackend, names: Any) -
     wait_until(lambda: not kernel_dm.exists(name), "the deferred remove")
 
 
+def test_a_kernel_table_over_an_exposed_engine_device_is_one_opener(exposed_engine: Any, kernel_dm: KernelBackend,
+                                                                     names: Any, loops: Any) -> None:
+    """A kernel dm table over an engine's exposed device holds it as it holds a kernel dm device
+    under another table: one open, no descriptor, a ``holders/`` link in sysfs; the engine counts
+    it from that link (``dmtools.engine.openers``) as the kernel counts its own."""
+    lo, klo = loops(), loops()
+    low, top = names("low"), names("top")
+    exposed_engine.create(low, f"0 8192 linear {lo.path} 0")
+    path = exposed_engine.device_path(low)
+    kernel_dm.create(top, f"0 4096 linear {path} 0")
+    try:
+        holders = os.listdir(f"/sys/block/{os.path.basename(os.path.realpath(path))}/holders")
+        assert len(holders) == 1 and holders[0].startswith("dm-")
+        assert exposed_engine.info(low).open_count == 1
+    finally:
+        kernel_dm.remove(top)
+    assert exposed_engine.info(low).open_count == 0
+    klow, ktop = names("klow"), names("ktop")
+    kernel_dm.create(klow, f"0 8192 linear {klo.path} 0")
+    kernel_dm.create(ktop, f"0 4096 linear {kernel_dm.device_path(klow)} 0")
+    assert kernel_dm.info(klow).open_count == 1
+    kernel_dm.remove(ktop)
+    assert kernel_dm.info(klow).open_count == 0
+    exposed_engine.remove(low)
+
+
 def test_targets_version_and_messages(kernel_dm: KernelBackend, names: Any) -> None:
     targets = kernel_dm.targets()
     for t in ("linear", "striped", "error"):
