@@ -77,6 +77,9 @@ class Holder:
     def __init__(self, name: str) -> None:
         self.name = name
         self._lock = threading.Lock()
+        #: block devices being opened (without the lock) and the signal that one was
+        self._opening: set[Hashable] = set()
+        self._opened = threading.Condition(self._lock)
         self._held: dict[Hashable, list[int]] = {}  # key -> [fd, count]
         self._paths: dict[Hashable, str] = {}  # block device key -> the path it was claimed by
 
@@ -123,24 +126,38 @@ class Holder:
     # --- internals --------------------------------------------------------------------------
     def _take(self, key: Hashable, path: str, device: str | None, taken: list[Hashable]) -> None:
         with self._lock:
+            while key in self._opening:  # another thread of this holder is opening it: nest in that
+                self._opened.wait()
             held = self._held.get(key)
             if held is not None:
                 held[1] += 1
                 taken.append(key)
                 return
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
-            except OSError as err:
+            self._opening.add(key)
+        # Opened without the lock: an open waits for the disk's open_mutex, which sync(2) holds
+        # while it waits for the writes of a device that may be suspended (an engine's own
+        # exposed device under a table being loaded); other claims and ``holds`` (an open count)
+        # must not wait for that device's resume.
+        fd = -1
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+        except OSError as err:
+            with self._lock:
                 kin = self._kin(key[1]) if err.errno == errno.EBUSY else None  # type: ignore[index]
-                if kin is not None:
-                    raise DeviceBusy(f"{path} and {kin} are a disk and its partition: one holder may "
-                                     "not claim both (the kernel's bd_may_claim refuses it)",
-                                     errno=errno.EBUSY, operation="claim", device=device) from err
-                with os_errors(path, "claim", device):
-                    raise
-            self._held[key] = [fd, 1]
-            self._paths[key] = path
-            taken.append(key)
+            if kin is not None:
+                raise DeviceBusy(f"{path} and {kin} are a disk and its partition: one holder may "
+                                 "not claim both (the kernel's bd_may_claim refuses it)",
+                                 errno=errno.EBUSY, operation="claim", device=device) from err
+            with os_errors(path, "claim", device):
+                raise
+        finally:
+            with self._lock:
+                self._opening.discard(key)
+                if fd >= 0:
+                    self._held[key] = [fd, 1]
+                    self._paths[key] = path
+                    taken.append(key)
+                self._opened.notify_all()
 
     def _kin(self, devno: tuple[int, int]) -> str | None:
         """A device this holder claims that is the disk of partition ``devno`` or a partition of

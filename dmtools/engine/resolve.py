@@ -59,19 +59,24 @@ def resolve(engine: "Engine", ref: str, *, writable: bool) -> DeviceHandle:
         return _remote(ref, writable=writable)
     own = _own(engine, ref)
     if own is not None:
+        exposed = own.exposure
+        claim = None
+        if exposed is not None:
+            # Its block device is claimed like any other: a mount of it fails, as in the kernel.
+            # Claimed first: the device counts the table as an opener once its open succeeded,
+            # as the kernel's count does (the open may wait: ``Holder._take``).
+            try:
+                claim = engine.claims.claim(exposed.loop.path)
+            except DMError as err:
+                cls = DeviceBusy if isinstance(err, DeviceBusy) else InvalidTable
+                raise cls(f"{ref}: {err.message}", operation="load") from err
         try:
             endpoint = DeviceEndpoint(own, writable=writable)
         except DMError as err:
+            if claim is not None:
+                claim.release()
             raise InvalidTable(f"{ref}: {err.message}", operation="load") from err
-        exposed = own.exposure
-        if exposed is not None:
-            # Its block device is claimed like any other: a mount of it fails, as in the kernel.
-            try:
-                endpoint.claim = engine.claims.claim(exposed.loop.path)
-            except DMError as err:
-                endpoint.close()
-                cls = DeviceBusy if isinstance(err, DeviceBusy) else InvalidTable
-                raise cls(f"{ref}: {err.message}", operation="load") from err
+        endpoint.claim = claim
         return DeviceHandle(endpoint, f"{own.major}:{own.minor}", own.major, own.minor, ref)
     m = DEVNO.fullmatch(ref)
     try:

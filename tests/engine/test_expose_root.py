@@ -508,3 +508,25 @@ def test_info_of_a_suspended_device_a_sync_waits_for(exposed_engine, make_image,
         exposed_engine.resume(dm_name)
     assert exposed_engine.info(dm_name).open_count == 0
 
+
+def test_a_table_load_waiting_for_a_suspended_device_holds_no_other_count(exposed_engine, make_image, dm_name):
+    """A table over an exposed device claims its block device with an ``O_EXCL`` open, which waits
+    (as the kernel's ``dm_get_device`` does) while a ``sync(2)`` waits for the suspended device:
+    that wait must hold nothing the device's own ``info`` and resume, or another claim, need."""
+    img, other = make_image(MiB), make_image(MiB)
+    exposed_engine.create(dm_name, f"0 2048 linear {img} 0")
+    upper = "up" + dm_name
+    with _sync_waiting_for(exposed_engine, dm_name):
+        creating = threading.Thread(target=exposed_engine.create,
+                                    args=(upper, f"0 1024 linear {exposed_engine.device_path(dm_name)} 0"), daemon=True)
+        creating.start()
+        wait_until(lambda: "bdev_open" in _kernel_stack(creating.native_id or 0), "the load to open the device", 30)
+        got = _returns(lambda: exposed_engine.info(dm_name))
+        assert got and got[0].open_count == 1, "info waited for the load"  # our descriptor
+        assert _returns(lambda: exposed_engine.create("other" + dm_name, f"0 2048 linear {other} 0")) != []
+        assert _returns(lambda: exposed_engine.resume(dm_name)) == [None]
+        creating.join(30)
+    assert not creating.is_alive()
+    assert exposed_engine.info(dm_name).open_count == 1  # the table over it
+    for name in (upper, "other" + dm_name):
+        exposed_engine.remove(name)
