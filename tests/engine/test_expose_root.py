@@ -530,3 +530,35 @@ def test_a_table_load_waiting_for_a_suspended_device_holds_no_other_count(expose
     assert exposed_engine.info(dm_name).open_count == 1  # the table over it
     for name in (upper, "other" + dm_name):
         exposed_engine.remove(name)
+
+
+def test_an_abort_lets_a_waiting_sync_end_and_spares_a_live_exposure(exposed_engine, make_image, dm_name, tmp_path):
+    """Aborting a FUSE connection (``Exposure.abort``, the last resort; or an admin's write to its
+    ``abort`` file) fails the writes its loop device holds, so a ``sync(2)`` waiting for them ends
+    at once; the loop device stays attached, every later I/O failing, until the device goes. Another
+    engine's exposure, live, keeps its loop device and serves I/O."""
+    img, img2 = make_image(MiB), make_image(MiB)
+    exposed_engine.create(dm_name, f"0 2048 linear {img} 0")
+    with Engine(expose=True, run_dir=str(tmp_path / "live")) as live:
+        live.create("live-dmtt", f"0 2048 linear {img2} 0")
+        live_path = os.path.realpath(live.device_path("live-dmtt"))
+        with _sync_waiting_for(exposed_engine, dm_name) as fd:
+            assert exposed_engine.exposure.abort()
+            start = time.monotonic()
+        assert time.monotonic() - start < 10, "the sync and the openers waited after the abort"
+        dead = os.open(exposed_engine.device_path(dm_name), os.O_RDWR | os.O_DIRECT)
+        try:
+            with pytest.raises(OSError):
+                os.pwrite(dead, aligned_buffer(4096), 0)
+        finally:
+            os.close(dead)
+        assert live_path in _loops_under(str(tmp_path / "live"))
+        buf = aligned_buffer(4096)
+        buf[:] = b"L" * 4096
+        with BlockDevice(live_path, writable=True, direct=True) as bd:
+            bd.write(buf, 8192)
+        with open(img2, "rb") as f:
+            f.seek(8192)
+            assert f.read(4096) == b"L" * 4096
+    exposed_engine.resume(dm_name)
+    exposed_engine.remove(dm_name)
