@@ -180,3 +180,28 @@ def test_engine_device_under_a_table_is_claimed_too(exposed_engine: Engine, make
     with claims.claim(low):
         pass
     exposed_engine.remove("low-dmtt")
+
+
+@pytest.mark.root
+def test_claims_of_one_device_racing_in_one_holder_all_nest(make_image: Callable[..., Path],
+                                                             make_loop: Callable[..., Any]) -> None:
+    """A holder opens a device for its claim without its lock (the open may wait for a sync):
+    claims of that device made meanwhile by other threads wait for that open and nest in it,
+    instead of failing on its O_EXCL."""
+    from dmtools.testing.threads import run_together
+
+    lo = make_loop(make_image(MiB))
+    holder = claims.Holder("race")
+    taken: list[claims.Claim] = []
+    for _ in range(20):
+        run_together([lambda: taken.append(holder.claim(lo.path))] * 4)
+        assert len(taken) == 4 and holder.holds(("blk", (lo.major, lo.minor)))
+        with pytest.raises(DeviceBusy):
+            with claims.claim(lo.path):
+                pass
+        for c in taken:
+            c.release()
+        taken.clear()
+        assert not holder.holds(("blk", (lo.major, lo.minor)))
+    with claims.claim(lo.path):
+        pass
