@@ -52,10 +52,9 @@ BTRFS_SYSFS = "/sys/fs/btrfs"
 
 def count(path: str, major: int, minor: int) -> int:
     """Opens of block device ``major:minor`` (node ``path``) by the rule above; never opens it."""
-    devno = f"{major}:{minor}"
-    fds, mounted = _scan_processes(os.makedev(major, minor), devno)
-    return (fds + mounted + _holders(devno) + _btrfs_members(devno) + _swaps(path, os.makedev(major, minor))
-            + _loops_over(path, os.makedev(major, minor)))
+    devno, rdev = f"{major}:{minor}", os.makedev(major, minor)
+    fds, mounted = _scan_processes(rdev, devno)
+    return fds + mounted + _holders(devno) + _btrfs_members(devno) + _swaps(path, rdev) + _loops_over(path, rdev)
 
 
 def _same_open_file(a: tuple[int, int], b: tuple[int, int]) -> bool:
