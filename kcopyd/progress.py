@@ -11,18 +11,22 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from dmtools.errors import InvalidArgument
+from dmtools.errors import DeviceIOError, InvalidArgument
 from dmtools.units import format_size
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
 if TYPE_CHECKING:
-    from typing import Callable, TextIO
+    from typing import TextIO
 
-__all__ = ["ProgressReporter", "follow", "check_fd", "reporter_for", "reporting"]
+__all__ = ["CopyTally", "ProgressFn", "ProgressReporter", "follow", "check_fd", "reporter_for", "reporting"]
+
+#: ``progress(done, total)``, in bytes unless the caller says otherwise.
+ProgressFn = Callable[[int, int], None]
 
 
 def check_fd(fd: int) -> int:
@@ -147,7 +151,7 @@ def reporter_for(progress: str | None, *, quiet: bool = False, label: str = "") 
 
 
 @contextmanager
-def reporting(reporter: ProgressReporter | None, scale: int = 1) -> Iterator[Callable[[int, int], None]]:
+def reporting(reporter: ProgressReporter | None, scale: int = 1) -> Iterator[ProgressFn]:
     """A ``progress(done, total)`` callback feeding ``reporter`` (units times ``scale`` bytes); the
     reporter is finished on exit, as a success unless the block raised."""
     last = [0, 0]
@@ -164,3 +168,30 @@ def reporting(reporter: ProgressReporter | None, scale: int = 1) -> Iterator[Cal
     finally:
         if reporter is not None:
             reporter.finish(last[0], last[1], ok=ok)
+
+
+class CopyTally:
+    """The notify callback of a batch of kcopyd jobs (``ctx``: ``(what, bytes)``): adds each job's
+    bytes to ``progress(done, total)`` and keeps a line for each job that failed; :meth:`check`
+    raises them."""
+
+    def __init__(self, total: int, progress: ProgressFn | None = None) -> None:
+        self.total = total
+        self.progress = progress
+        self.done = 0
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, read_err: bool, write_err: int, ctx: tuple[str, int]) -> None:
+        what, nbytes = ctx
+        with self._lock:
+            if read_err or write_err:
+                self.errors.append(f"{what} failed (read_err={int(read_err)}, write_err={write_err:#x})")
+            self.done += nbytes
+            if self.progress is not None:
+                self.progress(self.done, self.total)
+
+    def check(self, device: str, operation: str) -> None:
+        """Raise ``DeviceIOError`` naming the first five failed jobs, if any failed."""
+        if self.errors:
+            raise DeviceIOError("; ".join(self.errors[:5]), device=device, operation=operation)

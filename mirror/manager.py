@@ -28,6 +28,7 @@ from dmtools.names import validate_name
 from dmtools.status import parse_mirror_status
 from dmtools.table import Table
 from dmtools.target_values import MAX_NR_MIRRORS, CoreLog, DiskLog, Leg, Linear, Mirror, SyncMode, parse_devno
+from kcopyd.progress import ProgressFn
 
 from mirror.format import SECTOR, LogImage, check_region_size, drop_cache, format_log, log_io_bytes, region_count
 from mirror.guard import UNMONITORED_PREFIX, guard_for
@@ -44,7 +45,6 @@ STALL_SECONDS = 2.0
 #: 512 KiB, the RHEL documentation's default mirror region (LVM's current default is 2 MiB).
 DEFAULT_REGION_SIZE = 1024
 
-ProgressFn = Callable[[int, int], None]
 #: region -> indexes of the legs that failed its copy (``MirrorManager.recovery_failures``)
 Failures = dict[int, list[int]]
 Regions = list[int]

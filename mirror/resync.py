@@ -16,12 +16,13 @@ import errno as _errno
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import DeviceIOError, InvalidArgument, OperationCancelled
 
 from dmtools.target_values import SyncMode
+from kcopyd.progress import ProgressFn
 from mirror.format import SECTOR, LogImage, check_region_size, drop_cache, region_count
 
 __all__ = ["ResyncPlan", "ResyncResult", "OfflineResync", "RecoveryFailed", "check_legs", "format_regions", "raise_for"]
@@ -36,8 +37,6 @@ IN_FLIGHT_BYTES = 32 << 20
 RUN_BYTES = 32 << 20
 #: Seconds between log commits (legs flushed, then clean bits written).
 COMMIT_INTERVAL = 1.0
-
-ProgressFn = Callable[[int, int], None]
 
 #: Region ranges a one-line error names before it says how many more there are.
 SHOWN_RANGES = 8

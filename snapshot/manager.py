@@ -17,9 +17,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dmtools import loop
 from dmtools.backend import DeviceMapper, wait_closed
@@ -35,10 +34,10 @@ from dmtools.units import int_in
 from snapshot.cow_file import ExtendResult, backing_file, grow_file
 from snapshot.store.format import NUM_SNAPSHOT_HDR_CHUNKS, SECTOR, chunk_size_error
 
-Names = list[str]
+if TYPE_CHECKING:  # pragma: no cover
+    from kcopyd.progress import ProgressFn
 
-#: ``progress(done_sectors, total_sectors)`` during a merge.
-MergeProgress = Callable[[int, int], None]
+Names = list[str]
 
 #: LVM zeroes this much of a new COW so the kernel sees magic 0 (lib/metadata/lv_manip.c).
 COW_WIPE_BYTES = 4096
@@ -367,7 +366,7 @@ class SnapshotManager:
             self.dm.remove(cow_name, retry=True)
 
     # -- merge ------------------------------------------------------------------------------------
-    def merge(self, name: str, *, wait: bool = True, progress: MergeProgress | None = None,
+    def merge(self, name: str, *, wait: bool = True, progress: ProgressFn | None = None,
               timeout: float | None = None) -> SnapshotInfo | None:
         """Roll the origin back to snapshot ``name``.
 
@@ -556,7 +555,7 @@ class SnapshotManager:
                 return oname
         return None
 
-    def _wait_merge(self, origin: str, name: str, progress: MergeProgress | None, timeout: float | None) -> None:
+    def _wait_merge(self, origin: str, name: str, progress: ProgressFn | None, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         start_left: int | None = None
         while True:

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -19,16 +18,13 @@ from dmtools.claims import Holder
 from dmtools.endpoint import Endpoint
 from dmtools.errors import CorruptMetadata, DeviceIOError, InvalidArgument, SnapshotInvalid
 from dmtools.linux import DEVNO
+from kcopyd.progress import CopyTally, ProgressFn
 
 from snapshot.store.format import SECTOR, SNAP_MAGIC
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.backend import DeviceMapper
 from snapshot.store.persistent import PersistentStore
-
-
-#: ``progress(done_bytes, total_bytes)``
-ProgressFn = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -283,30 +279,18 @@ def export(origin: "str | os.PathLike[str] | Endpoint", cow: "str | os.PathLike[
         if not isinstance(out, Endpoint) and os.path.exists(out):
             holder.claim(os.fspath(out), device="export")  # no engine, mount or tool meanwhile
         dst, own_dst, action = _open_output(out, size, (org, cw), force)
-        errors: list[str] = []
-        lock = threading.Lock()
-        done = [0]
-        total = size + len(store.table) * cb
-
-        def notify(read_err: int, write_err: int, ctx: Any) -> None:
-            with lock:
-                if read_err or write_err:
-                    errors.append(f"{ctx[0]} copy failed (read_err={read_err}, write_err={write_err:#x})")
-                done[0] += ctx[1]
-                if progress:
-                    progress(done[0], total)
-
+        tally = CopyTally(size + len(store.table) * cb, progress)
         sectors = size // SECTOR
         runs = 0
         with kcopyd.Client(num_pages=num_pages) as kc:
-            kc.copy(kcopyd.Region(org, 0, sectors), [kcopyd.Region(dst, 0, sectors)], 0, notify, ("origin", size))
+            kc.copy(kcopyd.Region(org, 0, sectors), [kcopyd.Region(dst, 0, sectors)], 0, tally,
+                    ("copying the origin", size))
             kc.destroy()  # all origin data first: exception chunks overwrite it
         if size % SECTOR:
             tail = bytearray(size % SECTOR)
             org.readinto(tail, sectors * SECTOR)
             dst.write(tail, sectors * SECTOR)
-        if errors:
-            raise DeviceIOError("; ".join(errors), operation="export", device=dst.name)
+        tally.check(dst.name, "export")
         with kcopyd.Client(num_pages=num_pages) as kc:
             cs = store.chunk_size
             for old, new, count in chunk_runs(store.table.items()):
@@ -314,11 +298,10 @@ def export(origin: "str | os.PathLike[str] | Endpoint", cow: "str | os.PathLike[
                 length = min(count * cs, sectors - start)
                 if length <= 0:
                     continue
-                kc.copy(kcopyd.Region(cw, new * cs, length), [kcopyd.Region(dst, start, length)], 0, notify,
-                        ("exception", count * cb))
+                kc.copy(kcopyd.Region(cw, new * cs, length), [kcopyd.Region(dst, start, length)], 0, tally,
+                        (f"copying exception chunks {old}..{old + count - 1}", count * cb))
                 runs += 1
-        if errors:
-            raise DeviceIOError("; ".join(errors[:5]), operation="export", device=dst.name)
+        tally.check(dst.name, "export")
         dst.flush()
         return ExportResult(size, len(store.table), runs, action)
     finally:

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dmtools.blockdev import BlockDevice, open_endpoint
 from dmtools.endpoint import Endpoint
 from dmtools.errors import CorruptMetadata, DeviceIOError, InvalidArgument
 from dmtools.inputs import check_devices
 from dmtools.units import SECTOR
+from kcopyd.progress import CopyTally, ProgressFn
 
 from thin.metadata import btree
 from thin.metadata.dump import device_runs
@@ -30,10 +30,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from dmtools.backend import DeviceMapper
 
 __all__ = ["DeviceUsage", "ExportResult", "LS_FIELDS", "export", "format_ls", "ls"]
-
-#: ``progress(done_bytes, total_bytes)``
-ProgressFn = Callable[[int, int], None]
-
 
 @dataclass(frozen=True)
 class DeviceUsage:
@@ -208,33 +204,20 @@ def export(metadata: str | os.PathLike[str], data: str | os.PathLike[str], dev_i
             raise InvalidArgument(f"the data device holds {src.size} bytes but the mappings reach {top}",
                                   device=src.name, operation="export")
         dst, vol, is_block = _output(out, size, needed)
-        errors: list[str] = []
-        lock = threading.Lock()
-        done = [0]
-        total = sum(n for _vb, _db, n, _t in runs) * block_bytes
+        tally = CopyTally(sum(n for _vb, _db, n, _t in runs) * block_bytes, progress)
         vol_sectors = vol // SECTOR
-
-        def notify(read_err: int, write_err: int, ctx: Any) -> None:
-            with lock:
-                if read_err or write_err:
-                    errors.append(f"{ctx[0]} failed (read_err={read_err}, write_err={write_err:#x})")
-                done[0] += ctx[1]
-                if progress:
-                    progress(done[0], total)
-
         with kcopyd.Client(num_pages=num_pages) as kc:
             at = 0
             for vb, db, n, _t in runs:
                 start, length = vb * bs, min(n * bs, vol_sectors - vb * bs)
                 if is_block and start > at:
-                    kc.zero(kcopyd.Region(dst, at, start - at), 0, notify, ("zeroing", 0))
-                kc.copy(kcopyd.Region(src, db * bs, length), [kcopyd.Region(dst, start, length)], 0, notify,
+                    kc.zero(kcopyd.Region(dst, at, start - at), 0, tally, ("zeroing", 0))
+                kc.copy(kcopyd.Region(src, db * bs, length), [kcopyd.Region(dst, start, length)], 0, tally,
                         (f"copying blocks {vb}..{vb + n - 1}", n * block_bytes))
                 at = start + length
             if is_block and at < vol_sectors:
-                kc.zero(kcopyd.Region(dst, at, vol_sectors - at), 0, notify, ("zeroing", 0))
-        if errors:
-            raise DeviceIOError("; ".join(errors[:5]), device=dst.name, operation="export")
+                kc.zero(kcopyd.Region(dst, at, vol_sectors - at), 0, tally, ("zeroing", 0))
+        tally.check(dst.name, "export")
         dst.flush()
         return ExportResult(vol, sum(n for _vb, _db, n, _t in runs), len(runs))
     finally:

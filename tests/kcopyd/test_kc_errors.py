@@ -343,3 +343,34 @@ def test_zoned_destination_forces_write_seq():
                       flags=kcopyd.IGNORE_ERROR)
         assert job.wait(TIMEOUT) and job.ok
     assert job.flags & kcopyd.WRITE_SEQ and not job.flags & kcopyd.IGNORE_ERROR
+
+
+def _tally_batch(tally, sources):
+    """One job per source, each copying its own ``PIECE`` of it to the same place of one destination."""
+    dst = MemoryEndpoint(SIZE)
+    with client() as kc:
+        for i, src in enumerate(sources):
+            region = (i * PIECE // 512, PIECE // 512)
+            kc.copy(kcopyd.Region(src, *region), [kcopyd.Region(dst, *region)], 0, tally, (f"job {i}", PIECE))
+    return dst
+
+
+def test_copy_tally_adds_up_jobs_and_raises_the_failed_ones():
+    """The notify of a batch of jobs (the offline exports'): every job's bytes reach ``progress``;
+    ``check`` raises the failed jobs, naming five at most, and nothing when none failed."""
+    from kcopyd.progress import CopyTally
+
+    data = pattern(SIZE)
+    seen: list[tuple[int, int]] = []
+    tally = CopyTally(8 * PIECE, lambda done, total: seen.append((done, total)))
+    dst = _tally_batch(tally, [MemoryEndpoint(data)] * 8)
+    assert seen == [(k * PIECE, 8 * PIECE) for k in range(1, 9)] and bytes(dst.data[:8 * PIECE]) == data[:8 * PIECE]
+    tally.check("out", "export")
+    bad = FaultyEndpoint(MemoryEndpoint(data), read_errors=[(0, SECTORS)])
+    tally = CopyTally(8 * PIECE)
+    _tally_batch(tally, [bad] * 7 + [MemoryEndpoint(data)])
+    assert tally.done == 8 * PIECE and len(tally.errors) == 7
+    with pytest.raises(DeviceIOError) as info:
+        tally.check("out", "export")
+    assert str(info.value).count("failed (read_err=1, write_err=0x0)") == 5 and "job 7" not in str(info.value)
+    assert info.value.device == "out" and info.value.operation == "export"

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from dmtools.blockdev import BlockDevice
-from dmtools.errors import CorruptMetadata, InvalidArgument, SnapshotInvalid
+from dmtools.errors import CorruptMetadata, DeviceIOError, InvalidArgument, SnapshotInvalid
+from dmtools.testing.faults import FaultyEndpoint
 from snapshot.offline import chunk_runs, export, inspect
 from snapshot.store import PersistentStore
 
@@ -126,6 +127,24 @@ def test_output_must_differ(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument):
         export(origin, tmp_path / "cowlink.img", cow)
     assert cow.read_bytes() == cow_before
+
+
+@pytest.mark.parametrize("failing", ["origin", "cow"])
+def test_a_failed_copy_is_raised_with_what_it_copied(tmp_path: Path, failing: str) -> None:
+    """A read error on the origin stops the export before the exceptions are copied; one on the
+    COW's data chunks is raised after them, naming the chunks (kcopyd.progress.CopyTally)."""
+    origin, cow, _ = snapshot_by_hand(tmp_path, [10, 11, 40])
+    with BlockDevice(origin) as odev, BlockDevice(cow) as cdev:
+        if failing == "origin":
+            odev = FaultyEndpoint(odev, read_errors=[(0, 64 * C)])
+        else:  # the data chunks follow the header (chunk 0) and the first metadata area (chunk 1)
+            cdev = FaultyEndpoint(cdev, read_errors=[(2 * C, 3 * C)])
+        with pytest.raises(DeviceIOError) as info:
+            export(odev, cdev, tmp_path / "out.img")
+    want = "copying the origin failed" if failing == "origin" else "copying exception chunks 10..11 failed"
+    assert want in str(info.value) and info.value.operation == "export"
+    if failing == "origin":
+        assert "exception" not in str(info.value)
 
 
 def test_chunk_runs() -> None:
