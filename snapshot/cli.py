@@ -20,20 +20,12 @@ from typing import Any
 from dmtools.cli import common
 from dmtools.cli.common import (actions, STATUS_EVENTS, device_argument, emit, progress_options, seconds,
                                 state_dir_option, verb)
-from dmtools.errors import InvalidArgument
-from dmtools.units import SECTOR, format_size, parse_size
+from dmtools.units import SECTOR, format_size, parse_sectors
 
 #: The one line ``dmtools --help`` shows for this command (read without building its parser).
 SUMMARY = "snapshots: create, list, merge, remove; inspect/export COWs"
 
 __all__ = ["register"]
-
-
-def _chunk_sectors(text: str) -> int:
-    nbytes = parse_size(text, default_unit="s")
-    if nbytes % SECTOR or not nbytes:
-        raise InvalidArgument(f"chunk size {text!r} is not a whole number of 512-byte sectors")
-    return nbytes // SECTOR
 
 
 def _manager(args: argparse.Namespace) -> Any:
@@ -58,7 +50,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     from dmtools.target_values import StoreMode
 
     store = StoreMode.TRANSIENT if args.transient else StoreMode.PERSISTENT
-    info = mgr.create(args.origin, args.cow, args.name, chunk_size=_chunk_sectors(args.chunk_size), store=store)
+    info = mgr.create(args.origin, args.cow, args.name, chunk_size=parse_sectors(args.chunk_size), store=store)
     return emit(args, info.to_dict(), f"created snapshot {info.name} of {info.origin} ({info.status.format()})")
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from dmtools.errors import CorruptMetadata, DeviceNotFound
+from dmtools.errors import CorruptMetadata, DeviceNotFound, InvalidArgument
 from snapshot.cli import register
 
 SIZE = 256 * 1024
@@ -64,6 +64,18 @@ def test_create_list_merge_remove(env: tuple[Any, Path, bytes], capsys: pytest.C
     assert "store: N" in capsys.readouterr().out
     assert run(["snapshot", "remove", "s2"]) == 0
     assert sorted(e.name for e in eng.list()) == ["vol"]
+
+
+@pytest.mark.parametrize(("size", "message"), [("100b", "not a multiple of 512"), ("0", "Chunk size not set"),
+                                                ("12", "not a power of 2"), ("4KB", "ambiguous unit")])
+def test_create_refuses_a_bad_chunk_size(env: tuple[Any, Path, bytes], size: str, message: str) -> None:
+    """``--chunk-size`` is read as every size in sectors is (``dmtools.units.parse_sectors``), then
+    checked as the kernel does; nothing is created or written."""
+    eng, tmp, _ = env
+    cow = (tmp / "s.cow").read_bytes()
+    with pytest.raises(InvalidArgument, match=message):
+        run(["snapshot", "create", "vol", "--cow", str(tmp / "s.cow"), "--name", "s", "--chunk-size", size])
+    assert [e.name for e in eng.list()] == ["vol"] and (tmp / "s.cow").read_bytes() == cow
 
 
 def test_refresh_takes_up_a_grown_cow(env: tuple[Any, Path, bytes], capsys: pytest.CaptureFixture[str]) -> None:
