@@ -41,33 +41,32 @@ def backing_file(ref: str) -> tuple[str, str | None]:
     return dev.backing_file, loop_path
 
 
-def grow_file(path: str, size: int) -> None:
-    """Make ``path`` at least ``size`` bytes, allocated (``posix_fallocate``; sparse where unsupported)."""
+def grow_file(path: str, size: int, loop_path: str | None = None) -> None:
+    """Make ``path`` at least ``size`` bytes, allocated (``posix_fallocate``; sparse where unsupported),
+    and make ``loop_path``, a loop device over it (:func:`backing_file`), take the new capacity
+    (``LOOP_SET_CAPACITY``). Raises ``DMError`` when the file or the loop device could not grow."""
     current = os.stat(path).st_size
-    if current >= size:
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
+    if current < size:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
-            os.posix_fallocate(fd, current, size - current)
-        except OSError as err:
-            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise DMError(f"cannot grow {path} to {size} bytes: {err.strerror}",
-                              errno=err.errno, operation="extend") from err
-            os.ftruncate(fd, size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            try:
+                os.posix_fallocate(fd, current, size - current)
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise DMError(f"cannot grow {path} to {size} bytes: {err.strerror}",
+                                  errno=err.errno, operation="extend") from err
+                os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if loop_path is not None and loop.set_capacity(loop_path) < size:
+        raise DMError(f"{loop_path} is smaller than {size} bytes after LOOP_SET_CAPACITY", operation="extend")
 
 
 def grow_behind(ref: str, size: int) -> tuple[str, str | None]:
-    """Grow the file behind ``ref`` to at least ``size`` bytes and, for a loop device over it, make
-    the loop device take the new capacity (``LOOP_SET_CAPACITY``). Returns ``(file, loop or None)``.
-
-    Raises ``InvalidArgument`` (not file-backed) or ``DMError`` (the file or the loop could not grow).
-    """
+    """:func:`grow_file` on the file behind ``ref`` (:func:`backing_file`) and the loop device over
+    it, if any. Returns ``(file, loop or None)``; raises ``InvalidArgument`` (not file-backed) or
+    ``DMError``."""
     path, loop_path = backing_file(ref)
-    grow_file(path, size)
-    if loop_path is not None and loop.set_capacity(loop_path) < size:
-        raise DMError(f"{loop_path} is smaller than {size} bytes after LOOP_SET_CAPACITY", operation="extend")
+    grow_file(path, size, loop_path)
     return path, loop_path

@@ -1,13 +1,11 @@
-"""The regular file behind a snapshot's COW, and growing it (what ``lvextend`` of a snapshot does to
-its LV, for a COW kept in a file: directly, or through a loop device)."""
+"""What extending a snapshot's COW did (``lvextend`` of a snapshot, for a COW kept in a file: directly,
+or through a loop device; the growing is :mod:`dmtools.file_backing`'s)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dmtools.file_backing import backing_file, grow_file
-
-__all__ = ["ExtendResult", "backing_file", "grow_file"]
+__all__ = ["ExtendResult"]
 
 
 @dataclass(frozen=True)

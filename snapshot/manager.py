@@ -20,10 +20,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from dmtools import loop
 from dmtools.backend import DeviceMapper, wait_closed
 from dmtools.errors import (DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, OperationCancelled,
                             SnapshotInvalid, quietly)
+from dmtools.file_backing import backing_file, grow_file
 from dmtools.names import MAX_UUID_BYTES, validate_name
 from dmtools.reload import reload_stack
 from dmtools.status import SnapshotState, SnapshotStatus, parse_snapshot_status
@@ -31,7 +31,7 @@ from dmtools.table import Table
 from dmtools.target_values import Error, Linear, Snapshot, SnapshotMerge, SnapshotOrigin, StoreMode
 from dmtools.units import int_in
 
-from snapshot.cow_file import ExtendResult, backing_file, grow_file
+from snapshot.cow_file import ExtendResult
 from snapshot.store.format import NUM_SNAPSHOT_HDR_CHUNKS, SECTOR, chunk_size_error
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -508,10 +508,7 @@ class SnapshotManager:
         chunk = target.chunk_size * SECTOR
         new_bytes = cow_bytes + max(1, math.ceil(cow_bytes * percent / 100 / chunk)) * chunk
         end = offset * SECTOR + new_bytes
-        grow_file(path, end)
-        if loop_path is not None and loop.set_capacity(loop_path) < end:
-            raise DMError(f"{loop_path} is smaller than {end} bytes after LOOP_SET_CAPACITY",
-                          operation="extend", device=name)
+        grow_file(path, end, loop_path)
         self.refresh(name)
         if cow_name is not None and self.dm.table(cow_name).size * SECTOR < new_bytes:
             raise DMError(f"{cow_name} maps less than {new_bytes} bytes after the refresh",
