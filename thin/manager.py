@@ -695,15 +695,3 @@ class ThinPoolManager:
             if active and name in p.record.volumes:
                 quietly(lambda: self._activate_volume(p, name, vol))
             raise
-
-    def activate_volume(self, pool: str, name: str) -> VolumeInfo:
-        """Activate one recorded thin volume of an active pool."""
-        p = self._pool(pool, "activate")
-        vol = p.record.volumes.get(name)
-        if vol is None:
-            raise DeviceNotFound(f"pool {pool} has no thin volume of this name", operation="activate", device=name)
-        if self.dm.exists(name):
-            raise DeviceExists("device already exists", operation="activate", device=name)
-        self._sync(p, "activate")
-        self._activate_volume(p, name, vol)
-        return self.status(pool, name)
