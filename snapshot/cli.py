@@ -157,7 +157,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     e.add_argument("--cow", required=True, metavar="DEV")
     e.add_argument("out", metavar="OUT", help="output file (created) or block device")
     e.add_argument("--force", action="store_true",
-                   help="overwrite an existing non-empty output: a file is truncated or extended to the "
-                   "origin's size, a block device's first bytes are written")
+                   help="overwrite an existing non-empty output: a file starts over at the origin's size, "
+                   "a block device's first bytes are written")
     progress_options(e)
     return p  # type: ignore[no-any-return]

@@ -13,11 +13,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from dmtools.blockdev import BlockDevice, open_endpoint
+from dmtools.blockdev import open_endpoint
 from dmtools.claims import Holder
 from dmtools.endpoint import Endpoint
-from dmtools.errors import CorruptMetadata, DeviceIOError, InvalidArgument, SnapshotInvalid
+from dmtools.errors import CorruptMetadata, InvalidArgument, SnapshotInvalid
 from dmtools.linux import DEVNO
+from dmtools.output import open_output
 from kcopyd.progress import CopyTally, ProgressFn
 
 from snapshot.store.format import SECTOR, SNAP_MAGIC
@@ -160,8 +161,9 @@ def _check_paths(origin: "str | os.PathLike[str] | Endpoint", cow: "str | os.Pat
 
 
 def _open_output(out: "str | os.PathLike[str] | Endpoint", size: int, inputs: tuple[Endpoint, ...],
-                 force: bool) -> tuple[Endpoint, bool, str]:
-    """Open (or create) the output; returns ``(endpoint, owned, what was done to it)``."""
+                 force: bool, holder: Holder) -> tuple[Endpoint, bool, str]:
+    """Open (or create) the output (``dmtools.output``); returns ``(endpoint, owned, what was done
+    to it)``."""
     if isinstance(out, Endpoint):
         if any(_same_file(out, ep) for ep in inputs):
             raise InvalidArgument("output must differ from the origin and the COW", operation="export")
@@ -172,45 +174,9 @@ def _open_output(out: "str | os.PathLike[str] | Endpoint", size: int, inputs: tu
                                   operation="export")
         return out, False, f"first {size} bytes of {out.name} written"
     path = Path(out)
-    action = f"created with {size} bytes"
-    if path.exists():
-        if any(_same_as_path(path, ep) for ep in inputs):
-            raise InvalidArgument("output must differ from the origin and the COW", device=str(path),
-                                  operation="export")
-        st = path.stat()
-        is_blk = stat.S_ISBLK(st.st_mode)
-        if not is_blk and not stat.S_ISREG(st.st_mode):
-            raise InvalidArgument("output must be a regular file or block device", device=str(path), operation="export")
-        if is_blk or st.st_size:
-            if not force:
-                what = "is a block device" if is_blk else f"exists and holds {st.st_size} bytes"
-                raise InvalidArgument(
-                    f"output {what}; --force overwrites it (a file is truncated or extended to the "
-                    f"snapshot's {size} bytes, a block device's first {size} bytes are written)",
-                    device=str(path),
-                    operation="export",
-                )
-        if is_blk:
-            dev = BlockDevice(path, writable=True)  # exclusive through the caller's claim
-            if dev.size < size:
-                dev.close()
-                raise InvalidArgument(f"output holds {dev.size} bytes, the snapshot needs {size}", device=str(path),
-                                      operation="export")
-            tail = dev.size - size
-            return dev, True, f"first {size} bytes of the block device written" + (
-                f", its last {tail} bytes left as they were" if tail else "")
-        if st.st_size > size:
-            action = f"truncated from {st.st_size} to {size} bytes"
-        elif st.st_size:
-            action = f"extended from {st.st_size} to {size} bytes"
-        else:
-            action = f"sized from 0 to {size} bytes"
-    dev = BlockDevice(path, writable=True, create=True, exclusive=not path.exists())
-    try:
-        os.ftruncate(dev.fileno(), size)
-    except OSError as err:
-        dev.close()
-        raise DeviceIOError(f"cannot size output: {err}", device=str(path), operation="export") from err
+    if path.exists() and any(_same_as_path(path, ep) for ep in inputs):
+        raise InvalidArgument("output must differ from the origin and the COW", device=str(path), operation="export")
+    dev, _size, _is_blk, action = open_output(path, size, size, force=force, holder=holder)
     return dev, True, action
 
 
@@ -235,8 +201,8 @@ def export(origin: "str | os.PathLike[str] | Endpoint", cow: "str | os.PathLike[
     """Write the snapshot's view (origin with the COW's exceptions applied) to ``out``.
 
     ``out`` may be a new or empty regular file (sized to the origin). An existing non-empty file
-    or a block device is refused unless ``force``: then a file is truncated or extended to the
-    origin's size exactly and a block device (at least as large) has its first bytes written;
+    or a block device is refused unless ``force``: then a file starts over at the origin's size
+    and a block device (at least as large) has its first bytes written (``dmtools.output``);
     ``ExportResult.output`` says which. Before anything is opened, an output that shares bytes
     with the origin or the COW under any spelling raises ``DeviceConflict``, and one that a live
     table of ``backends`` maps ``DeviceBusy`` (``dmtools.inputs``). The COW is checked next: a
@@ -276,9 +242,7 @@ def export(origin: "str | os.PathLike[str] | Endpoint", cow: "str | os.PathLike[
                 f"of {cb} bytes (wrong origin?)",
                 device=cw.name,
             )
-        if not isinstance(out, Endpoint) and os.path.exists(out):
-            holder.claim(os.fspath(out), device="export")  # no engine, mount or tool meanwhile
-        dst, own_dst, action = _open_output(out, size, (org, cw), force)
+        dst, own_dst, action = _open_output(out, size, (org, cw), force, holder)
         tally = CopyTally(size + len(store.table) * cb, progress)
         sectors = size // SECTOR
         runs = 0

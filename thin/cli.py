@@ -4,7 +4,7 @@
     dmtools thin dump META [-m] [--json]    the metadata as thin_dump's XML, or JSON
     dmtools thin restore -i XML -o META     write metadata from that XML (as thin_restore)
     dmtools thin ls META [-o FIELDS]        devices with mapped, exclusive and shared blocks (as thin_ls)
-    dmtools thin export --metadata DEV --data DEV --id N OUT
+    dmtools thin export --metadata DEV --data DEV --id N OUT [--force]
                                             one thin volume's bytes, without device-mapper
 
 The pool commands (``thin pool create`` ...) come from ``thin.pool_cli`` when it is installed.
@@ -146,13 +146,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         with reporting(reporter_for(args.progress, quiet=args.quiet, label="export")) as progress:
             result = export(args.metadata, args.data, args.id, args.out, size=size, snapshot=args.metadata_snap,
-                            progress=progress, backends=backends)
+                            progress=progress, force=args.force, backends=backends)
     finally:
         for b in backends:
             b.close()
-    return emit(args, {"bytes": result.bytes, "mapped_blocks": result.mapped_blocks, "runs": result.runs},
+    return emit(args, {"bytes": result.bytes, "mapped_blocks": result.mapped_blocks, "runs": result.runs,
+                       "output": result.output},
                 f"exported thin device {args.id}: {format_size(result.bytes)}, {result.mapped_blocks} mapped blocks "
-                f"in {result.runs} runs, to {args.out}")
+                f"in {result.runs} runs, to {args.out} ({result.output})")
 
 
 def _add_offline_commands(sub: Any) -> None:
@@ -192,5 +193,7 @@ def _add_offline_commands(sub: Any) -> None:
     e.add_argument("--size", metavar="SIZE", help="volume size (default: the block device's, or up to the "
                    "highest mapped block); sectors, or with a unit")
     e.add_argument("-m", "--metadata-snap", action="store_true", help="read through the held metadata snapshot")
+    e.add_argument("--force", action="store_true", help="overwrite an existing non-empty output: a file starts "
+                   "over at the volume's size, a block device's first bytes are written")
     progress_options(e)
     e.add_argument("out", metavar="OUT", help="output file (created) or block device")

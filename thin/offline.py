@@ -9,15 +9,16 @@ without dm-thin. Both open the pool read-only and check everything before writin
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dmtools.blockdev import BlockDevice, open_endpoint
+from dmtools.blockdev import open_endpoint
+from dmtools.claims import Holder
 from dmtools.endpoint import Endpoint
-from dmtools.errors import CorruptMetadata, DeviceIOError, InvalidArgument
+from dmtools.errors import CorruptMetadata, InvalidArgument
 from dmtools.inputs import check_devices
+from dmtools.output import open_output
 from dmtools.units import SECTOR
 from kcopyd.progress import CopyTally, ProgressFn
 
@@ -137,40 +138,16 @@ class ExportResult:
     bytes: int
     mapped_blocks: int
     runs: int
-
-
-def _output(out: str | os.PathLike[str], size: int | None, needed: int) -> tuple[Endpoint, int, bool]:
-    """The output endpoint, the volume's size, and whether it is a block device."""
-    path = os.fspath(out)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None and stat.S_ISBLK(st.st_mode):
-        dev = BlockDevice(path, writable=True, exclusive=True)
-        want = dev.size if size is None else size
-        if dev.size < want or want < needed:
-            dev.close()
-            raise InvalidArgument(f"output holds {dev.size} bytes, the volume needs {max(want, needed)}",
-                                  device=path, operation="export")
-        return dev, want, True
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        raise InvalidArgument("output must be a regular file or a block device", device=path, operation="export")
-    want = needed if size is None else size
-    dev = BlockDevice(path, writable=True, create=True)
-    try:
-        os.ftruncate(dev.fileno(), 0)  # an existing file starts over as one hole
-        os.ftruncate(dev.fileno(), want)
-    except OSError as err:
-        dev.close()
-        raise DeviceIOError(f"cannot size output: {err.strerror}", device=path, operation="export") from err
-    return dev, want, False
+    #: what was done to the output ("created with N bytes", "truncated from A to B bytes"...)
+    output: str = ""
 
 
 def export(metadata: str | os.PathLike[str], data: str | os.PathLike[str], dev_id: int, out: str | os.PathLike[str], *,
            size: int | None = None, snapshot: bool = False, progress: ProgressFn | None = None, num_pages: int = 1024,
-           backends: Sequence[DeviceMapper] = ()) -> ExportResult:
-    """Write thin device ``dev_id`` of a pool to ``out`` (a new or existing file, or a block device).
+           force: bool = False, backends: Sequence[DeviceMapper] = ()) -> ExportResult:
+    """Write thin device ``dev_id`` of a pool to ``out``: a new or empty file; an existing non-empty
+    file or a block device only with ``force`` (``dmtools.output``; ``ExportResult.output`` says
+    what was done to it).
 
     Mapped blocks are copied from the data device with kcopyd; unmapped blocks read as zeros: they
     stay holes in a regular file and are zeroed on a block device. The volume is ``size`` bytes,
@@ -197,13 +174,14 @@ def export(metadata: str | os.PathLike[str], data: str | os.PathLike[str], dev_i
     if size is not None:
         needed = min(needed, size)
     src = open_endpoint(data)
+    holder = Holder("dmtools thin export")
     dst: Endpoint | None = None
     try:
         top = max((db + n for _vb, db, n, _t in runs), default=0) * block_bytes
         if src.size < top:
             raise InvalidArgument(f"the data device holds {src.size} bytes but the mappings reach {top}",
                                   device=src.name, operation="export")
-        dst, vol, is_block = _output(out, size, needed)
+        dst, vol, is_block, action = open_output(out, size, needed, force=force, holder=holder)
         tally = CopyTally(sum(n for _vb, _db, n, _t in runs) * block_bytes, progress)
         vol_sectors = vol // SECTOR
         with kcopyd.Client(num_pages=num_pages) as kc:
@@ -219,8 +197,9 @@ def export(metadata: str | os.PathLike[str], data: str | os.PathLike[str], dev_i
                 kc.zero(kcopyd.Region(dst, at, vol_sectors - at), 0, tally, ("zeroing", 0))
         tally.check(dst.name, "export")
         dst.flush()
-        return ExportResult(vol, sum(n for _vb, _db, n, _t in runs), len(runs))
+        return ExportResult(vol, sum(n for _vb, _db, n, _t in runs), len(runs), action)
     finally:
         if dst is not None:
             dst.close()
+        holder.close()
         src.close()

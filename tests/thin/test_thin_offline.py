@@ -8,6 +8,7 @@ import os
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from thin_helpers import build_pool, random_pool, volume_bytes
@@ -43,15 +44,36 @@ def test_export_rebuilds_each_volume(pool, tmp_path: Path) -> None:
         assert out.read_bytes() == expected(views[dev], size)
         # holes stay holes: only mapped blocks take space
         assert os.stat(out).st_blocks * 512 <= (len(views[dev]) + 2) * BLOCK
+    again = ["thin", "export", "--metadata", str(meta), "--data", str(data), "--id", "1", "-q", str(out)]
+    assert main(again) != 0 and out.read_bytes() == expected(views[2], (max(views[2]) + 1) * BLOCK)  # kept
+    assert main([*again, "--force"]) == 0 and out.read_bytes() == expected(views[1], (max(views[1]) + 1) * BLOCK)
 
 
 def test_export_with_size_cuts_and_pads(pool, tmp_path: Path) -> None:
     meta, data, views = pool
     out = tmp_path / "vol.img"
-    out.write_bytes(b"\xff" * (100 * BLOCK))  # an existing file: its old bytes must not survive
-    result = export(meta, data, 1, out, size=20 * BLOCK + 4096)
+    out.write_bytes(b"\xff" * (100 * BLOCK))  # an existing file: kept without --force, else none of it survives
+    with pytest.raises(InvalidArgument, match=f"exists and holds {100 * BLOCK} bytes; --force overwrites it"):
+        export(meta, data, 1, out, size=20 * BLOCK + 4096)
+    assert out.read_bytes() == b"\xff" * (100 * BLOCK)
+    result = export(meta, data, 1, out, size=20 * BLOCK + 4096, force=True)
     assert result.bytes == 20 * BLOCK + 4096 and result.mapped_blocks == 10
+    assert result.output == f"truncated from {100 * BLOCK} to {20 * BLOCK + 4096} bytes"
     assert out.read_bytes() == expected(views[1], 20 * BLOCK + 4096)
+
+
+@pytest.mark.root
+def test_export_onto_a_block_device_zeroes_what_is_unmapped(pool, tmp_path: Path, make_image: Callable[..., Path],
+                                                            make_loop: Callable[..., Any]) -> None:
+    meta, data, views = pool
+    size = (max(views[1]) + 3) * BLOCK  # two unmapped blocks past the last mapped one
+    loop = make_loop(make_image(size, fill=b"\xee"))
+    with pytest.raises(InvalidArgument, match="is a block device; --force overwrites it"):
+        export(meta, data, 1, loop.path)
+    result = export(meta, data, 1, loop.path, force=True)  # the volume: the block device's size
+    assert result.bytes == size and result.output == f"first {size} bytes of the block device written"
+    with open(loop.path, "rb") as f:
+        assert f.read() == expected(views[1], size)
 
 
 def test_export_refuses_aliases_and_missing_devices(pool, tmp_path: Path) -> None:
