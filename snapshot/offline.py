@@ -92,9 +92,9 @@ def _open(dev: "str | os.PathLike[str] | Endpoint", *, writable: bool = False) -
     return open_endpoint(dev, writable=writable), True
 
 
-def load_store(cow: Endpoint, chunk_size: int = 0) -> PersistentStore:
+def load_store(cow: Endpoint) -> PersistentStore:
     """Load a persistent store read-only; raises ``CorruptMetadata`` for a bad header or metadata."""
-    store = PersistentStore(cow, chunk_size, readonly=True)
+    store = PersistentStore(cow, readonly=True)
     store.read_metadata()
     return store
 
@@ -196,8 +196,8 @@ def chunk_runs(items: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, int
 
 
 def export(origin: "str | os.PathLike[str] | Endpoint", cow: "str | os.PathLike[str] | Endpoint",
-           out: "str | os.PathLike[str] | Endpoint", *, progress: ProgressFn | None = None, num_pages: int = 1024,
-           force: bool = False, backends: "Sequence[DeviceMapper]" = ()) -> ExportResult:
+           out: "str | os.PathLike[str] | Endpoint", *, progress: ProgressFn | None = None, force: bool = False,
+           backends: "Sequence[DeviceMapper]" = ()) -> ExportResult:
     """Write the snapshot's view (origin with the COW's exceptions applied) to ``out``.
 
     ``out`` may be a new or empty regular file (sized to the origin). An existing non-empty file
@@ -246,7 +246,7 @@ def export(origin: "str | os.PathLike[str] | Endpoint", cow: "str | os.PathLike[
         tally = CopyTally(size + len(store.table) * cb, progress)
         sectors = size // SECTOR
         runs = 0
-        with kcopyd.Client(num_pages=num_pages) as kc:
+        with kcopyd.Client() as kc:
             kc.copy(kcopyd.Region(org, 0, sectors), [kcopyd.Region(dst, 0, sectors)], 0, tally,
                     ("copying the origin", size))
             kc.destroy()  # all origin data first: exception chunks overwrite it
@@ -255,7 +255,7 @@ def export(origin: "str | os.PathLike[str] | Endpoint", cow: "str | os.PathLike[
             org.readinto(tail, sectors * SECTOR)
             dst.write(tail, sectors * SECTOR)
         tally.check(dst.name, "export")
-        with kcopyd.Client(num_pages=num_pages) as kc:
+        with kcopyd.Client() as kc:
             cs = store.chunk_size
             for old, new, count in chunk_runs(store.table.items()):
                 start = old * cs

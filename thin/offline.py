@@ -143,8 +143,8 @@ class ExportResult:
 
 
 def export(metadata: str | os.PathLike[str], data: str | os.PathLike[str], dev_id: int, out: str | os.PathLike[str], *,
-           size: int | None = None, snapshot: bool = False, progress: ProgressFn | None = None, num_pages: int = 1024,
-           force: bool = False, backends: Sequence[DeviceMapper] = ()) -> ExportResult:
+           size: int | None = None, snapshot: bool = False, progress: ProgressFn | None = None, force: bool = False,
+           backends: Sequence[DeviceMapper] = ()) -> ExportResult:
     """Write thin device ``dev_id`` of a pool to ``out``: a new or empty file; an existing non-empty
     file or a block device only with ``force`` (``dmtools.output``; ``ExportResult.output`` says
     what was done to it).
@@ -184,7 +184,7 @@ def export(metadata: str | os.PathLike[str], data: str | os.PathLike[str], dev_i
         dst, vol, is_block, action = open_output(out, size, needed, force=force, holder=holder)
         tally = CopyTally(sum(n for _vb, _db, n, _t in runs) * block_bytes, progress)
         vol_sectors = vol // SECTOR
-        with kcopyd.Client(num_pages=num_pages) as kc:
+        with kcopyd.Client() as kc:
             at = 0
             for vb, db, n, _t in runs:
                 start, length = vb * bs, min(n * bs, vol_sectors - vb * bs)
