@@ -311,11 +311,7 @@ class SnapshotManager:
                 dm.resume(origin)
         except DMError:
             pass
-        for n in reversed(created):
-            try:
-                dm.remove(n, retry=True)
-            except DMError:
-                pass
+        quietly(*[(lambda n=n: dm.remove(n, retry=True)) for n in reversed(created)])
 
     # -- remove -----------------------------------------------------------------------------------
     def _snapshot(self, name: str, operation: str) -> tuple[Snapshot, dict[str, Table]]:
