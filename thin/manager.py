@@ -29,7 +29,6 @@ from __future__ import annotations
 import builtins
 import errno
 import math
-import os
 import shutil
 import subprocess
 from collections.abc import Iterable
@@ -374,8 +373,9 @@ class ThinPoolManager:
         zeroed, so the kernel formats it; ``chunk_size`` is in sectors (128..2097152, a multiple
         of 128); ``zero=False`` adds ``skip_block_zeroing``. All-or-nothing: on failure every
         device made is removed and the record wiped. Raises ``InvalidArgument`` (sizes),
-        ``InvalidTable`` (chunk size), ``DeviceExists``, ``DeviceBusy`` (a device in use or
-        already holding a pool) and ``TargetNotSupported``.
+        ``InvalidTable`` (chunk size), ``DeviceExists``, ``DeviceConflict`` (the two devices share
+        bytes, under any spelling: ``dmtools.inputs``), ``DeviceBusy`` (a device a live table maps,
+        or already holding a pool) and ``TargetNotSupported``.
         """
         self._require_targets("create", name)
         names = [validate_name(n) for n in (name, *_layer_names(name))]
@@ -385,12 +385,9 @@ class ThinPoolManager:
         features = tuple(f for f, on in (("skip_block_zeroing", not zero),
                                          ("error_if_no_space", error_if_no_space)) if on)
         ThinPool("metadata", "data", chunk_size, 0, features)  # the kernel's argument checks, early
-        if os.path.realpath(metadata) == os.path.realpath(data):
-            raise InvalidArgument("the metadata and data devices are the same device", operation="create")
-        for dev in (metadata, data):
-            user = self._user_of(dev)
-            if user is not None:
-                raise DeviceBusy(f"device is already used by {user}", operation="create", device=dev)
+        from dmtools.inputs import check_devices
+
+        check_devices({"--metadata": metadata, "--data": data}, backends=[self.dm], operation="create", in_use=("*",))
         if has_record(metadata):
             raise DeviceBusy("the metadata device already holds a dmtools thin pool; use 'dmtools thin "
                              "activate' (or wipe its first 256 KiB to start over)", operation="create",
@@ -424,23 +421,6 @@ class ThinPoolManager:
                 dev.flush()
         except (DMError, OSError):
             pass
-
-    def _user_of(self, path: str) -> str | None:
-        """The device whose live table uses block device ``path``, if any."""
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        if not st.st_rdev:
-            return None
-        devno = (os.major(st.st_rdev), os.minor(st.st_rdev))
-        for entry in self.dm.list():
-            try:
-                if devno in self.dm.deps(entry.name):
-                    return entry.name
-            except DMError:
-                continue
-        return None
 
     def _activate_layers(self, record: PoolRecord, metadata: str, data: str, operation: str) -> None:
         """Create ``-tmeta``, ``-tdata``, ``-tpool`` and ``NAME``; all or none."""

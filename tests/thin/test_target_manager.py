@@ -44,3 +44,24 @@ def test_pool_volumes_snapshot_and_reactivation(engine: Any, make_image: Any, tm
     mgr.deactivate("p")
     dump = thin_tools.dump(_kernel_metadata(meta, tmp_path / "kmeta"))
     assert 'dev_id="2"' in dump and 'dev_id="1"' not in dump
+
+
+def test_create_pool_refuses_devices_that_alias_or_are_in_use(engine: Any, make_image: Any, tmp_path: Path) -> None:
+    """The metadata and data devices go through the check every multi-device command runs
+    (``dmtools.inputs``): the same bytes under two spellings (a hard link, which no path
+    comparison sees) are refused, and so is a device a live table maps (a file under a userspace
+    table, which no ``st_rdev`` lookup sees); nothing is created or written either way."""
+    import pytest
+
+    from dmtools.errors import DeviceBusy, DeviceConflict
+
+    meta, data = make_image(8 << 20, "meta", fill=b"\x5a"), make_image(64 << 20, "data")
+    (tmp_path / "meta-link.img").hardlink_to(meta)
+    mgr = ThinPoolManager(engine)
+    with pytest.raises(DeviceConflict, match="--metadata"):
+        mgr.create_pool("p", str(meta), str(tmp_path / "meta-link.img"))
+    engine.create("user", f"0 {(64 << 20) // 512} linear {data} 0")
+    with pytest.raises(DeviceBusy, match="in use by device user"):
+        mgr.create_pool("p", str(meta), str(data))
+    assert [e.name for e in engine.list()] == ["user"] and meta.read_bytes() == b"\x5a" * (8 << 20)
+    engine.remove("user")
