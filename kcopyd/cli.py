@@ -207,21 +207,12 @@ def _copy(args: argparse.Namespace, src: Spec, src_dev: str | Endpoint, src_size
     _check_shared_bytes(src, dests, count, write_seq=args.sequential, allow_in_use=args.allow_in_use)
     rate = parse_size(args.rate, "b") if args.rate else None
     sub_job = parse_size(args.sub_job_size, "b")
-    progress_fd = None
-    if args.progress not in (None, "bar"):
-        try:
-            progress_fd = int(args.progress)
-        except ValueError:
-            raise InvalidArgument(f"--progress=FD needs a file descriptor number, not {args.progress!r}",
-                                  operation="copy") from None
+    from kcopyd.progress import reporter_for
+
+    reporter = reporter_for(args.progress, quiet=args.quiet, label="copy")
     flags = (kcopyd.IGNORE_ERROR if args.ignore_errors else 0) | (kcopyd.WRITE_SEQ if args.sequential else 0)
     if args.destination_is_zero:
         flags |= kcopyd.DEST_ZEROED
-    reporter_bar: bool | None = True if args.progress == "bar" else (False if args.quiet else None)
-    from kcopyd.progress import ProgressReporter
-
-    reporter = ProgressReporter(fd=progress_fd, bar=reporter_bar if progress_fd is None or args.progress == "bar"
-                                else False, label="copy")
 
     nbd = any(is_nbd_uri(s.path) for s in [src, *dests])
     num_pages = args.num_pages if args.num_pages is not None else (4096 if nbd else 1024)

@@ -136,11 +136,12 @@ def follow(progress: Callable[[], tuple[int, int]], wait: Callable[[float], bool
             return
 
 
-def reporter_for(progress: str | None, *, quiet: bool = False, label: str = "") -> ProgressReporter | None:
-    """The reporter a ``--progress[=FD]`` option asks for: ``None`` (a bar only on a terminal, nothing
-    with ``quiet``), ``"bar"``, or a file descriptor number for ``N/100`` lines."""
+def reporter_for(progress: str | None, *, quiet: bool = False, label: str = "") -> ProgressReporter:
+    """The reporter a ``--progress[=FD]`` option (``dmtools.cli.common.progress_options``) asks for:
+    ``None`` (a bar only on a terminal, nothing with ``quiet``), ``"bar"``, or a file descriptor
+    number for ``N/100`` lines."""
     if progress is None:
-        return None if quiet else ProgressReporter(label=label)
+        return ProgressReporter(label=label, bar=False if quiet else None)
     if progress == "bar":
         return ProgressReporter(label=label, bar=True)
     try:
@@ -151,23 +152,21 @@ def reporter_for(progress: str | None, *, quiet: bool = False, label: str = "") 
 
 
 @contextmanager
-def reporting(reporter: ProgressReporter | None, scale: int = 1) -> Iterator[ProgressFn]:
+def reporting(reporter: ProgressReporter, scale: int = 1) -> Iterator[ProgressFn]:
     """A ``progress(done, total)`` callback feeding ``reporter`` (units times ``scale`` bytes); the
     reporter is finished on exit, as a success unless the block raised."""
     last = [0, 0]
 
     def progress(done: int, total: int) -> None:
         last[:] = [done * scale, total * scale]
-        if reporter is not None:
-            reporter.update(done * scale, total * scale)
+        reporter.update(done * scale, total * scale)
 
     ok = False
     try:
         yield progress
         ok = True
     finally:
-        if reporter is not None:
-            reporter.finish(last[0], last[1], ok=ok)
+        reporter.finish(last[0], last[1], ok=ok)
 
 
 class CopyTally:

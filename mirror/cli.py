@@ -56,15 +56,9 @@ class _Progress:
     """A progress callback drawing through ``kcopyd.progress`` with the ETA of the copy itself."""
 
     def __init__(self, args: argparse.Namespace, label: str) -> None:
-        from kcopyd.progress import ProgressReporter
+        from kcopyd.progress import reporter_for
 
-        fd = None
-        if args.progress not in (None, "bar"):
-            if not str(args.progress).isdigit():
-                raise InvalidArgument(f"--progress=FD needs a file descriptor number, not {args.progress!r}")
-            fd = int(args.progress)
-        bar: bool | None = True if args.progress == "bar" else (False if args.quiet or fd is not None else None)
-        self.reporter = ProgressReporter(fd=fd, bar=bar, label=label)
+        self.reporter = reporter_for(args.progress, quiet=args.quiet, label=label)
         self.base: int | None = None
         self.last = (0, 0)
 

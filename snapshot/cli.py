@@ -37,7 +37,7 @@ def _manager(args: argparse.Namespace) -> Any:
 def _reporter(args: argparse.Namespace, label: str) -> Any:
     from kcopyd.progress import reporter_for
 
-    return reporter_for(args.progress, quiet=getattr(args, "quiet", False), label=label)
+    return reporter_for(args.progress, quiet=args.quiet, label=label)
 
 
 def _info_line(info: Any) -> str:

@@ -5,6 +5,7 @@ Device names that start with ``-`` are given after ``--``, as with dmsetup's get
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +111,33 @@ def test_times_must_be_finite_seconds(argv: list[str], fake_dm: Any, capsys: pyt
 def test_a_finite_timeout_reaches_the_backend(fake_dm: Any, run: Any) -> None:
     assert run("dm", "wait", "d", "2", "--timeout", "0.5")[0] == 0
     assert fake_dm.calls == [("wait_event", "d", 2, 0.5)]
+
+
+def test_every_progress_option_is_read_by_one_reporter_for(tmp_path: Path, run: Any) -> None:
+    """``--progress[=FD]`` of copy, mirror resync-offline, snapshot export and thin export is read
+    by ``kcopyd.progress.reporter_for``: the same refusal in the same words, before any output."""
+    from kcopyd.progress import ProgressReporter, reporter_for
+
+    files = {n: tmp_path / f"{n}.img" for n in ("a", "b", "meta", "data")}
+    for f in files.values():
+        f.write_bytes(bytes(64 * 1024))
+    out = tmp_path / "out.img"
+    commands = [["copy", str(files["a"]), str(out)],
+                ["mirror", "resync-offline", str(files["a"]), str(files["b"]), "--log", "core"],
+                ["snapshot", "export", "--origin", str(files["a"]), "--cow", str(files["b"]), str(out)],
+                ["thin", "export", "--metadata", str(files["meta"]), "--data", str(files["data"]), "--id", "1",
+                 str(out)]]
+    for argv in commands:
+        with pytest.raises(InvalidArgument, match="--progress takes a file descriptor number, not 'x'"):
+            run(*argv, "--progress=x")
+        assert not out.exists(), argv
+    assert reporter_for("bar").bar is True and reporter_for(None).bar is False  # stderr is not a terminal here
+    quiet = reporter_for(None, quiet=True)
+    assert isinstance(quiet, ProgressReporter) and not quiet.bar and quiet.fd is None
+    r, w = os.pipe()
+    try:
+        by_fd = reporter_for(str(w), label="x")
+        assert by_fd.fd == w and not by_fd.bar
+    finally:
+        os.close(r)
+        os.close(w)
