@@ -36,7 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from dmtools.backend import DeviceMapper
     from dmtools.identity import Identity
 
-__all__ = ["Span", "span_of", "path_span", "plan_overlap", "region_identities", "check_dests_not_in_use"]
+__all__ = ["Span", "device_key", "span_of", "path_key", "path_span", "plan_overlap", "region_identities",
+           "check_dests_not_in_use"]
 
 
 @record(frozen=True)
@@ -52,33 +53,39 @@ class Span:
         return self.key == other.key and self.start < other.end and other.start < self.end
 
 
-def _key(ep: Any) -> Hashable:
-    """``("blk", rdev)`` for a block device, ``("file", dev, ino)`` for a file, else the object."""
+def device_key(ep: Any) -> Hashable:
+    """What an endpoint is open on: ``("blk", rdev)`` for a block device, ``("file", dev, ino)`` for
+    a file, else the object (equal keys: the same device or file, whatever the spelling)."""
     try:
         fd = ep.fileno()
     except Exception:  # noqa: BLE001 - an endpoint without a descriptor
         fd = None
     if fd is None:
         return ("obj", id(ep))
-    st = os.fstat(fd)
-    if stat.S_ISBLK(st.st_mode):
-        return ("blk", st.st_rdev)
-    return ("file", st.st_dev, st.st_ino)
+    return _stat_key(os.fstat(fd))
+
+
+def _stat_key(st: os.stat_result) -> Hashable:
+    return ("blk", st.st_rdev) if stat.S_ISBLK(st.st_mode) else ("file", st.st_dev, st.st_ino)
+
+
+def path_key(path: str | os.PathLike[str]) -> Hashable:
+    """:func:`device_key` of an existing path, before it is opened."""
+    return _stat_key(os.stat(path))
 
 
 def span_of(opened: Any) -> Span:
     """The :class:`Span` of an open region (``kcopyd.region.OpenRegion``)."""
-    return Span(_key(opened.endpoint), opened.offset, opened.offset + opened.region.nbytes)
+    return Span(device_key(opened.endpoint), opened.offset, opened.offset + opened.region.nbytes)
 
 
 def path_span(path: str, offset: int, nbytes: int) -> Span:
     """The :class:`Span` of a region given by path, before it is opened (a missing file is keyed
     by its real path, dangling symlinks followed, so two spellings of one new file still match)."""
     try:
-        st = os.stat(path)
+        key = path_key(path)
     except FileNotFoundError:
-        return Span(("new", os.path.realpath(path)), offset, offset + nbytes)
-    key: Hashable = ("blk", st.st_rdev) if stat.S_ISBLK(st.st_mode) else ("file", st.st_dev, st.st_ino)
+        key = ("new", os.path.realpath(path))
     return Span(key, offset, offset + nbytes)
 
 

@@ -7,7 +7,6 @@ Both open the origin and COW read-only and check everything before writing a byt
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from dmtools.endpoint import Endpoint
 from dmtools.errors import CorruptMetadata, InvalidArgument, SnapshotInvalid
 from dmtools.linux import DEVNO
 from dmtools.output import open_output
+from kcopyd.overlap import device_key, path_key
 from kcopyd.progress import CopyTally, ProgressFn
 
 from snapshot.store.format import SECTOR, SNAP_MAGIC
@@ -127,23 +127,6 @@ class ExportResult:
     output: str = ""
 
 
-def _same_stat(a: os.stat_result, b: os.stat_result) -> bool:
-    """The same block device, or the same file."""
-    if stat.S_ISBLK(a.st_mode) and stat.S_ISBLK(b.st_mode):
-        return a.st_rdev == b.st_rdev
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
-def _same_file(a: Endpoint, b: Endpoint) -> bool:
-    fa, fb = a.fileno(), b.fileno()
-    return a is b if fa is None or fb is None else _same_stat(os.fstat(fa), os.fstat(fb))
-
-
-def _same_as_path(path: Path, ep: Endpoint) -> bool:
-    fd = ep.fileno()
-    return fd is not None and _same_stat(path.stat(), os.fstat(fd))
-
-
 def _check_paths(origin: "str | os.PathLike[str] | Endpoint", cow: "str | os.PathLike[str] | Endpoint",
                  out: "str | os.PathLike[str] | Endpoint", backends: "Sequence[DeviceMapper]") -> None:
     """Refuse, before anything is opened, an output sharing bytes with the origin or the COW
@@ -165,7 +148,7 @@ def _open_output(out: "str | os.PathLike[str] | Endpoint", size: int, inputs: tu
     """Open (or create) the output (``dmtools.output``); returns ``(endpoint, owned, what was done
     to it)``."""
     if isinstance(out, Endpoint):
-        if any(_same_file(out, ep) for ep in inputs):
+        if device_key(out) in {device_key(ep) for ep in inputs}:
             raise InvalidArgument("output must differ from the origin and the COW", operation="export")
         if out.read_only:
             raise InvalidArgument("output is read-only", device=out.name, operation="export")
@@ -174,7 +157,7 @@ def _open_output(out: "str | os.PathLike[str] | Endpoint", size: int, inputs: tu
                                   operation="export")
         return out, False, f"first {size} bytes of {out.name} written"
     path = Path(out)
-    if path.exists() and any(_same_as_path(path, ep) for ep in inputs):
+    if path.exists() and path_key(path) in {device_key(ep) for ep in inputs}:
         raise InvalidArgument("output must differ from the origin and the COW", device=str(path), operation="export")
     dev, _size, _is_blk, action = open_output(path, size, size, force=force, holder=holder)
     return dev, True, action
@@ -223,7 +206,7 @@ def export(origin: "str | os.PathLike[str] | Endpoint", cow: "str | os.PathLike[
     dst: Endpoint | None = None
     own_dst = False
     try:
-        if _same_file(org, cw):
+        if device_key(org) == device_key(cw):
             raise InvalidArgument("origin and COW are the same device", operation="export")
         store = load_store(cw)
         if not store.valid:

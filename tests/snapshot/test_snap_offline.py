@@ -147,5 +147,20 @@ def test_a_failed_copy_is_raised_with_what_it_copied(tmp_path: Path, failing: st
         assert "exception" not in str(info.value)
 
 
+def test_open_endpoints_are_compared_by_what_they_are_open_on(tmp_path: Path) -> None:
+    """Endpoints given as objects skip the path checks: they are compared once open, by the device
+    or file under them (``kcopyd.overlap.device_key``), whatever object or spelling."""
+    origin, cow, _ = snapshot_by_hand(tmp_path, [1])
+    before = origin.read_bytes(), cow.read_bytes()
+    with BlockDevice(origin) as odev, BlockDevice(cow) as cdev, BlockDevice(tmp_path / "cow.img") as again:
+        with pytest.raises(InvalidArgument, match="origin and COW are the same device"):
+            export(cdev, again, tmp_path / "out.img")  # two descriptors of the COW file
+        with BlockDevice(cow, writable=True) as wcow, pytest.raises(InvalidArgument, match="must differ"):
+            export(odev, cdev, wcow)
+        with pytest.raises(InvalidArgument, match="must differ"):
+            export(odev, cdev, tmp_path / "cow.img", force=True)
+    assert (origin.read_bytes(), cow.read_bytes()) == before and not (tmp_path / "out.img").exists()
+
+
 def test_chunk_runs() -> None:
     assert list(chunk_runs([(1, 5), (2, 6), (3, 8), (7, 9)])) == [(1, 5, 2), (3, 8, 1), (7, 9, 1)]
