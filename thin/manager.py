@@ -385,9 +385,7 @@ class ThinPoolManager:
         features = tuple(f for f, on in (("skip_block_zeroing", not zero),
                                          ("error_if_no_space", error_if_no_space)) if on)
         ThinPool("metadata", "data", chunk_size, 0, features)  # the kernel's argument checks, early
-        from dmtools.inputs import check_devices
-
-        check_devices({"--metadata": metadata, "--data": data}, backends=[self.dm], operation="create", in_use=("*",))
+        self._check_devices(metadata, data, "create")
         if has_record(metadata):
             raise DeviceBusy("the metadata device already holds a dmtools thin pool; use 'dmtools thin "
                              "activate' (or wipe its first 256 KiB to start over)", operation="create",
@@ -421,6 +419,14 @@ class ThinPoolManager:
                 dev.flush()
         except (DMError, OSError):
             pass
+
+    def _check_devices(self, metadata: str, data: str, operation: str) -> None:
+        """The check every multi-device command runs (``dmtools.inputs``): the two devices must not
+        share bytes under any spelling (``DeviceConflict``) nor be mapped by a live table
+        (``DeviceBusy``)."""
+        from dmtools.inputs import check_devices
+
+        check_devices({"--metadata": metadata, "--data": data}, backends=[self.dm], operation=operation, in_use=("*",))
 
     def _activate_layers(self, record: PoolRecord, metadata: str, data: str, operation: str) -> None:
         """Create ``-tmeta``, ``-tdata``, ``-tpool`` and ``NAME``; all or none."""
@@ -492,7 +498,8 @@ class ThinPoolManager:
         The pool's name, sizes and volumes come from the pool record; a change interrupted
         before its ``set_transaction_id`` is completed. All-or-nothing. Raises
         ``CorruptMetadata`` (no record, a failed ``thin_check``, a transaction id that does not
-        match), ``InvalidArgument`` (a device smaller than recorded) and ``DeviceExists``.
+        match), ``InvalidArgument`` (a device smaller than recorded), ``DeviceExists``,
+        ``DeviceConflict`` and ``DeviceBusy`` (as :meth:`create_pool`).
         """
         self._require_targets("activate", metadata)
         record = read_record(metadata)
@@ -501,6 +508,7 @@ class ThinPoolManager:
         for n in names:
             if self.dm.exists(n):
                 raise DeviceExists("device already exists", operation="activate", device=n)
+        self._check_devices(metadata, data, "activate")
         if _device_sectors(metadata) - RECORD_SECTORS < record.metadata_sectors:
             raise InvalidArgument("the metadata device is smaller than the pool's metadata",
                                   operation="activate", device=metadata)

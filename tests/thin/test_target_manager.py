@@ -46,7 +46,7 @@ def test_pool_volumes_snapshot_and_reactivation(engine: Any, make_image: Any, tm
     assert 'dev_id="2"' in dump and 'dev_id="1"' not in dump
 
 
-def test_create_pool_refuses_devices_that_alias_or_are_in_use(engine: Any, make_image: Any, tmp_path: Path) -> None:
+def test_create_and_activate_pool_refuse_devices_that_alias_or_are_in_use(engine: Any, make_image: Any, tmp_path: Path) -> None:
     """The metadata and data devices go through the check every multi-device command runs
     (``dmtools.inputs``): the same bytes under two spellings (a hard link, which no path
     comparison sees) are refused, and so is a device a live table maps (a file under a userspace
@@ -64,4 +64,13 @@ def test_create_pool_refuses_devices_that_alias_or_are_in_use(engine: Any, make_
     with pytest.raises(DeviceBusy, match="in use by device user"):
         mgr.create_pool("p", str(meta), str(data))
     assert [e.name for e in engine.list()] == ["user"] and meta.read_bytes() == b"\x5a" * (8 << 20)
+    engine.remove("user")
+    mgr.create_pool("p", str(meta), str(data))  # and activating it again checks the same
+    mgr.deactivate("p")
+    with pytest.raises(DeviceConflict, match="--metadata"):
+        mgr.activate(str(meta), str(tmp_path / "meta-link.img"))
+    engine.create("user", f"0 {(64 << 20) // 512} linear {data} 0")
+    with pytest.raises(DeviceBusy, match="in use by device user"):
+        mgr.activate(str(meta), str(data))
+    assert [e.name for e in engine.list()] == ["user"]
     engine.remove("user")
