@@ -255,10 +255,14 @@ class ThinPoolManager:
     def status(self, pool: str, name: str) -> VolumeInfo:
         """One thin volume; raises ``DeviceNotFound``."""
         p = self._pool(pool, "status")
-        vol = p.record.volumes.get(name)
+        return self._volume_info(p, name, self._volume(p, name, "status"))
+
+    def _volume(self, pool: _Pool, name: str, operation: str) -> ThinVolume:
+        """The recorded volume ``name`` of ``pool``; raises ``DeviceNotFound``."""
+        vol = pool.record.volumes.get(name)
         if vol is None:
-            raise DeviceNotFound(f"pool {pool} has no thin volume of this name", operation="status", device=name)
-        return self._volume_info(p, name, vol)
+            raise DeviceNotFound(f"pool {pool.name} has no thin volume of this name", operation=operation, device=name)
+        return vol
 
     def _volume_info(self, pool: _Pool, name: str, vol: ThinVolume) -> VolumeInfo:
         status = None
@@ -654,9 +658,7 @@ class ThinPoolManager:
         ``DeviceExists`` and ``PoolNotWritable``.
         """
         p = self._pool(pool, "snapshot")
-        src = p.record.volumes.get(origin)
-        if src is None:
-            raise DeviceNotFound(f"pool {pool} has no thin volume of this name", operation="snapshot", device=origin)
+        src = self._volume(p, origin, "snapshot")
         dev_id = self._new_volume_checks(p, name, "snapshot")
         vol = ThinVolume(dev_id, src.size, origin)
         around = [origin] if self._is_volume(p, origin, src) else []
@@ -668,9 +670,7 @@ class ThinPoolManager:
         """Deactivate thin volume ``name`` and delete it from the pool (``lvremove``; the data is
         gone). Raises ``DeviceNotFound`` and ``DeviceBusy`` (open: nothing changed)."""
         p = self._pool(pool, "remove")
-        vol = p.record.volumes.get(name)
-        if vol is None:
-            raise DeviceNotFound(f"pool {pool} has no thin volume of this name", operation="remove", device=name)
+        vol = self._volume(p, name, "remove")
         active = self._is_volume(p, name, vol)
         if active and self.dm.info(name).open_count:
             raise DeviceBusy("thin volume is open", operation="remove", device=name)

@@ -74,3 +74,20 @@ def test_create_and_activate_pool_refuse_devices_that_alias_or_are_in_use(engine
         mgr.activate(str(meta), str(data))
     assert [e.name for e in engine.list()] == ["user"]
     engine.remove("user")
+
+
+def test_a_volume_the_pool_does_not_record_is_not_found(engine: Any, make_image: Any) -> None:
+    import pytest
+
+    from dmtools.errors import DeviceNotFound
+
+    mgr = ThinPoolManager(engine)
+    mgr.create_pool("p", str(make_image(8 << 20, "meta")), str(make_image(64 << 20, "data")))
+    calls = {"status": lambda: mgr.status("p", "v"), "snapshot": lambda: mgr.snapshot("p", "v", "s"),
+             "remove": lambda: mgr.remove("p", "v")}
+    for operation, call in calls.items():
+        with pytest.raises(DeviceNotFound, match="pool p has no thin volume of this name") as info:
+            call()
+        assert info.value.operation == operation and info.value.device == "v"
+    assert mgr.pool_status("p").transaction_id == 0 and mgr.list("p") == []
+    mgr.deactivate("p")
