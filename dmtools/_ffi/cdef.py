@@ -65,6 +65,16 @@ int dms_commit_copy(const char *src, int64_t n, int cfd, int64_t coff, int cow_z
 int64_t dms_last_flush_ns(void);            /* the mean time of the last call's flushes, or -1 */
 void dms_set_fault(int step, int short_io); /* tests: the step-th system call of the next call fails */
 int dms_last_ops(char *out, int n);          /* tests: the system calls of this thread's last call */
+struct dms_snap;                             /* one snapshot's first writes in C (snapshot.store.fast) */
+struct dms_snap *dms_snap_new(int64_t nchunks, int64_t cb, int64_t logmax);
+void dms_snap_free(struct dms_snap *s);
+void dms_snap_mark(struct dms_snap *s, int64_t old, int64_t count);
+void dms_snap_mark_keys(struct dms_snap *s, const void *keys, int64_t n, int shift, int as_double);
+void dms_snap_arm(struct dms_snap *s, int64_t next_free, int64_t stride, int64_t cow_chunks, int64_t zeroed_from,
+                  int64_t zeroed_upto, int zero_limit, char *area, int64_t alen, int64_t aoff, int64_t committed);
+void dms_snap_fence(struct dms_snap *s, int64_t *out);
+int dms_snap_write(struct dms_snap *s, int64_t chunk, int ofd, int64_t ooff, int cfd, int64_t cbase, int64_t csize,
+                   int wfd, const char *wbuf, int64_t wlen, int64_t woff);
 """
 
 CDEF = """

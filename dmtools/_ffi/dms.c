@@ -9,6 +9,7 @@
 #endif
 #include <endian.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -144,15 +145,10 @@ static int dms_copy_commit(int ofd, int64_t ooff, int64_t n, int cfd, int64_t co
  * buffer (alen bytes, written at aoff of cfd), then write wlen bytes of wbuf at woff of wfd
  * (none for wlen 0); see above. Returns DMS_*, or -1 (nothing done) for arguments out of
  * range. */
-int dms_copy_commit_chunk(int ofd, int64_t ooff, int64_t n, int cfd, int64_t coff, int cow_zeroed, char *area,
-			  int64_t alen, int64_t aoff, int64_t index, uint64_t old, uint64_t new, int wfd,
-			  const char *wbuf, int64_t wlen, int64_t woff)
+static int dms_copy_commit_buffered(int ofd, int64_t ooff, int64_t n, int cfd, int64_t coff, int cow_zeroed,
+				    char *area, int64_t alen, int64_t aoff, int64_t index, uint64_t old, uint64_t new,
+				    int wfd, const char *wbuf, int64_t wlen, int64_t woff)
 {
-	dms_nops = dms_flushes = 0;
-	dms_flush_ns = 0;
-	if (n <= 0 || ooff < 0 || coff < 0 || aoff < 0 || index < 0 || 16 * (index + 1) > alen || wlen < 0 ||
-	    (wlen && (wfd < 0 || woff < 0 || !wbuf)))
-		return -1;
 	if (n <= DMS_STACK_MAX) {
 		char buf[DMS_STACK_MAX] __attribute__((aligned(4096)));
 		return dms_copy_commit(ofd, ooff, n, cfd, coff, cow_zeroed, area, alen, aoff, index, old, new, wfd,
@@ -167,6 +163,19 @@ int dms_copy_commit_chunk(int ofd, int64_t ooff, int64_t n, int cfd, int64_t cof
 	return rc;
 }
 
+int dms_copy_commit_chunk(int ofd, int64_t ooff, int64_t n, int cfd, int64_t coff, int cow_zeroed, char *area,
+			  int64_t alen, int64_t aoff, int64_t index, uint64_t old, uint64_t new, int wfd,
+			  const char *wbuf, int64_t wlen, int64_t woff)
+{
+	dms_nops = dms_flushes = 0;
+	dms_flush_ns = 0;
+	if (n <= 0 || ooff < 0 || coff < 0 || aoff < 0 || index < 0 || 16 * (index + 1) > alen || wlen < 0 ||
+	    (wlen && (wfd < 0 || woff < 0 || !wbuf)))
+		return -1;
+	return dms_copy_commit_buffered(ofd, ooff, n, cfd, coff, cow_zeroed, area, alen, aoff, index, old, new, wfd,
+					wbuf, wlen, woff);
+}
+
 /* dms_copy_commit_chunk for an origin chunk read already (src, n bytes: the range one origin
  * write's snapshots share), for one of them: no origin read, no origin write. */
 int dms_commit_copy(const char *src, int64_t n, int cfd, int64_t coff, int cow_zeroed, char *area, int64_t alen,
@@ -178,4 +187,189 @@ int dms_commit_copy(const char *src, int64_t n, int cfd, int64_t coff, int cow_z
 		return -1;
 	return dms_copy_commit(-1, 0, n, cfd, coff, cow_zeroed, area, alen, aoff, index, old, new, -1, NULL, 0, 0,
 			       (char *)src);
+}
+
+/* --- one snapshot's first writes, whole in C (snapshot.store.fast) ---------------------------
+ *
+ * The state the common first write needs, kept here under one mutex: which origin chunks have an
+ * exception (a bitmap), the store's allocation (next free chunk, the metadata area's stride, the
+ * COW's size in chunks, the range zeroed ahead), the metadata area buffer and how many records it
+ * holds. While armed by Python, dms_snap_write does a one-chunk first write entirely: lookup,
+ * allocation, dms_copy_commit (copy, flush, record, flush, origin write), and logs the exception
+ * it committed; Python folds that log into its table and store (dms_snap_fence) before any path
+ * of its own touches them, and the fence disarms C until Python arms it again. C declines (the
+ * Python path then runs) whatever needs more: no room in the COW, zeroing ahead to do (I/O), an
+ * area about to fill, a full log. A failure after the copy is in place disarms C and is reported
+ * to the next fence, which goes on from there as the Python path would.
+ */
+#define DMS_OFF (-2)        /* not armed, or declined: nothing done */
+#define DMS_MAPPED 7        /* the chunk has its exception: the origin write not made */
+#define DMS_MAPPED_WROTE 8  /* the chunk has its exception, the origin write made */
+#define DMS_DONE_WROTE 6    /* committed and the origin write made */
+#define DMS_FENCE_HEAD 5    /* words before the log's pairs in dms_snap_fence's answer */
+
+struct dms_snap {
+	pthread_mutex_t lock;
+	int armed;
+	int failed;           /* the DMS_* of a failure after the copy was in place, else 0 */
+	uint64_t *bits;       /* one bit per origin chunk: it has an exception */
+	int64_t nchunks, cb;
+	int64_t next_free, stride, cow_chunks, zeroed_from, zeroed_upto;
+	int zero_limit;       /* allocations stop short of zeroed_upto (zeroing ahead is on) */
+	char *area;
+	int64_t alen, aoff, committed;
+	uint64_t *log;        /* (old, new) pairs committed since the last fence */
+	int64_t nlog, logmax;
+	int64_t flush_ns, flushes;
+};
+
+struct dms_snap *dms_snap_new(int64_t nchunks, int64_t cb, int64_t logmax)
+{
+	if (nchunks <= 0 || cb <= 0 || logmax <= 0)
+		return NULL;
+	struct dms_snap *s = calloc(1, sizeof *s);
+	if (!s)
+		return NULL;
+	s->bits = calloc((size_t)(nchunks + 63) / 64, sizeof *s->bits);
+	s->log = calloc((size_t)logmax * 2, sizeof *s->log);
+	if (!s->bits || !s->log || pthread_mutex_init(&s->lock, NULL)) {
+		free(s->bits);
+		free(s->log);
+		free(s);
+		return NULL;
+	}
+	s->nchunks = nchunks;
+	s->cb = cb;
+	s->logmax = logmax;
+	return s;
+}
+
+void dms_snap_free(struct dms_snap *s)
+{
+	if (!s)
+		return;
+	pthread_mutex_destroy(&s->lock);
+	free(s->bits);
+	free(s->log);
+	free(s);
+}
+
+/* Origin chunks old..old+count-1 have exceptions (those past the bitmap are ignored). */
+void dms_snap_mark(struct dms_snap *s, int64_t old, int64_t count)
+{
+	pthread_mutex_lock(&s->lock);
+	for (int64_t c = old < 0 ? 0 : old; c < old + count && c < s->nchunks; c++)
+		s->bits[c >> 6] |= 1ULL << (c & 63);
+	pthread_mutex_unlock(&s->lock);
+}
+
+/* dms_snap_mark for each of n packed keys (old << shift | new): doubles when as_double, else
+ * unsigned 64-bit words (snapshot.store.table's sorted array). */
+void dms_snap_mark_keys(struct dms_snap *s, const void *keys, int64_t n, int shift, int as_double)
+{
+	pthread_mutex_lock(&s->lock);
+	for (int64_t i = 0; i < n; i++) {
+		uint64_t k = as_double ? (uint64_t)((const double *)keys)[i] : ((const uint64_t *)keys)[i];
+		uint64_t c = k >> shift;
+		if (c < (uint64_t)s->nchunks)
+			s->bits[c >> 6] |= 1ULL << (c & 63);
+	}
+	pthread_mutex_unlock(&s->lock);
+}
+
+/* Arm: the store's allocation and area as Python has them now (see struct dms_snap). */
+void dms_snap_arm(struct dms_snap *s, int64_t next_free, int64_t stride, int64_t cow_chunks, int64_t zeroed_from,
+		  int64_t zeroed_upto, int zero_limit, char *area, int64_t alen, int64_t aoff, int64_t committed)
+{
+	pthread_mutex_lock(&s->lock);
+	s->next_free = next_free;
+	s->stride = stride;
+	s->cow_chunks = cow_chunks;
+	s->zeroed_from = zeroed_from;
+	s->zeroed_upto = zeroed_upto;
+	s->zero_limit = zero_limit;
+	s->area = area;
+	s->alen = alen;
+	s->aoff = aoff;
+	s->committed = committed;
+	s->armed = area && alen >= 16 && stride > 1 && !s->failed;
+	pthread_mutex_unlock(&s->lock);
+}
+
+/* Disarm, waiting for a write in flight, and hand over what happened since the last fence:
+ * out[0] next free chunk, out[1] records in the area, out[2] exceptions logged, out[3] the mean
+ * nanoseconds of their flushes (-1 without one), out[4] the failure (DMS_*, 0 for none), then
+ * the logged (old, new) pairs; out holds DMS_FENCE_HEAD + 2 * logmax words. */
+void dms_snap_fence(struct dms_snap *s, int64_t *out)
+{
+	pthread_mutex_lock(&s->lock);
+	s->armed = 0;
+	out[0] = s->next_free;
+	out[1] = s->committed;
+	out[2] = s->nlog;
+	out[3] = s->flushes ? s->flush_ns / s->flushes : -1;
+	out[4] = s->failed;
+	memcpy(out + DMS_FENCE_HEAD, s->log, (size_t)s->nlog * 2 * sizeof *s->log);
+	s->nlog = s->flush_ns = s->flushes = 0;
+	s->failed = 0;
+	pthread_mutex_unlock(&s->lock);
+}
+
+/* The origin write of wlen bytes of wbuf at woff of wfd to origin chunk `chunk`, whose copy sits
+ * at ooff of ofd, with the COW (csize bytes) at cbase of cfd: DMS_OFF (nothing done: the Python path), the
+ * chunk's exception existing DMS_MAPPED_WROTE (or DMS_MAPPED: the write failed or fell short,
+ * the caller writes), else the first write done as dms_copy_commit_chunk does it with a new COW
+ * chunk: DMS_DONE_WROTE, or DMS_COPY (nothing of it in place, nothing allocated), or another
+ * DMS_* failure (logged, C disarmed until the next fence). */
+int dms_snap_write(struct dms_snap *s, int64_t chunk, int ofd, int64_t ooff, int cfd, int64_t cbase, int64_t csize,
+		   int wfd, const char *wbuf, int64_t wlen, int64_t woff)
+{
+	dms_nops = dms_flushes = 0;
+	dms_flush_ns = 0;
+	if (chunk < 0 || ooff < 0 || cbase < 0 || wlen <= 0 || wfd < 0 || woff < 0 || !wbuf)
+		return DMS_OFF;
+	pthread_mutex_lock(&s->lock);
+	if (!s->armed || chunk >= s->nchunks) {
+		pthread_mutex_unlock(&s->lock);
+		return DMS_OFF;
+	}
+	if (s->bits[chunk >> 6] & (1ULL << (chunk & 63))) {
+		pthread_mutex_unlock(&s->lock);
+		ssize_t k;
+		do
+			k = pwrite(wfd, wbuf, (size_t)wlen, (off_t)woff);
+		while (k < 0 && errno == EINTR);
+		return k == (ssize_t)wlen ? DMS_MAPPED_WROTE : DMS_MAPPED;
+	}
+	/* the store's prepare_exception: the next free chunk, the one after it skipping a metadata
+	 * area; declined where the COW is full or zeroing ahead is due, or the area would fill */
+	int64_t new = s->next_free, nf = new + 1;
+	if (nf % s->stride == 1)
+		nf++;
+	if (new + 1 > s->cow_chunks || (new + 1) * s->cb > csize || s->aoff + s->alen > csize ||
+	    (s->zero_limit && s->zeroed_upto <= nf) || s->nlog >= s->logmax ||
+	    16 * (s->committed + 2) > s->alen) {
+		pthread_mutex_unlock(&s->lock);
+		return DMS_OFF;
+	}
+	int zeroed = s->zeroed_from <= new && new < s->zeroed_upto;
+	int rc = dms_copy_commit_buffered(ofd, ooff, s->cb, cfd, cbase + new * s->cb, zeroed, s->area, s->alen,
+					  cbase + s->aoff, s->committed, (uint64_t)chunk, (uint64_t)new, wfd, wbuf, wlen,
+					  woff);
+	if (rc != DMS_COPY) {
+		s->next_free = nf;
+		s->committed++;
+		s->bits[chunk >> 6] |= 1ULL << (chunk & 63);
+		s->log[2 * s->nlog] = (uint64_t)chunk;
+		s->log[2 * s->nlog + 1] = (uint64_t)new;
+		s->nlog++;
+		s->flush_ns += dms_flush_ns;
+		s->flushes += dms_flushes;
+		if (rc != DMS_DONE) {
+			s->failed = rc;
+			s->armed = 0;
+		}
+	}
+	pthread_mutex_unlock(&s->lock);
+	return rc == DMS_DONE ? DMS_DONE_WROTE : rc;
 }

@@ -253,6 +253,14 @@ class ExceptionTable:
         for k in map(int, self._keys):
             yield k >> shift, k & mask
 
+    def packed_keys(self) -> "array[float] | array[int] | None":
+        """Every mapping as a packed key ``old << shift | new``, sorted (the overlay folded in
+        first): an array of doubles (typecode ``d``) or of 64-bit words (``Q``); ``None`` where
+        the keys need more than 64 bits."""
+        self.compact()
+        keys = self._keys
+        return keys if isinstance(keys, array) else None
+
     def last(self) -> tuple[int, int] | None:
         """The mapping with the highest origin chunk, or ``None`` when empty."""
         self.compact()

@@ -46,8 +46,11 @@ from dmtools.errors import DeviceIOError, NoSpace
 from dmtools.status import SnapshotState, SnapshotStatus
 from dmtools.units import SECTOR
 
-from snapshot.route import DMS_COPY, DMS_ORIGIN, DONE_WROTE, NOT_DONE, Route, copy_commit
+from snapshot.route import (DMS_COPY, DMS_MAPPED, DMS_MAPPED_WROTE, DMS_ORIGIN, DONE_WROTE, NOT_DONE, Route,
+                            copy_commit, first_write)
 from snapshot.store.base import ExceptionStore
+from snapshot.store.fast import FastWrites
+from snapshot.store.persistent import PersistentStore
 from snapshot.targets.origins import STATE_KEY, OriginRegistry, device_key
 
 log = logging.getLogger("snapshot")
@@ -177,6 +180,11 @@ class CopyOnWrite:
         self._parked: dict[int, tuple[PendingException, bool]] = {}
         self._finished: list[tuple[PendingException, bool]] = []
         self._complete_lock = threading.Lock()
+        #: the common first write in C (``origin_write_one``), made on first use; False where it
+        #: cannot be. Its ``armed`` changes under ``lock``: every path of this class that reads
+        #: or changes the table or the store fences it first (``fence``).
+        self._fast: FastWrites | None = None
+        self._no_fast = False  # (the C state could not be made)
         self.kc = kcopyd.Client(num_pages=KCOPYD_PAGES, threads=4)
 
     @property
@@ -204,6 +212,7 @@ class CopyOnWrite:
         """``__invalidate_snapshot``: mark invalid, write the header, raise an event (cond held)."""
         if not self.valid:
             return
+        self.fence()
         log.error("%s: invalidating snapshot: %s", self.name, reason)
         with self.origins.cow_change(self.origin_key):  # the C data path's writes withdrawn first
             self.valid = False
@@ -222,6 +231,7 @@ class CopyOnWrite:
     def status(self) -> str:
         """The kernel's INFO text: Invalid | Merge failed | Overflow | used/total metadata."""
         with self.cond:
+            self.fence()
             if not self.valid:
                 state = SnapshotStatus(SnapshotState.INVALID)
             elif self.merge_failed:
@@ -476,6 +486,9 @@ class CopyOnWrite:
                 for pe, _ in batch:
                     good.extend(zip(pe.chunks(), range(pe.new, pe.new + pe.count)))
                 self.table.insert_new(good)
+            if self._fast is not None and self.valid:  # (C's bitmap of the chunks with an exception follows the table)
+                for pe, success in batch:
+                    self._fast.mark(pe.old, pe.count)
             if self.tracked:
                 tracked = self.tracked
                 self.cond.wait_for(lambda: not any(tracked.get(c) for pe, _ in batch for c in pe.chunks()))
@@ -525,6 +538,8 @@ class CopyOnWrite:
         waits: list[PendingException] = []
         start: list[PendingException] = []
         with self.lock:
+            if self._fast is not None:
+                self.fence()
             if not self.valid or not self.active or self.merge_target:
                 return [], []
             cb = self.chunk_bytes
@@ -565,11 +580,13 @@ class CopyOnWrite:
                     self.invalidate_locked("COW device is full")
         return waits, start
 
-    def origin_write_one(self, offset: int, length: int, write: "tuple[Route, memoryview, int]") -> int:
+    def origin_write_one(self, offset: int, length: int, write: "tuple[Route, memoryview, int]", c: int = 2) -> int:
         """``origin_write_prepare`` and the wait for its copies, for an origin write whose range
         lies in one chunk of this, the origin's only snapshot, while no exception of it is
-        pending (one writer, the common first write): the copy and commit in C
-        (``_copy_commit_c``) where it can, ``write`` made there too where it can. Returns -1
+        pending (one writer, the common first write): the whole write in C
+        (:class:`~snapshot.store.fast.FastWrites`, armed here while nothing unusual goes on)
+        with ``c`` 2; else, with ``c`` 1, the copy and commit in C (``_copy_commit_c``) where it
+        can, ``write`` made there too where it can; with ``c`` 0 (C failed the copy) in Python. Returns -1
         with nothing done where the range spans chunks or an exception is pending (the caller
         then takes the general path); else 0 (nothing to copy: the chunk has its exception, or
         the snapshot takes none), 1 (copied and committed, or the snapshot invalid: the caller
@@ -577,30 +594,100 @@ class CopyOnWrite:
         if offset >= self.length_bytes:
             return 0
         last = min(offset + length, self.length_bytes) - 1
+        fast = self._fast
+        if c == 2 and fast is not None and fast.armed and last // (cb := self.store.chunk_size * SECTOR) == offset // cb:
+            done = self._write_c(fast, offset // cb, cb, write)
+            if done >= 0:
+                return done
+            c = 0 if done == -2 else 1
         with self.lock:
+            if self._fast is not None:
+                self.fence()
             if not self.valid or not self.active or self.merge_target:
                 return 0
             store = self.store
             cb = store.chunk_size * SECTOR
-            c = offset // cb
-            if last // cb != c or self.pending:
+            chunk = offset // cb
+            if last // cb != chunk or self.pending:
                 return -1
-            if store.table.lookup(c) is not None:
+            if store.table.lookup(chunk) is not None:
                 return 0
-            try:
-                new = store.prepare_exception()
-            except NoSpace:
-                self.invalidate_locked("COW device is full")
-                return 0
-            pe = PendingException(c, new, self._seq_alloc)
-            self._seq_alloc += 1
-            self.pending[c] = pe
-        done = self._copy_commit_c(pe, write)
+            fast = self._arm_locked() if c == 2 else None
+            if fast is None:
+                try:
+                    new = store.prepare_exception()
+                except NoSpace:
+                    self.invalidate_locked("COW device is full")
+                    return 0
+                pe = PendingException(chunk, new, self._seq_alloc)
+                self._seq_alloc += 1
+                self.pending[chunk] = pe
+        if fast is not None:
+            done = self._write_c(fast, chunk, cb, write)
+            return done if done >= 0 else self.origin_write_one(offset, length, write, 0 if done == -2 else 1)
+        done = self._copy_commit_c(pe, write) if c else 0
         if done:
             return done
         self._submit_copies([pe], c=False)  # (C declined or stopped: not asked again)
         self.wait_all([pe])
         return 1
+
+    def _write_c(self, fast: FastWrites, chunk: int, cb: int, write: "tuple[Route, memoryview, int]") -> int:
+        """``write`` inside origin chunk ``chunk`` made by C (``route.first_write``), its copy
+        and commit first where it needs them: ``origin_write_one``'s answer, or -1 with nothing
+        done (C is off, declined, or not routed: the caller fences and takes the Python path),
+        -2 when C failed the copy with nothing of it in place (the Python path copies)."""
+        rc = first_write(fast.state, self.origin_io, self.cow_io, chunk, cb, write)
+        if rc == DONE_WROTE or rc == DMS_MAPPED_WROTE:
+            return 2
+        if rc == DMS_MAPPED:
+            return 0
+        if rc == DMS_COPY:
+            return -2
+        if rc < 0:
+            return -1
+        with self.lock:  # a failure once the copy was in place: the fence goes on from it
+            self.fence()
+        return 1
+
+    def _arm_locked(self) -> "FastWrites | None":
+        """Arm the first writes in C while nothing unusual goes on (``lock`` held): valid,
+        active, no exception pending or completing, no read of the origin tracked; the store
+        persistent, over this COW, and willing (``FastWrites.arm``). The armed C state, or None."""
+        store = self.store
+        if self._no_fast or not (self.valid and self.active and not self.merge_target and not self.merging
+                                 and not self.pending and not self.tracked and not self._parked
+                                 and not self._finished and self.sealed < 0 and type(store) is PersistentStore
+                                 and store.cow is self.cow):
+            return None
+        fast = self._fast
+        if fast is None or fast.store is not store:
+            fast = self._fast = FastWrites.create(store, self.length_bytes)
+            if fast is None:
+                self._no_fast = True
+                return None
+        return fast if fast.arm() else None
+
+    def sync(self) -> None:
+        """Fold what the first writes in C did into the table and the store, for a caller about
+        to read them without the lock (tools, tests); C is armed again by the next origin write."""
+        with self.lock:
+            self.fence()
+
+    def fence(self) -> None:
+        """Disarm the first writes in C and fold what they did into the table and the store
+        (``lock`` held); a commit C failed invalidates the snapshot as in ``_publish``."""
+        fast = self._fast
+        if fast is None or not fast.armed:
+            return
+        pairs = fast.fence()
+        failed = not fast.store.valid  # (a flush of the last one failed: its commit failed)
+        if pairs and self.valid:
+            insert = self.table.insert_one
+            for old, new in pairs[:-1] if failed else pairs:
+                insert(old, new)
+        if self.valid and failed:
+            self.invalidate_locked("copy or metadata I/O error")
 
     # -- the snapshot's side ----------------------------------------------------------------------
     def _segments(self, offset: int, length: int) -> Iterator[tuple[int, int, int | None]]:
@@ -626,6 +713,8 @@ class CopyOnWrite:
             c = here // cb
             # gather a run of chunks served by the same device and contiguous there
             with self.cond:
+                if self._fast is not None:
+                    self.fence()
                 while c == self.sealed:  # its origin chunk is being overwritten: read the copy
                     self._seal_waiters += 1
                     try:
@@ -688,6 +777,8 @@ class CopyOnWrite:
         full = False
         self.wait_for_in_progress()
         with self.cond:
+            if self._fast is not None:
+                self.fence()
             while True:
                 if not self.valid:
                     raise eio("snapshot is invalid", self.name)
@@ -754,6 +845,8 @@ class CopyOnWrite:
             if c * cb < offset or (c + 1) * cb > offset + length:
                 continue
             with self.cond:
+                if self._fast is not None:
+                    self.fence()
                 new = self.table.lookup(c)
             if new is not None:
                 self.cow.zero(new * cb, cb)
@@ -769,6 +862,8 @@ class CopyOnWrite:
     def destroy(self) -> None:
         """Leave the origin, wait for copies, release the kcopyd client."""
         self.origins.unregister(self)
+        with self.lock:
+            self.fence()
         with self._progress:
             self._closing = True
             self._progress.notify_all()

@@ -67,6 +67,7 @@ def _exchange(src: CopyOnWrite, dest: CopyOnWrite) -> None:
     """
     with src.cond:
         src.cond.wait_for(lambda: not src.pending)
+        src.fence()
         with dest.cond:
             dest_store = dest.store
             src_store = src.store

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from snap_helpers import c_ops, only_snapshot
 from snap_stack import Stack
 
 from snapshot.route import FLUSH_COST_WEIGHT, c_library
 from snapshot.store.persistent import C_FLUSH_SAMPLE, PersistentStore
-from snapshot.targets.core import CopyOnWrite, origins_of
+from snapshot.targets.core import origins_of
 
 CB = 4096  # chunk size 8 sectors
 CHUNKS = 64
@@ -41,18 +42,6 @@ def _stack(engine: Any, tmp_path: Path, cow_device: bool = True, origin: bytes |
     else:
         st.add_snapshot("s", 0, cow=str(cow))
     return st, cow
-
-
-def _snap(engine: Any) -> CopyOnWrite:
-    (snap,) = origins_of(engine).all_snapshots()
-    return snap
-
-
-def _ops() -> str:
-    """The system calls of this thread's last C call: r(ead), w(rite), f(lush)."""
-    out = bytearray(8)
-    n = LIB.dms_last_ops(FFI.from_buffer(out), len(out))
-    return out[:n].decode()
 
 
 def _records(cow: Path) -> list[tuple[int, int]]:
@@ -93,14 +82,15 @@ def _reloaded(engine: Any, cow: Path) -> dict[int, int]:
 @pytest.mark.parametrize("cow_device", [True, False], ids=["cow-device", "cow-file"])
 def test_a_first_write_copies_and_commits_in_one_c_call(engine: Any, tmp_path: Path, cow_device: bool) -> None:
     st, cow = _stack(engine, tmp_path, cow_device)
-    snap = _snap(engine)
+    snap = only_snapshot(engine)
     with engine.open_endpoint(st.base) as ep:
         ep.write(b"a" * 512, 5 * CB + 512)  # the first one: the area's first write, zeroing ahead
         ep.write(b"b" * 512, 9 * CB + 1024)
-        ops = _ops()
+        ops = c_ops()
     # the origin chunk read, the copy written, PREFLUSH, the area, FUA, then the origin write:
     # the kernel's order
     assert ops == "rwfwfw"
+    snap.sync()  # (the exceptions C committed, folded into the table and the store)
     new = snap.table.lookup(9)
     assert new is not None and snap.store.records == 2 and snap.valid
     assert _records(cow)[-1] == (9, new)
@@ -112,12 +102,13 @@ def test_zeros_are_not_copied_onto_a_chunk_zeroed_ahead(engine: Any, tmp_path: P
     origin = bytearray(_origin_bytes())
     origin[12 * CB : 13 * CB] = bytes(CB)
     st, cow = _stack(engine, tmp_path, origin=bytes(origin))
-    snap = _snap(engine)
+    snap = only_snapshot(engine)
     with engine.open_endpoint(st.base) as ep:
         ep.write(b"a" * 512, 2 * CB)
         ep.write(b"z" * 512, 12 * CB)
-        ops = _ops()
+        ops = c_ops()
     assert ops == "rfwfw"  # no write of the zeros: the chunk reads as zeros already
+    snap.sync()
     new = snap.table.lookup(12)
     assert new is not None and _records(cow)[-1] == (12, new)
     assert st.read("s") == bytes(origin)
@@ -145,16 +136,17 @@ FAULTS = {
 def test_a_failure_at_each_step_goes_on_in_python(engine: Any, tmp_path: Path, fault: str) -> None:
     step, short, calls, valid = FAULTS[fault]
     st, cow = _stack(engine, tmp_path)
-    snap = _snap(engine)
+    snap = only_snapshot(engine)
     with engine.open_endpoint(st.base) as ep:
         ep.write(b"a" * 512, 3 * CB)
         LIB.dms_set_fault(step, int(short))
         try:
             ep.write(b"b" * 512, 7 * CB + 512)  # the origin write lands, whatever the snapshot's fate
-            ops = _ops()
+            ops = c_ops()
         finally:
             LIB.dms_set_fault(-1, 0)
     assert ops == calls
+    snap.sync()
     assert snap.valid is valid
     _check_views(st, {3: _written(3, 0, b"a" * 512), 7: _written(7, 512, b"b" * 512)},
                  snapshot_valid=valid)
@@ -172,7 +164,7 @@ def test_a_failure_at_each_step_goes_on_in_python(engine: Any, tmp_path: Path, f
 
 def test_a_suspended_cow_sends_the_copy_to_python_which_waits(engine: Any, tmp_path: Path) -> None:
     st, cow = _stack(engine, tmp_path)
-    snap = _snap(engine)
+    snap = only_snapshot(engine)
     with engine.open_endpoint(st.base) as ep:
         ep.write(b"a" * 512, 3 * CB)  # routes learnt
         before = cow.read_bytes()
@@ -193,7 +185,7 @@ def test_a_suspended_cow_sends_the_copy_to_python_which_waits(engine: Any, tmp_p
 
 def test_concurrent_first_writes_commit_in_allocation_order(engine: Any, tmp_path: Path) -> None:
     st, cow = _stack(engine, tmp_path)
-    snap = _snap(engine)
+    snap = only_snapshot(engine)
     chunks = list(range(1, CHUNKS))
     with engine.open_endpoint(st.base) as ep:
 
@@ -206,6 +198,7 @@ def test_concurrent_first_writes_commit_in_allocation_order(engine: Any, tmp_pat
             t.start()
         for t in threads:
             t.join(WAIT)
+    snap.sync()
     assert snap.valid and not any(t.is_alive() for t in threads)
     on_disk = _records(cow)
     # every exception on disk, in the order of its COW chunk (allocation order), and no other
@@ -216,7 +209,7 @@ def test_concurrent_first_writes_commit_in_allocation_order(engine: Any, tmp_pat
 
 def test_a_snapshot_read_of_a_sealed_chunk_waits_for_the_exception(engine: Any, tmp_path: Path) -> None:
     st, _ = _stack(engine, tmp_path)
-    snap = _snap(engine)
+    snap = only_snapshot(engine)
     got: list[bytes] = []
     snap.sealed = 5  # as while C writes the origin chunk before the exception is published
     reader = threading.Thread(target=lambda: got.append(st.read("s", 4 * CB, 2 * CB)), daemon=True)
@@ -233,7 +226,7 @@ def test_a_snapshot_read_of_a_sealed_chunk_waits_for_the_exception(engine: Any, 
 
 def test_an_origin_chunk_with_snapshot_reads_in_flight_is_written_after_them(engine: Any, tmp_path: Path) -> None:
     st, _ = _stack(engine, tmp_path)
-    snap = _snap(engine)
+    snap = only_snapshot(engine)
     ops: list[str] = []
     with engine.open_endpoint(st.base) as ep:
         ep.write(b"a" * 512, 3 * CB)
@@ -242,7 +235,7 @@ def test_an_origin_chunk_with_snapshot_reads_in_flight_is_written_after_them(eng
 
         def write() -> None:
             ep.write(b"b" * 512, 7 * CB)
-            ops.append(_ops())
+            ops.append(c_ops())
 
         writer = threading.Thread(target=write, daemon=True)
         writer.start()
@@ -280,7 +273,7 @@ def test_several_snapshots_commit_copies_of_one_origin_read_in_c(engine: Any, tm
         ep.write(b"a" * 512, 1 * CB)
         monkeypatch.setattr(core, "copy_commit", copy_commit)
         ep.write(b"b" * 512, 20 * CB + 512)
-        ops = _ops()
+        ops = c_ops()
     # one C commit of the shared origin read per snapshot, on the writer's thread or in the pool
     assert answers == [(20, 0)] * 3
     if fast:  # the last snapshot's commit on this thread: no origin read (the shared one), no origin write
@@ -306,14 +299,15 @@ def _merge(written: dict[int, bytes]) -> bytearray:
 
 def test_the_flushes_made_in_c_count_in_the_stores_flush_cost(engine: Any, tmp_path: Path) -> None:
     st, _ = _stack(engine, tmp_path)
-    snap = _snap(engine)
+    snap = only_snapshot(engine)
     with engine.open_endpoint(st.base) as ep:
         ep.write(b"a" * 512, 2 * CB)
         route = snap.store._cow_route()
         route.flush_cost = 10.0  # an old, slow figure: C's flushes move the moving average down
         for chunk in range(4, 4 + C_FLUSH_SAMPLE):  # one of them sampled
             ep.write(b"b" * 512, chunk * CB)
-            assert _ops() == "rwfwfw"
+            assert c_ops() == "rwfwfw"
+    snap.sync()
     cost = snap.store.flush_cost
     assert cost is not None and 10.0 * (1 - FLUSH_COST_WEIGHT) <= cost < 10.0
 
@@ -321,7 +315,8 @@ def test_the_flushes_made_in_c_count_in_the_stores_flush_cost(engine: Any, tmp_p
 def test_a_chunk_stays_sealed_until_its_exception_is_published(engine: Any, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     st, _ = _stack(engine, tmp_path)
-    snap = _snap(engine)
+    snap = only_snapshot(engine)
+    snap._no_fast = True  # (the one-chunk copy and commit in C, not the whole write: see test_snap_fast.py)
     got: list[bytes] = []
     held: list[bool] = []
     real = snap._publish
@@ -340,7 +335,7 @@ def test_a_chunk_stays_sealed_until_its_exception_is_published(engine: Any, tmp_
         ep.write(b"a" * 512, 3 * CB)
         monkeypatch.setattr(snap, "_publish", publish)
         ep.write(b"b" * 512, 9 * CB)
-        ops = _ops()
+        ops = c_ops()
     assert ops == "rwfwfw" and held == [True]
     assert got == [_origin_bytes()[9 * CB : 10 * CB]]
     _check_views(st, {3: _written(3, 0, b"a" * 512), 9: _written(9, 0, b"b" * 512)})
@@ -352,12 +347,13 @@ def test_the_last_chunk_cut_at_the_origins_end_is_copied_in_c(engine: Any, tmp_p
     cow = st.cow_file("s", 4 * CHUNKS * CB)
     engine.create("t-cow", f"0 {4 * CHUNKS * 8} linear {cow} 0")
     st.add_snapshot("s", 0, cow=engine.device_ref("t-cow"))
-    snap = _snap(engine)
+    snap = only_snapshot(engine)
     with engine.open_endpoint(st.base) as ep:
         ep.write(b"a" * 512, 2 * CB)
         ep.write(b"z" * 512, CHUNKS * CB + 512)
-        ops = _ops()
+        ops = c_ops()
     assert ops == "rwfwfw"
+    snap.sync()
     new = snap.table.lookup(CHUNKS)
     assert new is not None and _records(cow)[-1] == (CHUNKS, new)
     assert cow.read_bytes()[new * CB : new * CB + 1024] == origin[CHUNKS * CB :]

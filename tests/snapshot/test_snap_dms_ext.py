@@ -89,11 +89,11 @@ def test_without_the_extension_the_library_is_used(tmp_path: Path, monkeypatch: 
 
 
 def test_the_c_path_tests_pass_through_abi_mode() -> None:
-    """The C copy-and-commit tests (failure at each step, short transfers, concurrency) on the
-    ABI-mode fallback."""
+    """The C copy-and-commit tests (failure at each step, short transfers, concurrency) and the
+    whole first write's in C on the ABI-mode fallback."""
     env = dict(os.environ, DMTOOLS_DMS_API="0")
     done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-x",
-                           "tests/snapshot/test_snap_copy_commit_c.py"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
+                           "tests/snapshot/test_snap_copy_commit_c.py", "tests/snapshot/test_snap_fast.py"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert " passed" in done.stdout and " skipped" not in done.stdout

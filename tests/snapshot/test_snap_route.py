@@ -147,6 +147,7 @@ def test_a_reloaded_cow_table_is_followed(engine: Any, tmp_path: Path) -> None:
         before = cow.read_bytes()
         ep.write(b"b" * 512, 7 * CB)
     assert cow.read_bytes() == before  # nothing written to the old file
+    snap.sync()
     new = snap.table.lookup(7)
     assert new is not None
     assert moved.read_bytes()[(1 << 20) + new * CB : (1 << 20) + (new + 1) * CB] == _origin_bytes()[7 * CB : 8 * CB]

@@ -1,0 +1,163 @@
+"""The common first write whole in C (``snapshot.store.fast``, dms.c ``dms_snap_write``): the
+same bytes on the COW and the origin as the Python path writes, in the kernel's order; the
+table and the store folded from C's log before the snapshot's own paths read them (status,
+snapshot reads, handover, merge); C off while anything unusual goes on."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from snap_helpers import c_ops, only_snapshot
+from snap_stack import Stack
+
+from dmtools.engine import Engine
+from snapshot import SnapshotManager
+from snapshot.route import c_library
+from snapshot.store import fast as fast_mod
+
+CB = 4096  # chunk size 8 sectors
+CHUNKS = 600  # more first writes than one metadata area holds (255 records)
+pytestmark = pytest.mark.skipif(c_library() is None, reason="no C library (no compiler, or DMTOOLS_FAST_IO=0)")
+
+
+def _origin_bytes() -> bytes:
+    return random.Random(3).randbytes(CHUNKS * CB)
+
+
+def _run(tmp: Path, c: bool, writes: list[tuple[int, bytes]]) -> tuple[bytes, bytes, str, bytes]:
+    """The COW file, the origin file, the snapshot's status and its view after ``writes``
+    (``(offset, data)`` to the origin) with the whole first write in C on or off."""
+    tmp.mkdir()
+    with Engine() as eng:
+        st = Stack(eng, tmp, _origin_bytes())
+        st.add_snapshot("s", 2 * CHUNKS * CB)
+        snap = only_snapshot(eng)
+        snap._no_fast = not c
+        with eng.open_endpoint(st.base) as ep:
+            for off, data in writes:
+                ep.write(data, off)
+        assert (snap._fast is not None) is c
+        status = st.status("s")
+        view = st.read("s")
+        return Path(st.snaps["s"]).read_bytes(), st.origin_path.read_bytes(), status, view
+
+
+def _writes(seed: int, n: int) -> list[tuple[int, bytes]]:
+    """``n`` first writes inside one chunk each, in random chunks; rewrites of 20 of them; 10
+    writes across two chunks (the Python path)."""
+    rng = random.Random(seed)
+    out = []
+    for c in rng.sample(range(CHUNKS), n):
+        first = rng.randrange(8)  # (sectors of the chunk)
+        out.append((c * CB + 512 * first, rng.randbytes(512 * rng.randrange(1, 9 - first))))
+    out += [(off, b"r" * 512) for off, _ in out[:20]]
+    out += [(c * CB + CB - 512, b"x" * 1024) for c in rng.sample(range(CHUNKS - 1), 10)]
+    return out
+
+
+def test_c_writes_the_same_bytes_as_the_python_path(tmp_path: Path) -> None:
+    writes = _writes(1, 400)  # two metadata areas, zeroing ahead more than once
+    cow_c, origin_c, status_c, view_c = _run(tmp_path / "c", True, writes)
+    cow_py, origin_py, status_py, view_py = _run(tmp_path / "py", False, writes)
+    assert view_c == view_py == _origin_bytes()
+    assert origin_c == origin_py
+    assert status_c == status_py
+    assert cow_c == cow_py
+
+
+def test_a_first_write_is_made_whole_in_c_and_folded_before_a_read(engine: Any, tmp_path: Path) -> None:
+    st = Stack(engine, tmp_path, _origin_bytes())
+    st.add_snapshot("s", 2 * CHUNKS * CB)
+    snap = only_snapshot(engine)
+    with engine.open_endpoint(st.base) as ep:
+        ep.write(b"a" * 512, 3 * CB)  # the first: zeroing ahead (I/O), in Python
+        ep.write(b"b" * 512, 9 * CB + 512)
+        ops = c_ops()
+        assert snap._fast is not None and snap._fast.armed
+        # C made it: the table learns of it only at a fence
+        assert snap.table.lookup(9) is None and snap.store.records == 1
+        assert ops == "rwfwfw"  # origin read, copy, PREFLUSH, area, FUA, origin write
+        # a snapshot read folds C's log first, and reads the copy
+        assert st.read("s", 9 * CB, CB) == _origin_bytes()[9 * CB : 10 * CB]
+        assert not snap._fast.armed and snap.table.lookup(9) is not None and snap.store.records == 2
+        ep.write(b"c" * 512, 11 * CB)  # armed again by the next first write
+        assert snap._fast.armed and c_ops() == "rwfwfw"
+    origin = bytearray(_origin_bytes())
+    origin[3 * CB : 3 * CB + 512] = b"a" * 512
+    origin[9 * CB + 512 : 9 * CB + 1024] = b"b" * 512
+    origin[11 * CB : 11 * CB + 512] = b"c" * 512
+    assert st.read(st.base) == bytes(origin)
+    assert st.read("s") == _origin_bytes()
+
+
+def test_a_rewrite_of_a_chunk_c_copied_is_written_by_c_alone(engine: Any, tmp_path: Path) -> None:
+    st = Stack(engine, tmp_path, _origin_bytes())
+    st.add_snapshot("s", 2 * CHUNKS * CB)
+    snap = only_snapshot(engine)
+    with engine.open_endpoint(st.base) as ep:
+        ep.write(b"a" * 512, 3 * CB)
+        ep.write(b"b" * 512, 9 * CB)
+        records = snap.store.records
+        ep.write(b"c" * 512, 9 * CB + 512)  # the chunk has its exception (C's bitmap): no copy
+        assert snap._fast is not None and snap._fast.armed and snap.store.records == records
+    snap.sync()
+    assert snap.store.records == 2
+    assert st.read(st.base, 9 * CB, 1024) == b"b" * 512 + b"c" * 512
+    assert st.read("s") == _origin_bytes()
+
+
+def test_a_full_log_is_folded_and_c_goes_on(engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fast_mod, "LOG_MAX", 4)
+    st = Stack(engine, tmp_path, _origin_bytes())
+    st.add_snapshot("s", 2 * CHUNKS * CB)
+    snap = only_snapshot(engine)
+    chunks = list(range(1, 40))
+    with engine.open_endpoint(st.base) as ep:
+        for c in chunks:
+            ep.write(b"w" * 512, c * CB)
+    snap.sync()
+    assert {c for c in chunks if snap.table.lookup(c) is not None} == set(chunks)
+    assert snap.store.records == len(chunks) and snap.valid
+    assert st.read("s") == _origin_bytes()
+
+
+def test_handover_and_merge_take_the_exceptions_c_committed(tmp_path: Path) -> None:
+    origin = tmp_path / "vol.img"
+    origin.write_bytes(_origin_bytes())
+    cow = tmp_path / "s.cow"
+    with open(cow, "wb") as f:
+        f.truncate(2 * CHUNKS * CB)
+    with Engine() as eng:
+        mgr = SnapshotManager(eng)
+        eng.create("vol", f"0 {CHUNKS * 8} linear {origin} 0")
+        mgr.create("vol", str(cow), "s", chunk_size=8)
+        snap = only_snapshot(eng)
+        with eng.open_endpoint("vol") as ep:
+            for c in range(0, 40, 3):
+                ep.write(bytes([c]) * 512, c * CB + 1024)
+        assert snap._fast is not None and snap._fast.armed and snap.store.records < 14
+        mgr.merge("s")  # the snapshot's exceptions handed over to snapshot-merge, merged back
+        with eng.open_endpoint("vol", writable=False) as ep:
+            buf = bytearray(CHUNKS * CB)
+            ep.readinto(buf, 0)
+    assert bytes(buf) == _origin_bytes()
+
+
+def test_a_reloaded_snapshot_takes_over_the_exceptions_c_committed(engine: Any, tmp_path: Path) -> None:
+    st = Stack(engine, tmp_path, _origin_bytes())
+    st.add_snapshot("s", 2 * CHUNKS * CB)
+    snap = only_snapshot(engine)
+    with engine.open_endpoint(st.base) as ep:
+        for c in range(0, 40, 3):
+            ep.write(bytes([c]) * 512, c * CB + 1024)
+    assert snap._fast is not None and snap._fast.armed
+    table = engine.table("s")
+    engine.suspend("s")
+    engine.load("s", table)
+    engine.resume("s")  # handover: the new table's snapshot takes the store over
+    assert st.read("s") == _origin_bytes()
+    dest = only_snapshot(engine)
+    assert dest is not snap and dest.store.records == 14 and dest.table.lookup(39) is not None
