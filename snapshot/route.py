@@ -344,37 +344,47 @@ def copy_commit(origin: Route, cow: Route, src: int, n: int, dest: int, old: int
     return DONE_WROTE if rc == DMS_DONE and wargs and wargs[2] else rc
 
 
-def first_write(state: Any, origin: Route, cow: Route, chunk: int, cb: int, write: "tuple[Route, memoryview, int]") -> int:
+def first_write(state: Any, origin: Route, cow: Route, chunk: int, cb: int,
+                write: "tuple[Route, memoryview, int] | None") -> int:
     """The origin write ``write`` = ``(route, data, offset)`` inside origin chunk ``chunk`` (of
     ``cb`` bytes), made whole by dms.c ``dms_snap_write`` on ``state`` (a snapshot's C state,
     :class:`snapshot.store.fast.FastWrites`): the chunk's copy and commit first where it has no
-    exception yet. Inside the origin's and the COW's gates, each entered once, on their live
-    tables, as :func:`copy_commit`. Returns ``NOT_DONE`` (nothing done) unless all of it is one
-    system call per I/O on routed files (as :func:`copy_commit` requires) and no device is
-    suspended; else ``dms_snap_write``'s answer (``DMS_OFF``: nothing done either)."""
+    exception yet (and only that without ``write``: for one of several snapshots). Inside the
+    origin's and the COW's gates, each entered once, on their live tables, as
+    :func:`copy_commit`. Returns ``NOT_DONE`` (nothing done) unless all of it is one system call
+    per I/O on routed files (as :func:`copy_commit` requires) and no device is suspended; else
+    ``dms_snap_write``'s answer (``DMS_OFF``: nothing done either)."""
     fn = _c_snap_write if _c_snap_write is not None else _c_snap_function()
     if not fn or cb >= DIRECT_MIN or "readinto" in origin._own or _OS_CALLS != (os.preadv, os.pwrite, os.fdatasync):
         return NOT_DONE
     own = cow._own
-    route, data, offset = write
     odev = origin._device
-    if "write" in own or "flush" in own or "write_durable" in own or route._device is not odev \
-            or len(data) >= DIRECT_MIN or "write" in route._own:
+    if "write" in own or "flush" in own or "write_durable" in own:
         return NOT_DONE
+    if write is not None:
+        route, data, offset = write
+        if route._device is not odev or len(data) >= DIRECT_MIN or "write" in route._own:
+            return NOT_DONE
     src = chunk * cb
     table = None if odev is None else odev.enter_unheld(src)
     if table is HELD:
         return NOT_DONE
     cdev, ctable = cow._device, HELD  # (the COW's gate: entered once the origin's side is known good)
     try:
-        if odev is not None:  # (inside the origin device's gate)
-            if table is not origin._table:
-                origin._learn(table)
-            if table is not route._table:
-                route._learn(table)
-        fd, wfd = origin._fd, route._wfd
-        if fd < 0 or wfd < 0 or src + cb > origin._size or offset + len(data) > route._size:
+        if odev is not None and table is not origin._table:  # (inside the origin device's gate)
+            origin._learn(table)
+        fd = origin._fd
+        if fd < 0 or src + cb > origin._size:
             return NOT_DONE
+        if write is None:
+            wfd, wbuf, wlen, woff = -1, _ffi.NULL, 0, 0
+        else:
+            if odev is not None and table is not route._table:
+                route._learn(table)
+            wfd, wlen = route._wfd, len(data)
+            if wfd < 0 or offset + wlen > route._size:
+                return NOT_DONE
+            wbuf, woff = _ffi.from_buffer(data), route._base + offset
         ctable = None if cdev is None else cdev.enter_unheld(0)
         if ctable is HELD:
             return NOT_DONE
@@ -382,8 +392,7 @@ def first_write(state: Any, origin: Route, cow: Route, chunk: int, cb: int, writ
             cow._learn(ctable)
         if cow._wfd < 0:
             return NOT_DONE
-        return int(fn(state, chunk, fd, origin._base + src, cow._wfd, cow._base, cow._size, wfd,
-                      _ffi.from_buffer(data), len(data), route._base + offset))
+        return int(fn(state, chunk, fd, origin._base + src, cow._wfd, cow._base, cow._size, wfd, wbuf, wlen, woff))
     finally:
         if cdev is not None and ctable is not HELD:
             cdev.leave()

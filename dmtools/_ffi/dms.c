@@ -315,18 +315,19 @@ void dms_snap_fence(struct dms_snap *s, int64_t *out)
 	pthread_mutex_unlock(&s->lock);
 }
 
-/* The origin write of wlen bytes of wbuf at woff of wfd to origin chunk `chunk`, whose copy sits
- * at ooff of ofd, with the COW (csize bytes) at cbase of cfd: DMS_OFF (nothing done: the Python path), the
- * chunk's exception existing DMS_MAPPED_WROTE (or DMS_MAPPED: the write failed or fell short,
- * the caller writes), else the first write done as dms_copy_commit_chunk does it with a new COW
- * chunk: DMS_DONE_WROTE, or DMS_COPY (nothing of it in place, nothing allocated), or another
- * DMS_* failure (logged, C disarmed until the next fence). */
+/* The origin write of wlen bytes of wbuf at woff of wfd to origin chunk `chunk` (none for wlen
+ * 0: the copy alone, for one of several snapshots), whose copy sits at ooff of ofd, with the COW
+ * (csize bytes) at cbase of cfd: DMS_OFF (nothing done: the Python path); the chunk's exception
+ * existing, DMS_MAPPED_WROTE (or DMS_MAPPED: no write asked, or it failed or fell short: the
+ * caller writes); else the first write done as dms_copy_commit_chunk does it with a new COW
+ * chunk: DMS_DONE_WROTE (DMS_DONE without a write), or DMS_COPY (nothing of it in place, nothing
+ * allocated), or another DMS_* failure (logged, C disarmed until the next fence). */
 int dms_snap_write(struct dms_snap *s, int64_t chunk, int ofd, int64_t ooff, int cfd, int64_t cbase, int64_t csize,
 		   int wfd, const char *wbuf, int64_t wlen, int64_t woff)
 {
 	dms_nops = dms_flushes = 0;
 	dms_flush_ns = 0;
-	if (chunk < 0 || ooff < 0 || cbase < 0 || wlen <= 0 || wfd < 0 || woff < 0 || !wbuf)
+	if (chunk < 0 || ooff < 0 || cbase < 0 || wlen < 0 || (wlen && (wfd < 0 || woff < 0 || !wbuf)))
 		return DMS_OFF;
 	pthread_mutex_lock(&s->lock);
 	if (!s->armed || chunk >= s->nchunks) {
@@ -335,6 +336,8 @@ int dms_snap_write(struct dms_snap *s, int64_t chunk, int ofd, int64_t ooff, int
 	}
 	if (s->bits[chunk >> 6] & (1ULL << (chunk & 63))) {
 		pthread_mutex_unlock(&s->lock);
+		if (!wlen)
+			return DMS_MAPPED;
 		ssize_t k;
 		do
 			k = pwrite(wfd, wbuf, (size_t)wlen, (off_t)woff);
@@ -371,5 +374,5 @@ int dms_snap_write(struct dms_snap *s, int64_t chunk, int ofd, int64_t ooff, int
 		}
 	}
 	pthread_mutex_unlock(&s->lock);
-	return rc == DMS_DONE ? DMS_DONE_WROTE : rc;
+	return rc == DMS_DONE && wlen ? DMS_DONE_WROTE : rc;
 }

@@ -34,7 +34,7 @@ import functools
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -46,8 +46,8 @@ from dmtools.errors import DeviceIOError, NoSpace
 from dmtools.status import SnapshotState, SnapshotStatus
 from dmtools.units import SECTOR
 
-from snapshot.route import (DMS_COPY, DMS_MAPPED, DMS_MAPPED_WROTE, DMS_ORIGIN, DONE_WROTE, NOT_DONE, Route,
-                            copy_commit, first_write)
+from snapshot.route import (DMS_COPY, DMS_DONE, DMS_MAPPED, DMS_MAPPED_WROTE, DMS_ORIGIN, DONE_WROTE, NOT_DONE,
+                            Route, copy_commit, first_write)
 from snapshot.store.base import ExceptionStore
 from snapshot.store.fast import FastWrites
 from snapshot.store.persistent import PersistentStore
@@ -580,10 +580,12 @@ class CopyOnWrite:
                     self.invalidate_locked("COW device is full")
         return waits, start
 
-    def origin_write_one(self, offset: int, length: int, write: "tuple[Route, memoryview, int]", c: int = 2) -> int:
+    def origin_write_one(self, offset: int, length: int, write: "tuple[Route, memoryview, int] | None",
+                         c: int = 2) -> int:
         """``origin_write_prepare`` and the wait for its copies, for an origin write whose range
-        lies in one chunk of this, the origin's only snapshot, while no exception of it is
-        pending (one writer, the common first write): the whole write in C
+        lies in one chunk of this, the origin's only snapshot (or one of several whose commits
+        are fast: ``write`` None for all but the last), while no exception of it is pending (one
+        writer, the common first write): the whole write in C
         (:class:`~snapshot.store.fast.FastWrites`, armed here while nothing unusual goes on)
         with ``c`` 2; else, with ``c`` 1, the copy and commit in C (``_copy_commit_c``) where it
         can, ``write`` made there too where it can; with ``c`` 0 (C failed the copy) in Python. Returns -1
@@ -632,7 +634,7 @@ class CopyOnWrite:
         self.wait_all([pe])
         return 1
 
-    def _write_c(self, fast: FastWrites, chunk: int, cb: int, write: "tuple[Route, memoryview, int]") -> int:
+    def _write_c(self, fast: FastWrites, chunk: int, cb: int, write: "tuple[Route, memoryview, int] | None") -> int:
         """``write`` inside origin chunk ``chunk`` made by C (``route.first_write``), its copy
         and commit first where it needs them: ``origin_write_one``'s answer, or -1 with nothing
         done (C is off, declined, or not routed: the caller fences and takes the Python path),
@@ -642,6 +644,8 @@ class CopyOnWrite:
             return 2
         if rc == DMS_MAPPED:
             return 0
+        if rc == DMS_DONE:  # (copied and committed, no write asked)
+            return 1
         if rc == DMS_COPY:
             return -2
         if rc < 0:
@@ -921,6 +925,13 @@ def do_origin(origins: OriginRegistry[CopyOnWrite], origin: DeviceHandle, offset
             for snap in snaps:
                 if over(snap.in_progress):
                     snap.wait_for_in_progress()
+        # (several snapshots whose COWs flush fast, each with the whole write in C, none with an
+        # exception pending: a hint)
+        if write is not None and len(snaps) > 1 and skip is None and not _slow_commits(snaps) \
+                and not any(snap.pending or snap._no_fast for snap in snaps):
+            done = _each_in_turn(snaps, offset, length, write)
+            if done >= 0:
+                return done == 2
         waits: list[tuple[CopyOnWrite, list[PendingException]]] = []
         copies: list[tuple[CopyOnWrite, list[PendingException]]] = []
         for snap in snaps:
@@ -947,6 +958,24 @@ def do_origin(origins: OriginRegistry[CopyOnWrite], origin: DeviceHandle, offset
         return False
     finally:
         gate.leave()
+
+
+def _each_in_turn(snaps: tuple[CopyOnWrite, ...], offset: int, length: int,
+                  write: "tuple[Route, memoryview, int]") -> int:
+    """An origin write inside one chunk of each of several snapshots whose commits are fast:
+    each snapshot's copy and commit in turn on this thread (``origin_write_one``: the whole
+    write in C where it can), ``write`` made with the last one's. Where the commits take no
+    longer than a hand-off to the pool, one C call per snapshot costs less than the shared read
+    of ``_copy_for_snapshots`` and its Python per snapshot.
+    Returns ``origin_write_one``'s answer for the last snapshot, or -1 once one declines (the
+    caller goes on with the general path: the copies made stay made)."""
+    last = len(snaps) - 1
+    done = -1
+    for i, snap in enumerate(snaps):
+        done = snap.origin_write_one(offset, length, write if i == last else None)
+        if done < 0:
+            return -1
+    return done
 
 
 class SharedRead:
@@ -991,7 +1020,7 @@ def _copy_for_snapshots(copies: list[tuple[CopyOnWrite, list[PendingException]]]
     lo = min(a for a, _ in spans)
     hi = min(max(b for _, b in spans), origin.size)
     parallel = inflight < len(copies) and not _IN_POOL.flag and (hi - lo >= PARALLEL_COPY_BYTES
-                                                                 or _slow_commits(copies))
+                                                                 or _slow_commits(snap for snap, _ in copies))
     if not 0 < hi - lo <= MAX_SHARED_READ:
         _run_copies([(snap, pes, None) for snap, pes in copies], parallel)
         return
@@ -1017,9 +1046,9 @@ PARALLEL_FLUSH_SECONDS = 20e-6
 PARALLEL_COPY_BYTES = 256 << 10
 
 
-def _slow_commits(copies: list[tuple[CopyOnWrite, list[PendingException]]]) -> bool:
+def _slow_commits(snaps: Iterable[CopyOnWrite]) -> bool:
     """True unless every snapshot's COW is known to flush faster than ``PARALLEL_FLUSH_SECONDS``."""
-    for snap, _ in copies:
+    for snap in snaps:
         cost = snap.store.flush_cost
         if cost is None or cost >= PARALLEL_FLUSH_SECONDS:
             return True

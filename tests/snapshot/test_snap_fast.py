@@ -17,6 +17,8 @@ from dmtools.engine import Engine
 from snapshot import SnapshotManager
 from snapshot.route import c_library
 from snapshot.store import fast as fast_mod
+from snapshot.targets import core
+from snapshot.targets.core import origins_of
 
 CB = 4096  # chunk size 8 sectors
 CHUNKS = 600  # more first writes than one metadata area holds (255 records)
@@ -27,22 +29,26 @@ def _origin_bytes() -> bytes:
     return random.Random(3).randbytes(CHUNKS * CB)
 
 
-def _run(tmp: Path, c: bool, writes: list[tuple[int, bytes]]) -> tuple[bytes, bytes, str, bytes]:
-    """The COW file, the origin file, the snapshot's status and its view after ``writes``
+def _run(tmp: Path, c: bool, writes: list[tuple[int, bytes]], nsnaps: int = 1) -> list[Any]:
+    """The origin file, then each snapshot's COW file, status and view after ``writes``
     (``(offset, data)`` to the origin) with the whole first write in C on or off."""
     tmp.mkdir()
     with Engine() as eng:
         st = Stack(eng, tmp, _origin_bytes())
-        st.add_snapshot("s", 2 * CHUNKS * CB)
-        snap = only_snapshot(eng)
-        snap._no_fast = not c
+        names = [f"s{i}" for i in range(nsnaps)]
+        for name in names:
+            st.add_snapshot(name, 2 * CHUNKS * CB)
+        snaps = origins_of(eng).all_snapshots()
+        for snap in snaps:
+            snap._no_fast = not c
         with eng.open_endpoint(st.base) as ep:
             for off, data in writes:
                 ep.write(data, off)
-        assert (snap._fast is not None) is c
-        status = st.status("s")
-        view = st.read("s")
-        return Path(st.snaps["s"]).read_bytes(), st.origin_path.read_bytes(), status, view
+        assert all((snap._fast is not None) is c for snap in snaps)
+        out: list[Any] = [st.origin_path.read_bytes()]
+        for name in names:
+            out += [st.status(name), st.read(name), Path(st.snaps[name]).read_bytes()]
+        return out
 
 
 def _writes(seed: int, n: int) -> list[tuple[int, bytes]]:
@@ -58,14 +64,38 @@ def _writes(seed: int, n: int) -> list[tuple[int, bytes]]:
     return out
 
 
-def test_c_writes_the_same_bytes_as_the_python_path(tmp_path: Path) -> None:
-    writes = _writes(1, 400)  # two metadata areas, zeroing ahead more than once
-    cow_c, origin_c, status_c, view_c = _run(tmp_path / "c", True, writes)
-    cow_py, origin_py, status_py, view_py = _run(tmp_path / "py", False, writes)
-    assert view_c == view_py == _origin_bytes()
-    assert origin_c == origin_py
-    assert status_c == status_py
-    assert cow_c == cow_py
+@pytest.mark.parametrize("nsnaps", [1, 3])
+def test_c_writes_the_same_bytes_as_the_python_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    nsnaps: int) -> None:
+    # (several snapshots: each copied in turn on the writer's thread, whatever the flushes take)
+    monkeypatch.setattr(core, "PARALLEL_FLUSH_SECONDS", float("inf"))
+    writes = _writes(1, 400 if nsnaps == 1 else 150)  # (one snapshot: two metadata areas)
+    with_c = _run(tmp_path / "c", True, writes, nsnaps)
+    in_python = _run(tmp_path / "py", False, writes, nsnaps)
+    for i in range(nsnaps):
+        assert with_c[2 + 3 * i] == _origin_bytes()  # the snapshot's view
+    assert with_c == in_python
+
+
+def test_several_snapshots_are_copied_in_turn_in_c(engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(core, "PARALLEL_FLUSH_SECONDS", float("inf"))
+    st = Stack(engine, tmp_path, _origin_bytes())
+    for name in ("a", "b", "c"):
+        st.add_snapshot(name, 2 * CHUNKS * CB)
+    snaps = origins_of(engine).all_snapshots()
+    with engine.open_endpoint(st.base) as ep:
+        ep.write(b"a" * 512, 3 * CB)  # zeroing ahead (I/O): in Python
+        ep.write(b"b" * 512, 9 * CB)
+        assert c_ops() == "rwfwfw"  # the last snapshot's copy and commit, then the origin write
+        assert all(snap._fast is not None and snap._fast.armed for snap in snaps)
+        assert all(snap.table.lookup(9) is None for snap in snaps)  # (not folded yet)
+    for name in ("a", "b", "c"):
+        assert st.read(name) == _origin_bytes()
+    assert all(snap.table.lookup(9) is not None and snap.store.records == 2 for snap in snaps)
+    origin = bytearray(_origin_bytes())
+    origin[3 * CB : 3 * CB + 512] = b"a" * 512
+    origin[9 * CB : 9 * CB + 512] = b"b" * 512
+    assert st.read(st.base) == bytes(origin)
 
 
 def test_a_first_write_is_made_whole_in_c_and_folded_before_a_read(engine: Any, tmp_path: Path) -> None:
