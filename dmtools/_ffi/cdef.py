@@ -71,7 +71,9 @@ void dms_snap_free(struct dms_snap *s);
 void dms_snap_mark(struct dms_snap *s, int64_t old, int64_t count);
 void dms_snap_mark_keys(struct dms_snap *s, const void *keys, int64_t n, int shift, int as_double);
 void dms_snap_arm(struct dms_snap *s, int64_t next_free, int64_t stride, int64_t cow_chunks, int64_t zeroed_from,
-                  int64_t zeroed_upto, int zero_limit, char *area, int64_t alen, int64_t aoff, int64_t committed);
+                  int64_t zeroed_upto, int zero_limit, char *area, int64_t alen, int64_t aoff, int64_t committed,
+                  int64_t slow_ns, int slow);
+void dms_snap_hold(struct dms_snap *s, int hold);  /* tests: hold the mutex as a write in flight does */
 void dms_snap_fence(struct dms_snap *s, int64_t *out);
 int dms_snap_write(struct dms_snap *s, int64_t chunk, int ofd, int64_t ooff, int cfd, int64_t cbase, int64_t csize,
                    int wfd, const char *wbuf, int64_t wlen, int64_t woff);

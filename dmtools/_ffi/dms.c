@@ -221,6 +221,8 @@ struct dms_snap {
 	uint64_t *log;        /* (old, new) pairs committed since the last fence */
 	int64_t nlog, logmax;
 	int64_t flush_ns, flushes;
+	int64_t slow_ns;      /* a flush this long or longer is slow */
+	int slow;             /* the last write's flushes were slow (atomic: read without the lock) */
 };
 
 struct dms_snap *dms_snap_new(int64_t nchunks, int64_t cb, int64_t logmax)
@@ -277,11 +279,15 @@ void dms_snap_mark_keys(struct dms_snap *s, const void *keys, int64_t n, int shi
 	pthread_mutex_unlock(&s->lock);
 }
 
-/* Arm: the store's allocation and area as Python has them now (see struct dms_snap). */
+/* Arm: the store's allocation and area as Python has them now (see struct dms_snap), and whether
+ * the COW's flushes take slow_ns or longer (slow). */
 void dms_snap_arm(struct dms_snap *s, int64_t next_free, int64_t stride, int64_t cow_chunks, int64_t zeroed_from,
-		  int64_t zeroed_upto, int zero_limit, char *area, int64_t alen, int64_t aoff, int64_t committed)
+		  int64_t zeroed_upto, int zero_limit, char *area, int64_t alen, int64_t aoff, int64_t committed,
+		  int64_t slow_ns, int slow)
 {
 	pthread_mutex_lock(&s->lock);
+	s->slow_ns = slow_ns;
+	__atomic_store_n(&s->slow, slow, __ATOMIC_RELAXED);
 	s->next_free = next_free;
 	s->stride = stride;
 	s->cow_chunks = cow_chunks;
@@ -294,6 +300,15 @@ void dms_snap_arm(struct dms_snap *s, int64_t next_free, int64_t stride, int64_t
 	s->committed = committed;
 	s->armed = area && alen >= 16 && stride > 1 && !s->failed;
 	pthread_mutex_unlock(&s->lock);
+}
+
+/* Tests: hold (or release) the state's mutex, as a write in flight does. */
+void dms_snap_hold(struct dms_snap *s, int hold)
+{
+	if (hold)
+		pthread_mutex_lock(&s->lock);
+	else
+		pthread_mutex_unlock(&s->lock);
 }
 
 /* Disarm, waiting for a write in flight, and hand over what happened since the last fence:
@@ -329,7 +344,13 @@ int dms_snap_write(struct dms_snap *s, int64_t chunk, int ofd, int64_t ooff, int
 	dms_flush_ns = 0;
 	if (chunk < 0 || ooff < 0 || cbase < 0 || wlen < 0 || (wlen && (wfd < 0 || woff < 0 || !wbuf)))
 		return DMS_OFF;
-	pthread_mutex_lock(&s->lock);
+	/* A write in flight: wait for it where the flushes are fast; where they are slow, decline
+	 * (the Python path commits concurrent writers' exceptions together, as the kernel does). */
+	if (pthread_mutex_trylock(&s->lock)) {
+		if (__atomic_load_n(&s->slow, __ATOMIC_RELAXED))
+			return DMS_OFF;
+		pthread_mutex_lock(&s->lock);
+	}
 	if (!s->armed || chunk >= s->nchunks) {
 		pthread_mutex_unlock(&s->lock);
 		return DMS_OFF;
@@ -368,6 +389,8 @@ int dms_snap_write(struct dms_snap *s, int64_t chunk, int ofd, int64_t ooff, int
 		s->nlog++;
 		s->flush_ns += dms_flush_ns;
 		s->flushes += dms_flushes;
+		if (dms_flushes)
+			__atomic_store_n(&s->slow, dms_flush_ns / dms_flushes >= s->slow_ns, __ATOMIC_RELAXED);
 		if (rc != DMS_DONE) {
 			s->failed = rc;
 			s->armed = 0;

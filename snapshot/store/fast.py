@@ -81,10 +81,14 @@ class FastWrites:
         """Origin chunks ``old..old+count-1`` got exceptions on the Python path."""
         self.lib.dms_snap_mark(self.state, old, count)
 
-    def arm(self) -> bool:
+    def arm(self, slow_flush: float) -> bool:
         """Arm C from the store's state where the store allows it (nothing pending, valid,
         writable, room in the area); True once armed. The caller holds the snapshot's lock and
-        has checked the snapshot's side."""
+        has checked the snapshot's side. A write finding another in flight declines (the Python
+        path then commits concurrent writers together) while the COW's flushes take
+        ``slow_flush`` seconds or longer (or are not known yet), else waits for it."""
+        cost = self.store.flush_cost
+        slow = cost is None or cost >= slow_flush
         store = self.store
         cs = store.chunk_size
         cb = store.chunk_bytes
@@ -104,7 +108,7 @@ class FastWrites:
                 self.lib.dms_snap_arm(self.state, store.next_free, epa + 1, store.cow_sectors // cs,
                                       store._zeroed_from, upto, int(upto >= 0 and cb < ZERO_AHEAD_BYTES),
                                       kept[1], len(area), (NUM_SNAPSHOT_HDR_CHUNKS + (epa + 1) * store.current_area) * cb,
-                                      i)
+                                      i, int(min(slow_flush, 1e9) * 1e9), int(slow))
         self.armed = True
         return True
 

@@ -670,7 +670,7 @@ class CopyOnWrite:
             if fast is None:
                 self._no_fast = True
                 return None
-        return fast if fast.arm() else None
+        return fast if fast.arm(PARALLEL_FLUSH_SECONDS) else None
 
     def sync(self) -> None:
         """Fold what the first writes in C did into the table and the store, for a caller about

@@ -6,6 +6,7 @@ snapshot reads, handover, merge); C off while anything unusual goes on."""
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def test_several_snapshots_are_copied_in_turn_in_c(engine: Any, tmp_path: Path, 
     st = Stack(engine, tmp_path, _origin_bytes())
     for name in ("a", "b", "c"):
         st.add_snapshot(name, 2 * CHUNKS * CB)
-    snaps = origins_of(engine).all_snapshots()
+    snaps: list[Any] = origins_of(engine).all_snapshots()
     with engine.open_endpoint(st.base) as ep:
         ep.write(b"a" * 512, 3 * CB)  # zeroing ahead (I/O): in Python
         ep.write(b"b" * 512, 9 * CB)
@@ -222,3 +223,32 @@ def test_the_bitmap_of_a_reloaded_cow_holds_its_exceptions(tmp_path: Path) -> No
         view = st.read("s")
     for c in chunks:  # the snapshot still shows what the origin held when it was taken
         assert view[c * CB : (c + 1) * CB] == _origin_bytes()[c * CB : (c + 1) * CB]
+
+
+@pytest.mark.parametrize("slow", [False, True], ids=["fast-flushes", "slow-flushes"])
+def test_a_write_finding_another_in_flight_waits_unless_flushes_are_slow(
+        engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slow: bool) -> None:
+    """Where the COW's flushes are slow, concurrent first writes go to the Python path, which
+    commits them together (one area write for all); where they are fast, C takes them in turn."""
+    monkeypatch.setattr(core, "PARALLEL_FLUSH_SECONDS", 0.0 if slow else float("inf"))
+    st = Stack(engine, tmp_path, _origin_bytes())
+    st.add_snapshot("s", 2 * CHUNKS * CB)
+    snap = only_snapshot(engine)
+    ffi, lib = c_library()  # type: ignore[misc]
+    with engine.open_endpoint(st.base) as ep:
+        ep.write(b"a" * 512, 3 * CB)  # zeroing ahead: in Python
+        ep.write(b"b" * 512, 4 * CB)  # C armed; its flushes count as slow with a threshold of 0
+        fast = snap._fast
+        assert fast is not None and fast.armed
+        lib.dms_snap_hold(fast.state, 1)  # as a write in flight
+        writer = threading.Thread(target=ep.write, args=(b"c" * 512, 9 * CB), daemon=True)
+        writer.start()
+        writer.join(0.3)  # (it waits: in C for the mutex, or in the Python path's fence)
+        lib.dms_snap_hold(fast.state, 0)
+        writer.join(30.0)
+        assert not writer.is_alive()
+        assert fast.armed is not slow  # (the Python path fenced C, and did not arm it again)
+    snap.sync()
+    assert snap.table.lookup(9) is not None and snap.store.records == 3
+    assert st.read("s") == _origin_bytes()
+    assert st.read(st.base, 9 * CB, 512) == b"c" * 512
