@@ -180,11 +180,11 @@ class CopyOnWrite:
         self._parked: dict[int, tuple[PendingException, bool]] = {}
         self._finished: list[tuple[PendingException, bool]] = []
         self._complete_lock = threading.Lock()
-        #: the common first write in C (``origin_write_one``), made on first use; False where it
-        #: cannot be. Its ``armed`` changes under ``lock``: every path of this class that reads
-        #: or changes the table or the store fences it first (``fence``).
+        #: the common first write in C (``origin_write_one``), made on first use (``_no_fast``:
+        #: it cannot be). Its ``armed`` changes under ``lock``: every path of this class that
+        #: reads or changes the table or the store fences it first (``fence``).
         self._fast: FastWrites | None = None
-        self._no_fast = False  # (the C state could not be made)
+        self._no_fast = False
         self.kc = kcopyd.Client(num_pages=KCOPYD_PAGES, threads=4)
 
     @property
