@@ -65,19 +65,21 @@ def cmd_check(args: argparse.Namespace) -> int:
             md.clear_needs_check()
             md.commit()
         report.needs_check = False
-    if getattr(args, "json", False):
+    json_out = getattr(args, "json", False)
+    if json_out:
         emit(args, report.to_dict(), "")
-    else:
-        for line in report.errors:
-            print(f"dmtools: {args.metadata}: {line}", file=sys.stderr)
-        for line in report.leaks + report.warnings:
-            print(f"dmtools: {args.metadata}: warning: {line}", file=sys.stderr)
-        if not args.quiet:
-            state = "ok" if report.ok else f"{len(report.errors)} errors"
-            print(f"{args.metadata}: {state}: transaction {report.transaction_id}, {report.devices} devices, "
-                  f"{report.mappings} mappings; metadata {report.metadata_blocks - report.metadata_free}/"
-                  f"{report.metadata_blocks} blocks used, data {report.data_blocks - report.data_free}/"
-                  f"{report.data_blocks}{'; needs_check is set' if report.needs_check else ''}")
+    # The errors go to stderr in either mode (stdout holds the report): a failed check always
+    # ends with a 'dmtools: ...' line there, as every other failed command does.
+    for line in report.leaks + report.warnings:
+        print(f"dmtools: {args.metadata}: warning: {line}", file=sys.stderr)
+    for line in report.errors:
+        print(f"dmtools: {args.metadata}: {line}", file=sys.stderr)
+    if not json_out and not args.quiet:
+        state = "ok" if report.ok else f"{len(report.errors)} errors"
+        print(f"{args.metadata}: {state}: transaction {report.transaction_id}, {report.devices} devices, "
+              f"{report.mappings} mappings; metadata {report.metadata_blocks - report.metadata_free}/"
+              f"{report.metadata_blocks} blocks used, data {report.data_blocks - report.data_free}/"
+              f"{report.data_blocks}{'; needs_check is set' if report.needs_check else ''}")
     return 0 if report.ok else 1
 
 

@@ -226,6 +226,10 @@ def test_corrupt_blocks_give_a_clear_error(case: str, pool, thin_tools, tmp_path
     assert thin_tools.run("thin_check", meta, check=False).returncode != 0
     assert main(["thin", "check", str(meta)]) == 1
     assert message in capsys.readouterr().err
+    assert main(["--json", "thin", "check", str(meta)]) == 1  # the report on stdout, the errors on stderr
+    out = capsys.readouterr()
+    assert json.loads(out.out)["ok"] is False
+    assert message in out.err and out.err.splitlines()[-1].startswith(f"dmtools: {meta}: ")
     if case.startswith("superblock") or case == "mapping node" or case == "details node":
         assert main(["thin", "dump", str(meta)]) == 1
         out = capsys.readouterr()
