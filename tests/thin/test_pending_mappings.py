@@ -181,3 +181,77 @@ def test_unmapped_agrees_with_the_mappings_of_the_range(tmp_path: Path, seed: in
     assert md.pending == len(waiting)  # no fold needed to tell
     assert md.unmapped(1, 5000, 5016)
     md.close()
+
+
+def _count_allocs(md: ThinMetadata, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list whose length counts the metadata blocks allocated from now on."""
+    taken: list[int] = []
+    alloc = md.tm.msm.alloc
+
+    def counted() -> int:
+        taken.append(alloc())
+        return taken[-1]
+    monkeypatch.setattr(md.tm.msm, "alloc", counted)
+    return taken
+
+
+@pytest.mark.parametrize("where", ["below", "between", "above"])
+@pytest.mark.parametrize("seed", range(3))
+def test_a_fold_takes_no_more_metadata_blocks_than_its_inserts_are_counted_for(
+        tmp_path: Path, seed: int, where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pending_inserts``, what the pool bounds a fold's metadata blocks with (``INSERT_COST``,
+    8, each): a run of consecutive unmapped blocks counts as one insert plus one per 124 more
+    blocks, and a run that continues the last one joins it. The fold of one long run (200
+    writes of 16 blocks) below, between or above the keys of a committed tree of many leaves
+    takes at most 8 blocks per insert counted, and more than 8 (what one insert per run would
+    allow)."""
+    rng = random.Random(seed)
+    path, md = _pool(tmp_path)
+    md.resize_data(20000)
+    n = 16 * 200
+    start = {"below": 0, "between": 100000, "above": 300000}[where]
+    keys = rng.sample(range(n, 100000), 2000) + rng.sample(range(100000 + n, 300000), 2000)
+    md.insert_many(1, [(k, md.alloc_data_block()) for k in keys])  # random order: leaves part full
+    md.commit()
+    assert md.unmapped(1, start, start + n)
+    taken = _count_allocs(md, monkeypatch)
+    for v in range(start, start + n, 16):
+        blocks = md.alloc_data_blocks(16)
+        md.map_run(1, v, blocks[0], 16)
+    assert md.pending == n and md.pending_inserts == 1 + -(-(n - 1) // 124)
+    counted = md.pending_inserts
+    md.fold()
+    assert 8 < len(taken) <= 8 * counted
+    md.commit()
+    md.close()
+    assert check(path).ok
+
+
+def test_only_a_run_that_continues_the_last_one_joins_it(tmp_path: Path) -> None:
+    """What ``pending_inserts`` counts: a run continuing the run added just before on the same
+    device joins it; a mapping added between, a gap or another device start a new count; a
+    fold or commit starts from none."""
+    _path, md = _pool(tmp_path)
+    md.create_thin(2)
+    md.resize_data(20000)
+
+    def run(dev: int, v: int, n: int) -> None:
+        md.map_run(dev, v, md.alloc_data_blocks(n)[0], n)
+    run(1, 0, 16)  # the first key, then one split of its leaf at most
+    assert md.pending_inserts == 2
+    for v in range(16, 125, 16):
+        run(1, v, 16)  # 0..127: 1 + ceil(127 / 124)
+    assert md.pending_inserts == 3
+    md.map_one(1, 1000, md.alloc_data_block())
+    run(1, 128, 16)  # continues 0..127, but a mapping came between
+    assert md.pending_inserts == 3 + 1 + 2
+    run(1, 200, 16)  # not where the last run ended
+    run(2, 216, 16)  # another device
+    assert md.pending_inserts == 10
+    run(2, 232, 16)
+    assert md.pending_inserts == 10
+    md.commit()
+    assert md.pending == md.pending_inserts == 0
+    run(2, 248, 16)  # after a fold: counted afresh
+    assert md.pending_inserts == 2
+    md.close()

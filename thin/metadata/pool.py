@@ -35,6 +35,20 @@ from .transaction import MetadataDevice, TransactionManager
 __all__ = ["Lookup", "ThinMetadata", "check_data_block_size"]
 
 
+#: keys of a run that go into a mapping leaf between two splits of it, at least: a split leaves
+#: the half that takes the next key with ``max_entries // 2`` keys (126 of 252), the key goes
+#: in, and the half is full again 125 keys later; two fewer, to be safe.
+RUN_SPLIT_EVERY = btree.calc_max_entries(8) // 2 - 2
+
+
+def _run_inserts(n: int) -> int:
+    """How many general inserts a run of ``n`` consecutive unmapped blocks may cost in a fold
+    (:attr:`ThinMetadata.pending_inserts`): the first key's (it may shadow its whole path and
+    split a node at every level), then, the path changed in place from there on, one split of
+    the leaf (and of a node at each level above it) per :data:`RUN_SPLIT_EVERY` keys."""
+    return 1 + (n - 1 + RUN_SPLIT_EVERY - 1) // RUN_SPLIT_EVERY
+
+
 class Lookup(NamedTuple):
     """One mapping: where a virtual block lives, when it was written, whether a snapshot shares it.
 
@@ -118,6 +132,14 @@ class ThinMetadata:
         self._last = -1
         #: how many mappings wait in ``_pending``.
         self.pending = 0
+        #: how many inserts of the general kind the waiting mappings may cost when folded (what
+        #: the pool bounds the metadata blocks of a fold with): one per mapping, but one for a
+        #: run of consecutive blocks plus one per :data:`RUN_SPLIT_EVERY` more of it (see
+        #: :meth:`map_run`).
+        self.pending_inserts = 0
+        #: ``(dev_id, end, length)`` of the run :meth:`map_run` added last, while nothing else
+        #: was added after it (a run that continues it is charged as one longer run).
+        self._run: tuple[int, int, int] | None = None
         #: why a ``fold`` failed (the trees are half changed: only ``abort`` goes on from there).
         self._broken: str | None = None
         self._load_superblock(sb)
@@ -463,6 +485,8 @@ class ThinMetadata:
             # run, in service, every block inside the pool and no virtual block waiting already
             pend.update(packed)
             self.pending += len(packed)
+            self.pending_inserts += len(packed)
+            self._run = None
             return
         self._check_mapping(dev_id, pairs)
         if pend is None:
@@ -475,21 +499,40 @@ class ThinMetadata:
             self._last = dev_id
         pend.update(packed)
         self.pending += len(pairs)
+        self.pending_inserts += len(pairs)
+        self._run = None
 
     def map_run(self, dev_id: int, vblock: int, data_block: int, n: int) -> None:
         """:meth:`map_new` of ``n`` consecutive virtual blocks from ``vblock`` onto ``n``
         consecutive data blocks from ``data_block`` (a whole-block write's new run), without
-        building the pairs: the waiting values come from two ranges."""
+        building the pairs: the waiting values come from two ranges.
+
+        The caller found every block of the run unmapped (the thin target, under their cells),
+        so the run's keys fall between the same two keys of the tree, and a fold inserts them
+        one after the other: they count as :func:`_run_inserts` of the run in
+        :attr:`pending_inserts`, not one each, and a run that continues the one added just
+        before (same device, nothing added between) counts as one run with it."""
         pend = self._pending.get(dev_id)
         end = vblock + n
         if (pend is None or dev_id != self._last or not self._in_service or n < 1 or vblock < 0
                 or not 0 <= data_block <= len(self.tm.dsm.counts) - n
                 or not pend.keys().isdisjoint(range(vblock, end))):
+            before = self.pending
             self.map_new(dev_id, list(zip(range(vblock, end), range(data_block, data_block + n))))
+            if n > 0 and self.pending == before + n:  # it waits in core: counted as a run
+                self.pending_inserts += _run_inserts(n) - n
+                self._run = (dev_id, end, n)
             return
         time = self.time  # pack_block_time of each: (block << 24) | time
         pend.update(zip(range(vblock, end), range((data_block << 24) | time, ((data_block + n) << 24) | time, 1 << 24)))
         self.pending += n
+        last = self._run
+        length = n
+        if last is not None and last[0] == dev_id and last[1] == vblock:  # it continues the last run
+            length += last[2]
+            self.pending_inserts -= _run_inserts(last[2])
+        self.pending_inserts += _run_inserts(length)
+        self._run = (dev_id, end, length)
 
     def map_one(self, dev_id: int, vblock: int, data_block: int) -> None:
         """:meth:`map_new` of one block (a first write's mapping)."""
@@ -500,6 +543,8 @@ class ThinMetadata:
             return
         pend[vblock] = (data_block << 24) | self.time  # pack_block_time
         self.pending += 1
+        self.pending_inserts += 1
+        self._run = None
 
     def _check_mapping(self, dev_id: int, pairs: Sequence[tuple[int, int]]) -> None:
         """Refuse a data block outside the pool or a device that does not exist."""
@@ -540,6 +585,8 @@ class ThinMetadata:
         self._order.clear()
         self._last = -1
         self.pending = 0
+        self.pending_inserts = 0
+        self._run = None
 
     def _insert_tree(self, dev_id: int, items: list[tuple[int, int]]) -> None:
         """Insert ``(vblock, packed value)`` items into the device's tree now (the new keys

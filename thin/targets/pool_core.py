@@ -488,7 +488,7 @@ class Pool:
             except NoSpace:  # every free block was freed in this very transaction
                 self.set_mode(Mode.OUT_OF_DATA_SPACE)
                 return None
-        if self._room() <= _fold_cost(md.pending) + INSERT_COST:
+        if self._room() <= _fold_cost(md.pending_inserts) + INSERT_COST:
             if md.pending:
                 self.fold()
             if self._room() <= INSERT_COST:
@@ -515,7 +515,7 @@ class Pool:
         # a data and a metadata bitmap (so 3 more) of the room above the reserve.
         per = INSERT_COST + 3
         self._quota = max(0, min(free - 1 if self.low_water_triggered else free - self.low_water_blocks - 1,
-                                 (self._room() - _fold_cost(md.pending) - INSERT_COST - 1) // per - 1))
+                                 (self._room() - _fold_cost(md.pending_inserts) - INSERT_COST - 1) // per - 1))
         try:
             return md.alloc_data_block()
         except (DeviceIOError, OSError, DMError) as err:  # run()'s rules, inline
@@ -554,7 +554,7 @@ class Pool:
         if k < 2 or free - k < self.low_water_blocks:
             return []
         cost = 2 * (k // ENTRIES_PER_BITMAP + 2) + INSERT_COST  # data bitmaps it may change, its insert
-        if self._room() <= cost + _fold_cost(md.pending):
+        if self._room() <= cost + _fold_cost(md.pending_inserts):
             if md.pending:
                 self.fold()
             if self._room() <= cost:
@@ -894,10 +894,12 @@ class Pool:
         self.md.close()
 
 
-def _fold_cost(waiting: int) -> int:
-    """Metadata blocks ``waiting`` mappings kept in core may take when they go into the btrees:
-    :data:`INSERT_COST` each, and a metadata bitmap changed per 16320 of those blocks."""
-    return INSERT_COST * waiting + (INSERT_COST * waiting) // ENTRIES_PER_BITMAP + 1 if waiting else 0
+def _fold_cost(inserts: int) -> int:
+    """Metadata blocks the mappings kept in core may take when they go into the btrees, given
+    the general inserts they count as (``ThinMetadata.pending_inserts``: one per mapping, fewer
+    for runs of consecutive blocks): :data:`INSERT_COST` each, and a metadata bitmap changed per
+    16320 of those blocks."""
+    return INSERT_COST * inserts + (INSERT_COST * inserts) // ENTRIES_PER_BITMAP + 1 if inserts else 0
 
 
 def _metadata_fault(err: BaseException) -> bool:
