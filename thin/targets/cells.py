@@ -3,7 +3,10 @@
 A cell is held while a block is looked up and, when it must be provisioned or its sharing broken,
 until the new mapping is in place: every other I/O to the block waits for it, so concurrent
 writers to one unprovisioned or shared block allocate or copy it once. Keys are
-``(device id, virtual block)``.
+``(device id, virtual block)``. I/O over several blocks holds their cells as one range
+(:meth:`Prison.take_range`: a device and a run of virtual blocks, no key built per block), which
+excludes every other I/O to any block of it as holding each of its cells would, as the kernel's
+prison would detain each of the bio's blocks.
 
 I/O to a block that is mapped and not shared takes the cell only for the lookup, as
 ``thin_bio_map`` does, and runs outside it, counted on its data block (the kernel's
@@ -34,11 +37,16 @@ through the pool device again, whose own gate holds it until the pool resumes.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Hashable
+from typing import Any
 
 __all__ = ["HELD", "MAPPED_MAX", "Prison"]
+
+#: a cell's key: ``(device id, virtual block)``.
+Key = tuple[int, int]
+#: a held range of cells: ``(device id, first block, end block)``.
+Cells = tuple[int, int, int]
 
 #: :meth:`Prison.enter_unless_held`'s answer when another I/O holds the cell.
 HELD: Any = object()
@@ -55,7 +63,10 @@ class Prison:
         self.lock = threading.Lock()
         #: notified when a cell is released or a block's last I/O leaves, if anyone waits.
         self._changed = threading.Condition(self.lock)
-        self._held: set[Hashable] = set()
+        self._held: set[Key] = set()
+        #: ranges of cells held together (:meth:`take_range`), few at a time: one per I/O over
+        #: several blocks in flight.
+        self._ranges: list[Cells] = []
         self._count: dict[int, int] = {}
         self._waiting = 0
         #: the data device while the gate is open (else ``None``), whether writes may go there,
@@ -65,7 +76,7 @@ class Prison:
         self._direct = 0
         #: ``(device id, virtual block)`` -> data block of mappings the pool found or made, mapped
         #: and not shared: changed only by the pool, with its lock held (see :meth:`enter_mapped`).
-        self.mapped: dict[Hashable, int] = {}
+        self.mapped: dict[Key, int] = {}
         #: how many :attr:`mapped` holds at most.
         self.mapped_max = MAPPED_MAX
 
@@ -77,16 +88,16 @@ class Prison:
             self._waiting -= 1
 
     # -- cells ---------------------------------------------------------------------------------
-    def acquire(self, key: Hashable) -> None:
+    def acquire(self, key: Key) -> None:
         """Hold ``key``'s cell, waiting while another thread holds it (``bio_detain``); pair it
         with :meth:`release` in a ``finally`` (the per-block I/O path, where a ``with`` costs more)."""
         with self.lock:
             held = self._held
-            while key in held:
+            while key in held or (self._ranges and self._in_range(key)):
                 self._wait()
             held.add(key)
 
-    def release(self, key: Hashable, direct: bool = False) -> None:
+    def release(self, key: Key, direct: bool = False) -> None:
         """Let the next waiter for ``key`` in (``cell_defer``); ``direct``: the I/O that held the
         cell also had the data device from :meth:`enter_unless_held`, and is done with it."""
         with self.lock:
@@ -96,7 +107,7 @@ class Prison:
             if self._waiting:
                 self._changed.notify_all()
 
-    def enter_unless_held(self, key: Hashable, block: int | None, write: bool) -> Any:
+    def enter_unless_held(self, key: Key, block: int | None, write: bool) -> Any:
         """In one hold of the lock: :data:`HELD` when another I/O holds ``key``'s cell (the
         caller waits with :meth:`acquire`). Else, with ``block`` ``None``, take the cell and
         return the data device for a write while the gate is open (the write of a new block:
@@ -106,7 +117,7 @@ class Prison:
         return where to send it: the data device while the gate is open (pair with
         ``leave(block, True)``), else ``None`` (through the pool device: ``leave(block, False)``)."""
         with self.lock:
-            if key in self._held:
+            if key in self._held or (self._ranges and self._in_range(key)):
                 return HELD
             if block is None:
                 self._held.add(key)
@@ -128,7 +139,7 @@ class Prison:
             return route
         return None
 
-    def enter_mapped(self, key: Hashable, write: bool) -> tuple[int, Any] | None:
+    def enter_mapped(self, key: Key, write: bool) -> tuple[int, Any] | None:
         """``thin_bio_map``'s remap of a block :attr:`mapped` knows, in one hold of the lock:
         when ``key``'s cell is free, count one I/O in flight on its data block and return
         ``(data block, route)`` as :meth:`enter_unless_held` does for a mapped block (pair with
@@ -138,18 +149,18 @@ class Prison:
             return None
         with self.lock:
             block = mapped.get(key)
-            if block is None or key in self._held:
+            if block is None or key in self._held or (self._ranges and self._in_range(key)):
                 return None
             return block, self._in_flight(block, write)
 
-    def know(self, key: Hashable, block: int) -> None:
+    def know(self, key: Key, block: int) -> None:
         """``key`` maps to ``block``, which is not shared (the pool's lock held)."""
         mapped = self.mapped
         if len(mapped) >= self.mapped_max:
             mapped.clear()
         mapped[key] = block
 
-    def forget(self, key: Hashable) -> None:
+    def forget(self, key: Key) -> None:
         """``key``'s mapping is about to change (its cell held)."""
         self.mapped.pop(key, None)
 
@@ -160,7 +171,7 @@ class Prison:
             self.mapped.clear()
 
     @contextmanager
-    def hold(self, key: Hashable) -> Iterator[None]:
+    def hold(self, key: Key) -> Iterator[None]:
         """Hold ``key`` for the ``with`` body."""
         self.acquire(key)
         try:
@@ -168,37 +179,60 @@ class Prison:
         finally:
             self.release(key)
 
+    def _in_range(self, key: Key) -> bool:
+        """Whether a held range covers ``key`` (the lock held)."""
+        dev_id, vblock = key
+        for d, begin, end in self._ranges:
+            if d == dev_id and begin <= vblock < end:
+                return True
+        return False
+
+    def _range_free(self, dev_id: int, begin: int, end: int) -> bool:
+        """Whether no cell of ``[begin, end)`` of ``dev_id`` is held, alone or in a range (the
+        lock held)."""
+        for d, b, e in self._ranges:
+            if d == dev_id and b < end and begin < e:
+                return False
+        held = self._held
+        if not held:
+            return True
+        if len(held) < end - begin:
+            return not any(d == dev_id and begin <= v < end for d, v in held)
+        return not any((dev_id, v) in held for v in range(begin, end))
+
     @contextmanager
-    def hold_all(self, keys: Iterable[Hashable]) -> Iterator[None]:
-        """Hold every key of ``keys`` for the ``with`` body, taken together once none is held (so
-        two callers never hold part of each other's keys and wait for the rest)."""
-        wanted = self.take_all(keys)
+    def hold_range(self, dev_id: int, begin: int, end: int) -> Iterator[None]:
+        """Hold the cells of ``[begin, end)`` of ``dev_id`` for the ``with`` body."""
+        cells = self.take_range(dev_id, begin, end)
         try:
             yield
         finally:
-            self.give_all(wanted)
+            self.give_range(cells)
 
-    def take_all(self, keys: Iterable[Hashable]) -> set[Hashable]:
-        """:meth:`hold_all`'s taking, without a ``with`` (the per-I/O path, where one costs
-        more): returns the keys to give back with :meth:`give_all` in a ``finally``."""
-        wanted = set(keys)
+    def take_range(self, dev_id: int, begin: int, end: int) -> Cells:
+        """Hold the cells of ``[begin, end)`` of ``dev_id`` together, once none of them is held
+        (so two callers never hold part of each other's cells and wait for the rest); returns
+        what to give back with :meth:`give_range` in a ``finally`` (:meth:`hold_range` without
+        a ``with``, for the per-I/O path, where one costs more)."""
+        cells = (dev_id, begin, end)
         with self.lock:
-            while not wanted.isdisjoint(self._held):
-                self._wait()
-            self._held |= wanted
-        return wanted
+            if self._ranges or self._held:
+                while not self._range_free(dev_id, begin, end):
+                    self._wait()
+            self._ranges.append(cells)
+        return cells
 
-    def give_all(self, keys: set[Hashable]) -> None:
-        """Release the cells :meth:`take_all` took."""
+    def give_range(self, cells: Cells) -> None:
+        """Release the cells :meth:`take_range` took."""
         with self.lock:
-            self._held -= keys
+            self._ranges.remove(cells)
             if self._waiting:
                 self._changed.notify_all()
 
     def held(self) -> int:
-        """How many cells are held."""
+        """How many cells are held, alone or in ranges."""
         with self.lock:
-            return len(self._held)
+            return len(self._held) + sum(end - begin for _d, begin, end in self._ranges)
 
     # -- I/O in flight on data blocks (all_io_ds) ------------------------------------------------
     def enter(self, block: int) -> None:

@@ -146,7 +146,7 @@ class ThinTarget(TargetDriver):
         # Several blocks: their cells together, one walk of the mappings, one read per run of
         # blocks that are consecutive on the data device too.
         pool = self.pool
-        with pool.prison.hold_all((self.dev_id, v) for v in range(v0, v1)):
+        with pool.prison.hold_range(self.dev_id, v0, v1):
             pool.check_io()
             looks = pool.lookup_range(self.dev_id, v0, v1)
             run_start = run_at = run_end = -1
@@ -239,7 +239,7 @@ class ThinTarget(TargetDriver):
         and mapped together. Blocks the pool cannot give at once go the per-block way."""
         pool, bb, dev_id = self.pool, self.bb, self.dev_id
         prison = pool.prison
-        cells = prison.take_all([(dev_id, v) for v in range(v0, v1)])
+        cells = prison.take_range(dev_id, v0, v1)
         try:
             pool.check_io()
             fresh = pool.alloc_unmapped(dev_id, v0, v1)
@@ -259,7 +259,7 @@ class ThinTarget(TargetDriver):
                     return
             need = self._write_runs(v0, v1, data, fresh)
         finally:
-            prison.give_all(cells)
+            prison.give_range(cells)
         for v in need:
             self._write_block(v, 0, data[(v - v0) * bb:(v - v0 + 1) * bb])
 
