@@ -312,9 +312,11 @@ def _insert(tm: TransactionManager, root: int, key: int, value: Any, vtype: Valu
     return root, True, leaf, hi
 
 
-def insert_run(tm: TransactionManager, root: int, items: Sequence[tuple[int, Any]], vtype: ValueType) -> tuple[int, int]:
-    """:func:`insert` of each ``(key, value)`` of ``items`` in order; returns ``(new root, how
-    many keys are new)``. The tree comes out as the same inserts one by one leave it: a key above
+def insert_run(tm: TransactionManager, root: int, keys_in: Sequence[int], values_in: Sequence[Any],
+               vtype: ValueType) -> tuple[int, int]:
+    """:func:`insert` of each key of ``keys_in`` with the value at the same place of
+    ``values_in``, in order (a run going up goes into a leaf with a slice of each); returns
+    ``(new root, how many keys are new)``. The tree comes out as the same inserts one by one leave it: a key above
     the previous one goes straight into the leaf that one reached while no internal node on that
     path is full, the leaf is not full and the key is below the leaf's upper bound (the full path
     would find that leaf, change every node of its path in place and split none), any other down
@@ -328,9 +330,9 @@ def insert_run(tm: TransactionManager, root: int, items: Sequence[tuple[int, Any
     leaf: Node | None = None
     top: Node | None = None  # the root when changed in place and not a leaf (looked for after each full path)
     last = hi = 0
-    at, n = 0, len(items)
+    at, n = 0, len(keys_in)
     while at < n:
-        key, value = items[at]
+        key = keys_in[at]
         at += 1
         if leaf is None or not last < key < hi or len(leaf.keys) >= leaf.max_entries:
             leaf = None
@@ -346,27 +348,27 @@ def insert_run(tm: TransactionManager, root: int, items: Sequence[tuple[int, Any
                         if child.leaf and 0 < len(child.keys) < child.max_entries:
                             leaf, hi = child, tk[i + 1] if i + 1 < len(tk) else 1 << 64
             if leaf is None:
-                root, new, leaf, hi = _insert(tm, root, key, value, vtype)
+                root, new, leaf, hi = _insert(tm, root, key, values_in[at - 1], vtype)
                 top = None
                 added += new
                 last = key
                 continue
         keys = leaf.keys
-        if key > keys[-1] and at < n and items[at][0] > key:  # past the leaf's last key, a run going
+        if key > keys[-1] and at < n and keys_in[at] > key:  # past the leaf's last key, a run going
             # up: it goes at the end, and so does each key after it while they go up, stay below
             # ``hi`` and the leaf has room (a key alone goes there by the search below)
-            chunk = items[at - 1:at - 1 + leaf.max_entries - len(keys)]
-            ks = [k for k, _v in chunk]
+            ks = keys_in[at - 1:at - 1 + leaf.max_entries - len(keys)]
             down = list(map(le, ks[1:], ks[:-1]))
             m = down.index(True) + 1 if True in down else len(ks)
             m = bisect_left(ks, hi, 1, m)  # ks[:m] goes up; ks[0] is below hi
             keys.extend(ks[:m])
-            leaf.values.extend([v for _k, v in chunk[:m]])
+            leaf.values.extend(values_in[at - 1:at - 1 + m])
             added += m
             last = ks[m - 1]
             at += m - 1
             continue
         last = key
+        value = values_in[at - 1]
         i = bisect_right(keys, key) - 1
         if i >= 0 and keys[i] == key:
             old = leaf.values[i]

@@ -465,7 +465,7 @@ class ThinMetadata:
         self._check_mapping(dev_id, pairs)
         self.fold()
         time = self.time
-        self._insert_tree(dev_id, [(v, (b << 24) | time) for v, b in pairs])  # pack_block_time
+        self._insert_tree(dev_id, [v for v, _b in pairs], [(b << 24) | time for _v, b in pairs])  # pack_block_time
 
     def map_new(self, dev_id: int, pairs: Sequence[tuple[int, int]]) -> None:
         """:meth:`insert_many` of blocks the caller found unmapped (the thin target, under their
@@ -566,15 +566,21 @@ class ThinMetadata:
         if not self.pending:
             return
         pending = self._pending
-        runs = {dev_id: iter(pend.items()) for dev_id, pend in pending.items()}
-        end = {dev_id: len(pend) for dev_id, pend in pending.items()}
-        turns = []
-        for dev_id, begin in reversed(self._order):
-            turns.append((dev_id, end[dev_id] - begin))
-            end[dev_id] = begin
         try:
-            for dev_id, n in reversed(turns):
-                self._insert_tree(dev_id, list(islice(runs[dev_id], n)))
+            if len(self._order) == 1:  # one device's turn: its keys and values at once
+                (dev_id, _begin), = self._order
+                pend = pending[dev_id]
+                self._insert_tree(dev_id, list(pend), list(pend.values()))
+            else:
+                keys = {dev_id: iter(pend) for dev_id, pend in pending.items()}
+                values = {dev_id: iter(pend.values()) for dev_id, pend in pending.items()}
+                end = {dev_id: len(pend) for dev_id, pend in pending.items()}
+                turns = []
+                for dev_id, begin in reversed(self._order):
+                    turns.append((dev_id, end[dev_id] - begin))
+                    end[dev_id] = begin
+                for dev_id, n in reversed(turns):
+                    self._insert_tree(dev_id, list(islice(keys[dev_id], n)), list(islice(values[dev_id], n)))
         except BaseException as err:
             self._broken = str(err) or type(err).__name__  # the waiting mappings stay findable
             raise
@@ -588,18 +594,17 @@ class ThinMetadata:
         self.pending_inserts = 0
         self._run = None
 
-    def _insert_tree(self, dev_id: int, items: list[tuple[int, int]]) -> None:
-        """Insert ``(vblock, packed value)`` items into the device's tree now (the new keys
-        counted in its mapped blocks)."""
+    def _insert_tree(self, dev_id: int, vblocks: list[int], values: list[int]) -> None:
+        """Insert each of ``vblocks`` with the packed value at the same place of ``values`` into
+        the device's tree now (the new keys counted in its mapped blocks)."""
         leaf, i = self._top_leaf(dev_id)
         added = 0
         tm, mapping, root = self.tm, self.mapping, leaf.values[i]
         try:
-            if len(items) == 1:
-                (vblock, value), = items
-                root, added = btree.insert(tm, root, vblock, value, mapping)
+            if len(vblocks) == 1:
+                root, added = btree.insert(tm, root, vblocks[0], values[0], mapping)
             else:
-                root, added = btree.insert_run(tm, root, items, mapping)
+                root, added = btree.insert_run(tm, root, vblocks, values, mapping)
         finally:
             leaf.values[i] = self._roots[dev_id] = root
             if added:
