@@ -255,3 +255,70 @@ def test_only_a_run_that_continues_the_last_one_joins_it(tmp_path: Path) -> None
     run(2, 248, 16)  # after a fold: counted afresh
     assert md.pending_inserts == 2
     md.close()
+
+
+def _runs_history(path: Path, seed: int, defer: bool) -> bytes:
+    """Sequential writers' runs (16 blocks, continuing each other on both sides or only on the
+    virtual side), single mappings between them and a second device; with ``defer`` every
+    block, waiting or not, is looked up, and ranges across runs are checked unmapped or not."""
+    rng = random.Random(seed)
+    probe = random.Random(-seed)  # the checks' draws: both histories take the same steps
+    with open(path, "wb") as f:
+        f.truncate(8 << 20)
+    md = ThinMetadata.format(path, data_block_size=128, nr_data_blocks=20000)
+    md.create_thin(1)
+    md.create_thin(2)
+    md.commit()
+    mapped: dict[int, dict[int, int]] = {1: {}, 2: {}}
+    nxt = {1: 0, 2: 5000}
+    for step in range(300):
+        dev = 1 if rng.random() < 0.8 else 2
+        r = rng.random()
+        if r < 0.7:
+            v = nxt[dev] if rng.random() < 0.9 else rng.randrange(0, 9000, 16)
+            if any(k in mapped[dev] for k in range(v, v + 16)):
+                continue
+            if rng.random() < 0.2:
+                md.alloc_data_block()  # the next run's data blocks do not continue the last's
+            blocks = md.alloc_data_blocks(16)
+            assert blocks == list(range(blocks[0], blocks[0] + 16))
+            if defer:
+                md.map_run(dev, v, blocks[0], 16)
+            else:
+                md.insert_many(dev, list(zip(range(v, v + 16), blocks)))
+            mapped[dev].update(zip(range(v, v + 16), blocks))
+            nxt[dev] = v + 16
+        elif r < 0.85:
+            v = rng.randrange(9000)
+            if v in mapped[dev]:
+                continue
+            b = md.alloc_data_block()
+            if defer:
+                md.map_one(dev, v, b)
+            else:
+                md.insert(dev, v, b)
+            mapped[dev][v] = b
+        elif r < 0.9:
+            md.commit()
+        if defer and step % 10 == 0:
+            for k in range(0, max(nxt[dev], 200) + 20):
+                found = md.find(dev, k)
+                assert found == ((mapped[dev][k], False) if k in mapped[dev] else None), (dev, k)
+            for _ in range(50):
+                begin = probe.randrange(max(nxt[dev], 200) + 20)
+                end = begin + probe.choice([1, 5, 16, 40])
+                assert md.unmapped(dev, begin, end) is all(k not in mapped[dev] for k in range(begin, end))
+            assert md.details(dev).mapped_blocks == len(mapped[dev])
+    if defer:
+        begin = probe.randrange(max(nxt[1], 200))
+        got = [(v, b) for v, b, _t in md.mappings(1, begin, begin + 50)]  # folds what waits there
+        assert got == sorted((v, b) for v, b in mapped[1].items() if begin <= v < begin + 50)
+    md.commit()
+    md.close()
+    assert check(path).ok
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_waiting_runs_are_found_block_by_block_and_write_what_immediate_inserts_write(tmp_path: Path, seed: int) -> None:
+    assert _runs_history(tmp_path / "defer.img", seed, True) == _runs_history(tmp_path / "now.img", seed, False)

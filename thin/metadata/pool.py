@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import errno
 import os
-from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from dataclasses import replace
 from typing import NamedTuple
@@ -47,6 +47,22 @@ def _run_inserts(n: int) -> int:
     split a node at every level), then, the path changed in place from there on, one split of
     the leaf (and of a node at each level above it) per :data:`RUN_SPLIT_EVERY` keys."""
     return 1 + (n - 1 + RUN_SPLIT_EVERY - 1) // RUN_SPLIT_EVERY
+
+
+def _spread(entries: Iterable[tuple[int, int]], runs: dict[int, int]) -> tuple[list[int], list[int]]:
+    """The virtual blocks and packed values of waiting ``(vblock, packed)`` entries, a run's
+    entry (its first block, in ``runs`` with its length) giving each of its blocks."""
+    keys: list[int] = []
+    values: list[int] = []
+    for vblock, packed in entries:
+        n = runs.get(vblock)
+        if n is None:
+            keys.append(vblock)
+            values.append(packed)
+        else:
+            keys.extend(range(vblock, vblock + n))
+            values.extend(range(packed, packed + (n << 24), 1 << 24))
+    return keys, values
 
 
 class Lookup(NamedTuple):
@@ -127,6 +143,12 @@ class ThinMetadata:
         #: ``(dev_id, where its run starts in its dict)``, so that ``fold`` inserts them in
         #: that order across devices.
         self._pending: dict[int, dict[int, int]] = {}
+        #: the runs among them (:meth:`map_run`): per device, first virtual block -> length (its
+        #: entry in ``_pending`` holds the first block's packed value, block ``i`` of the run
+        #: maps to that plus ``i << 24``), and each device's run starts in order (runs never
+        #: overlap, so their ends are in order too).
+        self._runs: dict[int, dict[int, int]] = {}
+        self._starts: dict[int, list[int]] = {}
         self._order: list[tuple[int, int]] = []
         #: the device of the last run in ``_order``.
         self._last = -1
@@ -137,9 +159,11 @@ class ThinMetadata:
         #: run of consecutive blocks plus one per :data:`RUN_SPLIT_EVERY` more of it (see
         #: :meth:`map_run`).
         self.pending_inserts = 0
-        #: ``(dev_id, end, length)`` of the run :meth:`map_run` added last, while nothing else
-        #: was added after it (a run that continues it is charged as one longer run).
-        self._run: tuple[int, int, int] | None = None
+        #: ``(dev_id, end, length charged, next packed value, entry's first block, entry's
+        #: length)`` of the run :meth:`map_run` added last, while nothing else was added after
+        #: it: a run that continues it is charged as one longer run with it, and joins its
+        #: entry in ``_pending`` when its data blocks continue it too.
+        self._run: tuple[int, int, int, int, int, int] | None = None
         #: why a ``fold`` failed (the trees are half changed: only ``abort`` goes on from there).
         self._broken: str | None = None
         self._load_superblock(sb)
@@ -268,7 +292,11 @@ class ThinMetadata:
         """A device's details; raises ``DeviceNotFound`` (ENODATA) if it does not exist."""
         det = self._det(dev_id)
         pend = self._pending.get(dev_id)
-        return replace(det, mapped_blocks=det.mapped_blocks + len(pend)) if pend else det
+        if not pend:
+            return det
+        runs = self._runs.get(dev_id)
+        waiting = len(pend) + (sum(runs.values()) - len(runs) if runs else 0)
+        return replace(det, mapped_blocks=det.mapped_blocks + waiting)
 
     def snapshotted_time(self, dev_id: int) -> int:
         """When the device was last snapshotted (a mapping older than that is shared)."""
@@ -404,6 +432,8 @@ class ThinMetadata:
         pend = self._pending.get(dev_id)
         if pend:
             value = pend.get(vblock)
+            if value is None and dev_id in self._starts:
+                value = self._in_run(dev_id, vblock)
             if value is not None:
                 return Lookup(value >> 24, value & TIME_MASK, False)
         root = self._roots.get(dev_id)
@@ -420,6 +450,8 @@ class ThinMetadata:
         pend = self._pending.get(dev_id)
         if pend:
             value = pend.get(vblock)
+            if value is None and dev_id in self._starts:
+                value = self._in_run(dev_id, vblock)
             if value is not None:  # mapped at the current time: not shared (see map_new)
                 return value >> 24, False
         root = self._roots.get(dev_id)
@@ -433,10 +465,38 @@ class ThinMetadata:
         """Whether no block of ``[begin, end)`` is mapped, in the tree or waiting in core
         (:meth:`mappings` of the range would give nothing; no fold needed to tell)."""
         pend = self._pending.get(dev_id)
-        if pend and not pend.keys().isdisjoint(range(begin, end)):
+        if pend and self._waiting_in(dev_id, pend, begin, end):
             return False
         root = self._roots.get(dev_id)
         return not btree.has_key_in(self.tm, self._root(dev_id) if root is None else root, self.mapping, begin, end)
+
+    def _in_run(self, dev_id: int, vblock: int) -> int | None:
+        """The packed value of ``vblock`` in a run waiting for ``dev_id`` (:meth:`map_run`), or ``None``."""
+        starts = self._starts.get(dev_id)
+        if starts:
+            i = bisect_right(starts, vblock) - 1
+            if i >= 0:
+                start = starts[i]
+                if vblock - start < self._runs[dev_id][start]:
+                    return self._pending[dev_id][start] + ((vblock - start) << 24)
+        return None
+
+    def _waiting_in(self, dev_id: int, pend: dict[int, int], begin: int, end: int) -> bool:
+        """Whether a mapping of ``[begin, end)`` waits in core for ``dev_id`` (``pend``: its dict)."""
+        starts = self._starts.get(dev_id)
+        if starts:
+            i = bisect_left(starts, end) - 1  # the last run starting before ``end`` ends last
+            if i >= 0 and starts[i] + self._runs[dev_id][starts[i]] > begin:
+                return True
+        if end - begin <= len(pend):
+            return not pend.keys().isdisjoint(range(begin, end))
+        return any(begin <= v < end for v in pend)
+
+    def _none_waiting(self, dev_id: int, pend: dict[int, int], vblocks: Iterable[int]) -> bool:
+        """Whether no mapping of ``vblocks`` waits in core for ``dev_id`` (``pend``: its dict)."""
+        if not pend.keys().isdisjoint(vblocks):
+            return False
+        return dev_id not in self._starts or all(self._in_run(dev_id, v) is None for v in vblocks)
 
     def highest_mapped(self, dev_id: int) -> int | None:
         """The highest mapped virtual block of a device, ``None`` when it maps nothing
@@ -446,8 +506,7 @@ class ThinMetadata:
     def mappings(self, dev_id: int, begin: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int]]:
         """``(vblock, data_block, time)`` of a device's mappings in ``[begin, end)``, in order."""
         pend = self._pending.get(dev_id)
-        if pend and (end is None or (any(v in pend for v in range(begin, end)) if end - begin <= len(pend)
-                                     else any(begin <= v < end for v in pend))):
+        if pend and (end is None or self._waiting_in(dev_id, pend, begin, end)):
             self.fold()  # waiting mappings in the range
         for keys, values in btree.walk(self.tm, self._root(dev_id), self.mapping, begin, end):
             lo = bisect_left(keys, begin)  # only the leaf's keys in the range
@@ -480,7 +539,7 @@ class ThinMetadata:
         pend = self._pending.get(dev_id)
         if (pend is not None and dev_id == self._last and self._in_service and packed
                 and len(packed) == len(pairs) and min(packed.values()) >= 0
-                and max(packed.values()) >> 24 < len(self.tm.dsm.counts) and pend.keys().isdisjoint(packed)):
+                and max(packed.values()) >> 24 < len(self.tm.dsm.counts) and self._none_waiting(dev_id, pend, packed)):
             # map_one's way for a run (a whole-block write's blocks): the device of the last
             # run, in service, every block inside the pool and no virtual block waiting already
             pend.update(packed)
@@ -491,7 +550,7 @@ class ThinMetadata:
         self._check_mapping(dev_id, pairs)
         if pend is None:
             pend = self._pending[dev_id] = {}
-        if len(packed) != len(pairs) or not pend.keys().isdisjoint(packed):
+        if len(packed) != len(pairs) or not self._none_waiting(dev_id, pend, packed):
             self.insert_many(dev_id, pairs)
             return
         if dev_id != self._last:
@@ -505,7 +564,9 @@ class ThinMetadata:
     def map_run(self, dev_id: int, vblock: int, data_block: int, n: int) -> None:
         """:meth:`map_new` of ``n`` consecutive virtual blocks from ``vblock`` onto ``n``
         consecutive data blocks from ``data_block`` (a whole-block write's new run), without
-        building the pairs: the waiting values come from two ranges.
+        building the pairs: the run waits as one entry (its first block, length and first
+        value), which grows when the next run continues it on both sides; :meth:`fold` gives
+        each of its blocks.
 
         The caller found every block of the run unmapped (the thin target, under their cells),
         so the run's keys fall between the same two keys of the tree, and a fold inserts them
@@ -514,31 +575,45 @@ class ThinMetadata:
         before (same device, nothing added between) counts as one run with it."""
         pend = self._pending.get(dev_id)
         end = vblock + n
-        if (pend is None or dev_id != self._last or not self._in_service or n < 1 or vblock < 0
-                or not 0 <= data_block <= len(self.tm.dsm.counts) - n
-                or not pend.keys().isdisjoint(range(vblock, end))):
-            before = self.pending
-            self.map_new(dev_id, list(zip(range(vblock, end), range(data_block, data_block + n))))
-            if n > 0 and self.pending == before + n:  # it waits in core: counted as a run
-                self.pending_inserts += _run_inserts(n) - n
-                self._run = (dev_id, end, n)
+        if (n < 1 or vblock < 0 or not 0 <= data_block <= len(self.tm.dsm.counts) - n
+                or (pend is not None and self._waiting_in(dev_id, pend, vblock, end))):
+            self.map_new(dev_id, list(zip(range(vblock, end), range(data_block, data_block + n))))  # refused, or in now
             return
-        time = self.time  # pack_block_time of each: (block << 24) | time
-        pend.update(zip(range(vblock, end), range((data_block << 24) | time, ((data_block + n) << 24) | time, 1 << 24)))
+        if pend is None or dev_id != self._last or not self._in_service:  # map_new's checks, a turn of this device
+            self._check_mapping(dev_id, ())
+            if pend is None:
+                pend = self._pending[dev_id] = {}
+            if dev_id != self._last:
+                self._order.append((dev_id, len(pend)))
+                self._last = dev_id
+        packed = (data_block << 24) | self.time  # pack_block_time
         self.pending += n
         last = self._run
-        length = n
         if last is not None and last[0] == dev_id and last[1] == vblock:  # it continues the last run
-            length += last[2]
-            self.pending_inserts -= _run_inserts(last[2])
-        self.pending_inserts += _run_inserts(length)
-        self._run = (dev_id, end, length)
+            length = last[2] + n
+            self.pending_inserts += _run_inserts(length) - _run_inserts(last[2])
+            if last[3] == packed:  # onto the data blocks after the last run's: its entry grows
+                first, size = last[4], last[5] + n
+                self._runs[dev_id][first] = size
+                self._run = (dev_id, end, length, packed + (n << 24), first, size)
+                return
+        else:
+            length = n
+            self.pending_inserts += _run_inserts(n)
+        pend[vblock] = packed
+        runs = self._runs.get(dev_id)
+        if runs is None:
+            runs = self._runs[dev_id] = {}
+        runs[vblock] = n
+        insort(self._starts.setdefault(dev_id, []), vblock)
+        self._run = (dev_id, end, length, packed + (n << 24), vblock, n)
 
     def map_one(self, dev_id: int, vblock: int, data_block: int) -> None:
         """:meth:`map_new` of one block (a first write's mapping)."""
         pend = self._pending.get(dev_id)
         if (pend is None or vblock in pend or dev_id != self._last or not self._in_service
-                or not 0 <= data_block < len(self.tm.dsm.counts)):
+                or not 0 <= data_block < len(self.tm.dsm.counts)
+                or (dev_id in self._starts and self._in_run(dev_id, vblock) is not None)):
             self.map_new(dev_id, ((vblock, data_block),))
             return
         pend[vblock] = (data_block << 24) | self.time  # pack_block_time
@@ -566,21 +641,21 @@ class ThinMetadata:
         if not self.pending:
             return
         pending = self._pending
+        runs = self._runs
         try:
-            if len(self._order) == 1:  # one device's turn: its keys and values at once
+            if len(self._order) == 1 and not runs:  # one device's turn of single mappings: its dict whole
                 (dev_id, _begin), = self._order
                 pend = pending[dev_id]
                 self._insert_tree(dev_id, list(pend), list(pend.values()))
             else:
-                keys = {dev_id: iter(pend) for dev_id, pend in pending.items()}
-                values = {dev_id: iter(pend.values()) for dev_id, pend in pending.items()}
+                items = {dev_id: iter(pend.items()) for dev_id, pend in pending.items()}
                 end = {dev_id: len(pend) for dev_id, pend in pending.items()}
                 turns = []
                 for dev_id, begin in reversed(self._order):
                     turns.append((dev_id, end[dev_id] - begin))
                     end[dev_id] = begin
                 for dev_id, n in reversed(turns):
-                    self._insert_tree(dev_id, list(islice(keys[dev_id], n)), list(islice(values[dev_id], n)))
+                    self._insert_tree(dev_id, *_spread(islice(items[dev_id], n), runs.get(dev_id, {})))
         except BaseException as err:
             self._broken = str(err) or type(err).__name__  # the waiting mappings stay findable
             raise
@@ -588,6 +663,8 @@ class ThinMetadata:
 
     def _clear_pending(self) -> None:
         self._pending.clear()
+        self._runs.clear()
+        self._starts.clear()
         self._order.clear()
         self._last = -1
         self.pending = 0
