@@ -281,7 +281,7 @@ def _runs_history(path: Path, seed: int, defer: bool) -> bytes:
             if rng.random() < 0.2:
                 md.alloc_data_block()  # the next run's data blocks do not continue the last's
             blocks = md.alloc_data_blocks(16)
-            assert blocks == list(range(blocks[0], blocks[0] + 16))
+            assert list(blocks) == list(range(blocks[0], blocks[0] + 16))
             if defer:
                 md.map_run(dev, v, blocks[0], 16)
             else:

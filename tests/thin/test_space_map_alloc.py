@@ -26,7 +26,7 @@ def _assert_alloc_many_is_alloc_repeated(sm: RefCounts, n: int) -> None:
             expected.append(one_by_one.alloc())
         except NoSpace:
             break
-    assert sm.alloc_many(n) == expected
+    assert list(sm.alloc_many(n)) == expected
     assert _state(sm) == _state(one_by_one)
 
 

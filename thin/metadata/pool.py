@@ -740,9 +740,10 @@ class ThinMetadata:
             self._writing()
         return self.tm.dsm.alloc()
 
-    def alloc_data_blocks(self, n: int) -> list[int]:
+    def alloc_data_blocks(self, n: int) -> Sequence[int]:
         """Up to ``n`` blocks as ``n`` calls of :meth:`alloc_data_block` would give them (fewer,
-        without ``NoSpace``, when the pool has no more)."""
+        without ``NoSpace``, when the pool has no more): a ``range`` when they are one run
+        (``RefCounts.alloc_many``)."""
         self._writing()
         return self.tm.dsm.alloc_many(n)
 

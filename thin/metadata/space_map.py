@@ -12,7 +12,7 @@ not handed out again before the next commit, so the last committed trees stay in
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from dmtools.errors import CorruptMetadata, NoSpace
 
@@ -173,9 +173,10 @@ class RefCounts:
         self.cursor = b + 1
         return b
 
-    def alloc_many(self, n: int) -> list[int]:
+    def alloc_many(self, n: int) -> Sequence[int]:
         """Up to ``n`` blocks, the ones ``n`` calls of :meth:`alloc` would give, taken a run of
-        free blocks at a time; fewer when no more are free."""
+        free blocks at a time; fewer when no more are free. A ``range`` when they are ``n``
+        consecutive blocks from the cursor (the commonest case, taken at once), else a list."""
         counts, freed = self.counts, self.freed
         at = counts.find(0, self.cursor)
         end = at + n
@@ -188,7 +189,7 @@ class RefCounts:
             self.cursor = end
             self.nr_allocated += n
             self.allocated_this_transaction += n
-            return list(range(at, end))
+            return range(at, end)
         out: list[int] = []
         while len(out) < n:
             b = self.find_free()

@@ -530,18 +530,24 @@ class Pool:
         """Up to ``n`` new data blocks for a run of whole-block writes, as many as the pool gives
         without waiting or failing (the caller handles the rest block by block, which waits or
         fails as the pool's mode says)."""
-        out: list[int] = []
         with self.lock:
-            if self.mode == _WRITE:
-                out = self._alloc_batch(n)
-            while len(out) < n and self.mode == _WRITE:
-                block = self._alloc_locked()
-                if block is None:
-                    break
-                out.append(block)
-        return out
+            return list(self._alloc_up_to(n)) if self.mode == _WRITE else []
 
-    def _alloc_batch(self, n: int) -> list[int]:
+    def _alloc_up_to(self, n: int) -> Sequence[int]:
+        """:meth:`try_alloc_many`'s blocks, the lock held in write mode: :meth:`_alloc_batch`'s,
+        then one by one while the pool gives them at once (a ``range`` when the batch is all)."""
+        out = self._alloc_batch(n)
+        if len(out) == n:
+            return out
+        more = list(out)
+        while len(more) < n and self.mode == _WRITE:
+            block = self._alloc_locked()
+            if block is None:
+                break
+            more.append(block)
+        return more
+
+    def _alloc_batch(self, n: int) -> Sequence[int]:
         """Up to ``n`` blocks at once, as :meth:`_alloc_locked` would give them one by one, when
         none of its steps can fall due among them (an early commit for metadata room, the low
         water mark, an empty pool); else none. Data allocations take no metadata block: only the
@@ -566,7 +572,7 @@ class Pool:
                 raise
             raise self._failed("dm_pool_alloc_data_block", err) from err
 
-    def alloc_unmapped(self, dev_id: int, begin: int, end: int) -> tuple[list[int], int] | None:
+    def alloc_unmapped(self, dev_id: int, begin: int, end: int) -> tuple[Sequence[int], int] | None:
         """For whole-block writes of ``[begin, end)``, their cells held, in one hold of the lock:
         ``None`` when a block there is mapped or the pool is not in write mode (the caller looks
         them up); else the new blocks :meth:`try_alloc_many` gives for them (maybe fewer) and
@@ -581,15 +587,7 @@ class Pool:
                 if not _metadata_fault(err):
                     raise
                 raise self._failed("dm_thin_find_mapped_range", err) from err
-            aborts = self.aborts
-            n = end - begin
-            out = self._alloc_batch(n)  # try_alloc_many, inline (the mode is WRITE)
-            while len(out) < n and self.mode == _WRITE:
-                block = self._alloc_locked()
-                if block is None:
-                    break
-                out.append(block)
-            return out, aborts
+            return self._alloc_up_to(end - begin), self.aborts
 
     def release_block(self, block: int, aborts: int) -> None:
         """Give back a block whose preparation or write failed (taken when ``self.aborts`` was

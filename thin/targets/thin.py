@@ -246,7 +246,7 @@ class ThinTarget(TargetDriver):
             if fresh is not None:
                 news, aborts = fresh
                 n = len(news)
-                if n == v1 - v0 and news == list(range(news[0], news[0] + n)):
+                if n == v1 - v0 and (isinstance(news, range) or news == list(range(news[0], news[0] + n))):
                     # first writes on one new run of blocks (the sequential writer's case): one
                     # write, then the run mapped
                     try:
@@ -263,7 +263,7 @@ class ThinTarget(TargetDriver):
         for v in need:
             self._write_block(v, 0, data[(v - v0) * bb:(v - v0 + 1) * bb])
 
-    def _write_runs(self, v0: int, v1: int, data: memoryview, fresh: tuple[list[int], int] | None) -> Sequence[int]:
+    def _write_runs(self, v0: int, v1: int, data: memoryview, fresh: tuple[Sequence[int], int] | None) -> Sequence[int]:
         """:meth:`_write_whole_blocks` of blocks that are mapped, shared, or new but not one run
         (``fresh``: the new blocks and abort count :meth:`Pool.alloc_unmapped` gave, ``None``
         when some block is mapped), their cells held: one write per run consecutive on the data
