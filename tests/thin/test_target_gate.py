@@ -29,6 +29,18 @@ def _gate_data_writes(monkeypatch: Any, rig: PoolRig, gate: Any, events: list[st
     monkeypatch.setattr(data, "write", gated_write)
 
 
+def _suspend_in_thread(rig: PoolRig, events: list[str]) -> threading.Thread:
+    """A thread suspending the pool, then logging it; returned after half a second of it."""
+    def suspend() -> None:
+        rig.dm.suspend(rig.name)
+        events.append("suspended")
+
+    suspender = threading.Thread(target=suspend)
+    suspender.start()
+    suspender.join(0.5)
+    return suspender
+
+
 def test_suspended_pool_holds_writes_to_mapped_and_new_blocks(rig: PoolRig, monkeypatch: Any) -> None:
     t = rig.thin(1, "t1")
     t.write(pattern(1, BB), 0)  # block 0 mapped; block 1 not
@@ -66,13 +78,7 @@ def test_pool_suspend_waits_for_writes_sent_to_the_data_device(rig: PoolRig, mon
     writer.start()
     assert inside.wait(10)
 
-    def suspend() -> None:
-        rig.dm.suspend(rig.name)
-        events.append("suspended")
-
-    suspender = threading.Thread(target=suspend)
-    suspender.start()
-    suspender.join(0.5)
+    suspender = _suspend_in_thread(rig, events)
     assert suspender.is_alive() and events == []  # waiting for the write inside the data device
     release.set()
     writer.join(10)
@@ -81,6 +87,45 @@ def test_pool_suspend_waits_for_writes_sent_to_the_data_device(rig: PoolRig, mon
     assert events == ["write 0", "suspended"]
     rig.dm.resume(rig.name)
     assert read(t, 0, 8192) == pattern(2, 4096) + pattern(1, 4096)
+
+
+def test_a_run_of_new_blocks_is_held_by_a_suspended_pool_and_waited_for_by_a_suspend(
+        rig: PoolRig, monkeypatch: Any) -> None:
+    """A write of whole new blocks (one write of the run, the data device given with the run's
+    cells): held while the pool is suspended; sent while it is live, and a suspend then waits
+    for it."""
+    t = rig.thin(1, "t1")
+    events: list[str] = []
+    inside, release = threading.Event(), threading.Event()
+    gated = [False]
+
+    def gate() -> None:
+        if gated[0]:
+            inside.set()
+            assert release.wait(10)
+
+    _gate_data_writes(monkeypatch, rig, gate, events)
+    rig.dm.suspend(rig.name)
+    writer = threading.Thread(target=t.write, args=(pattern(2, 2 * BB), 0))
+    writer.start()
+    writer.join(0.5)
+    assert writer.is_alive() and events == []  # held: nothing reached the data device
+    rig.dm.resume(rig.name)
+    writer.join(10)
+    assert not writer.is_alive() and events == ["write 0"]
+    gated[0] = True
+    writer = threading.Thread(target=t.write, args=(pattern(3, 2 * BB), 2 * BB))
+    writer.start()
+    assert inside.wait(10)
+    suspender = _suspend_in_thread(rig, events)
+    assert suspender.is_alive() and events == ["write 0"]  # waiting for the write inside the data device
+    release.set()
+    writer.join(10)
+    suspender.join(10)
+    assert not writer.is_alive() and not suspender.is_alive()
+    assert events == ["write 0", "write 2", "suspended"]
+    rig.dm.resume(rig.name)
+    assert read(t, 0, 4 * BB) == pattern(2, 2 * BB) + pattern(3, 2 * BB)
 
 
 def test_a_read_only_pool_table_passes_reads_and_refuses_writes(engine: Any, tmp_path: Any) -> None:

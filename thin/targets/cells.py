@@ -214,18 +214,31 @@ class Prison:
         (so two callers never hold part of each other's cells and wait for the rest); returns
         what to give back with :meth:`give_range` in a ``finally`` (:meth:`hold_range` without
         a ``with``, for the per-I/O path, where one costs more)."""
+        return self.take_range_to_write(dev_id, begin, end, False)[0]
+
+    def take_range_to_write(self, dev_id: int, begin: int, end: int, write: bool = True) -> tuple[Cells, Any]:
+        """:meth:`take_range` and, in the same hold of the lock, the data device for writes of
+        the range while the gate is open and lets writes through (as :meth:`enter_direct`
+        gives it: pair with ``give_range(cells, True)``), else ``None``."""
         cells = (dev_id, begin, end)
         with self.lock:
             if self._ranges or self._held:
                 while not self._range_free(dev_id, begin, end):
                     self._wait()
             self._ranges.append(cells)
-        return cells
+            route = self._route
+            if write and route is not None and self._route_writes:
+                self._direct += 1
+                return cells, route
+        return cells, None
 
-    def give_range(self, cells: Cells) -> None:
-        """Release the cells :meth:`take_range` took."""
+    def give_range(self, cells: Cells, direct: bool = False) -> None:
+        """Release the cells :meth:`take_range` took (``direct``: and the data device
+        :meth:`take_range_to_write` gave with them)."""
         with self.lock:
             self._ranges.remove(cells)
+            if direct:
+                self._direct -= 1
             if self._waiting:
                 self._changed.notify_all()
 

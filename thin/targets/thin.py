@@ -239,7 +239,7 @@ class ThinTarget(TargetDriver):
         and mapped together. Blocks the pool cannot give at once go the per-block way."""
         pool, bb, dev_id = self.pool, self.bb, self.dev_id
         prison = pool.prison
-        cells = prison.take_range(dev_id, v0, v1)
+        cells, route = prison.take_range_to_write(dev_id, v0, v1)
         try:
             pool.check_io()
             fresh = pool.alloc_unmapped(dev_id, v0, v1)
@@ -249,8 +249,8 @@ class ThinTarget(TargetDriver):
                 if n == v1 - v0 and (isinstance(news, range) or news == list(range(news[0], news[0] + n))):
                     # first writes on one new run of blocks (the sequential writer's case): one
                     # write, then the run mapped
-                    try:
-                        self._write_data(data, news[0] * bb)
+                    try:  # straight to the data device while the pool's gate is open (_write_data)
+                        (self.pool_dev if route is None else route).write(data, news[0] * bb)
                     except BaseException:
                         for block in news:
                             pool.release_block(block, aborts)
@@ -259,7 +259,7 @@ class ThinTarget(TargetDriver):
                     return
             need = self._write_runs(v0, v1, data, fresh)
         finally:
-            prison.give_range(cells)
+            prison.give_range(cells, route is not None)
         for v in need:
             self._write_block(v, 0, data[(v - v0) * bb:(v - v0 + 1) * bb])
 
