@@ -49,11 +49,14 @@ class UserspaceClient(DeviceMapper):
             rundir.check_socket(self.socket_path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.connect(self.socket_path)
+            rundir.connect(sock, self.socket_path)
         except OSError as err:
             sock.close()
             raise DaemonError(f"cannot reach the dmtools daemon at {self.socket_path}: "
-                              f"{err.strerror}", errno=err.errno, operation="connect") from err
+                              f"{err.strerror or err}", errno=err.errno, operation="connect") from err
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
     def call(self, verb: str, **args: Any) -> Any:

@@ -13,7 +13,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from dmtools.endpoint import Endpoint
-from dmtools.engine import protocol
+from dmtools.engine import protocol, rundir
 from dmtools.errors import DaemonError, DeviceIOError, InvalidArgument, quietly
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -89,11 +89,14 @@ class SocketEndpoint(Endpoint):
         self._lock = threading.Lock()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            self._sock.connect(socket_path)
+            rundir.connect(self._sock, socket_path)
         except OSError as err:
             self._sock.close()
-            raise DaemonError(f"cannot reach the dmtools daemon: {err.strerror}",
+            raise DaemonError(f"cannot reach the dmtools daemon: {err.strerror or err}",
                               errno=err.errno, operation="open", device=name) from err
+        except BaseException:
+            self._sock.close()
+            raise
         self._stream = self._sock.makefile("rb")
         try:
             self._handle = self._call("open", None, name=name, writable=writable)[0]

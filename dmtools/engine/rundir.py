@@ -23,6 +23,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.
 
 if TYPE_CHECKING:  # pragma: no cover
     import socket
+    from collections.abc import Iterator
 
 #: Where root's daemon lives by default; created 0700 (only root goes in).
 ROOT_RUN_DIR = "/run/dmtools"
@@ -47,6 +48,62 @@ def run_dir() -> str:
 def socket_path(directory: str | None = None) -> str:
     """The control socket."""
     return os.path.join(directory or run_dir(), "control.sock")
+
+
+#: ``sun_path``'s size in ``struct sockaddr_un``: a socket's path and its terminating NUL.
+SUN_PATH_SIZE = 108
+#: Where a process names its own descriptors: ``/proc/self/fd/N`` is the directory itself.
+PROC_FD = "/proc/self/fd"
+
+
+@contextlib.contextmanager
+def socket_name(path: str) -> Iterator[str]:
+    """A name of socket ``path`` that fits ``sun_path``: ``path`` itself when it is short enough,
+    else ``/proc/self/fd/N/NAME`` with ``N`` its directory opened ``O_PATH | O_NOFOLLOW`` (the
+    kernel resolves that to the directory opened, whatever is renamed meanwhile), valid inside
+    the block. Raises ``DaemonError`` (ENAMETOOLONG) when ``path`` is too long and ``/proc`` is
+    not there to name the directory, ENOENT when the directory is missing, EPERM when it is a
+    symlink or changed while it was opened."""
+    if len(os.fsencode(path)) < SUN_PATH_SIZE:
+        yield path
+        return
+    directory, name = os.path.split(os.path.abspath(path))
+    try:
+        fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise DaemonError(f"run directory {directory} does not exist", errno=errno.ENOENT) from None
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise _refuse(directory, "it is a symlink or not a directory") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        try:
+            named = os.lstat(directory)
+        except FileNotFoundError:
+            named = None
+        if named is None or (named.st_dev, named.st_ino) != (st.st_dev, st.st_ino):
+            raise _refuse(directory, "it was replaced while it was opened")
+        short = f"{PROC_FD}/{fd}"
+        try:
+            seen = os.stat(short)
+        except OSError:
+            seen = None
+        if seen is None or (seen.st_dev, seen.st_ino) != (st.st_dev, st.st_ino):
+            raise DaemonError(f"run directory {directory} is too long for a Unix socket (a socket's "
+                              f"path holds at most {SUN_PATH_SIZE - 1} bytes: sun_path) and {PROC_FD} "
+                              "is missing to name it by a shorter path: set DMTOOLS_RUN_DIR to a "
+                              "shorter directory", errno=errno.ENAMETOOLONG)
+        yield f"{short}/{name}"
+    finally:
+        os.close(fd)
+
+
+def connect(sock: socket.socket, path: str) -> None:
+    """``sock.connect(path)`` for a socket in a run directory, whatever the length of ``path``
+    (:func:`socket_name`). ``OSError`` as ``connect`` raises it."""
+    with socket_name(path) as name:
+        sock.connect(name)
 
 
 def _refuse(path: str, why: str) -> DaemonError:
@@ -167,25 +224,25 @@ def bind_socket(path: str, backlog: int = 64) -> socket.socket:
     over whatever stood there (a stale socket or a planted symlink is replaced, not followed)."""
     import socket  # the daemon's only: a client finding the socket path need not load it
 
-    tmp = _temp_name(path)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o177)
-    try:
-        server.bind(tmp)
-    except OSError:
-        server.close()
-        raise
-    finally:
-        os.umask(old)
-    try:
-        os.rename(tmp, path)
-    except OSError:
-        server.close()
-        with contextlib.suppress(OSError):
+    with socket_name(_temp_name(path)) as tmp:  # a path too long for sun_path: by /proc/self/fd
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            server.bind(tmp)
+        except OSError:
+            server.close()
+            raise
+        finally:
+            os.umask(old)
+        try:
+            os.rename(tmp, os.path.join(os.path.dirname(tmp), os.path.basename(path)))
+        except OSError:
+            server.close()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     server.listen(backlog)
     return server
 

@@ -193,14 +193,15 @@ def subscribe(socket_path: str, *, timeout: float | None = None) -> Iterator[Eve
     Ends when the daemon closes the stream; with ``timeout`` a silent daemon (no event and no
     heartbeat for that long) raises ``DMError``. Raises ``DaemonError`` when it cannot connect.
     """
+    from dmtools.engine import rundir
     from dmtools.errors import DaemonError
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         try:
-            sock.connect(socket_path)
+            rundir.connect(sock, socket_path)
         except OSError as err:
-            raise DaemonError(f"cannot reach the dmtools daemon at {socket_path}: {err.strerror}",
+            raise DaemonError(f"cannot reach the dmtools daemon at {socket_path}: {err.strerror or err}",
                               errno=err.errno, operation="subscribe") from err
         sock.settimeout(timeout)
         sock.sendall(json.dumps({"verb": "subscribe", "args": {}}).encode() + b"\n")

@@ -141,6 +141,18 @@ def test_a_run_directory_below_another_users_directory_is_refused(tmp_path: Path
     assert _state(outside, theirs) == before
 
 
+def _stop_daemon(run: Path) -> None:
+    """Stop the daemon serving ``run``, if one does."""
+    try:
+        client = UserspaceClient(str(run))
+    except DMError:
+        return
+    try:
+        client.shutdown(force=True)
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def own_run(tmp_path: Path, outside: Path) -> Iterator[Path]:
     """Root's own run directory (0700) with links planted by an earlier mishap; the daemon is
@@ -155,14 +167,7 @@ def own_run(tmp_path: Path, outside: Path) -> Iterator[Path]:
     try:
         yield run
     finally:
-        try:
-            client = UserspaceClient(str(run))
-        except DMError:
-            return
-        try:
-            client.shutdown(force=True)
-        finally:
-            client.close()
+        _stop_daemon(run)
 
 
 def test_own_run_directory_links_are_replaced_not_followed(own_run: Path, outside: Path, dm_name: str) -> None:
@@ -216,3 +221,55 @@ def test_default_run_directory_is_made_0700(tmp_path: Path, monkeypatch: pytest.
         eng.remove("t-dmtt")
     finally:
         eng.close()
+
+
+@pytest.fixture
+def long_run(tmp_path: Path) -> Iterator[Path]:
+    """A run directory whose socket path is longer than ``sun_path`` (108 bytes); its daemon is
+    stopped at teardown."""
+    run = tmp_path / ("x" * 110) / "run"
+    run.parent.mkdir(mode=0o700)
+    assert len(os.fsencode(run / "control.sock")) > 108
+    try:
+        yield run
+    finally:
+        _stop_daemon(run)
+
+
+def test_a_run_directory_longer_than_sun_path_works_end_to_end(long_run: Path, tmp_path: Path, dm_name: str,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI starts the daemon on demand there and creates, exposes, lists and removes a device;
+    the socket is bound and reached through ``/proc/self/fd/N`` (it was "cannot reach the dmtools
+    daemon …: None")."""
+    img = tmp_path / "a.img"
+    img.write_bytes(b"\0" * (1 << 20))
+    monkeypatch.setenv("DMTOOLS_RUN_DIR", str(long_run))
+
+    def cli(*argv: str) -> str:
+        capsys.readouterr()
+        rc = cli_main.main(["--backend", "userspace", *argv], propagate=False)
+        out, err = capsys.readouterr()
+        assert (rc, err) == (0, ""), argv
+        return out
+
+    cli("dm", "create", dm_name, "--table", f"0 2048 linear {img} 0")
+    assert stat.S_ISSOCK(os.lstat(long_run / "control.sock").st_mode)
+    assert dm_name in cli("dm", "ls")
+    link = long_run / "mapper" / dm_name
+    assert os.readlink(link).startswith("/dev/loop")
+    fd = os.open(link, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"L" * 4096, 8192)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    with open(img, "rb") as f:
+        assert f.read()[8192:12288] == b"L" * 4096
+    cli("dm", "remove", dm_name)
+    assert dm_name not in cli("dm", "ls")
+    assert not os.path.lexists(link)
+    capsys.readouterr()
+    assert cli_main.main(["daemon", "stop"], propagate=False) == 0
+    assert not os.path.lexists(long_run / "control.sock")
+    assert not [n for n in os.listdir(long_run) if n.endswith(".tmp")]

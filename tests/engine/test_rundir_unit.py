@@ -6,6 +6,7 @@ import errno
 import os
 import socket
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,94 @@ def test_subdir_refuses_a_link_to_elsewhere(private: Path, tmp_path: Path) -> No
     with pytest.raises(DaemonError, match="symlink"):
         rundir.subdir(str(private / "fuse"), 0o700)
     assert rundir.subdir(str(private / "mapper"), 0o755) == str(private / "mapper")
+
+
+@pytest.fixture
+def long_run(tmp_path: Path) -> Path:
+    """A private run directory whose socket path is longer than ``sun_path`` (108 bytes)."""
+    d = tmp_path / ("x" * 110) / "run"
+    d.mkdir(mode=0o700, parents=True)
+    assert len(os.fsencode(rundir.socket_path(str(d)))) > 108  # sun_path
+    return d
+
+
+def test_a_socket_path_longer_than_sun_path_binds_and_connects(long_run: Path, outside: Path) -> None:
+    """Bound and reached by ``/proc/self/fd/N/control.sock``: the socket is in the run directory,
+    0600, and a link planted there is replaced, not followed."""
+    before, fds = _snapshot(outside), len(os.listdir("/proc/self/fd"))
+    path = long_run / "control.sock"
+    path.symlink_to(outside)
+    server = rundir.bind_socket(str(path))
+    try:
+        st = os.lstat(path)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
+        rundir.check_socket(str(path))
+        with socket.socket(socket.AF_UNIX) as c:
+            rundir.connect(c, str(path))
+            conn, _ = server.accept()
+            with conn:
+                c.sendall(b"ping")
+                assert conn.recv(4) == b"ping"
+    finally:
+        server.close()
+    assert _snapshot(outside) == before
+    assert sorted(os.listdir(long_run)) == ["control.sock"]
+    assert len(os.listdir("/proc/self/fd")) == fds  # the directory's O_PATH descriptors are closed
+
+
+def test_a_long_socket_path_without_proc_is_refused_in_one_line(long_run: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``/proc`` to name the directory by: a clear error naming the limit, nothing made."""
+    from dmtools.engine.client import UserspaceClient
+
+    monkeypatch.setattr(rundir, "PROC_FD", str(tmp_path / "no-proc"))
+    path = str(long_run / "control.sock")
+    why = f"run directory {long_run} is too long for a Unix socket \\(.* at most 107 bytes: sun_path\\)"
+    with pytest.raises(DaemonError, match=why) as err:
+        rundir.bind_socket(path)
+    assert err.value.errno == errno.ENAMETOOLONG and "\n" not in str(err.value)
+    assert os.listdir(long_run) == []
+    with pytest.raises(DaemonError, match=why) as err:
+        UserspaceClient(str(long_run))
+    assert err.value.errno == errno.ENAMETOOLONG and "None" not in str(err.value)
+
+
+def test_a_long_socket_path_through_a_symlinked_directory_is_refused(long_run: Path, tmp_path: Path) -> None:
+    link = tmp_path / ("y" * 110)
+    link.symlink_to(long_run)
+    with pytest.raises(DaemonError, match="it is a symlink") as err:
+        with socket.socket(socket.AF_UNIX) as c:
+            rundir.connect(c, str(link / "control.sock"))
+    assert err.value.errno == errno.EPERM
+
+
+def test_a_daemon_in_a_long_run_directory_serves_every_connection(long_run: Path, tmp_path: Path) -> None:
+    """The control connection, a device's I/O connection and the event stream all reach a
+    daemon whose socket path is longer than ``sun_path``."""
+    from dmtools.engine.client import UserspaceClient
+    from dmtools.testing.daemon import serving_daemon
+    from dmtools.testing.wait import wait_until
+
+    img = tmp_path / "a.img"
+    img.write_bytes(b"\0" * 65536)
+    heard: list[object] = []
+    with serving_daemon(str(long_run)) as daemon:
+        client = UserspaceClient(str(long_run))
+        reader = threading.Thread(target=lambda: heard.extend(client.events(timeout=10)), daemon=True)
+        reader.start()
+        wait_until(lambda: daemon.hub is not None and bool(daemon.hub.subscribers), "the subscription", 10)
+        client.create("long-dmtt", f"0 128 linear {img} 0")
+        assert [e.name for e in client.list()] == ["long-dmtt"]
+        ep = client.open_endpoint("long-dmtt")
+        try:
+            assert ep.write(b"d" * 512, 512) == 512
+            ep.flush()
+        finally:
+            ep.close()
+        assert img.read_bytes()[512:1024] == b"d" * 512
+        client.remove("long-dmtt")
+        assert client.list() == []
+        wait_until(lambda: any(getattr(e, "device", None) == "long-dmtt" for e in heard), "the events", 10)
+        client.close()
+    reader.join(10)
+    assert not reader.is_alive()
