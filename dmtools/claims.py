@@ -177,6 +177,8 @@ class Holder:
         st = os.fstat(fd)
         key = ("file", st.st_dev, st.st_ino)
         with self._lock:
+            while key in self._opening:  # another thread of this holder is checking it: nest in that
+                self._opened.wait()
             held = self._held.get(key)
             if held is not None:
                 os.close(fd)
@@ -185,22 +187,41 @@ class Holder:
                 return
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if loops:
-                    self._check_loops(path, device, st)
             except BlockingIOError as err:
                 os.close(fd)
                 raise DeviceBusy(f"{path} is claimed by another engine or tool", errno=errno.EBUSY,
                                  operation="claim", device=device) from err
-            except BaseException:
+            if not loops:
+                self._held[key] = [fd, 1]
+                taken.append(key)
+                return
+            self._opening.add(key)
+        # The loop devices are probed without the lock, as ``_take`` opens: one may be an engine's
+        # exposed device, suspended, whose open waits while a sync(2) waits for its writes.
+        ok = False
+        try:
+            self._check_loops(path, device, st)
+            ok = True
+        finally:
+            with self._lock:
+                self._opening.discard(key)
+                if ok:
+                    self._held[key] = [fd, 1]
+                    taken.append(key)
+                self._opened.notify_all()
+            if not ok:
                 os.close(fd)
-                raise
-            self._held[key] = [fd, 1]
-            taken.append(key)
+
+    def _ours(self, devno: tuple[int, int]) -> bool:
+        """True when this holder claims loop device ``devno`` or a partition of it."""
+        with self._lock:
+            return ("blk", devno) in self._held or any(whole_disk(k[1]) == devno for k in self._paths)  # type: ignore[index]
 
     def _check_loops(self, path: str, device: str | None, st: os.stat_result) -> None:
-        """Refuse a file that a loop device exposes to someone else (caller holds the lock)."""
+        """Refuse a file that a loop device exposes to someone else (called without the lock: the
+        probing open of a loop device may wait)."""
         for loop_path, devno in loops_over(path, st):
-            if ("blk", devno) in self._held or any(whole_disk(k[1]) == devno for k in self._paths):  # type: ignore[index]
+            if self._ours(devno):
                 continue  # our own claim on that loop device or a partition of it: one holder nests
             try:
                 fd = os.open(loop_path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)

@@ -562,3 +562,33 @@ def test_an_abort_lets_a_waiting_sync_end_and_spares_a_live_exposure(exposed_eng
             assert f.read(4096) == b"L" * 4096
     exposed_engine.resume(dm_name)
     exposed_engine.remove(dm_name)
+
+
+def test_a_claim_probing_a_suspended_exposed_device_holds_no_other_count(exposed_engine, make_image, dm_name,
+                                                                          tmp_path):
+    """A table of another engine over this engine's FUSE file claims the file and probes the loop
+    device over it with an ``O_EXCL`` open, which waits while a ``sync(2)`` waits for the device
+    suspended: that engine's ``info`` of another device must not wait for it (the holder's lock)."""
+    img, other = make_image(MiB), make_image(MiB)
+    exposed_engine.create(dm_name, f"0 2048 linear {img} 0")
+    loop_name = os.path.basename(os.path.realpath(exposed_engine.device_path(dm_name)))
+    fuse_file = Path(f"/sys/block/{loop_name}/loop/backing_file").read_text().strip()
+    second = Engine(expose=True, run_dir=str(tmp_path / "second"))
+    try:
+        second.create("b" + dm_name, f"0 2048 linear {other} 0")
+        with _sync_waiting_for(exposed_engine, dm_name):
+            creating = threading.Thread(target=second.create,
+                                        args=("c" + dm_name, f"0 1024 linear {fuse_file} 0"), daemon=True)
+            creating.start()
+            wait_until(lambda: "bdev_open" in _kernel_stack(creating.native_id or 0),
+                       "the claim to probe the loop device", 30)
+            got = _returns(lambda: second.info("b" + dm_name))
+            assert got and got[0].open_count == 0, "info waited for the probe"
+            assert _returns(lambda: exposed_engine.resume(dm_name)) == [None]
+            creating.join(30)
+        assert not creating.is_alive()
+        assert [e.name for e in second.list()] == sorted(["b" + dm_name, "c" + dm_name])
+        for name in ("c" + dm_name, "b" + dm_name):
+            second.remove(name)
+    finally:
+        second.close()
