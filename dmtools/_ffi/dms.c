@@ -210,6 +210,7 @@ int dms_commit_copy(const char *src, int64_t n, int cfd, int64_t coff, int cow_z
 
 struct dms_snap {
 	pthread_mutex_t lock;
+	long refs;            /* Python's (dms_snap_new) and each origin map's (dms_snap_get) */
 	int armed;
 	int failed;           /* the DMS_* of a failure after the copy was in place, else 0 */
 	uint64_t *bits;       /* one bit per origin chunk: it has an exception */
@@ -243,12 +244,22 @@ struct dms_snap *dms_snap_new(int64_t nchunks, int64_t cb, int64_t logmax)
 	s->nchunks = nchunks;
 	s->cb = cb;
 	s->logmax = logmax;
+	s->refs = 1;
 	return s;
 }
 
+/* One more reference: an origin's first-write descriptor in the exposure's C data path
+ * (fastio.c dmf_chunks_first) keeps the state until it is withdrawn. */
+void dms_snap_get(struct dms_snap *s)
+{
+	__atomic_add_fetch(&s->refs, 1, __ATOMIC_RELAXED);
+}
+
+/* Drop a reference (Python's, through its garbage collection, or a descriptor's): the last one
+ * frees the state. */
 void dms_snap_free(struct dms_snap *s)
 {
-	if (!s)
+	if (!s || __atomic_sub_fetch(&s->refs, 1, __ATOMIC_ACQ_REL) != 0)
 		return;
 	pthread_mutex_destroy(&s->lock);
 	free(s->bits);

@@ -45,7 +45,11 @@
 #include <time.h>
 #include <unistd.h>
 
-#define DMF_ABI 2
+/* --- the classic snapshot's copy-on-write of one chunk: dms.c, also built on its own as a CPython
+ * extension (dmtools._ffi.dms); here for the library's cffi ABI-mode callers where that cannot be built. */
+#include "dms.c"
+
+#define DMF_ABI 3
 /* A map description (dmf_slot_set): header words, then per segment SEG_WORDS + LEG_WORDS per leg. */
 #define HDR_WORDS 5 /* size, readonly, direct_min, random_max, nseg */
 #define SEG_WORDS 4 /* start, end, chunk bytes (0: linear), nlegs */
@@ -74,7 +78,7 @@ typedef int (*read_buf_fn)(const char *, struct fuse_bufvec **, size_t, off_t, v
 typedef void *(*init_fn)(void *, void *);
 typedef void *(*get_context_fn)(void);
 
-enum { ST_READS, ST_WRITES, ST_READ_BYTES, ST_WRITE_BYTES, ST_FALLBACKS, ST_ERRORS, DMF_NSTATS };
+enum { ST_READS, ST_WRITES, ST_READ_BYTES, ST_WRITE_BYTES, ST_FALLBACKS, ST_ERRORS, ST_FIRST_WRITES, DMF_NSTATS };
 
 struct dmf_leg {
 	int fd, rfd, dfd;
@@ -382,13 +386,16 @@ int dmf_slot_stats(struct dmf_ctx *ctx, uint64_t id, uint64_t *out)
  * the set, else Python copies first. The origin device's own slot must have a map in use, so its
  * suspend holds these requests too (they go to Python, which waits at its gate). */
 #define GRANULE_SHIFT 12
+struct dmf_first;
 struct dmf_chunks {
 	pthread_rwlock_t lock; /* read: a write relying on the set, or a mark; write: emptying it */
 	_Atomic long refs;
 	uint64_t size, nbits;
 	size_t bytes;
 	_Atomic uint64_t *bits; /* an anonymous mapping: memory only where marks landed */
+	struct dmf_first *first; /* the first writes made here (dmf_chunks_first), NULL: none */
 };
+static void first_free(struct dmf_first *f);
 
 /* A set of granules for a device of size bytes, empty; NULL without memory. */
 struct dmf_chunks *dmf_chunks_new(uint64_t size)
@@ -421,6 +428,7 @@ void dmf_chunks_put(struct dmf_chunks *c)
 {
 	if (!c || atomic_fetch_sub(&c->refs, 1) != 1)
 		return;
+	first_free(c->first);
 	munmap((void *)c->bits, c->bytes);
 	pthread_rwlock_destroy(&c->lock);
 	free(c);
@@ -453,13 +461,17 @@ void dmf_chunks_mark(struct dmf_chunks *c, uint64_t off, uint64_t len)
 	pthread_rwlock_unlock(&c->lock);
 }
 
-/* Empty the set once no write relying on it is in flight (new ones go to Python meanwhile). */
+/* Empty the set, and withdraw its first writes, once no write relying on them is in flight (new
+ * ones go to Python meanwhile). */
 void dmf_chunks_clear(struct dmf_chunks *c)
 {
 	pthread_rwlock_wrlock(&c->lock);
 	if (madvise((void *)c->bits, c->bytes, MADV_DONTNEED) != 0)
 		memset((void *)c->bits, 0, c->bytes);
+	struct dmf_first *old = c->first;
+	c->first = NULL;
 	pthread_rwlock_unlock(&c->lock);
+	first_free(old);
 }
 
 /* The number of granules in the set. */
@@ -497,7 +509,7 @@ int dmf_slot_set_origin(struct dmf_ctx *ctx, uint64_t id, uint64_t size, int rea
  * goes to Python (s left, the fallback counted). Never waits: a lock being taken means a suspend
  * or a change of the set, which Python waits for. */
 static const struct dmf_map *through(struct dmf_ctx *ctx, struct dmf_slot *s, size_t size, uint64_t off, int write,
-				     struct dmf_slot **low)
+				     struct dmf_slot **low, int *first)
 {
 	const struct dmf_map *m = s->map;
 	*low = NULL;
@@ -506,7 +518,13 @@ static const struct dmf_map *through(struct dmf_ctx *ctx, struct dmf_slot *s, si
 	struct dmf_chunks *c = m->chunks;
 	if (write && pthread_rwlock_tryrdlock(&c->lock) != 0)
 		goto python;
-	if (!write || (off + size <= c->size && chunks_walk(c, off >> GRANULE_SHIFT, ((off + size - 1) >> GRANULE_SHIFT) + 1, 1))) {
+	int covered = !write || (off + size <= c->size &&
+				 chunks_walk(c, off >> GRANULE_SHIFT, ((off + size - 1) >> GRANULE_SHIFT) + 1, 1));
+	if (!covered && c->first) {
+		*first = 1; /* the caller makes it (first_write), the set and the slot still locked */
+		return NULL;
+	}
+	if (covered) {
 		struct dmf_slot *l = slot_of(ctx, m->lower);
 		if (pthread_rwlock_tryrdlock(&l->lock) == 0) {
 			const struct dmf_map *lm = l->id == m->lower && atomic_load(&l->on) ? l->map : NULL;
@@ -533,6 +551,187 @@ static void release(struct dmf_slot *s, struct dmf_slot *low, int write)
 	pthread_rwlock_unlock(&low->lock);
 	if (write)
 		pthread_rwlock_unlock(&s->map->chunks->lock);
+}
+
+/* --- a snapshot origin's first writes, made whole by the worker ----------------------------------
+ *
+ * A write the chunk set misses needs each snapshot's copy of the chunks it touches, committed,
+ * before the origin changes. Python hands the set a descriptor of the origin's snapshots
+ * (dmf_chunks_first): for each, in the order Python copies them, its C state (dms.c struct
+ * dms_snap, armed and disarmed by Python: every fence of the snapshot disarms it, waiting for a
+ * write in flight), the slot of its COW device and its chunk bytes. A write inside one chunk of
+ * each is then made here as route.first_write makes it from Python: dms_snap_write for each
+ * snapshot in turn (lookup, allocation, copy, PREFLUSH, record, FUA), the origin write with the
+ * last one's, on the files of the origin's and each COW's live maps, read-locked (a suspend or a
+ * reload of any of these devices takes their write locks: it waits for the write, and the next
+ * ones go to Python, which waits at its gates). Anything else, a state not armed, a snapshot
+ * declining, or a failure, goes to Python, which goes on from where C stopped (a failure once a
+ * copy was in place is reported to the snapshot's next fence). The descriptor holds a reference
+ * to each state; it is replaced, or withdrawn by dmf_chunks_clear (a snapshot resumed, handed
+ * over, invalidated), under the set's write lock, so it changes only between writes. */
+struct dmf_first_snap {
+	struct dms_snap *state;
+	uint64_t cow; /* the COW device's slot */
+	int64_t cb;   /* chunk bytes */
+};
+struct dmf_first {
+	uint32_t n;
+	struct dmf_first_snap snaps[];
+};
+#define FIRST_WORDS 3 /* per snapshot in dmf_chunks_first's description: state, COW slot, chunk bytes */
+
+static void first_free(struct dmf_first *f)
+{
+	if (!f)
+		return;
+	for (uint32_t i = 0; i < f->n; i++)
+		dms_snap_free(f->snaps[i].state);
+	free(f);
+}
+
+/* Install the first-write descriptor d[0..n) (FIRST_WORDS per snapshot; n == 0: none) in place of
+ * the set's, once no write relying on the set is in flight. Returns 0 or -errno (nothing changed). */
+int dmf_chunks_first(struct dmf_chunks *c, const int64_t *d, size_t n)
+{
+	struct dmf_first *f = NULL;
+	if (n % FIRST_WORDS || n / FIRST_WORDS > 64)
+		return -EINVAL;
+	if (n) {
+		for (size_t i = 0; i < n; i += FIRST_WORDS)
+			if (!d[i] || d[i + 1] <= 0 || d[i + 2] <= 0 || d[i + 2] % 512)
+				return -EINVAL;
+		f = calloc(1, sizeof(*f) + n / FIRST_WORDS * sizeof(f->snaps[0]));
+		if (!f)
+			return -ENOMEM;
+		for (size_t i = 0; i < n; i += FIRST_WORDS) {
+			struct dmf_first_snap *fs = &f->snaps[f->n++];
+			fs->state = (struct dms_snap *)(uintptr_t)d[i];
+			fs->cow = (uint64_t)d[i + 1];
+			fs->cb = d[i + 2];
+			dms_snap_get(fs->state);
+		}
+	}
+	pthread_rwlock_wrlock(&c->lock);
+	struct dmf_first *old = c->first;
+	c->first = f;
+	pthread_rwlock_unlock(&c->lock);
+	first_free(old);
+	return 0;
+}
+
+/* Tests: the next first write made here fails at dms.c's step `step` (dms_set_fault), and the
+ * system calls of those made from now on are kept (dmf_first_ops). */
+static _Atomic int g_first_fault = -1, g_first_short;
+static pthread_mutex_t g_trace_lock = PTHREAD_MUTEX_INITIALIZER;
+static char g_trace[4096];
+static size_t g_ntrace;
+static _Atomic int g_tracing;
+
+void dmf_first_fault(int step, int short_io)
+{
+	atomic_store(&g_first_short, short_io);
+	atomic_store(&g_first_fault, step);
+}
+
+void dmf_first_trace(int on)
+{
+	pthread_mutex_lock(&g_trace_lock);
+	g_ntrace = 0;
+	atomic_store(&g_tracing, on);
+	pthread_mutex_unlock(&g_trace_lock);
+}
+
+/* The system calls of the first writes made here since dmf_first_trace(1), one letter each as
+ * dms_last_ops, each dms_snap_write call's followed by '.': up to n bytes into out; how many. */
+int dmf_first_ops(char *out, int n)
+{
+	pthread_mutex_lock(&g_trace_lock);
+	int k = g_ntrace < (size_t)n ? (int)g_ntrace : n;
+	memcpy(out, g_trace, (size_t)k);
+	pthread_mutex_unlock(&g_trace_lock);
+	return k;
+}
+
+static void first_trace(void)
+{
+	char ops[8];
+	int k = dms_last_ops(ops, sizeof ops);
+	pthread_mutex_lock(&g_trace_lock);
+	if (g_ntrace + (size_t)k + 1 <= sizeof g_trace) {
+		memcpy(g_trace + g_ntrace, ops, (size_t)k);
+		g_ntrace += (size_t)k;
+		g_trace[g_ntrace++] = '.';
+	}
+	pthread_mutex_unlock(&g_trace_lock);
+}
+
+/* The one leg of a writable map that is one linear segment over a file of at least end bytes;
+ * else NULL. */
+static const struct dmf_leg *plain_leg(const struct dmf_map *m, uint64_t end)
+{
+	if (!m || m->lower || m->readonly || m->nseg != 1 || m->segs[0].chunk || m->segs[0].nlegs != 1 || end > m->size)
+		return NULL;
+	return &m->segs[0].legs[0];
+}
+
+/* Each snapshot's copy of its chunk under [off, off+size) and then the write, on leg ol of the
+ * origin's map lm (its slot read-locked); 1 when all was done, else 0 (Python goes on from there:
+ * what C committed is folded at the snapshot's next fence). */
+static int first_snaps(struct dmf_ctx *ctx, struct dmf_chunks *c, const struct dmf_first *f, const struct dmf_leg *ol,
+		       const struct dmf_map *lm, const char *buf, size_t size, uint64_t off)
+{
+	uint64_t lo = 0, hi = UINT64_MAX;
+	int fault = atomic_exchange(&g_first_fault, -1), done = 1, tracing = atomic_load(&g_tracing);
+	if (fault >= 0)
+		dms_set_fault(fault, atomic_load(&g_first_short));
+	for (uint32_t i = 0; done && i < f->n; i++) {
+		const struct dmf_first_snap *fs = &f->snaps[i];
+		uint64_t cb = (uint64_t)fs->cb, chunk = off / cb;
+		done = 0;
+		if ((off + size - 1) / cb != chunk || (chunk + 1) * cb > lm->size)
+			break;
+		struct dmf_slot *cs = slot_of(ctx, fs->cow);
+		if (pthread_rwlock_tryrdlock(&cs->lock) != 0)
+			break;
+		const struct dmf_map *cm = cs->id == fs->cow && atomic_load(&cs->on) ? cs->map : NULL;
+		const struct dmf_leg *cl = plain_leg(cm, 0);
+		int last = i + 1 == f->n, rc = DMS_OFF;
+		if (cl)
+			rc = dms_snap_write(fs->state, (int64_t)chunk, ol->fd, (int64_t)(ol->base + chunk * cb), cl->fd,
+					    (int64_t)cl->base, (int64_t)cm->size, last ? ol->fd : -1, last ? buf : NULL,
+					    last ? (int64_t)size : 0, (int64_t)(ol->base + off));
+		pthread_rwlock_unlock(&cs->lock);
+		if (tracing && rc != DMS_OFF)
+			first_trace();
+		done = last ? rc == DMS_DONE_WROTE || rc == DMS_MAPPED_WROTE : rc == DMS_DONE || rc == DMS_MAPPED;
+		lo = chunk * cb > lo ? chunk * cb : lo;
+		hi = (chunk + 1) * cb < hi ? (chunk + 1) * cb : hi;
+	}
+	dms_set_fault(-1, 0);
+	if (!done)
+		return 0;
+	/* every snapshot holds its copy of [lo, hi) now: the next writes there need none */
+	uint64_t g1 = hi >= c->size ? c->nbits : hi >> GRANULE_SHIFT;
+	chunks_walk(c, (lo + (1u << GRANULE_SHIFT) - 1) >> GRANULE_SHIFT, g1, 0);
+	return 1;
+}
+
+/* A write of snapshot-origin map m (its slot and chunk set read-locked) that the set misses,
+ * made by the set's first writes (see above) where they can: 1 when made, else 0 (Python). */
+static int first_write(struct dmf_ctx *ctx, const struct dmf_map *m, const char *buf, size_t size, uint64_t off)
+{
+	struct dmf_chunks *c = m->chunks;
+	const struct dmf_first *f = c->first;
+	if (!f || !size || off + size > c->size)
+		return 0;
+	struct dmf_slot *l = slot_of(ctx, m->lower);
+	if (pthread_rwlock_tryrdlock(&l->lock) != 0)
+		return 0;
+	const struct dmf_map *lm = l->id == m->lower && atomic_load(&l->on) ? l->map : NULL;
+	const struct dmf_leg *ol = plain_leg(lm, off + size);
+	int done = ol ? first_snaps(ctx, c, f, ol, lm, buf, size, off) : 0;
+	pthread_rwlock_unlock(&l->lock);
+	return done;
 }
 
 /* --- per-thread buffers: the O_DIRECT bounce buffer and the read reply pipe ---------------- */
@@ -905,7 +1104,20 @@ int dmf_slot_write(struct dmf_ctx *ctx, uint64_t id, const char *buf, size_t siz
 	struct dmf_slot *s = enter(ctx, id, size, off, 1), *low;
 	if (!s)
 		return FALLBACK;
-	const struct dmf_map *m = through(ctx, s, size, (uint64_t)off, 1, &low);
+	int first = 0;
+	const struct dmf_map *m = through(ctx, s, size, (uint64_t)off, 1, &low, &first);
+	if (first) {
+		int made = first_write(ctx, s->map, buf, size, (uint64_t)off);
+		pthread_rwlock_unlock(&s->map->chunks->lock);
+		if (made) {
+			atomic_fetch_add(&s->stats[ST_FIRST_WRITES], 1);
+			leave(s, 1, ST_WRITES, ST_WRITE_BYTES, size);
+			return (int)size;
+		}
+		atomic_fetch_add(&s->stats[ST_FALLBACKS], 1);
+		pthread_rwlock_unlock(&s->lock);
+		return FALLBACK;
+	}
 	if (!m)
 		return FALLBACK;
 	int ok = map_io(m, OP_WRITE, (char *)buf, -1, size, (uint64_t)off) == 0;
@@ -920,7 +1132,7 @@ int dmf_slot_read(struct dmf_ctx *ctx, uint64_t id, char *buf, size_t size, off_
 	struct dmf_slot *s = enter(ctx, id, size, off, 0), *low;
 	if (!s)
 		return FALLBACK;
-	const struct dmf_map *m = through(ctx, s, size, (uint64_t)off, 0, &low);
+	const struct dmf_map *m = through(ctx, s, size, (uint64_t)off, 0, &low, NULL);
 	if (!m)
 		return FALLBACK;
 	int ok = map_io(m, OP_READ, buf, -1, size, (uint64_t)off) == 0;
@@ -937,7 +1149,7 @@ static int slot_read_buf(struct dmf_ctx *ctx, uint64_t id, struct fuse_bufvec **
 	if (!vec)
 		return FALLBACK;
 	struct dmf_slot *s = enter(ctx, id, size, off, 0), *low;
-	const struct dmf_map *m = s ? through(ctx, s, size, (uint64_t)off, 0, &low) : NULL;
+	const struct dmf_map *m = s ? through(ctx, s, size, (uint64_t)off, 0, &low, NULL) : NULL;
 	if (!m) {
 		free(vec);
 		return FALLBACK;
@@ -1379,7 +1591,3 @@ int dmk_copy1(int sfd, int64_t soff, int dfd, int64_t doff, int64_t n, int ignor
 	int64_t d[2] = {dfd, doff};
 	return dmk_copy(sfd, soff, d, 1, n, ignore_error);
 }
-
-/* --- the classic snapshot's copy-on-write of one chunk: dms.c, also built on its own as a CPython
- * extension (dmtools._ffi.dms); here for the library's cffi ABI-mode callers where that cannot be built. */
-#include "dms.c"

@@ -35,9 +35,10 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastio.c")
 INCLUDED = (os.path.join(os.path.dirname(SOURCE), "dms.c"),)
 CFLAGS = ("-O2", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-Wall", "-Werror")
 #: ``DMF_ABI`` in fastio.c: a library answering another number is not used.
-ABI = 2
+ABI = 3
 #: Counters of a slot (``enum`` ``ST_*`` in fastio.c), in order.
-STATS = ("reads", "writes", "read_bytes", "write_bytes", "fallbacks", "errors")
+#: ``first_writes``: writes of a snapshot origin made with their copies in C (counted in ``writes`` too).
+STATS = ("reads", "writes", "read_bytes", "write_bytes", "fallbacks", "errors", "first_writes")
 #: Words of a map description (``HDR_WORDS``, ``SEG_WORDS``, ``LEG_WORDS`` in fastio.c).
 HDR_WORDS, SEG_WORDS, LEG_WORDS = 5, 4, 5
 #: Set to ``0`` to serve every FUSE request in Python.
@@ -65,6 +66,10 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "dmf_chunks_clear": (None, [_c_vp]),
     "dmf_chunks_count": (_c_u64, [_c_vp]),
     "dmf_slot_set_origin": (ctypes.c_int, [_c_vp, _c_u64, _c_u64, ctypes.c_int, _c_vp, _c_u64, ctypes.c_long]),
+    "dmf_chunks_first": (ctypes.c_int, [_c_vp, ctypes.POINTER(ctypes.c_int64), ctypes.c_size_t]),
+    "dmf_first_fault": (None, [ctypes.c_int, ctypes.c_int]),
+    "dmf_first_trace": (None, [ctypes.c_int]),
+    "dmf_first_ops": (ctypes.c_int, [ctypes.c_char_p, ctypes.c_int]),
     "dmf_main": (ctypes.c_int, [ctypes.c_int, _c_vp, _c_vp, ctypes.c_size_t, _c_vp]),
 }
 #: libfuse 3 functions that ``dmf_main`` calls (``g_fuse`` in fastio.c), in that order. The
@@ -249,6 +254,34 @@ class FastIO:
     def chunks_count(self, chunks: int) -> int:
         """How many granules the set holds."""
         return int(self.lib.dmf_chunks_count(chunks))
+
+    def chunks_first(self, chunks: int, snaps: list[tuple[int, int, int]]) -> None:
+        """Install in a chunk set the first writes its misses are made with in C: per snapshot of
+        the origin, in copy order, ``(C state address, COW device's slot, chunk bytes)``; none for
+        an empty list (``dmf_chunks_first``: each state referenced until replaced or withdrawn).
+        Waits for the C writes relying on the set; raises ``OSError`` for a bad description."""
+        words = [w for snap in snaps for w in snap]
+        arr = (ctypes.c_int64 * max(len(words), 1))(*words)
+        ret = self.lib.dmf_chunks_first(chunks, arr, len(words))
+        if ret:
+            raise OSError(-ret, f"first writes in C: {os.strerror(-ret)}")
+
+    def first_fault(self, step: int, short: bool = False) -> None:
+        """Tests: the next first write made in C fails at dms.c's system call ``step`` (0 origin
+        read, 1 COW write, 2 PREFLUSH, 3 area write, 4 FUA, 5 origin write), or moves half its
+        bytes with ``short``."""
+        self.lib.dmf_first_fault(step, int(short))
+
+    def first_trace(self, on: bool) -> None:
+        """Tests: keep (``on``) the system calls of the first writes made in C from now on."""
+        self.lib.dmf_first_trace(int(on))
+
+    def first_ops(self) -> str:
+        """Tests: those system calls, one letter each (``r``, ``w``, ``f``), each snapshot's
+        copy and commit followed by ``.``."""
+        out = ctypes.create_string_buffer(4096)
+        n = self.lib.dmf_first_ops(out, len(out))
+        return out.raw[:n].decode()
 
     def slot_set_origin(self, ctx: int, slot: int, size: int, readonly: bool, chunks: int, lower: int,
                         timeout: float | None = None) -> None:

@@ -233,6 +233,7 @@ class Slot:
             except OSError as err:
                 log.warning("%s: I/O runs in Python: %s", name, err)
                 return False
+        writes.installed(self.session)
         return True
 
     def off(self, timeout: float | None = None) -> None:

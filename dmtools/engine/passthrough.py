@@ -10,7 +10,10 @@ copies first.
 Which writes need no copy is a :class:`WriteThrough`, a set of 4 KiB granules shared with C. The
 target that owns it marks granules only once the exceptions covering them are durable, and empties
 it before anything that could make a copy necessary again (a snapshot resumed, merged or
-invalidated); emptying it waits for the C writes that relied on it. A target offers this through
+invalidated); emptying it waits for the C writes that relied on it. The target may also give the
+set its snapshots' first writes (:meth:`WriteThrough.first_writes`): a write the set misses is
+then made in C with its copies first (fastio.c ``first_write``), and marks the set; emptying the
+set withdraws them. A target offers this through
 ``TargetDriver.passthrough``; :func:`origin_map` is what the exposure's slot installs.
 """
 
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +46,11 @@ class WriteThrough:
         self.size = size
         self._lock = threading.Lock()
         self._handle = lib.chunks_new(size)
+        #: the exposure's session whose slot installed a map with this set (its slots' ids mean
+        #: something only there), None before.
+        self.session: Any = None
+        #: called once a map with this set was installed (the owner installs its first writes).
+        self.on_install: Callable[[], None] | None = None
 
     @classmethod
     def create(cls, size: int) -> "WriteThrough | None":
@@ -64,8 +72,24 @@ class WriteThrough:
             if self._handle and length > 0:
                 self._lib.chunks_mark(self._handle, offset, length)
 
+    def installed(self, session: Any) -> None:
+        """A slot of ``session`` installed a map with this set."""
+        self.session = session
+        hook = self.on_install
+        if hook is not None:
+            hook()
+
+    def first_writes(self, snaps: list[tuple[int, int, int]]) -> None:
+        """Writes the set misses are made in C with each of ``snaps``' copies first (``(C
+        state address, COW device's slot, chunk bytes)`` in copy order; none for an empty list),
+        once the C writes relying on the set are done."""
+        with self._lock:
+            if self._handle:
+                self._lib.chunks_first(self._handle, snaps)
+
     def clear(self) -> None:
-        """Every write needs Python again: empty the set once the C writes relying on it are done."""
+        """Every write needs Python again: empty the set and withdraw its first writes once the
+        C writes relying on them are done."""
         with self._lock:
             if self._handle:
                 self._lib.chunks_clear(self._handle)

@@ -665,12 +665,42 @@ class CopyOnWrite:
                                  and store.cow is self.cow):
             return None
         fast = self._fast
-        if fast is None or fast.store is not store:
+        made = fast is None or fast.store is not store
+        if made:
             fast = self._fast = FastWrites.create(store, self.length_bytes)
             if fast is None:
                 self._no_fast = True
                 return None
-        return fast if fast.arm(PARALLEL_FLUSH_SECONDS) else None
+        if not fast.arm(PARALLEL_FLUSH_SECONDS):  # type: ignore[union-attr]
+            return None
+        if made or not self.origins.first_current(self.origin_key):  # (the exposure's C data path)
+            self.origins.first_writes(self.origin_key)
+        return fast
+
+    def arm(self) -> None:
+        """Arm the first writes in C now (the snapshot just became active), so that the first
+        origin writes through the exposed node are made in C already."""
+        with self.lock:
+            if self._fast is None or not self._fast.armed:
+                self._arm_locked()
+
+    def c_first_write(self) -> "tuple[int, Any, int] | bool | None":
+        """What the exposure's C data path needs to make this snapshot's copies of an origin
+        write (``OriginRegistry.first_writes``): None when origin writes copy nothing into it
+        (invalid, not active, a merge's target); False where C cannot (no C state for its
+        store, or its COW not an exposed engine device); else ``(its C state's address, its COW
+        device's slot, chunk bytes)``. Read without the lock: a change of these goes through
+        ``OriginRegistry.cow_change``."""
+        if not self.valid or not self.active or self.merge_target:
+            return None
+        fast = self._fast
+        if fast is None or fast.store is not self.store or self.store.cow is not self.cow:
+            return False
+        dev = getattr(self.cow.inner, "device", None)
+        slot = getattr(dev, "fast_path", None)
+        if slot is None:
+            return False
+        return int(fast.ffi.cast("uintptr_t", fast.state)), slot, self.store.chunk_size * SECTOR
 
     def sync(self) -> None:
         """Fold what the first writes in C did into the table and the store, for a caller about

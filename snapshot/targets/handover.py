@@ -119,6 +119,8 @@ def resume(snap: CopyOnWrite) -> None:
         with snap.cond:
             snap.active = True
             snap.cond.notify_all()
+    if snap.origins.exposed(snap.origin_key):  # its first writes in C from the first one through the node
+        snap.arm()
 
 
 def before_destroy(snap: CopyOnWrite) -> None:

@@ -51,6 +51,8 @@ class SnapshotOriginTarget(TargetDriver):
             self._io.write(buf, here)
         if writes is not None and ticket is not None:
             self.origins.mark(self._key, ticket, writes, here, len(buf))
+            if not self.origins.first_current(self._key):  # (its snapshots changed since)
+                self.origins.first_writes(self._key)
 
     def zero(self, offset: int, length: int) -> None:
         here = self._base + offset

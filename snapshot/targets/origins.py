@@ -23,6 +23,7 @@ throttles.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -66,6 +67,10 @@ class Member(Protocol):
     def can_merge(self) -> bool: ...
 
     def wake_throttled(self) -> None: ...
+
+    def c_first_write(self) -> "tuple[int, Any, int] | bool | None": ...
+
+    def arm(self) -> None: ...
 
 
 S = TypeVar("S", bound=Member)
@@ -175,6 +180,8 @@ class OriginRegistry(Generic[S]):
         self._writes: dict[Hashable, list[WriteThrough]] = {}
         self._epochs: dict[Hashable, int] = {}
         self._changing: dict[Hashable, int] = {}
+        #: per origin: the epoch its sets' first writes were last installed at (first_writes)
+        self._first_at: dict[Hashable, int] = {}
         self._cow_threshold = threshold_from_env() if cow_threshold is None else cow_threshold
 
     # -- snapshot_cow_threshold -------------------------------------------------------------------
@@ -271,6 +278,9 @@ class OriginRegistry(Generic[S]):
                 if not snaps:
                     del self._origins[key]
                 self._gate_locked(key).snaps = tuple(snaps)
+                if self._first_at.pop(key, None) is not None:  # (its C state may be in them)
+                    for writes in self._writes.get(key, ()):
+                        writes.first_writes([])
 
     def snapshots_of_key(self, key: Hashable) -> list[S]:
         """The snapshots registered on the origin with ``key`` (a copy of the list)."""
@@ -305,6 +315,7 @@ class OriginRegistry(Generic[S]):
         origin's snapshots: :meth:`cow_change` empties it."""
         with self._lock:
             self._writes.setdefault(key, []).append(writes)
+            writes.on_install = functools.partial(self._installed, key)
 
     def detach_writes(self, key: Hashable, writes: WriteThrough) -> None:
         """Forget ``writes`` (its table goes)."""
@@ -314,6 +325,49 @@ class OriginRegistry(Generic[S]):
                 sets.remove(writes)
             if not sets:
                 self._writes.pop(key, None)
+
+    def exposed(self, key: Hashable) -> bool:
+        """The origin ``key`` has a table in the C data path (a write-through set)."""
+        return bool(self._writes.get(key))
+
+    def _installed(self, key: Hashable) -> None:
+        """A map with a write-through set of origin ``key`` was installed: arm its snapshots'
+        first writes in C and hand them to the set."""
+        for snap in self.snapshots_of_key(key):  # (each under its own lock, not the registry's)
+            snap.arm()
+        self.first_writes(key)
+
+    def first_current(self, key: Hashable) -> bool:
+        """The first writes of origin ``key`` were installed (:meth:`first_writes`) since its
+        snapshots last changed (a hint, read without the lock)."""
+        return self._first_at.get(key, -1) == self._epochs.get(key, 0)
+
+    def first_writes(self, key: Hashable) -> None:
+        """Give the write-through sets of origin ``key`` (the C data path's) the first writes of
+        its snapshots, in the order ``do_origin`` copies them: every one an origin write copies
+        into (:meth:`Member.c_first_write`), where each has its C state and its COW device a slot
+        of the set's session; else none. Nothing while a change of the snapshots is under way
+        (:meth:`cow_change` withdraws them: the next call after it installs them again)."""
+        with self._lock:
+            sets = self._writes.get(key, ())
+            if self._changing.get(key):
+                return
+            entries: list[tuple[int, Any, int]] | None = []
+            for snap in self._origins.get(key, ()):
+                entry = snap.c_first_write()
+                if entry is None:
+                    continue  # (no copy into it)
+                if entry is False or entry is True:
+                    entries = None
+                    break
+                entries.append(entry)  # type: ignore[union-attr]
+            for writes in sets:
+                session = writes.session
+                if entries and session is not None and all(slot.session is session for _, slot, _ in entries):
+                    writes.first_writes([(state, slot.handle, cb) for state, slot, cb in entries])
+                else:
+                    writes.first_writes([])
+            self._first_at[key] = self._epochs.get(key, 0)
 
     def ticket(self, key: Hashable) -> int | None:
         """Taken before an origin write's ``do_origin``: the write's :meth:`mark` counts only if no

@@ -6,6 +6,23 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+#: dms.c's first write failed at each step (a test seam): the step, short or failed, the C
+#: call's system calls, and whether the snapshot stays valid (the
+#: Python path copied again, or wrote the area again) or is invalid (a flush failed: the
+#: commit fails, and the record is never written after it).
+FAULTS = {
+    "origin-read": (0, False, "r", True),
+    "origin-read-short": (0, True, "r", True),
+    "cow-write": (1, False, "rw", True),
+    "cow-write-short": (1, True, "rw", True),
+    "preflush": (2, False, "rwf", False),
+    "area-write": (3, False, "rwfw", True),
+    "area-write-short": (3, True, "rwfw", True),
+    "fua": (4, False, "rwfwf", False),
+    "origin-write": (5, False, "rwfwfw", True),
+    "origin-write-short": (5, True, "rwfwfw", True),
+}
+
 #: seconds: bound for every wait on an observable state, on a loaded 2-CPU machine.
 WAIT = 30.0
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from snap_helpers import c_ops, only_snapshot
+from snap_helpers import FAULTS, c_ops, only_snapshot
 from snap_stack import Stack
 
 from snapshot.route import FLUSH_COST_WEIGHT, c_library
@@ -113,23 +113,6 @@ def test_zeros_are_not_copied_onto_a_chunk_zeroed_ahead(engine: Any, tmp_path: P
     assert new is not None and _records(cow)[-1] == (12, new)
     assert st.read("s") == bytes(origin)
     assert _reloaded(engine, cow)[12] == new
-
-
-#: step of the fault -> the C call's system calls, and whether the snapshot stays valid (the
-#: Python path copied again, or wrote the area again) or is invalid (a flush failed: the
-#: commit fails, and the record is never written after it).
-FAULTS = {
-    "origin-read": (0, False, "r", True),
-    "origin-read-short": (0, True, "r", True),
-    "cow-write": (1, False, "rw", True),
-    "cow-write-short": (1, True, "rw", True),
-    "preflush": (2, False, "rwf", False),
-    "area-write": (3, False, "rwfw", True),
-    "area-write-short": (3, True, "rwfw", True),
-    "fua": (4, False, "rwfwf", False),
-    "origin-write": (5, False, "rwfwfw", True),
-    "origin-write-short": (5, True, "rwfwfw", True),
-}
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))

@@ -22,7 +22,6 @@ from dmtools.testing.blockio import read_direct as _pread
 from dmtools.testing.blockio import write_direct as _pwrite
 from dmtools.testing.wait import wait_until
 from snapshot import SnapshotManager
-from snapshot.targets.origin import SnapshotOriginTarget
 
 pytestmark = pytest.mark.root
 
@@ -41,20 +40,6 @@ def _built() -> None:
 @pytest.fixture
 def xengine(exposed_engine: Engine) -> Engine:
     return exposed_engine
-
-
-@pytest.fixture
-def python_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Offsets of the origin writes that ran the Python callback."""
-    seen: list[int] = []
-    real = SnapshotOriginTarget.write
-
-    def write(self: SnapshotOriginTarget, buf: memoryview, offset: int) -> None:
-        seen.append(offset)
-        real(self, buf, offset)
-
-    monkeypatch.setattr(SnapshotOriginTarget, "write", write)
-    return seen
 
 
 def _stats(eng: Engine, name: str) -> dict[str, int]:
