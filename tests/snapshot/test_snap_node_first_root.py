@@ -322,3 +322,27 @@ def test_a_handover_and_a_removed_snapshot_withdraw_the_c_states(exposed_engine:
     assert st.read("s1") == _origin_bytes()
     assert {2, 3, 4, 5, 6} <= {old for old, _ in st.records(1)}
     assert st.read("vol", 2, 5) == b"a" * CB + b"b" * CB + b"c" * CB + b"d" * CB + b"e" * CB
+
+
+@pytest.mark.parametrize("nsnaps", [1, 3])
+def test_a_write_over_two_chunks_commits_each_then_writes_the_origin(exposed_engine: Engine, tmp_path: Path,
+                                                                      lib: Any, python_writes: list[int],
+                                                                      nsnaps: int) -> None:
+    """A writer's neighbouring pages merged into one request (8 KiB): each chunk's copy and
+    commit in turn for every snapshot, then the origin write; three chunks go to Python."""
+    st = _Stack(exposed_engine, tmp_path, nsnaps)
+    _warm(st)
+    calls = len(python_writes)
+    lib.first_trace(True)
+    st.write(20, b"p" * 2 * CB)
+    assert lib.first_ops() == "rwfwf." * 2 * nsnaps + "w." and len(python_writes) == calls
+    lib.first_fault(5)  # the origin write fails once both are committed: Python writes it
+    st.write(40, b"q" * 2 * CB)
+    assert python_writes[calls:] == [40 * CB]
+    st.write(60, b"t" * 3 * CB)  # three chunks: Python
+    assert python_writes[calls:] == [40 * CB, 60 * CB]
+    for i in range(nsnaps):
+        assert st.read(f"s{i}") == _origin_bytes()
+        assert {20, 21, 40, 41, 60, 61, 62} <= {old for old, _ in st.records(i)}
+    assert st.read("vol") == _expected({20: b"p" * CB, 21: b"p" * CB, 40: b"q" * CB, 41: b"q" * CB,
+                                        60: b"t" * CB, 61: b"t" * CB, 62: b"t" * CB})
