@@ -1,6 +1,7 @@
 """Kernel tier (run in the VM: ``scripts/vmtest``): our COW format against the kernel's dm-snapshot.
 
-* a COW written by our userspace target is activated by the kernel's ``snapshot`` and reads the same;
+* a COW written by our userspace target is activated by the kernel's ``snapshot`` and reads the same,
+  also one written through our exposed node, whose first writes the FUSE worker makes in C;
 * a COW written by the kernel is read the same by our target and by ``export``;
 * the kernel merges a COW we wrote;
 * ``SnapshotManager`` on the kernel backend creates, reports (kernel status text), merges, removes.
@@ -18,7 +19,7 @@ import pytest
 
 from dmtools.engine import Engine
 from dmtools.errors import InvalidTable
-from dmtools.testing.blockio import read_uncached, write_synced
+from dmtools.testing.blockio import read_direct, read_uncached, write_direct, write_synced
 from snapshot import SnapshotManager, export, inspect
 
 pytestmark = pytest.mark.kernel
@@ -84,6 +85,51 @@ def test_kernel_reads_our_cow(kernel_dm: Any, tmp_path: Path, make_loop: Callabl
     status = kernel_dm.status(f"{tag}-s")[0].params
     assert status.split()[0].split("/")[0] == str(inspect(cl.path).sectors_allocated)
     assert _read(kernel_dm.device_path(f"{tag}-s")) == snap_view
+    assert _read(ol.path) == origin_view
+
+
+def test_kernel_reads_a_cow_written_through_our_node(kernel_dm: Any, exposed_engine: Engine, tmp_path: Path,
+                                                     make_loop: Callable[..., Any], tag: str) -> None:
+    """First writes of 4 and 8 KiB through the exposed origin (the FUSE worker's copies and
+    commits in C, several concurrent writers): the kernel's ``snapshot`` reads the COW the same."""
+    import threading
+
+    rng = random.Random(5)
+    data = rng.randbytes(SIZE)
+    origin = tmp_path / "dmtt-origin.img"
+    origin.write_bytes(data)
+    cow = tmp_path / "dmtt-cow.img"
+    with open(cow, "wb") as f:
+        f.truncate(COW_SIZE)
+    eng = exposed_engine
+    eng.create("vol", f"0 {SIZE // 512} linear {origin} 0")
+    mgr = SnapshotManager(eng)
+    mgr.create("vol", str(cow), "s", chunk_size=8)
+    node = eng.device_path("vol")
+    chunks = rng.sample(range(SIZE // 4096 - 1), 300)
+    writes = [(c * 4096, rng.randbytes(4096 * rng.choice([1, 1, 2]))) for c in chunks]
+    for off, buf in writes[:4]:  # (the first ones arm C: the store zeroes ahead in Python)
+        write_direct(node, buf, off)
+
+    def run(k: int) -> None:
+        for off, buf in writes[4 + k :: 4]:
+            write_direct(node, buf, off)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert eng.exposure is not None and eng.exposure.fast_stats("vol")["first_writes"] > 100
+    origin_view = read_direct(node, SIZE, 0)
+    assert read_direct(eng.device_path("s"), SIZE, 0) == data
+    mgr.remove("s")
+    eng.remove("vol")
+    ol, cl = make_loop(origin), make_loop(cow)
+    kernel_dm.create(f"{tag}-s", f"0 {SIZE // 512} snapshot {ol.path} {cl.path} P 8")
+    status = kernel_dm.status(f"{tag}-s")[0].params
+    assert status.split()[0].split("/")[0] == str(inspect(cl.path).sectors_allocated)
+    assert _read(kernel_dm.device_path(f"{tag}-s")) == data
     assert _read(ol.path) == origin_view
 
 
