@@ -80,6 +80,14 @@ def _userspace_stack(tmp: Path, chunk: int, seed: int) -> tuple[bytes, bytes, Pa
 @pytest.mark.parametrize("chunk", CHUNKS)
 def test_kernel_reads_our_cow(kernel_dm: Any, tmp_path: Path, make_loop: Callable[..., Any], tag: str, chunk: int) -> None:
     origin_view, snap_view, origin, cow = _userspace_stack(tmp_path, chunk, 1)
+    _kernel_reads(kernel_dm, make_loop, tag, (origin, cow, chunk), origin_view, snap_view)
+
+
+def _kernel_reads(kernel_dm: Any, make_loop: Callable[..., Any], tag: str, files: tuple[Path, Path, int],
+                  origin_view: bytes, snap_view: bytes) -> None:
+    """The kernel's ``snapshot`` over ``(origin, cow, chunk)`` counts what ``inspect`` reads of
+    the COW, shows ``snap_view``, and the origin holds ``origin_view``."""
+    origin, cow, chunk = files
     ol, cl = make_loop(origin), make_loop(cow)
     kernel_dm.create(f"{tag}-s", f"0 {SIZE // 512} snapshot {ol.path} {cl.path} P {chunk}")
     status = kernel_dm.status(f"{tag}-s")[0].params
@@ -125,12 +133,7 @@ def test_kernel_reads_a_cow_written_through_our_node(kernel_dm: Any, exposed_eng
     assert read_direct(eng.device_path("s"), SIZE, 0) == data
     mgr.remove("s")
     eng.remove("vol")
-    ol, cl = make_loop(origin), make_loop(cow)
-    kernel_dm.create(f"{tag}-s", f"0 {SIZE // 512} snapshot {ol.path} {cl.path} P 8")
-    status = kernel_dm.status(f"{tag}-s")[0].params
-    assert status.split()[0].split("/")[0] == str(inspect(cl.path).sectors_allocated)
-    assert _read(kernel_dm.device_path(f"{tag}-s")) == data
-    assert _read(ol.path) == origin_view
+    _kernel_reads(kernel_dm, make_loop, tag, (origin, cow, 8), origin_view, data)
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
