@@ -1372,9 +1372,54 @@ struct worker {
 	int err;
 };
 
+/* CPython's thread-state functions (dmf_py_setup), so that each worker keeps one Python thread
+ * state for its life: ctypes runs a Python callback under PyGILState_Ensure/Release, which makes
+ * and frees a thread state on every call in a thread that has none. */
+static struct {
+	int (*ensure)(void);		  /* PyGILState_Ensure */
+	void (*release)(int);		  /* PyGILState_Release */
+	void *(*save)(void);		  /* PyEval_SaveThread */
+	void (*restore)(void *);	  /* PyEval_RestoreThread */
+	int (*finalizing)(void);	  /* Py_IsFinalizing */
+} g_py;
+
+void dmf_py_setup(void *const *fns, size_t n)
+{
+	if (n * sizeof(void *) == sizeof(g_py))
+		memcpy(&g_py, fns, sizeof(g_py));
+}
+
+struct py_kept {
+	int gil;
+	void *tstate; /* NULL: none kept */
+};
+
+static void py_keep(struct py_kept *k)
+{
+	k->tstate = NULL;
+	if (!g_py.ensure || g_py.finalizing())
+		return;
+	k->gil = g_py.ensure();
+	k->tstate = g_py.save(); /* the GIL given back; the thread state stays this thread's */
+}
+
+/* The worker ends (or is cancelled waiting for a request): its thread state freed, unless the
+ * interpreter is finalizing (a thread taking the GIL then would never come back). */
+static void py_drop(void *arg)
+{
+	struct py_kept *k = arg;
+	if (!k->tstate || g_py.finalizing())
+		return;
+	g_py.restore(k->tstate);
+	g_py.release(k->gil);
+}
+
 static void *work(void *arg)
 {
 	struct worker *w = arg;
+	struct py_kept kept;
+	py_keep(&kept);
+	pthread_cleanup_push(py_drop, &kept);
 	/* The receive buffer: REQ_HDR bytes before a page boundary, RECV_BYTES from there on, on a
 	 * huge page where the kernel gives one (O_DIRECT pins one folio instead of 256 pages). */
 	char *base = w->base;
@@ -1404,6 +1449,7 @@ static void *work(void *arg)
 			g_tried = 0;
 		}
 	}
+	pthread_cleanup_pop(1);
 	sem_post(w->done);
 	return NULL;
 }

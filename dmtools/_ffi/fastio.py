@@ -60,6 +60,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "dmf_slot_write": (ctypes.c_int, [_c_vp, _c_u64, _c_vp, ctypes.c_size_t, ctypes.c_int64]),
     "dmf_slot_read": (ctypes.c_int, [_c_vp, _c_u64, _c_vp, ctypes.c_size_t, ctypes.c_int64]),
     "dmf_loop_setup": (None, [ctypes.POINTER(_c_vp), ctypes.c_size_t]),
+    "dmf_py_setup": (None, [ctypes.POINTER(_c_vp), ctypes.c_size_t]),
     "dmf_chunks_new": (_c_vp, [_c_u64]),
     "dmf_chunks_put": (None, [_c_vp]),
     "dmf_chunks_mark": (None, [_c_vp, _c_u64, _c_u64]),
@@ -78,6 +79,10 @@ LOOP_FUNCTIONS = ("fuse_parse_cmdline_312", "fuse_new_31", "fuse_mount", "fuse_d
                   "fuse_set_signal_handlers", "fuse_remove_signal_handlers", "fuse_unmount", "fuse_destroy",
                   "fuse_opt_free_args", "fuse_session_receive_buf", "fuse_session_process_buf", "fuse_session_exited",
                   "fuse_session_exit", "fuse_session_fd")
+#: CPython's functions ``dmf_main``'s workers keep a thread state with (``g_py`` in fastio.c), in
+#: that order (``Py_IsFinalizing`` is ``_Py_IsFinalizing`` before Python 3.13).
+PY_FUNCTIONS = ("PyGILState_Ensure", "PyGILState_Release", "PyEval_SaveThread", "PyEval_RestoreThread",
+                "Py_IsFinalizing")
 #: The ``fuse_operations`` entries fastio.c provides, by field name.
 OPERATIONS = {"init": "dmf_op_init", "write": "dmf_op_write", "read_buf": "dmf_op_read_buf"}
 
@@ -186,6 +191,13 @@ class FastIO:
             return False
         self.lib.dmf_loop_setup((_c_vp * len(fns))(*fns), len(fns))
         return True
+
+    def py_setup(self) -> None:
+        """Hand ``dmf_main``'s workers this interpreter's thread-state functions
+        (:data:`PY_FUNCTIONS`): each keeps one Python thread state for its life."""
+        api = ctypes.pythonapi
+        fns = [ctypes.cast(getattr(api, name, None) or getattr(api, "_" + name), _c_vp).value for name in PY_FUNCTIONS]
+        self.lib.dmf_py_setup((_c_vp * len(fns))(*fns), len(fns))
 
     def main(self, argc: int, argv: Any, ops: Any, ops_size: int, ctx: int) -> int:
         """``fuse_main_real`` with the receive loop of fastio.c (``dmf_main``): requests of

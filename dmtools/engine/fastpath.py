@@ -285,6 +285,7 @@ def _main_hook(argc: int, argv: Any, ops_p: Any, size: int, user_data: Any) -> i
             import mfusepy
 
             if session.lib.loop_setup(mfusepy._libfuse):
+                session.lib.py_setup()
                 return session.lib.main(argc, argv, ops_p, size, ctx)
             user_data = ctypes.c_void_p(ctx)
     return int(_real_main(argc, argv, ops_p, size, user_data))

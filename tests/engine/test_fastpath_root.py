@@ -300,3 +300,47 @@ def test_suspend_waits_for_the_c_request_in_flight(lower, xengine, tmp_path):
     # BackingDevice.write), done at once: durable, in the image, once flushed.
     _flush(up)
     assert low_img.read_bytes()[:MiB] == pattern
+
+
+def _python_thread_states() -> int:
+    """The thread states of this interpreter (CPython's list, walked with the GIL held)."""
+    import ctypes
+
+    api = ctypes.pythonapi
+    api.PyThreadState_Get.restype = ctypes.c_void_p
+    api.PyThreadState_GetInterpreter.restype = ctypes.c_void_p
+    api.PyThreadState_GetInterpreter.argtypes = [ctypes.c_void_p]
+    api.PyInterpreterState_ThreadHead.restype = ctypes.c_void_p
+    api.PyInterpreterState_ThreadHead.argtypes = [ctypes.c_void_p]
+    api.PyThreadState_Next.restype = ctypes.c_void_p
+    api.PyThreadState_Next.argtypes = [ctypes.c_void_p]
+    ts = api.PyInterpreterState_ThreadHead(api.PyThreadState_GetInterpreter(api.PyThreadState_Get()))
+    n = 0
+    while ts:
+        n += 1
+        ts = api.PyThreadState_Next(ts)
+    return n
+
+
+def test_each_worker_keeps_one_python_thread_state_for_its_life(tmp_path: Path) -> None:
+    """The FUSE workers' Python callbacks find a thread state of their own (not one made and
+    freed per request: ctypes's PyGILState_Ensure in a thread without one), freed when the
+    session ends."""
+    img = tmp_path / "low.img"
+    with open(img, "wb") as f:
+        f.truncate(MiB)
+    before = _python_thread_states()
+    eng = Engine(expose=True, run_dir=str(tmp_path / "run"))
+    try:
+        eng.create("low-dmtt", f"0 {MiB // 512} linear {img} 0")
+        eng.create("top-dmtt", f"0 {MiB // 512} linear {eng.device_path('low-dmtt')} 0")
+        _pwrite(eng.device_path("top-dmtt"), b"t" * 4096, 8192)  # (over an engine device: Python)
+        assert _stats(eng, "top-dmtt")["fallbacks"] >= 1
+        during = _python_thread_states()
+    finally:
+        eng.close()
+    from dmtools.engine.expose import FUSE_THREADS
+
+    assert during >= before + FUSE_THREADS  # (one per worker, and the session's own threads)
+    assert _python_thread_states() == before
+    assert img.read_bytes()[8192 : 8192 + 4096] == b"t" * 4096
