@@ -107,6 +107,32 @@ def _expected(written: dict[int, bytes]) -> bytes:
     return bytes(origin)
 
 
+def _writers(st: _Stack, chunks: list[int], n: int, errors: list[BaseException]) -> list[threading.Thread]:
+    """``n`` threads (not started) writing ``chunks`` in turn, each chunk once (its number's
+    bytes); what they raise goes to ``errors``."""
+
+    def writer(k: int) -> None:
+        try:
+            for c in chunks[k::n]:
+                st.write(c, bytes([c % 250 + 1]) * CB)
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            errors.append(err)
+
+    return [threading.Thread(target=writer, args=(k,)) for k in range(n)]
+
+
+def _check_after(st: _Stack, chunks: list[int]) -> None:
+    """After ``_warm`` and ``_writers`` over ``chunks``: the snapshot valid, holding each chunk's
+    copy once, showing the origin as it was; the origin holding every write."""
+    snap = st.snap()
+    snap.sync()
+    records = st.records()
+    assert snap.valid and sorted(old for old, _ in records) == sorted([*chunks, NCHUNKS - 2, NCHUNKS - 1])
+    assert len({new for _, new in records}) == len(records)
+    assert st.read("s0") == _origin_bytes()
+    assert st.read("vol") == _expected({c: bytes([c % 250 + 1]) * CB for c in chunks})
+
+
 def _warm(st: _Stack) -> None:
     """A snapshot's first write zeroes ahead (I/O): C declines it, and Python makes it (its C
     state disarmed); the next one, in Python too, arms it again."""
@@ -227,13 +253,6 @@ def test_sixteen_writers_against_snapshot_reads_and_status(exposed_engine: Engin
     errors: list[BaseException] = []
     seen: list[bytes] = []
 
-    def writer(k: int) -> None:
-        try:
-            for c in chunks[k::16]:
-                st.write(c, bytes([c % 250 + 1]) * CB)
-        except BaseException as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
     def reader() -> None:
         try:
             while not stop.is_set():
@@ -243,7 +262,7 @@ def test_sixteen_writers_against_snapshot_reads_and_status(exposed_engine: Engin
             errors.append(err)
 
     before = st.stats()["first_writes"]
-    threads = [threading.Thread(target=writer, args=(k,)) for k in range(16)]
+    threads = _writers(st, chunks, 16, errors)
     readers = [threading.Thread(target=reader) for _ in range(2)]
     for t in threads:
         t.start()
@@ -258,13 +277,7 @@ def test_sixteen_writers_against_snapshot_reads_and_status(exposed_engine: Engin
         t.join(WAIT)
     assert not errors and not any(t.is_alive() for t in threads + readers)
     assert seen and all(view == _origin_bytes()[: (NCHUNKS - 2) * CB] for view in seen)
-    snap = st.snap()
-    snap.sync()
-    records = st.records()
-    assert snap.valid and sorted(old for old, _ in records) == sorted([*chunks, NCHUNKS - 2, NCHUNKS - 1])
-    assert len({new for _, new in records}) == len(records)
-    assert st.read("s0") == _origin_bytes()
-    assert st.read("vol") == _expected({c: bytes([c % 250 + 1]) * CB for c in chunks})
+    _check_after(st, chunks)
 
 
 @pytest.mark.parametrize("device", ["s0-cow", "vol-real"])
@@ -346,3 +359,42 @@ def test_a_write_over_two_chunks_commits_each_then_writes_the_origin(exposed_eng
         assert {20, 21, 40, 41, 60, 61, 62} <= {old for old, _ in st.records(i)}
     assert st.read("vol") == _expected({20: b"p" * CB, 21: b"p" * CB, 40: b"q" * CB, 41: b"q" * CB,
                                         60: b"t" * CB, 61: b"t" * CB, 62: b"t" * CB})
+
+
+def test_writers_through_suspends_and_a_handover(exposed_engine: Engine, tmp_path: Path, lib: Any) -> None:
+    """Eight writers' first writes while the COW, the origin's ``-real`` and the origin are
+    suspended and resumed in turn, and the snapshot is reloaded (a handover): while each is
+    suspended its file does not change (nor either file for the origin) and C makes no first
+    write; at the end every write landed, the snapshot holds each copy once and shows the
+    origin as it was."""
+    st = _Stack(exposed_engine, tmp_path)
+    _warm(st)
+    chunks = random.Random(3).sample(range(NCHUNKS - 2), 400)
+    errors: list[BaseException] = []
+
+    threads = _writers(st, chunks, 8, errors)
+    for t in threads:
+        t.start()
+    still: list[str] = []
+    # what a suspended device holds: its own file's I/O, and the C first writes (which need it)
+    held = {"s0-cow": ("COW", "C"), "vol-real": ("origin", "C"), "vol": ("COW", "origin", "C")}
+    for device in ("s0-cow", "vol-real", "vol", "s0-cow", "vol-real"):
+        until(lambda: st.stats()["writes"] > 0, "writes under way")
+        exposed_engine.suspend(device)
+        files = st.cows[0].read_bytes(), st.img.read_bytes(), st.stats()["first_writes"]
+        for t in threads:
+            t.join(0.05)
+        now = st.cows[0].read_bytes(), st.img.read_bytes(), st.stats()["first_writes"]
+        changed = [what for what, a, b in zip(("COW", "origin", "C"), files, now) if a != b and what in held[device]]
+        if changed:
+            still.append(f"{device}: {changed}")
+        exposed_engine.resume(device)
+    table = exposed_engine.table("s0")
+    exposed_engine.suspend("s0")
+    exposed_engine.load("s0", table)
+    exposed_engine.resume("s0")
+    for t in threads:
+        t.join(WAIT * 4)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert not still, f"written while suspended: {still}"
+    _check_after(st, chunks)
