@@ -352,15 +352,15 @@ class OriginRegistry(Generic[S]):
             sets = self._writes.get(key, ())
             if self._changing.get(key):
                 return
-            entries: list[tuple[int, Any, int]] | None = []
+            entries: list[tuple[int, Any, int]] = []
             for snap in self._origins.get(key, ()):
                 entry = snap.c_first_write()
                 if entry is None:
                     continue  # (no copy into it)
-                if entry is False or entry is True:
-                    entries = None
+                if isinstance(entry, bool):  # (C cannot make its copies: none are made in C)
+                    entries = []
                     break
-                entries.append(entry)  # type: ignore[union-attr]
+                entries.append(entry)
             for writes in sets:
                 session = writes.session
                 if entries and session is not None and all(slot.session is session for _, slot, _ in entries):
