@@ -116,22 +116,28 @@ static int dms_zero(const char *p, uint64_t n)
 	return 1;
 }
 
-static int dms_copy_commit(int ofd, int64_t ooff, int64_t n, int cfd, int64_t coff, int cow_zeroed, char *area,
-			   int64_t alen, int64_t aoff, int64_t index, uint64_t old, uint64_t new, int wfd,
+/* The copy and commit of count chunks (n bytes: count equal chunks, or one), records {old + i,
+ * new + i} at index + i. A chunk of zeros is not written onto COW chunks known to read as zeros
+ * (all of them written where one is not); onto others the Python path decides. */
+static int dms_copy_commit(int ofd, int64_t ooff, int64_t n, int64_t count, int cfd, int64_t coff, int cow_zeroed,
+			   char *area, int64_t alen, int64_t aoff, int64_t index, uint64_t old, uint64_t new, int wfd,
 			   const char *wbuf, int64_t wlen, int64_t woff, char *buf)
 {
 	if (ofd >= 0 && dms_io(0, 'r', ofd, buf, (uint64_t)n, (uint64_t)ooff))
 		return DMS_COPY;
-	if (dms_zero(buf, (uint64_t)n)) {
-		if (!cow_zeroed)
-			return DMS_COPY;
-	} else if (dms_io(1, 'w', cfd, buf, (uint64_t)n, (uint64_t)coff)) {
+	int zeros = 0;
+	for (int64_t i = 0; i < count; i++)
+		zeros += dms_zero(buf + i * (n / count), (uint64_t)(n / count));
+	if (zeros && !cow_zeroed)
 		return DMS_COPY;
-	}
+	if (zeros < count && dms_io(1, 'w', cfd, buf, (uint64_t)n, (uint64_t)coff))
+		return DMS_COPY;
 	if (dms_io(2, 'f', cfd, NULL, 0, 0))
 		return DMS_PREFLUSH;
-	uint64_t rec[2] = {htole64(old), htole64(new)};
-	memcpy(area + 16 * index, rec, sizeof rec);
+	for (int64_t i = 0; i < count; i++) {
+		uint64_t rec[2] = {htole64(old + (uint64_t)i), htole64(new + (uint64_t)i)};
+		memcpy(area + 16 * (index + i), rec, sizeof rec);
+	}
 	if (dms_io(3, 'w', cfd, area, (uint64_t)alen, (uint64_t)aoff))
 		return DMS_AREA;
 	if (dms_io(4, 'f', cfd, NULL, 0, 0))
@@ -145,20 +151,20 @@ static int dms_copy_commit(int ofd, int64_t ooff, int64_t n, int cfd, int64_t co
  * buffer (alen bytes, written at aoff of cfd), then write wlen bytes of wbuf at woff of wfd
  * (none for wlen 0); see above. Returns DMS_*, or -1 (nothing done) for arguments out of
  * range. */
-static int dms_copy_commit_buffered(int ofd, int64_t ooff, int64_t n, int cfd, int64_t coff, int cow_zeroed,
-				    char *area, int64_t alen, int64_t aoff, int64_t index, uint64_t old, uint64_t new,
-				    int wfd, const char *wbuf, int64_t wlen, int64_t woff)
+static int dms_copy_commit_buffered(int ofd, int64_t ooff, int64_t n, int64_t count, int cfd, int64_t coff,
+				    int cow_zeroed, char *area, int64_t alen, int64_t aoff, int64_t index, uint64_t old,
+				    uint64_t new, int wfd, const char *wbuf, int64_t wlen, int64_t woff)
 {
 	if (n <= DMS_STACK_MAX) {
 		char buf[DMS_STACK_MAX] __attribute__((aligned(4096)));
-		return dms_copy_commit(ofd, ooff, n, cfd, coff, cow_zeroed, area, alen, aoff, index, old, new, wfd,
-				       wbuf, wlen, woff, buf);
+		return dms_copy_commit(ofd, ooff, n, count, cfd, coff, cow_zeroed, area, alen, aoff, index, old, new,
+				       wfd, wbuf, wlen, woff, buf);
 	}
 	char *buf = malloc((size_t)n);
 	if (!buf)
 		return DMS_COPY;
-	int rc = dms_copy_commit(ofd, ooff, n, cfd, coff, cow_zeroed, area, alen, aoff, index, old, new, wfd, wbuf,
-				 wlen, woff, buf);
+	int rc = dms_copy_commit(ofd, ooff, n, count, cfd, coff, cow_zeroed, area, alen, aoff, index, old, new, wfd,
+				 wbuf, wlen, woff, buf);
 	free(buf);
 	return rc;
 }
@@ -172,8 +178,8 @@ int dms_copy_commit_chunk(int ofd, int64_t ooff, int64_t n, int cfd, int64_t cof
 	if (n <= 0 || ooff < 0 || coff < 0 || aoff < 0 || index < 0 || 16 * (index + 1) > alen || wlen < 0 ||
 	    (wlen && (wfd < 0 || woff < 0 || !wbuf)))
 		return -1;
-	return dms_copy_commit_buffered(ofd, ooff, n, cfd, coff, cow_zeroed, area, alen, aoff, index, old, new, wfd,
-					wbuf, wlen, woff);
+	return dms_copy_commit_buffered(ofd, ooff, n, 1, cfd, coff, cow_zeroed, area, alen, aoff, index, old, new,
+					wfd, wbuf, wlen, woff);
 }
 
 /* dms_copy_commit_chunk for an origin chunk read already (src, n bytes: the range one origin
@@ -185,7 +191,7 @@ int dms_commit_copy(const char *src, int64_t n, int cfd, int64_t coff, int cow_z
 	dms_flush_ns = 0;
 	if (!src || n <= 0 || coff < 0 || aoff < 0 || index < 0 || 16 * (index + 1) > alen)
 		return -1;
-	return dms_copy_commit(-1, 0, n, cfd, coff, cow_zeroed, area, alen, aoff, index, old, new, -1, NULL, 0, 0,
+	return dms_copy_commit(-1, 0, n, 1, cfd, coff, cow_zeroed, area, alen, aoff, index, old, new, -1, NULL, 0, 0,
 			       (char *)src);
 }
 
@@ -206,13 +212,15 @@ int dms_commit_copy(const char *src, int64_t n, int cfd, int64_t coff, int cow_z
 #define DMS_MAPPED 7        /* the chunk has its exception: the origin write not made */
 #define DMS_MAPPED_WROTE 8  /* the chunk has its exception, the origin write made */
 #define DMS_DONE_WROTE 6    /* committed and the origin write made */
-#define DMS_FENCE_HEAD 5    /* words before the log's pairs in dms_snap_fence's answer */
+#define DMS_FENCE_HEAD 6    /* words before the log's pairs in dms_snap_fence's answer */
+#define DMS_RUN_MAX 16      /* chunks of one dms_snap_write_run */
 
 struct dms_snap {
 	pthread_mutex_t lock;
 	long refs;            /* Python's (dms_snap_new) and each origin map's (dms_snap_get) */
 	int armed;
 	int failed;           /* the DMS_* of a failure after the copy was in place, else 0 */
+	int64_t failed_count; /* the records of that write: the last ones logged */
 	uint64_t *bits;       /* one bit per origin chunk: it has an exception */
 	int64_t nchunks, cb;
 	int64_t next_free, stride, cow_chunks, zeroed_from, zeroed_upto;
@@ -324,8 +332,9 @@ void dms_snap_hold(struct dms_snap *s, int hold)
 
 /* Disarm, waiting for a write in flight, and hand over what happened since the last fence:
  * out[0] next free chunk, out[1] records in the area, out[2] exceptions logged, out[3] the mean
- * nanoseconds of their flushes (-1 without one), out[4] the failure (DMS_*, 0 for none), then
- * the logged (old, new) pairs; out holds DMS_FENCE_HEAD + 2 * logmax words. */
+ * nanoseconds of their flushes (-1 without one), out[4] the failure (DMS_*, 0 for none), out[5]
+ * how many of the logged exceptions that failed write had (the last ones), then the logged (old,
+ * new) pairs; out holds DMS_FENCE_HEAD + 2 * logmax words. */
 void dms_snap_fence(struct dms_snap *s, int64_t *out)
 {
 	pthread_mutex_lock(&s->lock);
@@ -335,10 +344,91 @@ void dms_snap_fence(struct dms_snap *s, int64_t *out)
 	out[2] = s->nlog;
 	out[3] = s->flushes ? s->flush_ns / s->flushes : -1;
 	out[4] = s->failed;
+	out[5] = s->failed ? s->failed_count : 0;
 	memcpy(out + DMS_FENCE_HEAD, s->log, (size_t)s->nlog * 2 * sizeof *s->log);
 	s->nlog = s->flush_ns = s->flushes = 0;
 	s->failed = 0;
 	pthread_mutex_unlock(&s->lock);
+}
+
+/* dms_snap_write and dms_snap_write_run: count consecutive chunks from first. */
+static int dms_snap_write_n(struct dms_snap *s, int64_t first, int64_t count, int ofd, int64_t ooff, int cfd,
+			    int64_t cbase, int64_t csize, int wfd, const char *wbuf, int64_t wlen, int64_t woff)
+{
+	dms_nops = dms_flushes = 0;
+	dms_flush_ns = 0;
+	if (first < 0 || count < 1 || count > DMS_RUN_MAX || ooff < 0 || cbase < 0 || wlen < 0 ||
+	    (wlen && (wfd < 0 || woff < 0 || !wbuf)))
+		return DMS_OFF;
+	/* A write in flight: wait for it where the flushes are fast; where they are slow, decline
+	 * (the Python path commits concurrent writers' exceptions together, as the kernel does). */
+	if (pthread_mutex_trylock(&s->lock)) {
+		if (__atomic_load_n(&s->slow, __ATOMIC_RELAXED))
+			return DMS_OFF;
+		pthread_mutex_lock(&s->lock);
+	}
+	if (!s->armed || first + count > s->nchunks) {
+		pthread_mutex_unlock(&s->lock);
+		return DMS_OFF;
+	}
+	int64_t mapped = 0;
+	for (int64_t c = first; c < first + count; c++)
+		mapped += !!(s->bits[c >> 6] & (1ULL << (c & 63)));
+	if (mapped) {
+		pthread_mutex_unlock(&s->lock);
+		if (mapped < count) /* (some to copy: the Python path) */
+			return DMS_OFF;
+		if (!wlen)
+			return DMS_MAPPED;
+		ssize_t k;
+		do
+			k = pwrite(wfd, wbuf, (size_t)wlen, (off_t)woff);
+		while (k < 0 && errno == EINTR);
+		return k == (ssize_t)wlen ? DMS_MAPPED_WROTE : DMS_MAPPED;
+	}
+	/* the store's prepare_exceptions: consecutive chunks from the next free one, the one after
+	 * them skipping a metadata area; declined where a metadata area lies among them, the COW is
+	 * full or zeroing ahead is due, or the area would fill */
+	int64_t new = s->next_free, nf = new + count;
+	for (int64_t c = new + 1; c < nf; c++)
+		if (c % s->stride == 1) {
+			pthread_mutex_unlock(&s->lock);
+			return DMS_OFF;
+		}
+	if (nf % s->stride == 1)
+		nf++;
+	if (new + count > s->cow_chunks || (new + count) * s->cb > csize || s->aoff + s->alen > csize ||
+	    (s->zero_limit && s->zeroed_upto <= nf) || s->nlog + count > s->logmax ||
+	    16 * (s->committed + count + 1) > s->alen) {
+		pthread_mutex_unlock(&s->lock);
+		return DMS_OFF;
+	}
+	int zeroed = s->zeroed_from <= new && new + count <= s->zeroed_upto;
+	int rc = dms_copy_commit_buffered(ofd, ooff, count * s->cb, count, cfd, cbase + new * s->cb, zeroed, s->area,
+					  s->alen, cbase + s->aoff, s->committed, (uint64_t)first, (uint64_t)new, wfd,
+					  wbuf, wlen, woff);
+	if (rc != DMS_COPY) {
+		s->next_free = nf;
+		s->committed += count;
+		for (int64_t i = 0; i < count; i++) {
+			int64_t c = first + i;
+			s->bits[c >> 6] |= 1ULL << (c & 63);
+			s->log[2 * s->nlog] = (uint64_t)c;
+			s->log[2 * s->nlog + 1] = (uint64_t)(new + i);
+			s->nlog++;
+		}
+		s->flush_ns += dms_flush_ns;
+		s->flushes += dms_flushes;
+		if (dms_flushes)
+			__atomic_store_n(&s->slow, dms_flush_ns / dms_flushes >= s->slow_ns, __ATOMIC_RELAXED);
+		if (rc != DMS_DONE) {
+			s->failed = rc;
+			s->failed_count = count;
+			s->armed = 0;
+		}
+	}
+	pthread_mutex_unlock(&s->lock);
+	return rc == DMS_DONE && wlen ? DMS_DONE_WROTE : rc;
 }
 
 /* The origin write of wlen bytes of wbuf at woff of wfd to origin chunk `chunk` (none for wlen
@@ -351,62 +441,18 @@ void dms_snap_fence(struct dms_snap *s, int64_t *out)
 int dms_snap_write(struct dms_snap *s, int64_t chunk, int ofd, int64_t ooff, int cfd, int64_t cbase, int64_t csize,
 		   int wfd, const char *wbuf, int64_t wlen, int64_t woff)
 {
-	dms_nops = dms_flushes = 0;
-	dms_flush_ns = 0;
-	if (chunk < 0 || ooff < 0 || cbase < 0 || wlen < 0 || (wlen && (wfd < 0 || woff < 0 || !wbuf)))
-		return DMS_OFF;
-	/* A write in flight: wait for it where the flushes are fast; where they are slow, decline
-	 * (the Python path commits concurrent writers' exceptions together, as the kernel does). */
-	if (pthread_mutex_trylock(&s->lock)) {
-		if (__atomic_load_n(&s->slow, __ATOMIC_RELAXED))
-			return DMS_OFF;
-		pthread_mutex_lock(&s->lock);
-	}
-	if (!s->armed || chunk >= s->nchunks) {
-		pthread_mutex_unlock(&s->lock);
-		return DMS_OFF;
-	}
-	if (s->bits[chunk >> 6] & (1ULL << (chunk & 63))) {
-		pthread_mutex_unlock(&s->lock);
-		if (!wlen)
-			return DMS_MAPPED;
-		ssize_t k;
-		do
-			k = pwrite(wfd, wbuf, (size_t)wlen, (off_t)woff);
-		while (k < 0 && errno == EINTR);
-		return k == (ssize_t)wlen ? DMS_MAPPED_WROTE : DMS_MAPPED;
-	}
-	/* the store's prepare_exception: the next free chunk, the one after it skipping a metadata
-	 * area; declined where the COW is full or zeroing ahead is due, or the area would fill */
-	int64_t new = s->next_free, nf = new + 1;
-	if (nf % s->stride == 1)
-		nf++;
-	if (new + 1 > s->cow_chunks || (new + 1) * s->cb > csize || s->aoff + s->alen > csize ||
-	    (s->zero_limit && s->zeroed_upto <= nf) || s->nlog >= s->logmax ||
-	    16 * (s->committed + 2) > s->alen) {
-		pthread_mutex_unlock(&s->lock);
-		return DMS_OFF;
-	}
-	int zeroed = s->zeroed_from <= new && new < s->zeroed_upto;
-	int rc = dms_copy_commit_buffered(ofd, ooff, s->cb, cfd, cbase + new * s->cb, zeroed, s->area, s->alen,
-					  cbase + s->aoff, s->committed, (uint64_t)chunk, (uint64_t)new, wfd, wbuf, wlen,
-					  woff);
-	if (rc != DMS_COPY) {
-		s->next_free = nf;
-		s->committed++;
-		s->bits[chunk >> 6] |= 1ULL << (chunk & 63);
-		s->log[2 * s->nlog] = (uint64_t)chunk;
-		s->log[2 * s->nlog + 1] = (uint64_t)new;
-		s->nlog++;
-		s->flush_ns += dms_flush_ns;
-		s->flushes += dms_flushes;
-		if (dms_flushes)
-			__atomic_store_n(&s->slow, dms_flush_ns / dms_flushes >= s->slow_ns, __ATOMIC_RELAXED);
-		if (rc != DMS_DONE) {
-			s->failed = rc;
-			s->armed = 0;
-		}
-	}
-	pthread_mutex_unlock(&s->lock);
-	return rc == DMS_DONE && wlen ? DMS_DONE_WROTE : rc;
+	return dms_snap_write_n(s, chunk, 1, ofd, ooff, cfd, cbase, csize, wfd, wbuf, wlen, woff);
+}
+
+/* dms_snap_write for an origin write over count (at most DMS_RUN_MAX) consecutive chunks from
+ * first, whose copies start at ooff of ofd: none of them with an exception yet, they get
+ * consecutive COW chunks (declined where a metadata area lies among them), copied with one read
+ * and one write, committed with one flush, one area write of their records and one flush, then
+ * the origin write; every one with its exception: DMS_MAPPED_WROTE (or DMS_MAPPED) as
+ * dms_snap_write; some: DMS_OFF (the Python path). A failure after the copies were in place
+ * fails the commit of all of them (dms_snap_fence's out[5]). */
+int dms_snap_write_run(struct dms_snap *s, int64_t first, int64_t count, int ofd, int64_t ooff, int cfd,
+		       int64_t cbase, int64_t csize, int wfd, const char *wbuf, int64_t wlen, int64_t woff)
+{
+	return dms_snap_write_n(s, first, count, ofd, ooff, cfd, cbase, csize, wfd, wbuf, wlen, woff);
 }

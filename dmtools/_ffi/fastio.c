@@ -559,10 +559,11 @@ static void release(struct dmf_slot *s, struct dmf_slot *low, int write)
  * before the origin changes. Python hands the set a descriptor of the origin's snapshots
  * (dmf_chunks_first): for each, in the order Python copies them, its C state (dms.c struct
  * dms_snap, armed and disarmed by Python: every fence of the snapshot disarms it, waiting for a
- * write in flight), the slot of its COW device and its chunk bytes. A write inside one chunk of
- * each is then made here as route.first_write makes it from Python: dms_snap_write for each
- * snapshot in turn (lookup, allocation, copy, PREFLUSH, record, FUA), the origin write with the
- * last one's, on the files of the origin's and each COW's live maps, read-locked (a suspend or a
+ * write in flight), the slot of its COW device and its chunk bytes. A write is then made here as
+ * route.first_write makes one from Python: dms_snap_write_run for each snapshot in turn (lookup,
+ * allocation, copy, PREFLUSH, records, FUA of its chunks under the write, up to DMS_RUN_MAX of
+ * them: a writer's neighbouring pages merged into one request), the origin write with the last
+ * one's, on the files of the origin's and each COW's live maps, read-locked (a suspend or a
  * reload of any of these devices takes their write locks: it waits for the write, and the next
  * ones go to Python, which waits at its gates). Anything else, a state not armed, a snapshot
  * declining, or a failure, goes to Python, which goes on from where C stopped (a failure once a
@@ -674,69 +675,43 @@ static const struct dmf_leg *plain_leg(const struct dmf_map *m, uint64_t end)
 	return &m->segs[0].legs[0];
 }
 
-/* Chunks of one snapshot a first write made here may touch: each is copied and committed on its
- * own (two flushes each, where the Python path commits a run with two), so only as many as a
- * writer's merged neighbouring pages bring (8 KiB requests); larger writes go to Python. */
-#define FIRST_MAX_CHUNKS 2
-
-/* Each snapshot's copies of its chunks under [off, off+size), then the write, on leg ol of the
- * origin's map lm (its slot read-locked): inside one chunk of every snapshot, the write goes with
- * the last snapshot's commit (dms_snap_write); else each chunk's copy and commit in turn, then
- * the write here. 1 when all was done, else 0 (Python goes on from there: what C committed is
- * folded at each snapshot's next fence). */
+/* Each snapshot's copies of its chunks under [off, off+size) (at most DMS_RUN_MAX of them, none
+ * with an exception yet, or all: dms_snap_write_run), and then the write with the last
+ * snapshot's commit, on leg ol of the origin's map lm (its slot read-locked). 1 when all was
+ * done, else 0 (Python goes on from there: what C committed is folded at each snapshot's next
+ * fence). */
 static int first_snaps(struct dmf_ctx *ctx, struct dmf_chunks *c, const struct dmf_first *f, const struct dmf_leg *ol,
 		       const struct dmf_map *lm, const char *buf, size_t size, uint64_t off)
 {
 	uint64_t lo = 0, hi = UINT64_MAX, end = off + size;
-	int fault = atomic_exchange(&g_first_fault, -1), done = 1, tracing = atomic_load(&g_tracing), fused = 1;
+	int fault = atomic_exchange(&g_first_fault, -1), done = 1, tracing = atomic_load(&g_tracing);
 	if (fault >= 0)
 		dms_set_fault(fault, atomic_load(&g_first_short));
-	for (uint32_t i = 0; i < f->n; i++)
-		fused &= (end - 1) / (uint64_t)f->snaps[i].cb == off / (uint64_t)f->snaps[i].cb;
 	for (uint32_t i = 0; done && i < f->n; i++) {
 		const struct dmf_first_snap *fs = &f->snaps[i];
 		uint64_t cb = (uint64_t)fs->cb, first = off / cb, last = (end - 1) / cb;
 		done = 0;
-		if (last - first >= FIRST_MAX_CHUNKS || (last + 1) * cb > lm->size)
+		if (last - first >= DMS_RUN_MAX || (last + 1) * cb > lm->size)
 			break;
 		struct dmf_slot *cs = slot_of(ctx, fs->cow);
 		if (pthread_rwlock_tryrdlock(&cs->lock) != 0)
 			break;
 		const struct dmf_map *cm = cs->id == fs->cow && atomic_load(&cs->on) ? cs->map : NULL;
 		const struct dmf_leg *cl = plain_leg(cm, 0);
-		for (uint64_t k = first; cl && k <= last; k++) {
-			int wr = fused && i + 1 == f->n;
-			int rc = dms_snap_write(fs->state, (int64_t)k, ol->fd, (int64_t)(ol->base + k * cb), cl->fd,
-						(int64_t)cl->base, (int64_t)cm->size, wr ? ol->fd : -1, wr ? buf : NULL,
-						wr ? (int64_t)size : 0, (int64_t)(ol->base + off));
-			if (tracing && rc != DMS_OFF)
-				first_trace();
-			done = wr ? rc == DMS_DONE_WROTE || rc == DMS_MAPPED_WROTE : rc == DMS_DONE || rc == DMS_MAPPED;
-			if (!done)
-				break;
-		}
+		int wr = i + 1 == f->n, rc = DMS_OFF;
+		if (cl)
+			rc = dms_snap_write_run(fs->state, (int64_t)first, (int64_t)(last - first + 1), ol->fd,
+						(int64_t)(ol->base + first * cb), cl->fd, (int64_t)cl->base, (int64_t)cm->size,
+						wr ? ol->fd : -1, wr ? buf : NULL, wr ? (int64_t)size : 0,
+						(int64_t)(ol->base + off));
 		pthread_rwlock_unlock(&cs->lock);
+		if (tracing && rc != DMS_OFF)
+			first_trace();
+		done = wr ? rc == DMS_DONE_WROTE || rc == DMS_MAPPED_WROTE : rc == DMS_DONE || rc == DMS_MAPPED;
 		lo = first * cb > lo ? first * cb : lo;
 		hi = (last + 1) * cb < hi ? (last + 1) * cb : hi;
 	}
 	dms_set_fault(-1, 0);
-	if (done && !fused) { /* every copy committed: the origin write (dms.c's step 5 for the seam) */
-		ssize_t k = fault == 5 && !atomic_load(&g_first_short) ? -1 : 0;
-		size_t want = fault == 5 ? size / 2 : size;
-		if (k == 0)
-			do
-				k = pwrite(ol->fd, buf, want, (off_t)(ol->base + off));
-			while (k < 0 && errno == EINTR);
-		done = k == (ssize_t)size;
-		if (tracing) {
-			pthread_mutex_lock(&g_trace_lock);
-			if (g_ntrace + 2 <= sizeof g_trace) {
-				g_trace[g_ntrace++] = 'w';
-				g_trace[g_ntrace++] = '.';
-			}
-			pthread_mutex_unlock(&g_trace_lock);
-		}
-	}
 	if (!done)
 		return 0;
 	/* every snapshot holds its copies of [lo, hi) now: the next writes there need none */

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 #: exceptions C commits between two fences at most (then it declines until the next fence).
 LOG_MAX = 4096
 #: words before the logged pairs in ``dms_snap_fence``'s answer (dms.c ``DMS_FENCE_HEAD``).
-FENCE_HEAD = 5
+FENCE_HEAD = 6
 #: the largest origin (in chunks) C keeps a bitmap of: 2**28 bits, 32 MiB (1 TiB of 4 KiB chunks).
 MAX_CHUNKS = 1 << 28
 
@@ -44,12 +44,15 @@ MAX_CHUNKS = 1 << 28
 class FastWrites:
     """The C state of one snapshot over ``store``, its origin ``nchunks`` chunks long."""
 
-    __slots__ = ("ffi", "lib", "state", "store", "armed", "_out", "_out_c", "_area_c")
+    __slots__ = ("ffi", "lib", "state", "store", "armed", "failed_records", "_out", "_out_c", "_area_c")
 
     def __init__(self, ffi: Any, lib: Any, state: Any, store: PersistentStore) -> None:
         self.ffi, self.lib, self.state, self.store = ffi, lib, state, store
         #: C may be armed (changed under the snapshot's lock); False: every fence is a no-op.
         self.armed = False
+        #: how many of the exceptions the last fence handed over were those of a write whose
+        #: commit failed (the last ones; 0 for none)
+        self.failed_records = 0
         self._out = array("q", bytes(8 * (FENCE_HEAD + 2 * LOG_MAX)))
         self._out_c = ffi.from_buffer("int64_t[]", self._out)
         self._area_c: Any = None  # (the store's area buffer, its cffi buffer)
@@ -121,6 +124,7 @@ class FastWrites:
         out = self._out
         self.lib.dms_snap_fence(self.state, self._out_c)
         n = out[2]
+        self.failed_records = out[5]
         if not n:
             return []
         store = self.store
@@ -133,9 +137,9 @@ class FastWrites:
             store.records += n
             if out[3] >= 0:
                 store._cow_route().note_flush(out[3] * 1e-9)
-            if failed == DMS_PREFLUSH:  # (the record enters the area only after that flush)
-                old, new = pairs[-1]
-                _RECORD.pack_into(store._area, (out[1] - 1) * DISK_EXCEPTION_SIZE, old, new)
+            if failed == DMS_PREFLUSH:  # (the records enter the area only after that flush)
+                for i, (old, new) in enumerate(pairs[-out[5] :], out[1] - out[5]):
+                    _RECORD.pack_into(store._area, i * DISK_EXCEPTION_SIZE, old, new)
             if failed == DMS_AREA:
                 store._write_area_locked()
             elif failed == DMS_PREFLUSH or failed == DMS_FUA:

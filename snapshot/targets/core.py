@@ -715,10 +715,10 @@ class CopyOnWrite:
         if fast is None or not fast.armed:
             return
         pairs = fast.fence()
-        failed = not fast.store.valid  # (a flush of the last one failed: its commit failed)
+        failed = not fast.store.valid  # (a flush of the last write failed: its commit failed)
         if pairs and self.valid:
             insert = self.table.insert_one
-            for old, new in pairs[:-1] if failed else pairs:
+            for old, new in pairs[: len(pairs) - fast.failed_records] if failed else pairs:
                 insert(old, new)
         if self.valid and failed:
             self.invalidate_locked("copy or metadata I/O error")

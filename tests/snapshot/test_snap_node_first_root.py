@@ -167,12 +167,13 @@ def test_first_writes_are_made_by_the_worker_in_the_kernels_order(exposed_engine
     assert st.stats()["first_writes"] == after["first_writes"]
 
 
+@pytest.mark.parametrize("chunks", [1, 2], ids=["one-chunk", "two-chunks"])
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_a_failure_at_each_step_goes_on_in_python(exposed_engine: Engine, tmp_path: Path, lib: Any,
-                                                  python_writes: list[int], fault: str) -> None:
+                                                  python_writes: list[int], fault: str, chunks: int) -> None:
     """C stops at the failed step (the origin not written after a failed copy or commit), the
     request goes to Python, which goes on from there: the write lands, and the snapshot either
-    holds the chunk's copy and record or is invalid without the record's commit."""
+    holds the chunks' copies and records or is invalid without their commit."""
     step, short, calls, valid = FAULTS[fault]  # (as the API's first writes: test_snap_copy_commit_c)
     st = _Stack(exposed_engine, tmp_path)
     _warm(st)
@@ -181,19 +182,22 @@ def test_a_failure_at_each_step_goes_on_in_python(exposed_engine: Engine, tmp_pa
     lib.first_trace(True)
     lib.first_fault(step, short)
     n = len(python_writes)
-    st.write(7, b"b" * CB)  # the origin write lands, whatever the snapshot's fate
+    st.write(7, b"b" * chunks * CB)  # the origin write lands, whatever the snapshot's fate
     assert lib.first_ops() == calls + "."
     assert python_writes[n:] == [7 * CB]
     snap.sync()
     assert snap.valid is valid
-    assert st.read("vol") == _expected({3: b"a" * CB, 7: b"b" * CB})
+    assert st.read("vol") == _expected({3: b"a" * CB, **{c: b"b" * CB for c in range(7, 7 + chunks)}})
     records = dict(st.records())
+    copied = range(7, 7 + chunks)
     if valid:
         assert st.read("s0") == _origin_bytes()
-        assert 7 in records and snap.table.lookup(7) == records[7] and snap.store.records == 4
+        assert all(c in records and snap.table.lookup(c) == records[c] for c in copied)
+        assert snap.store.records == 3 + chunks
     else:
         assert "Invalid" in exposed_engine.status("s0")[0].params
-        assert 7 not in records or step == 4  # after a failed PREFLUSH the record is never written
+        # after a failed PREFLUSH the records are never written
+        assert step == 4 or not any(c in records for c in copied)
 
 
 def _run(eng: Engine, tmp: Path, writes: list[tuple[int, bytes]], nsnaps: int) -> list[Any]:
@@ -338,27 +342,35 @@ def test_a_handover_and_a_removed_snapshot_withdraw_the_c_states(exposed_engine:
 
 
 @pytest.mark.parametrize("nsnaps", [1, 3])
-def test_a_write_over_two_chunks_commits_each_then_writes_the_origin(exposed_engine: Engine, tmp_path: Path,
-                                                                      lib: Any, python_writes: list[int],
-                                                                      nsnaps: int) -> None:
-    """A writer's neighbouring pages merged into one request (8 KiB): each chunk's copy and
-    commit in turn for every snapshot, then the origin write; three chunks go to Python."""
+def test_a_write_over_several_chunks_commits_them_together(exposed_engine: Engine, tmp_path: Path, lib: Any,
+                                                           python_writes: list[int], nsnaps: int) -> None:
+    """A writer's neighbouring pages merged into one request: each snapshot's chunks under it
+    allocated together, copied with one read and one write, their records committed with one
+    PREFLUSH, one area write and one FUA, then the origin written once; a request over a chunk
+    with its exception and one without, or over more than 16 chunks, goes to Python."""
     st = _Stack(exposed_engine, tmp_path, nsnaps)
     _warm(st)
     calls = len(python_writes)
     lib.first_trace(True)
     st.write(20, b"p" * 2 * CB)
-    assert lib.first_ops() == "rwfwf." * 2 * nsnaps + "w." and len(python_writes) == calls
+    st.write(100, b"s" * 16 * CB)
+    assert lib.first_ops() == ("rwfwf." * (nsnaps - 1) + "rwfwfw.") * 2 and len(python_writes) == calls
+    snap = st.snap()
+    snap.sync()
+    new = snap.table.lookup(100)
+    assert new is not None and all(snap.table.lookup(100 + i) == new + i for i in range(16))
     lib.first_fault(5)  # the origin write fails once both are committed: Python writes it
     st.write(40, b"q" * 2 * CB)
     assert python_writes[calls:] == [40 * CB]
-    st.write(60, b"t" * 3 * CB)  # three chunks: Python
-    assert python_writes[calls:] == [40 * CB, 60 * CB]
+    st.write(41, b"m" * 2 * CB)  # chunk 41 copied, 42 not: Python
+    st.write(60, b"t" * 17 * CB)  # 17 chunks: Python
+    assert python_writes[calls:] == [40 * CB, 41 * CB, 60 * CB]
     for i in range(nsnaps):
         assert st.read(f"s{i}") == _origin_bytes()
-        assert {20, 21, 40, 41, 60, 61, 62} <= {old for old, _ in st.records(i)}
-    assert st.read("vol") == _expected({20: b"p" * CB, 21: b"p" * CB, 40: b"q" * CB, 41: b"q" * CB,
-                                        60: b"t" * CB, 61: b"t" * CB, 62: b"t" * CB})
+        assert {20, 21, 40, 41, 42, *range(60, 77), *range(100, 116)} <= {old for old, _ in st.records(i)}
+    written = {20: b"p", 21: b"p", 40: b"q", 41: b"m", 42: b"m", **{c: b"t" for c in range(60, 77)},
+               **{c: b"s" for c in range(100, 116)}}
+    assert st.read("vol") == _expected({c: v * CB for c, v in written.items()})
 
 
 def test_writers_through_suspends_and_a_handover(exposed_engine: Engine, tmp_path: Path, lib: Any) -> None:
