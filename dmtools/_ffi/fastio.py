@@ -194,9 +194,13 @@ class FastIO:
 
     def py_setup(self) -> None:
         """Hand ``dmf_main``'s workers this interpreter's thread-state functions
-        (:data:`PY_FUNCTIONS`): each keeps one Python thread state for its life."""
+        (:data:`PY_FUNCTIONS`): each keeps one Python thread state for its life (nothing where
+        one is missing)."""
         api = ctypes.pythonapi
-        fns = [ctypes.cast(getattr(api, name, None) or getattr(api, "_" + name), _c_vp).value for name in PY_FUNCTIONS]
+        found: list[Any] = [getattr(api, name, None) or getattr(api, "_" + name, None) for name in PY_FUNCTIONS]
+        if not all(found):  # (another Python: each callback makes its own thread state, as before)
+            return
+        fns = [ctypes.cast(fn, _c_vp).value for fn in found]
         self.lib.dmf_py_setup((_c_vp * len(fns))(*fns), len(fns))
 
     def main(self, argc: int, argv: Any, ops: Any, ops_size: int, ctx: int) -> int:
