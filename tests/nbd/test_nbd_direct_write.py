@@ -84,6 +84,34 @@ def test_uncached_destination_is_written_direct(tmp_path: Path, start_nbdkit: Ca
     assert dst.read_bytes() == data
 
 
+def test_holes_of_the_export_are_zeroed_not_written(tmp_path: Path, start_nbdkit: Callable[..., NbdServer],
+                                                    direct_writes: list[tuple[str, int, int]]) -> None:
+    """An export with data at 1-3 MiB and 12-16 MiB, holes elsewhere, copied over an uncached
+    file of 0xaa: only the data goes direct; the holes read as zeros."""
+    srv = start_nbdkit(["memory", str(SIZE)])
+    one, two = os.urandom(2 * MiB), os.urandom(4 * MiB)
+    with NbdEndpoint(srv.uri, writable=True) as ep:
+        ep.write(one, 1 * MiB)
+        ep.write(two, 12 * MiB)
+    dst = tmp_path / "dst.img"
+    dst.write_bytes(b"\xaa" * SIZE)
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    if cached(dst):
+        pytest.skip("the destination's pages could not be dropped from the cache")
+    job = _copy(srv.uri, [(dst, 0)], SIZE // S)
+    assert job.ok
+    assert sorted((off, n) for _, off, n in direct_writes) == [(1 * MiB, 2 * MiB), (12 * MiB, 4 * MiB)]
+    expect = bytearray(SIZE)
+    expect[1 * MiB : 3 * MiB] = one
+    expect[12 * MiB : 16 * MiB] = two
+    assert dst.read_bytes() == expect
+
+
 def test_cached_destination_is_written_through_its_pages(tmp_path: Path, start_nbdkit: Callable[..., NbdServer],
                                                          direct_writes: list[tuple[str, int, int]]) -> None:
     data = os.urandom(SIZE)
