@@ -25,7 +25,7 @@ from dmtools.endpoint import Endpoint
 from dmtools.errors import DeviceBusy, DeviceIOError, DeviceNotFound, DMError, InvalidArgument, NoSpace
 from dmtools.nbd.uri import is_nbd_uri
 from dmtools.linux import (BLKDISCARD, BLKGETSIZE64, BLKPBSZGET, BLKSSZGET, BLKZEROOUT, FALLOC_FL_KEEP_SIZE,
-                           FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, libc, parse_devno)
+                           FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, block_attr, libc, parse_devno)
 from dmtools.units import int_in
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
@@ -157,13 +157,10 @@ def _ioctl_uint(fd: int, request: int, fmt: str) -> int:
 
 def _sysfs_dio_alignment(st_dev: int) -> int:
     """Logical block size of the block device holding a file (its ``O_DIRECT`` alignment)."""
-    base = f"/sys/dev/block/{os.major(st_dev)}:{os.minor(st_dev)}"
-    for candidate in (f"{base}/queue/logical_block_size", f"{base}/../queue/logical_block_size"):
-        try:
-            with open(candidate) as f:
-                return max(512, int(f.read().strip()))
-        except (OSError, ValueError):
-            continue
+    for attr in ("queue/logical_block_size", "../queue/logical_block_size"):
+        text = block_attr((os.major(st_dev), os.minor(st_dev)), attr)
+        if text is not None and text.isdigit():
+            return max(512, int(text))
     return 512
 
 
@@ -199,12 +196,10 @@ def resolve_devno(devno: str | tuple[int, int]) -> str:
         raise InvalidArgument(f"not a device number (MAJOR:MINOR, at most 4095:1048575): {devno!r}")
     major, minor = parsed
     text = f"{major}:{minor}"
-    try:
-        with open(f"/sys/dev/block/{text}/uevent") as f:
-            uevent = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
-    except FileNotFoundError as err:
-        raise DeviceNotFound("no such block device", errno=errno.ENXIO, device=text) from err
-    name = uevent.get("DEVNAME")
+    uevent = block_attr(parsed, "uevent")
+    if uevent is None:
+        raise DeviceNotFound("no such block device", errno=errno.ENXIO, device=text)
+    name = dict(line.split("=", 1) for line in uevent.splitlines() if "=" in line).get("DEVNAME")
     if not name:
         raise DeviceNotFound("block device has no name", errno=errno.ENXIO, device=text)
     path = f"/dev/{name}"

@@ -38,13 +38,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from dmtools.errors import DeviceBusy, DeviceNotFound, DMError
-from dmtools.linux import mounts
+from dmtools.linux import SYS_DEV_BLOCK, block_attr, mounts, parse_devno, sysfs_attr
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
 if TYPE_CHECKING:
     from typing import Hashable
 
-__all__ = ["Claim", "Holder", "claim", "busy_reason", "loops_over", "mount_of", "os_errors", "read_attr", "whole_disk"]
+__all__ = ["Claim", "Holder", "claim", "busy_reason", "loops_over", "mount_of", "os_errors", "whole_disk"]
 
 class Claim:
     """One device claimed by a :class:`Holder`; :meth:`release` gives it back (once)."""
@@ -298,7 +298,7 @@ def busy_reason(path: str) -> str:
         if mounted == devno:
             return f"mounted on {point}"
     try:
-        holders = sorted(os.listdir(f"/sys/dev/block/{devno}/holders"))
+        holders = sorted(os.listdir(f"{SYS_DEV_BLOCK}/{devno}/holders"))
     except OSError:
         holders = []
     if holders:
@@ -308,7 +308,7 @@ def busy_reason(path: str) -> str:
     if whole is not None:  # bd_may_claim: a partition of a claimed disk is busy too
         return (f"held open exclusively (O_EXCL) by another program or engine, or its disk "
                 f"{whole[0]}:{whole[1]} is")
-    parts = _partitions(f"/sys/dev/block/{devno}")
+    parts = _partitions(f"{SYS_DEV_BLOCK}/{devno}")
     if parts:  # a disk with a claimed partition is busy (block/bdev.c bd_may_claim)
         return (f"held open exclusively (O_EXCL) by another program or engine, or one of its "
                 f"partitions ({', '.join(parts)}) is mounted or claimed")
@@ -342,35 +342,17 @@ def loops_over(path: str, st: os.stat_result | None = None) -> list[tuple[str, t
 
 
 def _loop_backing(devno: tuple[int, int]) -> str | None:
-    try:
-        with open(f"/sys/dev/block/{devno[0]}:{devno[1]}/loop/backing_file") as f:
-            backing = f.read().rstrip("\n")
-    except OSError:
-        return None
-    return None if backing.endswith(" (deleted)") else backing
+    backing = block_attr(devno, "loop/backing_file")
+    return None if backing is None or backing.endswith(" (deleted)") else backing
 
 
 def whole_disk(devno: tuple[int, int]) -> tuple[int, int] | None:
     """The disk of partition ``devno`` (sysfs: a partition's directory sits in its disk's), or
     ``None`` when ``devno`` is not a partition."""
-    base = f"/sys/dev/block/{devno[0]}:{devno[1]}"
+    base = f"{SYS_DEV_BLOCK}/{devno[0]}:{devno[1]}"
     if not os.path.exists(f"{base}/partition"):
         return None
-    dev = read_attr(os.path.join(os.path.realpath(base), "..", "dev"))
-    try:
-        major, minor = (dev or "").split(":")
-        return int(major), int(minor)
-    except ValueError:
-        return None
-
-
-def read_attr(path: str) -> str | None:
-    """A sysfs attribute's text, stripped, or ``None`` when it cannot be read."""
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
+    return parse_devno(sysfs_attr(os.path.join(os.path.realpath(base), "..", "dev")) or "")
 
 
 def mount_of(path: str) -> tuple[str, str, str]:

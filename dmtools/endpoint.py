@@ -12,6 +12,7 @@ import abc
 import os
 
 from dmtools.errors import DeviceIOError
+from dmtools.linux import block_attr
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
 if TYPE_CHECKING:
@@ -189,11 +190,7 @@ def _sysfs_zoned(devno: tuple[int, int] | None) -> bool:
     """True when sysfs says block device ``devno`` is zoned (False for no device, or no entry)."""
     if not devno:
         return False
-    try:
-        with open(f"/sys/dev/block/{devno[0]}:{devno[1]}/queue/zoned") as f:
-            return f.read().strip() not in ("", "none")
-    except OSError:
-        return False
+    return block_attr(devno, "queue/zoned") not in (None, "", "none")
 
 
 def write_pipe(pipe: int, buf: memoryview) -> None:

@@ -11,6 +11,7 @@ import stat
 from dmtools import loop
 from dmtools.errors import DMError, InvalidArgument
 from dmtools.identity import devno_of
+from dmtools.linux import SYS_DEV_BLOCK
 
 __all__ = ["backing_file", "grow_file", "grow_behind"]
 
@@ -29,7 +30,7 @@ def backing_file(ref: str) -> tuple[str, str | None]:
             raise InvalidArgument(f"{ref}: {err.strerror}", errno=err.errno) from err
         if stat.S_ISREG(st.st_mode):
             return os.path.abspath(ref), None
-    name = os.path.basename(os.path.realpath(f"/sys/dev/block/{devno[0]}:{devno[1]}")) if devno else ""
+    name = os.path.basename(os.path.realpath(f"{SYS_DEV_BLOCK}/{devno[0]}:{devno[1]}")) if devno else ""
     if not loop.LOOP_NAME.match(name):
         raise InvalidArgument(f"{ref} is not a file or a loop-backed file; cannot extend it")
     loop_path = f"/dev/{name}"

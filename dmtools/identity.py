@@ -39,9 +39,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Union
 
-from dmtools.claims import mount_of, os_errors
+from dmtools.claims import mount_of, os_errors, whole_disk
 from dmtools.errors import DaemonError, DeviceConflict, DeviceNotFound, DMError, InvalidArgument
-from dmtools.linux import DEVNO, parse_devno
+from dmtools.linux import DEVNO, SYS_DEV_BLOCK, block_attr, parse_devno, sysfs_attr
 from dmtools.units import SECTOR
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,7 +49,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Extent", "Identity", "identify", "devno_of", "ensure_disjoint", "users", "DeviceConflict"]
 
-SYS_DEV_BLOCK = "/sys/dev/block"
 #: NBD's registered port (``doc/uri.md`` of the NBD protocol).
 NBD_PORT = 10809
 _DEV_BLOCK = re.compile("/dev/block/" + DEVNO.pattern)
@@ -299,7 +298,7 @@ class _Resolver:
             if resolver is None or resolver.dm is None:
                 continue
             for devno in resolver.dm_devices():
-                if _sysfs(devno, "loop/backing_file") == real:
+                if block_attr(devno, "loop/backing_file") == real:
                     return resolver, devno
         return None
 
@@ -328,18 +327,17 @@ class _Resolver:
         if not os.path.isdir(sysdir):
             raise DeviceNotFound("no such block device", errno=errno.ENXIO, operation="identify", device=text)
         path = _dev_path(devno)
-        backing = _sysfs(devno, "loop/backing_file")
+        backing = block_attr(devno, "loop/backing_file")
         if backing is not None:
             engine = self.engine_of(backing)  # another userspace engine's exposed device
             if engine is not None and devno in engine.dm_devices():
                 return engine.block(devno)
             return self.loop(devno, path, backing)
-        start = _sysfs(devno, "start") if os.path.exists(f"{sysdir}/partition") else None
-        if start is not None:
-            parent = _sysfs_devno(os.path.join(os.path.realpath(sysdir), "..", "dev"))
-            size = int(_sysfs(devno, "size") or 0) * SECTOR
+        parent = whole_disk(devno)
+        if parent is not None:
+            size = int(block_attr(devno, "size") or 0) * SECTOR
             node, via = self.block(parent)
-            offset = int(start) * SECTOR
+            offset = int(block_attr(devno, "start") or 0) * SECTOR
             return _Window(node, offset, offset + size), (path,) + via
         slaves = _slaves(devno)
         if slaves:  # a kernel dm device or md array seen without its backend: conservative
@@ -356,8 +354,8 @@ class _Resolver:
         """A loop device: a window on its backing inode as ``LOOP_GET_STATUS64`` gives it
         (``lo_device``, ``lo_inode``: a hard link, a bind mount or an unlinked file is the same
         inode), or on the block device or FUSE file it is bound to, resolved as a reference."""
-        offset = int(_sysfs(devno, "loop/offset") or 0)
-        limit = int(_sysfs(devno, "loop/sizelimit") or 0)
+        offset = int(block_attr(devno, "loop/offset") or 0)
+        limit = int(block_attr(devno, "loop/sizelimit") or 0)
         end = offset + limit if limit else None
         name = backing[:-len(" (deleted)")] if backing.endswith(" (deleted)") else backing
         node: _Node | None = None
@@ -440,38 +438,19 @@ def _is_device_or_file(path: str) -> bool:
     return stat.S_ISBLK(mode) or stat.S_ISREG(mode)
 
 
-def _sysfs(devno: tuple[int, int], attr: str) -> str | None:
-    try:
-        with open(f"{SYS_DEV_BLOCK}/{devno[0]}:{devno[1]}/{attr}") as f:
-            return f.read().rstrip("\n")
-    except OSError:
-        return None
-
-
-def _sysfs_devno(path: str) -> tuple[int, int]:
-    with open(path) as f:
-        major, minor = f.read().strip().split(":")
-    return int(major), int(minor)
-
-
 def _slaves(devno: tuple[int, int]) -> list[tuple[int, int]]:
     base = f"{SYS_DEV_BLOCK}/{devno[0]}:{devno[1]}/slaves"
     try:
         names = sorted(os.listdir(base))
     except OSError:
         return []
-    out = []
-    for name in names:
-        try:
-            out.append(_sysfs_devno(f"{base}/{name}/dev"))
-        except (OSError, ValueError):
-            continue
-    return out
+    devnos = (parse_devno(sysfs_attr(f"{base}/{name}/dev") or "") for name in names)
+    return [d for d in devnos if d is not None]
 
 
 def _dev_path(devno: tuple[int, int]) -> str:
     """``/dev/NAME`` of a block device (``/dev/block/M:m`` when sysfs has no name)."""
-    uevent = _sysfs(devno, "uevent") or ""
+    uevent = block_attr(devno, "uevent") or ""
     for line in uevent.splitlines():
         if line.startswith("DEVNAME="):
             return "/dev/" + line[len("DEVNAME="):]

@@ -45,7 +45,7 @@ from dmtools._ffi.cdef import DM_UDEV_DISABLE_DM_RULES_FLAG, DM_UDEV_DISABLE_SUB
 from dmtools.backend import DeviceEntry, DeviceInfo, DeviceMapper, StatusLine, Versions, wait_closed
 from dmtools.errors import (DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, InvalidTable,
                             KernelUnavailable, TargetNotSupported, from_errno)
-from dmtools.linux import CONTROL_PATH, DM_DEV_ARM_POLL, udev_running
+from dmtools.linux import CONTROL_PATH, DM_DEV_ARM_POLL, block_attr, udev_running
 from dmtools.names import DM_NAME_LEN, DM_UUID_LEN, mangle, validate_name, validate_uuid
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -246,11 +246,7 @@ def _driver_minor(version: str) -> int:
 
 
 def _sysfs_uuid(major: int, minor: int) -> str:
-    try:
-        with open(f"/sys/dev/block/{major}:{minor}/dm/uuid", encoding="utf-8") as f:
-            return f.read().rstrip("\n")
-    except OSError:
-        return ""
+    return block_attr((major, minor), "dm/uuid") or ""
 
 
 class KernelBackend(DeviceMapper):

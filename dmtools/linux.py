@@ -1,13 +1,14 @@
 """Linux's numbers that several modules need, each defined once with the header it comes from.
 
 ioctl requests (block devices, loop devices, device-mapper's poll), ``fallocate(2)`` modes, how a
-device number is spelt in a table, the mount table, whether udevd runs, and the C library loaded
-once for the calls Python lacks.
+device number is spelt in a table, sysfs's block device attributes, the mount table, whether udevd
+runs, and the C library loaded once for the calls Python lacks.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import re
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
@@ -40,6 +41,10 @@ __all__ = [
     "LOOP_SET_FD",
     "LOOP_SET_STATUS64",
     "mounts",
+    "SYS_BLOCK",
+    "SYS_DEV_BLOCK",
+    "sysfs_attr",
+    "block_attr",
     "UDEV_CONTROL",
     "udev_running",
     "libc",
@@ -104,6 +109,32 @@ def parse_devno(text: str) -> tuple[int, int] | None:
     return (major, minor) if major < 1 << 12 and minor < 1 << 20 else None
 
 
+#: sysfs's block devices by kernel name (``loop0``) and by device number (``7:0``).
+SYS_BLOCK = "/sys/block"
+SYS_DEV_BLOCK = "/sys/dev/block"
+
+
+def sysfs_attr(path: str) -> str | None:
+    """A sysfs attribute's text without its newline (bytes that are not UTF-8 kept as
+    ``os.fsdecode`` keeps them), or ``None`` when it cannot be read. Raw calls: a scan reads
+    one for every loop device."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 1 << 16).decode("utf-8", "surrogateescape").rstrip("\n")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def block_attr(devno: tuple[int, int], attr: str) -> str | None:
+    """:func:`sysfs_attr` ``attr`` of block device ``devno`` (``/sys/dev/block/MAJOR:MINOR/attr``)."""
+    return sysfs_attr(f"{SYS_DEV_BLOCK}/{devno[0]}:{devno[1]}/{attr}")
+
+
 def mounts() -> list[tuple[str, str, str, str]]:
     """The mounts this process sees, from ``/proc/self/mountinfo`` (proc(5); none when it cannot be
     read): ``(device number, mount point, file system type, source)``, the point's ``\\040`` read
@@ -133,7 +164,6 @@ def udev_running(path: str = UDEV_CONTROL) -> bool:
     until its timeout, a udev monitor stay silent forever. Connecting tells the two apart
     (refused or gone: nobody listens). Other errors count as running, as libudev's check would.
     """
-    import os
     import socket  # only here: the CLI's start-up imports this module
 
     if not os.path.exists(path):

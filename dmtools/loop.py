@@ -28,7 +28,7 @@ from dmtools.blockdev import device_number
 from dmtools.errors import DeviceBusy, DeviceNotFound, DMError, InvalidArgument, LoopError
 from dmtools.linux import (BLKGETSIZE64, BLKROSET, LOOP_CLR_FD, LOOP_CONFIGURE, LOOP_CTL_GET_FREE, LOOP_GET_STATUS64,
                            LOOP_NAME, LOOP_SET_BLOCK_SIZE, LOOP_SET_CAPACITY, LOOP_SET_DIRECT_IO, LOOP_SET_FD,
-                           LOOP_SET_STATUS64)
+                           LOOP_SET_STATUS64, SYS_BLOCK, SYS_DEV_BLOCK)
 from dmtools.record import record
 from dmtools.units import int_in
 
@@ -50,7 +50,6 @@ __all__ = [
 ]
 
 LOOP_CONTROL = "/dev/loop-control"
-SYSFS_BLOCK = "/sys/block"
 
 # include/uapi/linux/loop.h
 LO_NAME_SIZE = 64
@@ -189,7 +188,7 @@ class LoopDevice:
 
 
 def _read_attr(path: str) -> str:
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:  # a file name is bytes
         return f.read().rstrip("\n")
 
 
@@ -209,7 +208,7 @@ def _number_of(dev: LoopDevice | str | os.PathLike[str] | int) -> int:
         return int(m.group(1))
     major, minor = device_number(text)
     try:
-        name = os.path.basename(os.path.realpath(f"/sys/dev/block/{major}:{minor}"))
+        name = os.path.basename(os.path.realpath(f"{SYS_DEV_BLOCK}/{major}:{minor}"))
     except OSError:
         name = ""
     m = LOOP_NAME.match(name)
@@ -225,7 +224,7 @@ def info(dev: LoopDevice | str | os.PathLike[str] | int) -> LoopDevice:
     :class:`InvalidArgument` when ``dev`` is not a loop device.
     """
     number = _number_of(dev)
-    base = f"{SYSFS_BLOCK}/loop{number}"
+    base = f"{SYS_BLOCK}/loop{number}"
     path = f"/dev/loop{number}"
     try:
         backing = _read_attr(f"{base}/loop/backing_file")
@@ -248,7 +247,7 @@ def info(dev: LoopDevice | str | os.PathLike[str] | int) -> LoopDevice:
 def list_loops() -> list[LoopDevice]:
     """Every bound loop device, by number (devices detached while listing are left out)."""
     try:
-        names = os.listdir(SYSFS_BLOCK)
+        names = os.listdir(SYS_BLOCK)
     except FileNotFoundError:
         return []
     numbers = sorted(int(m.group(1)) for m in map(LOOP_NAME.match, names) if m)
@@ -375,7 +374,7 @@ def attach(path: str | os.PathLike[str], *, read_only: bool = False, autoclear: 
             try:
                 loop_fd = os.open(f"/dev/loop{number}", mode | os.O_CLOEXEC)
             except OSError as err:
-                if err.errno == errno.ENOENT and os.path.exists(f"{SYSFS_BLOCK}/loop{number}"):
+                if err.errno == errno.ENOENT and os.path.exists(f"{SYS_BLOCK}/loop{number}"):
                     raise LoopError(f"/dev/loop{number} has no device node (is devtmpfs mounted on /dev?)",
                                     errno=err.errno, operation="attach", device=p) from err
                 if err.errno in (errno.ENOENT, errno.ENXIO):
@@ -530,7 +529,7 @@ def _device_ioctl(fd: int, number: int, operation: str, request: int, arg: int |
 
 
 def _bound(number: int) -> bool:
-    return os.path.exists(f"{SYSFS_BLOCK}/loop{number}/loop")
+    return os.path.exists(f"{SYS_BLOCK}/loop{number}/loop")
 
 
 def detach(dev: LoopDevice | str | os.PathLike[str] | int, *, timeout: float = 5.0) -> bool:

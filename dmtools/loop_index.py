@@ -29,12 +29,11 @@ from _socket import AF_NETLINK, SOCK_CLOEXEC, SOCK_NONBLOCK, SOCK_RAW
 from _socket import socket as _raw_socket  # socket's C type: the socket module costs 5 ms at start-up
 
 from dmtools.errors import DMError
-from dmtools.linux import LOOP_NAME, mounts
+from dmtools.linux import LOOP_NAME, SYS_BLOCK, mounts, sysfs_attr
 from dmtools.record import record
 
 __all__ = ["LoopRef", "LoopIndex", "loops_over_inode", "loops_over_path", "index"]
 
-SYS_BLOCK = "/sys/block"
 #: ``NETLINK_KOBJECT_UEVENT`` (include/uapi/linux/netlink.h) and its kernel multicast group.
 NETLINK_KOBJECT_UEVENT = 15
 KERNEL_GROUP = 1
@@ -152,20 +151,6 @@ class LoopIndex:
                 names.add(m.group(1).decode())
 
 
-def _read(path: str) -> str | None:
-    """A small sysfs attribute (raw calls: this runs for every loop device), or ``None``."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        return os.read(fd, 4096).decode("utf-8", "surrogateescape").rstrip("\n")
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
 def _fuse_mounts() -> list[str]:
     """Mount points of FUSE file systems, from ``/proc/self/mountinfo``."""
     return [point for _, point, fstype, _ in mounts() if fstype.startswith("fuse")]
@@ -185,8 +170,8 @@ def _loop_names() -> list[str]:
 def _entry(name: str, fuse: list[str]) -> tuple[tuple[int, int] | str, LoopRef] | None:
     """``(key, ref)`` of loop device ``name`` when bound: its backing inode as the kernel gives
     it, or its backing path when that is on a FUSE mount (``fuse``: their mount points)."""
-    backing = _read(f"{SYS_BLOCK}/{name}/loop/backing_file")
-    dev = _read(f"{SYS_BLOCK}/{name}/dev")
+    backing = sysfs_attr(f"{SYS_BLOCK}/{name}/loop/backing_file")
+    dev = sysfs_attr(f"{SYS_BLOCK}/{name}/dev")
     if backing is None or dev is None:
         return None  # not bound (or detached meanwhile)
     try:

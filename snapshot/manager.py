@@ -24,6 +24,7 @@ from dmtools.backend import DeviceMapper, wait_closed
 from dmtools.errors import (DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, OperationCancelled,
                             SnapshotInvalid, quietly)
 from dmtools.file_backing import backing_file, grow_file
+from dmtools.linux import block_attr, parse_devno
 from dmtools.names import MAX_UUID_BYTES, validate_name
 from dmtools.reload import reload_stack
 from dmtools.status import SnapshotState, SnapshotStatus, parse_snapshot_status
@@ -531,11 +532,9 @@ class SnapshotManager:
         if ref in refs:
             return self.dm.table(refs[ref]).size
         if ":" in ref and not ref.startswith("/"):
-            try:
-                with open(f"/sys/dev/block/{ref}/size") as f:
-                    return int(f.read())
-            except (OSError, ValueError):
-                return None
+            devno = parse_devno(ref)
+            size = block_attr(devno, "size") if devno is not None else None
+            return int(size) if size is not None and size.isdigit() else None
         try:
             return self._cow_size(ref) // SECTOR
         except (DMError, OSError):

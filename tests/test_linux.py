@@ -77,3 +77,11 @@ def test_udev_running_tells_a_stale_socket_from_a_live_one(tmp_path: Path) -> No
         live.close()
     assert os.path.exists(path)  # the socket file outlives its listener, as udevd's does
     assert linux.udev_running(path) is False
+
+
+def test_sysfs_attr_reads_bytes_as_fsdecode_and_none_when_missing(tmp_path: Path) -> None:
+    attr = tmp_path / "backing_file"
+    attr.write_bytes(b"/x/\xff name \n")
+    assert linux.sysfs_attr(str(attr)) == os.fsdecode(b"/x/\xff name ")  # only the newline goes
+    assert linux.sysfs_attr(str(tmp_path / "gone")) is None
+    assert linux.block_attr((0, 0), "size") is None  # no block device 0:0

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 from dmtools import loop
 from dmtools.engine import fastpath, fuse_io, openers, rundir
 from dmtools.errors import DMError, LoopError
-from dmtools.linux import BLKROSET, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, libc, mounts
+from dmtools.linux import BLKROSET, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, SYS_BLOCK, libc, mounts, sysfs_attr
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.engine.device import Device
@@ -210,14 +210,9 @@ def _keep_default_signals() -> None:
 def _loop_size_and_ro(lo: loop.LoopDevice) -> tuple[int, bool] | None:
     """A loop device's size in bytes and read-only flag, read from sysfs (the device is not
     opened); ``None`` when they cannot be read."""
-    base = f"{loop.SYSFS_BLOCK}/loop{lo.number}"
-    try:
-        with open(f"{base}/size") as f:
-            size = int(f.read()) * 512
-        with open(f"{base}/ro") as f:
-            return size, f.read().strip() == "1"
-    except (OSError, ValueError):
-        return None
+    base = f"{SYS_BLOCK}/loop{lo.number}"
+    size, ro = sysfs_attr(f"{base}/size"), sysfs_attr(f"{base}/ro")
+    return None if size is None or ro is None or not size.isdigit() else (int(size) * 512, ro == "1")
 
 
 def udev_settle() -> None:

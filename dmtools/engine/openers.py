@@ -38,15 +38,13 @@ import platform
 import re
 import stat
 
-from dmtools.claims import read_attr
-from dmtools.linux import LOOP_NAME, libc
+from dmtools.linux import LOOP_NAME, SYS_BLOCK, SYS_DEV_BLOCK, libc, sysfs_attr
 
 __all__ = ["count"]
 
 #: kcmp(2) syscall numbers (include/uapi/linux/kcmp.h: KCMP_FILE = 0), by machine.
 _KCMP_SYSCALL = {"x86_64": 312, "aarch64": 272, "riscv64": 272, "ppc64le": 354, "s390x": 343}
 _KCMP_FILE = 0
-SYS_BLOCK = "/sys/block"
 BTRFS_SYSFS = "/sys/fs/btrfs"
 
 
@@ -134,7 +132,7 @@ def _mounted_in(pid: str, devno: str) -> bool:
 
 def _holders(devno: str) -> int:
     try:
-        return len(os.listdir(f"/sys/dev/block/{devno}/holders"))
+        return len(os.listdir(f"{SYS_DEV_BLOCK}/{devno}/holders"))
     except OSError:
         return 0
 
@@ -152,7 +150,7 @@ def _btrfs_members(devno: str) -> int:
             members = os.listdir(devices)
         except OSError:
             continue
-        n += any(read_attr(f"{devices}/{m}/dev") == devno for m in members)
+        n += any(sysfs_attr(f"{devices}/{m}/dev") == devno for m in members)
     return n
 
 
@@ -193,6 +191,6 @@ def _loops_over(path: str, rdev: int) -> int:
         return 0
     n = 0
     for name in names:
-        backing = read_attr(f"{SYS_BLOCK}/{name}/loop/backing_file")
+        backing = sysfs_attr(f"{SYS_BLOCK}/{name}/loop/backing_file")
         n += backing is not None and _names_device(backing, path, rdev)
     return n

@@ -24,21 +24,11 @@ from typing import Any, Callable, Mapping
 
 from dmtools.backend import DeviceMapper
 from dmtools.errors import DeviceNotFound, DMError
-from dmtools.linux import udev_running
+from dmtools.linux import SYS_BLOCK, sysfs_attr, udev_running
 
 __all__ = ["UEvent", "UeventSource", "EventNumberWaiter", "sysfs_identity", "identity"]
 
 log = logging.getLogger(__name__)
-
-SYS_BLOCK = "/sys/block"
-
-
-def _read_attr(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().rstrip("\n")
-    except OSError:
-        return ""
 
 
 def sysfs_identity(sys_name: str, sys_root: str = SYS_BLOCK) -> tuple[str, str]:
@@ -46,7 +36,7 @@ def sysfs_identity(sys_name: str, sys_root: str = SYS_BLOCK) -> tuple[str, str]:
     if "/" in sys_name or not sys_name:
         return "", ""
     base = os.path.join(sys_root, sys_name, "dm")
-    return _read_attr(os.path.join(base, "name")), _read_attr(os.path.join(base, "uuid"))
+    return sysfs_attr(os.path.join(base, "name")) or "", sysfs_attr(os.path.join(base, "uuid")) or ""
 
 
 def identity(sys_name: str, properties: Mapping[str, str], sys_root: str = SYS_BLOCK) -> tuple[str, str, str]:
