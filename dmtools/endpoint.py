@@ -9,6 +9,7 @@ userspace engine's device endpoints, ``NullEndpoint`` and, for tests, ``dmtools.
 from __future__ import annotations
 
 import abc
+import errno
 import os
 
 from dmtools.errors import DeviceIOError
@@ -191,6 +192,18 @@ def _sysfs_zoned(devno: tuple[int, int] | None) -> bool:
     if not devno:
         return False
     return block_attr(devno, "queue/zoned") not in (None, "", "none")
+
+
+def read_full(ep: Endpoint, buf: Any, offset: int) -> None:
+    """Fill ``buf`` from ``offset`` of ``ep``, reading again after a short read; a read that
+    returns nothing (past the end) raises ``DeviceIOError`` (EIO)."""
+    got = ep.readinto(buf, offset)
+    while got < len(buf):
+        n = ep.readinto(buf[got:], offset + got)
+        if n <= 0:
+            raise DeviceIOError(f"short read at byte {offset + got}", errno=errno.EIO, operation="read",
+                                device=ep.name)
+        got += n
 
 
 def write_pipe(pipe: int, buf: memoryview) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 from typing import Callable, NamedTuple
 
+from dmtools.endpoint import read_full
 from dmtools.engine.target_driver import SECTOR, DeviceHandle, TargetDriver, TargetContext, fill_zero
 from dmtools.errors import DeviceIOError
 from dmtools.status import StripedStatus
@@ -45,10 +46,10 @@ class LinearTarget(TargetDriver):
         self._base = self.offset * SECTOR
 
     def read(self, buf: memoryview, offset: int) -> None:
-        _read_full(self.dev, buf, self._base + offset)
+        read_full(self.dev, buf, self._base + offset)
 
     def write(self, buf: memoryview, offset: int) -> None:
-        _write_full(self.dev, buf, self._base + offset)
+        self.dev.write(buf, self._base + offset)
 
     def read_to(self, pipe: int, offset: int, length: int) -> None:
         self.dev.splice_to(pipe, self._base + offset, length)
@@ -112,7 +113,7 @@ class StripedTarget(TargetDriver):
             pos += n
         return out
 
-    def _io(self, offset: int, length: int, move: Callable[[DeviceHandle, int, int, int], None]) -> None:
+    def _io(self, offset: int, length: int, move: Callable[[DeviceHandle, int, int, int], object]) -> None:
         """``move(device, device_offset, buf_start, n)`` for each piece, counting errors per stripe."""
         for stripe, dev_off, pos, n in self._pieces(offset, length):
             try:
@@ -124,10 +125,10 @@ class StripedTarget(TargetDriver):
                 raise
 
     def read(self, buf: memoryview, offset: int) -> None:
-        self._io(offset, len(buf), lambda dev, off, pos, n: _read_full(dev, buf[pos : pos + n], off))
+        self._io(offset, len(buf), lambda dev, off, pos, n: read_full(dev, buf[pos : pos + n], off))
 
     def write(self, buf: memoryview, offset: int) -> None:
-        self._io(offset, len(buf), lambda dev, off, pos, n: _write_full(dev, buf[pos : pos + n], off))
+        self._io(offset, len(buf), lambda dev, off, pos, n: dev.write(buf[pos : pos + n], off))
 
     def read_to(self, pipe: int, offset: int, length: int) -> None:
         self._io(offset, length, lambda dev, off, pos, n: dev.splice_to(pipe, off, n))
@@ -220,18 +221,3 @@ class ErrorTarget(TargetDriver):
         """io-err has no status function: the kernel prints no parameters."""
         return Error()
 
-
-def _read_full(dev: DeviceHandle, buf: memoryview, offset: int) -> None:
-    """Fill ``buf`` from ``dev`` or raise ``DeviceIOError`` on a short read (past the device end)."""
-    got = dev.readinto(buf, offset)
-    while got < len(buf):
-        n = dev.readinto(buf[got:], offset + got)
-        if n <= 0:
-            raise DeviceIOError(f"short read at byte {offset + got}", errno=errno.EIO, operation="read",
-                                device=dev.name)
-        got += n
-
-
-def _write_full(dev: DeviceHandle, buf: memoryview, offset: int) -> None:
-    """Write all of ``buf`` (endpoints write everything or raise)."""
-    dev.write(buf, offset)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from dmtools.endpoint import read_full
 from dmtools.engine.target_driver import TargetContext, TargetDriver
 from dmtools.errors import DeviceBusy, DMError, InvalidTable
 from dmtools.target_values import ThinPool
@@ -64,13 +65,7 @@ class ThinPoolTarget(TargetDriver):
 
     # -- I/O: the pool device maps straight onto the data device (pool_map) ----------------------
     def read(self, buf: memoryview, offset: int) -> None:
-        got = 0
-        while got < len(buf):
-            n = self.data.readinto(buf[got:], offset + got)
-            if n <= 0:
-                raise DMError(f"short read of the data device at byte {offset + got}", operation="read",
-                              device=self.ctx.device_name)
-            got += n
+        read_full(self.data, buf, offset)
 
     def write(self, buf: memoryview, offset: int) -> None:
         self.data.write(buf, offset)

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import kcopyd
 from kcopyd.inline import INLINE_MAX_BYTES
 from dmtools.blockdev import HUGE_PAGE, aligned_buffer
-from dmtools.endpoint import Endpoint
+from dmtools.endpoint import Endpoint, read_full
 from dmtools.engine.backing import DIRECT_MIN
 from dmtools.engine.device import RequeueIO
 from dmtools.engine.device_endpoint import DeviceEndpoint
@@ -157,7 +157,7 @@ class ThinTarget(TargetDriver):
                 look = looks.get(vblock)
                 at = look.data_block * bb + within if look is not None else -1
                 if run_start >= 0 and at != run_at + (pos - run_start):
-                    _read_full(self.pool_dev, buf[run_start:run_end], run_at)
+                    read_full(self.pool_dev, buf[run_start:run_end], run_at)
                     run_start = -1
                 if look is None:
                     self._read_unmapped(vblock, within, buf[pos:pos + n])
@@ -166,7 +166,7 @@ class ThinTarget(TargetDriver):
                 run_end = pos + n
                 pos += n
             if run_start >= 0:
-                _read_full(self.pool_dev, buf[run_start:run_end], run_at)
+                read_full(self.pool_dev, buf[run_start:run_end], run_at)
 
     def _read_block(self, vblock: int, within: int, piece: memoryview) -> None:
         pool = self.pool
@@ -178,7 +178,7 @@ class ThinTarget(TargetDriver):
                 pool.prison.release((self.dev_id, vblock))
             return
         try:  # the read runs outside the cell (thin_bio_map's remap)
-            _read_full(data or self.pool_dev, piece, block * self.bb + within)
+            read_full(data or self.pool_dev, piece, block * self.bb + within)
         finally:
             pool.prison.leave(block, data is not None)
 
@@ -194,7 +194,7 @@ class ThinTarget(TargetDriver):
         inside = max(0, min(len(piece), self.origin_sectors * SECTOR - at))
         if inside:
             assert self.origin is not None
-            _read_full(self.origin, piece[:inside], at)
+            read_full(self.origin, piece[:inside], at)
         if inside < len(piece):
             fill_zero(piece[inside:])
 
@@ -607,19 +607,9 @@ def _block_copier(dev: Endpoint, bb: int) -> Callable[[int, int, int, memoryview
                 except OSError:
                     got = 0  # dev.readinto below raises the device's error
             if got < bb:
-                _read_full(dev, buf[got:], src + got)
+                read_full(dev, buf[got:], src + got)
             buf[within:within + len(piece)] = piece
             write(buf, dst)
         finally:
             _give_buffer(buf)
     return copy
-
-
-def _read_full(dev: Endpoint, buf: memoryview, offset: int) -> None:
-    """Fill ``buf`` from ``dev`` or raise EIO on a short read."""
-    got = 0
-    while got < len(buf):
-        n = dev.readinto(buf[got:], offset + got)
-        if n <= 0:
-            raise DeviceIOError(f"short read at byte {offset + got}", errno=errno.EIO, operation="read")
-        got += n
