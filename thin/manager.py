@@ -410,7 +410,7 @@ class ThinPoolManager:
             meta_dev.flush()
         try:
             write_record(metadata, record)
-            self._activate_layers(record, metadata, data, "create")
+            self._activate_layers(record, metadata, data)
         except BaseException:
             self._wipe_record(metadata)
             raise
@@ -432,7 +432,7 @@ class ThinPoolManager:
 
         check_devices({"--metadata": metadata, "--data": data}, backends=[self.dm], operation=operation, in_use=("*",))
 
-    def _activate_layers(self, record: PoolRecord, metadata: str, data: str, operation: str) -> None:
+    def _activate_layers(self, record: PoolRecord, metadata: str, data: str) -> None:
         """Create ``-tmeta``, ``-tdata``, ``-tpool`` and ``NAME``; all or none."""
         dm = self.dm
         name = record.name
@@ -519,7 +519,7 @@ class ThinPoolManager:
         if _device_sectors(data) < record.data_sectors:
             raise InvalidArgument(f"the data device is smaller than the pool ({record.data_sectors} sectors); "
                                   "is it the pool's data device?", operation="activate", device=data)
-        self._activate_layers(record, metadata, data, "activate")
+        self._activate_layers(record, metadata, data)
         made: Names = []
         try:
             pool = self._pool(name, "activate")

@@ -448,7 +448,7 @@ class Engine(DeviceMapper):
                 self._devices[new_name] = dev
                 dev.name = new_name
             if self._exposure is not None and dev.exposure is not None:
-                self._exposure.renamed(dev, name)
+                self._exposure.renamed(dev)
             if dev.live is not None:
                 dev.raise_event()
 

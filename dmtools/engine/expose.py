@@ -551,7 +551,7 @@ class Exposure:
         slot: fastpath.Slot | None = devs[0].fast_path if devs else None
         return slot.stats() if slot is not None else {}
 
-    def renamed(self, dev: "Device", old_name: str) -> None:
+    def renamed(self, dev: "Device") -> None:
         """Move the mapper link to the device's new name."""
         exp: Exposed | None = dev.exposure
         if exp is None:

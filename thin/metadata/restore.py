@@ -100,7 +100,7 @@ def parse_xml(source: str | os.PathLike[str] | IO[bytes]) -> PoolImage:
         if event == "end":
             if tag == "device":
                 assert device is not None and image is not None
-                _finish_device(device, image)
+                _finish_device(device)
                 image.devices.append(device)
                 device, current = None, None
             elif tag == "def":
@@ -171,7 +171,7 @@ def parse_xml(source: str | os.PathLike[str] | IO[bytes]) -> PoolImage:
     return image
 
 
-def _finish_device(device: DeviceImage, image: PoolImage) -> None:
+def _finish_device(device: DeviceImage) -> None:
     keys = device.vblocks
     if any(a >= b for a, b in zip(keys, keys[1:])):
         order = sorted(range(len(keys)), key=keys.__getitem__)
