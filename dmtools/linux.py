@@ -45,6 +45,7 @@ __all__ = [
     "SYS_DEV_BLOCK",
     "sysfs_attr",
     "block_attr",
+    "loop_names",
     "UDEV_CONTROL",
     "udev_running",
     "libc",
@@ -133,6 +134,15 @@ def sysfs_attr(path: str) -> str | None:
 def block_attr(devno: tuple[int, int], attr: str) -> str | None:
     """:func:`sysfs_attr` ``attr`` of block device ``devno`` (``/sys/dev/block/MAJOR:MINOR/attr``)."""
     return sysfs_attr(f"{SYS_DEV_BLOCK}/{devno[0]}:{devno[1]}/{attr}")
+
+
+def loop_names() -> list[str]:
+    """The loop devices there are, by kernel name (``loopN`` in ``/sys/block``) in order of N."""
+    try:
+        names = os.listdir(SYS_BLOCK)
+    except OSError:
+        return []
+    return sorted((n for n in names if LOOP_NAME.match(n)), key=lambda n: int(n[4:]))
 
 
 def mounts() -> list[tuple[str, str, str, str]]:

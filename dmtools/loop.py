@@ -28,7 +28,7 @@ from dmtools.blockdev import device_number
 from dmtools.errors import DeviceBusy, DeviceNotFound, DMError, InvalidArgument, LoopError
 from dmtools.linux import (BLKGETSIZE64, BLKROSET, LOOP_CLR_FD, LOOP_CONFIGURE, LOOP_CTL_GET_FREE, LOOP_GET_STATUS64,
                            LOOP_NAME, LOOP_SET_BLOCK_SIZE, LOOP_SET_CAPACITY, LOOP_SET_DIRECT_IO, LOOP_SET_FD,
-                           LOOP_SET_STATUS64, SYS_BLOCK, SYS_DEV_BLOCK)
+                           LOOP_SET_STATUS64, SYS_BLOCK, SYS_DEV_BLOCK, loop_names)
 from dmtools.record import record
 from dmtools.units import int_in
 
@@ -246,15 +246,10 @@ def info(dev: LoopDevice | str | os.PathLike[str] | int) -> LoopDevice:
 
 def list_loops() -> list[LoopDevice]:
     """Every bound loop device, by number (devices detached while listing are left out)."""
-    try:
-        names = os.listdir(SYS_BLOCK)
-    except FileNotFoundError:
-        return []
-    numbers = sorted(int(m.group(1)) for m in map(LOOP_NAME.match, names) if m)
     found = []
-    for number in numbers:
+    for name in loop_names():
         try:
-            found.append(info(number))
+            found.append(info(name))
         except DeviceNotFound:
             continue
     return found

@@ -29,7 +29,7 @@ from _socket import AF_NETLINK, SOCK_CLOEXEC, SOCK_NONBLOCK, SOCK_RAW
 from _socket import socket as _raw_socket  # socket's C type: the socket module costs 5 ms at start-up
 
 from dmtools.errors import DMError
-from dmtools.linux import LOOP_NAME, SYS_BLOCK, mounts, sysfs_attr
+from dmtools.linux import SYS_BLOCK, loop_names, mounts, sysfs_attr
 from dmtools.record import record
 
 __all__ = ["LoopRef", "LoopIndex", "loops_over_inode", "loops_over_path", "index"]
@@ -92,7 +92,7 @@ class LoopIndex:
         if changed is None or self._entries is None:
             self._entries = {}
             fuse = _fuse_mounts()
-            for name in _loop_names():
+            for name in loop_names():
                 self._read_one(name, fuse)
             self.scans += 1
         elif changed:
@@ -158,13 +158,6 @@ def _fuse_mounts() -> list[str]:
 
 def _on(path: str, mounts: list[str]) -> bool:
     return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
-
-
-def _loop_names() -> list[str]:
-    try:
-        return sorted(n for n in os.listdir(SYS_BLOCK) if LOOP_NAME.match(n))
-    except OSError:
-        return []
 
 
 def _entry(name: str, fuse: list[str]) -> tuple[tuple[int, int] | str, LoopRef] | None:

@@ -46,7 +46,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Any:
         self._sock, self._pid, self._entries = ours, os.getpid(), None
 
     monkeypatch.setattr(loop_index, "_entry", entry)
-    monkeypatch.setattr(loop_index, "_loop_names", lambda: sorted(Fake.bound) + ["loop0"])
+    monkeypatch.setattr(loop_index, "loop_names", lambda: sorted(Fake.bound) + ["loop0"])
     monkeypatch.setattr(loop_index, "_fuse_mounts", lambda: [])
     monkeypatch.setattr(LoopIndex, "_reopen", reopen)
     yield Fake

@@ -38,7 +38,7 @@ import platform
 import re
 import stat
 
-from dmtools.linux import LOOP_NAME, SYS_BLOCK, SYS_DEV_BLOCK, libc, sysfs_attr
+from dmtools.linux import SYS_BLOCK, SYS_DEV_BLOCK, libc, loop_names, sysfs_attr
 
 __all__ = ["count"]
 
@@ -185,12 +185,8 @@ def _swaps(path: str, rdev: int) -> int:
 
 def _loops_over(path: str, rdev: int) -> int:
     """Loop devices whose backing file is the device (``/sys/block/loopN/loop/backing_file``)."""
-    try:
-        names = [n for n in os.listdir(SYS_BLOCK) if LOOP_NAME.match(n)]
-    except OSError:
-        return 0
     n = 0
-    for name in names:
+    for name in loop_names():
         backing = sysfs_attr(f"{SYS_BLOCK}/{name}/loop/backing_file")
         n += backing is not None and _names_device(backing, path, rdev)
     return n

@@ -7,6 +7,6 @@ imports the tests then read from ``sys.modules``."""
 #: or tool would load the kernel's side; a bound loop device would load ``dmtools.loop`` to read
 #: its status). Needs ``sys`` imported first.
 NO_HOST_DEVICES = """
-import dmtools.linux, dmtools.loop_index
-dmtools.linux.CONTROL_PATH = dmtools.loop_index.SYS_BLOCK = sys.argv.pop()
+import dmtools.linux
+dmtools.linux.CONTROL_PATH = dmtools.linux.SYS_BLOCK = sys.argv.pop()
 """
