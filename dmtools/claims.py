@@ -35,7 +35,7 @@ import os
 import stat
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from dmtools.errors import DeviceBusy, DeviceNotFound, DMError
 from dmtools.linux import SYS_DEV_BLOCK, block_attr, mounts, parse_devno, sysfs_attr
@@ -103,10 +103,8 @@ class Holder:
                 self._take(("blk", devno), path, device, taken)
                 backing = _loop_backing(devno)
                 if backing is not None and not _on_fuse(backing):
-                    try:
+                    with suppress(DeviceNotFound):  # unlinked: nobody else can name it any more
                         self._take_file(backing, device, taken)
-                    except DeviceNotFound:
-                        pass  # unlinked: nobody else can name it any more
             elif stat.S_ISREG(st.st_mode):
                 self._take_file(path, device, taken, loops=not created)
             else:

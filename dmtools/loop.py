@@ -430,10 +430,8 @@ def _bind(loop_fd: int, dev_path: str, backing_fd: int, req: _BindRequest) -> bo
     global _use_configure
     # A read-only policy set earlier with BLKROSET outlives a detach (include/uapi/linux/fs.h;
     # block/ioctl.c keeps bd_read_only): clear it, read-only binds use LO_FLAGS_READ_ONLY instead.
-    try:
+    with contextlib.suppress(OSError):  # not permitted or not supported: the bind below reports any real problem
         fcntl.ioctl(loop_fd, BLKROSET, struct.pack("i", 0))
-    except OSError:
-        pass  # not permitted or not supported: the bind below reports any real problem
     try:
         if _use_configure:
             info64 = pack_info64(offset=req.offset, sizelimit=req.sizelimit, flags=req.flags, file_name=req.path)

@@ -15,6 +15,7 @@ bytes from sector 0 (``header_location`` in dm-log.c).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -102,14 +103,12 @@ def drop_cache(ep: Endpoint) -> None:
     fd = ep.fileno()
     if fd is None:
         return
-    try:
+    with contextlib.suppress(OSError):
         if not stat.S_ISBLK(os.fstat(fd).st_mode):
             return
         if not ep.read_only:
             ep.flush()
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass
 
 
 def _read_exact(ep: Endpoint, size: int, what: str) -> bytearray:

@@ -12,6 +12,7 @@ resumes from the log, and a region whose copy did not finish is never marked in 
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import threading
 import time
@@ -282,10 +283,8 @@ class OfflineResync:
         for i in dests:
             fd = self.legs[i].fileno()
             if fd is not None:
-                try:
+                with contextlib.suppress(OSError):  # advice only: the commit's flush reports what failed
                     sync_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)
-                except OSError:
-                    pass  # advice only: the commit's flush reports what failed
 
     def _commit(self, regions: list[int]) -> None:
         """Flush the legs, then persist ``regions`` as clean (one log write + flush)."""

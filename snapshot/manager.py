@@ -14,6 +14,7 @@ the manager keeps no state of its own: a new manager (or another process) sees t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -303,15 +304,13 @@ class SnapshotManager:
 
     def _rollback(self, origin: str, origin_table: Table | None, created: Names, suspended: bool) -> None:
         dm = self.dm
-        try:
+        with contextlib.suppress(DMError):
             if origin_table is not None or suspended:
                 if not suspended:
                     dm.suspend(origin)
                 if origin_table is not None:
                     dm.load(origin, origin_table)
                 dm.resume(origin)
-        except DMError:
-            pass
         quietly(*[(lambda n=n: dm.remove(n, retry=True)) for n in reversed(created)])
 
     # -- remove -----------------------------------------------------------------------------------

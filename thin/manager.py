@@ -27,6 +27,7 @@ userspace engine's (:mod:`thin.targets`); a backend without them gets
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import math
 import shutil
@@ -362,11 +363,9 @@ class ThinPoolManager:
         except DMError:
             kernel = None
         tid = old.transaction_id if kernel in (None, old.transaction_id) else new.transaction_id
-        try:
+        with contextlib.suppress(DMError, OSError):
             pool.record = write_record(pool.record_dev, new.with_changes(
                 transaction_id=tid, pending=(), volumes=back if tid == old.transaction_id else new.volumes))
-        except (DMError, OSError):
-            pass
 
     # -- pools ---------------------------------------------------------------------------------------
     def create_pool(self, name: str, metadata: str, data: str, *, chunk_size: int = DEFAULT_CHUNK_SECTORS,
@@ -417,12 +416,9 @@ class ThinPoolManager:
         return self.pool_status(name)
 
     def _wipe_record(self, metadata: str) -> None:
-        try:
-            with BlockDevice(metadata, writable=True) as dev:
-                dev.write(bytes(RECORD_SECTORS * SECTOR), 0)
-                dev.flush()
-        except (DMError, OSError):
-            pass
+        with contextlib.suppress(DMError, OSError), BlockDevice(metadata, writable=True) as dev:
+            dev.write(bytes(RECORD_SECTORS * SECTOR), 0)
+            dev.flush()
 
     def _check_devices(self, metadata: str, data: str, operation: str) -> None:
         """The check every multi-device command runs (``dmtools.inputs``): the two devices must not

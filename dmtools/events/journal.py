@@ -15,6 +15,7 @@ numbers (next record and event sequence numbers) so numbering continues across r
 from __future__ import annotations
 
 import errno
+import contextlib
 import json
 import os
 import tempfile
@@ -47,10 +48,8 @@ def atomic_replace(path: str, data: bytes, *, durable: bool = True) -> None:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     if durable:
         fsync_dir(directory)

@@ -29,6 +29,7 @@ repair anything.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -227,10 +228,8 @@ class StateStore:
                              list(previous.get("recent", [])) + list(record.get("events", [])), r,
                              durable=False)
         if old and old_data is not None:  # after the new checkpoint: a kill between redoes this
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(old))
-            except FileNotFoundError:
-                pass
 
     def save(self, name: str, state: DeviceState | None, events: list[Event]) -> None:
         """Write ``name``'s checkpoint directly: ``state`` (``None``: removed) and ``events``
