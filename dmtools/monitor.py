@@ -264,10 +264,10 @@ class Monitor:
         out: list[Plan] = []
         for t in state.targets:
             pool = t.thin_pool()
-            if pool is None or pool.used_data is None or pool.total_data is None:
+            data = None if pool is None else pool.data_percent
+            if pool is None or data is None:
                 continue  # Fail, or read-only without counts: nothing to extend by policy
-            data = 100 * pool.used_data / pool.total_data if pool.total_data else 0.0
-            meta = 100 * (pool.used_metadata or 0) / pool.total_metadata if pool.total_metadata else 0.0
+            meta = pool.metadata_percent or 0.0
             if data >= threshold or meta >= threshold:
                 # LVM's layout: the thin-pool target is NAME-tpool; the manager knows the pool as NAME.
                 name = state.name[: -len("-tpool")] if state.name.endswith("-tpool") else state.name

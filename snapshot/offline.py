@@ -25,12 +25,14 @@ from snapshot.store.format import SECTOR, SNAP_MAGIC
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.backend import DeviceMapper
+from snapshot.store.base import Usage
 from snapshot.store.persistent import PersistentStore
 
 
 @dataclass(frozen=True)
-class CowInfo:
-    """What ``inspect`` reports about a persistent COW device."""
+class CowInfo(Usage):
+    """What ``inspect`` reports about a persistent COW device; its usage in sectors is a
+    :class:`Usage` (``percent``: the allocated share, as LVM's ``Data%``)."""
 
     path: str
     size: int
@@ -40,23 +42,13 @@ class CowInfo:
     version: int
     chunk_size: int
     exceptions: int
-    sectors_allocated: int
-    total_sectors: int
-    metadata_sectors: int
     current_area: int
     next_free: int
 
     @property
     def status(self) -> str:
         """The kernel's INFO text a snapshot on this COW would report right after activation."""
-        if not self.valid:
-            return "Invalid"
-        return f"{self.sectors_allocated}/{self.total_sectors} {self.metadata_sectors}"
-
-    @property
-    def percent(self) -> float:
-        """Allocated share of the COW, as LVM's ``Data%``."""
-        return 100.0 * self.sectors_allocated / self.total_sectors if self.total_sectors else 0.0
+        return self.status_text() if self.valid else "Invalid"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready mapping (adds ``status`` and ``percent``)."""
@@ -104,13 +96,10 @@ def inspect(cow_path: "str | os.PathLike[str] | Endpoint") -> CowInfo:
     cow, owned = _open(cow_path)
     try:
         store = load_store(cow)
-        usage = store.usage()
         return CowInfo(path=cow.name, size=cow.size, magic=0 if store.new_store else SNAP_MAGIC,
                        initialised=not store.new_store, valid=store.valid, version=store.version,
                        chunk_size=store.chunk_size, exceptions=store.records if store.valid else 0,
-                       sectors_allocated=usage.sectors_allocated, total_sectors=usage.total_sectors,
-                       metadata_sectors=usage.metadata_sectors, current_area=store.current_area,
-                       next_free=store.next_free)
+                       current_area=store.current_area, next_free=store.next_free, **asdict(store.usage()))
     finally:
         if owned:
             cow.close()
