@@ -505,8 +505,8 @@ def identify(ref: "str | os.PathLike[str]", *, dm: "DeviceMapper | None" = None,
     return Identity(text, path, frozenset(_extents(node, 0, None)), via, node)
 
 
-def ensure_disjoint(refs: Mapping[str, "str | os.PathLike[str] | Identity"], *, dm: "DeviceMapper | None" = None,
-                    cwd: str | None = None) -> dict[str, Identity]:
+def ensure_disjoint(refs: Mapping[str, "str | os.PathLike[str] | Identity"], *,
+                    dm: "DeviceMapper | None" = None) -> dict[str, Identity]:
     """Identify every role's reference; raise ``DeviceConflict`` when two share bytes.
 
     ``refs`` maps a role as the user knows it (``"--cow"``, ``"the origin"``) to a reference or an
@@ -515,7 +515,7 @@ def ensure_disjoint(refs: Mapping[str, "str | os.PathLike[str] | Identity"], *, 
     """
     idents: dict[str, Identity] = {}
     for role, ref in refs.items():
-        idents[role] = ref if isinstance(ref, Identity) else identify(ref, dm=dm, cwd=cwd)
+        idents[role] = ref if isinstance(ref, Identity) else identify(ref, dm=dm)
     roles = list(idents)
     for i, a in enumerate(roles):
         for b in roles[i + 1:]:

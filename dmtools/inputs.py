@@ -74,19 +74,14 @@ def _stack(ref: str, dm: "DeviceMapper") -> set[str]:
     return {names[d] for d in seen}
 
 
-def check_not_in_use(idents: Mapping[str, Identity], backends: Iterable["DeviceMapper"], *, operation: str,
-                     allowed: Iterable[str] = ()) -> None:
-    """Raise ``DeviceBusy`` when a live table of any backend maps a byte of any role's device.
-
-    ``allowed`` names devices whose use is expected (the device the request reconfigures).
-    """
-    skip = set(allowed)
+def check_not_in_use(idents: Mapping[str, Identity], backends: Iterable["DeviceMapper"], *, operation: str) -> None:
+    """Raise ``DeviceBusy`` when a live table of any backend maps a byte of any role's device."""
     for dm in backends:
         for role, ident in idents.items():
             holders = users(ident, dm)
             if holders:
                 own = _stack(ident.ref, dm)  # a dm device given as the role maps its own bytes
-                holders = [n for n in holders if n not in skip and n not in own]
+                holders = [n for n in holders if n not in own]
             if holders:
                 raise DeviceBusy(
                     f"{role} {ident.ref} is in use by device {', '.join(holders)}"
@@ -98,8 +93,7 @@ def check_not_in_use(idents: Mapping[str, Identity], backends: Iterable["DeviceM
 
 
 def check_devices(roles: Mapping[str, Ref], *, backends: Sequence["DeviceMapper"], operation: str,
-                  in_use: Sequence[str] = (), allowed: Iterable[str] = (),
-                  missing_ok: Iterable[str] = ()) -> dict[str, Identity]:
+                  in_use: Sequence[str] = (), missing_ok: Iterable[str] = ()) -> dict[str, Identity]:
     """Identify every role's device; refuse two that share bytes, and the roles of ``in_use``
     (all roles when it holds ``"*"``) that a live table of one of ``backends`` maps. Roles in
     ``missing_ok`` whose device no longer exists are left out.
@@ -122,5 +116,5 @@ def check_devices(roles: Mapping[str, Ref], *, backends: Sequence["DeviceMapper"
     idents = ensure_disjoint(present, dm=dm)
     wanted = {r: i for r, i in idents.items() if "*" in in_use or r in in_use}
     if wanted:
-        check_not_in_use(wanted, backends, operation=operation, allowed=allowed)
+        check_not_in_use(wanted, backends, operation=operation)
     return idents

@@ -77,11 +77,11 @@ class CowInfo(Usage):
         return "\n".join(lines)
 
 
-def _open(dev: "str | os.PathLike[str] | Endpoint", *, writable: bool = False) -> tuple[Endpoint, bool]:
+def _open(dev: "str | os.PathLike[str] | Endpoint") -> tuple[Endpoint, bool]:
     """An endpoint for ``dev`` and whether we opened it (and so must close it)."""
     if isinstance(dev, Endpoint):
         return dev, False
-    return open_endpoint(dev, writable=writable), True
+    return open_endpoint(dev), True
 
 
 def load_store(cow: Endpoint) -> PersistentStore:

@@ -65,7 +65,7 @@ class Watcher:
     def __init__(self, dm: DeviceMapper, *, names: Sequence[str] | None = None,
                  thresholds: Sequence[int] | Callable[[str], Sequence[int]] = DEFAULT_THRESHOLDS,
                  store: StateStore | None = None, poll_interval: float = 1.0, uevents: bool | None = None,
-                 event_numbers: bool = True, uevent_source: str | None = None) -> None:
+                 event_numbers: bool = True) -> None:
         if poll_interval <= 0:
             raise DMError("poll interval must be positive")
         self.dm = dm
@@ -75,7 +75,6 @@ class Watcher:
         self.poll_interval = poll_interval
         self._use_uevents = (dm.backend == "kernel") if uevents is None else uevents
         self._use_event_nr = event_numbers
-        self._uevent_source = uevent_source
         self._known: dict[str, DeviceState] = {}
         if store is not None:
             for name in store.names():
@@ -134,7 +133,7 @@ class Watcher:
         self._started = True
         if self._use_uevents:
             try:
-                self._source = UeventSource(self._on_uevent, source=self._uevent_source)
+                self._source = UeventSource(self._on_uevent)
             except DMError as err:
                 log.info("no uevents (%s); using event numbers and polling", err)
         if self._use_event_nr:

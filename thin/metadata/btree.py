@@ -254,19 +254,18 @@ def _split_child(tm: TransactionManager, parent: Node, i: int, child: Node, vtyp
     parent.values.insert(i + 1, right.blocknr)
 
 
-def insert(tm: TransactionManager, root: int, key: int, value: Any, vtype: ValueType,
-           *, dec_old: bool = True) -> tuple[int, bool]:
+def insert(tm: TransactionManager, root: int, key: int, value: Any, vtype: ValueType) -> tuple[int, bool]:
     """Insert or overwrite ``key``; returns ``(new root, whether the key is new)``.
 
     An overwritten value loses its reference (``vtype.dec``) unless ``vtype.equal`` says it is
-    unchanged or ``dec_old`` is false.
+    unchanged.
     """
-    root, added, _leaf, _hi = _insert(tm, root, key, value, vtype, dec_old)
+    root, added, _leaf, _hi = _insert(tm, root, key, value, vtype)
     return root, added
 
 
-def _insert(tm: TransactionManager, root: int, key: int, value: Any, vtype: ValueType,
-            dec_old: bool = True) -> tuple[int, bool, Node | None, int]:
+def _insert(tm: TransactionManager, root: int, key: int, value: Any,
+            vtype: ValueType) -> tuple[int, bool, Node | None, int]:
     """:func:`insert`, plus the leaf ``key`` went into and its upper bound (exclusive; ``2**64``
     for the last leaf), or ``None`` for the leaf when an internal node on the path is full (the
     next insert down it may split that node)."""
@@ -304,7 +303,7 @@ def _insert(tm: TransactionManager, root: int, key: int, value: Any, vtype: Valu
     if i >= 0 and keys[i] == key:
         old = node.values[i]
         node.values[i] = value
-        if dec_old and not vtype.equal(old, value):
+        if not vtype.equal(old, value):
             vtype.dec(old)
         return root, False, leaf, hi
     keys.insert(i + 1, key)
