@@ -13,6 +13,7 @@ The pool commands (``thin pool create`` ...) come from ``thin.pool_cli`` when it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -94,19 +95,15 @@ def cmd_dump(args: argparse.Namespace) -> int:
     from thin.metadata.pool import ThinMetadata
 
     ids = set(args.dev_id) if args.dev_id else None
+    as_json = getattr(args, "json", False)
     with ThinMetadata.open(args.metadata, snapshot=_snapshot_arg(args)) as md:
-        if getattr(args, "json", False):
-            text = json.dumps(dump_json(md, dev_ids=ids, skip_mappings=args.skip_mappings), indent=2) + "\n"
-            if args.output:
-                with open(args.output, "w") as f:
-                    f.write(text)
+        # JSON is made whole before the output is opened; XML is written as it is made
+        text = json.dumps(dump_json(md, dev_ids=ids, skip_mappings=args.skip_mappings), indent=2) if as_json else ""
+        with open(args.output, "w") if args.output else contextlib.nullcontext(sys.stdout) as out:
+            if as_json:
+                out.write(text + "\n")
             else:
-                sys.stdout.write(text)
-        elif args.output:
-            with open(args.output, "w") as f:
-                dump_xml(md, f, dev_ids=ids, skip_mappings=args.skip_mappings)
-        else:
-            dump_xml(md, sys.stdout, dev_ids=ids, skip_mappings=args.skip_mappings)
+                dump_xml(md, out, dev_ids=ids, skip_mappings=args.skip_mappings)
     return 0
 
 

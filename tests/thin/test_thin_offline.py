@@ -130,6 +130,11 @@ def test_cli_check_dump_ls(pool, thin_tools, tmp_path: Path, capsys: pytest.Capt
     doc = json.loads(capsys.readouterr().out)
     assert doc["superblock"]["time"] == 1 and [d["dev_id"] for d in doc["devices"]] == [2]
     assert doc["devices"][0]["mappings"][0] == {"origin_begin": 0, "data_begin": 0, "length": 3, "time": 0}
+    for fmt in ([], ["--json"]):  # --output holds what stdout shows
+        assert main(["thin", "dump", *fmt, str(meta)]) == 0
+        shown = capsys.readouterr().out
+        assert main(["thin", "dump", *fmt, "-o", str(tmp_path / "dump"), str(meta)]) == 0
+        assert (tmp_path / "dump").read_text() == shown and capsys.readouterr().out == ""
 
 
 def test_cli_restore_round_trip(thin_tools, meta_image: Callable[..., Path], tmp_path: Path,
