@@ -9,12 +9,10 @@ from typing import Any
 from dmtools.cli import common as cli_common
 from dmtools.cli.common import actions, emit, verb
 from dmtools.errors import InvalidArgument
+from dmtools.linux import block_attr
 
 #: The one line ``dmtools --help`` shows for this command (read without building its parser).
 SUMMARY = "device-mapper verbs (dmsetup's words and table syntax)"
-
-#: Where ``read_ahead`` finds ``dev/block/MAJ:MIN`` (tests point it elsewhere).
-SYSFS = "/sys"
 
 #: What dmsetup prints when a verb over all devices finds none (``dmsetup.c`` ``_process_all``).
 NO_DEVICES = "No devices found"
@@ -229,14 +227,8 @@ def read_ahead(info: Any) -> int | None:
     disk registered yet and dmsetup then prints no ``Read Ahead`` line. On the userspace backend
     the number is the exposing loop device's.
     """
-    if not info.major:
-        return None
-    try:
-        path = f"{SYSFS}/dev/block/{info.major}:{info.minor}/bdi/read_ahead_kb"
-        with open(path, encoding="ascii") as f:
-            return int(f.read().strip()) * 2
-    except (OSError, ValueError):
-        return None
+    kb = block_attr((info.major, info.minor), "bdi/read_ahead_kb") if info.major else None
+    return int(kb) * 2 if kb is not None and kb.isdigit() else None
 
 
 def format_info(info: Any, readahead: int | None = None) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from dmtools import linux
 from dmtools.backend import DeviceInfo, StatusLine
 from dmtools.cli import dm_cmd
 from dmtools.cli import main as cli_main
@@ -256,7 +257,7 @@ def test_wait_prints_the_event_number(fake_dm: Any, run: Any) -> None:
 @pytest.fixture(autouse=True)
 def no_sysfs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The fake devices' numbers may exist on this host: read-ahead comes from an empty sysfs."""
-    monkeypatch.setattr(dm_cmd, "SYSFS", str(tmp_path / "nosys"))
+    monkeypatch.setattr(linux, "SYS_DEV_BLOCK", str(tmp_path / "nosys"))
 
 
 @pytest.fixture
@@ -371,7 +372,7 @@ def test_read_ahead_from_sysfs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, 
     bdi = tmp_path / "dev" / "block" / "254:1" / "bdi"
     bdi.mkdir(parents=True)
     (bdi / "read_ahead_kb").write_text("128\n")
-    monkeypatch.setattr(dm_cmd, "SYSFS", str(tmp_path))
+    monkeypatch.setattr(linux, "SYS_DEV_BLOCK", str(tmp_path / "dev" / "block"))
     assert dm_cmd.read_ahead(three.devices["b-dev"]) == 256
     assert dm_cmd.read_ahead(three.devices["a-dev"]) is None  # no disk registered: no line
     assert dm_cmd.read_ahead(DeviceInfo(name="u")) is None  # major 0: not a block device
