@@ -23,12 +23,13 @@ from typing import Any, Iterable
 
 from dmtools.errors import CorruptMetadata, DMError
 
-__all__ = ["Journal", "read_records", "fsync_dir", "atomic_replace"]
+__all__ = ["Journal", "read_records", "fsync_path", "atomic_replace"]
 
 
-def fsync_dir(directory: str) -> None:
-    """Make a rename or a new file in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def fsync_path(path: str) -> None:
+    """Make what ``path`` holds durable: a file's data, or a directory's entries (a rename or a
+    new file in it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -52,7 +53,7 @@ def atomic_replace(path: str, data: bytes, *, durable: bool = True) -> None:
             os.unlink(tmp)
         raise
     if durable:
-        fsync_dir(directory)
+        fsync_path(directory)
 
 
 def _line(record: dict[str, Any]) -> bytes:
@@ -143,7 +144,7 @@ class Journal:
                 os.ftruncate(fd, good)
                 os.fsync(fd)
             if created:
-                fsync_dir(self.directory)
+                fsync_path(self.directory)
         except BaseException:
             os.close(fd)
             raise

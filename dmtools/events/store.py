@@ -40,7 +40,7 @@ from urllib.parse import quote, unquote
 
 from dmtools.errors import DMError
 from dmtools.events.defaults import default_root
-from dmtools.events.journal import Journal, atomic_replace, fsync_dir, read_records
+from dmtools.events.journal import Journal, atomic_replace, fsync_path, read_records
 from dmtools.events.state import DeviceState
 from dmtools.events.types import Event
 
@@ -351,15 +351,9 @@ class StateStore:
                     or rec.get("started") in open_ids:
                 keep.append(rec)
         for name in self._files():  # what the dropped records hold must outlive a power cut
-            try:
-                fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(self.directory)
+            with contextlib.suppress(FileNotFoundError):
+                fsync_path(self._path(name))
+        fsync_path(self.directory)
         journal.rewrite(keep, {"base_seq": self._next_seq})
         return True
 
