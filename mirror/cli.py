@@ -23,19 +23,12 @@ from dmtools.cli import common
 from dmtools.cli.common import (actions, STATUS_EVENTS, device_argument, emit, json_option, log_argument,
                                 progress_options, seconds, state_dir_option, verb)
 from dmtools.errors import InvalidArgument
-from dmtools.units import SECTOR, parse_size
+from dmtools.units import parse_sectors, parse_size
 
 #: The one line ``dmtools --help`` shows for this command (read without building its parser).
 SUMMARY = "mirrors: dirty-region logs, resync, repair"
 
 __all__ = ["register"]
-
-
-def _region(text: str) -> int:
-    nbytes = parse_size(text, "s")
-    if nbytes % SECTOR:
-        raise InvalidArgument(f"region size {text!r} is not a whole number of sectors")
-    return nbytes // SECTOR
 
 
 def _rate(text: str | None) -> int | None:
@@ -116,7 +109,7 @@ def _state_text(st: Any) -> str:
 # -- actions ---------------------------------------------------------------------------------------
 def cmd_create(args: argparse.Namespace) -> int:
     mm = _manager(args)
-    st = mm.create(args.name, args.legs, log=args.log, region_size=_region(args.region_size), nosync=args.nosync,
+    st = mm.create(args.name, args.legs, log=args.log, region_size=parse_sectors(args.region_size), nosync=args.nosync,
                    handle_errors=args.handle_errors, keep_log=args.keep_log,
                    keep_log_contents=args.keep_log_contents, monitor=not args.no_monitor)
     if mm.dm.backend == "kernel" and not args.no_monitor and args.handle_errors:
@@ -193,7 +186,7 @@ def cmd_resync_offline(args: argparse.Namespace) -> int:
 
     backends = live_backends()  # legs or a log in use by a live table are refused
     try:
-        result = resync_offline(args.legs, log, region_size=_region(args.region_size), rate=_rate(args.rate),
+        result = resync_offline(args.legs, log, region_size=parse_sectors(args.region_size), rate=_rate(args.rate),
                                 rebuild=args.leg, full=args.full, progress=prog, backends=backends)
         ok = True
     except RecoveryFailed as err:
@@ -212,7 +205,7 @@ def cmd_resync_offline(args: argparse.Namespace) -> int:
     if args.activate:
         if log is None:
             raise InvalidArgument("--activate needs a disk log (--log DEV)")
-        st = _manager(args).activate(args.activate, args.legs, log=log, region_size=_region(args.region_size))
+        st = _manager(args).activate(args.activate, args.legs, log=log, region_size=parse_sectors(args.region_size))
         data["activated"] = st.to_dict()
         text += "\n" + _state_text(st)
     return emit(args, data, text)
@@ -233,7 +226,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 def cmd_add_leg(args: argparse.Namespace) -> int:
     mm = _manager(args)
     return _copy_and_show(args, f"add-leg {args.name}", lambda prog: mm.add_leg(
-        args.name, args.new_leg, log=args.log, region_size=_region(args.region_size), rate=_rate(args.rate),
+        args.name, args.new_leg, log=args.log, region_size=parse_sectors(args.region_size), rate=_rate(args.rate),
         progress=prog, wait=not args.no_wait, handle_errors=args.handle_errors))
 
 
@@ -245,7 +238,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from mirror.format import inspect
 
-    rep = inspect(args.logdev, region_size=_region(args.region_size) if args.region_size else None)
+    rep = inspect(args.logdev, region_size=parse_sectors(args.region_size) if args.region_size else None)
     return emit(args, rep.to_dict(), lambda: str(rep))
 
 

@@ -104,5 +104,7 @@ def test_create_status_resync_split_remove(files: dict[str, str], use_engine: An
 
 
 def test_create_rejects_bad_region_size(files: dict[str, str], use_engine: Any) -> None:
-    with pytest.raises(InvalidArgument):
+    # read by dmtools.units.parse_sectors, as every other size in sectors of the CLI
+    with pytest.raises(InvalidArgument, match=r"'3000b' \(3000 bytes\) is not a multiple of 512 bytes"):
         run(["mirror", "create", "bad", files["a"], files["b"], "--region-size", "3000b"])
+    assert not use_engine.exists("bad")
