@@ -60,17 +60,11 @@ __all__ = [
 _DIGITS = re.compile(r"[0-9]+")
 
 
-def _dev_id(value: object, what: str = "device id") -> int:
-    # dm-thin.c read_dev_id: a decimal u64 no larger than MAX_DEV_ID.
-    if not int_in(value, 0, MAX_THIN_DEV_ID):
-        raise InvalidArgument(f"invalid {what} {value!r}: 0 to {MAX_THIN_DEV_ID}", operation="message")
-    return value
-
-
-def _u64(value: object, what: str) -> int:
-    if not int_in(value, 0, U64_MAX):
-        raise InvalidArgument(f"invalid {what} {value!r}: 0 to {U64_MAX}", operation="message")
-    return value
+def _check(value: object, what: str = "device id", maximum: int = MAX_THIN_DEV_ID) -> None:
+    # dm-thin.c: a device id (read_dev_id) or transaction id is a decimal u64, a device id no
+    # larger than MAX_DEV_ID.
+    if not int_in(value, 0, maximum):
+        raise InvalidArgument(f"invalid {what} {value!r}: 0 to {maximum}", operation="message")
 
 
 class _Message:
@@ -90,7 +84,7 @@ class _OneDevice(_Message):
     dev_id: int
 
     def __post_init__(self) -> None:
-        _dev_id(self.dev_id)
+        _check(self.dev_id)
 
     def args(self) -> list[str]:
         return [str(self.dev_id)]
@@ -115,8 +109,8 @@ class CreateSnap(_Message):
     origin_id: int
 
     def __post_init__(self) -> None:
-        _dev_id(self.dev_id)
-        _dev_id(self.origin_id, "origin device id")
+        _check(self.dev_id)
+        _check(self.origin_id, "origin device id")
 
     def args(self) -> list[str]:
         return [str(self.dev_id), str(self.origin_id)]
@@ -138,8 +132,8 @@ class SetTransactionId(_Message):
     new: int
 
     def __post_init__(self) -> None:
-        _u64(self.current, "current transaction id")
-        _u64(self.new, "new transaction id")
+        _check(self.current, "current transaction id", U64_MAX)
+        _check(self.new, "new transaction id", U64_MAX)
 
     def args(self) -> list[str]:
         return [str(self.current), str(self.new)]
