@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from dmtools.closing import Closing
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.endpoint import Endpoint
@@ -92,7 +93,7 @@ class Event:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-class DeviceMapper(abc.ABC):
+class DeviceMapper(Closing, abc.ABC):
     """dmsetup's verbs with the kernel's semantics.
 
     A device is created empty or with a table; ``load`` fills the inactive slot; ``resume`` swaps it
@@ -211,12 +212,6 @@ class DeviceMapper(abc.ABC):
 
     def close(self) -> None:
         """Release the backend's resources."""
-
-    def __enter__(self) -> "DeviceMapper":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 #: How long a removal waits for passing openers to close a device (udev's blkid probe after the

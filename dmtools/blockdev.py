@@ -700,9 +700,6 @@ class BlockDevice(Endpoint):
         if getattr(self, "_fd", -1) >= 0:
             self.close()
 
-    def __enter__(self) -> BlockDevice:
-        return self
-
     def __repr__(self) -> str:
         mode = "rw" if self._writable else "ro"
         extra = ",direct" if self._direct else ""

@@ -12,6 +12,7 @@ import abc
 import errno
 import os
 
+from dmtools.closing import Closing
 from dmtools.errors import DeviceIOError
 from dmtools.linux import block_attr
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from typing import Any, Sequence
 
 
-class Endpoint(abc.ABC):
+class Endpoint(Closing, abc.ABC):
     """A byte-addressed device: file, block device, engine device, null or a test wrapper."""
 
     #: human-readable name (a path or a device name), used in error messages.
@@ -179,12 +180,6 @@ class Endpoint(abc.ABC):
 
     def close(self) -> None:
         """Release the endpoint."""
-
-    def __enter__(self) -> "Endpoint":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _sysfs_zoned(devno: tuple[int, int] | None) -> bool:

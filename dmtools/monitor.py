@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from dmtools.backend import DeviceMapper
+from dmtools.closing import Closing
 from dmtools.errors import DMError, InvalidArgument
 from dmtools.events.defaults import MIRROR_POLICIES
 from dmtools.events.delivery import CursorSink, Sink
@@ -191,7 +192,7 @@ def _mirror_in_sync(state: DeviceState | None, *, alive: bool = True) -> bool:
 PolicyLoader = Callable[[str], Any]
 
 
-class Monitor:
+class Monitor(Closing):
     """A watcher plus policies. ``events()`` yields every event and policy action, in order.
 
     ``config``: the policy settings. ``policy_loader``: finds upper-layer implementations by name
@@ -471,9 +472,3 @@ class Monitor:
     def close(self) -> None:
         """Stop the watcher's listeners."""
         self.watcher.close()
-
-    def __enter__(self) -> "Monitor":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -20,6 +20,7 @@ import json
 import os
 from typing import Callable, Protocol
 
+from dmtools.closing import Closing
 from dmtools.errors import InvalidArgument
 from dmtools.events.store import StateStore
 from dmtools.events.types import Event
@@ -61,7 +62,7 @@ class CursorSink:
         self._last = max(self._last, event.seq)
 
 
-class JsonLinesFile:
+class JsonLinesFile(Closing):
     """An append-only file of JSON event lines that is its own cursor.
 
     Opening it cuts off a last line without its newline (torn by a kill) and reads the ``seq`` of
@@ -126,9 +127,3 @@ class JsonLinesFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-    def __enter__(self) -> "JsonLinesFile":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 from urllib.parse import quote, unquote
 
+from dmtools.closing import Closing
 from dmtools.errors import DMError
 from dmtools.events.defaults import default_root
 from dmtools.events.journal import Journal, atomic_replace, fsync_path, read_records
@@ -100,7 +101,7 @@ def _events_of(record: dict[str, Any]) -> Iterator[Event]:
             continue
 
 
-class StateStore:
+class StateStore(Closing):
     """Device states, recent events and the event journal of one backend, on disk.
 
     ``lock=True`` takes the store's exclusive lock (raises ``DMError`` with ``EBUSY`` when another
@@ -379,12 +380,6 @@ class StateStore:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-
-    def __enter__(self) -> "StateStore":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def last_events(name: str, backend: str, count: int = 5, root: str | None = None) -> list[Event]:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 from dmtools.backend import DeviceMapper
+from dmtools.closing import Closing
 from dmtools.errors import DMError
 from dmtools.events.sources import EventNumberWaiter, UEvent, UeventSource
 from dmtools.events.state import DEFAULT_THRESHOLDS, DeviceState, capture, derive
@@ -52,7 +53,7 @@ class Batch:
     renamed_from: str | None = None
 
 
-class Watcher:
+class Watcher(Closing):
     """Typed events for the devices of one backend.
 
     ``names``: watch only these device names (default: every device). ``thresholds``: snapshot
@@ -148,12 +149,6 @@ class Watcher:
             self._waiter.close()
             self._waiter = None
         self._started = False
-
-    def __enter__(self) -> "Watcher":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # --- scanning -------------------------------------------------------------------------
     def current(self) -> dict[str, DeviceState]:

@@ -23,6 +23,7 @@ from itertools import islice
 from dataclasses import replace
 from typing import NamedTuple
 
+from dmtools.closing import Closing
 from dmtools.errors import CorruptMetadata, DeviceBusy, DeviceExists, DeviceIOError, DeviceNotFound, InvalidArgument
 
 from . import btree
@@ -118,7 +119,7 @@ def check_data_block_size(sectors: int) -> None:
                               f"between 128 and {MAX_DATA_BLOCK_SECTORS}")
 
 
-class ThinMetadata:
+class ThinMetadata(Closing):
     """An open metadata device (see the module docstring)."""
 
     def __init__(self, dev: MetadataDevice, tm: TransactionManager, sb: Superblock, *, writable: bool) -> None:
@@ -254,12 +255,6 @@ class ThinMetadata:
     def close(self) -> None:
         """Close the device; uncommitted changes are dropped."""
         self.dev.close()
-
-    def __enter__(self) -> ThinMetadata:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- sizes -------------------------------------------------------------------------------
     @property
