@@ -10,6 +10,7 @@ those bytes (``bd_claim`` of the devices a table uses, drivers/md/dm-table.c ``d
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -44,12 +45,8 @@ def live_backends(*, kernel: bool = True) -> list["DeviceMapper"]:
         return out  # no daemon: no userspace tables (its client's connect() would say ENOENT)
     from dmtools.engine.client import open_userspace
 
-    try:
+    with contextlib.suppress(DMError, OSError):  # no daemon: no userspace tables
         out.append(open_userspace(start=False))
-    except DMError:
-        pass  # no daemon: no userspace tables
-    except OSError:
-        pass
     return out
 
 
