@@ -1,6 +1,6 @@
 """``dmtools dm …`` behaves the same on both backends: one test, parametrized over them.
 
-``userspace`` (root tier) drives the shared daemon and its exposed devices; ``kernel`` (kernel tier,
+``userspace`` (root tier) drives the session's daemon and its exposed devices; ``kernel`` (kernel tier,
 in the VM) drives real device-mapper. The expectations are written once, in dmsetup's formats.
 """
 
@@ -38,7 +38,7 @@ class Harness(Devices):
 
 @pytest.fixture
 def userspace_cli(capsys: pytest.CaptureFixture[str], dm_name: str, make_loop: Any) -> Iterator[Harness]:
-    """The CLI on the shared daemon, its devices exposed (root tier)."""
+    """The CLI on the session's daemon, its devices exposed (root tier)."""
     import dmtools
 
     h = Harness("userspace", dmtools.open("userspace"), capsys, dm_name)

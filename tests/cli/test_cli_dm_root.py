@@ -1,7 +1,8 @@
 """``dmtools dm …`` on the userspace backend through its daemon, with real exposed block devices.
 
-The daemon is the shared one of the test run (``/run/dmtools``); every device is named from
-``dm_name`` (suffix ``-dmtt``) and removed by the ``devices`` fixture whatever the test did.
+The daemon is the one of the test session (its own ``DMTOOLS_RUN_DIR``, stopped at the session's
+end: ``tests/session_daemons.py``); every device is named from ``dm_name`` (suffix ``-dmtt``) and
+removed by the ``devices`` fixture whatever the test did.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dmtools.cli import main as cli_main
 from dmtools.engine.rundir import run_dir
 from dmtools.errors import DeviceBusy, DeviceExists, DeviceNotFound, InvalidTable, TargetNotSupported
 
-#: where the daemon of this run exposes devices (DMTOOLS_RUN_DIR or /run/dmtools)
+#: where the session's daemon exposes devices (DMTOOLS_RUN_DIR, set by tests/conftest.py)
 MAPPER = os.path.join(run_dir(), "mapper")
 
 pytestmark = pytest.mark.root
@@ -84,7 +85,7 @@ def test_lifecycle_and_data_through_the_exposed_device(cli: Callable[..., str], 
     assert sorted(deps) == sorted([devno(la.path), devno(lb.path)])
     assert cli("dm", "deps", name) == "2 dependencies\t:" + "".join(f" ({d.replace(':', ', ')})" for d in deps) + "\n"
 
-    # the exposed block device: /run/dmtools/mapper/NAME, with the number info reports
+    # the exposed block device: RUN_DIR/mapper/NAME, with the number info reports
     path = f"{MAPPER}/{name}"
     info = json.loads(cli("dm", "info", name, "--json"))[0]
     assert devno(path) == f"{info['major']}:{info['minor']}"

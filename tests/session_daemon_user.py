@@ -1,0 +1,31 @@
+"""A root test that starts the daemon of its session's run directory, as the root tests do.
+
+Not collected by the suite (its name is not ``test_*``): ``tests/test_session_daemons.py`` runs it
+in a pytest session of its own, so that session's end can be checked. It writes what the daemon
+said (pid, run directory) as JSON to ``$DMTT_INNER_REPORT``, and leaves its device in the daemon
+when ``DMTT_INNER_LEAVE=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+import dmtools
+from dmtools.engine.client import UserspaceClient
+
+pytestmark = pytest.mark.root
+
+
+def test_a_device_on_the_daemon_of_the_run(dm_name: str) -> None:
+    with dmtools.open("userspace") as dm:
+        assert isinstance(dm, UserspaceClient)
+        dm.create(dm_name, "0 8 zero")
+        info = dm.ping()
+        with open(os.environ["DMTT_INNER_REPORT"], "w", encoding="utf-8") as f:
+            json.dump({"pid": info["pid"], "run_dir": info["run_dir"], "device": dm_name}, f)
+        assert dm_name in {e.name for e in dm.list()}
+        if os.environ.get("DMTT_INNER_LEAVE") != "1":
+            dm.remove(dm_name)
