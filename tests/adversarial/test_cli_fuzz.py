@@ -9,7 +9,9 @@ in-process engine holding a linear device, a snapshot stack and a mirror, in a p
 and run directory. Only the documented exit statuses may come out, an error is one line starting
 ``dmtools``, and nothing prints a traceback; an exception escaping ``main`` fails the test.
 
-Deterministic (``derandomize``, no example database), so CI cannot fail by chance. Commands that
+Deterministic (``derandomize``, no example database, and Hypothesis's pool of constants from the
+code fixed to the whole project's by ``tests/fixed_constants.py``, not the modules imported so far),
+so every checkout and CI draw the same command lines and CI cannot fail by chance. Commands that
 serve until stopped get the options that bound them: ``daemon`` only ``stop``/``status``,
 ``monitor`` ``--once``, ``dm wait`` and the ``--rate``/``--timeout``/``--interval`` values from
 short lists (a rate of 5 bytes/s is valid and merely slow). Loop devices are attached for real and
