@@ -11,8 +11,9 @@ file they hold open. Each is shut down with ``force`` (its devices go) and waite
 does not answer gets ``SIGTERM`` and its own shutdown bound. A daemon that still runs then, one a
 test left running in its ``tmp_path`` (its fixture's teardown stops it), a device a test left in
 one, or a mount left under the run directory fails the session, and is reported at the end of
-its summary. The caller's ``DMTOOLS_RUN_DIR`` is restored afterwards and
-the run directory removed. ``tests/test_session_daemons.py`` runs sessions and checks this.
+its summary. The caller's ``DMTOOLS_RUN_DIR`` is restored afterwards and the run directory
+removed (kept, and named in the summary, when the session failed and its daemon logged
+something). ``tests/test_session_daemons.py`` runs sessions and checks this.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class SessionRunDir:
     saved: str | None
     problems: list[str] = field(default_factory=list)
     stopped: dict[int, str] = field(default_factory=dict)
+    #: why the run directory stays after the session (``None``: it is removed)
+    kept: str | None = None
 
 
 KEY = pytest.StashKey[SessionRunDir]()
@@ -132,8 +135,8 @@ def finish(session: pytest.Session) -> None:
     for pid, run_dir in sorted(daemons_under(roots).items()):
         try:
             left = stop_daemon(pid, run_dir)
-        except AssertionError as err:
-            state.problems.append(str(err))
+        except Exception as err:  # noqa: BLE001 - reported; the other daemons are still stopped
+            state.problems.append(f"the daemon of {run_dir} (pid {pid}) could not be stopped: {err}")
             continue
         state.stopped[pid] = run_dir
         if os.path.realpath(run_dir) != os.path.realpath(state.path):  # a test's own: its teardown stops it
@@ -145,23 +148,30 @@ def finish(session: pytest.Session) -> None:
     state.problems += [f"still mounted under the session's run directory: {m}" for m in _mounts_under(state.path)]
     if state.problems and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    log = os.path.join(state.path, "daemon.log")
+    if _mounts_under(state.path):
+        state.kept = "something is still mounted under it"
+    elif session.exitstatus != pytest.ExitCode.OK and os.path.exists(log) and os.path.getsize(log):
+        state.kept = f"the session failed: see {log}"
 
 
 def summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     """Report what the end of the session found (the daemons stopped, with ``-v``)."""
     state = config.stash.get(KEY, None)
-    if state is None or not (state.problems or (state.stopped and config.option.verbose > 0)):
+    if state is None or not (state.problems or state.kept or (state.stopped and config.option.verbose > 0)):
         return
     terminalreporter.section("daemons of the session", red=bool(state.problems))
     for pid, run_dir in sorted(state.stopped.items()):
         terminalreporter.line(f"stopped the daemon of {run_dir} (pid {pid})")
     for problem in state.problems:
         terminalreporter.line(problem)
+    if state.kept:
+        terminalreporter.line(f"kept the run directory {state.path}: {state.kept}")
 
 
 def unconfigure(config: pytest.Config) -> None:
-    """Restore ``DMTOOLS_RUN_DIR`` and remove the run directory (kept when something is still
-    mounted under it)."""
+    """Restore ``DMTOOLS_RUN_DIR`` and remove the run directory, unless something is still mounted
+    under it, or the session failed and its daemon logged something."""
     state = config.stash.get(KEY, None)
     if state is None:
         return
@@ -169,5 +179,5 @@ def unconfigure(config: pytest.Config) -> None:
         os.environ.pop("DMTOOLS_RUN_DIR", None)
     else:
         os.environ["DMTOOLS_RUN_DIR"] = state.saved
-    if not _mounts_under(state.path):
+    if state.kept is None and not _mounts_under(state.path):
         shutil.rmtree(state.path, ignore_errors=True)

@@ -101,6 +101,15 @@ def test_a_device_left_in_the_daemon_fails_the_session(tmp_path: Path, theirs: P
     assert daemon_processes(tmp_path) == {}
 
 
+def test_a_failed_session_keeps_the_run_directory_when_its_daemon_logged(tmp_path: Path, theirs: Path) -> None:
+    proc, seen = session(tmp_path, theirs, DMTT_INNER_FAIL="1")
+    assert proc.returncode == 1 and "1 failed" in proc.stdout, proc.stdout + proc.stderr
+    log = Path(seen["run_dir"]) / "daemon.log"
+    assert f"kept the run directory {seen['run_dir']}: the session failed: see {log}" in proc.stdout
+    assert log.read_text() == "dmtools daemon: what the test's failure left in the log\n"
+    assert daemon_processes(tmp_path) == {}
+
+
 @pytest.fixture
 def after_private_daemon() -> Iterator[dict[str, int]]:
     """Set up before ``private_daemon`` and torn down after it: its daemon is gone by then."""
