@@ -27,15 +27,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from dmtools.engine.daemon import SHUTDOWN_LIMIT
+from dmtools.testing.daemon import EXIT_BOUND, stop_daemon
 from dmtools.testing.wait import pid_gone, wait_until
 
 #: the session's run directory's name starts with this (in ``$TMPDIR``)
 PREFIX = "dmtt-run-"
 #: the pid file a daemon holds open while it runs (``dmtools.engine.daemon``)
 PID_FILE = "daemon.pid"
-#: seconds a daemon may take to stop: its own shutdown bound, then the time to exit
-STOP_LIMIT = SHUTDOWN_LIMIT + 10
 
 
 @dataclass
@@ -76,9 +74,9 @@ def daemons_under(roots: list[str]) -> dict[int, str]:
     return found
 
 
-def stop_daemon(pid: int, run_dir: str) -> list[str]:
+def stop(pid: int, run_dir: str) -> list[str]:
     """Stop daemon ``pid`` of ``run_dir``: the ``shutdown`` verb with ``force``, or ``SIGTERM``
-    when it does not answer; wait until it is gone (``AssertionError`` past ``STOP_LIMIT``).
+    when it does not answer; wait until it is gone (``AssertionError`` past ``EXIT_BOUND``).
     Returns the devices it still had."""
     from dmtools.engine.client import UserspaceClient
     from dmtools.errors import DMError
@@ -91,12 +89,11 @@ def stop_daemon(pid: int, run_dir: str) -> list[str]:
     else:
         try:
             left = sorted(e.name for e in client.list())
-            client.shutdown(force=True)
+            stop_daemon(client)
+            return left
         except DMError:
             terminate(pid)
-        finally:
-            client.close()
-    wait_until(lambda: pid_gone(pid), f"the daemon of {run_dir} (pid {pid}) to stop", STOP_LIMIT)
+    wait_until(lambda: pid_gone(pid), f"the daemon of {run_dir} (pid {pid}) to stop", EXIT_BOUND)
     return left
 
 
@@ -134,7 +131,7 @@ def finish(session: pytest.Session) -> None:
         roots.append(str(basetemp))
     for pid, run_dir in sorted(daemons_under(roots).items()):
         try:
-            left = stop_daemon(pid, run_dir)
+            left = stop(pid, run_dir)
         except Exception as err:  # noqa: BLE001 - reported; the other daemons are still stopped
             state.problems.append(f"the daemon of {run_dir} (pid {pid}) could not be stopped: {err}")
             continue

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from dmtools.testing.wait import pid_gone
-from session_daemons import PREFIX, daemons_under, stop_daemon
+from dmtools.testing.daemon import stop_daemon
+from session_daemons import PREFIX, daemons_under, stop
 
 pytestmark = pytest.mark.root
 
@@ -51,7 +52,7 @@ def theirs(tmp_path: Path) -> Iterator[Path]:
     path.mkdir(mode=0o700)
     yield path
     for pid, run_dir in daemons_under([str(tmp_path)]).items():
-        stop_daemon(pid, run_dir)
+        stop(pid, run_dir)
 
 
 def session(tmp_path: Path, theirs: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
@@ -89,8 +90,7 @@ def test_a_daemon_someone_runs_is_left_alone(tmp_path: Path, theirs: Path, dm_na
         assert str(dm.table(dm_name)) == "0 8 zero"
         assert daemon_processes(tmp_path) == {before["pid"]: str(theirs)}
     finally:
-        dm.shutdown(force=True)
-        dm.close()
+        stop_daemon(dm)
 
 
 def test_a_device_left_in_the_daemon_fails_the_session(tmp_path: Path, theirs: Path) -> None:

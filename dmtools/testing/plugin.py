@@ -174,33 +174,23 @@ def kernel_tag(kernel_dm: Any) -> Iterator[str]:
     remove_devices(kernel_dm, lambda name: name.startswith(tag))
 
 
-#: seconds the ``private_daemon`` fixture waits for its daemon's process to exit: the daemon's own
-#: bound on its shutdown (``dmtools.engine.daemon.SHUTDOWN_LIMIT``), and time to exit
-PRIVATE_DAEMON_STOP = 40.0
-
-
 @pytest.fixture
 def private_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """A daemon of the test's own (root tier): its run directory is under ``tmp_path`` and
     ``DMTOOLS_RUN_DIR`` names it, so CLI commands the test runs reach it too; it is shut down,
-    forced, at teardown, which returns once its process is gone (``AssertionError`` past
-    ``PRIVATE_DAEMON_STOP`` seconds). Yields its ``UserspaceClient``."""
+    forced, at teardown, which returns once its process is gone
+    (:func:`dmtools.testing.daemon.stop_daemon`). Yields its ``UserspaceClient``."""
     from dmtools.engine.client import open_userspace
-    from dmtools.testing.wait import pid_gone, wait_until
+    from dmtools.testing.daemon import stop_daemon
 
     run_dir = tmp_path / "run"
     run_dir.mkdir(mode=0o700)
     monkeypatch.setenv("DMTOOLS_RUN_DIR", str(run_dir))
     client = open_userspace(str(run_dir))
-    pid = client.ping()["pid"]
     try:
         yield client
     finally:
-        try:
-            client.shutdown(force=True)
-        finally:
-            client.close()
-        wait_until(lambda: pid_gone(pid), f"the private daemon (pid {pid}) to exit", PRIVATE_DAEMON_STOP)
+        stop_daemon(client)
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ from dmtools import loop
 from dmtools.cli import common as cli_common
 from dmtools.cli import main as cli_main
 from dmtools.errors import DaemonError, LoopError
-from dmtools.testing.wait import pid_gone, wait_until
+from dmtools.testing.daemon import stop_daemon
 
 #: ``dmtools`` exit statuses: success, error, usage (argparse), ``daemon status``: not running,
 #: interrupted.
@@ -231,12 +231,7 @@ def _stop_daemon(run: Path) -> None:
         client = UserspaceClient(str(run))
     except DaemonError:
         return  # none was started
-    try:
-        pid = client.ping()["pid"]
-        client.shutdown(force=True)
-    finally:
-        client.close()
-    wait_until(lambda: pid_gone(pid), f"the daemon of {run} (pid {pid}) to stop", 30)
+    stop_daemon(client)
 
 
 def _prepare(work: Path, contents: dict[str, bytes]) -> Any:

@@ -23,6 +23,7 @@ from dmtools.engine import rundir
 from dmtools.engine.client import UserspaceClient, open_userspace, start_daemon
 from dmtools.engine.daemon import Daemon
 from dmtools.errors import DaemonError, DMError
+from dmtools.testing.daemon import stop_daemon
 
 pytestmark = pytest.mark.root
 
@@ -147,10 +148,7 @@ def _stop_daemon(run: Path) -> None:
         client = UserspaceClient(str(run))
     except DMError:
         return
-    try:
-        client.shutdown(force=True)
-    finally:
-        client.close()
+    stop_daemon(client)
 
 
 @pytest.fixture

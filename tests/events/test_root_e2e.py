@@ -14,6 +14,7 @@ import pytest
 from dmtools.engine import Engine
 from dmtools.events import PolicyAction, SnapshotInvalidated
 from dmtools.monitor import Monitor, MonitorConfig, PolicySettings
+from dmtools.testing.daemon import stop_daemon
 from snapshot.manager import SnapshotManager
 
 from ev_engine import Recorder, policies
@@ -108,5 +109,4 @@ def test_watcher_over_the_daemon_gets_event_numbers(tmp_path: Path) -> None:
         assert (got[0].old_name, got[0].device) == ("a-dmtt", "b-dmtt")
         assert time.monotonic() - started < 10
     finally:
-        client.shutdown(force=True)
-        client.close()
+        stop_daemon(client)

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from dmtools.engine.client import UserspaceClient, start_daemon
+from dmtools.testing.daemon import stop_daemon
 from snapshot.manager import SnapshotManager
 
 
@@ -154,5 +155,4 @@ def test_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path: Path, make
         producer.stop.set()
         producer.join(timeout=30)
         producer.client.close()
-        client.shutdown(force=True)
-        client.close()
+        stop_daemon(client)

@@ -19,6 +19,7 @@ import pytest
 from dmtools.errors import DeviceIOError, InvalidArgument
 from dmtools.nbd import NbdConnectionError, NbdEndpoint
 from dmtools.nbd.serve import ServeOptions, Server, parse_listen
+from dmtools.testing.daemon import stop_daemon
 from dmtools.testing.nbdserver import missing_tools
 
 MiB = 1 << 20
@@ -217,7 +218,4 @@ def test_cli_serves_an_engine_device(tmp_path: Path, monkeypatch: pytest.MonkeyP
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
-        try:
-            dm.shutdown(force=True)
-        finally:
-            dm.close()
+        stop_daemon(dm)
