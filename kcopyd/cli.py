@@ -154,8 +154,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep an uncached file source's pages in the page cache, and a destination "
                         "file's (by default the source's are dropped once read, as dd iflag=nocache, "
                         "and a destination file not in the cache is written back and dropped as it "
-                        "is written, as nbdcopy does, or written with O_DIRECT when an NBD export is "
-                        "the source)")
+                        "is written, as nbdcopy does)")
     # SUPPRESS keeps the root parser's --json when this one is not given.
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print a JSON summary")
 

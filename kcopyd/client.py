@@ -30,9 +30,7 @@ several requests are in flight at once. Two choices are this engine's own, made 
   per piece, the pool's worth in flight, and each piece is written by the thread its reply lands
   on (the connection's pump) as soon as it lands, not after a worker's wait: no hand-off between
   threads on the way from the socket to the destination. A piece whose read failed is not
-  written. A destination file that write-behind would take is instead written with ``O_DIRECT``
-  from the pool's pages (``kcopyd.directwrite``), by a worker: a direct write waits for the
-  disk, and the pump reads on meanwhile.
+  written.
 """
 
 from __future__ import annotations
@@ -48,7 +46,6 @@ from dmtools.errors import InvalidArgument
 from dmtools.lazy import logger
 from dmtools.nbd.uri import is_nbd_uri
 from kcopyd import writebehind
-from kcopyd.directwrite import REFUSED, DirectWriter
 from kcopyd.fastpath import cached_bytes, plan_segments, read_exact, read_salvage, write_exact
 from kcopyd.inline import InlineJobs
 from kcopyd.job import DEST_ZEROED, IGNORE_ERROR, WRITE_SEQ, Job, NotifyFn, Piece, Plan, Progress
@@ -284,15 +281,12 @@ class Client(InlineJobs):
             # a larger readahead window, as cp does
             osrc.endpoint.fadvise(osrc.offset, nbytes, os.POSIX_FADV_SEQUENTIAL)
         job = Job(osrc, odests, nbytes, flags, notify, context, self._plan(osrc, odests, flags, reverse), self._cancel)
-        if self.write_behind and job.plan.stream and job.lanes.used:
-            job.lanes.start_direct(odests)  # kcopyd.directwrite: before the write-behinds
         if self.write_behind and job.lanes.used:
             job.lanes.start_write_behind(odests)
         with self._cond:
             while self._outstanding >= self.max_jobs and not self._closed:
                 self._cond.wait()
             if self._closed:
-                job.lanes.close()
                 for o in ([osrc] if osrc else []) + odests:
                     o.close()
                 raise InvalidArgument("the client has been destroyed", operation="copy")
@@ -563,11 +557,7 @@ class Client(InlineJobs):
             self.throttle.io_finish()
         job = piece.job
         if not err:
-            if job.lanes.writes_direct:
-                # A direct write waits for the disk: a worker writes, the pump reads on.
-                self._tasks.put((self._write_stage, piece))
-            else:
-                self._write_stage(piece)
+            self._write_stage(piece)
             return
         src = job.open_src
         log.debug("kcopyd: read error on %s in piece %d: %s", src.region.dev_name if src else "?",
@@ -787,40 +777,22 @@ class Client(InlineJobs):
         ep = dest.endpoint
         base = dest.offset + piece.offset
         zeroed = bool(job.flags & DEST_ZEROED)
-        direct = job.lanes.direct[i]
         thr = self.throttle
         try:
             for off, length, is_data in piece.segments:
                 if is_data or not zeroed:
                     thr.io_start()
                     try:
-                        if not is_data:
-                            ep.zero(base + off, length)
-                        elif direct is None or not self._write_direct(direct, piece.views(off, length), base + off):
+                        if is_data:
                             write_exact(ep, piece.views(off, length), base + off)
+                        else:
+                            ep.zero(base + off, length)
                     finally:
                         thr.io_finish()
         except Exception as err:  # noqa: BLE001 - any failure is this destination's write error
             log.debug("kcopyd: write error on destination %d (%s): %s", i, dest.region.dev_name, err)
             return True
         return False
-
-    @staticmethod
-    def _write_direct(direct: DirectWriter, views: list[memoryview], offset: int) -> bool:
-        """Write ``views`` at ``offset`` with ``O_DIRECT`` when they are aligned; False when they
-        are not, or the file system refused (then the caller writes them through the endpoint).
-        Raises the write's other errors."""
-        if not direct.takes(views, offset):
-            return False
-        try:
-            direct.write(views, offset)
-        except OSError as err:
-            if err.errno not in REFUSED:
-                raise
-            log.debug("kcopyd: a direct write was refused (%s): writing through the page cache", err)
-            direct.refused = True
-            return False
-        return True
 
     # -- callbacks ------------------------------------------------------------------------------
     def _callback_loop(self) -> None:

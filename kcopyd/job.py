@@ -354,7 +354,6 @@ class Job:
 
         A destination that fails to close (an NBD flush) counts as failed.
         """
-        self._lanes.close()
         self.write_err |= close_regions(self.open_src, self.open_dests)
         if self.notify is not None:
             try:

@@ -5,8 +5,7 @@ ext4_buffered_write_iter and generic_file_write_iter), so parallel writes to it 
 on the lock's owner. Such a destination gets a lane: its pieces wait in the order their reads
 finished, and pieces that continue one another leave together in one vectored write
 (``Endpoint.writev``). Direct (O_DIRECT), block-device, null and memory destinations get no lane:
-several writes in flight fill their queues; so does a destination file that a streamed copy
-writes with ``O_DIRECT`` (``kcopyd.directwrite``).
+several writes in flight fill their queues.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 from collections import deque
 
 from dmtools.endpoint import Endpoint
-from kcopyd.directwrite import DirectWriter
 from kcopyd.writebehind import WriteBehind
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
@@ -54,8 +52,6 @@ class WriteLanes(list["deque[Piece] | None"]):
         self.busy = [False] * len(self)  # a write to destination i is running
         #: destination i's write-behind (kcopyd.writebehind), used by the lane's one writer
         self.behind: list[WriteBehind | None] = [None] * len(self)
-        #: destination i's O_DIRECT writer (kcopyd.directwrite): such a destination has no lane
-        self.direct: list[DirectWriter | None] = [None] * len(self)
         #: True when some destination has a lane
         self.used = any(lane is not None for lane in self)
 
@@ -69,28 +65,6 @@ class WriteLanes(list["deque[Piece] | None"]):
         for i, d in enumerate(dests):
             if self[i] is not None:
                 self.behind[i] = WriteBehind.for_destination(d.endpoint, d.offset, d.region.nbytes)
-
-    def start_direct(self, dests: list[OpenRegion]) -> None:
-        """Give the lane destinations whose range is not cached a direct writer instead of
-        their lane (a streamed copy: :mod:`kcopyd.directwrite`)."""
-        for i, d in enumerate(dests):
-            if self[i] is not None:
-                writer = DirectWriter.for_destination(d.endpoint, d.offset, d.region.nbytes)
-                if writer is not None:
-                    self.direct[i] = writer
-                    self[i] = None
-        self.used = any(lane is not None for lane in self)
-
-    @property
-    def writes_direct(self) -> bool:
-        """True when some destination has a direct writer."""
-        return any(w is not None for w in self.direct)
-
-    def close(self) -> None:
-        """Close the direct writers' descriptors (the job's writes are all done)."""
-        for w in self.direct:
-            if w is not None:
-                w.close()
 
     def claim(self, piece: Piece) -> list[int]:
         """The destinations ``piece`` may be written to now; it waits in the busy lanes."""
