@@ -10,6 +10,7 @@
 #include <endian.h>
 #include <errno.h>
 #include <pthread.h>
+#include <sys/uio.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,7 +51,8 @@
  * 4 flush, 5 origin write) of the next call fails (EIO), or with dms_fault_short moves half its
  * bytes. */
 static __thread int dms_fault_step = -1, dms_fault_short;
-/* The system calls of this thread's last call, one letter each (r, w, f), for tests. */
+/* The system calls of this thread's last call, one letter each (r, w, f; z for zeros written
+ * ahead, a for the next metadata area zeroed), for tests. */
 static __thread char dms_ops[8];
 static __thread int dms_nops;
 /* The nanoseconds the flushes of this thread's last call took, and how many there were. */
@@ -203,16 +205,19 @@ int dms_commit_copy(const char *src, int64_t n, int cfd, int64_t coff, int cow_z
  * holds. While armed by Python, dms_snap_write does a one-chunk first write entirely: lookup,
  * allocation, dms_copy_commit (copy, flush, record, flush, origin write), and logs the exception
  * it committed; Python folds that log into its table and store (dms_snap_fence) before any path
- * of its own touches them, and the fence disarms C until Python arms it again. C declines (the
- * Python path then runs) whatever needs more: no room in the COW, zeroing ahead to do (I/O), an
- * area about to fill, a full log. A failure after the copy is in place disarms C and is reported
- * to the next fence, which goes on from there as the Python path would.
+ * of its own touches them, and the fence disarms C until Python arms it again. C zeroes ahead
+ * as the store does once the store zeroed a range itself, and commits the record that fills an
+ * area as the store does (the next area zeroed first, then on to it in a buffer of its own, the
+ * fence handing the new area back). C declines (the Python path then runs) whatever needs more:
+ * no room in the COW, the first zeroing ahead, a run across an area's end, a failed zeroing, a
+ * full log. A failure after the copy is in place disarms C and is reported to the next fence,
+ * which goes on from there as the Python path would.
  */
 #define DMS_OFF (-2)        /* not armed, or declined: nothing done */
 #define DMS_MAPPED 7        /* the chunk has its exception: the origin write not made */
 #define DMS_MAPPED_WROTE 8  /* the chunk has its exception, the origin write made */
 #define DMS_DONE_WROTE 6    /* committed and the origin write made */
-#define DMS_FENCE_HEAD 6    /* words before the log's pairs in dms_snap_fence's answer */
+#define DMS_FENCE_HEAD 9    /* words before the log's pairs in dms_snap_fence's answer */
 #define DMS_RUN_MAX 16      /* chunks of one dms_snap_write_run */
 
 struct dms_snap {
@@ -224,9 +229,12 @@ struct dms_snap {
 	uint64_t *bits;       /* one bit per origin chunk: it has an exception */
 	int64_t nchunks, cb;
 	int64_t next_free, stride, cow_chunks, zeroed_from, zeroed_upto;
-	int zero_limit;       /* allocations stop short of zeroed_upto (zeroing ahead is on) */
+	int64_t zero_ahead;   /* zeroing ahead is on: the bytes zeroed at a time, else 0 */
 	char *area;
 	int64_t alen, aoff, committed;
+	char *own;            /* the area buffer once C filled Python's and went on to the next area */
+	int64_t own_len;
+	int64_t areas;        /* areas C filled and went past since it was armed */
 	uint64_t *log;        /* (old, new) pairs committed since the last fence */
 	int64_t nlog, logmax;
 	int64_t flush_ns, flushes;
@@ -272,6 +280,7 @@ void dms_snap_free(struct dms_snap *s)
 	pthread_mutex_destroy(&s->lock);
 	free(s->bits);
 	free(s->log);
+	free(s->own);
 	free(s);
 }
 
@@ -298,10 +307,11 @@ void dms_snap_mark_keys(struct dms_snap *s, const void *keys, int64_t n, int shi
 	pthread_mutex_unlock(&s->lock);
 }
 
-/* Arm: the store's allocation and area as Python has them now (see struct dms_snap), and whether
- * the COW's flushes take slow_ns or longer (slow). */
+/* Arm: the store's allocation and area as Python has them now (see struct dms_snap), zero_ahead
+ * the bytes zeroed ahead at a time (0: zeroing ahead is off), and whether the COW's flushes take
+ * slow_ns or longer (slow). */
 void dms_snap_arm(struct dms_snap *s, int64_t next_free, int64_t stride, int64_t cow_chunks, int64_t zeroed_from,
-		  int64_t zeroed_upto, int zero_limit, char *area, int64_t alen, int64_t aoff, int64_t committed,
+		  int64_t zeroed_upto, int zero_ahead, char *area, int64_t alen, int64_t aoff, int64_t committed,
 		  int64_t slow_ns, int slow)
 {
 	pthread_mutex_lock(&s->lock);
@@ -312,11 +322,17 @@ void dms_snap_arm(struct dms_snap *s, int64_t next_free, int64_t stride, int64_t
 	s->cow_chunks = cow_chunks;
 	s->zeroed_from = zeroed_from;
 	s->zeroed_upto = zeroed_upto;
-	s->zero_limit = zero_limit;
+	s->zero_ahead = zero_ahead > 0 ? zero_ahead : 0;
 	s->area = area;
 	s->alen = alen;
 	s->aoff = aoff;
 	s->committed = committed;
+	s->areas = 0;
+	if (s->own_len != alen && alen > 0) { /* (the next area's buffer, should C fill this one) */
+		free(s->own);
+		s->own = calloc(1, (size_t)alen);
+		s->own_len = s->own ? alen : 0;
+	}
 	s->armed = area && alen >= 16 && stride > 1 && !s->failed;
 	pthread_mutex_unlock(&s->lock);
 }
@@ -333,8 +349,10 @@ void dms_snap_hold(struct dms_snap *s, int hold)
 /* Disarm, waiting for a write in flight, and hand over what happened since the last fence:
  * out[0] next free chunk, out[1] records in the area, out[2] exceptions logged, out[3] the mean
  * nanoseconds of their flushes (-1 without one), out[4] the failure (DMS_*, 0 for none), out[5]
- * how many of the logged exceptions that failed write had (the last ones), then the logged (old,
- * new) pairs; out holds DMS_FENCE_HEAD + 2 * logmax words. */
+ * how many of the logged exceptions that failed write had (the last ones), out[6] and out[7] the
+ * range last zeroed ahead (zeroed_from, zeroed_upto), out[8] the areas C filled and went past
+ * (the records of the one it writes now, out[1] of them, are the last ones logged), then the
+ * logged (old, new) pairs; out holds DMS_FENCE_HEAD + 2 * logmax words. */
 void dms_snap_fence(struct dms_snap *s, int64_t *out)
 {
 	pthread_mutex_lock(&s->lock);
@@ -345,10 +363,75 @@ void dms_snap_fence(struct dms_snap *s, int64_t *out)
 	out[3] = s->flushes ? s->flush_ns / s->flushes : -1;
 	out[4] = s->failed;
 	out[5] = s->failed ? s->failed_count : 0;
+	out[6] = s->zeroed_from;
+	out[7] = s->zeroed_upto;
+	out[8] = s->areas;
 	memcpy(out + DMS_FENCE_HEAD, s->log, (size_t)s->nlog * 2 * sizeof *s->log);
 	s->nlog = s->flush_ns = s->flushes = 0;
 	s->failed = 0;
 	pthread_mutex_unlock(&s->lock);
+}
+
+/* zeros for the writes below */
+static const char zeros[64 << 10];
+
+/* The store's zeroing ahead (snapshot.store.persistent _zero_ahead_locked), for allocations up
+ * to chunk nf on the COW at cbase of cfd (csize bytes): zeros over the next zero_ahead bytes from
+ * chunk nf where they are a hole, nothing where any of it holds data; the range zeroed (or found
+ * written) then starts at nf (or at its end). Only once Python zeroed a range ahead first
+ * (zeroed_upto > 0: the COW can tell its holes): Python probes a new COW and gives up zeroing for
+ * good where it cannot. 0 when done (or nothing to do: the COW is full), else -1 with nothing of
+ * the state changed (the Python path then zeroes, or gives up as it does). */
+static int dms_zero_ahead(struct dms_snap *s, int64_t nf, int cfd, int64_t cbase, int64_t csize)
+{
+	if (s->zeroed_upto <= 0)
+		return -1;
+	int64_t start = nf * s->cb, length = s->zero_ahead / s->cb * s->cb, room = csize / s->cb * s->cb - start;
+	if (room < length)
+		length = room;
+	if (length <= 0)
+		return 0;
+	off_t data = lseek(cfd, (off_t)(cbase + start), SEEK_DATA);
+	if (data < 0 && errno != ENXIO)
+		return -1;
+	int hole = data < 0 || data >= cbase + start + length;
+	for (int64_t done = 0; hole && done < length;) {
+		struct iovec iov[16];
+		int n = 0;
+		for (int64_t left = length - done; n < 16 && left > 0; n++, left -= (int64_t)sizeof zeros) {
+			iov[n].iov_base = (void *)zeros;
+			iov[n].iov_len = left < (int64_t)sizeof zeros ? (size_t)left : sizeof zeros;
+		}
+		ssize_t k = pwritev(cfd, iov, n, (off_t)(cbase + start + done));
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k <= 0)
+			return -1;
+		done += k;
+	}
+	if (dms_nops < (int)sizeof dms_ops && hole)
+		dms_ops[dms_nops++] = 'z';
+	s->zeroed_from = hole ? nf : nf + length / s->cb;
+	s->zeroed_upto = nf + length / s->cb;
+	return 0;
+}
+
+/* The next metadata area, at aoff of cfd, written with zeros (its stale bytes would read as
+ * records after the full area): 0 when done, else -1 (nothing of the state changed: the Python
+ * path commits the record that fills the area). */
+static int dms_zero_area(struct dms_snap *s, int cfd, int64_t aoff)
+{
+	if (s->alen > (int64_t)sizeof zeros)
+		return -1;
+	ssize_t k;
+	do
+		k = pwrite(cfd, zeros, (size_t)s->alen, (off_t)aoff);
+	while (k < 0 && errno == EINTR);
+	if (k != (ssize_t)s->alen)
+		return -1;
+	if (dms_nops < (int)sizeof dms_ops)
+		dms_ops[dms_nops++] = 'a';
+	return 0;
 }
 
 /* dms_snap_write and dms_snap_write_run: count consecutive chunks from first. */
@@ -397,9 +480,16 @@ static int dms_snap_write_n(struct dms_snap *s, int64_t first, int64_t count, in
 		}
 	if (nf % s->stride == 1)
 		nf++;
+	/* records filling the area: the next area zeroed first (its zeros durable with this commit's
+	 * PREFLUSH, before the full area points past it), as the store's commit does */
+	int fills = 16 * (s->committed + count) == s->alen;
+	int64_t next_aoff = s->aoff + s->stride * s->cb;
 	if (new + count > s->cow_chunks || (new + count) * s->cb > csize || s->aoff + s->alen > csize ||
-	    (s->zero_limit && s->zeroed_upto <= nf) || s->nlog + count > s->logmax ||
-	    16 * (s->committed + count + 1) > s->alen) {
+	    s->nlog + count > s->logmax || 16 * (s->committed + count) > s->alen ||
+	    (fills && (!s->own || s->alen != s->cb || next_aoff + s->alen > csize)) ||
+	    (s->zero_ahead && count * s->cb < s->zero_ahead && s->zeroed_upto <= nf &&
+	     dms_zero_ahead(s, nf, cfd, cbase, csize)) ||
+	    (fills && dms_zero_area(s, cfd, cbase + next_aoff))) {
 		pthread_mutex_unlock(&s->lock);
 		return DMS_OFF;
 	}
@@ -416,6 +506,13 @@ static int dms_snap_write_n(struct dms_snap *s, int64_t first, int64_t count, in
 			s->log[2 * s->nlog] = (uint64_t)c;
 			s->log[2 * s->nlog + 1] = (uint64_t)(new + i);
 			s->nlog++;
+		}
+		if (fills && (rc == DMS_DONE || rc == DMS_ORIGIN)) { /* committed: on to the next area */
+			s->committed = 0;
+			s->aoff = next_aoff;
+			memset(s->own, 0, (size_t)s->alen);
+			s->area = s->own;
+			s->areas++;
 		}
 		s->flush_ns += dms_flush_ns;
 		s->flushes += dms_flushes;

@@ -14,9 +14,13 @@ for a write in flight) and folds its log into them; the snapshot
 (:class:`snapshot.targets.core.CopyOnWrite`) fences before any path of its own reads or changes
 them, and arms C again only while nothing unusual is going on (no exception pending, no read of
 the origin tracked, valid, active, not merging; the store with nothing pending and room in its
-area). C declines, the Python path then doing the write, where the COW is full, zeroing ahead is
-due, the area would fill or the log is full; a failure once the copy is in place disarms C and
-the next fence goes on from it as :meth:`PersistentStore.commit_copied` does.
+area). C zeroes ahead as the store does (the next range, where it is a hole) once the store
+zeroed a range itself (a COW that can tell its holes), and commits the record that fills an area
+as the store does (the next area zeroed first), going on in the next area; the fence hands the
+range and the area back. C declines, the Python path then doing the write, where the COW is
+full, the first zeroing ahead is due, a zeroing fails, a run crosses an area's end, a chunk is
+past what the table's keys hold, or the log is full; a failure once the copy is in place disarms
+C and the next fence goes on from it as :meth:`PersistentStore.commit_copied` does.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ log = logging.getLogger(__name__)
 #: exceptions C commits between two fences at most (then it declines until the next fence).
 LOG_MAX = 4096
 #: words before the logged pairs in ``dms_snap_fence``'s answer (dms.c ``DMS_FENCE_HEAD``).
-FENCE_HEAD = 6
+FENCE_HEAD = 9
 #: the largest origin (in chunks) C keeps a bitmap of: 2**28 bits, 32 MiB (1 TiB of 4 KiB chunks).
 MAX_CHUNKS = 1 << 28
 
@@ -44,7 +48,7 @@ MAX_CHUNKS = 1 << 28
 class FastWrites:
     """The C state of one snapshot over ``store``, its origin ``nchunks`` chunks long."""
 
-    __slots__ = ("ffi", "lib", "state", "store", "armed", "failed_records", "_out", "_out_c", "_area_c")
+    __slots__ = ("ffi", "lib", "state", "store", "armed", "failed_records", "_out", "_out_c", "_area_c", "_zeroed")
 
     def __init__(self, ffi: Any, lib: Any, state: Any, store: PersistentStore) -> None:
         self.ffi, self.lib, self.state, self.store = ffi, lib, state, store
@@ -56,6 +60,7 @@ class FastWrites:
         self._out = array("q", bytes(8 * (FENCE_HEAD + 2 * LOG_MAX)))
         self._out_c = ffi.from_buffer("int64_t[]", self._out)
         self._area_c: Any = None  # (the store's area buffer, its cffi buffer)
+        self._zeroed = (0, 0)  # the range zeroed ahead C was armed with
 
     @classmethod
     def create(cls, store: PersistentStore, length_bytes: int) -> "FastWrites | None":
@@ -108,8 +113,12 @@ class FastWrites:
                 if kept is None or kept[0] is not area:
                     kept = self._area_c = (area, self.ffi.from_buffer(area))
                 upto = store._zeroed_upto
-                self.lib.dms_snap_arm(self.state, store.next_free, epa + 1, store.cow_sectors // cs,
-                                      store._zeroed_from, upto, int(upto >= 0 and cb < ZERO_AHEAD_BYTES),
+                self._zeroed = (store._zeroed_from, upto)
+                # (C allocates no chunk the table's packed keys are too narrow for: the Python
+                # path's insert widens them, where the table is kept in step with the COW's size)
+                self.lib.dms_snap_arm(self.state, store.next_free, epa + 1,
+                                      min(store.cow_sectors // cs, 1 << store.table.shift),
+                                      store._zeroed_from, upto, ZERO_AHEAD_BYTES if upto >= 0 and cb < ZERO_AHEAD_BYTES else 0,
                                       kept[1], len(area), (NUM_SNAPSHOT_HDR_CHUNKS + (epa + 1) * store.current_area) * cb,
                                       i, int(min(slow_flush, 1e9) * 1e9), int(slow))
         self.armed = True
@@ -125,9 +134,12 @@ class FastWrites:
         self.lib.dms_snap_fence(self.state, self._out_c)
         n = out[2]
         self.failed_records = out[5]
+        store = self.store
+        if (out[6], out[7]) != self._zeroed:  # (C zeroed ahead: a range Python zeroed before continued)
+            with store._lock:
+                store._zeroed_from, store._zeroed_upto = out[6], out[7]
         if not n:
             return []
-        store = self.store
         pairs = list(zip(out[FENCE_HEAD : FENCE_HEAD + 2 * n : 2], out[FENCE_HEAD + 1 : FENCE_HEAD + 2 * n : 2]))
         failed = out[4]
         with store._commit_lock:
@@ -135,6 +147,11 @@ class FastWrites:
                 store.next_free = out[0]
             store.current_committed = out[1]
             store.records += n
+            if out[8]:  # C filled areas and went on: the area now written holds the last records
+                store.current_area += out[8]
+                store._area = area = bytearray(store.chunk_bytes)
+                for i, (old, new) in enumerate(pairs[n - out[1] :]):
+                    _RECORD.pack_into(area, i * DISK_EXCEPTION_SIZE, old, new)
             if out[3] >= 0:
                 store._cow_route().note_flush(out[3] * 1e-9)
             if failed == DMS_PREFLUSH:  # (the records enter the area only after that flush)

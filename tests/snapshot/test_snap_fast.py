@@ -18,6 +18,7 @@ from dmtools.engine import Engine
 from snapshot import SnapshotManager
 from snapshot.route import c_library
 from snapshot.store import fast as fast_mod
+from snapshot.store.persistent import PersistentStore
 from snapshot.targets import core
 from snapshot.targets.core import origins_of
 
@@ -30,15 +31,16 @@ def _origin_bytes() -> bytes:
     return random.Random(3).randbytes(CHUNKS * CB)
 
 
-def _run(tmp: Path, c: bool, writes: list[tuple[int, bytes]], nsnaps: int = 1) -> list[Any]:
+def _run(tmp: Path, c: bool, writes: list[tuple[int, bytes]], nsnaps: int = 1, chunk: int = 8) -> list[Any]:
     """The origin file, then each snapshot's COW file, status and view after ``writes``
-    (``(offset, data)`` to the origin) with the whole first write in C on or off."""
+    (``(offset, data)`` to the origin) with the whole first write in C on or off (chunks of
+    ``chunk`` sectors)."""
     tmp.mkdir()
     with Engine() as eng:
         st = Stack(eng, tmp, _origin_bytes())
         names = [f"s{i}" for i in range(nsnaps)]
         for name in names:
-            st.add_snapshot(name, 2 * CHUNKS * CB)
+            st.add_snapshot(name, 2 * CHUNKS * CB, chunk=chunk)
         snaps = origins_of(eng).all_snapshots()
         for snap in snaps:
             snap._no_fast = not c
@@ -76,6 +78,28 @@ def test_c_writes_the_same_bytes_as_the_python_path(tmp_path: Path, monkeypatch:
     for i in range(nsnaps):
         assert with_c[2 + 3 * i] == _origin_bytes()  # the snapshot's view
     assert with_c == in_python
+
+
+def test_zeroing_ahead_after_the_first_is_made_in_c(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """8 KiB chunks: the store zeroes 128 chunks ahead at a time, four times per metadata area (512
+    records). The first zeroing is the Python path's (it learns whether the COW tells its holes);
+    C makes the next ones itself, before the copy, instead of declining the write to Python; the
+    origin, the COW, the status and the view are what the Python path makes of the same writes."""
+    calls: list[bool] = []
+    zero_ahead = PersistentStore._zero_ahead_locked
+
+    def counted(store: PersistentStore, first: int) -> None:
+        calls.append(True)
+        zero_ahead(store, first)
+
+    monkeypatch.setattr(PersistentStore, "_zero_ahead_locked", counted)
+    rng = random.Random(5)
+    writes = [(c * 2 * CB + 512, rng.randbytes(512)) for c in rng.sample(range(CHUNKS // 2), 290)]
+    with_c = _run(tmp_path / "c", True, writes, chunk=16)
+    assert len(calls) == 1  # (290 chunks allocated: zeroed ahead from chunks 3, 131 and 259)
+    in_python = _run(tmp_path / "py", False, writes, chunk=16)
+    assert len(calls) == 4
+    assert with_c[2] == _origin_bytes() and with_c == in_python
 
 
 def test_several_snapshots_are_copied_in_turn_in_c(engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
