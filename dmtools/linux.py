@@ -2,7 +2,7 @@
 
 ioctl requests (block devices, loop devices, device-mapper's poll), ``fallocate(2)`` modes, how a
 device number is spelt in a table, sysfs's block device attributes, the mount table, whether udevd
-runs, and the C library loaded once for the calls Python lacks.
+runs or a process has exited, and the C library loaded once for the calls Python lacks.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ __all__ = [
     "loop_names",
     "UDEV_CONTROL",
     "udev_running",
+    "process_gone",
     "libc",
 ]
 
@@ -189,6 +190,17 @@ def udev_running(path: str = UDEV_CONTROL) -> bool:
     finally:
         sock.close()
     return True
+
+
+def process_gone(pid: int) -> bool:
+    """True once process ``pid`` has exited: it is gone, or a zombie (``/proc/PID/stat``'s state
+    ``Z``: its parent, perhaps an init that reaps late, has not reaped it yet; its files are closed)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat.rpartition(b")")[2].split()[0] == b"Z"
 
 
 @functools.cache

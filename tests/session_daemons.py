@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from dmtools.testing.daemon import EXIT_BOUND, stop_daemon
-from dmtools.testing.wait import pid_gone, wait_until
+from dmtools.engine.client import EXIT_TIMEOUT
+from dmtools.testing.daemon import stop_daemon
+from dmtools.linux import process_gone
+from dmtools.testing.wait import wait_until
 
 #: the session's run directory's name starts with this (in ``$TMPDIR``)
 PREFIX = "dmtt-run-"
@@ -76,7 +78,7 @@ def daemons_under(roots: list[str]) -> dict[int, str]:
 
 def stop(pid: int, run_dir: str) -> list[str]:
     """Stop daemon ``pid`` of ``run_dir``: the ``shutdown`` verb with ``force``, or ``SIGTERM``
-    when it does not answer; wait until it is gone (``AssertionError`` past ``EXIT_BOUND``).
+    when it does not answer; wait until it is gone (``AssertionError`` past ``EXIT_TIMEOUT``).
     Returns the devices it still had."""
     from dmtools.engine.client import UserspaceClient
     from dmtools.errors import DMError
@@ -93,7 +95,7 @@ def stop(pid: int, run_dir: str) -> list[str]:
             return left
         except DMError:
             terminate(pid)
-    wait_until(lambda: pid_gone(pid), f"the daemon of {run_dir} (pid {pid}) to stop", EXIT_BOUND)
+    wait_until(lambda: process_gone(pid), f"the daemon of {run_dir} (pid {pid}) to stop", EXIT_TIMEOUT)
     return left
 
 

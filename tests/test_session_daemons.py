@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from dmtools.testing.wait import pid_gone
+from dmtools.linux import process_gone
 from dmtools.testing.daemon import stop_daemon
 from session_daemons import PREFIX, daemons_under, stop
 
@@ -115,10 +115,10 @@ def after_private_daemon() -> Iterator[dict[str, int]]:
     """Set up before ``private_daemon`` and torn down after it: its daemon is gone by then."""
     seen: dict[str, int] = {}
     yield seen
-    assert pid_gone(seen["pid"]), f"the private daemon (pid {seen['pid']}) still runs after its teardown"
+    assert process_gone(seen["pid"]), f"the private daemon (pid {seen['pid']}) still runs after its teardown"
 
 
 def test_the_private_daemon_is_gone_when_its_teardown_returns(after_private_daemon: dict[str, int],
                                                               private_daemon: Any) -> None:
     after_private_daemon["pid"] = private_daemon.ping()["pid"]
-    assert not pid_gone(after_private_daemon["pid"])
+    assert not process_gone(after_private_daemon["pid"])

@@ -57,23 +57,8 @@ def _daemon(args: argparse.Namespace) -> int:
                 print(f"running: pid {info['pid']}, {info['devices']} device(s), {exposed}, "
                       f"run directory {info['run_dir']}")
             return 0
-        pid = client.ping()["pid"]
-        client.shutdown(force=args.force)
+        pid = client.shutdown(force=args.force)
     finally:
         client.close()
-    _wait_gone(pid)
     print(f"stopped (pid {pid})")
     return 0
-
-
-def _wait_gone(pid: int, timeout: float = 30.0) -> None:
-    import os
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)

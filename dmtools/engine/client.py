@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from dmtools.backend import DeviceEntry, DeviceInfo, DeviceMapper, StatusLine, Versions
 from dmtools.engine import protocol, rundir
 from dmtools.errors import DaemonError, DMError
+from dmtools.linux import process_gone
 
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Iterator
@@ -29,6 +30,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: How long ``open_userspace`` waits for a daemon it started.
 START_TIMEOUT = 20.0
+#: How long ``UserspaceClient.shutdown`` waits for the daemon to exit: the daemon's own bound on
+#: its shutdown (``dmtools.engine.daemon.SHUTDOWN_LIMIT``, 30 s, then its watchdog exits), and more.
+EXIT_TIMEOUT = 40.0
 
 
 class UserspaceClient(DeviceMapper):
@@ -174,9 +178,20 @@ class UserspaceClient(DeviceMapper):
         result: dict[str, Any] = self.call("ping")
         return result
 
-    def shutdown(self, *, force: bool = False) -> None:
-        """Stop the daemon (``DeviceBusy`` while devices are open, unless ``force``)."""
+    def shutdown(self, *, force: bool = False, timeout: float = EXIT_TIMEOUT) -> int:
+        """Stop the daemon (``DeviceBusy`` while devices are open, unless ``force``) and return its
+        pid once it has exited: removed its devices and exposures and released the run directory,
+        so a daemon started next does not race it (the verb answers before that). ``DaemonError``
+        (ETIMEDOUT) when it has not exited within ``timeout`` seconds."""
+        pid: int = self.ping()["pid"]
         self.call("shutdown", force=force)
+        deadline = time.monotonic() + timeout
+        while not _exited(pid, rundir.pid_path(self.run_dir)):
+            if time.monotonic() >= deadline:
+                raise DaemonError(f"the dmtools daemon (pid {pid}) did not exit within {timeout:g} s of "
+                                  "its shutdown", errno=errno.ETIMEDOUT, operation="shutdown")
+            time.sleep(0.02)
+        return pid
 
     def events(self, *, timeout: float | None = None) -> "Iterator[Event]":
         """The daemon's device events as they happen, on a connection of their own.
@@ -199,6 +214,12 @@ class UserspaceClient(DeviceMapper):
 
     def __repr__(self) -> str:
         return f"UserspaceClient({self.socket_path!r})"
+
+
+def _exited(pid: int, pid_path: str) -> bool:
+    """The daemon of ``pid`` has exited; one serving on a thread of this process, once its pid file
+    is gone."""
+    return not os.path.exists(pid_path) if pid == os.getpid() else process_gone(pid)
 
 
 def _unpack(verb: str, reply: Any) -> Any:

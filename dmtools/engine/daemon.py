@@ -56,7 +56,7 @@ class Daemon:
     def __init__(self, run_dir: str | None = None, *, expose: bool | None = None) -> None:
         self.run_dir = os.path.abspath(run_dir or rundir.run_dir())
         self.socket_path = rundir.socket_path(self.run_dir)
-        self.pid_path = os.path.join(self.run_dir, "daemon.pid")
+        self.pid_path = rundir.pid_path(self.run_dir)
         self._expose = expose
         self._stop = threading.Event()
         self._lock_fd = -1

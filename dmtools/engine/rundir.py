@@ -50,6 +50,11 @@ def socket_path(directory: str | None = None) -> str:
     return os.path.join(directory or run_dir(), "control.sock")
 
 
+def pid_path(directory: str) -> str:
+    """The daemon's pid file, locked while it runs."""
+    return os.path.join(directory, "daemon.pid")
+
+
 #: ``sun_path``'s size in ``struct sockaddr_un``: a socket's path and its terminating NUL.
 SUN_PATH_SIZE = 108
 #: Where a process names its own descriptors: ``/proc/self/fd/N`` is the directory itself.

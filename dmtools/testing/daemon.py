@@ -7,8 +7,7 @@ import threading
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from dmtools.engine.daemon import SHUTDOWN_LIMIT, Daemon
-from dmtools.testing.wait import pid_gone, wait_until
+from dmtools.engine.daemon import Daemon
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.engine.client import UserspaceClient
@@ -17,8 +16,6 @@ __all__ = ["serving_daemon", "stop_daemon"]
 
 #: seconds a daemon may take to stop
 STOP_BOUND = 20.0
-#: seconds a daemon process may take to exit once asked: its own bound on a shutdown, then exiting
-EXIT_BOUND = SHUTDOWN_LIMIT + 10
 
 
 @contextmanager
@@ -43,13 +40,9 @@ def serving_daemon(run_dir: str, *, expose: bool | None = False,
 
 def stop_daemon(client: UserspaceClient, *, force: bool = True) -> None:
     """Shut down the daemon process ``client`` talks to (``force``: its devices go even while
-    open) and return once the process is gone; ``client`` is closed. The ``shutdown`` verb answers
-    before the daemon has removed its devices and exposures and exited: a test that returned then
-    would leave it winding down under the tests after it. ``AssertionError`` past ``EXIT_BOUND``
-    seconds."""
+    open) and return once the process is gone (``UserspaceClient.shutdown``): a test that returned
+    earlier would leave it winding down under the tests after it; ``client`` is closed."""
     try:
-        pid = client.ping()["pid"]
         client.shutdown(force=force)
     finally:
         client.close()
-    wait_until(lambda: pid_gone(pid), f"the daemon of {client.run_dir} (pid {pid}) to exit", EXIT_BOUND)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 
-__all__ = ["pid_gone", "wait_until"]
+__all__ = ["wait_until"]
 
 
 def wait_until(cond: Callable[[], object], what: str | Callable[[], str], timeout: float = 10.0,
@@ -18,12 +17,3 @@ def wait_until(cond: Callable[[], object], what: str | Callable[[], str], timeou
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for: {what() if callable(what) else what}")
         time.sleep(interval)
-
-
-def pid_gone(pid: int) -> bool:
-    """True once process ``pid`` no longer exists (reaped, or not our child and exited)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False

@@ -29,7 +29,8 @@ from dmtools.engine.client import open_userspace
 from dmtools.engine.expose import abort_fuse, clear_stale, mounted_at
 from dmtools.engine.basic_targets import ZeroTarget
 from dmtools.errors import DeviceIOError
-from dmtools.testing.wait import pid_gone, wait_until
+from dmtools.linux import process_gone
+from dmtools.testing.wait import wait_until
 
 MiB = 1 << 20
 #: Bound on the daemon's exit after SIGTERM (it takes about 2-3 s here).
@@ -123,7 +124,7 @@ def test_sigterm_fails_the_held_write_and_exits_cleanly(run_dir: str, make_image
 
         started = time.monotonic()
         os.kill(pid, signal.SIGTERM)
-        while not pid_gone(pid):
+        while not process_gone(pid):
             assert time.monotonic() - started < EXIT_WITHIN, "the daemon ignored SIGTERM"
             time.sleep(0.05)
         assert writer.line(10) == b"errno 5\n"  # EIO
@@ -135,7 +136,7 @@ def test_sigterm_fails_the_held_write_and_exits_cleanly(run_dir: str, make_image
         wait_until(lambda: not _loops_under(run_dir), lambda: f"loop devices left: {_loops_under(run_dir)}")
     finally:
         client.close()
-        if not pid_gone(pid):
+        if not process_gone(pid):
             _fuse_abort(run_dir)
             os.kill(pid, signal.SIGKILL)
         if writer is not None:

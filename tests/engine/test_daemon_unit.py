@@ -105,6 +105,36 @@ def test_shutdown_refused_while_open(daemon, client):
         client.list()
 
 
+def test_shutdown_returns_once_the_daemon_has_finished(daemon, client):
+    """The verb answers before the daemon has removed its devices and released its pid lock: the
+    call waits for that (here, a daemon on a thread of this process: until its pid file is gone)."""
+    client.create("a", "0 8 zero")
+    engine = daemon.engine
+    assert client.shutdown() == os.getpid()
+    assert not os.path.exists(daemon.pid_path)
+    assert engine.list() == [] and daemon.engine is None
+    after = Daemon(daemon.run_dir, expose=False)
+    after.start()  # the run directory is free at once
+    after.shutdown()
+
+
+def test_shutdown_that_does_not_finish_is_an_error(daemon, client):
+    import errno
+    import threading
+
+    gate = threading.Event()
+    close = daemon.engine.close
+    daemon.engine.close = lambda: (gate.wait(30), close())
+    try:
+        with pytest.raises(DaemonError, match=r"did not exit within 0.2 s") as info:
+            client.shutdown(timeout=0.2)
+        assert info.value.errno == errno.ETIMEDOUT
+        assert os.path.exists(daemon.pid_path)  # still held: the daemon is stuck in its shutdown
+    finally:
+        gate.set()
+    wait_until(lambda: not os.path.exists(daemon.pid_path), "the daemon to finish")
+
+
 def test_socket_is_private(daemon):
     mode = os.stat(daemon.socket_path).st_mode & 0o777
     assert mode == 0o600

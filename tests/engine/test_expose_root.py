@@ -24,7 +24,8 @@ from dmtools.engine.client import open_userspace
 from dmtools.engine.expose import FUSE_THREADS, mounted_at
 from dmtools.errors import DeviceBusy, DeviceExists
 from dmtools.testing.threads import run_together
-from dmtools.testing.wait import pid_gone, wait_until
+from dmtools.linux import process_gone
+from dmtools.testing.wait import wait_until
 
 pytestmark = pytest.mark.root
 
@@ -198,7 +199,7 @@ def test_daemon_killed_is_restarted_cleanly(run_dir, make_image):
     finally:
         client.close()
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: pid_gone(pid), f"pid {pid} to exit")
+    wait_until(lambda: process_gone(pid), f"pid {pid} to exit")
     assert _loops_under(run_dir)  # the killed daemon left its loop device behind
     client = open_userspace(run_dir)
     try:
@@ -212,8 +213,28 @@ def test_daemon_killed_is_restarted_cleanly(run_dir, make_image):
         client.shutdown()
     finally:
         client.close()
-    _wait_socket_gone(run_dir)
     assert not mounted_at(os.path.join(run_dir, "fuse"))
+
+
+def test_shutdown_returns_once_the_daemon_process_is_gone(run_dir, make_image):
+    """The verb answers before the daemon has removed its devices and exposures and exited; the
+    call waits for its exit, so a daemon started at once does not race it."""
+    img = make_image(MiB)
+    client = open_userspace(run_dir)
+    try:
+        client.create("s-dmtt", f"0 2048 linear {img} 0")
+        pid = client.shutdown()
+    finally:
+        client.close()
+    assert process_gone(pid)
+    assert _loops_under(run_dir) == [] and not mounted_at(os.path.join(run_dir, "fuse"))
+    assert not os.path.exists(os.path.join(run_dir, "daemon.pid"))
+    client = open_userspace(run_dir)
+    try:
+        assert client.ping()["pid"] != pid and client.list() == []
+        assert process_gone(client.shutdown())
+    finally:
+        client.close()
 
 
 def test_two_clients_racing_on_one_name(run_dir):
@@ -236,7 +257,6 @@ def test_two_clients_racing_on_one_name(run_dir):
     finally:
         first.close()
         second.close()
-    _wait_socket_gone(run_dir)
 
 
 def test_client_crash_mid_call_leaves_daemon_serving(run_dir):
@@ -262,11 +282,6 @@ def test_client_crash_mid_call_leaves_daemon_serving(run_dir):
         client.shutdown()
     finally:
         client.close()
-    _wait_socket_gone(run_dir)
-
-
-def _wait_socket_gone(run_dir: str) -> None:
-    wait_until(lambda: not os.path.exists(os.path.join(run_dir, "daemon.pid")), "the daemon to stop", 20)
 
 
 def test_daemon_clears_exposures_of_a_killed_in_process_engine(run_dir, make_image):
@@ -297,7 +312,6 @@ def test_daemon_clears_exposures_of_a_killed_in_process_engine(run_dir, make_ima
         client.shutdown()
     finally:
         client.close()
-    _wait_socket_gone(run_dir)
 
 
 def test_readonly_table_makes_the_block_device_read_only(exposed_engine, make_image, dm_name):
