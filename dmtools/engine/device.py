@@ -284,23 +284,12 @@ class Device:
         finally:
             self._leave()
 
-    def run_unheld(self, offset: int, held: _T, fn: Callable[..., _T], *args: Any) -> _T:
-        """:meth:`run`, except that while the device is suspended it returns ``held`` at once
-        (``fn`` not called) instead of waiting: for a caller already inside another device's gate,
-        which must not hold that one while it waits for this one."""
-        table = self.enter_unheld(offset)
-        if table is HELD:
-            return held
-        try:
-            return fn(table, *args)
-        finally:
-            self._leave()
-
     def enter_unheld(self, offset: int) -> LoadedTable | None:
-        """The first half of :meth:`run_unheld` for a caller that nests gates without callbacks:
-        count an I/O in flight and return the live table (``None`` without one), or ``HELD`` at
-        once (nothing counted) while the device is suspended; raises as :meth:`run` does. Every
-        answer but ``HELD`` must be followed by one :meth:`leave`."""
+        """:meth:`run`'s gate without its callback and without its wait, for a caller already inside
+        another device's gate, which must not hold that one while it waits for this one: count an
+        I/O in flight and return the live table (``None`` without one), or ``HELD`` at once (nothing
+        counted) while the device is suspended; raises as :meth:`run` does. Every answer but
+        ``HELD`` must be followed by one :meth:`leave`."""
         if offset < 0:
             raise InvalidArgument(f"negative offset {offset}", operation="io", device=self.name)
         with self._gate_lock:

@@ -1,4 +1,4 @@
-"""``Device.run`` and ``Device.run_unheld``: a caller's own I/O inside a device's suspend gate, on
+"""``Device.run`` and ``Device.enter_unheld``: a caller's own I/O inside a device's suspend gate, on
 its live table (the way ``snapshot.route`` writes the file under a device)."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from dmtools.engine import Engine
 from dmtools.errors import DeviceIOError, InvalidArgument
 
 WAIT = 30.0
-HELD = object()
 
 
 def _device(engine: Engine, tmp_path: Path, name: str = "r") -> tuple[Any, Path]:
@@ -95,28 +94,16 @@ def test_run_follows_a_reload(engine: Engine, tmp_path: Path) -> None:
     assert str(img) in before[0]
 
 
-def test_run_unheld_returns_held_while_suspended(engine: Engine, tmp_path: Path) -> None:
-    dev, _ = _device(engine, tmp_path)
-    calls: list[Any] = []
-    assert dev.run_unheld(0, HELD, lambda table: calls.append(table) or 7) == 7
-    engine.suspend("r")
-    assert dev.run_unheld(0, HELD, lambda table: calls.append(table) or 7) is HELD
-    assert len(calls) == 1 and dev._inflight == 0
-    engine.resume("r")
-    assert dev.run_unheld(0, HELD, lambda table: 8) == 8
-
-
 def test_run_on_a_removed_device_raises_enxio(engine: Engine, tmp_path: Path) -> None:
     dev, _ = _device(engine, tmp_path)
     engine.remove("r")
-    for call in (lambda: dev.run(0, lambda t: None), lambda: dev.run_unheld(0, HELD, lambda t: None)):
-        with pytest.raises(DeviceIOError) as info:
-            call()
-        assert info.value.errno == errno.ENXIO
+    with pytest.raises(DeviceIOError) as info:
+        dev.run(0, lambda t: None)
+    assert info.value.errno == errno.ENXIO
 
 
 def test_enter_unheld_counts_in_until_leave_and_answers_held_while_suspended(engine: Engine, tmp_path: Path) -> None:
-    from dmtools.engine.device import HELD as DEVICE_HELD
+    from dmtools.engine.device import HELD
 
     dev, img = _device(engine, tmp_path)
     table = dev.enter_unheld(512)
@@ -126,7 +113,7 @@ def test_enter_unheld_counts_in_until_leave_and_answers_held_while_suspended(eng
     assert not suspended.wait(0.3), "the suspend did not wait for the entered I/O"
     dev.leave()
     assert suspended.wait(WAIT) and dev.suspended and dev._inflight == 0
-    assert dev.enter_unheld(0) is DEVICE_HELD and dev._inflight == 0  # nothing counted: no leave
+    assert dev.enter_unheld(0) is HELD and dev._inflight == 0  # nothing counted: no leave
     with pytest.raises(InvalidArgument):
         dev.enter_unheld(-1)
     engine.resume("r")
