@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dmtools.errors import CorruptMetadata, DMError
+from dmtools.errors import DMError
 
 from . import btree
 from .btree import DETAILS, INDEX, U32, U64, Node, ValueType
@@ -54,11 +54,7 @@ class CheckReport:
         return not self.errors
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "ok": self.ok, "errors": self.errors, "leaks": self.leaks,
-                "warnings": self.warnings,
-                "transaction_id": self.transaction_id, "devices": self.devices, "mappings": self.mappings,
-                "metadata_blocks": self.metadata_blocks, "metadata_free": self.metadata_free,
-                "data_blocks": self.data_blocks, "data_free": self.data_free, "needs_check": self.needs_check}
+        return {**asdict(self), "ok": self.ok}
 
 
 class _Counts:
