@@ -25,7 +25,7 @@ from snapshot.route import DMS_AREA, DMS_COPY, DMS_FUA, DMS_PREFLUSH, NOT_DONE, 
 from snapshot.store.base import CommitCallback, ExceptionStore, Usage
 from snapshot.store.format import (DISK_EXCEPTION_SIZE, DM_CHUNK_SIZE_DEFAULT_SECTORS, NUM_SNAPSHOT_HDR_CHUNKS,
                                    SECTOR, SNAP_MAGIC, SNAPSHOT_DISK_VERSION, DiskHeader, area_location,
-                                   chunk_size_error, exceptions_per_area, skip_metadata)
+                                   chunk_size_error, skip_metadata)
 from snapshot.store.table import FLOAT_EXACT, ExceptionTable
 
 log = logging.getLogger(__name__)

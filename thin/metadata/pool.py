@@ -27,7 +27,7 @@ from dmtools.closing import Closing
 from dmtools.errors import CorruptMetadata, DeviceBusy, DeviceExists, DeviceIOError, DeviceNotFound, InvalidArgument
 
 from . import btree
-from .btree import DETAILS, U64, ValueType
+from .btree import DETAILS, ValueType
 from .ondisk import (BLOCK_SECTORS, MAX_DATA_BLOCK, MAX_DATA_BLOCK_SECTORS, MAX_DEV_ID, MAX_METADATA_SECTORS,
                      METADATA_VERSION, MIN_DATA_BLOCK_SECTORS, NEEDS_CHECK_FLAG, TIME_MASK, DeviceDetails,
                      SpaceMapRoot, Superblock)
