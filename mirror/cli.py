@@ -69,13 +69,11 @@ class _Progress:
 def _failed(args: argparse.Namespace, err: Any) -> int:
     """A resync/repair/rebuild whose copies failed: the one-line error on stderr, and with ``--json``
     the failed regions and legs on stdout; exit status 1."""
-    import json
     import sys
 
     from dmtools.cli.common import one_line
 
-    if getattr(args, "json", False):
-        print(json.dumps(err.to_dict(), indent=2, sort_keys=True))
+    emit(args, err.to_dict(), "")
     print(f"dmtools: {one_line(err)}", file=sys.stderr)
     return 1
 

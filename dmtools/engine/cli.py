@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
-import sys
 from typing import Any
 
+from dmtools.cli.common import emit
 from dmtools.errors import DaemonError
 
 #: The one line ``dmtools --help`` shows for this command (read without building its parser).
@@ -49,14 +48,9 @@ def _daemon(args: argparse.Namespace) -> int:
     try:
         if args.action == "status":
             info = client.ping()
-            if getattr(args, "json", False):
-                json.dump(info, sys.stdout)
-                print()
-            else:
-                exposed = "exposed through FUSE + loop" if info["exposed"] else "not exposed"
-                print(f"running: pid {info['pid']}, {info['devices']} device(s), {exposed}, "
-                      f"run directory {info['run_dir']}")
-            return 0
+            exposed = "exposed through FUSE + loop" if info["exposed"] else "not exposed"
+            return emit(args, info, f"running: pid {info['pid']}, {info['devices']} device(s), {exposed}, "
+                                    f"run directory {info['run_dir']}")
         pid = client.shutdown(force=args.force)
     finally:
         client.close()

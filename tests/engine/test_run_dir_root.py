@@ -10,6 +10,7 @@ own, root's daemon replaces planted links instead of following them, and its log
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from dmtools.engine import rundir
 from dmtools.engine.client import UserspaceClient, open_userspace, start_daemon
 from dmtools.engine.daemon import Daemon
 from dmtools.errors import DaemonError, DMError
+from dmtools.linux import process_gone
 from dmtools.testing.daemon import stop_daemon
 
 pytestmark = pytest.mark.root
@@ -267,7 +269,9 @@ def test_a_run_directory_longer_than_sun_path_works_end_to_end(long_run: Path, t
     cli("dm", "remove", dm_name)
     assert dm_name not in cli("dm", "ls")
     assert not os.path.lexists(link)
-    capsys.readouterr()
-    assert cli_main.main(["daemon", "stop"], propagate=False) == 0
+    status = json.loads(cli("--json", "daemon", "status"))
+    assert (status["run_dir"], status["devices"], status["exposed"]) == (str(long_run), 0, True)
+    assert cli("daemon", "stop") == f"stopped (pid {status['pid']})\n"
+    assert process_gone(status["pid"])  # stop returns once the daemon has exited
     assert not os.path.lexists(long_run / "control.sock")
     assert not [n for n in os.listdir(long_run) if n.endswith(".tmp")]
