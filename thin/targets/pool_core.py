@@ -28,7 +28,7 @@ import errno
 import logging
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 import kcopyd
 from dmtools.errors import CorruptMetadata, DeviceBusy, DeviceIOError, DMError, InvalidTable, NoSpace, PoolNotWritable
@@ -249,14 +249,15 @@ class Pool:
             try:
                 return fn(self.md)
             except (DeviceIOError, OSError, DMError) as err:
-                if not _metadata_fault(err):
-                    raise
-                raise self._failed(op, err) from err
+                self._fault(op, err)
 
-    def _failed(self, op: str, err: BaseException) -> DeviceIOError:
-        """:meth:`metadata_failed`, and the EIO a caller raises for it."""
+    def _fault(self, op: str, err: BaseException) -> NoReturn:
+        """:meth:`run`'s rule for ``err``, an error of metadata call ``op``: a failure of the
+        metadata itself goes through :meth:`metadata_failed` and raises EIO; a refusal raises as it is."""
+        if not _metadata_fault(err):
+            raise err
         self.metadata_failed(op, err)
-        return _eio(f"metadata operation '{op}' failed: {err}", self.name)
+        raise _eio(f"metadata operation '{op}' failed: {err}", self.name) from err
 
     # -- modes ---------------------------------------------------------------------------------
     def event(self) -> None:
@@ -519,12 +520,10 @@ class Pool:
         try:
             return md.alloc_data_block()
         except (DeviceIOError, OSError, DMError) as err:  # run()'s rules, inline
-            if _metadata_fault(err):
-                raise self._failed("dm_pool_alloc_data_block", err) from err
-            if isinstance(err, NoSpace):  # every free block was freed in this very transaction
-                self.set_mode(Mode.OUT_OF_DATA_SPACE)
-                return None
-            raise
+            if _metadata_fault(err) or not isinstance(err, NoSpace):
+                self._fault("dm_pool_alloc_data_block", err)
+            self.set_mode(Mode.OUT_OF_DATA_SPACE)  # every free block was freed in this very transaction
+            return None
 
     def try_alloc_many(self, n: int) -> list[int]:
         """Up to ``n`` new data blocks for a run of whole-block writes, as many as the pool gives
@@ -568,9 +567,7 @@ class Pool:
         try:
             return md.alloc_data_blocks(k)
         except (DeviceIOError, OSError, DMError) as err:  # run()'s rules, inline
-            if not _metadata_fault(err):
-                raise
-            raise self._failed("dm_pool_alloc_data_block", err) from err
+            self._fault("dm_pool_alloc_data_block", err)
 
     def alloc_unmapped(self, dev_id: int, begin: int, end: int) -> tuple[Sequence[int], int] | None:
         """For whole-block writes of ``[begin, end)``, their cells held, in one hold of the lock:
@@ -584,9 +581,7 @@ class Pool:
                 if not self.md.unmapped(dev_id, begin, end):
                     return None
             except (DeviceIOError, OSError, DMError) as err:
-                if not _metadata_fault(err):
-                    raise
-                raise self._failed("dm_thin_find_mapped_range", err) from err
+                self._fault("dm_thin_find_mapped_range", err)
             return self._alloc_up_to(end - begin), self.aborts
 
     def release_block(self, block: int, aborts: int) -> None:
@@ -619,9 +614,7 @@ class Pool:
         try:
             return self.md.find(dev_id, vblock)
         except (DeviceIOError, OSError, DMError) as err:
-            if not _metadata_fault(err):
-                raise
-            raise self._failed("dm_thin_find_block", err) from err
+            self._fault("dm_thin_find_block", err)
 
     def begin_io(self, dev_id: int, vblock: int, write: bool) -> tuple[int, int | None, int | None, int, Any]:
         """``thin_bio_map`` for one block's I/O: the lookup under its cell, in one hold of the
@@ -656,9 +649,7 @@ class Pool:
             try:
                 found = self.md.find(dev_id, vblock)
             except (DeviceIOError, OSError, DMError) as err:
-                if not _metadata_fault(err):
-                    raise
-                raise self._failed("dm_thin_find_block", err) from err
+                self._fault("dm_thin_find_block", err)
             block = found[0] if found is not None and (not write or not found[1]) else None
             route = prison.enter_unless_held(key, block, write)
             if route is not HELD:
@@ -769,9 +760,7 @@ class Pool:
                     self._quota = 0  # it takes its metadata blocks now
                     md.insert_many(state.dev_id, pairs)
             except (DeviceIOError, OSError, DMError) as err:
-                if not _metadata_fault(err):
-                    raise
-                raise self._failed("dm_thin_insert_block", err) from err
+                self._fault("dm_thin_insert_block", err)
             state.changed = True
             self.mapped += 1
             if one is not None:  # the prison knows it from now on (mapped at the current time: not shared)
