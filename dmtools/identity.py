@@ -65,13 +65,8 @@ class Extent:
 
     def overlaps(self, other: "Extent") -> bool:
         """True when both ranges are on one base and share at least one byte."""
-        if self.base != other.base:
-            return False
-        if self.end is not None and self.end <= other.start:
-            return False
-        if other.end is not None and other.end <= self.start:
-            return False
-        return True
+        return (self.base == other.base and (self.end is None or other.start < self.end)
+                and (other.end is None or self.start < other.end))
 
 
 # --- the mapping from a device's bytes to its extents ---------------------------------------------
@@ -117,11 +112,8 @@ _Node = Union[_Leaf, _Window, _Striped, _Opaque, _Table]
 
 
 def _min_end(a: int | None, b: int | None) -> int | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return min(a, b)
+    """The nearer of two ends (``None``: no end)."""
+    return b if a is None else a if b is None else min(a, b)
 
 
 def _extents(node: _Node, start: int, end: int | None) -> set[Extent]:
