@@ -226,15 +226,11 @@ class DiskDirtyLog(CoreDirtyLog):
             buf = bytearray(self.io_bytes)
         else:
             head = LogHeader.unpack(buf)
-            version = head.version
-            if self.sync is not SyncMode.DEFAULT or head.magic != MIRROR_MAGIC:
-                version = MIRROR_DISK_VERSION
-            elif version == 1:
-                version = MIRROR_DISK_VERSION
-            if version != MIRROR_DISK_VERSION:
-                self._fail_device(InvalidArgument(f"incompatible disk log version {head.version}"))
-            elif self.sync is SyncMode.DEFAULT and head.magic == MIRROR_MAGIC:
-                nr = head.nr_regions
+            if self.sync is SyncMode.DEFAULT and head.magic == MIRROR_MAGIC:  # not a new log
+                if head.version in (1, MIRROR_DISK_VERSION):  # version 1 is written as the current one
+                    nr = head.nr_regions
+                else:
+                    self._fail_device(InvalidArgument(f"incompatible disk log version {head.version}"))
         clean = Bitmap(self.region_count, data=memoryview(buf)[BITMAP_OFFSET:])
         self.image = LogImage(LogHeader(MIRROR_MAGIC, MIRROR_DISK_VERSION, nr), clean, buf, self.lbs)
         self.image.resize(self.region_count, SyncMode.NOSYNC if self.sync is SyncMode.NOSYNC else SyncMode.DEFAULT)

@@ -97,11 +97,15 @@ def test_grown_regions_out_of_sync_shrunk_bits_cleared() -> None:
     assert ep.data[1024 + 8] == 0x3F and ep.data[1024 + 9 : 1024 + 16] == bytes(7)
 
 
-def test_bad_magic_counts_as_new_log_and_version_1_is_accepted() -> None:
+def test_bad_magic_counts_as_new_log_version_1_is_accepted_and_an_unknown_one_fails() -> None:
     ep = MemoryEndpoint(4096, "log")
     format_log(ep, 100, in_sync=True)
     ep.data[4:8] = struct.pack("<I", 1)
     assert _disk(ep).get_sync_count() == 100
+    ep.data[4:8] = struct.pack("<I", 3)  # a version this code does not know: the log fails
+    lg = _disk(ep)
+    assert lg.get_sync_count() == 0 and lg.status_info() == "3 disk 7:1 D"
+    format_log(ep, 100, in_sync=True)
     ep.data[0:4] = b"XXXX"
     assert _disk(ep).get_sync_count() == 0
     assert ep.data[0:4] == bytes([0x72, 0x52, 0x69, 0x4D])
