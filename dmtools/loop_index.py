@@ -79,11 +79,6 @@ class LoopIndex:
             self._current()
             return list(self._by_path.get(real, ()))
 
-    def invalidate(self) -> None:
-        """Forget the index (the next lookup reads every loop device)."""
-        with self._lock:
-            self._entries = None
-
     # --- internals ----------------------------------------------------------------------------
     def _current(self) -> None:
         if self._pid != os.getpid():  # a forked child shares the parent's socket queue: its own
