@@ -62,8 +62,6 @@ LO_FLAGS_DIRECT_IO = 16
 #: lo_number, lo_encrypt_type, lo_encrypt_key_size, lo_flags (__u32); lo_file_name[64],
 #: lo_crypt_name[64], lo_encrypt_key[32] (__u8); lo_init[2] (__u64). 232 bytes, no padding.
 INFO64 = struct.Struct("=5Q4I64s64s32s2Q")
-#: struct loop_config: fd, block_size (__u32); struct loop_info64 info; __reserved[8] (__u64).
-CONFIG = struct.Struct("=2I" + INFO64.format.lstrip("=") + "8Q")
 
 #: How many free devices an attach tries before giving up when others keep taking them.
 ATTACH_ATTEMPTS = 64
@@ -107,7 +105,8 @@ def unpack_info64(data: bytes | bytearray) -> LoopStatus:
 
 
 def pack_config(fd: int, info64: bytes, *, block_size: int = 0) -> bytes:
-    """Pack a ``struct loop_config`` around a packed ``loop_info64`` (``block_size`` 0 = default)."""
+    """Pack a ``struct loop_config`` around a packed ``loop_info64`` (``block_size`` 0 = default):
+    fd, block_size (__u32); struct loop_info64 info; __reserved[8] (__u64)."""
     if len(info64) != INFO64.size:
         raise InvalidArgument(f"loop_info64 is {INFO64.size} bytes, got {len(info64)}")
     return struct.pack("=2I", fd, block_size) + info64 + bytes(8 * 8)
