@@ -408,14 +408,18 @@ class _Connection:
 
     def stop_pump(self) -> None:
         """Stop the pump thread (its queued reads fail) and wait for it, unless called from it."""
+        t = self.tell_pump_to_stop()
+        if t is not None and t is not threading.current_thread():
+            t.join()
+
+    def tell_pump_to_stop(self) -> threading.Thread | None:
+        """Ask the pump thread to stop, without waiting for it; return it (``None``: none runs)."""
         with self.lock:
             t = self.pump
             self._stopping = True
-        if t is None:
-            return
-        self._wake()
-        if t is not threading.current_thread():
-            t.join()
+        if t is not None:
+            self._wake()
+        return t
 
     def wait(self, req: _Request) -> int:
         """Wait for ``req``, driving the connection when no other thread does; return its errno.
@@ -930,6 +934,11 @@ class NbdEndpoint(Endpoint):
             self.flush()
         finally:
             self._closed = True
+            # Every pump is told to stop before any is waited for: they wind down together, not
+            # one after the other (each stop is a wake-up and a thread switch).
+            for c in self._conns:
+                c.kill(errno.ESHUTDOWN)
+                c.tell_pump_to_stop()
             for c in self._conns:
                 c.close()
             self._conns = []

@@ -275,6 +275,34 @@ def test_stream_read_runs_completions_on_one_pump_per_connection(start_nbdkit: C
     assert not [t for t in threading.enumerate() if t.name.startswith("nbd-pump")]
 
 
+def test_close_tells_every_pump_to_stop_before_waiting_for_one(start_nbdkit: Callable[..., NbdServer],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """close(): the pumps of all connections are told to stop first, then waited for, so they
+    wind down together; the reads still in flight fail with ESHUTDOWN and no pump is left."""
+    srv = start_nbdkit(["memory", "8M", "rdelay=200ms"], filters=["delay"])
+    ep = NbdEndpoint(srv.uri)
+    errs: list[int] = []
+    try:
+        for i in range(ep.connections):  # each on the least busy connection: one per connection
+            ep.stream_read([(bytearray(4096), i * 4096)], errs.append)
+        pumps = [c for c in ep._conns if c.pump is not None]
+        assert len(pumps) == ep.connections > 1
+        told_at_first_join: list[list[bool]] = []
+        join = threading.Thread.join
+
+        def spy(self: threading.Thread, timeout: float | None = None) -> None:
+            if self.name.startswith("nbd-pump") and not told_at_first_join:
+                told_at_first_join.append([c._stopping for c in pumps])
+            join(self, timeout)
+
+        monkeypatch.setattr(threading.Thread, "join", spy)
+    finally:
+        ep.close()
+    assert told_at_first_join == [[True] * len(pumps)]
+    assert sorted(errs) == [errno.ESHUTDOWN] * len(pumps)
+    assert not [t for t in threading.enumerate() if t.name.startswith("nbd-pump")]
+
+
 def test_stream_read_error_is_the_servers_errno(start_nbdkit: Callable[..., NbdServer]) -> None:
     """A batch with failing reads: done runs once, with the server's errno."""
     srv = start_nbdkit(["memory", "1M", "error-pread-rate=100%", "error=ENOSPC"], filters=["error"])
