@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import errno
 import os
-import queue
 import stat
 import threading
+from _queue import SimpleQueue  # queue.SimpleQueue itself: queue.py would bring heapq, 0.4 ms of start-up
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import InvalidArgument
@@ -178,8 +178,8 @@ class Client(InlineJobs):
         self._closed = False
         self._destroyed = False
         self._backends: list[Any] | None = None  # live backends, found for the first job given paths
-        self._tasks: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
-        self._callbacks: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._tasks: SimpleQueue[_Task | None] = SimpleQueue()
+        self._callbacks: SimpleQueue[Job | None] = SimpleQueue()
         self._workers = [
             threading.Thread(target=self._worker, name=f"kcopyd-io-{i}", daemon=True)
             for i in range(threads)

@@ -15,10 +15,11 @@ from dmtools.testing.probes import NO_HOST_DEVICES
 #: kernel's backend and cffi binding (no kernel table maps a file without a loop over it), udev,
 #: libnbd (loaded when a URI is named), the daemon's client (none runs), fractions/decimal,
 #: dataclasses and the inspect it imports (dmtools.record instead: a quarter of the start-up), and
-#: typing (imported for type checkers only: 12 M instructions, see dmtools.lazy).
+#: typing (imported for type checkers only: 12 M instructions, see dmtools.lazy), and queue.py
+#: with heapq (the client's queues are its C SimpleQueue: 0.4 ms).
 NOT_LOADED = ("snapshot", "mirror", "thin", "cffi", "_cffi_backend", "pyudev", "dmtools._ffi", "nbd",
               "dmtools.kernel", "dmtools.backend", "dmtools.nbd.endpoint", "dmtools.engine.client",
-              "fractions", "decimal", "dataclasses", "inspect", "typing")
+              "fractions", "decimal", "dataclasses", "inspect", "typing", "queue", "heapq")
 
 PROBE = """
 import json, sys
