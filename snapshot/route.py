@@ -354,13 +354,13 @@ def first_write(state: Any, origin: Route, cow: Route, chunk: int, cb: int,
     :func:`copy_commit`. Returns ``NOT_DONE`` (nothing done) unless all of it is one system call
     per I/O on routed files (as :func:`copy_commit` requires) and no device is suspended; else
     ``dms_snap_write``'s answer (``DMS_OFF``: nothing done either)."""
-    fn = _c_snap_write if _c_snap_write is not None else _c_snap_function()
-    if not fn or cb >= DIRECT_MIN or "readinto" in origin._own or _OS_CALLS != (os.preadv, os.pwrite, os.fdatasync):
-        return NOT_DONE
+    fn = _c_snap_write or _c_snap_function()
     own = cow._own
-    odev = origin._device
-    if "write" in own or "flush" in own or "write_durable" in own:
+    if not fn or cb >= DIRECT_MIN or "readinto" in origin._own or "write" in own or "flush" in own \
+            or "write_durable" in own or os.pwrite is not _OS_CALLS[1] or os.preadv is not _OS_CALLS[0] \
+            or os.fdatasync is not _OS_CALLS[2]:
         return NOT_DONE
+    odev = origin._device
     if write is not None:
         route, data, offset = write
         if route._device is not odev or len(data) >= DIRECT_MIN or "write" in route._own:
@@ -392,7 +392,7 @@ def first_write(state: Any, origin: Route, cow: Route, chunk: int, cb: int,
             cow._learn(ctable)
         if cow._wfd < 0:
             return NOT_DONE
-        return int(fn(state, chunk, fd, origin._base + src, cow._wfd, cow._base, cow._size, wfd, wbuf, wlen, woff))
+        return fn(state, chunk, fd, origin._base + src, cow._wfd, cow._base, cow._size, wfd, wbuf, wlen, woff)  # type: ignore[no-any-return]
     finally:
         if cdev is not None and ctable is not HELD:
             cdev.leave()

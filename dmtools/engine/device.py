@@ -258,19 +258,27 @@ class Device:
         """Count an I/O in flight and return the live table; waits while suspended."""
         if offset < 0:
             raise InvalidArgument(f"negative offset {offset}", operation="io", device=self.name)
-        with self._gate_lock:
+        lock = self._gate_lock  # (acquire and release: half the cost of a with statement)
+        lock.acquire()
+        try:
             while self.suspended and not self.removed:
                 self._gate.wait()
             if self.removed:
                 raise DeviceIOError("device was removed", errno=errno.ENXIO, device=self.name)
             self._inflight += 1
             return self.live
+        finally:
+            lock.release()
 
     def _leave(self) -> None:
-        with self._gate_lock:
+        lock = self._gate_lock
+        lock.acquire()
+        try:
             self._inflight -= 1
             if self._inflight == 0 and self.suspended:
                 self._gate.notify_all()  # block_io waits for the last one (nobody else does)
+        finally:
+            lock.release()
 
     def run(self, offset: int, fn: Callable[..., _T], *args: Any) -> _T:
         """``fn(table, *args)`` inside the suspend gate on the live table (``None`` without one), as
@@ -292,13 +300,17 @@ class Device:
         ``HELD`` must be followed by one :meth:`leave`."""
         if offset < 0:
             raise InvalidArgument(f"negative offset {offset}", operation="io", device=self.name)
-        with self._gate_lock:
+        lock = self._gate_lock
+        lock.acquire()
+        try:
             if self.removed:
                 raise DeviceIOError("device was removed", errno=errno.ENXIO, device=self.name)
             if self.suspended:
                 return HELD  # type: ignore[no-any-return]
             self._inflight += 1
             return self.live
+        finally:
+            lock.release()
 
     #: the second half of :meth:`enter_unheld`: count the I/O out.
     leave = _leave

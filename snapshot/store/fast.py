@@ -48,10 +48,13 @@ MAX_CHUNKS = 1 << 28
 class FastWrites:
     """The C state of one snapshot over ``store``, its origin ``nchunks`` chunks long."""
 
-    __slots__ = ("ffi", "lib", "state", "store", "armed", "failed_records", "_out", "_out_c", "_area_c", "_zeroed")
+    __slots__ = ("ffi", "lib", "state", "store", "chunk_bytes", "armed", "failed_records", "_out", "_out_c",
+                 "_area_c", "_zeroed")
 
     def __init__(self, ffi: Any, lib: Any, state: Any, store: PersistentStore) -> None:
         self.ffi, self.lib, self.state, self.store = ffi, lib, state, store
+        #: the store's chunk size in bytes (a store's chunk size never changes)
+        self.chunk_bytes: int = store.chunk_bytes
         #: C may be armed (changed under the snapshot's lock); False: every fence is a no-op.
         self.armed = False
         #: how many of the exceptions the last fence handed over were those of a write whose

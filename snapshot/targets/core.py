@@ -593,12 +593,15 @@ class CopyOnWrite:
         then takes the general path); else 0 (nothing to copy: the chunk has its exception, or
         the snapshot takes none), 1 (copied and committed, or the snapshot invalid: the caller
         writes) or 2 (``write`` made too)."""
-        if offset >= self.length_bytes:
+        size = self.length_bytes
+        if offset >= size:
             return 0
-        last = min(offset + length, self.length_bytes) - 1
+        last = offset + length - 1 if offset + length <= size else size - 1
         fast = self._fast
-        if c == 2 and fast is not None and fast.armed and last // (cb := self.store.chunk_size * SECTOR) == offset // cb:
-            done = self._write_c(fast, offset // cb, cb, write)
+        # armed: C makes the write, its copy and commit first where needed (the common case)
+        if c == 2 and fast is not None and fast.armed and last // (cb := fast.chunk_bytes) == offset // cb:
+            rc = first_write(fast.state, self.origin_io, self.cow_io, offset // cb, cb, write)
+            done = 2 if rc == DONE_WROTE or rc == DMS_MAPPED_WROTE else self._c_answer(rc)
             if done >= 0:
                 return done
             c = 0 if done == -2 else 1
@@ -625,7 +628,7 @@ class CopyOnWrite:
                 self._seq_alloc += 1
                 self.pending[chunk] = pe
         if fast is not None:
-            done = self._write_c(fast, chunk, cb, write)
+            done = self._c_answer(first_write(fast.state, self.origin_io, self.cow_io, chunk, cb, write))
             return done if done >= 0 else self.origin_write_one(offset, length, write, 0 if done == -2 else 1)
         done = self._copy_commit_c(pe, write) if c else 0
         if done:
@@ -634,12 +637,11 @@ class CopyOnWrite:
         self.wait_all([pe])
         return 1
 
-    def _write_c(self, fast: FastWrites, chunk: int, cb: int, write: "tuple[Route, memoryview, int] | None") -> int:
-        """``write`` inside origin chunk ``chunk`` made by C (``route.first_write``), its copy
-        and commit first where it needs them: ``origin_write_one``'s answer, or -1 with nothing
+    def _c_answer(self, rc: int) -> int:
+        """``route.first_write``'s answer ``rc`` (a write inside one origin chunk made by C, its
+        copy and commit first where it needs them) as ``origin_write_one``'s, or -1 with nothing
         done (C is off, declined, or not routed: the caller fences and takes the Python path),
         -2 when C failed the copy with nothing of it in place (the Python path copies)."""
-        rc = first_write(fast.state, self.origin_io, self.cow_io, chunk, cb, write)
         if rc == DONE_WROTE or rc == DMS_MAPPED_WROTE:
             return 2
         if rc == DMS_MAPPED:
