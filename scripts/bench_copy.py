@@ -71,8 +71,9 @@ def interpreter_start() -> dict[str, Any]:
 
 def describe_start(s: dict[str, Any]) -> str:
     """One line from :func:`interpreter_start`."""
-    how = "an editable install (pip -e: site imports its finder)" if s["editable_install"] else "an installed package"
-    return (f"kcopyd runs from {how}; python -c pass {s['pass_ms']:.1f} ms (the floor of every kcopyd run), "
+    how = ("an editable install whose import finder site imports (pip -e's default mode)" if s["editable_install"]
+           else "no import finder (an installed package, or an editable install by path)")
+    return (f"kcopyd runs with {how}; python -c pass {s['pass_ms']:.1f} ms (the floor of every kcopyd run), "
             f"{s['no_site_ms']:.1f} ms without site (-S)")
 
 

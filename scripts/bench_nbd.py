@@ -28,8 +28,8 @@ rounds with every run's time (min-max), and ratios = nbdcopy's time / kcopyd's (
 faster) of the medians and, round by round, their min-max; also against kcopyd's own copy time
 from its JSON summary. Beside the times, each case's median CPU seconds (user + system) of the
 tool and of nbdkit: figures the machine's load moves less, which show where the two CPUs go.
-The report also says whether kcopyd runs from an editable install (``site`` then imports pip's
-finder on every start, which an installed package does not) and what ``python -c pass`` and
+The report also says whether kcopyd runs with an editable install's import finder (``site`` then
+imports it on every start; an installed package, or an editable install by path, has none) and what ``python -c pass`` and
 ``python -S -c pass`` take here (``bench_copy.interpreter_start``).
 """
 
