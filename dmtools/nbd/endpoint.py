@@ -935,10 +935,17 @@ class NbdEndpoint(Endpoint):
         finally:
             self._closed = True
             # Every pump is told to stop before any is waited for: they wind down together, not
-            # one after the other (each stop is a wake-up and a thread switch).
+            # one after the other (each stop is a wake-up and a thread switch). The threads told
+            # are the ones waited for: a pump that has already cleared its slot may still be
+            # running, and close returns only once none is.
+            me = threading.current_thread()
+            told = []
             for c in self._conns:
                 c.kill(errno.ESHUTDOWN)
-                c.tell_pump_to_stop()
+                told.append(c.tell_pump_to_stop())
+            for t in told:
+                if t is not None and t is not me:
+                    t.join()
             for c in self._conns:
                 c.close()
             self._conns = []
