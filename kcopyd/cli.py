@@ -260,14 +260,17 @@ def _copy(args: argparse.Namespace, src: Spec, src_dev: str | Endpoint, src_size
     finally:
         client.destroy()
         holder.close()
-    nbytes = count * SECTOR
+    # What reached the destinations, not what was asked: a copy whose source failed halfway
+    # wrote only the pieces read before it stopped (a failed piece is not counted).
+    nbytes = job.progress.done
     summary = {
         "source": {"path": src.path, "sector": src.sector, "count": count},
-        "destinations": [
-            {"path": d.path, "sector": d.sector, "count": count, "ok": not job.write_err >> i & 1}
+        "destinations": [  # ok: this destination holds the source's bytes (no read or write error)
+            {"path": d.path, "sector": d.sector, "count": count, "ok": not job.read_err and not job.write_err >> i & 1}
             for i, d in enumerate(dests)
         ],
         "bytes": nbytes,
+        "bytes_requested": count * SECTOR,
         "seconds": round(elapsed, 6),
         "bytes_per_second": int(nbytes / elapsed) if elapsed > 0 else None,
         "read_error": bool(job.read_err),
@@ -280,7 +283,7 @@ def _copy(args: argparse.Namespace, src: Spec, src_dev: str | Endpoint, src_size
         import json  # loaded while the copy ran
 
         print(json.dumps(summary, indent=2))
-    elif reporter.bar:
+    elif reporter.bar and job.ok:  # a failed copy says so below, never "copied"
         print(f"copied {format_size(nbytes)} to {len(dests)} destination(s) in {elapsed:.2f} s", file=sys.stderr)
     job.raise_for_error()
     return 0
