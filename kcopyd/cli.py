@@ -205,7 +205,7 @@ def _copy(args: argparse.Namespace, src: Spec, src_dev: str | Endpoint, src_size
             raise InvalidArgument(f"destination has +{d.count} sectors, the source {count}",
                                   operation="copy", device=d.path)
     _check_shared_bytes(src, dests, count, write_seq=args.sequential, allow_in_use=args.allow_in_use)
-    rate = parse_size(args.rate, "b") if args.rate else None
+    rate = parse_size(args.rate, "b") if args.rate is not None else None  # --rate "" is an error, not no limit
     sub_job = parse_size(args.sub_job_size, "b")
     from kcopyd.progress import reporter_for
 

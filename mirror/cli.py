@@ -32,7 +32,8 @@ __all__ = ["register"]
 
 
 def _rate(text: str | None) -> int | None:
-    return parse_size(text, "b") if text else None
+    """``--rate`` in bytes per second; not given: no limit (an empty value is refused, not taken as none)."""
+    return parse_size(text, "b") if text is not None else None
 
 
 def _leg(text: str) -> int | str:

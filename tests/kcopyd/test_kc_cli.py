@@ -107,9 +107,11 @@ def test_bad_arguments_change_nothing(tmp_path, capsys):
     assert main([str(src) + "@4M", str(new), "-q"]) == 1
     assert main([str(tmp_path / "missing.img"), str(new), "-q"]) == 1
     assert main(["null:", str(new), "-q"]) == 1
+    for rate in ("", "0", "-1", "x"):  # an empty rate is not "no limit"
+        assert main([str(src), str(new), "--rate", rate, "-q"]) == 1
     assert not new.exists()
     err = capsys.readouterr().err
-    assert "2048" in err and "null:" in err
+    assert "2048" in err and "null:" in err and "empty size" in err
 
 
 def test_progress_bar_on_a_terminal_stream():

@@ -108,3 +108,14 @@ def test_create_rejects_bad_region_size(files: dict[str, str], use_engine: Any) 
     with pytest.raises(InvalidArgument, match=r"'3000b' \(3000 bytes\) is not a multiple of 512 bytes"):
         run(["mirror", "create", "bad", files["a"], files["b"], "--region-size", "3000b"])
     assert not use_engine.exists("bad")
+
+
+@pytest.mark.parametrize("verb", ["resync", "repair", "add-leg", "resync-offline"])
+def test_an_empty_rate_is_refused_not_taken_as_no_limit(files: dict[str, str], use_engine: Any, verb: str) -> None:
+    assert run(["mirror", "create", "cm", files["a"], files["b"], "--region-size", "64K", "--nosync"]) == 0
+    argv = {"resync": ["cm"], "repair": ["cm", "1", files["c"]], "add-leg": ["cm", files["c"]],
+            "resync-offline": [files["c"], files["log"], "--log", "core"]}[verb]
+    before = {n: Path(p).read_bytes() for n, p in files.items()}, str(use_engine.table("cm"))
+    with pytest.raises(InvalidArgument, match="empty size"):
+        run(["mirror", verb, *argv, "--rate", "", "--quiet"])
+    assert ({n: Path(p).read_bytes() for n, p in files.items()}, str(use_engine.table("cm"))) == before
