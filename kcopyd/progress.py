@@ -170,9 +170,10 @@ def reporting(reporter: ProgressReporter, scale: int = 1) -> Iterator[ProgressFn
 
 
 class CopyTally:
-    """The notify callback of a batch of kcopyd jobs (``ctx``: ``(what, bytes)``): adds each job's
-    bytes to ``progress(done, total)`` and keeps a line for each job that failed; :meth:`check`
-    raises them."""
+    """The notify callback of a batch of kcopyd jobs (``ctx``: ``(what, bytes)``): adds the bytes of
+    each job that succeeded to ``progress(done, total)`` (a failed job's were not all written: the
+    progress never claims them, so a batch with a failure never shows ``100/100``) and keeps a line
+    for each job that failed; :meth:`check` raises them."""
 
     def __init__(self, total: int, progress: ProgressFn | None = None) -> None:
         self.total = total
@@ -186,7 +187,8 @@ class CopyTally:
         with self._lock:
             if read_err or write_err:
                 self.errors.append(f"{what} failed (read_err={int(read_err)}, write_err={write_err:#x})")
-            self.done += nbytes
+            else:
+                self.done += nbytes
             if self.progress is not None:
                 self.progress(self.done, self.total)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -356,9 +357,10 @@ def _tally_batch(tally, sources):
 
 
 def test_copy_tally_adds_up_jobs_and_raises_the_failed_ones():
-    """The notify of a batch of jobs (the offline exports'): every job's bytes reach ``progress``;
-    ``check`` raises the failed jobs, naming five at most, and nothing when none failed."""
-    from kcopyd.progress import CopyTally
+    """The notify of a batch of jobs (the offline exports'): the bytes of every job that succeeded
+    reach ``progress``, a failed job's never (an export whose last job fails must not show
+    ``100/100``); ``check`` raises the failed jobs, naming five at most, and nothing when none failed."""
+    from kcopyd.progress import CopyTally, ProgressReporter, reporting
 
     data = pattern(SIZE)
     seen: list[tuple[int, int]] = []
@@ -369,7 +371,19 @@ def test_copy_tally_adds_up_jobs_and_raises_the_failed_ones():
     bad = FaultyEndpoint(MemoryEndpoint(data), read_errors=[(0, SECTORS)])
     tally = CopyTally(8 * PIECE)
     _tally_batch(tally, [bad] * 7 + [MemoryEndpoint(data)])
-    assert tally.done == 8 * PIECE and len(tally.errors) == 7
+    assert tally.done == PIECE and len(tally.errors) == 7
+    r, w = os.pipe()  # through a --progress=FD reporter, as an export reports: the last job fails
+    try:
+        with pytest.raises(DeviceIOError), reporting(ProgressReporter(fd=w)) as progress:
+            tally = CopyTally(8 * PIECE, progress)
+            _tally_batch(tally, [MemoryEndpoint(data)] * 7 + [bad])
+            tally.check("out", "export")
+        os.close(w)
+        assert os.read(r, 4096).decode().split()[-1] == "87/100"
+    finally:
+        os.close(r)
+    tally = CopyTally(8 * PIECE)
+    _tally_batch(tally, [bad] * 7 + [MemoryEndpoint(data)])
     with pytest.raises(DeviceIOError) as info:
         tally.check("out", "export")
     assert str(info.value).count("failed (read_err=1, write_err=0x0)") == 5 and "job 7" not in str(info.value)
