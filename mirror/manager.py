@@ -316,20 +316,24 @@ class MirrorManager:
         moved: tuple[float, tuple[int, int]] | None = None  # when the counts last changed, and them
         while True:
             state = self.status(name)
-            if progress is not None:
-                progress(min(total, state.in_sync * region_bytes), total)
             bad = {i for i, h in enumerate(state.health) if h in "SDF"}
             seen_failed |= bad
             failures = self.recovery_failures(name)
+            unsafe = "handle_errors" not in state.features
+            if progress is not None and not (unsafe and seen_failed and failures is None and state.fully_in_sync):
+                # what was copied: without handle_errors a failed copy counts as in sync (the kernel's
+                # rule), the target's record takes it out again; the kernel's cannot, so it is not shown
+                copied = state.in_sync - (len(failures) if unsafe and failures else 0)
+                progress(min(total, max(0, copied) * region_bytes), total)
             if state.fully_in_sync:
                 if failures:  # marked in sync by the rule of a mirror without handle_errors
                     raise self._failed(operation, state, failures, "marked in sync without its data "
                                        "(no handle_errors)")
-                if failures is None and seen_failed and "handle_errors" not in state.features:
+                if failures is None and seen_failed and unsafe:
                     raise self._failed(operation, state, None, "the kernel marked them in sync without "
                                        "handle_errors", legs=seen_failed)
                 return state
-            if failures and "handle_errors" in state.features and state.in_sync + len(failures) >= state.regions:
+            if failures and not unsafe and state.in_sync + len(failures) >= state.regions:
                 raise self._failed(operation, state, failures)  # what failed stays out of sync: done
             counts = (state.in_sync, len(failures or ()))
             now = time.monotonic()

@@ -211,6 +211,30 @@ def test_repair_command_exits_1_naming_regions_and_leg(cli_engine: Any, tmp_path
     assert st.health[0] == "S" and st.in_sync == 5
 
 
+@pytest.mark.parametrize("handle_errors", [True, False])
+def test_progress_fd_of_a_failed_repair_never_reaches_100(cli_engine: Any, tmp_path: Path, handle_errors: bool,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """nbdcopy's ``--progress=FD`` convention: ``100/100`` means every byte was copied. Without
+    handle_errors the kernel's rule marks the failed regions in sync, so the mirror reads 100%:
+    the lines must still stop at what was copied."""
+    data = os.urandom(SIZE)
+    a, b, c = _image(tmp_path, "a", SIZE, data), _image(tmp_path, "b", SIZE, data), _image(tmp_path, "c", SIZE)
+    sw = Switch(f"fd{handle_errors}")
+    cli_engine.create("src", f"0 {SIZE // 512} trip {a} 0 {sw.name}")
+    assert _cli(["mirror", "create", "m", cli_engine.device_ref("src"), b, "--region-size", "8K", "--nosync",
+                 "--handle-errors" if handle_errors else "--no-handle-errors"]) == 0
+    sw.fail_after_more(5)  # five regions get copied, then leg 0 fails
+    r, w = os.pipe()
+    try:
+        assert _cli(["mirror", "repair", "m", "1", c, f"--progress={w}"]) == 1
+        os.close(w)
+        lines = os.read(r, 65536).decode().split()
+    finally:
+        os.close(r)
+    assert "100/100" not in lines, lines
+    assert "could not read source leg 0" in capsys.readouterr().err
+
+
 def test_create_opt_out_of_handle_errors(cli_engine: Any, tmp_path: Path) -> None:
     a, b = _image(tmp_path, "a", SIZE), _image(tmp_path, "b", SIZE)
     assert _cli(["mirror", "create", "m", a, b, "--region-size", "8K", "--no-handle-errors"]) == 0
