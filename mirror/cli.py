@@ -177,8 +177,9 @@ def cmd_resync_offline(args: argparse.Namespace) -> int:
 
     from mirror.manager import resync_offline
 
-    prog = _Progress(args, "resync")
     log = None if args.log == "core" else args.log
+    mm = _activation(args, log) if args.activate else None  # checked before anything is copied
+    prog = _Progress(args, "resync")
     ok = False
     result: ResyncResult | None = None
     from dmtools.inputs import live_backends
@@ -201,13 +202,27 @@ def cmd_resync_offline(args: argparse.Namespace) -> int:
         "seconds": round(result.seconds, 3),
     }
     text = f"{result.regions_copied} regions ({result.bytes_copied} bytes) copied in {result.seconds:.2f} s"
-    if args.activate:
-        if log is None:
-            raise InvalidArgument("--activate needs a disk log (--log DEV)")
-        st = _manager(args).activate(args.activate, args.legs, log=log, region_size=parse_sectors(args.region_size))
+    if mm is not None:
+        st = mm.activate(args.activate, args.legs, log=log, region_size=parse_sectors(args.region_size))
         data["activated"] = st.to_dict()
         text += "\n" + _state_text(st)
     return emit(args, data, text)
+
+
+def _activation(args: argparse.Namespace, log: str | None) -> Any:
+    """The manager that will activate ``--activate NAME`` once the resync is done, after refusing
+    what would make that fail (no disk log, a bad name, a device of that name), so that a refused
+    activation has copied nothing."""
+    from dmtools.errors import DeviceExists
+    from dmtools.names import validate_name
+
+    if log is None:
+        raise InvalidArgument("--activate needs a disk log (--log DEV)", operation="resync")
+    validate_name(args.activate)
+    mm = _manager(args)
+    if mm.dm.exists(args.activate):
+        raise DeviceExists("device already exists", operation="activate", device=args.activate)
+    return mm
 
 
 def cmd_repair(args: argparse.Namespace) -> int:

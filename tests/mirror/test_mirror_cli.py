@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from dmtools.errors import CorruptMetadata, InvalidArgument
+from dmtools.errors import CorruptMetadata, DMError, InvalidArgument
 from dmtools.testing.memory import MemoryEndpoint
 from mirror import cli
 from mirror.format import LogImage, format_log
@@ -119,3 +119,20 @@ def test_an_empty_rate_is_refused_not_taken_as_no_limit(files: dict[str, str], u
     with pytest.raises(InvalidArgument, match="empty size"):
         run(["mirror", verb, *argv, "--rate", "", "--quiet"])
     assert ({n: Path(p).read_bytes() for n, p in files.items()}, str(use_engine.table("cm"))) == before
+
+
+@pytest.mark.parametrize("log, name, error", [("core", "vol", "needs a disk log"), ("disk", "bad/name", "contains '/'"),
+                                              ("disk", "taken", "already exists"), ("disk", "x" * 200, "at most 127")],
+                         ids=["core-log", "slash", "exists", "too-long"])
+def test_resync_offline_refuses_a_bad_activation_before_copying(files: dict[str, str], use_engine: Any, log: str,
+                                                                name: str, error: str) -> None:
+    ep = MemoryEndpoint(64 * 1024, "log")
+    format_log(ep, 32, in_sync=False)
+    Path(files["log"]).write_bytes(bytes(ep.data))
+    use_engine.create("taken", "0 8 zero")
+    before = {n: Path(p).read_bytes() for n, p in files.items()}
+    with pytest.raises(DMError, match=error):
+        run(["mirror", "resync-offline", files["a"], files["b"], "--log", files["log"] if log == "disk" else "core",
+             "--region-size", "64K", "--activate", name, "-q"])
+    assert {n: Path(p).read_bytes() for n, p in files.items()} == before  # nothing copied, the log untouched
+    assert [e.name for e in use_engine.list()] == ["taken"]
