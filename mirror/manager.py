@@ -17,9 +17,9 @@ import os
 import secrets
 import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence, TypedDict, Unpack
+from typing import Any, Callable, Iterator, Sequence, TypedDict, Unpack
 
 from dmtools.backend import DeviceMapper
 from dmtools.endpoint import Endpoint
@@ -179,7 +179,8 @@ class MirrorManager:
         if keep_log and not handle_errors:
             raise InvalidArgument("keep_log requires handle_errors", operation="create", device=name)
         features = ("handle_errors",) * handle_errors + ("keep_log",) * keep_log
-        mlog = self._new_log(log, region_size, length, "create", nosync=nosync, keep=keep_log_contents)
+        with held([*legs, None if log == "core" else log], "create", devnos=not self.userspace):
+            mlog = self._new_log(log, region_size, length, "create", nosync=nosync, keep=keep_log_contents)
         target = Mirror(mlog, tuple(Leg(ref, 0) for ref in legs), features)
         if not monitor and not uuid.startswith(UNMONITORED_PREFIX):
             uuid = UNMONITORED_PREFIX + (uuid or secrets.token_hex(8))
@@ -461,7 +462,8 @@ class MirrorManager:
         self._check_devices(legs_now, log_now, "add_leg",
                             in_use=("the new leg",) + (("--log",) if not isinstance(tgt, Mirror) else ()), new=new_leg)
         if isinstance(tgt, Linear):
-            mlog = self._new_log(log, region_size, length, "add_leg")
+            with held([new_leg, None if log == "core" else log], "add_leg", devnos=not self.userspace):
+                mlog = self._new_log(log, region_size, length, "add_leg")
             mirror = Mirror(mlog, (Leg(tgt.device, tgt.offset), Leg(new_leg, 0)), ("handle_errors",) * handle_errors)
             swap_table(self.dm, name, Table.single(length, mirror))
             self._monitor()
@@ -499,6 +501,28 @@ class MirrorManager:
         swap_table(self.dm, name, new_table)
         self.dm.create(new_name, Table.single(length, Linear(split_leg.device, split_leg.offset)))
         return new_name
+
+
+@contextmanager
+def held(refs: Sequence[str | Endpoint | None], operation: str, *, devnos: bool = False) -> Iterator[None]:
+    """Claim (``dmtools.claims``) the devices ``refs`` name by a path (``devnos``: also a kernel
+    ``major:minor``) for the length of the block, as a table would: one that is mounted, held
+    ``O_EXCL`` or claimed by another engine or tool raises ``DeviceBusy`` before the block writes
+    anything. Released at its end, so that the table then made can claim them itself."""
+    from dmtools.claims import Holder
+
+    holder = Holder(f"dmtools mirror {operation}")
+    try:
+        for ref in refs:
+            if isinstance(ref, (str, os.PathLike)) and os.path.exists(ref):
+                holder.claim(os.fspath(ref), device=operation)
+            elif devnos and isinstance(ref, str) and parse_devno(ref) is not None:
+                from dmtools.blockdev import resolve_devno
+
+                holder.claim(resolve_devno(ref), device=operation)
+        yield
+    finally:
+        holder.close()
 
 
 def _roles(legs: Sequence[str | Endpoint], log: str | Endpoint | None, *, new: str | None = None,
@@ -545,14 +569,8 @@ def resync_offline(legs: Sequence[str | Endpoint], log: str | Endpoint | None, *
         from dmtools.blockdev import open_endpoint
 
         opener = open_endpoint
-    from dmtools.claims import Holder
-
     with ExitStack() as stack:
-        holder = Holder("dmtools mirror resync-offline")  # no engine, mount or tool meanwhile
-        stack.callback(holder.close)
-        for ref in [*legs, log]:
-            if isinstance(ref, (str, os.PathLike)) and os.path.exists(ref):
-                holder.claim(os.fspath(ref), device="resync")
+        stack.enter_context(held([*legs, log], "resync"))  # no engine, mount or tool meanwhile
         eps = [stack.enter_context(opener(ref, writable=True)) for ref in legs]
         lep = stack.enter_context(opener(log, writable=True)) if log is not None else None
         rs = OfflineResync(eps, lep, region_size=region_size, rate=rate, rebuild=rebuild, source=source, full=full)
