@@ -481,9 +481,14 @@ class MirrorManager:
         """Detach leg ``leg`` as standalone linear device ``new_name``; the mirror keeps the others.
 
         The mirror must be fully in sync (``force`` overrides). A mirror left with one leg becomes a
-        linear device. Returns ``new_name``.
+        linear device. Returns ``new_name``. All or nothing: ``new_name`` taken is refused before the
+        mirror changes, and the mirror is given its leg back when the new device cannot be made.
         """
         validate_name(new_name)
+        if self.dm.exists(new_name):
+            from dmtools.errors import DeviceExists
+
+            raise DeviceExists("device already exists", operation="split", device=new_name)
         length, target = self._mirror(name)
         index = self._leg_index(target, leg)
         state = self.status(name)
@@ -499,7 +504,12 @@ class MirrorManager:
         else:
             new_table = Table.single(length, Linear(rest[0].device, rest[0].offset))
         swap_table(self.dm, name, new_table)
-        self.dm.create(new_name, Table.single(length, Linear(split_leg.device, split_leg.offset)))
+        try:
+            self.dm.create(new_name, Table.single(length, Linear(split_leg.device, split_leg.offset)))
+        except BaseException:
+            # all or nothing: the mirror gets its leg back (a name taken meanwhile, the leg claimed)
+            quietly(lambda: swap_table(self.dm, name, Table.single(length, target)))
+            raise
         return new_name
 
 

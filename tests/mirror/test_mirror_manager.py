@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from dmtools.errors import CorruptMetadata, DeviceNotFound, InvalidArgument
+from dmtools.errors import CorruptMetadata, DeviceExists, DeviceNotFound, InvalidArgument
 from mirror import MirrorManager
 from mirror.format import LogImage, format_log, inspect
 
@@ -161,3 +161,24 @@ def test_leg_failed_through_error_target_then_repaired(mm: MirrorManager, engine
     st = mm.repair("m8", 1, c)
     assert st.fully_in_sync and st.health == "AA"
     assert _same(a, c) and Path(a).read_bytes()[:4096] == b"x" * 4096
+
+
+def test_split_is_all_or_nothing(mm: MirrorManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = _image(tmp_path, "a", data=os.urandom(SIZE)), _image(tmp_path, "b")
+    mm.create("m8", [a, b], region_size=REGION)
+    mm.resync("m8", timeout=20)
+    table = str(mm.dm.table("m8"))
+    mm.dm.create("taken", "0 8 zero")
+    with pytest.raises(DeviceExists):  # a name in use: refused before the mirror changes
+        mm.split("m8", 1, "taken")
+    assert str(mm.dm.table("m8")) == table
+    real = mm.dm.create
+
+    def beaten(name: str, *args: Any, **kwargs: Any) -> Any:  # another program takes the name first
+        real(name, "0 8 zero")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(mm.dm, "create", beaten)
+    with pytest.raises(DeviceExists):  # the mirror gets its leg back
+        mm.split("m8", 1, "late")
+    assert str(mm.dm.table("m8")) == table and mm.dm.table("late").lines[0].target_type == "zero"
