@@ -221,17 +221,22 @@ def _copy(args: argparse.Namespace, src: Spec, src_dev: str | Endpoint, src_size
                            rate=rate, throttle_percent=args.throttle, offload=not args.no_offload,
                            drop_behind=not args.keep_cache, write_behind=not args.keep_cache)
     created: list[str] = []
+    extended: list[tuple[str, int]] = []
     from dmtools.claims import Holder
 
     holder = Holder("dmtools copy")  # destinations: no engine, mount or tool while we write
+    # an export is claimed by its server, not here (no local device to hold)
+    local = [d for d in dests if not d.is_null and not is_nbd_uri(d.path) and not args.allow_in_use]
     try:
-        regions = _prepare_dests(dests, count, created)
+        for d in local:  # before a short one is extended: one claimed elsewhere is left as it is
+            if os.path.exists(d.path):
+                holder.claim(d.path, device="copy")
+        regions = _prepare_dests(dests, count, created, extended)
         start = time.monotonic()
         try:
-            for d in dests:
-                # an export is claimed by its server, not here (no local device to hold)
-                if not d.is_null and not is_nbd_uri(d.path) and not args.allow_in_use:
-                    holder.claim(d.path, device="copy", created=d.path in created)
+            for d in local:
+                if d.path in created:
+                    holder.claim(d.path, device="copy", created=True)
             # in use: checked above (before any file was created), as the caller asked
             job = client.copy(kcopyd.Region(src_dev, src.sector, count), regions, flags=flags, allow_in_use=True)
             if getattr(args, "start_up_gc_off", False):
@@ -239,6 +244,8 @@ def _copy(args: argparse.Namespace, src: Spec, src_dev: str | Endpoint, src_size
         except DMError:
             for path in created:
                 os.unlink(path)
+            for path, size in extended:  # nothing copied: back to their sizes
+                os.truncate(path, size)
             raise
         if getattr(args, "json", False):
             # The summary's encoder (with the decoder and scanner the package brings), loaded
@@ -360,8 +367,9 @@ def _kernel_can_map(paths: list[str]) -> bool:
     return False
 
 
-def _prepare_dests(dests: list[Spec], count: int, created: list[str]) -> list[Any]:
-    """Regions for the destinations; creates missing files and extends short ones (files only)."""
+def _prepare_dests(dests: list[Spec], count: int, created: list[str], extended: list[tuple[str, int]]) -> list[Any]:
+    """Regions for the destinations; creates missing files (their paths go to ``created``) and
+    extends short ones (files only; ``(path, size before)`` go to ``extended``)."""
     import kcopyd
 
     need_paths: list[tuple[str, int, bool]] = []
@@ -379,6 +387,7 @@ def _prepare_dests(dests: list[Spec], count: int, created: list[str]) -> list[An
             continue
         if stat.S_ISREG(st.st_mode) and st.st_size < end:
             need_paths.append((d.path, end, False))
+            extended.append((d.path, st.st_size))
     for path, end, create in need_paths:
         if create:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)

@@ -144,3 +144,25 @@ def test_uncached_source_to_several_files(tmp_path, capsys, flag):
     assert main([str(src)] + [str(d) for d in dsts] + flag + ["--json", "-q"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"]
     assert all(d.read_bytes() == data for d in dsts)
+
+
+def test_a_short_destination_claimed_by_another_tool_is_not_extended(tmp_path, capsys):
+    from dmtools import claims
+
+    src, short, new = tmp_path / "s.img", tmp_path / "short.img", tmp_path / "new.img"
+    src.write_bytes(pattern(MiB))
+    short.write_bytes(b"\x07" * 4096)
+    with claims.claim(short, holder="another tool"):
+        assert main([str(src), str(new), str(short), "-q"]) == 1
+    assert "claimed by another" in capsys.readouterr().err
+    assert short.read_bytes() == b"\x07" * 4096 and not new.exists()  # not extended, nothing created
+
+
+def test_a_refused_copy_gives_an_extended_destination_its_size_back(tmp_path, capsys):
+    src, short, new = tmp_path / "s.img", tmp_path / "short.img", tmp_path / "new.img"
+    src.write_bytes(pattern(MiB))
+    short.write_bytes(b"\x07" * 4096)
+    # a range past the source's end: kcopyd refuses it once the destinations are ready
+    assert main([f"{src}@0+4M", str(short), str(new), "-q"]) == 1
+    assert "ends beyond the device" in capsys.readouterr().err
+    assert short.read_bytes() == b"\x07" * 4096 and not new.exists()
