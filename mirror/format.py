@@ -64,6 +64,26 @@ def check_region_size(region_size: int, length_sectors: int | None = None) -> No
         )
 
 
+def check_log_regions(kept: int, length_sectors: int, region_size: int, device: str | None = None) -> None:
+    """Refuse a kept disk log whose header counts ``kept`` regions when the mirror has
+    ``region_count(length_sectors, region_size)``: its bits would be read against the wrong
+    regions. dm-log.c's resume takes a new count as a resize (regions past the old count out of
+    sync), which is right for a grown mirror with its old region size; with another region size
+    (``--region-size`` left at its default for a mirror made with 2M regions) clean bits land on
+    dirty regions, which are then never copied. Raises ``InvalidArgument`` naming the region size
+    that gives ``kept`` regions, when one does."""
+    want = region_count(length_sectors, region_size)
+    if kept == want:
+        return
+    sizes = [1 << k for k in range(1, length_sectors.bit_length() + 1)]
+    fits = [r for r in sizes if r <= length_sectors and region_count(length_sectors, r) == kept]
+    hint = f" (--region-size {fits[0] * SECTOR // 1024}K gives {kept})" if fits else ""
+    raise InvalidArgument(
+        f"the log holds {kept} regions, but {length_sectors} sectors in regions of {region_size} sectors are "
+        f"{want}: give the region size the log was made with{hint}, or copy every region "
+        "(resync-offline --full)", operation="log", device=device)
+
+
 def round_up(value: int, unit: int) -> int:
     """``value`` rounded up to a multiple of ``unit``."""
     return -(-value // unit) * unit

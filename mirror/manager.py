@@ -30,7 +30,8 @@ from dmtools.table import Table
 from dmtools.target_values import MAX_NR_MIRRORS, CoreLog, DiskLog, Leg, Linear, Mirror, SyncMode, parse_devno
 from kcopyd.progress import ProgressFn
 
-from mirror.format import SECTOR, LogImage, check_region_size, drop_cache, format_log, log_io_bytes, region_count
+from mirror.format import (SECTOR, LogImage, check_log_regions, check_region_size, drop_cache, format_log,
+                           log_io_bytes, region_count)
 from mirror.guard import UNMONITORED_PREFIX, guard_for
 from mirror.reload import swap_table
 from mirror.resync import OfflineResync, RecoveryFailed, ResyncResult, check_legs, raise_for
@@ -204,7 +205,7 @@ class MirrorManager:
                 raise InvalidArgument(f"log device too small: need {need} bytes, has {lep.size}",
                                       operation=operation, device=log)
             if keep:
-                LogImage.read(lep)
+                check_log_regions(LogImage.read(lep).header.nr_regions, length, region_size, log)
             else:
                 format_log(lep, nr, in_sync=nosync)
         return DiskLog(log, region_size)

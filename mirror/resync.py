@@ -24,7 +24,7 @@ from dmtools.errors import DeviceIOError, InvalidArgument, OperationCancelled
 
 from dmtools.target_values import SyncMode
 from kcopyd.progress import ProgressFn
-from mirror.format import SECTOR, LogImage, check_region_size, drop_cache, region_count
+from mirror.format import SECTOR, LogImage, check_log_regions, check_region_size, drop_cache, region_count
 
 __all__ = ["ResyncPlan", "ResyncResult", "OfflineResync", "RecoveryFailed", "check_legs", "format_regions", "raise_for"]
 
@@ -225,6 +225,7 @@ class OfflineResync:
             out_of_sync = set(range(self.nr_regions))
         else:
             self.image = LogImage.read(log)  # strict: CorruptMetadata / InvalidArgument, nothing written
+            check_log_regions(self.image.header.nr_regions, self.length, region_size, log.name)
             before = bytes(self.image.buffer)
             self.image.resize(self.nr_regions, SyncMode.DEFAULT)  # the kernel's resume rules, in memory
             self._needs_header_write = bytes(self.image.pack()) != before

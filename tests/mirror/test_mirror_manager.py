@@ -105,6 +105,29 @@ def test_offline_resync_then_activate_in_sync(mm: MirrorManager, tmp_path: Path)
     assert st.fully_in_sync and st.status_text.split()[3] == "64/64"
 
 
+def test_a_log_of_another_region_size_is_refused_not_misread(mm: MirrorManager, tmp_path: Path) -> None:
+    """A log made with 256 KiB regions (16 of them) read with the 64 KiB of REGION: dm-log.c's resume
+    would take it as a resize, its bits landing on the wrong regions; clean bit 1 (256 KiB region 1,
+    clean) then covers 64 KiB region 1, which lies in dirty region 0 and differs: never copied."""
+    data = os.urandom(SIZE)
+    a, b = _image(tmp_path, "a", data=data), _image(tmp_path, "b", data=data)
+    with open(b, "r+b") as f:
+        f.seek(65536)  # a write that reached leg a only, in 256 KiB region 0 (64 KiB region 1)
+        f.write(os.urandom(4096))
+    lg = _image(tmp_path, "log", size=64 * 1024)
+    img = format_log(mm.open_ref(lg, writable=True), 16, in_sync=True)
+    img.clean.clear(0)
+    with mm.open_ref(lg, writable=True) as ep:
+        img.write(ep)
+    before = {p: Path(p).read_bytes() for p in (a, b, lg)}
+    for act in (lambda: mm.resync_offline([a, b], lg, region_size=REGION),
+                lambda: mm.activate("m9", [a, b], log=lg, region_size=REGION)):
+        with pytest.raises(InvalidArgument, match=r"holds 16 regions.*--region-size 256K gives 16"):
+            act()
+    assert {p: Path(p).read_bytes() for p in (a, b, lg)} == before and not mm.dm.exists("m9")
+    assert mm.resync_offline([a, b], lg, region_size=512).regions_copied == 1 and _same(a, b)  # its own size
+
+
 def test_rate_limited_resync(mm: MirrorManager, tmp_path: Path) -> None:
     a, b = _image(tmp_path, "a", size=MB, data=os.urandom(MB)), _image(tmp_path, "b", size=MB)
     mm.create("m5", [a, b], region_size=REGION, nosync=True)

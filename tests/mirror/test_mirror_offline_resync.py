@@ -90,6 +90,7 @@ def test_failed_copy_leaves_region_out_of_sync() -> None:
         ("small", InvalidArgument, "too small"),
         ("corrupt", CorruptMetadata, "magic"),
         ("one-leg", InvalidArgument, "2 to 9 legs"),
+        ("regions", InvalidArgument, "log holds 4 regions"),  # made with another region size
     ],
 )
 def test_bad_input_writes_nothing(setup: str, exc: type, text: str) -> None:
@@ -107,6 +108,8 @@ def test_bad_input_writes_nothing(setup: str, exc: type, text: str) -> None:
         log.data[0:4] = b"junk"
     elif setup == "one-leg":
         legs = legs[:1]
+    elif setup == "regions":
+        format_log(log, 4, in_sync=False)
     snap = [bytes(e.data) for e in (*legs, log)]
     journals = [len(e.journal) for e in (*legs, log)]
     with pytest.raises(exc, match=text):
