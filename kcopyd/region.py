@@ -136,8 +136,28 @@ def _check(opened: OpenRegion, role: str, *, writable: bool) -> None:
             operation="copy",
             device=region.dev_name,
         )
-    if writable and ep.read_only:
+    if writable and (ep.read_only or _set_read_only(ep)):
         raise InvalidArgument(f"{role} device is read-only", operation="copy", device=region.dev_name)
+
+
+def _set_read_only(ep: Endpoint) -> bool:
+    """True for a block device set read-only (``BLKROGET``: a loop device attached with ``-r``,
+    ``blockdev --setro``): the kernel lets it be opened for writing and fails each write with
+    EPERM, so a copy to it would write its other destinations and then fail."""
+    fd = ep.fileno()
+    if fd is None or ep.is_regular_file:
+        return False
+    import fcntl
+    import struct
+
+    from dmtools.linux import BLKROGET
+
+    buf = bytearray(4)
+    try:
+        fcntl.ioctl(fd, BLKROGET, buf, True)
+    except OSError:
+        return False  # not a block device after all: its writes tell
+    return struct.unpack("=i", buf)[0] != 0
 
 
 def open_regions(src: Region | None, dests: list[Region]) -> tuple[OpenRegion | None, list[OpenRegion]]:

@@ -66,3 +66,17 @@ def test_a_failed_copy_with_a_progress_bar_does_not_say_copied(
     err = capsys.readouterr().err
     assert rc == 1 and "read error" in err
     assert "copied" not in err, err
+
+
+def test_a_read_only_block_device_is_refused_before_any_destination_is_written(
+        tmp_path: Path, make_loop: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """A loop device attached read-only opens for writing and fails each write: it is refused as a
+    destination up front, not after the other destinations were written."""
+    src, image, new = tmp_path / "s.img", tmp_path / "ro.img", tmp_path / "new.img"
+    src.write_bytes(os.urandom(MiB))
+    image.write_bytes(bytes(MiB))
+    ro = make_loop(image, read_only=True)
+    capsys.readouterr()
+    assert cli_main.main(["copy", str(src), str(new), ro.path, "-q"]) == 1
+    assert capsys.readouterr().err == f"dmtools: copy {ro.path}: destination 1 device is read-only\n"
+    assert not new.exists() and image.read_bytes() == bytes(MiB)
