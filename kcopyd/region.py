@@ -18,7 +18,7 @@ from dmtools.nbd.uri import is_nbd_uri
 from dmtools.record import record
 from dmtools.units import SECTOR
 
-__all__ = ["MAX_REGIONS", "Region", "DevLike", "OpenRegion", "ReadOnlyDestination", "open_regions"]
+__all__ = ["MAX_REGIONS", "Region", "DevLike", "OpenRegion", "open_regions"]
 
 #: At most this many destinations per job (DM_KCOPYD_MAX_REGIONS, include/linux/dm-kcopyd.h).
 MAX_REGIONS = 8
@@ -136,16 +136,10 @@ def _check(opened: OpenRegion, role: str, *, writable: bool) -> None:
             operation="copy",
             device=region.dev_name,
         )
-    if writable and (ep.read_only or _set_read_only(ep)):
-        raise ReadOnlyDestination(f"{role} device is read-only", operation="copy", device=region.dev_name)
-
-
-class ReadOnlyDestination(InvalidArgument):
-    """A job refused because a destination cannot be written; ``index`` is its place in the job's
-    destinations (the bit its write error would have set), for callers that account failures per
-    destination (a mirror's recovery blames that leg, not the source)."""
-
-    index = -1
+    # a device kcopyd opened by its path: one set read-only is refused too (an endpoint the caller
+    # opened is the caller's: its write errors are reported per destination, as the kernel's)
+    if writable and (ep.read_only or (opened.owned and _set_read_only(ep))):
+        raise InvalidArgument(f"{role} device is read-only", operation="copy", device=region.dev_name)
 
 
 def _set_read_only(ep: Endpoint) -> bool:
@@ -200,11 +194,7 @@ def open_regions(src: Region | None, dests: list[Region]) -> tuple[OpenRegion | 
             od = _open_one(d, writable=True)
             opened.append(od)
             odests.append(od)
-            try:
-                _check(od, f"destination {i}", writable=True)
-            except ReadOnlyDestination as err:
-                err.index = i
-                raise
+            _check(od, f"destination {i}", writable=True)
     except BaseException:
         for o in opened:
             o.close()

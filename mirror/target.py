@@ -713,7 +713,7 @@ class MirrorTarget(TargetDriver):
     def _recover(self, run: list[int], source: MirrorLegState) -> None:
         """Copy the adjacent regions ``run`` from the default leg to every other leg with kcopyd."""
         from kcopyd.client import IGNORE_ERROR
-        from kcopyd.region import ReadOnlyDestination, Region
+        from kcopyd.region import Region
 
         nbytes = sum(self._region_len(r) for r in run)
         sector = run[0] * self.region_size
@@ -728,9 +728,6 @@ class MirrorTarget(TargetDriver):
         flags = 0 if self.errors_handled else IGNORE_ERROR
         try:
             self._kc.copy(src, regions, flags=flags, notify=self._recovery_complete, context=(run, source, dests))
-        except ReadOnlyDestination as err:  # that leg's write failure, as the kernel would find it
-            log.error("cannot start recovery of regions %d-%d: %s", run[0], run[-1], err)
-            self._recovery_complete(False, 1 << err.index, (run, source, dests))
         except DMError as err:
             log.error("cannot start recovery of regions %d-%d: %s", run[0], run[-1], err)
             self._recovery_complete(True, 0, (run, source, dests))
