@@ -106,8 +106,25 @@ def _state_text(st: Any) -> str:
 
 
 # -- actions ---------------------------------------------------------------------------------------
+def _check_spare(mm: Any, legs: list[str], log: str | None, spare: str, operation: str) -> None:
+    """``--spare`` must be a device the mirror's monitor can use: not a leg or the log, nor any
+    spelling of their bytes, nor mapped by a live table (``DeviceConflict``/``DeviceBusy`` now, not
+    a refused repair when a leg fails)."""
+    from dmtools.inputs import check_devices
+    from mirror.manager import _roles
+
+    check_devices({**_roles(legs, log), "--spare": spare}, backends=[mm.dm], operation=operation,
+                  in_use=("--spare",))
+
+
 def cmd_create(args: argparse.Namespace) -> int:
     mm = _manager(args)
+    if args.spare is not None:  # refused before anything is made, not ignored
+        if mm.dm.backend != "kernel" or args.no_monitor or not args.handle_errors:
+            raise InvalidArgument("--spare is for the monitor of a kernel mirror with handle_errors (the userspace "
+                                  "engine's guard drops a failed leg: replace it with 'mirror repair')",
+                                  operation="create", device=args.name)
+        _check_spare(mm, args.legs, args.log, args.spare, "create")
     st = mm.create(args.name, args.legs, log=args.log, region_size=parse_sectors(args.region_size), nosync=args.nosync,
                    handle_errors=args.handle_errors, keep_log=args.keep_log,
                    keep_log_contents=args.keep_log_contents, monitor=not args.no_monitor)
@@ -134,6 +151,9 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         raise InvalidArgument("the userspace engine's guard monitors its mirrors (unless created with "
                               "--no-monitor: then run 'dmtools monitor NAME --mirror-policy remove')",
                               operation="monitor", device=args.name)
+    if args.spare is not None:
+        st = mm.status(args.name)
+        _check_spare(mm, list(st.legs), st.log_device, args.spare, "monitor")
     pid = start(mm.dm, args.name, spare=args.spare, interval=args.interval)
     root = state_root(args.name)
     state = {"name": args.name, "pid": pid, "state_dir": root, "already_running": pid is None}

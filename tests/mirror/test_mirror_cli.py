@@ -136,3 +136,11 @@ def test_resync_offline_refuses_a_bad_activation_before_copying(files: dict[str,
              "--region-size", "64K", "--activate", name, "-q"])
     assert {n: Path(p).read_bytes() for n, p in files.items()} == before  # nothing copied, the log untouched
     assert [e.name for e in use_engine.list()] == ["taken"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-monitor"]])
+def test_create_refuses_a_spare_it_would_not_use(files: dict[str, str], use_engine: Any, extra: list[str]) -> None:
+    # the userspace engine's guard takes no spare: refused, not silently ignored
+    with pytest.raises(InvalidArgument, match="--spare is for the monitor of a kernel mirror"):
+        run(["mirror", "create", "cm", files["a"], files["b"], "--spare", files["c"], *extra])
+    assert not use_engine.exists("cm")

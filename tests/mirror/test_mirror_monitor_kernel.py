@@ -158,3 +158,14 @@ def test_monitor_ends_held_writes_when_the_failed_source_holds_the_only_copy(
     assert "source leg 0 failed out of sync" in out.getvalue()  # the monitor's journal, shown
     kernel_dm.remove(name, retry=True)
     wait_until(lambda: _monitor_gone(name), "the monitor to exit after the mirror was removed", WAIT)
+
+
+def test_create_refuses_a_spare_that_is_a_leg_or_the_log(kernel_dm: Any, make_image: Any, make_loop: Any,
+                                                        kernel_tag: str) -> None:
+    legs = _loops(make_image, make_loop, 3)
+    log = legs.pop()
+    name = f"{kernel_tag}-spare"
+    for spare in (legs[1], log):
+        rc, err = kcli("mirror", "create", name, *legs, "--log", log, "--region-size", "64K", "--spare", spare)
+        assert rc == 1 and "share bytes" in err and err.count("\n") == 1, err
+        assert not kernel_dm.exists(name)
