@@ -254,3 +254,36 @@ def _touch_all(meta: Path) -> None:
     with ThinMetadata.open(meta, writable=True) as md:
         for dev in md.devices():
             list(md.mappings(dev))
+
+
+def test_live_pool_metadata_is_not_rewritten_offline(engine: Any, tmp_path: Path, thin_tools,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """What writes metadata offline (``thin restore``; ``ThinMetadata.open(writable=True)``, which
+    ``thin check --clear-needs-check-flag`` uses) refuses a live pool's metadata (the engine holds
+    its file, as the kernel holds a tmeta device) with DeviceBusy before a byte is written, as
+    thin-provisioning-tools' ``O_EXCL`` open refuses it on the kernel; once the pool is gone both
+    go through."""
+    from target_rig import PoolRig
+
+    from dmtools.errors import DeviceBusy
+
+    rig = PoolRig(engine, tmp_path)
+    rig.message("create_thin 1")
+    engine.suspend(rig.name)  # commits; nothing changes the metadata until the resume
+    model = random_pool(random.Random(3), devices=2, mappings=50, nr_data_blocks=64)
+    xml = tmp_path / "in.xml"
+    xml.write_text(model.xml())
+    before = rig.meta.read_bytes()
+    assert main(["thin", "restore", "-i", str(xml), "-o", str(rig.meta)]) == 1
+    err = capsys.readouterr().err
+    assert "is claimed by another engine or tool" in err and err.count("\n") == 1, err
+    with pytest.raises(DeviceBusy):
+        ThinMetadata.open(rig.meta, writable=True)
+    assert rig.meta.read_bytes() == before
+    engine.resume(rig.name)
+    rig.close()
+    with ThinMetadata.open(rig.meta, writable=True) as md:  # the pool's, intact
+        assert set(md.devices()) == {1}
+    assert main(["thin", "restore", "-q", "-i", str(xml), "-o", str(rig.meta)]) == 0
+    thin_tools.check(rig.meta)
+

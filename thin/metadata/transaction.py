@@ -26,6 +26,10 @@ from .ondisk import (BITMAP_CSUM_XOR, BLOCK_SIZE, ENTRIES_PER_BITMAP, INDEX_CSUM
                      MAX_METADATA_BLOCKS, IndexEntry, SpaceMapRoot, seal, verify)
 from .space_map import RefCounts
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
+if TYPE_CHECKING:
+    from dmtools.claims import Holder
+
 __all__ = ["EndpointMetadataDevice", "MetadataDevice", "TransactionManager"]
 
 _CACHE_LIMIT = 1 << 16  # decoded clean nodes kept (each a few KiB)
@@ -34,12 +38,29 @@ _CACHE_LIMIT = 1 << 16  # decoded clean nodes kept (each a few KiB)
 class MetadataDevice:
     """A metadata device or image file, read and written in 4096-byte blocks."""
 
+    _holder: Holder | None = None  # the claim of a writable open
+
     def __init__(self, path: str | os.PathLike[str], *, writable: bool = False) -> None:
+        """Open ``path``; ``writable`` also claims it (``dmtools.claims``) until :meth:`close`,
+        as thin-provisioning-tools open what they write ``O_EXCL``: a live pool's metadata (its
+        engine or the kernel holds it), a mounted device or one another tool holds is refused with
+        ``DeviceBusy`` before a byte is written."""
         self.path = os.fspath(path)
+        self._holder: Holder | None = None
+        if writable:
+            from dmtools.claims import Holder
+
+            self._holder = Holder("dmtools thin metadata")
+            try:
+                self._holder.claim(self.path)
+            except BaseException:
+                self._holder.close()
+                raise
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         try:
             self.fd = os.open(self.path, flags)
         except OSError as err:
+            self._release()
             raise DeviceIOError(f"cannot open metadata: {err.strerror}", device=self.path,
                                 operation="open", errno=err.errno) from err
         self.writable = writable
@@ -56,8 +77,14 @@ class MetadataDevice:
             self.size = os.lseek(self.fd, 0, os.SEEK_END)
         except BaseException:
             os.close(self.fd)
+            self._release()
             raise
         self.nr_blocks = self.size // BLOCK_SIZE
+
+    def _release(self) -> None:
+        if self._holder is not None:
+            self._holder.close()
+            self._holder = None
 
     # The device's primitives; ``EndpointMetadataDevice`` puts them on an Endpoint.
     def _size(self) -> int:
@@ -114,6 +141,7 @@ class MetadataDevice:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        self._release()
 
 
 class EndpointMetadataDevice(MetadataDevice):
