@@ -96,15 +96,40 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
     ids = set(args.dev_id) if args.dev_id else None
     as_json = getattr(args, "json", False)
+    if args.output:
+        _check_output(args.metadata, args.output, "dump")
     with ThinMetadata.open(args.metadata, snapshot=_snapshot_arg(args)) as md:
         # JSON is made whole before the output is opened; XML is written as it is made
         text = json.dumps(dump_json(md, dev_ids=ids, skip_mappings=args.skip_mappings), indent=2) if as_json else ""
-        with open(args.output, "w") if args.output else contextlib.nullcontext(sys.stdout) as out:
+        with _claimed(args.output), open(args.output, "w") if args.output else contextlib.nullcontext(sys.stdout) as out:
             if as_json:
                 out.write(text + "\n")
             else:
                 dump_xml(md, out, dev_ids=ids, skip_mappings=args.skip_mappings)
     return 0
+
+
+def _check_output(source: str, output: str, operation: str) -> None:
+    """Refuse an output that shares bytes with ``source`` under any spelling (``DeviceConflict``)
+    or that a live table maps (``DeviceBusy``): opening it for writing truncates it."""
+    from dmtools.inputs import check_devices, live_backends
+
+    backends = live_backends()
+    try:
+        check_devices({"the metadata": source, "--output": output}, backends=backends, operation=operation,
+                      in_use=["--output"], missing_ok=["--output"])
+    finally:
+        for b in backends:
+            b.close()
+
+
+def _claimed(path: str | None) -> contextlib.AbstractContextManager[object]:
+    """A claim of an existing ``path`` while it is written (``DeviceBusy`` when mounted or held)."""
+    if not path or not os.path.exists(path):
+        return contextlib.nullcontext()
+    from dmtools import claims
+
+    return claims.claim(path)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:

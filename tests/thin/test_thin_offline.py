@@ -287,3 +287,25 @@ def test_live_pool_metadata_is_not_rewritten_offline(engine: Any, tmp_path: Path
     assert main(["thin", "restore", "-q", "-i", str(xml), "-o", str(rig.meta)]) == 0
     thin_tools.check(rig.meta)
 
+
+def test_dump_output_that_is_an_input_or_in_use_is_refused(pool, engine: Any, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """``thin dump -o`` truncates its output: the metadata itself under any spelling (the path, a
+    symlink, a hard link, a relative path) is refused before it is opened, and so is a file a live
+    table holds (the in-process engine's claim); the bytes stay as they were."""
+    meta, data, _views = pool
+    (tmp_path / "link").symlink_to(meta)
+    (tmp_path / "hard").hardlink_to(meta)
+    monkeypatch.chdir(meta.parent)
+    before = meta.read_bytes(), data.read_bytes()
+    engine.create("user", f"0 {len(before[1]) // 512} linear {data} 0")
+    for out in (meta, tmp_path / "link", tmp_path / "hard", Path(meta.name), data):
+        assert main(["thin", "dump", str(meta), "-o", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert ("same bytes" in err if out != data else "claimed" in err) and err.count("\n") == 1, (out, err)
+        assert (meta.read_bytes(), data.read_bytes()) == before, out
+    engine.remove("user")
+    assert main(["thin", "dump", str(meta), "-o", str(tmp_path / "out.xml")]) == 0
+    assert main(["thin", "dump", str(meta)]) == 0
+    assert capsys.readouterr().out == (tmp_path / "out.xml").read_text()
