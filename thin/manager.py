@@ -32,7 +32,7 @@ import errno
 import math
 import shutil
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +51,8 @@ from dmtools.thin_messages import CreateSnap, CreateThin, Delete, PoolMessage, p
 from dmtools.thin_messages import set_transaction_id as _set_transaction_id
 from dmtools.units import SECTOR, int_in
 
-from thin.pool_record import RECORD_SECTORS, PoolRecord, ThinVolume, has_record, read_record, write_record
+from thin.pool_record import (RECORD_SECTORS, PoolRecord, ThinVolume, has_record, read_record, record_lock,
+                              write_record)
 
 __all__ = [
     "ThinPoolManager",
@@ -219,6 +220,13 @@ class ThinPoolManager:
         if record.name != name:
             raise CorruptMetadata(f"the pool record names pool {record.name!r}", operation=operation, device=name)
         return _Pool(name, record_dev, record)
+
+    @contextlib.contextmanager
+    def _locked(self, name: str, operation: str) -> Iterator[_Pool]:
+        """Active pool ``name``, read again under its record lock (:func:`~thin.pool_record.record_lock`),
+        which is held until the change is done: a second manager of the pool waits, then sees it."""
+        with record_lock(self._pool(name, operation).record_dev):
+            yield self._pool(name, operation)
 
     def _pool_status(self, pool: _Pool) -> ThinPoolStatus:
         lines = self.dm.status(pool.tpool)
@@ -389,6 +397,11 @@ class ThinPoolManager:
                                          ("error_if_no_space", error_if_no_space)) if on)
         ThinPool("metadata", "data", chunk_size, 0, features)  # the kernel's argument checks, early
         self._check_devices(metadata, data, "create")
+        with record_lock(metadata):  # one pool made on a device at a time: the second finds the first's record
+            return self._create_pool(name, metadata, data, chunk_size, features)
+
+    def _create_pool(self, name: str, metadata: str, data: str, chunk_size: int,
+                     features: tuple[str, ...]) -> PoolInfo:
         if has_record(metadata):
             raise DeviceBusy("the metadata device already holds a dmtools thin pool; use 'dmtools thin "
                              "activate' (or wipe its first 256 KiB to start over)", operation="create",
@@ -502,6 +515,10 @@ class ThinPoolManager:
         ``DeviceConflict`` and ``DeviceBusy`` (as :meth:`create_pool`).
         """
         self._require_targets("activate", metadata)
+        with record_lock(metadata):
+            return self._activate(metadata, data, volumes)
+
+    def _activate(self, metadata: str, data: str, volumes: bool) -> PoolInfo:
         record = read_record(metadata)
         name = record.name
         names = [name, *_layer_names(name)] + (sorted(record.volumes) if volumes else [])
@@ -535,7 +552,11 @@ class ThinPoolManager:
 
         Raises ``DeviceBusy`` (nothing removed) while a volume or the pool device is open.
         """
-        pool = self._pool(name, "deactivate")
+        with self._locked(name, "deactivate") as pool:
+            self._deactivate(pool)
+
+    def _deactivate(self, pool: _Pool) -> None:
+        name = pool.name
         active = [v for v, vol in sorted(pool.record.volumes.items()) if self._is_volume(pool, v, vol)]
         for dev in [*active, name]:
             if self.dm.info(dev).open_count:
@@ -551,8 +572,11 @@ class ThinPoolManager:
         maps at the pool's resume. All-or-nothing. Raises ``InvalidArgument`` when neither device
         grew.
         """
-        dm = self.dm
-        pool = self._pool(name, "extend")
+        with self._locked(name, "extend") as pool:
+            return self._extend(pool)
+
+    def _extend(self, pool: _Pool) -> PoolInfo:
+        dm, name = self.dm, pool.name
         rec = pool.record
         meta_target = self._single(pool.tmeta)
         data_target = self._single(pool.tdata)
@@ -595,18 +619,18 @@ class ThinPoolManager:
         if not int_in(percent, 1):
             raise InvalidArgument(f"extension percent must be a positive integer, not {percent!r}",
                                   operation="extend", device=name)
-        pool = self._pool(name, "extend")
-        rec = pool.record
-        if data:
-            target = self._single(pool.tdata)
-            step = max(1, math.ceil(rec.data_sectors * percent / 100 / rec.block_size)) * rec.block_size
-            grow_behind(target.device, (target.offset + rec.data_sectors + step) * SECTOR)
-        if metadata and rec.metadata_sectors < MAX_METADATA_SECTORS:
-            target = self._single(pool.tmeta)
-            new = min(rec.metadata_sectors + max(8, math.ceil(rec.metadata_sectors * percent / 100)),
-                      MAX_METADATA_SECTORS)
-            grow_behind(target.device, (target.offset + new) * SECTOR)
-        return self.extend(name)
+        with self._locked(name, "extend") as pool:
+            rec = pool.record
+            if data:
+                target = self._single(pool.tdata)
+                step = max(1, math.ceil(rec.data_sectors * percent / 100 / rec.block_size)) * rec.block_size
+                grow_behind(target.device, (target.offset + rec.data_sectors + step) * SECTOR)
+            if metadata and rec.metadata_sectors < MAX_METADATA_SECTORS:
+                target = self._single(pool.tmeta)
+                new = min(rec.metadata_sectors + max(8, math.ceil(rec.metadata_sectors * percent / 100)),
+                          MAX_METADATA_SECTORS)
+                grow_behind(target.device, (target.offset + new) * SECTOR)
+            return self._extend(pool)
 
     # -- volumes ---------------------------------------------------------------------------------------
     def _new_volume_checks(self, pool: _Pool, name: str, operation: str) -> int:
@@ -631,11 +655,11 @@ class ThinPoolManager:
         if not int_in(size, 1):
             raise InvalidArgument(f"a thin volume's size is a positive number of sectors, not {size!r}",
                                   operation="create", device=name)
-        p = self._pool(pool, "create")
-        dev_id = self._new_volume_checks(p, name, "create")
-        vol = ThinVolume(dev_id, size)
-        self._change(p, [CreateThin(dev_id)], {**p.record.volumes, name: vol}, "create")
-        self._activate_or_undo(p, name, vol, "create")
+        with self._locked(pool, "create") as p:
+            dev_id = self._new_volume_checks(p, name, "create")
+            vol = ThinVolume(dev_id, size)
+            self._change(p, [CreateThin(dev_id)], {**p.record.volumes, name: vol}, "create")
+            self._activate_or_undo(p, name, vol, "create")
         return self.status(pool, name)
 
     def _activate_or_undo(self, pool: _Pool, name: str, vol: ThinVolume, operation: str) -> None:
@@ -653,19 +677,23 @@ class ThinPoolManager:
         has the origin's size. All-or-nothing. Raises ``DeviceNotFound`` (no such origin),
         ``DeviceExists`` and ``PoolNotWritable``.
         """
-        p = self._pool(pool, "snapshot")
-        src = self._volume(p, origin, "snapshot")
-        dev_id = self._new_volume_checks(p, name, "snapshot")
-        vol = ThinVolume(dev_id, src.size, origin)
-        around = [origin] if self._is_volume(p, origin, src) else []
-        self._change(p, [CreateSnap(dev_id, src.dev_id)], {**p.record.volumes, name: vol}, "snapshot", around=around)
-        self._activate_or_undo(p, name, vol, "snapshot")
+        with self._locked(pool, "snapshot") as p:
+            src = self._volume(p, origin, "snapshot")
+            dev_id = self._new_volume_checks(p, name, "snapshot")
+            vol = ThinVolume(dev_id, src.size, origin)
+            around = [origin] if self._is_volume(p, origin, src) else []
+            self._change(p, [CreateSnap(dev_id, src.dev_id)], {**p.record.volumes, name: vol}, "snapshot",
+                         around=around)
+            self._activate_or_undo(p, name, vol, "snapshot")
         return self.status(pool, name)
 
     def remove(self, pool: str, name: str) -> None:
         """Deactivate thin volume ``name`` and delete it from the pool (``lvremove``; the data is
         gone). Raises ``DeviceNotFound`` and ``DeviceBusy`` (open: nothing changed)."""
-        p = self._pool(pool, "remove")
+        with self._locked(pool, "remove") as p:
+            self._remove(p, name)
+
+    def _remove(self, p: _Pool, name: str) -> None:
         vol = self._volume(p, name, "remove")
         active = self._is_volume(p, name, vol)
         if active and self.dm.info(name).open_count:
