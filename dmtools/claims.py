@@ -35,7 +35,7 @@ import os
 import stat
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 
 from dmtools.errors import DeviceBusy, DeviceNotFound, DMError
 from dmtools.linux import SYS_DEV_BLOCK, block_attr, mounts, parse_devno, sysfs_attr
@@ -44,7 +44,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.
 if TYPE_CHECKING:
     from typing import Hashable
 
-__all__ = ["Claim", "Holder", "claim", "busy_reason", "loops_over", "mount_of", "os_errors", "whole_disk"]
+__all__ = ["Claim", "Holder", "claim", "claim_writes", "busy_reason", "loops_over", "mount_of", "os_errors", "whole_disk"]
 
 class Claim:
     """One device claimed by a :class:`Holder`; :meth:`release` gives it back (once)."""
@@ -268,6 +268,22 @@ def claim(path: "str | os.PathLike[str]", *, holder: str | None = None) -> Itera
         yield owner.claim(os.fspath(path))
     finally:
         owner.close()
+
+
+def claim_writes(target: "str | os.PathLike[str]", *, holder: str | None = None) -> "AbstractContextManager[Claim | None]":
+    """:func:`claim` of what ``open_endpoint(target, writable=True)`` writes directly (a path, or a
+    ``MAJOR:MINOR`` that names no file), for a tool that writes a device before a table claims
+    it; an NBD URI has nothing to claim here (its server holds the bytes): ``None``."""
+    from dmtools.nbd.uri import is_nbd_uri
+
+    ref = os.fspath(target)
+    if is_nbd_uri(ref):
+        return nullcontext()
+    if parse_devno(ref) is not None and not os.path.exists(ref):
+        from dmtools.blockdev import resolve_devno
+
+        ref = resolve_devno(ref)
+    return claim(ref, holder=holder)
 
 
 @contextmanager

@@ -180,9 +180,11 @@ class SnapshotManager:
 
     @staticmethod
     def _wipe_header(cow: str) -> None:
+        """Zero the COW's header; a COW mounted, held or claimed elsewhere is refused first."""
         from dmtools.blockdev import open_endpoint
+        from dmtools.claims import claim_writes
 
-        with open_endpoint(cow, writable=True) as dev:
+        with claim_writes(cow, holder="dmtools snapshot create"), open_endpoint(cow, writable=True) as dev:
             dev.write(bytes(min(COW_WIPE_BYTES, dev.size)), 0)
             dev.flush()
 

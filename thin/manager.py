@@ -38,6 +38,7 @@ from typing import Any
 
 from dmtools.backend import DeviceMapper
 from dmtools.blockdev import BlockDevice, resolve_devno
+from dmtools.claims import claim_writes
 from dmtools.errors import (CorruptMetadata, DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument,
                             PoolNotWritable, TargetNotSupported, quietly)
 from dmtools.file_backing import grow_behind
@@ -417,7 +418,9 @@ class ThinPoolManager:
             raise InvalidArgument(f"the data device is smaller than one chunk ({chunk_size * SECTOR} bytes)",
                                   operation="create", device=data)
         record = PoolRecord(name, chunk_size, features, 0, data_sectors, meta_sectors)
-        with BlockDevice(metadata, writable=True) as meta_dev:
+        # a device mounted, held or claimed elsewhere is refused before this write, not by the table after it
+        with claim_writes(metadata, holder="dmtools thin pool create"), \
+                BlockDevice(metadata, writable=True) as meta_dev:
             meta_dev.write(bytes(RECORD_SECTORS * SECTOR + min(_WIPE_BYTES, meta_sectors * SECTOR)), 0)
             meta_dev.flush()
         try:

@@ -205,3 +205,27 @@ def test_claims_of_one_device_racing_in_one_holder_all_nest(make_image: Callable
         assert not holder.holds(("blk", (lo.major, lo.minor)))
     with claims.claim(lo.path):
         pass
+
+
+def test_managers_write_nothing_on_a_mounted_device(backend: DeviceMapper, lo: Any, mounted: str, dm_name: str,
+                                                     make_image: Callable[..., Path],
+                                                     make_loop: Callable[..., Any]) -> None:
+    """``snapshot create`` zeroes the COW's header and ``thin pool create`` the start of the
+    metadata device before a table claims them: a mounted COW or metadata device is refused
+    with DeviceBusy before that write, so its file system keeps its superblock (the ext4 magic
+    0xEF53 at byte 1080), and no device is left behind."""
+    from dmtools.testing.blockio import read_uncached
+    from snapshot import SnapshotManager
+    from thin.manager import ThinPoolManager
+
+    assert read_uncached(lo.path, 2, 1080) == b"\x53\xef"
+    backend.create(dm_name, f"0 {SECTORS} linear {make_loop(make_image(16 * MiB)).path} 0")
+    try:
+        with pytest.raises(DeviceBusy, match=f"mounted on {mounted}"):
+            SnapshotManager(backend).create(dm_name, lo.path, f"s{dm_name}")
+        with pytest.raises(DeviceBusy, match=f"mounted on {mounted}"):
+            ThinPoolManager(backend).create_pool(f"p{dm_name}", lo.path, make_loop(make_image(16 * MiB)).path)
+        assert [e.name for e in backend.list() if dm_name in e.name] == [dm_name]
+    finally:
+        backend.remove(dm_name)
+    assert read_uncached(lo.path, 2, 1080) == b"\x53\xef" and os.path.ismount(mounted)

@@ -194,3 +194,21 @@ def test_extend_refusals_change_nothing(vol: tuple[Any, bytes], tmp_path: Path) 
         mgr.extend("vol", 20)
     assert Path(path).stat().st_size == 16 * CB
     assert {n: str(eng.table(n)) for n in tables} == tables
+
+
+def test_a_cow_held_by_another_tool_is_not_wiped(vol: tuple[Any, bytes], tmp_path: Path) -> None:
+    """``create`` zeroes the COW's header before its tables claim the COW: a COW that another
+    tool, an engine or a mount holds (``dmtools.claims``; the root tier mounts one) is refused
+    with DeviceBusy before that write, and its bytes stay as they were."""
+    from dmtools import claims
+
+    eng, data = vol
+    c = cow(tmp_path, "held")
+    before = Path(c).read_bytes()
+    with claims.claim(c, holder="another tool"):
+        with pytest.raises(DeviceBusy, match="claimed"):
+            SnapshotManager(eng).create("vol", c, "s1")
+        assert Path(c).read_bytes() == before
+    assert sorted(e.name for e in eng.list()) == ["vol"] and read(eng, "vol") == data
+    SnapshotManager(eng).create("vol", c, "s1")  # released: the same create goes through
+    assert Path(c).read_bytes()[:4] != before[:4]

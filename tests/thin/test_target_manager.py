@@ -163,3 +163,21 @@ def test_two_managers_of_one_pool_take_turns(engine: Any, make_image: Any) -> No
         with engine.open_endpoint(tag) as ep:
             assert read(ep, 0, 4096) == pattern(ord(tag), 4096)
     mgr.deactivate("p")
+
+
+def test_a_metadata_device_held_by_another_tool_is_not_wiped(engine: Any, make_image: Any) -> None:
+    """``create_pool`` zeroes the start of the metadata device before its tables claim it: a device
+    another tool, an engine or a mount holds (``dmtools.claims``; the root tier mounts one) is
+    refused with DeviceBusy before that write, and its bytes stay as they were."""
+    import pytest
+
+    from dmtools import claims
+    from dmtools.errors import DeviceBusy
+
+    meta, data = make_image(8 << 20, "meta", fill=b"\x5a"), make_image(64 << 20, "data")
+    with claims.claim(meta, holder="another tool"):
+        with pytest.raises(DeviceBusy, match="claimed"):
+            ThinPoolManager(engine).create_pool("p", str(meta), str(data))
+        assert meta.read_bytes() == b"\x5a" * (8 << 20) and engine.list() == []
+    ThinPoolManager(engine).create_pool("p", str(meta), str(data))  # released: it goes through
+    ThinPoolManager(engine).deactivate("p")
