@@ -26,7 +26,7 @@ from dmtools.errors import (DeviceBusy, DeviceExists, DeviceNotFound, DMError, I
                             SnapshotInvalid, quietly)
 from dmtools.file_backing import backing_file, grow_file
 from dmtools.linux import block_attr, parse_devno
-from dmtools.names import MAX_UUID_BYTES, validate_name
+from dmtools.names import MAX_UUID_BYTES, validate_name, validate_uuid
 from dmtools.reload import reload_stack
 from dmtools.status import SnapshotState, SnapshotStatus, parse_snapshot_status
 from dmtools.table import Table
@@ -274,16 +274,18 @@ class SnapshotManager:
         had_real = isinstance(otarget, SnapshotOrigin)
         suspended = False
         reloaded = False
+        if not had_real:  # the -real device's name and uuid are checked before the COW is written
+            uuid = dm.info(origin).uuid
+            real_uuid = validate_uuid(f"{uuid}-real" if uuid else "")
+            if dm.exists(validate_name(real_name)):
+                raise DeviceExists("device already exists", operation="create", device=real_name)
         if wipe:
             self._wipe_header(cow)
         try:
             if had_real:
                 real_ref = otarget.origin
             else:
-                if dm.exists(real_name):
-                    raise DeviceExists("device already exists", operation="create", device=real_name)
-                uuid = dm.info(origin).uuid
-                dm.create(real_name, origin_table, uuid=f"{uuid}-real" if uuid else "")
+                dm.create(real_name, origin_table, uuid=real_uuid)
                 created.append(real_name)
                 real_ref = dm.device_ref(real_name)
             cow_uuid = f"{dm.info(origin).uuid}-{name}-cow" if dm.info(origin).uuid else ""

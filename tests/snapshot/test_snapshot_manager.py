@@ -212,3 +212,24 @@ def test_a_cow_held_by_another_tool_is_not_wiped(vol: tuple[Any, bytes], tmp_pat
     assert sorted(e.name for e in eng.list()) == ["vol"] and read(eng, "vol") == data
     SnapshotManager(eng).create("vol", c, "s1")  # released: the same create goes through
     assert Path(c).read_bytes()[:4] != before[:4]
+
+
+@pytest.mark.parametrize("case", ["long name", "long uuid", "-real exists"])
+def test_a_real_device_that_cannot_be_made_leaves_the_cow_alone(engine: Any, tmp_path: Path, case: str) -> None:
+    """The first snapshot of an origin makes ``ORIGIN-real`` with the uuid ``UUID-real``: when that
+    name or uuid is too long for the kernel (127 / 128 bytes) or the name is taken, ``create``
+    fails before it zeroes the COW's header, and nothing is made."""
+    from dmtools.errors import InvalidName
+
+    origin = "o" * 125 if case == "long name" else "vol"
+    img = tmp_path / "vol.img"
+    img.write_bytes(random.Random(5).randbytes(SIZE))
+    engine.create(origin, f"0 {SIZE // 512} linear {img} 0", uuid="u" * 125 if case == "long uuid" else "")
+    if case == "-real exists":
+        engine.create("vol-real", "0 8 zero")
+    c = cow(tmp_path, "s1")
+    before = Path(c).read_bytes()
+    with pytest.raises(DeviceExists if case == "-real exists" else InvalidName):
+        SnapshotManager(engine).create(origin, c, "s1")
+    assert Path(c).read_bytes() == before
+    assert sorted(e.name for e in engine.list()) == sorted([origin] + (["vol-real"] if case == "-real exists" else []))
