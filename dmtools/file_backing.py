@@ -43,20 +43,23 @@ def backing_file(ref: str) -> tuple[str, str | None]:
 
 
 def grow_file(path: str, size: int, loop_path: str | None = None) -> None:
-    """Make ``path`` at least ``size`` bytes, allocated (``posix_fallocate``; sparse where unsupported),
-    and make ``loop_path``, a loop device over it (:func:`backing_file`), take the new capacity
-    (``LOOP_SET_CAPACITY``). Raises ``DMError`` when the file or the loop device could not grow."""
+    """Make ``loop_path``, a loop device over ``path`` (:func:`backing_file`), or else ``path``
+    itself, at least ``size`` bytes: the file grows, allocated (``posix_fallocate``; sparse where
+    unsupported), to the loop device's offset plus ``size``, and the loop device takes the new
+    capacity (``LOOP_SET_CAPACITY``). Raises ``DMError`` when the file or the loop device could
+    not grow."""
+    end = size + (loop.info(loop_path).offset if loop_path is not None else 0)
     current = os.stat(path).st_size
-    if current < size:
+    if current < end:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
             try:
-                os.posix_fallocate(fd, current, size - current)
+                os.posix_fallocate(fd, current, end - current)
             except OSError as err:
                 if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise DMError(f"cannot grow {path} to {size} bytes: {err.strerror}",
+                    raise DMError(f"cannot grow {path} to {end} bytes: {err.strerror}",
                                   errno=err.errno, operation="extend") from err
-                os.ftruncate(fd, size)
+                os.ftruncate(fd, end)
             os.fsync(fd)
         finally:
             os.close(fd)

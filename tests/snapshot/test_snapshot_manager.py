@@ -233,3 +233,24 @@ def test_a_real_device_that_cannot_be_made_leaves_the_cow_alone(engine: Any, tmp
         SnapshotManager(engine).create(origin, c, "s1")
     assert Path(c).read_bytes() == before
     assert sorted(e.name for e in engine.list()) == sorted([origin] + (["vol-real"] if case == "-real exists" else []))
+
+
+@pytest.mark.root
+def test_extend_grows_a_cow_on_a_loop_device_with_an_offset(vol: tuple[Any, bytes], tmp_path: Path,
+                                                             make_loop: Any) -> None:
+    """A COW on a loop device that starts ``offset`` bytes into its file (``losetup -o``) grows by
+    growing the file to offset + the new size; the bytes before the offset stay as they were."""
+    eng, data = vol
+    mgr = SnapshotManager(eng)
+    img = tmp_path / "shared.img"
+    img.write_bytes(b"\x77" * (64 * CB) + bytes(16 * CB))  # someone else's 256 KiB, then the COW
+    lo = make_loop(img, offset=64 * CB)
+    mgr.create("vol", lo.path, "s1")
+    write(eng, "vol", b"a" * 10 * CB, 0)
+    res = mgr.extend("s1", 50)
+    assert (res.old_bytes, res.new_bytes, res.loop) == (16 * CB, 24 * CB, lo.path)
+    assert img.stat().st_size == 88 * CB and eng.table("s1-cow").size == 24 * CB // 512
+    write(eng, "vol", b"b" * 10 * CB, 10 * CB)  # more chunks than the old COW held
+    assert mgr.status("s1").state == "active" and read(eng, "s1") == data
+    mgr.remove("s1")
+    assert img.read_bytes()[:64 * CB] == b"\x77" * (64 * CB)

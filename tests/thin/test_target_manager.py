@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 from target_rig import pattern, read
 from thin.manager import ThinPoolManager
 from thin.pool_record import RECORD_SECTORS
@@ -181,3 +182,20 @@ def test_a_metadata_device_held_by_another_tool_is_not_wiped(engine: Any, make_i
         assert meta.read_bytes() == b"\x5a" * (8 << 20) and engine.list() == []
     ThinPoolManager(engine).create_pool("p", str(meta), str(data))  # released: it goes through
     ThinPoolManager(engine).deactivate("p")
+
+
+@pytest.mark.root
+def test_autoextend_grows_a_data_loop_device_with_an_offset(engine: Any, make_image: Any, tmp_path: Path,
+                                                            make_loop: Any) -> None:
+    """``autoextend`` of a pool whose data device is a loop device starting 1 MiB into its file
+    grows the file to that offset plus the new size, and the pool takes the new blocks."""
+    img = tmp_path / "shared.img"
+    img.write_bytes(b"\x77" * (1 << 20) + bytes(16 << 20))
+    lo = make_loop(img, offset=1 << 20)
+    mgr = ThinPoolManager(engine)
+    mgr.create_pool("p", str(make_image(8 << 20, "meta")), lo.path)
+    assert mgr.pool_status("p").status.total_data == 256
+    assert mgr.autoextend("p", 50).status.total_data == 384
+    assert img.stat().st_size == (1 << 20) + (24 << 20)
+    mgr.deactivate("p")
+    assert img.read_bytes()[:1 << 20] == b"\x77" * (1 << 20)
