@@ -4,14 +4,16 @@ output is claimed (:mod:`dmtools.claims`): no engine, mount or other tool uses i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 
 from dmtools.blockdev import BlockDevice
 from dmtools.claims import Holder
+from dmtools.endpoint import Endpoint
 from dmtools.errors import DeviceIOError, InvalidArgument
 
-__all__ = ["open_output"]
+__all__ = ["discard_output", "open_output"]
 
 
 def open_output(out: str | os.PathLike[str], size: int | None, least: int, *, force: bool, holder: Holder,
@@ -61,3 +63,13 @@ def open_output(out: str | os.PathLike[str], size: int | None, least: int, *, fo
         dev.close()
         raise DeviceIOError(f"cannot size output: {err.strerror}", device=path, operation=operation) from err
     return dev, want, False, action
+
+
+def discard_output(dev: Endpoint, out: str | os.PathLike[str], action: str) -> None:
+    """Close the output of an export that failed; a file :func:`open_output` created (``action``
+    says so) is removed again, so a partial image is not left to pass for a whole one (as ``dmtools
+    copy`` removes the files it made). An existing file or a block device stays as written."""
+    dev.close()
+    if action.startswith("created "):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out)

@@ -17,7 +17,7 @@ from dmtools.claims import Holder
 from dmtools.endpoint import Endpoint
 from dmtools.errors import CorruptMetadata, InvalidArgument, SnapshotInvalid
 from dmtools.linux import DEVNO
-from dmtools.output import open_output
+from dmtools.output import discard_output, open_output
 from kcopyd.overlap import device_key, path_key
 from kcopyd.progress import CopyTally, ProgressFn
 
@@ -240,6 +240,12 @@ def export(origin: "str | os.PathLike[str] | Endpoint", cow: "str | os.PathLike[
         tally.check(dst.name, "export")
         dst.flush()
         return ExportResult(size, len(store.table), runs, action)
+    except BaseException:
+        if own_dst and dst is not None:
+            assert not isinstance(out, Endpoint)
+            discard_output(dst, out, action)
+            dst = None
+        raise
     finally:
         if own_dst and dst is not None:
             dst.close()

@@ -18,7 +18,7 @@ from dmtools.claims import Holder
 from dmtools.endpoint import Endpoint
 from dmtools.errors import CorruptMetadata, InvalidArgument
 from dmtools.inputs import check_devices
-from dmtools.output import open_output
+from dmtools.output import discard_output, open_output
 from dmtools.units import SECTOR
 from kcopyd.progress import CopyTally, ProgressFn
 
@@ -198,6 +198,11 @@ def export(metadata: str | os.PathLike[str], data: str | os.PathLike[str], dev_i
         tally.check(dst.name, "export")
         dst.flush()
         return ExportResult(vol, sum(n for _vb, _db, n, _t in runs), len(runs), action)
+    except BaseException:
+        if dst is not None:
+            discard_output(dst, out, action)
+            dst = None
+        raise
     finally:
         if dst is not None:
             dst.close()

@@ -132,7 +132,8 @@ def test_output_must_differ(tmp_path: Path) -> None:
 @pytest.mark.parametrize("failing", ["origin", "cow"])
 def test_a_failed_copy_is_raised_with_what_it_copied(tmp_path: Path, failing: str) -> None:
     """A read error on the origin stops the export before the exceptions are copied; one on the
-    COW's data chunks is raised after them, naming the chunks (kcopyd.progress.CopyTally)."""
+    COW's data chunks is raised after them, naming the chunks (kcopyd.progress.CopyTally). The
+    output file the export created is removed: no partial image is left to pass for a whole one."""
     origin, cow, _ = snapshot_by_hand(tmp_path, [10, 11, 40])
     with BlockDevice(origin) as odev, BlockDevice(cow) as cdev:
         if failing == "origin":
@@ -145,6 +146,7 @@ def test_a_failed_copy_is_raised_with_what_it_copied(tmp_path: Path, failing: st
     assert want in str(info.value) and info.value.operation == "export"
     if failing == "origin":
         assert "exception" not in str(info.value)
+    assert not (tmp_path / "out.img").exists()
 
 
 def test_open_endpoints_are_compared_by_what_they_are_open_on(tmp_path: Path) -> None:

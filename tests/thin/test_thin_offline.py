@@ -309,3 +309,23 @@ def test_dump_output_that_is_an_input_or_in_use_is_refused(pool, engine: Any, tm
     assert main(["thin", "dump", str(meta), "-o", str(tmp_path / "out.xml")]) == 0
     assert main(["thin", "dump", str(meta)]) == 0
     assert capsys.readouterr().out == (tmp_path / "out.xml").read_text()
+
+
+@pytest.mark.root
+def test_export_whose_data_device_fails_removes_the_file_it_made(pool, exposed_engine: Any, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The data device fails reads past its first 256 KiB (an ``error`` target of an engine's exposed
+    device): the export exits 1 naming the blocks it could not copy, and the output file it
+    created is gone, not left as a whole-sized image with holes where the data was."""
+    meta, data, _views = pool
+    exposed_engine.create("bad-dmtt", f"0 512 linear {data} 0\n512 {64 * BS - 512} error")
+    out = tmp_path / "vol.img"
+    argv = ["thin", "export", "--metadata", str(meta), "--data", exposed_engine.device_path("bad-dmtt"), "--id", "1"]
+    assert main([*argv, str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "copying blocks 0..9 failed (read_err=1" in err and err.count("\n") == 1, err
+    assert not out.exists()
+    out.write_bytes(b"\x33" * 4096)  # a file that was there before stays (rewritten, as --force said)
+    assert main([*argv, "--force", str(out)]) == 1
+    assert out.exists()
+    exposed_engine.remove("bad-dmtt")
