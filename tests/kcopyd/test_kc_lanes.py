@@ -15,7 +15,7 @@ import pytest
 
 import kcopyd
 from dmtools.blockdev import BlockDevice
-from dmtools.testing.faults import FaultyEndpoint, MemoryEndpoint, SlowEndpoint
+from dmtools.testing.faults import FaultyEndpoint, MemoryEndpoint, SlowEndpoint, WrappedEndpoint
 from kc_helpers import TIMEOUT, Recorder, pattern
 
 KiB = 1024
@@ -63,16 +63,65 @@ def _copy_ok(src: Any, dests: list[FileLike], size: int, flags: int = 0) -> None
         assert job.wait(TIMEOUT) and job.ok
 
 
-def test_file_destinations_take_one_write_at_a_time_in_order():
-    size = 2 * MiB
-    data = pattern(size, seed=3)
-    src = MemoryEndpoint(data)
-    dests = [FileLike(MemoryEndpoint(size)) for _ in range(3)]
-    _copy_ok(src, dests, size)
+class HeldRead(WrappedEndpoint):
+    """A source whose read at ``held`` waits until a destination has started writing a piece
+    after it (``later``): that piece's read then finishes after later ones, whatever the
+    machine's load."""
+
+    def __init__(self, inner: Any, held: int) -> None:
+        super().__init__(inner)
+        self.held = held
+        self.later = threading.Event()
+
+    def readinto(self, buf: Any, offset: int) -> int:
+        if offset == self.held:
+            assert self.later.wait(TIMEOUT), "no later piece was written"
+        return self.inner.readinto(buf, offset)
+
+
+class LaterSeen(FileLike):
+    """A :class:`FileLike` that tells ``source`` when a piece after its held one is written."""
+
+    def __init__(self, inner: Any, source: HeldRead) -> None:
+        super().__init__(inner)
+        self.source = source
+
+    def write(self, buf: Any, offset: int) -> int:
+        if offset > self.source.held:
+            self.source.later.set()
+        return super().write(buf, offset)
+
+
+def _one_at_a_time_in_one_order(dests: list[FileLike], data: bytes) -> list[int]:
+    """Every destination holds ``data``, took one write at a time and every piece once, and all
+    took them in the same order (the order their reads finished: a piece is queued in every lane
+    at once); returns that order."""
     for d in dests:
         assert bytes(d.inner.data) == data
         assert d.max_active == 1
-        assert d.order == sorted(d.order) and len(d.order) == size // SUB
+        assert sorted(d.order) == list(range(0, len(data), SUB))
+    assert all(d.order == dests[0].order for d in dests)
+    return dests[0].order
+
+
+def test_file_destinations_take_one_write_at_a_time_in_read_order():
+    size = 2 * MiB
+    data = pattern(size, seed=3)
+    dests = [FileLike(MemoryEndpoint(size)) for _ in range(3)]
+    _copy_ok(MemoryEndpoint(data), dests, size)
+    _one_at_a_time_in_one_order(dests, data)
+
+
+def test_a_piece_read_late_is_written_late_not_waited_for():
+    """Without WRITE_SEQ a lane writes pieces as their reads finish, not in offset order (it does
+    not stall on a slow read): the second piece, read last, is written after later ones."""
+    size = 2 * MiB
+    data = pattern(size, seed=3)
+    src = HeldRead(MemoryEndpoint(data), held=SUB)
+    dests: list[FileLike] = [LaterSeen(MemoryEndpoint(size), src) for _ in range(3)]
+    _copy_ok(src, dests, size)
+    order = _one_at_a_time_in_one_order(dests, data)
+    assert order.index(SUB) > min(order.index(o) for o in order if o > SUB)
 
 
 def test_other_destinations_keep_several_writes_in_flight():
