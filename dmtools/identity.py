@@ -9,7 +9,8 @@ objects its data lives on:
 * a block device that maps nothing further: ``("blk", major, minor)``;
 * a regular file: ``("file", st_dev, st_ino)`` (a file is never followed further: its file
   system's device is not "its" bytes);
-* an NBD export: ``("nbd", normalized_uri)``.
+* an NBD export: ``("nbd", server, export name)``, the server its Unix socket's inode (or path
+  when there is none), or its transport, canonical host and port (:func:`normalize_nbd_uri`).
 
 On the way down a loop device contributes its backing file and byte range (sysfs
 ``loop/backing_file``, ``offset``, ``sizelimit``; ``drivers/block/loop.c``), a partition its
@@ -46,11 +47,10 @@ from dmtools.units import SECTOR
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.backend import DeviceMapper
+    from dmtools.nbd.uri import NbdUri
 
 __all__ = ["Extent", "Identity", "identify", "devno_of", "ensure_disjoint", "users", "DeviceConflict"]
 
-#: NBD's registered port (``doc/uri.md`` of the NBD protocol).
-NBD_PORT = 10809
 _DEV_BLOCK = re.compile("/dev/block/" + DEVNO.pattern)
 _NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock")
 
@@ -257,8 +257,8 @@ class _Resolver:
         """``(path, node, via)`` for a reference as a caller or a table spells it."""
         scheme = ref.split(":", 1)[0].lower() if "://" in ref else ""
         if scheme in _NBD_SCHEMES:
-            uri = normalize_nbd_uri(ref)
-            return uri, _Leaf(("nbd", uri)), (uri,)
+            uri, base = _nbd_base(ref, cwd)
+            return uri, _Leaf(base), (uri,)
         m = DEVNO.fullmatch(ref) or _DEV_BLOCK.fullmatch(ref)
         if m and (not ref.startswith("/") or not os.path.lexists(ref)):
             # /dev/block/M:m is udev's spelling; where udev made no such link it means the same
@@ -449,18 +449,64 @@ def _dev_path(devno: tuple[int, int]) -> str:
     return f"/dev/block/{devno[0]}:{devno[1]}"
 
 
-def normalize_nbd_uri(uri: str) -> str:
-    """One spelling per NBD export: lower-case scheme and host, the default port made explicit."""
-    parts = urllib.parse.urlsplit(uri)
-    scheme = parts.scheme.lower()
-    netloc = parts.netloc
-    if "unix" not in scheme and "vsock" not in scheme:
-        host = (parts.hostname or "localhost").lower()
-        host = f"[{host}]" if ":" in host else host
-        netloc = f"{host}:{parts.port or NBD_PORT}"
-    query = "&".join(sorted(q for q in parts.query.split("&") if q))
-    export = parts.path[1:] if parts.path.startswith("/") else parts.path
-    return f"{scheme}://{netloc}/{export}" + (f"?{query}" if query else "")
+def normalize_nbd_uri(uri: str, cwd: str | None = None) -> str:
+    """One spelling per NBD export: ``nbd://HOST:PORT/EXPORT`` (the host lower-case, an address in
+    its canonical form, the default port explicit), ``nbd+unix:///EXPORT?socket=PATH`` (the
+    socket's path made absolute in ``cwd``, default the caller's working directory, its symlinks
+    resolved) or ``nbd+vsock://CID:PORT/EXPORT``, the export name quoted one way. TLS (``nbds``),
+    a user name and the query's other keys choose how the export is reached, not which bytes it
+    is: they are left out. Raises ``InvalidArgument`` for a bad URI."""
+    from dmtools.nbd.uri import parse_uri
+
+    parsed = parse_uri(uri)
+    export = urllib.parse.quote(parsed.export, safe="/")
+    if parsed.transport == "unix":
+        return f"nbd+unix:///{export}?socket={urllib.parse.quote(_socket_path(parsed, cwd), safe='/')}"
+    host = _canonical_host(parsed.host)
+    host = f"[{host}]" if ":" in host else host
+    scheme = "nbd" if parsed.transport == "tcp" else "nbd+vsock"
+    return f"{scheme}://{host}:{parsed.port}/{export}"
+
+
+def _socket_path(parsed: "NbdUri", cwd: str | None) -> str:
+    """The real path of a Unix-socket URI's socket (relative to ``cwd``, symlinks resolved)."""
+    raw = dict(parsed.query)["socket"]
+    return os.path.realpath(os.path.join(cwd if cwd is not None else os.getcwd(), raw))
+
+
+def _canonical_host(host: str) -> str:
+    """A host name lower-case; an address in its one canonical form (``::ffff:127.0.0.1`` is
+    ``127.0.0.1``, ``0:0::1`` is ``::1``)."""
+    import ipaddress
+
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower()
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.compressed
+
+
+def _nbd_base(uri: str, cwd: str | None) -> tuple[str, tuple]:  # type: ignore[type-arg]
+    """``(normalized URI, the base of the export's extents)``: the base names the
+    server and the export; a Unix socket that exists is its inode (a hard link or a bind mount
+    of it is the same server)."""
+    from dmtools.nbd.uri import parse_uri
+
+    norm = normalize_nbd_uri(uri, cwd)
+    parsed = parse_uri(norm)
+    server: tuple  # type: ignore[type-arg]
+    if parsed.transport == "unix":
+        try:
+            st = os.stat(parsed.socket)
+        except OSError:
+            st = None
+        server = ("unix", st.st_dev, st.st_ino) if st is not None and stat.S_ISSOCK(st.st_mode) \
+            else ("unix", parsed.socket)
+    else:
+        server = (parsed.transport, parsed.host.lower(), parsed.port)
+    return norm, ("nbd", server, parsed.export)
 
 
 # --- the public API ---------------------------------------------------------------------------------

@@ -339,13 +339,17 @@ class Client(InlineJobs):
 
     def _identities(self, src: Region | None, dests: list[Region], allow_in_use: bool) -> list[Any]:
         """Identities of the regions given by path (once per job), after refusing a destination
-        that a live table maps; ``[]`` when every region is an endpoint, or when every path is a
-        regular file (or one NBD URI) and no backend can hold one (two regular files share bytes
+        that a live table maps; ``[]`` when every region is an endpoint (but for two NBD exports
+        given as endpoints: one export may be named twice), or when every path is a regular file
+        (or one NBD export in all) and no backend can hold one (two regular files share bytes
         only as one inode, which the job's spans compare: ``kcopyd.overlap``)."""
         regions = [src, *dests]
         paths = [r for r in regions if isinstance(r, Region) and not isinstance(r.dev, Endpoint)]
+        # Endpoints that know their identity (NbdEndpoint's, a class attribute: not computed here)
+        exports = sum(1 for r in regions if r is not None and isinstance(r.dev, Endpoint)
+                      and getattr(type(r.dev), "identity", None) is not None)
         if not paths:
-            return []
+            return region_identities(regions) if exports > 1 else []
         if self._backends is None:
             if not _backend_may_be_live():
                 self._backends = []
@@ -355,7 +359,7 @@ class Client(InlineJobs):
                 self._backends = live_backends()
         # One NBD export shares no bytes with a file (its identity is the export's URI).
         files = [r for r in paths if not is_nbd_uri(r.dev)]
-        if not self._backends and len(paths) - len(files) <= 1 and all(_regular_file(r.dev) for r in files):
+        if not self._backends and len(paths) - len(files) + exports <= 1 and all(_regular_file(r.dev) for r in files):
             return []
         ids = region_identities(regions, self._backends)
         if not allow_in_use:

@@ -122,7 +122,11 @@ def plan_overlap(src: tuple[Span, str] | None, dests: Sequence[tuple[Span, str]]
             else:
                 same = True
         elif _share(ids[0], ids[1 + i]):
+            nbd = _nbd_path(ids[0], ids[1 + i])
             raise InvalidArgument(
+                f"the source ({sname}) and destination {i} ({dname}) share bytes of one NBD export "
+                f"({nbd}); a copy within an export is refused (its connections give no memmove order)"
+                if nbd else
                 f"the source ({sname}) and destination {i} ({dname}) share bytes through different "
                 "devices; name one device for both to copy within it as memmove",
                 operation="copy",
@@ -145,20 +149,30 @@ def _share(a: Any | None, b: Any | None) -> bool:
     return a is not None and b is not None and bool(a.overlaps(b))
 
 
+def _nbd_path(a: Any, b: Any) -> str:
+    """The export (its one spelling) when the two identities share an NBD export's bytes, else ``""``."""
+    shared = {x.base for x in a.extents} & {x.base for x in b.extents}
+    return a.path if any(base[0] == "nbd" for base in shared) else ""
+
+
 def region_identities(regions: Sequence[Any | None], backends: Sequence["DeviceMapper"] = ()) -> list["Identity | None"]:
     """The bytes each region given by path covers (``None`` for endpoints and ``None``).
 
     Resolved through the userspace backend among ``backends`` when one is there, so that its
     exposed devices are seen through. Endpoints handed in by callers (the userspace targets'
-    own copies) are not resolved: that would cost a resolution per chunk copied.
+    own copies) are not resolved: that would cost a resolution per chunk copied; an endpoint
+    that knows its identity (an NBD export's, resolved once per endpoint) gives it.
     """
     from dmtools.identity import identify
 
     dm = next((b for b in backends if b.backend == "userspace"), None)
     out: list[Identity | None] = []
     for r in regions:
-        if r is None or isinstance(r.dev, Endpoint):
+        if r is None:
             out.append(None)
+        elif isinstance(r.dev, Endpoint):
+            ident = getattr(r.dev, "identity", None)
+            out.append(None if ident is None else ident.slice(r.offset, r.nbytes))
         else:
             out.append(identify(os.fspath(r.dev), dm=dm).slice(r.offset, r.nbytes))
     return out

@@ -50,6 +50,8 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.
 if TYPE_CHECKING:
     from typing import Any, Callable
 
+    from dmtools.identity import Identity
+
     #: A command: the libnbd ``aio_*`` method, its arguments before ``completion``, its flags.
     _Cmd = tuple[str, tuple[Any, ...], int]
 
@@ -578,6 +580,7 @@ class NbdEndpoint(Endpoint):
         self._fast_zero = True
         self._extents_lock = threading.Lock()
         self._extents: tuple[int, int, float, list[tuple[int, int]]] | None = None
+        self._identity: Identity | None = None
         first = self._connect(0)
         try:
             h = first.h
@@ -664,6 +667,18 @@ class NbdEndpoint(Endpoint):
     @property
     def read_only(self) -> bool:
         return self._export_ro or not self._writable
+
+    @property
+    def identity(self) -> "Identity":
+        """The export's bytes as :mod:`dmtools.identity` knows them (one export named two ways,
+        by a symlink, a relative path or ``nbds://``, is one identity), so kcopyd refuses a
+        copy whose regions share bytes of it even when they are handed in as endpoints."""
+        ident = self._identity
+        if ident is None:
+            from dmtools.identity import identify
+
+            ident = self._identity = identify(self.uri.text)
+        return ident
 
     @property
     def connections(self) -> int:

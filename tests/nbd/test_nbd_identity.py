@@ -1,0 +1,129 @@
+"""One export named two ways: a symlink or hard link to its socket, a relative socket path,
+``./`` in it, a percent-encoded export name, ``nbds://``, TLS keys in the query, an address
+spelled another way. Each names the same bytes, so kcopyd, mirror legs and a snapshot's COW refuse
+what they refuse for one spelling.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import kcopyd
+from dmtools.errors import DeviceConflict, InvalidArgument
+from dmtools.identity import identify, normalize_nbd_uri
+from dmtools.nbd import NbdEndpoint
+from dmtools.testing.nbdserver import NbdServer
+
+MiB = 1 << 20
+S = 512
+
+
+def _spellings(srv: NbdServer, tmp_path: Path) -> list[str]:
+    """The export of ``srv`` (served as ``""``) named five more ways (each one connects)."""
+    sock = Path(srv.socket)
+    (tmp_path / "link.sock").symlink_to(sock.name)
+    os.link(sock, tmp_path / "hard.sock")
+    return [
+        f"nbd+unix:///?socket={tmp_path}/link.sock",
+        f"nbd+unix:///?socket={tmp_path}/hard.sock",
+        f"nbd+unix:///?socket={tmp_path}/./{sock.name}",
+        f"nbd+unix://?socket={sock}",  # no path: the default export too
+        f"nbd+unix:///?socket={os.path.relpath(sock)}",
+    ]
+
+
+def test_spellings_of_one_export_are_one_identity(tmp_path: Path, start_nbdkit: Callable[..., NbdServer],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    srv = start_nbdkit(["memory", "1M"])
+    monkeypatch.chdir(tmp_path)
+    one = identify(srv.uri)
+    sock = srv.socket
+    tls_and_case = [f"nbds+unix:///?socket={sock}", f"nbd+unix:///?tls-psk-file=k&socket={sock}",
+                    f"NBD+UNIX:///?socket={sock}"]
+    for uri in _spellings(srv, tmp_path) + tls_and_case:
+        assert identify(uri).overlaps(one), uri
+    named = start_nbdkit(["memory", "1M"])
+    assert identify(f"nbd+unix:///%78?socket={named.socket}").overlaps(identify(f"nbd+unix:///x?socket={named.socket}"))
+    # another export name, or another server, is other bytes (which names a server serves is its own)
+    assert not identify(f"nbd+unix:///y?socket={named.socket}").overlaps(identify(f"nbd+unix:///x?socket={named.socket}"))
+    assert not identify(named.uri).overlaps(one)
+
+
+def test_tcp_spellings() -> None:
+    base = identify("nbd://127.0.0.1/e")
+    for uri in ["nbds://127.0.0.1:10809/e", "nbd://[::ffff:127.0.0.1]/e", "nbd://user@127.0.0.1/e?tls-verify-peer=false"]:
+        assert identify(uri).overlaps(base), uri
+    assert identify("nbd://[0:0::1]:99/e").overlaps(identify("nbd://[::1]:99/e"))
+    assert not identify("nbd://127.0.0.1:10810/e").overlaps(base)
+    assert normalize_nbd_uri("nbds://User@[0::1]:99/a%2Fb?tls-psk-file=/k") == "nbd://[::1]:99/a/b"
+
+
+def test_kcopyd_refuses_an_overlapping_copy_within_one_export_named_two_ways(
+        tmp_path: Path, start_nbdkit: Callable[..., NbdServer], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regions named by URI and regions given as endpoints: the overlap is refused before any I/O
+    (it was copied with pieces in flight at once, no memmove order: the export came out wrong)."""
+    srv = start_nbdkit(["memory", "4M"])
+    data = os.urandom(4 * MiB)
+    with NbdEndpoint(srv.uri, writable=True) as ep:
+        ep.write(data, 0)
+    monkeypatch.chdir(tmp_path)
+    with kcopyd.Client(num_pages=256) as kc:
+        for other in _spellings(srv, tmp_path):
+            with pytest.raises(InvalidArgument, match="share bytes of one NBD export"):
+                kc.copy(kcopyd.Region(srv.uri, 0, 2 * MiB // S), [kcopyd.Region(other, 8, 2 * MiB // S)])
+        with NbdEndpoint(srv.uri) as src, NbdEndpoint(f"nbd+unix:///?socket={tmp_path}/link.sock",
+                                                      writable=True) as dst:
+            with pytest.raises(InvalidArgument, match="share bytes of one NBD export"):
+                kc.copy(kcopyd.Region(src, 0, 2 * MiB // S), [kcopyd.Region(dst, 8, 2 * MiB // S)])
+            # disjoint ranges of one export are a legitimate copy
+            job = kc.copy(kcopyd.Region(src, 0, 2 * MiB // S), [kcopyd.Region(dst, 2 * MiB // S, 2 * MiB // S)])
+            assert job.wait(30) and job.ok
+    got = bytearray(4 * MiB)
+    with NbdEndpoint(srv.uri) as ep:
+        ep.readinto(got, 0)
+    assert bytes(got) == data[: 2 * MiB] * 2
+
+
+def test_copy_command_refuses_one_export_named_two_ways(tmp_path: Path,
+                                                        start_nbdkit: Callable[..., NbdServer]) -> None:
+    """`dmtools copy` opens both as endpoints: refused in one line, exit 1."""
+    srv = start_nbdkit(["memory", "1M"])
+    (tmp_path / "link.sock").symlink_to(Path(srv.socket).name)
+    res = subprocess.run([sys.executable, "-m", "dmtools.cli.main", "copy", srv.uri,
+                          f"nbd+unix:///?socket={tmp_path}/link.sock"], capture_output=True, text=True)
+    assert res.returncode == 1
+    assert "share bytes of one NBD export" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_mirror_legs_on_one_export_named_two_ways_refused(engine: Any, tmp_path: Path,
+                                                          start_nbdkit: Callable[..., NbdServer]) -> None:
+    from mirror import MirrorManager
+
+    srv = start_nbdkit(["memory", "4M"])
+    (tmp_path / "link.sock").symlink_to(Path(srv.socket).name)
+    with pytest.raises(DeviceConflict, match="are the same bytes"):
+        MirrorManager(engine).create("m-dmtt", [srv.uri, f"nbd+unix:///?socket={tmp_path}/link.sock"],
+                                     region_size=128, nosync=True, monitor=False)
+    assert list(engine.list()) == []
+
+
+def test_snapshot_cow_on_the_origins_export_named_another_way_refused(
+        engine: Any, tmp_path: Path, start_nbdkit: Callable[..., NbdServer]) -> None:
+    from snapshot import SnapshotManager
+
+    srv = start_nbdkit(["memory", "8M"])
+    (tmp_path / "link.sock").symlink_to(Path(srv.socket).name)
+    engine.create("org-dmtt", f"0 {4 * MiB // S} linear {srv.uri} 0")
+    with pytest.raises(DeviceConflict, match="share bytes"):
+        SnapshotManager(engine).create("org-dmtt", f"nbd+unix:///?socket={tmp_path}/link.sock", "snap-dmtt",
+                                       chunk_size=8)
+    assert [e.name for e in engine.list()] == ["org-dmtt"]
+    assert str(engine.table("org-dmtt")) == f"0 {4 * MiB // S} linear {srv.uri} 0"
+
