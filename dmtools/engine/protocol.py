@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from dmtools import errors
 from dmtools.backend import DeviceEntry, DeviceInfo, StatusLine, Versions
 from dmtools.linux import DEVNO
+from dmtools.nbd.uri import absolute_paths, is_nbd_uri, relative_paths
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.table import Table
@@ -83,13 +84,14 @@ def is_relative_path(ref: str) -> bool:
 def absolute_reference(ref: str, cwd: str | None = None) -> str:
     """``ref`` with a relative path made absolute in ``cwd`` (the caller's working directory).
 
-    ``MAJ:MIN``, URIs and absolute paths are returned as given. A relative path is joined to the
+    ``MAJ:MIN``, URIs and absolute paths are returned as given, but for the relative paths in an
+    NBD URI's query (``?socket=``, the TLS files), made absolute. A relative path is joined to the
     directory, as the kernel's ``lookup_bdev`` would resolve it for the process that loads the
     table; ``..`` is kept as written (a symlinked directory may stand before it), only ``.``
     components and doubled slashes are dropped.
     """
     if not is_relative_path(ref):
-        return ref
+        return absolute_paths(ref, cwd if cwd is not None else os.getcwd()) if is_nbd_uri(ref) else ref
     joined = os.path.join(cwd if cwd is not None else os.getcwd(), ref)
     if ".." in joined.split("/"):
         return joined
@@ -110,7 +112,8 @@ def refuse_relative_paths(verb: str, table_text: Any) -> None:
     """Raise ``InvalidArgument`` when a table sent to the daemon names a device by a relative path.
 
     The daemon's working directory is not the caller's, so such a path would name another file
-    (issue 15: ``dev/loop14`` mapped the real ``/dev/loop14``); clients send absolute paths.
+    (issue 15: ``dev/loop14`` mapped the real ``/dev/loop14``), and an NBD URI's relative socket
+    another server; clients send absolute paths.
     """
     if not isinstance(table_text, str):
         return  # no table (create without one), or a type error the engine reports
@@ -120,7 +123,7 @@ def refuse_relative_paths(verb: str, table_text: Any) -> None:
         devices = Table.parse(table_text).devices()
     except errors.DMError:
         return  # the engine reports the table's own error
-    relative = [ref for ref in devices if is_relative_path(ref)]
+    relative = [ref for ref in devices if is_relative_path(ref) or relative_paths(ref)]
     if relative:
         raise errors.InvalidArgument(
             f"relative device path {relative[0]!r}: the daemon cannot resolve it in the caller's "

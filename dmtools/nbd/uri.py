@@ -16,7 +16,7 @@ import os
 from dmtools.errors import InvalidArgument
 from dmtools.record import record
 
-__all__ = ["DEFAULT_PORT", "SCHEMES", "NbdUri", "is_nbd_uri", "parse_uri"]
+__all__ = ["DEFAULT_PORT", "SCHEMES", "NbdUri", "absolute_paths", "is_nbd_uri", "parse_uri", "relative_paths"]
 
 #: The IANA port for NBD (doc/proto.md).
 DEFAULT_PORT = 10809
@@ -30,6 +30,10 @@ SCHEMES: dict[str, tuple[str, bool]] = {
     "nbd+vsock": ("vsock", False),
     "nbds+vsock": ("vsock", True),
 }
+
+
+#: Query keys whose values are paths of this host (libnbd's nbd_connect_uri).
+PATH_KEYS = ("socket", "tls-psk-file", "tls-certificates")
 
 
 def is_nbd_uri(text: object) -> bool:
@@ -92,3 +96,29 @@ def parse_uri(text: str) -> NbdUri:
         raise InvalidArgument("a TCP NBD URI needs a host (nbd://HOST[:PORT]/EXPORT)", operation="nbd", device=text)
     port = port_text if port_text is not None else (DEFAULT_PORT if transport == "tcp" else 0)
     return NbdUri(text, scheme, transport, tls, host, port, export, socket, user, query)
+
+
+def relative_paths(text: str) -> list[str]:
+    """The relative paths an NBD URI names (its ``socket``, ``tls-psk-file``, ``tls-certificates``):
+    libnbd resolves them in the working directory of the process that connects."""
+    if not is_nbd_uri(text):
+        return []
+    from urllib.parse import parse_qsl, urlsplit
+
+    return [v for k, v in parse_qsl(urlsplit(text).query, keep_blank_values=True)
+            if k in PATH_KEYS and v and not v.startswith("/")]
+
+
+def absolute_paths(text: str, cwd: str) -> str:
+    """``text`` with each relative path of its query (:func:`relative_paths`) made absolute in
+    ``cwd``; the URI unchanged when it has none (or is no NBD URI)."""
+    if not relative_paths(text):
+        return text
+    from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+
+    parts = urlsplit(text)
+    query = [(k, os.path.normpath(os.path.join(cwd, v)) if k in PATH_KEYS and v and not v.startswith("/") else v)
+             for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+    # by hand: urlunsplit drops the "//" of an empty authority (nbd+unix:///x would be nbd+unix:/x)
+    fragment = f"#{parts.fragment}" if parts.fragment else ""
+    return f"{parts.scheme}://{parts.netloc}{parts.path}?{urlencode(query, safe='/', quote_via=quote)}{fragment}"

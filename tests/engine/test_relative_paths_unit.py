@@ -29,6 +29,8 @@ from dmtools.table import Table
         ("253:12", "/w", "253:12"),
         ("nbd://host/export", "/w", "nbd://host/export"),
         ("nbd+unix:///e?socket=/s", "/w", "nbd+unix:///e?socket=/s"),
+        ("nbd+unix:///e?socket=s&tls-psk-file=./k", "/w", "nbd+unix:///e?socket=/w/s&tls-psk-file=/w/k"),
+        ("nbds+unix://?socket=a%20b", "/w", "nbds+unix://?socket=/w/a%20b"),
         ("7:0x", "/w", "/w/7:0x"),  # not a device number: a file name
     ],
 )

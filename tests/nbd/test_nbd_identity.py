@@ -1,7 +1,7 @@
 """One export named two ways: a symlink or hard link to its socket, a relative socket path,
 ``./`` in it, a percent-encoded export name, ``nbds://``, TLS keys in the query, an address
 spelled another way. Each names the same bytes, so kcopyd, mirror legs and a snapshot's COW refuse
-what they refuse for one spelling.
+what they refuse for one spelling; and a table's relative socket is the caller's, not the daemon's.
 """
 
 from __future__ import annotations
@@ -127,3 +127,30 @@ def test_snapshot_cow_on_the_origins_export_named_another_way_refused(
     assert [e.name for e in engine.list()] == ["org-dmtt"]
     assert str(engine.table("org-dmtt")) == f"0 {4 * MiB // S} linear {srv.uri} 0"
 
+
+def test_a_tables_relative_socket_is_the_callers(tmp_path: Path, start_nbdkit: Callable[..., NbdServer],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon has a working directory of its own: the client sends the socket's absolute path
+    (the caller's server), and the daemon refuses a table that still holds a relative one."""
+    from dmtools.engine.client import UserspaceClient
+    from dmtools.testing.daemon import serving_daemon
+
+    work, other = tmp_path / "work", tmp_path / "other"
+    work.mkdir()
+    other.mkdir()
+    mine = start_nbdkit(["data", "data=0x43*4096"], name="work/s")
+    theirs = start_nbdkit(["data", "data=0x44*4096"], name="other/s")
+    assert (mine.socket, theirs.socket) == (work / "s.sock", other / "s.sock")
+    with serving_daemon(str(tmp_path / "run")) as daemon, UserspaceClient(daemon.run_dir) as client:
+        with pytest.raises(InvalidArgument, match="relative device path"):
+            client.call("create", name="raw-dmtt", table="0 8 linear nbd+unix:///?socket=s.sock 0")
+        monkeypatch.chdir(work)
+        client.create("d-dmtt", "0 8 linear nbd+unix:///?socket=s.sock 0", readonly=True)
+        monkeypatch.chdir(other)
+        assert client.table("d-dmtt").devices() == (f"nbd+unix:///?socket={work}/s.sock",)
+        buf = bytearray(4096)
+        with client.open_endpoint("d-dmtt", writable=False) as ep:
+            ep.readinto(buf, 0)
+        assert bytes(buf) == b"C" * 4096
+        assert [e.name for e in client.list()] == ["d-dmtt"]
+        client.remove("d-dmtt")
