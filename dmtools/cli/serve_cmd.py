@@ -2,7 +2,7 @@
 
 The device is looked up on the chosen backend (``/dev/mapper/NAME`` on the kernel,
 ``<run_dir>/mapper/NAME`` on the userspace engine). The command prints the URI clients use, then
-serves until interrupted (SIGINT/SIGTERM stop it cleanly and remove the socket). TCP needs TLS unless
+serves until interrupted (SIGINT, SIGTERM and SIGHUP stop it cleanly and remove the socket). TCP needs TLS unless
 ``--insecure``; see :mod:`dmtools.nbd.serve`.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from typing import Any
 
@@ -44,9 +45,17 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+class _Stopped(BaseException):
+    """A stop signal (SIGINT, SIGTERM, SIGHUP) before the server waits."""
+
+
+def _stopped(signum: int, _frame: object) -> None:
+    raise _Stopped(signum)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve until interrupted; 0 when stopped by a signal, 1 when nbdkit failed."""
-    from dmtools.nbd.serve import ServeOptions, Server, parse_listen
+    from dmtools.nbd.serve import STOP_SIGNALS, ServeOptions, Server, parse_listen
 
     options = ServeOptions(device="", socket=args.socket,
                            listen=parse_listen(args.listen) if args.listen is not None else None,
@@ -54,17 +63,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            writable=args.writable, insecure=args.insecure, tls_psk=args.tls_psk,
                            tls_certificates=args.tls_certificates, threads=args.threads)
     options.check()  # refuse before the backend is even opened
-    path = cli_common.open_backend(args).device_path(args.name)
-    server = Server(dataclasses.replace(options, device=path))
+    # A stop signal before the server waits (while it starts, or its URI is printed) unwinds
+    # through the clean-ups below instead of killing the process with its socket left behind.
+    old = {s: signal.signal(s, _stopped) for s in STOP_SIGNALS}
     try:
-        mode = "writable" if args.writable else "read-only"
-        cli_common.emit(args, {"name": args.name, "device": path, "uri": server.uri, "writable": args.writable,
-                             "tls": options.tls, "pid": server.process.pid},
-                      f"serving {args.name} ({path}, {mode}) at {server.uri}")
-        sys.stdout.flush()
-        status = server.wait()
+        path = cli_common.open_backend(args).device_path(args.name)
+        server = Server(dataclasses.replace(options, device=path))
+        try:
+            mode = "writable" if args.writable else "read-only"
+            cli_common.emit(args, {"name": args.name, "device": path, "uri": server.uri, "writable": args.writable,
+                                 "tls": options.tls, "pid": server.process.pid},
+                          f"serving {args.name} ({path}, {mode}) at {server.uri}")
+            sys.stdout.flush()
+            status = server.wait()
+        finally:
+            server.stop()
+    except _Stopped:
+        status = 0
     finally:
-        server.stop()
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
     if status not in (0, -15, -2):
         raise DMError(f"nbdkit exited with status {status}", operation="serve", device=args.name)
     return 0

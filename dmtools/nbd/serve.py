@@ -34,6 +34,9 @@ __all__ = ["ServeOptions", "Server", "parse_listen"]
 
 #: socket activation passes the first descriptor as 3 (sd_listen_fds(3): SD_LISTEN_FDS_START).
 _LISTEN_FD = 3
+#: Signals that stop serving cleanly (nbdkit stopped, the socket removed), SIGHUP included: a
+#: terminal closed under ``dmtools serve`` must not leave a socket that refuses the next serve.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -200,12 +203,13 @@ class Server:
         return f"{scheme}://{host}:{port}/{export}"
 
     def wait(self) -> int:
-        """Serve until nbdkit ends (or SIGINT/SIGTERM ends it); its exit status."""
+        """Serve until nbdkit ends (or SIGINT, SIGTERM or SIGHUP, a closed terminal, ends it: each
+        stops nbdkit, so ``stop`` then removes the socket); its exit status."""
         def forward(signum: int, _frame: object) -> None:
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)
 
-        old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        old = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
         try:
             return self.process.wait()
         finally:

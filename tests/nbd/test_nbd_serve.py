@@ -219,3 +219,48 @@ def test_cli_serves_an_engine_device(tmp_path: Path, monkeypatch: pytest.MonkeyP
             proc.kill()
             proc.wait()
         stop_daemon(dm)
+
+
+#: `dmtools serve` of a file, run as a command: the backend's lookup of NAME is the seam replaced
+#: (NAME is the image); with argv[1] "emit" the process sends itself SIGTERM as the URI is printed.
+_SERVE_FILE = """
+import os, signal, sys
+from dmtools.cli import common, main
+
+class _Backend:
+    def device_path(self, name):
+        return name
+
+common.open_backend = lambda args: _Backend()
+if sys.argv[1] == "emit":
+    printed = common.emit
+    def emit(*args, **kw):
+        printed(*args, **kw)
+        os.kill(os.getpid(), signal.SIGTERM)
+    common.emit = emit
+sys.exit(main.main(["serve", *sys.argv[2:]]))
+"""
+
+
+@pytest.mark.parametrize("when, signum", [("wait", signal.SIGHUP), ("wait", signal.SIGTERM),
+                                          ("emit", signal.SIGTERM)])
+def test_stop_signals_remove_the_socket(image: Path, tmp_path: Path, when: str, signum: int) -> None:
+    """SIGHUP (a closed terminal) stops serving cleanly as SIGTERM does, and so does a signal
+    that comes before the server waits (while its URI is printed): exit 0, socket gone, nbdkit
+    gone. Before, both left the socket behind (SIGHUP: exit 129), and the next serve refused it."""
+    sock = tmp_path / "s.sock"
+    proc = subprocess.Popen([sys.executable, "-c", _SERVE_FILE, when, str(image), "--socket", str(sock)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("serving "), proc.stderr.read() if proc.stderr else ""
+        if when == "wait":
+            assert _read(f"nbd+unix:///{image}?socket={sock}", 4 * MiB) == image.read_bytes()  # serving
+            proc.send_signal(signum)
+        assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not sock.exists()
