@@ -9,8 +9,12 @@ We open the listening socket ourselves and hand it to nbdkit as ``LISTEN_FDS``/`
 (systemd's socket activation, nbdkit-service(1)): a Unix socket is created with mode 0600 and never
 replaces an existing file, a TCP port is bound before nbdkit starts (``:0`` picks a free one), and a
 client that connects at once waits in the backlog instead of failing. We also keep the device open
-for as long as we serve, so it cannot be removed under a client, and nbdkit opens it through our
-descriptor (``/proc/PID/fd/N``), so a rename cannot make it open something else.
+for as long as we serve, so it cannot be removed under a client. nbdkit is named our descriptor
+(``/proc/PID/fd/N``), but its ``file`` plugin resolves that link to a path once (``realpath``) and
+opens the path for every connection: a device's node (``/dev/dm-N``, the userspace engine's
+``/dev/loopN``, what ``dmtools serve`` serves) stays that device while we hold it open, whereas a
+regular file renamed and replaced while served is the new file for the clients that connect after
+(observed with nbdkit 1.32): serve files nobody else may rename.
 
 Policy, as nbd-server and nbdkit users expect: read-only unless ``writable``; a TCP listener
 requires TLS (a PSK file or a certificate directory) unless ``insecure`` is given.
