@@ -12,6 +12,8 @@ An NBD URI (``nbd://HOST/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``, ``nbds://
 export through libnbd (:class:`dmtools.nbd.NbdEndpoint`), so a linear segment, a mirror leg or a
 snapshot's origin or COW may live on another host. It has no device number: tables show the URI.
 Nothing can be claimed on a remote server; the identity checks still refuse one export named twice.
+An export mapped writable must take FLUSH (``NBD_FLAG_SEND_FLUSH``): a table's durability points
+are flushes.
 """
 
 from __future__ import annotations
@@ -111,4 +113,13 @@ def _remote(ref: str, *, writable: bool) -> DeviceHandle:
     if writable and endpoint.read_only:
         endpoint.close()
         raise InvalidTable(f"{ref}: the export is read-only", operation="load")
+    if writable and not endpoint.can_flush:
+        # A table's durability points (a COW's chunk and exception before the origin write, a
+        # mirror's dirty mark before its data, a file system's commits) are flushes; a server
+        # that takes none (nbd-server without 'flush = true' writes through its page cache)
+        # would acknowledge them with nothing on stable storage.
+        endpoint.close()
+        raise InvalidTable(f"{ref}: the server takes no FLUSH (NBD_FLAG_SEND_FLUSH), so writes to the export "
+                           "cannot be made durable; serve it with flush support, or map it read-only",
+                           operation="load")
     return DeviceHandle(endpoint, ref, -1, -1, ref)

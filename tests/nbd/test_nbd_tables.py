@@ -219,3 +219,46 @@ def test_remote_cow_commit_uses_fua_when_offered_and_flush_otherwise(
         assert "Flush" in [verb for verb, _ in cow[area + 1 :]], cow
     assert _device_bytes(eng, "snap-dmtt")[8 * 4096 : 9 * 4096] != b"n" * 4096
     assert (exports / "origin").read_bytes()[8 * 4096 : 9 * 4096] == b"n" * 4096
+
+
+def _no_flush_export(tmp_path: Path, start_nbdkit: Callable[..., NbdServer], name: str) -> NbdServer:
+    """A writable export of ``tmp_path/name`` (4 MiB) whose server takes no FLUSH: nbdkit's ``eval``
+    plugin, whose ``can_flush`` answers false (exit 3), as nbd-server without ``flush = true``."""
+    image = tmp_path / name
+    image.write_bytes(bytes(SIZE))
+    return start_nbdkit(["eval", f"get_size=echo {SIZE}",
+                         f"pread=dd if={image} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
+                         f"pwrite=dd of={image} seek=$4 oflag=seek_bytes conv=notrunc status=none",
+                         "can_write=exit 0", "can_flush=exit 3"])
+
+
+def test_an_export_without_flush_is_refused_writable(eng: Any, tmp_path: Path,
+                                                     start_nbdkit: Callable[..., NbdServer]) -> None:
+    """A COW, a mirror leg or a linear segment mapped writable on a server that takes no FLUSH is
+    refused with the reason, and nothing is left: the COW's chunk and exception, the mirror's
+    dirty mark, a file system's commit could not be made durable before what depends on them
+    (before, the snapshot was made and its 'flushes' were acknowledged by nothing). Read-only
+    mapping stays possible."""
+    from mirror import MirrorManager
+    from snapshot import SnapshotManager
+
+    noflush = _no_flush_export(tmp_path, start_nbdkit, "noflush.img")
+    with NbdEndpoint(noflush.uri, writable=True) as probe:
+        assert not probe.can_flush and not probe.read_only
+    origin = tmp_path / "origin.img"
+    origin.write_bytes(os.urandom(SIZE))
+    eng.create("base-dmtt", f"0 {SECTORS} linear {origin} 0")
+    with pytest.raises(InvalidTable, match="takes no FLUSH"):
+        SnapshotManager(eng).create("base-dmtt", noflush.uri, "snap-dmtt")
+    assert [e.name for e in eng.list()] == ["base-dmtt"]
+    assert str(eng.table("base-dmtt")) == f"0 {SECTORS} linear {origin} 0"
+    leg0 = tmp_path / "leg0.img"
+    leg0.write_bytes(bytes(SIZE))
+    with pytest.raises(InvalidTable, match="takes no FLUSH"):
+        MirrorManager(eng).create("m-dmtt", [str(leg0), noflush.uri], region_size=128,
+                                  nosync=True, monitor=False)
+    with pytest.raises(InvalidTable, match="takes no FLUSH"):
+        eng.create("lin-dmtt", f"0 {SECTORS} linear {noflush.uri} 0")
+    assert [e.name for e in eng.list()] == ["base-dmtt"]
+    eng.create("lin-dmtt", f"0 {SECTORS} linear {noflush.uri} 0", readonly=True)
+    assert _device_bytes(eng, "lin-dmtt") == bytes(SIZE)
