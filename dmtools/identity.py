@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from dmtools.backend import DeviceMapper
     from dmtools.nbd.uri import NbdUri
 
-__all__ = ["Extent", "Identity", "identify", "devno_of", "ensure_disjoint", "users", "DeviceConflict"]
+__all__ = ["Extent", "Identity", "identify", "devno_of", "ensure_disjoint", "served_as", "users", "DeviceConflict"]
 
 _DEV_BLOCK = re.compile("/dev/block/" + DEVNO.pattern)
 _NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock")
@@ -108,7 +108,14 @@ class _Table:
     segments: tuple[tuple[int, int, "_Node | None", int], ...]
 
 
-_Node = Union[_Leaf, _Window, _Striped, _Opaque, _Table]
+@dataclass(frozen=True)
+class _Alias:
+    """Every node holds the same bytes at the same offsets (an export and the file it serves)."""
+
+    nodes: tuple["_Node", ...]
+
+
+_Node = Union[_Leaf, _Window, _Striped, _Opaque, _Table, _Alias]
 
 
 def _min_end(a: int | None, b: int | None) -> int | None:
@@ -131,6 +138,10 @@ def _extents(node: _Node, start: int, end: int | None) -> set[Extent]:
     if isinstance(node, _Striped):
         return _striped_extents(node, start, end)
     out: set[Extent] = set()
+    if isinstance(node, _Alias):
+        for alias in node.nodes:
+            out |= _extents(alias, start, end)
+        return out
     for s, e, child, offset in node.segments:
         lo, hi = max(start, s), e if end is None else min(end, e)
         if lo < hi and child is not None:
@@ -541,6 +552,13 @@ def identify(ref: "str | os.PathLike[str]", *, dm: "DeviceMapper | None" = None,
     finally:
         resolver.close()
     return Identity(text, path, frozenset(_extents(node, 0, None)), via, node)
+
+
+def served_as(export: Identity, served: Identity) -> Identity:
+    """``export`` (an NBD export's identity) whose bytes are also ``served``'s, offset for offset:
+    the file or device its server serves (``dmtools.nbd.peer``)."""
+    node = _Alias(tuple(x._node if x._node is not None else _Opaque(x.extents) for x in (export, served)))
+    return Identity(export.ref, export.path, frozenset(_extents(node, 0, None)), export.via + served.via, node)
 
 
 def ensure_disjoint(refs: Mapping[str, "str | os.PathLike[str] | Identity"], *,

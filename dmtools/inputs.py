@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Union
 
 from dmtools.errors import DeviceBusy, DeviceNotFound, DMError
 from dmtools.identity import Identity, devno_of, ensure_disjoint, identify, users
+from dmtools.nbd.uri import is_nbd_uri
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmtools.backend import DeviceMapper
@@ -78,6 +79,8 @@ def check_not_in_use(idents: Mapping[str, Identity], backends: Iterable["DeviceM
             holders = users(ident, dm)
             if holders:
                 own = _stack(ident.ref, dm)  # a dm device given as the role maps its own bytes
+                if is_nbd_uri(ident.ref) and len(ident.via) > 1:  # an export served from a device
+                    own |= _stack(ident.via[1], dm)  # is written through it (dmtools.nbd.peer)
                 holders = [n for n in holders if n not in own]
             if holders:
                 raise DeviceBusy(

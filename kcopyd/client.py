@@ -51,7 +51,8 @@ from kcopyd.inline import InlineJobs
 from kcopyd.job import DEST_ZEROED, IGNORE_ERROR, WRITE_SEQ, Job, NotifyFn, Piece, Plan, Progress
 from kcopyd.mapped import SourceMap, can_map
 from kcopyd.offload import OFFLOAD_DEPTH, OFFLOAD_PIECE_SIZE, can_offload, offload_depth, offload_piece
-from kcopyd.overlap import check_dests_not_in_use, plan_overlap, region_identities, span_of
+from kcopyd.overlap import (check_dests_not_in_use, endpoint_identities, knows_identity, plan_overlap,
+                            region_identities, span_of)
 from kcopyd.pagepool import PAGE_SIZE, PagePool
 from kcopyd.region import OpenRegion, Region, open_regions
 from kcopyd.scheduler import Scheduler
@@ -265,7 +266,7 @@ class Client(InlineJobs):
         if flags & WRITE_SEQ:
             flags &= ~IGNORE_ERROR  # WRITE_SEQ clears IGNORE_ERROR (dm-kcopyd.c)
         try:
-            ids = self._identities(src, dest_list, allow_in_use)
+            ids = self._identities(src, dest_list, allow_in_use, [osrc, *odests])
             reverse = plan_overlap(
                 (span_of(osrc), osrc.region.dev_name) if osrc is not None else None,
                 [(span_of(d), d.region.dev_name) for d in odests],
@@ -337,19 +338,19 @@ class Client(InlineJobs):
             plan.piece_size = max(self.sub_job_size, OFFLOAD_PIECE_SIZE)
         return plan
 
-    def _identities(self, src: Region | None, dests: list[Region], allow_in_use: bool) -> list[Any]:
+    def _identities(self, src: Region | None, dests: list[Region], allow_in_use: bool,
+                    opened: Sequence[OpenRegion | None] = ()) -> list[Any]:
         """Identities of the regions given by path (once per job), after refusing a destination
         that a live table maps; ``[]`` when every region is an endpoint (but for two NBD exports
-        given as endpoints: one export may be named twice), or when every path is a regular file
-        (or one NBD export in all) and no backend can hold one (two regular files share bytes
-        only as one inode, which the job's spans compare: ``kcopyd.overlap``)."""
+        given as endpoints: one export may be named twice), or when every path is a regular file,
+        no backend can hold one and no NBD export takes part but one over TCP (two regular files
+        share bytes only as one inode, which the job's spans compare: ``kcopyd.overlap``; an
+        export over a Unix socket may be served from one of the files here: ``dmtools.nbd.peer``).
+        ``opened`` (the regions opened, source first) lends NBD URIs their endpoints' identities."""
         regions = [src, *dests]
         paths = [r for r in regions if isinstance(r, Region) and not isinstance(r.dev, Endpoint)]
-        # Endpoints that know their identity (NbdEndpoint's, a class attribute: not computed here)
-        exports = sum(1 for r in regions if r is not None and isinstance(r.dev, Endpoint)
-                      and getattr(type(r.dev), "identity", None) is not None)
         if not paths:
-            return region_identities(regions) if exports > 1 else []
+            return endpoint_identities(regions)
         if self._backends is None:
             if not _backend_may_be_live():
                 self._backends = []
@@ -357,11 +358,13 @@ class Client(InlineJobs):
                 from dmtools.inputs import live_backends
 
                 self._backends = live_backends()
-        # One NBD export shares no bytes with a file (its identity is the export's URI).
         files = [r for r in paths if not is_nbd_uri(r.dev)]
-        if not self._backends and len(paths) - len(files) + exports <= 1 and all(_regular_file(r.dev) for r in files):
+        exports: list[Any] = [getattr(r.dev, "uri", "") for r in regions if r is not None and knows_identity(r.dev)]
+        exports += [r.dev for r in paths if is_nbd_uri(r.dev)]
+        local = any("unix" in str(u).partition(":")[0].lower() for u in exports)
+        if not self._backends and len(exports) <= 1 and not local and all(_regular_file(r.dev) for r in files):
             return []
-        ids = region_identities(regions, self._backends)
+        ids = region_identities(regions, self._backends, opened)
         if not allow_in_use:
             check_dests_not_in_use(dests, ids[1:], self._backends)
         return ids

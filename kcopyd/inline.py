@@ -40,9 +40,9 @@ from dmtools.lazy import logger
 from dmtools.units import SECTOR
 from kcopyd.fastpath import read_exact, read_salvage, write_exact
 from kcopyd.job import DEST_ZEROED, IGNORE_ERROR, WRITE_SEQ, FinishedJob, Job, close_regions
-from kcopyd.overlap import Span, plan_overlap, span_of
+from kcopyd.overlap import Span, endpoint_identities, plan_overlap, span_of
 from kcopyd.pagepool import PAGE_SIZE
-from kcopyd.region import MAX_REGIONS, Region, open_regions
+from kcopyd.region import MAX_REGIONS, OpenRegion, Region, open_regions
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
 if TYPE_CHECKING:  # pragma: no cover
@@ -92,7 +92,7 @@ class InlineJobs:
     _cb_thread: threading.Thread
     copy: Callable[..., Job]
     zero: Callable[..., Job]
-    _identities: Callable[[Region | None, list[Region], bool], list[object]]
+    _identities: Callable[[Region | None, list[Region], bool, Sequence[OpenRegion | None]], list[object]]
 
     def run(self, src: Region | None, dests: Sequence[Region] | Region, flags: int = 0, *,
             max_bytes: int = INLINE_MAX_BYTES, allow_in_use: bool = False) -> Job:
@@ -129,7 +129,7 @@ class InlineJobs:
         if flags & WRITE_SEQ:
             flags &= ~IGNORE_ERROR
         try:
-            ids = self._identities(src, regions, allow_in_use)
+            ids = self._identities(src, regions, allow_in_use, [osrc, *odests])
             # refuses what copy() refuses; an accepted overlap needs nothing more, the whole
             # source being read before any write
             plan_overlap((span_of(osrc), osrc.region.dev_name) if osrc is not None else None,
@@ -164,7 +164,8 @@ class InlineJobs:
         if len(dests) > 1 or (src is not None and src_dev is not dest0.dev):
             # two endpoints may still be one file or device: compared by what they open
             plan_overlap((_endpoint_span(src), src.dev_name) if src is not None else None,
-                         [(_endpoint_span(d), d.dev_name) for d in dests], write_seq=bool(flags & WRITE_SEQ))
+                         [(_endpoint_span(d), d.dev_name) for d in dests], write_seq=bool(flags & WRITE_SEQ),
+                         identities=endpoint_identities([src, *dests]))
             targets: list[tuple[Endpoint, int]] = [(d.dev, d.offset) for d in dests]  # type: ignore[misc]
         else:
             dest_off = dest0.offset

@@ -28,6 +28,7 @@ import stat
 
 from dmtools.endpoint import Endpoint
 from dmtools.errors import InvalidArgument
+from dmtools.nbd.uri import is_nbd_uri
 from dmtools.record import record
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (dmtools.lazy)
@@ -37,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from dmtools.identity import Identity
 
 __all__ = ["Span", "device_key", "span_of", "path_key", "path_span", "plan_overlap", "region_identities",
-           "check_dests_not_in_use"]
+           "endpoint_identities", "knows_identity", "check_dests_not_in_use"]
 
 
 @record(frozen=True)
@@ -122,10 +123,10 @@ def plan_overlap(src: tuple[Span, str] | None, dests: Sequence[tuple[Span, str]]
             else:
                 same = True
         elif _share(ids[0], ids[1 + i]):
-            nbd = _nbd_path(ids[0], ids[1 + i])
+            nbd = _nbd_how(ids[0], ids[1 + i])
             raise InvalidArgument(
-                f"the source ({sname}) and destination {i} ({dname}) share bytes of one NBD export "
-                f"({nbd}); a copy within an export is refused (its connections give no memmove order)"
+                f"the source ({sname}) and destination {i} ({dname}) share bytes ({nbd}); a copy through "
+                "an NBD export onto its own bytes is refused (its connections give no memmove order)"
                 if nbd else
                 f"the source ({sname}) and destination {i} ({dname}) share bytes through different "
                 "devices; name one device for both to copy within it as memmove",
@@ -149,30 +150,58 @@ def _share(a: Any | None, b: Any | None) -> bool:
     return a is not None and b is not None and bool(a.overlaps(b))
 
 
-def _nbd_path(a: Any, b: Any) -> str:
-    """The export (its one spelling) when the two identities share an NBD export's bytes, else ``""``."""
+def _nbd_how(a: Any, b: Any) -> str:
+    """How two identities that share bytes do so through an NBD export (``""`` when neither is
+    one): one export named two ways, or an export and the file or device it is served from."""
     shared = {x.base for x in a.extents} & {x.base for x in b.extents}
-    return a.path if any(base[0] == "nbd" for base in shared) else ""
+    if any(base[0] == "nbd" for base in shared):
+        return f"one NBD export, {a.path}"
+    for x in (a, b):
+        if is_nbd_uri(x.path) and len(x.via) > 1:
+            return f"the NBD export {x.ref} is served from {', '.join(x.via[1:])}"
+    return ""
 
 
-def region_identities(regions: Sequence[Any | None], backends: Sequence["DeviceMapper"] = ()) -> list["Identity | None"]:
+def knows_identity(dev: Any) -> bool:
+    """True for an endpoint that knows its identity (an NBD export's: a class attribute, so
+    nothing is computed here)."""
+    return isinstance(dev, Endpoint) and getattr(type(dev), "identity", None) is not None
+
+
+def endpoint_identities(regions: Sequence[Any | None]) -> list["Identity | None"]:
+    """For a job whose regions are all endpoints: the identities of those that know theirs,
+    ``None`` for the others, or ``[]`` unless two know theirs (one export named twice)."""
+    known = [r is not None and knows_identity(r.dev) for r in regions]
+    if sum(known) < 2:
+        return []
+    return [r.dev.identity.slice(r.offset, r.nbytes) if k else None for r, k in zip(regions, known)]  # type: ignore[union-attr]
+
+
+def region_identities(regions: Sequence[Any | None], backends: Sequence["DeviceMapper"] = (),
+                      opened: Sequence[Any | None] = ()) -> list["Identity | None"]:
     """The bytes each region given by path covers (``None`` for endpoints and ``None``).
 
     Resolved through the userspace backend among ``backends`` when one is there, so that its
     exposed devices are seen through. Endpoints handed in by callers (the userspace targets'
     own copies) are not resolved: that would cost a resolution per chunk copied; an endpoint
-    that knows its identity (an NBD export's, resolved once per endpoint) gives it.
+    that knows its identity (an NBD export's, resolved once per endpoint) gives it. ``opened``
+    (the regions opened, in the same order) lends an NBD URI its endpoint's identity, which
+    knows what a local server serves.
     """
     from dmtools.identity import identify
 
     dm = next((b for b in backends if b.backend == "userspace"), None)
     out: list[Identity | None] = []
-    for r in regions:
+    for i, r in enumerate(regions):
+        o = opened[i] if i < len(opened) else None
+        ep: Any = o.endpoint if o is not None else None
         if r is None:
             out.append(None)
+        elif knows_identity(r.dev) or (is_nbd_uri(r.dev) and knows_identity(ep)):
+            dev: Any = r.dev if isinstance(r.dev, Endpoint) else ep
+            out.append(dev.identity.slice(r.offset, r.nbytes))
         elif isinstance(r.dev, Endpoint):
-            ident = getattr(r.dev, "identity", None)
-            out.append(None if ident is None else ident.slice(r.offset, r.nbytes))
+            out.append(None)
         else:
             out.append(identify(os.fspath(r.dev), dm=dm).slice(r.offset, r.nbytes))
     return out

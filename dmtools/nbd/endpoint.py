@@ -671,13 +671,24 @@ class NbdEndpoint(Endpoint):
     @property
     def identity(self) -> "Identity":
         """The export's bytes as :mod:`dmtools.identity` knows them (one export named two ways,
-        by a symlink, a relative path or ``nbds://``, is one identity), so kcopyd refuses a
-        copy whose regions share bytes of it even when they are handed in as endpoints."""
+        by a symlink, a relative path or ``nbds://``, is one identity; an export that a local
+        nbdkit serves from a file or device, as ``dmtools serve`` does, is also that file's or
+        device's bytes: :mod:`dmtools.nbd.peer`), so kcopyd refuses a copy whose regions share
+        bytes of it even when they are handed in as endpoints."""
         ident = self._identity
         if ident is None:
-            from dmtools.identity import identify
+            from dmtools.errors import DMError
+            from dmtools.identity import identify, served_as
+            from dmtools.nbd.peer import served_file
 
-            ident = self._identity = identify(self.uri.text)
+            ident = identify(self.uri.text)
+            path = served_file(self._conns[0]._fd) if self.uri.transport == "unix" and self._conns else None
+            if path is not None:
+                try:
+                    ident = served_as(ident, identify(path))
+                except (DMError, OSError) as err:  # gone meanwhile, or not ours to read: the export alone
+                    log.debug("nbd: %s: what %s serves is unknown: %s", self.name, path, err)
+            self._identity = ident
         return ident
 
     @property

@@ -8,15 +8,18 @@ fork once they listen (the parent waits for that), and the PID file they then wr
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
-__all__ = ["NbdServer", "nbdkit", "qemu_nbd", "missing_tools"]
+__all__ = ["NbdServer", "nbdkit", "qemu_nbd", "missing_tools", "serve_command"]
 
 #: Seconds a server may take to start listening or to exit.
 START_LIMIT = 20.0
@@ -120,3 +123,25 @@ def qemu_nbd(directory: Path, image: Path, *, options: Sequence[str] = (), fmt: 
     argv = ["qemu-nbd", "--fork", "--persistent", "-k", str(sock), "--pid-file", str(pidfile), "-f", fmt,
             *options, str(image)]
     return NbdServer(argv, sock, pidfile)
+
+
+@contextlib.contextmanager
+def serve_command(*args: str) -> Iterator[tuple["subprocess.Popen[str]", dict[str, Any]]]:
+    """Run ``dmtools --backend userspace --json serve ARGS…`` (the run directory from the
+    environment); yield the process and the JSON object it announces once it serves. The process
+    is killed on the way out if it still runs."""
+    proc = subprocess.Popen([sys.executable, "-m", "dmtools.cli.main", "--backend", "userspace", "--json",
+                             "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        head = ""
+        while not head.rstrip().endswith("}"):  # the JSON object ends the announcement
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"dmtools serve ended: {proc.stderr.read() if proc.stderr else ''}")
+            head += line
+        yield proc, json.loads(head)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

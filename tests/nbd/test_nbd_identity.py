@@ -19,7 +19,7 @@ import kcopyd
 from dmtools.errors import DeviceConflict, InvalidArgument
 from dmtools.identity import identify, normalize_nbd_uri
 from dmtools.nbd import NbdEndpoint
-from dmtools.testing.nbdserver import NbdServer
+from dmtools.testing.nbdserver import NbdServer, serve_command
 
 MiB = 1 << 20
 S = 512
@@ -76,12 +76,14 @@ def test_kcopyd_refuses_an_overlapping_copy_within_one_export_named_two_ways(
     monkeypatch.chdir(tmp_path)
     with kcopyd.Client(num_pages=256) as kc:
         for other in _spellings(srv, tmp_path):
-            with pytest.raises(InvalidArgument, match="share bytes of one NBD export"):
+            with pytest.raises(InvalidArgument, match="one NBD export"):
                 kc.copy(kcopyd.Region(srv.uri, 0, 2 * MiB // S), [kcopyd.Region(other, 8, 2 * MiB // S)])
         with NbdEndpoint(srv.uri) as src, NbdEndpoint(f"nbd+unix:///?socket={tmp_path}/link.sock",
                                                       writable=True) as dst:
-            with pytest.raises(InvalidArgument, match="share bytes of one NBD export"):
+            with pytest.raises(InvalidArgument, match="one NBD export"):
                 kc.copy(kcopyd.Region(src, 0, 2 * MiB // S), [kcopyd.Region(dst, 8, 2 * MiB // S)])
+            with pytest.raises(InvalidArgument, match="one NBD export"):  # a small job, run inline
+                kc.run(kcopyd.Region(src, 0, 16), [kcopyd.Region(dst, 8, 16)])
             # disjoint ranges of one export are a legitimate copy
             job = kc.copy(kcopyd.Region(src, 0, 2 * MiB // S), [kcopyd.Region(dst, 2 * MiB // S, 2 * MiB // S)])
             assert job.wait(30) and job.ok
@@ -99,7 +101,7 @@ def test_copy_command_refuses_one_export_named_two_ways(tmp_path: Path,
     res = subprocess.run([sys.executable, "-m", "dmtools.cli.main", "copy", srv.uri,
                           f"nbd+unix:///?socket={tmp_path}/link.sock"], capture_output=True, text=True)
     assert res.returncode == 1
-    assert "share bytes of one NBD export" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "one NBD export" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
 def test_mirror_legs_on_one_export_named_two_ways_refused(engine: Any, tmp_path: Path,
@@ -154,3 +156,95 @@ def test_a_tables_relative_socket_is_the_callers(tmp_path: Path, start_nbdkit: C
         assert bytes(buf) == b"C" * 4096
         assert [e.name for e in client.list()] == ["d-dmtt"]
         client.remove("d-dmtt")
+
+
+# --- an export and the file or device its local server serves --------------------------------------
+@pytest.mark.parametrize("argv, path", [
+    (["-U", "/s", "-P", "/p", "file", "/srv/a.img"], "/srv/a.img"),
+    (["--exit-with-parent", "--threads", "16", "--readonly", "--tls=off", "file", "file=/proc/7/fd/3"],
+     "/proc/7/fd/3"),
+    (["-Ufoo", "--filter=log", "--filter", "delay", "file", "logfile=/l", "file=/a", "rdelay=1"], "/a"),
+    (["/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-file-plugin.so", "/a"], "/a"),
+    (["--filter=offset", "file", "/a", "offset=4096"], None),  # bytes moved
+    (["--filter", "cow", "file", "/a"], None),  # writes diverted
+    (["file", "dir=/srv"], None),
+    (["file", "a.img"], None),  # relative to a directory nbdkit may have left
+    (["memory", "1G"], None),
+    (["-e", "file", "memory", "1G"], None),  # "file" is the export name here
+])
+def test_parse_nbdkit_argv(argv: list[str], path: str | None) -> None:
+    from dmtools.nbd.peer import parse_nbdkit_argv
+
+    assert parse_nbdkit_argv(argv) == path
+
+
+def test_copy_between_a_file_and_its_export_is_refused(tmp_path: Path, start_nbdkit: Callable[..., NbdServer]) -> None:
+    """An export served from a file here (``dmtools serve``'s nbdkit, or one started with the
+    ``file`` plugin behind the ``log`` filter) shares that file's bytes, offset for offset: a copy
+    between them that overlaps is refused, by the API and by `dmtools copy`; one between disjoint
+    ranges, or from an export of another file, still runs. Before, the API copy ran and left the
+    file wrong."""
+    from dmtools.nbd.serve import ServeOptions, Server
+
+    image = tmp_path / "a.img"
+    data = os.urandom(4 * MiB)
+    image.write_bytes(data)
+    other = tmp_path / "b.img"
+    other.write_bytes(data)
+    (tmp_path / "c.img").write_bytes(bytes(MiB))
+    logged = start_nbdkit(["file", str(image), f"logfile={tmp_path}/log"], filters=["log"])
+    with Server(ServeOptions(device=str(image), socket=str(tmp_path / "s.sock"), writable=True)) as srv:
+        for uri in (srv.uri, logged.uri):
+            with kcopyd.Client(num_pages=256) as kc:
+                with pytest.raises(InvalidArgument, match=f"is served from {image}"):
+                    kc.copy(kcopyd.Region(str(image), 0, MiB // S), [kcopyd.Region(uri, 8, MiB // S)])
+                with pytest.raises(InvalidArgument, match=f"is served from {image}"):
+                    kc.copy(kcopyd.Region(uri, 8, MiB // S), [kcopyd.Region(str(tmp_path / "c.img"), 0, MiB // S),
+                                                              kcopyd.Region(str(image), 0, MiB // S)])
+            res = subprocess.run([sys.executable, "-m", "dmtools.cli.main", "copy", str(image), uri],
+                                 capture_output=True, text=True)
+            assert res.returncode == 1 and "is served from" in res.stderr, res.stderr
+            assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert image.read_bytes() == data
+        with kcopyd.Client(num_pages=256) as kc:
+            job = kc.copy(kcopyd.Region(str(image), 0, MiB // S), [kcopyd.Region(srv.uri, 2 * MiB // S, MiB // S)])
+            assert job.wait(30) and job.ok
+            job = kc.copy(kcopyd.Region(str(other), 0, MiB // S), [kcopyd.Region(srv.uri, 0, MiB // S)])
+            assert job.wait(30) and job.ok
+    assert image.read_bytes() == data[: 2 * MiB] + data[:MiB] + data[3 * MiB:]
+
+
+@pytest.mark.root
+def test_copy_between_a_backing_file_and_the_served_device_is_refused(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dmtools serve` of a userspace-engine device mapped over a file at an offset: the export is
+    those bytes of the file, through the engine's table, so a copy from the file onto an
+    overlapping range of the export is refused and a disjoint one runs."""
+    import signal
+
+    from dmtools.engine.client import open_userspace
+    from dmtools.testing.daemon import stop_daemon
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    monkeypatch.setenv("DMTOOLS_RUN_DIR", str(run_dir))
+    backing = tmp_path / "backing.img"
+    data = os.urandom(8 * MiB)
+    backing.write_bytes(data)
+    dm = open_userspace(str(run_dir))
+    try:
+        dm.create("srv-dmtt", f"0 {4 * MiB // S} linear {backing} {2 * MiB // S}")  # bytes 2-6 MiB
+        with serve_command("srv-dmtt", "--socket", str(tmp_path / "srv.sock"), "--writable") as (proc, info):
+            uri = info["uri"]
+            with kcopyd.Client(num_pages=256) as kc:
+                with pytest.raises(InvalidArgument, match="is served from"):
+                    # file bytes 0-3 MiB onto export bytes 0-3 MiB, which are file bytes 2-5 MiB
+                    kc.copy(kcopyd.Region(str(backing), 0, 3 * MiB // S), [kcopyd.Region(uri, 0, 3 * MiB // S)])
+                job = kc.copy(kcopyd.Region(str(backing), 0, MiB // S), [kcopyd.Region(uri, MiB // S, MiB // S)])
+                assert job.wait(30) and job.ok  # file 0-1 MiB onto file 3-4 MiB: disjoint
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        assert backing.read_bytes() == data[: 3 * MiB] + data[:MiB] + data[4 * MiB:]
+        dm.remove("srv-dmtt")
+    finally:
+        stop_daemon(dm)

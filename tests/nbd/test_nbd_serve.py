@@ -20,7 +20,7 @@ from dmtools.errors import DeviceIOError, InvalidArgument
 from dmtools.nbd import NbdConnectionError, NbdEndpoint
 from dmtools.nbd.serve import ServeOptions, Server, parse_listen
 from dmtools.testing.daemon import stop_daemon
-from dmtools.testing.nbdserver import missing_tools
+from dmtools.testing.nbdserver import missing_tools, serve_command
 
 MiB = 1 << 20
 
@@ -190,34 +190,19 @@ def test_cli_serves_an_engine_device(tmp_path: Path, monkeypatch: pytest.MonkeyP
     backing = tmp_path / "backing.img"
     backing.write_bytes(os.urandom(4 * MiB))
     dm = open_userspace(str(run_dir))
-    proc = None
     try:
         dm.create("srv-dmtt", f"0 {4 * MiB // 512} linear {backing} 0")
         sock = tmp_path / "srv.sock"
-        proc = subprocess.Popen([sys.executable, "-m", "dmtools.cli.main", "--backend", "userspace", "--json",
-                                 "serve", "srv-dmtt", "--socket", str(sock)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert proc.stdout is not None
-        head = ""
-        while not head.rstrip().endswith("}"):  # the JSON object ends the announcement
-            line = proc.stdout.readline()
-            assert line, proc.stderr.read() if proc.stderr else ""
-            head += line
-        import json
-
-        info = json.loads(head)
-        assert info["writable"] is False and info["uri"] == f"nbd+unix:///srv-dmtt?socket={sock}"
-        assert _read(info["uri"], 4 * MiB) == backing.read_bytes()
-        with pytest.raises(DeviceBusy):
-            dm.remove("srv-dmtt")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        with serve_command("srv-dmtt", "--socket", str(sock)) as (proc, info):
+            assert info["writable"] is False and info["uri"] == f"nbd+unix:///srv-dmtt?socket={sock}"
+            assert _read(info["uri"], 4 * MiB) == backing.read_bytes()
+            with pytest.raises(DeviceBusy):
+                dm.remove("srv-dmtt")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
         assert not sock.exists()
         dm.remove("srv-dmtt")
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
         stop_daemon(dm)
 
 
