@@ -343,9 +343,9 @@ class Client(InlineJobs):
         """Identities of the regions given by path (once per job), after refusing a destination
         that a live table maps; ``[]`` when every region is an endpoint (but for two NBD exports
         given as endpoints: one export may be named twice), or when every path is a regular file,
-        no backend can hold one and no NBD export takes part but one over TCP (two regular files
-        share bytes only as one inode, which the job's spans compare: ``kcopyd.overlap``; an
-        export over a Unix socket may be served from one of the files here: ``dmtools.nbd.peer``).
+        no backend can hold one and no NBD export takes part (two regular files share bytes only
+        as one inode, which the job's spans compare: ``kcopyd.overlap``; an export may be served
+        from one of the files by a server here: ``dmtools.nbd.peer``).
         ``opened`` (the regions opened, source first) lends NBD URIs their endpoints' identities."""
         regions = [src, *dests]
         paths = [r for r in regions if isinstance(r, Region) and not isinstance(r.dev, Endpoint)]
@@ -359,10 +359,8 @@ class Client(InlineJobs):
 
                 self._backends = live_backends()
         files = [r for r in paths if not is_nbd_uri(r.dev)]
-        exports: list[Any] = [getattr(r.dev, "uri", "") for r in regions if r is not None and knows_identity(r.dev)]
-        exports += [r.dev for r in paths if is_nbd_uri(r.dev)]
-        local = any("unix" in str(u).partition(":")[0].lower() for u in exports)
-        if not self._backends and len(exports) <= 1 and not local and all(_regular_file(r.dev) for r in files):
+        exports = len(paths) - len(files) + sum(1 for r in regions if r is not None and knows_identity(r.dev))
+        if not self._backends and not exports and all(_regular_file(r.dev) for r in files):
             return []
         ids = region_identities(regions, self._backends, opened)
         if not allow_in_use:

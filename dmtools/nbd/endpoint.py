@@ -674,15 +674,16 @@ class NbdEndpoint(Endpoint):
         by a symlink, a relative path or ``nbds://``, is one identity; an export that a local
         nbdkit serves from a file or device, as ``dmtools serve`` does, is also that file's or
         device's bytes: :mod:`dmtools.nbd.peer`), so kcopyd refuses a copy whose regions share
-        bytes of it even when they are handed in as endpoints."""
+        bytes of it even when they are handed in as endpoints. Over TCP the server is the
+        address the connection reached."""
         ident = self._identity
         if ident is None:
             from dmtools.errors import DMError
             from dmtools.identity import identify, served_as
             from dmtools.nbd.peer import served_file
 
-            ident = identify(self.uri.text)
-            path = served_file(self._conns[0]._fd) if self.uri.transport == "unix" and self._conns else None
+            ident = identify(self._peer_uri())
+            path = served_file(self._conns[0]._fd) if self.uri.transport != "vsock" and self._conns else None
             if path is not None:
                 try:
                     ident = served_as(ident, identify(path))
@@ -690,6 +691,22 @@ class NbdEndpoint(Endpoint):
                     log.debug("nbd: %s: what %s serves is unknown: %s", self.name, path, err)
             self._identity = ident
         return ident
+
+    def _peer_uri(self) -> str:
+        """The URI, with a TCP host replaced by the address the connection reached (``localhost``,
+        a host name and an address are then one server)."""
+        if self.uri.transport != "tcp" or not self._conns:
+            return self.uri.text
+        import socket
+        from urllib.parse import quote
+
+        try:
+            with socket.socket(fileno=os.dup(self._conns[0]._fd)) as sock:
+                host, port = sock.getpeername()[:2]
+        except OSError:
+            return self.uri.text
+        host = f"[{host}]" if ":" in host else host
+        return f"nbd://{host}:{port}/{quote(self.uri.export, safe='/')}"
 
     @property
     def connections(self) -> int:

@@ -2,8 +2,9 @@
 
 An export of a server on this host may be the very bytes of a file or device that a copy also
 names by path (``dmtools serve`` of a device over ``/srv/a.img``, then a copy between ``/srv/a.img``
-and the export). Over a Unix socket the server's side is known: sock_diag's ``UNIX_DIAG_PEER``
-gives the inode of the server's end of our connection, and the process holding it is found among
+and the export). The server's side of a connection to this host is known: sock_diag's
+``UNIX_DIAG_PEER`` gives the inode of the server's end of a Unix-socket connection (for TCP, the
+socket of ``/proc/net/tcp`` with our addresses swapped), and the process holding it is found among
 the process that listened (``SO_PEERCRED``, socket(7)) and its children (``dmtools serve`` listens,
 then starts nbdkit with the socket), else among the processes named nbdkit (one that forked into
 the background after it listened). When that process is nbdkit serving the ``file`` plugin's one
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from typing import Any
 
 __all__ = ["served_file"]
 
@@ -45,17 +47,22 @@ _UNIX_DIAG_PEER = 2
 
 
 def served_file(fd: int) -> str | None:
-    """The path of what the nbdkit ``file`` plugin at the other end of Unix socket ``fd`` serves
-    (absolute, maybe ``/proc/PID/fd/N``), or ``None`` when that is not known for sure."""
+    """The path of what the nbdkit ``file`` plugin at the other end of socket ``fd`` (a Unix
+    socket, or TCP to a server of this host) serves (absolute, maybe ``/proc/PID/fd/N``), or
+    ``None`` when that is not known for sure."""
     try:
         sock = socket.socket(fileno=os.dup(fd))
     except OSError:
         return None
+    listener = 0
     try:
-        if sock.family != socket.AF_UNIX:
+        if sock.family == socket.AF_UNIX:
+            listener = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+            peer = _peer_inode(os.fstat(fd).st_ino)
+        elif sock.family in (socket.AF_INET, socket.AF_INET6):
+            peer = _tcp_peer_inode(sock.family, sock.getsockname(), sock.getpeername())
+        else:
             return None
-        listener = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
-        peer = _peer_inode(os.fstat(fd).st_ino)
     except OSError:
         return None
     finally:
@@ -64,12 +71,33 @@ def served_file(fd: int) -> str | None:
         return None
     # The process holding the server's end of this connection: the listener or a child of it
     # (dmtools serve, nbdkit -f), else any nbdkit (one that forked into the background after
-    # it listened, so its listener's PID is its parent's).
+    # it listened, so its listener's PID is its parent's; over TCP the listener is not told).
     want = f"socket:[{peer}]"
     near = [listener, *_children(listener)] if listener > 0 else []
     for pid in near + [p for p in _nbdkit_pids() if p not in near]:
         if _holds(pid, want):
             return _nbdkit_file(pid)
+    return None
+
+
+def _tcp_peer_inode(family: int, ours: tuple[Any, ...], theirs: tuple[Any, ...]) -> int | None:
+    """The inode of the server's end of our TCP connection when the server is on this host: the
+    socket of ``/proc/net/tcp{,6}`` whose local address is our peer and whose remote one is us."""
+    def hexaddr(addr: tuple[Any, ...]) -> str:
+        raw = socket.inet_pton(family, addr[0])
+        words = struct.unpack(f"={len(raw) // 4}I", raw)  # the kernel prints each 32-bit word native
+        return "".join(f"{w:08X}" for w in words) + f":{addr[1]:04X}"
+
+    local, remote = hexaddr(theirs), hexaddr(ours)
+    try:
+        with open("/proc/net/tcp6" if family == socket.AF_INET6 else "/proc/net/tcp") as f:
+            next(f, None)
+            for line in f:
+                cols = line.split()
+                if len(cols) > 9 and cols[1] == local and cols[2] == remote:
+                    return int(cols[9])
+    except (OSError, ValueError):
+        return None
     return None
 
 
@@ -119,12 +147,17 @@ def _nbdkit_pids() -> list[int]:
     out = []
     for name in os.listdir("/proc"):
         if name.isdigit():
-            try:
-                with open(f"/proc/{name}/comm") as f:
-                    if f.read().strip() == "nbdkit":
-                        out.append(int(name))
+            try:  # os.open/os.read: a third of open()'s cost, for every process of the host
+                fd = os.open(f"/proc/{name}/comm", os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
                 continue
+            try:
+                if os.read(fd, 64) == b"nbdkit\n":
+                    out.append(int(name))
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
     return out
 
 

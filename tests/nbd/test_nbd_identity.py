@@ -248,3 +248,24 @@ def test_copy_between_a_backing_file_and_the_served_device_is_refused(tmp_path: 
         dm.remove("srv-dmtt")
     finally:
         stop_daemon(dm)
+
+
+def test_tcp_export_of_a_file_here_and_its_host_spelled_two_ways(tmp_path: Path) -> None:
+    """Over TCP (`serve --listen 127.0.0.1:0 --insecure`): ``localhost`` and ``127.0.0.1`` reach one
+    server, and its export is the file it serves; overlapping copies are refused both ways."""
+    from dmtools.nbd.serve import ServeOptions, Server
+
+    image = tmp_path / "a.img"
+    data = os.urandom(4 * MiB)
+    image.write_bytes(data)
+    with Server(ServeOptions(device=str(image), listen=("127.0.0.1", 0), insecure=True, writable=True)) as srv:
+        port = srv.address[1]
+        by_name, by_address = f"nbd://localhost:{port}/", f"nbd://127.0.0.1:{port}/"
+        with kcopyd.Client(num_pages=256) as kc:
+            with pytest.raises(InvalidArgument, match="one NBD export"):
+                kc.copy(kcopyd.Region(by_name, 0, MiB // S), [kcopyd.Region(by_address, 8, MiB // S)])
+            with pytest.raises(InvalidArgument, match=f"is served from {image}"):
+                kc.copy(kcopyd.Region(str(image), 0, MiB // S), [kcopyd.Region(by_name, 8, MiB // S)])
+            job = kc.copy(kcopyd.Region(by_name, 0, MiB // S), [kcopyd.Region(by_address, 2 * MiB // S, MiB // S)])
+            assert job.wait(30) and job.ok
+    assert image.read_bytes() == data[: 2 * MiB] + data[:MiB] + data[3 * MiB:]
