@@ -12,7 +12,8 @@ objects its data lives on:
 * an NBD export: ``("nbd", server, export name)``, the server its Unix socket's inode (or path
   when there is none), or its transport, canonical host and port (:func:`normalize_nbd_uri`).
 
-On the way down a loop device contributes its backing file and byte range (sysfs
+An nbd device attached by ``dmtools nbd attach`` is the export its sysfs ``backend`` names. On the
+way down a loop device contributes its backing file and byte range (sysfs
 ``loop/backing_file``, ``offset``, ``sizelimit``; ``drivers/block/loop.c``), a partition its
 parent disk from sysfs ``start`` (``block/partitions/core.c``), a dm device the devices its table
 maps: exactly through ``linear`` and ``striped`` (``drivers/md/dm-linear.c``, ``dm-stripe.c``),
@@ -31,6 +32,7 @@ Two references :meth:`Identity.overlaps` when any of their extents share a byte;
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -53,6 +55,9 @@ __all__ = ["Extent", "Identity", "identify", "devno_of", "ensure_disjoint", "ser
 
 _DEV_BLOCK = re.compile("/dev/block/" + DEVNO.pattern)
 _NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock")
+#: nbd.ko's block major (include/uapi/linux/major.h); ``dmtools nbd attach`` records the export's
+#: URI as the device's backend identifier (sysfs ``backend``, drivers/block/nbd.c).
+_NBD_MAJOR = 43
 
 
 @dataclass(frozen=True)
@@ -330,6 +335,11 @@ class _Resolver:
         if not os.path.isdir(sysdir):
             raise DeviceNotFound("no such block device", errno=errno.ENXIO, operation="identify", device=text)
         path = _dev_path(devno)
+        if devno[0] == _NBD_MAJOR:  # nbd.ko: the export its backend identifier names
+            backend = block_attr(devno, "backend") or ""
+            if backend.split(":", 1)[0].lower() in _NBD_SCHEMES and "://" in backend:
+                with contextlib.suppress(InvalidArgument):
+                    return _Leaf(_nbd_base(backend, "/")[1]), (path, backend)
         backing = block_attr(devno, "loop/backing_file")
         if backing is not None:
             engine = self.engine_of(backing)  # another userspace engine's exposed device

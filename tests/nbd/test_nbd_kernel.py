@@ -11,6 +11,7 @@ import os
 import struct
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -118,6 +119,27 @@ def test_read_only_attach(start_nbdkit: Callable[..., NbdServer], attached: Call
     with BlockDevice(path, writable=True, direct=True) as dev, pytest.raises(DeviceIOError):
         dev.write(buf, 0)
     assert _server_bytes(srv, 0, 4096) == bytes(4096)
+
+
+def test_an_attached_device_is_its_export(start_nbdkit: Callable[..., NbdServer], attached: Callable[..., str],
+                                          tmp_path: Path) -> None:
+    """/dev/nbdN attached by `dmtools nbd attach` is the export its backend names: a copy from the
+    export (named through a symlink to its socket) onto an overlapping range of the device is
+    refused before any I/O, a disjoint one runs. Before, the device was a disk of its own."""
+    import kcopyd
+    from dmtools.identity import identify
+
+    srv = start_nbdkit(["memory", "8M"])
+    path = attached(srv.uri)
+    _wait_size(path, 8 * MiB)
+    (tmp_path / "link.sock").symlink_to(srv.socket)
+    uri = f"nbd+unix:///?socket={tmp_path}/link.sock"
+    assert identify(path).overlaps(identify(uri))
+    with kcopyd.Client(num_pages=256) as kc:
+        with pytest.raises(InvalidArgument, match="one NBD export"):
+            kc.copy(kcopyd.Region(uri, 0, 2048), [kcopyd.Region(path, 8, 2048)])
+        job = kc.copy(kcopyd.Region(uri, 0, 2048), [kcopyd.Region(path, 4096, 2048)])
+        assert job.wait(60) and job.ok
 
 
 def test_kernel_linear_and_mirror_over_nbd(start_nbdkit: Callable[..., NbdServer], attached: Callable[..., str],
