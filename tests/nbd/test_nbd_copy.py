@@ -169,23 +169,37 @@ def test_read_error(tmp_path: Path, start_nbdkit: Callable[..., NbdServer]) -> N
     assert (job.read_err, job.write_err) == (True, 0)
 
 
-def test_piece_with_a_failed_read_is_not_written(tmp_path: Path, start_nbdkit: Callable[..., NbdServer]) -> None:
+@pytest.mark.parametrize("remote", [False, True], ids=["file", "file+export"])
+def test_piece_with_a_failed_read_is_not_written(tmp_path: Path, start_nbdkit: Callable[..., NbdServer],
+                                                 remote: bool) -> None:
     """Streamed pieces of four READs, a third of the reads failing at random: read_err, and each
     piece of the destination holds either all its data or none of it (never the reads that
-    succeeded beside one that failed)."""
+    succeeded beside one that failed). With a second destination (an export) both hold the same
+    pieces, and the job's progress counts exactly the pieces written, nothing that was not."""
     srv = start_nbdkit(["memory", "32M", "error-pread-rate=30%", "error=EIO"], filters=["error"])
     data = os.urandom(32 * MiB)
     with NbdEndpoint(srv.uri, writable=True) as ep:
         ep.write(data, 0)
     dst = tmp_path / "dst.img"
     dst.write_bytes(b"\xaa" * (32 * MiB))
-    job = _copy(srv.uri, [str(dst)], 32 * MiB, num_pages=4096)
+    dests: list[object] = [str(dst)]
+    if remote:
+        other = start_nbdkit(["memory", "32M"])
+        with NbdEndpoint(other.uri, writable=True) as ep:
+            ep.write(b"\xaa" * (32 * MiB), 0)
+        dests.append(other.uri)
+    job = _copy(srv.uri, dests, 32 * MiB, num_pages=4096)
     assert job.plan.stream and job.plan.piece_size == 4 * MiB
     assert (job.read_err, job.write_err) == (True, 0)
     got = dst.read_bytes()
+    if remote:
+        assert _read(other.uri, 32 * MiB) == got
+    written = 0
     for off in range(0, 32 * MiB, 4 * MiB):
         piece = got[off : off + 4 * MiB]
         assert piece in (data[off : off + 4 * MiB], b"\xaa" * (4 * MiB)), f"piece at {off} partly written"
+        written += 4 * MiB if piece == data[off : off + 4 * MiB] else 0
+    assert job.progress.done == written
 
 
 def test_read_errors_in_one_range_with_ignore(tmp_path: Path, start_nbdkit: Callable[..., NbdServer]) -> None:
