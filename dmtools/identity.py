@@ -274,7 +274,7 @@ class _Resolver:
         scheme = ref.split(":", 1)[0].lower() if "://" in ref else ""
         if scheme in _NBD_SCHEMES:
             uri, base = _nbd_base(ref, cwd)
-            return uri, _Leaf(base), (uri,)
+            return (uri, *self.served(uri, _Leaf(base)))
         m = DEVNO.fullmatch(ref) or _DEV_BLOCK.fullmatch(ref)
         if m and (not ref.startswith("/") or not os.path.lexists(ref)):
             # /dev/block/M:m is udev's spelling; where udev made no such link it means the same
@@ -297,6 +297,22 @@ class _Resolver:
             return real, _Leaf(("file", st.st_dev, st.st_ino)), (real,)
         raise InvalidArgument("not a block device or regular file", errno=errno.ENOTBLK,
                               operation="identify", device=ref)
+
+    def served(self, uri: str, node: _Node) -> tuple[_Node, tuple[str, ...]]:
+        """An export's node and chain: over a Unix socket of this host whose nbdkit serves a file
+        or device (``dmtools serve``), also that file's or device's bytes, offset for offset."""
+        from dmtools.nbd.peer import socket_served_file
+        from dmtools.nbd.uri import parse_uri
+
+        parsed = parse_uri(uri)
+        path = socket_served_file(parsed.socket) if parsed.transport == "unix" else None
+        if path is None:
+            return node, (uri,)
+        try:
+            _, served, via = self.reference(path, "/")
+        except (DMError, OSError):  # gone meanwhile, or not ours to read: the export alone
+            return node, (uri,)
+        return _Alias((node, served)), (uri, *via)
 
     def exposed_file(self, real: str, st: os.stat_result) -> "tuple[_Resolver, tuple[int, int]] | None":
         """The engine device whose exposure (the FUSE file behind its loop device) ``real`` is."""

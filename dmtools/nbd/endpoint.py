@@ -682,8 +682,8 @@ class NbdEndpoint(Endpoint):
             from dmtools.identity import identify, served_as
             from dmtools.nbd.peer import served_file
 
-            ident = identify(self._peer_uri())
-            path = served_file(self._conns[0]._fd) if self.uri.transport != "vsock" and self._conns else None
+            ident = identify(self._peer_uri())  # a Unix socket's server is looked up there
+            path = served_file(self._conns[0]._fd) if self.uri.transport == "tcp" and self._conns else None
             if path is not None:
                 try:
                     ident = served_as(ident, identify(path))

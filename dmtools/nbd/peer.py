@@ -1,17 +1,16 @@
 """What a local server's export is: the file or device behind nbdkit's ``file`` plugin.
 
-An export of a server on this host may be the very bytes of a file or device that a copy also
-names by path (``dmtools serve`` of a device over ``/srv/a.img``, then a copy between ``/srv/a.img``
-and the export). The server's side of a connection to this host is known: sock_diag's
-``UNIX_DIAG_PEER`` gives the inode of the server's end of a Unix-socket connection (for TCP, the
-socket of ``/proc/net/tcp`` with our addresses swapped), and the process holding it is found among
-the process that listened (``SO_PEERCRED``, socket(7)) and its children (``dmtools serve`` listens,
-then starts nbdkit with the socket), else among the processes named nbdkit (one that forked into
-the background after it listened). When that process is nbdkit serving the ``file`` plugin's one
-``file=PATH`` through filters that keep every byte where it is, the export is ``PATH`` byte for
-byte (``nbdkit-file-plugin(1)``: ``file=`` serves one file whatever export name is asked).
-Anything else (another server or plugin, ``dir=``, a filter that moves, hides or diverts bytes, a
-relative path, a process we may not read) is unknown: ``None``.
+An export of a server on this host may be the very bytes of a file or device that a copy or a
+table also names by path (``dmtools serve`` of a device over ``/srv/a.img``, then a copy between
+``/srv/a.img`` and the export). The server of a Unix socket is found without connecting: the
+listening socket bound to the socket file's inode (sock_diag ``UNIX_DIAG_VFS``); the server of a
+TCP connection to this host by its end of the connection (``/proc/net/tcp`` with our addresses
+swapped). The process holding that socket is looked for among the processes named nbdkit
+(``dmtools serve`` runs one; one that forked into the background counts as well). When it serves
+the ``file`` plugin's one ``file=PATH`` through filters that keep every byte where it is, the
+export is ``PATH`` byte for byte (``nbdkit-file-plugin(1)``: ``file=`` serves one file whatever
+export name is asked). Anything else (another server or plugin, ``dir=``, a filter that moves,
+hides or diverts bytes, a relative path, a process we may not read) is unknown: ``None``.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import socket
 import struct
 from typing import Any
 
-__all__ = ["served_file"]
+__all__ = ["served_file", "socket_served_file"]
 
 #: nbdkit options that take their argument as the next word (nbdkit(1) SYNOPSIS).
 _WITH_ARGUMENT = frozenset({
@@ -42,40 +41,49 @@ _SHORT_WITH_ARGUMENT = tuple(o for o in _WITH_ARGUMENT if len(o) == 2)
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
 _NLM_F_REQUEST = 1
-_UDIAG_SHOW_PEER = 0x4
-_UNIX_DIAG_PEER = 2
+_NLM_F_DUMP = 0x300
+_NLMSG_ERROR = 2
+_NLMSG_DONE = 3
+_TCP_LISTEN = 10
+_UDIAG_SHOW_VFS = 0x2
+_UNIX_DIAG_VFS = 1
 
 
 def served_file(fd: int) -> str | None:
-    """The path of what the nbdkit ``file`` plugin at the other end of socket ``fd`` (a Unix
-    socket, or TCP to a server of this host) serves (absolute, maybe ``/proc/PID/fd/N``), or
-    ``None`` when that is not known for sure."""
+    """What the nbdkit ``file`` plugin at the other end of TCP socket ``fd`` serves, when that
+    server is on this host (its end of the connection: the socket of ``/proc/net/tcp{,6}`` with
+    our addresses swapped), or ``None``."""
     try:
-        sock = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return None
-    listener = 0
-    try:
-        if sock.family == socket.AF_UNIX:
-            listener = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
-            peer = _peer_inode(os.fstat(fd).st_ino)
-        elif sock.family in (socket.AF_INET, socket.AF_INET6):
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                return None
             peer = _tcp_peer_inode(sock.family, sock.getsockname(), sock.getpeername())
-        else:
-            return None
     except OSError:
         return None
-    finally:
-        sock.close()
-    if peer is None:
+    return _holder_file(f"socket:[{peer}]") if peer is not None else None
+
+
+def socket_served_file(path: str) -> str | None:
+    """What the nbdkit ``file`` plugin listening on Unix socket ``path`` serves, found without
+    connecting (a connection may end a server that serves one client, as qemu-nbd without
+    ``--persistent``): the listening socket bound to that inode (sock_diag ``UNIX_DIAG_VFS``)."""
+    try:
+        st = os.stat(path)
+    except OSError:
         return None
-    # The process holding the server's end of this connection: the listener or a child of it
-    # (dmtools serve, nbdkit -f), else any nbdkit (one that forked into the background after
-    # it listened, so its listener's PID is its parent's; over TCP the listener is not told).
-    want = f"socket:[{peer}]"
-    near = [listener, *_children(listener)] if listener > 0 else []
-    for pid in near + [p for p in _nbdkit_pids() if p not in near]:
-        if _holds(pid, want):
+    # unix_diag reports the inode's super block s_dev in the kernel's own encoding (MKDEV)
+    want = (st.st_ino, (os.major(st.st_dev) << 20) | os.minor(st.st_dev))
+    try:
+        listening = [ino for ino, vfs in _listening_unix_sockets() if vfs == want]
+    except OSError:
+        return None
+    return _holder_file(f"socket:[{listening[0]}]") if len(listening) == 1 else None
+
+
+def _holder_file(target: str) -> str | None:
+    """:func:`_nbdkit_file` of the nbdkit process that holds ``target`` (``socket:[INODE]``)."""
+    for pid in _nbdkit_pids():
+        if _holds(pid, target):
             return _nbdkit_file(pid)
     return None
 
@@ -101,29 +109,35 @@ def _tcp_peer_inode(family: int, ours: tuple[Any, ...], theirs: tuple[Any, ...])
     return None
 
 
-def _peer_inode(ino: int) -> int | None:
-    """The inode of the other end of our Unix socket ``ino`` (sock_diag, ``UNIX_DIAG_PEER``)."""
-    req = struct.pack("=BBHIIIII", socket.AF_UNIX, 0, 0, 0xFFFFFFFF, ino, _UDIAG_SHOW_PEER,
-                      0xFFFFFFFF, 0xFFFFFFFF)
-    msg = struct.pack("=IHHII", 16 + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0) + req
+def _listening_unix_sockets() -> list[tuple[int, tuple[int, int]]]:
+    """``(socket inode, (file inode, kernel dev))`` of every listening Unix socket bound to a
+    path (a sock_diag dump, ``UDIAG_SHOW_VFS``)."""
+    req = struct.pack("=BBHIIIII", socket.AF_UNIX, 0, 0, 1 << _TCP_LISTEN, 0, _UDIAG_SHOW_VFS, 0, 0)
+    msg = struct.pack("=IHHII", 16 + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0) + req
+    out: list[tuple[int, tuple[int, int]]] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
         nl.settimeout(5)
         nl.sendto(msg, (0, 0))
-        data = nl.recv(65536)
-    if len(data) < 32:
-        return None
-    length, kind = struct.unpack_from("=IH", data)
-    if kind != _SOCK_DIAG_BY_FAMILY:  # NLMSG_ERROR: no such socket, or no unix_diag module
-        return None
-    pos = 32  # nlmsghdr (16) + unix_diag_msg (16)
-    while pos + 4 <= min(length, len(data)):
-        alen, atype = struct.unpack_from("=HH", data, pos)
-        if alen < 4:
-            break
-        if atype == _UNIX_DIAG_PEER and alen >= 8:
-            return int(struct.unpack_from("=I", data, pos + 4)[0])
-        pos += (alen + 3) & ~3
-    return None
+        while True:
+            data = nl.recv(1 << 16)
+            pos = 0
+            while pos + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, pos)
+                if length < 16 or kind in (_NLMSG_DONE, _NLMSG_ERROR):
+                    return out
+                ino = struct.unpack_from("=I", data, pos + 20)[0]  # unix_diag_msg.udiag_ino
+                apos, end = pos + 32, pos + length
+                while apos + 4 <= end:
+                    alen, atype = struct.unpack_from("=HH", data, apos)
+                    if alen < 4:
+                        break
+                    if atype == _UNIX_DIAG_VFS and alen >= 12:
+                        vfs_ino, vfs_dev = struct.unpack_from("=II", data, apos + 4)
+                        out.append((ino, (vfs_ino, vfs_dev)))
+                    apos += (alen + 3) & ~3
+                pos += (length + 3) & ~3
+            if not data:
+                return out
 
 
 def _holds(pid: int, target: str) -> bool:
@@ -159,14 +173,6 @@ def _nbdkit_pids() -> list[int]:
             finally:
                 os.close(fd)
     return out
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except (OSError, ValueError):
-        return []
 
 
 def _nbdkit_file(pid: int) -> str | None:

@@ -214,6 +214,25 @@ def test_copy_between_a_file_and_its_export_is_refused(tmp_path: Path, start_nbd
     assert image.read_bytes() == data[: 2 * MiB] + data[:MiB] + data[3 * MiB:]
 
 
+def test_mirror_leg_on_the_export_of_the_other_leg_refused(engine: Any, tmp_path: Path,
+                                                           start_nbdkit: Callable[..., NbdServer]) -> None:
+    """A table names exports without connecting first: the server of a Unix socket is found by
+    the socket file (its listening socket and the nbdkit holding it), so a mirror whose second
+    leg is the export of its first leg's file is refused (its legs would be one copy of the data)."""
+    from mirror import MirrorManager
+
+    image = tmp_path / "leg0.img"
+    image.write_bytes(bytes(4 * MiB))
+    srv = start_nbdkit(["file", str(image)])
+    assert identify(srv.uri).overlaps(identify(str(image)))
+    with pytest.raises(DeviceConflict, match=f"backed by {image}"):
+        MirrorManager(engine).create("m-dmtt", [str(image), srv.uri], region_size=128, nosync=True, monitor=False)
+    assert list(engine.list()) == []
+    other = tmp_path / "leg1.img"
+    other.write_bytes(bytes(4 * MiB))
+    assert not identify(start_nbdkit(["file", str(other)]).uri).overlaps(identify(str(image)))
+
+
 @pytest.mark.root
 def test_copy_between_a_backing_file_and_the_served_device_is_refused(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
