@@ -194,13 +194,18 @@ def udev_running(path: str = UDEV_CONTROL) -> bool:
 
 def process_gone(pid: int) -> bool:
     """True once process ``pid`` has exited: it is gone, or a zombie (``/proc/PID/stat``'s state
-    ``Z``: its parent, perhaps an init that reaps late, has not reaped it yet; its files are closed)."""
+    ``Z``: its parent, perhaps an init that reaps late, has not reaped it yet) whose threads have all
+    exited. A thread group leader is a zombie as soon as it exits, while its other threads may
+    still run (a SIGKILLed process whose threads are finishing I/O): they hold the process's files
+    (its sockets, its locks) until the last one exits, and ``/proc/PID/task`` lists them till then."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
+        if stat.rpartition(b")")[2].split()[0] != b"Z":
+            return False
+        return os.listdir(f"/proc/{pid}/task") == [str(pid)]
     except (FileNotFoundError, ProcessLookupError):
         return True
-    return stat.rpartition(b")")[2].split()[0] == b"Z"
 
 
 @functools.cache

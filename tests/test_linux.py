@@ -85,3 +85,33 @@ def test_sysfs_attr_reads_bytes_as_fsdecode_and_none_when_missing(tmp_path: Path
     assert linux.sysfs_attr(str(attr)) == os.fsdecode(b"/x/\xff name ")  # only the newline goes
     assert linux.sysfs_attr(str(tmp_path / "gone")) is None
     assert linux.block_attr((0, 0), "size") is None  # no block device 0:0
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0]
+
+
+def test_a_zombie_leader_with_a_live_thread_is_not_gone() -> None:
+    """A SIGKILLed daemon's leader turns zombie at once while its other threads finish (seen here:
+    state Z with 2 tasks for 28-67 ms): they still hold its socket and lock, so it has not exited.
+    Reproduced with a leader that ends by ``pthread_exit`` while a thread sleeps on."""
+    import subprocess
+    import sys
+
+    from dmtools.testing.wait import wait_until
+
+    code = ("import ctypes, threading, time\n"
+            "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+            "ctypes.CDLL(None).pthread_exit(None)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        wait_until(lambda: _state(proc.pid) == "Z", "the leader to exit")
+        assert len(os.listdir(f"/proc/{proc.pid}/task")) == 2
+        assert not linux.process_gone(proc.pid)
+    finally:
+        proc.kill()
+    wait_until(lambda: linux.process_gone(proc.pid), "the process to exit")  # a zombie now: not reaped yet
+    assert _state(proc.pid) == "Z"
+    proc.wait()
+    assert linux.process_gone(proc.pid)
