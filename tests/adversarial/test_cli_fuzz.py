@@ -10,8 +10,11 @@ and run directory. Only the documented exit statuses may come out, an error is o
 ``dmtools``, and nothing prints a traceback; an exception escaping ``main`` fails the test.
 
 Deterministic (``derandomize``, no example database, and Hypothesis's pool of constants from the
-code fixed to the whole project's by ``tests/fixed_constants.py``, not the modules imported so far),
-so every checkout and CI draw the same command lines and CI cannot fail by chance. Commands that
+code fixed to the whole project's by ``tests/fixed_constants.py``, not the modules imported so far,
+nor where the checkout is, nor the working directory's ``.hypothesis``), so every checkout and CI
+draw the same command lines and CI cannot fail by chance; ``DMTT_FUZZ_RECORD=FILE`` appends every
+example (its command line, a digest of its input files) to ``FILE`` as a JSON line, for comparing
+two runs' draws. Commands that
 serve until stopped get the options that bound them: ``daemon`` only ``stop``/``status``,
 ``monitor`` ``--once``, ``dm wait`` and the ``--rate``/``--timeout``/``--interval`` values from
 short lists (a rate of 5 bytes/s is valid and merely slow). Loop devices are attached for real and
@@ -23,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
+import json
 import os
 import signal
 import sys
@@ -50,6 +55,8 @@ HANG_LIMIT = 30
 IMAGE = 1 << 20
 #: examples per sub-command (about 45 of them)
 EXAMPLES = int(os.environ.get("DMTOOLS_FUZZ_EXAMPLES", "8"))
+#: where every example is recorded (``DMTT_FUZZ_RECORD``), or None
+RECORD = os.environ.get("DMTT_FUZZ_RECORD")
 
 
 # --- the parser tree ------------------------------------------------------------------------------
@@ -280,6 +287,16 @@ def _run(argv: list[str], eng: Any) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
+def _record(argv: list[str], contents: dict[str, bytes]) -> None:
+    """Append the example to ``RECORD``: its command line and a digest of its input files."""
+    if RECORD:
+        files = hashlib.sha256()
+        for name, data in sorted(contents.items()):
+            files.update(f"{name} {len(data)}\n".encode() + data)
+        with open(RECORD, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"argv": argv, "files": files.hexdigest()[:16]}) + "\n")
+
+
 def _check(argv: list[str], rc: int, err: str) -> None:
     assert rc in DOCUMENTED, f"{argv!r}: exit status {rc}\n{err}"
     assert "Traceback" not in err, f"{argv!r}: traceback\n{err}"
@@ -294,6 +311,7 @@ def _check(argv: list[str], rc: int, err: str) -> None:
 @given(data=st.data(), contents=file_contents())
 def _fuzz(world: Path, leaf: Leaf, data: Any, contents: dict[str, bytes]) -> None:
     argv = data.draw(command_lines(leaf), label="argv")
+    _record(argv, contents)
     eng = _prepare(world, contents)
     try:
         rc, _, err = _run(argv, eng)
