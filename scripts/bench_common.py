@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: fio as an external load generator, runs in the VM, the load.
+"""Shared pieces of the benchmarks: fio as an external load generator, runs in the VM, the load,
+the rest before a timed run (``settle``).
 
 fio (Debian's package) is the peer every data-path benchmark runs beside dd: the same jobs go
 against the userspace engine's exposed devices here and against the kernel's targets in the VM, so
@@ -7,6 +8,7 @@ the two ratios can be printed side by side.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -14,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,3 +127,29 @@ def drop_caches() -> None:
             f.write("3\n")
     except OSError:
         pass
+
+
+#: Seconds of rest before a timed run, after whatever freed memory just before it (a cache
+#: eviction, the previous run's files removed, a VM's QEMU exiting): longer than the 2 s after
+#: which virtio-balloon free page reporting hands freed memory back to the host
+#: (mm/page_reporting.c ``PAGE_REPORTING_DELAY``). Memory freed less than that ago is cheap to
+#: fault in again and memory already reported is not, so without the rest a run's cost depends
+#: on what ran just before it: nbdcopy's system time was 0.57 s right after an eviction and
+#: 1.0-1.55 s after 4 s of rest (``scripts/bench nbd``). This machine's page reporting
+#: (``/sys/module/page_reporting/parameters/reported_kib``) reported most of a 3 GiB VM's memory
+#: 2-6 s after its QEMU exited (786, 348 and 102 MiB in successive 2 s samples).
+SETTLE = 3.0
+
+
+def settle(seconds: float = SETTLE) -> None:
+    """Rest ``seconds`` (``--settle``, default :data:`SETTLE`) so that the memory freed before
+    the next timed run has been handed back to the host, as for every other run."""
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+def add_settle_option(parser: argparse.ArgumentParser, when: str, default: float = SETTLE) -> None:
+    """``--settle SECONDS``: the rest of :func:`settle`, taken ``when`` (words for the help)."""
+    parser.add_argument("--settle", type=float, default=default,
+                        help=f"seconds of rest {when} (default {default:g}; free page reporting hands "
+                             "freed memory back to the host after 2 s)")

@@ -45,7 +45,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
+from bench_common import SETTLE, add_settle_option, settle  # noqa: E402
 from dmtools.units import format_size, parse_size  # noqa: E402
 
 PY = sys.executable
@@ -371,27 +373,23 @@ def _meminfo_mib(*keys: str) -> dict[str, int]:
     return out
 
 
-#: Seconds of rest before every timed run of case (e) (``--settle``): longer than the 2 s after
-#: which virtio-balloon free page reporting hands freed memory back to the host
-#: (mm/page_reporting.c ``PAGE_REPORTING_DELAY``), so that every tool starts with the memory the
-#: previous run freed in the same state (reported), whatever ran before it.
-E_SETTLE = 3.0
 #: Dirty + Writeback (MiB) below which the previous run's writeback counts as done.
 E_DIRTY_DONE_MIB = 16
 
 
-def settle_for_run(src: Path, dst: Path, size: int, settle: float) -> dict[str, Any]:
+def settle_for_run(src: Path, dst: Path, size: int, seconds: float) -> dict[str, Any]:
     """The state every timed run of case (e) starts from, whichever tool it is: the destination
     removed, the previous run's dirty pages written back (``sync``, then Dirty + Writeback waited
     down below ``E_DIRTY_DONE_MIB``), the source read into the page cache and checked resident
-    (``cachestat``; read again if the rest evicted any of it), after ``settle`` seconds of rest.
+    (``cachestat``; read again if the rest evicted any of it), after ``seconds`` of rest
+    (``bench_common.settle``).
     Returns what was found: the source's resident MiB and Dirty/Writeback/MemFree just before."""
     fresh(dst)()
     os.sync()
     deadline = time.monotonic() + 60
     while sum(_meminfo_mib("Dirty", "Writeback").values()) >= E_DIRTY_DONE_MIB and time.monotonic() < deadline:
         time.sleep(0.1)  # a poll, not a guess: the loop ends when the counters say so
-    time.sleep(settle)
+    settle(seconds)
     from kcopyd.fastpath import cached_bytes
 
     resident = None
@@ -408,7 +406,7 @@ def settle_for_run(src: Path, dst: Path, size: int, settle: float) -> dict[str, 
             **{k.lower() + "_mib": v for k, v in _meminfo_mib("Dirty", "Writeback", "MemFree").items()}}
 
 
-def bench_cached_api(d: Path, src: Path, size: int, repeat: int, settle: float = E_SETTLE) -> dict[str, Any]:
+def bench_cached_api(d: Path, src: Path, size: int, repeat: int, rest: float = SETTLE) -> dict[str, Any]:
     """(e): the source in the page cache; kcopyd through its Python API, dd and a bare loop, each
     run from the same state (:func:`settle_for_run`), the tools' order reversed every round.
     dd's system CPU seconds are kept beside its times (where its time goes)."""
@@ -420,7 +418,7 @@ def bench_cached_api(d: Path, src: Path, size: int, repeat: int, settle: float =
     names = ["kcopyd", "cfr", "dd"]
     for round_ in range(WARMUP + repeat):
         for name in names if round_ % 2 == 0 else names[::-1]:
-            state = settle_for_run(src, dst, size, settle)
+            state = settle_for_run(src, dst, size, rest)
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             if name == "dd":
                 t0 = time.perf_counter()
@@ -440,7 +438,7 @@ def bench_cached_api(d: Path, src: Path, size: int, repeat: int, settle: float =
     resident = [s["source_resident_mib"] for s in states]
     return {"seconds": t, "runs": {k: [round(x, 3) for x in v] for k, v in times.items()},
             "system_cpu_seconds": {k: round(statistics.median(v), 3) for k, v in sys_cpu.items()},
-            "settle_seconds": settle, "source_resident_mib_min": min((r for r in resident if r is not None), default=None),
+            "settle_seconds": rest, "source_resident_mib_min": min((r for r in resident if r is not None), default=None),
             "dirty_writeback_mib_max": max(s.get("dirty_mib", 0) + s.get("writeback_mib", 0) for s in states),
             "loadavg": _loadavg(), "ratio_vs_dd": t["dd"] / t["kcopyd"], "cfr_vs_dd": t["dd"] / t["cfr"]}
 
@@ -496,8 +494,7 @@ def main() -> int:
     ap.add_argument("--flush", action="store_true", help="include making the output durable")
     ap.add_argument("--dir", help="work directory (default: a temporary one under /var/tmp)")
     ap.add_argument("--only", default="abcde", help="which cases to run (default abcde)")
-    ap.add_argument("--settle", type=float, default=E_SETTLE,
-                    help=f"(e): seconds of rest before every timed run (default {E_SETTLE:g})")
+    add_settle_option(ap, "before every timed run of case (e)")
     ap.add_argument("--overwrite", action="store_true",
                     help="(c): overwrite existing destination files instead of fresh ones")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -43,7 +43,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,7 @@ import bench_copy as bc  # noqa: E402
 from bench_copy import KCOPYD, fresh, ratios  # noqa: E402
 
 import bench_mirror as bm  # noqa: E402
+from bench_common import SETTLE, add_settle_option, settle  # noqa: E402
 from dmtools.testing.nbdserver import missing_tools, nbdkit  # noqa: E402
 from dmtools.units import format_size, parse_size  # noqa: E402
 
@@ -62,10 +62,6 @@ def _process_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (proc(5))
-
-
-#: Seconds of rest after the cache eviction before each timed run (``--settle``).
-SETTLE = 3.0
 
 
 def rounds(cases: dict[str, tuple[Any, Any]], repeat: int, peer: str, key: str) -> dict[str, Any]:
@@ -82,7 +78,7 @@ def rounds(cases: dict[str, tuple[Any, Any]], repeat: int, peer: str, key: str) 
         """``sync`` and evict the data files, then rest ``SETTLE`` seconds: the memory just
         freed is then in the same state (returned to the host) for every tool."""
         evict()
-        time.sleep(SETTLE)
+        settle(SETTLE)
 
     bc.evict = evict_and_settle  # bench_copy.timed evicts before a run: settle after it too
     try:
@@ -194,9 +190,7 @@ def main() -> int:
     ap.add_argument("--mirror-size", default="256M", help="bytes written in case (d) (default 256M)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--nice", type=int, default=0, help="scheduling priority change for everything run")
-    ap.add_argument("--settle", type=float, default=SETTLE,
-                    help="seconds of rest after each run's cache eviction (default 3; "
-                         "free page reporting hands freed memory back to the host after 2 s)")
+    add_settle_option(ap, "after each run's cache eviction")
     args = ap.parse_args()
     reason = missing_tools("nbdkit", "nbdcopy")
     if reason:

@@ -26,11 +26,18 @@ where a flush costs nothing, and on an ext4 disk image kept on this host's file 
 ours do. The storage table prints each place's flush cost and the ceilings it puts on the ratios
 of one writer (``flush_bound``).
 
+``--settle S`` rests ``S`` seconds (``bench_common.settle``) before each measurement of our rows
+and after the VM's run, so that the memory freed before it (the previous volumes, QEMU's 3 GiB)
+has been handed back to the host alike for every measurement. It is off by default: it did not
+keep the node's sequential first writes with 1 snapshot from falling to 0.12-0.15x with twice the
+CPU, which happens in runs after a VM (alternated with the kernel column, at load 5-11 from other
+VMs: 0.137-0.149x and 4.1-4.9 CPU s/GiB with 3 s, 0.185-0.510x and 2.1-4.2 without).
+
 ``--only profile`` shows where a random 4 KiB first write and a 1 MiB rewrite spend their time
 (system calls, fdatasync's share, Python calls and the functions with the most own time).
 
     scripts/bench snapshot [--size 32M] [--repeat 3] [--no-kernel] [--vm-storage both|tmpfs|disk] [--no-fio]
-                           [--only load|writes|profile] [--json]
+                           [--settle S] [--only load|writes|profile] [--json]
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_common import FIO_JOBS, fio, fio_available, in_vm, loadavg  # noqa: E402
+from bench_common import FIO_JOBS, add_settle_option, fio, fio_available, in_vm, loadavg, settle  # noqa: E402
 from dmtools.engine.expose import exposure_possible  # noqa: E402
 from dmtools.units import parse_size  # noqa: E402
 from snapshot.store.format import (  # noqa: E402
@@ -268,17 +275,23 @@ def _open_dm(kernel: bool, node: bool, work: Path) -> Any:
 
 
 def bench_writes(work: Path, size: int, chunk: int, nrandom: int, kernel: bool = False,
-                 repeat: int = 1, node: bool = False) -> dict[str, object]:
+                 repeat: int = 1, node: bool = False, rest: float = 0.0) -> dict[str, object]:
     """MiB/s of origin writes with 0, 1 and 4 snapshots, and each as a ratio to 0 snapshots.
 
     With ``repeat`` > 1 the configurations are measured in turn that many times (0, 1, 4, 0, 1,
     4, ...), so a slow phase of a shared machine hits each alike; the medians are reported.
+    ``rest``: seconds of rest (``bench_common.settle``) before the warm-up and before each
+    measurement, after the memory the one before freed (its volumes removed, a VM's exit).
     """
     (work / "run").mkdir(exist_ok=True)
     dm = _open_dm(kernel, node, work)
     try:
+        settle(rest)
         _warm(dm, work, size, chunk, kernel, node)
-        measured = [_write_rows(dm, work, size, chunk, nrandom, kernel, node) for _ in range(repeat)]
+        measured = []
+        for _ in range(repeat):
+            settle(rest)
+            measured.append(_write_rows(dm, work, size, chunk, nrandom, kernel, node))
     finally:
         dm.close()
     runs = [r for r, _ in measured]
@@ -294,6 +307,7 @@ def bench_writes(work: Path, size: int, chunk: int, nrandom: int, kernel: bool =
         "size_mib": size >> 20,
         "chunk_sectors": chunk,
         "repeat": repeat,
+        "settle_seconds": rest,
         "loadavg": round(loadavg(), 2),
     }
     for name, row in rows.items():
@@ -665,7 +679,9 @@ def _print_table(results: dict[str, Any]) -> None:
         (h, results[k]) for h, k in (("ours: API", "writes"), ("ours: node", "writes_node"),
                                      ("kernel: tmpfs", "writes_kernel"), ("kernel: disk", "writes_kernel_disk"))
         if isinstance(results.get(k), dict)]
-    print(f"origin writes, ratio to no snapshot (load average {loadavg():.1f} on {os.cpu_count()} CPUs)")
+    rest = next((c["settle_seconds"] for h, c in cols if not h.startswith("kernel")), 0)
+    print(f"origin writes, ratio to no snapshot (load average {loadavg():.1f} on {os.cpu_count()} CPUs"
+          f"{f'; ours after {rest:g} s of rest each' if rest else ''})")
     print(f"  {'workload':34}" + "".join(f"{h:>14}" for h, _ in cols) + "   goal")
     for n in ("1 snapshots", "4 snapshots"):
         for w in WORKLOADS:
@@ -737,6 +753,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the kernel's volumes live in the VM: its tmpfs (flushes cost nothing), an ext4 "
                         "image on this host's file system (flushes cost what ours do), or both (default)")
     p.add_argument("--no-fio", action="store_true", help="leave out the fio jobs")
+    add_settle_option(p, "before each measurement of our rows and after the VM's run", 0.0)
     p.add_argument("--only", choices=("load", "writes", "profile"))
     p.add_argument("--json", action="store_true")
     p.add_argument("--load-child", help=argparse.SUPPRESS)
@@ -754,18 +771,21 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.only in (None, "writes"):
             results["flush"] = flush_cost(work)
-            results["writes"] = bench_writes(work, size, args.chunk_size, args.random_writes, repeat=args.repeat)
+            results["writes"] = bench_writes(work, size, args.chunk_size, args.random_writes, repeat=args.repeat,
+                                             rest=args.settle)
             reason = exposure_possible()
             if reason is None:
                 results["writes_node"] = bench_writes(work, size, args.chunk_size, args.random_writes,
-                                                      repeat=args.repeat, node=True)
+                                                      repeat=args.repeat, node=True, rest=args.settle)
                 if not args.no_fio:
+                    settle(args.settle)
                     results["fio"] = (fio_available()
                                       or bench_fio(work, size, args.chunk_size, False, args.fio_runtime))
             else:
                 results["writes_node"] = results["fio"] = f"not measured: {reason}"
             if not args.no_kernel:
                 vm = _vm_results(args, work)
+                settle(args.settle)  # QEMU's memory, freed: whatever this process or the next runs
                 if isinstance(vm, str):
                     results["writes_kernel"] = vm
                 else:
