@@ -10,6 +10,9 @@ metadata``. ``refresh`` reloads a snapshot through the same handover (``lvchange
 ``extend`` grows a file-backed COW before refreshing (``lvextend``; the monitor's auto-extend policy
 ``snapshot-extend``). Everything is found again from the tables, so
 the manager keeps no state of its own: a new manager (or another process) sees the same snapshots.
+A change holds its origin's lock (:meth:`SnapshotManager.origin_lock`), so two managers of one
+origin take turns as LVM's commands do under the volume group's lock; ``list`` and ``status`` read
+without it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import contextlib
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +30,7 @@ from dmtools.errors import (DeviceBusy, DeviceExists, DeviceNotFound, DMError, I
                             SnapshotInvalid, quietly)
 from dmtools.file_backing import backing_file, grow_file
 from dmtools.linux import block_attr, parse_devno
+from dmtools.locks import lock_dir, named_lock
 from dmtools.names import MAX_UUID_BYTES, validate_name, validate_uuid
 from dmtools.reload import reload_stack
 from dmtools.status import SnapshotState, SnapshotStatus, parse_snapshot_status
@@ -170,6 +175,45 @@ class SnapshotManager:
                 return info
         raise DeviceNotFound("no such snapshot", operation="status", device=name)
 
+    # -- locking ----------------------------------------------------------------------------------
+    def lock_directory(self) -> str:
+        """Where the origins' locks live: ``locks`` in the backend's run directory (a userspace
+        client's, else ``dmtools.engine.rundir.run_dir()``, which is the daemon's too), as LVM keeps
+        a file per volume group in its locking dir. Raises ``DaemonError`` for an unsafe one."""
+        from dmtools.engine import rundir
+
+        return lock_dir(getattr(self.dm, "run_dir", None) or rundir.run_dir())
+
+    @contextlib.contextmanager
+    def origin_lock(self, origin: str) -> Iterator[None]:
+        """Hold origin ``origin``'s lock (:func:`dmtools.locks.named_lock`, the file
+        ``snapshot-origin.ORIGIN``) while the block runs; waits for another manager's change of
+        it. Every change of a snapshot stack runs under its origin's lock, reading the tables
+        again once it has it."""
+        with named_lock(self.lock_directory(), f"snapshot-origin.{origin}"):
+            yield
+
+    def _origin_for(self, name: str) -> str:
+        """The origin of snapshot ``name`` (or of its merge); ``name`` itself when it has none, so
+        that a change of a missing snapshot still takes a lock of its own."""
+        tables = self._devices()
+        t = self._single(tables[name]) if name in tables else None
+        if type(t) is Snapshot:
+            return self._origin_of_real(tables, t.origin) or name
+        return self._merging_origin(name, tables, self._ref_names()) or name
+
+    @contextlib.contextmanager
+    def _snapshot_lock(self, name: str) -> Iterator[None]:
+        """Hold the lock of snapshot ``name``'s origin; taken again when the snapshot moved to
+        another origin (or went) while this waited."""
+        for _ in range(8):
+            origin = self._origin_for(name)
+            with self.origin_lock(origin):
+                if self._origin_for(name) == origin:
+                    yield
+                    return
+        raise DeviceBusy("the snapshot's origin keeps changing", operation="lock", device=name)
+
     # -- helpers ----------------------------------------------------------------------------------
     @staticmethod
     def _cow_size(cow: str) -> int:
@@ -225,7 +269,8 @@ class SnapshotManager:
         (the COW shares bytes with the origin).
         """
         self._check_chunk(chunk_size)
-        return self._activate(origin, cow, name, chunk_size, store, wipe=True)
+        with self.origin_lock(origin):
+            return self._activate(origin, cow, name, chunk_size, store, wipe=True)
 
     def activate(self, origin: str, cow: str, name: str) -> SnapshotInfo:
         """Re-activate an existing persistent COW (after a reboot or a daemon restart).
@@ -236,13 +281,14 @@ class SnapshotManager:
         """
         from snapshot.offline import inspect
 
-        self._check_cow(origin, cow, "activate")
-        info = inspect(cow)
-        if not info.initialised:
-            raise InvalidArgument("COW holds no snapshot (header magic is 0); use create", device=cow)
-        if not info.valid:
-            raise SnapshotInvalid("the COW's snapshot was invalidated; it cannot be activated", device=cow)
-        return self._activate(origin, cow, name, info.chunk_size, StoreMode.PERSISTENT, wipe=False)
+        with self.origin_lock(origin):
+            self._check_cow(origin, cow, "activate")
+            info = inspect(cow)
+            if not info.initialised:
+                raise InvalidArgument("COW holds no snapshot (header magic is 0); use create", device=cow)
+            if not info.valid:
+                raise SnapshotInvalid("the COW's snapshot was invalidated; it cannot be activated", device=cow)
+            return self._activate(origin, cow, name, info.chunk_size, StoreMode.PERSISTENT, wipe=False)
 
     def _activate(self, origin: str, cow: str, name: str, chunk: int, store: StoreMode, *, wipe: bool) -> SnapshotInfo:
         dm = self.dm
@@ -332,6 +378,10 @@ class SnapshotManager:
         ``dmtools.backend.REMOVE_WAIT`` seconds as ``dmsetup remove --retry``; raises
         ``DeviceBusy``, having changed nothing, while the snapshot is still open then.
         """
+        with self._snapshot_lock(name):
+            self._remove(name)
+
+    def _remove(self, name: str) -> None:
         dm = self.dm
         target, tables = self._snapshot(name, "remove")
         openers = wait_closed(dm, name)
@@ -380,6 +430,17 @@ class SnapshotManager:
         ``SnapshotInvalid``, ``DeviceBusy`` (snapshot open, another merge running) and
         ``DMError`` for ``Merge failed``.
         """
+        with self._snapshot_lock(name):
+            merging = self._merge_start(name)
+        if not wait:
+            return None
+        self._wait_merge(merging, name, progress, timeout)
+        with self.origin_lock(merging):
+            self._finish_merge(merging)
+        return None
+
+    def _merge_start(self, name: str) -> str:
+        """Start (or retry) the merge of ``name``; returns the merging origin."""
         dm = self.dm
         tables = self._devices()
         refs = self._ref_names()
@@ -403,11 +464,7 @@ class SnapshotManager:
             merging = origin
         else:
             self._retry_failed_merge(merging)
-        if not wait:
-            return None
-        self._wait_merge(merging, name, progress, timeout)
-        self._finish_merge(merging)
-        return None
+        return merging
 
     def _retry_failed_merge(self, origin: str) -> None:
         """After ``Merge failed`` reactivate the origin, as LVM's deactivate + activate does: the
@@ -471,6 +528,10 @@ class SnapshotManager:
         every device suspended here is resumed. Raises ``DeviceNotFound`` (no such snapshot) and
         ``DMError`` from the backend.
         """
+        with self._snapshot_lock(name):
+            return self._refresh(name)
+
+    def _refresh(self, name: str) -> SnapshotInfo:
         dm = self.dm
         target, tables = self._snapshot(name, "refresh")
         refs = self._ref_names()
@@ -496,6 +557,10 @@ class SnapshotManager:
         if not int_in(percent, 1):
             raise InvalidArgument(f"extension percent must be a positive integer, not {percent!r}",
                                   operation="extend", device=name)
+        with self._snapshot_lock(name):
+            return self._extend(name, percent)
+
+    def _extend(self, name: str, percent: int) -> ExtendResult:
         target, tables = self._snapshot(name, "extend")
         cow_name = self._ref_names().get(target.cow)
         linear = self._single(tables[cow_name]) if cow_name in tables else None
@@ -509,7 +574,7 @@ class SnapshotManager:
         new_bytes = cow_bytes + max(1, math.ceil(cow_bytes * percent / 100 / chunk)) * chunk
         end = offset * SECTOR + new_bytes
         grow_file(path, end, loop_path)
-        self.refresh(name)
+        self._refresh(name)
         if cow_name is not None and self.dm.table(cow_name).size * SECTOR < new_bytes:
             raise DMError(f"{cow_name} maps less than {new_bytes} bytes after the refresh",
                           operation="extend", device=name)

@@ -17,7 +17,6 @@ followed by the body: UTF-8 JSON.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import struct
@@ -28,6 +27,7 @@ from typing import Any
 
 from dmtools.blockdev import BlockDevice
 from dmtools.errors import CorruptMetadata, InvalidArgument
+from dmtools.locks import range_lock
 from dmtools.units import SECTOR
 
 __all__ = ["RECORD_SECTORS", "SLOT_BYTES", "ThinVolume", "PoolRecord", "read_record", "write_record", "has_record",
@@ -40,8 +40,6 @@ SLOT_BYTES = RECORD_SECTORS * SECTOR // 2
 _MAGIC = b"dmtools-thinpool"
 _HEADER = struct.Struct("<16sQII")
 _FORMAT_VERSION = 1
-#: ``struct flock`` of 64-bit Linux (asm-generic/fcntl.h): l_type, l_whence, l_start, l_len, l_pid.
-_FLOCK = struct.Struct("hhqqi4x")
 
 
 @dataclass(frozen=True)
@@ -187,18 +185,8 @@ def record_lock(device: str) -> Iterator[None]:
     managers of one pool take turns, as LVM's commands take the volume group's lock. Waits for
     the holder.
 
-    The lock is an open file description lock (``F_OFD_SETLKW``) on the record's bytes of the
-    device node or file the pool's ``-tmeta`` table names: it goes with the descriptor (a killed
-    manager leaves none), and it is apart from the ``flock`` and ``O_EXCL`` claims an engine holds
-    on the same device. Raises ``DeviceNotFound`` and ``DMError`` from the open.
+    The lock is :func:`dmtools.locks.range_lock` on the record's bytes of the device node or file
+    the pool's ``-tmeta`` table names. Raises ``DeviceNotFound`` and ``DMError`` from the open.
     """
-    from dmtools.claims import os_errors
-
-    with os_errors(device, "lock"):
-        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        with os_errors(device, "lock"):
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, RECORD_SECTORS * SECTOR, 0))
+    with range_lock(device, 0, RECORD_SECTORS * SECTOR):
         yield
-    finally:
-        os.close(fd)

@@ -257,3 +257,44 @@ def test_bad_tables_give_the_kernels_words(kernel_dm: Any, make_image: Callable[
     for cow in (cl, c4k):  # nothing was written to the COWs
         with open(cow.path, "rb") as f:
             assert f.read(4096) == bytes(4096)
+
+
+def test_a_change_waits_for_the_origins_lock(kernel_dm: Any, tmp_path: Path, make_image: Callable[..., Path],
+                                             make_loop: Callable[..., Any], tag: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel backend's managers share the origin's lock in the run directory: while one
+    holds it (another process's change, as an LVM command holds the VG lock), a create of the
+    same origin waits on it (seen in /proc/locks), then goes through."""
+    import os
+    import threading
+    import time
+
+    monkeypatch.setenv("DMTOOLS_RUN_DIR", str(tmp_path / "run"))
+    ol, cl = make_loop(make_image(SIZE, name="o")), make_loop(make_image(COW_SIZE, name="c"))
+    vol = f"{tag}-vol"
+    kernel_dm.create(vol, f"0 {SIZE // 512} linear {ol.path} 0")
+    holder, mgr = SnapshotManager(kernel_dm), SnapshotManager(kernel_dm)
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            mgr.create(vol, cl.path, f"{tag}-s")
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    with holder.origin_lock(vol):
+        ino = f":{os.stat(Path(holder.lock_directory()) / f'snapshot-origin.{vol}').st_ino} "
+        worker = threading.Thread(target=create)
+        worker.start()
+        deadline = time.monotonic() + 60
+        while True:
+            with open("/proc/locks") as f:
+                if any(" -> " in line and ino in line for line in f):
+                    break
+            assert worker.is_alive() and time.monotonic() < deadline
+            time.sleep(0.001)
+        assert not kernel_dm.exists(f"{tag}-s")
+    worker.join(60)
+    assert errors == [] and kernel_dm.table(vol).lines[0].target.target_type == "snapshot-origin"
+    mgr.remove(f"{tag}-s")
+    assert sorted(e.name for e in kernel_dm.list() if e.name.startswith(tag)) == [vol]
