@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dmtools.backend import DeviceMapper, wait_closed
-from dmtools.errors import (DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, OperationCancelled,
-                            SnapshotInvalid, quietly)
+from dmtools.errors import (DeviceBusy, DeviceExists, DeviceNotFound, DMError, InvalidArgument, InvalidName,
+                            OperationCancelled, SnapshotInvalid, quietly)
 from dmtools.file_backing import backing_file, grow_file
 from dmtools.linux import block_attr, parse_devno
 from dmtools.locks import lock_dir, named_lock
-from dmtools.names import MAX_UUID_BYTES, validate_name, validate_uuid
+from dmtools.names import validate_name, validate_uuid
 from dmtools.reload import reload_stack
 from dmtools.status import SnapshotState, SnapshotStatus, parse_snapshot_status
 from dmtools.table import Table
@@ -320,11 +320,10 @@ class SnapshotManager:
         had_real = isinstance(otarget, SnapshotOrigin)
         suspended = False
         reloaded = False
-        if not had_real:  # the -real device's name and uuid are checked before the COW is written
-            uuid = dm.info(origin).uuid
-            real_uuid = validate_uuid(f"{uuid}-real" if uuid else "")
-            if dm.exists(validate_name(real_name)):
-                raise DeviceExists("device already exists", operation="create", device=real_name)
+        # the -real device's name and the layers' uuids are checked before the COW is written
+        real_uuid, cow_uuid = self._layer_uuids(origin, name, had_real)
+        if not had_real and dm.exists(validate_name(real_name)):
+            raise DeviceExists("device already exists", operation="create", device=real_name)
         if wipe:
             self._wipe_header(cow)
         try:
@@ -334,8 +333,7 @@ class SnapshotManager:
                 dm.create(real_name, origin_table, uuid=real_uuid)
                 created.append(real_name)
                 real_ref = dm.device_ref(real_name)
-            cow_uuid = f"{dm.info(origin).uuid}-{name}-cow" if dm.info(origin).uuid else ""
-            dm.create(cow_name, Table.single(size // SECTOR, Linear(cow, 0)), uuid=cow_uuid[:MAX_UUID_BYTES])
+            dm.create(cow_name, Table.single(size // SECTOR, Linear(cow, 0)), uuid=cow_uuid)
             created.append(cow_name)
             dm.suspend(origin)
             suspended = True
@@ -351,6 +349,33 @@ class SnapshotManager:
             self._rollback(origin, origin_table if reloaded else None, created, suspended)
             raise
         return self.status(name)
+
+    def _layer_uuids(self, origin: str, name: str, had_real: bool) -> tuple[str, str]:
+        """The uuids of ``ORIGIN-real`` (``""`` when it exists already) and ``NAME-cow``: the
+        origin's uuid with a layer suffix (``-real``, ``-NAME-cow``), as LVM suffixes its layers'
+        uuids; none for an origin without a uuid. Refused, before anything is written, when the
+        kernel would refuse it (over 128 bytes: ``InvalidName``) or a live device has it already
+        (``DeviceExists``: origin ``U``'s snapshot ``a-b`` and origin ``U-a``'s snapshot ``b`` both
+        make ``U-a-b-cow``). A uuid is never cut to fit: two long names sharing a prefix would
+        then clash, and a uuid that still reads as origin and snapshot is worth a shorter name."""
+        uuid = self.dm.info(origin).uuid
+        if not uuid:
+            return "", ""
+        wanted = {f"{name}-cow": f"{uuid}-{name}-cow"}
+        if not had_real:
+            wanted[f"{origin}-real"] = f"{uuid}-real"
+        in_use = {e.uuid: e.name for e in self.dm.list() if e.uuid}
+        for device, layer_uuid in wanted.items():
+            try:
+                validate_uuid(layer_uuid)
+            except InvalidName as err:
+                raise InvalidName(f"{device} would get uuid {layer_uuid!r} (the origin's uuid and a suffix), "
+                                  f"but {err.message}: use a shorter snapshot name", operation="create",
+                                  device=device) from err
+            if layer_uuid in in_use:
+                raise DeviceExists(f"uuid {layer_uuid!r}, which {device} would get, belongs to {in_use[layer_uuid]}",
+                                   operation="create", device=device)
+        return wanted.get(f"{origin}-real", ""), wanted[f"{name}-cow"]
 
     def _rollback(self, origin: str, origin_table: Table | None, created: Names, suspended: bool) -> None:
         dm = self.dm

@@ -298,3 +298,24 @@ def test_a_change_waits_for_the_origins_lock(kernel_dm: Any, tmp_path: Path, mak
     assert errors == [] and kernel_dm.table(vol).lines[0].target.target_type == "snapshot-origin"
     mgr.remove(f"{tag}-s")
     assert sorted(e.name for e in kernel_dm.list() if e.name.startswith(tag)) == [vol]
+
+
+@pytest.mark.parametrize("case", ["long cow uuid", "cow uuid taken"])
+def test_a_cow_uuid_that_cannot_be_had_leaves_the_cow_alone(kernel_dm: Any, make_image: Callable[..., Path],
+                                                            make_loop: Callable[..., Any], tag: str, case: str) -> None:
+    """On the kernel backend too, ``create`` refuses a ``NAME-cow`` uuid (``ORIGIN_UUID-NAME-cow``)
+    over 128 bytes or one a live device has (its uuid as the kernel lists it) before it zeroes
+    the COW's header."""
+    from dmtools.errors import DeviceExists, InvalidName
+
+    ol, cl = make_loop(make_image(SIZE, name="o")), make_loop(make_image(COW_SIZE, name="c", fill=b"\x5a"))
+    vol, uuid = f"{tag}-vol", f"{tag}-U" + ("u" * 90 if case == "long cow uuid" else "")
+    kernel_dm.create(vol, f"0 {SIZE // 512} linear {ol.path} 0", uuid=uuid)
+    name = f"{tag}-" + ("p" * 40 if case == "long cow uuid" else "a-b")
+    if case == "cow uuid taken":  # what origin UUID-a's snapshot b would have
+        kernel_dm.create(f"{tag}-b-cow", "0 8 zero", uuid=f"{uuid}-{tag}-a-b-cow")
+    with pytest.raises(InvalidName if case == "long cow uuid" else DeviceExists):
+        SnapshotManager(kernel_dm).create(vol, cl.path, name)
+    with open(cl.path, "rb") as f:
+        assert f.read(4096) == b"\x5a" * 4096
+    assert kernel_dm.table(vol).lines[0].target.target_type == "linear" and not kernel_dm.exists(f"{name}-cow")

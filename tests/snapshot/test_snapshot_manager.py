@@ -214,25 +214,39 @@ def test_a_cow_held_by_another_tool_is_not_wiped(vol: tuple[Any, bytes], tmp_pat
     assert Path(c).read_bytes()[:4] != before[:4]
 
 
-@pytest.mark.parametrize("case", ["long name", "long uuid", "-real exists"])
-def test_a_real_device_that_cannot_be_made_leaves_the_cow_alone(engine: Any, tmp_path: Path, case: str) -> None:
-    """The first snapshot of an origin makes ``ORIGIN-real`` with the uuid ``UUID-real``: when that
-    name or uuid is too long for the kernel (127 / 128 bytes) or the name is taken, ``create``
-    fails before it zeroes the COW's header, and nothing is made."""
-    from dmtools.errors import InvalidName
+#: case -> (origin name, origin uuid, snapshot name, devices already there as (name, uuid), error)
+_LAYER_CASES: dict[str, tuple[str, str, str, list[tuple[str, str]], str]] = {
+    "long name": ("o" * 125, "", "s1", [], "InvalidName"),  # o...o-real: 130 bytes
+    "long uuid": ("vol", "u" * 125, "s1", [], "InvalidName"),  # u...u-real: 130 bytes
+    "-real exists": ("vol", "", "s1", [("vol-real", "")], "DeviceExists"),
+    # U...U-pppp...-cow: 136 bytes, was cut to 128 and so the same for every name of that prefix
+    "long cow uuid": ("vol", "U" * 100, "p" * 30 + "a", [], "InvalidName"),
+    # origin U-a's snapshot b has U-a-b-cow, the uuid origin U's snapshot a-b would get
+    "cow uuid taken": ("vol", "U", "a-b", [("b-cow", "U-a-b-cow")], "DeviceExists"),
+    "-real uuid taken": ("vol", "U", "s1", [("other", "U-real")], "DeviceExists"),
+}
 
-    origin = "o" * 125 if case == "long name" else "vol"
+
+@pytest.mark.parametrize("case", list(_LAYER_CASES))
+def test_a_layer_that_cannot_be_made_leaves_the_cow_alone(engine: Any, tmp_path: Path, case: str) -> None:
+    """The first snapshot of an origin makes ``ORIGIN-real`` with the uuid ``UUID-real``, and each
+    snapshot ``NAME-cow`` with ``UUID-NAME-cow``: when such a name or uuid is too long for the
+    kernel (127 / 128 bytes) or a live device has it, ``create`` fails before it zeroes the COW's
+    header, and nothing is made."""
+    from dmtools import errors
+
+    origin, uuid, name, others, error = _LAYER_CASES[case]
     img = tmp_path / "vol.img"
     img.write_bytes(random.Random(5).randbytes(SIZE))
-    engine.create(origin, f"0 {SIZE // 512} linear {img} 0", uuid="u" * 125 if case == "long uuid" else "")
-    if case == "-real exists":
-        engine.create("vol-real", "0 8 zero")
+    engine.create(origin, f"0 {SIZE // 512} linear {img} 0", uuid=uuid)
+    for other, other_uuid in others:
+        engine.create(other, "0 8 zero", uuid=other_uuid)
     c = cow(tmp_path, "s1")
     before = Path(c).read_bytes()
-    with pytest.raises(DeviceExists if case == "-real exists" else InvalidName):
-        SnapshotManager(engine).create(origin, c, "s1")
+    with pytest.raises(getattr(errors, error)):
+        SnapshotManager(engine).create(origin, c, name)
     assert Path(c).read_bytes() == before
-    assert sorted(e.name for e in engine.list()) == sorted([origin] + (["vol-real"] if case == "-real exists" else []))
+    assert sorted(e.name for e in engine.list()) == sorted([origin] + [n for n, _ in others])
 
 
 @pytest.mark.root
