@@ -3,11 +3,13 @@ fails or hangs."""
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-__all__ = ["Worker", "run_together"]
+__all__ = ["HeldAt", "Worker", "lock_waiters", "run_together", "take_turns"]
 
 
 class Worker:
@@ -65,3 +67,49 @@ def run_together(fns: Sequence[Callable[[], object]], timeout: float = 60.0) -> 
     assert not stuck, f"{stuck} of {len(threads)} threads still running after {timeout} s"
     if errors:
         raise errors[0]
+
+
+class HeldAt:
+    """``dm`` (a backend) whose first call of ``method`` waits for ``go``, with ``inside`` set
+    meanwhile: a manager given it is stopped inside its change, at that call."""
+
+    def __init__(self, dm: Any, method: str, timeout: float = 60.0) -> None:
+        self._dm, self._method, self._timeout = dm, method, timeout
+        self.inside, self.go = threading.Event(), threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        call = getattr(self._dm, name)
+        if name != self._method:
+            return call
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            if not self.inside.is_set():
+                self.inside.set()
+                assert self.go.wait(self._timeout), f"{self._method} held for {self._timeout} s"
+            return call(*args, **kwargs)
+
+        return held
+
+
+def lock_waiters(paths: Iterable["str | os.PathLike[str]"]) -> bool:
+    """True when ``/proc/locks`` shows a blocked lock request on one of ``paths``' inodes."""
+    inodes = {f":{os.stat(p).st_ino} " for p in paths}
+    with open("/proc/locks") as f:
+        return any(" -> " in line and any(i in line for i in inodes) for line in f)
+
+
+def take_turns(first: Callable[[], object], second: Callable[[], object], held: HeldAt,
+               locks: Callable[[], Iterable["str | os.PathLike[str]"]], timeout: float = 60.0) -> None:
+    """Run ``first`` (whose backend is ``held``) until it is stopped inside its change, then
+    ``second``; once ``second`` waits on a lock of the files ``locks()`` names (or has ended: no
+    lock stopped it), let ``first`` go. Re-raises what either raised."""
+    a = Worker(first)
+    assert held.inside.wait(timeout), "the first change never reached its held call"
+    b = Worker(second)
+    deadline = time.monotonic() + timeout
+    while b.is_alive() and not lock_waiters(locks()):
+        assert time.monotonic() < deadline, "the second change neither waited nor ended"
+        time.sleep(0.001)
+    held.go.set()
+    a.result(timeout)
+    b.result(timeout)

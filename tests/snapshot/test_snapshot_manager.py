@@ -10,6 +10,7 @@ import pytest
 
 from dmtools.errors import (CorruptMetadata, DeviceBusy, DeviceConflict, DeviceExists, DeviceNotFound, InvalidArgument,
                             SnapshotInvalid)
+from dmtools.testing.threads import HeldAt, take_turns
 from snapshot import SnapshotManager
 
 SIZE = 512 * 1024
@@ -270,35 +271,6 @@ def test_extend_grows_a_cow_on_a_loop_device_with_an_offset(vol: tuple[Any, byte
     assert img.read_bytes()[:64 * CB] == b"\x77" * (64 * CB)
 
 
-class _HeldAtFirstCreate:
-    """A backend whose first ``create`` waits for ``go``: a manager stopped inside its change,
-    past its checks (the origin's table read, the COW wiped)."""
-
-    def __init__(self, dm: Any) -> None:
-        import threading
-
-        self._dm = dm
-        self.inside, self.go = threading.Event(), threading.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._dm, name)
-
-    def create(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.inside.is_set():
-            self.inside.set()
-            assert self.go.wait(60)
-        return self._dm.create(*args, **kwargs)
-
-
-def _lock_waiters(directory: Path) -> bool:
-    """True when /proc/locks shows a blocked lock request on a file in ``directory``."""
-    import os
-
-    inodes = {f":{os.stat(p).st_ino} " for p in directory.glob("*")} if directory.is_dir() else set()
-    with open("/proc/locks") as f:
-        return any(" -> " in line and any(i in line for i in inodes) for line in f)
-
-
 @pytest.mark.parametrize("other", ["create", "merge"])
 def test_two_managers_of_one_origin_take_turns(vol: tuple[Any, bytes], tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch, other: str) -> None:
@@ -306,39 +278,18 @@ def test_two_managers_of_one_origin_take_turns(vol: tuple[Any, bytes], tmp_path:
     read); manager B then creates s3 of vol, or merges s1 into it. B waits for vol's lock (seen
     in /proc/locks), then both succeed and the stack is whole: without the lock A went on from
     its stale reading (a second vol-real: DeviceExists; or a -real the merge had removed)."""
-    import threading
-    import time
-
     eng, data = vol
     monkeypatch.setenv("DMTOOLS_RUN_DIR", str(tmp_path / "run"))
     if other == "merge":
         SnapshotManager(eng).create("vol", cow(tmp_path, "s1"), "s1")
         write(eng, "vol", b"m" * CB, 0)
-    held = _HeldAtFirstCreate(eng)
-    errors: dict[str, BaseException] = {}
-
-    def run(tag: str, call: Any) -> None:
-        try:
-            call()
-        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
-            errors[tag] = err
-
-    a = threading.Thread(target=run, args=("a", lambda: SnapshotManager(held).create("vol", cow(tmp_path, "s2"), "s2")))
-    a.start()
-    assert held.inside.wait(60)
+    held = HeldAt(eng, "create")
     b_mgr = SnapshotManager(eng, poll_interval=0.01)
-    b_call = (lambda: b_mgr.create("vol", cow(tmp_path, "s3"), "s3")) if other == "create" else (
-        lambda: b_mgr.merge("s1", timeout=60))
-    b = threading.Thread(target=run, args=("b", b_call))
-    b.start()
-    deadline = time.monotonic() + 60
-    while b.is_alive() and not _lock_waiters(tmp_path / "run" / "locks"):  # b waits for the lock or runs through
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
-    held.go.set()
-    a.join(60)
-    b.join(60)
-    assert errors == {}
+    locks = tmp_path / "run" / "locks"
+    take_turns(lambda: SnapshotManager(held).create("vol", cow(tmp_path, "s2"), "s2"),
+               (lambda: b_mgr.create("vol", cow(tmp_path, "s3"), "s3")) if other == "create" else (
+                   lambda: b_mgr.merge("s1", timeout=60)),
+               held, lambda: list(locks.glob("*")) if locks.is_dir() else [])
     mgr = SnapshotManager(eng)
     assert [i.name for i in mgr.list()] == (["s2", "s3"] if other == "create" else ["s2"])
     assert all(i.state == "active" and i.origin == "vol" for i in mgr.list())

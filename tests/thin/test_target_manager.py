@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 from target_rig import pattern, read
+
+from dmtools.testing.threads import HeldAt, take_turns
 from thin.manager import ThinPoolManager
 from thin.pool_record import RECORD_SECTORS
 
@@ -95,64 +96,16 @@ def test_a_volume_the_pool_does_not_record_is_not_found(engine: Any, make_image:
     mgr.deactivate("p")
 
 
-class _HeldAtFirstMessage:
-    """A backend whose first pool message waits for ``go``: a manager stopped inside its change."""
-
-    def __init__(self, dm: Any) -> None:
-        import threading
-
-        self._dm = dm
-        self.inside, self.go = threading.Event(), threading.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._dm, name)
-
-    def message(self, *args: Any) -> Any:
-        if not self.inside.is_set():
-            self.inside.set()
-            assert self.go.wait(60)
-        return self._dm.message(*args)
-
-
-def _lock_waiters(path: Path) -> bool:
-    """True when /proc/locks shows a blocked lock request on ``path``'s inode."""
-    ino = f":{os.stat(path).st_ino} "
-    with open("/proc/locks") as f:
-        return any(" -> " in line and ino in line for line in f)
-
-
 def test_two_managers_of_one_pool_take_turns(engine: Any, make_image: Any) -> None:
     """Two managers change one pool at once (two 'dmtools thin create' runs, as LVM commands
     serialized by the volume group's lock): while the first is stopped inside its change (record
     written, create_thin not yet sent), the second waits for the pool's record lock, then makes its
     own volume with the next id; both succeed and the record, the pool and the devices agree."""
-    import threading
-    import time
-
     meta = make_image(8 << 20, "meta")
     ThinPoolManager(engine).create_pool("p", str(meta), str(make_image(64 << 20, "data")))
-    held = _HeldAtFirstMessage(engine)
-    errors: dict[str, BaseException] = {}
-
-    def run(tag: str, mgr: ThinPoolManager) -> None:
-        try:
-            mgr.create("p", tag, 1 << 20)
-        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
-            errors[tag] = err
-
-    a = threading.Thread(target=run, args=("a", ThinPoolManager(held)))  # type: ignore[arg-type]
-    a.start()
-    assert held.inside.wait(60)
-    b = threading.Thread(target=run, args=("b", ThinPoolManager(engine)))
-    b.start()
-    deadline = time.monotonic() + 60
-    while b.is_alive() and not _lock_waiters(meta):  # b either waits for the lock or runs through
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
-    held.go.set()
-    a.join(60)
-    b.join(60)
-    assert errors == {}
+    held = HeldAt(engine, "message")
+    take_turns(lambda: ThinPoolManager(held).create("p", "a", 1 << 20),  # type: ignore[arg-type]
+               lambda: ThinPoolManager(engine).create("p", "b", 1 << 20), held, lambda: [meta])
     mgr = ThinPoolManager(engine)
     assert {v.name: v.dev_id for v in mgr.list("p")} == {"a": 1, "b": 2}
     assert mgr.pool_status("p").transaction_id == 2 and mgr.pool_status("p").status.transaction_id == 2
