@@ -35,6 +35,7 @@ several requests are in flight at once. Two choices are this engine's own, made 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -46,6 +47,7 @@ from dmtools.errors import InvalidArgument
 from dmtools.lazy import logger
 from dmtools.nbd.uri import is_nbd_uri
 from kcopyd import writebehind
+from kcopyd.dropsettle import drop_left
 from kcopyd.fastpath import cached_bytes, plan_segments, read_exact, read_salvage, write_exact
 from kcopyd.inline import InlineJobs
 from kcopyd.job import DEST_ZEROED, IGNORE_ERROR, WRITE_SEQ, Job, NotifyFn, Piece, Plan, Progress
@@ -633,8 +635,14 @@ class Client(InlineJobs):
         assert src is not None
         with self._cond:
             span = job.read_behind(piece)
-        if span is not None:
-            src.endpoint.fadvise(src.offset + span[0], span[1] - span[0], os.POSIX_FADV_DONTNEED)
+        if span is None:
+            return
+        src.endpoint.fadvise(src.offset + span[0], span[1] - span[0], os.POSIX_FADV_DONTNEED)
+        fd = src.endpoint.fileno()
+        if span[1] == job.total and not job.plan.reverse and fd is not None:
+            # the whole range is read: what DONTNEED skipped (reads still in flight) goes too
+            with contextlib.suppress(OSError):
+                drop_left(fd, src.offset, job.total)
 
     def _source_faults(self, batch: list[Piece], failed: list[bool]) -> list[bool]:
         """Failed writes of mapped pieces whose source range can no longer be faulted in (the

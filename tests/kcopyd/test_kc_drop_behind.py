@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from typing import Any
 
 import pytest
@@ -146,4 +147,32 @@ def test_large_folios_across_pieces_are_dropped(tmp_path, ndest):
             job = kc.copy(kcopyd.Region(str(src), 0, size // 512), kcopyd.Region(NullEndpoint(size), 0, size // 512))
             assert job.wait(TIMEOUT)
     assert job.ok and all(d.read_bytes() == data for d in dsts)
+    assert cached(src) == 0
+
+
+def test_pages_read_again_after_the_drop_are_dropped(tmp_path, monkeypatch):
+    """The kernel may take clean pages of pieces already read (reclaim; this host's DAMON
+    pageout); a piece still reading then reads them again with its fault readahead (a 16 MiB
+    window here: read_ahead_kb x2 for POSIX_FADV_SEQUENTIAL), and the job's last drop comes
+    while those reads are in flight: DONTNEED skips a locked folio (mm/filemap.c
+    find_lock_entries). The last drop waits for them and drops them too."""
+    size, piece = 16 * MiB, 512 << 10
+    src, _, _ = _files(tmp_path, size, 0)
+    evict_file(src)
+    real = kmapped.SourceMap.populate
+    rest_read = threading.Event()
+
+    def populate(smap: Any, start: int, length: int) -> None:
+        if smap.offset == 0:  # the first piece reads last, after the others were taken back
+            assert rest_read.wait(TIMEOUT)
+            evict_file(src)
+        real(smap, start, length)
+        if smap.offset == size - piece:
+            rest_read.set()
+
+    monkeypatch.setattr(kmapped.SourceMap, "populate", populate)
+    with kcopyd.Client(num_pages=256, sub_job_size=MiB) as kc:
+        job = kc.copy(kcopyd.Region(str(src), 0, size // 512), kcopyd.Region(NullEndpoint(size), 0, size // 512))
+        assert job.wait(TIMEOUT)
+    assert job.ok and rest_read.is_set()
     assert cached(src) == 0
