@@ -402,40 +402,54 @@ class MirrorManager:
                 raise InvalidArgument(f"new leg {ref} has {ep.size} bytes, the mirror needs {length * SECTOR}",
                                       operation="mirror", device=ref)
 
-    def _rebuild(self, name: str, length: int, target: Mirror, legs: tuple[Leg, ...], index: int,
-                 progress: ProgressFn | None, rate: int | None, wait: bool, operation: str) -> MirrorState:
-        forgetful = isinstance(target.log, CoreLog) and target.log.sync is SyncMode.NOSYNC
-        if self.userspace and not (forgetful and not self.status(name).fully_in_sync):
-            swap_table(self.dm, name, Table.single(length, Mirror(target.log, legs, target.features)))
-            if wait:
-                return self.resync(name, leg=index, rate=rate, progress=progress, operation=operation)
-            self.dm.message(name, 0, f"rebuild {index}")
-            return self.status(name)
-        # The kernel recovers from the default leg to every other leg: force a full resync, then
-        # drop the ``sync`` argument so that later activations trust the log again. The same on the
-        # userspace engine when a ``nosync`` core log is out of sync: a reload forgets which regions
-        # were, so every region goes to every leg. The copy runs with handle_errors: without it
-        # dm-raid1 marks a region whose copy failed in sync (dm-region-hash.c complete_resync_work).
+    def _rebuild(self, name: str, length: int, target: Mirror, legs: tuple[Leg, ...], progress: ProgressFn | None,
+                 rate: int | None, wait: bool, operation: str) -> MirrorState:
+        """Load ``legs`` (one of them new and blank) and resync every region to every leg, as the
+        kernel path always did: the table goes live with a ``sync`` disk log (every region out of
+        sync, written to the log before recovery starts) or a core log without ``nosync``, so the new
+        leg never counts as in sync, in memory or on disk, before its regions are copied; a crash at
+        any point leaves a log that resyncs it, and a read goes only to a leg that holds its data.
+        Before, the userspace engine loaded the legs on the log as it was and only then sent
+        ``rebuild``: in between the blank leg was in sync (a read after a leg 0 failure was served
+        from it, and a crash left the log trusting it). Then the ``sync`` argument is dropped, so that
+        later activations trust the log again. The copy runs with handle_errors: without it dm-raid1
+        marks a region whose copy failed in sync (dm-region-hash.c complete_resync_work)."""
         mlog = target.log
         if not isinstance(mlog, (CoreLog, DiskLog)):
             raise InvalidArgument(f"{mlog.log_type} logs are not managed here", operation=operation, device=name)
         features = tuple(dict.fromkeys(("handle_errors", *target.features)))
         copying = replace(mlog, sync=SyncMode.FORCESYNC if isinstance(mlog, DiskLog) else SyncMode.DEFAULT)
-        swap_table(self.dm, name, Table.single(length, Mirror(copying, legs, features)))
-        if not wait:
+        rate = rate if self.userspace else None  # the kernel's rate is its module parameter
+        if rate is not None:  # the device's rate: the new table copies at it from its first region
+            if rate <= 0:
+                raise InvalidArgument(f"rate must be positive, not {rate}", operation=operation, device=name)
+            self.dm.message(name, 0, f"resync_rate {rate}")
+        copy_table = Table.single(length, Mirror(copying, legs, features))
+        try:
+            swap_table(self.dm, name, copy_table)
+        except BaseException:
+            if rate is not None:
+                quietly(lambda: self.dm.message(name, 0, "resync_rate 0"))
+            raise
+        if not wait:  # the copy goes on at ``rate``, which stays the device's until a resync changes it
             return self.status(name)
-        self.resync(name, progress=progress, operation=operation)
+        self.resync(name, rate=rate, progress=progress, operation=operation)
         kept = replace(mlog, sync=SyncMode.DEFAULT) if mlog.sync is SyncMode.FORCESYNC else mlog
-        swap_table(self.dm, name, Table.single(length, Mirror(kept, legs, target.features)))
+        final = Table.single(length, Mirror(kept, legs, target.features))
+        if str(final) == str(copy_table):
+            return self.status(name)
+        swap_table(self.dm, name, final)
+        if isinstance(kept, CoreLog) and kept.sync is SyncMode.DEFAULT:  # resyncs at every load
+            return self.resync(name, rate=rate, operation=operation)
         return self.status(name)
 
     def repair(self, name: str, leg: int | str, new_leg: str, *, rate: int | None = None,
                progress: ProgressFn | None = None, wait: bool = True) -> MirrorState:
         """Replace leg ``leg`` (index or reference) by ``new_leg`` and resync it.
 
-        Userspace engine: only the new leg receives the copy (regions the log has out of sync still go
-        to every leg). Kernel: the kernel resyncs every leg. The default leg (0) cannot be replaced
-        while it is the only source; replace another leg, or ``split`` first.
+        Every region is copied from leg 0 to every other leg, on either backend (``_rebuild``: the
+        new leg is never in sync before it is copied). The default leg (0) cannot be replaced while
+        it is the only source; replace another leg, or ``split`` first.
         """
         length, target = self._mirror(name)
         index = self._leg_index(target, leg)
@@ -446,7 +460,7 @@ class MirrorManager:
                             in_use=("the new leg",), new=new_leg, skip=index)
         legs = list(target.legs)
         legs[index] = Leg(new_leg, 0)
-        return self._rebuild(name, length, target, tuple(legs), index, progress, rate, wait, "repair")
+        return self._rebuild(name, length, target, tuple(legs), progress, rate, wait, "repair")
 
     def add_leg(self, name: str, new_leg: str, *, log: str = "core", region_size: int = DEFAULT_REGION_SIZE,
                 rate: int | None = None, progress: ProgressFn | None = None, wait: bool = True,
@@ -475,7 +489,7 @@ class MirrorManager:
             if len(tgt.legs) >= MAX_NR_MIRRORS:
                 raise InvalidArgument(f"a mirror has at most {MAX_NR_MIRRORS} legs", operation="add_leg", device=name)
             legs = tgt.legs + (Leg(new_leg, 0),)
-            return self._rebuild(name, length, tgt, legs, len(legs) - 1, progress, rate, wait, "add_leg")
+            return self._rebuild(name, length, tgt, legs, progress, rate, wait, "add_leg")
         raise InvalidArgument(f"cannot add a leg to a {tgt.target_type} device", operation="add_leg", device=name)
 
     def split(self, name: str, leg: int | str, new_name: str, *, force: bool = False) -> str:

@@ -20,16 +20,18 @@ with a ``core`` or ``disk`` log (``mirror.log``), 2–9 legs and the features ``
   ``handle_errors`` is set; status text is the kernel's.
 
 Messages (this target's own; the kernel's mirror has no message handler): ``resync_rate <bytes/s>``
-(0 = unlimited), ``max_recovery <n>``, ``rebuild <leg>`` and ``recovery_failures``. ``rebuild``
-resyncs one leg (a replaced one) from the default leg: every region is marked dirty on the log first
-(a crash then resyncs every leg, which is safe), and regions the other legs hold in sync are copied
-to the rebuilt leg only; reads never use a leg being rebuilt. ``held_ios`` answers with the number
-of writes and flushes held after a leg failure (``mirror.guard`` releases them), ``default_leg`` with
-the leg reads and resync come from (it moves off a failed leg only while in sync, ``fail_mirror``). ``recovery_failures`` answers with the
-regions whose last recovery failed and the legs that failed it (``<region>:<leg>[,<leg>]`` words,
-empty when none): with ``handle_errors`` such a region stays out of sync; without it the kernel's
-rule marks it in sync anyway (dm-region-hash.c ``complete_resync_work(reg, errors_handled ? 0 : 1)``),
-and this record is the only trace that the legs do not hold its data.
+(0 = unlimited; kept for the mapped device: a table loaded on it later starts with it),
+``max_recovery <n>``, ``rebuild <leg>`` and ``recovery_failures``. ``rebuild`` resyncs one leg (a
+replaced one) from the default leg: every region is marked dirty on the log first (a crash then
+resyncs every leg, which is safe), and regions the other legs hold in sync are copied to the rebuilt
+leg only; reads never use a leg being rebuilt. ``held_ios`` answers with the number of writes and
+flushes held after a leg failure (``mirror.guard`` releases them), ``default_leg`` with the leg
+reads and resync come from (it moves off a failed leg only while in sync, ``fail_mirror``).
+``recovery_failures`` answers with the regions whose last recovery failed and the legs that failed
+it (``<region>:<leg>[,<leg>]`` words, empty when none): with ``handle_errors`` such a region stays
+out of sync; without it the kernel's rule marks it in sync anyway (dm-region-hash.c
+``complete_resync_work(reg, errors_handled ? 0 : 1)``), and this record is the only trace that the
+legs do not hold its data.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import errno
 import logging
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
@@ -77,6 +80,10 @@ MARK_AHEAD_MAX_BYTES = 64 << 20
 #: Writes at least this large go to the legs in parallel (like dm-io's one bio per leg) while no
 #: other write is in flight; with several in flight each goes to the legs in turn on its own thread.
 PARALLEL_WRITE_BYTES = 64 << 10
+#: ``TargetContext.target_state`` key of each mapped device's ``resync_rate``: a table loaded on the
+#: device starts with it, so a reload that starts a resync (``MirrorManager.repair``) is held to the
+#: rate from its first copy, as the kernel's throttle (a module parameter) holds every table.
+RATE_STATE_KEY = "mirror-resync-rate"
 
 
 class LegError(enum.IntEnum):
@@ -112,6 +119,11 @@ class MirrorLegState:
 def _unsigned(word: str, maximum: int) -> int | None:
     """A message's unsigned decimal argument, ``None`` when it is not one or exceeds ``maximum``."""
     return int(word) if word.isascii() and word.isdigit() and int(word) <= maximum else None
+
+
+def _rates(ctx: TargetContext) -> "weakref.WeakKeyDictionary[Any, int]":
+    """Each mapped device's ``resync_rate`` in bytes/s (``RATE_STATE_KEY``); absent means 0."""
+    return ctx.target_state(RATE_STATE_KEY, weakref.WeakKeyDictionary)
 
 
 def _io_error(message: str, device: str | None = None) -> DeviceIOError:
@@ -172,7 +184,7 @@ class MirrorTarget(TargetDriver):
         self._holds_released = False
         #: writes and flushes held now (the ``held_ios`` message answers with it)
         self.held = 0
-        self.rate = 0  # bytes/s, 0 = unlimited
+        self.rate = _rates(ctx).get(ctx.device, 0)  # bytes/s, 0 = unlimited
         self._next_copy = 0.0
         self._copying: set[int] = set()
         self._retiring = False
@@ -890,6 +902,7 @@ class MirrorTarget(TargetDriver):
                                       operation="message")
             if args[0] == "resync_rate":
                 self.rate = value
+                _rates(self.ctx)[self.ctx.device] = value
                 self._next_copy = time.monotonic()
             else:
                 self.rh.max_recovery = value

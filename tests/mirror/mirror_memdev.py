@@ -20,6 +20,8 @@ class FakeContext:
         self.device_name = "mirror-test"
         self.readonly = False
         self.noflush_suspending = False
+        self.device = self  # the mapped device's identity (state kept per device)
+        self.state: dict[str, Any] = {}
 
     def get_device(self, ref: str, *, writable: bool | None = None) -> Any:
         from dmtools.engine.target_driver import DeviceHandle
@@ -34,6 +36,11 @@ class FakeContext:
 
     def event(self) -> None:
         self.events += 1
+
+    def target_state(self, key: str, factory: Any) -> Any:
+        if key not in self.state:
+            self.state[key] = factory()
+        return self.state[key]
 
 
 def build_mirror(ctx: FakeContext, length: int, params: str) -> Any:
