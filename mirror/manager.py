@@ -407,8 +407,10 @@ class MirrorManager:
         """Load ``legs`` (one of them new and blank) and resync every region to every leg, as the
         kernel path always did: the table goes live with a ``sync`` disk log (every region out of
         sync, written to the log before recovery starts) or a core log without ``nosync``, so the new
-        leg never counts as in sync, in memory or on disk, before its regions are copied; a crash at
-        any point leaves a log that resyncs it, and a read goes only to a leg that holds its data.
+        leg never counts as in sync, in memory or on disk, before its regions are copied, and a read
+        goes only to a leg that holds its data. On the userspace engine the old table is told
+        ``resync_all`` first: the disk log holds every region dirty before the new table is even
+        loaded, so a crash at any point leaves a log that resyncs the new leg.
         Before, the userspace engine loaded the legs on the log as it was and only then sent
         ``rebuild``: in between the blank leg was in sync (a read after a leg 0 failure was served
         from it, and a crash left the log trusting it). Then the ``sync`` argument is dropped, so that
@@ -420,16 +422,20 @@ class MirrorManager:
         features = tuple(dict.fromkeys(("handle_errors", *target.features)))
         copying = replace(mlog, sync=SyncMode.FORCESYNC if isinstance(mlog, DiskLog) else SyncMode.DEFAULT)
         rate = rate if self.userspace else None  # the kernel's rate is its module parameter
-        if rate is not None:  # the device's rate: the new table copies at it from its first region
-            if rate <= 0:
-                raise InvalidArgument(f"rate must be positive, not {rate}", operation=operation, device=name)
-            self.dm.message(name, 0, f"resync_rate {rate}")
+        if rate is not None and rate <= 0:
+            raise InvalidArgument(f"rate must be positive, not {rate}", operation=operation, device=name)
         copy_table = Table.single(length, Mirror(copying, legs, features))
         try:
+            if rate is not None:  # the device's rate: the new table copies at it from its first region
+                self.dm.message(name, 0, f"resync_rate {rate}")
+            if self.userspace:  # the log on disk trusts no region before the new leg joins
+                self.dm.message(name, 0, "resync_all")
             swap_table(self.dm, name, copy_table)
         except BaseException:
             if rate is not None:
                 quietly(lambda: self.dm.message(name, 0, "resync_rate 0"))
+            if self.userspace:  # resync_all holds recovery until a resume: the old legs resync
+                quietly(lambda: self.dm.suspend(name, noflush=True), lambda: self.dm.resume(name))
             raise
         if not wait:  # the copy goes on at ``rate``, which stays the device's until a resync changes it
             return self.status(name)

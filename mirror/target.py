@@ -21,17 +21,18 @@ with a ``core`` or ``disk`` log (``mirror.log``), 2–9 legs and the features ``
 
 Messages (this target's own; the kernel's mirror has no message handler): ``resync_rate <bytes/s>``
 (0 = unlimited; kept for the mapped device: a table loaded on it later starts with it),
-``max_recovery <n>``, ``rebuild <leg>`` and ``recovery_failures``. ``rebuild`` resyncs one leg (a
-replaced one) from the default leg: every region is marked dirty on the log first (a crash then
-resyncs every leg, which is safe), and regions the other legs hold in sync are copied to the rebuilt
-leg only; reads never use a leg being rebuilt. ``held_ios`` answers with the number of writes and
-flushes held after a leg failure (``mirror.guard`` releases them), ``default_leg`` with the leg
-reads and resync come from (it moves off a failed leg only while in sync, ``fail_mirror``).
-``recovery_failures`` answers with the regions whose last recovery failed and the legs that failed
-it (``<region>:<leg>[,<leg>]`` words, empty when none): with ``handle_errors`` such a region stays
-out of sync; without it the kernel's rule marks it in sync anyway (dm-region-hash.c
-``complete_resync_work(reg, errors_handled ? 0 : 1)``), and this record is the only trace that the
-legs do not hold its data.
+``max_recovery <n>``, ``rebuild <leg>``, ``resync_all`` and ``recovery_failures``. ``resync_all``
+marks every region out of sync and dirty on the log and holds recovery until the next resume (a
+table about to be replaced by one with a new leg). ``rebuild`` resyncs one leg (a replaced one) from
+the default leg: every region is marked dirty on the log first (a crash then resyncs every leg,
+which is safe), and regions the other legs hold in sync are copied to the rebuilt leg only; reads
+never use a leg being rebuilt. ``held_ios`` answers with the number of writes and flushes held after
+a leg failure (``mirror.guard`` releases them), ``default_leg`` with the leg reads and resync come
+from (it moves off a failed leg only while in sync, ``fail_mirror``). ``recovery_failures`` answers
+with the regions whose last recovery failed and the legs that failed it (``<region>:<leg>[,<leg>]``
+words, empty when none): with ``handle_errors`` such a region stays out of sync; without it the
+kernel's rule marks it in sync anyway (dm-region-hash.c ``complete_resync_work(reg, errors_handled ?
+0 : 1)``), and this record is the only trace that the legs do not hold its data.
 """
 
 from __future__ import annotations
@@ -782,23 +783,28 @@ class MirrorTarget(TargetDriver):
         with self.cond:
             self.suspended = True
             self._holds_released = True
-            self.rh.recovery_stopped = True
-            self.cond.notify_all()
-            while self.rh.quiesced:
-                region = self.rh.quiesced[0]
+            self._stop_recovery()
+
+    def _stop_recovery(self) -> None:
+        """(Lock held.) Stop recovery until the next resume, wait for the copies in flight and
+        settle the regions they ended."""
+        self.rh.recovery_stopped = True
+        self.cond.notify_all()
+        while self.rh.quiesced:
+            region = self.rh.quiesced[0]
+            self.rh.abandon(region)
+        # copies in flight, a retirement half done, or a log write (the log is written below)
+        while self._copying or self._retiring or self._flushing:
+            self.cond.wait()
+        # Regions still waiting for writes to drain are given up: they stay out of sync.
+        for region in list(self.rh.recovering):
+            if region not in self.rh.recovered and region not in self.rh.failed_recovered:
                 self.rh.abandon(region)
-            # copies in flight, a retirement half done, or a log write (the log is written below)
-            while self._copying or self._retiring or self._flushing:
-                self.cond.wait()
-            # Regions still waiting for writes to drain are given up: they stay out of sync.
-            for region in list(self.rh.recovering):
-                if region not in self.rh.recovered and region not in self.rh.failed_recovered:
-                    self.rh.abandon(region)
-            try:
-                self.rh.update_states(self.errors_handled)
-            except (OSError, DMError):
-                self.log_failure = True
-            self.cond.notify_all()
+        try:
+            self.rh.update_states(self.errors_handled)
+        except (OSError, DMError):
+            self.log_failure = True
+        self.cond.notify_all()
 
     def presuspend_undo(self) -> None:
         self.resume()
@@ -881,13 +887,17 @@ class MirrorTarget(TargetDriver):
         return self.value.params
 
     def message(self, args: Sequence[str]) -> str | None:
-        """``resync_rate <bytes/s>`` (0 = unlimited), ``max_recovery <n>``, ``rebuild <leg>``, or the
-        queries ``recovery_failures``, ``held_ios`` and ``default_leg``."""
+        """``resync_rate <bytes/s>`` (0 = unlimited), ``max_recovery <n>``, ``rebuild <leg>``,
+        ``resync_all``, or the queries ``recovery_failures``, ``held_ios`` and ``default_leg``."""
         queries = {"recovery_failures": self.format_failures, "held_ios": lambda: str(self.held),
                    "default_leg": lambda: str(self.default)}
         if len(args) == 1 and args[0] in queries:
             with self.cond:
                 return queries[args[0]]()
+        if args == ["resync_all"]:
+            with self.cond:
+                self._resync_all()
+            return None
         if len(args) != 2 or args[0] not in ("rebuild", "resync_rate", "max_recovery"):
             raise InvalidArgument(f"unrecognised mirror message {' '.join(args)!r}", operation="message")
         value = _unsigned(args[1], U64_MAX if args[0] == "resync_rate" else U32_MAX)
@@ -918,13 +928,12 @@ class MirrorTarget(TargetDriver):
             words.append(f"{region}:{legs}")
         return " ".join(words)
 
-    def _start_rebuild(self, index: int) -> None:
-        """Mark every region dirty and out of sync; remember where only ``index`` needs a copy."""
-        self._wait_log_idle()  # the log is written below, under the lock
-        self.rebuild_legs.add(index)
-        self.recovery_failures.clear()  # every region is copied again
+    def _mark_all_out_of_sync(self, partial: bool = False) -> None:
+        """(Lock held, no log write in flight.) Every region out of sync and marked dirty (flushed
+        by the caller); ``partial``: the regions in sync so far need the copy on the rebuilt legs
+        only."""
         for r in range(self.nr_regions):
-            if r not in self.rh.regions and self.log.in_sync(r):
+            if partial and r not in self.rh.regions and self.log.in_sync(r):
                 self.partial.set(r)
             reg = self.rh.regions.get(r)
             if reg is not None and reg.state in (RegionState.CLEAN, RegionState.DIRTY):
@@ -932,11 +941,34 @@ class MirrorTarget(TargetDriver):
             self.log.mark_region(r)
             if self.log.in_sync(r):
                 self.log.set_region_sync(r, False)
+        self.in_sync = False
+
+    def _resync_all(self) -> None:
+        """(Lock held.) ``resync_all``: every region out of sync and marked dirty on the log before
+        this returns, and no recovery (which would mark them clean again) until the next resume: a
+        table about to be replaced by one with a new, blank leg (``MirrorManager.repair``), so that
+        no log on disk trusts that leg whatever moment the process dies. A log that cannot be
+        written is recorded as failed (``D`` in status), as a write's mark would be; the repair
+        goes on, as the kernel's does on a failed log."""
+        self._stop_recovery()
+        self._wait_log_idle()  # the log is written below, under the lock
+        self._mark_all_out_of_sync()
+        try:
+            self.log.flush()
+        except (OSError, DMError) as err:
+            self.log_failure = True
+            log.error("cannot mark every region out of sync on the mirror log: %s", err)
+
+    def _start_rebuild(self, index: int) -> None:
+        """Mark every region dirty and out of sync; remember where only ``index`` needs a copy."""
+        self._wait_log_idle()  # the log is written below, under the lock
+        self.rebuild_legs.add(index)
+        self.recovery_failures.clear()  # every region is copied again
+        self._mark_all_out_of_sync(partial=True)
         try:
             self.log.flush()  # dirty marks durable before any copy
         except (OSError, DMError):
             self.log_failure = True
-        self.in_sync = False
         self.log.sync_search = 0  # restart the resync scan from region 0
         self._wake_worker()
 

@@ -15,8 +15,9 @@ from typing import Any, Callable
 import pytest
 
 import mirror.manager
-from dmtools.errors import DeviceIOError
+from dmtools.errors import DeviceIOError, InvalidTable
 from mirror import MirrorManager
+from mirror.format import LogImage
 from test_mirror_manager import _image
 
 MB = 1 << 20
@@ -42,18 +43,29 @@ def _stop_after_swap(monkeypatch: pytest.MonkeyPatch, window: Callable[[], None]
     monkeypatch.setattr(mirror.manager, "swap_table", swap)
 
 
+def _crash_before_load(monkeypatch: pytest.MonkeyPatch, window: Callable[[], None]) -> None:
+    """The manager stops at its first swap, before the table with the new leg is loaded."""
+    def swap(*args: Any, **kwargs: Any) -> None:
+        window()
+        raise Stopped
+
+    monkeypatch.setattr(mirror.manager, "swap_table", swap)
+
+
 VERBS = {
     "repair": lambda mm, name, new: mm.repair(name, 2, new),
     "add_leg": lambda mm, name, new: mm.add_leg(name, new),
 }
 
 
+@pytest.mark.parametrize("when", ["live", "before_load"])
 @pytest.mark.parametrize("verb", sorted(VERBS))
 def test_a_crash_before_the_copy_leaves_a_log_that_resyncs_the_new_leg(
-        engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verb: str) -> None:
-    """The process dies right after the new table is live: the log and legs as they are then (the
-    log read first: a region it shows clean was copied before) are activated from the log, as
-    after a restart; the new leg must then get leg 0's data, not be trusted blank."""
+        engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verb: str, when: str) -> None:
+    """The process dies right after the new table is live, or just before it is loaded: the log
+    and legs as they are then (the log read first: a region it shows clean was copied before) are
+    activated from the log with the new leg, as after a restart by a caller that cannot know how
+    far the repair went; the new leg must then get leg 0's data, not be trusted blank."""
     mm = MirrorManager(engine)
     data = os.urandom(SIZE)
     a, b = _image(tmp_path, "a", SIZE, data), _image(tmp_path, "b", SIZE, data)
@@ -69,7 +81,7 @@ def test_a_crash_before_the_copy_leaves_a_log_that_resyncs_the_new_leg(
         for p in [lg, *legs, new]:
             shutil.copyfile(p, crash / Path(p).name)
 
-    _stop_after_swap(monkeypatch, window)
+    (_stop_after_swap if when == "live" else _crash_before_load)(monkeypatch, window)
     with pytest.raises(Stopped):
         VERBS[verb](mm, "m", new)
     mm.remove("m")
@@ -148,3 +160,25 @@ def test_a_repair_without_handle_errors_on_a_core_log_ends_in_sync_with_its_feat
     mm.resync("m", timeout=30)
     st = mm.repair("m", 1, new)
     assert st.fully_in_sync and st.features == () and Path(new).read_bytes() == data
+
+
+def test_a_refused_load_leaves_the_old_table_resyncing(
+        engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``resync_all`` holds the old table's recovery until a resume: when the new table is refused,
+    the manager resumes the old one, which then copies every region to its own legs again."""
+    mm = MirrorManager(engine)
+    data = os.urandom(SIZE)
+    a, b = _image(tmp_path, "a", SIZE, data), _image(tmp_path, "b", SIZE, data)
+    new, lg = _image(tmp_path, "new", SIZE), _image(tmp_path, "log", 64 * 1024)
+    mm.create("m", [a, b], log=lg, region_size=REGION, nosync=True)
+    table = str(mm.dm.table("m"))
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise InvalidTable("refused")
+
+    monkeypatch.setattr(mirror.manager, "swap_table", refused)
+    with pytest.raises(InvalidTable):
+        mm.repair("m", 1, new)
+    assert str(mm.dm.table("m")) == table
+    st = mm.resync("m", timeout=30)
+    assert st.fully_in_sync and LogImage.read(mm.open_ref(lg)).out_of_sync() == []
