@@ -1,8 +1,8 @@
 """Set-up for the whole suite (every tier): ``ast.parse`` guarded against CPython gh-106905 on the
 interpreters that have it (see ``tests/ast_guard.py``), Hypothesis's local constants fixed to the
 project's code (``tests/fixed_constants.py``) and its deadline (``HYPOTHESIS_DEADLINE``), and a
-daemon run directory of the session's own, whose daemons (and any other the session started) are
-stopped at its end, or by its guard when it is killed first (``tests/session_daemons.py``)."""
+daemon run directory of the session's own, whose daemons are stopped at its end
+(``tests/session_daemons.py``)."""
 
 from datetime import timedelta
 

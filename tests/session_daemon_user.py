@@ -4,32 +4,24 @@ Not collected by the suite (its name is not ``test_*``): ``tests/test_session_da
 in a pytest session of its own, so that session's end can be checked. It writes what the daemon
 said (pid, run directory) as JSON to ``$DMTT_INNER_REPORT``, and leaves its device in the daemon
 when ``DMTT_INNER_LEAVE=1``; with ``DMTT_INNER_FAIL=1`` it adds a line to the daemon's log (as a
-daemon's error would) and fails. With ``DMTT_INNER_RUN_DIR`` it uses (starting it when none runs)
-the daemon of that directory instead, and leaves it running; with ``DMTT_INNER_HOLD=1`` it waits,
-after its report, until the session is stopped.
+daemon's error would) and fails.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 
 import dmtools
-from dmtools.engine.client import UserspaceClient, open_userspace
+from dmtools.engine.client import UserspaceClient
 
 pytestmark = pytest.mark.root
 
 
-#: seconds ``DMTT_INNER_HOLD`` waits at most (the outer test stops the session well before)
-HOLD = 300
-
-
 def test_a_device_on_the_daemon_of_the_run(dm_name: str) -> None:
-    elsewhere = os.environ.get("DMTT_INNER_RUN_DIR")
-    with open_userspace(elsewhere) if elsewhere else dmtools.open("userspace") as dm:
+    with dmtools.open("userspace") as dm:
         assert isinstance(dm, UserspaceClient)
         dm.create(dm_name, "0 8 zero")
         info = dm.ping()
@@ -42,5 +34,3 @@ def test_a_device_on_the_daemon_of_the_run(dm_name: str) -> None:
             with open(os.path.join(info["run_dir"], "daemon.log"), "a", encoding="utf-8") as log:
                 log.write("dmtools daemon: what the test's failure left in the log\n")
             pytest.fail("asked to fail")
-        if os.environ.get("DMTT_INNER_HOLD") == "1":
-            time.sleep(HOLD)

@@ -6,39 +6,22 @@ A session run in the caller's run directory would use a daemon someone else runs
 leave one running when none was there. So ``tests/conftest.py`` gives each session a fresh run
 directory (``dmtt-run-*`` in ``$TMPDIR``, mode 0700) before anything is collected (modules read
 ``run_dir()`` at import), and at the session's end stops every daemon the session started: those
-of that directory and of the session's temporary directories (``tmp_path/run``), and any other
-marked as the session's (below), found by the pid file they hold open. Each is shut down with
-``force`` (its devices go) and waited for; one that does not answer gets ``SIGTERM`` and its own
-shutdown bound. A daemon that still runs then, one a test left running outside the run directory
-(its fixture's teardown stops it), a device a test left in one, or a mount left under the run
-directory fails the session, and is reported at the end of its summary. The caller's
-``DMTOOLS_RUN_DIR`` is restored afterwards and the run directory removed (kept, and named in the
-summary, when the session failed and its daemon logged something).
-
-A daemon started on demand runs in a session of its own and outlives the process that started
-it, so the session also marks what it starts and has a guard for its own death:
-
-- every process it runs inherits ``DMTT_SESSION=<token>`` (the daemon's environment keeps it), so
-  its end finds the daemons it started wherever they run (a test's ``mkdtemp``, ``/run/dmtools``)
-  and never one it did not start, even one its tests talked to;
-- a guard process (:func:`guard`, in a session of its own) waits for the session on a pipe: a
-  session killed or ended by ``os._exit`` (``SIGTERM``, ``SIGKILL``, a test's time limit) never
-  reaches its end, so the guard stops its daemons and removes its run directory then, and says
-  so on the session's standard error. A session that ends tells it so, and waits for it.
-
-``tests/test_session_daemons.py`` runs sessions and checks this.
+of that directory and of the session's temporary directories (``tmp_path/run``), found by the pid
+file they hold open. Each is shut down with ``force`` (its devices go) and waited for; one that
+does not answer gets ``SIGTERM`` and its own shutdown bound. A daemon that still runs then, one a
+test left running in its ``tmp_path`` (its fixture's teardown stops it), a device a test left in
+one, or a mount left under the run directory fails the session, and is reported at the end of
+its summary. The caller's ``DMTOOLS_RUN_DIR`` is restored afterwards and the run directory
+removed (kept, and named in the summary, when the session failed and its daemon logged
+something). ``tests/test_session_daemons.py`` runs sessions and checks this.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import secrets
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 
@@ -53,12 +36,6 @@ from dmtools.testing.wait import wait_until
 PREFIX = "dmtt-run-"
 #: the pid file a daemon holds open while it runs (``dmtools.engine.daemon``)
 PID_FILE = "daemon.pid"
-#: the variable whose value marks the processes a session started (inherited by its daemons)
-MARK = "DMTT_SESSION"
-#: what a session that reached its end writes to its guard before closing the pipe
-DONE = b"done"
-#: seconds a session waits for its guard to exit after telling it it is done
-GUARD_EXIT = 10.0
 
 
 @dataclass
@@ -67,12 +44,6 @@ class SessionRunDir:
 
     path: str
     saved: str | None
-    #: this session's ``MARK`` value, and the caller's (restored at the end)
-    token: str = ""
-    saved_mark: str | None = None
-    #: the guard process, and the pipe's end it waits on
-    guard: subprocess.Popen[bytes] | None = None
-    guard_pipe: int = -1
     problems: list[str] = field(default_factory=list)
     stopped: dict[int, str] = field(default_factory=dict)
     #: why the run directory stays after the session (``None``: it is removed)
@@ -82,9 +53,10 @@ class SessionRunDir:
 KEY = pytest.StashKey[SessionRunDir]()
 
 
-def running_daemons() -> dict[int, str]:
-    """``{pid: run directory}`` of every other process holding a daemon pid file open (a running
-    daemon keeps it open and locked), read from ``/proc/PID/fd``."""
+def daemons_under(roots: list[str]) -> dict[int, str]:
+    """``{pid: run directory}`` of every other process holding a daemon pid file under ``roots``
+    open (a running daemon keeps it open and locked), read from ``/proc/PID/fd``."""
+    prefixes = tuple(os.path.join(os.path.realpath(r), "") for r in roots)
     found: dict[int, str] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -98,28 +70,10 @@ def running_daemons() -> dict[int, str]:
                 target = os.readlink(f"/proc/{entry}/fd/{fd}")
             except OSError:
                 continue
-            if os.path.basename(target) == PID_FILE:
+            if os.path.basename(target) == PID_FILE and target.startswith(prefixes):
                 found[int(entry)] = os.path.dirname(target)
                 break
     return found
-
-
-def marked(pid: int, token: str) -> bool:
-    """Whether process ``pid`` was started with ``MARK=token`` in its environment."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return f"{MARK}={token}".encode() in f.read().split(b"\0")
-    except OSError:  # gone, or not ours to read: not ours to stop
-        return False
-
-
-def daemons_under(roots: list[str], token: str | None = None) -> dict[int, str]:
-    """The :func:`running_daemons` whose run directory is under one of ``roots`` and, given a
-    session's ``token``, those marked with it: the daemons a session started (its ``roots``, its
-    run directory and ``tmp_path`` base, are directories only it uses)."""
-    prefixes = tuple(os.path.join(os.path.realpath(r), "") for r in roots)
-    return {pid: d for pid, d in running_daemons().items()
-            if os.path.join(d, "").startswith(prefixes) or (token is not None and marked(pid, token))}
 
 
 def stop(pid: int, run_dir: str) -> list[str]:
@@ -159,50 +113,10 @@ def _mounts_under(path: str) -> list[str]:
 
 
 def configure(config: pytest.Config) -> None:
-    """Make the session's run directory and point ``DMTOOLS_RUN_DIR`` at it, mark the processes
-    the session starts (``MARK``) and start its guard."""
+    """Make the session's run directory and point ``DMTOOLS_RUN_DIR`` at it."""
     path = tempfile.mkdtemp(prefix=PREFIX)
-    state = SessionRunDir(path, os.environ.get("DMTOOLS_RUN_DIR"), secrets.token_hex(8), os.environ.get(MARK))
-    config.stash[KEY] = state
+    config.stash[KEY] = SessionRunDir(path, os.environ.get("DMTOOLS_RUN_DIR"))
     os.environ["DMTOOLS_RUN_DIR"] = path
-    os.environ[MARK] = state.token
-    read, state.guard_pipe = os.pipe()  # both ends close-on-exec: only the guard gets ``read``
-    capture = config.pluginmanager.getplugin("capturemanager")  # the guard's stderr: the caller's, not pytest's capture
-    try:
-        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-            state.guard = subprocess.Popen(
-                [sys.executable, "-c", "import sys, json; sys.path[:0] = json.loads(sys.argv[1]); "
-                 "import session_daemons; session_daemons.guard(*sys.argv[2:])",
-                 json.dumps([os.path.dirname(os.path.abspath(__file__)), *sys.path]), state.token, path,
-                 str(os.getpid())],
-                stdin=read, stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True)
-    finally:
-        os.close(read)
-
-
-def guard(token: str, path: str, session_pid: str) -> None:
-    """The guard of session ``session_pid`` (standard input: the pipe it holds): when the pipe
-    closes without ``DONE``, the session died before its end; stop the daemons it started (marked
-    ``token``, or in its run directory ``path``) and remove ``path`` (kept when its daemon logged
-    something, or something is still mounted under it), saying so on standard error."""
-    said = b""
-    while chunk := os.read(0, 64):
-        said += chunk
-    if said == DONE:
-        return
-    lines = [f"dmtools tests: the session (pid {session_pid}) died before its end"]
-    for pid, run_dir in sorted(daemons_under([path], token).items()):
-        try:
-            stop(pid, run_dir)
-            lines.append(f"stopped the daemon of {run_dir} (pid {pid})")
-        except Exception as err:  # noqa: BLE001 - reported; the other daemons are still stopped
-            lines.append(f"the daemon of {run_dir} (pid {pid}) could not be stopped: {err}")
-    log = os.path.join(path, "daemon.log")
-    if _mounts_under(path) or (os.path.exists(log) and os.path.getsize(log)):
-        lines.append(f"kept the run directory {path}: see {log}")
-    else:
-        shutil.rmtree(path, ignore_errors=True)
-    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def finish(session: pytest.Session) -> None:
@@ -217,7 +131,7 @@ def finish(session: pytest.Session) -> None:
     basetemp = getattr(factory, "_basetemp", None)  # None when no test asked for a tmp_path
     if basetemp is not None:
         roots.append(str(basetemp))
-    for pid, run_dir in sorted(daemons_under(roots, state.token).items()):
+    for pid, run_dir in sorted(daemons_under(roots).items()):
         try:
             left = stop(pid, run_dir)
         except Exception as err:  # noqa: BLE001 - reported; the other daemons are still stopped
@@ -228,7 +142,7 @@ def finish(session: pytest.Session) -> None:
             state.problems.append(f"a test left its daemon running: pid {pid}, run directory {run_dir}")
         if left:
             state.problems.append(f"the daemon of {run_dir} still had devices the tests left: {', '.join(left)}")
-    still = daemons_under(roots, state.token)
+    still = daemons_under(roots)
     state.problems += [f"a daemon still runs: pid {pid}, run directory {d}" for pid, d in sorted(still.items())]
     state.problems += [f"still mounted under the session's run directory: {m}" for m in _mounts_under(state.path)]
     if state.problems and session.exitstatus == pytest.ExitCode.OK:
@@ -260,16 +174,9 @@ def unconfigure(config: pytest.Config) -> None:
     state = config.stash.get(KEY, None)
     if state is None:
         return
-    for name, saved in (("DMTOOLS_RUN_DIR", state.saved), (MARK, state.saved_mark)):
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
+    if state.saved is None:
+        os.environ.pop("DMTOOLS_RUN_DIR", None)
+    else:
+        os.environ["DMTOOLS_RUN_DIR"] = state.saved
     if state.kept is None and not _mounts_under(state.path):
         shutil.rmtree(state.path, ignore_errors=True)
-    if state.guard is not None:  # the session reached its end: its guard has nothing to do
-        try:
-            os.write(state.guard_pipe, DONE)
-        finally:
-            os.close(state.guard_pipe)
-        state.guard.wait(GUARD_EXIT)

@@ -1,6 +1,5 @@
 """A test session starts the userspace daemon in a run directory of its own and stops it at its
-end (``tests/session_daemons.py``), and every other daemon it started, also when it is killed
-before its end; a daemon someone else runs is left alone, even one the session's tests used.
+end (``tests/session_daemons.py``); a daemon someone else runs in ``DMTOOLS_RUN_DIR`` is left alone.
 
 Each test runs ``tests/session_daemon_user.py`` (a root test that creates and removes a device on
 ``dmtools.open("userspace")``) in a pytest session of its own, with ``DMTOOLS_RUN_DIR`` naming
@@ -11,10 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,19 +55,14 @@ def theirs(tmp_path: Path) -> Iterator[Path]:
         stop(pid, run_dir)
 
 
-def inner_session(tmp_path: Path, theirs: Path, **env: str) -> tuple[list[str], dict[str, str], Path]:
-    """The command line and environment of a pytest session of the inner test, and its report's path."""
+def session(tmp_path: Path, theirs: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Run the inner test in a pytest session of its own; its output and its report."""
     tmp = tmp_path / "tmp"
     tmp.mkdir(exist_ok=True)
     report = tmp_path / "report.json"
     environ = dict(os.environ, DMTOOLS_RUN_DIR=str(theirs), TMPDIR=str(tmp), DMTT_INNER_REPORT=str(report), **env)
-    return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", str(INNER)], environ, report
-
-
-def session(tmp_path: Path, theirs: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-    """Run the inner test in a pytest session of its own; its output and its report."""
-    argv, environ, report = inner_session(tmp_path, theirs, **env)
-    proc = subprocess.run(argv, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", str(INNER)], cwd=ROOT,
+                          env=environ, capture_output=True, text=True, timeout=300, check=False)
     return proc, json.loads(report.read_text())
 
 
@@ -99,64 +91,6 @@ def test_a_daemon_someone_runs_is_left_alone(tmp_path: Path, theirs: Path, dm_na
         assert daemon_processes(tmp_path) == {before["pid"]: str(theirs)}
     finally:
         stop_daemon(dm)
-
-
-def test_a_daemon_a_test_started_elsewhere_is_stopped(tmp_path: Path, theirs: Path) -> None:
-    """A test that starts a daemon in a directory of its own (neither the session's run directory
-    nor its ``tmp_path``) and leaves it running: the session's end stops it, and fails."""
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir(mode=0o700)
-    proc, seen = session(tmp_path, theirs, DMTT_INNER_RUN_DIR=str(elsewhere))
-    assert seen["run_dir"] == str(elsewhere)
-    assert daemon_processes(tmp_path) == {}, proc.stdout + proc.stderr
-    assert proc.returncode == 1 and "1 passed" in proc.stdout, proc.stdout + proc.stderr
-    assert f"a test left its daemon running: pid {seen['pid']}, run directory {elsewhere}" in proc.stdout
-
-
-def test_a_daemon_running_before_is_left_alone_when_a_test_uses_it(tmp_path: Path, theirs: Path,
-                                                                   dm_name: str) -> None:
-    """The same test given a directory whose daemon already runs: it uses that daemon (a device
-    made and removed), and the session, which did not start it, leaves it running."""
-    from dmtools.engine.client import open_userspace
-
-    dm = open_userspace(str(theirs))
-    try:
-        before = dm.ping()
-        proc, seen = session(tmp_path, theirs, DMTT_INNER_RUN_DIR=str(theirs))
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert seen["pid"] == before["pid"]  # the test used it
-        assert dm.ping() == before
-        assert daemon_processes(tmp_path) == {before["pid"]: str(theirs)}
-    finally:
-        stop_daemon(dm)
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
-def test_a_session_stopped_midway_leaves_no_daemon(tmp_path: Path, theirs: Path, sig: signal.Signals) -> None:
-    """A session stopped while its test holds the daemon it started: interrupted (``SIGINT``, its
-    end runs), or killed (``SIGTERM``, ``SIGKILL``: its end never runs, its guard stops the daemon).
-    Once the session's output ends (the guard writes there too), no daemon and no run directory is
-    left."""
-    argv, environ, report = inner_session(tmp_path, theirs, DMTT_INNER_HOLD="1")
-    proc = subprocess.Popen(argv, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (report.exists() and report.stat().st_size):  # a poll: the test writes it once its daemon runs
-            assert proc.poll() is None and time.monotonic() < deadline, "the inner test did not report"
-            time.sleep(0.05)
-        seen = json.loads(report.read_text())
-        assert daemon_processes(tmp_path) == {seen["pid"]: seen["run_dir"]}
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=120)  # until every writer of its output is gone
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert daemon_processes(tmp_path) == {}, out + err
-    assert not Path(seen["run_dir"]).exists()
-    if sig != signal.SIGINT:
-        assert f"dmtools tests: the session (pid {proc.pid}) died before its end" in err
-        assert f"stopped the daemon of {seen['run_dir']} (pid {seen['pid']})" in err
 
 
 def test_a_device_left_in_the_daemon_fails_the_session(tmp_path: Path, theirs: Path) -> None:
